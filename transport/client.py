@@ -1,0 +1,246 @@
+"""Client: a handle to one worker. Pipelines requests by id; subclasses only move frames.
+
+Runs are sent without waiting: their replies are matched by request id whenever the client next reads.
+A failed run is recorded by the worker against its output keys, so the error surfaces on ``.get()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from planwire.transport import codec, messages as m, session
+from planwire.transport.arrays import as_array, tags_of, wrap
+from planwire.transport.errors import ProtocolError, RemoteTimeoutError, remote_error
+from planwire.transport.pointers import PointerPlan, PointerTensor
+from planwire.transport.session import Frame
+from planwire.transport.spec import PlanSource, PlanVariant
+
+log = logging.getLogger("planwire.client")
+
+DRAIN_AT = 64  # read finished replies once this many requests are in flight
+
+
+class Client:
+    """Worker handle: the same API whether the worker is in this process or across a network."""
+
+    id: str
+    timeout: float | None = None
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._keys = itertools.count(1)
+        self._prefix = secrets.token_hex(4)
+        self._in_flight: dict[int, str] = {}  # request id -> what it was, for errors and timeouts
+        self._done: dict[int, tuple[m._Message, list[memoryview]]] = {}
+        self._plans: set[str] = set()  # plan ids registered in the worker's current session
+        self._pointers: weakref.WeakKeyDictionary[Any, PointerPlan] = weakref.WeakKeyDictionary()
+        self._garbage: list[str] = []
+        self.session: str | None = None
+        self.providers: list[str] = []
+        self.limits: m.Limits | None = None
+
+    # -- moving frames: subclasses -----------------------------------------------------------------
+
+    def _send(self, frames: list[Frame]) -> None:
+        raise NotImplementedError
+
+    def _recv(self, timeout: float | None) -> list[Frame] | None:
+        """The next reply's frames, or None if none came within ``timeout`` seconds."""
+        raise NotImplementedError
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def new_key(self) -> str:
+        return f"{self._prefix}-{next(self._keys)}"
+
+    def submit(self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "") -> int:
+        """Send ``make(request_id)`` without waiting; returns the request id."""
+        if self._garbage:
+            keys, self._garbage = self._garbage, []
+            self._post(m.Delete(id=next(self._ids), keys=keys), (), "delete")
+        rid = next(self._ids)
+        msg = make(rid)
+        self._post(msg, buffers, what or m.type_name(type(msg)))
+        if len(self._in_flight) > DRAIN_AT:
+            self._drain()
+        return rid
+
+    def _post(self, msg: m._Message, buffers: Sequence[Frame], what: str) -> None:
+        self._in_flight[msg.id] = what  # type: ignore[attr-defined]
+        self._send(session.pack(msg, buffers))
+
+    def wait(self, rid: int) -> tuple[m._Message, list[memoryview]]:
+        """The reply to request ``rid``; RemoteError when it is an error reply."""
+        while rid not in self._done:
+            frames = self._recv(self.timeout)
+            if frames is None:
+                what = self._in_flight.get(rid, "request")
+                raise RemoteTimeoutError(f"worker {self.id!r} did not answer {what} (request #{rid}) within {self.timeout} s")
+            self._accept(frames)
+        reply, buffers = self._done.pop(rid)
+        if isinstance(reply, m.Error):
+            raise remote_error(self.id, reply.code, reply.message)
+        return reply, buffers
+
+    def request(self, make: Any, buffers: Sequence[Frame] = ()) -> tuple[m._Message, list[memoryview]]:
+        return self.wait(self.submit(make, buffers))
+
+    def _drain(self) -> None:
+        while (frames := self._recv(0)) is not None:
+            self._accept(frames)
+
+    def _accept(self, frames: list[Frame]) -> None:
+        reply, buffers = session.unpack_reply(frames)
+        if reply.session != self.session:  # type: ignore[attr-defined]
+            if self.session is not None:
+                log.warning("worker %r restarted (new session): its plans and tensors are gone", self.id)
+                self._plans.clear()
+            self.session = reply.session  # type: ignore[attr-defined]
+        what = self._in_flight.pop(reply.re, None)  # type: ignore[attr-defined]
+        if what in ("run", "delete"):  # fire-and-forget: errors are kept by the worker for .get()
+            if isinstance(reply, m.Error) and what == "delete":
+                log.debug("delete refused by %r: %s", self.id, reply.message)
+            return
+        self._done[reply.re] = (reply, buffers)  # type: ignore[attr-defined]
+
+    def hello(self) -> m.Welcome:
+        reply, _ = self.request(lambda rid: m.Hello(id=rid, client="planwire"))
+        assert isinstance(reply, m.Welcome)
+        self.providers, self.limits = reply.providers, reply.limits
+        return reply
+
+    def ping(self) -> None:
+        self.request(lambda rid: m.Ping(id=rid))
+
+    # -- tensors ------------------------------------------------------------------------------------
+
+    def put(self, value: Any, *, tags: Sequence[str] | None = None, key: str | None = None) -> PointerTensor:
+        """Store a tensor on the worker; the pointer owns it (frees it when collected)."""
+        array = as_array(value)
+        tags = tuple(tags_of(value) if tags is None else tags)
+        key = key or self.new_key()
+        wire, shape, buf = codec.to_frame(array)
+        item = m.PutTensor(key=key, dtype=wire, shape=shape, frame=0, tags=list(tags))
+        self.request(lambda rid: m.Put(id=rid, tensors=[item]), [buf])
+        return PointerTensor(self, key, wire, tuple(shape), tags)
+
+    def search(self, *tags: str) -> list[PointerTensor]:
+        """Pointers to the worker's tensors that carry all ``tags`` (they do not own the data)."""
+        reply, _ = self.request(lambda rid: m.Search(id=rid, tags=list(tags)))
+        return [self._pointer_of(t) for t in reply.tensors]  # type: ignore[attr-defined]
+
+    def describe(self, *pointers: PointerTensor) -> list[m.TensorInfo]:
+        reply, _ = self.request(lambda rid: m.Describe(id=rid, keys=[p.key for p in pointers]))
+        return reply.tensors  # type: ignore[attr-defined]
+
+    def fetch(self, pointer: PointerTensor, keep: bool = False) -> Any:
+        """Value of a pointer's tensor; moved off the worker unless ``keep``."""
+        self._check_pointer(pointer, "get")
+        return wrap(self.fetch_arrays([pointer.key], keep=keep)[0])
+
+    def fetch_arrays(self, keys: list[str], keep: bool = False) -> list[np.ndarray]:
+        reply, buffers = self.request(lambda rid: m.Get(id=rid, keys=keys, keep=keep), ())
+        return [self._decode(t, buffers) for t in reply.tensors]  # type: ignore[attr-defined]
+
+    def delete(self, *pointers: PointerTensor) -> None:
+        self.request(lambda rid: m.Delete(id=rid, keys=[p.key for p in pointers]))
+        for p in pointers:
+            p.consumed = True
+
+    def release(self, key: str) -> None:
+        """Free a remote tensor later (called from __del__: sent with the next request, never re-entrant)."""
+        self._garbage.append(key)
+
+    def _pointer_of(self, info: m.TensorInfo) -> PointerTensor:
+        return PointerTensor(self, info.key, info.dtype, tuple(info.shape), tuple(info.tags), owned=False, private=info.private)
+
+    @staticmethod
+    def _decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
+        return codec.from_frame(t.dtype, t.shape, session.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
+
+    def _check_pointer(self, p: PointerTensor, use: str) -> None:
+        if p.worker is not self:
+            raise ValueError(f"{p!r} points to worker {p.worker.id!r}, not {self.id!r}: move it there first")
+        if p.consumed:
+            raise ValueError(f"{p!r} was already fetched with .get() (which moves the tensor off the worker); use .get(keep=True) to copy")
+
+    # -- plans --------------------------------------------------------------------------------------
+
+    def plan_pointer(self, source: PlanSource) -> PointerPlan:
+        """A PointerPlan for ``source`` on this worker; its bytes are sent once per worker session."""
+        pointer = self._pointers.get(source)
+        if pointer is None:
+            pointer = self._pointers[source] = PointerPlan(source, self)
+        for variant in getattr(source, "variants", ()):
+            self.ensure_plan(variant, source.name)
+        return pointer
+
+    def ensure_plan(self, variant: PlanVariant, name: str = "") -> None:
+        """Register a plan variant unless this worker session already has it (waits: errors show here)."""
+        if variant.id in self._plans and self.session is not None:
+            return
+        reply, _ = self.request(lambda rid: m.RegisterPlan(id=rid, frame=0, name=name), [variant.data])
+        if reply.plan != variant.id:  # type: ignore[attr-defined]
+            raise ProtocolError("bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id")
+        self._plans.add(variant.id)
+
+    def signature_of(self, index: int, arg: Any) -> tuple[str, tuple[int, ...]]:
+        """(wire dtype, shape) of a plan argument, pointer or local tensor."""
+        if isinstance(arg, PointerTensor):
+            self._check_pointer(arg, f"argument {index}")
+            return arg.dtype, arg.shape
+        array = as_array(arg)
+        return codec.dtypes.to_wire(array.dtype), array.shape
+
+    def run(
+        self, variant: PlanVariant, args: Sequence[Any], *, outputs: Sequence[str] | None = None,
+        fetch: Sequence[int] = (), name: str = "",
+    ) -> list[PointerTensor]:
+        """Run a registered plan on pointers and/or local tensors (sent inline). Returns result pointers
+        at once; with ``fetch`` it waits and attaches fetched values as ``pointer.value``."""
+        wire_args, buffers = [], []
+        for i, a in enumerate(args):
+            if isinstance(a, PointerTensor):
+                self._check_pointer(a, f"argument {i}")
+                wire_args.append(m.Arg(ref=a.key))
+            else:
+                wire, shape, buf = codec.to_frame(as_array(a))
+                wire_args.append(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers))))
+                buffers.append(buf)
+        keys = list(outputs) if outputs is not None else [self.new_key() for _ in variant.outputs]
+        results = [
+            PointerTensor(self, k, o.dtype, tuple(o.shape) if all(isinstance(d, int) for d in o.shape) else None)
+            for k, o in zip(keys, variant.outputs, strict=True)
+        ]
+        make = lambda rid: m.Run(id=rid, plan=variant.id, args=wire_args, outputs=keys, fetch=list(fetch))  # noqa: E731
+        rid = self.submit(make, buffers, what="run" if not fetch else f"run of plan {name!r}")
+        if fetch:
+            reply, bufs = self.wait(rid)
+            for t in reply.tensors:  # type: ignore[attr-defined]
+                results[keys.index(t.key)].value = wrap(self._decode(t, bufs))  # type: ignore[attr-defined]
+        return results
+
+    # -- lifetime -----------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wait until every request sent so far has been answered (and pending frees are sent)."""
+        self.request(lambda rid: m.Ping(id=rid))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id!r}>"

@@ -1,0 +1,46 @@
+"""Tensor codec: a numpy array becomes a small JSON description plus one raw frame, and back.
+
+Bytes are little-endian, C order, sent as the array's own buffer (no copy) and read back as a numpy view
+of the received frame (no copy) when it is aligned, as in vLLM's msgspec tensor codec.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from planwire.transport import dtypes
+from planwire.transport.errors import ProtocolError
+
+Buffer = bytes | bytearray | memoryview
+
+
+def to_frame(array: np.ndarray) -> tuple[str, list[int], memoryview]:
+    """(wire dtype, shape, buffer) of an array; the buffer aliases the array when it can."""
+    wire = dtypes.to_wire(array.dtype)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    array = np.ascontiguousarray(array)
+    # Flattened uint8 view: zero-copy, and reshape-independent for zmq (0-d arrays included).
+    return wire, list(array.shape), memoryview(array.reshape(-1).view(np.uint8))
+
+
+def from_frame(dtype: str, shape: Sequence[int], frame: Buffer, *, what: str = "tensor") -> np.ndarray:
+    """A numpy view of a received frame; ProtocolError when dtype × shape disagrees with its size."""
+    try:
+        dt = dtypes.to_numpy(dtype)
+    except ValueError as e:
+        raise ProtocolError("invalid_message", f"{what}: {e}") from None
+    buf = memoryview(frame).cast("B") if not isinstance(frame, memoryview) or frame.format != "B" else frame
+    expected = math.prod(shape) * dt.itemsize
+    if buf.nbytes != expected:
+        raise ProtocolError(
+            "bad_frames",
+            f"{what}: {dtypes.human(dtype)}{list(shape)} needs {expected} bytes, its frame has {buf.nbytes}",
+        )
+    arr = np.frombuffer(buf, dtype=dt)
+    if arr.ctypes.data % dt.alignment:  # unaligned small frames: copy once rather than fault later
+        arr = arr.copy()
+    return arr.reshape(shape)

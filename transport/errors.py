@@ -1,0 +1,42 @@
+"""Exceptions of the protocol, each carrying the wire error code it maps to."""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """A message or request the worker refuses; ``code`` is the wire error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RemoteError(RuntimeError):
+    """A worker answered a request with an error reply."""
+
+    def __init__(self, worker: str, code: str, message: str) -> None:
+        super().__init__(f"worker {worker!r}: {message} [{code}]")
+        self.worker = worker
+        self.code = code
+        self.message = message
+
+
+class UnknownTensorError(RemoteError, KeyError):
+    """The worker has no tensor under that key (already fetched, deleted, or never stored)."""
+
+    __str__ = RuntimeError.__str__
+
+
+class ForbiddenError(RemoteError, PermissionError):
+    """The worker refuses: its own data may not leave it or be deleted."""
+
+
+class RemoteTimeoutError(TimeoutError):
+    """A worker did not answer in time."""
+
+
+def remote_error(worker: str, code: str, message: str) -> RemoteError:
+    """The most specific exception class for a wire error code."""
+    cls = {"unknown_tensor": UnknownTensorError, "forbidden": ForbiddenError}.get(code, RemoteError)
+    return cls(worker, code, message)

@@ -1,0 +1,258 @@
+"""Every message of the planwire protocol, as typed msgspec structs.
+
+A message is one JSON header (these structs, tagged by ``type``) plus raw frames that the header points
+to by index. schemas/ is generated from these structs (``python -m planwire.transport.schemagen``) and a
+test keeps the two identical, so the protocol document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = 1
+
+Key = Annotated[str, Meta(min_length=1, max_length=256, description="A stored tensor's id, chosen by the client.")]
+Tag = Annotated[str, Meta(min_length=1, max_length=256)]
+RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Chosen by the client; echoed as `re`.")]
+Dim = Annotated[int, Meta(ge=0, le=2**62)]
+FrameIndex = Annotated[int, Meta(ge=0, description="Index of the raw frame after the header (0 = first).")]
+DType = Annotated[str, Meta(description="ONNX element type name in lower case, e.g. float, int64, bool.")]
+
+
+class _Message(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+    """Base: a JSON object with a ``type`` tag."""
+
+
+# --- building blocks -------------------------------------------------------------------------------
+
+
+class Tensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A tensor carried in this message: its bytes are frame ``frame``, little-endian, C order."""
+
+    dtype: DType
+    shape: list[Dim]
+    frame: FrameIndex
+
+
+class PutTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A tensor to store under ``key`` with optional tags."""
+
+    key: Key
+    dtype: DType
+    shape: list[Dim]
+    frame: FrameIndex
+    tags: list[Tag] = []
+
+
+class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A stored tensor returned by value."""
+
+    key: Key
+    dtype: DType
+    shape: list[Dim]
+    frame: FrameIndex
+
+
+class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What a stored tensor is, without its bytes. ``private``: the worker's own data, never leaves it."""
+
+    key: Key
+    dtype: DType
+    shape: list[Dim]
+    tags: list[Tag] = []
+    private: bool = False
+
+
+class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One plan argument: a stored tensor by ``ref`` or a tensor inline in this message (exactly one)."""
+
+    ref: Key | None = None
+    tensor: Tensor | None = None
+
+
+class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A plan input or output as the worker's runtime sees it; a str dim is a dynamic axis."""
+
+    name: str
+    dtype: DType
+    shape: list[int | str | None]
+
+
+class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    max_message_bytes: int
+    max_plan_bytes: int
+    max_frames: int
+
+
+# --- requests (client -> worker) -------------------------------------------------------------------
+
+
+class Hello(_Message, tag="hello"):
+    """Opens a conversation: the worker answers with Welcome (version, id, providers, limits)."""
+
+    id: RequestId
+    version: int = PROTOCOL_VERSION
+    client: str = ""
+
+
+class Ping(_Message, tag="ping"):
+    id: RequestId
+
+
+class Put(_Message, tag="put"):
+    """Store tensors (overwrites an existing non-private key)."""
+
+    id: RequestId
+    tensors: list[PutTensor]
+
+
+class Get(_Message, tag="get"):
+    """Return tensors by value; unless ``keep``, they are removed from the worker (moved)."""
+
+    id: RequestId
+    keys: list[Key]
+    keep: bool = False
+
+
+class Delete(_Message, tag="delete"):
+    """Forget tensors; unknown keys are ignored (deletes race with garbage collection)."""
+
+    id: RequestId
+    keys: list[Key]
+
+
+class Search(_Message, tag="search"):
+    """Tensors carrying all the given tags."""
+
+    id: RequestId
+    tags: list[Tag]
+
+
+class Describe(_Message, tag="describe"):
+    """dtype, shape and tags of stored tensors."""
+
+    id: RequestId
+    keys: list[Key]
+
+
+class RegisterPlan(_Message, tag="register_plan"):
+    """Store a plan: frame ``frame`` holds the ONNX model bytes; its id is their SHA-256."""
+
+    id: RequestId
+    frame: FrameIndex = 0
+    name: str = ""
+
+
+class HasPlan(_Message, tag="has_plan"):
+    id: RequestId
+    plan: str
+
+
+class Run(_Message, tag="run"):
+    """Run a plan; output i is stored under ``outputs[i]``; outputs listed in ``fetch`` are returned."""
+
+    id: RequestId
+    plan: str
+    args: list[Arg]
+    outputs: list[Key]
+    fetch: list[Annotated[int, Meta(ge=0)]] = []
+
+
+Request = Hello | Ping | Put | Get | Delete | Search | Describe | RegisterPlan | HasPlan | Run
+
+
+# --- replies (worker -> client); every reply names the request (``re``) and the worker's session -----
+
+
+class Welcome(_Message, tag="welcome"):
+    re: RequestId
+    session: str
+    worker: str
+    version: int
+    providers: list[str]
+    opsets: dict[str, int]
+    limits: Limits
+
+
+class Ok(_Message, tag="ok"):
+    re: RequestId
+    session: str
+
+
+class Tensors(_Message, tag="tensors"):
+    """Tensors by value (reply to get, and to run with ``fetch``)."""
+
+    re: RequestId
+    session: str
+    tensors: list[KeyedTensor]
+
+
+class Found(_Message, tag="found"):
+    """Tensor descriptions (reply to search and describe)."""
+
+    re: RequestId
+    session: str
+    tensors: list[TensorInfo]
+
+
+class PlanInfo(_Message, tag="plan"):
+    """A registered plan: its id and ports (reply to register_plan and has_plan when present)."""
+
+    re: RequestId
+    session: str
+    plan: str
+    inputs: list[Port]
+    outputs: list[Port]
+
+
+class Missing(_Message, tag="missing"):
+    """has_plan: the worker does not have this plan."""
+
+    re: RequestId
+    session: str
+    plan: str
+
+
+ErrorCode = Literal[
+    "bad_signature",
+    "bad_version",
+    "bad_header",
+    "unknown_type",
+    "invalid_message",
+    "bad_frames",
+    "too_large",
+    "unknown_tensor",
+    "unknown_plan",
+    "forbidden",
+    "bad_plan",
+    "bad_argument",
+    "run_failed",
+    "internal",
+]
+
+
+class Error(_Message, tag="error"):
+    """A request failed. ``re`` is -1 when the request id could not be read."""
+
+    re: Annotated[int, Meta(ge=-1)]
+    session: str
+    code: ErrorCode
+    message: str
+
+
+Reply = Welcome | Ok | Tensors | Found | PlanInfo | Missing | Error
+
+REQUESTS: tuple[type[_Message], ...] = Request.__args__  # type: ignore[attr-defined]
+REPLIES: tuple[type[_Message], ...] = Reply.__args__  # type: ignore[attr-defined]
+
+request_decoder = msgspec.json.Decoder(Request)
+reply_decoder = msgspec.json.Decoder(Reply)
+encoder = msgspec.json.Encoder()
+
+
+def type_name(cls: type[Struct]) -> str:
+    """The ``type`` tag of a message class."""
+    return cls.__struct_config__.tag  # type: ignore[return-value]

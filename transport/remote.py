@@ -1,0 +1,70 @@
+"""RemoteWorker: a worker across ZeroMQ (DEALER to the worker's ROUTER), and ``connect``."""
+
+from __future__ import annotations
+
+import zmq
+
+from planwire.transport.client import Client
+from planwire.transport.session import Frame
+from planwire.transport.sockets import configure
+
+
+class RemoteWorker(Client):
+    """A plan-worker process at ``url`` (tcp:// or ipc://). Same interface as VirtualWorker.
+
+    Requests are pipelined on one DEALER socket; a worker that does not answer within ``timeout``
+    seconds raises TimeoutError naming the worker and the request, never a silent hang.
+    """
+
+    def __init__(
+        self, url: str, *, timeout: float = 30.0, context: zmq.Context | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.id = url
+        self.timeout = timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        configure(self._sock)
+        if curve is not None:  # (client public, client secret, server public)
+            self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = curve
+        self._sock.connect(url)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        try:
+            welcome = self.hello()
+        except BaseException:
+            self.close()
+            raise
+        self.id = welcome.worker
+
+    def _send(self, frames: list[Frame]) -> None:
+        self._sock.send_multipart(frames, copy=False)
+
+    def _recv(self, timeout: float | None) -> list[Frame] | None:
+        if not self._sock.poll(None if timeout is None else int(timeout * 1000), zmq.POLLIN):
+            return None
+        return [f.buffer for f in self._sock.recv_multipart(copy=False)]
+
+    def close(self) -> None:
+        """Send pending frees and close the socket (finite linger: never hangs)."""
+        if self._sock.closed:
+            return
+        if self._garbage and self.session is not None:
+            try:
+                self.flush()
+            except Exception:
+                pass
+        self._sock.close(linger=200)
+
+    def __del__(self) -> None:
+        try:
+            self._sock.close(linger=0)
+        except Exception:
+            pass
+
+
+def connect(url: str, *, timeout: float = 30.0, curve: tuple[bytes, bytes, bytes] | None = None) -> RemoteWorker:
+    """A handle to the plan-worker at ``url``; raises TimeoutError if it does not answer hello in time."""
+    return RemoteWorker(url, timeout=timeout, curve=curve)

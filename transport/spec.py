@@ -1,0 +1,91 @@
+"""What a plan looks like to its callers: typed inputs and outputs, and the ONNX bytes of each variant.
+
+This is the contract between the exporter (which makes plans from torch) and the client side of the
+transport (which sends them and calls them): neither needs the other's internals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from planwire.transport.dtypes import human
+
+Dim = int | str | None  # a fixed size, or a dynamic axis (its symbol, or None)
+
+# Keys of the ONNX ``metadata_props`` a planwire plan carries (see schemas/PROTOCOL.md).
+META_NAME = "planwire.name"
+META_FORMAT = "planwire.format"  # "1"
+META_INPUTS = "planwire.inputs"  # JSON list of {"name", "role", "dtype", "shape"}
+META_OUTPUTS = "planwire.outputs"  # JSON list of {"name", "role", "dtype", "shape", "binds"?}
+META_STATE = "planwire.state"  # JSON list of initializer names that hold plan state
+META_KIND = "planwire.kind"  # "function" | "module" | "training"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype (wire name) and shape of one plan input or output; dynamic axes are str/None."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    role: str = "arg"
+
+    def mismatch(self, dtype: str, shape: Sequence[int]) -> str | None:
+        """Why a concrete tensor does not fit this spec, or None when it does."""
+        if dtype != self.dtype:
+            return f"expected dtype {human(self.dtype)}, got {human(dtype)}"
+        if len(shape) != len(self.shape):
+            return f"expected rank {len(self.shape)} {self.describe_shape()}, got shape {list(shape)}"
+        for axis, (want, got) in enumerate(zip(self.shape, shape, strict=True)):
+            if isinstance(want, int) and want != got:
+                return f"expected shape {self.describe_shape()}, got {list(shape)} (axis {axis})"
+        return None
+
+    def describe_shape(self) -> str:
+        return "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in self.shape) + "]"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {human(self.dtype)}{self.describe_shape()}"
+
+
+@dataclass(frozen=True)
+class PlanVariant:
+    """One built graph of a plan: its ONNX bytes and typed ports. Its id is the hash of the bytes."""
+
+    data: bytes
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    id: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", plan_id(self.data))
+
+    def mismatch(self, args: Sequence[tuple[str, Sequence[int]]]) -> str | None:
+        """Why (dtype, shape) arguments do not fit this variant, or None when they do."""
+        if len(args) != len(self.inputs):
+            return f"expected {len(self.inputs)} arguments, got {len(args)}"
+        for i, (spec, (dtype, shape)) in enumerate(zip(self.inputs, args, strict=True)):
+            why = spec.mismatch(dtype, shape)
+            if why:
+                return f"argument {i} ({spec.name!r}): {why}"
+        return None
+
+
+@runtime_checkable
+class PlanSource(Protocol):
+    """Anything a PointerPlan can call: it names itself and yields the variant for given arguments."""
+
+    name: str
+
+    def variant_for(self, args: Sequence[tuple[str, Sequence[int]]]) -> PlanVariant:
+        """The variant that accepts (dtype, shape) args, building one if it can; TypeError if none fits."""
+        ...
+
+
+def plan_id(data: bytes) -> str:
+    """Content id of a plan: registering the same bytes twice is a no-op."""
+    return hashlib.sha256(data).hexdigest()
