@@ -1,0 +1,86 @@
+"""Running plans: one onnxruntime session per plan, created once and reused for every call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from planwire.transport import dtypes
+from planwire.transport.errors import ProtocolError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def providers_for(device: str) -> list[str]:
+    """onnxruntime providers for ``cpu``, ``cuda`` or ``auto``; RuntimeError lists what is available."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if device == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    if device == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(
+                f"--device cuda: onnxruntime has no CUDA provider here (available: {', '.join(available)}); "
+                "install onnxruntime-gpu with a matching CUDA, or use --device cpu"
+            )
+        return [CUDA, CPU]
+    raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Options for shared hosts: few threads, no spinning, sequential execution, no custom op libraries."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+class PlanSession:
+    """A loaded plan: typed ports and a reusable onnxruntime session."""
+
+    def __init__(self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1) -> None:
+        self.name = name
+        try:
+            self.session = ort.InferenceSession(data, session_options(threads), providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ProtocolError("bad_plan", f"onnxruntime cannot load plan {name or ''}: {e}".replace("  ", " ")) from None
+        if CUDA in providers and CUDA not in self.session.get_providers():
+            raise ProtocolError("bad_plan", f"plan {name!r} could not be placed on CUDA (got {self.session.get_providers()})")
+        self.inputs = [(i.name, dtypes.from_ort(i.type), list(i.shape)) for i in self.session.get_inputs()]
+        self.outputs = [(o.name, dtypes.from_ort(o.type), list(o.shape)) for o in self.session.get_outputs()]
+        self._input_names = [n for n, _, _ in self.inputs]
+        self._dtypes = []
+        for n, t, _ in self.inputs:
+            try:
+                self._dtypes.append(dtypes.to_numpy(t))
+            except ValueError as e:
+                raise ProtocolError("bad_plan", f"plan {name!r} input {n!r}: {e}") from None
+
+    def check(self, args: Sequence[np.ndarray]) -> None:
+        """ProtocolError(bad_argument) naming the first argument that does not fit the graph."""
+        if len(args) != len(self.inputs):
+            raise ProtocolError("bad_argument", f"plan {self.name!r} takes {len(self.inputs)} arguments, got {len(args)}")
+        for i, (arr, dt, (name, wire, shape)) in enumerate(zip(args, self._dtypes, self.inputs, strict=True)):
+            if arr.dtype != dt:
+                raise ProtocolError(
+                    "bad_argument",
+                    f"plan {self.name!r} argument {i} ({name!r}): expected dtype {dtypes.human(wire)}, got {arr.dtype}",
+                )
+            if len(shape) != arr.ndim or any(isinstance(w, int) and w != g for w, g in zip(shape, arr.shape, strict=True)):
+                want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
+                raise ProtocolError(
+                    "bad_argument", f"plan {self.name!r} argument {i} ({name!r}): expected shape {want}, got {list(arr.shape)}"
+                )
+
+    def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self.check(args)
+        return self.session.run(None, dict(zip(self._input_names, args, strict=True)))

@@ -1,0 +1,220 @@
+"""Service: what a worker does with each request. The same object serves in-process and over ZeroMQ.
+
+``handle(frames) -> frames`` is the whole contract: bytes in, bytes out, through the protocol's Session
+codec either way, so every in-process (VirtualWorker) test also exercises the wire format.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from planwire.transport import codec, messages as m, session
+from planwire.transport.errors import ProtocolError
+from planwire.transport.session import Frame, Limits
+from planwire.transport.spec import plan_id
+from planwire.worker.modelcheck import check_model
+from planwire.worker.runtime import PlanSession, providers_for
+from planwire.worker.store import Store
+
+log = logging.getLogger("planwire.worker")
+
+# Opsets of the ONNX default domain this worker's onnxruntime accepts (reported in welcome).
+ONNX_OPSET = 23
+
+
+class Service:
+    """One worker: a Store of tensors, registered plans, and the request handlers."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        data: Iterable[tuple[str, np.ndarray, Sequence[str]]] = (),
+        public: bool = False,
+        device: str = "cpu",
+        threads: int = 1,
+        limits: Limits = Limits(),
+    ) -> None:
+        self.id = worker_id
+        self.session = uuid.uuid4().hex
+        self.providers = providers_for(device)
+        self.threads = threads
+        self.limits = limits
+        self.store = Store(public=public)
+        self.plans: dict[str, PlanSession] = {}
+        for key, array, tags in data:
+            self.store.put(key, array, tags, private=True)
+        self._handlers: dict[type, Callable[[m._Message, list[memoryview]], tuple[m._Message, list[Frame]]]] = {
+            m.Hello: self._hello,
+            m.Ping: lambda msg, _: (m.Ok(re=msg.id, session=self.session), []),
+            m.Put: self._put,
+            m.Get: self._get,
+            m.Delete: self._delete,
+            m.Search: self._search,
+            m.Describe: self._describe,
+            m.RegisterPlan: self._register,
+            m.HasPlan: self._has_plan,
+            m.Run: self._run,
+        }
+
+    # -- entry point ------------------------------------------------------------------------------
+
+    def handle(self, frames: Sequence[Frame]) -> list[Frame]:
+        """Answer one request message; never raises: every failure becomes an error reply."""
+        rid = -1
+        try:
+            total = sum(len(f) for f in frames)
+            if total > self.limits.max_message_bytes:
+                raise ProtocolError(
+                    "too_large", f"message of {total} bytes, over the limit of {self.limits.max_message_bytes}"
+                )
+            msg, buffers = session.unpack_request(frames, self.limits)
+            rid = msg.id  # type: ignore[attr-defined]
+            if log.isEnabledFor(logging.DEBUG):
+                t0 = time.perf_counter()
+            reply, out = self._handlers[type(msg)](msg, buffers)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s #%d -> %s (%.2f ms)", m.type_name(type(msg)), rid, m.type_name(type(reply)),
+                          (time.perf_counter() - t0) * 1e3)
+            return session.pack(reply, out)
+        except ProtocolError as e:
+            rid = getattr(e, "re", rid)
+            log.info("request #%d refused: %s [%s]", rid, e.message, e.code)
+            return session.pack(m.Error(re=rid, session=self.session, code=e.code, message=e.message))  # type: ignore[arg-type]
+        except Exception as e:  # a bug here must not take the worker down
+            log.exception("request #%d failed", rid)
+            return session.pack(m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}"))
+
+    # -- handlers ---------------------------------------------------------------------------------
+
+    def _hello(self, msg: m.Hello, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        if msg.version != m.PROTOCOL_VERSION:
+            raise ProtocolError("bad_version", f"client speaks protocol {msg.version}, this worker {m.PROTOCOL_VERSION}")
+        lim = m.Limits(
+            max_message_bytes=self.limits.max_message_bytes,
+            max_plan_bytes=self.limits.max_plan_bytes,
+            max_frames=self.limits.max_frames,
+        )
+        return m.Welcome(
+            re=msg.id, session=self.session, worker=self.id, version=m.PROTOCOL_VERSION,
+            providers=self.providers, opsets={"ai.onnx": ONNX_OPSET}, limits=lim,
+        ), []
+
+    def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]
+        self.store.check_writable(t.key for t in msg.tensors)
+        for t, arr in zip(msg.tensors, arrays, strict=True):
+            self.store.put(t.key, arr, t.tags)
+        return m.Ok(re=msg.id, session=self.session), []
+
+    def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        arrays = self.store.take(msg.keys, msg.keep)
+        return self._tensors_reply(msg.id, msg.keys, arrays)
+
+    def _delete(self, msg: m.Delete, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        self.store.delete(msg.keys)
+        return m.Ok(re=msg.id, session=self.session), []
+
+    def _search(self, msg: m.Search, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        found = [self._info(k, e) for k, e in self.store.search(msg.tags)]
+        return m.Found(re=msg.id, session=self.session, tensors=found), []
+
+    def _describe(self, msg: m.Describe, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        found = [self._info(k, self.store.entry(k)) for k in msg.keys]
+        return m.Found(re=msg.id, session=self.session, tensors=found), []
+
+    def _register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        frame = session.frame_at(buffers, msg.frame, "register_plan.frame")
+        data = bytes(frame)
+        pid = plan_id(data)
+        plan = self.plans.get(pid)
+        if plan is None:
+            try:
+                summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
+            except ValueError as e:  # PlanRejected
+                code = "too_large" if len(data) > self.limits.max_plan_bytes else "bad_plan"
+                raise ProtocolError(code, f"plan {msg.name!r} rejected: {e}") from None
+            name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
+            plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
+            self.plans[pid] = plan
+            log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
+        return self._plan_info(msg.id, pid, plan), []
+
+    def _has_plan(self, msg: m.HasPlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        plan = self.plans.get(msg.plan)
+        if plan is None:
+            return m.Missing(re=msg.id, session=self.session, plan=msg.plan), []
+        return self._plan_info(msg.id, msg.plan, plan), []
+
+    def _run(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        plan = self.plans.get(msg.plan)
+        if plan is None:
+            raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
+        n_out = len(plan.outputs)
+        if len(msg.outputs) != n_out or len(set(msg.outputs)) != n_out:
+            raise ProtocolError(
+                "invalid_message", f"plan {plan.name!r} has {n_out} outputs: run.outputs needs {n_out} distinct keys, got {msg.outputs}"
+            )
+        if any(i >= n_out for i in msg.fetch):
+            raise ProtocolError("invalid_message", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
+        args = [self._arg(i, a, buffers) for i, a in enumerate(msg.args)]
+        self.store.check_writable(msg.outputs)
+        plan.check(args)
+        try:
+            results = plan.run(args)
+        except ort.capi.onnxruntime_pybind11_state.Fail as e:  # type: ignore[attr-defined]
+            why = f"plan {plan.name!r} failed on worker {self.id!r}: {e}"
+            for key in msg.outputs:
+                self.store.fail(key, why)
+            raise ProtocolError("run_failed", why) from None
+        except Exception as e:
+            why = f"plan {plan.name!r} failed on worker {self.id!r}: {type(e).__name__}: {e}"
+            for key in msg.outputs:
+                self.store.fail(key, why)
+            raise ProtocolError("run_failed", why) from None
+        for key, arr in zip(msg.outputs, results, strict=True):
+            self.store.put(key, arr)
+        if not msg.fetch:
+            return m.Ok(re=msg.id, session=self.session), []
+        keys = [msg.outputs[i] for i in msg.fetch]
+        return self._tensors_reply(msg.id, keys, [results[i] for i in msg.fetch])
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
+        return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
+
+    def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
+        if (arg.ref is None) == (arg.tensor is None):
+            raise ProtocolError("invalid_message", f"run argument {i} needs exactly one of 'ref' and 'tensor'")
+        if arg.ref is not None:
+            return self.store.entry(arg.ref).array
+        t = arg.tensor
+        return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]
+
+    def _tensors_reply(self, rid: int, keys: list[str], arrays: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
+        out, frames = [], []
+        for key, arr in zip(keys, arrays, strict=True):
+            wire, shape, buf = codec.to_frame(arr)
+            out.append(m.KeyedTensor(key=key, dtype=wire, shape=shape, frame=len(frames)))
+            frames.append(buf)
+        return m.Tensors(re=rid, session=self.session, tensors=out), frames
+
+    def _plan_info(self, rid: int, pid: str, plan: PlanSession) -> m.PlanInfo:
+        def ports(items: list) -> list[m.Port]:
+            return [m.Port(name=n, dtype=t, shape=[d if isinstance(d, int) else (d or None) for d in s]) for n, t, s in items]
+
+        return m.PlanInfo(re=rid, session=self.session, plan=pid, inputs=ports(plan.inputs), outputs=ports(plan.outputs))
+
+    @staticmethod
+    def _info(key: str, entry) -> m.TensorInfo:
+        return m.TensorInfo(
+            key=key, dtype=codec.dtypes.to_wire(entry.array.dtype), shape=list(entry.array.shape),
+            tags=list(entry.tags), private=entry.private,
+        )

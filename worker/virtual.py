@@ -1,0 +1,39 @@
+"""VirtualWorker: a worker in this process, speaking the wire format to an in-process Service."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from planwire.transport.arrays import as_array, tags_of
+from planwire.transport.client import Client
+from planwire.transport.session import Frame, Limits
+from planwire.worker.service import Service
+
+
+class VirtualWorker(Client):
+    """An in-process worker. Requests are encoded to frames and decoded by the same Service a
+    plan-worker process runs, so behaviour (and every test of it) is the networked worker's.
+
+    ``data``: the worker's own tensors (tags from ``tag()``); plans may use them, clients can never
+    delete them, and they leave the worker only as copies when ``public=True``.
+    """
+
+    def __init__(
+        self, hook: Any = None, id: str = "worker", data: Iterable[Any] = (), *, public: bool = False,
+        device: str = "cpu", threads: int = 1, limits: Limits = Limits(),
+    ) -> None:
+        super().__init__()
+        self.id = id
+        own = [(f"{id}:data:{i}", as_array(t), tags_of(t)) for i, t in enumerate(data)]
+        self.service = Service(id, data=own, public=public, device=device, threads=threads, limits=limits)
+        self._replies: deque[list[Frame]] = deque()
+        self.hello()
+
+    def _send(self, frames: list[Frame]) -> None:
+        # Through bytes, as a socket would deliver them: nothing may alias the caller's buffers.
+        self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames])])
+
+    def _recv(self, timeout: float | None) -> list[Frame] | None:
+        return self._replies.popleft() if self._replies else None
