@@ -28,7 +28,7 @@ def as_array(value: Any) -> np.ndarray:
         arr = t.numpy()
     else:
         arr = np.asarray(value)
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
 def wrap(array: np.ndarray) -> Any:

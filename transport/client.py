@@ -38,6 +38,7 @@ class Client:
         self._keys = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._in_flight: dict[int, str] = {}  # request id -> what it was, for errors and timeouts
+        self._detached: set[int] = set()  # fire-and-forget requests: their replies are not awaited
         self._done: dict[int, tuple[m._Message, list[memoryview]]] = {}
         self._plans: set[str] = set()  # plan ids registered in the worker's current session
         self._pointers: weakref.WeakKeyDictionary[Any, PointerPlan] = weakref.WeakKeyDictionary()
@@ -60,12 +61,17 @@ class Client:
     def new_key(self) -> str:
         return f"{self._prefix}-{next(self._keys)}"
 
-    def submit(self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "") -> int:
-        """Send ``make(request_id)`` without waiting; returns the request id."""
+    def submit(self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "", detached: bool = False) -> int:
+        """Send ``make(request_id)`` without waiting; returns the request id. The reply to a
+        ``detached`` request is read and dropped (errors stay on the worker, see run)."""
         if self._garbage:
             keys, self._garbage = self._garbage, []
-            self._post(m.Delete(id=next(self._ids), keys=keys), (), "delete")
+            rid = next(self._ids)
+            self._detached.add(rid)
+            self._post(m.Delete(id=rid, keys=keys), (), "free")
         rid = next(self._ids)
+        if detached:
+            self._detached.add(rid)
         msg = make(rid)
         self._post(msg, buffers, what or m.type_name(type(msg)))
         if len(self._in_flight) > DRAIN_AT:
@@ -103,12 +109,14 @@ class Client:
                 log.warning("worker %r restarted (new session): its plans and tensors are gone", self.id)
                 self._plans.clear()
             self.session = reply.session  # type: ignore[attr-defined]
-        what = self._in_flight.pop(reply.re, None)  # type: ignore[attr-defined]
-        if what in ("run", "delete"):  # fire-and-forget: errors are kept by the worker for .get()
-            if isinstance(reply, m.Error) and what == "delete":
-                log.debug("delete refused by %r: %s", self.id, reply.message)
+        rid = reply.re  # type: ignore[attr-defined]
+        what = self._in_flight.pop(rid, None)
+        if rid in self._detached:  # fire-and-forget: a failed run is kept by the worker for .get()
+            self._detached.discard(rid)
+            if isinstance(reply, m.Error):
+                log.debug("%s refused by %r: %s", what, self.id, reply.message)
             return
-        self._done[reply.re] = (reply, buffers)  # type: ignore[attr-defined]
+        self._done[rid] = (reply, buffers)
 
     def hello(self) -> m.Welcome:
         reply, _ = self.request(lambda rid: m.Hello(id=rid, client="planwire"))
@@ -220,7 +228,7 @@ class Client:
             for k, o in zip(keys, variant.outputs, strict=True)
         ]
         make = lambda rid: m.Run(id=rid, plan=variant.id, args=wire_args, outputs=keys, fetch=list(fetch))  # noqa: E731
-        rid = self.submit(make, buffers, what="run" if not fetch else f"run of plan {name!r}")
+        rid = self.submit(make, buffers, what=f"run of plan {name!r}", detached=not fetch)
         if fetch:
             reply, bufs = self.wait(rid)
             for t in reply.tensors:  # type: ignore[attr-defined]

@@ -22,7 +22,8 @@ def to_frame(array: np.ndarray) -> tuple[str, list[int], memoryview]:
     wire = dtypes.to_wire(array.dtype)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    array = np.ascontiguousarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
     # Flattened uint8 view: zero-copy, and reshape-independent for zmq (0-d arrays included).
     return wire, list(array.shape), memoryview(array.reshape(-1).view(np.uint8))
 

@@ -1,0 +1,65 @@
+"""Shared fixtures: every worker-facing test runs against an in-process VirtualWorker and against real
+plan-worker processes over tcp and ipc loopback, through one parametrized factory."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from planwire.transport import Client, connect
+from planwire.transport.arrays import as_array, tags_of
+from planwire.worker import VirtualWorker
+from planwire.worker.process import WorkerProcess
+
+WORKER_KINDS = ("virtual", "tcp", "ipc")
+_ipc_ids = itertools.count()
+
+WorkerFactory = Callable[..., Client]
+
+
+def start_worker(kind: str, id: str, data: Sequence[Any] = (), *, public: bool = False,
+                 tmp: Path, stack: list) -> Client:
+    """A worker of ``kind`` holding ``data`` (tensors with tags) as its own private tensors."""
+    if kind == "virtual":
+        w = VirtualWorker(None, id=id, data=data, public=public)
+        stack.append(w)
+        return w
+    files = []
+    for i, t in enumerate(data):
+        path = tmp / f"{id}-{i}.npy"
+        np.save(path, as_array(t), allow_pickle=False)
+        tags = ",".join(tags_of(t))
+        files.append(f"{path}:{tags}" if tags else f"{path}:")
+    listen = "tcp://127.0.0.1:0" if kind == "tcp" else f"ipc://{tmp}/w{next(_ipc_ids)}.ipc"
+    proc = WorkerProcess(id, listen=listen, data=files, extra=["--public"] if public else [])
+    stack.append(proc)
+    w = connect(proc.url, timeout=20)
+    stack.append(w)
+    return w
+
+
+@pytest.fixture(params=WORKER_KINDS)
+def worker_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def worker_factory(worker_kind: str) -> Iterator[WorkerFactory]:
+    """``make(id, data=(...), public=False)`` -> a worker of the parametrized kind, stopped after the test."""
+    stack: list = []
+    with tempfile.TemporaryDirectory(prefix="pw-test-") as tmp:
+        yield lambda id="worker", data=(), public=False: start_worker(
+            worker_kind, id, data, public=public, tmp=Path(tmp), stack=stack)
+        for obj in reversed(stack):
+            (obj.close if isinstance(obj, Client) else obj.stop)()
+
+
+@pytest.fixture
+def worker(worker_factory: WorkerFactory) -> Client:
+    return worker_factory("device_1")

@@ -1,0 +1,159 @@
+"""The worker-facing API (pointers, plans, ownership, errors) against every kind of worker."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+import planwire
+from planwire.transport import ForbiddenError, PointerTensor, RemoteError, UnknownTensorError
+from planwire.transport.arrays import set_tags
+from tests import handmade
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool]
+
+
+def seed_data():
+    return (set_tags(torch.tensor([-1, 2.0]), ["input_data"]), set_tags(torch.tensor([1, -2.0]), ["input_data2", "x"]))
+
+
+def test_search_returns_pointers_with_shape_dtype_tags(worker_factory):
+    w = worker_factory("device_1", data=seed_data())
+    (p,) = w.search("input_data")
+    assert isinstance(p, PointerTensor)
+    assert (p.dtype, p.shape, p.tags, p.owned, p.private) == ("float", (2,), ("input_data",), False, True)
+    assert "device_1" in repr(p) and "float32[2]" in repr(p)
+    assert [q.tags for q in w.search("input_data2", "x")] == [("input_data2", "x")]
+    assert w.search("input_data", "x") == []
+    assert len(w.search()) == 2
+
+
+def test_private_data_never_leaves_or_dies(worker_factory):
+    w = worker_factory("device_1", data=seed_data())
+    (p,) = w.search("input_data")
+    with pytest.raises(PermissionError, match="own data"):
+        p.get()
+    with pytest.raises(ForbiddenError, match="cannot be deleted"):
+        w.delete(p)
+    with pytest.raises(ForbiddenError, match="cannot be overwritten"):
+        w.put(torch.zeros(2), key=p.key)
+    del p
+    gc.collect()
+    (p,) = w.search("input_data")  # still there, and plans can use it
+    out = w.plan_pointer(handmade.double_abs())(p)
+    assert out.get().tolist() == [2.0, 4.0]
+
+
+def test_public_worker_lets_copies_out_but_keeps_its_data(worker_factory):
+    w = worker_factory("device_1", data=seed_data(), public=True)
+    (p,) = w.search("input_data")
+    assert p.get().tolist() == [-1.0, 2.0]
+    assert p.get().tolist() == [-1.0, 2.0]  # copied, not moved
+    assert len(w.search("input_data")) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_put_get_round_trip_every_dtype(worker, dtype):
+    t = (torch.arange(6).reshape(2, 3) % 3 - 1).to(dtype)
+    p = worker.put(t)
+    assert p.shape == (2, 3)
+    back = p.get(keep=True)
+    assert back.dtype == dtype and torch.equal(back, t)
+    assert torch.equal(p.get(), t)
+    with pytest.raises(ValueError, match="already fetched"):
+        p.get()
+
+
+def test_scalars_and_empty_tensors(worker):
+    for t in (torch.tensor(3.5), torch.zeros(0, 4), torch.ones(1, 1, 1, dtype=torch.int32)):
+        back = worker.put(t).get()
+        assert back.shape == t.shape and torch.equal(back, t)
+
+
+def test_unknown_key_is_a_clear_error(worker):
+    p = worker.put(torch.ones(2))
+    worker.delete(p)
+    ghost = PointerTensor(worker, p.key, "float", (2,), owned=False)
+    with pytest.raises(UnknownTensorError, match=p.key):
+        ghost.get()
+
+
+def test_plan_runs_on_pointers_and_inline_tensors(worker):
+    pp = worker.plan_pointer(handmade.sum_and_diff())
+    x = worker.put(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    for n in (1, 2, 5):  # dynamic axis at several sizes
+        y = torch.arange(2 * n, dtype=torch.float32).reshape(n, 2)
+        xs = x if n == 2 else torch.ones(n, 2)
+        s, d = pp(xs, y)
+        expect = torch.tensor([[1.0, 2.0], [3.0, 4.0]]) if n == 2 else torch.ones(n, 2)
+        assert torch.equal(s.get(), expect + y) and torch.equal(d.get(), expect - y)
+    assert x.get(keep=True).shape == (2, 2)  # inputs are not consumed by runs
+
+
+def test_plan_bytes_sent_once_and_shared_by_workers(worker_factory):
+    w1, w2 = worker_factory("device_1", data=seed_data()), worker_factory("device_2", data=seed_data())
+    plan = handmade.double_abs()
+    p1, p2 = w1.plan_pointer(plan), w2.plan_pointer(plan)
+    assert w1.plan_pointer(plan) is p1
+    r1, r2 = p1(w1.search("input_data")[0]), p2(w2.search("input_data")[0])
+    assert torch.equal(r1.get(), r2.get())
+
+
+def test_bad_arguments_are_refused_before_running(worker):
+    pp = worker.plan_pointer(handmade.sum_and_diff())
+    x = worker.put(torch.ones(2, 2))
+    with pytest.raises(TypeError, match=r"expected 2 arguments, got 1"):
+        pp(x)
+    with pytest.raises(TypeError, match=r"argument 1 \('y'\): expected dtype float32, got int64"):
+        pp(x, torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"argument 0 \('x'\): expected rank 2"):
+        pp(torch.ones(2), x)
+    assert torch.equal(x.get(), torch.ones(2, 2))  # nothing lost
+
+
+def test_pointer_to_another_worker_or_consumed_is_refused(worker_factory):
+    w1, w2 = worker_factory("device_1"), worker_factory("device_2")
+    pp = w1.plan_pointer(handmade.double_abs())
+    foreign = w2.put(torch.ones(3))
+    with pytest.raises(ValueError, match="points to worker 'device_2'"):
+        pp(foreign)
+    mine = w1.put(torch.ones(3))
+    mine.get()
+    with pytest.raises(ValueError, match="already fetched"):
+        pp(mine)
+
+
+def test_failed_run_surfaces_on_get_naming_plan_and_worker(worker):
+    pp = worker.plan_pointer(handmade.reshape_to_3())
+    bad = pp(torch.ones(4))  # returns at once; the run fails on the worker
+    good = pp(torch.ones(3))
+    with pytest.raises(RemoteError, match=r"plan 'reshape_to_3' failed on worker 'device_1'") as info:
+        bad.get()
+    assert info.value.code == "run_failed"
+    assert good.get().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_results_are_freed_when_pointers_are_collected(worker):
+    pp = worker.plan_pointer(handmade.double_abs())
+    x = worker.put(torch.ones(3))
+    keys = []
+    for _ in range(5):
+        r = pp(x)
+        keys.append(r.key)
+        del r
+    gc.collect()
+    worker.flush()
+    ghosts = [PointerTensor(worker, k, "float", (3,), owned=False) for k in keys]
+    for g in ghosts:
+        with pytest.raises(UnknownTensorError):
+            g.get()
+    assert x.get().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_send_and_tag_without_the_hook(worker):
+    t = planwire.tag(torch.tensor([1.0, 2.0]), "a", "b")
+    p = planwire.send(t, worker)
+    assert p.tags == ("a", "b") and [q.key for q in worker.search("a", "b")] == [p.key]
