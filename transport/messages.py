@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 PROTOCOL_VERSION = 1
 
@@ -19,7 +19,14 @@ Tag = Annotated[str, Meta(min_length=1, max_length=256)]
 RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Chosen by the client; echoed as `re`.")]
 Dim = Annotated[int, Meta(ge=0, le=2**62)]
 FrameIndex = Annotated[int, Meta(ge=0, description="Index of the raw frame after the header (0 = first).")]
-DType = Annotated[str, Meta(description="ONNX element type name in lower case, e.g. float, int64, bool.")]
+# Tensor element types: ONNX TensorProto.DataType names in lower case (transport/dtypes.py maps them).
+DType = Annotated[
+    Literal[
+        "float", "double", "float16", "int64", "int32", "int16", "int8",
+        "uint8", "uint16", "uint32", "uint64", "bool",
+    ],
+    Meta(description="ONNX element type name in lower case (float = float32, double = float64)."),
+]
 
 
 class _Message(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
@@ -67,10 +74,10 @@ class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One plan argument: a stored tensor by ``ref`` or a tensor inline in this message (exactly one)."""
+    """One plan argument: exactly one of ``ref`` (a stored tensor) or ``tensor`` (inline); never null."""
 
-    ref: Key | None = None
-    tensor: Tensor | None = None
+    ref: Key | UnsetType = UNSET
+    tensor: Tensor | UnsetType = UNSET
 
 
 class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -157,7 +164,7 @@ class Run(_Message, tag="run"):
     id: RequestId
     plan: str
     args: list[Arg]
-    outputs: list[Key]
+    outputs: Annotated[list[Key], Meta(extra_json_schema={"uniqueItems": True})]
     fetch: list[Annotated[int, Meta(ge=0)]] = []
 
 

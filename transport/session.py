@@ -35,13 +35,21 @@ def pack(msg: msgspec.Struct, buffers: Sequence[Frame] = ()) -> list[Frame]:
     return [SIGNATURE, m.encoder.encode(msg), *buffers]
 
 
+def request_id(frames: Sequence[Frame]) -> int:
+    """Request id of a message refused before decoding (e.g. too large), or -1 when it cannot be read."""
+    if len(frames) < 2 or bytes(frames[0]) != SIGNATURE or len(frames[1]) > MAX_HEADER_BYTES:
+        return -1
+    return _request_id(bytes(frames[1]))
+
+
 def _request_id(header: bytes) -> int:
     """Best-effort request id of a header that failed validation (-1 when unreadable)."""
     try:
         rid = msgspec.json.decode(header, type=dict).get("id", -1)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return -1
-    return rid if isinstance(rid, int) and 0 <= rid < 2**63 else -1
+    # type() rather than isinstance(): JSON true/false decode to bool, which must not be echoed as `re`.
+    return rid if type(rid) is int and 0 <= rid < 2**63 else -1
 
 
 def unpack_request(

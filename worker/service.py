@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from planwire.transport import codec, messages as m, session
+from msgspec import UNSET
+
+from planwire.transport import codec, dtypes, messages as m, session
 from planwire.transport.errors import ProtocolError
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
@@ -49,6 +51,11 @@ class Service:
         self.store = Store(public=public)
         self.plans: dict[str, PlanSession] = {}
         for key, array, tags in data:
+            try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
+                wire = dtypes.to_wire(array.dtype)
+            except ValueError as e:
+                raise ValueError(f"own tensor {key!r}: {e}") from None
+            array = np.ascontiguousarray(array, dtype=dtypes.to_numpy(wire))
             self.store.put(key, array, tags, private=True)
         self._handlers: dict[type, Callable[[m._Message, list[memoryview]], tuple[m._Message, list[Frame]]]] = {
             m.Hello: self._hello,
@@ -71,6 +78,7 @@ class Service:
         try:
             total = sum(len(f) for f in frames)
             if total > self.limits.max_message_bytes:
+                rid = session.request_id(frames)
                 raise ProtocolError(
                     "too_large", f"message of {total} bytes, over the limit of {self.limits.max_message_bytes}"
                 )
@@ -142,6 +150,10 @@ class Service:
                 raise ProtocolError(code, f"plan {msg.name!r} rejected: {e}") from None
             name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
             plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
+            for port, wire, _ in plan.outputs:  # inputs are checked by PlanSession
+                if wire not in dtypes.WIRE_TO_NUMPY:
+                    raise ProtocolError("bad_plan", f"plan {name!r} output {port!r} has type {wire!r}; "
+                                                    f"supported: {dtypes.human_list()}")
             self.plans[pid] = plan
             log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
         return self._plan_info(msg.id, pid, plan), []
@@ -153,31 +165,42 @@ class Service:
         return self._plan_info(msg.id, msg.plan, plan), []
 
     def _run(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        if len(set(msg.outputs)) != len(msg.outputs):
+            raise ProtocolError("invalid_message", f"run.outputs must be distinct keys, got {msg.outputs}")
+        self.store.check_writable(msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
+        try:
+            return self._execute(msg, buffers)
+        except ProtocolError as e:
+            # Clients do not wait for runs: record why the outputs will not come, so that a later get,
+            # describe or run that uses them fails with run_failed and this reason.
+            why = e.message if e.code == "run_failed" else f"run #{msg.id} refused: {e.message} [{e.code}]"
+            for key in msg.outputs:
+                self.store.fail(key, why)
+            raise
+
+    def _execute(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
         if plan is None:
             raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
         n_out = len(plan.outputs)
-        if len(msg.outputs) != n_out or len(set(msg.outputs)) != n_out:
+        if len(msg.outputs) != n_out:
             raise ProtocolError(
-                "invalid_message", f"plan {plan.name!r} has {n_out} outputs: run.outputs needs {n_out} distinct keys, got {msg.outputs}"
+                "bad_argument", f"plan {plan.name!r} has {n_out} outputs: run.outputs needs {n_out} keys, "
+                f"got {msg.outputs}"
             )
         if any(i >= n_out for i in msg.fetch):
-            raise ProtocolError("invalid_message", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
+            raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
         args = [self._arg(i, a, buffers) for i, a in enumerate(msg.args)]
-        self.store.check_writable(msg.outputs)
         plan.check(args)
         try:
             results = plan.run(args)
         except ort.capi.onnxruntime_pybind11_state.Fail as e:  # type: ignore[attr-defined]
             why = f"plan {plan.name!r} failed on worker {self.id!r}: {e}"
-            for key in msg.outputs:
-                self.store.fail(key, why)
             raise ProtocolError("run_failed", why) from None
         except Exception as e:
-            why = f"plan {plan.name!r} failed on worker {self.id!r}: {type(e).__name__}: {e}"
-            for key in msg.outputs:
-                self.store.fail(key, why)
-            raise ProtocolError("run_failed", why) from None
+            raise ProtocolError(
+                "run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {type(e).__name__}: {e}"
+            ) from None
         for key, arr in zip(msg.outputs, results, strict=True):
             self.store.put(key, arr)
         if not msg.fetch:
@@ -191,9 +214,9 @@ class Service:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
     def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
-        if (arg.ref is None) == (arg.tensor is None):
+        if (arg.ref is UNSET) == (arg.tensor is UNSET):
             raise ProtocolError("invalid_message", f"run argument {i} needs exactly one of 'ref' and 'tensor'")
-        if arg.ref is not None:
+        if arg.ref is not UNSET:
             return self.store.entry(arg.ref).array
         t = arg.tensor
         return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]

@@ -75,7 +75,7 @@ class Store:
         if not keep:
             for key, entry in zip(keys, entries, strict=True):
                 if not entry.private:
-                    del self._tensors[key]
+                    self._tensors.pop(key, None)  # a key may be listed twice
         return [e.array for e in entries]
 
     def delete(self, keys: Iterable[str]) -> None:
