@@ -1,0 +1,219 @@
+"""torch module -> optimized, self-contained ONNX model (``torch.onnx.export(..., dynamo=True)``).
+
+The result has only standard-domain ops (onnxscript functions inlined), no external data, a symbolic
+dimension on every requested dynamic axis, and plan state (the initializers named in ``keep``) left as
+named initializers: the optimizer may not fold or deduplicate them away.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Collection, Iterator, Sequence
+
+import onnx
+import torch
+from onnxscript import ir, optimizer
+from planwire.exporter import cache
+from planwire.exporter.errors import PlanBuildError
+from planwire.exporter.registry import cached_registry
+
+OPSET = 20  # ONNX opset of exported plans (torchlib implements >= 18; onnxruntime >= 1.17 runs 20)
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+# Exports are serialized: the exporter is not thread-safe and the registry patch is process-wide.
+_export_lock = threading.RLock()
+
+
+def export_model(
+    module: torch.nn.Module,
+    args: Sequence[torch.Tensor],
+    *,
+    plan: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic: Sequence[Collection[int]],
+    keep: Collection[str] = (),
+    output_dtypes: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """Export ``module(*args)``; ``dynamic[i]`` lists the axes of argument i that stay symbolic.
+
+    ``output_dtypes`` (wire names of the eager outputs) lets :func:`_restore_output_casts` repair
+    float outputs whose final down-cast the exporter dropped.
+
+    Raises PlanBuildError (naming ``plan`` and, when found, the failing op) with the cause chained.
+    """
+    dynamic_shapes = _dynamic_shapes(module, args, input_names, dynamic)
+    with _export_lock, cached_registry(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training-mode and deprecation chatter of the exporter
+        try:
+            program = torch.onnx.export(
+                module,
+                tuple(args),
+                dynamo=True,
+                optimize=False,  # optimized below, with plan state protected
+                verbose=False,
+                opset_version=OPSET,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes,
+            )
+        except Exception as e:
+            op = failing_op(e)
+            at = f" at op {op}" if op else ""
+            raise PlanBuildError(
+                f"plan {plan!r} could not be exported to ONNX{at}: {_root_message(e)}", plan=plan, op=op
+            ) from e
+        cache.stats.exports += 1
+        model = program.model
+        if output_dtypes is not None:
+            _restore_output_casts(model, output_dtypes)
+        try:
+            _optimize(model, keep)
+        except Exception as e:
+            raise PlanBuildError(f"plan {plan!r}: optimizing the exported graph failed: {e}",
+                                 plan=plan) from e
+    proto = ir.serde.serialize_model(model)
+    check_exported(proto, plan=plan, input_names=input_names, dynamic=dynamic)
+    return proto
+
+
+def _dynamic_shapes(
+    module: torch.nn.Module,
+    args: Sequence[torch.Tensor],
+    names: Sequence[str],
+    dynamic: Sequence[Collection[int]],
+) -> object | None:
+    """``dynamic_shapes`` in whatever structure ``module.forward``'s signature needs (*args included)."""
+    if not any(dynamic):
+        return None
+    shapes = torch.export.ShapesCollection()
+    for name, arg, axes in zip(names, args, dynamic, strict=True):
+        if axes:
+            shapes[arg] = {a: torch.export.Dim(f"{name}_{a}") for a in sorted(axes)}
+    return shapes.dynamic_shapes(module, tuple(args))
+
+
+_FLOATS = {"float16": ir.DataType.FLOAT16, "float": ir.DataType.FLOAT, "double": ir.DataType.DOUBLE}
+
+
+def _restore_output_casts(model: ir.Model, dtypes: Sequence[str]) -> None:
+    """Cast float outputs back to the dtype eager torch returns.
+
+    torch 2.13's exporter computes some float16 ops in float32 (type promotion inserts up- and
+    down-casts) but drops the down-cast when that op's result is a graph output, so ``x.abs()`` on
+    float16 exports with a float32 output. Eager torch rounds that float32 result to float16, which is
+    exactly the Cast added here; the verification that follows every export checks the values.
+    """
+    graph = model.graph
+    for i, (value, wire) in enumerate(zip(list(graph.outputs), dtypes, strict=True)):
+        want = _FLOATS.get(wire)
+        if want is None or value.dtype not in _FLOATS.values() or value.dtype == want:
+            continue
+        cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", want.value)], num_outputs=1)
+        graph.append(cast)
+        out = cast.outputs[0]
+        out.dtype, out.shape = want, value.shape
+        name, value.name = value.name, f"{value.name}_promoted"
+        out.name = name
+        graph.outputs[i] = out
+
+
+def _optimize(model: ir.Model, keep: Collection[str]) -> None:
+    """onnxscript's optimizer (folding, inlining, CSE) without touching the ``keep`` initializers.
+
+    Graph inputs are never folded or deduplicated, so the kept initializers pose as inputs meanwhile.
+    """
+    graph = model.graph
+    kept = [graph.initializers[n] for n in keep if n in graph.initializers]
+    for value in kept:
+        graph.inputs.append(value)
+    dedup_log = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")  # "skipped <kept>"
+    level = dedup_log.level
+    dedup_log.setLevel(logging.ERROR)
+    try:
+        optimizer.optimize_ir(model)
+    finally:
+        dedup_log.setLevel(level)
+        for value in kept:
+            graph.inputs.remove(value)
+
+
+def check_exported(
+    proto: onnx.ModelProto, *, plan: str, input_names: Sequence[str], dynamic: Sequence[Collection[int]]
+) -> None:
+    """PlanBuildError unless the model is standard, self-contained and dynamic where asked."""
+    if proto.functions:
+        raise PlanBuildError(
+            f"plan {plan!r}: the exported graph still has local functions "
+            f"({', '.join(f.name for f in proto.functions)})", plan=plan, op=proto.functions[0].name,
+        )
+    for node in _nodes(proto.graph):
+        if node.domain not in STANDARD_DOMAINS:
+            op = f"{node.domain}::{node.op_type}"
+            raise PlanBuildError(f"plan {plan!r}: op {op} is not a standard ONNX op", plan=plan, op=op)
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise PlanBuildError(f"plan {plan!r}: tensor {tensor.name!r} uses external data", plan=plan)
+    inputs = {i.name: i for i in proto.graph.input}
+    for name, axes in zip(input_names, dynamic, strict=True):
+        dims = inputs[name].type.tensor_type.shape.dim
+        for axis in sorted(axes):
+            if not dims[axis].dim_param:
+                raise PlanBuildError(
+                    f"plan {plan!r}: axis {axis} of {name!r} should be dynamic but the traced code fixed it "
+                    f"to {dims[axis].dim_value}", plan=plan,
+                )
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
+                yield from _nodes(sub)
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in _nodes(graph):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+
+
+_OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)"),
+    re.compile(r"target=torch\.ops\.([\w.]+)"),
+    re.compile(r"\b(aten::\w+(?:\.\w+)?)"),
+)
+
+
+def failing_op(exc: BaseException) -> str | None:
+    """The torch op an exporter error is about, searched along the exception chain."""
+    for e in _chain(exc):
+        text = str(e)
+        for pattern in _OP_PATTERNS:
+            match = pattern.search(text)
+            if match:
+                return ".".join(g for g in match.groups() if g)
+    return None
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost cause's first line: what actually went wrong, without the exporter's advice."""
+    root = list(_chain(exc))[-1]
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    return f"{type(root).__name__}: {lines[0] if lines else ''}"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__

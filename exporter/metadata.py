@@ -1,0 +1,115 @@
+"""What a plan's ONNX file says about itself: typed ports from the graph, planwire ``metadata_props``.
+
+Ports are always read from the graph (what onnxruntime will enforce); the metadata repeats them as JSON
+with roles, plus the plan's name, kind and state initializers, so a worker or a plain ``onnx.load`` can
+describe the plan without planwire's Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import onnx
+from planwire.transport.dtypes import WIRE_TO_NUMPY
+from planwire.transport.spec import (
+    META_FORMAT,
+    META_INPUTS,
+    META_KIND,
+    META_NAME,
+    META_OUTPUTS,
+    META_STATE,
+    Dim,
+    TensorSpec,
+)
+
+FORMAT = "1"
+INPUT_ROLE = "arg"
+OUTPUT_ROLE = "output"
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """Everything the bytes of one plan variant say about it."""
+
+    name: str
+    kind: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    state: tuple[str, ...]
+
+
+def _spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type"):
+        raise ValueError(f"plan port {value.name!r} is not a tensor")
+    wire = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+    if wire not in WIRE_TO_NUMPY:
+        raise ValueError(f"plan port {value.name!r} has unsupported element type {wire}")
+    dims: list[Dim] = []
+    for d in tensor.shape.dim:
+        dims.append(d.dim_param if d.dim_param else d.dim_value if d.HasField("dim_value") else None)
+    return TensorSpec(value.name, wire, tuple(dims), role)
+
+
+def ports(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of the graph; initializers listed as inputs (old exporters) are not ports."""
+    roles = {**_roles(model, META_INPUTS), **_roles(model, META_OUTPUTS)}
+    init = {t.name for t in model.graph.initializer}
+    inputs = tuple(_spec(v, roles.get(v.name, INPUT_ROLE)) for v in model.graph.input if v.name not in init)
+    outputs = tuple(_spec(v, roles.get(v.name, OUTPUT_ROLE)) for v in model.graph.output)
+    return inputs, outputs
+
+
+def _roles(model: onnx.ModelProto, key: str) -> dict[str, str]:
+    raw = {p.key: p.value for p in model.metadata_props}.get(key)
+    try:
+        return {e["name"]: str(e["role"]) for e in json.loads(raw)} if raw else {}
+    except (ValueError, TypeError, KeyError):
+        return {}
+
+
+def _json_ports(specs: Iterable[TensorSpec]) -> str:
+    entries = []
+    for s in specs:
+        shape = ["?" if d is None else d for d in s.shape]
+        entries.append({"name": s.name, "role": s.role, "dtype": s.dtype, "shape": shape})
+    return json.dumps(entries)
+
+
+def stamp(model: onnx.ModelProto, *, name: str, kind: str, state: Sequence[str]) -> bytes:
+    """Write planwire metadata (replacing any) into ``model`` and serialize it deterministically."""
+    inputs, outputs = ports(model)
+    present = {t.name for t in model.graph.initializer}
+    props = {
+        META_NAME: name,
+        META_FORMAT: FORMAT,
+        META_KIND: kind,
+        META_INPUTS: _json_ports(inputs),
+        META_OUTPUTS: _json_ports(outputs),
+        META_STATE: json.dumps([s for s in state if s in present]),
+    }
+    kept = [p for p in model.metadata_props if not p.key.startswith("planwire.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    model.graph.name = re.sub(r"\W", "_", name) or "plan"
+    return model.SerializeToString(deterministic=True)
+
+
+def read(model: onnx.ModelProto, *, default_name: str = "plan") -> PlanInfo:
+    """PlanInfo of a model; a plain ONNX model (no planwire metadata) reads as a nameless function plan."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    fmt = meta.get(META_FORMAT)
+    if fmt is not None and fmt != FORMAT:
+        raise ValueError(f"plan format {fmt!r} is not supported (this planwire reads format {FORMAT!r})")
+    inputs, outputs = ports(model)
+    try:
+        state = tuple(json.loads(meta.get(META_STATE, "[]")))
+    except ValueError:
+        raise ValueError(f"bad {META_STATE} metadata: {meta[META_STATE]!r}") from None
+    name = meta.get(META_NAME) or default_name
+    return PlanInfo(name, meta.get(META_KIND, "function"), inputs, outputs, state)
