@@ -1,0 +1,1 @@
+"""planwire benchmarks: ``python -m bench`` (``make bench``). See bench/README.md."""

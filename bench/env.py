@@ -1,0 +1,212 @@
+"""The processes a benchmark run talks to, started on demand and always stopped.
+
+- plan-workers (``WorkerProcess``) on tcp and ipc loopback, one per transport, plus a client each;
+- a raw pyzmq echo server (``bench.echo``) bound on tcp and ipc;
+- a torch.distributed.rpc peer (``bench.rpcpeer``, rank 1) with this process as rank 0, TensorPipe
+  restricted to its tcp transport ("uv"): its default shared-memory transport busy-polls a whole core
+  per process even when idle, which on a 2-core host would starve everything else measured here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import zmq
+from planwire.transport.remote import RemoteWorker, connect
+from planwire.worker.process import WorkerProcess
+
+RPC_PEER = "peer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ready(cmd: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
+    """Start ``cmd`` (stdout piped) and return it with its first stdout line; bounded by ``timeout``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if line:
+                return proc, line.strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[2:4]} exited with {proc.returncode} before it was ready")
+    stop_process(proc)
+    raise TimeoutError(f"{cmd[2:4]} not ready within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bounded(fn: Any, timeout: float, what: str) -> None:
+    """Run ``fn`` in a daemon thread; TimeoutError if it has not returned within ``timeout`` s."""
+    err: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            err.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{what} did not finish within {timeout} s")
+    if err:
+        raise err[0]
+
+
+class Env:
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="planwire-bench-"))
+        self.ctx = zmq.Context()
+        self._workers: dict[str, tuple[WorkerProcess, RemoteWorker]] = {}
+        self._echo: subprocess.Popen | None = None
+        self.echo_urls: dict[str, str] = {}
+        self._echo_socks: dict[str, zmq.Socket] = {}
+        self._rpc_peer: subprocess.Popen | None = None
+        self.rpc_started = False
+
+    # -- plan-workers -------------------------------------------------------------------------------
+
+    def listen_url(self, transport: str, name: str) -> str:
+        return "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{self.tmp}/{name}.ipc"
+
+    def worker(self, transport: str) -> RemoteWorker:
+        if transport not in self._workers:
+            proc = WorkerProcess(f"bench-{transport}", listen=self.listen_url(transport, "worker"))
+            try:
+                client = connect(proc.url, timeout=60)
+            except BaseException:
+                proc.stop()
+                raise
+            self._workers[transport] = (proc, client)
+        return self._workers[transport][1]
+
+    def worker_pid(self, transport: str) -> int:
+        self.worker(transport)
+        return self._workers[transport][0].proc.pid
+
+    # -- raw pyzmq echo -----------------------------------------------------------------------------
+
+    def echo(self, transport: str) -> zmq.Socket:
+        """A DEALER connected to the echo server over ``transport``."""
+        if self._echo is None:
+            cmd = [sys.executable, "-m", "bench.echo", "tcp://127.0.0.1:0", f"ipc://{self.tmp}/echo.ipc"]
+            self._echo, line = spawn_ready(cmd, 30)
+            tcp, ipc = line.removeprefix("ready on ").split()
+            self.echo_urls = {"tcp": tcp, "ipc": ipc}
+        if transport not in self._echo_socks:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.echo_urls[transport])
+            self._echo_socks[transport] = s
+        return self._echo_socks[transport]
+
+    # -- torch.distributed.rpc ------------------------------------------------------------------------
+
+    def rpc(self) -> str:
+        """Name of the rpc peer; this process joins the group as rank 0 on first use."""
+        if not self.rpc_started:
+            warnings.filterwarnings("ignore", module="torch.distributed")
+            import torch.distributed.rpc as rpc
+
+            from bench.rpcpeer import options
+
+            port = free_port()
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.rpcpeer",
+                "--port",
+                str(port),
+                "--rank",
+                "1",
+                "--transport",
+                "uv",
+            ]
+            self._rpc_peer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            bounded(
+                lambda: rpc.init_rpc("caller", rank=0, world_size=2, rpc_backend_options=options(port, "uv")),
+                120,
+                "torch.distributed.rpc init",
+            )
+            self.rpc_started = True
+        return RPC_PEER
+
+    def rpc_isolated_tiny(self, transport: str, runs: int) -> list[float]:
+        """Tiny rpc_sync latency timed by two fresh processes using ``transport``, alone."""
+        import json
+
+        port = free_port()
+        base = [sys.executable, "-m", "bench.rpcpeer", "--port", str(port), "--transport", transport]
+        peer = subprocess.Popen([*base, "--rank", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            out = subprocess.run(
+                [*base, "--rank", "0", "--tiny", str(runs)], capture_output=True, text=True, timeout=180
+            )
+            peer.wait(30)
+        finally:
+            stop_process(peer)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"rpc {transport} run failed: {out.stderr[-500:]}")
+        return json.loads(lines[-1])
+
+    # -- teardown -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.rpc_started:
+            import torch.distributed.rpc as rpc
+
+            with contextlib.suppress(Exception):
+                bounded(lambda: rpc.shutdown(graceful=True), 60, "torch.distributed.rpc shutdown")
+            self.rpc_started = False
+        if self._rpc_peer is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._rpc_peer.wait(10)
+            stop_process(self._rpc_peer)
+        for s in self._echo_socks.values():
+            s.close(0)
+        if self._echo is not None:
+            stop_process(self._echo)
+        for proc, client in self._workers.values():
+            with contextlib.suppress(Exception):
+                client.close()
+            proc.stop()
+            if not os.environ.get("PLANWIRE_KEEP_LOGS"):
+                proc.log_path.unlink(missing_ok=True)
+        self.ctx.term()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Env:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

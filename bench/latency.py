@@ -1,0 +1,90 @@
+"""Latency of one tiny call: plan run + get vs a raw pyzmq echo, torch.rpc, local onnxruntime, eager torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bench import plans, rpcfns
+from bench.env import Env
+from bench.timing import Case, Report, interleaved
+
+FAMILY = "latency"
+PLAN = "plan call ptr(x).get() [{}]"
+FETCH = "plan call with fetch in the run [{}]"
+ECHO = "raw pyzmq echo, same bytes [{}]"
+RPC = "torch.rpc rpc_sync [tcp]"
+RPC_SHM = "torch.rpc rpc_sync [shm, isolated]"
+
+
+def _planwire_cases(env: Env, transport: str, plan: plans.HandPlan, x: Any, per_round: int) -> list[Case]:
+    w = env.worker(transport)
+    ptr = w.plan_pointer(plan)
+    variant = plan.variants[0]
+    xp = w.put(x)
+    expected = plans.tiny_torch(x).numpy()
+    assert np.allclose(np.asarray(ptr(xp).get()), expected)
+    payload = x.numpy().tobytes()
+    sock = env.echo(transport)
+
+    def echo() -> bytes:
+        sock.send(payload)
+        return sock.recv()
+
+    assert echo() == payload
+    return [
+        Case(PLAN.format(transport), lambda: ptr(xp).get(), per_round),
+        Case(FETCH.format(transport), lambda: w.run(variant, [xp], fetch=[0])[0].value, per_round),
+        Case(ECHO.format(transport), echo, per_round),
+    ]
+
+
+def run(env: Env, report: Report, quick: bool) -> None:
+    import onnxruntime as ort
+    import torch
+    import torch.distributed.rpc as rpc
+    from planwire.worker.runtime import session_options
+
+    plan = plans.tiny()
+    x = torch.randn(plans.SHAPE)
+    xn = x.numpy()
+    per = 50 if quick else 200
+    cases = _planwire_cases(env, "tcp", plan, x, per) + _planwire_cases(env, "ipc", plan, x, per)
+    peer = env.rpc()
+    assert torch.allclose(rpc.rpc_sync(peer, rpcfns.tiny, args=(x,)), plans.tiny_torch(x))
+    cases.append(Case(RPC, lambda: rpc.rpc_sync(peer, rpcfns.tiny, args=(x,)), per // 4))
+    sess = ort.InferenceSession(plan.variants[0].data, session_options(1), providers=["CPUExecutionProvider"])
+    cases.append(Case("local onnxruntime InferenceSession.run", lambda: sess.run(None, {"x": xn}), per))
+    cases.append(Case("eager torch", lambda: plans.tiny_torch(x), per))
+    samples = interleaved(cases, rounds=4 if quick else 16, budget_s=20 if quick else 60)
+    for c in cases:
+        report.time(FAMILY, c.name, samples[c.name], "us")
+    report.time(
+        FAMILY,
+        RPC_SHM,
+        env.rpc_isolated_tiny("default", 200 if quick else 1000),
+        "us",
+        note="TensorPipe default transport (shm), measured alone: it busy-polls a core per process",
+    )
+    report.note(
+        FAMILY,
+        "plan call = 2 requests (run, get) answered in order; 'with fetch' = 1 request, "
+        "plus a deferred delete of the output it also stored",
+    )
+    for tr in ("tcp", "ipc"):
+        report.ratio(
+            f"tiny plan call vs raw pyzmq echo [{tr}]",
+            (FAMILY, PLAN.format(tr)),
+            (FAMILY, ECHO.format(tr)),
+            "<=",
+            1.5,
+        )
+    report.ratio("rpc_sync vs tiny plan call [tcp]", (FAMILY, RPC), (FAMILY, PLAN.format("tcp")), ">=", 5)
+    report.ratio(
+        "rpc_sync (shm, isolated) vs tiny plan call [ipc]",
+        (FAMILY, RPC_SHM),
+        (FAMILY, PLAN.format("ipc")),
+        ">=",
+        5,
+    )

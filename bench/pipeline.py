@@ -1,0 +1,47 @@
+"""Pipelining: tiny plan calls per second with many in flight from one client to one worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import plans
+from bench.env import Env
+from bench.timing import Case, Report, interleaved
+
+FAMILY = "pipelining"
+KEEP = "tiny calls, results kept, then flush [{}]"
+DROP = "tiny calls, results dropped, then flush [{}]"
+
+
+def run(env: Env, report: Report, quick: bool) -> None:
+    import torch
+
+    n = 1000 if quick else 5000
+    cases = []
+    for tr in ("tcp", "ipc"):
+        w = env.worker(tr)
+        ptr = w.plan_pointer(plans.tiny())
+        xp = w.put(torch.randn(plans.SHAPE))
+
+        def keep(w: Any = w, ptr: Any = ptr, xp: Any = xp) -> list:
+            results = [ptr(xp) for _ in range(n)]
+            w.flush()
+            return results  # freed after the call: one delete message goes with the next request
+
+        def drop(w: Any = w, ptr: Any = ptr, xp: Any = xp) -> None:
+            for _ in range(n):
+                ptr(xp)  # the result is freed at once: a delete message rides along with the next run
+            w.flush()
+
+        cases += [Case(KEEP.format(tr), keep, 1, warmup=1), Case(DROP.format(tr), drop, 1, warmup=1)]
+    samples = interleaved(cases, rounds=2 if quick else 6, budget_s=20 if quick else 60)
+    for c in cases:
+        report.rate(FAMILY, c.name, samples[c.name], n, "calls/s", note=f"{n} calls per run")
+    report.target(
+        "tiny plan calls/s pipelined [tcp]",
+        report.get(FAMILY, KEEP.format("tcp")).median,
+        ">=",
+        10_000,
+        "calls/s",
+        KEEP.format("tcp"),
+    )

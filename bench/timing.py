@@ -1,0 +1,259 @@
+"""Timing and reporting shared by every benchmark family.
+
+Samples are seconds per run. A figure keeps the median and the p90 (always the *slow* side: for rates it
+is the rate at the 90th percentile of run times), the number of runs and a unit. Comparisons are ratios
+of figures measured in the same invocation, interleaved round by round, so that a noisy neighbour slows
+both sides alike; each carries its target and pass/fail.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6}
+
+
+@dataclass
+class Figure:
+    median: float
+    p90: float
+    runs: int
+    unit: str
+    note: str = ""
+
+
+@dataclass
+class Target:
+    name: str
+    value: float
+    op: str  # "<=", ">=", "<"
+    target: float
+    unit: str  # "x" for ratios
+    detail: str
+    passed: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        ok = {"<=": self.value <= self.target, ">=": self.value >= self.target, "<": self.value < self.target}
+        self.passed = bool(ok[self.op])
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples, dtype=float), q))
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+
+class _NoGC:
+    """Collect once, then keep the cyclic collector out of the timed region (as timeit does)."""
+
+    def __enter__(self) -> None:
+        self.was = gc.isenabled()
+        gc.collect()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.was:
+            gc.enable()
+
+
+def measure(fn: Callable[[], Any], *, runs: int, warmup: int = 3, budget_s: float = 30.0) -> list[float]:
+    """Seconds per call of ``fn``: ``runs`` calls after ``warmup`` (fewer if the budget runs out, min 3)."""
+    for _ in range(warmup):
+        fn()
+    out: list[float] = []
+    clock = time.perf_counter
+    end = clock() + budget_s
+    with _NoGC():
+        for _ in range(runs):
+            t0 = clock()
+            fn()
+            t1 = clock()
+            out.append(t1 - t0)
+            if t1 > end and len(out) >= 3:
+                break
+    return out
+
+
+@dataclass
+class Case:
+    name: str
+    fn: Callable[[], Any]
+    per_round: int = 100
+    warmup: int = 5
+
+
+def interleaved(cases: Sequence[Case], *, rounds: int, budget_s: float = 60.0) -> dict[str, list[float]]:
+    """Run every case ``per_round`` times per round, rotating the order each round; bounded by
+    ``rounds`` and (after at least two rounds) by ``budget_s``. Returns seconds per call by case."""
+    samples: dict[str, list[float]] = {c.name: [] for c in cases}
+    for c in cases:
+        for _ in range(c.warmup):
+            c.fn()
+    clock = time.perf_counter
+    start = clock()
+    for r in range(rounds):
+        order = list(cases[r % len(cases) :]) + list(cases[: r % len(cases)])
+        for c in order:
+            with _NoGC():
+                fn, out = c.fn, samples[c.name]
+                for _ in range(c.per_round):
+                    t0 = clock()
+                    fn()
+                    out.append(clock() - t0)
+        if r >= 1 and clock() - start > budget_s:
+            break
+    return samples
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+class Report:
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.figures: dict[str, dict[str, Figure]] = {}
+        self.targets: list[Target] = []
+        self.skipped: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.notes: dict[str, list[str]] = {}
+        self.machine = machine_info()
+
+    # figures
+    def add(self, family: str, name: str, fig: Figure) -> Figure:
+        self.figures.setdefault(family, {})[name] = fig
+        return fig
+
+    def time(
+        self, family: str, name: str, samples: Sequence[float], unit: str = "us", note: str = ""
+    ) -> Figure:
+        k = SCALE[unit]
+        return self.add(
+            family,
+            name,
+            Figure(float(np.median(samples)) * k, percentile(samples, 90) * k, len(samples), unit, note),
+        )
+
+    def rate(
+        self, family: str, name: str, samples: Sequence[float], amount: float, unit: str, note: str = ""
+    ) -> Figure:
+        """``amount`` (items, bytes scaled to ``unit``) per run divided by each run's seconds."""
+        med, slow = float(np.median(samples)), percentile(samples, 90)
+        return self.add(family, name, Figure(amount / med, amount / slow, len(samples), unit, note))
+
+    def count(self, family: str, name: str, value: float, unit: str, note: str = "") -> Figure:
+        return self.add(family, name, Figure(float(value), float(value), 1, unit, note))
+
+    def get(self, family: str, name: str) -> Figure:
+        return self.figures[family][name]
+
+    # targets
+    def target(self, name: str, value: float, op: str, target: float, unit: str, detail: str) -> Target:
+        t = Target(name, float(value), op, float(target), unit, detail)
+        self.targets.append(t)
+        return t
+
+    def ratio(self, name: str, num: tuple[str, str], den: tuple[str, str], op: str, target: float) -> Target:
+        """median(num) / median(den) of two figures of this run."""
+        a, b = self.get(*num), self.get(*den)
+        return self.target(name, a.median / b.median, op, target, "x", f"{num[1]} / {den[1]}")
+
+    def note(self, family: str, text: str) -> None:
+        self.notes.setdefault(family, []).append(text)
+
+    # output
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "duration_s": round(time.time() - self.started, 1),
+            "load_average_end": _loadavg(),
+            "figures": {f: {n: asdict(x) for n, x in figs.items()} for f, figs in self.figures.items()},
+            "targets": [asdict(t) for t in self.targets],
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "notes": self.notes,
+        }
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    def table(self) -> str:
+        lines = []
+        for family, figs in self.figures.items():
+            lines.append(f"\n## {family}")
+            lines.append(f"{'':52} {'median':>12} {'p90':>12} {'runs':>6}  unit")
+            for name, f in figs.items():
+                lines.append(f"{name:52} {fmt(f.median):>12} {fmt(f.p90):>12} {f.runs:>6}  {f.unit}")
+            for text in self.notes.get(family, []):
+                lines.append(f"  note: {text}")
+        if self.targets:
+            lines.append("\n## targets (ratios of medians measured in this run)")
+            for t in self.targets:
+                mark = "PASS" if t.passed else "FAIL"
+                value, goal = f"{fmt(t.value)}{t.unit}", f"{t.op} {fmt(t.target)}{t.unit}"
+                lines.append(f"{mark}  {t.name:56} {value:>12} {goal:10}  ({t.detail})")
+        for family, why in self.skipped.items():
+            lines.append(f"skipped {family}: {why}")
+        for family, why in self.errors.items():
+            lines.append(f"ERROR in {family}: {why}")
+        return "\n".join(lines)
+
+
+def fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on (versions imported lazily: the bench imports them anyway)."""
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "load_average_start": _loadavg(),
+    }
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        info["cpu"] = fields.get("Model name", "").strip()
+        info["hypervisor"] = fields.get("Hypervisor vendor", "").strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for mod in ("torch", "onnxruntime", "onnx", "numpy", "msgspec", "zmq"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - reporting only
+            info[mod] = None
+    try:
+        import zmq
+
+        info["libzmq"] = zmq.zmq_version()
+    except ImportError:
+        pass
+    return info
