@@ -1,0 +1,126 @@
+"""Conformance suite: drives a planwire worker through raw ZeroMQ frames, as schemas/PROTOCOL.md says.
+
+Targets:
+* default: real ``plan-worker`` processes started here, over tcp and over ipc (every test runs on both);
+* ``PLANWIRE_CONFORMANCE_URL=tcp://host:port``: an already running worker, in any language. The
+  private-data tests also need ``PLANWIRE_CONFORMANCE_PRIVATE_URL`` (a worker holding the arrays of
+  data.py as its own data, not public) and ``PLANWIRE_CONFORMANCE_PUBLIC_URL`` (the same, public); they
+  are skipped without them. Limits tests expect the worker's default limits to be at least 16 MiB.
+
+Run alone, without the rest of planwire's tests: ``pytest tests/conformance --confcutdir tests/conformance``.
+Only this file knows how to start the reference worker; the tests speak the protocol and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .data import write
+from .wire import Peer
+
+URL_ENV = "PLANWIRE_CONFORMANCE_URL"
+PRIVATE_ENV = "PLANWIRE_CONFORMANCE_PRIVATE_URL"
+PUBLIC_ENV = "PLANWIRE_CONFORMANCE_PUBLIC_URL"
+
+TRANSPORTS = ["external"] if os.environ.get(URL_ENV) else ["tcp", "ipc"]
+
+
+class _Workers:
+    """Reference plan-workers started on demand, one per (transport, role), stopped at the end."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pwc-"))  # short: ipc paths must stay under ~100 bytes
+        self.procs: dict[tuple[str, str], object] = {}
+
+    def url(self, transport: str, role: str) -> str:
+        if (transport, role) not in self.procs:
+            # The only use of planwire in the suite: launching the reference worker.
+            from planwire.worker.process import WorkerProcess
+
+            listen = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{self.dir}/{role}.ipc"
+            data, extra = [], []
+            if role in ("private", "public"):
+                data = [f"{write(self.dir)}:conformance"]
+            if role == "public":
+                extra = ["--public"]
+            self.procs[(transport, role)] = WorkerProcess(
+                f"conformance-{role}-{transport}", listen=listen, data=data, extra=extra
+            )
+        return self.procs[(transport, role)].url  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()  # type: ignore[attr-defined]
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _workers() -> Iterator[_Workers]:
+    workers = _Workers()
+    yield workers
+    workers.close()
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _url(workers: _Workers, transport: str, role: str) -> str:
+    if transport != "external":
+        return workers.url(transport, role)
+    env = {"plain": URL_ENV, "private": PRIVATE_ENV, "public": PUBLIC_ENV}[role]
+    url = os.environ.get(env)
+    if not url:
+        pytest.skip(f"set {env} to test a worker's own data")
+    return url
+
+
+@pytest.fixture(scope="session")
+def url(_workers: _Workers, transport: str) -> str:
+    """The worker under test."""
+    return _url(_workers, transport, "plain")
+
+
+@pytest.fixture(scope="session")
+def private_url(_workers: _Workers, transport: str) -> str:
+    """A worker holding data.OWN as its own, non-public data."""
+    return _url(_workers, transport, "private")
+
+
+@pytest.fixture(scope="session")
+def public_url(_workers: _Workers, transport: str) -> str:
+    """A worker holding data.OWN as its own, public data."""
+    return _url(_workers, transport, "public")
+
+
+@pytest.fixture
+def connect() -> Iterator:
+    """``connect(url) -> Peer``; every peer is closed after the test."""
+    peers: list[Peer] = []
+
+    def make(url: str, timeout: float = 10.0) -> Peer:
+        peers.append(Peer(url, timeout=timeout))
+        return peers[-1]
+
+    yield make
+    for p in peers:
+        p.close()
+
+
+@pytest.fixture
+def peer(connect, url: str) -> Peer:
+    return connect(url)
+
+
+@pytest.fixture
+def uid() -> str:
+    """A unique prefix for keys and tags: tests share long-lived workers."""
+    return f"c{uuid.uuid4().hex[:10]}"
