@@ -147,7 +147,7 @@ class Service:
                 summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
             except ValueError as e:  # PlanRejected
                 code = "too_large" if len(data) > self.limits.max_plan_bytes else "bad_plan"
-                raise ProtocolError(code, f"plan {msg.name!r} rejected: {e}") from None
+                raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
             name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
             plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
             for port, wire, _ in plan.outputs:  # inputs are checked by PlanSession
@@ -165,8 +165,12 @@ class Service:
         return self._plan_info(msg.id, msg.plan, plan), []
 
     def _run(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        # What the schema forbids is refused before anything changes (as any invalid header).
         if len(set(msg.outputs)) != len(msg.outputs):
             raise ProtocolError("invalid_message", f"run.outputs must be distinct keys, got {msg.outputs}")
+        for i, arg in enumerate(msg.args):
+            if (arg.ref is UNSET) == (arg.tensor is UNSET):
+                raise ProtocolError("invalid_message", f"run.args[{i}] needs exactly one of 'ref', 'tensor'")
         self.store.check_writable(msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
         try:
             return self._execute(msg, buffers)
@@ -214,8 +218,6 @@ class Service:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
     def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
-        if (arg.ref is UNSET) == (arg.tensor is UNSET):
-            raise ProtocolError("invalid_message", f"run argument {i} needs exactly one of 'ref' and 'tensor'")
         if arg.ref is not UNSET:
             return self.store.entry(arg.ref).array
         t = arg.tensor
