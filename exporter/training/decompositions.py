@@ -1,0 +1,253 @@
+"""Aten decompositions that make training graphs exportable to plain ONNX.
+
+Tracing a backward pass with ``make_fx`` emits backward ops (``convolution_backward``,
+``max_pool2d_with_indices_backward``, ``avg_pool2d_backward``, ``_adaptive_avg_pool2d_backward``) that
+neither torch nor onnxscript's torchlib decompose, so the ONNX export of any CNN's gradient fails. The
+functions here rewrite them into forward ops that have ONNX translations (Conv, ConvTranspose,
+ScatterElements, MatMul). Every one is checked against torch autograd in tests/test_training_decomp.py.
+
+:func:`training_decompositions` is the table the training pipeline traces with: torch's core aten set,
+a few torch decompositions outside it (batch norm and dropout, so their running statistics and random
+masks become explicit ops rather than ONNX training-mode kernels), and the functions below.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch._decomp import core_aten_decompositions, decomposition_table
+
+aten = torch.ops.aten
+
+
+def _tuple(value: int | Sequence[int], n: int) -> list[int]:
+    """Expand an int or a one-element list to n spatial entries, as the aten kernels do."""
+    if isinstance(value, int):
+        return [value] * n
+    value = list(value)
+    return value * n if len(value) == 1 else value
+
+
+def _conv_weight_grad(
+    grad_output: Tensor,
+    inp: Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Gradient of a (non-transposed) convolution's weight: a convolution with batch and channel swapped.
+
+    grad_w[o, i, k] = sum_{n, y} grad[n, o, y] * inp[n, i, y*stride - pad + k*dilation], which is a
+    convolution of the input (batch as channels) with grad_output as the kernel, stride and dilation
+    exchanged. Groups become a grouped convolution over (group, batch) channels.
+    """
+    n_batch, c_in = inp.shape[0], inp.shape[1]
+    spatial = inp.shape[2:]
+    cin_g = c_in // groups
+    # input: (N, C_in, *S) -> (C_in/g, g*N, *S), channel index = group*N + n
+    x = inp.reshape(n_batch, groups, cin_g, *spatial)
+    x = x.permute(2, 1, 0, *range(3, 3 + len(spatial))).reshape(cin_g, groups * n_batch, *spatial)
+    # kernel: (N, C_out, *So) -> (C_out, N, *So); output channel o uses input channels of its group
+    w = grad_output.transpose(0, 1)
+    out = aten.convolution(
+        x, w, None, list(dilation), list(padding), list(stride), False, [0] * len(spatial), groups
+    )
+    # out: (C_in/g, C_out, *K') -> (C_out, C_in/g, *K), cropped to the kernel size
+    out = out.transpose(0, 1)
+    for axis, k in enumerate(weight_shape[2:]):
+        if out.shape[2 + axis] != k:
+            out = out.narrow(2 + axis, 0, k)
+    return out.contiguous()  # as aten's kernel returns it; strided results trip later decompositions
+
+
+def convolution_backward(
+    grad_output: Tensor,
+    inp: Tensor,
+    weight: Tensor,
+    bias_sizes: Sequence[int] | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``aten.convolution_backward`` for 1-3 spatial dims, any stride/padding/dilation/groups.
+
+    Regular convolution: grad_input is a transposed convolution of grad_output with the same weight (its
+    output_padding chosen to restore the input size), grad_weight is :func:`_conv_weight_grad`.
+    Transposed convolution: grad_input is a regular convolution, and grad_weight is the weight gradient
+    of the regular convolution that maps grad_output to the input.
+    """
+    nd = inp.dim() - 2
+    stride, padding, dilation = _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd)
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        if transposed:
+            grad_input = aten.convolution(
+                grad_output, weight, None, stride, padding, dilation, False, [0] * nd, groups
+            )
+            for i in range(nd):  # output_padding >= stride (allowed when < dilation) adds positions
+                if grad_input.shape[2 + i] != inp.shape[2 + i]:
+                    grad_input = grad_input.narrow(2 + i, 0, inp.shape[2 + i])
+            grad_input = grad_input.contiguous()
+        else:
+            extra = []
+            for i in range(nd):
+                size = (grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                size = size + dilation[i] * (weight.shape[2 + i] - 1) + 1
+                extra.append(inp.shape[2 + i] - size)
+            grad_input = aten.convolution(
+                grad_output, weight, None, stride, padding, dilation, True, extra, groups
+            )
+    if output_mask[1]:
+        if transposed:
+            grad_weight = _conv_weight_grad(inp, grad_output, weight.shape, stride, padding, dilation, groups)
+        else:
+            grad_weight = _conv_weight_grad(grad_output, inp, weight.shape, stride, padding, dilation, groups)
+    if output_mask[2]:
+        grad_bias = grad_output.sum([0, *range(2, grad_output.dim())])
+    return grad_input, grad_weight, grad_bias
+
+
+def max_pool2d_with_indices_backward(
+    grad_output: Tensor,
+    inp: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    indices: Tensor,
+) -> Tensor:
+    """Scatter-add each output gradient to the input position its window picked (per-plane indices).
+
+    Overlapping windows that pick the same element accumulate, as torch's kernel does.
+    """
+    *lead, height, width = inp.shape
+    planes = grad_output.reshape(*lead, -1)
+    flat = torch.zeros(*lead, height * width, dtype=grad_output.dtype, device=grad_output.device)
+    flat = flat.scatter_add(-1, indices.reshape(*lead, -1), planes)
+    return flat.reshape(inp.shape)
+
+
+def _pool_divisors(
+    size: int, out: int, kernel: int, stride: int, pad: int, count_include_pad: bool
+) -> list[tuple[int, int, int]]:
+    """(start, end, divisor) of each 1-d average-pooling window, clipped exactly as aten's kernel does."""
+    windows = []
+    for o in range(out):
+        start = o * stride - pad
+        end = min(start + kernel, size + pad)
+        pool = end - start
+        start, end = max(start, 0), min(end, size)
+        windows.append((start, end, pool if count_include_pad else end - start))
+    return windows
+
+
+def _pool_matrix(
+    windows: list[tuple[int, int, int]], size: int, divide: bool, like: Tensor
+) -> Tensor:
+    """Constant (size, out) matrix M with M[h, o] = 1/divisor (or 1) when input h lies in window o.
+
+    Built from Python lists so that tracing records one constant, not a chain of slice assignments.
+    """
+    rows = [[0.0] * len(windows) for _ in range(size)]
+    for o, (start, end, div) in enumerate(windows):
+        for h in range(start, end):
+            rows[h][o] = 1.0 / div if divide else 1.0
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def avg_pool2d_backward(
+    grad_output: Tensor,
+    inp: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+) -> Tensor:
+    """Spread each output gradient over its window divided by that window's divisor.
+
+    A window's divisor is the product of its 1-d extents (with or without padding), so the backward is
+    separable: grad_input = M_h @ grad_output @ M_w^T with constant (static-shape) window matrices.
+    """
+    kh, kw = _tuple(kernel_size, 2)
+    sh, sw = _tuple(stride, 2) if stride else (kh, kw)
+    ph, pw = _tuple(padding, 2)
+    height, width = inp.shape[-2], inp.shape[-1]
+    out_h, out_w = grad_output.shape[-2], grad_output.shape[-1]
+    if not all(isinstance(d, int) for d in (height, width, out_h, out_w)):
+        return NotImplemented  # dynamic spatial sizes: leave the op for the caller to report
+    divide = divisor_override is None
+    rows = _pool_divisors(height, out_h, kh, sh, ph, count_include_pad)
+    cols = _pool_divisors(width, out_w, kw, sw, pw, count_include_pad)
+    m_h = _pool_matrix(rows, height, divide, grad_output)
+    m_w = _pool_matrix(cols, width, divide, grad_output)
+    grad = grad_output if divide else grad_output / divisor_override
+    return torch.matmul(torch.matmul(m_h, grad), m_w.t())
+
+
+def _adaptive_windows(size: int, out: int) -> list[tuple[int, int, int]]:
+    """(start, end, length) of each adaptive-pooling window: [floor(o*S/O), ceil((o+1)*S/O))."""
+    windows = []
+    for o in range(out):
+        start = (o * size) // out
+        end = -((-(o + 1) * size) // out)
+        windows.append((start, end, end - start))
+    return windows
+
+
+def adaptive_avg_pool2d_backward(grad_output: Tensor, inp: Tensor) -> Tensor:
+    """``_adaptive_avg_pool2d_backward`` as two constant window matrices (see :func:`avg_pool2d_backward`)."""
+    height, width = inp.shape[-2], inp.shape[-1]
+    out_h, out_w = grad_output.shape[-2], grad_output.shape[-1]
+    if not all(isinstance(d, int) for d in (height, width, out_h, out_w)):
+        return NotImplemented
+    m_h = _pool_matrix(_adaptive_windows(height, out_h), height, True, grad_output)
+    m_w = _pool_matrix(_adaptive_windows(width, out_w), width, True, grad_output)
+    return torch.matmul(torch.matmul(m_h, grad_output), m_w.t())
+
+
+# Backward ops with no torch or torchlib decomposition, supplied here.
+BACKWARD_DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {
+    aten.convolution_backward.default: convolution_backward,
+    aten.max_pool2d_with_indices_backward.default: max_pool2d_with_indices_backward,
+    aten.avg_pool2d_backward.default: avg_pool2d_backward,
+    aten._adaptive_avg_pool2d_backward.default: adaptive_avg_pool2d_backward,
+}
+
+# Torch decompositions outside the core set that the training graph wants: batch norm as explicit
+# statistics (its running-stat update then is plain arithmetic, not ONNX's training-mode
+# BatchNormalization), dropout as rand_like + compare (ONNX RandomUniformLike, fresh on every run).
+_FROM_TORCH = (
+    aten.native_dropout.default,
+    aten.native_batch_norm.default,
+    aten._native_batch_norm_legit.default,
+    aten._native_batch_norm_legit.no_stats,
+    aten._native_batch_norm_legit_functional.default,
+    aten._native_batch_norm_legit_no_training.default,
+)
+
+
+@functools.cache
+def _table() -> dict[torch._ops.OpOverload, Callable]:
+    table = dict(core_aten_decompositions())
+    for op in _FROM_TORCH:
+        if op in decomposition_table:
+            table[op] = decomposition_table[op]
+    table.update(BACKWARD_DECOMPOSITIONS)
+    return table
+
+
+def training_decompositions() -> dict[torch._ops.OpOverload, Callable]:
+    """The decomposition table for tracing training steps (a fresh copy: callers may extend it)."""
+    return dict(_table())
