@@ -1,0 +1,23 @@
+"""Training steps and gradient functions as plain ONNX graphs (forward, loss, backward, update).
+
+* :func:`build_training_step`: a model + loss + optimizer -> one ONNX graph taking the batch,
+  hyper-parameters and state, returning loss, metrics and the updated state (see :mod:`.step`).
+* :func:`build_function_step`: any function of tensors, ``torch.func.grad`` inside included, -> an
+  ONNX graph (what ``func2plan`` uses for functions that take gradients; see :mod:`.function`).
+* :func:`training_decompositions`: the aten decompositions that make backward ops exportable.
+"""
+
+from planwire.exporter.training.decompositions import training_decompositions
+from planwire.exporter.training.function import FunctionStep, build_function_step
+from planwire.exporter.training.step import TrainingStep, build_training_step, loss_kind
+from planwire.exporter.training.trace import TrainingExportError
+
+__all__ = [
+    "FunctionStep",
+    "TrainingExportError",
+    "TrainingStep",
+    "build_function_step",
+    "build_training_step",
+    "loss_kind",
+    "training_decompositions",
+]

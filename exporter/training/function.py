@@ -1,0 +1,183 @@
+"""Plain functions that take gradients (``torch.func.grad`` & co.) as ONNX graphs.
+
+``build_function_step(fn, example_args, dynamic=...)`` traces ``fn`` through the same pipeline as a
+training step (:mod:`.trace`): autograd runs while tracing, so ``torch.func.grad``/``grad_and_value``/
+``vjp`` over ``torch.func.functional_call`` (a custom loss, a FedProx proximal term, a hand-written
+update) become ordinary forward ops in the graph. ``torch.onnx.export`` alone cannot do this: it either
+fails on the transform or, for ``torch.autograd.grad``, may freeze saved values as constants.
+
+This is the entry point for ``func2plan`` when it sees such a function; :func:`uses_autograd` is the
+cheap check for that.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import onnx
+import sympy
+import torch
+from planwire.exporter.training.trace import ModuleTagger, Port, export_graph, trace
+from planwire.transport.spec import PlanVariant
+from torch import Tensor, nn
+
+_AUTOGRAD_NAMES = frozenset(
+    {"grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functional_call", "backward"}
+)
+
+
+def uses_autograd(fn: Callable[..., object]) -> bool:
+    """Whether ``fn``'s code (nested functions included) names a torch.func transform or autograd.grad.
+
+    A syntactic check: it can report a false positive (a variable called ``grad``), never misses a
+    direct call. False positives only cost the slower, gradient-capable pipeline.
+    """
+    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
+    todo = [code] if code is not None else []
+    while todo:
+        c = todo.pop()
+        if _AUTOGRAD_NAMES & set(c.co_names):
+            return True
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return False
+
+
+def _modules_of(fn: Callable[..., object]) -> dict[str, nn.Module]:
+    """The nn.Modules ``fn`` closes over or reads as globals, by variable name (for error messages)."""
+    found: dict[str, nn.Module] = {}
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return found
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, nn.Module):
+            found[name] = value
+    for name in code.co_names:
+        value = getattr(fn, "__globals__", {}).get(name)
+        if isinstance(value, nn.Module):
+            found.setdefault(name, value)
+    return found
+
+
+@dataclass(frozen=True)
+class FunctionStep:
+    """A built function plan: its ONNX variant and port names (outputs flattened in pytree order)."""
+
+    name: str
+    variant: PlanVariant
+    model: onnx.ModelProto = field(repr=False)
+    output_spec: object = field(repr=False)  # torch.utils._pytree.TreeSpec of fn's result
+
+    @property
+    def data(self) -> bytes:
+        return self.variant.data
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.variant.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.variant.outputs)
+
+
+def build_function_step(
+    fn: Callable[..., object],
+    example_args: Sequence[Tensor],
+    *,
+    dynamic: Sequence[Collection[int] | Mapping[int, str]] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    name: str | None = None,
+) -> FunctionStep:
+    """Export ``fn(*example_args)`` (tensors in, a tensor or a tuple/list/dict of tensors out).
+
+    ``dynamic[i]`` lists the axes of argument i that stay symbolic (a mapping gives them names; by
+    default ``f"{input_name}_{axis}"``); their example sizes must be >= 2. Axes that the code proves
+    equal share one symbol. Output names default to the dict keys of the result, else ``output<i>``.
+    Raises TrainingExportError (a PlanBuildError) naming the op, and the layer when ``fn`` uses a module
+    it closes over, if the graph cannot be exported.
+    """
+    plan = name or getattr(fn, "__name__", "function")
+    for i, a in enumerate(example_args):
+        if not isinstance(a, Tensor):
+            raise TypeError(f"example_args[{i}] must be a tensor, got {type(a).__name__}")
+    names = list(input_names or [f"arg{i}" for i in range(len(example_args))])
+    if len(names) != len(example_args):
+        raise ValueError(f"{len(names)} input_names for {len(example_args)} example_args")
+    dims: list[dict[int, str]] = []
+    for i, axes in enumerate(dynamic or [()] * len(example_args)):
+        named = dict(axes) if isinstance(axes, Mapping) else {a: f"{names[i]}_{a}" for a in axes}
+        for axis in named:
+            if example_args[i].shape[axis] < 2:
+                raise ValueError(
+                    f"dynamic axis {axis} of {names[i]!r} has example size {example_args[i].shape[axis]}: "
+                    "trace with a size of 2 or more (sizes 0 and 1 get specialized)"
+                )
+        dims.append(named)
+    if len(dims) != len(example_args):
+        raise ValueError(f"dynamic has {len(dims)} entries for {len(example_args)} example_args")
+
+    spec_box: dict[str, object] = {}
+
+    def flat(*args: Tensor) -> tuple[Tensor, ...]:
+        result = fn(*args)
+        leaves, spec = torch.utils._pytree.tree_flatten(result)
+        for leaf in leaves:
+            if not isinstance(leaf, Tensor):
+                raise TypeError(f"{plan}: outputs must be tensors, got {type(leaf).__name__}")
+        spec_box["spec"] = spec
+        spec_box["keys"] = list(result) if isinstance(result, Mapping) else None
+        return tuple(leaves)
+
+    examples = [a.detach() for a in example_args]
+    gm = trace(flat, examples, dims, plan=plan, tagger=ModuleTagger(_modules_of(fn)))
+    in_ports = [
+        Port(n, "arg", a.dtype, tuple(d.get(ax, s) for ax, s in enumerate(a.shape)))
+        for n, a, d in zip(names, examples, dims, strict=True)
+    ]
+    symbols = _input_symbols(gm, dims)
+    values = [v.meta["val"] for v in gm.graph.output_node().args[0]]
+    keys = spec_box.get("keys")
+    out_names = list(output_names or (keys if keys and len(keys) == len(values) else None) or
+                     [f"output{i}" for i in range(len(values))])
+    if len(out_names) != len(values):
+        raise ValueError(f"{len(out_names)} output_names for {len(values)} outputs")
+    out_ports = [
+        Port(str(n), "output", v.dtype, tuple(_dim(s, symbols) for s in v.shape))
+        for n, v in zip(out_names, values, strict=True)
+    ]
+    variant, proto = export_graph(gm, examples, in_ports, out_ports, plan=plan, kind="function")
+    return FunctionStep(plan, variant, proto, spec_box["spec"])
+
+
+def _input_symbols(gm: torch.fx.GraphModule, dims: Sequence[Mapping[int, str]]) -> dict[sympy.Symbol, str]:
+    """Symbol of each dynamic input axis (after the tracer's equalities) -> that axis' name."""
+    symbols: dict[sympy.Symbol, str] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, axes in zip(placeholders, dims, strict=True):
+        for axis, dim_name in axes.items():
+            size = node.meta["val"].shape[axis]
+            if isinstance(size, torch.SymInt):
+                expr = size.node.shape_env.replace(size.node.expr)
+                if isinstance(expr, sympy.Symbol):
+                    symbols.setdefault(expr, dim_name)
+    return symbols
+
+
+def _dim(size: int | torch.SymInt, symbols: Mapping[sympy.Symbol, str]) -> int | str:
+    """A static size, or a dynamic one written with the input axis names (``"batch"``, ``"2*batch"``)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    expr = size.node.shape_env.replace(size.node.expr)
+    if expr.is_number:
+        return int(expr)
+    return str(expr.subs({s: sympy.Symbol(n) for s, n in symbols.items()}))
+
+
+__all__ = ["FunctionStep", "build_function_step", "uses_autograd"]

@@ -1,0 +1,379 @@
+"""One pipeline from a Python function over tensors (gradients included) to ONNX bytes.
+
+``make_fx`` traces the function, ``torch.func`` transforms and all, into a flat aten graph: autograd
+runs during tracing, so the backward pass is recorded as ordinary ops. :func:`training_decompositions`
+rewrites the backward ops that have no ONNX translation. Only the dimensions named as dynamic are
+symbolic (every other size is static), and ``torch.export`` + ``torch.onnx.export`` then turn the graph
+into a standard-op ONNX model whose dynamic axes are symbolic.
+
+Two details that matter for correctness:
+
+* Each graph node is tagged with the module (path in the model) whose forward produced it, backward
+  nodes included (through hooks on the autograd nodes), so an op without an ONNX translation is
+  reported with the layer that emitted it.
+* ``F.dropout`` (and ``dropout1d/2d/3d``) are routed through ``aten.native_dropout``: the composite
+  ``aten.dropout`` cannot be traced with a symbolic batch, and ``native_dropout`` decomposes to
+  ``rand_like`` (ONNX ``RandomUniformLike``), drawing a fresh mask on every run of the plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import onnx
+import torch
+import torch.fx.traceback as fx_traceback
+import torch.nn.functional as F
+from planwire.exporter.errors import PlanBuildError
+from planwire.exporter.export import OPSET, check_exported, failing_op
+from planwire.exporter.registry import cached_registry
+from planwire.exporter.training.decompositions import training_decompositions
+from planwire.transport import spec as wire
+from planwire.transport.dtypes import to_wire
+from planwire.transport.spec import PlanVariant, TensorSpec
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.overrides import TorchFunctionMode
+
+_MODULE_KEY = "planwire.module"  # node.meta["custom"] key: module path that produced the node
+
+
+class TrainingExportError(PlanBuildError):
+    """A training or gradient plan could not be built; ``op`` and ``module`` name the culprit if known."""
+
+    def __init__(self, message: str, *, plan: str, op: str | None = None, module: str | None = None) -> None:
+        super().__init__(message, plan=plan, op=op)
+        self.module = module
+
+
+@dataclass(frozen=True)
+class Port:
+    """One graph input or output: its name, role, dtype and shape (a str is a dynamic axis' name)."""
+
+    name: str
+    role: str
+    dtype: torch.dtype
+    shape: tuple[int | str, ...]
+    binds: str | None = None  # for outputs: the input this output replaces on the next call
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, wire_dtype(self.dtype), tuple(self.shape), self.role)
+
+    def meta(self) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "name": self.name, "role": self.role, "dtype": wire_dtype(self.dtype), "shape": list(self.shape),
+        }
+        if self.binds is not None:
+            entry["binds"] = self.binds
+        return entry
+
+
+def wire_dtype(dtype: torch.dtype) -> str:
+    """The wire (ONNX) name of a torch dtype."""
+    return to_wire(torch.empty((), dtype=dtype).numpy().dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout under a symbolic batch
+
+
+def _dropout(x: Tensor, p: float, training: bool, feature: bool) -> Tensor:
+    if not training or p == 0:
+        return x
+    if p == 1:
+        return x * 0
+    if not feature or x.dim() < 2:
+        return torch.ops.aten.native_dropout(x, p, True)[0]
+    # channel dropout: one scaled keep/drop factor per (sample, channel), as torch's feature_dropout
+    ones = torch.ones(*x.shape[:2], *([1] * (x.dim() - 2)), dtype=x.dtype, device=x.device)
+    return x * torch.ops.aten.native_dropout(ones, p, True)[0]
+
+
+_DROPOUTS = {F.dropout: False, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True}
+
+
+class _TraceableDropout(TorchFunctionMode):
+    """Routes ``F.dropout*`` to ``native_dropout`` while tracing (see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        feature = _DROPOUTS.get(func)
+        if feature is None:
+            return func(*args, **kwargs)
+        names = ("input", "p", "training", "inplace")
+        bound = dict(zip(names, args, strict=False)) | kwargs
+        return _dropout(bound["input"], bound.get("p", 0.5), bound.get("training", True), feature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which module produced which node
+
+
+def _module_label(path: str, module: nn.Module) -> str:
+    return f"{path or '<root>'} ({type(module).__name__})"
+
+
+def _grad_fns(tensors: object) -> list[torch.autograd.graph.Node]:
+    found = []
+    for t in torch.utils._pytree.tree_leaves(tensors):
+        if isinstance(t, Tensor) and t.grad_fn is not None:
+            found.append(t.grad_fn)
+    return found
+
+
+class ModuleTagger:
+    """Tags trace nodes with the module whose forward created them, backward nodes included.
+
+    Forward: module pre/post hooks annotate the trace (``fx.traceback.annotate``) with the module's
+    label. Backward: each module's post-hook claims the autograd nodes its forward created (a walk from
+    its outputs that stops at its inputs' nodes and at nodes an inner module claimed) and hooks them so
+    that the ops autograd later runs for them carry the same annotation.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module] | None) -> None:
+        self.modules = dict(modules or {})  # root name ("" for the model itself) -> module
+        self.stack: list[contextlib.ExitStack] = []
+        self.inputs: list[set[torch.autograd.graph.Node]] = []
+        self.claimed: set[torch.autograd.graph.Node] = set()
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        for root, model in self.modules.items():
+            for path, module in model.named_modules(prefix=root):
+                label = _module_label(path, module)
+                self.handles.append(module.register_forward_pre_hook(self._pre(label)))
+                self.handles.append(module.register_forward_hook(self._post(label), always_call=True))
+        try:
+            yield
+        finally:
+            for handle in self.handles:
+                handle.remove()
+            self.handles.clear()
+            while self.stack:
+                self.stack.pop().close()
+
+    def _pre(self, label: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
+            ctx = contextlib.ExitStack()
+            ctx.enter_context(fx_traceback.annotate({_MODULE_KEY: label}))
+            self.stack.append(ctx)
+            self.inputs.append(set(_grad_fns(args)))
+
+        return hook
+
+    def _post(self, label: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+            stop = self.inputs.pop() if self.inputs else set()
+            if self.stack:
+                self.stack.pop().close()
+            todo = [fn for fn in _grad_fns(output) if fn not in stop]
+            while todo:
+                fn = todo.pop()
+                if fn in self.claimed or fn in stop:
+                    continue
+                self.claimed.add(fn)
+                _annotate_backward(fn, label)
+                todo.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+
+        return hook
+
+
+def _annotate_backward(fn: torch.autograd.graph.Node, label: str) -> None:
+    """Trace the ops that autograd runs for ``fn`` under ``label`` (a pre-hook opens, a hook closes)."""
+    ctx = contextlib.ExitStack()
+
+    def pre(grad_outputs: object) -> None:
+        ctx.enter_context(fx_traceback.annotate({_MODULE_KEY: label}))
+
+    def post(grad_inputs: object, grad_outputs: object) -> None:
+        ctx.close()
+
+    fn.register_prehook(pre)
+    fn.register_hook(post)
+
+
+def node_module(node: torch.fx.Node) -> str | None:
+    """The module label a traced node was tagged with, if any."""
+    return node.meta.get("custom", {}).get(_MODULE_KEY)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tracing
+
+
+def fake_inputs(examples: Sequence[Tensor], dims: Sequence[Mapping[int, str]]) -> list[Tensor]:
+    """Fake copies of ``examples`` in which exactly the axes in ``dims[i]`` are symbolic.
+
+    No duck sizing: two dynamic axes share a symbol only when the traced code proves them equal, and no
+    static size can be mistaken for a dynamic one because it happens to have the same example value.
+    """
+    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+    fakes = []
+    for i, (t, axes) in enumerate(zip(examples, dims, strict=True)):
+        sizes = [DimDynamic.DYNAMIC if a in axes else DimDynamic.STATIC for a in range(t.dim())]
+        context = StatelessSymbolicContext(dynamic_sizes=sizes)
+        source = torch._dynamo.source.LocalSource(f"input{i}")
+        fakes.append(mode.from_tensor(t, symbolic_context=context, source=source))
+    return fakes
+
+
+def trace(
+    fn: Callable[..., object],
+    examples: Sequence[Tensor],
+    dims: Sequence[Mapping[int, str]],
+    *,
+    plan: str,
+    tagger: ModuleTagger | None = None,
+) -> torch.fx.GraphModule:
+    """``make_fx`` of ``fn(*examples)`` with the training decompositions and symbolic ``dims`` only."""
+    tagger = tagger or ModuleTagger(None)
+    fakes = fake_inputs(examples, dims)
+    try:
+        with (
+            fx_traceback.preserve_node_meta(),
+            tagger.active(),
+            _TraceableDropout(),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            return make_fx(fn, decomposition_table=training_decompositions(), tracing_mode="symbolic")(*fakes)
+    except (TypeError, ValueError, PlanBuildError):
+        raise
+    except Exception as e:
+        raise TrainingExportError(
+            f"plan {plan!r}: tracing the step failed: {type(e).__name__}: {_first_line(e)}", plan=plan
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Unsupported ops
+
+
+def _onnx_registry() -> object:
+    with cached_registry():
+        from torch.onnx._internal.exporter import _registration
+
+        return _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
+
+
+def _exportable(op: torch._ops.OpOverload, registry: object) -> bool:
+    if op.namespace != "aten" or op.__name__.startswith("sym_") or op._schema.is_mutable:
+        # size arithmetic, non-aten ops and in-place ops (torch.export functionalizes them) are left to
+        # the exporter to judge
+        return True
+    if registry.is_registered(op):  # type: ignore[attr-defined]
+        return True
+    return op in torch._decomp.decomposition_table or op in torch.export.default_decompositions()
+
+
+def check_supported(gm: torch.fx.GraphModule, *, plan: str) -> None:
+    """TrainingExportError naming every op without an ONNX translation and the layer that emitted it."""
+    registry = _onnx_registry()
+    bad: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if _exportable(node.target, registry):
+            continue
+        modules = bad.setdefault(str(node.target), [])
+        label = node_module(node)
+        if label and label not in modules:
+            modules.append(label)
+    if not bad:
+        return
+    parts = [f"{op} (from {', '.join(mods)})" if mods else op for op, mods in bad.items()]
+    op, modules = next(iter(bad.items()))
+    raise TrainingExportError(
+        f"plan {plan!r}: no ONNX translation for {'; '.join(parts)}. Its gradient cannot be exported; "
+        "replace the layer or add a decomposition to planwire.exporter.training.decompositions",
+        plan=plan, op=op, module=modules[0] if modules else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_graph(
+    gm: torch.fx.GraphModule,
+    examples: Sequence[Tensor],
+    inputs: Sequence[Port],
+    outputs: Sequence[Port],
+    *,
+    plan: str,
+    kind: str,
+    extra_meta: Mapping[str, object] | None = None,
+) -> tuple[PlanVariant, onnx.ModelProto]:
+    """Export a traced graph to a :class:`PlanVariant` with planwire metadata and named dynamic axes.
+
+    This is the one place that calls the ONNX exporter for training plans (with the process-wide cached
+    torchlib registry of :mod:`planwire.exporter.registry`).
+    """
+    check_supported(gm, plan=plan)
+    dynamic = [{a: d for a, d in enumerate(p.shape) if isinstance(d, str)} for p in inputs]
+    shapes = tuple({a: torch.export.Dim.DYNAMIC for a in axes} or None for axes in dynamic)
+    try:
+        with cached_registry(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(gm, tuple(examples), dynamic_shapes=shapes, strict=False)
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                verbose=False,
+                opset_version=OPSET,
+                input_names=[p.name for p in inputs],
+                output_names=[p.name for p in outputs],
+            )
+    except Exception as e:
+        op = failing_op(e)
+        raise TrainingExportError(
+            f"plan {plan!r}: ONNX export failed{f' at op {op}' if op else ''}: "
+            f"{type(e).__name__}: {_first_line(e)}", plan=plan, op=op,
+        ) from e
+    proto = onnx_program.model_proto
+    _name_dynamic_axes(proto, inputs, outputs)
+    check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=[set(d) for d in dynamic])
+    meta = {
+        wire.META_NAME: plan,
+        wire.META_FORMAT: "1",
+        wire.META_KIND: kind,
+        wire.META_INPUTS: json.dumps([p.meta() for p in inputs]),
+        wire.META_OUTPUTS: json.dumps([p.meta() for p in outputs]),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_meta or {}).items()},
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    variant = PlanVariant(
+        proto.SerializeToString(), tuple(p.spec() for p in inputs), tuple(p.spec() for p in outputs)
+    )
+    return variant, proto
+
+
+def _name_dynamic_axes(proto: onnx.ModelProto, inputs: Sequence[Port], outputs: Sequence[Port]) -> None:
+    """Rename the exporter's symbols (``s0``...) to the axis names of the plan's ports, graph-wide."""
+    rename: dict[str, str] = {}
+    for values, ports in ((proto.graph.input, inputs), (proto.graph.output, outputs)):
+        for value, port in zip(values, ports, strict=True):
+            dims = value.type.tensor_type.shape.dim
+            for dim, want in zip(dims, port.shape, strict=False):
+                if isinstance(want, str) and dim.dim_param:
+                    rename.setdefault(dim.dim_param, want)
+    if not rename:
+        return
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
