@@ -46,7 +46,7 @@ def _request_id(header: bytes) -> int:
     """Best-effort request id of a header that failed validation (-1 when unreadable)."""
     try:
         rid = msgspec.json.decode(header, type=dict).get("id", -1)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return -1
     # type() rather than isinstance(): JSON true/false decode to bool, which must not be echoed as `re`.
     return rid if type(rid) is int and 0 <= rid < 2**63 else -1
@@ -67,20 +67,24 @@ def unpack_request(
                     "bad_version", f"protocol {sig.decode(errors='replace')!r} not supported; this worker speaks {SIGNATURE.decode()!r}"
                 )
             raise ProtocolError("bad_signature", f"first frame must be {SIGNATURE!r}, got {sig[:32]!r}")
-        if len(frames) - 2 > limits.max_frames:
-            raise ProtocolError("too_large", f"{len(frames) - 2} frames, over the limit of {limits.max_frames}")
         if len(header) > MAX_HEADER_BYTES:
             raise ProtocolError("too_large", f"header of {len(header)} bytes, over the limit of {MAX_HEADER_BYTES}")
         header = bytes(header)
-        rid = _request_id(header)
+        if len(frames) - 2 > limits.max_frames:
+            rid = _request_id(header)
+            raise ProtocolError("too_large", f"{len(frames) - 2} frames, over the limit of {limits.max_frames}")
         try:
             msg = m.request_decoder.decode(header)
         except msgspec.ValidationError as e:
+            rid = _request_id(header)  # only for refused headers: a valid one is decoded once
             text = str(e)
             code = "unknown_type" if "`$.type`" in text or "missing required field `type`" in text else "invalid_message"
             raise ProtocolError(code, f"invalid request: {text}") from None
         except msgspec.DecodeError as e:
             raise ProtocolError("bad_header", f"header is not valid JSON: {e}") from None
+        except RecursionError:  # valid JSON nested too deeply to decode (no schema allows it)
+            rid = _request_id(header)
+            raise ProtocolError("invalid_message", "invalid request: JSON nested too deeply") from None
         return msg, [memoryview(f) for f in frames[2:]]
     except ProtocolError as e:
         e.re = rid  # type: ignore[attr-defined]
