@@ -45,20 +45,21 @@ class PlanRunner:
         """Short content id of the first variant ("" before the plan is built)."""
         return self._variants[0].id[:12] if self._variants else ""
 
-    def variant_for(self, args: Signature) -> PlanVariant:
-        """The first variant accepting (wire dtype, shape) ``args``; builds one when the plan can.
+    def variant_for(self, args: Signature, examples: Sequence[Any] | None = None) -> PlanVariant:
+        """The first variant accepting (wire dtype, shape) ``args``; builds one when the plan can
+        (tracing ``examples``, the call's own tensors, when given, else random values).
 
         TypeError names the plan, the argument and what was expected when nothing fits.
         """
         for variant in self._variants:
             if variant.mismatch(args) is None:
                 return variant
-        built = self._build_variant_for(args)
+        built = self._build_variant_for(args, examples)
         if built is None:
             raise TypeError(self._mismatch_message(args))
         return built
 
-    def _build_variant_for(self, args: Signature) -> PlanVariant | None:
+    def _build_variant_for(self, args: Signature, examples: Sequence[Any] | None) -> PlanVariant | None:
         """Hook for plans that still have their Python code; None means "cannot build"."""
         return None
 
@@ -84,7 +85,7 @@ class PlanRunner:
     def run(self, *args: Any) -> Any:
         """Run the plan on local tensors in onnxruntime; one tensor, or a tuple for several outputs."""
         arrays = [as_array(a) for a in args]
-        variant = self.variant_for([(to_wire(a.dtype), a.shape) for a in arrays])
+        variant = self.variant_for([(to_wire(a.dtype), a.shape) for a in arrays], examples=args)
         session = self._sessions.get(variant.id)
         if session is None:
             session = self._sessions[variant.id] = runtime.make_session(variant.data)

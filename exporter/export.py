@@ -76,6 +76,7 @@ def export_model(
             raise PlanBuildError(f"plan {plan!r}: optimizing the exported graph failed: {e}",
                                  plan=plan) from e
     proto = ir.serde.serialize_model(model)
+    strip_debug_info(proto)
     check_exported(proto, plan=plan, input_names=input_names, dynamic=dynamic)
     return proto
 
@@ -139,6 +140,29 @@ def _optimize(model: ir.Model, keep: Collection[str]) -> None:
         dedup_log.setLevel(level)
         for value in kept:
             graph.inputs.remove(value)
+
+
+def strip_debug_info(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node and per-value metadata and doc strings.
+
+    They hold FX node dumps and stack traces with local file paths: nothing a worker needs, more than
+    the graph itself for small plans, and they would make a plan's content id depend on where its
+    source file lives.
+    """
+    graphs = [proto.graph]
+    for node in _nodes(proto.graph):
+        for attr in node.attribute:
+            graphs += [attr.g, *attr.graphs] if attr.HasField("g") else list(attr.graphs)
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for graph in graphs:
+        graph.doc_string = ""
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            del value.metadata_props[:]
+            value.doc_string = ""
+        for tensor in graph.initializer:
+            del tensor.metadata_props[:]
+            tensor.doc_string = ""
 
 
 def check_exported(

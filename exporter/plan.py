@@ -128,16 +128,21 @@ class Plan(PlanRunner, torch.nn.Module):
         self._variants = [variant]
         self._sessions = {variant.id: session}
 
-    def _build_variant_for(self, args: Signature) -> PlanVariant | None:
-        """A new variant for a call signature no variant accepts (traced on random example values)."""
+    def _build_variant_for(self, args: Signature, examples: Sequence[Any] | None) -> PlanVariant | None:
+        """A new variant for a call signature no variant accepts, traced on the call's own tensors or,
+        for calls on pointers, on seeded random values."""
         self._check_arity(len(args), args)
         try:
             signature = [(WIRE_TO_TORCH[dtype], tuple(shape)) for dtype, shape in args]
         except KeyError as e:
             raise TypeError(f"plan {self.name!r} cannot take dtype {e.args[0]!r}") from None
         dynamic = self._dynamic_axes(len(args), [len(s) for _, s in signature])
+        if examples is None:
+            tensors = _examples(signature, dynamic)
+        else:
+            tensors = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in examples]
         try:
-            variant, session = self._make_variant(_examples(signature, dynamic), dynamic)
+            variant, session = self._make_variant(tensors, dynamic)
         except _EagerError as e:  # the code itself rejects these arguments
             raise TypeError(f"{self._mismatch_message(args)}; the plan's code fails on them: {e}") from e
         self._variants.append(variant)
