@@ -1,0 +1,368 @@
+"""The exporter underneath plans: registry and export caches, graph hygiene, files, loading, failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from planwire.exporter import (
+    LoadedPlan,
+    Plan,
+    PlanBuildError,
+    cache_stats,
+    clear_cache,
+    func2plan,
+    load_plan,
+    registry,
+)
+from planwire.exporter.export import OPSET
+from planwire.exporter.verify import compare
+from planwire.transport.spec import (
+    META_FORMAT,
+    META_INPUTS,
+    META_KIND,
+    META_NAME,
+    META_OUTPUTS,
+    META_STATE,
+    PlanSource,
+    plan_id,
+)
+
+
+@torch.library.custom_op("planwire_test::triple", mutates_args=())
+def triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+@triple.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+CONFIG = {"scale": 2.0}  # a global the cache key cannot see (dict contents are not fingerprinted)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("export-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLANWIRE_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def affine() -> Plan:
+    """Two inputs (one dynamic axis), two outputs, float state."""
+
+    @func2plan(args_shape=[(-1, 3), (3,)], state=(torch.tensor([0.5, -1.0, 2.0]),))
+    def affine(x, bias, state):
+        (w,) = state.read()
+        y = x * w + bias
+        return y, y.sum(-1)
+
+    return affine
+
+
+@pytest.fixture(scope="module")
+def saved(affine: Plan, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return affine.save(tmp_path_factory.mktemp("saved") / "affine.onnx")
+
+
+# -- registry cache ---------------------------------------------------------------------------------
+
+
+def test_registry_is_built_once_and_unpatched_after(affine: Plan) -> None:
+    from torch.onnx._internal.exporter import _registration
+
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+
+    @func2plan(args_shape=[(2,)])
+    def f(x):
+        return x.sin()
+
+    @func2plan(args_shape=[(2,)])
+    def g(x):
+        return x.cos()
+
+    assert registry.builds == 1  # every export in this process shared one torchlib registry
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original
+    with registry.cached_registry() as active:
+        assert active is True
+        a = _registration.ONNXRegistry.from_torchlib()
+        b = _registration.ONNXRegistry.from_torchlib()
+        assert a is not b and a.functions is not b.functions and a.functions == b.functions
+        key = next(iter(a.functions))
+        a.functions[key].clear()  # what custom_translation_table registration does to a copy
+        assert b.functions[key]
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original
+
+
+# -- export cache -----------------------------------------------------------------------------------
+
+
+def _plan_scaled(k: float) -> Plan:
+    @func2plan(args_shape=[(-1,)], state=(torch.tensor(k),))
+    def scaled(x, state):
+        (s,) = state.read()
+        return x * s
+
+    return scaled
+
+
+def test_rebuild_hits_memory_then_disk_cache(cache_dir: Path) -> None:
+    first = _plan_scaled(2.0)
+    exports = cache_stats.exports
+    hits = cache_stats.memory_hits
+    second = _plan_scaled(2.0)
+    assert (cache_stats.exports, cache_stats.memory_hits) == (exports, hits + 1)
+    assert second.variants[0].data == first.variants[0].data
+    files = list(cache_dir.glob("*.onnx"))
+    assert files and all(f.stat().st_size > 0 for f in files)
+
+    clear_cache()  # memory only: a new process would find the files
+    assert cache_stats.exports == cache_stats.memory_hits == cache_stats.disk_hits == 0
+    third = _plan_scaled(2.0)
+    assert (cache_stats.exports, cache_stats.disk_hits) == (0, 1)
+    assert third.id == first.id
+    torch.testing.assert_close(third(torch.arange(4.0)), torch.arange(4.0) * 2)
+
+
+def test_changed_state_or_code_misses_the_cache() -> None:
+    _plan_scaled(3.0)
+    exports = cache_stats.exports
+    other = _plan_scaled(4.0)  # same code, other state value
+    assert cache_stats.exports == exports + 1
+    torch.testing.assert_close(other(torch.ones(3)), torch.full((3,), 4.0))
+
+    def make(offset: float) -> Plan:
+        @func2plan(args_shape=[(2,)])
+        def shifted(x):
+            return x + offset  # a closure value: part of the key
+
+        return shifted
+
+    make(1.0)
+    before = cache_stats.exports
+    assert make(1.0) is not None and cache_stats.exports == before
+    torch.testing.assert_close(make(5.0)(torch.zeros(2)), torch.full((2,), 5.0))
+    assert cache_stats.exports == before + 1
+
+
+def test_stale_cache_entry_is_detected_and_reexported() -> None:
+    def build() -> Plan:
+        @func2plan(args_shape=[(3,)])
+        def configured(x):
+            return x * CONFIG["scale"]
+
+        return configured
+
+    CONFIG["scale"] = 2.0
+    build()
+    exports = cache_stats.exports
+    CONFIG["scale"] = 3.0
+    plan = build()  # same key, but the cached graph multiplies by 2: verification rejects it
+    assert cache_stats.exports == exports + 1
+    torch.testing.assert_close(plan(torch.ones(3)), torch.full((3,), 3.0))
+
+
+def test_disk_cache_can_be_disabled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PLANWIRE_CACHE_DIR", "")
+
+    @func2plan(args_shape=[(2,)])
+    def nodisk(x):
+        return x - 1
+
+    assert nodisk.is_built and not list(tmp_path.iterdir())
+
+
+# -- graph hygiene ----------------------------------------------------------------------------------
+
+
+def test_exported_graph_is_standard_and_self_contained() -> None:
+    class Block(Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.norm(x)
+            a, _ = self.attn(h, h, h, need_weights=False)
+            return F.gelu(a) + x
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    block.build(torch.randn(2, 5, 8), dynamic_axes=[(0, 1)])
+    model = onnx.load_from_string(block.variants[0].data)
+    assert not model.functions
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
+    assert OPSET >= 18
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    # no exporter debug info (FX dumps, stack traces with local paths) travels with the plan
+    assert all(not n.metadata_props and not n.doc_string for n in model.graph.node)
+    assert b"stack_trace" not in block.variants[0].data and b".py" not in block.variants[0].data
+    onnx.checker.check_model(model, full_check=True)
+    for b, t in ((1, 1), (3, 9)):
+        x = torch.randn(b, t, 8)
+        torch.testing.assert_close(block(x), block.eager(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_float16_outputs_keep_their_dtype() -> None:
+    """torch 2.13 drops the final down-cast of type-promoted float16 outputs; the exporter restores it."""
+
+    @func2plan(args_shape=[(-1, 4)], args_dtypes=torch.float16)
+    def half(x):
+        return x.abs(), x.sum(0)
+
+    assert [s.dtype for s in half.variants[0].outputs] == ["float16", "float16"]
+    x = torch.randn(5, 4, dtype=torch.float16)
+    for g, w in zip(half(x), half.eager(x), strict=True):
+        assert g.dtype == torch.float16
+        torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
+
+
+def test_state_initializers_are_named_and_kept(affine: Plan) -> None:
+    model = onnx.load_from_string(affine.variants[0].data)
+    init = {t.name: t for t in model.graph.initializer}
+    assert "state.0" in init
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(init["state.0"]), [0.5, -1.0, 2.0])
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+
+def test_saved_file_runs_in_plain_onnxruntime(affine: Plan, saved: Path) -> None:
+    sess = ort.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x", "bias"]
+    assert [o.name for o in sess.get_outputs()] == ["output_0", "output_1"]
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    b = np.array([1.0, 2.0, 3.0], np.float32)
+    y, s = sess.run(None, {"x": x, "bias": b})
+    want = x * np.array([0.5, -1.0, 2.0], np.float32) + b
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+    np.testing.assert_allclose(s, want.sum(-1), rtol=1e-5)
+    assert saved.read_bytes() == affine.variants[0].data
+
+
+def test_saved_metadata(saved: Path) -> None:
+    meta = {p.key: p.value for p in onnx.load(str(saved)).metadata_props}
+    assert meta[META_NAME] == "affine" and meta[META_FORMAT] == "1" and meta[META_KIND] == "function"
+    inputs = json.loads(meta[META_INPUTS])
+    assert [(i["name"], i["role"], i["dtype"]) for i in inputs] == [
+        ("x", "arg", "float"), ("bias", "arg", "float")
+    ]
+    assert isinstance(inputs[0]["shape"][0], str) and inputs[0]["shape"][1] == 3 and inputs[1]["shape"] == [3]
+    outputs = json.loads(meta[META_OUTPUTS])
+    assert [(o["name"], o["role"], o["dtype"]) for o in outputs] == [
+        ("output_0", "output", "float"), ("output_1", "output", "float")
+    ]
+    assert outputs[0]["shape"][0] == inputs[0]["shape"][0]
+    assert json.loads(meta[META_STATE]) == ["state.0"]
+
+
+def test_load_round_trip(affine: Plan, saved: Path) -> None:
+    for loaded in (load_plan(saved), load_plan(saved.read_bytes())):
+        assert isinstance(loaded, LoadedPlan) and isinstance(loaded, PlanSource)
+        assert loaded.name == "affine" and loaded.kind == "function" and loaded.state_names == ("state.0",)
+        assert loaded.id == affine.id and loaded.variants[0].id == plan_id(saved.read_bytes())
+        assert repr(loaded).startswith("<LoadedPlan affine id:" + affine.id)
+        for n in (1, 4):
+            x, b = torch.randn(n, 3), torch.randn(3)
+            for got, want in zip(loaded(x, b), affine.eager(x, b), strict=True):
+                torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((torch.ones(2, 3, dtype=torch.int64), torch.ones(3)),
+         "plan 'affine' does not accept these arguments: "
+         "argument 0 ('x'): expected dtype float32, got int64"),
+        ((torch.ones(3), torch.ones(3)),
+         "argument 0 ('x'): expected rank 2 [?, 3], got shape [3]"),
+        ((torch.ones(2, 3), torch.ones(4)),
+         "argument 1 ('bias'): expected shape [3], got [4] (axis 0)"),
+        ((torch.ones(2, 3),), "expected 2 arguments, got 1"),
+    ],
+)
+def test_loaded_plan_mismatch_is_a_type_error(saved: Path, args: tuple, message: str) -> None:
+    loaded = load_plan(saved)
+    with pytest.raises(TypeError) as err:
+        loaded(*args)
+    assert message in str(err.value)
+    assert len(loaded.variants) == 1
+
+
+def test_loaded_unbuilt_behaviour_and_send(saved: Path) -> None:
+    class Recorder:
+        def plan_pointer(self, source: PlanSource) -> tuple[str, str]:
+            return source.name, source.variants[0].id  # type: ignore[attr-defined]
+
+    loaded = load_plan(saved)
+    assert loaded.send(Recorder()) == ("affine", loaded.variants[0].id)
+
+
+def test_plain_onnx_file_loads_with_file_name(tmp_path: Path) -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n"])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n"])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Neg", ["x"], ["y"])], "g", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    path = tmp_path / "negate.onnx"
+    onnx.save(model, path)
+    plan = load_plan(path)
+    assert plan.name == "negate" and plan.signature() == "(x: float32[?]) -> (y: float32[?])"
+    assert torch.equal(plan(torch.tensor([1.0, -2.0])), torch.tensor([-1.0, 2.0]))
+
+
+def test_external_data_is_rejected(tmp_path: Path) -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])
+    w = onnx.numpy_helper.from_array(np.ones(2, np.float32), "w")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    w.ClearField("raw_data")
+    w.external_data.add(key="location", value="secret.bin")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    data = onnx.helper.make_model(graph).SerializeToString()
+    with pytest.raises(ValueError, match="not a loadable plan"):
+        load_plan(data)
+
+
+# -- failures ---------------------------------------------------------------------------------------
+
+
+def test_unsupported_op_names_plan_and_op() -> None:
+    with pytest.raises(PlanBuildError) as err:
+
+        @func2plan(args_shape=[(2,)])
+        def uses_triple(x):
+            return triple(x) + 1
+
+    e = err.value
+    assert isinstance(e, RuntimeError)
+    assert e.plan == "uses_triple" and e.op == "planwire_test.triple.default"
+    assert str(e).startswith(
+        "plan 'uses_triple' could not be exported to ONNX at op planwire_test.triple.default: DispatchError"
+    )
+    assert isinstance(e.__cause__, torch.onnx.OnnxExporterError)
+
+
+def test_compare_tolerances() -> None:
+    a = np.array([1.0, 2.0, np.nan], np.float32)
+    compare([a + 1e-6], [a], plan="p", names=["y"])
+    with pytest.raises(PlanBuildError, match=r"plan 'p' output 'y' differs from eager .*1 of 3 elements"):
+        compare([a + np.array([0, 1e-3, 0], np.float32)], [a], plan="p", names=["y"])
+    with pytest.raises(PlanBuildError, match="ONNX gives int32, eager torch int64"):
+        compare([np.zeros(2, np.int32)], [np.zeros(2, np.int64)], plan="p", names=["y"])
+    with pytest.raises(PlanBuildError, match=r"shape \[3\], eager torch \[2\]"):
+        compare([np.zeros(3)], [np.zeros(2)], plan="p", names=["y"])
+    with pytest.raises(PlanBuildError, match="differs"):
+        compare([np.array([1, 2])], [np.array([1, 3])], plan="p", names=["y"])
