@@ -1,0 +1,162 @@
+"""Backward decompositions and functional optimizers against torch itself (eager, no export: fast).
+
+The decompositions are compared in float64 with the aten backward kernels they replace, over the
+stride/padding/dilation/groups combinations the layers allow; the optimizers with torch.optim's
+single-tensor implementation over several steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from planwire.exporter.optim import SGD, Adam
+from planwire.exporter.training import decompositions as D
+from planwire.exporter.training import training_decompositions
+
+aten = torch.ops.aten
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+CONV_CASES = [
+    # (spatial dims, c_in, c_out, groups, kernel, stride, padding, dilation)
+    *itertools.product([1, 2], [(2, 4, 1), (4, 6, 2), (3, 3, 3)], [1, 3], [1, 2, 3], [0, 2], [1, 2]),
+    *[(3, (2, 4, 1), 3, 2, 1, 1), (3, (4, 4, 2), 2, 1, 0, 2)],
+]
+
+
+@pytest.mark.parametrize(("nd", "channels", "k", "stride", "pad", "dil"), CONV_CASES)
+def test_convolution_backward_matches_aten(nd: int, channels: tuple[int, int, int], k: int, stride: int,
+                                           pad: int, dil: int) -> None:
+    c_in, c_out, groups = channels
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c_in, *[9] * nd, dtype=torch.float64, generator=gen)
+    w = torch.randn(c_out, c_in // groups, *[k] * nd, dtype=torch.float64, generator=gen)
+    args = ([stride] * nd, [pad] * nd, [dil] * nd, False, [0] * nd, groups)
+    out = aten.convolution(x, w, None, *args)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    ref = aten.convolution_backward(grad, x, w, [c_out], *args, [True, True, True])
+    ours = D.convolution_backward(grad, x, w, [c_out], *args, [True, True, True])
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b)
+    assert ours[0].is_contiguous() and ours[1].is_contiguous()
+
+
+@pytest.mark.parametrize(("nd", "stride", "pad", "dil", "out_pad", "groups"),
+                         [(1, 2, 1, 1, 1, 1), (2, 2, 0, 2, 1, 2), (2, 3, 1, 1, 2, 1), (2, 1, 1, 2, 1, 2)])
+def test_transposed_convolution_backward_matches_aten(nd: int, stride: int, pad: int, dil: int, out_pad: int,
+                                                      groups: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *[6] * nd, dtype=torch.float64, generator=gen)
+    w = torch.randn(4, 6 // groups, *[3] * nd, dtype=torch.float64, generator=gen)
+    args = ([stride] * nd, [pad] * nd, [dil] * nd, True, [out_pad] * nd, groups)
+    out = aten.convolution(x, w, None, *args)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    ref = aten.convolution_backward(grad, x, w, [6], *args, [True, True, True])
+    ours = D.convolution_backward(grad, x, w, [6], *args, [True, True, True])
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b)
+
+
+@pytest.mark.parametrize(("k", "stride", "pad", "dil", "ceil"),
+                         [c for c in itertools.product([2, 3], [1, 2, 3], [0, 1], [1, 2], [False, True])
+                          if c[2] <= c[0] // 2])
+def test_max_pool2d_backward_matches_aten(k: int, stride: int, pad: int, dil: int, ceil: bool) -> None:
+    x = torch.randn(2, 3, 11, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x[0, 0, :4, :4] = 1.0  # ties: overlapping windows pick the same element and must accumulate
+    args = ([k, k], [stride, stride], [pad, pad], [dil, dil], ceil)
+    out, idx = aten.max_pool2d_with_indices(x, *args)
+    grad = torch.randn_like(out)
+    _close(D.max_pool2d_with_indices_backward(grad, x, *args, idx),
+           aten.max_pool2d_with_indices_backward(grad, x, *args, idx))
+
+
+@pytest.mark.parametrize(("kernel", "stride", "pad", "ceil", "include_pad", "divisor"),
+                         [c for c in itertools.product([(2, 3), (3, 3)], [1, 2, 3], [0, 1], [False, True],
+                                                       [False, True], [None, 5])])
+def test_avg_pool2d_backward_matches_aten(kernel: tuple[int, int], stride: int, pad: int, ceil: bool,
+                                          include_pad: bool, divisor: int | None) -> None:
+    x = torch.randn(2, 3, 11, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    args = (list(kernel), [stride, stride], [pad, pad], ceil, include_pad, divisor)
+    out = aten.avg_pool2d(x, *args)
+    grad = torch.randn_like(out)
+    _close(D.avg_pool2d_backward(grad, x, *args), aten.avg_pool2d_backward(grad, x, *args))
+
+
+@pytest.mark.parametrize("out_size", [(1, 1), (3, 4), (5, 7), (11, 10)])
+def test_adaptive_avg_pool2d_backward_matches_aten(out_size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, 11, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grad = torch.randn_like(aten._adaptive_avg_pool2d(x, list(out_size)))
+    _close(D.adaptive_avg_pool2d_backward(grad, x), aten._adaptive_avg_pool2d_backward(grad, x))
+
+
+def test_empty_permuted_keeps_shape_and_strides() -> None:
+    ref = aten.empty_permuted([2, 3, 4], [2, 0, 1])
+    ours = D.empty_permuted([2, 3, 4], [2, 0, 1])
+    assert ours.shape == ref.shape and ours.stride() == ref.stride()
+
+
+def test_table_extends_core_aten_with_the_backward_ops() -> None:
+    table = training_decompositions()
+    for op in D.BACKWARD_DECOMPOSITIONS:
+        assert table[op] is D.BACKWARD_DECOMPOSITIONS[op]
+    assert aten.native_dropout.default in table and aten._native_batch_norm_legit.default in table
+    table.clear()  # a copy: the module's table is untouched
+    assert aten.convolution_backward.default in training_decompositions()
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional optimizers vs torch.optim
+
+
+OPTIMIZERS = [
+    (SGD(0.1), lambda p: torch.optim.SGD(p, lr=0.1, foreach=False)),
+    (SGD(0.05, momentum=0.9, weight_decay=0.01),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=False)),
+    (SGD(0.05, momentum=0.8, weight_decay=0.1, nesterov=True),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, weight_decay=0.1, nesterov=True, foreach=False)),
+    (Adam(0.01), lambda p: torch.optim.Adam(p, lr=0.01, foreach=False)),
+    (Adam(0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+     lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, foreach=False)),
+    (Adam(0.02, weight_decay=0.1, decoupled_weight_decay=True),
+     lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1, foreach=False)),
+]
+
+
+@pytest.mark.parametrize(("ours", "make_torch"), OPTIMIZERS, ids=lambda o: None if callable(o) else repr(o))
+def test_functional_optimizer_matches_torch_optim(ours, make_torch) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(5)
+    start = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    leaves = {k: v.clone().requires_grad_() for k, v in start.items()}
+    reference = make_torch(list(leaves.values()))
+    params, state, hyper = dict(start), ours.init_state(start), ours.hyper_tensors()
+    for _ in range(6):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in start.items()}
+        for k, leaf in leaves.items():
+            leaf.grad = grads[k].clone()
+        reference.step()
+        params, state = ours.update(params, grads, state, hyper)
+        for k, leaf in leaves.items():
+            torch.testing.assert_close(params[k], leaf.detach(), rtol=1e-6, atol=1e-7)
+            for slot in ours.slots:
+                ref_state = reference.state[leaf][slot]
+                torch.testing.assert_close(state[f"{k}.{slot}"], ref_state, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_hyper_parameters_and_state_layout() -> None:
+    assert list(SGD(0.1).hyper()) == ["lr", "weight_decay"] and SGD(0.1).slots == ()
+    assert list(SGD(0.1, momentum=0.9).hyper()) == ["lr", "momentum", "weight_decay"]
+    assert list(Adam().hyper()) == ["lr", "beta1", "beta2", "eps", "weight_decay"]
+    state = Adam().init_state({"w": torch.ones(2, 2)})
+    assert set(state) == {"w.exp_avg", "w.exp_avg_sq", "step"} and state["step"].dtype == torch.float32
+    hyper = Adam().hyper_tensors(lr=0.5)
+    assert hyper["lr"].dtype == torch.float64 and hyper["lr"].item() == 0.5
+    with pytest.raises(KeyError, match="momentum"):
+        Adam().hyper_tensors(momentum=0.9)
+    with pytest.raises(ValueError, match="nesterov"):
+        SGD(0.1, nesterov=True)
