@@ -35,7 +35,10 @@ def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     if isinstance(loaded, np.ndarray):
         return [(f"data:{p.name}", loaded, tags or [p.stem])]
     with loaded:
-        return [(f"data:{p.name}:{k}", loaded[k], [k, *tags]) for k in loaded.files]
+        try:
+            return [(f"data:{p.name}:{k}", loaded[k], [k, *tags]) for k in loaded.files]
+        except ValueError as e:  # an object array inside the archive: refused, never unpickled
+            raise SystemExit(f"plan-worker: --data {path!r}: not a plain numpy file ({e})") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
