@@ -9,6 +9,9 @@ from planwire.transport.session import Frame
 from planwire.transport.sockets import configure
 
 
+CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm pending frees
+
+
 class RemoteWorker(Client):
     """A plan-worker process at ``url`` (tcp:// or ipc://). Same interface as VirtualWorker.
 
@@ -52,10 +55,13 @@ class RemoteWorker(Client):
         if self._sock.closed:
             return
         if self._garbage and self.session is not None:
-            try:
+            timeout, self.timeout = self.timeout, min(self.timeout or CLOSE_TIMEOUT, CLOSE_TIMEOUT)
+            try:  # a worker that has gone must not hold close() up for the whole request timeout
                 self.flush()
             except Exception:
                 pass
+            finally:
+                self.timeout = timeout
         self._sock.close(linger=200)
 
     def __del__(self) -> None:
