@@ -56,8 +56,6 @@ def export_model(
                 optimize=False,  # optimized below, with plan state protected
                 verbose=False,
                 opset_version=OPSET,
-                input_names=list(input_names),
-                output_names=list(output_names),
                 dynamic_shapes=dynamic_shapes,
             )
         except Exception as e:
@@ -75,6 +73,7 @@ def export_model(
         except Exception as e:
             raise PlanBuildError(f"plan {plan!r}: optimizing the exported graph failed: {e}",
                                  plan=plan) from e
+        _name_ports(model, input_names, output_names)
     proto = ir.serde.serialize_model(model)
     strip_debug_info(proto)
     check_exported(proto, plan=plan, input_names=input_names, dynamic=dynamic)
@@ -120,6 +119,26 @@ def _restore_output_casts(model: ir.Model, dtypes: Sequence[str]) -> None:
         name, value.name = value.name, f"{value.name}_promoted"
         out.name = name
         graph.outputs[i] = out
+
+
+def _name_ports(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Give the graph inputs and outputs their plan names.
+
+    Not left to ``torch.onnx.export(output_names=...)``: when a function returns an input unchanged or
+    one tensor twice, the exporter renames the input or names two outputs alike, and the optimizer's
+    OutputFixPass (which puts an Identity behind such outputs) renames inputs too.
+    """
+    graph = model.graph
+    ports = [*graph.inputs, *graph.outputs]
+    names = [*inputs, *outputs]
+    if len(ports) != len(names):
+        raise AssertionError(f"exported graph has {len(ports)} ports, expected {len(names)}: {names}")
+    wanted = set(names)
+    for value in [*graph.initializers.values(), *(v for node in graph for v in node.outputs)]:
+        if value.name in wanted and value not in ports:  # an inner value called like a port steps aside
+            value.name = f"{value.name}_inner"
+    for value, name in zip(ports, names, strict=True):
+        value.name = name
 
 
 def _optimize(model: ir.Model, keep: Collection[str]) -> None:

@@ -44,8 +44,9 @@ def _value(value: Any, seen: set[int]) -> Any:
         return [_value(v, seen) for v in value]
     if isinstance(value, types.FunctionType):
         return function_fingerprint(value, seen)
-    if isinstance(value, torch.nn.Module):
-        return module_fingerprint(value)
+    if isinstance(value, torch.nn.Module):  # a model the function calls: its weights become constants
+        tensors = [*value.named_parameters(), *value.named_buffers()]
+        return [module_fingerprint(value), tensors_digest(tensors)]
     return None  # modules, classes, big containers: keyed by library versions or not at all
 
 

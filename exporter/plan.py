@@ -184,10 +184,12 @@ class Plan(PlanRunner, torch.nn.Module):
         from_cache = data is not None
         while True:
             if data is None:
-                proto = export_model(
-                    self, trace, plan=self.name, input_names=input_names, output_names=output_names,
-                    dynamic=dynamic, keep=self._state_names(), output_dtypes=[_wire(e) for e in expected[0]],
-                )
+                with eager():  # nested plans trace as torch code
+                    proto = export_model(
+                        self, trace, plan=self.name, input_names=input_names, output_names=output_names,
+                        dynamic=dynamic, keep=self._state_names(),
+                        output_dtypes=[_wire(e) for e in expected[0]],
+                    )
                 data = metadata.stamp(proto, name=self.name, kind=self.kind, state=self._state_names())
                 cache.put(key, data)
             try:

@@ -188,6 +188,23 @@ def test_several_inputs_and_outputs_every_dtype() -> None:
         assert len(mix.variants) == 1
 
 
+def test_aliased_unused_and_scalar_ports() -> None:
+    """Outputs that are an input or repeat a value, an unused input, 0-d tensors: ports keep their names."""
+
+    @func2plan(args_shape=[(-1, 2), (), (3,)])
+    def odd(x, s, unused):
+        y = x * s
+        return x, y, y, s + 1
+
+    variant = odd.variants[0]
+    assert [i.name for i in variant.inputs] == ["x", "s", "unused"]
+    assert [o.name for o in variant.outputs] == ["output_0", "output_1", "output_2", "output_3"]
+    x, s = torch.randn(5, 2), torch.tensor(3.0)
+    got = odd(x, s, torch.zeros(3))
+    assert torch.equal(got[0], x) and torch.equal(got[1], x * 3) and torch.equal(got[2], x * 3)
+    assert got[3].shape == () and got[3].item() == 4.0
+
+
 def test_args_dtypes_accepts_names_and_a_single_dtype() -> None:
     @func2plan(args_shape=[(2,), (2,)], args_dtypes="int32")
     def add(x, y):
