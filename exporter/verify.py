@@ -12,9 +12,11 @@ from planwire.transport.dtypes import human, to_wire
 # bools must match exactly. The absolute tolerance is the same number scaled by the output's magnitude.
 TOLERANCE = {"float": 1e-5, "double": 1e-10, "float16": 4e-3}
 
-# Ops whose results are random: their outputs are checked for dtype and shape only.
+# Ops whose results are random (Dropout: a module exported in training mode): a graph with any of them
+# is checked for output dtypes and shapes only.
 RANDOM_OPS = frozenset({
-    "Bernoulli", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+    "Bernoulli", "Dropout", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform",
+    "RandomUniformLike",
 })
 
 

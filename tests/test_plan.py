@@ -275,6 +275,22 @@ def test_class_plan_dynamic_batch() -> None:
     assert len(model.variants) == 1
 
 
+def test_training_mode_dropout_stays_random() -> None:
+    class Drop(Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x) + 1
+
+    plan = Drop()  # nn.Module default: training mode, so the graph keeps a random Dropout
+    plan.build(torch.ones(3, 4), dynamic_axes=[(0,)])
+    out = plan(torch.full((64, 32), 3.0))
+    assert out.shape == (64, 32)
+    assert set(out.unique().tolist()) == {1.0, 7.0}  # dropped, or kept and scaled by 1 / (1 - p)
+
+
 def test_nested_plan_is_traced_as_torch_code() -> None:
     class Inner(Plan):
         def __init__(self) -> None:
