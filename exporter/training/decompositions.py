@@ -217,12 +217,31 @@ def adaptive_avg_pool2d_backward(grad_output: Tensor, inp: Tensor) -> Tensor:
     return torch.matmul(torch.matmul(m_h, grad_output), m_w.t())
 
 
-# Backward ops with no torch or torchlib decomposition, supplied here.
+def empty_permuted(
+    size: Sequence[int],
+    physical_layout: Sequence[int],
+    dtype: torch.dtype | None = None,
+    layout: torch.layout | None = None,
+    device: torch.device | None = None,
+    pin_memory: bool | None = None,
+) -> Tensor:
+    """``empty_permuted`` (what ``ones_like``/``empty_like`` trace to) as ``empty`` + ``permute``.
+
+    torchlib has no translation for it; the permute keeps the strides that later decompositions see.
+    """
+    physical = [size[axis] for axis in physical_layout]
+    inverse = sorted(range(len(physical_layout)), key=lambda i: physical_layout[i])
+    out = aten.empty.memory_format(physical, dtype=dtype, layout=layout, device=device, pin_memory=pin_memory)
+    return out.permute(inverse)
+
+
+# Backward ops with no torch or torchlib decomposition, supplied here (and one factory op).
 BACKWARD_DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {
     aten.convolution_backward.default: convolution_backward,
     aten.max_pool2d_with_indices_backward.default: max_pool2d_with_indices_backward,
     aten.avg_pool2d_backward.default: avg_pool2d_backward,
     aten._adaptive_avg_pool2d_backward.default: adaptive_avg_pool2d_backward,
+    aten.empty_permuted.default: empty_permuted,
 }
 
 # Torch decompositions outside the core set that the training graph wants: batch norm as explicit

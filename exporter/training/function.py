@@ -17,9 +17,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
-import sympy
 import torch
-from planwire.exporter.training.trace import ModuleTagger, Port, export_graph, trace
+from planwire.exporter.training.trace import ModuleTagger, Port, export_graph, port_shape, trace, unify_axes
 from planwire.transport.spec import PlanVariant
 from torch import Tensor, nn
 
@@ -57,10 +56,14 @@ def _modules_of(fn: Callable[..., object]) -> dict[str, nn.Module]:
             continue
         if isinstance(value, nn.Module):
             found[name] = value
-    for name in code.co_names:
-        value = getattr(fn, "__globals__", {}).get(name)
-        if isinstance(value, nn.Module):
-            found.setdefault(name, value)
+    todo = [code]
+    while todo:  # globals read by fn or by the functions nested in it (lambdas, closures)
+        c = todo.pop()
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        for name in c.co_names:
+            value = getattr(fn, "__globals__", {}).get(name)
+            if isinstance(value, nn.Module):
+                found.setdefault(name, value)
     return found
 
 
@@ -137,11 +140,11 @@ def build_function_step(
 
     examples = [a.detach() for a in example_args]
     gm = trace(flat, examples, dims, plan=plan, tagger=ModuleTagger(_modules_of(fn)))
+    dims, symbols = unify_axes(gm, dims)
     in_ports = [
         Port(n, "arg", a.dtype, tuple(d.get(ax, s) for ax, s in enumerate(a.shape)))
         for n, a, d in zip(names, examples, dims, strict=True)
     ]
-    symbols = _input_symbols(gm, dims)
     values = [v.meta["val"] for v in gm.graph.output_node().args[0]]
     keys = spec_box.get("keys")
     out_names = list(output_names or (keys if keys and len(keys) == len(values) else None) or
@@ -149,35 +152,11 @@ def build_function_step(
     if len(out_names) != len(values):
         raise ValueError(f"{len(out_names)} output_names for {len(values)} outputs")
     out_ports = [
-        Port(str(n), "output", v.dtype, tuple(_dim(s, symbols) for s in v.shape))
+        Port(str(n), "output", v.dtype, port_shape(v, symbols))
         for n, v in zip(out_names, values, strict=True)
     ]
     variant, proto = export_graph(gm, examples, in_ports, out_ports, plan=plan, kind="function")
     return FunctionStep(plan, variant, proto, spec_box["spec"])
-
-
-def _input_symbols(gm: torch.fx.GraphModule, dims: Sequence[Mapping[int, str]]) -> dict[sympy.Symbol, str]:
-    """Symbol of each dynamic input axis (after the tracer's equalities) -> that axis' name."""
-    symbols: dict[sympy.Symbol, str] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, axes in zip(placeholders, dims, strict=True):
-        for axis, dim_name in axes.items():
-            size = node.meta["val"].shape[axis]
-            if isinstance(size, torch.SymInt):
-                expr = size.node.shape_env.replace(size.node.expr)
-                if isinstance(expr, sympy.Symbol):
-                    symbols.setdefault(expr, dim_name)
-    return symbols
-
-
-def _dim(size: int | torch.SymInt, symbols: Mapping[sympy.Symbol, str]) -> int | str:
-    """A static size, or a dynamic one written with the input axis names (``"batch"``, ``"2*batch"``)."""
-    if not isinstance(size, torch.SymInt):
-        return int(size)
-    expr = size.node.shape_env.replace(size.node.expr)
-    if expr.is_number:
-        return int(expr)
-    return str(expr.subs({s: sympy.Symbol(n) for s, n in symbols.items()}))
 
 
 __all__ = ["FunctionStep", "build_function_step", "uses_autograd"]

@@ -35,7 +35,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from planwire.exporter.optim import SGD, Optimizer
-from planwire.exporter.training.trace import ModuleTagger, Port, export_graph, trace
+from planwire.exporter.training.trace import ModuleTagger, Port, export_graph, trace, unify_axes
 from planwire.transport.spec import PlanVariant
 from torch import Tensor, nn
 
@@ -370,6 +370,12 @@ def build_training_step(
         gm = trace(step, examples, [*dims, *([{}] * (len(examples) - n_args))], plan=plan, tagger=tagger)
     finally:
         model.train(was_training)
+    dims, _ = unify_axes(gm, dims)
+    arg_ports = [
+        Port(p.name, p.role, p.dtype, tuple(dims[i].get(a, s) for a, s in enumerate(p.shape)))
+        for i, p in enumerate(arg_ports)
+    ]
+    in_ports[:n_args] = arg_ports
     first_in = n_args + len(hyper) + len(params) + len(frozen)
     mutated = _keep_mutated_buffers(gm, list(buffers), first_in, 1 + len(metric_fns) + len(params))
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
+import sympy
 import torch
 import torch.fx.traceback as fx_traceback
 import torch.nn.functional as F
@@ -252,6 +253,54 @@ def trace(
         ) from e
 
 
+def unify_axes(
+    gm: torch.fx.GraphModule, dims: Sequence[Mapping[int, str]]
+) -> tuple[list[dict[int, str]], dict[sympy.Symbol, str]]:
+    """Input axis names after tracing, and each dynamic symbol's name.
+
+    Axes the traced code proved equal (a batch axis of inputs and targets) share one symbol; they all
+    take the name of the first such axis, the name the ONNX graph will show.
+    """
+    symbols: dict[sympy.Symbol, str] = {}
+    named: list[dict[int, str]] = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, axes in zip(placeholders, dims, strict=False):
+        renamed = {}
+        for axis, name in axes.items():
+            size = node.meta["val"].shape[axis]
+            if isinstance(size, torch.SymInt):
+                expr = size.node.shape_env.replace(size.node.expr)
+                if isinstance(expr, sympy.Symbol):
+                    name = symbols.setdefault(expr, name)
+            renamed[axis] = name
+        named.append(renamed)
+    return named, symbols
+
+
+def port_shape(value: Tensor, symbols: Mapping[sympy.Symbol, str]) -> tuple[int | str, ...]:
+    """Shape of a traced value: static sizes, and dynamic ones written with the input axis names."""
+    shape: list[int | str] = []
+    for size in value.shape:
+        if not isinstance(size, torch.SymInt):
+            shape.append(int(size))
+            continue
+        expr = size.node.shape_env.replace(size.node.expr)
+        if expr.is_number:
+            shape.append(int(expr))
+        else:
+            shape.append(str(expr.subs({s: sympy.Symbol(n) for s, n in symbols.items()})))
+    return tuple(shape)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception of the chain, first line: what went wrong, without exporter advice."""
+    seen: set[int] = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else ""
@@ -278,26 +327,37 @@ def _exportable(op: torch._ops.OpOverload, registry: object) -> bool:
     return op in torch._decomp.decomposition_table or op in torch.export.default_decompositions()
 
 
-def check_supported(gm: torch.fx.GraphModule, *, plan: str) -> None:
-    """TrainingExportError naming every op without an ONNX translation and the layer that emitted it."""
+def explain_failure(gm: torch.fx.GraphModule, error: BaseException, *, plan: str) -> TrainingExportError:
+    """The error to raise for a failed export: the op at fault and the layers that emitted it.
+
+    The op is the one the exporter names when it names one in ``gm``, else every op of ``gm`` that has
+    neither an ONNX translation nor a torch decomposition (the usual culprit: a backward op).
+    """
+    named = failing_op(error)
+    candidates: dict[str, list[str]] = {}
     registry = _onnx_registry()
-    bad: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        if _exportable(node.target, registry):
+        op = str(node.target)
+        if named is not None and op != named:
             continue
-        modules = bad.setdefault(str(node.target), [])
+        if named is None and _exportable(node.target, registry):
+            continue
+        modules = candidates.setdefault(op, [])
         label = node_module(node)
         if label and label not in modules:
             modules.append(label)
-    if not bad:
-        return
-    parts = [f"{op} (from {', '.join(mods)})" if mods else op for op, mods in bad.items()]
-    op, modules = next(iter(bad.items()))
-    raise TrainingExportError(
-        f"plan {plan!r}: no ONNX translation for {'; '.join(parts)}. Its gradient cannot be exported; "
-        "replace the layer or add a decomposition to planwire.exporter.training.decompositions",
+    cause = _root_cause(error)
+    if not candidates:
+        at = f" at op {named}" if named else ""
+        return TrainingExportError(f"plan {plan!r}: ONNX export failed{at}: {cause}", plan=plan, op=named)
+    parts = [f"{op} (emitted by {', '.join(mods)})" if mods else op for op, mods in candidates.items()]
+    op, modules = next(iter(candidates.items()))
+    return TrainingExportError(
+        f"plan {plan!r}: no ONNX translation for {'; '.join(parts)}, so this step (or its gradient) "
+        f"cannot be exported: replace the layer or add a decomposition to "
+        f"planwire.exporter.training.decompositions. Exporter error: {cause}",
         plan=plan, op=op, module=modules[0] if modules else None,
     )
 
@@ -321,7 +381,6 @@ def export_graph(
     This is the one place that calls the ONNX exporter for training plans (with the process-wide cached
     torchlib registry of :mod:`planwire.exporter.registry`).
     """
-    check_supported(gm, plan=plan)
     dynamic = [{a: d for a, d in enumerate(p.shape) if isinstance(d, str)} for p in inputs]
     shapes = tuple({a: torch.export.Dim.DYNAMIC for a in axes} or None for axes in dynamic)
     try:
@@ -337,11 +396,7 @@ def export_graph(
                 output_names=[p.name for p in outputs],
             )
     except Exception as e:
-        op = failing_op(e)
-        raise TrainingExportError(
-            f"plan {plan!r}: ONNX export failed{f' at op {op}' if op else ''}: "
-            f"{type(e).__name__}: {_first_line(e)}", plan=plan, op=op,
-        ) from e
+        raise explain_failure(gm, e, plan=plan) from e
     proto = onnx_program.model_proto
     _name_dynamic_axes(proto, inputs, outputs)
     check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=[set(d) for d in dynamic])
