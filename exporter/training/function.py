@@ -101,7 +101,8 @@ def build_function_step(
     """Export ``fn(*example_args)`` (tensors in, a tensor or a tuple/list/dict of tensors out).
 
     ``dynamic[i]`` lists the axes of argument i that stay symbolic (a mapping gives them names; by
-    default ``f"{input_name}_{axis}"``); their example sizes must be >= 2. Axes that the code proves
+    default ``f"{input_name}_{axis}"``; missing trailing entries are static); their example sizes must
+    be >= 2. Axes that the code proves
     equal share one symbol. Output names default to the dict keys of the result, else ``output<i>``.
     Raises TrainingExportError (a PlanBuildError) naming the op, and the layer when ``fn`` uses a module
     it closes over, if the graph cannot be exported.
@@ -113,8 +114,11 @@ def build_function_step(
     names = list(input_names or [f"arg{i}" for i in range(len(example_args))])
     if len(names) != len(example_args):
         raise ValueError(f"{len(names)} input_names for {len(example_args)} example_args")
+    dynamic = list(dynamic or ())
+    if len(dynamic) > len(example_args):
+        raise ValueError(f"dynamic has {len(dynamic)} entries for {len(example_args)} example_args")
     dims: list[dict[int, str]] = []
-    for i, axes in enumerate(dynamic or [()] * len(example_args)):
+    for i, axes in enumerate([*dynamic, *[()] * (len(example_args) - len(dynamic))]):
         named = dict(axes) if isinstance(axes, Mapping) else {a: f"{names[i]}_{a}" for a in axes}
         for axis in named:
             if example_args[i].shape[axis] < 2:
@@ -123,8 +127,6 @@ def build_function_step(
                     "trace with a size of 2 or more (sizes 0 and 1 get specialized)"
                 )
         dims.append(named)
-    if len(dims) != len(example_args):
-        raise ValueError(f"dynamic has {len(dims)} entries for {len(example_args)} example_args")
 
     spec_box: dict[str, object] = {}
 
