@@ -82,6 +82,8 @@ def test_registry_is_built_once_and_unpatched_after(affine: Plan) -> None:
     from torch.onnx._internal.exporter import _registration
 
     original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    builds = registry.builds
+    assert builds >= 1  # the fixture's export built it
 
     @func2plan(args_shape=[(2,)])
     def f(x):
@@ -91,7 +93,7 @@ def test_registry_is_built_once_and_unpatched_after(affine: Plan) -> None:
     def g(x):
         return x.cos()
 
-    assert registry.builds == 1  # every export in this process shared one torchlib registry
+    assert cache_stats.exports >= 2 and registry.builds == builds  # later exports reuse the registry
     assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original
     with registry.cached_registry() as active:
         assert active is True
