@@ -45,7 +45,6 @@ def export_model(
 
     Raises PlanBuildError (naming ``plan`` and, when found, the failing op) with the cause chained.
     """
-    dynamic_shapes = _dynamic_shapes(module, args, input_names, dynamic)
     with _export_lock, cached_registry(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # training-mode and deprecation chatter of the exporter
         try:
@@ -56,7 +55,7 @@ def export_model(
                 optimize=False,  # optimized below, with plan state protected
                 verbose=False,
                 opset_version=OPSET,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=_dynamic_shapes(module, args, input_names, dynamic),
             )
         except Exception as e:
             op = failing_op(e)
@@ -66,14 +65,14 @@ def export_model(
             ) from e
         cache.stats.exports += 1
         model = program.model
-        if output_dtypes is not None:
-            _restore_output_casts(model, output_dtypes)
         try:
+            if output_dtypes is not None:
+                _restore_output_casts(model, output_dtypes)
             _optimize(model, keep)
+            _name_ports(model, input_names, output_names)
         except Exception as e:
-            raise PlanBuildError(f"plan {plan!r}: optimizing the exported graph failed: {e}",
+            raise PlanBuildError(f"plan {plan!r}: post-processing the exported graph failed: {e}",
                                  plan=plan) from e
-        _name_ports(model, input_names, output_names)
     proto = ir.serde.serialize_model(model)
     strip_debug_info(proto)
     check_exported(proto, plan=plan, input_names=input_names, dynamic=dynamic)
@@ -116,9 +115,7 @@ def _restore_output_casts(model: ir.Model, dtypes: Sequence[str]) -> None:
         graph.append(cast)
         out = cast.outputs[0]
         out.dtype, out.shape = want, value.shape
-        name, value.name = value.name, f"{value.name}_promoted"
-        out.name = name
-        graph.outputs[i] = out
+        graph.outputs[i] = out  # named by _name_ports
 
 
 def _name_ports(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> None:
