@@ -15,7 +15,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import zmq
+import zmq.auth
 from planwire.transport import RemoteTimeoutError
+from planwire.transport.auth import client_keys
 from planwire.worker.process import WorkerProcess
 
 import planwire
@@ -264,3 +266,33 @@ def test_worker_and_transport_never_import_torch():
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_curve_admits_listed_clients_only(tmp_path):
+    for d in ("server", "clients", "intruder"):
+        (tmp_path / d).mkdir()
+    zmq.auth.create_certificates(tmp_path / "server", "server")
+    zmq.auth.create_certificates(tmp_path / "clients", "alice")
+    zmq.auth.create_certificates(tmp_path / "intruder", "mallory")
+    (tmp_path / "clients" / "alice.key_secret").rename(
+        tmp_path / "alice.key_secret"
+    )  # only public keys there
+    extra = [
+        "--curve-secret",
+        str(tmp_path / "server" / "server.key_secret"),
+        "--curve-clients",
+        str(tmp_path / "clients"),
+    ]
+    with WorkerProcess("curve", extra=extra) as w:
+        alice = client_keys(str(tmp_path / "alice.key_secret"), str(tmp_path / "server" / "server.key"))
+        with planwire.connect(w.url, timeout=10, curve=alice) as c:
+            assert c.put(np.arange(3)).get().tolist() == [0, 1, 2]
+        mallory = client_keys(
+            str(tmp_path / "intruder" / "mallory.key_secret"), str(tmp_path / "server" / "server.key")
+        )
+        with pytest.raises(TimeoutError):
+            planwire.connect(w.url, timeout=0.5, curve=mallory)
+        with pytest.raises(TimeoutError):
+            planwire.connect(w.url, timeout=0.5)  # plain text: no reply
+        with Peer(w.url, curve=alice) as raw:  # the raw protocol over CURVE
+            assert raw.ok({"type": "ping"}).kind == "ok"
