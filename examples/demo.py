@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from planwire.worker.process import WorkerProcess
 
 import planwire as sy
-from planwire.worker.process import WorkerProcess
 
 HERE = Path(__file__).parent
 
@@ -24,8 +24,10 @@ def main() -> None:
         x1, x2 = walk.seed_data()
         data = Path(tmp) / "device.npz"  # each key of an .npz is the tag of its tensor
         np.savez(data, input_data=x1.numpy(), input_data2=x2.numpy())
-        with WorkerProcess("device_1", data=[str(data)]) as w1, \
-             WorkerProcess("device_2", listen=f"ipc://{tmp}/device_2.ipc", data=[str(data)]) as w2:
+        with (
+            WorkerProcess("device_1", data=[str(data)]) as w1,
+            WorkerProcess("device_2", listen=f"ipc://{tmp}/device_2.ipc", data=[str(data)]) as w2,
+        ):
             print(f"started plan-worker device_1 at {w1.url} and device_2 at {w2.url}")
             with sy.connect(w1.url) as device_1, sy.connect(w2.url) as device_2:
                 walk.main((device_1, device_2))

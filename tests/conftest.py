@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from planwire.transport import Client, connect
 from planwire.transport.arrays import as_array, tags_of
 from planwire.worker import VirtualWorker
@@ -23,8 +22,9 @@ _ipc_ids = itertools.count()
 WorkerFactory = Callable[..., Client]
 
 
-def start_worker(kind: str, id: str, data: Sequence[Any] = (), *, public: bool = False,
-                 tmp: Path, stack: list) -> Client:
+def start_worker(
+    kind: str, id: str, data: Sequence[Any] = (), *, public: bool = False, tmp: Path, stack: list
+) -> Client:
     """A worker of ``kind`` holding ``data`` (tensors with tags) as its own private tensors."""
     if kind == "virtual":
         w = VirtualWorker(None, id=id, data=data, public=public)
@@ -55,7 +55,8 @@ def worker_factory(worker_kind: str) -> Iterator[WorkerFactory]:
     stack: list = []
     with tempfile.TemporaryDirectory(prefix="pw-test-") as tmp:
         yield lambda id="worker", data=(), public=False: start_worker(
-            worker_kind, id, data, public=public, tmp=Path(tmp), stack=stack)
+            worker_kind, id, data, public=public, tmp=Path(tmp), stack=stack
+        )
         for obj in reversed(stack):
             (obj.close if isinstance(obj, Client) else obj.stop)()
 

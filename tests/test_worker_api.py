@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import gc
 
-import numpy as np
 import pytest
 import torch
-
-import planwire
 from planwire.transport import ForbiddenError, PointerTensor, RemoteError, UnknownTensorError
 from planwire.transport.arrays import set_tags
+
+import planwire
 from tests import handmade
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool]
 
 
 def seed_data():
-    return (set_tags(torch.tensor([-1, 2.0]), ["input_data"]), set_tags(torch.tensor([1, -2.0]), ["input_data2", "x"]))
+    return (
+        set_tags(torch.tensor([-1, 2.0]), ["input_data"]),
+        set_tags(torch.tensor([1, -2.0]), ["input_data2", "x"]),
+    )
 
 
 def test_search_returns_pointers_with_shape_dtype_tags(worker_factory):

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from planwire.transport import codec, messages as m, session
+from planwire.transport import codec, session
+from planwire.transport import messages as m
 from planwire.transport.arrays import as_array, tags_of, wrap
 from planwire.transport.errors import ProtocolError, RemoteTimeoutError, remote_error
 from planwire.transport.pointers import PointerPlan, PointerTensor
@@ -61,7 +61,9 @@ class Client:
     def new_key(self) -> str:
         return f"{self._prefix}-{next(self._keys)}"
 
-    def submit(self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "", detached: bool = False) -> int:
+    def submit(
+        self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "", detached: bool = False
+    ) -> int:
         """Send ``make(request_id)`` without waiting; returns the request id. The reply to a
         ``detached`` request is read and dropped (errors stay on the worker, see run)."""
         if self._garbage:
@@ -88,7 +90,9 @@ class Client:
             frames = self._recv(self.timeout)
             if frames is None:
                 what = self._in_flight.get(rid, "request")
-                raise RemoteTimeoutError(f"worker {self.id!r} did not answer {what} (request #{rid}) within {self.timeout} s")
+                raise RemoteTimeoutError(
+                    f"worker {self.id!r} did not answer {what} (request #{rid}) within {self.timeout} s"
+                )
             self._accept(frames)
         reply, buffers = self._done.pop(rid)
         if isinstance(reply, m.Error):
@@ -167,7 +171,9 @@ class Client:
         self._garbage.append(key)
 
     def _pointer_of(self, info: m.TensorInfo) -> PointerTensor:
-        return PointerTensor(self, info.key, info.dtype, tuple(info.shape), tuple(info.tags), owned=False, private=info.private)
+        return PointerTensor(
+            self, info.key, info.dtype, tuple(info.shape), tuple(info.tags), owned=False, private=info.private
+        )
 
     @staticmethod
     def _decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
@@ -177,7 +183,10 @@ class Client:
         if p.worker is not self:
             raise ValueError(f"{p!r} points to worker {p.worker.id!r}, not {self.id!r}: move it there first")
         if p.consumed:
-            raise ValueError(f"{p!r} was already fetched with .get() (which moves the tensor off the worker); use .get(keep=True) to copy")
+            raise ValueError(
+                f"{p!r} was already fetched with .get() (which moves the tensor off the worker); "
+                "use .get(keep=True) to copy"
+            )
 
     # -- plans --------------------------------------------------------------------------------------
 
@@ -196,7 +205,9 @@ class Client:
             return
         reply, _ = self.request(lambda rid: m.RegisterPlan(id=rid, frame=0, name=name), [variant.data])
         if reply.plan != variant.id:  # type: ignore[attr-defined]
-            raise ProtocolError("bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id")
+            raise ProtocolError(
+                "bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id"
+            )
         self._plans.add(variant.id)
 
     def signature_of(self, index: int, arg: Any) -> tuple[str, tuple[int, ...]]:
@@ -208,8 +219,13 @@ class Client:
         return codec.dtypes.to_wire(array.dtype), array.shape
 
     def run(
-        self, variant: PlanVariant, args: Sequence[Any], *, outputs: Sequence[str] | None = None,
-        fetch: Sequence[int] = (), name: str = "",
+        self,
+        variant: PlanVariant,
+        args: Sequence[Any],
+        *,
+        outputs: Sequence[str] | None = None,
+        fetch: Sequence[int] = (),
+        name: str = "",
     ) -> list[PointerTensor]:
         """Run a registered plan on pointers and/or local tensors (sent inline). Returns result pointers
         at once; with ``fetch`` it waits and attaches fetched values as ``pointer.value``."""
@@ -224,7 +240,9 @@ class Client:
                 buffers.append(buf)
         keys = list(outputs) if outputs is not None else [self.new_key() for _ in variant.outputs]
         results = [
-            PointerTensor(self, k, o.dtype, tuple(o.shape) if all(isinstance(d, int) for d in o.shape) else None)
+            PointerTensor(
+                self, k, o.dtype, tuple(o.shape) if all(isinstance(d, int) for d in o.shape) else None
+            )
             for k, o in zip(keys, variant.outputs, strict=True)
         ]
         make = lambda rid: m.Run(id=rid, plan=variant.id, args=wire_args, outputs=keys, fetch=list(fetch))  # noqa: E731

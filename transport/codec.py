@@ -10,7 +10,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
 

@@ -14,7 +14,9 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 PROTOCOL_VERSION = 1
 
-Key = Annotated[str, Meta(min_length=1, max_length=256, description="A stored tensor's id, chosen by the client.")]
+Key = Annotated[
+    str, Meta(min_length=1, max_length=256, description="A stored tensor's id, chosen by the client.")
+]
 Tag = Annotated[str, Meta(min_length=1, max_length=256)]
 RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Chosen by the client; echoed as `re`.")]
 Dim = Annotated[int, Meta(ge=0, le=2**62)]
@@ -22,8 +24,18 @@ FrameIndex = Annotated[int, Meta(ge=0, description="Index of the raw frame after
 # Tensor element types: ONNX TensorProto.DataType names in lower case (transport/dtypes.py maps them).
 DType = Annotated[
     Literal[
-        "float", "double", "float16", "int64", "int32", "int16", "int8",
-        "uint8", "uint16", "uint32", "uint64", "bool",
+        "float",
+        "double",
+        "float16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
     ],
     Meta(description="ONNX element type name in lower case (float = float32, double = float64)."),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from planwire.transport.dtypes import human
@@ -18,11 +19,29 @@ class PointerTensor:
     from ``search`` do not own the worker's data.
     """
 
-    __slots__ = ("worker", "key", "dtype", "_shape", "tags", "owned", "private", "consumed", "value", "__weakref__")
+    __slots__ = (
+        "worker",
+        "key",
+        "dtype",
+        "_shape",
+        "tags",
+        "owned",
+        "private",
+        "consumed",
+        "value",
+        "__weakref__",
+    )
 
     def __init__(
-        self, worker: Client, key: str, dtype: str, shape: tuple[int, ...] | None,
-        tags: tuple[str, ...] = (), *, owned: bool = True, private: bool = False,
+        self,
+        worker: Client,
+        key: str,
+        dtype: str,
+        shape: tuple[int, ...] | None,
+        tags: tuple[str, ...] = (),
+        *,
+        owned: bool = True,
+        private: bool = False,
     ) -> None:
         self.worker, self.key, self.dtype, self._shape = worker, key, dtype, shape
         self.tags, self.owned, self.private, self.consumed = tags, owned, private, False
@@ -44,10 +63,8 @@ class PointerTensor:
 
     def __del__(self) -> None:
         if self.owned and not self.consumed:
-            try:
+            with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to free
                 self.worker.release(self.key)
-            except Exception:  # interpreter shutdown: nothing left to free
-                pass
 
     def __repr__(self) -> str:
         shape = list(self._shape) if self._shape is not None else "?"
@@ -57,7 +74,7 @@ class PointerTensor:
 
 
 class PointerPlan:
-    """A plan registered on ``worker``: calling it sends one run message and returns result pointers at once."""
+    """A plan on ``worker``: a call sends one run message and returns result pointers at once."""
 
     def __init__(self, source: PlanSource, worker: Client) -> None:
         self.source = source

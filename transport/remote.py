@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import zmq
+import contextlib
 
+import zmq
 from planwire.transport.client import Client
 from planwire.transport.session import Frame
 from planwire.transport.sockets import configure
-
 
 CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm pending frees
 
@@ -20,7 +20,11 @@ class RemoteWorker(Client):
     """
 
     def __init__(
-        self, url: str, *, timeout: float = 30.0, context: zmq.Context | None = None,
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        context: zmq.Context | None = None,
         curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         super().__init__()
@@ -65,12 +69,12 @@ class RemoteWorker(Client):
         self._sock.close(linger=200)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._sock.close(linger=0)
-        except Exception:
-            pass
 
 
-def connect(url: str, *, timeout: float = 30.0, curve: tuple[bytes, bytes, bytes] | None = None) -> RemoteWorker:
+def connect(
+    url: str, *, timeout: float = 30.0, curve: tuple[bytes, bytes, bytes] | None = None
+) -> RemoteWorker:
     """A handle to the plan-worker at ``url``; raises TimeoutError if it does not answer hello in time."""
     return RemoteWorker(url, timeout=timeout, curve=curve)

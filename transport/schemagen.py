@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
 from planwire.transport import messages as m
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
-BASE_ID = "https://planwire.dev/schemas/v%d/" % m.PROTOCOL_VERSION
+BASE_ID = f"https://planwire.dev/schemas/v{m.PROTOCOL_VERSION}/"
 
 
 def _refs(node: Any, found: set[str]) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
-
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 
@@ -53,32 +52,45 @@ def _request_id(header: bytes) -> int:
 
 
 def unpack_request(
-    frames: Sequence[Frame], limits: Limits = Limits()
+    frames: Sequence[Frame], limits: Limits | None = None
 ) -> tuple[m._Message, list[memoryview]]:
     """Validate and decode a request. ProtocolError(code, message) says what is wrong; ``.re`` is set."""
+    limits = limits or Limits()
     rid = -1
     try:
         if len(frames) < 2:
-            raise ProtocolError("bad_signature", f"a message needs a signature and a header frame, got {len(frames)} frame(s)")
+            raise ProtocolError(
+                "bad_signature", f"a message needs a signature and a header frame, got {len(frames)} frame(s)"
+            )
         sig, header = bytes(frames[0]), frames[1]
         if sig != SIGNATURE:
             if sig.startswith(SIGNATURE_PREFIX):
                 raise ProtocolError(
-                    "bad_version", f"protocol {sig.decode(errors='replace')!r} not supported; this worker speaks {SIGNATURE.decode()!r}"
+                    "bad_version",
+                    f"protocol {sig.decode(errors='replace')!r} not supported; "
+                    f"this worker speaks {SIGNATURE.decode()!r}",
                 )
             raise ProtocolError("bad_signature", f"first frame must be {SIGNATURE!r}, got {sig[:32]!r}")
         if len(header) > MAX_HEADER_BYTES:
-            raise ProtocolError("too_large", f"header of {len(header)} bytes, over the limit of {MAX_HEADER_BYTES}")
+            raise ProtocolError(
+                "too_large", f"header of {len(header)} bytes, over the limit of {MAX_HEADER_BYTES}"
+            )
         header = bytes(header)
         if len(frames) - 2 > limits.max_frames:
             rid = _request_id(header)
-            raise ProtocolError("too_large", f"{len(frames) - 2} frames, over the limit of {limits.max_frames}")
+            raise ProtocolError(
+                "too_large", f"{len(frames) - 2} frames, over the limit of {limits.max_frames}"
+            )
         try:
             msg = m.request_decoder.decode(header)
         except msgspec.ValidationError as e:
             rid = _request_id(header)  # only for refused headers: a valid one is decoded once
             text = str(e)
-            code = "unknown_type" if "`$.type`" in text or "missing required field `type`" in text else "invalid_message"
+            code = (
+                "unknown_type"
+                if "`$.type`" in text or "missing required field `type`" in text
+                else "invalid_message"
+            )
             raise ProtocolError(code, f"invalid request: {text}") from None
         except msgspec.DecodeError as e:
             raise ProtocolError("bad_header", f"header is not valid JSON: {e}") from None
@@ -105,5 +117,7 @@ def unpack_reply(frames: Sequence[Frame]) -> tuple[m._Message, list[memoryview]]
 def frame_at(buffers: Sequence[memoryview], index: int, what: str) -> memoryview:
     """The raw frame a header points to; ProtocolError names the field when it is missing."""
     if index >= len(buffers):
-        raise ProtocolError("bad_frames", f"{what} points to frame {index}, but the message has {len(buffers)} raw frame(s)")
+        raise ProtocolError(
+            "bad_frames", f"{what} points to frame {index}, but the message has {len(buffers)} raw frame(s)"
+        )
     return buffers[index]

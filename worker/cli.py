@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
 from planwire.transport.session import Limits
@@ -43,12 +42,22 @@ def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="plan-worker", description="Serve planwire plans over ZeroMQ.")
-    ap.add_argument("--listen", action="append", required=True, metavar="URL",
-                    help="endpoint to bind, tcp://HOST:PORT or ipc://PATH (repeatable)")
+    ap.add_argument(
+        "--listen",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="endpoint to bind, tcp://HOST:PORT or ipc://PATH (repeatable)",
+    )
     ap.add_argument("--id", default="worker", help="worker id reported to clients")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
-    ap.add_argument("--data", action="append", default=[], metavar="FILE[:TAG,...]",
-                    help="a .npy/.npz file of this worker's own tensors (repeatable)")
+    ap.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE[:TAG,...]",
+        help="a .npy/.npz file of this worker's own tensors (repeatable)",
+    )
     ap.add_argument("--public", action="store_true", help="let clients copy the worker's own data")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per plan")
     ap.add_argument("--max-message-mb", type=int, default=1024, help="largest message accepted")
@@ -61,24 +70,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     data = [item for spec in args.data for item in load_data(spec)]
     limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
     try:
-        service = Service(args.id, data=data, public=args.public, device=args.device,
-                          threads=args.threads, limits=limits)
+        service = Service(
+            args.id, data=data, public=args.public, device=args.device, threads=args.threads, limits=limits
+        )
     except (RuntimeError, ValueError) as e:
         print(f"plan-worker: {e}", file=sys.stderr)
         return 2
     auth = None
     curve_secret = None
     if args.curve_secret:
-        from planwire.transport.auth import start_authenticator, load_secret
+        from planwire.transport.auth import load_secret, start_authenticator
 
         curve_secret = load_secret(args.curve_secret)
         auth = start_authenticator(args.curve_clients)
-    server = Server(service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret)
+    server = Server(
+        service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret
+    )
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
@@ -88,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     log.info(
         "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors)",
-        args.id, ", ".join(server.endpoints), PROTOCOL_VERSION, ",".join(service.providers),
-        ort.__version__, os.getpid(), len(data),
+        args.id,
+        ", ".join(server.endpoints),
+        PROTOCOL_VERSION,
+        ",".join(service.providers),
+        ort.__version__,
+        os.getpid(),
+        len(data),
     )
     try:
         server.serve_forever()

@@ -19,13 +19,29 @@ class WorkerProcess:
     """A plan-worker child process; ``url`` is its first bound endpoint once ready."""
 
     def __init__(
-        self, id: str = "worker", *, listen: str = "tcp://127.0.0.1:0", data: Sequence[str] = (),
-        extra: Sequence[str] = (), ready_timeout: float = 30.0, log_level: str = "info",
+        self,
+        id: str = "worker",
+        *,
+        listen: str = "tcp://127.0.0.1:0",
+        data: Sequence[str] = (),
+        extra: Sequence[str] = (),
+        ready_timeout: float = 30.0,
+        log_level: str = "info",
     ) -> None:
         self.id = id
         self.log_path = Path(tempfile.mkstemp(prefix=f"plan-worker-{id}-", suffix=".log")[1])
         self._workdir = tempfile.mkdtemp(prefix=f"plan-worker-{id}-")  # its own cwd: nothing to read there
-        cmd = [sys.executable, "-m", "planwire.worker", "--listen", listen, "--id", id, "--log-level", log_level]
+        cmd = [
+            sys.executable,
+            "-m",
+            "planwire.worker",
+            "--listen",
+            listen,
+            "--id",
+            id,
+            "--log-level",
+            log_level,
+        ]
         for d in data:
             cmd += ["--data", str(Path(d).resolve()) if ":" not in d else d]
         cmd += list(extra)
@@ -40,7 +56,9 @@ class WorkerProcess:
             if match:
                 return match.group(1)
             if self.proc.poll() is not None:
-                raise RuntimeError(f"plan-worker {self.id!r} exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(
+                    f"plan-worker {self.id!r} exited with {self.proc.returncode}:\n{self.log()}"
+                )
             time.sleep(0.01)
         self.stop()
         raise TimeoutError(f"plan-worker {self.id!r} not ready within {timeout} s:\n{self.log()}")

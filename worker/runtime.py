@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
-
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
 
@@ -48,14 +47,20 @@ def session_options(threads: int) -> ort.SessionOptions:
 class PlanSession:
     """A loaded plan: typed ports and a reusable onnxruntime session."""
 
-    def __init__(self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1) -> None:
+    def __init__(
+        self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1
+    ) -> None:
         self.name = name
         try:
             self.session = ort.InferenceSession(data, session_options(threads), providers=list(providers))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ProtocolError("bad_plan", f"onnxruntime cannot load plan {name or ''}: {e}".replace("  ", " ")) from None
+            raise ProtocolError(
+                "bad_plan", f"onnxruntime cannot load plan {name or ''}: {e}".replace("  ", " ")
+            ) from None
         if CUDA in providers and CUDA not in self.session.get_providers():
-            raise ProtocolError("bad_plan", f"plan {name!r} could not be placed on CUDA (got {self.session.get_providers()})")
+            raise ProtocolError(
+                "bad_plan", f"plan {name!r} could not be placed on CUDA (got {self.session.get_providers()})"
+            )
         self.inputs = [(i.name, dtypes.from_ort(i.type), list(i.shape)) for i in self.session.get_inputs()]
         self.outputs = [(o.name, dtypes.from_ort(o.type), list(o.shape)) for o in self.session.get_outputs()]
         self._input_names = [n for n, _, _ in self.inputs]
@@ -69,17 +74,24 @@ class PlanSession:
     def check(self, args: Sequence[np.ndarray]) -> None:
         """ProtocolError(bad_argument) naming the first argument that does not fit the graph."""
         if len(args) != len(self.inputs):
-            raise ProtocolError("bad_argument", f"plan {self.name!r} takes {len(self.inputs)} arguments, got {len(args)}")
+            raise ProtocolError(
+                "bad_argument", f"plan {self.name!r} takes {len(self.inputs)} arguments, got {len(args)}"
+            )
         for i, (arr, dt, (name, wire, shape)) in enumerate(zip(args, self._dtypes, self.inputs, strict=True)):
             if arr.dtype != dt:
                 raise ProtocolError(
                     "bad_argument",
-                    f"plan {self.name!r} argument {i} ({name!r}): expected dtype {dtypes.human(wire)}, got {arr.dtype}",
+                    f"plan {self.name!r} argument {i} ({name!r}): "
+                    f"expected dtype {dtypes.human(wire)}, got {arr.dtype}",
                 )
-            if len(shape) != arr.ndim or any(isinstance(w, int) and w != g for w, g in zip(shape, arr.shape, strict=True)):
+            if len(shape) != arr.ndim or any(
+                isinstance(w, int) and w != g for w, g in zip(shape, arr.shape, strict=True)
+            ):
                 want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
                 raise ProtocolError(
-                    "bad_argument", f"plan {self.name!r} argument {i} ({name!r}): expected shape {want}, got {list(arr.shape)}"
+                    "bad_argument",
+                    f"plan {self.name!r} argument {i} ({name!r}): expected shape {want}, "
+                    f"got {list(arr.shape)}",
                 )
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:

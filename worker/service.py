@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
-
 from msgspec import UNSET
-
-from planwire.transport import codec, dtypes, messages as m, session
+from planwire.transport import codec, dtypes, session
+from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
@@ -41,13 +40,13 @@ class Service:
         public: bool = False,
         device: str = "cpu",
         threads: int = 1,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
     ) -> None:
         self.id = worker_id
         self.session = uuid.uuid4().hex
         self.providers = providers_for(device)
         self.threads = threads
-        self.limits = limits
+        self.limits = limits or Limits()
         self.store = Store(public=public)
         self.plans: dict[str, PlanSession] = {}
         for key, array, tags in data:
@@ -57,7 +56,9 @@ class Service:
                 raise ValueError(f"own tensor {key!r}: {e}") from None
             array = np.ascontiguousarray(array, dtype=dtypes.to_numpy(wire))
             self.store.put(key, array, tags, private=True)
-        self._handlers: dict[type, Callable[[m._Message, list[memoryview]], tuple[m._Message, list[Frame]]]] = {
+        self._handlers: dict[
+            type, Callable[[m._Message, list[memoryview]], tuple[m._Message, list[Frame]]]
+        ] = {
             m.Hello: self._hello,
             m.Ping: lambda msg, _: (m.Ok(re=msg.id, session=self.session), []),
             m.Put: self._put,
@@ -80,7 +81,8 @@ class Service:
             if total > self.limits.max_message_bytes:
                 rid = session.request_id(frames)
                 raise ProtocolError(
-                    "too_large", f"message of {total} bytes, over the limit of {self.limits.max_message_bytes}"
+                    "too_large",
+                    f"message of {total} bytes, over the limit of {self.limits.max_message_bytes}",
                 )
             msg, buffers = session.unpack_request(frames, self.limits)
             rid = msg.id  # type: ignore[attr-defined]
@@ -88,8 +90,13 @@ class Service:
                 t0 = time.perf_counter()
             reply, out = self._handlers[type(msg)](msg, buffers)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s #%d -> %s (%.2f ms)", m.type_name(type(msg)), rid, m.type_name(type(reply)),
-                          (time.perf_counter() - t0) * 1e3)
+                log.debug(
+                    "%s #%d -> %s (%.2f ms)",
+                    m.type_name(type(msg)),
+                    rid,
+                    m.type_name(type(reply)),
+                    (time.perf_counter() - t0) * 1e3,
+                )
             return session.pack(reply, out)
         except ProtocolError as e:
             rid = getattr(e, "re", rid)
@@ -97,25 +104,36 @@ class Service:
             return session.pack(m.Error(re=rid, session=self.session, code=e.code, message=e.message))  # type: ignore[arg-type]
         except Exception as e:  # a bug here must not take the worker down
             log.exception("request #%d failed", rid)
-            return session.pack(m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}"))
+            return session.pack(
+                m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}")
+            )
 
     # -- handlers ---------------------------------------------------------------------------------
 
     def _hello(self, msg: m.Hello, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         if msg.version != m.PROTOCOL_VERSION:
-            raise ProtocolError("bad_version", f"client speaks protocol {msg.version}, this worker {m.PROTOCOL_VERSION}")
+            raise ProtocolError(
+                "bad_version", f"client speaks protocol {msg.version}, this worker {m.PROTOCOL_VERSION}"
+            )
         lim = m.Limits(
             max_message_bytes=self.limits.max_message_bytes,
             max_plan_bytes=self.limits.max_plan_bytes,
             max_frames=self.limits.max_frames,
         )
         return m.Welcome(
-            re=msg.id, session=self.session, worker=self.id, version=m.PROTOCOL_VERSION,
-            providers=self.providers, opsets={"ai.onnx": ONNX_OPSET}, limits=lim,
+            re=msg.id,
+            session=self.session,
+            worker=self.id,
+            version=m.PROTOCOL_VERSION,
+            providers=self.providers,
+            opsets={"ai.onnx": ONNX_OPSET},
+            limits=lim,
         ), []
 
     def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]
+        arrays = [
+            self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors
+        ]
         self.store.check_writable(t.key for t in msg.tensors)
         for t, arr in zip(msg.tensors, arrays, strict=True):
             self.store.put(t.key, arr, t.tags)
@@ -152,8 +170,10 @@ class Service:
             plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
             for port, wire, _ in plan.outputs:  # inputs are checked by PlanSession
                 if wire not in dtypes.WIRE_TO_NUMPY:
-                    raise ProtocolError("bad_plan", f"plan {name!r} output {port!r} has type {wire!r}; "
-                                                    f"supported: {dtypes.human_list()}")
+                    raise ProtocolError(
+                        "bad_plan",
+                        f"plan {name!r} output {port!r} has type {wire!r}; supported: {dtypes.human_list()}",
+                    )
             self.plans[pid] = plan
             log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
         return self._plan_info(msg.id, pid, plan), []
@@ -185,12 +205,14 @@ class Service:
     def _execute(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
         if plan is None:
-            raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
+            raise ProtocolError(
+                "unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first"
+            )
         n_out = len(plan.outputs)
         if len(msg.outputs) != n_out:
             raise ProtocolError(
-                "bad_argument", f"plan {plan.name!r} has {n_out} outputs: run.outputs needs {n_out} keys, "
-                f"got {msg.outputs}"
+                "bad_argument",
+                f"plan {plan.name!r} has {n_out} outputs: run.outputs needs {n_out} keys, got {msg.outputs}",
             )
         if any(i >= n_out for i in msg.fetch):
             raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
@@ -214,7 +236,9 @@ class Service:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
+    def _tensor(
+        self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str
+    ) -> np.ndarray:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
     def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
@@ -223,7 +247,9 @@ class Service:
         t = arg.tensor
         return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]
 
-    def _tensors_reply(self, rid: int, keys: list[str], arrays: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
+    def _tensors_reply(
+        self, rid: int, keys: list[str], arrays: list[np.ndarray]
+    ) -> tuple[m._Message, list[Frame]]:
         out, frames = [], []
         for key, arr in zip(keys, arrays, strict=True):
             wire, shape, buf = codec.to_frame(arr)
@@ -233,13 +259,21 @@ class Service:
 
     def _plan_info(self, rid: int, pid: str, plan: PlanSession) -> m.PlanInfo:
         def ports(items: list) -> list[m.Port]:
-            return [m.Port(name=n, dtype=t, shape=[d if isinstance(d, int) else (d or None) for d in s]) for n, t, s in items]
+            return [
+                m.Port(name=n, dtype=t, shape=[d if isinstance(d, int) else (d or None) for d in s])
+                for n, t, s in items
+            ]
 
-        return m.PlanInfo(re=rid, session=self.session, plan=pid, inputs=ports(plan.inputs), outputs=ports(plan.outputs))
+        return m.PlanInfo(
+            re=rid, session=self.session, plan=pid, inputs=ports(plan.inputs), outputs=ports(plan.outputs)
+        )
 
     @staticmethod
     def _info(key: str, entry) -> m.TensorInfo:
         return m.TensorInfo(
-            key=key, dtype=codec.dtypes.to_wire(entry.array.dtype), shape=list(entry.array.shape),
-            tags=list(entry.tags), private=entry.private,
+            key=key,
+            dtype=codec.dtypes.to_wire(entry.array.dtype),
+            shape=list(entry.array.shape),
+            tags=list(entry.tags),
+            private=entry.private,
         )

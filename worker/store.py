@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-
 from planwire.transport.errors import ProtocolError
 
 
@@ -40,7 +39,9 @@ class Store:
         for key in keys:
             entry = self._tensors.get(key)
             if entry is not None and entry.private:
-                raise ProtocolError("forbidden", f"tensor {key!r} is this worker's own data and cannot be overwritten")
+                raise ProtocolError(
+                    "forbidden", f"tensor {key!r} is this worker's own data and cannot be overwritten"
+                )
 
     def put(self, key: str, array: np.ndarray, tags: Iterable[str] = (), *, private: bool = False) -> None:
         self._tensors[key] = Entry(array, tuple(tags), private)
@@ -57,7 +58,10 @@ class Store:
             return entry
         if key in self._failed:
             raise ProtocolError("run_failed", self._failed[key])
-        raise ProtocolError("unknown_tensor", f"no tensor {key!r} on this worker (never stored, deleted, or already moved by get)")
+        raise ProtocolError(
+            "unknown_tensor",
+            f"no tensor {key!r} on this worker (never stored, deleted, or already moved by get)",
+        )
 
     def check_readable(self, keys: Iterable[str]) -> list[Entry]:
         """Entries whose bytes may be sent to a client, in order."""
@@ -65,7 +69,9 @@ class Store:
         for key, entry in zip(keys, entries, strict=True):
             if entry.private and not self.public:
                 raise ProtocolError(
-                    "forbidden", f"tensor {key!r} is this worker's own data: it may be used by plans but never leaves the worker"
+                    "forbidden",
+                    f"tensor {key!r} is this worker's own data: "
+                    "it may be used by plans but never leaves the worker",
                 )
         return entries
 
@@ -83,7 +89,9 @@ class Store:
         for key in keys:
             entry = self._tensors.get(key)
             if entry is not None and entry.private:
-                raise ProtocolError("forbidden", f"tensor {key!r} is this worker's own data and cannot be deleted")
+                raise ProtocolError(
+                    "forbidden", f"tensor {key!r} is this worker's own data and cannot be deleted"
+                )
         for key in keys:
             self._tensors.pop(key, None)
             self._failed.pop(key, None)

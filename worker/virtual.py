@@ -21,13 +21,22 @@ class VirtualWorker(Client):
     """
 
     def __init__(
-        self, hook: Any = None, id: str = "worker", data: Iterable[Any] = (), *, public: bool = False,
-        device: str = "cpu", threads: int = 1, limits: Limits = Limits(),
+        self,
+        hook: Any = None,
+        id: str = "worker",
+        data: Iterable[Any] = (),
+        *,
+        public: bool = False,
+        device: str = "cpu",
+        threads: int = 1,
+        limits: Limits | None = None,
     ) -> None:
         super().__init__()
         self.id = id
         own = [(f"{id}:data:{i}", as_array(t), tags_of(t)) for i, t in enumerate(data)]
-        self.service = Service(id, data=own, public=public, device=device, threads=threads, limits=limits)
+        self.service = Service(
+            id, data=own, public=public, device=device, threads=threads, limits=limits or Limits()
+        )
         self._replies: deque[list[Frame]] = deque()
         self.hello()
 
