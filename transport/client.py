@@ -10,7 +10,7 @@ import itertools
 import logging
 import secrets
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,13 +135,21 @@ class Client:
 
     def put(self, value: Any, *, tags: Sequence[str] | None = None, key: str | None = None) -> PointerTensor:
         """Store a tensor on the worker; the pointer owns it (frees it when collected)."""
-        array = as_array(value)
         tags = tuple(tags_of(value) if tags is None else tags)
-        key = key or self.new_key()
-        wire, shape, buf = codec.to_frame(array)
-        item = m.PutTensor(key=key, dtype=wire, shape=shape, frame=0, tags=list(tags))
-        self.request(lambda rid: m.Put(id=rid, tensors=[item]), [buf])
-        return PointerTensor(self, key, wire, tuple(shape), tags)
+        return self.put_many({key or self.new_key(): value}, tags=tags)[0]
+
+    def put_many(
+        self, values: Mapping[str, Any], *, tags: Sequence[str] = (), owned: bool = True
+    ) -> list[PointerTensor]:
+        """Store several tensors under the given keys in one message (overwriting what those keys held)."""
+        items, buffers, pointers = [], [], []
+        for key, value in values.items():
+            wire, shape, buf = codec.to_frame(as_array(value))
+            items.append(m.PutTensor(key=key, dtype=wire, shape=shape, frame=len(buffers), tags=list(tags)))
+            buffers.append(buf)
+            pointers.append(PointerTensor(self, key, wire, tuple(shape), tuple(tags), owned=owned))
+        self.request(lambda rid: m.Put(id=rid, tensors=items), buffers)
+        return pointers
 
     def search(self, *tags: str) -> list[PointerTensor]:
         """Pointers to the worker's tensors that carry all ``tags`` (they do not own the data)."""

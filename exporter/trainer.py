@@ -1,0 +1,184 @@
+"""Training plans on workers: the step is sent once, its state lives on the worker, each call is one message.
+
+``training_plan(model, ...)`` builds the whole step (forward, loss, backward, optimizer update) as one
+ONNX graph (see ``planwire.exporter.training``). ``send(worker)`` registers it and stores parameters,
+buffers and optimizer state on the worker; each ``pointer(x, y)`` runs one step there and binds the
+updated state back to the same keys, so weights never travel unless asked for (``state_dict``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from planwire.exporter.optim import Optimizer
+from planwire.exporter.training import TrainingStep, build_training_step
+from planwire.transport.arrays import as_array
+from planwire.transport.client import Client
+from planwire.transport.dtypes import to_wire
+from planwire.transport.pointers import PointerTensor
+from planwire.transport.spec import PlanVariant
+from torch import Tensor, nn
+
+_STATE_ROLES = ("param", "frozen", "buffer", "optim")
+
+
+class TrainingPlan:
+    """A built training step; ``send`` it to a worker to train there."""
+
+    def __init__(self, step: TrainingStep) -> None:
+        self.step = step
+        self.name = step.name
+        self.variants = [step.variant]
+
+    is_built = True
+
+    def variant_for(self, args: Sequence[tuple[str, Sequence[int]]]) -> PlanVariant:
+        why = self.step.variant.mismatch(args)
+        if why:
+            raise TypeError(f"training plan {self.name!r}: {why}")
+        return self.step.variant
+
+    def send(self, worker: Client) -> TrainingPointer:
+        """Register the step on ``worker`` and store its initial state there."""
+        return TrainingPointer(self, worker)
+
+    def __repr__(self) -> str:
+        s = self.step
+        return (
+            f"<TrainingPlan {self.name} id:{s.variant.id[:12]} args={list(s.args)} hyper={list(s.hyper)} "
+            f"params={len(s.params)} buffers={len(s.buffers)} optim={len(s.optim)}>"
+        )
+
+
+class TrainingPointer:
+    """A training step on a worker, with its state stored there under keys this pointer owns."""
+
+    def __init__(self, plan: TrainingPlan, worker: Client) -> None:
+        self.plan, self.worker, self.step = plan, worker, plan.step
+        worker.ensure_plan(self.step.variant, plan.name)
+        prefix = worker.new_key()
+        self.keys = {name: f"{prefix}:{name}" for name in self._state_names()}
+        self._pointers = worker.put_many(
+            {self.keys[n]: self.step.state[n] for n in self.keys}, tags=(f"plan:{plan.name}",), owned=False
+        )
+        self._session = worker.session
+        self._n_args = len(self.step.args)
+
+    def _state_names(self) -> tuple[str, ...]:
+        s = self.step
+        return (*s.params, *s.frozen, *s.buffers, *s.optim)
+
+    def __call__(self, *batch: Any, **hyper: float) -> PointerTensor | tuple[PointerTensor, ...]:
+        """Run one step on ``batch`` (pointers on this worker or local tensors); returns the loss pointer
+        (and metric pointers) at once. ``lr=0.01`` etc. override hyper-parameters for this call."""
+        s = self.step
+        self._check_alive()
+        if len(batch) != self._n_args:
+            raise TypeError(
+                f"training plan {self.plan.name!r} takes {self._n_args} batch arguments {list(s.args)}, "
+                f"got {len(batch)}"
+            )
+        for i, (spec, arg) in enumerate(zip(s.variant.inputs, batch, strict=False)):
+            dtype, shape = self.worker.signature_of(i, arg)
+            why = spec.mismatch(dtype, shape)
+            if why:
+                role = "targets" if i >= self._n_args - 1 else "input"
+                raise TypeError(f"training plan {self.plan.name!r}: {role} argument {i} ({spec.name!r}): {why}")
+        unknown = set(hyper) - {h.removeprefix("hyper.") for h in s.hyper}
+        if unknown:
+            raise TypeError(
+                f"unknown hyper-parameters {sorted(unknown)}; "
+                f"this plan takes {[h.removeprefix('hyper.') for h in s.hyper]}"
+            )
+        values = {
+            name: np.asarray(hyper.get(name.removeprefix("hyper."), default), dtype=default.dtype)
+            for name, default in s.hyper.items()
+        }
+        args: list[Any] = list(batch)
+        for spec in s.variant.inputs[self._n_args :]:
+            args.append(values[spec.name] if spec.role == "hyper" else self._pointers[self._index(spec.name)])
+        outputs = [
+            self.keys[s.bindings[o.name]] if o.name in s.bindings else self.worker.new_key() for o in s.variant.outputs
+        ]
+        results = self.worker.run(s.variant, args, outputs=outputs, name=self.plan.name)
+        for r, o in zip(results, s.variant.outputs, strict=True):
+            if o.name in s.bindings:
+                r.owned = False  # the state keys belong to this TrainingPointer
+        reported = [r for r, o in zip(results, s.variant.outputs, strict=True) if o.name not in s.bindings]
+        return reported[0] if len(reported) == 1 else tuple(reported)
+
+    def _index(self, name: str) -> int:
+        return list(self.keys).index(name)
+
+    def _check_alive(self) -> None:
+        if self.worker.session != self._session:
+            raise RuntimeError(
+                f"worker {self.worker.id!r} restarted since training plan {self.plan.name!r} was sent: "
+                "its parameters and optimizer state there are gone; send the plan again"
+            )
+
+    def parameters(self) -> list[PointerTensor]:
+        """Pointers to the trainable parameters on the worker (owned by this pointer)."""
+        return [self._pointers[self._index(n)] for n in self.step.params]
+
+    def state_dict(self) -> OrderedDict[str, Tensor]:
+        """The trained parameters and buffers, fetched from the worker (copies; training goes on)."""
+        self._check_alive()
+        names = [n for n in self._state_names() if not n.startswith("optim.")]
+        arrays = self.worker.fetch_arrays([self.keys[n] for n in names], keep=True)
+        return OrderedDict(
+            (n.partition(".")[2], torch.from_numpy(np.array(a))) for n, a in zip(names, arrays, strict=True)
+        )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, reset_optimizer: bool = False) -> None:
+        """Push new weights (all parameters and buffers, by module path) to the worker: the server side
+        of federated averaging. ``reset_optimizer`` also zeroes the optimizer state there."""
+        self._check_alive()
+        by_path = {n.partition(".")[2]: n for n in self._state_names() if not n.startswith("optim.")}
+        missing, unexpected = set(by_path) - set(state_dict), set(state_dict) - set(by_path)
+        if missing or unexpected:
+            raise KeyError(
+                f"load_state_dict for {self.plan.name!r}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        values: dict[str, np.ndarray] = {}
+        for path, name in by_path.items():
+            arr, ref = as_array(state_dict[path]), self.step.state[name]
+            if arr.shape != ref.shape or to_wire(arr.dtype) != to_wire(ref.dtype):
+                raise ValueError(
+                    f"{path}: got {arr.dtype}{list(arr.shape)}, this plan holds {ref.dtype}{list(ref.shape)}"
+                )
+            values[self.keys[name]] = arr
+        if reset_optimizer:
+            values.update({self.keys[n]: np.zeros_like(self.step.state[n]) for n in self.step.optim})
+        self.worker.put_many(values, tags=(f"plan:{self.plan.name}",), owned=False)
+
+    def free(self) -> None:
+        """Delete this step's state from the worker."""
+        for key in self.keys.values():
+            self.worker.release(key)
+        self.keys = {}
+
+    def __repr__(self) -> str:
+        return f"[TrainingPointer | me:{self.plan.name} -> {self.worker.id}]"
+
+
+def training_plan(
+    model: nn.Module,
+    loss: Callable[..., Tensor] = F.cross_entropy,
+    optimizer: Optimizer | None = None,
+    args_shape: Sequence[Sequence[int]] = ((-1, 1, 8, 8), (-1,)),
+    args_dtypes: Sequence[torch.dtype] | None = None,
+    metrics: Sequence[str] = (),
+    *,
+    name: str | None = None,
+    targets: int = 1,
+) -> TrainingPlan:
+    """A plan of one whole training step of ``model`` (forward, ``loss``, backward, ``optimizer`` update)
+    that a worker runs in plain onnxruntime; hyper-parameters are inputs that can change per call."""
+    step = build_training_step(model, loss, optimizer, args_shape, args_dtypes, metrics, targets=targets, name=name)
+    return TrainingPlan(step)
