@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from planwire.exporter.metadata import ports
 from planwire.exporter.training import TrainingExportError, build_function_step
 from planwire.exporter.training.function import uses_autograd
 from torch import nn
@@ -83,6 +84,7 @@ def test_tuple_outputs_grad_and_autograd_grad() -> None:
 
     step = build_function_step(input_grad, [torch.randn(5, 3), torch.randn(3, 2)], dynamic=[(0,), ()])
     assert step.variant.outputs[0].shape == ("arg0_0", 3)
+    assert ports(step.model) == (step.variant.inputs, step.variant.outputs)
     x, w = torch.randn(8, 3), torch.randn(3, 2)
     (got,) = run(step, {"arg0": x.numpy(), "arg1": w.numpy()})
     np.testing.assert_allclose(got, input_grad(x, w).numpy(), rtol=1e-5, atol=1e-6)

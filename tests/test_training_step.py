@@ -21,7 +21,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from planwire.exporter import cache
 from planwire.exporter.errors import PlanBuildError
+from planwire.exporter.metadata import ports
 from planwire.exporter.optim import SGD, Adam, Optimizer
 from planwire.exporter.training import TrainingExportError, TrainingStep, build_training_step
 from planwire.transport.spec import META_INPUTS, META_KIND, META_OUTPUTS
@@ -398,6 +400,7 @@ def test_ports_metadata_and_dynamic_batch() -> None:
     training = json.loads(meta["planwire.training"])
     assert training["optimizer"]["name"] == "adam" and training["loss"] == "cross_entropy"
 
+    assert ports(step.model) == (step.variant.inputs, step.variant.outputs)  # what a worker reads
     graph = step.model.graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
     assert not {"Gradient", "BatchNormalization", "Dropout"} & {n.op_type for n in graph.node}
@@ -447,3 +450,26 @@ def test_bad_arguments_are_reported_before_tracing() -> None:
     with pytest.raises(ValueError, match="scalar"):
         build_training_step(small(), lambda o, t: (o - t) ** 2, SGD(), [(-1, 4), (-1, 3)],
                             [torch.float32, torch.float32])
+
+
+def test_build_check_catches_a_wrong_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the core decompositions the exported cross-entropy gradient is wrong (NOTES.md): the
+    build's own onnxruntime-vs-eager check must refuse the plan."""
+    from planwire.exporter.training import decompositions, trace
+
+    only_ours = dict(decompositions.BACKWARD_DECOMPOSITIONS)
+    monkeypatch.setattr(trace, "training_decompositions", lambda: only_ours)
+    monkeypatch.setenv("PLANWIRE_CACHE_DIR", "")
+    with pytest.raises(PlanBuildError, match=r"new\.param\..*differs from eager torch"):
+        build_training_step(small(), F.cross_entropy, SGD(0.5), [(-1, 4), (-1,)], name="wrong-grad")
+
+
+def test_rebuilding_the_same_step_reuses_the_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLANWIRE_CACHE_DIR", "")
+    torch.manual_seed(3)
+    first = build_training_step(small(), F.mse_loss, SGD(0.1), [(-1, 4), (-1, 3)], name="a")
+    exports = cache.stats.exports
+    second = build_training_step(small(), F.mse_loss, SGD(0.2), [(-1, 4), (-1, 3)], name="b")
+    assert cache.stats.exports == exports  # same graph (values are inputs): no new export
+    assert first.data != second.data  # ... but each plan carries its own name and defaults
+    assert second.hyper["hyper.lr"] == 0.2

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 
 import onnx
 import torch
-from planwire.exporter.training.trace import ModuleTagger, Port, export_graph, port_shape, trace, unify_axes
+from planwire.exporter.training.trace import (
+    ModuleTagger,
+    Port,
+    export_graph,
+    has_random_ops,
+    port_shape,
+    trace,
+    unify_axes,
+)
+from planwire.exporter.training.trace import verify as verify_plan
 from planwire.transport.spec import PlanVariant
 from torch import Tensor, nn
 
@@ -97,6 +106,7 @@ def build_function_step(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     name: str | None = None,
+    verify: bool = True,
 ) -> FunctionStep:
     """Export ``fn(*example_args)`` (tensors in, a tensor or a tuple/list/dict of tensors out).
 
@@ -104,6 +114,7 @@ def build_function_step(
     default ``f"{input_name}_{axis}"``; missing trailing entries are static); their example sizes must
     be >= 2. Axes that the code proves
     equal share one symbol. Output names default to the dict keys of the result, else ``output<i>``.
+    ``verify`` runs the plan once on ``example_args`` in onnxruntime against eager ``fn``.
     Raises TrainingExportError (a PlanBuildError) naming the op, and the layer when ``fn`` uses a module
     it closes over, if the graph cannot be exported.
     """
@@ -157,7 +168,13 @@ def build_function_step(
         Port(str(n), "output", v.dtype, port_shape(v, symbols))
         for n, v in zip(out_names, values, strict=True)
     ]
-    variant, proto = export_graph(gm, examples, in_ports, out_ports, plan=plan, kind="function")
+    def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
+        feeds = {p.name: a.cpu().numpy() for p, a in zip(in_ports, examples, strict=True)}
+        verify_plan(variant, feeds, flat(*examples), plan=plan, random=has_random_ops(proto))
+
+    variant, proto = export_graph(
+        gm, examples, in_ports, out_ports, plan=plan, kind="function", check=check if verify else None
+    )
     return FunctionStep(plan, variant, proto, spec_box["spec"])
 
 

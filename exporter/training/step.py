@@ -35,7 +35,15 @@ import onnx
 import torch
 import torch.nn.functional as F
 from planwire.exporter.optim import SGD, Optimizer
-from planwire.exporter.training.trace import ModuleTagger, Port, export_graph, trace, unify_axes
+from planwire.exporter.training.trace import (
+    ModuleTagger,
+    Port,
+    export_graph,
+    has_random_ops,
+    trace,
+    unify_axes,
+)
+from planwire.exporter.training.trace import verify as verify_plan
 from planwire.transport.spec import PlanVariant
 from torch import Tensor, nn
 
@@ -262,6 +270,7 @@ def build_training_step(
     targets: int = 1,
     train: bool = True,
     name: str | None = None,
+    verify: bool = True,
 ) -> TrainingStep:
     """Build the ONNX plan of one training step of ``model`` (see the module docstring for its ports).
 
@@ -271,7 +280,9 @@ def build_training_step(
     axis k); a string names a dynamic axis explicitly (equal names are the same size). ``args_dtypes``
     defaults to float32, with int64 targets for cross_entropy/nll_loss. ``metrics``: names of built-in
     metrics ("accuracy") or a mapping name -> ``fn(output, *targets)`` returning a scalar.
-    ``train`` selects the module mode the step runs in (dropout, batch-norm statistics).
+    ``train`` selects the module mode the step runs in (dropout, batch-norm statistics). ``verify`` runs
+    the plan once in onnxruntime at another batch size against the same step in eager torch (torch's own
+    autograd), comparing every output; with dropout only dtypes and shapes can be compared.
 
     Raises TypeError for targets of the wrong dtype, TrainingExportError (a PlanBuildError) naming the
     op and layer when the gradient cannot be exported.
@@ -377,7 +388,8 @@ def build_training_step(
     ]
     in_ports[:n_args] = arg_ports
     first_in = n_args + len(hyper) + len(params) + len(frozen)
-    mutated = _keep_mutated_buffers(gm, list(buffers), first_in, 1 + len(metric_fns) + len(params))
+    first_out = 1 + len(metric_fns) + len(params)
+    mutated = _keep_mutated_buffers(gm, list(buffers), first_in, first_out)
 
     out_ports = [Port("loss", "loss", out_kinds["loss"], ())]
     out_ports += [
@@ -394,8 +406,25 @@ def build_training_step(
             "train": train,
         }
     }
+    def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
+        """One onnxruntime run at another batch size == the same step in eager torch."""
+        check_args = _verification_args(arg_ports, examples[:n_args])
+        model.train(train)
+        try:
+            expected = list(step(*check_args, *examples[n_args:]))
+        finally:
+            model.train(was_training)
+        expected = [
+            *expected[:first_out],
+            *(t for k, t in zip(buffers, expected[first_out:], strict=False) if k in mutated),
+            *expected[first_out + len(buffers):],
+        ]
+        feeds = {p.name: _numpy(t) for p, t in zip(in_ports, [*check_args, *examples[n_args:]], strict=True)}
+        verify_plan(variant, feeds, expected, plan=plan, random=has_random_ops(proto))
+
     variant, proto = export_graph(
-        gm, examples, in_ports, out_ports, plan=plan, kind="training", extra_meta=extra
+        gm, examples, in_ports, out_ports, plan=plan, kind="training", extra_meta=extra,
+        check=check if verify else None,
     )
     state = {
         p.name: _numpy(t).copy()
@@ -417,6 +446,19 @@ def build_training_step(
         state=state,
         optimizer=optimizer,
     )
+
+
+def _verification_args(ports: Sequence[Port], examples: Sequence[Tensor]) -> list[Tensor]:
+    """A batch for the build check: dynamic axes 2 larger than traced, normal floats, zero integers."""
+    gen = torch.Generator().manual_seed(0)
+    args = []
+    for port, example in zip(ports, examples, strict=True):
+        shape = [n + 2 if isinstance(d, str) else n for d, n in zip(port.shape, example.shape, strict=True)]
+        if example.dtype.is_floating_point:
+            args.append(torch.randn(shape, generator=gen, dtype=example.dtype))
+        else:
+            args.append(torch.zeros(shape, dtype=example.dtype))
+    return args
 
 
 def _keep_mutated_buffers(

@@ -20,19 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+import onnxscript
 import sympy
 import torch
 import torch.fx.traceback as fx_traceback
 import torch.nn.functional as F
+from planwire.exporter import cache
+from planwire.exporter import export as _export_module
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.export import OPSET, check_exported, failing_op
+from planwire.exporter.fingerprint import tensor_digest
 from planwire.exporter.registry import cached_registry
 from planwire.exporter.training.decompositions import training_decompositions
+from planwire.exporter.verify import RANDOM_OPS, compare
 from planwire.transport import spec as wire
 from planwire.transport.dtypes import to_wire
 from planwire.transport.spec import PlanVariant, TensorSpec
@@ -42,6 +49,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.overrides import TorchFunctionMode
 
+# The exporter is not thread-safe and the registry patch is process-wide: share export.py's lock.
+_EXPORT_LOCK = getattr(_export_module, "_export_lock", None) or threading.RLock()
 _MODULE_KEY = "planwire.module"  # node.meta["custom"] key: module path that produced the node
 
 
@@ -375,16 +384,77 @@ def export_graph(
     plan: str,
     kind: str,
     extra_meta: Mapping[str, object] | None = None,
+    check: Callable[[PlanVariant, onnx.ModelProto], None] | None = None,
 ) -> tuple[PlanVariant, onnx.ModelProto]:
     """Export a traced graph to a :class:`PlanVariant` with planwire metadata and named dynamic axes.
 
     This is the one place that calls the ONNX exporter for training plans (with the process-wide cached
-    torchlib registry of :mod:`planwire.exporter.registry`).
+    torchlib registry of :mod:`planwire.exporter.registry`). The exported bytes are cached
+    (:mod:`planwire.exporter.cache`) under the traced graph's code and constants, so rebuilding the same
+    step skips the export; names and metadata are applied after the cache. ``check`` (the build's
+    verification) runs before anything is cached; a cached entry that fails it is dropped and exported
+    afresh.
     """
     dynamic = [{a: d for a, d in enumerate(p.shape) if isinstance(d, str)} for p in inputs]
+    key = _cache_key(gm, inputs, outputs)
+    finish = (inputs, outputs, dynamic, plan, kind, extra_meta, check)
+    data = cache.get(key)
+    if data is not None:
+        try:
+            return _finish(onnx.load_from_string(data), *finish)
+        except PlanBuildError:
+            cache.discard(key)
+    data = _export(gm, examples, inputs, outputs, dynamic, plan=plan).SerializeToString()
+    result = _finish(onnx.load_from_string(data), *finish)
+    cache.put(key, data)
+    return result
+
+
+def _finish(
+    proto: onnx.ModelProto,
+    inputs: Sequence[Port],
+    outputs: Sequence[Port],
+    dynamic: Sequence[Mapping[int, str]],
+    plan: str,
+    kind: str,
+    extra_meta: Mapping[str, object] | None,
+    check: Callable[[PlanVariant, onnx.ModelProto], None] | None,
+) -> tuple[PlanVariant, onnx.ModelProto]:
+    """Name the dynamic axes, check the graph's hygiene, write the metadata, run ``check``."""
+    _name_dynamic_axes(proto, inputs, outputs)
+    check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=[set(d) for d in dynamic])
+    meta = {
+        wire.META_NAME: plan,
+        wire.META_FORMAT: "1",
+        wire.META_KIND: kind,
+        wire.META_INPUTS: json.dumps([p.meta() for p in inputs]),
+        wire.META_OUTPUTS: json.dumps([p.meta() for p in outputs]),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_meta or {}).items()},
+    }
+    del proto.metadata_props[:]
+    for name, value in meta.items():
+        proto.metadata_props.add(key=name, value=value)
+    variant = PlanVariant(
+        proto.SerializeToString(), tuple(p.spec() for p in inputs), tuple(p.spec() for p in outputs)
+    )
+    if check is not None:
+        check(variant, proto)
+    return variant, proto
+
+
+def _export(
+    gm: torch.fx.GraphModule,
+    examples: Sequence[Tensor],
+    inputs: Sequence[Port],
+    outputs: Sequence[Port],
+    dynamic: Sequence[Mapping[int, str]],
+    *,
+    plan: str,
+) -> onnx.ModelProto:
+    """``torch.export`` (dynamic axes as ``Dim.DYNAMIC``) then ``torch.onnx.export`` of the program."""
     shapes = tuple({a: torch.export.Dim.DYNAMIC for a in axes} or None for axes in dynamic)
     try:
-        with cached_registry(), warnings.catch_warnings():
+        with _EXPORT_LOCK, cached_registry(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(gm, tuple(examples), dynamic_shapes=shapes, strict=False)
             onnx_program = torch.onnx.export(
@@ -397,38 +467,66 @@ def export_graph(
             )
     except Exception as e:
         raise explain_failure(gm, e, plan=plan) from e
-    proto = onnx_program.model_proto
-    _name_dynamic_axes(proto, inputs, outputs)
-    check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=[set(d) for d in dynamic])
-    meta = {
-        wire.META_NAME: plan,
-        wire.META_FORMAT: "1",
-        wire.META_KIND: kind,
-        wire.META_INPUTS: json.dumps([p.meta() for p in inputs]),
-        wire.META_OUTPUTS: json.dumps([p.meta() for p in outputs]),
-        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_meta or {}).items()},
-    }
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
-    variant = PlanVariant(
-        proto.SerializeToString(), tuple(p.spec() for p in inputs), tuple(p.spec() for p in outputs)
-    )
-    return variant, proto
+    cache.stats.exports += 1
+    return onnx_program.model_proto
+
+
+def _cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequence[Port]) -> str:
+    """The traced graph's code and constants, the ports and library versions: what the export reads."""
+    constants = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, node.target)
+            if isinstance(value, Tensor):
+                constants.append((node.target, tensor_digest(value)))
+    versions = [torch.__version__, onnx.__version__, onnxscript.__version__, OPSET]
+    ports = [[p.meta() for p in inputs], [p.meta() for p in outputs]]
+    return cache.make_key("training-graph/1", gm.code, constants, ports, versions)
+
+
+def verify(
+    variant: PlanVariant,
+    feeds: Mapping[str, np.ndarray],
+    expected: Sequence[Tensor],
+    *,
+    plan: str,
+    random: bool,
+) -> None:
+    """Run the plan once in onnxruntime; PlanBuildError unless it matches eager torch's ``expected``.
+
+    Eager torch differentiates with its own autograd kernels, so this checks the decompositions and the
+    ONNX translation of the gradient, not just the forward. Plans with random ops (dropout) are checked
+    for output dtypes and shapes only.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(variant.data, providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(feeds))
+    want = [t.detach().cpu().numpy() for t in expected]
+    names = [s.name for s in variant.outputs]
+    compare(got, want, plan=plan, names=names, values=not random, what=" (build check vs eager torch)")
+
+
+def has_random_ops(proto: onnx.ModelProto) -> bool:
+    """Whether the graph draws random numbers (its outputs then differ from eager torch's)."""
+    return any(node.op_type in RANDOM_OPS for node in proto.graph.node)
 
 
 def _name_dynamic_axes(proto: onnx.ModelProto, inputs: Sequence[Port], outputs: Sequence[Port]) -> None:
-    """Rename the exporter's symbols (``s0``...) to the axis names of the plan's ports, graph-wide."""
+    """Give the graph's dynamic dims the plan's axis names (the exporter writes ``s0``, ``2*s0``...).
+
+    Graph inputs and outputs take their port's names verbatim; intermediate values are renamed through
+    the symbols the inputs define.
+    """
     rename: dict[str, str] = {}
     for values, ports in ((proto.graph.input, inputs), (proto.graph.output, outputs)):
         for value, port in zip(values, ports, strict=True):
-            dims = value.type.tensor_type.shape.dim
-            for dim, want in zip(dims, port.shape, strict=False):
-                if isinstance(want, str) and dim.dim_param:
-                    rename.setdefault(dim.dim_param, want)
-    if not rename:
-        return
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+            for dim, want in zip(value.type.tensor_type.shape.dim, port.shape, strict=False):
+                if isinstance(want, str) and not dim.HasField("dim_value"):
+                    if values is proto.graph.input and dim.dim_param:
+                        rename.setdefault(dim.dim_param, want)
+                    dim.dim_param = want
+    for value in proto.graph.value_info:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
