@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable, Sequence
 
 import zmq
-
 from planwire.transport.session import Frame
 from planwire.transport.sockets import configure
 
@@ -43,21 +42,20 @@ class Server:
         self._stop = threading.Event()
 
     def serve_forever(self, poll_ms: int = 100) -> None:
-        sock = self._sock
-        while not self._stop.is_set():
-            if not sock.poll(poll_ms, zmq.POLLIN):
+        # A blocking receive with a timeout (not poll + non-blocking receives): one call per request and no
+        # zmq.Again exception per burst; the stop flag is still checked at least every ``poll_ms``.
+        sock, handler, stopped = self._sock, self.handler, self._stop.is_set
+        sock.setsockopt(zmq.RCVTIMEO, poll_ms)
+        while not stopped():
+            try:
+                frames = sock.recv_multipart(copy=False)
+            except zmq.Again:
                 continue
-            while not self._stop.is_set():
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                peer = frames[0].bytes
-                reply = self.handler([f.buffer for f in frames[1:]])
-                try:
-                    sock.send_multipart([peer, *reply], copy=False)
-                except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full
-                    log.warning("reply to a client dropped: %s", e)
+            reply = handler([f.buffer for f in frames[1:]])
+            try:
+                sock.send_multipart([frames[0].bytes, *reply], copy=False)
+            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full
+                log.warning("reply to a client dropped: %s", e)
 
     def stop(self) -> None:
         self._stop.set()

@@ -70,9 +70,33 @@ class PlanSession:
                 self._dtypes.append(dtypes.to_numpy(t))
             except ValueError as e:
                 raise ProtocolError("bad_plan", f"plan {name!r} input {n!r}: {e}") from None
+        # Per-call fast path: (dtype, static shape or None, rank, fixed axes) of each input for check(),
+        # and on CPU the binding's own run: InferenceSession.run adds only input validation that check()
+        # has done (with CUDA, its provider fallback stays in charge).
+        self._fast = [
+            (dt, _static(s), len(s), _fixed_axes(s)) for dt, (_, _, s) in zip(self._dtypes, self.inputs, strict=True)
+        ]
+        self._output_names = [n for n, _, _ in self.outputs]
+        binding = getattr(self.session, "_sess", None)
+        self._run = binding.run if binding is not None and self.session.get_providers() == [CPU] else None
 
     def check(self, args: Sequence[np.ndarray]) -> None:
         """ProtocolError(bad_argument) naming the first argument that does not fit the graph."""
+        if len(args) == len(self._fast):
+            for arr, (dt, static, rank, fixed) in zip(args, self._fast, strict=True):
+                if arr.dtype != dt:
+                    break
+                shape = arr.shape
+                if static is not None:
+                    if shape != static:
+                        break
+                elif len(shape) != rank or any(shape[a] != d for a, d in fixed):
+                    break
+            else:
+                return
+        self._explain(args)
+
+    def _explain(self, args: Sequence[np.ndarray]) -> None:
         if len(args) != len(self.inputs):
             raise ProtocolError(
                 "bad_argument", f"plan {self.name!r} takes {len(self.inputs)} arguments, got {len(args)}"
@@ -94,6 +118,19 @@ class PlanSession:
                     f"got {list(arr.shape)}",
                 )
 
-    def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        self.check(args)
-        return self.session.run(None, dict(zip(self._input_names, args, strict=True)))
+    def run(self, args: Sequence[np.ndarray], *, check: bool = True) -> list[np.ndarray]:
+        """Outputs of the plan on ``args`` (``check=False``: the caller has just called ``check``)."""
+        if check:
+            self.check(args)
+        feeds = dict(zip(self._input_names, args, strict=True))
+        if self._run is not None:
+            return self._run(self._output_names, feeds, None)
+        return self.session.run(None, feeds)
+
+
+def _static(shape: list) -> tuple[int, ...] | None:
+    return tuple(shape) if all(isinstance(d, int) for d in shape) else None
+
+
+def _fixed_axes(shape: list) -> tuple[tuple[int, int], ...]:
+    return tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int))
