@@ -41,6 +41,6 @@ def from_frame(dtype: str, shape: Sequence[int], frame: Buffer, *, what: str = "
             f"{what}: {dtypes.human(dtype)}{list(shape)} needs {expected} bytes, its frame has {buf.nbytes}",
         )
     arr = np.frombuffer(buf, dtype=dt)
-    if arr.ctypes.data % dt.alignment:  # unaligned small frames: copy once rather than fault later
+    if not arr.flags.aligned:  # unaligned small frames: copy once rather than fault later
         arr = arr.copy()
     return arr.reshape(shape)

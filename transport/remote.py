@@ -37,8 +37,7 @@ class RemoteWorker(Client):
         if curve is not None:  # (client public, client secret, server public)
             self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = curve
         self._sock.connect(url)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._rcvtimeo = -1  # the socket's RCVTIMEO (ms), set by _recv when a wait's timeout changes
         try:
             welcome = self.hello()
         except BaseException:
@@ -50,9 +49,19 @@ class RemoteWorker(Client):
         self._sock.send_multipart(frames, copy=False)
 
     def _recv(self, timeout: float | None) -> list[Frame] | None:
-        if not self._sock.poll(None if timeout is None else int(timeout * 1000), zmq.POLLIN):
+        sock = self._sock
+        ms = -1 if timeout is None else int(timeout * 1000)
+        if ms == 0:  # drain: only what has arrived
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None
+        elif ms != self._rcvtimeo:  # waiting: a blocking receive with a timeout (no poller per call)
+            sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK if ms == 0 else 0, copy=False)
+        except zmq.Again:
             return None
-        return [f.buffer for f in self._sock.recv_multipart(copy=False)]
+        return [f.buffer for f in frames]
 
     def close(self) -> None:
         """Send pending frees and close the socket (finite linger: never hangs)."""

@@ -105,10 +105,10 @@ def unpack_request(
 
 def unpack_reply(frames: Sequence[Frame]) -> tuple[m._Message, list[memoryview]]:
     """Decode a reply from a worker; ProtocolError if the worker broke the protocol."""
-    if len(frames) < 2 or bytes(frames[0]) != SIGNATURE:
+    if len(frames) < 2 or frames[0] != SIGNATURE:  # bytes or 1-D byte memoryviews: compared by content
         raise ProtocolError("bad_signature", "reply does not start with the planwire signature")
     try:
-        msg = m.reply_decoder.decode(bytes(frames[1]))
+        msg = m.reply_decoder.decode(frames[1])  # msgspec reads any buffer: no copy
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ProtocolError("invalid_message", f"invalid reply: {e}") from None
     return msg, [memoryview(f) for f in frames[2:]]
