@@ -1,0 +1,93 @@
+"""Exporter-built plans sent to every kind of worker (in-process, tcp, ipc): parity with eager torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from planwire.transport.arrays import set_tags
+from torch import nn
+
+import planwire as sy
+
+
+@pytest.fixture(scope="module")
+def plans():
+    @sy.func2plan(args_shape=[(-1, 3), (3,)])
+    def affine_stats(x, b):
+        y = x * 2.0 + b
+        return y, y.sum(dim=1), (y > 0)
+
+    @sy.func2plan(args_shape=[(1,)], state=(torch.tensor([1]),))
+    def plan_abs(x, state):
+        (bias,) = state.read()
+        return x.abs() + bias
+
+    @sy.func2plan()
+    def scaled(x):
+        return x * 3
+
+    class Net(sy.Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(2, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=-1)
+
+    torch.manual_seed(0)
+    net = Net()
+    net.build(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), dynamic_axes=[{0}])
+    return affine_stats, plan_abs, scaled, net
+
+
+def test_several_outputs_and_dynamic_axes(worker, plans):
+    affine_stats = plans[0]
+    ptr = affine_stats.send(worker)
+    b = worker.put(torch.tensor([0.5, -1.0, 0.0]))
+    for n in (1, 2, 7):
+        x = torch.randn(n, 3)
+        y, s, pos = ptr(worker.put(x), b)
+        want = x * 2.0 + torch.tensor([0.5, -1.0, 0.0])
+        torch.testing.assert_close(y.get(), want)
+        torch.testing.assert_close(s.get(), want.sum(dim=1))
+        assert torch.equal(pos.get(), want > 0) and pos.dtype == "bool"
+
+
+def test_state_plan_and_variant_built_for_the_callers_dtype(worker, plans):
+    plan_abs = plans[1]
+    ptr = plan_abs.send(worker)
+    assert torch.equal(ptr(torch.tensor([-3.0])).get(), torch.tensor([4.0]))
+    x_ptr = sy.send(torch.tensor([-1, 0]), worker)  # int64, size 2: a new variant is built and sent
+    assert torch.equal(ptr(x_ptr).get(), torch.tensor([2, 1]))
+    assert len(plan_abs.variants) >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32])
+def test_variants_per_dtype_on_workers(worker, plans, dtype):
+    scaled = plans[2]
+    x = torch.arange(-3, 3).to(dtype)
+    if not scaled.is_built:
+        scaled.build(x)
+    got = scaled.send(worker)(worker.put(x)).get()
+    assert got.dtype == dtype and torch.equal(got, x * 3)
+
+
+def test_module_plan_on_the_workers_own_data(worker_factory, plans):
+    net = plans[3]
+    data = set_tags(torch.tensor([[-1.0, 2.0], [0.5, 0.5], [3.0, -2.0]]), ["input_data"])
+    w = worker_factory("device_1", data=(data,))
+    got = net.send(w)(w.search("input_data")[0]).get()
+    torch.testing.assert_close(got, net.eager(data).detach())
+
+
+def test_saved_plan_loads_and_runs_remotely(worker, plans, tmp_path):
+    affine_stats = plans[0]
+    path = affine_stats.save(tmp_path / "affine.onnx")
+    loaded = sy.load_plan(path)
+    x = torch.randn(4, 3)
+    b = torch.zeros(3)
+    y, _, _ = loaded.send(worker)(x, b)
+    torch.testing.assert_close(y.get(), x * 2.0)
+    with pytest.raises(TypeError, match=r"argument 0 \('x'\): expected dtype float32, got int64"):
+        loaded.send(worker)(torch.ones(4, 3, dtype=torch.int64), b)
