@@ -64,6 +64,14 @@ class Optimizer(ABC):
         """JSON-able description for plan metadata: name, structural flags and default hyper-parameters."""
         return {"name": self.name, "hyper": self.hyper()}
 
+    def check_hyper(self) -> dict[str, float]:
+        """Hyper-parameters for a build check: updated parameters then show gradient errors clearly.
+
+        A step of size ~1 makes a wrong gradient visible in the parameters; subclasses also remove
+        what would amplify float noise (Adam's division by a tiny second moment).
+        """
+        return {**self.hyper(), "lr": 1.0}
+
 
 def _scalar(hyper: Tensors, key: str, like: Tensor) -> Tensor:
     """A float64 hyper-parameter rounded to the parameter's dtype, as torch rounds a Python scalar."""
@@ -150,6 +158,11 @@ class Adam(Optimizer):
     def describe(self) -> dict[str, object]:
         name = "adamw" if self.decoupled_weight_decay else self.name
         return {**super().describe(), "name": name}
+
+    def check_hyper(self) -> dict[str, float]:
+        # eps=1: the first step is g / (|g| + 1), smooth in g; with eps ~1e-8 it is ~sign(g), which
+        # float noise flips for gradients near zero (valid plans would fail the check)
+        return {**super().check_hyper(), "eps": 1.0}
 
     def update(
         self, params: Tensors, grads: Tensors, state: Tensors, hyper: Tensors

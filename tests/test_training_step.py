@@ -215,6 +215,27 @@ def test_embedding(optimizer: str) -> None:
     check_parity(Bag, F.cross_entropy, optimizer, [(-1, 6), (-1,)], tokens, args_dtypes=[torch.int64] * 2)
 
 
+class Sequence(nn.Module):
+    """TransformerEncoderLayer (multi-head attention through scaled_dot_product_attention, 3-d linear,
+    LayerNorm, GELU) and an LSTM over embedded tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu", batch_first=True)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(self.encoder(self.emb(tokens)))[0][:, -1])
+
+
+def test_sequence_model_attention_and_lstm() -> None:
+    """SGD only: the attention key bias has an exactly zero gradient, which Adam (g / (|g| + eps))
+    turns into +-lr steps of float noise, different in any two correct implementations."""
+    check_parity(Sequence, F.cross_entropy, "sgd", [(-1, 6), (-1,)], tokens, args_dtypes=[torch.int64] * 2)
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses
 

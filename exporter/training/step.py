@@ -282,7 +282,8 @@ def build_training_step(
     metrics ("accuracy") or a mapping name -> ``fn(output, *targets)`` returning a scalar.
     ``train`` selects the module mode the step runs in (dropout, batch-norm statistics). ``verify`` runs
     the plan once in onnxruntime at another batch size against the same step in eager torch (torch's own
-    autograd), comparing every output; with dropout only dtypes and shapes can be compared.
+    autograd), comparing every output, with :meth:`Optimizer.check_hyper` values that make a wrong
+    gradient visible; with dropout only dtypes and shapes can be compared.
 
     Raises TypeError for targets of the wrong dtype, TrainingExportError (a PlanBuildError) naming the
     op and layer when the gradient cannot be exported.
@@ -409,9 +410,11 @@ def build_training_step(
     def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
         """One onnxruntime run at another batch size == the same step in eager torch."""
         check_args = _verification_args(arg_ports, examples[:n_args])
+        check_hyper = list(optimizer.hyper_tensors(**optimizer.check_hyper()).values())
+        check_rest = [*check_hyper, *examples[n_args + len(hyper):]]
         model.train(train)
         try:
-            expected = list(step(*check_args, *examples[n_args:]))
+            expected = list(step(*check_args, *check_rest))
         finally:
             model.train(was_training)
         expected = [
@@ -419,7 +422,7 @@ def build_training_step(
             *(t for k, t in zip(buffers, expected[first_out:], strict=False) if k in mutated),
             *expected[first_out + len(buffers):],
         ]
-        feeds = {p.name: _numpy(t) for p, t in zip(in_ports, [*check_args, *examples[n_args:]], strict=True)}
+        feeds = {p.name: _numpy(t) for p, t in zip(in_ports, [*check_args, *check_rest], strict=True)}
         verify_plan(variant, feeds, expected, plan=plan, random=has_random_ops(proto))
 
     variant, proto = export_graph(

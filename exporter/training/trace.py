@@ -11,15 +11,17 @@ Two details that matter for correctness:
 * Each graph node is tagged with the module (path in the model) whose forward produced it, backward
   nodes included (through hooks on the autograd nodes), so an op without an ONNX translation is
   reported with the layer that emitted it.
-* ``F.dropout`` (and ``dropout1d/2d/3d``) are routed through ``aten.native_dropout``: the composite
-  ``aten.dropout`` cannot be traced with a symbolic batch, and ``native_dropout`` decomposes to
-  ``rand_like`` (ONNX ``RandomUniformLike``), drawing a fresh mask on every run of the plan.
+* :func:`traceable_functionals` swaps dropout, 3-d linear and scaled-dot-product attention for
+  equivalents that trace with a symbolic batch and export; dropout then becomes ``rand_like`` (ONNX
+  ``RandomUniformLike``), drawing a fresh mask on every run of the plan.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,7 +49,6 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-from torch.overrides import TorchFunctionMode
 
 # The exporter is not thread-safe and the registry patch is process-wide: share export.py's lock.
 _EXPORT_LOCK = getattr(_export_module, "_export_lock", None) or threading.RLock()
@@ -90,7 +91,7 @@ def wire_dtype(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dropout under a symbolic batch
+# Functionals that do not trace (or export) as they are
 
 
 def _dropout(x: Tensor, p: float, training: bool, feature: bool) -> Tensor:
@@ -105,20 +106,81 @@ def _dropout(x: Tensor, p: float, training: bool, feature: bool) -> Tensor:
     return x * torch.ops.aten.native_dropout(ones, p, True)[0]
 
 
-_DROPOUTS = {F.dropout: False, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True}
+def _dropout_fn(feature: bool) -> Callable[..., Tensor]:
+    def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+        return _dropout(input, p, training, feature)
+
+    return dropout
 
 
-class _TraceableDropout(TorchFunctionMode):
-    """Routes ``F.dropout*`` to ``native_dropout`` while tracing (see the module docstring)."""
+def _linear_fn(original: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if input.dim() < 3 or bias is None:
+            return original(input, weight, bias)
+        out = original(input.reshape(-1, input.shape[-1]), weight, bias)
+        return out.reshape(*input.shape[:-1], out.shape[-1])
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        feature = _DROPOUTS.get(func)
-        if feature is None:
-            return func(*args, **kwargs)
-        names = ("input", "p", "training", "inplace")
-        bound = dict(zip(names, args, strict=False)) | kwargs
-        return _dropout(bound["input"], bound.get("p", 0.5), bound.get("training", True), feature)
+    return linear
+
+
+def _attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` in plain ops (its documented reference implementation)."""
+    length, source = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    weights = _dropout(scores.softmax(-1), dropout_p, True, False)
+    return weights @ value
+
+
+@contextlib.contextmanager
+def traceable_functionals() -> Iterator[None]:
+    """Swap a few ``torch.nn.functional`` entries for equivalents that trace and export, while tracing.
+
+    * ``dropout``/``dropout1d/2d/3d`` -> ``native_dropout``: the composite ``aten.dropout`` reads the
+      numel as an int under a ``torch.func`` transform and fails with a symbolic batch.
+    * ``linear`` on inputs of 3+ dims -> a 2-d linear between reshapes: aten's fused path reads the
+      sizes as ints and silently fixes the batch axis to its traced size.
+    * ``scaled_dot_product_attention`` -> plain ops: the fused kernels' backward ops do not export.
+
+    The module attributes are swapped (not a TorchFunctionMode) so that functionals calling these by
+    their global name (``multi_head_attention_forward``) get them too. Same math, so other threads
+    calling them meanwhile are unaffected in substance; callers hold the export lock.
+    """
+    swaps = {
+        "dropout": _dropout_fn(False),
+        "dropout1d": _dropout_fn(True),
+        "dropout2d": _dropout_fn(True),
+        "dropout3d": _dropout_fn(True),
+        "linear": _linear_fn(F.linear),
+        "scaled_dot_product_attention": _attention,
+    }
+    saved = {name: getattr(F, name) for name in swaps}
+    try:
+        for name, fn in swaps.items():
+            setattr(F, name, fn)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,6 +213,7 @@ class ModuleTagger:
         self.stack: list[contextlib.ExitStack] = []
         self.inputs: list[set[torch.autograd.graph.Node]] = []
         self.claimed: set[torch.autograd.graph.Node] = set()
+        self.failed_in: str | None = None  # innermost module whose forward raised
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @contextlib.contextmanager
@@ -183,6 +246,8 @@ class ModuleTagger:
             stop = self.inputs.pop() if self.inputs else set()
             if self.stack:
                 self.stack.pop().close()
+            if self.failed_in is None and sys.exc_info()[1] is not None:  # always_call: forward raised
+                self.failed_in = label
             todo = [fn for fn in _grad_fns(output) if fn not in stop]
             while todo:
                 fn = todo.pop()
@@ -247,9 +312,10 @@ def trace(
     fakes = fake_inputs(examples, dims)
     try:
         with (
+            _EXPORT_LOCK,
             fx_traceback.preserve_node_meta(),
             tagger.active(),
-            _TraceableDropout(),
+            traceable_functionals(),
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore")
@@ -257,8 +323,10 @@ def trace(
     except (TypeError, ValueError, PlanBuildError):
         raise
     except Exception as e:
+        where = f" in {tagger.failed_in}" if tagger.failed_in else ""
         raise TrainingExportError(
-            f"plan {plan!r}: tracing the step failed: {type(e).__name__}: {_first_line(e)}", plan=plan
+            f"plan {plan!r}: tracing the step failed{where}: {type(e).__name__}: {_first_line(e)}",
+            plan=plan, module=tagger.failed_in,
         ) from e
 
 
