@@ -63,7 +63,8 @@ def test_fedprox_rounds_match_eager() -> None:
         local = [torch.from_numpy(o) for o in outputs[1:]]
 
 
-def test_tuple_outputs_grad_and_autograd_grad() -> None:
+def test_tuple_outputs_and_other_gradient_styles() -> None:
+    """torch.func.grad with tuple outputs, torch.autograd.grad, and loss.backward() + .grad."""
     def sgd(x: torch.Tensor, y: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w = dict(zip(NAMES, weights, strict=True))
         g = grad(lambda q: F.mse_loss(functional_call(MODEL, q, (x,)), y))(w)
@@ -82,12 +83,21 @@ def test_tuple_outputs_grad_and_autograd_grad() -> None:
     for got, want in zip(outputs, sgd(x, y, *PARAMS), strict=True):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
 
+    def backward_grad(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        w = w.detach().requires_grad_()
+        (torch.tanh(x @ w) ** 2).mean().backward()
+        return w.grad * 1
+
     step = build_function_step(input_grad, [torch.randn(5, 3), torch.randn(3, 2)], dynamic=[(0,), ()])
     assert step.variant.outputs[0].shape == ("arg0_0", 3)
     assert ports(step.model) == (step.variant.inputs, step.variant.outputs)
     x, w = torch.randn(8, 3), torch.randn(3, 2)
     (got,) = run(step, {"arg0": x.numpy(), "arg1": w.numpy()})
     np.testing.assert_allclose(got, input_grad(x, w).numpy(), rtol=1e-5, atol=1e-6)
+
+    step = build_function_step(backward_grad, [torch.randn(5, 3), torch.randn(3, 2)], dynamic=[(0,)])
+    (got,) = run(step, {"arg0": x.numpy(), "arg1": w.numpy()})
+    np.testing.assert_allclose(got, backward_grad(x, w).numpy(), rtol=1e-5, atol=1e-6)
 
 
 BAD = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveMaxPool2d(2))

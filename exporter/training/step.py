@@ -397,7 +397,7 @@ def build_training_step(
         Port(f"metric.{m}", "metric", dt, ()) for m, dt in zip(metric_fns, out_kinds["metrics"], strict=True)
     ]
     for p in in_ports:
-        if p.role == "param" or p.role == "optim" or (p.role == "buffer" and p.name[7:] in mutated):
+        if p.role in ("param", "optim") or (p.role == "buffer" and p.name.removeprefix("buffer.") in mutated):
             out_ports.append(Port(f"new.{p.name}", p.role, p.dtype, p.shape, binds=p.name))
     extra = {
         "planwire.training": {
@@ -407,6 +407,7 @@ def build_training_step(
             "train": train,
         }
     }
+
     def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
         """One onnxruntime run at another batch size == the same step in eager torch."""
         check_args = _verification_args(arg_ports, examples[:n_args])
