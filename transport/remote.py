@@ -7,7 +7,7 @@ import contextlib
 import zmq
 from planwire.transport.client import Client
 from planwire.transport.session import Frame
-from planwire.transport.sockets import configure
+from planwire.transport.sockets import configure, tune_io_threads
 
 CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm pending frees
 
@@ -31,7 +31,10 @@ class RemoteWorker(Client):
         self.url = url
         self.id = url
         self.timeout = timeout
-        self._ctx = context or zmq.Context.instance()
+        if context is None:
+            context = zmq.Context.instance()
+            tune_io_threads(context)  # takes effect if this is the context's first socket
+        self._ctx = context
         self._sock = self._ctx.socket(zmq.DEALER)
         configure(self._sock)
         if curve is not None:  # (client public, client secret, server public)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import zmq
 from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
 from planwire.transport.session import Limits
+from planwire.transport.sockets import tune_io_threads
 from planwire.worker.service import Service
 
 log = logging.getLogger("planwire.worker")
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"plan-worker: {e}", file=sys.stderr)
         return 2
+    tune_io_threads(zmq.Context.instance())  # before the first socket (authenticator or server) starts them
     auth = None
     curve_secret = None
     if args.curve_secret:
