@@ -1,12 +1,132 @@
-"""Build: plan build time vs plain torch.onnx.export(dynamo=True); filled in once the exporter exists."""
+"""Build: planwire plan build time vs a plain ``torch.onnx.export(dynamo=True)`` of the same function.
+
+cold: the first build in a fresh interpreter (after ``import torch``), a new process per run;
+warm: later builds in the same process of functions not seen before (each closes over a new constant,
+      so the content cache cannot answer); unchanged: building the same function again (cache hit).
+The disk cache is off throughout (``PLANWIRE_CACHE_DIR=""``), so runs do not feed each other.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from bench.env import Env
-from bench.timing import Report
+from bench.timing import Case, Report, interleaved, measure
 
 FAMILY = "build"
+SHAPE = (-1, 16)
+_constants = itertools.count(100)
+
+
+def make_function(c: float) -> Callable[[Any], Any]:
+    """relu(x * 2 + c): a small elementwise function; each ``c`` is a different plan to the cache."""
+    import torch
+
+    def f(x):  # noqa: ANN001, ANN202
+        return torch.relu(x * 2.0 + c)
+
+    return f
+
+
+def plain_export(function: Callable[[Any], Any], torch: Any) -> Any:
+    """torch.onnx.export(dynamo=True) of ``function`` with the plan's dynamic batch axis."""
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return function(x)
+
+    example = torch.randn(3, SHAPE[1])
+    return torch.onnx.export(
+        Wrapper(), (example,), dynamo=True, verbose=False, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+    )
+
+
+@contextlib.contextmanager
+def no_disk_cache() -> Iterator[None]:
+    old = os.environ.get("PLANWIRE_CACHE_DIR")
+    os.environ["PLANWIRE_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PLANWIRE_CACHE_DIR"]
+        else:
+            os.environ["PLANWIRE_CACHE_DIR"] = old
+
+
+def cold(kind: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.buildchild", kind], capture_output=True, text=True, timeout=300, check=True
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def run(env: Env, report: Report, quick: bool) -> None:
-    report.skipped[FAMILY] = "exporter not available yet"
+    try:
+        import planwire.exporter  # noqa: F401
+    except ImportError as e:
+        report.skipped[FAMILY] = f"exporter not available ({e})"
+        return
+    import torch
+
+    import planwire
+
+    warnings.filterwarnings("ignore")
+    runs = 1 if quick else 3
+    report.time(FAMILY, "cold plan build (func2plan, fresh process)", [cold("plan") for _ in range(runs)], "s")
+    report.time(FAMILY, "cold plain torch.onnx.export(dynamo=True)", [cold("export") for _ in range(runs)], "s")
+
+    def plan_build() -> Any:
+        return planwire.func2plan(args_shape=[SHAPE])(make_function(float(next(_constants))))
+
+    def export() -> Any:
+        return plain_export(make_function(float(next(_constants))), torch)
+
+    with no_disk_cache():
+        exports_before = planwire.exporter.cache_stats.exports
+        cases = [
+            Case("warm plan build (new function)", plan_build, 1, warmup=1),
+            Case("warm plain torch.onnx.export(dynamo=True)", export, 1, warmup=1),
+        ]
+        samples = interleaved(cases, rounds=2 if quick else 5, budget_s=60)
+        for c in cases:
+            report.time(FAMILY, c.name, samples[c.name], "s")
+        real = planwire.exporter.cache_stats.exports - exports_before
+        report.note(
+            FAMILY,
+            f"warm plan builds that really exported (no cache hit): {real} of "
+            f"{len(samples[cases[0].name]) + cases[0].warmup}",
+        )
+        same = make_function(1.0)
+        planwire.func2plan(args_shape=[SHAPE])(same)
+        hits = planwire.exporter.cache_stats.memory_hits
+        rebuild = measure(lambda: planwire.func2plan(args_shape=[SHAPE])(same), runs=10 if quick else 30, warmup=1)
+        report.time(FAMILY, "rebuild of an unchanged plan (content cache)", rebuild, "ms")
+        report.note(
+            FAMILY,
+            f"unchanged rebuilds served from the memory cache: "
+            f"{planwire.exporter.cache_stats.memory_hits - hits} of {len(rebuild) + 1}",
+        )
+    report.ratio(
+        "warm build vs plain torch.onnx.export",
+        (FAMILY, "warm plain torch.onnx.export(dynamo=True)"),
+        (FAMILY, "warm plan build (new function)"),
+        ">=",
+        4,
+    )
+    report.target(
+        "unchanged rebuild",
+        report.get(FAMILY, "rebuild of an unchanged plan (content cache)").median,
+        "<",
+        50,
+        "ms",
+        "rebuild of an unchanged plan (content cache)",
+    )

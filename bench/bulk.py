@@ -67,9 +67,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
                 2 * nbytes / 1e9,
                 "GB/s",
             )
-    report.note(
-        FAMILY, "throughput counts the bytes both ways (2 x size per round trip); p90 is the slow side"
-    )
+    report.note(FAMILY, "throughput counts the bytes both ways (2 x size per round trip); p90 is the slow side")
     for tr in ("tcp", "ipc"):
         report.ratio(
             f"64 MiB put+get vs raw pyzmq echo throughput [{tr}]",

@@ -1,7 +1,8 @@
-"""Raw pyzmq echo server, the transport floor: ``python -m bench.echo URL [URL...]``.
+"""Raw pyzmq echo server, the transport floor: ``python -m bench.echo [--tuned] URL [URL...]``.
 
 A ROUTER socket that sends every message straight back (zero-copy, same poll-then-drain loop as
-planwire's Server). Prints ``ready on URL URL`` once bound; stops on SIGTERM/SIGINT.
+planwire's original Server). Prints ``ready on URL URL`` once bound; stops on SIGTERM/SIGINT.
+``--tuned``: its I/O threads get the scheduling planwire gives its own (transport.sockets.tune_io_threads).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import zmq
 
 def main(argv: list[str]) -> int:
     ctx = zmq.Context()
+    if argv and argv[0] == "--tuned":
+        from planwire.transport.sockets import tune_io_threads
+
+        tune_io_threads(ctx)
+        argv = argv[1:]
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10_000)

@@ -87,9 +87,10 @@ class Env:
         self.tmp = Path(tempfile.mkdtemp(prefix="planwire-bench-"))
         self.ctx = zmq.Context()
         self._workers: dict[str, tuple[WorkerProcess, RemoteWorker]] = {}
-        self._echo: subprocess.Popen | None = None
-        self.echo_urls: dict[str, str] = {}
-        self._echo_socks: dict[str, zmq.Socket] = {}
+        self._echo: dict[bool, subprocess.Popen] = {}
+        self.echo_urls: dict[tuple[str, bool], str] = {}
+        self._echo_socks: dict[tuple[str, bool], zmq.Socket] = {}
+        self._tuned_ctx: zmq.Context | None = None
         self._rpc_peer: subprocess.Popen | None = None
         self.rpc_started = False
 
@@ -115,19 +116,30 @@ class Env:
 
     # -- raw pyzmq echo -----------------------------------------------------------------------------
 
-    def echo(self, transport: str) -> zmq.Socket:
-        """A DEALER connected to the echo server over ``transport``."""
-        if self._echo is None:
-            cmd = [sys.executable, "-m", "bench.echo", "tcp://127.0.0.1:0", f"ipc://{self.tmp}/echo.ipc"]
-            self._echo, line = spawn_ready(cmd, 30)
+    def echo(self, transport: str, tuned: bool = False) -> zmq.Socket:
+        """A DEALER connected to the echo server over ``transport``; ``tuned``: both ends' I/O threads
+        scheduled as planwire's are (a second server, and a client context of its own)."""
+        if tuned not in self._echo:
+            flag = ["--tuned"] if tuned else []
+            name = "echo-tuned" if tuned else "echo"
+            cmd = [sys.executable, "-m", "bench.echo", *flag, "tcp://127.0.0.1:0", f"ipc://{self.tmp}/{name}.ipc"]
+            self._echo[tuned], line = spawn_ready(cmd, 30)
             tcp, ipc = line.removeprefix("ready on ").split()
-            self.echo_urls = {"tcp": tcp, "ipc": ipc}
-        if transport not in self._echo_socks:
-            s = self.ctx.socket(zmq.DEALER)
+            self.echo_urls.update({("tcp", tuned): tcp, ("ipc", tuned): ipc})
+        if (transport, tuned) not in self._echo_socks:
+            ctx = self.ctx
+            if tuned:
+                if self._tuned_ctx is None:
+                    from planwire.transport.sockets import tune_io_threads
+
+                    self._tuned_ctx = zmq.Context()
+                    tune_io_threads(self._tuned_ctx)
+                ctx = self._tuned_ctx
+            s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(self.echo_urls[transport])
-            self._echo_socks[transport] = s
-        return self._echo_socks[transport]
+            s.connect(self.echo_urls[transport, tuned])
+            self._echo_socks[transport, tuned] = s
+        return self._echo_socks[transport, tuned]
 
     # -- torch.distributed.rpc ------------------------------------------------------------------------
 
@@ -194,8 +206,10 @@ class Env:
             stop_process(self._rpc_peer)
         for s in self._echo_socks.values():
             s.close(0)
-        if self._echo is not None:
-            stop_process(self._echo)
+        for proc in self._echo.values():
+            stop_process(proc)
+        if self._tuned_ctx is not None:
+            self._tuned_ctx.term()
         for proc, client in self._workers.values():
             with contextlib.suppress(Exception):
                 client.close()

@@ -42,9 +42,7 @@ def import_time(runs: int) -> list[float]:
     code = "import time; t = time.perf_counter(); import planwire.worker.cli; print(time.perf_counter() - t)"
     return [
         float(
-            subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-            ).stdout
+            subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
         )
         for _ in range(runs)
     ]
@@ -55,9 +53,7 @@ def run_start(env: Env, report: Report, quick: bool) -> None:
     ready, hello, rss = start_times(env, 3 if quick else 7)
     report.time(FAMILY, READY, ready, "ms")
     report.time(FAMILY, HELLO, hello, "ms")
-    report.time(
-        FAMILY, "import planwire.worker.cli in a fresh interpreter", import_time(3 if quick else 5), "ms"
-    )
+    report.time(FAMILY, "import planwire.worker.cli in a fresh interpreter", import_time(3 if quick else 5), "ms")
     report.add(FAMILY, IDLE, _rss_figure(rss))
     report.target("worker start-to-ready", report.get(FAMILY, HELLO).median / 1e3, "<=", 1.0, "s", HELLO)
     report.target("worker idle RSS", report.get(FAMILY, IDLE).median, "<=", 150, "MB", IDLE)

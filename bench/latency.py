@@ -14,6 +14,8 @@ FAMILY = "latency"
 PLAN = "plan call ptr(x).get() [{}]"
 FETCH = "plan call with fetch in the run [{}]"
 ECHO = "raw pyzmq echo, same bytes [{}]"
+ECHO2 = "raw pyzmq 2-message echo (floor of run + get) [{}]"
+TUNED = " (I/O threads scheduled as planwire's)"
 RPC = "torch.rpc rpc_sync [tcp]"
 RPC_SHM = "torch.rpc rpc_sync [shm, isolated]"
 
@@ -26,18 +28,31 @@ def _planwire_cases(env: Env, transport: str, plan: plans.HandPlan, x: Any, per_
     expected = plans.tiny_torch(x).numpy()
     assert np.allclose(np.asarray(ptr(xp).get()), expected)
     payload = x.numpy().tobytes()
-    sock = env.echo(transport)
-
-    def echo() -> bytes:
-        sock.send(payload)
-        return sock.recv()
-
-    assert echo() == payload
-    return [
+    cases = [
         Case(PLAN.format(transport), lambda: ptr(xp).get(), per_round),
         Case(FETCH.format(transport), lambda: w.run(variant, [xp], fetch=[0])[0].value, per_round),
-        Case(ECHO.format(transport), echo, per_round),
     ]
+    for tuned in (False, True):
+        sock = env.echo(transport, tuned)
+
+        def echo(sock: Any = sock) -> bytes:
+            sock.send(payload)
+            return sock.recv()
+
+        def echo2(sock: Any = sock) -> bytes:  # what a plan call moves: two requests back to back, two replies
+            sock.send(b"r")
+            sock.send(payload)
+            sock.recv()
+            return sock.recv()
+
+        assert echo() == payload
+        assert echo2() == payload
+        suffix = TUNED if tuned else ""
+        cases += [
+            Case(ECHO.format(transport) + suffix, echo, per_round),
+            Case(ECHO2.format(transport) + suffix, echo2, per_round),
+        ]
+    return cases
 
 
 def run(env: Env, report: Report, quick: bool) -> None:
@@ -79,6 +94,15 @@ def run(env: Env, report: Report, quick: bool) -> None:
             (FAMILY, ECHO.format(tr)),
             "<=",
             1.5,
+        )
+    for tr in ("tcp", "ipc"):  # no target: the floor a two-request call could reach
+        report.ratio(
+            f"tiny plan call vs raw 2-message echo [{tr}]", (FAMILY, PLAN.format(tr)), (FAMILY, ECHO2.format(tr))
+        )
+        report.ratio(
+            f"tiny plan call vs raw echo, same I/O scheduling [{tr}]",
+            (FAMILY, PLAN.format(tr)),
+            (FAMILY, ECHO.format(tr) + TUNED),
         )
     report.ratio("rpc_sync vs tiny plan call [tcp]", (FAMILY, RPC), (FAMILY, PLAN.format("tcp")), ">=", 5)
     report.ratio(

@@ -69,9 +69,7 @@ def chain(n: int) -> HandPlan:
     nodes: list = []
     inits: list = []
     for i in range(n):
-        nodes.append(
-            _op(OPS[i % len(OPS)], "x" if i == 0 else f"t{i - 1}", "y" if i == n - 1 else f"t{i}", i, inits)
-        )
+        nodes.append(_op(OPS[i % len(OPS)], "x" if i == 0 else f"t{i - 1}", "y" if i == n - 1 else f"t{i}", i, inits))
     return HandPlan(f"chain{n}", _variant(_model(nodes, inits)))
 
 

@@ -38,13 +38,16 @@ class Figure:
 class Target:
     name: str
     value: float
-    op: str  # "<=", ">=", "<"
-    target: float
+    op: str  # "<=", ">=", "<"; "" for a ratio reported without a target
+    target: float | None
     unit: str  # "x" for ratios
     detail: str
-    passed: bool = field(init=False)
+    passed: bool | None = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.target is None:
+            self.passed = None
+            return
         ok = {"<=": self.value <= self.target, ">=": self.value >= self.target, "<": self.value < self.target}
         self.passed = bool(ok[self.op])
 
@@ -136,9 +139,7 @@ class Report:
         self.figures.setdefault(family, {})[name] = fig
         return fig
 
-    def time(
-        self, family: str, name: str, samples: Sequence[float], unit: str = "us", note: str = ""
-    ) -> Figure:
+    def time(self, family: str, name: str, samples: Sequence[float], unit: str = "us", note: str = "") -> Figure:
         k = SCALE[unit]
         return self.add(
             family,
@@ -160,13 +161,15 @@ class Report:
         return self.figures[family][name]
 
     # targets
-    def target(self, name: str, value: float, op: str, target: float, unit: str, detail: str) -> Target:
-        t = Target(name, float(value), op, float(target), unit, detail)
+    def target(self, name: str, value: float, op: str, target: float | None, unit: str, detail: str) -> Target:
+        t = Target(name, float(value), op, None if target is None else float(target), unit, detail)
         self.targets.append(t)
         return t
 
-    def ratio(self, name: str, num: tuple[str, str], den: tuple[str, str], op: str, target: float) -> Target:
-        """median(num) / median(den) of two figures of this run."""
+    def ratio(
+        self, name: str, num: tuple[str, str], den: tuple[str, str], op: str = "", target: float | None = None
+    ) -> Target:
+        """median(num) / median(den) of two figures of this run (no target: reported for information)."""
         a, b = self.get(*num), self.get(*den)
         return self.target(name, a.median / b.median, op, target, "x", f"{num[1]} / {den[1]}")
 
@@ -193,17 +196,20 @@ class Report:
         lines = []
         for family, figs in self.figures.items():
             lines.append(f"\n## {family}")
-            lines.append(f"{'':52} {'median':>12} {'p90':>12} {'runs':>6}  unit")
+            width = max(52, *(len(n) for n in figs))
+            lines.append(f"{'':{width}} {'median':>12} {'p90':>12} {'runs':>6}  unit")
             for name, f in figs.items():
-                lines.append(f"{name:52} {fmt(f.median):>12} {fmt(f.p90):>12} {f.runs:>6}  {f.unit}")
+                lines.append(f"{name:{width}} {fmt(f.median):>12} {fmt(f.p90):>12} {f.runs:>6}  {f.unit}")
             for text in self.notes.get(family, []):
                 lines.append(f"  note: {text}")
         if self.targets:
             lines.append("\n## targets (ratios of medians measured in this run)")
+            width = max(len(t.name) for t in self.targets)
             for t in self.targets:
-                mark = "PASS" if t.passed else "FAIL"
-                value, goal = f"{fmt(t.value)}{t.unit}", f"{t.op} {fmt(t.target)}{t.unit}"
-                lines.append(f"{mark}  {t.name:56} {value:>12} {goal:10}  ({t.detail})")
+                mark = {True: "PASS", False: "FAIL", None: "info"}[t.passed]
+                value = f"{fmt(t.value)}{t.unit}"
+                goal = "" if t.target is None else f"{t.op} {fmt(t.target)}{t.unit}"
+                lines.append(f"{mark}  {t.name:{width}} {value:>13} {goal:10}  ({t.detail})")
         for family, why in self.skipped.items():
             lines.append(f"skipped {family}: {why}")
         for family, why in self.errors.items():
