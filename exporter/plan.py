@@ -185,11 +185,20 @@ class Plan(PlanRunner, torch.nn.Module):
         while True:
             if data is None:
                 with eager():  # nested plans trace as torch code
-                    proto = export_model(
-                        self, trace, plan=self.name, input_names=input_names, output_names=output_names,
-                        dynamic=dynamic, keep=self._state_names(),
-                        output_dtypes=[_wire(e) for e in expected[0]],
-                    )
+                    from planwire.exporter.training.function import build_function_step, uses_autograd
+
+                    if self._function is not None and uses_autograd(self._function):
+                        # Gradients inside the plan (torch.func.grad, autograd.grad): the training pipeline.
+                        proto = build_function_step(
+                            self.eager, trace, dynamic=dynamic, input_names=input_names,
+                            output_names=output_names, name=self.name, verify=False,
+                        ).model
+                    else:
+                        proto = export_model(
+                            self, trace, plan=self.name, input_names=input_names, output_names=output_names,
+                            dynamic=dynamic, keep=self._state_names(),
+                            output_dtypes=[_wire(e) for e in expected[0]],
+                        )
                 data = metadata.stamp(proto, name=self.name, kind=self.kind, state=self._state_names())
                 cache.put(key, data)
             try:

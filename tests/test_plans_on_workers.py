@@ -91,3 +91,37 @@ def test_saved_plan_loads_and_runs_remotely(worker, plans, tmp_path):
     torch.testing.assert_close(y.get(), x * 2.0)
     with pytest.raises(TypeError, match=r"argument 0 \('x'\): expected dtype float32, got int64"):
         loaded.send(worker)(torch.ones(4, 3, dtype=torch.int64), b)
+
+
+def test_func2plan_with_torch_func_grad_trains_like_autograd(worker):
+    """A hand-written FedProx step: torch.func.grad_and_value over functional_call, exported by func2plan."""
+    from torch.func import functional_call, grad_and_value
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    @sy.func2plan(args_shape=[(-1, 3), (-1, 2), (2, 3), (2,)])
+    def fedprox_step(x, y, w, b):
+        def objective(p):
+            prox = sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
+            return F.mse_loss(functional_call(model, p, (x,)), y) + 0.05 * prox
+
+        g, loss = grad_and_value(objective)({"weight": w, "bias": b})
+        return loss, w - 0.1 * g["weight"], b - 0.1 * g["bias"]
+
+    ptr = fedprox_step.send(worker)
+    w_ptr, b_ptr = worker.put(anchor["weight"]), worker.put(anchor["bias"])
+    ref = {k: v.clone().requires_grad_(True) for k, v in anchor.items()}
+    for n in (3, 9, 4):  # batch sizes other than the traced one
+        x, y = torch.randn(n, 3), torch.randn(n, 2)
+        loss_ptr, w_ptr, b_ptr = ptr(x, y, w_ptr, b_ptr)
+        prox = sum(((ref[k] - anchor[k]) ** 2).sum() for k in ref)
+        loss = F.mse_loss(x @ ref["weight"].T + ref["bias"], y) + 0.05 * prox
+        gw, gb = torch.autograd.grad(loss, [ref["weight"], ref["bias"]])
+        with torch.no_grad():
+            ref = {"weight": (ref["weight"] - 0.1 * gw).requires_grad_(True),
+                   "bias": (ref["bias"] - 0.1 * gb).requires_grad_(True)}
+        torch.testing.assert_close(loss_ptr.get(), loss.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_ptr.get(), ref["weight"].detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b_ptr.get(), ref["bias"].detach(), rtol=1e-4, atol=1e-6)

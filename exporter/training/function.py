@@ -46,7 +46,7 @@ def uses_autograd(fn: Callable[..., object]) -> bool:
     todo = [code] if code is not None else []
     while todo:
         c = todo.pop()
-        if _AUTOGRAD_NAMES & set(c.co_names):
+        if _AUTOGRAD_NAMES & {*c.co_names, *c.co_freevars}:  # globals, attributes and closure variables
             return True
         todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
     return False
