@@ -38,6 +38,10 @@ def to_numpy(wire: str) -> np.dtype:
 
 def to_wire(dtype: np.dtype | type | str) -> str:
     """The wire type name of a numpy dtype; ValueError names the unsupported dtype."""
+    if isinstance(dtype, np.dtype):  # the common case, a native-order dtype: one lookup
+        wire = NUMPY_TO_WIRE.get(dtype)
+        if wire is not None:
+            return wire
     dt = np.dtype(dtype).newbyteorder("=")
     try:
         return NUMPY_TO_WIRE[dt]
