@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown families: {', '.join(sorted(unknown))}")
     warnings.filterwarnings("ignore")
     logging.getLogger("planwire").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" per export
 
     report = Report()
     with Env() as env:
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.errors[name] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        report.machine["client_zmq_io_threads"] = env.client_io_threads
     print(report.table())
     report.write(args.out)
     print(f"\nwrote {args.out} ({report.to_json()['duration_s']} s)")

@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from planwire.transport.remote import RemoteWorker, connect
+from planwire.transport.remote import RemoteWorker
+from planwire.transport.sockets import IO_SCHED_ENV
 from planwire.worker.process import WorkerProcess
+
+from bench.timing import io_thread_policies
 
 RPC_PEER = "peer"
 
@@ -92,6 +95,7 @@ class Env:
         self._echo_socks: dict[tuple[str, bool], zmq.Socket] = {}
         self._tuned_ctx: zmq.Context | None = None
         self._rpc_peer: subprocess.Popen | None = None
+        self.client_io_threads: list[str] = []
         self.rpc_started = False
 
     # -- plan-workers -------------------------------------------------------------------------------
@@ -99,16 +103,32 @@ class Env:
     def listen_url(self, transport: str, name: str) -> str:
         return "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{self.tmp}/{name}.ipc"
 
-    def worker(self, transport: str) -> RemoteWorker:
-        if transport not in self._workers:
-            proc = WorkerProcess(f"bench-{transport}", listen=self.listen_url(transport, "worker"))
+    def worker(self, transport: str, io_sched: str = "batch") -> RemoteWorker:
+        """The plan-worker for ``transport`` and a client to it. ``io_sched="default"``: a second worker and
+        client whose ZeroMQ I/O threads keep the default scheduling (PLANWIRE_IO_SCHED=default), to show
+        what planwire's SCHED_BATCH I/O threads change, in the same run."""
+        key = transport if io_sched == "batch" else f"{transport}/{io_sched}"
+        if key not in self._workers:
+            old = os.environ.get(IO_SCHED_ENV)
+            os.environ[IO_SCHED_ENV] = io_sched
             try:
-                client = connect(proc.url, timeout=60)
+                proc = WorkerProcess(
+                    f"bench-{transport}-{io_sched}", listen=self.listen_url(transport, key.replace("/", "-"))
+                )
+            finally:
+                if old is None:
+                    del os.environ[IO_SCHED_ENV]
+                else:
+                    os.environ[IO_SCHED_ENV] = old
+            try:  # the default client context is tuned by planwire; an untuned one is a plain zmq.Context
+                client = RemoteWorker(proc.url, timeout=60, context=None if io_sched == "batch" else self.ctx)
             except BaseException:
                 proc.stop()
                 raise
-            self._workers[transport] = (proc, client)
-        return self._workers[transport][1]
+            self._workers[key] = (proc, client)
+            if io_sched == "batch" and not self.client_io_threads:
+                self.client_io_threads = io_thread_policies()  # only planwire's default context has started
+        return self._workers[key][1]
 
     def worker_pid(self, transport: str) -> int:
         self.worker(transport)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from bench import plans, rpcfns
@@ -13,9 +14,11 @@ from bench.timing import Case, Report, interleaved
 FAMILY = "latency"
 PLAN = "plan call ptr(x).get() [{}]"
 FETCH = "plan call with fetch in the run [{}]"
+ONE = "one Run request with fetch, no pointers (1-message floor) [{}]"
 ECHO = "raw pyzmq echo, same bytes [{}]"
 ECHO2 = "raw pyzmq 2-message echo (floor of run + get) [{}]"
 TUNED = " (I/O threads scheduled as planwire's)"
+PLAN_DEFAULT_SCHED = "plan call ptr(x).get(), I/O threads at default scheduling [tcp]"
 RPC = "torch.rpc rpc_sync [tcp]"
 RPC_SHM = "torch.rpc rpc_sync [shm, isolated]"
 
@@ -28,9 +31,18 @@ def _planwire_cases(env: Env, transport: str, plan: plans.HandPlan, x: Any, per_
     expected = plans.tiny_torch(x).numpy()
     assert np.allclose(np.asarray(ptr(xp).get()), expected)
     payload = x.numpy().tobytes()
+    from planwire.transport import messages as m
+
+    def one_message() -> Any:  # what a call would cost if the protocol had a single-message run-and-return
+        run = m.Run(id=0, plan=variant.id, args=[m.Arg(ref=xp.key)], outputs=["bench-one"], fetch=[0])
+        reply, buffers = w.request(lambda rid: msgspec.structs.replace(run, id=rid))
+        return w._decode(reply.tensors[0], buffers)
+
+    assert np.allclose(one_message(), expected)
     cases = [
         Case(PLAN.format(transport), lambda: ptr(xp).get(), per_round),
         Case(FETCH.format(transport), lambda: w.run(variant, [xp], fetch=[0])[0].value, per_round),
+        Case(ONE.format(transport), one_message, per_round),
     ]
     for tuned in (False, True):
         sock = env.echo(transport, tuned)
@@ -66,6 +78,9 @@ def run(env: Env, report: Report, quick: bool) -> None:
     xn = x.numpy()
     per = 50 if quick else 200
     cases = _planwire_cases(env, "tcp", plan, x, per) + _planwire_cases(env, "ipc", plan, x, per)
+    plain = env.worker("tcp", io_sched="default")  # what planwire's SCHED_BATCH I/O threads change
+    plain_ptr, plain_x = plain.plan_pointer(plan), plain.put(x)
+    cases.append(Case(PLAN_DEFAULT_SCHED, lambda: plain_ptr(plain_x).get(), per))
     peer = env.rpc()
     assert torch.allclose(rpc.rpc_sync(peer, rpcfns.tiny, args=(x,)), plans.tiny_torch(x))
     cases.append(Case(RPC, lambda: rpc.rpc_sync(peer, rpcfns.tiny, args=(x,)), per // 4))
@@ -95,6 +110,11 @@ def run(env: Env, report: Report, quick: bool) -> None:
             "<=",
             1.5,
         )
+    report.ratio(
+        "tiny plan call, default vs SCHED_BATCH I/O threads [tcp]",
+        (FAMILY, PLAN_DEFAULT_SCHED),
+        (FAMILY, PLAN.format("tcp")),
+    )
     for tr in ("tcp", "ipc"):  # no target: the floor a two-request call could reach
         report.ratio(
             f"tiny plan call vs raw 2-message echo [{tr}]", (FAMILY, PLAN.format(tr)), (FAMILY, ECHO2.format(tr))

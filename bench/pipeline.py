@@ -11,6 +11,7 @@ from bench.timing import Case, Report, interleaved
 FAMILY = "pipelining"
 KEEP = "tiny calls, results kept, then flush [{}]"
 DROP = "tiny calls, results dropped, then flush [{}]"
+DEFAULT_SCHED = ", I/O threads at default scheduling"
 
 
 def run(env: Env, report: Report, quick: bool) -> None:
@@ -18,8 +19,8 @@ def run(env: Env, report: Report, quick: bool) -> None:
 
     n = 1000 if quick else 5000
     cases = []
-    for tr in ("tcp", "ipc"):
-        w = env.worker(tr)
+    for tr, sched in (("tcp", "batch"), ("ipc", "batch"), ("tcp", "default")):
+        w = env.worker(tr, sched)
         ptr = w.plan_pointer(plans.tiny())
         xp = w.put(torch.randn(plans.SHAPE))
 
@@ -33,7 +34,10 @@ def run(env: Env, report: Report, quick: bool) -> None:
                 ptr(xp)  # the result is freed at once: a delete message rides along with the next run
             w.flush()
 
-        cases += [Case(KEEP.format(tr), keep, 1, warmup=1), Case(DROP.format(tr), drop, 1, warmup=1)]
+        if sched == "batch":
+            cases += [Case(KEEP.format(tr), keep, 1, warmup=1), Case(DROP.format(tr), drop, 1, warmup=1)]
+        else:
+            cases.append(Case(KEEP.format(tr) + DEFAULT_SCHED, keep, 1, warmup=1))
     samples = interleaved(cases, rounds=2 if quick else 6, budget_s=20 if quick else 60)
     for c in cases:
         report.rate(FAMILY, c.name, samples[c.name], n, "calls/s", note=f"{n} calls per run")
@@ -44,4 +48,9 @@ def run(env: Env, report: Report, quick: bool) -> None:
         10_000,
         "calls/s",
         KEEP.format("tcp"),
+    )
+    report.ratio(
+        "pipelined calls/s, SCHED_BATCH vs default I/O threads [tcp]",
+        (FAMILY, KEEP.format("tcp")),
+        (FAMILY, KEEP.format("tcp") + DEFAULT_SCHED),
     )

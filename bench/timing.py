@@ -236,6 +236,19 @@ def _loadavg() -> list[float]:
         return []
 
 
+def io_thread_policies() -> list[str]:
+    """Scheduling policy of this process's ZeroMQ I/O threads (Linux), e.g. ["SCHED_BATCH"]."""
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE") if hasattr(os, n)}
+    out = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            if Path(f"/proc/self/task/{tid}/comm").read_text().startswith("ZMQbg/IO"):
+                out.append(names.get(os.sched_getscheduler(int(tid)), "?"))
+    except (OSError, AttributeError):
+        pass
+    return out
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on (versions imported lazily: the bench imports them anyway)."""
     info: dict[str, Any] = {
