@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         report.machine["client_zmq_io_threads"] = env.client_io_threads
+        report.machine["worker_providers"] = env.providers
     print(report.table())
     report.write(args.out)
     print(f"\nwrote {args.out} ({report.to_json()['duration_s']} s)")

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench.env import Env
+from bench.env import ROOT, Env
 from bench.timing import Case, Report, interleaved, measure
 
 FAMILY = "build"
@@ -64,7 +64,12 @@ def no_disk_cache() -> Iterator[None]:
 
 def cold(kind: str) -> float:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.buildchild", kind], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-m", "bench.buildchild", kind],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        cwd=ROOT,
     )
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 

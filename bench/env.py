@@ -32,6 +32,7 @@ from planwire.worker.process import WorkerProcess
 from bench.timing import io_thread_policies
 
 RPC_PEER = "peer"
+ROOT = Path(__file__).resolve().parent.parent  # children run ``-m bench.*`` from here, wherever we started
 
 
 def free_port() -> int:
@@ -42,7 +43,7 @@ def free_port() -> int:
 
 def spawn_ready(cmd: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
     """Start ``cmd`` (stdout piped) and return it with its first stdout line; bounded by ``timeout``."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 0.1)
@@ -96,6 +97,7 @@ class Env:
         self._tuned_ctx: zmq.Context | None = None
         self._rpc_peer: subprocess.Popen | None = None
         self.client_io_threads: list[str] = []
+        self.providers: list[str] = []  # onnxruntime providers the workers report
         self.rpc_started = False
 
     # -- plan-workers -------------------------------------------------------------------------------
@@ -126,6 +128,7 @@ class Env:
                 proc.stop()
                 raise
             self._workers[key] = (proc, client)
+            self.providers = client.providers
             if io_sched == "batch" and not self.client_io_threads:
                 self.client_io_threads = io_thread_policies()  # only planwire's default context has started
         return self._workers[key][1]
@@ -183,7 +186,7 @@ class Env:
                 "--transport",
                 "uv",
             ]
-            self._rpc_peer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._rpc_peer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
             bounded(
                 lambda: rpc.init_rpc("caller", rank=0, world_size=2, rpc_backend_options=options(port, "uv")),
                 120,
@@ -198,10 +201,10 @@ class Env:
 
         port = free_port()
         base = [sys.executable, "-m", "bench.rpcpeer", "--port", str(port), "--transport", transport]
-        peer = subprocess.Popen([*base, "--rank", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peer = subprocess.Popen([*base, "--rank", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
             out = subprocess.run(
-                [*base, "--rank", "0", "--tiny", str(runs)], capture_output=True, text=True, timeout=180
+                [*base, "--rank", "0", "--tiny", str(runs)], capture_output=True, text=True, timeout=180, cwd=ROOT
             )
             peer.wait(30)
         finally:
