@@ -28,18 +28,18 @@ def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     tags = [t for t in tag_text.split(",") if t]
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"plan-worker: --data {spec!r}: no such file {path!r}")
+        raise ValueError(f"--data {spec!r}: no such file {path!r}")
     try:
         loaded = np.load(p, allow_pickle=False)
     except ValueError as e:
-        raise SystemExit(f"plan-worker: --data {path!r}: not a plain numpy file ({e})") from None
+        raise ValueError(f"--data {path!r}: not a plain numpy file ({e})") from None
     if isinstance(loaded, np.ndarray):
         return [(f"data:{p.name}", loaded, tags or [p.stem])]
     with loaded:
         try:
             return [(f"data:{p.name}:{k}", loaded[k], [k, *tags]) for k in loaded.files]
         except ValueError as e:  # an object array inside the archive: refused, never unpickled
-            raise SystemExit(f"plan-worker: --data {path!r}: not a plain numpy file ({e})") from None
+            raise ValueError(f"--data {path!r}: not a plain numpy file ({e})") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    data = [item for spec in args.data for item in load_data(spec)]
     limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
-    try:
+    try:  # every configuration error exits with 2 and one clear line
+        data = [item for spec in args.data for item in load_data(spec)]
         service = Service(
             args.id, data=data, public=args.public, device=args.device, threads=args.threads, limits=limits
         )
