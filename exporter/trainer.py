@@ -116,6 +116,7 @@ class TrainingPointer:
         return list(self.keys).index(name)
 
     def _check_alive(self) -> None:
+        self.worker.check_connection()
         if self.worker.session != self._session:
             raise RuntimeError(
                 f"worker {self.worker.id!r} restarted since training plan {self.plan.name!r} was sent: "

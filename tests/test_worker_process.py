@@ -253,6 +253,20 @@ def test_restart_is_detected_and_plans_are_registered_again(tmp_path):
     first.log_path.unlink(missing_ok=True)
 
 
+def test_first_call_after_a_restart_registers_the_plan_again(tmp_path):
+    """No reply has shown the new session yet: the dropped connection alone triggers re-registration."""
+    url = f"ipc://{tmp_path}/restart2.ipc"
+    plan = handmade.double_abs()
+    with WorkerProcess("restart2", listen=url) as first, planwire.connect(url, timeout=10) as c:
+        pointer = c.plan_pointer(plan)
+        assert pointer(np.array([-1.0], np.float32)).get().tolist() == [2.0]
+        old_session = c.session
+        first.stop()
+        with WorkerProcess("restart2", listen=url) as second:  # ready takes far longer than the drop's event
+            assert pointer(np.array([3.0, -4.0], np.float32)).get().tolist() == [6.0, 8.0]
+            assert c.session != old_session and second.log().count("registered plan") == 1
+
+
 def test_worker_and_transport_never_import_torch():
     code = (
         "import planwire.worker, planwire.transport, planwire.worker.cli, planwire.worker.process, "

@@ -207,8 +207,20 @@ class Client:
             self.ensure_plan(variant, source.name)
         return pointer
 
+    def _connection_lost(self) -> bool:
+        """Whether the transport saw the connection drop since last asked (never, in process)."""
+        return False
+
+    def check_connection(self) -> None:
+        """After the connection dropped, learn the worker's session again: a restarted worker has lost its
+        plans and tensors, so plans are registered again on demand instead of failing the next run."""
+        if self._connection_lost():
+            self._plans.clear()
+            self.ping()  # the reply carries the worker's (possibly new) session
+
     def ensure_plan(self, variant: PlanVariant, name: str = "") -> None:
         """Register a plan variant unless this worker session already has it (waits: errors show here)."""
+        self.check_connection()
         if variant.id in self._plans and self.session is not None:
             return
         reply, _ = self.request(lambda rid: m.RegisterPlan(id=rid, frame=0, name=name), [variant.data])

@@ -39,6 +39,8 @@ class RemoteWorker(Client):
         configure(self._sock)
         if curve is not None:  # (client public, client secret, server public)
             self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = curve
+        # Disconnects are how a restart shows before any reply does: see check_connection().
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(url)
         self._rcvtimeo = -1  # the socket's RCVTIMEO (ms), set by _recv when a wait's timeout changes
         try:
@@ -66,6 +68,13 @@ class RemoteWorker(Client):
             return None
         return [f.buffer for f in frames]
 
+    def _connection_lost(self) -> bool:
+        lost = False
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+            lost = True
+        return lost
+
     def close(self) -> None:
         """Send pending frees and close the socket (finite linger: never hangs)."""
         if self._sock.closed:
@@ -78,6 +87,9 @@ class RemoteWorker(Client):
                 pass
             finally:
                 self.timeout = timeout
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=200)
 
     def __del__(self) -> None:
