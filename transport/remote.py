@@ -70,7 +70,7 @@ class RemoteWorker(Client):
 
     def _connection_lost(self) -> bool:
         lost = False
-        while self._monitor.poll(0):
+        while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # per plan call: no Poller object
             self._monitor.recv_multipart()
             lost = True
         return lost
