@@ -35,9 +35,8 @@ def tune_io_threads(ctx: zmq.Context) -> bool:
     """
     if os.environ.get(IO_SCHED_ENV, "batch") != "batch" or not _batch_allowed():
         return False
-    try:
+    try:  # policy only: setting ZMQ_THREAD_PRIORITY too makes libzmq call nice(-20), fatal when unprivileged
         ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
-        ctx.set(zmq.THREAD_PRIORITY, 0)
     except (AttributeError, zmq.ZMQError):  # libzmq without thread scheduling options
         return False
     return True
