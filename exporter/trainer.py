@@ -105,11 +105,15 @@ class TrainingPointer:
         outputs = [
             self.keys[s.bindings[o.name]] if o.name in s.bindings else self.worker.new_key() for o in s.variant.outputs
         ]
-        results = self.worker.run(s.variant, args, outputs=outputs, name=self.plan.name)
+        reported_idx = [i for i, o in enumerate(s.variant.outputs) if o.name not in s.bindings]
+        # Loss and metrics ride on the step's reply (no round trip on .get()); the state stays bound.
+        results = self.worker.run(
+            s.variant, args, outputs=outputs, fetch=reported_idx, wait=False, name=self.plan.name
+        )
         for r, o in zip(results, s.variant.outputs, strict=True):
             if o.name in s.bindings:
                 r.owned = False  # the state keys belong to this TrainingPointer
-        reported = [r for r, o in zip(results, s.variant.outputs, strict=True) if o.name not in s.bindings]
+        reported = [results[i] for i in reported_idx]
         return reported[0] if len(reported) == 1 else tuple(reported)
 
     def _index(self, name: str) -> int:

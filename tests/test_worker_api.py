@@ -159,3 +159,57 @@ def test_send_and_tag_without_the_hook(worker):
     t = planwire.tag(torch.tensor([1.0, 2.0]), "a", "b")
     p = planwire.send(t, worker)
     assert p.tags == ("a", "b") and [q.key for q in worker.search("a", "b")] == [p.key]
+
+
+class CountingVirtualWorker(planwire.VirtualWorker):
+    """A real VirtualWorker that counts the request messages its Service handles."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.requests = 0
+        super().__init__(*args, **kwargs)
+
+    def _send(self, frames):
+        self.requests += 1
+        super()._send(frames)
+
+
+def test_small_results_ride_on_the_run_reply_so_get_costs_no_message():
+    w = CountingVirtualWorker(id="counted")
+    pp = w.plan_pointer(handmade.double_abs())
+    x = w.put(torch.tensor([-1.0, 2.0]))
+    before = w.requests
+    assert pp(x).get().tolist() == [2.0, 4.0]
+    assert w.requests - before == 1  # one run; the value came back with its reply
+    w.inline_max = 0
+    w.flush()  # send the pending free of the first result
+    before = w.requests
+    assert pp(x).get().tolist() == [2.0, 4.0]
+    assert w.requests - before == 2  # run, then get
+
+
+def test_frees_of_fetched_results_are_batched_and_bounded():
+    w = CountingVirtualWorker(id="counted")
+    pp = w.plan_pointer(handmade.double_abs())
+    x = w.put(torch.ones(3))
+    stored = len(w.service.store)
+    before = w.requests
+    for _ in range(300):
+        assert pp(x).get().tolist() == [2.0, 2.0, 2.0]
+    assert w.requests - before < 300 * 1.1  # about one message per call, frees included
+    assert len(w.service.store) - stored <= 64  # moved results do not pile up on the worker
+    w.flush()
+    assert len(w.service.store) == stored
+
+
+def test_inline_values_follow_get_semantics(worker):
+    pp = worker.plan_pointer(handmade.double_abs())
+    r = pp(torch.tensor([1.0, -3.0]))
+    assert r.shape == (2,)  # known from the reply, no describe needed
+    assert r.get(keep=True).tolist() == [2.0, 6.0]
+    assert r.get().tolist() == [2.0, 6.0]
+    with pytest.raises(ValueError, match="already fetched"):
+        r.get()
+    big = pp(torch.ones(40_000))  # 160 kB: over inline_max, fetched with a get
+    assert big.get().sum().item() == 80_000.0
+    chained = pp(pp(torch.tensor([-1.0])))  # an inline result is still stored: usable as an argument
+    assert chained.get().tolist() == [4.0]

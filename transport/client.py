@@ -25,6 +25,8 @@ from planwire.transport.spec import PlanSource, PlanVariant
 log = logging.getLogger("planwire.client")
 
 DRAIN_AT = 64  # read finished replies once this many requests are in flight
+INLINE_MAX = 64 << 10  # run results up to this size come back with the run's reply: get() then costs nothing
+FREE_BATCH = 64  # frees of collected or fetched results go out together, or before any awaited request
 
 
 class Client:
@@ -43,6 +45,8 @@ class Client:
         self._plans: set[str] = set()  # plan ids registered in the worker's current session
         self._pointers: weakref.WeakKeyDictionary[Any, PointerPlan] = weakref.WeakKeyDictionary()
         self._garbage: list[str] = []
+        self._inline_runs: dict[int, list[weakref.ref[PointerTensor]]] = {}  # run id -> its result pointers
+        self.inline_max = INLINE_MAX
         self.session: str | None = None
         self.providers: list[str] = []
         self.limits: m.Limits | None = None
@@ -62,11 +66,13 @@ class Client:
         return f"{self._prefix}-{next(self._keys)}"
 
     def submit(
-        self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "", detached: bool = False
+        self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "", detached: bool = False,
+        background: bool = False,
     ) -> int:
         """Send ``make(request_id)`` without waiting; returns the request id. The reply to a
-        ``detached`` request is read and dropped (errors stay on the worker, see run)."""
-        if self._garbage:
+        ``detached`` request is read and dropped (errors stay on the worker, see run). Pending frees go
+        first, unless this is a ``background`` request (a run) and fewer than FREE_BATCH are pending."""
+        if self._garbage and (not background or len(self._garbage) >= FREE_BATCH):
             keys, self._garbage = self._garbage, []
             rid = next(self._ids)
             self._detached.add(rid)
@@ -84,16 +90,24 @@ class Client:
         self._in_flight[msg.id] = what  # type: ignore[attr-defined]
         self._send(session.pack(msg, buffers))
 
+    def _read_one(self, rid: int) -> None:
+        frames = self._recv(self.timeout)
+        if frames is None:
+            what = self._in_flight.get(rid, "request")
+            raise RemoteTimeoutError(
+                f"worker {self.id!r} did not answer {what} (request #{rid}) within {self.timeout} s"
+            )
+        self._accept(frames)
+
+    def settle(self, rid: int) -> None:
+        """Read replies until the run ``rid`` has answered (its inline results are then on its pointers)."""
+        while rid in self._inline_runs:
+            self._read_one(rid)
+
     def wait(self, rid: int) -> tuple[m._Message, list[memoryview]]:
         """The reply to request ``rid``; RemoteError when it is an error reply."""
         while rid not in self._done:
-            frames = self._recv(self.timeout)
-            if frames is None:
-                what = self._in_flight.get(rid, "request")
-                raise RemoteTimeoutError(
-                    f"worker {self.id!r} did not answer {what} (request #{rid}) within {self.timeout} s"
-                )
-            self._accept(frames)
+            self._read_one(rid)
         reply, buffers = self._done.pop(rid)
         if isinstance(reply, m.Error):
             raise remote_error(self.id, reply.code, reply.message)
@@ -115,6 +129,17 @@ class Client:
             self.session = reply.session  # type: ignore[attr-defined]
         rid = reply.re  # type: ignore[attr-defined]
         what = self._in_flight.pop(rid, None)
+        refs = self._inline_runs.pop(rid, None)
+        if refs is not None:  # a run's reply: keep the values it carries on their pointers
+            values = {t.key: t for t in reply.tensors} if isinstance(reply, m.Tensors) else {}
+            for ref in refs:
+                p = ref()
+                if p is not None:
+                    p._pending = None
+                    t = values.get(p.key)
+                    if t is not None:
+                        p._inline = self._decode(t, buffers)
+            return  # an error reply: the worker keeps the failure against the outputs for get()
         if rid in self._detached:  # fire-and-forget: a failed run is kept by the worker for .get()
             self._detached.discard(rid)
             if isinstance(reply, m.Error):
@@ -161,9 +186,18 @@ class Client:
         return reply.tensors  # type: ignore[attr-defined]
 
     def fetch(self, pointer: PointerTensor, keep: bool = False) -> Any:
-        """Value of a pointer's tensor; moved off the worker unless ``keep``."""
+        """Value of a pointer's tensor; moved off the worker unless ``keep``. A value that came back with
+        its run's reply costs no round trip: a move then frees the stored copy with the next frees."""
         self._check_pointer(pointer, "get")
-        return wrap(self.fetch_arrays([pointer.key], keep=keep)[0])
+        if pointer._pending is not None:
+            self.settle(pointer._pending)
+        inline = pointer._inline
+        if inline is None:
+            return wrap(self.fetch_arrays([pointer.key], keep=keep)[0])
+        if not keep:
+            pointer._inline = None
+            self.release(pointer.key)
+        return wrap(inline)
 
     def fetch_arrays(self, keys: list[str], keep: bool = False) -> list[np.ndarray]:
         reply, buffers = self.request(lambda rid: m.Get(id=rid, keys=keys, keep=keep), ())
@@ -246,9 +280,14 @@ class Client:
         outputs: Sequence[str] | None = None,
         fetch: Sequence[int] = (),
         name: str = "",
+        wait: bool = True,
+        inline_max: int | None = None,
     ) -> list[PointerTensor]:
         """Run a registered plan on pointers and/or local tensors (sent inline). Returns result pointers
-        at once; with ``fetch`` it waits and attaches fetched values as ``pointer.value``."""
+        at once. With ``fetch`` (output indexes) and ``wait`` it waits and sets ``pointer.value``; without
+        ``wait`` the fetched values, and every output of at most ``inline_max`` bytes (default: this
+        client's ``inline_max`` for results it names itself), ride on the run's reply and ``get()`` reads
+        them there, so ``plan(x).get()`` is one message each way."""
         wire_args, buffers = [], []
         for i, a in enumerate(args):
             if isinstance(a, PointerTensor):
@@ -265,12 +304,24 @@ class Client:
             )
             for k, o in zip(keys, variant.outputs, strict=True)
         ]
-        make = lambda rid: m.Run(id=rid, plan=variant.id, args=wire_args, outputs=keys, fetch=list(fetch))  # noqa: E731
-        rid = self.submit(make, buffers, what=f"run of plan {name!r}", detached=not fetch)
-        if fetch:
-            reply, bufs = self.wait(rid)
+        if inline_max is None:
+            inline_max = self.inline_max if outputs is None else 0
+        fetch = list(fetch)
+        make = lambda rid: m.Run(  # noqa: E731
+            id=rid, plan=variant.id, args=wire_args, outputs=keys, fetch=fetch, inline_max=inline_max
+        )
+        what = f"run of plan {name!r}"
+        if fetch and wait:
+            reply, bufs = self.wait(self.submit(make, buffers, what=what))
             for t in reply.tensors:  # type: ignore[attr-defined]
                 results[keys.index(t.key)].value = wrap(self._decode(t, bufs))  # type: ignore[attr-defined]
+        elif fetch or inline_max:
+            rid = self.submit(make, buffers, what=what, background=True)
+            self._inline_runs[rid] = [weakref.ref(r) for r in results]
+            for r in results:
+                r._pending = rid
+        else:
+            self.submit(make, buffers, what=what, detached=True, background=True)
         return results
 
     # -- lifetime -----------------------------------------------------------------------------------

@@ -171,13 +171,17 @@ class HasPlan(_Message, tag="has_plan"):
 
 
 class Run(_Message, tag="run"):
-    """Run a plan; output i is stored under ``outputs[i]``; outputs listed in ``fetch`` are returned."""
+    """Run a plan; output i is stored under ``outputs[i]``. Outputs listed in ``fetch``, and every output
+    of at most ``inline_max`` bytes, are also returned in the reply (still stored)."""
 
     id: RequestId
     plan: str
     args: list[Arg]
     outputs: Annotated[list[Key], Meta(extra_json_schema={"uniqueItems": True})]
     fetch: list[Annotated[int, Meta(ge=0)]] = []
+    inline_max: Annotated[
+        int, Meta(ge=0, description="Also return outputs of at most this many bytes, so get needs no round trip.")
+    ] = 0
 
 
 Request = Hello | Ping | Put | Get | Delete | Search | Describe | RegisterPlan | HasPlan | Run

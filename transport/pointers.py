@@ -29,6 +29,8 @@ class PointerTensor:
         "private",
         "consumed",
         "value",
+        "_pending",
+        "_inline",
         "__weakref__",
     )
 
@@ -46,12 +48,17 @@ class PointerTensor:
         self.worker, self.key, self.dtype, self._shape = worker, key, dtype, shape
         self.tags, self.owned, self.private, self.consumed = tags, owned, private, False
         self.value: Any = None  # filled by runs that fetch this output with the reply
+        self._pending: int | None = None  # id of the run whose reply may carry this tensor's value
+        self._inline: Any = None  # that value (numpy), when the reply carried it
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the remote tensor (asks the worker once when the plan's output shape is dynamic)."""
         if self._shape is None:
-            self._shape = tuple(self.worker.describe(self)[0].shape)
+            if self._pending is not None:
+                self.worker.settle(self._pending)
+            inline = self._inline
+            self._shape = tuple(inline.shape if inline is not None else self.worker.describe(self)[0].shape)
         return self._shape
 
     def get(self, keep: bool = False) -> Any:

@@ -229,10 +229,12 @@ class Service:
             ) from None
         for key, arr in zip(msg.outputs, results, strict=True):
             self.store.put(key, arr)
-        if not msg.fetch:
+        fetch = msg.fetch
+        if msg.inline_max:
+            fetch = [*fetch, *(i for i, r in enumerate(results) if r.nbytes <= msg.inline_max and i not in fetch)]
+        if not fetch:
             return m.Ok(re=msg.id, session=self.session), []
-        keys = [msg.outputs[i] for i in msg.fetch]
-        return self._tensors_reply(msg.id, keys, [results[i] for i in msg.fetch])
+        return self._tensors_reply(msg.id, [msg.outputs[i] for i in fetch], [results[i] for i in fetch])
 
     # -- helpers ----------------------------------------------------------------------------------
 

@@ -261,3 +261,14 @@ def test_hostile_plans_are_refused(peer, make, needle):
     if needle:
         assert needle in reply["message"]
     assert peer.ok({"type": "has_plan", "plan": plans.plan_id(data)}).kind == "missing"
+
+
+def test_inline_max_returns_small_outputs_after_fetched_ones(peer, sum_diff, uid):
+    x, y = np.arange(4, dtype=F).reshape(2, 2), np.ones((2, 2), F)  # each output: 16 bytes
+    header, frames = peer.run_header(sum_diff, [x, y], [f"{uid}-s", f"{uid}-d"], fetch=[1])
+    reply = peer.ok({**header, "inline_max": 16}, frames)
+    assert [t["key"] for t in reply["tensors"]] == [f"{uid}-d", f"{uid}-s"]  # fetch first, then by output
+    assert np.array_equal(reply.arrays()[f"{uid}-s"], x + y)
+    header, frames = peer.run_header(sum_diff, [x, y], [f"{uid}-s2", f"{uid}-d2"])
+    assert peer.ok({**header, "inline_max": 15}, frames).kind == "ok"  # nothing small enough
+    assert np.array_equal(peer.get1(f"{uid}-s2"), x + y)  # returned or not, outputs are stored
