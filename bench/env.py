@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
+from bench.timing import io_thread_policies
 from planwire.transport.remote import RemoteWorker
 from planwire.transport.sockets import IO_SCHED_ENV
 from planwire.worker.process import WorkerProcess
-
-from bench.timing import io_thread_policies
 
 RPC_PEER = "peer"
 ROOT = Path(__file__).resolve().parent.parent  # children run ``-m bench.*`` from here, wherever we started

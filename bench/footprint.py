@@ -7,11 +7,11 @@ import sys
 import time
 
 import psutil
-from planwire.transport.remote import connect
-from planwire.worker.process import WorkerProcess
 
 from bench.env import Env
 from bench.timing import Report
+from planwire.transport.remote import connect
+from planwire.worker.process import WorkerProcess
 
 FAMILY = "footprint"
 MB = 1e6

@@ -71,6 +71,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     import onnxruntime as ort
     import torch
     import torch.distributed.rpc as rpc
+
     from planwire.worker.runtime import session_options
 
     plan = plans.tiny()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from planwire.transport.spec import PlanVariant, TensorSpec
 
 OPSET = 18

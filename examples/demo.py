@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from planwire.worker.process import WorkerProcess
 
 import planwire as sy
+from planwire.worker.process import WorkerProcess
 
 HERE = Path(__file__).parent
 

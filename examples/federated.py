@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from planwire.worker.process import WorkerProcess
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
 import planwire as sy
+from planwire.worker.process import WorkerProcess
 
 WORKERS, ROUNDS, LOCAL_EPOCHS, BATCH = 3, 6, 2, 32
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 import onnxruntime as ort
+
 from planwire.exporter import runtime
 from planwire.transport.arrays import as_array, wrap
 from planwire.transport.dtypes import to_wire

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from planwire.transport.dtypes import WIRE_TO_NUMPY, human_list, to_wire
 
 TORCH_TO_WIRE: dict[torch.dtype, str] = {

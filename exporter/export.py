@@ -16,6 +16,7 @@ from collections.abc import Collection, Iterator, Sequence
 import onnx
 import torch
 from onnxscript import ir, optimizer
+
 from planwire.exporter import cache
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.registry import cached_registry

@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
 from planwire.transport.arrays import set_tags, tags_of
 
 

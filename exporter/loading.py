@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+
 from planwire.exporter import metadata
 from planwire.exporter.base import PlanRunner
 from planwire.transport.spec import PlanVariant

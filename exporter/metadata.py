@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import onnx
+
 from planwire.transport.dtypes import WIRE_TO_NUMPY
 from planwire.transport.spec import (
     META_FORMAT,

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import onnxscript
 import torch
+
 from planwire.exporter import cache, metadata, runtime
 from planwire.exporter.base import PlanRunner, Signature
 from planwire.exporter.dtypes import WIRE_TO_TORCH, DTypeLike, torch_dtype, wire_of

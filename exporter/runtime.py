@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+
 from planwire.transport.spec import PlanVariant
 from planwire.worker.runtime import session_options
 

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from planwire.exporter.optim import Optimizer
 from planwire.exporter.training import TrainingStep, build_training_step
 from planwire.transport.arrays import as_array
@@ -22,7 +24,6 @@ from planwire.transport.client import Client
 from planwire.transport.dtypes import to_wire
 from planwire.transport.pointers import PointerTensor
 from planwire.transport.spec import PlanVariant
-from torch import Tensor, nn
 
 _STATE_ROLES = ("param", "frozen", "buffer", "optim")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from planwire.exporter.errors import PlanBuildError
 from planwire.transport.dtypes import human, to_wire
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from planwire.transport import Client, connect
 from planwire.transport.arrays import as_array, tags_of
 from planwire.worker import VirtualWorker

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import onnx
 from onnx import TensorProto, helper
+
 from planwire.transport.spec import PlanVariant, TensorSpec
 
 ONNX_TYPES = {

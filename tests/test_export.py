@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+
 from planwire.exporter import (
     LoadedPlan,
     Plan,

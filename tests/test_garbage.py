@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from planwire.worker.process import WorkerProcess
 
 import planwire
+from planwire.worker.process import WorkerProcess
 from tests.conformance import plans
 from tests.conformance.wire import SIGNATURE, Peer
 

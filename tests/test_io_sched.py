@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+
 from planwire.transport.sockets import IO_SCHED_ENV, tune_io_threads
 
 

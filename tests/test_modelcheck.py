@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+
 from planwire.worker import modelcheck
 from planwire.worker.modelcheck import (
     DEFAULT_DOMAINS,

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import planwire as sy
 from planwire.exporter import NOT_BUILT, Plan, PlanBuildError, func2plan
 from planwire.transport.spec import PlanSource
 from planwire.worker import VirtualWorker
-
-import planwire as sy
 
 
 @pytest.fixture(scope="module", autouse=True)

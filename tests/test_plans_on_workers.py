@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from planwire.transport.arrays import set_tags
 from torch import nn
 
 import planwire as sy
+from planwire.transport.arrays import set_tags
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+
 from planwire.transport import ForbiddenError, RemoteError, RemoteWorker, UnknownTensorError, dtypes
 from planwire.transport import messages as m
 from planwire.transport.arrays import set_tags
@@ -20,7 +21,6 @@ from planwire.transport.schemagen import render, schemas
 from planwire.transport.session import SIGNATURE
 from planwire.worker import Service, VirtualWorker
 from planwire.worker.process import WorkerProcess
-
 from tests import handmade
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"

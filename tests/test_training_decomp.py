@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import torch
+
 from planwire.exporter.optim import SGD, Adam
 from planwire.exporter.training import decompositions as D
 from planwire.exporter.training import training_decompositions

@@ -12,11 +12,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value
+
 from planwire.exporter.metadata import ports
 from planwire.exporter.training import TrainingExportError, build_function_step
 from planwire.exporter.training.function import uses_autograd
-from torch import nn
-from torch.func import functional_call, grad, grad_and_value
 
 torch.manual_seed(0)
 MODEL = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))

@@ -21,13 +21,14 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from planwire.exporter import cache
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.metadata import ports
 from planwire.exporter.optim import SGD, Adam, Optimizer
 from planwire.exporter.training import TrainingExportError, TrainingStep, build_training_step
 from planwire.transport.spec import META_INPUTS, META_KIND, META_OUTPUTS
-from torch import nn
 
 RTOL, ATOL = 1e-4, 1e-6
 SIZES = (3, 7, 2)  # batch sizes of the K steps: the plans are traced with batch 5 or more

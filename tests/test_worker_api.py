@@ -6,10 +6,10 @@ import gc
 
 import pytest
 import torch
-from planwire.transport import ForbiddenError, PointerTensor, RemoteError, UnknownTensorError
-from planwire.transport.arrays import set_tags
 
 import planwire
+from planwire.transport import ForbiddenError, PointerTensor, RemoteError, UnknownTensorError
+from planwire.transport.arrays import set_tags
 from tests import handmade
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool]

@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 import zmq
 import zmq.auth
+
+import planwire
 from planwire.transport import RemoteTimeoutError
 from planwire.transport.auth import client_keys
 from planwire.worker.process import WorkerProcess
-
-import planwire
 from tests import handmade
 from tests.conformance.wire import Peer
 

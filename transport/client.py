@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from planwire.transport import codec, session
 from planwire.transport import messages as m
 from planwire.transport.arrays import as_array, tags_of, wrap

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import zmq
+
 from planwire.transport.client import Client
 from planwire.transport.session import Frame
 from planwire.transport.sockets import configure, tune_io_threads

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from planwire.transport import messages as m
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"

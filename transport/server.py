@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 import zmq
+
 from planwire.transport.session import Frame
 from planwire.transport.sockets import configure
 

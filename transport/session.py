@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
+
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnxruntime as ort
 from msgspec import UNSET
+
 from planwire.transport import codec, dtypes, session
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError

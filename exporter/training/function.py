@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import onnx
 import torch
+from torch import Tensor, nn
+
 from planwire.exporter.training.trace import (
     ModuleTagger,
     Port,
@@ -29,7 +31,6 @@ from planwire.exporter.training.trace import (
 )
 from planwire.exporter.training.trace import verify as verify_plan
 from planwire.transport.spec import PlanVariant
-from torch import Tensor, nn
 
 _AUTOGRAD_NAMES = frozenset(
     {"grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functional_call", "backward"}

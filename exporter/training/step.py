@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from planwire.exporter.optim import SGD, Optimizer
 from planwire.exporter.training.trace import (
     ModuleTagger,
@@ -45,7 +47,6 @@ from planwire.exporter.training.trace import (
 )
 from planwire.exporter.training.trace import verify as verify_plan
 from planwire.transport.spec import PlanVariant
-from torch import Tensor, nn
 
 Shape = Sequence[int | str]
 Metric = Callable[..., Tensor]

@@ -34,6 +34,11 @@ import sympy
 import torch
 import torch.fx.traceback as fx_traceback
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
 from planwire.exporter import cache
 from planwire.exporter import export as _export_module
 from planwire.exporter.errors import PlanBuildError
@@ -45,10 +50,6 @@ from planwire.exporter.verify import RANDOM_OPS, compare
 from planwire.transport import spec as wire
 from planwire.transport.dtypes import to_wire
 from planwire.transport.spec import PlanVariant, TensorSpec
-from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 # The exporter is not thread-safe and the registry patch is process-wide: share export.py's lock.
 _EXPORT_LOCK = getattr(_export_module, "_export_lock", None) or threading.RLock()
