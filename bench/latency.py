@@ -100,8 +100,8 @@ def run(env: Env, report: Report, quick: bool) -> None:
     )
     report.note(
         FAMILY,
-        "plan call = 2 requests (run, get) answered in order; 'with fetch' = 1 request, "
-        "plus a deferred delete of the output it also stored",
+        "plan call = 1 request: the run's reply carries the small result (run.inline_max), get() reads it "
+        "there; the stored copy is freed with a later batch of deletes",
     )
     for tr in ("tcp", "ipc"):
         report.ratio(
