@@ -24,14 +24,14 @@ log = logging.getLogger("planwire.worker")
 
 def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     """Tensors of one ``--data FILE[:TAG,...]``: a .npy (tags from the spec, else the file stem) or an
-    .npz (each key is a tag of its array, plus the spec's tags). Never unpickles."""
+    .npz (each key is a tag of its array, plus the spec's tags). Never loads Python objects."""
     path, _, tag_text = spec.partition(":")
     tags = [t for t in tag_text.split(",") if t]
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--data {spec!r}: no such file {path!r}")
     try:
-        loaded = np.load(p, allow_pickle=False)
+        loaded = np.load(p)  # numpy >= 1.16.3 refuses object arrays by default: data only
     except ValueError as e:
         raise ValueError(f"--data {path!r}: not a plain numpy file ({e})") from None
     if isinstance(loaded, np.ndarray):
@@ -39,7 +39,7 @@ def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     with loaded:
         try:
             return [(f"data:{p.name}:{k}", loaded[k], [k, *tags]) for k in loaded.files]
-        except ValueError as e:  # an object array inside the archive: refused, never unpickled
+        except ValueError as e:  # an object array inside the archive: refused, never loaded
             raise ValueError(f"--data {path!r}: not a plain numpy file ({e})") from None
 
 
