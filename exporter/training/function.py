@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from planwire.exporter.training.trace import (
     ModuleTagger,
     Port,
+    VariantView,
     export_graph,
     has_random_ops,
     port_shape,
@@ -78,25 +79,13 @@ def _modules_of(fn: Callable[..., object]) -> dict[str, nn.Module]:
 
 
 @dataclass(frozen=True)
-class FunctionStep:
+class FunctionStep(VariantView):
     """A built function plan: its ONNX variant and port names (outputs flattened in pytree order)."""
 
     name: str
     variant: PlanVariant
     model: onnx.ModelProto = field(repr=False)
     output_spec: object = field(repr=False)  # torch.utils._pytree.TreeSpec of fn's result
-
-    @property
-    def data(self) -> bytes:
-        return self.variant.data
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.variant.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.variant.outputs)
 
 
 def build_function_step(

@@ -40,6 +40,7 @@ from planwire.exporter.optim import SGD, Optimizer
 from planwire.exporter.training.trace import (
     ModuleTagger,
     Port,
+    VariantView,
     export_graph,
     has_random_ops,
     trace,
@@ -79,7 +80,7 @@ def loss_kind(loss: Callable[..., Tensor]) -> str | None:
 
 
 @dataclass(frozen=True)
-class TrainingStep:
+class TrainingStep(VariantView):
     """A built training-step plan: the ONNX variant, its port names by role, and the initial state.
 
     ``state`` holds initial values (numpy) for every param/frozen/buffer/optim input, keyed by input
@@ -100,19 +101,6 @@ class TrainingStep:
     bindings: dict[str, str]
     state: dict[str, np.ndarray] = field(repr=False)
     optimizer: Optimizer = field(repr=False)
-
-    @property
-    def data(self) -> bytes:
-        """The ONNX bytes of the plan."""
-        return self.variant.data
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.variant.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.variant.outputs)
 
     def feeds(
         self,

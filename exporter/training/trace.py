@@ -56,6 +56,25 @@ _EXPORT_LOCK = getattr(_export_module, "_export_lock", None) or threading.RLock(
 _MODULE_KEY = "planwire.module"  # node.meta["custom"] key: module path that produced the node
 
 
+class VariantView:
+    """Names and bytes of a built step, read off its ``variant`` (shared by training and function steps)."""
+
+    variant: PlanVariant
+
+    @property
+    def data(self) -> bytes:
+        """The ONNX bytes of the plan."""
+        return self.variant.data
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.variant.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.variant.outputs)
+
+
 class TrainingExportError(PlanBuildError):
     """A training or gradient plan could not be built; ``op`` and ``module`` name the culprit if known."""
 
