@@ -57,9 +57,7 @@ class Service:
                 raise ValueError(f"own tensor {key!r}: {e}") from None
             array = np.ascontiguousarray(array, dtype=dtypes.to_numpy(wire))
             self.store.put(key, array, tags, private=True)
-        self._handlers: dict[
-            type, Callable[[m._Message, list[memoryview]], tuple[m._Message, list[Frame]]]
-        ] = {
+        self._handlers: dict[type, Callable[[m._Message, list[memoryview]], tuple[m._Message, list[Frame]]]] = {
             m.Hello: self._hello,
             m.Ping: lambda msg, _: (m.Ok(re=msg.id, session=self.session), []),
             m.Put: self._put,
@@ -132,9 +130,7 @@ class Service:
         ), []
 
     def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        arrays = [
-            self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors
-        ]
+        arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]
         self.store.check_writable(t.key for t in msg.tensors)
         for t, arr in zip(msg.tensors, arrays, strict=True):
             self.store.put(t.key, arr, t.tags)
@@ -206,9 +202,7 @@ class Service:
     def _execute(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
         if plan is None:
-            raise ProtocolError(
-                "unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first"
-            )
+            raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
         n_out = len(plan.outputs)
         if len(msg.outputs) != n_out:
             raise ProtocolError(
@@ -221,13 +215,9 @@ class Service:
         plan.check(args)
         try:
             results = plan.run(args, check=False)
-        except ort.capi.onnxruntime_pybind11_state.Fail as e:  # type: ignore[attr-defined]
-            why = f"plan {plan.name!r} failed on worker {self.id!r}: {e}"
-            raise ProtocolError("run_failed", why) from None
-        except Exception as e:
-            raise ProtocolError(
-                "run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {type(e).__name__}: {e}"
-            ) from None
+        except Exception as e:  # onnxruntime's own errors already say what they are
+            detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
+            raise ProtocolError("run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {detail}") from None
         for key, arr in zip(msg.outputs, results, strict=True):
             self.store.put(key, arr)
         fetch = msg.fetch
@@ -239,9 +229,7 @@ class Service:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _tensor(
-        self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str
-    ) -> np.ndarray:
+    def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
     def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
@@ -250,9 +238,7 @@ class Service:
         t = arg.tensor
         return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]
 
-    def _tensors_reply(
-        self, rid: int, keys: list[str], arrays: list[np.ndarray]
-    ) -> tuple[m._Message, list[Frame]]:
+    def _tensors_reply(self, rid: int, keys: list[str], arrays: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
         out, frames = [], []
         for key, arr in zip(keys, arrays, strict=True):
             wire, shape, buf = codec.to_frame(arr)
