@@ -62,17 +62,21 @@ class TrainingPointer:
     def __init__(self, plan: TrainingPlan, worker: Client) -> None:
         self.plan, self.worker, self.step = plan, worker, plan.step
         worker.ensure_plan(self.step.variant, plan.name)
-        prefix = worker.new_key()
-        self.keys = {name: f"{prefix}:{name}" for name in self._state_names()}
-        self._pointers = worker.put_many(
-            {self.keys[n]: self.step.state[n] for n in self.keys}, tags=(f"plan:{plan.name}",), owned=False
-        )
-        self._session = worker.session
-        self._n_args = len(self.step.args)
-
-    def _state_names(self) -> tuple[str, ...]:
         s = self.step
-        return (*s.params, *s.frozen, *s.buffers, *s.optim)
+        prefix = worker.new_key()
+        self.keys = {name: f"{prefix}:{name}" for name in (*s.params, *s.frozen, *s.buffers, *s.optim)}
+        pointers = worker.put_many(
+            {key: s.state[name] for name, key in self.keys.items()}, tags=(f"plan:{plan.name}",), owned=False
+        )
+        self._state = dict(zip(self.keys, pointers, strict=True))
+        self._session = worker.session
+        self._n_args = len(s.args)
+        self._weights = tuple(n for n in self.keys if not n.startswith("optim."))  # params, frozen, buffers
+        self._hyper = {name.removeprefix("hyper."): name for name in s.hyper}
+        # Per step: bound outputs overwrite their state keys; loss and metrics get fresh keys and ride on the
+        # step's reply, so .get() on them needs no round trip.
+        self._outputs = [self.keys[s.bindings[o.name]] if o.name in s.bindings else None for o in s.variant.outputs]
+        self._reported = [i for i, key in enumerate(self._outputs) if key is None]
 
     def __call__(self, *batch: Any, **hyper: float) -> PointerTensor | tuple[PointerTensor, ...]:
         """Run one step on ``batch`` (pointers on this worker or local tensors); returns the loss pointer
@@ -90,35 +94,23 @@ class TrainingPointer:
             if why:
                 role = "targets" if i >= self._n_args - 1 else "input"
                 raise TypeError(f"training plan {self.plan.name!r}: {role} argument {i} ({spec.name!r}): {why}")
-        unknown = set(hyper) - {h.removeprefix("hyper.") for h in s.hyper}
+        unknown = set(hyper) - set(self._hyper)
         if unknown:
-            raise TypeError(
-                f"unknown hyper-parameters {sorted(unknown)}; "
-                f"this plan takes {[h.removeprefix('hyper.') for h in s.hyper]}"
-            )
-        values = {
-            name: np.asarray(hyper.get(name.removeprefix("hyper."), default), dtype=default.dtype)
-            for name, default in s.hyper.items()
-        }
+            raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self._hyper)}")
+        values = {self._hyper[k]: v for k, v in hyper.items()}
         args: list[Any] = list(batch)
         for spec in s.variant.inputs[self._n_args :]:
-            args.append(values[spec.name] if spec.role == "hyper" else self._pointers[self._index(spec.name)])
-        outputs = [
-            self.keys[s.bindings[o.name]] if o.name in s.bindings else self.worker.new_key() for o in s.variant.outputs
-        ]
-        reported_idx = [i for i, o in enumerate(s.variant.outputs) if o.name not in s.bindings]
-        # Loss and metrics ride on the step's reply (no round trip on .get()); the state stays bound.
+            if spec.role != "hyper":
+                args.append(self._state[spec.name])
+            elif spec.name in values:
+                args.append(np.asarray(values[spec.name], dtype=s.hyper[spec.name].dtype))
+            else:
+                args.append(s.hyper[spec.name])
         results = self.worker.run(
-            s.variant, args, outputs=outputs, fetch=reported_idx, wait=False, name=self.plan.name
+            s.variant, args, outputs=self._outputs, fetch=self._reported, wait=False, name=self.plan.name
         )
-        for r, o in zip(results, s.variant.outputs, strict=True):
-            if o.name in s.bindings:
-                r.owned = False  # the state keys belong to this TrainingPointer
-        reported = [results[i] for i in reported_idx]
+        reported = [results[i] for i in self._reported]
         return reported[0] if len(reported) == 1 else tuple(reported)
-
-    def _index(self, name: str) -> int:
-        return list(self.keys).index(name)
 
     def _check_alive(self) -> None:
         self.worker.check_connection()
@@ -130,22 +122,21 @@ class TrainingPointer:
 
     def parameters(self) -> list[PointerTensor]:
         """Pointers to the trainable parameters on the worker (owned by this pointer)."""
-        return [self._pointers[self._index(n)] for n in self.step.params]
+        return [self._state[n] for n in self.step.params]
 
     def state_dict(self) -> OrderedDict[str, Tensor]:
         """The trained parameters and buffers, fetched from the worker (copies; training goes on)."""
         self._check_alive()
-        names = [n for n in self._state_names() if not n.startswith("optim.")]
-        arrays = self.worker.fetch_arrays([self.keys[n] for n in names], keep=True)
+        arrays = self.worker.fetch_arrays([self.keys[n] for n in self._weights], keep=True)
         return OrderedDict(
-            (n.partition(".")[2], torch.from_numpy(np.array(a))) for n, a in zip(names, arrays, strict=True)
+            (n.partition(".")[2], torch.from_numpy(np.array(a))) for n, a in zip(self._weights, arrays, strict=True)
         )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, reset_optimizer: bool = False) -> None:
         """Push new weights (all parameters and buffers, by module path) to the worker: the server side
         of federated averaging. ``reset_optimizer`` also zeroes the optimizer state there."""
         self._check_alive()
-        by_path = {n.partition(".")[2]: n for n in self._state_names() if not n.startswith("optim.")}
+        by_path = {n.partition(".")[2]: n for n in self._weights}
         missing, unexpected = set(by_path) - set(state_dict), set(state_dict) - set(by_path)
         if missing or unexpected:
             raise KeyError(

@@ -67,7 +67,12 @@ class Client:
         return f"{self._prefix}-{next(self._keys)}"
 
     def submit(
-        self, make: Any, buffers: Sequence[Frame] = (), *, what: str = "", detached: bool = False,
+        self,
+        make: Any,
+        buffers: Sequence[Frame] = (),
+        *,
+        what: str = "",
+        detached: bool = False,
         background: bool = False,
     ) -> int:
         """Send ``make(request_id)`` without waiting; returns the request id. The reply to a
@@ -132,14 +137,7 @@ class Client:
         what = self._in_flight.pop(rid, None)
         refs = self._inline_runs.pop(rid, None)
         if refs is not None:  # a run's reply: keep the values it carries on their pointers
-            values = {t.key: t for t in reply.tensors} if isinstance(reply, m.Tensors) else {}
-            for ref in refs:
-                p = ref()
-                if p is not None:
-                    p._pending = None
-                    t = values.get(p.key)
-                    if t is not None:
-                        p._inline = self._decode(t, buffers)
+            self._attach([p for ref in refs if (p := ref()) is not None], reply, buffers)
             return  # an error reply: the worker keeps the failure against the outputs for get()
         if rid in self._detached:  # fire-and-forget: a failed run is kept by the worker for .get()
             self._detached.discard(rid)
@@ -218,6 +216,15 @@ class Client:
             self, info.key, info.dtype, tuple(info.shape), tuple(info.tags), owned=False, private=info.private
         )
 
+    def _attach(self, pointers: Sequence[PointerTensor], reply: m._Message, buffers: list[memoryview]) -> None:
+        """Keep on each pointer the value a run's reply carries for it (read back by ``get()``)."""
+        values = {t.key: t for t in reply.tensors} if isinstance(reply, m.Tensors) else {}
+        for p in pointers:
+            p._pending = None
+            t = values.get(p.key)
+            if t is not None:
+                p._inline = self._decode(t, buffers)
+
     @staticmethod
     def _decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
         return codec.from_frame(t.dtype, t.shape, session.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
@@ -260,9 +267,7 @@ class Client:
             return
         reply, _ = self.request(lambda rid: m.RegisterPlan(id=rid, frame=0, name=name), [variant.data])
         if reply.plan != variant.id:  # type: ignore[attr-defined]
-            raise ProtocolError(
-                "bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id"
-            )
+            raise ProtocolError("bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id")
         self._plans.add(variant.id)
 
     def signature_of(self, index: int, arg: Any) -> tuple[str, tuple[int, ...]]:
@@ -278,17 +283,18 @@ class Client:
         variant: PlanVariant,
         args: Sequence[Any],
         *,
-        outputs: Sequence[str] | None = None,
+        outputs: Sequence[str | None] | None = None,
         fetch: Sequence[int] = (),
         name: str = "",
         wait: bool = True,
         inline_max: int | None = None,
     ) -> list[PointerTensor]:
         """Run a registered plan on pointers and/or local tensors (sent inline). Returns result pointers
-        at once. With ``fetch`` (output indexes) and ``wait`` it waits and sets ``pointer.value``; without
-        ``wait`` the fetched values, and every output of at most ``inline_max`` bytes (default: this
-        client's ``inline_max`` for results it names itself), ride on the run's reply and ``get()`` reads
-        them there, so ``plan(x).get()`` is one message each way."""
+        at once. ``outputs[i]`` names the key of output i: None (or no ``outputs``) makes a fresh key the
+        result pointer owns, a string a key the caller owns (e.g. state a training step updates in place).
+        Outputs listed in ``fetch`` and, without ``outputs``, every output of at most ``inline_max`` bytes
+        ride on the run's reply and ``get()`` reads them there, so ``plan(x).get()`` is one message each
+        way; with ``fetch`` and ``wait`` the call waits for that reply (errors raise here)."""
         wire_args, buffers = [], []
         for i, a in enumerate(args):
             if isinstance(a, PointerTensor):
@@ -298,12 +304,17 @@ class Client:
                 wire, shape, buf = codec.to_frame(as_array(a))
                 wire_args.append(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers))))
                 buffers.append(buf)
-        keys = list(outputs) if outputs is not None else [self.new_key() for _ in variant.outputs]
+        named = list(outputs) if outputs is not None else [None] * len(variant.outputs)
+        keys = [k or self.new_key() for k in named]
         results = [
             PointerTensor(
-                self, k, o.dtype, tuple(o.shape) if all(isinstance(d, int) for d in o.shape) else None
+                self,
+                k,
+                o.dtype,
+                tuple(o.shape) if all(isinstance(d, int) for d in o.shape) else None,
+                owned=n is None,
             )
-            for k, o in zip(keys, variant.outputs, strict=True)
+            for k, n, o in zip(keys, named, variant.outputs, strict=True)
         ]
         if inline_max is None:
             inline_max = self.inline_max if outputs is None else 0
@@ -314,8 +325,7 @@ class Client:
         what = f"run of plan {name!r}"
         if fetch and wait:
             reply, bufs = self.wait(self.submit(make, buffers, what=what))
-            for t in reply.tensors:  # type: ignore[attr-defined]
-                results[keys.index(t.key)].value = wrap(self._decode(t, bufs))  # type: ignore[attr-defined]
+            self._attach(results, reply, bufs)
         elif fetch or inline_max:
             rid = self.submit(make, buffers, what=what, background=True)
             self._inline_runs[rid] = [weakref.ref(r) for r in results]

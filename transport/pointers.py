@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from planwire.transport.arrays import wrap
 from planwire.transport.dtypes import human
 from planwire.transport.spec import PlanSource, PlanVariant
 
@@ -28,7 +29,6 @@ class PointerTensor:
         "owned",
         "private",
         "consumed",
-        "value",
         "_pending",
         "_inline",
         "__weakref__",
@@ -47,7 +47,6 @@ class PointerTensor:
     ) -> None:
         self.worker, self.key, self.dtype, self._shape = worker, key, dtype, shape
         self.tags, self.owned, self.private, self.consumed = tags, owned, private, False
-        self.value: Any = None  # filled by runs that fetch this output with the reply
         self._pending: int | None = None  # id of the run whose reply may carry this tensor's value
         self._inline: Any = None  # that value (numpy), when the reply carried it
 
@@ -60,6 +59,11 @@ class PointerTensor:
             inline = self._inline
             self._shape = tuple(inline.shape if inline is not None else self.worker.describe(self)[0].shape)
         return self._shape
+
+    @property
+    def value(self) -> Any:
+        """The value its run's reply carried (fetched or small enough), or None; ``get()`` reads it too."""
+        return None if self._inline is None else wrap(self._inline)
 
     def get(self, keep: bool = False) -> Any:
         """The tensor's value (torch.Tensor when torch is in use). Moves it off the worker unless ``keep``."""
