@@ -223,48 +223,30 @@ def test_a_request_to_a_worker_that_went_away_times_out(tmp_path):
         w.log_path.unlink(missing_ok=True)
 
 
-def test_restart_is_detected_and_plans_are_registered_again(tmp_path):
+@pytest.mark.parametrize("ping_first", [True, False], ids=["after-a-reply", "first-call"])
+def test_restart_is_detected_and_plans_are_registered_again(tmp_path, ping_first):
+    """After a restart the plan is sent again on demand: whether a reply has already shown the new
+    session (ping first) or only the dropped connection has (the first call after the restart)."""
     url = f"ipc://{tmp_path}/restart.ipc"
     plan = handmade.double_abs()
     variant = plan.variants[0]
-    first = WorkerProcess("restart", listen=url)
-    try:
-        c = planwire.connect(url, timeout=10)
+    with WorkerProcess("restart", listen=url) as first, planwire.connect(url, timeout=10) as c:
         pointer = c.plan_pointer(plan)
         assert pointer(np.array([-1.0], np.float32)).get().tolist() == [2.0]
         old_session = c.session
         c.ensure_plan(variant)  # cached: nothing sent
         assert first.log().count("registered plan") == 1
-    finally:
         first.stop()
-    with WorkerProcess("restart", listen=url) as second:
-        try:
-            c.ping()  # ZeroMQ reconnects; the reply carries the new session
-            assert c.session != old_session
-            with Peer(url) as raw:  # the new worker has no plans yet
-                assert raw.ok({"type": "has_plan", "plan": variant.id}).kind == "missing"
-            pointer = c.plan_pointer(plan)  # on demand: the bytes are sent again
-            assert pointer(np.array([3.0, -4.0], np.float32)).get().tolist() == [6.0, 8.0]
-            assert second.log().count("registered plan") == 1
-            with Peer(url) as raw:
-                assert raw.ok({"type": "has_plan", "plan": variant.id}).kind == "plan"
-        finally:
-            c.close()
-    first.log_path.unlink(missing_ok=True)
-
-
-def test_first_call_after_a_restart_registers_the_plan_again(tmp_path):
-    """No reply has shown the new session yet: the dropped connection alone triggers re-registration."""
-    url = f"ipc://{tmp_path}/restart2.ipc"
-    plan = handmade.double_abs()
-    with WorkerProcess("restart2", listen=url) as first, planwire.connect(url, timeout=10) as c:
-        pointer = c.plan_pointer(plan)
-        assert pointer(np.array([-1.0], np.float32)).get().tolist() == [2.0]
-        old_session = c.session
-        first.stop()
-        with WorkerProcess("restart2", listen=url) as second:  # ready takes far longer than the drop's event
+        with WorkerProcess("restart", listen=url) as second:  # ready takes far longer than the drop's event
+            if ping_first:
+                c.ping()  # ZeroMQ reconnects; the reply carries the new session
+                assert c.session != old_session
+                with Peer(url) as raw:  # the new worker has no plans yet
+                    assert raw.ok({"type": "has_plan", "plan": variant.id}).kind == "missing"
             assert pointer(np.array([3.0, -4.0], np.float32)).get().tolist() == [6.0, 8.0]
             assert c.session != old_session and second.log().count("registered plan") == 1
+            with Peer(url) as raw:
+                assert raw.ok({"type": "has_plan", "plan": variant.id}).kind == "plan"
 
 
 def test_worker_and_transport_never_import_torch():
