@@ -125,7 +125,7 @@ class Env:
             try:  # the default client context is tuned by planwire; an untuned one is a plain zmq.Context
                 client = RemoteWorker(proc.url, timeout=60, context=None if io_sched == "batch" else self.ctx)
             except BaseException:
-                proc.stop()
+                proc.close()
                 raise
             self._workers[key] = (proc, client)
             self.providers = client.providers
@@ -236,9 +236,7 @@ class Env:
         for proc, client in self._workers.values():
             with contextlib.suppress(Exception):
                 client.close()
-            proc.stop()
-            if not os.environ.get("PLANWIRE_KEEP_LOGS"):
-                proc.log_path.unlink(missing_ok=True)
+            proc.close()
         self.ctx.term()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -32,8 +32,7 @@ def start_times(env: Env, runs: int) -> tuple[list[float], list[float], list[flo
             rss.append(psutil.Process(proc.proc.pid).memory_info().rss)
             client.close()
         finally:
-            proc.stop()
-            proc.log_path.unlink(missing_ok=True)
+            proc.close()
     return ready, hello, rss
 
 

@@ -121,7 +121,7 @@ def main() -> float:
                 w.close()
         finally:
             for p in procs:
-                p.stop()
+                p.close()
     print(f"final held-out accuracy: {acc:.3f}")
     if acc <= 0.90:
         raise SystemExit(f"federated training reached only {acc:.3f} (expected > 0.90)")

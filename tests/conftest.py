@@ -59,7 +59,7 @@ def worker_factory(worker_kind: str) -> Iterator[WorkerFactory]:
             worker_kind, id, data, public=public, tmp=Path(tmp), stack=stack
         )
         for obj in reversed(stack):
-            (obj.close if isinstance(obj, Client) else obj.stop)()
+            obj.close()
 
 
 @pytest.fixture

@@ -65,8 +65,7 @@ def test_signals_stop_the_worker_cleanly(sig):
         assert time.monotonic() - t0 < 4.0
         assert f"signal {int(sig)}: shutting down" in w.log() and "plan-worker sig stopped" in w.log()
     finally:
-        w.stop()
-        w.log_path.unlink(missing_ok=True)
+        w.close()
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
@@ -220,7 +219,7 @@ def test_a_request_to_a_worker_that_went_away_times_out(tmp_path):
             x.get()
     finally:
         c.close()
-        w.log_path.unlink(missing_ok=True)
+        w.close()
 
 
 @pytest.mark.parametrize("ping_first", [True, False], ids=["after-a-reply", "first-call"])

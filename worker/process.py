@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,11 +77,17 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
         return self.proc.returncode
 
     def __enter__(self) -> WorkerProcess:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """Stop it and remove its log (set PLANWIRE_KEEP_LOGS=1 to keep logs for a post-mortem)."""
         self.stop()
-        os.environ.get("PLANWIRE_KEEP_LOGS") or self.log_path.unlink(missing_ok=True)
+        if not os.environ.get("PLANWIRE_KEEP_LOGS"):
+            self.log_path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -57,7 +57,7 @@ class _Workers:
 
     def close(self) -> None:
         for proc in self.procs.values():
-            proc.stop()  # type: ignore[attr-defined]
+            proc.close()  # type: ignore[attr-defined]
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
