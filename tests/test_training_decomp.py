@@ -73,8 +73,31 @@ def test_max_pool2d_backward_matches_aten(k: int, stride: int, pad: int, dil: in
     args = ([k, k], [stride, stride], [pad, pad], [dil, dil], ceil)
     out, idx = aten.max_pool2d_with_indices(x, *args)
     grad = torch.randn_like(out)
-    _close(D.max_pool2d_with_indices_backward(grad, x, *args, idx),
-           aten.max_pool2d_with_indices_backward(grad, x, *args, idx))
+    ref = aten.max_pool2d_with_indices_backward(grad, x, *args, idx)
+    _close(D.max_pool2d_backward_scatter(grad, x, idx), ref)  # the general path, for every configuration
+    ours = D.max_pool2d_with_indices_backward(grad, x, *args, idx)
+    if D.tiled_max_pool2d(x, grad, *args[:4]):  # left to the ONNX translation (tests/test_training_pool.py)
+        assert ours is NotImplemented
+    else:
+        _close(ours, ref)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "pad", "dil", "size", "tiled"), [
+    ([2, 2], [2, 2], [0, 0], [1, 1], (8, 8), True),
+    ([2], [], [0], [1], (9, 7), True),  # one-element lists, default stride, floor crops a row and a column
+    ([2, 3], [2, 3], [0, 0], [1, 1], (6, 9), True),
+    ([3, 3], [2, 2], [0, 0], [1, 1], (8, 8), False),  # overlapping
+    ([2, 2], [2, 2], [1, 1], [1, 1], (8, 8), False),  # padded
+    ([2, 2], [2, 2], [0, 0], [2, 2], (8, 8), False),  # dilated
+])
+def test_tiled_max_pool2d_detection(kernel: list[int], stride: list[int], pad: list[int], dil: list[int],
+                                    size: tuple[int, int], tiled: bool) -> None:
+    x = torch.randn(2, 3, *size)
+    out, _ = aten.max_pool2d_with_indices(x, kernel, stride, pad, dil, False)
+    assert D.tiled_max_pool2d(x, out, kernel, stride, pad, dil) is tiled
+    if tiled:  # ceil mode with a partial window is not tiled
+        partial, _ = aten.max_pool2d_with_indices(x, kernel, stride, pad, dil, True)
+        assert D.tiled_max_pool2d(x, partial, kernel, stride, pad, dil) is (partial.shape == out.shape)
 
 
 @pytest.mark.parametrize(("kernel", "stride", "pad", "ceil", "include_pad", "divisor"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -128,13 +129,76 @@ def max_pool2d_with_indices_backward(
 ) -> Tensor:
     """Scatter-add each output gradient to the input position its window picked (per-plane indices).
 
-    Overlapping windows that pick the same element accumulate, as torch's kernel does.
+    Overlapping windows that pick the same element accumulate, as torch's kernel does. Windows that
+    tile the input (the usual ``MaxPool2d(k)``) are left as they are (NotImplemented): the ONNX export
+    translates them with :func:`max_pool2d_backward_onnx`, without indices or a scatter.
     """
+    if tiled_max_pool2d(inp, grad_output, kernel_size, stride, padding, dilation):
+        return NotImplemented
+    return max_pool2d_backward_scatter(grad_output, inp, indices)
+
+
+def max_pool2d_backward_scatter(grad_output: Tensor, inp: Tensor, indices: Tensor) -> Tensor:
+    """The general max-pool backward: a scatter-add of ``grad_output`` at the per-plane ``indices``."""
     *lead, height, width = inp.shape
     planes = grad_output.reshape(*lead, -1)
     flat = torch.zeros(*lead, height * width, dtype=grad_output.dtype, device=grad_output.device)
     flat = flat.scatter_add(-1, indices.reshape(*lead, -1), planes)
     return flat.reshape(inp.shape)
+
+
+def tiled_max_pool2d(
+    inp: Tensor,
+    grad_output: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> bool:
+    """Whether max-pool windows tile the input: stride == kernel, no padding or dilation, and every
+    window whole (floor mode, or ceil mode that adds no partial window); a float input of 3 or 4 dims."""
+    kh, kw = _tuple(kernel_size, 2)
+    sh, sw = _tuple(stride, 2) if stride else (kh, kw)
+    if (sh, sw) != (kh, kw) or any(_tuple(padding, 2)) or _tuple(dilation, 2) != [1, 1]:
+        return False
+    if inp.dim() not in (3, 4) or inp.dtype not in (torch.float32, torch.float64, torch.float16):
+        return False
+    sizes = (inp.shape[-2], inp.shape[-1], grad_output.shape[-2], grad_output.shape[-1])
+    if not all(isinstance(d, int) for d in sizes):
+        return False
+    height, width, out_h, out_w = sizes
+    return (out_h, out_w) == (height // kh, width // kw)
+
+
+def max_pool2d_backward_onnx(
+    grad_output: Any,
+    inp: Any,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    indices: Any,
+) -> Any:
+    """ONNX translation of ``max_pool2d_with_indices_backward`` for tiling windows (see
+    :func:`tiled_max_pool2d`, which the decomposition checked): MaxPool's own Indices, then MaxUnpool.
+
+    onnxruntime's MaxPool picks the first maximum of a window in row-major order (strict ``>``, and the
+    first element of an all ``-inf`` window), as torch's kernel does; ties are common after a ReLU.
+    Windows do not overlap, so every index is written once and MaxUnpool's zero fill is the rest of the
+    gradient (rows and columns past the last whole window included). The forward's per-plane indices
+    are not read, so the exporter's index arithmetic for them becomes dead code. A window holding NaN
+    differs: torch picks the (last) NaN, onnxruntime the largest number.
+    """
+    from onnxscript.onnx_opset import opset18 as op
+
+    kernel = _tuple(kernel_size, 2)
+    unbatched = len(inp.shape) == 3
+    if unbatched:
+        inp, grad_output = op.Unsqueeze(inp, [0]), op.Unsqueeze(grad_output, [0])
+    _, raw = op.MaxPool(inp, kernel_shape=kernel, strides=kernel)
+    grad = op.MaxUnpool(grad_output, raw, op.Shape(inp), kernel_shape=kernel, strides=kernel)
+    return op.Squeeze(grad, [0]) if unbatched else grad
 
 
 def _pool_divisors(
@@ -242,6 +306,12 @@ BACKWARD_DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {
     aten.avg_pool2d_backward.default: avg_pool2d_backward,
     aten._adaptive_avg_pool2d_backward.default: adaptive_avg_pool2d_backward,
     aten.empty_permuted.default: empty_permuted,
+}
+
+# ONNX translations of aten ops that the decompositions above leave in the graph (NotImplemented), passed
+# to the exporter as its custom_translation_table: faster in onnxruntime than any decomposition.
+ONNX_TRANSLATIONS: dict[torch._ops.OpOverload, Callable] = {
+    aten.max_pool2d_with_indices_backward.default: max_pool2d_backward_onnx,
 }
 
 # Torch decompositions outside the core set that the training graph wants: batch norm as explicit

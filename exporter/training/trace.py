@@ -45,7 +45,7 @@ from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.export import OPSET, check_exported, failing_op
 from planwire.exporter.fingerprint import tensor_digest
 from planwire.exporter.registry import cached_registry
-from planwire.exporter.training.decompositions import training_decompositions
+from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS, training_decompositions
 from planwire.exporter.verify import RANDOM_OPS, compare
 from planwire.transport import spec as wire
 from planwire.transport.dtypes import to_wire
@@ -552,11 +552,43 @@ def _export(
                 opset_version=OPSET,
                 input_names=[p.name for p in inputs],
                 output_names=[p.name for p in outputs],
+                custom_translation_table=dict(ONNX_TRANSLATIONS),
             )
     except Exception as e:
         raise explain_failure(gm, e, plan=plan) from e
     cache.stats.exports += 1
-    return onnx_program.model_proto
+    proto = onnx_program.model_proto
+    drop_unused_indices(proto)
+    return proto
+
+
+def drop_unused_indices(proto: onnx.ModelProto) -> int:
+    """Remove the ``Indices`` output of every ``MaxPool`` that nothing reads; returns how many.
+
+    The exporter translates ``max_pool2d_with_indices`` to a two-output MaxPool even when the backward
+    no longer needs them (see ``decompositions.max_pool2d_backward_onnx``). onnxruntime runs a
+    MaxPool with an Indices output in a generic kernel, several times slower than its one-output kernel.
+    """
+    used: set[str] = {o.name for o in proto.graph.output}
+
+    def reads(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            used.update(node.input)
+            for attr in node.attribute:
+                for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                    reads(sub)
+
+    reads(proto.graph)
+    dropped = set()
+    for node in proto.graph.node:
+        pool = node.op_type == "MaxPool" and node.domain in ("", "ai.onnx") and len(node.output) == 2
+        if pool and node.output[1] and node.output[1] not in used:
+            dropped.add(node.output.pop())
+    if dropped:
+        kept = [v for v in proto.graph.value_info if v.name not in dropped]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
+    return len(dropped)
 
 
 def _cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequence[Port]) -> str:
@@ -569,7 +601,7 @@ def _cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequen
                 constants.append((node.target, tensor_digest(value)))
     versions = [torch.__version__, onnx.__version__, onnxscript.__version__, OPSET]
     ports = [[p.meta() for p in inputs], [p.meta() for p in outputs]]
-    return cache.make_key("training-graph/1", gm.code, constants, ports, versions)
+    return cache.make_key("training-graph/2", gm.code, constants, ports, versions)
 
 
 def verify(

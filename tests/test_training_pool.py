@@ -1,0 +1,108 @@
+"""Max-pool backward for windows that tile the input: the ONNX translation (MaxPool indices + MaxUnpool)
+against torch's kernel, exactly, with many ties (torch gives a tied window's gradient to its first
+maximum in row-major order), other batch sizes than the exported one, unbatched inputs, floor-mode crops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from planwire.exporter.optim import SGD
+from planwire.exporter.registry import cached_registry
+from planwire.exporter.training import build_training_step
+from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS
+
+aten = torch.ops.aten
+
+
+class PoolBackward(nn.Module):
+    def __init__(self, kernel: list[int]) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        _, idx = aten.max_pool2d_with_indices(x, self.kernel, self.kernel, [0, 0], [1, 1], False)
+        return aten.max_pool2d_with_indices_backward(grad, x, self.kernel, self.kernel, [0, 0], [1, 1], False, idx)
+
+
+def tied(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """ReLU'd integers: most windows hold several equal maxima (zeros, small integers), some all -inf."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).mul(1.5).round().relu()
+    x[..., :2, :2] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize(
+    ("kernel", "size", "unbatched"),
+    [
+        ([2, 2], (8, 8), False),
+        ([2, 2], (9, 7), False),  # floor mode: the last row and column get no gradient
+        ([3, 3], (9, 9), False),
+        ([2, 3], (6, 9), False),
+        ([2, 2], (6, 6), True),
+    ],
+)
+def test_onnx_translation_matches_torch_exactly(kernel: list[int], size: tuple[int, int], unbatched: bool) -> None:
+    lead = (3,) if unbatched else (4, 3)
+    x = tied((*lead, *size), 0)
+    out, _ = aten.max_pool2d_with_indices(x, kernel, kernel, [0, 0], [1, 1], False)
+    grad = torch.randn(out.shape)
+    dynamic = None if unbatched else ({0: torch.export.Dim.DYNAMIC}, {0: torch.export.Dim.DYNAMIC})
+    with cached_registry():
+        program = torch.onnx.export(
+            PoolBackward(kernel).eval(),
+            (grad, x),
+            dynamo=True,
+            verbose=False,
+            dynamic_shapes=dynamic,
+            custom_translation_table=dict(ONNX_TRANSLATIONS),
+        )
+    ops = {n.op_type for n in program.model_proto.graph.node}
+    assert "MaxUnpool" in ops and "ScatterElements" not in ops
+    sess = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch, seed in ((lead[0], 0), (1, 1), (7, 2)) if not unbatched else ((lead[0], 0),):
+        x = tied((batch, *lead[1:], *size), seed)
+        out, idx = aten.max_pool2d_with_indices(x, kernel, kernel, [0, 0], [1, 1], False)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+        want = aten.max_pool2d_with_indices_backward(grad, x, kernel, kernel, [0, 0], [1, 1], False, idx)
+        (got,) = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (grad, x), strict=True)})
+        np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_training_step_with_tied_pooling_windows_matches_torch() -> None:
+    """A whole CNN step on inputs whose pooled activations are mostly tied, at several batch sizes."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)
+        )
+
+    step = build_training_step(make(), F.cross_entropy, SGD(lr=0.5), [(-1, 1, 8, 8), (-1,)])
+    ops = {n.op_type for n in step.model.graph.node}
+    assert "MaxUnpool" in ops
+    # the forward pool lost its unread Indices output (onnxruntime's fast kernel); the backward's feeds MaxUnpool
+    assert sorted(len(n.output) for n in step.model.graph.node if n.op_type == "MaxPool") == [1, 2]
+    sess = ort.InferenceSession(step.data, providers=["CPUExecutionProvider"])
+    for batch in (1, 6, 33):
+        model = make()
+        gen = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, 1, 8, 8, generator=gen).round()  # integer images: tied conv outputs, dead ReLUs
+        x[:, :, :4] = 0.0
+        y = torch.randint(0, 5, (batch,), generator=gen)
+        state = step.initial_state(model)
+        outputs = dict(zip(step.output_names, sess.run(None, step.feeds([x, y], state)), strict=True))
+        reference = torch.optim.SGD(model.parameters(), lr=0.5)
+        F.cross_entropy(model(x), y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        reference.step()
+        for name, p in model.named_parameters():
+            # a gradient routed to another tied position would differ by whole values, not by rounding
+            np.testing.assert_allclose(
+                outputs[f"new.param.{name}"], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{name}, batch {batch}"
+            )
+            assert grads[name].abs().sum() > 0
