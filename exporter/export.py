@@ -18,6 +18,7 @@ import torch
 from onnxscript import ir, optimizer
 
 from planwire.exporter import cache
+from planwire.exporter.decompose import skip_noop_decompositions
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.registry import cached_registry
 
@@ -46,7 +47,7 @@ def export_model(
 
     Raises PlanBuildError (naming ``plan`` and, when found, the failing op) with the cause chained.
     """
-    with _export_lock, cached_registry(), warnings.catch_warnings():
+    with _export_lock, cached_registry(), skip_noop_decompositions(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # training-mode and deprecation chatter of the exporter
         try:
             program = torch.onnx.export(
@@ -72,8 +73,7 @@ def export_model(
             _optimize(model, keep)
             _name_ports(model, input_names, output_names)
         except Exception as e:
-            raise PlanBuildError(f"plan {plan!r}: post-processing the exported graph failed: {e}",
-                                 plan=plan) from e
+            raise PlanBuildError(f"plan {plan!r}: post-processing the exported graph failed: {e}", plan=plan) from e
     proto = ir.serde.serialize_model(model)
     strip_debug_info(proto)
     check_exported(proto, plan=plan, input_names=input_names, dynamic=dynamic)
@@ -189,7 +189,9 @@ def check_exported(
     if proto.functions:
         raise PlanBuildError(
             f"plan {plan!r}: the exported graph still has local functions "
-            f"({', '.join(f.name for f in proto.functions)})", plan=plan, op=proto.functions[0].name,
+            f"({', '.join(f.name for f in proto.functions)})",
+            plan=plan,
+            op=proto.functions[0].name,
         )
     for node in _nodes(proto.graph):
         if node.domain not in STANDARD_DOMAINS:
@@ -205,7 +207,8 @@ def check_exported(
             if not dims[axis].dim_param:
                 raise PlanBuildError(
                     f"plan {plan!r}: axis {axis} of {name!r} should be dynamic but the traced code fixed it "
-                    f"to {dims[axis].dim_value}", plan=plan,
+                    f"to {dims[axis].dim_value}",
+                    plan=plan,
                 )
 
 

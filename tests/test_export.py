@@ -107,6 +107,145 @@ def test_registry_is_built_once_and_unpatched_after(affine: Plan) -> None:
     assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original
 
 
+# -- skipped decompositions ------------------------------------------------------------------------
+
+
+class _Net(Plan):
+    """The seed's Net: Linear, relu, Linear, log_softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(2, 3)
+        self.fc2 = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=0)
+
+
+class _Seq(Plan):
+    def __init__(self, *modules: torch.nn.Module, train: bool = False) -> None:
+        super().__init__()
+        self.m = torch.nn.Sequential(*modules)
+        self.train(train)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(x)
+
+
+def _fn(function):  # noqa: ANN001, ANN202
+    return lambda: Plan(function)
+
+
+_FLOAT = torch.randn(4, 8)
+# (plan, example, whether torch.onnx's decompositions provably have nothing to do)
+_DECOMP_CASES = {
+    "elementwise": (_fn(lambda x: torch.relu(x * 2.0 + 1.5)), _FLOAT, True),
+    "seed net": (_Net, torch.randn(4, 2), True),
+    "mlp": (lambda: _Seq(torch.nn.Linear(8, 5), torch.nn.GELU(), torch.nn.LayerNorm(5)), _FLOAT, True),
+    "float16": (_fn(lambda x: torch.sigmoid(x).abs() * 2), _FLOAT.half(), True),
+    "integers": (_fn(lambda x: (x * 3 // 2) % 4 + x.argmax(-1, keepdim=True)), torch.randint(0, 9, (4, 8)), True),
+    "where/cat/topk": (
+        _fn(lambda x: torch.where(x > 0, torch.cat([x, -x], 1)[:, :8], x.exp()).topk(3)[0]),
+        _FLOAT,
+        True,
+    ),
+    "reshape (decomposed)": (_fn(lambda x: x.reshape(-1, 4, 2).sum(1)), _FLOAT, False),
+    "in-place (functionalized)": (_fn(lambda x: x.clone().add_(1).mul_(2)), _FLOAT, False),
+    "batch norm (unregistered)": (lambda: _Seq(torch.nn.BatchNorm1d(8)), _FLOAT, False),
+    "dropout in training (not preservable)": (lambda: _Seq(torch.nn.Dropout(0.5), train=True), _FLOAT, False),
+}
+
+
+def _canonical(model: onnx.ModelProto) -> bytes:
+    """The graph with node names dropped and inner value names numbered (they follow FX node names)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    del model.graph.metadata_props[:]
+    outputs = {v.name for v in model.graph.output}
+    names: dict[str, str] = {}
+    for node in model.graph.node:
+        node.name = ""
+        for name in node.output:
+            if name not in outputs:
+                names.setdefault(name, f"v{len(names)}")
+    for node in model.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    for value in model.graph.value_info:
+        value.name = names.get(value.name, value.name)
+    return model.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("case", list(_DECOMP_CASES))
+def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import nullcontext
+
+    from torch.onnx._internal.exporter import _fx_passes
+
+    from planwire.exporter import decompose, export
+    from planwire.exporter.plan import eager
+
+    make, example, skippable = _DECOMP_CASES[case]
+    original = _fx_passes.decompose_with_registry
+    models = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(export, "skip_noop_decompositions", lambda: nullcontext(False))
+        torch.manual_seed(0)
+        plan = make()
+        skipped, decomposed = decompose.skipped, decompose.decomposed
+        with eager():
+            models.append(
+                export.export_model(
+                    plan,
+                    [example],
+                    plan=case,
+                    input_names=["x"],
+                    output_names=["y"],
+                    dynamic=[{0}],
+                    keep=plan._state_names(),
+                )
+            )
+        if fast:
+            assert (decompose.skipped - skipped, decompose.decomposed - decomposed) == ((1, 0) if skippable else (0, 1))
+        else:
+            assert (decompose.skipped, decompose.decomposed) == (skipped, decomposed)
+        assert _fx_passes.decompose_with_registry is original
+    assert _canonical(models[0]) == _canonical(models[1])
+    make().build(example, dynamic_axes=[[0]])  # which verifies the graph against eager torch
+
+
+def test_nothing_to_decompose_rejects_control_flow_and_mutated_buffers() -> None:
+    from torch.onnx._internal.exporter import _registration
+
+    from planwire.exporter.decompose import nothing_to_decompose
+
+    with registry.cached_registry():
+        reg = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
+
+    class Cond(torch.nn.Module):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return torch.cond(x.sum() > 0, lambda t: t + 1, lambda t: t - 1, (x,))
+
+    class Counter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            self.n.add_(1)
+            return x + self.n
+
+    class Plain(torch.nn.Module):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return (x + 1).relu()
+
+    x = torch.randn(3)
+    assert nothing_to_decompose(torch.export.export(Plain(), (x,)), reg)
+    assert not nothing_to_decompose(torch.export.export(Cond(), (x,)), reg)
+    assert not nothing_to_decompose(torch.export.export(Counter(), (x,)), reg)
+    assert not nothing_to_decompose(torch.export.export(Plain(), (x,)), object())  # unknown registry layout
+
+
 # -- export cache -----------------------------------------------------------------------------------
 
 
@@ -260,13 +399,12 @@ def test_saved_metadata(saved: Path) -> None:
     meta = {p.key: p.value for p in onnx.load(str(saved)).metadata_props}
     assert meta[META_NAME] == "affine" and meta[META_FORMAT] == "1" and meta[META_KIND] == "function"
     inputs = json.loads(meta[META_INPUTS])
-    assert [(i["name"], i["role"], i["dtype"]) for i in inputs] == [
-        ("x", "arg", "float"), ("bias", "arg", "float")
-    ]
+    assert [(i["name"], i["role"], i["dtype"]) for i in inputs] == [("x", "arg", "float"), ("bias", "arg", "float")]
     assert isinstance(inputs[0]["shape"][0], str) and inputs[0]["shape"][1] == 3 and inputs[1]["shape"] == [3]
     outputs = json.loads(meta[META_OUTPUTS])
     assert [(o["name"], o["role"], o["dtype"]) for o in outputs] == [
-        ("output_0", "output", "float"), ("output_1", "output", "float")
+        ("output_0", "output", "float"),
+        ("output_1", "output", "float"),
     ]
     assert outputs[0]["shape"][0] == inputs[0]["shape"][0]
     assert json.loads(meta[META_STATE]) == ["state.0"]
@@ -287,13 +425,12 @@ def test_load_round_trip(affine: Plan, saved: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((torch.ones(2, 3, dtype=torch.int64), torch.ones(3)),
-         "plan 'affine' does not accept these arguments: "
-         "argument 0 ('x'): expected dtype float32, got int64"),
-        ((torch.ones(3), torch.ones(3)),
-         "argument 0 ('x'): expected rank 2 [?, 3], got shape [3]"),
-        ((torch.ones(2, 3), torch.ones(4)),
-         "argument 1 ('bias'): expected shape [3], got [4] (axis 0)"),
+        (
+            (torch.ones(2, 3, dtype=torch.int64), torch.ones(3)),
+            "plan 'affine' does not accept these arguments: argument 0 ('x'): expected dtype float32, got int64",
+        ),
+        ((torch.ones(3), torch.ones(3)), "argument 0 ('x'): expected rank 2 [?, 3], got shape [3]"),
+        ((torch.ones(2, 3), torch.ones(4)), "argument 1 ('bias'): expected shape [3], got [4] (axis 0)"),
         ((torch.ones(2, 3),), "expected 2 arguments, got 1"),
     ],
 )
