@@ -65,14 +65,23 @@ class TrainingPointer:
         s = self.step
         prefix = worker.new_key()
         self.keys = {name: f"{prefix}:{name}" for name in (*s.params, *s.frozen, *s.buffers, *s.optim)}
-        pointers = worker.put_many(
-            {key: s.state[name] for name, key in self.keys.items()}, tags=(f"plan:{plan.name}",), owned=False
-        )
-        self._state = dict(zip(self.keys, pointers, strict=True))
+        # The default hyper-parameters are stored on the worker too, so a step that keeps them sends only
+        # references (no inline tensor frames to encode, send and decode); a call's overrides go inline.
+        self._hyper_keys = {name: f"{prefix}:{name}" for name in s.hyper}
+        values = {key: s.state[name] for name, key in self.keys.items()}
+        values.update({key: s.hyper[name] for name, key in self._hyper_keys.items()})
+        pointers = worker.put_many(values, tags=(f"plan:{plan.name}",), owned=False)
+        stored = dict(zip([*self.keys, *self._hyper_keys], pointers, strict=True))
+        self._state = {name: stored[name] for name in self.keys}
         self._session = worker.session
         self._n_args = len(s.args)
         self._weights = tuple(n for n in self.keys if not n.startswith("optim."))  # params, frozen, buffers
         self._hyper = {name.removeprefix("hyper."): name for name in s.hyper}
+        # Everything a step passes after the batch, in graph-input order; a call overrides hyper entries.
+        tail = s.variant.inputs[self._n_args :]
+        self._tail = [stored[spec.name] for spec in tail]
+        self._hyper_at = {spec.name: self._n_args + i for i, spec in enumerate(tail) if spec.role == "hyper"}
+        self._specs = s.variant.inputs[: self._n_args]
         # Per step: bound outputs overwrite their state keys; loss and metrics get fresh keys and ride on the
         # step's reply, so .get() on them needs no round trip.
         self._outputs = [self.keys[s.bindings[o.name]] if o.name in s.bindings else None for o in s.variant.outputs]
@@ -88,24 +97,20 @@ class TrainingPointer:
                 f"training plan {self.plan.name!r} takes {self._n_args} batch arguments {list(s.args)}, "
                 f"got {len(batch)}"
             )
-        for i, (spec, arg) in enumerate(zip(s.variant.inputs, batch, strict=False)):
+        for i, (spec, arg) in enumerate(zip(self._specs, batch, strict=True)):
             dtype, shape = self.worker.signature_of(i, arg)
             why = spec.mismatch(dtype, shape)
             if why:
                 role = "targets" if i >= self._n_args - 1 else "input"
                 raise TypeError(f"training plan {self.plan.name!r}: {role} argument {i} ({spec.name!r}): {why}")
-        unknown = set(hyper) - set(self._hyper)
-        if unknown:
-            raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self._hyper)}")
-        values = {self._hyper[k]: v for k, v in hyper.items()}
-        args: list[Any] = list(batch)
-        for spec in s.variant.inputs[self._n_args :]:
-            if spec.role != "hyper":
-                args.append(self._state[spec.name])
-            elif spec.name in values:
-                args.append(np.asarray(values[spec.name], dtype=s.hyper[spec.name].dtype))
-            else:
-                args.append(s.hyper[spec.name])
+        args: list[Any] = [*batch, *self._tail]
+        if hyper:
+            unknown = set(hyper) - set(self._hyper)
+            if unknown:
+                raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self._hyper)}")
+            for key, value in hyper.items():
+                name = self._hyper[key]
+                args[self._hyper_at[name]] = np.asarray(value, dtype=s.hyper[name].dtype)
         results = self.worker.run(
             s.variant, args, outputs=self._outputs, fetch=self._reported, wait=False, name=self.plan.name
         )
@@ -156,9 +161,9 @@ class TrainingPointer:
 
     def free(self) -> None:
         """Delete this step's state from the worker."""
-        for key in self.keys.values():
+        for key in (*self.keys.values(), *self._hyper_keys.values()):
             self.worker.release(key)
-        self.keys = {}
+        self.keys, self._hyper_keys = {}, {}
 
     def __repr__(self) -> str:
         return f"[TrainingPointer | me:{self.plan.name} -> {self.worker.id}]"

@@ -83,6 +83,28 @@ def test_hyper_parameters_change_per_call_and_weights_can_be_pushed(worker, cnn_
         torch.testing.assert_close(value, fresh[name], msg=name)
 
 
+def test_hyper_overrides_apply_to_one_call_and_free_releases_all_state(worker, cnn_plan):
+    plan, model = cnn_plan
+    ref = copy.deepcopy(model).train()
+    data = batches([5, 6, 4], seed=4)
+    ptr = plan.send(worker)
+    assert len(worker.search(f"plan:{plan.name}")) == len(ptr.keys) + len(plan.step.hyper)  # state, default hyper
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for (x, y), lr in zip(data, (0.05, 0.2, 0.05), strict=True):  # the middle step alone overrides lr
+        loss = ptr(x, y, lr=lr)[0] if lr != 0.05 else ptr(x, y)[0]
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        expect = F.cross_entropy(ref(x), y)
+        expect.backward()
+        opt.step()
+        assert loss.get().item() == pytest.approx(expect.item(), rel=1e-4)
+    trained = ptr.state_dict()
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    ptr.free()
+    worker.flush()
+    assert worker.search(f"plan:{plan.name}") == []
+
 def test_clear_errors_for_bad_batches_and_weights(worker, cnn_plan):
     plan, _ = cnn_plan
     ptr = plan.send(worker)
