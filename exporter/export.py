@@ -164,7 +164,7 @@ def strip_debug_info(proto: onnx.ModelProto) -> None:
 
     They hold FX node dumps and stack traces with local file paths: nothing a worker needs, more than
     the graph itself for small plans, and they would make a plan's content id depend on where its
-    source file lives.
+    source file lives (or, for the graph's own metadata, on how torch named its FX nodes and symbols).
     """
     graphs = [proto.graph]
     for node in _nodes(proto.graph):
@@ -174,6 +174,7 @@ def strip_debug_info(proto: onnx.ModelProto) -> None:
         node.doc_string = ""
     for graph in graphs:
         graph.doc_string = ""
+        del graph.metadata_props[:]  # torch.export's graph signature (FX node names) and range constraints
         for value in [*graph.input, *graph.output, *graph.value_info]:
             del value.metadata_props[:]
             value.doc_string = ""
