@@ -119,6 +119,35 @@ def test_adaptive_avg_pool2d_backward_matches_aten(out_size: tuple[int, int]) ->
     _close(D.adaptive_avg_pool2d_backward(grad, x), aten._adaptive_avg_pool2d_backward(grad, x))
 
 
+@pytest.mark.parametrize("reduction", [0, 1, 2])  # none, mean, sum
+@pytest.mark.parametrize("ignore_index", [-100, 0, 3, 7])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_loss_backward_matches_aten(reduction: int, ignore_index: int, weighted: bool) -> None:
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randn(9, 5, dtype=torch.float64, generator=gen).log_softmax(1)
+    target = torch.tensor([0, 3, 4, 3, ignore_index, 1, 0, ignore_index, 2])
+    target = torch.where((target >= 0) & (target < 5), target, ignore_index)
+    weight = torch.rand(5, dtype=torch.float64, generator=gen) if weighted else None
+    out, total = aten.nll_loss_forward(scores, target, weight, reduction, ignore_index)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    ref = aten.nll_loss_backward(grad, scores, target, weight, reduction, ignore_index, total)
+    ours = D.nll_loss_backward(grad, scores, target, weight, reduction, ignore_index, total)
+    assert torch.equal(ours, ref)
+
+
+def test_nll_loss_backward_unbatched_and_all_ignored() -> None:
+    scores = torch.randn(4, dtype=torch.float64).log_softmax(0)
+    target = torch.tensor(2)
+    out, total = aten.nll_loss_forward(scores, target, None, 1, -100)
+    grad = torch.ones((), dtype=torch.float64)
+    assert torch.equal(D.nll_loss_backward(grad, scores, target, None, 1, -100, total),
+                       aten.nll_loss_backward(grad, scores, target, None, 1, -100, total))
+    scores = torch.randn(3, 4, dtype=torch.float64).log_softmax(1)
+    target = torch.full((3,), -100)
+    out, total = aten.nll_loss_forward(scores, target, None, 1, -100)  # 0 / 0: the loss is NaN
+    ours = D.nll_loss_backward(grad, scores, target, None, 1, -100, total)
+    assert torch.equal(ours, aten.nll_loss_backward(grad, scores, target, None, 1, -100, total))
+
 def test_empty_permuted_keeps_shape_and_strides() -> None:
     ref = aten.empty_permuted([2, 3, 4], [2, 0, 1])
     ours = D.empty_permuted([2, 3, 4], [2, 0, 1])
@@ -129,6 +158,8 @@ def test_table_extends_core_aten_with_the_backward_ops() -> None:
     table = training_decompositions()
     for op in D.BACKWARD_DECOMPOSITIONS:
         assert table[op] is D.BACKWARD_DECOMPOSITIONS[op]
+    for op in D.LEANER_DECOMPOSITIONS:  # torch's own decomposition replaced
+        assert table[op] is D.LEANER_DECOMPOSITIONS[op]
     assert aten.native_dropout.default in table and aten._native_batch_norm_legit.default in table
     table.clear()  # a copy: the module's table is untouched
     assert aten.convolution_backward.default in training_decompositions()

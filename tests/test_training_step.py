@@ -290,6 +290,31 @@ class Frozen(nn.Module):
         return self.head(torch.relu(self.bn(self.stem(x))))
 
 
+def classes_some_ignored(n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    x, y = classes(n, gen)
+    y[::3] = -100  # the default ignore_index
+    return [x, y]
+
+
+CLASS_LOSSES = {  # the lean nll_loss backward (one-hot select) and torch's path for class weights
+    "ignored targets": (F.cross_entropy, classes_some_ignored),
+    "ignore_index inside the classes, sum": (
+        lambda o, t: F.cross_entropy(o, t, ignore_index=1, reduction="sum"),
+        classes,
+    ),
+    "nll_loss, none + mean": (lambda o, t: F.nll_loss(o.log_softmax(1), t, reduction="none").mean(), classes),
+    "class weights, label smoothing": (
+        lambda o, t: F.cross_entropy(o, t, weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1),
+        classes_some_ignored,
+    ),
+}
+
+
+@pytest.mark.parametrize("loss", CLASS_LOSSES)
+def test_class_index_loss_variants(loss: str) -> None:
+    fn, batch = CLASS_LOSSES[loss]
+    check_parity(small, fn, "sgd", [(-1, 4), (-1,)], batch, args_dtypes=[torch.float32, torch.int64])
+
 def test_eval_mode_and_frozen_parameters() -> None:
     """train=False: BatchNorm uses and keeps its running stats (no buffer outputs); frozen params are read."""
 

@@ -201,6 +201,40 @@ def max_pool2d_backward_onnx(
     return op.Squeeze(grad, [0]) if unbatched else grad
 
 
+def nll_loss_backward(
+    grad_output: Tensor,
+    inp: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    reduction: int,
+    ignore_index: int,
+    total_weight: Tensor,
+) -> Tensor:
+    """``nll_loss_backward`` (and so cross-entropy's) for (N, C) scores without class weights, as a
+    one-hot select: ``-grad`` where ``target == arange(C)``, 0 elsewhere and on ignored rows.
+
+    torch's decomposition scatters -1.0 into zeros and multiplies by the masked gradient; this gives the
+    same values (``-1.0 * g == -g``, ``0 * g == 0``; only the sign of some zeros can differ, and a NaN
+    upstream gradient stays in the target column) in half the ONNX nodes: no Shape, Expand,
+    ConstantOfShape or ScatterElements. A target equal to an ``ignore_index`` outside [0, C) (-100 by
+    default) matches no class, so only an index inside needs a mask. Other shapes and class weights
+    take torch's decomposition.
+    """
+    if weight is not None or inp.dim() != 2 or target.dim() != 1 or not isinstance(inp.shape[1], int):
+        return decomposition_table[aten.nll_loss_backward.default](
+            grad_output, inp, target, weight, reduction, ignore_index, total_weight
+        )
+    if reduction == 1:  # mean
+        grad_output = grad_output / total_weight
+    target = target.unsqueeze(1)
+    if grad_output.dim() > 0:  # reduction="none": one gradient per row
+        grad_output = grad_output.unsqueeze(1)
+    if 0 <= ignore_index < inp.shape[1]:  # else an ignored row matches no class: nothing to mask
+        grad_output = torch.where(target != ignore_index, grad_output, 0)
+    classes = torch.arange(inp.shape[1], device=target.device, dtype=target.dtype)
+    return torch.where(target == classes, -grad_output, 0)
+
+
 def _pool_divisors(
     size: int, out: int, kernel: int, stride: int, pad: int, count_include_pad: bool
 ) -> list[tuple[int, int, int]]:
@@ -308,6 +342,11 @@ BACKWARD_DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {
     aten.empty_permuted.default: empty_permuted,
 }
 
+# Ops torch does decompose, replaced by exact equivalents that export to fewer, cheaper ONNX nodes.
+LEANER_DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {
+    aten.nll_loss_backward.default: nll_loss_backward,
+}
+
 # ONNX translations of aten ops that the decompositions above leave in the graph (NotImplemented), passed
 # to the exporter as its custom_translation_table: faster in onnxruntime than any decomposition.
 ONNX_TRANSLATIONS: dict[torch._ops.OpOverload, Callable] = {
@@ -334,6 +373,7 @@ def _table() -> dict[torch._ops.OpOverload, Callable]:
         if op in decomposition_table:
             table[op] = decomposition_table[op]
     table.update(BACKWARD_DECOMPOSITIONS)
+    table.update(LEANER_DECOMPOSITIONS)
     return table
 
 
