@@ -8,7 +8,7 @@ import zmq
 
 from planwire.transport.client import Client
 from planwire.transport.session import Frame
-from planwire.transport.sockets import configure, tune_io_threads
+from planwire.transport.sockets import configure, recv_frames, send_frames, tune_io_threads
 
 CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm pending frees
 
@@ -52,7 +52,7 @@ class RemoteWorker(Client):
         self.id = welcome.worker
 
     def _send(self, frames: list[Frame]) -> None:
-        self._sock.send_multipart(frames, copy=False)
+        send_frames(self._sock, frames)
 
     def _recv(self, timeout: float | None) -> list[Frame] | None:
         sock = self._sock
@@ -64,10 +64,9 @@ class RemoteWorker(Client):
             sock.setsockopt(zmq.RCVTIMEO, ms)
             self._rcvtimeo = ms
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK if ms == 0 else 0, copy=False)
+            return recv_frames(sock, zmq.NOBLOCK if ms == 0 else 0)
         except zmq.Again:
             return None
-        return [f.buffer for f in frames]
 
     def _connection_lost(self) -> bool:
         lost = False

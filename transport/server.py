@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import zmq
 
 from planwire.transport.session import Frame
-from planwire.transport.sockets import configure
+from planwire.transport.sockets import configure, recv_frames, send_frames
 
 log = logging.getLogger("planwire.server")
 
@@ -49,12 +49,12 @@ class Server:
         sock.setsockopt(zmq.RCVTIMEO, poll_ms)
         while not stopped():
             try:
-                frames = sock.recv_multipart(copy=False)
+                peer, *frames = recv_frames(sock)
             except zmq.Again:
                 continue
-            reply = handler([f.buffer for f in frames[1:]])
+            reply = handler(frames)
             try:
-                sock.send_multipart([frames[0].bytes, *reply], copy=False)
+                send_frames(sock, [peer, *reply])
             except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full
                 log.warning("reply to a client dropped: %s", e)
 
