@@ -2,9 +2,9 @@
 
 ``torch.onnx.export(..., dynamo=True)`` always runs ``ExportedProgram.run_decompositions(table)`` on what
 ``torch.export`` captured, with ``table`` = torch's decompositions minus the ops torchlib translates. For
-a small plan that is most of a warm export (about 0.1-0.2 s of 0.25 s here): it rebuilds that table,
+a small plan that is most of a warm build (about 0.12 s of 0.15 s here): it rebuilds that table,
 collects every CompositeImplicitAutograd (CIA) op of every namespace twice, patches and restores the
-Python kernels of ~1,100 CIA ops and re-traces the whole graph under fake tensors.
+Python kernels of ~500 CIA ops and re-traces the whole graph under fake tensors.
 
 When the captured graph holds only ops that this step provably leaves alone, its result is the same
 graph, so :func:`skip_noop_decompositions` returns the program as it is. An op is left alone when it is
@@ -114,9 +114,14 @@ def skip_noop_decompositions() -> Iterator[bool]:
 
     def decompose_with_registry(program: Any, registry: Any) -> Any:
         global skipped, decomposed
-        if threading.get_ident() == owner and nothing_to_decompose(program, registry):
-            skipped += 1
-            return program
+        if threading.get_ident() == owner:
+            try:
+                skip = nothing_to_decompose(program, registry)
+            except Exception:  # an internal this check relies on changed shape: take the normal path
+                skip = False
+            if skip:
+                skipped += 1
+                return program
         decomposed += 1
         return original(program, registry)
 

@@ -140,6 +140,7 @@ _FLOAT = torch.randn(4, 8)
 # (plan, example, whether torch.onnx's decompositions provably have nothing to do)
 _DECOMP_CASES = {
     "elementwise": (_fn(lambda x: torch.relu(x * 2.0 + 1.5)), _FLOAT, True),
+    "dead code and sizes": (_fn(lambda x: [x.sin() * 3, x + x.shape[0] // 2][1]), _FLOAT, True),
     "seed net": (_Net, torch.randn(4, 2), True),
     "mlp": (lambda: _Seq(torch.nn.Linear(8, 5), torch.nn.GELU(), torch.nn.LayerNorm(5)), _FLOAT, True),
     "float16": (_fn(lambda x: torch.sigmoid(x).abs() * 2), _FLOAT.half(), True),
@@ -156,21 +157,23 @@ _DECOMP_CASES = {
 }
 
 
-def _canonical(model: onnx.ModelProto) -> bytes:
-    """The graph with node names dropped and inner value names numbered (they follow FX node names)."""
+def _canonical(model: onnx.ModelProto, keep: list[str]) -> bytes:
+    """The graph with node names dropped and inner value names (which follow FX node names) numbered.
+
+    Graph inputs, outputs and the kept state initializers keep their names.
+    """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     assert not model.graph.metadata_props
-    outputs = {v.name for v in model.graph.output}
+    ports = {v.name for v in [*model.graph.input, *model.graph.output]} | set(keep)
     names: dict[str, str] = {}
+    for name in [t.name for t in model.graph.initializer] + [o for n in model.graph.node for o in n.output]:
+        if name not in ports:
+            names.setdefault(name, f"v{len(names)}")
     for node in model.graph.node:
         node.name = ""
-        for name in node.output:
-            if name not in outputs:
-                names.setdefault(name, f"v{len(names)}")
-    for node in model.graph.node:
         node.input[:] = [names.get(n, n) for n in node.input]
         node.output[:] = [names.get(n, n) for n in node.output]
-    for value in model.graph.value_info:
+    for value in [*model.graph.value_info, *model.graph.initializer]:
         value.name = names.get(value.name, value.name)
     return model.SerializeToString(deterministic=True)
 
@@ -210,8 +213,26 @@ def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pyte
         else:
             assert (decompose.skipped, decompose.decomposed) == (skipped, decomposed)
         assert _fx_passes.decompose_with_registry is original
-    assert _canonical(models[0]) == _canonical(models[1])
+    assert _canonical(models[0], plan._state_names()) == _canonical(models[1], plan._state_names())
     make().build(example, dynamic_axes=[[0]])  # which verifies the graph against eager torch
+
+
+def test_a_failing_check_takes_the_normal_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planwire.exporter import decompose
+
+    def broken(*args: object) -> bool:
+        raise AttributeError("an internal moved")
+
+    monkeypatch.setattr(decompose, "nothing_to_decompose", broken)
+    skipped, decomposed = decompose.skipped, decompose.decomposed
+
+    @func2plan(args_shape=[(-1, 4)])
+    def f(x):
+        return x.tanh() * 0.25
+
+    assert (decompose.skipped, decompose.decomposed) == (skipped, decomposed + 1)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(f(x), x.tanh() * 0.25)
 
 
 def test_nothing_to_decompose_rejects_control_flow_and_mutated_buffers() -> None:
