@@ -307,14 +307,8 @@ class Client:
         named = list(outputs) if outputs is not None else [None] * len(variant.outputs)
         keys = [k or self.new_key() for k in named]
         results = [
-            PointerTensor(
-                self,
-                k,
-                o.dtype,
-                tuple(o.shape) if all(isinstance(d, int) for d in o.shape) else None,
-                owned=n is None,
-            )
-            for k, n, o in zip(keys, named, variant.outputs, strict=True)
+            PointerTensor(self, k, dtype, shape, owned=n is None)
+            for k, n, (dtype, shape) in zip(keys, named, variant.results, strict=True)
         ]
         if inline_max is None:
             inline_max = self.inline_max if outputs is None else 0

@@ -24,8 +24,10 @@ def to_frame(array: np.ndarray) -> tuple[str, list[int], memoryview]:
         array = array.astype(array.dtype.newbyteorder("<"))
     if not array.flags.c_contiguous:
         array = array.copy(order="C")
-    # Flattened uint8 view: zero-copy, and reshape-independent for zmq (0-d arrays included).
-    return wire, list(array.shape), memoryview(array.reshape(-1).view(np.uint8))
+    # A flat byte view: zero-copy, and shape-independent for zmq (0-d arrays included; memoryview cannot
+    # cast an empty array, numpy's view can).
+    buf = memoryview(array).cast("B") if array.size else memoryview(array.reshape(-1).view(np.uint8))
+    return wire, list(array.shape), buf
 
 
 def from_frame(dtype: str, shape: Sequence[int], frame: Buffer, *, what: str = "tensor") -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 from planwire.transport.dtypes import human
@@ -63,6 +64,11 @@ class PlanVariant:
     def __post_init__(self) -> None:
         if not self.id:
             object.__setattr__(self, "id", plan_id(self.data))
+
+    @cached_property
+    def results(self) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
+        """(dtype, shape when static else None) of each output: what a call's result pointers start with."""
+        return tuple((o.dtype, o.shape if all(isinstance(d, int) for d in o.shape) else None) for o in self.outputs)  # type: ignore[misc]
 
     def mismatch(self, args: Sequence[tuple[str, Sequence[int]]]) -> str | None:
         """Why (dtype, shape) arguments do not fit this variant, or None when they do."""
