@@ -87,6 +87,9 @@ def test_training_step_with_tied_pooling_windows_matches_torch() -> None:
     assert "MaxUnpool" in ops
     # the forward pool lost its unread Indices output (onnxruntime's fast kernel); the backward's feeds MaxUnpool
     assert sorted(len(n.output) for n in step.model.graph.node if n.op_type == "MaxPool") == [1, 2]
+    # ReLU's backward mask moved before the unpool: it compares the pooled maxima, not the ReLU output
+    pooled = {n.output[0] for n in step.model.graph.node if n.op_type == "MaxPool"}
+    assert [n.input[0] in pooled for n in step.model.graph.node if n.op_type == "LessOrEqual"] == [True]
     sess = ort.InferenceSession(step.data, providers=["CPUExecutionProvider"])
     for batch in (1, 6, 33):
         model = make()
@@ -106,3 +109,25 @@ def test_training_step_with_tied_pooling_windows_matches_torch() -> None:
                 outputs[f"new.param.{name}"], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{name}, batch {batch}"
             )
             assert grads[name].abs().sum() > 0
+
+
+def test_relu_mask_moves_before_the_unpool_only_where_exact() -> None:
+    """The rewrite applies to ReLU -> tiled MaxPool; an overlapping pool (scatter path) keeps its mask."""
+    from planwire.exporter.training import rewrites
+
+    counts = []
+    original = rewrites.mask_before_unpool
+
+    def spy(gm: torch.fx.GraphModule) -> int:
+        counts.append(original(gm))
+        return counts[-1]
+
+    import planwire.exporter.training.trace as trace
+
+    for pool in (nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2)):
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), pool, nn.Flatten(), nn.LazyLinear(3))
+        model(torch.zeros(1, 1, 8, 8))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(trace, "mask_before_unpool", spy)
+            build_training_step(model, F.cross_entropy, SGD(lr=0.5), [(-1, 1, 8, 8), (-1,)])
+    assert counts == [1, 0]

@@ -196,7 +196,11 @@ def max_pool2d_backward_onnx(
     unbatched = len(inp.shape) == 3
     if unbatched:
         inp, grad_output = op.Unsqueeze(inp, [0]), op.Unsqueeze(grad_output, [0])
-    _, raw = op.MaxPool(inp, kernel_shape=kernel, strides=kernel)
+    # the attributes torchlib gives the forward's MaxPool, so that the optimizer's common-subexpression
+    # pass merges the two: one MaxPool serves the forward output and these indices
+    _, raw = op.MaxPool(
+        inp, ceil_mode=ceil_mode, dilations=[1, 1], kernel_shape=kernel, pads=[0, 0, 0, 0], strides=kernel
+    )
     grad = op.MaxUnpool(grad_output, raw, op.Shape(inp), kernel_shape=kernel, strides=kernel)
     return op.Squeeze(grad, [0]) if unbatched else grad
 

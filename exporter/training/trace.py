@@ -19,6 +19,8 @@ Two details that matter for correctness:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import math
 import sys
@@ -46,6 +48,7 @@ from planwire.exporter.export import OPSET, check_exported, failing_op
 from planwire.exporter.fingerprint import tensor_digest
 from planwire.exporter.registry import cached_registry
 from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS, training_decompositions
+from planwire.exporter.training.rewrites import mask_before_unpool
 from planwire.exporter.verify import RANDOM_OPS, compare
 from planwire.transport import spec as wire
 from planwire.transport.dtypes import to_wire
@@ -339,7 +342,9 @@ def trace(
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore")
-            return make_fx(fn, decomposition_table=training_decompositions(), tracing_mode="symbolic")(*fakes)
+            gm = make_fx(fn, decomposition_table=training_decompositions(), tracing_mode="symbolic")(*fakes)
+            mask_before_unpool(gm)
+            return gm
     except (TypeError, ValueError, PlanBuildError):
         raise
     except Exception as e:
@@ -599,9 +604,23 @@ def _cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequen
             value = getattr(gm, node.target)
             if isinstance(value, Tensor):
                 constants.append((node.target, tensor_digest(value)))
-    versions = [torch.__version__, onnx.__version__, onnxscript.__version__, OPSET]
+    versions = [torch.__version__, onnx.__version__, onnxscript.__version__, OPSET, _translations_source()]
     ports = [[p.meta() for p in inputs], [p.meta() for p in outputs]]
     return cache.make_key("training-graph/2", gm.code, constants, ports, versions)
+
+
+@functools.cache
+def _translations_source() -> str:
+    """The code that shapes the exported graph beyond ``gm.code``: the custom ONNX translations and the
+    post-export pass (an edited translation must not be served a stale cached export)."""
+    parts = []
+    for fn in [*ONNX_TRANSLATIONS.values(), drop_unused_indices]:
+        try:
+            parts.append(inspect.getsource(fn))
+        except (OSError, TypeError):  # no source file (frozen, patched): the bytecode and constants
+            code = getattr(fn, "__code__", None)
+            parts.append(repr((code.co_code, code.co_consts)) if code is not None else repr(fn))
+    return "\n".join(parts)
 
 
 def verify(
