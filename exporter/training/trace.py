@@ -101,7 +101,10 @@ class Port:
 
     def meta(self) -> dict[str, object]:
         entry: dict[str, object] = {
-            "name": self.name, "role": self.role, "dtype": wire_dtype(self.dtype), "shape": list(self.shape),
+            "name": self.name,
+            "role": self.role,
+            "dtype": wire_dtype(self.dtype),
+            "shape": list(self.shape),
         }
         if self.binds is not None:
             entry["binds"] = self.binds
@@ -351,7 +354,8 @@ def trace(
         where = f" in {tagger.failed_in}" if tagger.failed_in else ""
         raise TrainingExportError(
             f"plan {plan!r}: tracing the step failed{where}: {type(e).__name__}: {_first_line(e)}",
-            plan=plan, module=tagger.failed_in,
+            plan=plan,
+            module=tagger.failed_in,
         ) from e
 
 
@@ -460,7 +464,9 @@ def explain_failure(gm: torch.fx.GraphModule, error: BaseException, *, plan: str
         f"plan {plan!r}: no ONNX translation for {'; '.join(parts)}, so this step (or its gradient) "
         f"cannot be exported: replace the layer or add a decomposition to "
         f"planwire.exporter.training.decompositions. Exporter error: {cause}",
-        plan=plan, op=op, module=modules[0] if modules else None,
+        plan=plan,
+        op=op,
+        module=modules[0] if modules else None,
     )
 
 
@@ -527,9 +533,7 @@ def _finish(
     del proto.metadata_props[:]
     for name, value in meta.items():
         proto.metadata_props.add(key=name, value=value)
-    variant = PlanVariant(
-        proto.SerializeToString(), tuple(p.spec() for p in inputs), tuple(p.spec() for p in outputs)
-    )
+    variant = PlanVariant(proto.SerializeToString(), tuple(p.spec() for p in inputs), tuple(p.spec() for p in outputs))
     if check is not None:
         check(variant, proto)
     return variant, proto
