@@ -85,8 +85,10 @@ def test_training_step_with_tied_pooling_windows_matches_torch() -> None:
     step = build_training_step(make(), F.cross_entropy, SGD(lr=0.5), [(-1, 1, 8, 8), (-1,)])
     ops = {n.op_type for n in step.model.graph.node}
     assert "MaxUnpool" in ops
-    # the forward pool lost its unread Indices output (onnxruntime's fast kernel); the backward's feeds MaxUnpool
-    assert sorted(len(n.output) for n in step.model.graph.node if n.op_type == "MaxPool") == [1, 2]
+    # one MaxPool: its output is the forward's, its indices feed MaxUnpool (tidy_max_pools merged the two)
+    (pool,) = [n for n in step.model.graph.node if n.op_type == "MaxPool"]
+    readers = {i: n.op_type for n in step.model.graph.node for i in n.input}
+    assert len(pool.output) == 2 and readers[pool.output[1]] == "MaxUnpool" and pool.output[0] in readers
     # ReLU's backward mask moved before the unpool: it compares the pooled maxima, not the ReLU output
     pooled = {n.output[0] for n in step.model.graph.node if n.op_type == "MaxPool"}
     assert [n.input[0] in pooled for n in step.model.graph.node if n.op_type == "LessOrEqual"] == [True]
@@ -131,3 +133,35 @@ def test_relu_mask_moves_before_the_unpool_only_where_exact() -> None:
             mp.setattr(trace, "mask_before_unpool", spy)
             build_training_step(model, F.cross_entropy, SGD(lr=0.5), [(-1, 1, 8, 8), (-1,)])
     assert counts == [1, 0]
+
+
+def test_tidy_max_pools_drops_unread_indices_and_merges_pools() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from planwire.exporter.training.trace import tidy_max_pools
+
+    attrs = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["y", "unread"], **attrs),  # forward, its indices unread
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("MaxPool", ["x"], ["y2", "idx"], **attrs),  # the backward's pool, same input
+        helper.make_node("MaxUnpool", ["r", "idx"], ["g"], **attrs),
+        helper.make_node("MaxPool", ["x"], ["other"], kernel_shape=[2, 2]),  # stride 1: not the same pool
+    ]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 4, 4])  # noqa: E731
+    other = helper.make_tensor_value_info("other", TensorProto.FLOAT, [1, 2, 3, 3])
+    graph = helper.make_graph(nodes, "g", [value("x")], [value("g"), other])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert tidy_max_pools(model) == 2
+    onnx.checker.check_model(model, full_check=True)  # still topologically sorted
+    ops = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    assert ops == [
+        ("MaxPool", ["x"], ["y2", "idx"]),
+        ("Relu", ["y2"], ["r"]),
+        ("MaxUnpool", ["r", "idx"], ["g"]),
+        ("MaxPool", ["x"], ["other"]),
+    ]
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert got[0].shape == x.shape and got[1].shape == (1, 2, 3, 3)

@@ -196,8 +196,8 @@ def max_pool2d_backward_onnx(
     unbatched = len(inp.shape) == 3
     if unbatched:
         inp, grad_output = op.Unsqueeze(inp, [0]), op.Unsqueeze(grad_output, [0])
-    # the attributes torchlib gives the forward's MaxPool, so that the optimizer's common-subexpression
-    # pass merges the two: one MaxPool serves the forward output and these indices
+    # the attributes torchlib gives the forward's MaxPool, so that trace.tidy_max_pools can merge the
+    # two after the export: one MaxPool then serves the forward output and these indices
     _, raw = op.MaxPool(
         inp, ceil_mode=ceil_mode, dilations=[1, 1], kernel_shape=kernel, pads=[0, 0, 0, 0], strides=kernel
     )

@@ -567,37 +567,68 @@ def _export(
         raise explain_failure(gm, e, plan=plan) from e
     cache.stats.exports += 1
     proto = onnx_program.model_proto
-    drop_unused_indices(proto)
+    tidy_max_pools(proto)
     return proto
 
 
-def drop_unused_indices(proto: onnx.ModelProto) -> int:
-    """Remove the ``Indices`` output of every ``MaxPool`` that nothing reads; returns how many.
+def tidy_max_pools(proto: onnx.ModelProto) -> int:
+    """Remove the ``Indices`` output of every ``MaxPool`` that nothing reads, then let a MaxPool that
+    computes indices also serve a one-output MaxPool of the same input and attributes; returns how
+    many outputs and nodes went.
 
-    The exporter translates ``max_pool2d_with_indices`` to a two-output MaxPool even when the backward
-    no longer needs them (see ``decompositions.max_pool2d_backward_onnx``). onnxruntime runs a
-    MaxPool with an Indices output in a generic kernel, several times slower than its one-output kernel.
+    The tiled max-pool backward (``decompositions.max_pool2d_backward_onnx``) pools the forward's input
+    again for its indices, while the forward's MaxPool keeps an Indices output nothing reads. onnxruntime
+    runs a MaxPool with an Indices output in a generic kernel, several times slower than its one-output
+    kernel, and one pool is cheaper than two.
     """
-    used: set[str] = {o.name for o in proto.graph.output}
-
-    def reads(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            used.update(node.input)
+    graph = proto.graph
+    graphs = [graph]
+    for g in graphs:  # every (sub)graph, for the names it reads
+        for node in g.node:
             for attr in node.attribute:
-                for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
-                    reads(sub)
+                graphs.extend([attr.g] if attr.HasField("g") else attr.graphs)
+    used = {o.name for o in graph.output} | {i for g in graphs for node in g.node for i in node.input}
+    changed = 0
+    pools = [n for n in graph.node if n.op_type == "MaxPool" and n.domain in ("", "ai.onnx")]
+    for node in pools:
+        if len(node.output) == 2 and node.output[1] and node.output[1] not in used:
+            del node.output[1]
+            changed += 1
 
-    reads(proto.graph)
-    dropped = set()
-    for node in proto.graph.node:
-        pool = node.op_type == "MaxPool" and node.domain in ("", "ai.onnx") and len(node.output) == 2
-        if pool and node.output[1] and node.output[1] not in used:
-            dropped.add(node.output.pop())
-    if dropped:
-        kept = [v for v in proto.graph.value_info if v.name not in dropped]
-        del proto.graph.value_info[:]
-        proto.graph.value_info.extend(kept)
-    return len(dropped)
+    def signature(node: onnx.NodeProto) -> tuple:
+        attrs = sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute)
+        return node.domain, tuple(node.input), tuple(attrs)
+
+    outputs = {o.name for o in graph.output}
+    while len(graphs) == 1:  # (a graph with subgraphs keeps both pools: names would need renaming there too)
+        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
+        pools = {i: n for i, n in enumerate(nodes) if n.op_type == "MaxPool" and n.domain in ("", "ai.onnx")}
+        with_indices = {signature(n): i for i, n in pools.items() if len(n.output) == 2 and n.output[0]}
+        pair = next(
+            (
+                (i, with_indices[signature(n)])
+                for i, n in pools.items()
+                if len(n.output) == 1 and n.output[0] not in outputs and signature(n) in with_indices
+            ),
+            None,
+        )
+        if pair is None:
+            return changed
+        at, other = pair
+        old, new = nodes[at].output[0], nodes[other].output[0]
+        for user in nodes:
+            user.input[:] = [new if name == old else name for name in user.input]
+        if other > at:  # its only input is the same, so it may run where the one-output pool ran
+            nodes[at] = nodes.pop(other)
+        else:
+            del nodes[at]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        kept = [v for v in graph.value_info if v.name != old]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        changed += 1
+    return changed
 
 
 def _cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequence[Port]) -> str:
@@ -618,7 +649,7 @@ def _translations_source() -> str:
     """The code that shapes the exported graph beyond ``gm.code``: the custom ONNX translations and the
     post-export pass (an edited translation must not be served a stale cached export)."""
     parts = []
-    for fn in [*ONNX_TRANSLATIONS.values(), drop_unused_indices]:
+    for fn in [*ONNX_TRANSLATIONS.values(), tidy_max_pools]:
         try:
             parts.append(inspect.getsource(fn))
         except (OSError, TypeError):  # no source file (frozen, patched): the bytecode and constants
