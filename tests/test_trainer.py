@@ -24,8 +24,12 @@ def small_cnn() -> nn.Module:
 def cnn_plan():
     model = small_cnn()
     plan = sy.training_plan(
-        model, F.cross_entropy, sy.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-4),
-        args_shape=[(-1, 1, 8, 8), (-1,)], args_dtypes=[torch.float32, torch.int64], metrics=("accuracy",),
+        model,
+        F.cross_entropy,
+        sy.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-4),
+        args_shape=[(-1, 1, 8, 8), (-1,)],
+        args_dtypes=[torch.float32, torch.int64],
+        metrics=("accuracy",),
     )
     return plan, model
 
@@ -69,7 +73,7 @@ def test_steps_on_the_worker_match_eager_torch(worker, cnn_plan):
 def test_hyper_parameters_change_per_call_and_weights_can_be_pushed(worker, cnn_plan):
     plan, model = cnn_plan
     ptr = plan.send(worker)
-    (x, y), = batches([6], seed=3)
+    ((x, y),) = batches([6], seed=3)
     before = ptr.state_dict()
     ptr(x, y, lr=0.0, momentum=0.0, weight_decay=0.0)[0].get()
     after = ptr.state_dict()
@@ -104,6 +108,7 @@ def test_hyper_overrides_apply_to_one_call_and_free_releases_all_state(worker, c
     ptr.free()
     worker.flush()
     assert worker.search(f"plan:{plan.name}") == []
+
 
 def test_clear_errors_for_bad_batches_and_weights(worker, cnn_plan):
     plan, _ = cnn_plan

@@ -32,8 +32,9 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize(("nd", "channels", "k", "stride", "pad", "dil"), CONV_CASES)
-def test_convolution_backward_matches_aten(nd: int, channels: tuple[int, int, int], k: int, stride: int,
-                                           pad: int, dil: int) -> None:
+def test_convolution_backward_matches_aten(
+    nd: int, channels: tuple[int, int, int], k: int, stride: int, pad: int, dil: int
+) -> None:
     c_in, c_out, groups = channels
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, c_in, *[9] * nd, dtype=torch.float64, generator=gen)
@@ -48,10 +49,13 @@ def test_convolution_backward_matches_aten(nd: int, channels: tuple[int, int, in
     assert ours[0].is_contiguous() and ours[1].is_contiguous()
 
 
-@pytest.mark.parametrize(("nd", "stride", "pad", "dil", "out_pad", "groups"),
-                         [(1, 2, 1, 1, 1, 1), (2, 2, 0, 2, 1, 2), (2, 3, 1, 1, 2, 1), (2, 1, 1, 2, 1, 2)])
-def test_transposed_convolution_backward_matches_aten(nd: int, stride: int, pad: int, dil: int, out_pad: int,
-                                                      groups: int) -> None:
+@pytest.mark.parametrize(
+    ("nd", "stride", "pad", "dil", "out_pad", "groups"),
+    [(1, 2, 1, 1, 1, 1), (2, 2, 0, 2, 1, 2), (2, 3, 1, 1, 2, 1), (2, 1, 1, 2, 1, 2)],
+)
+def test_transposed_convolution_backward_matches_aten(
+    nd: int, stride: int, pad: int, dil: int, out_pad: int, groups: int
+) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, *[6] * nd, dtype=torch.float64, generator=gen)
     w = torch.randn(4, 6 // groups, *[3] * nd, dtype=torch.float64, generator=gen)
@@ -64,9 +68,10 @@ def test_transposed_convolution_backward_matches_aten(nd: int, stride: int, pad:
         _close(a, b)
 
 
-@pytest.mark.parametrize(("k", "stride", "pad", "dil", "ceil"),
-                         [c for c in itertools.product([2, 3], [1, 2, 3], [0, 1], [1, 2], [False, True])
-                          if c[2] <= c[0] // 2])
+@pytest.mark.parametrize(
+    ("k", "stride", "pad", "dil", "ceil"),
+    [c for c in itertools.product([2, 3], [1, 2, 3], [0, 1], [1, 2], [False, True]) if c[2] <= c[0] // 2],
+)
 def test_max_pool2d_backward_matches_aten(k: int, stride: int, pad: int, dil: int, ceil: bool) -> None:
     x = torch.randn(2, 3, 11, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     x[0, 0, :4, :4] = 1.0  # ties: overlapping windows pick the same element and must accumulate
@@ -82,16 +87,20 @@ def test_max_pool2d_backward_matches_aten(k: int, stride: int, pad: int, dil: in
         _close(ours, ref)
 
 
-@pytest.mark.parametrize(("kernel", "stride", "pad", "dil", "size", "tiled"), [
-    ([2, 2], [2, 2], [0, 0], [1, 1], (8, 8), True),
-    ([2], [], [0], [1], (9, 7), True),  # one-element lists, default stride, floor crops a row and a column
-    ([2, 3], [2, 3], [0, 0], [1, 1], (6, 9), True),
-    ([3, 3], [2, 2], [0, 0], [1, 1], (8, 8), False),  # overlapping
-    ([2, 2], [2, 2], [1, 1], [1, 1], (8, 8), False),  # padded
-    ([2, 2], [2, 2], [0, 0], [2, 2], (8, 8), False),  # dilated
-])
-def test_tiled_max_pool2d_detection(kernel: list[int], stride: list[int], pad: list[int], dil: list[int],
-                                    size: tuple[int, int], tiled: bool) -> None:
+@pytest.mark.parametrize(
+    ("kernel", "stride", "pad", "dil", "size", "tiled"),
+    [
+        ([2, 2], [2, 2], [0, 0], [1, 1], (8, 8), True),
+        ([2], [], [0], [1], (9, 7), True),  # one-element lists, default stride, floor crops a row and a column
+        ([2, 3], [2, 3], [0, 0], [1, 1], (6, 9), True),
+        ([3, 3], [2, 2], [0, 0], [1, 1], (8, 8), False),  # overlapping
+        ([2, 2], [2, 2], [1, 1], [1, 1], (8, 8), False),  # padded
+        ([2, 2], [2, 2], [0, 0], [2, 2], (8, 8), False),  # dilated
+    ],
+)
+def test_tiled_max_pool2d_detection(
+    kernel: list[int], stride: list[int], pad: list[int], dil: list[int], size: tuple[int, int], tiled: bool
+) -> None:
     x = torch.randn(2, 3, *size)
     out, _ = aten.max_pool2d_with_indices(x, kernel, stride, pad, dil, False)
     assert D.tiled_max_pool2d(x, out, kernel, stride, pad, dil) is tiled
@@ -100,11 +109,13 @@ def test_tiled_max_pool2d_detection(kernel: list[int], stride: list[int], pad: l
         assert D.tiled_max_pool2d(x, partial, kernel, stride, pad, dil) is (partial.shape == out.shape)
 
 
-@pytest.mark.parametrize(("kernel", "stride", "pad", "ceil", "include_pad", "divisor"),
-                         [c for c in itertools.product([(2, 3), (3, 3)], [1, 2, 3], [0, 1], [False, True],
-                                                       [False, True], [None, 5])])
-def test_avg_pool2d_backward_matches_aten(kernel: tuple[int, int], stride: int, pad: int, ceil: bool,
-                                          include_pad: bool, divisor: int | None) -> None:
+@pytest.mark.parametrize(
+    ("kernel", "stride", "pad", "ceil", "include_pad", "divisor"),
+    [c for c in itertools.product([(2, 3), (3, 3)], [1, 2, 3], [0, 1], [False, True], [False, True], [None, 5])],
+)
+def test_avg_pool2d_backward_matches_aten(
+    kernel: tuple[int, int], stride: int, pad: int, ceil: bool, include_pad: bool, divisor: int | None
+) -> None:
     x = torch.randn(2, 3, 11, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     args = (list(kernel), [stride, stride], [pad, pad], ceil, include_pad, divisor)
     out = aten.avg_pool2d(x, *args)
@@ -140,13 +151,16 @@ def test_nll_loss_backward_unbatched_and_all_ignored() -> None:
     target = torch.tensor(2)
     out, total = aten.nll_loss_forward(scores, target, None, 1, -100)
     grad = torch.ones((), dtype=torch.float64)
-    assert torch.equal(D.nll_loss_backward(grad, scores, target, None, 1, -100, total),
-                       aten.nll_loss_backward(grad, scores, target, None, 1, -100, total))
+    assert torch.equal(
+        D.nll_loss_backward(grad, scores, target, None, 1, -100, total),
+        aten.nll_loss_backward(grad, scores, target, None, 1, -100, total),
+    )
     scores = torch.randn(3, 4, dtype=torch.float64).log_softmax(1)
     target = torch.full((3,), -100)
     out, total = aten.nll_loss_forward(scores, target, None, 1, -100)  # 0 / 0: the loss is NaN
     ours = D.nll_loss_backward(grad, scores, target, None, 1, -100, total)
     assert torch.equal(ours, aten.nll_loss_backward(grad, scores, target, None, 1, -100, total))
+
 
 def test_empty_permuted_keeps_shape_and_strides() -> None:
     ref = aten.empty_permuted([2, 3, 4], [2, 0, 1])
@@ -171,15 +185,23 @@ def test_table_extends_core_aten_with_the_backward_ops() -> None:
 
 OPTIMIZERS = [
     (SGD(0.1), lambda p: torch.optim.SGD(p, lr=0.1, foreach=False)),
-    (SGD(0.05, momentum=0.9, weight_decay=0.01),
-     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=False)),
-    (SGD(0.05, momentum=0.8, weight_decay=0.1, nesterov=True),
-     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, weight_decay=0.1, nesterov=True, foreach=False)),
+    (
+        SGD(0.05, momentum=0.9, weight_decay=0.01),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=False),
+    ),
+    (
+        SGD(0.05, momentum=0.8, weight_decay=0.1, nesterov=True),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, weight_decay=0.1, nesterov=True, foreach=False),
+    ),
     (Adam(0.01), lambda p: torch.optim.Adam(p, lr=0.01, foreach=False)),
-    (Adam(0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-     lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, foreach=False)),
-    (Adam(0.02, weight_decay=0.1, decoupled_weight_decay=True),
-     lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1, foreach=False)),
+    (
+        Adam(0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+        lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, foreach=False),
+    ),
+    (
+        Adam(0.02, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1, foreach=False),
+    ),
 ]
 
 

@@ -25,11 +25,12 @@ NAMES = [n for n, _ in MODEL.named_parameters()]
 PARAMS = [p.detach().clone() for p in MODEL.parameters()]
 
 
-def fedprox(x: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, lr: torch.Tensor,
-            *weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def fedprox(
+    x: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, lr: torch.Tensor, *weights: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """One FedProx client step: cross entropy + mu/2 |w - w_global|^2; the first half of weights is w."""
     local = dict(zip(NAMES, weights[: len(NAMES)], strict=True))
-    glob = dict(zip(NAMES, weights[len(NAMES):], strict=True))
+    glob = dict(zip(NAMES, weights[len(NAMES) :], strict=True))
 
     def objective(w: dict[str, torch.Tensor]) -> torch.Tensor:
         prox = sum(((w[k] - glob[k]) ** 2).sum() for k in w)
@@ -45,8 +46,7 @@ def run(step, feed: dict[str, np.ndarray]) -> list[np.ndarray]:  # type: ignore[
 
 def test_fedprox_rounds_match_eager() -> None:
     gen = torch.Generator().manual_seed(1)
-    example = [torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.tensor(0.1), torch.tensor(0.05),
-               *PARAMS, *PARAMS]
+    example = [torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.tensor(0.1), torch.tensor(0.05), *PARAMS, *PARAMS]
     names = ["x", "y", "mu", "lr", *NAMES, *[f"global.{n}" for n in NAMES]]
     step = build_function_step(fedprox, example, dynamic=[{0: "batch"}, {0: "batch"}], input_names=names)
     assert step.input_names == tuple(names) and step.output_names == ("loss", *[f"new.{n}" for n in NAMES])
@@ -66,6 +66,7 @@ def test_fedprox_rounds_match_eager() -> None:
 
 def test_tuple_outputs_and_other_gradient_styles() -> None:
     """torch.func.grad with tuple outputs, torch.autograd.grad, and loss.backward() + .grad."""
+
     def sgd(x: torch.Tensor, y: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w = dict(zip(NAMES, weights, strict=True))
         g = grad(lambda q: F.mse_loss(functional_call(MODEL, q, (x,)), y))(w)

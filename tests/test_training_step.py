@@ -95,11 +95,13 @@ def check_parity(
                 np.testing.assert_allclose(named["metric.accuracy"], accuracy, rtol=1e-6, err_msg=where)
             for name, tensor in model.named_parameters():
                 role = "param" if tensor.requires_grad else "frozen"
-                np.testing.assert_allclose(state[f"{role}.{name}"], tensor.detach().numpy(), rtol=RTOL,
-                                           atol=ATOL, err_msg=f"{name} ({where})")
+                np.testing.assert_allclose(
+                    state[f"{role}.{name}"], tensor.detach().numpy(), rtol=RTOL, atol=ATOL, err_msg=f"{name} ({where})"
+                )
             for name, tensor in model.named_buffers():
-                np.testing.assert_allclose(state[f"buffer.{name}"], tensor.numpy(), rtol=RTOL, atol=ATOL,
-                                           err_msg=f"{name} ({where})")
+                np.testing.assert_allclose(
+                    state[f"buffer.{name}"], tensor.numpy(), rtol=RTOL, atol=ATOL, err_msg=f"{name} ({where})"
+                )
     return step
 
 
@@ -163,9 +165,17 @@ class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Dropout(0.0),
-            nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid(), nn.Softmax(dim=1),
-            nn.Linear(8, 4), nn.LogSoftmax(dim=1),
+            nn.Linear(6, 16),
+            nn.LayerNorm(16),
+            nn.GELU(),
+            nn.Dropout(0.0),
+            nn.Linear(16, 8),
+            nn.Tanh(),
+            nn.Linear(8, 8),
+            nn.Sigmoid(),
+            nn.Softmax(dim=1),
+            nn.Linear(8, 4),
+            nn.LogSoftmax(dim=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,10 +204,14 @@ def vectors(n: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_cnn_conv_batchnorm_pooling(optimizer: str) -> None:
-    step = check_parity(CNN, F.cross_entropy, optimizer, [(-1, 1, 12, 12), (-1,)], images((1, 12, 12), 3),
-                        metrics=("accuracy",))
-    assert set(step.buffers) == {"buffer.features.1.running_mean", "buffer.features.1.running_var",
-                                 "buffer.features.1.num_batches_tracked"}
+    step = check_parity(
+        CNN, F.cross_entropy, optimizer, [(-1, 1, 12, 12), (-1,)], images((1, 12, 12), 3), metrics=("accuracy",)
+    )
+    assert set(step.buffers) == {
+        "buffer.features.1.running_mean",
+        "buffer.features.1.running_var",
+        "buffer.features.1.num_batches_tracked",
+    }
     assert {step.bindings[f"new.{b}"] for b in step.buffers} == set(step.buffers)
 
 
@@ -315,6 +329,7 @@ def test_class_index_loss_variants(loss: str) -> None:
     fn, batch = CLASS_LOSSES[loss]
     check_parity(small, fn, "sgd", [(-1, 4), (-1,)], batch, args_dtypes=[torch.float32, torch.int64])
 
+
 def test_eval_mode_and_frozen_parameters() -> None:
     """train=False: BatchNorm uses and keeps its running stats (no buffer outputs); frozen params are read."""
 
@@ -382,8 +397,9 @@ def recovered_masks(p: float, module: nn.Module, shape: tuple[int, ...], runs: i
     """
     width = int(np.prod(shape))
     model = nn.Sequential(module, nn.Flatten(), nn.Linear(width, 1, bias=False))
-    step = build_training_step(model, lambda out, _: out.sum(), SGD(1.0), [(-1, *shape), (-1,)],
-                               [torch.float32, torch.float32])
+    step = build_training_step(
+        model, lambda out, _: out.sum(), SGD(1.0), [(-1, *shape), (-1,)], [torch.float32, torch.float32]
+    )
     sess = session(step)
     w = step.state["param.2.weight"].astype(np.float64)
     masks = []
@@ -422,8 +438,9 @@ def test_dropout2d_drops_whole_channels() -> None:
 
 def test_ports_metadata_and_dynamic_batch() -> None:
     torch.manual_seed(0)
-    step = build_training_step(Frozen(), F.cross_entropy, Adam(), [(-1, 4), (-1,)], metrics=("accuracy",),
-                               name="frozen-adam")
+    step = build_training_step(
+        Frozen(), F.cross_entropy, Adam(), [(-1, 4), (-1,)], metrics=("accuracy",), name="frozen-adam"
+    )
     roles = [s.role for s in step.variant.inputs]
     order = ["arg", "hyper", "param", "frozen", "buffer", "optim"]
     assert roles == sorted(roles, key=order.index), "inputs grouped by role in the documented order"
@@ -443,7 +460,11 @@ def test_ports_metadata_and_dynamic_batch() -> None:
     inputs = json.loads(meta[META_INPUTS])
     assert [i["name"] for i in inputs] == list(step.input_names)
     assert inputs[0]["shape"] == ["batch", 4] and inputs[2] == {
-        "name": "hyper.lr", "role": "hyper", "dtype": "double", "shape": []}
+        "name": "hyper.lr",
+        "role": "hyper",
+        "dtype": "double",
+        "shape": [],
+    }
     training = json.loads(meta["planwire.training"])
     assert training["optimizer"]["name"] == "adam" and training["loss"] == "cross_entropy"
 
@@ -495,8 +516,9 @@ def test_bad_arguments_are_reported_before_tracing() -> None:
     with pytest.raises(ValueError, match="unknown metric"):
         build_training_step(small(), F.cross_entropy, SGD(), [(-1, 4), (-1,)], metrics=("f1",))
     with pytest.raises(ValueError, match="scalar"):
-        build_training_step(small(), lambda o, t: (o - t) ** 2, SGD(), [(-1, 4), (-1, 3)],
-                            [torch.float32, torch.float32])
+        build_training_step(
+            small(), lambda o, t: (o - t) ** 2, SGD(), [(-1, 4), (-1, 3)], [torch.float32, torch.float32]
+        )
 
 
 def test_build_check_catches_a_wrong_gradient(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,9 +55,7 @@ def _conv_weight_grad(
     x = x.permute(2, 1, 0, *range(3, 3 + len(spatial))).reshape(cin_g, groups * n_batch, *spatial)
     # kernel: (N, C_out, *So) -> (C_out, N, *So); output channel o uses input channels of its group
     w = grad_output.transpose(0, 1)
-    out = aten.convolution(
-        x, w, None, list(dilation), list(padding), list(stride), False, [0] * len(spatial), groups
-    )
+    out = aten.convolution(x, w, None, list(dilation), list(padding), list(stride), False, [0] * len(spatial), groups)
     # out: (C_in/g, C_out, *K') -> (C_out, C_in/g, *K), cropped to the kernel size
     out = out.transpose(0, 1)
     for axis, k in enumerate(weight_shape[2:]):
@@ -91,9 +89,7 @@ def convolution_backward(
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
         if transposed:
-            grad_input = aten.convolution(
-                grad_output, weight, None, stride, padding, dilation, False, [0] * nd, groups
-            )
+            grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * nd, groups)
             for i in range(nd):  # output_padding >= stride (allowed when < dilation) adds positions
                 if grad_input.shape[2 + i] != inp.shape[2 + i]:
                     grad_input = grad_input.narrow(2 + i, 0, inp.shape[2 + i])
@@ -104,9 +100,7 @@ def convolution_backward(
                 size = (grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                 size = size + dilation[i] * (weight.shape[2 + i] - 1) + 1
                 extra.append(inp.shape[2 + i] - size)
-            grad_input = aten.convolution(
-                grad_output, weight, None, stride, padding, dilation, True, extra, groups
-            )
+            grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
     if output_mask[1]:
         if transposed:
             grad_weight = _conv_weight_grad(inp, grad_output, weight.shape, stride, padding, dilation, groups)
@@ -253,9 +247,7 @@ def _pool_divisors(
     return windows
 
 
-def _pool_matrix(
-    windows: list[tuple[int, int, int]], size: int, divide: bool, like: Tensor
-) -> Tensor:
+def _pool_matrix(windows: list[tuple[int, int, int]], size: int, divide: bool, like: Tensor) -> Tensor:
     """Constant (size, out) matrix M with M[h, o] = 1/divisor (or 1) when input h lies in window o.
 
     Built from Python lists so that tracing records one constant, not a chain of slice assignments.

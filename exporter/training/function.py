@@ -150,14 +150,17 @@ def build_function_step(
     ]
     values = [v.meta["val"] for v in gm.graph.output_node().args[0]]
     keys = spec_box.get("keys")
-    out_names = list(output_names or (keys if keys and len(keys) == len(values) else None) or
-                     [f"output{i}" for i in range(len(values))])
+    out_names = list(
+        output_names
+        or (keys if keys and len(keys) == len(values) else None)
+        or [f"output{i}" for i in range(len(values))]
+    )
     if len(out_names) != len(values):
         raise ValueError(f"{len(out_names)} output_names for {len(values)} outputs")
     out_ports = [
-        Port(str(n), "output", v.dtype, port_shape(v, symbols))
-        for n, v in zip(out_names, values, strict=True)
+        Port(str(n), "output", v.dtype, port_shape(v, symbols)) for n, v in zip(out_names, values, strict=True)
     ]
+
     def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
         feeds = {p.name: a.cpu().numpy() for p, a in zip(in_ports, examples, strict=True)}
         verify_plan(variant, feeds, flat(*examples), plan=plan, random=has_random_ops(proto))

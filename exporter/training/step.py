@@ -119,9 +119,7 @@ class TrainingStep(VariantView):
         feed.update({name: state[name] for name in (*self.params, *self.frozen, *self.buffers, *self.optim)})
         return feed
 
-    def advance(
-        self, state: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]
-    ) -> dict[str, np.ndarray]:
+    def advance(self, state: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """The state for the next call: ``state`` with every bound input replaced by its output."""
         new = dict(state)
         for name, value in zip(self.output_names, outputs, strict=True):
@@ -141,8 +139,10 @@ class TrainingStep(VariantView):
         for name in (*self.params, *self.frozen, *self.buffers):
             value = _numpy(values[name.partition(".")[2]]).copy()
             if value.shape != self.state[name].shape or value.dtype != self.state[name].dtype:
-                raise ValueError(f"{name}: {value.dtype}{list(value.shape)} does not fit this plan's "
-                                 f"{self.state[name].dtype}{list(self.state[name].shape)}")
+                raise ValueError(
+                    f"{name}: {value.dtype}{list(value.shape)} does not fit this plan's "
+                    f"{self.state[name].dtype}{list(self.state[name].shape)}"
+                )
             state[name] = value
         state.update({name: np.zeros_like(self.state[name]) for name in self.optim})
         return state
@@ -180,9 +180,7 @@ def _dims(shapes: Sequence[Shape]) -> tuple[list[dict[int, str]], dict[str, int]
                 raise ValueError(f"args_shape: axis {axis} of {tuple(shape)} must be a size, -1 or a name")
         dims.append(axes)
     static = {s for shape in shapes for s in shape if isinstance(s, int)}
-    primes = (
-        p for p in range(5, 10_000) if all(p % q for q in range(2, int(p**0.5) + 1)) and p not in static
-    )
+    primes = (p for p in range(5, 10_000) if all(p % q for q in range(2, int(p**0.5) + 1)) and p not in static)
     sizes: dict[str, int] = {}
     for axes in dims:
         for name in axes.values():
@@ -199,9 +197,7 @@ def _check_targets(kind: str | None, dtypes: Sequence[torch.dtype], n_targets: i
     dtype = dtypes[index]
     if kind in _CLASS_INDEX_LOSSES:
         if kind == "nll_loss" and dtype != torch.int64:
-            raise TypeError(
-                f"targets (args_dtypes[{index}]) must be int64 class indices for nll_loss, got {dtype}"
-            )
+            raise TypeError(f"targets (args_dtypes[{index}]) must be int64 class indices for nll_loss, got {dtype}")
         if dtype != torch.int64 and not dtype.is_floating_point:
             raise TypeError(
                 f"targets (args_dtypes[{index}]) must be int64 class indices (or floating class "
@@ -241,9 +237,7 @@ def _metrics(metrics: Sequence[str] | Mapping[str, Metric], kind: str | None) ->
     resolved = {}
     for name in metrics:
         if name not in builtin:
-            raise ValueError(
-                f"unknown metric {name!r}; built in: {sorted(builtin)} (or pass a name->fn mapping)"
-            )
+            raise ValueError(f"unknown metric {name!r}; built in: {sorted(builtin)} (or pass a name->fn mapping)")
         resolved[name] = builtin[name]()
     return resolved
 
@@ -327,9 +321,7 @@ def build_training_step(
 
     def step(*flat: Tensor) -> tuple[Tensor, ...]:
         it = iter(flat)
-        args_, hyper_, params_, frozen_, buffers_, state_ = (
-            [next(it) for _ in range(n)] for n in groups
-        )
+        args_, hyper_, params_, frozen_, buffers_, state_ = ([next(it) for _ in range(n)] for n in groups)
         model_args, target_args = args_[: n_args - targets], args_[n_args - targets :]
 
         def compute_loss(p: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
@@ -382,9 +374,7 @@ def build_training_step(
     mutated = _keep_mutated_buffers(gm, list(buffers), first_in, first_out)
 
     out_ports = [Port("loss", "loss", out_kinds["loss"], ())]
-    out_ports += [
-        Port(f"metric.{m}", "metric", dt, ()) for m, dt in zip(metric_fns, out_kinds["metrics"], strict=True)
-    ]
+    out_ports += [Port(f"metric.{m}", "metric", dt, ()) for m, dt in zip(metric_fns, out_kinds["metrics"], strict=True)]
     for p in in_ports:
         if p.role in ("param", "optim") or (p.role == "buffer" and p.name.removeprefix("buffer.") in mutated):
             out_ports.append(Port(f"new.{p.name}", p.role, p.dtype, p.shape, binds=p.name))
@@ -401,7 +391,7 @@ def build_training_step(
         """One onnxruntime run at another batch size == the same step in eager torch."""
         check_args = _verification_args(arg_ports, examples[:n_args])
         check_hyper = list(optimizer.hyper_tensors(**optimizer.check_hyper()).values())
-        check_rest = [*check_hyper, *examples[n_args + len(hyper):]]
+        check_rest = [*check_hyper, *examples[n_args + len(hyper) :]]
         model.train(train)
         try:
             expected = list(step(*check_args, *check_rest))
@@ -410,13 +400,19 @@ def build_training_step(
         expected = [
             *expected[:first_out],
             *(t for k, t in zip(buffers, expected[first_out:], strict=False) if k in mutated),
-            *expected[first_out + len(buffers):],
+            *expected[first_out + len(buffers) :],
         ]
         feeds = {p.name: _numpy(t) for p, t in zip(in_ports, [*check_args, *check_rest], strict=True)}
         verify_plan(variant, feeds, expected, plan=plan, random=has_random_ops(proto))
 
     variant, proto = export_graph(
-        gm, examples, in_ports, out_ports, plan=plan, kind="training", extra_meta=extra,
+        gm,
+        examples,
+        in_ports,
+        out_ports,
+        plan=plan,
+        kind="training",
+        extra_meta=extra,
         check=check if verify else None,
     )
     state = {
@@ -454,9 +450,7 @@ def _verification_args(ports: Sequence[Port], examples: Sequence[Tensor]) -> lis
     return args
 
 
-def _keep_mutated_buffers(
-    gm: torch.fx.GraphModule, names: list[str], first_in: int, first_out: int
-) -> list[str]:
+def _keep_mutated_buffers(gm: torch.fx.GraphModule, names: list[str], first_in: int, first_out: int) -> list[str]:
     """Drop the buffer outputs the forward never writes; return the names of those it does.
 
     The step clones every buffer input and returns the clones; a buffer is mutated when some op in the
