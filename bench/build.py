@@ -1,8 +1,9 @@
-"""Build: planwire plan build time vs a plain ``torch.onnx.export(dynamo=True)`` of the same function.
+"""Build: planwire plan build time vs a plain ``torch.onnx.export(dynamo=True)`` of the same code.
 
 cold: the first build in a fresh interpreter (after ``import torch``), a new process per run;
-warm: later builds in the same process of functions not seen before (each closes over a new constant,
-      so the content cache cannot answer); unchanged: building the same function again (cache hit).
+warm: later builds in the same process of plans not seen before, so the content cache cannot answer: a
+      function closing over a new constant, and the seed's ``Net`` (two Linear, relu, log_softmax) with
+      fresh random weights; unchanged: building the same function again (cache hit).
 The disk cache is off throughout (``PLANWIRE_CACHE_DIR=""``), so runs do not feed each other.
 """
 
@@ -24,6 +25,8 @@ from bench.timing import Case, Report, interleaved, measure
 FAMILY = "build"
 SHAPE = (-1, 16)
 _constants = itertools.count(100)
+NET_PLAN = "warm plan build, seed Net (new weights)"
+NET_EXPORT = "warm plain torch.onnx.export(dynamo=True), seed Net"
 
 
 def make_function(c: float) -> Callable[[Any], Any]:
@@ -34,6 +37,23 @@ def make_function(c: float) -> Callable[[Any], Any]:
         return torch.relu(x * 2.0 + c)
 
     return f
+
+
+def seed_net(base: type) -> Any:
+    """The seed tutorial's Net on ``base`` (planwire.Plan, or nn.Module for the plain export), new weights."""
+    import torch.nn.functional as F  # noqa: N812
+    from torch import nn
+
+    class Net(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(2, 3)
+            self.fc2 = nn.Linear(3, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=0)
+
+    return Net()
 
 
 def plain_export(function: Callable[[Any], Any], torch: Any) -> Any:
@@ -95,21 +115,30 @@ def run(env: Env, report: Report, quick: bool) -> None:
     def export() -> Any:
         return plain_export(make_function(float(next(_constants))), torch)
 
+    example = torch.zeros(1, 2)  # as the seed builds its Net
+
+    def net_build() -> Any:
+        net = seed_net(planwire.Plan)
+        net.build(example)
+        return net
+
+    def net_export() -> Any:
+        return torch.onnx.export(seed_net(torch.nn.Module), (example,), dynamo=True, verbose=False)
+
     with no_disk_cache():
         exports_before = planwire.exporter.cache_stats.exports
         cases = [
             Case("warm plan build (new function)", plan_build, 1, warmup=1),
             Case("warm plain torch.onnx.export(dynamo=True)", export, 1, warmup=1),
+            Case(NET_PLAN, net_build, 1, warmup=1),
+            Case(NET_EXPORT, net_export, 1, warmup=1),
         ]
         samples = interleaved(cases, rounds=2 if quick else 5, budget_s=60)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "s")
         real = planwire.exporter.cache_stats.exports - exports_before
-        report.note(
-            FAMILY,
-            f"warm plan builds that really exported (no cache hit): {real} of "
-            f"{len(samples[cases[0].name]) + cases[0].warmup}",
-        )
+        builds = sum(len(samples[c.name]) + c.warmup for c in (cases[0], cases[2]))
+        report.note(FAMILY, f"warm plan builds that really exported (no cache hit): {real} of {builds}")
         same = make_function(1.0)
         planwire.func2plan(args_shape=[SHAPE])(same)
         hits = planwire.exporter.cache_stats.memory_hits
@@ -124,6 +153,13 @@ def run(env: Env, report: Report, quick: bool) -> None:
         "warm build vs plain torch.onnx.export",
         (FAMILY, "warm plain torch.onnx.export(dynamo=True)"),
         (FAMILY, "warm plan build (new function)"),
+        ">=",
+        4,
+    )
+    report.ratio(
+        "warm build vs plain torch.onnx.export, seed Net",
+        (FAMILY, NET_EXPORT),
+        (FAMILY, NET_PLAN),
         ">=",
         4,
     )

@@ -77,7 +77,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     plan = plans.tiny()
     x = torch.randn(plans.SHAPE)
     xn = x.numpy()
-    per = 50 if quick else 200
+    per = 25 if quick else 50  # short blocks, many rounds: slow spells of a shared host hit every case alike
     cases = _planwire_cases(env, "tcp", plan, x, per) + _planwire_cases(env, "ipc", plan, x, per)
     plain = env.worker("tcp", io_sched="default")  # what planwire's SCHED_BATCH I/O threads change
     plain_ptr, plain_x = plain.plan_pointer(plan), plain.put(x)
@@ -88,7 +88,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     sess = ort.InferenceSession(plan.variants[0].data, session_options(1), providers=["CPUExecutionProvider"])
     cases.append(Case("local onnxruntime InferenceSession.run", lambda: sess.run(None, {"x": xn}), per))
     cases.append(Case("eager torch", lambda: plans.tiny_torch(x), per))
-    samples = interleaved(cases, rounds=4 if quick else 16, budget_s=20 if quick else 60)
+    samples = interleaved(cases, rounds=8 if quick else 64, budget_s=20 if quick else 60)
     for c in cases:
         report.time(FAMILY, c.name, samples[c.name], "us")
     report.time(
