@@ -98,7 +98,7 @@ class TrainingPointer:
                 f"got {len(batch)}"
             )
         for i, (spec, arg) in enumerate(zip(self._specs, batch, strict=True)):
-            dtype, shape = self.worker.signature_of(i, arg)
+            dtype, shape = self.worker.signature_of(arg)
             why = spec.mismatch(dtype, shape)
             if why:
                 role = "targets" if i >= self._n_args - 1 else "input"

@@ -187,7 +187,7 @@ class Client:
     def fetch(self, pointer: PointerTensor, keep: bool = False) -> Any:
         """Value of a pointer's tensor; moved off the worker unless ``keep``. A value that came back with
         its run's reply costs no round trip: a move then frees the stored copy with the next frees."""
-        self._check_pointer(pointer, "get")
+        self._check_pointer(pointer)
         if pointer._pending is not None:
             self.settle(pointer._pending)
         inline = pointer._inline
@@ -229,7 +229,7 @@ class Client:
     def _decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
         return codec.from_frame(t.dtype, t.shape, session.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
 
-    def _check_pointer(self, p: PointerTensor, use: str) -> None:
+    def _check_pointer(self, p: PointerTensor) -> None:
         if p.worker is not self:
             raise ValueError(f"{p!r} points to worker {p.worker.id!r}, not {self.id!r}: move it there first")
         if p.consumed:
@@ -270,10 +270,10 @@ class Client:
             raise ProtocolError("bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id")
         self._plans.add(variant.id)
 
-    def signature_of(self, index: int, arg: Any) -> tuple[str, tuple[int, ...]]:
+    def signature_of(self, arg: Any) -> tuple[str, tuple[int, ...]]:
         """(wire dtype, shape) of a plan argument, pointer or local tensor."""
         if isinstance(arg, PointerTensor):
-            self._check_pointer(arg, f"argument {index}")
+            self._check_pointer(arg)
             return arg.dtype, arg.shape
         array = as_array(arg)
         return codec.dtypes.to_wire(array.dtype), array.shape
@@ -296,9 +296,9 @@ class Client:
         ride on the run's reply and ``get()`` reads them there, so ``plan(x).get()`` is one message each
         way; with ``fetch`` and ``wait`` the call waits for that reply (errors raise here)."""
         wire_args, buffers = [], []
-        for i, a in enumerate(args):
+        for a in args:
             if isinstance(a, PointerTensor):
-                self._check_pointer(a, f"argument {i}")
+                self._check_pointer(a)
                 wire_args.append(m.Arg(ref=a.key))
             else:
                 wire, shape, buf = codec.to_frame(as_array(a))

@@ -98,7 +98,7 @@ class PointerPlan:
 
     def variant_for(self, args: tuple[Any, ...]) -> PlanVariant:
         """The source's variant for these arguments, registered on the worker."""
-        variant = self.source.variant_for([self.worker.signature_of(i, a) for i, a in enumerate(args)])
+        variant = self.source.variant_for([self.worker.signature_of(a) for a in args])
         self.worker.ensure_plan(variant, self.source.name)
         return variant
 

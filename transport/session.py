@@ -42,7 +42,7 @@ def request_id(frames: Sequence[Frame]) -> int:
     return _request_id(bytes(frames[1]))
 
 
-def _request_id(header: bytes) -> int:
+def _request_id(header: Frame) -> int:
     """Best-effort request id of a header that failed validation (-1 when unreadable)."""
     try:
         rid = msgspec.json.decode(header, type=dict).get("id", -1)
@@ -76,7 +76,6 @@ def unpack_request(
             raise ProtocolError(
                 "too_large", f"header of {len(header)} bytes, over the limit of {MAX_HEADER_BYTES}"
             )
-        header = bytes(header)
         if len(frames) - 2 > limits.max_frames:
             rid = _request_id(header)
             raise ProtocolError(
