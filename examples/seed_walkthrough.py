@@ -38,9 +38,7 @@ def cell(title: str) -> None:
 
 def main(devices: tuple | None = None) -> None:
     hook = sy.TorchHook(torch)
-    hook.local_worker.is_client_worker = (
-        False  # accepted for compatibility; planwire has no local worker mode
-    )
+    hook.local_worker.is_client_worker = False  # accepted for compatibility; planwire has no local worker mode
     if devices is None:
         device_1 = sy.VirtualWorker(hook, id="device_1", data=seed_data())
         device_2 = sy.VirtualWorker(hook, id="device_2", data=seed_data())

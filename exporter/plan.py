@@ -157,15 +157,11 @@ class Plan(PlanRunner, torch.nn.Module):
             out.append(axes if ranks is None or ranks[i] == rank else frozenset())
         return out
 
-    def _make_variant(
-        self, args: list[torch.Tensor], dynamic: list[Axes]
-    ) -> tuple[PlanVariant, ort.InferenceSession]:
+    def _make_variant(self, args: list[torch.Tensor], dynamic: list[Axes]) -> tuple[PlanVariant, ort.InferenceSession]:
         """Export (or fetch from the cache) and verify one variant."""
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
-                raise TypeError(
-                    f"plan {self.name!r} argument {i}: expected a torch.Tensor, got {type(a).__name__}"
-                )
+                raise TypeError(f"plan {self.name!r} argument {i}: expected a torch.Tensor, got {type(a).__name__}")
             wire_of(a.dtype)
         self._check_arity(len(args), [(wire_of(a.dtype), tuple(a.shape)) for a in args])
         args = [a.detach() for a in args]
@@ -191,13 +187,23 @@ class Plan(PlanRunner, torch.nn.Module):
                     if self._function is not None and uses_autograd(self._function):
                         # Gradients inside the plan (torch.func.grad, autograd.grad): the training pipeline.
                         proto = build_function_step(
-                            self.eager, trace, dynamic=dynamic, input_names=input_names,
-                            output_names=output_names, name=self.name, verify=False,
+                            self.eager,
+                            trace,
+                            dynamic=dynamic,
+                            input_names=input_names,
+                            output_names=output_names,
+                            name=self.name,
+                            verify=False,
                         ).model
                     else:
                         proto = export_model(
-                            self, trace, plan=self.name, input_names=input_names, output_names=output_names,
-                            dynamic=dynamic, keep=self._state_names(),
+                            self,
+                            trace,
+                            plan=self.name,
+                            input_names=input_names,
+                            output_names=output_names,
+                            dynamic=dynamic,
+                            keep=self._state_names(),
                             output_dtypes=[_wire(e) for e in expected[0]],
                         )
                 data = metadata.stamp(proto, name=self.name, kind=self.kind, state=self._state_names())
@@ -219,8 +225,9 @@ class Plan(PlanRunner, torch.nn.Module):
         try:
             session = runtime.make_session(data)
         except Exception as e:
-            raise PlanBuildError(f"plan {self.name!r}: onnxruntime cannot load the exported graph: {e}",
-                                 plan=self.name) from e
+            raise PlanBuildError(
+                f"plan {self.name!r}: onnxruntime cannot load the exported graph: {e}", plan=self.name
+            ) from e
         values = not any(n.op_type in RANDOM_OPS for n in model.graph.node)
         names = [o.name for o in outputs]
         for args, want in zip(checks, expected, strict=True):
@@ -243,8 +250,9 @@ class Plan(PlanRunner, torch.nn.Module):
                 result = self.eager(*args)
         except Exception as e:
             shapes = ", ".join(f"{wire_of(a.dtype)}{list(a.shape)}" for a in args)
-            raise _EagerError(f"plan {self.name!r} fails in eager torch on example arguments ({shapes}): {e}",
-                              plan=self.name) from e
+            raise _EagerError(
+                f"plan {self.name!r} fails in eager torch on example arguments ({shapes}): {e}", plan=self.name
+            ) from e
         finally:
             with torch.no_grad():
                 for b, copy in saved:
@@ -295,16 +303,23 @@ class Plan(PlanRunner, torch.nn.Module):
     def _state_names(self) -> list[str]:
         return [name for name, _ in [*self.named_parameters(), *self.named_buffers()]]
 
-    def _cache_key(
-        self, trace: list[torch.Tensor], dynamic: list[Axes], inputs: list[str], outputs: list[str]
-    ) -> str:
+    def _cache_key(self, trace: list[torch.Tensor], dynamic: list[Axes], inputs: list[str], outputs: list[str]) -> str:
         fn = self._function
         code = function_fingerprint(fn) if fn is not None else module_fingerprint(self)
         return cache.make_key(
-            CACHE_FORMAT, self.kind, self.name, code,
+            CACHE_FORMAT,
+            self.kind,
+            self.name,
+            code,
             tensors_digest([*self.named_parameters(), *self.named_buffers()]),
-            [(wire_of(t.dtype), list(t.shape)) for t in trace], [sorted(a) for a in dynamic], inputs, outputs,
-            OPSET, torch.__version__, onnx.__version__, onnxscript.__version__,
+            [(wire_of(t.dtype), list(t.shape)) for t in trace],
+            [sorted(a) for a in dynamic],
+            inputs,
+            outputs,
+            OPSET,
+            torch.__version__,
+            onnx.__version__,
+            onnxscript.__version__,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -374,9 +389,7 @@ def _signature(
     return out
 
 
-def _examples(
-    signature: Sequence[tuple[torch.dtype, tuple[int, ...]]], dynamic: list[Axes]
-) -> list[torch.Tensor]:
+def _examples(signature: Sequence[tuple[torch.dtype, tuple[int, ...]]], dynamic: list[Axes]) -> list[torch.Tensor]:
     """Seeded random tensors for a signature; -1 (dynamic) sizes become TRACE_SIZE."""
     gen = torch.Generator().manual_seed(0)
     out = []

@@ -19,9 +19,7 @@ def make_session(data: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(data, session_options(LOCAL_THREADS), providers=["CPUExecutionProvider"])
 
 
-def run(
-    session: ort.InferenceSession, variant: PlanVariant, arrays: Sequence[np.ndarray]
-) -> list[np.ndarray]:
+def run(session: ort.InferenceSession, variant: PlanVariant, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Outputs of one run; ``arrays`` must already fit ``variant`` (see PlanVariant.mismatch)."""
     feeds = {spec.name: arr for spec, arr in zip(variant.inputs, arrays, strict=True)}
     return session.run([o.name for o in variant.outputs], feeds)

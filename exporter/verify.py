@@ -15,10 +15,17 @@ TOLERANCE = {"float": 1e-5, "double": 1e-10, "float16": 4e-3}
 
 # Ops whose results are random (Dropout: a module exported in training mode): a graph with any of them
 # is checked for output dtypes and shapes only.
-RANDOM_OPS = frozenset({
-    "Bernoulli", "Dropout", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform",
-    "RandomUniformLike",
-})
+RANDOM_OPS = frozenset(
+    {
+        "Bernoulli",
+        "Dropout",
+        "Multinomial",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+    }
+)
 
 
 def compare(
@@ -32,8 +39,7 @@ def compare(
 ) -> None:
     """PlanBuildError naming the first output whose dtype, shape or values differ from eager torch."""
     if len(got) != len(expected):
-        raise PlanBuildError(f"plan {plan!r}: ONNX gives {len(got)} outputs, torch {len(expected)}",
-                             plan=plan)
+        raise PlanBuildError(f"plan {plan!r}: ONNX gives {len(got)} outputs, torch {len(expected)}", plan=plan)
     for name, g, e in zip(names, got, expected, strict=True):
         where = f"plan {plan!r} output {name!r}{what}"
         if g.dtype != e.dtype:

@@ -46,9 +46,7 @@ def variant(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     spec = lambda n, t, s: TensorSpec(n, t, tuple(d if isinstance(d, int) else str(d) for d in s))  # noqa: E731
-    return PlanVariant(
-        model.SerializeToString(), tuple(spec(*i) for i in inputs), tuple(spec(*o) for o in outputs)
-    )
+    return PlanVariant(model.SerializeToString(), tuple(spec(*i) for i in inputs), tuple(spec(*o) for o in outputs))
 
 
 def double_abs(dtype: str = "float") -> HandPlan:

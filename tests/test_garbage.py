@@ -105,9 +105,7 @@ CASES: dict[str, Case] = {
         "bad_signature",
         ("PWIRE/1", "GET / HTTP"),
     ),
-    "wrong version": Case(
-        lambda e: [b"PWIRE/9", header({"type": "ping", "id": 1})], "bad_version", ("PWIRE/9",)
-    ),
+    "wrong version": Case(lambda e: [b"PWIRE/9", header({"type": "ping", "id": 1})], "bad_version", ("PWIRE/9",)),
     "hello of another version": Case(
         lambda e: [SIGNATURE, header({"type": "hello", "id": 2, "version": 9})], "bad_version", ("9",), re=2
     ),
@@ -125,9 +123,7 @@ CASES: dict[str, Case] = {
         lambda e: [SIGNATURE, header({"type": "frobnicate", "id": 3})], "unknown_type", ("frobnicate",), re=3
     ),
     "no type": Case(lambda e: [SIGNATURE, header({"id": 3})], "unknown_type", ("type",), re=3),
-    "missing field": Case(
-        lambda e: [SIGNATURE, header({"type": "get", "id": 4})], "invalid_message", ("keys",), re=4
-    ),
+    "missing field": Case(lambda e: [SIGNATURE, header({"type": "get", "id": 4})], "invalid_message", ("keys",), re=4),
     "wrong field type": Case(
         lambda e: [SIGNATURE, header({"type": "get", "id": 5, "keys": "witness-a"})],
         "invalid_message",
@@ -140,18 +136,10 @@ CASES: dict[str, Case] = {
         ("$.keep",),
         re=5,
     ),
-    "negative id": Case(
-        lambda e: [SIGNATURE, header({"type": "ping", "id": -5})], "invalid_message", ("$.id",)
-    ),
-    "huge id": Case(
-        lambda e: [SIGNATURE, header({"type": "ping", "id": 2**64})], "invalid_message", ("$.id",)
-    ),
-    "boolean id": Case(
-        lambda e: [SIGNATURE, header({"type": "ping", "id": True})], "invalid_message", ("$.id",)
-    ),
-    "fractional id": Case(
-        lambda e: [SIGNATURE, header({"type": "ping", "id": 1.5})], "invalid_message", ("$.id",)
-    ),
+    "negative id": Case(lambda e: [SIGNATURE, header({"type": "ping", "id": -5})], "invalid_message", ("$.id",)),
+    "huge id": Case(lambda e: [SIGNATURE, header({"type": "ping", "id": 2**64})], "invalid_message", ("$.id",)),
+    "boolean id": Case(lambda e: [SIGNATURE, header({"type": "ping", "id": True})], "invalid_message", ("$.id",)),
+    "fractional id": Case(lambda e: [SIGNATURE, header({"type": "ping", "id": 1.5})], "invalid_message", ("$.id",)),
     "unknown field": Case(
         lambda e: [SIGNATURE, header({"type": "ping", "id": 6, "sneaky": 1})],
         "invalid_message",
@@ -164,9 +152,7 @@ CASES: dict[str, Case] = {
     "frame index out of range": Case(
         lambda e: [SIGNATURE, header(put1(frame=5)), F1], "bad_frames", ("frame 5", "1 raw frame"), re=11
     ),
-    "no raw frame at all": Case(
-        lambda e: [SIGNATURE, header(put1())], "bad_frames", ("frame 0", "0 raw frame"), re=11
-    ),
+    "no raw frame at all": Case(lambda e: [SIGNATURE, header(put1())], "bad_frames", ("frame 0", "0 raw frame"), re=11),
     "bytes do not match dtype x shape": Case(
         lambda e: [SIGNATURE, header(put1(shape=[3])), F1], "bad_frames", ("g-k", "12 bytes", "4"), re=11
     ),
@@ -176,12 +162,8 @@ CASES: dict[str, Case] = {
         ("complex64", "dtype"),
         re=11,
     ),
-    "negative dim": Case(
-        lambda e: [SIGNATURE, header(put1(shape=[-1])), F1], "invalid_message", ("shape",), re=11
-    ),
-    "huge dims": Case(
-        lambda e: [SIGNATURE, header(put1(shape=[2**62, 2**62])), F1], "bad_frames", ("g-k",), re=11
-    ),
+    "negative dim": Case(lambda e: [SIGNATURE, header(put1(shape=[-1])), F1], "invalid_message", ("shape",), re=11),
+    "huge dims": Case(lambda e: [SIGNATURE, header(put1(shape=[2**62, 2**62])), F1], "bad_frames", ("g-k",), re=11),
     "unknown tensor ref": Case(
         lambda e: [SIGNATURE, header(run(e, [{"ref": "g-nothing"}, X], ["g-s", "g-d"])), X_BYTES],
         "unknown_tensor",

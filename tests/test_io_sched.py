@@ -34,8 +34,11 @@ def test_tuned_context_moves_messages_and_batches_its_io_thread() -> None:
         peer, body = server.recv_multipart()
         server.send_multipart([peer, body])
         assert client.poll(5000) and client.recv() == b"ping"
-        new = [t for t in set(os.listdir("/proc/self/task")) - before
-               if Path(f"/proc/self/task/{t}/comm").read_text().startswith("ZMQbg/IO")]
+        new = [
+            t
+            for t in set(os.listdir("/proc/self/task")) - before
+            if Path(f"/proc/self/task/{t}/comm").read_text().startswith("ZMQbg/IO")
+        ]
         if tuned:
             assert new and all(os.sched_getscheduler(int(t)) == os.SCHED_BATCH for t in new)
         client.close(0)

@@ -75,9 +75,7 @@ def rejected(m: onnx.ModelProto | bytes, match: str, **kw: object) -> str:
     return str(e.value)
 
 
-def ext_tensor(
-    name: str, location: str = "secret.txt", *, entries: bool = True, flag: bool = True
-) -> TensorProto:
+def ext_tensor(name: str, location: str = "secret.txt", *, entries: bool = True, flag: bool = True) -> TensorProto:
     """A tensor whose payload onnxruntime would read from ``location``."""
     t = TensorProto(name=name, data_type=TensorProto.UINT8, dims=[9])
     if flag:
@@ -97,9 +95,7 @@ def if_node(then_graph: onnx.GraphProto, else_graph: onnx.GraphProto, name: str 
 
 
 def branch(nodes: Sequence[onnx.NodeProto], name: str, inits: Sequence[TensorProto] = ()) -> onnx.GraphProto:
-    return helper.make_graph(
-        list(nodes), name, [], [vi("Y" if not nodes else nodes[-1].output[0])], list(inits)
-    )
+    return helper.make_graph(list(nodes), name, [], [vi("Y" if not nodes else nodes[-1].output[0])], list(inits))
 
 
 def varint(n: int) -> bytes:
@@ -148,15 +144,11 @@ def test_clean_model_summary_and_runs() -> None:
         function_count=0,
         metadata_props={"planwire.name": "demo", "note": "héllo"},
     )
-    sess = ort.InferenceSession(
-        data, safe_session_options(intra_op_threads=1), providers=["CPUExecutionProvider"]
-    )
+    sess = ort.InferenceSession(data, safe_session_options(intra_op_threads=1), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {"X": np.ones(2, np.float32)})[0], [2.0, 3.0])
 
 
-@pytest.mark.parametrize(
-    "wrap", [bytes, bytearray, memoryview, lambda b: memoryview(np.frombuffer(b, np.uint8))]
-)
+@pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview, lambda b: memoryview(np.frombuffer(b, np.uint8))])
 def test_accepts_buffer_types(wrap) -> None:
     assert check(wrap(add_model().SerializeToString())).node_count == 1
 
@@ -221,9 +213,7 @@ def test_notes_attack_external_initializer_in_cwd(tmp_path: Path, monkeypatch: p
 def test_external_flag_or_entries_alone_rejected() -> None:
     m = model([helper.make_node("Identity", ["w"], ["Y"])], inits=[ext_tensor("w", entries=False)], inputs=[])
     assert rejected(m, "external") == "initializer 'w' uses external data (data_location EXTERNAL)"
-    m = model(
-        [helper.make_node("Identity", ["w"], ["Y"])], inits=[ext_tensor("w", "a.bin", flag=False)], inputs=[]
-    )
+    m = model([helper.make_node("Identity", ["w"], ["Y"])], inits=[ext_tensor("w", "a.bin", flag=False)], inputs=[])
     rejected(m, r"^initializer 'w' uses external data \(location 'a.bin'\)$")
 
 
@@ -295,9 +285,7 @@ def test_external_data_deep_in_loop_inside_scan_inside_if() -> None:
         name="loop",
         body=inner,
     )
-    scan = helper.make_node(
-        "Scan", ["S"], ["c"], name="scan", num_scan_inputs=1, body=branch([loop], "scan_body")
-    )
+    scan = helper.make_node("Scan", ["S"], ["c"], name="scan", num_scan_inputs=1, body=branch([loop], "scan_body"))
     then = branch([scan], "then")
     msg = rejected(model([if_node(then, branch([], "else"))], inputs=["X", "C"]), "external")
     assert msg.endswith(
@@ -336,9 +324,7 @@ def test_external_data_in_function_default_attribute() -> None:
 def test_external_data_in_training_info() -> None:
     m = add_model()
     ti = m.training_info.add()
-    ti.initialization.CopyFrom(
-        branch([helper.make_node("Identity", ["w"], ["Y"])], "init", inits=[ext_tensor("w")])
-    )
+    ti.initialization.CopyFrom(branch([helper.make_node("Identity", ["w"], ["Y"])], "init", inits=[ext_tensor("w")]))
     rejected(m, r"uses external data .*\(in training_info\[0\] initialization\)$")
 
 
@@ -360,12 +346,8 @@ def test_disallowed_contrib_domain_even_without_opset_import() -> None:
 
 
 def test_disallowed_opset_domain() -> None:
-    m = model(
-        [helper.make_node("Neg", ["X"], ["Y"])], opsets=[*OPSET, helper.make_opsetid("com.microsoft", 1)]
-    )
-    assert (
-        rejected(m, "opset") == "opset_import domain 'com.microsoft' is not allowed; allowed: '', 'ai.onnx'"
-    )
+    m = model([helper.make_node("Neg", ["X"], ["Y"])], opsets=[*OPSET, helper.make_opsetid("com.microsoft", 1)])
+    assert rejected(m, "opset") == "opset_import domain 'com.microsoft' is not allowed; allowed: '', 'ai.onnx'"
 
 
 def test_disallowed_domain_inside_subgraph() -> None:
@@ -455,9 +437,7 @@ def test_function_body_checked_for_domains() -> None:
         [helper.make_node("Neg", ["x"], ["y"])],
         [*OPSET, helper.make_opsetid("com.evil", 1)],
     )
-    rejected(
-        model([call()], opsets=FN_OPSETS, functions=[f]), "opset_import domain 'com.evil' is not allowed"
-    )
+    rejected(model([call()], opsets=FN_OPSETS, functions=[f]), "opset_import domain 'com.evil' is not allowed")
 
 
 def test_call_to_undefined_function_rejected() -> None:
@@ -535,9 +515,7 @@ def sparse_bomb(dims: Sequence[int]) -> onnx.ModelProto:
 def test_sparse_tensor_densify_bomb_rejected() -> None:
     """onnxruntime densifies sparse initializers while loading: ~100 bytes could ask for 2 GiB."""
     assert check(sparse_bomb([1 << 20]), max_bytes=4 * MB).initializer_count == 1  # 4 MiB dense: fits
-    rejected(
-        sparse_bomb([1 << 20, 2]), r"^sparse initializer 'sp' densifies to more than 4 MiB", max_bytes=4 * MB
-    )
+    rejected(sparse_bomb([1 << 20, 2]), r"^sparse initializer 'sp' densifies to more than 4 MiB", max_bytes=4 * MB)
     rejected(sparse_bomb([2**62, 4]), "densifies to more than")
     rejected(sparse_bomb([4, -1]), "densifies to a negative size")
     rejected(sparse_bomb([1] * 65), "dims has more than 64 entries")
@@ -577,9 +555,7 @@ def test_large_initializer_scanned_without_copying() -> None:
         tracemalloc.stop()
     assert s.initializer_bytes > 100 * MB
     assert peak < MB, f"check_model allocated {peak} bytes: raw_data was copied"
-    print(
-        f"scanned a {len(data) / MB:.0f} MiB plan in {elapsed * 1e3:.2f} ms, peak Python allocation {peak} B"
-    )
+    print(f"scanned a {len(data) / MB:.0f} MiB plan in {elapsed * 1e3:.2f} ms, peak Python allocation {peak} B")
 
 
 # --- malformed input ------------------------------------------------------------------------------
@@ -680,9 +656,7 @@ def test_deep_nesting_bombs() -> None:
     t = field(1, varint(1 << 3) + b"\x01")  # tensor_type { elem_type: FLOAT }
     for _ in range(2_000):
         t = field(4, field(1, t))  # sequence_type { elem_type: t }
-    graph = field(1, field(4, b"Neg") + field(1, b"X") + field(2, b"Y")) + field(
-        11, field(1, b"X") + field(2, t)
-    )
+    graph = field(1, field(4, b"Neg") + field(1, b"X") + field(2, b"Y")) + field(11, field(1, b"X") + field(2, t))
     rejected(field(7, graph), f"nested deeper than {MAX_DEPTH}")
     # Nested If nodes, built with onnx: 30 levels of node > attribute > graph.
     g = branch([helper.make_node("Neg", ["X"], ["Y"])], "leaf")

@@ -120,8 +120,10 @@ def test_func2plan_with_torch_func_grad_trains_like_autograd(worker):
         loss = F.mse_loss(x @ ref["weight"].T + ref["bias"], y) + 0.05 * prox
         gw, gb = torch.autograd.grad(loss, [ref["weight"], ref["bias"]])
         with torch.no_grad():
-            ref = {"weight": (ref["weight"] - 0.1 * gw).requires_grad_(True),
-                   "bias": (ref["bias"] - 0.1 * gb).requires_grad_(True)}
+            ref = {
+                "weight": (ref["weight"] - 0.1 * gw).requires_grad_(True),
+                "bias": (ref["bias"] - 0.1 * gb).requires_grad_(True),
+            }
         torch.testing.assert_close(loss_ptr.get(), loss.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w_ptr.get(), ref["weight"].detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b_ptr.get(), ref["bias"].detach(), rtol=1e-4, atol=1e-6)

@@ -53,9 +53,7 @@ def schema_errors(header: Any, kinds: list[str]) -> list[str]:
 def test_checked_in_schemas_are_what_the_code_generates():
     generated = schemas()
     on_disk = {p.name for p in SCHEMAS.glob("*.json")}
-    assert on_disk == set(generated), (
-        f"schemas/ has {sorted(on_disk ^ set(generated))} out of sync: {REGENERATE}"
-    )
+    assert on_disk == set(generated), f"schemas/ has {sorted(on_disk ^ set(generated))} out of sync: {REGENERATE}"
     for name, schema in generated.items():
         assert (SCHEMAS / name).read_text() == render(schema), f"schemas/{name} is stale: {REGENERATE}"
 
@@ -165,9 +163,7 @@ def realistic_session(w: Any) -> None:
     assert isinstance(has, m.PlanInfo) and isinstance(missing, m.Missing)
     s, d = w.run(sum_diff, [x, np.ones((3, 2), np.float32)])  # a ref and an inline tensor, fire and forget
     s2, d2 = w.run(sum_diff, [x, x], fetch=[1, 0])  # with fetch: a tensors reply
-    assert (
-        d2.value.tolist() == [[0, 0]] * 3 and s2.value.tolist() == (2 * np.arange(6).reshape(3, 2)).tolist()
-    )
+    assert d2.value.tolist() == [[0, 0]] * 3 and s2.value.tolist() == (2 * np.arange(6).reshape(3, 2)).tolist()
     assert s.get().tolist() == (np.arange(6).reshape(3, 2) + 1).tolist()
     w.delete(d)
     w.delete(d)  # idempotent
@@ -211,9 +207,7 @@ def test_real_traffic_validates_against_the_schemas(recorder):
             assert frames[0] == SIGNATURE
             header = json.loads(frames[1])
             errors = schema_errors(header, kinds)
-            assert not errors, (
-                f"{direction} {header} does not match schemas/{header.get('type')}.json: {errors}"
-            )
+            assert not errors, f"{direction} {header} does not match schemas/{header.get('type')}.json: {errors}"
             frames_ok(header, frames[2:])
             seen[header["type"]] += 1
     assert set(seen) == set(REQUEST_TYPES + REPLY_TYPES), (

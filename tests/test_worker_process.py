@@ -81,9 +81,7 @@ def test_device_cuda_without_cuda_fails_at_start_listing_providers():
 
 
 def test_device_auto_runs_on_what_is_there():
-    expected = (
-        ["CUDAExecutionProvider", CPU] if "CUDAExecutionProvider" in ort.get_available_providers() else [CPU]
-    )
+    expected = ["CUDAExecutionProvider", CPU] if "CUDAExecutionProvider" in ort.get_available_providers() else [CPU]
     with WorkerProcess("auto", extra=["--device", "auto"]) as w, planwire.connect(w.url, timeout=10) as c:
         assert c.providers == expected
         assert f"providers {','.join(expected)}" in w.log()
@@ -143,9 +141,7 @@ def test_data_with_pickled_objects_is_refused_without_unpickling(tmp_path, suffi
         np.savez(path, fine=np.ones(2), evil=evil)
     done = run_cli("--listen", "tcp://127.0.0.1:0", "--data", str(path), cwd=tmp_path)
     assert done.returncode != 0
-    assert (
-        "evil" in done.stderr and "not a plain numpy file" in done.stderr and "Traceback" not in done.stderr
-    )
+    assert "evil" in done.stderr and "not a plain numpy file" in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
 
 
@@ -169,9 +165,7 @@ def test_several_clients_at_once():
                     for i in range(20):
                         x = np.full((3, 2), n * 1000 + i, np.float32)
                         s, d = pointer(c.put(x), x)
-                        assert (
-                            s.get().tolist() == (2 * x).tolist() and d.get(keep=True).tolist() == [[0, 0]] * 3
-                        )
+                        assert s.get().tolist() == (2 * x).tolist() and d.get(keep=True).tolist() == [[0, 0]] * 3
             except BaseException as e:  # noqa: BLE001 (reported below)
                 errors.append(e)
 
@@ -269,9 +263,7 @@ def test_curve_admits_listed_clients_only(tmp_path):
     zmq.auth.create_certificates(tmp_path / "server", "server")
     zmq.auth.create_certificates(tmp_path / "clients", "alice")
     zmq.auth.create_certificates(tmp_path / "intruder", "mallory")
-    (tmp_path / "clients" / "alice.key_secret").rename(
-        tmp_path / "alice.key_secret"
-    )  # only public keys there
+    (tmp_path / "clients" / "alice.key_secret").rename(tmp_path / "alice.key_secret")  # only public keys there
     extra = [
         "--curve-secret",
         str(tmp_path / "server" / "server.key_secret"),

@@ -24,9 +24,7 @@ def client_keys(client_secret_file: str, server_public_file: str) -> tuple[bytes
     return public, secret, server_public
 
 
-def start_authenticator(
-    allowed_clients_dir: str | None, context: zmq.Context | None = None
-) -> ThreadAuthenticator:
+def start_authenticator(allowed_clients_dir: str | None, context: zmq.Context | None = None) -> ThreadAuthenticator:
     """ZAP handler: only clients whose public keys are in the directory may connect (any, if None)."""
     auth = ThreadAuthenticator(context or zmq.Context.instance())
     auth.start()

@@ -14,9 +14,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 PROTOCOL_VERSION = 1
 
-Key = Annotated[
-    str, Meta(min_length=1, max_length=256, description="A stored tensor's id, chosen by the client.")
-]
+Key = Annotated[str, Meta(min_length=1, max_length=256, description="A stored tensor's id, chosen by the client.")]
 Tag = Annotated[str, Meta(min_length=1, max_length=256)]
 RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Chosen by the client; echoed as `re`.")]
 Dim = Annotated[int, Meta(ge=0, le=2**62)]

@@ -97,8 +97,6 @@ class RemoteWorker(Client):
             self._sock.close(linger=0)
 
 
-def connect(
-    url: str, *, timeout: float = 30.0, curve: tuple[bytes, bytes, bytes] | None = None
-) -> RemoteWorker:
+def connect(url: str, *, timeout: float = 30.0, curve: tuple[bytes, bytes, bytes] | None = None) -> RemoteWorker:
     """A handle to the plan-worker at ``url``; raises TimeoutError if it does not answer hello in time."""
     return RemoteWorker(url, timeout=timeout, curve=curve)

@@ -24,8 +24,13 @@ class Server:
     """Serves ``handler`` on one or more endpoints until ``stop()`` (or a signal) is called."""
 
     def __init__(
-        self, handler: Handler, endpoints: Sequence[str], *, max_message_bytes: int,
-        context: zmq.Context | None = None, curve_secret: bytes | None = None,
+        self,
+        handler: Handler,
+        endpoints: Sequence[str],
+        *,
+        max_message_bytes: int,
+        context: zmq.Context | None = None,
+        curve_secret: bytes | None = None,
     ) -> None:
         self.handler = handler
         self._ctx = context or zmq.Context.instance()

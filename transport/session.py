@@ -52,9 +52,7 @@ def _request_id(header: Frame) -> int:
     return rid if type(rid) is int and 0 <= rid < 2**63 else -1
 
 
-def unpack_request(
-    frames: Sequence[Frame], limits: Limits | None = None
-) -> tuple[m._Message, list[memoryview]]:
+def unpack_request(frames: Sequence[Frame], limits: Limits | None = None) -> tuple[m._Message, list[memoryview]]:
     """Validate and decode a request. ProtocolError(code, message) says what is wrong; ``.re`` is set."""
     limits = limits or Limits()
     rid = -1
@@ -73,23 +71,17 @@ def unpack_request(
                 )
             raise ProtocolError("bad_signature", f"first frame must be {SIGNATURE!r}, got {sig[:32]!r}")
         if len(header) > MAX_HEADER_BYTES:
-            raise ProtocolError(
-                "too_large", f"header of {len(header)} bytes, over the limit of {MAX_HEADER_BYTES}"
-            )
+            raise ProtocolError("too_large", f"header of {len(header)} bytes, over the limit of {MAX_HEADER_BYTES}")
         if len(frames) - 2 > limits.max_frames:
             rid = _request_id(header)
-            raise ProtocolError(
-                "too_large", f"{len(frames) - 2} frames, over the limit of {limits.max_frames}"
-            )
+            raise ProtocolError("too_large", f"{len(frames) - 2} frames, over the limit of {limits.max_frames}")
         try:
             msg = m.request_decoder.decode(header)
         except msgspec.ValidationError as e:
             rid = _request_id(header)  # only for refused headers: a valid one is decoded once
             text = str(e)
             code = (
-                "unknown_type"
-                if "`$.type`" in text or "missing required field `type`" in text
-                else "invalid_message"
+                "unknown_type" if "`$.type`" in text or "missing required field `type`" in text else "invalid_message"
             )
             raise ProtocolError(code, f"invalid request: {text}") from None
         except msgspec.DecodeError as e:

@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         curve_secret = load_secret(args.curve_secret)
         auth = start_authenticator(args.curve_clients)
-    server = Server(
-        service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret
-    )
+    server = Server(service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)

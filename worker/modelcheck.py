@@ -168,9 +168,7 @@ _SHARDING = _Msg(
     False,
     {**_plain(1), **_plain(2, mask=_V | _L), **_sub(_INT_LIST, 3), **_sub(_SHARDED_DIM, 4)},
 )
-_NODE_DEVICE = _Msg(
-    "NodeDeviceConfigurationProto", False, {**_plain(1), **_sub(_SHARDING, 2), **_plain(3, mask=_V)}
-)
+_NODE_DEVICE = _Msg("NodeDeviceConfigurationProto", False, {**_plain(1), **_sub(_SHARDING, 2), **_plain(3, mask=_V)})
 _DEVICE = _Msg("DeviceConfigurationProto", False, {**_plain(1, 3), **_plain(2, mask=_V)})
 
 # Structural messages: walked by hand, unknown fields rejected.
@@ -436,9 +434,7 @@ class _Checker:
             count *= dim
             if dim < 0 or count > limit:
                 dense = "a negative size" if dim < 0 else f"more than {_human(self.max_bytes)}"
-                raise self.reject(
-                    f"{role} '{self.label(values.get(8))}' densifies to {dense}, over the worker limit"
-                )
+                raise self.reject(f"{role} '{self.label(values.get(8))}' densifies to {dense}, over the worker limit")
 
     def ints(self, items: list, what: str, most: int = MAX_DEPTH) -> list[int]:
         """Up to ``most`` values of a repeated int64 field stored as varints and/or packed spans."""
@@ -487,9 +483,7 @@ class _Checker:
             called = self.functions.get((domain, op, overload))
             if called is None:
                 if domain in self.function_domains:
-                    raise self.reject(
-                        f"{desc} calls '{domain}::{op}', which is not a function defined in the plan"
-                    )
+                    raise self.reject(f"{desc} calls '{domain}::{op}', which is not a function defined in the plan")
                 raise self.reject(
                     f"{desc} uses domain '{domain}' which is not allowed; allowed: {_domain_list(self.shown)}"
                 )
@@ -520,9 +514,7 @@ class _Checker:
             f = self.scan(s, depth, _OPSET)
             domain = self.text(f.get(1), f"{where} domain")
             if domain not in allowed:
-                raise self.reject(
-                    f"{where} domain '{domain}' is not allowed; allowed: {_domain_list(self.shown)}"
-                )
+                raise self.reject(f"{where} domain '{domain}' is not allowed; allowed: {_domain_list(self.shown)}")
             versions = f.get(2)
             out[domain] = _signed64(versions[-1]) if versions else 0
         return out
@@ -538,9 +530,7 @@ class _Checker:
             kv = self.scan(s, 1, _SSE_KEEP)
             key, value = self._utf8(kv.get(1)), self._utf8(kv.get(2))
             if key == "ort_config":
-                raise self.reject(
-                    "metadata_props key 'ort_config' (onnxruntime session options) is not allowed"
-                )
+                raise self.reject("metadata_props key 'ort_config' (onnxruntime session options) is not allowed")
             metadata[key] = value
 
         # Local functions: collect signatures first, so nodes anywhere can be matched against them.
@@ -634,9 +624,7 @@ class _Checker:
             raise self.reject(f"local functions call themselves recursively: {stuck}")
         total = nodes - len(calls) + sum(cost[j] for j in calls)  # a call is replaced by its body
         if total > self.max_nodes:
-            raise self.reject(
-                f"plan expands to more than {self.max_nodes} nodes once local functions are inlined"
-            )
+            raise self.reject(f"plan expands to more than {self.max_nodes} nodes once local functions are inlined")
         return total
 
     def _utf8(self, spans: list | None) -> str:
@@ -666,9 +654,7 @@ def check_model(
     if size > PROTOBUF_LIMIT:
         raise PlanRejected(f"plan is {_human(size)}, over protobuf's 2 GiB limit")
     if bytes(buf[4:8]) == b"ORTM":
-        raise PlanRejected(
-            "plan carries the ORT-format identifier 'ORTM'; only ONNX protobuf plans are accepted"
-        )
+        raise PlanRejected("plan carries the ORT-format identifier 'ORTM'; only ONNX protobuf plans are accepted")
     return _Checker(buf, frozenset(allowed_domains), max_bytes, max_nodes).model()
 
 

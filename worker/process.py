@@ -57,9 +57,7 @@ class WorkerProcess:
             if match:
                 return match.group(1)
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"plan-worker {self.id!r} exited with {self.proc.returncode}:\n{self.log()}"
-                )
+                raise RuntimeError(f"plan-worker {self.id!r} exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.01)
         self.stop()
         raise TimeoutError(f"plan-worker {self.id!r} not ready within {timeout} s:\n{self.log()}")

@@ -48,9 +48,7 @@ def session_options(threads: int) -> ort.SessionOptions:
 class PlanSession:
     """A loaded plan: typed ports and a reusable onnxruntime session."""
 
-    def __init__(
-        self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1
-    ) -> None:
+    def __init__(self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1) -> None:
         self.name = name
         try:
             self.session = ort.InferenceSession(data, session_options(threads), providers=list(providers))
@@ -106,8 +104,7 @@ class PlanSession:
             if arr.dtype != dt:
                 raise ProtocolError(
                     "bad_argument",
-                    f"plan {self.name!r} argument {i} ({name!r}): "
-                    f"expected dtype {dtypes.human(wire)}, got {arr.dtype}",
+                    f"plan {self.name!r} argument {i} ({name!r}): expected dtype {dtypes.human(wire)}, got {arr.dtype}",
                 )
             if len(shape) != arr.ndim or any(
                 isinstance(w, int) and w != g for w, g in zip(shape, arr.shape, strict=True)
@@ -115,8 +112,7 @@ class PlanSession:
                 want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
                 raise ProtocolError(
                     "bad_argument",
-                    f"plan {self.name!r} argument {i} ({name!r}): expected shape {want}, "
-                    f"got {list(arr.shape)}",
+                    f"plan {self.name!r} argument {i} ({name!r}): expected shape {want}, got {list(arr.shape)}",
                 )
 
     def run(self, args: Sequence[np.ndarray], *, check: bool = True) -> list[np.ndarray]:

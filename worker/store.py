@@ -40,9 +40,7 @@ class Store:
         for key in keys:
             entry = self._tensors.get(key)
             if entry is not None and entry.private:
-                raise ProtocolError(
-                    "forbidden", f"tensor {key!r} is this worker's own data and cannot be overwritten"
-                )
+                raise ProtocolError("forbidden", f"tensor {key!r} is this worker's own data and cannot be overwritten")
 
     def put(self, key: str, array: np.ndarray, tags: Iterable[str] = (), *, private: bool = False) -> None:
         self._tensors[key] = Entry(array, tuple(tags), private)
@@ -71,8 +69,7 @@ class Store:
             if entry.private and not self.public:
                 raise ProtocolError(
                     "forbidden",
-                    f"tensor {key!r} is this worker's own data: "
-                    "it may be used by plans but never leaves the worker",
+                    f"tensor {key!r} is this worker's own data: it may be used by plans but never leaves the worker",
                 )
         return entries
 
@@ -90,9 +87,7 @@ class Store:
         for key in keys:
             entry = self._tensors.get(key)
             if entry is not None and entry.private:
-                raise ProtocolError(
-                    "forbidden", f"tensor {key!r} is this worker's own data and cannot be deleted"
-                )
+                raise ProtocolError("forbidden", f"tensor {key!r} is this worker's own data and cannot be deleted")
         for key in keys:
             self._tensors.pop(key, None)
             self._failed.pop(key, None)

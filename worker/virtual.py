@@ -34,9 +34,7 @@ class VirtualWorker(Client):
         super().__init__()
         self.id = id
         own = [(f"{id}:data:{i}", as_array(t), tags_of(t)) for i, t in enumerate(data)]
-        self.service = Service(
-            id, data=own, public=public, device=device, threads=threads, limits=limits or Limits()
-        )
+        self.service = Service(id, data=own, public=public, device=device, threads=threads, limits=limits or Limits())
         self._replies: deque[list[Frame]] = deque()
         self.hello()
 

@@ -59,9 +59,7 @@ def serialize(m: onnx.ModelProto) -> bytes:
 def identity(dtype: str = "float", shape: list | None = None) -> bytes:
     """y = x for any shape (by default rank 1, dynamic)."""
     shape = ["N"] if shape is None else shape
-    return serialize(
-        model([helper.make_node("Identity", ["x"], ["y"])], [("x", dtype, shape)], [("y", dtype, shape)])
-    )
+    return serialize(model([helper.make_node("Identity", ["x"], ["y"])], [("x", dtype, shape)], [("y", dtype, shape)]))
 
 
 def double_abs() -> bytes:

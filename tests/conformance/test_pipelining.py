@@ -59,9 +59,7 @@ def test_two_clients_interleaved(connect, url, uid):
                 [np.int64([i]).tobytes()],
             )
         )
-        b_ids.append(
-            b.send({"type": "describe", "keys": [f"{uid}-a{i}"]}) if i % 2 else b.send({"type": "ping"})
-        )
+        b_ids.append(b.send({"type": "describe", "keys": [f"{uid}-a{i}"]}) if i % 2 else b.send({"type": "ping"}))
     assert [a.recv()["re"] for _ in a_ids] == a_ids  # each connection gets only its own replies, in order
     b_replies = [b.recv() for _ in b_ids]
     assert [r["re"] for r in b_replies] == b_ids
@@ -80,9 +78,7 @@ def test_many_clients_at_once(connect, url, uid):
             ids = []
             for i in range(30):
                 x = np.full((2, 2), n * 100 + i, np.float32)
-                ids.append(
-                    p.send(*p.run_header(pid, [x, x], [f"{uid}-{n}-{i}s", f"{uid}-{n}-{i}d"], fetch=[0]))
-                )
+                ids.append(p.send(*p.run_header(pid, [x, x], [f"{uid}-{n}-{i}s", f"{uid}-{n}-{i}d"], fetch=[0])))
             for i, rid in enumerate(ids):
                 reply = p.recv()
                 assert reply["re"] == rid

@@ -34,9 +34,7 @@ def test_registering_twice_is_a_no_op_with_the_same_reply(peer, connect, url):
     second = peer.register(data, name="another name")
     third = connect(url).register(data)  # another connection: plans are per worker
     for r in (second, third):
-        assert {k: r[k] for k in ("plan", "inputs", "outputs")} == {
-            k: first[k] for k in ("plan", "inputs", "outputs")
-        }
+        assert {k: r[k] for k in ("plan", "inputs", "outputs")} == {k: first[k] for k in ("plan", "inputs", "outputs")}
 
 
 def test_plan_bytes_may_be_in_any_frame(peer):
@@ -209,9 +207,7 @@ def test_output_keys_must_be_distinct(peer, sum_diff, uid):
 
 def test_fetch_out_of_range(peer, sum_diff, uid):
     x = np.ones((1, 2), F)
-    reply = peer.error(
-        *peer.run_header(sum_diff, [x, x], [f"{uid}-s", f"{uid}-d"], fetch=[2]), code="bad_argument"
-    )
+    reply = peer.error(*peer.run_header(sum_diff, [x, x], [f"{uid}-s", f"{uid}-d"], fetch=[2]), code="bad_argument")
     assert "fetch" in reply["message"] and "2" in reply["message"]
 
 

@@ -67,11 +67,7 @@ def test_put_many_frames_in_any_order_and_shared(peer, uid):
     ]
     peer.ok({"type": "put", "tensors": tensors}, [a.tobytes(), b.tobytes()])
     got = peer.get([f"{uid}-a", f"{uid}-b", f"{uid}-a2"])
-    assert (
-        got[0].tolist() == a.tolist()
-        and got[1].tolist() == b.tolist()
-        and got[2].tolist() == [[0, 1], [2, 3]]
-    )
+    assert got[0].tolist() == a.tolist() and got[1].tolist() == b.tolist() and got[2].tolist() == [[0, 1], [2, 3]]
 
 
 def test_put_with_an_empty_list_is_ok(peer):
@@ -89,9 +85,7 @@ def test_put_overwrites_value_and_tags(peer, uid):
 def test_put_is_all_or_nothing(peer, uid):
     good = {"key": f"{uid}-good", "dtype": "float", "shape": [1], "frame": 0}
     bad = {"key": f"{uid}-bad", "dtype": "float", "shape": [3], "frame": 0}  # 12 bytes wanted, 4 sent
-    reply = peer.error(
-        {"type": "put", "tensors": [good, bad]}, [np.ones(1, np.float32).tobytes()], code="bad_frames"
-    )
+    reply = peer.error({"type": "put", "tensors": [good, bad]}, [np.ones(1, np.float32).tobytes()], code="bad_frames")
     assert f"{uid}-bad" in reply["message"]
     peer.error({"type": "describe", "keys": [f"{uid}-good"]}, code="unknown_tensor")
 
@@ -183,9 +177,7 @@ def test_a_large_tensor(peer, uid):
 
 def test_frame_size_must_match_dtype_and_shape(peer, uid):
     desc, data = encode(np.zeros((2, 2), np.float64))
-    reply = peer.error(
-        {"type": "put", "tensors": [{"key": uid, **desc, "frame": 0}]}, [data[:-1]], code="bad_frames"
-    )
+    reply = peer.error({"type": "put", "tensors": [{"key": uid, **desc, "frame": 0}]}, [data[:-1]], code="bad_frames")
     assert "32" in reply["message"] and "31" in reply["message"]
 
 

@@ -111,9 +111,7 @@ class Peer:
 
     _ctx: zmq.Context | None = None
 
-    def __init__(
-        self, url: str, *, timeout: float = 10.0, curve: tuple[bytes, bytes, bytes] | None = None
-    ) -> None:
+    def __init__(self, url: str, *, timeout: float = 10.0, curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.ids = itertools.count(1)
