@@ -388,3 +388,40 @@ def test_a_burst_of_garbage_from_many_connections(env: Env) -> None:
         for p in peers:
             p.close()
     assert_still_serving(env)
+
+
+def test_the_client_refuses_a_message_over_the_workers_limit_before_sending(env: Env) -> None:
+    # Past the hard cap ZeroMQ would drop the connection and the caller would wait for its timeout.
+    for size in (MAX_MESSAGE + 4096, 3 * MAX_MESSAGE):
+        big = np.zeros(size // 4, np.float32)
+        with pytest.raises(ValueError, match=r"put of 'too-big' is a message of \d+ bytes, over worker") as e:
+            env.client.put(big, key="too-big")
+        assert "--max-message-mb" in str(e.value)
+        with pytest.raises(ValueError, match="over worker"):  # a run with the tensor inline, too
+            env.client.run(env.client.plan_pointer(_padded_source(1)).variant_for((big,)), [big])
+    assert "too-big" not in {p.key for p in env.client.search()}
+    assert_still_serving(env)
+
+
+def test_the_client_refuses_a_plan_over_the_workers_limit_before_sending(env: Env) -> None:
+    with pytest.raises(ValueError, match=r"plan 'padded' is \d+ bytes, over worker .* --max-plan-mb"):
+        env.client.plan_pointer(_padded_source(MAX_PLAN + 100_000))
+    assert_still_serving(env)
+
+
+def _padded_source(size: int) -> Any:
+    """A one-variant plan source whose ONNX bytes are ``size`` long (an identity plan when size is small)."""
+    from planwire.transport.spec import PlanVariant, TensorSpec
+
+    data = plans.padded(size) if size > 1 else plans.identity("float", ["n"])
+    spec = TensorSpec("x", "float", ("n",))
+    variant = PlanVariant(data, (spec,), (spec,))
+
+    class Source:
+        name = "padded"
+        variants = (variant,)
+
+        def variant_for(self, args: Any) -> PlanVariant:
+            return variant
+
+    return Source()

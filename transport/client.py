@@ -93,8 +93,27 @@ class Client:
         return rid
 
     def _post(self, msg: m._Message, buffers: Sequence[Frame], what: str) -> None:
+        frames = session.pack(msg, buffers)
+        if buffers and self.limits is not None:
+            self._check_size(frames, what)
         self._in_flight[msg.id] = what  # type: ignore[attr-defined]
-        self._send(session.pack(msg, buffers))
+        self._send(frames)
+
+    def _check_size(self, frames: list[Frame], what: str) -> None:
+        """ValueError for a message the worker would refuse: far enough past its limit, ZeroMQ would drop the
+        connection instead of letting it answer, and the caller would wait for a timeout."""
+        limits = self.limits
+        assert limits is not None
+        size = sum(map(len, frames))
+        if size > limits.max_message_bytes:
+            raise ValueError(
+                f"{what} is a message of {size} bytes, over worker {self.id!r}'s limit of "
+                f"{limits.max_message_bytes} bytes (plan-worker --max-message-mb): send less per message"
+            )
+        if len(frames) - 2 > limits.max_frames:
+            raise ValueError(
+                f"{what} has {len(frames) - 2} tensor frames, over worker {self.id!r}'s limit of {limits.max_frames}"
+            )
 
     def _read_one(self, rid: int) -> None:
         frames = self._recv(self.timeout)
@@ -119,8 +138,10 @@ class Client:
             raise remote_error(self.id, reply.code, reply.message)
         return reply, buffers
 
-    def request(self, make: Any, buffers: Sequence[Frame] = ()) -> tuple[m._Message, list[memoryview]]:
-        return self.wait(self.submit(make, buffers))
+    def request(
+        self, make: Any, buffers: Sequence[Frame] = (), *, what: str = ""
+    ) -> tuple[m._Message, list[memoryview]]:
+        return self.wait(self.submit(make, buffers, what=what))
 
     def _drain(self) -> None:
         while (frames := self._recv(0)) is not None:
@@ -166,14 +187,14 @@ class Client:
         self, values: Mapping[str, Any], *, tags: Sequence[str] = (), owned: bool = True
     ) -> list[PointerTensor]:
         """Store several tensors under the given keys in one message (overwriting what those keys held)."""
-        items, buffers, pointers = [], [], []
+        items, buffers = [], []
         for key, value in values.items():
             wire, shape, buf = codec.to_frame(as_array(value))
             items.append(m.PutTensor(key=key, dtype=wire, shape=shape, frame=len(buffers), tags=list(tags)))
             buffers.append(buf)
-            pointers.append(PointerTensor(self, key, wire, tuple(shape), tuple(tags), owned=owned))
-        self.request(lambda rid: m.Put(id=rid, tensors=items), buffers)
-        return pointers
+        what = f"put of {', '.join(map(repr, values))}" if len(values) <= 3 else f"put of {len(values)} tensors"
+        self.request(lambda rid: m.Put(id=rid, tensors=items), buffers, what=what)
+        return [PointerTensor(self, t.key, t.dtype, tuple(t.shape), tuple(tags), owned=owned) for t in items]
 
     def search(self, *tags: str) -> list[PointerTensor]:
         """Pointers to the worker's tensors that carry all ``tags`` (they do not own the data)."""
@@ -265,7 +286,15 @@ class Client:
         self.check_connection()
         if variant.id in self._plans and self.session is not None:
             return
-        reply, _ = self.request(lambda rid: m.RegisterPlan(id=rid, frame=0, name=name), [variant.data])
+        limits = self.limits
+        if limits is not None and len(variant.data) > limits.max_plan_bytes:
+            raise ValueError(
+                f"plan {name!r} is {len(variant.data)} bytes, over worker {self.id!r}'s limit of "
+                f"{limits.max_plan_bytes} bytes per plan (plan-worker --max-plan-mb)"
+            )
+        reply, _ = self.request(
+            lambda rid: m.RegisterPlan(id=rid, frame=0, name=name), [variant.data], what=f"plan {name!r}"
+        )
         if reply.plan != variant.id:  # type: ignore[attr-defined]
             raise ProtocolError("bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id")
         self._plans.add(variant.id)
