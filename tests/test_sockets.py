@@ -1,0 +1,57 @@
+"""send_frames/recv_frames (transport.sockets): one multipart message, byte for byte, on the Cython fast
+path and on pyzmq's generic path, over real tcp sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from planwire.transport import sockets
+from planwire.transport.sockets import recv_frames, send_frames
+
+
+@pytest.fixture(params=["cython", "generic"])
+def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
+    if request.param == "generic":
+        monkeypatch.setattr(sockets, "_CYTHON", False)
+    elif not sockets._CYTHON:
+        pytest.skip("pyzmq without its Cython backend")
+    ctx = zmq.Context()
+    server, client = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client.connect(f"tcp://127.0.0.1:{port}")
+    yield server, client
+    server.close(0)
+    client.close(0)
+    ctx.term()
+
+
+def test_frames_arrive_whole_and_in_order(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    server, client = pair
+    big = np.arange(100_000, dtype=np.float32)  # 400 kB: over pyzmq's copy threshold, sent zero-copy
+    frames = [b"PWIRE/1", b'{"type":"ping","id":1}', b"", memoryview(big).cast("B"), memoryview(b"tail")]
+    send_frames(client, frames)
+    assert server.poll(5000)
+    peer, *got = recv_frames(server)
+    assert all(isinstance(f, memoryview) for f in got)
+    assert [bytes(f) for f in got] == [bytes(f) for f in frames]
+    assert np.array_equal(np.frombuffer(got[3], np.float32), big)
+    send_frames(server, [peer, b"one"])  # a reply routed back by the peer's identity
+    assert client.poll(5000)
+    assert [bytes(f) for f in recv_frames(client)] == [b"one"]
+
+
+def test_nothing_waiting_raises_again_without_blocking(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    server, _ = pair
+    with pytest.raises(zmq.Again):
+        recv_frames(server, zmq.NOBLOCK)
+
+
+def test_a_reply_to_an_unknown_peer_raises_on_a_mandatory_router(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    server, _ = pair
+    server.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    with pytest.raises(zmq.ZMQError):
+        send_frames(server, [b"nobody", b"x"])
