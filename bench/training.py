@@ -95,20 +95,10 @@ def run(env: Env, report: Report, quick: bool) -> None:
                     "ms",
                     note=f"per step, {PIPELINE} steps per run",
                 )
-            report.ratio(
-                f"training step vs eager, {name} (pipelined)",
-                (FAMILY, cases[1].name),
-                (FAMILY, cases[2].name),
-                "<=",
-                1.0,
-            )
-            report.ratio(
-                f"training step vs eager, {name} (synchronous)",
-                (FAMILY, cases[0].name),
-                (FAMILY, cases[2].name),
-                "<=",
-                1.0,
-            )
+            for mode, case in (("pipelined", cases[1]), ("synchronous", cases[0])):
+                report.ratio(
+                    f"training step vs eager, {name} ({mode})", (FAMILY, case.name), (FAMILY, cases[2].name), "<=", 1.0
+                )
             ptr.free()
     finally:
         torch.set_num_threads(threads)

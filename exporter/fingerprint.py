@@ -55,16 +55,21 @@ def _is_library(fn: types.FunctionType) -> bool:
     return module.split(".")[0] in {"torch", "numpy", "onnx", "onnxscript", "onnxruntime", "planwire"}
 
 
+def source_of(fn: types.FunctionType) -> str:
+    """``fn``'s source, or a digest of its bytecode when there is no source file (frozen, generated)."""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return hashlib.sha256(marshal.dumps(fn.__code__)).hexdigest()
+
+
 def function_fingerprint(fn: types.FunctionType, seen: set[int] | None = None) -> Any:
     """Source (or bytecode) of ``fn`` plus the closure values and globals it names, recursively."""
     seen = set() if seen is None else seen
     if id(fn) in seen or _is_library(fn):
         return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
     seen.add(id(fn))
-    try:
-        code: Any = inspect.getsource(fn)
-    except (OSError, TypeError):
-        code = hashlib.sha256(marshal.dumps(fn.__code__)).hexdigest()
+    code = source_of(fn)
     closure = [_value(c.cell_contents, seen) for c in fn.__closure__ or () if _has_contents(c)]
     names = _global_names(fn.__code__)
     g = fn.__globals__

@@ -95,15 +95,13 @@ class Client:
     def _post(self, msg: m._Message, buffers: Sequence[Frame], what: str) -> None:
         frames = session.pack(msg, buffers)
         if buffers and self.limits is not None:
-            self._check_size(frames, what)
+            self._check_size(frames, what, self.limits)
         self._in_flight[msg.id] = what  # type: ignore[attr-defined]
         self._send(frames)
 
-    def _check_size(self, frames: list[Frame], what: str) -> None:
+    def _check_size(self, frames: list[Frame], what: str, limits: m.Limits) -> None:
         """ValueError for a message the worker would refuse: far enough past its limit, ZeroMQ would drop the
         connection instead of letting it answer, and the caller would wait for a timeout."""
-        limits = self.limits
-        assert limits is not None
         size = sum(map(len, frames))
         if size > limits.max_message_bytes:
             raise ValueError(

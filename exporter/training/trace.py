@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import math
 import sys
@@ -45,7 +44,7 @@ from planwire.exporter import cache
 from planwire.exporter import export as _export_module
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.export import OPSET, check_exported, failing_op
-from planwire.exporter.fingerprint import tensor_digest
+from planwire.exporter.fingerprint import source_of, tensor_digest
 from planwire.exporter.registry import cached_registry
 from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS, training_decompositions
 from planwire.exporter.training.rewrites import mask_before_unpool
@@ -599,8 +598,10 @@ def tidy_max_pools(proto: onnx.ModelProto) -> int:
         attrs = sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute)
         return node.domain, tuple(node.input), tuple(attrs)
 
+    if len(graphs) > 1:  # a graph with subgraphs keeps both pools: names would need renaming there too
+        return changed
     outputs = {o.name for o in graph.output}
-    while len(graphs) == 1:  # (a graph with subgraphs keeps both pools: names would need renaming there too)
+    while True:
         nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
         pools = {i: n for i, n in enumerate(nodes) if n.op_type == "MaxPool" and n.domain in ("", "ai.onnx")}
         with_indices = {signature(n): i for i, n in pools.items() if len(n.output) == 2 and n.output[0]}
@@ -628,7 +629,6 @@ def tidy_max_pools(proto: onnx.ModelProto) -> int:
         del graph.value_info[:]
         graph.value_info.extend(kept)
         changed += 1
-    return changed
 
 
 def _cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequence[Port]) -> str:
@@ -648,14 +648,7 @@ def _cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequen
 def _translations_source() -> str:
     """The code that shapes the exported graph beyond ``gm.code``: the custom ONNX translations and the
     post-export pass (an edited translation must not be served a stale cached export)."""
-    parts = []
-    for fn in [*ONNX_TRANSLATIONS.values(), tidy_max_pools]:
-        try:
-            parts.append(inspect.getsource(fn))
-        except (OSError, TypeError):  # no source file (frozen, patched): the bytecode and constants
-            code = getattr(fn, "__code__", None)
-            parts.append(repr((code.co_code, code.co_consts)) if code is not None else repr(fn))
-    return "\n".join(parts)
+    return "\n".join(source_of(fn) for fn in [*ONNX_TRANSLATIONS.values(), tidy_max_pools])
 
 
 def verify(
