@@ -1,18 +1,25 @@
-# `make demo` and `make test` set everything up on a fresh machine.
+# `make demo` and `make test` set everything up on a fresh machine, with the versions in requirements.lock.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# pip quietly, without its version nag; the lock pins everything the suite runs with (torch: the CPU wheel).
+PIP := $(BIN)/pip --disable-pip-version-check -q
+EXTRAS := export,plot,dev
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint lock wheel clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: an unpinned torch pulls several GB of CUDA packages.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,dev]'
-	touch $(STAMP)
+$(STAMP): pyproject.toml $(LOCK)
+	@echo "planwire: setting up $(VENV) with the versions in $(LOCK) (torch CPU, onnxruntime, pyzmq, ...)." >&2
+	@echo "planwire: about a minute on a fresh machine; later runs skip this." >&2
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(PIP) install -c $(LOCK) pip setuptools
+	@# torch first, pinned: an unpinned torch pulls several GB of CUDA packages.
+	@$(PIP) install -c $(LOCK) torch
+	@$(PIP) install -c $(LOCK) --no-build-isolation --config-settings editable_mode=strict -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+	@echo "planwire: $(VENV) ready." >&2
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
@@ -27,5 +34,24 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Refresh requirements.lock: newest versions that pyproject.toml's ranges allow, in a scratch venv, then the
+# whole suite runs on them via `make test`. Commit the lock with the change that needed it.
+lock:
+	rm -rf .lockvenv
+	$(PY) -m venv .lockvenv
+	.lockvenv/bin/pip --disable-pip-version-check -q install --upgrade pip setuptools
+	.lockvenv/bin/pip --disable-pip-version-check -q install torch==2.13.0
+	.lockvenv/bin/pip --disable-pip-version-check -q install '.[$(EXTRAS)]'
+	{ echo "# Exact versions \`make test\`, \`make demo\` and CI install (pip constraints). Refresh: \`make lock\`."; \
+	  echo "# Users installing planwire as a library get pyproject.toml's ranges instead."; \
+	  .lockvenv/bin/pip freeze --all --exclude planwire | sed -e 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' | sort -f; } > $(LOCK)
+	rm -rf .lockvenv
+	rm -f $(STAMP)
+	@echo "wrote $(LOCK); now run make test"
+
+# A wheel for a worker-only install elsewhere: pip install dist/planwire-*.whl
+wheel: $(STAMP)
+	$(BIN)/pip wheel --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build dist

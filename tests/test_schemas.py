@@ -17,7 +17,7 @@ import pytest
 from planwire.transport import ForbiddenError, RemoteError, RemoteWorker, UnknownTensorError, dtypes
 from planwire.transport import messages as m
 from planwire.transport.arrays import set_tags
-from planwire.transport.schemagen import render, schemas
+from planwire.transport.schemagen import differences, render, schemas
 from planwire.transport.session import SIGNATURE
 from planwire.worker import Service, VirtualWorker
 from planwire.worker.process import WorkerProcess
@@ -55,7 +55,22 @@ def test_checked_in_schemas_are_what_the_code_generates():
     on_disk = {p.name for p in SCHEMAS.glob("*.json")}
     assert on_disk == set(generated), f"schemas/ has {sorted(on_disk ^ set(generated))} out of sync: {REGENERATE}"
     for name, schema in generated.items():
-        assert (SCHEMAS / name).read_text() == render(schema), f"schemas/{name} is stale: {REGENERATE}"
+        diff = differences(load(name), schema)
+        assert not diff, f"schemas/{name} differs from the code at:\n  " + "\n  ".join(diff) + f"\n{REGENERATE}"
+
+
+def test_drift_check_ignores_docstring_layout_and_names_what_differs():
+    run = schemas()["run.json"]
+    rewrapped = copy.deepcopy(run)
+    rewrapped["description"] = "\n    ".join(run["description"].split())
+    assert differences(run, rewrapped) == []
+    changed = copy.deepcopy(run)
+    changed["properties"]["inline_max"]["minimum"] = 7
+    changed["properties"].pop("fetch")
+    changed["description"] += " More."
+    diff = differences(run, changed)
+    assert diff[1:] == ["properties.fetch: only in the checked-in file", "properties.inline_max.minimum: checked in 0, generated 7"]
+    assert diff[0].startswith("description: checked in ") and diff[0].endswith(' More."')
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in SCHEMAS.glob("*.json")))

@@ -6,6 +6,7 @@ checked-in files differ from what the code would generate, so schemas/ and the c
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -31,10 +32,47 @@ def _refs(node: Any, found: set[str]) -> None:
             _refs(v, found)
 
 
+def _clean(node: Any) -> Any:
+    """Descriptions as ``inspect.cleandoc`` gives them: msgspec releases dedent docstrings differently, and
+    the schema must depend on what the code says, not on which msgspec rendered it."""
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clean(v) for v in node]
+    return node
+
+
+def differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Where two decoded schemas differ in meaning, one line per JSON path (``$defs.Run.properties...``).
+
+    Descriptions are compared after ``inspect.cleandoc`` and with runs of whitespace collapsed, so a
+    re-wrapped docstring is not a difference; a changed word, type, bound or field is."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(old.keys() | new.keys()):
+            where = f"{path}.{key}" if path else key
+            if key not in new:
+                out.append(f"{where}: only in the checked-in file")
+            elif key not in old:
+                out.append(f"{where}: only in what the code generates")
+            else:
+                out += differences(old[key], new[key], where)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{path}[{i}]")]
+    if isinstance(old, str) and isinstance(new, str) and path.endswith("description"):
+        if " ".join(old.split()) == " ".join(new.split()):
+            return []
+    if old == new and type(old) is type(new):
+        return []
+    return [f"{path}: checked in {json.dumps(old)[:200]}, generated {json.dumps(new)[:200]}"]
+
+
 def schemas() -> dict[str, dict[str, Any]]:
     """File name -> schema, for every request and reply type."""
     types = [*m.REQUESTS, *m.REPLIES]
     _, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
+    components = _clean(components)
     # What msgspec cannot say: a run argument is a reference or an inline tensor, exactly one of them.
     components["Arg"] = {**components["Arg"], "minProperties": 1, "maxProperties": 1}
     out: dict[str, dict[str, Any]] = {}
