@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 # pip quietly, without its version nag; the lock pins everything the suite runs with (torch: the CPU wheel).
-PIP := $(BIN)/pip --disable-pip-version-check -q
+PIP := $(BIN)/pip --disable-pip-version-check -q -q
 EXTRAS := export,plot,dev
 
 .PHONY: demo test bench lint lock wheel clean
