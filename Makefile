@@ -39,9 +39,9 @@ lint: $(STAMP)
 lock:
 	rm -rf .lockvenv
 	$(PY) -m venv .lockvenv
-	.lockvenv/bin/pip --disable-pip-version-check -q install --upgrade pip setuptools
-	.lockvenv/bin/pip --disable-pip-version-check -q install torch==2.13.0
-	.lockvenv/bin/pip --disable-pip-version-check -q install '.[$(EXTRAS)]'
+	.lockvenv/bin/pip --disable-pip-version-check -q -q install --upgrade pip setuptools
+	.lockvenv/bin/pip --disable-pip-version-check -q -q install torch==2.13.0
+	.lockvenv/bin/pip --disable-pip-version-check -q -q install '.[$(EXTRAS)]'
 	{ echo "# Exact versions \`make test\`, \`make demo\` and CI install (pip constraints). Refresh: \`make lock\`."; \
 	  echo "# Users installing planwire as a library get pyproject.toml's ranges instead."; \
 	  .lockvenv/bin/pip freeze --all --exclude planwire | sed -e 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' | sort -f; } > $(LOCK)
