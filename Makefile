@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@$(PIP) install -c $(LOCK) pip setuptools
 	@# torch first, pinned: an unpinned torch pulls several GB of CUDA packages.
 	@$(PIP) install -c $(LOCK) torch
-	@$(PIP) install -c $(LOCK) --no-build-isolation --config-settings editable_mode=strict -e '.[$(EXTRAS)]'
+	@$(PIP) install -c $(LOCK) --no-build-isolation -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 	@echo "planwire: $(VENV) ready." >&2
 
