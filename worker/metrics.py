@@ -6,6 +6,8 @@ Labels are bounded: request types and error codes are protocol enums; plans are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Run time buckets (seconds): a tiny plan takes tens of microseconds, a training step seconds.
@@ -49,12 +51,10 @@ class Metrics:
             self.runs_failed.labels(plan, plan_id).inc()
         self.run_seconds.observe(seconds)
 
-    def set_holdings(self, *, tensors: int, tensor_bytes: int, plans: int, plan_bytes: int, clients: int) -> None:
-        self.tensors.set(tensors)
-        self.tensor_bytes.set(tensor_bytes)
-        self.plans.set(plans)
-        self.plan_bytes.set(plan_bytes)
-        self.clients.set(clients)
+    def track_holdings(self, **read: Callable[[], float]) -> None:
+        """Read the gauges (tensors, tensor_bytes, plans, plan_bytes, clients) when scraped, not per request."""
+        for name, fn in read.items():
+            getattr(self, name).set_function(fn)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on HOST:PORT from a daemon thread; returns the bound port (PORT 0: any free)."""

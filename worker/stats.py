@@ -92,7 +92,13 @@ class Stats:
         self._plan_bytes = 0
         for key, entry in service.store.search([]):
             self._hold(key, WORKER, entry.array.nbytes)
-        self._update_gauges()
+        self.metrics.track_holdings(  # plain reads of ints and dict sizes: safe from the scrape thread
+            tensors=lambda: len(self.tensors),
+            tensor_bytes=lambda: self._tensor_bytes,
+            plans=lambda: len(self.plans),
+            plan_bytes=lambda: self._plan_bytes,
+            clients=lambda: len(self.clients),
+        )
 
     def observe(self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float) -> None:
         """Account for one answered request (called by Service.handle, on the serving thread)."""
@@ -137,7 +143,6 @@ class Stats:
                     plan = self.plans[reply.plan] = PlanStats(name, nbytes)
                     self._plan_bytes += nbytes
                 plan.clients.add(client)
-            self._update_gauges()
 
     def _run(self, msg: m.Run, client: str, failed: bool, seconds: float) -> None:
         plan = self.plans.get(msg.plan)
@@ -165,15 +170,6 @@ class Stats:
         old = self.tensors.pop(key, None)
         if old is not None:
             self._tensor_bytes -= old[1]
-
-    def _update_gauges(self) -> None:
-        self.metrics.set_holdings(
-            tensors=len(self.tensors),
-            tensor_bytes=self._tensor_bytes,
-            plans=len(self.plans),
-            plan_bytes=self._plan_bytes,
-            clients=len(self.clients),
-        )
 
     def snapshot(self) -> dict:
         """Everything ``plan-worker status`` shows, as plain data (any thread)."""
