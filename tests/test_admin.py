@@ -64,7 +64,12 @@ def test_status_shows_what_the_worker_holds_for_whom_and_what_ran(own_data):
             done = status(addr, "--json")
         assert done.returncode == 0, done.stderr
         st = json.loads(done.stdout)
-        assert (st["worker"], st["version"], st["protocol"], st["pid"]) == ("ward-7", planwire.__version__, 1, w.proc.pid)
+        assert (st["worker"], st["version"], st["protocol"], st["pid"]) == (
+            "ward-7",
+            planwire.__version__,
+            1,
+            w.proc.pid,
+        )
         assert st["session"] == peer.session and st["providers"] == ["CPUExecutionProvider"]
         assert st["endpoints"] == [w.url] and st["curve"] == "off" and st["uptime_s"] > 0
         assert st["own_data"] == {"tensors": 1, "tensor_bytes": 32, "plans": 0, "plan_bytes": 0}
@@ -168,7 +173,9 @@ def test_logs_name_client_and_plan_of_refused_requests_with_peer_strings_escaped
         p.close()
         log = w.log()
     client = r"127\.0\.0\.1/fd\d+"
-    assert re.search(rf"request #\d+ run from {client} plan 'double_abs' \({plan[:12]}\) refused: .*\[unknown_tensor\]", log)
+    assert re.search(
+        rf"request #\d+ run from {client} plan 'double_abs' \({plan[:12]}\) refused: .*\[unknown_tensor\]", log
+    )
     assert re.search(rf"request #\d+ register_plan from {client} plan 'evil\\nINFO forged line' refused: ", log)
     assert re.search(rf"request #\d+ from {client} refused: .*ping\\nFORGED.*\[unknown_type\]", log)
     assert not any(line.startswith(("INFO forged", "FORGED")) for line in log.splitlines())
@@ -176,7 +183,11 @@ def test_logs_name_client_and_plan_of_refused_requests_with_peer_strings_escaped
 
 def test_curve_clients_are_named_by_key_and_refused_keys_are_logged(tmp_path):
     keys = tmp_path / "keys"
-    for args in ([str(keys)], [str(keys / "clients"), "--name", "alice"], [str(tmp_path / "other"), "--name", "mallory"]):
+    for args in (
+        [str(keys)],
+        [str(keys / "clients"), "--name", "alice"],
+        [str(tmp_path / "other"), "--name", "mallory"],
+    ):
         assert subprocess.run([SCRIPT, "keys", *args], capture_output=True, timeout=60).returncode == 0
     (keys / "clients" / "alice.key_secret").rename(tmp_path / "alice.key_secret")
     extra = ["--curve-secret", str(keys / "worker.key_secret"), "--curve-clients", str(keys / "clients")]

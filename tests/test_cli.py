@@ -66,8 +66,14 @@ def test_help_shows_defaults_an_example_and_every_option_explained():
     ("listen", "line"),
     [
         ("5555", "plan-worker: --listen '5555': expected tcp://HOST:PORT or ipc://PATH (e.g. tcp://0.0.0.0:5555)"),
-        ("foo://x", "plan-worker: --listen 'foo://x': expected tcp://HOST:PORT or ipc://PATH (e.g. tcp://0.0.0.0:5555)"),
-        ("tcp://127.0.0.1", "plan-worker: --listen 'tcp://127.0.0.1': expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:5555)"),
+        (
+            "foo://x",
+            "plan-worker: --listen 'foo://x': expected tcp://HOST:PORT or ipc://PATH (e.g. tcp://0.0.0.0:5555)",
+        ),
+        (
+            "tcp://127.0.0.1",
+            "plan-worker: --listen 'tcp://127.0.0.1': expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:5555)",
+        ),
         (
             "tcp://192.0.2.1:5555",  # TEST-NET-1: never an address of this machine
             "plan-worker: cannot listen on 'tcp://192.0.2.1:5555': Cannot assign requested address "
@@ -202,7 +208,9 @@ def test_bad_key_files_are_one_line(keys, tmp_path):
     assert refused("--listen", TCP, "--curve-secret", str(public), "--curve-clients", clients) == (
         f"plan-worker: secret key file '{public}': holds no secret key (a .key file is public: use the .key_secret)"
     )
-    assert refused("--listen", TCP, "--curve-secret", str(keys / "worker.key_secret"), "--curve-clients", str(empty)) == (
+    assert refused(
+        "--listen", TCP, "--curve-secret", str(keys / "worker.key_secret"), "--curve-clients", str(empty)
+    ) == (
         f"plan-worker: --curve-clients '{empty}': holds no public keys (*.key): no client could connect; "
         "copy each client's .key file there"
     )

@@ -176,7 +176,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=_Formatter,
         epilog=EXAMPLE,
     )
-    ap.add_argument("--version", action="version", version=f"plan-worker {version()} (protocol {PROTOCOL_VERSION}, onnxruntime {ort.__version__})")
+    ap.add_argument(
+        "--version",
+        action="version",
+        version=f"plan-worker {version()} (protocol {PROTOCOL_VERSION}, onnxruntime {ort.__version__})",
+    )
     ap.add_argument(
         "--listen",
         action="append",

@@ -20,7 +20,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "planwire_requests", "Requests answered, by type and error code ('' = success)", ["type", "code"], registry=r
+            "planwire_requests",
+            "Requests answered, by type and error code ('' = success)",
+            ["type", "code"],
+            registry=r,
         )
         self.runs = Counter("planwire_runs", "Plan runs, by plan", ["plan", "plan_id"], registry=r)
         self.runs_failed = Counter(
