@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 # Run time buckets (seconds): a tiny plan takes tens of microseconds, a training step seconds.
 RUN_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -61,5 +61,6 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on HOST:PORT from a daemon thread; returns the bound port (PORT 0: any free)."""
+        disable_created_metrics()  # no *_created series: this process is a worker, the switch is global
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_address[1]
