@@ -201,6 +201,10 @@ def test_bad_key_files_are_one_line(keys, tmp_path):
     assert refused("--listen", TCP, "--curve-secret", str(missing), "--curve-clients", clients) == (
         f"plan-worker: secret key file '{missing}': no such file (make keys with: plan-worker keys DIR)"
     )
+    assert refused("--listen", TCP, "--curve-secret", str(tmp_path), "--curve-clients", clients) == (
+        f"plan-worker: secret key file '{tmp_path}': is a directory, not a key file (NAME.key_secret from "
+        "plan-worker keys)"
+    )
     assert refused("--listen", TCP, "--curve-secret", str(garbage), "--curve-clients", clients) == (
         f"plan-worker: secret key file '{garbage}': not a zmq.auth certificate (No public key found in "
         f"{garbage}); make keys with: plan-worker keys DIR"

@@ -17,6 +17,8 @@ log = logging.getLogger("planwire.auth")
 def _load(path: str, what: str) -> tuple[bytes, bytes | None]:
     """(public, secret or None) of a zmq.auth certificate file; ValueError says what is wrong and what to do."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {path!r}: is a directory, not a key file (NAME.key_secret from plan-worker keys)")
     if not p.is_file():
         raise ValueError(f"{what} {path!r}: no such file (make keys with: plan-worker keys DIR)")
     try:
