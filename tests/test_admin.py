@@ -90,14 +90,19 @@ def test_status_shows_what_the_worker_holds_for_whom_and_what_ran(own_data):
         peer.ok({"type": "delete", "keys": ["b"]})
         busy_now = next(c for c in query(addr).clients if c.client == busy["client"])
         assert (busy_now.tensors, busy_now.tensor_bytes) == (1, 16)
+        # a run refused for writing over the worker's own data changes nobody's holdings
+        peer.error(*peer.run_header(plan, [np.ones(8, np.float32)], ["data:own.npy"]), code="forbidden")
+        after = query(addr)
+        assert after.own_data.tensors == 1 and after.own_data.tensor_bytes == 32
+        assert next(c for c in after.clients if c.client == busy["client"]).tensors == 1
 
         text = status(addr)
         assert text.returncode == 0, text.stderr
         lines = text.stdout.splitlines()
         assert lines[0] == f"worker    ward-7 (planwire {planwire.__version__}, protocol 1, pid {w.proc.pid})"
-        assert "runs      2 served, 1 failed, p50 " in text.stdout
+        assert "runs      3 served, 2 failed, p50 " in text.stdout
         assert "own data  1 tensors, 32 B; 0 released to clients (private data gets)" in text.stdout
-        assert f"  {plan[:12]}  'double_abs'" in text.stdout
+        assert re.search(rf"  {plan[:12]}  'double_abs' +{plan_bytes} B  3 runs, 2 failed", text.stdout)
         peer.close()
     assert not path.exists()  # removed when the worker stops
 

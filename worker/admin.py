@@ -93,8 +93,13 @@ def default_admin_path(worker_id: str) -> Path:
     """An ipc path only this user can reach: ``$XDG_RUNTIME_DIR/planwire`` or ``$TMPDIR/planwire-UID``."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     run_dir = Path(base) / "planwire" if base else Path(tempfile.gettempdir()) / f"planwire-{os.getuid()}"
-    run_dir.mkdir(mode=0o700, exist_ok=True)
-    st = run_dir.stat()
+    try:
+        run_dir.mkdir(mode=0o700, exist_ok=True)
+        st = run_dir.stat()
+    except OSError as e:
+        raise ValueError(
+            f"admin directory {run_dir}: {e.strerror or e} (pass --admin ipc://PATH, or --admin none)"
+        ) from None
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise ValueError(f"admin directory {run_dir} is not this user's alone (mode 0700): remove it or pass --admin")
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in worker_id)[:40]

@@ -156,10 +156,10 @@ class Stats:
         self.durations.append(seconds)
         store = self.service.store
         for key in msg.outputs:
-            if key in store:
-                self._hold(key, client, store.entry(key).array.nbytes)
-            else:  # the run failed: its outputs are not stored
+            if key not in store:  # a failed run's outputs are not stored (a refused one changed nothing)
                 self._drop(key)
+            elif not failed:
+                self._hold(key, client, store.entry(key).array.nbytes)
 
     def _hold(self, key: str, owner: str, nbytes: int) -> None:
         self._drop(key)
