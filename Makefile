@@ -27,8 +27,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# `make bench RUNS=3`: three full runs, each kept in bench/runs/, aggregated into bench/results.json.
+RUNS ?= 1
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --runs $(RUNS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
