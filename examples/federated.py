@@ -102,6 +102,7 @@ def plot(history: History, path: Path) -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
     ax_loss.plot(rounds, history.loss, marker="o")
     ax_loss.set(title="training loss (mean over each round's batches)", xlabel="round", ylabel="cross-entropy")
+    ax_loss.set_ylim(bottom=0)
     ax_acc.plot(rounds, history.accuracy, marker="o", label="training (local steps)")
     ax_acc.plot(rounds, history.held_out, marker="s", label="held-out (averaged model)")
     ax_acc.axhline(TARGET, color="grey", linestyle=":", linewidth=1, label=f"target {TARGET:.0%}")
@@ -174,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> History:
             ]
             global_state = model.state_dict()
             print(f"round 0: held-out accuracy {accuracy(model, x_test, y_test):.3f}")
-            bar = tqdm(range(1, args.rounds + 1), desc="federated rounds", unit="round", disable=not show)
+            # a bar on a terminal only (disable=None): in logs the per-round lines below are the progress
+            bar = tqdm(range(1, args.rounds + 1), desc="federated rounds", unit="round", disable=None if show else True)
             for rnd in bar:
                 results = []  # (loss pointer, accuracy pointer, batch size) of every local step this round
                 for ptr, batches in zip(pointers, data, strict=True):

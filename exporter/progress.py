@@ -101,7 +101,7 @@ class _Build:
                     unit="stage",
                     file=self.file,
                     leave=True,
-                    bar_format="{desc}: {bar:12} {n_fmt}/{total_fmt} {postfix} [{elapsed}]",
+                    bar_format="{desc}: {bar:12} {n_fmt}/{total_fmt}{postfix} [{elapsed}]",
                     postfix=self.name,
                 )
                 self.bar.start_t -= self.elapsed()  # its clock starts with the build, not the bar
