@@ -40,8 +40,8 @@ def main() -> None:
         print("workers stopped")
     federated.main(["--plot", str(args.plot)])
     print(
-        "\nnext steps: README.md#next-steps (write your own plan, run a plan-worker on another machine, "
-        "train on private data)"
+        '\nnext steps: README.md, "Next steps" (write your own plan, run a plan-worker on another machine, '
+        "train on data you never see)"
     )
 
 
