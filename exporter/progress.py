@@ -58,7 +58,7 @@ def stage(name: str) -> None:
 
 
 class _Build:
-    """One reported build: a watcher thread shows it after the delay; stage() and close() update it."""
+    """One reported build: the watcher shows it after the delay; stage() and close() update it."""
 
     def __init__(self, plan: str, started: float) -> None:
         self.plan, self.started = plan, started
@@ -66,29 +66,19 @@ class _Build:
         self.file: TextIO = sys.stderr  # taken now: the exporter swaps sys.stderr while it runs
         self.tty = bool(getattr(self.file, "isatty", lambda: False)())
         self.bar: Any = None
-        self.shown = False
-        self.done = threading.Event()
+        self.shown = self.closed = False
         self.lock = threading.Lock()
         if DELAY - self.elapsed() <= 0:
             self.show()
         if not self.shown or self.tty:
-            threading.Thread(target=self._watch, name="planwire-progress", daemon=True).start()
+            _watch(self)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def _watch(self) -> None:
-        if not self.shown and self.done.wait(max(0.0, DELAY - self.elapsed())):
-            return
-        self.show()
-        while self.tty and not self.done.wait(REFRESH):
-            with self.lock:
-                if self.bar is not None and not self.done.is_set():
-                    self.bar.refresh()
-
     def show(self) -> None:
         with self.lock:
-            if self.shown or self.done.is_set():
+            if self.shown or self.closed:
                 return
             self.shown = True
             if self.tty:
@@ -109,6 +99,11 @@ class _Build:
             else:
                 self._line(f"building plan {self.plan!r} ({', '.join(STAGES)}): {self.name}")
 
+    def refresh(self) -> None:
+        with self.lock:
+            if self.bar is not None and not self.closed:
+                self.bar.refresh()  # the elapsed clock moves on a terminal
+
     def stage(self, name: str) -> None:
         with self.lock:
             if name == self.name or name not in STAGES:
@@ -121,19 +116,20 @@ class _Build:
                 self._line(f"building plan {self.plan!r}: {name}")
 
     def close(self, ok: bool) -> None:
-        self.done.set()
         with self.lock:
-            if not self.shown:
-                return
-            outcome = "done" if ok else f"failed during {self.name}"
-            if self.bar is not None:
-                if ok:
-                    self.bar.n = len(STAGES)
-                self.bar.set_postfix_str(outcome)
-                self.bar.close()
-            else:
-                verb = f"built plan {self.plan!r}" if ok else f"building plan {self.plan!r} {outcome}"
-                self._line(verb)
+            self.closed = True
+            if self.shown:
+                outcome = "done" if ok else f"failed during {self.name}"
+                if self.bar is not None:
+                    if ok:
+                        self.bar.n = len(STAGES)
+                    self.bar.set_postfix_str(outcome)
+                    self.bar.close()
+                else:
+                    verb = f"built plan {self.plan!r}" if ok else f"building plan {self.plan!r} {outcome}"
+                    self._line(verb)
+        with _cond:
+            _active.discard(self)
 
     def _line(self, text: str) -> None:
         try:
@@ -141,3 +137,41 @@ class _Build:
             self.file.flush()
         except (OSError, ValueError):  # a closed stderr must not fail the build
             pass
+
+
+# One watcher thread per process, started by the first build that exports (starting a thread per build
+# would cost a warm build more than the check it replaces).
+_cond = threading.Condition()
+_active: set[_Build] = set()
+_watcher: threading.Thread | None = None
+
+
+def _watch(build: _Build) -> None:
+    global _watcher
+    with _cond:
+        _active.add(build)
+        if _watcher is None or not _watcher.is_alive():
+            _watcher = threading.Thread(target=_loop, name="planwire-progress", daemon=True)
+            _watcher.start()
+        _cond.notify()
+
+
+def _loop() -> None:
+    with _cond:
+        while True:
+            now = time.perf_counter()
+            waits = []
+            for build in list(_active):
+                if not build.shown:
+                    due = build.started + DELAY - now
+                    if due <= 0:
+                        build.show()
+                    else:
+                        waits.append(due)
+                if build.shown:
+                    if not build.tty:
+                        _active.discard(build)  # plain lines need no redraw
+                        continue
+                    build.refresh()
+                    waits.append(REFRESH)
+            _cond.wait(min(waits) if waits else None)

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,6 +277,26 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch: pytest.MonkeyPatch) -
         progress.stage("export")
         raise RuntimeError("boom")
     assert "1/3, failed during export [" in tty.getvalue().split("\r")[-1]
+
+
+def test_progress_appears_once_a_build_outlasts_the_delay(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(progress, "DELAY", 0.05)
+    with progress.building("slow"):
+        build = progress._current.get()
+        assert build is not None and not build.shown  # nothing printed at the start
+        for _ in range(1000):  # the watcher thread shows it once the delay has passed
+            if build.shown:
+                break
+            threading.Event().wait(0.01)
+        progress.stage("verify")
+    lines = [line.rsplit(" (", 1)[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "planwire: building plan 'slow' (trace, export, verify): trace",
+        "planwire: building plan 'slow': verify",
+        "planwire: built plan 'slow'",
+    ]
 
 
 def test_progress_waits_for_the_delay(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
