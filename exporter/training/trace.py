@@ -558,7 +558,7 @@ def _export(
     shapes = tuple({a: torch.export.Dim.DYNAMIC for a in axes} or None for axes in dynamic)
     progress.stage("export")
     try:
-        with _EXPORT_LOCK, cached_registry(), warnings.catch_warnings():
+        with _EXPORT_LOCK, cached_registry(), warnings.catch_warnings(), diagnose.quiet_exporter():
             warnings.simplefilter("ignore")
             program = torch.export.export(gm, tuple(examples), dynamic_shapes=shapes, strict=False)
             onnx_program = torch.onnx.export(
