@@ -248,6 +248,20 @@ def test_progress_lines_when_not_a_tty(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert capsys.readouterr().err == ""
 
 
+def test_training_plan_build_shows_its_stages(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    small_step()
+    lines = [line.rsplit(" (", 1)[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "planwire: building plan 'train_Sequential' (trace, export, verify): trace",
+        "planwire: building plan 'train_Sequential': export",
+        "planwire: building plan 'train_Sequential': verify",
+        "planwire: built plan 'train_Sequential'",
+    ]
+
+
 @pytest.mark.parametrize("how", ["env", "argument"])
 def test_progress_can_be_turned_off(
     how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
