@@ -252,13 +252,14 @@ def test_training_plan_build_shows_its_stages(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(progress, "DELAY", 0.0)
-    small_step()
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))  # a graph no other test exports
+    sy.training_plan(model, F.cross_entropy, sy.optim.Adam(lr=0.01), args_shape=[(-1, 5), (-1,)], name="stages")
     lines = [line.rsplit(" (", 1)[0] for line in capsys.readouterr().err.splitlines()]
     assert lines == [
-        "planwire: building plan 'train_Sequential' (trace, export, verify): trace",
-        "planwire: building plan 'train_Sequential': export",
-        "planwire: building plan 'train_Sequential': verify",
-        "planwire: built plan 'train_Sequential'",
+        "planwire: building plan 'stages' (trace, export, verify): trace",
+        "planwire: building plan 'stages': export",
+        "planwire: building plan 'stages': verify",
+        "planwire: built plan 'stages'",
     ]
 
 
