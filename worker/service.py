@@ -20,11 +20,19 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
-from planwire.worker.modelcheck import check_model
+from planwire.worker.modelcheck import PlanRejected, check_model
 from planwire.worker.runtime import PlanSession, providers_for
-from planwire.worker.store import Store
+from planwire.worker.store import ClientId, Store
 
 log = logging.getLogger("planwire.worker")
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """``text`` safe for a log line: control characters (a newline in a peer's ``type``) escaped, length capped."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 # Opsets of the ONNX default domain this worker's onnxruntime accepts (reported in welcome).
 ONNX_OPSET = 23
@@ -42,14 +50,19 @@ class Service:
         device: str = "cpu",
         threads: int = 1,
         limits: Limits | None = None,
+        max_plans: int | None = None,
+        max_store_bytes: int | None = None,
+        max_client_store_bytes: int | None = None,
     ) -> None:
         self.id = worker_id
         self.session = uuid.uuid4().hex
         self.providers = providers_for(device)
         self.threads = threads
         self.limits = limits or Limits()
-        self.store = Store(public=public)
+        self.store = Store(public=public, max_bytes=max_store_bytes, max_client_bytes=max_client_store_bytes)
+        self.max_plans = max_plans
         self.plans: dict[str, PlanSession] = {}
+        self._client: ClientId = b""  # who sent the request being handled (quotas, ownership)
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)
@@ -68,13 +81,16 @@ class Service:
             m.RegisterPlan: self._register,
             m.HasPlan: self._has_plan,
             m.Run: self._run,
+            m.DeletePlan: self._delete_plan,
         }
 
     # -- entry point ------------------------------------------------------------------------------
 
-    def handle(self, frames: Sequence[Frame]) -> list[Frame]:
-        """Answer one request message; never raises: every failure becomes an error reply."""
+    def handle(self, frames: Sequence[Frame], client: ClientId = b"") -> list[Frame]:
+        """Answer one request message from ``client`` (its id for quotas; in process: b"");
+        never raises: every failure becomes an error reply."""
         rid = -1
+        self._client = client
         try:
             total = sum(map(len, frames))
             if total > self.limits.max_message_bytes:
@@ -99,7 +115,7 @@ class Service:
             return session.pack(reply, out)
         except ProtocolError as e:
             rid = getattr(e, "re", rid)
-            log.info("request #%d refused: %s [%s]", rid, e.message, e.code)
+            log.info("request #%d refused: %s [%s]", rid, printable(e.message), e.code)
             return session.pack(m.Error(re=rid, session=self.session, code=e.code, message=e.message))  # type: ignore[arg-type]
         except Exception as e:  # a bug here must not take the worker down
             log.exception("request #%d failed", rid)
@@ -132,8 +148,11 @@ class Service:
     def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]
         self.store.check_writable(t.key for t in msg.tensors)
+        self.store.check_quota(
+            self._client, ((t.key, a.nbytes) for t, a in zip(msg.tensors, arrays, strict=True)), f"put #{msg.id}"
+        )
         for t, arr in zip(msg.tensors, arrays, strict=True):
-            self.store.put(t.key, arr, t.tags)
+            self.store.put(t.key, arr, t.tags, owner=self._client)
         return m.Ok(re=msg.id, session=self.session), []
 
     def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
@@ -158,10 +177,16 @@ class Service:
         pid = plan_id(data)
         plan = self.plans.get(pid)
         if plan is None:
+            if self.max_plans is not None and len(self.plans) >= self.max_plans:
+                raise ProtocolError(
+                    "quota_exceeded",
+                    f"plan {msg.name or pid[:12]!r} not registered: the worker already holds {len(self.plans)} plans "
+                    "(its limit): unregister plans with delete_plan, or start plan-worker with a larger --max-plans",
+                )
             try:
                 summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
-            except ValueError as e:  # PlanRejected
-                code = "too_large" if len(data) > self.limits.max_plan_bytes else "bad_plan"
+            except PlanRejected as e:
+                code = "too_large" if len(data) > self.limits.max_plan_bytes else e.code
                 raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
             name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
             plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
@@ -174,6 +199,11 @@ class Service:
             self.plans[pid] = plan
             log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
         return self._plan_info(msg.id, pid, plan), []
+
+    def _delete_plan(self, msg: m.DeletePlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        if self.plans.pop(msg.plan, None) is not None:
+            log.info("unregistered plan %r", msg.plan[:12])
+        return m.Ok(re=msg.id, session=self.session), []
 
     def _has_plan(self, msg: m.HasPlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
@@ -218,8 +248,10 @@ class Service:
         except Exception as e:  # onnxruntime's own errors already say what they are
             detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
             raise ProtocolError("run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {detail}") from None
+        sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
+        self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
         for key, arr in zip(msg.outputs, results, strict=True):
-            self.store.put(key, arr)
+            self.store.put(key, arr, owner=self._client)
         fetch = msg.fetch
         if msg.inline_max:
             fetch = [*fetch, *(i for i, r in enumerate(results) if r.nbytes <= msg.inline_max and i not in fetch)]
