@@ -63,6 +63,7 @@ class Service:
         self.max_plans = max_plans
         self.plans: dict[str, PlanSession] = {}
         self._client: ClientId = b""  # who sent the request being handled (quotas, ownership)
+        self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)
@@ -197,10 +198,13 @@ class Service:
                         f"plan {name!r} output {port!r} has type {wire!r}; supported: {dtypes.human_list()}",
                     )
             self.plans[pid] = plan
+            if summary.unknown_rank:
+                self._any_rank[pid] = summary.unknown_rank
             log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
         return self._plan_info(msg.id, pid, plan), []
 
     def _delete_plan(self, msg: m.DeletePlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        self._any_rank.pop(msg.plan, None)
         if self.plans.pop(msg.plan, None) is not None:
             log.info("unregistered plan %r", msg.plan[:12])
         return m.Ok(re=msg.id, session=self.session), []
@@ -242,7 +246,11 @@ class Service:
         if msg.fetch and max(msg.fetch) >= n_out:
             raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
         args = [self._arg(i, a, buffers) for i, a in enumerate(msg.args)]
-        plan.check(args)
+        any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
+        if any_rank is None:
+            plan.check(args)
+        else:
+            self._check_any_rank(plan, args, any_rank)
         try:
             results = plan.run(args, check=False)
         except Exception as e:  # onnxruntime's own errors already say what they are
@@ -278,10 +286,33 @@ class Service:
             frames.append(buf)
         return m.Tensors(re=rid, session=self.session, tensors=out), frames
 
+    @staticmethod
+    def _check_any_rank(plan: PlanSession, args: Sequence[np.ndarray], any_rank: frozenset[str]) -> None:
+        """PlanSession.check for a plan with inputs of unknown rank (which onnxruntime reports as shape
+        ``[]``): those take any shape, and only their dtype is checked."""
+        if len(args) != len(plan.inputs):
+            plan.check(args)  # names the count
+        for i, (arr, (name, wire, shape)) in enumerate(zip(args, plan.inputs, strict=True)):
+            what = f"plan {plan.name!r} argument {i} ({name!r})"
+            if arr.dtype != dtypes.to_numpy(wire):
+                raise ProtocolError("bad_argument", f"{what}: expected dtype {dtypes.human(wire)}, got {arr.dtype}")
+            if name not in any_rank and (
+                len(shape) != arr.ndim
+                or any(isinstance(w, int) and w != g for w, g in zip(shape, arr.shape, strict=True))
+            ):
+                want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
+                raise ProtocolError("bad_argument", f"{what}: expected shape {want}, got {list(arr.shape)}")
+
     def _plan_info(self, rid: int, pid: str, plan: PlanSession) -> m.PlanInfo:
+        any_rank = self._any_rank.get(pid, frozenset())
+
         def ports(items: list) -> list[m.Port]:
             return [
-                m.Port(name=n, dtype=t, shape=[d if isinstance(d, int) else (d or None) for d in s])
+                m.Port(
+                    name=n,
+                    dtype=t,
+                    shape=None if n in any_rank else [d if isinstance(d, int) else (d or None) for d in s],
+                )
                 for n, t, s in items
             ]
 
