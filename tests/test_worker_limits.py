@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ def start(tmp_path) -> Iterator:
     procs: list[WorkerProcess] = []
     peers: list[Peer] = []
 
-    def make(*extra: str, transport: str = "tcp") -> tuple[WorkerProcess, callable]:
+    def make(*extra: str, transport: str = "tcp") -> tuple[WorkerProcess, Callable[..., Peer]]:
         listen = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{tmp_path}/w{len(procs)}.ipc"
         proc = WorkerProcess(f"limits-{len(procs)}", listen=listen, extra=list(extra))
         procs.append(proc)
