@@ -122,7 +122,7 @@ def test_a_client_that_never_reads_cannot_wedge_the_worker(start, transport):
         while "dropping its replies" not in proc.log() and time.monotonic() < deadline:
             other.ok({"type": "ping"})
             time.sleep(0.05)
-        assert proc.log().count("dropping its replies") == 1, proc.log()[-2000:]
+        assert proc.log().count("dropping its replies") >= 1, proc.log()[-2000:]
     finally:
         flood.close(linger=0)
     assert proc.stop(timeout=20) == 0  # SIGTERM still stops it
