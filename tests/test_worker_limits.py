@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import zmq
+import zmq.auth
 
+from planwire.transport.auth import client_keys
 from planwire.worker.cli import raise_open_files
 from planwire.worker.process import WorkerProcess
 from tests.conformance import plans
@@ -168,3 +170,30 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit():
         assert now == hard or hard == resource.RLIM_INFINITY
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_with_curve_a_client_is_its_key_across_connections(start, tmp_path):
+    """The per-client share follows the CURVE public key (ZAP User-Id), not the connection."""
+    for d in ("server", "clients"):
+        (tmp_path / d).mkdir()
+    zmq.auth.create_certificates(tmp_path / "server", "server")
+    for name in ("alice", "bob"):
+        zmq.auth.create_certificates(tmp_path / "clients", name)
+    secret = tmp_path / "server" / "server.key_secret"
+    proc, _ = start("--curve-secret", str(secret), "--curve-clients", str(tmp_path / "clients"),
+                    "--max-client-store-mb", "1")  # fmt: skip
+
+    def keys(name: str) -> tuple[bytes, bytes, bytes]:
+        return client_keys(str(tmp_path / "clients" / f"{name}.key_secret"), str(tmp_path / "server" / "server.key"))
+
+    with Peer(proc.url, curve=keys("alice")) as a1, Peer(proc.url, curve=keys("alice")) as a2:
+        a1.put("a1", kib(700))
+        reply = a2.error(
+            {"type": "put", "tensors": [{"key": "a2", "dtype": "uint8", "shape": [700 * KiB], "frame": 0}]},
+            [bytes(700 * KiB)],
+            code="quota_exceeded",
+        )
+        assert "--max-client-store-mb" in reply["message"]
+        with Peer(proc.url, curve=keys("bob")) as b:
+            b.put("b1", kib(700))  # another key, its own share
+        assert a2.get1("a1", keep=True).size == 700 * KiB
