@@ -5,7 +5,8 @@
 Properties:
 * ``Service.handle`` answers every message with one well-formed reply (never raises), echoes a readable
   request id, and never answers ``internal`` (a bug);
-* ``check_model`` either accepts a plan or raises ``PlanRejected``, nothing else.
+* ``check_model`` either accepts a plan or raises ``PlanRejected``, nothing else;
+* (campaign only) a mutated plan registered through ``Service.handle`` is answered, never ``internal``.
 """
 
 from __future__ import annotations
@@ -191,10 +192,22 @@ def check_plan(data: bytes) -> None:
         assert str(e) and e.code in ("bad_plan", "plan_too_large")
 
 
-def properties(examples: int) -> list:
-    """The two properties as hypothesis tests of ``examples`` examples each."""
+def check_registration(data: bytes) -> None:
+    """A mutated plan through the whole register_plan path: the checker, then onnxruntime for what passes
+    (campaign only: a crash inside onnxruntime would take the test process down)."""
+    svc, pid = service()
+    for other in [p for p in svc.plans if p != pid]:
+        svc.plans.pop(other)
+    check_reply([SIGNATURE, b'{"type": "register_plan", "id": 1}', data])
+
+
+def properties(examples: int, *, campaign: bool = False) -> list:
+    """The properties as hypothesis tests of ``examples`` examples each (the campaign adds registration)."""
     cfg = settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    return [cfg(given(messages())(check_reply)), cfg(given(plan_bytes())(check_plan))]
+    props = [cfg(given(messages())(check_reply)), cfg(given(plan_bytes())(check_plan))]
+    if campaign:
+        props.append(cfg(given(plan_bytes())(check_registration)))
+    return props
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.minutes * 60
     rounds = 0
     while time.monotonic() < deadline:
-        for prop in properties(args.batch):
+        props = properties(args.batch, campaign=True)
+        for prop in props:
             prop()  # raises (with the shrunk example) on the first failure
         rounds += 1
-        print(f"fuzz: round {rounds}: {2 * args.batch * rounds} examples, 0 failures", flush=True)
+        print(f"fuzz: round {rounds}: {len(props) * args.batch * rounds} examples, 0 failures", flush=True)
     return 0
 
 
