@@ -297,6 +297,11 @@ class Client:
             raise ProtocolError("bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id")
         self._plans.add(variant.id)
 
+    def delete_plan(self, plan: str) -> None:
+        """Unregister a plan (by id) on the worker, freeing its place under ``--max-plans``."""
+        self.request(lambda rid: m.DeletePlan(id=rid, plan=plan))
+        self._plans.discard(plan)
+
     def signature_of(self, arg: Any) -> tuple[str, tuple[int, ...]]:
         """(wire dtype, shape) of a plan argument, pointer or local tensor."""
         if isinstance(arg, PointerTensor):
