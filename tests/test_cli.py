@@ -88,7 +88,7 @@ def test_help_shows_defaults_an_example_and_every_option_explained():
     ids=["bare-port", "scheme", "no-port", "foreign-address", "missing-dir"],
 )
 def test_bad_listen_is_one_line_and_status_2(listen, line, how):
-    assert refused("--listen", listen, how=how) == line
+    assert refused("--listen", listen, "--insecure", how=how) == line
 
 
 def test_port_in_use_names_the_endpoint_and_what_to_do():
@@ -265,3 +265,21 @@ def test_metrics_and_admin_addresses_are_checked():
         )
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("listen", ["tcp://0.0.0.0:0", "tcp://*:0", "tcp://192.0.2.1:5555"])
+def test_a_network_address_without_curve_is_refused_and_says_how_to_make_keys(listen):
+    line = refused("--listen", listen)
+    assert line.startswith(f"plan-worker: --listen {listen!r} is reachable from the network")
+    assert "plan-worker keys keys" in line and "--curve-secret" in line and "--insecure" in line
+
+
+def test_insecure_lets_a_network_address_serve_with_a_warning():
+    with WorkerProcess("insecure", listen="tcp://0.0.0.0:0", extra=["--insecure"]) as proc:
+        assert "reachable from the network without CURVE" in proc.log()
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "soon", "1w"])
+def test_bad_idle_ttl_is_refused(ttl):
+    line = refused("--listen", TCP, "--idle-ttl", ttl)
+    assert "--idle-ttl" in line and "positive duration" in line

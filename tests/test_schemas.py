@@ -250,7 +250,7 @@ def ask(service: Service, header: bytes, frames: list[bytes] = ()) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def service() -> Service:
-    s = Service("schemas", data=[("own", OWN, ["own"])])
+    s = Service("schemas", data=[("own", OWN, ["own"])], public=True)  # results of runs on it may be fetched
     s.handle(
         [
             SIGNATURE,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import planwire
-from planwire.transport import ForbiddenError, PointerTensor, RemoteError, UnknownTensorError
+from planwire.transport import ForbiddenError, PointerTensor, PrivateDataError, RemoteError, UnknownTensorError
 from planwire.transport.arrays import set_tags
 from tests import handmade
 
@@ -46,7 +46,11 @@ def test_private_data_never_leaves_or_dies(worker_factory):
     gc.collect()
     (p,) = w.search("input_data")  # still there, and plans can use it
     out = w.plan_pointer(handmade.double_abs())(p)
-    assert out.get().tolist() == [2.0, 4.0]
+    with pytest.raises(PrivateDataError, match="computed from this worker's private data"):
+        out.get()  # a result computed from private data is private too
+    again = w.plan_pointer(handmade.double_abs())(out)  # ... and may be used by later runs
+    with pytest.raises(PrivateDataError):
+        again.get()
 
 
 def test_public_worker_lets_copies_out_but_keeps_its_data(worker_factory):
@@ -109,7 +113,8 @@ def plan_uploads(w, data: bytes) -> list[int]:
 
 
 def test_plan_bytes_sent_once_and_shared_by_workers(worker_factory):
-    w1, w2 = worker_factory("device_1", data=seed_data()), worker_factory("device_2", data=seed_data())
+    w1 = worker_factory("device_1", data=seed_data(), public=True)
+    w2 = worker_factory("device_2", data=seed_data(), public=True)
     plan = handmade.double_abs()
     data = plan.variants[0].data
     up1, up2 = plan_uploads(w1, data), plan_uploads(w2, data)

@@ -19,6 +19,7 @@ import zmq.auth
 
 import planwire
 from planwire.transport import RemoteTimeoutError
+from planwire.transport import messages as m
 from planwire.transport.auth import client_keys
 from planwire.transport.remote import CLOSE_TIMEOUT
 from planwire.worker.process import WorkerProcess
@@ -247,8 +248,8 @@ def test_restart_is_detected_and_plans_are_registered_again(tmp_path, ping_first
                     assert raw.ok({"type": "has_plan", "plan": variant.id}).kind == "missing"
             assert pointer(np.array([3.0, -4.0], np.float32)).get().tolist() == [6.0, 8.0]
             assert c.session != old_session and second.log().count("registered plan") == 1
-            with Peer(url) as raw:
-                assert raw.ok({"type": "has_plan", "plan": variant.id}).kind == "plan"
+            has, _ = c.request(lambda rid: m.HasPlan(id=rid, plan=variant.id))  # the client's own plan
+            assert isinstance(has, m.PlanInfo)
 
 
 def test_worker_and_transport_never_import_torch():

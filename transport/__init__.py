@@ -3,6 +3,7 @@
 from planwire.transport.client import Client
 from planwire.transport.errors import (
     ForbiddenError,
+    PrivateDataError,
     ProtocolError,
     RemoteError,
     RemoteTimeoutError,
@@ -17,6 +18,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Client",
     "ForbiddenError",
+    "PrivateDataError",
     "PlanSource",
     "PlanVariant",
     "PointerPlan",

@@ -51,6 +51,8 @@ class Client:
         self.session: str | None = None
         self.providers: list[str] = []
         self.limits: m.Limits | None = None
+        self.identity = ""  # issued by the worker at hello (without CURVE); presented again after a reconnect
+        self._greeting = False
 
     # -- moving frames: subclasses -----------------------------------------------------------------
 
@@ -77,7 +79,16 @@ class Client:
     ) -> int:
         """Send ``make(request_id)`` without waiting; returns the request id. The reply to a
         ``detached`` request is read and dropped (errors stay on the worker, see run). Pending frees go
-        first, unless this is a ``background`` request (a run) and fewer than FREE_BATCH are pending."""
+        first, unless this is a ``background`` request (a run) and fewer than FREE_BATCH are pending.
+        After the connection dropped, a hello goes first: it presents the client's identity again, so the
+        worker knows the new connection as the owner of the client's objects."""
+        if not self._greeting and self._connection_lost():
+            self._plans.clear()
+            self._greeting = True  # the welcome is read with the replies (_accept), never waited for
+            try:
+                self.submit(lambda rid: m.Hello(id=rid, client="planwire", identity=self.identity), detached=True)
+            finally:
+                self._greeting = False
         if self._garbage and (not background or len(self._garbage) >= FREE_BATCH):
             keys, self._garbage = self._garbage, []
             rid = next(self._ids)
@@ -152,6 +163,8 @@ class Client:
                 log.warning("worker %r restarted (new session): its plans and tensors are gone", self.id)
                 self._plans.clear()
             self.session = reply.session  # type: ignore[attr-defined]
+        if isinstance(reply, m.Welcome):  # also after a reconnect: a restarted worker issues a new identity
+            self.providers, self.limits, self.identity = reply.providers, reply.limits, reply.identity
         rid = reply.re  # type: ignore[attr-defined]
         what = self._in_flight.pop(rid, None)
         refs = self._inline_runs.pop(rid, None)
@@ -166,9 +179,12 @@ class Client:
         self._done[rid] = (reply, buffers)
 
     def hello(self) -> m.Welcome:
-        reply, _ = self.request(lambda rid: m.Hello(id=rid, client="planwire"))
+        self._greeting = True
+        try:
+            reply, _ = self.request(lambda rid: m.Hello(id=rid, client="planwire", identity=self.identity))
+        finally:
+            self._greeting = False
         assert isinstance(reply, m.Welcome)
-        self.providers, self.limits = reply.providers, reply.limits
         return reply
 
     def ping(self) -> None:
@@ -232,7 +248,13 @@ class Client:
 
     def _pointer_of(self, info: m.TensorInfo) -> PointerTensor:
         return PointerTensor(
-            self, info.key, info.dtype, tuple(info.shape), tuple(info.tags), owned=False, private=info.private
+            self,
+            info.key,
+            info.dtype,
+            tuple(info.shape),
+            tuple(info.tags),
+            owned=False,
+            private=info.private or info.owner == "worker",
         )
 
     def _attach(self, pointers: Sequence[PointerTensor], reply: m._Message, buffers: list[memoryview]) -> None:
@@ -277,7 +299,7 @@ class Client:
         plans and tensors, so plans are registered again on demand instead of failing the next run."""
         if self._connection_lost():
             self._plans.clear()
-            self.ping()  # the reply carries the worker's (possibly new) session
+            self.hello()  # the reply carries the worker's (possibly new) session; the identity goes back
 
     def ensure_plan(self, variant: PlanVariant, name: str = "") -> None:
         """Register a plan variant unless this worker session already has it (waits: errors show here)."""

@@ -32,11 +32,19 @@ class ForbiddenError(RemoteError, PermissionError):
     """The worker refuses: its own data may not leave it or be deleted."""
 
 
+class PrivateDataError(RemoteError, PermissionError):
+    """The worker refuses to send a result computed from its private data (no release rule allows it)."""
+
+
 class RemoteTimeoutError(TimeoutError):
     """A worker did not answer in time."""
 
 
 def remote_error(worker: str, code: str, message: str) -> RemoteError:
     """The most specific exception class for a wire error code."""
-    cls = {"unknown_tensor": UnknownTensorError, "forbidden": ForbiddenError}.get(code, RemoteError)
+    cls = {
+        "unknown_tensor": UnknownTensorError,
+        "forbidden": ForbiddenError,
+        "private_data": PrivateDataError,
+    }.get(code, RemoteError)
     return cls(worker, code, message)

@@ -78,13 +78,16 @@ class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """What a stored tensor is, without its bytes. ``private``: the worker's own data, never leaves it."""
+    """What a stored tensor is, without its bytes. ``private``: it never leaves the worker (the worker's
+    own data, or a result computed from private data). ``owner``: ``worker`` for the worker's own data,
+    ``client`` for the asking client's own tensors (no client ever sees another's)."""
 
     key: Key
     dtype: DType
     shape: Shape
     tags: list[Tag] = []
     private: bool = False
+    owner: Literal["worker", "client"] = "client"
 
 
 class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -118,6 +121,13 @@ class Hello(_Message, tag="hello"):
     id: RequestId
     version: int = PROTOCOL_VERSION
     client: str = ""
+    identity: Annotated[
+        str,
+        Meta(
+            max_length=256,
+            description="Without CURVE: the identity a previous welcome issued, to keep its objects after a reconnect.",
+        ),
+    ] = ""
 
 
 class Ping(_Message, tag="ping"):
@@ -208,6 +218,13 @@ class Welcome(_Message, tag="welcome"):
     providers: list[str]
     opsets: dict[str, int]
     limits: Limits
+    identity: Annotated[
+        str,
+        Meta(
+            description="Without CURVE: the client's identity on this worker (secret: present it in a later hello "
+            "to keep its objects); absent with CURVE, where the client's public key is its identity."
+        ),
+    ] = ""
 
 
 class Ok(_Message, tag="ok"):
@@ -266,6 +283,7 @@ ErrorCode = Literal[
     "internal",
     "quota_exceeded",
     "plan_too_large",
+    "private_data",
 ]
 
 

@@ -162,6 +162,43 @@ def bind_error(urls: list[str], e: zmq.ZMQError) -> ConfigError:
     return ConfigError(f"cannot listen on {url!r}: {reason} ({hint})")
 
 
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def is_loopback(url: str) -> bool:
+    """Whether a --listen URL is reachable only from this machine (ipc, or tcp on a loopback address)."""
+    if not url.startswith("tcp://"):
+        return True
+    host = url[6:].rpartition(":")[0]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def check_network(args: argparse.Namespace) -> list[str]:
+    """Secure by default: a worker reachable from the network needs CURVE, or --insecure said out loud.
+    Returns the endpoints left open to the network without CURVE (to warn about once bound)."""
+    exposed = [u for u in args.listen if not is_loopback(u)]
+    if exposed and not args.curve_secret and not args.insecure:
+        raise ConfigError(
+            f"--listen {exposed[0]!r} is reachable from the network, and without CURVE anyone who reaches it "
+            "can connect and read the traffic: make keys with 'plan-worker keys keys' (the worker's) and "
+            "'plan-worker keys keys/clients --name alice' (one per client; give each its .key_secret), then add "
+            "--curve-secret keys/worker.key_secret --curve-clients keys/clients; or pass --insecure on a network "
+            "you trust"
+        )
+    return exposed if not args.curve_secret else []
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+
+
+def duration(text: str) -> float:
+    """Seconds of ``90``, ``90s``, ``15m``, ``12h`` or ``1d``."""
+    found = DURATION.fullmatch(text.strip())
+    if not found or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration such as 3600, 90s, 15m, 12h or 1d, got {text!r}")
+    return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
+
+
 def parse_metrics(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -224,6 +261,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a .npy/.npz file of this worker's own tensors (repeatable)",
     )
     ap.add_argument("--public", action="store_true", help="let clients copy the worker's own data")
+    ap.add_argument(
+        "--idle-ttl",
+        type=duration,
+        default="1d",
+        metavar="DURATION",
+        help="free the tensors and plans of a client not seen for this long (e.g. 3600, 90s, 15m, 12h, 1d)",
+    )
+    ap.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen without CURVE (anyone who reaches it can connect and read traffic)",
+    )
     ap.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads per plan")
     ap.add_argument("--max-message-mb", type=positive_int, default=1024, help="largest message accepted (MiB)")
     ap.add_argument("--max-plan-mb", type=positive_int, default=512, help="largest plan accepted (MiB)")
@@ -316,6 +365,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     check_curve(args)
     for url in args.listen:
         check_listen(url)
+    exposed = check_network(args)
     metrics_addr = parse_metrics(args.metrics) if args.metrics else None
     limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
     try:
@@ -342,6 +392,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             max_plans=args.max_plans,
             max_store_bytes=args.max_store_mb << 20,
             max_client_store_bytes=None if args.max_client_store_mb is None else args.max_client_store_mb << 20,
+            curve=curve_secret is not None,
+            idle_ttl=args.idle_ttl,
         )
     except (RuntimeError, ValueError) as e:
         raise ConfigError(str(e)) from None
@@ -364,6 +416,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     except zmq.ZMQError as e:
         raise bind_error(args.listen, e) from None
     cleanup.append(server.close)
+    if exposed:
+        log.warning("--insecure: %s reachable from the network without CURVE", ", ".join(exposed))
     stats = service.stats = Stats(service, curve=curve_secret is not None)
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
     info = {

@@ -21,7 +21,9 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
+from planwire.worker import flow
 from planwire.worker.modelcheck import PlanRejected, check_model
+from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.runtime import PlanSession, providers_for
 from planwire.worker.stats import clean, peer_of
 from planwire.worker.store import ClientId, Store
@@ -51,6 +53,8 @@ class Service:
         max_plans: int | None = None,
         max_store_bytes: int | None = None,
         max_client_store_bytes: int | None = None,
+        curve: bool = False,
+        idle_ttl: float | None = DAY,
     ) -> None:
         self.id = worker_id
         self.session = uuid.uuid4().hex
@@ -61,7 +65,11 @@ class Service:
         self.max_plans = max_plans
         self.plans: dict[str, PlanSession] = {}
         self.stats: Stats | None = None  # set by plan-worker: observes every answered request
-        self._client: ClientId = b""  # who sent the request being handled (quotas, ownership)
+        self.owners = Owners(curve=curve, idle_ttl=idle_ttl)  # identities (worker/owners.py)
+        self.holders = PlanHolders()  # which owners registered each plan
+        self.flows: dict[str, flow.Flow] = {}  # plan id -> which outputs depend on which inputs
+        self._conn: bytes = b""  # the connection the request being handled came on
+        self._client: ClientId = b""  # its owner (quotas, ownership)
         self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
@@ -69,7 +77,7 @@ class Service:
             except ValueError as e:
                 raise ValueError(f"own tensor {key!r}: {e}") from None
             array = np.ascontiguousarray(array, dtype=dtypes.to_numpy(wire))
-            self.store.put(key, array, tags, private=True)
+            self.store.put_own(key, array, tags)
         self._handlers: dict[type, Callable[[m._Message, list[memoryview]], tuple[m._Message, list[Frame]]]] = {
             m.Hello: self._hello,
             m.Ping: lambda msg, _: (m.Ok(re=msg.id, session=self.session), []),
@@ -93,8 +101,10 @@ class Service:
         msg: m._Message | None = None
         out: list[Frame] = []
         t0 = time.perf_counter()
-        self._client = client
+        self._conn = client
+        self._client = owner = self.owners.owner(client)
         try:
+            self.owners.seen(owner, self._free)
             total = sum(map(len, frames))
             if total > self.limits.max_message_bytes:
                 rid = session.request_id(frames)
@@ -146,6 +156,7 @@ class Service:
             raise ProtocolError(
                 "bad_version", f"client speaks protocol {msg.version}, this worker {m.PROTOCOL_VERSION}"
             )
+        self._client, token = self.owners.hello(self._conn, msg.identity)
         lim = m.Limits(
             max_message_bytes=self.limits.max_message_bytes,
             max_plan_bytes=self.limits.max_plan_bytes,
@@ -159,32 +170,33 @@ class Service:
             providers=self.providers,
             opsets={"ai.onnx": ONNX_OPSET},
             limits=lim,
+            identity=token,
         ), []
 
     def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]
-        self.store.check_writable(t.key for t in msg.tensors)
+        self.store.check_writable(self._client, (t.key for t in msg.tensors))
         self.store.check_quota(
             self._client, ((t.key, a.nbytes) for t, a in zip(msg.tensors, arrays, strict=True)), f"put #{msg.id}"
         )
         for t, arr in zip(msg.tensors, arrays, strict=True):
-            self.store.put(t.key, arr, t.tags, owner=self._client)
+            self.store.put(self._client, t.key, arr, t.tags)
         return m.Ok(re=msg.id, session=self.session), []
 
     def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        arrays = self.store.take(msg.keys, msg.keep)
+        arrays = self.store.take(self._client, msg.keys, msg.keep)
         return self._tensors_reply(msg.id, msg.keys, arrays)
 
     def _delete(self, msg: m.Delete, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        self.store.delete(msg.keys)
+        self.store.delete(self._client, msg.keys)
         return m.Ok(re=msg.id, session=self.session), []
 
     def _search(self, msg: m.Search, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        found = [self._info(k, e) for k, e in self.store.search(msg.tags)]
+        found = [self._info(k, e) for k, e in self.store.search(self._client, msg.tags)]
         return m.Found(re=msg.id, session=self.session, tensors=found), []
 
     def _describe(self, msg: m.Describe, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        found = [self._info(k, self.store.entry(k)) for k in msg.keys]
+        found = [self._info(k, self.store.entry(self._client, k)) for k in msg.keys]
         return m.Found(re=msg.id, session=self.session, tensors=found), []
 
     def _register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
@@ -212,21 +224,44 @@ class Service:
                         "bad_plan",
                         f"plan {name!r} output {port!r} has type {wire!r}; supported: {dtypes.human_list()}",
                     )
+            self.flows[pid] = flow.analyze(data, [n for n, _, _ in plan.inputs], [n for n, _, _ in plan.outputs])
             self.plans[pid] = plan
             if summary.unknown_rank:
                 self._any_rank[pid] = summary.unknown_rank
             log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
+        self.holders.add(pid, self._client)
         return self._plan_info(msg.id, pid, plan), []
 
     def _delete_plan(self, msg: m.DeletePlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        self._any_rank.pop(msg.plan, None)
-        if self.plans.pop(msg.plan, None) is not None:
-            log.info("unregistered plan %r", msg.plan[:12])
+        if self.holders.remove(msg.plan, self._client):
+            self._unload(msg.plan)
         return m.Ok(re=msg.id, session=self.session), []
+
+    def _unload(self, pid: str) -> None:
+        """Forget a plan nobody holds any more."""
+        self._any_rank.pop(pid, None)
+        self.flows.pop(pid, None)
+        if self.plans.pop(pid, None) is not None:
+            log.info("unregistered plan %r", pid[:12])
+
+    def _free(self, owner: ClientId) -> None:
+        """Free everything of an owner not seen for --idle-ttl."""
+        n, nbytes = self.store.drop_client(owner)
+        pids = self.holders.drop_owner(owner)
+        for pid in pids:
+            self._unload(pid)
+        log.info(
+            "client %s not seen for %.0f s (--idle-ttl): freed its %d tensors (%d bytes) and %d plans",
+            label(owner),
+            self.owners.idle_ttl or 0,
+            n,
+            nbytes,
+            len(pids),
+        )
 
     def _has_plan(self, msg: m.HasPlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
-        if plan is None:
+        if plan is None or not self.holders.holds(msg.plan, self._client):
             return m.Missing(re=msg.id, session=self.session, plan=msg.plan), []
         return self._plan_info(msg.id, msg.plan, plan), []
 
@@ -237,7 +272,7 @@ class Service:
         for i, arg in enumerate(msg.args):
             if (arg.ref is UNSET) == (arg.tensor is UNSET):
                 raise ProtocolError("invalid_message", f"run.args[{i}] needs exactly one of 'ref', 'tensor'")
-        self.store.check_writable(msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
+        self.store.check_writable(self._client, msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
         try:
             return self._execute(msg, buffers)
         except ProtocolError as e:
@@ -245,12 +280,12 @@ class Service:
             # describe or run that uses them fails with run_failed and this reason.
             why = e.message if e.code == "run_failed" else f"run #{msg.id} refused: {e.message} [{e.code}]"
             for key in msg.outputs:
-                self.store.fail(key, why)
+                self.store.fail(self._client, key, why)
             raise
 
     def _execute(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
-        if plan is None:
+        if plan is None or not self.holders.holds(msg.plan, self._client):
             raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
         n_out = len(plan.outputs)
         if len(msg.outputs) != n_out:
@@ -260,7 +295,18 @@ class Service:
             )
         if msg.fetch and max(msg.fetch) >= n_out:
             raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
-        args = [self._arg(i, a, buffers) for i, a in enumerate(msg.args)]
+        private_args: list[int] = []
+        args = [self._arg(i, a, buffers, private_args) for i, a in enumerate(msg.args)]
+        private = self.flows[msg.plan].private_outputs(private_args) if private_args else frozenset()
+        if private and msg.fetch:
+            held = [msg.outputs[i] for i in msg.fetch if i in private]
+            if held:
+                raise ProtocolError(
+                    "private_data",
+                    f"run.fetch asks for {held}, computed by plan {plan.name!r} from this worker's private data: "
+                    "such results are stored and may be used by later runs, but never leave the worker unless the "
+                    "data owner approves the plan (plan-worker --policy)",
+                )
         any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
         if any_rank is None:
             plan.check(args)
@@ -269,15 +315,25 @@ class Service:
         try:
             results = plan.run(args, check=False)
         except Exception as e:  # onnxruntime's own errors already say what they are
+            if private_args:  # its text may quote tensor values: keep the op, the node and the shapes
+                log.info("plan %r failed on private data: %s", plan.name, clean(str(e)))
+                raise ProtocolError("run_failed", flow.redacted(plan.name, self.id, e, args)) from None
             detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
             raise ProtocolError("run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {detail}") from None
         sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
         self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
-        for key, arr in zip(msg.outputs, results, strict=True):
-            self.store.put(key, arr, owner=self._client)
+        for i, (key, arr) in enumerate(zip(msg.outputs, results, strict=True)):
+            self.store.put(self._client, key, arr, private=i in private)
         fetch = msg.fetch
         if msg.inline_max:
-            fetch = [*fetch, *(i for i, r in enumerate(results) if r.nbytes <= msg.inline_max and i not in fetch)]
+            fetch = [
+                *fetch,
+                *(
+                    i
+                    for i, r in enumerate(results)
+                    if r.nbytes <= msg.inline_max and i not in fetch and i not in private
+                ),
+            ]
         if not fetch:
             return m.Ok(re=msg.id, session=self.session), []
         return self._tensors_reply(msg.id, [msg.outputs[i] for i in fetch], [results[i] for i in fetch])
@@ -287,9 +343,12 @@ class Service:
     def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
-    def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
+    def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview], private: list[int]) -> np.ndarray:
         if arg.ref is not UNSET:
-            return self.store.entry(arg.ref).array
+            entry = self.store.entry(self._client, arg.ref)
+            if entry.private:
+                private.append(i)
+            return entry.array
         t = arg.tensor
         return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]
 
@@ -343,4 +402,5 @@ class Service:
             shape=list(entry.array.shape),
             tags=list(entry.tags),
             private=entry.private,
+            owner="worker" if entry.worker else "client",
         )

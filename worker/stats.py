@@ -92,7 +92,7 @@ class Stats:
         self.durations: deque[float] = deque(maxlen=DURATIONS_KEPT)
         self._tensor_bytes = 0
         self._plan_bytes = 0
-        for key, entry in service.store.search([]):
+        for key, entry in service.store.own():
             self._hold(key, WORKER, entry.array.nbytes)
         self.metrics.track_holdings(  # plain reads of ints and dict sizes: safe from the scrape thread
             tensors=lambda: len(self.tensors),
@@ -156,12 +156,13 @@ class Stats:
             plan.failed += failed
         self.metrics.run(name, msg.plan[:12], seconds, failed)
         self.durations.append(seconds)
-        store = self.service.store
+        store, owner = self.service.store, self.service._client
         for key in msg.outputs:
-            if key not in store:  # a failed run's outputs are not stored (a refused one changed nothing)
+            entry = store.find(owner, key)
+            if entry is None:  # a failed run's outputs are not stored (a refused one changed nothing)
                 self._drop(key)
             elif not failed:
-                self._hold(key, client, store.entry(key).array.nbytes)
+                self._hold(key, client, entry.array.nbytes)
 
     def _hold(self, key: str, owner: str, nbytes: int) -> None:
         self._drop(key)

@@ -1,11 +1,16 @@
-"""Store: the worker's tensors by key, with tags, ownership and remembered failures.
+"""Store: the worker's tensors by owner and key, with tags, privacy and remembered failures.
 
-Data a worker was given at start is *private*: plans may read it, clients may never delete it, and it
-leaves the worker only as a copy when the worker was started public.
+Every client has a key space of its own: it sees, reads, overwrites, moves and deletes only its own
+tensors, and another client's key reads exactly like a missing one. Beside them sits the worker's own
+data (``--data``), visible to every client and marked as the worker's: plans may read it, no client may
+overwrite or delete it, and a client's key may not shadow it.
 
-Quotas: the bytes of clients' tensors are counted in total and per client (the client that last wrote a
-key owns it), so a put or run that would pass ``--max-store-mb`` or ``--max-client-store-mb`` is refused
-whole (``quota_exceeded``) before anything changes. The worker's own data is not counted.
+*Private* tensors never leave the worker: its own data (unless it was started public) and every result
+derived from private data (worker/flow.py decides which). They can be described and used by later runs.
+
+Quotas: the bytes of clients' tensors are counted in total and per client, so a put or run that would
+pass ``--max-store-mb`` or ``--max-client-store-mb`` is refused whole (``quota_exceeded``) before anything
+changes. The worker's own data is not counted.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from planwire.transport.errors import ProtocolError
 
 MB = 1 << 20
 ClientId = bytes
-"""Who sent a request: its ZeroMQ routing id, or its CURVE public key (User-Id) when CURVE is on."""
+"""Who owns an object: the CURVE public key of the client when CURVE is on, else the identity the
+worker issued at hello (or, before any hello, the connection's routing id); see worker/owners.py."""
 
 
 @dataclass
@@ -27,11 +33,13 @@ class Entry:
     array: np.ndarray
     tags: tuple[str, ...] = ()
     private: bool = False
-    owner: ClientId = b""
+    """Never leaves the worker (its own non-public data, or derived from private data)."""
+    worker: bool = False
+    """The worker's own data (``--data``), not a client's."""
 
 
 class Store:
-    """Tensors by key. Every method validates before it mutates, so a refused request loses nothing."""
+    """Tensors by owner and key. Every method validates before it mutates, so a refused request loses nothing."""
 
     def __init__(
         self, *, public: bool = False, max_bytes: int | None = None, max_client_bytes: int | None = None
@@ -41,24 +49,35 @@ class Store:
         self.max_client_bytes = max_client_bytes
         self.bytes = 0  # clients' tensors, all together
         self._by_client: dict[ClientId, int] = {}
-        self._tensors: dict[str, Entry] = {}
-        self._failed: dict[str, str] = {}  # output key -> why the run that should have made it failed
+        self._own: dict[str, Entry] = {}  # the worker's own data
+        self._spaces: dict[ClientId, dict[str, Entry]] = {}
+        self._failed: dict[ClientId, dict[str, str]] = {}  # output key -> why the run that made it failed
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._own) + sum(map(len, self._spaces.values()))
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._tensors
+    def put_own(self, key: str, array: np.ndarray, tags: Iterable[str] = ()) -> None:
+        """One of the worker's own tensors (at start): private unless the worker is public."""
+        self._own[key] = Entry(array, tuple(tags), private=not self.public, worker=True)
 
-    def check_writable(self, keys: Iterable[str]) -> None:
-        """Refuse to overwrite the worker's own data."""
+    def own(self) -> list[tuple[str, Entry]]:
+        return list(self._own.items())
+
+    def space(self, client: ClientId) -> dict[str, Entry]:
+        """``client``'s tensors by key (read-only view for reports)."""
+        return self._spaces.get(client, {})
+
+    def clients(self) -> list[ClientId]:
+        return list(self._spaces.keys() | self._failed.keys())
+
+    def check_writable(self, client: ClientId, keys: Iterable[str]) -> None:
+        """Refuse to overwrite the worker's own data (a client's key may not shadow it)."""
         for key in keys:
-            entry = self._tensors.get(key)
-            if entry is not None and entry.private:
+            if key in self._own:
                 raise ProtocolError("forbidden", f"tensor {key!r} is this worker's own data and cannot be overwritten")
 
     def client_bytes(self, client: ClientId) -> int:
-        """Bytes of the tensors ``client`` wrote last."""
+        """Bytes of ``client``'s tensors."""
         return self._by_client.get(client, 0)
 
     def check_quota(self, client: ClientId, sizes: Iterable[tuple[str, int]], what: str) -> None:
@@ -67,18 +86,16 @@ class Store:
         if self.max_bytes is None and self.max_client_bytes is None:
             return
         new = dict(sizes)
-        total = mine = sum(new.values())
+        mine = sum(new.values())
+        space = self._spaces.get(client, {})
         for key in new:
-            old = self._tensors.get(key)
-            if old is not None and not old.private:
-                n = old.array.nbytes
-                total -= n
-                if old.owner == client:
-                    mine -= n
-        if self.max_bytes is not None and self.bytes + total > self.max_bytes:
+            old = space.get(key)
+            if old is not None:
+                mine -= old.array.nbytes
+        if self.max_bytes is not None and self.bytes + mine > self.max_bytes:
             raise ProtocolError(
                 "quota_exceeded",
-                f"{what} needs {_mb(total)} more, but the worker's store holds {_mb(self.bytes)} of its limit of "
+                f"{what} needs {_mb(mine)} more, but the worker's store holds {_mb(self.bytes)} of its limit of "
                 f"{_mb(self.max_bytes)}: get or delete tensors first, or start plan-worker with a larger "
                 "--max-store-mb",
             )
@@ -92,78 +109,126 @@ class Store:
             )
 
     def put(
-        self, key: str, array: np.ndarray, tags: Iterable[str] = (), *, private: bool = False, owner: ClientId = b""
+        self, client: ClientId, key: str, array: np.ndarray, tags: Iterable[str] = (), *, private: bool = False
     ) -> None:
-        self._pop(key)
-        self._tensors[key] = Entry(array, tuple(tags), private, owner)
-        if not private:
-            n = array.nbytes
-            self.bytes += n
-            self._by_client[owner] = self._by_client.get(owner, 0) + n
-        self._failed.pop(key, None)
+        """Store ``client``'s tensor (after check_writable and check_quota)."""
+        self._pop(client, key)
+        space = self._spaces.get(client)
+        if space is None:
+            space = self._spaces[client] = {}
+        space[key] = Entry(array, tuple(tags), private)
+        n = array.nbytes
+        self.bytes += n
+        self._by_client[client] = self._by_client.get(client, 0) + n
+        failed = self._failed.get(client)
+        if failed:
+            failed.pop(key, None)
 
-    def _pop(self, key: str) -> Entry | None:
-        """Remove ``key`` and give its bytes back to its owner's count."""
-        entry = self._tensors.pop(key, None)
-        if entry is not None and not entry.private:
+    def _pop(self, client: ClientId, key: str) -> Entry | None:
+        """Remove ``client``'s ``key`` and give its bytes back."""
+        space = self._spaces.get(client)
+        entry = space.pop(key, None) if space else None
+        if entry is not None:
             n = entry.array.nbytes
             self.bytes -= n
-            left = self._by_client[entry.owner] - n
+            left = self._by_client[client] - n
             if left:
-                self._by_client[entry.owner] = left
+                self._by_client[client] = left
             else:
-                del self._by_client[entry.owner]
+                del self._by_client[client]
+            if not space:
+                del self._spaces[client]
         return entry
 
-    def fail(self, key: str, why: str) -> None:
-        """Remember that ``key`` will not come: a later read reports why."""
-        self._pop(key)
-        self._failed[key] = why
+    def fail(self, client: ClientId, key: str, why: str) -> None:
+        """Remember that ``client``'s ``key`` will not come: a later read reports why."""
+        self._pop(client, key)
+        self._failed.setdefault(client, {})[key] = why
 
-    def entry(self, key: str) -> Entry:
-        entry = self._tensors.get(key)
+    def find(self, client: ClientId, key: str) -> Entry | None:
+        """``client``'s tensor or the worker's own one under ``key``, or None."""
+        space = self._spaces.get(client)
+        if space is not None:
+            entry = space.get(key)
+            if entry is not None:
+                return entry
+        return self._own.get(key)
+
+    def entry(self, client: ClientId, key: str) -> Entry:
+        space = self._spaces.get(client)
+        if space is not None:
+            entry = space.get(key)
+            if entry is not None:
+                return entry
+        entry = self._own.get(key)
         if entry is not None:
             return entry
-        if key in self._failed:
-            raise ProtocolError("run_failed", self._failed[key])
+        failed = self._failed.get(client)
+        if failed and key in failed:
+            raise ProtocolError("run_failed", failed[key])
         raise ProtocolError(
             "unknown_tensor",
             f"no tensor {key!r} on this worker (never stored, deleted, or already moved by get)",
         )
 
-    def check_readable(self, keys: Iterable[str]) -> list[Entry]:
-        """Entries whose bytes may be sent to a client, in order."""
-        entries = [self.entry(k) for k in keys]
+    def check_readable(self, client: ClientId, keys: Iterable[str]) -> list[Entry]:
+        """Entries whose bytes may be sent to ``client``, in order."""
+        keys = list(keys)
+        entries = [self.entry(client, k) for k in keys]
         for key, entry in zip(keys, entries, strict=True):
-            if entry.private and not self.public:
+            if entry.private:
+                if entry.worker:
+                    raise ProtocolError(
+                        "forbidden",
+                        f"tensor {key!r} is this worker's own data: it may be used by plans but never leaves "
+                        "the worker",
+                    )
                 raise ProtocolError(
-                    "forbidden",
-                    f"tensor {key!r} is this worker's own data: it may be used by plans but never leaves the worker",
+                    "private_data",
+                    f"tensor {key!r} was computed from this worker's private data: it may be described and used by "
+                    "later runs, but never leaves the worker (only a run of a plan the data owner approved in "
+                    "plan-worker --policy releases results)",
                 )
         return entries
 
-    def take(self, keys: list[str], keep: bool) -> list[np.ndarray]:
-        """Arrays for a get; moved out unless ``keep`` (private data is copied, never removed)."""
-        entries = self.check_readable(keys)
+    def take(self, client: ClientId, keys: list[str], keep: bool) -> list[np.ndarray]:
+        """Arrays for a get; moved out unless ``keep`` (the worker's own data is copied, never removed)."""
+        entries = self.check_readable(client, keys)
         if not keep:
             for key, entry in zip(keys, entries, strict=True):
-                if not entry.private:
-                    self._pop(key)  # a key may be listed twice
+                if not entry.worker:
+                    self._pop(client, key)  # a key may be listed twice
         return [e.array for e in entries]
 
-    def delete(self, keys: Iterable[str]) -> None:
+    def delete(self, client: ClientId, keys: Iterable[str]) -> None:
         keys = list(keys)
+        space = self._spaces.get(client, {})
         for key in keys:
-            entry = self._tensors.get(key)
-            if entry is not None and entry.private:
+            if key in self._own and key not in space:
                 raise ProtocolError("forbidden", f"tensor {key!r} is this worker's own data and cannot be deleted")
+        failed = self._failed.get(client)
         for key in keys:
-            self._pop(key)
-            self._failed.pop(key, None)
+            self._pop(client, key)
+            if failed:
+                failed.pop(key, None)
+        if failed is not None and not failed:
+            del self._failed[client]
 
-    def search(self, tags: Iterable[str]) -> list[tuple[str, Entry]]:
+    def search(self, client: ClientId, tags: Iterable[str]) -> list[tuple[str, Entry]]:
+        """The worker's own tensors, then ``client``'s, that carry all ``tags``."""
         wanted = set(tags)
-        return [(k, e) for k, e in self._tensors.items() if wanted.issubset(e.tags)]
+        out = [(k, e) for k, e in self._own.items() if wanted.issubset(e.tags)]
+        out += [(k, e) for k, e in self._spaces.get(client, {}).items() if wanted.issubset(e.tags)]
+        return out
+
+    def drop_client(self, client: ClientId) -> tuple[int, int]:
+        """Forget every tensor of ``client``; returns (tensors, bytes) freed."""
+        space = self._spaces.get(client, {})
+        n, nbytes = len(space), sum(e.array.nbytes for e in space.values())
+        for key in list(space):
+            self._pop(client, key)
+        self._failed.pop(client, None)
+        return n, nbytes
 
 
 def _mb(n: int) -> str:

@@ -224,3 +224,106 @@ def constant_of_shape_bomb() -> bytes:
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1 << 20, 1 << 20])
     nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"]), helper.make_node("Shape", ["big"], ["y"])]
     return serialize(model(nodes, [], [("y", "int64", [2])], [shape]))
+
+
+# --- plans that would copy private data out (PROTOCOL.md §6.2): x is float [2, 3] -------------------------
+
+
+def _over_x(nodes: list, out: tuple[str, str, list], inits: Sequence[onnx.TensorProto] = (), extra=()) -> bytes:
+    return serialize(model(nodes, [("x", "float", [2, 3]), *extra], [out], initializers=inits))
+
+
+LEAKS: dict[str, tuple[bytes, list]] = {
+    # name -> (plan, the client's arguments after x)
+    "identity": (_over_x([helper.make_node("Identity", ["x"], ["y"])], ("y", "float", [2, 3])), []),
+    "add_zero": (
+        _over_x(
+            [helper.make_node("Add", ["x", "zero"], ["y"])],
+            ("y", "float", [2, 3]),
+            [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+        ),
+        [],
+    ),
+    "reshape": (
+        _over_x(
+            [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+            ("y", "float", [6]),
+            [helper.make_tensor("shape", TensorProto.INT64, [1], [6])],
+        ),
+        [],
+    ),
+    "cast": (_over_x([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)], ("y", "double", [2, 3])), []),
+    "slice": (
+        _over_x(
+            [helper.make_node("Slice", ["x", "starts", "ends"], ["y"])],
+            ("y", "float", [1, 3]),
+            [
+                helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+                helper.make_tensor("ends", TensorProto.INT64, [1], [1]),
+            ],
+        ),
+        [],
+    ),
+    "concat_with_own": (
+        _over_x(
+            [helper.make_node("Concat", ["mine", "x"], ["y"], axis=0)],
+            ("y", "float", [3, 3]),
+            extra=[("mine", "float", [1, 3])],
+        ),
+        ["mine"],
+    ),
+    "if_branch": (  # control flow: the branch reads x from the outer graph
+        _over_x(
+            [
+                helper.make_node(
+                    "If",
+                    ["cond"],
+                    ["y"],
+                    then_branch=helper.make_graph(
+                        [helper.make_node("Identity", ["x"], ["t"])],
+                        "then",
+                        [],
+                        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 3])],
+                    ),
+                    else_branch=helper.make_graph(
+                        [helper.make_node("Neg", ["x"], ["e"])],
+                        "else",
+                        [],
+                        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 3])],
+                    ),
+                )
+            ],
+            ("y", "float", [2, 3]),
+            extra=[("cond", "bool", [])],
+        ),
+        ["cond"],
+    ),
+}
+
+
+def training_trick() -> bytes:
+    """A 'training step' (w, x) -> (new_w, loss) whose new parameters are the batch x itself, and whose
+    loss uses only the client's w: new_w depends on x (private), loss does not."""
+    return serialize(
+        model(
+            [
+                helper.make_node("Identity", ["x"], ["new_w"]),
+                helper.make_node("ReduceSum", ["w"], ["loss"], keepdims=0),
+            ],
+            [("w", "float", [2, 3]), ("x", "float", [2, 3])],
+            [("new_w", "float", [2, 3]), ("loss", "float", [])],
+        )
+    )
+
+
+def reshape_by(dtype: str = "int64") -> bytes:
+    """Reshape the client's x [N] to the shape s + 1 for s [3]: fails unless the sizes match, and
+    onnxruntime's message then quotes the requested shape (values computed from s)."""
+    return serialize(
+        model(
+            [helper.make_node("Add", ["s", "one"], ["t"]), helper.make_node("Reshape", ["x", "t"], ["y"])],
+            [("x", "float", ["N"]), ("s", dtype, [3])],
+            [("y", "float", None)],
+            [helper.make_tensor("one", ONNX_TYPES[dtype], [], [1])],
+        )
+    )

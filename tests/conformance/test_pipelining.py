@@ -64,12 +64,15 @@ def test_two_clients_interleaved(connect, url, uid):
     b_replies = [b.recv() for _ in b_ids]
     assert [r["re"] for r in b_replies] == b_ids
     assert not a.poll(0.05) and not b.poll(0.05)
-    assert b.get1(f"{uid}-a49", keep=True).tolist() == [49]  # one store for every client
+    # each client has its own keys (§6.3): b never sees a's, and a's are intact
+    assert {r["code"] for r in b_replies if r.kind == "error"} == {"unknown_tensor"}
+    assert sum(r.kind == "error" for r in b_replies) == 25
+    assert a.get1(f"{uid}-a49", keep=True).tolist() == [49]
 
 
 def test_many_clients_at_once(connect, url, uid):
-    pid = connect(url).register(plans.sum_and_diff())["plan"]
     peers = [connect(url) for _ in range(6)]
+    pid = [p.register(plans.sum_and_diff())["plan"] for p in peers][0]  # each client registers it (§6.3)
     errors: list[BaseException] = []
 
     def work(n: int) -> None:

@@ -31,7 +31,7 @@ def public(connect, public_url):
 
 def test_own_data_is_found_and_marked_private(private):
     for name, info in own_keys(private).items():
-        assert info["private"] is True
+        assert info["private"] is True and info["owner"] == "worker"
         assert info["dtype"] == {"float32": "float", "int64": "int64"}[str(OWN[name].dtype)]
         assert info["shape"] == list(OWN[name].shape)
         assert set(info["tags"]) >= {TAG, name}
@@ -73,11 +73,14 @@ def test_own_data_cannot_be_deleted(private, uid):
     assert own_keys(private)["labels"]["key"] == key
 
 
-def test_plans_may_read_own_data(private, uid):
+def test_plans_may_read_own_data_and_the_result_is_private(private, uid):
     keys = own_keys(private)
     pid = private.register(plans.identity("float", [2, 3]))["plan"]
     private.run(pid, [keys["weights"]["key"]], [uid])
-    assert np.array_equal(private.get1(uid), OWN["weights"])  # the result is the client's
+    (info,) = private.ok({"type": "describe", "keys": [uid]})["tensors"]
+    assert info["private"] is True and info.get("owner", "client") == "client"  # the client's, but private
+    reply = private.error({"type": "get", "keys": [uid], "keep": True}, code="private_data")
+    assert uid in reply["message"]
 
 
 def test_runs_cannot_write_own_data(private):
@@ -86,9 +89,7 @@ def test_runs_cannot_write_own_data(private):
     pid = private.register(plans.identity("float", [2, 3]))["plan"]
     reply = private.error(*private.run_header(pid, [np.zeros((2, 3), np.float32)], [key]), code="forbidden")
     assert key in reply["message"]
-    # intact: read it back through a plan (a copy under a new key)
-    out = private.run(pid, [key], ["copy-of-weights"], fetch=[0]).arrays()["copy-of-weights"]
-    assert np.array_equal(out, OWN["weights"])
+    assert own_keys(private)["weights"]["shape"] == [2, 3]  # intact
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -96,7 +97,8 @@ def test_public_own_data_is_copied_never_moved(public, keep):
     key = own_keys(public)["labels"]["key"]
     for _ in range(2):
         assert public.get1(key, keep=keep).tolist() == OWN["labels"].tolist()
-    assert own_keys(public)["labels"]["private"] is True
+    info = own_keys(public)["labels"]
+    assert info.get("private", False) is False and info["owner"] == "worker"  # the worker's, and may leave
 
 
 def test_public_own_data_still_cannot_be_deleted_or_overwritten(public):
@@ -108,3 +110,69 @@ def test_public_own_data_still_cannot_be_deleted_or_overwritten(public):
         code="forbidden",
     )
     assert np.array_equal(public.get1(key), OWN["weights"])
+
+
+# --- results computed from private data (§6.2) --------------------------------------------------------------
+
+CLIENT_ARGS = {"mine": np.full((1, 3), 7, np.float32), "cond": np.array(True)}
+
+
+@pytest.mark.parametrize("name", sorted(plans.LEAKS))
+def test_results_of_private_data_never_leave(private, uid, name):
+    data, extra = plans.LEAKS[name]
+    pid = private.register(data)["plan"]
+    x = own_keys(private)["weights"]["key"]
+    args = [x, *(CLIENT_ARGS[a] for a in extra)]
+    # fetch: refused before anything runs; the outputs are recorded as failed
+    reply = private.error(*private.run_header(pid, args, [f"{uid}-f"], fetch=[0]), code="private_data")
+    assert f"{uid}-f" in reply["message"] and "private" in reply["message"]
+    private.error({"type": "describe", "keys": [f"{uid}-f"]}, code="run_failed")
+    # inline_max: the run succeeds and stores the result, but never returns it
+    header, frames = private.run_header(pid, args, [uid])
+    assert private.ok({**header, "inline_max": 1 << 20}, frames).kind == "ok"
+    (info,) = private.ok({"type": "describe", "keys": [uid]})["tensors"]
+    assert info["private"] is True and "owner" not in info  # the client's own, and private
+    for keep in (True, False):
+        private.error({"type": "get", "keys": [uid], "keep": keep}, code="private_data")
+    # ... and usable by a later run, whose result is private too
+    again = private.register(plans.identity(info["dtype"], info["shape"]))["plan"]
+    private.run(again, [uid], [f"{uid}-2"])
+    private.error({"type": "get", "keys": [f"{uid}-2"]}, code="private_data")
+    assert private.ok({"type": "describe", "keys": [uid]})["tensors"][0] == info  # a refused get moves nothing
+
+
+def test_only_the_outputs_that_depend_on_private_data_are_private(private, uid):
+    pid = private.register(plans.training_trick())["plan"]
+    w = np.ones((2, 3), np.float32)
+    x = own_keys(private)["weights"]["key"]
+    header, frames = private.run_header(pid, [w, x], [f"{uid}-w", f"{uid}-loss"], fetch=[1])
+    reply = private.ok({**header, "inline_max": 1 << 20}, frames)
+    assert list(reply.arrays()) == [f"{uid}-loss"]  # new_w (the batch itself) never comes back
+    assert reply.arrays()[f"{uid}-loss"] == 6.0
+    private.error(*private.run_header(pid, [w, x], [f"{uid}-w2", f"{uid}-l2"], fetch=[0]), code="private_data")
+    private.error({"type": "get", "keys": [f"{uid}-w"]}, code="private_data")
+    infos = private.ok({"type": "describe", "keys": [f"{uid}-w", f"{uid}-loss"]})["tensors"]
+    assert [i.get("private", False) for i in infos] == [True, False]
+    assert private.get1(f"{uid}-loss").tolist() == 6.0
+
+
+def test_the_same_plan_on_the_clients_own_data_returns_as_usual(private, uid):
+    data, _ = plans.LEAKS["identity"]
+    pid = private.register(data)["plan"]
+    mine = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = private.run(pid, [mine], [uid], fetch=[0]).arrays()[uid]
+    assert np.array_equal(out, mine)
+
+
+def test_a_failed_run_on_private_data_names_no_values(private, uid):
+    """onnxruntime's message for a bad Reshape quotes the requested shape: here computed from private labels."""
+    pid = private.register(plans.reshape_by())["plan"]
+    labels = own_keys(private)["labels"]["key"]  # [1, 0, 1]
+    reply = private.error(*private.run_header(pid, [np.ones(5, np.float32), labels], [uid]), code="run_failed")
+    message = reply["message"]
+    assert "Reshape" in message and "int64[3]" in message and "float32[5]" in message
+    assert "2,1,2" not in message.replace(" ", "")
+    assert private.error({"type": "get", "keys": [uid]}, code="run_failed")["message"] == message
+    # the same failure on the client's own values keeps onnxruntime's full text
+    reply = private.error(*private.run_header(pid, [np.ones(5, np.float32), np.int64([1, 0, 1])], [uid]))
+    assert "{2,1,2}" in reply["message"]

@@ -163,10 +163,12 @@ def test_delete_is_idempotent(peer, uid):
     peer.error({"type": "get", "keys": [uid]}, code="unknown_tensor")
 
 
-def test_keys_are_shared_by_all_connections(peer, connect, url, uid):
+def test_keys_belong_to_their_client(peer, connect, url, uid):
+    """§6.3: another connection without the owner's identity sees the key as missing."""
     peer.put(uid, np.arange(2, dtype=np.int8))
     other = connect(url)
-    assert other.get1(uid).tolist() == [0, 1]
+    other.error({"type": "get", "keys": [uid]}, code="unknown_tensor")
+    assert peer.get1(uid).tolist() == [0, 1]
 
 
 def test_a_large_tensor(peer, uid):

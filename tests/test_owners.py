@@ -1,0 +1,125 @@
+"""Owners and private-derived results through planwire's own client: real plan-worker processes over tcp
+and ipc (two clients each), CURVE keys as identities, --idle-ttl, and VirtualWorker for the same rules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq.auth
+from onnx import helper
+
+import planwire
+from planwire.transport import PrivateDataError, UnknownTensorError
+from planwire.transport.auth import client_keys
+from planwire.worker import VirtualWorker
+from planwire.worker.process import WorkerProcess
+from tests import handmade
+
+
+def _listen(kind: str, tmp: Path) -> str:
+    return "tcp://127.0.0.1:0" if kind == "tcp" else f"ipc://{tmp}/w.ipc"
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WorkerProcess]:
+    with WorkerProcess("owners", listen=_listen(request.param, tmp_path)) as proc:
+        yield proc
+
+
+def test_clients_see_and_touch_only_their_own(served):
+    with planwire.connect(served.url, timeout=10) as a, planwire.connect(served.url, timeout=10) as b:
+        pa = a.put(np.arange(3), tags=["mine"], key="shared-name")
+        assert b.search("mine") == []
+        with pytest.raises(UnknownTensorError):
+            b.fetch_arrays(["shared-name"], keep=True)
+        pb = b.put(np.ones(2), key="shared-name")  # b's own tensor under the same name
+        assert pb.get(keep=True).tolist() == [1.0, 1.0]
+        assert pa.get().tolist() == [0, 1, 2]  # a's is intact
+
+
+def test_a_client_presenting_its_identity_on_a_new_connection_keeps_its_objects(served):
+    with planwire.connect(served.url, timeout=10) as a:
+        kept = a.put(np.arange(4), tags=["kept"], key="k")  # noqa: F841 (held: a collected pointer frees its tensor)
+        identity = a.identity
+        assert len(identity) >= 32
+        with planwire.connect(served.url, timeout=10) as again:
+            assert again.search("kept") == []  # a new connection is a new client...
+            again.identity = identity
+            again.hello()  # ...until it presents the identity (as the client does after a reconnect)
+            (p,) = again.search("kept")
+            assert p.get(keep=True).tolist() == [0, 1, 2, 3]
+
+
+def test_idle_clients_are_freed_and_logged(tmp_path):
+    with WorkerProcess("ttl", extra=["--idle-ttl", "1s"]) as proc:
+        with planwire.connect(proc.url, timeout=10) as a, planwire.connect(proc.url, timeout=10) as b:
+            old = a.put(np.arange(3), key="old")  # noqa: F841 (held: a collected pointer frees its tensor)
+            time.sleep(2.5)
+            b.ping()  # any request lets the worker notice who has been idle
+            with pytest.raises(UnknownTensorError):
+                a.fetch_arrays(["old"])
+        assert "not seen for 1 s (--idle-ttl): freed its 1 tensors" in proc.log()
+
+
+def test_curve_clients_are_their_keys(tmp_path):
+    for d in ("server", "clients", "secrets"):
+        (tmp_path / d).mkdir()
+    zmq.auth.create_certificates(tmp_path / "server", "server")
+    for name in ("alice", "bob"):
+        zmq.auth.create_certificates(tmp_path / "clients", name)
+        (tmp_path / "clients" / f"{name}.key_secret").rename(tmp_path / "secrets" / f"{name}.key_secret")
+    server = str(tmp_path / "server" / "server.key")
+    alice, bob = (client_keys(str(tmp_path / "secrets" / f"{n}.key_secret"), server) for n in ("alice", "bob"))
+    extra = [
+        "--curve-secret",
+        str(tmp_path / "server" / "server.key_secret"),
+        "--curve-clients",
+        str(tmp_path / "clients"),
+    ]
+    with WorkerProcess("curve-owners", extra=extra) as proc:
+        with planwire.connect(proc.url, timeout=10, curve=alice) as a:
+            assert a.identity == ""  # the key is the identity
+            kept = a.put(np.arange(3), tags=["alice"], key="x")
+            kept.owned = False  # left on the worker when this connection closes
+        with planwire.connect(proc.url, timeout=10, curve=bob) as b:
+            assert b.search("alice") == []
+            with pytest.raises(UnknownTensorError):
+                b.fetch_arrays(["x"], keep=True)
+        with planwire.connect(proc.url, timeout=10, curve=alice) as a2:  # a new connection, the same key
+            (p,) = a2.search("alice")
+            assert p.get().tolist() == [0, 1, 2]
+
+
+def _training_trick() -> handmade.HandPlan:
+    """(w, x) -> (new_w, loss): new_w is the batch x itself (the 'SGD(lr=-1)' trick), loss uses w only."""
+    v = handmade.variant(
+        [helper.make_node("Identity", ["x"], ["new_w"]), helper.make_node("ReduceSum", ["w"], ["loss"], keepdims=0)],
+        [("w", "float", [2]), ("x", "float", [2])],
+        [("new_w", "float", [2]), ("loss", "float", [])],
+    )
+    return handmade.HandPlan("trick", v)
+
+
+def test_a_training_plan_cannot_hand_back_the_private_batch(worker_factory):
+    w = worker_factory("device_1", data=[np.float32([-1, 2])])
+    (x,) = w.search()
+    new_w, loss = w.plan_pointer(_training_trick())(np.float32([1, 1]), x)
+    assert loss.get().tolist() == 2.0  # depends on the client's w only: comes back as usual
+    with pytest.raises(PrivateDataError, match="private data"):
+        new_w.get()
+    (info,) = w.describe(new_w)
+    assert info.private and info.shape == [2]
+
+
+def test_virtual_worker_keeps_the_same_rules():
+    w = VirtualWorker(None, id="v", data=[np.float32([3, 4])])
+    (x,) = w.search()
+    assert x.private
+    out = w.plan_pointer(handmade.double_abs())(x)
+    with pytest.raises(PrivateDataError):
+        out.get()
+    assert w.plan_pointer(handmade.double_abs())(np.float32([-3])).get().tolist() == [6.0]
