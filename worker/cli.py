@@ -40,6 +40,7 @@ example:
 other commands:
   plan-worker keys DIR [--name NAME]   make a CURVE key pair (NAME.key public, NAME.key_secret secret)
   plan-worker status ADDR              show a live worker (ADDR: its admin socket, logged at start)
+  plan-worker review PLAN|FINGERPRINT  review a plan (a file, or one this worker kept) and print a policy snippet
 """
 
 
@@ -269,6 +270,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="free the tensors and plans of a client not seen for this long (e.g. 3600, 90s, 15m, 12h, 1d)",
     )
     ap.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="the data owner's release rules (TOML): approved plans and which private-derived outputs may leave "
+        "(none without it); SIGHUP reloads it",
+    )
+    ap.add_argument(
+        "--plans-dir",
+        metavar="DIR",
+        help="where a worker with private data keeps every plan it receives, by fingerprint, for "
+        "'plan-worker review' ('none': not kept; default: $XDG_STATE_HOME/planwire/plans)",
+    )
+    ap.add_argument(
+        "--audit", metavar="FILE", help="append one JSON line per release or refusal of private-derived data"
+    )
+    ap.add_argument(
         "--insecure",
         action="store_true",
         help="allow a non-loopback --listen without CURVE (anyone who reaches it can connect and read traffic)",
@@ -341,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
+    if argv[:1] == ["review"]:
+        from planwire.worker.review import main as review_main
+
+        return review_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -382,6 +402,21 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             if args.curve_clients:
                 check_clients_dir(args.curve_clients)
         data = [item for spec in args.data for item in load_data(spec)]
+        from planwire.worker.review import default_plans_dir
+
+        plans_dir = (
+            None if args.plans_dir == "none" else Path(args.plans_dir) if args.plans_dir else default_plans_dir()
+        )
+        policy = None
+        if args.policy:
+            from planwire.worker.policy import load
+
+            policy = load(args.policy)
+        if args.audit:
+            try:
+                open(args.audit, "a").close()
+            except OSError as e:
+                raise ValueError(f"--audit {args.audit!r}: cannot append to it ({e.strerror or e})") from None
         service = Service(
             args.id,
             data=data,
@@ -394,7 +429,11 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             max_client_store_bytes=None if args.max_client_store_mb is None else args.max_client_store_mb << 20,
             curve=curve_secret is not None,
             idle_ttl=args.idle_ttl,
+            policy=policy,
+            audit=args.audit,
+            plans_dir=plans_dir,
         )
+        cleanup.append(service.releaser.close)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     tune_io_threads(zmq.Context.instance())  # before the first socket (authenticator or server) starts them
@@ -451,6 +490,9 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if args.policy:
+        signal.signal(signal.SIGHUP, lambda *_: reload_policy(service, args.policy))
+        log.info("policy %s: %d approved plans (SIGHUP reloads it)", args.policy, len(policy.rules))  # type: ignore[union-attr]
     log.info(
         "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors, curve %s)",
         args.id,
@@ -467,6 +509,19 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     finally:
         log.info("plan-worker %s stopped", args.id)
     return 0
+
+
+def reload_policy(service: Service, path: str) -> None:
+    """SIGHUP: read the policy again; a broken file keeps the one in force, and the log says why."""
+    from planwire.worker.policy import PolicyError, load
+
+    try:
+        policy = load(path)
+    except PolicyError as e:
+        log.error("policy not reloaded, the previous one stays in force: %s", e)
+        return
+    service.releaser.policy = policy
+    log.info("policy %s reloaded: %d approved plans", path, len(policy.rules))
 
 
 def keys_main(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,9 +25,11 @@ from planwire.transport.spec import plan_id
 from planwire.worker import flow
 from planwire.worker.modelcheck import PlanRejected, check_model
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
+from planwire.worker.policy import Policy
+from planwire.worker.release import Releaser
 from planwire.worker.runtime import PlanSession, providers_for
 from planwire.worker.stats import clean, peer_of
-from planwire.worker.store import ClientId, Store
+from planwire.worker.store import ClientId, Entry, Store
 
 if TYPE_CHECKING:
     from planwire.worker.stats import Stats
@@ -55,6 +58,9 @@ class Service:
         max_client_store_bytes: int | None = None,
         curve: bool = False,
         idle_ttl: float | None = DAY,
+        policy: Policy | None = None,
+        audit: str | None = None,
+        plans_dir: Path | None = None,
     ) -> None:
         self.id = worker_id
         self.session = uuid.uuid4().hex
@@ -68,6 +74,8 @@ class Service:
         self.owners = Owners(curve=curve, idle_ttl=idle_ttl)  # identities (worker/owners.py)
         self.holders = PlanHolders()  # which owners registered each plan
         self.flows: dict[str, flow.Flow] = {}  # plan id -> which outputs depend on which inputs
+        self.releaser = Releaser(policy, audit)  # the data owner's release rules and audit log
+        self.plans_dir = plans_dir  # where a worker with private data keeps the plans it receives, for review
         self._conn: bytes = b""  # the connection the request being handled came on
         self._client: ClientId = b""  # its owner (quotas, ownership)
         self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
@@ -184,7 +192,7 @@ class Service:
         return m.Ok(re=msg.id, session=self.session), []
 
     def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        arrays = self.store.take(self._client, msg.keys, msg.keep)
+        arrays = self.store.take(self._client, msg.keys, msg.keep, self._release)
         return self._tensors_reply(msg.id, msg.keys, arrays)
 
     def _delete(self, msg: m.Delete, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
@@ -229,6 +237,8 @@ class Service:
             if summary.unknown_rank:
                 self._any_rank[pid] = summary.unknown_rank
             log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
+            if self.plans_dir is not None and any(e.private for _, e in self.store.own()):
+                self._keep(pid, name, data)
         self.holders.add(pid, self._client)
         return self._plan_info(msg.id, pid, plan), []
 
@@ -295,18 +305,10 @@ class Service:
             )
         if msg.fetch and max(msg.fetch) >= n_out:
             raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
-        private_args: list[int] = []
+        private_args: dict[int, Entry] = {}
         args = [self._arg(i, a, buffers, private_args) for i, a in enumerate(msg.args)]
-        private = self.flows[msg.plan].private_outputs(private_args) if private_args else frozenset()
-        if private and msg.fetch:
-            held = [msg.outputs[i] for i in msg.fetch if i in private]
-            if held:
-                raise ProtocolError(
-                    "private_data",
-                    f"run.fetch asks for {held}, computed by plan {plan.name!r} from this worker's private data: "
-                    "such results are stored and may be used by later runs, but never leave the worker unless the "
-                    "data owner approves the plan (plan-worker --policy)",
-                )
+        private = self.flows[msg.plan].private_outputs(list(private_args)) if private_args else frozenset()
+        pending = self._pending(msg, plan, args, private_args, private) if private else {}
         any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
         if any_rank is None:
             plan.check(args)
@@ -323,7 +325,7 @@ class Service:
         sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
         self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
         for i, (key, arr) in enumerate(zip(msg.outputs, results, strict=True)):
-            self.store.put(self._client, key, arr, private=i in private)
+            self.store.put(self._client, key, arr, private=i in private, pending=pending.get(i))
         fetch = msg.fetch
         if msg.inline_max:
             fetch = [
@@ -331,23 +333,65 @@ class Service:
                 *(
                     i
                     for i, r in enumerate(results)
-                    if r.nbytes <= msg.inline_max and i not in fetch and i not in private
+                    if r.nbytes <= msg.inline_max
+                    and i not in fetch
+                    and (i not in private or i in pending and pending[i].ready)
                 ),
             ]
         if not fetch:
             return m.Ok(re=msg.id, session=self.session), []
-        return self._tensors_reply(msg.id, [msg.outputs[i] for i in fetch], [results[i] for i in fetch])
+        keys = [msg.outputs[i] for i in fetch]
+        values = [results[i] for i in fetch]
+        if private:  # a private output leaves only as its release (the owner's policy): read through it
+            values = self.store.readable(self._client, keys, self._release)[1]
+        return self._tensors_reply(msg.id, keys, values)
+
+    def _pending(
+        self, msg: m.Run, plan: PlanSession, args: list[np.ndarray], private_args: dict[int, Entry], private: frozenset
+    ) -> dict:
+        """The releases the owner's policy allows for a run on private data; refuses a fetch of any other
+        private output before anything runs."""
+        names_in, names_out = [n for n, _, _ in plan.inputs], [n for n, _, _ in plan.outputs]
+        pending = self.releaser.prepare(
+            msg.plan, plan.name, names_in, names_out, args, private_args, private, self._client
+        )
+        held = [i for i in msg.fetch if i in private and (i not in pending or not pending[i].ready)]
+        if held:
+            keys = [msg.outputs[i] for i in held]
+            message = (
+                f"run.fetch asks for {keys}, computed by plan {plan.name!r} from this worker's private data: such "
+                "results are stored and may be used by later runs, but never leave the worker unless the data "
+                "owner approves the plan (plan-worker --policy)"
+            )
+            rule = self.releaser.policy.rules.get(msg.plan) if self.releaser.policy is not None else None
+            self.releaser.audit(
+                "refused", self._client, rule, plan.name, [names_out[i] for i in held], [], reason=message
+            )
+            raise ProtocolError("private_data", message)
+        return pending
+
+    def _keep(self, pid: str, name: str, data: bytes) -> None:
+        """Keep a plan a worker with private data received where its operator reviews it (plan-worker review)."""
+        from planwire.worker.review import keep
+
+        try:
+            keep(self.plans_dir, pid, data)  # type: ignore[arg-type]
+        except OSError as e:
+            log.warning("plan %r (%s) not kept in %s: %s", name, pid[:12], self.plans_dir, e)
+
+    def _release(self, key: str, entry: Entry) -> np.ndarray:
+        return self.releaser.release(self._client, key, entry)
 
     # -- helpers ----------------------------------------------------------------------------------
 
     def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
-    def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview], private: list[int]) -> np.ndarray:
+    def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview], private: dict[int, Entry]) -> np.ndarray:
         if arg.ref is not UNSET:
             entry = self.store.entry(self._client, arg.ref)
             if entry.private:
-                private.append(i)
+                private[i] = entry
             return entry.array
         t = arg.tensor
         return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]

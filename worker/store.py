@@ -15,8 +15,9 @@ changes. The worker's own data is not counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,8 @@ class Entry:
     """Never leaves the worker (its own non-public data, or derived from private data)."""
     worker: bool = False
     """The worker's own data (``--data``), not a client's."""
+    pending: Any = None
+    """A private result's release allowed by the data owner's policy (worker/release.py), if any."""
 
 
 class Store:
@@ -109,14 +112,21 @@ class Store:
             )
 
     def put(
-        self, client: ClientId, key: str, array: np.ndarray, tags: Iterable[str] = (), *, private: bool = False
+        self,
+        client: ClientId,
+        key: str,
+        array: np.ndarray,
+        tags: Iterable[str] = (),
+        *,
+        private: bool = False,
+        pending: Any = None,
     ) -> None:
         """Store ``client``'s tensor (after check_writable and check_quota)."""
         self._pop(client, key)
         space = self._spaces.get(client)
         if space is None:
             space = self._spaces[client] = {}
-        space[key] = Entry(array, tuple(tags), private)
+        space[key] = Entry(array, tuple(tags), private, pending=pending)
         n = array.nbytes
         self.bytes += n
         self._by_client[client] = self._by_client.get(client, 0) + n
@@ -171,34 +181,46 @@ class Store:
             f"no tensor {key!r} on this worker (never stored, deleted, or already moved by get)",
         )
 
-    def check_readable(self, client: ClientId, keys: Iterable[str]) -> list[Entry]:
-        """Entries whose bytes may be sent to ``client``, in order."""
-        keys = list(keys)
+    def readable(
+        self, client: ClientId, keys: list[str], release: Callable[[str, Entry], np.ndarray] | None = None
+    ) -> tuple[list[Entry], list[np.ndarray]]:
+        """Entries of ``keys`` and the values that may be sent to ``client``: a private result only
+        through ``release`` (the owner's policy), the worker's own private data never."""
         entries = [self.entry(client, k) for k in keys]
+        values = []
         for key, entry in zip(keys, entries, strict=True):
-            if entry.private:
-                if entry.worker:
-                    raise ProtocolError(
-                        "forbidden",
-                        f"tensor {key!r} is this worker's own data: it may be used by plans but never leaves "
-                        "the worker",
-                    )
+            if not entry.private:
+                values.append(entry.array)
+            elif entry.worker:
+                raise ProtocolError(
+                    "forbidden",
+                    f"tensor {key!r} is this worker's own data: it may be used by plans but never leaves the worker",
+                )
+            elif release is not None:
+                values.append(release(key, entry))
+            else:
                 raise ProtocolError(
                     "private_data",
                     f"tensor {key!r} was computed from this worker's private data: it may be described and used by "
                     "later runs, but never leaves the worker (only a run of a plan the data owner approved in "
                     "plan-worker --policy releases results)",
                 )
-        return entries
+        return entries, values
 
-    def take(self, client: ClientId, keys: list[str], keep: bool) -> list[np.ndarray]:
-        """Arrays for a get; moved out unless ``keep`` (the worker's own data is copied, never removed)."""
-        entries = self.check_readable(client, keys)
+    def take(
+        self,
+        client: ClientId,
+        keys: list[str],
+        keep: bool,
+        release: Callable[[str, Entry], np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """Values for a get; moved out unless ``keep`` (the worker's own data is copied, never removed)."""
+        entries, values = self.readable(client, keys, release)
         if not keep:
             for key, entry in zip(keys, entries, strict=True):
                 if not entry.worker:
                     self._pop(client, key)  # a key may be listed twice
-        return [e.array for e in entries]
+        return values
 
     def delete(self, client: ClientId, keys: Iterable[str]) -> None:
         keys = list(keys)

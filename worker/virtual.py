@@ -9,6 +9,7 @@ from typing import Any
 from planwire.transport.arrays import as_array, tags_of
 from planwire.transport.client import Client
 from planwire.transport.session import Frame, Limits
+from planwire.worker.policy import Policy
 from planwire.worker.service import Service
 
 
@@ -17,7 +18,9 @@ class VirtualWorker(Client):
     plan-worker process runs, so behaviour (and every test of it) is the networked worker's.
 
     ``data``: the worker's own tensors (tags from ``tag()``); plans may use them, clients can never
-    delete them, and they leave the worker only as copies when ``public=True``.
+    delete them, and they leave the worker only as copies when ``public=True``; results computed from
+    them never leave, unless ``policy`` (worker/policy.py, as ``plan-worker --policy``) releases them
+    (``audit``: a file of one JSON line per release or refusal, as ``--audit``).
     """
 
     def __init__(
@@ -30,11 +33,22 @@ class VirtualWorker(Client):
         device: str = "cpu",
         threads: int = 1,
         limits: Limits | None = None,
+        policy: Policy | None = None,
+        audit: str | None = None,
     ) -> None:
         super().__init__()
         self.id = id
         own = [(f"{id}:data:{i}", as_array(t), tags_of(t)) for i, t in enumerate(data)]
-        self.service = Service(id, data=own, public=public, device=device, threads=threads, limits=limits or Limits())
+        self.service = Service(
+            id,
+            data=own,
+            public=public,
+            device=device,
+            threads=threads,
+            limits=limits or Limits(),
+            policy=policy,
+            audit=audit,
+        )
         self._replies: deque[list[Frame]] = deque()
         self.hello()
 

@@ -1,0 +1,237 @@
+"""Releases: the only way a result computed from private data leaves the worker, by the owner's policy.
+
+A run of an approved plan (worker/policy.py) that reads private data stores each private output with a
+:class:`Pending` release: what its rule allows (``as_is`` or ``update``), the base of an update (the
+parameter as the client last stored it) and the fewest rows of private data its computation read. The
+first read (``get``, ``fetch``, ``inline_max``) computes the released value once (clip and noise for an
+update), records it in the audit log and the client's privacy accounting, and every later read of that
+result returns the same value: reading twice never averages the noise away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from planwire.transport.errors import ProtocolError
+from planwire.worker.owners import label
+from planwire.worker.policy import Policy, Release, Rule
+from planwire.worker.store import ClientId, Entry
+
+log = logging.getLogger("planwire.worker")
+
+
+@dataclass
+class Pending:
+    """How a stored private-derived result may leave (set by the run that made it)."""
+
+    rule: Rule
+    output: str
+    how: Release
+    base: np.ndarray | None
+    rows: int
+    released: np.ndarray | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether a read may release it (enough rows for the rule's min_batch)."""
+        return self.rows >= self.rule.min_batch
+
+
+class Releaser:
+    """Applies the policy at runs and reads; writes the audit log; keeps per-client privacy accounting."""
+
+    def __init__(self, policy: Policy | None = None, audit: str | None = None) -> None:
+        self.policy = policy  # replaced whole on reload (SIGHUP): readers see the old or the new one
+        self._audit = open(audit, "a", encoding="utf-8", buffering=1) if audit else None  # noqa: SIM115
+        self._lock = threading.Lock()
+        self._accountants: dict[ClientId, Any] = {}
+        self._rng = np.random.default_rng()
+
+    def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
+
+    # -- at a run ----------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        pid: str,
+        plan_name: str,
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        args: Sequence[np.ndarray],
+        private_args: dict[int, Entry],
+        private_outputs: frozenset[int],
+        client: ClientId,
+    ) -> dict[int, Pending]:
+        """The releases a run of plan ``pid`` on private data may make, by output index; refuses
+        (``private_data``) a run whose inputs break the rule's bounds, before it runs."""
+        policy = self.policy
+        rule = policy.rules.get(pid) if policy is not None else None
+        if rule is None:
+            return {}
+        for name, bound in rule.inputs.items():
+            if name not in inputs:
+                continue  # the rule names an input this plan does not have: nothing to check
+            value = args[inputs.index(name)]
+            why = "must be a single number" if value.size != 1 else bound.check(float(value.reshape(-1)[0]))
+            if why:
+                message = (
+                    f"plan {plan_name!r} is approved by the data owner's policy only with input {name!r} {bound}: "
+                    f"this run's {why} (got {value.reshape(-1)[:4].tolist()}); nothing ran"
+                )
+                self.audit("refused", client, rule, plan_name, [], [], reason=message)
+                raise ProtocolError("private_data", message)
+        rows = min((_rows(args[i]) for i in private_args), default=0)
+        for entry in private_args.values():
+            if isinstance(entry.pending, Pending):
+                rows = min(rows, entry.pending.rows)
+        out: dict[int, Pending] = {}
+        for i in private_outputs:
+            how = rule.outputs.get(outputs[i])
+            if how is None:
+                continue
+            base = None
+            if how.how == "update":
+                if how.param not in inputs:
+                    continue
+                j = inputs.index(how.param)
+                before = private_args.get(j)
+                if before is None:
+                    base = args[j]  # the client's own value: the update is measured from it
+                elif (
+                    isinstance(before.pending, Pending)
+                    and before.pending.rule is rule
+                    and before.pending.base is not None
+                ):
+                    base = before.pending.base  # a chain of steps of this plan: from where the client left it
+                else:
+                    continue  # no base the client knows: no update can be released
+            out[i] = Pending(rule, outputs[i], how, base, rows)
+        return out
+
+    # -- at a read ---------------------------------------------------------------------------------
+
+    def release(self, client: ClientId, key: str, entry: Entry) -> np.ndarray:
+        """The value of a private-derived result that may leave, computed once; ProtocolError otherwise."""
+        pending = entry.pending
+        if not isinstance(pending, Pending):
+            message = (
+                f"tensor {key!r} was computed from this worker's private data: it may be described and used by "
+                "later runs, but never leaves the worker (only a run of a plan the data owner approved in "
+                "plan-worker --policy releases results)"
+            )
+            self.audit("refused", client, None, "", [key], [entry.array], reason=message)
+            raise ProtocolError("private_data", message)
+        if pending.released is not None:
+            return pending.released
+        rule = pending.rule
+        if pending.rows < rule.min_batch:
+            message = (
+                f"tensor {key!r} ({pending.output!r} of plan {rule.name or rule.fingerprint[:12]!r}) was computed on "
+                f"{pending.rows} rows of private data; the data owner's policy releases it only from {rule.min_batch}"
+            )
+            self.audit("refused", client, rule, rule.name, [pending.output], [entry.array], reason=message)
+            raise ProtocolError("private_data", message)
+        noise = 0.0
+        if pending.how.how == "as_is":
+            value = entry.array
+        else:
+            value = self._update(key, entry.array, pending)
+            noise = rule.noise_multiplier
+        epsilon = self._account(client, noise) if noise else None
+        pending.released = value
+        self.audit("released", client, rule, rule.name, [pending.output], [value], noise=noise, epsilon=epsilon)
+        return value
+
+    def _update(self, key: str, array: np.ndarray, pending: Pending) -> np.ndarray:
+        if array.dtype.kind != "f" or pending.base is None or pending.base.shape != array.shape:
+            raise ProtocolError(
+                "private_data", f"tensor {key!r}: an update is released only for floating-point parameters"
+            )
+        rule = pending.rule
+        delta = array.astype(np.float64) - pending.base.astype(np.float64)
+        if rule.clip_norm is not None:
+            norm = float(np.linalg.norm(delta))
+            if norm > rule.clip_norm:
+                delta *= rule.clip_norm / norm
+        if rule.noise_multiplier:
+            with self._lock:
+                delta += self._rng.normal(0.0, rule.noise_multiplier * rule.clip_norm, delta.shape)  # type: ignore[operator]
+        return delta.astype(array.dtype)
+
+    def _account(self, client: ClientId, noise_multiplier: float) -> float:
+        """The client's epsilon (at the policy's delta) after one more Gaussian release, by dp-accounting's
+        RDP accountant (each release counted in full: no amplification by sampling is assumed)."""
+        from dp_accounting import dp_event
+        from dp_accounting.rdp import rdp_privacy_accountant
+
+        with self._lock:
+            acc = self._accountants.get(client)
+            if acc is None:
+                acc = self._accountants[client] = rdp_privacy_accountant.RdpAccountant()
+            acc.compose(dp_event.GaussianDpEvent(noise_multiplier))
+            delta = self.policy.delta if self.policy is not None else 1e-5
+            return float(acc.get_epsilon(delta))
+
+    # -- the audit log -----------------------------------------------------------------------------
+
+    def refused(self, client: ClientId, keys: Sequence[str], entries: Sequence[Entry], reason: str) -> None:
+        """Record a refused read of private-derived data."""
+        for key, entry in zip(keys, entries, strict=True):
+            pending = entry.pending if isinstance(entry.pending, Pending) else None
+            rule = pending.rule if pending is not None else None
+            name = rule.name if rule is not None else ""
+            self.audit("refused", client, rule, name, [key], [entry.array], reason=reason)
+
+    def audit(
+        self,
+        event: str,
+        client: ClientId,
+        rule: Rule | None,
+        plan_name: str,
+        outputs: Sequence[str],
+        arrays: Sequence[np.ndarray],
+        *,
+        noise: float = 0.0,
+        epsilon: float | None = None,
+        reason: str = "",
+    ) -> None:
+        record: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "event": event,
+            "client": label(client),
+            "plan": rule.fingerprint if rule is not None else "",
+            "plan_name": plan_name,
+            "outputs": list(outputs),
+            "shapes": [list(a.shape) for a in arrays],
+            "bytes": sum(int(a.nbytes) for a in arrays),
+            "rule": rule.describe() if rule is not None else "none",
+        }
+        if noise:
+            record["noise_multiplier"] = noise
+            record["clip_norm"] = rule.clip_norm if rule is not None else None
+        if epsilon is not None:
+            record["epsilon"] = epsilon
+            record["delta"] = self.policy.delta if self.policy is not None else 1e-5
+        if reason:
+            record["reason"] = reason
+        if event == "released":
+            log.info(
+                "released %s of plan %r to client %s (%s)", list(outputs), plan_name, label(client), record["rule"]
+            )
+        if self._audit is not None:
+            with self._lock:
+                self._audit.write(json.dumps(record) + "\n")
+
+
+def _rows(a: np.ndarray) -> int:
+    return int(a.shape[0]) if a.ndim else 1
