@@ -31,8 +31,8 @@ def main() -> None:
         data = Path(tmp) / "device.npz"  # each key of an .npz is the tag of its tensor
         np.savez(data, input_data=x1.numpy(), input_data2=x2.numpy())
         with (
-            WorkerProcess("device_1", data=[str(data)]) as w1,
-            WorkerProcess("device_2", listen=f"ipc://{tmp}/device_2.ipc", data=[str(data)]) as w2,
+            WorkerProcess("device_1", data=[str(data)], extra=["--public"]) as w1,  # a tutorial's toy data
+            WorkerProcess("device_2", listen=f"ipc://{tmp}/device_2.ipc", data=[str(data)], extra=["--public"]) as w2,
         ):
             print(f"started plan-worker device_1 at {w1.url} and device_2 at {w2.url}")
             with sy.connect(w1.url) as device_1, sy.connect(w2.url) as device_2:

@@ -1,9 +1,13 @@
 """Federated averaging over three plan-worker processes; the training data never leaves them.
 
 Each worker starts with its own shard of scikit-learn's bundled digits (8x8 images, no download) as
-private data. The server builds one training-step plan for a small CNN, sends it to every worker, and
-each round: pushes the global weights, runs local steps on the worker's own batches (one message per
-step), fetches the trained weights and averages them. Held-out accuracy is measured at the server.
+private data, and a release policy its data owner wrote after reviewing the training plan (printed
+below): the step's loss and accuracy may leave as they are, the trained weights only as their update
+(new - pushed weights), optionally clipped and noised by the worker (``--clip``, ``--noise``); nothing
+else computed from the data can leave, and every release is a line in the worker's audit log. The server
+builds one training-step plan for a small CNN, sends it to every worker, and each round: pushes the
+global weights, runs local steps on the worker's own batches (one message per step), fetches the updates
+and averages them. Held-out accuracy is measured at the server.
 
 Each round's training loss and accuracy are the means over all its local steps, weighted by the examples
 in each batch; ``--plot FILE`` draws that history (and held-out accuracy) as a PNG. Progress goes to
@@ -13,6 +17,7 @@ stderr (``--no-progress`` or ``PLANWIRE_PROGRESS=0`` turns it off).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -29,8 +34,10 @@ from tqdm import tqdm
 
 import planwire as sy
 from planwire.worker.process import WorkerProcess
+from planwire.worker.review import format_review, policy_snippet, review
 
 WORKERS, ROUNDS, LOCAL_EPOCHS, BATCH = 3, 6, 2, 32
+MIN_BATCH = 16  # the owners release nothing computed on fewer rows: smaller trailing batches are not used
 TARGET = 0.90  # held-out accuracy the run must beat
 
 
@@ -65,10 +72,22 @@ def shards(seed: int = 0):
 def save_shard(path: Path, x: np.ndarray, y: np.ndarray) -> int:
     """One .npz per worker; keys are tags: images.<b> and labels.<b> for each batch b."""
     batches = {}
-    for b, start in enumerate(range(0, len(x), BATCH)):
+    starts = [s for s in range(0, len(x), BATCH) if len(x) - s >= MIN_BATCH]
+    for b, start in enumerate(starts):
         batches[f"images.{b}"], batches[f"labels.{b}"] = x[start : start + BATCH], y[start : start + BATCH]
     np.savez(path, **batches)
     return len(batches) // 2
+
+
+def owner_policy(plan_bytes: bytes, clip: float | None, noise: float) -> str:
+    """The data owners' policy.toml: the review's snippet, with the hyper-parameters bounded (a client's
+    lr=-1 would turn the update into a copy of the batch) and clipping and noise if asked."""
+    text = policy_snippet(review(plan_bytes)).replace("min_batch = 16", f"min_batch = {MIN_BATCH}")
+    text += 'inputs."hyper.lr" = { min = 0.0, max = 0.1 }\ninputs."hyper.momentum" = { min = 0.0, max = 0.99 }\n'
+    text += 'inputs."hyper.weight_decay" = { equal = 0.0 }\n'
+    if clip is not None:
+        text += f"update = {{ clip_norm = {clip}, noise_multiplier = {noise} }}\n"
+    return text
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -131,7 +150,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=TARGET,
         help="fail (exit status 1) unless the final held-out accuracy beats this (default: %(default)s)",
     )
+    parser.add_argument("--clip", type=float, help="the owners clip each released update to this L2 norm")
+    parser.add_argument(
+        "--noise", type=float, default=0.0, help="with --clip: Gaussian noise multiplier of the released updates"
+    )
     args = parser.parse_args(argv)
+    if args.noise and args.clip is None:
+        parser.error("--noise needs --clip (the noise is scaled to the clipping norm)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
@@ -155,13 +180,19 @@ def main(argv: Sequence[str] | None = None) -> History:
         progress=show,
     )
     print(f"built {step!r}")
+    plan_bytes = step.step.variant.data
+    print("\nwhat the data owners reviewed (plan-worker review):\n" + format_review(review(plan_bytes)))
     history = History()
     with tempfile.TemporaryDirectory(prefix="planwire-fed-") as tmp:
         n_batches, procs = [], []
+        policy = Path(tmp) / "policy.toml"
+        policy.write_text(owner_policy(plan_bytes, args.clip, args.noise))
         try:
             for i, (x, y) in enumerate(train):
                 n_batches.append(save_shard(Path(tmp) / f"shard{i}.npz", x, y))
-                procs.append(WorkerProcess(f"hospital_{i}", data=[str(Path(tmp) / f"shard{i}.npz")]))
+                owner = ["--policy", str(policy), "--audit", str(Path(tmp) / f"audit{i}.jsonl")]
+                owner += ["--plans-dir", str(Path(tmp) / f"plans{i}")]
+                procs.append(WorkerProcess(f"hospital_{i}", data=[str(Path(tmp) / f"shard{i}.npz")], extra=owner))
             workers = [sy.connect(p.url) for p in procs]
             print(
                 "workers:",
@@ -187,10 +218,13 @@ def main(argv: Sequence[str] | None = None) -> History:
                             results.append((loss, acc, x_ptr.shape[0]))
                 losses = [loss.get().item() for loss, _, _ in results]  # each rode on its step's reply
                 accuracies = [acc.get().item() for _, acc, _ in results]
-                states = [ptr.state_dict() for ptr in pointers]
+                # The policy releases the weights only as their update since the push (clipped and noised
+                # by the worker if the owners said so): the server averages updates.
+                updates = [ptr.state_dict() for ptr in pointers]
                 sizes = [len(x) for x, _ in train]
                 global_state = {
-                    k: sum(s[k] * n for s, n in zip(states, sizes, strict=True)) / sum(sizes) for k in states[0]
+                    k: global_state[k] + sum(u[k] * n for u, n in zip(updates, sizes, strict=True)) / sum(sizes)
+                    for k in updates[0]
                 }
                 model.load_state_dict(global_state)
                 history.add(losses, accuracies, [n for _, _, n in results], accuracy(model, x_test, y_test))
@@ -203,6 +237,14 @@ def main(argv: Sequence[str] | None = None) -> History:
             bar.close()
             for w in workers:
                 w.close()
+            events = [
+                [json.loads(line)["event"] for line in (Path(tmp) / f"audit{i}.jsonl").read_text().splitlines()]
+                for i in range(len(procs))
+            ]
+            print(
+                f"audit logs: {[e.count('released') for e in events]} releases and "
+                f"{[e.count('refused') for e in events]} refusals per worker; nothing else left the workers"
+            )
         finally:
             for p in procs:
                 p.close()

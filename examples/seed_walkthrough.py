@@ -2,6 +2,10 @@
 
 Run alone it uses in-process VirtualWorkers; ``examples/demo.py`` runs it against two real plan-worker
 processes through ``planwire.connect``. Every printed result is also checked.
+
+The seed's devices hold a tutorial's toy data and hand back the results of plans on it, so they are
+started public (``--public``): on a private worker, results computed from its data never leave it unless
+its owner's policy releases them (see examples/federated.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import planwire as sy
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
-    """The data each device holds in the seed: it stays on the device."""
+    """The data each device holds in the seed (a tutorial's, public: plans' results on it come back)."""
     return torch.tensor([-1, 2.0]).tag("input_data"), torch.tensor([1, -2.0]).tag("input_data2")
 
 
@@ -40,8 +44,8 @@ def main(devices: tuple | None = None) -> None:
     hook = sy.TorchHook(torch)
     hook.local_worker.is_client_worker = False  # accepted for compatibility; planwire has no local worker mode
     if devices is None:
-        device_1 = sy.VirtualWorker(hook, id="device_1", data=seed_data())
-        device_2 = sy.VirtualWorker(hook, id="device_2", data=seed_data())
+        device_1 = sy.VirtualWorker(hook, id="device_1", data=seed_data(), public=True)
+        device_2 = sy.VirtualWorker(hook, id="device_2", data=seed_data(), public=True)
     else:
         device_1, device_2 = devices
     print("devices:", device_1, device_2)

@@ -30,7 +30,8 @@ log = logging.getLogger("planwire.worker")
 
 @dataclass
 class Pending:
-    """How a stored private-derived result may leave (set by the run that made it)."""
+    """How a stored private-derived result may leave (set by the run that made it). ``rows``: the fewest rows
+    of the worker's data that went into it, through every private input of every run before."""
 
     rule: Rule
     output: str
@@ -90,10 +91,7 @@ class Releaser:
                 )
                 self.audit("refused", client, rule, plan_name, [], [], reason=message)
                 raise ProtocolError("private_data", message)
-        rows = min((_rows(args[i]) for i in private_args), default=0)
-        for entry in private_args.values():
-            if isinstance(entry.pending, Pending):
-                rows = min(rows, entry.pending.rows)
+        rows = min((e.rows for e in private_args.values()), default=0)
         out: dict[int, Pending] = {}
         for i in private_outputs:
             how = rule.outputs.get(outputs[i])
@@ -231,7 +229,3 @@ class Releaser:
         if self._audit is not None:
             with self._lock:
                 self._audit.write(json.dumps(record) + "\n")
-
-
-def _rows(a: np.ndarray) -> int:
-    return int(a.shape[0]) if a.ndim else 1

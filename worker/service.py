@@ -309,6 +309,7 @@ class Service:
         args = [self._arg(i, a, buffers, private_args) for i, a in enumerate(msg.args)]
         private = self.flows[msg.plan].private_outputs(list(private_args)) if private_args else frozenset()
         pending = self._pending(msg, plan, args, private_args, private) if private else {}
+        rows = min((e.rows for e in private_args.values()), default=0)
         any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
         if any_rank is None:
             plan.check(args)
@@ -325,7 +326,7 @@ class Service:
         sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
         self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
         for i, (key, arr) in enumerate(zip(msg.outputs, results, strict=True)):
-            self.store.put(self._client, key, arr, private=i in private, pending=pending.get(i))
+            self.store.put(self._client, key, arr, private=i in private, pending=pending.get(i), rows=rows)
         fetch = msg.fetch
         if msg.inline_max:
             fetch = [

@@ -38,6 +38,8 @@ class Entry:
     worker: bool = False
     """The worker's own data (``--data``), not a client's."""
     pending: Any = None
+    rows: int = 0
+    """A private tensor's fewest rows of the worker's data it was computed from (its own: its leading axis)."""
     """A private result's release allowed by the data owner's policy (worker/release.py), if any."""
 
 
@@ -61,7 +63,8 @@ class Store:
 
     def put_own(self, key: str, array: np.ndarray, tags: Iterable[str] = ()) -> None:
         """One of the worker's own tensors (at start): private unless the worker is public."""
-        self._own[key] = Entry(array, tuple(tags), private=not self.public, worker=True)
+        rows = int(array.shape[0]) if array.ndim else 1
+        self._own[key] = Entry(array, tuple(tags), private=not self.public, worker=True, rows=rows)
 
     def own(self) -> list[tuple[str, Entry]]:
         return list(self._own.items())
@@ -120,13 +123,14 @@ class Store:
         *,
         private: bool = False,
         pending: Any = None,
+        rows: int = 0,
     ) -> None:
         """Store ``client``'s tensor (after check_writable and check_quota)."""
         self._pop(client, key)
         space = self._spaces.get(client)
         if space is None:
             space = self._spaces[client] = {}
-        space[key] = Entry(array, tuple(tags), private, pending=pending)
+        space[key] = Entry(array, tuple(tags), private, pending=pending, rows=rows)
         n = array.nbytes
         self.bytes += n
         self._by_client[client] = self._by_client.get(client, 0) + n
