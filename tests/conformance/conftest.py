@@ -5,7 +5,9 @@ Targets:
 * ``PLANWIRE_CONFORMANCE_URL=tcp://host:port``: an already running worker, in any language. The
   private-data tests also need ``PLANWIRE_CONFORMANCE_PRIVATE_URL`` (a worker holding the arrays of
   data.py as its own data, not public) and ``PLANWIRE_CONFORMANCE_PUBLIC_URL`` (the same, public); they
-  are skipped without them. Limits tests expect the worker's default limits to be at least 16 MiB.
+  are skipped without them; the release-rule tests need ``PLANWIRE_CONFORMANCE_POLICY_URL`` (data.py's
+  arrays, not public, with the rules of policy.py). Limits tests expect the worker's default limits to be
+  at least 16 MiB.
 
 Run alone, without the rest of planwire's tests: ``pytest tests/conformance --confcutdir tests/conformance``.
 Only this file knows how to start the reference worker; the tests speak the protocol and nothing else.
@@ -36,6 +38,7 @@ except ImportError as e:
 URL_ENV = "PLANWIRE_CONFORMANCE_URL"
 PRIVATE_ENV = "PLANWIRE_CONFORMANCE_PRIVATE_URL"
 PUBLIC_ENV = "PLANWIRE_CONFORMANCE_PUBLIC_URL"
+POLICY_ENV = "PLANWIRE_CONFORMANCE_POLICY_URL"
 
 TRANSPORTS = ["external"] if os.environ.get(URL_ENV) else ["tcp", "ipc"]
 
@@ -54,10 +57,14 @@ class _Workers:
 
             listen = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{self.dir}/{role}.ipc"
             data, extra = [], []
-            if role in ("private", "public"):
+            if role in ("private", "public", "policy"):
                 data = [f"{write(self.dir)}:conformance"]
             if role == "public":
                 extra = ["--public"]
+            if role == "policy":
+                from .policy import write as write_policy
+
+                extra = ["--policy", str(write_policy(self.dir)), "--plans-dir", "none"]
             self.procs[(transport, role)] = WorkerProcess(
                 f"conformance-{role}-{transport}", listen=listen, data=data, extra=extra
             )
@@ -84,7 +91,7 @@ def transport(request: pytest.FixtureRequest) -> str:
 def _url(workers: _Workers, transport: str, role: str) -> str:
     if transport != "external":
         return workers.url(transport, role)
-    env = {"plain": URL_ENV, "private": PRIVATE_ENV, "public": PUBLIC_ENV}[role]
+    env = {"plain": URL_ENV, "private": PRIVATE_ENV, "public": PUBLIC_ENV, "policy": POLICY_ENV}[role]
     url = os.environ.get(env)
     if not url:
         pytest.skip(f"set {env} to test a worker's own data")
@@ -101,6 +108,12 @@ def url(_workers: _Workers, transport: str) -> str:
 def private_url(_workers: _Workers, transport: str) -> str:
     """A worker holding data.OWN as its own, non-public data."""
     return _url(_workers, transport, "private")
+
+
+@pytest.fixture(scope="session")
+def policy_url(_workers: _Workers, transport: str) -> str:
+    """A worker holding data.OWN as its own, non-public data, with the release rules of policy.py."""
+    return _url(_workers, transport, "policy")
 
 
 @pytest.fixture(scope="session")

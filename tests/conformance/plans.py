@@ -327,3 +327,25 @@ def reshape_by(dtype: str = "int64") -> bytes:
             [helper.make_tensor("one", ONNX_TYPES[dtype], [], [1])],
         )
     )
+
+
+def scaled() -> bytes:
+    """y = x * s for x float [2, 3] and a scalar s (an input a release rule bounds)."""
+    return serialize(
+        model(
+            [helper.make_node("Mul", ["x", "s"], ["y"])],
+            [("x", "float", [2, 3]), ("s", "float", [])],
+            [("y", "float", [2, 3])],
+        )
+    )
+
+
+def accumulate() -> bytes:
+    """new_w = w + x for w, x float [2, 3]: a 'training step' whose update a release rule can name."""
+    return serialize(
+        model(
+            [helper.make_node("Add", ["w", "x"], ["new_w"])],
+            [("w", "float", [2, 3]), ("x", "float", [2, 3])],
+            [("new_w", "float", [2, 3])],
+        )
+    )
