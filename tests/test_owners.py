@@ -3,6 +3,9 @@ and ipc (two clients each), CURVE keys as identities, --idle-ttl, and VirtualWor
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +126,68 @@ def test_virtual_worker_keeps_the_same_rules():
     with pytest.raises(PrivateDataError):
         out.get()
     assert w.plan_pointer(handmade.double_abs())(np.float32([-3])).get().tolist() == [6.0]
+
+
+class Proxy:
+    """A TCP forwarder in front of a worker whose connections the test can cut (a network drop)."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target[6:].rpartition(":")
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Drop every connection: both ends see it closed; ZeroMQ reconnects."""
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.conns = []
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_a_client_keeps_its_objects_across_a_dropped_connection():
+    with WorkerProcess("drop") as proc:
+        proxy = Proxy(proc.url)
+        try:
+            with planwire.connect(proxy.url, timeout=10) as c:
+                kept = c.put(np.arange(3), key="k")
+                pid_before = c.identity
+                proxy.cut()
+                deadline = time.monotonic() + 10
+                while not c._monitor.poll(10) and time.monotonic() < deadline:
+                    pass  # wait until ZeroMQ has seen the drop
+                # the next request goes on a new connection: the client says hello with its identity first
+                assert kept.get(keep=True).tolist() == [0, 1, 2]
+                assert c.identity == pid_before
+                assert proc.log().count("unknown or expired identity") == 0
+        finally:
+            proxy.close()
