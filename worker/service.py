@@ -308,8 +308,11 @@ class Service:
         private_args: dict[int, Entry] = {}
         args = [self._arg(i, a, buffers, private_args) for i, a in enumerate(msg.args)]
         private = self.flows[msg.plan].private_outputs(list(private_args)) if private_args else frozenset()
-        pending = self._pending(msg, plan, args, private_args, private) if private else {}
-        rows = min((e.rows for e in private_args.values()), default=0)
+        pending: dict = {}
+        rows = 0
+        if private:
+            pending = self._pending(msg, plan, args, private_args, private)
+            rows = min(e.rows for e in private_args.values())
         any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
         if any_rank is None:
             plan.check(args)
