@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -187,6 +189,15 @@ def test_plan_worker_policy_audit_and_sighup_reload(tmp_path):
         with pytest.raises(PrivateDataError):
             c.plan_pointer(copy_plan())(x).get()
         assert (tmp_path / "plans" / f"{fp}.onnx").read_bytes() == copy_plan().variants[0].data  # kept for review
+        done = subprocess.run(
+            [sys.executable, "-m", "planwire.worker", "review", fp[:16], "--plans-dir", str(tmp_path / "plans")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"fingerprint {fp}" in done.stdout and "PRIVATE-DERIVED from x" in done.stdout
+        assert f'fingerprint = "{fp}"' in done.stdout and 'outputs."y" = "as_is"' in done.stdout
         policy.write_text("not toml [")
         proc.proc.send_signal(signal.SIGHUP)
         _wait_for(proc, "policy not reloaded")
