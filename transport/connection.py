@@ -22,7 +22,7 @@ import numpy as np
 
 from planwire.transport import codec, session
 from planwire.transport import messages as m
-from planwire.transport.errors import RemoteTimeoutError, WorkerLost, remote_error
+from planwire.transport.errors import RemoteError, RemoteTimeoutError, WorkerLost, remote_error
 from planwire.transport.session import Frame
 
 log = logging.getLogger("planwire.client")
@@ -289,3 +289,7 @@ class Connection:
             finally:
                 self.timeout = timeout
         self._link.close()
+        self._send = self._recv = self._closed  # type: ignore[assignment]
+
+    def _closed(self, *_: object) -> None:
+        raise RemoteError(self.name, "closed", "this client was closed: connect again to use the worker")

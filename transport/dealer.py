@@ -46,6 +46,7 @@ class DealerLink:
             tune_io_threads(context)  # takes effect if this is the context's first socket
         self._ctx = context
         self._curve = curve  # (client public, client secret, server public)
+        self._ever_up = False  # a worker answered here once: refusals then mean it went away
         self._open()
 
     def _open(self) -> None:
@@ -59,8 +60,7 @@ class DealerLink:
         self._sock = sock
         self._rcvtimeo = -1  # the socket's RCVTIMEO (ms), set by recv when a wait's slice changes
         self._up = False  # a handshake succeeded and no drop since
-        self._refused = False  # the last connect attempt found nobody listening
-        self._ever_up = False
+        self._refused = 0  # connect attempts refused since the connection was last up (nobody listening)
         self._refusal: Exception | None = None  # a CURVE refusal, raised by the next send
 
     # -- the monitor --------------------------------------------------------------------------------
@@ -73,9 +73,9 @@ class DealerLink:
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._up = self._ever_up = True
-                self._refused = False
+                self._refused = 0
             elif event == zmq.EVENT_CONNECT_RETRIED:
-                self._refused = not self._up
+                self._refused += not self._up
             elif event == zmq.EVENT_DISCONNECTED:
                 if self._up:
                     dropped = f"the connection to {self.url} dropped (the worker stopped, crashed or restarted)"
@@ -116,13 +116,14 @@ class DealerLink:
 
     def _send_slow(self, frames: list[Frame], what: str, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        dropped = self._events()  # catch up with what happened before this send
+        refused = self._refused  # a refusal before this send may be followed by an attempt that works
         while True:
-            dropped = self._events()
             if dropped is not None:
                 raise LinkDropped(dropped)
             if self._refusal is not None:
                 raise self._refusal
-            if self._refused and not self._up:
+            if self._refused > refused and not self._up:
                 if self._ever_up:
                     raise WorkerLost(self.name, f"no worker is listening at {self.url} any more: {what} not sent")
                 raise NoWorkerListening(
@@ -141,7 +142,8 @@ class DealerLink:
                     send_frames(self._sock, frames, zmq.NOBLOCK)
                     return
                 except zmq.Again:
-                    continue
+                    pass
+            dropped = self._events()
 
     def recv(self, timeout: float | None) -> list[Frame] | None:
         sock = self._sock
