@@ -47,8 +47,7 @@ def transfer(desc: str, nbytes: int, progress: bool | None = None) -> Iterator[N
     )
     try:
         if not tty:
-            bar.refresh()
-            sys.stderr.write("\n")  # a log line saying the transfer started
+            sys.stderr.write("\n")  # ends tqdm's first line: a log line saying the transfer started
         yield
         bar.update(nbytes)
     finally:
