@@ -62,9 +62,9 @@ class Recorder:
         self._send, self._recv = conn._send, conn._recv
         conn._send, conn._recv = self.send, self.recv
 
-    def send(self, frames, *rest):
+    def send(self, frames):
         self.events.append("send " + bytes(frames[1]).split(b'"type":"')[1].split(b'"')[0].decode())
-        self._send(frames, *rest)
+        self._send(frames)
 
     def recv(self, timeout):
         frames = self._recv(timeout)

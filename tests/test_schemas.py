@@ -108,9 +108,9 @@ def record(w: Any) -> Any:
     conn = w.connection
     send, recv = conn._send, conn._recv
 
-    def sending(frames: list, *rest: Any) -> None:
+    def sending(frames: list) -> None:
         w.sent.append([bytes(f) for f in frames])
-        send(frames, *rest)
+        send(frames)
 
     def receiving(timeout: float | None) -> list | None:
         frames = recv(timeout)

@@ -169,9 +169,9 @@ class CountingVirtualWorker(planwire.VirtualWorker):
         super().__init__(*args, **kwargs)
         send = self.connection._send
 
-        def counting(*a):
+        def counting(frames):
             self.requests += 1
-            send(*a)
+            send(frames)
 
         self.connection._send = counting
 

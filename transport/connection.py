@@ -42,7 +42,9 @@ class LinkDropped(Exception):
 class Link(Protocol):
     """Moves whole messages (lists of frames) to and from one worker."""
 
-    def send(self, frames: list[Frame], what: str, timeout: float | None) -> None:
+    timeout: float | None  # how long a send may wait for a connection (kept equal to the Connection's)
+
+    def send(self, frames: list[Frame]) -> None:
         """Send one message; LinkDropped if the connection dropped before it could be sent."""
         ...
 
@@ -114,17 +116,26 @@ class Connection:
         if window < 1:
             raise ValueError(f"window must be at least 1 request in flight, got {window}")
         self.name = name
+        self._link = link
         self.timeout = timeout
         self.window = window
         self.session: str | None = None  # the worker incarnation the last reply came from
         self.generation = 0  # how many times the link dropped: a pointer older than a drop may be gone
         self.limits: m.Limits | None = None
-        self._link = link
         self._send, self._recv = link.send, link.recv  # bound once: the per-call path looks up nothing else
         self._ids = itertools.count(1)
         self._in_flight: dict[int, Call] = {}
         self._garbage: list[str] = []  # keys to free with the next request
         self.owned: dict[str, None] = {}  # keys this client owns on the worker: freed at close
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a request may wait for its reply (and a send for a connection); None: forever."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = self._link.timeout = value
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -146,7 +157,7 @@ class Connection:
             self._check_size(frames, what, self.limits)
         self._in_flight[call.id] = call  # filed before the frames leave: the reply can only land here
         try:
-            self._send(frames, what, self.timeout)
+            self._send(frames)
         except LinkDropped as e:
             self.lose(e.reason)  # fails this call too: it was never delivered
         except BaseException:
@@ -204,13 +215,13 @@ class Connection:
 
     def _read_one(self, call: Call) -> None:
         try:
-            frames = self._recv(self.timeout)
+            frames = self._recv(self._timeout)
         except LinkDropped as e:
             self.lose(e.reason)
             return
         if frames is None:
             raise RemoteTimeoutError(
-                f"worker {self.name!r} did not answer {call.what} (request #{call.id}) within {self.timeout} s"
+                f"worker {self.name!r} did not answer {call.what} (request #{call.id}) within {self._timeout} s"
             )
         self._accept(frames)
 

@@ -9,6 +9,7 @@ nothing queued for a worker that went away is ever delivered to the one that rep
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import zmq
@@ -41,6 +42,7 @@ class DealerLink:
     ) -> None:
         self.url = url
         self.name = url
+        self.timeout: float | None = None  # how long a send waits for a connection (set by the Connection)
         if context is None:
             context = zmq.Context.instance()
             tune_io_threads(context)  # takes effect if this is the context's first socket
@@ -108,13 +110,14 @@ class DealerLink:
 
     # -- moving frames ------------------------------------------------------------------------------
 
-    def send(self, frames: list[Frame], what: str, timeout: float | None) -> None:
+    def send(self, frames: list[Frame]) -> None:
         try:
             send_frames(self._sock, frames, zmq.NOBLOCK)
         except zmq.Again:  # no connection up yet (ZMQ_IMMEDIATE), or a full queue: wait, watching the monitor
-            self._send_slow(frames, what, timeout)
+            self._send_slow(frames)
 
-    def _send_slow(self, frames: list[Frame], what: str, timeout: float | None) -> None:
+    def _send_slow(self, frames: list[Frame]) -> None:
+        timeout, what = self.timeout, _what(frames)
         deadline = None if timeout is None else time.monotonic() + timeout
         dropped = self._events()  # catch up with what happened before this send
         refused = self._refused  # a refusal before this send may be followed by an attempt that works
@@ -192,3 +195,11 @@ class DealerLink:
         with contextlib.suppress(Exception):
             self._sock.close(linger=0)
             self._monitor.close(linger=0)
+
+
+def _what(frames: list[Frame]) -> str:
+    """The request type a message's header names, for error messages (only on the slow path)."""
+    try:
+        return str(json.loads(bytes(frames[1])).get("type", "request"))
+    except (ValueError, IndexError, AttributeError):
+        return "request"

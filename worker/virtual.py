@@ -19,9 +19,10 @@ class ServiceLink:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.timeout: float | None = None
         self._replies: deque[list[Frame]] = deque()
 
-    def send(self, frames: list[Frame], what: str, timeout: float | None) -> None:
+    def send(self, frames: list[Frame]) -> None:
         self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames])])
 
     def recv(self, timeout: float | None) -> list[Frame] | None:
