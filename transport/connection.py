@@ -157,9 +157,13 @@ class Connection:
             self._check_size(frames, what, self.limits)
         self._in_flight[call.id] = call  # filed before the frames leave: the reply can only land here
         try:
-            self._send(frames)
-        except LinkDropped as e:
-            self.lose(e.reason)  # fails this call too: it was never delivered
+            try:
+                self._send(frames)
+            except LinkDropped as e:  # noticed before sending: what was in flight is lost, this was not sent
+                del self._in_flight[call.id]
+                self.lose(e.reason)
+                self._in_flight[call.id] = call
+                self._send(frames)  # once, on a fresh connection
         except BaseException:
             self._in_flight.pop(call.id, None)
             raise
@@ -178,7 +182,10 @@ class Connection:
 
     def _send_frees(self) -> None:
         keys, self._garbage = self._garbage, []
-        self.send(m.Delete(id=self.new_id(), keys=keys), (), "free")
+        try:
+            self.send(m.Delete(id=self.new_id(), keys=keys), (), "free")
+        except (RemoteError, RemoteTimeoutError):  # not sent: kept for later; the request itself says why
+            self._garbage[:0] = keys
 
     def _check_size(self, frames: list[Frame], what: str, limits: m.Limits) -> None:
         """ValueError for a message the worker would refuse: far enough past its limit, ZeroMQ would drop the

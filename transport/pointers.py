@@ -161,8 +161,8 @@ class PointerPlan:
 
     def variant_for(self, args: tuple[Any, ...]) -> PlanVariant:
         """The source's variant for these arguments, registered on the worker. Pointers whose shape is
-        still on its way (a run not yet answered) do not wait when exactly one known variant fits what is
-        known of them: the call is pipelined, and the worker checks the real shapes."""
+        still on its way (a run not yet answered) do not wait when exactly one known variant takes them
+        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes)."""
         worker = self.worker
         variant = None
         if any(type(a) is PointerTensor and a._shape is None for a in args):
@@ -191,14 +191,14 @@ class PointerPlan:
 
 
 def _may_fit(variant: PlanVariant, args: Sequence[tuple[str, Sequence[Dim]]]) -> bool:
-    """Whether arguments (some axes unknown: str/None) can fit ``variant``: dtypes, ranks and every axis
-    known on both sides agree."""
+    """Whether arguments with some axes unknown (str/None) fit ``variant`` whatever those axes turn out to
+    be: dtypes and ranks agree, known axes match, and every unknown axis is a dynamic axis of the plan."""
     if len(args) != len(variant.inputs):
         return False
     for spec, (dtype, shape) in zip(variant.inputs, args, strict=True):
         if dtype != spec.dtype or len(shape) != len(spec.shape):
             return False
         for want, got in zip(spec.shape, shape, strict=True):
-            if isinstance(want, int) and isinstance(got, int) and want != got:
+            if isinstance(want, int) and (not isinstance(got, int) or want != got):
                 return False
     return True
