@@ -42,7 +42,7 @@ def test_killed_then_restarted_worker_fails_every_outstanding_pointer_and_replay
         pointers = [pp(x) for _ in range(1500)]
         os.kill(first.proc.pid, signal.SIGKILL)  # ...then the worker dies with all of them
         first.proc.wait(10)
-        with pytest.raises(WorkerLost, match="put not sent") as down:
+        with pytest.raises(WorkerLost, match="put of 'while-down' not sent: no worker is listening at") as down:
             c.put(np.ones(3, np.float32), key="while-down")  # refused now, never queued for later
         assert f"no worker is listening at {url} any more" in str(down.value)
         with WorkerProcess("doomed", listen=url) as second:

@@ -214,7 +214,7 @@ def test_nothing_listening_is_told_apart_from_a_slow_worker(tmp_path, kind):
     )
 
 
-def test_a_request_to_a_worker_that_went_away_times_out(tmp_path):
+def test_a_request_to_a_worker_that_went_away_fails_at_once(tmp_path):
     w = WorkerProcess("gone", listen=f"ipc://{tmp_path}/gone.ipc")
     c = planwire.connect(w.url, timeout=0.5)
     try:
@@ -295,6 +295,9 @@ def test_curve_admits_listed_clients_only(tmp_path):
             "--curve-clients directory",
         ):
             planwire.connect(w.url, timeout=20, curve=mallory)
+        wrong_server = client_keys(str(tmp_path / "alice.key_secret"), str(tmp_path / "intruder" / "mallory.key"))
+        with pytest.raises(CurveRefused, match="check that the server key given to connect"):
+            planwire.connect(w.url, timeout=20, curve=wrong_server)
         with pytest.raises(CurveRefused, match=r"requires CURVE encryption; connect with curve=\("):
             planwire.connect(w.url, timeout=20)  # plain text
         with Peer(w.url, curve=alice) as raw:  # the raw protocol over CURVE

@@ -25,7 +25,6 @@ from planwire.transport.session import Frame
 from planwire.transport.spec import PlanSource, PlanVariant
 
 INLINE_MAX = 64 << 10  # run results up to this size come back with the run's reply: get() then costs nothing
-FREE_BATCH = 64  # kept for callers that read it; the Connection batches frees
 
 
 class WorkerClient:

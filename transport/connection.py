@@ -120,7 +120,6 @@ class Connection:
         self.timeout = timeout
         self.window = window
         self.session: str | None = None  # the worker incarnation the last reply came from
-        self.generation = 0  # how many times the link dropped: a pointer older than a drop may be gone
         self.limits: m.Limits | None = None
         self._send, self._recv = link.send, link.recv  # bound once: the per-call path looks up nothing else
         self._ids = itertools.count(1)
@@ -164,6 +163,9 @@ class Connection:
                 self.lose(e.reason)
                 self._in_flight[call.id] = call
                 self._send(frames)  # once, on a fresh connection
+        except WorkerLost as e:  # nobody there any more: say which request was not sent
+            self._in_flight.pop(call.id, None)
+            raise WorkerLost(self.name, f"{what} not sent: {e.message}") from None
         except BaseException:
             self._in_flight.pop(call.id, None)
             raise
@@ -211,14 +213,6 @@ class Connection:
     def _make_room(self) -> None:
         while len(self._in_flight) >= self.window:
             self._read_one(next(iter(self._in_flight.values())))
-
-    def drain(self) -> None:
-        """Read the replies that have already arrived (never blocks)."""
-        try:
-            while (frames := self._recv(0)) is not None:
-                self._accept(frames)
-        except LinkDropped as e:
-            self.lose(e.reason)
 
     def _read_one(self, call: Call) -> None:
         try:
@@ -272,7 +266,6 @@ class Connection:
     def lose(self, reason: str) -> None:
         """The connection dropped: fail every call in flight at once and start afresh, so nothing queued
         for the lost worker is delivered to whatever listens at the address next."""
-        self.generation += 1
         self._fail(list(self._in_flight.values()), reason)
         self._link.reset()
 

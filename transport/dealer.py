@@ -128,7 +128,7 @@ class DealerLink:
                 raise self._refusal
             if self._refused > refused and not self._up:
                 if self._ever_up:
-                    raise WorkerLost(self.name, f"no worker is listening at {self.url} any more: {what} not sent")
+                    raise WorkerLost(self.name, f"no worker is listening at {self.url} any more")
                 raise NoWorkerListening(
                     self.name,
                     "no worker is listening at this address (connection refused): check the address and port, "
