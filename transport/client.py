@@ -232,11 +232,13 @@ class WorkerClient:
 
     def ensure_plan(self, variant: PlanVariant, name: str = "") -> None:
         """Register a plan variant unless this worker session already has it (waits: errors show here)."""
-        self.check_connection()
         conn = self.connection
-        if self._plans_session != conn.session or conn.session is None:
+        if conn.check():  # the connection dropped: learn the worker's session again
+            self.ping()
+        session = conn.session
+        if self._plans_session != session or session is None:
             self._plans.clear()
-            self._plans_session = conn.session
+            self._plans_session = session
         if variant.id in self._plans:
             return
         limits = conn.limits

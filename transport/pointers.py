@@ -165,8 +165,10 @@ class PointerPlan:
         whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes)."""
         worker = self.worker
         variant = None
-        if any(type(a) is PointerTensor and a._shape is None for a in args):
-            variant = self._fits_unknown(args)
+        for a in args:
+            if type(a) is PointerTensor and a._shape is None:
+                variant = self._fits_unknown(args)
+                break
         if variant is None:
             variant = self.source.variant_for([worker.signature_of(a) for a in args])
         worker.ensure_plan(variant, self.source.name)
