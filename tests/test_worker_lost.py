@@ -13,6 +13,8 @@ import pytest
 
 import planwire
 from planwire.transport import RemoteError, WorkerLost
+from planwire.transport.session import Limits
+from planwire.worker import Service
 from planwire.worker.process import WorkerProcess
 from tests import handmade
 from tests.conformance.wire import Peer
@@ -89,3 +91,22 @@ def test_pointers_alive_at_close_are_freed_on_the_worker(worker):
         with Peer(worker.url) as raw:
             for key in keys:
                 assert raw.request({"type": "describe", "keys": [key]}).kind == "error", key
+
+
+def test_a_reply_from_a_new_session_fails_the_requests_sent_before_it():
+    """A restart seen only in a reply (the drop went unnoticed): requests sent to the old incarnation
+    fail with WorkerLost instead of waiting for replies that never come; the plan is registered again."""
+    w = planwire.VirtualWorker(id="reborn")
+    pp = w.plan_pointer(handmade.double_abs())
+    first = pp(np.array([1.0], np.float32))
+    link = w.connection._link
+    link._replies.clear()  # the old incarnation died with its replies...
+    link.service = Service("reborn", data=[], public=False, device="cpu", threads=1, limits=Limits())  # is back
+    old_session = w.session
+    w.ping()  # its reply carries the new session
+    assert w.session != old_session
+    with pytest.raises(
+        WorkerLost, match=r"run of plan 'double_abs' \(request #\d+\) will never be answered: the worker re"
+    ):
+        first.get()
+    assert pp(np.array([-3.0], np.float32)).get().tolist() == [6.0]
