@@ -8,6 +8,7 @@ worker against its output keys, so the error surfaces on ``.get()``.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,9 @@ from planwire.transport.session import Frame
 from planwire.transport.spec import PlanSource, PlanVariant
 
 INLINE_MAX = 64 << 10  # run results up to this size come back with the run's reply: get() then costs nothing
+CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm the frees of what this client owns
+
+log = logging.getLogger("planwire.client")
 
 
 class WorkerClient:
@@ -317,8 +321,19 @@ class WorkerClient:
         self.request(lambda rid: m.Ping(id=rid))
 
     def close(self) -> None:
-        """Free what this client still owns on the worker (best effort, bounded), then close the link."""
-        self.connection.close()
+        """Free what this client still owns on the worker (best effort: at most CLOSE_TIMEOUT s, so a worker
+        that has gone does not hold close() up for the whole request timeout), then close the link."""
+        conn = self.connection
+        if conn.release_all() and conn.session is not None:
+            timeout, self.timeout = self.timeout, min(self.timeout or CLOSE_TIMEOUT, CLOSE_TIMEOUT)
+            try:
+                conn.check()
+                self.flush()  # sends the frees first, then waits for the worker to confirm them all
+            except Exception as e:  # noqa: BLE001  (best effort: closing must not fail)
+                log.debug("frees at close not confirmed by %r: %s", self.id, e)
+            finally:
+                self.timeout = timeout
+        conn.close()
 
     def __enter__(self) -> WorkerClient:
         return self

@@ -285,20 +285,14 @@ class Connection:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def close(self, free_timeout: float = 1.0) -> None:
-        """Free what this client still owns on the worker (best effort, at most ``free_timeout`` s), then
-        close the link."""
-        keys = [*dict.fromkeys([*self._garbage, *self.owned])]
-        self._garbage, self.owned = [], {}
-        if keys and self.session is not None:
-            timeout, self.timeout = self.timeout, min(self.timeout or free_timeout, free_timeout)
-            try:  # a worker that has gone must not hold close() up for the whole request timeout
-                self.check()
-                self.send(m.Delete(id=self.new_id(), keys=keys), (), "free at close").wait()
-            except Exception as e:  # noqa: BLE001  (best effort: closing must not fail)
-                log.debug("frees at close not confirmed by %r: %s", self.name, e)
-            finally:
-                self.timeout = timeout
+    def release_all(self) -> bool:
+        """Queue frees of everything this client still owns on the worker; whether any frees are pending."""
+        self._garbage.extend(k for k in self.owned if k not in set(self._garbage))
+        self.owned = {}
+        return bool(self._garbage)
+
+    def close(self) -> None:
+        """Close the link; later requests raise a clear error."""
         self._link.close()
         self._send = self._recv = self._closed  # type: ignore[assignment]
 

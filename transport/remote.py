@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import zmq
 
-from planwire.transport.client import WorkerClient
+from planwire.transport.client import CLOSE_TIMEOUT, WorkerClient
 from planwire.transport.connection import WINDOW, Connection
 from planwire.transport.dealer import DealerLink
 
-CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm the frees of what this client owns
+__all__ = ["CLOSE_TIMEOUT", "RemoteWorker", "connect"]
 
 
 class RemoteWorker(WorkerClient):
@@ -38,10 +38,6 @@ class RemoteWorker(WorkerClient):
             self._link.close()
             raise
         self.id = self._link.name = welcome.worker
-
-    def close(self) -> None:
-        """Free what this client still owns on the worker (at most CLOSE_TIMEOUT s), close the socket."""
-        self.connection.close(CLOSE_TIMEOUT)
 
 
 def connect(
