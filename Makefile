@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@$(PIP) install -c $(LOCK) pip setuptools
 	@# torch first, pinned: an unpinned torch pulls several GB of CUDA packages.
 	@$(PIP) install -c $(LOCK) torch
-	@$(PIP) install -c $(LOCK) --no-build-isolation --config-settings editable_mode=strict -e '.[$(EXTRAS)]'
+	@$(PIP) install -c $(LOCK) --no-build-isolation -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 	@echo "planwire: $(VENV) ready." >&2
 
@@ -27,8 +27,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# `make bench RUNS=3`: three full runs, each kept in bench/runs/, aggregated into bench/results.json.
+RUNS ?= 1
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --runs $(RUNS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,9 +41,9 @@ lint: $(STAMP)
 lock:
 	rm -rf .lockvenv
 	$(PY) -m venv .lockvenv
-	.lockvenv/bin/pip --disable-pip-version-check -q install --upgrade pip setuptools
-	.lockvenv/bin/pip --disable-pip-version-check -q install torch==2.13.0
-	.lockvenv/bin/pip --disable-pip-version-check -q install '.[$(EXTRAS)]'
+	.lockvenv/bin/pip --disable-pip-version-check -q -q install --upgrade pip setuptools
+	.lockvenv/bin/pip --disable-pip-version-check -q -q install torch==2.13.0
+	.lockvenv/bin/pip --disable-pip-version-check -q -q install '.[$(EXTRAS)]'
 	{ echo "# Exact versions \`make test\`, \`make demo\` and CI install (pip constraints). Refresh: \`make lock\`."; \
 	  echo "# Users installing planwire as a library get pyproject.toml's ranges instead."; \
 	  .lockvenv/bin/pip freeze --all --exclude planwire | sed -e 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' | sort -f; } > $(LOCK)

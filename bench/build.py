@@ -1,9 +1,13 @@
 """Build: planwire plan build time vs a plain ``torch.onnx.export(dynamo=True)`` of the same code.
 
 cold: the first build in a fresh interpreter (after ``import torch``), a new process per run;
-warm: later builds in the same process of plans not seen before, so the content cache cannot answer: a
-      function closing over a new constant, and the seed's ``Net`` (two Linear, relu, log_softmax) with
-      fresh random weights; unchanged: building the same function again (cache hit).
+warm: later builds in the same process of plans not seen before, so the content cache cannot answer, of
+      both kinds: plans that take planwire's fast path (torch.onnx's decomposition step skipped,
+      ``exporter/decompose.py``): a function closing over a new constant, and the seed's ``Net`` (two
+      Linear, relu, log_softmax) with fresh random weights; and a plan that needs decompositions
+      (BatchNorm in eval mode, reshape, flatten; fresh weights), which takes torch's own path;
+unchanged: building the same function again (cache hit).
+Which path each warm build took is counted (``decompose.skipped``) and noted in the results.
 The disk cache is off throughout (``PLANWIRE_CACHE_DIR=""``), so runs do not feed each other.
 """
 
@@ -27,6 +31,8 @@ SHAPE = (-1, 16)
 _constants = itertools.count(100)
 NET_PLAN = "warm plan build, seed Net (new weights)"
 NET_EXPORT = "warm plain torch.onnx.export(dynamo=True), seed Net"
+DECOMP_PLAN = "warm plan build, BatchNorm/reshape/flatten (needs decompositions)"
+DECOMP_EXPORT = "warm plain torch.onnx.export(dynamo=True), BatchNorm/reshape/flatten"
 
 
 def make_function(c: float) -> Callable[[Any], Any]:
@@ -54,6 +60,26 @@ def seed_net(base: type) -> Any:
             return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=0)
 
     return Net()
+
+
+def decomp_net(base: type) -> Any:
+    """BatchNorm (eval), relu, reshape and flatten on [N, 16], fresh statistics and weights: a plan whose
+    graph needs torch's decompositions (no fast path)."""
+    import torch
+    from torch import nn
+
+    class Decomp(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(16)
+            with torch.no_grad():
+                self.bn.weight.normal_()
+                self.bn.running_mean.normal_()
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return torch.relu(self.bn(x)).reshape(-1, 4, 4).flatten(1)
+
+    return Decomp().eval()
 
 
 def plain_export(function: Callable[[Any], Any], torch: Any) -> Any:
@@ -103,6 +129,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     import torch
 
     import planwire
+    from planwire.exporter import decompose
 
     warnings.filterwarnings("ignore")
     runs = 1 if quick else 3
@@ -125,20 +152,50 @@ def run(env: Env, report: Report, quick: bool) -> None:
     def net_export() -> Any:
         return torch.onnx.export(seed_net(torch.nn.Module), (example,), dynamo=True, verbose=False)
 
+    wide = torch.randn(3, 16)
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    fast_path = [0, 0]  # [builds that skipped the decomposition step, builds], per kind of plan
+    decomp_path = [0, 0]
+
+    def counted(fn: Callable[[], Any], tally: list[int]) -> Callable[[], Any]:
+        def run() -> Any:
+            before = decompose.skipped
+            out = fn()
+            tally[0] += decompose.skipped - before
+            tally[1] += 1
+            return out
+
+        return run
+
+    def decomp_build() -> Any:
+        net = decomp_net(planwire.Plan)
+        net.build(wide, dynamic_axes=[(0,)])
+        return net
+
+    def decomp_export() -> Any:
+        return torch.onnx.export(decomp_net(torch.nn.Module), (wide,), dynamo=True, verbose=False, dynamic_shapes=batch)
+
     with no_disk_cache():
         exports_before = planwire.exporter.cache_stats.exports
         cases = [
-            Case("warm plan build (new function)", plan_build, 1, warmup=1),
+            Case("warm plan build (new function)", counted(plan_build, fast_path), 1, warmup=1),
             Case("warm plain torch.onnx.export(dynamo=True)", export, 1, warmup=1),
-            Case(NET_PLAN, net_build, 1, warmup=1),
+            Case(NET_PLAN, counted(net_build, fast_path), 1, warmup=1),
             Case(NET_EXPORT, net_export, 1, warmup=1),
+            Case(DECOMP_PLAN, counted(decomp_build, decomp_path), 1, warmup=1),
+            Case(DECOMP_EXPORT, decomp_export, 1, warmup=1),
         ]
         samples = interleaved(cases, rounds=2 if quick else 5, budget_s=60)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "s")
         real = planwire.exporter.cache_stats.exports - exports_before
-        builds = sum(len(samples[c.name]) + c.warmup for c in (cases[0], cases[2]))
+        builds = sum(len(samples[c.name]) + c.warmup for c in (cases[0], cases[2], cases[4]))
         report.note(FAMILY, f"warm plan builds that really exported (no cache hit): {real} of {builds}")
+        report.note(
+            FAMILY,
+            f"decomposition step skipped (fast path) in {fast_path[0]} of {fast_path[1]} function/Net builds "
+            f"and in {decomp_path[0]} of {decomp_path[1]} BatchNorm/reshape/flatten builds",
+        )
         same = make_function(1.0)
         planwire.func2plan(args_shape=[SHAPE])(same)
         hits = planwire.exporter.cache_stats.memory_hits
@@ -163,6 +220,13 @@ def run(env: Env, report: Report, quick: bool) -> None:
         ">=",
         4,
     )
+    report.ratio(
+        "warm build vs plain torch.onnx.export, plan needing decompositions (BatchNorm, reshape, flatten)",
+        (FAMILY, DECOMP_EXPORT),
+        (FAMILY, DECOMP_PLAN),
+        ">=",
+        4,
+    )
     report.target(
         "unchanged rebuild",
         report.get(FAMILY, "rebuild of an unchanged plan (content cache)").median,
@@ -170,4 +234,5 @@ def run(env: Env, report: Report, quick: bool) -> None:
         50,
         "ms",
         "rebuild of an unchanged plan (content cache)",
+        basis="planwire alone (no baseline)",
     )

@@ -1,8 +1,19 @@
 """Raw pyzmq echo server, the transport floor: ``python -m bench.echo [--tuned] URL [URL...]``.
 
-A ROUTER socket that sends every message straight back (zero-copy, same poll-then-drain loop as
-planwire's original Server). Prints ``ready on URL URL`` once bound; stops on SIGTERM/SIGINT.
-``--tuned``: its I/O threads get the scheduling planwire gives its own (transport.sockets.tune_io_threads).
+Like for like with a plan-worker in everything but the work: a ROUTER with planwire's socket options
+(``transport.sockets.configure``), served by the same loop as ``transport.server.Server`` (a blocking
+receive with a timeout, frames moved by ``sockets.recv_frames``/``send_frames``, zero-copy), and with
+``--tuned`` its ZeroMQ I/O threads under the scheduling planwire gives its own (``tune_io_threads``).
+
+Each message is sent straight back, with three exceptions that let the bench move exactly the bytes and
+messages planwire moves:
+
+* ``[REPLAY, *frames]`` sets ``frames`` as the reply to every later plain message from that peer (answered
+  with ``[REPLAY]``): a round trip then carries a plan call's request out and its reply back;
+* ``[STORE, *frames]`` keeps ``frames`` (zero-copy) for that peer and answers ``[STORE]``, and ``[FETCH]``
+  answers with what was stored: the two round trips of a put + get.
+
+Prints ``ready on URL URL`` once bound; stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -12,40 +23,58 @@ import sys
 
 import zmq
 
+from planwire.transport.sockets import configure, recv_frames, send_frames, tune_io_threads
+
+MARK = b"\x00bench-"  # control messages start with this frame prefix
+REPLAY = MARK + b"replay"
+STORE = MARK + b"store"
+FETCH = MARK + b"fetch"
+
+
+def serve(sock: zmq.Socket, running: list[bool], poll_ms: int = 100) -> None:
+    """Server.serve_forever's loop with an echo (or a fixed reply) for a handler."""
+    replies: dict[bytes, list] = {}
+    stored: dict[bytes, list] = {}
+    sock.setsockopt(zmq.RCVTIMEO, poll_ms)
+    while running[0]:
+        try:
+            peer, *frames = recv_frames(sock)
+        except zmq.Again:
+            continue
+        reply = replies.get(bytes(peer))
+        if frames and len(frames[0]) <= len(REPLAY) and frames[0][:7] == MARK:
+            head = bytes(frames[0])
+            if head == REPLAY:
+                replies[bytes(peer)] = [bytes(f) for f in frames[1:]]
+                reply = [REPLAY]
+            elif head == STORE:
+                stored[bytes(peer)] = frames[1:]
+                reply = [STORE]
+            elif head == FETCH:
+                reply = stored.get(bytes(peer), [])
+        send_frames(sock, [peer, *(frames if reply is None else reply)])
+
 
 def main(argv: list[str]) -> int:
     ctx = zmq.Context()
     if argv and argv[0] == "--tuned":
-        from planwire.transport.sockets import tune_io_threads
-
         tune_io_threads(ctx)
         argv = argv[1:]
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10_000)
-    sock.setsockopt(zmq.RCVHWM, 10_000)
+    configure(sock)
     endpoints = []
     for url in argv:
         sock.bind(url)
         endpoints.append(sock.get_string(zmq.LAST_ENDPOINT))
-    running = True
+    running = [True]
 
     def stop(*_: object) -> None:
-        nonlocal running
-        running = False
+        running[0] = False
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print("ready on " + " ".join(endpoints), flush=True)
-    while running:
-        if not sock.poll(100, zmq.POLLIN):
-            continue
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            sock.send_multipart(frames, copy=False)
+    serve(sock, running)
     sock.close(0)
     ctx.term()
     return 0

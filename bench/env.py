@@ -1,7 +1,8 @@
 """The processes a benchmark run talks to, started on demand and always stopped.
 
 - plan-workers (``WorkerProcess``) on tcp and ipc loopback, one per transport, plus a client each;
-- a raw pyzmq echo server (``bench.echo``) bound on tcp and ipc;
+- raw pyzmq echo servers (``bench.echo``) bound on tcp and ipc: one whose I/O threads (and its clients')
+  are scheduled as planwire's, one at the default scheduling;
 - a torch.distributed.rpc peer (``bench.rpcpeer``, rank 1) with this process as rank 0, TensorPipe
   restricted to its tcp transport ("uv"): its default shared-memory transport busy-polls a whole core
   per process even when idle, which on a 2-core host would starve everything else measured here.
@@ -28,7 +29,7 @@ import zmq
 
 from bench.timing import io_thread_policies
 from planwire.transport.remote import RemoteWorker
-from planwire.transport.sockets import IO_SCHED_ENV
+from planwire.transport.sockets import IO_SCHED_ENV, configure
 from planwire.worker.process import WorkerProcess
 
 RPC_PEER = "peer"
@@ -93,7 +94,7 @@ class Env:
         self._workers: dict[str, tuple[WorkerProcess, RemoteWorker]] = {}
         self._echo: dict[bool, subprocess.Popen] = {}
         self.echo_urls: dict[tuple[str, bool], str] = {}
-        self._echo_socks: dict[tuple[str, bool], zmq.Socket] = {}
+        self._echo_socks: dict[tuple[str, bool, str], zmq.Socket] = {}
         self._tuned_ctx: zmq.Context | None = None
         self._rpc_peer: subprocess.Popen | None = None
         self.client_io_threads: list[str] = []
@@ -139,9 +140,11 @@ class Env:
 
     # -- raw pyzmq echo -----------------------------------------------------------------------------
 
-    def echo(self, transport: str, tuned: bool = False) -> zmq.Socket:
-        """A DEALER connected to the echo server over ``transport``; ``tuned``: both ends' I/O threads
-        scheduled as planwire's are (a second server, and a client context of its own)."""
+    def echo(self, transport: str, tuned: bool = True, client: str = "") -> zmq.Socket:
+        """A DEALER (planwire's socket options) connected to the echo server over ``transport``; ``tuned``:
+        both ends' I/O threads scheduled as planwire's are (as the plan-workers and clients here); untuned:
+        a second server and a plain client context, both at the default scheduling. Each ``client`` name gets
+        a DEALER of its own (the server keeps per-peer replies: see bench.echo)."""
         if tuned not in self._echo:
             flag = ["--tuned"] if tuned else []
             name = "echo-tuned" if tuned else "echo"
@@ -149,7 +152,7 @@ class Env:
             self._echo[tuned], line = spawn_ready(cmd, 30)
             tcp, ipc = line.removeprefix("ready on ").split()
             self.echo_urls.update({("tcp", tuned): tcp, ("ipc", tuned): ipc})
-        if (transport, tuned) not in self._echo_socks:
+        if (transport, tuned, client) not in self._echo_socks:
             ctx = self.ctx
             if tuned:
                 if self._tuned_ctx is None:
@@ -159,10 +162,11 @@ class Env:
                     tune_io_threads(self._tuned_ctx)
                 ctx = self._tuned_ctx
             s = ctx.socket(zmq.DEALER)
+            configure(s)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(self.echo_urls[transport, tuned])
-            self._echo_socks[transport, tuned] = s
-        return self._echo_socks[transport, tuned]
+            self._echo_socks[transport, tuned, client] = s
+        return self._echo_socks[transport, tuned, client]
 
     # -- torch.distributed.rpc ------------------------------------------------------------------------
 

@@ -48,9 +48,11 @@ def run(env: Env, report: Report, quick: bool) -> None:
         10_000,
         "calls/s",
         KEEP.format("tcp"),
+        basis="planwire alone: one client, one worker, 2 cores",
     )
     report.ratio(
         "pipelined calls/s, SCHED_BATCH vs default I/O threads [tcp]",
         (FAMILY, KEEP.format("tcp")),
         (FAMILY, KEEP.format("tcp") + DEFAULT_SCHED),
+        basis="planwire against itself: what SCHED_BATCH changes",
     )

@@ -4,6 +4,12 @@ Samples are seconds per run. A figure keeps the median and the p90 (always the *
 is the rate at the 90th percentile of run times), the number of runs and a unit. Comparisons are ratios
 of figures measured in the same invocation, interleaved round by round, so that a noisy neighbour slows
 both sides alike; each carries its target and pass/fail.
+
+Every figure and comparison has a ``kind``: ``measured`` (timed or counted here), ``derived`` (written
+down from how the baseline works, not observed: e.g. torch.rpc's 2 messages per call), ``by construction``
+(a ratio whose size the set-up fixes, e.g. N round trips against one) or ``unpaired`` (one side measured
+alone, not interleaved with the other). Only measured comparisons carry targets. A comparison's ``basis``
+says what each side does: ``like-for-like`` or what differs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import numpy as np
 SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6}
 
 
+KINDS = ("measured", "derived", "by construction", "unpaired")
+LIKE_FOR_LIKE = "like-for-like"
+
+
 @dataclass
 class Figure:
     median: float
@@ -32,6 +42,7 @@ class Figure:
     runs: int
     unit: str
     note: str = ""
+    kind: str = "measured"
 
 
 @dataclass
@@ -42,9 +53,15 @@ class Target:
     target: float | None
     unit: str  # "x" for ratios
     detail: str
+    kind: str = "measured"
+    basis: str = ""  # for ratios: LIKE_FOR_LIKE, or what differs between the two sides
     passed: bool | None = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}")
+        if self.kind != "measured" and self.target is not None:
+            raise ValueError(f"{self.name}: a {self.kind} figure cannot be a target")
         if self.target is None:
             self.passed = None
             return
@@ -154,24 +171,46 @@ class Report:
         med, slow = float(np.median(samples)), percentile(samples, 90)
         return self.add(family, name, Figure(amount / med, amount / slow, len(samples), unit, note))
 
-    def count(self, family: str, name: str, value: float, unit: str, note: str = "") -> Figure:
-        return self.add(family, name, Figure(float(value), float(value), 1, unit, note))
+    def count(self, family: str, name: str, value: float, unit: str, note: str = "", kind: str = "measured") -> Figure:
+        """A single number: counted (``measured``) or written down from how a baseline works (``derived``)."""
+        return self.add(family, name, Figure(float(value), float(value), 1, unit, note, kind))
 
     def get(self, family: str, name: str) -> Figure:
         return self.figures[family][name]
 
     # targets
-    def target(self, name: str, value: float, op: str, target: float | None, unit: str, detail: str) -> Target:
-        t = Target(name, float(value), op, None if target is None else float(target), unit, detail)
+    def target(
+        self,
+        name: str,
+        value: float,
+        op: str,
+        target: float | None,
+        unit: str,
+        detail: str,
+        *,
+        kind: str = "measured",
+        basis: str = "",
+    ) -> Target:
+        t = Target(name, float(value), op, None if target is None else float(target), unit, detail, kind, basis)
         self.targets.append(t)
         return t
 
     def ratio(
-        self, name: str, num: tuple[str, str], den: tuple[str, str], op: str = "", target: float | None = None
+        self,
+        name: str,
+        num: tuple[str, str],
+        den: tuple[str, str],
+        op: str = "",
+        target: float | None = None,
+        *,
+        kind: str = "measured",
+        basis: str = LIKE_FOR_LIKE,
     ) -> Target:
-        """median(num) / median(den) of two figures of this run (no target: reported for information)."""
+        """median(num) / median(den) of two figures of this run (no target: reported for information).
+
+        ``basis``: LIKE_FOR_LIKE, or what differs between the sides (shown beside a like-for-like ratio)."""
         a, b = self.get(*num), self.get(*den)
-        return self.target(name, a.median / b.median, op, target, "x", f"{num[1]} / {den[1]}")
+        return self.target(name, a.median / b.median, op, target, "x", f"{num[1]} / {den[1]}", kind=kind, basis=basis)
 
     def note(self, family: str, text: str) -> None:
         self.notes.setdefault(family, []).append(text)
@@ -199,7 +238,8 @@ class Report:
             width = max(52, *(len(n) for n in figs))
             lines.append(f"{'':{width}} {'median':>12} {'p90':>12} {'runs':>6}  unit")
             for name, f in figs.items():
-                lines.append(f"{name:{width}} {fmt(f.median):>12} {fmt(f.p90):>12} {f.runs:>6}  {f.unit}")
+                kind = "" if f.kind == "measured" else f"  ({f.kind}, not measured)"
+                lines.append(f"{name:{width}} {fmt(f.median):>12} {fmt(f.p90):>12} {f.runs:>6}  {f.unit}{kind}")
             for text in self.notes.get(family, []):
                 lines.append(f"  note: {text}")
         if self.targets:
@@ -209,7 +249,8 @@ class Report:
                 mark = {True: "PASS", False: "FAIL", None: "info"}[t.passed]
                 value = f"{fmt(t.value)}{t.unit}"
                 goal = "" if t.target is None else f"{t.op} {fmt(t.target)}{t.unit}"
-                lines.append(f"{mark}  {t.name:{width}} {value:>13} {goal:10}  ({t.detail})")
+                label = ", ".join(x for x in (t.kind if t.kind != "measured" else "", t.basis) if x)
+                lines.append(f"{mark}  {t.name:{width}} {value:>13} {goal:10}  [{label}] ({t.detail})")
         for family, why in self.skipped.items():
             lines.append(f"skipped {family}: {why}")
         for family, why in self.errors.items():

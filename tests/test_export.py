@@ -35,6 +35,7 @@ from planwire.transport.spec import (
     PlanSource,
     plan_id,
 )
+from planwire.worker import VirtualWorker
 
 
 @torch.library.custom_op("planwire_test::triple", mutates_args=())
@@ -336,13 +337,33 @@ def test_stale_cache_entry_is_detected_and_reexported() -> None:
 
 
 def test_disk_cache_can_be_disabled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``PLANWIRE_CACHE_DIR=""`` writes no file anywhere: not in the default ~/.cache/planwire (HOME is
+    tmp_path here), not relative to the working directory (also tmp_path), and a process that starts
+    over (memory cleared) exports again instead of finding the bytes on disk."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PLANWIRE_CACHE_DIR", "")
 
-    @func2plan(args_shape=[(2,)])
-    def nodisk(x):
-        return x - 1
+    def build() -> Plan:
+        @func2plan(args_shape=[(2,)])
+        def nodisk(x):
+            return x - 1
 
-    assert nodisk.is_built and not list(tmp_path.iterdir())
+        return nodisk
+
+    clear_cache()
+    first = build()
+    assert (cache_stats.exports, cache_stats.disk_hits) == (1, 0)  # a real export, offered to the cache
+    assert build().id == first.id and cache_stats.memory_hits == 1  # the memory cache still works
+    clear_cache()  # as a new process: only a disk entry could answer now
+    again = build()
+    assert (cache_stats.exports, cache_stats.disk_hits) == (1, 0) and again.id == first.id
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == []
+
+    monkeypatch.delenv("PLANWIRE_CACHE_DIR")  # the control: the default directory is where we looked
+    clear_cache()
+    build()
+    assert [p.parent.relative_to(tmp_path) for p in tmp_path.rglob("*.onnx")] == [Path(".cache/planwire")]
 
 
 # -- graph hygiene ----------------------------------------------------------------------------------
@@ -464,13 +485,23 @@ def test_loaded_plan_mismatch_is_a_type_error(saved: Path, args: tuple, message:
     assert len(loaded.variants) == 1
 
 
-def test_loaded_unbuilt_behaviour_and_send(saved: Path) -> None:
-    class Recorder:
-        def plan_pointer(self, source: PlanSource) -> tuple[str, str]:
-            return source.name, source.variants[0].id  # type: ignore[attr-defined]
-
+def test_loaded_unbuilt_behaviour_and_send(affine: Plan, saved: Path) -> None:
+    """A loaded plan has no Python code: a call of another rank is refused instead of building a variant,
+    and send() registers the very bytes on a worker, where pointer calls run them."""
     loaded = load_plan(saved)
-    assert loaded.send(Recorder()) == ("affine", loaded.variants[0].id)
+    with pytest.raises(TypeError, match=r"argument 0 \('x'\): expected rank 2"):
+        loaded(torch.ones(3), torch.ones(3))
+    assert [v.id for v in loaded.variants] == [v.id for v in affine.variants]  # nothing built
+    with VirtualWorker(id="loader") as w:
+        ptr = loaded.send(w)
+        assert ptr is w.plan_pointer(loaded) and ptr.source is loaded
+        x, b = torch.randn(5, 3), torch.tensor([1.0, 2.0, 3.0])
+        y, total = ptr(w.put(x), w.put(b))
+        want_y, want_total = affine.eager(x, b)
+        torch.testing.assert_close(y.get(), want_y)
+        torch.testing.assert_close(total.get(), want_total)
+        y2, _ = loaded(w.put(x), b)  # a call with a pointer runs on that pointer's worker
+        torch.testing.assert_close(y2.get(), want_y)
 
 
 def test_plain_onnx_file_loads_with_file_name(tmp_path: Path) -> None:

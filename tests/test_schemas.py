@@ -17,7 +17,7 @@ import pytest
 from planwire.transport import ForbiddenError, RemoteError, RemoteWorker, UnknownTensorError, dtypes
 from planwire.transport import messages as m
 from planwire.transport.arrays import set_tags
-from planwire.transport.schemagen import differences, render, schemas
+from planwire.transport.schemagen import differences, schemas
 from planwire.transport.session import SIGNATURE
 from planwire.worker import Service, VirtualWorker
 from planwire.worker.process import WorkerProcess
@@ -69,7 +69,10 @@ def test_drift_check_ignores_docstring_layout_and_names_what_differs():
     changed["properties"].pop("fetch")
     changed["description"] += " More."
     diff = differences(run, changed)
-    assert diff[1:] == ["properties.fetch: only in the checked-in file", "properties.inline_max.minimum: checked in 0, generated 7"]
+    assert diff[1:] == [
+        "properties.fetch: only in the checked-in file",
+        "properties.inline_max.minimum: checked in 0, generated 7",
+    ]
     assert diff[0].startswith("description: checked in ") and diff[0].endswith(' More."')
 
 

@@ -34,15 +34,19 @@ def cnn_plan():
     return plan, model
 
 
-def eager_steps(model, batches, lr=0.05):
+def eager_steps(model, batches, lr=0.05, accuracies=None):
+    """Eager torch steps; the loss of each, and (into ``accuracies``) the accuracy of its forward pass."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     losses = []
     for x, y in batches:
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if accuracies is not None:
+            accuracies.append((logits.argmax(1) == y).float().mean().item())
     return losses
 
 
@@ -56,14 +60,16 @@ def test_steps_on_the_worker_match_eager_torch(worker, cnn_plan):
     ref = copy.deepcopy(model).train()
     data = batches([3, 7, 16, 5])  # batch sizes other than the traced one
     ptr = plan.send(worker)
-    losses = []
+    losses, accuracies = [], []
     for x, y in data:
         x_ptr = worker.put(x)  # data already on the device, as with a data owner's tensors
         loss, acc = ptr(x_ptr, y)
         losses.append(loss.get().item())
-        assert 0.0 <= acc.get().item() <= 1.0
-    expect = eager_steps(ref, data)
+        accuracies.append(acc.get().item())
+    expect_accuracies: list[float] = []
+    expect = eager_steps(ref, data, accuracies=expect_accuracies)
     assert losses == pytest.approx(expect, rel=1e-4)
+    assert accuracies == pytest.approx(expect_accuracies, abs=1e-6)  # the worker's metric, not just a range
     trained = ptr.state_dict()
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6, msg=name)

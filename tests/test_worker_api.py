@@ -95,13 +95,32 @@ def test_plan_runs_on_pointers_and_inline_tensors(worker):
     assert x.get(keep=True).shape == (2, 2)  # inputs are not consumed by runs
 
 
+def plan_uploads(w, data: bytes) -> list[int]:
+    """Counts, in a one-item list, the requests ``w`` sends from now on that carry ``data`` as a frame."""
+    sent = [0]
+    send = w._send
+
+    def counting_send(frames):
+        sent[0] += any(bytes(f) == data for f in frames)
+        send(frames)
+
+    w._send = counting_send
+    return sent
+
+
 def test_plan_bytes_sent_once_and_shared_by_workers(worker_factory):
     w1, w2 = worker_factory("device_1", data=seed_data()), worker_factory("device_2", data=seed_data())
     plan = handmade.double_abs()
+    data = plan.variants[0].data
+    up1, up2 = plan_uploads(w1, data), plan_uploads(w2, data)
     p1, p2 = w1.plan_pointer(plan), w2.plan_pointer(plan)
+    assert (up1[0], up2[0]) == (1, 1)  # once to each worker
     assert w1.plan_pointer(plan) is p1
-    r1, r2 = p1(w1.search("input_data")[0]), p2(w2.search("input_data")[0])
-    assert torch.equal(r1.get(), r2.get())
+    for _ in range(3):  # later calls name the plan by id: the bytes are not sent again
+        r1, r2 = p1(w1.search("input_data")[0]), p2(w2.search("input_data")[0])
+        assert r1.get().tolist() == r2.get().tolist() == [2.0, 4.0]  # abs(x + x) of the seed's [-1, 2]
+    assert w2.plan_pointer(handmade.double_abs()) is not p2  # a new plan object with the same bytes...
+    assert (up1[0], up2[0]) == (1, 1)  # ...is known by its id: still sent once
 
 
 def test_bad_arguments_are_refused_before_running(worker):

@@ -21,6 +21,7 @@ import zmq.auth
 import planwire
 from planwire.transport import CurveRefused, NoWorkerListening, RemoteTimeoutError, WorkerLost
 from planwire.transport.auth import client_keys
+from planwire.transport.remote import CLOSE_TIMEOUT
 from planwire.worker.process import WorkerProcess
 from tests import handmade
 from tests.conformance.wire import Peer
@@ -51,19 +52,32 @@ def test_start_line_names_id_addresses_protocol_and_providers(tmp_path):
                 assert c.id == "device_7" and c.providers == [CPU]
 
 
+def _timeouts_seen_by_flush(c: planwire.RemoteWorker) -> list[float]:
+    """Record the request timeout in force each time ``c.flush()`` runs (the client's own method still runs)."""
+    seen: list[float] = []
+    flush = c.flush
+
+    def recording_flush() -> None:
+        seen.append(c.timeout)
+        flush()
+
+    c.flush = recording_flush  # type: ignore[method-assign]
+    return seen
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signals_stop_the_worker_cleanly(sig):
     w = WorkerProcess("sig")
     try:
         with planwire.connect(w.url, timeout=10) as c:  # a connected client does not hold it up
-            c.put(np.ones(3, np.float32))
-            t0 = time.monotonic()
+            c.put(np.ones(3, np.float32))  # dropped at once: its delete is pending when the worker goes
             w.proc.send_signal(sig)
-            code = w.proc.wait(5)
+            code = w.proc.wait(60)  # a bound against a hang, not a speed check
             assert code == 0, w.log()
-            assert time.monotonic() - t0 < 2.0
-        # closing a client whose worker has gone, with frees pending, does not wait out its 10 s timeout
-        assert time.monotonic() - t0 < 4.0
+            # closing a client whose worker has gone, with frees pending, waits CLOSE_TIMEOUT for them, not
+            # its own 10 s request timeout: observed as the timeout in force while close() flushes
+            waits = _timeouts_seen_by_flush(c)
+        assert waits == [CLOSE_TIMEOUT] and c.timeout == 10
         assert f"signal {int(sig)}: shutting down" in w.log() and "plan-worker sig stopped" in w.log()
     finally:
         w.close()
@@ -71,10 +85,8 @@ def test_signals_stop_the_worker_cleanly(sig):
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
 def test_device_cuda_without_cuda_fails_at_start_listing_providers():
-    t0 = time.monotonic()
-    done = run_cli("--listen", "tcp://127.0.0.1:0", "--device", "cuda")
+    done = run_cli("--listen", "tcp://127.0.0.1:0", "--device", "cuda")  # run_cli's timeout bounds a hang
     assert done.returncode != 0
-    assert time.monotonic() - t0 < 20
     assert "CUDA" in done.stderr and "available:" in done.stderr
     for provider in ort.get_available_providers():
         assert provider in done.stderr
@@ -188,8 +200,7 @@ def test_connect_to_a_silent_endpoint_times_out_naming_worker_and_request():
         t0 = time.monotonic()
         with pytest.raises(TimeoutError) as info:
             planwire.connect(url, timeout=0.5)
-        elapsed = time.monotonic() - t0
-        assert 0.5 <= elapsed < 3.0
+        assert time.monotonic() - t0 >= 0.5  # it waited (a lower bound: a loaded host only makes it later)
         assert isinstance(info.value, RemoteTimeoutError)
         assert url in str(info.value) and "hello" in str(info.value) and "0.5 s" in str(info.value)
         assert silent.poll(1000)  # the hello did reach the endpoint

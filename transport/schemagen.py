@@ -36,7 +36,9 @@ def _clean(node: Any) -> Any:
     """Descriptions as ``inspect.cleandoc`` gives them: msgspec releases dedent docstrings differently, and
     the schema must depend on what the code says, not on which msgspec rendered it."""
     if isinstance(node, dict):
-        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean(v) for k, v in node.items()}
+        return {
+            k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean(v) for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_clean(v) for v in node]
     return node
@@ -59,10 +61,10 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
                 out += differences(old[key], new[key], where)
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{path}[{i}]")]
-    if isinstance(old, str) and isinstance(new, str) and path.endswith("description"):
-        if " ".join(old.split()) == " ".join(new.split()):
-            return []
+        return [d for i, (a, b) in enumerate(zip(old, new, strict=True)) for d in differences(a, b, f"{path}[{i}]")]
+    same_words = isinstance(old, str) and isinstance(new, str) and " ".join(old.split()) == " ".join(new.split())
+    if same_words and path.endswith("description"):
+        return []
     if old == new and type(old) is type(new):
         return []
     return [f"{path}: checked in {json.dumps(old)[:200]}, generated {json.dumps(new)[:200]}"]

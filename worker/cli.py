@@ -1,13 +1,24 @@
-"""plan-worker: serve a Service over ZeroMQ. Never imports torch: onnxruntime alone runs the plans."""
+"""plan-worker: serve a Service over ZeroMQ. Never imports torch: onnxruntime alone runs the plans.
+
+``plan-worker --listen URL ...`` serves; ``plan-worker keys DIR`` makes a CURVE key pair; ``plan-worker
+status ADDR`` shows a live worker to its operator. A configuration error is one line on stderr and exit
+status 2, before anything is bound.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import signal
+import socket
+import stat
 import sys
+from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +32,55 @@ from planwire.worker.service import Service
 
 log = logging.getLogger("planwire.worker")
 
+EXAMPLE = """\
+example:
+  plan-worker --listen tcp://0.0.0.0:5555 --id hospital-a --data scans.npz:train \\
+      --curve-secret keys/worker.key_secret --curve-clients keys/clients --metrics 127.0.0.1:9105
+
+other commands:
+  plan-worker keys DIR [--name NAME]   make a CURVE key pair (NAME.key public, NAME.key_secret secret)
+  plan-worker status ADDR              show a live worker (ADDR: its admin socket, logged at start)
+"""
+
+
+class ConfigError(Exception):
+    """A configuration mistake: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (and exit status 2), pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (when it has a meaningful one) and the epilog's layout kept."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def version() -> str:
+    try:
+        return metadata.version("planwire")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        from planwire import __version__
+
+        return __version__
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
 
 def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     """Tensors of one ``--data FILE[:TAG,...]``: a .npy (tags from the spec, else the file stem) or an
@@ -30,21 +90,97 @@ def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--data {spec!r}: no such file {path!r}")
+    expected = "expected a .npy or .npz file of numeric arrays (numpy.save / numpy.savez)"
     try:
         loaded = np.load(p)  # numpy >= 1.16.3 refuses object arrays by default: data only
-    except ValueError as e:
-        raise ValueError(f"--data {path!r}: not a plain numpy file ({e})") from None
+    except OSError as e:
+        raise ValueError(f"--data {path!r}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, EOFError) as e:
+        # numpy says "pickled data" both for a pickle and for any file that is not .npy/.npz
+        what = ": it holds Python objects, which a worker never loads" if "Object arrays" in str(e) else ""
+        raise ValueError(f"--data {path!r}: not a plain numpy file{what}; {expected}") from None
     if isinstance(loaded, np.ndarray):
         return [(f"data:{p.name}", loaded, tags or [p.stem])]
     with loaded:
         try:
             return [(f"data:{p.name}:{k}", loaded[k], [k, *tags]) for k in loaded.files]
-        except ValueError as e:  # an object array inside the archive: refused, never loaded
-            raise ValueError(f"--data {path!r}: not a plain numpy file ({e})") from None
+        except ValueError:  # an object array inside the archive: refused, never loaded
+            raise ValueError(
+                f"--data {path!r}: not a plain numpy file: it holds Python objects, which a worker never loads; "
+                f"{expected}"
+            ) from None
+
+
+def check_listen(url: str) -> None:
+    """``tcp://HOST:PORT`` or ``ipc://PATH``; an ipc path held by a live process is refused, a stale one
+    (left by a worker that died) is taken over."""
+    if url.startswith("tcp://"):
+        host, sep, port = url[6:].rpartition(":")
+        if not (host and sep and (port == "*" or (port.isdigit() and int(port) < 65536))):
+            raise ConfigError(f"--listen {url!r}: expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:5555)")
+        return
+    if not url.startswith("ipc://") or len(url) == 6:
+        raise ConfigError(f"--listen {url!r}: expected tcp://HOST:PORT or ipc://PATH (e.g. tcp://0.0.0.0:5555)")
+    check_ipc_free(url, "--listen")
+
+
+def check_ipc_free(url: str, flag: str) -> None:
+    """Refuse an ipc path where something answers (another worker) or that is not a socket."""
+    path = url[6:]
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{flag} {url!r}: {path} exists and is not a socket: choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("%s %s: taking over a stale socket (nothing answers there)", flag, url)
+        return
+    except OSError as e:
+        raise ConfigError(f"{flag} {url!r}: cannot probe {path} ({e.strerror or e})") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"{flag} {url!r}: a live process (another worker?) answers there: stop it or choose another path")
+
+
+def bind_error(urls: list[str], e: zmq.ZMQError) -> ConfigError:
+    """One line naming the endpoint that could not be bound (pyzmq puts it in the message) and what to do."""
+    found = re.search(r"\(addr='(.*)'\)", e.strerror or "")
+    url = found.group(1) if found else ", ".join(urls)
+    reason = re.sub(r"\s*\(addr=.*\)$", "", e.strerror or str(e))
+    hint = {
+        errno.EADDRINUSE: "another process holds this port: stop it or choose another port",
+        errno.EADDRNOTAVAIL: "this machine has no such address: use one of its own, or 0.0.0.0 for all",
+        errno.ENODEV: "no such host or interface here: use one of this machine's addresses, or 0.0.0.0 for all",
+        errno.EACCES: "not allowed: ports below 1024 need privileges, or the path is not writable",
+        errno.ENOENT: "the directory of the ipc path does not exist",
+    }.get(e.errno, "check the address")
+    return ConfigError(f"cannot listen on {url!r}: {reason} ({hint})")
+
+
+def parse_metrics(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--metrics {text!r}: expected HOST:PORT (e.g. 127.0.0.1:9105)")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="plan-worker", description="Serve planwire plans over ZeroMQ.")
+    ap = _Parser(
+        prog="plan-worker",
+        description="Serve planwire plans over ZeroMQ.",
+        formatter_class=_Formatter,
+        epilog=EXAMPLE,
+    )
+    ap.add_argument(
+        "--version",
+        action="version",
+        version=f"plan-worker {version()} (protocol {PROTOCOL_VERSION}, onnxruntime {ort.__version__})",
+    )
     ap.add_argument(
         "--listen",
         action="append",
@@ -53,7 +189,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="endpoint to bind, tcp://HOST:PORT or ipc://PATH (repeatable)",
     )
     ap.add_argument("--id", default="worker", help="worker id reported to clients")
-    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="cpu",
+        help="where plans run: cpu, cuda (refused if onnxruntime has no CUDA provider), auto (cuda if available)",
+    )
     ap.add_argument(
         "--data",
         action="append",
@@ -62,40 +203,139 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a .npy/.npz file of this worker's own tensors (repeatable)",
     )
     ap.add_argument("--public", action="store_true", help="let clients copy the worker's own data")
-    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per plan")
-    ap.add_argument("--max-message-mb", type=int, default=1024, help="largest message accepted")
-    ap.add_argument("--max-plan-mb", type=int, default=512, help="largest plan accepted")
+    ap.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads per plan")
+    ap.add_argument("--max-message-mb", type=positive_int, default=1024, help="largest message accepted (MiB)")
+    ap.add_argument("--max-plan-mb", type=positive_int, default=512, help="largest plan accepted (MiB)")
     ap.add_argument("--curve-secret", metavar="FILE", help="zmq.auth secret key file: encrypt with CURVE")
-    ap.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys (*.key)")
+    ap.add_argument(
+        "--curve-any-client",
+        action="store_true",
+        help="with --curve-secret: encrypt but admit any client key (no authentication)",
+    )
+    ap.add_argument(
+        "--admin",
+        metavar="URL",
+        help="operator's status socket: ipc://PATH or loopback tcp; 'none' turns it off "
+        "(default: a 0600 ipc socket in $XDG_RUNTIME_DIR/planwire or $TMPDIR/planwire-UID)",
+    )
+    ap.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP (e.g. 127.0.0.1:9105; off if unset)"
+    )
+    ap.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail (to stderr)"
+    )
     return ap.parse_args(argv)
 
 
+def check_curve(args: argparse.Namespace) -> None:
+    """Half a CURVE configuration is refused: it would run unencrypted, or admit any key, by surprise."""
+    if args.curve_clients and not args.curve_secret:
+        raise ConfigError(
+            "--curve-clients needs --curve-secret (the worker's secret key): without it nothing is encrypted "
+            "or authenticated"
+        )
+    if args.curve_any_client and not args.curve_secret:
+        raise ConfigError("--curve-any-client needs --curve-secret (the worker's secret key)")
+    if args.curve_secret and args.curve_clients and args.curve_any_client:
+        raise ConfigError("--curve-clients and --curve-any-client contradict each other: choose one")
+    if args.curve_secret and not (args.curve_clients or args.curve_any_client):
+        raise ConfigError(
+            "--curve-secret needs --curve-clients DIR (the client keys to admit), or --curve-any-client to "
+            "encrypt without authenticating clients"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys_main(argv[1:])
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    cleanup: list = []
+    try:
+        return serve(args, cleanup)
+    except ConfigError as e:  # every configuration error exits with 2 and one clear line
+        print(f"plan-worker: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for close in reversed(cleanup):
+            close()
+
+
+def serve(args: argparse.Namespace, cleanup: list) -> int:
+    from planwire.worker.admin import AdminServer, check_admin_endpoint, default_admin_path
+    from planwire.worker.stats import Stats
+
+    check_curve(args)
+    for url in args.listen:
+        check_listen(url)
+    metrics_addr = parse_metrics(args.metrics) if args.metrics else None
     limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
-    try:  # every configuration error exits with 2 and one clear line
+    try:
+        admin_url = args.admin or f"ipc://{default_admin_path(args.id)}"
+        if admin_url != "none":
+            check_admin_endpoint(admin_url)
+            if admin_url.startswith("ipc://"):
+                check_ipc_free(admin_url, "--admin")
+        curve_secret = None
+        if args.curve_secret:
+            from planwire.transport.auth import check_clients_dir, load_secret
+
+            curve_secret = load_secret(args.curve_secret)
+            if args.curve_clients:
+                check_clients_dir(args.curve_clients)
         data = [item for spec in args.data for item in load_data(spec)]
         service = Service(
             args.id, data=data, public=args.public, device=args.device, threads=args.threads, limits=limits
         )
     except (RuntimeError, ValueError) as e:
-        print(f"plan-worker: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from None
     tune_io_threads(zmq.Context.instance())  # before the first socket (authenticator or server) starts them
-    auth = None
-    curve_secret = None
-    if args.curve_secret:
-        from planwire.transport.auth import load_secret, start_authenticator
+    if curve_secret is not None:
+        from planwire.transport.auth import start_authenticator
 
-        curve_secret = load_secret(args.curve_secret)
         auth = start_authenticator(args.curve_clients)
-    server = Server(service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret)
+        cleanup.append(auth.stop)
+    try:
+        server = Server(
+            service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret
+        )
+    except zmq.ZMQError as e:
+        raise bind_error(args.listen, e) from None
+    cleanup.append(server.close)
+    stats = service.stats = Stats(service, curve=curve_secret is not None)
+    curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
+    info = {
+        "worker": args.id,
+        "version": version(),
+        "protocol": PROTOCOL_VERSION,
+        "session": service.session,
+        "pid": os.getpid(),
+        "providers": service.providers,
+        "endpoints": server.endpoints,
+        "curve": curve_mode,
+    }
+    if metrics_addr is not None:
+        try:
+            port = stats.metrics.serve(*metrics_addr)
+        except OSError as e:
+            raise ConfigError(f"--metrics {args.metrics!r}: cannot serve there ({e.strerror or e})") from None
+    if admin_url != "none":
+        try:
+            admin = AdminServer(admin_url, stats, info=info)
+        except zmq.ZMQError as e:
+            raise bind_error([admin_url], e) from None
+        cleanup.append(admin.stop)
+        log.info("admin on %s (plan-worker status %s)", admin.url, admin.url)
+    if metrics_addr is not None:
+        log.info("metrics on http://%s:%d/metrics", metrics_addr[0], port)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
@@ -104,22 +344,67 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     log.info(
-        "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors)",
+        "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors, curve %s)",
         args.id,
         ", ".join(server.endpoints),
         PROTOCOL_VERSION,
         ",".join(service.providers),
         ort.__version__,
         os.getpid(),
-        len(data),
+        len(service.store),
+        curve_mode,
     )
     try:
         server.serve_forever()
     finally:
-        server.close()
-        if auth is not None:
-            auth.stop()
         log.info("plan-worker %s stopped", args.id)
+    return 0
+
+
+def keys_main(argv: list[str]) -> int:
+    """``plan-worker keys DIR [--name NAME]``: a CURVE key pair with zmq.auth."""
+    ap = _Parser(
+        prog="plan-worker keys",
+        description="Make a CURVE key pair: NAME.key (public: give it to peers) and NAME.key_secret (keep it).",
+        formatter_class=_Formatter,
+        epilog="example:\n  plan-worker keys keys --name worker\n  plan-worker keys keys/clients --name alice",
+    )
+    ap.add_argument("dir", metavar="DIR", help="directory to write the keys into (created if missing)")
+    ap.add_argument("--name", default="worker", help="file name of the pair")
+    args = ap.parse_args(argv)
+    from planwire.transport.auth import create_keys
+
+    try:
+        public, secret = create_keys(args.dir, args.name)
+    except (OSError, ValueError) as e:
+        print(f"plan-worker keys: {e}", file=sys.stderr)
+        return 2
+    print(f"public key {public}\nsecret key {secret} (mode 0600: keep it, never send it)")
+    return 0
+
+
+def status_main(argv: list[str]) -> int:
+    """``plan-worker status ADDR``: what a live worker holds and did, from its admin socket."""
+    ap = _Parser(
+        prog="plan-worker status",
+        description="Show a live worker: id, uptime, clients, their tensors and plans, runs, releases.",
+        formatter_class=_Formatter,
+        epilog="example:\n  plan-worker status ipc:///run/user/1000/planwire/worker-4242.admin",
+    )
+    ap.add_argument("addr", metavar="ADDR", help="the worker's admin socket (its log says 'admin on ADDR')")
+    ap.add_argument("--json", action="store_true", help="print the status as JSON")
+    ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    args = ap.parse_args(argv)
+    import msgspec
+
+    from planwire.worker.admin import format_status, query
+
+    try:
+        st = query(args.addr, timeout=args.timeout)
+    except ConnectionError as e:
+        print(f"plan-worker status: {e}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(st).decode() if args.json else format_status(st))
     return 0
 
 

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -22,7 +23,11 @@ from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
 from planwire.worker.modelcheck import check_model
 from planwire.worker.runtime import PlanSession, providers_for
+from planwire.worker.stats import clean, peer_of
 from planwire.worker.store import Store
+
+if TYPE_CHECKING:
+    from planwire.worker.stats import Stats
 
 log = logging.getLogger("planwire.worker")
 
@@ -50,6 +55,7 @@ class Service:
         self.limits = limits or Limits()
         self.store = Store(public=public)
         self.plans: dict[str, PlanSession] = {}
+        self.stats: Stats | None = None  # set by plan-worker: observes every answered request
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)
@@ -75,6 +81,9 @@ class Service:
     def handle(self, frames: Sequence[Frame]) -> list[Frame]:
         """Answer one request message; never raises: every failure becomes an error reply."""
         rid = -1
+        msg: m._Message | None = None
+        out: list[Frame] = []
+        t0 = time.perf_counter()
         try:
             total = sum(map(len, frames))
             if total > self.limits.max_message_bytes:
@@ -85,8 +94,6 @@ class Service:
                 )
             msg, buffers = session.unpack_request(frames, self.limits)
             rid = msg.id  # type: ignore[attr-defined]
-            if log.isEnabledFor(logging.DEBUG):
-                t0 = time.perf_counter()
             reply, out = self._handlers[type(msg)](msg, buffers)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -96,16 +103,31 @@ class Service:
                     m.type_name(type(reply)),
                     (time.perf_counter() - t0) * 1e3,
                 )
-            return session.pack(reply, out)
         except ProtocolError as e:
             rid = getattr(e, "re", rid)
-            log.info("request #%d refused: %s [%s]", rid, e.message, e.code)
-            return session.pack(m.Error(re=rid, session=self.session, code=e.code, message=e.message))  # type: ignore[arg-type]
+            log.info("request #%d%s refused: %s [%s]", rid, self._about(frames, msg), clean(e.message), e.code)
+            reply = m.Error(re=rid, session=self.session, code=e.code, message=e.message)  # type: ignore[arg-type]
         except Exception as e:  # a bug here must not take the worker down
-            log.exception("request #%d failed", rid)
-            return session.pack(
-                m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}")
-            )
+            log.exception("request #%d%s failed", rid, self._about(frames, msg))
+            reply = m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}")
+        if self.stats is not None:  # the operator's view (plan-worker status, --metrics)
+            try:
+                self.stats.observe(frames, msg, reply, time.perf_counter() - t0)
+            except Exception:
+                log.exception("stats of request #%d not recorded", rid)
+        return session.pack(reply, out)
+
+    def _about(self, frames: Sequence[Frame], msg: m._Message | None) -> str:
+        """' type from CLIENT plan NAME (ID)' for a log line about a refused or failed request."""
+        kind = f" {m.type_name(type(msg))}" if msg is not None else ""
+        text = f"{kind} from {peer_of(frames, getattr(self.stats, 'curve', False))}"
+        pid = getattr(msg, "plan", None)
+        if pid is not None:
+            plan = self.plans.get(pid)
+            text += f" plan {plan.name!r} ({pid[:12]})" if plan is not None else f" plan {clean(pid[:64])!r}"
+        elif isinstance(msg, m.RegisterPlan):
+            text += f" plan {msg.name!r}"
+        return text
 
     # -- handlers ---------------------------------------------------------------------------------
 

@@ -25,6 +25,14 @@ import pytest
 from .data import write
 from .wire import Peer
 
+try:  # every reply is validated against schemas/*.json: without jsonschema the suite refuses to run
+    import jsonschema  # noqa: F401
+except ImportError as e:
+    raise ImportError(
+        "the conformance suite validates every reply against schemas/*.json and needs jsonschema: "
+        "pip install jsonschema (or planwire[dev])"
+    ) from e
+
 URL_ENV = "PLANWIRE_CONFORMANCE_URL"
 PRIVATE_ENV = "PLANWIRE_CONFORMANCE_PRIVATE_URL"
 PUBLIC_ENV = "PLANWIRE_CONFORMANCE_PUBLIC_URL"

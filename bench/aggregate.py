@@ -1,0 +1,92 @@
+"""Aggregate kept runs (``bench/runs/*.json``) into one result: medians over runs with their spread.
+
+A figure's aggregate is the median of the runs' medians, with the min and max over runs (the spread a
+reader should expect between runs of ``make bench`` here). A comparison's value is aggregated the same
+way; a target *passes* only if it passed in more than half of the runs, and its verdict says how steady
+that is: ``pass`` (every run), ``fail`` (no run) or ``flaky`` (some runs).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    if "figures" not in data or "targets" not in data:
+        raise ValueError(f"{path} is not a bench run (no figures/targets)")
+    return data
+
+
+def verdict(passes: int, runs: int) -> str:
+    if passes == runs:
+        return "pass"
+    return "fail" if passes == 0 else "flaky"
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": list(values)}
+
+
+def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict[str, Any]:
+    """One result from several run reports (in run order)."""
+    figures: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        for family, figs in run["figures"].items():
+            for name, fig in figs.items():
+                first = {"unit": fig["unit"], "kind": fig.get("kind", "measured"), "note": fig.get("note", "")}
+                entry = figures.setdefault(family, {}).setdefault(name, first | {"per_run": []})
+                entry["per_run"].append((fig["median"], fig["runs"]))
+    for figs in figures.values():
+        for entry in figs.values():
+            per_run = entry.pop("per_run")
+            entry.update(_spread([m for m, _ in per_run]))
+            entry["samples_per_run"] = [n for _, n in per_run]
+
+    targets: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for t in run["targets"]:
+            entry = targets.setdefault(
+                t["name"],
+                {
+                    k: t.get(k, d)
+                    for k, d in (("op", ""), ("target", None), ("unit", ""), ("detail", ""), ("kind", "measured"))
+                }
+                | {"basis": t.get("basis", ""), "values": [], "passed_in": []},
+            )
+            entry["values"].append(t["value"])
+            entry["passed_in"].append(t["passed"])
+    out_targets = []
+    for name, entry in targets.items():
+        values, passed_in = entry.pop("values"), entry.pop("passed_in")
+        item = {"name": name, **entry, **_spread(values), "runs": len(values)}
+        if entry["target"] is not None:
+            passes = sum(1 for p in passed_in if p)
+            item |= {
+                "passes": passes,
+                "passed": passes > len(values) / 2,
+                "verdict": verdict(passes, len(values)),
+            }
+        out_targets.append(item)
+
+    first = runs[0]
+    return {
+        "runs": len(runs),
+        "run_files": list(names),
+        "batch": first.get("batch"),
+        "quick": any(r.get("quick") for r in runs),
+        "machine": first["machine"],
+        "load_average": [
+            {"start": r["machine"].get("load_average_start"), "end": r.get("load_average_end")} for r in runs
+        ],
+        "duration_s": [r["duration_s"] for r in runs],
+        "figures": figures,
+        "targets": out_targets,
+        "notes": first.get("notes", {}),
+        "errors": {n: r["errors"] for n, r in zip(names or range(len(runs)), runs, strict=False) if r["errors"]},
+        "skipped": first.get("skipped", {}),
+    }

@@ -1,0 +1,227 @@
+"""Stats: what a worker holds, for whom, and what ran, for operators (plan-worker status, --metrics).
+
+The Service calls ``observe`` once per request on its own thread, after answering; everything else (the
+admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. Clients are
+named by their CURVE public key when the worker uses CURVE, else by the connection (peer address and the
+socket's file descriptor, from ZeroMQ's message properties): the protocol has no client identity yet.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import zmq
+
+from planwire.transport import dtypes
+from planwire.transport import messages as m
+from planwire.worker.metrics import Metrics
+
+if TYPE_CHECKING:
+    from planwire.worker.service import Service
+
+WORKER = "(worker's own data)"  # owner of the tensors the worker was started with
+IN_PROCESS = "in-process"
+DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
+
+
+def clean(text: str) -> str:
+    """``text`` safe for one log line: control characters (newlines included) escaped, so a peer's string
+    cannot forge a line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def peer_of(frames: Sequence[object], curve: bool = False) -> str:
+    """Who sent ``frames``: ``curve:KEY`` (z85 public key) under CURVE, else ``ADDRESS/fdN`` of the
+    connection (ipc addresses carry the peer's uid:gid:pid), or ``in-process``."""
+    frame = getattr(frames[0], "obj", None) if frames else None
+    if not isinstance(frame, zmq.Frame):
+        return IN_PROCESS
+    if curve:
+        try:
+            return f"curve:{frame.get('User-Id')}"
+        except zmq.ZMQError:
+            pass
+    try:
+        return f"{frame.get('Peer-Address')}/fd{frame.get(zmq.SRCFD)}"
+    except zmq.ZMQError:
+        return f"fd{frame.get(zmq.SRCFD)}"
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    refused: int = 0
+    name: str = ""  # what its hello said
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+
+
+@dataclass
+class PlanStats:
+    name: str
+    nbytes: int
+    clients: set[str] = field(default_factory=set)
+    runs: int = 0
+    failed: int = 0
+
+
+class Stats:
+    """Per-client tensors and plans, runs, releases of private data; mirrored into Prometheus metrics."""
+
+    def __init__(self, service: Service, *, curve: bool = False) -> None:
+        self.service = service
+        self.curve = curve
+        self.started = time.time()
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+        self.clients: dict[str, ClientStats] = {}
+        self.tensors: dict[str, tuple[str, int]] = {}  # key -> (owner, bytes)
+        self.plans: dict[str, PlanStats] = {}  # plan id -> stats
+        self.requests: Counter[str] = Counter()
+        self.runs = 0
+        self.runs_failed = 0
+        self.private_releases = 0  # tensors of the worker's own data sent to a client (get, --public only)
+        self.durations: deque[float] = deque(maxlen=DURATIONS_KEPT)
+        self._tensor_bytes = 0
+        self._plan_bytes = 0
+        for key, entry in service.store.search([]):
+            self._hold(key, WORKER, entry.array.nbytes)
+        self.metrics.track_holdings(  # plain reads of ints and dict sizes: safe from the scrape thread
+            tensors=lambda: len(self.tensors),
+            tensor_bytes=lambda: self._tensor_bytes,
+            plans=lambda: len(self.plans),
+            plan_bytes=lambda: self._plan_bytes,
+            clients=lambda: len(self.clients),
+        )
+
+    def observe(self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float) -> None:
+        """Account for one answered request (called by Service.handle, on the serving thread)."""
+        kind = m.type_name(type(msg)) if msg is not None else "invalid"
+        client = peer_of(frames, self.curve)
+        failed = isinstance(reply, m.Error)
+        with self._lock:
+            self.requests[kind] += 1
+            c = self.clients.get(client)
+            if c is None:
+                c = self.clients[client] = ClientStats()
+            c.requests += 1
+            c.last_seen = time.time()
+            c.refused += failed
+            self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
+            if isinstance(msg, m.Run):
+                self._run(msg, client, failed, seconds)
+            elif failed:
+                pass
+            elif isinstance(msg, m.Hello):
+                c.name = msg.client
+            elif isinstance(msg, m.Put):
+                for t in msg.tensors:
+                    size = math.prod(t.shape) * dtypes.to_numpy(t.dtype).itemsize
+                    self._hold(t.key, client, size)
+            elif isinstance(msg, m.Get):
+                for key in msg.keys:
+                    owner = self.tensors.get(key, ("", 0))[0]
+                    if owner == WORKER:
+                        self.private_releases += 1
+                        self.metrics.private_releases.inc()
+                    elif not msg.keep:
+                        self._drop(key)
+            elif isinstance(msg, m.Delete):
+                for key in msg.keys:
+                    self._drop(key)
+            elif isinstance(msg, m.RegisterPlan) and isinstance(reply, m.PlanInfo):
+                plan = self.plans.get(reply.plan)
+                if plan is None:
+                    name = getattr(self.service.plans.get(reply.plan), "name", "") or msg.name
+                    nbytes = len(frames[2 + msg.frame]) if len(frames) > 2 + msg.frame else 0  # type: ignore[arg-type]
+                    plan = self.plans[reply.plan] = PlanStats(name, nbytes)
+                    self._plan_bytes += nbytes
+                plan.clients.add(client)
+
+    def _run(self, msg: m.Run, client: str, failed: bool, seconds: float) -> None:
+        plan = self.plans.get(msg.plan)
+        name = plan.name if plan is not None else "(unknown plan)"
+        self.runs += 1
+        self.runs_failed += failed
+        if plan is not None:
+            plan.runs += 1
+            plan.failed += failed
+        self.metrics.run(name, msg.plan[:12], seconds, failed)
+        self.durations.append(seconds)
+        store = self.service.store
+        for key in msg.outputs:
+            if key not in store:  # a failed run's outputs are not stored (a refused one changed nothing)
+                self._drop(key)
+            elif not failed:
+                self._hold(key, client, store.entry(key).array.nbytes)
+
+    def _hold(self, key: str, owner: str, nbytes: int) -> None:
+        self._drop(key)
+        self.tensors[key] = (owner, nbytes)
+        self._tensor_bytes += nbytes
+
+    def _drop(self, key: str) -> None:
+        old = self.tensors.pop(key, None)
+        if old is not None:
+            self._tensor_bytes -= old[1]
+
+    def snapshot(self) -> dict:
+        """Everything ``plan-worker status`` shows, as plain data (any thread)."""
+        with self._lock:
+            per: dict[str, dict[str, int]] = {}
+
+            def row(owner: str) -> dict[str, int]:
+                return per.setdefault(owner, {"tensors": 0, "tensor_bytes": 0, "plans": 0, "plan_bytes": 0})
+
+            for owner, nbytes in self.tensors.values():
+                r = row(owner)
+                r["tensors"] += 1
+                r["tensor_bytes"] += nbytes
+            for p in self.plans.values():
+                for owner in p.clients:
+                    r = row(owner)
+                    r["plans"] += 1
+                    r["plan_bytes"] += p.nbytes
+            durations = sorted(self.durations)
+            now = time.time()
+            clients = []
+            for label in sorted(set(self.clients) | set(per) - {WORKER}):
+                c = self.clients.get(label) or ClientStats()
+                clients.append(
+                    {
+                        "client": label,
+                        "name": c.name,
+                        "requests": c.requests,
+                        "refused": c.refused,
+                        "idle_s": round(now - c.last_seen, 3),
+                        **row(label),
+                    }
+                )
+            return {
+                "uptime_s": round(now - self.started, 3),
+                "clients": clients,
+                "own_data": row(WORKER),
+                "plans": [
+                    {"plan": pid, "name": p.name, "bytes": p.nbytes, "runs": p.runs, "failed": p.failed}
+                    for pid, p in self.plans.items()
+                ],
+                "requests": dict(self.requests),
+                "runs": self.runs,
+                "runs_failed": self.runs_failed,
+                "run_p50_ms": _percentile(durations, 0.50) * 1e3,
+                "run_p99_ms": _percentile(durations, 0.99) * 1e3,
+                "private_releases": self.private_releases,
+            }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (0.0 when there are no values)."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
