@@ -8,7 +8,7 @@ LOCK := requirements.lock
 PIP := $(BIN)/pip --disable-pip-version-check -q -q
 EXTRAS := export,plot,dev
 
-.PHONY: demo test bench lint lock wheel clean
+.PHONY: demo test bench lint lock wheel clean fuzz
 
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "planwire: setting up $(VENV) with the versions in $(LOCK) (torch CPU, onnxruntime, pyzmq, ...)." >&2
@@ -50,6 +50,11 @@ lock:
 	rm -rf .lockvenv
 	rm -f $(STAMP)
 	@echo "wrote $(LOCK); now run make test"
+
+# Fuzz the worker's request decoder and plan checker with hypothesis for MINUTES minutes (tests/fuzzing.py).
+MINUTES ?= 5
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzzing --minutes $(MINUTES)
 
 # A wheel for a worker-only install elsewhere: pip install dist/planwire-*.whl
 wheel: $(STAMP)

@@ -1,9 +1,10 @@
 """`make demo`: start real plan-worker processes on loopback, run the seed walkthrough through
-``planwire.connect`` (one worker per device), then stop them; then the federated training example."""
+``planwire.connect`` (one worker per device), then stop them; then the federated training example, which
+writes its loss/accuracy plot to build/demo/federated.png (``--plot`` elsewhere)."""
 
 from __future__ import annotations
 
-import runpy
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -13,10 +14,15 @@ import planwire as sy
 from planwire.worker.process import WorkerProcess
 
 HERE = Path(__file__).parent
+PLOT = Path("build") / "demo" / "federated.png"
 
 
 def main() -> None:
-    import seed_walkthrough as walk  # examples/ is on sys.path when run as a script
+    parser = argparse.ArgumentParser(description="planwire's demo: the seed walkthrough, then federated training")
+    parser.add_argument("--plot", type=Path, default=PLOT, help="where the federated run's PNG goes (%(default)s)")
+    args = parser.parse_args()
+    import federated  # examples/ is on sys.path when run as a script
+    import seed_walkthrough as walk
     import torch
 
     sy.TorchHook(torch)
@@ -32,9 +38,11 @@ def main() -> None:
             with sy.connect(w1.url) as device_1, sy.connect(w2.url) as device_2:
                 walk.main((device_1, device_2))
         print("workers stopped")
-    federated = HERE / "federated.py"
-    if federated.exists():
-        runpy.run_path(str(federated), run_name="__main__")
+    federated.main(["--plot", str(args.plot)])
+    print(
+        '\nnext steps: README.md, "Next steps" (write your own plan, run a plan-worker on another machine, '
+        "train on data you never see)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnxruntime as ort
 
-from planwire.exporter import runtime
+from planwire.exporter import runtime, summary
 from planwire.transport.arrays import as_array, wrap
 from planwire.transport.dtypes import to_wire
 from planwire.transport.pointers import PointerTensor
@@ -111,22 +110,33 @@ class PlanRunner:
 
     @property
     def code(self) -> str:
-        """The first variant's graph as ONNX text."""
+        """The first variant's graph as ONNX text (weights included: can be long). Needs the onnx package."""
         if not self._variants:
             return f"# plan {self.name} is not built: call .build(*example_args)"
+        try:
+            import onnx
+        except ImportError as e:
+            raise ImportError(
+                "plan.code prints the graph with the onnx package, which a worker-only install lacks: "
+                "pip install onnx (or planwire[export])"
+            ) from e
         return onnx.printer.to_text(onnx.load_from_string(self._variants[0].data))
 
+    @property
+    def parameter_count(self) -> int:
+        """Elements of state (weights, buffers) the plan carries; 0 before it is built."""
+        if not self._variants:
+            return 0
+        first = self._variants[0]
+        return summary.facts(first).state_size(first.inputs)
+
     def signature(self, variant: int = 0) -> str:
-        """``(x: float32[?, 2]) -> (output: float32[?, 2])`` of one variant."""
+        """``(x: float32[?, 2]) -> (output: float32[?, 2])`` of one variant (every port)."""
         v = self._variants[variant]
         return f"({', '.join(map(str, v.inputs))}) -> ({', '.join(map(str, v.outputs))})"
 
     def __repr__(self) -> str:
-        head = f"<{type(self).__name__} {self.name}"
-        if not self._variants:
-            return f"{head} not built>"
-        more = f" +{len(self._variants) - 1} variants" if len(self._variants) > 1 else ""
-        return f"{head} id:{self.id} built {self.signature()}{more}>"
+        """A bounded summary (ports, parameter count, bytes), never the weights: see :attr:`code`."""
+        return summary.line(type(self).__name__, self.name, self._variants, self.parameter_count)
 
-    def __str__(self) -> str:
-        return f"{self!r}\n{self.code}"
+    __str__ = __repr__  # print(plan) too: a 1M-parameter plan must not print megabytes of text

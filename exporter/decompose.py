@@ -29,7 +29,7 @@ do not look as expected it does nothing, and exports take the normal path.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -99,10 +99,11 @@ def nothing_to_decompose(program: torch.export.ExportedProgram, registry: Any) -
 
 
 @contextmanager
-def skip_noop_decompositions() -> Iterator[bool]:
+def skip_noop_decompositions(on_captured: Callable[[], None] | None = None) -> Iterator[bool]:
     """Within this block torch.onnx skips ``run_decompositions`` where :func:`nothing_to_decompose`.
 
-    Yields whether the patch is active. Callers hold the export lock.
+    ``on_captured`` is called when torch.export has captured the program (the build's progress moves
+    from tracing to translating). Yields whether the patch is active. Callers hold the export lock.
     """
     internals = _internals()
     if internals is None:
@@ -115,6 +116,8 @@ def skip_noop_decompositions() -> Iterator[bool]:
     def decompose_with_registry(program: Any, registry: Any) -> Any:
         global skipped, decomposed
         if threading.get_ident() == owner:
+            if on_captured is not None:
+                on_captured()
             try:
                 skip = nothing_to_decompose(program, registry)
             except Exception:  # an internal this check relies on changed shape: take the normal path

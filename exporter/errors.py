@@ -14,3 +14,7 @@ class PlanBuildError(RuntimeError):
         super().__init__(message)
         self.plan = plan
         self.op = op
+
+
+class FixedShapeWarning(UserWarning):
+    """A plan was built without dynamic axes: its graph accepts only the example's sizes."""

@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnxscript import ir, optimizer
 
-from planwire.exporter import cache
+from planwire.exporter import cache, diagnose, progress
 from planwire.exporter.decompose import skip_noop_decompositions
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.registry import cached_registry
@@ -47,24 +47,27 @@ def export_model(
 
     Raises PlanBuildError (naming ``plan`` and, when found, the failing op) with the cause chained.
     """
-    with _export_lock, cached_registry(), skip_noop_decompositions(), warnings.catch_warnings():
+    with (
+        _export_lock,
+        cached_registry(),
+        skip_noop_decompositions(on_captured=lambda: progress.stage("export")),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")  # training-mode and deprecation chatter of the exporter
         try:
-            program = torch.onnx.export(
-                module,
-                tuple(args),
-                dynamo=True,
-                optimize=False,  # optimized below, with plan state protected
-                verbose=False,
-                opset_version=OPSET,
-                dynamic_shapes=_dynamic_shapes(module, args, input_names, dynamic),
-            )
+            with diagnose.quiet_exporter():
+                program = torch.onnx.export(
+                    module,
+                    tuple(args),
+                    dynamo=True,
+                    optimize=False,  # optimized below, with plan state protected
+                    verbose=False,
+                    opset_version=OPSET,
+                    dynamic_shapes=_dynamic_shapes(module, args, input_names, dynamic),
+                )
         except Exception as e:
-            op = failing_op(e)
-            at = f" at op {op}" if op else ""
-            raise PlanBuildError(
-                f"plan {plan!r} could not be exported to ONNX{at}: {_root_message(e)}", plan=plan, op=op
-            ) from e
+            raise export_error(e, plan=plan, rerun=(module, args)) from e
+        progress.stage("export")
         cache.stats.exports += 1
         model = program.model
         try:
@@ -239,7 +242,7 @@ _OP_PATTERNS = (
 
 def failing_op(exc: BaseException) -> str | None:
     """The torch op an exporter error is about, searched along the exception chain."""
-    for e in _chain(exc):
+    for e in diagnose.chain(exc):
         text = str(e)
         for pattern in _OP_PATTERNS:
             match = pattern.search(text)
@@ -248,17 +251,34 @@ def failing_op(exc: BaseException) -> str | None:
     return None
 
 
+def export_error(
+    exc: BaseException, *, plan: str, rerun: tuple[object, Sequence[object]] | None = None
+) -> PlanBuildError:
+    """The short PlanBuildError for a failed ``torch.onnx.export`` (caller chains ``exc``): data-dependent
+    control flow, or an op without translation (with its layer and source line), named in user terms.
+    ``rerun`` (the exported module and its arguments) lets an unsupported op be traced to its line."""
+    if diagnose.is_data_dependent(exc):
+        return PlanBuildError(diagnose.data_dependent_message(plan, exc), plan=plan)
+    op = failing_op(exc)
+    if op is not None and _is_dispatch_failure(exc):
+        return PlanBuildError(diagnose.unsupported_op_message(plan, op, exc, rerun=rerun), plan=plan, op=op)
+    at = f" at op {op}" if op else ""
+    frame = diagnose.user_frame(exc)
+    line = f"\n  at {diagnose.where(frame.filename, frame.lineno, frame.line)}" if frame else ""
+    return PlanBuildError(
+        f"plan {plan!r} could not be exported to ONNX{at}: {_root_message(exc)}{line}\n{diagnose.CAUSE_NOTE}",
+        plan=plan,
+        op=op,
+    )
+
+
+def _is_dispatch_failure(exc: BaseException) -> bool:
+    """Whether the exporter found no ONNX translation for an op (rather than failing inside one)."""
+    return any(type(e).__name__ == "DispatchError" or "No ONNX function found" in str(e) for e in diagnose.chain(exc))
+
+
 def _root_message(exc: BaseException) -> str:
     """The innermost cause's first line: what actually went wrong, without the exporter's advice."""
-    root = list(_chain(exc))[-1]
+    root = list(diagnose.chain(exc))[-1]
     lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
     return f"{type(root).__name__}: {lines[0] if lines else ''}"
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__

@@ -1,14 +1,17 @@
-"""Plans read back from .onnx files or bytes: sendable and runnable, but never rebuilt."""
+"""Plans read back from .onnx files or bytes: sendable, runnable and inspectable, but never rebuilt.
+
+Needs onnxruntime and numpy only (no torch, no onnx package), so a worker-only install can load, show
+and run a plan: ports come from an onnxruntime session, the rest from the plan's metadata.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 
-from planwire.exporter import metadata
+from planwire.exporter import metadata, runtime, summary
 from planwire.exporter.base import PlanRunner
 from planwire.transport.spec import PlanVariant
 from planwire.worker.modelcheck import PlanRejected, check_model
@@ -19,19 +22,32 @@ MAX_PLAN_BYTES = 2**31 - 1  # protobuf's limit
 class LoadedPlan(PlanRunner):
     """A plan from ONNX bytes: one fixed variant; a call that does not fit raises TypeError."""
 
-    def __init__(self, data: bytes, *, name: str | None = None, default_name: str = "plan") -> None:
-        info = metadata.read(onnx.load_from_string(data), default_name=default_name)
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        name: str | None = None,
+        default_name: str = "plan",
+    ) -> None:
+        meta = summary.read_model(data).metadata
+        try:
+            session = runtime.make_session(data)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ValueError(f"onnxruntime cannot load it: {e}") from e
+        info = metadata.read_session(session, meta, default_name=default_name)
         self.name = name or info.name
         self.kind = info.kind
         self.state_names = info.state
-        self._variants = [PlanVariant(data, info.inputs, info.outputs)]
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        variant = PlanVariant(data, info.inputs, info.outputs)
+        self._variants = [variant]
+        self._sessions: dict[str, ort.InferenceSession] = {variant.id: session}
 
 
 def load_plan(source: str | os.PathLike[str] | bytes, *, name: str | None = None) -> LoadedPlan:
     """A plan from a .onnx path or its bytes, checked like a worker checks a received plan.
 
-    ValueError when the bytes are not a safe, self-contained ONNX model (external data, custom domains).
+    ValueError when the bytes are not a safe, self-contained ONNX model (external data, custom domains)
+    or onnxruntime cannot load them.
     """
     if isinstance(source, bytes | bytearray | memoryview):
         data, default = bytes(source), "plan"
@@ -40,6 +56,7 @@ def load_plan(source: str | os.PathLike[str] | bytes, *, name: str | None = None
         data, default = path.read_bytes(), path.stem
     try:
         check_model(data, max_bytes=MAX_PLAN_BYTES)
-    except PlanRejected as e:
-        raise ValueError(f"not a loadable plan: {e}") from e
-    return LoadedPlan(data, name=name, default_name=default)
+        return LoadedPlan(data, name=name, default_name=default)
+    except (PlanRejected, ValueError) as e:
+        where = f" {source}" if not isinstance(source, bytes | bytearray | memoryview) else ""
+        raise ValueError(f"not a loadable plan{where}: {e}") from e

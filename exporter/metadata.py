@@ -2,7 +2,8 @@
 
 Ports are always read from the graph (what onnxruntime will enforce); the metadata repeats them as JSON
 with roles, plus the plan's name, kind and state initializers, so a worker or a plain ``onnx.load`` can
-describe the plan without planwire's Python objects.
+describe the plan without planwire's Python objects. Building plans uses the onnx package;
+:func:`read_session` describes a loaded plan with onnxruntime alone (a worker-only install).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import onnx
-
-from planwire.transport.dtypes import WIRE_TO_NUMPY
+from planwire.transport.dtypes import WIRE_TO_NUMPY, from_ort
 from planwire.transport.spec import (
     META_FORMAT,
     META_INPUTS,
@@ -25,6 +25,10 @@ from planwire.transport.spec import (
     Dim,
     TensorSpec,
 )
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
 
 FORMAT = "1"
 INPUT_ROLE = "arg"
@@ -43,6 +47,8 @@ class PlanInfo:
 
 
 def _spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
+    import onnx
+
     tensor = value.type.tensor_type
     if not value.type.HasField("tensor_type"):
         raise ValueError(f"plan port {value.name!r} is not a tensor")
@@ -65,7 +71,10 @@ def ports(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorS
 
 
 def _roles(model: onnx.ModelProto, key: str) -> dict[str, str]:
-    raw = {p.key: p.value for p in model.metadata_props}.get(key)
+    return _json_roles({p.key: p.value for p in model.metadata_props}.get(key))
+
+
+def _json_roles(raw: str | None) -> dict[str, str]:
     try:
         return {e["name"]: str(e["role"]) for e in json.loads(raw)} if raw else {}
     except (ValueError, TypeError, KeyError):
@@ -103,11 +112,34 @@ def stamp(model: onnx.ModelProto, *, name: str, kind: str, state: Sequence[str])
 
 def read(model: onnx.ModelProto, *, default_name: str = "plan") -> PlanInfo:
     """PlanInfo of a model; a plain ONNX model (no planwire metadata) reads as a nameless function plan."""
-    meta = {p.key: p.value for p in model.metadata_props}
+    return _info({p.key: p.value for p in model.metadata_props}, ports(model), default_name)
+
+
+def read_session(
+    session: onnxruntime.InferenceSession, meta: dict[str, str], *, default_name: str = "plan"
+) -> PlanInfo:
+    """PlanInfo from an onnxruntime session of the plan (its ports) and its ``metadata_props``: no onnx."""
+    roles = {**_json_roles(meta.get(META_INPUTS)), **_json_roles(meta.get(META_OUTPUTS))}
+
+    def spec(port: onnxruntime.NodeArg, default_role: str) -> TensorSpec:
+        wire = from_ort(port.type)
+        if not port.type.startswith("tensor(") or wire not in WIRE_TO_NUMPY:
+            raise ValueError(f"plan port {port.name!r} has unsupported type {port.type}")
+        dims = tuple(d if isinstance(d, int | str) else None for d in port.shape)
+        return TensorSpec(port.name, wire, dims, roles.get(port.name, default_role))
+
+    inputs = tuple(spec(p, INPUT_ROLE) for p in session.get_inputs())
+    outputs = tuple(spec(p, OUTPUT_ROLE) for p in session.get_outputs())
+    return _info(meta, (inputs, outputs), default_name)
+
+
+def _info(
+    meta: dict[str, str], io: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]], default_name: str
+) -> PlanInfo:
     fmt = meta.get(META_FORMAT)
     if fmt is not None and fmt != FORMAT:
         raise ValueError(f"plan format {fmt!r} is not supported (this planwire reads format {FORMAT!r})")
-    inputs, outputs = ports(model)
+    inputs, outputs = io
     try:
         state = tuple(json.loads(meta.get(META_STATE, "[]")))
     except ValueError:

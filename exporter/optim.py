@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -190,4 +190,53 @@ class Adam(Optimizer):
         return new_params, new_state
 
 
-__all__ = ["SGD", "Adam", "Optimizer"]
+def resolve(optimizer: object) -> Optimizer:
+    """``optimizer`` if it is a planwire optimizer instance (None: ``SGD()``), else a TypeError saying what
+    to pass instead: for a ``torch.optim`` optimizer, the planwire.optim equivalent with its settings."""
+    if optimizer is None:
+        return SGD()
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer=planwire.optim.{optimizer.__name__} is a class: pass an instance, "
+            f"e.g. optimizer=planwire.optim.{optimizer.__name__}(lr=0.01)"
+        )
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    if issubclass(cls, torch.optim.Optimizer):
+        ours, settings = _equivalent(cls, getattr(optimizer, "defaults", None) or {})
+        instead = (
+            f"planwire.optim.{ours}({settings})" if ours else f"one of planwire.optim's optimizers ({', '.join(_MINE)})"
+        )
+        raise TypeError(
+            f"optimizer=torch.optim.{cls.__name__}: a training plan runs the optimizer inside its ONNX graph, so it "
+            f"takes a functional optimizer from planwire.optim (no model.parameters()): use {instead}"
+        )
+    raise TypeError(
+        f"optimizer must be a planwire.optim optimizer ({', '.join(_MINE)}), got {cls.__module__}.{cls.__qualname__}"
+    )
+
+
+_MINE = ("SGD", "Adam")
+
+
+def _equivalent(cls: type, defaults: dict[str, object]) -> tuple[str | None, str]:
+    """(planwire.optim class name, its keyword arguments as code) matching a torch.optim class and settings."""
+    name = {"SGD": "SGD", "Adam": "Adam", "AdamW": "Adam"}.get(cls.__name__)
+    if name is None:
+        return None, ""
+    ours = {"SGD": SGD, "Adam": Adam}[name]
+    values = {f.name: getattr(ours(), f.name) for f in fields(ours)}
+    if cls.__name__ == "AdamW":
+        defaults = {**defaults, "decoupled_weight_decay": True}
+    args = []
+    for key, default in values.items():
+        value = defaults.get(key, default)
+        if isinstance(value, list):
+            value = tuple(value)
+        if key == "lr" or value != default:
+            args.append(f"{key}={value!r}")
+    return name, ", ".join(args)
+
+
+__all__ = ["SGD", "Adam", "Optimizer", "resolve"]

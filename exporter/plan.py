@@ -10,6 +10,8 @@ onnxruntime or, given pointers, on their worker.
 from __future__ import annotations
 
 import inspect
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,9 +24,10 @@ import onnxscript
 import torch
 
 from planwire.exporter import cache, metadata, runtime
+from planwire.exporter import progress as build_progress
 from planwire.exporter.base import PlanRunner, Signature
 from planwire.exporter.dtypes import WIRE_TO_TORCH, DTypeLike, torch_dtype, wire_of
-from planwire.exporter.errors import PlanBuildError
+from planwire.exporter.errors import FixedShapeWarning, PlanBuildError
 from planwire.exporter.export import OPSET, export_model
 from planwire.exporter.fingerprint import function_fingerprint, module_fingerprint, tensors_digest
 from planwire.exporter.state import State
@@ -71,8 +74,11 @@ class Plan(PlanRunner, torch.nn.Module):
         args_shape: Sequence[Sequence[int]] | None = None,
         args_dtypes: DTypeLike | Sequence[DTypeLike] | None = None,
         state: Iterable[torch.Tensor] | None = None,
+        progress: bool | None = None,
     ) -> None:
         super().__init__()
+        self._progress = progress  # show build stages (None: unless PLANWIRE_PROGRESS=0)
+        self._warned_fixed = False
         self._function = function
         self.name = name or getattr(function, "__name__", None) or type(self).__name__
         self.kind = "function" if function is not None else "module"
@@ -85,7 +91,8 @@ class Plan(PlanRunner, torch.nn.Module):
         self.state: State | None = State(state) if state is not None else None
         if args_shape is not None:
             self._dynamic = [(len(s), frozenset(a for a, d in enumerate(s) if d == -1)) for s in args_shape]
-            self.build(*_examples(_signature(args_shape, args_dtypes), self._dynamic_axes(len(args_shape))))
+            dynamic = self._dynamic_axes(len(args_shape))
+            self.build(*_examples(_signature(args_shape, args_dtypes), dynamic), dynamic_axes=dynamic)
         elif args_dtypes is not None:
             raise TypeError("args_dtypes needs args_shape")
 
@@ -114,12 +121,21 @@ class Plan(PlanRunner, torch.nn.Module):
 
     # -- building -----------------------------------------------------------------------------------
 
-    def build(self, *args: torch.Tensor, dynamic_axes: Sequence[Iterable[int]] | None = None) -> None:
+    def build(
+        self,
+        *args: torch.Tensor,
+        dynamic_axes: Sequence[Iterable[int]] | None = None,
+        progress: bool | None = None,
+    ) -> None:
         """Export the plan for these example tensors; replaces all variants.
 
         ``dynamic_axes[i]`` lists the axes of argument i that accept any size; by default, those of
-        ``args_shape`` (or of the previous build) for arguments of the same rank.
+        ``args_shape`` (or of the previous build) for arguments of the same rank. Without any, every size
+        is fixed: a :class:`FixedShapeWarning` says so once per plan. ``progress`` shows the build's
+        stages on stderr when it takes over a second (default: unless ``PLANWIRE_PROGRESS=0``).
         """
+        if progress is not None:
+            self._progress = progress
         if dynamic_axes is not None:
             if len(dynamic_axes) != len(args):
                 raise ValueError(f"dynamic_axes has {len(dynamic_axes)} entries for {len(args)} arguments")
@@ -128,6 +144,23 @@ class Plan(PlanRunner, torch.nn.Module):
         variant, session = self._make_variant(list(args), dynamic)
         self._variants = [variant]
         self._sessions = {variant.id: session}
+        if dynamic_axes is None and not any(dynamic):
+            self._warn_fixed(variant)
+
+    def _warn_fixed(self, variant: PlanVariant) -> None:
+        """Say once that a build without dynamic axes fixed every size (the batch size included)."""
+        if self._warned_fixed or not any(spec.shape for spec in variant.inputs):
+            return
+        self._warned_fixed = True
+        sizes = ", ".join(map(str, variant.inputs))
+        free = ", ".join("[0]" if spec.shape else "[]" for spec in variant.inputs)
+        warnings.warn(
+            f"plan {self.name!r} is built for these sizes only ({sizes}): its saved .onnx and its graph on "
+            f"workers accept no other batch size. To free the batch axis: build(..., dynamic_axes=[{free}]) "
+            "(the free axes of each argument), or args_shape with -1 for them.",
+            FixedShapeWarning,
+            stacklevel=3,
+        )
 
     def _build_variant_for(self, args: Signature, examples: Sequence[Any] | None) -> PlanVariant | None:
         """A new variant for a call signature no variant accepts, traced on the call's own tensors or,
@@ -159,6 +192,7 @@ class Plan(PlanRunner, torch.nn.Module):
 
     def _make_variant(self, args: list[torch.Tensor], dynamic: list[Axes]) -> tuple[PlanVariant, ort.InferenceSession]:
         """Export (or fetch from the cache) and verify one variant."""
+        started = time.perf_counter()
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
                 raise TypeError(f"plan {self.name!r} argument {i}: expected a torch.Tensor, got {type(a).__name__}")
@@ -178,43 +212,41 @@ class Plan(PlanRunner, torch.nn.Module):
         key = self._cache_key(trace, dynamic, input_names, output_names)
 
         data = cache.get(key)
-        from_cache = data is not None
-        while True:
-            if data is None:
-                with eager():  # nested plans trace as torch code
-                    from planwire.exporter.training.function import build_function_step, uses_autograd
-
-                    if self._function is not None and uses_autograd(self._function):
-                        # Gradients inside the plan (torch.func.grad, autograd.grad): the training pipeline.
-                        proto = build_function_step(
-                            self.eager,
-                            trace,
-                            dynamic=dynamic,
-                            input_names=input_names,
-                            output_names=output_names,
-                            name=self.name,
-                            verify=False,
-                        ).model
-                    else:
-                        proto = export_model(
-                            self,
-                            trace,
-                            plan=self.name,
-                            input_names=input_names,
-                            output_names=output_names,
-                            dynamic=dynamic,
-                            keep=self._state_names(),
-                            output_dtypes=[_wire(e) for e in expected[0]],
-                        )
-                data = metadata.stamp(proto, name=self.name, kind=self.kind, state=self._state_names())
-                cache.put(key, data)
+        if data is not None:
             try:
                 return self._verified(data, checks, expected)
             except PlanBuildError:
-                if not from_cache:
-                    raise
                 cache.discard(key)  # a stale entry (code the fingerprint missed): export afresh
-                data, from_cache = None, False
+        with build_progress.building(self.name, show=self._progress, started=started):
+            with eager():  # nested plans trace as torch code
+                from planwire.exporter.training.function import build_function_step, uses_autograd
+
+                if self._function is not None and uses_autograd(self._function):
+                    # Gradients inside the plan (torch.func.grad, autograd.grad): the training pipeline.
+                    proto = build_function_step(
+                        self.eager,
+                        trace,
+                        dynamic=dynamic,
+                        input_names=input_names,
+                        output_names=output_names,
+                        name=self.name,
+                        verify=False,
+                    ).model
+                else:
+                    proto = export_model(
+                        self,
+                        trace,
+                        plan=self.name,
+                        input_names=input_names,
+                        output_names=output_names,
+                        dynamic=dynamic,
+                        keep=self._state_names(),
+                        output_dtypes=[_wire(e) for e in expected[0]],
+                    )
+            data = metadata.stamp(proto, name=self.name, kind=self.kind, state=self._state_names())
+            cache.put(key, data)
+            build_progress.stage("verify")
+            return self._verified(data, checks, expected)
 
     def _verified(
         self, data: bytes, checks: list[list[torch.Tensor]], expected: list[list[np.ndarray]]
@@ -335,18 +367,20 @@ def func2plan(
     state: Iterable[torch.Tensor] | None = None,
     *,
     name: str | None = None,
+    progress: bool | None = None,
 ) -> Callable[[Callable[..., Any]], Plan]:
     """Decorator turning a torch function into a :class:`Plan`.
 
     With ``args_shape`` (one shape per argument, ``-1`` for an axis of any size) the plan is built at
     once for ``args_dtypes`` (default float32); otherwise call ``plan.build(*examples)``. With
-    ``state`` the function takes a last argument whose ``read()`` returns those tensors.
+    ``state`` the function takes a last argument whose ``read()`` returns those tensors. ``progress``
+    shows build stages on stderr for builds over a second (default: unless ``PLANWIRE_PROGRESS=0``).
     """
     if callable(args_shape):
         raise TypeError("use @func2plan() with parentheses")
 
     def decorate(function: Callable[..., Any]) -> Plan:
-        plan = Plan(function, name=name, args_shape=args_shape, args_dtypes=args_dtypes, state=state)
+        plan = Plan(function, name=name, args_shape=args_shape, args_dtypes=args_dtypes, state=state, progress=progress)
         plan.__doc__ = function.__doc__
         return plan
 

@@ -8,8 +8,10 @@ updated state back to the same keys, so weights never travel unless asked for (`
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from planwire.exporter import summary
 from planwire.exporter.optim import Optimizer
 from planwire.exporter.training import TrainingStep, build_training_step
 from planwire.transport.arrays import as_array
@@ -48,12 +51,27 @@ class TrainingPlan:
         """Register the step on ``worker`` and store its initial state there."""
         return TrainingPointer(self, worker)
 
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the step as a standard .onnx file (ports, roles and bindings in its metadata).
+
+        The graph takes the state as inputs: a device that runs the file feeds it the initial state
+        (``step.state``, or ``step.initial_state(model)``) and then each call's bound outputs.
+        ``planwire.load_plan`` reads it back (onnxruntime alone suffices).
+        """
+        path = Path(path)
+        path.write_bytes(self.step.variant.data)
+        return path
+
+    @property
+    def parameter_count(self) -> int:
+        """Elements of the model's parameters and buffers (optimizer state not counted)."""
+        return sum(int(self.step.state[n].size) for n in (*self.step.params, *self.step.frozen, *self.step.buffers))
+
     def __repr__(self) -> str:
-        s = self.step
-        return (
-            f"<TrainingPlan {self.name} id:{s.variant.id[:12]} args={list(s.args)} hyper={list(s.hyper)} "
-            f"params={len(s.params)} buffers={len(s.buffers)} optim={len(s.optim)}>"
-        )
+        """A bounded summary (ports, parameter count, bytes), never the weights."""
+        return summary.line("TrainingPlan", self.name, self.variants, self.parameter_count)
+
+    __str__ = __repr__
 
 
 class TrainingPointer:
@@ -173,14 +191,30 @@ def training_plan(
     model: nn.Module,
     loss: Callable[..., Tensor] = F.cross_entropy,
     optimizer: Optimizer | None = None,
-    args_shape: Sequence[Sequence[int]] = ((-1, 1, 8, 8), (-1,)),
+    args_shape: Sequence[Sequence[int]] | None = None,
     args_dtypes: Sequence[torch.dtype] | None = None,
     metrics: Sequence[str] = (),
     *,
+    examples: Sequence[Tensor] | None = None,
     name: str | None = None,
     targets: int = 1,
+    progress: bool | None = None,
 ) -> TrainingPlan:
     """A plan of one whole training step of ``model`` (forward, ``loss``, backward, ``optimizer`` update)
-    that a worker runs in plain onnxruntime; hyper-parameters are inputs that can change per call."""
-    step = build_training_step(model, loss, optimizer, args_shape, args_dtypes, metrics, targets=targets, name=name)
+    that a worker runs in plain onnxruntime; hyper-parameters are inputs that can change per call.
+
+    The batch is described by ``args_shape`` (one shape per argument, model inputs then targets, -1 for
+    any size) and ``args_dtypes``, or by ``examples``: one example batch ``(x, y)``, whose first axis is
+    taken as the (dynamic) batch axis. ``optimizer`` is a :mod:`planwire.optim` optimizer (default SGD).
+    ``progress`` shows the build's stages on stderr when it takes over a second.
+    """
+    if examples is not None:
+        if args_shape is not None or args_dtypes is not None:
+            raise TypeError("training_plan takes args_shape/args_dtypes or examples, not both")
+        tensors = [e if isinstance(e, Tensor) else torch.as_tensor(e) for e in examples]
+        args_shape = [(-1, *t.shape[1:]) if t.dim() else () for t in tensors]
+        args_dtypes = [t.dtype for t in tensors]
+    step = build_training_step(
+        model, loss, optimizer, args_shape, args_dtypes, metrics, targets=targets, name=name, progress=progress
+    )
     return TrainingPlan(step)

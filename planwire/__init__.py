@@ -1,7 +1,7 @@
 """planwire: ship PyTorch computations to remote workers as ONNX plans.
 
 Names that need torch (func2plan, Plan, ...) load lazily, so ``import planwire.worker`` on a device with
-onnxruntime alone never imports torch.
+onnxruntime alone never imports torch, and ``planwire.load_plan`` works there too.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ _LAZY = {
     "func2plan": "planwire.exporter",
     "Plan": "planwire.exporter",
     "PlanBuildError": "planwire.exporter",
+    "FixedShapeWarning": "planwire.exporter",
+    "TrainingPlan": "planwire.exporter",
+    # loading and inspecting saved plans: onnxruntime alone (planwire.exporter loads lazily)
     "load_plan": "planwire.exporter",
+    "LoadedPlan": "planwire.exporter",
     "TorchHook": "planwire.exporter",
     "tag": "planwire.exporter",
     "send": "planwire.exporter",

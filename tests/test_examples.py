@@ -10,9 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_the_seed_and_federated_training_on_real_workers():
+def test_demo_runs_the_seed_and_federated_training_on_real_workers(tmp_path: Path):
+    plot = tmp_path / "federated.png"
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py")], capture_output=True, text=True, timeout=600, cwd=ROOT
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
@@ -22,3 +27,8 @@ def test_demo_runs_the_seed_and_federated_training_on_real_workers():
     assert "seed walkthrough: all cells reproduced" in text
     rounds = [float(a) for a in re.findall(r"round \d+: mean local loss [\d.]+, held-out accuracy ([\d.]+)", text)]
     assert len(rounds) >= 3 and rounds[-1] > 0.90
+    # each round's loss is the example-weighted mean over all its local steps (not one worker's last batch)
+    steps = re.findall(r"round \d+: .*, local accuracy [\d.]+ \((\d+) steps, (\d+) examples\)", text)
+    assert len(steps) == len(rounds) and all(int(n) > 1 for n, _ in steps)
+    assert f"loss/accuracy plot: {plot}" in text and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'next steps: README.md, "Next steps"' in text

@@ -24,6 +24,7 @@ from planwire.worker.modelcheck import (
     ML_DOMAINS,
     ModelSummary,
     PlanRejected,
+    PlanTooLarge,
     check_model,
     safe_session_options,
 )
@@ -478,8 +479,12 @@ def test_function_expansion_bomb_rejected() -> None:
             )
         )
     m = model([call("F59")], opsets=FN_OPSETS, functions=fns)
-    rejected(m, "expands to more than 1000000 nodes")
-    assert check(m, max_nodes=2**61).expanded_node_count == 2**59
+    with pytest.raises(PlanTooLarge, match="expands to more than 100000 nodes"):
+        check(m, max_function_depth=64)
+    assert check(m, max_nodes=2**61, max_function_depth=64).expanded_node_count == 2**59
+    # The default nesting cap refuses it first, naming the function and the limit.
+    with pytest.raises(PlanTooLarge, match=r"'local.fns::F8' nests 9 levels of function calls, more than .* 8$"):
+        check(m)
 
 
 # --- size -----------------------------------------------------------------------------------------

@@ -180,6 +180,9 @@ def realistic_session(w: Any) -> None:
     with pytest.raises(RemoteError, match="reshape_to_3") as failed:
         bad.get()
     assert failed.value.code == "run_failed"
+    w.delete_plan(reshape.id)
+    gone, _ = w.request(lambda rid: m.HasPlan(id=rid, plan=reshape.id))
+    assert isinstance(gone, m.Missing)
     (own,) = w.search("own")
     with pytest.raises(ForbiddenError):
         own.get()

@@ -261,6 +261,11 @@ class WorkerClient:
             self._plans_session = conn.session
         self._plans.add(variant.id)
 
+    def delete_plan(self, plan: str) -> None:
+        """Unregister a plan (by id) on the worker, freeing its place under ``--max-plans``."""
+        self.request(lambda rid: m.DeletePlan(id=rid, plan=plan))
+        self._plans.discard(plan)
+
     def signature_of(self, arg: Any) -> tuple[str, tuple[int, ...]]:
         """(wire dtype, shape) of a plan argument, pointer or local tensor (a pointer's shape may wait
         for the run that makes it)."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
+from planwire.transport.messages import MAX_RANK
 
 Buffer = bytes | bytearray | memoryview
 
@@ -46,4 +47,22 @@ def from_frame(dtype: str, shape: Sequence[int], frame: Buffer, *, what: str = "
     arr = np.frombuffer(buf, dtype=dt)
     if not arr.flags.aligned:  # unaligned small frames: copy once rather than fault later
         arr = arr.copy()
-    return arr.reshape(shape)
+    try:
+        return arr.reshape(shape)
+    except ValueError:  # numpy's own bounds: at most 64 axes, and every axis product must fit in intp
+        raise ProtocolError("invalid_message", f"{what}: shape {_shape_text(shape)} {_impossible(shape, dt)}") from None
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 200 else text[:200] + "...]"
+
+
+def _impossible(shape: Sequence[int], dt: np.dtype) -> str:
+    """Why numpy cannot make an array of ``shape`` (its element count is checked before the frame size)."""
+    if len(shape) > MAX_RANK:
+        return f"has {len(shape)} axes; at most {MAX_RANK} are allowed"
+    return (
+        f"cannot be represented: the product of its non-zero axes times {dt.itemsize} bytes must stay below "
+        "2^63 even for an empty tensor"
+    )

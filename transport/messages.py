@@ -7,6 +7,7 @@ test keeps the two identical, so the protocol document cannot drift from the cod
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 import msgspec
@@ -18,6 +19,9 @@ Key = Annotated[str, Meta(min_length=1, max_length=256, description="A stored te
 Tag = Annotated[str, Meta(min_length=1, max_length=256)]
 RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Chosen by the client; echoed as `re`.")]
 Dim = Annotated[int, Meta(ge=0, le=2**62)]
+MAX_RANK = 64
+"""Most axes a tensor may have (numpy's limit): a longer shape is refused as invalid_message."""
+Shape = Annotated[list[Dim], Meta(max_length=MAX_RANK)]
 FrameIndex = Annotated[int, Meta(ge=0, description="Index of the raw frame after the header (0 = first).")]
 # Tensor element types: ONNX TensorProto.DataType names in lower case (transport/dtypes.py maps them).
 DType = Annotated[
@@ -50,7 +54,7 @@ class Tensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A tensor carried in this message: its bytes are frame ``frame``, little-endian, C order."""
 
     dtype: DType
-    shape: list[Dim]
+    shape: Shape
     frame: FrameIndex
 
 
@@ -59,7 +63,7 @@ class PutTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     key: Key
     dtype: DType
-    shape: list[Dim]
+    shape: Shape
     frame: FrameIndex
     tags: list[Tag] = []
 
@@ -69,7 +73,7 @@ class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     key: Key
     dtype: DType
-    shape: list[Dim]
+    shape: Shape
     frame: FrameIndex
 
 
@@ -78,7 +82,7 @@ class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     key: Key
     dtype: DType
-    shape: list[Dim]
+    shape: Shape
     tags: list[Tag] = []
     private: bool = False
 
@@ -91,11 +95,12 @@ class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """A plan input or output as the worker's runtime sees it; a str dim is a dynamic axis."""
+    """A plan input or output as the worker's runtime sees it; a str dim is a dynamic axis, a null dim an
+    axis of unknown size, and a null ``shape`` an unknown rank (any number of axes)."""
 
     name: str
     dtype: DType
-    shape: list[int | str | None]
+    shape: list[int | str | None] | None
 
 
 class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -168,6 +173,13 @@ class HasPlan(_Message, tag="has_plan"):
     plan: str
 
 
+class DeletePlan(_Message, tag="delete_plan"):
+    """Unregister a plan; an unknown plan id is ignored (as ``delete`` ignores unknown keys)."""
+
+    id: RequestId
+    plan: str
+
+
 class Run(_Message, tag="run"):
     """Run a plan; output i is stored under ``outputs[i]``. Outputs listed in ``fetch``, and every output
     of at most ``inline_max`` bytes, are also returned in the reply (still stored)."""
@@ -182,7 +194,7 @@ class Run(_Message, tag="run"):
     ] = 0
 
 
-Request = Hello | Ping | Put | Get | Delete | Search | Describe | RegisterPlan | HasPlan | Run
+Request = Hello | Ping | Put | Get | Delete | Search | Describe | RegisterPlan | HasPlan | Run | DeletePlan
 
 
 # --- replies (worker -> client); every reply names the request (``re``) and the worker's session -----
@@ -252,6 +264,8 @@ ErrorCode = Literal[
     "bad_argument",
     "run_failed",
     "internal",
+    "quota_exceeded",
+    "plan_too_large",
 ]
 
 
@@ -269,9 +283,42 @@ Reply = Welcome | Ok | Tensors | Found | PlanInfo | Missing | Error
 REQUESTS: tuple[type[_Message], ...] = Request.__args__  # type: ignore[attr-defined]
 REPLIES: tuple[type[_Message], ...] = Reply.__args__  # type: ignore[attr-defined]
 
-request_decoder = msgspec.json.Decoder(Request)
 reply_decoder = msgspec.json.Decoder(Reply)
 encoder = msgspec.json.Encoder()
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise msgspec.DecodeError(f"duplicate key {dup!r} in a JSON object")
+    return out
+
+
+class RequestDecoder:
+    """Decodes a request header as msgspec does, and also refuses duplicate keys (PROTOCOL.md §2), which
+    msgspec would merge (last wins).
+
+    Fast path, exact: without a backslash in the header, JSON strings read the same before and after
+    decoding, so every ``:`` outside them is one object member. When re-encoding the decoded message
+    (defaults omitted) gives as many ``:`` as the header, no member was repeated. Otherwise (escapes,
+    defaults written out, or a repeat) the header is parsed once more, pair by pair.
+    """
+
+    def __init__(self) -> None:
+        self._decode = msgspec.json.Decoder(Request).decode
+        self._encode = encoder.encode
+
+    def decode(self, header: bytes | memoryview) -> _Message:
+        msg = self._decode(header)
+        raw = header if type(header) is bytes else bytes(header)
+        if b"\\" in raw or raw.count(b":") != self._encode(msg).count(b":"):
+            json.loads(raw, object_pairs_hook=_no_duplicates)  # raises msgspec.DecodeError on a repeat
+        return msg
+
+
+request_decoder = RequestDecoder()
 
 
 def type_name(cls: type[Struct]) -> str:

@@ -2,22 +2,34 @@
 
 Only moves frames: what a request means is the handler's business (worker.Service.handle). Requests
 are served one at a time in arrival order, so each connection's requests are answered in order.
+
+It never blocks on one peer: replies go out with ``NOBLOCK``. A client that stops reading fills its own
+queue (``max_queue`` messages each way, ZeroMQ's high-water marks); from then on its replies are dropped,
+with one log line, until it reads again, and every other client goes on being served. Past
+``max_connections`` open connections, a new one is shut down as soon as it is accepted (one log line per
+burst), so the process never runs out of file descriptors (where libzmq's listener would spin).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from planwire.transport.session import Frame
-from planwire.transport.sockets import configure, recv_frames, send_frames
+from planwire.transport.sockets import HWM, configure, recv_frames, send_frames
 
 log = logging.getLogger("planwire.server")
 
-Handler = Callable[[Sequence[Frame]], list[Frame]]
+Handler = Callable[[Sequence[Frame], bytes], list[Frame]]
+"""``handler(frames, client) -> reply frames``; ``client`` is the peer's CURVE public key (User-Id) when
+CURVE is on, else its ZeroMQ routing id (one per connection)."""
 
 
 class Server:
@@ -31,6 +43,8 @@ class Server:
         max_message_bytes: int,
         context: zmq.Context | None = None,
         curve_secret: bytes | None = None,
+        max_queue: int = HWM,
+        max_connections: int | None = None,
     ) -> None:
         self.handler = handler
         self._ctx = context or zmq.Context.instance()
@@ -38,33 +52,141 @@ class Server:
         # The hard per-frame cap is a little above the soft limit, so an oversize message with room to
         # spare is answered with a too_large error rather than a silent disconnect.
         configure(self._sock, max_message_bytes=max_message_bytes + (1 << 20))
+        self._sock.setsockopt(zmq.SNDHWM, max_queue)  # unread replies per client
+        self._sock.setsockopt(zmq.RCVHWM, max_queue)  # queued requests per client
+        self.max_queue = max_queue
+        self._curve = curve_secret is not None
         if curve_secret is not None:
             self._sock.curve_server = True
             self._sock.curve_secretkey = curve_secret
+        self._stop = threading.Event()
+        self._full: dict[bytes, int] = {}  # peers whose replies are being dropped -> how many so far
+        self._guard = _ConnectionGuard(self._sock, max_connections) if max_connections else None
         self.endpoints = []
         for ep in endpoints:
             self._sock.bind(ep)
             self.endpoints.append(self._sock.get_string(zmq.LAST_ENDPOINT) if ep.endswith(":0") else ep)
-        self._stop = threading.Event()
 
     def serve_forever(self, poll_ms: int = 100) -> None:
         # A blocking receive with a timeout (not poll + non-blocking receives): one call per request and no
         # zmq.Again exception per burst; the stop flag is still checked at least every ``poll_ms``.
-        sock, handler, stopped = self._sock, self.handler, self._stop.is_set
+        sock, handler, stopped, curve = self._sock, self.handler, self._stop.is_set, self._curve
         sock.setsockopt(zmq.RCVTIMEO, poll_ms)
+        nowait = zmq.NOBLOCK
         while not stopped():
             try:
-                peer, *frames = recv_frames(sock)
+                if curve:
+                    head = sock.recv(copy=False)
+                    peer, client = head.buffer, _user_id(head)
+                    frames = recv_frames(sock) if head.more else []
+                else:
+                    peer, *frames = recv_frames(sock)
+                    client = bytes(peer)
             except zmq.Again:
                 continue
-            reply = handler(frames)
+            reply = handler(frames, client)
             try:
-                send_frames(sock, [peer, *reply])
-            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full
+                send_frames(sock, [peer, *reply], nowait)
+            except zmq.Again:  # this peer's queue is full: it does not read; the others must not wait
+                self._dropped(bytes(peer))
+                continue
+            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY)
                 log.warning("reply to a client dropped: %s", e)
+                continue
+            if self._full:
+                self._resumed(bytes(peer))
+
+    def _dropped(self, peer: bytes) -> None:
+        n = self._full.get(peer)
+        if n is None:
+            if len(self._full) > 10_000:  # peers that left while dropping: forget them
+                self._full.clear()
+            log.warning(
+                "client %s has %d unread replies (plan-worker --max-client-queue): dropping its replies until it reads",
+                peer.hex(),
+                self.max_queue,
+            )
+            n = 0
+        self._full[peer] = n + 1
+
+    def _resumed(self, peer: bytes) -> None:
+        n = self._full.pop(peer, None)
+        if n is not None:
+            log.warning("client %s reads again; %d of its replies were dropped", peer.hex(), n)
 
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
+        if self._guard is not None:
+            self._guard.close()
         self._sock.close(linger=200)
+
+
+def _user_id(frame: zmq.Frame) -> bytes:
+    try:
+        return frame.get("User-Id").encode()
+    except zmq.ZMQError:  # no ZAP handler set one
+        return bytes(frame.buffer)
+
+
+class _ConnectionGuard:
+    """Counts the ROUTER's connections through a socket monitor; past ``limit`` a new connection is shut
+    down right after it is accepted, which ZeroMQ sees as the peer leaving (its state is freed). The file
+    descriptor in the event is shut down, never closed: ZeroMQ still owns it."""
+
+    EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+
+    def __init__(self, sock: zmq.Socket, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._mon = sock.get_monitor_socket(self.EVENTS)
+        self._sock = sock
+        self._refused = 0
+        self._last_log = 0.0
+        self._thread = threading.Thread(target=self._watch, name="planwire-connections", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        mon = self._mon
+        while True:
+            try:
+                event = parse_monitor_message(mon.recv_multipart())
+            except zmq.ZMQError:  # closed
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_MONITOR_STOPPED:
+                return
+            if kind == zmq.EVENT_DISCONNECTED:
+                self.open = max(0, self.open - 1)
+            elif kind == zmq.EVENT_ACCEPTED:
+                self.open += 1
+                if self.open > self.limit:
+                    self._refuse(event["value"])
+
+    def _refuse(self, fd: int) -> None:
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            return
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            s.detach()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._last_log > 10:
+            log.warning(
+                "%d connection(s) refused: %d open, the limit of plan-worker --max-connections",
+                self._refused,
+                self.limit,
+            )
+            self._refused, self._last_log = 0, now
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._thread.join(1.0)
+        self._mon.close(linger=0)

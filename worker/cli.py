@@ -169,6 +169,27 @@ def parse_metrics(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+FD_RESERVE = 256
+"""File descriptors kept for everything but client connections (plans, logs, ZeroMQ's own)."""
+
+
+def raise_open_files() -> int:
+    """Raise the soft open-file limit to the hard one where allowed; returns the soft limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, want, e)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = _Parser(
         prog="plan-worker",
@@ -206,6 +227,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads per plan")
     ap.add_argument("--max-message-mb", type=positive_int, default=1024, help="largest message accepted (MiB)")
     ap.add_argument("--max-plan-mb", type=positive_int, default=512, help="largest plan accepted (MiB)")
+    ap.add_argument(
+        "--max-store-mb", type=positive_int, default=4096, help="clients' tensors on this worker, all together (MiB)"
+    )
+    ap.add_argument(
+        "--max-client-store-mb", type=positive_int, default=None, help="one client's tensors (MiB; default: all)"
+    )
+    ap.add_argument("--max-plans", type=positive_int, default=1000, help="plans registered at once")
+    ap.add_argument(
+        "--max-client-queue",
+        type=positive_int,
+        default=10_000,
+        help="queued requests and unread replies per client (messages); past it its replies are dropped",
+    )
+    ap.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=None,
+        help="open client connections (default: the open-file limit, raised to its maximum, less a reserve)",
+    )
     ap.add_argument("--curve-secret", metavar="FILE", help="zmq.auth secret key file: encrypt with CURVE")
     ap.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys (*.key)")
     ap.add_argument(
@@ -293,7 +333,15 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
                 check_clients_dir(args.curve_clients)
         data = [item for spec in args.data for item in load_data(spec)]
         service = Service(
-            args.id, data=data, public=args.public, device=args.device, threads=args.threads, limits=limits
+            args.id,
+            data=data,
+            public=args.public,
+            device=args.device,
+            threads=args.threads,
+            limits=limits,
+            max_plans=args.max_plans,
+            max_store_bytes=args.max_store_mb << 20,
+            max_client_store_bytes=None if args.max_client_store_mb is None else args.max_client_store_mb << 20,
         )
     except (RuntimeError, ValueError) as e:
         raise ConfigError(str(e)) from None
@@ -303,9 +351,15 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
 
         auth = start_authenticator(args.curve_clients)
         cleanup.append(auth.stop)
+    files = raise_open_files()
     try:
         server = Server(
-            service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret
+            service.handle,
+            args.listen,
+            max_message_bytes=limits.max_message_bytes,
+            curve_secret=curve_secret,
+            max_queue=args.max_client_queue,
+            max_connections=args.max_connections or max(16, files - FD_RESERVE),
         )
     except zmq.ZMQError as e:
         raise bind_error(args.listen, e) from None

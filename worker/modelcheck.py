@@ -33,16 +33,26 @@ Policy (field numbers checked against onnx.proto of onnx 1.23):
 * **Not a model** -- no ``graph`` field means not an ONNX model; bytes that carry the ORT-format file
   identifier (``ORTM`` at offset 4) are rejected too, because onnxruntime would parse them as a
   flatbuffer model that this walker never looked at (a protobuf/flatbuffer polyglot).
+* **Resources knowable up front** (:class:`PlanTooLarge`, wire code ``plan_too_large``) -- node count
+  (everything, subgraphs and inlined functions included), function nesting depth, any tensor whose size
+  the plan fixes (declared dims, densified sparse tensors, and the outputs of ``ConstantOfShape``,
+  ``Expand``, ``Tile``, ``Range`` and ``Resize`` whose size inputs are initializers or ``Constant``s), a
+  ``Loop`` with a constant trip count over the limit and no condition (or a constant true one), and a
+  ``Loop`` with neither. What depends on the data (a shape read from an input, ``Div`` of INT_MIN by -1)
+  is left to containment.
 * ``metadata_props`` may not contain ``ort_config`` (session options that onnxruntime applies when
   ``ORT_LOAD_CONFIG_FROM_MODEL=1`` is set).
 
 The caller must hand onnxruntime the *same immutable bytes* that were checked, and should build the
-session with :func:`safe_session_options`. Runtime resource use (huge shapes, long loops) is not
+session with :func:`safe_session_options`. Runtime resource use that depends on the data is not
 bounded here.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,7 +91,16 @@ Buffer = bytes | bytearray | memoryview
 
 
 class PlanRejected(ValueError):
-    """The plan is unsafe or malformed; the message names what is at fault."""
+    """The plan is unsafe or malformed; the message names what is at fault. ``code``: the wire error code."""
+
+    code = "bad_plan"
+
+
+class PlanTooLarge(PlanRejected):
+    """The plan would need more than the worker allows (nodes, nesting, memory, loop trips), knowably
+    before it runs."""
+
+    code = "plan_too_large"
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,8 @@ class ModelSummary:
     """Serialized size of those initializers (about their data size)."""
     function_count: int
     metadata_props: dict[str, str]
+    unknown_rank: frozenset[str] = frozenset()
+    """Names of graph inputs and outputs declared without a shape: their rank is unknown."""
 
 
 # --- wire-format schemas -------------------------------------------------------------------------------
@@ -188,7 +209,8 @@ _GRAPH = _Msg(
     {
         **_keep(1, 2, 5, 15),
         **_plain(10),
-        **_sub(_VALUE_INFO, 11, 12, 13),
+        **{n: (_L, _VALUE_INFO, True) for n in (11, 12)},
+        **_sub(_VALUE_INFO, 13),
         **_sub(_TENSOR_ANN, 14),
         **_sub(_SSE, 16),
     },
@@ -196,7 +218,7 @@ _GRAPH = _Msg(
 _NODE = _Msg(
     "NodeProto",
     True,
-    {**_plain(1, 2, 6), **_keep(3, 4, 5, 7, 8), **_sub(_SSE, 9), **_sub(_NODE_DEVICE, 10)},
+    {**_plain(6), **_keep(1, 2, 3, 4, 5, 7, 8), **_sub(_SSE, 9), **_sub(_NODE_DEVICE, 10)},
 )
 _ATTRIBUTE = _Msg(
     "AttributeProto",
@@ -204,10 +226,11 @@ _ATTRIBUTE = _Msg(
     {
         **_keep(1, 5, 6, 10, 11, 22, 23),
         **_plain(4, 9, 13, 21),
-        **_plain(3, 20, mask=_V),
+        **_keep(3, mask=_V),
+        **_plain(20, mask=_V),
         **_plain(2, mask=_I32),
         **_plain(7, mask=_I32 | _L),
-        **_plain(8, mask=_V | _L),
+        **_keep(8, mask=_V | _L),
         **_sub(_TYPE, 14, 15),
     },
 )
@@ -215,17 +238,23 @@ _TENSOR = _Msg(
     "TensorProto",
     True,
     {
-        **_plain(1, 5, 7, 11, mask=_V | _L),
+        **_keep(1, 5, 7, mask=_V | _L),
+        **_plain(11, mask=_V | _L),
         **_keep(2, mask=_V),
         **_sub(_SEGMENT, 3),
-        **_plain(4, mask=_I32 | _L),
-        **_plain(6, 9, 12),
-        **_keep(8, 13),
-        **_plain(10, mask=_I64 | _L),
+        **_keep(4, mask=_I32 | _L),
+        **_plain(6, 12),
+        **_keep(8, 9, 13),
+        **_keep(10, mask=_I64 | _L),
         **_keep(14, mask=_V),
         **_sub(_SSE, 16),
     },
 )
+# Reading graph ports (walked already: these only keep what says whether a port has a shape).
+_GRAPH_PORTS = _Msg("GraphProto", False, _keep(11, 12))
+_VALUE_INFO_KEEP = _Msg("ValueInfoProto", False, _keep(1, 2))
+_TYPE_KEEP = _Msg("TypeProto", False, _keep(1))
+_TENSOR_TYPE_KEEP = _Msg("TypeProto.Tensor", False, _keep(2))
 _SPARSE = _Msg("SparseTensorProto", True, {**_keep(1, 2), **_keep(3, mask=_V | _L)})
 # Bits per element by TensorProto.DataType (onnxruntime densifies sparse tensors); unknown types: 128.
 _ELEM_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 14: 64}
@@ -240,6 +269,27 @@ _TRAINING = _Msg("TrainingInfoProto", True, {**_keep(1, 2), **_sub(_SSE, 3, 4)})
 
 _Span = tuple[int, int]
 _Fields = dict[int, list]
+
+# Standard ops whose output size constants can decide (checked against max_tensor_bytes), and Loop.
+_SIZED_OPS = frozenset({"Constant", "ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Loop"})
+_SMALL = 64
+"""Most elements of a constant whose values are read (shapes, repeats, scalars)."""
+_PACKED = {1: "<f", 6: "<i", 7: "<q", 11: "<d", 10: "<e", 12: "<I", 13: "<Q", 2: "<B", 3: "<b", 4: "<H", 5: "<h"}
+
+
+@dataclass
+class _Const:
+    """A tensor the plan fixes before it runs (initializer or Constant): its type, dims, and values when
+    small enough to matter."""
+
+    dtype: int
+    dims: list[int]
+    values: list[float] | None
+
+
+def _itemsize(f: _Fields) -> float:
+    types = f.get(2)
+    return _ELEM_BITS.get(types[-1] if types else 1, 128) / 8
 
 
 def _human(n: float) -> str:
@@ -266,9 +316,23 @@ def _reserved(domain: str) -> bool:
 class _Checker:
     """One walk over one plan. Spans are ``(start, end)`` offsets into ``buf``; nothing is copied."""
 
-    def __init__(self, buf: Buffer, allowed: frozenset[str], max_bytes: int, max_nodes: int) -> None:
+    def __init__(
+        self,
+        buf: Buffer,
+        allowed: frozenset[str],
+        max_bytes: int,
+        max_nodes: int,
+        max_tensor_bytes: int | None = None,
+        max_function_depth: int = 8,
+        max_loop_trips: int = 1 << 24,
+    ) -> None:
         self.buf = buf
         self.max_bytes = max_bytes
+        self.max_tensor_bytes = max_bytes if max_tensor_bytes is None else max_tensor_bytes
+        self.max_function_depth = max_function_depth
+        self.max_loop_trips = max_loop_trips
+        self.all_nodes = 0  # every node walked: main graph, subgraphs, functions, training graphs
+        self.consts: dict[str, _Const] = {}  # small constants of the scope being walked, by value name
         self.shown = allowed
         self.allowed = allowed | _ONNX_ALIASES if allowed & _ONNX_ALIASES else allowed
         self.max_nodes = max_nodes
@@ -281,9 +345,12 @@ class _Checker:
 
     # -- errors and strings --
 
-    def reject(self, msg: str) -> PlanRejected:
+    def reject(self, msg: str, cls: type[PlanRejected] = PlanRejected) -> PlanRejected:
         where = f" (in {' > '.join(self.path)})" if self.path else ""
-        return PlanRejected(msg + where)
+        return cls(msg + where)
+
+    def too_large(self, msg: str) -> PlanRejected:
+        return self.reject(msg, PlanTooLarge)
 
     def malformed(self, msg: str, pos: int) -> PlanRejected:
         return self.reject(f"malformed plan: {msg} at byte {pos}")
@@ -392,8 +459,14 @@ class _Checker:
                     raise self.malformed(f"packed field {fno} of {msg.name} ends in a partial element", at)
             if sub is not None:
                 self.scan(val, depth + 1, sub)  # type: ignore[arg-type]
-            elif store:
-                out.setdefault(fno, []).append(val)
+            if store:
+                kept = out.get(fno)
+                if kept is None:
+                    out[fno] = [val]
+                elif wt == 2 or len(kept) < 128:
+                    kept.append(val)
+                else:  # a long run of varints (unpacked repeated numbers): enough to judge, and the last
+                    kept[-1] = val
         self.fields += count
         return out
 
@@ -404,6 +477,10 @@ class _Checker:
         entries = f.get(13)
         external = any(f.get(14, ()))  # DataLocation: DEFAULT=0, EXTERNAL=1; refuse anything but 0
         if not entries and not external:
+            dims = f.get(1)
+            if dims:  # a declared size is allocated as declared (and checked against the data only later)
+                what = f"{role} '{self.label(f.get(8))}'"
+                self.bound(self.ints(dims, f"{what} dims"), _itemsize(f), what)
             return f
         location = None
         for entry in entries or ():
@@ -428,13 +505,135 @@ class _Checker:
         # onnxruntime turns sparse tensors into dense ones: a few bytes could demand gigabytes.
         dtypes = values.get(2)
         bits = _ELEM_BITS.get(dtypes[-1] if dtypes else 0, 128)
-        limit = self.max_bytes * 8 // bits
+        limit = self.max_tensor_bytes * 8 // bits
         count = 1
         for dim in self.ints(dims, f"{role} '{self.label(values.get(8))}' dims"):
             count *= dim
             if dim < 0 or count > limit:
-                dense = "a negative size" if dim < 0 else f"more than {_human(self.max_bytes)}"
-                raise self.reject(f"{role} '{self.label(values.get(8))}' densifies to {dense}, over the worker limit")
+                if dim < 0:
+                    raise self.reject(f"{role} '{self.label(values.get(8))}' densifies to a negative size")
+                raise self.too_large(
+                    f"{role} '{self.label(values.get(8))}' densifies to more than {_human(self.max_tensor_bytes)}, "
+                    "over the worker limit"
+                )
+
+    def raw(self, span: _Span) -> bytes:
+        """Exact bytes of a string field (value names: compared, never shown)."""
+        return bytes(self.buf[span[0] : span[1]])
+
+    def bound(self, dims: Sequence[float], itemsize: float, what: str) -> None:
+        """plan_too_large when a tensor of ``dims`` would pass max_tensor_bytes."""
+        limit = self.max_tensor_bytes
+        count = 1.0
+        for d in dims:
+            count *= max(d, 0)
+        if count * itemsize > limit:
+            shown = [int(d) if math.isfinite(d) else d for d in dims][:8]
+            raise self.too_large(
+                f"{what} would make a tensor of {count:.3g} elements (shape {shown}"
+                f"{'...' if len(dims) > 8 else ''}), more than {_human(limit)}, the worker's limit per tensor"
+            )
+
+    def constant(self, f: _Fields, name: bytes | None = None) -> None:
+        """Remember a small or sized constant tensor (fields of a TensorProto) under its value name."""
+        key = self.raw(f[8][-1]) if name is None and f.get(8) else name
+        if not key:
+            return
+        dims = self.ints(f.get(1, []), "constant dims")
+        types = f.get(2)
+        dtype = types[-1] if types else 1
+        count = 1
+        for d in dims:
+            count *= max(d, 0)
+        values = self.values(f, dtype, count) if count <= _SMALL else None
+        self.consts[key] = _Const(dtype, dims, values)
+
+    def values(self, f: _Fields, dtype: int, count: int) -> list[float] | None:
+        """Values of a small tensor from raw_data or its typed field; None when unreadable."""
+        raw = f.get(9)
+        if raw:
+            fmt = _PACKED.get(dtype)
+            s, e = raw[-1]
+            if fmt is None or (e - s) != count * struct.calcsize(fmt):
+                return None
+            return [v for (v,) in struct.iter_unpack(fmt, bytes(self.buf[s:e]))]
+        if dtype in (6, 7, 2, 3, 4, 5, 9) and f.get(5 if dtype != 7 else 7):  # int32_data holds small ints
+            out = self.ints(f[5 if dtype != 7 else 7], "constant values", most=_SMALL)
+            return [float(v) for v in out] if len(out) == count else None
+        packed = {1: (4, "<f"), 11: (10, "<d")}.get(dtype)
+        if packed and f.get(packed[0]):
+            spans = [x for x in f[packed[0]] if isinstance(x, tuple)]
+            data = b"".join(bytes(self.buf[a:b]) for a, b in spans[:_SMALL])
+            if len(data) != count * struct.calcsize(packed[1]):
+                return None
+            return [v for (v,) in struct.iter_unpack(packed[1], data)]
+        return [] if count == 0 else None
+
+    def sized(self, op: str, desc: str, ins: list[bytes], outs: list[bytes], attrs: dict[str, _Fields]) -> None:
+        """Refuse a standard op whose constant inputs make its output (or trip count) too large."""
+        consts = self.consts
+
+        def const(i: int) -> _Const | None:
+            return consts.get(ins[i]) if i < len(ins) and ins[i] else None
+
+        def vals(i: int) -> list[float] | None:
+            c = const(i)
+            return c.values if c is not None else None
+
+        if op == "Constant":
+            a = attrs.get("value")
+            if a and a.get(5) and outs:
+                s = a[5][-1]
+                self.constant(self.scan(s, 0, _TENSOR), outs[0])
+            elif outs and (a := attrs.get("value_ints") or attrs.get("value_int")):
+                key = 8 if "value_ints" in attrs else 3
+                v = [float(x) for x in self.ints(a.get(key, []), "value_ints", most=_SMALL)]
+                consts[outs[0]] = _Const(7, [len(v)] if key == 8 else [], v)
+            return
+        if op == "ConstantOfShape":
+            shape = vals(0)
+            a = attrs.get("value")
+            size = _itemsize(self.scan(a[5][-1], 0, _TENSOR)) if a and a.get(5) else 4
+            if shape is not None:
+                self.bound(shape, size, desc)
+        elif op == "Expand":
+            shape, x = vals(1), const(0)
+            if shape is not None:
+                self.bound(shape, _ELEM_BITS.get(x.dtype, 8) / 8 if x else 1, desc)
+        elif op == "Tile":
+            reps, x = vals(1), const(0)
+            if reps is not None:
+                base = x.dims if x else []
+                self.bound([*base, *reps], _ELEM_BITS.get(x.dtype, 8) / 8 if x else 1, desc)
+        elif op == "Range":
+            start, limit, delta = vals(0), vals(1), vals(2)
+            if start and limit and delta and delta[0]:
+                span = (limit[0] - start[0]) / delta[0]
+                n = math.ceil(span) if math.isfinite(span) else math.inf
+                c = const(0)
+                self.bound([n], _ELEM_BITS.get(c.dtype if c else 7, 64) / 8, desc)
+        elif op == "Resize":
+            x = const(0)
+            sizes, scales = vals(3), vals(2)
+            size = _ELEM_BITS.get(x.dtype, 8) / 8 if x else 1
+            if sizes:
+                self.bound(sizes, size, desc)
+            elif scales:
+                base = x.dims if x and len(x.dims) == len(scales) else [1] * len(scales)
+                out = [math.floor(d * c) if math.isfinite(c) else math.inf for d, c in zip(base, scales, strict=True)]
+                self.bound(out, size, desc)
+        elif op == "Loop":
+            trips = vals(0) if ins and ins[0] else None
+            cond = vals(1) if len(ins) > 1 and ins[1] else None
+            has_cond = len(ins) > 1 and bool(ins[1])
+            if not (ins and ins[0]) and not has_cond:
+                raise self.too_large(f"{desc} has neither a trip count nor a condition: it never ends")
+            always = not has_cond or (cond is not None and len(cond) == 1 and cond[0] != 0)
+            if trips and always and trips[0] > self.max_loop_trips:
+                raise self.too_large(
+                    f"{desc} runs {int(trips[0])} times, more than the worker's limit of {self.max_loop_trips} "
+                    "loop trips"
+                )
 
     def ints(self, items: list, what: str, most: int = MAX_DEPTH) -> list[int]:
         """Up to ``most`` values of a repeated int64 field stored as varints and/or packed spans."""
@@ -458,7 +657,7 @@ class _Checker:
             self.path.append(f"graph '{self.label(f.get(2))}'")
         n_init = n_bytes = 0
         for s in f.get(5, ()):
-            self.tensor(s, depth + 1, "initializer")
+            self.constant(self.tensor(s, depth + 1, "initializer"))
             n_init += 1
             n_bytes += s[1] - s[0]
         for s in f.get(15, ()):
@@ -479,6 +678,9 @@ class _Checker:
         domain = self.text(f.get(7), f"domain of {desc}")
         overload = self.text(f.get(8), f"overload of {desc}")
         self.nodes += 1
+        self.all_nodes += 1
+        if self.all_nodes > self.max_nodes:
+            raise self.too_large(f"plan has more than {self.max_nodes} nodes (subgraphs and functions included)")
         if domain not in self.allowed:
             called = self.functions.get((domain, op, overload))
             if called is None:
@@ -488,14 +690,19 @@ class _Checker:
                     f"{desc} uses domain '{domain}' which is not allowed; allowed: {_domain_list(self.shown)}"
                 )
             self.calls.append(called)
-        attrs = f.get(5)
-        if attrs:
+        attrs: dict[str, _Fields] = {}
+        if f.get(5):
             self.path.append(desc)
-            for s in attrs:
-                self.attribute(s, depth + 1)
+            for s in f[5]:
+                af = self.attribute(s, depth + 1)
+                attrs[self.label(af.get(1))] = af
             self.path.pop()
+        if domain in _ONNX_ALIASES and op in _SIZED_OPS:
+            ins = [self.raw(s) for s in f.get(1, ())]
+            outs = [self.raw(s) for s in f.get(2, ())]
+            self.sized(op, desc, ins, outs, attrs)
 
-    def attribute(self, span: _Span, depth: int) -> None:
+    def attribute(self, span: _Span, depth: int) -> _Fields:
         f = self.scan(span, depth, _ATTRIBUTE)
         self.path.append(f"attribute '{self.label(f.get(1))}'")
         for s in f.get(5, []) + f.get(10, []):
@@ -507,6 +714,7 @@ class _Checker:
         for s in f.get(6, []) + f.get(11, []):
             self.graph(s, depth + 1, label=True)
         self.path.pop()
+        return f
 
     def opsets(self, spans: list, depth: int, allowed: frozenset[str], where: str) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -557,7 +765,7 @@ class _Checker:
         fn_calls: list[list[int]] = []
         for qual, ff in functions:
             self.path = [f"function '{qual}'"]
-            self.calls, self.nodes = [], 0
+            self.calls, self.nodes, self.consts = [], 0, {}
             for i, s in enumerate(ff.get(7, ())):
                 self.node(s, 2, i)
             for s in ff.get(11, ()):
@@ -567,17 +775,18 @@ class _Checker:
             fn_calls.append(self.calls)
         self.path = []
 
-        self.calls, self.nodes = [], 0
+        self.calls, self.nodes, self.consts = [], 0, {}
         n_init = n_bytes = 0
         for s in f[7]:
             a, b = self.graph(s, 1, label=False)
             n_init, n_bytes = n_init + a, n_bytes + b
+        unknown_rank = frozenset(self.unknown_rank(f[7][-1]))
         node_count, main_calls = self.nodes, self.calls
         for i, s in enumerate(f.get(20, ())):  # checked like the main graph; onnxruntime never runs these
             tf = self.scan(s, 1, _TRAINING)
             for field, part in ((1, "initialization"), (2, "algorithm")):
                 for g in tf.get(field, ()):
-                    self.path, self.calls = [f"training_info[{i}] {part}"], []
+                    self.path, self.calls, self.consts = [f"training_info[{i}] {part}"], [], {}
                     self.graph(g, 2, label=False)
         self.path = []
         opsets = self.opsets(f.get(8, []), 1, opset_ok, "opset_import")
@@ -596,6 +805,7 @@ class _Checker:
             initializer_bytes=n_bytes,
             function_count=len(functions),
             metadata_props=metadata,
+            unknown_rank=unknown_rank,
         )
 
     def expand(
@@ -609,12 +819,19 @@ class _Checker:
             for j in set(c):
                 callers[j].append(i)
         cost = [0] * len(fn_calls)
+        depth = [0] * len(fn_calls)  # levels of functions inside one call, itself included
         ready = [i for i, p in enumerate(pending) if p == 0]
         done = 0
         while ready:  # leaves first (Kahn's algorithm on the call graph)
             i = ready.pop()
             done += 1
             cost[i] = min(cap, fn_nodes[i] - len(fn_calls[i]) + sum(cost[j] for j in fn_calls[i]))
+            depth[i] = 1 + max((depth[j] for j in fn_calls[i]), default=0)
+            if depth[i] > self.max_function_depth:
+                raise self.too_large(
+                    f"local function {names[i]!r} nests {depth[i]} levels of function calls, more than the "
+                    f"worker's limit of {self.max_function_depth}"
+                )
             for k in callers[i]:
                 pending[k] -= 1
                 if pending[k] == 0:
@@ -624,8 +841,20 @@ class _Checker:
             raise self.reject(f"local functions call themselves recursively: {stuck}")
         total = nodes - len(calls) + sum(cost[j] for j in calls)  # a call is replaced by its body
         if total > self.max_nodes:
-            raise self.reject(f"plan expands to more than {self.max_nodes} nodes once local functions are inlined")
+            raise self.too_large(f"plan expands to more than {self.max_nodes} nodes once local functions are inlined")
         return total
+
+    def unknown_rank(self, graph: _Span) -> list[str]:
+        """Names of the graph's tensor inputs and outputs whose type has no shape (unknown rank)."""
+        f = self.scan(graph, 1, _GRAPH_PORTS)
+        out = []
+        for s in f.get(11, []) + f.get(12, []):
+            vi = self.scan(s, 2, _VALUE_INFO_KEEP)
+            for t in vi.get(2, ())[-1:]:
+                tensor = self.scan(t, 3, _TYPE_KEEP).get(1)
+                if tensor and not self.scan(tensor[-1], 4, _TENSOR_TYPE_KEEP).get(2):
+                    out.append(self._utf8(vi.get(1)))
+        return out
 
     def _utf8(self, spans: list | None) -> str:
         if not spans:
@@ -639,13 +868,20 @@ def check_model(
     *,
     max_bytes: int,
     allowed_domains: frozenset[str] = DEFAULT_DOMAINS,
-    max_nodes: int = 1_000_000,
+    max_nodes: int = 100_000,
+    max_tensor_bytes: int | None = None,
+    max_function_depth: int = 8,
+    max_loop_trips: int = 1 << 24,
 ) -> ModelSummary:
     """Check serialized ONNX ``data`` against the policy in this module's docstring.
 
     ``max_bytes`` caps the plan size; ``allowed_domains`` are the op domains nodes may use (add
-    ``"ai.onnx.ml"`` via :data:`ML_DOMAINS` to opt in); ``max_nodes`` caps the node count after local
-    functions are inlined. Returns a :class:`ModelSummary`; raises :class:`PlanRejected` otherwise.
+    ``"ai.onnx.ml"`` via :data:`ML_DOMAINS` to opt in); ``max_nodes`` caps the node count, subgraphs and
+    training graphs included, and after local functions are inlined; ``max_function_depth`` caps how deep
+    local functions call each other; ``max_tensor_bytes`` (default ``max_bytes``) caps any tensor whose size
+    the plan fixes (declared dims, densified sparse tensors, outputs of ConstantOfShape, Expand, Tile, Range
+    and Resize with constant inputs); ``max_loop_trips`` caps a Loop's constant trip count. Returns a
+    :class:`ModelSummary`; raises :class:`PlanRejected` otherwise (:class:`PlanTooLarge` for the caps).
     """
     buf: Buffer = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
     size = len(buf)
@@ -655,7 +891,10 @@ def check_model(
         raise PlanRejected(f"plan is {_human(size)}, over protobuf's 2 GiB limit")
     if bytes(buf[4:8]) == b"ORTM":
         raise PlanRejected("plan carries the ORT-format identifier 'ORTM'; only ONNX protobuf plans are accepted")
-    return _Checker(buf, frozenset(allowed_domains), max_bytes, max_nodes).model()
+    checker = _Checker(
+        buf, frozenset(allowed_domains), max_bytes, max_nodes, max_tensor_bytes, max_function_depth, max_loop_trips
+    )
+    return checker.model()
 
 
 def safe_session_options(

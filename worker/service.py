@@ -21,15 +21,16 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
-from planwire.worker.modelcheck import check_model
+from planwire.worker.modelcheck import PlanRejected, check_model
 from planwire.worker.runtime import PlanSession, providers_for
 from planwire.worker.stats import clean, peer_of
-from planwire.worker.store import Store
+from planwire.worker.store import ClientId, Store
 
 if TYPE_CHECKING:
     from planwire.worker.stats import Stats
 
 log = logging.getLogger("planwire.worker")
+
 
 # Opsets of the ONNX default domain this worker's onnxruntime accepts (reported in welcome).
 ONNX_OPSET = 23
@@ -47,15 +48,21 @@ class Service:
         device: str = "cpu",
         threads: int = 1,
         limits: Limits | None = None,
+        max_plans: int | None = None,
+        max_store_bytes: int | None = None,
+        max_client_store_bytes: int | None = None,
     ) -> None:
         self.id = worker_id
         self.session = uuid.uuid4().hex
         self.providers = providers_for(device)
         self.threads = threads
         self.limits = limits or Limits()
-        self.store = Store(public=public)
+        self.store = Store(public=public, max_bytes=max_store_bytes, max_client_bytes=max_client_store_bytes)
+        self.max_plans = max_plans
         self.plans: dict[str, PlanSession] = {}
         self.stats: Stats | None = None  # set by plan-worker: observes every answered request
+        self._client: ClientId = b""  # who sent the request being handled (quotas, ownership)
+        self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)
@@ -74,16 +81,19 @@ class Service:
             m.RegisterPlan: self._register,
             m.HasPlan: self._has_plan,
             m.Run: self._run,
+            m.DeletePlan: self._delete_plan,
         }
 
     # -- entry point ------------------------------------------------------------------------------
 
-    def handle(self, frames: Sequence[Frame]) -> list[Frame]:
-        """Answer one request message; never raises: every failure becomes an error reply."""
+    def handle(self, frames: Sequence[Frame], client: ClientId = b"") -> list[Frame]:
+        """Answer one request message from ``client`` (its id for quotas; in process: b"");
+        never raises: every failure becomes an error reply."""
         rid = -1
         msg: m._Message | None = None
         out: list[Frame] = []
         t0 = time.perf_counter()
+        self._client = client
         try:
             total = sum(map(len, frames))
             if total > self.limits.max_message_bytes:
@@ -154,8 +164,11 @@ class Service:
     def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]
         self.store.check_writable(t.key for t in msg.tensors)
+        self.store.check_quota(
+            self._client, ((t.key, a.nbytes) for t, a in zip(msg.tensors, arrays, strict=True)), f"put #{msg.id}"
+        )
         for t, arr in zip(msg.tensors, arrays, strict=True):
-            self.store.put(t.key, arr, t.tags)
+            self.store.put(t.key, arr, t.tags, owner=self._client)
         return m.Ok(re=msg.id, session=self.session), []
 
     def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
@@ -180,10 +193,16 @@ class Service:
         pid = plan_id(data)
         plan = self.plans.get(pid)
         if plan is None:
+            if self.max_plans is not None and len(self.plans) >= self.max_plans:
+                raise ProtocolError(
+                    "quota_exceeded",
+                    f"plan {msg.name or pid[:12]!r} not registered: the worker already holds {len(self.plans)} plans "
+                    "(its limit): unregister plans with delete_plan, or start plan-worker with a larger --max-plans",
+                )
             try:
                 summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
-            except ValueError as e:  # PlanRejected
-                code = "too_large" if len(data) > self.limits.max_plan_bytes else "bad_plan"
+            except PlanRejected as e:
+                code = "too_large" if len(data) > self.limits.max_plan_bytes else e.code
                 raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
             name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
             plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
@@ -194,8 +213,16 @@ class Service:
                         f"plan {name!r} output {port!r} has type {wire!r}; supported: {dtypes.human_list()}",
                     )
             self.plans[pid] = plan
+            if summary.unknown_rank:
+                self._any_rank[pid] = summary.unknown_rank
             log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
         return self._plan_info(msg.id, pid, plan), []
+
+    def _delete_plan(self, msg: m.DeletePlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        self._any_rank.pop(msg.plan, None)
+        if self.plans.pop(msg.plan, None) is not None:
+            log.info("unregistered plan %r", msg.plan[:12])
+        return m.Ok(re=msg.id, session=self.session), []
 
     def _has_plan(self, msg: m.HasPlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
@@ -234,14 +261,20 @@ class Service:
         if msg.fetch and max(msg.fetch) >= n_out:
             raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
         args = [self._arg(i, a, buffers) for i, a in enumerate(msg.args)]
-        plan.check(args)
+        any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
+        if any_rank is None:
+            plan.check(args)
+        else:
+            self._check_any_rank(plan, args, any_rank)
         try:
             results = plan.run(args, check=False)
         except Exception as e:  # onnxruntime's own errors already say what they are
             detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
             raise ProtocolError("run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {detail}") from None
+        sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
+        self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
         for key, arr in zip(msg.outputs, results, strict=True):
-            self.store.put(key, arr)
+            self.store.put(key, arr, owner=self._client)
         fetch = msg.fetch
         if msg.inline_max:
             fetch = [*fetch, *(i for i, r in enumerate(results) if r.nbytes <= msg.inline_max and i not in fetch)]
@@ -268,10 +301,33 @@ class Service:
             frames.append(buf)
         return m.Tensors(re=rid, session=self.session, tensors=out), frames
 
+    @staticmethod
+    def _check_any_rank(plan: PlanSession, args: Sequence[np.ndarray], any_rank: frozenset[str]) -> None:
+        """PlanSession.check for a plan with inputs of unknown rank (which onnxruntime reports as shape
+        ``[]``): those take any shape, and only their dtype is checked."""
+        if len(args) != len(plan.inputs):
+            plan.check(args)  # names the count
+        for i, (arr, (name, wire, shape)) in enumerate(zip(args, plan.inputs, strict=True)):
+            what = f"plan {plan.name!r} argument {i} ({name!r})"
+            if arr.dtype != dtypes.to_numpy(wire):
+                raise ProtocolError("bad_argument", f"{what}: expected dtype {dtypes.human(wire)}, got {arr.dtype}")
+            if name not in any_rank and (
+                len(shape) != arr.ndim
+                or any(isinstance(w, int) and w != g for w, g in zip(shape, arr.shape, strict=True))
+            ):
+                want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
+                raise ProtocolError("bad_argument", f"{what}: expected shape {want}, got {list(arr.shape)}")
+
     def _plan_info(self, rid: int, pid: str, plan: PlanSession) -> m.PlanInfo:
+        any_rank = self._any_rank.get(pid, frozenset())
+
         def ports(items: list) -> list[m.Port]:
             return [
-                m.Port(name=n, dtype=t, shape=[d if isinstance(d, int) else (d or None) for d in s])
+                m.Port(
+                    name=n,
+                    dtype=t,
+                    shape=None if n in any_rank else [d if isinstance(d, int) else (d or None) for d in s],
+                )
                 for n, t, s in items
             ]
 

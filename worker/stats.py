@@ -30,10 +30,12 @@ IN_PROCESS = "in-process"
 DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
 
 
-def clean(text: str) -> str:
+def clean(text: str, limit: int = 2000) -> str:
     """``text`` safe for one log line: control characters (newlines included) escaped, so a peer's string
-    cannot forge a line."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    cannot forge a line, and length capped."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def peer_of(frames: Sequence[object], curve: bool = False) -> str:

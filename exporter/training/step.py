@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from planwire.exporter.optim import SGD, Optimizer
+from planwire.exporter.optim import Optimizer
+from planwire.exporter.optim import resolve as resolve_optimizer
+from planwire.exporter.progress import building
 from planwire.exporter.training.trace import (
     ModuleTagger,
     Port,
@@ -246,7 +248,7 @@ def build_training_step(
     model: nn.Module,
     loss: Callable[..., Tensor] = F.cross_entropy,
     optimizer: Optimizer | None = None,
-    args_shape: Sequence[Shape] = ((-1, 1, 8, 8), (-1,)),
+    args_shape: Sequence[Shape] | None = None,
     args_dtypes: Sequence[torch.dtype] | None = None,
     metrics: Sequence[str] | Mapping[str, Metric] = (),
     *,
@@ -254,6 +256,7 @@ def build_training_step(
     train: bool = True,
     name: str | None = None,
     verify: bool = True,
+    progress: bool | None = None,
 ) -> TrainingStep:
     """Build the ONNX plan of one training step of ``model`` (see the module docstring for its ports).
 
@@ -268,11 +271,37 @@ def build_training_step(
     autograd), comparing every output, with :meth:`Optimizer.check_hyper` values that make a wrong
     gradient visible; with dropout only dtypes and shapes can be compared.
 
-    Raises TypeError for targets of the wrong dtype, TrainingExportError (a PlanBuildError) naming the
-    op and layer when the gradient cannot be exported.
+    ``progress`` shows the build's stages on stderr once it runs over a second (default: unless
+    ``PLANWIRE_PROGRESS=0``).
+
+    Raises TypeError for a missing ``args_shape``, a ``torch.optim`` optimizer or targets of the wrong
+    dtype, TrainingExportError (a PlanBuildError) naming the op and layer when the gradient cannot be
+    exported.
     """
-    optimizer = optimizer or SGD()
     plan = name or f"train_{type(model).__name__}"
+    if args_shape is None:
+        raise TypeError(
+            f"training plan {plan!r} needs args_shape: one shape per batch argument, model inputs then "
+            "targets, -1 for any size, e.g. args_shape=[(-1, 1, 28, 28), (-1,)] for images and class labels "
+            "(or pass examples=(x, y) to training_plan)"
+        )
+    optimizer = resolve_optimizer(optimizer)
+    with building(plan, show=progress):
+        return _build(model, loss, optimizer, args_shape, args_dtypes, metrics, targets, train, plan, verify)
+
+
+def _build(
+    model: nn.Module,
+    loss: Callable[..., Tensor],
+    optimizer: Optimizer,
+    args_shape: Sequence[Shape],
+    args_dtypes: Sequence[torch.dtype] | None,
+    metrics: Sequence[str] | Mapping[str, Metric],
+    targets: int,
+    train: bool,
+    plan: str,
+    verify: bool,
+) -> TrainingStep:
     kind = loss_kind(loss)
     n_args = len(args_shape)
     if not 1 <= targets < n_args:

@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-from planwire.exporter import cache
+from planwire.exporter import cache, diagnose, progress
 from planwire.exporter import export as _export_module
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.export import OPSET, check_exported, failing_op
@@ -351,6 +351,12 @@ def trace(
         raise
     except Exception as e:
         where = f" in {tagger.failed_in}" if tagger.failed_in else ""
+        if diagnose.is_data_dependent(e):
+            raise TrainingExportError(
+                diagnose.data_dependent_message(plan, e, what=f"could not be traced{where}"),
+                plan=plan,
+                module=tagger.failed_in,
+            ) from e
         raise TrainingExportError(
             f"plan {plan!r}: tracing the step failed{where}: {type(e).__name__}: {_first_line(e)}",
             plan=plan,
@@ -534,6 +540,7 @@ def _finish(
         proto.metadata_props.add(key=name, value=value)
     variant = PlanVariant(proto.SerializeToString(), tuple(p.spec() for p in inputs), tuple(p.spec() for p in outputs))
     if check is not None:
+        progress.stage("verify")
         check(variant, proto)
     return variant, proto
 
@@ -549,8 +556,9 @@ def _export(
 ) -> onnx.ModelProto:
     """``torch.export`` (dynamic axes as ``Dim.DYNAMIC``) then ``torch.onnx.export`` of the program."""
     shapes = tuple({a: torch.export.Dim.DYNAMIC for a in axes} or None for axes in dynamic)
+    progress.stage("export")
     try:
-        with _EXPORT_LOCK, cached_registry(), warnings.catch_warnings():
+        with _EXPORT_LOCK, cached_registry(), warnings.catch_warnings(), diagnose.quiet_exporter():
             warnings.simplefilter("ignore")
             program = torch.export.export(gm, tuple(examples), dynamic_shapes=shapes, strict=False)
             onnx_program = torch.onnx.export(

@@ -196,3 +196,31 @@ def padded(size: int) -> bytes:
             initializers=[w],
         )
     )
+
+
+def any_rank(dtype: str = "float") -> bytes:
+    """y = x where x and y have no shape at all in the graph: unknown rank (PROTOCOL.md §5, ports)."""
+    return serialize(model([helper.make_node("Identity", ["x"], ["y"])], [("x", dtype, None)], [("y", dtype, None)]))
+
+
+def endless_loop() -> bytes:
+    """A Loop with neither a trip count nor a condition: it would never end (PROTOCOL.md §7.3)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, [])],
+    )
+    loop = helper.make_node("Loop", ["", ""], [], body=body)
+    out = helper.make_node("Identity", ["x"], ["y"])
+    return serialize(model([loop, out], [("x", "float", [1])], [("y", "float", [1])]))
+
+
+def constant_of_shape_bomb() -> bytes:
+    """About 100 bytes asking for a 4 TiB tensor of zeros with a constant shape."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1 << 20, 1 << 20])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"]), helper.make_node("Shape", ["big"], ["y"])]
+    return serialize(model(nodes, [], [("y", "int64", [2])], [shape]))
