@@ -17,9 +17,10 @@ MIN_BYTES = 64 << 20  # transfers larger than this show a bar
 
 
 def wanted(nbytes: int, progress: bool | None) -> bool:
-    """Whether a transfer of ``nbytes`` shows a bar: over MIN_BYTES, unless turned off."""
+    """Whether a transfer of ``nbytes`` shows a bar: over MIN_BYTES, unless turned off (``progress``
+    when given, else on unless PLANWIRE_PROGRESS is 0/false/no/off, as for builds)."""
     if progress is None:
-        progress = os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off", "")
+        progress = os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
     return progress and nbytes > MIN_BYTES
 
 
