@@ -86,8 +86,7 @@ def test_curve_clients_are_their_keys(tmp_path):
     with WorkerProcess("curve-owners", extra=extra) as proc:
         with planwire.connect(proc.url, timeout=10, curve=alice) as a:
             assert a.identity == ""  # the key is the identity
-            kept = a.put(np.arange(3), tags=["alice"], key="x")
-            kept.owned = False  # left on the worker when this connection closes
+            a.put_many({"x": np.arange(3)}, tags=["alice"], owned=False)  # stays when this connection closes
         with planwire.connect(proc.url, timeout=10, curve=bob) as b:
             assert b.search("alice") == []
             with pytest.raises(UnknownTensorError):
@@ -182,9 +181,7 @@ def test_a_client_keeps_its_objects_across_a_dropped_connection():
                 kept = c.put(np.arange(3), key="k")
                 pid_before = c.identity
                 proxy.cut()
-                deadline = time.monotonic() + 10
-                while not c._monitor.poll(10) and time.monotonic() < deadline:
-                    pass  # wait until ZeroMQ has seen the drop
+                time.sleep(1.0)  # ZeroMQ sees the drop
                 # the next request goes on a new connection: the client says hello with its identity first
                 assert kept.get(keep=True).tolist() == [0, 1, 2]
                 assert c.identity == pid_before

@@ -61,6 +61,10 @@ class Store:
     def __len__(self) -> int:
         return len(self._own) + sum(map(len, self._spaces.values()))
 
+    def __contains__(self, key: str) -> bool:
+        """Whether any client, or the worker, holds ``key`` (for reports and tests)."""
+        return key in self._own or any(key in space for space in self._spaces.values())
+
     def put_own(self, key: str, array: np.ndarray, tags: Iterable[str] = ()) -> None:
         """One of the worker's own tensors (at start): private unless the worker is public."""
         rows = int(array.shape[0]) if array.ndim else 1
