@@ -18,7 +18,7 @@ TRACE_SIZE = 3  # example size of a dynamic axis (torch.export specializes sizes
 Axes = frozenset[int]
 
 
-def signature(
+def args_signature(
     args_shape: Sequence[Sequence[int]], args_dtypes: DTypeLike | Sequence[DTypeLike] | None
 ) -> list[tuple[torch.dtype, tuple[int, ...]]]:
     if args_dtypes is None:
@@ -38,7 +38,9 @@ def signature(
     return out
 
 
-def examples(signature: Sequence[tuple[torch.dtype, tuple[int, ...]]], dynamic: list[Axes]) -> list[torch.Tensor]:
+def random_examples(
+    signature: Sequence[tuple[torch.dtype, tuple[int, ...]]], dynamic: list[Axes]
+) -> list[torch.Tensor]:
     """Seeded random tensors for a signature; -1 (dynamic) sizes become TRACE_SIZE."""
     gen = torch.Generator().manual_seed(0)
     out = []

@@ -3,8 +3,9 @@
 A :class:`Plan` is a ``torch.nn.Module``: a function plan is a module whose ``forward`` calls the function
 (its state as buffers), a class plan is the user's own module. Building traces it once per signature with
 ``torch.onnx.export(..., dynamo=True)`` into a :class:`~planwire.transport.spec.PlanVariant`, checks the
-graph against eager torch, and keeps the variant; calling the plan then runs that graph, locally in
-onnxruntime or, given pointers, on their worker.
+graph against eager torch, and keeps the variant (through :func:`planwire.exporter.build.build_variant`,
+the driver every plan shares); calling the plan then runs that graph, locally in onnxruntime or, given
+pointers, on their worker.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from planwire.exporter.base import PlanRunner, Signature
 from planwire.exporter.build import build_variant, cache_key
 from planwire.exporter.dtypes import WIRE_TO_TORCH, DTypeLike, wire_of
 from planwire.exporter.errors import FixedShapeWarning, PlanBuildError
-from planwire.exporter.examples import TRACE_SIZE, Axes, examples, output_names, resize, signature
+from planwire.exporter.examples import TRACE_SIZE, Axes, args_signature, output_names, random_examples, resize
 from planwire.exporter.export import export_model
 from planwire.exporter.fingerprint import function_fingerprint, module_fingerprint, tensors_digest, uses_autograd
 from planwire.exporter.onnx_passes import has_random_ops
@@ -89,7 +90,7 @@ class Plan(PlanRunner, torch.nn.Module):
         if args_shape is not None:
             self._dynamic = [(len(s), frozenset(a for a, d in enumerate(s) if d == -1)) for s in args_shape]
             dynamic = self._dynamic_axes(len(args_shape))
-            self.build(*examples(signature(args_shape, args_dtypes), dynamic), dynamic_axes=dynamic)
+            self.build(*random_examples(args_signature(args_shape, args_dtypes), dynamic), dynamic_axes=dynamic)
         elif args_dtypes is not None:
             raise TypeError("args_dtypes needs args_shape")
 
@@ -169,7 +170,7 @@ class Plan(PlanRunner, torch.nn.Module):
             raise TypeError(f"plan {self.name!r} cannot take dtype {e.args[0]!r}") from None
         dynamic = self._dynamic_axes(len(args), [len(s) for _, s in signature])
         if examples is None:
-            tensors = examples(signature, dynamic)
+            tensors = random_examples(signature, dynamic)
         else:
             tensors = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in examples]
         try:

@@ -6,8 +6,8 @@ training step (:mod:`.trace`): autograd runs while tracing, so ``torch.func.grad
 update) become ordinary forward ops in the graph. ``torch.onnx.export`` alone cannot do this: it either
 fails on the transform or, for ``torch.autograd.grad``, may freeze saved values as constants.
 
-This is the entry point for ``func2plan`` when it sees such a function; :func:`uses_autograd` is the
-cheap check for that.
+``func2plan`` takes this path for such a function (:func:`export_function`, inside the plan's own
+build); :func:`uses_autograd` is the cheap check for that.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from torch import Tensor, nn
 from planwire.exporter.fingerprint import uses_autograd
 from planwire.exporter.onnx_passes import has_random_ops
 from planwire.exporter.training.attribution import ModuleTagger
-from planwire.exporter.training.graph_export import export_graph, export_traced
-from planwire.exporter.training.graph_export import verify as verify_run
+from planwire.exporter.training.graph_export import export_graph, export_traced, verify_once
 from planwire.exporter.training.ports import Port, VariantView
 from planwire.exporter.training.trace import port_shape, trace, unify_axes
 from planwire.transport.spec import PlanVariant
@@ -101,7 +100,7 @@ def build_function_step(
 
     def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
         feeds = {p.name: a.cpu().numpy() for p, a in zip(traced.inputs, traced.examples, strict=True)}
-        verify_run(variant, feeds, traced.flat(*traced.examples), plan=traced.plan, random=has_random_ops(proto))
+        verify_once(variant, feeds, traced.flat(*traced.examples), plan=traced.plan, random=has_random_ops(proto))
 
     variant, proto = export_graph(
         traced.gm,

@@ -128,7 +128,7 @@ def translations_source() -> str:
     return "\n".join(source_of(fn) for fn in [*ONNX_TRANSLATIONS.values(), tidy_max_pools])
 
 
-def verify(
+def verify_once(
     variant: PlanVariant,
     feeds: Mapping[str, np.ndarray],
     expected: Sequence[Tensor],

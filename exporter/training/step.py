@@ -39,8 +39,7 @@ from planwire.exporter.optim import Optimizer
 from planwire.exporter.optim import resolve as resolve_optimizer
 from planwire.exporter.progress import building
 from planwire.exporter.training.attribution import ModuleTagger
-from planwire.exporter.training.graph_export import export_graph
-from planwire.exporter.training.graph_export import verify as verify_run
+from planwire.exporter.training.graph_export import export_graph, verify_once
 from planwire.exporter.training.losses import CLASS_INDEX_LOSSES, Metric, check_targets, loss_kind, resolve_metrics
 from planwire.exporter.training.ports import Port
 from planwire.exporter.training.result import TrainingStep, numpy_of
@@ -200,7 +199,7 @@ def _build(
             *expected[first_out + len(state.buffers) :],
         ]
         feeds = {p.name: numpy_of(t) for p, t in zip(in_ports, [*check_args, *check_rest], strict=True)}
-        verify_run(variant, feeds, expected, plan=plan, random=has_random_ops(proto))
+        verify_once(variant, feeds, expected, plan=plan, random=has_random_ops(proto))
 
     variant, proto = export_graph(
         gm, examples, in_ports, out_ports, plan=plan, kind="training", extra_meta=extra, check=check if verify else None
