@@ -65,10 +65,13 @@ def assert_still_serving(env: Env) -> None:
         assert np.array_equal(value, want), key
     assert sorted(p.key for p in env.client.search("own")) == sorted(env.own.values())
     with Peer(env.url) as p:
-        assert p.ok({"type": "has_plan", "plan": env.plan}).kind == "plan"
-        # the worker's own data is intact: read it through a plan
-        reply = p.run(env.copy, [env.own["weights"]], ["g-copy"], fetch=[0])
-        assert np.array_equal(reply.arrays()["g-copy"], np.arange(6, dtype=np.float32).reshape(2, 3))
+        assert p.register(plans.sum_and_diff())["plan"] == env.plan  # plans belong to their client (§6.3)
+        # the worker's own data is intact and usable (what plans compute from it is private: §6.2)
+        (info,) = p.ok({"type": "describe", "keys": [env.own["weights"]]})["tensors"]
+        assert info["shape"] == [2, 3] and info["owner"] == "worker" and info["private"] is True
+        assert p.register(plans.identity("float", [2, 3]))["plan"] == env.copy
+        p.run(env.copy, [env.own["weights"]], ["g-copy"])
+        assert p.ok({"type": "describe", "keys": ["g-copy"]})["tensors"][0]["private"] is True
 
 
 def header(obj: Any) -> bytes:
@@ -337,6 +340,7 @@ CASES: dict[str, Case] = {
 def test_garbage_gets_an_error_and_the_worker_goes_on(env: Env, name: str) -> None:
     case = CASES[name]
     with Peer(env.url) as raw:
+        raw.register(plans.sum_and_diff())  # the plan the run cases name is this client's too (§6.3)
         raw.send_frames(case.frames(env))
         reply = raw.recv()  # the reply is checked against schemas/error.json
         assert reply.kind == "error", reply
@@ -378,6 +382,8 @@ def test_a_frame_over_the_transport_cap_is_dropped_without_reply(env: Env) -> No
 def test_a_burst_of_garbage_from_many_connections(env: Env) -> None:
     peers = [Peer(env.url) for _ in range(4)]
     try:
+        for p in peers:
+            p.register(plans.sum_and_diff())  # the plan the run cases name is each client's too (§6.3)
         for i, p in enumerate(peers):
             for case in list(CASES.values())[i::4]:
                 p.send_frames(case.frames(env))
