@@ -415,8 +415,9 @@ def test_tutorial_on_virtual_workers(net: Net, plan_abs: Plan) -> None:
     hook = sy.TorchHook(torch)
     x11 = torch.tensor([-1, 2.0]).tag("input_data")
     x21 = torch.tensor([-1, 2.0]).tag("input_data")
-    device_1 = VirtualWorker(hook, id="device_1", data=(x11,))
-    device_2 = VirtualWorker(hook, id="device_2", data=(x21,))
+    # the tutorial's toy data is public: results computed from private data would not come back
+    device_1 = VirtualWorker(hook, id="device_1", data=(x11,), public=True)
+    device_2 = VirtualWorker(hook, id="device_2", data=(x21,), public=True)
 
     @sy.func2plan()
     def plan_double_abs(x):

@@ -76,7 +76,7 @@ def test_variants_per_dtype_on_workers(worker, plans, dtype):
 def test_module_plan_on_the_workers_own_data(worker_factory, plans):
     net = plans[3]
     data = set_tags(torch.tensor([[-1.0, 2.0], [0.5, 0.5], [3.0, -2.0]]), ["input_data"])
-    w = worker_factory("device_1", data=(data,))
+    w = worker_factory("device_1", data=(data,), public=True)  # public: the result may come back
     got = net.send(w)(w.search("input_data")[0]).get()
     torch.testing.assert_close(got, net.eager(data).detach())
 
