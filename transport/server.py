@@ -57,11 +57,23 @@ class Server:
                 peer, *frames = recv_frames(sock)
             except zmq.Again:
                 continue
-            reply = handler(frames)
-            try:
-                send_frames(sock, [peer, *reply])
-            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full
-                log.warning("reply to a client dropped: %s", e)
+            self.send(peer, handler(frames))
+
+    def send(self, peer: Frame, reply: Sequence[Frame]) -> None:
+        """Route ``reply`` to ``peer`` (a reply to a gone peer is dropped with a log line)."""
+        try:
+            send_frames(self._sock, [peer, *reply])
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full
+            log.warning("reply to a client dropped: %s", e)
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The ROUTER socket, for a caller that runs its own loop (worker/supervisor.py)."""
+        return self._sock
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self) -> None:
         self._stop.set()

@@ -17,7 +17,9 @@ from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
 from planwire.transport.session import Limits
 from planwire.transport.sockets import tune_io_threads
+from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
+from planwire.worker.supervisor import Supervisor
 
 log = logging.getLogger("planwire.worker")
 
@@ -65,6 +67,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per plan")
     ap.add_argument("--max-message-mb", type=int, default=1024, help="largest message accepted")
     ap.add_argument("--max-plan-mb", type=int, default=512, help="largest plan accepted")
+    ap.add_argument(
+        "--run-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop a run or a plan's registration after this long (plan_timeout); default 60",
+    )
+    ap.add_argument(
+        "--max-run-memory-mb",
+        type=int,
+        default=2048,
+        metavar="MB",
+        help="memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none; default 2048",
+    )
     ap.add_argument("--curve-secret", metavar="FILE", help="zmq.auth secret key file: encrypt with CURVE")
     ap.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -79,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
+    if args.run_timeout <= 0:
+        print("plan-worker: --run-timeout must be positive", file=sys.stderr)
+        return 2
+    if args.max_run_memory_mb < 0:
+        print("plan-worker: --max-run-memory-mb must be 0 (no bound) or positive", file=sys.stderr)
+        return 2
     try:  # every configuration error exits with 2 and one clear line
         data = [item for spec in args.data for item in load_data(spec)]
         service = Service(
@@ -95,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
         curve_secret = load_secret(args.curve_secret)
         auth = start_authenticator(args.curve_clients)
+    sandbox = Sandbox(
+        providers=service.providers,
+        threads=args.threads,
+        memory_mb=args.max_run_memory_mb,
+        timeout=args.run_timeout,
+    )
     server = Server(service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret)
 
     def stop(signum: int, _frame: object) -> None:
@@ -104,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     log.info(
-        "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors)",
+        "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors, "
+        "plans run in a sandboxed process: --run-timeout %g s, --max-run-memory-mb %d)",
         args.id,
         ", ".join(server.endpoints),
         PROTOCOL_VERSION,
@@ -112,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         ort.__version__,
         os.getpid(),
         len(data),
+        args.run_timeout,
+        args.max_run_memory_mb,
     )
     try:
-        server.serve_forever()
+        Supervisor(service, server, sandbox).serve_forever()  # plans run in the sandbox, never here
     finally:
+        sandbox.close()
         server.close()
         if auth is not None:
             auth.stop()

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -21,13 +22,45 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
 from planwire.worker.modelcheck import check_model
-from planwire.worker.runtime import PlanSession, providers_for
-from planwire.worker.store import Store
+from planwire.worker.runtime import PlanSession, Ports, providers_for
+from planwire.worker.store import Entry, Store
 
 log = logging.getLogger("planwire.worker")
 
 # Opsets of the ONNX default domain this worker's onnxruntime accepts (reported in welcome).
 ONNX_OPSET = 23
+
+
+@dataclass
+class Plan:
+    """A registered plan: its bytes (kept, so a restarted runner can re-create its session) and ports."""
+
+    name: str
+    data: bytes
+    ports: Ports
+
+
+@dataclass
+class RegisterJob:
+    """A registration that needs a session created (by the sandbox's runner, or in process)."""
+
+    rid: int
+    pid: str
+    name: str
+    data: bytes
+
+
+@dataclass
+class RunJob:
+    """A validated run: the plan, its argument arrays and, for stored ones, their store entries."""
+
+    msg: m.Run
+    plan: Plan
+    args: list[np.ndarray]
+    entries: list[Entry | None]
+
+
+Job = RegisterJob | RunJob
 
 
 class Service:
@@ -49,7 +82,8 @@ class Service:
         self.threads = threads
         self.limits = limits or Limits()
         self.store = Store(public=public)
-        self.plans: dict[str, PlanSession] = {}
+        self.plans: dict[str, Plan] = {}
+        self._sessions: dict[str, PlanSession] = {}  # in-process execution only (VirtualWorker, tests)
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)
@@ -68,12 +102,23 @@ class Service:
             m.RegisterPlan: self._register,
             m.HasPlan: self._has_plan,
             m.Run: self._run,
+            m.Cancel: self._cancel,
         }
 
-    # -- entry point ------------------------------------------------------------------------------
+    # -- entry points ----------------------------------------------------------------------------
+    # handle() answers one request in this process (plans run here too). A plan-worker instead drives
+    # decode/answer/begin/complete from its supervisor loop (worker/supervisor.py), with begin's jobs
+    # executed by the sandboxed runner, so no plan ever runs in the process that holds the data.
 
     def handle(self, frames: Sequence[Frame]) -> list[Frame]:
         """Answer one request message; never raises: every failure becomes an error reply."""
+        msg, buffers = self.decode(frames)
+        if msg is None:
+            return buffers  # type: ignore[return-value]
+        return self.answer(msg, buffers)
+
+    def decode(self, frames: Sequence[Frame]) -> tuple[m._Message | None, list]:
+        """(request, raw frames), or (None, error reply frames) for a request refused as a whole."""
         rid = -1
         try:
             total = sum(map(len, frames))
@@ -83,8 +128,17 @@ class Service:
                     "too_large",
                     f"message of {total} bytes, over the limit of {self.limits.max_message_bytes}",
                 )
-            msg, buffers = session.unpack_request(frames, self.limits)
-            rid = msg.id  # type: ignore[attr-defined]
+            return session.unpack_request(frames, self.limits)
+        except ProtocolError as e:
+            return None, self.refuse(getattr(e, "re", rid), e)
+        except Exception as e:  # a bug here must not take the worker down
+            log.exception("request #%d failed", rid)
+            return None, self.refuse(rid, e)
+
+    def answer(self, msg: m._Message, buffers: list[memoryview]) -> list[Frame]:
+        """Reply frames for a decoded request; never raises."""
+        rid = msg.id  # type: ignore[attr-defined]
+        try:
             if log.isEnabledFor(logging.DEBUG):
                 t0 = time.perf_counter()
             reply, out = self._handlers[type(msg)](msg, buffers)
@@ -97,15 +151,59 @@ class Service:
                     (time.perf_counter() - t0) * 1e3,
                 )
             return session.pack(reply, out)
-        except ProtocolError as e:
-            rid = getattr(e, "re", rid)
+        except Exception as e:
+            return self.refuse(rid, e)
+
+    def refuse(self, rid: int, e: Exception) -> list[Frame]:
+        """The error reply for a failed request (ProtocolError: its code; anything else: internal)."""
+        if isinstance(e, ProtocolError):
             log.info("request #%d refused: %s [%s]", rid, e.message, e.code)
             return session.pack(m.Error(re=rid, session=self.session, code=e.code, message=e.message))  # type: ignore[arg-type]
-        except Exception as e:  # a bug here must not take the worker down
-            log.exception("request #%d failed", rid)
-            return session.pack(
-                m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}")
-            )
+        log.error("request #%d failed", rid, exc_info=e)
+        return session.pack(m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}"))
+
+    def begin(self, msg: m.RegisterPlan | m.Run, buffers: list[memoryview]) -> Job | list[Frame]:
+        """Validate a registration or run: a Job to execute, or the reply when there is nothing to run
+        (already registered, or refused: a refused run's outputs are marked failed). Never raises."""
+        try:
+            if isinstance(msg, m.RegisterPlan):
+                job = self._begin_register(msg, buffers)
+                if isinstance(job, m.PlanInfo):
+                    return session.pack(job)
+                return job
+            return self._begin_run(msg, buffers)
+        except Exception as e:
+            return self.refuse(msg.id, e)
+
+    def complete(self, job: Job, outcome: Ports | list[np.ndarray] | ProtocolError) -> list[Frame]:
+        """The reply to ``job`` given what executing it gave: ports (loaded), arrays (ran) or an error."""
+        rid = job.rid if isinstance(job, RegisterJob) else job.msg.id
+        try:
+            if isinstance(job, RegisterJob):
+                if isinstance(outcome, ProtocolError):
+                    raise outcome
+                plan = Plan(job.name, job.data, outcome)  # type: ignore[arg-type]
+                self.plans[job.pid] = plan
+                log.info("registered plan %r (%s, %d bytes)", job.name, job.pid[:12], len(job.data))
+                return session.pack(self._plan_info(rid, job.pid, plan))
+            if isinstance(outcome, ProtocolError):
+                self._fail_outputs(job.msg, outcome)
+                raise outcome
+            reply, out = self._end_run(job, outcome)  # type: ignore[arg-type]
+            return session.pack(reply, out)
+        except Exception as e:
+            return self.refuse(rid, e)
+
+    def drop(self, msg: m.Run, error: ProtocolError) -> list[Frame]:
+        """The reply to a run that will not start (cancelled while queued); its outputs are marked failed
+        unless the run would have been refused as a whole (e.g. a forbidden output key)."""
+        try:
+            self.store.check_writable(msg.outputs)
+            if len(set(msg.outputs)) == len(msg.outputs):
+                self._fail_outputs(msg, error)
+        except ProtocolError as e:
+            return self.refuse(msg.id, e)
+        return self.refuse(msg.id, error)
 
     # -- handlers ---------------------------------------------------------------------------------
 
@@ -153,27 +251,33 @@ class Service:
         return m.Found(re=msg.id, session=self.session, tensors=found), []
 
     def _register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        job = self._begin_register(msg, buffers)
+        if isinstance(job, m.PlanInfo):
+            return job, []
+        plan = PlanSession(job.data, name=job.name, providers=self.providers, threads=self.threads)
+        self._sessions[job.pid] = plan
+        self.plans[job.pid] = Plan(job.name, job.data, plan)
+        log.info("registered plan %r (%s, %d bytes)", job.name, job.pid[:12], len(job.data))
+        return self._plan_info(msg.id, job.pid, self.plans[job.pid]), []
+
+    def _begin_register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> RegisterJob | m.PlanInfo:
         frame = session.frame_at(buffers, msg.frame, "register_plan.frame")
         data = bytes(frame)
         pid = plan_id(data)
         plan = self.plans.get(pid)
-        if plan is None:
-            try:
-                summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
-            except ValueError as e:  # PlanRejected
-                code = "too_large" if len(data) > self.limits.max_plan_bytes else "bad_plan"
-                raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
-            name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
-            plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
-            for port, wire, _ in plan.outputs:  # inputs are checked by PlanSession
-                if wire not in dtypes.WIRE_TO_NUMPY:
-                    raise ProtocolError(
-                        "bad_plan",
-                        f"plan {name!r} output {port!r} has type {wire!r}; supported: {dtypes.human_list()}",
-                    )
-            self.plans[pid] = plan
-            log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
-        return self._plan_info(msg.id, pid, plan), []
+        if plan is not None:
+            return self._plan_info(msg.id, pid, plan)
+        try:
+            summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
+        except ValueError as e:  # PlanRejected
+            code = "too_large" if len(data) > self.limits.max_plan_bytes else "bad_plan"
+            raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
+        name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
+        return RegisterJob(msg.id, pid, name, data)
+
+    def _cancel(self, msg: m.Cancel, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        # In process a run is over before the next request is read: nothing is ever queued or running.
+        raise ProtocolError("bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running")
 
     def _has_plan(self, msg: m.HasPlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)
@@ -182,6 +286,28 @@ class Service:
         return self._plan_info(msg.id, msg.plan, plan), []
 
     def _run(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        job = self._begin_run(msg, buffers)
+        if not isinstance(job, RunJob):
+            raise AssertionError("unreachable")  # _begin_run raises or returns a job
+        pid = job.msg.plan
+        try:
+            plan = self._sessions.get(pid)
+            if plan is None:
+                plan = self._sessions[pid] = PlanSession(
+                    job.plan.data, name=job.plan.name, providers=self.providers, threads=self.threads
+                )
+            results = plan.run(job.args, check=False)
+        except ProtocolError as e:
+            self._fail_outputs(msg, e)
+            raise
+        except Exception as e:  # onnxruntime's own errors already say what they are
+            detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
+            error = ProtocolError("run_failed", f"plan {job.plan.name!r} failed on worker {self.id!r}: {detail}")
+            self._fail_outputs(msg, error)
+            raise error from None
+        return self._end_run(job, results)
+
+    def _begin_run(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
         # What the schema forbids is refused before anything changes (as any invalid header).
         if len(set(msg.outputs)) != len(msg.outputs):
             raise ProtocolError("invalid_message", f"run.outputs must be distinct keys, got {msg.outputs}")
@@ -190,20 +316,23 @@ class Service:
                 raise ProtocolError("invalid_message", f"run.args[{i}] needs exactly one of 'ref', 'tensor'")
         self.store.check_writable(msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
         try:
-            return self._execute(msg, buffers)
+            return self._prepare(msg, buffers)
         except ProtocolError as e:
-            # Clients do not wait for runs: record why the outputs will not come, so that a later get,
-            # describe or run that uses them fails with run_failed and this reason.
-            why = e.message if e.code == "run_failed" else f"run #{msg.id} refused: {e.message} [{e.code}]"
-            for key in msg.outputs:
-                self.store.fail(key, why)
+            self._fail_outputs(msg, e)
             raise
 
-    def _execute(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+    def _fail_outputs(self, msg: m.Run, e: ProtocolError) -> None:
+        # Clients do not wait for runs: record why the outputs will not come, so that a later get,
+        # describe or run that uses them fails with run_failed and this reason.
+        why = e.message if e.code == "run_failed" else f"run #{msg.id} refused: {e.message} [{e.code}]"
+        for key in msg.outputs:
+            self.store.fail(key, why)
+
+    def _prepare(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
         plan = self.plans.get(msg.plan)
         if plan is None:
             raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
-        n_out = len(plan.outputs)
+        n_out = len(plan.ports.outputs)
         if len(msg.outputs) != n_out:
             raise ProtocolError(
                 "bad_argument",
@@ -211,13 +340,22 @@ class Service:
             )
         if msg.fetch and max(msg.fetch) >= n_out:
             raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
-        args = [self._arg(i, a, buffers) for i, a in enumerate(msg.args)]
-        plan.check(args)
-        try:
-            results = plan.run(args, check=False)
-        except Exception as e:  # onnxruntime's own errors already say what they are
-            detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
-            raise ProtocolError("run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {detail}") from None
+        entries: list[Entry | None] = []
+        args = []
+        for i, a in enumerate(msg.args):
+            if a.ref is not UNSET:
+                entry = self.store.entry(a.ref)
+                entries.append(entry)
+                args.append(entry.array)
+            else:
+                t = a.tensor
+                entries.append(None)
+                args.append(self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}"))  # type: ignore[union-attr]
+        plan.ports.check(args)
+        return RunJob(msg, plan, args, entries)
+
+    def _end_run(self, job: RunJob, results: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
+        msg = job.msg
         for key, arr in zip(msg.outputs, results, strict=True):
             self.store.put(key, arr)
         fetch = msg.fetch
@@ -232,12 +370,6 @@ class Service:
     def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
-    def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
-        if arg.ref is not UNSET:
-            return self.store.entry(arg.ref).array
-        t = arg.tensor
-        return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]
-
     def _tensors_reply(self, rid: int, keys: list[str], arrays: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
         out, frames = [], []
         for key, arr in zip(keys, arrays, strict=True):
@@ -246,7 +378,7 @@ class Service:
             frames.append(buf)
         return m.Tensors(re=rid, session=self.session, tensors=out), frames
 
-    def _plan_info(self, rid: int, pid: str, plan: PlanSession) -> m.PlanInfo:
+    def _plan_info(self, rid: int, pid: str, plan: Plan) -> m.PlanInfo:
         def ports(items: list) -> list[m.Port]:
             return [
                 m.Port(name=n, dtype=t, shape=[d if isinstance(d, int) else (d or None) for d in s])
@@ -254,7 +386,7 @@ class Service:
             ]
 
         return m.PlanInfo(
-            re=rid, session=self.session, plan=pid, inputs=ports(plan.inputs), outputs=ports(plan.outputs)
+            re=rid, session=self.session, plan=pid, inputs=ports(plan.ports.inputs), outputs=ports(plan.ports.outputs)
         )
 
     @staticmethod

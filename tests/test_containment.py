@@ -1,0 +1,283 @@
+"""Containment and control while busy (issue 11, items 1 and 3), on real plan-worker processes.
+
+Plans run in a sandboxed runner process: a plan that crashes it (SIGFPE), exhausts its memory bound or
+runs past --run-timeout costs that run only, and the worker answers ping, hello, describe and cancel
+while a run executes. Raw frames (tests/conformance/wire.py) so each reply is checked exactly.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from planwire.worker.process import WorkerProcess
+from tests.conformance.wire import Peer
+
+INT64_MIN = np.iinfo(np.int64).min
+INT32_MIN = np.iinfo(np.int32).min
+
+
+def _model(nodes: list, inputs: list, outputs: list, initializers: list = ()) -> bytes:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _io(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def div_plan(dtype: int) -> bytes:
+    """y = a / b: integer division of INT_MIN by -1 traps (SIGFPE) inside onnxruntime."""
+    return _model(
+        [helper.make_node("Div", ["a", "b"], ["y"])],
+        [_io("a", dtype, [1]), _io("b", dtype, [1])],
+        [_io("y", dtype, [1])],
+    )
+
+
+def add_plan() -> bytes:
+    """y = x + 1 over float32 of any length."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    return _model(
+        [helper.make_node("Add", ["x", "one"], ["y"])],
+        [_io("x", TensorProto.FLOAT, ["n"])],
+        [_io("y", TensorProto.FLOAT, ["n"])],
+        [one],
+    )
+
+
+def loop_plan(trips: int = 10**12) -> bytes:
+    """A Loop of ``trips`` iterations adding 1 to x: runs for hours."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+            helper.make_node("Add", ["v", "one"], ["v_out"]),
+        ],
+        "body",
+        [_io("i", TensorProto.INT64, []), _io("cond", TensorProto.BOOL, []), _io("v", TensorProto.FLOAT, [1])],
+        [_io("cond_out", TensorProto.BOOL, []), _io("v_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+    return _model(
+        [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body)],
+        [_io("x", TensorProto.FLOAT, [1])],
+        [_io("y", TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
+            helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+        ],
+    )
+
+
+def fill_plan() -> bytes:
+    """ConstantOfShape(shape): as large as the caller asks."""
+    return _model(
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"])],
+        [_io("shape", TensorProto.INT64, [1])],
+        [_io("y", TensorProto.FLOAT, ["n"])],
+    )
+
+
+def folding_bomb_plan() -> bytes:
+    """x + Expand(ConstantOfShape([1]), [2**28]): 1 GiB of constants, folded while the session loads."""
+    return _model(
+        [
+            helper.make_node("ConstantOfShape", ["one_shape"], ["c"]),
+            helper.make_node("Expand", ["c", "big"], ["e"]),
+            helper.make_node("ReduceSum", ["e"], ["s"], keepdims=1),
+            helper.make_node("Add", ["x", "s"], ["y"]),
+        ],
+        [_io("x", TensorProto.FLOAT, [1])],
+        [_io("y", TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor("one_shape", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("big", TensorProto.INT64, [1], [1 << 28]),
+        ],
+    )
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def worker(request: pytest.FixtureRequest) -> Iterator[tuple[WorkerProcess, Peer]]:
+    with tempfile.TemporaryDirectory(prefix="pwk-") as tmp:
+        listen = "tcp://127.0.0.1:0" if request.param == "tcp" else f"ipc://{tmp}/w.ipc"
+        proc = WorkerProcess("contained", listen=listen, extra=["--run-timeout", "2", "--max-run-memory-mb", "256"])
+        peer = Peer(proc.url, timeout=30)
+        try:
+            yield proc, peer
+        finally:
+            peer.close()
+            proc.close()
+
+
+def _stored(peer: Peer) -> dict[str, np.ndarray]:
+    """Tensors put before a hostile plan, small and large (a large one lives in shared memory)."""
+    data = {
+        "small": np.arange(7, dtype=np.float32),
+        "large": np.arange(1 << 18, dtype=np.float32),  # 1 MiB: over the inline size, shared with the runner
+    }
+    for key, arr in data.items():
+        peer.put(key, arr)
+    return data
+
+
+def _still_holds(peer: Peer, data: dict[str, np.ndarray]) -> None:
+    """The worker answers ping at once and still has every tensor it was given."""
+    assert peer.request({"type": "ping"}, ()).kind == "ok"
+    for key, arr in data.items():
+        np.testing.assert_array_equal(peer.get1(key, keep=True), arr)
+
+
+@pytest.mark.parametrize(("dtype", "np_dtype"), [(TensorProto.INT64, np.int64), (TensorProto.INT32, np.int32)])
+def test_integer_division_trap_is_contained(worker, dtype: int, np_dtype: type) -> None:
+    proc, peer = worker
+    data = _stored(peer)
+    add = peer.register(add_plan(), name="add")["plan"]
+    # a result made by the runner before the crash, large enough to live in shared memory
+    peer.run(add, ["large"], ["plus1"])
+    data["plus1"] = data["large"] + 1
+    plan = peer.register(div_plan(dtype), name="div")["plan"]
+    lo = np.iinfo(np_dtype).min
+    np.testing.assert_array_equal(
+        peer.run(plan, [np.array([lo], np_dtype), np.array([2], np_dtype)], ["q"], fetch=[0]).array_list()[0],
+        [lo // 2],
+    )
+    reply = peer.error(
+        peer.run_header(plan, [np.array([lo], np_dtype), np.array([-1], np_dtype)], ["q"])[0],
+        peer.run_header(plan, [np.array([lo], np_dtype), np.array([-1], np_dtype)], ["q"])[1],
+        code="plan_crashed",
+    )
+    assert "'div'" in reply["message"] and "SIGFPE" in reply["message"], reply["message"]
+    _still_holds(peer, data)
+    failed = peer.error({"type": "get", "keys": ["q"]}, code="run_failed")
+    assert "plan_crashed" in failed["message"] and "SIGFPE" in failed["message"], failed["message"]
+    # registered plans survive: the fresh runner re-creates their sessions from the kept bytes
+    out = peer.run(add, ["large"], ["plus1again"], fetch=[0]).array_list()[0]
+    np.testing.assert_array_equal(out, data["large"] + 1)
+    assert peer.ok({"type": "has_plan", "plan": plan}).kind == "plan"
+    assert proc.proc.poll() is None
+
+
+def test_endless_loop_times_out_and_ping_is_answered_while_it_runs(worker) -> None:
+    _, peer = worker
+    data = _stored(peer)
+    plan = peer.register(loop_plan(), name="forever")["plan"]
+    run_id = peer.send(*peer.run_header(plan, [np.zeros(1, np.float32)], ["y"]))
+    ping_id = peer.send({"type": "ping"})
+    hello_id = peer.send({"type": "hello"})
+    describe_id = peer.send({"type": "describe", "keys": ["small"]})
+    first = [peer.recv() for _ in range(3)]  # answered while the run executes: before its reply
+    assert [r["re"] for r in first] == [ping_id, hello_id, describe_id]
+    assert [r.kind for r in first] == ["ok", "welcome", "found"]
+    reply = peer.recv()
+    assert reply["re"] == run_id and reply["code"] == "plan_timeout", reply
+    assert "'forever'" in reply["message"] and "--run-timeout" in reply["message"]
+    failed = peer.error({"type": "get", "keys": ["y"]}, code="run_failed")
+    assert "plan_timeout" in failed["message"]
+    _still_holds(peer, data)
+
+
+def test_requests_after_a_running_run_keep_their_order(worker) -> None:
+    """A get (or a describe of its output) sent behind a run waits for it: pipelining is unchanged."""
+    _, peer = worker
+    plan = peer.register(add_plan(), name="add")["plan"]
+    peer.put("x", np.arange(3, dtype=np.float32))
+    r1 = peer.send(*peer.run_header(plan, ["x"], ["x1"]))
+    r2 = peer.send(*peer.run_header(plan, ["x1"], ["x2"]))
+    d = peer.send({"type": "describe", "keys": ["x2"]})
+    g = peer.send({"type": "get", "keys": ["x2"]})
+    replies = [peer.recv() for _ in range(4)]
+    assert [r["re"] for r in replies] == [r1, r2, d, g]
+    assert replies[2]["tensors"][0]["shape"] == [3]
+    np.testing.assert_array_equal(replies[3].array_list()[0], [2, 3, 4])
+
+
+def test_memory_bomb_at_run_is_out_of_memory(worker) -> None:
+    _, peer = worker
+    data = _stored(peer)
+    plan = peer.register(fill_plan(), name="fill")["plan"]
+    np.testing.assert_array_equal(
+        peer.run(plan, [np.array([3], np.int64)], ["z"], fetch=[0]).array_list()[0], np.zeros(3, np.float32)
+    )
+    header, frames = peer.run_header(plan, [np.array([1 << 32], np.int64)], ["z"])  # 16 GiB
+    reply = peer.request(header, frames)
+    assert reply.kind == "error" and reply["code"] in ("out_of_memory", "plan_crashed"), reply
+    assert "'fill'" in reply["message"]
+    _still_holds(peer, data)
+    # the runner is usable again
+    assert peer.run(plan, [np.array([2], np.int64)], ["z"], fetch=[0]).array_list()[0].shape == (2,)
+
+
+def test_constant_folding_bomb_at_registration_is_contained(worker) -> None:
+    _, peer = worker
+    data = _stored(peer)
+    reply = peer.request({"type": "register_plan", "name": "bomb"}, [folding_bomb_plan()])
+    if reply.kind == "plan":  # onnxruntime gave up folding at the memory bound: the run then hits it
+        header, frames = peer.run_header(reply["plan"], [np.ones(1, np.float32)], ["b"])
+        reply = peer.request(header, frames)
+    assert reply.kind == "error" and reply["code"] in ("out_of_memory", "plan_crashed", "bad_plan"), reply
+    assert "'bomb'" in reply["message"], reply["message"]
+    _still_holds(peer, data)
+    plan = peer.register(add_plan(), name="add")["plan"]
+    np.testing.assert_array_equal(peer.run(plan, ["small"], ["s1"], fetch=[0]).array_list()[0], data["small"] + 1)
+
+
+def test_cancel_a_running_and_a_queued_run(worker) -> None:
+    _, peer = worker
+    data = _stored(peer)
+    forever = peer.register(loop_plan(), name="forever")["plan"]
+    add = peer.register(add_plan(), name="add")["plan"]
+    running = peer.send(*peer.run_header(forever, [np.zeros(1, np.float32)], ["y"]))
+    queued = peer.send(*peer.run_header(add, ["small"], ["s1"]))
+    after = peer.send(*peer.run_header(add, ["small"], ["s2"], fetch=[0]))
+    cancel_q = peer.send({"type": "cancel", "run": queued})
+    reply = peer.recv()
+    assert (reply["re"], reply["code"]) == (queued, "cancelled"), reply
+    assert peer.recv()["re"] == cancel_q
+    cancel_r = peer.send({"type": "cancel", "run": running})
+    reply = peer.recv()
+    assert (reply["re"], reply["code"]) == (running, "cancelled"), reply
+    assert "'forever'" in reply["message"]
+    assert peer.recv()["re"] == cancel_r
+    reply = peer.recv()  # the run queued behind the cancelled one goes on
+    assert reply["re"] == after
+    np.testing.assert_array_equal(reply.array_list()[0], data["small"] + 1)
+    for key in ("y", "s1"):
+        failed = peer.error({"type": "get", "keys": [key]}, code="run_failed")
+        assert "cancelled" in failed["message"], failed["message"]
+    peer.error({"type": "cancel", "run": running}, code="bad_argument")  # nothing left to cancel
+    _still_holds(peer, data)
+
+
+def test_sigterm_stops_the_worker_mid_run(worker) -> None:
+    proc, peer = worker
+    plan = peer.register(loop_plan(), name="forever")["plan"]
+    peer.send(*peer.run_header(plan, [np.zeros(1, np.float32)], ["y"]))
+    assert peer.request({"type": "ping"}).kind == "ok"  # the run has started
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(timeout=20) == 0
+    assert "stopped" in proc.log()
+
+
+def test_runner_is_gone_with_the_worker(tmp_path: Path) -> None:
+    """The runner is a child of the worker and goes with it: no process or shared memory left behind."""
+    with WorkerProcess("w", listen=f"ipc://{tmp_path}/w.ipc") as proc:
+        peer = Peer(proc.url, timeout=30)
+        peer.register(add_plan())
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        peer.close()
+    assert len(children) == 1
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

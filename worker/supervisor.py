@@ -1,0 +1,302 @@
+"""Supervisor: a plan-worker's main loop. It holds the data and never runs a plan.
+
+Registrations and runs execute in the sandboxed runner (worker/sandbox.py), one at a time; meanwhile the
+loop keeps reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it
+names an output of a queued or running run, and ``cancel`` at once; every other request waits in one
+FIFO behind the running job, so each connection's requests still execute in the order they came
+(a pipelined ``p(p(x))`` sees its first run's output). A runner that crashes, exhausts its memory, runs
+past ``--run-timeout`` or is cancelled costs that job only: its caller gets ``plan_crashed``,
+``out_of_memory``, ``plan_timeout`` or ``cancelled`` naming the plan, the run's outputs are marked failed
+with that reason, and the next job starts a fresh runner, which re-creates sessions from the kept bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from planwire.transport import messages as m
+from planwire.transport import session
+from planwire.transport.errors import ProtocolError
+from planwire.transport.server import Server
+from planwire.transport.sockets import recv_frames
+from planwire.worker import pipe
+from planwire.worker.runtime import Ports
+from planwire.worker.sandbox import Sandbox
+from planwire.worker.service import Job, RegisterJob, RunJob, Service
+
+log = logging.getLogger("planwire.worker")
+
+MAX_QUEUED = 10_000  # requests waiting behind a job; past it the socket is not read (ZeroMQ's HWM pushes back)
+READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded host)
+POLL_MS = 100  # the stop flag is checked at least this often
+
+
+@dataclass
+class _Current:
+    peer: bytes
+    job: Job
+    deadline: float  # monotonic; while the runner starts: its start deadline
+
+
+class Supervisor:
+    """Serves ``service`` on ``server``'s socket, executing jobs in ``sandbox``."""
+
+    def __init__(self, service: Service, server: Server, sandbox: Sandbox) -> None:
+        self.service = service
+        self.server = server
+        self.sandbox = sandbox
+        self.queue: deque[tuple[bytes, m._Message, list]] = deque()
+        self.current: _Current | None = None
+        self._sent = False  # whether the current job has gone to the runner
+
+    # -- loop -------------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        sock, sandbox = self.server.socket, self.sandbox
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        watched = -1
+        sandbox.start()  # warm: the first registration does not wait for onnxruntime to load
+        try:
+            while not self.server.stopped:
+                fd = sandbox.fileno()
+                if fd != watched:
+                    if watched >= 0:
+                        poller.unregister(watched)
+                    if fd >= 0:
+                        poller.register(fd, zmq.POLLIN)
+                    watched = fd
+                poller.modify(sock, zmq.POLLIN if len(self.queue) < MAX_QUEUED else 0)
+                timeout = POLL_MS
+                if self.current is not None:
+                    timeout = max(0, min(timeout, int((self.current.deadline - time.monotonic()) * 1e3) + 1))
+                events = dict(poller.poll(timeout))
+                if fd >= 0 and fd in events:
+                    self._from_runner()
+                if sock in events:
+                    self._read(sock)
+                if self.current is not None and time.monotonic() > self.current.deadline:
+                    self._overdue()
+        finally:
+            sandbox.close()
+
+    def _read(self, sock: zmq.Socket) -> None:
+        for _ in range(64):  # a burst, then back to the runner's answer
+            try:
+                peer, *frames = recv_frames(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._request(bytes(peer), frames)
+            if len(self.queue) >= MAX_QUEUED:
+                return
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _request(self, peer: bytes, frames: list) -> None:
+        msg, buffers = self.service.decode(frames)
+        if msg is None:
+            self.server.send(peer, buffers)
+            return
+        kind = type(msg)
+        if kind is m.Ping or kind is m.Hello:
+            self.server.send(peer, self.service.answer(msg, buffers))
+        elif kind is m.Cancel:
+            self._cancel(peer, msg)  # type: ignore[arg-type]
+        elif self.current is not None or self.queue:
+            if kind is m.Describe and not set(msg.keys) & self._pending_outputs():  # type: ignore[attr-defined]
+                self.server.send(peer, self.service.answer(msg, buffers))
+            else:
+                self.queue.append((peer, msg, buffers))
+        else:
+            self._process(peer, msg, buffers)
+
+    def _process(self, peer: bytes, msg: m._Message, buffers: list) -> None:
+        if isinstance(msg, m.Run | m.RegisterPlan):
+            job = self.service.begin(msg, buffers)
+            if isinstance(job, RunJob | RegisterJob):
+                self._start(peer, job)
+                return
+            reply = job
+        else:
+            reply = self.service.answer(msg, buffers)
+        self.server.send(peer, reply)
+
+    def _advance(self) -> None:
+        while self.current is None and self.queue:
+            self._process(*self.queue.popleft())
+
+    def _pending_outputs(self) -> set[str]:
+        keys = set()
+        if self.current is not None and isinstance(self.current.job, RunJob):
+            keys.update(self.current.job.msg.outputs)
+        for _, msg, _ in self.queue:
+            if isinstance(msg, m.Run):
+                keys.update(msg.outputs)
+        return keys
+
+    def _cancel(self, peer: bytes, msg: m.Cancel) -> None:
+        ok = session.pack(m.Ok(re=msg.id, session=self.service.session))
+        for i, (p, queued, _) in enumerate(self.queue):
+            if p == peer and isinstance(queued, m.Run) and queued.id == msg.run:
+                del self.queue[i]
+                why = ProtocolError(
+                    "cancelled", f"run #{queued.id} was cancelled (request #{msg.id}) before it started"
+                )
+                self.server.send(peer, self.service.drop(queued, why))
+                self.server.send(peer, ok)
+                return
+        cur = self.current
+        if cur is not None and cur.peer == peer and isinstance(cur.job, RunJob) and cur.job.msg.id == msg.run:
+            self.sandbox.stop("cancelled")
+            name = cur.job.plan.name
+            self._finish(
+                ProtocolError("cancelled", f"run #{msg.run} of plan {name!r} was cancelled (request #{msg.id})")
+            )
+            self.server.send(peer, ok)
+            return
+        self.server.send(
+            peer,
+            self.service.refuse(
+                msg.id,
+                ProtocolError(
+                    "bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running (finished?)"
+                ),
+            ),
+        )
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def _start(self, peer: bytes, job: Job) -> None:
+        self.current = _Current(peer, job, time.monotonic() + READY_TIMEOUT)
+        self._sent = False
+        self.sandbox.start()
+        if self.sandbox.ready:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        cur = self.current
+        assert cur is not None
+        job, sandbox = cur.job, self.sandbox
+        try:
+            if isinstance(job, RegisterJob):
+                sandbox.send_load(job.pid, job.name, job.data)
+            else:
+                sandbox.send_run(job.msg.plan, job.plan.name, job.plan.data, job.args, job.entries)
+        except OSError:  # the runner died before reading: its closed pipe says how
+            pass
+        self._sent = True
+        cur.deadline = time.monotonic() + sandbox.timeout
+
+    def _from_runner(self) -> None:
+        sandbox = self.sandbox
+        try:
+            msg, buffers = sandbox.receive()
+        except pipe.PipeClosed:
+            was_ready = sandbox.ready
+            code, words = sandbox.died()
+            if self.current is not None:
+                self._finish(self._death(code, words, was_ready))
+            else:
+                log.warning("the sandboxed runner ended while idle: %s", words)
+            return
+        if isinstance(msg, pipe.Ready):
+            sandbox.ready = True
+            sandbox.memory_limit = msg.memory_limit
+            log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
+            if self.current is not None and not self._sent:
+                self._dispatch()
+            return
+        cur = self.current
+        if cur is None:
+            log.error("unexpected message from the runner: %s", type(msg).__name__)
+            return
+        job = cur.job
+        outcome: Ports | list | ProtocolError
+        try:
+            if isinstance(msg, pipe.Failed):
+                if isinstance(job, RunJob):
+                    sandbox.loaded.discard(job.msg.plan)
+                outcome = self._failed(job, msg)
+            elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
+                sandbox.loaded.add(job.pid)
+                outcome = Ports(job.name, msg.inputs, msg.outputs)
+            elif isinstance(msg, pipe.Ran) and isinstance(job, RunJob):
+                outcome = sandbox.outputs(msg, buffers)
+            else:
+                outcome = ProtocolError(
+                    "internal", f"the runner answered {type(msg).__name__} to a {type(job).__name__}"
+                )
+        except ProtocolError as e:
+            outcome = e
+        self._finish(outcome)
+
+    def _finish(self, outcome: Ports | list | ProtocolError) -> None:
+        cur = self.current
+        assert cur is not None
+        self.current = None
+        self.server.send(cur.peer, self.service.complete(cur.job, outcome))
+        self._advance()
+
+    def _overdue(self) -> None:
+        cur = self.current
+        assert cur is not None
+        if not self._sent:
+            self.sandbox.stop("did not start in time")
+            self._finish(ProtocolError("internal", f"the sandboxed runner did not start within {READY_TIMEOUT:.0f} s"))
+            return
+        self.sandbox.stop("timeout")
+        what = _what(cur.job)
+        log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
+        self._finish(
+            ProtocolError(
+                "plan_timeout",
+                f"{what} ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped; "
+                "the worker kept every stored tensor and plan",
+            )
+        )
+
+    # -- error wording ----------------------------------------------------------------------------
+
+    def _failed(self, job: Job, failed: pipe.Failed) -> ProtocolError:
+        wid = self.service.id
+        name = job.name if isinstance(job, RegisterJob) else job.plan.name
+        if failed.code == "out_of_memory":
+            bound = f"--max-run-memory-mb {self.sandbox.memory_mb}" if self.sandbox.memory_mb else "memory"
+            doing = "loading" if isinstance(job, RegisterJob) else "running"
+            return ProtocolError(
+                "out_of_memory",
+                f"plan {name!r} ran out of memory {doing} on worker {wid!r} ({bound}): {failed.message}",
+            )
+        if failed.code == "run_failed":
+            return ProtocolError("run_failed", f"plan {name!r} failed on worker {wid!r}: {failed.message}")
+        code = failed.code if failed.code in m.ErrorCode.__args__ else "internal"  # type: ignore[attr-defined]
+        return ProtocolError(code, failed.message)
+
+    def _death(self, code: str, words: str, was_ready: bool) -> ProtocolError:
+        cur = self.current
+        assert cur is not None
+        what = _what(cur.job)
+        if not was_ready:
+            return ProtocolError("internal", f"the sandboxed runner failed to start ({words}): see the worker's log")
+        log.warning("%s: %s; runner restarted", what, words)
+        after = (
+            "it was not registered"
+            if isinstance(cur.job, RegisterJob)
+            else "the worker kept every stored tensor and plan"
+        )
+        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {after}")
+
+
+def _what(job: Job) -> str:
+    if isinstance(job, RegisterJob):
+        return f"plan {job.name!r} (registering)"
+    return f"plan {job.plan.name!r} (run #{job.msg.id})"
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n else "none"
