@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -46,6 +47,7 @@ class Sandbox:
         self.memory_limit = 0
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
+        self._poll: select.poll | None = None
         self._killed = ""  # why we killed the runner, if we did
         self.started_at = 0.0
 
@@ -80,6 +82,8 @@ class Sandbox:
         finally:
             theirs.close()
         self._sock = ours
+        self._poll = select.poll()
+        self._poll.register(ours.fileno(), select.POLLIN)
         self.ready = False
         self.loaded = set()
         self._killed = ""
@@ -127,7 +131,7 @@ class Sandbox:
         pid = self._proc.pid if self._proc is not None else 0
         if self._sock is not None:
             self._sock.close()
-        self._proc, self._sock, self.ready, self.loaded = None, None, False, set()
+        self._proc, self._sock, self._poll, self.ready, self.loaded = None, None, None, False, set()
         prefix = f"o{pid}-"
         with contextlib.suppress(OSError):  # outputs the dead runner wrote but never reported
             for name in os.listdir(self.dir):
@@ -177,6 +181,12 @@ class Sandbox:
         pipe.send(self._sock, pipe.Run(plan=pid, name=name, args=refs, load=load), buffers)  # type: ignore[arg-type]
         if load:
             self.loaded.add(pid)
+
+    def wait(self, seconds: float) -> bool:
+        """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``."""
+        if self._poll is None:
+            return False
+        return bool(self._poll.poll(int(seconds * 1e3)))
 
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
         """The runner's next message; PipeClosed when it died (then call ``died``)."""

@@ -34,6 +34,7 @@ log = logging.getLogger("planwire.worker")
 MAX_QUEUED = 10_000  # requests waiting behind a job; past it the socket is not read (ZeroMQ's HWM pushes back)
 READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded host)
 POLL_MS = 100  # the stop flag is checked at least this often
+BUSY_MS = 10  # while a job runs, the socket is read at least this often (ping, cancel)
 
 
 @dataclass
@@ -57,43 +58,46 @@ class Supervisor:
     # -- loop -------------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        # Idle, the loop blocks in the socket's receive (as a plain server would: one call per request);
+        # while a job runs it waits on the runner's pipe in slices of BUSY_MS and, between slices, reads
+        # what arrived on the socket. No zmq_poll over both: the tiny-call path pays nothing for control.
         sock, sandbox = self.server.socket, self.sandbox
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        watched = -1
         sandbox.start()  # warm: the first registration does not wait for onnxruntime to load
+        rcvtimeo = -2
         try:
             while not self.server.stopped:
-                fd = sandbox.fileno()
-                if fd != watched:
-                    if watched >= 0:
-                        poller.unregister(watched)
-                    if fd >= 0:
-                        poller.register(fd, zmq.POLLIN)
-                    watched = fd
-                poller.modify(sock, zmq.POLLIN if len(self.queue) < MAX_QUEUED else 0)
-                timeout = POLL_MS
-                if self.current is not None:
-                    timeout = max(0, min(timeout, int((self.current.deadline - time.monotonic()) * 1e3) + 1))
-                events = dict(poller.poll(timeout))
-                if fd >= 0 and fd in events:
-                    self._from_runner()
-                if sock in events:
+                if self._sent:
+                    if sandbox.wait(BUSY_MS / 1e3):
+                        self._from_runner()
+                        continue
                     self._read(sock)
+                else:
+                    if sandbox.wait(0):  # Ready, or the runner died while idle
+                        self._from_runner()
+                    want = BUSY_MS if self.current is not None else POLL_MS
+                    if want != rcvtimeo:
+                        sock.setsockopt(zmq.RCVTIMEO, want)
+                        rcvtimeo = want
+                    if len(self.queue) < MAX_QUEUED:
+                        try:
+                            peer, *frames = recv_frames(sock)
+                        except zmq.Again:
+                            pass
+                        else:
+                            self._request(bytes(peer), frames)
+                            self._read(sock)
                 if self.current is not None and time.monotonic() > self.current.deadline:
                     self._overdue()
         finally:
             sandbox.close()
 
     def _read(self, sock: zmq.Socket) -> None:
+        """Requests already waiting on the socket (none: returns at once, without an exception)."""
         for _ in range(64):  # a burst, then back to the runner's answer
-            try:
-                peer, *frames = recv_frames(sock, zmq.NOBLOCK)
-            except zmq.Again:
+            if len(self.queue) >= MAX_QUEUED or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
+            peer, *frames = recv_frames(sock, zmq.NOBLOCK)
             self._request(bytes(peer), frames)
-            if len(self.queue) >= MAX_QUEUED:
-                return
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -239,6 +243,7 @@ class Supervisor:
         cur = self.current
         assert cur is not None
         self.current = None
+        self._sent = False
         self.server.send(cur.peer, self.service.complete(cur.job, outcome))
         self._advance()
 
