@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     log.info(
-        "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors, "
-        "plans run in a sandboxed process: --run-timeout %g s, --max-run-memory-mb %d)",
+        "plans run in a sandboxed runner process: --run-timeout %g s, --max-run-memory-mb %d",
+        args.run_timeout,
+        args.max_run_memory_mb,
+    )
+    log.info(
+        "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors)",
         args.id,
         ", ".join(server.endpoints),
         PROTOCOL_VERSION,
@@ -141,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         ort.__version__,
         os.getpid(),
         len(data),
-        args.run_timeout,
-        args.max_run_memory_mb,
     )
     try:
         Supervisor(service, server, sandbox).serve_forever()  # plans run in the sandbox, never here
