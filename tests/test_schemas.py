@@ -191,6 +191,9 @@ def realistic_session(w: Any) -> None:
     with pytest.raises(RemoteError, match="reshape_to_3") as failed:
         bad.get()
     assert failed.value.code == "run_failed"
+    with pytest.raises(RemoteError, match="no run #1 ") as none:  # long answered: nothing to cancel
+        w.request(lambda rid: m.Cancel(id=rid, run=1))
+    assert none.value.code == "bad_argument"
     (own,) = w.search("own")
     with pytest.raises(ForbiddenError):
         own.get()

@@ -13,6 +13,7 @@ import itertools
 import math
 import mmap
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -151,9 +152,25 @@ def recv_reply(sock: socket.socket) -> tuple[FromRunner, list[memoryview]]:
 
 
 def shm_dir() -> str:
-    """A fresh private directory for this worker's segments: /dev/shm when there is one (RAM), else tmp."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    """A fresh private directory for this worker's segments: /dev/shm when there is one (RAM), else tmp.
+    Directories left by workers that were killed (their pid gone) are removed first: they hold RAM."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            parts = name.split("-")
+            if len(parts) == 3 and parts[0] == "planwire" and parts[1].isdigit() and not _alive(int(parts[1])):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"planwire-{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class Segment(mmap.mmap):
