@@ -43,11 +43,6 @@ def bound(memory_mb: int) -> int:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:
             os._exit(0)
-    if os.environ.get("PLANWIRE_RUNNER_SCHED", "batch") == "batch" and hasattr(os, "SCHED_BATCH"):
-        # Woken by the supervisor's request, the runner does not preempt it: the supervisor finishes its
-        # step and sleeps, and the runner takes the CPU then (as planwire's ZeroMQ I/O threads do).
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if memory_mb <= 0:
         return 0
     limit = _data_bytes() + (memory_mb << 20)  # what a load or run may add to the runner as started
