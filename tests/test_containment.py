@@ -7,6 +7,7 @@ while a run executes. Raw frames (tests/conformance/wire.py) so each reply is ch
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import subprocess
 import tempfile
@@ -281,3 +282,48 @@ def test_runner_is_gone_with_the_worker(tmp_path: Path) -> None:
     assert len(children) == 1
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def nested_functions_plan(depth: int = 18) -> bytes:
+    """f_i(x) = f_(i-1)(x) + f_(i-1)(x), 1 KiB of model: onnxruntime inlines 2**depth nodes while loading."""
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    functions = [
+        helper.make_function("local", "f0", ["x"], ["y"], [helper.make_node("Identity", ["x"], ["y"])], opsets)
+    ]
+    for i in range(1, depth + 1):
+        nodes = [
+            helper.make_node(f"f{i - 1}", ["x"], ["a"], domain="local"),
+            helper.make_node(f"f{i - 1}", ["x"], ["b"], domain="local"),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ]
+        functions.append(helper.make_function("local", f"f{i}", ["x"], ["y"], nodes, opsets))
+    graph = helper.make_graph(
+        [helper.make_node(f"f{depth}", ["x"], ["y"], domain="local")],
+        "g",
+        [_io("x", TensorProto.FLOAT, [1])],
+        [_io("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=opsets,
+        functions=functions,
+    )
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_registration_that_never_ends_is_stopped(worker) -> None:
+    _, peer = worker
+    data = _stored(peer)
+    plan = nested_functions_plan()
+    hello = peer.send({"type": "register_plan", "name": "nested"}, [plan])
+    ping = peer.send({"type": "ping"})
+    first = peer.recv()
+    assert first["re"] == ping, first  # answered while the registration runs
+    reply = peer.recv()
+    assert reply["re"] == hello and reply.kind == "error", reply
+    if reply["code"] != "bad_plan":  # a static check may refuse it up front (nesting depth)
+        assert reply["code"] == "plan_timeout", reply
+        assert "'nested'" in reply["message"] and "registering" in reply["message"]
+    assert peer.ok({"type": "has_plan", "plan": hashlib.sha256(plan).hexdigest()}).kind == "missing"
+    _still_holds(peer, data)

@@ -257,13 +257,8 @@ class Supervisor:
         self.sandbox.stop("timeout")
         what = _what(cur.job)
         log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
-        self._finish(
-            ProtocolError(
-                "plan_timeout",
-                f"{what} ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped; "
-                "the worker kept every stored tensor and plan",
-            )
-        )
+        words = f"ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped"
+        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(cur.job)}"))
 
     # -- error wording ----------------------------------------------------------------------------
 
@@ -289,18 +284,19 @@ class Supervisor:
         if not was_ready:
             return ProtocolError("internal", f"the sandboxed runner failed to start ({words}): see the worker's log")
         log.warning("%s: %s; runner restarted", what, words)
-        after = (
-            "it was not registered"
-            if isinstance(cur.job, RegisterJob)
-            else "the worker kept every stored tensor and plan"
-        )
-        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {after}")
+        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {_after(cur.job)}")
 
 
 def _what(job: Job) -> str:
     if isinstance(job, RegisterJob):
         return f"plan {job.name!r} (registering)"
     return f"plan {job.plan.name!r} (run #{job.msg.id})"
+
+
+def _after(job: Job) -> str:
+    if isinstance(job, RegisterJob):
+        return "it was not registered; the worker kept every stored tensor and plan"
+    return "the worker kept every stored tensor and plan"
 
 
 def _mib(n: int) -> str:
