@@ -327,3 +327,30 @@ def test_registration_that_never_ends_is_stopped(worker) -> None:
         assert "'nested'" in reply["message"] and "registering" in reply["message"]
     assert peer.ok({"type": "has_plan", "plan": hashlib.sha256(plan).hexdigest()}).kind == "missing"
     _still_holds(peer, data)
+
+
+def _runner_rss_mb(proc: WorkerProcess) -> int:
+    (pid,) = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True).stdout.split()
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096 >> 20
+
+
+def test_memory_of_a_big_run_is_given_back(worker) -> None:
+    """No onnxruntime arena in the runner: 200 MB of intermediates do not stay held after its run."""
+    proc, peer = worker
+    plan = peer.register(
+        _model(
+            [
+                helper.make_node("ConstantOfShape", ["shape"], ["c"]),
+                helper.make_node("Exp", ["c"], ["e"]),
+                helper.make_node("ReduceSum", ["e"], ["y"], keepdims=0),
+            ],
+            [_io("shape", TensorProto.INT64, [1])],
+            [_io("y", TensorProto.FLOAT, [])],
+        ),
+        name="sum_of_exp",
+    )["plan"]
+    n = 25_000_000  # two 100 MB float32 intermediates inside the run
+    before = _runner_rss_mb(proc)
+    (y,) = peer.run(plan, [np.array([n], np.int64)], ["y"], fetch=[0]).array_list()
+    assert y == pytest.approx(n, rel=1e-3)
+    assert _runner_rss_mb(proc) < before + 50

@@ -64,7 +64,8 @@ def serve(sock: socket.socket, directory: str, providers: list[str], threads: in
     prefix = f"o{os.getpid()}-"
 
     def load(pid: str, name: str, data: memoryview) -> PlanSession:
-        plan = PlanSession(bytes(data), name=name, providers=providers, threads=threads)
+        # No memory arena: what a run allocates goes back when it ends, rather than staying with the runner.
+        plan = PlanSession(bytes(data), name=name, providers=providers, threads=threads, arena=False)
         sessions[pid] = plan
         return plan
 
