@@ -115,19 +115,22 @@ def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | mem
         sent += sock.sendmsg(rest)
 
 
+def _read_exact(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        if k == 0:
+            raise PipeClosed("pipe closed")
+        got += k
+
+
 def _recv(sock: socket.socket, decoder: msgspec.msgpack.Decoder):  # type: ignore[no-untyped-def]
     prefix = bytearray(_PREFIX.size)
-    if sock.recv_into(prefix, _PREFIX.size, socket.MSG_WAITALL) != _PREFIX.size:
-        raise PipeClosed("pipe closed")
+    _read_exact(sock, memoryview(prefix))
     body_len, hlen, nbuf = _PREFIX.unpack(prefix)
     body = np.empty(body_len, np.uint8)  # numpy's allocation is aligned; buffers are views of it
     view = memoryview(body).cast("B")
-    got = 0
-    while got < body_len:
-        n = sock.recv_into(view[got:], body_len - got, socket.MSG_WAITALL)
-        if n == 0:
-            raise PipeClosed("pipe closed mid-message")
-        got += n
+    _read_exact(sock, view)
     sizes = struct.unpack_from(f"<{nbuf}Q", view, 0)
     offset = 8 * nbuf
     msg = decoder.decode(view[offset : offset + hlen])

@@ -32,6 +32,7 @@ log = logging.getLogger("planwire.worker")
 # Before sleeping on the runner's pipe, watch it this long: a tiny run answers in tens of microseconds,
 # and on a host with a free core not sleeping saves a wake-up per call (measured: about 10% of a tiny call).
 SPIN_S = 30e-6
+READ_TIMEOUT = 60.0  # seconds for one message to or from the runner, once it has started
 CRASH_SIGNALS = {signal.SIGFPE, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
 
 
@@ -84,6 +85,7 @@ class Sandbox:
             self._proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd=os.getcwd())
         finally:
             theirs.close()
+        ours.settimeout(READ_TIMEOUT)  # a runner stuck inside a message counts as dead, never blocks the loop
         self._sock = ours
         self._poll = select.poll()
         self._poll.register(ours.fileno(), select.POLLIN)
@@ -201,6 +203,9 @@ class Sandbox:
         try:
             return pipe.recv_reply(self._sock)  # type: ignore[arg-type]
         except (ConnectionError, OSError) as e:
+            raise pipe.PipeClosed(str(e)) from None
+        except Exception as e:  # a malformed message: the runner is not to be trusted any more
+            self.kill(f"the runner sent a malformed message ({type(e).__name__})")
             raise pipe.PipeClosed(str(e)) from None
 
     def outputs(self, ran: pipe.Ran, buffers: list[memoryview]) -> list[np.ndarray]:

@@ -54,6 +54,7 @@ class Supervisor:
         self.queue: deque[tuple[bytes, m._Message, list]] = deque()
         self.current: _Current | None = None
         self._sent = False  # whether the current job has gone to the runner
+        self._rcvtimeo = -2
 
     # -- loop -------------------------------------------------------------------------------------
 
@@ -63,33 +64,38 @@ class Supervisor:
         # what arrived on the socket. No zmq_poll over both: the tiny-call path pays nothing for control.
         sock, sandbox = self.server.socket, self.sandbox
         sandbox.start()  # warm: the first registration does not wait for onnxruntime to load
-        rcvtimeo = -2
         try:
             while not self.server.stopped:
-                if self._sent:
-                    if sandbox.wait(BUSY_MS / 1e3):
-                        self._from_runner()
-                        continue
-                    self._read(sock)
-                else:
-                    if sandbox.wait(0):  # Ready, or the runner died while idle
-                        self._from_runner()
-                    want = BUSY_MS if self.current is not None else POLL_MS
-                    if want != rcvtimeo:
-                        sock.setsockopt(zmq.RCVTIMEO, want)
-                        rcvtimeo = want
-                    if len(self.queue) < MAX_QUEUED:
-                        try:
-                            peer, *frames = recv_frames(sock)
-                        except zmq.Again:
-                            pass
-                        else:
-                            self._request(bytes(peer), frames)
-                            self._read(sock)
-                if self.current is not None and time.monotonic() > self.current.deadline:
-                    self._overdue()
+                try:
+                    self._step(sock, sandbox)
+                except Exception:  # a bug here must not take the worker (and its data) down
+                    log.exception("supervisor step failed")
         finally:
             sandbox.close()
+
+    def _step(self, sock: zmq.Socket, sandbox: Sandbox) -> None:
+        if self._sent:
+            if sandbox.wait(BUSY_MS / 1e3):
+                self._from_runner()
+                return
+            self._read(sock)
+        else:
+            if sandbox.wait(0):  # Ready, or the runner died while idle
+                self._from_runner()
+            want = BUSY_MS if self.current is not None else POLL_MS
+            if want != self._rcvtimeo:
+                sock.setsockopt(zmq.RCVTIMEO, want)
+                self._rcvtimeo = want
+            if len(self.queue) < MAX_QUEUED:
+                try:
+                    peer, *frames = recv_frames(sock)
+                except zmq.Again:
+                    pass
+                else:
+                    self._request(bytes(peer), frames)
+                    self._read(sock)
+        if self.current is not None and time.monotonic() > self.current.deadline:
+            self._overdue()
 
     def _read(self, sock: zmq.Socket) -> None:
         """Requests already waiting on the socket (none: returns at once, without an exception)."""
@@ -235,8 +241,8 @@ class Supervisor:
                 outcome = ProtocolError(
                     "internal", f"the runner answered {type(msg).__name__} to a {type(job).__name__}"
                 )
-        except ProtocolError as e:
-            outcome = e
+        except Exception as e:  # e.g. an output segment that cannot be mapped
+            outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
         self._finish(outcome)
 
     def _finish(self, outcome: Ports | list | ProtocolError) -> None:
