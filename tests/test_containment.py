@@ -245,6 +245,9 @@ def test_cancel_a_running_and_a_queued_run(worker) -> None:
     reply = peer.recv()
     assert (reply["re"], reply["code"]) == (queued, "cancelled"), reply
     assert peer.recv()["re"] == cancel_q
+    with Peer(peer.url, timeout=30) as other:  # another connection cannot cancel this one's runs
+        reply = other.error({"type": "cancel", "id": running, "run": running}, code="bad_argument")
+        assert f"no run #{running} " in reply["message"]
     cancel_r = peer.send({"type": "cancel", "run": running})
     reply = peer.recv()
     assert (reply["re"], reply["code"]) == (running, "cancelled"), reply
