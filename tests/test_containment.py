@@ -357,3 +357,23 @@ def test_memory_of_a_big_run_is_given_back(worker) -> None:
     (y,) = peer.run(plan, [np.array([n], np.int64)], ["y"], fetch=[0]).array_list()
     assert y == pytest.approx(n, rel=1e-3)
     assert _runner_rss_mb(proc) < before + 50
+
+
+def test_plan_that_crashes_while_loading_is_not_registered(worker) -> None:
+    """Div(INT64_MIN, -1) over constants traps while onnxruntime folds it, i.e. at registration."""
+    _, peer = worker
+    data = _stored(peer)
+    plan = _model(
+        [helper.make_node("Div", ["lo", "minus1"], ["q"]), helper.make_node("Add", ["x", "q"], ["y"])],
+        [_io("x", TensorProto.INT64, [1])],
+        [_io("y", TensorProto.INT64, [1])],
+        [
+            helper.make_tensor("lo", TensorProto.INT64, [1], [int(INT64_MIN)]),
+            helper.make_tensor("minus1", TensorProto.INT64, [1], [-1]),
+        ],
+    )
+    reply = peer.request({"type": "register_plan", "name": "folds_to_a_trap"}, [plan])
+    assert reply.kind == "error" and reply["code"] == "plan_crashed", reply
+    assert "'folds_to_a_trap' (registering)" in reply["message"] and "not registered" in reply["message"]
+    assert peer.ok({"type": "has_plan", "plan": hashlib.sha256(plan).hexdigest()}).kind == "missing"
+    _still_holds(peer, data)
