@@ -61,6 +61,7 @@ class RunJob:
 
 
 Job = RegisterJob | RunJob
+_STOPPED = frozenset({"plan_crashed", "plan_timeout", "out_of_memory", "cancelled"})  # a run that started, or was due
 
 
 class Service:
@@ -132,7 +133,6 @@ class Service:
         except ProtocolError as e:
             return None, self.refuse(getattr(e, "re", rid), e)
         except Exception as e:  # a bug here must not take the worker down
-            log.exception("request #%d failed", rid)
             return None, self.refuse(rid, e)
 
     def answer(self, msg: m._Message, buffers: list[memoryview]) -> list[Frame]:
@@ -287,8 +287,6 @@ class Service:
 
     def _run(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         job = self._begin_run(msg, buffers)
-        if not isinstance(job, RunJob):
-            raise AssertionError("unreachable")  # _begin_run raises or returns a job
         pid = job.msg.plan
         try:
             plan = self._sessions.get(pid)
@@ -324,7 +322,12 @@ class Service:
     def _fail_outputs(self, msg: m.Run, e: ProtocolError) -> None:
         # Clients do not wait for runs: record why the outputs will not come, so that a later get,
         # describe or run that uses them fails with run_failed and this reason.
-        why = e.message if e.code == "run_failed" else f"run #{msg.id} refused: {e.message} [{e.code}]"
+        if e.code == "run_failed":
+            why = e.message
+        elif e.code in _STOPPED:
+            why = f"run #{msg.id} failed: {e.message} [{e.code}]"
+        else:
+            why = f"run #{msg.id} refused: {e.message} [{e.code}]"
         for key in msg.outputs:
             self.store.fail(key, why)
 
