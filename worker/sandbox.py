@@ -52,6 +52,7 @@ class Sandbox:
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._poll: select.poll | None = None
+        self._keep: list[np.ndarray] = []  # shared copies of a pending run's arguments
         self._killed = ""  # why we killed the runner, if we did
         self.started_at = 0.0
 
@@ -162,6 +163,7 @@ class Sandbox:
         """Send a run; a large argument not yet in shared memory is copied there once and, when it is a
         stored tensor (``entries[i]``), the store keeps the shared copy for later runs."""
         refs, buffers = [], []
+        keep = self._keep = []
         load = pid not in self.loaded
         if load:
             buffers.append(data)
@@ -176,6 +178,7 @@ class Sandbox:
                 else:
                     if entry is not None and entry.array is arr:
                         entry.array = shared
+                    keep.append(shared)  # alive (its file too) until the runner has answered
                     loc = pipe.segment_of(shared)
             if loc is None:
                 refs.append(pipe.TensorRef(wire, shape, index=len(buffers)))
@@ -200,6 +203,7 @@ class Sandbox:
 
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
         """The runner's next message; PipeClosed when it died (then call ``died``)."""
+        self._keep = []
         try:
             return pipe.recv_reply(self._sock)  # type: ignore[arg-type]
         except (ConnectionError, OSError) as e:
