@@ -377,3 +377,18 @@ def test_plan_that_crashes_while_loading_is_not_registered(worker) -> None:
     assert "'folds_to_a_trap' (registering)" in reply["message"] and "not registered" in reply["message"]
     assert peer.ok({"type": "has_plan", "plan": hashlib.sha256(plan).hexdigest()}).kind == "missing"
     _still_holds(peer, data)
+
+
+def test_large_arguments_and_results_cross_by_shared_memory(worker) -> None:
+    """Inline and stored arguments over 64 KiB, and results over it, are exact (shared segments)."""
+    _, peer = worker
+    plan = peer.register(add_plan(), name="add")["plan"]
+    x = np.random.default_rng(0).random(1 << 18, dtype=np.float32)  # 1 MiB
+    peer.put("x", x)
+    for i in range(10):
+        inline = x + i
+        (y,) = peer.run(plan, [inline], [f"y{i}"], fetch=[0]).array_list()
+        np.testing.assert_array_equal(y, inline + 1)
+        (z,) = peer.run(plan, ["x"], ["z"], fetch=[0]).array_list()
+        np.testing.assert_array_equal(z, x + 1)
+    np.testing.assert_array_equal(peer.get1("y9"), x + 10)
