@@ -164,10 +164,8 @@ class Supervisor:
         if cur is not None and cur.peer == peer and isinstance(cur.job, RunJob) and cur.job.msg.id == msg.run:
             self.sandbox.stop("cancelled")
             name = cur.job.plan.name
-            self._finish(
-                ProtocolError("cancelled", f"run #{msg.run} of plan {name!r} was cancelled (request #{msg.id})")
-            )
-            self.server.send(peer, ok)
+            why = ProtocolError("cancelled", f"run #{msg.run} of plan {name!r} was cancelled (request #{msg.id})")
+            self._finish(why, then=ok)
             return
         self.server.send(
             peer,
@@ -245,12 +243,15 @@ class Supervisor:
             outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
         self._finish(outcome)
 
-    def _finish(self, outcome: Ports | list | ProtocolError) -> None:
+    def _finish(self, outcome: Ports | list | ProtocolError, then: list | None = None) -> None:
+        """Answer the current job (and send ``then``, a reply to the same peer), then start what waits."""
         cur = self.current
         assert cur is not None
         self.current = None
         self._sent = False
         self.server.send(cur.peer, self.service.complete(cur.job, outcome))
+        if then is not None:
+            self.server.send(cur.peer, then)
         self._advance()
 
     def _overdue(self) -> None:
