@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 import pytest
 from onnx import TensorProto, helper
 
@@ -273,18 +273,33 @@ def test_sigterm_stops_the_worker_mid_run(worker) -> None:
     assert "stopped" in proc.log()
 
 
-def test_runner_is_gone_with_the_worker(tmp_path: Path) -> None:
-    """The runner is a child of the worker and goes with it: no process or shared memory left behind."""
-    with WorkerProcess("w", listen=f"ipc://{tmp_path}/w.ipc") as proc:
-        peer = Peer(proc.url, timeout=30)
-        peer.register(add_plan())
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True, check=False
-        ).stdout.split()
-        peer.close()
-    assert len(children) == 1
-    for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+def _shm_dirs(pid: int) -> list[Path]:
+    return list(Path("/dev/shm").glob(f"planwire-{pid}-*")) if Path("/dev/shm").is_dir() else []
+
+
+def test_runner_and_shared_memory_go_with_the_worker(tmp_path: Path) -> None:
+    """The runner is a child of the worker and goes with it (stopped, or killed with -9): no process
+    left behind; a stopped worker removes its shared memory, a killed one's goes at the next start."""
+    for how in ("stop", "kill"):
+        with WorkerProcess("w", listen=f"ipc://{tmp_path}/{how}.ipc") as proc:
+            with Peer(proc.url, timeout=30) as peer:
+                peer.register(add_plan())
+                peer.put("big", np.zeros(1 << 18, np.float32))
+                peer.run(peer.register(add_plan())["plan"], ["big"], ["big1"])  # segments exist now
+            (runner,) = psutil.Process(proc.proc.pid).children()
+            assert "planwire.worker.runner" in runner.cmdline()
+            assert any(d.is_dir() and any(d.iterdir()) for d in _shm_dirs(proc.proc.pid))
+            if how == "kill":
+                proc.proc.kill()
+                proc.proc.wait()
+        psutil.wait_procs([runner], timeout=20)
+        assert not runner.is_running()
+        if how == "stop":
+            assert _shm_dirs(proc.proc.pid) == []
+    killed = proc.proc.pid
+    with WorkerProcess("w", listen=f"ipc://{tmp_path}/next.ipc") as proc, Peer(proc.url, timeout=30) as peer:
+        assert peer.request({"type": "ping"}).kind == "ok"
+        assert _shm_dirs(killed) == []
 
 
 def nested_functions_plan(depth: int = 18) -> bytes:
@@ -333,8 +348,8 @@ def test_registration_that_never_ends_is_stopped(worker) -> None:
 
 
 def _runner_rss_mb(proc: WorkerProcess) -> int:
-    (pid,) = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True).stdout.split()
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096 >> 20
+    (runner,) = psutil.Process(proc.proc.pid).children()
+    return runner.memory_info().rss >> 20
 
 
 def test_memory_of_a_big_run_is_given_back(worker) -> None:
