@@ -30,7 +30,8 @@ from planwire.worker.store import Entry
 log = logging.getLogger("planwire.worker")
 
 # Before sleeping on the runner's pipe, watch it this long: a tiny run answers in tens of microseconds,
-# and on a host with a free core not sleeping saves a wake-up per call (measured: about 10% of a tiny call).
+# and on a host with a free core not sleeping saves a wake-up per call. On a busy host (load average at
+# or over the core count, checked every second) the runner needs that core more: no spinning then.
 SPIN_S = 30e-6
 READ_TIMEOUT = 60.0  # seconds for one message to or from the runner, once it has started
 CRASH_SIGNALS = {signal.SIGFPE, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
@@ -53,6 +54,7 @@ class Sandbox:
         self._sock: socket.socket | None = None
         self._poll: select.poll | None = None
         self._keep: list[np.ndarray] = []  # shared copies of a pending run's arguments
+        self._spin_ok, self._spin_checked = False, -1e9
         self._killed = ""  # why we killed the runner, if we did
         self.started_at = 0.0
 
@@ -194,12 +196,22 @@ class Sandbox:
         """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``."""
         if self._poll is None:
             return False
-        if seconds:
+        if seconds and self._spin():
             end = time.perf_counter() + SPIN_S
             while time.perf_counter() < end:
                 if self._poll.poll(0):
                     return True
         return bool(self._poll.poll(int(seconds * 1e3)))
+
+    def _spin(self) -> bool:
+        now = time.monotonic()
+        if now - self._spin_checked > 1.0:
+            self._spin_checked = now
+            try:
+                self._spin_ok = os.getloadavg()[0] < (os.cpu_count() or 1)
+            except OSError:
+                self._spin_ok = False
+        return self._spin_ok
 
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
         """The runner's next message; PipeClosed when it died (then call ``died``)."""
