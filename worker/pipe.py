@@ -124,13 +124,25 @@ def _read_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
+_FIRST = 4096  # the first read takes this much: a small message (a tiny call's) in one system call
+
+
 def _recv(sock: socket.socket, decoder: msgspec.msgpack.Decoder):  # type: ignore[no-untyped-def]
-    prefix = bytearray(_PREFIX.size)
-    _read_exact(sock, memoryview(prefix))
-    body_len, hlen, nbuf = _PREFIX.unpack(prefix)
-    body = np.empty(body_len, np.uint8)  # numpy's allocation is aligned; buffers are views of it
+    # One message is in flight at a time (request, then its answer), so a read never takes the next one.
+    first = bytearray(_FIRST)
+    got = sock.recv_into(first, _FIRST)
+    while 0 < got < _PREFIX.size:
+        got += sock.recv_into(memoryview(first)[got:], _FIRST - got)
+    if got == 0:
+        raise PipeClosed("pipe closed")
+    body_len, hlen, nbuf = _PREFIX.unpack_from(first)
+    if _PREFIX.size + body_len < got:
+        raise PipeClosed("more bytes than one message: the other side does not follow the protocol")
+    body = np.empty(body_len, np.uint8)  # its own, aligned allocation; buffers are views of it
     view = memoryview(body).cast("B")
-    _read_exact(sock, view)
+    have = got - _PREFIX.size
+    view[:have] = memoryview(first)[_PREFIX.size : got]
+    _read_exact(sock, view[have:])
     sizes = struct.unpack_from(f"<{nbuf}Q", view, 0)
     offset = 8 * nbuf
     msg = decoder.decode(view[offset : offset + hlen])

@@ -33,7 +33,6 @@ log = logging.getLogger("planwire.worker")
 # and on a host with a free core not sleeping saves a wake-up per call. On a busy host (load average at
 # or over the core count, checked every second) the runner needs that core more: no spinning then.
 SPIN_S = 30e-6
-READ_TIMEOUT = 60.0  # seconds for one message to or from the runner, once it has started
 CRASH_SIGNALS = {signal.SIGFPE, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
 
 
@@ -88,7 +87,6 @@ class Sandbox:
             self._proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd=os.getcwd())
         finally:
             theirs.close()
-        ours.settimeout(READ_TIMEOUT)  # a runner stuck inside a message counts as dead, never blocks the loop
         self._sock = ours
         self._poll = select.poll()
         self._poll.register(ours.fileno(), select.POLLIN)
