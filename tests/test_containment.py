@@ -407,3 +407,14 @@ def test_large_arguments_and_results_cross_by_shared_memory(worker) -> None:
         (z,) = peer.run(plan, ["x"], ["z"], fetch=[0]).array_list()
         np.testing.assert_array_equal(z, x + 1)
     np.testing.assert_array_equal(peer.get1("y9"), x + 10)
+
+
+def test_no_sandbox_runs_plans_in_the_worker_process(tmp_path: Path) -> None:
+    """--no-sandbox (trusted plans): no runner process, plans run in the worker itself."""
+    with WorkerProcess("w", listen=f"ipc://{tmp_path}/w.ipc", extra=["--no-sandbox"]) as proc:
+        with Peer(proc.url, timeout=30) as peer:
+            plan = peer.register(add_plan(), name="add")["plan"]
+            out = peer.run(plan, [np.arange(3, dtype=np.float32)], ["y"], fetch=[0]).array_list()[0]
+            np.testing.assert_array_equal(out, [1, 2, 3])
+            assert psutil.Process(proc.proc.pid).children() == []
+        assert "--no-sandbox" in proc.log()

@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="MB",
         help="memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none; default 2048",
     )
+    ap.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "
+        "plan takes the worker and its data down, and --run-timeout/--max-run-memory-mb do not apply)",
+    )
     ap.add_argument("--curve-secret", metavar="FILE", help="zmq.auth secret key file: encrypt with CURVE")
     ap.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -117,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
         curve_secret = load_secret(args.curve_secret)
         auth = start_authenticator(args.curve_clients)
-    sandbox = Sandbox(
-        providers=service.providers,
-        threads=args.threads,
-        memory_mb=args.max_run_memory_mb,
-        timeout=args.run_timeout,
-    )
+    sandbox = None
+    if not args.no_sandbox:
+        sandbox = Sandbox(
+            providers=service.providers,
+            threads=args.threads,
+            memory_mb=args.max_run_memory_mb,
+            timeout=args.run_timeout,
+        )
     server = Server(service.handle, args.listen, max_message_bytes=limits.max_message_bytes, curve_secret=curve_secret)
 
     def stop(signum: int, _frame: object) -> None:
@@ -131,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    log.info(
-        "plans run in a sandboxed runner process: --run-timeout %g s, --max-run-memory-mb %d",
-        args.run_timeout,
-        args.max_run_memory_mb,
-    )
+    if sandbox is None:
+        log.warning("--no-sandbox: plans run inside this process; a crashing plan takes it down")
+    else:
+        log.info(
+            "plans run in a sandboxed runner process: --run-timeout %g s, --max-run-memory-mb %d",
+            args.run_timeout,
+            args.max_run_memory_mb,
+        )
     log.info(
         "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors)",
         args.id,
@@ -147,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         len(data),
     )
     try:
-        Supervisor(service, server, sandbox).serve_forever()  # plans run in the sandbox, never here
+        if sandbox is None:
+            server.serve_forever()
+        else:
+            Supervisor(service, server, sandbox).serve_forever()  # plans run in the sandbox, never here
     finally:
-        sandbox.close()
+        if sandbox is not None:
+            sandbox.close()
         server.close()
         if auth is not None:
             auth.stop()
