@@ -416,3 +416,27 @@ def test_no_sandbox_runs_plans_in_the_worker_process(tmp_path: Path) -> None:
             np.testing.assert_array_equal(out, [1, 2, 3])
             assert psutil.Process(proc.proc.pid).children() == []
         assert "--no-sandbox" in proc.log()
+
+
+def test_delete_plan_waits_for_the_running_run_and_the_runner_forgets_the_session(worker) -> None:
+    """delete_plan is a mutation: it executes after the run ahead of it. The runner is told to drop the
+    session (with its next request), and a plan registered again loads afresh."""
+    _, peer = worker
+    forever = peer.register(loop_plan(), name="forever")["plan"]
+    add = peer.register(add_plan(), name="add")["plan"]
+    peer.put("x", np.arange(3, dtype=np.float32))
+    np.testing.assert_array_equal(peer.run(add, ["x"], ["x1"], fetch=[0]).array_list()[0], [1, 2, 3])
+    running = peer.send(*peer.run_header(forever, [FOREVER, np.zeros(1, np.float32)], ["y"]))
+    deleted = peer.send({"type": "delete_plan", "plan": forever})
+    has = peer.send({"type": "has_plan", "plan": forever})
+    replies = [peer.recv() for _ in range(3)]
+    assert [r["re"] for r in replies] == [running, deleted, has]
+    assert replies[0]["code"] == "plan_timeout"  # it ran (and was stopped) before the delete
+    assert (replies[1].kind, replies[2].kind) == ("ok", "missing")
+    np.testing.assert_array_equal(peer.run(add, ["x"], ["x1"], fetch=[0]).array_list()[0], [1, 2, 3])
+    peer.ok({"type": "delete_plan", "plan": add})  # the (fresh) runner holds its session: dropped with
+    peer.register(fill_plan(), name="fill")  # this next request
+    np.testing.assert_array_equal(peer.get1("x1"), [1, 2, 3])
+    peer.error(*peer.run_header(add, ["x"], ["x2"]), code="unknown_plan")
+    assert peer.register(add_plan(), name="add")["plan"] == add
+    np.testing.assert_array_equal(peer.run(add, ["x"], ["x3"], fetch=[0]).array_list()[0], [1, 2, 3])
