@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from planwire.transport import messages as m
 from planwire.transport import session
+from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.session import SIGNATURE, Limits
-from planwire.worker.modelcheck import PlanRejected, check_model
 from planwire.worker.service import Service
 from tests import hostile
 from tests.conformance import plans

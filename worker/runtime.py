@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
+from planwire.transport.ortoptions import session_options
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -29,23 +30,6 @@ def providers_for(device: str) -> list[str]:
             )
         return [CUDA, CPU]
     raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
-
-
-def session_options(threads: int, *, arena: bool = True) -> ort.SessionOptions:
-    """Options for shared hosts: few threads, no spinning, sequential execution, no custom op libraries.
-    ``arena=False``: no CPU memory arena, so memory a big run took goes back when it ends (an arena keeps
-    it: measured 800 MB held after one run with a 400 MB intermediate)."""
-    so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = arena
-    so.intra_op_num_threads = max(1, threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.load_model_format", "ONNX")  # never the unchecked ORT format
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return so
 
 
 class Ports:

@@ -23,9 +23,9 @@ from msgspec import UNSET
 from planwire.transport import codec, dtypes, session
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
+from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
-from planwire.worker.modelcheck import PlanRejected, check_model
 from planwire.worker.runtime import PlanSession, Ports, providers_for
 from planwire.worker.stats import clean, peer_of
 from planwire.worker.store import ClientId, Entry, Store
