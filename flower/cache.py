@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from planwire.flower.ports import PlanPorts, fingerprint
+from planwire.worker.modelcheck import check_model
 from planwire.flower.server import BYTES_KEY, PLAN_RECORD, SHA_KEY
 
 STATE_KEY = "planwire.plan"  # context.state ConfigRecord: {"plan-sha256": hex, "plan-onnx": bytes}
@@ -62,19 +63,22 @@ def plan_for(content: RecordDict, context: Context) -> tuple[bytes, PlanPorts]:
     policy = NodePolicy.from_node_config(dict(context.node_config))
     if policy.allowed and sha not in policy.allowed:
         raise PlanRefused(f"plan {sha[:12]} is not in this node's planwire-allowed-plans")
+    data = record.get(BYTES_KEY)
+    if data is not None and not (isinstance(data, bytes) and hmac.compare_digest(fingerprint(data), sha)):
+        raise PlanRefused(f"plan bytes do not match their fingerprint {sha[:12]}")
     hit = _cached.get(sha)
     if hit is not None:  # checked in this process already (the simulation's workers serve many nodes)
+        check_model(hit[0], max_bytes=policy.max_bytes) if len(hit[0]) > policy.max_bytes else None
         _keep(context, sha, hit[0])
         return hit
-    data = record.get(BYTES_KEY)
     if data is None:
         kept = context.state.get(STATE_KEY)
-        if isinstance(kept, ConfigRecord) and kept.get(SHA_KEY) == sha:
+        if isinstance(kept, ConfigRecord) and kept.get(SHA_KEY) == sha and isinstance(kept.get(BYTES_KEY), bytes):
             data = kept[BYTES_KEY]
-    if not isinstance(data, bytes):
+            if not hmac.compare_digest(fingerprint(data), sha):
+                raise PlanRefused(f"this node's cached plan {sha[:12]} is corrupt; the server will send it again")
+    if data is None:
         raise PlanRefused(f"plan {sha[:12]} is not cached on this node and the message does not carry it")
-    if not hmac.compare_digest(fingerprint(data), sha):
-        raise PlanRefused(f"plan bytes do not match their fingerprint {sha[:12]}")
     ports = PlanPorts.check(data, max_bytes=policy.max_bytes)  # PlanRejected names what is unsafe
     _keep(context, sha, data)
     _cached.clear()  # one plan per process: a new plan replaces the old one

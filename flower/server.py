@@ -41,6 +41,7 @@ class PlanStrategy(Strategy):
         self.holders: set[int] = set()  # nodes known to hold the plan
         self._sent_bytes: set[int] = set()  # nodes sent the bytes in the messages now in flight
         self.plan_bytes_sent = 0
+        self.left_out: list[tuple[int, str]] = []  # (node, why) of every reply screened out
 
     # -- Strategy -----------------------------------------------------------------------------------
 
@@ -77,6 +78,7 @@ class PlanStrategy(Strategy):
 
     def _attach(self, messages: Iterable[Message]) -> list[Message]:
         out = []
+        fresh = 0
         for msg in messages:
             node = msg.metadata.dst_node_id
             record = ConfigRecord({SHA_KEY: self.fingerprint})
@@ -84,6 +86,7 @@ class PlanStrategy(Strategy):
                 record[BYTES_KEY] = self.plan
                 self._sent_bytes.add(node)
                 self.plan_bytes_sent += len(self.plan)
+                fresh += 1
             content = RecordDict({**msg.content, PLAN_RECORD: record})
             out.append(
                 Message(
@@ -92,6 +95,14 @@ class PlanStrategy(Strategy):
                     message_type=msg.metadata.message_type,
                     group_id=msg.metadata.group_id,
                 )
+            )
+        if fresh:
+            log(
+                INFO,
+                "planwire: plan %s (%d bytes) sent to %d node(s) that lack it",
+                self.fingerprint[:12],
+                len(self.plan),
+                fresh,
             )
         return out
 
@@ -110,6 +121,7 @@ class PlanStrategy(Strategy):
             why = self._misfit(msg.content, train)
             if why:
                 log(WARNING, "planwire: reply from node %d left out: %s", node, why)
+                self.left_out.append((node, why))
                 continue
             kept.append(msg)
         self._sent_bytes -= self.holders

@@ -54,19 +54,20 @@ def evaluator(plan: bytes) -> Callable[[int, ArrayRecord], MetricRecord]:
     return evaluate
 
 
-def run(grid: Grid, conf: Mapping[str, Any]) -> Result:
+def run(grid: Grid, conf: Mapping[str, Any]) -> tuple[Result, PlanStrategy]:
     """Build the plan, then let the strategy run ``num-server-rounds`` rounds."""
     conf = {**DEFAULTS, **conf}
     model, plan = build(lr=conf["lr"], seed=conf["seed"])
     strategy = PlanStrategy(make_strategy(conf), plan)
     train_config = ConfigRecord({k: conf[k] for k in ("lr", "local-epochs", "batch-size", "seed")})
-    return strategy.start(
+    result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         train_config=train_config,
         num_rounds=conf["num-server-rounds"],
         evaluate_fn=evaluator(plan),
     )
+    return result, strategy
 
 
 app = ServerApp()
@@ -74,6 +75,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    result = run(grid, dict(context.run_config))
+    result, _ = run(grid, dict(context.run_config))
     accuracy = result.evaluate_metrics_serverapp[max(result.evaluate_metrics_serverapp)]["accuracy"]
     print(f"final held-out accuracy: {accuracy:.3f}")
