@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from planwire.flower.ports import PlanPorts, fingerprint
-from planwire.worker.modelcheck import check_model
 from planwire.flower.server import BYTES_KEY, PLAN_RECORD, SHA_KEY
+from planwire.worker.modelcheck import check_model
 
 STATE_KEY = "planwire.plan"  # context.state ConfigRecord: {"plan-sha256": hex, "plan-onnx": bytes}
 _SHA = re.compile(r"[0-9a-f]{64}")

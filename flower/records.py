@@ -25,8 +25,8 @@ def state_to_arrays(ports: PlanPorts, state: Mapping[str, np.ndarray]) -> ArrayR
 
 
 def arrays_to_state(ports: PlanPorts, record: ArrayRecord, *, what: str = "arrays") -> dict[str, np.ndarray]:
-    """The plan's weights from ``record`` keyed by plan input name; ValueError naming the first array that
-    is missing, unexpected, of another dtype or shape, or not finite."""
+    """The plan's weights from ``record`` keyed by plan input name (floats cast to the plan's precision);
+    ValueError naming the first array that is missing, unexpected, of another dtype or shape, or not finite."""
     wanted = ports.weights
     missing, unexpected = set(wanted) - set(record), set(record) - set(wanted)
     if missing or unexpected:
@@ -40,7 +40,9 @@ def arrays_to_state(ports: PlanPorts, record: ArrayRecord, *, what: str = "array
             raise ValueError(f"{what}[{path!r}] is a {type(array).__name__}, not an Array")
         value = array.numpy()
         want = dtypes.to_numpy(spec.dtype)
-        if value.dtype.newbyteorder("=") != want or value.shape != spec.shape:
+        # Floats are cast to the plan's dtype: FedOpt strategies (FedAdam, ...) compute in float64.
+        same = value.dtype.newbyteorder("=") == want or (value.dtype.kind == "f" and want.kind == "f")
+        if not same or value.shape != spec.shape:
             raise ValueError(
                 f"{what}[{path!r}] is {value.dtype}{list(value.shape)}, plan {ports.name!r} holds "
                 f"{want}{list(spec.shape)}"

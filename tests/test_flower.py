@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,23 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 from flwr.simulation import run_simulation
 from torch import nn
 
 import planwire as sy
-from planwire.flower import PlanPorts, PlanRefused, PlanRunner, arrays_to_state, fingerprint, state_to_arrays
+from planwire.flower import (
+    PlanPorts,
+    PlanRefused,
+    PlanRunner,
+    PlanStrategy,
+    arrays_to_state,
+    fingerprint,
+    state_to_arrays,
+)
 from planwire.flower import cache as plan_cache
 from planwire.flower.cache import plan_for
 from planwire.flower.server import BYTES_KEY, PLAN_RECORD, SHA_KEY
@@ -251,3 +259,147 @@ def test_a_plan_with_external_data_never_reaches_onnxruntime(linear_plan: tuple[
     plan_cache._cached.clear()
     with pytest.raises(PlanRejected, match="external data"):
         plan_for(plan_content(hostile), context())
+
+
+# -- real runs on Flower's simulation engine --------------------------------------------------------
+
+
+def simulate(client_app: ClientApp, nodes: int, conf: dict) -> tuple[Result, PlanStrategy]:
+    """The example's ServerApp logic with ``conf`` over ``nodes`` virtual SuperNodes."""
+    out: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        out["run"] = digits_server.run(grid, conf)
+
+    run_simulation(server_app=server, client_app=client_app, num_supernodes=nodes, backend_config=BACKEND)
+    assert "run" in out, "the ServerApp did not finish"
+    return out["run"]
+
+
+def test_100_virtual_clients_learn_digits(digits_plan: tuple[nn.Module, bytes]) -> None:
+    """The example's defaults: 20 rounds, 30 of 100 clients each, ~13 examples per client."""
+    result, strategy = simulate(digits_client, 100, {})
+    accuracy = {r: m["accuracy"] for r, m in result.evaluate_metrics_serverapp.items()}
+    assert accuracy[20] > 0.90, accuracy
+    assert sorted(result.train_metrics_clientapp) == list(range(1, 21))  # every round aggregated
+    assert set(result.train_metrics_clientapp[20]) == {"loss", "accuracy", "num-examples"}
+    # The plan went to each node once, not once per round: 20 rounds x 30 messages, far fewer copies.
+    plan = strategy.plan
+    assert len(strategy.holders) <= 100
+    assert strategy.plan_bytes_sent == len(strategy.holders) * len(plan)
+    assert len(strategy.holders) > 80 and not strategy.left_out
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedadam", "krum"])
+def test_flower_strategies_run_the_plan(name: str) -> None:
+    conf = {"strategy": name, "num-server-rounds": 3, "fraction-train": 1.0, "local-epochs": 1, "batch-size": 16}
+    result, strategy = simulate(digits_client, 8, conf)
+    accuracy = {r: m["accuracy"] for r, m in result.evaluate_metrics_serverapp.items()}
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+    assert accuracy[3] > accuracy[0] + 0.05, accuracy  # FedAdam moves slowest: its server step is small
+    assert type(strategy.strategy).__name__.lower() == name
+    assert strategy.plan_bytes_sent == 8 * len(strategy.plan)
+
+
+hostile = ClientApp()
+
+
+@hostile.train()
+def _hostile_train(msg: Message, context: Context) -> Message:
+    """Node 0 answers with an array of the wrong shape; the others train honestly."""
+    reply = digits_client(msg, context)
+    if context.node_config["partition-id"] == 0:
+        reply.content["arrays"]["head.1.bias"] = Array(np.zeros(3, np.float32))
+    return reply
+
+
+def test_a_reply_that_does_not_fit_the_plan_is_left_out() -> None:
+    conf = {"num-server-rounds": 2, "fraction-train": 1.0, "local-epochs": 1, "batch-size": 16}
+    result, strategy = simulate(hostile, 4, conf)
+    assert sorted(result.train_metrics_clientapp) == [1, 2]  # the rounds went on without it
+    assert len(strategy.left_out) == 2
+    node, why = strategy.left_out[0]
+    assert {n for n, _ in strategy.left_out} == {node}
+    assert "reply arrays['head.1.bias'] is float32[3], plan 'train_CNN' holds float32[10]" in why
+    accuracy = {r: m["accuracy"] for r, m in result.evaluate_metrics_serverapp.items()}
+    assert accuracy[2] > accuracy[0]
+
+
+_NO_TORCH = """
+import os, sys
+with open(os.environ["NO_TORCH_PIDS"], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+
+
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked: this process must not need it")
+
+
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+_FEDERATION = """
+import json, sys
+import numpy as np
+from flwr.app import ArrayRecord, Array, ConfigRecord
+from flwr.serverapp import ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
+from planwire.flower import PlanStrategy
+import planwire.flower.bridge  # the bridge is torch-free too
+from planwire_digits.client_app import app as client_app
+
+plan = open(sys.argv[1], "rb").read()
+weights = dict(np.load(sys.argv[2]))
+out = {}
+server = ServerApp()
+
+@server.main()
+def main(grid, context):
+    strategy = PlanStrategy(FedAvg(fraction_train=1.0, fraction_evaluate=1.0), plan)
+    initial = ArrayRecord(array_dict={k: Array(v) for k, v in weights.items()})
+    config = ConfigRecord({"lr": 0.1, "local-epochs": 1, "batch-size": 16})
+    out["result"] = strategy.start(grid=grid, initial_arrays=initial, train_config=config, num_rounds=2)
+
+run_simulation(server_app=server, client_app=client_app, num_supernodes=5, backend_config=%r)
+r = out["result"]
+print(json.dumps({
+    "train": {k: dict(v) for k, v in r.train_metrics_clientapp.items()},
+    "evaluate": {k: dict(v) for k, v in r.evaluate_metrics_clientapp.items()},
+    "torch": "torch" in sys.modules,
+}))
+"""
+
+
+def test_a_whole_federation_runs_where_torch_cannot_be_imported(
+    digits_plan: tuple[nn.Module, bytes], tmp_path: Path
+) -> None:
+    """Server (from the plan's bytes) and every client process: flwr, onnxruntime and numpy only."""
+    model, plan = digits_plan
+    (tmp_path / "plan.onnx").write_bytes(plan)
+    np.savez(tmp_path / "weights.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(_NO_TORCH)
+    (tmp_path / "federation.py").write_text(_FEDERATION % BACKEND)
+    pids = tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{APP}", "NO_TORCH_PIDS": str(pids)}
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "federation.py"), str(tmp_path / "plan.onnx"), str(tmp_path / "weights.npz")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["torch"] is False
+    assert len(set(pids.read_text().split())) >= 2  # the driver and the engine's client workers all blocked
+    assert sorted(report["train"]) == ["1", "2"] and sorted(report["evaluate"]) == ["1", "2"]
+    assert report["evaluate"]["2"]["loss"] < report["evaluate"]["1"]["loss"] < 2.3
+    assert set(report["evaluate"]["2"]) == {"loss", "accuracy"}

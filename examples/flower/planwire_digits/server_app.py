@@ -35,7 +35,7 @@ def make_strategy(conf: Mapping[str, Any]) -> Strategy:
     if name == "fedprox":
         return FedProx(**common, proximal_mu=0.01)
     if name == "fedadam":
-        return FedAdam(**common, eta=0.01, eta_l=conf["lr"])
+        return FedAdam(**common, eta=0.03, eta_l=conf["lr"])
     if name == "krum":
         return Krum(**common, num_malicious_nodes=1)
     raise ValueError(f"run config strategy={name!r}: use fedavg, fedprox, fedadam or krum")
