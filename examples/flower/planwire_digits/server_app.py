@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "strategy": "fedavg",
     "fraction-train": 0.3,
     "fraction-evaluate": 0.0,
+    "min-available-nodes": 2,
     "local-epochs": 5,
     "batch-size": 8,
     "lr": 0.1,
@@ -28,7 +29,11 @@ DEFAULTS: dict[str, Any] = {
 
 def make_strategy(conf: Mapping[str, Any]) -> Strategy:
     """One of Flower's own strategies, by name; planwire adds nothing to its aggregation."""
-    common = {"fraction_train": conf["fraction-train"], "fraction_evaluate": conf["fraction-evaluate"]}
+    common = {
+        "fraction_train": conf["fraction-train"],
+        "fraction_evaluate": conf["fraction-evaluate"],
+        "min_available_nodes": conf["min-available-nodes"],
+    }
     name = conf["strategy"]
     if name == "fedavg":
         return FedAvg(**common)
