@@ -68,7 +68,8 @@ def plan_for(content: RecordDict, context: Context) -> tuple[bytes, PlanPorts]:
         raise PlanRefused(f"plan bytes do not match their fingerprint {sha[:12]}")
     hit = _cached.get(sha)
     if hit is not None:  # checked in this process already (the simulation's workers serve many nodes)
-        check_model(hit[0], max_bytes=policy.max_bytes) if len(hit[0]) > policy.max_bytes else None
+        if len(hit[0]) > policy.max_bytes:  # this node's limit may be lower than the one it was checked under
+            check_model(hit[0], max_bytes=policy.max_bytes)  # raises PlanRejected, worded as plan-worker's
         _keep(context, sha, hit[0])
         return hit
     if data is None:

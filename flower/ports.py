@@ -87,7 +87,9 @@ class PlanPorts:
         return cls(name, tuple(ins), tuple(outs), bindings, defaults)
 
     @classmethod
-    def check(cls, plan: bytes, *, max_bytes: int = 512 << 20, allowed_domains: frozenset[str] = DEFAULT_DOMAINS):
+    def check(
+        cls, plan: bytes, *, max_bytes: int = 512 << 20, allowed_domains: frozenset[str] = DEFAULT_DOMAINS
+    ) -> PlanPorts:
         """Run plan-worker's own plan checker on ``plan``, then read its ports (PlanRejected if unsafe)."""
         summary = check_model(plan, max_bytes=max_bytes, allowed_domains=allowed_domains)
         return cls.from_metadata(summary.metadata_props)

@@ -71,7 +71,7 @@ class PlanRunner:
         batch_size: int,
         epochs: int = 1,
         steps: int = 0,
-        hyper: Mapping[str, float] = (),  # type: ignore[assignment]
+        hyper: Mapping[str, float] | None = None,
         rng: np.random.Generator,
         proximal_mu: float = 0.0,
     ) -> Outcome:
@@ -81,7 +81,7 @@ class PlanRunner:
             raise ValueError(f"batch-size must be at least 1, got {batch_size}")
         total = steps if steps > 0 else epochs * -(-n // batch_size)
         state = {**weights, **self.ports.initial_optimizer_state()}
-        feeds = self.hyper(dict(hyper or {}))
+        feeds = self.hyper(hyper or {})
         lr = float(feeds["hyper.lr"]) if "hyper.lr" in feeds else 0.0
         start = {name: weights[name] for name in self.ports.names("param")} if proximal_mu else {}
         sums: dict[str, float] = {}

@@ -37,7 +37,6 @@ class PlanStrategy(Strategy):
         self.ports = PlanPorts.check(self.plan)
         self.fingerprint = fingerprint(self.plan)
         self.weighted_by_key = weighted_by_key
-        self.arrays_key = getattr(strategy, "arrayrecord_key", "arrays")
         self.holders: set[int] = set()  # nodes known to hold the plan
         self._sent_bytes: set[int] = set()  # nodes sent the bytes in the messages now in flight
         self.plan_bytes_sent = 0

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+pytest.importorskip("flwr", reason="planwire[flower] is not installed")
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp

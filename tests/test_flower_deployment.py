@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("flwr", reason="planwire[flower] is not installed")
+
 from planwire.worker.process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
