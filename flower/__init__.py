@@ -7,6 +7,7 @@ to a plan-worker over planwire's protocol instead. ``state_to_arrays``/``arrays_
 plan's state to and from Flower ``ArrayRecord``s.
 """
 
+from planwire.flower.bridge import bridge_client_app
 from planwire.flower.cache import NodePolicy, PlanRefused
 from planwire.flower.client import plan_client_app
 from planwire.flower.ports import PlanPorts, fingerprint
@@ -21,6 +22,7 @@ __all__ = [
     "PlanRunner",
     "PlanStrategy",
     "arrays_to_state",
+    "bridge_client_app",
     "fingerprint",
     "plan_client_app",
     "state_to_arrays",

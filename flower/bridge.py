@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 from planwire.flower.cache import plan_for
 from planwire.flower.client import hyper_overrides, reply, settings
@@ -158,4 +159,13 @@ def bridge_evaluate(msg: Message, context: Context) -> Message:
         worker.close()
 
 
-__all__ = ["bridge_evaluate", "bridge_train"]
+def bridge_client_app() -> ClientApp:
+    """A ClientApp for SuperNodes that only forward to a plan-worker (node config ``planwire-worker``).
+    ``plan_client_app`` does the same for such nodes, so one app can serve both kinds of node."""
+    app = ClientApp()
+    app.train()(bridge_train)
+    app.evaluate()(bridge_evaluate)
+    return app
+
+
+__all__ = ["bridge_client_app", "bridge_evaluate", "bridge_train"]
