@@ -280,7 +280,6 @@ def simulate(client_app: ClientApp, nodes: int, conf: dict) -> tuple[Result, Pla
     return out["run"]
 
 
-@pytest.mark.slow
 def test_100_virtual_clients_learn_digits(digits_plan: tuple[nn.Module, bytes]) -> None:
     """The example's defaults: 20 rounds, 30 of 100 clients each, ~13 examples per client."""
     result, strategy = simulate(digits_client, 100, {})
@@ -295,7 +294,6 @@ def test_100_virtual_clients_learn_digits(digits_plan: tuple[nn.Module, bytes]) 
     assert len(strategy.holders) > 80 and not strategy.left_out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fedprox", "fedadam", "krum"])
 def test_flower_strategies_run_the_plan(name: str) -> None:
     conf = {"strategy": name, "num-server-rounds": 3, "fraction-train": 1.0, "local-epochs": 1, "batch-size": 16}
@@ -321,7 +319,6 @@ def _hostile_train(msg: Message, context: Context) -> Message:
     return reply
 
 
-@pytest.mark.slow
 def test_a_reply_that_does_not_fit_the_plan_is_left_out() -> None:
     conf = {"num-server-rounds": 2, "fraction-train": 1.0, "local-epochs": 1, "batch-size": 16}
     result, strategy = simulate(hostile, 4, conf)
@@ -382,7 +379,6 @@ print(json.dumps({
 """
 
 
-@pytest.mark.slow
 def test_a_whole_federation_runs_where_torch_cannot_be_imported(
     digits_plan: tuple[nn.Module, bytes], tmp_path: Path
 ) -> None:

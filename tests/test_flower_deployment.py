@@ -96,7 +96,6 @@ def save_batches(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 32) -> N
     np.savez(path, **arrays)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_flower_deployment_with_a_plan_worker_node(tmp_path: Path, procs: list) -> None:
     home, logs = tmp_path / "flwr-home", tmp_path / "logs"
