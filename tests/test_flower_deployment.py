@@ -170,6 +170,7 @@ def test_flower_deployment_with_a_plan_worker_node(tmp_path: Path, procs: list) 
     assert out.count("aggregate_evaluate: Received 3 results and 0 failures") == 2, out[-5000:]
     sent = re.findall(r"planwire: plan \w+ \(\d+ bytes\) sent to (\d+) node", out)
     assert sent == ["3"], sent  # once per node, in the first round only
+    initial = float(re.search(r"Initial global evaluation results: .*'accuracy': ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     accuracy = float(re.search(r"final held-out accuracy: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
-    assert accuracy > 0.7, out[-3000:]
+    assert accuracy > initial + 0.3, out[-3000:]  # 2 rounds: learning, not converged (test_flower shows > 0.9)
     assert "registered plan 'train_CNN'" in worker.log()  # the third node trained on the plan-worker
