@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 # pip quietly, without its version nag; the lock pins everything the suite runs with (torch: the CPU wheel).
 PIP := $(BIN)/pip --disable-pip-version-check -q -q
-EXTRAS := export,plot,dev
+EXTRAS := export,plot,dev,flower
 
 .PHONY: demo test bench lint lock wheel clean fuzz
 
