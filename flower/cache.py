@@ -10,7 +10,7 @@ The data owner's policy comes from the node's config (``flower-supernode --node-
   runs; empty runs any plan that passes the checks below.
 * ``planwire-max-plan-mb``: the largest plan accepted (default 512, as ``plan-worker --max-plan-mb``).
 
-Every plan also passes plan-worker's own checker (``planwire.worker.modelcheck.check_model``: no external
+Every plan also passes plan-worker's own checker (``planwire.transport.plancheck.check_model``: no external
 data, standard op domains only, bounded size and node count) before onnxruntime sees it.
 """
 
@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from planwire.flower.ports import PlanPorts, fingerprint
 from planwire.flower.server import BYTES_KEY, PLAN_RECORD, SHA_KEY
-from planwire.worker.modelcheck import check_model
+from planwire.transport.plancheck import check_model
 
 STATE_KEY = "planwire.plan"  # context.state ConfigRecord: {"plan-sha256": hex, "plan-onnx": bytes}
 _SHA = re.compile(r"[0-9a-f]{64}")

@@ -17,8 +17,8 @@ from functools import cached_property
 import numpy as np
 
 from planwire.transport import dtypes
+from planwire.transport.plancheck import DEFAULT_DOMAINS, PlanRejected, check_model
 from planwire.transport.spec import META_INPUTS, META_KIND, META_NAME, META_OUTPUTS, PlanVariant, TensorSpec
-from planwire.worker.modelcheck import DEFAULT_DOMAINS, PlanRejected, check_model
 
 META_TRAINING = "planwire.training"
 WEIGHT_ROLES = ("param", "frozen", "buffer")

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from planwire.flower.ports import PlanPorts
 from planwire.transport import dtypes
-from planwire.worker.runtime import session_options
+from planwire.transport.ortoptions import session_options
 
 Data = Sequence[np.ndarray]  # model inputs then targets, first axis = examples
 

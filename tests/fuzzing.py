@@ -1,5 +1,5 @@
 """Fuzzing the worker's two parsers of hostile bytes: request messages (``Service.handle``) and plans
-(``modelcheck.check_model``). Hypothesis properties, shared by a bounded test in the suite
+(``plancheck.check_model``). Hypothesis properties, shared by a bounded test in the suite
 (tests/test_fuzz.py) and a longer campaign: ``make fuzz MINUTES=N`` (``python -m tests.fuzzing --minutes N``).
 
 Properties:

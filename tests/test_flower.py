@@ -42,7 +42,7 @@ from planwire.flower import (
 from planwire.flower import cache as plan_cache
 from planwire.flower.cache import plan_for
 from planwire.flower.server import BYTES_KEY, PLAN_RECORD, SHA_KEY
-from planwire.worker.modelcheck import PlanRejected
+from planwire.transport.plancheck import PlanRejected
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower"

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"exporter": "planwire.exporter", "transport": "planwire.transport", "worker": "planwire.worker"}
+PACKAGES = {
+    "exporter": "planwire.exporter",
+    "transport": "planwire.transport",
+    "worker": "planwire.worker",
+    "flower": "planwire.flower",
+}
 THIRD_PARTY_TORCH = ("torch", "onnxscript")
 ZMQ = ("zmq",)
 
@@ -70,8 +75,12 @@ def forbidden(importer: str, imported: str) -> str | None:
         return "the exporter never imports the worker (share it through the contract layer in transport/)"
     if starts(importer, ("planwire.worker",)) and starts(imported, ("planwire.exporter",)):
         return "the worker never imports the exporter"
-    if starts(importer, ("planwire.transport",)) and starts(imported, ("planwire.exporter", "planwire.worker")):
+    if starts(importer, ("planwire.transport",)) and starts(
+        imported, ("planwire.exporter", "planwire.worker", "planwire.flower")
+    ):
         return "transport/ is below both sides and imports neither"
+    if starts(importer, ("planwire.flower",)) and starts(imported, ("planwire.exporter",)):
+        return "a Flower node runs plans without torch: planwire.flower never imports the exporter"
     if starts(importer, CONTRACT) and starts(imported, ZMQ):
         return "the contract layer moves no frames: zmq belongs to sockets/server/client modules"
     return None
