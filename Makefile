@@ -12,7 +12,7 @@ EXTRAS := export,plot,dev,flower
 
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "planwire: setting up $(VENV) with the versions in $(LOCK) (torch CPU, onnxruntime, pyzmq, ...)." >&2
-	@echo "planwire: about a minute on a fresh machine; later runs skip this." >&2
+	@echo "planwire: about two minutes on a fresh machine; later runs skip this." >&2
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(PIP) install -c $(LOCK) pip setuptools
 	@# torch first, pinned: an unpinned torch pulls several GB of CUDA packages.
