@@ -5,7 +5,7 @@ conservative: every node's outputs depend on all of its inputs, and a node with 
 Scan) also on every outer value its subgraphs read; a call of a local function on all of its inputs.
 Constants and initializers depend on nothing.
 
-The plan has been checked by worker/modelcheck.py (size, nesting, field counts) before this reads it, so
+The plan has been checked by transport/plancheck.py (size, nesting, field counts) before this reads it, so
 a plain protobuf walk over its bytes is bounded. No ``onnx`` package: the worker never needs one.
 """
 

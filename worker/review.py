@@ -16,8 +16,8 @@ from pathlib import Path
 
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
+from planwire.transport.plancheck import check_model
 from planwire.worker import flow
-from planwire.worker.modelcheck import check_model
 from planwire.worker.runtime import PlanSession
 
 MAX_REVIEW_BYTES = 2 << 30
