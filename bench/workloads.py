@@ -104,7 +104,7 @@ def lm_loss(logits: Any, target: Any) -> Any:
 class Workload:
     """A model, how to train it and a batch of data for it."""
 
-    name: str
+    name: str  # short: figure names start with it (the full description is in the family's note)
     make: Callable[[int], Any]
     loss: Callable[[Any, Any], Any]
     optimizer: str  # "sgd" or "adam"
@@ -139,7 +139,7 @@ def workloads() -> list[Workload]:
 
     return [
         Workload(
-            "ResNet-8 CNN (32x32x3, batch 32, SGD momentum)",
+            "ResNet-8 CNN",
             resnet,
             F.cross_entropy,
             "sgd",
@@ -149,7 +149,7 @@ def workloads() -> list[Workload]:
             RESNET_BATCH,
         ),
         Workload(
-            "transformer LM (2 layers, d=64, 4 heads, seq 32, batch 16, Adam)",
+            "transformer LM",
             lm,
             lm_loss,
             "adam",
