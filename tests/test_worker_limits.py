@@ -100,8 +100,10 @@ def test_a_runs_outputs_count_against_the_client_that_asked(start):
     a.put("x", kib(600))
     reply = a.error(*a.run_header(pid, ["x"], ["ya"]), code="quota_exceeded")  # 1200 KiB for a
     assert "--max-client-store-mb" in reply["message"] and "outputs of run #" in reply["message"]
+    assert b.register(plans.identity("uint8", ["N"]))["plan"] == pid  # b's own hold (plans are per client)
+    b.put("x", kib(300))  # b's own "x": keys are per client too
     assert b.run(pid, ["x"], ["yb"]).kind == "ok"  # 600 KiB for b: within its own share
-    assert b.get1("yb", keep=True).size == 600 * KiB
+    assert b.get1("yb", keep=True).size == 300 * KiB
     b.error({"type": "put", "tensors": [{"key": "b2", "dtype": "uint8", "shape": [600 * KiB], "frame": 0}]},
             [bytes(600 * KiB)], code="quota_exceeded")  # fmt: skip
     a.put("a2", kib(300))  # a's share still has room for this
