@@ -11,12 +11,16 @@ its owner's policy releases them (see examples/federated.py).
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import planwire as sy
+
+# The seed's plans are built for the example's own sizes, as in the tutorial: no batch-size warning here.
+warnings.filterwarnings("ignore", category=sy.FixedShapeWarning)
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
