@@ -25,7 +25,7 @@ export function parseHeader(buf) {
   try {
     text = utf8.decode(buf);
   } catch {
-    throw new JsonError("header is not valid UTF-8");
+    throw new JsonError("header is not valid JSON: it is not valid UTF-8");
   }
   if (text.charCodeAt(0) === 0xfeff) throw new JsonError("header is not valid JSON: byte order mark");
   const p = new Parser(text);
