@@ -34,12 +34,13 @@ function load(path, what) {
   try {
     text = readFileSync(path, "utf8");
   } catch (e) {
-    throw new Error(`${what} ${pyRepr(path)}: cannot read it (${e.message})`);
+    const why = { EACCES: "Permission denied", EISDIR: "Is a directory" }[e.code] ?? e.message;
+    throw new Error(`${what} ${pyRepr(path)}: cannot read it (${why})`);
   }
   const pub = /^\s*public-key\s*=\s*"([^"]{40})"/m.exec(text);
   const sec = /^\s*secret-key\s*=\s*"([^"]{40})"/m.exec(text);
   if (!pub) {
-    throw new Error(`${what} ${pyRepr(path)}: not a zmq.auth certificate (no public key inside); make keys with: plan-worker keys DIR`);
+    throw new Error(`${what} ${pyRepr(path)}: not a zmq.auth certificate (No public key found in ${path}); make keys with: plan-worker keys DIR`);
   }
   return [pub[1], sec ? sec[1] : null];
 }
