@@ -1,5 +1,8 @@
 """Federated averaging over three plan-worker processes; the training data never leaves them.
 
+The workers are of both languages when Node.js is there: two Python plan-workers and one Node.js worker
+(worker/node) by default (``--node-workers N``; 0 without Node), serving the same plan bytes.
+
 Each worker starts with its own shard of scikit-learn's bundled digits (8x8 images, no download) as
 private data. The server builds one training-step plan for a small CNN, sends it to every worker, and
 each round: pushes the global weights, runs local steps on the worker's own batches (one message per
@@ -29,6 +32,11 @@ from tqdm import tqdm
 
 import planwire as sy
 from planwire.worker.process import WorkerProcess
+
+try:  # examples/ is on sys.path when run as a script
+    from node_worker import NodeWorkerProcess, node_missing
+except ImportError:  # imported from elsewhere
+    from examples.node_worker import NodeWorkerProcess, node_missing
 
 WORKERS, ROUNDS, LOCAL_EPOCHS, BATCH = 3, 6, 2, 32
 TARGET = 0.90  # held-out accuracy the run must beat
@@ -131,7 +139,17 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=TARGET,
         help="fail (exit status 1) unless the final held-out accuracy beats this (default: %(default)s)",
     )
+    parser.add_argument(
+        "--node-workers",
+        type=int,
+        default=None,
+        help=f"how many of the {WORKERS} workers are Node.js workers (default: 1 when Node.js is there, else 0)",
+    )
     args = parser.parse_args(argv)
+    if args.node_workers is not None and not 0 <= args.node_workers <= WORKERS:
+        parser.error(f"--node-workers must be between 0 and {WORKERS}")
+    if args.node_workers and (why := node_missing()):
+        parser.error(f"--node-workers {args.node_workers}: the Node.js worker cannot run here: {why}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
@@ -156,16 +174,28 @@ def main(argv: Sequence[str] | None = None) -> History:
     )
     print(f"built {step!r}")
     history = History()
+    why_not = node_missing()
+    n_node = args.node_workers if args.node_workers is not None else (0 if why_not else 1)
+    langs = ["Python"] * (WORKERS - n_node) + ["Node.js"] * n_node
+    print(
+        f"mixed federation: {WORKERS - n_node} Python and {n_node} Node.js plan-worker(s)"
+        if n_node
+        else f"federation: {WORKERS} Python plan-workers (no Node.js worker: {why_not or '--node-workers 0'})"
+    )
     with tempfile.TemporaryDirectory(prefix="planwire-fed-") as tmp:
         n_batches, procs = [], []
         try:
             for i, (x, y) in enumerate(train):
                 n_batches.append(save_shard(Path(tmp) / f"shard{i}.npz", x, y))
-                procs.append(WorkerProcess(f"hospital_{i}", data=[str(Path(tmp) / f"shard{i}.npz")]))
+                launch = NodeWorkerProcess if langs[i] == "Node.js" else WorkerProcess
+                procs.append(launch(f"hospital_{i}", data=[str(Path(tmp) / f"shard{i}.npz")]))
             workers = [sy.connect(p.url) for p in procs]
             print(
                 "workers:",
-                ", ".join(f"{w.id} ({n} batches, {p.url})" for w, n, p in zip(workers, n_batches, procs, strict=True)),
+                ", ".join(
+                    f"{w.id} ({lang}, {n} batches, {p.url})"
+                    for w, n, p, lang in zip(workers, n_batches, procs, langs, strict=True)
+                ),
             )
             pointers = [step.send(w) for w in workers]
             # Pointers to each worker's own batches: the server never sees them, only their sizes.

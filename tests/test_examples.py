@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conformance.workers import node_missing
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,3 +34,6 @@ def test_demo_runs_the_seed_and_federated_training_on_real_workers(tmp_path: Pat
     assert len(steps) == len(rounds) and all(int(n) > 1 for n, _ in steps)
     assert f"loss/accuracy plot: {plot}" in text and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 'next steps: README.md, "Next steps"' in text
+    if not node_missing():  # one of the three federated workers is the Node.js worker (worker/node)
+        assert "mixed federation: 2 Python and 1 Node.js plan-worker(s)" in text
+        assert re.search(r"hospital_2 \(Node\.js, \d+ batches, tcp://", text)
