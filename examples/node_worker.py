@@ -28,7 +28,12 @@ class NodeWorkerProcess(WorkerProcess):
     """A Node.js plan-worker child process: the same flags, ready line and SIGTERM as plan-worker."""
 
     def __init__(
-        self, id: str = "worker", *, listen: str = "tcp://127.0.0.1:0", data: Sequence[str] = (), extra: Sequence[str] = ()
+        self,
+        id: str = "worker",
+        *,
+        listen: str = "tcp://127.0.0.1:0",
+        data: Sequence[str] = (),
+        extra: Sequence[str] = (),
     ) -> None:
         self.id = id
         self.log_path = Path(tempfile.mkstemp(prefix=f"plan-worker-node-{id}-", suffix=".log")[1])

@@ -1,8 +1,8 @@
 """Garbage on the wire: every malformed or hostile request gets an error reply naming what is wrong, and
 the worker goes on serving: a normal client keeps working and nothing stored is lost after each case.
 
-One real worker of each kind, Python and Node.js (module scope), with small limits: --max-message-mb 2 --max-plan-mb 1 (the plan
-limit must be below the message limit for an oversize plan to reach the plan check).
+One real worker of each kind, Python and Node.js (module scope), with small limits: --max-message-mb 2
+--max-plan-mb 1 (the plan limit must be below the message limit for an oversize plan to reach the plan check).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def test_version_and_help():
     done = cli("--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for expected in ("largest message accepted (MiB) (default: 1024)", "--max-plans", "(default: cpu)", "--curve-clients"):
+    for expected in ("largest message accepted (MiB) (default: 1024)", "--max-plans", "(default: cpu)", "--curve"):
         assert expected in text, expected
 
 
