@@ -163,7 +163,7 @@ export function validateRequest(header) {
   // Defaults (schemas' "default"), and numbers as plain JS numbers where they are small.
   const props = schema.properties;
   for (const [k, p] of Object.entries(props)) {
-    if (!(k in header) && p.default !== undefined) header[k] = structuredClone(p.default);
+    if (!(k in header) && p.default !== undefined) header[k] = Array.isArray(p.default) ? [] : p.default;
   }
   return header;
 }
