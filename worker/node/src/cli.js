@@ -201,8 +201,8 @@ async function serve(args) {
     }
     data = args.data.flatMap((spec) => loadData(spec));
   } catch (e) {
-    if (e instanceof DataError || e instanceof Error) throw new ConfigError(e.message);
-    throw e;
+    // a key file or --data file at fault (DataError, or auth.js's Error): one line, exit status 2
+    throw new ConfigError(e instanceof DataError || e instanceof Error ? e.message : String(e));
   }
   const service = new Service(args.id, {
     data,

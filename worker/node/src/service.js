@@ -109,7 +109,7 @@ class Plan {
       const port = this.inputs[i];
       const what = `plan ${pyRepr(this.name)} argument ${i} (${pyRepr(port.name)})`;
       if (t.dtype !== port.dtype) {
-        throw new ProtocolError("bad_argument", `${what}: expected dtype ${human(port.dtype)}, got ${npName(t.dtype)}`);
+        throw new ProtocolError("bad_argument", `${what}: expected dtype ${human(port.dtype)}, got ${human(t.dtype)}`);
       }
       const shape = port.shape;
       if (shape === null) return;
@@ -122,7 +122,6 @@ class Plan {
 }
 
 const FROM_ORT_TYPE = Object.fromEntries(Object.entries(DTYPES).map(([w, d]) => [d.ort, w]));
-const npName = (wire) => human(wire);
 
 export class Service {
   constructor(id, { data = [], isPublic = false, threads = 1, limits = new Limits(), maxPlans = null, maxStoreBytes = null, maxClientStoreBytes = null } = {}) {
