@@ -2,34 +2,26 @@
 // unknown_type or invalid_message exactly when it does not validate against the schema of its type).
 // A small interpreter of the JSON Schema keywords those schemas use; integers must be JSON integers.
 
-import { readFileSync } from "node:fs";
+import { readFileSync, readdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
 import { JFloat, pyRepr } from "./json.js";
 
 export const PROTOCOL_VERSION = 1;
-export const REQUESTS = [
-  "hello",
-  "ping",
-  "put",
-  "get",
-  "delete",
-  "search",
-  "describe",
-  "register_plan",
-  "has_plan",
-  "delete_plan",
-  "run",
-];
+
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** The repository's schemas/ (the contract), or PLANWIRE_SCHEMAS. */
 export const SCHEMA_DIR = process.env.PLANWIRE_SCHEMAS || join(here, "..", "..", "..", "schemas");
 
+// Every request type the schemas define (a request carries `id`, a reply `re`): a message type added to
+// the contract is validated here as soon as its schema is; the service says whether it handles it.
 const schemas = new Map();
-for (const kind of REQUESTS) {
-  schemas.set(kind, JSON.parse(readFileSync(join(SCHEMA_DIR, `${kind}.json`), "utf8")));
+for (const file of readdirSync(SCHEMA_DIR).filter((f) => f.endsWith(".json")).sort()) {
+  const schema = JSON.parse(readFileSync(join(SCHEMA_DIR, file), "utf8"));
+  if (schema.properties?.id && schema.properties?.type?.enum?.length === 1) schemas.set(schema.properties.type.enum[0], schema);
 }
+export const REQUESTS = [...schemas.keys()];
 
 export class ProtocolError extends Error {
   constructor(code, message) {

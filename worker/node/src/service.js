@@ -147,6 +147,15 @@ export class Service {
       has_plan: (m) => this.hasPlan(m),
       delete_plan: (m) => this.deletePlan(m),
       run: (m, b) => this.run(m, b),
+      // PROTOCOL.md cancel: this worker reads and executes each connection's requests strictly in order,
+      // so when a cancel is read every run sent before it has been answered: there is none to cancel.
+      cancel: (m) => {
+        throw new ProtocolError(
+          "bad_argument",
+          `no run #${m.run} of this connection is queued or running on worker ${pyRepr(this.id)}: it executes ` +
+            "requests in order, so every run sent before this cancel has already been answered",
+        );
+      },
     };
   }
 
@@ -170,7 +179,11 @@ export class Service {
         throw new ProtocolError("too_large", `message of ${total} bytes, over the limit of ${this.limits.maxMessageBytes}`);
       }
       [msg, rid] = this.unpack(frames);
-      [reply, out] = await this.handlers[msg.type](msg, frames.slice(2));
+      const handler = this.handlers[msg.type];
+      if (handler === undefined) {
+        throw new ProtocolError("unknown_type", `request type ${pyRepr(msg.type)} is not handled by this worker (Node.js)`);
+      }
+      [reply, out] = await handler(msg, frames.slice(2));
       if (enabled("debug")) {
         const ms = Number(process.hrtime.bigint() - t0) / 1e6;
         log.debug(`${msg.type} #${rid} -> ${reply.type} (${ms.toFixed(2)} ms)`);
