@@ -163,8 +163,9 @@ export function pyRepr(s) {
   return out + q;
 }
 
-/** Serialize a reply header: BigInts as plain integers. */
+/** Serialize a reply header: BigInts (only ever `re`, an id of 2^53 or more) as plain integers. */
 export function stringify(value) {
+  if (typeof value.re !== "bigint") return JSON.stringify(value);
   return JSON.stringify(value, (_, v) => (typeof v === "bigint" ? `\u0000BIG${v}\u0000` : v)).replace(
     /"\\u0000BIG(-?\d+)\\u0000"/g,
     "$1",
