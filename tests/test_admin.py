@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import planwire
+from planwire.transport import CurveRefused
 from planwire.transport.auth import client_keys, public_key
 from planwire.worker.admin import ADMIN_SIGNATURE, query
 from planwire.worker.process import WorkerProcess
@@ -205,8 +206,8 @@ def test_curve_clients_are_named_by_key_and_refused_keys_are_logged(tmp_path):
         assert st.curve == "listed clients"
         assert [(c.client, c.tensors, c.tensor_bytes) for c in st.clients] == [(f"curve:{alice_key}", 1, 8)]
         mallory = client_keys(str(tmp_path / "other" / "mallory.key_secret"), str(keys / "worker.key"))
-        with pytest.raises(TimeoutError):
-            planwire.connect(w.url, timeout=1, curve=mallory)
+        with pytest.raises(CurveRefused):  # told at once, not after the timeout
+            planwire.connect(w.url, timeout=10, curve=mallory)
         mallory_key = public_key(str(tmp_path / "other" / "mallory.key")).decode()
         log = w.log()
     assert re.search(rf"WARNING planwire.auth: refused CURVE client {re.escape(mallory_key)} from '127\.0\.0\.1'", log)

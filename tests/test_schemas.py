@@ -105,39 +105,25 @@ def test_protocol_document_names_every_message_and_error_code():
 # -- (c): real traffic --------------------------------------------------------------------------------------
 
 
-class RecordingVirtualWorker(VirtualWorker):
-    """A VirtualWorker that keeps a copy of every message its client and its Service exchange."""
+def record(w: Any) -> Any:
+    """Keep a copy of every message ``w``'s connection sends and receives (its hello again, recorded)."""
+    w.sent, w.received = [], []
+    conn = w.connection
+    send, recv = conn._send, conn._recv
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.sent: list[list[bytes]] = []
-        self.received: list[list[bytes]] = []
-        super().__init__(*args, **kwargs)
+    def sending(frames: list) -> None:
+        w.sent.append([bytes(f) for f in frames])
+        send(frames)
 
-    def _send(self, frames: list) -> None:
-        request = [bytes(f) for f in frames]
-        reply = [bytes(f) for f in self.service.handle(request)]
-        self.sent.append(request)
-        self.received.append(reply)
-        self._replies.append(reply)
-
-
-class RecordingRemoteWorker(RemoteWorker):
-    """A RemoteWorker that keeps a copy of every message it sends and receives over ZeroMQ."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.sent: list[list[bytes]] = []
-        self.received: list[list[bytes]] = []
-        super().__init__(*args, **kwargs)
-
-    def _send(self, frames: list) -> None:
-        self.sent.append([bytes(f) for f in frames])
-        super()._send(frames)
-
-    def _recv(self, timeout: float | None) -> list | None:
-        frames = super()._recv(timeout)
+    def receiving(timeout: float | None) -> list | None:
+        frames = recv(timeout)
         if frames is not None:
-            self.received.append([bytes(f) for f in frames])
+            w.received.append([bytes(f) for f in frames])
         return frames
+
+    conn._send, conn._recv = sending, receiving
+    w.hello()
+    return w
 
 
 OWN = np.array([[1.0, -2.0], [3.0, 4.0]], np.float32)
@@ -150,12 +136,12 @@ class Tagged(np.ndarray):
 @pytest.fixture(params=["virtual", "tcp"])
 def recorder(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     if request.param == "virtual":
-        w = RecordingVirtualWorker(None, id="schemas", data=(set_tags(OWN.copy().view(Tagged), ["own"]),))
+        w = record(VirtualWorker(None, id="schemas", data=(set_tags(OWN.copy().view(Tagged), ["own"]),)))
         yield w
         return
     np.save(tmp_path / "own.npy", OWN)
     with WorkerProcess("schemas", data=[f"{tmp_path / 'own.npy'}:own"]) as proc:
-        w = RecordingRemoteWorker(proc.url, timeout=10)
+        w = record(RemoteWorker(proc.url, timeout=10))
         yield w
         w.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import zmq
 import zmq.auth
 
 import planwire
-from planwire.transport import RemoteTimeoutError
+from planwire.transport import CurveRefused, NoWorkerListening, RemoteTimeoutError, WorkerLost
 from planwire.transport.auth import client_keys
 from planwire.transport.remote import CLOSE_TIMEOUT
 from planwire.worker.process import WorkerProcess
@@ -207,19 +208,32 @@ def test_connect_to_a_silent_endpoint_times_out_naming_worker_and_request():
         silent.close(linger=0)
 
 
-def test_nothing_listening_times_out_too(tmp_path):
-    with pytest.raises(TimeoutError, match=r"did not answer.*0\.3 s"):
-        planwire.connect(f"ipc://{tmp_path}/nobody.ipc", timeout=0.3)
+@pytest.mark.parametrize("kind", ["tcp", "ipc"])
+def test_nothing_listening_is_told_apart_from_a_slow_worker(tmp_path, kind):
+    if kind == "tcp":
+        with socket.socket() as probe:  # a port nobody listens on (closed synchronously, unlike zmq's)
+            probe.bind(("127.0.0.1", 0))
+            url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    else:
+        url = f"ipc://{tmp_path}/nobody.ipc"
+    with pytest.raises(NoWorkerListening) as info:
+        planwire.connect(url, timeout=20)  # refused at once: no need to wait for the timeout
+    assert isinstance(info.value, ConnectionRefusedError) and not isinstance(info.value, TimeoutError)
+    assert str(info.value) == (
+        f"worker {url!r}: no worker is listening at this address (connection refused): check the address "
+        "and port, and that plan-worker is running there [no_listener]"
+    )
 
 
-def test_a_request_to_a_worker_that_went_away_times_out(tmp_path):
+def test_a_request_to_a_worker_that_went_away_fails_at_once(tmp_path):
     w = WorkerProcess("gone", listen=f"ipc://{tmp_path}/gone.ipc")
     c = planwire.connect(w.url, timeout=0.5)
     try:
         x = c.put(np.ones(2, np.float32))
         w.stop()
-        with pytest.raises(TimeoutError, match=r"'gone'.*get"):
+        with pytest.raises(WorkerLost, match=r"'gone'.*get of") as info:  # at once, not after the timeout
             x.get()
+        assert info.value.code == "worker_lost" and w.url in str(info.value)
     finally:
         c.close()
         w.close()
@@ -286,9 +300,16 @@ def test_curve_admits_listed_clients_only(tmp_path):
         mallory = client_keys(
             str(tmp_path / "intruder" / "mallory.key_secret"), str(tmp_path / "server" / "server.key")
         )
-        with pytest.raises(TimeoutError):
-            planwire.connect(w.url, timeout=0.5, curve=mallory)
-        with pytest.raises(TimeoutError):
-            planwire.connect(w.url, timeout=0.5)  # plain text: no reply
+        with pytest.raises(
+            CurveRefused,
+            match="refused this client's CURVE key: check that the client's public key is in the worker's "
+            "--curve-clients directory",
+        ):
+            planwire.connect(w.url, timeout=20, curve=mallory)
+        wrong_server = client_keys(str(tmp_path / "alice.key_secret"), str(tmp_path / "intruder" / "mallory.key"))
+        with pytest.raises(CurveRefused, match="check that the server key given to connect"):
+            planwire.connect(w.url, timeout=20, curve=wrong_server)
+        with pytest.raises(CurveRefused, match=r"requires CURVE encryption; connect with curve=\("):
+            planwire.connect(w.url, timeout=20)  # plain text
         with Peer(w.url, curve=alice) as raw:  # the raw protocol over CURVE
             assert raw.ok({"type": "ping"}).kind == "ok"

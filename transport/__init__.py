@@ -1,22 +1,31 @@
 """planwire.transport: the wire protocol over ZeroMQ (pyzmq, msgspec and numpy only, never torch)."""
 
-from planwire.transport.client import Client
+from planwire.transport.client import Client, WorkerClient
+from planwire.transport.connection import Connection
 from planwire.transport.errors import (
+    CurveRefused,
     ForbiddenError,
+    NothingFound,
+    NoWorkerListening,
     ProtocolError,
     RemoteError,
     RemoteTimeoutError,
     UnknownTensorError,
+    WorkerLost,
 )
 from planwire.transport.messages import PROTOCOL_VERSION
-from planwire.transport.pointers import PointerPlan, PointerTensor
+from planwire.transport.pointers import PointerPlan, PointerTensor, SearchResult
 from planwire.transport.remote import RemoteWorker, connect
 from planwire.transport.spec import PlanSource, PlanVariant, TensorSpec
 
 __all__ = [
     "PROTOCOL_VERSION",
     "Client",
+    "Connection",
+    "CurveRefused",
     "ForbiddenError",
+    "NoWorkerListening",
+    "NothingFound",
     "PlanSource",
     "PlanVariant",
     "PointerPlan",
@@ -25,7 +34,10 @@ __all__ = [
     "RemoteError",
     "RemoteTimeoutError",
     "RemoteWorker",
+    "SearchResult",
     "TensorSpec",
     "UnknownTensorError",
+    "WorkerClient",
+    "WorkerLost",
     "connect",
 ]

@@ -1,174 +1,118 @@
-"""Client: a handle to one worker. Pipelines requests by id; subclasses only move frames.
+"""WorkerClient: the worker API (tensors, plans, runs) over a Connection, the same for every kind of worker.
 
-Runs are sent without waiting: their replies are matched by request id whenever the client next reads.
-A failed run is recorded by the worker against its output keys, so the error surfaces on ``.get()``.
+Requests go through the :class:`~planwire.transport.connection.Connection` this client holds (ids,
+requests in flight, session, frees); the client only says what to ask. Runs are sent without waiting:
+their result pointers hold the run's Call and read its reply when asked. A failed run is recorded by the
+worker against its output keys, so the error surfaces on ``.get()``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from planwire.transport import codec, session
+from planwire.transport import codec, progress
 from planwire.transport import messages as m
-from planwire.transport.arrays import as_array, tags_of, wrap
-from planwire.transport.errors import ProtocolError, RemoteTimeoutError, remote_error
-from planwire.transport.pointers import PointerPlan, PointerTensor
+from planwire.transport.arrays import as_array, tags_of
+from planwire.transport.connection import Connection, decode
+from planwire.transport.errors import ProtocolError
+from planwire.transport.pointers import PointerPlan, PointerTensor, SearchResult
 from planwire.transport.session import Frame
 from planwire.transport.spec import PlanSource, PlanVariant
 
+INLINE_MAX = 64 << 10  # run results up to this size come back with the run's reply: get() then costs nothing
+CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm the frees of what this client owns
+
 log = logging.getLogger("planwire.client")
 
-DRAIN_AT = 64  # read finished replies once this many requests are in flight
-INLINE_MAX = 64 << 10  # run results up to this size come back with the run's reply: get() then costs nothing
-FREE_BATCH = 64  # frees of collected or fetched results go out together, or before any awaited request
 
-
-class Client:
+class WorkerClient:
     """Worker handle: the same API whether the worker is in this process or across a network."""
 
-    id: str
-    timeout: float | None = None
-
-    def __init__(self) -> None:
-        self._ids = itertools.count(1)
-        self._keys = itertools.count(1)
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._keys = 0
         self._prefix = secrets.token_hex(4)
-        self._in_flight: dict[int, str] = {}  # request id -> what it was, for errors and timeouts
-        self._detached: set[int] = set()  # fire-and-forget requests: their replies are not awaited
-        self._done: dict[int, tuple[m._Message, list[memoryview]]] = {}
-        self._plans: set[str] = set()  # plan ids registered in the worker's current session
+        self._plans: set[str] = set()  # plan ids registered in the worker session ``_plans_session``
+        self._plans_session: str | None = None
         self._pointers: weakref.WeakKeyDictionary[Any, PointerPlan] = weakref.WeakKeyDictionary()
-        self._garbage: list[str] = []
-        self._inline_runs: dict[int, list[weakref.ref[PointerTensor]]] = {}  # run id -> its result pointers
         self.inline_max = INLINE_MAX
-        self.session: str | None = None
         self.providers: list[str] = []
-        self.limits: m.Limits | None = None
 
-    # -- moving frames: subclasses -----------------------------------------------------------------
+    # -- identity and state kept by the connection --------------------------------------------------
 
-    def _send(self, frames: list[Frame]) -> None:
-        raise NotImplementedError
+    @property
+    def id(self) -> str:
+        return self.connection.name
 
-    def _recv(self, timeout: float | None) -> list[Frame] | None:
-        """The next reply's frames, or None if none came within ``timeout`` seconds."""
-        raise NotImplementedError
+    @id.setter
+    def id(self, value: str) -> None:
+        self.connection.name = value
+
+    @property
+    def timeout(self) -> float | None:
+        return self.connection.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self.connection.timeout = value
+
+    @property
+    def session(self) -> str | None:
+        """The worker incarnation the last reply came from (a restarted worker has a new one)."""
+        return self.connection.session
+
+    @property
+    def limits(self) -> m.Limits | None:
+        return self.connection.limits
+
+    # The frame hooks bench/comm.py wraps to count messages: the connection's bound link methods.
+    @property
+    def _send(self) -> Callable[..., None]:
+        return self.connection._send
+
+    @_send.setter
+    def _send(self, fn: Callable[..., None]) -> None:
+        self.connection._send = fn
+
+    @_send.deleter
+    def _send(self) -> None:
+        self.connection._send = self.connection._link.send
+
+    @property
+    def _recv(self) -> Callable[..., Any]:
+        return self.connection._recv
+
+    @_recv.setter
+    def _recv(self, fn: Callable[..., Any]) -> None:
+        self.connection._recv = fn
+
+    @_recv.deleter
+    def _recv(self) -> None:
+        self.connection._recv = self.connection._link.recv
 
     # -- requests -----------------------------------------------------------------------------------
 
     def new_key(self) -> str:
-        return f"{self._prefix}-{next(self._keys)}"
-
-    def submit(
-        self,
-        make: Any,
-        buffers: Sequence[Frame] = (),
-        *,
-        what: str = "",
-        detached: bool = False,
-        background: bool = False,
-    ) -> int:
-        """Send ``make(request_id)`` without waiting; returns the request id. The reply to a
-        ``detached`` request is read and dropped (errors stay on the worker, see run). Pending frees go
-        first, unless this is a ``background`` request (a run) and fewer than FREE_BATCH are pending."""
-        if self._garbage and (not background or len(self._garbage) >= FREE_BATCH):
-            keys, self._garbage = self._garbage, []
-            rid = next(self._ids)
-            self._detached.add(rid)
-            self._post(m.Delete(id=rid, keys=keys), (), "free")
-        rid = next(self._ids)
-        if detached:
-            self._detached.add(rid)
-        msg = make(rid)
-        self._post(msg, buffers, what or m.type_name(type(msg)))
-        if len(self._in_flight) > DRAIN_AT:
-            self._drain()
-        return rid
-
-    def _post(self, msg: m._Message, buffers: Sequence[Frame], what: str) -> None:
-        frames = session.pack(msg, buffers)
-        if buffers and self.limits is not None:
-            self._check_size(frames, what, self.limits)
-        self._in_flight[msg.id] = what  # type: ignore[attr-defined]
-        self._send(frames)
-
-    def _check_size(self, frames: list[Frame], what: str, limits: m.Limits) -> None:
-        """ValueError for a message the worker would refuse: far enough past its limit, ZeroMQ would drop the
-        connection instead of letting it answer, and the caller would wait for a timeout."""
-        size = sum(map(len, frames))
-        if size > limits.max_message_bytes:
-            raise ValueError(
-                f"{what} is a message of {size} bytes, over worker {self.id!r}'s limit of "
-                f"{limits.max_message_bytes} bytes (plan-worker --max-message-mb): send less per message"
-            )
-        if len(frames) - 2 > limits.max_frames:
-            raise ValueError(
-                f"{what} has {len(frames) - 2} tensor frames, over worker {self.id!r}'s limit of {limits.max_frames}"
-            )
-
-    def _read_one(self, rid: int) -> None:
-        frames = self._recv(self.timeout)
-        if frames is None:
-            what = self._in_flight.get(rid, "request")
-            raise RemoteTimeoutError(
-                f"worker {self.id!r} did not answer {what} (request #{rid}) within {self.timeout} s"
-            )
-        self._accept(frames)
-
-    def settle(self, rid: int) -> None:
-        """Read replies until the run ``rid`` has answered (its inline results are then on its pointers)."""
-        while rid in self._inline_runs:
-            self._read_one(rid)
-
-    def wait(self, rid: int) -> tuple[m._Message, list[memoryview]]:
-        """The reply to request ``rid``; RemoteError when it is an error reply."""
-        while rid not in self._done:
-            self._read_one(rid)
-        reply, buffers = self._done.pop(rid)
-        if isinstance(reply, m.Error):
-            raise remote_error(self.id, reply.code, reply.message)
-        return reply, buffers
+        self._keys += 1
+        return f"{self._prefix}-{self._keys}"
 
     def request(
-        self, make: Any, buffers: Sequence[Frame] = (), *, what: str = ""
-    ) -> tuple[m._Message, list[memoryview]]:
-        return self.wait(self.submit(make, buffers, what=what))
-
-    def _drain(self) -> None:
-        while (frames := self._recv(0)) is not None:
-            self._accept(frames)
-
-    def _accept(self, frames: list[Frame]) -> None:
-        reply, buffers = session.unpack_reply(frames)
-        if reply.session != self.session:  # type: ignore[attr-defined]
-            if self.session is not None:
-                log.warning("worker %r restarted (new session): its plans and tensors are gone", self.id)
-                self._plans.clear()
-            self.session = reply.session  # type: ignore[attr-defined]
-        rid = reply.re  # type: ignore[attr-defined]
-        what = self._in_flight.pop(rid, None)
-        refs = self._inline_runs.pop(rid, None)
-        if refs is not None:  # a run's reply: keep the values it carries on their pointers
-            self._attach([p for ref in refs if (p := ref()) is not None], reply, buffers)
-            return  # an error reply: the worker keeps the failure against the outputs for get()
-        if rid in self._detached:  # fire-and-forget: a failed run is kept by the worker for .get()
-            self._detached.discard(rid)
-            if isinstance(reply, m.Error):
-                log.debug("%s refused by %r: %s", what, self.id, reply.message)
-            return
-        self._done[rid] = (reply, buffers)
+        self, make: Callable[[int], m.Request], buffers: Sequence[Frame] = (), *, what: str = ""
+    ) -> tuple[m.Reply, list[memoryview]]:
+        """Send ``make(request_id)`` and wait for its reply; RemoteError for an error reply."""
+        conn = self.connection
+        return conn.request(make(conn.new_id()), buffers, what)
 
     def hello(self) -> m.Welcome:
         reply, _ = self.request(lambda rid: m.Hello(id=rid, client="planwire"))
         assert isinstance(reply, m.Welcome)
-        self.providers, self.limits = reply.providers, reply.limits
+        self.providers, self.connection.limits = reply.providers, reply.limits
         return reply
 
     def ping(self) -> None:
@@ -176,79 +120,93 @@ class Client:
 
     # -- tensors ------------------------------------------------------------------------------------
 
-    def put(self, value: Any, *, tags: Sequence[str] | None = None, key: str | None = None) -> PointerTensor:
+    def put(
+        self,
+        value: Any,
+        *,
+        tags: Sequence[str] | None = None,
+        key: str | None = None,
+        progress: bool | None = None,
+    ) -> PointerTensor:
         """Store a tensor on the worker; the pointer owns it (frees it when collected)."""
         tags = tuple(tags_of(value) if tags is None else tags)
-        return self.put_many({key or self.new_key(): value}, tags=tags)[0]
+        return self.put_many({key or self.new_key(): value}, tags=tags, progress=progress)[0]
 
     def put_many(
-        self, values: Mapping[str, Any], *, tags: Sequence[str] = (), owned: bool = True
+        self,
+        values: Mapping[str, Any],
+        *,
+        tags: Sequence[str] = (),
+        owned: bool = True,
+        progress: bool | None = None,
     ) -> list[PointerTensor]:
-        """Store several tensors under the given keys in one message (overwriting what those keys held)."""
+        """Store several tensors under the given keys in one message (overwriting what those keys held).
+        Over 64 MiB a progress bar shows on stderr (``progress=False`` or PLANWIRE_PROGRESS=0: none)."""
         items, buffers = [], []
         for key, value in values.items():
             wire, shape, buf = codec.to_frame(as_array(value))
             items.append(m.PutTensor(key=key, dtype=wire, shape=shape, frame=len(buffers), tags=list(tags)))
             buffers.append(buf)
         what = f"put of {', '.join(map(repr, values))}" if len(values) <= 3 else f"put of {len(values)} tensors"
-        self.request(lambda rid: m.Put(id=rid, tensors=items), buffers, what=what)
+        with _progress(f"{what} to {self.id}", buffers, progress):
+            self.request(lambda rid: m.Put(id=rid, tensors=items), buffers, what=what)
+        if owned:
+            self.connection.owned.update(dict.fromkeys(values))
         return [PointerTensor(self, t.key, t.dtype, tuple(t.shape), tuple(tags), owned=owned) for t in items]
 
-    def search(self, *tags: str) -> list[PointerTensor]:
-        """Pointers to the worker's tensors that carry all ``tags`` (they do not own the data)."""
+    def search(self, *tags: str) -> SearchResult:
+        """Pointers to the worker's tensors that carry all ``tags`` (they do not own the data). Indexing
+        an empty result raises an error naming the tags and the worker."""
         reply, _ = self.request(lambda rid: m.Search(id=rid, tags=list(tags)))
-        return [self._pointer_of(t) for t in reply.tensors]  # type: ignore[attr-defined]
+        assert isinstance(reply, m.Found)
+        return SearchResult((self._pointer_of(t) for t in reply.tensors), tags=tags, worker=self.id)
 
     def describe(self, *pointers: PointerTensor) -> list[m.TensorInfo]:
         reply, _ = self.request(lambda rid: m.Describe(id=rid, keys=[p.key for p in pointers]))
-        return reply.tensors  # type: ignore[attr-defined]
+        assert isinstance(reply, m.Found)
+        return reply.tensors
 
-    def fetch(self, pointer: PointerTensor, keep: bool = False) -> Any:
+    def fetch(self, pointer: PointerTensor, keep: bool = False, *, progress: bool | None = None) -> Any:
         """Value of a pointer's tensor; moved off the worker unless ``keep``. A value that came back with
         its run's reply costs no round trip: a move then frees the stored copy with the next frees."""
-        self._check_pointer(pointer)
-        if pointer._pending is not None:
-            self.settle(pointer._pending)
-        inline = pointer._inline
-        if inline is None:
-            return wrap(self.fetch_arrays([pointer.key], keep=keep)[0])
-        if not keep:
-            pointer._inline = None
-            self.release(pointer.key)
-        return wrap(inline)
+        return pointer.read(keep, progress=progress)
 
-    def fetch_arrays(self, keys: list[str], keep: bool = False) -> list[np.ndarray]:
-        reply, buffers = self.request(lambda rid: m.Get(id=rid, keys=keys, keep=keep), ())
-        return [self._decode(t, buffers) for t in reply.tensors]  # type: ignore[attr-defined]
+    def fetch_arrays(
+        self, keys: list[str], keep: bool = False, *, progress: bool | None = None, nbytes: int = 0
+    ) -> list[np.ndarray]:
+        """Values of stored tensors by key, moved off the worker unless ``keep``; a bar on stderr when
+        the expected ``nbytes`` are over 64 MiB (see put_many)."""
+        what = f"get of {keys[0]!r}" if len(keys) == 1 else f"get of {len(keys)} tensors"
+        with _progress(f"{what} from {self.id}", nbytes, progress):
+            reply, buffers = self.request(lambda rid: m.Get(id=rid, keys=keys, keep=keep), (), what=what)
+        if not keep:
+            owned = self.connection.owned
+            for k in keys:
+                owned.pop(k, None)
+        assert isinstance(reply, m.Tensors)
+        return [decode(t, buffers) for t in reply.tensors]
 
     def delete(self, *pointers: PointerTensor) -> None:
         self.request(lambda rid: m.Delete(id=rid, keys=[p.key for p in pointers]))
         for p in pointers:
             p.consumed = True
+            self.connection.owned.pop(p.key, None)
 
     def release(self, key: str) -> None:
         """Free a remote tensor later (called from __del__: sent with the next request, never re-entrant)."""
-        self._garbage.append(key)
+        self.connection.release(key)
 
     def _pointer_of(self, info: m.TensorInfo) -> PointerTensor:
         return PointerTensor(
             self, info.key, info.dtype, tuple(info.shape), tuple(info.tags), owned=False, private=info.private
         )
 
-    def _attach(self, pointers: Sequence[PointerTensor], reply: m._Message, buffers: list[memoryview]) -> None:
-        """Keep on each pointer the value a run's reply carries for it (read back by ``get()``)."""
-        values = {t.key: t for t in reply.tensors} if isinstance(reply, m.Tensors) else {}
-        for p in pointers:
-            p._pending = None
-            t = values.get(p.key)
-            if t is not None:
-                p._inline = self._decode(t, buffers)
-
     @staticmethod
     def _decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
-        return codec.from_frame(t.dtype, t.shape, session.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
+        return decode(t, buffers)
 
-    def _check_pointer(self, p: PointerTensor) -> None:
+    def check_pointer(self, p: PointerTensor) -> None:
+        """ValueError unless ``p`` points to a tensor this worker still holds for this client."""
         if p.worker is not self:
             raise ValueError(f"{p!r} points to worker {p.worker.id!r}, not {self.id!r}: move it there first")
         if p.consumed:
@@ -256,6 +214,8 @@ class Client:
                 f"{p!r} was already fetched with .get() (which moves the tensor off the worker); "
                 "use .get(keep=True) to copy"
             )
+
+    _check_pointer = check_pointer
 
     # -- plans --------------------------------------------------------------------------------------
 
@@ -268,23 +228,24 @@ class Client:
             self.ensure_plan(variant, source.name)
         return pointer
 
-    def _connection_lost(self) -> bool:
-        """Whether the transport saw the connection drop since last asked (never, in process)."""
-        return False
-
     def check_connection(self) -> None:
         """After the connection dropped, learn the worker's session again: a restarted worker has lost its
         plans and tensors, so plans are registered again on demand instead of failing the next run."""
-        if self._connection_lost():
-            self._plans.clear()
+        if self.connection.check():
             self.ping()  # the reply carries the worker's (possibly new) session
 
     def ensure_plan(self, variant: PlanVariant, name: str = "") -> None:
         """Register a plan variant unless this worker session already has it (waits: errors show here)."""
-        self.check_connection()
-        if variant.id in self._plans and self.session is not None:
+        conn = self.connection
+        if conn.check():  # the connection dropped: learn the worker's session again
+            self.ping()
+        session = conn.session
+        if self._plans_session != session or session is None:
+            self._plans.clear()
+            self._plans_session = session
+        if variant.id in self._plans:
             return
-        limits = self.limits
+        limits = conn.limits
         if limits is not None and len(variant.data) > limits.max_plan_bytes:
             raise ValueError(
                 f"plan {name!r} is {len(variant.data)} bytes, over worker {self.id!r}'s limit of "
@@ -293,8 +254,11 @@ class Client:
         reply, _ = self.request(
             lambda rid: m.RegisterPlan(id=rid, frame=0, name=name), [variant.data], what=f"plan {name!r}"
         )
-        if reply.plan != variant.id:  # type: ignore[attr-defined]
+        if not isinstance(reply, m.PlanInfo) or reply.plan != variant.id:
             raise ProtocolError("bad_plan", f"worker {self.id!r} registered plan {name!r} under an unexpected id")
+        if self._plans_session != conn.session:  # the registration itself met a restarted worker
+            self._plans.clear()
+            self._plans_session = conn.session
         self._plans.add(variant.id)
 
     def delete_plan(self, plan: str) -> None:
@@ -303,9 +267,10 @@ class Client:
         self._plans.discard(plan)
 
     def signature_of(self, arg: Any) -> tuple[str, tuple[int, ...]]:
-        """(wire dtype, shape) of a plan argument, pointer or local tensor."""
+        """(wire dtype, shape) of a plan argument, pointer or local tensor (a pointer's shape may wait
+        for the run that makes it)."""
         if isinstance(arg, PointerTensor):
-            self._check_pointer(arg)
+            self.check_pointer(arg)
             return arg.dtype, arg.shape
         array = as_array(arg)
         return codec.dtypes.to_wire(array.dtype), array.shape
@@ -330,7 +295,7 @@ class Client:
         wire_args, buffers = [], []
         for a in args:
             if isinstance(a, PointerTensor):
-                self._check_pointer(a)
+                self.check_pointer(a)
                 wire_args.append(m.Arg(ref=a.key))
             else:
                 wire, shape, buf = codec.to_frame(as_array(a))
@@ -338,27 +303,20 @@ class Client:
                 buffers.append(buf)
         named = list(outputs) if outputs is not None else [None] * len(variant.outputs)
         keys = [k or self.new_key() for k in named]
-        results = [
-            PointerTensor(self, k, dtype, shape, owned=n is None)
-            for k, n, (dtype, shape) in zip(keys, named, variant.results, strict=True)
-        ]
         if inline_max is None:
             inline_max = self.inline_max if outputs is None else 0
         fetch = list(fetch)
-        make = lambda rid: m.Run(  # noqa: E731
-            id=rid, plan=variant.id, args=wire_args, outputs=keys, fetch=fetch, inline_max=inline_max
-        )
-        what = f"run of plan {name!r}"
+        conn = self.connection
+        msg = m.Run(id=conn.new_id(), plan=variant.id, args=wire_args, outputs=keys, fetch=fetch, inline_max=inline_max)
+        call = conn.send(msg, buffers, f"run of plan {name!r}", background=not (fetch and wait))
+        owned = conn.owned
+        results = []
+        for k, n, (dtype, shape), spec in zip(keys, named, variant.results, variant.outputs, strict=True):
+            if n is None:
+                owned[k] = None
+            results.append(PointerTensor(self, k, dtype, shape, owned=n is None, call=call, dims=spec.shape))
         if fetch and wait:
-            reply, bufs = self.wait(self.submit(make, buffers, what=what))
-            self._attach(results, reply, bufs)
-        elif fetch or inline_max:
-            rid = self.submit(make, buffers, what=what, background=True)
-            self._inline_runs[rid] = [weakref.ref(r) for r in results]
-            for r in results:
-                r._pending = rid
-        else:
-            self.submit(make, buffers, what=what, detached=True, background=True)
+            call.result()  # errors raise here
         return results
 
     # -- lifetime -----------------------------------------------------------------------------------
@@ -368,9 +326,21 @@ class Client:
         self.request(lambda rid: m.Ping(id=rid))
 
     def close(self) -> None:
-        pass
+        """Free what this client still owns on the worker (best effort: at most CLOSE_TIMEOUT s, so a worker
+        that has gone does not hold close() up for the whole request timeout), then close the link."""
+        conn = self.connection
+        if conn.release_all() and conn.session is not None:
+            timeout, self.timeout = self.timeout, min(self.timeout or CLOSE_TIMEOUT, CLOSE_TIMEOUT)
+            try:
+                conn.check()
+                self.flush()  # sends the frees first, then waits for the worker to confirm them all
+            except Exception as e:  # noqa: BLE001  (best effort: closing must not fail)
+                log.debug("frees at close not confirmed by %r: %s", self.id, e)
+            finally:
+                self.timeout = timeout
+        conn.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> WorkerClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -378,3 +348,11 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r}>"
+
+
+Client = WorkerClient  # the name before the split into connection and API
+
+
+def _progress(desc: str, size: int | Sequence[Frame], enabled: bool | None) -> Any:
+    nbytes = size if isinstance(size, int) else sum(memoryview(b).nbytes for b in size)
+    return progress.transfer(desc, nbytes, enabled)

@@ -40,3 +40,32 @@ def remote_error(worker: str, code: str, message: str) -> RemoteError:
     """The most specific exception class for a wire error code."""
     cls = {"unknown_tensor": UnknownTensorError, "forbidden": ForbiddenError}.get(code, RemoteError)
     return cls(worker, code, message)
+
+
+class WorkerLost(RemoteError, ConnectionError):
+    """The connection to a worker dropped, or the worker restarted, while requests were outstanding.
+
+    Every request in flight at that moment fails with this at once (their replies can never come): the
+    worker's tensors and plans may be gone with it, and nothing queued meanwhile is replayed to a new one.
+    """
+
+    def __init__(self, worker: str, message: str) -> None:
+        super().__init__(worker, "worker_lost", message)
+
+
+class NoWorkerListening(RemoteError, ConnectionRefusedError):
+    """Nobody accepts connections at the address: no plan-worker runs there, or the port or path is wrong."""
+
+    def __init__(self, worker: str, message: str) -> None:
+        super().__init__(worker, "no_listener", message)
+
+
+class CurveRefused(RemoteError, PermissionError):
+    """The worker refused the CURVE handshake: this client's key is not admitted, or the keys do not match."""
+
+    def __init__(self, worker: str, message: str) -> None:
+        super().__init__(worker, "curve_refused", message)
+
+
+class NothingFound(IndexError):
+    """Indexing the empty result of ``search(...)``: no tensor on that worker carries those tags."""

@@ -1,16 +1,26 @@
-"""Pointers: local handles to tensors and plans that live on a worker."""
+"""Pointers: local handles to tensors and plans that live on a worker.
+
+A result pointer holds the Call of the run that makes it and reads its value (when the reply carried one)
+from there itself: no other code touches a pointer's state.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from planwire.transport.arrays import wrap
-from planwire.transport.dtypes import human
-from planwire.transport.spec import PlanSource, PlanVariant
+from planwire.transport.dtypes import human, to_numpy
+from planwire.transport.errors import NothingFound
+from planwire.transport.spec import Dim, PlanSource, PlanVariant
 
 if TYPE_CHECKING:
-    from planwire.transport.client import Client
+    import numpy as np
+
+    from planwire.transport.client import WorkerClient
+    from planwire.transport.connection import Call
 
 
 class PointerTensor:
@@ -25,18 +35,19 @@ class PointerTensor:
         "key",
         "dtype",
         "_shape",
+        "_dims",
         "tags",
         "owned",
         "private",
         "consumed",
-        "_pending",
-        "_inline",
+        "_call",
+        "_value",
         "__weakref__",
     )
 
     def __init__(
         self,
-        worker: Client,
+        worker: WorkerClient,
         key: str,
         dtype: str,
         shape: tuple[int, ...] | None,
@@ -44,30 +55,64 @@ class PointerTensor:
         *,
         owned: bool = True,
         private: bool = False,
+        call: Call | None = None,
+        dims: tuple[Dim, ...] | None = None,
     ) -> None:
         self.worker, self.key, self.dtype, self._shape = worker, key, dtype, shape
         self.tags, self.owned, self.private, self.consumed = tags, owned, private, False
-        self._pending: int | None = None  # id of the run whose reply may carry this tensor's value
-        self._inline: Any = None  # that value (numpy), when the reply carried it
+        self._dims = dims  # declared shape (dynamic axes as str/None) while the real one is unknown
+        self._call = call  # the run whose reply may carry this tensor's value; None once read
+        self._value: np.ndarray | None = None  # that value, when the reply carried it
+
+    def _settle(self) -> np.ndarray | None:
+        """Wait for the producing run's reply and keep the value it carried (None if it carried none).
+        WorkerLost if the reply can never come."""
+        call = self._call
+        if call is not None:
+            self._value = call.tensor(self.key)
+            self._call = None
+        return self._value
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of the remote tensor (asks the worker once when the plan's output shape is dynamic)."""
+        """Shape of the remote tensor (waits for its run, and asks the worker once when the plan's output
+        shape is dynamic and the value did not come back with the run)."""
         if self._shape is None:
-            if self._pending is not None:
-                self.worker.settle(self._pending)
-            inline = self._inline
-            self._shape = tuple(inline.shape if inline is not None else self.worker.describe(self)[0].shape)
+            value = self._settle()
+            self._shape = tuple(value.shape if value is not None else self.worker.describe(self)[0].shape)
         return self._shape
+
+    def signature(self) -> tuple[str, Sequence[Dim]] | None:
+        """(dtype, shape) without waiting: the shape when known, else the declared one with its dynamic
+        axes; None when neither is known."""
+        if self._shape is not None:
+            return self.dtype, self._shape
+        if self._call is None and self._value is not None:
+            return self.dtype, self._value.shape
+        return None if self._dims is None else (self.dtype, self._dims)
 
     @property
     def value(self) -> Any:
         """The value its run's reply carried (fetched or small enough), or None; ``get()`` reads it too."""
-        return None if self._inline is None else wrap(self._inline)
+        value = self._settle() if self._call is not None and self._call.done else self._value
+        return None if value is None else wrap(value)
 
-    def get(self, keep: bool = False) -> Any:
-        """The tensor's value (torch.Tensor when torch is in use). Moves it off the worker unless ``keep``."""
-        value = self.worker.fetch(self, keep=keep)
+    def read(self, keep: bool = False, *, progress: bool | None = None) -> Any:
+        """The value (the caller's tensor type), moved off the worker unless ``keep``; see ``get``."""
+        self.worker.check_pointer(self)
+        value = self._settle() if self._call is not None else self._value
+        if value is None:
+            nbytes = 0 if self._shape is None else math.prod(self._shape) * to_numpy(self.dtype).itemsize
+            return wrap(self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0])
+        if not keep:  # a move: the stored copy is freed with the next frees
+            self._value = None
+            self.worker.release(self.key)
+        return wrap(value)
+
+    def get(self, keep: bool = False, *, progress: bool | None = None) -> Any:
+        """The tensor's value (torch.Tensor when torch is in use). Moves it off the worker unless ``keep``.
+        Over 64 MiB a progress bar shows on stderr (``progress=False`` or PLANWIRE_PROGRESS=0: none)."""
+        value = self.read(keep, progress=progress)
         if not keep and not self.private:
             self.consumed = True
         return value
@@ -84,10 +129,28 @@ class PointerTensor:
         return f"[PointerTensor | me:{self.key} -> {self.worker.id}] {human(self.dtype)}{shape}{tags}{state}"
 
 
+class SearchResult(list):  # type: ignore[type-arg]
+    """The pointers ``search(*tags)`` found; indexing an empty result says which tags and worker."""
+
+    def __init__(self, pointers: Iterable[PointerTensor], *, tags: Sequence[str], worker: str) -> None:
+        super().__init__(pointers)
+        self.tags, self.worker = tuple(tags), worker
+
+    def __getitem__(self, index: SupportsIndex | slice) -> Any:
+        if not self and not isinstance(index, slice):
+            asked = ", ".join(map(repr, self.tags))
+            raise NothingFound(
+                f"search({asked}) found nothing on worker {self.worker!r}: no tensor there carries "
+                f"{'all of these tags' if len(self.tags) > 1 else 'this tag'}; check the spelling, or list "
+                "what the worker holds with search() (no tags)"
+            )
+        return super().__getitem__(index)
+
+
 class PointerPlan:
     """A plan on ``worker``: a call sends one run message and returns result pointers at once."""
 
-    def __init__(self, source: PlanSource, worker: Client) -> None:
+    def __init__(self, source: PlanSource, worker: WorkerClient) -> None:
         self.source = source
         self.worker = worker
 
@@ -97,10 +160,47 @@ class PointerPlan:
         return results[0] if len(results) == 1 else tuple(results)
 
     def variant_for(self, args: tuple[Any, ...]) -> PlanVariant:
-        """The source's variant for these arguments, registered on the worker."""
-        variant = self.source.variant_for([self.worker.signature_of(a) for a in args])
-        self.worker.ensure_plan(variant, self.source.name)
+        """The source's variant for these arguments, registered on the worker. Pointers whose shape is
+        still on its way (a run not yet answered) do not wait when exactly one known variant takes them
+        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes)."""
+        worker = self.worker
+        variant = None
+        for a in args:
+            if type(a) is PointerTensor and a._shape is None:
+                variant = self._fits_unknown(args)
+                break
+        if variant is None:
+            variant = self.source.variant_for([worker.signature_of(a) for a in args])
+        worker.ensure_plan(variant, self.source.name)
         return variant
+
+    def _fits_unknown(self, args: tuple[Any, ...]) -> PlanVariant | None:
+        sigs: list[tuple[str, Sequence[Dim]]] = []
+        for a in args:
+            if isinstance(a, PointerTensor):
+                self.worker.check_pointer(a)
+                sig = a.signature()
+                if sig is None:
+                    return None
+                sigs.append(sig)
+            else:
+                sigs.append(self.worker.signature_of(a))
+        fits = [v for v in getattr(self.source, "variants", ()) if _may_fit(v, sigs)]
+        return fits[0] if len(fits) == 1 else None
 
     def __repr__(self) -> str:
         return f"[PointerPlan | me:{self.source.name} -> {self.worker.id}]"
+
+
+def _may_fit(variant: PlanVariant, args: Sequence[tuple[str, Sequence[Dim]]]) -> bool:
+    """Whether arguments with some axes unknown (str/None) fit ``variant`` whatever those axes turn out to
+    be: dtypes and ranks agree, known axes match, and every unknown axis is a dynamic axis of the plan."""
+    if len(args) != len(variant.inputs):
+        return False
+    for spec, (dtype, shape) in zip(variant.inputs, args, strict=True):
+        if dtype != spec.dtype or len(shape) != len(spec.shape):
+            return False
+        for want, got in zip(spec.shape, shape, strict=True):
+            if isinstance(want, int) and (not isinstance(got, int) or want != got):
+                return False
+    return True

@@ -7,12 +7,38 @@ from collections.abc import Iterable
 from typing import Any
 
 from planwire.transport.arrays import as_array, tags_of
-from planwire.transport.client import Client
+from planwire.transport.client import WorkerClient
+from planwire.transport.connection import WINDOW, Connection
 from planwire.transport.session import Frame, Limits
 from planwire.worker.service import Service
 
 
-class VirtualWorker(Client):
+class ServiceLink:
+    """Moves frames to a Service in this process and its replies back, through bytes as a socket would
+    deliver them (nothing may alias the caller's buffers). It never drops."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.timeout: float | None = None
+        self._replies: deque[list[Frame]] = deque()
+
+    def send(self, frames: list[Frame]) -> None:
+        self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames])])
+
+    def recv(self, timeout: float | None) -> list[Frame] | None:
+        return self._replies.popleft() if self._replies else None
+
+    def dropped(self) -> str | None:
+        return None
+
+    def reset(self) -> None:
+        self._replies.clear()
+
+    def close(self) -> None:
+        pass
+
+
+class VirtualWorker(WorkerClient):
     """An in-process worker. Requests are encoded to frames and decoded by the same Service a
     plan-worker process runs, so behaviour (and every test of it) is the networked worker's.
 
@@ -30,17 +56,9 @@ class VirtualWorker(Client):
         device: str = "cpu",
         threads: int = 1,
         limits: Limits | None = None,
+        window: int = WINDOW,
     ) -> None:
-        super().__init__()
-        self.id = id
         own = [(f"{id}:data:{i}", as_array(t), tags_of(t)) for i, t in enumerate(data)]
         self.service = Service(id, data=own, public=public, device=device, threads=threads, limits=limits or Limits())
-        self._replies: deque[list[Frame]] = deque()
+        super().__init__(Connection(ServiceLink(self.service), name=id, window=window))
         self.hello()
-
-    def _send(self, frames: list[Frame]) -> None:
-        # Through bytes, as a socket would deliver them: nothing may alias the caller's buffers.
-        self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames])])
-
-    def _recv(self, timeout: float | None) -> list[Frame] | None:
-        return self._replies.popleft() if self._replies else None
