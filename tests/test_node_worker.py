@@ -15,6 +15,7 @@ import zmq
 import zmq.auth
 
 import planwire
+from planwire.transport import CurveRefused
 from planwire.transport.auth import client_keys
 from tests import handmade
 from tests.conformance.wire import Peer
@@ -205,10 +206,13 @@ def test_curve_admits_listed_clients_only(keys):
         with planwire.connect(w.url, timeout=10, curve=alice) as c:
             assert c.put(np.arange(3)).get().tolist() == [0, 1, 2]
         mallory = client_keys(str(keys / "intruder" / "mallory.key_secret"), str(keys / "server" / "server.key"))
-        with pytest.raises(TimeoutError):
-            planwire.connect(w.url, timeout=0.5, curve=mallory)
-        with pytest.raises(TimeoutError):
-            planwire.connect(w.url, timeout=0.5)  # plain text: no reply
+        with pytest.raises(CurveRefused, match="refused this client's CURVE key: check that the client's public key"):
+            planwire.connect(w.url, timeout=20, curve=mallory)
+        wrong_server = client_keys(str(keys / "alice.key_secret"), str(keys / "intruder" / "mallory.key"))
+        with pytest.raises(CurveRefused, match="check that the server key given to connect"):
+            planwire.connect(w.url, timeout=20, curve=wrong_server)
+        with pytest.raises(CurveRefused, match=r"requires CURVE encryption; connect with curve=\("):
+            planwire.connect(w.url, timeout=20)  # plain text
         with Peer(w.url, curve=alice) as raw:
             assert raw.ok({"type": "ping"}).kind == "ok"
         assert "refused CURVE client" in w.log()
