@@ -93,6 +93,12 @@ def put(key: str, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def keys() -> list[str]:
+    """The keys held in memory, least recently used first (for tests and diagnostics)."""
+    with _lock:
+        return list(_memory)
+
+
 def discard(key: str) -> None:
     """Forget an entry that turned out stale."""
     with _lock:

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
+from planwire.exporter.errors import chain
+
 DATA_DEPENDENT_FIX = (
     "a plan is one fixed graph, so Python cannot branch on a tensor's values (if/while on a tensor, "
     ".item(), bool(), int()) while it is exported.\n"
@@ -59,16 +61,6 @@ def _planwire_dirs() -> tuple[str, ...]:
 
 _PLANWIRE_DIRS = _planwire_dirs()
 _STACK_LINE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)$')
-
-
-def chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and its causes/contexts, outermost first, each once."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
 
 
 def is_data_dependent(exc: BaseException) -> bool:

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 
 import onnx
 import torch
 from onnxscript import ir, optimizer
 
 from planwire.exporter import cache, diagnose, progress
-from planwire.exporter.decompose import skip_noop_decompositions
-from planwire.exporter.errors import PlanBuildError
-from planwire.exporter.registry import cached_registry
+from planwire.exporter.errors import PlanBuildError, chain, root_cause
+from planwire.exporter.onnx_passes import check_exported, strip_debug_info
+from planwire.exporter.torch_compat import EXPORT_LOCK, cached_registry, skip_noop_decompositions
 
 OPSET = 20  # ONNX opset of exported plans (torchlib implements >= 18; onnxruntime >= 1.17 runs 20)
-STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
-
-# Exports are serialized: the exporter is not thread-safe and the registry patch is process-wide.
-_export_lock = threading.RLock()
 
 
 def export_model(
@@ -48,7 +43,7 @@ def export_model(
     Raises PlanBuildError (naming ``plan`` and, when found, the failing op) with the cause chained.
     """
     with (
-        _export_lock,
+        EXPORT_LOCK,
         cached_registry(),
         skip_noop_decompositions(on_captured=lambda: progress.stage("export")),
         warnings.catch_warnings(),
@@ -162,77 +157,6 @@ def _optimize(model: ir.Model, keep: Collection[str]) -> None:
             graph.inputs.remove(value)
 
 
-def strip_debug_info(proto: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node and per-value metadata and doc strings.
-
-    They hold FX node dumps and stack traces with local file paths: nothing a worker needs, more than
-    the graph itself for small plans, and they would make a plan's content id depend on where its
-    source file lives (or, for the graph's own metadata, on how torch named its FX nodes and symbols).
-    """
-    graphs = [proto.graph]
-    for node in _nodes(proto.graph):
-        for attr in node.attribute:
-            graphs += [attr.g, *attr.graphs] if attr.HasField("g") else list(attr.graphs)
-        del node.metadata_props[:]
-        node.doc_string = ""
-    for graph in graphs:
-        graph.doc_string = ""
-        del graph.metadata_props[:]  # torch.export's graph signature (FX node names) and range constraints
-        for value in [*graph.input, *graph.output, *graph.value_info]:
-            del value.metadata_props[:]
-            value.doc_string = ""
-        for tensor in graph.initializer:
-            del tensor.metadata_props[:]
-            tensor.doc_string = ""
-
-
-def check_exported(
-    proto: onnx.ModelProto, *, plan: str, input_names: Sequence[str], dynamic: Sequence[Collection[int]]
-) -> None:
-    """PlanBuildError unless the model is standard, self-contained and dynamic where asked."""
-    if proto.functions:
-        raise PlanBuildError(
-            f"plan {plan!r}: the exported graph still has local functions "
-            f"({', '.join(f.name for f in proto.functions)})",
-            plan=plan,
-            op=proto.functions[0].name,
-        )
-    for node in _nodes(proto.graph):
-        if node.domain not in STANDARD_DOMAINS:
-            op = f"{node.domain}::{node.op_type}"
-            raise PlanBuildError(f"plan {plan!r}: op {op} is not a standard ONNX op", plan=plan, op=op)
-    for tensor in _tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise PlanBuildError(f"plan {plan!r}: tensor {tensor.name!r} uses external data", plan=plan)
-    inputs = {i.name: i for i in proto.graph.input}
-    for name, axes in zip(input_names, dynamic, strict=True):
-        dims = inputs[name].type.tensor_type.shape.dim
-        for axis in sorted(axes):
-            if not dims[axis].dim_param:
-                raise PlanBuildError(
-                    f"plan {plan!r}: axis {axis} of {name!r} should be dynamic but the traced code fixed it "
-                    f"to {dims[axis].dim_value}",
-                    plan=plan,
-                )
-
-
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
-                yield from _nodes(sub)
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in _nodes(graph):
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-
-
 _OP_PATTERNS = (
     re.compile(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)"),
     re.compile(r"target=torch\.ops\.([\w.]+)"),
@@ -242,7 +166,7 @@ _OP_PATTERNS = (
 
 def failing_op(exc: BaseException) -> str | None:
     """The torch op an exporter error is about, searched along the exception chain."""
-    for e in diagnose.chain(exc):
+    for e in chain(exc):
         text = str(e)
         for pattern in _OP_PATTERNS:
             match = pattern.search(text)
@@ -266,7 +190,7 @@ def export_error(
     frame = diagnose.user_frame(exc)
     line = f"\n  at {diagnose.where(frame.filename, frame.lineno, frame.line)}" if frame else ""
     return PlanBuildError(
-        f"plan {plan!r} could not be exported to ONNX{at}: {_root_message(exc)}{line}\n{diagnose.CAUSE_NOTE}",
+        f"plan {plan!r} could not be exported to ONNX{at}: {root_cause(exc)}{line}\n{diagnose.CAUSE_NOTE}",
         plan=plan,
         op=op,
     )
@@ -274,11 +198,4 @@ def export_error(
 
 def _is_dispatch_failure(exc: BaseException) -> bool:
     """Whether the exporter found no ONNX translation for an op (rather than failing inside one)."""
-    return any(type(e).__name__ == "DispatchError" or "No ONNX function found" in str(e) for e in diagnose.chain(exc))
-
-
-def _root_message(exc: BaseException) -> str:
-    """The innermost cause's first line: what actually went wrong, without the exporter's advice."""
-    root = list(diagnose.chain(exc))[-1]
-    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
-    return f"{type(root).__name__}: {lines[0] if lines else ''}"
+    return any(type(e).__name__ == "DispatchError" or "No ONNX function found" in str(e) for e in chain(exc))

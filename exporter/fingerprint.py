@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import marshal
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,3 +110,24 @@ def _global_names(code: types.CodeType) -> set[str]:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
     return names
+
+
+_AUTOGRAD_NAMES = frozenset(
+    {"grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functional_call", "backward"}
+)
+
+
+def uses_autograd(fn: Callable[..., object]) -> bool:
+    """Whether ``fn``'s code (nested functions included) names a torch.func transform or autograd.grad.
+
+    A syntactic check: it can report a false positive (a variable called ``grad``), never misses a
+    direct call. False positives only cost the slower, gradient-capable pipeline.
+    """
+    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
+    todo = [code] if code is not None else []
+    while todo:
+        c = todo.pop()
+        if _AUTOGRAD_NAMES & {*c.co_names, *c.co_freevars}:  # globals, attributes and closure variables
+            return True
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,7 @@ OUTPUT_ROLE = "output"
 
 
 @dataclass(frozen=True)
-class PlanInfo:
+class PlanMetadata:
     """Everything the bytes of one plan variant say about it."""
 
     name: str
@@ -81,25 +81,47 @@ def _json_roles(raw: str | None) -> dict[str, str]:
         return {}
 
 
-def _json_ports(specs: Iterable[TensorSpec]) -> str:
+def _json_ports(specs: Iterable[TensorSpec], binds: Mapping[str, str]) -> str:
     entries = []
     for s in specs:
         shape = ["?" if d is None else d for d in s.shape]
-        entries.append({"name": s.name, "role": s.role, "dtype": s.dtype, "shape": shape})
+        entry: dict[str, object] = {"name": s.name, "role": s.role, "dtype": s.dtype, "shape": shape}
+        if s.name in binds:
+            entry["binds"] = binds[s.name]
+        entries.append(entry)
     return json.dumps(entries)
 
 
-def stamp(model: onnx.ModelProto, *, name: str, kind: str, state: Sequence[str]) -> bytes:
-    """Write planwire metadata (replacing any) into ``model`` and serialize it deterministically."""
-    inputs, outputs = ports(model)
+def stamp(
+    model: onnx.ModelProto,
+    *,
+    name: str,
+    kind: str,
+    state: Sequence[str] = (),
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
+    binds: Mapping[str, str] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> bytes:
+    """Write planwire metadata (replacing any) into ``model`` and serialize it deterministically.
+
+    The one writer of plan metadata, for every kind of plan. Ports are the graph's unless ``inputs``/
+    ``outputs`` give them with their roles; ``binds`` maps an output to the input it replaces on the next
+    call (training steps); ``extra`` adds planwire keys (a str, or a value written as JSON).
+    """
+    if inputs is None or outputs is None:
+        graph_inputs, graph_outputs = ports(model)
+        inputs = graph_inputs if inputs is None else inputs
+        outputs = graph_outputs if outputs is None else outputs
     present = {t.name for t in model.graph.initializer}
     props = {
         META_NAME: name,
         META_FORMAT: FORMAT,
         META_KIND: kind,
-        META_INPUTS: _json_ports(inputs),
-        META_OUTPUTS: _json_ports(outputs),
+        META_INPUTS: _json_ports(inputs, {}),
+        META_OUTPUTS: _json_ports(outputs, binds or {}),
         META_STATE: json.dumps([s for s in state if s in present]),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()},
     }
     kept = [p for p in model.metadata_props if not p.key.startswith("planwire.")]
     del model.metadata_props[:]
@@ -110,15 +132,15 @@ def stamp(model: onnx.ModelProto, *, name: str, kind: str, state: Sequence[str])
     return model.SerializeToString(deterministic=True)
 
 
-def read(model: onnx.ModelProto, *, default_name: str = "plan") -> PlanInfo:
-    """PlanInfo of a model; a plain ONNX model (no planwire metadata) reads as a nameless function plan."""
+def read(model: onnx.ModelProto, *, default_name: str = "plan") -> PlanMetadata:
+    """PlanMetadata of a model; a plain ONNX model (no planwire metadata) reads as a nameless function plan."""
     return _info({p.key: p.value for p in model.metadata_props}, ports(model), default_name)
 
 
 def read_session(
     session: onnxruntime.InferenceSession, meta: dict[str, str], *, default_name: str = "plan"
-) -> PlanInfo:
-    """PlanInfo from an onnxruntime session of the plan (its ports) and its ``metadata_props``: no onnx."""
+) -> PlanMetadata:
+    """PlanMetadata from an onnxruntime session of the plan (its ports) and its ``metadata_props``: no onnx."""
     roles = {**_json_roles(meta.get(META_INPUTS)), **_json_roles(meta.get(META_OUTPUTS))}
 
     def spec(port: onnxruntime.NodeArg, default_role: str) -> TensorSpec:
@@ -135,7 +157,7 @@ def read_session(
 
 def _info(
     meta: dict[str, str], io: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]], default_name: str
-) -> PlanInfo:
+) -> PlanMetadata:
     fmt = meta.get(META_FORMAT)
     if fmt is not None and fmt != FORMAT:
         raise ValueError(f"plan format {fmt!r} is not supported (this planwire reads format {FORMAT!r})")
@@ -145,4 +167,4 @@ def _info(
     except ValueError:
         raise ValueError(f"bad {META_STATE} metadata: {meta[META_STATE]!r}") from None
     name = meta.get(META_NAME) or default_name
-    return PlanInfo(name, meta.get(META_KIND, "function"), inputs, outputs, state)
+    return PlanMetadata(name, meta.get(META_KIND, "function"), inputs, outputs, state)

@@ -3,8 +3,9 @@
 A :class:`Plan` is a ``torch.nn.Module``: a function plan is a module whose ``forward`` calls the function
 (its state as buffers), a class plan is the user's own module. Building traces it once per signature with
 ``torch.onnx.export(..., dynamo=True)`` into a :class:`~planwire.transport.spec.PlanVariant`, checks the
-graph against eager torch, and keeps the variant; calling the plan then runs that graph, locally in
-onnxruntime or, given pointers, on their worker.
+graph against eager torch, and keeps the variant (through :func:`planwire.exporter.build.build_variant`,
+the driver every plan shares); calling the plan then runs that graph, locally in onnxruntime or, given
+pointers, on their worker.
 """
 
 from __future__ import annotations
@@ -20,29 +21,26 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import onnxscript
 import torch
 
-from planwire.exporter import cache, metadata, runtime
+from planwire.exporter import metadata
 from planwire.exporter import progress as build_progress
 from planwire.exporter.base import PlanRunner, Signature
-from planwire.exporter.dtypes import WIRE_TO_TORCH, DTypeLike, torch_dtype, wire_of
+from planwire.exporter.build import build_variant, cache_key
+from planwire.exporter.dtypes import WIRE_TO_TORCH, DTypeLike, wire_of
 from planwire.exporter.errors import FixedShapeWarning, PlanBuildError
-from planwire.exporter.export import OPSET, export_model
-from planwire.exporter.fingerprint import function_fingerprint, module_fingerprint, tensors_digest
+from planwire.exporter.examples import TRACE_SIZE, Axes, args_signature, output_names, random_examples, resize
+from planwire.exporter.export import export_model
+from planwire.exporter.fingerprint import function_fingerprint, module_fingerprint, tensors_digest, uses_autograd
+from planwire.exporter.onnx_passes import has_random_ops
 from planwire.exporter.state import State
-from planwire.exporter.verify import RANDOM_OPS, compare
+from planwire.exporter.verify import verify_variant
 from planwire.transport.arrays import as_array
 from planwire.transport.dtypes import to_wire
 from planwire.transport.spec import PlanVariant
 
-TRACE_SIZE = 3  # example size of a dynamic axis (torch.export specializes sizes 0 and 1)
-CACHE_FORMAT = "planwire-plan/1"
-
 # Inside this context a Plan called as a module runs its torch code (tracing, eager reference runs).
 _eager: ContextVar[bool] = ContextVar("planwire_eager", default=False)
-
-Axes = frozenset[int]
 
 
 class _EagerError(PlanBuildError):
@@ -92,7 +90,7 @@ class Plan(PlanRunner, torch.nn.Module):
         if args_shape is not None:
             self._dynamic = [(len(s), frozenset(a for a, d in enumerate(s) if d == -1)) for s in args_shape]
             dynamic = self._dynamic_axes(len(args_shape))
-            self.build(*_examples(_signature(args_shape, args_dtypes), dynamic), dynamic_axes=dynamic)
+            self.build(*random_examples(args_signature(args_shape, args_dtypes), dynamic), dynamic_axes=dynamic)
         elif args_dtypes is not None:
             raise TypeError("args_dtypes needs args_shape")
 
@@ -172,7 +170,7 @@ class Plan(PlanRunner, torch.nn.Module):
             raise TypeError(f"plan {self.name!r} cannot take dtype {e.args[0]!r}") from None
         dynamic = self._dynamic_axes(len(args), [len(s) for _, s in signature])
         if examples is None:
-            tensors = _examples(signature, dynamic)
+            tensors = random_examples(signature, dynamic)
         else:
             tensors = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in examples]
         try:
@@ -191,7 +189,7 @@ class Plan(PlanRunner, torch.nn.Module):
         return out
 
     def _make_variant(self, args: list[torch.Tensor], dynamic: list[Axes]) -> tuple[PlanVariant, ort.InferenceSession]:
-        """Export (or fetch from the cache) and verify one variant."""
+        """Export (or fetch from the cache) and verify one variant, through the one build driver."""
         started = time.perf_counter()
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
@@ -200,79 +198,49 @@ class Plan(PlanRunner, torch.nn.Module):
         self._check_arity(len(args), [(wire_of(a.dtype), tuple(a.shape)) for a in args])
         args = [a.detach() for a in args]
         pairs = list(zip(args, dynamic, strict=True))
-        trace = [_resize(a, axes, lambda n: n if n >= 2 else TRACE_SIZE) for a, axes in pairs]
+        trace = [resize(a, axes, lambda n: n if n >= 2 else TRACE_SIZE) for a, axes in pairs]
         checks = [trace]
         if any(t.shape != a.shape for t, a in zip(trace, args, strict=True)):
             checks.append(args)
         if any(dynamic):  # a second size catches sizes baked into the graph
-            checks.append([_resize(t, axes, lambda n: n + 2) for t, axes in zip(trace, dynamic, strict=True)])
+            checks.append([resize(t, axes, lambda n: n + 2) for t, axes in zip(trace, dynamic, strict=True)])
         expected = [self._reference(c) for c in checks]
         input_names = self._input_names(len(args))
-        output_names = _output_names(len(expected[0]), input_names)
-        key = self._cache_key(trace, dynamic, input_names, output_names)
+        names = output_names(len(expected[0]), input_names)
+        state = self._state_names()
+        autograd = self._function is not None and uses_autograd(self._function)
 
-        data = cache.get(key)
-        if data is not None:
-            try:
-                return self._verified(data, checks, expected)
-            except PlanBuildError:
-                cache.discard(key)  # a stale entry (code the fingerprint missed): export afresh
-        with build_progress.building(self.name, show=self._progress, started=started):
+        def export() -> onnx.ModelProto:
             with eager():  # nested plans trace as torch code
-                from planwire.exporter.training.function import build_function_step, uses_autograd
+                if autograd:  # gradients inside the plan (torch.func.grad, autograd.grad): traced like a step
+                    from planwire.exporter.training.function import export_function
 
-                if self._function is not None and uses_autograd(self._function):
-                    # Gradients inside the plan (torch.func.grad, autograd.grad): the training pipeline.
-                    proto = build_function_step(
-                        self.eager,
-                        trace,
-                        dynamic=dynamic,
-                        input_names=input_names,
-                        output_names=output_names,
-                        name=self.name,
-                        verify=False,
-                    ).model
-                else:
-                    proto = export_model(
-                        self,
-                        trace,
-                        plan=self.name,
-                        input_names=input_names,
-                        output_names=output_names,
-                        dynamic=dynamic,
-                        keep=self._state_names(),
-                        output_dtypes=[_wire(e) for e in expected[0]],
+                    return export_function(
+                        self.eager, trace, dynamic=dynamic, input_names=input_names, output_names=names, name=self.name
                     )
-            data = metadata.stamp(proto, name=self.name, kind=self.kind, state=self._state_names())
-            cache.put(key, data)
-            build_progress.stage("verify")
-            return self._verified(data, checks, expected)
+                return export_model(
+                    self,
+                    trace,
+                    plan=self.name,
+                    input_names=input_names,
+                    output_names=names,
+                    dynamic=dynamic,
+                    keep=state,
+                    output_dtypes=[to_wire(e.dtype) for e in expected[0]],
+                )
 
-    def _verified(
-        self, data: bytes, checks: list[list[torch.Tensor]], expected: list[list[np.ndarray]]
-    ) -> tuple[PlanVariant, ort.InferenceSession]:
-        model = onnx.load_from_string(data)
-        inputs, outputs = metadata.ports(model)
-        variant = PlanVariant(data, inputs, outputs)
-        try:
-            session = runtime.make_session(data)
-        except Exception as e:
-            raise PlanBuildError(
-                f"plan {self.name!r}: onnxruntime cannot load the exported graph: {e}", plan=self.name
-            ) from e
-        values = not any(n.op_type in RANDOM_OPS for n in model.graph.node)
-        names = [o.name for o in outputs]
-        for args, want in zip(checks, expected, strict=True):
-            arrays = [as_array(a) for a in args]
-            shapes = ", ".join(str(list(a.shape)) for a in arrays)
-            try:
-                got = runtime.run(session, variant, arrays)
-            except Exception as e:
-                raise PlanBuildError(
-                    f"plan {self.name!r}: onnxruntime failed on inputs of shape {shapes}: {e}", plan=self.name
-                ) from e
-            compare(got, want, plan=self.name, names=names, values=values, what=f" (inputs {shapes})")
-        return variant, session
+        def verify(data: bytes, model: onnx.ModelProto) -> tuple[PlanVariant, ort.InferenceSession]:
+            variant = PlanVariant(data, *metadata.ports(model))
+            runs = [([as_array(a) for a in c], e) for c, e in zip(checks, expected, strict=True)]
+            return variant, verify_variant(variant, runs, plan=self.name, random=has_random_ops(model))
+
+        return build_variant(
+            self._cache_key(trace, dynamic, input_names, names, autograd),
+            export=export,
+            stamp=lambda model: metadata.stamp(model, name=self.name, kind=self.kind, state=state),
+            verify=verify,
+            reporting=lambda: build_progress.building(self.name, show=self._progress, started=started),
+        )
 
     def _reference(self, args: list[torch.Tensor]) -> list[np.ndarray]:
         """Eager torch outputs as numpy, with buffers restored (BatchNorm statistics must not drift)."""
@@ -335,12 +303,13 @@ class Plan(PlanRunner, torch.nn.Module):
     def _state_names(self) -> list[str]:
         return [name for name, _ in [*self.named_parameters(), *self.named_buffers()]]
 
-    def _cache_key(self, trace: list[torch.Tensor], dynamic: list[Axes], inputs: list[str], outputs: list[str]) -> str:
+    def _cache_key(
+        self, trace: list[torch.Tensor], dynamic: list[Axes], inputs: list[str], outputs: list[str], autograd: bool
+    ) -> str:
         fn = self._function
         code = function_fingerprint(fn) if fn is not None else module_fingerprint(self)
-        return cache.make_key(
-            CACHE_FORMAT,
-            self.kind,
+        return cache_key(
+            "traced-function" if autograd else f"plan-{self.kind}",
             self.name,
             code,
             tensors_digest([*self.named_parameters(), *self.named_buffers()]),
@@ -348,10 +317,7 @@ class Plan(PlanRunner, torch.nn.Module):
             [sorted(a) for a in dynamic],
             inputs,
             outputs,
-            OPSET,
-            torch.__version__,
-            onnx.__version__,
-            onnxscript.__version__,
+            _autograd_translations() if autograd else "",
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -395,70 +361,12 @@ def _is_traced(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, torch.nn.Parameter)
 
 
-def _wire(array: np.ndarray) -> str:
-    return to_wire(array.dtype)
-
-
 def _rank(value: Any) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else -1
 
 
-def _signature(
-    args_shape: Sequence[Sequence[int]], args_dtypes: DTypeLike | Sequence[DTypeLike] | None
-) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    if args_dtypes is None:
-        dtypes: list[DTypeLike] = [torch.float32] * len(args_shape)
-    elif isinstance(args_dtypes, torch.dtype | str | np.dtype | type):
-        dtypes = [args_dtypes] * len(args_shape)
-    else:
-        dtypes = list(args_dtypes)
-        if len(dtypes) != len(args_shape):
-            raise ValueError(f"args_dtypes has {len(dtypes)} entries for {len(args_shape)} shapes")
-    out = []
-    for i, shape in enumerate(args_shape):
-        shape = tuple(shape)
-        if not all(isinstance(d, int) and d >= -1 for d in shape):
-            raise ValueError(f"args_shape[{i}] = {shape}: sizes must be ints >= 0, or -1 for any size")
-        out.append((torch_dtype(dtypes[i]), shape))
-    return out
+def _autograd_translations() -> str:
+    """The training pipeline's translation code, which shapes a gradient function's export too."""
+    from planwire.exporter.training.graph_export import translations_source
 
-
-def _examples(signature: Sequence[tuple[torch.dtype, tuple[int, ...]]], dynamic: list[Axes]) -> list[torch.Tensor]:
-    """Seeded random tensors for a signature; -1 (dynamic) sizes become TRACE_SIZE."""
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for (dtype, shape), axes in zip(signature, dynamic, strict=True):
-        size = [TRACE_SIZE if d == -1 or (a in axes and d < 2) else d for a, d in enumerate(shape)]
-        out.append(_random(dtype, size, gen))
-    return out
-
-
-def _random(dtype: torch.dtype, size: Sequence[int], gen: torch.Generator) -> torch.Tensor:
-    if dtype.is_floating_point:
-        return torch.randn(size, generator=gen).to(dtype)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, size, generator=gen).bool()
-    return torch.randint(0, 5, size, generator=gen).to(dtype)  # small non-negative: index-safe
-
-
-def _resize(t: torch.Tensor, axes: Axes, size: Callable[[int], int]) -> torch.Tensor:
-    """``t`` with each axis in ``axes`` tiled (or, when empty, randomly filled) to ``size(old)``."""
-    for axis in sorted(axes):
-        old = t.shape[axis]
-        new = size(old)
-        if new == old:
-            continue
-        if old == 0:
-            shape = list(t.shape)
-            shape[axis] = new
-            t = _random(t.dtype, shape, torch.Generator().manual_seed(1))
-        else:
-            reps = [1] * t.dim()
-            reps[axis] = -(-new // old)
-            t = t.repeat(*reps).narrow(axis, 0, new)
-    return t
-
-
-def _output_names(n: int, inputs: Sequence[str]) -> list[str]:
-    names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
-    return [f"{name}_" if name in inputs else name for name in names]
+    return translations_source()

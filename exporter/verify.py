@@ -5,27 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnxruntime as ort
 
+from planwire.exporter import runtime
 from planwire.exporter.errors import PlanBuildError
 from planwire.transport.dtypes import human, to_wire
+from planwire.transport.spec import PlanVariant
 
 # Relative tolerance per float dtype (a few hundred ulps of float32, a few of float16); integers and
 # bools must match exactly. The absolute tolerance is the same number scaled by the output's magnitude.
 TOLERANCE = {"float": 1e-5, "double": 1e-10, "float16": 4e-3}
-
-# Ops whose results are random (Dropout: a module exported in training mode): a graph with any of them
-# is checked for output dtypes and shapes only.
-RANDOM_OPS = frozenset(
-    {
-        "Bernoulli",
-        "Dropout",
-        "Multinomial",
-        "RandomNormal",
-        "RandomNormalLike",
-        "RandomUniform",
-        "RandomUniformLike",
-    }
-)
 
 
 def compare(
@@ -66,3 +55,36 @@ def compare(
                 f"ONNX {g[index]!r} vs torch {e[index]!r}",
                 plan=plan,
             )
+
+
+def verify_variant(
+    variant: PlanVariant,
+    checks: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]],
+    *,
+    plan: str,
+    random: bool,
+    what: str | None = None,
+) -> ort.InferenceSession:
+    """Load ``variant`` in onnxruntime and run it on each check's inputs (in port order) against the
+    check's expected eager-torch outputs; returns the session for later runs.
+
+    PlanBuildError when onnxruntime cannot load or run the graph, or an output differs (``random``:
+    compare dtypes and shapes only). ``what`` describes the check in messages (default: input shapes).
+    """
+    try:
+        session = runtime.make_session(variant.data)
+    except Exception as e:
+        raise PlanBuildError(f"plan {plan!r}: onnxruntime cannot load the exported graph: {e}", plan=plan) from e
+    names = [o.name for o in variant.outputs]
+    for arrays, want in checks:
+        shapes = ", ".join(str(list(a.shape)) for a in arrays)
+        try:
+            got = runtime.run(session, variant, arrays)
+        except Exception as e:
+            raise PlanBuildError(
+                f"plan {plan!r}: onnxruntime failed on inputs of shape {shapes}: {e}", plan=plan
+            ) from e
+        compare(
+            got, want, plan=plan, names=names, values=not random, what=f" (inputs {shapes})" if what is None else what
+        )
+    return session

@@ -22,7 +22,7 @@ from planwire.exporter import (
     clear_cache,
     func2plan,
     load_plan,
-    registry,
+    torch_compat,
 )
 from planwire.exporter.export import OPSET
 from planwire.exporter.verify import compare
@@ -85,7 +85,7 @@ def test_registry_is_built_once_and_unpatched_after(affine: Plan) -> None:
     from torch.onnx._internal.exporter import _registration
 
     original = _registration.ONNXRegistry.__dict__["from_torchlib"]
-    builds = registry.builds
+    builds = torch_compat.builds
     assert builds >= 1  # the fixture's export built it
 
     @func2plan(args_shape=[(2,)])
@@ -96,9 +96,9 @@ def test_registry_is_built_once_and_unpatched_after(affine: Plan) -> None:
     def g(x):
         return x.cos()
 
-    assert cache_stats.exports >= 2 and registry.builds == builds  # later exports reuse the registry
+    assert cache_stats.exports >= 2 and torch_compat.builds == builds  # later exports reuse the registry
     assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original
-    with registry.cached_registry() as active:
+    with torch_compat.cached_registry() as active:
         assert active is True
         a = _registration.ONNXRegistry.from_torchlib()
         b = _registration.ONNXRegistry.from_torchlib()
@@ -186,7 +186,7 @@ def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pyte
 
     from torch.onnx._internal.exporter import _fx_passes
 
-    from planwire.exporter import decompose, export
+    from planwire.exporter import export
     from planwire.exporter.plan import eager
 
     make, example, skippable = _DECOMP_CASES[case]
@@ -197,7 +197,7 @@ def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pyte
             monkeypatch.setattr(export, "skip_noop_decompositions", lambda **_: nullcontext(False))
         torch.manual_seed(0)
         plan = make()
-        skipped, decomposed = decompose.skipped, decompose.decomposed
+        skipped, decomposed = torch_compat.skipped, torch_compat.decomposed
         with eager():
             models.append(
                 export.export_model(
@@ -211,28 +211,28 @@ def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pyte
                 )
             )
         if fast:
-            assert (decompose.skipped - skipped, decompose.decomposed - decomposed) == ((1, 0) if skippable else (0, 1))
+            counts = (torch_compat.skipped - skipped, torch_compat.decomposed - decomposed)
+            assert counts == ((1, 0) if skippable else (0, 1))
         else:
-            assert (decompose.skipped, decompose.decomposed) == (skipped, decomposed)
+            assert (torch_compat.skipped, torch_compat.decomposed) == (skipped, decomposed)
         assert _fx_passes.decompose_with_registry is original
     assert _canonical(models[0], plan._state_names()) == _canonical(models[1], plan._state_names())
     make().build(example, dynamic_axes=[[0]])  # which verifies the graph against eager torch
 
 
 def test_a_failing_check_takes_the_normal_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    from planwire.exporter import decompose
 
     def broken(*args: object) -> bool:
         raise AttributeError("an internal moved")
 
-    monkeypatch.setattr(decompose, "nothing_to_decompose", broken)
-    skipped, decomposed = decompose.skipped, decompose.decomposed
+    monkeypatch.setattr(torch_compat, "nothing_to_decompose", broken)
+    skipped, decomposed = torch_compat.skipped, torch_compat.decomposed
 
     @func2plan(args_shape=[(-1, 4)])
     def f(x):
         return x.tanh() * 0.25
 
-    assert (decompose.skipped, decompose.decomposed) == (skipped, decomposed + 1)
+    assert (torch_compat.skipped, torch_compat.decomposed) == (skipped, decomposed + 1)
     x = torch.randn(5, 4)
     torch.testing.assert_close(f(x), x.tanh() * 0.25)
 
@@ -240,9 +240,9 @@ def test_a_failing_check_takes_the_normal_path(monkeypatch: pytest.MonkeyPatch) 
 def test_nothing_to_decompose_rejects_control_flow_and_mutated_buffers() -> None:
     from torch.onnx._internal.exporter import _registration
 
-    from planwire.exporter.decompose import nothing_to_decompose
+    from planwire.exporter.torch_compat import nothing_to_decompose
 
-    with registry.cached_registry():
+    with torch_compat.cached_registry():
         reg = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
 
     class Cond(torch.nn.Module):

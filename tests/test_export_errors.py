@@ -18,7 +18,7 @@ from torch import nn
 import planwire as sy
 from planwire.exporter import PlanBuildError
 from planwire.exporter.diagnose import chain
-from planwire.exporter.training.trace import TrainingExportError
+from planwire.exporter.errors import TrainingExportError
 
 
 @pytest.fixture(autouse=True)

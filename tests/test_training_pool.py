@@ -12,7 +12,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from planwire.exporter.optim import SGD
-from planwire.exporter.registry import cached_registry
+from planwire.exporter.torch_compat import cached_registry
 from planwire.exporter.training import build_training_step
 from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS
 
@@ -139,7 +139,7 @@ def test_tidy_max_pools_drops_unread_indices_and_merges_pools() -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from planwire.exporter.training.trace import tidy_max_pools
+    from planwire.exporter.onnx_passes import tidy_max_pools
 
     attrs = {"kernel_shape": [2, 2], "strides": [2, 2]}
     nodes = [

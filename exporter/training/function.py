@@ -6,8 +6,8 @@ training step (:mod:`.trace`): autograd runs while tracing, so ``torch.func.grad
 update) become ordinary forward ops in the graph. ``torch.onnx.export`` alone cannot do this: it either
 fails on the transform or, for ``torch.autograd.grad``, may freeze saved values as constants.
 
-This is the entry point for ``func2plan`` when it sees such a function; :func:`uses_autograd` is the
-cheap check for that.
+``func2plan`` takes this path for such a function (:func:`export_function`, inside the plan's own
+build); :func:`uses_autograd` is the cheap check for that.
 """
 
 from __future__ import annotations
@@ -20,38 +20,13 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from planwire.exporter.training.trace import (
-    ModuleTagger,
-    Port,
-    VariantView,
-    export_graph,
-    has_random_ops,
-    port_shape,
-    trace,
-    unify_axes,
-)
-from planwire.exporter.training.trace import verify as verify_plan
+from planwire.exporter.fingerprint import uses_autograd
+from planwire.exporter.onnx_passes import has_random_ops
+from planwire.exporter.training.attribution import ModuleTagger
+from planwire.exporter.training.graph_export import export_graph, export_traced, verify_once
+from planwire.exporter.training.ports import Port, VariantView
+from planwire.exporter.training.trace import port_shape, trace, unify_axes
 from planwire.transport.spec import PlanVariant
-
-_AUTOGRAD_NAMES = frozenset(
-    {"grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functional_call", "backward"}
-)
-
-
-def uses_autograd(fn: Callable[..., object]) -> bool:
-    """Whether ``fn``'s code (nested functions included) names a torch.func transform or autograd.grad.
-
-    A syntactic check: it can report a false positive (a variable called ``grad``), never misses a
-    direct call. False positives only cost the slower, gradient-capable pipeline.
-    """
-    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
-    todo = [code] if code is not None else []
-    while todo:
-        c = todo.pop()
-        if _AUTOGRAD_NAMES & {*c.co_names, *c.co_freevars}:  # globals, attributes and closure variables
-            return True
-        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    return False
 
 
 def _modules_of(fn: Callable[..., object]) -> dict[str, nn.Module]:
@@ -88,6 +63,19 @@ class FunctionStep(VariantView):
     output_spec: object = field(repr=False)  # torch.utils._pytree.TreeSpec of fn's result
 
 
+@dataclass(frozen=True)
+class _Traced:
+    """A traced function: its graph, example inputs, ports and how to call it flat."""
+
+    plan: str
+    gm: torch.fx.GraphModule
+    examples: list[Tensor]
+    inputs: list[Port]
+    outputs: list[Port]
+    flat: Callable[..., tuple[Tensor, ...]]
+    output_spec: object
+
+
 def build_function_step(
     fn: Callable[..., object],
     example_args: Sequence[Tensor],
@@ -108,6 +96,48 @@ def build_function_step(
     Raises TrainingExportError (a PlanBuildError) naming the op, and the layer when ``fn`` uses a module
     it closes over, if the graph cannot be exported.
     """
+    traced = _trace(fn, example_args, dynamic, input_names, output_names, name)
+
+    def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
+        feeds = {p.name: a.cpu().numpy() for p, a in zip(traced.inputs, traced.examples, strict=True)}
+        verify_once(variant, feeds, traced.flat(*traced.examples), plan=traced.plan, random=has_random_ops(proto))
+
+    variant, proto = export_graph(
+        traced.gm,
+        traced.examples,
+        traced.inputs,
+        traced.outputs,
+        plan=traced.plan,
+        kind="function",
+        check=check if verify else None,
+    )
+    return FunctionStep(traced.plan, variant, proto, traced.output_spec)
+
+
+def export_function(
+    fn: Callable[..., object],
+    example_args: Sequence[Tensor],
+    *,
+    dynamic: Sequence[Collection[int] | Mapping[int, str]] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    name: str | None = None,
+) -> onnx.ModelProto:
+    """The ONNX graph of ``fn`` as :func:`build_function_step` exports it, without metadata, cache or
+    verification: for a caller that builds the variant itself (``func2plan`` on a gradient function)."""
+    traced = _trace(fn, example_args, dynamic, input_names, output_names, name)
+    return export_traced(traced.gm, traced.examples, traced.inputs, traced.outputs, plan=traced.plan)
+
+
+def _trace(
+    fn: Callable[..., object],
+    example_args: Sequence[Tensor],
+    dynamic: Sequence[Collection[int] | Mapping[int, str]] | None,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    name: str | None,
+) -> _Traced:
+    """Check the arguments, trace ``fn`` (outputs flattened in pytree order) and name its ports."""
     plan = name or getattr(fn, "__name__", "function")
     for i, a in enumerate(example_args):
         if not isinstance(a, Tensor):
@@ -115,19 +145,7 @@ def build_function_step(
     names = list(input_names or [f"arg{i}" for i in range(len(example_args))])
     if len(names) != len(example_args):
         raise ValueError(f"{len(names)} input_names for {len(example_args)} example_args")
-    dynamic = list(dynamic or ())
-    if len(dynamic) > len(example_args):
-        raise ValueError(f"dynamic has {len(dynamic)} entries for {len(example_args)} example_args")
-    dims: list[dict[int, str]] = []
-    for i, axes in enumerate([*dynamic, *[()] * (len(example_args) - len(dynamic))]):
-        named = dict(axes) if isinstance(axes, Mapping) else {a: f"{names[i]}_{a}" for a in axes}
-        for axis in named:
-            if example_args[i].shape[axis] < 2:
-                raise ValueError(
-                    f"dynamic axis {axis} of {names[i]!r} has example size {example_args[i].shape[axis]}: "
-                    "trace with a size of 2 or more (sizes 0 and 1 get specialized)"
-                )
-        dims.append(named)
+    dims = _dims(example_args, names, list(dynamic or ()))
 
     spec_box: dict[str, object] = {}
 
@@ -152,7 +170,7 @@ def build_function_step(
     keys = spec_box.get("keys")
     out_names = list(
         output_names
-        or (keys if keys and len(keys) == len(values) else None)
+        or (keys if isinstance(keys, list) and len(keys) == len(values) else None)
         or [f"output{i}" for i in range(len(values))]
     )
     if len(out_names) != len(values):
@@ -160,15 +178,26 @@ def build_function_step(
     out_ports = [
         Port(str(n), "output", v.dtype, port_shape(v, symbols)) for n, v in zip(out_names, values, strict=True)
     ]
-
-    def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
-        feeds = {p.name: a.cpu().numpy() for p, a in zip(in_ports, examples, strict=True)}
-        verify_plan(variant, feeds, flat(*examples), plan=plan, random=has_random_ops(proto))
-
-    variant, proto = export_graph(
-        gm, examples, in_ports, out_ports, plan=plan, kind="function", check=check if verify else None
-    )
-    return FunctionStep(plan, variant, proto, spec_box["spec"])
+    return _Traced(plan, gm, examples, in_ports, out_ports, flat, spec_box["spec"])
 
 
-__all__ = ["FunctionStep", "build_function_step", "uses_autograd"]
+def _dims(
+    example_args: Sequence[Tensor], names: Sequence[str], dynamic: Sequence[Collection[int] | Mapping[int, str]]
+) -> list[dict[int, str]]:
+    """Each argument's dynamic axes, named (default ``<input>_<axis>``); sizes 0 and 1 are refused."""
+    if len(dynamic) > len(example_args):
+        raise ValueError(f"dynamic has {len(dynamic)} entries for {len(example_args)} example_args")
+    dims: list[dict[int, str]] = []
+    for i, axes in enumerate([*dynamic, *[()] * (len(example_args) - len(dynamic))]):
+        named = dict(axes) if isinstance(axes, Mapping) else {a: f"{names[i]}_{a}" for a in axes}
+        for axis in named:
+            if example_args[i].shape[axis] < 2:
+                raise ValueError(
+                    f"dynamic axis {axis} of {names[i]!r} has example size {example_args[i].shape[axis]}: "
+                    "trace with a size of 2 or more (sizes 0 and 1 get specialized)"
+                )
+        dims.append(named)
+    return dims
+
+
+__all__ = ["FunctionStep", "build_function_step", "export_function", "uses_autograd"]

@@ -27,141 +27,26 @@ in the model's ``planwire.outputs`` metadata (``"binds"`` field of each output e
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from planwire.exporter.onnx_passes import has_random_ops
 from planwire.exporter.optim import Optimizer
 from planwire.exporter.optim import resolve as resolve_optimizer
 from planwire.exporter.progress import building
-from planwire.exporter.training.trace import (
-    ModuleTagger,
-    Port,
-    VariantView,
-    export_graph,
-    has_random_ops,
-    trace,
-    unify_axes,
-)
-from planwire.exporter.training.trace import verify as verify_plan
+from planwire.exporter.training.attribution import ModuleTagger
+from planwire.exporter.training.graph_export import export_graph, verify_once
+from planwire.exporter.training.losses import CLASS_INDEX_LOSSES, Metric, check_targets, loss_kind, resolve_metrics
+from planwire.exporter.training.ports import Port
+from planwire.exporter.training.result import TrainingStep, numpy_of
+from planwire.exporter.training.trace import trace, unify_axes
 from planwire.transport.spec import PlanVariant
 
 Shape = Sequence[int | str]
-Metric = Callable[..., Tensor]
-
-# Losses whose target dtype and accuracy rule are known, by function and by module class.
-_LOSSES: dict[object, str] = {
-    F.cross_entropy: "cross_entropy",
-    F.nll_loss: "nll_loss",
-    F.mse_loss: "mse_loss",
-    F.l1_loss: "l1_loss",
-    F.smooth_l1_loss: "smooth_l1_loss",
-    F.huber_loss: "huber_loss",
-    F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits",
-    F.binary_cross_entropy: "binary_cross_entropy",
-    nn.CrossEntropyLoss: "cross_entropy",
-    nn.NLLLoss: "nll_loss",
-    nn.MSELoss: "mse_loss",
-    nn.L1Loss: "l1_loss",
-    nn.SmoothL1Loss: "smooth_l1_loss",
-    nn.HuberLoss: "huber_loss",
-    nn.BCEWithLogitsLoss: "binary_cross_entropy_with_logits",
-    nn.BCELoss: "binary_cross_entropy",
-}
-_CLASS_INDEX_LOSSES = {"cross_entropy", "nll_loss"}
-
-
-def loss_kind(loss: Callable[..., Tensor]) -> str | None:
-    """The torch loss behind ``loss`` (a functional or an ``nn`` loss module), or None if unknown."""
-    return _LOSSES.get(loss) or _LOSSES.get(type(loss))
-
-
-@dataclass(frozen=True)
-class TrainingStep(VariantView):
-    """A built training-step plan: the ONNX variant, its port names by role, and the initial state.
-
-    ``state`` holds initial values (numpy) for every param/frozen/buffer/optim input, keyed by input
-    name; ``hyper`` the default hyper-parameters (0-d float64 arrays). ``bindings`` maps each state
-    output to the input it replaces on the next call.
-    """
-
-    name: str
-    variant: PlanVariant
-    model: onnx.ModelProto = field(repr=False)
-    args: tuple[str, ...]
-    hyper: dict[str, np.ndarray]
-    params: tuple[str, ...]
-    frozen: tuple[str, ...]
-    buffers: tuple[str, ...]
-    optim: tuple[str, ...]
-    metrics: tuple[str, ...]
-    bindings: dict[str, str]
-    state: dict[str, np.ndarray] = field(repr=False)
-    optimizer: Optimizer = field(repr=False)
-
-    def feeds(
-        self,
-        args: Sequence[np.ndarray | Tensor],
-        state: Mapping[str, np.ndarray] | None = None,
-        **hyper: float,
-    ) -> dict[str, np.ndarray]:
-        """Input feed for one call: the batch, hyper-parameters (defaults overridden by ``hyper``), state."""
-        unknown = {f"hyper.{k}" for k in hyper} - set(self.hyper)
-        if unknown:
-            raise KeyError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self.hyper)}")
-        feed = {name: _numpy(a) for name, a in zip(self.args, args, strict=True)}
-        feed.update(self.hyper)
-        feed.update({f"hyper.{k}": np.asarray(v, dtype=np.float64) for k, v in hyper.items()})
-        state = self.state if state is None else state
-        feed.update({name: state[name] for name in (*self.params, *self.frozen, *self.buffers, *self.optim)})
-        return feed
-
-    def advance(self, state: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """The state for the next call: ``state`` with every bound input replaced by its output."""
-        new = dict(state)
-        for name, value in zip(self.output_names, outputs, strict=True):
-            if name in self.bindings:
-                new[self.bindings[name]] = value
-        return new
-
-    def initial_state(self, model: nn.Module | None = None) -> dict[str, np.ndarray]:
-        """Fresh state: ``model``'s parameters and buffers (default: the built ones), zero optimizer state.
-
-        ``model`` must have the architecture the plan was built from (same names, shapes, dtypes).
-        """
-        if model is None:
-            return {k: v.copy() for k, v in self.state.items()}
-        values = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        state = {}
-        for name in (*self.params, *self.frozen, *self.buffers):
-            value = _numpy(values[name.partition(".")[2]]).copy()
-            if value.shape != self.state[name].shape or value.dtype != self.state[name].dtype:
-                raise ValueError(
-                    f"{name}: {value.dtype}{list(value.shape)} does not fit this plan's "
-                    f"{self.state[name].dtype}{list(self.state[name].shape)}"
-                )
-            state[name] = value
-        state.update({name: np.zeros_like(self.state[name]) for name in self.optim})
-        return state
-
-    def load_into(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
-        """Copy the parameters and buffers of ``state`` into ``model`` (in place, by module path)."""
-        tensors = dict(model.named_parameters())
-        tensors.update(model.named_buffers())
-        with torch.no_grad():
-            for name, value in state.items():
-                role, _, path = name.partition(".")
-                if role in ("param", "frozen", "buffer"):
-                    tensors[path].copy_(torch.from_numpy(np.asarray(value)))
-
-
-def _numpy(value: np.ndarray | Tensor) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
 
 
 def _dims(shapes: Sequence[Shape]) -> tuple[list[dict[int, str]], dict[str, int]]:
@@ -189,59 +74,6 @@ def _dims(shapes: Sequence[Shape]) -> tuple[list[dict[int, str]], dict[str, int]
             if name not in sizes:
                 sizes[name] = next(primes)
     return dims, sizes
-
-
-def _check_targets(kind: str | None, dtypes: Sequence[torch.dtype], n_targets: int) -> None:
-    """TypeError naming the targets argument when its dtype cannot work with a known loss."""
-    if kind is None or n_targets != 1:
-        return
-    index = len(dtypes) - 1
-    dtype = dtypes[index]
-    if kind in _CLASS_INDEX_LOSSES:
-        if kind == "nll_loss" and dtype != torch.int64:
-            raise TypeError(f"targets (args_dtypes[{index}]) must be int64 class indices for nll_loss, got {dtype}")
-        if dtype != torch.int64 and not dtype.is_floating_point:
-            raise TypeError(
-                f"targets (args_dtypes[{index}]) must be int64 class indices (or floating class "
-                f"probabilities) for cross_entropy, got {dtype}"
-            )
-    elif not dtype.is_floating_point:
-        raise TypeError(f"targets (args_dtypes[{index}]) must be floating point for {kind}, got {dtype}")
-
-
-def _accuracy(kind: str | None) -> Metric:
-    """Fraction of correct predictions for a classification loss."""
-    if kind in _CLASS_INDEX_LOSSES:
-
-        def accuracy(output: Tensor, target: Tensor) -> Tensor:
-            if target.is_floating_point():  # class probabilities
-                target = target.argmax(1)
-            return (output.argmax(1) == target).to(torch.float32).mean()
-
-    elif kind in ("binary_cross_entropy_with_logits", "binary_cross_entropy"):
-        threshold = 0.0 if kind == "binary_cross_entropy_with_logits" else 0.5
-
-        def accuracy(output: Tensor, target: Tensor) -> Tensor:
-            return ((output > threshold) == (target > 0.5)).to(torch.float32).mean()
-
-    else:
-        raise ValueError(
-            f"metric 'accuracy' needs a classification loss (cross_entropy, nll_loss, binary cross "
-            f"entropy); got {kind or 'an unknown loss'}: pass metrics={{'accuracy': fn}} instead"
-        )
-    return accuracy
-
-
-def _metrics(metrics: Sequence[str] | Mapping[str, Metric], kind: str | None) -> dict[str, Metric]:
-    if isinstance(metrics, Mapping):
-        return dict(metrics)
-    builtin = {"accuracy": lambda: _accuracy(kind)}
-    resolved = {}
-    for name in metrics:
-        if name not in builtin:
-            raise ValueError(f"unknown metric {name!r}; built in: {sorted(builtin)} (or pass a name->fn mapping)")
-        resolved[name] = builtin[name]()
-    return resolved
 
 
 def build_training_step(
@@ -302,51 +134,165 @@ def _build(
     plan: str,
     verify: bool,
 ) -> TrainingStep:
+    """Check the arguments, trace the step, name its ports, export and verify it."""
     kind = loss_kind(loss)
     n_args = len(args_shape)
     if not 1 <= targets < n_args:
         raise ValueError(f"targets={targets}: args_shape must hold the model inputs and then the targets")
     if args_dtypes is None:
-        args_dtypes = [torch.float32] * (n_args - targets) + [
-            torch.int64 if kind in _CLASS_INDEX_LOSSES else torch.float32
-        ] * targets
+        target_dtype = torch.int64 if kind in CLASS_INDEX_LOSSES else torch.float32
+        args_dtypes = [torch.float32] * (n_args - targets) + [target_dtype] * targets
     if len(args_dtypes) != n_args:
         raise ValueError(f"args_dtypes has {len(args_dtypes)} entries for {n_args} args_shape entries")
-    _check_targets(kind, args_dtypes, targets)
-    metric_fns = _metrics(metrics, kind)
+    check_targets(kind, args_dtypes, targets)
+    metric_fns = resolve_metrics(metrics, kind)
+    state = _State.of(model, optimizer)
 
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
-    buffers = {k: b.detach() for k, b in model.named_buffers()}
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters")
-    hyper = optimizer.hyper_tensors()
-    opt_state = optimizer.init_state(params)
+    batch, arg_ports, dims = _batch_ports(args_shape, args_dtypes)
+    examples = [*batch, *state.tensors()]
+    step = _step_fn(model, loss, optimizer, metric_fns, state, n_args, targets)
+    was_training = model.training
+    model.train(train)
+    try:
+        gm = trace(
+            step, examples, [*dims, *([{}] * (len(examples) - n_args))], plan=plan, tagger=ModuleTagger({"": model})
+        )
+    finally:
+        model.train(was_training)
+    reported = [v.meta["val"].dtype for v in gm.graph.output_node().args[0][: 1 + len(metric_fns)]]
+    dims, _ = unify_axes(gm, dims)
+    arg_ports = [
+        Port(p.name, p.role, p.dtype, tuple(dims[i].get(a, s) for a, s in enumerate(p.shape)))
+        for i, p in enumerate(arg_ports)
+    ]
+    in_ports = [*arg_ports, *state.ports()]
+    first_in = n_args + len(state.hyper) + len(state.params) + len(state.frozen)
+    first_out = 1 + len(metric_fns) + len(state.params)
+    mutated = _keep_mutated_buffers(gm, list(state.buffers), first_in, first_out)
+    out_ports = [Port("loss", "loss", reported[0], ())]
+    out_ports += [Port(f"metric.{m}", "metric", dt, ()) for m, dt in zip(metric_fns, reported[1:], strict=True)]
+    for p in in_ports:
+        if p.role in ("param", "optim") or (p.role == "buffer" and p.name.removeprefix("buffer.") in mutated):
+            out_ports.append(Port(f"new.{p.name}", p.role, p.dtype, p.shape, binds=p.name))
+    extra = {
+        "planwire.training": {
+            "optimizer": optimizer.describe(),
+            "loss": kind or getattr(loss, "__name__", type(loss).__name__),
+            "targets": targets,
+            "train": train,
+        }
+    }
 
+    def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
+        """One onnxruntime run at another batch size == the same step in eager torch."""
+        check_args = _verification_args(arg_ports, batch)
+        check_hyper = list(optimizer.hyper_tensors(**optimizer.check_hyper()).values())
+        check_rest = [*check_hyper, *examples[n_args + len(state.hyper) :]]
+        model.train(train)
+        try:
+            expected = list(step(*check_args, *check_rest))
+        finally:
+            model.train(was_training)
+        expected = [
+            *expected[:first_out],
+            *(t for k, t in zip(state.buffers, expected[first_out:], strict=False) if k in mutated),
+            *expected[first_out + len(state.buffers) :],
+        ]
+        feeds = {p.name: numpy_of(t) for p, t in zip(in_ports, [*check_args, *check_rest], strict=True)}
+        verify_once(variant, feeds, expected, plan=plan, random=has_random_ops(proto))
+
+    variant, proto = export_graph(
+        gm, examples, in_ports, out_ports, plan=plan, kind="training", extra_meta=extra, check=check if verify else None
+    )
+    return TrainingStep(
+        name=plan,
+        variant=variant,
+        model=proto,
+        args=tuple(p.name for p in arg_ports),
+        hyper={f"hyper.{k}": numpy_of(v) for k, v in state.hyper.items()},
+        params=tuple(f"param.{k}" for k in state.params),
+        frozen=tuple(f"frozen.{k}" for k in state.frozen),
+        buffers=tuple(f"buffer.{k}" for k in state.buffers),
+        optim=tuple(f"optim.{k}" for k in state.opt_state),
+        metrics=tuple(f"metric.{m}" for m in metric_fns),
+        bindings={p.name: p.binds for p in out_ports if p.binds},
+        state={
+            p.name: numpy_of(t).copy()
+            for p, t in zip(in_ports, examples, strict=True)
+            if p.role in ("param", "frozen", "buffer", "optim")
+        },
+        optimizer=optimizer,
+    )
+
+
+@dataclass(frozen=True)
+class _State:
+    """What a step reads besides the batch, by group, in graph-input order: hyper-parameters,
+    trainable and frozen parameters, buffers, optimizer state."""
+
+    hyper: dict[str, Tensor]
+    params: dict[str, Tensor]
+    frozen: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    opt_state: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, optimizer: Optimizer) -> _State:
+        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+        buffers = {k: b.detach() for k, b in model.named_buffers()}
+        if not params:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        return cls(optimizer.hyper_tensors(), params, frozen, buffers, optimizer.init_state(params))
+
+    def groups(self) -> list[tuple[str, str, dict[str, Tensor]]]:
+        """(input name prefix, role, values) per group."""
+        return [
+            ("hyper", "hyper", self.hyper),
+            ("param", "param", self.params),
+            ("frozen", "frozen", self.frozen),
+            ("buffer", "buffer", self.buffers),
+            ("optim", "optim", self.opt_state),
+        ]
+
+    def ports(self) -> list[Port]:
+        return [
+            Port(f"{prefix}.{k}", role, v.dtype, tuple(v.shape))
+            for prefix, role, g in self.groups()
+            for k, v in g.items()
+        ]
+
+    def tensors(self) -> list[Tensor]:
+        return [v for _, _, g in self.groups() for v in g.values()]
+
+
+def _batch_ports(
+    args_shape: Sequence[Shape], args_dtypes: Sequence[torch.dtype]
+) -> tuple[list[Tensor], list[Port], list[dict[int, str]]]:
+    """Example batch tensors (dynamic axes at distinct prime sizes), their ports and dynamic axes."""
     dims, sizes = _dims(args_shape)
     examples: list[Tensor] = []
-    arg_ports: list[Port] = []
+    ports: list[Port] = []
     for i, (shape, dtype, axes) in enumerate(zip(args_shape, args_dtypes, dims, strict=True)):
         concrete = [sizes[axes[a]] if a in axes else int(s) for a, s in enumerate(shape)]
         examples.append(torch.zeros(concrete, dtype=dtype))
-        arg_ports.append(Port(f"arg{i}", "arg", dtype, tuple(axes.get(a, s) for a, s in enumerate(concrete))))
+        ports.append(Port(f"arg{i}", "arg", dtype, tuple(axes.get(a, s) for a, s in enumerate(concrete))))
+    return examples, ports, dims
 
-    def port(prefix: str, role: str, values: Mapping[str, Tensor]) -> list[Port]:
-        return [Port(f"{prefix}.{k}", role, v.dtype, tuple(v.shape)) for k, v in values.items()]
 
-    in_ports = [
-        *arg_ports,
-        *port("hyper", "hyper", hyper),
-        *port("param", "param", params),
-        *port("frozen", "frozen", frozen),
-        *port("buffer", "buffer", buffers),
-        *port("optim", "optim", opt_state),
-    ]
-    examples += [*hyper.values(), *params.values(), *frozen.values(), *buffers.values(), *opt_state.values()]
-
+def _step_fn(
+    model: nn.Module,
+    loss: Callable[..., Tensor],
+    optimizer: Optimizer,
+    metric_fns: Mapping[str, Metric],
+    state: _State,
+    n_args: int,
+    targets: int,
+) -> Callable[..., tuple[Tensor, ...]]:
+    """The step as a function of flat tensors (batch, then ``state``'s groups): loss, metrics, new
+    parameters, the buffers' clones (mutated by the forward) and the new optimizer state."""
+    params, frozen, buffers, opt_state, hyper = state.params, state.frozen, state.buffers, state.opt_state, state.hyper
     groups = [n_args, len(hyper), len(params), len(frozen), len(buffers), len(opt_state)]
-    tagger = ModuleTagger({"": model})
-    out_kinds: dict[str, Any] = {}
 
     def step(*flat: Tensor) -> tuple[Tensor, ...]:
         it = iter(flat)
@@ -376,8 +322,6 @@ def _build(
             dict(zip(opt_state, state_, strict=True)),
             dict(zip(hyper, hyper_, strict=True)),
         )
-        out_kinds["loss"] = value.dtype
-        out_kinds["metrics"] = [m.dtype for m in metric_values]
         return (
             value,
             *metric_values,
@@ -386,84 +330,7 @@ def _build(
             *(new_state[k] for k in opt_state),
         )
 
-    was_training = model.training
-    model.train(train)
-    try:
-        gm = trace(step, examples, [*dims, *([{}] * (len(examples) - n_args))], plan=plan, tagger=tagger)
-    finally:
-        model.train(was_training)
-    dims, _ = unify_axes(gm, dims)
-    arg_ports = [
-        Port(p.name, p.role, p.dtype, tuple(dims[i].get(a, s) for a, s in enumerate(p.shape)))
-        for i, p in enumerate(arg_ports)
-    ]
-    in_ports[:n_args] = arg_ports
-    first_in = n_args + len(hyper) + len(params) + len(frozen)
-    first_out = 1 + len(metric_fns) + len(params)
-    mutated = _keep_mutated_buffers(gm, list(buffers), first_in, first_out)
-
-    out_ports = [Port("loss", "loss", out_kinds["loss"], ())]
-    out_ports += [Port(f"metric.{m}", "metric", dt, ()) for m, dt in zip(metric_fns, out_kinds["metrics"], strict=True)]
-    for p in in_ports:
-        if p.role in ("param", "optim") or (p.role == "buffer" and p.name.removeprefix("buffer.") in mutated):
-            out_ports.append(Port(f"new.{p.name}", p.role, p.dtype, p.shape, binds=p.name))
-    extra = {
-        "planwire.training": {
-            "optimizer": optimizer.describe(),
-            "loss": kind or getattr(loss, "__name__", type(loss).__name__),
-            "targets": targets,
-            "train": train,
-        }
-    }
-
-    def check(variant: PlanVariant, proto: onnx.ModelProto) -> None:
-        """One onnxruntime run at another batch size == the same step in eager torch."""
-        check_args = _verification_args(arg_ports, examples[:n_args])
-        check_hyper = list(optimizer.hyper_tensors(**optimizer.check_hyper()).values())
-        check_rest = [*check_hyper, *examples[n_args + len(hyper) :]]
-        model.train(train)
-        try:
-            expected = list(step(*check_args, *check_rest))
-        finally:
-            model.train(was_training)
-        expected = [
-            *expected[:first_out],
-            *(t for k, t in zip(buffers, expected[first_out:], strict=False) if k in mutated),
-            *expected[first_out + len(buffers) :],
-        ]
-        feeds = {p.name: _numpy(t) for p, t in zip(in_ports, [*check_args, *check_rest], strict=True)}
-        verify_plan(variant, feeds, expected, plan=plan, random=has_random_ops(proto))
-
-    variant, proto = export_graph(
-        gm,
-        examples,
-        in_ports,
-        out_ports,
-        plan=plan,
-        kind="training",
-        extra_meta=extra,
-        check=check if verify else None,
-    )
-    state = {
-        p.name: _numpy(t).copy()
-        for p, t in zip(in_ports, examples, strict=True)
-        if p.role in ("param", "frozen", "buffer", "optim")
-    }
-    return TrainingStep(
-        name=plan,
-        variant=variant,
-        model=proto,
-        args=tuple(p.name for p in arg_ports),
-        hyper={f"hyper.{k}": _numpy(v) for k, v in hyper.items()},
-        params=tuple(f"param.{k}" for k in params),
-        frozen=tuple(f"frozen.{k}" for k in frozen),
-        buffers=tuple(f"buffer.{k}" for k in buffers),
-        optim=tuple(f"optim.{k}" for k in opt_state),
-        metrics=tuple(f"metric.{m}" for m in metric_fns),
-        bindings={p.name: p.binds for p in out_ports if p.binds},
-        state=state,
-        optimizer=optimizer,
-    )
+    return step
 
 
 def _verification_args(ports: Sequence[Port], examples: Sequence[Tensor]) -> list[Tensor]:
@@ -515,4 +382,4 @@ def _written(node: torch.fx.Node) -> bool:
     return False
 
 
-__all__ = ["TrainingStep", "build_training_step", "loss_kind"]
+__all__ = ["TrainingStep", "build_training_step"]
