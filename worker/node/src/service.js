@@ -152,8 +152,8 @@ export class Service {
       cancel: (m) => {
         throw new ProtocolError(
           "bad_argument",
-          `no run #${m.run} of this connection is queued or running on worker ${pyRepr(this.id)}: it executes ` +
-            "requests in order, so every run sent before this cancel has already been answered",
+          `cancel: no run #${m.run} of this connection is queued or running (worker ${pyRepr(this.id)} executes ` +
+            "requests in order: every run sent before this cancel has been answered)",
         );
       },
     };
