@@ -6,13 +6,13 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 # pip quietly, without its version nag; the lock pins everything the suite runs with (torch: the CPU wheel).
 PIP := $(BIN)/pip --disable-pip-version-check -q -q
-EXTRAS := export,plot,dev
+EXTRAS := export,plot,dev,flower
 
 .PHONY: demo test bench lint lock wheel clean fuzz
 
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "planwire: setting up $(VENV) with the versions in $(LOCK) (torch CPU, onnxruntime, pyzmq, ...)." >&2
-	@echo "planwire: about a minute on a fresh machine; later runs skip this." >&2
+	@echo "planwire: about two minutes on a fresh machine; later runs skip this." >&2
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(PIP) install -c $(LOCK) pip setuptools
 	@# torch first, pinned: an unpinned torch pulls several GB of CUDA packages.

@@ -114,7 +114,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     import torch
     import torch.distributed.rpc as rpc
 
-    from planwire.worker.runtime import session_options
+    from planwire.transport.ortoptions import session_options
 
     plan = plans.tiny()
     x = torch.randn(plans.SHAPE)

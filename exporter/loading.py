@@ -13,8 +13,8 @@ import onnxruntime as ort
 
 from planwire.exporter import metadata, runtime, summary
 from planwire.exporter.base import PlanRunner
+from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.spec import PlanVariant
-from planwire.worker.modelcheck import PlanRejected, check_model
 
 MAX_PLAN_BYTES = 2**31 - 1  # protobuf's limit
 

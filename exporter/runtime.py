@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from planwire.transport.ortoptions import session_options
 from planwire.transport.spec import PlanVariant
-from planwire.worker.runtime import session_options
 
 LOCAL_THREADS = min(4, os.cpu_count() or 1)
 

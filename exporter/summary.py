@@ -2,7 +2,7 @@
 
 A worker-only install (onnxruntime, numpy) must be able to load and inspect a plan, so this reads the
 few protobuf fields it needs (metadata, initializer names and dims) straight off the wire format, never
-touching tensor payloads. Callers pass bytes that :func:`planwire.worker.modelcheck.check_model` has
+touching tensor payloads. Callers pass bytes that :func:`planwire.transport.plancheck.check_model` has
 accepted or that planwire itself exported; malformed input raises ValueError.
 """
 

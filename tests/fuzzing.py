@@ -1,5 +1,5 @@
 """Fuzzing the worker's two parsers of hostile bytes: request messages (``Service.handle``) and plans
-(``modelcheck.check_model``). Hypothesis properties, shared by a bounded test in the suite
+(``plancheck.check_model``). Hypothesis properties, shared by a bounded test in the suite
 (tests/test_fuzz.py) and a longer campaign: ``make fuzz MINUTES=N`` (``python -m tests.fuzzing --minutes N``).
 
 Properties:
@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from planwire.transport import messages as m
 from planwire.transport import session
+from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.session import SIGNATURE, Limits
-from planwire.worker.modelcheck import PlanRejected, check_model
 from planwire.worker.service import Service
 from tests import hostile
 from tests.conformance import plans

@@ -410,8 +410,15 @@ def data_dependent_shape() -> bytes:
 
 
 def data_dependent_loop() -> bytes:
-    loop = helper.make_node("Loop", ["n", ""], [], body=body(LOOP_BODY))
-    return ser(model([loop, helper.make_node("Identity", ["x"], ["y"])], [vi("n", I64, []), vi("x")], [vi("y")]))
+    """A Loop of as many trips as the client sends, carrying ``x`` (a Loop needs an output to be valid)."""
+    carry = helper.make_graph(
+        [*LOOP_BODY, helper.make_node("Identity", ["x_in"], ["x_out"])],
+        "body",
+        [vi("i", I64, []), vi("c_in", B, []), vi("x_in")],
+        [vi("c_out", B, []), vi("x_out")],
+    )
+    loop = helper.make_node("Loop", ["n", "", "x"], ["y"], body=carry)
+    return ser(model([loop], [vi("n", I64, []), vi("x")], [vi("y")]))
 
 
 def _int_min(dtype: type) -> list:

@@ -183,6 +183,9 @@ def realistic_session(w: Any) -> None:
     w.delete_plan(reshape.id)
     gone, _ = w.request(lambda rid: m.HasPlan(id=rid, plan=reshape.id))
     assert isinstance(gone, m.Missing)
+    with pytest.raises(RemoteError, match="no run #1 ") as none:  # long answered: nothing to cancel
+        w.request(lambda rid: m.Cancel(id=rid, run=1))
+    assert none.value.code == "bad_argument"
     (own,) = w.search("own")
     with pytest.raises(ForbiddenError):
         own.get()

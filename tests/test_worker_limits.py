@@ -98,6 +98,21 @@ def test_run_outputs_over_the_cap_are_refused_and_recorded(start):
     assert p.run(pid, ["x"], ["x"]).kind == "ok"  # in place: the same bytes, no more
 
 
+def test_a_runs_outputs_count_against_the_client_that_asked(start):
+    """Runs complete later, in the sandboxed runner: the share they count against is still their client's."""
+    _, connect = start("--max-client-store-mb", "1")
+    a, b = connect(), connect()
+    pid = a.register(plans.identity("uint8", ["N"]))["plan"]
+    a.put("x", kib(600))
+    reply = a.error(*a.run_header(pid, ["x"], ["ya"]), code="quota_exceeded")  # 1200 KiB for a
+    assert "--max-client-store-mb" in reply["message"] and "outputs of run #" in reply["message"]
+    assert b.run(pid, ["x"], ["yb"]).kind == "ok"  # 600 KiB for b: within its own share
+    assert b.get1("yb", keep=True).size == 600 * KiB
+    b.error({"type": "put", "tensors": [{"key": "b2", "dtype": "uint8", "shape": [600 * KiB], "frame": 0}]},
+            [bytes(600 * KiB)], code="quota_exceeded")  # fmt: skip
+    a.put("a2", kib(300))  # a's share still has room for this
+
+
 def test_plan_cap_and_delete_plan(start):
     _, connect = start("--max-plans", "2")
     p = connect()

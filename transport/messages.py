@@ -194,7 +194,16 @@ class Run(_Message, tag="run"):
     ] = 0
 
 
-Request = Hello | Ping | Put | Get | Delete | Search | Describe | RegisterPlan | HasPlan | Run | DeletePlan
+class Cancel(_Message, tag="cancel"):
+    """Cancel this connection's run ``run`` (its request id) while it is queued or running: the run is
+    answered with error ``cancelled`` and its outputs are marked failed with that reason. Answered at once,
+    even while a run executes: ok, or ``bad_argument`` when no such run is queued or running."""
+
+    id: RequestId
+    run: RequestId
+
+
+Request = Hello | Ping | Put | Get | Delete | Search | Describe | RegisterPlan | HasPlan | Run | DeletePlan | Cancel
 
 
 # --- replies (worker -> client); every reply names the request (``re``) and the worker's session -----
@@ -266,6 +275,10 @@ ErrorCode = Literal[
     "internal",
     "quota_exceeded",
     "plan_too_large",
+    "plan_crashed",
+    "plan_timeout",
+    "out_of_memory",
+    "cancelled",
 ]
 
 

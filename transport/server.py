@@ -70,31 +70,48 @@ class Server:
     def serve_forever(self, poll_ms: int = 100) -> None:
         # A blocking receive with a timeout (not poll + non-blocking receives): one call per request and no
         # zmq.Again exception per burst; the stop flag is still checked at least every ``poll_ms``.
-        sock, handler, stopped, curve = self._sock, self.handler, self._stop.is_set, self._curve
-        sock.setsockopt(zmq.RCVTIMEO, poll_ms)
-        nowait = zmq.NOBLOCK
+        receive, handler, send, stopped = self.receive, self.handler, self.send, self._stop.is_set
+        self._sock.setsockopt(zmq.RCVTIMEO, poll_ms)
         while not stopped():
             try:
-                if curve:
-                    head = sock.recv(copy=False)
-                    peer, client = head.buffer, _user_id(head)
-                    frames = recv_frames(sock) if head.more else []
-                else:
-                    peer, *frames = recv_frames(sock)
-                    client = bytes(peer)
+                peer, client, frames = receive()
             except zmq.Again:
                 continue
-            reply = handler(frames, client)
-            try:
-                send_frames(sock, [peer, *reply], nowait)
-            except zmq.Again:  # this peer's queue is full: it does not read; the others must not wait
-                self._dropped(bytes(peer))
-                continue
-            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY)
-                log.warning("reply to a client dropped: %s", e)
-                continue
-            if self._full:
-                self._resumed(bytes(peer))
+            send(peer, handler(frames, client))
+
+    def receive(self, flags: int = 0) -> tuple[Frame, bytes, list[memoryview]]:
+        """The next request: ``(peer, client, frames)``, where ``peer`` routes the reply and ``client`` is
+        the peer's CURVE public key (User-Id) under CURVE, else its routing id. zmq.Again when none came
+        (within RCVTIMEO, or at once under NOBLOCK)."""
+        sock = self._sock
+        if self._curve:
+            head = sock.recv(flags, copy=False)
+            return head.buffer, _user_id(head), recv_frames(sock) if head.more else []
+        peer, *frames = recv_frames(sock, flags)
+        return peer, bytes(peer), frames
+
+    def send(self, peer: Frame, reply: Sequence[Frame]) -> None:
+        """Route ``reply`` to ``peer`` without blocking: a reply to a peer whose queue is full (it does not
+        read; the others must not wait) or that is gone is dropped, with a log line."""
+        try:
+            send_frames(self._sock, [peer, *reply], zmq.NOBLOCK)
+        except zmq.Again:
+            self._dropped(bytes(peer))
+            return
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY)
+            log.warning("reply to a client dropped: %s", e)
+            return
+        if self._full:
+            self._resumed(bytes(peer))
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The ROUTER socket, for a caller that runs its own loop (worker/supervisor.py)."""
+        return self._sock
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def _dropped(self, peer: bytes) -> None:
         n = self._full.get(peer)

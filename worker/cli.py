@@ -28,7 +28,9 @@ from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
 from planwire.transport.session import Limits
 from planwire.transport.sockets import tune_io_threads
+from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
+from planwire.worker.supervisor import Supervisor
 
 log = logging.getLogger("planwire.worker")
 
@@ -246,6 +248,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="open client connections (default: the open-file limit, raised to its maximum, less a reserve)",
     )
+    ap.add_argument(
+        "--run-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="stop a run or a plan's registration after this long (plan_timeout); default 60",
+    )
+    ap.add_argument(
+        "--max-run-memory-mb",
+        type=int,
+        default=2048,
+        metavar="MB",
+        help="memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none; default 2048",
+    )
+    ap.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "
+        "plan takes the worker and its data down, and --run-timeout/--max-run-memory-mb do not apply)",
+    )
     ap.add_argument("--curve-secret", metavar="FILE", help="zmq.auth secret key file: encrypt with CURVE")
     ap.add_argument("--curve-clients", metavar="DIR", help="directory of allowed client public keys (*.key)")
     ap.add_argument(
@@ -317,6 +339,10 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     for url in args.listen:
         check_listen(url)
     metrics_addr = parse_metrics(args.metrics) if args.metrics else None
+    if args.run_timeout <= 0:
+        raise ConfigError("--run-timeout must be positive")
+    if args.max_run_memory_mb < 0:
+        raise ConfigError("--max-run-memory-mb must be 0 (no bound) or positive")
     limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
     try:
         admin_url = args.admin or f"ipc://{default_admin_path(args.id)}"
@@ -364,6 +390,15 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     except zmq.ZMQError as e:
         raise bind_error(args.listen, e) from None
     cleanup.append(server.close)
+    sandbox = None
+    if not args.no_sandbox:
+        sandbox = Sandbox(
+            providers=service.providers,
+            threads=args.threads,
+            memory_mb=args.max_run_memory_mb,
+            timeout=args.run_timeout,
+        )
+        cleanup.append(sandbox.close)
     stats = service.stats = Stats(service, curve=curve_secret is not None)
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
     info = {
@@ -397,6 +432,14 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if sandbox is None:
+        log.warning("--no-sandbox: plans run inside this process; a crashing plan takes it down")
+    else:
+        log.info(
+            "plans run in a sandboxed runner process: --run-timeout %g s, --max-run-memory-mb %d",
+            args.run_timeout,
+            args.max_run_memory_mb,
+        )
     log.info(
         "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors, curve %s)",
         args.id,
@@ -409,7 +452,10 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         curve_mode,
     )
     try:
-        server.serve_forever()
+        if sandbox is None:
+            server.serve_forever()
+        else:
+            Supervisor(service, server, sandbox).serve_forever()  # plans run in the sandbox, never here
     finally:
         log.info("plan-worker %s stopped", args.id)
     return 0

@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
+from planwire.transport.ortoptions import session_options
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -31,53 +32,29 @@ def providers_for(device: str) -> list[str]:
     raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """Options for shared hosts: few threads, no spinning, sequential execution, no custom op libraries."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.load_model_format", "ONNX")  # never the unchecked ORT format
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return so
+class Ports:
+    """A plan's typed inputs and outputs, and the per-call argument check. Plain data (name, wire dtype,
+    shape with ``str``/``None`` for dynamic axes), so the supervisor checks arguments without a session."""
 
-
-class PlanSession:
-    """A loaded plan: typed ports and a reusable onnxruntime session."""
-
-    def __init__(self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1) -> None:
+    def __init__(self, name: str, inputs: list, outputs: list) -> None:
         self.name = name
-        try:
-            self.session = ort.InferenceSession(data, session_options(threads), providers=list(providers))
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ProtocolError(
-                "bad_plan", f"onnxruntime cannot load plan {name or ''}: {e}".replace("  ", " ")
-            ) from None
-        if CUDA in providers and CUDA not in self.session.get_providers():
-            raise ProtocolError(
-                "bad_plan", f"plan {name!r} could not be placed on CUDA (got {self.session.get_providers()})"
-            )
-        self.inputs = [(i.name, dtypes.from_ort(i.type), list(i.shape)) for i in self.session.get_inputs()]
-        self.outputs = [(o.name, dtypes.from_ort(o.type), list(o.shape)) for o in self.session.get_outputs()]
-        self._input_names = [n for n, _, _ in self.inputs]
+        self.inputs = [(n, t, list(s)) for n, t, s in inputs]
+        self.outputs = [(n, t, list(s)) for n, t, s in outputs]
         self._dtypes = []
         for n, t, _ in self.inputs:
             try:
                 self._dtypes.append(dtypes.to_numpy(t))
             except ValueError as e:
                 raise ProtocolError("bad_plan", f"plan {name!r} input {n!r}: {e}") from None
-        # Per-call fast path: (dtype, static shape or None, rank, fixed axes) of each input for check(),
-        # and on CPU the binding's own run: InferenceSession.run adds only input validation that check()
-        # has done (with CUDA, its provider fallback stays in charge).
+        for n, t, _ in self.outputs:
+            if t not in dtypes.WIRE_TO_NUMPY:
+                raise ProtocolError(
+                    "bad_plan", f"plan {name!r} output {n!r} has type {t!r}; supported: {dtypes.human_list()}"
+                )
+        # Per-call fast path: (dtype, static shape or None, rank, fixed axes) of each input for check().
         self._fast = [
             (dt, _static(s), len(s), _fixed_axes(s)) for dt, (_, _, s) in zip(self._dtypes, self.inputs, strict=True)
         ]
-        self._output_names = [n for n, _, _ in self.outputs]
-        binding = getattr(self.session, "_sess", None)
-        self._run = binding.run if binding is not None and self.session.get_providers() == [CPU] else None
 
     def check(self, args: Sequence[np.ndarray]) -> None:
         """ProtocolError(bad_argument) naming the first argument that does not fit the graph."""
@@ -115,6 +92,37 @@ class PlanSession:
                     f"plan {self.name!r} argument {i} ({name!r}): expected shape {want}, got {list(arr.shape)}",
                 )
 
+
+class PlanSession(Ports):
+    """A loaded plan: typed ports and a reusable onnxruntime session."""
+
+    def __init__(
+        self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1, arena: bool = True
+    ) -> None:
+        try:
+            self.session = ort.InferenceSession(data, session_options(threads, arena=arena), providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            if is_out_of_memory(e):
+                raise ProtocolError("out_of_memory", f"plan {name!r} needs more memory to load: {e}") from None
+            raise ProtocolError(
+                "bad_plan", f"onnxruntime cannot load plan {name or ''}: {e}".replace("  ", " ")
+            ) from None
+        if CUDA in providers and CUDA not in self.session.get_providers():
+            raise ProtocolError(
+                "bad_plan", f"plan {name!r} could not be placed on CUDA (got {self.session.get_providers()})"
+            )
+        super().__init__(
+            name,
+            [(i.name, dtypes.from_ort(i.type), list(i.shape)) for i in self.session.get_inputs()],
+            [(o.name, dtypes.from_ort(o.type), list(o.shape)) for o in self.session.get_outputs()],
+        )
+        # On CPU the binding's own run: InferenceSession.run adds only input validation that check() has
+        # done (with CUDA, its provider fallback stays in charge).
+        self._input_names = [n for n, _, _ in self.inputs]
+        self._output_names = [n for n, _, _ in self.outputs]
+        binding = getattr(self.session, "_sess", None)
+        self._run = binding.run if binding is not None and self.session.get_providers() == [CPU] else None
+
     def run(self, args: Sequence[np.ndarray], *, check: bool = True) -> list[np.ndarray]:
         """Outputs of the plan on ``args`` (``check=False``: the caller has just called ``check``)."""
         if check:
@@ -123,6 +131,14 @@ class PlanSession:
         if self._run is not None:
             return self._run(self._output_names, feeds, None)
         return self.session.run(None, feeds)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether an exception from onnxruntime or numpy means an allocation failed (e.g. at the rlimit)."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return "bad_alloc" in text or "Failed to allocate" in text or "Cannot allocate memory" in text
 
 
 def _static(shape: list) -> tuple[int, ...] | None:

@@ -1,7 +1,10 @@
 """Service: what a worker does with each request. The same object serves in-process and over ZeroMQ.
 
-``handle(frames) -> frames`` is the whole contract: bytes in, bytes out, through the protocol's Session
-codec either way, so every in-process (VirtualWorker) test also exercises the wire format.
+``handle(frames, client) -> frames`` is the whole contract: bytes in, bytes out, through the protocol's
+Session codec either way, so every in-process (VirtualWorker) test also exercises the wire format.
+``client`` (a CURVE public key or a connection's routing id) is who the request counts against: store
+quotas and the owner of what it stores. Every answer, wherever it is completed, is logged by client and
+plan when refused and reported once to ``stats`` (the operator's view) when that is set.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,21 +23,70 @@ from msgspec import UNSET
 from planwire.transport import codec, dtypes, session
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
+from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
-from planwire.worker.modelcheck import PlanRejected, check_model
-from planwire.worker.runtime import PlanSession, providers_for
+from planwire.worker.runtime import PlanSession, Ports, providers_for
 from planwire.worker.stats import clean, peer_of
-from planwire.worker.store import ClientId, Store
+from planwire.worker.store import ClientId, Entry, Store
 
 if TYPE_CHECKING:
     from planwire.worker.stats import Stats
 
 log = logging.getLogger("planwire.worker")
 
-
 # Opsets of the ONNX default domain this worker's onnxruntime accepts (reported in welcome).
 ONNX_OPSET = 23
+
+
+@dataclass
+class Plan:
+    """A registered plan: its bytes (kept, so a restarted runner can re-create its session) and ports."""
+
+    name: str
+    data: bytes
+    ports: Ports
+
+
+@dataclass
+class Origin:
+    """Who asked for a job and when it began: its request frames (the connection, for logs and stats),
+    the client it counts against (quotas, owner of its outputs) and ``perf_counter`` at its start."""
+
+    frames: Sequence[Frame] = ()
+    client: ClientId = b""
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class RegisterJob:
+    """A registration that needs a session created (by the sandbox's runner, or in process)."""
+
+    msg: m.RegisterPlan
+    pid: str
+    name: str
+    data: bytes
+    any_rank: frozenset[str] = frozenset()  # its ports of unknown rank
+    origin: Origin = field(default_factory=Origin)
+
+    @property
+    def rid(self) -> int:
+        return self.msg.id
+
+
+@dataclass
+class RunJob:
+    """A validated run: the plan, its argument arrays and, for stored ones, their store entries."""
+
+    msg: m.Run
+    plan: Plan
+    args: list[np.ndarray]
+    entries: list[Entry | None]
+    origin: Origin = field(default_factory=Origin)
+
+
+Job = RegisterJob | RunJob
+_STOPPED = frozenset({"plan_crashed", "plan_timeout", "out_of_memory", "cancelled"})  # a run that started, or was due
 
 
 class Service:
@@ -59,10 +112,11 @@ class Service:
         self.limits = limits or Limits()
         self.store = Store(public=public, max_bytes=max_store_bytes, max_client_bytes=max_client_store_bytes)
         self.max_plans = max_plans
-        self.plans: dict[str, PlanSession] = {}
+        self.plans: dict[str, Plan] = {}
         self.stats: Stats | None = None  # set by plan-worker: observes every answered request
         self._client: ClientId = b""  # who sent the request being handled (quotas, ownership)
         self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
+        self._sessions: dict[str, PlanSession] = {}  # in-process execution only (VirtualWorker, tests)
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)
@@ -82,18 +136,30 @@ class Service:
             m.HasPlan: self._has_plan,
             m.Run: self._run,
             m.DeletePlan: self._delete_plan,
+            m.Cancel: self._cancel,
         }
 
-    # -- entry point ------------------------------------------------------------------------------
+    # -- entry points ----------------------------------------------------------------------------
+    # handle() answers one request in this process (plans run here too). A plan-worker instead drives
+    # decode/answer/begin/complete from its supervisor loop (worker/supervisor.py), with begin's jobs
+    # executed by the sandboxed runner, so no plan ever runs in the process that holds the data. Each
+    # reply they return has been logged (when refused) and observed by ``stats`` exactly once.
 
     def handle(self, frames: Sequence[Frame], client: ClientId = b"") -> list[Frame]:
         """Answer one request message from ``client`` (its id for quotas; in process: b"");
         never raises: every failure becomes an error reply."""
-        rid = -1
-        msg: m._Message | None = None
-        out: list[Frame] = []
         t0 = time.perf_counter()
-        self._client = client
+        msg, buffers = self.decode(frames, client, t0=t0)
+        if msg is None:
+            return buffers  # type: ignore[return-value]
+        return self.answer(msg, buffers, frames, client, t0=t0)
+
+    def decode(
+        self, frames: Sequence[Frame], client: ClientId = b"", *, t0: float | None = None
+    ) -> tuple[m._Message | None, list]:
+        """(request, raw frames), or (None, error reply frames) for a request refused as a whole."""
+        t0 = time.perf_counter() if t0 is None else t0
+        rid = -1
         try:
             total = sum(map(len, frames))
             if total > self.limits.max_message_bytes:
@@ -102,8 +168,24 @@ class Service:
                     "too_large",
                     f"message of {total} bytes, over the limit of {self.limits.max_message_bytes}",
                 )
-            msg, buffers = session.unpack_request(frames, self.limits)
-            rid = msg.id  # type: ignore[attr-defined]
+            return session.unpack_request(frames, self.limits)
+        except Exception as e:  # a bug here must not take the worker down
+            return None, self.refuse(getattr(e, "re", rid), e, Origin(frames, client, t0))
+
+    def answer(
+        self,
+        msg: m._Message,
+        buffers: list[memoryview],
+        frames: Sequence[Frame] = (),
+        client: ClientId = b"",
+        *,
+        t0: float | None = None,
+    ) -> list[Frame]:
+        """Reply frames for a decoded request from ``client`` (``frames``: its raw request); never raises."""
+        origin = Origin(frames, client, time.perf_counter() if t0 is None else t0)
+        rid = msg.id  # type: ignore[attr-defined]
+        self._client = client
+        try:
             reply, out = self._handlers[type(msg)](msg, buffers)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -111,21 +193,37 @@ class Service:
                     m.type_name(type(msg)),
                     rid,
                     m.type_name(type(reply)),
-                    (time.perf_counter() - t0) * 1e3,
+                    (time.perf_counter() - origin.t0) * 1e3,
                 )
-        except ProtocolError as e:
-            rid = getattr(e, "re", rid)
-            log.info("request #%d%s refused: %s [%s]", rid, self._about(frames, msg), clean(e.message), e.code)
-            reply = m.Error(re=rid, session=self.session, code=e.code, message=e.message)  # type: ignore[arg-type]
-        except Exception as e:  # a bug here must not take the worker down
-            log.exception("request #%d%s failed", rid, self._about(frames, msg))
-            reply = m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}")
+        except Exception as e:
+            return self.refuse(rid, e, origin, msg)
+        return self.reply(origin, msg, reply, out)
+
+    def reply(
+        self, origin: Origin, msg: m._Message | None, reply: m._Message, out: Sequence[Frame] = ()
+    ) -> list[Frame]:
+        """The frames of ``reply`` to ``msg``, observed by ``stats`` (once per answered request)."""
         if self.stats is not None:  # the operator's view (plan-worker status, --metrics)
             try:
-                self.stats.observe(frames, msg, reply, time.perf_counter() - t0)
+                self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0)
             except Exception:
-                log.exception("stats of request #%d not recorded", rid)
-        return session.pack(reply, out)
+                log.exception("stats of request #%d not recorded", reply.re)  # type: ignore[attr-defined]
+        return session.pack(reply, list(out))
+
+    def refuse(
+        self, rid: int, e: Exception, origin: Origin | None = None, msg: m._Message | None = None
+    ) -> list[Frame]:
+        """The error reply for a failed request (ProtocolError: its code; anything else: internal), logged
+        naming the client and plan, and observed."""
+        origin = origin or Origin()
+        about = self._about(origin.frames, msg)
+        if isinstance(e, ProtocolError):
+            log.info("request #%d%s refused: %s [%s]", rid, about, clean(e.message), e.code)
+            error = m.Error(re=rid, session=self.session, code=e.code, message=e.message)  # type: ignore[arg-type]
+        else:
+            log.error("request #%d%s failed", rid, about, exc_info=e)
+            error = m.Error(re=rid, session=self.session, code="internal", message=f"{type(e).__name__}: {e}")
+        return self.reply(origin, msg, error)
 
     def _about(self, frames: Sequence[Frame], msg: m._Message | None) -> str:
         """' type from CLIENT plan NAME (ID)' for a log line about a refused or failed request."""
@@ -138,6 +236,67 @@ class Service:
         elif isinstance(msg, m.RegisterPlan):
             text += f" plan {msg.name!r}"
         return text
+
+    def begin(
+        self,
+        msg: m.RegisterPlan | m.Run,
+        buffers: list[memoryview],
+        frames: Sequence[Frame] = (),
+        client: ClientId = b"",
+    ) -> Job | list[Frame]:
+        """Validate a registration or run from ``client``: a Job to execute (it remembers its client and
+        start), or the reply when there is nothing to run (already registered, or refused: a refused run's
+        outputs are marked failed). Never raises."""
+        origin = Origin(frames, client)
+        self._client = client
+        try:
+            if isinstance(msg, m.RegisterPlan):
+                job = self._begin_register(msg, buffers)
+                if isinstance(job, m.PlanInfo):
+                    return self.reply(origin, msg, job)
+            else:
+                job = self._begin_run(msg, buffers)
+        except Exception as e:
+            return self.refuse(msg.id, e, origin, msg)
+        job.origin = origin
+        return job
+
+    def complete(self, job: Job, outcome: Ports | list[np.ndarray] | ProtocolError) -> list[Frame]:
+        """The reply to ``job`` given what executing it gave: ports (loaded), arrays (ran) or an error.
+        Quotas and ownership are those of the job's client."""
+        rid = job.rid if isinstance(job, RegisterJob) else job.msg.id
+        self._client = job.origin.client
+        try:
+            if isinstance(job, RegisterJob):
+                if isinstance(outcome, ProtocolError):
+                    raise outcome
+                plan = self._add_plan(job, outcome)  # type: ignore[arg-type]
+                return self.reply(job.origin, job.msg, self._plan_info(rid, job.pid, plan))
+            if isinstance(outcome, ProtocolError):
+                self._fail_outputs(job.msg, outcome)
+                raise outcome
+            try:
+                reply, out = self._end_run(job, outcome)  # type: ignore[arg-type]
+            except ProtocolError as e:  # e.g. quota_exceeded: the outputs were not stored
+                self._fail_outputs(job.msg, e)
+                raise
+            return self.reply(job.origin, job.msg, reply, out)
+        except Exception as e:
+            return self.refuse(rid, e, job.origin, job.msg)
+
+    def drop(
+        self, msg: m.Run, error: ProtocolError, frames: Sequence[Frame] = (), client: ClientId = b""
+    ) -> list[Frame]:
+        """The reply to a run that will not start (cancelled while queued); its outputs are marked failed
+        unless the run would have been refused as a whole (e.g. a forbidden output key)."""
+        origin = Origin(frames, client)
+        try:
+            self.store.check_writable(msg.outputs)
+            if len(set(msg.outputs)) == len(msg.outputs):
+                self._fail_outputs(msg, error)
+        except ProtocolError as e:
+            return self.refuse(msg.id, e, origin, msg)
+        return self.refuse(msg.id, error, origin, msg)
 
     # -- handlers ---------------------------------------------------------------------------------
 
@@ -188,38 +347,51 @@ class Service:
         return m.Found(re=msg.id, session=self.session, tensors=found), []
 
     def _register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        job = self._begin_register(msg, buffers)
+        if isinstance(job, m.PlanInfo):
+            return job, []
+        session_ = PlanSession(job.data, name=job.name, providers=self.providers, threads=self.threads)
+        plan = self._add_plan(job, session_)
+        self._sessions[job.pid] = session_
+        return self._plan_info(msg.id, job.pid, plan), []
+
+    def _add_plan(self, job: RegisterJob, ports: Ports) -> Plan:
+        """Record a plan whose session was created (here or by the runner)."""
+        plan = self.plans[job.pid] = Plan(job.name, job.data, ports)
+        if job.any_rank:
+            self._any_rank[job.pid] = job.any_rank
+        log.info("registered plan %r (%s, %d bytes)", job.name, job.pid[:12], len(job.data))
+        return plan
+
+    def _begin_register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> RegisterJob | m.PlanInfo:
         frame = session.frame_at(buffers, msg.frame, "register_plan.frame")
         data = bytes(frame)
         pid = plan_id(data)
         plan = self.plans.get(pid)
-        if plan is None:
-            if self.max_plans is not None and len(self.plans) >= self.max_plans:
-                raise ProtocolError(
-                    "quota_exceeded",
-                    f"plan {msg.name or pid[:12]!r} not registered: the worker already holds {len(self.plans)} plans "
-                    "(its limit): unregister plans with delete_plan, or start plan-worker with a larger --max-plans",
-                )
-            try:
-                summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
-            except PlanRejected as e:
-                code = "too_large" if len(data) > self.limits.max_plan_bytes else e.code
-                raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
-            name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
-            plan = PlanSession(data, name=name, providers=self.providers, threads=self.threads)
-            for port, wire, _ in plan.outputs:  # inputs are checked by PlanSession
-                if wire not in dtypes.WIRE_TO_NUMPY:
-                    raise ProtocolError(
-                        "bad_plan",
-                        f"plan {name!r} output {port!r} has type {wire!r}; supported: {dtypes.human_list()}",
-                    )
-            self.plans[pid] = plan
-            if summary.unknown_rank:
-                self._any_rank[pid] = summary.unknown_rank
-            log.info("registered plan %r (%s, %d bytes)", name, pid[:12], len(data))
-        return self._plan_info(msg.id, pid, plan), []
+        if plan is not None:
+            return self._plan_info(msg.id, pid, plan)
+        if self.max_plans is not None and len(self.plans) >= self.max_plans:
+            raise ProtocolError(
+                "quota_exceeded",
+                f"plan {msg.name or pid[:12]!r} not registered: the worker already holds {len(self.plans)} plans "
+                "(its limit): unregister plans with delete_plan, or start plan-worker with a larger --max-plans",
+            )
+        try:
+            summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
+        except PlanRejected as e:
+            code = "too_large" if len(data) > self.limits.max_plan_bytes else e.code
+            raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
+        name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
+        return RegisterJob(msg, pid, name, data, summary.unknown_rank)
+
+    def _cancel(self, msg: m.Cancel, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        # In process a run is over before the next request is read: nothing is ever queued or running.
+        raise ProtocolError("bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running")
 
     def _delete_plan(self, msg: m.DeletePlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        # A plan-worker's supervisor also tells its runner to drop the session (Sandbox.forget).
         self._any_rank.pop(msg.plan, None)
+        self._sessions.pop(msg.plan, None)
         if self.plans.pop(msg.plan, None) is not None:
             log.info("unregistered plan %r", msg.plan[:12])
         return m.Ok(re=msg.id, session=self.session), []
@@ -231,6 +403,30 @@ class Service:
         return self._plan_info(msg.id, msg.plan, plan), []
 
     def _run(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        job = self._begin_run(msg, buffers)
+        pid = job.msg.plan
+        try:
+            plan = self._sessions.get(pid)
+            if plan is None:
+                plan = self._sessions[pid] = PlanSession(
+                    job.plan.data, name=job.plan.name, providers=self.providers, threads=self.threads
+                )
+            results = plan.run(job.args, check=False)
+        except ProtocolError as e:
+            self._fail_outputs(msg, e)
+            raise
+        except Exception as e:  # onnxruntime's own errors already say what they are
+            detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
+            error = ProtocolError("run_failed", f"plan {job.plan.name!r} failed on worker {self.id!r}: {detail}")
+            self._fail_outputs(msg, error)
+            raise error from None
+        try:
+            return self._end_run(job, results)
+        except ProtocolError as e:  # e.g. quota_exceeded: the outputs were not stored
+            self._fail_outputs(msg, e)
+            raise
+
+    def _begin_run(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
         # What the schema forbids is refused before anything changes (as any invalid header).
         if len(set(msg.outputs)) != len(msg.outputs):
             raise ProtocolError("invalid_message", f"run.outputs must be distinct keys, got {msg.outputs}")
@@ -239,20 +435,28 @@ class Service:
                 raise ProtocolError("invalid_message", f"run.args[{i}] needs exactly one of 'ref', 'tensor'")
         self.store.check_writable(msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
         try:
-            return self._execute(msg, buffers)
+            return self._prepare(msg, buffers)
         except ProtocolError as e:
-            # Clients do not wait for runs: record why the outputs will not come, so that a later get,
-            # describe or run that uses them fails with run_failed and this reason.
-            why = e.message if e.code == "run_failed" else f"run #{msg.id} refused: {e.message} [{e.code}]"
-            for key in msg.outputs:
-                self.store.fail(key, why)
+            self._fail_outputs(msg, e)
             raise
 
-    def _execute(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+    def _fail_outputs(self, msg: m.Run, e: ProtocolError) -> None:
+        # Clients do not wait for runs: record why the outputs will not come, so that a later get,
+        # describe or run that uses them fails with run_failed and this reason.
+        if e.code == "run_failed":
+            why = e.message
+        elif e.code in _STOPPED:
+            why = f"run #{msg.id} failed: {e.message} [{e.code}]"
+        else:
+            why = f"run #{msg.id} refused: {e.message} [{e.code}]"
+        for key in msg.outputs:
+            self.store.fail(key, why)
+
+    def _prepare(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
         plan = self.plans.get(msg.plan)
         if plan is None:
             raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
-        n_out = len(plan.outputs)
+        n_out = len(plan.ports.outputs)
         if len(msg.outputs) != n_out:
             raise ProtocolError(
                 "bad_argument",
@@ -260,17 +464,26 @@ class Service:
             )
         if msg.fetch and max(msg.fetch) >= n_out:
             raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
-        args = [self._arg(i, a, buffers) for i, a in enumerate(msg.args)]
+        entries: list[Entry | None] = []
+        args = []
+        for i, a in enumerate(msg.args):
+            if a.ref is not UNSET:
+                entry = self.store.entry(a.ref)
+                entries.append(entry)
+                args.append(entry.array)
+            else:
+                t = a.tensor
+                entries.append(None)
+                args.append(self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}"))  # type: ignore[union-attr]
         any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
         if any_rank is None:
-            plan.check(args)
+            plan.ports.check(args)
         else:
-            self._check_any_rank(plan, args, any_rank)
-        try:
-            results = plan.run(args, check=False)
-        except Exception as e:  # onnxruntime's own errors already say what they are
-            detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
-            raise ProtocolError("run_failed", f"plan {plan.name!r} failed on worker {self.id!r}: {detail}") from None
+            self._check_any_rank(plan.ports, args, any_rank)
+        return RunJob(msg, plan, args, entries)
+
+    def _end_run(self, job: RunJob, results: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
+        msg = job.msg
         sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
         self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
         for key, arr in zip(msg.outputs, results, strict=True):
@@ -287,12 +500,6 @@ class Service:
     def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
         return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
 
-    def _arg(self, i: int, arg: m.Arg, buffers: list[memoryview]) -> np.ndarray:
-        if arg.ref is not UNSET:
-            return self.store.entry(arg.ref).array
-        t = arg.tensor
-        return self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}")  # type: ignore[union-attr]
-
     def _tensors_reply(self, rid: int, keys: list[str], arrays: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
         out, frames = [], []
         for key, arr in zip(keys, arrays, strict=True):
@@ -302,8 +509,8 @@ class Service:
         return m.Tensors(re=rid, session=self.session, tensors=out), frames
 
     @staticmethod
-    def _check_any_rank(plan: PlanSession, args: Sequence[np.ndarray], any_rank: frozenset[str]) -> None:
-        """PlanSession.check for a plan with inputs of unknown rank (which onnxruntime reports as shape
+    def _check_any_rank(plan: Ports, args: Sequence[np.ndarray], any_rank: frozenset[str]) -> None:
+        """Ports.check for a plan with inputs of unknown rank (which onnxruntime reports as shape
         ``[]``): those take any shape, and only their dtype is checked."""
         if len(args) != len(plan.inputs):
             plan.check(args)  # names the count
@@ -318,7 +525,7 @@ class Service:
                 want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
                 raise ProtocolError("bad_argument", f"{what}: expected shape {want}, got {list(arr.shape)}")
 
-    def _plan_info(self, rid: int, pid: str, plan: PlanSession) -> m.PlanInfo:
+    def _plan_info(self, rid: int, pid: str, plan: Plan) -> m.PlanInfo:
         any_rank = self._any_rank.get(pid, frozenset())
 
         def ports(items: list) -> list[m.Port]:
@@ -332,7 +539,7 @@ class Service:
             ]
 
         return m.PlanInfo(
-            re=rid, session=self.session, plan=pid, inputs=ports(plan.inputs), outputs=ports(plan.outputs)
+            re=rid, session=self.session, plan=pid, inputs=ports(plan.ports.inputs), outputs=ports(plan.ports.outputs)
         )
 
     @staticmethod

@@ -36,7 +36,20 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 }
 _BY_NUMPY = {v.newbyteorder("="): k for k, v in WIRE_DTYPES.items()}
 
-REQUESTS = ("hello", "ping", "put", "get", "delete", "search", "describe", "register_plan", "has_plan", "run")
+REQUESTS = (
+    "hello",
+    "ping",
+    "put",
+    "get",
+    "delete",
+    "search",
+    "describe",
+    "register_plan",
+    "has_plan",
+    "delete_plan",
+    "run",
+    "cancel",
+)
 REPLIES = ("welcome", "ok", "tensors", "found", "plan", "missing", "error")
 
 

@@ -44,7 +44,7 @@ Policy (field numbers checked against onnx.proto of onnx 1.23):
   ``ORT_LOAD_CONFIG_FROM_MODEL=1`` is set).
 
 The caller must hand onnxruntime the *same immutable bytes* that were checked, and should build the
-session with :func:`safe_session_options`. Runtime resource use that depends on the data is not
+session with :func:`planwire.transport.ortoptions.session_options`. Runtime resource use that depends on the data is not
 bounded here.
 """
 
@@ -54,10 +54,6 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import onnxruntime
 
 __all__ = [
     "DEFAULT_DOMAINS",
@@ -67,7 +63,6 @@ __all__ = [
     "ModelSummary",
     "PlanRejected",
     "check_model",
-    "safe_session_options",
 ]
 
 DEFAULT_DOMAINS: frozenset[str] = frozenset({"", "ai.onnx"})
@@ -895,24 +890,3 @@ def check_model(
         buf, frozenset(allowed_domains), max_bytes, max_nodes, max_tensor_bytes, max_function_depth, max_loop_trips
     )
     return checker.model()
-
-
-def safe_session_options(
-    *, intra_op_threads: int = 0, inter_op_threads: int = 0, log_severity: int = 3
-) -> onnxruntime.SessionOptions:
-    """SessionOptions for running a checked plan.
-
-    Forces the ONNX protobuf loader (bytes are never parsed as an ORT-format flatbuffer), leaves
-    profiling and optimized-model dumps off (no files written), and registers no custom-op library.
-    Pass the same bytes that :func:`check_model` accepted to ``InferenceSession``.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.load_model_format", "ONNX")
-    so.enable_profiling = False
-    so.optimized_model_filepath = ""
-    so.intra_op_num_threads = intra_op_threads
-    so.inter_op_num_threads = inter_op_threads
-    so.log_severity_level = log_severity
-    return so

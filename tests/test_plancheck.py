@@ -1,4 +1,4 @@
-"""planwire.worker.modelcheck: hostile ONNX plans are rejected before onnxruntime sees them.
+"""planwire.transport.plancheck: hostile ONNX plans are rejected before onnxruntime sees them.
 
 The ``onnx`` package is used here only to build models; the checker itself never imports it.
 """
@@ -17,8 +17,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from planwire.worker import modelcheck
-from planwire.worker.modelcheck import (
+from planwire.transport import plancheck as modelcheck
+from planwire.transport.ortoptions import session_options
+from planwire.transport.plancheck import (
     DEFAULT_DOMAINS,
     MAX_DEPTH,
     ML_DOMAINS,
@@ -26,7 +27,6 @@ from planwire.worker.modelcheck import (
     PlanRejected,
     PlanTooLarge,
     check_model,
-    safe_session_options,
 )
 
 MB = 1 << 20
@@ -145,7 +145,7 @@ def test_clean_model_summary_and_runs() -> None:
         function_count=0,
         metadata_props={"planwire.name": "demo", "note": "héllo"},
     )
-    sess = ort.InferenceSession(data, safe_session_options(intra_op_threads=1), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(data, session_options(1), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {"X": np.ones(2, np.float32)})[0], [2.0, 3.0])
 
 
@@ -188,7 +188,7 @@ def test_torch_dynamo_export_passes() -> None:
     data = prog.model_proto.SerializeToString()
     s = check_model(data, max_bytes=MB)
     assert s.producer_name == "pytorch" and set(s.opsets) <= DEFAULT_DOMAINS and s.initializer_count >= 2
-    sess = ort.InferenceSession(data, safe_session_options(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(data, session_options(1), providers=["CPUExecutionProvider"])
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-5, atol=1e-6)
 
@@ -383,7 +383,7 @@ def test_local_function_accepted_and_runs() -> None:
     s = check_model(data, max_bytes=MB)
     assert (s.node_count, s.expanded_node_count, s.function_count) == (1, 2, 2)
     assert s.opsets == {"": 18, "local.fns": 1}
-    sess = ort.InferenceSession(data, safe_session_options(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(data, session_options(1), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {"X": np.array([-1, 2], np.float32)})[0], [1, 2])
 
 
@@ -684,10 +684,10 @@ def test_ort_format_rejected_and_never_loaded(tmp_path: Path) -> None:
     poly = field(2, b"\0\0ORTM") + m.SerializeToString()
     assert onnx.ModelProto.FromString(poly).graph.node[0].op_type == "Neg"
     rejected(poly, "ORT-format identifier")
-    # Belt and braces: with safe_session_options onnxruntime only parses ONNX protobuf.
+    # Belt and braces: with the shared session options onnxruntime only parses ONNX protobuf.
     ort.InferenceSession(ort_bytes, providers=["CPUExecutionProvider"])  # default: sniffed and loaded
     with pytest.raises(Exception, match="protobuf parsing failed"):
-        ort.InferenceSession(ort_bytes, safe_session_options(), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(ort_bytes, session_options(1), providers=["CPUExecutionProvider"])
 
 
 def test_names_in_messages_are_sanitized() -> None:

@@ -1,0 +1,255 @@
+"""Flower: the same federated task with Flower's standard PyTorch ClientApp and with the planwire ClientApp.
+
+``python -m bench.flower [--quick]`` (not yet in ``python -m bench``'s families; see ``run``). Both runs use
+Flower's simulation engine with the same data (the digits, one partition per node), nodes, rounds, seeds,
+initial weights, strategy (FedAvg) and server-side evaluation; each client trains with one thread (torch
+``set_num_threads(1)``, onnxruntime ``intra_op_num_threads=1``). Reported per variant:
+
+* round time: configure_train to aggregate_train, median over rounds after the first (warm-up: imports,
+  the plan's first delivery and session);
+* client RSS: resident memory of the engine's worker process that ran the ClientApp, as it replies (mean
+  over the replies of the last round): that process holds flwr and the ClientApp's runtime (torch or
+  onnxruntime), so the difference is the runtime's cost;
+* runtime RSS: client RSS minus that of a ClientApp with no training runtime ("floor": loads the data,
+  returns the weights unchanged), i.e. what torch or onnxruntime plus the plan cost on top;
+* bytes sent per round, server to clients (all records of all messages; the plan's bytes ride along in
+  round 1 only) and back;
+* final held-out accuracy.
+
+Targets (issue 14): planwire round time <= 1.0x the PyTorch client's, its RSS <= 0.5x, accuracy within 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+APP = Path(__file__).resolve().parents[1] / "examples" / "flower"
+if str(APP) not in sys.path:
+    sys.path.insert(0, str(APP))
+
+FAMILY = "flower"
+BACKEND = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"num_cpus": 2, "include_dashboard": False},
+}
+CONF = {"lr": 0.1, "local-epochs": 1, "batch-size": 16, "seed": 0}
+
+
+def _bytes(content: RecordDict) -> int:
+    return sum(record.count_bytes() for record in content.values())
+
+
+class Timed(Strategy):
+    """Any strategy, with each round's wall time and bytes each way recorded."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.rounds: list[dict[str, float]] = []
+        self._t0 = 0.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
+        self._t0 = time.perf_counter()
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.rounds.append({"sent": sum(_bytes(m.content) for m in messages), "nodes": len(messages)})
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple:
+        replies = list(replies)
+        out = self.inner.aggregate_train(server_round, replies)
+        ok = [m for m in replies if not m.has_error()]
+        rss = [m.content["metrics"]["client-rss-mb"] for m in ok]
+        self.rounds[-1].update(
+            seconds=time.perf_counter() - self._t0,
+            received=sum(_bytes(m.content) for m in ok),
+            rss_mb=float(np.mean(rss)) if rss else float("nan"),
+            failures=len(replies) - len(ok),
+        )
+        return out
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
+        return list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+def measured(app: ClientApp) -> ClientApp:
+    """``app`` with the replying process's resident memory added to each train reply's metrics."""
+    out = ClientApp()
+
+    @out.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = app(msg, context)
+        if not reply.has_error():
+            reply.content["metrics"]["client-rss-mb"] = psutil.Process().memory_info().rss / 2**20
+        return reply
+
+    return out
+
+
+torch_app = ClientApp()
+
+
+@torch_app.train()
+def _torch_train(msg: Message, context: Context) -> Message:
+    """Flower's standard PyTorch client (as in Flower's quickstart-pytorch), on the same data and settings."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from planwire_digits.model import CNN
+    from planwire_digits.task import load_data
+
+    torch.set_num_threads(1)
+    conf = {**context.run_config, **dict(msg.content["config"])}
+    model = CNN()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=float(conf["lr"]), momentum=0.9)
+    x, y = (torch.from_numpy(a) for a in load_data(context))
+    gen = torch.Generator().manual_seed(int(conf["seed"]) * 1_000_003 + int(context.node_id) % 1_000_003)
+    batch, loss_sum, correct = int(conf["batch-size"]), 0.0, 0.0
+    seen = 0
+    for _ in range(int(conf["local-epochs"])):
+        order = torch.randperm(len(x), generator=gen)
+        for lo in range(0, len(x), batch):
+            idx = order[lo : lo + batch]
+            opt.zero_grad()
+            out = model(x[idx])
+            loss = F.cross_entropy(out, y[idx])
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (out.argmax(1) == y[idx]).sum().item()
+            seen += len(idx)
+    metrics = MetricRecord({"loss": loss_sum / seen, "accuracy": correct / seen, "num-examples": len(x)})
+    return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+floor_app = ClientApp()
+
+
+@floor_app.train()
+def _floor_train(msg: Message, context: Context) -> Message:
+    """No training runtime at all: loads the node's data and returns the weights unchanged. Its RSS is the
+    floor both clients share (the engine's worker process, flwr, numpy, scikit-learn for the digits)."""
+    from planwire_digits.task import load_data
+
+    x, _ = load_data(context)
+    metrics = MetricRecord({"loss": 0.0, "accuracy": 0.0, "num-examples": len(x)})
+    return Message(content=RecordDict({"arrays": msg.content["arrays"], "metrics": metrics}), reply_to=msg)
+
+
+_APPS = {"floor": floor_app, "pytorch": torch_app}
+
+
+def run_variant(variant: str, nodes: int, rounds: int) -> dict[str, Any]:
+    """One federation on the simulation engine; returns its per-round figures and final accuracy."""
+    from flwr.simulation import run_simulation
+    from planwire_digits.client_app import app as planwire_app
+    from planwire_digits.model import build
+    from planwire_digits.server_app import evaluator
+
+    from planwire.flower import PlanStrategy
+
+    model, plan = build(lr=CONF["lr"], seed=CONF["seed"])
+    fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=nodes)
+    timed = Timed(PlanStrategy(fedavg, plan) if variant == "planwire" else fedavg)
+    out: dict[str, Any] = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        out["result"] = timed.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            train_config=ConfigRecord(dict(CONF)),
+            num_rounds=rounds,
+            evaluate_fn=evaluator(plan),
+        )
+
+    client = measured(planwire_app if variant == "planwire" else _APPS[variant])
+    run_simulation(server_app=server, client_app=client, num_supernodes=nodes, backend_config=BACKEND)
+    result = out["result"]
+    warm = timed.rounds[1:] or timed.rounds
+    return {
+        "round_s": statistics.median(r["seconds"] for r in warm),
+        "client_rss_mb": timed.rounds[-1]["rss_mb"],
+        "sent_bytes_round1": timed.rounds[0]["sent"],
+        "sent_bytes_per_round": statistics.median(r["sent"] for r in warm),
+        "received_bytes_per_round": statistics.median(r["received"] for r in warm),
+        "accuracy": float(result.evaluate_metrics_serverapp[rounds]["accuracy"]),
+        "failures": sum(r["failures"] for r in timed.rounds),
+    }
+
+
+def compare(quick: bool = False) -> dict[str, Any]:
+    nodes, rounds = (5, 3) if quick else (10, 5)
+    figures = {v: run_variant(v, nodes, rounds) for v in ("floor", "pytorch", "planwire")}
+    p, t = figures["planwire"], figures["pytorch"]
+    floor = figures["floor"]["client_rss_mb"]
+    for fig in figures.values():
+        fig["runtime_rss_mb"] = fig["client_rss_mb"] - floor  # what the training runtime itself costs
+    targets = {
+        "round time planwire/pytorch <= 1.0": p["round_s"] / t["round_s"],
+        "client RSS planwire/pytorch <= 0.5": p["client_rss_mb"] / t["client_rss_mb"],
+        "accuracy pytorch - planwire <= 0.01": t["accuracy"] - p["accuracy"],
+    }
+    limits = [1.0, 0.5, 0.01]
+    return {
+        "nodes": nodes,
+        "rounds": rounds,
+        "figures": figures,
+        "targets": {k: {"value": v, "pass": v <= lim} for (k, v), lim in zip(targets.items(), limits, strict=True)},
+    }
+
+
+def run(env: Any, report: Any, quick: bool) -> None:
+    """Hook for ``python -m bench`` (FAMILIES["flower"] = flower.run): counts and targets in its Report."""
+    res = compare(quick)
+    for variant, fig in res["figures"].items():
+        report.count(FAMILY, f"{variant}: round time (median, warm)", fig["round_s"], "s")
+        report.count(FAMILY, f"{variant}: client process RSS", fig["client_rss_mb"], "MiB")
+        report.count(FAMILY, f"{variant}: bytes sent per round (round 1)", fig["sent_bytes_round1"], "B")
+        report.count(FAMILY, f"{variant}: bytes sent per round (later)", fig["sent_bytes_per_round"], "B")
+        report.count(FAMILY, f"{variant}: bytes received per round", fig["received_bytes_per_round"], "B")
+        report.count(FAMILY, f"{variant}: final held-out accuracy", fig["accuracy"], "")
+    p, t = res["figures"]["planwire"], res["figures"]["pytorch"]
+    report.target("flower round time planwire/pytorch", p["round_s"] / t["round_s"], "<=", 1.0, "x", "same task")
+    report.target("flower client RSS planwire/pytorch", p["client_rss_mb"] / t["client_rss_mb"], "<=", 0.5, "x", "")
+    report.target("flower accuracy gap pytorch-planwire", t["accuracy"] - p["accuracy"], "<=", 0.01, "", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.flower", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="5 nodes, 3 rounds (a smoke run)")
+    args = ap.parse_args(argv)
+    res = compare(args.quick)
+    print(f"flower: {res['nodes']} nodes, {res['rounds']} rounds, FedAvg, simulation engine")
+    keys = list(next(iter(res["figures"].values())))
+    print(f"{'':10}" + "".join(f"{k:>26}" for k in keys))
+    for variant, fig in res["figures"].items():
+        print(f"{variant:10}" + "".join(f"{fig[k]:>26.4g}" for k in keys))
+    for name, t in res["targets"].items():
+        print(f"{name:40} {t['value']:8.3f}  {'PASS' if t['pass'] else 'FAIL'}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Client side: a Flower ClientApp whose training code is the plan the server sends (no torch here).
+
+The only user code is ``load_data(context)``: the node's own examples as numpy arrays (model inputs, then
+targets). Everything else comes from the plan: the step, the optimizer, its default hyper-parameters.
+Settings are read from the message's config, then the run config (Flower's conventions):
+
+``batch-size`` (any size, not only the build's), ``local-epochs`` or ``local-steps`` (steps win when
+> 0), hyper-parameters by name (``lr``, ``momentum``, ...), ``proximal-mu`` (FedProx), ``seed``.
+
+A node whose config names ``planwire-worker`` forwards the plan to that plan-worker instead (see
+:mod:`planwire.flower.bridge`): the same app serves both kinds of nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from planwire.flower.cache import plan_for
+from planwire.flower.ports import fingerprint
+from planwire.flower.records import arrays_to_state, state_to_arrays
+from planwire.flower.runner import Data, Outcome, PlanRunner
+
+DataLoader = Callable[[Context], Data]
+_runners: dict[str, PlanRunner] = {}
+
+
+def settings(msg: Message, context: Context) -> dict[str, Any]:
+    """The run config, overridden by the config record the strategy sent with this message."""
+    merged: dict[str, Any] = dict(context.run_config)
+    config = msg.content.get("config")
+    if config is not None:
+        merged.update(dict(config))
+    return merged
+
+
+def hyper_overrides(conf: Mapping[str, Any], ports_hyper: Mapping[str, float]) -> dict[str, float]:
+    return {
+        k: float(conf[k])
+        for k in (n.removeprefix("hyper.") for n in ports_hyper)
+        if isinstance(conf.get(k), (int, float)) and not isinstance(conf.get(k), bool)
+    }
+
+
+def reply(msg: Message, outcome: Outcome, arrays: Any | None = None) -> Message:
+    """Flower's reply shape: one ArrayRecord (train only) and one MetricRecord with ``num-examples``."""
+    metrics = MetricRecord({**outcome.metrics, "num-examples": outcome.num_examples})
+    content = RecordDict({"metrics": metrics} if arrays is None else {"arrays": arrays, "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def _runner(msg: Message, context: Context) -> PlanRunner:
+    plan, ports = plan_for(msg.content, context)
+    sha = fingerprint(plan)
+    runner = _runners.get(sha)
+    if runner is None:
+        _runners.clear()
+        runner = _runners[sha] = PlanRunner(plan, ports)
+    return runner
+
+
+def _int(conf: Mapping[str, Any], key: str, default: int) -> int:
+    value = conf.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"config {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def plan_client_app(load_data: DataLoader, load_eval_data: DataLoader | None = None) -> ClientApp:
+    """A ClientApp that trains (and evaluates) with the plan its messages name, on ``load_data``'s arrays.
+    ``load_eval_data`` gives the node's evaluation split (default: its training data)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if context.node_config.get("planwire-worker"):
+            from planwire.flower.bridge import bridge_train
+
+            return bridge_train(msg, context)
+        runner = _runner(msg, context)
+        conf = settings(msg, context)
+        weights = arrays_to_state(runner.ports, msg.content["arrays"], what="server arrays")
+        seed = _int(conf, "seed", 0)
+        rng = np.random.default_rng([seed, int(context.node_id) & 0xFFFFFFFF, _int(conf, "server-round", 0)])
+        outcome = runner.train(
+            weights,
+            load_data(context),
+            batch_size=_int(conf, "batch-size", 32),
+            epochs=_int(conf, "local-epochs", 1),
+            steps=_int(conf, "local-steps", 0),
+            hyper=hyper_overrides(conf, runner.ports.hyper_defaults),
+            rng=rng,
+            proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        )
+        return reply(msg, outcome, state_to_arrays(runner.ports, outcome.state))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        if context.node_config.get("planwire-worker"):
+            from planwire.flower.bridge import bridge_evaluate
+
+            return bridge_evaluate(msg, context)
+        runner = _runner(msg, context)
+        conf = settings(msg, context)
+        weights = arrays_to_state(runner.ports, msg.content["arrays"], what="server arrays")
+        data = (load_eval_data or load_data)(context)
+        return reply(msg, runner.evaluate(weights, data, batch_size=max(1, _int(conf, "batch-size", 32))))
+
+    return app
+
+
+__all__ = ["DataLoader", "plan_client_app", "reply", "settings"]

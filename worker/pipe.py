@@ -1,0 +1,266 @@
+"""The private pipe between a worker's supervisor and its sandboxed runner, and the shared memory they use.
+
+Nothing here is the public protocol and nothing is pickled: a message is a msgpack header (msgspec
+structs below) plus raw buffers, over a Unix socket pair. Tensors of up to ``INLINE_MAX`` bytes travel
+through the socket; larger ones live in files of a per-worker shared-memory directory that both
+processes map, so a stored tensor is never copied per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import mmap
+import os
+import shutil
+import socket
+import struct
+import tempfile
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+
+from planwire.transport import dtypes
+
+INLINE_MAX = 64 << 10  # bytes; below this a copy through the socket is cheaper than a mapping
+_ALIGN = 16
+_PREFIX = struct.Struct("<QII")  # body bytes, header bytes, number of buffers
+
+
+class TensorRef(msgspec.Struct, array_like=True):
+    """A tensor: buffer ``index`` of the message, or ``size`` bytes at ``offset`` of segment ``segment``."""
+
+    dtype: str
+    shape: list[int]
+    index: int = -1
+    segment: str = ""
+    offset: int = 0
+
+
+class Load(msgspec.Struct, tag="load", array_like=True):
+    """Create the session of plan ``plan`` from buffer 0 (first dropping the sessions of ``drop``)."""
+
+    plan: str
+    name: str
+    drop: list[str] = []  # plans unregistered since the last request (delete_plan)
+
+
+class Run(msgspec.Struct, tag="run", array_like=True):
+    """Run plan ``plan`` (created first from buffer 0 when ``load``; the sessions of ``drop`` dropped first)."""
+
+    plan: str
+    name: str
+    args: list[TensorRef]
+    load: bool = False
+    drop: list[str] = []  # plans unregistered since the last request (delete_plan)
+
+
+class Ready(msgspec.Struct, tag="ready", array_like=True):
+    pid: int
+    memory_limit: int  # bytes of RLIMIT_DATA set, 0 when none
+
+
+class Loaded(msgspec.Struct, tag="loaded", array_like=True):
+    inputs: list[tuple[str, str, list[int | str | None]]]
+    outputs: list[tuple[str, str, list[int | str | None]]]
+
+
+class Ran(msgspec.Struct, tag="ran", array_like=True):
+    outputs: list[TensorRef]
+
+
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    code: str
+    message: str
+
+
+ToRunner = Load | Run
+FromRunner = Ready | Loaded | Ran | Failed
+_encoder = msgspec.msgpack.Encoder()
+_to_runner = msgspec.msgpack.Decoder(ToRunner)
+_from_runner = msgspec.msgpack.Decoder(FromRunner)
+
+
+class PipeClosed(ConnectionError):
+    """The other side closed the pipe (for the supervisor: the runner died)."""
+
+
+def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | memoryview] = ()) -> None:
+    """One message: prefix, buffer sizes, header, then each buffer at a 16-byte aligned offset."""
+    header = _encoder.encode(msg)
+    sizes = [memoryview(b).nbytes for b in buffers]
+    head = _PREFIX.size + 8 * len(sizes) + len(header)
+    parts: list[bytes | memoryview] = [b"", struct.pack(f"<{len(sizes)}Q", *sizes), header]
+    offset = head - _PREFIX.size  # body offset so far
+    for b, n in zip(buffers, sizes, strict=True):
+        pad = -offset % _ALIGN
+        if pad:
+            parts.append(bytes(pad))
+        parts.append(b)
+        offset += pad + n
+    parts[0] = _PREFIX.pack(offset, len(header), len(sizes))
+    view = [memoryview(p).cast("B") if isinstance(p, memoryview) else p for p in parts]
+    total = _PREFIX.size + offset
+    sent = sock.sendmsg(view)
+    while sent < total:  # a large message, or a signal, may cut a send short
+        skip = sent
+        rest = []
+        for p in view:
+            n = len(p)
+            if skip >= n:
+                skip -= n
+                continue
+            rest.append(memoryview(p)[skip:])
+            skip = 0
+        sent += sock.sendmsg(rest)
+
+
+def _read_exact(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        if k == 0:
+            raise PipeClosed("pipe closed")
+        got += k
+
+
+_FIRST = 4096  # the first read takes this much: a small message (a tiny call's) in one system call
+
+
+def _recv(sock: socket.socket, decoder: msgspec.msgpack.Decoder):  # type: ignore[no-untyped-def]
+    # One message is in flight at a time (request, then its answer), so a read never takes the next one.
+    first = bytearray(_FIRST)
+    got = sock.recv_into(first, _FIRST)
+    while 0 < got < _PREFIX.size:
+        got += sock.recv_into(memoryview(first)[got:], _FIRST - got)
+    if got == 0:
+        raise PipeClosed("pipe closed")
+    body_len, hlen, nbuf = _PREFIX.unpack_from(first)
+    if _PREFIX.size + body_len < got:
+        raise PipeClosed("more bytes than one message: the other side does not follow the protocol")
+    body = np.empty(body_len, np.uint8)  # its own, aligned allocation; buffers are views of it
+    view = memoryview(body).cast("B")
+    have = got - _PREFIX.size
+    view[:have] = memoryview(first)[_PREFIX.size : got]
+    _read_exact(sock, view[have:])
+    sizes = struct.unpack_from(f"<{nbuf}Q", view, 0)
+    offset = 8 * nbuf
+    msg = decoder.decode(view[offset : offset + hlen])
+    offset += hlen
+    buffers = []
+    for n in sizes:
+        offset += -offset % _ALIGN
+        buffers.append(view[offset : offset + n])
+        offset += n
+    return msg, buffers
+
+
+def recv_request(sock: socket.socket) -> tuple[ToRunner, list[memoryview]]:
+    return _recv(sock, _to_runner)
+
+
+def recv_reply(sock: socket.socket) -> tuple[FromRunner, list[memoryview]]:
+    return _recv(sock, _from_runner)
+
+
+# -- shared memory --------------------------------------------------------------------------------
+
+
+def shm_dir() -> str:
+    """A fresh private directory for this worker's segments: /dev/shm when there is one (RAM), else tmp.
+    Directories left by workers that were killed (their pid gone) are removed first: they hold RAM."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            parts = name.split("-")
+            if len(parts) == 3 and parts[0] == "planwire" and parts[1].isdigit() and not _alive(int(parts[1])):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"planwire-{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class Segment(mmap.mmap):
+    """A mapped shared-memory file; the file goes when the mapping is garbage (unlink=True)."""
+
+    path: str
+    unlink: bool
+
+    def __del__(self) -> None:
+        if getattr(self, "unlink", False):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+_names = itertools.count()
+
+
+def create_segment(directory: str, prefix: str, nbytes: int, *, unlink: bool) -> Segment:
+    """A new segment of ``nbytes`` (at least 1) with its space reserved: OSError(ENOSPC) now rather
+    than SIGBUS on a later write when the shared-memory file system is full."""
+    path = os.path.join(directory, f"{prefix}{next(_names)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, max(1, nbytes))
+            seg = Segment(fd, max(1, nbytes))
+        except BaseException:
+            os.unlink(path)
+            raise
+    finally:
+        os.close(fd)
+    seg.path, seg.unlink = path, unlink
+    return seg
+
+
+def open_segment(directory: str, name: str, *, unlink: bool, writable: bool = False) -> Segment:
+    """Map an existing segment by name (a plain name inside ``directory``, never a path)."""
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"bad segment name {name!r}")
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        seg = Segment(fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    seg.path, seg.unlink = path, unlink
+    return seg
+
+
+def segment_of(array: np.ndarray) -> tuple[Segment, int] | None:
+    """(segment, byte offset) when ``array`` is a C-contiguous view into a Segment, else None."""
+    base = array.base
+    while base is not None and not isinstance(base, Segment):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or not array.flags.c_contiguous:
+        return None
+    start = np.frombuffer(base, np.uint8, count=1).ctypes.data
+    return base, array.ctypes.data - start
+
+
+def array_in(seg: Segment, dtype: str, shape: Sequence[int], offset: int = 0) -> np.ndarray:
+    """A view of ``dtype[shape]`` at ``offset`` of ``seg``; ValueError when it does not fit."""
+    dt = dtypes.to_numpy(dtype)
+    n = math.prod(shape)
+    if offset < 0 or offset % dt.itemsize or offset + n * dt.itemsize > len(seg):
+        raise ValueError(f"{dtype}{list(shape)} at offset {offset} does not fit segment of {len(seg)} bytes")
+    return np.frombuffer(seg, dt, count=n, offset=offset).reshape(shape)
+
+
+def to_segment(directory: str, prefix: str, array: np.ndarray, *, unlink: bool) -> np.ndarray:
+    """A copy of ``array`` in a new segment (little-endian, C order), as a view of that segment."""
+    seg = create_segment(directory, prefix, array.nbytes, unlink=unlink)
+    out = np.frombuffer(seg, array.dtype, count=array.size).reshape(array.shape)
+    out[...] = array
+    return out
