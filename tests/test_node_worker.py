@@ -77,6 +77,10 @@ def test_what_the_node_worker_cannot_do_is_refused_by_name():
     assert "--device cuda" in line and f"available: {CPU}" in line
     assert "no admin socket" in refused("--listen", TCP, "--admin", "ipc:///tmp/x.admin")
     assert "no metrics" in refused("--listen", TCP, "--metrics", "127.0.0.1:9105")
+    for flag, value in (("--run-timeout", "5"), ("--max-run-memory-mb", "512")):
+        line = refused("--listen", TCP, flag, value)
+        assert line.startswith(f"plan-worker: {flag}: the Node worker runs plans in its own process")
+        assert "use the Python plan-worker for contained runs" in line
 
 
 def test_a_port_in_use_is_one_line():
@@ -91,7 +95,7 @@ def test_ready_line_endpoints_and_providers(tmp_path):
         line = next(ln for ln in w.log().splitlines() if "ready on" in ln)
         assert w.url.startswith("tcp://127.0.0.1:") and not w.url.endswith(":0")
         assert f"plan-worker device_7 ready on {w.url}, {ipc} (protocol 1, providers {CPU}" in line
-        assert f"pid {w.proc.pid}" in line and "0 own tensors, curve off" in line
+        assert f"pid {w.proc.pid}" in line and "0 own tensors, curve off, sandbox off" in line
         for url in (w.url, ipc):  # both endpoints serve the same worker
             with planwire.connect(url, timeout=10) as c:
                 assert c.id == "device_7" and c.providers == [CPU]
@@ -286,3 +290,18 @@ def test_an_adam_training_step_on_the_node_worker_matches_eager_torch():
         trained = ptr.state_dict()
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cancel_finds_no_run_to_cancel_because_requests_run_in_order():
+    """PROTOCOL.md §12: every run sent before a cancel has been answered when the Node worker reads it."""
+    with NodeWorkerProcess("cancel") as w, Peer(w.url) as p:
+        pid = p.register(handmade.double_abs().variants[0].data)["plan"]
+        header, frames = p.run_header(pid, [np.array([-1.0, 2.0], np.float32)], ["y"])
+        run_id = p.send(header, frames)
+        cancel_id = p.send({"type": "cancel", "run": run_id})
+        run_reply, cancel_reply = p.recv(), p.recv()
+        assert (run_reply["re"], run_reply.kind) == (run_id, "ok")
+        assert (cancel_reply["re"], cancel_reply["code"]) == (cancel_id, "bad_argument")
+        assert f"cancel: no run #{run_id} of this connection is queued or running" in cancel_reply["message"]
+        assert p.get1("y").tolist() == [2.0, 4.0]  # the run's outputs stand
+        p.error({"type": "cancel"}, code="invalid_message")

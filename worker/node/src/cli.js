@@ -35,6 +35,9 @@ const OPTIONS = {
   "--max-plans": { dest: "maxPlans", int: true, dflt: 1000, help: "plans registered at once" },
   "--max-client-queue": { dest: "maxClientQueue", int: true, dflt: 10000, help: "queued requests and unread replies per client (messages); past it its replies are dropped" },
   "--max-connections": { dest: "maxConnections", int: true, help: "accepted for compatibility; not enforced by the Node worker (see README)" },
+  "--run-timeout": { dest: "runTimeout", metavar: "SECONDS", help: "refused: the Node worker has no sandbox (its runs cannot be stopped or bounded)" },
+  "--max-run-memory-mb": { dest: "maxRunMemoryMb", metavar: "MB", help: "refused: the Node worker has no sandbox" },
+  "--no-sandbox": { dest: "noSandbox", flag: true, help: "accepted: the Node worker always runs plans in its own process (trusted plans only)" },
   "--curve-secret": { dest: "curveSecret", metavar: "FILE", help: "zmq.auth secret key file: encrypt with CURVE" },
   "--curve-clients": { dest: "curveClients", metavar: "DIR", help: "directory of allowed client public keys (*.key)" },
   "--curve-any-client": { dest: "curveAnyClient", flag: true, help: "with --curve-secret: encrypt but admit any client key (no authentication)" },
@@ -184,6 +187,13 @@ async function serve(args) {
   if (args.admin !== null && args.admin !== "none") {
     throw new ConfigError(`--admin ${pyRepr(args.admin)}: the Node worker has no admin socket (use --admin none, or the Python plan-worker for plan-worker status)`);
   }
+  if (args.runTimeout !== null || args.maxRunMemoryMb !== null) {
+    const flag = args.runTimeout !== null ? "--run-timeout" : "--max-run-memory-mb";
+    throw new ConfigError(
+      `${flag}: the Node worker runs plans in its own process, as plan-worker --no-sandbox does: a run cannot be ` +
+        "stopped or its memory bounded; use the Python plan-worker for contained runs",
+    );
+  }
   if (args.metrics !== null) throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: the Node worker serves no metrics (use the Python plan-worker)`);
   if (args.device === "cuda") {
     throw new ConfigError(
@@ -242,7 +252,7 @@ async function serve(args) {
   process.on("SIGTERM", () => stop("SIGTERM"));
   log.info(
     `plan-worker ${args.id} ready on ${server.endpoints.join(", ")} (protocol ${PROTOCOL_VERSION}, providers ${service.providers.join(",")}, ` +
-      `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, node ${process.versions.node})`,
+      `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox off, node ${process.versions.node})`,
   );
   try {
     await server.serveForever();
