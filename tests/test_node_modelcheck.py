@@ -1,5 +1,5 @@
 """The Node worker's plan checks (worker/node/src/modelcheck.js) against the Python worker's
-(planwire.worker.modelcheck), plan for plan: the hostile corpus, real plans, every truncation of a rich
+(planwire.transport.plancheck), plan for plan: the hostile corpus, real plans, every truncation of a rich
 plan, and a few thousand seeded mutations of them must get the same verdict, the same code and the same
 message (or both accept, with the same node count and ports of unknown rank). Skipped without node."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planwire.worker.modelcheck import PlanRejected, check_model
+from planwire.transport.plancheck import PlanRejected, check_model
 from tests import hostile
 from tests.conformance import plans
 from tests.conformance.workers import NODE_DIR, node_missing
