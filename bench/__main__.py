@@ -24,12 +24,22 @@ HERE = Path(__file__).resolve().parent
 RUNS_DIR = HERE / "runs"
 
 # Order matters: start-up is timed on a quiet machine, the loaded footprint after everything else.
-FAMILY_NAMES = ("startup", "latency", "communication", "bulk", "pipelining", "build", "training", "footprint")
+FAMILY_NAMES = (
+    "startup",
+    "latency",
+    "communication",
+    "bulk",
+    "pipelining",
+    "build",
+    "training",
+    "training_models",
+    "footprint",
+)
 
 
 def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
     """One full run in this process: every family, a table on stdout, the run's JSON at ``out``."""
-    from bench import build, bulk, comm, footprint, latency, pipeline, training
+    from bench import build, bulk, comm, footprint, latency, pipeline, training, training_models
     from bench.env import Env
     from bench.timing import Report
 
@@ -41,6 +51,7 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
         "pipelining": pipeline.run,
         "build": build.run,
         "training": training.run,
+        "training_models": training_models.run,
         "footprint": footprint.run_loaded,
     }
     warnings.filterwarnings("ignore")

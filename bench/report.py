@@ -64,6 +64,17 @@ HEADLINE = [
     ("training", "CNN conv8-pool-fc: plan step on worker, pipelined [tcp]"),
     ("training", "CNN conv8-pool-fc: eager torch step (1 thread)"),
     ("training", "CNN conv8-pool-fc: eager torch step (2 threads)"),
+    *[
+        ("training_models", f"{model}: {figure}")
+        for model in ("ResNet-8 CNN", "transformer LM")
+        for figure in (
+            "warm training-plan build, fresh model",
+            "warm plain torch.onnx.export(dynamo=True) of the forward, fresh model",
+            "plan step, synchronous (run + get loss), worker --threads 1 [tcp]",
+            "plan step, pipelined, worker --threads 1 [tcp]",
+            "eager torch step (1 thread)",
+        )
+    ],
     ("footprint", "start to first reply (ready + connect/hello) [tcp]"),
     ("footprint", "worker RSS idle, after hello [tcp]"),
     ("footprint", "worker RSS after the benchmark load [tcp]"),

@@ -10,6 +10,7 @@ import operator
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 aten = torch.ops.aten
 
@@ -39,60 +40,94 @@ def _pooled_output(indices: object, pool_input: Node) -> Node | None:
     return next((u for u in pool.users if u.target is operator.getitem and u.args[1] == 0), None)
 
 
+def _relu_mask(node: Node) -> tuple[Node, list[Node], Node] | None:
+    """``(le, chain, unpooled)`` when ``node`` applies a ReLU backward mask to a pool backward's output:
+    ``where(le(x, t), 0, unpooled)`` (torch's ``threshold_backward``) or
+    ``mul(unpooled, to_copy(logical_not(le(x, t))))`` (``decompositions.threshold_backward``); ``chain``
+    lists the mask's nodes from ``le`` to the one ``node`` reads."""
+    if node.kwargs or len(node.args) != (3 if node.target is aten.where.self else 2):
+        return None
+    if node.target is aten.where.self:
+        cond, zero, unpooled = node.args
+        if not (isinstance(cond, Node) and cond.target is aten.le.Scalar and _is_zero_scalar(zero)):
+            return None
+        chain = [cond]
+    elif node.target is aten.mul.Tensor:
+        unpooled, mask = node.args
+        if isinstance(mask, Node) and mask.target is aten.max_pool2d_with_indices_backward.default:
+            unpooled, mask = mask, unpooled
+        chain = []
+        while isinstance(mask, Node) and not mask.kwargs.keys() - {"dtype"} and len(chain) < 3:
+            chain.insert(0, mask)
+            if mask.target is aten.le.Scalar:
+                break
+            if mask.target not in (aten._to_copy.default, aten.logical_not.default):
+                return None
+            mask = mask.args[0] if len(mask.args) == 1 else None
+        if [c.target for c in chain] != [aten.le.Scalar, aten.logical_not.default, aten._to_copy.default]:
+            return None
+    else:
+        return None
+    le = chain[0]
+    if le.kwargs or not isinstance(unpooled, Node):
+        return None
+    if unpooled.target is not aten.max_pool2d_with_indices_backward.default or unpooled.kwargs:
+        return None
+    return le, chain, unpooled
+
+
 def mask_before_unpool(gm: GraphModule) -> int:
-    """ReLU's backward after a max-pool's, moved to the pooled side: ``where(x <= t, 0, pool_bwd(g, x))``
-    becomes ``pool_bwd(where(pooled <= t, 0, g), x)``; returns how many were rewritten.
+    """ReLU's backward after a max-pool's, moved to the pooled side: ``mask(x) * pool_bwd(g, x)`` becomes
+    ``pool_bwd(mask(pooled) * g, x)`` (the mask as :func:`_relu_mask` recognizes it, ``x <= t`` masked
+    out); returns how many were rewritten.
 
     The pool backward puts each window's gradient at the element that holds the window's maximum
     (``pooled``) and zero elsewhere, so masking on ``x <= t`` equals masking the pooled gradient on
     ``pooled <= t``. Only for the ``max_pool2d_with_indices_backward`` ops left in the graph (windows that
     tile the input, see ``decompositions.max_pool2d_backward_onnx``), where no element gets two windows'
-    gradients. The select then runs over a quarter (a 2x2 pool) of the elements: in onnxruntime a Where
-    over a ReLU mask is branchy and data-dependent, the most expensive elementwise op of a small CNN step.
+    gradients. The mask then covers a quarter (a 2x2 pool) of the elements.
     """
     rewritten = 0
-    for where in list(gm.graph.nodes):
-        if where.target is not aten.where.self or len(where.args) != 3 or where.kwargs:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
             continue
-        cond, zero, unpooled = where.args
-        if not (isinstance(cond, Node) and isinstance(unpooled, Node) and _is_zero_scalar(zero)):
+        found = _relu_mask(node)
+        if found is None:
             continue
-        if cond.target is not aten.le.Scalar or unpooled.target is not aten.max_pool2d_with_indices_backward.default:
-            continue
-        x, threshold = cond.args
+        le, chain, unpooled = found
+        x, _threshold = le.args
         grad, pool_input, *pool_args, indices = unpooled.args
-        if x is not pool_input or unpooled.kwargs or cond.kwargs:
+        if x is not pool_input:
             continue
         pooled = _pooled_output(indices, x)
         if pooled is None:
             continue
-        graph = gm.graph
-        with graph.inserting_before(where):  # after everything it reads (the zero may follow the pool backward)
-            mask = graph.call_function(aten.le.Scalar, (pooled, threshold))
-            masked = graph.call_function(aten.where.self, (mask, zero, grad))
-            new = graph.call_function(unpooled.target, (masked, pool_input, *pool_args, indices))
-        for node, like in ((mask, cond), (masked, where), (new, unpooled)):
-            node.meta.update({k: v for k, v in like.meta.items() if k != "val"})
-        _fake_values(mask, masked, new, pooled, threshold, zero, grad, where)
-        where.replace_all_uses_with(new)
-        graph.erase_node(where)
+        env: dict[Node, Node] = {x: pooled, unpooled: grad}
+        with graph.inserting_before(node):  # after everything it reads (the zero may follow the pool backward)
+            for old in [*chain, node]:
+                env[old] = graph.node_copy(old, lambda n, env=env: env.get(n, n))
+            new = graph.call_function(unpooled.target, (env[node], pool_input, *pool_args, indices))
+        new.meta.update({k: v for k, v in unpooled.meta.items() if k != "val"})
+        for old in [*chain, node]:
+            _fake_value(env[old])
+        new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
         rewritten += 1
     if rewritten:
-        gm.graph.eliminate_dead_code()
+        graph.eliminate_dead_code()
         gm.recompile()
     return rewritten
 
 
-def _fake_values(
-    mask: Node, masked: Node, new: Node, pooled: Node, threshold: object, zero: object, grad: Node, where: Node
-) -> None:
-    """``meta["val"]`` (fake tensors) of the new nodes, computed as the tracer would have."""
-    pooled_val, grad_val = pooled.meta.get("val"), grad.meta.get("val")
-    fake_mode = getattr(pooled_val, "fake_mode", None)
-    if fake_mode is None or grad_val is None:
+def _fake_value(node: Node) -> None:
+    """``meta["val"]`` (a fake tensor) of a copied node, computed from its inputs' as the tracer would."""
+    vals = []
+    args, kwargs = map_arg((node.args, node.kwargs), lambda n: (vals.append(n.meta.get("val")), n.meta.get("val"))[1])
+    fake_mode = next((getattr(v, "fake_mode", None) for v in vals if getattr(v, "fake_mode", None)), None)
+    if fake_mode is None or any(v is None for v in vals):
+        node.meta.pop("val", None)
         return
-    zero_val = zero.meta.get("val") if isinstance(zero, Node) else zero
     with fake_mode:
-        mask.meta["val"] = aten.le.Scalar(pooled_val, threshold)
-        masked.meta["val"] = aten.where.self(mask.meta["val"], zero_val, grad_val)
-    new.meta["val"] = where.meta.get("val")
+        node.meta["val"] = node.target(*args, **kwargs)

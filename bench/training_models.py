@@ -1,0 +1,254 @@
+"""Training on real workloads: a ResNet-style CNN and a causal transformer LM (bench/workloads.py),
+each against eager torch at the same thread count.
+
+* cold build: the first training-plan build in a fresh interpreter (after ``import torch``, disk cache
+  off), against a cold plain ``torch.onnx.export(dynamo=True)`` of the model's forward;
+* warm build: a fresh model (new weights) of the same architecture in the same process, against a warm
+  plain export of its forward (target <= 2x). Weights are plan inputs, so the export cache answers the
+  ONNX export of a model already built once; the build with that cache cleared is shown beside;
+* steps at 1 and 2 threads: plan-worker ``--threads N`` against eager torch with
+  ``torch.set_num_threads(N)``, synchronous (run + get of the loss per step) and pipelined (steps sent
+  back to back, the last loss fetched), target <= 1.0x eager per step.
+
+``python -m bench.training_models cold <resnet|lm> <plan|export>`` is the cold child: it prints the
+seconds of one build as a JSON line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+from bench.env import ROOT, Env
+from bench.timing import Case, Report, interleaved
+
+FAMILY = "training_models"
+PIPELINE = 5  # steps per pipelined run (a ResNet step is ~50-100 ms)
+KEYS = {"resnet": 0, "lm": 1}
+
+
+def plain_export(wl: Any, model: Any) -> Any:
+    """``torch.onnx.export(dynamo=True)`` of the model's forward with a dynamic batch axis."""
+    import torch
+
+    x, _ = wl.batch(wl.build_batch)
+    return torch.onnx.export(model, (x,), dynamo=True, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def build_plan(wl: Any, model: Any) -> Any:
+    from planwire.exporter import training_plan
+
+    return training_plan(
+        model,
+        loss=wl.loss,
+        optimizer=wl.plan_optimizer(),
+        args_shape=wl.args_shape,
+        args_dtypes=wl.dtypes,
+        progress=False,
+    )
+
+
+def cold(key: str, what: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.training_models", "cold", key, what],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PLANWIRE_CACHE_DIR": ""},
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> None:
+    import torch
+
+    from bench.build import no_disk_cache
+    from planwire.exporter import cache
+
+    cold_plan = f"{label}: cold training-plan build (fresh process)"
+    cold_export = f"{label}: cold plain torch.onnx.export(dynamo=True) of the forward"
+    report.time(FAMILY, cold_plan, [cold(key, "plan") for _ in range(1 if quick else 2)], "s")
+    report.time(FAMILY, cold_export, [cold(key, "export") for _ in range(1 if quick else 2)], "s")
+    seeds = iter(range(1, 1000))
+    warm_plan = f"{label}: warm training-plan build, fresh model"
+    uncached = f"{label}: warm training-plan build, fresh model, export cache cleared"
+    warm_export = f"{label}: warm plain torch.onnx.export(dynamo=True) of the forward, fresh model"
+    torch.set_num_threads(1)
+
+    def clear_then_build() -> Any:
+        cache.clear_cache()
+        return build_plan(wl, wl.make(next(seeds)))
+
+    with no_disk_cache():
+        cases = [
+            Case(warm_plan, lambda: build_plan(wl, wl.make(next(seeds))), 1, warmup=1),
+            Case(uncached, clear_then_build, 1, warmup=0),
+            Case(warm_export, lambda: plain_export(wl, wl.make(next(seeds))), 1, warmup=1),
+        ]
+        samples = interleaved(cases, rounds=2 if quick else 4, budget_s=40 if quick else 90)
+    for c in cases:
+        report.time(FAMILY, c.name, samples[c.name], "s")
+    report.ratio(
+        f"warm training-plan build vs plain export of the forward, {label}",
+        (FAMILY, warm_plan),
+        (FAMILY, warm_export),
+        "<=",
+        2.0,
+        basis="like-for-like: a new model of a known architecture; the plan also traces the backward and "
+        "optimizer and verifies a step against eager torch",
+    )
+    report.ratio(
+        f"warm training-plan build (export cache cleared) vs plain export of the forward, {label}",
+        (FAMILY, uncached),
+        (FAMILY, warm_export),
+        basis="beside: the plan exports forward + backward + optimizer afresh",
+    )
+    report.ratio(
+        f"cold training-plan build vs cold plain export of the forward, {label}",
+        (FAMILY, cold_plan),
+        (FAMILY, cold_export),
+        basis="beside: the plan exports forward + backward + optimizer and verifies a step",
+    )
+
+
+def _steps(report: Report, workers: dict[int, Any], wl: Any, label: str, quick: bool) -> None:
+    import torch
+
+    model = wl.make(0)
+    plan = build_plan(wl, copy.deepcopy(model))
+    x, y = wl.batch(wl.build_batch)
+    cases, names = [], {}
+    pointers = []
+    for threads, w in workers.items():
+        eager_model = copy.deepcopy(model)
+        opt = wl.torch_optimizer(eager_model.parameters())
+        ptr = plan.send(w)
+        pointers.append(ptr)
+        xp, yp = w.put(x), w.put(y)
+
+        def eager_step(m: Any = eager_model, opt: Any = opt) -> Any:
+            opt.zero_grad()
+            loss = wl.loss(m(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        torch.set_num_threads(threads)
+        first_plan, first_eager = float(ptr(xp, yp).get()), float(eager_step())
+        assert abs(first_plan - first_eager) < 1e-4 * max(1.0, abs(first_eager)), (label, first_plan, first_eager)
+
+        def sync(ptr: Any = ptr, xp: Any = xp, yp: Any = yp) -> Any:
+            return ptr(xp, yp).get()
+
+        def pipelined(ptr: Any = ptr, xp: Any = xp, yp: Any = yp) -> Any:
+            for _ in range(PIPELINE - 1):
+                ptr(xp, yp)
+            return ptr(xp, yp).get()
+
+        def eager(step: Any = eager_step, threads: int = threads) -> Any:
+            torch.set_num_threads(threads)
+            for _ in range(PIPELINE - 1):
+                step()
+            return float(step())
+
+        s = "s" if threads > 1 else ""
+        names[threads] = (
+            f"{label}: plan step, synchronous (run + get loss), worker --threads {threads} [tcp]",
+            f"{label}: plan step, pipelined, worker --threads {threads} [tcp]",
+            f"{label}: eager torch step ({threads} thread{s})",
+        )
+        cases += [
+            Case(names[threads][0], sync, PIPELINE, warmup=2),
+            Case(names[threads][1], pipelined, 1, warmup=1),
+            Case(names[threads][2], eager, 1, warmup=1),
+        ]
+    samples = interleaved(cases, rounds=3 if quick else 8, budget_s=30 if quick else 60)
+    for threads, (sync_name, pipe_name, eager_name) in names.items():
+        report.time(FAMILY, sync_name, samples[sync_name], "ms")
+        for n in (pipe_name, eager_name):
+            report.time(FAMILY, n, [v / PIPELINE for v in samples[n]], "ms", note=f"per step, {PIPELINE} steps per run")
+        s = "s" if threads > 1 else ""
+        for mode, n in (("synchronous", sync_name), ("pipelined", pipe_name)):
+            report.ratio(
+                f"training step vs eager at {threads} thread{s}, {label} ({mode})",
+                (FAMILY, n),
+                (FAMILY, eager_name),
+                "<=",
+                1.0,
+                basis=f"like-for-like: {threads} intra-op thread{s} on each side"
+                + ("; the client and the worker overlap" if mode == "pipelined" else ""),
+            )
+    for ptr in pointers:
+        ptr.free()
+
+
+def run(env: Env, report: Report, quick: bool) -> None:
+    try:
+        from planwire.exporter import training_plan  # noqa: F401
+    except ImportError as e:
+        report.skipped[FAMILY] = f"training plans not available ({e})"
+        return
+    import torch
+
+    from bench.env import RemoteWorker
+    from bench.workloads import workloads
+    from planwire.worker.process import WorkerProcess
+
+    warnings.filterwarnings("ignore")
+    threads_before = torch.get_num_threads()
+    procs, workers = [], {}
+    try:
+        for threads in (1, 2):
+            proc = WorkerProcess(f"bench-models-{threads}", extra=["--threads", str(threads)])
+            procs.append(proc)
+            workers[threads] = RemoteWorker(proc.url, timeout=120)
+        for key, wl in zip(KEYS, workloads(), strict=True):
+            label = wl.name
+            _builds(report, key, wl, label, quick)
+            _steps(report, workers, wl, label, quick)
+    finally:
+        torch.set_num_threads(threads_before)
+        for w in workers.values():
+            w.close()
+        for proc in procs:
+            proc.close()
+    report.note(
+        FAMILY,
+        "ResNet-8 CNN: stem + 3 residual stages with BatchNorm, 32x32x3 inputs, batch 32, cross-entropy, "
+        "SGD(lr=0.05, momentum=0.9); transformer LM: 2 layers, d=64, 4 heads, sequence 32, batch 16, "
+        "next-token cross-entropy, Adam(lr=1e-3); "
+        "first-step losses of plan and eager checked equal at each thread count",
+    )
+
+
+def _child(argv: list[str]) -> int:
+    """One cold build in this fresh interpreter: ``cold <resnet|lm> <plan|export>``."""
+    os.environ["PLANWIRE_CACHE_DIR"] = ""
+    warnings.simplefilter("ignore")
+    import torch
+
+    from bench.workloads import workloads
+
+    torch.set_num_threads(1)
+    _, key, what = argv
+    wl = workloads()[KEYS[key]]
+    model = wl.make(0)
+    t0 = time.perf_counter()
+    if what == "plan":
+        build_plan(wl, model)
+    else:
+        plain_export(wl, model)
+    print(json.dumps(time.perf_counter() - t0), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
