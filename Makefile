@@ -21,10 +21,19 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $(STAMP)
 	@echo "planwire: $(VENV) ready." >&2
 
-demo: $(STAMP)
+# The Node.js worker's packages (worker/node), reinstalled when package-lock.json changes. Without npm this
+# says so and the Node worker's tests skip. ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script
+# would fetch CUDA libraries from outside the npm registry; the CPU library ships inside the package.
+NODE_STAMP := worker/node/node_modules/.planwire-installed
+$(NODE_STAMP): worker/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix worker/node --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "planwire: no npm here: the Node.js worker's tests skip (install Node 20+ to run them)" >&2; fi
+
+demo: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
 
 # `make bench RUNS=3`: three full runs, each kept in bench/runs/, aggregated into bench/results.json.

@@ -1,5 +1,8 @@
 """Federated averaging over three plan-worker processes; the training data never leaves them.
 
+The workers are of both languages when Node.js is there: two Python plan-workers and one Node.js worker
+(worker/node) by default (``--node-workers N``; 0 without Node), serving the same plan bytes.
+
 Each worker starts with its own shard of scikit-learn's bundled digits (8x8 images, no download) as
 private data, and a release policy its data owner wrote after reviewing the training plan (printed
 below): the step's loss and accuracy may leave as they are, the trained weights only as their update
@@ -35,6 +38,11 @@ from tqdm import tqdm
 import planwire as sy
 from planwire.worker.process import WorkerProcess
 from planwire.worker.review import format_review, policy_snippet, review
+
+try:  # examples/ is on sys.path when run as a script
+    from node_worker import NodeWorkerProcess, node_missing
+except ImportError:  # imported from elsewhere
+    from examples.node_worker import NodeWorkerProcess, node_missing
 
 WORKERS, ROUNDS, LOCAL_EPOCHS, BATCH = 3, 6, 2, 32
 MIN_BATCH = 16  # the owners release nothing computed on fewer rows: smaller trailing batches are not used
@@ -154,9 +162,20 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--noise", type=float, default=0.0, help="with --clip: Gaussian noise multiplier of the released updates"
     )
-    args = parser.parse_args(argv)
     if args.noise and args.clip is None:
         parser.error("--noise needs --clip (the noise is scaled to the clipping norm)")
+    parser.add_argument(
+        "--node-workers",
+        type=int,
+        default=0,
+        help=f"how many of the {WORKERS} workers are Node.js workers (they do not enforce the owners' release "
+        "policy yet, so the run is then without one: a demonstration of the protocol, not of the trust model)",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.node_workers <= WORKERS:
+        parser.error(f"--node-workers must be between 0 and {WORKERS}")
+    if args.node_workers and (why := node_missing()):
+        parser.error(f"--node-workers {args.node_workers}: the Node.js worker cannot run here: {why}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
@@ -183,6 +202,13 @@ def main(argv: Sequence[str] | None = None) -> History:
     plan_bytes = step.step.variant.data
     print("\nwhat the data owners reviewed (plan-worker review):\n" + format_review(review(plan_bytes)))
     history = History()
+    n_node = args.node_workers
+    langs = ["Python"] * (WORKERS - n_node) + ["Node.js"] * n_node
+    print(
+        f"mixed federation: {WORKERS - n_node} Python and {n_node} Node.js plan-worker(s)"
+        if n_node
+        else f"federation: {WORKERS} Python plan-workers (--node-workers N makes N of them Node.js workers)"
+    )
     with tempfile.TemporaryDirectory(prefix="planwire-fed-") as tmp:
         n_batches, procs = [], []
         policy = Path(tmp) / "policy.toml"
@@ -190,13 +216,20 @@ def main(argv: Sequence[str] | None = None) -> History:
         try:
             for i, (x, y) in enumerate(train):
                 n_batches.append(save_shard(Path(tmp) / f"shard{i}.npz", x, y))
+                shard = [str(Path(tmp) / f"shard{i}.npz")]
+                if langs[i] == "Node.js":  # no release policy in the Node worker yet
+                    procs.append(NodeWorkerProcess(f"hospital_{i}", data=shard))
+                    continue
                 owner = ["--policy", str(policy), "--audit", str(Path(tmp) / f"audit{i}.jsonl")]
                 owner += ["--plans-dir", str(Path(tmp) / f"plans{i}")]
-                procs.append(WorkerProcess(f"hospital_{i}", data=[str(Path(tmp) / f"shard{i}.npz")], extra=owner))
+                procs.append(WorkerProcess(f"hospital_{i}", data=shard, extra=owner))
             workers = [sy.connect(p.url) for p in procs]
             print(
                 "workers:",
-                ", ".join(f"{w.id} ({n} batches, {p.url})" for w, n, p in zip(workers, n_batches, procs, strict=True)),
+                ", ".join(
+                    f"{w.id} ({lang}, {n} batches, {p.url})"
+                    for w, n, p, lang in zip(workers, n_batches, procs, langs, strict=True)
+                ),
             )
             pointers = [step.send(w) for w in workers]
             # Pointers to each worker's own batches: the server never sees them, only their sizes.
@@ -221,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> History:
                 # The policy releases the weights only as their update since the push (clipped and noised
                 # by the worker if the owners said so): the server averages updates.
                 updates = [ptr.state_dict() for ptr in pointers]
+                for j, lang in enumerate(langs):  # a Node worker has no release policy yet: its weights leave whole
+                    if lang == "Node.js":
+                        updates[j] = {k: v - global_state[k] for k, v in updates[j].items()}
                 sizes = [len(x) for x, _ in train]
                 global_state = {
                     k: global_state[k] + sum(u[k] * n for u, n in zip(updates, sizes, strict=True)) / sum(sizes)

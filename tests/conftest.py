@@ -1,5 +1,6 @@
-"""Shared fixtures: every worker-facing test runs against an in-process VirtualWorker and against real
-plan-worker processes over tcp and ipc loopback, through one parametrized factory."""
+"""Shared fixtures: every worker-facing test runs against an in-process VirtualWorker, against real
+plan-worker processes over tcp and ipc loopback, and against the Node.js worker (worker/node, over tcp;
+skipped, saying why, without node or its packages), through one parametrized factory."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from planwire.transport import Client, connect
 from planwire.transport.arrays import as_array, tags_of
 from planwire.worker import VirtualWorker
 from planwire.worker.process import WorkerProcess
+from tests.conformance.workers import NodeWorkerProcess, node_missing
 
-WORKER_KINDS = ("virtual", "tcp", "ipc")
+WORKER_KINDS = ("virtual", "tcp", "ipc", "node")
 _ipc_ids = itertools.count()
 
 WorkerFactory = Callable[..., Client]
@@ -37,8 +39,9 @@ def start_worker(
         np.save(path, as_array(t), allow_pickle=False)
         tags = ",".join(tags_of(t))
         files.append(f"{path}:{tags}" if tags else f"{path}:")
-    listen = "tcp://127.0.0.1:0" if kind == "tcp" else f"ipc://{tmp}/w{next(_ipc_ids)}.ipc"
-    proc = WorkerProcess(id, listen=listen, data=files, extra=["--public"] if public else [])
+    listen = "tcp://127.0.0.1:0" if kind in ("tcp", "node") else f"ipc://{tmp}/w{next(_ipc_ids)}.ipc"
+    launch = NodeWorkerProcess if kind == "node" else WorkerProcess
+    proc = launch(id, listen=listen, data=files, extra=["--public"] if public else [])
     stack.append(proc)
     w = connect(proc.url, timeout=20)
     stack.append(w)
@@ -47,6 +50,8 @@ def start_worker(
 
 @pytest.fixture(params=WORKER_KINDS)
 def worker_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "node" and (reason := node_missing()):
+        pytest.skip(reason)
     return request.param
 
 

@@ -1,8 +1,8 @@
 """Garbage on the wire: every malformed or hostile request gets an error reply naming what is wrong, and
 the worker goes on serving: a normal client keeps working and nothing stored is lost after each case.
 
-One real plan-worker (module scope) with small limits: --max-message-mb 2 --max-plan-mb 1 (the plan
-limit must be below the message limit for an oversize plan to reach the plan check).
+One real worker of each kind, Python and Node.js (module scope), with small limits: --max-message-mb 2
+--max-plan-mb 1 (the plan limit must be below the message limit for an oversize plan to reach the plan check).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import planwire
-from planwire.worker.process import WorkerProcess
 from tests.conformance import plans
 from tests.conformance.wire import SIGNATURE, Peer
+from tests.conformance.workers import kinds, node_missing, start
 
 MiB = 1 << 20
 MAX_MESSAGE = 2 * MiB
@@ -39,13 +39,15 @@ class Env:
     workdir: Path
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=kinds())
+def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    if request.param == "node" and (reason := node_missing()):
+        pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("garbage")
     own_file = tmp / "own.npz"
     np.savez(own_file, weights=np.arange(6, dtype=np.float32).reshape(2, 3), labels=np.array([1, 0, 1]))
     extra = ["--max-message-mb", str(MAX_MESSAGE // MiB), "--max-plan-mb", str(MAX_PLAN // MiB)]
-    with WorkerProcess("garbage", data=[f"{own_file}:own"], extra=extra) as proc:
+    with start(request.param, "garbage", data=[f"{own_file}:own"], extra=extra) as proc:
         client = planwire.connect(proc.url, timeout=10)
         witness = {"witness-a": np.arange(5, dtype=np.float32), "witness-b": np.array([[True, False]])}
         pointers = [client.put(v, key=k, tags=["witness"]) for k, v in witness.items()]

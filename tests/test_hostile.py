@@ -2,7 +2,9 @@
 judge is refused with its named error, and after each the worker answers ping, holds every tensor
 stored before, and has not registered the plan. Plans only containment can catch are run on a worker of
 their own: its sandboxed runner crashes, runs out of memory or past --run-timeout, and the worker answers
-that by name and keeps serving, with every tensor and plan."""
+that by name and keeps serving, with every tensor and plan. The static checks run against both workers
+(the Python plan-worker and the Node.js one, tests/conformance/workers.py): the same corpus, the same codes
+and words."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from planwire.worker.process import WorkerProcess
 from tests.conformance import plans
 from tests.conformance.wire import Peer, encode
+from tests.conformance.workers import kinds, node_missing, start
 from tests.hostile import CORPUS, Hostile
 
 MAX_PLAN_MB = 64  # the per-tensor bound of constant sizes is max_plan_bytes
@@ -37,9 +40,11 @@ def test_the_corpus_is_large_and_every_entry_is_judged():
     assert {h.name for h in CORPUS if h.contained} == set(HARM)
 
 
-@pytest.fixture(scope="module")
-def worker() -> Iterator[tuple[WorkerProcess, Peer]]:
-    with WorkerProcess("hostile", extra=["--max-plan-mb", str(MAX_PLAN_MB)]) as proc:
+@pytest.fixture(scope="module", params=kinds())
+def worker(request: pytest.FixtureRequest) -> Iterator[tuple[WorkerProcess, Peer]]:
+    if request.param == "node" and (reason := node_missing()):
+        pytest.skip(reason)
+    with start(request.param, "hostile", extra=["--max-plan-mb", str(MAX_PLAN_MB)]) as proc:
         peer = Peer(proc.url, timeout=60)
         for key, value in WITNESS.items():
             peer.put(key, value)

@@ -1,7 +1,10 @@
 """Conformance suite: drives a planwire worker through raw ZeroMQ frames, as schemas/PROTOCOL.md says.
 
 Targets:
-* default: real ``plan-worker`` processes started here, over tcp and over ipc (every test runs on both);
+* default: real worker processes started here, over tcp and over ipc (every test runs on both), for each
+  worker kind in ``PLANWIRE_WORKERS`` (default ``python,node``: the reference ``plan-worker`` and the Node.js
+  worker in worker/node; see workers.py). The Node worker's tests skip, saying why, without ``node`` or its
+  node_modules;
 * ``PLANWIRE_CONFORMANCE_URL=tcp://host:port``: an already running worker, in any language. The
   private-data tests also need ``PLANWIRE_CONFORMANCE_PRIVATE_URL`` (a worker holding the arrays of
   data.py as its own data, not public) and ``PLANWIRE_CONFORMANCE_PUBLIC_URL`` (the same, public); they
@@ -26,6 +29,7 @@ import pytest
 
 from .data import write
 from .wire import Peer
+from .workers import kinds, node_missing, start
 
 try:  # every reply is validated against schemas/*.json: without jsonschema the suite refuses to run
     import jsonschema  # noqa: F401
@@ -41,21 +45,20 @@ PUBLIC_ENV = "PLANWIRE_CONFORMANCE_PUBLIC_URL"
 POLICY_ENV = "PLANWIRE_CONFORMANCE_POLICY_URL"
 
 TRANSPORTS = ["external"] if os.environ.get(URL_ENV) else ["tcp", "ipc"]
+WORKERS = ["external"] if os.environ.get(URL_ENV) else kinds()
 
 
 class _Workers:
-    """Reference plan-workers started on demand, one per (transport, role), stopped at the end."""
+    """Workers started on demand, one per (kind, transport, role), stopped at the end."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pwc-"))  # short: ipc paths must stay under ~100 bytes
         self.procs: dict[tuple[str, str], object] = {}
 
-    def url(self, transport: str, role: str) -> str:
-        if (transport, role) not in self.procs:
-            # The only use of planwire in the suite: launching the reference worker.
-            from planwire.worker.process import WorkerProcess
-
-            listen = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{self.dir}/{role}.ipc"
+    def url(self, kind: str, transport: str, role: str) -> str:
+        if (kind, transport, role) not in self.procs:
+            # The only use of planwire in the suite: launching the workers (workers.py).
+            listen = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{self.dir}/{kind}-{role}.ipc"
             data, extra = [], []
             if role in ("private", "public", "policy"):
                 data = [f"{write(self.dir)}:conformance"]
@@ -65,10 +68,10 @@ class _Workers:
                 from .policy import write as write_policy
 
                 extra = ["--policy", str(write_policy(self.dir)), "--plans-dir", "none"]
-            self.procs[(transport, role)] = WorkerProcess(
-                f"conformance-{role}-{transport}", listen=listen, data=data, extra=extra
+            self.procs[(kind, transport, role)] = start(
+                kind, f"conformance-{role}-{transport}", listen=listen, data=data, extra=extra
             )
-        return self.procs[(transport, role)].url  # type: ignore[attr-defined]
+        return self.procs[(kind, transport, role)].url  # type: ignore[attr-defined]
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -88,9 +91,17 @@ def transport(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def _url(workers: _Workers, transport: str, role: str) -> str:
+@pytest.fixture(scope="session", params=WORKERS)
+def worker_kind(request: pytest.FixtureRequest) -> str:
+    """Which worker implementation is under test: python, node, or external."""
+    if request.param == "node" and (reason := node_missing()):
+        pytest.skip(reason)
+    return request.param
+
+
+def _url(workers: _Workers, kind: str, transport: str, role: str) -> str:
     if transport != "external":
-        return workers.url(transport, role)
+        return workers.url(kind, transport, role)
     env = {"plain": URL_ENV, "private": PRIVATE_ENV, "public": PUBLIC_ENV, "policy": POLICY_ENV}[role]
     url = os.environ.get(env)
     if not url:
@@ -99,27 +110,27 @@ def _url(workers: _Workers, transport: str, role: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def url(_workers: _Workers, transport: str) -> str:
+def url(_workers: _Workers, worker_kind: str, transport: str) -> str:
     """The worker under test."""
-    return _url(_workers, transport, "plain")
+    return _url(_workers, worker_kind, transport, "plain")
 
 
 @pytest.fixture(scope="session")
-def private_url(_workers: _Workers, transport: str) -> str:
+def private_url(_workers: _Workers, worker_kind: str, transport: str) -> str:
     """A worker holding data.OWN as its own, non-public data."""
-    return _url(_workers, transport, "private")
+    return _url(_workers, worker_kind, transport, "private")
 
 
 @pytest.fixture(scope="session")
-def policy_url(_workers: _Workers, transport: str) -> str:
+def policy_url(_workers: _Workers, worker_kind: str, transport: str) -> str:
     """A worker holding data.OWN as its own, non-public data, with the release rules of policy.py."""
-    return _url(_workers, transport, "policy")
+    return _url(_workers, worker_kind, transport, "policy")
 
 
 @pytest.fixture(scope="session")
-def public_url(_workers: _Workers, transport: str) -> str:
+def public_url(_workers: _Workers, worker_kind: str, transport: str) -> str:
     """A worker holding data.OWN as its own, public data."""
-    return _url(_workers, transport, "public")
+    return _url(_workers, worker_kind, transport, "public")
 
 
 @pytest.fixture

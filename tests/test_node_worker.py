@@ -1,0 +1,307 @@
+"""The Node.js worker (worker/node) as an operator meets it: its flags, ready line, exit codes, signals,
+--data files and CURVE, the same as the Python plan-worker's where they apply. Real processes, real
+sockets; skipped, saying why, without node or worker/node/node_modules. (The protocol itself is checked
+by tests/conformance, the hostile corpus, the garbage cases and the client's tests, against both workers.)"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+
+import planwire
+from planwire.transport import CurveRefused
+from planwire.transport.auth import client_keys
+from tests import handmade
+from tests.conformance.wire import Peer
+from tests.conformance.workers import NODE_BIN, NodeWorkerProcess, node_missing
+
+pytestmark = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "")
+TCP = "tcp://127.0.0.1:0"
+CPU = "CPUExecutionProvider"
+EXPECTED = "expected a .npy or .npz file of numeric arrays (numpy.save / numpy.savez)"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["node", str(NODE_BIN), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def refused(*args: str, cwd: Path | None = None) -> str:
+    """A start that must fail: its one stderr line (exit status 2, nothing bound)."""
+    done = cli(*args, cwd=cwd)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "ready on" not in done.stderr and " at " not in done.stderr, done.stderr  # no stack trace
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_version_and_help():
+    done = cli("--version")
+    assert done.returncode == 0 and done.stdout.startswith("plan-worker ") and "protocol 1" in done.stdout
+    assert "onnxruntime-node 1.30" in done.stdout
+    done = cli("--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for expected in ("largest message accepted (MiB) (default: 1024)", "--max-plans", "(default: cpu)", "--curve"):
+        assert expected in text, expected
+
+
+def test_usage_mistakes_are_one_line_and_exit_2():
+    assert refused() == "plan-worker: error: the following arguments are required: --listen (see plan-worker --help)"
+    assert refused("--listen", TCP, "--threads", "0") == (
+        "plan-worker: error: argument --threads: must be a positive whole number, got 0 (see plan-worker --help)"
+    )
+    assert refused("--listen", TCP, "--device", "gpu") == (
+        "plan-worker: error: argument --device: invalid choice: 'gpu' (choose from 'cpu', 'cuda', 'auto') "
+        "(see plan-worker --help)"
+    )
+    assert refused("--listen", TCP, "--frobnicate") == (
+        "plan-worker: error: unrecognized arguments: --frobnicate (see plan-worker --help)"
+    )
+    assert refused("--listen", "tcp://localhost") == (
+        "plan-worker: --listen 'tcp://localhost': expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:5555)"
+    )
+    assert refused("--listen", "udp://x:1") == (
+        "plan-worker: --listen 'udp://x:1': expected tcp://HOST:PORT or ipc://PATH (e.g. tcp://0.0.0.0:5555)"
+    )
+
+
+def test_what_the_node_worker_cannot_do_is_refused_by_name():
+    line = refused("--listen", TCP, "--device", "cuda")
+    assert "--device cuda" in line and f"available: {CPU}" in line
+    assert "no admin socket" in refused("--listen", TCP, "--admin", "ipc:///tmp/x.admin")
+    assert "no metrics" in refused("--listen", TCP, "--metrics", "127.0.0.1:9105")
+    for flag, value in (("--run-timeout", "5"), ("--max-run-memory-mb", "512")):
+        line = refused("--listen", TCP, flag, value)
+        assert line.startswith(f"plan-worker: {flag}: the Node worker runs plans in its own process")
+        assert "use the Python plan-worker for contained runs" in line
+
+
+def test_a_port_in_use_is_one_line():
+    with NodeWorkerProcess("holder") as w:
+        line = refused("--listen", w.url)
+    assert line.startswith(f"plan-worker: cannot listen on '{w.url}': ") and "another process holds this port" in line
+
+
+def test_ready_line_endpoints_and_providers(tmp_path):
+    ipc = f"ipc://{tmp_path}/w.ipc"
+    with NodeWorkerProcess("device_7", extra=["--listen", ipc]) as w:
+        line = next(ln for ln in w.log().splitlines() if "ready on" in ln)
+        assert w.url.startswith("tcp://127.0.0.1:") and not w.url.endswith(":0")
+        assert f"plan-worker device_7 ready on {w.url}, {ipc} (protocol 1, providers {CPU}" in line
+        assert f"pid {w.proc.pid}" in line and "0 own tensors, curve off, sandbox off" in line
+        for url in (w.url, ipc):  # both endpoints serve the same worker
+            with planwire.connect(url, timeout=10) as c:
+                assert c.id == "device_7" and c.providers == [CPU]
+
+
+def test_a_live_ipc_path_is_refused_and_a_stale_one_taken_over(tmp_path):
+    path = tmp_path / "w.ipc"
+    with NodeWorkerProcess("first", listen=f"ipc://{path}"):
+        assert "a live process (another worker?) answers there" in refused("--listen", f"ipc://{path}")
+    with NodeWorkerProcess("second", listen=f"ipc://{path}") as w, Peer(w.url) as p:
+        assert p.ok({"type": "hello"})["worker"] == "second"
+    other = tmp_path / "file.ipc"
+    other.write_text("not a socket")
+    assert "exists and is not a socket" in refused("--listen", f"ipc://{other}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signals_stop_the_worker_cleanly(sig):
+    w = NodeWorkerProcess("sig")
+    try:
+        with Peer(w.url) as p:
+            p.put("x", np.ones(3, np.float32))
+            for _ in range(50):  # replies this client never reads do not hold the worker up
+                p.send({"type": "get", "keys": ["x"], "keep": True})
+            w.proc.send_signal(sig)
+            assert w.proc.wait(60) == 0, w.log()
+        assert f"signal {int(sig)}: shutting down" in w.log() and "plan-worker sig stopped" in w.log()
+    finally:
+        w.close()
+
+
+def test_data_files_npy_and_npz_with_tags(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([-1.0, 2.0], np.float32))
+    np.save(tmp_path / "stem_tagged.npy", np.arange(3, dtype=np.int64))
+    np.save(tmp_path / "big_endian.npy", np.array([1.5, -2.0], ">f4"))
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
+    np.save(tmp_path / "flags.npy", np.array([True, False, True]))
+    np.savez(tmp_path / "shard.npz", images=np.zeros((2, 4), np.uint8), labels=np.array([3, 1], np.int64))
+    np.savez_compressed(tmp_path / "packed.npz", w=np.linspace(0, 1, 5, dtype=np.float64))
+    data = [
+        f"{tmp_path / 'x.npy'}:input_data,private",
+        str(tmp_path / "stem_tagged.npy"),
+        str(tmp_path / "big_endian.npy"),
+        str(tmp_path / "fortran.npy"),
+        str(tmp_path / "flags.npy"),
+        f"{tmp_path / 'shard.npz'}:mnist",
+        str(tmp_path / "packed.npz"),
+    ]
+    with NodeWorkerProcess("data", data=data, extra=["--public"]) as w, planwire.connect(w.url, timeout=10) as c:
+        assert "8 own tensors" in w.log()
+        (x,) = c.search("input_data", "private")
+        assert (x.key, x.dtype, x.shape, x.private) == ("data:x.npy", "float", (2,), True)
+        assert x.get().tolist() == [-1.0, 2.0]  # public: a copy
+        assert c.search("input_data")[0].get().tolist() == [-1.0, 2.0]  # still there
+        (stem,) = c.search("stem_tagged")  # no tags given: the file stem
+        assert stem.get().tolist() == [0, 1, 2]
+        assert c.search("big_endian")[0].get().tolist() == [1.5, -2.0]  # stored little-endian
+        assert c.search("fortran")[0].get().tolist() == [[0, 1, 2], [3, 4, 5]]  # stored C order
+        assert c.search("flags")[0].get().tolist() == [True, False, True]
+        assert sorted(p.key for p in c.search("mnist")) == ["data:shard.npz:images", "data:shard.npz:labels"]
+        (labels,) = c.search("mnist", "labels")  # each npz key is a tag
+        assert labels.get().tolist() == [3, 1] and labels.tags == ("labels", "mnist")
+        assert c.search("w")[0].get().tolist() == [0, 0.25, 0.5, 0.75, 1.0]  # deflated npz
+        out = c.plan_pointer(handmade.double_abs())(c.search("big_endian")[0])
+        assert out.get().tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("suffix", ["npy", "npz"])
+def test_data_with_pickled_objects_is_refused_without_unpickling(tmp_path, suffix):
+    path = tmp_path / f"evil.{suffix}"
+    evil = np.array([{"a": 1}, 1], dtype=object)
+    if suffix == "npy":
+        np.save(path, evil, allow_pickle=True)
+    else:
+        np.savez(path, fine=np.ones(2), evil=evil)
+    assert refused("--listen", TCP, "--data", str(path)) == (
+        f"plan-worker: --data '{path}': not a plain numpy file: it holds Python objects, which a worker never "
+        f"loads; {EXPECTED}"
+    )
+
+
+def test_data_that_is_not_numpy_or_not_a_wire_dtype_is_refused(tmp_path):
+    notes = tmp_path / "notes.log"
+    notes.write_text("12:00 started\n")
+    assert refused("--listen", TCP, "--data", str(notes)) == (
+        f"plan-worker: --data '{notes}': not a plain numpy file; {EXPECTED}"
+    )
+    np.save(tmp_path / "c.npy", np.ones(2, np.complex64))
+    line = refused("--listen", TCP, "--data", str(tmp_path / "c.npy"))
+    assert "complex64" in line and "c.npy" in line
+    assert refused("--listen", TCP, "--data", str(tmp_path / "missing.npy")) == (
+        f"plan-worker: --data '{tmp_path / 'missing.npy'}': no such file '{tmp_path / 'missing.npy'}'"
+    )
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    for d in ("server", "clients", "intruder"):
+        (tmp_path / d).mkdir()
+    zmq.auth.create_certificates(tmp_path / "server", "server")
+    zmq.auth.create_certificates(tmp_path / "clients", "alice")
+    zmq.auth.create_certificates(tmp_path / "intruder", "mallory")
+    (tmp_path / "clients" / "alice.key_secret").rename(tmp_path / "alice.key_secret")  # only public keys there
+    return tmp_path
+
+
+def test_curve_admits_listed_clients_only(keys):
+    extra = ["--curve-secret", str(keys / "server" / "server.key_secret"), "--curve-clients", str(keys / "clients")]
+    with NodeWorkerProcess("curve", extra=extra) as w:
+        assert "curve listed clients" in w.log()
+        alice = client_keys(str(keys / "alice.key_secret"), str(keys / "server" / "server.key"))
+        with planwire.connect(w.url, timeout=10, curve=alice) as c:
+            assert c.put(np.arange(3)).get().tolist() == [0, 1, 2]
+        mallory = client_keys(str(keys / "intruder" / "mallory.key_secret"), str(keys / "server" / "server.key"))
+        with pytest.raises(CurveRefused, match="refused this client's CURVE key: check that the client's public key"):
+            planwire.connect(w.url, timeout=20, curve=mallory)
+        wrong_server = client_keys(str(keys / "alice.key_secret"), str(keys / "intruder" / "mallory.key"))
+        with pytest.raises(CurveRefused, match="check that the server key given to connect"):
+            planwire.connect(w.url, timeout=20, curve=wrong_server)
+        with pytest.raises(CurveRefused, match=r"requires CURVE encryption; connect with curve=\("):
+            planwire.connect(w.url, timeout=20)  # plain text
+        with Peer(w.url, curve=alice) as raw:
+            assert raw.ok({"type": "ping"}).kind == "ok"
+        assert "refused CURVE client" in w.log()
+
+
+def test_curve_any_client_encrypts_without_a_list(keys):
+    extra = ["--curve-secret", str(keys / "server" / "server.key_secret"), "--curve-any-client"]
+    with NodeWorkerProcess("open", extra=extra) as w:
+        assert "curve any client" in w.log()
+        mallory = client_keys(str(keys / "intruder" / "mallory.key_secret"), str(keys / "server" / "server.key"))
+        with Peer(w.url, curve=mallory) as raw:
+            assert raw.ok({"type": "ping"}).kind == "ok"
+
+
+def test_half_a_curve_configuration_and_bad_key_files_are_one_line(keys):
+    secret, clients = str(keys / "server" / "server.key_secret"), str(keys / "clients")
+    assert refused("--listen", TCP, "--curve-secret", secret) == (
+        "plan-worker: --curve-secret needs --curve-clients DIR (the client keys to admit), or --curve-any-client "
+        "to encrypt without authenticating clients"
+    )
+    assert refused("--listen", TCP, "--curve-clients", clients).startswith(
+        "plan-worker: --curve-clients needs --curve-secret"
+    )
+    public = keys / "server" / "server.key"
+    assert refused("--listen", TCP, "--curve-secret", str(public), "--curve-clients", clients) == (
+        f"plan-worker: secret key file '{public}': holds no secret key (a .key file is public: use the .key_secret)"
+    )
+    empty = keys / "empty"
+    empty.mkdir()
+    assert refused("--listen", TCP, "--curve-secret", secret, "--curve-clients", str(empty)) == (
+        f"plan-worker: --curve-clients '{empty}': holds no public keys (*.key): no client could connect; "
+        "copy each client's .key file there"
+    )
+
+
+def test_an_adam_training_step_on_the_node_worker_matches_eager_torch():
+    """A whole training step (forward, loss, backward, Adam with its moments and step count as state) runs on
+    the Node worker and tracks eager torch step for step; the client's training API works unchanged."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+    ref = copy.deepcopy(model).train()
+    step = planwire.training_plan(
+        model,
+        F.cross_entropy,
+        planwire.optim.Adam(lr=0.01, betas=(0.9, 0.99), weight_decay=1e-4),
+        args_shape=[(-1, 1, 8, 8), (-1,)],
+        args_dtypes=[torch.float32, torch.int64],
+        progress=False,
+    )
+    opt = torch.optim.Adam(ref.parameters(), lr=0.01, betas=(0.9, 0.99), weight_decay=1e-4)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in (5, 16, 3, 9)]
+    with NodeWorkerProcess("adam") as w, planwire.connect(w.url, timeout=30) as c:
+        ptr = step.send(c)
+        losses, expect = [], []
+        for x, y in data:
+            out = ptr(c.put(x), y)
+            losses.append((out[0] if isinstance(out, tuple) else out).get().item())
+            opt.zero_grad()
+            ref_loss = F.cross_entropy(ref(x), y)
+            ref_loss.backward()
+            opt.step()
+            expect.append(ref_loss.item())
+        assert losses == pytest.approx(expect, rel=1e-4)
+        trained = ptr.state_dict()
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cancel_finds_no_run_to_cancel_because_requests_run_in_order():
+    """PROTOCOL.md §12: every run sent before a cancel has been answered when the Node worker reads it."""
+    with NodeWorkerProcess("cancel") as w, Peer(w.url) as p:
+        pid = p.register(handmade.double_abs().variants[0].data)["plan"]
+        header, frames = p.run_header(pid, [np.array([-1.0, 2.0], np.float32)], ["y"])
+        run_id = p.send(header, frames)
+        cancel_id = p.send({"type": "cancel", "run": run_id})
+        run_reply, cancel_reply = p.recv(), p.recv()
+        assert (run_reply["re"], run_reply.kind) == (run_id, "ok")
+        assert (cancel_reply["re"], cancel_reply["code"]) == (cancel_id, "bad_argument")
+        assert f"cancel: no run #{run_id} of this connection is queued or running" in cancel_reply["message"]
+        assert p.get1("y").tolist() == [2.0, 4.0]  # the run's outputs stand
+        p.error({"type": "cancel"}, code="invalid_message")

@@ -1,0 +1,264 @@
+// Command line of the Node plan-worker (mirrors worker/cli.py).
+
+import { existsSync, statSync, readFileSync } from "node:fs";
+import net from "node:net";
+import { fileURLToPath } from "node:url";
+import { dirname, join } from "node:path";
+import * as ort from "onnxruntime-node";
+import { Service, Limits, PROVIDERS } from "./service.js";
+import { PROTOCOL_VERSION } from "./messages.js";
+import { loadData, DataError } from "./npy.js";
+import { loadSecret, clientKeys, startAuthenticator } from "./auth.js";
+import { Server } from "./server.js";
+import { log, setLevel } from "./log.js";
+import { pyRepr } from "./json.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const PKG = JSON.parse(readFileSync(join(here, "..", "package.json"), "utf8"));
+const ORT_VERSION = ort.env.versions.node ?? "?";
+const PROG = "plan-worker";
+
+class ConfigError extends Error {}
+class UsageError extends Error {}
+
+const OPTIONS = {
+  "--listen": { dest: "listen", append: true, metavar: "URL", help: "endpoint to bind, tcp://HOST:PORT or ipc://PATH (repeatable)" },
+  "--id": { dest: "id", dflt: "worker", help: "worker id reported to clients" },
+  "--device": { dest: "device", dflt: "cpu", choices: ["cpu", "cuda", "auto"], help: "where plans run: cpu, cuda (refused: onnxruntime-node here has no CUDA provider), auto (cpu here)" },
+  "--data": { dest: "data", append: true, metavar: "FILE[:TAG,...]", help: "a .npy/.npz file of this worker's own tensors (repeatable)" },
+  "--public": { dest: "public", flag: true, help: "let clients copy the worker's own data" },
+  "--threads": { dest: "threads", int: true, dflt: 1, help: "onnxruntime intra-op threads per plan" },
+  "--max-message-mb": { dest: "maxMessageMb", int: true, dflt: 1024, help: "largest message accepted (MiB)" },
+  "--max-plan-mb": { dest: "maxPlanMb", int: true, dflt: 512, help: "largest plan accepted (MiB)" },
+  "--max-store-mb": { dest: "maxStoreMb", int: true, dflt: 4096, help: "clients' tensors on this worker, all together (MiB)" },
+  "--max-client-store-mb": { dest: "maxClientStoreMb", int: true, help: "one client's tensors (MiB; default: all)" },
+  "--max-plans": { dest: "maxPlans", int: true, dflt: 1000, help: "plans registered at once" },
+  "--max-client-queue": { dest: "maxClientQueue", int: true, dflt: 10000, help: "queued requests and unread replies per client (messages); past it its replies are dropped" },
+  "--max-connections": { dest: "maxConnections", int: true, help: "accepted for compatibility; not enforced by the Node worker (see README)" },
+  "--run-timeout": { dest: "runTimeout", metavar: "SECONDS", help: "refused: the Node worker has no sandbox (its runs cannot be stopped or bounded)" },
+  "--max-run-memory-mb": { dest: "maxRunMemoryMb", metavar: "MB", help: "refused: the Node worker has no sandbox" },
+  "--no-sandbox": { dest: "noSandbox", flag: true, help: "accepted: the Node worker always runs plans in its own process (trusted plans only)" },
+  "--curve-secret": { dest: "curveSecret", metavar: "FILE", help: "zmq.auth secret key file: encrypt with CURVE" },
+  "--curve-clients": { dest: "curveClients", metavar: "DIR", help: "directory of allowed client public keys (*.key)" },
+  "--curve-any-client": { dest: "curveAnyClient", flag: true, help: "with --curve-secret: encrypt but admit any client key (no authentication)" },
+  "--admin": { dest: "admin", metavar: "URL", help: "only 'none': the Node worker has no admin socket" },
+  "--metrics": { dest: "metrics", metavar: "HOST:PORT", help: "not available in the Node worker" },
+  "--log-level": { dest: "logLevel", dflt: "info", choices: ["debug", "info", "warning", "error"], help: "log detail (to stderr)" },
+};
+
+function usage() {
+  const lines = [
+    `usage: ${PROG} --listen URL [--listen URL ...] [--id ID] [--data FILE[:TAG,...]] ... (Node.js worker)`,
+    "",
+    "Serve planwire plans over ZeroMQ (Node.js worker: onnxruntime-node, CPU).",
+    "",
+    "options:",
+    "  -h, --help            show this help message and exit",
+    "  --version             show program's version number and exit",
+  ];
+  for (const [flag, o] of Object.entries(OPTIONS)) {
+    const arg = o.flag ? "" : ` ${o.metavar ?? (o.choices ? `{${o.choices.join(",")}}` : o.dest.toUpperCase())}`;
+    const dflt = o.dflt !== undefined ? ` (default: ${o.dflt})` : "";
+    lines.push(`  ${(flag + arg).padEnd(22)}${o.help}${dflt}`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+export function parseArgs(argv) {
+  const args = {};
+  for (const o of Object.values(OPTIONS)) args[o.dest] = o.append ? [] : o.flag ? false : (o.dflt ?? null);
+  const unknown = [];
+  for (let i = 0; i < argv.length; i++) {
+    let a = argv[i];
+    let value;
+    if (a === "-h" || a === "--help") return { help: true };
+    if (a === "--version") return { version: true };
+    if (a.startsWith("--") && a.includes("=")) [a, value] = [a.slice(0, a.indexOf("=")), a.slice(a.indexOf("=") + 1)];
+    const o = OPTIONS[a];
+    if (o === undefined) {
+      unknown.push(argv[i]);
+      continue;
+    }
+    if (o.flag) {
+      if (value !== undefined) throw new UsageError(`argument ${a}: ignored explicit argument ${pyRepr(value)}`);
+      args[o.dest] = true;
+      continue;
+    }
+    if (value === undefined) {
+      if (i + 1 >= argv.length || (argv[i + 1].startsWith("--") && argv[i + 1].length > 2)) {
+        throw new UsageError(`argument ${a}: expected one argument`);
+      }
+      value = argv[++i];
+    }
+    if (o.choices && !o.choices.includes(value)) {
+      throw new UsageError(`argument ${a}: invalid choice: ${pyRepr(value)} (choose from ${o.choices.map(pyRepr).join(", ")})`);
+    }
+    if (o.int) {
+      if (!/^[+-]?\d+$/.test(value.trim())) throw new UsageError(`argument ${a}: must be a positive whole number, got ${pyRepr(value)}`);
+      const n = Number(value);
+      if (n <= 0) throw new UsageError(`argument ${a}: must be a positive whole number, got ${n}`);
+      value = n;
+    }
+    if (o.append) args[o.dest].push(value);
+    else args[o.dest] = value;
+  }
+  if (!args.listen.length) throw new UsageError("the following arguments are required: --listen");
+  if (unknown.length) throw new UsageError(`unrecognized arguments: ${unknown.join(" ")}`);
+  return args;
+}
+
+function checkCurve(args) {
+  if (args.curveClients && !args.curveSecret) {
+    throw new ConfigError("--curve-clients needs --curve-secret (the worker's secret key): without it nothing is encrypted or authenticated");
+  }
+  if (args.curveAnyClient && !args.curveSecret) throw new ConfigError("--curve-any-client needs --curve-secret (the worker's secret key)");
+  if (args.curveSecret && args.curveClients && args.curveAnyClient) {
+    throw new ConfigError("--curve-clients and --curve-any-client contradict each other: choose one");
+  }
+  if (args.curveSecret && !(args.curveClients || args.curveAnyClient)) {
+    throw new ConfigError(
+      "--curve-secret needs --curve-clients DIR (the client keys to admit), or --curve-any-client to encrypt without authenticating clients",
+    );
+  }
+}
+
+async function checkListen(url) {
+  if (url.startsWith("tcp://")) {
+    const rest = url.slice(6);
+    const at = rest.lastIndexOf(":");
+    const host = at < 0 ? "" : rest.slice(0, at);
+    const port = at < 0 ? "" : rest.slice(at + 1);
+    if (!(host && at >= 0 && (port === "*" || (/^\d+$/.test(port) && Number(port) < 65536)))) {
+      throw new ConfigError(`--listen ${pyRepr(url)}: expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:5555)`);
+    }
+    return;
+  }
+  if (!url.startsWith("ipc://") || url.length === 6) {
+    throw new ConfigError(`--listen ${pyRepr(url)}: expected tcp://HOST:PORT or ipc://PATH (e.g. tcp://0.0.0.0:5555)`);
+  }
+  const path = url.slice(6);
+  if (!existsSync(path)) return;
+  if (!statSync(path).isSocket()) throw new ConfigError(`--listen ${pyRepr(url)}: ${path} exists and is not a socket: choose another path`);
+  const live = await new Promise((resolve) => {
+    const probe = net.connect(path);
+    probe.setTimeout(1000);
+    probe.on("connect", () => (probe.destroy(), resolve(true)));
+    probe.on("error", (e) => resolve(e.code === "ECONNREFUSED" || e.code === "ENOENT" ? false : e));
+    probe.on("timeout", () => (probe.destroy(), resolve(true)));
+  });
+  if (live === false) {
+    log.info(`--listen ${url}: taking over a stale socket (nothing answers there)`);
+    return;
+  }
+  if (live !== true) throw new ConfigError(`--listen ${pyRepr(url)}: cannot probe ${path} (${live.message})`);
+  throw new ConfigError(`--listen ${pyRepr(url)}: a live process (another worker?) answers there: stop it or choose another path`);
+}
+
+export async function main(argv) {
+  let args;
+  try {
+    args = parseArgs(argv);
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    process.stderr.write(`${PROG}: error: ${e.message} (see ${PROG} --help)\n`);
+    return 2;
+  }
+  if (args.help) {
+    process.stdout.write(usage());
+    return 0;
+  }
+  if (args.version) {
+    process.stdout.write(`${PROG} ${PKG.version} (Node.js worker, protocol ${PROTOCOL_VERSION}, onnxruntime-node ${ORT_VERSION})\n`);
+    return 0;
+  }
+  setLevel(args.logLevel);
+  try {
+    return await serve(args);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    process.stderr.write(`${PROG}: ${e.message}\n`);
+    return 2;
+  }
+}
+
+async function serve(args) {
+  checkCurve(args);
+  for (const url of args.listen) await checkListen(url);
+  if (args.admin !== null && args.admin !== "none") {
+    throw new ConfigError(`--admin ${pyRepr(args.admin)}: the Node worker has no admin socket (use --admin none, or the Python plan-worker for plan-worker status)`);
+  }
+  if (args.runTimeout !== null || args.maxRunMemoryMb !== null) {
+    const flag = args.runTimeout !== null ? "--run-timeout" : "--max-run-memory-mb";
+    throw new ConfigError(
+      `${flag}: the Node worker runs plans in its own process, as plan-worker --no-sandbox does: a run cannot be ` +
+        "stopped or its memory bounded; use the Python plan-worker for contained runs",
+    );
+  }
+  if (args.metrics !== null) throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: the Node worker serves no metrics (use the Python plan-worker)`);
+  if (args.device === "cuda") {
+    throw new ConfigError(
+      `--device cuda: onnxruntime-node here has no CUDA provider (available: ${PROVIDERS.join(", ")}); use --device cpu, or the Python plan-worker with onnxruntime-gpu`,
+    );
+  }
+  const limits = new Limits({ maxMessageBytes: args.maxMessageMb * 2 ** 20, maxPlanBytes: args.maxPlanMb * 2 ** 20 });
+  let curveSecret = null;
+  let allowed = null;
+  let data;
+  try {
+    if (args.curveSecret) {
+      curveSecret = loadSecret(args.curveSecret);
+      if (args.curveClients) allowed = clientKeys(args.curveClients);
+    }
+    data = args.data.flatMap((spec) => loadData(spec));
+  } catch (e) {
+    // a key file or --data file at fault (DataError, or auth.js's Error): one line, exit status 2
+    throw new ConfigError(e instanceof DataError || e instanceof Error ? e.message : String(e));
+  }
+  const service = new Service(args.id, {
+    data,
+    isPublic: args.public,
+    threads: args.threads,
+    limits,
+    maxPlans: args.maxPlans,
+    maxStoreBytes: args.maxStoreMb * 2 ** 20,
+    maxClientStoreBytes: args.maxClientStoreMb === null ? null : args.maxClientStoreMb * 2 ** 20,
+  });
+  const cleanup = [];
+  if (curveSecret !== null) {
+    const zap = await startAuthenticator(allowed);
+    cleanup.push(() => zap.close());
+  }
+  if (args.maxConnections !== null) log.warning("--max-connections is not enforced by the Node worker (zeromq.js cannot close a peer)");
+  let server;
+  try {
+    server = await Server.start(service, args.listen, {
+      maxMessageBytes: limits.maxMessageBytes,
+      curveSecret,
+      maxQueue: args.maxClientQueue,
+    });
+  } catch (e) {
+    for (const c of cleanup) c();
+    throw new ConfigError(e.message);
+  }
+  const curveMode = curveSecret === null ? "off" : args.curveAnyClient ? "any client" : "listed clients";
+  let stopping = false;
+  const stop = (signal) => {
+    if (stopping) return;
+    stopping = true;
+    log.info(`signal ${signal === "SIGINT" ? 2 : 15}: shutting down`);
+    server.stop();
+  };
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  log.info(
+    `plan-worker ${args.id} ready on ${server.endpoints.join(", ")} (protocol ${PROTOCOL_VERSION}, providers ${service.providers.join(",")}, ` +
+      `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox off, node ${process.versions.node})`,
+  );
+  try {
+    await server.serveForever();
+  } finally {
+    for (const c of cleanup) c();
+    log.info(`plan-worker ${args.id} stopped`);
+  }
+  return 0;
+}

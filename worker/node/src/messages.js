@@ -1,0 +1,161 @@
+// Requests checked against schemas/*.json itself (PROTOCOL.md §9: a header is refused with
+// unknown_type or invalid_message exactly when it does not validate against the schema of its type).
+// A small interpreter of the JSON Schema keywords those schemas use; integers must be JSON integers.
+
+import { readFileSync, readdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { dirname, join } from "node:path";
+import { JFloat, pyRepr } from "./json.js";
+
+export const PROTOCOL_VERSION = 1;
+
+
+const here = dirname(fileURLToPath(import.meta.url));
+/** The repository's schemas/ (the contract), or PLANWIRE_SCHEMAS. */
+export const SCHEMA_DIR = process.env.PLANWIRE_SCHEMAS || join(here, "..", "..", "..", "schemas");
+
+// Every request type the schemas define (a request carries `id`, a reply `re`): a message type added to
+// the contract is validated here as soon as its schema is; the service says whether it handles it.
+const schemas = new Map();
+for (const file of readdirSync(SCHEMA_DIR).filter((f) => f.endsWith(".json")).sort()) {
+  const schema = JSON.parse(readFileSync(join(SCHEMA_DIR, file), "utf8"));
+  if (schema.properties?.id && schema.properties?.type?.enum?.length === 1) schemas.set(schema.properties.type.enum[0], schema);
+}
+export const REQUESTS = [...schemas.keys()];
+
+export class ProtocolError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+export function isInt(v) {
+  return (typeof v === "number" && Number.isInteger(v)) || typeof v === "bigint";
+}
+
+function kindOf(v) {
+  if (v === null) return "null";
+  if (Array.isArray(v)) return "array";
+  if (v instanceof JFloat) return "number";
+  if (isInt(v)) return "integer";
+  return typeof v; // string, boolean, object
+}
+
+function show(v) {
+  if (typeof v === "string") return pyRepr(v.length > 64 ? v.slice(0, 64) + "..." : v);
+  if (v instanceof JFloat) return String(v.value);
+  if (v === null) return "null";
+  if (typeof v === "object") return Array.isArray(v) ? "an array" : "an object";
+  return String(v);
+}
+
+function codepoints(s) {
+  let n = 0;
+  for (const _ of s) n++;
+  return n;
+}
+
+function resolve(root, schema) {
+  return schema.$ref ? root.$defs[schema.$ref.split("/").pop()] : schema;
+}
+
+function fail(path, msg) {
+  throw new ProtocolError("invalid_message", `invalid request: ${msg} - at \`${path}\``);
+}
+
+function check(root, schema, v, path) {
+  schema = resolve(root, schema);
+  if (schema.anyOf) {
+    for (const s of schema.anyOf) {
+      try {
+        check(root, s, v, path);
+        return;
+      } catch {}
+    }
+    fail(path, `${show(v)} matches none of the allowed forms`);
+  }
+  if (schema.enum && !schema.enum.some((e) => e === v)) {
+    fail(path, `Invalid enum value ${show(v)}`);
+  }
+  const kind = kindOf(v);
+  if (schema.type && schema.type !== kind) {
+    fail(path, `Expected \`${schema.type}\`, got \`${kind === "integer" ? "int" : kind}\``);
+  }
+  if (kind === "integer") {
+    if (schema.minimum !== undefined && BigInt(v) < BigInt(schema.minimum)) {
+      fail(path, `Expected \`int\` >= ${schema.minimum}`);
+    }
+    if (schema.maximum !== undefined && BigInt(v) > BigInt(schema.maximum)) {
+      fail(path, `Expected \`int\` <= ${BigInt(schema.maximum)}`);
+    }
+  } else if (kind === "string") {
+    if (schema.minLength !== undefined && codepoints(v) < schema.minLength) {
+      fail(path, `Expected \`str\` of length >= ${schema.minLength}`);
+    }
+    if (schema.maxLength !== undefined && v.length > schema.maxLength && codepoints(v) > schema.maxLength) {
+      fail(path, `Expected \`str\` of length <= ${schema.maxLength}`);
+    }
+  } else if (kind === "array") {
+    if (schema.maxItems !== undefined && v.length > schema.maxItems) {
+      fail(path, `Expected \`array\` of length <= ${schema.maxItems}, got ${v.length} items`);
+    }
+    if (schema.uniqueItems && new Set(v).size !== v.length) {
+      const twice = v.find((item, i) => v.indexOf(item) !== i);
+      fail(path, `Expected \`array\` of distinct items, got ${show(twice)} more than once`);
+    }
+    if (schema.items) v.forEach((item, i) => check(root, schema.items, item, `${path}[${i}]`));
+  } else if (kind === "object") {
+    const keys = Object.keys(v);
+    if (schema.minProperties !== undefined && keys.length < schema.minProperties) {
+      fail(path, `Expected an object with at least ${schema.minProperties} field(s)`);
+    }
+    if (schema.maxProperties !== undefined && keys.length > schema.maxProperties) {
+      fail(path, `Expected an object with at most ${schema.maxProperties} field(s), got ${keys.join(", ")}`);
+    }
+    const props = schema.properties || {};
+    for (const k of keys) {
+      if (!Object.prototype.hasOwnProperty.call(props, k)) {
+        if (schema.additionalProperties === false) fail(path, `Object contains unknown field \`${k}\``);
+        if (schema.additionalProperties) check(root, schema.additionalProperties, v[k], `${path}.${k}`);
+      }
+    }
+    for (const r of schema.required || []) {
+      if (!(r in v)) fail(path, `Object missing required field \`${r}\``);
+    }
+    for (const k of keys) {
+      if (Object.prototype.hasOwnProperty.call(props, k)) check(root, props[k], v[k], `${path}.${k}`);
+    }
+  }
+}
+
+/** The id of a refused header, or -1 when it cannot be read. */
+export function requestId(header) {
+  if (header === null || typeof header !== "object" || Array.isArray(header)) return -1;
+  const id = header.id;
+  if (!isInt(id)) return -1;
+  return BigInt(id) >= 0n && BigInt(id) < 2n ** 63n ? id : -1;
+}
+
+/** Validate a parsed header as a request; returns it with defaults filled in. */
+export function validateRequest(header) {
+  if (header === null || typeof header !== "object" || Array.isArray(header)) {
+    throw new ProtocolError("invalid_message", `invalid request: Expected \`object\`, got \`${kindOf(header)}\``);
+  }
+  if (!("type" in header)) throw new ProtocolError("unknown_type", "invalid request: Object missing required field `type`");
+  const type = header.type;
+  if (typeof type !== "string" || !schemas.has(type)) {
+    throw new ProtocolError(
+      "unknown_type",
+      `invalid request: Invalid value ${show(type)} - at \`$.type\` (known: ${REQUESTS.join(", ")})`,
+    );
+  }
+  const schema = schemas.get(type);
+  check(schema, schema, header, "$");
+  // Defaults (schemas' "default"), and numbers as plain JS numbers where they are small.
+  const props = schema.properties;
+  for (const [k, p] of Object.entries(props)) {
+    if (!(k in header) && p.default !== undefined) header[k] = Array.isArray(p.default) ? [] : p.default;
+  }
+  return header;
+}

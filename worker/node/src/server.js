@@ -1,0 +1,85 @@
+// The worker's ROUTER socket: one request at a time, in arrival order, replies never waited for (a
+// client that stops reading loses replies once its queue is full, instead of stalling the others).
+
+import * as zmq from "zeromq";
+import { log } from "./log.js";
+
+const HINTS = {
+  EADDRINUSE: "another process holds this port: stop it or choose another port",
+  EADDRNOTAVAIL: "this machine has no such address: use one of its own, or 0.0.0.0 for all",
+  ENODEV: "no such host or interface here: use one of this machine's addresses, or 0.0.0.0 for all",
+  EACCES: "not allowed: ports below 1024 need privileges, or the path is not writable",
+  ENOENT: "the directory of the ipc path does not exist",
+};
+
+export class Server {
+  static async start(service, urls, { maxMessageBytes, curveSecret = null, maxQueue = 10000 }) {
+    const opts = {
+      linger: 200,
+      sendHighWaterMark: maxQueue,
+      receiveHighWaterMark: maxQueue,
+      mandatory: true,
+      maxMessageSize: maxMessageBytes + (1 << 20),
+      sendTimeout: 0,
+    };
+    if (curveSecret !== null) Object.assign(opts, { curveServer: true, curveSecretKey: curveSecret });
+    const sock = new zmq.Router(opts);
+    const endpoints = [];
+    for (const url of urls) {
+      const bindUrl = url.startsWith("tcp://") && url.endsWith(":0") ? url.slice(0, -1) + "*" : url;
+      try {
+        await sock.bind(bindUrl);
+      } catch (e) {
+        sock.close();
+        const reason = String(e.message ?? e).replace(/\s*\(addr=.*\)$/, "");
+        throw new Error(`cannot listen on '${url}': ${reason} (${HINTS[e.code] ?? "check the address"})`);
+      }
+      endpoints.push(sock.lastEndpoint ?? url);
+    }
+    return new Server(service, sock, endpoints);
+  }
+
+  constructor(service, sock, endpoints) {
+    this.service = service;
+    this.sock = sock;
+    this.endpoints = endpoints;
+    this.dropped = 0;
+  }
+
+  async serveForever() {
+    const sock = this.sock;
+    try {
+      for (;;) {
+        let msg;
+        try {
+          msg = await sock.receive();
+        } catch (e) {
+          if (sock.closed || e.code === "EAGAIN" || e.code === "ETERM") return;
+          throw e;
+        }
+        const [peer, ...frames] = msg;
+        const reply = await this.service.handle(frames, peer.toString("hex"));
+        if (sock.closed) return;
+        try {
+          await sock.send([peer, ...reply]);
+          if (this.dropped) {
+            log.info(`replies flowing again after ${this.dropped} dropped`);
+            this.dropped = 0;
+          }
+        } catch (e) {
+          if (sock.closed) return;
+          if (e.code === "EHOSTUNREACH") log.info("reply dropped: its client has gone");
+          else if (e.code === "EAGAIN") {
+            if (!this.dropped++) log.warning("a client is not reading its replies: dropping its replies until it does");
+          } else throw e;
+        }
+      }
+    } finally {
+      if (!sock.closed) sock.close();
+    }
+  }
+
+  stop() {
+    if (!this.sock.closed) this.sock.close();
+  }
+}

@@ -1,0 +1,445 @@
+// What a worker does with each request (as worker/service.py): frames in, frames out, never throws.
+
+import { createHash, randomBytes } from "node:crypto";
+import * as ort from "onnxruntime-node";
+import { parseHeader, stringify, pyRepr, JsonError } from "./json.js";
+import { ProtocolError, validateRequest, requestId, PROTOCOL_VERSION } from "./messages.js";
+import { DTYPES, Tensor, fromFrame, toOrt, fromOrt, human, humanList } from "./codec.js";
+import { Store } from "./store.js";
+import { checkModel, PlanRejected } from "./modelcheck.js";
+import { log, clean, enabled } from "./log.js";
+
+export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
+const PREFIX = Buffer.from("PWIRE/");
+export const MAX_HEADER_BYTES = 1 << 20;
+const ONNX_OPSET = 23;
+export const PROVIDERS = ["CPUExecutionProvider"];
+
+export class Limits {
+  constructor({ maxMessageBytes = 1 << 30, maxPlanBytes = 256 << 20, maxFrames = 4096 } = {}) {
+    this.maxMessageBytes = maxMessageBytes;
+    this.maxPlanBytes = maxPlanBytes;
+    this.maxFrames = maxFrames;
+  }
+}
+
+function sessionOptions(threads) {
+  return {
+    executionProviders: ["cpu"],
+    intraOpNumThreads: Math.max(1, threads),
+    interOpNumThreads: 1,
+    executionMode: "sequential",
+    graphOptimizationLevel: "all",
+    logSeverityLevel: 3,
+    enableProfiling: false,
+    extra: {
+      session: {
+        load_model_format: "ONNX", // never the unchecked ORT format
+        intra_op: { allow_spinning: "0" },
+        inter_op: { allow_spinning: "0" },
+      },
+    },
+  };
+}
+
+// onnxruntime-node's own native session, run synchronously: its public InferenceSession.run defers each
+// call to the next event-loop turn (setImmediate), which doubles the cost of a tiny call. The binding is
+// internal to onnxruntime-node (pinned in package-lock.json); without it the public API is used.
+let native = null;
+try {
+  const m = await import("onnxruntime-node/dist/binding.js");
+  const b = m.binding ?? m.default?.binding;
+  const init = m.initOrt ?? m.default?.initOrt;
+  if (typeof b?.InferenceSession === "function" && typeof init === "function") {
+    init();
+    native = b;
+  }
+} catch {
+  native = null;
+}
+const NATIVE_TYPES = [undefined, "float32", "uint8", "int8", "uint16", "int16", "int32", "int64", "string", "bool", "float16", "float64", "uint32", "uint64"];
+
+function nativeMetadata(raw) {
+  return raw.map((m) =>
+    m.isTensor
+      ? { name: m.name, isTensor: true, type: NATIVE_TYPES[m.type] ?? `type ${m.type}`, shape: m.shape.map((d, i) => (d === -1 ? m.symbolicDimensions[i] : d)) }
+      : { name: m.name, isTensor: false },
+  );
+}
+
+/** A loaded plan: {inputMetadata, outputMetadata, run(feeds) -> Promise<outputs>, release()}. */
+async function loadSession(data, options) {
+  if (native === null) {
+    const s = await ort.InferenceSession.create(data, options);
+    return { inputMetadata: s.inputMetadata, outputMetadata: s.outputMetadata, run: (f) => s.run(f), release: () => s.release() };
+  }
+  const s = new native.InferenceSession();
+  s.loadModel(data.buffer, data.byteOffset, data.byteLength, options);
+  const inputMetadata = nativeMetadata(s.inputMetadata);
+  const outputMetadata = nativeMetadata(s.outputMetadata);
+  const fetches = Object.fromEntries(outputMetadata.map((m) => [m.name, null]));
+  return { inputMetadata, outputMetadata, run: (f) => s.run(f, fetches, {}), release: () => s.dispose() };
+}
+
+/** A port's shape as the wire shows it: ints, symbols, null for unknown axes. */
+function portShape(shape) {
+  return shape.map((d) => (typeof d === "number" && d >= 0 ? d : typeof d === "string" && d ? d : null));
+}
+
+class Plan {
+  constructor(name, session, anyRank) {
+    this.name = name;
+    this.session = session;
+    this.anyRank = anyRank;
+    const ports = (meta) =>
+      meta.map((m) => ({
+        name: m.name,
+        dtype: m.isTensor ? (FROM_ORT_TYPE[m.type] ?? String(m.type)) : "(not a tensor)",
+        shape: m.isTensor && !anyRank.has(m.name) ? portShape(m.shape) : null,
+      }));
+    this.inputs = ports(session.inputMetadata);
+    this.outputs = ports(session.outputMetadata);
+  }
+
+  check(args) {
+    if (args.length !== this.inputs.length) {
+      throw new ProtocolError("bad_argument", `plan ${pyRepr(this.name)} takes ${this.inputs.length} arguments, got ${args.length}`);
+    }
+    args.forEach((t, i) => {
+      const port = this.inputs[i];
+      const what = `plan ${pyRepr(this.name)} argument ${i} (${pyRepr(port.name)})`;
+      if (t.dtype !== port.dtype) {
+        throw new ProtocolError("bad_argument", `${what}: expected dtype ${human(port.dtype)}, got ${human(t.dtype)}`);
+      }
+      const shape = port.shape;
+      if (shape === null) return;
+      if (shape.length !== t.shape.length || shape.some((d, a) => typeof d === "number" && d !== t.shape[a])) {
+        const want = "[" + shape.map((d) => (typeof d === "number" ? String(d) : "?")).join(", ") + "]";
+        throw new ProtocolError("bad_argument", `${what}: expected shape ${want}, got [${t.shape.join(", ")}]`);
+      }
+    });
+  }
+}
+
+const FROM_ORT_TYPE = Object.fromEntries(Object.entries(DTYPES).map(([w, d]) => [d.ort, w]));
+
+export class Service {
+  constructor(id, { data = [], isPublic = false, threads = 1, limits = new Limits(), maxPlans = null, maxStoreBytes = null, maxClientStoreBytes = null } = {}) {
+    this.id = id;
+    this.session = randomBytes(16).toString("hex");
+    this.providers = PROVIDERS;
+    this.threads = threads;
+    this.limits = limits;
+    this.maxPlans = maxPlans;
+    this.store = new Store({ isPublic, maxBytes: maxStoreBytes, maxClientBytes: maxClientStoreBytes });
+    this.plans = new Map();
+    this.client = "";
+    for (const [key, tensor, tags] of data) this.store.put(key, tensor, tags, { isPrivate: true });
+    this.handlers = {
+      hello: (m) => this.hello(m),
+      ping: (m) => [{ type: "ok", re: m.id, session: this.session }, []],
+      put: (m, b) => this.put(m, b),
+      get: (m) => this.tensorsReply(m.id, m.keys, this.store.take(m.keys, m.keep)),
+      delete: (m) => (this.store.delete(m.keys), this.ok(m)),
+      search: (m) => this.found(m, this.store.search(m.tags)),
+      describe: (m) => this.found(m, m.keys.map((k) => [k, this.store.entry(k)])),
+      register_plan: (m, b) => this.register(m, b),
+      has_plan: (m) => this.hasPlan(m),
+      delete_plan: (m) => this.deletePlan(m),
+      run: (m, b) => this.run(m, b),
+      // PROTOCOL.md cancel: this worker reads and executes each connection's requests strictly in order,
+      // so when a cancel is read every run sent before it has been answered: there is none to cancel.
+      cancel: (m) => {
+        throw new ProtocolError(
+          "bad_argument",
+          `cancel: no run #${m.run} of this connection is queued or running (worker ${pyRepr(this.id)} executes ` +
+            "requests in order: every run sent before this cancel has been answered)",
+        );
+      },
+    };
+  }
+
+  ok(m) {
+    return [{ type: "ok", re: m.id, session: this.session }, []];
+  }
+
+  /** Answer one request (frames after the routing id) from `client`; never throws. */
+  async handle(frames, client = "") {
+    let rid = -1;
+    let msg = null;
+    let reply;
+    let out = [];
+    const t0 = process.hrtime.bigint();
+    this.client = client;
+    try {
+      let total = 0;
+      for (const f of frames) total += f.length;
+      if (total > this.limits.maxMessageBytes) {
+        rid = this.peekId(frames);
+        throw new ProtocolError("too_large", `message of ${total} bytes, over the limit of ${this.limits.maxMessageBytes}`);
+      }
+      [msg, rid] = this.unpack(frames);
+      const handler = this.handlers[msg.type];
+      if (handler === undefined) {
+        throw new ProtocolError("unknown_type", `request type ${pyRepr(msg.type)} is not handled by this worker (Node.js)`);
+      }
+      [reply, out] = await handler(msg, frames.slice(2));
+      if (enabled("debug")) {
+        const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+        log.debug(`${msg.type} #${rid} -> ${reply.type} (${ms.toFixed(2)} ms)`);
+      }
+    } catch (e) {
+      if (e instanceof ProtocolError) {
+        if (e.re !== undefined) rid = e.re;
+        log.info(`request #${rid}${this.about(msg)} refused: ${clean(e.message)} [${e.code}]`);
+        reply = { type: "error", re: rid, session: this.session, code: e.code, message: e.message };
+      } else {
+        log.error(`request #${rid}${this.about(msg)} failed: ${clean(e && e.stack ? e.stack : String(e))}`);
+        reply = { type: "error", re: rid, session: this.session, code: "internal", message: `${e?.name ?? "Error"}: ${e?.message ?? e}` };
+      }
+      out = [];
+    }
+    return [SIGNATURE, Buffer.from(stringify(reply)), ...out];
+  }
+
+  about(msg) {
+    if (!msg) return "";
+    let text = ` ${msg.type}`;
+    if (typeof msg.plan === "string") {
+      const plan = this.plans.get(msg.plan);
+      text += plan ? ` plan ${pyRepr(plan.name)} (${msg.plan.slice(0, 12)})` : ` plan ${clean(pyRepr(msg.plan.slice(0, 64)))}`;
+    } else if (msg.type === "register_plan") {
+      text += ` plan ${clean(pyRepr(msg.name))}`;
+    }
+    return text;
+  }
+
+  peekId(frames) {
+    if (frames.length < 2 || !frames[0].equals(SIGNATURE) || frames[1].length > MAX_HEADER_BYTES) return -1;
+    try {
+      return requestId(parseHeader(frames[1]));
+    } catch {
+      return -1;
+    }
+  }
+
+  /** Framing, JSON and schema checks in the order of PROTOCOL.md §9; returns [message, id]. */
+  unpack(frames) {
+    let rid = -1;
+    const err = (code, text) => Object.assign(new ProtocolError(code, text), { re: rid });
+    if (frames.length < 2) {
+      throw err("bad_signature", `a message needs a signature and a header frame, got ${frames.length} frame(s)`);
+    }
+    const sig = frames[0];
+    if (!sig.equals(SIGNATURE)) {
+      if (sig.subarray(0, PREFIX.length).equals(PREFIX)) {
+        throw err("bad_version", `protocol ${pyRepr(sig.toString("latin1"))} not supported; this worker speaks 'PWIRE/1'`);
+      }
+      throw err("bad_signature", `first frame must be b'PWIRE/1', got ${pyRepr(sig.subarray(0, 32).toString("latin1"))}`);
+    }
+    const header = frames[1];
+    if (header.length > MAX_HEADER_BYTES) throw err("too_large", `header of ${header.length} bytes, over the limit of ${MAX_HEADER_BYTES}`);
+    let parsed;
+    try {
+      parsed = parseHeader(header);
+    } catch (e) {
+      if (e instanceof JsonError) {
+        if (frames.length - 2 > this.limits.maxFrames) throw err("too_large", `${frames.length - 2} frames, over the limit of ${this.limits.maxFrames}`);
+        throw err(e.code, e.message);
+      }
+      throw e;
+    }
+    rid = requestId(parsed);
+    if (frames.length - 2 > this.limits.maxFrames) {
+      throw err("too_large", `${frames.length - 2} frames, over the limit of ${this.limits.maxFrames}`);
+    }
+    try {
+      const msg = validateRequest(parsed);
+      return [msg, msg.id];
+    } catch (e) {
+      if (e instanceof ProtocolError) e.re = rid;
+      throw e;
+    }
+  }
+
+  frameAt(buffers, index, what) {
+    if (BigInt(index) >= BigInt(buffers.length)) {
+      throw new ProtocolError("bad_frames", `${what} points to frame ${index}, but the message has ${buffers.length} raw frame(s)`);
+    }
+    return buffers[Number(index)];
+  }
+
+  tensor(desc, buffers, what) {
+    return fromFrame(desc.dtype, desc.shape, this.frameAt(buffers, desc.frame, what), what);
+  }
+
+  // -- handlers --
+
+  hello(m) {
+    if (m.version !== PROTOCOL_VERSION) {
+      throw new ProtocolError("bad_version", `client speaks protocol ${m.version}, this worker ${PROTOCOL_VERSION}`);
+    }
+    return [
+      {
+        type: "welcome",
+        re: m.id,
+        session: this.session,
+        worker: this.id,
+        version: PROTOCOL_VERSION,
+        providers: this.providers,
+        opsets: { "ai.onnx": ONNX_OPSET },
+        limits: {
+          max_message_bytes: this.limits.maxMessageBytes,
+          max_plan_bytes: this.limits.maxPlanBytes,
+          max_frames: this.limits.maxFrames,
+        },
+      },
+      [],
+    ];
+  }
+
+  put(m, buffers) {
+    const tensors = m.tensors.map((t) => this.tensor(t, buffers, `put tensor ${pyRepr(t.key)}`));
+    this.store.checkWritable(m.tensors.map((t) => t.key));
+    this.store.checkQuota(this.client, m.tensors.map((t, i) => [t.key, tensors[i].nbytes]), `put #${m.id}`);
+    m.tensors.forEach((t, i) => this.store.put(t.key, tensors[i], t.tags ?? [], { owner: this.client }));
+    return this.ok(m);
+  }
+
+  found(m, entries) {
+    const tensors = entries.map(([key, e]) => {
+      const info = { key, dtype: e.tensor.dtype, shape: e.tensor.shape };
+      if (e.tags.length) info.tags = e.tags;
+      if (e.private) info.private = true;
+      return info;
+    });
+    return [{ type: "found", re: m.id, session: this.session, tensors }, []];
+  }
+
+  tensorsReply(rid, keys, tensors) {
+    const out = keys.map((key, i) => {
+      return { key, dtype: tensors[i].dtype, shape: tensors[i].shape, frame: i };
+    });
+    return [{ type: "tensors", re: rid, session: this.session, tensors: out }, tensors.map((t) => t.data)];
+  }
+
+  async register(m, buffers) {
+    const data = this.frameAt(buffers, m.frame, "register_plan.frame");
+    const pid = createHash("sha256").update(data).digest("hex");
+    let plan = this.plans.get(pid);
+    if (plan === undefined) {
+      if (this.maxPlans !== null && this.plans.size >= this.maxPlans) {
+        throw new ProtocolError(
+          "quota_exceeded",
+          `plan ${pyRepr(m.name || pid.slice(0, 12))} not registered: the worker already holds ${this.plans.size} plans ` +
+            "(its limit): unregister plans with delete_plan, or start plan-worker with a larger --max-plans",
+        );
+      }
+      let summary;
+      try {
+        summary = checkModel(data, { maxBytes: this.limits.maxPlanBytes });
+      } catch (e) {
+        if (!(e instanceof PlanRejected)) throw e;
+        const code = data.length > this.limits.maxPlanBytes ? "too_large" : e.code;
+        throw new ProtocolError(code, `plan ${pyRepr(m.name || pid.slice(0, 12))} rejected: ${e.message}`);
+      }
+      const name = m.name || summary.metadata.get("planwire.name") || pid.slice(0, 12);
+      let session;
+      try {
+        // A copy: onnxruntime gets exactly the checked bytes, which no later message can change.
+        session = await loadSession(Uint8Array.from(data), sessionOptions(this.threads));
+      } catch (e) {
+        throw new ProtocolError("bad_plan", `onnxruntime cannot load plan ${name}: ${e?.message ?? e}`);
+      }
+      plan = new Plan(name, session, summary.unknownRank);
+      for (const [side, ports] of [["input", plan.inputs], ["output", plan.outputs]]) {
+        for (const p of ports) {
+          if (!(p.dtype in DTYPES)) {
+            await session.release();
+            throw new ProtocolError("bad_plan", `plan ${pyRepr(name)} ${side} ${pyRepr(p.name)} has type ${pyRepr(p.dtype)}; supported: ${humanList()}`);
+          }
+        }
+      }
+      this.plans.set(pid, plan);
+      log.info(`registered plan ${clean(pyRepr(name))} (${pid.slice(0, 12)}, ${data.length} bytes)`);
+    }
+    return [this.planInfo(m.id, pid, plan), []];
+  }
+
+  planInfo(rid, pid, plan) {
+    return { type: "plan", re: rid, session: this.session, plan: pid, inputs: plan.inputs, outputs: plan.outputs };
+  }
+
+  hasPlan(m) {
+    const plan = this.plans.get(m.plan);
+    if (plan === undefined) return [{ type: "missing", re: m.id, session: this.session, plan: m.plan }, []];
+    return [this.planInfo(m.id, m.plan, plan), []];
+  }
+
+  async deletePlan(m) {
+    const plan = this.plans.get(m.plan);
+    if (plan !== undefined) {
+      this.plans.delete(m.plan);
+      await plan.session.release();
+      log.info(`unregistered plan ${pyRepr(m.plan.slice(0, 12))}`);
+    }
+    return this.ok(m);
+  }
+
+  async run(m, buffers) {
+    m.args.forEach((a, i) => {
+      if (("ref" in a) === ("tensor" in a)) throw new ProtocolError("invalid_message", `run.args[${i}] needs exactly one of 'ref', 'tensor'`);
+    });
+    this.store.checkWritable(m.outputs);
+    try {
+      return await this.execute(m, buffers);
+    } catch (e) {
+      if (e instanceof ProtocolError) {
+        const why = e.code === "run_failed" ? e.message : `run #${m.id} refused: ${e.message} [${e.code}]`;
+        for (const key of m.outputs) this.store.fail(key, why);
+      }
+      throw e;
+    }
+  }
+
+  async execute(m, buffers) {
+    const plan = this.plans.get(m.plan);
+    if (plan === undefined) {
+      throw new ProtocolError("unknown_plan", `no plan ${pyRepr(m.plan.slice(0, 12))} on worker ${pyRepr(this.id)}: register it first`);
+    }
+    const nOut = plan.outputs.length;
+    if (m.outputs.length !== nOut) {
+      throw new ProtocolError(
+        "bad_argument",
+        `plan ${pyRepr(plan.name)} has ${nOut} outputs: run.outputs needs ${nOut} keys, got [${m.outputs.map(pyRepr).join(", ")}]`,
+      );
+    }
+    const fetch = m.fetch.map(Number);
+    if (m.fetch.some((i) => BigInt(i) >= BigInt(nOut))) {
+      throw new ProtocolError("bad_argument", `run.fetch [${m.fetch.join(", ")}] out of range for ${nOut} outputs`);
+    }
+    const args = m.args.map((a, i) => ("ref" in a ? this.store.entry(a.ref).tensor : this.tensor(a.tensor, buffers, `run argument ${i}`)));
+    plan.check(args);
+    let results;
+    try {
+      const feeds = {};
+      plan.inputs.forEach((p, i) => (feeds[p.name] = toOrt(ort, args[i])));
+      const got = await plan.session.run(feeds);
+      results = plan.outputs.map((p) => {
+        const t = fromOrt(got[p.name]);
+        if (t === null) throw new Error(`output ${pyRepr(p.name)} is not a tensor of a wire dtype`);
+        return t;
+      });
+    } catch (e) {
+      throw new ProtocolError("run_failed", `plan ${pyRepr(plan.name)} failed on worker ${pyRepr(this.id)}: ${e?.message ?? e}`);
+    }
+    this.store.checkQuota(this.client, m.outputs.map((k, i) => [k, results[i].nbytes]), `outputs of run #${m.id}`);
+    m.outputs.forEach((key, i) => this.store.put(key, results[i], [], { owner: this.client }));
+    const inlineMax = Number(m.inline_max);
+    if (inlineMax) results.forEach((r, i) => r.nbytes <= inlineMax && !fetch.includes(i) && fetch.push(i));
+    if (!fetch.length) return this.ok(m);
+    return this.tensorsReply(m.id, fetch.map((i) => m.outputs[i]), fetch.map((i) => results[i]));
+  }
+}
+
+export { Tensor };
