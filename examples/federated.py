@@ -162,16 +162,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--noise", type=float, default=0.0, help="with --clip: Gaussian noise multiplier of the released updates"
     )
-    if args.noise and args.clip is None:
-        parser.error("--noise needs --clip (the noise is scaled to the clipping norm)")
     parser.add_argument(
         "--node-workers",
         type=int,
         default=0,
         help=f"how many of the {WORKERS} workers are Node.js workers (they do not enforce the owners' release "
-        "policy yet, so the run is then without one: a demonstration of the protocol, not of the trust model)",
+        "policy yet: their trained weights leave whole, and the server turns them into updates)",
     )
     args = parser.parse_args(argv)
+    if args.noise and args.clip is None:
+        parser.error("--noise needs --clip (the noise is scaled to the clipping norm)")
     if not 0 <= args.node_workers <= WORKERS:
         parser.error(f"--node-workers must be between 0 and {WORKERS}")
     if args.node_workers and (why := node_missing()):

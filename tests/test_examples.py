@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conformance.workers import node_missing
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
