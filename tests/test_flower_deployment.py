@@ -109,7 +109,9 @@ def test_flower_deployment_with_a_plan_worker_node(tmp_path: Path, procs: list) 
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     save_batches(tmp_path / "node2.npz", *partition(2, 3))
-    worker = WorkerProcess("flower-node-2", data=[str(tmp_path / "node2.npz")])
+    # --public: the bridge fetches trained weights, which the trust model keeps on a private-data worker
+    # unless its owner's policy releases them; a policy-aware bridge (updates -> weights) is still to come.
+    worker = WorkerProcess("flower-node-2", data=[str(tmp_path / "node2.npz")], extra=["--public"])
     procs.append(worker)
 
     link = Proc(
