@@ -99,7 +99,7 @@ def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     except OSError as e:
         raise ValueError(f"--data {path!r}: cannot read it ({e.strerror or e})") from None
     except (ValueError, EOFError) as e:
-        # numpy says "pickled data" both for a pickle and for any file that is not .npy/.npz
+        # numpy reports both a Python-object file and any file that is not .npy/.npz the same way
         what = ": it holds Python objects, which a worker never loads" if "Object arrays" in str(e) else ""
         raise ValueError(f"--data {path!r}: not a plain numpy file{what}; {expected}") from None
     if isinstance(loaded, np.ndarray):

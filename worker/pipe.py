@@ -1,6 +1,6 @@
 """The private pipe between a worker's supervisor and its sandboxed runner, and the shared memory they use.
 
-Nothing here is the public protocol and nothing is pickled: a message is a msgpack header (msgspec
+Nothing here is the public protocol and no Python objects are serialized: a message is a msgpack header (msgspec
 structs below) plus raw buffers, over a Unix socket pair. Tensors of up to ``INLINE_MAX`` bytes travel
 through the socket; larger ones live in files of a per-worker shared-memory directory that both
 processes map, so a stored tensor is never copied per call.

@@ -1,5 +1,5 @@
 // The worker's own data from --data FILE[:TAG,...]: .npy and .npz files of numeric arrays, read without
-// ever loading Python objects (no pickles); big-endian and Fortran-order arrays are stored little-endian,
+// ever loading Python objects (no Python object serialization); big-endian and Fortran-order arrays are stored little-endian,
 // C order (as the Python plan-worker does).
 
 import { readFileSync, statSync } from "node:fs";
