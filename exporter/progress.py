@@ -8,7 +8,6 @@ build's ``progress=False`` turns it off; ``progress=True`` shows it even where t
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -17,19 +16,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TextIO
 
-ENV = "PLANWIRE_PROGRESS"
+from planwire.transport.progress import enabled
+
 DELAY = 1.0  # seconds a build runs before its stages are shown
 REFRESH = 0.5  # seconds between redraws of a terminal bar (its clock keeps moving)
 STAGES = ("trace", "export", "verify")
 
 _current: ContextVar[_Build | None] = ContextVar("planwire_build_progress", default=None)
-
-
-def enabled(flag: bool | None = None) -> bool:
-    """``flag`` when given, else the environment: on unless ``PLANWIRE_PROGRESS`` is 0/false/no/off."""
-    if flag is not None:
-        return flag
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @contextmanager

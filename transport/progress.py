@@ -16,12 +16,17 @@ PROGRESS_ENV = "PLANWIRE_PROGRESS"
 MIN_BYTES = 64 << 20  # transfers larger than this show a bar
 
 
+def enabled(flag: bool | None = None) -> bool:
+    """``flag`` when given, else the environment: on unless ``PLANWIRE_PROGRESS`` is 0/false/no/off. The one
+    rule for every progress display (transfers here, builds in the exporter)."""
+    if flag is not None:
+        return flag
+    return os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def wanted(nbytes: int, progress: bool | None) -> bool:
-    """Whether a transfer of ``nbytes`` shows a bar: over MIN_BYTES, unless turned off (``progress``
-    when given, else on unless PLANWIRE_PROGRESS is 0/false/no/off, as for builds)."""
-    if progress is None:
-        progress = os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    return progress and nbytes > MIN_BYTES
+    """Whether a transfer of ``nbytes`` shows a bar: over MIN_BYTES, unless turned off (see :func:`enabled`)."""
+    return enabled(progress) and nbytes > MIN_BYTES
 
 
 @contextlib.contextmanager
