@@ -77,12 +77,7 @@ def worker(worker_factory: WorkerFactory) -> Client:
 NODE_LACKS_TRUST = (
     "Node.js worker: issue 12's owners and private-derived results (PROTOCOL.md §6.2-6.4) not implemented yet"
 )
-NODE_LACKING = {
-    "test_garbage.py": None,  # every test: replies are checked against schemas with TensorInfo.owner
-    "test_owners.py": None,
-    "test_worker_api.py": {"test_private_data_never_leaves_or_dies"},
-    "test_worker_limits.py": {"test_a_client_that_never_reads_cannot_wedge_the_worker"},
-}
+NODE_LACKING: dict[str, set[str] | None] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,6 +1,6 @@
 // Command line of the Node plan-worker (mirrors worker/cli.py).
 
-import { existsSync, statSync, readFileSync } from "node:fs";
+import { existsSync, statSync, readFileSync, openSync, closeSync } from "node:fs";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
@@ -12,6 +12,8 @@ import { loadSecret, clientKeys, startAuthenticator } from "./auth.js";
 import { Server } from "./server.js";
 import { log, setLevel } from "./log.js";
 import { pyRepr } from "./json.js";
+import { load as loadPolicy, PolicyError } from "./policy.js";
+import { defaultPlansDir } from "./review.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const PKG = JSON.parse(readFileSync(join(here, "..", "package.json"), "utf8"));
@@ -27,6 +29,11 @@ const OPTIONS = {
   "--device": { dest: "device", dflt: "cpu", choices: ["cpu", "cuda", "auto"], help: "where plans run: cpu, cuda (refused: onnxruntime-node here has no CUDA provider), auto (cpu here)" },
   "--data": { dest: "data", append: true, metavar: "FILE[:TAG,...]", help: "a .npy/.npz file of this worker's own tensors (repeatable)" },
   "--public": { dest: "public", flag: true, help: "let clients copy the worker's own data" },
+  "--idle-ttl": { dest: "idleTtl", duration: true, dflt: "1d", metavar: "DURATION", help: "free the tensors and plans of a client not seen for this long (e.g. 3600, 90s, 15m, 12h, 1d)" },
+  "--policy": { dest: "policy", metavar: "FILE", help: "the data owner's release rules (TOML): approved plans and which private-derived outputs may leave (none without it); SIGHUP reloads it" },
+  "--plans-dir": { dest: "plansDir", metavar: "DIR", help: "where a worker with private data keeps every plan it receives, by fingerprint, for 'plan-worker review' ('none': not kept; default: $XDG_STATE_HOME/planwire/plans)" },
+  "--audit": { dest: "audit", metavar: "FILE", help: "append one JSON line per release or refusal of private-derived data" },
+  "--insecure": { dest: "insecure", flag: true, help: "allow a non-loopback --listen without CURVE (anyone who reaches it can connect and read traffic)" },
   "--threads": { dest: "threads", int: true, dflt: 1, help: "onnxruntime intra-op threads per plan" },
   "--max-message-mb": { dest: "maxMessageMb", int: true, dflt: 1024, help: "largest message accepted (MiB)" },
   "--max-plan-mb": { dest: "maxPlanMb", int: true, dflt: 512, help: "largest plan accepted (MiB)" },
@@ -93,6 +100,7 @@ export function parseArgs(argv) {
     if (o.choices && !o.choices.includes(value)) {
       throw new UsageError(`argument ${a}: invalid choice: ${pyRepr(value)} (choose from ${o.choices.map(pyRepr).join(", ")})`);
     }
+    if (o.duration) value = duration(a, value);
     if (o.int) {
       if (!/^[+-]?\d+$/.test(value.trim())) throw new UsageError(`argument ${a}: must be a positive whole number, got ${pyRepr(value)}`);
       const n = Number(value);
@@ -102,9 +110,59 @@ export function parseArgs(argv) {
     if (o.append) args[o.dest].push(value);
     else args[o.dest] = value;
   }
+  if (typeof args.idleTtl === "string") args.idleTtl = duration("--idle-ttl", args.idleTtl);
   if (!args.listen.length) throw new UsageError("the following arguments are required: --listen");
   if (unknown.length) throw new UsageError(`unrecognized arguments: ${unknown.join(" ")}`);
   return args;
+}
+
+/** Seconds of `90`, `90s`, `15m`, `12h` or `1d`. */
+function duration(flag, text) {
+  const found = /^(\d+(?:\.\d+)?)([smhd]?)$/.exec(text.trim());
+  if (!found || !(Number(found[1]) > 0)) {
+    throw new UsageError(`argument ${flag}: must be a positive duration such as 3600, 90s, 15m, 12h or 1d, got ${pyRepr(text)}`);
+  }
+  return Number(found[1]) * { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[found[2]];
+}
+
+const LOOPBACK_HOSTS = ["localhost", "::1", "[::1]"];
+
+/** Whether a --listen URL is reachable only from this machine (ipc, or tcp on a loopback address). */
+export function isLoopback(url) {
+  if (!url.startsWith("tcp://")) return true;
+  const rest = url.slice(6);
+  const host = rest.slice(0, Math.max(0, rest.lastIndexOf(":")));
+  return LOOPBACK_HOSTS.includes(host) || host.startsWith("127.");
+}
+
+/** Secure by default: a worker reachable from the network needs CURVE, or --insecure said out loud.
+ * Returns the endpoints left open to the network without CURVE (to warn about once bound). */
+function checkNetwork(args) {
+  const exposed = args.listen.filter((u) => !isLoopback(u));
+  if (exposed.length && !args.curveSecret && !args.insecure) {
+    throw new ConfigError(
+      `--listen ${pyRepr(exposed[0])} is reachable from the network, and without CURVE anyone who reaches it ` +
+        "can connect and read the traffic: make keys with 'plan-worker keys keys' (the worker's) and " +
+        "'plan-worker keys keys/clients --name alice' (one per client; give each its .key_secret), then add " +
+        "--curve-secret keys/worker.key_secret --curve-clients keys/clients; or pass --insecure on a network " +
+        "you trust",
+    );
+  }
+  return args.curveSecret ? [] : exposed;
+}
+
+/** SIGHUP: read the policy again; a broken file keeps the one in force, and the log says why. */
+function reloadPolicy(service, path) {
+  let policy;
+  try {
+    policy = loadPolicy(path);
+  } catch (e) {
+    if (!(e instanceof PolicyError)) throw e;
+    log.error(`policy not reloaded, the previous one stays in force: ${e.message}`);
+    return;
+  }
+  service.releaser.policy = policy;
+  log.info(`policy ${path} reloaded: ${policy.rules.size} approved plans`);
 }
 
 function checkCurve(args) {
@@ -184,6 +242,7 @@ export async function main(argv) {
 async function serve(args) {
   checkCurve(args);
   for (const url of args.listen) await checkListen(url);
+  const exposed = checkNetwork(args);
   if (args.admin !== null && args.admin !== "none") {
     throw new ConfigError(`--admin ${pyRepr(args.admin)}: the Node worker has no admin socket (use --admin none, or the Python plan-worker for plan-worker status)`);
   }
@@ -204,12 +263,21 @@ async function serve(args) {
   let curveSecret = null;
   let allowed = null;
   let data;
+  let policy = null;
   try {
     if (args.curveSecret) {
       curveSecret = loadSecret(args.curveSecret);
       if (args.curveClients) allowed = clientKeys(args.curveClients);
     }
     data = args.data.flatMap((spec) => loadData(spec));
+    if (args.policy !== null) policy = loadPolicy(args.policy);
+    if (args.audit !== null) {
+      try {
+        closeSync(openSync(args.audit, "a"));
+      } catch (e) {
+        throw new Error(`--audit ${pyRepr(args.audit)}: cannot append to it (${e.code === "EACCES" ? "Permission denied" : e.message})`);
+      }
+    }
   } catch (e) {
     // a key file or --data file at fault (DataError, or auth.js's Error): one line, exit status 2
     throw new ConfigError(e instanceof DataError || e instanceof Error ? e.message : String(e));
@@ -222,8 +290,12 @@ async function serve(args) {
     maxPlans: args.maxPlans,
     maxStoreBytes: args.maxStoreMb * 2 ** 20,
     maxClientStoreBytes: args.maxClientStoreMb === null ? null : args.maxClientStoreMb * 2 ** 20,
+    idleTtl: args.idleTtl,
+    policy,
+    audit: args.audit,
+    plansDir: args.plansDir === "none" ? null : (args.plansDir ?? defaultPlansDir()),
   });
-  const cleanup = [];
+  const cleanup = [() => service.releaser.close()];
   if (curveSecret !== null) {
     const zap = await startAuthenticator(allowed);
     cleanup.push(() => zap.close());
@@ -250,6 +322,11 @@ async function serve(args) {
   };
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
+  if (exposed.length) log.warning(`--insecure: ${exposed.join(", ")} reachable from the network without CURVE`);
+  if (args.policy !== null) {
+    process.on("SIGHUP", () => reloadPolicy(service, args.policy));
+    log.info(`policy ${args.policy}: ${policy.rules.size} approved plans (SIGHUP reloads it)`);
+  }
   log.info(
     `plan-worker ${args.id} ready on ${server.endpoints.join(", ")} (protocol ${PROTOCOL_VERSION}, providers ${service.providers.join(",")}, ` +
       `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox off, node ${process.versions.node})`,

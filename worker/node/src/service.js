@@ -8,6 +8,10 @@ import { DTYPES, Tensor, fromFrame, toOrt, fromOrt, human, humanList } from "./c
 import { Store } from "./store.js";
 import { checkModel, PlanRejected } from "./modelcheck.js";
 import { log, clean, enabled } from "./log.js";
+import { Owners, PlanHolders, DAY, label } from "./owners.js";
+import { analyze, redacted } from "./flow.js";
+import { Releaser } from "./release.js";
+import { keepPlan } from "./review.js";
 
 export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
 const PREFIX = Buffer.from("PWIRE/");
@@ -124,7 +128,22 @@ class Plan {
 const FROM_ORT_TYPE = Object.fromEntries(Object.entries(DTYPES).map(([w, d]) => [d.ort, w]));
 
 export class Service {
-  constructor(id, { data = [], isPublic = false, threads = 1, limits = new Limits(), maxPlans = null, maxStoreBytes = null, maxClientStoreBytes = null } = {}) {
+  constructor(
+    id,
+    {
+      data = [],
+      isPublic = false,
+      threads = 1,
+      limits = new Limits(),
+      maxPlans = null,
+      maxStoreBytes = null,
+      maxClientStoreBytes = null,
+      idleTtl = DAY,
+      policy = null,
+      audit = null,
+      plansDir = null,
+    } = {},
+  ) {
     this.id = id;
     this.session = randomBytes(16).toString("hex");
     this.providers = PROVIDERS;
@@ -133,16 +152,22 @@ export class Service {
     this.maxPlans = maxPlans;
     this.store = new Store({ isPublic, maxBytes: maxStoreBytes, maxClientBytes: maxClientStoreBytes });
     this.plans = new Map();
-    this.client = "";
-    for (const [key, tensor, tags] of data) this.store.put(key, tensor, tags, { isPrivate: true });
+    this.client = ""; // the owner the request being handled acts for (owners.js)
+    this.conn = ""; // the connection it came on
+    this.owners = new Owners({ idleTtl });
+    this.holders = new PlanHolders(); // which owners registered each plan
+    this.flows = new Map(); // plan id -> which outputs depend on which inputs (flow.js)
+    this.releaser = new Releaser(policy, audit); // the data owner's release rules and audit log
+    this.plansDir = plansDir; // where a worker with private data keeps the plans it receives, for review
+    for (const [key, tensor, tags] of data) this.store.putOwn(key, tensor, tags);
     this.handlers = {
       hello: (m) => this.hello(m),
       ping: (m) => [{ type: "ok", re: m.id, session: this.session }, []],
       put: (m, b) => this.put(m, b),
-      get: (m) => this.tensorsReply(m.id, m.keys, this.store.take(m.keys, m.keep)),
-      delete: (m) => (this.store.delete(m.keys), this.ok(m)),
-      search: (m) => this.found(m, this.store.search(m.tags)),
-      describe: (m) => this.found(m, m.keys.map((k) => [k, this.store.entry(k)])),
+      get: (m) => this.tensorsReply(m.id, m.keys, this.store.take(this.client, m.keys, m.keep, this.release)),
+      delete: (m) => (this.store.delete(this.client, m.keys), this.ok(m)),
+      search: (m) => this.found(m, this.store.search(this.client, m.tags)),
+      describe: (m) => this.found(m, m.keys.map((k) => [k, this.store.entry(this.client, k)])),
       register_plan: (m, b) => this.register(m, b),
       has_plan: (m) => this.hasPlan(m),
       delete_plan: (m) => this.deletePlan(m),
@@ -159,6 +184,15 @@ export class Service {
     };
   }
 
+  /** Handle what follows for the owner behind connection `conn` (owners.js). */
+  actFor(conn) {
+    this.conn = conn;
+    this.client = this.owners.owner(conn);
+    this.owners.seen(this.client, (owner) => this.free(owner));
+  }
+
+  release = (key, entry) => this.releaser.release(this.client, key, entry);
+
   ok(m) {
     return [{ type: "ok", re: m.id, session: this.session }, []];
   }
@@ -170,7 +204,7 @@ export class Service {
     let reply;
     let out = [];
     const t0 = process.hrtime.bigint();
-    this.client = client;
+    this.actFor(client);
     try {
       let total = 0;
       for (const f of frames) total += f.length;
@@ -279,6 +313,8 @@ export class Service {
     if (m.version !== PROTOCOL_VERSION) {
       throw new ProtocolError("bad_version", `client speaks protocol ${m.version}, this worker ${PROTOCOL_VERSION}`);
     }
+    let identity;
+    [this.client, identity] = this.owners.hello(this.conn, m.identity ?? "");
     return [
       {
         type: "welcome",
@@ -293,6 +329,7 @@ export class Service {
           max_plan_bytes: this.limits.maxPlanBytes,
           max_frames: this.limits.maxFrames,
         },
+        identity,
       },
       [],
     ];
@@ -302,7 +339,7 @@ export class Service {
     const tensors = m.tensors.map((t) => this.tensor(t, buffers, `put tensor ${pyRepr(t.key)}`));
     this.store.checkWritable(m.tensors.map((t) => t.key));
     this.store.checkQuota(this.client, m.tensors.map((t, i) => [t.key, tensors[i].nbytes]), `put #${m.id}`);
-    m.tensors.forEach((t, i) => this.store.put(t.key, tensors[i], t.tags ?? [], { owner: this.client }));
+    m.tensors.forEach((t, i) => this.store.put(this.client, t.key, tensors[i], t.tags ?? []));
     return this.ok(m);
   }
 
@@ -311,6 +348,7 @@ export class Service {
       const info = { key, dtype: e.tensor.dtype, shape: e.tensor.shape };
       if (e.tags.length) info.tags = e.tags;
       if (e.private) info.private = true;
+      if (e.worker) info.owner = "worker";
       return info;
     });
     return [{ type: "found", re: m.id, session: this.session, tensors }, []];
@@ -361,8 +399,13 @@ export class Service {
         }
       }
       this.plans.set(pid, plan);
+      this.flows.set(pid, analyze(data, plan.inputs.map((p) => p.name), plan.outputs.map((p) => p.name)));
       log.info(`registered plan ${clean(pyRepr(name))} (${pid.slice(0, 12)}, ${data.length} bytes)`);
+      if (this.plansDir !== null && [...this.store.own.values()].some((e) => e.private)) {
+        keepPlan(this.plansDir, pid, data, name);
+      }
     }
+    this.holders.add(pid, this.client);
     return [this.planInfo(m.id, pid, plan), []];
   }
 
@@ -372,18 +415,34 @@ export class Service {
 
   hasPlan(m) {
     const plan = this.plans.get(m.plan);
-    if (plan === undefined) return [{ type: "missing", re: m.id, session: this.session, plan: m.plan }, []];
+    if (plan === undefined || !this.holders.holds(m.plan, this.client)) return [{ type: "missing", re: m.id, session: this.session, plan: m.plan }, []];
     return [this.planInfo(m.id, m.plan, plan), []];
   }
 
   async deletePlan(m) {
-    const plan = this.plans.get(m.plan);
-    if (plan !== undefined) {
-      this.plans.delete(m.plan);
-      await plan.session.release();
-      log.info(`unregistered plan ${pyRepr(m.plan.slice(0, 12))}`);
-    }
+    if (this.holders.remove(m.plan, this.client)) await this.unload(m.plan);
     return this.ok(m);
+  }
+
+  /** Forget a plan nobody holds any more. */
+  async unload(pid) {
+    const plan = this.plans.get(pid);
+    this.flows.delete(pid);
+    if (plan !== undefined) {
+      this.plans.delete(pid);
+      await plan.session.release();
+      log.info(`unregistered plan ${pyRepr(pid.slice(0, 12))}`);
+    }
+  }
+
+  /** Free everything of an owner not seen for --idle-ttl. */
+  free(owner) {
+    const [n, nbytes] = this.store.dropClient(owner);
+    const pids = this.holders.dropOwner(owner);
+    for (const pid of pids) this.unload(pid).catch((e) => log.error(`plan ${pid.slice(0, 12)} not released: ${e}`));
+    log.info(
+      `client ${label(owner)} not seen for ${Math.round(this.owners.idleTtl)} s (--idle-ttl): freed its ${n} tensors (${nbytes} bytes) and ${pids.length} plans`,
+    );
   }
 
   async run(m, buffers) {
@@ -396,7 +455,7 @@ export class Service {
     } catch (e) {
       if (e instanceof ProtocolError) {
         const why = e.code === "run_failed" ? e.message : `run #${m.id} refused: ${e.message} [${e.code}]`;
-        for (const key of m.outputs) this.store.fail(key, why);
+        for (const key of m.outputs) this.store.fail(this.client, key, why);
       }
       throw e;
     }
@@ -404,7 +463,7 @@ export class Service {
 
   async execute(m, buffers) {
     const plan = this.plans.get(m.plan);
-    if (plan === undefined) {
+    if (plan === undefined || !this.holders.holds(m.plan, this.client)) {
       throw new ProtocolError("unknown_plan", `no plan ${pyRepr(m.plan.slice(0, 12))} on worker ${pyRepr(this.id)}: register it first`);
     }
     const nOut = plan.outputs.length;
@@ -418,7 +477,20 @@ export class Service {
     if (m.fetch.some((i) => BigInt(i) >= BigInt(nOut))) {
       throw new ProtocolError("bad_argument", `run.fetch [${m.fetch.join(", ")}] out of range for ${nOut} outputs`);
     }
-    const args = m.args.map((a, i) => ("ref" in a ? this.store.entry(a.ref).tensor : this.tensor(a.tensor, buffers, `run argument ${i}`)));
+    const privateArgs = new Map(); // argument index -> its private store entry
+    const args = m.args.map((a, i) => {
+      if (!("ref" in a)) return this.tensor(a.tensor, buffers, `run argument ${i}`);
+      const e = this.store.entry(this.client, a.ref);
+      if (e.private) privateArgs.set(i, e);
+      return e.tensor;
+    });
+    const priv = privateArgs.size ? this.flows.get(m.plan).privateOutputs([...privateArgs.keys()]) : new Set();
+    let pending = new Map();
+    let rows = 0;
+    if (priv.size) {
+      pending = this.pending(m, plan, args, privateArgs, priv);
+      rows = Math.min(...[...privateArgs.values()].map((e) => e.rows));
+    }
     plan.check(args);
     let results;
     try {
@@ -431,14 +503,49 @@ export class Service {
         return t;
       });
     } catch (e) {
+      if (privateArgs.size) {
+        // onnxruntime's text may quote tensor values: the client gets the op, the node and the shapes
+        log.info(`plan ${pyRepr(plan.name)} failed on private data: ${clean(e?.message ?? e)}`);
+        throw new ProtocolError("run_failed", redacted(plan.name, this.id, e, args, pyRepr));
+      }
       throw new ProtocolError("run_failed", `plan ${pyRepr(plan.name)} failed on worker ${pyRepr(this.id)}: ${e?.message ?? e}`);
     }
     this.store.checkQuota(this.client, m.outputs.map((k, i) => [k, results[i].nbytes]), `outputs of run #${m.id}`);
-    m.outputs.forEach((key, i) => this.store.put(key, results[i], [], { owner: this.client }));
+    m.outputs.forEach((key, i) =>
+      this.store.put(this.client, key, results[i], [], { isPrivate: priv.has(i), pending: pending.get(i) ?? null, rows }),
+    );
     const inlineMax = Number(m.inline_max);
-    if (inlineMax) results.forEach((r, i) => r.nbytes <= inlineMax && !fetch.includes(i) && fetch.push(i));
+    if (inlineMax) {
+      results.forEach((r, i) => {
+        const leaves = !priv.has(i) || (pending.has(i) && pending.get(i).ready);
+        if (r.nbytes <= inlineMax && !fetch.includes(i) && leaves) fetch.push(i);
+      });
+    }
     if (!fetch.length) return this.ok(m);
-    return this.tensorsReply(m.id, fetch.map((i) => m.outputs[i]), fetch.map((i) => results[i]));
+    const keys = fetch.map((i) => m.outputs[i]);
+    // a private output leaves only as its release (the owner's policy): read through it
+    const values = priv.size ? this.store.readable(this.client, keys, this.release)[1] : fetch.map((i) => results[i]);
+    return this.tensorsReply(m.id, keys, values);
+  }
+
+  /** The releases the owner's policy allows for a run on private data; refuses a fetch of any other
+   * private output before anything runs. */
+  pending(m, plan, args, privateArgs, priv) {
+    const namesIn = plan.inputs.map((p) => p.name);
+    const namesOut = plan.outputs.map((p) => p.name);
+    const pending = this.releaser.prepare(m.plan, plan.name, namesIn, namesOut, args, privateArgs, priv, this.client);
+    const held = m.fetch.map(Number).filter((i) => priv.has(i) && !(pending.has(i) && pending.get(i).ready));
+    if (held.length) {
+      const keys = held.map((i) => m.outputs[i]);
+      const message =
+        `run.fetch asks for [${keys.map(pyRepr).join(", ")}], computed by plan ${pyRepr(plan.name)} from this worker's private data: such ` +
+        "results are stored and may be used by later runs, but never leave the worker unless the data " +
+        "owner approves the plan (plan-worker --policy)";
+      const rule = this.releaser.policy?.rules.get(m.plan) ?? null;
+      this.releaser.audit("refused", this.client, rule, plan.name, held.map((i) => namesOut[i]), [], { reason: message });
+      throw new ProtocolError("private_data", message);
+    }
+    return pending;
   }
 }
 

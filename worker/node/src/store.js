@@ -1,53 +1,75 @@
-// The worker's tensors by key, with tags, ownership, quotas and remembered failures (as worker/store.py).
-// Every method validates before it mutates, so a refused request loses nothing.
+// The worker's tensors by owner and key, with tags, privacy, quotas and remembered failures (as
+// worker/store.py). Every method validates before it mutates, so a refused request loses nothing.
+//
+// Every client has a key space of its own: it sees, reads, overwrites, moves and deletes only its own
+// tensors, and another client's key reads exactly like a missing one. Beside them sits the worker's own
+// data (--data), visible to every client and marked as the worker's: plans may read it, no client may
+// overwrite or delete it, and a client's key may not shadow it. Private tensors never leave the worker:
+// its own data (unless it was started public) and every result derived from private data (flow.js).
+// Quotas count clients' tensors in total and per client; the worker's own data is not counted.
 
 import { ProtocolError } from "./messages.js";
 import { pyRepr } from "./json.js";
+import { PRIVATE_TEXT } from "./release.js";
 
 const MB = 1 << 20;
 const mb = (n) => (n < 10 * MB ? `${(n / MB).toFixed(1)} MiB` : `${Math.floor(n / MB)} MiB`);
+
+/** {tensor, tags, private, worker, pending, rows}: `rows` is a private tensor's fewest rows of the
+ * worker's data it was computed from (its own: its leading axis); `pending` its release (release.js). */
+function entry(tensor, tags, { isPrivate = false, worker = false, pending = null, rows = 0 } = {}) {
+  return { tensor, tags: [...tags], private: isPrivate, worker, pending, rows };
+}
 
 export class Store {
   constructor({ isPublic = false, maxBytes = null, maxClientBytes = null } = {}) {
     this.public = isPublic;
     this.maxBytes = maxBytes;
     this.maxClientBytes = maxClientBytes;
-    this.bytes = 0;
+    this.bytes = 0; // clients' tensors, all together
     this.byClient = new Map();
-    this.tensors = new Map(); // key -> {tensor, tags, private, owner}
-    this.failed = new Map(); // key -> why
+    this.own = new Map(); // the worker's own data: key -> entry
+    this.spaces = new Map(); // client -> Map(key -> entry)
+    this.failed = new Map(); // client -> Map(output key -> why the run that made it failed)
   }
 
   get size() {
-    return this.tensors.size;
+    let n = this.own.size;
+    for (const s of this.spaces.values()) n += s.size;
+    return n;
   }
 
+  /** One of the worker's own tensors (at start): private unless the worker is public. */
+  putOwn(key, tensor, tags = []) {
+    const rows = tensor.shape.length ? tensor.shape[0] : 1;
+    this.own.set(key, entry(tensor, tags, { isPrivate: !this.public, worker: true, rows }));
+  }
+
+  /** Refuse to overwrite the worker's own data (a client's key may not shadow it). */
   checkWritable(keys) {
     for (const key of keys) {
-      const e = this.tensors.get(key);
-      if (e && e.private) {
+      if (this.own.has(key)) {
         throw new ProtocolError("forbidden", `tensor ${pyRepr(key)} is this worker's own data and cannot be overwritten`);
       }
     }
   }
 
+  /** quota_exceeded unless storing [key, nbytes] items for `client` keeps both caps (a key listed twice
+   * counts once, with its last size; what a key held before is given back). */
   checkQuota(client, sizes, what) {
     if (this.maxBytes === null && this.maxClientBytes === null) return;
     const fresh = new Map(sizes);
-    let total = 0;
-    for (const n of fresh.values()) total += n;
-    let mine = total;
+    let mine = 0;
+    for (const n of fresh.values()) mine += n;
+    const space = this.spaces.get(client);
     for (const key of fresh.keys()) {
-      const old = this.tensors.get(key);
-      if (old && !old.private) {
-        total -= old.tensor.nbytes;
-        if (old.owner === client) mine -= old.tensor.nbytes;
-      }
+      const old = space?.get(key);
+      if (old !== undefined) mine -= old.tensor.nbytes;
     }
-    if (this.maxBytes !== null && this.bytes + total > this.maxBytes) {
+    if (this.maxBytes !== null && this.bytes + mine > this.maxBytes) {
       throw new ProtocolError(
         "quota_exceeded",
-        `${what} needs ${mb(total)} more, but the worker's store holds ${mb(this.bytes)} of its limit of ` +
+        `${what} needs ${mb(mine)} more, but the worker's store holds ${mb(this.bytes)} of its limit of ` +
           `${mb(this.maxBytes)}: get or delete tensors first, or start plan-worker with a larger --max-store-mb`,
       );
     }
@@ -62,74 +84,104 @@ export class Store {
     }
   }
 
-  put(key, tensor, tags = [], { isPrivate = false, owner = "" } = {}) {
-    this.pop(key);
-    this.tensors.set(key, { tensor, tags: [...tags], private: isPrivate, owner });
-    if (!isPrivate) {
-      this.bytes += tensor.nbytes;
-      this.byClient.set(owner, (this.byClient.get(owner) ?? 0) + tensor.nbytes);
-    }
-    this.failed.delete(key);
+  /** Store `client`'s tensor (after checkWritable and checkQuota). */
+  put(client, key, tensor, tags = [], { isPrivate = false, pending = null, rows = 0 } = {}) {
+    this.pop(client, key);
+    let space = this.spaces.get(client);
+    if (space === undefined) this.spaces.set(client, (space = new Map()));
+    space.set(key, entry(tensor, tags, { isPrivate, pending, rows }));
+    this.bytes += tensor.nbytes;
+    this.byClient.set(client, (this.byClient.get(client) ?? 0) + tensor.nbytes);
+    this.failed.get(client)?.delete(key);
   }
 
-  pop(key) {
-    const e = this.tensors.get(key);
+  /** Remove `client`'s `key` and give its bytes back. */
+  pop(client, key) {
+    const space = this.spaces.get(client);
+    const e = space?.get(key);
     if (e === undefined) return;
-    this.tensors.delete(key);
-    if (!e.private) {
-      this.bytes -= e.tensor.nbytes;
-      const left = this.byClient.get(e.owner) - e.tensor.nbytes;
-      if (left) this.byClient.set(e.owner, left);
-      else this.byClient.delete(e.owner);
-    }
+    space.delete(key);
+    this.bytes -= e.tensor.nbytes;
+    const left = this.byClient.get(client) - e.tensor.nbytes;
+    if (left) this.byClient.set(client, left);
+    else this.byClient.delete(client);
+    if (!space.size) this.spaces.delete(client);
   }
 
-  fail(key, why) {
-    this.pop(key);
-    this.failed.set(key, why);
+  /** Remember that `client`'s `key` will not come: a later read reports why. */
+  fail(client, key, why) {
+    this.pop(client, key);
+    let failed = this.failed.get(client);
+    if (failed === undefined) this.failed.set(client, (failed = new Map()));
+    failed.set(key, why);
   }
 
-  entry(key) {
-    const e = this.tensors.get(key);
+  entry(client, key) {
+    const e = this.spaces.get(client)?.get(key) ?? this.own.get(key);
     if (e !== undefined) return e;
-    const why = this.failed.get(key);
+    const why = this.failed.get(client)?.get(key);
     if (why !== undefined) throw new ProtocolError("run_failed", why);
-    throw new ProtocolError(
-      "unknown_tensor",
-      `no tensor ${pyRepr(key)} on this worker (never stored, deleted, or already moved by get)`,
-    );
+    throw new ProtocolError("unknown_tensor", `no tensor ${pyRepr(key)} on this worker (never stored, deleted, or already moved by get)`);
   }
 
-  take(keys, keep) {
-    const entries = keys.map((k) => this.entry(k));
-    keys.forEach((key, i) => {
-      if (entries[i].private && !this.public) {
-        throw new ProtocolError(
-          "forbidden",
-          `tensor ${pyRepr(key)} is this worker's own data: it may be used by plans but never leaves the worker`,
-        );
+  /** [entries, tensors that may be sent to `client`]: a private result only through `release` (the
+   * owner's policy), the worker's own private data never. */
+  readable(client, keys, release = null) {
+    const entries = keys.map((k) => this.entry(client, k));
+    const values = keys.map((key, i) => {
+      const e = entries[i];
+      if (!e.private) return e.tensor;
+      if (e.worker) {
+        throw new ProtocolError("forbidden", `tensor ${pyRepr(key)} is this worker's own data: it may be used by plans but never leaves the worker`);
       }
+      if (release !== null) return release(key, e);
+      throw new ProtocolError("private_data", `tensor ${pyRepr(key)} ${PRIVATE_TEXT}`);
     });
-    if (!keep) keys.forEach((key, i) => entries[i].private || this.pop(key));
-    return entries.map((e) => e.tensor);
+    return [entries, values];
   }
 
-  delete(keys) {
+  /** Tensors for a get; moved out unless `keep` (the worker's own data is copied, never removed). */
+  take(client, keys, keep, release = null) {
+    const [entries, values] = this.readable(client, keys, release);
+    if (!keep) keys.forEach((key, i) => entries[i].worker || this.pop(client, key));
+    return values;
+  }
+
+  delete(client, keys) {
+    const space = this.spaces.get(client);
     for (const key of keys) {
-      const e = this.tensors.get(key);
-      if (e && e.private) {
+      if (this.own.has(key) && !space?.has(key)) {
         throw new ProtocolError("forbidden", `tensor ${pyRepr(key)} is this worker's own data and cannot be deleted`);
       }
     }
+    const failed = this.failed.get(client);
     for (const key of keys) {
-      this.pop(key);
-      this.failed.delete(key);
+      this.pop(client, key);
+      failed?.delete(key);
     }
+    if (failed !== undefined && !failed.size) this.failed.delete(client);
   }
 
-  search(tags) {
+  /** The worker's own tensors, then `client`'s, that carry all `tags`: [key, entry] pairs. */
+  search(client, tags) {
     const out = [];
-    for (const [k, e] of this.tensors) if (tags.every((t) => e.tags.includes(t))) out.push([k, e]);
+    const match = (e) => tags.every((t) => e.tags.includes(t));
+    for (const [k, e] of this.own) if (match(e)) out.push([k, e]);
+    for (const [k, e] of this.spaces.get(client) ?? []) if (match(e)) out.push([k, e]);
     return out;
+  }
+
+  /** Forget every tensor of `client`; returns [tensors, bytes] freed. */
+  dropClient(client) {
+    const space = this.spaces.get(client);
+    let n = 0;
+    let nbytes = 0;
+    for (const key of [...(space?.keys() ?? [])]) {
+      nbytes += space.get(key).tensor.nbytes;
+      n++;
+      this.pop(client, key);
+    }
+    this.failed.delete(client);
+    return [n, nbytes];
   }
 }
