@@ -21,6 +21,7 @@ from planwire.transport.auth import client_keys
 from planwire.worker import VirtualWorker
 from planwire.worker.process import WorkerProcess
 from tests import handmade
+from tests.conformance.workers import KINDS, node_missing, start
 
 
 def _listen(kind: str, tmp: Path) -> str:
@@ -57,8 +58,11 @@ def test_a_client_presenting_its_identity_on_a_new_connection_keeps_its_objects(
             assert p.get(keep=True).tolist() == [0, 1, 2, 3]
 
 
-def test_idle_clients_are_freed_and_logged(tmp_path):
-    with WorkerProcess("ttl", extra=["--idle-ttl", "1s"]) as proc:
+@pytest.mark.parametrize("kind", KINDS)
+def test_idle_clients_are_freed_and_logged(kind):
+    if kind == "node" and (reason := node_missing()):
+        pytest.skip(reason)
+    with start(kind, "ttl", extra=["--idle-ttl", "1s"]) as proc:
         with planwire.connect(proc.url, timeout=10) as a, planwire.connect(proc.url, timeout=10) as b:
             old = a.put(np.arange(3), key="old")  # noqa: F841 (held: a collected pointer frees its tensor)
             time.sleep(2.5)

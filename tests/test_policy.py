@@ -21,6 +21,7 @@ from planwire.worker.policy import PolicyError, load, parse
 from planwire.worker.process import WorkerProcess
 from planwire.worker.review import format_review, policy_snippet, review
 from tests import handmade
+from tests.conformance.workers import KINDS, node_missing, start
 
 
 def copy_plan() -> handmade.HandPlan:
@@ -176,7 +177,10 @@ def test_review_shows_dependencies_and_a_snippet_that_approves_the_plan():
     assert set(policy.rules[r.fingerprint].outputs) == {"new_w", "loss"}
 
 
-def test_plan_worker_policy_audit_and_sighup_reload(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_plan_worker_policy_audit_and_sighup_reload(tmp_path, kind):
+    if kind == "node" and (reason := node_missing()):
+        pytest.skip(reason)
     data = tmp_path / "secret.npy"
     np.save(data, np.float32([5, 6]))
     fp = copy_plan().variants[0].id
@@ -184,7 +188,7 @@ def test_plan_worker_policy_audit_and_sighup_reload(tmp_path):
     policy.write_text(rules('outputs.y = "as_is"', "0" * 64))
     audit = tmp_path / "audit.jsonl"
     extra = ["--policy", str(policy), "--audit", str(audit), "--plans-dir", str(tmp_path / "plans")]
-    with WorkerProcess("policy", data=[f"{data}:secret"], extra=extra) as proc, planwire.connect(proc.url) as c:
+    with start(kind, "policy", data=[f"{data}:secret"], extra=extra) as proc, planwire.connect(proc.url) as c:
         (x,) = c.search("secret")
         with pytest.raises(PrivateDataError):
             c.plan_pointer(copy_plan())(x).get()

@@ -1,0 +1,157 @@
+"""The Node.js worker keeps the data owner's rules as the Python plan-worker does (issue 12 through issue 13):
+the same audit records for the same runs (fields, values, messages, epsilon), the Gaussian noise it names,
+the --insecure rule, and CURVE clients kept apart. Real processes of both workers; the Node ones skip,
+saying why, without node or worker/node/node_modules. (The protocol's rules themselves are checked by
+tests/conformance against both workers, and tests/test_owners.py and tests/test_policy.py run their
+--idle-ttl and SIGHUP tests on both.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq.auth
+from dp_accounting import dp_event
+from dp_accounting.rdp import rdp_privacy_accountant
+
+import planwire
+from planwire.transport import PrivateDataError, UnknownTensorError
+from planwire.transport.auth import client_keys
+from tests import handmade
+from tests.conformance.workers import NODE_BIN, NodeWorkerProcess, node_missing, start
+from tests.test_policy import copy_plan, run_step, step_plan
+
+pytestmark = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "")
+
+SIGMA, CLIP = 1.1, 1.0
+
+
+def policy_text() -> str:
+    return f"""
+[[plan]]
+fingerprint = "{copy_plan().variants[0].id}"
+name = "copy"
+outputs.y = "as_is"
+
+[[plan]]
+fingerprint = "{step_plan().variants[0].id}"
+name = "step"
+outputs.new_w = {{ update = "w" }}
+update = {{ clip_norm = {CLIP}, noise_multiplier = {SIGMA} }}
+inputs.lr = {{ min = 0.0, max = 1.0 }}
+"""
+
+
+def audited_session(kind: str, tmp: Path) -> list[dict]:
+    """The same client session against a worker of ``kind``: its audit records."""
+    tmp.mkdir()
+    np.save(tmp / "secret.npy", np.float32([0.5, -0.25, 2.0]))
+    (tmp / "policy.toml").write_text(policy_text())
+    audit = tmp / "audit.jsonl"
+    extra = ["--policy", str(tmp / "policy.toml"), "--audit", str(audit), "--plans-dir", "none"]
+    data = [f"{tmp / 'secret.npy'}:secret"]
+    with start(kind, f"audit-{kind}", data=data, extra=extra) as proc, planwire.connect(proc.url, timeout=20) as c:
+        (x,) = c.search("secret")
+        run_step(c, copy_plan(), x, outputs=["copied"])
+        assert c.fetch_arrays(["copied"])[0].tolist() == [0.5, -0.25, 2.0]  # released as_is
+        run_step(c, handmade.double_abs(), x, outputs=["doubled"])
+        with pytest.raises(PrivateDataError):
+            c.fetch_arrays(["doubled"])  # no rule for this plan
+        step = step_plan()
+        with pytest.raises(PrivateDataError, match="'lr' in \\[0.0, 1.0\\]"):
+            run_step(c, step, np.zeros(3, np.float32), x, np.float32(2.0), outputs=["w0", "l0"], fetch=[0])
+        for i in (1, 2):  # two noised releases: the client's epsilon grows
+            run_step(c, step, np.zeros(3, np.float32), x, np.float32(0.5), outputs=[f"w{i}", f"l{i}"])
+            c.fetch_arrays([f"w{i}"], keep=True)
+            c.fetch_arrays([f"w{i}"], keep=True)  # read twice: released (and accounted) once
+    return [json.loads(line) for line in audit.read_text().splitlines()]
+
+
+def test_the_audit_log_is_the_python_workers_record_for_record(tmp_path):
+    python, node = (audited_session(kind, tmp_path / kind) for kind in ("python", "node"))
+    assert [r["event"] for r in node] == ["released", "refused", "refused", "released", "released"]
+    assert len(python) == len(node)
+    for p, n in zip(python, node, strict=True):
+        assert list(p) == list(n)  # the same fields in the same order
+        for field in p:
+            if field == "epsilon":
+                assert n[field] == pytest.approx(p[field], rel=1e-9)
+            elif field not in ("time", "client"):  # the client's label is its connection
+                assert n[field] == p[field], field
+        assert n["client"].startswith("conn:")
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    for record in node[-2:]:  # the epsilon dp-accounting computes for 1, then 2 releases at this noise
+        accountant.compose(dp_event.GaussianDpEvent(SIGMA))
+        assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+        assert record["noise_multiplier"] == SIGMA and record["clip_norm"] == CLIP and record["delta"] == 1e-5
+
+
+def test_the_node_worker_clips_and_noises_an_update_once_with_the_named_noise(tmp_path):
+    plan = step_plan()
+    n, clip, sigma = 20_000, 2.0, 0.5
+    secret = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    np.save(tmp_path / "secret.npy", secret)
+    (tmp_path / "policy.toml").write_text(
+        f'[[plan]]\nfingerprint = "{plan.variants[0].id}"\noutputs.new_w = {{ update = "w" }}\n'
+        f"update = {{ clip_norm = {clip}, noise_multiplier = {sigma} }}\n"
+    )
+    extra = ["--policy", str(tmp_path / "policy.toml"), "--plans-dir", "none"]
+    data = [f"{tmp_path / 'secret.npy'}:secret"]
+    with NodeWorkerProcess("noise", data=data, extra=extra) as proc, planwire.connect(proc.url, timeout=20) as c:
+        (x,) = c.search("secret")
+        run_step(c, plan, np.zeros(n, np.float32), x, np.float32(1.0), outputs=["w", "loss"])
+        released = c.fetch_arrays(["w"], keep=True)[0]
+        assert np.array_equal(c.fetch_arrays(["w"], keep=True)[0], released)  # noised once
+        with pytest.raises(PrivateDataError):
+            c.fetch_arrays(["loss"], keep=True)  # no rule releases it
+    clipped = secret.astype(np.float64) * clip / np.linalg.norm(secret)
+    noise = released.astype(np.float64) - clipped
+    # Gaussian noise of std sigma * clip on every coordinate: 20k samples pin mean and std to within 5 sigma
+    assert abs(noise.mean()) < 5 * sigma * clip / np.sqrt(n)
+    assert abs(noise.std() / (sigma * clip) - 1) < 5 / np.sqrt(2 * n)
+
+
+def test_a_network_address_without_curve_is_refused_with_the_python_workers_line(tmp_path):
+    args = ["--listen", "tcp://0.0.0.0:0", "--admin", "none"]
+    python = subprocess.run(
+        [sys.executable, "-m", "planwire.worker", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    node = subprocess.run(["node", str(NODE_BIN), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert python.returncode == node.returncode == 2
+    assert node.stderr == python.stderr
+    assert "reachable from the network" in node.stderr and "plan-worker keys" in node.stderr
+    with NodeWorkerProcess("open", listen="tcp://0.0.0.0:0", extra=["--insecure"]) as proc:
+        assert "--insecure: tcp://0.0.0.0:0 reachable from the network without CURVE" in proc.log()
+
+
+def test_curve_clients_see_only_their_own_and_keep_them_by_identity(tmp_path):
+    for d in ("server", "clients", "secrets"):
+        (tmp_path / d).mkdir()
+    zmq.auth.create_certificates(tmp_path / "server", "server")
+    for name in ("alice", "bob"):
+        zmq.auth.create_certificates(tmp_path / "clients", name)
+        (tmp_path / "clients" / f"{name}.key_secret").rename(tmp_path / "secrets" / f"{name}.key_secret")
+    server = str(tmp_path / "server" / "server.key")
+    alice, bob = (client_keys(str(tmp_path / "secrets" / f"{n}.key_secret"), server) for n in ("alice", "bob"))
+    secret, clients = str(tmp_path / "server" / "server.key_secret"), str(tmp_path / "clients")
+    extra = ["--curve-secret", secret, "--curve-clients", clients]
+    with NodeWorkerProcess("curve-owners", extra=extra) as proc:
+        with planwire.connect(proc.url, timeout=10, curve=alice) as a:
+            # zeromq.js does not expose ZAP's User-Id: the Node worker issues identities under CURVE too
+            identity = a.identity
+            assert len(identity) >= 32
+            a.put_many({"x": np.arange(3)}, tags=["alice"], owned=False)  # stays when this connection closes
+        with planwire.connect(proc.url, timeout=10, curve=bob) as b:
+            assert b.search("alice") == []
+            with pytest.raises(UnknownTensorError):
+                b.fetch_arrays(["x"], keep=True)
+        with planwire.connect(proc.url, timeout=10, curve=alice) as a2:
+            assert a2.search("alice") == []  # the same key on a new connection is a new client (PROTOCOL.md §12)...
+            a2.identity = identity
+            a2.hello()  # ...until it presents its identity
+            (p,) = a2.search("alice")
+            assert p.get().tolist() == [0, 1, 2]
