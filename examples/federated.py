@@ -1,7 +1,8 @@
 """Federated averaging over three plan-worker processes; the training data never leaves them.
 
 The workers are of both languages when Node.js is there: two Python plan-workers and one Node.js worker
-(worker/node) by default (``--node-workers N``; 0 without Node), serving the same plan bytes.
+(worker/node) by default (``--node-workers N``; 0 without Node), serving the same plan bytes under the
+same owners' policy.
 
 Each worker starts with its own shard of scikit-learn's bundled digits (8x8 images, no download) as
 private data, and a release policy its data owner wrote after reviewing the training plan (printed
@@ -45,6 +46,7 @@ except ImportError:  # imported from elsewhere
     from examples.node_worker import NodeWorkerProcess, node_missing
 
 WORKERS, ROUNDS, LOCAL_EPOCHS, BATCH = 3, 6, 2, 32
+NODE_WORKERS = 1  # of the WORKERS, by default, when the Node.js worker can run here
 MIN_BATCH = 16  # the owners release nothing computed on fewer rows: smaller trailing batches are not used
 TARGET = 0.90  # held-out accuracy the run must beat
 
@@ -165,13 +167,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--node-workers",
         type=int,
-        default=0,
-        help=f"how many of the {WORKERS} workers are Node.js workers (they do not enforce the owners' release "
-        "policy yet: their trained weights leave whole, and the server turns them into updates)",
+        default=None,
+        help=f"how many of the {WORKERS} workers are Node.js workers, which keep the same release policy "
+        f"(default: {NODE_WORKERS} when node and worker/node's packages are installed, else 0)",
     )
     args = parser.parse_args(argv)
     if args.noise and args.clip is None:
         parser.error("--noise needs --clip (the noise is scaled to the clipping norm)")
+    if args.node_workers is None:
+        args.node_workers = 0 if node_missing() else NODE_WORKERS
     if not 0 <= args.node_workers <= WORKERS:
         parser.error(f"--node-workers must be between 0 and {WORKERS}")
     if args.node_workers and (why := node_missing()):
@@ -204,11 +208,11 @@ def main(argv: Sequence[str] | None = None) -> History:
     history = History()
     n_node = args.node_workers
     langs = ["Python"] * (WORKERS - n_node) + ["Node.js"] * n_node
-    print(
-        f"mixed federation: {WORKERS - n_node} Python and {n_node} Node.js plan-worker(s)"
-        if n_node
-        else f"federation: {WORKERS} Python plan-workers (--node-workers N makes N of them Node.js workers)"
-    )
+    if n_node:
+        print(f"mixed federation: {WORKERS - n_node} Python and {n_node} Node.js plan-worker(s), one policy")
+    else:
+        why = node_missing()
+        print(f"federation: {WORKERS} Python plan-workers" + (f" (no Node.js worker: {why})" if why else ""))
     with tempfile.TemporaryDirectory(prefix="planwire-fed-") as tmp:
         n_batches, procs = [], []
         policy = Path(tmp) / "policy.toml"
@@ -217,12 +221,10 @@ def main(argv: Sequence[str] | None = None) -> History:
             for i, (x, y) in enumerate(train):
                 n_batches.append(save_shard(Path(tmp) / f"shard{i}.npz", x, y))
                 shard = [str(Path(tmp) / f"shard{i}.npz")]
-                if langs[i] == "Node.js":  # no release policy in the Node worker yet
-                    procs.append(NodeWorkerProcess(f"hospital_{i}", data=shard))
-                    continue
                 owner = ["--policy", str(policy), "--audit", str(Path(tmp) / f"audit{i}.jsonl")]
                 owner += ["--plans-dir", str(Path(tmp) / f"plans{i}")]
-                procs.append(WorkerProcess(f"hospital_{i}", data=shard, extra=owner))
+                launch = NodeWorkerProcess if langs[i] == "Node.js" else WorkerProcess
+                procs.append(launch(f"hospital_{i}", data=shard, extra=owner))
             workers = [sy.connect(p.url) for p in procs]
             print(
                 "workers:",
@@ -254,9 +256,6 @@ def main(argv: Sequence[str] | None = None) -> History:
                 # The policy releases the weights only as their update since the push (clipped and noised
                 # by the worker if the owners said so): the server averages updates.
                 updates = [ptr.state_dict() for ptr in pointers]
-                for j, lang in enumerate(langs):  # a Node worker has no release policy yet: its weights leave whole
-                    if lang == "Node.js":
-                        updates[j] = {k: v - global_state[k] for k, v in updates[j].items()}
                 sizes = [len(x) for x, _ in train]
                 global_state = {
                     k: global_state[k] + sum(u[k] * n for u, n in zip(updates, sizes, strict=True)) / sum(sizes)

@@ -4,6 +4,7 @@ the Python one. ``node_missing()`` says why it cannot run here (no ``node``, or 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -13,13 +14,14 @@ from pathlib import Path
 from planwire.worker.process import WorkerProcess
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "worker" / "node"
+PACKAGES = tuple(json.loads((NODE_DIR / "package.json").read_text())["dependencies"])  # what npm ci installs
 
 
 def node_missing() -> str | None:
     """Why the Node.js worker cannot run here, or None."""
     if shutil.which("node") is None:
         return "no `node` on PATH (Node 20+)"
-    if not all((NODE_DIR / "node_modules" / p / "package.json").is_file() for p in ("zeromq", "onnxruntime-node")):
+    if not all((NODE_DIR / "node_modules" / p / "package.json").is_file() for p in PACKAGES):
         return "its packages are not installed (ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix worker/node)"
     return None
 

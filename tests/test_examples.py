@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conformance.workers import node_missing
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,5 +34,11 @@ def test_demo_runs_the_seed_and_federated_training_on_real_workers(tmp_path: Pat
     assert len(steps) == len(rounds) and all(int(n) > 1 for n, _ in steps)
     assert f"loss/accuracy plot: {plot}" in text and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 'next steps: README.md, "Next steps"' in text
-    # the owners' release policy needs the Python worker (the Node worker does not enforce issue 12's rules yet)
-    assert "federation: 3 Python plan-workers" in text
+    # workers of both languages under the same owners' policy when the Node.js worker can run here
+    if node_missing():
+        assert "federation: 3 Python plan-workers (no Node.js worker:" in text
+    else:
+        assert "mixed federation: 2 Python and 1 Node.js plan-worker(s), one policy" in text
+        assert re.search(r"hospital_2 \(Node\.js, \d+ batches", text)
+    releases = re.search(r"audit logs: \[(\d+), (\d+), (\d+)\] releases", text)
+    assert releases and all(int(n) > 0 for n in releases.groups())  # every worker released under the policy

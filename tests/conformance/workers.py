@@ -4,6 +4,7 @@ the Node worker's tests skip, saying why, when ``node`` or worker/node/node_modu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from planwire.worker.process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "worker" / "node"
+PACKAGES = tuple(json.loads((NODE_DIR / "package.json").read_text())["dependencies"])  # what npm ci installs
 NODE_BIN = NODE_DIR / "bin" / "plan-worker.js"
 KINDS = ("python", "node")
 
@@ -33,7 +35,7 @@ def node_missing() -> str | None:
     if shutil.which("node") is None:
         return "the Node.js worker needs `node` (Node 20+) on PATH"
     modules = NODE_DIR / "node_modules"
-    if not all((modules / p / "package.json").is_file() for p in ("zeromq", "onnxruntime-node", "adm-zip")):
+    if not all((modules / p / "package.json").is_file() for p in PACKAGES):
         return (
             "the Node.js worker's packages are not installed: run "
             "`ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix worker/node` (make test does)"
