@@ -13,16 +13,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import zmq.auth
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
+from onnx import TensorProto as TP
+from onnx import helper
 
 import planwire
 from planwire.transport import PrivateDataError, UnknownTensorError
 from planwire.transport.auth import client_keys
+from planwire.worker.flow import analyze
 from tests import handmade
-from tests.conformance.workers import NODE_BIN, NodeWorkerProcess, node_missing, start
+from tests.conformance import plans
+from tests.conformance.workers import NODE_BIN, NODE_DIR, NodeWorkerProcess, node_missing, start
 from tests.test_policy import copy_plan, run_step, step_plan
 
 pytestmark = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "")
@@ -155,3 +160,81 @@ def test_curve_clients_see_only_their_own_and_keep_them_by_identity(tmp_path):
             a2.hello()  # ...until it presents its identity
             (p,) = a2.search("alice")
             assert p.get().tolist() == [0, 1, 2]
+
+
+def _nested_control_flow() -> bytes:
+    """(x, w, n, c) -> (y, z): y from a Loop whose body reads x and, inside an If, w; z = n + n."""
+    then_g = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TP.FLOAT, [3])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["acc"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TP.FLOAT, [3])]
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("If", ["c"], ["picked"], then_branch=then_g, else_branch=else_g),
+            helper.make_node("Add", ["picked", "x"], ["acc_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TP.INT64, []),
+            helper.make_tensor_value_info("cond_in", TP.BOOL, []),
+            helper.make_tensor_value_info("acc", TP.FLOAT, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TP.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TP.FLOAT, [3]),
+        ],
+    )
+    return plans.serialize(
+        plans.model(
+            [
+                helper.make_node("Loop", ["n", "", "zeros"], ["y"], body=body),
+                helper.make_node("Add", ["n", "n"], ["z"]),
+            ],
+            [("x", "float", [3]), ("w", "float", [3]), ("n", "int64", []), ("c", "bool", [])],
+            [("y", "float", [3]), ("z", "int64", [])],
+            [helper.make_tensor("zeros", TP.FLOAT, [3], [0.0, 0.0, 0.0])],
+        )
+    )
+
+
+def test_the_node_worker_computes_the_python_workers_data_flow(tmp_path):
+    """src/flow.js against planwire.worker.flow, plan for plan: which outputs depend on which inputs."""
+    corpus = {name: data for name, (data, _) in plans.LEAKS.items()}
+    corpus |= {
+        "training_trick": plans.training_trick(),
+        "sum_and_diff": plans.sum_and_diff(),
+        "with_metadata": plans.with_metadata(),
+        "step": step_plan().variants[0].data,
+        "nested_control_flow": _nested_control_flow(),
+    }
+    cases = []
+    for name, data in corpus.items():
+        graph = onnx.load_from_string(data).graph
+        init = {t.name for t in graph.initializer}
+        inputs = [i.name for i in graph.input if i.name not in init]
+        outputs = [o.name for o in graph.output]
+        (tmp_path / f"{name}.onnx").write_bytes(data)
+        expected = [sorted(d) for d in analyze(data, inputs, outputs).deps]
+        cases.append({"file": str(tmp_path / f"{name}.onnx"), "inputs": inputs, "outputs": outputs, "want": expected})
+    script = (
+        f"import {{ analyze }} from {json.dumps((NODE_DIR / 'src' / 'flow.js').as_uri())};"
+        "import { readFileSync } from 'node:fs';"
+        "const cases = JSON.parse(readFileSync(0, 'utf8'));"
+        "console.log(JSON.stringify(cases.map((c) => analyze(readFileSync(c.file), c.inputs, c.outputs)"
+        ".deps.map((d) => [...d].sort((a, b) => a - b)))));"
+    )
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert {c["file"]: g for c, g in zip(cases, got, strict=True)} == {c["file"]: c["want"] for c in cases}
+    nested = next(g for c, g in zip(cases, got, strict=True) if c["file"].endswith("nested_control_flow.onnx"))
+    assert nested == [[0, 1, 2, 3], [2]]  # the Loop's body reads x, and w inside its If; z only n

@@ -398,8 +398,15 @@ export class Service {
           }
         }
       }
+      let flow;
+      try {
+        flow = analyze(data, plan.inputs.map((p) => p.name), plan.outputs.map((p) => p.name));
+      } catch (e) {
+        await session.release();
+        throw new ProtocolError("bad_plan", `plan ${pyRepr(name)}: its graph cannot be read (${e.message})`);
+      }
       this.plans.set(pid, plan);
-      this.flows.set(pid, analyze(data, plan.inputs.map((p) => p.name), plan.outputs.map((p) => p.name)));
+      this.flows.set(pid, flow);
       log.info(`registered plan ${clean(pyRepr(name))} (${pid.slice(0, 12)}, ${data.length} bytes)`);
       if (this.plansDir !== null && [...this.store.own.values()].some((e) => e.private)) {
         keepPlan(this.plansDir, pid, data, name);
@@ -415,7 +422,9 @@ export class Service {
 
   hasPlan(m) {
     const plan = this.plans.get(m.plan);
-    if (plan === undefined || !this.holders.holds(m.plan, this.client)) return [{ type: "missing", re: m.id, session: this.session, plan: m.plan }, []];
+    if (plan === undefined || !this.holders.holds(m.plan, this.client)) {
+      return [{ type: "missing", re: m.id, session: this.session, plan: m.plan }, []];
+    }
     return [this.planInfo(m.id, m.plan, plan), []];
   }
 
