@@ -115,7 +115,7 @@ export class Releaser {
 
   update(key, tensor, pending) {
     const base = pending.base;
-    if (!FLOATS.has(tensor.dtype) || base === null || base.dtype !== tensor.dtype || base.shape.join() !== tensor.shape.join()) {
+    if (!FLOATS.has(tensor.dtype) || base === null || base.shape.join() !== tensor.shape.join()) {
       throw new ProtocolError("private_data", `tensor ${pyRepr(key)}: an update is released only for floating-point parameters`);
     }
     const rule = pending.rule;
