@@ -70,21 +70,3 @@ def worker_factory(worker_kind: str) -> Iterator[WorkerFactory]:
 @pytest.fixture
 def worker(worker_factory: WorkerFactory) -> Client:
     return worker_factory("device_1")
-
-
-# Node.js worker runs of tests that need issue 12's protocol changes (owners, TensorInfo.owner in replies,
-# private-derived results), which the Node worker does not implement yet: skipped with this reason.
-NODE_LACKS_TRUST = (
-    "Node.js worker: issue 12's owners and private-derived results (PROTOCOL.md §6.2-6.4) not implemented yet"
-)
-NODE_LACKING: dict[str, set[str] | None] = {}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if "node" not in params.values():
-            continue
-        names = NODE_LACKING.get(item.path.name, ())
-        if names is None or item.originalname in names:
-            item.add_marker(pytest.mark.skip(reason=NODE_LACKS_TRUST))

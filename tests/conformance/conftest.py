@@ -156,22 +156,3 @@ def peer(connect, url: str) -> Peer:
 def uid() -> str:
     """A unique prefix for keys and tags: tests share long-lived workers."""
     return f"c{uuid.uuid4().hex[:10]}"
-
-
-# Rules of the trust issue (owners, private-derived results, release policy) that the Node.js worker does not
-# implement yet: its runs of these tests are skipped with this reason rather than hidden (PROTOCOL.md §12).
-NODE_LACKS = (
-    "Node.js worker: owners, private-derived results and release rules (PROTOCOL.md §6.2-6.4) not implemented yet"
-)
-NODE_LACKING_MODULES: set[str] = set()
-NODE_LACKING_TESTS: set[str] = set()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("worker_kind") != "node":
-            continue
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in NODE_LACKING_MODULES or item.originalname in NODE_LACKING_TESTS:
-            item.add_marker(pytest.mark.skip(reason=NODE_LACKS))
