@@ -362,6 +362,7 @@ export class Service {
   }
 
   async register(m, buffers) {
+    const client = this.client; // the requester, whatever is handled while this awaits onnxruntime
     const data = this.frameAt(buffers, m.frame, "register_plan.frame");
     const pid = createHash("sha256").update(data).digest("hex");
     let plan = this.plans.get(pid);
@@ -412,7 +413,7 @@ export class Service {
         keepPlan(this.plansDir, pid, data, name);
       }
     }
-    this.holders.add(pid, this.client);
+    this.holders.add(pid, client);
     return [this.planInfo(m.id, pid, plan), []];
   }
 
@@ -455,24 +456,25 @@ export class Service {
   }
 
   async run(m, buffers) {
+    const client = this.client; // the requester, whatever is handled while this awaits onnxruntime
     m.args.forEach((a, i) => {
       if (("ref" in a) === ("tensor" in a)) throw new ProtocolError("invalid_message", `run.args[${i}] needs exactly one of 'ref', 'tensor'`);
     });
     this.store.checkWritable(m.outputs);
     try {
-      return await this.execute(m, buffers);
+      return await this.execute(m, buffers, client);
     } catch (e) {
       if (e instanceof ProtocolError) {
         const why = e.code === "run_failed" ? e.message : `run #${m.id} refused: ${e.message} [${e.code}]`;
-        for (const key of m.outputs) this.store.fail(this.client, key, why);
+        for (const key of m.outputs) this.store.fail(client, key, why);
       }
       throw e;
     }
   }
 
-  async execute(m, buffers) {
+  async execute(m, buffers, client) {
     const plan = this.plans.get(m.plan);
-    if (plan === undefined || !this.holders.holds(m.plan, this.client)) {
+    if (plan === undefined || !this.holders.holds(m.plan, client)) {
       throw new ProtocolError("unknown_plan", `no plan ${pyRepr(m.plan.slice(0, 12))} on worker ${pyRepr(this.id)}: register it first`);
     }
     const nOut = plan.outputs.length;
@@ -489,7 +491,7 @@ export class Service {
     const privateArgs = new Map(); // argument index -> its private store entry
     const args = m.args.map((a, i) => {
       if (!("ref" in a)) return this.tensor(a.tensor, buffers, `run argument ${i}`);
-      const e = this.store.entry(this.client, a.ref);
+      const e = this.store.entry(client, a.ref);
       if (e.private) privateArgs.set(i, e);
       return e.tensor;
     });
@@ -497,7 +499,7 @@ export class Service {
     let pending = new Map();
     let rows = 0;
     if (priv.size) {
-      pending = this.pending(m, plan, args, privateArgs, priv);
+      pending = this.pending(m, plan, args, privateArgs, priv, client);
       rows = Math.min(...[...privateArgs.values()].map((e) => e.rows));
     }
     plan.check(args);
@@ -519,9 +521,9 @@ export class Service {
       }
       throw new ProtocolError("run_failed", `plan ${pyRepr(plan.name)} failed on worker ${pyRepr(this.id)}: ${e?.message ?? e}`);
     }
-    this.store.checkQuota(this.client, m.outputs.map((k, i) => [k, results[i].nbytes]), `outputs of run #${m.id}`);
+    this.store.checkQuota(client, m.outputs.map((k, i) => [k, results[i].nbytes]), `outputs of run #${m.id}`);
     m.outputs.forEach((key, i) =>
-      this.store.put(this.client, key, results[i], [], { isPrivate: priv.has(i), pending: pending.get(i) ?? null, rows }),
+      this.store.put(client, key, results[i], [], { isPrivate: priv.has(i), pending: pending.get(i) ?? null, rows }),
     );
     const inlineMax = Number(m.inline_max);
     if (inlineMax) {
@@ -533,16 +535,17 @@ export class Service {
     if (!fetch.length) return this.ok(m);
     const keys = fetch.map((i) => m.outputs[i]);
     // a private output leaves only as its release (the owner's policy): read through it
-    const values = priv.size ? this.store.readable(this.client, keys, this.release)[1] : fetch.map((i) => results[i]);
+    const release = (key, e) => this.releaser.release(client, key, e);
+    const values = priv.size ? this.store.readable(client, keys, release)[1] : fetch.map((i) => results[i]);
     return this.tensorsReply(m.id, keys, values);
   }
 
   /** The releases the owner's policy allows for a run on private data; refuses a fetch of any other
    * private output before anything runs. */
-  pending(m, plan, args, privateArgs, priv) {
+  pending(m, plan, args, privateArgs, priv, client) {
     const namesIn = plan.inputs.map((p) => p.name);
     const namesOut = plan.outputs.map((p) => p.name);
-    const pending = this.releaser.prepare(m.plan, plan.name, namesIn, namesOut, args, privateArgs, priv, this.client);
+    const pending = this.releaser.prepare(m.plan, plan.name, namesIn, namesOut, args, privateArgs, priv, client);
     const held = m.fetch.map(Number).filter((i) => priv.has(i) && !(pending.has(i) && pending.get(i).ready));
     if (held.length) {
       const keys = held.map((i) => m.outputs[i]);
@@ -551,7 +554,7 @@ export class Service {
         "results are stored and may be used by later runs, but never leave the worker unless the data " +
         "owner approves the plan (plan-worker --policy)";
       const rule = this.releaser.policy?.rules.get(m.plan) ?? null;
-      this.releaser.audit("refused", this.client, rule, plan.name, held.map((i) => namesOut[i]), [], { reason: message });
+      this.releaser.audit("refused", client, rule, plan.name, held.map((i) => namesOut[i]), [], { reason: message });
       throw new ProtocolError("private_data", message);
     }
     return pending;
