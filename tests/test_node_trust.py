@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import zmq.auth
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 from onnx import TensorProto as TP
@@ -23,11 +22,11 @@ from onnx import helper
 
 import planwire
 from planwire.transport import PrivateDataError, UnknownTensorError
-from planwire.transport.auth import client_keys
 from planwire.worker.flow import analyze
 from tests import handmade
 from tests.conformance import plans
 from tests.conformance.workers import NODE_BIN, NODE_DIR, NodeWorkerProcess, node_missing, start
+from tests.test_owners import two_curve_clients
 from tests.test_policy import copy_plan, run_step, step_plan
 
 pytestmark = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "")
@@ -134,16 +133,7 @@ def test_a_network_address_without_curve_is_refused_with_the_python_workers_line
 
 
 def test_curve_clients_see_only_their_own_and_keep_them_by_identity(tmp_path):
-    for d in ("server", "clients", "secrets"):
-        (tmp_path / d).mkdir()
-    zmq.auth.create_certificates(tmp_path / "server", "server")
-    for name in ("alice", "bob"):
-        zmq.auth.create_certificates(tmp_path / "clients", name)
-        (tmp_path / "clients" / f"{name}.key_secret").rename(tmp_path / "secrets" / f"{name}.key_secret")
-    server = str(tmp_path / "server" / "server.key")
-    alice, bob = (client_keys(str(tmp_path / "secrets" / f"{n}.key_secret"), server) for n in ("alice", "bob"))
-    secret, clients = str(tmp_path / "server" / "server.key_secret"), str(tmp_path / "clients")
-    extra = ["--curve-secret", secret, "--curve-clients", clients]
+    extra, alice, bob = two_curve_clients(tmp_path)
     with NodeWorkerProcess("curve-owners", extra=extra) as proc:
         with planwire.connect(proc.url, timeout=10, curve=alice) as a:
             # zeromq.js does not expose ZAP's User-Id: the Node worker issues identities under CURVE too

@@ -72,7 +72,8 @@ def test_idle_clients_are_freed_and_logged(kind):
         assert "not seen for 1 s (--idle-ttl): freed its 1 tensors" in proc.log()
 
 
-def test_curve_clients_are_their_keys(tmp_path):
+def two_curve_clients(tmp_path: Path) -> tuple[list[str], tuple, tuple]:
+    """Keys for a worker admitting alice and bob: (the worker's CURVE flags, alice's keys, bob's keys)."""
     for d in ("server", "clients", "secrets"):
         (tmp_path / d).mkdir()
     zmq.auth.create_certificates(tmp_path / "server", "server")
@@ -81,12 +82,12 @@ def test_curve_clients_are_their_keys(tmp_path):
         (tmp_path / "clients" / f"{name}.key_secret").rename(tmp_path / "secrets" / f"{name}.key_secret")
     server = str(tmp_path / "server" / "server.key")
     alice, bob = (client_keys(str(tmp_path / "secrets" / f"{n}.key_secret"), server) for n in ("alice", "bob"))
-    extra = [
-        "--curve-secret",
-        str(tmp_path / "server" / "server.key_secret"),
-        "--curve-clients",
-        str(tmp_path / "clients"),
-    ]
+    secret, clients = str(tmp_path / "server" / "server.key_secret"), str(tmp_path / "clients")
+    return ["--curve-secret", secret, "--curve-clients", clients], alice, bob
+
+
+def test_curve_clients_are_their_keys(tmp_path):
+    extra, alice, bob = two_curve_clients(tmp_path)
     with WorkerProcess("curve-owners", extra=extra) as proc:
         with planwire.connect(proc.url, timeout=10, curve=alice) as a:
             assert a.identity == ""  # the key is the identity
