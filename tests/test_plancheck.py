@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from planwire.transport import onnxproto
 from planwire.transport import plancheck as modelcheck
 from planwire.transport.ortoptions import session_options
 from planwire.transport.plancheck import (
@@ -539,7 +540,7 @@ def test_sparse_tensor_densify_bomb_rejected() -> None:
 
 
 def test_field_count_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(modelcheck, "MAX_FIELDS", 10_000)
+    monkeypatch.setattr(onnxproto, "MAX_FIELDS", 10_000)  # the reader's cap (plancheck re-exports it)
     attr = field(1, b"value_ints") + (varint(8 << 3) + b"\x01") * 20_000  # unpacked ints: 2 bytes each
     node = field(4, b"Constant") + field(2, b"Y") + field(5, attr)
     data = model([]).SerializeToString() + field(7, field(1, node))
