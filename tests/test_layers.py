@@ -65,6 +65,7 @@ CONTRACT = tuple(
     f"planwire.transport.{m}"
     for m in (
         "messages",
+        "framing",
         "session",
         "codec",
         "dtypes",

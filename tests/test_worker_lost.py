@@ -13,7 +13,7 @@ import pytest
 
 import planwire
 from planwire.transport import RemoteError, WorkerLost
-from planwire.transport.session import Limits
+from planwire.transport.framing import Limits
 from planwire.worker import Service
 from planwire.worker.process import WorkerProcess
 from tests import handmade
