@@ -24,9 +24,9 @@ import numpy as np
 import onnxruntime as ort
 import zmq
 
+from planwire.transport.framing import Limits
 from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
-from planwire.transport.session import Limits
 from planwire.transport.sockets import tune_io_threads
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
