@@ -13,6 +13,8 @@ wire types, a known field with the wrong wire type, unknown fields in strict mes
 
 from __future__ import annotations
 
+from planwire.transport.errors import printable
+
 MAX_DEPTH = 64
 """Deepest protobuf message nesting accepted (ModelProto is depth 0)."""
 MAX_FIELDS = 5_000_000
@@ -223,9 +225,7 @@ class Reader:
             return ""
         s, e = spans[-1]
         raw = bytes(self.buf[s : min(e, s + 4 * _NAME_LIMIT)])
-        text = raw.decode("utf-8", "replace")
-        if not text.isprintable():  # names end up in logs and replies: no control characters
-            text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+        text = printable(raw.decode("utf-8", "replace"))  # names end up in logs and replies
         return text[:_NAME_LIMIT] + "..." if len(text) > _NAME_LIMIT or e - s > 4 * _NAME_LIMIT else text
 
     def text(self, spans: list | None, what: str) -> str:
