@@ -29,6 +29,7 @@ from planwire.transport.plancheck import (
     PlanTooLarge,
     check_model,
 )
+from tests.hostile import field, varint  # protobuf by hand: the hostile corpus's builders
 
 MB = 1 << 20
 F = TensorProto.FLOAT
@@ -98,20 +99,6 @@ def if_node(then_graph: onnx.GraphProto, else_graph: onnx.GraphProto, name: str 
 
 def branch(nodes: Sequence[onnx.NodeProto], name: str, inits: Sequence[TensorProto] = ()) -> onnx.GraphProto:
     return helper.make_graph(list(nodes), name, [], [vi("Y" if not nodes else nodes[-1].output[0])], list(inits))
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(num: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return varint(num << 3 | 2) + varint(len(payload)) + payload
 
 
 def add_model() -> onnx.ModelProto:
