@@ -59,7 +59,8 @@ class TrainingPlan:
 
         The graph takes the state as inputs: a device that runs the file feeds it the initial state
         (``step.state``, or ``step.initial_state(model)``) and then each call's bound outputs.
-        ``planwire.load_plan`` reads it back (onnxruntime alone suffices).
+        ``planwire.load_plan`` reads it back (onnxruntime alone suffices), and its
+        ``send(worker, state=...)`` trains it on a worker as ``send`` here does.
         """
         path = Path(path)
         path.write_bytes(self.step.variant.data)
