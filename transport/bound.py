@@ -215,7 +215,7 @@ class BoundPointer:
         if self.worker.session != self._session:
             raise RuntimeError(
                 f"worker {self.worker.id!r} restarted since {self._what()} was sent: "
-                "its state there (parameters, optimizer state) is gone; send the plan again"
+                "its parameters and optimizer state there are gone; send the plan again"
             )
 
     def parameters(self) -> list[PointerTensor]:
