@@ -8,7 +8,6 @@ frames carry tensor and plan bytes. Both worker and client go through here, in p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import msgspec
 
@@ -22,13 +21,8 @@ MAX_HEADER_BYTES = 1 << 20
 Frame = bytes | memoryview
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Size limits a peer enforces on what it receives."""
-
-    max_message_bytes: int = 1 << 30
-    max_plan_bytes: int = 256 << 20
-    max_frames: int = 4096
+Limits = m.Limits  # size limits a peer enforces on what it receives (the worker announces its own in Welcome)
+DEFAULT_LIMITS = m.Limits(max_message_bytes=1 << 30, max_plan_bytes=256 << 20, max_frames=4096)
 
 
 def pack(msg: msgspec.Struct, buffers: Sequence[Frame] = ()) -> list[Frame]:
@@ -55,7 +49,7 @@ def _request_id(header: Frame) -> int:
 
 def unpack_request(frames: Sequence[Frame], limits: Limits | None = None) -> tuple[m._Message, list[memoryview]]:
     """Validate and decode a request. ProtocolError(code, message) says what is wrong; ``.re`` is set."""
-    limits = limits or Limits()
+    limits = limits or DEFAULT_LIMITS
     rid = -1
     try:
         if len(frames) < 2:

@@ -106,7 +106,7 @@ class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
     shape: list[int | str | None] | None
 
 
-class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
     max_message_bytes: int
     max_plan_bytes: int
     max_frames: int

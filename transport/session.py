@@ -1,6 +1,7 @@
 """The framing module's old name: see :mod:`planwire.transport.framing` (kept so old imports work)."""
 
 from planwire.transport.framing import (
+    DEFAULT_LIMITS,
     MAX_HEADER_BYTES,
     SIGNATURE,
     SIGNATURE_PREFIX,
@@ -14,6 +15,7 @@ from planwire.transport.framing import (
 )
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MAX_HEADER_BYTES",
     "SIGNATURE",
     "SIGNATURE_PREFIX",

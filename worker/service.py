@@ -24,7 +24,7 @@ from msgspec import UNSET
 from planwire.transport import codec, dtypes, framing
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
-from planwire.transport.framing import Frame, Limits
+from planwire.transport.framing import DEFAULT_LIMITS, Frame, Limits
 from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.spec import plan_id
 from planwire.worker import flow
@@ -123,7 +123,7 @@ class Service:
         self.session = uuid.uuid4().hex
         self.providers = providers_for(device)
         self.threads = threads
-        self.limits = limits or Limits()
+        self.limits = limits or DEFAULT_LIMITS
         self.store = Store(public=public, max_bytes=max_store_bytes, max_client_bytes=max_client_store_bytes)
         self.max_plans = max_plans
         self.plans: dict[str, Plan] = {}
@@ -336,11 +336,6 @@ class Service:
                 "bad_version", f"client speaks protocol {msg.version}, this worker {m.PROTOCOL_VERSION}"
             )
         self._client, token = self.owners.hello(self._conn, msg.identity)
-        lim = m.Limits(
-            max_message_bytes=self.limits.max_message_bytes,
-            max_plan_bytes=self.limits.max_plan_bytes,
-            max_frames=self.limits.max_frames,
-        )
         return m.Welcome(
             re=msg.id,
             session=self.session,
@@ -348,7 +343,7 @@ class Service:
             version=m.PROTOCOL_VERSION,
             providers=self.providers,
             opsets={"ai.onnx": ONNX_OPSET},
-            limits=lim,
+            limits=self.limits,
             identity=token,
         ), []
 
