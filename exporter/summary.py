@@ -15,7 +15,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from planwire.transport.onnxproto import GRAPH_INITIALIZERS, MODEL_FACTS, SSE_KEEP, TENSOR_NAME_DIMS, Reader
+from planwire.transport.onnxproto import (
+    GRAPH_INITIALIZERS,
+    MODEL_FACTS,
+    SSE_KEEP,
+    TENSOR_NAME_DIMS,
+    PlanRejected,
+    Reader,
+)
 from planwire.transport.spec import META_STATE, PlanVariant, TensorSpec
 
 STATE_ROLES = frozenset({"param", "frozen", "buffer"})  # training-plan inputs that hold model state
@@ -61,16 +68,19 @@ def facts(variant: PlanVariant) -> ModelFacts:
 def read_model(data: bytes | memoryview) -> ModelFacts:
     """Metadata and initializer sizes of serialized ONNX ``data`` (ValueError if malformed)."""
     reader = Reader(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
-    model = reader.scan((0, len(reader.buf)), 0, MODEL_FACTS)
     metadata: dict[str, str] = {}
-    for span in model.get(14, ()):
-        entry = reader.scan(span, 1, SSE_KEEP)
-        metadata[reader.utf8(entry.get(1))] = reader.utf8(entry.get(2))
     initializers: dict[str, int] = {}
-    for graph in model.get(7, ()):
-        for span in reader.scan(graph, 1, GRAPH_INITIALIZERS).get(5, ()):
-            tensor = reader.scan(span, 2, TENSOR_NAME_DIMS)
-            initializers[reader.utf8(tensor.get(8))] = math.prod(reader.ints(tensor.get(1, []), "initializer dims"))
+    try:
+        model = reader.scan((0, len(reader.buf)), 0, MODEL_FACTS)
+        for span in model.get(14, ()):
+            entry = reader.scan(span, 1, SSE_KEEP)
+            metadata[reader.utf8(entry.get(1))] = reader.utf8(entry.get(2))
+        for graph in model.get(7, ()):
+            for span in reader.scan(graph, 1, GRAPH_INITIALIZERS).get(5, ()):
+                tensor = reader.scan(span, 2, TENSOR_NAME_DIMS)
+                initializers[reader.utf8(tensor.get(8))] = math.prod(reader.ints(tensor.get(1, []), "dims"))
+    except PlanRejected as e:
+        raise ValueError(f"malformed ONNX model: {str(e).removeprefix('malformed plan: ')}") from None
     return ModelFacts(metadata, initializers)
 
 
