@@ -37,13 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 import planwire as sy
-from planwire.worker.process import WorkerProcess
+from planwire.worker.process import NodeWorkerProcess, WorkerProcess, node_missing
 from planwire.worker.review import format_review, policy_snippet, review
-
-try:  # examples/ is on sys.path when run as a script
-    from node_worker import NodeWorkerProcess, node_missing
-except ImportError:  # imported from elsewhere
-    from examples.node_worker import NodeWorkerProcess, node_missing
 
 WORKERS, ROUNDS, LOCAL_EPOCHS, BATCH = 3, 6, 2, 32
 NODE_WORKERS = 1  # of the WORKERS, by default, when the Node.js worker can run here

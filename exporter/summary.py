@@ -1,9 +1,10 @@
 """What a plan's bytes say about it, read without torch or onnx, and the bounded line ``repr(plan)`` shows.
 
 A worker-only install (onnxruntime, numpy) must be able to load and inspect a plan, so this reads the
-few protobuf fields it needs (metadata, initializer names and dims) straight off the wire format, never
-touching tensor payloads. Callers pass bytes that :func:`planwire.transport.plancheck.check_model` has
-accepted or that planwire itself exported; malformed input raises ValueError.
+few protobuf fields it needs (metadata, initializer names and dims) straight off the wire format with the
+plan checker's reader (:mod:`planwire.transport.onnxproto`), never touching tensor payloads. Callers pass
+bytes that :func:`planwire.transport.plancheck.check_model` has accepted or that planwire itself
+exported; malformed input raises ValueError.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from planwire.transport.onnxproto import (
+    GRAPH_INITIALIZERS,
+    MODEL_FACTS,
+    SSE_KEEP,
+    TENSOR_NAME_DIMS,
+    PlanRejected,
+    Reader,
+)
 from planwire.transport.spec import META_STATE, PlanVariant, TensorSpec
 
 STATE_ROLES = frozenset({"param", "frozen", "buffer"})  # training-plan inputs that hold model state
 OPTIM_ROLE = "optim"
 MAX_PORTS = 4  # ports listed in a summary before "+N more"
-
-# ONNX field numbers (onnx.proto): ModelProto.graph, .metadata_props; GraphProto.initializer;
-# TensorProto.dims, .name; StringStringEntryProto.key, .value
-_MODEL_GRAPH, _MODEL_META, _GRAPH_INIT, _TENSOR_DIMS, _TENSOR_NAME = 7, 14, 5, 1, 8
 
 
 @dataclass(frozen=True)
@@ -61,69 +66,22 @@ def facts(variant: PlanVariant) -> ModelFacts:
 
 
 def read_model(data: bytes | memoryview) -> ModelFacts:
-    """Metadata and initializer sizes of serialized ONNX ``data``."""
-    buf = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    """Metadata and initializer sizes of serialized ONNX ``data`` (ValueError if malformed)."""
+    reader = Reader(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
     metadata: dict[str, str] = {}
     initializers: dict[str, int] = {}
-    for field, start, end in _fields(buf, 0, len(buf)):
-        if field == _MODEL_META and end >= 0:
-            entry = {f: bytes(buf[s:e]).decode("utf-8", "replace") for f, s, e in _fields(buf, start, end) if e >= 0}
-            metadata[entry.get(1, "")] = entry.get(2, "")
-        elif field == _MODEL_GRAPH and end >= 0:
-            for gfield, gstart, gend in _fields(buf, start, end):
-                if gfield == _GRAPH_INIT and gend >= 0:
-                    name, dims = _tensor(buf, gstart, gend)
-                    initializers[name] = math.prod(dims)
+    try:
+        model = reader.scan((0, len(reader.buf)), 0, MODEL_FACTS)
+        for span in model.get(14, ()):
+            entry = reader.scan(span, 1, SSE_KEEP)
+            metadata[reader.utf8(entry.get(1))] = reader.utf8(entry.get(2))
+        for graph in model.get(7, ()):
+            for span in reader.scan(graph, 1, GRAPH_INITIALIZERS).get(5, ()):
+                tensor = reader.scan(span, 2, TENSOR_NAME_DIMS)
+                initializers[reader.utf8(tensor.get(8))] = math.prod(reader.ints(tensor.get(1, []), "dims"))
+    except PlanRejected as e:
+        raise ValueError(f"malformed ONNX model: {str(e).removeprefix('malformed plan: ')}") from None
     return ModelFacts(metadata, initializers)
-
-
-def _tensor(buf: bytes | memoryview, start: int, end: int) -> tuple[str, list[int]]:
-    name, dims = "", []
-    for field, s, e in _fields(buf, start, end):
-        if field == _TENSOR_DIMS:
-            if e < 0:  # unpacked varint: s is the value
-                dims.append(s)
-            else:
-                pos = s
-                while pos < e:
-                    value, pos = _varint(buf, pos)
-                    dims.append(value)
-        elif field == _TENSOR_NAME and e >= 0:
-            name = bytes(buf[s:e]).decode("utf-8", "replace")
-    return name, dims
-
-
-def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("malformed ONNX model: bad varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: bytes | memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited field; (field, value, -1) for varints."""
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield field, value, -1
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise ValueError("malformed ONNX model: field runs past its message")
-            yield field, pos, pos + length
-            pos += length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"malformed ONNX model: wire type {wire}")
 
 
 # -- the summary line -------------------------------------------------------------------------------

@@ -3,18 +3,19 @@
 ``training_plan(model, ...)`` builds the whole step (forward, loss, backward, optimizer update) as one
 ONNX graph (see ``planwire.exporter.training``). ``send(worker)`` registers it and stores parameters,
 buffers and optimizer state on the worker; each ``pointer(x, y)`` runs one step there and binds the
-updated state back to the same keys, so weights never travel unless asked for (``state_dict``).
+updated state back to the same keys, so weights never travel unless asked for (``state_dict``). The
+pointer is the transport's generic :class:`~planwire.transport.bound.BoundPointer`, which also drives a
+training plan loaded from its file without torch (``planwire.load_plan(path).send(worker, state=...)``).
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,13 +23,9 @@ from torch import Tensor, nn
 from planwire.exporter import summary
 from planwire.exporter.optim import Optimizer
 from planwire.exporter.training import TrainingStep, build_training_step
-from planwire.transport.arrays import as_array
+from planwire.transport.bound import BoundPlan, BoundPointer
 from planwire.transport.client import Client
-from planwire.transport.dtypes import to_wire
-from planwire.transport.pointers import PointerTensor
 from planwire.transport.spec import PlanVariant
-
-_STATE_ROLES = ("param", "frozen", "buffer", "optim")
 
 
 class TrainingPlan:
@@ -47,6 +44,12 @@ class TrainingPlan:
             raise TypeError(f"training plan {self.name!r}: {why}")
         return self.step.variant
 
+    @cached_property
+    def bound(self) -> BoundPlan:
+        """The step as a bound plan: bindings and default hyper-parameters read from its own metadata."""
+        props = {p.key: p.value for p in self.step.model.metadata_props}
+        return BoundPlan.from_metadata(self.step.variant, props, name=self.name)
+
     def send(self, worker: Client) -> TrainingPointer:
         """Register the step on ``worker`` and store its initial state there."""
         return TrainingPointer(self, worker)
@@ -56,7 +59,8 @@ class TrainingPlan:
 
         The graph takes the state as inputs: a device that runs the file feeds it the initial state
         (``step.state``, or ``step.initial_state(model)``) and then each call's bound outputs.
-        ``planwire.load_plan`` reads it back (onnxruntime alone suffices).
+        ``planwire.load_plan`` reads it back (onnxruntime alone suffices), and its
+        ``send(worker, state=...)`` trains it on a worker as ``send`` here does.
         """
         path = Path(path)
         path.write_bytes(self.step.variant.data)
@@ -74,117 +78,20 @@ class TrainingPlan:
     __str__ = __repr__
 
 
-class TrainingPointer:
-    """A training step on a worker, with its state stored there under keys this pointer owns."""
+class TrainingPointer(BoundPointer):
+    """A training step on a worker, with its state stored there under keys this pointer owns.
+
+    The generic :class:`~planwire.transport.bound.BoundPointer` (driven by the plan's ``binds``
+    metadata) with the built plan attached and ``state_dict`` in torch tensors.
+    """
 
     def __init__(self, plan: TrainingPlan, worker: Client) -> None:
-        self.plan, self.worker, self.step = plan, worker, plan.step
-        worker.ensure_plan(self.step.variant, plan.name)
-        s = self.step
-        prefix = worker.new_key()
-        self.keys = {name: f"{prefix}:{name}" for name in (*s.params, *s.frozen, *s.buffers, *s.optim)}
-        # The default hyper-parameters are stored on the worker too, so a step that keeps them sends only
-        # references (no inline tensor frames to encode, send and decode); a call's overrides go inline.
-        self._hyper_keys = {name: f"{prefix}:{name}" for name in s.hyper}
-        values = {key: s.state[name] for name, key in self.keys.items()}
-        values.update({key: s.hyper[name] for name, key in self._hyper_keys.items()})
-        pointers = worker.put_many(values, tags=(f"plan:{plan.name}",), owned=False)
-        stored = dict(zip([*self.keys, *self._hyper_keys], pointers, strict=True))
-        self._state = {name: stored[name] for name in self.keys}
-        self._session = worker.session
-        self._n_args = len(s.args)
-        self._weights = tuple(n for n in self.keys if not n.startswith("optim."))  # params, frozen, buffers
-        self._hyper = {name.removeprefix("hyper."): name for name in s.hyper}
-        # Everything a step passes after the batch, in graph-input order; a call overrides hyper entries.
-        tail = s.variant.inputs[self._n_args :]
-        self._tail = [stored[spec.name] for spec in tail]
-        self._hyper_at = {spec.name: self._n_args + i for i, spec in enumerate(tail) if spec.role == "hyper"}
-        self._specs = s.variant.inputs[: self._n_args]
-        # Per step: bound outputs overwrite their state keys; loss and metrics get fresh keys and ride on the
-        # step's reply, so .get() on them needs no round trip.
-        self._outputs = [self.keys[s.bindings[o.name]] if o.name in s.bindings else None for o in s.variant.outputs]
-        self._reported = [i for i, key in enumerate(self._outputs) if key is None]
-
-    def __call__(self, *batch: Any, **hyper: float) -> PointerTensor | tuple[PointerTensor, ...]:
-        """Run one step on ``batch`` (pointers on this worker or local tensors); returns the loss pointer
-        (and metric pointers) at once. ``lr=0.01`` etc. override hyper-parameters for this call."""
-        s = self.step
-        self._check_alive()
-        if len(batch) != self._n_args:
-            raise TypeError(
-                f"training plan {self.plan.name!r} takes {self._n_args} batch arguments {list(s.args)}, "
-                f"got {len(batch)}"
-            )
-        for i, (spec, arg) in enumerate(zip(self._specs, batch, strict=True)):
-            dtype, shape = self.worker.signature_of(arg)
-            why = spec.mismatch(dtype, shape)
-            if why:
-                role = "targets" if i >= self._n_args - 1 else "input"
-                raise TypeError(f"training plan {self.plan.name!r}: {role} argument {i} ({spec.name!r}): {why}")
-        args: list[Any] = [*batch, *self._tail]
-        if hyper:
-            unknown = set(hyper) - set(self._hyper)
-            if unknown:
-                raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self._hyper)}")
-            for key, value in hyper.items():
-                name = self._hyper[key]
-                args[self._hyper_at[name]] = np.asarray(value, dtype=s.hyper[name].dtype)
-        results = self.worker.run(
-            s.variant, args, outputs=self._outputs, fetch=self._reported, wait=False, name=self.plan.name
-        )
-        reported = [results[i] for i in self._reported]
-        return reported[0] if len(reported) == 1 else tuple(reported)
-
-    def _check_alive(self) -> None:
-        self.worker.check_connection()
-        if self.worker.session != self._session:
-            raise RuntimeError(
-                f"worker {self.worker.id!r} restarted since training plan {self.plan.name!r} was sent: "
-                "its parameters and optimizer state there are gone; send the plan again"
-            )
-
-    def parameters(self) -> list[PointerTensor]:
-        """Pointers to the trainable parameters on the worker (owned by this pointer)."""
-        return [self._state[n] for n in self.step.params]
+        self.plan, self.step = plan, plan.step
+        super().__init__(plan.bound, worker, plan.step.state)
 
     def state_dict(self) -> OrderedDict[str, Tensor]:
         """The trained parameters and buffers, fetched from the worker (copies; training goes on)."""
-        self._check_alive()
-        arrays = self.worker.fetch_arrays([self.keys[n] for n in self._weights], keep=True)
-        return OrderedDict(
-            (n.partition(".")[2], torch.from_numpy(np.array(a))) for n, a in zip(self._weights, arrays, strict=True)
-        )
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], *, reset_optimizer: bool = False) -> None:
-        """Push new weights (all parameters and buffers, by module path) to the worker: the server side
-        of federated averaging. ``reset_optimizer`` also zeroes the optimizer state there."""
-        self._check_alive()
-        by_path = {n.partition(".")[2]: n for n in self._weights}
-        missing, unexpected = set(by_path) - set(state_dict), set(state_dict) - set(by_path)
-        if missing or unexpected:
-            raise KeyError(
-                f"load_state_dict for {self.plan.name!r}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-            )
-        values: dict[str, np.ndarray] = {}
-        for path, name in by_path.items():
-            arr, ref = as_array(state_dict[path]), self.step.state[name]
-            if arr.shape != ref.shape or to_wire(arr.dtype) != to_wire(ref.dtype):
-                raise ValueError(
-                    f"{path}: got {arr.dtype}{list(arr.shape)}, this plan holds {ref.dtype}{list(ref.shape)}"
-                )
-            values[self.keys[name]] = arr
-        if reset_optimizer:
-            values.update({self.keys[n]: np.zeros_like(self.step.state[n]) for n in self.step.optim})
-        self.worker.put_many(values, tags=(f"plan:{self.plan.name}",), owned=False)
-
-    def free(self) -> None:
-        """Delete this step's state from the worker."""
-        for key in (*self.keys.values(), *self._hyper_keys.values()):
-            self.worker.release(key)
-        self.keys, self._hyper_keys = {}, {}
-
-    def __repr__(self) -> str:
-        return f"[TrainingPointer | me:{self.plan.name} -> {self.worker.id}]"
+        return OrderedDict((k, torch.as_tensor(v)) for k, v in super().state_dict().items())
 
 
 def training_plan(

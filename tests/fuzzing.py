@@ -22,10 +22,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from planwire.transport import framing
 from planwire.transport import messages as m
-from planwire.transport import session
+from planwire.transport.framing import SIGNATURE, Limits
 from planwire.transport.plancheck import PlanRejected, check_model
-from planwire.transport.session import SIGNATURE, Limits
 from planwire.worker.service import Service
 from tests import hostile
 from tests.conformance import plans
@@ -153,11 +153,11 @@ def check_reply(frames: list[bytes]) -> None:
     """The property of one request: exactly one valid reply, a readable id echoed, never ``internal``."""
     svc, _ = service()
     reply = svc.handle(frames, b"fuzz")
-    msg, _ = session.unpack_reply([bytes(f) for f in reply])
+    msg, _ = framing.unpack_reply([bytes(f) for f in reply])
     assert msg.session == svc.session  # type: ignore[attr-defined]
     if isinstance(msg, m.Error):
         assert msg.code != "internal", msg.message
-    rid = session.request_id(frames)
+    rid = framing.request_id(frames)
     if rid >= 0 and not isinstance(msg, m.Error):
         assert msg.re == rid  # type: ignore[attr-defined]
 

@@ -96,6 +96,7 @@ def varint(n: int) -> bytes:
 
 
 def field(num: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
     return varint(num << 3 | 2) + varint(len(payload)) + payload
 
 

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from planwire.transport import onnxproto
 from planwire.transport import plancheck as modelcheck
 from planwire.transport.ortoptions import session_options
 from planwire.transport.plancheck import (
@@ -28,6 +29,7 @@ from planwire.transport.plancheck import (
     PlanTooLarge,
     check_model,
 )
+from tests.hostile import field, varint  # protobuf by hand: the hostile corpus's builders
 
 MB = 1 << 20
 F = TensorProto.FLOAT
@@ -97,20 +99,6 @@ def if_node(then_graph: onnx.GraphProto, else_graph: onnx.GraphProto, name: str 
 
 def branch(nodes: Sequence[onnx.NodeProto], name: str, inits: Sequence[TensorProto] = ()) -> onnx.GraphProto:
     return helper.make_graph(list(nodes), name, [], [vi("Y" if not nodes else nodes[-1].output[0])], list(inits))
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(num: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return varint(num << 3 | 2) + varint(len(payload)) + payload
 
 
 def add_model() -> onnx.ModelProto:
@@ -539,7 +527,7 @@ def test_sparse_tensor_densify_bomb_rejected() -> None:
 
 
 def test_field_count_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(modelcheck, "MAX_FIELDS", 10_000)
+    monkeypatch.setattr(onnxproto, "MAX_FIELDS", 10_000)  # the reader's cap (plancheck re-exports it)
     attr = field(1, b"value_ints") + (varint(8 << 3) + b"\x01") * 20_000  # unpacked ints: 2 bytes each
     node = field(4, b"Constant") + field(2, b"Y") + field(5, attr)
     data = model([]).SerializeToString() + field(7, field(1, node))

@@ -17,8 +17,8 @@ import pytest
 from planwire.transport import ForbiddenError, RemoteError, RemoteWorker, UnknownTensorError, dtypes
 from planwire.transport import messages as m
 from planwire.transport.arrays import set_tags
+from planwire.transport.framing import SIGNATURE
 from planwire.transport.schemagen import differences, schemas
-from planwire.transport.session import SIGNATURE
 from planwire.worker import Service, VirtualWorker
 from planwire.worker.process import WorkerProcess
 from tests import handmade

@@ -13,7 +13,7 @@ import pytest
 
 import planwire
 from planwire.transport import RemoteError, WorkerLost
-from planwire.transport.session import Limits
+from planwire.transport.framing import DEFAULT_LIMITS
 from planwire.worker import Service
 from planwire.worker.process import WorkerProcess
 from tests import handmade
@@ -101,7 +101,7 @@ def test_a_reply_from_a_new_session_fails_the_requests_sent_before_it():
     first = pp(np.array([1.0], np.float32))
     link = w.connection._link
     link._replies.clear()  # the old incarnation died with its replies...
-    link.service = Service("reborn", data=[], public=False, device="cpu", threads=1, limits=Limits())  # is back
+    link.service = Service("reborn", data=[], public=False, device="cpu", threads=1, limits=DEFAULT_LIMITS)  # is back
     old_session = w.session
     w.ping()  # its reply carries the new session
     assert w.session != old_session

@@ -1,5 +1,6 @@
 """planwire.transport: the wire protocol over ZeroMQ (pyzmq, msgspec and numpy only, never torch)."""
 
+from planwire.transport.bound import BoundPlan, BoundPointer
 from planwire.transport.client import Client, WorkerClient
 from planwire.transport.connection import Connection
 from planwire.transport.errors import (
@@ -21,6 +22,8 @@ from planwire.transport.spec import PlanSource, PlanVariant, TensorSpec
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "BoundPlan",
+    "BoundPointer",
     "Client",
     "Connection",
     "CurveRefused",

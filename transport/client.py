@@ -21,8 +21,8 @@ from planwire.transport import messages as m
 from planwire.transport.arrays import as_array, tags_of
 from planwire.transport.connection import Connection, decode
 from planwire.transport.errors import ProtocolError
+from planwire.transport.framing import Frame
 from planwire.transport.pointers import PointerPlan, PointerTensor, SearchResult
-from planwire.transport.session import Frame
 from planwire.transport.spec import PlanSource, PlanVariant
 
 INLINE_MAX = 64 << 10  # run results up to this size come back with the run's reply: get() then costs nothing

@@ -20,10 +20,10 @@ from typing import Protocol
 
 import numpy as np
 
-from planwire.transport import codec, session
+from planwire.transport import codec, framing
 from planwire.transport import messages as m
 from planwire.transport.errors import RemoteError, RemoteTimeoutError, WorkerLost, remote_error
-from planwire.transport.session import Frame
+from planwire.transport.framing import Frame
 
 log = logging.getLogger("planwire.client")
 
@@ -106,7 +106,7 @@ class Call:
 
 def decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
     """The numpy view of a reply's tensor ``t``."""
-    return codec.from_frame(t.dtype, t.shape, session.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
+    return codec.from_frame(t.dtype, t.shape, framing.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
 
 
 class Connection:
@@ -154,7 +154,7 @@ class Connection:
         if len(self._in_flight) >= self.window:
             self._make_room()
         call = Call(self, msg.id, what)  # type: ignore[attr-defined]
-        frames = session.pack(msg, buffers)
+        frames = framing.pack(msg, buffers)
         if buffers and self.limits is not None:
             self._check_size(frames, what, self.limits)
         self._in_flight[call.id] = call  # filed before the frames leave: the reply can only land here
@@ -230,7 +230,7 @@ class Connection:
         self._accept(frames)
 
     def _accept(self, frames: list[Frame]) -> None:
-        reply, buffers = session.unpack_reply(frames)
+        reply, buffers = framing.unpack_reply(frames)
         rid = reply.re
         if reply.session != self.session:
             if self.session is not None:
@@ -277,7 +277,7 @@ class Connection:
             msg = m.Hello(id=self.new_id(), client="planwire", identity=self.identity)
             self._in_flight[msg.id] = Call(self, msg.id, "hello")
             try:
-                self._send(session.pack(msg))
+                self._send(framing.pack(msg))
             except Exception:  # not sent: the next request meets the same trouble and says so
                 self._in_flight.pop(msg.id, None)
 

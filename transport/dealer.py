@@ -17,7 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from planwire.transport.connection import LinkDropped
 from planwire.transport.errors import CurveRefused, NoWorkerListening, RemoteTimeoutError, WorkerLost
-from planwire.transport.session import Frame
+from planwire.transport.framing import Frame
 from planwire.transport.sockets import configure, recv_frames, send_frames, tune_io_threads
 
 SLICE_S = 0.1  # a blocking receive looks at the monitor this often (a reply wakes it at once)

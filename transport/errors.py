@@ -1,6 +1,15 @@
-"""Exceptions of the protocol, each carrying the wire error code it maps to."""
+"""Exceptions of the protocol, each carrying the wire error code it maps to, and :func:`printable`, the one
+way a peer's text (names, messages) is made safe to show in them and in logs."""
 
 from __future__ import annotations
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (newlines, escapes, U+2028 ...) written as its Python
+    escape, so a peer's string can neither forge a log line nor hide in a message."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class ProtocolError(Exception):

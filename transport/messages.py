@@ -18,10 +18,10 @@ PROTOCOL_VERSION = 1
 Key = Annotated[str, Meta(min_length=1, max_length=256, description="A stored tensor's id, chosen by the client.")]
 Tag = Annotated[str, Meta(min_length=1, max_length=256)]
 RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Chosen by the client; echoed as `re`.")]
-Dim = Annotated[int, Meta(ge=0, le=2**62)]
+Size = Annotated[int, Meta(ge=0, le=2**62)]  # one axis of a real tensor (spec.Dim is a declared axis)
 MAX_RANK = 64
 """Most axes a tensor may have (numpy's limit): a longer shape is refused as invalid_message."""
-Shape = Annotated[list[Dim], Meta(max_length=MAX_RANK)]
+Shape = Annotated[list[Size], Meta(max_length=MAX_RANK)]
 FrameIndex = Annotated[int, Meta(ge=0, description="Index of the raw frame after the header (0 = first).")]
 # Tensor element types: ONNX TensorProto.DataType names in lower case (transport/dtypes.py maps them).
 DType = Annotated[
@@ -106,7 +106,7 @@ class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
     shape: list[int | str | None] | None
 
 
-class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
     max_message_bytes: int
     max_plan_bytes: int
     max_frames: int

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from planwire.transport.session import Frame
+from planwire.transport.framing import Frame
 from planwire.transport.sockets import HWM, configure, recv_frames, send_frames
 
 log = logging.getLogger("planwire.server")

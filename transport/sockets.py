@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import zmq
 import zmq.backend
 
-from planwire.transport.session import Frame
+from planwire.transport.framing import Frame
 
 HWM = 10_000  # messages, not bytes: bounds memory per peer together with MAXMSGSIZE
 LINGER_MS = 200

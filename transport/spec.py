@@ -23,6 +23,7 @@ META_INPUTS = "planwire.inputs"  # JSON list of {"name", "role", "dtype", "shape
 META_OUTPUTS = "planwire.outputs"  # JSON list of {"name", "role", "dtype", "shape", "binds"?}
 META_STATE = "planwire.state"  # JSON list of initializer names that hold plan state
 META_KIND = "planwire.kind"  # "function" | "module" | "training"
+META_TRAINING = "planwire.training"  # JSON {"optimizer": {"name", "hyper": {...}}, "loss", "targets", "train"}
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
+import msgspec
 import numpy as np
 import onnxruntime as ort
 import zmq
 
+from planwire.transport.framing import DEFAULT_LIMITS
 from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
-from planwire.transport.session import Limits
 from planwire.transport.sockets import tune_io_threads
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
@@ -413,7 +414,9 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         raise ConfigError("--run-timeout must be positive")
     if args.max_run_memory_mb < 0:
         raise ConfigError("--max-run-memory-mb must be 0 (no bound) or positive")
-    limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
+    limits = msgspec.structs.replace(
+        DEFAULT_LIMITS, max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20
+    )
     try:
         admin_url = args.admin or f"ipc://{default_admin_path(args.id)}"
         if admin_url != "none":

@@ -1,7 +1,9 @@
-"""Start and stop local plan-worker processes (for demos, tests and benchmarks)."""
+"""Start and stop local plan-worker processes (for demos, tests and benchmarks): the Python plan-worker,
+and the Node.js one (worker/node), which takes the same flags and prints the same ready line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 _READY = re.compile(r"ready on (\S+?)(?:,| \()")
+NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_BIN = NODE_DIR / "bin" / "plan-worker.js"
 
 
 class WorkerProcess:
@@ -30,25 +34,21 @@ class WorkerProcess:
         log_level: str = "info",
     ) -> None:
         self.id = id
-        self.log_path = Path(tempfile.mkstemp(prefix=f"plan-worker-{id}-", suffix=".log")[1])
-        self._workdir = tempfile.mkdtemp(prefix=f"plan-worker-{id}-")  # its own cwd: nothing to read there
-        cmd = [
-            sys.executable,
-            "-m",
-            "planwire.worker",
-            "--listen",
-            listen,
-            "--id",
-            id,
-            "--log-level",
-            log_level,
-        ]
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{self.prefix}-{id}-", suffix=".log")[1])
+        self._workdir = tempfile.mkdtemp(prefix=f"{self.prefix}-{id}-")  # its own cwd: nothing to read there
+        cmd = [*self.program(), "--listen", listen, "--id", id, "--log-level", log_level]
         for d in data:
             cmd += ["--data", str(Path(d).resolve()) if ":" not in d else d]
         cmd += list(extra)
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self._workdir)
         self.url = self._wait_ready(ready_timeout)
+
+    prefix = "plan-worker"  # of its log file and working directory
+
+    def program(self) -> list[str]:
+        """The command that runs this kind of worker (its flags follow)."""
+        return [sys.executable, "-m", "planwire.worker"]
 
     def _wait_ready(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -89,3 +89,33 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def node_missing() -> str | None:
+    """Why the Node.js worker cannot run here, or None when it can."""
+    if shutil.which("node") is None:
+        return "the Node.js worker needs `node` (Node 20+) on PATH"
+    modules = NODE_DIR / "node_modules"
+    try:  # every package npm ci installs
+        packages = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    except (OSError, ValueError, KeyError):
+        return f"no Node.js worker sources at {NODE_DIR} (a source checkout has them)"
+    if not all((modules / p / "package.json").is_file() for p in packages):
+        return (
+            "the Node.js worker's packages are not installed: run "
+            "`ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix worker/node` (make test and make demo do)"
+        )
+    return None
+
+
+class NodeWorkerProcess(WorkerProcess):
+    """A Node.js plan-worker child process (worker/node), started and stopped like WorkerProcess;
+    RuntimeError saying why (:func:`node_missing`) when it cannot run here."""
+
+    prefix = "plan-worker-node"
+
+    def program(self) -> list[str]:
+        reason = node_missing()
+        if reason:
+            raise RuntimeError(reason)
+        return ["node", str(NODE_BIN)]

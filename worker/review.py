@@ -18,7 +18,7 @@ from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.transport.plancheck import check_model
 from planwire.worker import flow
-from planwire.worker.runtime import PlanSession
+from planwire.worker.runtime import OrtPlan
 
 MAX_REVIEW_BYTES = 2 << 30
 
@@ -64,7 +64,7 @@ class Review:
 def review(data: bytes) -> Review:
     """Review of serialized ONNX ``data`` (checked as a worker would check it; ValueError if refused)."""
     summary = check_model(data, max_bytes=MAX_REVIEW_BYTES)
-    plan = PlanSession(data, name="review")
+    plan = OrtPlan(data, name="review")
     meta = summary.metadata_props
     roles = {p.get("name"): p for p in _json_list(meta.get("planwire.inputs"))}
     out_roles = {p.get("name"): p for p in _json_list(meta.get("planwire.outputs"))}

@@ -58,14 +58,14 @@ def bound(memory_mb: int) -> int:
 
 def serve(sock: socket.socket, directory: str, providers: list[str], threads: int) -> None:
     """Answer requests until the supervisor closes the pipe."""
-    from planwire.worker.runtime import PlanSession, is_out_of_memory
+    from planwire.worker.runtime import OrtPlan, is_out_of_memory
 
-    sessions: dict[str, PlanSession] = {}
+    sessions: dict[str, OrtPlan] = {}
     prefix = f"o{os.getpid()}-"
 
-    def load(pid: str, name: str, data: memoryview) -> PlanSession:
+    def load(pid: str, name: str, data: memoryview) -> OrtPlan:
         # No memory arena: what a run allocates goes back when it ends, rather than staying with the runner.
-        plan = PlanSession(bytes(data), name=name, providers=providers, threads=threads, arena=False)
+        plan = OrtPlan(bytes(data), name=name, providers=providers, threads=threads, arena=False)
         sessions[pid] = plan
         return plan
 

@@ -1,4 +1,4 @@
-"""Running plans: one onnxruntime session per plan, created once and reused for every call."""
+"""Running plans: one onnxruntime session per plan (an :class:`OrtPlan`), created once and reused for every call."""
 
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ class Ports:
                 )
 
 
-class PlanSession(Ports):
-    """A loaded plan: typed ports and a reusable onnxruntime session."""
+class OrtPlan(Ports):
+    """A loaded plan: typed ports and a reusable onnxruntime session (``.session``)."""
 
     def __init__(
         self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1, arena: bool = True
@@ -131,6 +131,9 @@ class PlanSession(Ports):
         if self._run is not None:
             return self._run(self._output_names, feeds, None)
         return self.session.run(None, feeds)
+
+
+PlanSession = OrtPlan  # the name before "session" came to mean only the worker incarnation
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -21,17 +21,17 @@ import numpy as np
 import onnxruntime as ort
 from msgspec import UNSET
 
-from planwire.transport import codec, dtypes, session
+from planwire.transport import codec, dtypes, framing
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
+from planwire.transport.framing import DEFAULT_LIMITS, Frame, Limits
 from planwire.transport.plancheck import PlanRejected, check_model
-from planwire.transport.session import Frame, Limits
 from planwire.transport.spec import plan_id
 from planwire.worker import flow
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.policy import Policy
 from planwire.worker.release import Releaser
-from planwire.worker.runtime import PlanSession, Ports, providers_for
+from planwire.worker.runtime import OrtPlan, Ports, providers_for
 from planwire.worker.stats import clean, peer_of
 from planwire.worker.store import ClientId, Entry, Store
 
@@ -123,7 +123,7 @@ class Service:
         self.session = uuid.uuid4().hex
         self.providers = providers_for(device)
         self.threads = threads
-        self.limits = limits or Limits()
+        self.limits = limits or DEFAULT_LIMITS
         self.store = Store(public=public, max_bytes=max_store_bytes, max_client_bytes=max_client_store_bytes)
         self.max_plans = max_plans
         self.plans: dict[str, Plan] = {}
@@ -136,7 +136,7 @@ class Service:
         self._conn: bytes = b""  # the connection the request being handled came on
         self._client: ClientId = b""  # its owner (quotas, ownership)
         self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
-        self._sessions: dict[str, PlanSession] = {}  # in-process execution only (VirtualWorker, tests)
+        self._ort_plans: dict[str, OrtPlan] = {}  # in-process execution only (VirtualWorker, tests)
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)
@@ -183,12 +183,12 @@ class Service:
         try:
             total = sum(map(len, frames))
             if total > self.limits.max_message_bytes:
-                rid = session.request_id(frames)
+                rid = framing.request_id(frames)
                 raise ProtocolError(
                     "too_large",
                     f"message of {total} bytes, over the limit of {self.limits.max_message_bytes}",
                 )
-            return session.unpack_request(frames, self.limits)
+            return framing.unpack_request(frames, self.limits)
         except Exception as e:  # a bug here must not take the worker down
             return None, self.refuse(getattr(e, "re", rid), e, Origin(frames, client, t0))
 
@@ -228,7 +228,7 @@ class Service:
                 self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0)
             except Exception:
                 log.exception("stats of request #%d not recorded", reply.re)  # type: ignore[attr-defined]
-        return session.pack(reply, list(out))
+        return framing.pack(reply, list(out))
 
     def refuse(
         self, rid: int, e: Exception, origin: Origin | None = None, msg: m._Message | None = None
@@ -336,11 +336,6 @@ class Service:
                 "bad_version", f"client speaks protocol {msg.version}, this worker {m.PROTOCOL_VERSION}"
             )
         self._client, token = self.owners.hello(self._conn, msg.identity)
-        lim = m.Limits(
-            max_message_bytes=self.limits.max_message_bytes,
-            max_plan_bytes=self.limits.max_plan_bytes,
-            max_frames=self.limits.max_frames,
-        )
         return m.Welcome(
             re=msg.id,
             session=self.session,
@@ -348,7 +343,7 @@ class Service:
             version=m.PROTOCOL_VERSION,
             providers=self.providers,
             opsets={"ai.onnx": ONNX_OPSET},
-            limits=lim,
+            limits=self.limits,
             identity=token,
         ), []
 
@@ -382,9 +377,9 @@ class Service:
         job = self._begin_register(msg, buffers)
         if isinstance(job, m.PlanInfo):
             return job, []
-        session_ = PlanSession(job.data, name=job.name, providers=self.providers, threads=self.threads)
-        plan = self._add_plan(job, session_)
-        self._sessions[job.pid] = session_
+        ort_plan = OrtPlan(job.data, name=job.name, providers=self.providers, threads=self.threads)
+        plan = self._add_plan(job, ort_plan)
+        self._ort_plans[job.pid] = ort_plan
         return self._plan_info(msg.id, job.pid, plan), []
 
     def _add_plan(self, job: RegisterJob, ports: Ports) -> Plan:
@@ -400,7 +395,7 @@ class Service:
         return plan
 
     def _begin_register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> RegisterJob | m.PlanInfo:
-        frame = session.frame_at(buffers, msg.frame, "register_plan.frame")
+        frame = framing.frame_at(buffers, msg.frame, "register_plan.frame")
         data = bytes(frame)
         pid = plan_id(data)
         plan = self.plans.get(pid)
@@ -436,7 +431,7 @@ class Service:
         """Forget a plan nobody holds any more."""
         self._any_rank.pop(pid, None)
         self.flows.pop(pid, None)
-        self._sessions.pop(pid, None)
+        self._ort_plans.pop(pid, None)
         if self.plans.pop(pid, None) is not None:
             log.info("unregistered plan %r", pid[:12])
 
@@ -465,9 +460,9 @@ class Service:
         job = self._begin_run(msg, buffers)
         pid = job.msg.plan
         try:
-            plan = self._sessions.get(pid)
+            plan = self._ort_plans.get(pid)
             if plan is None:
-                plan = self._sessions[pid] = PlanSession(
+                plan = self._ort_plans[pid] = OrtPlan(
                     job.plan.data, name=job.plan.name, providers=self.providers, threads=self.threads
                 )
             results = plan.run(job.args, check=False)
@@ -620,7 +615,7 @@ class Service:
     # -- helpers ----------------------------------------------------------------------------------
 
     def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
-        return codec.from_frame(dtype, shape, session.frame_at(buffers, index, what), what=what)
+        return codec.from_frame(dtype, shape, framing.frame_at(buffers, index, what), what=what)
 
     def _tensors_reply(self, rid: int, keys: list[str], arrays: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
         out, frames = [], []

@@ -20,6 +20,7 @@ import zmq
 
 from planwire.transport import dtypes
 from planwire.transport import messages as m
+from planwire.transport.errors import printable
 from planwire.worker.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
 def clean(text: str, limit: int = 2000) -> str:
     """``text`` safe for one log line: control characters (newlines included) escaped, so a peer's string
     cannot forge a line, and length capped."""
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
+    text = printable(text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

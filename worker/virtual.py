@@ -9,7 +9,7 @@ from typing import Any
 from planwire.transport.arrays import as_array, tags_of
 from planwire.transport.client import WorkerClient
 from planwire.transport.connection import WINDOW, Connection
-from planwire.transport.session import Frame, Limits
+from planwire.transport.framing import DEFAULT_LIMITS, Frame, Limits
 from planwire.worker.policy import Policy
 from planwire.worker.service import Service
 
@@ -70,7 +70,7 @@ class VirtualWorker(WorkerClient):
             public=public,
             device=device,
             threads=threads,
-            limits=limits or Limits(),
+            limits=limits or DEFAULT_LIMITS,
             policy=policy,
             audit=audit,
         )
