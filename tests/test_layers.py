@@ -63,7 +63,21 @@ def starts(name: str, prefixes: tuple[str, ...]) -> bool:
 # The contract layer: imported by both sides, imports neither side nor zmq.
 CONTRACT = tuple(
     f"planwire.transport.{m}"
-    for m in ("messages", "session", "codec", "dtypes", "errors", "spec", "schemagen", "plancheck", "ortoptions")
+    for m in (
+        "messages",
+        "session",
+        "codec",
+        "dtypes",
+        "errors",
+        "spec",
+        "schemagen",
+        "plancheck",
+        "ortoptions",
+        "protowire",
+        "dataflow",
+        "estimate",
+        "review",
+    )
 )
 
 
