@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ class Releaser:
         self._audit = open(audit, "a", encoding="utf-8", buffering=1) if audit else None  # noqa: SIM115
         self._lock = threading.Lock()
         self._accountants: dict[ClientId, Any] = {}
+        self._epsilon: dict[str, float] = {}  # owner label -> epsilon spent so far (noised releases only)
+        self.releases: Counter[str] = Counter()  # owner label -> private-derived tensors released to it
         self._rng = np.random.default_rng()
 
     def close(self) -> None:
@@ -147,6 +150,7 @@ class Releaser:
             noise = rule.noise_multiplier
         epsilon = self._account(client, noise) if noise else None
         pending.released = value
+        self.releases[label(client)] += 1
         self.audit("released", client, rule, rule.name, [pending.output], [value], noise=noise, epsilon=epsilon)
         return value
 
@@ -177,8 +181,18 @@ class Releaser:
             if acc is None:
                 acc = self._accountants[client] = rdp_privacy_accountant.RdpAccountant()
             acc.compose(dp_event.GaussianDpEvent(noise_multiplier))
-            delta = self.policy.delta if self.policy is not None else 1e-5
-            return float(acc.get_epsilon(delta))
+            epsilon = self._epsilon[label(client)] = float(acc.get_epsilon(self.delta))
+            return epsilon
+
+    @property
+    def delta(self) -> float:
+        """The delta of the privacy accounting (the policy's, default 1e-5)."""
+        return self.policy.delta if self.policy is not None else 1e-5
+
+    def spent(self) -> dict[str, float]:
+        """Epsilon spent so far per owner label (owners with a noised release only); any thread."""
+        with self._lock:
+            return dict(self._epsilon)
 
     # -- the audit log -----------------------------------------------------------------------------
 

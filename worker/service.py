@@ -444,6 +444,8 @@ class Service:
         """Free everything of an owner not seen for --idle-ttl."""
         n, nbytes = self.store.drop_client(owner)
         pids = self.holders.drop_owner(owner)
+        if self.stats is not None:
+            self.stats.forget(label(owner))
         for pid in pids:
             self._unload(pid)
         log.info(
