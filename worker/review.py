@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from planwire.transport.errors import ProtocolError
@@ -34,13 +35,43 @@ def default_plans_dir() -> Path:
 
 
 def keep(directory: Path, pid: str, data: bytes) -> None:
-    """Store a received plan as DIR/FINGERPRINT.onnx (once; never overwritten)."""
+    """Store a received plan as DIR/FINGERPRINT.onnx (once; never overwritten). A plan received again is
+    marked as recent (its file's mtime), so :func:`prune` removes the plans least recently received first."""
     path = directory / f"{pid}.onnx"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+    if path.exists():
+        os.utime(path)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def prune(directory: Path, max_bytes: int, referenced: Collection[str]) -> tuple[list[tuple[str, int]], int]:
+    """Remove kept plans, least recently received first, until DIR's plans fit in ``max_bytes``; never one
+    whose fingerprint is in ``referenced`` (registered now, or approved by the policy). Returns the
+    (fingerprint, bytes) removed and the bytes kept after."""
+    plans = []
+    for path in directory.glob("*.onnx"):
+        try:
+            st = path.stat()
+        except OSError:  # removed meanwhile
+            continue
+        plans.append((st.st_mtime, path.stem, st.st_size, path))
+    total = sum(p[2] for p in plans)
+    removed = []
+    for _, pid, size, path in sorted(plans):
+        if total <= max_bytes:
+            break
+        if pid in referenced:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append((pid, size))
+    return removed, total
 
 
 def find(target: str, plans_dir: Path | None = None) -> bytes:
