@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from planwire.transport.protowire import varint as _varint
+from planwire.transport.review import human_bytes
 from planwire.transport.spec import META_STATE, PlanVariant, TensorSpec
 
 STATE_ROLES = frozenset({"param", "frozen", "buffer"})  # training-plan inputs that hold model state
@@ -93,19 +95,6 @@ def _tensor(buf: bytes | memoryview, start: int, end: int) -> tuple[str, list[in
     return name, dims
 
 
-def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("malformed ONNX model: bad varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
 def _fields(buf: bytes | memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, end) of each length-delimited field; (field, value, -1) for varints."""
     while pos < end:
@@ -127,16 +116,6 @@ def _fields(buf: bytes | memoryview, pos: int, end: int) -> Iterator[tuple[int, 
 
 
 # -- the summary line -------------------------------------------------------------------------------
-
-
-def human_bytes(n: int) -> str:
-    """1.2 KiB, 3.4 MiB: sizes as people read them."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def ports(specs: Sequence[TensorSpec]) -> str:

@@ -35,6 +35,10 @@ def linear(bias: bool = True) -> bytes:
     return v.data
 
 
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60)
+
+
 def cost(data: bytes, shapes=None, batch: int = 1):
     g = read_graph(data)
     return estimate(g, input_shapes(g, shapes, batch))
@@ -175,22 +179,12 @@ def test_bad_shapes_name_the_input_and_what_fits():
 def test_the_review_text_shows_the_estimate_at_the_given_batch(tmp_path):
     path = tmp_path / "linear.onnx"
     path.write_bytes(linear())
-    done = subprocess.run(
-        [sys.executable, "-m", "planwire.worker", "review", str(path), "--shape", "x=3,7"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli("planwire.worker", "review", str(path), "--shape", "x=3,7")
     assert done.returncode == 0, done.stderr
     assert "cost at x=[3, 7]" in done.stdout
     assert f"FLOPs {2 * 3 * IN * OUT + 3 * OUT:,} " in done.stdout and "Gemm 225" in done.stdout
     assert "peak memory 304 B: initializers 160 B, inputs 84 B, intermediates at most 60 B" in done.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "planwire", "review", str(path), "--shape", "x=3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = cli("planwire", "review", str(path), "--shape", "x=3")
     assert bad.returncode == 2 and "input 'x' has rank 2" in bad.stderr
 
 
@@ -214,12 +208,7 @@ def test_the_exporter_prints_the_review_the_worker_prints(tmp_path):
     assert f"FLOPs {2 * 16 * IN * OUT + 16 * OUT + 16 * OUT:,} " in text  # Gemm with its bias, then Relu
     assert f"fingerprint {plan.variants[0].id}" in text and "PRIVATE-DERIVED from x" in text
     path = plan.save(tmp_path / "linear.onnx")
-    done = subprocess.run(
-        [sys.executable, "-m", "planwire.worker", "review", str(path), "--batch", "16"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli("planwire.worker", "review", str(path), "--batch", "16")
     assert done.returncode == 0, done.stderr
     assert done.stdout == text + "\n"
     assert plan.review({"x": [16, IN]}, batch=16) == text
