@@ -273,7 +273,7 @@ def test_status_per_owner_shows_holdings_last_seen_releases_and_privacy_budget(t
         a.ensure_plan(plan.variants[0], plan.name)
         w_ptr, _ = a.run(plan.variants[0], [np.zeros(n, np.float32), x, np.float32(0.1)], outputs=["w", "loss"])
         a.fetch_arrays(["w"], keep=True)  # the noised update leaves: epsilon spent by a
-        b.put(np.ones(3, np.float32), key="mine")
+        b.put(np.ones(3, np.float32), key="w")  # the same key as a's: each owner's own
         st = query(admin_of(w))
     (epsilon,) = [line["epsilon"] for line in map(json.loads, audit.read_text().splitlines())]
     assert epsilon > 0

@@ -4,6 +4,7 @@ and ipc (two clients each), CURVE keys as identities, --idle-ttl, and VirtualWor
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ import planwire
 from planwire.transport import PrivateDataError, UnknownTensorError
 from planwire.transport.auth import client_keys
 from planwire.worker import VirtualWorker
+from planwire.worker.admin import query
 from planwire.worker.process import WorkerProcess
 from tests import handmade
 
@@ -63,6 +65,8 @@ def test_idle_clients_are_freed_and_logged(tmp_path):
             old = a.put(np.arange(3), key="old")  # noqa: F841 (held: a collected pointer frees its tensor)
             time.sleep(2.5)
             b.ping()  # any request lets the worker notice who has been idle
+            st = query(re.search(r"admin on (\S+)", proc.log()).group(1))
+            assert len(st.owners) == 2 and sum(o.tensors for o in st.owners) == 0  # status follows
             with pytest.raises(UnknownTensorError):
                 a.fetch_arrays(["old"])
         assert "not seen for 1 s (--idle-ttl): freed its 1 tensors" in proc.log()
