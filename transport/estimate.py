@@ -589,6 +589,14 @@ def _infer(node: Node, ins: list[_Info | None], functions: frozenset) -> list[_I
     return None
 
 
+def _sane(info: _Info) -> _Info:
+    """An inferred value as kept: no negative dims (a hostile Reshape), values only of small tensors (a chain
+    of Concats must not grow them without bound)."""
+    shape = info.shape if info.shape is None or all(d >= 0 for d in info.shape) else None
+    values = info.values if info.values is not None and len(info.values) <= _SMALL and shape is not None else None
+    return _Info(info.elem, shape, values)
+
+
 # --- FLOPs and memory ----------------------------------------------------------------------------------
 
 _MOVE = _names(
@@ -747,7 +755,7 @@ def estimate(g: Graph, shapes: Mapping[str, Dims | None]) -> Estimate:
             inferred = None
         outs: list[_Info] = []
         for k, name in enumerate(node.outputs):
-            got = inferred[k] if inferred and k < len(inferred) else None
+            got = _sane(inferred[k]) if inferred and k < len(inferred) else None
             decl = g.declared.get(name)
             shape = got.shape if got and got.shape is not None else _bind(decl.dims if decl else None, env)
             elem = (decl.elem if decl and decl.elem else None) or (got.elem if got else None)
