@@ -227,7 +227,8 @@ class Service:
         """The frames of ``reply`` to ``msg``, observed by ``stats`` (once per answered request)."""
         if self.stats is not None:  # the operator's view (plan-worker status, --metrics)
             try:
-                self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0)
+                owner = self.owners.owner(origin.client)
+                self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0, owner)
             except Exception:
                 log.exception("stats of request #%d not recorded", reply.re)  # type: ignore[attr-defined]
         return session.pack(reply, list(out))

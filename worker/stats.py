@@ -114,11 +114,14 @@ class Stats:
             clients=lambda: len(self.clients),
         )
 
-    def observe(self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float) -> None:
-        """Account for one answered request (called by Service.handle, on the serving thread)."""
+    def observe(
+        self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float, owner_id: bytes = b""
+    ) -> None:
+        """Account for one answered request from owner ``owner_id`` (worker/owners.py) over the connection ``frames``
+        came on (called by Service.reply, on the serving thread)."""
         kind = m.type_name(type(msg)) if msg is not None else "invalid"
         client = peer_of(frames, self.curve)
-        owner = label(self.service._client) if self.service._client else client
+        owner = label(owner_id) if owner_id else client
         failed = isinstance(reply, m.Error)
         with self._lock:
             o = self.owners.get(owner)
@@ -135,7 +138,7 @@ class Stats:
             c.refused += failed
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
             if isinstance(msg, m.Run):
-                self._run(msg, client, failed, seconds)
+                self._run(msg, client, owner_id, failed, seconds)
             elif failed:
                 pass
             elif isinstance(msg, m.Hello):
@@ -176,7 +179,7 @@ class Stats:
             for plan in self.plans.values():
                 plan.owners.discard(owner)
 
-    def _run(self, msg: m.Run, client: str, failed: bool, seconds: float) -> None:
+    def _run(self, msg: m.Run, client: str, owner_id: bytes, failed: bool, seconds: float) -> None:
         plan = self.plans.get(msg.plan)
         name = plan.name if plan is not None else "(unknown plan)"
         self.runs += 1
@@ -186,10 +189,9 @@ class Stats:
             plan.failed += failed
         self.metrics.run(name, msg.plan[:12], seconds, failed)
         self.durations.append(seconds)
-        store, owner = self.service.store, self.service._client
-        name = label(owner) if owner else client
+        name = label(owner_id) if owner_id else client
         for key in msg.outputs:
-            entry = store.find(owner, key)
+            entry = self.service.store.find(owner_id, key)
             if entry is None:  # a failed run's outputs are not stored (a refused one changed nothing)
                 self._drop(name, key)
             elif not failed:
