@@ -266,8 +266,8 @@ def test_status_per_owner_shows_holdings_last_seen_releases_and_privacy_budget(t
     extra = ["--policy", str(policy), "--audit", str(audit), "--plans-dir", str(tmp_path / "plans")]
     with (
         WorkerProcess("owners", data=[f"{data}:secret"], extra=extra) as w,
-        planwire.connect(w.url, timeout=10) as a,
-        planwire.connect(w.url, timeout=10) as b,
+        planwire.connect(w.url, timeout=60) as a,  # the first noised release imports dp-accounting
+        planwire.connect(w.url, timeout=60) as b,
     ):
         (x,) = a.search("secret")
         a.ensure_plan(plan.variants[0], plan.name)

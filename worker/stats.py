@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 WORKER = "(worker's own data)"  # owner of the tensors the worker was started with
 IN_PROCESS = "in-process"
-DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
+DURATIONS_KEPT = 10_000
+CONNECTIONS_SHOWN = 8  # per owner in status  # p50/p99 are over the most recent runs
 
 
 def clean(text: str, limit: int = 2000) -> str:
@@ -71,7 +72,7 @@ class ClientStats:
 class OwnerStats:
     name: str = ""  # what its last hello said
     last_seen: float = field(default_factory=time.time)
-    connections: set[str] = field(default_factory=set)
+    connections: dict[str, None] = field(default_factory=dict)  # the latest CONNECTIONS_SHOWN, oldest first
 
 
 @dataclass
@@ -128,7 +129,10 @@ class Stats:
             if o is None:
                 o = self.owners[owner] = OwnerStats()
             o.last_seen = time.time()
-            o.connections.add(client)
+            o.connections.pop(client, None)
+            o.connections[client] = None
+            if len(o.connections) > CONNECTIONS_SHOWN:
+                del o.connections[next(iter(o.connections))]
             self.requests[kind] += 1
             c = self.clients.get(client)
             if c is None:
@@ -172,8 +176,10 @@ class Stats:
                 plan.owners.add(owner)
 
     def forget(self, owner: str) -> None:
-        """An owner's objects were freed (--idle-ttl): drop its holdings (called on the serving thread)."""
+        """An owner's objects were freed (--idle-ttl): drop its row and holdings (called on the serving thread;
+        what was released to it stays in the audit log, its privacy accounting in the Releaser)."""
         with self._lock:
+            self.owners.pop(owner, None)
             for k in [k for k in self.tensors if k[0] == owner]:
                 self._drop(*k)
             for plan in self.plans.values():
@@ -276,7 +282,7 @@ class Stats:
                 {
                     "owner": name,
                     "name": o.name,
-                    "connections": sorted(o.connections),
+                    "connections": list(o.connections),
                     "idle_s": round(now - o.last_seen, 3),
                     "last_seen": o.last_seen,
                     **owned(name),
