@@ -10,7 +10,6 @@ result returns the same value: reading twice never averages the noise away.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from planwire.transport.errors import ProtocolError
@@ -27,6 +27,7 @@ from planwire.worker.policy import Policy, Release, Rule
 from planwire.worker.store import ClientId, Entry
 
 log = logging.getLogger("planwire.worker")
+_encoder = msgspec.json.Encoder()
 
 
 @dataclass
@@ -52,7 +53,8 @@ class Releaser:
 
     def __init__(self, policy: Policy | None = None, audit: str | None = None) -> None:
         self.policy = policy  # replaced whole on reload (SIGHUP): readers see the old or the new one
-        self._audit = open(audit, "a", encoding="utf-8", buffering=1) if audit else None  # noqa: SIM115
+        # one unbuffered O_APPEND write per line: whole lines, even with another process appending
+        self._audit = open(audit, "ab", buffering=0) if audit else None  # noqa: SIM115
         self._lock = threading.Lock()
         self._accountants: dict[ClientId, Any] = {}
         self._epsilon: dict[str, float] = {}  # owner label -> epsilon spent so far (noised releases only)
@@ -242,4 +244,4 @@ class Releaser:
             )
         if self._audit is not None:
             with self._lock:
-                self._audit.write(json.dumps(record) + "\n")
+                self._audit.write(_encoder.encode(record) + b"\n")  # msgspec: a few µs per release
