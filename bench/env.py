@@ -134,6 +134,31 @@ class Env:
                 self.client_io_threads = io_thread_policies()  # only planwire's default context has started
         return self._workers[key][1]
 
+    def private_worker(self, transport: str, data: Any, fingerprint: str, output: str) -> RemoteWorker:
+        """A plan-worker whose own data is ``data`` (private), with a policy that approves plan
+        ``fingerprint`` and releases ``output`` as it is, and an audit log (the owner's set-up); a client."""
+        key = f"{transport}/private"
+        if key not in self._workers:
+            import numpy as np
+
+            secret, policy, audit = self.tmp / "secret.npy", self.tmp / "policy.toml", self.tmp / "audit.jsonl"
+            np.save(secret, np.asarray(data))
+            policy.write_text(f'[[plan]]\nfingerprint = "{fingerprint}"\nname = "bench"\noutputs.{output} = "as_is"\n')
+            extra = ["--policy", str(policy), "--audit", str(audit), "--plans-dir", "none"]
+            proc = WorkerProcess(
+                f"bench-{transport}-private",
+                listen=self.listen_url(transport, "private"),
+                data=[f"{secret}:private"],
+                extra=extra,
+            )
+            try:
+                client = RemoteWorker(proc.url, timeout=60)
+            except BaseException:
+                proc.close()
+                raise
+            self._workers[key] = (proc, client)
+        return self._workers[key][1]
+
     def worker_pid(self, transport: str) -> int:
         self.worker(transport)
         return self._workers[transport][0].proc.pid

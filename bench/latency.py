@@ -27,6 +27,7 @@ ECHO = "raw pyzmq echo of a plan call's frames [{}]"
 DEFAULT = ", I/O threads at default scheduling"
 PLAN_DEFAULT = PLAN + DEFAULT
 ECHO_DEFAULT = ECHO + DEFAULT
+PRIVATE = "plan call ptr(x).get() on the worker's private data, released by an approved as_is rule, audited [{}]"
 RPC = "torch.rpc rpc_sync [tcp]"
 RPC_SHM = "torch.rpc rpc_sync [shm, isolated]"
 
@@ -106,6 +107,13 @@ def _cases(env: Env, transport: str, plan: plans.HandPlan, x: Any, per: int, rep
             Case(ECHO_DEFAULT.format(transport), echo, per),
             Case(PLAN_DEFAULT.format(transport), lambda: plain_ptr(plain_x).get(), per),
         ]
+        # The same call on the data owner's private data (a third worker: --data private, --policy approving
+        # the plan's output as_is, --audit): the release checks and the audit line are all it adds.
+        owner = env.private_worker(transport, x.numpy(), variant.id, "y")
+        (secret,) = owner.search("private")
+        owner_ptr = owner.plan_pointer(plan)
+        assert np.allclose(np.asarray(owner_ptr(secret).get()), expected)
+        cases.append(Case(PRIVATE.format(transport), lambda: owner_ptr(secret).get(), per))
     return cases
 
 
@@ -167,6 +175,13 @@ def run(env: Env, report: Report, quick: bool) -> None:
         (FAMILY, PLAN_DEFAULT.format(tr)),
         (FAMILY, PLAN.format(tr)),
         basis="planwire against itself: what SCHED_BATCH changes",
+    )
+    report.ratio(
+        f"tiny plan call on private data (as_is rule, audited) vs on the client's data [{tr}]",
+        (FAMILY, PRIVATE.format(tr)),
+        (FAMILY, PLAN.format(tr)),
+        basis="the same plan, tensor size and transport; the private worker also applies the owner's policy "
+        "(the result is private-derived), releases it as_is and appends an audit line per call",
     )
     report.ratio(
         "rpc_sync vs tiny plan call, both at default I/O scheduling [tcp]",

@@ -25,6 +25,10 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # (family, figure) rows of the headline figures table, in order; missing ones are left out.
 HEADLINE = [
     ("latency", "plan call ptr(x).get() [tcp]"),
+    (
+        "latency",
+        "plan call ptr(x).get() on the worker's private data, released by an approved as_is rule, audited [tcp]",
+    ),
     ("latency", "plan call ptr(x).get() [ipc]"),
     ("latency", "raw pyzmq echo of a plan call's frames [tcp]"),
     ("latency", "raw pyzmq echo of a plan call's frames [ipc]"),

@@ -7,7 +7,7 @@ Shared by :class:`~planwire.exporter.plan.Plan` (built from torch code, can buil
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from planwire.exporter import runtime, summary
 from planwire.transport.arrays import as_array, wrap
 from planwire.transport.dtypes import to_wire
 from planwire.transport.pointers import PointerTensor
+from planwire.transport.review import format_review, review
 from planwire.transport.spec import PlanVariant
 
 NOT_BUILT = "A plan needs to be built before being sent to a worker."
@@ -129,6 +130,22 @@ class PlanRunner:
             return 0
         first = self._variants[0]
         return summary.facts(first).state_size(first.inputs)
+
+    def review(
+        self,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        *,
+        batch: int = 1,
+        variant: int = 0,
+        private: set[str] | None = None,
+    ) -> str:
+        """The review a data owner's worker prints for this plan (``plan-worker review``), text for text:
+        ports, which outputs depend on which inputs, op counts, FLOPs and peak memory at ``shapes`` (input
+        name -> sizes; every other dynamic axis ``batch``), the fingerprint and a ``policy.toml`` snippet.
+        Show it to the owner before sending: ``print(plan.review(batch=32))``."""
+        if not self._variants:
+            raise RuntimeError("A plan needs to be built before being reviewed.")
+        return format_review(review(self._variants[variant].data, shapes, batch), private)
 
     def signature(self, variant: int = 0) -> str:
         """``(x: float32[?, 2]) -> (output: float32[?, 2])`` of one variant (every port)."""

@@ -23,6 +23,7 @@ from planwire.transport.onnxproto import (
     PlanRejected,
     Reader,
 )
+from planwire.transport.review import human_bytes
 from planwire.transport.spec import META_STATE, PlanVariant, TensorSpec
 
 STATE_ROLES = frozenset({"param", "frozen", "buffer"})  # training-plan inputs that hold model state
@@ -85,16 +86,6 @@ def read_model(data: bytes | memoryview) -> ModelFacts:
 
 
 # -- the summary line -------------------------------------------------------------------------------
-
-
-def human_bytes(n: int) -> str:
-    """1.2 KiB, 3.4 MiB: sizes as people read them."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def ports(specs: Sequence[TensorSpec]) -> str:

@@ -8,6 +8,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import planwire
 from planwire.transport import CurveRefused
 from planwire.transport.auth import client_keys, public_key
-from planwire.worker.admin import ADMIN_SIGNATURE, query
+from planwire.worker.admin import ADMIN_SIGNATURE, format_status, query
 from planwire.worker.process import WorkerProcess
 from planwire.worker.stats import clean
 from tests import handmade
@@ -242,3 +243,51 @@ def test_status_text_escapes_what_clients_chose():
     assert done.returncode == 0, done.stderr
     assert "evil\\nworke" in done.stdout  # the NAME column is 12 characters wide
     assert "\x1b" not in done.stdout and not any(ln.startswith("worker    forged") for ln in done.stdout.splitlines())
+
+
+def test_status_per_owner_shows_holdings_last_seen_releases_and_privacy_budget(tmp_path):
+    """Two clients of a worker with private data and a policy that releases a noised update: each owner's
+    row has its own tensors and plans, when it was last seen, its releases, and the epsilon the audit log
+    recorded for it (only the client that got a noised release has spent any)."""
+    from tests.test_policy import rules, step_plan
+
+    n = 32
+    data = tmp_path / "secret.npy"
+    np.save(data, np.random.default_rng(0).standard_normal(n).astype(np.float32))
+    plan = step_plan()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        rules(
+            'outputs.new_w = { update = "w" }\nupdate = { clip_norm = 1.0, noise_multiplier = 2.0 }',
+            plan.variants[0].id,
+        )
+    )
+    audit = tmp_path / "audit.jsonl"
+    extra = ["--policy", str(policy), "--audit", str(audit), "--plans-dir", str(tmp_path / "plans")]
+    with (
+        WorkerProcess("owners", data=[f"{data}:secret"], extra=extra) as w,
+        planwire.connect(w.url, timeout=60) as a,  # the first noised release imports dp-accounting
+        planwire.connect(w.url, timeout=60) as b,
+    ):
+        (x,) = a.search("secret")
+        a.ensure_plan(plan.variants[0], plan.name)
+        w_ptr, _ = a.run(plan.variants[0], [np.zeros(n, np.float32), x, np.float32(0.1)], outputs=["w", "loss"])
+        a.fetch_arrays(["w"], keep=True)  # the noised update leaves: epsilon spent by a
+        b.put(np.ones(3, np.float32), key="w")  # the same key as a's: each owner's own
+        st = query(admin_of(w))
+    (epsilon,) = [line["epsilon"] for line in map(json.loads, audit.read_text().splitlines())]
+    assert epsilon > 0
+    rows = {o.connections[0]: o for o in st.owners}
+    conn_a = next(c.client for c in st.clients if c.tensors == 2)
+    conn_b = next(c.client for c in st.clients if c.tensors == 1)
+    oa, ob = rows[conn_a], rows[conn_b]
+    assert oa.owner.startswith("conn:") and oa.owner != ob.owner
+    plan_bytes = len(plan.variants[0].data)
+    assert (oa.tensors, oa.tensor_bytes, oa.plans, oa.plan_bytes, oa.releases) == (2, 4 * n + 4, 1, plan_bytes, 1)
+    assert oa.epsilon == pytest.approx(epsilon) and oa.delta == 1e-5
+    assert (ob.tensors, ob.tensor_bytes, ob.plans, ob.releases, ob.epsilon) == (1, 12, 0, 0, None)
+    assert 0 <= oa.idle_s < 60 and abs(ob.last_seen - time.time()) < 60
+    text = format_status(st)
+    assert "owners    2 (privacy budget" in text
+    assert re.search(rf"  {re.escape(oa.owner)} +planwire +2 +132 B +1 +1 +{oa.epsilon:.3g} \(1e-05\) ", text)
+    assert re.search(rf"  {re.escape(ob.owner)} +planwire +1 +12 B +0 +0 +- ", text)

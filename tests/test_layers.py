@@ -76,6 +76,10 @@ CONTRACT = tuple(
         "plansize",
         "plancheck",
         "ortoptions",
+        "protowire",
+        "dataflow",
+        "estimate",
+        "review",
     )
 )
 

@@ -4,6 +4,7 @@ and ipc (two clients each), CURVE keys as identities, --idle-ttl, and VirtualWor
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ import planwire
 from planwire.transport import PrivateDataError, UnknownTensorError
 from planwire.transport.auth import client_keys
 from planwire.worker import VirtualWorker
+from planwire.worker.admin import query
 from planwire.worker.process import WorkerProcess
 from tests import handmade
 from tests.conformance.workers import KINDS, node_missing, start
@@ -67,6 +69,8 @@ def test_idle_clients_are_freed_and_logged(kind):
             old = a.put(np.arange(3), key="old")  # noqa: F841 (held: a collected pointer frees its tensor)
             time.sleep(2.5)
             b.ping()  # any request lets the worker notice who has been idle
+            st = query(re.search(r"admin on (\S+)", proc.log()).group(1))
+            assert len(st.owners) == 1 and st.owners[0].tensors == 0  # a was freed: its row goes
             with pytest.raises(UnknownTensorError):
                 a.fetch_arrays(["old"])
         assert "not seen for 1 s (--idle-ttl): freed its 1 tensors" in proc.log()

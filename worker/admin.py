@@ -50,6 +50,20 @@ class ClientStatus(Holdings):
     idle_s: float
 
 
+class OwnerStatus(Holdings):
+    """An owner (worker/owners.py; named as in the audit log: ``key:KEY`` or ``conn:ID``): what it holds, when
+    it was last seen, what was released to it and the privacy budget that cost (None: no noised release)."""
+
+    owner: str
+    name: str
+    connections: list[str]
+    idle_s: float
+    last_seen: float
+    releases: int
+    epsilon: float | None = None
+    delta: float | None = None
+
+
 class PlanStatus(msgspec.Struct):
     plan: str
     name: str
@@ -79,6 +93,7 @@ class Status(msgspec.Struct, tag="status", tag_field="type"):
     run_p50_ms: float
     run_p99_ms: float
     private_releases: int  # tensors of the worker's own data sent to clients
+    owners: list[OwnerStatus] = []  # per owner (a reconnecting client is one owner, several connections)
 
 
 class AdminError(msgspec.Struct, tag="error", tag_field="type"):
@@ -239,6 +254,17 @@ def format_status(st: Status) -> str:
             lines.append(
                 f"  {clean(c.client):<48} {clean(c.name)[:12]:<12} {c.requests:>8} {c.refused:>7} {c.tensors:>7} "
                 f"{_size(c.tensor_bytes):>10} {c.plans:>5} {_size(c.plan_bytes):>10} {c.idle_s:>7.0f}s"
+            )
+    lines.append(f"owners    {len(st.owners)} (privacy budget: epsilon spent on noised releases, at delta)")
+    if st.owners:
+        head = f"  {'OWNER':<48} {'NAME':<12} {'TENSORS':>7} {'BYTES':>10} {'PLANS':>5} {'RELEASES':>8}"
+        lines.append(head + f" {'EPSILON':>16} {'LAST SEEN':>19}")
+        for o in st.owners:
+            eps = "-" if o.epsilon is None else f"{o.epsilon:.3g} ({o.delta:g})"
+            seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(o.last_seen))
+            lines.append(
+                f"  {clean(o.owner)[:48]:<48} {clean(o.name)[:12]:<12} {o.tensors:>7} {_size(o.tensor_bytes):>10} "
+                f"{o.plans:>5} {o.releases:>8} {eps:>16} {seen:>19}"
             )
     lines.append(f"plans     {len(st.plans)}")
     for p in st.plans:

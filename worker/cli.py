@@ -86,6 +86,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+DEFAULT_MAX_PLANS_DIR_MB = 1024  # --plans-dir cap: plans are at most --max-plan-mb each
+
+
 def load_data(spec: str) -> list[tuple[str, np.ndarray, list[str]]]:
     """Tensors of one ``--data FILE[:TAG,...]``: a .npy (tags from the spec, else the file stem) or an
     .npz (each key is a tag of its array, plus the spec's tags). Never loads Python objects."""
@@ -285,6 +298,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "'plan-worker review' ('none': not kept; default: $XDG_STATE_HOME/planwire/plans)",
     )
     ap.add_argument(
+        "--max-plans-dir-mb",
+        type=positive_float,
+        default=DEFAULT_MAX_PLANS_DIR_MB,
+        metavar="MB",
+        help="cap of --plans-dir (MiB): beyond it the kept plans least recently received that are neither "
+        "registered nor approved by the policy are removed (logged)",
+    )
+    ap.add_argument(
         "--audit", metavar="FILE", help="append one JSON line per release or refusal of private-derived data"
     )
     ap.add_argument(
@@ -461,6 +482,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             policy=policy,
             audit=args.audit,
             plans_dir=plans_dir,
+            max_plans_dir_bytes=int(args.max_plans_dir_mb * (1 << 20)),
         )
         cleanup.append(service.releaser.close)
     except (RuntimeError, ValueError) as e:

@@ -123,6 +123,15 @@ def parse(doc: dict[str, Any], where: str = "policy") -> Policy:
         if rule.fingerprint in rules:
             raise PolicyError(f"{where}: plan #{i + 1}: fingerprint {rule.fingerprint[:12]}… is approved twice")
         rules[rule.fingerprint] = rule
+    noised = [r.name or r.fingerprint[:12] for r in rules.values() if r.noise_multiplier]
+    if noised:
+        try:  # imported here (seconds) rather than at the first noised release, which it would stall
+            from dp_accounting.rdp import rdp_privacy_accountant  # noqa: F401
+        except ImportError:
+            raise PolicyError(
+                f"{where}: plan {noised[0]!r} adds noise, whose privacy accounting needs dp-accounting: "
+                "pip install 'planwire[dp]'"
+            ) from None
     return Policy(rules, delta, where)
 
 

@@ -10,14 +10,15 @@ result returns the same value: reading twice never averages the noise away.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from planwire.transport.errors import ProtocolError
@@ -26,6 +27,7 @@ from planwire.worker.policy import Policy, Release, Rule
 from planwire.worker.store import ClientId, Entry
 
 log = logging.getLogger("planwire.worker")
+_encoder = msgspec.json.Encoder()
 
 
 @dataclass
@@ -51,9 +53,12 @@ class Releaser:
 
     def __init__(self, policy: Policy | None = None, audit: str | None = None) -> None:
         self.policy = policy  # replaced whole on reload (SIGHUP): readers see the old or the new one
-        self._audit = open(audit, "a", encoding="utf-8", buffering=1) if audit else None  # noqa: SIM115
+        # one unbuffered O_APPEND write per line: whole lines, even with another process appending
+        self._audit = open(audit, "ab", buffering=0) if audit else None  # noqa: SIM115
         self._lock = threading.Lock()
         self._accountants: dict[ClientId, Any] = {}
+        self._epsilon: dict[str, float] = {}  # owner label -> epsilon spent so far (noised releases only)
+        self.releases: Counter[str] = Counter()  # owner label -> private-derived tensors released to it
         self._rng = np.random.default_rng()
 
     def close(self) -> None:
@@ -147,6 +152,7 @@ class Releaser:
             noise = rule.noise_multiplier
         epsilon = self._account(client, noise) if noise else None
         pending.released = value
+        self.releases[label(client)] += 1
         self.audit("released", client, rule, rule.name, [pending.output], [value], noise=noise, epsilon=epsilon)
         return value
 
@@ -177,8 +183,18 @@ class Releaser:
             if acc is None:
                 acc = self._accountants[client] = rdp_privacy_accountant.RdpAccountant()
             acc.compose(dp_event.GaussianDpEvent(noise_multiplier))
-            delta = self.policy.delta if self.policy is not None else 1e-5
-            return float(acc.get_epsilon(delta))
+            epsilon = self._epsilon[label(client)] = float(acc.get_epsilon(self.delta))
+            return epsilon
+
+    @property
+    def delta(self) -> float:
+        """The delta of the privacy accounting (the policy's, default 1e-5)."""
+        return self.policy.delta if self.policy is not None else 1e-5
+
+    def spent(self) -> dict[str, float]:
+        """Epsilon spent so far per owner label (owners with a noised release only); any thread."""
+        with self._lock:
+            return dict(self._epsilon)
 
     # -- the audit log -----------------------------------------------------------------------------
 
@@ -228,4 +244,4 @@ class Releaser:
             )
         if self._audit is not None:
             with self._lock:
-                self._audit.write(json.dumps(record) + "\n")
+                self._audit.write(_encoder.encode(record) + b"\n")  # msgspec: a few µs per release

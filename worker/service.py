@@ -118,6 +118,7 @@ class Service:
         policy: Policy | None = None,
         audit: str | None = None,
         plans_dir: Path | None = None,
+        max_plans_dir_bytes: int | None = None,
     ) -> None:
         self.id = worker_id
         self.session = uuid.uuid4().hex
@@ -133,6 +134,7 @@ class Service:
         self.flows: dict[str, flow.Flow] = {}  # plan id -> which outputs depend on which inputs
         self.releaser = Releaser(policy, audit)  # the data owner's release rules and audit log
         self.plans_dir = plans_dir  # where a worker with private data keeps the plans it receives, for review
+        self.max_plans_dir_bytes = max_plans_dir_bytes  # beyond it the least recently received unused go
         self._conn: bytes = b""  # the connection the request being handled came on
         self._client: ClientId = b""  # its owner (quotas, ownership)
         self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
@@ -225,7 +227,8 @@ class Service:
         """The frames of ``reply`` to ``msg``, observed by ``stats`` (once per answered request)."""
         if self.stats is not None:  # the operator's view (plan-worker status, --metrics)
             try:
-                self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0)
+                owner = self.owners.owner(origin.client)
+                self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0, owner)
             except Exception:
                 log.exception("stats of request #%d not recorded", reply.re)  # type: ignore[attr-defined]
         return framing.pack(reply, list(out))
@@ -439,6 +442,8 @@ class Service:
         """Free everything of an owner not seen for --idle-ttl."""
         n, nbytes = self.store.drop_client(owner)
         pids = self.holders.drop_owner(owner)
+        if self.stats is not None:
+            self.stats.forget(label(owner))
         for pid in pids:
             self._unload(pid)
         log.info(
@@ -602,12 +607,34 @@ class Service:
 
     def _keep(self, pid: str, name: str, data: bytes) -> None:
         """Keep a plan a worker with private data received where its operator reviews it (plan-worker review)."""
-        from planwire.worker.review import keep
+        from planwire.worker.review import keep, prune
 
         try:
             keep(self.plans_dir, pid, data)  # type: ignore[arg-type]
         except OSError as e:
             log.warning("plan %r (%s) not kept in %s: %s", name, pid[:12], self.plans_dir, e)
+            return
+        if self.max_plans_dir_bytes is None:
+            return
+        policy = self.releaser.policy
+        referenced = self.plans.keys() | (policy.rules.keys() if policy is not None else set())
+        removed, total = prune(self.plans_dir, self.max_plans_dir_bytes, referenced)  # type: ignore[arg-type]
+        for gone, size in removed:
+            log.info(
+                "removed kept plan %s (%d bytes) from %s: over --max-plans-dir-mb, least recently received and "
+                "neither registered nor approved",
+                gone[:12],
+                size,
+                self.plans_dir,
+            )
+        if total > self.max_plans_dir_bytes:
+            log.warning(
+                "kept plans in %s take %d bytes, over --max-plans-dir-mb (%d bytes): the rest are registered now or "
+                "approved by the policy, and are kept",
+                self.plans_dir,
+                total,
+                self.max_plans_dir_bytes,
+            )
 
     def _release(self, key: str, entry: Entry) -> np.ndarray:
         return self.releaser.release(self._client, key, entry)

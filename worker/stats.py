@@ -3,7 +3,9 @@
 The Service calls ``observe`` once per request on its own thread, after answering; everything else (the
 admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. Clients are
 named by their CURVE public key when the worker uses CURVE, else by the connection (peer address and the
-socket's file descriptor, from ZeroMQ's message properties): the protocol has no client identity yet.
+socket's file descriptor, from ZeroMQ's message properties). Holdings are also kept per *owner* (the
+identity that owns objects, worker/owners.py: a client that reconnects keeps its owner), with the privacy
+budget each owner has spent on noised releases.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from planwire.transport import dtypes
 from planwire.transport import messages as m
 from planwire.transport.errors import printable
 from planwire.worker.metrics import Metrics
+from planwire.worker.owners import label
 
 if TYPE_CHECKING:
     from planwire.worker.service import Service
 
 WORKER = "(worker's own data)"  # owner of the tensors the worker was started with
 IN_PROCESS = "in-process"
-DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
+DURATIONS_KEPT = 10_000
+CONNECTIONS_SHOWN = 8  # per owner in status  # p50/p99 are over the most recent runs
 
 
 def clean(text: str, limit: int = 2000) -> str:
@@ -65,10 +69,18 @@ class ClientStats:
 
 
 @dataclass
+class OwnerStats:
+    name: str = ""  # what its last hello said
+    last_seen: float = field(default_factory=time.time)
+    connections: dict[str, None] = field(default_factory=dict)  # the latest CONNECTIONS_SHOWN, oldest first
+
+
+@dataclass
 class PlanStats:
     name: str
     nbytes: int
     clients: set[str] = field(default_factory=set)
+    owners: set[str] = field(default_factory=set)
     runs: int = 0
     failed: int = 0
 
@@ -83,7 +95,8 @@ class Stats:
         self.metrics = Metrics()
         self._lock = threading.Lock()
         self.clients: dict[str, ClientStats] = {}
-        self.tensors: dict[str, tuple[str, int]] = {}  # key -> (owner, bytes)
+        self.tensors: dict[tuple[str, str], tuple[str, int]] = {}  # (owner, key) -> (connection, bytes)
+        self.owners: dict[str, OwnerStats] = {}  # owner label (as in the audit log) -> what it did
         self.plans: dict[str, PlanStats] = {}  # plan id -> stats
         self.requests: Counter[str] = Counter()
         self.runs = 0
@@ -93,7 +106,7 @@ class Stats:
         self._tensor_bytes = 0
         self._plan_bytes = 0
         for key, entry in service.store.own():
-            self._hold(key, WORKER, entry.array.nbytes)
+            self._hold(WORKER, key, WORKER, entry.array.nbytes)
         self.metrics.track_holdings(  # plain reads of ints and dict sizes: safe from the scrape thread
             tensors=lambda: len(self.tensors),
             tensor_bytes=lambda: self._tensor_bytes,
@@ -102,12 +115,24 @@ class Stats:
             clients=lambda: len(self.clients),
         )
 
-    def observe(self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float) -> None:
-        """Account for one answered request (called by Service.handle, on the serving thread)."""
+    def observe(
+        self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float, owner_id: bytes = b""
+    ) -> None:
+        """Account for one answered request from owner ``owner_id`` (worker/owners.py) over the connection ``frames``
+        came on (called by Service.reply, on the serving thread)."""
         kind = m.type_name(type(msg)) if msg is not None else "invalid"
         client = peer_of(frames, self.curve)
+        owner = label(owner_id) if owner_id else client
         failed = isinstance(reply, m.Error)
         with self._lock:
+            o = self.owners.get(owner)
+            if o is None:
+                o = self.owners[owner] = OwnerStats()
+            o.last_seen = time.time()
+            o.connections.pop(client, None)
+            o.connections[client] = None
+            if len(o.connections) > CONNECTIONS_SHOWN:
+                del o.connections[next(iter(o.connections))]
             self.requests[kind] += 1
             c = self.clients.get(client)
             if c is None:
@@ -117,26 +142,29 @@ class Stats:
             c.refused += failed
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
             if isinstance(msg, m.Run):
-                self._run(msg, client, failed, seconds)
+                self._run(msg, client, owner_id, failed, seconds)
             elif failed:
                 pass
             elif isinstance(msg, m.Hello):
-                c.name = msg.client
+                c.name = o.name = msg.client
             elif isinstance(msg, m.Put):
                 for t in msg.tensors:
                     size = math.prod(t.shape) * dtypes.to_numpy(t.dtype).itemsize
-                    self._hold(t.key, client, size)
+                    self._hold(owner, t.key, client, size)
             elif isinstance(msg, m.Get):
                 for key in msg.keys:
-                    owner = self.tensors.get(key, ("", 0))[0]
-                    if owner == WORKER:
+                    if (owner, key) not in self.tensors and (WORKER, key) in self.tensors:
                         self.private_releases += 1
                         self.metrics.private_releases.inc()
                     elif not msg.keep:
-                        self._drop(key)
+                        self._drop(owner, key)
             elif isinstance(msg, m.Delete):
                 for key in msg.keys:
-                    self._drop(key)
+                    self._drop(owner, key)
+            elif isinstance(msg, m.DeletePlan):
+                plan = self.plans.get(msg.plan)
+                if plan is not None:
+                    plan.owners.discard(owner)
             elif isinstance(msg, m.RegisterPlan) and isinstance(reply, m.PlanInfo):
                 plan = self.plans.get(reply.plan)
                 if plan is None:
@@ -145,8 +173,19 @@ class Stats:
                     plan = self.plans[reply.plan] = PlanStats(name, nbytes)
                     self._plan_bytes += nbytes
                 plan.clients.add(client)
+                plan.owners.add(owner)
 
-    def _run(self, msg: m.Run, client: str, failed: bool, seconds: float) -> None:
+    def forget(self, owner: str) -> None:
+        """An owner's objects were freed (--idle-ttl): drop its row and holdings (called on the serving thread;
+        what was released to it stays in the audit log, its privacy accounting in the Releaser)."""
+        with self._lock:
+            self.owners.pop(owner, None)
+            for k in [k for k in self.tensors if k[0] == owner]:
+                self._drop(*k)
+            for plan in self.plans.values():
+                plan.owners.discard(owner)
+
+    def _run(self, msg: m.Run, client: str, owner_id: bytes, failed: bool, seconds: float) -> None:
         plan = self.plans.get(msg.plan)
         name = plan.name if plan is not None else "(unknown plan)"
         self.runs += 1
@@ -156,21 +195,21 @@ class Stats:
             plan.failed += failed
         self.metrics.run(name, msg.plan[:12], seconds, failed)
         self.durations.append(seconds)
-        store, owner = self.service.store, self.service._client
+        name = label(owner_id) if owner_id else client
         for key in msg.outputs:
-            entry = store.find(owner, key)
+            entry = self.service.store.find(owner_id, key)
             if entry is None:  # a failed run's outputs are not stored (a refused one changed nothing)
-                self._drop(key)
+                self._drop(name, key)
             elif not failed:
-                self._hold(key, client, entry.array.nbytes)
+                self._hold(name, key, client, entry.array.nbytes)
 
-    def _hold(self, key: str, owner: str, nbytes: int) -> None:
-        self._drop(key)
-        self.tensors[key] = (owner, nbytes)
+    def _hold(self, owner: str, key: str, connection: str, nbytes: int) -> None:
+        self._drop(owner, key)
+        self.tensors[owner, key] = (connection, nbytes)
         self._tensor_bytes += nbytes
 
-    def _drop(self, key: str) -> None:
-        old = self.tensors.pop(key, None)
+    def _drop(self, owner: str, key: str) -> None:
+        old = self.tensors.pop((owner, key), None)
         if old is not None:
             self._tensor_bytes -= old[1]
 
@@ -182,13 +221,22 @@ class Stats:
             def row(owner: str) -> dict[str, int]:
                 return per.setdefault(owner, {"tensors": 0, "tensor_bytes": 0, "plans": 0, "plan_bytes": 0})
 
-            for owner, nbytes in self.tensors.values():
-                r = row(owner)
-                r["tensors"] += 1
-                r["tensor_bytes"] += nbytes
+            by_owner: dict[str, dict[str, int]] = {}
+
+            def owned(owner: str) -> dict[str, int]:
+                return by_owner.setdefault(owner, {"tensors": 0, "tensor_bytes": 0, "plans": 0, "plan_bytes": 0})
+
+            for (owner, _), (connection, nbytes) in self.tensors.items():
+                for r in (row(WORKER if owner == WORKER else connection), owned(owner)):
+                    r["tensors"] += 1
+                    r["tensor_bytes"] += nbytes
             for p in self.plans.values():
                 for owner in p.clients:
                     r = row(owner)
+                    r["plans"] += 1
+                    r["plan_bytes"] += p.nbytes
+                for owner in p.owners:
+                    r = owned(owner)
                     r["plans"] += 1
                     r["plan_bytes"] += p.nbytes
             durations = sorted(self.durations)
@@ -209,6 +257,7 @@ class Stats:
             return {
                 "uptime_s": round(now - self.started, 3),
                 "clients": clients,
+                "owners": self._owner_rows(owned, now),
                 "own_data": row(WORKER),
                 "plans": [
                     {"plan": pid, "name": p.name, "bytes": p.nbytes, "runs": p.runs, "failed": p.failed}
@@ -221,6 +270,28 @@ class Stats:
                 "run_p99_ms": _percentile(durations, 0.99) * 1e3,
                 "private_releases": self.private_releases,
             }
+
+    def _owner_rows(self, owned, now: float) -> list[dict]:
+        releaser = self.service.releaser
+        spent = releaser.spent()
+        rows = []
+        for name in sorted(self.owners.keys() - {WORKER}):
+            o = self.owners[name]
+            eps = spent.get(name)
+            rows.append(
+                {
+                    "owner": name,
+                    "name": o.name,
+                    "connections": list(o.connections),
+                    "idle_s": round(now - o.last_seen, 3),
+                    "last_seen": o.last_seen,
+                    **owned(name),
+                    "releases": releaser.releases.get(name, 0),
+                    "epsilon": eps,
+                    "delta": releaser.delta if eps is not None else None,
+                }
+            )
+        return rows
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
