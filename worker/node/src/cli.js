@@ -10,6 +10,7 @@ import { PROTOCOL_VERSION } from "./messages.js";
 import { loadData, DataError } from "./npy.js";
 import { loadSecret, clientKeys, startAuthenticator } from "./auth.js";
 import { Server } from "./server.js";
+import { Sandbox } from "./sandbox.js";
 import { log, setLevel } from "./log.js";
 import { pyRepr } from "./json.js";
 
@@ -35,9 +36,9 @@ const OPTIONS = {
   "--max-plans": { dest: "maxPlans", int: true, dflt: 1000, help: "plans registered at once" },
   "--max-client-queue": { dest: "maxClientQueue", int: true, dflt: 10000, help: "queued requests and unread replies per client (messages); past it its replies are dropped" },
   "--max-connections": { dest: "maxConnections", int: true, help: "accepted for compatibility; not enforced by the Node worker (see README)" },
-  "--run-timeout": { dest: "runTimeout", metavar: "SECONDS", help: "refused: the Node worker has no sandbox (its runs cannot be stopped or bounded)" },
-  "--max-run-memory-mb": { dest: "maxRunMemoryMb", metavar: "MB", help: "refused: the Node worker has no sandbox" },
-  "--no-sandbox": { dest: "noSandbox", flag: true, help: "accepted: the Node worker always runs plans in its own process (trusted plans only)" },
+  "--run-timeout": { dest: "runTimeout", dflt: "60", metavar: "SECONDS", help: "stop a run or a plan's registration after this long (plan_timeout)" },
+  "--max-run-memory-mb": { dest: "maxRunMemoryMb", dflt: "2048", metavar: "MB", help: "memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none" },
+  "--no-sandbox": { dest: "noSandbox", flag: true, help: "run plans inside the worker process (for trusted plans only: a crashing plan takes the worker and its data down, and --run-timeout/--max-run-memory-mb do not apply)" },
   "--curve-secret": { dest: "curveSecret", metavar: "FILE", help: "zmq.auth secret key file: encrypt with CURVE" },
   "--curve-clients": { dest: "curveClients", metavar: "DIR", help: "directory of allowed client public keys (*.key)" },
   "--curve-any-client": { dest: "curveAnyClient", flag: true, help: "with --curve-secret: encrypt but admit any client key (no authentication)" },
@@ -187,12 +188,11 @@ async function serve(args) {
   if (args.admin !== null && args.admin !== "none") {
     throw new ConfigError(`--admin ${pyRepr(args.admin)}: the Node worker has no admin socket (use --admin none, or the Python plan-worker for plan-worker status)`);
   }
-  if (args.runTimeout !== null || args.maxRunMemoryMb !== null) {
-    const flag = args.runTimeout !== null ? "--run-timeout" : "--max-run-memory-mb";
-    throw new ConfigError(
-      `${flag}: the Node worker runs plans in its own process, as plan-worker --no-sandbox does: a run cannot be ` +
-        "stopped or its memory bounded; use the Python plan-worker for contained runs",
-    );
+  const runTimeout = Number(args.runTimeout);
+  const runMemoryMb = Number(args.maxRunMemoryMb);
+  if (!(runTimeout > 0) || !Number.isFinite(runTimeout)) throw new ConfigError(`--run-timeout ${pyRepr(args.runTimeout)}: must be a positive number of seconds`);
+  if (!(Number.isInteger(runMemoryMb) && runMemoryMb >= 0)) {
+    throw new ConfigError(`--max-run-memory-mb ${pyRepr(args.maxRunMemoryMb)}: must be 0 (no bound) or a positive whole number`);
   }
   if (args.metrics !== null) throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: the Node worker serves no metrics (use the Python plan-worker)`);
   if (args.device === "cuda") {
@@ -214,7 +214,9 @@ async function serve(args) {
     // a key file or --data file at fault (DataError, or auth.js's Error): one line, exit status 2
     throw new ConfigError(e instanceof DataError || e instanceof Error ? e.message : String(e));
   }
+  const sandbox = args.noSandbox ? null : new Sandbox({ workerId: args.id, threads: args.threads, memoryMb: runMemoryMb, timeout: runTimeout });
   const service = new Service(args.id, {
+    runtime: sandbox,
     data,
     isPublic: args.public,
     threads: args.threads,
@@ -224,6 +226,10 @@ async function serve(args) {
     maxClientStoreBytes: args.maxClientStoreMb === null ? null : args.maxClientStoreMb * 2 ** 20,
   });
   const cleanup = [];
+  if (sandbox !== null) {
+    sandbox.start(); // warm: the first registration does not wait for onnxruntime to load
+    cleanup.push(() => sandbox.close());
+  }
   if (curveSecret !== null) {
     const zap = await startAuthenticator(allowed);
     cleanup.push(() => zap.close());
@@ -250,12 +256,14 @@ async function serve(args) {
   };
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
+  if (sandbox === null) log.warning("--no-sandbox: plans run inside this process; a crashing plan takes it down");
+  else log.info(`plans run in a sandboxed runner process: --run-timeout ${runTimeout} s, --max-run-memory-mb ${runMemoryMb}`);
   log.info(
     `plan-worker ${args.id} ready on ${server.endpoints.join(", ")} (protocol ${PROTOCOL_VERSION}, providers ${service.providers.join(",")}, ` +
-      `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox off, node ${process.versions.node})`,
+      `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox ${sandbox === null ? "off" : "on"}, node ${process.versions.node})`,
   );
   try {
-    await server.serveForever();
+    await server.serveForever(sandbox);
   } finally {
     for (const c of cleanup) c();
     log.info(`plan-worker ${args.id} stopped`);
