@@ -14,7 +14,7 @@ import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
 import { send, Reader } from "./pipe.js";
 import { ProtocolError } from "./messages.js";
-import { Tensor } from "./codec.js";
+import { fromFrame } from "./codec.js";
 import { pyRepr } from "./json.js";
 import { log, clean } from "./log.js";
 
@@ -25,6 +25,15 @@ const MiB = 2 ** 20;
 const CRASH_SIGNALS = new Set(["SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT", "SIGTRAP"]);
 const WATCH_MS = 50; // without prlimit: how often a busy runner's memory is read
 
+/** Resident bytes of process `pid`, or null. */
+function rss(pid) {
+  try {
+    return Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]) * 1024;
+  } catch {
+    return null;
+  }
+}
+
 function have(tool) {
   try {
     execFileSync(tool, ["--version"], { stdio: "ignore" });
@@ -32,6 +41,13 @@ function have(tool) {
   } catch {
     return false;
   }
+}
+
+function checkedShape(shape) {
+  if (!Array.isArray(shape) || shape.length > 64 || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+    throw new Error(`shape ${clean(JSON.stringify(shape) ?? "?")}`);
+  }
+  return shape;
 }
 
 /** A plan's session in the runner: the same shape as src/runtime.js's sessions. */
@@ -202,16 +218,10 @@ export class Sandbox {
   /** Without prlimit: the runner's resident memory over its start-up use, read while it works. */
   watch(p) {
     if (this.pending !== p) return;
-    let rss;
-    try {
-      rss = Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${p.proc.child.pid}/status`, "utf8"))[1]) * 1024;
-    } catch {
-      return;
-    }
-    p.proc.baseRss ??= rss;
-    if (rss - p.proc.baseRss <= this.memoryMb * MiB) return;
+    const now = rss(p.proc.child.pid);
+    if (now === null || now - (p.proc.baseRss ?? now) <= this.memoryMb * MiB) return;
     this.kill(p.proc, "out of memory");
-    this.settle(p, this.outOfMemory(p, `its runner's resident memory reached ${Math.floor(rss / MiB)} MiB`));
+    this.settle(p, this.outOfMemory(p, `its runner's resident memory reached ${Math.floor(now / MiB)} MiB`));
     this.start();
   }
 
@@ -235,6 +245,7 @@ export class Sandbox {
       clearTimeout(proc.startTimer);
       proc.isReady = true;
       proc.memoryLimit = h.memoryLimit;
+      if (!h.memoryLimit && this.memoryMb) proc.baseRss = rss(proc.child.pid);
       const limit = h.memoryLimit ? `${Math.floor(h.memoryLimit / MiB)} MiB` : this.memoryMb ? `none (resident memory watched: ${this.memoryMb} MiB)` : "none";
       log.info(`runner ${h.pid} ready (data memory limit ${limit})`);
       proc.onReady(proc);
@@ -295,7 +306,12 @@ export class Sandbox {
     if (header.t !== "ran" || !Array.isArray(header.outputs) || header.outputs.length !== buffers.length) {
       throw new ProtocolError("internal", `the runner answered ${clean(String(header.t))} to a run`);
     }
-    return header.outputs.map((o, i) => new Tensor(o.dtype, o.shape, buffers[i]));
+    try {
+      // the runner ran a hostile plan: its answer is checked like a client's (dtype × shape against the bytes)
+      return header.outputs.map((o, i) => fromFrame(o?.dtype, checkedShape(o?.shape), buffers[i], `runner output ${i}`));
+    } catch (e) {
+      throw new ProtocolError("internal", `${what}: the runner's answer is malformed (${e.message})`);
+    }
   }
 
   /** How argument `t` goes to runner `proc`: by its id when the runner keeps it, else in `out`. */
