@@ -77,7 +77,9 @@ def test_what_the_node_worker_cannot_do_is_refused_by_name():
     line = refused("--listen", TCP, "--device", "cuda")
     assert "--device cuda" in line and f"available: {CPU}" in line
     assert "no admin socket" in refused("--listen", TCP, "--admin", "ipc:///tmp/x.admin")
-    assert "no metrics" in refused("--listen", TCP, "--metrics", "127.0.0.1:9105")
+    assert refused("--listen", TCP, "--metrics", "9105") == (
+        "plan-worker: --metrics '9105': expected HOST:PORT (e.g. 127.0.0.1:9105)"
+    )
     line = refused("--listen", TCP, "--run-timeout", "0")
     assert line == "plan-worker: --run-timeout '0': must be a positive number of seconds"
     line = refused("--listen", TCP, "--max-run-memory-mb", "-1")

@@ -11,6 +11,7 @@ import { loadData, DataError } from "./npy.js";
 import { loadSecret, clientKeys, startAuthenticator } from "./auth.js";
 import { Server } from "./server.js";
 import { Sandbox } from "./sandbox.js";
+import { Metrics } from "./metrics.js";
 import { log, setLevel } from "./log.js";
 import { pyRepr } from "./json.js";
 
@@ -43,7 +44,7 @@ const OPTIONS = {
   "--curve-clients": { dest: "curveClients", metavar: "DIR", help: "directory of allowed client public keys (*.key)" },
   "--curve-any-client": { dest: "curveAnyClient", flag: true, help: "with --curve-secret: encrypt but admit any client key (no authentication)" },
   "--admin": { dest: "admin", metavar: "URL", help: "only 'none': the Node worker has no admin socket" },
-  "--metrics": { dest: "metrics", metavar: "HOST:PORT", help: "not available in the Node worker" },
+  "--metrics": { dest: "metrics", metavar: "HOST:PORT", help: "serve Prometheus metrics on http://HOST:PORT/metrics (e.g. 127.0.0.1:9105)" },
   "--log-level": { dest: "logLevel", dflt: "info", choices: ["debug", "info", "warning", "error"], help: "log detail (to stderr)" },
 };
 
@@ -194,7 +195,15 @@ async function serve(args) {
   if (!(Number.isInteger(runMemoryMb) && runMemoryMb >= 0)) {
     throw new ConfigError(`--max-run-memory-mb ${pyRepr(args.maxRunMemoryMb)}: must be 0 (no bound) or a positive whole number`);
   }
-  if (args.metrics !== null) throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: the Node worker serves no metrics (use the Python plan-worker)`);
+  let metricsAddr = null;
+  if (args.metrics !== null) {
+    const at = args.metrics.lastIndexOf(":");
+    const port = args.metrics.slice(at + 1);
+    if (at < 0 || !/^\d+$/.test(port) || Number(port) > 65535) {
+      throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: expected HOST:PORT (e.g. 127.0.0.1:9105)`);
+    }
+    metricsAddr = [args.metrics.slice(0, at).replace(/^\[|\]$/g, "") || "0.0.0.0", Number(port)];
+  }
   if (args.device === "cuda") {
     throw new ConfigError(
       `--device cuda: onnxruntime-node here has no CUDA provider (available: ${PROVIDERS.join(", ")}); use --device cpu, or the Python plan-worker with onnxruntime-gpu`,
@@ -246,6 +255,20 @@ async function serve(args) {
     for (const c of cleanup) c();
     throw new ConfigError(e.message);
   }
+  let metrics = null;
+  if (metricsAddr !== null) {
+    metrics = new Metrics(service);
+    let port;
+    try {
+      port = await metrics.serve(...metricsAddr);
+    } catch (e) {
+      server.stop();
+      for (const c of cleanup) c();
+      throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: cannot serve there (${e.message})`);
+    }
+    cleanup.push(() => metrics.close());
+    log.info(`metrics on http://${metricsAddr[0]}:${port}/metrics`);
+  }
   const curveMode = curveSecret === null ? "off" : args.curveAnyClient ? "any client" : "listed clients";
   let stopping = false;
   const stop = (signal) => {
@@ -263,7 +286,7 @@ async function serve(args) {
       `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox ${sandbox === null ? "off" : "on"}, node ${process.versions.node})`,
   );
   try {
-    await server.serveForever(sandbox);
+    await server.serveForever(sandbox, metrics);
   } finally {
     for (const c of cleanup) c();
     log.info(`plan-worker ${args.id} stopped`);

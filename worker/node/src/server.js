@@ -51,9 +51,9 @@ export class Server {
   }
 
   /** Serve until stopped: requests are read while plans run in `sandbox` (src/supervisor.js). */
-  async serveForever(sandbox = null) {
+  async serveForever(sandbox = null, metrics = null) {
     try {
-      await new Supervisor(this.service, this, sandbox).serveForever();
+      await new Supervisor(this.service, this, sandbox, metrics).serveForever();
     } finally {
       if (!this.sock.closed) this.sock.close();
     }

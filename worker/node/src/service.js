@@ -161,7 +161,7 @@ export class Service {
       log.error(`request #${rid}${this.about(msg)} failed: ${clean(e && e.stack ? e.stack : String(e))}`);
       reply = { type: "error", re: rid, session: this.session, code: "internal", message: `${e?.name ?? "Error"}: ${e?.message ?? e}` };
     }
-    return [SIGNATURE, Buffer.from(stringify(reply))];
+    return Object.assign([SIGNATURE, Buffer.from(stringify(reply))], { code: reply.code });
   }
 
   /** Answer a run that will not execute (cancelled while queued) with `error`; its outputs say why. */
@@ -329,6 +329,7 @@ export class Service {
         return [this.planInfo(m.id, pid, this.plans.get(pid)), []];
       }
       plan = new Plan(name, session, summary.unknownRank);
+      plan.bytes = data.length;
       for (const [side, ports] of [["input", plan.inputs], ["output", plan.outputs]]) {
         for (const p of ports) {
           if (!(p.dtype in DTYPES)) {

@@ -12,8 +12,9 @@ import { SIGNATURE } from "./service.js";
 const MAX_QUEUED = 10_000; // requests waiting behind a run; past it the socket is not read (ZeroMQ's HWM pushes back)
 
 export class Supervisor {
-  constructor(service, server, sandbox = null) {
+  constructor(service, server, sandbox = null, metrics = null) {
     this.service = service;
+    this.metrics = metrics; // src/metrics.js, when --metrics is given
     this.server = server;
     this.sandbox = sandbox;
     this.queue = [];
@@ -41,7 +42,7 @@ export class Supervisor {
     const service = this.service;
     const d = service.decode(frames, client);
     if (d.reply !== undefined) {
-      this.server.send(peer, d.reply);
+      this.reply(peer, client, null, d.reply);
       return;
     }
     const type = d.msg.type;
@@ -57,8 +58,17 @@ export class Supervisor {
     }
   }
 
+  /** Send `reply` to the request `d` (null: one that could not be read), counted in the metrics. */
+  reply(peer, client, d, reply) {
+    this.server.send(peer, reply);
+    if (this.metrics !== null) {
+      const seconds = d === null ? 0 : Number(process.hrtime.bigint() - d.t0) / 1e9;
+      this.metrics.observe(d === null ? null : d.msg, reply.code ?? "", client, seconds);
+    }
+  }
+
   now(peer, client, frames, d) {
-    this.service.answer(d, frames, client).then((reply) => this.server.send(peer, reply));
+    this.service.answer(d, frames, client).then((reply) => this.reply(peer, client, d, reply));
   }
 
   process(q) {
@@ -67,8 +77,8 @@ export class Supervisor {
   }
 
   finish(q, reply) {
-    this.server.send(q.peer, reply);
-    if (q.then) this.server.send(q.peer, q.then);
+    this.reply(q.peer, q.client, q.d, reply);
+    if (q.then) this.reply(q.peer, q.then.client, q.then.d, q.then.reply);
     this.current = null;
     while (this.current === null && this.queue.length) this.process(this.queue.shift());
     if (this.resume !== null && this.queue.length < MAX_QUEUED) {
@@ -86,7 +96,7 @@ export class Supervisor {
   }
 
   cancel(peer, client, frames, d) {
-    const { service, server } = this;
+    const service = this.service;
     const m = d.msg;
     const target = String(m.run);
     const ok = () => [SIGNATURE, Buffer.from(stringify({ type: "ok", re: m.id, session: service.session }))];
@@ -95,8 +105,8 @@ export class Supervisor {
     if (i >= 0) {
       const [q] = this.queue.splice(i, 1);
       const why = new ProtocolError("cancelled", `run #${target} was cancelled (request #${m.id}) before it started`);
-      server.send(peer, service.drop(q.d, why));
-      server.send(peer, ok());
+      this.reply(peer, q.client, q.d, service.drop(q.d, why));
+      this.reply(peer, client, d, ok());
       return;
     }
     const cur = this.current;
@@ -105,11 +115,11 @@ export class Supervisor {
       const name = plan ? pyRepr(plan.name) : pyRepr(String(cur.d.msg.plan).slice(0, 12));
       const why = new ProtocolError("cancelled", `run #${target} of plan ${name} was cancelled (request #${m.id})`);
       if (this.sandbox.abort(why)) {
-        cur.then = ok(); // after the run's own answer
+        cur.then = { client, d, reply: ok() }; // after the run's own answer
         return;
       }
     }
     const error = new ProtocolError("bad_argument", `cancel: no run #${target} of this connection is queued or running (finished?)`);
-    server.send(peer, service.errorReply(d.rid, m, error));
+    this.reply(peer, client, d, service.errorReply(d.rid, m, error));
   }
 }
