@@ -5,8 +5,11 @@ by tests/conformance, the hostile corpus, the garbage cases and the client's tes
 
 from __future__ import annotations
 
+import re
 import signal
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +79,10 @@ def test_usage_mistakes_are_one_line_and_exit_2():
 def test_what_the_node_worker_cannot_do_is_refused_by_name():
     line = refused("--listen", TCP, "--device", "cuda")
     assert "--device cuda" in line and f"available: {CPU}" in line
-    assert "no admin socket" in refused("--listen", TCP, "--admin", "ipc:///tmp/x.admin")
+    assert refused("--listen", TCP, "--admin", "tcp://0.0.0.0:7000") == (
+        "plan-worker: --admin 'tcp://0.0.0.0:7000': must be ipc://PATH or tcp://127.0.0.1:PORT "
+        "(the operator's, not the network's)"
+    )
     assert refused("--listen", TCP, "--metrics", "9105") == (
         "plan-worker: --metrics '9105': expected HOST:PORT (e.g. 127.0.0.1:9105)"
     )
@@ -329,3 +335,40 @@ def test_the_runner_is_a_child_that_goes_with_the_worker():
         assert p.run(pid, [np.array([-1.0, 2.0], np.float32)], ["y"], fetch=[0]).array_list()[0].tolist() == [2.0, 4.0]
         assert psutil.Process(w.proc.pid).children() == []
         assert "--no-sandbox: plans run inside this process" in w.log()
+
+
+def test_plan_worker_status_and_metrics_of_a_node_worker(tmp_path):
+    """`plan-worker status` reads the Node worker's admin socket (src/admin.js: mode 0600, removed at stop);
+    clients are named by their connection's routing id (zeromq.js exposes no peer address)."""
+    from planwire.worker.admin import query
+
+    data = tmp_path / "own.npy"
+    np.save(data, np.arange(8, dtype=np.float32))  # 32 bytes
+    with NodeWorkerProcess("ward-8", data=[f"{data}:secret"]) as w:
+        addr = re.search(r"admin on (\S+)", w.log()).group(1)
+        path = Path(addr.removeprefix("ipc://"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        p = Peer(w.url)
+        p.put("a", np.arange(3, dtype=np.float32))
+        plan = p.register(handmade.double_abs().variants[0].data, name="double_abs")["plan"]
+        p.run(plan, [np.ones(4, np.float32)], ["y"])  # 16 bytes
+        p.error(*p.run_header(plan, ["nope"], ["z"]), code="unknown_tensor")
+        with planwire.connect(w.url, timeout=10):
+            st = query(addr)
+        assert (st.worker, st.pid, st.protocol, st.session) == ("ward-8", w.proc.pid, 1, p.session)
+        assert (st.runs, st.runs_failed, st.private_releases) == (2, 1, 0)
+        assert st.own_data.tensors == 1 and st.own_data.tensor_bytes == 32
+        assert st.requests == {"put": 1, "register_plan": 1, "run": 2, "hello": 1}
+        busy = next(c for c in st.clients if c.requests == 4)
+        plan_bytes = len(handmade.double_abs().variants[0].data)
+        assert (busy.tensors, busy.tensor_bytes, busy.plans, busy.plan_bytes, busy.refused) == (2, 28, 1, plan_bytes, 1)
+        assert next(c for c in st.clients if c is not busy).name == "planwire"
+        assert [(x.plan, x.name, x.bytes, x.runs, x.failed) for x in st.plans] == [
+            (plan, "double_abs", plan_bytes, 2, 1)
+        ]
+        script = str(Path(sys.executable).parent / "plan-worker")
+        done = subprocess.run([script, "status", addr], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "runs      2 served, 1 failed" in done.stdout
+        p.close()
+    assert not path.exists()

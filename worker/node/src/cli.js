@@ -12,6 +12,7 @@ import { loadSecret, clientKeys, startAuthenticator } from "./auth.js";
 import { Server } from "./server.js";
 import { Sandbox } from "./sandbox.js";
 import { Metrics } from "./metrics.js";
+import { AdminServer, defaultAdminPath, checkAdminEndpoint } from "./admin.js";
 import { log, setLevel } from "./log.js";
 import { pyRepr } from "./json.js";
 
@@ -43,7 +44,7 @@ const OPTIONS = {
   "--curve-secret": { dest: "curveSecret", metavar: "FILE", help: "zmq.auth secret key file: encrypt with CURVE" },
   "--curve-clients": { dest: "curveClients", metavar: "DIR", help: "directory of allowed client public keys (*.key)" },
   "--curve-any-client": { dest: "curveAnyClient", flag: true, help: "with --curve-secret: encrypt but admit any client key (no authentication)" },
-  "--admin": { dest: "admin", metavar: "URL", help: "only 'none': the Node worker has no admin socket" },
+  "--admin": { dest: "admin", metavar: "URL", help: "admin socket for plan-worker status: ipc://PATH or tcp://127.0.0.1:PORT, or none (default: an ipc socket only this user can reach)" },
   "--metrics": { dest: "metrics", metavar: "HOST:PORT", help: "serve Prometheus metrics on http://HOST:PORT/metrics (e.g. 127.0.0.1:9105)" },
   "--log-level": { dest: "logLevel", dflt: "info", choices: ["debug", "info", "warning", "error"], help: "log detail (to stderr)" },
 };
@@ -186,8 +187,14 @@ export async function main(argv) {
 async function serve(args) {
   checkCurve(args);
   for (const url of args.listen) await checkListen(url);
-  if (args.admin !== null && args.admin !== "none") {
-    throw new ConfigError(`--admin ${pyRepr(args.admin)}: the Node worker has no admin socket (use --admin none, or the Python plan-worker for plan-worker status)`);
+  let adminUrl = "none";
+  if (args.admin !== "none") {
+    try {
+      adminUrl = args.admin ?? `ipc://${defaultAdminPath(args.id)}`;
+      checkAdminEndpoint(adminUrl);
+    } catch (e) {
+      throw new ConfigError(e.message);
+    }
   }
   const runTimeout = Number(args.runTimeout);
   const runMemoryMb = Number(args.maxRunMemoryMb);
@@ -255,9 +262,31 @@ async function serve(args) {
     for (const c of cleanup) c();
     throw new ConfigError(e.message);
   }
-  let metrics = null;
+  const metrics = new Metrics(service);
+  const curveMode = curveSecret === null ? "off" : args.curveAnyClient ? "any client" : "listed clients";
+  if (adminUrl !== "none") {
+    const info = {
+      worker: args.id,
+      version: PKG.version,
+      protocol: PROTOCOL_VERSION,
+      session: service.session,
+      pid: process.pid,
+      providers: service.providers,
+      endpoints: server.endpoints,
+      curve: curveMode,
+    };
+    let admin;
+    try {
+      admin = await AdminServer.start(adminUrl, metrics, info);
+    } catch (e) {
+      server.stop();
+      for (const c of cleanup) c();
+      throw new ConfigError(`--admin: ${e.message}`);
+    }
+    cleanup.push(() => admin.close());
+    log.info(`admin on ${admin.url} (plan-worker status ${admin.url})`);
+  }
   if (metricsAddr !== null) {
-    metrics = new Metrics(service);
     let port;
     try {
       port = await metrics.serve(...metricsAddr);
@@ -269,7 +298,6 @@ async function serve(args) {
     cleanup.push(() => metrics.close());
     log.info(`metrics on http://${metricsAddr[0]}:${port}/metrics`);
   }
-  const curveMode = curveSecret === null ? "off" : args.curveAnyClient ? "any client" : "listed clients";
   let stopping = false;
   const stop = (signal) => {
     if (stopping) return;

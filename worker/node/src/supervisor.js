@@ -14,7 +14,7 @@ const MAX_QUEUED = 10_000; // requests waiting behind a run; past it the socket 
 export class Supervisor {
   constructor(service, server, sandbox = null, metrics = null) {
     this.service = service;
-    this.metrics = metrics; // src/metrics.js, when --metrics is given
+    this.metrics = metrics; // src/metrics.js: what the worker holds and did (--metrics, plan-worker status)
     this.server = server;
     this.sandbox = sandbox;
     this.queue = [];
@@ -63,7 +63,7 @@ export class Supervisor {
     this.server.send(peer, reply);
     if (this.metrics !== null) {
       const seconds = d === null ? 0 : Number(process.hrtime.bigint() - d.t0) / 1e9;
-      this.metrics.observe(d === null ? null : d.msg, reply.code ?? "", client, seconds);
+      this.metrics.observe(d === null ? null : d.msg, reply.code ?? "", client, seconds, reply);
     }
   }
 
