@@ -33,9 +33,9 @@ function encode(header, buffers) {
 
 /** Write one message to a stream socket (the worker's side). */
 export function send(sock, header, buffers = []) {
-  const [parts] = encode(header, buffers);
-  if (parts.length === 1) {
-    sock.write(parts[0]);
+  const [parts, total] = encode(header, buffers);
+  if (parts.length === 1 || total <= 1 << 16) {
+    sock.write(parts.length === 1 ? parts[0] : Buffer.concat(parts, total)); // a small message: one write
     return;
   }
   sock.cork();
