@@ -81,7 +81,6 @@ NODE_LACKING = {
     "test_garbage.py": None,  # every test: replies are checked against schemas with TensorInfo.owner
     "test_owners.py": None,
     "test_worker_api.py": {"test_private_data_never_leaves_or_dies"},
-    "test_worker_limits.py": {"test_a_client_that_never_reads_cannot_wedge_the_worker"},
 }
 
 
