@@ -140,6 +140,12 @@ export class Reader {
   }
 }
 
+/** A copy of `b` in an ArrayBuffer of its own (offset 0: aligned; never a slice of Node's shared pool,
+ * which a stored tensor would keep alive). */
+export function own(b) {
+  return Buffer.from(new Uint8Array(b).buffer);
+}
+
 /** [header, buffers] of a message's prefix and body; buffers are views of the body when aligned. */
 function parse(prefix, body) {
   const hlen = prefix.readUInt32LE(8);
@@ -154,7 +160,7 @@ function parse(prefix, body) {
     offset += -offset & (ALIGN - 1);
     let b = body.subarray(offset, offset + size);
     if (b.length !== size) throw new Error("pipe: a buffer runs past its message");
-    if (!aligned) b = Buffer.from(b); // a message cut from a received chunk: its own aligned copy
+    if (!aligned) b = own(b); // a message cut from a received chunk: its own aligned copy
     offset += size;
     return b;
   });

@@ -14,7 +14,7 @@
 
 import { readFileSync, writeFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
-import { sendSync, receiveSync, PipeClosed } from "./pipe.js";
+import { sendSync, receiveSync, PipeClosed, own } from "./pipe.js";
 import { Tensor } from "./codec.js";
 import { loadSession, plainMetadata } from "./runtime.js";
 import { ProtocolError } from "./messages.js";
@@ -87,7 +87,7 @@ async function main(argv) {
         }
         let data = buffers[a.index];
         if (a.keep !== undefined) {
-          if (data.buffer.byteLength > data.length) data = Buffer.from(data); // not the whole message
+          if (data.buffer.byteLength > data.length) data = own(data); // not the whole message
           cache.set(a.keep, new Tensor(a.dtype, a.shape, data));
         }
         return new Tensor(a.dtype, a.shape, data);

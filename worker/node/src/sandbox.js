@@ -13,7 +13,7 @@ import { readFileSync, readSync } from "node:fs";
 import { loadavg, availableParallelism } from "node:os";
 import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
-import { send, Reader } from "./pipe.js";
+import { send, Reader, own } from "./pipe.js";
 import { ProtocolError } from "./messages.js";
 import { fromFrame } from "./codec.js";
 import { pyRepr } from "./json.js";
@@ -214,7 +214,7 @@ export class Sandbox {
       }
       if (n === 0) return;
       try {
-        proc.reader.push(Buffer.from(SCRATCH.subarray(0, n)));
+        proc.reader.push(own(SCRATCH.subarray(0, n)));
       } catch (e) {
         this.kill(proc, `the runner sent a malformed message (${e.message})`);
         return;
