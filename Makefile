@@ -38,7 +38,7 @@ test: $(STAMP) $(NODE_STAMP)
 
 # `make bench RUNS=3`: three full runs, each kept in bench/runs/, aggregated into bench/results.json.
 RUNS ?= 1
-bench: $(STAMP)
+bench: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m bench --runs $(RUNS)
 
 lint: $(STAMP)

@@ -1,25 +1,26 @@
-"""The Node.js worker beside the Python one, same run, same machine: ``python -m bench.node [--quick]``.
+"""The Node.js worker beside the Python one (issue 13), the ``node`` family of ``make bench``; alone:
+``python -m bench.node [--quick]``.
 
-Each figure is measured on both workers (tcp loopback, raw ZeroMQ frames as tests/conformance speaks them,
-so the client's cost is the same for both) and on the raw pyzmq echo server (bench.echo, the transport
-floor), and compared with the targets of issue 13:
+Both workers run with their defaults (plans in their sandboxed runner processes) over tcp loopback; both
+are driven through the same raw DEALER (tests/conformance's frames), so the client's cost is the same for
+each; the raw pyzmq echo (bench.echo, at the default I/O scheduling as zeromq.js's threads are) is the
+transport floor. Every case is interleaved round by round with the others, as in the other families:
 
-* tiny call: one ``run`` of bench's tiny plan on 4 floats with ``fetch``, round trip, median µs;
-  target ≤ 1.5× the echo's round trip of the same request and reply bytes;
-* pipelined calls/s: N runs sent before any reply is read; target ≥ 10,000/s;
-* 64 MiB put + get (a move): MiB/s over both round trips; target ≥ 0.8× the echo's store + fetch;
-* a training step of bench's CNN (SGD, batch 64) through the planwire client, median ms (no target).
+* tiny call: one ``run`` of bench's tiny plan on 4 inline floats with ``fetch``, round trip; target for
+  the Node worker ≤ 1.5× the echo's round trip of the Node worker's own request and reply frames;
+* pipelined tiny calls: N runs sent before any reply is read; target ≥ 10,000/s;
+* 64 MiB put + get (two round trips): target ≥ 0.8× the echo's store + fetch of the same bytes;
+* a synchronous training step of bench's CNN (SGD, batch 64) through the planwire client (no target).
 
-Prints a table; ``--json FILE`` also writes the figures. Needs node and worker/node/node_modules.
+Without node or worker/node/node_modules the family is skipped, saying why.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,94 +28,89 @@ import numpy as np
 import zmq
 
 from bench.echo import FETCH, REPLAY, STORE
-from bench.env import spawn_ready, stop_process
+from bench.env import Env
 from bench.plans import tiny
+from bench.timing import LIKE_FOR_LIKE, Case, Report, interleaved
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import SIGNATURE, Peer, encode
 from tests.conformance.workers import NodeWorkerProcess, node_missing
 
+FAMILY = "node"
 MiB = 1 << 20
-TARGETS = {"tiny_vs_echo": 1.5, "pipelined_per_s": 10_000, "bulk_vs_echo": 0.8}
+SIDES = {"python": "Python plan-worker", "node": "Node.js plan-worker", "echo": "raw pyzmq echo"}
+TINY = "tiny call, run with fetch [tcp, {}]"
+PIPELINED = "pipelined tiny calls [tcp, {}]"
+BULK = "64 MiB put+get [tcp, {}]"
+TRAIN = "CNN conv8-pool-fc training step, synchronous [tcp, {}]"
+ROWS = [  # (label, figure template, sides): the README's table, one column per side
+    ("tiny call (run with fetch)", TINY, ("python", "node", "echo")),
+    ("pipelined tiny calls", PIPELINED, ("python", "node")),
+    ("64 MiB put+get (echo: store+fetch)", BULK, ("python", "node", "echo")),
+    ("CNN training step (SGD, batch 64)", TRAIN, ("python", "node")),
+]
 
 
-def round_trips(sock: zmq.Socket, frames: list[bytes], n: int) -> list[float]:
-    """Seconds of each of ``n`` send + receive of ``frames``."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        sock.send_multipart(frames)
-        sock.recv_multipart()
-        out.append(time.perf_counter() - t0)
-    return out
+def _round_trip(sock: zmq.Socket, frames: list[bytes]) -> Callable[[], Any]:
+    def call() -> list[bytes]:
+        sock.send_multipart(frames, copy=False)
+        return sock.recv_multipart(copy=False)
+
+    return call
 
 
-def worker_figures(url: str, quick: bool) -> dict[str, Any]:
-    peer = Peer(url, timeout=60)
-    try:
-        pid = peer.register(tiny().variants[0].data)["plan"]
-        x = np.arange(4, dtype=np.float32)
-        header, frames = peer.run_header(pid, [x], ["bench-y"], fetch=[0])
-        request = [SIGNATURE, json.dumps({**header, "id": 1}).encode(), *frames]
-        for _ in range(200):  # warm up
-            peer.send_frames(request)
-            peer.recv()
-        tiny_s = statistics.median(round_trips(peer.sock, request, 500 if quick else 5000))
-        peer.send_frames(request)
-        reply = peer.sock.recv_multipart()  # the exact reply bytes, for the echo's like-for-like
+def _tiny(peer: Peer) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """(request with fetch, its reply, request without fetch) of bench's tiny plan on ``peer``'s worker."""
+    pid = peer.register(tiny().variants[0].data)["plan"]
+    x = np.arange(4, dtype=np.float32)
+    header, frames = peer.run_header(pid, [x], ["bench-y"], fetch=[0])
+    request = [SIGNATURE, json.dumps({**header, "id": 1}).encode(), *frames]
+    plain, _ = peer.run_header(pid, [x], ["bench-p"])
+    pipelined = [SIGNATURE, json.dumps({**plain, "id": 2}).encode(), *frames]
+    peer.send_frames(request)
+    reply = peer.sock.recv_multipart()
+    assert json.loads(reply[1])["type"] == "tensors", reply[1]
+    return request, reply, pipelined
 
-        n = 2000 if quick else 20_000
-        plain, _ = peer.run_header(pid, [x], ["bench-p"])
-        pipelined = [SIGNATURE, json.dumps({**plain, "id": 2}).encode(), *frames]
-        t0 = time.perf_counter()
+
+def _pipelined(sock: zmq.Socket, request: list[bytes], n: int) -> Callable[[], None]:
+    def burst() -> None:
         for _ in range(n):
-            peer.send_frames(pipelined)
+            sock.send_multipart(request)
         for _ in range(n):
-            peer.sock.recv_multipart()
-        per_s = n / (time.perf_counter() - t0)
-
-        big = np.ones(64 * MiB, np.uint8)
-        desc, data = encode(big)
-        times = []
-        for _ in range(2 if quick else 5):
-            t0 = time.perf_counter()
-            peer.ok({"type": "put", "tensors": [{"key": "bench-big", **desc, "frame": 0}]}, [data])
-            got = peer.ok({"type": "get", "keys": ["bench-big"]})
-            times.append(time.perf_counter() - t0)
-            assert len(got.frames[0]) == 64 * MiB
-        return {"tiny_us": tiny_s * 1e6, "pipelined_per_s": per_s, "bulk_mib_s": 128 / min(times), "reply": reply,
-                "request": request}  # fmt: skip
-    finally:
-        peer.close()
-
-
-def echo_figures(request: list[bytes], reply: list[bytes], quick: bool) -> dict[str, float]:
-    proc, line = spawn_ready([sys.executable, "-m", "bench.echo", "tcp://127.0.0.1:0"], 30)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(line.removeprefix("ready on ").split()[0])
-        sock.send_multipart([REPLAY, *reply])
-        sock.recv_multipart()
-        round_trips(sock, request, 200)
-        tiny_s = statistics.median(round_trips(sock, request, 500 if quick else 5000))
-        data = np.ones(64 * MiB, np.uint8).tobytes()
-        times = []
-        for _ in range(2 if quick else 5):
-            t0 = time.perf_counter()
-            sock.send_multipart([STORE, SIGNATURE, b"{}", data])
             sock.recv_multipart()
-            sock.send_multipart([FETCH])
-            sock.recv_multipart()
-            times.append(time.perf_counter() - t0)
-        return {"tiny_us": tiny_s * 1e6, "bulk_mib_s": 128 / min(times)}
-    finally:
-        sock.close(linger=0)
-        stop_process(proc)
+
+    return burst
 
 
-def training_ms(url: str, steps: int) -> float:
-    """Median ms of one synchronous training step of bench's CNN (SGD, batch 64) via the planwire client."""
+def _put_get(peer: Peer, data: bytes) -> Callable[[], None]:
+    desc, _ = encode(np.empty(len(data), np.uint8))
+    tensor = {"key": "bench-big", **desc, "frame": 0}
+    put = [SIGNATURE, json.dumps({"type": "put", "id": 3, "tensors": [tensor]}).encode()]
+    get = [SIGNATURE, json.dumps({"type": "get", "id": 4, "keys": ["bench-big"]}).encode()]
+    sock = peer.sock
+
+    def move() -> None:
+        sock.send_multipart([*put, data], copy=False)
+        sock.recv_multipart(copy=False)
+        sock.send_multipart(get)
+        frames = sock.recv_multipart(copy=False)
+        assert len(frames[2]) == len(data)
+
+    return move
+
+
+def _store_fetch(sock: zmq.Socket, data: bytes) -> Callable[[], None]:
+    def move() -> None:
+        sock.send_multipart([STORE, SIGNATURE, b"{}", data], copy=False)
+        sock.recv_multipart(copy=False)
+        sock.send_multipart([FETCH])
+        sock.recv_multipart(copy=False)
+
+    return move
+
+
+def _training_step(url: str, stack: list) -> Callable[[], None]:
+    """One synchronous step (run + get the loss) of bench's CNN through the planwire client."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
@@ -123,22 +119,105 @@ def training_ms(url: str, steps: int) -> float:
     from planwire.exporter import optim, training_plan
 
     torch.manual_seed(0)
-    model = models()["CNN conv8-pool-fc"]
     step = training_plan(
-        model, loss=F.cross_entropy, optimizer=optim.SGD(lr=0.1, momentum=0.9),
+        models()["CNN conv8-pool-fc"], loss=F.cross_entropy, optimizer=optim.SGD(lr=0.1, momentum=0.9),
         args_shape=[(-1, 1, 8, 8), (-1,)], args_dtypes=[torch.float32, torch.int64],
     )  # fmt: skip
-    with connect(url, timeout=60) as w:
-        ptr = step.send(w)
-        xp, yp = w.put(torch.randn(BATCH, 1, 8, 8)), w.put(torch.randint(0, 10, (BATCH,)))
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            loss = ptr(xp, yp)
-            loss = loss[0] if isinstance(loss, tuple) else loss
-            loss.get()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[5:]) * 1e3
+    w = connect(url, timeout=60)
+    stack.append(w)
+    ptr = step.send(w)
+    xp, yp = w.put(torch.randn(BATCH, 1, 8, 8)), w.put(torch.randint(0, 10, (BATCH,)))
+
+    def one() -> None:
+        loss = ptr(xp, yp)
+        (loss[0] if isinstance(loss, tuple) else loss).get()
+
+    return one
+
+
+def run(env: Env, report: Report, quick: bool) -> None:
+    if why := node_missing():
+        report.skipped[FAMILY] = why
+        return
+    stack: list = []
+    try:
+        procs = {"python": WorkerProcess("bench-python"), "node": None}
+        stack.append(procs["python"])
+        procs["node"] = NodeWorkerProcess("bench-node")
+        stack.append(procs["node"])
+        peers = {side: Peer(p.url, timeout=60) for side, p in procs.items()}
+        stack += peers.values()
+        echo = env.echo("tcp", False, FAMILY)
+        frames = {side: _tiny(peer) for side, peer in peers.items()}
+        request, reply, _ = frames["node"]
+        echo.send_multipart([REPLAY, *reply])
+        echo.recv_multipart()
+        per = 200 if quick else 1000
+        tiny_cases = [Case(TINY.format(SIDES[s]), _round_trip(peers[s].sock, frames[s][0]), per) for s in peers]
+        tiny_cases.append(Case(TINY.format(SIDES["echo"]), _round_trip(echo, request), per))
+        samples = interleaved(tiny_cases, rounds=3 if quick else 8, budget_s=20 if quick else 60)
+        for c in tiny_cases:
+            report.time(FAMILY, c.name, samples[c.name], "us")
+
+        n = 2000 if quick else 5000  # within the workers' default --max-client-queue of 10,000 replies
+        pipe_cases = [Case(PIPELINED.format(SIDES[s]), _pipelined(peers[s].sock, frames[s][2], n), 1, 1) for s in peers]
+        samples = interleaved(pipe_cases, rounds=2 if quick else 5, budget_s=20 if quick else 60)
+        for c in pipe_cases:
+            report.rate(FAMILY, c.name, samples[c.name], n, "calls/s", note=f"{n} calls per run")
+
+        data = np.ones(64 * MiB, np.uint8).tobytes()
+        bulk_cases = [Case(BULK.format(SIDES[s]), _put_get(peers[s], data), 1, 1) for s in peers]
+        bulk_cases.append(Case(BULK.format(SIDES["echo"]), _store_fetch(echo, data), 1, 1))
+        samples = interleaved(bulk_cases, rounds=3 if quick else 12, budget_s=30 if quick else 90)
+        for c in bulk_cases:
+            report.rate(FAMILY, c.name, samples[c.name], 128, "MiB/s", note="64 MiB up, then 64 MiB down")
+
+        train_cases = [Case(TRAIN.format(SIDES[s]), _training_step(procs[s].url, stack), 10, 5) for s in peers]
+        samples = interleaved(train_cases, rounds=2 if quick else 8, budget_s=30 if quick else 90)
+        for c in train_cases:
+            report.time(FAMILY, c.name, samples[c.name], "ms")
+    finally:
+        for obj in reversed(stack):
+            obj.close()
+
+    node, echo_name = SIDES["node"], SIDES["echo"]
+    report.ratio(
+        "Node.js worker: tiny call vs raw pyzmq echo [tcp]",
+        (FAMILY, TINY.format(node)),
+        (FAMILY, TINY.format(echo_name)),
+        "<=",
+        1.5,
+        basis=f"{LIKE_FOR_LIKE}: the echo moves the Node worker's own request and reply frames",
+    )
+    report.target(
+        "Node.js worker: pipelined tiny calls/s [tcp]",
+        report.get(FAMILY, PIPELINED.format(node)).median,
+        ">=",
+        10_000,
+        "calls/s",
+        PIPELINED.format(node),
+        basis="Node worker alone: one client, one worker (its runner process included)",
+    )
+    report.ratio(
+        "Node.js worker: 64 MiB put+get vs raw pyzmq store+fetch [tcp]",
+        (FAMILY, BULK.format(node)),
+        (FAMILY, BULK.format(echo_name)),
+        ">=",
+        0.8,
+        basis=f"{LIKE_FOR_LIKE}: the same bytes in the same two round trips",
+    )
+    report.ratio(
+        "Node.js vs Python worker: tiny call [tcp]",
+        (FAMILY, TINY.format(node)),
+        (FAMILY, TINY.format(SIDES["python"])),
+        basis=LIKE_FOR_LIKE,
+    )
+    report.ratio(
+        "Node.js vs Python worker: CNN training step [tcp]",
+        (FAMILY, TRAIN.format(node)),
+        (FAMILY, TRAIN.format(SIDES["python"])),
+        basis=LIKE_FOR_LIKE,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,50 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke test)")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
-    if why := node_missing():
-        print(f"bench.node: {why}", file=sys.stderr)
-        return 2
-    results: dict[str, dict[str, float]] = {}
-    request = reply = None
-    for name, launch in (("python", WorkerProcess), ("node", NodeWorkerProcess)):
-        with launch(f"bench-{name}") as proc:
-            figs = worker_figures(proc.url, args.quick)
-            request, reply = figs.pop("request"), figs.pop("reply")
-            figs["train_step_ms"] = training_ms(proc.url, 30 if args.quick else 200)
-            results[name] = figs
-    results["echo"] = echo_figures(request, reply, args.quick)  # type: ignore[arg-type]
-    echo = results["echo"]
-    checks = {}
-    for name in ("python", "node"):
-        r = results[name]
-        checks[name] = {
-            "tiny_vs_echo": r["tiny_us"] / echo["tiny_us"],
-            "pipelined_per_s": r["pipelined_per_s"],
-            "bulk_vs_echo": r["bulk_mib_s"] / echo["bulk_mib_s"],
-        }
-    print(f"{'':24}{'python':>12}{'node':>12}{'echo':>12}  target (node)")
-    rows = [
-        ("tiny call (µs)", "tiny_us", "{:.1f}", f"≤ {TARGETS['tiny_vs_echo']}× echo"),
-        ("pipelined calls/s", "pipelined_per_s", "{:,.0f}", f"≥ {TARGETS['pipelined_per_s']:,}"),
-        ("64 MiB put+get (MiB/s)", "bulk_mib_s", "{:,.0f}", f"≥ {TARGETS['bulk_vs_echo']}× echo"),
-        ("CNN train step (ms)", "train_step_ms", "{:.2f}", ""),
-    ]
-    for label, key, fmt, target in rows:
-        cells = [fmt.format(results[w][key]) if key in results[w] else "-" for w in ("python", "node", "echo")]
-        print(f"{label:24}{cells[0]:>12}{cells[1]:>12}{cells[2]:>12}  {target}")
-    c = checks["node"]
-    passed = {
-        "tiny_vs_echo": c["tiny_vs_echo"] <= TARGETS["tiny_vs_echo"],
-        "pipelined_per_s": c["pipelined_per_s"] >= TARGETS["pipelined_per_s"],
-        "bulk_vs_echo": c["bulk_vs_echo"] >= TARGETS["bulk_vs_echo"],
-    }
-    print(
-        f"node: tiny {c['tiny_vs_echo']:.2f}× echo, bulk {c['bulk_vs_echo']:.2f}× echo; "
-        f"targets met: {', '.join(k for k, v in passed.items() if v) or 'none'}"
-        f"{'; missed: ' + ', '.join(k for k, v in passed.items() if not v) if not all(passed.values()) else ''}"
-    )
+    report = Report()
+    with Env() as env:
+        run(env, report, args.quick)
+    print(report.table())
     if args.json:
-        args.json.write_text(json.dumps({"figures": results, "ratios": checks, "targets_met": passed}, indent=2))
+        args.json.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    if FAMILY in report.skipped:
+        print(f"bench.node: {report.skipped[FAMILY]}", file=sys.stderr)
+        return 2
     return 0
 
 

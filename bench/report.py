@@ -135,6 +135,7 @@ def markdown(agg: dict[str, Any], all_figures: bool = False) -> str:
             samples = sorted(set(e["samples_per_run"]))
             count = str(samples[0]) if len(samples) == 1 else f"{samples[0]}–{samples[-1]}"
             out.append(f"| {f}: {name} | {spread(e, e['unit'])} | {count} |")
+    out += node_table(agg)
     other = [t for t in agg["targets"] if t["kind"] != "measured"]
     other_figs = [(f, n, e) for f, figs in agg["figures"].items() for n, e in figs.items() if e["kind"] != "measured"]
     if other or other_figs:
@@ -149,6 +150,23 @@ def markdown(agg: dict[str, Any], all_figures: bool = False) -> str:
     for name, errors in agg.get("errors", {}).items():
         out.append(f"\nErrors in {name}: {errors}")
     return "\n".join(out)
+
+
+def node_table(agg: dict[str, Any]) -> list[str]:
+    """The Node.js worker beside the Python one and the echo (bench.node): one column per side."""
+    figs = agg["figures"].get("node")
+    if not figs:
+        return []
+    from bench.node import ROWS, SIDES  # only when there is a node family (it imports the test harness)
+
+    out = ["", f"| Figure (bench.node) | {' | '.join(SIDES.values())} |", "|---|---|---|---|"]
+    for label, template, sides in ROWS:
+        cells = []
+        for side, name in SIDES.items():
+            e = figs.get(template.format(name)) if side in sides else None
+            cells.append(spread(e, e["unit"]) if e else "–")
+        out.append(f"| {label} | {' | '.join(cells)} |")
+    return out
 
 
 def newest_batch(runs_dir: Path) -> list[Path]:

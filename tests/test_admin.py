@@ -24,6 +24,7 @@ from planwire.worker.process import WorkerProcess
 from planwire.worker.stats import clean
 from tests import handmade
 from tests.conformance.wire import Peer
+from tests.conformance.workers import kinds, node_missing, start
 
 SCRIPT = str(Path(sys.executable).parent / "plan-worker")
 
@@ -144,8 +145,12 @@ def test_admin_on_loopback_tcp_and_status_of_nothing(tmp_path):
     )
 
 
-def test_metrics_in_prometheus_text_format(own_data):
-    with WorkerProcess("m", data=[own_data], extra=["--metrics", "127.0.0.1:0"]) as w:
+@pytest.mark.parametrize("kind", kinds())
+def test_metrics_in_prometheus_text_format(own_data, kind):
+    """The same metrics from both workers (the Node.js one: src/metrics.js)."""
+    if kind == "node" and (reason := node_missing()):
+        pytest.skip(reason)
+    with start(kind, "m", data=[own_data], extra=["--metrics", "127.0.0.1:0"]) as w:
         url = re.search(r"metrics on (http://\S+)", w.log()).group(1)
         peer, plan = busy_client(w.url)
         peer.close()

@@ -50,6 +50,21 @@ def test_report_labels_targets_and_keeps_derived_figures_apart() -> None:
     assert "latency: call | 110 µs (100–130) | 3 |" in figures and "rpc messages" not in figures
 
 
+def test_the_node_family_is_a_table_with_a_column_per_worker() -> None:
+    from bench import node
+
+    r = Report()
+    for side, us in (("python", 130), ("node", 150), ("echo", 110)):
+        r.time(node.FAMILY, node.TINY.format(node.SIDES[side]), [us / 1e6] * 3, "us")
+    r.rate(node.FAMILY, node.PIPELINED.format(node.SIDES["node"]), [0.5], 10_000, "calls/s")
+    text = report.markdown(aggregate.aggregate([r.to_json()]))
+    table = text.split("| Figure (bench.node) |")[1]
+    assert table.startswith(" Python plan-worker | Node.js plan-worker | raw pyzmq echo |")
+    assert "| tiny call (run with fetch) | 130 µs | 150 µs | 110 µs |" in table
+    assert "| pipelined tiny calls | – | 20,000 calls/s | – |" in table  # not measured, or not for the echo
+    assert "| 64 MiB put+get (echo: store+fetch) | – | – | – |" in table
+
+
 def test_derived_figures_cannot_be_targets() -> None:
     with pytest.raises(ValueError, match="a derived figure cannot be a target"):
         Target("msgs", 2.0, ">=", 1.0, "msgs", "2 per call", kind="derived")

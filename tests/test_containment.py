@@ -1,6 +1,7 @@
 """Containment and control while busy (issue 11, items 1 and 3), on real plan-worker processes.
 
-Plans run in a sandboxed runner process: a plan that crashes it (SIGFPE), exhausts its memory bound or
+Plans run in a sandboxed runner process (the Python worker's worker/runner.py, the Node.js worker's
+src/runner.js: the same tests run against both): a plan that crashes it (SIGFPE), exhausts its memory bound or
 runs past --run-timeout costs that run only, and the worker answers ping, hello, describe and cancel
 while a run executes. Raw frames (tests/conformance/wire.py) so each reply is checked exactly.
 """
@@ -21,6 +22,7 @@ from onnx import TensorProto, helper
 
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import Peer
+from tests.conformance.workers import NodeWorkerProcess, node_missing
 
 INT64_MIN = np.iinfo(np.int64).min
 INT32_MIN = np.iinfo(np.int32).min
@@ -109,11 +111,15 @@ def folding_bomb_plan() -> bytes:
     )
 
 
-@pytest.fixture(params=["tcp", "ipc"])
+@pytest.fixture(params=["tcp", "ipc", "node"])
 def worker(request: pytest.FixtureRequest) -> Iterator[tuple[WorkerProcess, Peer]]:
+    """A contained worker: the Python plan-worker over tcp and ipc, and the Node.js one (src/sandbox.js)."""
+    if request.param == "node" and (reason := node_missing()):
+        pytest.skip(reason)
     with tempfile.TemporaryDirectory(prefix="pwk-") as tmp:
-        listen = "tcp://127.0.0.1:0" if request.param == "tcp" else f"ipc://{tmp}/w.ipc"
-        proc = WorkerProcess("contained", listen=listen, extra=["--run-timeout", "2", "--max-run-memory-mb", "256"])
+        listen = f"ipc://{tmp}/w.ipc" if request.param == "ipc" else "tcp://127.0.0.1:0"
+        launch = NodeWorkerProcess if request.param == "node" else WorkerProcess
+        proc = launch("contained", listen=listen, extra=["--run-timeout", "2", "--max-run-memory-mb", "256"])
         peer = Peer(proc.url, timeout=30)
         try:
             yield proc, peer

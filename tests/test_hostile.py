@@ -2,8 +2,8 @@
 judge is refused with its named error, and after each the worker answers ping, holds every tensor
 stored before, and has not registered the plan. Plans only containment can catch are run on a worker of
 their own: its sandboxed runner crashes, runs out of memory or past --run-timeout, and the worker answers
-that by name and keeps serving, with every tensor and plan. The static checks run against both workers
-(the Python plan-worker and the Node.js one, tests/conformance/workers.py): the same corpus, the same codes
+that by name and keeps serving, with every tensor and plan. Everything runs against both workers (the
+Python plan-worker and the Node.js one, tests/conformance/workers.py): the same corpus, the same codes
 and words."""
 
 from __future__ import annotations
@@ -72,11 +72,14 @@ def test_a_hostile_plan_is_refused_with_a_named_error(worker, hostile: Hostile):
     assert peer.ok({"type": "has_plan", "plan": plans.plan_id(data)}).kind == "missing"
 
 
+@pytest.mark.parametrize("kind", kinds())
 @pytest.mark.parametrize("hostile", CONTAINED)
-def test_a_plan_only_containment_can_catch_costs_at_most_its_run(hostile: Hostile):
+def test_a_plan_only_containment_can_catch_costs_at_most_its_run(hostile: Hostile, kind: str):
+    if kind == "node" and (reason := node_missing()):
+        pytest.skip(reason)
     code = HARM[hostile.name]
     extra = ["--run-timeout", str(RUN_TIMEOUT_S)] if code == "plan_timeout" else []
-    with WorkerProcess("contained", extra=extra) as proc, Peer(proc.url, timeout=60) as peer:
+    with start(kind, "contained", extra=extra) as proc, Peer(proc.url, timeout=60) as peer:
         for key, value in WITNESS.items():
             peer.put(key, value)
         pid = peer.register(hostile.build(), name=hostile.name)["plan"]

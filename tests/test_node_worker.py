@@ -5,11 +5,15 @@ by tests/conformance, the hostile corpus, the garbage cases and the client's tes
 
 from __future__ import annotations
 
+import re
 import signal
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import zmq
 import zmq.auth
@@ -75,12 +79,17 @@ def test_usage_mistakes_are_one_line_and_exit_2():
 def test_what_the_node_worker_cannot_do_is_refused_by_name():
     line = refused("--listen", TCP, "--device", "cuda")
     assert "--device cuda" in line and f"available: {CPU}" in line
-    assert "no admin socket" in refused("--listen", TCP, "--admin", "ipc:///tmp/x.admin")
-    assert "no metrics" in refused("--listen", TCP, "--metrics", "127.0.0.1:9105")
-    for flag, value in (("--run-timeout", "5"), ("--max-run-memory-mb", "512")):
-        line = refused("--listen", TCP, flag, value)
-        assert line.startswith(f"plan-worker: {flag}: the Node worker runs plans in its own process")
-        assert "use the Python plan-worker for contained runs" in line
+    assert refused("--listen", TCP, "--admin", "tcp://0.0.0.0:7000") == (
+        "plan-worker: --admin 'tcp://0.0.0.0:7000': must be ipc://PATH or tcp://127.0.0.1:PORT "
+        "(the operator's, not the network's)"
+    )
+    assert refused("--listen", TCP, "--metrics", "9105") == (
+        "plan-worker: --metrics '9105': expected HOST:PORT (e.g. 127.0.0.1:9105)"
+    )
+    line = refused("--listen", TCP, "--run-timeout", "0")
+    assert line == "plan-worker: --run-timeout '0': must be a positive number of seconds"
+    line = refused("--listen", TCP, "--max-run-memory-mb", "-1")
+    assert line == "plan-worker: --max-run-memory-mb '-1': must be 0 (no bound) or a positive whole number"
 
 
 def test_a_port_in_use_is_one_line():
@@ -95,7 +104,8 @@ def test_ready_line_endpoints_and_providers(tmp_path):
         line = next(ln for ln in w.log().splitlines() if "ready on" in ln)
         assert w.url.startswith("tcp://127.0.0.1:") and not w.url.endswith(":0")
         assert f"plan-worker device_7 ready on {w.url}, {ipc} (protocol 1, providers {CPU}" in line
-        assert f"pid {w.proc.pid}" in line and "0 own tensors, curve off, sandbox off" in line
+        assert f"pid {w.proc.pid}" in line and "0 own tensors, curve off, sandbox on" in line
+        assert "plans run in a sandboxed runner process: --run-timeout 60 s, --max-run-memory-mb 2048" in w.log()
         for url in (w.url, ipc):  # both endpoints serve the same worker
             with planwire.connect(url, timeout=10) as c:
                 assert c.id == "device_7" and c.providers == [CPU]
@@ -292,16 +302,73 @@ def test_an_adam_training_step_on_the_node_worker_matches_eager_torch():
             torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_cancel_finds_no_run_to_cancel_because_requests_run_in_order():
-    """PROTOCOL.md §12: every run sent before a cancel has been answered when the Node worker reads it."""
+def test_cancel_of_a_run_already_answered_is_refused():
+    """PROTOCOL.md cancel: a run that has been answered cannot be cancelled; its outputs stand."""
     with NodeWorkerProcess("cancel") as w, Peer(w.url) as p:
         pid = p.register(handmade.double_abs().variants[0].data)["plan"]
         header, frames = p.run_header(pid, [np.array([-1.0, 2.0], np.float32)], ["y"])
         run_id = p.send(header, frames)
-        cancel_id = p.send({"type": "cancel", "run": run_id})
-        run_reply, cancel_reply = p.recv(), p.recv()
-        assert (run_reply["re"], run_reply.kind) == (run_id, "ok")
-        assert (cancel_reply["re"], cancel_reply["code"]) == (cancel_id, "bad_argument")
-        assert f"cancel: no run #{run_id} of this connection is queued or running" in cancel_reply["message"]
+        assert (p.recv()["re"]) == run_id
+        reply = p.error({"type": "cancel", "run": run_id}, code="bad_argument")
+        assert f"cancel: no run #{run_id} of this connection is queued or running" in reply["message"]
         assert p.get1("y").tolist() == [2.0, 4.0]  # the run's outputs stand
         p.error({"type": "cancel"}, code="invalid_message")
+
+
+def test_the_runner_is_a_child_that_goes_with_the_worker():
+    """Plans run in a child process (src/runner.js) bounded by prlimit; it goes when the worker is stopped
+    or killed with -9 (setpriv --pdeathsig), and --no-sandbox runs plans in the worker itself."""
+    for how in ("stop", "kill"):
+        with NodeWorkerProcess("w") as w, Peer(w.url) as p:
+            pid = p.register(handmade.double_abs().variants[0].data)["plan"]
+            p.run(pid, [np.array([-1.0, 2.0], np.float32)], ["y"])
+            (runner,) = psutil.Process(w.proc.pid).children()
+            assert any(a.endswith("runner.js") for a in runner.cmdline()), runner.cmdline()
+            assert "data memory limit" in w.log() and "data memory limit none" not in w.log()
+            if how == "kill":
+                w.proc.kill()
+                w.proc.wait()
+        psutil.wait_procs([runner], timeout=20)
+        assert not runner.is_running()
+    with NodeWorkerProcess("w", extra=["--no-sandbox"]) as w, Peer(w.url) as p:
+        pid = p.register(handmade.double_abs().variants[0].data)["plan"]
+        assert p.run(pid, [np.array([-1.0, 2.0], np.float32)], ["y"], fetch=[0]).array_list()[0].tolist() == [2.0, 4.0]
+        assert psutil.Process(w.proc.pid).children() == []
+        assert "--no-sandbox: plans run inside this process" in w.log()
+
+
+def test_plan_worker_status_and_metrics_of_a_node_worker(tmp_path):
+    """`plan-worker status` reads the Node worker's admin socket (src/admin.js: mode 0600, removed at stop);
+    clients are named by their connection's routing id (zeromq.js exposes no peer address)."""
+    from planwire.worker.admin import query
+
+    data = tmp_path / "own.npy"
+    np.save(data, np.arange(8, dtype=np.float32))  # 32 bytes
+    with NodeWorkerProcess("ward-8", data=[f"{data}:secret"]) as w:
+        addr = re.search(r"admin on (\S+)", w.log()).group(1)
+        path = Path(addr.removeprefix("ipc://"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        p = Peer(w.url)
+        p.put("a", np.arange(3, dtype=np.float32))
+        plan = p.register(handmade.double_abs().variants[0].data, name="double_abs")["plan"]
+        p.run(plan, [np.ones(4, np.float32)], ["y"])  # 16 bytes
+        p.error(*p.run_header(plan, ["nope"], ["z"]), code="unknown_tensor")
+        with planwire.connect(w.url, timeout=10):
+            st = query(addr)
+        assert (st.worker, st.pid, st.protocol, st.session) == ("ward-8", w.proc.pid, 1, p.session)
+        assert (st.runs, st.runs_failed, st.private_releases) == (2, 1, 0)
+        assert st.own_data.tensors == 1 and st.own_data.tensor_bytes == 32
+        assert st.requests == {"put": 1, "register_plan": 1, "run": 2, "hello": 1}
+        busy = next(c for c in st.clients if c.requests == 4)
+        plan_bytes = len(handmade.double_abs().variants[0].data)
+        assert (busy.tensors, busy.tensor_bytes, busy.plans, busy.plan_bytes, busy.refused) == (2, 28, 1, plan_bytes, 1)
+        assert next(c for c in st.clients if c is not busy).name == "planwire"
+        assert [(x.plan, x.name, x.bytes, x.runs, x.failed) for x in st.plans] == [
+            (plan, "double_abs", plan_bytes, 2, 1)
+        ]
+        script = str(Path(sys.executable).parent / "plan-worker")
+        done = subprocess.run([script, "status", addr], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "runs      2 served, 1 failed" in done.stdout
+        p.close()
+    assert not path.exists()

@@ -10,6 +10,9 @@ import { PROTOCOL_VERSION } from "./messages.js";
 import { loadData, DataError } from "./npy.js";
 import { loadSecret, clientKeys, startAuthenticator } from "./auth.js";
 import { Server } from "./server.js";
+import { Sandbox } from "./sandbox.js";
+import { Metrics } from "./metrics.js";
+import { AdminServer, defaultAdminPath, checkAdminEndpoint } from "./admin.js";
 import { log, setLevel } from "./log.js";
 import { pyRepr } from "./json.js";
 import { load as loadPolicy, PolicyError } from "./policy.js";
@@ -42,14 +45,14 @@ const OPTIONS = {
   "--max-plans": { dest: "maxPlans", int: true, dflt: 1000, help: "plans registered at once" },
   "--max-client-queue": { dest: "maxClientQueue", int: true, dflt: 10000, help: "queued requests and unread replies per client (messages); past it its replies are dropped" },
   "--max-connections": { dest: "maxConnections", int: true, help: "accepted for compatibility; not enforced by the Node worker (see README)" },
-  "--run-timeout": { dest: "runTimeout", metavar: "SECONDS", help: "refused: the Node worker has no sandbox (its runs cannot be stopped or bounded)" },
-  "--max-run-memory-mb": { dest: "maxRunMemoryMb", metavar: "MB", help: "refused: the Node worker has no sandbox" },
-  "--no-sandbox": { dest: "noSandbox", flag: true, help: "accepted: the Node worker always runs plans in its own process (trusted plans only)" },
+  "--run-timeout": { dest: "runTimeout", dflt: "60", metavar: "SECONDS", help: "stop a run or a plan's registration after this long (plan_timeout)" },
+  "--max-run-memory-mb": { dest: "maxRunMemoryMb", dflt: "2048", metavar: "MB", help: "memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none" },
+  "--no-sandbox": { dest: "noSandbox", flag: true, help: "run plans inside the worker process (for trusted plans only: a crashing plan takes the worker and its data down, and --run-timeout/--max-run-memory-mb do not apply)" },
   "--curve-secret": { dest: "curveSecret", metavar: "FILE", help: "zmq.auth secret key file: encrypt with CURVE" },
   "--curve-clients": { dest: "curveClients", metavar: "DIR", help: "directory of allowed client public keys (*.key)" },
   "--curve-any-client": { dest: "curveAnyClient", flag: true, help: "with --curve-secret: encrypt but admit any client key (no authentication)" },
-  "--admin": { dest: "admin", metavar: "URL", help: "only 'none': the Node worker has no admin socket" },
-  "--metrics": { dest: "metrics", metavar: "HOST:PORT", help: "not available in the Node worker" },
+  "--admin": { dest: "admin", metavar: "URL", help: "admin socket for plan-worker status: ipc://PATH or tcp://127.0.0.1:PORT, or none (default: an ipc socket only this user can reach)" },
+  "--metrics": { dest: "metrics", metavar: "HOST:PORT", help: "serve Prometheus metrics on http://HOST:PORT/metrics (e.g. 127.0.0.1:9105)" },
   "--log-level": { dest: "logLevel", dflt: "info", choices: ["debug", "info", "warning", "error"], help: "log detail (to stderr)" },
 };
 
@@ -243,17 +246,30 @@ async function serve(args) {
   checkCurve(args);
   for (const url of args.listen) await checkListen(url);
   const exposed = checkNetwork(args);
-  if (args.admin !== null && args.admin !== "none") {
-    throw new ConfigError(`--admin ${pyRepr(args.admin)}: the Node worker has no admin socket (use --admin none, or the Python plan-worker for plan-worker status)`);
+  let adminUrl = "none";
+  if (args.admin !== "none") {
+    try {
+      adminUrl = args.admin ?? `ipc://${defaultAdminPath(args.id)}`;
+      checkAdminEndpoint(adminUrl);
+    } catch (e) {
+      throw new ConfigError(e.message);
+    }
   }
-  if (args.runTimeout !== null || args.maxRunMemoryMb !== null) {
-    const flag = args.runTimeout !== null ? "--run-timeout" : "--max-run-memory-mb";
-    throw new ConfigError(
-      `${flag}: the Node worker runs plans in its own process, as plan-worker --no-sandbox does: a run cannot be ` +
-        "stopped or its memory bounded; use the Python plan-worker for contained runs",
-    );
+  const runTimeout = Number(args.runTimeout);
+  const runMemoryMb = Number(args.maxRunMemoryMb);
+  if (!(runTimeout > 0) || !Number.isFinite(runTimeout)) throw new ConfigError(`--run-timeout ${pyRepr(args.runTimeout)}: must be a positive number of seconds`);
+  if (!(Number.isInteger(runMemoryMb) && runMemoryMb >= 0)) {
+    throw new ConfigError(`--max-run-memory-mb ${pyRepr(args.maxRunMemoryMb)}: must be 0 (no bound) or a positive whole number`);
   }
-  if (args.metrics !== null) throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: the Node worker serves no metrics (use the Python plan-worker)`);
+  let metricsAddr = null;
+  if (args.metrics !== null) {
+    const at = args.metrics.lastIndexOf(":");
+    const port = args.metrics.slice(at + 1);
+    if (at < 0 || !/^\d+$/.test(port) || Number(port) > 65535) {
+      throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: expected HOST:PORT (e.g. 127.0.0.1:9105)`);
+    }
+    metricsAddr = [args.metrics.slice(0, at).replace(/^\[|\]$/g, "") || "0.0.0.0", Number(port)];
+  }
   if (args.device === "cuda") {
     throw new ConfigError(
       `--device cuda: onnxruntime-node here has no CUDA provider (available: ${PROVIDERS.join(", ")}); use --device cpu, or the Python plan-worker with onnxruntime-gpu`,
@@ -282,7 +298,9 @@ async function serve(args) {
     // a key file or --data file at fault (DataError, or auth.js's Error): one line, exit status 2
     throw new ConfigError(e instanceof DataError || e instanceof Error ? e.message : String(e));
   }
+  const sandbox = args.noSandbox ? null : new Sandbox({ workerId: args.id, threads: args.threads, memoryMb: runMemoryMb, timeout: runTimeout });
   const service = new Service(args.id, {
+    runtime: sandbox,
     data,
     isPublic: args.public,
     threads: args.threads,
@@ -296,6 +314,10 @@ async function serve(args) {
     plansDir: args.plansDir === "none" ? null : (args.plansDir ?? defaultPlansDir()),
   });
   const cleanup = [() => service.releaser.close()];
+  if (sandbox !== null) {
+    sandbox.start(); // warm: the first registration does not wait for onnxruntime to load
+    cleanup.push(() => sandbox.close());
+  }
   if (curveSecret !== null) {
     const zap = await startAuthenticator(allowed);
     cleanup.push(() => zap.close());
@@ -312,7 +334,42 @@ async function serve(args) {
     for (const c of cleanup) c();
     throw new ConfigError(e.message);
   }
+  const metrics = new Metrics(service);
   const curveMode = curveSecret === null ? "off" : args.curveAnyClient ? "any client" : "listed clients";
+  if (adminUrl !== "none") {
+    const info = {
+      worker: args.id,
+      version: PKG.version,
+      protocol: PROTOCOL_VERSION,
+      session: service.session,
+      pid: process.pid,
+      providers: service.providers,
+      endpoints: server.endpoints,
+      curve: curveMode,
+    };
+    let admin;
+    try {
+      admin = await AdminServer.start(adminUrl, metrics, info);
+    } catch (e) {
+      server.stop();
+      for (const c of cleanup) c();
+      throw new ConfigError(`--admin: ${e.message}`);
+    }
+    cleanup.push(() => admin.close());
+    log.info(`admin on ${admin.url} (plan-worker status ${admin.url})`);
+  }
+  if (metricsAddr !== null) {
+    let port;
+    try {
+      port = await metrics.serve(...metricsAddr);
+    } catch (e) {
+      server.stop();
+      for (const c of cleanup) c();
+      throw new ConfigError(`--metrics ${pyRepr(args.metrics)}: cannot serve there (${e.message})`);
+    }
+    cleanup.push(() => metrics.close());
+    log.info(`metrics on http://${metricsAddr[0]}:${port}/metrics`);
+  }
   let stopping = false;
   const stop = (signal) => {
     if (stopping) return;
@@ -327,12 +384,14 @@ async function serve(args) {
     process.on("SIGHUP", () => reloadPolicy(service, args.policy));
     log.info(`policy ${args.policy}: ${policy.rules.size} approved plans (SIGHUP reloads it)`);
   }
+  if (sandbox === null) log.warning("--no-sandbox: plans run inside this process; a crashing plan takes it down");
+  else log.info(`plans run in a sandboxed runner process: --run-timeout ${runTimeout} s, --max-run-memory-mb ${runMemoryMb}`);
   log.info(
     `plan-worker ${args.id} ready on ${server.endpoints.join(", ")} (protocol ${PROTOCOL_VERSION}, providers ${service.providers.join(",")}, ` +
-      `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox off, node ${process.versions.node})`,
+      `onnxruntime ${ORT_VERSION}, pid ${process.pid}, ${service.store.size} own tensors, curve ${curveMode}, sandbox ${sandbox === null ? "off" : "on"}, node ${process.versions.node})`,
   );
   try {
-    await server.serveForever();
+    await server.serveForever(sandbox, metrics);
   } finally {
     for (const c of cleanup) c();
     log.info(`plan-worker ${args.id} stopped`);

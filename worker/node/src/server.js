@@ -1,8 +1,10 @@
-// The worker's ROUTER socket: one request at a time, in arrival order, replies never waited for (a
-// client that stops reading loses replies once its queue is full, instead of stalling the others).
+// The worker's ROUTER socket: requests read as they come (src/supervisor.js orders them), replies never
+// waited for (a client that stops reading loses replies once its queue is full, instead of stalling the
+// others).
 
 import * as zmq from "zeromq";
 import { log } from "./log.js";
+import { Supervisor } from "./supervisor.js";
 
 const HINTS = {
   EADDRINUSE: "another process holds this port: stop it or choose another port",
@@ -44,39 +46,50 @@ export class Server {
     this.sock = sock;
     this.endpoints = endpoints;
     this.dropped = 0;
+    this.outbox = []; // replies waiting for the send in progress (zeromq.js: one send at a time)
+    this.sending = false;
   }
 
-  async serveForever() {
-    const sock = this.sock;
+  /** Serve until stopped: requests are read while plans run in `sandbox` (src/supervisor.js). */
+  async serveForever(sandbox = null, metrics = null) {
     try {
-      for (;;) {
-        let msg;
-        try {
-          msg = await sock.receive();
-        } catch (e) {
-          if (sock.closed || e.code === "EAGAIN" || e.code === "ETERM") return;
-          throw e;
-        }
-        const [peer, ...frames] = msg;
-        const reply = await this.service.handle(frames, peer.toString("hex"));
-        if (sock.closed) return;
-        try {
-          await sock.send([peer, ...reply]);
-          if (this.dropped) {
-            log.info(`replies flowing again after ${this.dropped} dropped`);
-            this.dropped = 0;
-          }
-        } catch (e) {
-          if (sock.closed) return;
-          if (e.code === "EHOSTUNREACH") log.info("reply dropped: its client has gone");
-          else if (e.code === "EAGAIN") {
-            if (!this.dropped++) log.warning("a client is not reading its replies: dropping its replies until it does");
-          } else throw e;
-        }
-      }
+      await new Supervisor(this.service, this, sandbox, metrics).serveForever();
     } finally {
-      if (!sock.closed) sock.close();
+      if (!this.sock.closed) this.sock.close();
     }
+  }
+
+  /** Send a reply to `peer`, never waiting for it: a client that does not read loses replies. */
+  send(peer, reply) {
+    if (this.sending) {
+      this.outbox.push([peer, ...reply]);
+      return;
+    }
+    this.sending = true;
+    this.flush([peer, ...reply]);
+  }
+
+  async flush(frames) {
+    const sock = this.sock;
+    while (frames !== undefined) {
+      if (sock.closed) break;
+      try {
+        await sock.send(frames);
+        if (this.dropped) {
+          log.info(`replies flowing again after ${this.dropped} dropped`);
+          this.dropped = 0;
+        }
+      } catch (e) {
+        if (sock.closed) break;
+        if (e.code === "EHOSTUNREACH") log.info("reply dropped: its client has gone");
+        else if (e.code === "EAGAIN") {
+          if (!this.dropped++) log.warning("a client is not reading its replies: dropping its replies until it does");
+        } else log.error(`reply not sent: ${e.message}`);
+      }
+      frames = this.outbox.shift();
+    }
+    this.outbox = [];
+    this.sending = false;
   }
 
   stop() {

@@ -1,10 +1,9 @@
 // What a worker does with each request (as worker/service.py): frames in, frames out, never throws.
 
 import { createHash, randomBytes } from "node:crypto";
-import * as ort from "onnxruntime-node";
 import { parseHeader, stringify, pyRepr, JsonError } from "./json.js";
 import { ProtocolError, validateRequest, requestId, PROTOCOL_VERSION } from "./messages.js";
-import { DTYPES, Tensor, fromFrame, toOrt, fromOrt, human, humanList } from "./codec.js";
+import { DTYPES, Tensor, fromFrame, human, humanList } from "./codec.js";
 import { Store } from "./store.js";
 import { checkModel, PlanRejected } from "./modelcheck.js";
 import { log, clean, enabled } from "./log.js";
@@ -12,77 +11,18 @@ import { Owners, PlanHolders, DAY, label } from "./owners.js";
 import { analyze, redacted } from "./flow.js";
 import { Releaser } from "./release.js";
 import { keepPlan } from "./review.js";
+import { InProcess, PROVIDERS } from "./runtime.js";
 
 export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
 const PREFIX = Buffer.from("PWIRE/");
 export const MAX_HEADER_BYTES = 1 << 20;
 const ONNX_OPSET = 23;
-export const PROVIDERS = ["CPUExecutionProvider"];
-
 export class Limits {
   constructor({ maxMessageBytes = 1 << 30, maxPlanBytes = 256 << 20, maxFrames = 4096 } = {}) {
     this.maxMessageBytes = maxMessageBytes;
     this.maxPlanBytes = maxPlanBytes;
     this.maxFrames = maxFrames;
   }
-}
-
-function sessionOptions(threads) {
-  return {
-    executionProviders: ["cpu"],
-    intraOpNumThreads: Math.max(1, threads),
-    interOpNumThreads: 1,
-    executionMode: "sequential",
-    graphOptimizationLevel: "all",
-    logSeverityLevel: 3,
-    enableProfiling: false,
-    extra: {
-      session: {
-        load_model_format: "ONNX", // never the unchecked ORT format
-        intra_op: { allow_spinning: "0" },
-        inter_op: { allow_spinning: "0" },
-      },
-    },
-  };
-}
-
-// onnxruntime-node's own native session, run synchronously: its public InferenceSession.run defers each
-// call to the next event-loop turn (setImmediate), which doubles the cost of a tiny call. The binding is
-// internal to onnxruntime-node (pinned in package-lock.json); without it the public API is used.
-let native = null;
-try {
-  const m = await import("onnxruntime-node/dist/binding.js");
-  const b = m.binding ?? m.default?.binding;
-  const init = m.initOrt ?? m.default?.initOrt;
-  if (typeof b?.InferenceSession === "function" && typeof init === "function") {
-    init();
-    native = b;
-  }
-} catch {
-  native = null;
-}
-const NATIVE_TYPES = [undefined, "float32", "uint8", "int8", "uint16", "int16", "int32", "int64", "string", "bool", "float16", "float64", "uint32", "uint64"];
-
-function nativeMetadata(raw) {
-  return raw.map((m) =>
-    m.isTensor
-      ? { name: m.name, isTensor: true, type: NATIVE_TYPES[m.type] ?? `type ${m.type}`, shape: m.shape.map((d, i) => (d === -1 ? m.symbolicDimensions[i] : d)) }
-      : { name: m.name, isTensor: false },
-  );
-}
-
-/** A loaded plan: {inputMetadata, outputMetadata, run(feeds) -> Promise<outputs>, release()}. */
-async function loadSession(data, options) {
-  if (native === null) {
-    const s = await ort.InferenceSession.create(data, options);
-    return { inputMetadata: s.inputMetadata, outputMetadata: s.outputMetadata, run: (f) => s.run(f), release: () => s.release() };
-  }
-  const s = new native.InferenceSession();
-  s.loadModel(data.buffer, data.byteOffset, data.byteLength, options);
-  const inputMetadata = nativeMetadata(s.inputMetadata);
-  const outputMetadata = nativeMetadata(s.outputMetadata);
-  const fetches = Object.fromEntries(outputMetadata.map((m) => [m.name, null]));
-  return { inputMetadata, outputMetadata, run: (f) => s.run(f, fetches, {}), release: () => s.dispose() };
 }
 
 /** A port's shape as the wire shows it: ints, symbols, null for unknown axes. */
@@ -142,9 +82,11 @@ export class Service {
       policy = null,
       audit = null,
       plansDir = null,
+      runtime = null,
     } = {},
   ) {
     this.id = id;
+    this.runtime = runtime ?? new InProcess({ threads }); // where plans load and run: src/sandbox.js or here
     this.session = randomBytes(16).toString("hex");
     this.providers = PROVIDERS;
     this.threads = threads;
@@ -199,10 +141,14 @@ export class Service {
 
   /** Answer one request (frames after the routing id) from `client`; never throws. */
   async handle(frames, client = "") {
+    const d = this.decode(frames, client);
+    return d.reply ?? (await this.answer(d, frames, client));
+  }
+
+  /** A request's checked message: {msg, rid, t0}, or {reply} (an error's frames) when it is refused. */
+  decode(frames, client = "") {
     let rid = -1;
     let msg = null;
-    let reply;
-    let out = [];
     const t0 = process.hrtime.bigint();
     this.actFor(client);
     try {
@@ -213,27 +159,54 @@ export class Service {
         throw new ProtocolError("too_large", `message of ${total} bytes, over the limit of ${this.limits.maxMessageBytes}`);
       }
       [msg, rid] = this.unpack(frames);
-      const handler = this.handlers[msg.type];
-      if (handler === undefined) {
+      if (this.handlers[msg.type] === undefined) {
         throw new ProtocolError("unknown_type", `request type ${pyRepr(msg.type)} is not handled by this worker (Node.js)`);
       }
-      [reply, out] = await handler(msg, frames.slice(2));
-      if (enabled("debug")) {
-        const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-        log.debug(`${msg.type} #${rid} -> ${reply.type} (${ms.toFixed(2)} ms)`);
-      }
+      return { msg, rid, t0 };
     } catch (e) {
-      if (e instanceof ProtocolError) {
-        if (e.re !== undefined) rid = e.re;
-        log.info(`request #${rid}${this.about(msg)} refused: ${clean(e.message)} [${e.code}]`);
-        reply = { type: "error", re: rid, session: this.session, code: e.code, message: e.message };
-      } else {
-        log.error(`request #${rid}${this.about(msg)} failed: ${clean(e && e.stack ? e.stack : String(e))}`);
-        reply = { type: "error", re: rid, session: this.session, code: "internal", message: `${e?.name ?? "Error"}: ${e?.message ?? e}` };
-      }
-      out = [];
+      return { reply: this.errorReply(rid, msg, e) };
+    }
+  }
+
+  /** The reply frames to a decoded request (see decode); never throws. */
+  async answer({ msg, rid, t0 }, frames, client = "") {
+    this.actFor(client); // other requests may have been decoded since this one
+    let reply;
+    let out;
+    try {
+      [reply, out] = await this.handlers[msg.type](msg, frames.slice(2));
+    } catch (e) {
+      return this.errorReply(rid, msg, e);
+    }
+    if (enabled("debug")) {
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      log.debug(`${msg.type} #${rid} -> ${reply.type} (${ms.toFixed(2)} ms)`);
     }
     return [SIGNATURE, Buffer.from(stringify(reply)), ...out];
+  }
+
+  /** The error reply to request #rid (msg: its message, when it was read), logged. */
+  errorReply(rid, msg, e) {
+    let reply;
+    if (e instanceof ProtocolError) {
+      if (e.re !== undefined) rid = e.re;
+      log.info(`request #${rid}${this.about(msg)} refused: ${clean(e.message)} [${e.code}]`);
+      reply = { type: "error", re: rid, session: this.session, code: e.code, message: e.message };
+    } else {
+      log.error(`request #${rid}${this.about(msg)} failed: ${clean(e && e.stack ? e.stack : String(e))}`);
+      reply = { type: "error", re: rid, session: this.session, code: "internal", message: `${e?.name ?? "Error"}: ${e?.message ?? e}` };
+    }
+    return Object.assign([SIGNATURE, Buffer.from(stringify(reply))], { code: reply.code });
+  }
+
+  /** Answer a run that will not execute (cancelled while queued) with `error`; its outputs say why. */
+  drop({ msg, rid }, error, conn = this.conn) {
+    if (msg.type === "run") {
+      const why = `run #${msg.id} refused: ${error.message} [${error.code}]`;
+      const owner = this.owners.owner(conn);
+      for (const key of msg.outputs) this.store.fail(owner, key, why);
+    }
+    return this.errorReply(rid, msg, error);
   }
 
   about(msg) {
@@ -386,11 +359,18 @@ export class Service {
       let session;
       try {
         // A copy: onnxruntime gets exactly the checked bytes, which no later message can change.
-        session = await loadSession(Uint8Array.from(data), sessionOptions(this.threads));
+        session = await this.runtime.load(Uint8Array.from(data), { name, pid });
       } catch (e) {
+        if (e instanceof ProtocolError) throw e; // contained: plan_crashed, out_of_memory, plan_timeout, ...
         throw new ProtocolError("bad_plan", `onnxruntime cannot load plan ${name}: ${e?.message ?? e}`);
       }
+      if (this.plans.has(pid)) {
+        // registered meanwhile (the same bytes, sent again while these loaded): one session is kept
+        await session.release();
+        return [this.planInfo(m.id, pid, this.plans.get(pid)), []];
+      }
       plan = new Plan(name, session, summary.unknownRank);
+      plan.bytes = data.length;
       for (const [side, ports] of [["input", plan.inputs], ["output", plan.outputs]]) {
         for (const p of ports) {
           if (!(p.dtype in DTYPES)) {
@@ -505,15 +485,9 @@ export class Service {
     plan.check(args);
     let results;
     try {
-      const feeds = {};
-      plan.inputs.forEach((p, i) => (feeds[p.name] = toOrt(ort, args[i])));
-      const got = await plan.session.run(feeds);
-      results = plan.outputs.map((p) => {
-        const t = fromOrt(got[p.name]);
-        if (t === null) throw new Error(`output ${pyRepr(p.name)} is not a tensor of a wire dtype`);
-        return t;
-      });
+      results = await plan.session.run(args, { stored: m.args.map((a) => "ref" in a), rid: m.id });
     } catch (e) {
+      if (e instanceof ProtocolError) throw e; // contained: plan_crashed, out_of_memory, plan_timeout, cancelled
       if (privateArgs.size) {
         // onnxruntime's text may quote tensor values: the client gets the op, the node and the shapes
         log.info(`plan ${pyRepr(plan.name)} failed on private data: ${clean(e?.message ?? e)}`);
@@ -561,4 +535,4 @@ export class Service {
   }
 }
 
-export { Tensor };
+export { Tensor, PROVIDERS };

@@ -1,0 +1,168 @@
+// The private pipe between the worker (src/sandbox.js) and its runner (src/runner.js): a Unix socket pair,
+// one message in flight each way at a time. Not the public protocol and no JavaScript objects beyond JSON:
+// a message is a 16-byte prefix (body bytes as a double, header bytes, number of buffers), the buffers'
+// sizes (doubles), a JSON header, then each buffer at a 16-byte aligned offset of the body, so a tensor
+// received here is viewed in place by onnxruntime (no copy to align it).
+
+import { readSync, writevSync } from "node:fs";
+
+const PREFIX = 16;
+const ALIGN = 16;
+const PAD = Buffer.alloc(ALIGN);
+
+/** The parts of one message: `header` (JSON-able) and `buffers` (Buffers or Uint8Arrays). */
+function encode(header, buffers) {
+  const text = Buffer.from(JSON.stringify(header));
+  const n = buffers.length;
+  const head = Buffer.allocUnsafe(PREFIX + 8 * n + text.length);
+  let offset = 8 * n + text.length; // body bytes so far
+  const parts = [head];
+  buffers.forEach((b, i) => {
+    head.writeDoubleLE(b.byteLength, PREFIX + 8 * i);
+    const pad = -offset & (ALIGN - 1);
+    if (pad) parts.push(PAD.subarray(0, pad));
+    parts.push(b);
+    offset += pad + b.byteLength;
+  });
+  head.writeDoubleLE(offset, 0);
+  head.writeUInt32LE(text.length, 8);
+  head.writeUInt32LE(n, 12);
+  text.copy(head, PREFIX + 8 * n);
+  return [parts, PREFIX + offset];
+}
+
+/** Write one message to a stream socket (the worker's side). */
+export function send(sock, header, buffers = []) {
+  const [parts, total] = encode(header, buffers);
+  if (parts.length === 1 || total <= 1 << 16) {
+    sock.write(parts.length === 1 ? parts[0] : Buffer.concat(parts, total)); // a small message: one write
+    return;
+  }
+  sock.cork();
+  for (const p of parts) sock.write(p);
+  sock.uncork();
+}
+
+/** Write one message to blocking file descriptor `fd` (the runner's side: it has nothing else to do). */
+export function sendSync(fd, header, buffers = []) {
+  let [parts, total] = encode(header, buffers);
+  if (total <= 1 << 16 && parts.length > 1) parts = [Buffer.concat(parts, total)];
+  while (parts.length) {
+    let done = writevSync(fd, parts);
+    while (parts.length && done >= parts[0].length) done -= parts.shift().length;
+    if (done) parts[0] = parts[0].subarray(done);
+  }
+}
+
+const FIRST = 1 << 16;
+const first = Buffer.allocUnsafeSlow(FIRST);
+
+function readSome(fd, buf, offset, length) {
+  const n = readSync(fd, buf, offset, length, null);
+  if (n === 0) throw new PipeClosed();
+  return n;
+}
+
+/** Read one message from blocking file descriptor `fd`: [header, buffers]; PipeClosed at its end. */
+export function receiveSync(fd) {
+  let got = readSome(fd, first, 0, FIRST);
+  while (got < PREFIX) got += readSome(fd, first, got, FIRST - got);
+  const size = first.readDoubleLE(0);
+  if (!(Number.isInteger(size) && size >= 0) || got > PREFIX + size) throw new Error(`pipe: bad message size ${size}`);
+  const prefix = Buffer.from(first.subarray(0, PREFIX));
+  const body = Buffer.from(new ArrayBuffer(size)); // its own allocation: aligned
+  first.copy(body, 0, PREFIX, got);
+  for (let have = got - PREFIX; have < size; ) have += readSome(fd, body, have, size - have);
+  return parse(prefix, body);
+}
+
+export class PipeClosed extends Error {}
+
+/** Reads messages from a stream's 'data' chunks; calls `onMessage(header, buffers)` for each whole one.
+ * Throws (from `push`) on a message that does not follow the format. */
+export class Reader {
+  constructor(onMessage, { maxBytes = Infinity } = {}) {
+    this.onMessage = onMessage;
+    this.maxBytes = maxBytes;
+    this.chunks = []; // before the prefix is complete
+    this.have = 0;
+    this.body = null; // the body being filled
+    this.filled = 0;
+    this.prefix = null;
+  }
+
+  push(chunk) {
+    while (chunk.length) {
+      if (this.body === null) {
+        if (this.have === 0 && chunk.length >= PREFIX) {
+          const size = this.size(chunk);
+          if (chunk.length >= PREFIX + size) {
+            // the whole message in this chunk (a small one, usually): parsed where it lies
+            const whole = chunk;
+            chunk = chunk.subarray(PREFIX + size);
+            this.parseWith(whole.subarray(0, PREFIX), whole.subarray(PREFIX, PREFIX + size));
+            continue;
+          }
+        }
+        this.chunks.push(chunk);
+        this.have += chunk.length;
+        if (this.have < PREFIX) return;
+        const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
+        this.chunks = [];
+        this.have = 0;
+        const size = this.size(all);
+        this.prefix = Buffer.from(all.subarray(0, PREFIX));
+        this.body = Buffer.from(new ArrayBuffer(size)); // its own allocation: offset 0, aligned
+        this.filled = 0;
+        chunk = all.subarray(PREFIX);
+      }
+      const take = Math.min(chunk.length, this.body.length - this.filled);
+      chunk.copy(this.body, this.filled, 0, take);
+      this.filled += take;
+      chunk = chunk.subarray(take);
+      if (this.filled === this.body.length) {
+        const [prefix, body] = [this.prefix, this.body];
+        this.body = this.prefix = null;
+        this.parseWith(prefix, body);
+      }
+    }
+  }
+
+  size(chunk) {
+    const size = chunk.readDoubleLE(0);
+    if (!(Number.isInteger(size) && size >= 0 && size <= this.maxBytes)) throw new Error(`pipe: bad message size ${size}`);
+    return size;
+  }
+
+  parseWith(prefix, body) {
+    const [header, buffers] = parse(prefix, body);
+    this.onMessage(header, buffers);
+  }
+}
+
+/** A copy of `b` in an ArrayBuffer of its own (offset 0: aligned; never a slice of Node's shared pool,
+ * which a stored tensor would keep alive). */
+export function own(b) {
+  return Buffer.from(new Uint8Array(b).buffer);
+}
+
+/** [header, buffers] of a message's prefix and body; buffers are views of the body when aligned. */
+function parse(prefix, body) {
+  const hlen = prefix.readUInt32LE(8);
+  const n = prefix.readUInt32LE(12);
+  const sizes = [];
+  for (let i = 0; i < n; i++) sizes.push(body.readDoubleLE(8 * i));
+  let offset = 8 * n;
+  const header = JSON.parse(body.toString("utf8", offset, offset + hlen));
+  offset += hlen;
+  const aligned = body.byteOffset % ALIGN === 0;
+  const buffers = sizes.map((size) => {
+    offset += -offset & (ALIGN - 1);
+    let b = body.subarray(offset, offset + size);
+    if (b.length !== size) throw new Error("pipe: a buffer runs past its message");
+    if (!aligned) b = own(b); // a message cut from a received chunk: its own aligned copy
+    offset += size;
+    return b;
+  });
+  return [header, buffers];
+}
