@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
@@ -328,6 +329,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none; default 2048",
     )
     ap.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep tensors, plans, client identities and the session in DIR (written before each reply), so a "
+        "worker restarted on DIR after a crash or kill -9 has them all back under the same session",
+    )
+    ap.add_argument(
         "--no-sandbox",
         action="store_true",
         help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "
@@ -460,6 +467,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             plans_dir=plans_dir,
         )
         cleanup.append(service.releaser.close)
+        if args.state_dir:
+            restore_state(service, args.state_dir, cleanup)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     tune_io_threads(zmq.Context.instance())  # before the first socket (authenticator or server) starts them
@@ -555,6 +564,34 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     finally:
         log.info("plan-worker %s stopped", args.id)
     return 0
+
+
+def restore_state(service: Service, path: str, cleanup: list) -> None:
+    """--state-dir: hold the directory, keep the service's state there and restore what it holds."""
+    from planwire.worker.state import StateDir, StateError, attach
+
+    try:
+        state = StateDir.open(path)
+    except StateError as e:
+        raise ConfigError(str(e)) from None
+    cleanup.append(state.close)
+    t0 = time.perf_counter()
+    got = attach(service, state)
+    log.info(
+        "state dir %s: %s session %s; restored %d tensors (%d bytes), %d failed-run records, %d plans, "
+        "%d clients (%d identities)%s in %.2f s",
+        state.path,
+        "new" if got.new else "kept",
+        got.session,
+        got.tensors,
+        got.tensor_bytes,
+        got.failed,
+        got.plans,
+        got.owners,
+        got.identities,
+        f"; {got.skipped} damaged entries skipped (see above)" if got.skipped else "",
+        time.perf_counter() - t0,
+    )
 
 
 def reload_policy(service: Service, path: str) -> None:
