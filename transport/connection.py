@@ -213,6 +213,11 @@ class Connection:
         while call.reply is None and call.error is None:
             self._read_one(call)
 
+    def wait_all(self) -> None:
+        """Read replies until every request sent so far is answered or failed."""
+        for call in list(self._in_flight.values()):
+            self.wait(call)
+
     def _make_room(self) -> None:
         while len(self._in_flight) >= self.window:
             self._read_one(next(iter(self._in_flight.values())))
