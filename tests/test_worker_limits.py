@@ -16,6 +16,7 @@ import pytest
 import zmq
 import zmq.auth
 
+import planwire
 from planwire.transport.auth import client_keys
 from planwire.worker.cli import raise_open_files
 from planwire.worker.process import WorkerProcess
@@ -180,6 +181,27 @@ def test_connections_past_the_limit_are_refused_and_the_worker_goes_on(start):
     time.sleep(0.5)  # the monitor sees both leave
     late = connect(timeout=10)
     assert late.ok({"type": "ping"}).kind == "ok"
+
+
+def test_welcome_announces_the_caps_and_the_client_exposes_them(start):
+    caps = ["--max-store-mb", "8", "--max-client-store-mb", "2", "--max-plans", "3", "--max-client-queue", "500"]
+    if start.kind == "python":  # the Node worker refuses the sandbox's bounds at start (README)
+        caps += ["--run-timeout", "7.5", "--max-run-memory-mb", "512"]
+    proc, connect = start(*caps)
+    want = {
+        "max_store_bytes": 8 << 20,
+        "max_client_store_bytes": 2 << 20,
+        "max_plans": 3,
+        "max_client_queue": 500,
+        "run_timeout_seconds": 7.5,
+        "max_run_memory_bytes": 512 << 20,
+    }
+    limits = connect().ok({"type": "hello"})["limits"]
+    if start.kind == "node":  # announces what it enforces; what it announces must be right
+        want = {k: v for k, v in want.items() if k in limits}
+    assert {k: limits[k] for k in want} == want
+    with planwire.connect(proc.url, timeout=30) as client:
+        assert {k: getattr(client.limits, k) for k in want} == want
 
 
 def test_untrusted_text_is_escaped_in_the_log(start):

@@ -501,6 +501,11 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             timeout=args.run_timeout,
         )
         cleanup.append(sandbox.close)
+    service.announced["max_client_queue"] = args.max_client_queue
+    if sandbox is not None:
+        service.announced["run_timeout_seconds"] = args.run_timeout
+        if args.max_run_memory_mb:
+            service.announced["max_run_memory_bytes"] = args.max_run_memory_mb << 20
     stats = service.stats = Stats(service, curve=curve_secret is not None)
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
     info = {
