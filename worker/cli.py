@@ -335,6 +335,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "worker restarted on DIR after a crash or kill -9 has them all back under the same session",
     )
     ap.add_argument(
+        "--state-sync",
+        choices=["fsync", "none"],
+        default="fsync",
+        help="with --state-dir: fsync each change before the reply (survives a power loss), or none (faster; "
+        "survives the worker's crash or kill -9, not the machine's)",
+    )
+    ap.add_argument(
         "--no-sandbox",
         action="store_true",
         help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "
@@ -468,7 +475,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         )
         cleanup.append(service.releaser.close)
         if args.state_dir:
-            restore_state(service, args.state_dir, cleanup)
+            restore_state(service, args.state_dir, args.state_sync == "fsync", cleanup)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     tune_io_threads(zmq.Context.instance())  # before the first socket (authenticator or server) starts them
@@ -571,21 +578,22 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     return 0
 
 
-def restore_state(service: Service, path: str, cleanup: list) -> None:
+def restore_state(service: Service, path: str, sync: bool, cleanup: list) -> None:
     """--state-dir: hold the directory, keep the service's state there and restore what it holds."""
     from planwire.worker.state import StateDir, StateError, attach
 
     try:
-        state = StateDir.open(path)
+        state = StateDir.open(path, sync=sync)
     except StateError as e:
         raise ConfigError(str(e)) from None
     cleanup.append(state.close)
     t0 = time.perf_counter()
     got = attach(service, state)
     log.info(
-        "state dir %s: %s session %s; restored %d tensors (%d bytes), %d failed-run records, %d plans, "
+        "state dir %s (%s): %s session %s; restored %d tensors (%d bytes), %d failed-run records, %d plans, "
         "%d clients (%d identities)%s in %.2f s",
         state.path,
+        "fsync each change" if sync else "no fsync",
         "new" if got.new else "kept",
         got.session,
         got.tensors,

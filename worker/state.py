@@ -131,8 +131,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, parts: Iterable[Any]) -> None:
-    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory."""
+def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
+    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
+    (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
     tmp = path.with_name(f".tmp-{path.name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -140,7 +141,8 @@ def write_atomic(path: Path, parts: Iterable[Any]) -> None:
             view = memoryview(part).cast("B")
             while view.nbytes:
                 view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -148,7 +150,8 @@ def write_atomic(path: Path, parts: Iterable[Any]) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
 
 
 def _framed(header: bytes) -> list[bytes]:
@@ -235,8 +238,9 @@ class Restored:
 class StateDir:
     """One worker's state directory: held (flock) from :meth:`open` to :meth:`close`."""
 
-    def __init__(self, path: Path, lock_fd: int) -> None:
+    def __init__(self, path: Path, lock_fd: int, sync: bool = True) -> None:
         self.path = path
+        self.sync = sync  # fsync each change (power-loss safe); without: safe against the worker's crash only
         self._lock_fd = lock_fd
         self.tensors = path / "tensors"
         self.plans = path / "plans"
@@ -244,8 +248,9 @@ class StateDir:
         self.skipped: list[str] = []
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> StateDir:
-        """Create (mode 0700) or open ``path`` and take its lock; StateError naming the problem otherwise."""
+    def open(cls, path: str | os.PathLike[str], *, sync: bool = True) -> StateDir:
+        """Create (mode 0700) or open ``path`` and take its lock; StateError naming the problem otherwise.
+        ``sync=False`` (``--state-sync none``): no fsyncs, for a worker whose machine is not at risk."""
         p = Path(path).absolute()
         try:
             p.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -272,7 +277,11 @@ class StateDir:
                 (p / d).mkdir(mode=0o700)
         if p.stat().st_mode & 0o077:
             log.warning("--state-dir %s is readable by others: it holds client data and identities (chmod 700)", p)
-        return cls(p, fd)
+        return cls(p, fd, sync)
+
+    def _fsync_dir(self, path: Path) -> None:
+        if self.sync:
+            _fsync_dir(path)
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -296,7 +305,7 @@ class StateDir:
                 return s.session, False
             except (OSError, ValueError, msgspec.DecodeError) as e:
                 self._skip(path, f"{e}; a new session starts (clients will register their plans again)")
-        write_atomic(path, [msgspec.json.encode(_Session(format=FORMAT, session=fresh))])
+        write_atomic(path, [msgspec.json.encode(_Session(format=FORMAT, session=fresh))], self.sync)
         return fresh, True
 
     def load_tokens(self) -> dict[str, ClientId]:
@@ -347,7 +356,7 @@ class StateDir:
         except OSError as e:
             raise _refusal(f"tensor {key!r}", self.path, e) from None
         else:
-            _fsync_dir(self.tensors)
+            self._fsync_dir(self.tensors)
         self._write(d / f"{_digest(key)}.t", [*_framed(msgspec.json.encode(header)), payload], f"tensor {key!r}")
 
     def remove_tensors(self, owner: ClientId, keys: Iterable[str]) -> None:
@@ -362,13 +371,13 @@ class StateDir:
             except OSError as e:  # it would come back after a restart; the request itself went through
                 log.error("--state-dir: cannot remove tensor %r's file: %s", key, e)
         if removed:
-            _fsync_dir(d)
+            self._fsync_dir(d)
 
     def remove_owner(self, owner: ClientId) -> None:
         d = self._owner_dir(owner)
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
-            _fsync_dir(self.tensors)
+            self._fsync_dir(self.tensors)
 
     def check_room(self, nbytes: int, what: str) -> None:
         """quota_exceeded when the file system of the directory cannot take ``nbytes`` more (and a reserve)."""
@@ -447,7 +456,7 @@ class StateDir:
         for suffix in (".holders", ".plan"):  # holders first: a plan file alone is an unfinished registration
             with contextlib.suppress(FileNotFoundError):
                 (self.plans / f"{pid}{suffix}").unlink()
-        _fsync_dir(self.plans)
+        self._fsync_dir(self.plans)
 
     def load_plans(self, max_plan_bytes: int) -> Iterable[tuple[str, str, bytes, Ports, frozenset, list[ClientId]]]:
         """Every valid plan: (pid, name, bytes, ports, ports of unknown rank, holders)."""
@@ -499,7 +508,7 @@ class StateDir:
 
     def _write(self, path: Path, parts: Sequence[Any], what: str) -> None:
         try:
-            write_atomic(path, parts)
+            write_atomic(path, parts, self.sync)
         except OSError as e:
             raise _refusal(what, self.path, e) from None
 
