@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import planwire
-from planwire.transport import RemoteError
+from planwire.transport import RemoteError, WorkerLost
 from planwire.transport import messages as m
 from planwire.transport.client import WorkerClient
 from planwire.transport.connection import Connection
@@ -231,6 +231,8 @@ def test_kill_9_and_restart_on_the_same_dir_the_client_goes_on(tmp_path, kind):
             raw.put("last-put", np.arange(3, dtype=np.int32))
             os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
+        with pytest.raises(WorkerLost):  # while it is down (the identity cannot be presented yet either)
+            c.put(np.ones(1, F32))
         second = WorkerProcess("durable", listen=url, extra=extra)
         assert "kept session " + session in second.log()
         with Peer(url) as raw:
