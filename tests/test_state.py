@@ -33,8 +33,8 @@ F32 = np.float32
 class Incarnation:
     """One in-process worker life on a state directory, with a client that presents ``identity``."""
 
-    def __init__(self, path: Path, identity: str = "", data: tuple = ()) -> None:
-        self.state = StateDir.open(path)
+    def __init__(self, path: Path, identity: str = "", data: tuple = (), sync: bool = True) -> None:
+        self.state = StateDir.open(path, sync=sync)
         self.service = Service("w", data=data)
         self.restored = attach(self.service, self.state)
         self.client = WorkerClient(Connection(ServiceLink(self.service), name="w"))
@@ -45,8 +45,9 @@ class Incarnation:
         self.state.close()  # as kill -9 would: nothing flushed or said goodbye
 
 
-def test_everything_acknowledged_is_back_after_a_restart(tmp_path):
-    first = Incarnation(tmp_path / "state")
+@pytest.mark.parametrize("sync", [True, False], ids=["fsync", "no-fsync"])
+def test_everything_acknowledged_is_back_after_a_restart(tmp_path, sync):
+    first = Incarnation(tmp_path / "state", sync=sync)
     c = first.client
     pp = c.plan_pointer(handmade.double_abs())
     x = c.put(np.array([1, -2, 3], F32), tags=["train", "x"])
@@ -65,7 +66,7 @@ def test_everything_acknowledged_is_back_after_a_restart(tmp_path):
     session, identity = c.session, c.identity
     first.close()
 
-    second = Incarnation(tmp_path / "state", identity=identity)
+    second = Incarnation(tmp_path / "state", identity=identity, sync=sync)
     c2 = second.client
     assert second.restored.session == session and not second.restored.new
     assert c2.session == session  # the same session: the client's plan cache stays valid
@@ -118,6 +119,17 @@ def test_one_worker_per_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StateError, match="not a directory"):
         StateDir.open(tmp_path / "file")
+    # A planted link is never followed: not as the lock, not as a temporary file being written.
+    (tmp_path / "victim").write_text("keep me")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(StateError, match="cannot use it"):
+        StateDir.open(tmp_path / "linked")
+    held = StateDir.open(tmp_path / "s")
+    (tmp_path / "s" / ".tmp-session").symlink_to(tmp_path / "victim")
+    state_mod.write_atomic(tmp_path / "s" / "session", [b"{}"])
+    assert (tmp_path / "victim").read_text() == "keep me" and (tmp_path / "s" / "session").read_bytes() == b"{}"
+    held.close()
 
 
 def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_path, caplog):

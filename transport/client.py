@@ -79,6 +79,9 @@ class WorkerClient:
 
     @property
     def limits(self) -> m.Limits | None:
+        """What the worker announced at hello: its per-message limits and the caps it holds clients to
+        (``max_store_bytes``, ``max_plans``, ``run_timeout_seconds``, ...; ``msgspec.UNSET`` where a worker
+        does not announce one). None before hello."""
         return self.connection.limits
 
     # The frame hooks bench/comm.py wraps to count messages: the connection's bound link methods.

@@ -588,7 +588,10 @@ def restore_state(service: Service, path: str, sync: bool, cleanup: list) -> Non
         raise ConfigError(str(e)) from None
     cleanup.append(state.close)
     t0 = time.perf_counter()
-    got = attach(service, state)
+    try:
+        got = attach(service, state)
+    except OSError as e:  # the directory itself unreadable (a damaged file is skipped, not fatal)
+        raise ConfigError(f"--state-dir {path!r}: cannot read it ({e.strerror or e})") from None
     log.info(
         "state dir %s (%s): %s session %s; restored %d tensors (%d bytes), %d failed-run records, %d plans, "
         "%d clients (%d identities)%s in %.2f s",

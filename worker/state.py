@@ -135,7 +135,9 @@ def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
     """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
     (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
     tmp = path.with_name(f".tmp-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with contextlib.suppress(FileNotFoundError):  # left by a crash: never followed if it is a link
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         for part in parts:
             view = memoryview(part).cast("B")
@@ -256,7 +258,7 @@ class StateDir:
             p.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not p.is_dir():
                 raise StateError(f"--state-dir {str(p)!r} is not a directory")
-            fd = os.open(p / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(p / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             raise StateError(f"--state-dir {str(p)!r} exists and is not a directory") from None
         except OSError as e:
