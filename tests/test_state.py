@@ -19,7 +19,7 @@ from planwire.transport import RemoteError, WorkerLost
 from planwire.transport import messages as m
 from planwire.transport.client import WorkerClient
 from planwire.transport.connection import Connection
-from planwire.worker import state as state_mod
+from planwire.worker import statedir as state_mod
 from planwire.worker.process import WorkerProcess
 from planwire.worker.service import Service
 from planwire.worker.state import StateDir, StateError, attach
