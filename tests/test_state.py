@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,11 @@ F32 = np.float32
 class Incarnation:
     """One in-process worker life on a state directory, with a client that presents ``identity``."""
 
-    def __init__(self, path: Path, identity: str = "", data: tuple = (), sync: bool = True) -> None:
+    def __init__(
+        self, path: Path, identity: str = "", data: tuple = (), sync: bool = True, idle_ttl: float | None = None
+    ) -> None:
         self.state = StateDir.open(path, sync=sync)
-        self.service = Service("w", data=data)
+        self.service = Service("w", data=data, idle_ttl=idle_ttl)
         self.restored = attach(self.service, self.state)
         self.client = WorkerClient(Connection(ServiceLink(self.service), name="w"))
         self.client.identity = identity
@@ -96,6 +99,35 @@ def test_everything_acknowledged_is_back_after_a_restart(tmp_path, sync):
     with pytest.raises(RemoteError, match="no tensor"):
         stranger.client.fetch_arrays([x.key], keep=True)
     stranger.close()
+
+
+class _Link(ServiceLink):
+    """An in-process link on a connection of its own (``conn``), as a socket's routing id would be."""
+
+    def __init__(self, service: Service, conn: bytes) -> None:
+        super().__init__(service)
+        self.conn = conn
+
+    def send(self, frames: list) -> None:
+        self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames], self.conn)])
+
+
+def test_clients_freed_by_idle_ttl_stay_freed_after_a_restart(tmp_path):
+    first = Incarnation(tmp_path / "s", idle_ttl=0.05)
+    gone = WorkerClient(Connection(_Link(first.service, b"gone"), name="w"))
+    gone.hello()
+    held = gone.put(np.ones(3, F32))
+    gone.plan_pointer(handmade.double_abs())
+    time.sleep(0.2)
+    other = WorkerClient(Connection(_Link(first.service, b"other"), name="w"))
+    other.hello()  # a request after the TTL: the idle client is freed, on disk too
+    kept = other.put(np.full(2, 5, F32))
+    first.close()
+    second = Incarnation(tmp_path / "s", identity=other.identity)
+    assert second.restored.tensors == 1 and second.restored.plans == 0 and second.restored.identities == 1
+    assert second.client.fetch_arrays([kept.key], keep=True)[0].tolist() == [5, 5]
+    assert held.key not in second.service.store
+    second.close()
 
 
 def test_a_new_directory_starts_a_new_session_and_keeps_it(tmp_path):
