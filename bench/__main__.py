@@ -35,13 +35,14 @@ FAMILY_NAMES = (
     "training_models",
     "flower",
     "node",
+    "load",
     "footprint",
 )
 
 
 def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
     """One full run in this process: every family, a table on stdout, the run's JSON at ``out``."""
-    from bench import build, bulk, comm, flower, footprint, latency, node, pipeline, training, training_models
+    from bench import build, bulk, comm, flower, footprint, latency, load, node, pipeline, training, training_models
     from bench.env import Env
     from bench.timing import Report
 
@@ -56,6 +57,7 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
         "training_models": training_models.run,
         "flower": flower.run,
         "node": node.run,
+        "load": load.run,
         "footprint": footprint.run_loaded,
     }
     warnings.filterwarnings("ignore")

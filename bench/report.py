@@ -79,6 +79,9 @@ HEADLINE = [
             "eager torch step (1 thread)",
         )
     ],
+    ("load", "calls/s, 16 client processes x 10000 calls [tcp]"),
+    ("load", "acknowledged requests/s with --state-dir, 8 client processes, --state-dir [tcp]"),
+    ("load", "restart to ready on the state dir after kill -9"),
     ("footprint", "start to first reply (ready + connect/hello) [tcp]"),
     ("footprint", "worker RSS idle, after hello [tcp]"),
     ("footprint", "worker RSS after the benchmark load [tcp]"),

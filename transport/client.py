@@ -20,7 +20,7 @@ from planwire.transport import codec, progress
 from planwire.transport import messages as m
 from planwire.transport.arrays import as_array, tags_of
 from planwire.transport.connection import Connection, decode
-from planwire.transport.errors import ProtocolError
+from planwire.transport.errors import ProtocolError, remote_error
 from planwire.transport.framing import Frame
 from planwire.transport.pointers import PointerPlan, PointerTensor, SearchResult
 from planwire.transport.spec import PlanSource, PlanVariant
@@ -79,6 +79,9 @@ class WorkerClient:
 
     @property
     def limits(self) -> m.Limits | None:
+        """What the worker announced at hello: its per-message limits and the caps it holds clients to
+        (``max_store_bytes``, ``max_plans``, ``run_timeout_seconds``, ...; ``msgspec.UNSET`` where a worker
+        does not announce one). None before hello."""
         return self.connection.limits
 
     # The frame hooks bench/comm.py wraps to count messages: the connection's bound link methods.
@@ -336,11 +339,30 @@ class WorkerClient:
             call.result()  # errors raise here
         return results
 
+    def cancel(self, pointer: PointerTensor) -> bool:
+        """Stop the run that makes ``pointer`` if the worker has it queued or running: the worker answers
+        that run ``cancelled`` and records its outputs as failed with that reason (their ``get`` raises,
+        saying so), and goes on with the requests after it. True when the run was cancelled; False when it
+        had already finished (or the pointer is not a run's result, or a worker that runs requests strictly
+        in order, such as an in-process one, had answered it)."""
+        call = pointer._call
+        if call is None or call.done:
+            return False
+        conn = self.connection
+        reply = conn.send(m.Cancel(id=conn.new_id(), run=call.id), (), f"cancel of run #{call.id}").wait()
+        if type(reply) is m.Ok:
+            return True
+        if type(reply) is m.Error and reply.code == "bad_argument":  # it finished before the cancel arrived
+            return False
+        raise remote_error(self.id, getattr(reply, "code", "internal"), getattr(reply, "message", repr(reply)))
+
     # -- lifetime -----------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Wait until every request sent so far has been answered (and pending frees are sent)."""
+        """Wait until every request sent so far has been answered (and pending frees are sent). The ping
+        alone is not enough: a worker may answer it before the runs queued ahead of it (PROTOCOL.md §4.2)."""
         self.request(lambda rid: m.Ping(id=rid))
+        self.connection.wait_all()
 
     def close(self) -> None:
         """Free what this client still owns on the worker (best effort: at most CLOSE_TIMEOUT s, so a worker

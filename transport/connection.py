@@ -127,6 +127,7 @@ class Connection:
         self._in_flight: dict[int, Call] = {}
         self._garbage: list[str] = []  # keys to free with the next request
         self.owned: dict[str, None] = {}  # keys this client owns on the worker: freed at close
+        self._present = False  # the identity is to be presented (hello) before the next request
 
     @property
     def timeout(self) -> float | None:
@@ -149,6 +150,8 @@ class Connection:
         are pending. With ``window`` requests in flight, replies are read first (blocking) to make room."""
         if self.identity and (dropped := self._link.dropped()) is not None:
             self.lose(dropped)  # ZeroMQ reconnected under the hood: say hello with the identity first
+        if self._present:  # a hello after a drop could not be sent then (nobody listening): now first
+            self._hello()
         if self._garbage and (not background or len(self._garbage) >= FREE_BATCH):
             self._send_frees()
         if len(self._in_flight) >= self.window:
@@ -213,6 +216,11 @@ class Connection:
         while call.reply is None and call.error is None:
             self._read_one(call)
 
+    def wait_all(self) -> None:
+        """Read replies until every request sent so far is answered or failed."""
+        for call in list(self._in_flight.values()):
+            self.wait(call)
+
     def _make_room(self) -> None:
         while len(self._in_flight) >= self.window:
             self._read_one(next(iter(self._in_flight.values())))
@@ -273,13 +281,19 @@ class Connection:
         for the lost worker is delivered to whatever listens at the address next."""
         self._fail(list(self._in_flight.values()), reason)
         self._link.reset()
-        if self.identity:  # first on the new connection: act for the same client, keep its objects
-            msg = m.Hello(id=self.new_id(), client="planwire", identity=self.identity)
-            self._in_flight[msg.id] = Call(self, msg.id, "hello")
-            try:
-                self._send(framing.pack(msg))
-            except Exception:  # not sent: the next request meets the same trouble and says so
-                self._in_flight.pop(msg.id, None)
+        self._present = bool(self.identity)  # first on the new connection: act for the same client
+        self._hello()
+
+    def _hello(self) -> None:
+        """Present the identity on a new connection, so the worker knows this client (and its objects)."""
+        msg = m.Hello(id=self.new_id(), client="planwire", identity=self.identity)
+        self._in_flight[msg.id] = Call(self, msg.id, "hello")
+        try:
+            self._send(framing.pack(msg))
+        except Exception:  # not sent (nobody listening yet): tried again before the next request
+            self._in_flight.pop(msg.id, None)
+            return
+        self._present = False
 
     def _fail(self, calls: list[Call], reason: str) -> None:
         if not calls:
@@ -308,6 +322,7 @@ class Connection:
         self._link.close()
         self._send = self._recv = self._closed  # type: ignore[assignment]
         self.identity = ""  # nothing to present any more: the link is gone
+        self._present = False
 
     def _closed(self, *_: object) -> None:
         raise RemoteError(self.name, "closed", "this client was closed: connect again to use the worker")

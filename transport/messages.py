@@ -107,9 +107,25 @@ class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    """What a worker accepts per message (required) and, optionally, the caps it holds its clients to
+    (PROTOCOL.md §8.1): an absent cap is one the worker does not announce, not necessarily one it lacks."""
+
     max_message_bytes: int
     max_plan_bytes: int
     max_frames: int
+    max_store_bytes: Annotated[int, Meta(ge=1, description="All clients' stored tensors together.")] | UnsetType = UNSET
+    max_client_store_bytes: Annotated[int, Meta(ge=1, description="One client's stored tensors.")] | UnsetType = UNSET
+    max_plans: Annotated[int, Meta(ge=1, description="Plans registered at once.")] | UnsetType = UNSET
+    max_client_queue: (
+        Annotated[int, Meta(ge=1, description="Requests queued and replies unread per connection.")] | UnsetType
+    ) = UNSET
+    run_timeout_seconds: (
+        Annotated[float, Meta(gt=0, description="A run or registration is stopped after this long.")] | UnsetType
+    ) = UNSET
+    max_run_memory_bytes: (
+        Annotated[int, Meta(ge=1, description="Memory a run or registration may add to the process running it.")]
+        | UnsetType
+    ) = UNSET
 
 
 # --- requests (client -> worker) -------------------------------------------------------------------

@@ -117,6 +117,11 @@ class PointerTensor:
             self.consumed = True
         return value
 
+    def cancel(self) -> bool:
+        """Stop the run that makes this tensor if the worker still has it queued or running; its outputs
+        then read as failed, reason ``cancelled``. False when the run had already finished."""
+        return self.worker.cancel(self)
+
     def __del__(self) -> None:
         if self.owned and not self.consumed:
             with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to free

@@ -6,8 +6,8 @@ are served one at a time in arrival order, so each connection's requests are ans
 It never blocks on one peer: replies go out with ``NOBLOCK``. A client that stops reading fills its own
 queue (``max_queue`` messages each way, ZeroMQ's high-water marks); from then on its replies are dropped,
 with one log line, until it reads again, and every other client goes on being served. Past
-``max_connections`` open connections, a new one is shut down as soon as it is accepted (one log line per
-burst), so the process never runs out of file descriptors (where libzmq's listener would spin).
+``max_connections`` open connections, a new one is shut down (one log line per burst) and nothing it sent
+is served, so the process never runs out of file descriptors (where libzmq's listener would spin).
 """
 
 from __future__ import annotations
@@ -82,13 +82,31 @@ class Server:
     def receive(self, flags: int = 0) -> tuple[Frame, bytes, list[memoryview]]:
         """The next request: ``(peer, client, frames)``, where ``peer`` routes the reply and ``client`` is
         the peer's CURVE public key (User-Id) under CURVE, else its routing id. zmq.Again when none came
-        (within RCVTIMEO, or at once under NOBLOCK)."""
+        (within RCVTIMEO, or at once under NOBLOCK). A request on a connection past ``max_connections`` is
+        dropped here, never returned."""
+        guard = self._guard
+        while True:
+            try:
+                peer, client, frames = self._receive(flags)
+            except zmq.Again:
+                if guard is not None:  # idle: connections that never send are counted and refused too
+                    guard.drain()
+                raise
+            if guard is None or guard.admitted(peer, bytes(peer) if self._curve else client):
+                return peer, client, frames
+
+    def _receive(self, flags: int) -> tuple[Frame, bytes, list[memoryview]]:
         sock = self._sock
         if self._curve:
             head = sock.recv(flags, copy=False)
             return head.buffer, _user_id(head), recv_frames(sock) if head.more else []
         peer, *frames = recv_frames(sock, flags)
         return peer, bytes(peer), frames
+
+    def tend(self) -> None:
+        """Count and refuse new connections now (a loop that waits on something else calls this now and then)."""
+        if self._guard is not None:
+            self._guard.drain()
 
     def send(self, peer: Frame, reply: Sequence[Frame]) -> None:
         """Route ``reply`` to ``peer`` without blocking: a reply to a peer whose queue is full (it does not
@@ -148,40 +166,76 @@ def _user_id(frame: zmq.Frame) -> bytes:
 
 
 class _ConnectionGuard:
-    """Counts the ROUTER's connections through a socket monitor; past ``limit`` a new connection is shut
-    down right after it is accepted, which ZeroMQ sees as the peer leaving (its state is freed). The file
-    descriptor in the event is shut down, never closed: ZeroMQ still owns it."""
+    """Counts the ROUTER's connections through a socket monitor, read by the serving thread itself: past
+    ``limit`` a new connection is shut down (ZeroMQ sees the peer leave and frees its state) and a request
+    that came on it is dropped. The events are read before the first request of every new peer is served,
+    and ZeroMQ queues a connection's ``accepted`` event before anything can arrive on it, so a connection
+    past the limit is never served, however late this thread runs. The file descriptor in the event is
+    shut down, never closed: ZeroMQ still owns it."""
 
     EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+    EVERY = 256  # while requests of known peers keep coming, the events are read every this many
 
     def __init__(self, sock: zmq.Socket, limit: int) -> None:
         self.limit = limit
         self.open = 0
         self._mon = sock.get_monitor_socket(self.EVENTS)
         self._sock = sock
+        self._refused_fds: set[int] = set()  # shut down, their disconnection not seen yet
+        self._peers: dict[bytes, int] = {}  # routing ids served -> their connection's fd
+        self._peer_of: dict[int, bytes] = {}
+        self._countdown = self.EVERY
         self._refused = 0
         self._last_log = 0.0
-        self._thread = threading.Thread(target=self._watch, name="planwire-connections", daemon=True)
-        self._thread.start()
 
-    def _watch(self) -> None:
+    def admitted(self, peer: Frame, key: bytes) -> bool:
+        """Whether a request from ``peer`` (its routing id frame; ``key``: its bytes) may be served."""
+        if key in self._peers:
+            self._countdown -= 1
+            if not self._countdown:
+                self.drain()
+            return True
+        self.drain()  # the new connection's accepted event is queued already
+        frame = getattr(peer, "obj", peer)
+        try:
+            fd = frame.get(zmq.SRCFD) if isinstance(frame, zmq.Frame) else -1
+        except zmq.ZMQError:
+            fd = -1
+        if fd in self._refused_fds:
+            return False
+        self._peers[key] = fd
+        self._peer_of[fd] = key
+        return True
+
+    def drain(self) -> None:
+        """Read every queued event: count connections, refuse those past the limit."""
+        self._countdown = self.EVERY
         mon = self._mon
-        while True:
+        while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                event = parse_monitor_message(mon.recv_multipart())
-            except zmq.ZMQError:  # closed
+                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.ZMQError:
                 return
-            kind = event["event"]
-            if kind == zmq.EVENT_MONITOR_STOPPED:
-                return
+            kind, fd = event["event"], event["value"]
             if kind == zmq.EVENT_DISCONNECTED:
-                self.open = max(0, self.open - 1)
+                if fd in self._refused_fds:
+                    self._refused_fds.discard(fd)
+                else:
+                    self.open = max(0, self.open - 1)
+                key = self._peer_of.pop(fd, None)
+                if key is not None:
+                    self._peers.pop(key, None)
             elif kind == zmq.EVENT_ACCEPTED:
-                self.open += 1
-                if self.open > self.limit:
-                    self._refuse(event["value"])
+                stale = self._peer_of.pop(fd, None)  # its disconnection was not reported: not a peer any more
+                if stale is not None:
+                    self._peers.pop(stale, None)
+                if self.open >= self.limit:
+                    self._refuse(fd)
+                else:
+                    self.open += 1
 
     def _refuse(self, fd: int) -> None:
+        self._refused_fds.add(fd)
         try:
             s = socket.socket(fileno=fd)
         except OSError:
@@ -205,5 +259,4 @@ class _ConnectionGuard:
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
-        self._thread.join(1.0)
         self._mon.close(linger=0)

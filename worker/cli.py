@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
@@ -350,6 +351,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none; default 2048",
     )
     ap.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep tensors, plans, client identities and the session in DIR (written before each reply), so a "
+        "worker restarted on DIR after a crash or kill -9 has them all back under the same session",
+    )
+    ap.add_argument(
+        "--state-sync",
+        choices=["fsync", "none"],
+        default="fsync",
+        help="with --state-dir: fsync each change before the reply (survives a power loss), or none (faster; "
+        "survives the worker's crash or kill -9, not the machine's)",
+    )
+    ap.add_argument(
         "--no-sandbox",
         action="store_true",
         help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "
@@ -485,6 +499,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             max_plans_dir_bytes=int(args.max_plans_dir_mb * (1 << 20)),
         )
         cleanup.append(service.releaser.close)
+        if args.state_dir:
+            restore_state(service, args.state_dir, args.state_sync == "fsync", cleanup)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     tune_io_threads(zmq.Context.instance())  # before the first socket (authenticator or server) starts them
@@ -517,6 +533,11 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             timeout=args.run_timeout,
         )
         cleanup.append(sandbox.close)
+    service.announced["max_client_queue"] = args.max_client_queue
+    if sandbox is not None:
+        service.announced["run_timeout_seconds"] = args.run_timeout
+        if args.max_run_memory_mb:
+            service.announced["max_run_memory_bytes"] = args.max_run_memory_mb << 20
     stats = service.stats = Stats(service, curve=curve_secret is not None)
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
     info = {
@@ -580,6 +601,38 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     finally:
         log.info("plan-worker %s stopped", args.id)
     return 0
+
+
+def restore_state(service: Service, path: str, sync: bool, cleanup: list) -> None:
+    """--state-dir: hold the directory, keep the service's state there and restore what it holds."""
+    from planwire.worker.state import StateDir, StateError, attach
+
+    try:
+        state = StateDir.open(path, sync=sync)
+    except StateError as e:
+        raise ConfigError(str(e)) from None
+    cleanup.append(state.close)
+    t0 = time.perf_counter()
+    try:
+        got = attach(service, state)
+    except OSError as e:  # the directory itself unreadable (a damaged file is skipped, not fatal)
+        raise ConfigError(f"--state-dir {path!r}: cannot read it ({e.strerror or e})") from None
+    log.info(
+        "state dir %s (%s): %s session %s; restored %d tensors (%d bytes), %d failed-run records, %d plans, "
+        "%d clients (%d identities)%s in %.2f s",
+        state.path,
+        "fsync each change" if sync else "no fsync",
+        "new" if got.new else "kept",
+        got.session,
+        got.tensors,
+        got.tensor_bytes,
+        got.failed,
+        got.plans,
+        got.owners,
+        got.identities,
+        f"; {got.skipped} damaged entries skipped (see above)" if got.skipped else "",
+        time.perf_counter() - t0,
+    )
 
 
 def reload_policy(service: Service, path: str) -> None:

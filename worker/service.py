@@ -135,6 +135,9 @@ class Service:
         self.releaser = Releaser(policy, audit)  # the data owner's release rules and audit log
         self.plans_dir = plans_dir  # where a worker with private data keeps the plans it receives, for review
         self.max_plans_dir_bytes = max_plans_dir_bytes  # beyond it the least recently received unused go
+        # Caps enforced around the service (plan-worker: the server's queue bound, the sandbox's time and
+        # memory bounds), announced with the store's and the plans' caps in welcome.limits.
+        self.announced: dict[str, int | float] = {}
         self._conn: bytes = b""  # the connection the request being handled came on
         self._client: ClientId = b""  # its owner (quotas, ownership)
         self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
@@ -339,6 +342,12 @@ class Service:
                 "bad_version", f"client speaks protocol {msg.version}, this worker {m.PROTOCOL_VERSION}"
             )
         self._client, token = self.owners.hello(self._conn, msg.identity)
+        lim = m.Limits(
+            max_message_bytes=self.limits.max_message_bytes,
+            max_plan_bytes=self.limits.max_plan_bytes,
+            max_frames=self.limits.max_frames,
+            **self._caps(),
+        )
         return m.Welcome(
             re=msg.id,
             session=self.session,
@@ -346,9 +355,21 @@ class Service:
             version=m.PROTOCOL_VERSION,
             providers=self.providers,
             opsets={"ai.onnx": ONNX_OPSET},
-            limits=self.limits,
+            limits=lim,
             identity=token,
         ), []
+
+    def _caps(self) -> dict[str, int | float]:
+        """The caps this worker holds clients to, for welcome.limits (PROTOCOL.md §8.1)."""
+        store, caps = self.store, dict(self.announced)
+        if store.max_bytes is not None:
+            caps["max_store_bytes"] = store.max_bytes
+        per_client = store.max_client_bytes if store.max_client_bytes is not None else store.max_bytes
+        if per_client is not None:
+            caps["max_client_store_bytes"] = per_client
+        if self.max_plans is not None:
+            caps["max_plans"] = self.max_plans
+        return caps
 
     def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]

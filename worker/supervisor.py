@@ -92,6 +92,7 @@ class Supervisor:
             if sandbox.wait(BUSY_MS / 1e3):
                 self._from_runner()
                 return
+            self.server.tend()  # while a job runs, new connections are counted (and refused past the limit) too
             self._read(sock)
         else:
             if sandbox.wait(0):  # Ready, or the runner died while idle
@@ -116,7 +117,10 @@ class Supervisor:
         for _ in range(64):  # a burst, then back to the runner's answer
             if len(self.queue) >= MAX_QUEUED or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
-            peer, client, frames = self.server.receive(zmq.NOBLOCK)
+            try:
+                peer, client, frames = self.server.receive(zmq.NOBLOCK)
+            except zmq.Again:  # what was there came on a refused connection
+                return
             self._request(bytes(peer), client, frames)
 
     # -- requests ---------------------------------------------------------------------------------

@@ -16,6 +16,19 @@ def test_hello_welcome(peer):
     limits = reply["limits"]
     assert all(limits[k] > 0 for k in ("max_message_bytes", "max_plan_bytes", "max_frames"))
     assert all(isinstance(v, int) for v in reply["opsets"].values())
+    caps = {k: v for k, v in limits.items() if k not in ("max_message_bytes", "max_plan_bytes", "max_frames")}
+    assert set(caps) <= CAPS, caps  # optional: the caps of §8.1 a worker announces
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in caps.values()), caps
+
+
+CAPS = {
+    "max_store_bytes",
+    "max_client_store_bytes",
+    "max_plans",
+    "max_client_queue",
+    "run_timeout_seconds",
+    "max_run_memory_bytes",
+}
 
 
 def test_hello_defaults_and_is_optional(peer):

@@ -1,0 +1,304 @@
+"""Durable state (plan-worker --state-dir, worker/state.py): after kill -9 and a restart on the same
+directory every acknowledged put, run output, move, delete, failed-run record, registration and client
+identity is back under the same session, and clients go on without registering again; damaged files in the
+directory are skipped with a log line naming them; one worker per directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import planwire
+from planwire.transport import RemoteError, WorkerLost
+from planwire.transport import messages as m
+from planwire.transport.client import WorkerClient
+from planwire.transport.connection import Connection
+from planwire.worker import statedir as state_mod
+from planwire.worker.process import WorkerProcess
+from planwire.worker.service import Service
+from planwire.worker.state import StateDir, StateError, attach
+from planwire.worker.virtual import ServiceLink
+from tests import handmade
+from tests.conformance.wire import Peer
+
+F32 = np.float32
+
+
+class Incarnation:
+    """One in-process worker life on a state directory, with a client that presents ``identity``."""
+
+    def __init__(
+        self, path: Path, identity: str = "", data: tuple = (), sync: bool = True, idle_ttl: float | None = None
+    ) -> None:
+        self.state = StateDir.open(path, sync=sync)
+        self.service = Service("w", data=data, idle_ttl=idle_ttl)
+        self.restored = attach(self.service, self.state)
+        self.client = WorkerClient(Connection(ServiceLink(self.service), name="w"))
+        self.client.identity = identity
+        self.client.hello()
+
+    def close(self) -> None:
+        self.state.close()  # as kill -9 would: nothing flushed or said goodbye
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["fsync", "no-fsync"])
+def test_everything_acknowledged_is_back_after_a_restart(tmp_path, sync):
+    first = Incarnation(tmp_path / "state", sync=sync)
+    c = first.client
+    pp = c.plan_pointer(handmade.double_abs())
+    x = c.put(np.array([1, -2, 3], F32), tags=["train", "x"])
+    y = pp(x)  # a run's output
+    moved = c.put(np.arange(4, dtype=np.int64), key="moved")
+    deleted = c.put(np.ones(2, F32), key="deleted")
+    assert moved.get().tolist() == [0, 1, 2, 3]  # a get moves it off the worker
+    c.delete(deleted)
+    bad = handmade.reshape_to_3()
+    pbad = c.plan_pointer(bad)
+    five = c.put(np.ones(5, F32))
+    failed = pbad(five)  # fails at run time: its output is recorded as failed
+    gone = c.plan_pointer(handmade.sum_and_diff())
+    c.delete_plan(handmade.sum_and_diff().variants[0].id)
+    c.flush()
+    session, identity = c.session, c.identity
+    first.close()
+
+    second = Incarnation(tmp_path / "state", identity=identity, sync=sync)
+    c2 = second.client
+    assert second.restored.session == session and not second.restored.new
+    assert c2.session == session  # the same session: the client's plan cache stays valid
+    assert c2.identity == identity
+    assert c2.fetch_arrays([x.key], keep=True)[0].tolist() == [1, -2, 3]
+    assert c2.fetch_arrays([y.key], keep=True)[0].tolist() == [2, 4, 6]
+    assert {p.key for p in c2.search("train", "x")} == {x.key}
+    with pytest.raises(RemoteError, match="unknown_tensor|no tensor 'moved'"):
+        c2.fetch_arrays(["moved"])
+    with pytest.raises(RemoteError, match="no tensor 'deleted'"):
+        c2.fetch_arrays(["deleted"])
+    with pytest.raises(RemoteError, match="run_failed|failed"):
+        c2.fetch_arrays([failed.key])
+    pid = handmade.double_abs().variants[0].id
+    reply, _ = c2.request(lambda rid: m.HasPlan(id=rid, plan=pid))
+    assert type(reply).__name__ == "PlanInfo"  # still registered for this client
+    reply, _ = c2.request(lambda rid: m.HasPlan(id=rid, plan=gone.source.variants[0].id))
+    assert type(reply).__name__ == "Missing"  # delete_plan was kept too
+    # The client goes on without registering: a run by plan id works at once.
+    out = c2.run(handmade.double_abs().variants[0], [np.array([-4], F32)], fetch=[0])
+    assert out[0].get().tolist() == [8]
+    assert second.restored.plans == 2 and second.restored.tensors == 3 and second.restored.failed == 1
+    second.close()
+
+    # A client that never presented its identity cannot reach the restored objects.
+    stranger = Incarnation(tmp_path / "state")
+    with pytest.raises(RemoteError, match="no tensor"):
+        stranger.client.fetch_arrays([x.key], keep=True)
+    stranger.close()
+
+
+class _Link(ServiceLink):
+    """An in-process link on a connection of its own (``conn``), as a socket's routing id would be."""
+
+    def __init__(self, service: Service, conn: bytes) -> None:
+        super().__init__(service)
+        self.conn = conn
+
+    def send(self, frames: list) -> None:
+        self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames], self.conn)])
+
+
+def test_clients_freed_by_idle_ttl_stay_freed_after_a_restart(tmp_path):
+    first = Incarnation(tmp_path / "s", idle_ttl=0.05)
+    gone = WorkerClient(Connection(_Link(first.service, b"gone"), name="w"))
+    gone.hello()
+    held = gone.put(np.ones(3, F32))
+    gone.plan_pointer(handmade.double_abs())
+    time.sleep(0.2)
+    other = WorkerClient(Connection(_Link(first.service, b"other"), name="w"))
+    other.hello()  # a request after the TTL: the idle client is freed, on disk too
+    kept = other.put(np.full(2, 5, F32))
+    first.close()
+    second = Incarnation(tmp_path / "s", identity=other.identity)
+    assert second.restored.tensors == 1 and second.restored.plans == 0 and second.restored.identities == 1
+    assert second.client.fetch_arrays([kept.key], keep=True)[0].tolist() == [5, 5]
+    assert held.key not in second.service.store
+    second.close()
+
+
+def test_a_new_directory_starts_a_new_session_and_keeps_it(tmp_path):
+    a = Incarnation(tmp_path / "s")
+    assert a.restored.new and a.client.session == a.service.session
+    session = a.client.session
+    a.close()
+    b = Incarnation(tmp_path / "s")
+    assert not b.restored.new and b.client.session == session
+    b.close()
+    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "s" / "owners").stat().st_mode & 0o777 == 0o600  # identities are secrets
+
+
+def test_one_worker_per_directory(tmp_path):
+    held = StateDir.open(tmp_path / "s")
+    with pytest.raises(StateError, match=f"in use by another plan-worker \\(pid {os.getpid()}\\)"):
+        StateDir.open(tmp_path / "s")
+    held.close()
+    StateDir.open(tmp_path / "s").close()  # released with its holder
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StateError, match="not a directory"):
+        StateDir.open(tmp_path / "file")
+    # A planted link is never followed: not as the lock, not as a temporary file being written.
+    (tmp_path / "victim").write_text("keep me")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(StateError, match="cannot use it"):
+        StateDir.open(tmp_path / "linked")
+    held = StateDir.open(tmp_path / "s")
+    (tmp_path / "s" / ".tmp-session").symlink_to(tmp_path / "victim")
+    state_mod.write_atomic(tmp_path / "s" / "session", [b"{}"])
+    assert (tmp_path / "victim").read_text() == "keep me" and (tmp_path / "s" / "session").read_bytes() == b"{}"
+    held.close()
+
+
+def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_path, caplog):
+    first = Incarnation(tmp_path / "s")
+    c = first.client
+    keep = c.put(np.full(3, 7, F32), key="keep")
+    held = [c.put(np.ones(1000, F32), key=k) for k in ("truncated", "magic", "header", "misplaced")]
+    c.plan_pointer(handmade.double_abs())
+    c.plan_pointer(handmade.sum_and_diff())
+    c.flush()
+    identity = c.identity
+    first.close()
+    del held
+
+    root = tmp_path / "s"
+    owner_dir = next((root / "tensors").iterdir())
+
+    def path_of(key: str) -> Path:
+        return owner_dir / f"{state_mod._digest(key)}.t"
+
+    truncated, magic, header, misplaced = (path_of(k) for k in ("truncated", "magic", "header", "misplaced"))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    magic.write_bytes(b"\x80\x04pickle?" + magic.read_bytes()[8:])
+    raw = bytearray(header.read_bytes())
+    raw[12:20] = b'{"evil":'  # the JSON header no longer decodes to its schema
+    header.write_bytes(bytes(raw))
+    os.replace(misplaced, owner_dir / f"{state_mod._digest('elsewhere')}.t")  # a file under the wrong name
+    (owner_dir / "junk.t").write_bytes(b"\x00" * 3)
+    (root / "tensors" / "stray-file").write_text("not a directory")
+    (owner_dir / "link.t").symlink_to("/etc/passwd")
+    bad_plan = root / "plans" / f"{handmade.sum_and_diff().variants[0].id}.plan"
+    raw = bytearray(bad_plan.read_bytes())
+    raw[-5] ^= 0xFF  # its bytes no longer hash to its plan id
+    bad_plan.write_bytes(bytes(raw))
+    (root / "plans" / ".tmp-x.plan").write_bytes(b"half a write")
+
+    with caplog.at_level(logging.INFO, logger="planwire.worker"):
+        second = Incarnation(root, identity=identity)
+    log = caplog.text
+    for p in (truncated, magic, header, owner_dir / f"{state_mod._digest('elsewhere')}.t", owner_dir / "junk.t",
+              owner_dir / "link.t", root / "tensors" / "stray-file", bad_plan):  # fmt: skip
+        assert f"skipped {p}" in log, p
+    assert "needs 4000 bytes, the file holds 3990" in log
+    assert "bad magic" in log and "misplaced" in log and "do not match its plan id" in log
+    assert second.restored.tensors == 1 and second.restored.plans == 1 and second.restored.skipped == 8
+    assert second.client.fetch_arrays([keep.key], keep=True)[0].tolist() == [7, 7, 7]
+    assert not (root / "plans" / ".tmp-x.plan").exists()
+    # The session survived; a damaged plan is simply registered again by the client that uses it.
+    pp = second.client.plan_pointer(handmade.sum_and_diff())
+    s, d = pp(np.ones((1, 2), F32), np.ones((1, 2), F32))
+    assert s.get().tolist() == [[2, 2]]
+    second.close()
+
+
+def test_damaged_session_and_identities_start_afresh(tmp_path, caplog):
+    first = Incarnation(tmp_path / "s")
+    first.client.put(np.ones(2, F32), key="k")
+    session, identity = first.client.session, first.client.identity
+    first.close()
+    (tmp_path / "s" / "session").write_text('{"format": 1, "session": "../../etc"}')
+    (tmp_path / "s" / "owners").write_text("{not json")
+    with caplog.at_level(logging.ERROR, logger="planwire.worker"):
+        second = Incarnation(tmp_path / "s", identity=identity)
+    assert "a new session starts" in caplog.text and "clients get new identities" in caplog.text
+    assert second.client.session != session and second.restored.new
+    assert second.client.identity != identity  # an identity the worker cannot vouch for is not honoured
+    second.close()
+
+
+def test_a_put_the_disk_cannot_hold_is_refused_whole(tmp_path, monkeypatch):
+    inc = Incarnation(tmp_path / "s")
+    c = inc.client
+    before = c.put(np.ones(4, F32), key="before")
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    monkeypatch.setattr(state_mod, "DISK_RESERVE", free)  # as if the disk were full
+    with pytest.raises(RemoteError, match=r"quota_exceeded|--state-dir .* free") as err:
+        c.put_many({"a": np.ones(4, F32), "b": np.ones(4, F32)})
+    assert "--state-dir" in str(err.value)
+    monkeypatch.setattr(state_mod, "DISK_RESERVE", 0)
+    with pytest.raises(RemoteError, match="no tensor 'a'"):
+        c.fetch_arrays(["a"])
+    assert before.get(keep=True).tolist() == [1, 1, 1, 1]
+    inc.close()
+
+
+# -- a real plan-worker, killed with SIGKILL -----------------------------------------------------------------
+
+
+def _free_tcp() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ipc"])
+def test_kill_9_and_restart_on_the_same_dir_the_client_goes_on(tmp_path, kind):
+    url = _free_tcp() if kind == "tcp" else f"ipc://{tmp_path}/w.ipc"
+    extra = ["--state-dir", str(tmp_path / "state")]
+    first = WorkerProcess("durable", listen=url, extra=extra)
+    c = planwire.connect(url, timeout=60)
+    second = None
+    try:
+        pp = c.plan_pointer(handmade.double_abs())
+        x = c.put(np.array([1, -2], F32))
+        y = pp(x)
+        z = pp(y)
+        assert z.get(keep=True).tolist() == [4, 8]
+        session = c.session
+        with Peer(url) as raw:  # acknowledged, then killed at once: it must be back
+            identity = raw.ok({"type": "hello"})["identity"]
+            raw.put("last-put", np.arange(3, dtype=np.int32))
+            os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        with pytest.raises(WorkerLost):  # while it is down (the identity cannot be presented yet either)
+            c.put(np.ones(1, F32))
+        second = WorkerProcess("durable", listen=url, extra=extra)
+        assert "kept session " + session in second.log()
+        with Peer(url) as raw:
+            assert raw.ok({"type": "hello", "identity": identity})["identity"] == identity
+            assert raw.get1("last-put").tolist() == [0, 1, 2]
+        assert c.fetch_arrays([y.key], keep=True)[0].tolist() == [2, 4]  # the client's pointers still hold
+        assert pp(z).get().tolist() == [8, 16]  # and its plan is still registered: not sent again
+        assert c.session == session
+        assert "registered plan" not in second.log()
+        assert x.get().tolist() == [1, -2]
+        with pytest.raises(RemoteError, match="no tensor"):
+            x.worker.fetch_arrays([x.key])  # moved by the get above
+    finally:
+        c.close()
+        first.close()
+        if second is not None:
+            second.close()
+
+
+def test_a_worker_refuses_a_state_dir_another_worker_holds(tmp_path):
+    extra = ["--state-dir", str(tmp_path / "state")]
+    with WorkerProcess("a", listen=f"ipc://{tmp_path}/a.ipc", extra=extra) as a:
+        with pytest.raises(RuntimeError, match=r"exited with 2[\s\S]*in use by another plan-worker \(pid \d+\)"):
+            WorkerProcess("b", listen=f"ipc://{tmp_path}/b.ipc", extra=extra)
+        assert a.proc.poll() is None

@@ -1,0 +1,237 @@
+"""Durable state (``plan-worker --state-dir DIR``): a worker's tensors, plans, client identities and session
+on disk, so that after ``kill -9`` (or a crash, or a reboot) and a restart on the same directory every
+acknowledged request's effect is back, under the same session: clients go on without registering again.
+
+Every change is on disk before the request that made it is answered. A file is written whole under a
+temporary name, fsynced, renamed over the old one, and its directory fsynced: a crash leaves the old file
+or the new one, never half of one. A put, a run's outputs, a move by ``get``, a ``delete``, a failed run's
+record, a plan registered or unregistered, an identity issued at ``hello``, a client freed by
+``--idle-ttl``: each is durable when its reply leaves. A request that was not answered may be partly there.
+
+The directory (its layout, format, and reading it back as hostile input) is worker/statedir.py.
+
+This module wraps the worker's parts rather than changing them: :func:`attach` gives a Service a Store,
+Owners and PlanHolders that write through to the directory, then restores what the directory holds.
+Not kept: connections, the releases pending on private-derived results (a restored private result stays
+private: it is used by later runs but never released, whatever the policy) and the privacy accounting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from planwire.worker import flow
+from planwire.worker.owners import Owners, PlanHolders
+from planwire.worker.statedir import Restored, StateDir, StateError, write_atomic
+from planwire.worker.store import ClientId, Entry, Store
+
+if TYPE_CHECKING:
+    from planwire.worker.service import Service
+
+log = logging.getLogger("planwire.worker")
+
+__all__ = [
+    "DurableHolders",
+    "DurableOwners",
+    "DurableStore",
+    "Restored",
+    "StateDir",
+    "StateError",
+    "attach",
+    "write_atomic",
+]
+
+
+# -- the worker's parts, writing through ---------------------------------------------------------------
+
+
+class DurableStore(Store):
+    """A Store whose every change is written to the state directory before it is made in memory."""
+
+    def __init__(self, state: StateDir, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state = state
+        self.restoring = False
+
+    def check_quota(self, client: ClientId, sizes: Iterable[tuple[str, int]], what: str) -> None:
+        sizes = list(sizes)
+        super().check_quota(client, sizes, what)
+        self.state.check_room(sum(n for _, n in dict(sizes).items()), what)
+
+    def put(
+        self,
+        client: ClientId,
+        key: str,
+        array: np.ndarray,
+        tags: Iterable[str] = (),
+        *,
+        private: bool = False,
+        pending: Any = None,
+        rows: int = 0,
+    ) -> None:
+        tags = tuple(tags)
+        if not self.restoring:
+            self.state.save_tensor(client, key, array, tags, private, rows)
+        super().put(client, key, array, tags, private=private, pending=pending, rows=rows)
+
+    def fail(self, client: ClientId, key: str, why: str) -> None:
+        if not self.restoring:
+            self.state.save_failure(client, key, why)
+        super().fail(client, key, why)
+
+    def take(
+        self,
+        client: ClientId,
+        keys: list[str],
+        keep: bool,
+        release: Callable[[str, Entry], np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        values = super().take(client, keys, keep, release)
+        if not keep:
+            space = self.space(client)
+            self.state.remove_tensors(client, [k for k in dict.fromkeys(keys) if k not in space])
+        return values
+
+    def delete(self, client: ClientId, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        super().delete(client, keys)
+        self.state.remove_tensors(client, dict.fromkeys(keys))
+
+    def drop_client(self, client: ClientId) -> tuple[int, int]:
+        freed = super().drop_client(client)
+        try:
+            self.state.remove_owner(client)
+        except OSError as e:  # freed in memory; its files come back at a restart, to be freed again
+            log.error("--state-dir: cannot remove a freed client's tensors: %s", e)
+        return freed
+
+
+class DurableOwners(Owners):
+    """Owners whose issued identities are written to the state directory (before welcome is sent)."""
+
+    def __init__(self, state: StateDir, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state = state
+
+    def hello(self, conn: bytes, presented: str) -> tuple[ClientId, str]:
+        issued = len(self._by_token)
+        owner, token = super().hello(conn, presented)
+        if len(self._by_token) != issued:
+            self.state.save_tokens(self._by_token)
+        return owner, token
+
+    def sweep(self, now: float, free: Callable[[ClientId], None]) -> list[ClientId]:
+        gone = super().sweep(now, free)
+        if gone:  # on the way to serving some request: a failure here is logged, never raised
+            try:
+                self.state.save_tokens(self._by_token)
+            except Exception as e:  # noqa: BLE001
+                log.error("--state-dir: the freed clients' identities are still on disk: %s", e)
+        return gone
+
+    def restore(self, tokens: dict[str, ClientId], owners: Iterable[ClientId]) -> None:
+        now = time.monotonic()
+        for token, owner in tokens.items():
+            self._by_token[token] = owner
+            self._token_of[owner] = token
+        for owner in [*tokens.values(), *owners]:
+            self.last_seen[owner] = now  # --idle-ttl counts again from the restart
+
+
+class DurableHolders(PlanHolders):
+    """PlanHolders whose plans (bytes, ports) and holders are written to the state directory."""
+
+    def __init__(self, state: StateDir, plan_of: Callable[[str], Any]) -> None:
+        super().__init__()
+        self.state = state
+        self._plan_of = plan_of  # pid -> the service's Plan (name, data, ports)
+        self._kept: set[str] = set()
+
+    def add(self, pid: str, owner: ClientId) -> None:
+        if self.holds(pid, owner):
+            return
+        if pid not in self._kept:
+            plan = self._plan_of(pid)
+            self.state.save_plan(pid, plan.name, plan.data, plan.ports)
+            self._kept.add(pid)
+        self.state.save_holders(pid, [*self._holders.get(pid, ()), owner])
+        super().add(pid, owner)
+
+    def remove(self, pid: str, owner: ClientId) -> bool:
+        if not self.holds(pid, owner):
+            return False
+        left = [o for o in self._holders[pid] if o != owner]
+        if left:
+            self.state.save_holders(pid, left)
+        else:
+            self.state.remove_plan(pid)
+            self._kept.discard(pid)
+        return super().remove(pid, owner)
+
+    def restore(self, pid: str, owners: Iterable[ClientId]) -> None:
+        self._kept.add(pid)
+        for owner in owners:
+            super().add(pid, owner)
+
+
+def attach(service: Service, state: StateDir) -> Restored:
+    """Make ``service`` keep its state in ``state`` and restore what is there (before it serves anything)."""
+    from planwire.worker.service import Plan
+
+    old = service.store
+    store = DurableStore(state, public=old.public, max_bytes=old.max_bytes, max_client_bytes=old.max_client_bytes)
+    for key, entry in old.own():
+        store.put_own(key, entry.array, entry.tags)
+    owners = DurableOwners(state, curve=service.owners.curve, idle_ttl=service.owners.idle_ttl)
+    holders = DurableHolders(state, lambda pid: service.plans[pid])
+    service.store, service.owners, service.holders = store, owners, holders
+
+    session, new = state.load_session(service.session)
+    service.session = session
+    done = Restored(session=session, new=new)
+    seen: set[ClientId] = set()
+    for pid, name, data, ports, any_rank, held_by in state.load_plans(service.limits.max_plan_bytes):
+        try:
+            analysed = flow.analyze(data, [n for n, _, _ in ports.inputs], [n for n, _, _ in ports.outputs])
+        except Exception as e:  # a plan that passed the checks but not the flow analysis: not restored
+            state._skip(state.plans / f"{pid}.plan", f"data flow: {type(e).__name__}: {e}")
+            continue
+        service.plans[pid] = Plan(name, data, ports)
+        service.flows[pid] = analysed
+        if any_rank:
+            service._any_rank[pid] = any_rank
+        holders.restore(pid, held_by)
+        seen.update(held_by)
+        done.plans += 1
+    own = {key for key, _ in store.own()}
+    store.restoring = True
+    try:
+        for owner, key, h, array in state.load_tensors():
+            if key in own:
+                state._skip(state._tensor_path(owner, key), f"key {key!r} is now the worker's own data")
+                continue
+            if array is None:
+                store.fail(owner, key, h.failed or "")
+                done.failed += 1
+            else:
+                store.put(owner, key, array, h.tags, private=h.private, rows=h.rows)
+                done.tensors += 1
+                done.tensor_bytes += array.nbytes
+            seen.add(owner)
+    finally:
+        store.restoring = False
+    tokens = state.load_tokens()
+    owners.restore(tokens, seen)
+    done.identities = len(tokens)
+    done.owners = len(seen | set(tokens.values()))
+    done.skipped = len(state.skipped)
+    if store.max_bytes is not None and store.bytes > store.max_bytes:
+        log.warning("--state-dir: restored %d bytes of tensors, over --max-store-mb: new puts are refused", store.bytes)
+    if service.max_plans is not None and len(service.plans) > service.max_plans:
+        log.warning("--state-dir: restored %d plans, over --max-plans: new plans are refused", len(service.plans))
+    return done

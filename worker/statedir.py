@@ -1,0 +1,511 @@
+"""The state directory of ``plan-worker --state-dir DIR`` (worker/state.py wires it into the worker): its
+layout, its file format, atomic writes, and reading it back as hostile input.
+
+Every change is written whole under a temporary name, fsynced, renamed over the old file, and its directory
+fsynced (``--state-sync none``: no fsyncs): a crash leaves the old file or the new one, never half of one.
+
+Layout (directories 0700, files 0600; one worker per directory, held with ``flock`` on ``lock``)::
+
+    DIR/lock                  the pid of the worker using the directory
+    DIR/session               the worker session (PROTOCOL.md §4.3), the same across restarts
+    DIR/owners                the identities issued at hello and their owners (secret: see README)
+    DIR/tensors/O/K.t         one tensor of owner O (or a failed run's record); O, K: sha256 of owner, key
+    DIR/plans/PID.plan        a plan's bytes, name and ports (PID: the sha256 of the bytes)
+    DIR/plans/PID.holders     the owners that registered it
+
+Tensor and plan files: ``MAGIC``, the header's length (u32), a JSON header (typed structs below), zero
+padding to 64 bytes, the payload. The directory is read as hostile at start: every file is validated (its
+magic, its header against its schema, sizes, where it lies, a plan's hash and the plan checks of
+transport/plancheck.py), and one that fails is skipped with a log line naming it: never loaded, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+from msgspec import Meta, Struct
+
+from planwire.transport import dtypes
+from planwire.transport import messages as m
+from planwire.transport.errors import ProtocolError
+from planwire.transport.plancheck import PlanRejected, check_model
+from planwire.transport.spec import plan_id
+from planwire.worker.runtime import Ports
+from planwire.worker.store import ClientId
+
+log = logging.getLogger("planwire.worker")
+
+MAGIC = b"PWSTATE\x01"  # tensor and plan files: magic, u32 header length, JSON header, zero padding, payload
+ALIGN = 64
+MAX_HEADER = 1 << 20
+FORMAT = 1
+SESSION_RE = re.compile(r"[0-9a-f]{32}")
+DISK_RESERVE = 64 << 20  # bytes a put or run must leave free on the state directory's file system
+
+
+class StateError(Exception):
+    """The state directory cannot be used (another worker holds it, not a directory, not writable)."""
+
+
+# -- file headers (typed: a hostile header fails to decode and its file is skipped) -------------------
+
+OwnerName = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[0-9a-z]+$")]
+
+
+class _TensorHeader(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    owner: OwnerName
+    key: m.Key
+    dtype: m.DType = "float"
+    shape: m.Shape = []
+    tags: list[m.Tag] = []
+    private: bool = False
+    rows: Annotated[int, Meta(ge=0)] = 0
+    failed: Annotated[str, Meta(max_length=1 << 16)] | None = None  # a failed run's record (no payload)
+
+
+class _Port(Struct, array_like=True, forbid_unknown_fields=True):
+    name: str
+    dtype: m.DType
+    shape: Annotated[list[Annotated[int, Meta(ge=0, le=2**62)] | str | None], Meta(max_length=m.MAX_RANK)]
+
+
+class _PlanHeader(Struct, forbid_unknown_fields=True):
+    plan: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    name: Annotated[str, Meta(max_length=4096)]
+    inputs: list[_Port]
+    outputs: list[_Port]
+
+
+class _Holders(Struct, forbid_unknown_fields=True):
+    format: int
+    holders: list[OwnerName]
+
+
+class _Owners(Struct, forbid_unknown_fields=True):
+    format: int
+    tokens: dict[Annotated[str, Meta(min_length=1, max_length=256)], OwnerName]
+
+
+class _Session(Struct, forbid_unknown_fields=True):
+    format: int
+    session: str
+
+
+# -- low-level file operations -------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
+    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
+    (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with contextlib.suppress(FileNotFoundError):  # left by a crash: never followed if it is a link
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view.nbytes:
+                view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def _framed(header: bytes) -> list[bytes]:
+    """MAGIC, the header's length and the header, padded so the payload starts aligned."""
+    head = MAGIC + struct.pack("<I", len(header)) + header
+    return [head, bytes(-len(head) % ALIGN)]
+
+
+def _read_framed(path: Path) -> tuple[bytes, Any, int]:
+    """(header bytes, open file positioned at the payload, payload size); ValueError for a malformed file."""
+    f = open(path, "rb")  # noqa: SIM115  (returned to the caller, who closes it)
+    try:
+        size = os.fstat(f.fileno()).st_size
+        start = f.read(len(MAGIC) + 4)
+        if len(start) < len(MAGIC) + 4 or start[: len(MAGIC)] != MAGIC:
+            raise ValueError("not a planwire state file (bad magic)")
+        (n,) = struct.unpack("<I", start[len(MAGIC) :])
+        if n > MAX_HEADER or len(MAGIC) + 4 + n > size:
+            raise ValueError(f"header length {n} past the file's end or over {MAX_HEADER}")
+        header = f.read(n)
+        offset = len(MAGIC) + 4 + n
+        offset += -offset % ALIGN
+        if offset > size:
+            raise ValueError("truncated before its payload")
+        f.seek(offset)
+        return header, f, size - offset
+    except BaseException:
+        f.close()
+        raise
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+# -- owners: their names on disk -------------------------------------------------------------------------
+
+
+class _Names:
+    """Owner ids <-> names on disk. A CURVE owner (``k:KEY``) keeps its name across restarts: the same key
+    is the same client. A connection's owner (``c:ROUTING-ID``) is named with this incarnation's nonce, so
+    a new connection that happens to get an old routing id can never be taken for an old client; a restored
+    one (``s:NAME``) acts only through the identity it was issued at hello."""
+
+    def __init__(self) -> None:
+        self.nonce = secrets.token_hex(4)
+
+    def name(self, owner: ClientId) -> str:
+        kind, _, rest = owner.partition(b":")
+        if kind == b"k":
+            return "k" + rest.hex()
+        if kind == b"s":
+            return rest.decode("ascii")
+        return "c" + self.nonce + rest.hex()
+
+    @staticmethod
+    def owner(name: str) -> ClientId:
+        if name.startswith("k"):
+            try:
+                return b"k:" + bytes.fromhex(name[1:])
+            except ValueError:
+                pass
+        return b"s:" + name.encode("ascii")
+
+
+# -- the directory ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Restored:
+    """What a start found in the directory."""
+
+    session: str
+    tensors: int = 0
+    tensor_bytes: int = 0
+    failed: int = 0
+    plans: int = 0
+    owners: int = 0
+    identities: int = 0
+    skipped: int = 0
+    new: bool = False
+
+
+class StateDir:
+    """One worker's state directory: held (flock) from :meth:`open` to :meth:`close`."""
+
+    def __init__(self, path: Path, lock_fd: int, sync: bool = True) -> None:
+        self.path = path
+        self.sync = sync  # fsync each change (power-loss safe); without: safe against the worker's crash only
+        self._lock_fd = lock_fd
+        self.tensors = path / "tensors"
+        self.plans = path / "plans"
+        self.names = _Names()
+        self.skipped: list[str] = []
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, sync: bool = True) -> StateDir:
+        """Create (mode 0700) or open ``path`` and take its lock; StateError naming the problem otherwise.
+        ``sync=False`` (``--state-sync none``): no fsyncs, for a worker whose machine is not at risk."""
+        p = Path(path).absolute()
+        try:
+            p.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not p.is_dir():
+                raise StateError(f"--state-dir {str(p)!r} is not a directory")
+            fd = os.open(p / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise StateError(f"--state-dir {str(p)!r} exists and is not a directory") from None
+        except OSError as e:
+            raise StateError(f"--state-dir {str(p)!r}: cannot use it ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StateError(
+                f"--state-dir {str(p)!r} is in use by another plan-worker (pid {holder}): stop it, or give this "
+                "worker a directory of its own"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for d in ("tensors", "plans"):
+            with contextlib.suppress(FileExistsError):
+                (p / d).mkdir(mode=0o700)
+        if p.stat().st_mode & 0o077:
+            log.warning("--state-dir %s is readable by others: it holds client data and identities (chmod 700)", p)
+        return cls(p, fd, sync)
+
+    def _fsync_dir(self, path: Path) -> None:
+        if self.sync:
+            _fsync_dir(path)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    def _skip(self, path: Path, why: str) -> None:
+        self.skipped.append(str(path))
+        log.error("--state-dir: skipped %s: %s", path, why)
+
+    # -- session and identities ------------------------------------------------------------------------
+
+    def load_session(self, fresh: str) -> tuple[str, bool]:
+        """The kept session, or ``fresh`` (then written) when there is none; (session, new)."""
+        path = self.path / "session"
+        if path.exists():
+            try:
+                s = msgspec.json.decode(path.read_bytes(), type=_Session)
+                if s.format != FORMAT or not SESSION_RE.fullmatch(s.session):
+                    raise ValueError(f"format {s.format}, session {s.session[:40]!r}")
+                return s.session, False
+            except (OSError, ValueError, msgspec.DecodeError) as e:
+                self._skip(path, f"{e}; a new session starts (clients will register their plans again)")
+        write_atomic(path, [msgspec.json.encode(_Session(format=FORMAT, session=fresh))], self.sync)
+        return fresh, True
+
+    def load_tokens(self) -> dict[str, ClientId]:
+        path = self.path / "owners"
+        if not path.exists():
+            return {}
+        try:
+            o = msgspec.json.decode(path.read_bytes(), type=_Owners)
+            if o.format != FORMAT:
+                raise ValueError(f"format {o.format}")
+        except (OSError, ValueError, msgspec.DecodeError) as e:
+            self._skip(path, f"{e}; clients get new identities at their next hello")
+            return {}
+        return {token: self.names.owner(name) for token, name in o.tokens.items()}
+
+    def save_tokens(self, tokens: dict[str, ClientId]) -> None:
+        doc = _Owners(format=FORMAT, tokens={t: self.names.name(o) for t, o in tokens.items()})
+        self._write(self.path / "owners", [msgspec.json.encode(doc)], "client identities")
+
+    # -- tensors ---------------------------------------------------------------------------------------
+
+    def _owner_dir(self, owner: ClientId) -> Path:
+        return self.tensors / _digest(self.names.name(owner))
+
+    def _tensor_path(self, owner: ClientId, key: str) -> Path:
+        return self._owner_dir(owner) / f"{_digest(key)}.t"
+
+    def save_tensor(
+        self, owner: ClientId, key: str, array: np.ndarray, tags: Sequence[str], private: bool, rows: int
+    ) -> None:
+        from planwire.transport import codec
+
+        wire, shape, buf = codec.to_frame(array)
+        header = _TensorHeader(
+            owner=self.names.name(owner), key=key, dtype=wire, shape=shape, tags=list(tags), private=private, rows=rows
+        )
+        self._save_tensor(owner, key, header, buf)
+
+    def save_failure(self, owner: ClientId, key: str, why: str) -> None:
+        self._save_tensor(owner, key, _TensorHeader(owner=self.names.name(owner), key=key, failed=why), b"")
+
+    def _save_tensor(self, owner: ClientId, key: str, header: _TensorHeader, payload: Any) -> None:
+        d = self._owner_dir(owner)
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _refusal(f"tensor {key!r}", self.path, e) from None
+        else:
+            self._fsync_dir(self.tensors)
+        self._write(d / f"{_digest(key)}.t", [*_framed(msgspec.json.encode(header)), payload], f"tensor {key!r}")
+
+    def remove_tensors(self, owner: ClientId, keys: Iterable[str]) -> None:
+        d = self._owner_dir(owner)
+        removed = False
+        for key in keys:
+            try:
+                (d / f"{_digest(key)}.t").unlink()
+                removed = True
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # it would come back after a restart; the request itself went through
+                log.error("--state-dir: cannot remove tensor %r's file: %s", key, e)
+        if removed:
+            self._fsync_dir(d)
+
+    def remove_owner(self, owner: ClientId) -> None:
+        d = self._owner_dir(owner)
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+            self._fsync_dir(self.tensors)
+
+    def check_room(self, nbytes: int, what: str) -> None:
+        """quota_exceeded when the file system of the directory cannot take ``nbytes`` more (and a reserve)."""
+        if nbytes <= 0:
+            return
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if nbytes + DISK_RESERVE > free:
+            raise ProtocolError(
+                "quota_exceeded",
+                f"{what} needs {nbytes >> 20} MiB on disk, but the worker's --state-dir has {free >> 20} MiB free "
+                f"(less a reserve of {DISK_RESERVE >> 20} MiB): get or delete tensors first, or give the worker "
+                "more room",
+            )
+
+    def load_tensors(self) -> Iterable[tuple[ClientId, str, _TensorHeader, np.ndarray | None]]:
+        """Every valid tensor file: (owner, key, header, array, or None for a failed run's record)."""
+        for d in sorted(self.tensors.iterdir()):
+            if not d.is_dir() or d.is_symlink():
+                self._skip(d, "not a directory of tensors")
+                continue
+            for path in sorted(d.iterdir()):
+                if path.name.startswith(".tmp-"):
+                    path.unlink(missing_ok=True)  # a write that a crash interrupted: never acknowledged
+                    continue
+                try:
+                    item = self._load_tensor(d, path)
+                except (OSError, ValueError, msgspec.DecodeError) as e:
+                    self._skip(path, str(e))
+                    continue
+                yield item
+
+    def _load_tensor(self, d: Path, path: Path) -> tuple[ClientId, str, _TensorHeader, np.ndarray | None]:
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a regular file")
+        header_bytes, f, size = _read_framed(path)
+        with f:
+            h = msgspec.json.decode(header_bytes, type=_TensorHeader)
+            owner = self.names.owner(h.owner)
+            if d.name != _digest(h.owner) or path.name != f"{_digest(h.key)}.t":
+                raise ValueError(f"misplaced: its header names key {h.key!r} of another owner or file")
+            if h.failed is not None:
+                if size:
+                    raise ValueError("a failed run's record with a payload")
+                return owner, h.key, h, None
+            dt = dtypes.to_numpy(h.dtype)
+            count = 1
+            for dim in h.shape:
+                count *= dim
+            if count * dt.itemsize != size:
+                raise ValueError(f"{h.dtype}{h.shape} needs {count * dt.itemsize} bytes, the file holds {size}")
+            array = np.fromfile(f, dtype=dt, count=count)
+            if array.size != count:
+                raise ValueError("shorter than its header says")
+        return owner, h.key, h, array.reshape(h.shape)
+
+    # -- plans -----------------------------------------------------------------------------------------
+
+    def save_plan(self, pid: str, name: str, data: bytes, ports: Ports) -> None:
+        header = _PlanHeader(
+            plan=pid,
+            name=name,
+            inputs=[_Port(n, t, list(s)) for n, t, s in ports.inputs],
+            outputs=[_Port(n, t, list(s)) for n, t, s in ports.outputs],
+        )
+        self._write(self.plans / f"{pid}.plan", [*_framed(msgspec.json.encode(header)), data], f"plan {name!r}")
+
+    def save_holders(self, pid: str, holders: Iterable[ClientId]) -> None:
+        doc = _Holders(format=FORMAT, holders=sorted(self.names.name(o) for o in holders))
+        self._write(self.plans / f"{pid}.holders", [msgspec.json.encode(doc)], f"plan {pid[:12]}'s holders")
+
+    def remove_plan(self, pid: str) -> None:
+        for suffix in (".holders", ".plan"):  # holders first: a plan file alone is an unfinished registration
+            with contextlib.suppress(FileNotFoundError):
+                (self.plans / f"{pid}{suffix}").unlink()
+        self._fsync_dir(self.plans)
+
+    def load_plans(self, max_plan_bytes: int) -> Iterable[tuple[str, str, bytes, Ports, frozenset, list[ClientId]]]:
+        """Every valid plan: (pid, name, bytes, ports, ports of unknown rank, holders)."""
+        for path in sorted(self.plans.iterdir()):
+            if path.name.startswith(".tmp-"):
+                path.unlink(missing_ok=True)
+                continue
+            if path.suffix == ".holders":
+                if not path.with_suffix(".plan").exists():
+                    self._skip(path, "no plan file beside it")
+                continue
+            if path.suffix != ".plan":
+                self._skip(path, "not a plan file")
+                continue
+            holders_path = path.with_suffix(".holders")
+            if not holders_path.exists():  # a registration a crash interrupted: never acknowledged
+                log.info("--state-dir: removing %s (its registration did not finish)", path)
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                yield self._load_plan(path, holders_path, max_plan_bytes)
+            except (OSError, ValueError, msgspec.DecodeError, PlanRejected, ProtocolError) as e:
+                self._skip(path, str(e))
+
+    def _load_plan(
+        self, path: Path, holders_path: Path, max_plan_bytes: int
+    ) -> tuple[str, str, bytes, Ports, frozenset, list[ClientId]]:
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a regular file")
+        header_bytes, f, size = _read_framed(path)
+        with f:
+            if size > max_plan_bytes:
+                raise ValueError(f"a plan of {size} bytes, over --max-plan-mb")
+            h = msgspec.json.decode(header_bytes, type=_PlanHeader)
+            data = f.read(size)
+        pid = plan_id(data)
+        if pid != h.plan or path.stem != pid:
+            raise ValueError("its bytes do not match its plan id (corrupt, or not this plan's file)")
+        summary = check_model(data, max_bytes=max_plan_bytes)
+        ports = Ports(
+            h.name, [(p.name, p.dtype, p.shape) for p in h.inputs], [(p.name, p.dtype, p.shape) for p in h.outputs]
+        )
+        holders = msgspec.json.decode(holders_path.read_bytes(), type=_Holders)
+        if holders.format != FORMAT:
+            raise ValueError(f"{holders_path.name}: format {holders.format}")
+        return pid, h.name, data, ports, summary.unknown_rank, [self.names.owner(n) for n in holders.holders]
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def _write(self, path: Path, parts: Sequence[Any], what: str) -> None:
+        try:
+            write_atomic(path, parts, self.sync)
+        except OSError as e:
+            raise _refusal(what, self.path, e) from None
+
+
+def _refusal(what: str, path: Path, e: OSError) -> ProtocolError:
+    """The error of a request whose effect could not be made durable (nothing of it was kept in memory)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ProtocolError(
+            "quota_exceeded", f"{what} not kept: the worker's --state-dir {path} is full ({e.strerror})"
+        )
+    log.error("--state-dir %s: cannot write %s: %s", path, what, e)
+    return ProtocolError("internal", f"{what} not kept: the worker cannot write its --state-dir ({e.strerror or e})")
