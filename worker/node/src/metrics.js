@@ -70,7 +70,7 @@ export class Metrics {
       this.sum += seconds;
       RUN_BUCKETS.forEach((b, i) => seconds <= b && this.buckets[i]++);
     } else if (type === "get" && code === "") {
-      for (const k of msg.keys) if (this.service.store.tensors.get(k)?.private) this.privateReleases += 1;
+      for (const k of msg.keys) if (this.service.store.own.has(k)) this.privateReleases += 1; // the worker's own data
     }
   }
 
@@ -83,8 +83,8 @@ export class Metrics {
       if (r === undefined) per.set(owner, (r = { tensors: 0, tensor_bytes: 0, plans: 0, plan_bytes: 0 }));
       return r;
     };
-    for (const e of store.tensors.values()) {
-      const r = row(e.private ? WORKER : e.owner);
+    for (const [owner, e] of store.entries()) {
+      const r = row(owner === null ? WORKER : owner);
       r.tensors += 1;
       r.tensor_bytes += e.tensor.nbytes;
     }
@@ -147,11 +147,11 @@ export class Metrics {
     ]);
     const { store, plans } = this.service;
     let bytes = 0;
-    for (const e of store.tensors.values()) bytes += e.tensor.nbytes;
+    for (const [, e] of store.entries()) bytes += e.tensor.nbytes;
     let planBytes = 0;
     for (const p of plans.values()) planBytes += p.bytes ?? 0;
     const gauge = (name, help, value) => family(name, "gauge", help, [`${name} ${num(value)}`]);
-    gauge("planwire_tensors", "Tensors stored (the worker's own included)", store.tensors.size);
+    gauge("planwire_tensors", "Tensors stored (the worker's own included)", store.size);
     gauge("planwire_tensor_bytes", "Bytes of tensors stored", bytes);
     gauge("planwire_plans", "Plans registered", plans.size);
     gauge("planwire_plan_bytes", "Bytes of registered plans", planBytes);

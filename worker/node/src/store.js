@@ -33,6 +33,12 @@ export class Store {
     this.failed = new Map(); // client -> Map(output key -> why the run that made it failed)
   }
 
+  /** Every stored tensor as [owner, entry]: the worker's own data (owner null) first, then each client's. */
+  *entries() {
+    for (const e of this.own.values()) yield [null, e];
+    for (const [client, space] of this.spaces) for (const e of space.values()) yield [client, e];
+  }
+
   get size() {
     let n = this.own.size;
     for (const s of this.spaces.values()) n += s.size;
