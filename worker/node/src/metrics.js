@@ -4,6 +4,7 @@
 // the text exposition format, served by node:http) and as `plan-worker status` (src/admin.js).
 
 import http from "node:http";
+import { label as ownerLabel } from "./owners.js";
 
 // Run time buckets (seconds): a tiny plan takes tens of microseconds, a training step seconds.
 const RUN_BUCKETS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
@@ -83,33 +84,66 @@ export class Metrics {
       if (r === undefined) per.set(owner, (r = { tensors: 0, tensor_bytes: 0, plans: 0, plan_bytes: 0 }));
       return r;
     };
+    const held = new Map(); // owner -> what it holds
+    const owned = (owner) => {
+      let r = held.get(owner);
+      if (r === undefined) held.set(owner, (r = { tensors: 0, tensor_bytes: 0, plans: 0, plan_bytes: 0 }));
+      return r;
+    };
     for (const [owner, e] of store.entries()) {
-      const r = row(owner === null ? WORKER : owner);
+      const r = owner === null ? row(WORKER) : owned(owner);
       r.tensors += 1;
       r.tensor_bytes += e.tensor.nbytes;
     }
     const planRows = [];
     for (const [pid, plan] of plans) {
       const p = this.byPlan.get(pid) ?? { runs: 0, failed: 0, clients: new Set() };
-      for (const owner of p.clients) {
-        const r = row(owner);
+      for (const owner of this.service.holders.holders.get(pid) ?? []) {
+        const r = owned(owner);
         r.plans += 1;
         r.plan_bytes += plan.bytes ?? 0;
       }
       planRows.push({ plan: pid, name: plan.name, bytes: plan.bytes ?? 0, runs: p.runs, failed: p.failed });
     }
     const now = Date.now();
-    const names = new Set([...this.byClient.keys(), ...per.keys()]);
-    names.delete(WORKER);
-    const clients = [...names].sort().map((client) => {
-      const c = this.byClient.get(client) ?? { requests: 0, refused: 0, name: "", last: now };
+    const owners = this.service.owners;
+    const conns = new Map(); // owner -> its connections
+    for (const conn of this.byClient.keys()) {
+      const owner = owners.byConn.get(conn) ?? (owners.lastSeen.has("c:" + conn) ? "c:" + conn : null);
+      if (owner === null) continue; // freed (--idle-ttl)
+      if (!conns.has(owner)) conns.set(owner, []);
+      conns.get(owner).push(conn);
+    }
+    // a connection's row shows what its owner holds (a client reconnecting acts for the same owner)
+    for (const [owner, cs] of conns) for (const c of cs) Object.assign(row(c), held.get(owner) ?? {});
+    const clients = [...this.byClient.keys()].sort().map((client) => {
+      const c = this.byClient.get(client);
       return { client, name: c.name, requests: c.requests, refused: c.refused, idle_s: (now - c.last) / 1e3, ...row(client) };
+    });
+    const spent = this.service.releaser.spent();
+    const perfNow = performance.now() / 1000;
+    const ownerRows = [...owners.lastSeen.keys()].sort().map((owner) => {
+      const [releases, epsilon] = spent.get(owner) ?? [0, null];
+      const idle = perfNow - owners.lastSeen.get(owner);
+      const cs = conns.get(owner) ?? [];
+      return {
+        owner: ownerLabel(owner),
+        name: cs.length ? this.byClient.get(cs[0]).name : "",
+        connections: cs,
+        idle_s: idle,
+        last_seen: now / 1e3 - idle,
+        ...(held.get(owner) ?? { tensors: 0, tensor_bytes: 0, plans: 0, plan_bytes: 0 }),
+        releases,
+        epsilon,
+        delta: epsilon === null ? null : (this.service.releaser.policy?.delta ?? 1e-5),
+      };
     });
     const sorted = this.durations.slice(-DURATIONS_KEPT).sort((a, b) => a - b);
     const pct = (q) => (sorted.length ? sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))] : 0);
     return {
       uptime_s: (now - this.started) / 1e3,
       clients,
+      owners: ownerRows,
       own_data: row(WORKER),
       plans: planRows,
       requests: Object.fromEntries(this.byType),

@@ -145,8 +145,22 @@ export class Releaser {
     return acc.epsilon(this.policy?.delta ?? 1e-5);
   }
 
+  /** client -> [releases made to it, its epsilon spent (null: no noised release)], for plan-worker status. */
+  spent() {
+    const out = new Map();
+    for (const [client, n] of this.releases ?? new Map()) out.set(client, [n, null]);
+    for (const [client, acc] of this.accountants) {
+      out.set(client, [out.get(client)?.[0] ?? 0, acc.epsilon(this.policy?.delta ?? 1e-5)]);
+    }
+    return out;
+  }
+
   /** One audit record (and a log line for a release), in the fields of the Python worker's. */
   audit(event, client, rule, planName, outputs, tensors, { noise = 0, epsilon = null, reason = "" } = {}) {
+    if (event === "released") {
+      this.releases ??= new Map();
+      this.releases.set(client, (this.releases.get(client) ?? 0) + 1);
+    }
     const record = {
       time: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
       event,
