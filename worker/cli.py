@@ -43,6 +43,8 @@ other commands:
   plan-worker keys DIR [--name NAME]   make a CURVE key pair (NAME.key public, NAME.key_secret secret)
   plan-worker status ADDR              show a live worker (ADDR: its admin socket, logged at start)
   plan-worker review PLAN|FINGERPRINT  review a plan (a file, or one this worker kept) and print a policy snippet
+  plan-worker check [--device DEVICE]  check where plans would run: provider, device name and memory
+                                       (also: plan-worker --device cuda --check)
 """
 
 
@@ -252,9 +254,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--id", default="worker", help="worker id reported to clients")
     ap.add_argument(
         "--device",
-        choices=["cpu", "cuda", "auto"],
         default="cpu",
-        help="where plans run: cpu, cuda (refused if onnxruntime has no CUDA provider), auto (cuda if available)",
+        metavar="DEVICE",
+        help="where plans run: cpu, cuda, cuda:N (CUDA device N; refused at start unless onnxruntime-gpu runs "
+        "there: see plan-worker check), auto (cuda if onnxruntime has its provider)",
+    )
+    ap.add_argument(
+        "--gpu-mem-limit",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="cap the CUDA provider's memory arena at this many MiB (its gpu_mem_limit); 0: no cap",
     )
     ap.add_argument(
         "--data",
@@ -379,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
+    if argv[:1] == ["check"] or "--check" in argv:
+        return check_main([a for a in argv if a != "--check"][1 if argv[:1] == ["check"] else 0 :])
     if argv[:1] == ["review"]:
         from planwire.worker.review import main as review_main
 
@@ -448,6 +460,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             data=data,
             public=args.public,
             device=args.device,
+            gpu_mem_limit=args.gpu_mem_limit,
             threads=args.threads,
             limits=limits,
             max_plans=args.max_plans,
@@ -460,6 +473,11 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             plans_dir=plans_dir,
         )
         cleanup.append(service.releaser.close)
+        if service.device.cuda:  # a usable device, or one line naming why not, before anything is bound
+            from planwire.worker.runtime import check_device, probe
+
+            found = probe(service.device) if args.no_sandbox else check_device(service.device)
+            log.info("device %s: %s", service.device, _device_words(found))
     except (RuntimeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     tune_io_threads(zmq.Context.instance())  # before the first socket (authenticator or server) starts them
@@ -486,7 +504,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     sandbox = None
     if not args.no_sandbox:
         sandbox = Sandbox(
-            providers=service.providers,
+            device=service.device,
             threads=args.threads,
             memory_mb=args.max_run_memory_mb,
             timeout=args.run_timeout,
@@ -568,6 +586,46 @@ def reload_policy(service: Service, path: str) -> None:
         return
     service.releaser.policy = policy
     log.info("policy %s reloaded: %d approved plans", path, len(policy.rules))
+
+
+def check_main(argv: list[str]) -> int:
+    """``plan-worker check [--device DEVICE]``: where plans would run, or one line saying why they cannot."""
+    ap = _Parser(
+        prog="plan-worker check",
+        description="Check where this worker's plans would run: the onnxruntime provider, the device's name and "
+        "memory. Exits 1 with one line naming the reason when the device is not usable.",
+        formatter_class=_Formatter,
+        epilog="example:\n  plan-worker check --device cuda\n  plan-worker --device cuda:1 --check",
+    )
+    ap.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--gpu-mem-limit", type=int, default=0, metavar="MB", help="the arena cap to check with")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args, _ = ap.parse_known_args(argv)  # the other options of a serving command line are ignored
+    from planwire.worker.runtime import Device, check_device
+
+    try:
+        found = check_device(Device.parse(args.device, args.gpu_mem_limit))
+    except (RuntimeError, ValueError) as e:
+        print(f"plan-worker check: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps(found))
+    else:
+        print(f"provider     {found['provider']}")
+        print(f"device       {found['device']}: {_device_words(found)}")
+        print(f"onnxruntime  {found['onnxruntime']}")
+    return 0
+
+
+def _device_words(found: dict) -> str:
+    words = f"{found['name']}, {found['memory_bytes'] >> 20} MiB"
+    if found.get("cores"):
+        words += f", {found['cores']} cores"
+    if found.get("gpu_mem_limit_bytes"):
+        words += f" (arena capped at {found['gpu_mem_limit_bytes'] >> 20} MiB)"
+    return words
 
 
 def keys_main(argv: list[str]) -> int:
