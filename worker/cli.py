@@ -338,6 +338,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none; default 2048",
     )
     ap.add_argument(
+        "--host-copy-after",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="a result the runner holds on its device gets a host copy once kept this long while the worker is "
+        "idle (so it survives the runner even then); 0: only when read or before a later run; default 1",
+    )
+    ap.add_argument(
         "--no-sandbox",
         action="store_true",
         help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "
@@ -423,6 +431,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     metrics_addr = parse_metrics(args.metrics) if args.metrics else None
     if args.run_timeout <= 0:
         raise ConfigError("--run-timeout must be positive")
+    if args.host_copy_after < 0:
+        raise ConfigError("--host-copy-after must be 0 (off) or a positive number of seconds")
     if args.max_run_memory_mb < 0:
         raise ConfigError("--max-run-memory-mb must be 0 (no bound) or positive")
     limits = Limits(max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20)
@@ -508,9 +518,12 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             threads=args.threads,
             memory_mb=args.max_run_memory_mb,
             timeout=args.run_timeout,
+            sync_after=args.host_copy_after,
         )
         cleanup.append(sandbox.close)
     stats = service.stats = Stats(service, curve=curve_secret is not None)
+    if sandbox is not None:
+        stats.device = sandbox.copies
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
     info = {
         "worker": args.id,

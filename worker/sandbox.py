@@ -57,12 +57,14 @@ class Sandbox:
         memory_mb: int,
         timeout: float,
         providers: Sequence[str] = (),
+        sync_after: float = SYNC_AFTER,
     ) -> None:
         self.device = (
             device if device is not None else Device("cuda" if "CUDAExecutionProvider" in providers else "cpu")
         )
         self.providers = self.device.providers
         self.threads = threads
+        self.sync_after = sync_after  # seconds; 0: never (host copies only when read, or before a later run)
         self.memory_mb = memory_mb
         self.timeout = timeout
         self.dir = pipe.shm_dir()
@@ -376,6 +378,10 @@ class Sandbox:
             if not ref.segment.startswith("o"):
                 raise ProtocolError("internal", f"{what}: runner named segment {ref.segment!r}")
             seg = pipe.open_segment(self.dir, ref.segment, unlink=True)
+            # the supervisor's now: renamed, so that a runner's end (which removes its leftovers) keeps it
+            held = os.path.join(self.dir, f"h{next(self._handles)}")
+            os.rename(seg.path, held)
+            seg.path = held
             try:
                 array = pipe.array_in(seg, ref.dtype, ref.shape, ref.offset)
             except ValueError as e:
@@ -387,6 +393,10 @@ class Sandbox:
         self.counts["downloads"] += 1
         self.counts["download_bytes"] += array.nbytes
         return array
+
+    def copies(self) -> dict[str, int]:
+        """What crossed between host and runner so far, and the tensors it holds now (any thread)."""
+        return {**self.counts, "held": len(self.residents)}
 
     # -- host copies --------------------------------------------------------------------------------
 
@@ -430,12 +440,13 @@ class Sandbox:
         return self._save(due)
 
     def sync(self, now: float | None = None) -> int:
-        """The lazy host copy: tensors the runner computed and that have been kept SYNC_AFTER seconds get
+        """The lazy host copy: tensors the runner computed and that have been kept ``sync_after`` seconds get
         one (call while idle), so that they survive the runner even if it dies idle. Returns how many."""
-        if self._busy or not self.ready or not self.residents:
+        if self._busy or not self.ready or not self.residents or self.sync_after <= 0:
             return 0
         now = time.monotonic() if now is None else now
-        return self._save([r for r in self.residents.values() if r.host is None and now - r.born >= SYNC_AFTER])
+        after = self.sync_after
+        return self._save([r for r in self.residents.values() if r.host is None and now - r.born >= after])
 
     def _save(self, due: list[Resident]) -> int:
         if not due:
