@@ -34,13 +34,14 @@ FAMILY_NAMES = (
     "training",
     "training_models",
     "flower",
+    "gpu",
     "footprint",
 )
 
 
 def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
     """One full run in this process: every family, a table on stdout, the run's JSON at ``out``."""
-    from bench import build, bulk, comm, flower, footprint, latency, pipeline, training, training_models
+    from bench import build, bulk, comm, flower, footprint, gpu, latency, pipeline, training, training_models
     from bench.env import Env
     from bench.timing import Report
 
@@ -54,6 +55,7 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
         "training": training.run,
         "training_models": training_models.run,
         "flower": flower.run,
+        "gpu": gpu.run,
         "footprint": footprint.run_loaded,
     }
     warnings.filterwarnings("ignore")
