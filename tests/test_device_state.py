@@ -3,6 +3,7 @@
 A run's outputs stay in the sandboxed runner; they cross to the host when a client reads them, before a
 later run that could lose them, or after --host-copy-after idle seconds. The counts come from the worker's
 admin status (``device_copies``), never from timings. Real plan-worker processes, raw frames.
+PLANWIRE_TEST_DEVICE=cuda runs the same tests on a GPU (bench/gpu_machine.sh does).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import Peer, WireError
 
 STEPS = 12
+DEVICE = os.environ.get("PLANWIRE_TEST_DEVICE", "cpu")
 
 
 def _model(nodes: list, inputs: list, outputs: list, initializers: list = ()) -> bytes:
@@ -77,7 +79,8 @@ def reference(w: np.ndarray, m: np.ndarray, g: np.ndarray, steps: int) -> tuple[
 def worker() -> Iterator[tuple[WorkerProcess, Peer]]:
     # --host-copy-after 0: no idle copies, so each count below is exact however slow this host is
     with tempfile.TemporaryDirectory(prefix="pwd-") as tmp:
-        proc = WorkerProcess("dev", listen=f"ipc://{tmp}/w.ipc", extra=["--host-copy-after", "0"])
+        extra = ["--host-copy-after", "0", "--device", DEVICE]
+        proc = WorkerProcess("dev", listen=f"ipc://{tmp}/w.ipc", extra=extra, ready_timeout=120)
         peer = Peer(proc.url, timeout=60)
         try:
             yield proc, peer
@@ -160,7 +163,8 @@ def test_a_later_run_first_saves_what_a_crash_could_lose(worker) -> None:
 
 def test_idle_results_get_a_host_copy_after_host_copy_after_seconds() -> None:
     with tempfile.TemporaryDirectory(prefix="pwd-") as tmp:
-        proc = WorkerProcess("idle", listen=f"ipc://{tmp}/w.ipc", extra=["--host-copy-after", "0.2"])
+        extra = ["--host-copy-after", "0.2", "--device", DEVICE]
+        proc = WorkerProcess("idle", listen=f"ipc://{tmp}/w.ipc", extra=extra, ready_timeout=120)
         peer = Peer(proc.url, timeout=60)
         try:
             peer.put("x", np.arange(8, dtype=np.float32))

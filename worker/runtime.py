@@ -184,6 +184,7 @@ def check_device(device: Device) -> dict:
     never creates a CUDA context of its own; the same RuntimeError. CPU needs no child."""
     if not device.cuda:
         return probe(device)
+    Device.parse(str(device))  # no CUDA provider at all: said here, no child needed
     code = "import sys; from planwire.worker.runtime import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, str(device), str(device.mem_limit_mb)]
     try:
@@ -432,7 +433,17 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
     text = str(e)
-    return "bad_alloc" in text or "Failed to allocate" in text or "Cannot allocate memory" in text
+    return any(
+        words in text
+        for words in (
+            "bad_alloc",
+            "Failed to allocate",
+            "Cannot allocate memory",
+            "is smaller than requested bytes",  # a CUDA arena at its --gpu-mem-limit
+            "CUDA failure 2: out of memory",
+            "CUDA_ERROR_OUT_OF_MEMORY",
+        )
+    )
 
 
 def _static(shape: list) -> tuple[int, ...] | None:
