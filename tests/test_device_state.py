@@ -198,6 +198,31 @@ def test_a_crashed_step_fails_only_its_own_outputs(worker) -> None:
     np.testing.assert_array_equal(peer.get1("g"), np.ones(32, np.float32))
 
 
+def test_outputs_sharing_memory_with_inputs_are_never_written_into(worker) -> None:
+    """(a, b) = (Identity(x), x + 1): onnxruntime may hand back x's own memory as a; freeing a must not
+    let a later run write its outputs there (x would change under its key)."""
+    _, peer = worker
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    plan = peer.register(
+        _model(
+            [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Add", ["x", "one"], ["b"])],
+            [_io("x", ["n"])],
+            [_io("a", ["n"]), _io("b", ["n"])],
+            [one],
+        ),
+        name="alias",
+    )["plan"]
+    x = np.arange(1 << 15, dtype=np.float32)
+    peer.put("x", x)
+    for i in range(4):
+        peer.run(plan, ["x"], ["a", "b"])
+        peer.ok({"type": "delete", "keys": ["a", "b"]})
+        peer.run(plan, [np.full(1 << 15, i, np.float32)], ["c", "d"])  # same shapes: freed buffers reused
+        np.testing.assert_array_equal(peer.get1("d"), np.full(1 << 15, i + 1, np.float32))
+        np.testing.assert_array_equal(peer.get1("x", keep=True), x)
+    np.testing.assert_array_equal(peer.get1("c"), np.full(1 << 15, 3, np.float32))
+
+
 def _wait_for(cond, timeout: float = 30.0) -> None:  # noqa: ANN001
     end = time.monotonic() + timeout
     while not cond():

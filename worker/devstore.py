@@ -12,6 +12,7 @@ is released, so a freed tensor's memory is held at most until the next run.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class DeviceStore:
         self.held: dict[int, _Held] = {}
         self.counts = Counts()
         self._pool: dict[tuple[str, tuple[int, ...]], list[object]] = {}
+        self._ptrs: Counter[int] = Counter()  # held values by data address (outputs may alias inputs)
 
     def __len__(self) -> int:
         return len(self.held)
@@ -69,7 +71,13 @@ class DeviceStore:
         return ort.OrtValue.ortvalue_from_numpy(array)._ortvalue, array
 
     def hold(self, handle: int, value: object, keep: object = None, *, own: bool = False) -> None:
+        """Hold ``value`` under ``handle``; ``own``: memory the runner allocated for it alone, which may be
+        written again once freed (never a buffer that wraps host memory or aliases another value)."""
+        old = self.held.get(handle)
+        if old is not None:
+            self._ptrs[old.value.data_ptr()] -= 1  # type: ignore[attr-defined]
         self.held[handle] = _Held(value, keep, own)
+        self._ptrs[value.data_ptr()] += 1  # type: ignore[attr-defined]
 
     def get(self, handle: int) -> object:
         """The OrtValue of ``handle``; KeyError when the runner does not hold it."""
@@ -79,9 +87,15 @@ class DeviceStore:
         """Forget ``handles`` (the supervisor dropped them); buffers the runner allocated join the pool."""
         for h in handles:
             held = self.held.pop(h, None)
-            if held is not None and held.own:
-                v = held.value
-                self._pool.setdefault((v.data_type(), tuple(v.shape())), []).append(v)  # type: ignore[attr-defined]
+            if held is None:
+                continue
+            v = held.value
+            ptr = v.data_ptr()  # type: ignore[attr-defined]
+            self._ptrs[ptr] -= 1
+            if self._ptrs[ptr] <= 0:
+                del self._ptrs[ptr]
+                if held.own:  # nothing else held shares its memory: the next run may write into it
+                    self._pool.setdefault((v.data_type(), tuple(v.shape())), []).append(v)  # type: ignore[attr-defined]
 
     def buffers(self, shapes: list[tuple[str, tuple[int, ...]]] | None) -> list | None:
         """Pooled buffers for outputs of these (ONNX type, shape)s, None where there is none; None when no

@@ -3,12 +3,13 @@
 The supervisor never runs plans, so a run's outputs stay where they were computed: in the runner, as
 ``OrtValue``s on the plan device (worker/devstore.py), known here by handle. The Store keeps a Resident
 in an entry's ``array``: it has the array's ``dtype``, ``shape`` and ``nbytes`` (quotas, describe, argument
-checks need no data) and ``host``, a host copy once one exists. A host copy is made when a client reads
-the tensor (get, fetch, inline results, a release) and, lazily, when the tensor has been kept a while
-(worker/sandbox.py ``sync``); tensors uploaded from the host (put, the worker's own data) have one from
-the start. A runner that ends (a crash, a timeout, a cancel) takes with it the tensors that had no host
-copy yet: those are ``lost`` and their keys fail with the reason; every tensor with a host copy survives
-and is uploaded again by its next run. Dropping the last reference frees the runner's copy.
+checks need no data) and ``host``, its host copy once one exists. Tensors uploaded from the host (put,
+the worker's own data) have one from the start; a result gets one when a client reads it (get, fetch,
+inline results, a release), before a later run unless that run overwrites its key (worker/sandbox.py
+``protect``: a crashing run then loses nothing but its own outputs), and after ``--host-copy-after``
+idle seconds (``sync``). A runner that ends takes the tensors that had no host copy yet: those are
+``lost`` and their keys fail with the reason; every other one is uploaded again by its next run.
+Dropping the last reference frees the runner's copy.
 """
 
 from __future__ import annotations

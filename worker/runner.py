@@ -160,16 +160,20 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int) -> 
                 results = plan.run_bound(values, None)
             finally:
                 store.release_pool()
-            del values, keep
             if key not in shapes:
                 shapes[key] = [(r.data_type(), tuple(r.shape())) for r in results]
             wanted = set(msg.fetch)
             outs, frames = [], []
+            # an output may share its memory with an input or another output (Identity, Reshape): such
+            # memory is never handed to a later run to write into
+            seen = {v.data_ptr() for v in values}
             for i, (h, value) in enumerate(zip(msg.out, results, strict=True)):
-                store.hold(h, value, own=True)
+                ptr = value.data_ptr()
+                store.hold(h, value, own=ptr not in seen and value_nbytes(value) > 0)
+                seen.add(ptr)
                 small = bool(msg.inline_max) and value_nbytes(value) <= msg.inline_max
                 outs.append(out_ref(value, i in wanted or small, frames)[0])
-            del results
+            del results, values, keep
             reused = 0 if reuse is None else sum(b is not None for b in reuse)
             pipe.send(sock, pipe.Ran(outputs=outs, reused=reused), frames)
         except ProtocolError as e:

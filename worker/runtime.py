@@ -91,11 +91,6 @@ class Device:
         return "cuda" if self.cuda else "cpu"
 
 
-def providers_for(device: str) -> list[str]:
-    """onnxruntime providers for ``cpu``, ``cuda[:N]`` or ``auto``; RuntimeError lists what is available."""
-    return Device.parse(device).providers
-
-
 def _package() -> str:
     for name in ("onnxruntime-gpu", "onnxruntime"):
         with contextlib.suppress(Exception):

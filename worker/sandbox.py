@@ -4,6 +4,11 @@ Starts the runner, sends it loads and runs (tensors over ``INLINE_MAX`` by share
 stored tensor crosses at most once, on its first use), reads its answers, kills it on timeout or cancel,
 and says in words why it died. The runner starts again lazily, when the next request needs it; its
 sessions are re-created from the plan bytes the supervisor keeps (``loaded`` says which it has).
+
+The runner keeps the tensors it was sent and the results it computed on its device, by handle
+(worker/resident.py, worker/devstore.py): a run sends a held tensor as its handle, results come back as
+Residents, and handles the Store dropped are freed with the next request. ``fetch``, ``protect`` and
+``sync`` make host copies; ``copies`` counts what crossed.
 """
 
 from __future__ import annotations

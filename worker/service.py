@@ -592,7 +592,7 @@ class Service:
         keys = [msg.outputs[i] for i in fetch]
         values = hosts([results[i] for i in fetch])
         if private:  # a private output leaves only as its release (the owner's policy): read through it
-            values = self.store.readable(self._client, keys, self._release)[1]
+            values = hosts(self.store.readable(self._client, keys, self._release)[1])
         return self._tensors_reply(msg.id, keys, values)
 
     def _pending(
