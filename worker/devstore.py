@@ -50,6 +50,7 @@ class DeviceStore:
         self.counts = Counts()
         self._pool: dict[tuple[str, tuple[int, ...]], list[object]] = {}
         self._ptrs: Counter[int] = Counter()  # held values by data address (outputs may alias inputs)
+        self.private_bytes = 0  # of held values in the runner's own host memory (CPU, not wrapping a buffer)
 
     def __len__(self) -> int:
         return len(self.held)
@@ -76,8 +77,13 @@ class DeviceStore:
         old = self.held.get(handle)
         if old is not None:
             self._ptrs[old.value.data_ptr()] -= 1  # type: ignore[attr-defined]
-        self.held[handle] = _Held(value, keep, own)
+            self.private_bytes -= self._private(old)
+        held = self.held[handle] = _Held(value, keep, own)
         self._ptrs[value.data_ptr()] += 1  # type: ignore[attr-defined]
+        self.private_bytes += self._private(held)
+
+    def _private(self, held: _Held) -> int:
+        return 0 if self.device.cuda or held.keep is not None else value_nbytes(held.value)
 
     def get(self, handle: int) -> object:
         """The OrtValue of ``handle``; KeyError when the runner does not hold it."""
@@ -91,6 +97,7 @@ class DeviceStore:
                 continue
             v = held.value
             ptr = v.data_ptr()  # type: ignore[attr-defined]
+            self.private_bytes -= self._private(held)
             self._ptrs[ptr] -= 1
             if self._ptrs[ptr] <= 0:
                 del self._ptrs[ptr]

@@ -60,8 +60,22 @@ def bound(memory_mb: int) -> int:
     return limit
 
 
-def serve(sock: socket.socket, directory: str, device: Device, threads: int) -> None:
-    """Answer requests until the supervisor closes the pipe."""
+def rebound(limit: int, held: int) -> None:
+    """The data bound as the runner holds ``held`` bytes of tensors in its own memory: a run or load may
+    add ``--max-run-memory-mb`` over what the runner holds (stored tensors are bounded by the store's
+    quotas), as it may over what it used at start."""
+    if limit <= 0:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        want = limit + held
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
+
+
+def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
+    """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
     from planwire.worker.devstore import DeviceStore, value_meta, value_nbytes
     from planwire.worker.runtime import PlanSession, is_out_of_memory
 
@@ -118,6 +132,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int) -> 
         store.free(msg.free)
         for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan)
             sessions.pop(pid, None)
+        rebound(limit, store.private_bytes)
         try:
             if isinstance(msg, pipe.Load):
                 plan = load(msg.plan, msg.name, buffers[0])
@@ -209,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", device.id)
     limit = bound(args.memory_mb)
     pipe.send(sock, pipe.Ready(pid=os.getpid(), memory_limit=limit))
-    serve(sock, args.dir, device, args.threads)
+    serve(sock, args.dir, device, args.threads, limit)
     return 0
 
 

@@ -405,7 +405,7 @@ class Sandbox:
 
     # -- host copies --------------------------------------------------------------------------------
 
-    def fetch(self, residents: list[Resident], *, why: str = "read") -> None:
+    def fetch(self, residents: list[Resident]) -> None:
         """Give each Resident its host copy now (a client reads it), waiting for the runner; ProtocolError
         when one was lost, or the runner is busy or ends meanwhile (then its unsaved tensors are lost)."""
         todo = [r for r in residents if r.host is None]
@@ -417,7 +417,7 @@ class Sandbox:
         if self._busy or self._sock is None:
             raise ProtocolError("internal", "the runner is busy: a tensor on the device cannot be read now; retry")
         unique = list({r.handle: r for r in todo}.values())
-        rebind = not self.device.cuda and why == "sync"
+        rebind = not self.device.cuda  # a CPU runner then holds it by the shared copy: its own memory goes
         try:
             pipe.send(self._sock, pipe.Fetch(handles=[r.handle for r in unique], rebind=rebind, free=self._take_free()))
             self._busy = True
@@ -457,7 +457,7 @@ class Sandbox:
         if not due:
             return 0
         try:
-            self.fetch(due, why="sync")
+            self.fetch(due)
         except ProtocolError as e:
             log.warning("host copy of %d tensors failed: %s", len(due), e.message)
             return 0
