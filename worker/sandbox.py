@@ -87,6 +87,7 @@ class Sandbox:
         # Tensors the runner holds (worker/resident.py): handles of this runner generation, what to free.
         self.gen = 0
         self.residents: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()
+        self.unsaved: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()  # no host copy
         self._handles = itertools.count(1)
         self._free: list[int] = []
         self._out: list[int] = []  # the handles of the pending run's outputs
@@ -169,12 +170,9 @@ class Sandbox:
 
     def _lose(self, words: str) -> None:
         """The runner ended: its tensors with a host copy are uploaded again when used; the others are lost."""
-        held, self.residents, self._free, self._busy = (
-            list(self.residents.values()),
-            weakref.WeakValueDictionary(),
-            [],
-            False,
-        )
+        held = list(self.residents.values())
+        self.residents, self.unsaved = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
+        self._free, self._busy = [], False
         lost = []
         why = (
             f"it was held only by the worker's sandboxed runner ({self.device}), which ended before a host copy "
@@ -371,6 +369,8 @@ class Sandbox:
                 except (ValueError, TypeError) as e:
                     raise ProtocolError("internal", f"runner output {i}: {e}") from None
                 self.residents[h] = r
+                if host is None:
+                    self.unsaved[h] = r
                 out.append(r)
         except Exception:
             self._free += handles[len(out) :]
@@ -432,6 +432,7 @@ class Sandbox:
             raise ProtocolError("internal", f"the runner could not copy tensors to the host: {detail}")
         for r, ref in zip(unique, msg.tensors, strict=True):
             r.host = self._data(ref, buffers, f"tensor #{r.handle}")
+            self.unsaved.pop(r.handle, None)
             self.counts["host_copies"] += 1
 
     def protect(self, spare: set[int]) -> int:
@@ -439,19 +440,19 @@ class Sandbox:
         (ids of Residents stored only under the run's output keys: a failed run fails those keys anyway).
         So a run that crashes, times out or is cancelled loses nothing else (the containment promise); a
         training loop, whose step overwrites its state, copies nothing. Returns how many were copied."""
-        if self._busy or not self.ready or not self.residents:
+        if self._busy or not self.ready or not self.unsaved:
             return 0
-        due = [r for r in self.residents.values() if r.host is None and id(r) not in spare]
+        due = [r for r in self.unsaved.values() if r.host is None and id(r) not in spare]
         return self._save(due)
 
     def sync(self, now: float | None = None) -> int:
         """The lazy host copy: tensors the runner computed and that have been kept ``sync_after`` seconds get
         one (call while idle), so that they survive the runner even if it dies idle. Returns how many."""
-        if self._busy or not self.ready or not self.residents or self.sync_after <= 0:
+        if self._busy or not self.ready or not self.unsaved or self.sync_after <= 0:
             return 0
         now = time.monotonic() if now is None else now
         after = self.sync_after
-        return self._save([r for r in self.residents.values() if r.host is None and now - r.born >= after])
+        return self._save([r for r in self.unsaved.values() if r.host is None and now - r.born >= after])
 
     def _save(self, due: list[Resident]) -> int:
         if not due:
