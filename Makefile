@@ -8,7 +8,7 @@ LOCK := requirements.lock
 PIP := $(BIN)/pip --disable-pip-version-check -q -q
 EXTRAS := export,plot,dev,flower
 
-.PHONY: demo test bench lint lock wheel clean fuzz
+.PHONY: demo test bench lint lock wheel clean fuzz gpu-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	@echo "planwire: setting up $(VENV) with the versions in $(LOCK) (torch CPU, onnxruntime, pyzmq, ...)." >&2
@@ -40,6 +40,12 @@ test: $(STAMP) $(NODE_STAMP)
 RUNS ?= 1
 bench: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m bench --runs $(RUNS)
+
+# On a machine with an NVIDIA GPU: planwire[cuda] in a fresh venv, the GPU tests and the gpu bench family,
+# results in OUT (the script's header says more; not part of make test: CI has no GPU).
+OUT ?= gpu-results
+gpu-check:
+	bash bench/gpu_machine.sh $(OUT) $(GPU_FLAGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -36,13 +36,27 @@ FAMILY_NAMES = (
     "flower",
     "node",
     "load",
+    "gpu",
     "footprint",
 )
 
 
 def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
     """One full run in this process: every family, a table on stdout, the run's JSON at ``out``."""
-    from bench import build, bulk, comm, flower, footprint, latency, load, node, pipeline, training, training_models
+    from bench import (
+        build,
+        bulk,
+        comm,
+        flower,
+        footprint,
+        gpu,
+        latency,
+        load,
+        node,
+        pipeline,
+        training,
+        training_models,
+    )
     from bench.env import Env
     from bench.timing import Report
 
@@ -58,6 +72,7 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
         "flower": flower.run,
         "node": node.run,
         "load": load.run,
+        "gpu": gpu.run,
         "footprint": footprint.run_loaded,
     }
     warnings.filterwarnings("ignore")

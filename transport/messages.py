@@ -281,6 +281,13 @@ class PlanInfo(_Message, tag="plan"):
     plan: str
     inputs: list[Port]
     outputs: list[Port]
+    placement: Annotated[
+        str,
+        Meta(
+            description="Present when not every node of the plan runs on the worker's device: where they run, e.g. "
+            "'cuda:0 with 3 nodes on CPU (Shape×2, NonZero)' (each such node costs host-device copies per run)."
+        ),
+    ] = ""
 
 
 class Missing(_Message, tag="missing"):

@@ -94,6 +94,9 @@ class Status(msgspec.Struct, tag="status", tag_field="type"):
     run_p99_ms: float
     private_releases: int  # tensors of the worker's own data sent to clients
     owners: list[OwnerStatus] = []  # per owner (a reconnecting client is one owner, several connections)
+    # Tensors crossing between the supervisor's host memory and the runner's device (worker/resident.py):
+    # uploads, downloads (and their bytes), host_copies made, output buffers reused, tensors lost, held now.
+    device_copies: dict[str, int] = {}
 
 
 class AdminError(msgspec.Struct, tag="error", tag_field="type"):
@@ -247,6 +250,15 @@ def format_status(st: Status) -> str:
         "requests  " + (", ".join(f"{k} {v}" for k, v in sorted(st.requests.items())) or "none"),
         f"clients   {len(st.clients)}",
     ]
+    if st.device_copies:
+        d = st.device_copies
+        lines.insert(
+            -1,
+            f"device    {d.get('held', 0)} tensors held by the runner; {d.get('uploads', 0)} uploads "
+            f"({_size(d.get('upload_bytes', 0))}), {d.get('downloads', 0)} downloads "
+            f"({_size(d.get('download_bytes', 0))}), {d.get('reused', 0)} output buffers reused, "
+            f"{d.get('lost', 0)} lost",
+        )
     if st.clients:
         head = f"  {'CLIENT':<48} {'NAME':<12} {'REQUESTS':>8} {'REFUSED':>7} {'TENSORS':>7} {'BYTES':>10}"
         lines.append(head + f" {'PLANS':>5} {'PLAN BYTES':>10} {'IDLE':>8}")

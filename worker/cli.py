@@ -45,6 +45,8 @@ other commands:
   plan-worker keys DIR [--name NAME]   make a CURVE key pair (NAME.key public, NAME.key_secret secret)
   plan-worker status ADDR              show a live worker (ADDR: its admin socket, logged at start)
   plan-worker review PLAN|FINGERPRINT  review a plan (a file, or one this worker kept) and print a policy snippet
+  plan-worker check [--device DEVICE]  check where plans would run: provider, device name and memory
+                                       (also: plan-worker --device cuda --check)
 """
 
 
@@ -267,9 +269,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--id", default="worker", help="worker id reported to clients")
     ap.add_argument(
         "--device",
-        choices=["cpu", "cuda", "auto"],
         default="cpu",
-        help="where plans run: cpu, cuda (refused if onnxruntime has no CUDA provider), auto (cuda if available)",
+        metavar="DEVICE",
+        help="where plans run: cpu, cuda, cuda:N (CUDA device N; refused at start unless onnxruntime-gpu runs "
+        "there: see plan-worker check), auto (cuda if onnxruntime has its provider)",
+    )
+    ap.add_argument(
+        "--gpu-mem-limit",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="cap the CUDA provider's memory arena at this many MiB (its gpu_mem_limit); 0: no cap",
     )
     ap.add_argument(
         "--data",
@@ -364,6 +374,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "survives the worker's crash or kill -9, not the machine's)",
     )
     ap.add_argument(
+        "--host-copy-after",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="a result the runner holds on its device gets a host copy once kept this long while the worker is "
+        "idle (so it survives the runner even then); 0: only when read or before a later run; default 1",
+    )
+    ap.add_argument(
         "--no-sandbox",
         action="store_true",
         help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "
@@ -415,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
+    if argv[:1] == ["check"] or "--check" in argv:
+        return check_main([a for a in argv if a != "--check"][1 if argv[:1] == ["check"] else 0 :])
     if argv[:1] == ["review"]:
         from planwire.worker.review import main as review_main
 
@@ -447,6 +467,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     metrics_addr = parse_metrics(args.metrics) if args.metrics else None
     if args.run_timeout <= 0:
         raise ConfigError("--run-timeout must be positive")
+    if args.host_copy_after < 0:
+        raise ConfigError("--host-copy-after must be 0 (off) or a positive number of seconds")
     if args.max_run_memory_mb < 0:
         raise ConfigError("--max-run-memory-mb must be 0 (no bound) or positive")
     limits = msgspec.structs.replace(
@@ -486,6 +508,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             data=data,
             public=args.public,
             device=args.device,
+            gpu_mem_limit=args.gpu_mem_limit,
             threads=args.threads,
             limits=limits,
             max_plans=args.max_plans,
@@ -499,6 +522,11 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             max_plans_dir_bytes=int(args.max_plans_dir_mb * (1 << 20)),
         )
         cleanup.append(service.releaser.close)
+        if service.device.cuda:  # a usable device, or one line naming why not, before anything is bound
+            from planwire.worker.runtime import check_device, probe
+
+            found = probe(service.device) if args.no_sandbox else check_device(service.device)
+            log.info("device %s: %s", service.device, _device_words(found))
         if args.state_dir:
             restore_state(service, args.state_dir, args.state_sync == "fsync", cleanup)
     except (RuntimeError, ValueError) as e:
@@ -527,10 +555,11 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     sandbox = None
     if not args.no_sandbox:
         sandbox = Sandbox(
-            providers=service.providers,
+            device=service.device,
             threads=args.threads,
             memory_mb=args.max_run_memory_mb,
             timeout=args.run_timeout,
+            sync_after=args.host_copy_after,
         )
         cleanup.append(sandbox.close)
     service.announced["max_client_queue"] = args.max_client_queue
@@ -539,6 +568,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         if args.max_run_memory_mb:
             service.announced["max_run_memory_bytes"] = args.max_run_memory_mb << 20
     stats = service.stats = Stats(service, curve=curve_secret is not None)
+    if sandbox is not None:
+        stats.device = sandbox.copies
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
     info = {
         "worker": args.id,
@@ -646,6 +677,46 @@ def reload_policy(service: Service, path: str) -> None:
         return
     service.releaser.policy = policy
     log.info("policy %s reloaded: %d approved plans", path, len(policy.rules))
+
+
+def check_main(argv: list[str]) -> int:
+    """``plan-worker check [--device DEVICE]``: where plans would run, or one line saying why they cannot."""
+    ap = _Parser(
+        prog="plan-worker check",
+        description="Check where this worker's plans would run: the onnxruntime provider, the device's name and "
+        "memory. Exits 1 with one line naming the reason when the device is not usable.",
+        formatter_class=_Formatter,
+        epilog="example:\n  plan-worker check --device cuda\n  plan-worker --device cuda:1 --check",
+    )
+    ap.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--gpu-mem-limit", type=int, default=0, metavar="MB", help="the arena cap to check with")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args, _ = ap.parse_known_args(argv)  # the other options of a serving command line are ignored
+    from planwire.worker.runtime import Device, check_device
+
+    try:
+        found = check_device(Device.parse(args.device, args.gpu_mem_limit))
+    except (RuntimeError, ValueError) as e:
+        print(f"plan-worker check: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps(found))
+    else:
+        print(f"provider     {found['provider']}")
+        print(f"device       {found['device']}: {_device_words(found)}")
+        print(f"onnxruntime  {found['onnxruntime']}")
+    return 0
+
+
+def _device_words(found: dict) -> str:
+    words = f"{found['name']}, {found['memory_bytes'] >> 20} MiB"
+    if found.get("cores"):
+        words += f", {found['cores']} cores"
+    if found.get("gpu_mem_limit_bytes"):
+        words += f" (arena capped at {found['gpu_mem_limit_bytes'] >> 20} MiB)"
+    return words
 
 
 def keys_main(argv: list[str]) -> int:

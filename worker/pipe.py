@@ -30,13 +30,20 @@ _PREFIX = struct.Struct("<QII")  # body bytes, header bytes, number of buffers
 
 
 class TensorRef(msgspec.Struct, array_like=True):
-    """A tensor: buffer ``index`` of the message, or ``size`` bytes at ``offset`` of segment ``segment``."""
+    """A tensor: buffer ``index`` of the message, or its bytes at ``offset`` of segment ``segment``, or
+    neither: only the tensor the runner holds under ``handle`` (worker/devstore.py). With data and a
+    handle, in a run's arguments: the runner uploads it and holds it under that handle."""
 
     dtype: str
     shape: list[int]
     index: int = -1
     segment: str = ""
     offset: int = 0
+    handle: int = 0  # 0: none
+
+    @property
+    def has_data(self) -> bool:
+        return self.index >= 0 or bool(self.segment)
 
 
 class Load(msgspec.Struct, tag="load", array_like=True):
@@ -45,6 +52,7 @@ class Load(msgspec.Struct, tag="load", array_like=True):
     plan: str
     name: str
     drop: list[str] = []  # plans unregistered since the last request (delete_plan)
+    free: list[int] = []  # handles of held tensors the supervisor dropped
 
 
 class Run(msgspec.Struct, tag="run", array_like=True):
@@ -55,6 +63,19 @@ class Run(msgspec.Struct, tag="run", array_like=True):
     args: list[TensorRef]
     load: bool = False
     drop: list[str] = []  # plans unregistered since the last request (delete_plan)
+    free: list[int] = []  # handles of held tensors the supervisor dropped
+    out: list[int] = []  # the handles the runner holds the outputs under
+    fetch: list[int] = []  # outputs whose data comes back with the answer (the client fetches them)
+    inline_max: int = 0  # and outputs of at most this many bytes (run.inline_max)
+
+
+class Fetch(msgspec.Struct, tag="fetch", array_like=True):
+    """Send the data of held tensors ``handles`` (a get, a release, or the lazy host copy); ``rebind``: a
+    CPU runner then holds each large one by the shared copy instead of its own memory."""
+
+    handles: list[int]
+    rebind: bool = False
+    free: list[int] = []
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
@@ -65,10 +86,16 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
 class Loaded(msgspec.Struct, tag="loaded", array_like=True):
     inputs: list[tuple[str, str, list[int | str | None]]]
     outputs: list[tuple[str, str, list[int | str | None]]]
+    placement: str = ""  # where its nodes run, when not wholly on the worker's device (PlanSession.placement)
 
 
 class Ran(msgspec.Struct, tag="ran", array_like=True):
-    outputs: list[TensorRef]
+    outputs: list[TensorRef]  # each held under the run's ``out`` handle; with data where asked
+    reused: int = 0  # outputs written into freed buffers of earlier runs
+
+
+class Fetched(msgspec.Struct, tag="fetched", array_like=True):
+    tensors: list[TensorRef]
 
 
 class Failed(msgspec.Struct, tag="failed", array_like=True):
@@ -76,8 +103,8 @@ class Failed(msgspec.Struct, tag="failed", array_like=True):
     message: str
 
 
-ToRunner = Load | Run
-FromRunner = Ready | Loaded | Ran | Failed
+ToRunner = Load | Run | Fetch
+FromRunner = Ready | Loaded | Ran | Fetched | Failed
 _encoder = msgspec.msgpack.Encoder()
 _to_runner = msgspec.msgpack.Decoder(ToRunner)
 _from_runner = msgspec.msgpack.Decoder(FromRunner)

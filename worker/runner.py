@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import resource
 import signal
 import socket
 import sys
 
-from planwire.transport import codec
+import numpy as np
+
+from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
+from planwire.worker.runtime import Device
 
 
 def _data_bytes() -> int:
@@ -56,56 +60,137 @@ def bound(memory_mb: int) -> int:
     return limit
 
 
-def serve(sock: socket.socket, directory: str, providers: list[str], threads: int) -> None:
-    """Answer requests until the supervisor closes the pipe."""
+def rebound(limit: int, held: int) -> None:
+    """The data bound as the runner holds ``held`` bytes of tensors in its own memory: a run or load may
+    add ``--max-run-memory-mb`` over what the runner holds (stored tensors are bounded by the store's
+    quotas), as it may over what it used at start."""
+    if limit <= 0:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        want = limit + held
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
+
+
+def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
+    """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
+    from planwire.worker.devstore import DeviceStore, value_meta, value_nbytes
     from planwire.worker.runtime import OrtPlan, is_out_of_memory
 
     sessions: dict[str, OrtPlan] = {}
+    store = DeviceStore(device)
+    shapes: dict[tuple, list | None] = {}  # (plan, argument shapes) -> its outputs' (type, shape); None: varies
     prefix = f"o{os.getpid()}-"
 
     def load(pid: str, name: str, data: memoryview) -> OrtPlan:
         # No memory arena: what a run allocates goes back when it ends, rather than staying with the runner.
-        plan = OrtPlan(bytes(data), name=name, providers=providers, threads=threads, arena=False)
+        plan = OrtPlan(bytes(data), name=name, device=device, threads=threads, arena=False)
         sessions[pid] = plan
+        for key in [k for k in shapes if k[0] == pid]:
+            del shapes[key]
         return plan
+
+    def arg(i: int, ref: pipe.TensorRef, buffers: list[memoryview]) -> object:
+        if not ref.has_data:
+            try:
+                return store.get(ref.handle)
+            except KeyError:
+                raise ProtocolError("internal", f"runner holds no tensor #{ref.handle} (argument {i})") from None
+        if ref.segment:
+            seg = pipe.open_segment(directory, ref.segment, unlink=False)
+            array = pipe.array_in(seg, ref.dtype, ref.shape, ref.offset)
+        else:
+            array = codec.from_frame(ref.dtype, ref.shape, buffers[ref.index], what=f"argument {i}")
+        value, keep = store.upload(array)
+        if ref.handle:
+            store.hold(ref.handle, value, keep)
+            return value
+        return value if keep is None else (value, keep)  # the wrapped array lives as long as this run
+
+    def out_ref(value: object, data: bool, frames: list) -> tuple[pipe.TensorRef, np.ndarray | None]:
+        """The reference to an output or held tensor, with its data when ``data``: in ``frames`` when small,
+        else in a new shared-memory segment (its view returned too)."""
+        wire, shape = value_meta(value)
+        if not data:
+            return pipe.TensorRef(wire, shape), None
+        nbytes = value_nbytes(value)
+        if nbytes <= pipe.INLINE_MAX:
+            frames.append(codec.to_frame(store.download(value))[2])
+            return pipe.TensorRef(wire, shape, index=len(frames) - 1), None
+        seg = pipe.create_segment(directory, prefix, nbytes, unlink=False)
+        view = np.frombuffer(seg, dtypes.to_numpy(wire), count=math.prod(shape)).reshape(shape)
+        store.download(value, view)
+        return pipe.TensorRef(wire, shape, segment=os.path.basename(seg.path)), view
 
     while True:
         try:
             msg, buffers = pipe.recv_request(sock)
         except pipe.PipeClosed:
             return
-        for pid in msg.drop:  # unregistered plans (delete_plan)
+        store.free(msg.free)
+        for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan)
             sessions.pop(pid, None)
+        rebound(limit, store.private_bytes)
         try:
             if isinstance(msg, pipe.Load):
                 plan = load(msg.plan, msg.name, buffers[0])
-                pipe.send(sock, pipe.Loaded(inputs=plan.inputs, outputs=plan.outputs))  # type: ignore[arg-type]
+                loaded = pipe.Loaded(inputs=plan.inputs, outputs=plan.outputs, placement=plan.placement)  # type: ignore[arg-type]
+                pipe.send(sock, loaded)
+                continue
+            if isinstance(msg, pipe.Fetch):
+                refs, frames = [], []
+                for h in msg.handles:
+                    try:
+                        value = store.get(h)
+                    except KeyError:
+                        raise ProtocolError("internal", f"runner holds no tensor #{h} to fetch") from None
+                    ref, view = out_ref(value, True, frames)
+                    if view is not None and msg.rebind and not device.cuda:
+                        store.hold(h, *store.wrap(view))  # held by the shared copy: the runner's own goes
+                    refs.append(ref)
+                    del view
+                pipe.send(sock, pipe.Fetched(tensors=refs), frames)
                 continue
             plan = load(msg.plan, msg.name, buffers[0]) if msg.load else sessions.get(msg.plan)  # type: ignore[assignment]
             if plan is None:
                 raise ProtocolError("internal", f"runner has no session for plan {msg.name!r}")
-            args = []
+            values, keep = [], []
             for i, ref in enumerate(msg.args):
-                if ref.segment:
-                    seg = pipe.open_segment(directory, ref.segment, unlink=False)
-                    args.append(pipe.array_in(seg, ref.dtype, ref.shape, ref.offset))
-                else:
-                    args.append(codec.from_frame(ref.dtype, ref.shape, buffers[ref.index], what=f"argument {i}"))
-            results = plan.run(args, check=False)
-            del args
+                v = arg(i, ref, buffers)
+                if isinstance(v, tuple):
+                    v, k = v
+                    keep.append(k)
+                values.append(v)
+            key = (msg.plan, tuple(tuple(r.shape) for r in msg.args))
+            known = shapes.get(key)
+            reuse = store.buffers(known)
+            try:
+                results = plan.run_bound(values, reuse)
+            except Exception:
+                if reuse is None:
+                    raise
+                shapes[key] = None  # outputs' shapes depend on the data: no buffers bound from now on
+                results = plan.run_bound(values, None)
+            finally:
+                store.release_pool()
+            if key not in shapes:
+                shapes[key] = [(r.data_type(), tuple(r.shape())) for r in results]
+            wanted = set(msg.fetch)
             outs, frames = [], []
-            for r in results:
-                wire, shape, buf = codec.to_frame(r)
-                if buf.nbytes <= pipe.INLINE_MAX:
-                    outs.append(pipe.TensorRef(wire, shape, index=len(frames)))
-                    frames.append(buf)
-                else:
-                    copy = pipe.to_segment(directory, prefix, r, unlink=False)
-                    seg = pipe.segment_of(copy)
-                    outs.append(pipe.TensorRef(wire, shape, segment=os.path.basename(seg[0].path)))  # type: ignore[index]
-                    del copy, seg
-            del results
-            pipe.send(sock, pipe.Ran(outputs=outs), frames)
+            # an output may share its memory with an input or another output (Identity, Reshape): such
+            # memory is never handed to a later run to write into
+            seen = {v.data_ptr() for v in values}
+            for i, (h, value) in enumerate(zip(msg.out, results, strict=True)):
+                ptr = value.data_ptr()
+                store.hold(h, value, own=ptr not in seen and value_nbytes(value) > 0)
+                seen.add(ptr)
+                small = bool(msg.inline_max) and value_nbytes(value) <= msg.inline_max
+                outs.append(out_ref(value, i in wanted or small, frames)[0])
+            del results, values, keep
+            reused = 0 if reuse is None else sum(b is not None for b in reuse)
+            pipe.send(sock, pipe.Ran(outputs=outs, reused=reused), frames)
         except ProtocolError as e:
             pipe.send(sock, pipe.Failed(e.code, e.message))
         except Exception as e:  # onnxruntime's own errors say what they are
@@ -119,18 +204,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="planwire-runner", description="internal: started by plan-worker")
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--dir", required=True)
-    ap.add_argument("--providers", required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-mem-limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory-mb", type=int, default=0)
     args = ap.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     import onnxruntime  # noqa: F401  (loaded before the bound: the bound is what plans may add)
 
-    import planwire.worker.runtime  # noqa: F401
+    from planwire.worker.runtime import Device, preload_cuda
 
+    device = Device.parse(args.device, args.gpu_mem_limit)
+    if device.cuda:  # the CUDA context and libraries load before the bound: it bounds what plans add
+        preload_cuda()
+        with contextlib.suppress(Exception):
+            import numpy as np
+            import onnxruntime as ort
+
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", device.id)
     limit = bound(args.memory_mb)
     pipe.send(sock, pipe.Ready(pid=os.getpid(), memory_limit=limit))
-    serve(sock, args.dir, args.providers.split(","), args.threads)
+    serve(sock, args.dir, device, args.threads, limit)
     return 0
 
 

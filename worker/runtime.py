@@ -1,8 +1,22 @@
-"""Running plans: one onnxruntime session per plan (an :class:`OrtPlan`), created once and reused for every call."""
+"""Running plans: one onnxruntime session per plan (an :class:`OrtPlan`), created once and reused for every call.
+
+``Device`` says where plans run (``cpu``, ``cuda``, ``cuda:N``; ``--gpu-mem-limit`` caps the CUDA arena);
+``OrtPlan`` places a plan there honestly (wholly on CUDA with CPU fallback disabled when it can, else
+naming the nodes that fell back to CPU) and runs it either on numpy arrays or, in the sandboxed runner, by
+IOBinding on ``OrtValue``s that stay on the device between runs (worker/devstore.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -13,31 +27,207 @@ from planwire.transport.ortoptions import session_options
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+_FALLBACK_KEY = "session.disable_cpu_ep_fallback"
+_ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
+# y = Identity(x), float32[1]: the smallest model, to load the CUDA provider and touch the device.
+_PROBE = (
+    b'\x08\x07\x12\x00:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n'
+    b"\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
+)
 
 
-def providers_for(device: str) -> list[str]:
-    """onnxruntime providers for ``cpu``, ``cuda`` or ``auto``; RuntimeError lists what is available."""
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return [CPU]
-    if device == "auto":
-        return [CUDA, CPU] if CUDA in available else [CPU]
-    if device == "cuda":
-        if CUDA not in available:
+@dataclass(frozen=True)
+class Device:
+    """Where a worker runs plans: ``kind`` cpu or cuda, CUDA device ``id``, and its arena cap in MiB (0: none)."""
+
+    kind: str = "cpu"
+    id: int = 0
+    mem_limit_mb: int = 0
+
+    @classmethod
+    def parse(cls, spec: str, gpu_mem_limit_mb: int = 0) -> Device:
+        """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when onnxruntime has the provider); ValueError for
+        anything else, RuntimeError (one line, naming what to do) for cuda without a CUDA provider."""
+        kind, _, index = spec.partition(":")
+        if kind == "auto" and not index:
+            kind = "cuda" if CUDA in ort.get_available_providers() else "cpu"
+        if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+            raise ValueError(f"unknown device {spec!r}: use cpu, cuda, cuda:N or auto")
+        if gpu_mem_limit_mb < 0:
+            raise ValueError("--gpu-mem-limit must be 0 (no cap) or a positive number of MiB")
+        if kind == "cuda" and CUDA not in ort.get_available_providers():
+            available = ", ".join(ort.get_available_providers())
             raise RuntimeError(
-                f"--device cuda: onnxruntime has no CUDA provider here (available: {', '.join(available)}); "
-                "install onnxruntime-gpu with a matching CUDA, or use --device cpu"
+                f"--device {spec}: onnxruntime has no CUDA provider here (package {_package()}, available: "
+                f"{available}); install planwire[cuda] (onnxruntime-gpu, see the README's CUDA section), or use "
+                "--device cpu"
             )
-        return [CUDA, CPU]
-    raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
+        return cls(kind, int(index or 0), gpu_mem_limit_mb if kind == "cuda" else 0)
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.id}"
+
+    @property
+    def cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    @property
+    def providers(self) -> list[str]:
+        """Provider names, in order (what welcome reports)."""
+        return [CUDA, CPU] if self.cuda else [CPU]
+
+    def session_providers(self, *, cpu_fallback: bool = True) -> list:
+        """``providers`` for ``InferenceSession``, with the CUDA options (device id, arena cap)."""
+        if not self.cuda:
+            return [CPU]
+        options = {"device_id": str(self.id), "arena_extend_strategy": "kSameAsRequested"}
+        if self.mem_limit_mb:
+            options["gpu_mem_limit"] = str(self.mem_limit_mb << 20)
+        return [(CUDA, options), CPU] if cpu_fallback else [(CUDA, options)]
+
+    @property
+    def ort_name(self) -> str:
+        """The device name onnxruntime's OrtValue and IOBinding APIs take."""
+        return "cuda" if self.cuda else "cpu"
+
+
+def _package() -> str:
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        with contextlib.suppress(Exception):
+            from importlib import metadata
+
+            return f"{name} {metadata.version(name)}"
+    return f"onnxruntime {ort.__version__}"
+
+
+# -- checking a CUDA device ------------------------------------------------------------------------
+
+
+def cuda_devices() -> list[tuple[str, int]]:
+    """(name, total memory in bytes) of each CUDA device the driver shows this process (it honours
+    CUDA_VISIBLE_DEVICES); RuntimeError naming why there are none (no driver, no device)."""
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise RuntimeError(f"no NVIDIA driver on this machine (libcuda.so.1: {e})") from None
+    rc = cu.cuInit(0)
+    if rc:
+        raise RuntimeError(f"the NVIDIA driver found no usable CUDA device (cuInit: {_cu_error(cu, rc)})")
+    count = ctypes.c_int()
+    rc = cu.cuDeviceGetCount(ctypes.byref(count))
+    if rc:
+        raise RuntimeError(f"cuDeviceGetCount failed: {_cu_error(cu, rc)}")
+    out = []
+    for i in range(count.value):
+        dev = ctypes.c_int()
+        name = ctypes.create_string_buffer(256)
+        total = ctypes.c_size_t()
+        if cu.cuDeviceGet(ctypes.byref(dev), i) or cu.cuDeviceGetName(name, 256, dev):
+            out.append((f"CUDA device {i}", 0))
+            continue
+        cu.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
+        out.append((name.value.decode(errors="replace"), total.value))
+    return out
+
+
+def _cu_error(cu: ctypes.CDLL, rc: int) -> str:
+    text = ctypes.c_char_p()
+    with contextlib.suppress(Exception):
+        if cu.cuGetErrorName(rc, ctypes.byref(text)) == 0 and text.value:
+            return f"{text.value.decode()} ({rc})"
+    return f"error {rc}"
+
+
+def preload_cuda() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) when they are installed;
+    system libraries are found by the loader as usual. Its notes go to stderr."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        with contextlib.suppress(Exception), contextlib.redirect_stdout(sys.stderr):
+            preload()
+
+
+def probe(device: Device) -> dict:
+    """Check, in this process, that plans can run on ``device``: the provider, the device's name and memory.
+    RuntimeError with one line naming the reason (no provider, no driver, no device N, libraries missing)."""
+    if not device.cuda:
+        return {"device": "cpu", "provider": CPU, "name": _cpu_name(), **_host(), "onnxruntime": _package()}
+    Device.parse(str(device))  # the provider is there
+    found = cuda_devices()
+    if device.id >= len(found):
+        raise RuntimeError(f"--device {device}: no CUDA device {device.id} here ({len(found)} visible)")
+    preload_cuda()
+    try:
+        session = ort.InferenceSession(_PROBE, session_options(1), providers=device.session_providers())
+    except Exception as e:
+        raise RuntimeError(f"--device {device}: onnxruntime's CUDA provider failed to start: {_one_line(e)}") from None
+    if CUDA not in session.get_providers():
+        raise RuntimeError(f"--device {device}: onnxruntime's CUDA provider did not load ({_provider_load_error()})")
+    name, total = found[device.id]
+    return {
+        "device": str(device),
+        "provider": CUDA,
+        "name": name,
+        "memory_bytes": total,
+        "gpu_mem_limit_bytes": device.mem_limit_mb << 20,
+        "onnxruntime": _package(),
+    }
+
+
+def check_device(device: Device) -> dict:
+    """``probe`` in a short-lived child process, so that this process (the supervisor, holding the data)
+    never creates a CUDA context of its own; the same RuntimeError. CPU needs no child."""
+    if not device.cuda:
+        return probe(device)
+    Device.parse(str(device))  # no CUDA provider at all: said here, no child needed
+    code = "import sys; from planwire.worker.runtime import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, str(device), str(device.mem_limit_mb)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"--device {device}: checking the CUDA device took over 120 s") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    why = lines[-1] if lines else _one_line(done.stderr.strip().splitlines()[-1:] or "the check crashed")
+    raise RuntimeError(why)
+
+
+def _provider_load_error() -> str:
+    path = os.path.join(os.path.dirname(ort.__file__), "capi", "libonnxruntime_providers_cuda.so")
+    try:
+        ctypes.CDLL(path)
+    except OSError as e:
+        return f"missing libraries: {e}; install CUDA 12 and cuDNN 9, e.g. pip install planwire[cuda]"
+    return "see the worker's log for onnxruntime's message"
+
+
+def _host() -> dict:
+    memory = 0
+    with contextlib.suppress(OSError, ValueError):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"memory_bytes": memory, "cores": os.cpu_count() or 0}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "CPU"
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split())[:500]
 
 
 class Ports:
     """A plan's typed inputs and outputs, and the per-call argument check. Plain data (name, wire dtype,
     shape with ``str``/``None`` for dynamic axes), so the supervisor checks arguments without a session."""
 
-    def __init__(self, name: str, inputs: list, outputs: list) -> None:
+    def __init__(self, name: str, inputs: list, outputs: list, *, placement: str = "") -> None:
         self.name = name
+        self.placement = placement  # where its nodes run, when not wholly on the worker's device
         self.inputs = [(n, t, list(s)) for n, t, s in inputs]
         self.outputs = [(n, t, list(s)) for n, t, s in outputs]
         self._dtypes = []
@@ -94,20 +284,33 @@ class Ports:
 
 
 class OrtPlan(Ports):
-    """A loaded plan: typed ports and a reusable onnxruntime session (``.session``)."""
+    """A loaded plan: typed ports and a reusable onnxruntime session on ``device``.
+
+    On CUDA the session is first created with CPU fallback disabled (every node on the GPU, or a loud
+    failure); a plan with nodes CUDA cannot run is created again with fallback, and ``fallback`` names
+    those nodes (reported at registration and in the log)."""
 
     def __init__(
-        self, data: bytes, *, name: str = "", providers: Sequence[str] = (CPU,), threads: int = 1, arena: bool = True
+        self,
+        data: bytes,
+        *,
+        name: str = "",
+        providers: Sequence[str] = (CPU,),
+        threads: int = 1,
+        arena: bool = True,
+        device: Device | None = None,
     ) -> None:
+        self.device = device if device is not None else Device("cuda" if CUDA in providers else "cpu")
+        self.fallback: list[str] = []  # "op (node)" of each node placed on CPU although the device is CUDA
         try:
-            self.session = ort.InferenceSession(data, session_options(threads, arena=arena), providers=list(providers))
+            self.session = self._create(data, threads, arena)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             if is_out_of_memory(e):
                 raise ProtocolError("out_of_memory", f"plan {name!r} needs more memory to load: {e}") from None
             raise ProtocolError(
                 "bad_plan", f"onnxruntime cannot load plan {name or ''}: {e}".replace("  ", " ")
             ) from None
-        if CUDA in providers and CUDA not in self.session.get_providers():
+        if self.device.cuda and CUDA not in self.session.get_providers():
             raise ProtocolError(
                 "bad_plan", f"plan {name!r} could not be placed on CUDA (got {self.session.get_providers()})"
             )
@@ -115,6 +318,7 @@ class OrtPlan(Ports):
             name,
             [(i.name, dtypes.from_ort(i.type), list(i.shape)) for i in self.session.get_inputs()],
             [(o.name, dtypes.from_ort(o.type), list(o.shape)) for o in self.session.get_outputs()],
+            placement=self._where() if self.fallback else "",
         )
         # On CPU the binding's own run: InferenceSession.run adds only input validation that check() has
         # done (with CUDA, its provider fallback stays in charge).
@@ -122,6 +326,30 @@ class OrtPlan(Ports):
         self._output_names = [n for n, _, _ in self.outputs]
         binding = getattr(self.session, "_sess", None)
         self._run = binding.run if binding is not None and self.session.get_providers() == [CPU] else None
+        self._binding = None  # IOBinding (C object) for run_bound, made at its first call
+        self._out_device = None
+
+    def _create(self, data: bytes, threads: int, arena: bool) -> ort.InferenceSession:
+        device = self.device
+        if not device.cuda:
+            return ort.InferenceSession(data, session_options(threads, arena=arena), providers=[CPU])
+        strict = session_options(threads, arena=arena)
+        strict.add_session_config_entry(_FALLBACK_KEY, "1")
+        try:
+            return ort.InferenceSession(data, strict, providers=device.session_providers(cpu_fallback=False))
+        except Exception:  # some node has no CUDA kernel (or the plan is bad: the second try says which)
+            pass
+        loose = session_options(threads, arena=arena)
+        loose.add_session_config_entry(_ASSIGNMENT_KEY, "1")
+        session = ort.InferenceSession(data, loose, providers=device.session_providers())
+        self.fallback = cpu_nodes(session) or ["(nodes not reported by this onnxruntime)"]
+        return session
+
+    def _where(self) -> str:
+        """Where a plan with CPU nodes runs, in words: ``cuda:0 with N nodes on CPU (ops)``."""
+        ops = Counter(n.split(" ", 1)[0] for n in self.fallback)
+        listed = ", ".join(f"{op}×{k}" if k > 1 else op for op, k in ops.most_common(8))
+        return f"{self.device} with {len(self.fallback)} nodes on CPU ({listed})"
 
     def run(self, args: Sequence[np.ndarray], *, check: bool = True) -> list[np.ndarray]:
         """Outputs of the plan on ``args`` (``check=False``: the caller has just called ``check``)."""
@@ -132,8 +360,67 @@ class OrtPlan(Ports):
             return self._run(self._output_names, feeds, None)
         return self.session.run(None, feeds)
 
+    def run_bound(self, values: Sequence, outputs: Sequence | None = None) -> list:
+        """Run on OrtValues (onnxruntime's C values) by IOBinding and return the output OrtValues, which stay
+        on the session's device: nothing crosses to the host. ``outputs[i]``, where given, is a buffer of the
+        right dtype and shape that output ``i`` is written into (a training step's previous state)."""
+        ib = self._binding
+        if ib is None:
+            ib = self._binding = self.session.io_binding()._iobinding
+            self._out_device = ort_device(self.device)
+        for name, value in zip(self._input_names, values, strict=True):
+            ib.bind_ortvalue_input(name, value)
+        ib.clear_binding_outputs()
+        for i, name in enumerate(self._output_names):
+            buf = outputs[i] if outputs is not None else None
+            if buf is None:
+                ib.bind_output(name, self._out_device)
+            else:
+                ib.bind_ortvalue_output(name, buf)
+        try:
+            self.session._sess.run_with_iobinding(ib, None)
+            return own_values(ib.get_outputs(), len(self._output_names))
+        finally:
+            ib.clear_binding_inputs()  # the binding must not keep freed inputs alive
+            ib.clear_binding_outputs()
 
-PlanSession = OrtPlan  # the name before "session" came to mean only the worker incarnation
+
+def ort_device(device: Device):  # noqa: ANN201  (onnxruntime's C OrtDevice)
+    """onnxruntime's C device object for ``device`` (IOBinding outputs)."""
+    make = getattr(ort, "OrtDevice", None)
+    if make is not None and hasattr(make, "make"):
+        return make.make(device.ort_name, device.id)._get_c_device()
+    from onnxruntime.capi import _pybind_state as C  # older onnxruntime
+
+    kind = C.OrtDevice.cuda() if device.cuda else C.OrtDevice.cpu()
+    return C.OrtDevice(kind, C.OrtDevice.default_memory(), device.id)
+
+
+def own_values(vector: object, n: int) -> list:
+    """The ``n`` OrtValues of an onnxruntime OrtValueVector, each in a vector of its own: an element of
+    the vector a binding returns is valid only while that vector lives (iterating it gives dangling ones),
+    and a value of its own is freed alone when the Store drops it."""
+    from onnxruntime.capi import _pybind_state as C
+
+    out = []
+    for i in range(n):
+        box = C.OrtValueVector()
+        box.push_back(vector[i])  # type: ignore[index]  # a reference-counted copy, not of the data
+        out.append(box[0])  # keeps its box alive
+    return out
+
+
+def cpu_nodes(session: ort.InferenceSession) -> list[str]:
+    """``op (node name)`` of each node onnxruntime placed on the CPU provider (empty when it cannot say)."""
+    info = getattr(session, "get_provider_graph_assignment_info", None)
+    if info is None:
+        return []
+    out = []
+    with contextlib.suppress(Exception):
+        for sub in info():
+            if sub.ep_name == CPU:
+                out += [f"{n.op_type} ({n.name})" if n.name else n.op_type for n in sub.get_nodes()]
+    return out
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -141,7 +428,17 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
     text = str(e)
-    return "bad_alloc" in text or "Failed to allocate" in text or "Cannot allocate memory" in text
+    return any(
+        words in text
+        for words in (
+            "bad_alloc",
+            "Failed to allocate",
+            "Cannot allocate memory",
+            "is smaller than requested bytes",  # a CUDA arena at its --gpu-mem-limit
+            "CUDA failure 2: out of memory",
+            "CUDA_ERROR_OUT_OF_MEMORY",
+        )
+    )
 
 
 def _static(shape: list) -> tuple[int, ...] | None:
@@ -150,3 +447,19 @@ def _static(shape: list) -> tuple[int, ...] | None:
 
 def _fixed_axes(shape: list) -> tuple[tuple[int, int], ...]:
     return tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``main([DEVICE, GPU_MEM_LIMIT_MB])``: ``probe`` in a child process
+    (check_device): the result as one JSON line, or the reason as one line and status 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        found = probe(Device.parse(argv[0], int(argv[1]) if len(argv) > 1 else 0))
+    except (RuntimeError, ValueError) as e:
+        print(_one_line(e))
+        return 1
+    print(json.dumps(found))
+    return 0
+
+
+PlanSession = OrtPlan  # the name before "session" came to mean only the worker incarnation

@@ -4,11 +4,17 @@ Starts the runner, sends it loads and runs (tensors over ``INLINE_MAX`` by share
 stored tensor crosses at most once, on its first use), reads its answers, kills it on timeout or cancel,
 and says in words why it died. The runner starts again lazily, when the next request needs it; its
 sessions are re-created from the plan bytes the supervisor keeps (``loaded`` says which it has).
+
+The runner keeps the tensors it was sent and the results it computed on its device, by handle
+(worker/resident.py, worker/devstore.py): a run sends a held tensor as its handle, results come back as
+Residents, and handles the Store dropped are freed with the next request. ``fetch``, ``protect`` and
+``sync`` make host copies; ``copies`` counts what crossed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import select
@@ -18,13 +24,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from planwire.transport import codec
+from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
+from planwire.worker.resident import Resident
+from planwire.worker.runtime import Device
 from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")
@@ -33,6 +42,11 @@ log = logging.getLogger("planwire.worker")
 # and on a host with a free core not sleeping saves a wake-up per call. On a busy host (load average at
 # or over the core count, checked every second) the runner needs that core more: no spinning then.
 SPIN_S = 30e-6
+# A tensor the runner computed gets its host copy (so that it survives the runner) once it has been kept
+# this long while the worker is idle: a training loop's state, replaced every step, never crosses to the
+# host; what a client leaves on the worker does, within about this long.
+SYNC_AFTER = 1.0
+FETCH_TIMEOUT = 60.0  # seconds a runner may take to copy tensors to the host
 CRASH_SIGNALS = {signal.SIGFPE, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
 
 
@@ -40,9 +54,22 @@ class Sandbox:
     """One runner process at a time, with its bounds: ``memory_mb`` (RLIMIT_DATA over its start-up use)
     and ``timeout`` (seconds per load or run, enforced by the caller through ``deadline``)."""
 
-    def __init__(self, *, providers: Sequence[str], threads: int, memory_mb: int, timeout: float) -> None:
-        self.providers = list(providers)
+    def __init__(
+        self,
+        *,
+        device: Device | None = None,
+        threads: int,
+        memory_mb: int,
+        timeout: float,
+        providers: Sequence[str] = (),
+        sync_after: float = SYNC_AFTER,
+    ) -> None:
+        self.device = (
+            device if device is not None else Device("cuda" if "CUDAExecutionProvider" in providers else "cpu")
+        )
+        self.providers = self.device.providers
         self.threads = threads
+        self.sync_after = sync_after  # seconds; 0: never (host copies only when read, or before a later run)
         self.memory_mb = memory_mb
         self.timeout = timeout
         self.dir = pipe.shm_dir()
@@ -57,6 +84,18 @@ class Sandbox:
         self._spin_ok, self._spin_checked = False, -1e9
         self._killed = ""  # why we killed the runner, if we did
         self.started_at = 0.0
+        # Tensors the runner holds (worker/resident.py): handles of this runner generation, what to free.
+        self.gen = 0
+        self.residents: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()
+        self.unsaved: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()  # no host copy
+        self._handles = itertools.count(1)
+        self._free: list[int] = []
+        self._out: list[int] = []  # the handles of the pending run's outputs
+        self._busy = False  # a request is with the runner
+        self.on_lost: Callable[[list[Resident], str], None] | None = None  # the supervisor fails their keys
+        self.counts = dict.fromkeys(
+            ("uploads", "upload_bytes", "downloads", "download_bytes", "reused", "host_copies", "lost"), 0
+        )
 
     # -- life ---------------------------------------------------------------------------------------
 
@@ -77,8 +116,10 @@ class Sandbox:
             str(theirs.fileno()),
             "--dir",
             self.dir,
-            "--providers",
-            ",".join(self.providers),
+            "--device",
+            str(self.device),
+            "--gpu-mem-limit",
+            str(self.device.mem_limit_mb),
             "--threads",
             str(self.threads),
             "--memory-mb",
@@ -93,6 +134,7 @@ class Sandbox:
         self._poll.register(ours.fileno(), select.POLLIN)
         self.ready = False
         self.loaded = set()
+        self.gen += 1
         self._killed = ""
         self.started_at = time.monotonic()
 
@@ -122,19 +164,31 @@ class Sandbox:
             proc.kill()
             rc = proc.wait()
         self._reset()
-        if killed:
-            return "", killed
-        if rc < 0:
-            sig = signal.Signals(-rc)
-            if sig == signal.SIGKILL:
-                return "out_of_memory", "the runner was killed (SIGKILL), most likely by the out-of-memory killer"
-            if sig in CRASH_SIGNALS:
-                hint = " (an allocation past --max-run-memory-mb can end this way)" if sig == signal.SIGABRT else ""
-                return "plan_crashed", f"the runner crashed with {sig.name}{hint}"
-            return "plan_crashed", f"the runner was ended by {sig.name}"
-        return "plan_crashed", f"the runner exited with status {rc}"
+        code, words = _why(rc, killed)
+        self._lose(words)
+        return code, words
+
+    def _lose(self, words: str) -> None:
+        """The runner ended: its tensors with a host copy are uploaded again when used; the others are lost."""
+        held = list(self.residents.values())
+        self.residents, self.unsaved = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
+        self._free, self._busy = [], False
+        lost = []
+        why = (
+            f"it was held only by the worker's sandboxed runner ({self.device}), which ended before a host copy "
+            f"was made ({words}); run the plan that made it again"
+        )
+        for r in held:
+            r.gen = -1
+            if r.host is None:
+                r.lost = why
+                lost.append(r)
+        self.counts["lost"] += len(lost)
+        if lost and self.on_lost is not None:
+            self.on_lost(lost, why)
 
     def _reset(self) -> None:
+        self._busy = False
         pid = self._proc.pid if self._proc is not None else 0
         if self._sock is not None:
             self._sock.close()
@@ -168,20 +222,54 @@ class Sandbox:
         drop.discard(pid)  # this request loads it again
         return sorted(drop)
 
+    def drop(self, resident: Resident) -> None:
+        """A Resident is garbage: the runner frees its handle with the next request."""
+        if resident.gen == self.gen and self._proc is not None:
+            self._free.append(resident.handle)
+
+    def _take_free(self) -> list[int]:
+        free, self._free = self._free, []
+        return free
+
     def send_load(self, pid: str, name: str, data: bytes) -> None:
-        pipe.send(self._sock, pipe.Load(plan=pid, name=name, drop=self._dropped(pid)), [data])  # type: ignore[arg-type]
+        load = pipe.Load(plan=pid, name=name, drop=self._dropped(pid), free=self._take_free())
+        pipe.send(self._sock, load, [data])  # type: ignore[arg-type]
+        self._busy = True
 
     def send_run(
-        self, pid: str, name: str, data: bytes, args: Sequence[np.ndarray], entries: Sequence[Entry | None]
+        self,
+        pid: str,
+        name: str,
+        data: bytes,
+        args: Sequence[np.ndarray | Resident],
+        entries: Sequence[Entry | None],
+        *,
+        outputs: int = 0,
+        fetch: Sequence[int] = (),
+        inline_max: int = 0,
     ) -> None:
-        """Send a run; a large argument not yet in shared memory is copied there once and, when it is a
-        stored tensor (``entries[i]``), the store keeps the shared copy for later runs."""
+        """Send a run. An argument the runner holds goes by handle; any other crosses (a large one through
+        shared memory) and, when it is a stored tensor (``entries[i]``), the runner holds it from then on
+        (the entry's array becomes a Resident with that host copy). The ``outputs`` stay in the runner,
+        under new handles; those in ``fetch`` and those of at most ``inline_max`` bytes come back too.
+        ProtocolError (nothing sent) when an argument was lost with an earlier runner."""
         refs, buffers = [], []
-        keep = self._keep = []
+        keep: list = []
         load = pid not in self.loaded
         if load:
             buffers.append(data)
-        for arr, entry in zip(args, entries, strict=True):
+        for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
+            holder: Resident | None = None
+            if isinstance(arr, Resident):
+                if arr.gen == self.gen:
+                    refs.append(pipe.TensorRef(dtypes.to_wire(arr.dtype), list(arr.shape), handle=arr.handle))
+                    continue
+                if arr.host is None:
+                    raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
+                holder, arr = arr, arr.host
+            elif entry is not None and entry.array is arr:  # a stored tensor's first use: held from now on
+                holder = Resident(self, 0, -1, arr.dtype, arr.shape, host=arr)
+                entry.array = holder
             wire, shape, buf = codec.to_frame(arr)
             loc = pipe.segment_of(arr) if buf.nbytes > pipe.INLINE_MAX else None
             if loc is None and buf.nbytes > pipe.INLINE_MAX:
@@ -190,18 +278,40 @@ class Sandbox:
                 except OSError as e:  # shared memory full: this call copies through the pipe
                     log.warning("shared memory unavailable (%s): argument of %s bytes sent inline", e, buf.nbytes)
                 else:
-                    if entry is not None and entry.array is arr:
-                        entry.array = shared
+                    if holder is not None:
+                        holder.host = shared  # the host copy is the shared one (on CPU the runner wraps it)
                     keep.append(shared)  # alive (its file too) until the runner has answered
                     loc = pipe.segment_of(shared)
+            handle = 0
+            if holder is not None:
+                handle = next(self._handles)
+                holder.handle, holder.gen = handle, self.gen
+                self.residents[handle] = holder
+            self.counts["uploads"] += 1
+            self.counts["upload_bytes"] += buf.nbytes
             if loc is None:
-                refs.append(pipe.TensorRef(wire, shape, index=len(buffers)))
+                refs.append(pipe.TensorRef(wire, shape, index=len(buffers), handle=handle))
                 buffers.append(buf)
             else:
                 seg, offset = loc
-                refs.append(pipe.TensorRef(wire, shape, segment=os.path.basename(seg.path), offset=offset))
-        run = pipe.Run(plan=pid, name=name, args=refs, load=load, drop=self._dropped(pid))
+                refs.append(
+                    pipe.TensorRef(wire, shape, segment=os.path.basename(seg.path), offset=offset, handle=handle)
+                )
+        self._keep = keep
+        self._out = [next(self._handles) for _ in range(outputs)]
+        run = pipe.Run(
+            plan=pid,
+            name=name,
+            args=refs,
+            load=load,
+            drop=self._dropped(pid),
+            free=self._take_free(),
+            out=self._out,
+            fetch=list(fetch),
+            inline_max=inline_max,
+        )
         pipe.send(self._sock, run, buffers)  # type: ignore[arg-type]
+        self._busy = True
         if load:
             self.loaded.add(pid)
 
@@ -230,27 +340,141 @@ class Sandbox:
         """The runner's next message; PipeClosed when it died (then call ``died``)."""
         self._keep = []
         try:
-            return pipe.recv_reply(self._sock)  # type: ignore[arg-type]
+            msg, buffers = pipe.recv_reply(self._sock)  # type: ignore[arg-type]
         except (ConnectionError, OSError) as e:
             raise pipe.PipeClosed(str(e)) from None
         except Exception as e:  # a malformed message: the runner is not to be trusted any more
             self.kill(f"the runner sent a malformed message ({type(e).__name__})")
             raise pipe.PipeClosed(str(e)) from None
+        if not isinstance(msg, pipe.Ready):
+            self._busy = False
+        if isinstance(msg, pipe.Failed) and self._out:  # outputs it may have held before failing
+            self._free += self._out
+            self._out = []
+        return msg, buffers
 
-    def outputs(self, ran: pipe.Ran, buffers: list[memoryview]) -> list[np.ndarray]:
-        """The arrays of a Ran message, checked (dtype × shape against the bytes there)."""
+    def outputs(self, ran: pipe.Ran, buffers: list[memoryview]) -> list[Resident]:
+        """The outputs of a Ran message as Residents (with a host copy where the runner sent the data,
+        checked: dtype × shape against the bytes there)."""
+        handles, self._out = self._out, []
+        if len(ran.outputs) != len(handles):
+            self._free += handles
+            raise ProtocolError("internal", f"runner answered {len(ran.outputs)} outputs for {len(handles)}")
         out = []
-        for i, ref in enumerate(ran.outputs):
-            if ref.segment:
-                if not ref.segment.startswith("o"):
-                    raise ProtocolError("internal", f"runner named output segment {ref.segment!r}")
-                seg = pipe.open_segment(self.dir, ref.segment, unlink=True)
+        try:
+            for i, (h, ref) in enumerate(zip(handles, ran.outputs, strict=True)):
+                host = self._data(ref, buffers, f"runner output {i}") if ref.has_data else None
                 try:
-                    out.append(pipe.array_in(seg, ref.dtype, ref.shape, ref.offset))
-                except ValueError as e:
+                    r = Resident(self, h, self.gen, dtypes.to_numpy(ref.dtype), tuple(ref.shape), host)
+                except (ValueError, TypeError) as e:
                     raise ProtocolError("internal", f"runner output {i}: {e}") from None
-            else:
-                if not 0 <= ref.index < len(buffers):
-                    raise ProtocolError("internal", f"runner output {i} points to a missing buffer")
-                out.append(codec.from_frame(ref.dtype, ref.shape, buffers[ref.index], what=f"runner output {i}"))
+                self.residents[h] = r
+                if host is None:
+                    self.unsaved[h] = r
+                out.append(r)
+        except Exception:
+            self._free += handles[len(out) :]
+            raise
+        self.counts["reused"] += ran.reused
         return out
+
+    def _data(self, ref: pipe.TensorRef, buffers: list[memoryview], what: str) -> np.ndarray:
+        if ref.segment:
+            if not ref.segment.startswith("o"):
+                raise ProtocolError("internal", f"{what}: runner named segment {ref.segment!r}")
+            seg = pipe.open_segment(self.dir, ref.segment, unlink=True)
+            # the supervisor's now: renamed, so that a runner's end (which removes its leftovers) keeps it
+            held = os.path.join(self.dir, f"h{next(self._handles)}")
+            os.rename(seg.path, held)
+            seg.path = held
+            try:
+                array = pipe.array_in(seg, ref.dtype, ref.shape, ref.offset)
+            except ValueError as e:
+                raise ProtocolError("internal", f"{what}: {e}") from None
+        else:
+            if not 0 <= ref.index < len(buffers):
+                raise ProtocolError("internal", f"{what} points to a missing buffer")
+            array = codec.from_frame(ref.dtype, ref.shape, buffers[ref.index], what=what)
+        self.counts["downloads"] += 1
+        self.counts["download_bytes"] += array.nbytes
+        return array
+
+    def copies(self) -> dict[str, int]:
+        """What crossed between host and runner so far, and the tensors it holds now (any thread)."""
+        return {**self.counts, "held": len(self.residents)}
+
+    # -- host copies --------------------------------------------------------------------------------
+
+    def fetch(self, residents: list[Resident]) -> None:
+        """Give each Resident its host copy now (a client reads it), waiting for the runner; ProtocolError
+        when one was lost, or the runner is busy or ends meanwhile (then its unsaved tensors are lost)."""
+        todo = [r for r in residents if r.host is None]
+        if not todo:
+            return
+        for r in todo:
+            if r.lost or r.gen != self.gen:
+                raise ProtocolError("run_failed", f"tensor lost: {r.lost or 'not held by the runner'}")
+        if self._busy or self._sock is None:
+            raise ProtocolError("internal", "the runner is busy: a tensor on the device cannot be read now; retry")
+        unique = list({r.handle: r for r in todo}.values())
+        rebind = not self.device.cuda  # a CPU runner then holds it by the shared copy: its own memory goes
+        try:
+            pipe.send(self._sock, pipe.Fetch(handles=[r.handle for r in unique], rebind=rebind, free=self._take_free()))
+            self._busy = True
+            if not self.wait(FETCH_TIMEOUT):
+                self.kill(f"it did not copy tensors to the host within {FETCH_TIMEOUT:g} s")
+            msg, buffers = self.receive()
+        except (pipe.PipeClosed, OSError):
+            _, words = self.died()
+            raise ProtocolError("run_failed", f"tensor lost: the runner ended while copying it ({words})") from None
+        if isinstance(msg, pipe.Failed) or not isinstance(msg, pipe.Fetched) or len(msg.tensors) != len(unique):
+            detail = msg.message if isinstance(msg, pipe.Failed) else type(msg).__name__
+            raise ProtocolError("internal", f"the runner could not copy tensors to the host: {detail}")
+        for r, ref in zip(unique, msg.tensors, strict=True):
+            r.host = self._data(ref, buffers, f"tensor #{r.handle}")
+            self.unsaved.pop(r.handle, None)
+            self.counts["host_copies"] += 1
+
+    def protect(self, spare: set[int]) -> int:
+        """Before a run: a host copy of every tensor the runner computed that has none, but those in ``spare``
+        (ids of Residents stored only under the run's output keys: a failed run fails those keys anyway).
+        So a run that crashes, times out or is cancelled loses nothing else (the containment promise); a
+        training loop, whose step overwrites its state, copies nothing. Returns how many were copied."""
+        if self._busy or not self.ready or not self.unsaved:
+            return 0
+        due = [r for r in self.unsaved.values() if r.host is None and id(r) not in spare]
+        return self._save(due)
+
+    def sync(self, now: float | None = None) -> int:
+        """The lazy host copy: tensors the runner computed and that have been kept ``sync_after`` seconds get
+        one (call while idle), so that they survive the runner even if it dies idle. Returns how many."""
+        if self._busy or not self.ready or not self.unsaved or self.sync_after <= 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        after = self.sync_after
+        return self._save([r for r in self.unsaved.values() if r.host is None and now - r.born >= after])
+
+    def _save(self, due: list[Resident]) -> int:
+        if not due:
+            return 0
+        try:
+            self.fetch(due)
+        except ProtocolError as e:
+            log.warning("host copy of %d tensors failed: %s", len(due), e.message)
+            return 0
+        return len(due)
+
+
+def _why(rc: int, killed: str) -> tuple[str, str]:
+    """(code, words) for a runner that ended with status ``rc`` (``killed``: why we killed it, if we did)."""
+    if killed:
+        return "", killed
+    if rc < 0:
+        sig = signal.Signals(-rc)
+        if sig == signal.SIGKILL:
+            return "out_of_memory", "the runner was killed (SIGKILL), most likely by the out-of-memory killer"
+        if sig in CRASH_SIGNALS:
+            hint = " (an allocation past --max-run-memory-mb can end this way)" if sig == signal.SIGABRT else ""
+            return "plan_crashed", f"the runner crashed with {sig.name}{hint}"
+        return "plan_crashed", f"the runner was ended by {sig.name}"
+    return "plan_crashed", f"the runner exited with status {rc}"

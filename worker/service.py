@@ -9,6 +9,7 @@ plan when refused and reported once to ``stats`` (the operator's view) when that
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,7 +32,8 @@ from planwire.worker import flow
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.policy import Policy
 from planwire.worker.release import Releaser
-from planwire.worker.runtime import OrtPlan, Ports, providers_for
+from planwire.worker.resident import Resident, hosts
+from planwire.worker.runtime import Device, OrtPlan, Ports
 from planwire.worker.stats import clean, peer_of
 from planwire.worker.store import ClientId, Entry, Store
 
@@ -108,6 +110,7 @@ class Service:
         data: Iterable[tuple[str, np.ndarray, Sequence[str]]] = (),
         public: bool = False,
         device: str = "cpu",
+        gpu_mem_limit: int = 0,
         threads: int = 1,
         limits: Limits | None = None,
         max_plans: int | None = None,
@@ -122,7 +125,8 @@ class Service:
     ) -> None:
         self.id = worker_id
         self.session = uuid.uuid4().hex
-        self.providers = providers_for(device)
+        self.device = Device.parse(device, gpu_mem_limit)
+        self.providers = self.device.providers
         self.threads = threads
         self.limits = limits or DEFAULT_LIMITS
         self.store = Store(public=public, max_bytes=max_store_bytes, max_client_bytes=max_client_store_bytes)
@@ -382,8 +386,10 @@ class Service:
         return m.Ok(re=msg.id, session=self.session), []
 
     def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
+        entries = [self.store.entry(self._client, k) for k in msg.keys]
+        hosts([e.array for e in entries])  # data the runner holds crosses to the host now, in one request
         arrays = self.store.take(self._client, msg.keys, msg.keep, self._release)
-        return self._tensors_reply(msg.id, msg.keys, arrays)
+        return self._tensors_reply(msg.id, msg.keys, hosts(arrays))
 
     def _delete(self, msg: m.Delete, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         self.store.delete(self._client, msg.keys)
@@ -401,7 +407,7 @@ class Service:
         job = self._begin_register(msg, buffers)
         if isinstance(job, m.PlanInfo):
             return job, []
-        ort_plan = OrtPlan(job.data, name=job.name, providers=self.providers, threads=self.threads)
+        ort_plan = OrtPlan(job.data, name=job.name, device=self.device, threads=self.threads)
         plan = self._add_plan(job, ort_plan)
         self._ort_plans[job.pid] = ort_plan
         return self._plan_info(msg.id, job.pid, plan), []
@@ -414,6 +420,13 @@ class Service:
         self.flows[job.pid] = flow.analyze(job.data, [n for n, _, _ in ports.inputs], [n for n, _, _ in ports.outputs])
         self.holders.add(job.pid, self._client)
         log.info("registered plan %r (%s, %d bytes)", job.name, job.pid[:12], len(job.data))
+        if ports.placement:
+            log.warning(
+                "plan %r (%s) runs on %s: the CPU nodes cost host-device copies",
+                job.name,
+                job.pid[:12],
+                ports.placement,
+            )
         if self.plans_dir is not None and any(e.private for _, e in self.store.own()):
             self._keep(job.pid, job.name, job.data)
         return plan
@@ -489,7 +502,7 @@ class Service:
             plan = self._ort_plans.get(pid)
             if plan is None:
                 plan = self._ort_plans[pid] = OrtPlan(
-                    job.plan.data, name=job.plan.name, providers=self.providers, threads=self.threads
+                    job.plan.data, name=job.plan.name, device=self.device, threads=self.threads
                 )
             results = plan.run(job.args, check=False)
         except ProtocolError as e:
@@ -565,7 +578,8 @@ class Service:
         pending: dict = {}
         rows = 0
         if private:
-            pending = self._pending(msg, plan, args, private_args, private)
+            values = hosts(args) if self.releaser.policy is not None else args  # rules read argument values
+            pending = self._pending(msg, plan, values, private_args, private)
             rows = min(e.rows for e in private_args.values())
         any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
         if any_rank is None:
@@ -597,9 +611,9 @@ class Service:
         if not fetch:
             return m.Ok(re=msg.id, session=self.session), []
         keys = [msg.outputs[i] for i in fetch]
-        values = [results[i] for i in fetch]
+        values = hosts([results[i] for i in fetch])
         if private:  # a private output leaves only as its release (the owner's policy): read through it
-            values = self.store.readable(self._client, keys, self._release)[1]
+            values = hosts(self.store.readable(self._client, keys, self._release)[1])
         return self._tensors_reply(msg.id, keys, values)
 
     def _pending(
@@ -658,6 +672,8 @@ class Service:
             )
 
     def _release(self, key: str, entry: Entry) -> np.ndarray:
+        if isinstance(entry.array, Resident):  # the release reads the value: its host copy
+            entry = dataclasses.replace(entry, array=entry.array.materialize())
         return self.releaser.release(self._client, key, entry)
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -704,7 +720,12 @@ class Service:
             ]
 
         return m.PlanInfo(
-            re=rid, session=self.session, plan=pid, inputs=ports(plan.ports.inputs), outputs=ports(plan.ports.outputs)
+            re=rid,
+            session=self.session,
+            plan=pid,
+            inputs=ports(plan.ports.inputs),
+            outputs=ports(plan.ports.outputs),
+            placement=plan.ports.placement,
         )
 
     @staticmethod

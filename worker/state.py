@@ -27,6 +27,7 @@ import numpy as np
 
 from planwire.worker import flow
 from planwire.worker.owners import Owners, PlanHolders
+from planwire.worker.resident import host_of
 from planwire.worker.statedir import Restored, StateDir, StateError, write_atomic
 from planwire.worker.store import ClientId, Entry, Store
 
@@ -75,8 +76,8 @@ class DurableStore(Store):
         rows: int = 0,
     ) -> None:
         tags = tuple(tags)
-        if not self.restoring:
-            self.state.save_tensor(client, key, array, tags, private, rows)
+        if not self.restoring:  # durable means on the host: a result the runner holds is copied out first
+            self.state.save_tensor(client, key, host_of(array), tags, private, rows)
         super().put(client, key, array, tags, private=private, pending=pending, rows=rows)
 
     def fail(self, client: ClientId, key: str, why: str) -> None:

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -105,6 +105,7 @@ class Stats:
         self.durations: deque[float] = deque(maxlen=DURATIONS_KEPT)
         self._tensor_bytes = 0
         self._plan_bytes = 0
+        self.device: Callable[[], dict[str, int]] | None = None  # the sandbox's host<->device counts, if any
         for key, entry in service.store.own():
             self._hold(WORKER, key, WORKER, entry.array.nbytes)
         self.metrics.track_holdings(  # plain reads of ints and dict sizes: safe from the scrape thread
@@ -269,6 +270,7 @@ class Stats:
                 "run_p50_ms": _percentile(durations, 0.50) * 1e3,
                 "run_p99_ms": _percentile(durations, 0.99) * 1e3,
                 "private_releases": self.private_releases,
+                "device_copies": dict(self.device()) if self.device is not None else {},
             }
 
     def _owner_rows(self, owned, now: float) -> list[dict]:

@@ -28,6 +28,7 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
 from planwire.worker import pipe
+from planwire.worker.resident import Resident
 from planwire.worker.runtime import Ports
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Job, Origin, RegisterJob, RunJob, Service
@@ -69,6 +70,7 @@ class Supervisor:
         self.current: _Current | None = None
         self._sent = False  # whether the current job has gone to the runner
         self._rcvtimeo = -2
+        sandbox.on_lost = self._lost
 
     # -- loop -------------------------------------------------------------------------------------
 
@@ -97,6 +99,8 @@ class Supervisor:
         else:
             if sandbox.wait(0):  # Ready, or the runner died while idle
                 self._from_runner()
+            if self.current is None and not self.queue:
+                sandbox.sync()  # host copies of what the runner computed and clients kept (worker/resident.py)
             want = BUSY_MS if self.current is not None else POLL_MS
             if want != self._rcvtimeo:
                 sock.setsockopt(zmq.RCVTIMEO, want)
@@ -211,9 +215,29 @@ class Supervisor:
             if isinstance(job, RegisterJob):
                 sandbox.send_load(job.pid, job.name, job.data)
             else:
-                sandbox.send_run(job.msg.plan, job.plan.name, job.plan.data, job.args, job.entries)
+                msg = job.msg
+                owner = self.service.owners.owner(job.origin.client)
+                found = (self.service.store.find(owner, key) for key in msg.outputs)
+                sandbox.protect({id(e.array) for e in found if e is not None})
+                if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
+                    sandbox.start()
+                    cur.deadline = time.monotonic() + READY_TIMEOUT
+                    return
+                sandbox.send_run(
+                    msg.plan,
+                    job.plan.name,
+                    job.plan.data,
+                    job.args,
+                    job.entries,
+                    outputs=len(job.plan.ports.outputs),
+                    fetch=msg.fetch,
+                    inline_max=msg.inline_max,
+                )
         except OSError:  # the runner died before reading: its closed pipe says how
             pass
+        except ProtocolError as e:  # an argument was lost with an earlier runner: nothing was sent
+            self._finish(e)
+            return
         self._sent = True
         cur.deadline = time.monotonic() + sandbox.timeout
 
@@ -249,7 +273,7 @@ class Supervisor:
                 outcome = self._failed(job, msg)
             elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
                 sandbox.loaded.add(job.pid)
-                outcome = Ports(job.name, msg.inputs, msg.outputs)
+                outcome = Ports(job.name, msg.inputs, msg.outputs, placement=msg.placement)
             elif isinstance(msg, pipe.Ran) and isinstance(job, RunJob):
                 outcome = sandbox.outputs(msg, buffers)
             else:
@@ -283,6 +307,18 @@ class Supervisor:
         log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
         words = f"ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped"
         self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(cur.job)}"))
+
+    def _lost(self, lost: list[Resident], why: str) -> None:
+        """The runner ended holding tensors that had no host copy yet: their keys fail with ``why``."""
+        ids = {id(r) for r in lost}
+        store, n = self.service.store, 0
+        for client in store.clients():
+            for key, entry in list(store.space(client).items()):
+                if id(entry.array) in ids:
+                    store.fail(client, key, f"tensor {key!r} was lost: {why}")
+                    n += 1
+        if n:
+            log.warning("%d stored tensors lost with the runner (no host copy yet): %s", n, why)
 
     # -- error wording ----------------------------------------------------------------------------
 

@@ -1,0 +1,145 @@
+"""The runner's side of device-resident tensors: ``OrtValue``s on the plan device, by handle.
+
+The supervisor's Store refers to a tensor the runner holds by a handle (worker/resident.py). Here each
+handle maps to an onnxruntime ``OrtValue`` on the device (CUDA memory, or CPU memory on a CPU worker: the
+same code path), so runs bind them as inputs and leave their outputs there: nothing crosses to the host
+until the supervisor asks (``download``). Buffers the runner allocated and the supervisor freed go to a
+pool that the next run may write its outputs into (a training step writes its new state into the buffers
+of the state two steps back: two buffer sets alternate, nothing is copied); what that run does not reuse
+is released, so a freed tensor's memory is held at most until the next run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from planwire.transport import dtypes
+from planwire.worker.runtime import Device
+
+
+@dataclass
+class _Held:
+    value: object  # onnxruntime's C OrtValue
+    keep: object = None  # the host buffer a CPU OrtValue wraps (kept alive with it), if any
+    own: bool = False  # memory the runner allocated (an output): may be reused once freed
+
+
+@dataclass
+class Counts:
+    """What crossed between host and device, and buffers reused (the runner's answer to ``stats``)."""
+
+    uploads: int = 0
+    upload_bytes: int = 0
+    downloads: int = 0
+    download_bytes: int = 0
+    reused: int = 0
+
+
+class DeviceStore:
+    """Handles -> OrtValues on ``device``, and the pool of freed output buffers."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.held: dict[int, _Held] = {}
+        self.counts = Counts()
+        self._pool: dict[tuple[str, tuple[int, ...]], list[object]] = {}
+        self._ptrs: Counter[int] = Counter()  # held values by data address (outputs may alias inputs)
+        self.private_bytes = 0  # of held values in the runner's own host memory (CPU, not wrapping a buffer)
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def upload(self, array: np.ndarray) -> tuple[object, object]:
+        """(OrtValue, host buffer it wraps or None) for a host array: on CPU a wrapper of the same memory
+        (the array must stay alive: hold the second item), on CUDA a copy on the device."""
+        self.counts.uploads += 1
+        self.counts.upload_bytes += array.nbytes
+        if not self.device.cuda:
+            if not array.flags.c_contiguous:
+                array = np.ascontiguousarray(array)
+            return ort.OrtValue.ortvalue_from_numpy(array)._ortvalue, array
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device.id)
+        return value._ortvalue, None
+
+    def wrap(self, array: np.ndarray) -> tuple[object, object]:
+        """(OrtValue, array) wrapping host memory on a CPU runner, without a copy (not counted)."""
+        return ort.OrtValue.ortvalue_from_numpy(array)._ortvalue, array
+
+    def hold(self, handle: int, value: object, keep: object = None, *, own: bool = False) -> None:
+        """Hold ``value`` under ``handle``; ``own``: memory the runner allocated for it alone, which may be
+        written again once freed (never a buffer that wraps host memory or aliases another value)."""
+        old = self.held.get(handle)
+        if old is not None:
+            self._ptrs[old.value.data_ptr()] -= 1  # type: ignore[attr-defined]
+            self.private_bytes -= self._private(old)
+        held = self.held[handle] = _Held(value, keep, own)
+        self._ptrs[value.data_ptr()] += 1  # type: ignore[attr-defined]
+        self.private_bytes += self._private(held)
+
+    def _private(self, held: _Held) -> int:
+        return 0 if self.device.cuda or held.keep is not None else value_nbytes(held.value)
+
+    def get(self, handle: int) -> object:
+        """The OrtValue of ``handle``; KeyError when the runner does not hold it."""
+        return self.held[handle].value
+
+    def free(self, handles: Iterable[int]) -> None:
+        """Forget ``handles`` (the supervisor dropped them); buffers the runner allocated join the pool."""
+        for h in handles:
+            held = self.held.pop(h, None)
+            if held is None:
+                continue
+            v = held.value
+            ptr = v.data_ptr()  # type: ignore[attr-defined]
+            self.private_bytes -= self._private(held)
+            self._ptrs[ptr] -= 1
+            if self._ptrs[ptr] <= 0:
+                del self._ptrs[ptr]
+                if held.own:  # nothing else held shares its memory: the next run may write into it
+                    self._pool.setdefault((v.data_type(), tuple(v.shape())), []).append(v)  # type: ignore[attr-defined]
+
+    def buffers(self, shapes: list[tuple[str, tuple[int, ...]]] | None) -> list | None:
+        """Pooled buffers for outputs of these (ONNX type, shape)s, None where there is none; None when no
+        output can reuse one."""
+        if not shapes or not self._pool:
+            return None
+        out = []
+        for key in shapes:
+            free = self._pool.get(key)
+            out.append(free.pop() if free else None)
+        if all(b is None for b in out):
+            return None
+        self.counts.reused += sum(b is not None for b in out)
+        return out
+
+    def release_pool(self) -> None:
+        """Release what the last run did not reuse (its memory goes back to the device's allocator)."""
+        self._pool.clear()
+
+    def download(self, value: object, out: np.ndarray | None = None) -> np.ndarray:
+        """A host copy of ``value``: into ``out`` when given (a shared-memory segment), else a new array.
+        On CPU the OrtValue's memory is read directly (one copy)."""
+        host = value.numpy()  # type: ignore[attr-defined]  # CPU: a view of the OrtValue's memory; CUDA: a copy
+        self.counts.downloads += 1
+        self.counts.download_bytes += host.nbytes
+        if out is None:
+            return host  # on CPU a view: send it before the next run
+        out[...] = host
+        return out
+
+
+def value_meta(value: object) -> tuple[str, list[int]]:
+    """(wire dtype, shape) of an OrtValue."""
+    return dtypes.from_ort(value.data_type()), list(value.shape())  # type: ignore[attr-defined]
+
+
+def value_nbytes(value: object) -> int:
+    """Bytes of an OrtValue's tensor."""
+    wire, shape = value_meta(value)
+    return math.prod(shape) * dtypes.to_numpy(wire).itemsize
