@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 
 import onnx
+from onnx import helper, numpy_helper
 
 from planwire.exporter.errors import PlanBuildError
 
@@ -199,3 +200,102 @@ def tidy_max_pools(proto: onnx.ModelProto) -> int:
         del graph.value_info[:]
         graph.value_info.extend(kept)
         changed += 1
+
+
+# Float types whose Where(c, 0, g) becomes a mask multiply: those onnxruntime's CPU ReduceSum takes
+# (integers have no non-finite values to guard, and their selects are small index arithmetic).
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE})
+
+
+def _zero_scalars(graph: onnx.GraphProto) -> dict[str, int]:
+    """Names of the 0-d float zeros ``graph`` defines (initializers, ``Constant`` nodes) -> their dtype."""
+    tensors = [(t.name, t) for t in graph.initializer]
+    for node in graph.node:
+        attrs = node.attribute
+        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS and [a.name for a in attrs] == ["value"]:
+            tensors.append((node.output[0], attrs[0].t))
+    zeros = {}
+    for name, tensor in tensors:
+        if tensor.data_type in _FLOAT_TYPES and not tensor.dims and numpy_helper.to_array(tensor) == 0:
+            zeros[name] = tensor.data_type
+    return zeros
+
+
+def guard_zero_selects(proto: onnx.ModelProto) -> int:
+    """Replace every ``Where(c, 0, g)`` (and ``Where(c, g, 0)``) over floats in the main graph by a mask
+    multiply ``g * Cast(not c)`` guarded by ``If(g has a non-finite value)``, which then takes the
+    ``Where``; returns how many were replaced.
+
+    Backward passes select this way (ReLU's ``threshold_backward`` is ``where(x <= t, 0, g)``), and
+    onnxruntime's Where takes a generic per-element path: measured ~12x slower than the multiply over a
+    (32, 16, 32, 32) gradient. The multiply alone differs from Where where ``g`` is infinite or NaN
+    (``inf * 0`` is NaN, Where gives 0), so the guard sums ``g`` once (``s - s`` is NaN exactly when
+    the sum, so some element, is not finite; an overflowing sum of finite values merely takes the
+    Where too). The result equals the Where's for every input, except that a zero may come out as
+    ``-0.0`` (``g * 0`` for a negative ``g``).
+    """
+    graph = proto.graph
+    zeros = _zero_scalars(graph)
+    if not zeros:
+        return 0
+    taken = {name for node in iter_nodes(graph) for name in (*node.input, *node.output, node.name)}
+    taken |= {v.name for v in [*graph.input, *graph.output, *graph.initializer, *graph.value_info]}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    nodes: list[onnx.NodeProto] = []
+    replaced = 0
+    for node in graph.node:
+        if node.op_type != "Where" or node.domain not in STANDARD_DOMAINS or len(node.input) != 3:
+            nodes.append(node)
+            continue
+        cond, a, b = node.input
+        if a in zeros and b not in zeros:
+            grad, dtype, negate = b, zeros[a], True  # 0 where cond
+        elif b in zeros and a not in zeros:
+            grad, dtype, negate = a, zeros[b], False  # g where cond
+        else:
+            nodes.append(node)
+            continue
+        out = node.output[0]
+        total, spread, bad = fresh(f"{out}__sum"), fresh(f"{out}__spread"), fresh(f"{out}__nonfinite")
+        keep, keep_f, then_out, else_out = (fresh(f"{out}__{s}") for s in ("keep", "keepf", "where", "mul"))
+        where = onnx.NodeProto()
+        where.CopyFrom(node)
+        where.output[0] = then_out
+        where.name = fresh(f"{node.name or out}__where")
+        mask = [helper.make_node("Not", [cond], [keep], name=fresh(f"{out}__not"))] if negate else []
+        kept = keep if negate else cond
+        mask.append(helper.make_node("Cast", [kept], [keep_f], to=dtype, name=fresh(f"{out}__cast")))
+        mask.append(helper.make_node("Mul", [grad, keep_f], [else_out], name=fresh(f"{out}__mul")))
+        then_branch = helper.make_graph([where], fresh(f"{out}__nonfinite_branch"), [], [_typed(then_out, dtype)])
+        else_branch = helper.make_graph(mask, fresh(f"{out}__finite_branch"), [], [_typed(else_out, dtype)])
+        nodes += [
+            helper.make_node("ReduceSum", [grad], [total], keepdims=0, name=fresh(f"{out}__reducesum")),
+            helper.make_node("Sub", [total, total], [spread], name=fresh(f"{out}__sub")),
+            helper.make_node("IsNaN", [spread], [bad], name=fresh(f"{out}__isnan")),
+            helper.make_node(
+                "If", [bad], [out], name=fresh(f"{out}__if"), then_branch=then_branch, else_branch=else_branch
+            ),
+        ]
+        replaced += 1
+    if replaced:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return replaced
+
+
+def _typed(name: str, dtype: int) -> onnx.ValueInfoProto:
+    """A subgraph output of element type ``dtype`` and any shape."""
+    return helper.make_tensor_value_info(name, dtype, None)
+
+
+# The passes above that change what a training graph computes, with their helpers: their code is part of
+# the training export's cache key (training.graph_export.translations_source).
+GRAPH_PASSES = (guard_zero_selects, _zero_scalars, _typed)
