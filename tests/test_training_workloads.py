@@ -184,3 +184,48 @@ def test_relu_backward_of_a_non_finite_gradient_matches_torch() -> None:
 
     step = check_parity(model, sqrt_loss, "sgd", [(-1, 4), (-1, 16)], batch)
     assert "If" in _ops(step)
+
+
+def test_merge_slices_one_copy_for_two_axes() -> None:
+    """Slice(Slice(x)) over disjoint axes becomes one Slice with the same result; an inner Slice that
+    something else reads stays for it; overlapping axes are left alone."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from planwire.exporter.onnx_passes import merge_slices
+
+    def ints(name: str, values: list[int]) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+    nodes = [
+        helper.make_node("Slice", ["x", "s1", "e1", "a1", "p1"], ["rows"]),  # rows 1, 3, 5 of axis 1
+        helper.make_node("Slice", ["rows", "s2", "e2", "a2"], ["a"]),  # then columns 2..-1 of axis 2
+        helper.make_node("Slice", ["rows", "s3", "e3", "a3"], ["b"]),  # then channels 0..2 of axis 3
+        helper.make_node("Slice", ["a", "s2", "e2", "a2"], ["c"]),  # the same axis again: not merged
+        helper.make_node("Neg", ["rows"], ["d"]),  # the inner Slice still read here in the second graph
+    ]
+    inits = [
+        *(ints(n, v) for n, v in [("s1", [1]), ("e1", [6]), ("a1", [1]), ("p1", [2])]),
+        *(ints(n, v) for n, v in [("s2", [2]), ("e2", [-1]), ("a2", [2]), ("s3", [0]), ("e3", [2]), ("a3", [3])]),
+    ]
+    x = np.arange(2 * 7 * 8 * 3, dtype=np.float32).reshape(2, 7, 8, 3)
+    for outputs in (["a", "b", "c"], ["a", "b", "c", "d"]):
+        used = [n for n in nodes if n.output[0] in outputs or n.output[0] == "rows"]
+        graph = helper.make_graph(
+            used,
+            "slices",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, 8, 3])],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * 4) for o in outputs],
+            initializer=inits,
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        assert merge_slices(proto) == 2
+        onnx.checker.check_model(proto)
+        slices = [n for n in proto.graph.node if n.op_type == "Slice"]
+        assert len(slices) == (3 if outputs[-1] == "c" else 4)  # a, b, c (+ rows, still read by Neg)
+        assert [n.input[0] for n in slices if n.output[0] in ("a", "b")] == ["x", "x"]
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)

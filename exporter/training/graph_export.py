@@ -2,7 +2,8 @@
 
 :func:`export_traced` is the one place that calls the ONNX exporter on traced graphs: ``torch.export``
 (dynamic axes as ``Dim.DYNAMIC``), ``torch.onnx.export`` with the training translations, then the
-graph passes (max-pool tidying, guarded mask multiplies for zero selects, debug info, axis names) and
+graph passes (max-pool tidying, guarded mask multiplies for zero selects, merged Slices, debug info,
+axis names) and
 the hygiene check. :func:`export_graph` builds a variant from it with
 :func:`planwire.exporter.build.build_variant`: cached under the traced graph's code and constants
 (:func:`graph_key`), so rebuilding the same step skips the export, and stamped with each plan's own name
@@ -28,6 +29,7 @@ from planwire.exporter.onnx_passes import (
     GRAPH_PASSES,
     check_exported,
     guard_zero_selects,
+    merge_slices,
     name_dynamic_axes,
     strip_debug_info,
     tidy_max_pools,
@@ -111,6 +113,7 @@ def export_traced(
     proto = onnx_program.model_proto
     tidy_max_pools(proto)
     guard_zero_selects(proto)  # after tidy_max_pools, which leaves graphs with subgraphs as they are
+    merge_slices(proto)
     strip_debug_info(proto)
     name_dynamic_axes(proto, [p.shape for p in inputs], [p.shape for p in outputs])
     check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=dynamic)
