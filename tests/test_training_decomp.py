@@ -218,6 +218,7 @@ def test_table_extends_core_aten_with_the_backward_ops() -> None:
     for op in D.LEANER_DECOMPOSITIONS:  # torch's own decomposition replaced
         assert table[op] is D.LEANER_DECOMPOSITIONS[op]
     assert aten.native_dropout.default in table and aten._native_batch_norm_legit.default in table
+    assert aten._native_batch_norm_legit_no_training.default not in table  # ONNX's BatchNormalization
     table.clear()  # a copy: the module's table is untouched
     assert aten.convolution_backward.default in training_decompositions()
 
