@@ -91,13 +91,16 @@ def _conv_weight_grad_taps(
     out_h, out_w = grad_output.shape[2], grad_output.shape[3]
     x = aten.constant_pad_nd(inp, [p_w, p_w, p_h, p_h]) if p_h or p_w else inp
     x = x.permute(0, 2, 3, 1)  # (N, H, W, C_in)
-    grad = grad_output.transpose(0, 1).reshape(c_out, -1)  # (C_out, N*Y)
+    # aten ops with the sizes spelled out: tracing infers no -1 and checks no broadcast, which made this
+    # decomposition half of a warm ResNet build's trace (sizes are symbolic in the batch)
+    rows = grad_output.shape[0] * (out_h * out_w)
+    grad = aten.clone(grad_output.transpose(0, 1), memory_format=torch.contiguous_format).view(c_out, rows)
     taps = []
     for i in range(k_h):
-        rows = slice(i * d_h, i * d_h + (out_h - 1) * s_h + 1, s_h)
+        window_rows = aten.slice(x, 1, i * d_h, i * d_h + (out_h - 1) * s_h + 1, s_h)
         for j in range(k_w):
-            window = x[:, rows, j * d_w : j * d_w + (out_w - 1) * s_w + 1 : s_w]
-            taps.append(torch.matmul(grad, window.reshape(-1, c_in)))
+            window = aten.slice(window_rows, 2, j * d_w, j * d_w + (out_w - 1) * s_w + 1, s_w)
+            taps.append(aten.mm(grad, aten.clone(window, memory_format=torch.contiguous_format).view(rows, c_in)))
     # stacked on a new first axis (a Concat of whole blocks: on the last axis onnxruntime copies element
     # by element), then the small (taps, C_out, C_in) result moved to the weight's layout
     stacked = torch.stack(taps, 0)
