@@ -162,6 +162,49 @@ def test_nll_loss_backward_unbatched_and_all_ignored() -> None:
     assert torch.equal(ours, aten.nll_loss_backward(grad, scores, target, None, 1, -100, total))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_training_matches_aten(affine: bool) -> None:
+    """Output, saved statistics and the running statistics' update, as aten's training-mode kernel."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, 6, dtype=torch.float64, generator=gen) * 3 + 2
+    weight = torch.randn(3, dtype=torch.float64, generator=gen) if affine else None
+    bias = torch.randn(3, dtype=torch.float64, generator=gen) if affine else None
+    stats = [torch.randn(3, dtype=torch.float64, generator=gen), torch.rand(3, dtype=torch.float64, generator=gen)]
+    ours_stats, ref_stats = [t.clone() for t in stats], [t.clone() for t in stats]
+    ours = D.batch_norm_training(x, weight, bias, *ours_stats, True, 0.1, 1e-5)
+    ref = aten._native_batch_norm_legit(x, weight, bias, *ref_stats, True, 0.1, 1e-5)
+    for o, r in zip([*ours, *ours_stats], [*ref, *ref_stats], strict=True):
+        _close(o, r)
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_backward_matches_aten(mask: tuple[bool, bool, bool], affine: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 4, 6, dtype=torch.float64, generator=gen) * 3 + 2
+    weight = torch.randn(3, dtype=torch.float64, generator=gen) if affine else None
+    grad = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    mean = x.mean([0, 2, 3])
+    invstd = torch.rsqrt(x.var([0, 2, 3], correction=0) + 1e-5)
+    args = (grad, x, weight, None, None, mean, invstd, True, 1e-5, list(mask))
+    ours = D.batch_norm_backward(*args)
+    ref = aten.native_batch_norm_backward(*args)
+    for o, r, wanted in zip(ours, ref, mask, strict=True):
+        if wanted:
+            _close(o, r)
+        else:
+            assert o is None
+
+
+def test_batch_norm_outside_training_4d_takes_torchs_decomposition() -> None:
+    x = torch.randn(6, 3, dtype=torch.float64)
+    stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    ref = aten._native_batch_norm_legit(x, None, None, *[t.clone() for t in stats], True, 0.1, 1e-5)
+    ours = D.batch_norm_training(x, None, None, *stats, True, 0.1, 1e-5)
+    for o, r in zip(ours, ref, strict=True):
+        _close(o, r)
+
+
 def test_empty_permuted_keeps_shape_and_strides() -> None:
     ref = aten.empty_permuted([2, 3, 4], [2, 0, 1])
     ours = D.empty_permuted([2, 3, 4], [2, 0, 1])
@@ -175,6 +218,7 @@ def test_table_extends_core_aten_with_the_backward_ops() -> None:
     for op in D.LEANER_DECOMPOSITIONS:  # torch's own decomposition replaced
         assert table[op] is D.LEANER_DECOMPOSITIONS[op]
     assert aten.native_dropout.default in table and aten._native_batch_norm_legit.default in table
+    assert aten._native_batch_norm_legit_no_training.default not in table  # ONNX's BatchNormalization
     table.clear()  # a copy: the module's table is untouched
     assert aten.convolution_backward.default in training_decompositions()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,13 +87,145 @@ def test_conv_weight_grad_by_taps_matches_aten(
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_threshold_backward_matches_aten_and_passes_nan_inputs() -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen)
-    x[0, 0, :3] = torch.tensor([0.0, float("nan"), -0.0])
-    grad = torch.randn(x.shape, dtype=torch.float64, generator=gen)
-    for threshold in (0.0, 0.5):
-        ref = aten.threshold_backward(grad, x, threshold)
-        ours = D.threshold_backward(grad, x, threshold)
-        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
-    assert ours[0, 0, 1] == grad[0, 0, 1]  # NaN input: torch passes the gradient, so do we
+def _select_model(zero_first: bool, dtype: int) -> bytes:
+    """``y = Where(x <= 0, 0, g)`` (or ``Where(x > 0, g, 0)``) over (n, 5) tensors of ``dtype``."""
+    from onnx import helper
+
+    values = [helper.make_tensor_value_info(n, dtype, ["n", 5]) for n in ("x", "g")]
+    cond = helper.make_node("LessOrEqual" if zero_first else "Greater", ["x", "zero"], ["c"])
+    where = helper.make_node("Where", ["c", "zero", "g"] if zero_first else ["c", "g", "zero"], ["y"])
+    graph = helper.make_graph(
+        [cond, where],
+        "select",
+        values,
+        [helper.make_tensor_value_info("y", dtype, ["n", 5])],
+        initializer=[helper.make_tensor("zero", dtype, [], [0.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("zero_first", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_guarded_zero_select_equals_where_for_every_gradient(zero_first: bool, dtype: str) -> None:
+    """The pass keeps Where's values (torch's ``threshold_backward``) where the gradient is inf or NaN at a
+    masked position, where a bare mask multiply gives NaN."""
+    import onnx
+    import onnxruntime as ort
+
+    from planwire.exporter.onnx_passes import guard_zero_selects
+
+    onnx_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    data = _select_model(zero_first, onnx_type)
+    proto = onnx.ModelProto.FromString(data)
+    assert guard_zero_selects(proto) == 1
+    assert collections.Counter(n.op_type for n in proto.graph.node)["If"] == 1
+    assert "Where" not in [n.op_type for n in proto.graph.node]
+    onnx.checker.check_model(proto, full_check=True)
+    plain = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    guarded = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5)).astype(dtype)
+    x[0, :3] = [0.0, -0.0, np.nan]
+    for bad in (None, np.inf, -np.inf, np.nan):
+        g = rng.standard_normal((6, 5)).astype(dtype)
+        if bad is not None:
+            g[x <= 0] = bad  # non-finite exactly where the mask zeroes it
+            g[1, 1] = bad if x[1, 1] > 0 else g[1, 1]
+        want = plain.run(None, {"x": x, "g": g})[0]
+        got = guarded.run(None, {"x": x, "g": g})[0]
+        np.testing.assert_array_equal(got, want, err_msg=f"gradient {bad}")
+        assert got.dtype == want.dtype and np.isnan(got).sum() == np.isnan(want).sum()
+
+
+def test_guard_leaves_other_selects() -> None:
+    """Integer selects, selects between two tensors and non-zero constants keep their Where."""
+    from onnx import TensorProto, helper
+
+    from planwire.exporter.onnx_passes import guard_zero_selects
+
+    nodes = [
+        helper.make_node("Where", ["c", "i", "izero"], ["a"]),  # int64: nothing to guard
+        helper.make_node("Where", ["c", "f", "f"], ["b"]),  # two tensors
+        helper.make_node("Where", ["c", "one", "f"], ["d"]),  # a non-zero constant
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "selects",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, [3]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, [3]),
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, [3]),
+        ],
+        [helper.make_tensor_value_info(n, t, [3]) for n, t in (("a", 7), ("b", 1), ("d", 1))],
+        initializer=[
+            helper.make_tensor("izero", TensorProto.INT64, [], [0]),
+            helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    before = proto.SerializeToString()
+    assert guard_zero_selects(proto) == 0
+    assert proto.SerializeToString() == before
+
+
+def test_relu_backward_of_a_non_finite_gradient_matches_torch() -> None:
+    """``sqrt(relu(z))`` has an infinite gradient wherever the ReLU outputs 0, and torch's ReLU backward
+    zeroes it there: the parameters stay finite, in the plan as in torch (a bare mask multiply gave NaN)."""
+
+    def sqrt_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((out.sqrt() - target) ** 2).mean()
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+
+    def batch(n: int, gen: torch.Generator) -> list[torch.Tensor]:
+        return [torch.randn(n, 4, generator=gen), torch.rand(n, 16, generator=gen)]
+
+    step = check_parity(model, sqrt_loss, "sgd", [(-1, 4), (-1, 16)], batch)
+    assert "If" in _ops(step)
+
+
+def test_merge_slices_one_copy_for_two_axes() -> None:
+    """Slice(Slice(x)) over disjoint axes becomes one Slice with the same result; an inner Slice that
+    something else reads stays for it; overlapping axes are left alone."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from planwire.exporter.onnx_passes import merge_slices
+
+    def ints(name: str, values: list[int]) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+    nodes = [
+        helper.make_node("Slice", ["x", "s1", "e1", "a1", "p1"], ["rows"]),  # rows 1, 3, 5 of axis 1
+        helper.make_node("Slice", ["rows", "s2", "e2", "a2"], ["a"]),  # then columns 2..-1 of axis 2
+        helper.make_node("Slice", ["rows", "s3", "e3", "a3"], ["b"]),  # then channels 0..2 of axis 3
+        helper.make_node("Slice", ["a", "s2", "e2", "a2"], ["c"]),  # the same axis again: not merged
+        helper.make_node("Neg", ["rows"], ["d"]),  # the inner Slice still read here in the second graph
+    ]
+    inits = [
+        *(ints(n, v) for n, v in [("s1", [1]), ("e1", [6]), ("a1", [1]), ("p1", [2])]),
+        *(ints(n, v) for n, v in [("s2", [2]), ("e2", [-1]), ("a2", [2]), ("s3", [0]), ("e3", [2]), ("a3", [3])]),
+    ]
+    x = np.arange(2 * 7 * 8 * 3, dtype=np.float32).reshape(2, 7, 8, 3)
+    for outputs in (["a", "b", "c"], ["a", "b", "c", "d"]):
+        used = [n for n in nodes if n.output[0] in outputs or n.output[0] == "rows"]
+        graph = helper.make_graph(
+            used,
+            "slices",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, 8, 3])],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * 4) for o in outputs],
+            initializer=inits,
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        assert merge_slices(proto) == 2
+        onnx.checker.check_model(proto)
+        slices = [n for n in proto.graph.node if n.op_type == "Slice"]
+        assert len(slices) == (3 if outputs[-1] == "c" else 4)  # a, b, c (+ rows, still read by Neg)
+        assert [n.input[0] for n in slices if n.output[0] in ("a", "b")] == ["x", "x"]
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)

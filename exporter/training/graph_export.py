@@ -2,10 +2,12 @@
 
 :func:`export_traced` is the one place that calls the ONNX exporter on traced graphs: ``torch.export``
 (dynamic axes as ``Dim.DYNAMIC``), ``torch.onnx.export`` with the training translations, then the
-graph passes (max-pool tidying, debug info, axis names) and the hygiene check. :func:`export_graph`
-builds a variant from it with :func:`planwire.exporter.build.build_variant`: cached under the traced
-graph's code and constants (:func:`graph_key`), so rebuilding the same step skips the export, and
-stamped with each plan's own name and metadata.
+graph passes (max-pool tidying, guarded mask multiplies for zero selects, merged Slices, debug info,
+axis names) and
+the hygiene check. :func:`export_graph` builds a variant from it with
+:func:`planwire.exporter.build.build_variant`: cached under the traced graph's code and constants
+(:func:`graph_key`), so rebuilding the same step skips the export, and stamped with each plan's own name
+and metadata.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from planwire.exporter import cache, diagnose, metadata, progress
 from planwire.exporter.build import build_variant, cache_key
 from planwire.exporter.export import OPSET
 from planwire.exporter.fingerprint import source_of, tensor_digest
-from planwire.exporter.onnx_passes import check_exported, name_dynamic_axes, strip_debug_info, tidy_max_pools
+from planwire.exporter.onnx_passes import (
+    GRAPH_PASSES,
+    check_exported,
+    guard_zero_selects,
+    merge_slices,
+    name_dynamic_axes,
+    strip_debug_info,
+    tidy_max_pools,
+)
 from planwire.exporter.torch_compat import EXPORT_LOCK, cached_registry
 from planwire.exporter.training.attribution import explain_failure
 from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS
@@ -102,6 +112,8 @@ def export_traced(
     cache.stats.exports += 1
     proto = onnx_program.model_proto
     tidy_max_pools(proto)
+    guard_zero_selects(proto)  # after tidy_max_pools, which leaves graphs with subgraphs as they are
+    merge_slices(proto)
     strip_debug_info(proto)
     name_dynamic_axes(proto, [p.shape for p in inputs], [p.shape for p in outputs])
     check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=dynamic)
@@ -124,8 +136,8 @@ def graph_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequenc
 @functools.cache
 def translations_source() -> str:
     """The code that shapes the exported graph beyond ``gm.code``: the custom ONNX translations and the
-    post-export pass (an edited translation must not be served a stale cached export)."""
-    return "\n".join(source_of(fn) for fn in [*ONNX_TRANSLATIONS.values(), tidy_max_pools])
+    post-export passes (an edited translation must not be served a stale cached export)."""
+    return "\n".join(source_of(fn) for fn in [*ONNX_TRANSLATIONS.values(), tidy_max_pools, *GRAPH_PASSES])
 
 
 def verify_once(

@@ -40,46 +40,24 @@ def _pooled_output(indices: object, pool_input: Node) -> Node | None:
     return next((u for u in pool.users if u.target is operator.getitem and u.args[1] == 0), None)
 
 
-def _relu_mask(node: Node) -> tuple[Node, list[Node], Node] | None:
-    """``(le, chain, unpooled)`` when ``node`` applies a ReLU backward mask to a pool backward's output:
-    ``where(le(x, t), 0, unpooled)`` (torch's ``threshold_backward``) or
-    ``mul(unpooled, to_copy(logical_not(le(x, t))))`` (``decompositions.threshold_backward``); ``chain``
-    lists the mask's nodes from ``le`` to the one ``node`` reads."""
-    if node.kwargs or len(node.args) != (3 if node.target is aten.where.self else 2):
+def _relu_mask(node: Node) -> tuple[Node, Node] | None:
+    """``(le, unpooled)`` when ``node`` is ReLU's backward (torch's ``threshold_backward``,
+    ``where(le(x, t), 0, unpooled)``) applied to a pool backward's output ``unpooled``."""
+    if node.target is not aten.where.self or node.kwargs or len(node.args) != 3:
         return None
-    if node.target is aten.where.self:
-        cond, zero, unpooled = node.args
-        if not (isinstance(cond, Node) and cond.target is aten.le.Scalar and _is_zero_scalar(zero)):
-            return None
-        chain = [cond]
-    elif node.target is aten.mul.Tensor:
-        unpooled, mask = node.args
-        if isinstance(mask, Node) and mask.target is aten.max_pool2d_with_indices_backward.default:
-            unpooled, mask = mask, unpooled
-        chain = []
-        while isinstance(mask, Node) and not mask.kwargs.keys() - {"dtype"} and len(chain) < 3:
-            chain.insert(0, mask)
-            if mask.target is aten.le.Scalar:
-                break
-            if mask.target not in (aten._to_copy.default, aten.logical_not.default):
-                return None
-            mask = mask.args[0] if len(mask.args) == 1 else None
-        if [c.target for c in chain] != [aten.le.Scalar, aten.logical_not.default, aten._to_copy.default]:
-            return None
-    else:
+    le, zero, unpooled = node.args
+    if not (isinstance(le, Node) and le.target is aten.le.Scalar and not le.kwargs and _is_zero_scalar(zero)):
         return None
-    le = chain[0]
-    if le.kwargs or not isinstance(unpooled, Node):
+    if not isinstance(unpooled, Node) or unpooled.kwargs:
         return None
-    if unpooled.target is not aten.max_pool2d_with_indices_backward.default or unpooled.kwargs:
+    if unpooled.target is not aten.max_pool2d_with_indices_backward.default:
         return None
-    return le, chain, unpooled
+    return le, unpooled
 
 
 def mask_before_unpool(gm: GraphModule) -> int:
-    """ReLU's backward after a max-pool's, moved to the pooled side: ``mask(x) * pool_bwd(g, x)`` becomes
-    ``pool_bwd(mask(pooled) * g, x)`` (the mask as :func:`_relu_mask` recognizes it, ``x <= t`` masked
-    out); returns how many were rewritten.
+    """ReLU's backward after a max-pool's, moved to the pooled side: ``where(x <= t, 0, pool_bwd(g, x))``
+    becomes ``pool_bwd(where(pooled <= t, 0, g), x)``; returns how many were rewritten.
 
     The pool backward puts each window's gradient at the element that holds the window's maximum
     (``pooled``) and zero elsewhere, so masking on ``x <= t`` equals masking the pooled gradient on
@@ -95,7 +73,7 @@ def mask_before_unpool(gm: GraphModule) -> int:
         found = _relu_mask(node)
         if found is None:
             continue
-        le, chain, unpooled = found
+        le, unpooled = found
         x, _threshold = le.args
         grad, pool_input, *pool_args, indices = unpooled.args
         if x is not pool_input:
@@ -105,11 +83,11 @@ def mask_before_unpool(gm: GraphModule) -> int:
             continue
         env: dict[Node, Node] = {x: pooled, unpooled: grad}
         with graph.inserting_before(node):  # after everything it reads (the zero may follow the pool backward)
-            for old in [*chain, node]:
+            for old in (le, node):
                 env[old] = graph.node_copy(old, lambda n, env=env: env.get(n, n))
             new = graph.call_function(unpooled.target, (env[node], pool_input, *pool_args, indices))
         new.meta.update({k: v for k, v in unpooled.meta.items() if k != "val"})
-        for old in [*chain, node]:
+        for old in (le, node):
             _fake_value(env[old])
         new.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(new)
