@@ -106,6 +106,18 @@ class PlanPorts:
     def args(self) -> tuple[TensorSpec, ...]:
         return tuple(s for s in self.inputs if s.role == "arg")
 
+    def hyper_feeds(self, overrides: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """Hyper-parameter inputs in the plan's dtypes: its defaults, overridden by name without the
+        ``hyper.`` prefix (``{"lr": 0.01}``, as a run config names them)."""
+        return {
+            s.name: np.asarray(
+                float(overrides.get(s.name.removeprefix("hyper."), self.hyper_defaults[s.name])),
+                dtypes.to_numpy(s.dtype),
+            )
+            for s in self.inputs
+            if s.role == "hyper"
+        }
+
     def initial_optimizer_state(self) -> dict[str, np.ndarray]:
         """A fresh optimizer state: zeros, as ``Optimizer.init_state`` makes it (a new one every round)."""
         return {s.name: np.zeros(s.shape, dtypes.to_numpy(s.dtype)) for s in self.inputs if s.role == "optim"}
