@@ -12,9 +12,9 @@ Under the worker's trust model: what a step computes from private data leaves on
 policy (``plan-worker --policy``) releases it. The bridge asks the worker (``describe``'s ``release``)
 after the first step how each trained weight may leave: as an ``update`` (new minus pushed, clipped and
 noised by the worker if the policy says so), which the bridge adds to the weights it pushed, or as it is.
-A trained weight the policy does not release stops the round for this node with an error naming the
-missing rule, before the other steps run and with nothing read. Metrics (loss, accuracy) are reported
-when the policy releases them and left out otherwise. A worker started with ``--public`` keeps nothing
+A trained weight, loss or metric the policy does not release stops the round for this node with an error
+naming the missing rule, before the other steps run and with nothing read (every node reports the same
+metrics: Flower skips a round's aggregation when their keys differ). A worker started with ``--public`` keeps nothing
 private: the weights come back as they are.
 
 CURVE: node config ``planwire-curve-secret`` (this node's ``.key_secret``, from ``plan-worker keys``) and
@@ -78,15 +78,16 @@ class _Remote:
         self._outputs = [self.keys[ports.bindings[o.name]] if o.name in ports.bindings else None for o in ports.outputs]
         self._reported = [i for i, key in enumerate(self._outputs) if key is None]
         self._names = [ports.outputs[i].name.removeprefix("metric.") for i in self._reported]
-        self._fetch: list[int] | None = None  # the reported outputs a read may return: known after one step
+        self._fetch: list[int] | None = None  # the reported outputs, once the worker said they may leave
         self._rule = False  # whether the worker releases anything of this plan (its policy has a rule for it)
         roles = {s.name: s.role for s in ports.inputs}
         # Trained weights: the weight inputs a step output replaces (frozen ones are never written).
         self.trained = {out: name for out, name in ports.bindings.items() if roles[name] in WEIGHT_ROLES}
 
     def steps(self, order: list[Batch], hyper: dict[str, np.ndarray], *, training: bool) -> dict[str, float]:
-        """Run one step per batch in ``order``; the batch-weighted means of the released loss and metrics.
-        After the first step, learn what may leave (and, ``training``, refuse unless the weights may)."""
+        """Run one step per batch in ``order``; the batch-weighted means of the loss and metrics. After the
+        first step, ask the worker what may leave: PlanRefused unless the loss and metrics may (and, when
+        ``training``, the weights), before the other steps run and with nothing read."""
         pending = []
         for x, y in order:
             args: list[Any] = []
@@ -109,14 +110,14 @@ class _Remote:
                 self._rule |= any(isinstance(info.release, str) for info in infos)
                 if training:
                     self.modes()  # refuses now, before the other steps, if the weights cannot leave
-                elif not self._fetch:
-                    raise PlanRefused(self._refusal([self.ports.outputs[i].name for i in self._reported], "as_is"))
-            pending.append((x.shape[0], [p for i, p in zip(self._reported, reported, strict=True) if i in self._fetch]))
-        names = [n for i, n in zip(self._reported, self._names, strict=True) if i in (self._fetch or [])]
-        sums = dict.fromkeys(names, 0.0)
+                held = [self.ports.outputs[i].name for i in self._reported if i not in self._fetch]
+                if held:  # every node must report the same metrics, or Flower skips the round's aggregation
+                    raise PlanRefused(self._refusal(held, "as_is"))
+            pending.append((x.shape[0], reported))
+        sums = dict.fromkeys(self._names, 0.0)
         seen = 0
         for n, values in pending:
-            for name, pointer in zip(names, values, strict=True):
+            for name, pointer in zip(self._names, values, strict=True):
                 sums[name] += float(np.asarray(pointer.get())) * n
             seen += n
         if not np.isfinite(sums.get("loss", 0.0)):
@@ -144,8 +145,13 @@ class _Remote:
         first = held[0]
         value = f'{{ update = "{self.trained[first]}" }}' if how == "update" else '"as_is"'
         example = f'outputs."{first}" = {value}'
-        what = "the weights plan" if how == "update" else "every loss and metric plan"
-        where = f"plan-worker {self.worker.id!r} keeps {what} {self.ports.name!r} computes from its data"
+        plan = repr(self.ports.name)
+        what = (
+            f"the weights that plan {plan} trains"
+            if how == "update"
+            else f"the loss and metrics that plan {plan} computes"
+        )
+        where = f"plan-worker {self.worker.id!r} keeps {what} on its data"
         if self._rule:
             why = f"the data owner's --policy rule for this plan does not release {held}"
         else:

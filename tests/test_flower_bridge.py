@@ -146,7 +146,7 @@ def test_without_a_rule_the_round_fails_naming_it_and_nothing_leaves(linear, dat
         with pytest.raises(PlanRefused, match=r'add outputs."loss" = "as_is" for each metric'):
             bridge_evaluate(message(model, plan, "evaluate"), node(worker.url))
     text = str(info.value)
-    assert "plan-worker 'owner' keeps the weights plan 'train_Linear' computes from its data" in text
+    assert "plan-worker 'owner' keeps the weights that plan 'train_Linear' trains on its data" in text
     assert f'has no rule for this plan (fingerprint = "{fp}")' in text
     assert 'add outputs."new.param.weight" = { update = "param.weight" }' in text
     assert "Nothing left the worker." in text
