@@ -226,6 +226,8 @@ def run(env: Any, report: Any, quick: bool) -> None:
     for variant, fig in res["figures"].items():
         report.count(FAMILY, f"{variant}: round time (median, warm)", fig["round_s"], "s")
         report.count(FAMILY, f"{variant}: client process RSS", fig["client_rss_mb"], "MiB")
+        if variant != "floor":
+            report.count(FAMILY, f"{variant}: client RSS above the floor (its runtime)", fig["runtime_rss_mb"], "MiB")
         report.count(FAMILY, f"{variant}: bytes sent per round (round 1)", fig["sent_bytes_round1"], "B")
         report.count(FAMILY, f"{variant}: bytes sent per round (later)", fig["sent_bytes_per_round"], "B")
         report.count(FAMILY, f"{variant}: bytes received per round", fig["received_bytes_per_round"], "B")
