@@ -21,7 +21,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from planwire.flower.cache import plan_for
-from planwire.flower.ports import fingerprint
+from planwire.flower.ports import PlanPorts, fingerprint
 from planwire.flower.records import arrays_to_state, state_to_arrays
 from planwire.flower.runner import Data, Outcome, PlanRunner
 
@@ -53,8 +53,7 @@ def reply(msg: Message, outcome: Outcome, arrays: Any | None = None) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _runner(msg: Message, context: Context) -> PlanRunner:
-    plan, ports = plan_for(msg.content, context)
+def _runner(plan: bytes, ports: PlanPorts) -> PlanRunner:
     sha = fingerprint(plan)
     runner = _runners.get(sha)
     if runner is None:
@@ -63,16 +62,31 @@ def _runner(msg: Message, context: Context) -> PlanRunner:
     return runner
 
 
-def _int(conf: Mapping[str, Any], key: str, default: int) -> int:
+def config_int(conf: Mapping[str, Any], key: str, default: int) -> int:
+    """A non-negative integer setting; ValueError naming the key otherwise."""
     value = conf.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"config {key!r} must be a non-negative integer, got {value!r}")
     return value
 
 
+def round_rng(conf: Mapping[str, Any], context: Context) -> np.random.Generator:
+    """This node's shuffling for this round: seeded by the run's ``seed``, the node and the round."""
+    seed = config_int(conf, "seed", 0)
+    return np.random.default_rng([seed, int(context.node_id) & 0xFFFFFFFF, config_int(conf, "server-round", 0)])
+
+
+def opened(msg: Message, context: Context) -> tuple[bytes, PlanPorts, dict[str, Any], dict[str, np.ndarray]]:
+    """What every message starts with: the checked plan it names, the settings and the server's weights."""
+    plan, ports = plan_for(msg.content, context)
+    weights = arrays_to_state(ports, msg.content["arrays"], what="server arrays")
+    return plan, ports, settings(msg, context), weights
+
+
 def plan_client_app(load_data: DataLoader, load_eval_data: DataLoader | None = None) -> ClientApp:
     """A ClientApp that trains (and evaluates) with the plan its messages name, on ``load_data``'s arrays.
-    ``load_eval_data`` gives the node's evaluation split (default: its training data)."""
+    ``load_eval_data`` gives the node's evaluation split (default: its training data). A node whose config
+    names ``planwire-worker`` forwards both to that plan-worker (:mod:`planwire.flower.bridge`)."""
     app = ClientApp()
 
     @app.train()
@@ -81,22 +95,19 @@ def plan_client_app(load_data: DataLoader, load_eval_data: DataLoader | None = N
             from planwire.flower.bridge import bridge_train
 
             return bridge_train(msg, context)
-        runner = _runner(msg, context)
-        conf = settings(msg, context)
-        weights = arrays_to_state(runner.ports, msg.content["arrays"], what="server arrays")
-        seed = _int(conf, "seed", 0)
-        rng = np.random.default_rng([seed, int(context.node_id) & 0xFFFFFFFF, _int(conf, "server-round", 0)])
+        plan, ports, conf, weights = opened(msg, context)
+        runner = _runner(plan, ports)
         outcome = runner.train(
             weights,
             load_data(context),
-            batch_size=_int(conf, "batch-size", 32),
-            epochs=_int(conf, "local-epochs", 1),
-            steps=_int(conf, "local-steps", 0),
-            hyper=hyper_overrides(conf, runner.ports.hyper_defaults),
-            rng=rng,
+            batch_size=config_int(conf, "batch-size", 32),
+            epochs=config_int(conf, "local-epochs", 1),
+            steps=config_int(conf, "local-steps", 0),
+            hyper=hyper_overrides(conf, ports.hyper_defaults),
+            rng=round_rng(conf, context),
             proximal_mu=float(conf.get("proximal-mu", 0.0)),
         )
-        return reply(msg, outcome, state_to_arrays(runner.ports, outcome.state))
+        return reply(msg, outcome, state_to_arrays(ports, outcome.state))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -104,13 +115,12 @@ def plan_client_app(load_data: DataLoader, load_eval_data: DataLoader | None = N
             from planwire.flower.bridge import bridge_evaluate
 
             return bridge_evaluate(msg, context)
-        runner = _runner(msg, context)
-        conf = settings(msg, context)
-        weights = arrays_to_state(runner.ports, msg.content["arrays"], what="server arrays")
+        plan, ports, conf, weights = opened(msg, context)
         data = (load_eval_data or load_data)(context)
-        return reply(msg, runner.evaluate(weights, data, batch_size=max(1, _int(conf, "batch-size", 32))))
+        outcome = _runner(plan, ports).evaluate(weights, data, batch_size=max(1, config_int(conf, "batch-size", 32)))
+        return reply(msg, outcome)
 
     return app
 
 
-__all__ = ["DataLoader", "plan_client_app", "reply", "settings"]
+__all__ = ["DataLoader", "config_int", "opened", "plan_client_app", "reply", "round_rng", "settings"]

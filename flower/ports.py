@@ -18,9 +18,16 @@ import numpy as np
 
 from planwire.transport import dtypes
 from planwire.transport.plancheck import DEFAULT_DOMAINS, PlanRejected, check_model
-from planwire.transport.spec import META_INPUTS, META_KIND, META_NAME, META_OUTPUTS, PlanVariant, TensorSpec
+from planwire.transport.spec import (
+    META_INPUTS,
+    META_KIND,
+    META_NAME,
+    META_OUTPUTS,
+    META_TRAINING,
+    PlanVariant,
+    TensorSpec,
+)
 
-META_TRAINING = "planwire.training"
 WEIGHT_ROLES = ("param", "frozen", "buffer")
 STATE_ROLES = (*WEIGHT_ROLES, "optim")
 _ROLES = {"arg", "hyper", *STATE_ROLES}
@@ -105,6 +112,18 @@ class PlanPorts:
     @cached_property
     def args(self) -> tuple[TensorSpec, ...]:
         return tuple(s for s in self.inputs if s.role == "arg")
+
+    def hyper_feeds(self, overrides: Mapping[str, float]) -> dict[str, np.ndarray]:
+        """Hyper-parameter inputs in the plan's dtypes: its defaults, overridden by name without the
+        ``hyper.`` prefix (``{"lr": 0.01}``, as a run config names them)."""
+        return {
+            s.name: np.asarray(
+                float(overrides.get(s.name.removeprefix("hyper."), self.hyper_defaults[s.name])),
+                dtypes.to_numpy(s.dtype),
+            )
+            for s in self.inputs
+            if s.role == "hyper"
+        }
 
     def initial_optimizer_state(self) -> dict[str, np.ndarray]:
         """A fresh optimizer state: zeros, as ``Optimizer.init_state`` makes it (a new one every round)."""

@@ -54,15 +54,6 @@ class PlanRunner:
             raise ValueError(f"{what} is empty")
         return n
 
-    def hyper(self, overrides: Mapping[str, float]) -> dict[str, np.ndarray]:
-        """Hyper-parameter feeds: the plan's defaults, overridden by config keys of the same name (``lr``)."""
-        feeds = {}
-        for spec in self.ports.inputs:
-            if spec.role == "hyper":
-                value = overrides.get(spec.name.removeprefix("hyper."), self.ports.hyper_defaults[spec.name])
-                feeds[spec.name] = np.asarray(float(value), dtypes.to_numpy(spec.dtype))
-        return feeds
-
     def train(
         self,
         weights: Mapping[str, np.ndarray],
@@ -81,7 +72,7 @@ class PlanRunner:
             raise ValueError(f"batch-size must be at least 1, got {batch_size}")
         total = steps if steps > 0 else epochs * -(-n // batch_size)
         state = {**weights, **self.ports.initial_optimizer_state()}
-        feeds = self.hyper(hyper or {})
+        feeds = self.ports.hyper_feeds(hyper or {})
         lr = float(feeds["hyper.lr"]) if "hyper.lr" in feeds else 0.0
         start = {name: weights[name] for name in self.ports.names("param")} if proximal_mu else {}
         sums: dict[str, float] = {}
@@ -108,7 +99,7 @@ class PlanRunner:
         n = self.check_data(data, "evaluation data")
         if "hyper.lr" not in self.ports.hyper_defaults:
             raise ValueError(f"plan {self.ports.name!r} has no hyper.lr input: it cannot be run without updating")
-        feeds = self.hyper({"lr": 0.0})
+        feeds = self.ports.hyper_feeds({"lr": 0.0})
         sums: dict[str, float] = {}
         for lo in range(0, n, batch_size):
             state = {**weights, **self.ports.initial_optimizer_state()}

@@ -407,3 +407,16 @@ def test_a_whole_federation_runs_where_torch_cannot_be_imported(
     assert sorted(report["train"]) == ["1", "2"] and sorted(report["evaluate"]) == ["1", "2"]
     assert report["evaluate"]["2"]["loss"] < report["evaluate"]["1"]["loss"] < 2.3
     assert set(report["evaluate"]["2"]) == {"loss", "accuracy"}
+
+
+def test_the_client_app_imports_no_heavy_library() -> None:
+    """What a client process loads is what its memory costs: flwr, onnxruntime, numpy and planwire's
+    transport, not torch, nor SciPy or scikit-learn (the example reads the digits' bundled file itself)."""
+    code = (
+        "import sys; from planwire_digits.client_app import app; "
+        "print(sorted(m for m in ('torch', 'scipy', 'sklearn', 'pandas', 'ray', 'onnx') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(APP)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

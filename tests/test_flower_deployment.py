@@ -1,14 +1,18 @@
-"""A Flower deployment on loopback: SuperLink, three SuperNodes and ``flwr run``, real processes all.
+"""A Flower deployment on loopback: SuperLink, four SuperNodes and ``flwr run``, real processes all.
 
-Two SuperNodes train with the planwire ClientApp on their own partition of the digits; the third has no
-data of its own and no planwire runtime in the loop: its config names a plan-worker, which holds that
-node's examples as private tensors, and the same ClientApp bridges the plan and the weights there over
-planwire's protocol. Insecure mode (no TLS) is for this loopback test only.
+Two SuperNodes train with the planwire ClientApp on their own partition of the digits; the other two
+have no data of their own and no planwire runtime in the loop: their config names a plan-worker, which
+holds that node's examples as private tensors, and the same ClientApp bridges the plan and the weights
+there over planwire's protocol. The third node's worker has a data owner's policy approving the plan
+(weights released as updates, loss and accuracy as they are); the fourth node's worker has none, so its
+node fails every round with an error naming the missing rule, the others go on, and nothing leaves that
+worker. Insecure mode (no TLS) is for this loopback test only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -24,14 +28,20 @@ import pytest
 
 pytest.importorskip("flwr", reason="planwire[flower] is not installed")
 
+from planwire.flower import fingerprint
 from planwire.worker.process import WorkerProcess
+from planwire.worker.review import policy_snippet, review
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(APP))
 
+from planwire_digits.model import build  # noqa: E402
 from planwire_digits.task import partition  # noqa: E402
+
+LR = 0.05
+MIN_BATCH = 16
 
 
 def free_port() -> int:
@@ -89,14 +99,22 @@ def procs() -> Iterator[list]:
 
 
 def save_batches(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 32) -> None:
-    """A plan-worker data file: batches tagged images.<b> and labels.<b>."""
+    """A plan-worker data file: batches tagged images.<b> and labels.<b>; a last batch of fewer than the
+    policy's min_batch rows is left out (the owner releases nothing computed on so few rows)."""
     arrays = {}
-    for b, lo in enumerate(range(0, len(x), batch)):
+    starts = [lo for lo in range(0, len(x), batch) if len(x) - lo >= MIN_BATCH]
+    for b, lo in enumerate(starts):
         arrays[f"images.{b}"], arrays[f"labels.{b}"] = x[lo : lo + batch], y[lo : lo + batch]
     np.savez(path, **arrays)
 
 
-@pytest.mark.timeout(600)
+def owner_policy(plan: bytes) -> str:
+    """What the third node's data owner approved after `plan-worker review`: the review's snippet, with
+    the learning rate bounded."""
+    return policy_snippet(review(plan)) + 'inputs."hyper.lr" = { min = 0.0, max = 0.1 }\n'
+
+
+@pytest.mark.timeout(900)
 def test_flower_deployment_with_a_plan_worker_node(tmp_path: Path, procs: list) -> None:
     home, logs = tmp_path / "flwr-home", tmp_path / "logs"
     home.mkdir()
@@ -108,11 +126,20 @@ def test_flower_deployment_with_a_plan_worker_node(tmp_path: Path, procs: list) 
     # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name from PATH.
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
-    save_batches(tmp_path / "node2.npz", *partition(2, 3))
-    # --public: the bridge fetches trained weights, which the trust model keeps on a private-data worker
-    # unless its owner's policy releases them; a policy-aware bridge (updates -> weights) is still to come.
-    worker = WorkerProcess("flower-node-2", data=[str(tmp_path / "node2.npz")], extra=["--public"])
+    _, plan = build(lr=LR, seed=0)  # the plan the ServerApp builds and sends, as its data owner reviewed it
+    (tmp_path / "policy.toml").write_text(owner_policy(plan))
+    save_batches(tmp_path / "node2.npz", *partition(2, 4))
+    save_batches(tmp_path / "node3.npz", *partition(3, 4))
+    worker = WorkerProcess(  # private data (no --public): only what the policy releases leaves
+        "flower-node-2",
+        data=[str(tmp_path / "node2.npz")],
+        extra=["--policy", str(tmp_path / "policy.toml"), "--audit", str(tmp_path / "audit2.jsonl")],
+    )
     procs.append(worker)
+    unapproved = WorkerProcess(  # private data and no policy: nothing it computes from the data may leave
+        "flower-node-3", data=[str(tmp_path / "node3.npz")], extra=["--audit", str(tmp_path / "audit3.jsonl")]
+    )
+    procs.append(unapproved)
 
     link = Proc(
         "superlink",
@@ -131,9 +158,10 @@ def test_flower_deployment_with_a_plan_worker_node(tmp_path: Path, procs: list) 
     procs.append(link)
     link.wait_for("Uvicorn running on")
     node_configs = [
-        "partition-id=0 num-partitions=3",
-        "partition-id=1 num-partitions=3",
+        "partition-id=0 num-partitions=4",
+        "partition-id=1 num-partitions=4",
         f'planwire-worker="{worker.url}"',  # no data here: the bridge must train on the worker
+        f'planwire-worker="{unapproved.url}"',
     ]
     for i, node_config in enumerate(node_configs):
         node = Proc(
@@ -155,24 +183,41 @@ def test_flower_deployment_with_a_plan_worker_node(tmp_path: Path, procs: list) 
         node.wait_for("SuperNode ID")
 
     config = (
-        "num-server-rounds=2 fraction-train=1.0 fraction-evaluate=1.0 min-available-nodes=3 "
-        "local-epochs=2 batch-size=32 lr=0.05"
+        "num-server-rounds=3 fraction-train=1.0 fraction-evaluate=1.0 min-available-nodes=4 "
+        f"local-epochs=4 batch-size=32 lr={LR}"
     )
     run = subprocess.run(
         [str(BIN / "flwr"), "run", str(APP), "loopback", "--stream", "--run-config", config],
         env=env,
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=720,  # a clientapp process per message: ~4.5 min on 2 busy cores
         cwd=tmp_path,
     )
     out = run.stdout + run.stderr
+    (logs / "flwr-run.log").write_text(out)
     assert run.returncode == 0, out[-5000:]
-    assert out.count("aggregate_train: Received 3 results and 0 failures") == 2, out[-5000:]
-    assert out.count("aggregate_evaluate: Received 3 results and 0 failures") == 2, out[-5000:]
-    sent = re.findall(r"planwire: plan \w+ \(\d+ bytes\) sent to (\d+) node", out)
-    assert sent == ["3"], sent  # once per node, in the first round only
-    initial = float(re.search(r"Initial global evaluation results: .*'accuracy': ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    assert out.count("aggregate_train: Received 3 results and 1 failures") == 3, out[-5000:]
+    assert out.count("aggregate_evaluate: Received 3 results and 1 failures") == 3, out[-5000:]
+    # The fourth node's error names the rule its data owner would have to add; nothing was released there.
+    assert f'has no rule for this plan (fingerprint = "{fingerprint(plan)}")' in out, out[-5000:]
+    assert "keeps the weights that plan 'train_CNN' trains on its data" in out
+    assert "keeps the loss and metrics that plan 'train_CNN' computes on its data" in out
+    assert not events(tmp_path / "audit3.jsonl", "released")
+    # The third node trained on its plan-worker; the policy released the weights as updates, every round.
+    assert "registered plan 'train_CNN'" in worker.log()
+    released = events(tmp_path / "audit2.jsonl", "released")
+    assert released and not events(tmp_path / "audit2.jsonl", "refused")
+    updates = [r for r in released if any(o.startswith("new.param.") for o in r["outputs"])]
+    assert len(updates) == 3 * 6, len(updates)  # 3 rounds x the CNN's 6 parameter tensors
+    # The plan's bytes go to each node once; the refusing node answers with errors, so it is sent them again.
+    sent = [int(n) for n in re.findall(r"planwire: plan \w+ \(\d+ bytes\) sent to (\d+) node", out)]
+    assert sent[0] == 4 and set(sent[1:]) <= {1}, sent
     accuracy = float(re.search(r"final held-out accuracy: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
-    assert accuracy > initial + 0.3, out[-3000:]  # 2 rounds: learning, not converged (test_flower shows > 0.9)
-    assert "registered plan 'train_CNN'" in worker.log()  # the third node trained on the plan-worker
+    assert accuracy > 0.90, out[-3000:]
+
+
+def events(path: Path, kind: str) -> list[dict]:
+    """The ``kind`` events of a plan-worker's audit log."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["event"] == kind]

@@ -98,6 +98,19 @@ def test_min_batch_refuses_releases_from_too_few_rows(tmp_path):
     assert audit_lines(audit)[-1]["event"] == "refused"
 
 
+def test_describe_says_how_a_private_result_would_leave_without_releasing_it(tmp_path):
+    fp = step_plan().variants[0].id
+    w, audit = virtual(tmp_path, rules('outputs.new_w = { update = "w" }', fp), np.float32([3, 1, 4]))
+    (x,) = w.search()
+    new_w, loss = run_step(w, step_plan(), np.float32([1, 1, 1]), x, np.float32(0.5), outputs=["w1", "l1"])
+    info_w, info_loss, info_x = w.describe(new_w, loss, x)
+    assert (info_w.private, info_w.release) == (True, "update")
+    assert info_loss.private and not isinstance(info_loss.release, str)  # no rule for it: it never leaves
+    assert info_x.private and not isinstance(info_x.release, str)  # the worker's own data
+    assert not audit.exists() or not audit_lines(audit)  # describing released nothing
+    assert new_w.get().tolist() == [1.5, 0.5, 2.0]  # the update, as describe said
+
+
 def test_input_bounds_refuse_the_run_before_it_runs(tmp_path):
     plan = step_plan()
     fp = plan.variants[0].id

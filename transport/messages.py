@@ -80,7 +80,9 @@ class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
 class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What a stored tensor is, without its bytes. ``private``: it never leaves the worker (the worker's
     own data, or a result computed from private data). ``owner``: ``worker`` for the worker's own data,
-    ``client`` for the asking client's own tensors (no client ever sees another's)."""
+    ``client`` for the asking client's own tensors (no client ever sees another's). ``release``: for a
+    private result the data owner's policy lets leave, what a read returns: ``as_is`` (the value) or
+    ``update`` (the value minus the one the client stored for the input it updates); absent, it never leaves."""
 
     key: Key
     dtype: DType
@@ -88,6 +90,7 @@ class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
     tags: list[Tag] = []
     private: bool = False
     owner: Literal["worker", "client"] = "client"
+    release: Literal["as_is", "update"] | UnsetType = UNSET
 
 
 class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True):

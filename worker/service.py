@@ -31,7 +31,7 @@ from planwire.transport.spec import plan_id
 from planwire.worker import flow
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.policy import Policy
-from planwire.worker.release import Releaser
+from planwire.worker.release import Pending, Releaser
 from planwire.worker.resident import Resident, hosts
 from planwire.worker.runtime import Device, OrtPlan, Ports
 from planwire.worker.stats import clean, peer_of
@@ -737,4 +737,5 @@ class Service:
             tags=list(entry.tags),
             private=entry.private,
             owner="worker" if entry.worker else "client",
+            release=entry.pending.how.how if isinstance(entry.pending, Pending) else UNSET,
         )
