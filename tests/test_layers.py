@@ -66,7 +66,6 @@ CONTRACT = tuple(
     for m in (
         "messages",
         "framing",
-        "session",
         "codec",
         "dtypes",
         "errors",

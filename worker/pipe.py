@@ -86,7 +86,7 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
 class Loaded(msgspec.Struct, tag="loaded", array_like=True):
     inputs: list[tuple[str, str, list[int | str | None]]]
     outputs: list[tuple[str, str, list[int | str | None]]]
-    placement: str = ""  # where its nodes run, when not wholly on the worker's device (PlanSession.placement)
+    placement: str = ""  # where its nodes run, when not wholly on the worker's device (OrtPlan.placement)
 
 
 class Ran(msgspec.Struct, tag="ran", array_like=True):

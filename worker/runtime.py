@@ -460,6 +460,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(found))
     return 0
-
-
-PlanSession = OrtPlan  # the name before "session" came to mean only the worker incarnation

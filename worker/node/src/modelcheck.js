@@ -1,4 +1,4 @@
-// Reject hostile ONNX plans before onnxruntime sees them: a port of transport/plancheck.py (same policy,
+// Reject hostile ONNX plans before onnxruntime sees them: a port of transport/plancheck.py, onnxproto.py and plansize.py (same policy,
 // same codes, same messages). The protobuf wire format is walked directly (no copies of tensor payloads,
 // raw_data and other large fields skipped by length); see that module's docstring for the policy.
 
