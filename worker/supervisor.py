@@ -43,12 +43,13 @@ BUSY_MS = 10  # while a job runs, the socket is read at least this often (ping, 
 
 @dataclass
 class _Queued:
-    """A request waiting behind the running job."""
+    """A request waiting behind the running job (``msg`` None: one refused as it was read, whose reply frames
+    are ``buffers``: it waits too, so a connection's replies keep the order of its requests)."""
 
     peer: bytes
     client: bytes
     frames: list
-    msg: m._Message
+    msg: m._Message | None
     buffers: list
 
 
@@ -133,8 +134,11 @@ class Supervisor:
         t0 = time.perf_counter()
         service, send = self.service, self.server.send
         msg, buffers = service.decode(frames, client, t0=t0)
-        if msg is None:
-            send(peer, buffers)
+        if msg is None:  # refused as read: answered in its turn (PROTOCOL.md §4.2)
+            if self.current is not None or self.queue:
+                self.queue.append(_Queued(peer, client, frames, None, buffers))
+            else:
+                send(peer, buffers)
             return
         kind = type(msg)
         if kind is m.Ping or kind is m.Hello:
@@ -151,6 +155,9 @@ class Supervisor:
 
     def _process(self, q: _Queued) -> None:
         msg = q.msg
+        if msg is None:
+            self.server.send(q.peer, q.buffers)
+            return
         if isinstance(msg, m.Run | m.RegisterPlan):
             job = self.service.begin(msg, q.buffers, q.frames, q.client)
             if isinstance(job, RunJob | RegisterJob):

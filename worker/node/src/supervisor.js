@@ -42,7 +42,9 @@ export class Supervisor {
     const service = this.service;
     const d = service.decode(frames, client);
     if (d.reply !== undefined) {
-      this.reply(peer, client, null, d.reply);
+      // refused as read: answered in its turn, so a connection's replies keep its requests' order (§4.2)
+      if (this.current !== null || this.queue.length) this.queue.push({ peer, client, frames, d: null, reply: d.reply });
+      else this.reply(peer, client, null, d.reply);
       return;
     }
     const type = d.msg.type;
@@ -72,6 +74,10 @@ export class Supervisor {
   }
 
   process(q) {
+    if (q.d === null) {
+      this.reply(q.peer, q.client, null, q.reply);
+      return;
+    }
     this.current = q;
     this.service.answer(q.d, q.frames, q.client).then((reply) => this.finish(q, reply));
   }
@@ -90,7 +96,7 @@ export class Supervisor {
   pendingOutputs() {
     const keys = new Set();
     for (const q of this.current ? [this.current, ...this.queue] : this.queue) {
-      if (q.d.msg.type === "run") for (const k of q.d.msg.outputs) keys.add(k);
+      if (q.d !== null && q.d.msg.type === "run") for (const k of q.d.msg.outputs) keys.add(k);
     }
     return keys;
   }
@@ -100,7 +106,7 @@ export class Supervisor {
     const m = d.msg;
     const target = String(m.run);
     const ok = () => [SIGNATURE, Buffer.from(stringify({ type: "ok", re: m.id, session: service.session }))];
-    const mine = (q) => q.peer.equals(peer) && q.d.msg.type === "run" && String(q.d.msg.id) === target;
+    const mine = (q) => q.d !== null && q.peer.equals(peer) && q.d.msg.type === "run" && String(q.d.msg.id) === target;
     const i = this.queue.findIndex(mine);
     if (i >= 0) {
       const [q] = this.queue.splice(i, 1);
