@@ -59,6 +59,15 @@ def ser(m: onnx.ModelProto) -> bytes:
     return m.SerializeToString(deterministic=True)
 
 
+def checked(nodes: list, inputs: list, outputs: list, initializers: Sequence = ()) -> bytes:
+    """A well-formed opset-17 plan (onnx's checker passes it): the benign side of the corpus' plans."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
 def i64(name: str, values: Sequence[int], dims: Sequence[int] | None = None) -> TensorProto:
     return helper.make_tensor(name, I64, [len(values)] if dims is None else list(dims), list(values))
 

@@ -23,17 +23,13 @@ from onnx import TensorProto, helper
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import Peer
 from tests.conformance.workers import NodeWorkerProcess, node_missing
+from tests.hostile import checked
 
 INT64_MIN = np.iinfo(np.int64).min
 INT32_MIN = np.iinfo(np.int32).min
 
 
-def _model(nodes: list, inputs: list, outputs: list, initializers: list = ()) -> bytes:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+_model = checked  # a well-formed plan (tests/hostile.py)
 
 
 def _io(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:

@@ -25,17 +25,13 @@ from onnx import TensorProto, helper
 from planwire.worker.admin import query
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import Peer, WireError
+from tests.hostile import checked
 
 STEPS = 12
 DEVICE = os.environ.get("PLANWIRE_TEST_DEVICE", "cpu")
 
 
-def _model(nodes: list, inputs: list, outputs: list, initializers: list = ()) -> bytes:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+_model = checked  # a well-formed plan (tests/hostile.py)
 
 
 def _io(name: str, shape: list) -> onnx.ValueInfoProto:
