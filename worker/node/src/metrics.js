@@ -109,7 +109,7 @@ export class Metrics {
     const owners = this.service.owners;
     const conns = new Map(); // owner -> its connections
     for (const conn of this.byClient.keys()) {
-      const owner = owners.byConn.get(conn) ?? (owners.lastSeen.has("c:" + conn) ? "c:" + conn : null);
+      const owner = owners.liveOwner(conn);
       if (owner === null) continue; // freed (--idle-ttl)
       if (!conns.has(owner)) conns.set(owner, []);
       conns.get(owner).push(conn);
@@ -121,10 +121,8 @@ export class Metrics {
       return { client, name: c.name, requests: c.requests, refused: c.refused, idle_s: (now - c.last) / 1e3, ...row(client) };
     });
     const spent = this.service.releaser.spent();
-    const perfNow = performance.now() / 1000;
-    const ownerRows = [...owners.lastSeen.keys()].sort().map((owner) => {
+    const ownerRows = owners.idle().sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([owner, idle]) => {
       const [releases, epsilon] = spent.get(owner) ?? [0, null];
-      const idle = perfNow - owners.lastSeen.get(owner);
       const cs = conns.get(owner) ?? [];
       return {
         owner: ownerLabel(owner),

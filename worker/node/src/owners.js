@@ -41,6 +41,18 @@ export class Owners {
     return this.byConn.get(conn) ?? "c:" + conn;
   }
 
+  /** The live owner behind `conn`, or null when it was freed (--idle-ttl) or never seen. */
+  liveOwner(conn) {
+    const owner = this.owner(conn);
+    return this.lastSeen.has(owner) ? owner : null;
+  }
+
+  /** Every live owner with the seconds since it was last seen. */
+  idle() {
+    const t = now();
+    return [...this.lastSeen].map(([owner, seen]) => [owner, t - seen]);
+  }
+
   /** Bind `conn` to an owner at hello: the one of a presented identity this worker issued, else the
    * connection's own owner (objects made before the hello stay its), to which an identity is issued.
    * Returns [owner, identity]. */
