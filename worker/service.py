@@ -386,10 +386,8 @@ class Service:
         return m.Ok(re=msg.id, session=self.session), []
 
     def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        entries = [self.store.entry(self._client, k) for k in msg.keys]
-        hosts([e.array for e in entries])  # data the runner holds crosses to the host now, in one request
-        arrays = self.store.take(self._client, msg.keys, msg.keep, self._release)
-        return self._tensors_reply(msg.id, msg.keys, hosts(arrays))
+        arrays = self.store.take(self._client, msg.keys, msg.keep, self._release)  # host values, one lookup each
+        return self._tensors_reply(msg.id, msg.keys, arrays)
 
     def _delete(self, msg: m.Delete, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         self.store.delete(self._client, msg.keys)
@@ -611,9 +609,10 @@ class Service:
         if not fetch:
             return m.Ok(re=msg.id, session=self.session), []
         keys = [msg.outputs[i] for i in fetch]
-        values = hosts([results[i] for i in fetch])
         if private:  # a private output leaves only as its release (the owner's policy): read through it
-            values = hosts(self.store.readable(self._client, keys, self._release)[1])
+            values = self.store.readable(self._client, keys, self._release)[1]
+        else:
+            values = hosts([results[i] for i in fetch])
         return self._tensors_reply(msg.id, keys, values)
 
     def _pending(

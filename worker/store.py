@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from planwire.transport.errors import ProtocolError
+from planwire.worker.resident import hosts
 
 MB = 1 << 20
 ClientId = bytes
@@ -192,13 +193,15 @@ class Store:
     def readable(
         self, client: ClientId, keys: list[str], release: Callable[[str, Entry], np.ndarray] | None = None
     ) -> tuple[list[Entry], list[np.ndarray]]:
-        """Entries of ``keys`` and the values that may be sent to ``client``: a private result only
-        through ``release`` (the owner's policy), the worker's own private data never."""
+        """Entries of ``keys`` and the host values that may be sent to ``client``: a private result only
+        through ``release`` (the owner's policy), the worker's own private data never. Each key is looked up
+        once, and the host copies of values the sandboxed runner holds are fetched in one request."""
         entries = [self.entry(client, k) for k in keys]
+        arrays = hosts([e.array for e in entries])  # what the runner holds crosses to the host, in one request
         values = []
-        for key, entry in zip(keys, entries, strict=True):
+        for key, entry, array in zip(keys, entries, arrays, strict=True):
             if not entry.private:
-                values.append(entry.array)
+                values.append(array)
             elif entry.worker:
                 raise ProtocolError(
                     "forbidden",
