@@ -4,6 +4,7 @@ skipped, saying why, without node or its packages), through one parametrized fac
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -17,12 +18,14 @@ from planwire.transport import Client, connect
 from planwire.transport.arrays import as_array, tags_of
 from planwire.worker import VirtualWorker
 from planwire.worker.process import WorkerProcess
+from tests.conformance.wire import Peer
 from tests.conformance.workers import NodeWorkerProcess, node_missing
 
 WORKER_KINDS = ("virtual", "tcp", "ipc", "node")
 _ipc_ids = itertools.count()
 
 WorkerFactory = Callable[..., Client]
+RawWorker = Callable[..., tuple[WorkerProcess, Peer]]
 
 
 def start_worker(
@@ -70,3 +73,30 @@ def worker_factory(worker_kind: str) -> Iterator[WorkerFactory]:
 @pytest.fixture
 def worker(worker_factory: WorkerFactory) -> Client:
     return worker_factory("device_1")
+
+
+@pytest.fixture
+def raw_worker() -> Iterator[RawWorker]:
+    """``start(id, kind="ipc", extra=(...), timeout=30, ready_timeout=30)`` -> (a real worker process, a
+    raw-frame Peer connected to it): the Python plan-worker over ``ipc`` or ``tcp`` loopback, or the Node.js
+    one (``node``, over tcp); both stopped after the test (the peer first)."""
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pw-raw-")))
+
+        def start(
+            id: str,
+            *,
+            kind: str = "ipc",
+            extra: Sequence[str] = (),
+            timeout: float = 30.0,
+            ready_timeout: float = 30.0,
+        ) -> tuple[WorkerProcess, Peer]:
+            listen = f"ipc://{tmp}/w{next(_ipc_ids)}.ipc" if kind == "ipc" else "tcp://127.0.0.1:0"
+            launch = NodeWorkerProcess if kind == "node" else WorkerProcess
+            proc = launch(id, listen=listen, extra=list(extra), ready_timeout=ready_timeout)
+            stack.callback(proc.close)
+            peer = Peer(proc.url, timeout=timeout)
+            stack.callback(peer.close)
+            return proc, peer
+
+        yield start

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,8 @@ from onnx import TensorProto, helper
 
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import Peer
-from tests.conformance.workers import NodeWorkerProcess, node_missing
+from tests.conformance.workers import node_missing
+from tests.conftest import RawWorker
 from tests.hostile import checked
 
 INT64_MIN = np.iinfo(np.int64).min
@@ -108,20 +107,11 @@ def folding_bomb_plan() -> bytes:
 
 
 @pytest.fixture(params=["tcp", "ipc", "node"])
-def worker(request: pytest.FixtureRequest) -> Iterator[tuple[WorkerProcess, Peer]]:
+def worker(request: pytest.FixtureRequest, raw_worker: RawWorker) -> tuple[WorkerProcess, Peer]:
     """A contained worker: the Python plan-worker over tcp and ipc, and the Node.js one (src/sandbox.js)."""
     if request.param == "node" and (reason := node_missing()):
         pytest.skip(reason)
-    with tempfile.TemporaryDirectory(prefix="pwk-") as tmp:
-        listen = f"ipc://{tmp}/w.ipc" if request.param == "ipc" else "tcp://127.0.0.1:0"
-        launch = NodeWorkerProcess if request.param == "node" else WorkerProcess
-        proc = launch("contained", listen=listen, extra=["--run-timeout", "2", "--max-run-memory-mb", "256"])
-        peer = Peer(proc.url, timeout=30)
-        try:
-            yield proc, peer
-        finally:
-            peer.close()
-            proc.close()
+    return raw_worker("contained", kind=request.param, extra=["--run-timeout", "2", "--max-run-memory-mb", "256"])
 
 
 def _stored(peer: Peer) -> dict[str, np.ndarray]:

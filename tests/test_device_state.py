@@ -13,9 +13,7 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -25,6 +23,7 @@ from onnx import TensorProto, helper
 from planwire.worker.admin import query
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import Peer, WireError
+from tests.conftest import RawWorker
 from tests.hostile import checked
 
 STEPS = 12
@@ -72,17 +71,9 @@ def reference(w: np.ndarray, m: np.ndarray, g: np.ndarray, steps: int) -> tuple[
 
 
 @pytest.fixture
-def worker() -> Iterator[tuple[WorkerProcess, Peer]]:
+def worker(raw_worker: RawWorker) -> tuple[WorkerProcess, Peer]:
     # --host-copy-after 0: no idle copies, so each count below is exact however slow this host is
-    with tempfile.TemporaryDirectory(prefix="pwd-") as tmp:
-        extra = ["--host-copy-after", "0", "--device", DEVICE]
-        proc = WorkerProcess("dev", listen=f"ipc://{tmp}/w.ipc", extra=extra, ready_timeout=120)
-        peer = Peer(proc.url, timeout=60)
-        try:
-            yield proc, peer
-        finally:
-            peer.close()
-            proc.close()
+    return raw_worker("dev", extra=["--host-copy-after", "0", "--device", DEVICE], timeout=60, ready_timeout=120)
 
 
 def copies(proc: WorkerProcess) -> dict[str, int]:
@@ -157,23 +148,17 @@ def test_a_later_run_first_saves_what_a_crash_could_lose(worker) -> None:
     assert copies(proc)["lost"] == 1
 
 
-def test_idle_results_get_a_host_copy_after_host_copy_after_seconds() -> None:
-    with tempfile.TemporaryDirectory(prefix="pwd-") as tmp:
-        extra = ["--host-copy-after", "0.2", "--device", DEVICE]
-        proc = WorkerProcess("idle", listen=f"ipc://{tmp}/w.ipc", extra=extra, ready_timeout=120)
-        peer = Peer(proc.url, timeout=60)
-        try:
-            peer.put("x", np.arange(8, dtype=np.float32))
-            plan = peer.register(add_plan(), name="add")["plan"]
-            peer.run(plan, ["x"], ["y"])
-            _wait_for(lambda: copies(proc)["host_copies"] == 1)
-            os.kill(runner_pid(proc), signal.SIGKILL)
-            _wait_for(lambda: "the sandboxed runner ended while idle" in proc.log())
-            np.testing.assert_array_equal(peer.get1("y"), np.arange(8, dtype=np.float32) + 1)
-            assert copies(proc)["lost"] == 0
-        finally:
-            peer.close()
-            proc.close()
+def test_idle_results_get_a_host_copy_after_host_copy_after_seconds(raw_worker: RawWorker) -> None:
+    extra = ["--host-copy-after", "0.2", "--device", DEVICE]
+    proc, peer = raw_worker("idle", extra=extra, timeout=60, ready_timeout=120)
+    peer.put("x", np.arange(8, dtype=np.float32))
+    plan = peer.register(add_plan(), name="add")["plan"]
+    peer.run(plan, ["x"], ["y"])
+    _wait_for(lambda: copies(proc)["host_copies"] == 1)
+    os.kill(runner_pid(proc), signal.SIGKILL)
+    _wait_for(lambda: "the sandboxed runner ended while idle" in proc.log())
+    np.testing.assert_array_equal(peer.get1("y"), np.arange(8, dtype=np.float32) + 1)
+    assert copies(proc)["lost"] == 0
 
 
 def test_a_crashed_step_fails_only_its_own_outputs(worker) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
@@ -19,6 +17,7 @@ from onnx import TensorProto, helper
 
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import Peer
+from tests.conftest import RawWorker
 from tests.test_device_state import add_plan, copies, reference, step_plan
 
 
@@ -48,16 +47,9 @@ def gpu() -> None:
 
 
 @pytest.fixture
-def worker() -> Iterator[tuple[WorkerProcess, Peer]]:
-    with tempfile.TemporaryDirectory(prefix="pwg-") as tmp:
-        extra = ["--device", "cuda", "--host-copy-after", "0", "--gpu-mem-limit", "1024"]
-        proc = WorkerProcess("gpu", listen=f"ipc://{tmp}/w.ipc", extra=extra, ready_timeout=120)
-        peer = Peer(proc.url, timeout=120)
-        try:
-            yield proc, peer
-        finally:
-            peer.close()
-            proc.close()
+def worker(raw_worker: RawWorker) -> tuple[WorkerProcess, Peer]:
+    extra = ["--device", "cuda", "--host-copy-after", "0", "--gpu-mem-limit", "1024"]
+    return raw_worker("gpu", extra=extra, timeout=120, ready_timeout=120)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
