@@ -8,10 +8,12 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,13 +21,26 @@ from prometheus_client.parser import text_string_to_metric_families
 import planwire
 from planwire.transport import CurveRefused
 from planwire.transport.auth import client_keys, public_key
-from planwire.worker.admin import ADMIN_SIGNATURE, format_status, query
+from planwire.transport.messages import PROTOCOL_VERSION
+from planwire.transport.server import Server
+from planwire.worker import Service
+from planwire.worker.admin import ADMIN_SIGNATURE, Status, format_status, query
 from planwire.worker.process import WorkerProcess
-from planwire.worker.stats import clean
+from planwire.worker.stats import Stats, clean
 from tests import handmade
 from tests.conformance.wire import Peer
 from tests.conformance.workers import kinds, node_missing, start
 
+INFO = {  # what plan-worker adds to Stats.snapshot() for a Status (worker/cli.py)
+    "worker": "folding",
+    "version": "0",
+    "protocol": PROTOCOL_VERSION,
+    "session": "s",
+    "pid": 1,
+    "providers": [],
+    "endpoints": [],
+    "curve": "off",
+}
 SCRIPT = str(Path(sys.executable).parent / "plan-worker")
 
 
@@ -296,3 +311,43 @@ def test_status_per_owner_shows_holdings_last_seen_releases_and_privacy_budget(t
     assert "owners    2 (privacy budget" in text
     assert re.search(rf"  {re.escape(oa.owner)} +planwire +2 +132 B +1 +1 +{oa.epsilon:.3g} \(1e-05\) ", text)
     assert re.search(rf"  {re.escape(ob.owner)} +planwire +1 +12 B +0 +0 +- ", text)
+
+
+def test_status_rows_of_gone_connections_fold_into_their_owner_row(tmp_path):
+    """A client that reconnects again and again (one owner, many connections) keeps status bounded: beyond
+    ``max_rows`` the least recently seen connections' rows are folded into the owner's row, which still counts
+    every request and tensor; a connection not seen for ``fold_after`` seconds is folded too."""
+    service = Service("folding")
+    stats = service.stats = Stats(service, max_rows=3)
+    server = Server(service.handle, [f"ipc://{tmp_path}/w.ipc"], max_message_bytes=1 << 20)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    peers: list[Peer] = []
+    try:
+        token = ""
+        for i in range(8):  # all open at once: each its own connection (a closed one's fd is reused)
+            peers.append(p := Peer(server.endpoints[0]))
+            welcome = p.ok({"type": "hello", "version": PROTOCOL_VERSION, "client": "again", "identity": token})
+            token = welcome["identity"]
+            p.put(f"t{i}", np.arange(3, dtype=np.float32))
+        st = msgspec.convert({**INFO, **stats.snapshot()}, Status)
+        assert [(c.requests, c.tensors, c.tensor_bytes) for c in st.clients] == [(2, 1, 12)] * 3
+        assert st.clients_folded == 5
+        (owner,) = st.owners
+        assert (owner.requests, owner.refused, owner.tensors, owner.tensor_bytes) == (16, 0, 8, 96)
+        assert owner.connections_folded == 5 and len(owner.connections) == 3
+        assert "clients   3 (5 earlier connections folded into their owners' rows)" in format_status(st)
+
+        stats.fold_after = 0.0  # every row but the one just seen is folded at the next request
+        with Peer(server.endpoints[0]) as p:
+            p.ok({"type": "hello", "version": PROTOCOL_VERSION, "client": "again", "identity": token})
+        st = msgspec.convert({**INFO, **stats.snapshot()}, Status)
+        assert [(c.name, c.requests, c.tensors) for c in st.clients] == [("again", 1, 0)]
+        (owner,) = st.owners
+        assert (owner.requests, owner.tensors, owner.connections_folded) == (17, 8, 8)
+    finally:
+        for p in peers:
+            p.close()
+        server.stop()
+        thread.join(timeout=10)
+        server.close()

@@ -62,6 +62,9 @@ class OwnerStatus(Holdings):
     releases: int
     epsilon: float | None = None
     delta: float | None = None
+    requests: int = 0  # over all its connections, folded ones included
+    refused: int = 0
+    connections_folded: int = 0  # connections whose rows were folded into this one (gone a while)
 
 
 class PlanStatus(msgspec.Struct):
@@ -94,6 +97,7 @@ class Status(msgspec.Struct, tag="status", tag_field="type"):
     run_p99_ms: float
     private_releases: int  # tensors of the worker's own data sent to clients
     owners: list[OwnerStatus] = []  # per owner (a reconnecting client is one owner, several connections)
+    clients_folded: int = 0  # connection rows folded into their owners' rows (not seen for a while)
     # Tensors crossing between the supervisor's host memory and the runner's device (worker/resident.py):
     # uploads, downloads (and their bytes), host_copies made, output buffers reused, tensors lost, held now.
     device_copies: dict[str, int] = {}
@@ -248,7 +252,8 @@ def format_status(st: Status) -> str:
         f"own data  {od.tensors} tensors, {_size(od.tensor_bytes)}; "
         f"{st.private_releases} released to clients (private data gets)",
         "requests  " + (", ".join(f"{k} {v}" for k, v in sorted(st.requests.items())) or "none"),
-        f"clients   {len(st.clients)}",
+        f"clients   {len(st.clients)}"
+        + (f" ({st.clients_folded} earlier connections folded into their owners' rows)" if st.clients_folded else ""),
     ]
     if st.device_copies:
         d = st.device_copies

@@ -6,6 +6,11 @@ named by their CURVE public key when the worker uses CURVE, else by the connecti
 socket's file descriptor, from ZeroMQ's message properties). Holdings are also kept per *owner* (the
 identity that owns objects, worker/owners.py: a client that reconnects keeps its owner), with the privacy
 budget each owner has spent on noised releases.
+
+Connections come and go (a client that reconnects, fd numbers reused): a connection's row is kept while it
+is recent, and folded into its owner's row once it has not been seen for ``fold_after`` seconds, or when
+more than ``max_rows`` rows are kept (the least recently seen first). The owner's row already counts its
+requests and holdings, so folding loses no number: status stays bounded however many connections come.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ WORKER = "(worker's own data)"  # owner of the tensors the worker was started wi
 IN_PROCESS = "in-process"
 DURATIONS_KEPT = 10_000
 CONNECTIONS_SHOWN = 8  # per owner in status  # p50/p99 are over the most recent runs
+FOLD_AFTER_S = 600.0  # a connection not seen for this long is folded into its owner's row
+MAX_CONNECTION_ROWS = 1024  # connection rows kept at most (beyond: the least recently seen are folded)
 
 
 def clean(text: str, limit: int = 2000) -> str:
@@ -61,11 +68,15 @@ def peer_of(frames: Sequence[object], curve: bool = False) -> str:
 
 @dataclass
 class ClientStats:
+    """One connection's row (kept while recent, then folded into its owner's)."""
+
+    owner: str = ""  # the owner it last acted for
     requests: int = 0
     refused: int = 0
     name: str = ""  # what its hello said
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+    held: set[tuple[str, str]] = field(default_factory=set)  # (owner, key) of the tensors it stored
 
 
 @dataclass
@@ -73,6 +84,9 @@ class OwnerStats:
     name: str = ""  # what its last hello said
     last_seen: float = field(default_factory=time.time)
     connections: dict[str, None] = field(default_factory=dict)  # the latest CONNECTIONS_SHOWN, oldest first
+    requests: int = 0  # over all its connections, folded ones included
+    refused: int = 0
+    folded: int = 0  # connections whose rows were folded into this one
 
 
 @dataclass
@@ -88,13 +102,23 @@ class PlanStats:
 class Stats:
     """Per-client tensors and plans, runs, releases of private data; mirrored into Prometheus metrics."""
 
-    def __init__(self, service: Service, *, curve: bool = False) -> None:
+    def __init__(
+        self,
+        service: Service,
+        *,
+        curve: bool = False,
+        fold_after: float = FOLD_AFTER_S,
+        max_rows: int = MAX_CONNECTION_ROWS,
+    ) -> None:
         self.service = service
         self.curve = curve
+        self.fold_after = fold_after
+        self.max_rows = max_rows
+        self.folded = 0  # connection rows folded into their owners' rows since the start
         self.started = time.time()
         self.metrics = Metrics()
         self._lock = threading.Lock()
-        self.clients: dict[str, ClientStats] = {}
+        self.clients: dict[str, ClientStats] = {}  # connection -> its row, least recently seen first
         self.tensors: dict[tuple[str, str], tuple[str, int]] = {}  # (owner, key) -> (connection, bytes)
         self.owners: dict[str, OwnerStats] = {}  # owner label (as in the audit log) -> what it did
         self.plans: dict[str, PlanStats] = {}  # plan id -> stats
@@ -113,7 +137,7 @@ class Stats:
             tensor_bytes=lambda: self._tensor_bytes,
             plans=lambda: len(self.plans),
             plan_bytes=lambda: self._plan_bytes,
-            clients=lambda: len(self.clients),
+            clients=lambda: len(self.clients) + self.folded,  # folded rows were clients seen too
         )
 
     def observe(
@@ -134,12 +158,14 @@ class Stats:
             o.connections[client] = None
             if len(o.connections) > CONNECTIONS_SHOWN:
                 del o.connections[next(iter(o.connections))]
+            o.requests += 1
+            o.refused += failed
             self.requests[kind] += 1
-            c = self.clients.get(client)
-            if c is None:
-                c = self.clients[client] = ClientStats()
+            c = self.clients.pop(client, None) or ClientStats()
+            self.clients[client] = c  # the most recently seen last
+            c.owner = owner
             c.requests += 1
-            c.last_seen = time.time()
+            c.last_seen = o.last_seen
             c.refused += failed
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
             if isinstance(msg, m.Run):
@@ -175,6 +201,27 @@ class Stats:
                     self._plan_bytes += nbytes
                 plan.clients.add(client)
                 plan.owners.add(owner)
+            self._fold(o.last_seen)
+
+    def _fold(self, now: float) -> None:
+        """Fold the rows of connections not seen for ``fold_after`` seconds, and the least recently seen
+        beyond ``max_rows``, into their owners' rows (their holdings stay counted there)."""
+        while self.clients:
+            connection, c = next(iter(self.clients.items()))
+            if now - c.last_seen <= self.fold_after and len(self.clients) <= self.max_rows:
+                return
+            del self.clients[connection]
+            self.folded += 1
+            o = self.owners.get(c.owner)
+            if o is not None:
+                o.folded += 1
+                o.connections.pop(connection, None)
+            for k in c.held:
+                held = self.tensors.get(k)
+                if held is not None and held[0] == connection:
+                    self.tensors[k] = ("", held[1])  # no connection's row: its owner's
+            for plan in self.plans.values():
+                plan.clients.discard(connection)
 
     def forget(self, owner: str) -> None:
         """An owner's objects were freed (--idle-ttl): drop its row and holdings (called on the serving thread;
@@ -208,11 +255,17 @@ class Stats:
         self._drop(owner, key)
         self.tensors[owner, key] = (connection, nbytes)
         self._tensor_bytes += nbytes
+        c = self.clients.get(connection)
+        if c is not None:
+            c.held.add((owner, key))
 
     def _drop(self, owner: str, key: str) -> None:
         old = self.tensors.pop((owner, key), None)
         if old is not None:
             self._tensor_bytes -= old[1]
+            c = self.clients.get(old[0])
+            if c is not None:
+                c.held.discard((owner, key))
 
     def snapshot(self) -> dict:
         """Everything ``plan-worker status`` shows, as plain data (any thread)."""
@@ -228,7 +281,10 @@ class Stats:
                 return by_owner.setdefault(owner, {"tensors": 0, "tensor_bytes": 0, "plans": 0, "plan_bytes": 0})
 
             for (owner, _), (connection, nbytes) in self.tensors.items():
-                for r in (row(WORKER if owner == WORKER else connection), owned(owner)):
+                rows = [owned(owner)]
+                if owner == WORKER or connection in self.clients:  # else its connection's row was folded
+                    rows.append(row(WORKER if owner == WORKER else connection))
+                for r in rows:
                     r["tensors"] += 1
                     r["tensor_bytes"] += nbytes
             for p in self.plans.values():
@@ -243,8 +299,8 @@ class Stats:
             durations = sorted(self.durations)
             now = time.time()
             clients = []
-            for label in sorted(set(self.clients) | set(per) - {WORKER}):
-                c = self.clients.get(label) or ClientStats()
+            for label in sorted(self.clients):
+                c = self.clients[label]
                 clients.append(
                     {
                         "client": label,
@@ -258,6 +314,7 @@ class Stats:
             return {
                 "uptime_s": round(now - self.started, 3),
                 "clients": clients,
+                "clients_folded": self.folded,
                 "owners": self._owner_rows(owned, now),
                 "own_data": row(WORKER),
                 "plans": [
@@ -287,6 +344,9 @@ class Stats:
                     "connections": list(o.connections),
                     "idle_s": round(now - o.last_seen, 3),
                     "last_seen": o.last_seen,
+                    "requests": o.requests,
+                    "refused": o.refused,
+                    "connections_folded": o.folded,
                     **owned(name),
                     "releases": releaser.releases.get(name, 0),
                     "epsilon": eps,
