@@ -23,7 +23,7 @@ from tests.test_device_state import add_plan, copies, reference, step_plan
 
 @cache
 def _why_not() -> str:
-    from planwire.worker.runtime import Device, check_device
+    from planwire.worker.device import Device, check_device
 
     try:
         check_device(Device("cuda"))

@@ -523,7 +523,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         )
         cleanup.append(service.releaser.close)
         if service.device.cuda:  # a usable device, or one line naming why not, before anything is bound
-            from planwire.worker.runtime import check_device, probe
+            from planwire.worker.device import check_device, probe
 
             found = probe(service.device) if args.no_sandbox else check_device(service.device)
             log.info("device %s: %s", service.device, _device_words(found))
@@ -692,7 +692,7 @@ def check_main(argv: list[str]) -> int:
     ap.add_argument("--gpu-mem-limit", type=int, default=0, metavar="MB", help="the arena cap to check with")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args, _ = ap.parse_known_args(argv)  # the other options of a serving command line are ignored
-    from planwire.worker.runtime import Device, check_device
+    from planwire.worker.device import Device, check_device
 
     try:
         found = check_device(Device.parse(args.device, args.gpu_mem_limit))

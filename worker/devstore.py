@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from planwire.transport import dtypes
-from planwire.worker.runtime import Device
+from planwire.worker.device import Device
 
 
 @dataclass

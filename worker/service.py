@@ -29,11 +29,12 @@ from planwire.transport.framing import DEFAULT_LIMITS, Frame, Limits
 from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.spec import plan_id
 from planwire.worker import flow
+from planwire.worker.device import Device
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.policy import Policy
 from planwire.worker.release import Pending, Releaser
 from planwire.worker.resident import Resident, hosts
-from planwire.worker.runtime import Device, OrtPlan, Ports
+from planwire.worker.runtime import OrtPlan, Signature
 from planwire.worker.stats import clean, peer_of
 from planwire.worker.store import ClientId, Entry, Store
 
@@ -52,7 +53,7 @@ class Plan:
 
     name: str
     data: bytes
-    ports: Ports
+    ports: Signature
 
 
 @dataclass
@@ -291,7 +292,7 @@ class Service:
         job.origin = origin
         return job
 
-    def complete(self, job: Job, outcome: Ports | list[np.ndarray] | ProtocolError) -> list[Frame]:
+    def complete(self, job: Job, outcome: Signature | list[np.ndarray] | ProtocolError) -> list[Frame]:
         """The reply to ``job`` given what executing it gave: ports (loaded), arrays (ran) or an error.
         Quotas and ownership are those of the job's client."""
         rid = job.rid if isinstance(job, RegisterJob) else job.msg.id
@@ -410,7 +411,7 @@ class Service:
         self._ort_plans[job.pid] = ort_plan
         return self._plan_info(msg.id, job.pid, plan), []
 
-    def _add_plan(self, job: RegisterJob, ports: Ports) -> Plan:
+    def _add_plan(self, job: RegisterJob, ports: Signature) -> Plan:
         """Record a plan whose session was created (here or by the runner)."""
         plan = self.plans[job.pid] = Plan(job.name, job.data, ports)
         if job.any_rank:
@@ -689,8 +690,8 @@ class Service:
         return m.Tensors(re=rid, session=self.session, tensors=out), frames
 
     @staticmethod
-    def _check_any_rank(plan: Ports, args: Sequence[np.ndarray], any_rank: frozenset[str]) -> None:
-        """Ports.check for a plan with inputs of unknown rank (which onnxruntime reports as shape
+    def _check_any_rank(plan: Signature, args: Sequence[np.ndarray], any_rank: frozenset[str]) -> None:
+        """Signature.check for a plan with inputs of unknown rank (which onnxruntime reports as shape
         ``[]``): those take any shape, and only their dtype is checked."""
         if len(args) != len(plan.inputs):
             plan.check(args)  # names the count
