@@ -19,19 +19,10 @@ from planwire.transport import dtypes
 from planwire.transport.dataflow import analyze
 from planwire.transport.estimate import ELEM_TYPES, Estimate, estimate, input_shapes, read_graph
 from planwire.transport.plancheck import check_model
-from planwire.transport.spec import META_INPUTS, META_KIND, META_NAME, META_OUTPUTS
+from planwire.transport.spec import META_INPUTS, META_KIND, META_NAME, META_OUTPUTS, TensorSpec
 
 MAX_REVIEW_BYTES = 2 << 30
 _STATE = frozenset({"param", "frozen", "buffer", "optim", "hyper"})  # a training plan's fixed-shape inputs
-
-
-@dataclass(frozen=True)
-class Port:
-    name: str
-    dtype: str
-    shape: list
-    role: str = ""
-    binds: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,8 +31,9 @@ class Review:
     name: str
     kind: str
     size: int
-    inputs: list[Port]
-    outputs: list[Port]
+    inputs: list[TensorSpec]
+    """Each input as the graph declares it, with its role from the plan's metadata ("" where none)."""
+    outputs: list[TensorSpec]
     deps: list[list[str]]
     """Per output: the names of the inputs it depends on."""
     ops: dict[str, int]
@@ -60,19 +52,20 @@ def review(data: bytes, shapes: Mapping[str, Sequence[int]] | None = None, batch
     roles = {p.get("name"): p for p in _json_list(meta.get(META_INPUTS))}
     out_roles = {p.get("name"): p for p in _json_list(meta.get(META_OUTPUTS))}
 
-    def dims(vt_dims: tuple | None) -> list:
-        return [d if isinstance(d, int) and d >= 0 else (d or None) for d in vt_dims or ()]
+    def dims(vt_dims: tuple | None) -> tuple:
+        return tuple(d if isinstance(d, int) and d >= 0 else (d or None) for d in vt_dims or ())
 
     inputs = [
-        Port(n, _wire(vt.elem), dims(vt.dims), str(roles.get(n, {}).get("role", ""))) for n, vt in g.inputs.items()
+        TensorSpec(n, _wire(vt.elem), dims(vt.dims), str(roles.get(n, {}).get("role", "")))
+        for n, vt in g.inputs.items()
     ]
     outputs = [
-        Port(
+        TensorSpec(
             n,
             _wire(vt.elem),
             dims(vt.dims),
             str(out_roles.get(n, {}).get("role", "")),
-            str(out_roles.get(n, {}).get("binds", "")),
+            str(out_roles.get(n, {}).get("binds", "")) or None,
         )
         for n, vt in g.outputs.items()
     ]

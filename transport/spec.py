@@ -28,12 +28,15 @@ META_TRAINING = "planwire.training"  # JSON {"optimizer": {"name", "hyper": {...
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype (wire name) and shape of one plan input or output; dynamic axes are str/None."""
+    """Name, dtype (wire name) and shape of one plan input or output (a *port*); dynamic axes are str/None.
+    ``role`` is what the plan's metadata says it is; ``binds``, for an output, the input it replaces on the
+    next call (a training step's new state), where the metadata says so."""
 
     name: str
     dtype: str
     shape: tuple[Dim, ...]
     role: str = "arg"
+    binds: str | None = None
 
     def mismatch(self, dtype: str, shape: Sequence[int]) -> str | None:
         """Why a concrete tensor does not fit this spec, or None when it does."""
