@@ -78,6 +78,8 @@ CONTRACT = tuple(
         "protowire",
         "dataflow",
         "estimate",
+        "graph",
+        "shapes",
         "review",
     )
 )

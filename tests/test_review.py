@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from planwire.transport.estimate import estimate, input_shapes, read_graph
+from planwire.transport.estimate import estimate, input_shapes
+from planwire.transport.graph import read_graph
 from planwire.transport.review import format_review, review
 from tests import handmade
 

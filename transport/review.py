@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from planwire.transport import dtypes
 from planwire.transport.dataflow import analyze
-from planwire.transport.estimate import ELEM_TYPES, Estimate, estimate, input_shapes, read_graph
+from planwire.transport.estimate import Estimate, estimate, input_shapes
+from planwire.transport.graph import ELEM_TYPES, read_graph
 from planwire.transport.plancheck import check_model
 from planwire.transport.spec import META_INPUTS, META_KIND, META_NAME, META_OUTPUTS, TensorSpec
 
