@@ -18,7 +18,7 @@ import zmq.auth
 
 import planwire
 from planwire.transport.auth import client_keys
-from planwire.worker.cli import raise_open_files
+from planwire.worker.endpoints import raise_open_files
 from planwire.worker.process import WorkerProcess
 from tests.conformance import plans
 from tests.conformance.wire import SIGNATURE, Peer

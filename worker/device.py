@@ -211,6 +211,16 @@ def _one_line(e: object) -> str:
     return " ".join(str(e).split())[:500]
 
 
+def describe(found: dict) -> str:
+    """A probe's result in words: ``NAME, N MiB[, N cores][ (arena capped at N MiB)]``."""
+    words = f"{found['name']}, {found['memory_bytes'] >> 20} MiB"
+    if found.get("cores"):
+        words += f", {found['cores']} cores"
+    if found.get("gpu_mem_limit_bytes"):
+        words += f" (arena capped at {found['gpu_mem_limit_bytes'] >> 20} MiB)"
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
     """``main([DEVICE, GPU_MEM_LIMIT_MB])``: ``probe`` in a child process
     (check_device): the result as one JSON line, or the reason as one line and status 1."""
