@@ -5,38 +5,38 @@ Session codec either way, so every in-process (VirtualWorker) test also exercise
 ``client`` (a CURVE public key or a connection's routing id) is who the request counts against: store
 quotas and the owner of what it stores. Every answer, wherever it is completed, is logged by client and
 plan when refused and reported once to ``stats`` (the operator's view) when that is set.
+
+The handlers of plans (worker/registry.py) and of runs (worker/runs.py) are parts of the Service, mixed
+in; this module holds its state, its entry points and the handlers of tensors and of the conversation.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 from msgspec import UNSET
 
 from planwire.transport import codec, dtypes, framing
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.framing import DEFAULT_LIMITS, Frame, Limits
-from planwire.transport.plancheck import PlanRejected, check_model
-from planwire.transport.spec import plan_id
 from planwire.worker import flow
 from planwire.worker.device import Device
+from planwire.worker.jobs import Job, Origin, Plan, RegisterJob, RunJob
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.policy import Policy
+from planwire.worker.registry import PlanRegistry
 from planwire.worker.release import Pending, Releaser
-from planwire.worker.resident import Resident, hosts
+from planwire.worker.runs import RunPath
 from planwire.worker.runtime import OrtPlan, Signature
 from planwire.worker.stats import clean, peer_of
-from planwire.worker.store import ClientId, Entry, Store
+from planwire.worker.store import ClientId, Store
 
 if TYPE_CHECKING:
     from planwire.worker.stats import Stats
@@ -47,61 +47,10 @@ log = logging.getLogger("planwire.worker")
 ONNX_OPSET = 23
 
 
-@dataclass
-class Plan:
-    """A registered plan: its bytes (kept, so a restarted runner can re-create its session) and ports."""
-
-    name: str
-    data: bytes
-    ports: Signature
+__all__ = ["Job", "ONNX_OPSET", "Origin", "Plan", "RegisterJob", "RunJob", "Service"]  # supervisor, state
 
 
-@dataclass
-class Origin:
-    """Who asked for a job and when it began: its request frames (the connection, for logs and stats),
-    the client it counts against (quotas, owner of its outputs) and ``perf_counter`` at its start."""
-
-    frames: Sequence[Frame] = ()
-    client: ClientId = b""
-    t0: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class RegisterJob:
-    """A registration that needs a session created (by the sandbox's runner, or in process)."""
-
-    msg: m.RegisterPlan
-    pid: str
-    name: str
-    data: bytes
-    any_rank: frozenset[str] = frozenset()  # its ports of unknown rank
-    origin: Origin = field(default_factory=Origin)
-
-    @property
-    def rid(self) -> int:
-        return self.msg.id
-
-
-@dataclass
-class RunJob:
-    """A validated run: the plan, its argument arrays and, for stored ones, their store entries."""
-
-    msg: m.Run
-    plan: Plan
-    args: list[np.ndarray]
-    entries: list[Entry | None]
-    reads_private: bool = False  # an argument is private: a failure's message must not quote values
-    private: frozenset[int] = frozenset()  # outputs computed from private data
-    pending: dict = field(default_factory=dict)  # their releases the owner's policy allows
-    rows: int = 0  # the fewest rows of the worker's data they were computed from
-    origin: Origin = field(default_factory=Origin)
-
-
-Job = RegisterJob | RunJob
-_STOPPED = frozenset({"plan_crashed", "plan_timeout", "out_of_memory", "cancelled"})  # a run that started, or was due
-
-
-class Service:
+class Service(PlanRegistry, RunPath):
     """One worker: a Store of tensors, registered plans, and the request handlers."""
 
     def __init__(
@@ -402,74 +351,9 @@ class Service:
         found = [self._info(k, self.store.entry(self._client, k)) for k in msg.keys]
         return m.Found(re=msg.id, session=self.session, tensors=found), []
 
-    def _register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        job = self._begin_register(msg, buffers)
-        if isinstance(job, m.PlanInfo):
-            return job, []
-        ort_plan = OrtPlan(job.data, name=job.name, device=self.device, threads=self.threads)
-        plan = self._add_plan(job, ort_plan)
-        self._ort_plans[job.pid] = ort_plan
-        return self._plan_info(msg.id, job.pid, plan), []
-
-    def _add_plan(self, job: RegisterJob, ports: Signature) -> Plan:
-        """Record a plan whose session was created (here or by the runner)."""
-        plan = self.plans[job.pid] = Plan(job.name, job.data, ports)
-        if job.any_rank:
-            self._any_rank[job.pid] = job.any_rank
-        self.flows[job.pid] = flow.analyze(job.data, [n for n, _, _ in ports.inputs], [n for n, _, _ in ports.outputs])
-        self.holders.add(job.pid, self._client)
-        log.info("registered plan %r (%s, %d bytes)", job.name, job.pid[:12], len(job.data))
-        if ports.placement:
-            log.warning(
-                "plan %r (%s) runs on %s: the CPU nodes cost host-device copies",
-                job.name,
-                job.pid[:12],
-                ports.placement,
-            )
-        if self.plans_dir is not None and any(e.private for _, e in self.store.own()):
-            self._keep(job.pid, job.name, job.data)
-        return plan
-
-    def _begin_register(self, msg: m.RegisterPlan, buffers: list[memoryview]) -> RegisterJob | m.PlanInfo:
-        frame = framing.frame_at(buffers, msg.frame, "register_plan.frame")
-        data = bytes(frame)
-        pid = plan_id(data)
-        plan = self.plans.get(pid)
-        if plan is not None:
-            self.holders.add(pid, self._client)
-            return self._plan_info(msg.id, pid, plan)
-        if self.max_plans is not None and len(self.plans) >= self.max_plans:
-            raise ProtocolError(
-                "quota_exceeded",
-                f"plan {msg.name or pid[:12]!r} not registered: the worker already holds {len(self.plans)} plans "
-                "(its limit): unregister plans with delete_plan, or start plan-worker with a larger --max-plans",
-            )
-        try:
-            summary = check_model(data, max_bytes=self.limits.max_plan_bytes)
-        except PlanRejected as e:
-            code = "too_large" if len(data) > self.limits.max_plan_bytes else e.code
-            raise ProtocolError(code, f"plan {msg.name or pid[:12]!r} rejected: {e}") from None
-        name = msg.name or summary.metadata_props.get("planwire.name", "") or pid[:12]
-        return RegisterJob(msg, pid, name, data, summary.unknown_rank)
-
     def _cancel(self, msg: m.Cancel, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         # In process a run is over before the next request is read: nothing is ever queued or running.
         raise ProtocolError("bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running")
-
-    def _delete_plan(self, msg: m.DeletePlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        # A plan-worker's supervisor also tells its runner to drop the session (Sandbox.forget); the plan's
-        # bytes stay while another client holds it, so the runner re-creates the session on its next run.
-        if self.holders.remove(msg.plan, self._client):
-            self._unload(msg.plan)
-        return m.Ok(re=msg.id, session=self.session), []
-
-    def _unload(self, pid: str) -> None:
-        """Forget a plan nobody holds any more."""
-        self._any_rank.pop(pid, None)
-        self.flows.pop(pid, None)
-        self._ort_plans.pop(pid, None)
-        if self.plans.pop(pid, None) is not None:
-            log.info("unregistered plan %r", pid[:12])
 
     def _free(self, owner: ClientId) -> None:
         """Free everything of an owner not seen for --idle-ttl."""
@@ -488,194 +372,6 @@ class Service:
             len(pids),
         )
 
-    def _has_plan(self, msg: m.HasPlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        plan = self.plans.get(msg.plan)
-        if plan is None or not self.holders.holds(msg.plan, self._client):
-            return m.Missing(re=msg.id, session=self.session, plan=msg.plan), []
-        return self._plan_info(msg.id, msg.plan, plan), []
-
-    def _run(self, msg: m.Run, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        job = self._begin_run(msg, buffers)
-        pid = job.msg.plan
-        try:
-            plan = self._ort_plans.get(pid)
-            if plan is None:
-                plan = self._ort_plans[pid] = OrtPlan(
-                    job.plan.data, name=job.plan.name, device=self.device, threads=self.threads
-                )
-            results = plan.run(job.args, check=False)
-        except ProtocolError as e:
-            self._fail_outputs(msg, e)
-            raise
-        except Exception as e:  # onnxruntime's own errors already say what they are
-            detail = e if isinstance(e, ort.capi.onnxruntime_pybind11_state.Fail) else f"{type(e).__name__}: {e}"  # type: ignore[attr-defined]
-            error = ProtocolError("run_failed", f"plan {job.plan.name!r} failed on worker {self.id!r}: {detail}")
-            if job.reads_private:  # its text may quote tensor values: keep the op, the node and the shapes
-                log.info("plan %r failed on private data: %s", job.plan.name, clean(str(e)))
-                error = ProtocolError("run_failed", flow.redacted(job.plan.name, self.id, e, job.args))
-            self._fail_outputs(msg, error)
-            raise error from None
-        try:
-            return self._end_run(job, results)
-        except ProtocolError as e:  # e.g. quota_exceeded: the outputs were not stored
-            self._fail_outputs(msg, e)
-            raise
-
-    def _begin_run(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
-        # What the schema forbids is refused before anything changes (as any invalid header).
-        if len(set(msg.outputs)) != len(msg.outputs):
-            raise ProtocolError("invalid_message", f"run.outputs must be distinct keys, got {msg.outputs}")
-        for i, arg in enumerate(msg.args):
-            if (arg.ref is UNSET) == (arg.tensor is UNSET):
-                raise ProtocolError("invalid_message", f"run.args[{i}] needs exactly one of 'ref', 'tensor'")
-        self.store.check_writable(self._client, msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
-        try:
-            return self._prepare(msg, buffers)
-        except ProtocolError as e:
-            self._fail_outputs(msg, e)
-            raise
-
-    def _fail_outputs(self, msg: m.Run, e: ProtocolError) -> None:
-        # Clients do not wait for runs: record why the outputs will not come, so that a later get,
-        # describe or run that uses them fails with run_failed and this reason.
-        if e.code == "run_failed":
-            why = e.message
-        elif e.code in _STOPPED:
-            why = f"run #{msg.id} failed: {e.message} [{e.code}]"
-        else:
-            why = f"run #{msg.id} refused: {e.message} [{e.code}]"
-        for key in msg.outputs:
-            self.store.fail(self._client, key, why)
-
-    def _prepare(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
-        plan = self.plans.get(msg.plan)
-        if plan is None or not self.holders.holds(msg.plan, self._client):
-            raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
-        n_out = len(plan.ports.outputs)
-        if len(msg.outputs) != n_out:
-            raise ProtocolError(
-                "bad_argument",
-                f"plan {plan.name!r} has {n_out} outputs: run.outputs needs {n_out} keys, got {msg.outputs}",
-            )
-        if msg.fetch and max(msg.fetch) >= n_out:
-            raise ProtocolError("bad_argument", f"run.fetch {msg.fetch} out of range for {n_out} outputs")
-        private_args: dict[int, Entry] = {}
-        entries: list[Entry | None] = []
-        args = []
-        for i, a in enumerate(msg.args):
-            if a.ref is not UNSET:
-                entry = self.store.entry(self._client, a.ref)
-                entries.append(entry)
-                args.append(entry.array)
-                if entry.private:
-                    private_args[i] = entry
-            else:
-                t = a.tensor
-                entries.append(None)
-                args.append(self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}"))  # type: ignore[union-attr]
-        private = self.flows[msg.plan].private_outputs(list(private_args)) if private_args else frozenset()
-        pending: dict = {}
-        rows = 0
-        if private:
-            values = hosts(args) if self.releaser.policy is not None else args  # rules read argument values
-            pending = self._pending(msg, plan, values, private_args, private)
-            rows = min(e.rows for e in private_args.values())
-        any_rank = self._any_rank.get(msg.plan) if self._any_rank else None
-        if any_rank is None:
-            plan.ports.check(args)
-        else:
-            self._check_any_rank(plan.ports, args, any_rank)
-        return RunJob(
-            msg, plan, args, entries, reads_private=bool(private_args), private=private, pending=pending, rows=rows
-        )
-
-    def _end_run(self, job: RunJob, results: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
-        msg, private, pending, rows = job.msg, job.private, job.pending, job.rows
-        sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
-        self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
-        for i, (key, arr) in enumerate(zip(msg.outputs, results, strict=True)):
-            self.store.put(self._client, key, arr, private=i in private, pending=pending.get(i), rows=rows)
-        fetch = msg.fetch
-        if msg.inline_max:
-            fetch = [
-                *fetch,
-                *(
-                    i
-                    for i, r in enumerate(results)
-                    if r.nbytes <= msg.inline_max
-                    and i not in fetch
-                    and (i not in private or i in pending and pending[i].ready)
-                ),
-            ]
-        if not fetch:
-            return m.Ok(re=msg.id, session=self.session), []
-        keys = [msg.outputs[i] for i in fetch]
-        if private:  # a private output leaves only as its release (the owner's policy): read through it
-            values = self.store.readable(self._client, keys, self._release)[1]
-        else:
-            values = hosts([results[i] for i in fetch])
-        return self._tensors_reply(msg.id, keys, values)
-
-    def _pending(
-        self, msg: m.Run, plan: Plan, args: list[np.ndarray], private_args: dict[int, Entry], private: frozenset
-    ) -> dict:
-        """The releases the owner's policy allows for a run on private data; refuses a fetch of any other
-        private output before anything runs."""
-        names_in, names_out = [n for n, _, _ in plan.ports.inputs], [n for n, _, _ in plan.ports.outputs]
-        pending = self.releaser.prepare(
-            msg.plan, plan.name, names_in, names_out, args, private_args, private, self._client
-        )
-        held = [i for i in msg.fetch if i in private and (i not in pending or not pending[i].ready)]
-        if held:
-            keys = [msg.outputs[i] for i in held]
-            message = (
-                f"run.fetch asks for {keys}, computed by plan {plan.name!r} from this worker's private data: such "
-                "results are stored and may be used by later runs, but never leave the worker unless the data "
-                "owner approves the plan (plan-worker --policy)"
-            )
-            rule = self.releaser.policy.rules.get(msg.plan) if self.releaser.policy is not None else None
-            self.releaser.audit(
-                "refused", self._client, rule, plan.name, [names_out[i] for i in held], [], reason=message
-            )
-            raise ProtocolError("private_data", message)
-        return pending
-
-    def _keep(self, pid: str, name: str, data: bytes) -> None:
-        """Keep a plan a worker with private data received where its operator reviews it (plan-worker review)."""
-        from planwire.worker.review import keep, prune
-
-        try:
-            keep(self.plans_dir, pid, data)  # type: ignore[arg-type]
-        except OSError as e:
-            log.warning("plan %r (%s) not kept in %s: %s", name, pid[:12], self.plans_dir, e)
-            return
-        if self.max_plans_dir_bytes is None:
-            return
-        policy = self.releaser.policy
-        referenced = self.plans.keys() | (policy.rules.keys() if policy is not None else set())
-        removed, total = prune(self.plans_dir, self.max_plans_dir_bytes, referenced)  # type: ignore[arg-type]
-        for gone, size in removed:
-            log.info(
-                "removed kept plan %s (%d bytes) from %s: over --max-plans-dir-mb, least recently received and "
-                "neither registered nor approved",
-                gone[:12],
-                size,
-                self.plans_dir,
-            )
-        if total > self.max_plans_dir_bytes:
-            log.warning(
-                "kept plans in %s take %d bytes, over --max-plans-dir-mb (%d bytes): the rest are registered now or "
-                "approved by the policy, and are kept",
-                self.plans_dir,
-                total,
-                self.max_plans_dir_bytes,
-            )
-
-    def _release(self, key: str, entry: Entry) -> np.ndarray:
-        if isinstance(entry.array, Resident):  # the release reads the value: its host copy
-            entry = dataclasses.replace(entry, array=entry.array.materialize())
-        return self.releaser.release(self._client, key, entry)
-
     # -- helpers ----------------------------------------------------------------------------------
 
     def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
@@ -688,45 +384,6 @@ class Service:
             out.append(m.KeyedTensor(key=key, dtype=wire, shape=shape, frame=len(frames)))
             frames.append(buf)
         return m.Tensors(re=rid, session=self.session, tensors=out), frames
-
-    @staticmethod
-    def _check_any_rank(plan: Signature, args: Sequence[np.ndarray], any_rank: frozenset[str]) -> None:
-        """Signature.check for a plan with inputs of unknown rank (which onnxruntime reports as shape
-        ``[]``): those take any shape, and only their dtype is checked."""
-        if len(args) != len(plan.inputs):
-            plan.check(args)  # names the count
-        for i, (arr, (name, wire, shape)) in enumerate(zip(args, plan.inputs, strict=True)):
-            what = f"plan {plan.name!r} argument {i} ({name!r})"
-            if arr.dtype != dtypes.to_numpy(wire):
-                raise ProtocolError("bad_argument", f"{what}: expected dtype {dtypes.human(wire)}, got {arr.dtype}")
-            if name not in any_rank and (
-                len(shape) != arr.ndim
-                or any(isinstance(w, int) and w != g for w, g in zip(shape, arr.shape, strict=True))
-            ):
-                want = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
-                raise ProtocolError("bad_argument", f"{what}: expected shape {want}, got {list(arr.shape)}")
-
-    def _plan_info(self, rid: int, pid: str, plan: Plan) -> m.PlanInfo:
-        any_rank = self._any_rank.get(pid, frozenset())
-
-        def ports(items: list) -> list[m.Port]:
-            return [
-                m.Port(
-                    name=n,
-                    dtype=t,
-                    shape=None if n in any_rank else [d if isinstance(d, int) else (d or None) for d in s],
-                )
-                for n, t, s in items
-            ]
-
-        return m.PlanInfo(
-            re=rid,
-            session=self.session,
-            plan=pid,
-            inputs=ports(plan.ports.inputs),
-            outputs=ports(plan.ports.outputs),
-            placement=plan.ports.placement,
-        )
 
     @staticmethod
     def _info(key: str, entry) -> m.TensorInfo:
