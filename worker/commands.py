@@ -7,17 +7,17 @@ from __future__ import annotations
 import sys
 
 from planwire.worker.device import describe
-from planwire.worker.options import _Formatter, _Parser
+from planwire.worker.options import command
 
 
 def check_main(argv: list[str]) -> int:
     """``plan-worker check [--device DEVICE]``: where plans would run, or one line saying why they cannot."""
-    ap = _Parser(
-        prog="plan-worker check",
-        description="Check where this worker's plans would run: the onnxruntime provider, the device's name and "
+    ap = command(
+        "plan-worker check",
+        "Check where this worker's plans would run: the onnxruntime provider, the device's name and "
         "memory. Exits 1 with one line naming the reason when the device is not usable.",
-        formatter_class=_Formatter,
-        epilog="example:\n  plan-worker check --device cuda\n  plan-worker --device cuda:1 --check",
+        "plan-worker check --device cuda",
+        "plan-worker --device cuda:1 --check",
     )
     ap.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--gpu-mem-limit", type=int, default=0, metavar="MB", help="the arena cap to check with")
@@ -43,11 +43,11 @@ def check_main(argv: list[str]) -> int:
 
 def keys_main(argv: list[str]) -> int:
     """``plan-worker keys DIR [--name NAME]``: a CURVE key pair with zmq.auth."""
-    ap = _Parser(
-        prog="plan-worker keys",
-        description="Make a CURVE key pair: NAME.key (public: give it to peers) and NAME.key_secret (keep it).",
-        formatter_class=_Formatter,
-        epilog="example:\n  plan-worker keys keys --name worker\n  plan-worker keys keys/clients --name alice",
+    ap = command(
+        "plan-worker keys",
+        "Make a CURVE key pair: NAME.key (public: give it to peers) and NAME.key_secret (keep it).",
+        "plan-worker keys keys --name worker",
+        "plan-worker keys keys/clients --name alice",
     )
     ap.add_argument("dir", metavar="DIR", help="directory to write the keys into (created if missing)")
     ap.add_argument("--name", default="worker", help="file name of the pair")
@@ -65,11 +65,10 @@ def keys_main(argv: list[str]) -> int:
 
 def status_main(argv: list[str]) -> int:
     """``plan-worker status ADDR``: what a live worker holds and did, from its admin socket."""
-    ap = _Parser(
-        prog="plan-worker status",
-        description="Show a live worker: id, uptime, clients, their tensors and plans, runs, releases.",
-        formatter_class=_Formatter,
-        epilog="example:\n  plan-worker status ipc:///run/user/1000/planwire/worker-4242.admin",
+    ap = command(
+        "plan-worker status",
+        "Show a live worker: id, uptime, clients, their tensors and plans, runs, releases.",
+        "plan-worker status ipc:///run/user/1000/planwire/worker-4242.admin",
     )
     ap.add_argument("addr", metavar="ADDR", help="the worker's admin socket (its log says 'admin on ADDR')")
     ap.add_argument("--json", action="store_true", help="print the status as JSON")

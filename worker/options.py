@@ -57,23 +57,32 @@ def version() -> str:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
-    return value
+    return _positive(int, "whole number", text)
 
 
 def positive_float(text: str) -> float:
+    return _positive(float, "number", text)
+
+
+def _positive(kind: type, what: str, text: str):  # noqa: ANN202  (int or float, as ``kind``)
+    """``text`` as a positive finite ``kind``, or argparse's error naming what it must be."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text!r}") from None
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text if kind is float else value}")
     return value
+
+
+def command(prog: str, description: str, *examples: str) -> argparse.ArgumentParser:
+    """The parser of a ``plan-worker`` sub-command: one-line errors, defaults in its help, its examples."""
+    return _Parser(
+        prog=prog,
+        description=description,
+        formatter_class=_Formatter,
+        epilog="example:\n" + "\n".join(f"  {e}" for e in examples),
+    )
 
 
 DEFAULT_MAX_PLANS_DIR_MB = 1024  # --plans-dir cap: plans are at most --max-plan-mb each
