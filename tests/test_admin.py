@@ -31,7 +31,7 @@ from tests import handmade
 from tests.conformance.wire import Peer
 from tests.conformance.workers import kinds, node_missing, start
 
-INFO = {  # what plan-worker adds to Stats.snapshot() for a Status (worker/cli.py)
+INFO = {  # what plan-worker adds to Stats.snapshot() for a Status (worker/serve.py)
     "worker": "folding",
     "version": "0",
     "protocol": PROTOCOL_VERSION,
