@@ -70,12 +70,12 @@ def _conv_weight_grad(
 
 # Output pixels per image from which a weight-gradient tap is a batched MatMul per sample (N products
 # (C_out, Y) x (Y, C_in), then a sum over the batch) rather than one MatMul over the whole batch (which
-# needs the gradient transposed to (C_out, N*Y) first). onnxruntime splits a batched MatMul across its
-# threads by sample; one (C_out, N*Y) x (N*Y, C_in) product with C_out, C_in <= 64 it barely splits (its
-# packing of the N*Y-long operand is repeated per thread). Below this size the per-sample products are too
-# short. Measured per layer in onnxruntime (Pad + Transpose + taps + stack, best of 30, loaded host): on
-# the bench ResNet's 8x8 layers (Y = 64) the per-sample form was ~15% slower than one MatMul; on its 16x16
-# and 32x32 layers ~5% faster at 1 thread and ~20% at 2, and the gradient's transpose is gone.
+# needs the gradient transposed to (C_out, N*Y) first). onnxruntime spreads a batched MatMul's products
+# over its threads; one (C_out, N*Y) x (N*Y, C_in) product with C_out, C_in <= 64 measured no faster at
+# 2 threads than at 1. Below this size the per-sample products are too short. Measured per layer in
+# onnxruntime (Pad + Transpose + taps + stack, best of 30, loaded host): on the bench ResNet's 8x8 layers
+# (Y = 64) the per-sample form was ~15% slower than one MatMul; on its 16x16 and 32x32 layers ~5% faster
+# at 1 thread and ~20% at 2, and the gradient's transpose is gone.
 PER_SAMPLE_TAPS = 256
 
 
