@@ -47,7 +47,7 @@ def test_resnet_steps_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     def batch(n: int, gen: torch.Generator) -> list[torch.Tensor]:
         return [torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)]
 
-    # the 8x8 and 4x4 layers' weight gradients as per-sample products (as the 32x32 bench's 32x32 and 16x16
+    # the 8x8 and 4x4 layers' weight gradients as per-sample products (as the bench's 32x32 and 16x16
     # layers), the 2x2 layers' as one MatMul over the batch (as its 8x8 layers): both forms in one build
     monkeypatch.setattr(D, "PER_SAMPLE_TAPS", 16)
     step = check_parity(small_resnet, F.cross_entropy, "sgd", [(-1, 3, 8, 8), (-1,)], batch)

@@ -74,8 +74,8 @@ def _conv_weight_grad(
 # over its threads; one (C_out, N*Y) x (N*Y, C_in) product with C_out, C_in <= 64 measured no faster at
 # 2 threads than at 1. Below this size the per-sample products are too short. Measured per layer in
 # onnxruntime (Pad + Transpose + taps + stack, best of 30, loaded host): on the bench ResNet's 8x8 layers
-# (Y = 64) the per-sample form was ~15% slower than one MatMul; on its 16x16 and 32x32 layers ~5% faster
-# at 1 thread and ~20% at 2, and the gradient's transpose is gone.
+# (Y = 64) the per-sample form was 15-25% slower than one MatMul; on its 16x16 and 32x32 layers 2-8%
+# faster at 1 thread and 2-28% at 2, and the gradient's transpose is gone.
 PER_SAMPLE_TAPS = 256
 
 
