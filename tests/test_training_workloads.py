@@ -10,7 +10,8 @@ than torch's kernels moves its parameter by a visibly different amount; with the
 weights one element in ~10^4 exceeded rtol 1e-4 that way, in the LM too, whose graph the changes here do
 not touch. Adam itself is checked against torch.optim in tests/test_training_decomp.py and on small
 models in tests/test_training_step.py. The graph checks pin what the decompositions changed: ReLU's backward is a
-mask multiply (no Where over activations), a 2-d convolution's weight gradient is per-tap MatMuls, and
+mask multiply (no Where over activations), a 2-d convolution's weight gradient is per-tap MatMuls (per
+sample on the larger layers), and
 a stride-1 input gradient is a Conv with the flipped kernel rather than a ConvTranspose.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,12 +43,22 @@ def _ops(step: object) -> collections.Counter[str]:
 
 
 @pytest.mark.timeout(1800)  # a ResNet build takes minutes on a loaded 2-core host
-def test_resnet_steps_match_eager() -> None:
+def test_resnet_steps_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     def batch(n: int, gen: torch.Generator) -> list[torch.Tensor]:
         return [torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)]
 
+    # the 8x8 and 4x4 layers' weight gradients as per-sample products (as the bench's 32x32 and 16x16
+    # layers), the 2x2 layers' as one MatMul over the batch (as its 8x8 layers): both forms in one build
+    monkeypatch.setattr(D, "PER_SAMPLE_TAPS", 16)
     step = check_parity(small_resnet, F.cross_entropy, "sgd", [(-1, 3, 8, 8), (-1,)], batch)
     ops = _ops(step)
+    # per-sample taps: a MatMul of the (N, C_out, Y) gradient as it stands; 9 per 3x3 convolution of the
+    # stem and the first two stages (5), one for the 1x1 shortcut; the last stage's 19 over the batch
+    inferred = onnx.shape_inference.infer_shapes(step.model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info}
+    matmuls = collections.Counter(ranks.get(n.input[0]) for n in inferred.graph.node if n.op_type == "MatMul")
+    assert matmuls[3] == 9 * 5 + 1
+    assert matmuls[2] >= 9 * 2 + 1
     # the forward's 9 (stem, 2 per block, 2 shortcuts) and 4 stride-1 input gradients (flipped kernel);
     # no weight-gradient Conv; ConvTranspose only for the 4 stride-2 input gradients (none for the stem)
     assert (ops["Conv"], ops["ConvTranspose"]) == (13, 4)
@@ -72,6 +84,11 @@ def test_transformer_lm_steps_match_eager() -> None:
         ((3, 3), (2, 2), (1, 1), (1, 1), (9, 8)),
         ((1, 1), (2, 2), (0, 0), (1, 1), (8, 8)),
         ((3, 2), (2, 1), (0, 2), (2, 1), (9, 7)),
+        # from PER_SAMPLE_TAPS output pixels per image: per-sample products summed over the batch
+        ((3, 3), (1, 1), (1, 1), (1, 1), (16, 17)),
+        ((3, 3), (2, 2), (1, 1), (1, 1), (33, 32)),
+        ((1, 1), (2, 2), (0, 0), (1, 1), (32, 32)),
+        ((3, 2), (1, 1), (0, 2), (2, 1), (18, 16)),
     ],
 )
 def test_conv_weight_grad_by_taps_matches_aten(
@@ -85,6 +102,8 @@ def test_conv_weight_grad_by_taps_matches_aten(
     ref = aten.convolution_backward(grad, x, w, None, *args, [False, True, False])[1]
     ours = D._conv_weight_grad_taps(grad, x, w.shape, stride, pad, dil)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    strided = grad.transpose(2, 3).contiguous().transpose(2, 3)  # a gradient that is not contiguous
+    torch.testing.assert_close(D._conv_weight_grad_taps(strided, x, w.shape, stride, pad, dil), ref)
 
 
 def _select_model(zero_first: bool, dtype: int) -> bytes:

@@ -68,6 +68,17 @@ def _conv_weight_grad(
     return out.contiguous()  # as aten's kernel returns it; strided results trip later decompositions
 
 
+# Output pixels per image from which a weight-gradient tap is a batched MatMul per sample (N products
+# (C_out, Y) x (Y, C_in), then a sum over the batch) rather than one MatMul over the whole batch (which
+# needs the gradient transposed to (C_out, N*Y) first). onnxruntime spreads a batched MatMul's products
+# over its threads; one (C_out, N*Y) x (N*Y, C_in) product with C_out, C_in <= 64 measured no faster at
+# 2 threads than at 1. Below this size the per-sample products are too short. Measured per layer in
+# onnxruntime (Pad + Transpose + taps + stack, best of 30, loaded host): on the bench ResNet's 8x8 layers
+# (Y = 64) the per-sample form was 15-25% slower than one MatMul; on its 16x16 and 32x32 layers 2-8%
+# faster at 1 thread and 2-28% at 2, and the gradient's transpose is gone.
+PER_SAMPLE_TAPS = 256
+
+
 def _conv_weight_grad_taps(
     grad_output: Tensor,
     inp: Tensor,
@@ -80,13 +91,14 @@ def _conv_weight_grad_taps(
 
     grad_w[o, i, kh, kw] = sum_{n, y} grad[n, o, y] * x_pad[n, i, y*stride + (kh, kw)*dilation]: for
     each of the kh*kw kernel taps, the window of the padded input that tap sees, times the gradient, as
-    one MatMul (C_out, N*Y) x (N*Y, C_in) whose inner dimension runs over the whole batch. The input is
-    moved to channels-last once, so that each tap's window (one strided Slice) copies rows of W*C_in
-    contiguous values and is the MatMul's right operand as it stands; the gradient is moved to
-    (C_out, N*Y) once. Measured in onnxruntime on the bench ResNet's layers, ~2x faster than a batched
-    MatMul per tap over channels-first windows (per-sample (C_out, Y) x (Y, C_in) products, then a sum
-    over the batch), which was itself ~10x faster than the convolution form (:func:`_conv_weight_grad`:
-    a convolution whose kernel is the whole gradient image, run through a generic im2col).
+    one MatMul (C_out, N*Y) x (N*Y, C_in) whose inner dimension runs over the whole batch, or, from
+    :data:`PER_SAMPLE_TAPS` output pixels per image, a batched MatMul (N, C_out, Y) x (N, Y, C_in) over
+    the gradient as it stands, then a sum over the batch. The input is moved to channels-last once, so
+    that each tap's window (one strided Slice) copies rows of W*C_in contiguous values and is the
+    MatMul's right operand as it stands. Measured in onnxruntime on the bench ResNet's layers, ~2x faster
+    than a batched MatMul per tap over channels-first windows, which was itself ~10x faster than the
+    convolution form (:func:`_conv_weight_grad`: a convolution whose kernel is the whole gradient image,
+    run through a generic im2col).
     """
     c_out, c_in, k_h, k_w = weight_shape
     (s_h, s_w), (p_h, p_w), (d_h, d_w) = stride, padding, dilation
@@ -95,17 +107,31 @@ def _conv_weight_grad_taps(
     x = x.permute(0, 2, 3, 1)  # (N, H, W, C_in)
     # aten ops with the sizes spelled out: tracing infers no -1 and checks no broadcast, which made this
     # decomposition half of a warm ResNet build's trace (sizes are symbolic in the batch)
-    rows = grad_output.shape[0] * (out_h * out_w)
-    grad = aten.clone(grad_output.transpose(0, 1), memory_format=torch.contiguous_format).view(c_out, rows)
+    n_batch, per_image = grad_output.shape[0], out_h * out_w
+    per_sample = per_image >= PER_SAMPLE_TAPS
+    if per_sample:  # the gradient as it stands, (N, C_out, Y): no transpose
+        grad = grad_output
+        if not grad.is_contiguous():
+            grad = aten.clone(grad, memory_format=torch.contiguous_format)
+        grad = aten.view(grad, [n_batch, c_out, per_image])
+        window_shape = [n_batch, per_image, c_in]
+    else:
+        rows = n_batch * per_image
+        grad = aten.clone(grad_output.transpose(0, 1), memory_format=torch.contiguous_format).view(c_out, rows)
+        window_shape = [rows, c_in]
     taps = []
     for i in range(k_h):
         window_rows = aten.slice(x, 1, i * d_h, i * d_h + (out_h - 1) * s_h + 1, s_h)
         for j in range(k_w):
             window = aten.slice(window_rows, 2, j * d_w, j * d_w + (out_w - 1) * s_w + 1, s_w)
-            taps.append(aten.mm(grad, aten.clone(window, memory_format=torch.contiguous_format).view(rows, c_in)))
+            window = aten.clone(window, memory_format=torch.contiguous_format).view(window_shape)
+            taps.append(aten.bmm(grad, window) if per_sample else aten.mm(grad, window))
     # stacked on a new first axis (a Concat of whole blocks: on the last axis onnxruntime copies element
-    # by element), then the small (taps, C_out, C_in) result moved to the weight's layout
+    # by element), summed over the batch (per-sample products), then the small (taps, C_out, C_in) result
+    # moved to the weight's layout
     stacked = torch.stack(taps, 0)
+    if per_sample:
+        stacked = aten.sum.dim_IntList(stacked, [1])
     return stacked.permute(1, 2, 0).reshape(c_out, c_in, k_h, k_w).contiguous()
 
 
