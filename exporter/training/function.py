@@ -24,7 +24,7 @@ from planwire.exporter.fingerprint import uses_autograd
 from planwire.exporter.onnx_passes import has_random_ops
 from planwire.exporter.training.attribution import ModuleTagger
 from planwire.exporter.training.graph_export import export_graph, export_traced, verify_once
-from planwire.exporter.training.ports import Port, VariantView
+from planwire.exporter.training.specs import TorchSpec, VariantView
 from planwire.exporter.training.trace import port_shape, trace, unify_axes
 from planwire.transport.spec import PlanVariant
 
@@ -70,8 +70,8 @@ class _Traced:
     plan: str
     gm: torch.fx.GraphModule
     examples: list[Tensor]
-    inputs: list[Port]
-    outputs: list[Port]
+    inputs: list[TorchSpec]
+    outputs: list[TorchSpec]
     flat: Callable[..., tuple[Tensor, ...]]
     output_spec: object
 
@@ -163,7 +163,7 @@ def _trace(
     gm = trace(flat, examples, dims, plan=plan, tagger=ModuleTagger(_modules_of(fn)))
     dims, symbols = unify_axes(gm, dims)
     in_ports = [
-        Port(n, "arg", a.dtype, tuple(d.get(ax, s) for ax, s in enumerate(a.shape)))
+        TorchSpec(n, "arg", a.dtype, tuple(d.get(ax, s) for ax, s in enumerate(a.shape)))
         for n, a, d in zip(names, examples, dims, strict=True)
     ]
     values = [v.meta["val"] for v in gm.graph.output_node().args[0]]
@@ -176,7 +176,7 @@ def _trace(
     if len(out_names) != len(values):
         raise ValueError(f"{len(out_names)} output_names for {len(values)} outputs")
     out_ports = [
-        Port(str(n), "output", v.dtype, port_shape(v, symbols)) for n, v in zip(out_names, values, strict=True)
+        TorchSpec(str(n), "output", v.dtype, port_shape(v, symbols)) for n, v in zip(out_names, values, strict=True)
     ]
     return _Traced(plan, gm, examples, in_ports, out_ports, flat, spec_box["spec"])
 

@@ -37,7 +37,7 @@ from planwire.exporter.onnx_passes import (
 from planwire.exporter.torch_compat import EXPORT_LOCK, cached_registry
 from planwire.exporter.training.attribution import explain_failure
 from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS
-from planwire.exporter.training.ports import Port
+from planwire.exporter.training.specs import TorchSpec
 from planwire.exporter.verify import verify_variant
 from planwire.transport.spec import PlanVariant
 
@@ -47,8 +47,8 @@ Check = Callable[[PlanVariant, onnx.ModelProto], None]
 def export_graph(
     gm: torch.fx.GraphModule,
     examples: Sequence[Tensor],
-    inputs: Sequence[Port],
-    outputs: Sequence[Port],
+    inputs: Sequence[TorchSpec],
+    outputs: Sequence[TorchSpec],
     *,
     plan: str,
     kind: str,
@@ -85,8 +85,8 @@ def export_graph(
 def export_traced(
     gm: torch.fx.GraphModule,
     examples: Sequence[Tensor],
-    inputs: Sequence[Port],
-    outputs: Sequence[Port],
+    inputs: Sequence[TorchSpec],
+    outputs: Sequence[TorchSpec],
     *,
     plan: str,
 ) -> onnx.ModelProto:
@@ -120,7 +120,7 @@ def export_traced(
     return proto
 
 
-def graph_key(gm: torch.fx.GraphModule, inputs: Sequence[Port], outputs: Sequence[Port]) -> str:
+def graph_key(gm: torch.fx.GraphModule, inputs: Sequence[TorchSpec], outputs: Sequence[TorchSpec]) -> str:
     """The traced graph's code and constants, the ports and the code of the translations: what the
     export reads."""
     constants = []

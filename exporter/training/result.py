@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from planwire.exporter.optim import Optimizer
-from planwire.exporter.training.ports import VariantView
+from planwire.exporter.training.specs import VariantView
 from planwire.transport.spec import PlanVariant
 
 

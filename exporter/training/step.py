@@ -41,8 +41,8 @@ from planwire.exporter.progress import building
 from planwire.exporter.training.attribution import ModuleTagger
 from planwire.exporter.training.graph_export import export_graph, verify_once
 from planwire.exporter.training.losses import CLASS_INDEX_LOSSES, Metric, check_targets, loss_kind, resolve_metrics
-from planwire.exporter.training.ports import Port
 from planwire.exporter.training.result import TrainingStep, numpy_of
+from planwire.exporter.training.specs import TorchSpec
 from planwire.exporter.training.trace import trace, unify_axes
 from planwire.transport.spec import PlanVariant
 
@@ -162,18 +162,18 @@ def _build(
     reported = [v.meta["val"].dtype for v in gm.graph.output_node().args[0][: 1 + len(metric_fns)]]
     dims, _ = unify_axes(gm, dims)
     arg_ports = [
-        Port(p.name, p.role, p.dtype, tuple(dims[i].get(a, s) for a, s in enumerate(p.shape)))
+        TorchSpec(p.name, p.role, p.dtype, tuple(dims[i].get(a, s) for a, s in enumerate(p.shape)))
         for i, p in enumerate(arg_ports)
     ]
     in_ports = [*arg_ports, *state.ports()]
     first_in = n_args + len(state.hyper) + len(state.params) + len(state.frozen)
     first_out = 1 + len(metric_fns) + len(state.params)
     mutated = _keep_mutated_buffers(gm, list(state.buffers), first_in, first_out)
-    out_ports = [Port("loss", "loss", reported[0], ())]
-    out_ports += [Port(f"metric.{m}", "metric", dt, ()) for m, dt in zip(metric_fns, reported[1:], strict=True)]
+    out_ports = [TorchSpec("loss", "loss", reported[0], ())]
+    out_ports += [TorchSpec(f"metric.{m}", "metric", dt, ()) for m, dt in zip(metric_fns, reported[1:], strict=True)]
     for p in in_ports:
         if p.role in ("param", "optim") or (p.role == "buffer" and p.name.removeprefix("buffer.") in mutated):
-            out_ports.append(Port(f"new.{p.name}", p.role, p.dtype, p.shape, binds=p.name))
+            out_ports.append(TorchSpec(f"new.{p.name}", p.role, p.dtype, p.shape, binds=p.name))
     extra = {
         "planwire.training": {
             "optimizer": optimizer.describe(),
@@ -255,9 +255,9 @@ class _State:
             ("optim", "optim", self.opt_state),
         ]
 
-    def ports(self) -> list[Port]:
+    def ports(self) -> list[TorchSpec]:
         return [
-            Port(f"{prefix}.{k}", role, v.dtype, tuple(v.shape))
+            TorchSpec(f"{prefix}.{k}", role, v.dtype, tuple(v.shape))
             for prefix, role, g in self.groups()
             for k, v in g.items()
         ]
@@ -268,15 +268,15 @@ class _State:
 
 def _batch_ports(
     args_shape: Sequence[Shape], args_dtypes: Sequence[torch.dtype]
-) -> tuple[list[Tensor], list[Port], list[dict[int, str]]]:
+) -> tuple[list[Tensor], list[TorchSpec], list[dict[int, str]]]:
     """Example batch tensors (dynamic axes at distinct prime sizes), their ports and dynamic axes."""
     dims, sizes = _dims(args_shape)
     examples: list[Tensor] = []
-    ports: list[Port] = []
+    ports: list[TorchSpec] = []
     for i, (shape, dtype, axes) in enumerate(zip(args_shape, args_dtypes, dims, strict=True)):
         concrete = [sizes[axes[a]] if a in axes else int(s) for a, s in enumerate(shape)]
         examples.append(torch.zeros(concrete, dtype=dtype))
-        ports.append(Port(f"arg{i}", "arg", dtype, tuple(axes.get(a, s) for a, s in enumerate(concrete))))
+        ports.append(TorchSpec(f"arg{i}", "arg", dtype, tuple(axes.get(a, s) for a, s in enumerate(concrete))))
     return examples, ports, dims
 
 
@@ -333,7 +333,7 @@ def _step_fn(
     return step
 
 
-def _verification_args(ports: Sequence[Port], examples: Sequence[Tensor]) -> list[Tensor]:
+def _verification_args(ports: Sequence[TorchSpec], examples: Sequence[Tensor]) -> list[Tensor]:
     """A batch for the build check: dynamic axes 2 larger than traced, normal floats, zero integers."""
     gen = torch.Generator().manual_seed(0)
     args = []

@@ -1,4 +1,4 @@
-"""The ports of a traced graph (name, role, torch dtype, shape, binding) and views of a built step."""
+"""Torch-side specs of a traced graph's inputs and outputs (name, role, dtype, shape, binding); views of a step."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class VariantView:
 
 
 @dataclass(frozen=True)
-class Port:
+class TorchSpec:
     """One graph input or output: its name, role, dtype and shape (a str is a dynamic axis' name)."""
 
     name: str
