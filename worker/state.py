@@ -12,8 +12,11 @@ The directory (its layout, format, and reading it back as hostile input) is work
 
 This module wraps the worker's parts rather than changing them: :func:`attach` gives a Service a Store,
 Owners and PlanHolders that write through to the directory, then restores what the directory holds.
-Not kept: connections, the releases pending on private-derived results (a restored private result stays
-private: it is used by later runs but never released, whatever the policy) and the privacy accounting.
+A private result's pending release (worker/release.py) is kept with its tensor, and the privacy budget
+each client spent in the ``privacy`` file: a release writes the spent budget first, then the value it
+released, before it returns; a restored result is released as the policy in force at the restart says
+(its rule found again by fingerprint), and the same released value is returned again. Not kept:
+connections.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import numpy as np
 
 from planwire.worker import flow
 from planwire.worker.owners import Owners, PlanHolders
+from planwire.worker.release import Pending, Releaser
 from planwire.worker.resident import host_of
-from planwire.worker.statedir import Restored, StateDir, StateError, write_atomic
+from planwire.worker.statedir import KeptRelease, Restored, StateDir, StateError, write_atomic
 from planwire.worker.store import ClientId, Entry, Store
 
 if TYPE_CHECKING:
@@ -77,7 +81,7 @@ class DurableStore(Store):
     ) -> None:
         tags = tuple(tags)
         if not self.restoring:  # durable means on the host: a result the runner holds is copied out first
-            self.state.save_tensor(client, key, host_of(array), tags, private, rows)
+            self.state.save_tensor(client, key, host_of(array), tags, private, rows, _kept(pending))
         super().put(client, key, array, tags, private=private, pending=pending, rows=rows)
 
     def fail(self, client: ClientId, key: str, why: str) -> None:
@@ -110,6 +114,51 @@ class DurableStore(Store):
         except OSError as e:  # freed in memory; its files come back at a restart, to be freed again
             log.error("--state-dir: cannot remove a freed client's tensors: %s", e)
         return freed
+
+
+def _kept(pending: Any) -> KeptRelease | None:
+    if not isinstance(pending, Pending):
+        return None
+    base = None if pending.base is None else host_of(pending.base)
+    how = pending.how
+    return KeptRelease(
+        pending.rule.fingerprint, pending.output, how.how, how.param, pending.rows, base, pending.released
+    )
+
+
+class DurableReleases:
+    """The Releaser's journal: the spent budget and released values, written before a release returns."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+
+    def spent(self, spent: dict[ClientId, dict[float, int]]) -> None:
+        self.state.save_spent(spent)
+
+    def released(self, client: ClientId, key: str, entry: Entry) -> None:
+        self.state.save_tensor(
+            client, key, host_of(entry.array), entry.tags, entry.private, entry.rows, _kept(entry.pending)
+        )
+
+
+def _pending(releaser: Releaser, kept: KeptRelease | None, key: str) -> Pending | None:
+    """A kept release under the rule the policy in force has for its plan (None, logged: not releasable)."""
+    if kept is None:
+        return None
+    policy = releaser.policy
+    rule = policy.rules.get(kept.plan) if policy is not None else None
+    how = rule.outputs.get(kept.output) if rule is not None else None
+    if how is None or how.how != kept.how or how.param != kept.param:
+        log.info(
+            "--state-dir: tensor %r stays private: the policy no longer releases output %r of plan %s as %s",
+            key,
+            kept.output,
+            kept.plan[:12],
+            kept.how,
+        )
+        return None
+    assert rule is not None
+    return Pending(rule, kept.output, how, kept.base, kept.rows, kept.released)
 
 
 class DurableOwners(Owners):
@@ -212,7 +261,7 @@ def attach(service: Service, state: StateDir) -> Restored:
     own = {key for key, _ in store.own()}
     store.restoring = True
     try:
-        for owner, key, h, array in state.load_tensors():
+        for owner, key, h, array, kept in state.load_tensors():
             if key in own:
                 state._skip(state._tensor_path(owner, key), f"key {key!r} is now the worker's own data")
                 continue
@@ -220,12 +269,22 @@ def attach(service: Service, state: StateDir) -> Restored:
                 store.fail(owner, key, h.failed or "")
                 done.failed += 1
             else:
-                store.put(owner, key, array, h.tags, private=h.private, rows=h.rows)
+                pending = _pending(service.releaser, kept, key)
+                store.put(owner, key, array, h.tags, private=h.private, pending=pending, rows=h.rows)
+                done.releases += pending is not None
                 done.tensors += 1
                 done.tensor_bytes += array.nbytes
             seen.add(owner)
     finally:
         store.restoring = False
+    try:
+        spent = state.load_spent()
+    except ValueError as e:  # logged; never served as a clean slate
+        service.releaser.blocked = str(e)
+    else:
+        service.releaser.restore(spent)
+        done.budgets = len(spent)
+    service.releaser.journal = DurableReleases(state)
     tokens = state.load_tokens()
     owners.restore(tokens, seen)
     done.identities = len(tokens)
