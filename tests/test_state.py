@@ -446,3 +446,78 @@ def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path):
     ]
     assert lines[0]["epsilon"] == pytest.approx(epsilon_of({SIGMA: 1}, 1e-5))
     assert lines[1]["epsilon"] == pytest.approx(epsilon_of({SIGMA: 2}, 1e-5))  # counted on from before the kill
+
+
+# -- group commit: a burst's writes made durable together, no reply before ----------------------------------
+
+
+def test_group_commit_stages_writes_and_holds_replies_until_they_are_durable(tmp_path):
+    from planwire.worker.state import ReplyGate
+
+    state = StateDir.open(tmp_path / "s")
+    sent: list = []
+
+    class Server:
+        def send(self, peer, reply):
+            sent.append((peer, reply))
+
+    server = Server()
+    gate = ReplyGate(state).install(server)
+    assert gate is not None and state.grouped
+    owner = b"k:" + b"ab" * 16
+    server.send(b"p", ["pong"])  # nothing staged: sent at once
+    assert sent == [(b"p", ["pong"])]
+    state.save_tensor(owner, "a", np.ones(3, F32), (), False, 0)
+    state.save_tensor(owner, "b", np.ones(2, F32), (), False, 0)
+    state.save_tensor(owner, "gone", np.ones(2, F32), (), False, 0)
+    state.remove_tensors(owner, ["gone"])  # staged, then removed: never written
+    path = state._tensor_path(owner, "a")
+    assert state.dirty and not path.exists() and path.with_name(".tmp-" + path.name).exists()
+    server.send(b"p", ["ok a"])
+    server.send(b"q", ["ok b"])  # held too: replies keep their order
+    assert len(sent) == 1
+    gate.flush()
+    assert sent[1:] == [(b"p", ["ok a"]), (b"q", ["ok b"])] and not state.dirty
+    assert path.exists() and not state._tensor_path(owner, "gone").exists()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    kept = {key: array.tolist() for _, key, _, array, _ in state.load_tensors()}
+    assert kept == {"a": [1, 1, 1], "b": [1, 1]}
+    state.close()
+    # Without fsyncs there is nothing to group: writes land at once and no reply is held.
+    nosync = StateDir.open(tmp_path / "n", sync=False)
+    assert ReplyGate(nosync).install(Server()) is None and not nosync.grouped
+    nosync.close()
+
+
+def test_kill_9_during_pipelined_puts_keeps_every_acknowledged_one(tmp_path):
+    """A client pipelines puts (many share a group commit); the worker is killed -9 mid-burst: every put
+    whose reply arrived is back after the restart."""
+    from tests.conformance.wire import encode
+
+    url = f"ipc://{tmp_path}/w.ipc"
+    extra = ["--state-dir", str(tmp_path / "state")]
+    first = WorkerProcess("durable", listen=url, extra=extra)
+    second = None
+    acked: list[int] = []
+    try:
+        with Peer(url) as raw:
+            identity = raw.ok({"type": "hello"})["identity"]
+            ids = {}
+            for i in range(400):
+                desc, data = encode(np.full(8, i, np.int64))
+                ids[raw.send({"type": "put", "tensors": [{"key": f"k{i}", **desc, "frame": 0}]}, [data])] = i
+            while len(acked) < 150:
+                reply = raw.recv()
+                assert reply.kind == "ok", reply
+                acked.append(ids[reply["re"]])
+            os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        second = WorkerProcess("durable", listen=url, extra=extra)
+        with Peer(url) as raw:
+            assert raw.ok({"type": "hello", "identity": identity})["identity"] == identity
+            got = raw.get([f"k{i}" for i in acked], keep=True)
+        assert [int(a[0]) for a in got] == acked
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

@@ -44,6 +44,7 @@ __all__ = [
     "DurableHolders",
     "DurableOwners",
     "DurableStore",
+    "ReplyGate",
     "Restored",
     "StateDir",
     "StateError",
@@ -229,6 +230,43 @@ class DurableHolders(PlanHolders):
             super().add(pid, owner)
 
 
+class ReplyGate:
+    """Group commit for the supervisor's loop (worker/supervisor.py calls :meth:`install` once and
+    :meth:`flush` after each step). While a change waits in the state directory every reply is held, in
+    order; a flush makes the burst's changes durable at once (StateDir.commit: one fsync per file, run
+    concurrently, then one per directory) and sends the held replies. A reply never leaves before the
+    writes of its request are durable, and many requests that came together share one commit."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        self.held: list[tuple[Any, Any]] = []
+        self._send: Callable[[Any, Any], None] | None = None
+
+    def install(self, server: Any) -> ReplyGate | None:
+        """Route ``server.send`` through the gate and stage the directory's writes (None: nothing to group,
+        as with ``--state-sync none``, whose writes cost no fsync)."""
+        self.state.group()
+        if not self.state.grouped:
+            return None
+        self._send = server.send
+        server.send = self.send
+        return self
+
+    def send(self, peer: Any, reply: Any) -> None:
+        if self.held or self.state.dirty:
+            self.held.append((peer, reply))
+        else:
+            self._send(peer, reply)  # type: ignore[misc]
+
+    def flush(self) -> None:
+        if self.state.dirty:
+            self.state.commit()
+        if self.held:
+            held, self.held = self.held, []
+            for peer, reply in held:
+                self._send(peer, reply)  # type: ignore[misc]
+
+
 def attach(service: Service, state: StateDir) -> Restored:
     """Make ``service`` keep its state in ``state`` and restore what is there (before it serves anything)."""
     from planwire.worker.service import Plan
@@ -285,6 +323,7 @@ def attach(service: Service, state: StateDir) -> Restored:
         service.releaser.restore(spent)
         done.budgets = len(spent)
     service.releaser.journal = DurableReleases(state)
+    service.durable = ReplyGate(state)
     tokens = state.load_tokens()
     owners.restore(tokens, seen)
     done.identities = len(tokens)

@@ -90,6 +90,7 @@ ALIGN = 64
 MAX_HEADER = 1 << 20
 FORMAT = 1
 SESSION_RE = re.compile(r"[0-9a-f]{32}")
+EXIT_NOT_DURABLE = 75  # the worker's exit status when a group commit's fsync fails (EX_TEMPFAIL)
 DISK_RESERVE = 64 << 20  # bytes a put or run must leave free on the state directory's file system
 
 
@@ -193,9 +194,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
-    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
-    (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
+def _write_temp(path: Path, parts: Iterable[Any]) -> tuple[Path, int]:
+    """``parts`` (buffers) written to ``path``'s temporary file: (its path, its open descriptor)."""
     tmp = path.with_name(f".tmp-{path.name}")
     with contextlib.suppress(FileNotFoundError):  # left by a crash: never followed if it is a link
         os.unlink(tmp)
@@ -205,6 +205,19 @@ def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
             view = memoryview(part).cast("B")
             while view.nbytes:
                 view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp, fd
+
+
+def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
+    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
+    (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
+    tmp, fd = _write_temp(path, parts)
+    try:
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -319,6 +332,10 @@ class StateDir:
         self.plans = path / "plans"
         self.names = _Names()
         self.skipped: list[str] = []
+        self.grouped = False  # group commit (see group()): writes are staged until commit()
+        self._staged: dict[Path, tuple[Path, int]] = {}  # path -> its written, not yet synced temporary file
+        self._dirs: set[Path] = set()  # directories changed since the last commit
+        self._pool: Any = None  # threads for concurrent fsyncs (the file system's journal batches them)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, sync: bool = True) -> StateDir:
@@ -353,10 +370,79 @@ class StateDir:
         return cls(p, fd, sync)
 
     def _fsync_dir(self, path: Path) -> None:
-        if self.sync:
+        if self.grouped:
+            self._dirs.add(path)
+        elif self.sync:
             _fsync_dir(path)
 
+    # -- group commit ------------------------------------------------------------------------------
+
+    def group(self) -> None:
+        """Group commit, for a loop that holds its replies while :attr:`dirty` and calls :meth:`commit`
+        before it sends them (worker/state.py's ReplyGate): from now on a write leaves its temporary file
+        unsynced and unrenamed, a removal its directory unsynced, until the next commit. Without fsyncs
+        (``--state-sync none``) there is nothing to group: writes go on as before."""
+        self.grouped = self.sync
+
+    @property
+    def dirty(self) -> bool:
+        """Whether a change waits for :meth:`commit`."""
+        return bool(self._staged or self._dirs)
+
+    def commit(self) -> None:
+        """Make every staged change durable, in one round: fsync every staged file (concurrently, so that
+        the file system's journal commits them together), rename each over its name, fsync each changed
+        directory once. When that fails (EIO: the kernel may have dropped the pages it could not write) the
+        worker exits at once, as PostgreSQL does on a failed fsync: no reply may acknowledge what is not
+        kept, and a restart reads back what was acknowledged before."""
+        try:
+            self._commit()
+        except OSError as e:
+            log.critical("--state-dir %s: cannot make changes durable (%s): the worker stops now", self.path, e)
+            os._exit(EXIT_NOT_DURABLE)
+
+    def _commit(self) -> None:
+        staged, self._staged = self._staged, {}
+        dirs, self._dirs = self._dirs, set()
+        try:
+            self._each(os.fsync, [fd for _, fd in staged.values()])
+        finally:
+            for _, fd in staged.values():
+                os.close(fd)
+        for path, (tmp, _) in staged.items():
+            os.replace(tmp, path)
+            dirs.add(path.parent)
+        self._each(_fsync_dir, list(dirs))
+
+    def _each(self, fn: Any, items: list) -> None:
+        if len(items) <= 1:
+            for item in items:
+                fn(item)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(16, thread_name_prefix="state-fsync")
+        for _ in self._pool.map(fn, items):  # raises the first error
+            pass
+
+    def _unstage(self, path: Path) -> None:
+        """Forget a staged write of ``path`` (it is being replaced or removed)."""
+        staged = self._staged.pop(path, None)
+        if staged is not None:
+            os.close(staged[1])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged[0])
+
     def close(self) -> None:
+        if self.dirty:  # what no reply acknowledged yet: kept if it can be, as a crash could have kept it
+            try:
+                self._commit()
+            except OSError as e:
+                log.error("--state-dir: changes not acknowledged yet could not be written: %s", e)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
@@ -454,8 +540,10 @@ class StateDir:
         d = self._owner_dir(owner)
         removed = False
         for key in keys:
+            path = d / f"{_digest(key)}.t"
+            self._unstage(path)
             try:
-                (d / f"{_digest(key)}.t").unlink()
+                path.unlink()
                 removed = True
             except FileNotFoundError:
                 pass
@@ -466,6 +554,8 @@ class StateDir:
 
     def remove_owner(self, owner: ClientId) -> None:
         d = self._owner_dir(owner)
+        for path in [p for p in self._staged if p.parent == d]:
+            self._unstage(path)
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
             self._fsync_dir(self.tensors)
@@ -575,6 +665,8 @@ class StateDir:
             spent={self.names.name(o): sorted(c.items()) for o, c in spent.items() if c},
         )
         self._write(self.path / "privacy", [msgspec.json.encode(doc)], "the privacy budget spent")
+        if self.grouped:  # durable before the released value is even written (which a group may stage)
+            self.commit()
 
     # -- plans -----------------------------------------------------------------------------------------
 
@@ -593,6 +685,7 @@ class StateDir:
 
     def remove_plan(self, pid: str) -> None:
         for suffix in (".holders", ".plan"):  # holders first: a plan file alone is an unfinished registration
+            self._unstage(self.plans / f"{pid}{suffix}")
             with contextlib.suppress(FileNotFoundError):
                 (self.plans / f"{pid}{suffix}").unlink()
         self._fsync_dir(self.plans)
@@ -647,7 +740,11 @@ class StateDir:
 
     def _write(self, path: Path, parts: Sequence[Any], what: str) -> None:
         try:
-            write_atomic(path, parts, self.sync)
+            if self.grouped:
+                self._unstage(path)
+                self._staged[path] = _write_temp(path, parts)
+            else:
+                write_atomic(path, parts, self.sync)
         except OSError as e:
             raise _refusal(what, self.path, e) from None
 
