@@ -1,8 +1,13 @@
 """The state directory of ``plan-worker --state-dir DIR`` (worker/state.py wires it into the worker): its
 layout, its file format, atomic writes, and reading it back as hostile input.
 
-Every change is written whole under a temporary name, fsynced, renamed over the old file, and its directory
-fsynced (``--state-sync none``: no fsyncs): a crash leaves the old file or the new one, never half of one.
+Every change is written whole under a temporary name (``.tmp-NAME`` beside it), fsynced, renamed over the
+old file, and its directory fsynced (``--state-sync none``: no fsyncs): a crash leaves the old file or the
+new one, never half of one. Under the supervisor, writes are grouped (:meth:`StateDir.group`): the
+temporary files of a burst of requests are written, then fsynced together (concurrently), renamed, and
+each changed directory fsynced once, before any of the burst's replies is sent (worker/state.py's
+ReplyGate). The order of durability inside a group is not promised, except that the ``privacy`` file is
+committed at once (with whatever the group held) before a released value is written.
 
 Layout (directories 0700, files 0600; one worker per directory, held with ``flock`` on ``lock``)::
 
