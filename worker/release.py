@@ -186,7 +186,7 @@ class Releaser:
                 events, epsilon = self._charge(client, key, entry, pending, noise)
             value = self._update(key, entry.array, pending)
         if events is not None:
-            if self.journal is not None:  # durable before the value exists: a crash can only overcount
+            if self.journal is not None:  # durable before the value can leave: a crash can only overcount
                 self.journal.spent({**self._spent, client: events})
             with self._lock:
                 self._spent[client] = events
@@ -210,7 +210,10 @@ class Releaser:
         budget = self.policy.max_epsilon if self.policy is not None else None
         message = ""
         if self.blocked:
-            message = f"tensor {key!r} is a noised update, and {self.blocked}: no noised release is made until then"
+            message = (
+                f"tensor {key!r} is a noised update, and {self.blocked}: no noised release is made until the worker's "
+                "operator repairs that record (or removes it, which resets every client's spent budget)"
+            )
         elif budget is not None and epsilon > budget:
             spent = self._epsilon.get(label(client), 0.0)
             message = (

@@ -58,7 +58,7 @@ __all__ = [
 class DurableTensors:
     """The store's observer (worker/store.py's StoreObserver): every change to a client's tensors is written
     to the state directory, a put or failure before it is made in memory (so a refused write changes
-    nothing), a removal after."""
+    nothing), a removal after. Also the Releaser's journal (worker/release.py's Journal)."""
 
     def __init__(self, state: StateDir) -> None:
         self.state = state
@@ -84,6 +84,14 @@ class DurableTensors:
         except OSError as e:  # freed in memory; its files come back at a restart, to be freed again
             log.error("--state-dir: cannot remove a freed client's tensors: %s", e)
 
+    # -- the Releaser's journal (worker/release.py): written before a release returns ------------------
+
+    def spent(self, spent: dict[ClientId, dict[float, int]]) -> None:
+        self.state.save_spent(spent)
+
+    def released(self, client: ClientId, key: str, entry: Entry) -> None:
+        self.put(client, key, entry)  # the tensor again, now with its released value
+
 
 def _kept(pending: Any) -> KeptRelease | None:
     if not isinstance(pending, Pending):
@@ -93,21 +101,6 @@ def _kept(pending: Any) -> KeptRelease | None:
     return KeptRelease(
         pending.rule.fingerprint, pending.output, how.how, how.param, pending.rows, base, pending.released
     )
-
-
-class DurableReleases:
-    """The Releaser's journal: the spent budget and released values, written before a release returns."""
-
-    def __init__(self, state: StateDir) -> None:
-        self.state = state
-
-    def spent(self, spent: dict[ClientId, dict[float, int]]) -> None:
-        self.state.save_spent(spent)
-
-    def released(self, client: ClientId, key: str, entry: Entry) -> None:
-        self.state.save_tensor(
-            client, key, host_of(entry.array), entry.tags, entry.private, entry.rows, _kept(entry.pending)
-        )
 
 
 def _pending(releaser: Releaser, kept: KeptRelease | None, key: str) -> Pending | None:
@@ -277,7 +270,7 @@ def attach(service: Service, state: StateDir) -> Restored:
             done.tensors += 1
             done.tensor_bytes += array.nbytes
         seen.add(owner)
-    store.observer = DurableTensors(state)
+    store.observer = tensors = DurableTensors(state)
     try:
         spent = state.load_spent()
     except ValueError as e:  # logged; never served as a clean slate
@@ -285,7 +278,7 @@ def attach(service: Service, state: StateDir) -> Restored:
     else:
         service.releaser.restore(spent)
         done.budgets = len(spent)
-    service.releaser.journal = DurableReleases(state)
+    service.releaser.journal = tensors
     service.durable = ReplyGate(state)
     tokens = state.load_tokens()
     owners.restore(tokens, seen)
