@@ -192,7 +192,7 @@ class Releaser:
                 self._spent[client] = events
                 self._epsilon[label(client)] = epsilon  # type: ignore[assignment]
         pending.released = value
-        if self.journal is not None:
+        if self.journal is not None and noise:  # noise is drawn once; any other release computes the same again
             self.journal.released(client, key, entry)
         self.releases[label(client)] += 1
         self.audit("released", client, rule, rule.name, [pending.output], [value], noise=noise, epsilon=epsilon)

@@ -98,9 +98,9 @@ def _kept(pending: Any) -> KeptRelease | None:
         return None
     base = None if pending.base is None else host_of(pending.base)
     how = pending.how
-    return KeptRelease(
-        pending.rule.fingerprint, pending.output, how.how, how.param, pending.rows, base, pending.released
-    )
+    noised = how.how == "update" and pending.rule.noise_multiplier
+    released = pending.released if noised else None  # only a noised value cannot be computed again
+    return KeptRelease(pending.rule.fingerprint, pending.output, how.how, how.param, pending.rows, base, released)
 
 
 def _pending(releaser: Releaser, kept: KeptRelease | None, key: str) -> Pending | None:

@@ -45,7 +45,9 @@ exactly that. ``release`` (only on a private tensor) is the pending release of a
 input ``param`` it updates (from the rule: at a restart the rule the policy in force has for FINGERPRINT
 must still release that output the same way, or the result stays private), the fewest rows of private
 data it was computed from, the ``base`` of an update (the parameter as the client last stored it) and,
-once it was released, the ``released`` value, which every later read returns.
+once a noised update was released, the ``released`` value, which every later read returns (any other
+release computes the same value again, so it is not kept). Limits on every field: the typed structs
+below (``_TensorHeader``, ``_Release``, ``_Privacy``, ...).
 
 ``privacy`` holds, per owner, how many noised releases it was given at each noise multiplier (> 0; the
 same multiplier may appear twice, the counts add up): its epsilon is dp-accounting's RDP accountant's for
