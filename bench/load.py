@@ -295,7 +295,7 @@ def run(env: Any, report: Any, quick: bool) -> None:
     where = f"{k} client processes, --state-dir [tcp]"
     report.count(FAMILY, f"acknowledged puts and runs before kill -9, {where}", acked, "objects")
     report.count(FAMILY, f"acknowledged requests/s with --state-dir, {where}", ops_s, "requests/s",
-                 note="each one waited for: a file write and two fsyncs before its reply")  # fmt: skip
+                 note="each one waited for its writes to be durable (group commit)")  # fmt: skip
     report.count(FAMILY, "restart to ready on the state dir after kill -9", restart, "s", note=f"{acked} objects")
     report.count(FAMILY, "clients going on in the same session after the restart", same, "clients", note=f"of {k}")
     report.target(

@@ -168,6 +168,7 @@ def test_the_update_is_clipped_and_noised_once_with_the_named_noise(tmp_path):
         ),
         (rules('outputs.y = "as_is"\nmin_batch = -1', "a" * 64), "min_batch must be a whole number"),
         ("plans = 1", "unknown top-level keys ['plans']"),
+        ("max_epsilon = 0", "max_epsilon must be positive"),
     ],
 )
 def test_a_broken_policy_says_what_is_wrong(tmp_path, text, error):

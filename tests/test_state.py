@@ -21,7 +21,9 @@ from planwire.transport import messages as m
 from planwire.transport.client import WorkerClient
 from planwire.transport.connection import Connection
 from planwire.worker import statedir as state_mod
+from planwire.worker.policy import Policy, parse
 from planwire.worker.process import WorkerProcess
+from planwire.worker.release import epsilon_of
 from planwire.worker.service import Service
 from planwire.worker.state import StateDir, StateError, attach
 from planwire.worker.virtual import ServiceLink
@@ -35,10 +37,16 @@ class Incarnation:
     """One in-process worker life on a state directory, with a client that presents ``identity``."""
 
     def __init__(
-        self, path: Path, identity: str = "", data: tuple = (), sync: bool = True, idle_ttl: float | None = None
+        self,
+        path: Path,
+        identity: str = "",
+        data: tuple = (),
+        sync: bool = True,
+        idle_ttl: float | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.state = StateDir.open(path, sync=sync)
-        self.service = Service("w", data=data, idle_ttl=idle_ttl)
+        self.service = Service("w", data=data, idle_ttl=idle_ttl, policy=policy)
         self.restored = attach(self.service, self.state)
         self.client = WorkerClient(Connection(ServiceLink(self.service), name="w"))
         self.client.identity = identity
@@ -302,3 +310,214 @@ def test_a_worker_refuses_a_state_dir_another_worker_holds(tmp_path):
         with pytest.raises(RuntimeError, match=r"exited with 2[\s\S]*in use by another plan-worker \(pid \d+\)"):
             WorkerProcess("b", listen=f"ipc://{tmp_path}/b.ipc", extra=extra)
         assert a.proc.poll() is None
+
+
+# -- private results: pending releases and the privacy budget spent -------------------------------------------
+
+SIGMA = 2.0  # the noise multiplier of the step plan's update
+
+
+def _budget_policy_text(fp: str) -> str:
+    """A policy releasing the step plan's loss as it is and its weights as a noised update, with a privacy
+    budget (max_epsilon) that allows exactly two noised releases per client."""
+    two, three = epsilon_of({SIGMA: 2}, 1e-5), epsilon_of({SIGMA: 3}, 1e-5)
+    return (
+        f'max_epsilon = {(two + three) / 2}\n[[plan]]\nfingerprint = "{fp}"\nname = "step"\n'
+        'outputs.loss = "as_is"\noutputs.new_w = { update = "w" }\n'
+        f"update = {{ clip_norm = 1.0, noise_multiplier = {SIGMA} }}\n"
+    )
+
+
+def _step(client, x, w, out: str):
+    from tests.test_policy import step_plan
+
+    variant = step_plan().variants[0]
+    client.ensure_plan(variant, "step")
+    return client.run(variant, [w, x, np.float32(0.1)], outputs=[out, f"loss-{out}"], wait=True)
+
+
+def test_spent_privacy_budget_and_pending_releases_survive_a_restart(tmp_path):
+    import tomllib
+
+    from tests.test_policy import step_plan
+
+    fp = step_plan().variants[0].id
+    policy = parse(tomllib.loads(_budget_policy_text(fp)))
+    secret = ("secret", np.random.default_rng(0).standard_normal(16).astype(F32), ("secret",))
+    one, two = epsilon_of({SIGMA: 1}, 1e-5), epsilon_of({SIGMA: 2}, 1e-5)
+
+    first = Incarnation(tmp_path / "s", data=(secret,), policy=policy)
+    c = first.client
+    (x,) = c.search("secret")
+    _step(c, x, np.zeros(16, F32), "w1")
+    v1 = c.fetch_arrays(["w1"], keep=True)[0]  # noised: one release spent
+    _step(c, x, np.zeros(16, F32), "w2")  # its release pending, not read before the crash
+    c.flush()
+    assert list(first.service.releaser.spent().values()) == [pytest.approx(one)]
+    identity = c.identity
+    first.close()
+
+    second = Incarnation(tmp_path / "s", identity=identity, data=(secret,), policy=policy)
+    c = second.client
+    assert second.restored.releases == 4 and second.restored.budgets == 1  # w1, w2 and both losses
+    assert list(second.service.releaser.spent().values()) == [pytest.approx(one)]  # the budget spent is back
+    assert np.array_equal(c.fetch_arrays(["w1"], keep=True)[0], v1)  # the same value: no fresh noise...
+    assert list(second.service.releaser.spent().values()) == [pytest.approx(one)]  # ...and nothing spent again
+    v2 = c.fetch_arrays(["w2"], keep=True)[0]  # a restored pending release is released
+    assert not np.array_equal(v1, v2)
+    assert c.fetch_arrays(["loss-w2"], keep=True)[0] == pytest.approx(float(secret[1].sum()))  # as_is, too
+    (x,) = c.search("secret")
+    _step(c, x, np.zeros(16, F32), "w3")
+    with pytest.raises(RemoteError, match="max_epsilon"):  # a third noised release is past the budget
+        c.fetch_arrays(["w3"], keep=True)
+    first_spent = second.service.releaser.spent()
+    second.close()
+
+    third = Incarnation(tmp_path / "s", identity=identity, data=(secret,), policy=policy)
+    c = third.client
+    assert third.service.releaser.spent() == pytest.approx(first_spent) and list(first_spent.values()) == [
+        pytest.approx(two)
+    ]
+    with pytest.raises(RemoteError, match="max_epsilon"):  # still refused after a restart
+        c.fetch_arrays(["w3"], keep=True)
+    assert np.array_equal(c.fetch_arrays(["w2"], keep=True)[0], v2)
+    third.close()
+
+    # A policy that no longer approves the plan: the restored results stay private.
+    strict = Incarnation(tmp_path / "s", identity=identity, data=(secret,), policy=parse({"plan": []}))
+    with pytest.raises(RemoteError, match="private_data|never leaves"):
+        strict.client.fetch_arrays(["w2"], keep=True)
+    strict.close()
+
+    # A damaged record of the budget is never taken for a clean slate: noised releases are refused.
+    (tmp_path / "s" / "privacy").write_text('{"format": 1, "spent": {"x": "nope"}}')
+    damaged = Incarnation(tmp_path / "s", identity=identity, data=(secret,), policy=policy)
+    c = damaged.client
+    (x,) = c.search("secret")
+    _step(c, x, np.zeros(16, F32), "w4")
+    with pytest.raises(RemoteError, match="privacy budget spent .* is damaged"):
+        c.fetch_arrays(["w4"], keep=True)
+    assert c.fetch_arrays(["loss-w4"], keep=True)[0] == pytest.approx(float(secret[1].sum()))
+    damaged.close()
+
+
+def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path):
+    from tests.test_policy import step_plan
+
+    url = f"ipc://{tmp_path}/w.ipc"
+    data = tmp_path / "secret.npy"
+    secret = np.random.default_rng(1).standard_normal(16).astype(F32)
+    np.save(data, secret)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(_budget_policy_text(step_plan().variants[0].id))
+    audit = tmp_path / "audit.jsonl"
+    extra = ["--state-dir", str(tmp_path / "state"), "--policy", str(policy), "--audit", str(audit)]
+    extra += ["--plans-dir", str(tmp_path / "plans")]
+    first = WorkerProcess("durable", listen=url, data=[f"{data}:secret"], extra=extra)
+    c = planwire.connect(url, timeout=60)  # the first noised release imports dp-accounting
+    second = None
+    try:
+        (x,) = c.search("secret")
+        _step(c, x, np.zeros(16, F32), "w1")
+        v1 = c.fetch_arrays(["w1"], keep=True)[0]  # acknowledged: its epsilon is spent
+        _step(c, x, np.zeros(16, F32), "w2")
+        c.flush()  # the run acknowledged
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        second = WorkerProcess("durable", listen=url, data=[f"{data}:secret"], extra=extra)
+        assert np.array_equal(c.fetch_arrays(["w1"], keep=True)[0], v1)
+        v2 = c.fetch_arrays(["w2"], keep=True)[0]
+        assert not np.array_equal(v1, v2)
+        _step(c, x, np.zeros(16, F32), "w3")
+        with pytest.raises(RemoteError, match="max_epsilon"):
+            c.fetch_arrays(["w3"], keep=True)
+    finally:
+        c.close()
+        first.close()
+        if second is not None:
+            second.close()
+    import json
+
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["event"], r["outputs"]) for r in lines] == [
+        ("released", ["new_w"]),
+        ("released", ["new_w"]),
+        ("refused", ["new_w"]),
+    ]
+    assert lines[0]["epsilon"] == pytest.approx(epsilon_of({SIGMA: 1}, 1e-5))
+    assert lines[1]["epsilon"] == pytest.approx(epsilon_of({SIGMA: 2}, 1e-5))  # counted on from before the kill
+
+
+# -- group commit: a burst's writes made durable together, no reply before ----------------------------------
+
+
+def test_group_commit_stages_writes_and_holds_replies_until_they_are_durable(tmp_path):
+    from planwire.worker.state import ReplyGate
+
+    state = StateDir.open(tmp_path / "s")
+    sent: list = []
+
+    class Server:
+        def send(self, peer, reply):
+            sent.append((peer, reply))
+
+    server = Server()
+    gate = ReplyGate(state).install(server)
+    assert gate is not None and state.grouped
+    owner = b"k:" + b"ab" * 16
+    server.send(b"p", ["pong"])  # nothing staged: sent at once
+    assert sent == [(b"p", ["pong"])]
+    state.save_tensor(owner, "a", np.ones(3, F32), (), False, 0)
+    state.save_tensor(owner, "b", np.ones(2, F32), (), False, 0)
+    state.save_tensor(owner, "gone", np.ones(2, F32), (), False, 0)
+    state.remove_tensors(owner, ["gone"])  # staged, then removed: never written
+    path = state._tensor_path(owner, "a")
+    assert state.dirty and not path.exists() and path.with_name(".tmp-" + path.name).exists()
+    server.send(b"p", ["ok a"])
+    server.send(b"q", ["ok b"])  # held too: replies keep their order
+    assert len(sent) == 1
+    gate.flush()
+    assert sent[1:] == [(b"p", ["ok a"]), (b"q", ["ok b"])] and not state.dirty
+    assert path.exists() and not state._tensor_path(owner, "gone").exists()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    kept = {key: array.tolist() for _, key, _, array, _ in state.load_tensors()}
+    assert kept == {"a": [1, 1, 1], "b": [1, 1]}
+    state.close()
+    # Without fsyncs there is nothing to group: writes land at once and no reply is held.
+    nosync = StateDir.open(tmp_path / "n", sync=False)
+    assert ReplyGate(nosync).install(Server()) is None and not nosync.grouped
+    nosync.close()
+
+
+def test_kill_9_during_pipelined_puts_keeps_every_acknowledged_one(tmp_path):
+    """A client pipelines puts (many share a group commit); the worker is killed -9 mid-burst: every put
+    whose reply arrived is back after the restart."""
+    from tests.conformance.wire import encode
+
+    url = f"ipc://{tmp_path}/w.ipc"
+    extra = ["--state-dir", str(tmp_path / "state")]
+    first = WorkerProcess("durable", listen=url, extra=extra)
+    second = None
+    acked: list[int] = []
+    try:
+        with Peer(url) as raw:
+            identity = raw.ok({"type": "hello"})["identity"]
+            ids = {}
+            for i in range(400):
+                desc, data = encode(np.full(8, i, np.int64))
+                ids[raw.send({"type": "put", "tensors": [{"key": f"k{i}", **desc, "frame": 0}]}, [data])] = i
+            while len(acked) < 150:
+                reply = raw.recv()
+                assert reply.kind == "ok", reply
+                acked.append(ids[reply["re"]])
+            os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        second = WorkerProcess("durable", listen=url, extra=extra)
+        with Peer(url) as raw:
+            assert raw.ok({"type": "hello", "identity": identity})["identity"] == identity
+            got = raw.get([f"k{i}" for i in acked], keep=True)
+        assert [int(a[0]) for a in got] == acked
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

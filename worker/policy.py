@@ -5,6 +5,7 @@ fingerprint (the sha256 of the plan bytes, which is also its plan id) and names,
 leave::
 
     delta = 1e-5                       # for the privacy accounting report (default 1e-5)
+    max_epsilon = 8.0                  # optional: each client's privacy budget (epsilon at delta), all plans
 
     [[plan]]
     fingerprint = "3f2a…"              # plan-worker review PLAN.onnx prints it, and this snippet
@@ -17,7 +18,9 @@ leave::
 
 ``update`` releases the change of a bound parameter since the client last stored it (over every step of
 this plan in between), clipped to ``clip_norm`` (L2, per tensor) and with Gaussian noise of standard
-deviation ``noise_multiplier * clip_norm`` added by the worker, once per stored result.
+deviation ``noise_multiplier * clip_norm`` added by the worker, once per stored result. ``max_epsilon``
+bounds the epsilon each client may spend on noised releases, over all plans: a release that would take it
+past the budget is refused (``private_data``), and the result stays unreleased.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class Policy:
     rules: dict[str, Rule]
     delta: float = 1e-5
     path: str = ""
+    max_epsilon: float | None = None  # each client's privacy budget over all noised releases (None: unbounded)
 
 
 def load(path: str | Path) -> Policy:
@@ -108,12 +112,19 @@ def load(path: str | Path) -> Policy:
 
 
 def parse(doc: dict[str, Any], where: str = "policy") -> Policy:
-    unknown = set(doc) - {"plan", "delta"}
+    unknown = set(doc) - {"plan", "delta", "max_epsilon"}
     if unknown:
-        raise PolicyError(f"{where}: unknown top-level keys {sorted(unknown)} (expected [[plan]] tables and delta)")
+        raise PolicyError(
+            f"{where}: unknown top-level keys {sorted(unknown)} (expected [[plan]] tables, delta and max_epsilon)"
+        )
     delta = _number(doc.get("delta", 1e-5), f"{where}: delta")
     if not 0 < delta < 1:
         raise PolicyError(f"{where}: delta must be between 0 and 1, got {delta}")
+    max_epsilon = None
+    if "max_epsilon" in doc:
+        max_epsilon = _number(doc["max_epsilon"], f"{where}: max_epsilon")
+        if not max_epsilon > 0:
+            raise PolicyError(f"{where}: max_epsilon must be positive, got {max_epsilon}")
     plans = doc.get("plan", [])
     if not isinstance(plans, list):
         raise PolicyError(f"{where}: 'plan' must be an array of tables ([[plan]])")
@@ -132,7 +143,7 @@ def parse(doc: dict[str, Any], where: str = "policy") -> Policy:
                 f"{where}: plan {noised[0]!r} adds noise, whose privacy accounting needs dp-accounting: "
                 "pip install 'planwire[dp]'"
             ) from None
-    return Policy(rules, delta, where)
+    return Policy(rules, delta, where, max_epsilon)
 
 
 def _rule(entry: Any, at: str) -> Rule:

@@ -6,6 +6,12 @@ parameter as the client last stored it) and the fewest rows of private data its 
 first read (``get``, ``fetch``, ``inline_max``) computes the released value once (clip and noise for an
 update), records it in the audit log and the client's privacy accounting, and every later read of that
 result returns the same value: reading twice never averages the noise away.
+
+The accounting keeps, per client, how many noised releases it was given at each noise multiplier, and
+its epsilon is dp-accounting's for exactly those events. A policy's ``max_epsilon`` refuses a release
+that would take a client past it. With ``--state-dir`` a :class:`Journal` (worker/state.py) makes the
+spent budget, then the released value, durable before the release returns (so before the reply leaves):
+a restarted worker neither forgets a budget spent nor draws new noise for a value already released.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
@@ -48,6 +54,29 @@ class Pending:
         return self.rows >= self.rule.min_batch
 
 
+class Journal(Protocol):
+    """Where a Releaser makes its changes durable (worker/state.py); each call returns once they are kept,
+    or raises (ProtocolError) and nothing was released."""
+
+    def spent(self, spent: dict[ClientId, dict[float, int]]) -> None:
+        """The whole accounting after one more noised release (written before the release is made)."""
+
+    def released(self, client: ClientId, key: str, entry: Entry) -> None:
+        """``entry.pending.released`` was just computed for ``client``'s ``key``."""
+
+
+def epsilon_of(events: dict[float, int], delta: float) -> float:
+    """Epsilon at ``delta`` after ``events`` ({noise multiplier: count} of Gaussian releases), by dp-accounting's
+    RDP accountant (each release counted in full: no amplification by sampling is assumed)."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    for noise, count in sorted(events.items()):
+        acc.compose(dp_event.GaussianDpEvent(noise), count)
+    return float(acc.get_epsilon(delta))
+
+
 class Releaser:
     """Applies the policy at runs and reads; writes the audit log; keeps per-client privacy accounting."""
 
@@ -56,8 +85,10 @@ class Releaser:
         # one unbuffered O_APPEND write per line: whole lines, even with another process appending
         self._audit = open(audit, "ab", buffering=0) if audit else None  # noqa: SIM115
         self._lock = threading.Lock()
-        self._accountants: dict[ClientId, Any] = {}
+        self._spent: dict[ClientId, dict[float, int]] = {}  # client -> {noise multiplier: noised releases}
         self._epsilon: dict[str, float] = {}  # owner label -> epsilon spent so far (noised releases only)
+        self.journal: Journal | None = None  # --state-dir: where releases and the accounting are kept
+        self.blocked = ""  # why no noised release can be made (its accounting could not be restored)
         self.releases: Counter[str] = Counter()  # owner label -> private-derived tensors released to it
         self._rng = np.random.default_rng()
 
@@ -145,16 +176,61 @@ class Releaser:
             self.audit("refused", client, rule, rule.name, [pending.output], [entry.array], reason=message)
             raise ProtocolError("private_data", message)
         noise = 0.0
+        events = None
+        epsilon = None
         if pending.how.how == "as_is":
             value = entry.array
         else:
-            value = self._update(key, entry.array, pending)
             noise = rule.noise_multiplier
-        epsilon = self._account(client, noise) if noise else None
+            if noise:  # the budget first: a release it refuses draws no noise
+                events, epsilon = self._charge(client, key, entry, pending, noise)
+            value = self._update(key, entry.array, pending)
+        if events is not None:
+            if self.journal is not None:  # durable before the value can leave: a crash can only overcount
+                self.journal.spent({**self._spent, client: events})
+            with self._lock:
+                self._spent[client] = events
+                self._epsilon[label(client)] = epsilon  # type: ignore[assignment]
         pending.released = value
+        if self.journal is not None and noise:  # noise is drawn once; any other release computes the same again
+            self.journal.released(client, key, entry)
         self.releases[label(client)] += 1
         self.audit("released", client, rule, rule.name, [pending.output], [value], noise=noise, epsilon=epsilon)
         return value
+
+    def _charge(
+        self, client: ClientId, key: str, entry: Entry, pending: Pending, noise: float
+    ) -> tuple[dict[float, int], float]:
+        """The client's accounting and epsilon after one more release at ``noise``; refuses (``private_data``)
+        one past the policy's ``max_epsilon``, or any while the accounting is unknown."""
+        rule = pending.rule
+        events = dict(self._spent.get(client, {}))
+        events[noise] = events.get(noise, 0) + 1
+        epsilon = epsilon_of(events, self.delta)
+        budget = self.policy.max_epsilon if self.policy is not None else None
+        message = ""
+        if self.blocked:
+            message = (
+                f"tensor {key!r} is a noised update, and {self.blocked}: no noised release is made until the worker's "
+                "operator repairs that record (or removes it, which resets every client's spent budget)"
+            )
+        elif budget is not None and epsilon > budget:
+            spent = self._epsilon.get(label(client), 0.0)
+            message = (
+                f"tensor {key!r} ({pending.output!r} of plan {rule.name or rule.fingerprint[:12]!r}) would take this "
+                f"client's privacy budget to epsilon {epsilon:.4g} (spent so far: {spent:.4g}, at delta "
+                f"{self.delta:g}), past the data owner's max_epsilon of {budget:g}: not released"
+            )
+        if message:
+            self.audit("refused", client, rule, rule.name, [pending.output], [entry.array], reason=message)
+            raise ProtocolError("private_data", message)
+        return events, epsilon
+
+    def restore(self, spent: dict[ClientId, dict[float, int]]) -> None:
+        """The accounting a state directory kept (worker/state.py), before anything is served."""
+        with self._lock:
+            self._spent = {c: dict(e) for c, e in spent.items() if e}
+            self._epsilon = {label(c): epsilon_of(e, self.delta) for c, e in self._spent.items()}
 
     def _update(self, key: str, array: np.ndarray, pending: Pending) -> np.ndarray:
         if array.dtype.kind != "f" or pending.base is None or pending.base.shape != array.shape:
@@ -171,20 +247,6 @@ class Releaser:
             with self._lock:
                 delta += self._rng.normal(0.0, rule.noise_multiplier * rule.clip_norm, delta.shape)  # type: ignore[operator]
         return delta.astype(array.dtype)
-
-    def _account(self, client: ClientId, noise_multiplier: float) -> float:
-        """The client's epsilon (at the policy's delta) after one more Gaussian release, by dp-accounting's
-        RDP accountant (each release counted in full: no amplification by sampling is assumed)."""
-        from dp_accounting import dp_event
-        from dp_accounting.rdp import rdp_privacy_accountant
-
-        with self._lock:
-            acc = self._accountants.get(client)
-            if acc is None:
-                acc = self._accountants[client] = rdp_privacy_accountant.RdpAccountant()
-            acc.compose(dp_event.GaussianDpEvent(noise_multiplier))
-            epsilon = self._epsilon[label(client)] = float(acc.get_epsilon(self.delta))
-            return epsilon
 
     @property
     def delta(self) -> float:

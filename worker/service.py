@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from msgspec import UNSET
@@ -87,6 +87,7 @@ class Service(PlanRegistry, RunPath):
         self.holders = PlanHolders()  # which owners registered each plan
         self.flows: dict[str, flow.Flow] = {}  # plan id -> which outputs depend on which inputs
         self.releaser = Releaser(policy, audit)  # the data owner's release rules and audit log
+        self.durable: Any = None  # --state-dir (worker/state.py): the supervisor's group commit of its replies
         self.plans_dir = plans_dir  # where a worker with private data keeps the plans it receives, for review
         self.max_plans_dir_bytes = max_plans_dir_bytes  # beyond it the least recently received unused go
         # Caps enforced around the service (plan-worker: the server's queue bound, the sandbox's time and

@@ -10,10 +10,14 @@ record, a plan registered or unregistered, an identity issued at ``hello``, a cl
 
 The directory (its layout, format, and reading it back as hostile input) is worker/statedir.py.
 
-This module wraps the worker's parts rather than changing them: :func:`attach` gives a Service a Store,
-Owners and PlanHolders that write through to the directory, then restores what the directory holds.
-Not kept: connections, the releases pending on private-derived results (a restored private result stays
-private: it is used by later runs but never released, whatever the policy) and the privacy accounting.
+:func:`attach` restores what the directory holds into a Service, then has its changes written through:
+an observer on its Store (worker/store.py's StoreObserver hooks), Owners and PlanHolders that write
+through, a journal for its Releaser, and the supervisor's group commit (:class:`ReplyGate`).
+A private result's pending release (worker/release.py) is kept with its tensor, and the privacy budget
+each client spent in the ``privacy`` file: a release writes the spent budget first, then the value it
+released, before it returns; a restored result is released as the policy in force at the restart says
+(its rule found again by fingerprint), and the same released value is returned again. Not kept:
+connections.
 """
 
 from __future__ import annotations
@@ -23,13 +27,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from planwire.worker import flow
 from planwire.worker.owners import Owners, PlanHolders
+from planwire.worker.release import Pending, Releaser
 from planwire.worker.resident import host_of
-from planwire.worker.statedir import Restored, StateDir, StateError, write_atomic
-from planwire.worker.store import ClientId, Entry, Store
+from planwire.worker.statedir import KeptRelease, Restored, StateDir, StateError, write_atomic
+from planwire.worker.store import ClientId, Entry
 
 if TYPE_CHECKING:
     from planwire.worker.service import Service
@@ -39,7 +42,8 @@ log = logging.getLogger("planwire.worker")
 __all__ = [
     "DurableHolders",
     "DurableOwners",
-    "DurableStore",
+    "DurableTensors",
+    "ReplyGate",
     "Restored",
     "StateDir",
     "StateError",
@@ -51,65 +55,72 @@ __all__ = [
 # -- the worker's parts, writing through ---------------------------------------------------------------
 
 
-class DurableStore(Store):
-    """A Store whose every change is written to the state directory before it is made in memory."""
+class DurableTensors:
+    """The store's observer (worker/store.py's StoreObserver): every change to a client's tensors is written
+    to the state directory, a put or failure before it is made in memory (so a refused write changes
+    nothing), a removal after. Also the Releaser's journal (worker/release.py's Journal)."""
 
-    def __init__(self, state: StateDir, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, state: StateDir) -> None:
         self.state = state
-        self.restoring = False
 
-    def check_quota(self, client: ClientId, sizes: Iterable[tuple[str, int]], what: str) -> None:
-        sizes = list(sizes)
-        super().check_quota(client, sizes, what)
-        self.state.check_room(sum(n for _, n in dict(sizes).items()), what)
+    def check(self, client: ClientId, nbytes: int, what: str) -> None:
+        self.state.check_room(nbytes, what)
 
-    def put(
-        self,
-        client: ClientId,
-        key: str,
-        array: np.ndarray,
-        tags: Iterable[str] = (),
-        *,
-        private: bool = False,
-        pending: Any = None,
-        rows: int = 0,
-    ) -> None:
-        tags = tuple(tags)
-        if not self.restoring:  # durable means on the host: a result the runner holds is copied out first
-            self.state.save_tensor(client, key, host_of(array), tags, private, rows)
-        super().put(client, key, array, tags, private=private, pending=pending, rows=rows)
+    def put(self, client: ClientId, key: str, entry: Entry) -> None:
+        # durable means on the host: a result the runner holds is copied out first
+        self.state.save_tensor(
+            client, key, host_of(entry.array), entry.tags, entry.private, entry.rows, _kept(entry.pending)
+        )
 
-    def fail(self, client: ClientId, key: str, why: str) -> None:
-        if not self.restoring:
-            self.state.save_failure(client, key, why)
-        super().fail(client, key, why)
+    def failed(self, client: ClientId, key: str, why: str) -> None:
+        self.state.save_failure(client, key, why)
 
-    def take(
-        self,
-        client: ClientId,
-        keys: list[str],
-        keep: bool,
-        release: Callable[[str, Entry], np.ndarray] | None = None,
-    ) -> list[np.ndarray]:
-        values = super().take(client, keys, keep, release)
-        if not keep:
-            space = self.space(client)
-            self.state.remove_tensors(client, [k for k in dict.fromkeys(keys) if k not in space])
-        return values
+    def removed(self, client: ClientId, keys: list[str]) -> None:
+        self.state.remove_tensors(client, keys)
 
-    def delete(self, client: ClientId, keys: Iterable[str]) -> None:
-        keys = list(keys)
-        super().delete(client, keys)
-        self.state.remove_tensors(client, dict.fromkeys(keys))
-
-    def drop_client(self, client: ClientId) -> tuple[int, int]:
-        freed = super().drop_client(client)
+    def dropped(self, client: ClientId) -> None:
         try:
             self.state.remove_owner(client)
         except OSError as e:  # freed in memory; its files come back at a restart, to be freed again
             log.error("--state-dir: cannot remove a freed client's tensors: %s", e)
-        return freed
+
+    # -- the Releaser's journal (worker/release.py): written before a release returns ------------------
+
+    def spent(self, spent: dict[ClientId, dict[float, int]]) -> None:
+        self.state.save_spent(spent)
+
+    def released(self, client: ClientId, key: str, entry: Entry) -> None:
+        self.put(client, key, entry)  # the tensor again, now with its released value
+
+
+def _kept(pending: Any) -> KeptRelease | None:
+    if not isinstance(pending, Pending):
+        return None
+    base = None if pending.base is None else host_of(pending.base)
+    how = pending.how
+    noised = how.how == "update" and pending.rule.noise_multiplier
+    released = pending.released if noised else None  # only a noised value cannot be computed again
+    return KeptRelease(pending.rule.fingerprint, pending.output, how.how, how.param, pending.rows, base, released)
+
+
+def _pending(releaser: Releaser, kept: KeptRelease | None, key: str) -> Pending | None:
+    """A kept release under the rule the policy in force has for its plan (None, logged: not releasable)."""
+    if kept is None:
+        return None
+    policy = releaser.policy
+    rule = policy.rules.get(kept.plan) if policy is not None else None
+    how = rule.outputs.get(kept.output) if rule is not None else None
+    if how is None or how.how != kept.how or how.param != kept.param:
+        log.info(
+            "--state-dir: tensor %r stays private: the policy no longer releases output %r of plan %s as %s",
+            key,
+            kept.output,
+            kept.plan[:12],
+            kept.how,
+        )
+        return None
+    assert rule is not None
+    return Pending(rule, kept.output, how, kept.base, kept.rows, kept.released)
 
 
 class DurableOwners(Owners):
@@ -180,17 +191,51 @@ class DurableHolders(PlanHolders):
             super().add(pid, owner)
 
 
+class ReplyGate:
+    """Group commit for the supervisor's loop (worker/supervisor.py calls :meth:`install` once and
+    :meth:`flush` after each step). While a change waits in the state directory every reply is held, in
+    order; a flush makes the burst's changes durable at once (StateDir.commit: one fsync per file, run
+    concurrently, then one per directory) and sends the held replies. A reply never leaves before the
+    writes of its request are durable, and many requests that came together share one commit."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        self.held: list[tuple[Any, Any]] = []
+        self._send: Callable[[Any, Any], None] | None = None
+
+    def install(self, server: Any) -> ReplyGate | None:
+        """Route ``server.send`` through the gate and stage the directory's writes (None: nothing to group,
+        as with ``--state-sync none``, whose writes cost no fsync)."""
+        self.state.group()
+        if not self.state.grouped:
+            return None
+        self._send = server.send
+        server.send = self.send
+        return self
+
+    def send(self, peer: Any, reply: Any) -> None:
+        if self.held or self.state.dirty:
+            self.held.append((peer, reply))
+        else:
+            self._send(peer, reply)  # type: ignore[misc]
+
+    def flush(self) -> None:
+        if self.state.dirty:
+            self.state.commit()
+        if self.held:
+            held, self.held = self.held, []
+            for peer, reply in held:
+                self._send(peer, reply)  # type: ignore[misc]
+
+
 def attach(service: Service, state: StateDir) -> Restored:
     """Make ``service`` keep its state in ``state`` and restore what is there (before it serves anything)."""
     from planwire.worker.service import Plan
 
-    old = service.store
-    store = DurableStore(state, public=old.public, max_bytes=old.max_bytes, max_client_bytes=old.max_client_bytes)
-    for key, entry in old.own():
-        store.put_own(key, entry.array, entry.tags)
+    store = service.store
     owners = DurableOwners(state, curve=service.owners.curve, idle_ttl=service.owners.idle_ttl)
     holders = DurableHolders(state, lambda pid: service.plans[pid])
-    service.store, service.owners, service.holders = store, owners, holders
+    service.owners, service.holders = owners, holders
 
     session, new = state.load_session(service.session)
     service.session = session
@@ -210,22 +255,31 @@ def attach(service: Service, state: StateDir) -> Restored:
         seen.update(held_by)
         done.plans += 1
     own = {key for key, _ in store.own()}
-    store.restoring = True
+    store.observer = None  # what is read back is not written again
+    for owner, key, h, array, kept in state.load_tensors():
+        if key in own:
+            state._skip(state._tensor_path(owner, key), f"key {key!r} is now the worker's own data")
+            continue
+        if array is None:
+            store.fail(owner, key, h.failed or "")
+            done.failed += 1
+        else:
+            pending = _pending(service.releaser, kept, key)
+            store.put(owner, key, array, h.tags, private=h.private, pending=pending, rows=h.rows)
+            done.releases += pending is not None
+            done.tensors += 1
+            done.tensor_bytes += array.nbytes
+        seen.add(owner)
+    store.observer = tensors = DurableTensors(state)
     try:
-        for owner, key, h, array in state.load_tensors():
-            if key in own:
-                state._skip(state._tensor_path(owner, key), f"key {key!r} is now the worker's own data")
-                continue
-            if array is None:
-                store.fail(owner, key, h.failed or "")
-                done.failed += 1
-            else:
-                store.put(owner, key, array, h.tags, private=h.private, rows=h.rows)
-                done.tensors += 1
-                done.tensor_bytes += array.nbytes
-            seen.add(owner)
-    finally:
-        store.restoring = False
+        spent = state.load_spent()
+    except ValueError as e:  # logged; never served as a clean slate
+        service.releaser.blocked = str(e)
+    else:
+        service.releaser.restore(spent)
+        done.budgets = len(spent)
+    service.releaser.journal = tensors
+    service.durable = ReplyGate(state)
     tokens = state.load_tokens()
     owners.restore(tokens, seen)
     done.identities = len(tokens)

@@ -1,22 +1,64 @@
 """The state directory of ``plan-worker --state-dir DIR`` (worker/state.py wires it into the worker): its
 layout, its file format, atomic writes, and reading it back as hostile input.
 
-Every change is written whole under a temporary name, fsynced, renamed over the old file, and its directory
-fsynced (``--state-sync none``: no fsyncs): a crash leaves the old file or the new one, never half of one.
+Every change is written whole under a temporary name (``.tmp-NAME`` beside it), fsynced, renamed over the
+old file, and its directory fsynced (``--state-sync none``: no fsyncs): a crash leaves the old file or the
+new one, never half of one. Under the supervisor, writes are grouped (:meth:`StateDir.group`): the
+temporary files of a burst of requests are written, then fsynced together (concurrently), renamed, and
+each changed directory fsynced once, before any of the burst's replies is sent (worker/state.py's
+ReplyGate). The order of durability inside a group is not promised, except that the ``privacy`` file is
+committed at once (with whatever the group held) before a released value is written.
 
 Layout (directories 0700, files 0600; one worker per directory, held with ``flock`` on ``lock``)::
 
-    DIR/lock                  the pid of the worker using the directory
-    DIR/session               the worker session (PROTOCOL.md §4.3), the same across restarts
-    DIR/owners                the identities issued at hello and their owners (secret: see README)
-    DIR/tensors/O/K.t         one tensor of owner O (or a failed run's record); O, K: sha256 of owner, key
-    DIR/plans/PID.plan        a plan's bytes, name and ports (PID: the sha256 of the bytes)
-    DIR/plans/PID.holders     the owners that registered it
+    DIR/lock                  the pid of the worker using the directory (decimal, newline)
+    DIR/session               JSON {"format": 1, "session": 32 lowercase hex digits} (PROTOCOL.md §4.3)
+    DIR/owners                JSON {"format": 1, "tokens": {IDENTITY: OWNER}}: identities issued at hello (secret)
+    DIR/privacy               JSON {"format": 1, "spent": {OWNER: [[NOISE_MULTIPLIER, COUNT], ...]}}
+    DIR/tensors/O/K.t         one tensor of owner O (or a failed run's record)
+    DIR/plans/PID.plan        a plan's bytes, name and ports (PID: the sha256 of the bytes, 64 hex digits)
+    DIR/plans/PID.holders     JSON {"format": 1, "holders": [OWNER, ...]}: the owners that registered it
+    DIR/**/.tmp-NAME          a write in progress (removed at start: never acknowledged)
 
-Tensor and plan files: ``MAGIC``, the header's length (u32), a JSON header (typed structs below), zero
-padding to 64 bytes, the payload. The directory is read as hostile at start: every file is validated (its
-magic, its header against its schema, sizes, where it lies, a plan's hash and the plan checks of
-transport/plancheck.py), and one that fails is skipped with a log line naming it: never loaded, never fatal.
+Names. OWNER is an owner's name on disk, ``[0-9a-z]+``: ``k`` + the hex of a CURVE public key (the same
+client across restarts), or ``c`` + this incarnation's 8-hex-digit nonce + the hex of a connection's
+routing id; an owner restored from disk keeps the name it was read under. In paths, O and K are the first
+40 hex digits of the sha256 of the UTF-8 of OWNER and of the tensor's key. JSON is UTF-8, objects with
+exactly the fields named (an unknown field makes the file invalid), ``format`` always 1.
+
+Tensor and plan files: ``MAGIC`` (8 bytes ``PWSTATE\x01``), the header's length (u32 little-endian, at
+most 1 MiB), a JSON header, zero padding up to the next multiple of 64 bytes from the file's start, then
+the payload, to the end of the file. A plan file's header is ``{"plan": PID, "name": str, "inputs": [PORT],
+"outputs": [PORT]}`` (PORT: ``[name, dtype, shape]``, a dim an int, a str or null) and its payload the
+plan's bytes. A tensor file's header (fields at their default omitted)::
+
+    {"owner": OWNER, "key": str, "dtype": "float", "shape": [], "tags": [], "private": false, "rows": 0,
+     "failed": str (a failed run's record: no payload, no release),
+     "release": {"plan": FINGERPRINT, "output": str, "how": "as_is" | "update", "rows": int,
+                 "param": str (default ""), "base": {"dtype", "shape"}, "released": {"dtype", "shape"}}}
+
+Its payload is the tensor's bytes (the wire dtype, C order, little-endian: PROTOCOL.md), then, when there
+is a ``release`` with ``base`` and/or ``released``, each of those arrays in that order, each starting at
+the next multiple of 64 bytes from the payload's start (zero padding between); the file's size must be
+exactly that. ``release`` (only on a private tensor) is the pending release of a private result
+(worker/release.py's Pending): the policy rule's plan FINGERPRINT, the plan output it is, ``how`` and the
+input ``param`` it updates (from the rule: at a restart the rule the policy in force has for FINGERPRINT
+must still release that output the same way, or the result stays private), the fewest rows of private
+data it was computed from, the ``base`` of an update (the parameter as the client last stored it) and,
+once a noised update was released, the ``released`` value, which every later read returns (any other
+release computes the same value again, so it is not kept). Limits on every field: the typed structs
+below (``_TensorHeader``, ``_Release``, ``_Privacy``, ...).
+
+``privacy`` holds, per owner, how many noised releases it was given at each noise multiplier (> 0; the
+same multiplier may appear twice, the counts add up): its epsilon is dp-accounting's RDP accountant's for
+exactly those Gaussian events, at the policy's delta. A release writes it (with the new event) before it
+writes the tensor with its ``released`` value, and both before the reply: a crash in between can only
+overcount. A damaged ``privacy`` file is never read as a clean slate: noised releases are refused until
+it is repaired (removing it resets every owner's budget).
+
+The directory is read as hostile at start: every file is validated (its magic, its header against its
+schema, sizes, where it lies, a plan's hash and the plan checks of transport/plancheck.py), and one that
+fails is skipped with a log line naming it: never loaded, never fatal.
 """
 
 from __future__ import annotations
@@ -34,7 +76,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -55,6 +97,7 @@ ALIGN = 64
 MAX_HEADER = 1 << 20
 FORMAT = 1
 SESSION_RE = re.compile(r"[0-9a-f]{32}")
+EXIT_NOT_DURABLE = 75  # the worker's exit status when a group commit's fsync fails (EX_TEMPFAIL)
 DISK_RESERVE = 64 << 20  # bytes a put or run must leave free on the state directory's file system
 
 
@@ -67,6 +110,25 @@ class StateError(Exception):
 OwnerName = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[0-9a-z]+$")]
 
 
+class _Part(Struct, forbid_unknown_fields=True):
+    """An array after the tensor in a tensor file's payload (at the next multiple of 64 bytes)."""
+
+    dtype: m.DType
+    shape: m.Shape
+
+
+class _Release(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A private result's pending release (worker/release.py's Pending) under the policy rule ``plan``."""
+
+    plan: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    output: Annotated[str, Meta(min_length=1, max_length=4096)]
+    how: Literal["as_is", "update"]
+    rows: Annotated[int, Meta(ge=0)]
+    param: Annotated[str, Meta(max_length=4096)] = ""
+    base: _Part | None = None
+    released: _Part | None = None
+
+
 class _TensorHeader(Struct, forbid_unknown_fields=True, omit_defaults=True):
     owner: OwnerName
     key: m.Key
@@ -76,6 +138,7 @@ class _TensorHeader(Struct, forbid_unknown_fields=True, omit_defaults=True):
     private: bool = False
     rows: Annotated[int, Meta(ge=0)] = 0
     failed: Annotated[str, Meta(max_length=1 << 16)] | None = None  # a failed run's record (no payload)
+    release: _Release | None = None  # a private result's pending release (its arrays follow the tensor's)
 
 
 class _Port(Struct, array_like=True, forbid_unknown_fields=True):
@@ -106,6 +169,27 @@ class _Session(Struct, forbid_unknown_fields=True):
     session: str
 
 
+NoiseMultiplier = Annotated[float, Meta(gt=0, le=1e6)]
+
+
+class _Privacy(Struct, forbid_unknown_fields=True):
+    format: int
+    spent: dict[OwnerName, list[tuple[NoiseMultiplier, Annotated[int, Meta(ge=1, le=1 << 40)]]]]
+
+
+@dataclass
+class KeptRelease:
+    """A pending release as kept on disk (worker/state.py converts it from and to release.Pending)."""
+
+    plan: str  # the fingerprint of the policy rule it was made under
+    output: str
+    how: str  # "as_is" or "update"
+    param: str
+    rows: int
+    base: np.ndarray | None = None
+    released: np.ndarray | None = None
+
+
 # -- low-level file operations -------------------------------------------------------------------------
 
 
@@ -117,9 +201,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
-    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
-    (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
+def _write_temp(path: Path, parts: Iterable[Any]) -> tuple[Path, int]:
+    """``parts`` (buffers) written to ``path``'s temporary file: (its path, its open descriptor)."""
     tmp = path.with_name(f".tmp-{path.name}")
     with contextlib.suppress(FileNotFoundError):  # left by a crash: never followed if it is a link
         os.unlink(tmp)
@@ -129,6 +212,19 @@ def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
             view = memoryview(part).cast("B")
             while view.nbytes:
                 view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp, fd
+
+
+def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
+    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
+    (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
+    tmp, fd = _write_temp(path, parts)
+    try:
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -169,6 +265,13 @@ def _read_framed(path: Path) -> tuple[bytes, Any, int]:
     except BaseException:
         f.close()
         raise
+
+
+def _nbytes(part: _Part) -> int:
+    n = dtypes.to_numpy(part.dtype).itemsize
+    for dim in part.shape:
+        n *= dim
+    return n
 
 
 def _digest(text: str) -> str:
@@ -216,6 +319,8 @@ class Restored:
     tensors: int = 0
     tensor_bytes: int = 0
     failed: int = 0
+    releases: int = 0  # private results restored with their pending release
+    budgets: int = 0  # clients whose spent privacy budget was restored
     plans: int = 0
     owners: int = 0
     identities: int = 0
@@ -234,6 +339,10 @@ class StateDir:
         self.plans = path / "plans"
         self.names = _Names()
         self.skipped: list[str] = []
+        self.grouped = False  # group commit (see group()): writes are staged until commit()
+        self._staged: dict[Path, tuple[Path, int]] = {}  # path -> its written, not yet synced temporary file
+        self._dirs: set[Path] = set()  # directories changed since the last commit
+        self._pool: Any = None  # threads for concurrent fsyncs (the file system's journal batches them)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, sync: bool = True) -> StateDir:
@@ -268,10 +377,79 @@ class StateDir:
         return cls(p, fd, sync)
 
     def _fsync_dir(self, path: Path) -> None:
-        if self.sync:
+        if self.grouped:
+            self._dirs.add(path)
+        elif self.sync:
             _fsync_dir(path)
 
+    # -- group commit ------------------------------------------------------------------------------
+
+    def group(self) -> None:
+        """Group commit, for a loop that holds its replies while :attr:`dirty` and calls :meth:`commit`
+        before it sends them (worker/state.py's ReplyGate): from now on a write leaves its temporary file
+        unsynced and unrenamed, a removal its directory unsynced, until the next commit. Without fsyncs
+        (``--state-sync none``) there is nothing to group: writes go on as before."""
+        self.grouped = self.sync
+
+    @property
+    def dirty(self) -> bool:
+        """Whether a change waits for :meth:`commit`."""
+        return bool(self._staged or self._dirs)
+
+    def commit(self) -> None:
+        """Make every staged change durable, in one round: fsync every staged file (concurrently, so that
+        the file system's journal commits them together), rename each over its name, fsync each changed
+        directory once. When that fails (EIO: the kernel may have dropped the pages it could not write) the
+        worker exits at once, as PostgreSQL does on a failed fsync: no reply may acknowledge what is not
+        kept, and a restart reads back what was acknowledged before."""
+        try:
+            self._commit()
+        except OSError as e:
+            log.critical("--state-dir %s: cannot make changes durable (%s): the worker stops now", self.path, e)
+            os._exit(EXIT_NOT_DURABLE)
+
+    def _commit(self) -> None:
+        staged, self._staged = self._staged, {}
+        dirs, self._dirs = self._dirs, set()
+        try:
+            self._each(os.fsync, [fd for _, fd in staged.values()])
+        finally:
+            for _, fd in staged.values():
+                os.close(fd)
+        for path, (tmp, _) in staged.items():
+            os.replace(tmp, path)
+            dirs.add(path.parent)
+        self._each(_fsync_dir, list(dirs))
+
+    def _each(self, fn: Any, items: list) -> None:
+        if len(items) <= 1:
+            for item in items:
+                fn(item)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(16, thread_name_prefix="state-fsync")
+        for _ in self._pool.map(fn, items):  # raises the first error
+            pass
+
+    def _unstage(self, path: Path) -> None:
+        """Forget a staged write of ``path`` (it is being replaced or removed)."""
+        staged = self._staged.pop(path, None)
+        if staged is not None:
+            os.close(staged[1])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged[0])
+
     def close(self) -> None:
+        if self.dirty:  # what no reply acknowledged yet: kept if it can be, as a crash could have kept it
+            try:
+                self._commit()
+            except OSError as e:
+                log.error("--state-dir: changes not acknowledged yet could not be written: %s", e)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
@@ -322,7 +500,14 @@ class StateDir:
         return self._owner_dir(owner) / f"{_digest(key)}.t"
 
     def save_tensor(
-        self, owner: ClientId, key: str, array: np.ndarray, tags: Sequence[str], private: bool, rows: int
+        self,
+        owner: ClientId,
+        key: str,
+        array: np.ndarray,
+        tags: Sequence[str],
+        private: bool,
+        rows: int,
+        release: KeptRelease | None = None,
     ) -> None:
         from planwire.transport import codec
 
@@ -330,12 +515,23 @@ class StateDir:
         header = _TensorHeader(
             owner=self.names.name(owner), key=key, dtype=wire, shape=shape, tags=list(tags), private=private, rows=rows
         )
-        self._save_tensor(owner, key, header, buf)
+        payload: list[Any] = [buf]
+        if release is not None:
+            rec = _Release(release.plan, release.output, release.how, release.rows, release.param)  # type: ignore[arg-type]
+            for name in ("base", "released"):
+                extra = getattr(release, name)
+                if extra is None:
+                    continue
+                wire, shape, extra_buf = codec.to_frame(extra)
+                setattr(rec, name, _Part(wire, shape))
+                payload += [bytes(-sum(memoryview(b).nbytes for b in payload) % ALIGN), extra_buf]
+            header.release = rec
+        self._save_tensor(owner, key, header, *payload)
 
     def save_failure(self, owner: ClientId, key: str, why: str) -> None:
         self._save_tensor(owner, key, _TensorHeader(owner=self.names.name(owner), key=key, failed=why), b"")
 
-    def _save_tensor(self, owner: ClientId, key: str, header: _TensorHeader, payload: Any) -> None:
+    def _save_tensor(self, owner: ClientId, key: str, header: _TensorHeader, *payload: Any) -> None:
         d = self._owner_dir(owner)
         try:
             d.mkdir(mode=0o700)
@@ -345,14 +541,16 @@ class StateDir:
             raise _refusal(f"tensor {key!r}", self.path, e) from None
         else:
             self._fsync_dir(self.tensors)
-        self._write(d / f"{_digest(key)}.t", [*_framed(msgspec.json.encode(header)), payload], f"tensor {key!r}")
+        self._write(d / f"{_digest(key)}.t", [*_framed(msgspec.json.encode(header)), *payload], f"tensor {key!r}")
 
     def remove_tensors(self, owner: ClientId, keys: Iterable[str]) -> None:
         d = self._owner_dir(owner)
         removed = False
         for key in keys:
+            path = d / f"{_digest(key)}.t"
+            self._unstage(path)
             try:
-                (d / f"{_digest(key)}.t").unlink()
+                path.unlink()
                 removed = True
             except FileNotFoundError:
                 pass
@@ -363,6 +561,8 @@ class StateDir:
 
     def remove_owner(self, owner: ClientId) -> None:
         d = self._owner_dir(owner)
+        for path in [p for p in self._staged if p.parent == d]:
+            self._unstage(path)
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
             self._fsync_dir(self.tensors)
@@ -384,8 +584,9 @@ class StateDir:
                 "more room",
             )
 
-    def load_tensors(self) -> Iterable[tuple[ClientId, str, _TensorHeader, np.ndarray | None]]:
-        """Every valid tensor file: (owner, key, header, array, or None for a failed run's record)."""
+    def load_tensors(self) -> Iterable[tuple[ClientId, str, _TensorHeader, np.ndarray | None, KeptRelease | None]]:
+        """Every valid tensor file: (owner, key, header, array or None for a failed run's record, its pending
+        release if any)."""
         for d in sorted(self.tensors.iterdir()):
             if not d.is_dir() or d.is_symlink():
                 self._skip(d, "not a directory of tensors")
@@ -401,7 +602,9 @@ class StateDir:
                     continue
                 yield item
 
-    def _load_tensor(self, d: Path, path: Path) -> tuple[ClientId, str, _TensorHeader, np.ndarray | None]:
+    def _load_tensor(
+        self, d: Path, path: Path
+    ) -> tuple[ClientId, str, _TensorHeader, np.ndarray | None, KeptRelease | None]:
         if path.is_symlink() or not path.is_file():
             raise ValueError("not a regular file")
         header_bytes, f, size = _read_framed(path)
@@ -411,19 +614,66 @@ class StateDir:
             if d.name != _digest(h.owner) or path.name != f"{_digest(h.key)}.t":
                 raise ValueError(f"misplaced: its header names key {h.key!r} of another owner or file")
             if h.failed is not None:
-                if size:
+                if size or h.release is not None:
                     raise ValueError("a failed run's record with a payload")
-                return owner, h.key, h, None
-            dt = dtypes.to_numpy(h.dtype)
-            count = 1
-            for dim in h.shape:
-                count *= dim
-            if count * dt.itemsize != size:
-                raise ValueError(f"{h.dtype}{h.shape} needs {count * dt.itemsize} bytes, the file holds {size}")
-            array = np.fromfile(f, dtype=dt, count=count)
-            if array.size != count:
-                raise ValueError("shorter than its header says")
-        return owner, h.key, h, array.reshape(h.shape)
+                return owner, h.key, h, None, None
+            r = h.release
+            if r is not None and not h.private:
+                raise ValueError("a pending release on a tensor that is not private")
+            parts = [_Part(h.dtype, h.shape)]
+            if r is not None:
+                parts += [p for p in (r.base, r.released) if p is not None]
+            sizes = [_nbytes(p) for p in parts]
+            need = sum(sizes) + sum(-n % ALIGN for n in sizes[:-1])
+            if need != size:
+                raise ValueError(f"{h.dtype}{h.shape} needs {need} bytes, the file holds {size}")
+            arrays = []
+            for i, (p, n) in enumerate(zip(parts, sizes, strict=True)):
+                if i:
+                    f.seek(-sizes[i - 1] % ALIGN, os.SEEK_CUR)
+                dt = dtypes.to_numpy(p.dtype)
+                a = np.fromfile(f, dtype=dt, count=n // dt.itemsize)
+                if a.nbytes != n:
+                    raise ValueError("shorter than its header says")
+                arrays.append(a.reshape(p.shape))
+        kept = None
+        if r is not None:
+            base = arrays[1] if r.base is not None else None
+            released = arrays[-1] if r.released is not None else None
+            kept = KeptRelease(r.plan, r.output, r.how, r.param, r.rows, base, released)
+        return owner, h.key, h, arrays[0], kept
+
+    # -- privacy accounting ----------------------------------------------------------------------------
+
+    def load_spent(self) -> dict[ClientId, dict[float, int]]:
+        """The noised releases each owner was given: owner -> {noise multiplier: count} (``privacy``);
+        ValueError (logged) when the file is damaged."""
+        path = self.path / "privacy"
+        if not path.exists():
+            return {}
+        try:
+            doc = msgspec.json.decode(path.read_bytes(), type=_Privacy)
+            if doc.format != FORMAT:
+                raise ValueError(f"format {doc.format}")
+        except (OSError, ValueError, msgspec.DecodeError) as e:  # never ignored: budgets would start at 0
+            self._skip(path, f"{e}; noised releases are refused until it is repaired (or removed, which resets "
+                       "every client's spent privacy budget)")  # fmt: skip
+            raise ValueError(f"the record of the privacy budget spent ({path}) is damaged: {e}") from None
+        out: dict[ClientId, dict[float, int]] = {}
+        for name, events in doc.spent.items():
+            counts = out.setdefault(self.names.owner(name), {})
+            for noise, count in events:
+                counts[noise] = counts.get(noise, 0) + count
+        return out
+
+    def save_spent(self, spent: dict[ClientId, dict[float, int]]) -> None:
+        doc = _Privacy(
+            format=FORMAT,
+            spent={self.names.name(o): sorted(c.items()) for o, c in spent.items() if c},
+        )
+        self._write(self.path / "privacy", [msgspec.json.encode(doc)], "the privacy budget spent")
+        if self.grouped:  # durable before the released value is even written (which a group may stage)
+            self.commit()
 
     # -- plans -----------------------------------------------------------------------------------------
 
@@ -442,6 +692,7 @@ class StateDir:
 
     def remove_plan(self, pid: str) -> None:
         for suffix in (".holders", ".plan"):  # holders first: a plan file alone is an unfinished registration
+            self._unstage(self.plans / f"{pid}{suffix}")
             with contextlib.suppress(FileNotFoundError):
                 (self.plans / f"{pid}{suffix}").unlink()
         self._fsync_dir(self.plans)
@@ -496,7 +747,11 @@ class StateDir:
 
     def _write(self, path: Path, parts: Sequence[Any], what: str) -> None:
         try:
-            write_atomic(path, parts, self.sync)
+            if self.grouped:
+                self._unstage(path)
+                self._staged[path] = _write_temp(path, parts)
+            else:
+                write_atomic(path, parts, self.sync)
         except OSError as e:
             raise _refusal(what, self.path, e) from None
 

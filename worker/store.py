@@ -11,13 +11,17 @@ derived from private data (worker/flow.py decides which). They can be described 
 Quotas: the bytes of clients' tensors are counted in total and per client, so a put or run that would
 pass ``--max-store-mb`` or ``--max-client-store-mb`` is refused whole (``quota_exceeded``) before anything
 changes. The worker's own data is not counted.
+
+Observer: ``store.observer`` (worker/state.py's, with ``--state-dir``) is told of every change to
+clients' tensors. Its ``check`` and ``put``/``failed`` hooks run before the change and may refuse it by
+raising (nothing changes then); ``removed`` and ``dropped`` run after.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,6 +48,25 @@ class Entry:
     """A private result's release allowed by the data owner's policy (worker/release.py), if any."""
 
 
+class StoreObserver(Protocol):
+    """Told of every change to clients' tensors (the worker's own data is never observed)."""
+
+    def check(self, client: ClientId, nbytes: int, what: str) -> None:
+        """A put or run would store ``nbytes`` more for ``client`` (raise to refuse it)."""
+
+    def put(self, client: ClientId, key: str, entry: Entry) -> None:
+        """``entry`` is about to be stored as ``client``'s ``key`` (raise to refuse it)."""
+
+    def failed(self, client: ClientId, key: str, why: str) -> None:
+        """``client``'s ``key`` is about to be recorded as failed (raise to refuse it)."""
+
+    def removed(self, client: ClientId, keys: list[str]) -> None:
+        """``client`` no longer holds ``keys`` (moved by a get, or deleted)."""
+
+    def dropped(self, client: ClientId) -> None:
+        """Every tensor of ``client`` was freed."""
+
+
 class Store:
     """Tensors by owner and key. Every method validates before it mutates, so a refused request loses nothing."""
 
@@ -58,6 +81,7 @@ class Store:
         self._own: dict[str, Entry] = {}  # the worker's own data
         self._spaces: dict[ClientId, dict[str, Entry]] = {}
         self._failed: dict[ClientId, dict[str, str]] = {}  # output key -> why the run that made it failed
+        self.observer: StoreObserver | None = None  # told of every change (worker/state.py: --state-dir)
 
     def __len__(self) -> int:
         return len(self._own) + sum(map(len, self._spaces.values()))
@@ -94,9 +118,13 @@ class Store:
     def check_quota(self, client: ClientId, sizes: Iterable[tuple[str, int]], what: str) -> None:
         """quota_exceeded unless storing ``(key, nbytes)`` items for ``client`` keeps both caps (a key
         listed twice counts once, with its last size; what a key held before is given back)."""
-        if self.max_bytes is None and self.max_client_bytes is None:
-            return
         new = dict(sizes)
+        if self.max_bytes is not None or self.max_client_bytes is not None:
+            self._check_caps(client, new, what)
+        if self.observer is not None:
+            self.observer.check(client, sum(new.values()), what)
+
+    def _check_caps(self, client: ClientId, new: dict[str, int], what: str) -> None:
         mine = sum(new.values())
         space = self._spaces.get(client, {})
         for key in new:
@@ -131,11 +159,14 @@ class Store:
         rows: int = 0,
     ) -> None:
         """Store ``client``'s tensor (after check_writable and check_quota)."""
+        entry = Entry(array, tuple(tags), private, pending=pending, rows=rows)
+        if self.observer is not None:
+            self.observer.put(client, key, entry)
         self._pop(client, key)
         space = self._spaces.get(client)
         if space is None:
             space = self._spaces[client] = {}
-        space[key] = Entry(array, tuple(tags), private, pending=pending, rows=rows)
+        space[key] = entry
         n = array.nbytes
         self.bytes += n
         self._by_client[client] = self._by_client.get(client, 0) + n
@@ -161,6 +192,8 @@ class Store:
 
     def fail(self, client: ClientId, key: str, why: str) -> None:
         """Remember that ``client``'s ``key`` will not come: a later read reports why."""
+        if self.observer is not None:
+            self.observer.failed(client, key, why)
         self._pop(client, key)
         self._failed.setdefault(client, {})[key] = why
 
@@ -231,6 +264,9 @@ class Store:
             for key, entry in zip(keys, entries, strict=True):
                 if not entry.worker:
                     self._pop(client, key)  # a key may be listed twice
+            if self.observer is not None:
+                space = self.space(client)
+                self.observer.removed(client, [k for k in dict.fromkeys(keys) if k not in space])
         return values
 
     def delete(self, client: ClientId, keys: Iterable[str]) -> None:
@@ -246,6 +282,8 @@ class Store:
                 failed.pop(key, None)
         if failed is not None and not failed:
             del self._failed[client]
+        if self.observer is not None:
+            self.observer.removed(client, list(dict.fromkeys(keys)))
 
     def search(self, client: ClientId, tags: Iterable[str]) -> list[tuple[str, Entry]]:
         """The worker's own tensors, then ``client``'s, that carry all ``tags``."""
@@ -261,6 +299,8 @@ class Store:
         for key in list(space):
             self._pop(client, key)
         self._failed.pop(client, None)
+        if self.observer is not None:
+            self.observer.dropped(client)
         return n, nbytes
 
 

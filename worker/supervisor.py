@@ -72,6 +72,7 @@ class Supervisor:
         self._sent = False  # whether the current job has gone to the runner
         self._rcvtimeo = -2
         sandbox.on_lost = self._lost
+        self.gate = service.durable.install(server) if service.durable is not None else None  # group commit
 
     # -- loop -------------------------------------------------------------------------------------
 
@@ -85,6 +86,8 @@ class Supervisor:
             while not self.server.stopped:
                 try:
                     self._step(sock, sandbox)
+                    if self.gate is not None:  # a burst's writes made durable at once, then its replies sent
+                        self.gate.flush()
                 except Exception:  # a bug here must not take the worker (and its data) down
                     log.exception("supervisor step failed")
         finally:
