@@ -1,5 +1,7 @@
 """The private pipe between a worker's supervisor and its sandboxed runner, and the shared memory they use.
 
+Requests and answers are pipelined: the supervisor may send several runs before reading an answer, and the
+runner answers each, in order, as soon as it is done (``Reader`` keeps what a read took past one message).
 Nothing here is the public protocol and no Python objects are serialized: a message is a msgpack header (msgspec
 structs below) plus raw buffers, over a Unix socket pair. Tensors of up to ``INLINE_MAX`` bytes travel
 through the socket; larger ones live in files of a per-worker shared-memory directory that both
@@ -67,6 +69,8 @@ class Run(msgspec.Struct, tag="run", array_like=True):
     out: list[int] = []  # the handles the runner holds the outputs under
     fetch: list[int] = []  # outputs whose data comes back with the answer (the client fetches them)
     inline_max: int = 0  # and outputs of at most this many bytes (run.inline_max)
+    save: bool = False  # every output comes back with its data (the host copy; a CPU runner then holds a
+    # large one by the shared copy): runs queued behind this one may crash the runner, and must not lose it
 
 
 class Fetch(msgspec.Struct, tag="fetch", array_like=True):
@@ -153,43 +157,64 @@ def _read_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-_FIRST = 4096  # the first read takes this much: a small message (a tiny call's) in one system call
+_CHUNK = 64 << 10  # bytes a read takes at most when it does not know the message's size yet
 
 
-def _recv(sock: socket.socket, decoder: msgspec.msgpack.Decoder):  # type: ignore[no-untyped-def]
-    # One message is in flight at a time (request, then its answer), so a read never takes the next one.
-    first = bytearray(_FIRST)
-    got = sock.recv_into(first, _FIRST)
-    while 0 < got < _PREFIX.size:
-        got += sock.recv_into(memoryview(first)[got:], _FIRST - got)
-    if got == 0:
-        raise PipeClosed("pipe closed")
-    body_len, hlen, nbuf = _PREFIX.unpack_from(first)
-    if _PREFIX.size + body_len < got:
-        raise PipeClosed("more bytes than one message: the other side does not follow the protocol")
-    body = np.empty(body_len, np.uint8)  # its own, aligned allocation; buffers are views of it
-    view = memoryview(body).cast("B")
-    have = got - _PREFIX.size
-    view[:have] = memoryview(first)[_PREFIX.size : got]
-    _read_exact(sock, view[have:])
-    sizes = struct.unpack_from(f"<{nbuf}Q", view, 0)
-    offset = 8 * nbuf
-    msg = decoder.decode(view[offset : offset + hlen])
-    offset += hlen
-    buffers = []
-    for n in sizes:
-        offset += -offset % _ALIGN
-        buffers.append(view[offset : offset + n])
-        offset += n
-    return msg, buffers
+class Reader:
+    """Messages from one end of the pipe, in order. Several may arrive back to back (the supervisor keeps
+    a window of runs in flight; the runner answers each at once), so a read may take the start of the next
+    message too: it stays here, and ``pending`` says whether a whole one is already in hand."""
+
+    def __init__(self, sock: socket.socket, decoder: msgspec.msgpack.Decoder) -> None:
+        self.sock, self.decoder = sock, decoder
+        self.buf = bytearray()
+
+    def pending(self) -> bool:
+        """Whether a whole message is here (read it without waiting)."""
+        buf = self.buf
+        return len(buf) >= _PREFIX.size and len(buf) >= _PREFIX.size + _PREFIX.unpack_from(buf)[0]
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(_CHUNK)
+        if not chunk:
+            raise PipeClosed("pipe closed")
+        self.buf += chunk
+
+    def read(self):  # type: ignore[no-untyped-def]  (the decoder's message, its buffers)
+        buf = self.buf
+        while len(buf) < _PREFIX.size:
+            self._fill()
+        body_len, hlen, nbuf = _PREFIX.unpack_from(buf)
+        body = np.empty(body_len, np.uint8)  # its own, aligned allocation; buffers are views of it
+        view = memoryview(body).cast("B")
+        have = min(len(buf) - _PREFIX.size, body_len)
+        view[:have] = memoryview(buf)[_PREFIX.size : _PREFIX.size + have]
+        del buf[: _PREFIX.size + have]
+        _read_exact(self.sock, view[have:])  # the rest of a large message, straight into place
+        if 8 * nbuf + hlen > body_len:
+            raise ValueError(f"a message of {body_len} bytes cannot hold {nbuf} buffers and {hlen} header bytes")
+        sizes = struct.unpack_from(f"<{nbuf}Q", view, 0)
+        offset = 8 * nbuf
+        msg = self.decoder.decode(view[offset : offset + hlen])
+        offset += hlen
+        buffers = []
+        for n in sizes:
+            offset += -offset % _ALIGN
+            if offset + n > body_len:
+                raise ValueError("a buffer runs past the end of its message")
+            buffers.append(view[offset : offset + n])
+            offset += n
+        return msg, buffers
 
 
-def recv_request(sock: socket.socket) -> tuple[ToRunner, list[memoryview]]:
-    return _recv(sock, _to_runner)
+def requests(sock: socket.socket) -> Reader:
+    """The runner's reader of the supervisor's requests."""
+    return Reader(sock, _to_runner)
 
 
-def recv_reply(sock: socket.socket) -> tuple[FromRunner, list[memoryview]]:
-    return _recv(sock, _from_runner)
+def replies(sock: socket.socket) -> Reader:
+    """The supervisor's reader of the runner's answers."""
+    return Reader(sock, _from_runner)
 
 
 # -- shared memory --------------------------------------------------------------------------------
