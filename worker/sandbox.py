@@ -41,10 +41,15 @@ from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")
 
-# Before sleeping on the runner's pipe, watch it this long: a tiny run answers in tens of microseconds,
-# and on a host with a free core not sleeping saves a wake-up per call. On a busy host (load average at
-# or over the core count, checked every second) the runner needs that core more: no spinning then.
-SPIN_S = 30e-6
+# Before sleeping on the runner's pipe, the supervisor watches it for a while after sending a run alone
+# (a tiny call): not sleeping saves a wake-up per call. For how long: twice the time the runner's recent
+# answers to that plan took (a moving average), at most SPIN_MAX; and only while spinning pays, i.e. while most spins
+# (a moving average) catch the answer. A spin that misses (the runner was slow, or had no core to run
+# on while the supervisor spun) makes the next ones less likely; after a run of misses it spins again
+# only every SPIN_PROBE-th wait, to find out whether it pays again. Cost: at most SPIN_MAX of one core
+# per call, only while calls come one at a time and answer within it.
+SPIN_MAX = 300e-6
+SPIN_PROBE = 32
 # A tensor the runner computed gets its host copy (so that it survives the runner) once it has been kept
 # this long while the worker is idle: a training loop's state, replaced every step, never crosses to the
 # host; what a client leaves on the worker does, within about this long.
@@ -96,7 +101,11 @@ class Sandbox:
         self._reader: pipe.Reader | None = None
         self.inflight: deque[Sent] = deque()  # requests sent and not answered yet, in order
         self._answered: Sent | None = None  # the request the last answer received was for
-        self._spin_ok, self._spin_checked = False, -1e9
+        self._sent_at = 0.0  # perf_counter when the request in flight alone was sent (0: none such)
+        self._sent_plan = ""
+        self._answer_s: dict[str, float] = {}  # plan: moving average of the runner's answer time to it alone
+        self._spin_hits = 1.0  # moving average of spins that caught the answer
+        self._probe = 0
         self._killed = ""  # why we killed the runner, if we did
         self.started_at = 0.0
         # Tensors the runner holds (worker/resident.py): handles of this runner generation, what to free.
@@ -207,6 +216,7 @@ class Sandbox:
 
     def _reset(self) -> None:
         self.inflight.clear()
+        self._sent_at = 0.0
         self._answered = None
         pid = self._proc.pid if self._proc is not None else 0
         if self._sock is not None:
@@ -233,6 +243,7 @@ class Sandbox:
     def forget(self, pid: str) -> None:
         """Plan ``pid`` was unregistered: the runner drops its session with the next request (nothing is
         sent now)."""
+        self._answer_s.pop(pid, None)
         if pid in self.loaded:
             self.loaded.discard(pid)
             self._drop.add(pid)
@@ -332,6 +343,8 @@ class Sandbox:
             inline_max=inline_max,
             save=save,
         )
+        self._sent_at = time.perf_counter() if not self.inflight else 0.0
+        self._sent_plan = pid
         self.inflight.append(Sent("run", out, keep))
         pipe.send(self._sock, run, buffers)  # type: ignore[arg-type]
         if load:
@@ -343,22 +356,22 @@ class Sandbox:
             return False
         if self._reader is not None and self._reader.pending():
             return True
-        if seconds and self._spin():
-            end = time.perf_counter() + SPIN_S
-            while time.perf_counter() < end:
-                if self._poll.poll(0):
-                    return True
+        if seconds and self._sent_at and len(self.inflight) == 1:
+            spin = self._answer_s.get(self._sent_plan, SPIN_MAX) * 2
+            if spin <= SPIN_MAX and self._spinning():
+                poll, now, end = self._poll.poll, time.perf_counter, self._sent_at + spin
+                while now() < end:
+                    if poll(0):
+                        self._spin_hits += (1.0 - self._spin_hits) / 8
+                        return True
+                self._spin_hits -= self._spin_hits / 8
         return bool(self._poll.poll(int(seconds * 1e3)))
 
-    def _spin(self) -> bool:
-        now = time.monotonic()
-        if now - self._spin_checked > 1.0:
-            self._spin_checked = now
-            try:
-                self._spin_ok = os.getloadavg()[0] < (os.cpu_count() or 1)
-            except OSError:
-                self._spin_ok = False
-        return self._spin_ok
+    def _spinning(self) -> bool:
+        if self._spin_hits >= 0.5:
+            return True
+        self._probe += 1
+        return self._probe % SPIN_PROBE == 0
 
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
         """The runner's next message; PipeClosed when it died (then call ``died``). An answer is to the oldest
@@ -375,6 +388,10 @@ class Sandbox:
                 self.kill("the runner answered a request it was not sent")
                 raise pipe.PipeClosed("unexpected answer")
             self._answered = sent = self.inflight.popleft()
+            if self._sent_at:  # a lone run's answer time, for the next spin
+                took, was = time.perf_counter() - self._sent_at, self._answer_s.get(self._sent_plan)
+                self._answer_s[self._sent_plan] = took if was is None else was + (took - was) / 4
+                self._sent_at = 0.0
             if isinstance(msg, pipe.Failed) and sent.out:  # outputs it may have held before failing
                 self._free += sent.out
                 sent.out = []
