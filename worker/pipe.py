@@ -118,8 +118,8 @@ class PipeClosed(ConnectionError):
     """The other side closed the pipe (for the supervisor: the runner died)."""
 
 
-def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | memoryview] = ()) -> None:
-    """One message: prefix, buffer sizes, header, then each buffer at a 16-byte aligned offset."""
+def pack(msg: msgspec.Struct, buffers: Sequence[bytes | memoryview] = ()) -> list[bytes | memoryview]:
+    """One message's parts: prefix, buffer sizes, header, then each buffer at a 16-byte aligned offset."""
     header = _encoder.encode(msg)
     sizes = [memoryview(b).nbytes for b in buffers]
     head = _PREFIX.size + 8 * len(sizes) + len(header)
@@ -129,23 +129,37 @@ def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | mem
         pad = -offset % _ALIGN
         if pad:
             parts.append(bytes(pad))
-        parts.append(b)
+        parts.append(b if isinstance(b, bytes) else memoryview(b).cast("B"))
         offset += pad + n
     parts[0] = _PREFIX.pack(offset, len(header), len(sizes))
-    view = [memoryview(p).cast("B") if isinstance(p, memoryview) else p for p in parts]
-    total = _PREFIX.size + offset
-    sent = sock.sendmsg(view)
-    while sent < total:  # a large message, or a signal, may cut a send short
-        skip = sent
-        rest = []
-        for p in view:
-            n = len(p)
-            if skip >= n:
-                skip -= n
-                continue
-            rest.append(memoryview(p)[skip:])
-            skip = 0
-        sent += sock.sendmsg(rest)
+    return parts
+
+
+def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | memoryview] = ()) -> None:
+    """One message (``pack``), in one system call when it fits the socket's buffer."""
+    send_parts(sock, pack(msg, buffers))
+
+
+MAX_PARTS = 512  # parts per sendmsg (the kernel takes at most IOV_MAX, 1024 on Linux)
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Packed messages, back to back: several in one system call (one wake-up of the other side)."""
+    for i in range(0, len(parts), MAX_PARTS):
+        view = parts[i : i + MAX_PARTS]
+        total = sum(len(p) for p in view)
+        sent = sock.sendmsg(view)
+        while sent < total:  # a large message, or a signal, may cut a send short
+            skip = sent
+            rest = []
+            for p in view:
+                n = len(p)
+                if skip >= n:
+                    skip -= n
+                    continue
+                rest.append(memoryview(p)[skip:])
+                skip = 0
+            sent += sock.sendmsg(rest)
 
 
 def _read_exact(sock: socket.socket, view: memoryview) -> None:

@@ -101,6 +101,7 @@ class Sandbox:
         self._reader: pipe.Reader | None = None
         self.inflight: deque[Sent] = deque()  # requests sent and not answered yet, in order
         self._answered: Sent | None = None  # the request the last answer received was for
+        self._batch: list | None = None  # packed requests held back by ``hold`` until ``flush``
         self._sent_at = 0.0  # perf_counter when the request in flight alone was sent (0: none such)
         self._sent_plan = ""
         self._answer_s: dict[str, float] = {}  # plan: moving average of the runner's answer time to it alone
@@ -216,6 +217,7 @@ class Sandbox:
 
     def _reset(self) -> None:
         self.inflight.clear()
+        self._batch = None
         self._sent_at = 0.0
         self._answered = None
         pid = self._proc.pid if self._proc is not None else 0
@@ -265,7 +267,7 @@ class Sandbox:
     def send_load(self, pid: str, name: str, data: bytes) -> None:
         load = pipe.Load(plan=pid, name=name, drop=self._dropped(pid), free=self._take_free())
         self.inflight.append(Sent("load"))
-        pipe.send(self._sock, load, [data])  # type: ignore[arg-type]
+        self._send(load, [data])
 
     def send_run(
         self,
@@ -346,9 +348,26 @@ class Sandbox:
         self._sent_at = time.perf_counter() if not self.inflight else 0.0
         self._sent_plan = pid
         self.inflight.append(Sent("run", out, keep))
-        pipe.send(self._sock, run, buffers)  # type: ignore[arg-type]
+        self._send(run, buffers)
         if load:
             self.loaded.add(pid)
+
+    def _send(self, msg: pipe.ToRunner, buffers: list) -> None:
+        if self._batch is None:
+            pipe.send(self._sock, msg, buffers)  # type: ignore[arg-type]
+        else:
+            self._batch += pipe.pack(msg, buffers)
+
+    def hold(self) -> None:
+        """Keep the loads and runs sent from now on until ``flush``: the runner wakes once for all of them."""
+        if self._batch is None:
+            self._batch = []
+
+    def flush(self) -> None:
+        """Send what ``hold`` kept; OSError when the runner is gone (its closed pipe says how)."""
+        batch, self._batch = self._batch, None
+        if batch and self._sock is not None:
+            pipe.send_parts(self._sock, batch)
 
     def wait(self, seconds: float) -> bool:
         """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``."""

@@ -27,6 +27,7 @@ the runs in flight like other mutations, and the runner drops the plan's session
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -206,9 +207,17 @@ class Supervisor:
             self.server.send(peer, frames)
 
     def _advance(self) -> None:
-        """Move what may go from the queue into the window, in order."""
-        while self.queue and (not self.window or self._joins(self.queue[0])):
-            self._process(self.queue.popleft())
+        """Move what may go from the queue into the window, in order (the runs sent in one write)."""
+        self.sandbox.hold()
+        try:
+            while self.queue and (not self.window or self._joins(self.queue[0])):
+                self._process(self.queue.popleft())
+        finally:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        with contextlib.suppress(OSError):  # the runner died before reading: its closed pipe says how
+            self.sandbox.flush()
 
     def _joins(self, q: _Queued) -> bool:
         """Whether queued ``q`` may be executed while the window holds jobs (the module's docstring says when)."""
@@ -378,11 +387,15 @@ class Supervisor:
             sandbox.ready = True
             sandbox.memory_limit = msg.memory_limit
             log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
-            for slot in list(self.window):
-                if slot.job is not None and not slot.sent and slot in self.window:
-                    self._dispatch(slot)
-                    if not sandbox.running:
-                        break
+            sandbox.hold()
+            try:
+                for slot in list(self.window):
+                    if slot.job is not None and not slot.sent and slot in self.window:
+                        self._dispatch(slot)
+                        if not sandbox.running:
+                            break
+            finally:
+                self._send_held()
             return
         head = self._head()
         if head is None or not head.sent:
