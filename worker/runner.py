@@ -28,8 +28,9 @@ from planwire.worker import pipe
 from planwire.worker.runtime import Device
 
 # After answering, the runner watches its pipe this long before sleeping on it, but only while requests
-# have been coming within this long of its answers (a client's steady stream of calls): the next one then
-# costs no wake-up. At most this much of one core per answer, and nothing while requests come slower.
+# have been coming within this long of its answers (a client's steady stream of calls) and spinning pays
+# (pipe.Spin: it catches them, on a core to spare): the next one then costs no wake-up. At most this much
+# of one core per answer, and nothing while requests come slower.
 SPIN_S = 100e-6
 
 
@@ -135,12 +136,11 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     reader = pipe.requests(sock)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
-    clock, fast = time.perf_counter, False
+    clock, fast, spin = time.perf_counter, False, pipe.Spin()
     while True:
         idle = clock()
-        if fast and not reader.pending():
-            while clock() - idle < SPIN_S and not poller.poll(0):
-                pass
+        if fast and not reader.pending() and spin.allowed():
+            spin.until(lambda: poller.poll(0), idle + SPIN_S)
         try:
             msg, buffers = reader.read()
         except pipe.PipeClosed:

@@ -43,13 +43,11 @@ log = logging.getLogger("planwire.worker")
 
 # Before sleeping on the runner's pipe, the supervisor watches it for a while after sending a run alone
 # (a tiny call): not sleeping saves a wake-up per call. For how long: twice the time the runner's recent
-# answers to that plan took (a moving average), at most SPIN_MAX; and only while spinning pays, i.e. while most spins
-# (a moving average) catch the answer. A spin that misses (the runner was slow, or had no core to run
-# on while the supervisor spun) makes the next ones less likely; after a run of misses it spins again
-# only every SPIN_PROBE-th wait, to find out whether it pays again. Cost: at most SPIN_MAX of one core
-# per call, only while calls come one at a time and answer within it.
+# answers to that plan took (a moving average), at most SPIN_MAX; and only while spinning pays (pipe.Spin:
+# most spins catch the answer, and the supervisor gets the CPU it spins on, i.e. the host has a core to
+# spare). Cost: at most SPIN_MAX of one core per call, only while calls come one at a time and answer
+# within it.
 SPIN_MAX = 300e-6
-SPIN_PROBE = 32
 # A tensor the runner computed gets its host copy (so that it survives the runner) once it has been kept
 # this long while the worker is idle: a training loop's state, replaced every step, never crosses to the
 # host; what a client leaves on the worker does, within about this long.
@@ -105,8 +103,7 @@ class Sandbox:
         self._sent_at = 0.0  # perf_counter when the request in flight alone was sent (0: none such)
         self._sent_plan = ""
         self._answer_s: dict[str, float] = {}  # plan: moving average of the runner's answer time to it alone
-        self._spin_hits = 1.0  # moving average of spins that caught the answer
-        self._probe = 0
+        self._spin = pipe.Spin()
         self._killed = ""  # why we killed the runner, if we did
         self.started_at = 0.0
         # Tensors the runner holds (worker/resident.py): handles of this runner generation, what to free.
@@ -377,20 +374,11 @@ class Sandbox:
             return True
         if seconds and self._sent_at and len(self.inflight) == 1:
             spin = self._answer_s.get(self._sent_plan, SPIN_MAX) * 2
-            if spin <= SPIN_MAX and self._spinning():
-                poll, now, end = self._poll.poll, time.perf_counter, self._sent_at + spin
-                while now() < end:
-                    if poll(0):
-                        self._spin_hits += (1.0 - self._spin_hits) / 8
-                        return True
-                self._spin_hits -= self._spin_hits / 8
+            if spin <= SPIN_MAX and self._spin.allowed():
+                poll = self._poll.poll
+                if self._spin.until(lambda: poll(0), self._sent_at + spin):
+                    return True
         return bool(self._poll.poll(int(seconds * 1e3)))
-
-    def _spinning(self) -> bool:
-        if self._spin_hits >= 0.5:
-            return True
-        self._probe += 1
-        return self._probe % SPIN_PROBE == 0
 
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
         """The runner's next message; PipeClosed when it died (then call ``died``). An answer is to the oldest
