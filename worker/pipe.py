@@ -115,16 +115,33 @@ _to_runner = msgspec.msgpack.Decoder(ToRunner)
 _from_runner = msgspec.msgpack.Decoder(FromRunner)
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Spinning needs a core to spare: a client, the supervisor (and its ZeroMQ I/O thread) and the runner are
+# all busy within a call. On the 2-core VM the bench runs on, spinning made tiny calls slower (a woken
+# thread waited for the spinner's core), so with fewer cores than this nothing spins.
+SPIN_CORES = 4
+
+
 class Spin:
-    """Watching the pipe instead of sleeping on it, only while that pays: while most spins catch what they
+    """Watching the pipe instead of sleeping on it, only while that pays: on a host of SPIN_CORES cores or
+    more, and while most spins catch what they
     wait for, and while this thread gets the CPU it spins on (its CPU time over the spin's wall time, a moving
     average; on a host with no core to spare the spinner is descheduled and takes a core the other side, or
     a client, needs). Otherwise it spins only every ``probe``-th time, to find out whether it pays again."""
 
     def __init__(self, probe: int = 32) -> None:
         self.probe, self.hits, self.share, self._n = probe, 1.0, 1.0, 0
+        self.enabled = _cores() >= SPIN_CORES
 
     def allowed(self) -> bool:
+        if not self.enabled:
+            return False
         if self.hits >= 0.5 and self.share >= 0.8:
             return True
         self._n += 1
