@@ -92,9 +92,9 @@ class Env:
         self.tmp = Path(tempfile.mkdtemp(prefix="planwire-bench-"))
         self.ctx = zmq.Context()
         self._workers: dict[str, tuple[WorkerProcess, RemoteWorker]] = {}
-        self._echo: dict[bool, subprocess.Popen] = {}
-        self.echo_urls: dict[tuple[str, bool], str] = {}
-        self._echo_socks: dict[tuple[str, bool, str], zmq.Socket] = {}
+        self._echo: dict[tuple[bool, bool], subprocess.Popen] = {}
+        self.echo_urls: dict[tuple[str, bool, bool], str] = {}
+        self._echo_socks: dict[tuple[str, bool, bool, str], zmq.Socket] = {}
         self._tuned_ctx: zmq.Context | None = None
         self._rpc_peer: subprocess.Popen | None = None
         self.client_io_threads: list[str] = []
@@ -165,19 +165,22 @@ class Env:
 
     # -- raw pyzmq echo -----------------------------------------------------------------------------
 
-    def echo(self, transport: str, tuned: bool = True, client: str = "") -> zmq.Socket:
+    def echo(self, transport: str, tuned: bool = True, client: str = "", hop: bool = False) -> zmq.Socket:
         """A DEALER (planwire's socket options) connected to the echo server over ``transport``; ``tuned``:
         both ends' I/O threads scheduled as planwire's are (as the plan-workers and clients here); untuned:
         a second server and a plain client context, both at the default scheduling. Each ``client`` name gets
-        a DEALER of its own (the server keeps per-peer replies: see bench.echo)."""
-        if tuned not in self._echo:
+        a DEALER of its own (the server keeps per-peer replies: see bench.echo). ``hop``: a server of its own
+        that passes each message through a second process and back (bench.echo ``--hop``)."""
+        if (tuned, hop) not in self._echo:
             flag = ["--tuned"] if tuned else []
             name = "echo-tuned" if tuned else "echo"
+            if hop:
+                flag, name = [*flag, "--hop"], name + "-hop"
             cmd = [sys.executable, "-m", "bench.echo", *flag, "tcp://127.0.0.1:0", f"ipc://{self.tmp}/{name}.ipc"]
-            self._echo[tuned], line = spawn_ready(cmd, 30)
+            self._echo[tuned, hop], line = spawn_ready(cmd, 30)
             tcp, ipc = line.removeprefix("ready on ").split()
-            self.echo_urls.update({("tcp", tuned): tcp, ("ipc", tuned): ipc})
-        if (transport, tuned, client) not in self._echo_socks:
+            self.echo_urls.update({("tcp", tuned, hop): tcp, ("ipc", tuned, hop): ipc})
+        if (transport, tuned, hop, client) not in self._echo_socks:
             ctx = self.ctx
             if tuned:
                 if self._tuned_ctx is None:
@@ -189,9 +192,9 @@ class Env:
             s = ctx.socket(zmq.DEALER)
             configure(s)
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(self.echo_urls[transport, tuned])
-            self._echo_socks[transport, tuned, client] = s
-        return self._echo_socks[transport, tuned, client]
+            s.connect(self.echo_urls[transport, tuned, hop])
+            self._echo_socks[transport, tuned, hop, client] = s
+        return self._echo_socks[transport, tuned, hop, client]
 
     # -- torch.distributed.rpc ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ FAMILY = "latency"
 PLAN = "plan call ptr(x).get() [{}]"
 ONE = "one Run request with fetch, no pointers (1-message floor) [{}]"
 ECHO = "raw pyzmq echo of a plan call's frames [{}]"
+HOP = "raw pyzmq echo of a plan call's frames through a second process (socket pair) [{}]"
 DEFAULT = ", I/O threads at default scheduling"
 PLAN_DEFAULT = PLAN + DEFAULT
 ECHO_DEFAULT = ECHO + DEFAULT
@@ -98,6 +99,7 @@ def _cases(env: Env, transport: str, plan: plans.HandPlan, x: Any, per: int, rep
         Case(PLAN.format(transport), lambda: ptr(xp).get(), per),
         Case(ONE.format(transport), one_message, per),
         Case(ECHO.format(transport), replaying_echo(env.echo(transport, True, FAMILY), request, reply), per),
+        Case(HOP.format(transport), replaying_echo(env.echo(transport, True, FAMILY, hop=True), request, reply), per),
     ]
     if transport == "tcp":  # the pair at default scheduling: on tcp only (a run's time is bounded)
         echo = replaying_echo(env.echo(transport, False, FAMILY), request, reply)
@@ -157,6 +159,20 @@ def run(env: Env, report: Report, quick: bool) -> None:
             (FAMILY, ECHO.format(tr)),
             "<=",
             1.5,
+        )
+    for tr in ("tcp", "ipc"):
+        report.ratio(
+            f"tiny plan call vs raw pyzmq echo through a second process [{tr}]",
+            (FAMILY, PLAN.format(tr)),
+            (FAMILY, HOP.format(tr)),
+            basis=LIKE_FOR_LIKE + ": the honest floor of a worker whose plans run in another process (planwire's "
+            "sandboxed runner): the same frames, and a socket-pair hop to a child process and back, doing nothing",
+        )
+        report.ratio(
+            f"raw pyzmq echo through a second process vs plain echo [{tr}]",
+            (FAMILY, HOP.format(tr)),
+            (FAMILY, ECHO.format(tr)),
+            basis="the echo against itself: what one process hop costs at best on this host",
         )
     tr = "tcp"  # the default-scheduling pair is measured on tcp only
     report.ratio(

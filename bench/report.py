@@ -32,6 +32,8 @@ HEADLINE = [
     ("latency", "plan call ptr(x).get() [ipc]"),
     ("latency", "raw pyzmq echo of a plan call's frames [tcp]"),
     ("latency", "raw pyzmq echo of a plan call's frames [ipc]"),
+    ("latency", "raw pyzmq echo of a plan call's frames through a second process (socket pair) [tcp]"),
+    ("latency", "raw pyzmq echo of a plan call's frames through a second process (socket pair) [ipc]"),
     ("latency", "plan call ptr(x).get() [tcp], I/O threads at default scheduling"),
     ("latency", "raw pyzmq echo of a plan call's frames [tcp], I/O threads at default scheduling"),
     ("latency", "torch.rpc rpc_sync [tcp]"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import zmq
 
@@ -77,8 +78,13 @@ def test_readme_section_is_rewritten_between_markers(tmp_path: Path) -> None:
     assert readme.read_text() == f"# x\nbefore\n{report.BEGIN}\n| new |\n{report.END}\nafter\n"
 
 
-def test_echo_server_replays_stores_and_fetches(tmp_path: Path) -> None:
-    proc, line = spawn_ready([sys.executable, "-m", "bench.echo", f"ipc://{tmp_path}/echo.ipc"], 60)
+@pytest.mark.parametrize("hop", [False, True])
+def test_echo_server_replays_stores_and_fetches(tmp_path: Path, hop: bool) -> None:
+    """The plain echo, and the one whose messages cross to a child process and back (--hop): same answers."""
+    flags = ["--hop"] if hop else []
+    proc, line = spawn_ready([sys.executable, "-m", "bench.echo", *flags, f"ipc://{tmp_path}/echo.ipc"], 60)
+    child = psutil.Process(proc.pid).children()
+    assert len(child) == (1 if hop else 0)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
@@ -93,6 +99,7 @@ def test_echo_server_replays_stores_and_fetches(tmp_path: Path) -> None:
         assert round_trip([b"a", b"bc"]) == [b"a", b"bc"]  # plain echo
         assert round_trip([REPLAY, b"reply", b"x" * 64]) == [REPLAY]
         assert round_trip([b"request"]) == [b"reply", b"x" * 64]  # every later message gets the set reply
+        assert round_trip([b"request", b""]) == [b"reply", b"x" * 64]
         payload = bytes(range(256)) * 4096
         assert round_trip([STORE, payload]) == [STORE]
         assert round_trip([FETCH]) == [payload]
@@ -100,3 +107,5 @@ def test_echo_server_replays_stores_and_fetches(tmp_path: Path) -> None:
         sock.close(0)
         ctx.term()
         stop_process(proc)
+    for c in child:  # the hop's child ends with its server
+        c.wait(30)

@@ -1,5 +1,7 @@
 """The private pipe between a worker's supervisor and its sandboxed runner, and the shared memory they use.
 
+Requests and answers are pipelined: the supervisor may send several runs before reading an answer, and the
+runner answers each, in order, as soon as it is done (``Reader`` keeps what a read took past one message).
 Nothing here is the public protocol and no Python objects are serialized: a message is a msgpack header (msgspec
 structs below) plus raw buffers, over a Unix socket pair. Tensors of up to ``INLINE_MAX`` bytes travel
 through the socket; larger ones live in files of a per-worker shared-memory directory that both
@@ -17,7 +19,8 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import msgspec
 import numpy as np
@@ -67,6 +70,8 @@ class Run(msgspec.Struct, tag="run", array_like=True):
     out: list[int] = []  # the handles the runner holds the outputs under
     fetch: list[int] = []  # outputs whose data comes back with the answer (the client fetches them)
     inline_max: int = 0  # and outputs of at most this many bytes (run.inline_max)
+    save: bool = False  # every output comes back with its data (the host copy; a CPU runner then holds a
+    # large one by the shared copy): runs queued behind this one may crash the runner, and must not lose it
 
 
 class Fetch(msgspec.Struct, tag="fetch", array_like=True):
@@ -110,12 +115,60 @@ _to_runner = msgspec.msgpack.Decoder(ToRunner)
 _from_runner = msgspec.msgpack.Decoder(FromRunner)
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Spinning needs a core to spare: a client, the supervisor (and its ZeroMQ I/O thread) and the runner are
+# all busy within a call. On the 2-core VM the bench runs on, spinning made tiny calls slower (a woken
+# thread waited for the spinner's core), so with fewer cores than this nothing spins.
+SPIN_CORES = 4
+
+
+class Spin:
+    """Watching the pipe instead of sleeping on it, only while that pays: on a host of SPIN_CORES cores or
+    more, and while most spins catch what they
+    wait for, and while this thread gets the CPU it spins on (its CPU time over the spin's wall time, a moving
+    average; on a host with no core to spare the spinner is descheduled and takes a core the other side, or
+    a client, needs). Otherwise it spins only every ``probe``-th time, to find out whether it pays again."""
+
+    def __init__(self, probe: int = 32) -> None:
+        self.probe, self.hits, self.share, self._n = probe, 1.0, 1.0, 0
+        self.enabled = _cores() >= SPIN_CORES
+
+    def allowed(self) -> bool:
+        if not self.enabled:
+            return False
+        if self.hits >= 0.5 and self.share >= 0.8:
+            return True
+        self._n += 1
+        return self._n % self.probe == 0
+
+    def until(self, ready: Callable[[], object], end: float) -> bool:
+        """Poll ``ready`` until ``perf_counter()`` reaches ``end``; whether it became true."""
+        clock = time.perf_counter
+        t0, c0 = clock(), time.thread_time()
+        hit = False
+        while clock() < end:
+            if ready():
+                hit = True
+                break
+        wall = clock() - t0
+        if wall > 20e-6:
+            self.share += (min((time.thread_time() - c0) / wall, 1.0) - self.share) / 8
+        self.hits += (hit - self.hits) / 8
+        return hit
+
+
 class PipeClosed(ConnectionError):
     """The other side closed the pipe (for the supervisor: the runner died)."""
 
 
-def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | memoryview] = ()) -> None:
-    """One message: prefix, buffer sizes, header, then each buffer at a 16-byte aligned offset."""
+def pack(msg: msgspec.Struct, buffers: Sequence[bytes | memoryview] = ()) -> list[bytes | memoryview]:
+    """One message's parts: prefix, buffer sizes, header, then each buffer at a 16-byte aligned offset."""
     header = _encoder.encode(msg)
     sizes = [memoryview(b).nbytes for b in buffers]
     head = _PREFIX.size + 8 * len(sizes) + len(header)
@@ -125,23 +178,37 @@ def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | mem
         pad = -offset % _ALIGN
         if pad:
             parts.append(bytes(pad))
-        parts.append(b)
+        parts.append(b if isinstance(b, bytes) else memoryview(b).cast("B"))
         offset += pad + n
     parts[0] = _PREFIX.pack(offset, len(header), len(sizes))
-    view = [memoryview(p).cast("B") if isinstance(p, memoryview) else p for p in parts]
-    total = _PREFIX.size + offset
-    sent = sock.sendmsg(view)
-    while sent < total:  # a large message, or a signal, may cut a send short
-        skip = sent
-        rest = []
-        for p in view:
-            n = len(p)
-            if skip >= n:
-                skip -= n
-                continue
-            rest.append(memoryview(p)[skip:])
-            skip = 0
-        sent += sock.sendmsg(rest)
+    return parts
+
+
+def send(sock: socket.socket, msg: msgspec.Struct, buffers: Sequence[bytes | memoryview] = ()) -> None:
+    """One message (``pack``), in one system call when it fits the socket's buffer."""
+    send_parts(sock, pack(msg, buffers))
+
+
+MAX_PARTS = 512  # parts per sendmsg (the kernel takes at most IOV_MAX, 1024 on Linux)
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Packed messages, back to back: several in one system call (one wake-up of the other side)."""
+    for i in range(0, len(parts), MAX_PARTS):
+        view = parts[i : i + MAX_PARTS]
+        total = sum(len(p) for p in view)
+        sent = sock.sendmsg(view)
+        while sent < total:  # a large message, or a signal, may cut a send short
+            skip = sent
+            rest = []
+            for p in view:
+                n = len(p)
+                if skip >= n:
+                    skip -= n
+                    continue
+                rest.append(memoryview(p)[skip:])
+                skip = 0
+            sent += sock.sendmsg(rest)
 
 
 def _read_exact(sock: socket.socket, view: memoryview) -> None:
@@ -153,43 +220,64 @@ def _read_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-_FIRST = 4096  # the first read takes this much: a small message (a tiny call's) in one system call
+_CHUNK = 64 << 10  # bytes a read takes at most when it does not know the message's size yet
 
 
-def _recv(sock: socket.socket, decoder: msgspec.msgpack.Decoder):  # type: ignore[no-untyped-def]
-    # One message is in flight at a time (request, then its answer), so a read never takes the next one.
-    first = bytearray(_FIRST)
-    got = sock.recv_into(first, _FIRST)
-    while 0 < got < _PREFIX.size:
-        got += sock.recv_into(memoryview(first)[got:], _FIRST - got)
-    if got == 0:
-        raise PipeClosed("pipe closed")
-    body_len, hlen, nbuf = _PREFIX.unpack_from(first)
-    if _PREFIX.size + body_len < got:
-        raise PipeClosed("more bytes than one message: the other side does not follow the protocol")
-    body = np.empty(body_len, np.uint8)  # its own, aligned allocation; buffers are views of it
-    view = memoryview(body).cast("B")
-    have = got - _PREFIX.size
-    view[:have] = memoryview(first)[_PREFIX.size : got]
-    _read_exact(sock, view[have:])
-    sizes = struct.unpack_from(f"<{nbuf}Q", view, 0)
-    offset = 8 * nbuf
-    msg = decoder.decode(view[offset : offset + hlen])
-    offset += hlen
-    buffers = []
-    for n in sizes:
-        offset += -offset % _ALIGN
-        buffers.append(view[offset : offset + n])
-        offset += n
-    return msg, buffers
+class Reader:
+    """Messages from one end of the pipe, in order. Several may arrive back to back (the supervisor keeps
+    a window of runs in flight; the runner answers each at once), so a read may take the start of the next
+    message too: it stays here, and ``pending`` says whether a whole one is already in hand."""
+
+    def __init__(self, sock: socket.socket, decoder: msgspec.msgpack.Decoder) -> None:
+        self.sock, self.decoder = sock, decoder
+        self.buf = bytearray()
+
+    def pending(self) -> bool:
+        """Whether a whole message is here (read it without waiting)."""
+        buf = self.buf
+        return len(buf) >= _PREFIX.size and len(buf) >= _PREFIX.size + _PREFIX.unpack_from(buf)[0]
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(_CHUNK)
+        if not chunk:
+            raise PipeClosed("pipe closed")
+        self.buf += chunk
+
+    def read(self):  # type: ignore[no-untyped-def]  (the decoder's message, its buffers)
+        buf = self.buf
+        while len(buf) < _PREFIX.size:
+            self._fill()
+        body_len, hlen, nbuf = _PREFIX.unpack_from(buf)
+        body = np.empty(body_len, np.uint8)  # its own, aligned allocation; buffers are views of it
+        view = memoryview(body).cast("B")
+        have = min(len(buf) - _PREFIX.size, body_len)
+        view[:have] = memoryview(buf)[_PREFIX.size : _PREFIX.size + have]
+        del buf[: _PREFIX.size + have]
+        _read_exact(self.sock, view[have:])  # the rest of a large message, straight into place
+        if 8 * nbuf + hlen > body_len:
+            raise ValueError(f"a message of {body_len} bytes cannot hold {nbuf} buffers and {hlen} header bytes")
+        sizes = struct.unpack_from(f"<{nbuf}Q", view, 0)
+        offset = 8 * nbuf
+        msg = self.decoder.decode(view[offset : offset + hlen])
+        offset += hlen
+        buffers = []
+        for n in sizes:
+            offset += -offset % _ALIGN
+            if offset + n > body_len:
+                raise ValueError("a buffer runs past the end of its message")
+            buffers.append(view[offset : offset + n])
+            offset += n
+        return msg, buffers
 
 
-def recv_request(sock: socket.socket) -> tuple[ToRunner, list[memoryview]]:
-    return _recv(sock, _to_runner)
+def requests(sock: socket.socket) -> Reader:
+    """The runner's reader of the supervisor's requests."""
+    return Reader(sock, _to_runner)
 
 
-def recv_reply(sock: socket.socket) -> tuple[FromRunner, list[memoryview]]:
-    return _recv(sock, _from_runner)
+def replies(sock: socket.socket) -> Reader:
+    """The supervisor's reader of the runner's answers."""
+    return Reader(sock, _from_runner)
 
 
 # -- shared memory --------------------------------------------------------------------------------

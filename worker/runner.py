@@ -2,8 +2,9 @@
 
 Started by the supervisor (worker/sandbox.py) with one end of a socket pair; it bounds itself (data
 memory, no core dumps, first in line for the OOM killer, dies with its parent) and then answers
-Load/Run requests one at a time (worker/pipe.py). A plan that crashes, exhausts memory or never ends
-costs this process only: the supervisor keeps the tensors and plans and starts a fresh runner.
+Load/Run requests in the order they come, each as soon as it is done (worker/pipe.py). A plan that
+crashes, exhausts memory or never ends costs this process only: the supervisor keeps the tensors and
+plans and starts a fresh runner.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import contextlib
 import math
 import os
 import resource
+import select
 import signal
 import socket
 import sys
+import time
 
 import numpy as np
 
@@ -23,6 +26,12 @@ from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
 from planwire.worker.runtime import Device
+
+# After answering, the runner watches its pipe this long before sleeping on it, but only while requests
+# have been coming within this long of its answers (a client's steady stream of calls) and spinning pays
+# (pipe.Spin: it catches them, on a core to spare): the next one then costs no wake-up. At most this much
+# of one core per answer, and nothing while requests come slower.
+SPIN_S = 100e-6
 
 
 def _data_bytes() -> int:
@@ -124,11 +133,19 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
         store.download(value, view)
         return pipe.TensorRef(wire, shape, segment=os.path.basename(seg.path)), view
 
+    reader = pipe.requests(sock)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    clock, fast, spin = time.perf_counter, False, pipe.Spin()
     while True:
+        idle = clock()
+        if fast and not reader.pending() and spin.allowed():
+            spin.until(lambda: poller.poll(0), idle + SPIN_S)
         try:
-            msg, buffers = pipe.recv_request(sock)
+            msg, buffers = reader.read()
         except pipe.PipeClosed:
             return
+        fast = clock() - idle < SPIN_S
         store.free(msg.free)
         for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan)
             sessions.pop(pid, None)
@@ -177,7 +194,8 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
                 store.release_pool()
             if key not in shapes:
                 shapes[key] = [(r.data_type(), tuple(r.shape())) for r in results]
-            wanted = set(msg.fetch)
+            wanted = set(range(len(results))) if msg.save else set(msg.fetch)
+            rebind = msg.save and not device.cuda
             outs, frames = [], []
             # an output may share its memory with an input or another output (Identity, Reshape): such
             # memory is never handed to a later run to write into
@@ -187,7 +205,11 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
                 store.hold(h, value, own=ptr not in seen and value_nbytes(value) > 0)
                 seen.add(ptr)
                 small = bool(msg.inline_max) and value_nbytes(value) <= msg.inline_max
-                outs.append(out_ref(value, i in wanted or small, frames)[0])
+                ref, view = out_ref(value, i in wanted or small, frames)
+                if view is not None and rebind:
+                    store.hold(h, *store.wrap(view))  # held by the shared copy: the runner's own goes
+                outs.append(ref)
+                del view
             del results, values, keep
             reused = 0 if reuse is None else sum(b is not None for b in reuse)
             pipe.send(sock, pipe.Ran(outputs=outs, reused=reused), frames)

@@ -1,8 +1,9 @@
-"""Sandbox: the supervisor's handle on its runner process (worker/runner.py), one request at a time.
+"""Sandbox: the supervisor's handle on its runner process (worker/runner.py) and the requests in flight to it.
 
 Starts the runner, sends it loads and runs (tensors over ``INLINE_MAX`` by shared-memory segment, so a
 stored tensor crosses at most once, on its first use), reads its answers, kills it on timeout or cancel,
-and says in words why it died. The runner starts again lazily, when the next request needs it; its
+and says in words why it died. Several runs may be in flight (``inflight``, in order; the runner answers each
+in turn); loads and host copies go alone. The runner starts again lazily, when the next request needs it; its
 sessions are re-created from the plan bytes the supervisor keeps (``loaded`` says which it has).
 
 The runner keeps the tensors it was sent and the results it computed on its device, by handle
@@ -25,7 +26,9 @@ import subprocess
 import sys
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,16 +41,29 @@ from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")
 
-# Before sleeping on the runner's pipe, watch it this long: a tiny run answers in tens of microseconds,
-# and on a host with a free core not sleeping saves a wake-up per call. On a busy host (load average at
-# or over the core count, checked every second) the runner needs that core more: no spinning then.
-SPIN_S = 30e-6
+# Before sleeping on the runner's pipe, the supervisor watches it for a while after sending a run alone
+# (a tiny call): not sleeping saves a wake-up per call. For how long: twice the time the runner's recent
+# answers to that plan took (a moving average), at most SPIN_MAX; and only while spinning pays (pipe.Spin:
+# most spins catch the answer, and the supervisor gets the CPU it spins on, i.e. the host has a core to
+# spare). Cost: at most SPIN_MAX of one core per call, only while calls come one at a time and answer
+# within it.
+SPIN_MAX = 300e-6
 # A tensor the runner computed gets its host copy (so that it survives the runner) once it has been kept
 # this long while the worker is idle: a training loop's state, replaced every step, never crosses to the
 # host; what a client leaves on the worker does, within about this long.
 SYNC_AFTER = 1.0
 FETCH_TIMEOUT = 60.0  # seconds a runner may take to copy tensors to the host
 CRASH_SIGNALS = {signal.SIGFPE, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
+
+
+@dataclass
+class Sent:
+    """A request in flight to the runner: what it was, the handles its outputs will be held under, and the
+    shared copies of its arguments (alive, files too, until it is answered)."""
+
+    kind: str  # "load", "run" or "fetch"
+    out: list[int] = field(default_factory=list)
+    keep: list[np.ndarray] = field(default_factory=list)
 
 
 class Sandbox:
@@ -80,8 +96,14 @@ class Sandbox:
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._poll: select.poll | None = None
-        self._keep: list[np.ndarray] = []  # shared copies of a pending run's arguments
-        self._spin_ok, self._spin_checked = False, -1e9
+        self._reader: pipe.Reader | None = None
+        self.inflight: deque[Sent] = deque()  # requests sent and not answered yet, in order
+        self._answered: Sent | None = None  # the request the last answer received was for
+        self._batch: list | None = None  # packed requests held back by ``hold`` until ``flush``
+        self._sent_at = 0.0  # perf_counter when the request in flight alone was sent (0: none such)
+        self._sent_plan = ""
+        self._answer_s: dict[str, float] = {}  # plan: moving average of the runner's answer time to it alone
+        self._spin = pipe.Spin()
         self._killed = ""  # why we killed the runner, if we did
         self.started_at = 0.0
         # Tensors the runner holds (worker/resident.py): handles of this runner generation, what to free.
@@ -90,8 +112,6 @@ class Sandbox:
         self.unsaved: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()  # no host copy
         self._handles = itertools.count(1)
         self._free: list[int] = []
-        self._out: list[int] = []  # the handles of the pending run's outputs
-        self._busy = False  # a request is with the runner
         self.on_lost: Callable[[list[Resident], str], None] | None = None  # the supervisor fails their keys
         self.counts = dict.fromkeys(
             ("uploads", "upload_bytes", "downloads", "download_bytes", "reused", "host_copies", "lost"), 0
@@ -130,6 +150,7 @@ class Sandbox:
         finally:
             theirs.close()
         self._sock = ours
+        self._reader = pipe.replies(ours)
         self._poll = select.poll()
         self._poll.register(ours.fileno(), select.POLLIN)
         self.ready = False
@@ -172,7 +193,7 @@ class Sandbox:
         """The runner ended: its tensors with a host copy are uploaded again when used; the others are lost."""
         held = list(self.residents.values())
         self.residents, self.unsaved = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
-        self._free, self._busy = [], False
+        self._free = []
         lost = []
         why = (
             f"it was held only by the worker's sandboxed runner ({self.device}), which ended before a host copy "
@@ -187,12 +208,20 @@ class Sandbox:
         if lost and self.on_lost is not None:
             self.on_lost(lost, why)
 
+    @property
+    def _busy(self) -> bool:
+        return bool(self.inflight)
+
     def _reset(self) -> None:
-        self._busy = False
+        self.inflight.clear()
+        self._batch = None
+        self._sent_at = 0.0
+        self._answered = None
         pid = self._proc.pid if self._proc is not None else 0
         if self._sock is not None:
             self._sock.close()
         self._proc, self._sock, self._poll, self.ready, self.loaded = None, None, None, False, set()
+        self._reader = None
         self._drop = set()
         prefix = f"o{pid}-"
         with contextlib.suppress(OSError):  # outputs the dead runner wrote but never reported
@@ -211,8 +240,9 @@ class Sandbox:
     # -- requests -----------------------------------------------------------------------------------
 
     def forget(self, pid: str) -> None:
-        """Plan ``pid`` was unregistered: the runner drops its session with the next request (one message
-        in flight at a time: nothing is sent now)."""
+        """Plan ``pid`` was unregistered: the runner drops its session with the next request (nothing is
+        sent now)."""
+        self._answer_s.pop(pid, None)
         if pid in self.loaded:
             self.loaded.discard(pid)
             self._drop.add(pid)
@@ -233,8 +263,8 @@ class Sandbox:
 
     def send_load(self, pid: str, name: str, data: bytes) -> None:
         load = pipe.Load(plan=pid, name=name, drop=self._dropped(pid), free=self._take_free())
-        pipe.send(self._sock, load, [data])  # type: ignore[arg-type]
-        self._busy = True
+        self.inflight.append(Sent("load"))
+        self._send(load, [data])
 
     def send_run(
         self,
@@ -247,11 +277,13 @@ class Sandbox:
         outputs: int = 0,
         fetch: Sequence[int] = (),
         inline_max: int = 0,
+        save: bool = False,
     ) -> None:
         """Send a run. An argument the runner holds goes by handle; any other crosses (a large one through
         shared memory) and, when it is a stored tensor (``entries[i]``), the runner holds it from then on
         (the entry's array becomes a Resident with that host copy). The ``outputs`` stay in the runner,
-        under new handles; those in ``fetch`` and those of at most ``inline_max`` bytes come back too.
+        under new handles; those in ``fetch`` and those of at most ``inline_max`` bytes come back too (all,
+        with ``save``: their host copies, so that a run sent behind this one cannot lose them).
         ProtocolError (nothing sent) when an argument was lost with an earlier runner."""
         refs, buffers = [], []
         keep: list = []
@@ -297,8 +329,7 @@ class Sandbox:
                 refs.append(
                     pipe.TensorRef(wire, shape, segment=os.path.basename(seg.path), offset=offset, handle=handle)
                 )
-        self._keep = keep
-        self._out = [next(self._handles) for _ in range(outputs)]
+        out = [next(self._handles) for _ in range(outputs)]
         run = pipe.Run(
             plan=pid,
             name=name,
@@ -306,57 +337,78 @@ class Sandbox:
             load=load,
             drop=self._dropped(pid),
             free=self._take_free(),
-            out=self._out,
+            out=out,
             fetch=list(fetch),
             inline_max=inline_max,
+            save=save,
         )
-        pipe.send(self._sock, run, buffers)  # type: ignore[arg-type]
-        self._busy = True
+        self._sent_at = time.perf_counter() if not self.inflight else 0.0
+        self._sent_plan = pid
+        self.inflight.append(Sent("run", out, keep))
+        self._send(run, buffers)
         if load:
             self.loaded.add(pid)
+
+    def _send(self, msg: pipe.ToRunner, buffers: list) -> None:
+        if self._batch is None:
+            pipe.send(self._sock, msg, buffers)  # type: ignore[arg-type]
+        else:
+            self._batch += pipe.pack(msg, buffers)
+
+    def hold(self) -> None:
+        """Keep the loads and runs sent from now on until ``flush``: the runner wakes once for all of them."""
+        if self._batch is None:
+            self._batch = []
+
+    def flush(self) -> None:
+        """Send what ``hold`` kept; OSError when the runner is gone (its closed pipe says how)."""
+        batch, self._batch = self._batch, None
+        if batch and self._sock is not None:
+            pipe.send_parts(self._sock, batch)
 
     def wait(self, seconds: float) -> bool:
         """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``."""
         if self._poll is None:
             return False
-        if seconds and self._spin():
-            end = time.perf_counter() + SPIN_S
-            while time.perf_counter() < end:
-                if self._poll.poll(0):
+        if self._reader is not None and self._reader.pending():
+            return True
+        if seconds and self._sent_at and len(self.inflight) == 1:
+            spin = self._answer_s.get(self._sent_plan, SPIN_MAX) * 2
+            if spin <= SPIN_MAX and self._spin.allowed():
+                poll = self._poll.poll
+                if self._spin.until(lambda: poll(0), self._sent_at + spin):
                     return True
         return bool(self._poll.poll(int(seconds * 1e3)))
 
-    def _spin(self) -> bool:
-        now = time.monotonic()
-        if now - self._spin_checked > 1.0:
-            self._spin_checked = now
-            try:
-                self._spin_ok = os.getloadavg()[0] < (os.cpu_count() or 1)
-            except OSError:
-                self._spin_ok = False
-        return self._spin_ok
-
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
-        """The runner's next message; PipeClosed when it died (then call ``died``)."""
-        self._keep = []
+        """The runner's next message; PipeClosed when it died (then call ``died``). An answer is to the oldest
+        request in flight (``answered``), whose outputs' handles are freed when it failed."""
         try:
-            msg, buffers = pipe.recv_reply(self._sock)  # type: ignore[arg-type]
+            msg, buffers = self._reader.read()  # type: ignore[union-attr]
         except (ConnectionError, OSError) as e:
             raise pipe.PipeClosed(str(e)) from None
         except Exception as e:  # a malformed message: the runner is not to be trusted any more
             self.kill(f"the runner sent a malformed message ({type(e).__name__})")
             raise pipe.PipeClosed(str(e)) from None
         if not isinstance(msg, pipe.Ready):
-            self._busy = False
-        if isinstance(msg, pipe.Failed) and self._out:  # outputs it may have held before failing
-            self._free += self._out
-            self._out = []
+            if not self.inflight:
+                self.kill("the runner answered a request it was not sent")
+                raise pipe.PipeClosed("unexpected answer")
+            self._answered = sent = self.inflight.popleft()
+            if self._sent_at:  # a lone run's answer time, for the next spin
+                took, was = time.perf_counter() - self._sent_at, self._answer_s.get(self._sent_plan)
+                self._answer_s[self._sent_plan] = took if was is None else was + (took - was) / 4
+                self._sent_at = 0.0
+            if isinstance(msg, pipe.Failed) and sent.out:  # outputs it may have held before failing
+                self._free += sent.out
+                sent.out = []
         return msg, buffers
 
     def outputs(self, ran: pipe.Ran, buffers: list[memoryview]) -> list[Resident]:
         """The outputs of a Ran message as Residents (with a host copy where the runner sent the data,
         checked: dtype × shape against the bytes there)."""
-        handles, self._out = self._out, []
+        sent, self._answered = self._answered, None
+        handles = sent.out if sent is not None else []
         if len(ran.outputs) != len(handles):
             self._free += handles
             raise ProtocolError("internal", f"runner answered {len(ran.outputs)} outputs for {len(handles)}")
@@ -419,8 +471,8 @@ class Sandbox:
         unique = list({r.handle: r for r in todo}.values())
         rebind = not self.device.cuda  # a CPU runner then holds it by the shared copy: its own memory goes
         try:
+            self.inflight.append(Sent("fetch"))
             pipe.send(self._sock, pipe.Fetch(handles=[r.handle for r in unique], rebind=rebind, free=self._take_free()))
-            self._busy = True
             if not self.wait(FETCH_TIMEOUT):
                 self.kill(f"it did not copy tensors to the host within {FETCH_TIMEOUT:g} s")
             msg, buffers = self.receive()

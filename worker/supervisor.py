@@ -1,22 +1,33 @@
 """Supervisor: a plan-worker's main loop. It holds the data and never runs a plan.
 
-Registrations and runs execute in the sandboxed runner (worker/sandbox.py), one at a time; meanwhile the
-loop keeps reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it
-names an output of a queued or running run, and ``cancel`` at once; every other request waits in one
-FIFO behind the running job, so each connection's requests still execute in the order they came
-(a pipelined ``p(p(x))`` sees its first run's output). A runner that crashes, exhausts its memory, runs
-past ``--run-timeout`` or is cancelled costs that job only: its caller gets ``plan_crashed``,
-``out_of_memory``, ``plan_timeout`` or ``cancelled`` naming the plan, the run's outputs are marked failed
-with that reason, and the next job starts a fresh runner, which re-creates sessions from the kept bytes.
+Registrations and runs execute in the sandboxed runner (worker/sandbox.py); meanwhile the loop keeps
+reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it names an output
+of a queued or running run, and ``cancel`` at once; every other request waits in one FIFO, so each
+connection's requests still execute in the order they came.
+
+Runs are pipelined to the runner: up to ``WINDOW`` are in flight at once (the runner answers each in turn,
+the supervisor reads every answer there is in one wake-up), so a client's burst of tiny calls does not pay
+a round trip to the runner per call. A run joins the window only when nothing it reads or writes is an
+output of a run in flight (a ``p(p(x))`` waits for the first run: its argument's shape is known, and
+checked, only then), when it reads no private data, and when every run ahead of it sends its outputs'
+host copies back (``save``), so that a crash behind them loses none. Anything else (a registration, a put,
+a get, ...) waits until the window is empty: a barrier.
+
+A runner that crashes, exhausts its memory, runs past ``--run-timeout`` or is cancelled costs the run it
+was executing only (the head of the window): its caller gets ``plan_crashed``, ``out_of_memory``,
+``plan_timeout`` or ``cancelled`` naming the plan, the run's outputs are marked failed with that reason,
+and the runs behind it go to a fresh runner, which re-creates sessions from the kept bytes. A run's
+timeout clock starts when it is sent or when the run ahead of it answered, whichever is later.
 
 Each request keeps its client (CURVE key or routing id) from the socket to its reply, so a run completed
 later is counted against, and its outputs owned by, the client that asked; every reply sent, a job's
 completion included (with its duration), is observed by the service's stats. ``delete_plan`` waits behind
-the running job like other mutations, and the runner drops the plan's session before its next job.
+the runs in flight like other mutations, and the runner drops the plan's session before its next job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -36,7 +47,9 @@ from planwire.worker.service import Job, Origin, RegisterJob, RunJob, Service
 log = logging.getLogger("planwire.worker")
 
 MAX_QUEUED = 10_000  # requests waiting behind a job; past it the socket is not read (ZeroMQ's HWM pushes back)
+WINDOW = 32  # runs in flight to the runner at most
 READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded host)
+CANCEL_GRACE = 0.5  # seconds a cancelled run that reached the runner may take before the runner is stopped
 POLL_MS = 100  # the stop flag is checked at least this often
 BUSY_MS = 10  # while a job runs, the socket is read at least this often (ping, cancel)
 
@@ -54,10 +67,16 @@ class _Queued:
 
 
 @dataclass
-class _Current:
+class _Slot:
+    """A place in the window: a job, or (``job`` None) a reply that waits for the replies ahead of it."""
+
     peer: bytes
-    job: Job
-    deadline: float  # monotonic; while the runner starts: its start deadline
+    job: Job | None
+    reply: list | None = None
+    sent: bool = False  # gone to the runner
+    save: bool = False  # sent asking for its outputs' host copies
+    deadline: float = 0.0  # monotonic, once it is the head: sent + timeout, or the runner's start deadline
+    cancelled: bool = False  # answered already (cancelled once sent): its answer is thrown away
 
 
 class Supervisor:
@@ -68,9 +87,9 @@ class Supervisor:
         self.server = server
         self.sandbox = sandbox
         self.queue: deque[_Queued] = deque()
-        self.current: _Current | None = None
-        self._sent = False  # whether the current job has gone to the runner
+        self.window: deque[_Slot] = deque()  # jobs sent or about to be, in order; the head is the oldest
         self._rcvtimeo = -2
+        self._burst = False  # reading a burst of requests while idle: they are queued, then executed
         sandbox.on_lost = self._lost
         self.gate = service.durable.install(server) if service.durable is not None else None  # group commit
 
@@ -78,7 +97,7 @@ class Supervisor:
 
     def serve_forever(self) -> None:
         # Idle, the loop blocks in the socket's receive (as a plain server would: one call per request);
-        # while a job runs it waits on the runner's pipe in slices of BUSY_MS and, between slices, reads
+        # while jobs run it waits on the runner's pipe in slices of BUSY_MS and, between answers, reads
         # what arrived on the socket. No zmq_poll over both: the tiny-call path pays nothing for control.
         sock, sandbox = self.server.socket, self.sandbox  # the socket: receive timeout and readiness only
         sandbox.start()  # warm: the first registration does not wait for onnxruntime to load
@@ -94,35 +113,43 @@ class Supervisor:
             sandbox.close()
 
     def _step(self, sock: zmq.Socket, sandbox: Sandbox) -> None:
-        if self._sent:
+        if self.window:
             if sandbox.wait(BUSY_MS / 1e3):
                 self._from_runner()
-                return
-            self.server.tend()  # while a job runs, new connections are counted (and refused past the limit) too
+            else:
+                self.server.tend()  # while jobs run, new connections are counted (and refused past the limit) too
             self._read(sock)
+            self._advance()
+        elif self.queue:  # left by a window that emptied without an answer (a cancel, a restart)
+            self._advance()
         else:
-            if sandbox.wait(0):  # Ready, or the runner died while idle
+            if sandbox.wait(0):  # the runner died while idle
                 self._from_runner()
-            if self.current is None and not self.queue:
+            if not self.queue:
                 sandbox.sync()  # host copies of what the runner computed and clients kept (worker/resident.py)
-            want = BUSY_MS if self.current is not None else POLL_MS
-            if want != self._rcvtimeo:
-                sock.setsockopt(zmq.RCVTIMEO, want)
-                self._rcvtimeo = want
+            if self._rcvtimeo != POLL_MS:
+                sock.setsockopt(zmq.RCVTIMEO, POLL_MS)
+                self._rcvtimeo = POLL_MS
             if len(self.queue) < MAX_QUEUED:
                 try:
                     peer, client, frames = self.server.receive()
                 except zmq.Again:
                     pass
-                else:
-                    self._request(bytes(peer), client, frames)
-                    self._read(sock)
-        if self.current is not None and time.monotonic() > self.current.deadline:
-            self._overdue()
+                else:  # it and the rest of a burst are queued first: a run knows whether runs follow it
+                    self._burst = True
+                    try:
+                        self._request(bytes(peer), client, frames)
+                        self._read(sock)
+                    finally:
+                        self._burst = False
+                    self._advance()
+        head = self._head()
+        if head is not None and time.monotonic() > head.deadline:
+            self._overdue(head)
 
     def _read(self, sock: zmq.Socket) -> None:
         """Requests already waiting on the socket (none: returns at once, without an exception)."""
-        for _ in range(64):  # a burst, then back to the runner's answer
+        for _ in range(64):  # a burst, then back to the runner's answers
             if len(self.queue) >= MAX_QUEUED or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
             try:
@@ -137,8 +164,9 @@ class Supervisor:
         t0 = time.perf_counter()
         service, send = self.service, self.server.send
         msg, buffers = service.decode(frames, client, t0=t0)
+        busy = self.window or self.queue or self._burst
         if msg is None:  # refused as read: answered in its turn (PROTOCOL.md §4.2)
-            if self.current is not None or self.queue:
+            if busy:
                 self.queue.append(_Queued(peer, client, frames, None, buffers))
             else:
                 send(peer, buffers)
@@ -148,7 +176,7 @@ class Supervisor:
             send(peer, service.answer(msg, buffers, frames, client, t0=t0))
         elif kind is m.Cancel:
             self._cancel(peer, client, frames, msg)  # type: ignore[arg-type]
-        elif self.current is not None or self.queue:
+        elif busy:
             if kind is m.Describe and not set(msg.keys) & self._pending_outputs():  # type: ignore[attr-defined]
                 send(peer, service.answer(msg, buffers, frames, client, t0=t0))
             else:
@@ -157,9 +185,11 @@ class Supervisor:
             self._process(_Queued(peer, client, frames, msg, buffers))
 
     def _process(self, q: _Queued) -> None:
+        """Execute ``q`` (the window is empty, or ``q`` may join it): a job joins the window; a reply is sent,
+        or waits in the window behind the jobs there."""
         msg = q.msg
         if msg is None:
-            self.server.send(q.peer, q.buffers)
+            self._reply(q.peer, q.buffers)
             return
         if isinstance(msg, m.Run | m.RegisterPlan):
             job = self.service.begin(msg, q.buffers, q.frames, q.client)
@@ -171,37 +201,93 @@ class Supervisor:
             reply = self.service.answer(msg, q.buffers, q.frames, q.client)
             if isinstance(msg, m.DeletePlan):
                 self.sandbox.forget(msg.plan)  # the runner drops its session before its next job
-        self.server.send(q.peer, reply)
+        self._reply(q.peer, reply)
+
+    def _reply(self, peer: bytes, frames: list) -> None:
+        if self.window:
+            self.window.append(_Slot(peer, None, frames))
+        else:
+            self.server.send(peer, frames)
 
     def _advance(self) -> None:
-        while self.current is None and self.queue:
-            self._process(self.queue.popleft())
+        """Move what may go from the queue into the window, in order (the runs sent in one write)."""
+        self.sandbox.hold()
+        try:
+            while self.queue and (not self.window or self._joins(self.queue[0])):
+                self._process(self.queue.popleft())
+        finally:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        with contextlib.suppress(OSError):  # the runner died before reading: its closed pipe says how
+            self.sandbox.flush()
+
+    def _joins(self, q: _Queued) -> bool:
+        """Whether queued ``q`` may be executed while the window holds jobs (the module's docstring says when)."""
+        msg = q.msg
+        if msg is None:
+            return True
+        if not isinstance(msg, m.Run) or len(self.window) >= WINDOW:
+            return False
+        for s in self.window:
+            if s.job is not None and not s.cancelled and (isinstance(s.job, RegisterJob) or not s.save):
+                return False
+        keys = {a.ref for a in msg.args if isinstance(a.ref, str)}
+        keys.update(msg.outputs)
+        if keys & self._window_outputs():
+            return False
+        if self.sandbox.unsaved:  # a tensor only the runner holds: a run behind must not risk it
+            return False
+        store, owner = self.service.store, self.service.owners.owner(q.client)
+        for key in keys:
+            entry = store.find(owner, key)
+            if entry is not None and entry.private:
+                return False
+        return True
+
+    def _window_outputs(self) -> set[str]:
+        return {k for s in self.window if isinstance(s.job, RunJob) for k in s.job.msg.outputs}
 
     def _pending_outputs(self) -> set[str]:
-        keys = set()
-        if self.current is not None and isinstance(self.current.job, RunJob):
-            keys.update(self.current.job.msg.outputs)
+        keys = self._window_outputs()
         for q in self.queue:
             if isinstance(q.msg, m.Run):
                 keys.update(q.msg.outputs)
         return keys
 
+    def _head(self) -> _Slot | None:
+        """The oldest job in the window (replies ahead of it are sent as soon as they are at the front)."""
+        return self.window[0] if self.window else None
+
     def _cancel(self, peer: bytes, client: bytes, frames: list, msg: m.Cancel) -> None:
         service, send = self.service, self.server.send
         origin = Origin(frames, client)
+        ok = service.reply(origin, msg, m.Ok(re=msg.id, session=service.session))
         for i, q in enumerate(self.queue):
             if q.peer == peer and isinstance(q.msg, m.Run) and q.msg.id == msg.run:
                 del self.queue[i]
                 why = ProtocolError("cancelled", f"run #{q.msg.id} was cancelled (request #{msg.id}) before it started")
                 send(peer, service.drop(q.msg, why, q.frames, q.client))
-                send(peer, service.reply(origin, msg, m.Ok(re=msg.id, session=service.session)))
+                send(peer, ok)
                 return
-        cur = self.current
-        if cur is not None and cur.peer == peer and isinstance(cur.job, RunJob) and cur.job.msg.id == msg.run:
-            self.sandbox.stop("cancelled")
-            name = cur.job.plan.name
-            why = ProtocolError("cancelled", f"run #{msg.run} of plan {name!r} was cancelled (request #{msg.id})")
-            self._finish(why, then=service.reply(origin, msg, m.Ok(re=msg.id, session=service.session)))
+        for i, slot in enumerate(self.window):
+            job = slot.job
+            if slot.cancelled or slot.peer != peer or not isinstance(job, RunJob) or job.msg.id != msg.run:
+                continue
+            words = f"run #{msg.run} of plan {job.plan.name!r} was cancelled (request #{msg.id})"
+            why = ProtocolError("cancelled", words)
+            if i == 0 and slot.sent:  # executing (or next to): stop the runner; the runs behind go to a fresh one
+                self.sandbox.stop("cancelled")
+                self._finish(why, then=ok)
+                self._restart()
+                return
+            send(peer, service.complete(job, why))
+            send(peer, ok)
+            if slot.sent:  # in the runner's pipe: its answer is thrown away (and the runner stopped if it is slow)
+                slot.cancelled = True
+            else:
+                del self.window[i]
+                self._flush()
             return
         error = ProtocolError(
             "bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running (finished?)"
@@ -211,28 +297,35 @@ class Supervisor:
     # -- jobs -------------------------------------------------------------------------------------
 
     def _start(self, peer: bytes, job: Job) -> None:
-        self.current = _Current(peer, job, time.monotonic() + READY_TIMEOUT)
-        self._sent = False
-        self.sandbox.start()
+        slot = _Slot(peer, job)
+        first = not self.window
+        self.window.append(slot)
+        if first:
+            slot.deadline = time.monotonic() + READY_TIMEOUT
+            self.sandbox.start()
         if self.sandbox.ready:
-            self._dispatch()
+            self._dispatch(slot)
 
-    def _dispatch(self) -> None:
-        cur = self.current
-        assert cur is not None
-        job, sandbox = cur.job, self.sandbox
+    def _dispatch(self, slot: _Slot) -> None:
+        """Send ``slot``'s job to the runner (it is ready; every slot ahead of it was sent)."""
+        job, sandbox = slot.job, self.sandbox
+        head = slot is self.window[0]
         try:
             if isinstance(job, RegisterJob):
                 sandbox.send_load(job.pid, job.name, job.data)
             else:
+                assert isinstance(job, RunJob)
                 msg = job.msg
-                owner = self.service.owners.owner(job.origin.client)
-                found = (self.service.store.find(owner, key) for key in msg.outputs)
-                sandbox.protect({id(e.array) for e in found if e is not None})
-                if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
-                    sandbox.start()
-                    cur.deadline = time.monotonic() + READY_TIMEOUT
-                    return
+                if head:  # host copies of what only the runner holds, before a run that may crash it
+                    owner = self.service.owners.owner(job.origin.client)
+                    found = (self.service.store.find(owner, key) for key in msg.outputs)
+                    sandbox.protect({id(e.array) for e in found if e is not None})
+                    if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
+                        self._restart()
+                        return
+                # when runs follow it into the window, it sends its outputs' host copies back
+                behind = self.window[-1] is not slot
+                slot.save = behind or bool(self.queue) and isinstance(self.queue[0].msg, m.Run)
                 sandbox.send_run(
                     msg.plan,
                     job.plan.name,
@@ -242,39 +335,77 @@ class Supervisor:
                     outputs=len(job.plan.ports.outputs),
                     fetch=msg.fetch,
                     inline_max=msg.inline_max,
+                    save=slot.save,
                 )
         except OSError:  # the runner died before reading: its closed pipe says how
             pass
         except ProtocolError as e:  # an argument was lost with an earlier runner: nothing was sent
-            self._finish(e)
+            slot.job, slot.reply = None, self.service.complete(job, e)  # type: ignore[arg-type]
+            self._flush()
             return
-        self._sent = True
-        cur.deadline = time.monotonic() + sandbox.timeout
+        slot.sent = True
+        if head:
+            slot.deadline = time.monotonic() + sandbox.timeout
+
+    def _restart(self) -> None:
+        """The runner is gone: the jobs left in the window go, in order, to a fresh one once it is Ready."""
+        for slot in [s for s in self.window if s.cancelled]:  # answered already: not run again
+            self.window.remove(slot)
+        for slot in self.window:
+            slot.sent = False
+        while self.window and self.window[0].job is None:
+            slot = self.window.popleft()
+            self.server.send(slot.peer, slot.reply)
+        head = self._head()
+        if head is not None:
+            self.sandbox.start()
+            head.deadline = time.monotonic() + READY_TIMEOUT
 
     def _from_runner(self) -> None:
+        """Every message the runner has sent so far."""
+        sandbox = self.sandbox
+        while True:
+            self._one_from_runner()
+            if not sandbox.running or not sandbox.wait(0):
+                return
+
+    def _one_from_runner(self) -> None:
         sandbox = self.sandbox
         try:
             msg, buffers = sandbox.receive()
         except pipe.PipeClosed:
             was_ready = sandbox.ready
             code, words = sandbox.died()
-            if self.current is not None:
-                self._finish(self._death(code, words, was_ready))
-            else:
+            head = self._head()
+            if head is None:
                 log.warning("the sandboxed runner ended while idle: %s", words)
+            elif head.cancelled:  # stopped (or died) while executing a run already answered as cancelled
+                self.window.popleft()
+                self._flush()
+            elif head.sent or not was_ready:
+                self._finish(self._death(head, code, words, was_ready))
+            self._restart()
             return
         if isinstance(msg, pipe.Ready):
             sandbox.ready = True
             sandbox.memory_limit = msg.memory_limit
             log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
-            if self.current is not None and not self._sent:
-                self._dispatch()
+            sandbox.hold()
+            try:
+                for slot in list(self.window):
+                    if slot.job is not None and not slot.sent and slot in self.window:
+                        self._dispatch(slot)
+                        if not sandbox.running:
+                            break
+            finally:
+                self._send_held()
             return
-        cur = self.current
-        if cur is None:
+        head = self._head()
+        if head is None or not head.sent:
             log.error("unexpected message from the runner: %s", type(msg).__name__)
             return
-        job = cur.job
+        job = head.job
+        assert job is not None
         outcome: Ports | list | ProtocolError
         try:
             if isinstance(msg, pipe.Failed):
@@ -292,31 +423,58 @@ class Supervisor:
                 )
         except Exception as e:  # e.g. an output segment that cannot be mapped
             outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
-        self._finish(outcome)
+        if head.cancelled:  # answered already; what it computed is dropped (its handles freed)
+            self.window.popleft()
+            self._flush()
+        else:
+            self._finish(outcome)
 
     def _finish(self, outcome: Ports | list | ProtocolError, then: list | None = None) -> None:
-        """Answer the current job (and send ``then``, a reply to the same peer), then start what waits."""
-        cur = self.current
-        assert cur is not None
-        self.current = None
-        self._sent = False
-        self.server.send(cur.peer, self.service.complete(cur.job, outcome))
+        """Answer the head job (and send ``then``, a reply to the same peer), then what waits behind it."""
+        head = self.window.popleft()
+        assert head.job is not None
+        self.server.send(head.peer, self.service.complete(head.job, outcome))
         if then is not None:
-            self.server.send(cur.peer, then)
-        self._advance()
+            self.server.send(head.peer, then)
+        self._flush()
 
-    def _overdue(self) -> None:
-        cur = self.current
-        assert cur is not None
-        if not self._sent:
+    def _flush(self) -> None:
+        """Send the replies now at the front of the window; the next job's clock starts now."""
+        window = self.window
+        while window and window[0].job is None:
+            slot = window.popleft()
+            self.server.send(slot.peer, slot.reply)
+        if window:
+            head = window[0]
+            now = time.monotonic()
+            if head.sent:
+                head.deadline = now + (CANCEL_GRACE if head.cancelled else self.sandbox.timeout)
+            elif not self.sandbox.running:
+                self._restart()
+            elif head.deadline < now:
+                head.deadline = now + READY_TIMEOUT
+        else:
+            self._advance()
+
+    def _overdue(self, head: _Slot) -> None:
+        if head.job is None:
+            return
+        if head.cancelled:  # a cancelled run the runner is still executing
+            self.sandbox.stop("cancelled")
+            self.window.popleft()
+            self._restart()
+            self._flush()
+            return
+        if not head.sent:
             self.sandbox.stop("did not start in time")
             self._finish(ProtocolError("internal", f"the sandboxed runner did not start within {READY_TIMEOUT:.0f} s"))
             return
         self.sandbox.stop("timeout")
-        what = _what(cur.job)
+        what = _what(head.job)
         log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
         words = f"ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped"
-        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(cur.job)}"))
+        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(head.job)}"))
+        self._restart()
 
     def _lost(self, lost: list[Resident], why: str) -> None:
         """The runner ended holding tensors that had no host copy yet: their keys fail with ``why``."""
@@ -347,14 +505,13 @@ class Supervisor:
         code = failed.code if failed.code in m.ErrorCode.__args__ else "internal"  # type: ignore[attr-defined]
         return ProtocolError(code, failed.message)
 
-    def _death(self, code: str, words: str, was_ready: bool) -> ProtocolError:
-        cur = self.current
-        assert cur is not None
-        what = _what(cur.job)
+    def _death(self, head: _Slot, code: str, words: str, was_ready: bool) -> ProtocolError:
+        assert head.job is not None
+        what = _what(head.job)
         if not was_ready:
             return ProtocolError("internal", f"the sandboxed runner failed to start ({words}): see the worker's log")
         log.warning("%s: %s; runner restarted", what, words)
-        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {_after(cur.job)}")
+        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {_after(head.job)}")
 
 
 def _what(job: Job) -> str:
