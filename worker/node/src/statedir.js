@@ -1,0 +1,556 @@
+// The state directory of `--state-dir DIR` (src/durable.js wires it into the worker), in the format of
+// worker/statedir.py, which PROTOCOL.md §11.1 specifies: a directory either worker wrote, the other reads.
+//
+// Every change is written whole under a temporary name, fsynced, renamed over the old file, and its
+// directory fsynced (`--state-sync none`: no fsyncs): a crash leaves the old file or the new one. One worker
+// per directory: `flock` on DIR/lock, taken through util-linux's flock(1) on this process's descriptor (a
+// lock belongs to the open file, so it is held until this process exits, kill -9 included), the same lock
+// the Python worker takes. The directory is read back as hostile input: a file that fails a check is
+// skipped with a log line naming it, never loaded, never fatal.
+
+import * as fs from "node:fs";
+import { spawnSync } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { join, resolve, basename, extname } from "node:path";
+import { ProtocolError } from "./messages.js";
+import { DTYPES, Tensor } from "./codec.js";
+import { checkModel } from "./modelcheck.js";
+import { pyRepr } from "./json.js";
+import { log } from "./log.js";
+
+export const MAGIC = Buffer.from("PWSTATE\x01", "latin1"); // magic, u32 header length, JSON header, padding, payload
+const ALIGN = 64;
+const MAX_HEADER = 1 << 20;
+const FORMAT = 1;
+const SESSION_RE = /^[0-9a-f]{32}$/;
+const OWNER_RE = /^[0-9a-z]{1,1024}$/;
+export const DISK_RESERVE = 64 << 20; // bytes a put or run must leave free on the directory's file system
+const C = fs.constants;
+const STRERROR = {
+  ENOENT: "No such file or directory",
+  EACCES: "Permission denied",
+  EPERM: "Operation not permitted",
+  ELOOP: "Too many levels of symbolic links",
+  ENOTDIR: "Not a directory",
+  EISDIR: "Is a directory",
+  ENOSPC: "No space left on device",
+  EDQUOT: "Disk quota exceeded",
+  EROFS: "Read-only file system",
+  EIO: "Input/output error",
+};
+
+/** The C library's words for an fs error (as Python's e.strerror), else libuv's. */
+export function strerror(e) {
+  return STRERROR[e?.code] ?? String(e?.message ?? e).replace(/^[A-Z]+: /, "").replace(/, \w+ '.*$/s, "");
+}
+
+/** The directory cannot be used (another worker holds it, not a directory, not writable). */
+export class StateError extends Error {}
+
+// -- low-level file operations ---------------------------------------------------------------------------
+
+function fsyncDir(path) {
+  const fd = fs.openSync(path, C.O_RDONLY | C.O_DIRECTORY);
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Write `parts` (buffers) as `path`: a temporary file (never a planted link), fsync, rename, fsync of
+ * its directory (without `sync`, no fsyncs: safe against this process's crash, not the machine's). */
+export function writeAtomic(path, parts, sync = true) {
+  const tmp = join(resolve(path, ".."), `.tmp-${basename(path)}`);
+  try {
+    fs.unlinkSync(tmp); // left by a crash
+  } catch (e) {
+    if (e.code !== "ENOENT") throw e;
+  }
+  const fd = fs.openSync(tmp, C.O_WRONLY | C.O_CREAT | C.O_EXCL | C.O_NOFOLLOW, 0o600);
+  try {
+    for (const part of parts) {
+      const view = typeof part === "string" ? Buffer.from(part, "utf8") : Buffer.from(part.buffer, part.byteOffset, part.byteLength);
+      for (let at = 0; at < view.length; ) at += fs.writeSync(fd, view, at, view.length - at);
+    }
+    if (sync) fs.fsyncSync(fd);
+  } catch (e) {
+    fs.closeSync(fd);
+    try {
+      fs.unlinkSync(tmp);
+    } catch {}
+    throw e;
+  }
+  fs.closeSync(fd);
+  fs.renameSync(tmp, path);
+  if (sync) fsyncDir(resolve(path, ".."));
+}
+
+/** MAGIC, the header's length and the header, padded so the payload starts aligned. */
+function framed(header) {
+  const text = Buffer.from(JSON.stringify(header), "utf8");
+  const head = Buffer.alloc(MAGIC.length + 4);
+  MAGIC.copy(head);
+  head.writeUInt32LE(text.length, MAGIC.length);
+  const used = head.length + text.length;
+  return [head, text, Buffer.alloc((ALIGN - (used % ALIGN)) % ALIGN)];
+}
+
+/** [header (parsed JSON), payload Buffer] of a framed file; Error for a malformed one. */
+function readFramed(path) {
+  const fd = fs.openSync(path, C.O_RDONLY | C.O_NOFOLLOW);
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new Error("not a regular file");
+    const size = st.size;
+    const start = Buffer.alloc(MAGIC.length + 4);
+    const got = fs.readSync(fd, start, 0, start.length, 0);
+    if (got < start.length || !start.subarray(0, MAGIC.length).equals(MAGIC)) throw new Error("not a planwire state file (bad magic)");
+    const n = start.readUInt32LE(MAGIC.length);
+    if (n > MAX_HEADER || start.length + n > size) throw new Error(`header length ${n} past the file's end or over ${MAX_HEADER}`);
+    let offset = start.length + n;
+    offset += (ALIGN - (offset % ALIGN)) % ALIGN;
+    if (offset > size) throw new Error("truncated before its payload");
+    const header = Buffer.alloc(n);
+    fs.readSync(fd, header, 0, n, start.length);
+    const payload = Buffer.alloc(size - offset);
+    for (let at = 0; at < payload.length; ) {
+      const r = fs.readSync(fd, payload, at, payload.length - at, offset + at);
+      if (r === 0) throw new Error("shorter than its size");
+      at += r;
+    }
+    return [JSON.parse(header.toString("utf8")), payload];
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function digest(text) {
+  return createHash("sha256").update(text, "utf8").digest("hex").slice(0, 40);
+}
+
+// -- file headers, checked as worker/statedir.py's typed structs are -------------------------------------
+
+const codepoints = (s) => [...s].length;
+const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+const isString = (v, min, max) => typeof v === "string" && codepoints(v) >= min && codepoints(v) <= max;
+const isSize = (v) => Number.isSafeInteger(v) && v >= 0;
+
+function fields(doc, allowed, required) {
+  if (!isObject(doc)) throw new Error("Expected `object`");
+  for (const k of Object.keys(doc)) if (!allowed.includes(k)) throw new Error(`Object contains unknown field \`${k}\``);
+  for (const k of required) if (!(k in doc)) throw new Error(`Object missing required field \`${k}\``);
+  return doc;
+}
+
+function expect(ok, what) {
+  if (!ok) throw new Error(`invalid ${what}`);
+}
+
+const TENSOR_FIELDS = ["owner", "key", "dtype", "shape", "tags", "private", "rows", "failed"];
+
+/** A tensor file's header with its defaults filled in. */
+function tensorHeader(doc) {
+  fields(doc, TENSOR_FIELDS, ["owner", "key"]);
+  const h = { dtype: "float", shape: [], tags: [], private: false, rows: 0, failed: null, ...doc };
+  expect(typeof h.owner === "string" && OWNER_RE.test(h.owner), "`owner`");
+  expect(isString(h.key, 1, 256), "`key`");
+  expect(Object.hasOwn(DTYPES, h.dtype), "`dtype`");
+  expect(Array.isArray(h.shape) && h.shape.length <= 64 && h.shape.every(isSize), "`shape`");
+  expect(Array.isArray(h.tags) && h.tags.every((t) => isString(t, 1, 256)), "`tags`");
+  expect(typeof h.private === "boolean", "`private`");
+  expect(isSize(h.rows), "`rows`");
+  expect(h.failed === null || isString(h.failed, 0, 1 << 16), "`failed`");
+  return h;
+}
+
+/** A plan file's header: {plan, name, inputs, outputs}, ports as [name, dtype, shape]. */
+function planHeader(doc) {
+  fields(doc, ["plan", "name", "inputs", "outputs"], ["plan", "name", "inputs", "outputs"]);
+  expect(typeof doc.plan === "string" && /^[0-9a-f]{64}$/.test(doc.plan), "`plan`");
+  expect(isString(doc.name, 0, 4096), "`name`");
+  const dim = (d) => d === null || typeof d === "string" || (isSize(d) && d <= 2 ** 62);
+  for (const side of ["inputs", "outputs"]) {
+    const ok = (p) => Array.isArray(p) && p.length === 3 && typeof p[0] === "string" && Object.hasOwn(DTYPES, p[1]);
+    expect(Array.isArray(doc[side]) && doc[side].every((p) => ok(p) && Array.isArray(p[2]) && p[2].length <= 64 && p[2].every(dim)), `\`${side}\``);
+  }
+  return doc;
+}
+
+/** A JSON document {format: 1, [field]: ...} (session, owners, holders). */
+function formatDoc(path, field) {
+  const doc = fields(JSON.parse(fs.readFileSync(path, { encoding: "utf8", flag: C.O_RDONLY | C.O_NOFOLLOW })), ["format", field], ["format", field]);
+  if (doc.format !== FORMAT) throw new Error(`format ${doc.format}`);
+  return doc[field];
+}
+
+// -- owners: their names on disk (as worker/statedir.py's _Names) -----------------------------------------
+
+/** A connection's owner ("c:HEX") is named with this incarnation's nonce, so a new connection that gets an
+ * old routing id is never taken for an old client; a restored one ("s:NAME") acts only through the
+ * identity it was issued. (The Python worker's CURVE owners, named "k" + key, are restored here as "s:"
+ * owners: this worker cannot read a connection's key, PROTOCOL.md §12.) */
+class Names {
+  constructor() {
+    this.nonce = randomBytes(4).toString("hex");
+  }
+
+  name(owner) {
+    if (owner.startsWith("s:")) return owner.slice(2);
+    if (owner.startsWith("c:")) return "c" + this.nonce + owner.slice(2).toLowerCase();
+    throw new Error(`owner ${pyRepr(owner)} has no name on disk`);
+  }
+
+  owner(name) {
+    return "s:" + name;
+  }
+}
+
+// -- the directory ------------------------------------------------------------------------------------------
+
+/** Take flock(LOCK_EX | LOCK_NB) on `fd` with util-linux's flock(1): true, false when another holds it,
+ * null when flock(1) cannot run here. */
+function flock(fd) {
+  const r = spawnSync("flock", ["--nonblock", "--exclusive", "3"], { stdio: ["ignore", "ignore", "pipe", fd] });
+  if (r.error || r.status === null || r.status > 1) return null;
+  return r.status === 0;
+}
+
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return e.code === "EPERM";
+  }
+}
+
+export class StateDir {
+  /** Create (mode 0700) or open `path` and hold it; StateError naming the problem otherwise. */
+  static open(path, { sync = true } = {}) {
+    const p = resolve(path);
+    let fd;
+    try {
+      fs.mkdirSync(p, { recursive: true, mode: 0o700 });
+      if (!fs.statSync(p).isDirectory()) throw new StateError(`--state-dir ${pyRepr(p)} is not a directory`);
+      fd = fs.openSync(join(p, "lock"), C.O_RDWR | C.O_CREAT | C.O_NOFOLLOW, 0o600);
+    } catch (e) {
+      if (e instanceof StateError) throw e;
+      if (e.code === "EEXIST" || e.code === "ENOTDIR") throw new StateError(`--state-dir ${pyRepr(p)} exists and is not a directory`);
+      throw new StateError(`--state-dir ${pyRepr(p)}: cannot use it (${strerror(e)})`);
+    }
+    const held = flock(fd);
+    const holder = () => {
+      const buf = Buffer.alloc(32);
+      const n = fs.readSync(fd, buf, 0, 32, 0);
+      return buf.subarray(0, n).toString("latin1").trim();
+    };
+    if (held === null) {
+      const pid = Number(holder());
+      log.warning(`--state-dir ${p}: util-linux flock(1) cannot run here: the lock is the pid in ${join(p, "lock")}, checked for a live process`);
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && alive(pid)) {
+        fs.closeSync(fd);
+        refuse(p, String(pid));
+      }
+    } else if (!held) {
+      const pid = holder() || "?";
+      fs.closeSync(fd);
+      refuse(p, pid);
+    }
+    fs.ftruncateSync(fd, 0);
+    fs.writeSync(fd, `${process.pid}\n`, 0);
+    for (const d of ["tensors", "plans"]) {
+      try {
+        fs.mkdirSync(join(p, d), { mode: 0o700 });
+      } catch (e) {
+        if (e.code !== "EEXIST") throw new StateError(`--state-dir ${pyRepr(p)}: cannot use it (${strerror(e)})`);
+      }
+    }
+    if (fs.statSync(p).mode & 0o077) log.warning(`--state-dir ${p} is readable by others: it holds client data and identities (chmod 700)`);
+    return new StateDir(p, fd, sync);
+  }
+
+  constructor(path, lockFd, sync) {
+    this.path = path;
+    this.sync = sync; // fsync each change (power-loss safe); without: safe against the worker's crash only
+    this.lockFd = lockFd;
+    this.tensors = join(path, "tensors");
+    this.plans = join(path, "plans");
+    this.names = new Names();
+    this.skipped = [];
+  }
+
+  close() {
+    if (this.lockFd >= 0) fs.closeSync(this.lockFd); // releases the flock
+    this.lockFd = -1;
+  }
+
+  skip(path, why) {
+    this.skipped.push(path);
+    log.error(`--state-dir: skipped ${path}: ${why}`);
+  }
+
+  fsyncDir(path) {
+    if (this.sync) fsyncDir(path);
+  }
+
+  write(path, parts, what) {
+    try {
+      writeAtomic(path, parts, this.sync);
+    } catch (e) {
+      throw refusal(what, this.path, e);
+    }
+  }
+
+  // -- session and identities ------------------------------------------------------------------------
+
+  /** The kept session, or `fresh` (then written) when there is none: [session, new]. */
+  loadSession(fresh) {
+    const path = join(this.path, "session");
+    if (fs.existsSync(path)) {
+      try {
+        const session = formatDoc(path, "session");
+        if (typeof session !== "string" || !SESSION_RE.test(session)) throw new Error(`format 1, session ${pyRepr(String(session).slice(0, 40))}`);
+        return [session, false];
+      } catch (e) {
+        this.skip(path, `${e.message}; a new session starts (clients will register their plans again)`);
+      }
+    }
+    writeAtomic(path, [JSON.stringify({ format: FORMAT, session: fresh })], this.sync);
+    return [fresh, true];
+  }
+
+  /** The identities issued at hello: Map token -> owner. */
+  loadTokens() {
+    const path = join(this.path, "owners");
+    if (!fs.existsSync(path)) return new Map();
+    try {
+      const tokens = formatDoc(path, "tokens");
+      const ok = ([t, n]) => isString(t, 1, 256) && typeof n === "string" && OWNER_RE.test(n);
+      if (!isObject(tokens) || !Object.entries(tokens).every(ok)) throw new Error("invalid `tokens`");
+      return new Map(Object.entries(tokens).map(([t, n]) => [t, this.names.owner(n)]));
+    } catch (e) {
+      this.skip(path, `${e.message}; clients get new identities at their next hello`);
+      return new Map();
+    }
+  }
+
+  saveTokens(byToken) {
+    const tokens = Object.fromEntries([...byToken].map(([t, o]) => [t, this.names.name(o)]));
+    this.write(join(this.path, "owners"), [JSON.stringify({ format: FORMAT, tokens })], "client identities");
+  }
+
+  // -- tensors ---------------------------------------------------------------------------------------
+
+  ownerDir(owner) {
+    return join(this.tensors, digest(this.names.name(owner)));
+  }
+
+  tensorPath(owner, key) {
+    return join(this.ownerDir(owner), `${digest(key)}.t`);
+  }
+
+  /** Keep `owner`'s tensor (a codec Tensor whose bytes are on the host). */
+  saveTensor(owner, key, tensor, tags, isPrivate, rows) {
+    const h = { owner: this.names.name(owner), key };
+    if (tensor.dtype !== "float") h.dtype = tensor.dtype;
+    if (tensor.shape.length) h.shape = tensor.shape;
+    if (tags.length) h.tags = [...tags];
+    if (isPrivate) h.private = true;
+    if (rows) h.rows = rows;
+    this.saveFile(owner, key, h, tensor.data);
+  }
+
+  /** Keep the record of a failed run's output. */
+  saveFailure(owner, key, why) {
+    this.saveFile(owner, key, { owner: this.names.name(owner), key, failed: why }, Buffer.alloc(0));
+  }
+
+  saveFile(owner, key, header, payload) {
+    const d = this.ownerDir(owner);
+    try {
+      fs.mkdirSync(d, { mode: 0o700 });
+      this.fsyncDir(this.tensors);
+    } catch (e) {
+      if (e.code !== "EEXIST") throw refusal(`tensor ${pyRepr(key)}`, this.path, e);
+    }
+    this.write(join(d, `${digest(key)}.t`), [...framed(header), payload], `tensor ${pyRepr(key)}`);
+  }
+
+  removeTensors(owner, keys) {
+    const d = this.ownerDir(owner);
+    let removed = false;
+    for (const key of keys) {
+      try {
+        fs.unlinkSync(join(d, `${digest(key)}.t`));
+        removed = true;
+      } catch (e) {
+        // it would come back after a restart; the request itself went through
+        if (e.code !== "ENOENT") log.error(`--state-dir: cannot remove tensor ${pyRepr(key)}'s file: ${strerror(e)}`);
+      }
+    }
+    if (removed) this.fsyncDir(d);
+  }
+
+  removeOwner(owner) {
+    const d = this.ownerDir(owner);
+    if (!fs.existsSync(d)) return;
+    fs.rmSync(d, { recursive: true, force: true });
+    this.fsyncDir(this.tensors);
+  }
+
+  /** quota_exceeded when the directory's file system cannot take `nbytes` more (and a reserve). */
+  checkRoom(nbytes, what) {
+    if (nbytes <= 0) return;
+    let free;
+    try {
+      const st = fs.statfsSync(this.path);
+      free = st.bavail * st.bsize;
+    } catch {
+      return;
+    }
+    if (nbytes + DISK_RESERVE > free) {
+      throw new ProtocolError(
+        "quota_exceeded",
+        `${what} needs ${Math.floor(nbytes / 2 ** 20)} MiB on disk, but the worker's --state-dir has ${Math.floor(free / 2 ** 20)} MiB free ` +
+          `(less a reserve of ${DISK_RESERVE >> 20} MiB): get or delete tensors first, or give the worker more room`,
+      );
+    }
+  }
+
+  /** Every valid tensor file: {owner, key, header, tensor (null for a failed run's record)}. */
+  *loadTensors() {
+    for (const name of fs.readdirSync(this.tensors).sort()) {
+      const d = join(this.tensors, name);
+      if (!fs.lstatSync(d).isDirectory()) {
+        this.skip(d, "not a directory of tensors");
+        continue;
+      }
+      for (const file of fs.readdirSync(d).sort()) {
+        const path = join(d, file);
+        if (file.startsWith(".tmp-")) {
+          fs.rmSync(path, { force: true }); // a write that a crash interrupted: never acknowledged
+          continue;
+        }
+        let item;
+        try {
+          item = this.loadTensor(name, file, path);
+        } catch (e) {
+          this.skip(path, e.message);
+          continue;
+        }
+        yield item;
+      }
+    }
+  }
+
+  loadTensor(dirName, file, path) {
+    if (!fs.lstatSync(path).isFile()) throw new Error("not a regular file");
+    const [doc, payload] = readFramed(path);
+    const h = tensorHeader(doc);
+    if (dirName !== digest(h.owner) || file !== `${digest(h.key)}.t`) {
+      throw new Error(`misplaced: its header names key ${pyRepr(h.key)} of another owner or file`);
+    }
+    const owner = this.names.owner(h.owner);
+    if (h.failed !== null) {
+      if (payload.length) throw new Error("a failed run's record with a payload");
+      return { owner, key: h.key, header: h, tensor: null };
+    }
+    let count = 1n;
+    for (const dim of h.shape) count *= BigInt(dim);
+    const need = count * BigInt(DTYPES[h.dtype].size);
+    if (need !== BigInt(payload.length)) {
+      throw new Error(`${h.dtype}[${h.shape.join(", ")}] needs ${need} bytes, the file holds ${payload.length}`);
+    }
+    return { owner, key: h.key, header: h, tensor: new Tensor(h.dtype, h.shape, payload) };
+  }
+
+  // -- plans -----------------------------------------------------------------------------------------
+
+  /** Keep a plan's bytes, name and ports ({name, dtype, shape} each; a shape of unknown rank as []). */
+  savePlan(pid, name, data, inputs, outputs) {
+    const port = (p) => [p.name, p.dtype, p.shape ?? []];
+    const header = { plan: pid, name, inputs: inputs.map(port), outputs: outputs.map(port) };
+    this.write(join(this.plans, `${pid}.plan`), [...framed(header), data], `plan ${pyRepr(name)}`);
+  }
+
+  saveHolders(pid, holders) {
+    const names = [...holders].map((o) => this.names.name(o)).sort();
+    this.write(join(this.plans, `${pid}.holders`), [JSON.stringify({ format: FORMAT, holders: names })], `plan ${pid.slice(0, 12)}'s holders`);
+  }
+
+  removePlan(pid) {
+    for (const suffix of [".holders", ".plan"]) fs.rmSync(join(this.plans, pid + suffix), { force: true }); // holders first
+    this.fsyncDir(this.plans);
+  }
+
+  /** Every valid plan: {pid, name, data, inputs, outputs, unknownRank, holders}. */
+  *loadPlans(maxPlanBytes) {
+    for (const file of fs.readdirSync(this.plans).sort()) {
+      const path = join(this.plans, file);
+      if (file.startsWith(".tmp-")) {
+        fs.rmSync(path, { force: true });
+        continue;
+      }
+      const stem = file.slice(0, file.length - extname(file).length);
+      if (extname(file) === ".holders") {
+        if (!fs.existsSync(join(this.plans, `${stem}.plan`))) this.skip(path, "no plan file beside it");
+        continue;
+      }
+      if (extname(file) !== ".plan") {
+        this.skip(path, "not a plan file");
+        continue;
+      }
+      const holders = join(this.plans, `${stem}.holders`);
+      if (!fs.existsSync(holders)) {
+        log.info(`--state-dir: removing ${path} (its registration did not finish)`); // never acknowledged
+        fs.rmSync(path, { force: true });
+        continue;
+      }
+      let item;
+      try {
+        item = this.loadPlan(path, stem, holders, maxPlanBytes);
+      } catch (e) {
+        this.skip(path, e.message);
+        continue;
+      }
+      yield item;
+    }
+  }
+
+  loadPlan(path, stem, holdersPath, maxPlanBytes) {
+    if (!fs.lstatSync(path).isFile()) throw new Error("not a regular file");
+    const [doc, data] = readFramed(path);
+    if (data.length > maxPlanBytes) throw new Error(`a plan of ${data.length} bytes, over --max-plan-mb`);
+    const h = planHeader(doc);
+    const pid = createHash("sha256").update(data).digest("hex");
+    if (pid !== h.plan || stem !== pid) throw new Error("its bytes do not match its plan id (corrupt, or not this plan's file)");
+    const summary = checkModel(data, { maxBytes: maxPlanBytes });
+    const holders = formatDoc(holdersPath, "holders");
+    if (!Array.isArray(holders) || !holders.every((n) => typeof n === "string" && OWNER_RE.test(n))) throw new Error(`${basename(holdersPath)}: invalid \`holders\``);
+    const port = ([name, dtype, shape]) => ({ name, dtype, shape });
+    return {
+      pid,
+      name: h.name,
+      data,
+      inputs: h.inputs.map(port),
+      outputs: h.outputs.map(port),
+      unknownRank: summary.unknownRank,
+      holders: holders.map((n) => this.names.owner(n)),
+    };
+  }
+}
+
+function refuse(p, pid) {
+  throw new StateError(`--state-dir ${pyRepr(p)} is in use by another plan-worker (pid ${pid}): stop it, or give this worker a directory of its own`);
+}
+
+/** The error of a request whose effect could not be made durable (nothing of it was kept in memory). */
+function refusal(what, path, e) {
+  if (e instanceof ProtocolError) return e;
+  if (e.code === "ENOSPC" || e.code === "EDQUOT") {
+    return new ProtocolError("quota_exceeded", `${what} not kept: the worker's --state-dir ${path} is full (${strerror(e)})`);
+  }
+  log.error(`--state-dir ${path}: cannot write ${what}: ${strerror(e)}`);
+  return new ProtocolError("internal", `${what} not kept: the worker cannot write its --state-dir (${strerror(e)})`);
+}
