@@ -11,7 +11,7 @@
 import * as fs from "node:fs";
 import { spawnSync } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { join, resolve, basename, extname } from "node:path";
+import { join, resolve, basename, dirname, extname } from "node:path";
 import { ProtocolError } from "./messages.js";
 import { DTYPES, Tensor } from "./codec.js";
 import { checkModel } from "./modelcheck.js";
@@ -216,6 +216,18 @@ function flock(fd) {
   return r.status === 0;
 }
 
+/** mkdir -p, the last one 0700 (not fs.mkdirSync's recursive mode, which loops forever under /proc). */
+function mkdirs(p, mode = 0o700) {
+  try {
+    fs.mkdirSync(p, { mode });
+  } catch (e) {
+    if (e.code === "EEXIST") return;
+    if (e.code !== "ENOENT" || dirname(p) === p) throw e;
+    mkdirs(dirname(p), 0o777);
+    fs.mkdirSync(p, { mode });
+  }
+}
+
 function alive(pid) {
   try {
     process.kill(pid, 0);
@@ -231,8 +243,8 @@ export class StateDir {
     const p = resolve(path);
     let fd;
     try {
-      fs.mkdirSync(p, { recursive: true, mode: 0o700 });
-      if (!fs.statSync(p).isDirectory()) throw new StateError(`--state-dir ${pyRepr(p)} is not a directory`);
+      mkdirs(p);
+      if (!fs.statSync(p).isDirectory()) throw new StateError(`--state-dir ${pyRepr(p)} exists and is not a directory`);
       fd = fs.openSync(join(p, "lock"), C.O_RDWR | C.O_CREAT | C.O_NOFOLLOW, 0o600);
     } catch (e) {
       if (e instanceof StateError) throw e;
