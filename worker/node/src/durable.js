@@ -141,6 +141,24 @@ class DurableHolders extends PlanHolders {
     return super.remove(pid, owner);
   }
 
+  /** Drop a freed client's holds (--idle-ttl, on the way to serving a request): a write that fails is
+   * logged, and the hold dropped in memory all the same. */
+  dropOwner(owner) {
+    const gone = [];
+    for (const [pid, held] of [...this.holders]) {
+      if (!held.has(owner)) continue;
+      let last;
+      try {
+        last = this.remove(pid, owner);
+      } catch (e) {
+        log.error(`--state-dir: plan ${pid.slice(0, 12)} is still held on disk by a freed client: ${e.message}`);
+        last = super.remove(pid, owner);
+      }
+      if (last) gone.push(pid);
+    }
+    return gone;
+  }
+
   restore(pid, owners) {
     this.kept.add(pid);
     for (const owner of owners) super.add(pid, owner);

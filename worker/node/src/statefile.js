@@ -1,0 +1,173 @@
+// One file of a state directory (PROTOCOL.md §11.1, as worker/statedir.py writes it): framing, atomic
+// writes, and reading a header back as hostile input, checked as the Python worker's typed structs are.
+
+import * as fs from "node:fs";
+import { createHash } from "node:crypto";
+import { join, resolve, basename } from "node:path";
+import { DTYPES } from "./codec.js";
+
+export const MAGIC = Buffer.from("PWSTATE\x01", "latin1"); // magic, u32 header length, JSON header, padding, payload
+const ALIGN = 64;
+const MAX_HEADER = 1 << 20;
+export const FORMAT = 1;
+export const SESSION_RE = /^[0-9a-f]{32}$/;
+export const OWNER_RE = /^[0-9a-z]{1,1024}$/;
+const C = fs.constants;
+const STRERROR = {
+  ENOENT: "No such file or directory",
+  EACCES: "Permission denied",
+  EPERM: "Operation not permitted",
+  ELOOP: "Too many levels of symbolic links",
+  ENOTDIR: "Not a directory",
+  EISDIR: "Is a directory",
+  ENOSPC: "No space left on device",
+  EDQUOT: "Disk quota exceeded",
+  EROFS: "Read-only file system",
+  EIO: "Input/output error",
+};
+
+/** The C library's words for an fs error (as Python's e.strerror), else libuv's. */
+export function strerror(e) {
+  return STRERROR[e?.code] ?? String(e?.message ?? e).replace(/^[A-Z]+: /, "").replace(/, \w+ '.*$/s, "");
+}
+
+/** The directory cannot be used (another worker holds it, not a directory, not writable). */
+export class StateError extends Error {}
+
+// -- low-level file operations ---------------------------------------------------------------------------
+
+export function fsyncDir(path) {
+  const fd = fs.openSync(path, C.O_RDONLY | C.O_DIRECTORY);
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Write `parts` (buffers) as `path`: a temporary file (never a planted link), fsync, rename, fsync of
+ * its directory (without `sync`, no fsyncs: safe against this process's crash, not the machine's). */
+export function writeAtomic(path, parts, sync = true) {
+  const tmp = join(resolve(path, ".."), `.tmp-${basename(path)}`);
+  try {
+    fs.unlinkSync(tmp); // left by a crash
+  } catch (e) {
+    if (e.code !== "ENOENT") throw e;
+  }
+  const fd = fs.openSync(tmp, C.O_WRONLY | C.O_CREAT | C.O_EXCL | C.O_NOFOLLOW, 0o600);
+  try {
+    for (const part of parts) {
+      const view = typeof part === "string" ? Buffer.from(part, "utf8") : Buffer.from(part.buffer, part.byteOffset, part.byteLength);
+      for (let at = 0; at < view.length; ) at += fs.writeSync(fd, view, at, view.length - at);
+    }
+    if (sync) fs.fsyncSync(fd);
+  } catch (e) {
+    fs.closeSync(fd);
+    try {
+      fs.unlinkSync(tmp);
+    } catch {}
+    throw e;
+  }
+  fs.closeSync(fd);
+  fs.renameSync(tmp, path);
+  if (sync) fsyncDir(resolve(path, ".."));
+}
+
+/** MAGIC, the header's length and the header, padded so the payload starts aligned. */
+export function framed(header) {
+  const text = Buffer.from(JSON.stringify(header), "utf8");
+  const head = Buffer.alloc(MAGIC.length + 4);
+  MAGIC.copy(head);
+  head.writeUInt32LE(text.length, MAGIC.length);
+  const used = head.length + text.length;
+  return [head, text, Buffer.alloc((ALIGN - (used % ALIGN)) % ALIGN)];
+}
+
+/** [header (parsed JSON), payload Buffer] of a framed file; Error for a malformed one. */
+export function readFramed(path) {
+  const fd = fs.openSync(path, C.O_RDONLY | C.O_NOFOLLOW);
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new Error("not a regular file");
+    const size = st.size;
+    const start = Buffer.alloc(MAGIC.length + 4);
+    const got = fs.readSync(fd, start, 0, start.length, 0);
+    if (got < start.length || !start.subarray(0, MAGIC.length).equals(MAGIC)) throw new Error("not a planwire state file (bad magic)");
+    const n = start.readUInt32LE(MAGIC.length);
+    if (n > MAX_HEADER || start.length + n > size) throw new Error(`header length ${n} past the file's end or over ${MAX_HEADER}`);
+    let offset = start.length + n;
+    offset += (ALIGN - (offset % ALIGN)) % ALIGN;
+    if (offset > size) throw new Error("truncated before its payload");
+    const header = Buffer.alloc(n);
+    fs.readSync(fd, header, 0, n, start.length);
+    const payload = Buffer.alloc(size - offset);
+    for (let at = 0; at < payload.length; ) {
+      const r = fs.readSync(fd, payload, at, payload.length - at, offset + at);
+      if (r === 0) throw new Error("shorter than its size");
+      at += r;
+    }
+    return [JSON.parse(header.toString("utf8")), payload];
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export function digest(text) {
+  return createHash("sha256").update(text, "utf8").digest("hex").slice(0, 40);
+}
+
+// -- file headers, checked as worker/statedir.py's typed structs are -------------------------------------
+
+const codepoints = (s) => [...s].length;
+export const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+export const isString = (v, min, max) => typeof v === "string" && codepoints(v) >= min && codepoints(v) <= max;
+const isSize = (v) => Number.isSafeInteger(v) && v >= 0;
+
+function fields(doc, allowed, required) {
+  if (!isObject(doc)) throw new Error("Expected `object`");
+  for (const k of Object.keys(doc)) if (!allowed.includes(k)) throw new Error(`Object contains unknown field \`${k}\``);
+  for (const k of required) if (!(k in doc)) throw new Error(`Object missing required field \`${k}\``);
+  return doc;
+}
+
+function expect(ok, what) {
+  if (!ok) throw new Error(`invalid ${what}`);
+}
+
+const TENSOR_FIELDS = ["owner", "key", "dtype", "shape", "tags", "private", "rows", "failed"];
+
+/** A tensor file's header with its defaults filled in. */
+export function tensorHeader(doc) {
+  fields(doc, TENSOR_FIELDS, ["owner", "key"]);
+  const h = { dtype: "float", shape: [], tags: [], private: false, rows: 0, failed: null, ...doc };
+  expect(typeof h.owner === "string" && OWNER_RE.test(h.owner), "`owner`");
+  expect(isString(h.key, 1, 256), "`key`");
+  expect(Object.hasOwn(DTYPES, h.dtype), "`dtype`");
+  expect(Array.isArray(h.shape) && h.shape.length <= 64 && h.shape.every(isSize), "`shape`");
+  expect(Array.isArray(h.tags) && h.tags.every((t) => isString(t, 1, 256)), "`tags`");
+  expect(typeof h.private === "boolean", "`private`");
+  expect(isSize(h.rows), "`rows`");
+  expect(h.failed === null || isString(h.failed, 0, 1 << 16), "`failed`");
+  return h;
+}
+
+/** A plan file's header: {plan, name, inputs, outputs}, ports as [name, dtype, shape]. */
+export function planHeader(doc) {
+  fields(doc, ["plan", "name", "inputs", "outputs"], ["plan", "name", "inputs", "outputs"]);
+  expect(typeof doc.plan === "string" && /^[0-9a-f]{64}$/.test(doc.plan), "`plan`");
+  expect(isString(doc.name, 0, 4096), "`name`");
+  const dim = (d) => d === null || typeof d === "string" || (isSize(d) && d <= 2 ** 62);
+  for (const side of ["inputs", "outputs"]) {
+    const ok = (p) => Array.isArray(p) && p.length === 3 && typeof p[0] === "string" && Object.hasOwn(DTYPES, p[1]);
+    expect(Array.isArray(doc[side]) && doc[side].every((p) => ok(p) && Array.isArray(p[2]) && p[2].length <= 64 && p[2].every(dim)), `\`${side}\``);
+  }
+  return doc;
+}
+
+/** A JSON document {format: 1, [field]: ...} (session, owners, holders). */
+export function formatDoc(path, field) {
+  const doc = fields(JSON.parse(fs.readFileSync(path, { encoding: "utf8", flag: C.O_RDONLY | C.O_NOFOLLOW })), ["format", field], ["format", field]);
+  if (doc.format !== FORMAT) throw new Error(`format ${doc.format}`);
+  return doc[field];
+}
+
