@@ -59,14 +59,16 @@ class _Lines(logging.Handler):
 class Incarnation:
     """One in-process Python worker life on a state directory, with a client that presents ``identity``."""
 
-    def __init__(self, path: Path, identity: str = "", sync: bool = True, idle_ttl: float | None = None) -> None:
+    def __init__(
+        self, path: Path, identity: str = "", data: tuple = (), sync: bool = True, idle_ttl: float | None = None
+    ) -> None:
         logger, self._lines = logging.getLogger("planwire.worker"), _Lines()
         level = logger.level
         logger.addHandler(self._lines)
         logger.setLevel(logging.INFO)
         try:
             self.state = StateDir.open(path, sync=sync)
-            self.service = Service("w", idle_ttl=idle_ttl)
+            self.service = Service("w", data=data, idle_ttl=idle_ttl)
             self.restored = attach(self.service, self.state)
         finally:
             logger.removeHandler(self._lines)
