@@ -7,6 +7,7 @@ other (one format: PROTOCOL.md §11.1)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -431,3 +432,53 @@ def test_a_state_dir_that_cannot_be_used_stops_the_worker_at_start(tmp_path, kin
         RuntimeError, match=r"exited with 2[\s\S]*cannot use it \((Operation not permitted|Permission denied)\)"
     ):
         start(kind, "w", listen=listen, extra=["--state-dir", nowhere])
+
+
+def test_the_node_worker_keeps_pending_releases_and_the_privacy_budget_spent(tmp_path):
+    # The privacy records of PROTOCOL.md §11.1: after kill -9 a released value comes back unchanged (no new
+    # noise), a result released after the restart is accounted on top of what was spent before it.
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from tests.test_policy import run_step, step_plan
+
+    _worker_kind("node")
+    plan, sigma = step_plan(), 1.5
+    np.save(tmp_path / "secret.npy", np.float32([3, -1, 2]))
+    (tmp_path / "policy.toml").write_text(
+        f'[[plan]]\nfingerprint = "{plan.variants[0].id}"\noutputs.new_w = {{ update = "w" }}\n'
+        f"update = {{ clip_norm = 1.0, noise_multiplier = {sigma} }}\n"
+    )
+    audit = tmp_path / "audit.jsonl"
+    extra = ["--policy", str(tmp_path / "policy.toml"), "--plans-dir", "none", "--audit", str(audit)]
+    extra += ["--state-dir", str(tmp_path / "state")]
+    data = [f"{tmp_path / 'secret.npy'}:secret"]
+    first = start("node", "dp", data=data, extra=extra)
+    c = WorkerClient(Connection(DealerLink(first.url), name="dp", timeout=60))
+    c.hello()
+    (x,) = c.search("secret")
+    for i in (1, 2):
+        run_step(c, plan, np.zeros(3, F32), x, np.float32(1.0), outputs=[f"w{i}", f"loss{i}"])
+    released = c.fetch_arrays(["w1"], keep=True)[0]  # noised once, accounted once
+    identity = c.identity
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    first.close()
+    c.connection.close()
+
+    with start("node", "dp", data=data, extra=extra) as second:
+        c = WorkerClient(Connection(DealerLink(second.url), name="dp", timeout=60))
+        c.identity = identity
+        c.hello()
+        assert np.array_equal(c.fetch_arrays(["w1"], keep=True)[0], released)  # the same value, no new noise
+        again = c.fetch_arrays(["w2"], keep=True)[0]  # a pending release restored: released now
+        assert again.shape == (3,) and not np.array_equal(again, released)
+        with pytest.raises(RemoteError, match="private"):
+            c.fetch_arrays(["loss1"], keep=True)  # no rule releases it: still private after the restart
+        c.connection.close()
+    epsilons = [r["epsilon"] for r in map(json.loads, audit.read_text().splitlines()) if r["event"] == "released"]
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    for got in epsilons:  # 1 then 2 releases: the restart forgot none
+        accountant.compose(dp_event.GaussianDpEvent(sigma))
+        assert got == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert len(epsilons) == 2

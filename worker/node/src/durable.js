@@ -8,8 +8,10 @@
 // its reply), then change memory. A run's outputs reach this process whole (src/sandbox.js answers with
 // their bytes), so a result is on the host when it is written. Plans come back lazily: a restored plan's
 // session is loaded (in the runner, or here under --no-sandbox) by its first run.
-// Not kept, as in the Python worker: connections, the releases pending on private-derived results (a
-// restored private result stays private: used by later runs, never released) and the privacy accounting.
+// A private result's pending release is kept with its tensor, and the noised releases each client was given
+// in the `privacy` file: a release writes the spent budget first, then the value it released, before it
+// returns; a restored result is released as the policy in force at the restart says (its rule found again by
+// fingerprint), and the same released value is returned again. Not kept: connections.
 
 import { join } from "node:path";
 import { Store } from "./store.js";
@@ -18,6 +20,7 @@ import { Plan } from "./service.js";
 import { ProtocolError } from "./messages.js";
 import { DTYPES } from "./codec.js";
 import { analyze } from "./flow.js";
+import { Pending } from "./release.js";
 import { StateDir, StateError, strerror } from "./statedir.js";
 import { pyRepr } from "./json.js";
 import { log } from "./log.js";
@@ -38,7 +41,9 @@ class DurableStore extends Store {
   }
 
   put(client, key, tensor, tags = [], options = {}) {
-    if (!this.restoring) this.state.saveTensor(client, key, tensor, tags, options.isPrivate ?? false, options.rows ?? 0);
+    if (!this.restoring) {
+      this.state.saveTensor(client, key, tensor, tags, options.isPrivate ?? false, options.rows ?? 0, kept(options.pending));
+    }
     super.put(client, key, tensor, tags, options);
   }
 
@@ -71,6 +76,27 @@ class DurableStore extends Store {
     }
     return freed;
   }
+}
+
+/** A pending release as kept on disk (src/statedir.js), or null. */
+function kept(pending) {
+  if (!(pending instanceof Pending)) return null;
+  const { rule, output, how, rows, base, released } = pending;
+  return { plan: rule.fingerprint, output, how: how.how, param: how.param ?? "", rows, base, released };
+}
+
+/** A kept release under the rule the policy in force has for its plan (null, logged: never releasable). */
+function pendingOf(releaser, k, key) {
+  if (k === null) return null;
+  const rule = releaser.policy?.rules.get(k.plan);
+  const how = rule?.outputs.get(k.output);
+  if (how === undefined || how.how !== k.how || (how.param ?? "") !== k.param) {
+    log.info(`--state-dir: tensor ${pyRepr(key)} stays private: the policy no longer releases output ${pyRepr(k.output)} of plan ${k.plan.slice(0, 12)} as ${k.how}`);
+    return null;
+  }
+  const pending = new Pending(rule, k.output, how, k.base, k.rows);
+  pending.released = k.released;
+  return pending;
 }
 
 /** Owners whose issued identities are written to the state directory (before welcome is sent). */
@@ -227,7 +253,8 @@ export function attach(service, state) {
   }
   store.restoring = true;
   try {
-    for (const { owner, key, header, tensor } of state.loadTensors()) {
+    for (const item of state.loadTensors()) {
+      const { owner, key, header, tensor } = item;
       if (store.own.has(key)) {
         state.skip(state.tensorPath(owner, key), `key ${pyRepr(key)} is now the worker's own data`);
         continue;
@@ -236,7 +263,8 @@ export function attach(service, state) {
         store.fail(owner, key, header.failed);
         done.failed++;
       } else {
-        store.put(owner, key, tensor, header.tags, { isPrivate: header.private, rows: header.rows });
+        const pending = pendingOf(service.releaser, item.kept, key);
+        store.put(owner, key, tensor, header.tags, { isPrivate: header.private, pending, rows: header.rows });
         done.tensors++;
         done.tensorBytes += tensor.nbytes;
       }
@@ -245,6 +273,16 @@ export function attach(service, state) {
   } finally {
     store.restoring = false;
   }
+  const releaser = service.releaser;
+  try {
+    releaser.restore(state.loadSpent());
+  } catch (e) {
+    releaser.blocked = e.message; // logged; never served as a clean slate
+  }
+  releaser.journal = {
+    spent: (events) => state.saveSpent(events),
+    released: (client, key, e) => state.saveTensor(client, key, e.tensor, e.tags, e.private, e.rows, kept(e.pending)),
+  };
   const tokens = state.loadTokens();
   owners.restore(tokens, seen);
   done.identities = tokens.size;

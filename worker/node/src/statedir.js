@@ -9,72 +9,18 @@
 // skipped with a log line naming it, never loaded, never fatal.
 
 import * as fs from "node:fs";
-import { spawnSync } from "node:child_process";
-import { createHash, randomBytes } from "node:crypto";
-import { join, resolve, basename, dirname, extname } from "node:path";
+import { createHash } from "node:crypto";
+import { join, resolve, basename, extname } from "node:path";
 import { ProtocolError } from "./messages.js";
-import { DTYPES, Tensor } from "./codec.js";
 import { checkModel } from "./modelcheck.js";
 import { pyRepr } from "./json.js";
 import { log } from "./log.js";
 import { FORMAT, SESSION_RE, OWNER_RE, strerror, StateError, fsyncDir, writeAtomic, framed, readFramed, digest } from "./statefile.js";
-import { isObject, isString, tensorHeader, planHeader, formatDoc } from "./statefile.js";
+import { Names, flock, mkdirs, alive, ALIGN, isObject, isString, tensorHeader, tensorPayload, planHeader, formatDoc, privacySpent } from "./statefile.js";
 
 export const DISK_RESERVE = 64 << 20; // bytes a put or run must leave free on the directory's file system
 const C = fs.constants;
 
-// -- owners: their names on disk (as worker/statedir.py's _Names) -----------------------------------------
-
-/** A connection's owner ("c:HEX") is named with this incarnation's nonce, so a new connection that gets an
- * old routing id is never taken for an old client; a restored one ("s:NAME") acts only through the
- * identity it was issued. (The Python worker's CURVE owners, named "k" + key, are restored here as "s:"
- * owners: this worker cannot read a connection's key, PROTOCOL.md §12.) */
-class Names {
-  constructor() {
-    this.nonce = randomBytes(4).toString("hex");
-  }
-
-  name(owner) {
-    if (owner.startsWith("s:")) return owner.slice(2);
-    if (owner.startsWith("c:")) return "c" + this.nonce + owner.slice(2).toLowerCase();
-    throw new Error(`owner ${pyRepr(owner)} has no name on disk`);
-  }
-
-  owner(name) {
-    return "s:" + name;
-  }
-}
-
-// -- the directory ------------------------------------------------------------------------------------------
-
-/** Take flock(LOCK_EX | LOCK_NB) on `fd` with util-linux's flock(1): true, false when another holds it,
- * null when flock(1) cannot run here. */
-function flock(fd) {
-  const r = spawnSync("flock", ["--nonblock", "--exclusive", "3"], { stdio: ["ignore", "ignore", "pipe", fd] });
-  if (r.error || r.status === null || r.status > 1) return null;
-  return r.status === 0;
-}
-
-/** mkdir -p, the last one 0700 (not fs.mkdirSync's recursive mode, which loops forever under /proc). */
-function mkdirs(p, mode = 0o700) {
-  try {
-    fs.mkdirSync(p, { mode });
-  } catch (e) {
-    if (e.code === "EEXIST") return;
-    if (e.code !== "ENOENT" || dirname(p) === p) throw e;
-    mkdirs(dirname(p), 0o777);
-    fs.mkdirSync(p, { mode });
-  }
-}
-
-function alive(pid) {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return e.code === "EPERM";
-  }
-}
 
 export { strerror, StateError, writeAtomic };
 
@@ -203,15 +149,30 @@ export class StateDir {
     return join(this.ownerDir(owner), `${digest(key)}.t`);
   }
 
-  /** Keep `owner`'s tensor (a codec Tensor whose bytes are on the host). */
-  saveTensor(owner, key, tensor, tags, isPrivate, rows) {
+  /** Keep `owner`'s tensor (a codec Tensor whose bytes are on the host) and, for a private result, its
+   * pending release `kept` ({plan, output, how, param, rows, base, released}: base and released Tensors
+   * or null), whose arrays follow the tensor's bytes, each at the next multiple of 64 bytes. */
+  saveTensor(owner, key, tensor, tags, isPrivate, rows, kept = null) {
     const h = { owner: this.names.name(owner), key };
     if (tensor.dtype !== "float") h.dtype = tensor.dtype;
     if (tensor.shape.length) h.shape = tensor.shape;
     if (tags.length) h.tags = [...tags];
     if (isPrivate) h.private = true;
     if (rows) h.rows = rows;
-    this.saveFile(owner, key, h, tensor.data);
+    const payload = [tensor.data];
+    if (kept !== null) {
+      const r = (h.release = { plan: kept.plan, output: kept.output, how: kept.how, rows: kept.rows });
+      if (kept.param) r.param = kept.param;
+      let at = tensor.nbytes;
+      for (const name of ["base", "released"]) {
+        const t = kept[name];
+        if (t === null) continue;
+        r[name] = { dtype: t.dtype, shape: t.shape };
+        payload.push(Buffer.alloc((ALIGN - (at % ALIGN)) % ALIGN), t.data);
+        at += ((ALIGN - (at % ALIGN)) % ALIGN) + t.nbytes;
+      }
+    }
+    this.saveFile(owner, key, h, ...payload);
   }
 
   /** Keep the record of a failed run's output. */
@@ -219,7 +180,7 @@ export class StateDir {
     this.saveFile(owner, key, { owner: this.names.name(owner), key, failed: why }, Buffer.alloc(0));
   }
 
-  saveFile(owner, key, header, payload) {
+  saveFile(owner, key, header, ...payload) {
     const d = this.ownerDir(owner);
     try {
       fs.mkdirSync(d, { mode: 0o700 });
@@ -227,7 +188,7 @@ export class StateDir {
     } catch (e) {
       if (e.code !== "EEXIST") throw refusal(`tensor ${pyRepr(key)}`, this.path, e);
     }
-    this.write(join(d, `${digest(key)}.t`), [...framed(header), payload], `tensor ${pyRepr(key)}`);
+    this.write(join(d, `${digest(key)}.t`), [...framed(header), ...payload], `tensor ${pyRepr(key)}`);
   }
 
   removeTensors(owner, keys) {
@@ -306,16 +267,37 @@ export class StateDir {
     }
     const owner = this.names.owner(h.owner);
     if (h.failed !== null) {
-      if (payload.length) throw new Error("a failed run's record with a payload");
-      return { owner, key: h.key, header: h, tensor: null };
+      if (payload.length || h.release !== null) throw new Error("a failed run's record with a payload");
+      return { owner, key: h.key, header: h, tensor: null, kept: null };
     }
-    let count = 1n;
-    for (const dim of h.shape) count *= BigInt(dim);
-    const need = count * BigInt(DTYPES[h.dtype].size);
-    if (need !== BigInt(payload.length)) {
-      throw new Error(`${h.dtype}[${h.shape.join(", ")}] needs ${need} bytes, the file holds ${payload.length}`);
+    const [tensor, kept] = tensorPayload(h, payload);
+    return { owner, key: h.key, header: h, tensor, kept };
+  }
+
+  // -- privacy accounting ----------------------------------------------------------------------------
+
+  /** The noised releases each owner was given: Map owner -> Map(noise multiplier -> count) (`privacy`);
+   * Error (logged) when the file is damaged: never read as a clean slate. */
+  loadSpent() {
+    const path = join(this.path, "privacy");
+    if (!fs.existsSync(path)) return new Map();
+    let spent;
+    try {
+      spent = privacySpent(formatDoc(path, "spent"));
+    } catch (e) {
+      this.skip(path, `${e.message}; noised releases are refused until it is repaired (or removed, which resets every client's spent privacy budget)`);
+      throw new Error(`the record of the privacy budget spent (${path}) is damaged: ${e.message}`);
     }
-    return { owner, key: h.key, header: h, tensor: new Tensor(h.dtype, h.shape, payload) };
+    return new Map([...spent].map(([name, counts]) => [this.names.owner(name), counts]));
+  }
+
+  /** Keep `spent` (Map owner -> Map(noise multiplier -> count)). */
+  saveSpent(spent) {
+    const doc = {};
+    for (const [owner, counts] of spent) {
+      if (counts.size) doc[this.names.name(owner)] = [...counts].sort((a, b) => a[0] - b[0]);
+    }
+    this.write(join(this.path, "privacy"), [JSON.stringify({ format: FORMAT, spent: doc })], "the privacy budget spent");
   }
 
   // -- plans -----------------------------------------------------------------------------------------

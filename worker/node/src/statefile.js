@@ -2,12 +2,14 @@
 // writes, and reading a header back as hostile input, checked as the Python worker's typed structs are.
 
 import * as fs from "node:fs";
-import { createHash } from "node:crypto";
-import { join, resolve, basename } from "node:path";
-import { DTYPES } from "./codec.js";
+import { spawnSync } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { join, resolve, basename, dirname } from "node:path";
+import { DTYPES, Tensor } from "./codec.js";
+import { pyRepr } from "./json.js";
 
 export const MAGIC = Buffer.from("PWSTATE\x01", "latin1"); // magic, u32 header length, JSON header, padding, payload
-const ALIGN = 64;
+export const ALIGN = 64;
 const MAX_HEADER = 1 << 20;
 export const FORMAT = 1;
 export const SESSION_RE = /^[0-9a-f]{32}$/;
@@ -134,21 +136,84 @@ function expect(ok, what) {
   if (!ok) throw new Error(`invalid ${what}`);
 }
 
-const TENSOR_FIELDS = ["owner", "key", "dtype", "shape", "tags", "private", "rows", "failed"];
+const TENSOR_FIELDS = ["owner", "key", "dtype", "shape", "tags", "private", "rows", "failed", "release"];
+const RELEASE_FIELDS = ["plan", "output", "how", "rows", "param", "base", "released"];
+const isShape = (v) => Array.isArray(v) && v.length <= 64 && v.every(isSize);
 
-/** A tensor file's header with its defaults filled in. */
+/** {dtype, shape} of an array after the tensor in a tensor file's payload. */
+function part(doc, what) {
+  fields(doc, ["dtype", "shape"], ["dtype", "shape"]);
+  expect(Object.hasOwn(DTYPES, doc.dtype) && isShape(doc.shape), what);
+  return doc;
+}
+
+/** A tensor file's header with its defaults filled in (`release`: a private result's pending release). */
 export function tensorHeader(doc) {
   fields(doc, TENSOR_FIELDS, ["owner", "key"]);
-  const h = { dtype: "float", shape: [], tags: [], private: false, rows: 0, failed: null, ...doc };
+  const h = { dtype: "float", shape: [], tags: [], private: false, rows: 0, failed: null, release: null, ...doc };
   expect(typeof h.owner === "string" && OWNER_RE.test(h.owner), "`owner`");
   expect(isString(h.key, 1, 256), "`key`");
   expect(Object.hasOwn(DTYPES, h.dtype), "`dtype`");
-  expect(Array.isArray(h.shape) && h.shape.length <= 64 && h.shape.every(isSize), "`shape`");
+  expect(isShape(h.shape), "`shape`");
   expect(Array.isArray(h.tags) && h.tags.every((t) => isString(t, 1, 256)), "`tags`");
   expect(typeof h.private === "boolean", "`private`");
   expect(isSize(h.rows), "`rows`");
   expect(h.failed === null || isString(h.failed, 0, 1 << 16), "`failed`");
+  if (h.release !== null) {
+    const r = (h.release = { param: "", base: null, released: null, ...fields(h.release, RELEASE_FIELDS, RELEASE_FIELDS.slice(0, 4)) });
+    expect(typeof r.plan === "string" && /^[0-9a-f]{64}$/.test(r.plan), "`release.plan`");
+    expect(isString(r.output, 1, 4096) && isString(r.param, 0, 4096), "`release.output` or `release.param`");
+    expect(r.how === "as_is" || r.how === "update", "`release.how`");
+    expect(isSize(r.rows), "`release.rows`");
+    if (r.base !== null) part(r.base, "`release.base`");
+    if (r.released !== null) part(r.released, "`release.released`");
+  }
   return h;
+}
+
+/** [the tensor, its pending release or null] of a tensor file's payload: the tensor's bytes, then the
+ * release's `base` and `released` arrays (those present), each at the next multiple of 64 bytes. */
+export function tensorPayload(h, payload) {
+  const r = h.release;
+  if (r !== null && !h.private) throw new Error("a pending release on a tensor that is not private");
+  const parts = [{ dtype: h.dtype, shape: h.shape }, ...(r === null ? [] : [r.base, r.released].filter((p) => p !== null))];
+  const sizes = parts.map((p) => p.shape.reduce((n, d) => n * BigInt(d), BigInt(DTYPES[p.dtype].size)));
+  let need = 0n;
+  sizes.forEach((n, i) => (need += i < sizes.length - 1 ? n + ((64n - (n % 64n)) % 64n) : n));
+  if (need !== BigInt(payload.length)) {
+    throw new Error(`${h.dtype}[${h.shape.join(", ")}] needs ${need} bytes, the file holds ${payload.length}`);
+  }
+  let at = 0;
+  const arrays = parts.map((p, i) => {
+    const n = Number(sizes[i]);
+    const t = new Tensor(p.dtype, p.shape, payload.subarray(at, at + n));
+    at += n + ((ALIGN - (n % ALIGN)) % ALIGN);
+    return t;
+  });
+  let kept = null;
+  if (r !== null) {
+    const base = r.base !== null ? arrays[1] : null;
+    const released = r.released !== null ? arrays.at(-1) : null;
+    kept = { plan: r.plan, output: r.output, how: r.how, param: r.param, rows: r.rows, base, released };
+  }
+  return [arrays[0], kept];
+}
+
+/** The privacy file's `spent`: Map owner name -> Map(noise multiplier -> count). */
+export function privacySpent(spent) {
+  expect(isObject(spent), "`spent`");
+  const out = new Map();
+  for (const [name, events] of Object.entries(spent)) {
+    expect(OWNER_RE.test(name) && Array.isArray(events), "`spent`");
+    const counts = new Map();
+    for (const e of events) {
+      const ok = Array.isArray(e) && e.length === 2 && typeof e[0] === "number" && e[0] > 0 && e[0] <= 1e6;
+      expect(ok && Number.isSafeInteger(e[1]) && e[1] >= 1 && e[1] <= 2 ** 40, "`spent` event");
+      counts.set(e[0], (counts.get(e[0]) ?? 0) + e[1]);
+    }
+    out.set(name, counts);
+  }
+  return out;
 }
 
 /** A plan file's header: {plan, name, inputs, outputs}, ports as [name, dtype, shape]. */
@@ -171,3 +236,55 @@ export function formatDoc(path, field) {
   return doc[field];
 }
 
+// -- owners: their names on disk (as worker/statedir.py's _Names) -----------------------------------------
+
+/** A connection's owner ("c:HEX") is named with this incarnation's nonce, so a new connection that gets an
+ * old routing id is never taken for an old client; a restored one ("s:NAME") acts only through the
+ * identity it was issued. (The Python worker's CURVE owners, named "k" + key, are restored here as "s:"
+ * owners: this worker cannot read a connection's key, PROTOCOL.md §12.) */
+export class Names {
+  constructor() {
+    this.nonce = randomBytes(4).toString("hex");
+  }
+
+  name(owner) {
+    if (owner.startsWith("s:")) return owner.slice(2);
+    if (owner.startsWith("c:")) return "c" + this.nonce + owner.slice(2).toLowerCase();
+    throw new Error(`owner ${pyRepr(owner)} has no name on disk`);
+  }
+
+  owner(name) {
+    return "s:" + name;
+  }
+}
+
+// -- the directory's lock ------------------------------------------------------------------------------------
+
+/** Take flock(LOCK_EX | LOCK_NB) on `fd` with util-linux's flock(1): true, false when another holds it,
+ * null when flock(1) cannot run here. */
+export function flock(fd) {
+  const r = spawnSync("flock", ["--nonblock", "--exclusive", "3"], { stdio: ["ignore", "ignore", "pipe", fd] });
+  if (r.error || r.status === null || r.status > 1) return null;
+  return r.status === 0;
+}
+
+/** mkdir -p, the last one 0700 (not fs.mkdirSync's recursive mode, which loops forever under /proc). */
+export function mkdirs(p, mode = 0o700) {
+  try {
+    fs.mkdirSync(p, { mode });
+  } catch (e) {
+    if (e.code === "EEXIST") return;
+    if (e.code !== "ENOENT" || dirname(p) === p) throw e;
+    mkdirs(dirname(p), 0o777);
+    fs.mkdirSync(p, { mode });
+  }
+}
+
+export function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return e.code === "EPERM";
+  }
+}
