@@ -457,7 +457,7 @@ def test_the_node_worker_keeps_pending_releases_and_the_privacy_budget_spent(tmp
     c = WorkerClient(Connection(DealerLink(first.url), name="dp", timeout=60))
     c.hello()
     (x,) = c.search("secret")
-    for i in (1, 2):
+    for i in (1, 2, 3):
         run_step(c, plan, np.zeros(3, F32), x, np.float32(1.0), outputs=[f"w{i}", f"loss{i}"])
     released = c.fetch_arrays(["w1"], keep=True)[0]  # noised once, accounted once
     identity = c.identity
@@ -475,6 +475,17 @@ def test_the_node_worker_keeps_pending_releases_and_the_privacy_budget_spent(tmp
         assert again.shape == (3,) and not np.array_equal(again, released)
         with pytest.raises(RemoteError, match="private"):
             c.fetch_arrays(["loss1"], keep=True)  # no rule releases it: still private after the restart
+        c.connection.close()
+        os.kill(second.proc.pid, signal.SIGKILL)
+    (tmp_path / "state" / "privacy").write_text('{"format": 1, "spent": {"x": [[-1, 1]]}}')
+    with start("node", "dp", data=data, extra=extra) as third:  # a budget it cannot read is never a clean slate
+        assert "skipped" in third.log() and "noised releases are refused until it is repaired" in third.log()
+        c = WorkerClient(Connection(DealerLink(third.url), name="dp", timeout=60))
+        c.identity = identity
+        c.hello()
+        with pytest.raises(RemoteError, match="privacy budget spent .* is damaged: .*no noised release is made"):
+            c.fetch_arrays(["w3"], keep=True)
+        assert np.array_equal(c.fetch_arrays(["w1"], keep=True)[0], released)  # released before: as it was
         c.connection.close()
     epsilons = [r["epsilon"] for r in map(json.loads, audit.read_text().splitlines()) if r["event"] == "released"]
     accountant = rdp_privacy_accountant.RdpAccountant()
