@@ -1,12 +1,16 @@
-"""Durable state (plan-worker --state-dir, worker/state.py): after kill -9 and a restart on the same
-directory every acknowledged put, run output, move, delete, failed-run record, registration and client
-identity is back under the same session, and clients go on without registering again; damaged files in the
-directory are skipped with a log line naming them; one worker per directory."""
+"""Durable state (plan-worker --state-dir: the Python worker's worker/state.py and the Node.js worker's
+src/durable.js): after kill -9 and a restart on the same directory every acknowledged put, run output, move,
+delete, failed-run record, registration and client identity is back under the same session, and clients go
+on without registering again; damaged files in the directory are skipped with a log line naming them; one
+worker per directory. Each test runs on both workers, and a directory written by one worker is read by the
+other (one format: PROTOCOL.md §11.1)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -20,21 +24,44 @@ from planwire.transport import RemoteError, WorkerLost
 from planwire.transport import messages as m
 from planwire.transport.client import WorkerClient
 from planwire.transport.connection import Connection
+from planwire.transport.dealer import DealerLink
 from planwire.worker import statedir as state_mod
 from planwire.worker.policy import Policy, parse
 from planwire.worker.process import WorkerProcess
 from planwire.worker.release import epsilon_of
 from planwire.worker.service import Service
-from planwire.worker.state import StateDir, StateError, attach
+from planwire.worker.state import Restored, StateDir, StateError, attach
 from planwire.worker.virtual import ServiceLink
 from tests import handmade
 from tests.conformance.wire import Peer
+from tests.conformance.workers import node_missing, start
 
 F32 = np.float32
+KINDS = ["python", "node"]
+
+
+class _Link(ServiceLink):
+    """An in-process link on a connection of its own (``conn``), as a socket's routing id would be."""
+
+    def __init__(self, service: Service, conn: bytes) -> None:
+        super().__init__(service)
+        self.conn = conn
+
+    def send(self, frames: list) -> None:
+        self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames], self.conn)])
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 class Incarnation:
-    """One in-process worker life on a state directory, with a client that presents ``identity``."""
+    """One in-process Python worker life on a state directory, with a client that presents ``identity``."""
 
     def __init__(
         self,
@@ -45,20 +72,98 @@ class Incarnation:
         idle_ttl: float | None = None,
         policy: Policy | None = None,
     ) -> None:
-        self.state = StateDir.open(path, sync=sync)
-        self.service = Service("w", data=data, idle_ttl=idle_ttl, policy=policy)
-        self.restored = attach(self.service, self.state)
-        self.client = WorkerClient(Connection(ServiceLink(self.service), name="w"))
-        self.client.identity = identity
-        self.client.hello()
+        logger, self._lines = logging.getLogger("planwire.worker"), _Lines()
+        level = logger.level
+        logger.addHandler(self._lines)
+        logger.setLevel(logging.INFO)
+        try:
+            self.state = StateDir.open(path, sync=sync)
+            self.service = Service("w", data=data, idle_ttl=idle_ttl, policy=policy)
+            self.restored = attach(self.service, self.state)
+        finally:
+            logger.removeHandler(self._lines)
+            logger.setLevel(level)
+        self._conns = 0
+        self.client = self.connect(identity)
+
+    def connect(self, identity: str = "") -> WorkerClient:
+        """A client on a connection of its own that presents ``identity`` at hello."""
+        self._conns += 1
+        client = WorkerClient(Connection(_Link(self.service, b"conn-%d" % self._conns), name="w"))
+        client.identity = identity
+        client.hello()
+        return client
+
+    def log(self) -> str:
+        """What the worker logged while it restored the directory."""
+        return "\n".join(self._lines.lines)
 
     def close(self) -> None:
         self.state.close()  # as kill -9 would: nothing flushed or said goodbye
 
 
-@pytest.mark.parametrize("sync", [True, False], ids=["fsync", "no-fsync"])
-def test_everything_acknowledged_is_back_after_a_restart(tmp_path, sync):
-    first = Incarnation(tmp_path / "state", sync=sync)
+_RESTORED = re.compile(
+    r"(new|kept) session (\w+); restored (\d+) tensors \((\d+) bytes\), (\d+) failed-run records, (\d+) plans, "
+    r"(\d+) clients \((\d+) identities\)(?:; (\d+) damaged entries skipped)?"
+)
+
+
+class NodeIncarnation:
+    """One life of a Node.js plan-worker process on a state directory, ended by SIGKILL: the same interface,
+    ``restored`` read from its log line."""
+
+    def __init__(self, path: Path, identity: str = "", sync: bool = True, idle_ttl: float | None = None) -> None:
+        if reason := node_missing():
+            pytest.skip(reason)
+        extra = ["--state-dir", str(path), "--state-sync", "fsync" if sync else "none"]
+        if idle_ttl is not None:
+            extra += ["--idle-ttl", str(idle_ttl)]
+        self.proc = start("node", "w", extra=extra)
+        found = _RESTORED.search(self.proc.log())
+        assert found, self.proc.log()
+        new, session, *counts = found.groups()
+        tensors, nbytes, failed, plans, owners, identities, skipped = (int(n or 0) for n in counts)
+        self.restored = Restored(session, tensors, nbytes, failed, plans, owners, identities, skipped, new == "new")
+        self._clients: list[WorkerClient] = []
+        self.client = self.connect(identity)
+
+    def connect(self, identity: str = "") -> WorkerClient:
+        client = WorkerClient(Connection(DealerLink(self.proc.url), name="w", timeout=60))
+        client.identity = identity
+        client.hello()
+        self._clients.append(client)
+        return client
+
+    def log(self) -> str:
+        return self.proc.log()
+
+    def close(self) -> None:
+        os.kill(self.proc.proc.pid, signal.SIGKILL)  # nothing flushed or said goodbye
+        self.proc.proc.wait(10)
+        self.proc.close()
+        for client in self._clients:
+            client.connection.close()  # the link only: frees of its pointers would go nowhere
+
+
+def life(kind: str, path: Path, **kwargs) -> Incarnation | NodeIncarnation:
+    """A worker of ``kind`` (the Python one in-process, the Node.js one as a process) on the directory ``path``."""
+    return NodeIncarnation(path, **kwargs) if kind == "node" else Incarnation(path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "sync"),
+    [
+        ("python", "python", True),
+        ("python", "python", False),
+        ("node", "node", True),
+        ("node", "node", False),
+        ("python", "node", True),  # one format: a directory one worker wrote, the other reads
+        ("node", "python", True),
+    ],
+    ids=["python", "python-no-fsync", "node", "node-no-fsync", "python-then-node", "node-then-python"],
+)
+def test_everything_acknowledged_is_back_after_a_restart(tmp_path, before, after, sync):
+    first = life(before, tmp_path / "state", sync=sync)
     c = first.client
     pp = c.plan_pointer(handmade.double_abs())
     x = c.put(np.array([1, -2, 3], F32), tags=["train", "x"])
@@ -77,7 +182,7 @@ def test_everything_acknowledged_is_back_after_a_restart(tmp_path, sync):
     session, identity = c.session, c.identity
     first.close()
 
-    second = Incarnation(tmp_path / "state", identity=identity, sync=sync)
+    second = life(after, tmp_path / "state", identity=identity, sync=sync)
     c2 = second.client
     assert second.restored.session == session and not second.restored.new
     assert c2.session == session  # the same session: the client's plan cache stays valid
@@ -103,47 +208,36 @@ def test_everything_acknowledged_is_back_after_a_restart(tmp_path, sync):
     second.close()
 
     # A client that never presented its identity cannot reach the restored objects.
-    stranger = Incarnation(tmp_path / "state")
+    stranger = life(after, tmp_path / "state")
     with pytest.raises(RemoteError, match="no tensor"):
         stranger.client.fetch_arrays([x.key], keep=True)
     stranger.close()
 
 
-class _Link(ServiceLink):
-    """An in-process link on a connection of its own (``conn``), as a socket's routing id would be."""
-
-    def __init__(self, service: Service, conn: bytes) -> None:
-        super().__init__(service)
-        self.conn = conn
-
-    def send(self, frames: list) -> None:
-        self._replies.append([bytes(f) for f in self.service.handle([bytes(f) for f in frames], self.conn)])
-
-
-def test_clients_freed_by_idle_ttl_stay_freed_after_a_restart(tmp_path):
-    first = Incarnation(tmp_path / "s", idle_ttl=0.05)
-    gone = WorkerClient(Connection(_Link(first.service, b"gone"), name="w"))
-    gone.hello()
-    held = gone.put(np.ones(3, F32))
+@pytest.mark.parametrize("kind", KINDS)
+def test_clients_freed_by_idle_ttl_stay_freed_after_a_restart(tmp_path, kind):
+    first = life(kind, tmp_path / "s", idle_ttl=0.05)
+    gone = first.connect()
+    gone.put(np.ones(3, F32))
     gone.plan_pointer(handmade.double_abs())
     time.sleep(0.2)
-    other = WorkerClient(Connection(_Link(first.service, b"other"), name="w"))
-    other.hello()  # a request after the TTL: the idle client is freed, on disk too
-    kept = other.put(np.full(2, 5, F32))
+    other = first.connect()  # a request after the TTL: the idle clients are freed, on disk too
+    kept, identity = other.put(np.full(2, 5, F32)), other.identity
     first.close()
-    second = Incarnation(tmp_path / "s", identity=other.identity)
+    assert len(list((tmp_path / "s" / "tensors").iterdir())) == 1  # one owner's tensors left
+    second = life(kind, tmp_path / "s", identity=identity)
     assert second.restored.tensors == 1 and second.restored.plans == 0 and second.restored.identities == 1
     assert second.client.fetch_arrays([kept.key], keep=True)[0].tolist() == [5, 5]
-    assert held.key not in second.service.store
     second.close()
 
 
-def test_a_new_directory_starts_a_new_session_and_keeps_it(tmp_path):
-    a = Incarnation(tmp_path / "s")
-    assert a.restored.new and a.client.session == a.service.session
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_new_directory_starts_a_new_session_and_keeps_it(tmp_path, kind):
+    a = life(kind, tmp_path / "s")
+    assert a.restored.new and a.client.session == a.restored.session
     session = a.client.session
     a.close()
-    b = Incarnation(tmp_path / "s")
+    b = life(kind, tmp_path / "s")
     assert not b.restored.new and b.client.session == session
     b.close()
     assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
@@ -172,8 +266,9 @@ def test_one_worker_per_directory(tmp_path):
     held.close()
 
 
-def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_path, caplog):
-    first = Incarnation(tmp_path / "s")
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_path, kind):
+    first = life(kind, tmp_path / "s")
     c = first.client
     keep = c.put(np.full(3, 7, F32), key="keep")
     held = [c.put(np.ones(1000, F32), key=k) for k in ("truncated", "magic", "header", "misplaced")]
@@ -206,9 +301,8 @@ def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_pat
     bad_plan.write_bytes(bytes(raw))
     (root / "plans" / ".tmp-x.plan").write_bytes(b"half a write")
 
-    with caplog.at_level(logging.INFO, logger="planwire.worker"):
-        second = Incarnation(root, identity=identity)
-    log = caplog.text
+    second = life(kind, root, identity=identity)
+    log = second.log()
     for p in (truncated, magic, header, owner_dir / f"{state_mod._digest('elsewhere')}.t", owner_dir / "junk.t",
               owner_dir / "link.t", root / "tensors" / "stray-file", bad_plan):  # fmt: skip
         assert f"skipped {p}" in log, p
@@ -224,22 +318,24 @@ def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_pat
     second.close()
 
 
-def test_damaged_session_and_identities_start_afresh(tmp_path, caplog):
-    first = Incarnation(tmp_path / "s")
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_session_and_identities_start_afresh(tmp_path, kind):
+    first = life(kind, tmp_path / "s")
     first.client.put(np.ones(2, F32), key="k")
     session, identity = first.client.session, first.client.identity
     first.close()
     (tmp_path / "s" / "session").write_text('{"format": 1, "session": "../../etc"}')
     (tmp_path / "s" / "owners").write_text("{not json")
-    with caplog.at_level(logging.ERROR, logger="planwire.worker"):
-        second = Incarnation(tmp_path / "s", identity=identity)
-    assert "a new session starts" in caplog.text and "clients get new identities" in caplog.text
+    second = life(kind, tmp_path / "s", identity=identity)
+    assert "a new session starts" in second.log() and "clients get new identities" in second.log()
     assert second.client.session != session and second.restored.new
     assert second.client.identity != identity  # an identity the worker cannot vouch for is not honoured
     second.close()
 
 
 def test_a_put_the_disk_cannot_hold_is_refused_whole(tmp_path, monkeypatch):
+    # The Python worker only: the full disk is simulated by raising its reserve in this process (the Node
+    # worker's check, src/statedir.js checkRoom, is the same code with the same words, untested here).
     inc = Incarnation(tmp_path / "s")
     c = inc.client
     before = c.put(np.ones(4, F32), key="before")
@@ -264,11 +360,19 @@ def _free_tcp() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def _worker_kind(kind: str) -> str:
+    if kind == "node" and (reason := node_missing()):
+        pytest.skip(reason)
+    return kind
+
+
+@pytest.mark.parametrize("worker", KINDS)
 @pytest.mark.parametrize("kind", ["tcp", "ipc"])
-def test_kill_9_and_restart_on_the_same_dir_the_client_goes_on(tmp_path, kind):
+def test_kill_9_and_restart_on_the_same_dir_the_client_goes_on(tmp_path, kind, worker):
+    worker = _worker_kind(worker)
     url = _free_tcp() if kind == "tcp" else f"ipc://{tmp_path}/w.ipc"
     extra = ["--state-dir", str(tmp_path / "state")]
-    first = WorkerProcess("durable", listen=url, extra=extra)
+    first = start(worker, "durable", listen=url, extra=extra)
     c = planwire.connect(url, timeout=60)
     second = None
     try:
@@ -285,7 +389,7 @@ def test_kill_9_and_restart_on_the_same_dir_the_client_goes_on(tmp_path, kind):
         first.proc.wait(10)
         with pytest.raises(WorkerLost):  # while it is down (the identity cannot be presented yet either)
             c.put(np.ones(1, F32))
-        second = WorkerProcess("durable", listen=url, extra=extra)
+        second = start(worker, "durable", listen=url, extra=extra)
         assert "kept session " + session in second.log()
         with Peer(url) as raw:
             assert raw.ok({"type": "hello", "identity": identity})["identity"] == identity
@@ -304,12 +408,100 @@ def test_kill_9_and_restart_on_the_same_dir_the_client_goes_on(tmp_path, kind):
             second.close()
 
 
-def test_a_worker_refuses_a_state_dir_another_worker_holds(tmp_path):
+@pytest.mark.parametrize(("holder", "other"), [(a, b) for a in KINDS for b in KINDS])
+def test_a_worker_refuses_a_state_dir_another_worker_holds(tmp_path, holder, other):
+    # One lock for both workers (flock on DIR/lock): neither takes a directory the other holds.
     extra = ["--state-dir", str(tmp_path / "state")]
-    with WorkerProcess("a", listen=f"ipc://{tmp_path}/a.ipc", extra=extra) as a:
+    with start(_worker_kind(holder), "a", listen=f"ipc://{tmp_path}/a.ipc", extra=extra) as a:
         with pytest.raises(RuntimeError, match=r"exited with 2[\s\S]*in use by another plan-worker \(pid \d+\)"):
-            WorkerProcess("b", listen=f"ipc://{tmp_path}/b.ipc", extra=extra)
+            start(_worker_kind(other), "b", listen=f"ipc://{tmp_path}/b.ipc", extra=extra)
         assert a.proc.poll() is None
+    start(other, "b", listen=f"ipc://{tmp_path}/b.ipc", extra=extra).close()  # released with its holder
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_state_dir_that_cannot_be_used_stops_the_worker_at_start(tmp_path, kind):
+    kind = _worker_kind(kind)
+    listen = f"ipc://{tmp_path}/w.ipc"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RuntimeError, match=r"exited with 2[\s\S]*--state-dir '.*file' exists and is not a dir"):
+        start(kind, "w", listen=listen, extra=["--state-dir", str(tmp_path / "file")])
+    (tmp_path / "victim").write_text("keep me")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "lock").symlink_to(tmp_path / "victim")  # a planted link is never followed
+    with pytest.raises(RuntimeError, match=r"exited with 2[\s\S]*--state-dir '.*linked': cannot use it \(Too many"):
+        start(kind, "w", listen=listen, extra=["--state-dir", str(tmp_path / "linked")])
+    (tmp_path / "fresh").mkdir(mode=0o700)
+    (tmp_path / "fresh" / ".tmp-session").symlink_to(tmp_path / "victim")  # nor as a file being written
+    start(kind, "w", listen=listen, extra=["--state-dir", str(tmp_path / "fresh")]).close()
+    assert (tmp_path / "victim").read_text() == "keep me"
+    assert b'"session"' in (tmp_path / "fresh" / "session").read_bytes()
+    nowhere = "/sys/planwire-test-nowhere/state"  # a directory nobody can make, root included
+    with pytest.raises(
+        RuntimeError, match=r"exited with 2[\s\S]*cannot use it \((Operation not permitted|Permission denied)\)"
+    ):
+        start(kind, "w", listen=listen, extra=["--state-dir", nowhere])
+
+
+def test_the_node_worker_keeps_pending_releases_and_the_privacy_budget_spent(tmp_path):
+    # The privacy records of PROTOCOL.md §11.1: after kill -9 a released value comes back unchanged (no new
+    # noise), a result released after the restart is accounted on top of what was spent before it.
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from tests.test_policy import run_step, step_plan
+
+    _worker_kind("node")
+    plan, sigma = step_plan(), 1.5
+    np.save(tmp_path / "secret.npy", np.float32([3, -1, 2]))
+    (tmp_path / "policy.toml").write_text(
+        f'[[plan]]\nfingerprint = "{plan.variants[0].id}"\noutputs.new_w = {{ update = "w" }}\n'
+        f"update = {{ clip_norm = 1.0, noise_multiplier = {sigma} }}\n"
+    )
+    audit = tmp_path / "audit.jsonl"
+    extra = ["--policy", str(tmp_path / "policy.toml"), "--plans-dir", "none", "--audit", str(audit)]
+    extra += ["--state-dir", str(tmp_path / "state")]
+    data = [f"{tmp_path / 'secret.npy'}:secret"]
+    first = start("node", "dp", data=data, extra=extra)
+    c = WorkerClient(Connection(DealerLink(first.url), name="dp", timeout=60))
+    c.hello()
+    (x,) = c.search("secret")
+    for i in (1, 2, 3):
+        run_step(c, plan, np.zeros(3, F32), x, np.float32(1.0), outputs=[f"w{i}", f"loss{i}"])
+    released = c.fetch_arrays(["w1"], keep=True)[0]  # noised once, accounted once
+    identity = c.identity
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    first.close()
+    c.connection.close()
+
+    with start("node", "dp", data=data, extra=extra) as second:
+        c = WorkerClient(Connection(DealerLink(second.url), name="dp", timeout=60))
+        c.identity = identity
+        c.hello()
+        assert np.array_equal(c.fetch_arrays(["w1"], keep=True)[0], released)  # the same value, no new noise
+        again = c.fetch_arrays(["w2"], keep=True)[0]  # a pending release restored: released now
+        assert again.shape == (3,) and not np.array_equal(again, released)
+        with pytest.raises(RemoteError, match="private"):
+            c.fetch_arrays(["loss1"], keep=True)  # no rule releases it: still private after the restart
+        c.connection.close()
+        os.kill(second.proc.pid, signal.SIGKILL)
+    (tmp_path / "state" / "privacy").write_text('{"format": 1, "spent": {"x": [[-1, 1]]}}')
+    with start("node", "dp", data=data, extra=extra) as third:  # a budget it cannot read is never a clean slate
+        assert "skipped" in third.log() and "noised releases are refused until it is repaired" in third.log()
+        c = WorkerClient(Connection(DealerLink(third.url), name="dp", timeout=60))
+        c.identity = identity
+        c.hello()
+        with pytest.raises(RemoteError, match="privacy budget spent .* is damaged: .*no noised release is made"):
+            c.fetch_arrays(["w3"], keep=True)
+        assert np.array_equal(c.fetch_arrays(["w1"], keep=True)[0], released)  # released before: as it was
+        c.connection.close()
+    epsilons = [r["epsilon"] for r in map(json.loads, audit.read_text().splitlines()) if r["event"] == "released"]
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    for got in epsilons:  # 1 then 2 releases: the restart forgot none
+        accountant.compose(dp_event.GaussianDpEvent(sigma))
+        assert got == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert len(epsilons) == 2
 
 
 # -- private results: pending releases and the privacy budget spent -------------------------------------------

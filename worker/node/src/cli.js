@@ -17,6 +17,7 @@ import { log, setLevel } from "./log.js";
 import { pyRepr } from "./json.js";
 import { load as loadPolicy, PolicyError } from "./policy.js";
 import { defaultPlansDir } from "./review.js";
+import { restoreState, StateError } from "./durable.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const PKG = JSON.parse(readFileSync(join(here, "..", "package.json"), "utf8"));
@@ -48,6 +49,8 @@ const OPTIONS = {
   "--run-timeout": { dest: "runTimeout", dflt: "60", metavar: "SECONDS", help: "stop a run or a plan's registration after this long (plan_timeout)" },
   "--max-run-memory-mb": { dest: "maxRunMemoryMb", dflt: "2048", metavar: "MB", help: "memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none" },
   "--no-sandbox": { dest: "noSandbox", flag: true, help: "run plans inside the worker process (for trusted plans only: a crashing plan takes the worker and its data down, and --run-timeout/--max-run-memory-mb do not apply)" },
+  "--state-dir": { dest: "stateDir", metavar: "DIR", help: "keep tensors, plans, client identities and the session in DIR (written before each reply), so a worker restarted on DIR after a crash or kill -9 has them all back under the same session" },
+  "--state-sync": { dest: "stateSync", dflt: "fsync", choices: ["fsync", "none"], help: "with --state-dir: fsync each change before the reply (survives a power loss), or none (faster; survives the worker's crash or kill -9, not the machine's)" },
   "--curve-secret": { dest: "curveSecret", metavar: "FILE", help: "zmq.auth secret key file: encrypt with CURVE" },
   "--curve-clients": { dest: "curveClients", metavar: "DIR", help: "directory of allowed client public keys (*.key)" },
   "--curve-any-client": { dest: "curveAnyClient", flag: true, help: "with --curve-secret: encrypt but admit any client key (no authentication)" },
@@ -314,6 +317,15 @@ async function serve(args) {
     plansDir: args.plansDir === "none" ? null : (args.plansDir ?? defaultPlansDir()),
   });
   const cleanup = [() => service.releaser.close()];
+  if (args.stateDir !== null) {
+    try {
+      const state = restoreState(service, args.stateDir, args.stateSync === "fsync"); // before anything is bound
+      cleanup.push(() => state.close());
+    } catch (e) {
+      if (!(e instanceof StateError)) throw e;
+      throw new ConfigError(e.message);
+    }
+  }
   if (sandbox !== null) {
     sandbox.start(); // warm: the first registration does not wait for onnxruntime to load
     cleanup.push(() => sandbox.close());

@@ -21,10 +21,10 @@ export class RdpAccountant {
     this.rdp = ORDERS.map(() => 0);
   }
 
-  /** One release of the Gaussian mechanism with this noise multiplier (std / L2 sensitivity). */
-  composeGaussian(noiseMultiplier) {
+  /** `count` releases of the Gaussian mechanism with this noise multiplier (std / L2 sensitivity). */
+  composeGaussian(noiseMultiplier, count = 1) {
     // q = 1: alpha / (2 sigma^2) at each order (infinite without noise)
-    this.rdp = this.rdp.map((r, i) => r + (noiseMultiplier === 0 ? Infinity : ORDERS[i] / (2 * noiseMultiplier ** 2)));
+    this.rdp = this.rdp.map((r, i) => r + count * (noiseMultiplier === 0 ? Infinity : ORDERS[i] / (2 * noiseMultiplier ** 2)));
   }
 
   /** The smallest epsilon over the orders (Proposition 12 of arXiv:2004.00010, as dp-accounting). */

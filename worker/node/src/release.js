@@ -37,6 +37,9 @@ export class Releaser {
     this.policy = policy; // replaced whole on reload (SIGHUP)
     this.log = new AuditLog(audit);
     this.accountants = new Map(); // owner -> RdpAccountant
+    this.events = new Map(); // owner -> Map(noise multiplier -> noised releases made to it)
+    this.journal = null; // --state-dir (src/durable.js): {spent(events), released(client, key, entry)}
+    this.blocked = ""; // why no noised release can be made (its accounting could not be restored)
   }
 
   close() {
@@ -103,12 +106,19 @@ export class Releaser {
     }
     let noise = 0;
     let value = entry.tensor;
+    let events = null;
     if (pending.how.how === "update") {
-      value = this.update(key, entry.tensor, pending);
       noise = rule.noiseMultiplier;
+      if (noise) events = this.charge(client, key, entry, pending, noise); // before any noise is drawn
+      value = this.update(key, entry.tensor, pending);
     }
-    const epsilon = noise ? this.account(client, noise) : null;
+    let epsilon = null;
+    if (events !== null) {
+      this.journal?.spent(new Map([...this.events, [client, events]])); // durable first: a crash can only overcount
+      epsilon = this.account(client, events);
+    }
     pending.released = value;
+    this.journal?.released(client, key, entry);
     this.audit("released", client, rule, rule.name, [pending.output], [value], { noise, epsilon });
     return value;
   }
@@ -136,13 +146,32 @@ export class Releaser {
     return fromDoubles(tensor.dtype, tensor.shape, delta);
   }
 
-  /** The client's epsilon (at the policy's delta) after one more Gaussian release (each release counted
-   * in full: no amplification by sampling is assumed), as dp-accounting's RDP accountant computes it. */
-  account(client, noiseMultiplier) {
-    let acc = this.accountants.get(client);
-    if (acc === undefined) this.accountants.set(client, (acc = new RdpAccountant()));
-    acc.composeGaussian(noiseMultiplier);
+  /** The client's noised releases with one more at `noise`; refuses (private_data) while the accounting
+   * kept in --state-dir could not be restored. */
+  charge(client, key, entry, pending, noise) {
+    if (this.blocked) {
+      const message = `tensor ${pyRepr(key)} is a noised update, and ${this.blocked}: no noised release is made until then`;
+      this.audit("refused", client, pending.rule, pending.rule.name, [pending.output], [entry.tensor], { reason: message });
+      throw new ProtocolError("private_data", message);
+    }
+    const events = new Map(this.events.get(client) ?? []);
+    events.set(noise, (events.get(noise) ?? 0) + 1);
+    return events;
+  }
+
+  /** The client's epsilon (at the policy's delta) after exactly `events` Gaussian releases (each counted in
+   * full: no amplification by sampling is assumed), as dp-accounting's RDP accountant computes it. */
+  account(client, events) {
+    const acc = new RdpAccountant();
+    for (const [noise, count] of [...events].sort((a, b) => a[0] - b[0])) acc.composeGaussian(noise, count);
+    this.events.set(client, events);
+    this.accountants.set(client, acc);
     return acc.epsilon(this.policy?.delta ?? 1e-5);
+  }
+
+  /** The accounting a state directory kept (src/durable.js), before anything is served. */
+  restore(spent) {
+    for (const [client, events] of spent) if (events.size) this.account(client, events);
   }
 
   /** client -> [releases made to it, its epsilon spent (null: no noised release)], for plan-worker status. */

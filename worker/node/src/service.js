@@ -30,7 +30,8 @@ function portShape(shape) {
   return shape.map((d) => (typeof d === "number" && d >= 0 ? d : typeof d === "string" && d ? d : null));
 }
 
-class Plan {
+/** A registered plan: its session, ports and bytes (kept: src/durable.js writes them to --state-dir). */
+export class Plan {
   constructor(name, session, anyRank) {
     this.name = name;
     this.session = session;
@@ -357,9 +358,9 @@ export class Service {
       }
       const name = m.name || summary.metadata.get("planwire.name") || pid.slice(0, 12);
       let session;
+      const bytes = Uint8Array.from(data); // a copy: onnxruntime gets exactly the checked bytes, which no later message can change
       try {
-        // A copy: onnxruntime gets exactly the checked bytes, which no later message can change.
-        session = await this.runtime.load(Uint8Array.from(data), { name, pid });
+        session = await this.runtime.load(bytes, { name, pid });
       } catch (e) {
         if (e instanceof ProtocolError) throw e; // contained: plan_crashed, out_of_memory, plan_timeout, ...
         throw new ProtocolError("bad_plan", `onnxruntime cannot load plan ${name}: ${e?.message ?? e}`);
@@ -370,6 +371,7 @@ export class Service {
         return [this.planInfo(m.id, pid, this.plans.get(pid)), []];
       }
       plan = new Plan(name, session, summary.unknownRank);
+      plan.data = bytes;
       plan.bytes = data.length;
       for (const [side, ports] of [["input", plan.inputs], ["output", plan.outputs]]) {
         for (const p of ports) {

@@ -1,0 +1,391 @@
+// The state directory of `--state-dir DIR` (src/durable.js wires it into the worker), in the format of
+// worker/statedir.py, which PROTOCOL.md §11.1 specifies: a directory either worker wrote, the other reads.
+//
+// Every change is written whole under a temporary name, fsynced, renamed over the old file, and its
+// directory fsynced (`--state-sync none`: no fsyncs): a crash leaves the old file or the new one. One worker
+// per directory: `flock` on DIR/lock, taken through util-linux's flock(1) on this process's descriptor (a
+// lock belongs to the open file, so it is held until this process exits, kill -9 included), the same lock
+// the Python worker takes. The directory is read back as hostile input: a file that fails a check is
+// skipped with a log line naming it, never loaded, never fatal.
+
+import * as fs from "node:fs";
+import { createHash } from "node:crypto";
+import { join, resolve, basename, extname } from "node:path";
+import { ProtocolError } from "./messages.js";
+import { checkModel } from "./modelcheck.js";
+import { pyRepr } from "./json.js";
+import { log } from "./log.js";
+import { FORMAT, SESSION_RE, OWNER_RE, strerror, StateError, fsyncDir, writeAtomic, framed, readFramed, digest } from "./statefile.js";
+import { Names, flock, mkdirs, alive, ALIGN, isObject, isString, tensorHeader, tensorPayload, planHeader, formatDoc, privacySpent } from "./statefile.js";
+
+export const DISK_RESERVE = 64 << 20; // bytes a put or run must leave free on the directory's file system
+const C = fs.constants;
+
+
+export { strerror, StateError, writeAtomic };
+
+export class StateDir {
+  /** Create (mode 0700) or open `path` and hold it; StateError naming the problem otherwise. */
+  static open(path, { sync = true } = {}) {
+    const p = resolve(path);
+    let fd;
+    try {
+      mkdirs(p);
+      if (!fs.statSync(p).isDirectory()) throw new StateError(`--state-dir ${pyRepr(p)} exists and is not a directory`);
+      fd = fs.openSync(join(p, "lock"), C.O_RDWR | C.O_CREAT | C.O_NOFOLLOW, 0o600);
+    } catch (e) {
+      if (e instanceof StateError) throw e;
+      if (e.code === "EEXIST" || e.code === "ENOTDIR") throw new StateError(`--state-dir ${pyRepr(p)} exists and is not a directory`);
+      throw new StateError(`--state-dir ${pyRepr(p)}: cannot use it (${strerror(e)})`);
+    }
+    const held = flock(fd);
+    const holder = () => {
+      const buf = Buffer.alloc(32);
+      const n = fs.readSync(fd, buf, 0, 32, 0);
+      return buf.subarray(0, n).toString("latin1").trim();
+    };
+    if (held === null) {
+      const pid = Number(holder());
+      log.warning(`--state-dir ${p}: util-linux flock(1) cannot run here: the lock is the pid in ${join(p, "lock")}, checked for a live process`);
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && alive(pid)) {
+        fs.closeSync(fd);
+        refuse(p, String(pid));
+      }
+    } else if (!held) {
+      const pid = holder() || "?";
+      fs.closeSync(fd);
+      refuse(p, pid);
+    }
+    fs.ftruncateSync(fd, 0);
+    fs.writeSync(fd, `${process.pid}\n`, 0);
+    for (const d of ["tensors", "plans"]) {
+      try {
+        fs.mkdirSync(join(p, d), { mode: 0o700 });
+      } catch (e) {
+        if (e.code !== "EEXIST") throw new StateError(`--state-dir ${pyRepr(p)}: cannot use it (${strerror(e)})`);
+      }
+    }
+    if (fs.statSync(p).mode & 0o077) log.warning(`--state-dir ${p} is readable by others: it holds client data and identities (chmod 700)`);
+    return new StateDir(p, fd, sync);
+  }
+
+  constructor(path, lockFd, sync) {
+    this.path = path;
+    this.sync = sync; // fsync each change (power-loss safe); without: safe against the worker's crash only
+    this.lockFd = lockFd;
+    this.tensors = join(path, "tensors");
+    this.plans = join(path, "plans");
+    this.names = new Names();
+    this.skipped = [];
+  }
+
+  close() {
+    if (this.lockFd >= 0) fs.closeSync(this.lockFd); // releases the flock
+    this.lockFd = -1;
+  }
+
+  skip(path, why) {
+    this.skipped.push(path);
+    log.error(`--state-dir: skipped ${path}: ${why}`);
+  }
+
+  fsyncDir(path) {
+    if (this.sync) fsyncDir(path);
+  }
+
+  write(path, parts, what) {
+    try {
+      writeAtomic(path, parts, this.sync);
+    } catch (e) {
+      throw refusal(what, this.path, e);
+    }
+  }
+
+  // -- session and identities ------------------------------------------------------------------------
+
+  /** The kept session, or `fresh` (then written) when there is none: [session, new]. */
+  loadSession(fresh) {
+    const path = join(this.path, "session");
+    if (fs.existsSync(path)) {
+      try {
+        const session = formatDoc(path, "session");
+        if (typeof session !== "string" || !SESSION_RE.test(session)) throw new Error(`format 1, session ${pyRepr(String(session).slice(0, 40))}`);
+        return [session, false];
+      } catch (e) {
+        this.skip(path, `${e.message}; a new session starts (clients will register their plans again)`);
+      }
+    }
+    writeAtomic(path, [JSON.stringify({ format: FORMAT, session: fresh })], this.sync);
+    return [fresh, true];
+  }
+
+  /** The identities issued at hello: Map token -> owner. */
+  loadTokens() {
+    const path = join(this.path, "owners");
+    if (!fs.existsSync(path)) return new Map();
+    try {
+      const tokens = formatDoc(path, "tokens");
+      const ok = ([t, n]) => isString(t, 1, 256) && typeof n === "string" && OWNER_RE.test(n);
+      if (!isObject(tokens) || !Object.entries(tokens).every(ok)) throw new Error("invalid `tokens`");
+      return new Map(Object.entries(tokens).map(([t, n]) => [t, this.names.owner(n)]));
+    } catch (e) {
+      this.skip(path, `${e.message}; clients get new identities at their next hello`);
+      return new Map();
+    }
+  }
+
+  saveTokens(byToken) {
+    const tokens = Object.fromEntries([...byToken].map(([t, o]) => [t, this.names.name(o)]));
+    this.write(join(this.path, "owners"), [JSON.stringify({ format: FORMAT, tokens })], "client identities");
+  }
+
+  // -- tensors ---------------------------------------------------------------------------------------
+
+  ownerDir(owner) {
+    return join(this.tensors, digest(this.names.name(owner)));
+  }
+
+  tensorPath(owner, key) {
+    return join(this.ownerDir(owner), `${digest(key)}.t`);
+  }
+
+  /** Keep `owner`'s tensor (a codec Tensor whose bytes are on the host) and, for a private result, its
+   * pending release `kept` ({plan, output, how, param, rows, base, released}: base and released Tensors
+   * or null), whose arrays follow the tensor's bytes, each at the next multiple of 64 bytes. */
+  saveTensor(owner, key, tensor, tags, isPrivate, rows, kept = null) {
+    const h = { owner: this.names.name(owner), key };
+    if (tensor.dtype !== "float") h.dtype = tensor.dtype;
+    if (tensor.shape.length) h.shape = tensor.shape;
+    if (tags.length) h.tags = [...tags];
+    if (isPrivate) h.private = true;
+    if (rows) h.rows = rows;
+    const payload = [tensor.data];
+    if (kept !== null) {
+      const r = (h.release = { plan: kept.plan, output: kept.output, how: kept.how, rows: kept.rows });
+      if (kept.param) r.param = kept.param;
+      let at = tensor.nbytes;
+      for (const name of ["base", "released"]) {
+        const t = kept[name];
+        if (t === null) continue;
+        r[name] = { dtype: t.dtype, shape: t.shape };
+        payload.push(Buffer.alloc((ALIGN - (at % ALIGN)) % ALIGN), t.data);
+        at += ((ALIGN - (at % ALIGN)) % ALIGN) + t.nbytes;
+      }
+    }
+    this.saveFile(owner, key, h, ...payload);
+  }
+
+  /** Keep the record of a failed run's output. */
+  saveFailure(owner, key, why) {
+    this.saveFile(owner, key, { owner: this.names.name(owner), key, failed: why }, Buffer.alloc(0));
+  }
+
+  saveFile(owner, key, header, ...payload) {
+    const d = this.ownerDir(owner);
+    try {
+      fs.mkdirSync(d, { mode: 0o700 });
+      this.fsyncDir(this.tensors);
+    } catch (e) {
+      if (e.code !== "EEXIST") throw refusal(`tensor ${pyRepr(key)}`, this.path, e);
+    }
+    this.write(join(d, `${digest(key)}.t`), [...framed(header), ...payload], `tensor ${pyRepr(key)}`);
+  }
+
+  removeTensors(owner, keys) {
+    const d = this.ownerDir(owner);
+    let removed = false;
+    for (const key of keys) {
+      try {
+        fs.unlinkSync(join(d, `${digest(key)}.t`));
+        removed = true;
+      } catch (e) {
+        // it would come back after a restart; the request itself went through
+        if (e.code !== "ENOENT") log.error(`--state-dir: cannot remove tensor ${pyRepr(key)}'s file: ${strerror(e)}`);
+      }
+    }
+    if (removed) this.fsyncDir(d);
+  }
+
+  removeOwner(owner) {
+    const d = this.ownerDir(owner);
+    if (!fs.existsSync(d)) return;
+    fs.rmSync(d, { recursive: true, force: true });
+    this.fsyncDir(this.tensors);
+  }
+
+  /** quota_exceeded when the directory's file system cannot take `nbytes` more (and a reserve). */
+  checkRoom(nbytes, what) {
+    if (nbytes <= 0) return;
+    let free;
+    try {
+      const st = fs.statfsSync(this.path);
+      free = st.bavail * st.bsize;
+    } catch {
+      return;
+    }
+    if (nbytes + DISK_RESERVE > free) {
+      throw new ProtocolError(
+        "quota_exceeded",
+        `${what} needs ${Math.floor(nbytes / 2 ** 20)} MiB on disk, but the worker's --state-dir has ${Math.floor(free / 2 ** 20)} MiB free ` +
+          `(less a reserve of ${DISK_RESERVE >> 20} MiB): get or delete tensors first, or give the worker more room`,
+      );
+    }
+  }
+
+  /** Every valid tensor file: {owner, key, header, tensor (null for a failed run's record)}. */
+  *loadTensors() {
+    for (const name of fs.readdirSync(this.tensors).sort()) {
+      const d = join(this.tensors, name);
+      if (!fs.lstatSync(d).isDirectory()) {
+        this.skip(d, "not a directory of tensors");
+        continue;
+      }
+      for (const file of fs.readdirSync(d).sort()) {
+        const path = join(d, file);
+        if (file.startsWith(".tmp-")) {
+          fs.rmSync(path, { force: true }); // a write that a crash interrupted: never acknowledged
+          continue;
+        }
+        let item;
+        try {
+          item = this.loadTensor(name, file, path);
+        } catch (e) {
+          this.skip(path, e.message);
+          continue;
+        }
+        yield item;
+      }
+    }
+  }
+
+  loadTensor(dirName, file, path) {
+    if (!fs.lstatSync(path).isFile()) throw new Error("not a regular file");
+    const [doc, payload] = readFramed(path);
+    const h = tensorHeader(doc);
+    if (dirName !== digest(h.owner) || file !== `${digest(h.key)}.t`) {
+      throw new Error(`misplaced: its header names key ${pyRepr(h.key)} of another owner or file`);
+    }
+    const owner = this.names.owner(h.owner);
+    if (h.failed !== null) {
+      if (payload.length || h.release !== null) throw new Error("a failed run's record with a payload");
+      return { owner, key: h.key, header: h, tensor: null, kept: null };
+    }
+    const [tensor, kept] = tensorPayload(h, payload);
+    return { owner, key: h.key, header: h, tensor, kept };
+  }
+
+  // -- privacy accounting ----------------------------------------------------------------------------
+
+  /** The noised releases each owner was given: Map owner -> Map(noise multiplier -> count) (`privacy`);
+   * Error (logged) when the file is damaged: never read as a clean slate. */
+  loadSpent() {
+    const path = join(this.path, "privacy");
+    if (!fs.existsSync(path)) return new Map();
+    let spent;
+    try {
+      spent = privacySpent(formatDoc(path, "spent"));
+    } catch (e) {
+      this.skip(path, `${e.message}; noised releases are refused until it is repaired (or removed, which resets every client's spent privacy budget)`);
+      throw new Error(`the record of the privacy budget spent (${path}) is damaged: ${e.message}`);
+    }
+    return new Map([...spent].map(([name, counts]) => [this.names.owner(name), counts]));
+  }
+
+  /** Keep `spent` (Map owner -> Map(noise multiplier -> count)). */
+  saveSpent(spent) {
+    const doc = {};
+    for (const [owner, counts] of spent) {
+      if (counts.size) doc[this.names.name(owner)] = [...counts].sort((a, b) => a[0] - b[0]);
+    }
+    this.write(join(this.path, "privacy"), [JSON.stringify({ format: FORMAT, spent: doc })], "the privacy budget spent");
+  }
+
+  // -- plans -----------------------------------------------------------------------------------------
+
+  /** Keep a plan's bytes, name and ports ({name, dtype, shape} each; a shape of unknown rank as []). */
+  savePlan(pid, name, data, inputs, outputs) {
+    const port = (p) => [p.name, p.dtype, p.shape ?? []];
+    const header = { plan: pid, name, inputs: inputs.map(port), outputs: outputs.map(port) };
+    this.write(join(this.plans, `${pid}.plan`), [...framed(header), data], `plan ${pyRepr(name)}`);
+  }
+
+  saveHolders(pid, holders) {
+    const names = [...holders].map((o) => this.names.name(o)).sort();
+    this.write(join(this.plans, `${pid}.holders`), [JSON.stringify({ format: FORMAT, holders: names })], `plan ${pid.slice(0, 12)}'s holders`);
+  }
+
+  removePlan(pid) {
+    for (const suffix of [".holders", ".plan"]) fs.rmSync(join(this.plans, pid + suffix), { force: true }); // holders first
+    this.fsyncDir(this.plans);
+  }
+
+  /** Every valid plan: {pid, name, data, inputs, outputs, unknownRank, holders}. */
+  *loadPlans(maxPlanBytes) {
+    for (const file of fs.readdirSync(this.plans).sort()) {
+      const path = join(this.plans, file);
+      if (file.startsWith(".tmp-")) {
+        fs.rmSync(path, { force: true });
+        continue;
+      }
+      const stem = file.slice(0, file.length - extname(file).length);
+      if (extname(file) === ".holders") {
+        if (!fs.existsSync(join(this.plans, `${stem}.plan`))) this.skip(path, "no plan file beside it");
+        continue;
+      }
+      if (extname(file) !== ".plan") {
+        this.skip(path, "not a plan file");
+        continue;
+      }
+      const holders = join(this.plans, `${stem}.holders`);
+      if (!fs.existsSync(holders)) {
+        log.info(`--state-dir: removing ${path} (its registration did not finish)`); // never acknowledged
+        fs.rmSync(path, { force: true });
+        continue;
+      }
+      let item;
+      try {
+        item = this.loadPlan(path, stem, holders, maxPlanBytes);
+      } catch (e) {
+        this.skip(path, e.message);
+        continue;
+      }
+      yield item;
+    }
+  }
+
+  loadPlan(path, stem, holdersPath, maxPlanBytes) {
+    if (!fs.lstatSync(path).isFile()) throw new Error("not a regular file");
+    const [doc, data] = readFramed(path);
+    if (data.length > maxPlanBytes) throw new Error(`a plan of ${data.length} bytes, over --max-plan-mb`);
+    const h = planHeader(doc);
+    const pid = createHash("sha256").update(data).digest("hex");
+    if (pid !== h.plan || stem !== pid) throw new Error("its bytes do not match its plan id (corrupt, or not this plan's file)");
+    const summary = checkModel(data, { maxBytes: maxPlanBytes });
+    const holders = formatDoc(holdersPath, "holders");
+    if (!Array.isArray(holders) || !holders.every((n) => typeof n === "string" && OWNER_RE.test(n))) throw new Error(`${basename(holdersPath)}: invalid \`holders\``);
+    const port = ([name, dtype, shape]) => ({ name, dtype, shape });
+    return {
+      pid,
+      name: h.name,
+      data,
+      inputs: h.inputs.map(port),
+      outputs: h.outputs.map(port),
+      unknownRank: summary.unknownRank,
+      holders: holders.map((n) => this.names.owner(n)),
+    };
+  }
+}
+
+function refuse(p, pid) {
+  throw new StateError(`--state-dir ${pyRepr(p)} is in use by another plan-worker (pid ${pid}): stop it, or give this worker a directory of its own`);
+}
+
+/** The error of a request whose effect could not be made durable (nothing of it was kept in memory). */
+function refusal(what, path, e) {
+  if (e instanceof ProtocolError) return e;
+  if (e.code === "ENOSPC" || e.code === "EDQUOT") {
+    return new ProtocolError("quota_exceeded", `${what} not kept: the worker's --state-dir ${path} is full (${strerror(e)})`);
+  }
+  log.error(`--state-dir ${path}: cannot write ${what}: ${strerror(e)}`);
+  return new ProtocolError("internal", `${what} not kept: the worker cannot write its --state-dir (${strerror(e)})`);
+}
