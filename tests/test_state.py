@@ -593,8 +593,11 @@ def test_spent_privacy_budget_and_pending_releases_survive_a_restart(tmp_path):
     damaged.close()
 
 
-def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path, kind):
     from tests.test_policy import step_plan
+
+    kind = _worker_kind(kind)
 
     url = f"ipc://{tmp_path}/w.ipc"
     data = tmp_path / "secret.npy"
@@ -605,7 +608,7 @@ def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path):
     audit = tmp_path / "audit.jsonl"
     extra = ["--state-dir", str(tmp_path / "state"), "--policy", str(policy), "--audit", str(audit)]
     extra += ["--plans-dir", str(tmp_path / "plans")]
-    first = WorkerProcess("durable", listen=url, data=[f"{data}:secret"], extra=extra)
+    first = start(kind, "durable", listen=url, data=[f"{data}:secret"], extra=extra)
     c = planwire.connect(url, timeout=60)  # the first noised release imports dp-accounting
     second = None
     try:
@@ -616,7 +619,7 @@ def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path):
         c.flush()  # the run acknowledged
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
-        second = WorkerProcess("durable", listen=url, data=[f"{data}:secret"], extra=extra)
+        second = start(kind, "durable", listen=url, data=[f"{data}:secret"], extra=extra)
         assert np.array_equal(c.fetch_arrays(["w1"], keep=True)[0], v1)
         v2 = c.fetch_arrays(["w2"], keep=True)[0]
         assert not np.array_equal(v1, v2)

@@ -18,6 +18,17 @@ export function pyFloat(x) {
   return s.includes(".") ? s : s + ".0";
 }
 
+/** A JS number as Python's format(x, ".{digits}g") shows it (the default "g" is 6 digits). */
+export function pyG(x, digits = 6) {
+  if (!Number.isFinite(x)) return Number.isNaN(x) ? "nan" : x > 0 ? "inf" : "-inf";
+  if (x === 0) return Object.is(x, -0) ? "-0" : "0";
+  const [mant, exp] = x.toExponential(digits - 1).split("e");
+  const e = Number(exp);
+  const strip = (s) => (s.includes(".") ? s.replace(/0+$/, "").replace(/\.$/, "") : s);
+  if (e < -4 || e >= digits) return `${strip(mant)}e${e < 0 ? "-" : "+"}${String(Math.abs(e)).padStart(2, "0")}`;
+  return strip(x.toFixed(Math.max(0, digits - 1 - e)));
+}
+
 /** Any parsed TOML value as Python's repr() shows it (for messages naming what was found). */
 export function pyValue(v) {
   if (typeof v === "string") return pyRepr(v);
@@ -65,10 +76,11 @@ export class Rule {
 }
 
 export class Policy {
-  constructor(rules, delta = 1e-5, path = "") {
+  constructor(rules, delta = 1e-5, path = "", maxEpsilon = null) {
     this.rules = rules; // Map fingerprint -> Rule
     this.delta = delta;
     this.path = path;
+    this.maxEpsilon = maxEpsilon; // each client's privacy budget over all noised releases (null: unbounded)
   }
 }
 
@@ -93,12 +105,19 @@ export function load(path) {
 const isTable = (v) => v !== null && typeof v === "object" && !Array.isArray(v) && !(v instanceof Date);
 
 export function parse(doc, where = "policy") {
-  const unknown = Object.keys(doc).filter((k) => k !== "plan" && k !== "delta").sort();
+  const unknown = Object.keys(doc).filter((k) => !["plan", "delta", "max_epsilon"].includes(k)).sort();
   if (unknown.length) {
-    throw new PolicyError(`${where}: unknown top-level keys ${pyValue(unknown)} (expected [[plan]] tables and delta)`);
+    throw new PolicyError(
+      `${where}: unknown top-level keys ${pyValue(unknown)} (expected [[plan]] tables, delta and max_epsilon)`,
+    );
   }
   const delta = number(doc.delta ?? 1e-5, `${where}: delta`);
   if (!(delta > 0 && delta < 1)) throw new PolicyError(`${where}: delta must be between 0 and 1, got ${pyFloat(delta)}`);
+  let maxEpsilon = null;
+  if ("max_epsilon" in doc) {
+    maxEpsilon = number(doc.max_epsilon, `${where}: max_epsilon`);
+    if (!(maxEpsilon > 0)) throw new PolicyError(`${where}: max_epsilon must be positive, got ${pyFloat(maxEpsilon)}`);
+  }
   const plans = doc.plan ?? [];
   if (!Array.isArray(plans)) throw new PolicyError(`${where}: 'plan' must be an array of tables ([[plan]])`);
   const rules = new Map();
@@ -109,7 +128,7 @@ export function parse(doc, where = "policy") {
     }
     rules.set(r.fingerprint, r);
   });
-  return new Policy(rules, delta, where);
+  return new Policy(rules, delta, where, maxEpsilon);
 }
 
 const RULE_KEYS = ["fingerprint", "name", "outputs", "inputs", "min_batch", "update"];

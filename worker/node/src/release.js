@@ -13,7 +13,7 @@ import { Tensor, DTYPES } from "./codec.js";
 import { pyRepr } from "./json.js";
 import { log } from "./log.js";
 import { label } from "./owners.js";
-import { pyFloat, pyValue } from "./policy.js";
+import { pyFloat, pyG, pyValue } from "./policy.js";
 import { AuditLog, PyFloat } from "./audit.js";
 import { RdpAccountant, gaussian } from "./dp.js";
 
@@ -146,16 +146,33 @@ export class Releaser {
     return fromDoubles(tensor.dtype, tensor.shape, delta);
   }
 
-  /** The client's noised releases with one more at `noise`; refuses (private_data) while the accounting
-   * kept in --state-dir could not be restored. */
+  /** The client's noised releases with one more at `noise`; refuses (private_data) one past the policy's
+   * max_epsilon, or any while the accounting kept in --state-dir could not be restored. */
   charge(client, key, entry, pending, noise) {
-    if (this.blocked) {
-      const message = `tensor ${pyRepr(key)} is a noised update, and ${this.blocked}: no noised release is made until then`;
-      this.audit("refused", client, pending.rule, pending.rule.name, [pending.output], [entry.tensor], { reason: message });
-      throw new ProtocolError("private_data", message);
-    }
+    const rule = pending.rule;
     const events = new Map(this.events.get(client) ?? []);
     events.set(noise, (events.get(noise) ?? 0) + 1);
+    const delta = this.policy?.delta ?? 1e-5;
+    const budget = this.policy?.maxEpsilon ?? null;
+    let message = "";
+    if (this.blocked) {
+      message =
+        `tensor ${pyRepr(key)} is a noised update, and ${this.blocked}: no noised release is made until the worker's ` +
+        "operator repairs that record (or removes it, which resets every client's spent budget)";
+    } else if (budget !== null) {
+      const epsilon = epsilonOf(events, delta);
+      if (epsilon > budget) {
+        const spent = this.accountants.get(client)?.epsilon(delta) ?? 0;
+        message =
+          `tensor ${pyRepr(key)} (${pyRepr(pending.output)} of plan ${pyRepr(rule.name || rule.fingerprint.slice(0, 12))}) ` +
+          `would take this client's privacy budget to epsilon ${pyG(epsilon, 4)} (spent so far: ${pyG(spent, 4)}, at delta ` +
+          `${pyG(delta)}), past the data owner's max_epsilon of ${pyG(budget)}: not released`;
+      }
+    }
+    if (message) {
+      this.audit("refused", client, rule, rule.name, [pending.output], [entry.tensor], { reason: message });
+      throw new ProtocolError("private_data", message);
+    }
     return events;
   }
 
@@ -220,6 +237,13 @@ export class Releaser {
 const FLOATS = new Set(["float", "double", "float16"]);
 
 /** A tensor's values as JS numbers (bigints for 64-bit integers converted). */
+/** Epsilon at `delta` after exactly `events` (noise multiplier -> count) Gaussian releases. */
+function epsilonOf(events, delta) {
+  const acc = new RdpAccountant();
+  for (const [noise, count] of [...events].sort((a, b) => a[0] - b[0])) acc.composeGaussian(noise, count);
+  return acc.epsilon(delta);
+}
+
 function numbers(t) {
   const dt = DTYPES[t.dtype];
   const buf = Buffer.from(t.data); // aligned copy
