@@ -91,7 +91,8 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
             except Exception as e:  # noqa: BLE001 - one family failing must not lose the others
                 report.errors[name] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-            print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            report.family_s[name] = round(time.perf_counter() - t0, 1)
+            print(f"[bench] {name} done in {report.family_s[name]:.1f} s", file=sys.stderr, flush=True)
         report.machine["client_zmq_io_threads"] = env.client_io_threads
         report.machine["worker_providers"] = env.providers
     print(report.table())
