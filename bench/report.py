@@ -78,6 +78,7 @@ HEADLINE = [
             "plan step, synchronous (run + get loss), worker --threads 1 [tcp]",
             "plan step, pipelined, worker --threads 1 [tcp]",
             "eager torch step (1 thread)",
+            "eager torch step (2 threads)",
         )
     ],
     ("load", "calls/s, 16 client processes x 10000 calls [tcp]"),
