@@ -104,12 +104,32 @@ def measured(app: ClientApp) -> ClientApp:
     return out
 
 
+def batch_order(conf: dict[str, Any], partition_id: int, n: int) -> Iterable[np.ndarray]:
+    """The example indices of each local step, as planwire's ClientApp draws them (``round_rng`` and
+    ``PlanRunner.train``): a permutation per epoch from numpy's generator seeded by the run's seed, the node's
+    partition and the round. Written out here because the PyTorch client must not import planwire.flower
+    (onnxruntime would count in its RSS); ``compare`` checks the two agree."""
+    rng = np.random.default_rng([int(conf["seed"]), int(partition_id), int(conf.get("server-round", 0))])
+    batch = int(conf["batch-size"])
+    steps = int(conf.get("local-steps", 0))
+    total = steps if steps > 0 else int(conf["local-epochs"]) * -(-n // batch)
+    done = 0
+    while done < total:
+        order = rng.permutation(n)
+        for lo in range(0, n, batch):
+            if done == total:
+                return
+            yield order[lo : lo + batch]
+            done += 1
+
+
 torch_app = ClientApp()
 
 
 @torch_app.train()
 def _torch_train(msg: Message, context: Context) -> Message:
-    """Flower's standard PyTorch client (as in Flower's quickstart-pytorch), on the same data and settings."""
+    """Flower's standard PyTorch client (as in Flower's quickstart-pytorch), on the same data and settings,
+    with the same batches in the same order as planwire's ClientApp (``batch_order``)."""
     import torch
     import torch.nn.functional as F  # noqa: N812
     from planwire_digits.model import CNN
@@ -122,21 +142,17 @@ def _torch_train(msg: Message, context: Context) -> Message:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=float(conf["lr"]), momentum=0.9)
     x, y = (torch.from_numpy(a) for a in load_data(context))
-    gen = torch.Generator().manual_seed(int(conf["seed"]) * 1_000_003 + int(context.node_id) % 1_000_003)
-    batch, loss_sum, correct = int(conf["batch-size"]), 0.0, 0.0
-    seen = 0
-    for _ in range(int(conf["local-epochs"])):
-        order = torch.randperm(len(x), generator=gen)
-        for lo in range(0, len(x), batch):
-            idx = order[lo : lo + batch]
-            opt.zero_grad()
-            out = model(x[idx])
-            loss = F.cross_entropy(out, y[idx])
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (out.argmax(1) == y[idx]).sum().item()
-            seen += len(idx)
+    loss_sum, correct, seen = 0.0, 0.0, 0
+    for order in batch_order(conf, int(context.node_config["partition-id"]), len(x)):
+        idx = torch.from_numpy(order)
+        opt.zero_grad()
+        out = model(x[idx])
+        loss = F.cross_entropy(out, y[idx])
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (out.argmax(1) == y[idx]).sum().item()
+        seen += len(idx)
     metrics = MetricRecord({"loss": loss_sum / seen, "accuracy": correct / seen, "num-examples": len(x)})
     return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 
@@ -170,7 +186,8 @@ def run_variant(variant: str, nodes: int, rounds: int) -> dict[str, Any]:
 
     model, plan = build(lr=CONF["lr"], seed=CONF["seed"])
     fedavg = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=nodes)
-    timed = Timed(PlanStrategy(fedavg, plan) if variant == "planwire" else fedavg)
+    planwire = PlanStrategy(fedavg, plan, extra_metrics=("client-rss-mb",))
+    timed = Timed(planwire if variant == "planwire" else fedavg)
     out: dict[str, Any] = {}
     server = ServerApp()
 
@@ -195,11 +212,27 @@ def run_variant(variant: str, nodes: int, rounds: int) -> dict[str, Any]:
         "sent_bytes_per_round": statistics.median(r["sent"] for r in warm),
         "received_bytes_per_round": statistics.median(r["received"] for r in warm),
         "accuracy": float(result.evaluate_metrics_serverapp[rounds]["accuracy"]),
+        "accuracy_by_round": [float(result.evaluate_metrics_serverapp[r]["accuracy"]) for r in range(rounds + 1)],
         "failures": sum(r["failures"] for r in timed.rounds),
     }
 
 
+def check_same_batches() -> None:
+    """The PyTorch client's ``batch_order`` draws what planwire's ClientApp draws (``round_rng``, one
+    permutation per epoch): AssertionError otherwise, before anything is measured."""
+    from flwr.app import Context
+
+    from planwire.flower.client import round_rng
+
+    conf = {**CONF, "local-epochs": 2, "batch-size": 16, "server-round": 3}
+    context = Context(run_id=1, node_id=987654321, node_config={"partition-id": 4}, state=RecordDict(), run_config={})
+    rng = round_rng(conf, context)
+    planwire_order = np.concatenate([rng.permutation(50) for _ in range(2)])
+    assert np.array_equal(np.concatenate(list(batch_order(conf, 4, 50))), planwire_order), "batch orders differ"
+
+
 def compare(quick: bool = False) -> dict[str, Any]:
+    check_same_batches()
     nodes, rounds = (5, 3) if quick else (10, 5)
     figures = {v: run_variant(v, nodes, rounds) for v in ("floor", "pytorch", "planwire")}
     p, t = figures["planwire"], figures["pytorch"]
