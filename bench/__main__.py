@@ -1,7 +1,8 @@
 """``python -m bench [--runs N] [--quick] [--only FAMILY,...]``: run the benchmarks on real plan-worker
 processes over loopback (tcp and ipc) N times, each run in a fresh process.
 
-Every run is kept as ``bench/runs/<UTC timestamp>.json`` (figures, comparisons, the machine and its load);
+Every run is kept as ``bench/runs/<UTC timestamp>.json`` (figures, comparisons, the machine and its load,
+each family's wall time, also printed as each family ends and at the end of the run);
 the runs of this invocation are then aggregated into ``bench/results.json`` (medians over runs, min-max,
 how many runs each target passed) and printed as the tables ``python -m bench.report`` prints. ``--quick``
 runs (a smoke test, fewer samples) go to ``bench/runs/quick/`` and are never aggregated with full runs.
