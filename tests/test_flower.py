@@ -41,6 +41,7 @@ from planwire.flower import (
 )
 from planwire.flower import cache as plan_cache
 from planwire.flower.cache import plan_for
+from planwire.flower.client import round_rng
 from planwire.flower.server import BYTES_KEY, MAX_DELIVERIES, PLAN_RECORD, SHA_KEY
 from planwire.transport.plancheck import PlanRejected
 
@@ -193,6 +194,45 @@ def test_local_training_matches_sgd_by_hand(linear_plan: tuple[nn.Module, bytes]
     expected = ((x @ weights["param.weight"].T + weights["param.bias"] - y) ** 2).mean()
     assert ev.metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert ev.state["param.weight"] is weights["param.weight"]
+
+
+def test_the_bench_pytorch_client_trains_on_planwire_batches(linear_plan: tuple[nn.Module, bytes]) -> None:
+    """bench.flower's PyTorch client draws the very batches, in the same order, that planwire's ClientApp
+    feeds its plan (the flower family's like-for-like), by epochs and by local steps; the shuffling is
+    seeded by the node's partition-id where it has one (simulations draw node ids at random)."""
+    from bench.flower import batch_order
+
+    model, plan = linear_plan
+    ports = PlanPorts.check(plan)
+    fed: list[list[int]] = []
+
+    class Recording(PlanRunner):
+        def _step(self, state, batch, hyper):  # noqa: ANN001, ANN202
+            fed.append(batch[0][:, 0].astype(int).tolist())
+            return super()._step(state, batch, hyper)
+
+    runner = Recording(plan, ports)
+    n = 10
+    x = np.zeros((n, 3), np.float32)
+    x[:, 0] = np.arange(n)  # each example carries its index
+    y = np.zeros((n, 2), np.float32)
+    weights = arrays_to_state(ports, ArrayRecord(model.state_dict()))
+    for steps in (0, 4):
+        conf = {"seed": 3, "server-round": 2, "batch-size": 4, "local-epochs": 2, "local-steps": steps}
+        fed.clear()
+        rng = round_rng(conf, context(node_id=99, **{"partition-id": 6}))
+        runner.train(weights, (x, y), batch_size=4, epochs=2, steps=steps, hyper={"lr": 0.0}, rng=rng)
+        assert fed == [b.tolist() for b in batch_order(conf, 6, n)]
+        assert len(fed) == (steps or 2 * 3)
+    again = round_rng({"seed": 3, "server-round": 2}, context(node_id=12345, **{"partition-id": 6})).permutation(n)
+    assert (
+        again.tolist()
+        == round_rng({"seed": 3, "server-round": 2}, context(**{"partition-id": 6})).permutation(n).tolist()
+    )
+    assert (
+        round_rng({}, context(node_id=5)).permutation(n).tolist()
+        != round_rng({}, context(node_id=6)).permutation(n).tolist()
+    )
 
 
 def test_local_data_that_does_not_fit_is_named(linear_plan: tuple[nn.Module, bytes]) -> None:
