@@ -305,7 +305,7 @@ def run(env: Any, report: Any, quick: bool) -> None:
     gap = t["accuracy_plateau"] - p["accuracy_plateau"]
     report.count(FAMILY, "accuracy gap pytorch - planwire, mean of the last rounds", gap, "")
     report.target(
-        "flower accuracy gap |pytorch-planwire|",
+        "flower accuracy gap, pytorch vs planwire (absolute)",
         abs(gap),
         "<=",
         0.01,
