@@ -1,7 +1,8 @@
 """``python -m bench [--runs N] [--quick] [--only FAMILY,...]``: run the benchmarks on real plan-worker
 processes over loopback (tcp and ipc) N times, each run in a fresh process.
 
-Every run is kept as ``bench/runs/<UTC timestamp>.json`` (figures, comparisons, the machine and its load);
+Every run is kept as ``bench/runs/<UTC timestamp>.json`` (figures, comparisons, the machine and its load,
+each family's wall time, also printed as each family ends and at the end of the run);
 the runs of this invocation are then aggregated into ``bench/results.json`` (medians over runs, min-max,
 how many runs each target passed) and printed as the tables ``python -m bench.report`` prints. ``--quick``
 runs (a smoke test, fewer samples) go to ``bench/runs/quick/`` and are never aggregated with full runs.
@@ -91,7 +92,8 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
             except Exception as e:  # noqa: BLE001 - one family failing must not lose the others
                 report.errors[name] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-            print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            report.family_s[name] = round(time.perf_counter() - t0, 1)
+            print(f"[bench] {name} done in {report.family_s[name]:.1f} s", file=sys.stderr, flush=True)
         report.machine["client_zmq_io_threads"] = env.client_io_threads
         report.machine["worker_providers"] = env.providers
     print(report.table())

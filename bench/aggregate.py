@@ -32,6 +32,15 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": list(values)}
 
 
+def _family_seconds(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each family's wall time per run (runs made before it was recorded have none)."""
+    per: dict[str, list[float]] = {}
+    for run in runs:
+        for family, seconds in run.get("family_s", {}).items():
+            per.setdefault(family, []).append(seconds)
+    return {family: _spread(values) for family, values in per.items()}
+
+
 def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict[str, Any]:
     """One result from several run reports (in run order)."""
     figures: dict[str, dict[str, dict[str, Any]]] = {}
@@ -84,6 +93,7 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
             {"start": r["machine"].get("load_average_start"), "end": r.get("load_average_end")} for r in runs
         ],
         "duration_s": [r["duration_s"] for r in runs],
+        "family_s": _family_seconds(runs),
         "figures": figures,
         "targets": out_targets,
         "notes": first.get("notes", {}),

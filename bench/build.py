@@ -132,7 +132,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     from planwire.exporter import decompose
 
     warnings.filterwarnings("ignore")
-    runs = 1 if quick else 3
+    runs = 1 if quick else 2  # a cold build is one event per fresh process (~5 s); no target on it
     report.time(FAMILY, "cold plan build (func2plan, fresh process)", [cold("plan") for _ in range(runs)], "s")
     report.time(FAMILY, "cold plain torch.onnx.export(dynamo=True)", [cold("export") for _ in range(runs)], "s")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ HEADLINE = [
             "plan step, synchronous (run + get loss), worker --threads 1 [tcp]",
             "plan step, pipelined, worker --threads 1 [tcp]",
             "eager torch step (1 thread)",
+            "eager torch step (2 threads)",
         )
     ],
     ("load", "calls/s, 16 client processes x 10000 calls [tcp]"),
@@ -152,9 +154,21 @@ def markdown(agg: dict[str, Any], all_figures: bool = False) -> str:
             out.append(
                 "| torch.rpc message counts (communication) | 2 per rpc_sync | derived: written down, not observed |"
             )
+    out += wall_time(agg)
     for name, errors in agg.get("errors", {}).items():
         out.append(f"\nErrors in {name}: {errors}")
     return "\n".join(out)
+
+
+def wall_time(agg: dict[str, Any]) -> list[str]:
+    """One line: how long a run of ``make bench`` took, in all and by family (median over runs)."""
+    families = agg.get("family_s") or {}
+    if not families:
+        return []
+    runs = agg["duration_s"]
+    total = spread({"median": statistics.median(runs), "min": min(runs), "max": max(runs)}, "s")
+    parts = ", ".join(f"{name} {fmt(e['median'])}" for name, e in families.items())
+    return ["", f"Wall time of a run: {total}; by family (s, median): {parts}."]
 
 
 def node_table(agg: dict[str, Any]) -> list[str]:

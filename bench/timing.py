@@ -149,6 +149,7 @@ class Report:
         self.skipped: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.notes: dict[str, list[str]] = {}
+        self.family_s: dict[str, float] = {}  # wall time of each family run, seconds
         self.machine = machine_info()
 
     # figures
@@ -220,6 +221,7 @@ class Report:
         return {
             "machine": self.machine,
             "duration_s": round(time.time() - self.started, 1),
+            "family_s": self.family_s,
             "load_average_end": _loadavg(),
             "figures": {f: {n: asdict(x) for n, x in figs.items()} for f, figs in self.figures.items()},
             "targets": [asdict(t) for t in self.targets],
@@ -251,6 +253,10 @@ class Report:
                 goal = "" if t.target is None else f"{t.op} {fmt(t.target)}{t.unit}"
                 label = ", ".join(x for x in (t.kind if t.kind != "measured" else "", t.basis) if x)
                 lines.append(f"{mark}  {t.name:{width}} {value:>13} {goal:10}  [{label}] ({t.detail})")
+        if self.family_s:
+            total = sum(self.family_s.values())
+            lines.append(f"\n## wall time by family ({total:.0f} s in all)")
+            lines += [f"{name:20} {seconds:7.1f} s" for name, seconds in self.family_s.items()]
         for family, why in self.skipped.items():
             lines.append(f"skipped {family}: {why}")
         for family, why in self.errors.items():

@@ -70,10 +70,21 @@ def config_int(conf: Mapping[str, Any], key: str, default: int) -> int:
     return value
 
 
+def shuffle_key(context: Context) -> int:
+    """Which node this is, for its shuffling: its ``partition-id`` where its node config has one (the
+    simulation engine sets it; node ids are drawn at random per run, so a run with the same seed would not
+    replay its batches), else its node id."""
+    partition = context.node_config.get("partition-id")
+    if isinstance(partition, int) and not isinstance(partition, bool) and partition >= 0:
+        return partition
+    return int(context.node_id) & 0xFFFFFFFF
+
+
 def round_rng(conf: Mapping[str, Any], context: Context) -> np.random.Generator:
-    """This node's shuffling for this round: seeded by the run's ``seed``, the node and the round."""
+    """This node's shuffling for this round: seeded by the run's ``seed``, the node (``shuffle_key``) and
+    the round, so a run with the same seed and partitions draws the same batches in the same order."""
     seed = config_int(conf, "seed", 0)
-    return np.random.default_rng([seed, int(context.node_id) & 0xFFFFFFFF, config_int(conf, "server-round", 0)])
+    return np.random.default_rng([seed, shuffle_key(context), config_int(conf, "server-round", 0)])
 
 
 def opened(msg: Message, context: Context) -> tuple[bytes, PlanPorts, dict[str, Any], dict[str, np.ndarray]]:
@@ -123,4 +134,4 @@ def plan_client_app(load_data: DataLoader, load_eval_data: DataLoader | None = N
     return app
 
 
-__all__ = ["DataLoader", "config_int", "opened", "plan_client_app", "reply", "round_rng", "settings"]
+__all__ = ["DataLoader", "config_int", "opened", "plan_client_app", "reply", "round_rng", "settings", "shuffle_key"]

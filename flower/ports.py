@@ -110,6 +110,12 @@ class PlanPorts:
         return {_path(s.name): s for s in self.inputs if s.role in WEIGHT_ROLES}
 
     @cached_property
+    def reported(self) -> dict[str, str]:
+        """The outputs a step reports (loss and metrics, not bound to a state input), by output name: the
+        key each one has in a reply's MetricRecord (``metric.accuracy`` -> ``accuracy``)."""
+        return {o.name: o.name.removeprefix("metric.") for o in self.outputs if o.name not in self.bindings}
+
+    @cached_property
     def args(self) -> tuple[TensorSpec, ...]:
         return tuple(s for s in self.inputs if s.role == "arg")
 

@@ -36,7 +36,7 @@ class PlanRunner:
         self.ports = ports
         self.session = ort.InferenceSession(plan, session_options(threads), providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in ports.outputs]
-        self._reported = {o.name: o.name.removeprefix("metric.") for o in ports.outputs if o.name not in ports.bindings}
+        self._reported = ports.reported
 
     def check_data(self, data: Data, what: str = "local data") -> int:
         """The number of examples in ``data``; ValueError naming the array that does not fit the plan."""

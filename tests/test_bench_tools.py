@@ -51,6 +51,23 @@ def test_report_labels_targets_and_keeps_derived_figures_apart() -> None:
     assert "latency: call | 110 µs (100–130) | 3 |" in figures and "rpc messages" not in figures
 
 
+def test_each_familys_wall_time_is_kept_aggregated_and_reported() -> None:
+    runs = []
+    for seconds in (100.0, 140.0, 120.0):
+        r = run_with(1.4, 100)
+        r["family_s"], r["duration_s"] = {"latency": seconds, "build": seconds / 4}, seconds * 1.25
+        runs.append(r)
+    agg = aggregate.aggregate(runs + [run_with(1.4, 100) | {"duration_s": 150.0}])  # an older run: no family_s
+    assert agg["family_s"]["latency"]["values"] == [100.0, 140.0, 120.0]
+    assert (agg["family_s"]["build"]["median"], agg["family_s"]["build"]["max"]) == (30.0, 35.0)
+    line = "Wall time of a run: 150 s (125–175); by family (s, median): latency 120, build 30.0."
+    assert line in report.markdown(agg)
+    one = Report()
+    one.family_s = {"latency": 61.25, "training_models": 250.0}
+    lines = ["## wall time by family (311 s in all)", f"{'latency':20}    61.2 s", f"{'training_models':20}   250.0 s"]
+    assert "\n".join(lines) in one.table()
+
+
 def test_the_node_family_is_a_table_with_a_column_per_worker() -> None:
     from bench import node
 

@@ -41,7 +41,8 @@ from planwire.flower import (
 )
 from planwire.flower import cache as plan_cache
 from planwire.flower.cache import plan_for
-from planwire.flower.server import BYTES_KEY, PLAN_RECORD, SHA_KEY
+from planwire.flower.client import round_rng
+from planwire.flower.server import BYTES_KEY, MAX_DELIVERIES, PLAN_RECORD, SHA_KEY
 from planwire.transport.plancheck import PlanRejected
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +196,45 @@ def test_local_training_matches_sgd_by_hand(linear_plan: tuple[nn.Module, bytes]
     assert ev.state["param.weight"] is weights["param.weight"]
 
 
+def test_the_bench_pytorch_client_trains_on_planwire_batches(linear_plan: tuple[nn.Module, bytes]) -> None:
+    """bench.flower's PyTorch client draws the very batches, in the same order, that planwire's ClientApp
+    feeds its plan (the flower family's like-for-like), by epochs and by local steps; the shuffling is
+    seeded by the node's partition-id where it has one (simulations draw node ids at random)."""
+    from bench.flower import batch_order
+
+    model, plan = linear_plan
+    ports = PlanPorts.check(plan)
+    fed: list[list[int]] = []
+
+    class Recording(PlanRunner):
+        def _step(self, state, batch, hyper):  # noqa: ANN001, ANN202
+            fed.append(batch[0][:, 0].astype(int).tolist())
+            return super()._step(state, batch, hyper)
+
+    runner = Recording(plan, ports)
+    n = 10
+    x = np.zeros((n, 3), np.float32)
+    x[:, 0] = np.arange(n)  # each example carries its index
+    y = np.zeros((n, 2), np.float32)
+    weights = arrays_to_state(ports, ArrayRecord(model.state_dict()))
+    for steps in (0, 4):
+        conf = {"seed": 3, "server-round": 2, "batch-size": 4, "local-epochs": 2, "local-steps": steps}
+        fed.clear()
+        rng = round_rng(conf, context(node_id=99, **{"partition-id": 6}))
+        runner.train(weights, (x, y), batch_size=4, epochs=2, steps=steps, hyper={"lr": 0.0}, rng=rng)
+        assert fed == [b.tolist() for b in batch_order(conf, 6, n)]
+        assert len(fed) == (steps or 2 * 3)
+    again = round_rng({"seed": 3, "server-round": 2}, context(node_id=12345, **{"partition-id": 6})).permutation(n)
+    assert (
+        again.tolist()
+        == round_rng({"seed": 3, "server-round": 2}, context(**{"partition-id": 6})).permutation(n).tolist()
+    )
+    assert (
+        round_rng({}, context(node_id=5)).permutation(n).tolist()
+        != round_rng({}, context(node_id=6)).permutation(n).tolist()
+    )
+
+
 def test_local_data_that_does_not_fit_is_named(linear_plan: tuple[nn.Module, bytes]) -> None:
     model, plan = linear_plan
     ports = PlanPorts.check(plan)
@@ -329,6 +369,68 @@ def test_a_reply_that_does_not_fit_the_plan_is_left_out() -> None:
     assert "reply arrays['head.1.bias'] is float32[3], plan 'train_CNN' holds float32[10]" in why
     accuracy = {r: m["accuracy"] for r, m in result.evaluate_metrics_serverapp.items()}
     assert accuracy[2] > accuracy[0]
+
+
+inconsistent = ClientApp()
+
+
+@inconsistent.train()
+def _inconsistent_train(msg: Message, context: Context) -> Message:
+    """Nodes 0-2 reply with metrics Flower cannot aggregate with the others' (one more key, a list where the
+    others have a number, the MetricRecord under another name); nodes 3 and 4 train honestly."""
+    reply = digits_client(msg, context)
+    part = context.node_config["partition-id"]
+    if part == 0:
+        reply.content["metrics"]["extra"] = 1.0
+    elif part == 1:
+        reply.content["metrics"]["loss"] = [1.0, 2.0]
+    elif part == 2:
+        reply.content["scores"] = reply.content["metrics"]
+        del reply.content["metrics"]
+    return reply
+
+
+def test_replies_whose_metrics_differ_are_left_out_and_every_round_aggregates() -> None:
+    """Flower skips a round's whole aggregation when replies' metric keys or record names differ: a hostile
+    node must not be able to do that. (Without the screening, no round aggregates here.)"""
+    conf = {"num-server-rounds": 2, "fraction-train": 1.0, "local-epochs": 1, "batch-size": 16}
+    result, strategy = simulate(inconsistent, 5, conf)
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert set(result.train_metrics_clientapp[2]) == {"loss", "accuracy"}
+    assert len(strategy.left_out) == 6 and len({n for n, _ in strategy.left_out}) == 3
+    reasons = {why for _, why in strategy.left_out}
+    assert reasons == {
+        "metrics do not fit plan 'train_CNN': missing [], unexpected ['extra'] (every reply must carry the same keys)",
+        "metric 'loss' must be a finite number, got [1.0, 2.0]",
+        "expected one MetricRecord named 'metrics', got ['scores']",
+    }
+    accuracy = {r: m["accuracy"] for r, m in result.evaluate_metrics_serverapp.items()}
+    assert accuracy[2] > accuracy[0]
+
+
+failing = ClientApp()
+
+
+@failing.train()
+def _failing_train(msg: Message, context: Context) -> Message:
+    """Node 0 fails every time (as a node that refuses the plan, or crashes, does); the others train."""
+    if context.node_config["partition-id"] == 0:
+        raise RuntimeError("this node keeps failing")
+    return digits_client(msg, context)
+
+
+def test_a_node_that_keeps_failing_is_not_sent_the_plan_every_round() -> None:
+    rounds = MAX_DELIVERIES + 2
+    conf = {"num-server-rounds": rounds, "fraction-train": 1.0, "local-epochs": 1, "batch-size": 16}
+    result, strategy = simulate(failing, 3, conf)
+    assert sorted(result.train_metrics_clientapp) == list(range(1, rounds + 1))
+    assert len(strategy.holders) == 2 and len(strategy.given_up) == 1
+    (node,) = strategy.given_up
+    assert node not in strategy.holders
+    assert strategy.deliveries == {(node, strategy.fingerprint): MAX_DELIVERIES}  # the holders' counts are reset
+    # The plan's bytes: once to each of the two working nodes, MAX_DELIVERIES times to the failing one (not
+    # once per round).
+    assert strategy.plan_bytes_sent == (2 + MAX_DELIVERIES) * len(strategy.plan)
 
 
 _NO_TORCH = """
