@@ -266,6 +266,108 @@ def test_cancel_a_running_and_a_queued_run(worker) -> None:
     _still_holds(peer, data)
 
 
+def test_a_crash_among_pipelined_runs_costs_that_run_only(worker) -> None:
+    """A burst of runs with a trapping one in the middle (the Python worker has many in flight to its
+    runner): only that run fails; those before it keep their results (a large one the runner held, too),
+    those behind it go to a fresh runner and answer correctly, in order."""
+    _, peer = worker
+    data = _stored(peer)
+    add = peer.register(add_plan(), name="add")["plan"]
+    div = peer.register(div_plan(TensorProto.INT64), name="div")["plan"]
+    sent: list[tuple[int, int | None]] = [(peer.send(*peer.run_header(add, ["large"], ["plus1"])), None)]
+    for i in range(24):
+        if i == 12:
+            crash = peer.run_header(div, [np.array([INT64_MIN]), np.array([-1])], ["q"])
+            sent.append((peer.send(*crash), -1))
+        sent.append((peer.send(*peer.run_header(add, [np.full(3, i, np.float32)], [f"a{i}"], fetch=[0])), i))
+    for rid, i in sent:
+        reply = peer.recv()
+        assert reply["re"] == rid, (reply, rid)
+        if i == -1:
+            assert reply["code"] == "plan_crashed" and "'div'" in reply["message"], reply
+        elif i is None:
+            assert reply.kind == "ok", reply
+        else:
+            np.testing.assert_array_equal(reply.array_list()[0], np.full(3, i + 1, np.float32))
+    np.testing.assert_array_equal(peer.get1("plus1", keep=True), data["large"] + 1)
+    np.testing.assert_array_equal(peer.get1("a20", keep=True), np.full(3, 21, np.float32))
+    _still_holds(peer, data)
+
+
+def test_a_timeout_ahead_of_pipelined_runs_costs_that_run_only(worker) -> None:
+    _, peer = worker
+    data = _stored(peer)
+    forever = peer.register(loop_plan(), name="forever")["plan"]
+    add = peer.register(add_plan(), name="add")["plan"]
+    head = peer.send(*peer.run_header(forever, [FOREVER, np.zeros(1, np.float32)], ["y"]))
+    behind = [peer.send(*peer.run_header(add, ["small"], [f"s{i}"], fetch=[0])) for i in range(5)]
+    reply = peer.recv()
+    assert (reply["re"], reply["code"]) == (head, "plan_timeout"), reply
+    for rid in behind:
+        reply = peer.recv()
+        assert reply["re"] == rid, reply
+        np.testing.assert_array_equal(reply.array_list()[0], data["small"] + 1)
+    _still_holds(peer, data)
+
+
+def test_cancel_of_runs_pipelined_behind_a_running_one(worker) -> None:
+    """Runs sent in one burst behind an endless one (the Python worker has them in its runner's pipe): one
+    is cancelled (it answers cancelled at once and its output is failed), then the endless one; the others
+    answer correctly, in order."""
+    _, peer = worker
+    data = _stored(peer)
+    forever = peer.register(loop_plan(), name="forever")["plan"]
+    add = peer.register(add_plan(), name="add")["plan"]
+    running = peer.send(*peer.run_header(forever, [FOREVER, np.zeros(1, np.float32)], ["y"]))
+    behind = [peer.send(*peer.run_header(add, ["small"], [f"s{i}"], fetch=[0])) for i in range(4)]
+    cancel = peer.send({"type": "cancel", "run": behind[1]})
+    reply = peer.recv()
+    assert (reply["re"], reply["code"]) == (behind[1], "cancelled"), reply
+    assert peer.recv()["re"] == cancel
+    cancel = peer.send({"type": "cancel", "run": running})
+    reply = peer.recv()
+    assert (reply["re"], reply["code"]) == (running, "cancelled"), reply
+    assert peer.recv()["re"] == cancel
+    for rid in (behind[0], behind[2], behind[3]):
+        reply = peer.recv()
+        assert reply["re"] == rid, reply
+        np.testing.assert_array_equal(reply.array_list()[0], data["small"] + 1)
+    failed = peer.error({"type": "get", "keys": ["s1"]}, code="run_failed")
+    assert "cancelled" in failed["message"], failed["message"]
+    np.testing.assert_array_equal(peer.get1("s2", keep=True), data["small"] + 1)
+    _still_holds(peer, data)
+
+
+def test_cancel_of_a_run_behind_one_that_finishes(worker) -> None:
+    """A run cancelled while it waits behind a running one (the Node worker has sent it to its runner
+    already, which then skips it) answers cancelled at once and its output is failed; the running one and
+    the others finish with their results, in order, and the runner is the same process throughout."""
+    proc, peer = worker
+    data = _stored(peer)
+    loop = peer.register(loop_plan(), name="loop")["plan"]
+    add = peer.register(add_plan(), name="add")["plan"]
+    peer.run(add, ["small"], ["warm"])  # the runner is up and holds both sessions
+    runners = [c.pid for c in psutil.Process(proc.proc.pid).children()]
+    trips = np.array(30_000, np.int64)  # a few tenths of a second: the cancel comes while it runs
+    head = peer.send(*peer.run_header(loop, [trips, np.zeros(1, np.float32)], ["y"], fetch=[0]))
+    behind = [peer.send(*peer.run_header(add, ["small"], [f"s{i}"], fetch=[0])) for i in range(3)]
+    cancel = peer.send({"type": "cancel", "run": behind[1]})
+    reply = peer.recv()
+    assert (reply["re"], reply["code"]) == (behind[1], "cancelled"), reply
+    assert peer.recv()["re"] == cancel
+    reply = peer.recv()
+    assert reply["re"] == head, reply
+    np.testing.assert_array_equal(reply.array_list()[0], [30_000.0])
+    for rid in (behind[0], behind[2]):
+        reply = peer.recv()
+        assert reply["re"] == rid, reply
+        np.testing.assert_array_equal(reply.array_list()[0], data["small"] + 1)
+    failed = peer.error({"type": "get", "keys": ["s1"]}, code="run_failed")
+    assert "cancelled" in failed["message"], failed["message"]
+    assert [c.pid for c in psutil.Process(proc.proc.pid).children()] == runners
+    _still_holds(peer, data)
+
+
 def test_sigterm_stops_the_worker_mid_run(worker) -> None:
     proc, peer = worker
     plan = peer.register(loop_plan(), name="forever")["plan"]
