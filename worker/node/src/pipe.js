@@ -31,16 +31,21 @@ function encode(header, buffers) {
   return [parts, PREFIX + offset];
 }
 
-/** Write one message to a stream socket (the worker's side). */
+/** Write one message to a stream socket (the worker's side). The messages written in one turn of the
+ * event loop (a burst of pipelined runs) leave together, in one system call, at its end (or at `flush`). */
 export function send(sock, header, buffers = []) {
   const [parts, total] = encode(header, buffers);
-  if (parts.length === 1 || total <= 1 << 16) {
-    sock.write(parts.length === 1 ? parts[0] : Buffer.concat(parts, total)); // a small message: one write
-    return;
+  if (!sock.writableCorked) {
+    sock.cork();
+    process.nextTick(flush, sock);
   }
-  sock.cork();
-  for (const p of parts) sock.write(p);
-  sock.uncork();
+  if (parts.length === 1 || total <= 1 << 16) sock.write(parts.length === 1 ? parts[0] : Buffer.concat(parts, total));
+  else for (const p of parts) sock.write(p);
+}
+
+/** Write now what `send` has held back on `sock`. */
+export function flush(sock) {
+  while (sock.writableCorked) sock.uncork();
 }
 
 /** Write one message to file descriptor `fd`, waiting as long as it takes (the runner's side: it has
@@ -81,19 +86,22 @@ export function readNow(fd, buf) {
 
 const SPIN_MAX_NS = 200_000; // the longest busy-poll (see Spin)
 const SPIN_SAMPLE_MAX_NS = 4 * SPIN_MAX_NS; // one long wait weighs no more than this in the average
+const SPIN_BACKOFF = 32; // after a poll that caught nothing, the waits that sleep before the next try
 
 /** Bounded, adaptive busy-polling of the pipe instead of sleeping in the event loop, for what comes within
  * microseconds: the worker polls for a tiny run's answer; the runner, for the next request of a client
  * that calls back to back. A sleep and its wake-up cost ~0.1-0.25 ms on a shared VM, several times a tiny
- * run. It polls only while the average of the recent waits (`started()` to `arrived()`) is under
- * SPIN_MAX_NS, and then for at most twice that average: a slow plan, a starved runner or a client that
- * pauses turn it off by themselves (unlike a load-average gate, closed whenever a benchmark runs), and
- * an idle process never polls. */
+ * run. It polls only while the average of the recent waits (`started()` to `arrived()`) is under its
+ * bound, for at most twice that average, and only while polling catches what it waits for: after a miss
+ * the next SPIN_BACKOFF waits sleep. A slow plan, a starved process on a loaded host or a client that
+ * pauses turn it off by themselves (unlike a load-average gate, closed whenever a benchmark runs), and an
+ * idle process never polls. */
 export class Spin {
   constructor(maxNs = SPIN_MAX_NS) {
-    this.maxNs = maxNs;
+    this.maxNs = Math.min(maxNs, SPIN_MAX_NS);
     this.avg = 0; // ns, exponentially weighted
     this.since = 0n;
+    this.skip = 0;
   }
 
   /** The wait begins (a request sent; an answer written). */
@@ -112,8 +120,13 @@ export class Spin {
   /** Call `poll()` until it returns true or the budget is spent; whether it did. */
   wait(poll) {
     if (this.since === 0n || this.avg >= this.maxNs) return false;
+    if (this.skip > 0) {
+      this.skip--;
+      return false;
+    }
     const end = this.since + BigInt(Math.ceil(Math.min(this.maxNs, 2 * this.avg + 20_000)));
     while (process.hrtime.bigint() < end) if (poll()) return true;
+    this.skip = SPIN_BACKOFF;
     return false;
   }
 }

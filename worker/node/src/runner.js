@@ -66,7 +66,7 @@ async function main(argv) {
   const queue = []; // requests read, not yet answered
   const cancelled = new Set(); // seqs of runs to skip
   const reader = new Reader((h, buffers) => (h.t === "cancel" ? cancelled.add(h.seq) : queue.push([h, buffers])));
-  const spin = new Spin(); // waiting for the next request: see pipe.js
+  const spin = new Spin(100_000); // waiting for the next request: see pipe.js
 
   async function load(pid, data) {
     const s = await loadSession(data, { threads, arena: false });

@@ -13,7 +13,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
-import { send, readNow, Reader, own, Spin } from "./pipe.js";
+import { send, flush, readNow, Reader, own, Spin } from "./pipe.js";
 import { ProtocolError } from "./messages.js";
 import { fromFrame } from "./codec.js";
 import { pyRepr } from "./json.js";
@@ -241,6 +241,7 @@ export class Sandbox {
     const proc = job.proc;
     const fd = proc.sock._handle?.fd;
     if (typeof fd !== "number" || fd < 0) return;
+    flush(proc.sock);
     this.spin.wait(() => {
       const n = readNow(fd, SCRATCH);
       if (n === 0) return false;
