@@ -108,7 +108,7 @@ export class Sandbox {
       try {
         reader.push(chunk);
       } catch (e) {
-        this.kill(proc, `the runner sent a malformed message (${e.message})`);
+        this.fault(proc, `the runner sent a malformed message (${e.message})`);
       }
     });
     proc.sock.on("error", () => {}); // its death is read from the exit below
@@ -125,6 +125,21 @@ export class Sandbox {
     if (proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill("SIGKILL");
     if (proc.isReady) this.retire(proc);
     else if (this.proc === proc) this.proc = null; // its death fails the requests waiting for it
+  }
+
+  /** Runner `proc` broke the pipe's rules (`why`), executing a plan: that request is answered plan_crashed
+   * and the runner is killed. */
+  fault(proc, why) {
+    if (proc.retired || proc.dead) return;
+    const head = this.jobs[0];
+    if (head !== undefined && head.proc === proc) {
+      this.jobs.shift();
+      this.quiet(head);
+      log.warning(`${head.what}: ${why}; runner restarted`);
+      this.settle(head, new ProtocolError("plan_crashed", `${head.what}: ${why}; ${head.after}`));
+    }
+    this.kill(proc, why);
+    if (!this.closed && proc.isReady) this.start();
   }
 
   /** Runner `proc` (it was ready) is gone or going: a fresh one takes the requests sent to it, if any. */
@@ -248,7 +263,7 @@ export class Sandbox {
       try {
         proc.reader.push(own(SCRATCH.subarray(0, n)));
       } catch (e) {
-        this.kill(proc, `the runner sent a malformed message (${e.message})`);
+        this.fault(proc, `the runner sent a malformed message (${e.message})`);
         return true;
       }
       return this.jobs[0] !== job;
@@ -328,7 +343,7 @@ export class Sandbox {
     }
     const job = this.jobs[0];
     if (job === undefined || job.proc !== proc || h.seq !== job.seq) {
-      this.kill(proc, `the runner answered request #${clean(String(h.seq))} out of turn (${clean(String(h.t))})`);
+      this.fault(proc, `the runner answered request #${clean(String(h.seq))} out of turn (${clean(String(h.t))})`);
       return;
     }
     this.spin.arrived();
