@@ -1,8 +1,8 @@
 // The private pipe between the worker (src/sandbox.js) and its runner (src/runner.js): a Unix socket pair,
-// several requests in flight (the worker's window), answered in order. Not the public protocol and no JavaScript objects beyond JSON:
-// a message is a 16-byte prefix (body bytes as a double, header bytes, number of buffers), the buffers'
-// sizes (doubles), a JSON header, then each buffer at a 16-byte aligned offset of the body, so a tensor
-// received here is viewed in place by onnxruntime (no copy to align it).
+// several requests in flight (the worker's window), answered in order. Not the public protocol and no
+// JavaScript objects beyond JSON: a message is a 16-byte prefix (body bytes as a double, header bytes,
+// number of buffers), the buffers' sizes (doubles), a JSON header, then each buffer at a 16-byte aligned
+// offset of the body, so a tensor received here is viewed in place by onnxruntime (no copy to align it).
 
 import { readSync, writevSync } from "node:fs";
 
@@ -48,30 +48,19 @@ export function flush(sock) {
   while (sock.writableCorked) sock.uncork();
 }
 
-/** Write one message to file descriptor `fd`, waiting as long as it takes (the runner's side: it has
- * nothing else to do). The fd is non-blocking (the runner's event loop reads it): a full pipe is waited
- * out in short sleeps while the worker reads. */
+/** Write one message to blocking file descriptor `fd` (the runner's side: it has nothing else to do). */
 export function sendSync(fd, header, buffers = []) {
   let [parts, total] = encode(header, buffers);
   if (total <= 1 << 16 && parts.length > 1) parts = [Buffer.concat(parts, total)];
   while (parts.length) {
-    let done;
-    try {
-      done = writevSync(fd, parts);
-    } catch (e) {
-      if (e.code !== "EAGAIN" && e.code !== "EWOULDBLOCK") throw e;
-      Atomics.wait(NAP, 0, 0, 0.1); // 100 us
-      continue;
-    }
+    let done = writevSync(fd, parts);
     while (parts.length && done >= parts[0].length) done -= parts.shift().length;
     if (done) parts[0] = parts[0].subarray(done);
   }
 }
 
-const NAP = new Int32Array(new SharedArrayBuffer(4));
-
-/** Read what non-blocking fd `fd` holds now into `buf`, without waiting: the bytes read (0: none yet, or
- * the pipe's end or an error, which the stream reading the same fd reports). */
+/** Read what non-blocking fd `fd` (the worker's end, read by a stream) holds now into `buf`, without
+ * waiting: the bytes read (0: none yet, or the pipe's end or an error, which the stream reports). */
 export function readNow(fd, buf) {
   const limit = Error.stackTraceLimit;
   Error.stackTraceLimit = 0; // EAGAIN is the usual outcome here: keep its exception cheap
@@ -89,22 +78,21 @@ const SPIN_SAMPLE_MAX_NS = 4 * SPIN_MAX_NS; // one long wait weighs no more than
 const SPIN_BACKOFF = 32; // after a poll that caught nothing, the waits that sleep before the next try
 
 /** Bounded, adaptive busy-polling of the pipe instead of sleeping in the event loop, for what comes within
- * microseconds: the worker polls for a tiny run's answer; the runner, for the next request of a client
- * that calls back to back. A sleep and its wake-up cost ~0.1-0.25 ms on a shared VM, several times a tiny
- * run. It polls only while the average of the recent waits (`started()` to `arrived()`) is under its
+ * microseconds: the worker polls for a tiny run's answer. A sleep and its wake-up cost ~0.1-0.25 ms on a
+ * shared VM, several times a tiny run. It polls only while the average of the recent waits (`started()` to `arrived()`) is under its
  * bound, for at most twice that average, and only while polling catches what it waits for: after a miss
  * the next SPIN_BACKOFF waits sleep. A slow plan, a starved process on a loaded host or a client that
  * pauses turn it off by themselves (unlike a load-average gate, closed whenever a benchmark runs), and an
  * idle process never polls. */
 export class Spin {
-  constructor(maxNs = SPIN_MAX_NS) {
-    this.maxNs = Math.min(maxNs, SPIN_MAX_NS);
+  constructor() {
+    this.maxNs = SPIN_MAX_NS;
     this.avg = 0; // ns, exponentially weighted
     this.since = 0n;
     this.skip = 0;
   }
 
-  /** The wait begins (a request sent; an answer written). */
+  /** The wait begins (a request sent). */
   started() {
     this.since = process.hrtime.bigint();
   }

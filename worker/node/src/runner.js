@@ -2,9 +2,11 @@
 // plans (as worker/runner.py is for the Python worker). Started by src/sandbox.js with the pipe on fd 3
 // (src/pipe.js); it bounds itself (data memory through prlimit, no core files, first in line for the OOM
 // killer; it dies with the worker through setpriv --pdeathsig) and then answers load and run requests in
-// the order they come, one answer each. The worker keeps several requests in flight (a window): this
-// process reads ahead, and before each run takes in what else has come, so a cancel sent behind a run
-// skips it. A plan that crashes, exhausts memory or never ends costs this process only.
+// the order they come, one answer each. The worker keeps several requests in flight (a window): each
+// read of the (blocking) pipe takes in everything that has come, so a cancel read before the run it
+// names starts skips that run (one already running is stopped by the worker). A plan that crashes,
+// exhausts memory or never ends costs this process only. Blocking reads, not the event loop: the
+// cheapest wake-up, and no busy-polling here (src/pipe.js's Spin is the worker's).
 //
 //   node runner.js --threads N --memory-mb MB
 //
@@ -16,10 +18,9 @@
 //           {t: "ran", seq, outputs: [{dtype, shape}]} + output buffers, {t: "skipped", seq} (cancelled: its
 //           loads and kept tensors are still taken in), {t: "failed", seq, code, message}.
 
-import { readFileSync, writeFileSync } from "node:fs";
-import { Socket } from "node:net";
+import { readFileSync, readSync, writeFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
-import { sendSync, readNow, Reader, own, Spin } from "./pipe.js";
+import { sendSync, Reader, own } from "./pipe.js";
 import { Tensor } from "./codec.js";
 import { loadSession, plainMetadata } from "./runtime.js";
 import { ProtocolError } from "./messages.js";
@@ -60,13 +61,12 @@ async function main(argv) {
     return i < 0 ? dflt : Number(argv[i + 1]);
   };
   const threads = opt("--threads", 1);
-  const fd = 3; // the pipe: read through the event loop, and directly (non-blocking) ahead of each run
+  const fd = 3; // the pipe, blocking: this process waits on it and on nothing else
   const sessions = new Map(); // plan id -> session
   const cache = new Map(); // id -> Tensor: stored tensors the worker sent once and refers to since
   const queue = []; // requests read, not yet answered
   const cancelled = new Set(); // seqs of runs to skip
   const reader = new Reader((h, buffers) => (h.t === "cancel" ? cancelled.add(h.seq) : queue.push([h, buffers])));
-  const spin = new Spin(100_000); // waiting for the next request: see pipe.js
 
   async function load(pid, data) {
     const s = await loadSession(data, { threads, arena: false });
@@ -114,43 +114,32 @@ async function main(argv) {
       const results = await s.run(args);
       sendSync(fd, { t: "ran", seq, outputs: results.map((r) => ({ dtype: r.dtype, shape: r.shape })) }, results.map((r) => r.data));
     } catch (e) {
-      cancelled.delete(seq);
       const code = e instanceof ProtocolError ? e.code : isOutOfMemory(e) ? "out_of_memory" : "run_failed";
       sendSync(fd, { t: "failed", seq, code, message: String(e?.message ?? e) });
+    } finally {
+      for (const c of cancelled) if (c <= seq) cancelled.delete(c); // came too late: the worker discards the answer
     }
-  }
-
-  /** Take in whatever has come on the pipe, without waiting; the bytes read. */
-  function readAhead(buf) {
-    const n = readNow(fd, buf);
-    if (n > 0) reader.push(own(buf.subarray(0, n)));
-    return n;
-  }
-
-  let busy = false;
-  async function drain() {
-    if (busy) return;
-    busy = true;
-    while (queue.length) {
-      const [h, buffers] = queue.shift();
-      spin.arrived();
-      readAhead(SCRATCH); // cancels sent behind this request
-      await answer(h, buffers);
-      spin.started();
-      if (!queue.length) spin.wait(() => readAhead(SCRATCH) !== 0 && queue.length > 0);
-    }
-    busy = false;
   }
 
   const memoryLimit = bound(opt("--memory-mb", 0));
-  const sock = new Socket({ fd }); // written to only through sendSync
-  sock.on("data", (chunk) => {
-    reader.push(chunk);
-    drain();
-  });
-  sock.on("end", () => process.exit(0)); // the worker is gone
-  sock.on("error", () => process.exit(0));
   sendSync(fd, { t: "ready", pid: process.pid, memoryLimit });
+  for (;;) {
+    while (!queue.length) {
+      // everything that has come, at least one byte: several pipelined requests in one read
+      let n;
+      try {
+        n = readSync(fd, SCRATCH, 0, SCRATCH.length, null);
+      } catch (e) {
+        if (e.code === "EAGAIN" || e.code === "EINTR") continue;
+        if (e.code === "ECONNRESET" || e.code === "EPIPE") process.exit(0); // the worker is gone
+        throw e;
+      }
+      if (n === 0) process.exit(0); // the worker is gone
+      reader.push(own(SCRATCH.subarray(0, n)));
+    }
+    const [h, buffers] = queue.shift();
+    await answer(h, buffers);
+  }
 }
 
 const SCRATCH = Buffer.allocUnsafeSlow(1 << 16);
