@@ -4,8 +4,8 @@
 // and replies leave in the order of the requests, so each connection's requests execute in the order they
 // came (PROTOCOL.md §4.2). Runs go to the runner in a window: up to WINDOW of them in flight, the runner
 // answering each in turn without waiting for the worker, except a run that reads an output of a run still
-// in flight (a pipelined p(p(x))), which waits for it; any other request waits until the window is empty,
-// and the window for it. A cancelled queued run is answered `cancelled` without running; a cancelled run in
+// in flight (a pipelined p(p(x))), which waits for it; any other request, and a run on private data, waits
+// until the window is empty, and the window for it. A cancelled queued run is answered `cancelled` without running; a cancelled run in
 // the window is answered at once too (src/sandbox.js stops or skips it), and the cancel's own ok follows.
 
 import { ProtocolError } from "./messages.js";
@@ -92,13 +92,21 @@ export class Supervisor {
     const made = new Set();
     for (const r of running) {
       if (r.d === null) continue;
-      if (r.d.msg.type !== "run") return false; // a request that waits for the window waits alone
+      if (r.alone) return false; // a request that waits for the window waits alone
       for (const k of r.d.msg.outputs) made.add(k);
     }
-    return !q.d.msg.args.some((a) => a.ref !== undefined && made.has(a.ref));
+    return !q.d.msg.args.some((a) => a.ref !== undefined && made.has(a.ref)) && !this.readsPrivate(q);
+  }
+
+  /** Whether run `q` reads private data: its release rules are prepared with no run in flight beside it. */
+  readsPrivate(q) {
+    const store = this.service.store;
+    const space = store.spaces.get(this.service.owners.owner(q.client));
+    return q.d.msg.args.some((a) => a.ref !== undefined && (space?.get(a.ref) ?? store.own.get(a.ref))?.private === true);
   }
 
   start(q) {
+    q.alone = q.d !== null && (q.d.msg.type !== "run" || this.readsPrivate(q));
     this.running.push(q);
     if (q.d === null) {
       q.reply = q.refused;
