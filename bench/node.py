@@ -50,6 +50,24 @@ ROWS = [  # (label, figure template, sides): the README's table, one column per 
 ]
 
 
+VERDICTS = [  # (name, figure, the side it is divided by (None: the figure itself), op, target, basis)
+    (
+        "Node.js worker: tiny call vs raw pyzmq echo [tcp]", TINY, "echo", "<=", 1.5,
+        f"{LIKE_FOR_LIKE}: the echo moves the Node worker's own request and reply frames",
+    ),
+    (
+        "Node.js worker: pipelined tiny calls/s [tcp]", PIPELINED, None, ">=", 10_000,
+        "Node worker alone: one client, one worker (its runner process included)",
+    ),
+    (
+        "Node.js worker: 64 MiB put+get vs raw pyzmq store+fetch [tcp]", BULK, "echo", ">=", 0.8,
+        f"{LIKE_FOR_LIKE}: the same bytes in the same two round trips",
+    ),
+    ("Node.js vs Python worker: tiny call [tcp]", TINY, "python", "", None, LIKE_FOR_LIKE),
+    ("Node.js vs Python worker: CNN training step [tcp]", TRAIN, "python", "", None, LIKE_FOR_LIKE),
+]  # fmt: skip
+
+
 def _round_trip(sock: zmq.Socket, frames: list[bytes]) -> Callable[[], Any]:
     def call() -> list[bytes]:
         sock.send_multipart(frames, copy=False)
@@ -180,44 +198,13 @@ def run(env: Env, report: Report, quick: bool) -> None:
         for obj in reversed(stack):
             obj.close()
 
-    node, echo_name = SIDES["node"], SIDES["echo"]
-    report.ratio(
-        "Node.js worker: tiny call vs raw pyzmq echo [tcp]",
-        (FAMILY, TINY.format(node)),
-        (FAMILY, TINY.format(echo_name)),
-        "<=",
-        1.5,
-        basis=f"{LIKE_FOR_LIKE}: the echo moves the Node worker's own request and reply frames",
-    )
-    report.target(
-        "Node.js worker: pipelined tiny calls/s [tcp]",
-        report.get(FAMILY, PIPELINED.format(node)).median,
-        ">=",
-        10_000,
-        "calls/s",
-        PIPELINED.format(node),
-        basis="Node worker alone: one client, one worker (its runner process included)",
-    )
-    report.ratio(
-        "Node.js worker: 64 MiB put+get vs raw pyzmq store+fetch [tcp]",
-        (FAMILY, BULK.format(node)),
-        (FAMILY, BULK.format(echo_name)),
-        ">=",
-        0.8,
-        basis=f"{LIKE_FOR_LIKE}: the same bytes in the same two round trips",
-    )
-    report.ratio(
-        "Node.js vs Python worker: tiny call [tcp]",
-        (FAMILY, TINY.format(node)),
-        (FAMILY, TINY.format(SIDES["python"])),
-        basis=LIKE_FOR_LIKE,
-    )
-    report.ratio(
-        "Node.js vs Python worker: CNN training step [tcp]",
-        (FAMILY, TRAIN.format(node)),
-        (FAMILY, TRAIN.format(SIDES["python"])),
-        basis=LIKE_FOR_LIKE,
-    )
+    for name, figure, over, op, target, basis in VERDICTS:
+        mine = (FAMILY, figure.format(SIDES["node"]))
+        if over is None:  # a target on the figure itself
+            fig = report.get(*mine)
+            report.target(name, fig.median, op, target, fig.unit, mine[1], basis=basis)
+        else:
+            report.ratio(name, mine, (FAMILY, figure.format(SIDES[over])), op, target, basis=basis)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -328,6 +328,36 @@ def test_cancel_of_runs_pipelined_behind_a_running_one(worker) -> None:
     _still_holds(peer, data)
 
 
+def test_cancel_of_a_run_behind_one_that_finishes(worker) -> None:
+    """A run cancelled while it waits behind a running one (the Node worker has sent it to its runner
+    already, which then skips it) answers cancelled at once and its output is failed; the running one and
+    the others finish with their results, in order, and the runner is the same process throughout."""
+    proc, peer = worker
+    data = _stored(peer)
+    loop = peer.register(loop_plan(), name="loop")["plan"]
+    add = peer.register(add_plan(), name="add")["plan"]
+    peer.run(add, ["small"], ["warm"])  # the runner is up and holds both sessions
+    runners = [c.pid for c in psutil.Process(proc.proc.pid).children()]
+    trips = np.array(30_000, np.int64)  # a few tenths of a second: the cancel comes while it runs
+    head = peer.send(*peer.run_header(loop, [trips, np.zeros(1, np.float32)], ["y"], fetch=[0]))
+    behind = [peer.send(*peer.run_header(add, ["small"], [f"s{i}"], fetch=[0])) for i in range(3)]
+    cancel = peer.send({"type": "cancel", "run": behind[1]})
+    reply = peer.recv()
+    assert (reply["re"], reply["code"]) == (behind[1], "cancelled"), reply
+    assert peer.recv()["re"] == cancel
+    reply = peer.recv()
+    assert reply["re"] == head, reply
+    np.testing.assert_array_equal(reply.array_list()[0], [30_000.0])
+    for rid in (behind[0], behind[2]):
+        reply = peer.recv()
+        assert reply["re"] == rid, reply
+        np.testing.assert_array_equal(reply.array_list()[0], data["small"] + 1)
+    failed = peer.error({"type": "get", "keys": ["s1"]}, code="run_failed")
+    assert "cancelled" in failed["message"], failed["message"]
+    assert [c.pid for c in psutil.Process(proc.proc.pid).children()] == runners
+    _still_holds(peer, data)
+
+
 def test_sigterm_stops_the_worker_mid_run(worker) -> None:
     proc, peer = worker
     plan = peer.register(loop_plan(), name="forever")["plan"]

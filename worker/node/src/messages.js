@@ -57,7 +57,8 @@ function codepoints(s) {
 }
 
 function resolve(root, schema) {
-  return schema.$ref ? root.$defs[schema.$ref.split("/").pop()] : schema;
+  if (!schema.$ref) return schema;
+  return (schema.$target ??= root.$defs[schema.$ref.split("/").pop()]); // looked up once per schema
 }
 
 function fail(path, msg) {
@@ -83,14 +84,15 @@ function check(root, schema, v, path) {
     fail(path, `Expected \`${schema.type}\`, got \`${kind === "integer" ? "int" : kind}\``);
   }
   if (kind === "integer") {
-    if (schema.minimum !== undefined && BigInt(v) < BigInt(schema.minimum)) {
+    // a JS number is exact here (under 2^53), and so compares exactly with a bound rounded to a double
+    if (schema.minimum !== undefined && (typeof v === "number" ? v < schema.minimum : BigInt(v) < BigInt(schema.minimum))) {
       fail(path, `Expected \`int\` >= ${schema.minimum}`);
     }
-    if (schema.maximum !== undefined && BigInt(v) > BigInt(schema.maximum)) {
+    if (schema.maximum !== undefined && (typeof v === "number" ? v > schema.maximum : BigInt(v) > BigInt(schema.maximum))) {
       fail(path, `Expected \`int\` <= ${BigInt(schema.maximum)}`);
     }
   } else if (kind === "string") {
-    if (schema.minLength !== undefined && codepoints(v) < schema.minLength) {
+    if (schema.minLength !== undefined && v.length < 2 * schema.minLength && codepoints(v) < schema.minLength) {
       fail(path, `Expected \`str\` of length >= ${schema.minLength}`);
     }
     if (schema.maxLength !== undefined && v.length > schema.maxLength && codepoints(v) > schema.maxLength) {
@@ -152,10 +154,9 @@ export function validateRequest(header) {
   }
   const schema = schemas.get(type);
   check(schema, schema, header, "$");
-  // Defaults (schemas' "default"), and numbers as plain JS numbers where they are small.
-  const props = schema.properties;
-  for (const [k, p] of Object.entries(props)) {
-    if (!(k in header) && p.default !== undefined) header[k] = Array.isArray(p.default) ? [] : p.default;
+  // Defaults (schemas' "default")
+  for (const [k, dflt] of (schema.$defaults ??= Object.entries(schema.properties).filter(([, p]) => p.default !== undefined).map(([k, p]) => [k, p.default]))) {
+    if (!(k in header)) header[k] = Array.isArray(dflt) ? [] : dflt;
   }
   return header;
 }

@@ -16,6 +16,10 @@ import { InProcess, PROVIDERS } from "./runtime.js";
 export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
 const PREFIX = Buffer.from("PWIRE/");
 export const MAX_HEADER_BYTES = 1 << 20;
+// HEADER_AS_TEXT: a reply's header frame is handed to zeromq.js as a string, not a Buffer. zeromq.js sends
+// a Buffer over 128 bytes without copying and frees it through an async handle on the main thread: one more
+// event-loop wake-up per reply. A string is converted to UTF-8 once (the bytes Buffer.from would make) and
+// freed by libzmq's thread.
 const ONNX_OPSET = 23;
 export class Limits {
   constructor({ maxMessageBytes = 1 << 30, maxPlanBytes = 256 << 20, maxFrames = 4096 } = {}) {
@@ -183,7 +187,7 @@ export class Service {
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       log.debug(`${msg.type} #${rid} -> ${reply.type} (${ms.toFixed(2)} ms)`);
     }
-    return [SIGNATURE, Buffer.from(stringify(reply)), ...out];
+    return [SIGNATURE, stringify(reply), ...out]; // the header as text: see HEADER_AS_TEXT
   }
 
   /** The error reply to request #rid (msg: its message, when it was read), logged. */
@@ -197,7 +201,7 @@ export class Service {
       log.error(`request #${rid}${this.about(msg)} failed: ${clean(e && e.stack ? e.stack : String(e))}`);
       reply = { type: "error", re: rid, session: this.session, code: "internal", message: `${e?.name ?? "Error"}: ${e?.message ?? e}` };
     }
-    return Object.assign([SIGNATURE, Buffer.from(stringify(reply))], { code: reply.code });
+    return Object.assign([SIGNATURE, stringify(reply)], { code: reply.code });
   }
 
   /** Answer a run that will not execute (cancelled while queued) with `error`; its outputs say why. */

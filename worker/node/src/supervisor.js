@@ -1,15 +1,19 @@
-// The worker's main loop (as worker/supervisor.py): it keeps reading its socket while a plan runs in the
+// The worker's main loop (as worker/supervisor.py): it keeps reading its socket while plans run in the
 // sandboxed runner (src/sandbox.js). `ping` and `hello` are answered at once, `describe` too unless it
-// names an output of a queued or running run, and `cancel` at once; every other request waits in one FIFO
-// behind the running one, so each connection's requests still execute in the order they came (a pipelined
-// p(p(x)) sees its first run's output). A cancelled queued run is answered `cancelled` without running; a
-// cancelled running one stops its runner (src/sandbox.js answers it), and the cancel's own ok follows.
+// names an output of a queued or running run, and `cancel` at once; every other request waits in one FIFO,
+// and replies leave in the order of the requests, so each connection's requests execute in the order they
+// came (PROTOCOL.md §4.2). Runs go to the runner in a window: up to WINDOW of them in flight, the runner
+// answering each in turn without waiting for the worker, except a run that reads an output of a run still
+// in flight (a pipelined p(p(x))), which waits for it; any other request, and a run on private data, waits
+// until the window is empty, and the window for it. A cancelled queued run is answered `cancelled` without running; a cancelled run in
+// the window is answered at once too (src/sandbox.js stops or skips it), and the cancel's own ok follows.
 
 import { ProtocolError } from "./messages.js";
 import { pyRepr, stringify } from "./json.js";
 import { SIGNATURE } from "./service.js";
 
 const MAX_QUEUED = 10_000; // requests waiting behind a run; past it the socket is not read (ZeroMQ's HWM pushes back)
+const WINDOW = 32; // runs in flight to the runner at once
 
 export class Supervisor {
   constructor(service, server, sandbox = null, metrics = null) {
@@ -17,8 +21,8 @@ export class Supervisor {
     this.metrics = metrics; // src/metrics.js: what the worker holds and did (--metrics, plan-worker status)
     this.server = server;
     this.sandbox = sandbox;
-    this.queue = [];
-    this.current = null; // {peer, client, frames, d, then}
+    this.queue = []; // requests not started: {peer, client, frames, d} (d null: refused as read, with `refused`)
+    this.running = []; // started, not replied to, in order; each gets `reply` when done
     this.resume = null; // resolves when the queue has room again
   }
 
@@ -43,21 +47,18 @@ export class Supervisor {
     const d = service.decode(frames, client);
     if (d.reply !== undefined) {
       // refused as read: answered in its turn, so a connection's replies keep its requests' order (§4.2)
-      if (this.current !== null || this.queue.length) this.queue.push({ peer, client, frames, d: null, reply: d.reply });
-      else this.reply(peer, client, null, d.reply);
-      return;
-    }
-    const type = d.msg.type;
-    if (type === "ping" || type === "hello") {
-      this.now(peer, client, frames, d);
-    } else if (type === "cancel") {
-      this.cancel(peer, client, frames, d);
-    } else if (this.current !== null || this.queue.length) {
-      if (type === "describe" && !d.msg.keys.some((k) => this.pendingOutputs().has(k))) this.now(peer, client, frames, d);
-      else this.queue.push({ peer, client, frames, d });
+      this.queue.push({ peer, client, frames, d: null, refused: d.reply });
     } else {
-      this.process({ peer, client, frames, d });
+      const type = d.msg.type;
+      if (type === "ping" || type === "hello") return this.now(peer, client, frames, d);
+      if (type === "cancel") return this.cancel(peer, client, frames, d);
+      const busy = this.running.length || this.queue.length;
+      if (busy && type === "describe" && !d.msg.keys.some((k) => this.pendingOutputs().has(k))) return this.now(peer, client, frames, d);
+      this.queue.push({ peer, client, frames, d });
     }
+    this.pump();
+    // one run in flight and nothing else to do: its answer is polled for a moment (src/pipe.js's Spin)
+    if (this.sandbox !== null && this.running.length === 1 && !this.queue.length) this.sandbox.poll();
   }
 
   /** Send `reply` to the request `d` (null: one that could not be read), counted in the metrics. */
@@ -73,29 +74,73 @@ export class Supervisor {
     this.service.answer(d, frames, client).then((reply) => this.reply(peer, client, d, reply));
   }
 
-  process(q) {
-    if (q.d === null) {
-      this.reply(q.peer, q.client, null, q.reply);
-      return;
-    }
-    this.current = q;
-    this.service.answer(q.d, q.frames, q.client).then((reply) => this.finish(q, reply));
-  }
-
-  finish(q, reply) {
-    this.reply(q.peer, q.client, q.d, reply);
-    if (q.then) this.reply(q.peer, q.then.client, q.then.d, q.then.reply);
-    this.current = null;
-    while (this.current === null && this.queue.length) this.process(this.queue.shift());
+  /** Start what may start: runs while the window has room and their arguments are not still being made,
+   * anything else once the window is empty. */
+  pump() {
+    while (this.queue.length && this.startable(this.queue[0])) this.start(this.queue.shift());
     if (this.resume !== null && this.queue.length < MAX_QUEUED) {
       this.resume();
       this.resume = null;
     }
   }
 
+  startable(q) {
+    const running = this.running;
+    if (!running.length) return true;
+    if (q.d === null) return true; // its reply waits for those before it
+    if (q.d.msg.type !== "run" || running.length >= WINDOW) return false;
+    const made = new Set();
+    for (const r of running) {
+      if (r.d === null) continue;
+      if (r.alone) return false; // a request that waits for the window waits alone
+      for (const k of r.d.msg.outputs) made.add(k);
+    }
+    return !q.d.msg.args.some((a) => a.ref !== undefined && made.has(a.ref)) && !this.readsPrivate(q);
+  }
+
+  /** Whether run `q` reads private data: its release rules are prepared with no run in flight beside it. */
+  readsPrivate(q) {
+    const store = this.service.store;
+    const space = store.spaces.get(this.service.owners.owner(q.client));
+    return q.d.msg.args.some((a) => a.ref !== undefined && (space?.get(a.ref) ?? store.own.get(a.ref))?.private === true);
+  }
+
+  start(q) {
+    q.alone = q.d !== null && (q.d.msg.type !== "run" || this.readsPrivate(q));
+    this.running.push(q);
+    if (q.d === null) {
+      q.reply = q.refused;
+      this.flush();
+      return;
+    }
+    const sandbox = this.sandbox;
+    const before = sandbox?.lastJob;
+    this.service.answer(q.d, q.frames, q.client).then((reply) => {
+      q.reply = reply;
+      if (q.cancelled) {
+        // answered ahead of the runs before it, as a queued run that is cancelled
+        this.running.splice(this.running.indexOf(q), 1);
+        this.send(q);
+      }
+      this.flush();
+    });
+    if (sandbox !== null && sandbox.lastJob !== before) q.job = sandbox.lastJob; // what a cancel stops
+  }
+
+  /** Reply to the requests done at the head of the window, in order; then start what may start. */
+  flush() {
+    while (this.running.length && this.running[0].reply !== undefined) this.send(this.running.shift());
+    this.pump();
+  }
+
+  send(q) {
+    this.reply(q.peer, q.client, q.d, q.reply);
+    if (q.then) this.reply(q.peer, q.then.client, q.then.d, q.then.reply);
+  }
+
   pendingOutputs() {
     const keys = new Set();
-    for (const q of this.current ? [this.current, ...this.queue] : this.queue) {
+    for (const q of [...this.running, ...this.queue]) {
       if (q.d !== null && q.d.msg.type === "run") for (const k of q.d.msg.outputs) keys.add(k);
     }
     return keys;
@@ -105,7 +150,7 @@ export class Supervisor {
     const service = this.service;
     const m = d.msg;
     const target = String(m.run);
-    const ok = () => [SIGNATURE, Buffer.from(stringify({ type: "ok", re: m.id, session: service.session }))];
+    const ok = () => [SIGNATURE, stringify({ type: "ok", re: m.id, session: service.session })];
     const mine = (q) => q.d !== null && q.peer.equals(peer) && q.d.msg.type === "run" && String(q.d.msg.id) === target;
     const i = this.queue.findIndex(mine);
     if (i >= 0) {
@@ -115,15 +160,16 @@ export class Supervisor {
       this.reply(peer, client, d, ok());
       return;
     }
-    const cur = this.current;
-    if (cur !== null && mine(cur) && this.sandbox !== null) {
+    const cur = this.running.find(mine);
+    if (cur !== undefined && cur.reply === undefined && !cur.cancelled && cur.job !== undefined) {
       const plan = service.plans.get(cur.d.msg.plan);
       const name = plan ? pyRepr(plan.name) : pyRepr(String(cur.d.msg.plan).slice(0, 12));
       const why = new ProtocolError("cancelled", `run #${target} of plan ${name} was cancelled (request #${m.id})`);
-      if (this.sandbox.abort(why)) {
-        cur.then = { client, d, reply: ok() }; // after the run's own answer
-        return;
-      }
+      cur.cancelled = true;
+      cur.then = { client, d, reply: ok() }; // after the run's own answer
+      if (this.sandbox.abort(cur.job, why)) return;
+      cur.cancelled = false;
+      cur.then = undefined;
     }
     const error = new ProtocolError("bad_argument", `cancel: no run #${target} of this connection is queued or running (finished?)`);
     this.reply(peer, client, d, service.errorReply(d.rid, m, error));
