@@ -40,7 +40,7 @@ DEVICE = os.environ.get("PLANWIRE_BENCH_GPU_DEVICE", "cuda")
 
 def cuda_ready() -> str:
     """'' when plans can run on cuda:0 here, else the reason (one line)."""
-    from planwire.worker.runtime import Device, check_device
+    from planwire.worker.device import Device, check_device
 
     try:
         check_device(Device.parse(DEVICE))
@@ -56,7 +56,8 @@ def memcpy_nodes(data: bytes, feeds: dict[str, np.ndarray], bindings: dict[str, 
     import onnxruntime as ort
 
     from planwire.transport.ortoptions import session_options
-    from planwire.worker.runtime import Device, OrtPlan, ort_device, own_values
+    from planwire.worker.device import Device
+    from planwire.worker.runtime import OrtPlan, ort_device, own_values
 
     device = Device.parse(DEVICE)
     placed = OrtPlan(data, device=device)  # the worker's placement: strict first, fallback named

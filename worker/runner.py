@@ -25,7 +25,7 @@ import numpy as np
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
-from planwire.worker.runtime import Device
+from planwire.worker.device import Device
 
 # After answering, the runner watches its pipe this long before sleeping on it, but only while requests
 # have been coming within this long of its answers (a client's steady stream of calls) and spinning pays
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     import onnxruntime  # noqa: F401  (loaded before the bound: the bound is what plans may add)
 
-    from planwire.worker.runtime import Device, preload_cuda
+    from planwire.worker.device import Device, preload_cuda
 
     device = Device.parse(args.device, args.gpu_mem_limit)
     if device.cuda:  # the CUDA context and libraries load before the bound: it bounds what plans add

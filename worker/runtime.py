@@ -21,11 +21,6 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.ortoptions import session_options
 from planwire.worker.device import CPU, CUDA, Device
 
-# Re-exported (``X as X``) for callers that still import them from here: worker/runner.py, bench/gpu.py.
-from planwire.worker.device import check_device as check_device
-from planwire.worker.device import preload_cuda as preload_cuda
-from planwire.worker.device import probe as probe
-
 _FALLBACK_KEY = "session.disable_cpu_ep_fallback"
 _ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
 
@@ -193,9 +188,6 @@ class OrtPlan(Signature):
         finally:
             ib.clear_binding_inputs()  # the binding must not keep freed inputs alive
             ib.clear_binding_outputs()
-
-
-Ports = Signature  # the former name, still used by worker/supervisor.py and worker/statedir.py
 
 
 def ort_device(device: Device):  # noqa: ANN201  (onnxruntime's C OrtDevice)

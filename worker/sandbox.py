@@ -35,8 +35,8 @@ import numpy as np
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
+from planwire.worker.device import Device
 from planwire.worker.resident import Resident
-from planwire.worker.runtime import Device
 from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")

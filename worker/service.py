@@ -28,7 +28,7 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.framing import DEFAULT_LIMITS, Frame, Limits
 from planwire.worker import flow
 from planwire.worker.device import Device
-from planwire.worker.jobs import Job, Origin, Plan, RegisterJob, RunJob
+from planwire.worker.jobs import Job, Origin, Plan, RegisterJob
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.policy import Policy
 from planwire.worker.registry import PlanRegistry
@@ -45,9 +45,6 @@ log = logging.getLogger("planwire.worker")
 
 # Opsets of the ONNX default domain this worker's onnxruntime accepts (reported in welcome).
 ONNX_OPSET = 23
-
-
-__all__ = ["Job", "ONNX_OPSET", "Origin", "Plan", "RegisterJob", "RunJob", "Service"]  # supervisor, state
 
 
 class Service(PlanRegistry, RunPath):

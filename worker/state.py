@@ -230,7 +230,7 @@ class ReplyGate:
 
 def attach(service: Service, state: StateDir) -> Restored:
     """Make ``service`` keep its state in ``state`` and restore what is there (before it serves anything)."""
-    from planwire.worker.service import Plan
+    from planwire.worker.jobs import Plan
 
     store = service.store
     owners = DurableOwners(state, curve=service.owners.curve, idle_ttl=service.owners.idle_ttl)

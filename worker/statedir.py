@@ -87,7 +87,7 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.spec import plan_id
-from planwire.worker.runtime import Ports
+from planwire.worker.runtime import Signature
 from planwire.worker.store import ClientId
 
 log = logging.getLogger("planwire.worker")
@@ -677,7 +677,7 @@ class StateDir:
 
     # -- plans -----------------------------------------------------------------------------------------
 
-    def save_plan(self, pid: str, name: str, data: bytes, ports: Ports) -> None:
+    def save_plan(self, pid: str, name: str, data: bytes, ports: Signature) -> None:
         header = _PlanHeader(
             plan=pid,
             name=name,
@@ -697,7 +697,7 @@ class StateDir:
                 (self.plans / f"{pid}{suffix}").unlink()
         self._fsync_dir(self.plans)
 
-    def load_plans(self, max_plan_bytes: int) -> Iterable[tuple[str, str, bytes, Ports, frozenset, list[ClientId]]]:
+    def load_plans(self, max_plan_bytes: int) -> Iterable[tuple[str, str, bytes, Signature, frozenset, list[ClientId]]]:
         """Every valid plan: (pid, name, bytes, ports, ports of unknown rank, holders)."""
         for path in sorted(self.plans.iterdir()):
             if path.name.startswith(".tmp-"):
@@ -722,7 +722,7 @@ class StateDir:
 
     def _load_plan(
         self, path: Path, holders_path: Path, max_plan_bytes: int
-    ) -> tuple[str, str, bytes, Ports, frozenset, list[ClientId]]:
+    ) -> tuple[str, str, bytes, Signature, frozenset, list[ClientId]]:
         if path.is_symlink() or not path.is_file():
             raise ValueError("not a regular file")
         header_bytes, f, size = _read_framed(path)
@@ -735,7 +735,7 @@ class StateDir:
         if pid != h.plan or path.stem != pid:
             raise ValueError("its bytes do not match its plan id (corrupt, or not this plan's file)")
         summary = check_model(data, max_bytes=max_plan_bytes)
-        ports = Ports(
+        ports = Signature(
             h.name, [(p.name, p.dtype, p.shape) for p in h.inputs], [(p.name, p.dtype, p.shape) for p in h.outputs]
         )
         holders = msgspec.json.decode(holders_path.read_bytes(), type=_Holders)

@@ -39,10 +39,11 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
 from planwire.worker import pipe
+from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
 from planwire.worker.resident import Resident
-from planwire.worker.runtime import Ports
+from planwire.worker.runtime import Signature
 from planwire.worker.sandbox import Sandbox
-from planwire.worker.service import Job, Origin, RegisterJob, RunJob, Service
+from planwire.worker.service import Service
 
 log = logging.getLogger("planwire.worker")
 
@@ -406,7 +407,7 @@ class Supervisor:
             return
         job = head.job
         assert job is not None
-        outcome: Ports | list | ProtocolError
+        outcome: Signature | list | ProtocolError
         try:
             if isinstance(msg, pipe.Failed):
                 if isinstance(job, RunJob):
@@ -414,7 +415,7 @@ class Supervisor:
                 outcome = self._failed(job, msg)
             elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
                 sandbox.loaded.add(job.pid)
-                outcome = Ports(job.name, msg.inputs, msg.outputs, placement=msg.placement)
+                outcome = Signature(job.name, msg.inputs, msg.outputs, placement=msg.placement)
             elif isinstance(msg, pipe.Ran) and isinstance(job, RunJob):
                 outcome = sandbox.outputs(msg, buffers)
             else:
@@ -429,7 +430,7 @@ class Supervisor:
         else:
             self._finish(outcome)
 
-    def _finish(self, outcome: Ports | list | ProtocolError, then: list | None = None) -> None:
+    def _finish(self, outcome: Signature | list | ProtocolError, then: list | None = None) -> None:
         """Answer the head job (and send ``then``, a reply to the same peer), then what waits behind it."""
         head = self.window.popleft()
         assert head.job is not None
