@@ -26,6 +26,7 @@ from planwire.transport.client import WorkerClient
 from planwire.transport.connection import Connection
 from planwire.transport.dealer import DealerLink
 from planwire.worker import statedir as state_mod
+from planwire.worker import statefiles
 from planwire.worker.policy import Policy, parse
 from planwire.worker.process import WorkerProcess
 from planwire.worker.release import epsilon_of
@@ -123,7 +124,17 @@ class NodeIncarnation:
         assert found, self.proc.log()
         new, session, *counts = found.groups()
         tensors, nbytes, failed, plans, owners, identities, skipped = (int(n or 0) for n in counts)
-        self.restored = Restored(session, tensors, nbytes, failed, plans, owners, identities, skipped, new == "new")
+        self.restored = Restored(
+            session,
+            tensors=tensors,
+            tensor_bytes=nbytes,
+            failed=failed,
+            plans=plans,
+            owners=owners,
+            identities=identities,
+            skipped=skipped,
+            new=new == "new",
+        )
         self._clients: list[WorkerClient] = []
         self.client = self.connect(identity)
 
@@ -261,7 +272,7 @@ def test_one_worker_per_directory(tmp_path):
         StateDir.open(tmp_path / "linked")
     held = StateDir.open(tmp_path / "s")
     (tmp_path / "s" / ".tmp-session").symlink_to(tmp_path / "victim")
-    state_mod.write_atomic(tmp_path / "s" / "session", [b"{}"])
+    statefiles.write_atomic(tmp_path / "s" / "session", [b"{}"])
     assert (tmp_path / "victim").read_text() == "keep me" and (tmp_path / "s" / "session").read_bytes() == b"{}"
     held.close()
 
@@ -283,7 +294,7 @@ def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_pat
     owner_dir = next((root / "tensors").iterdir())
 
     def path_of(key: str) -> Path:
-        return owner_dir / f"{state_mod._digest(key)}.t"
+        return owner_dir / f"{statefiles.digest(key)}.t"
 
     truncated, magic, header, misplaced = (path_of(k) for k in ("truncated", "magic", "header", "misplaced"))
     truncated.write_bytes(truncated.read_bytes()[:-10])
@@ -291,7 +302,7 @@ def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_pat
     raw = bytearray(header.read_bytes())
     raw[12:20] = b'{"evil":'  # the JSON header no longer decodes to its schema
     header.write_bytes(bytes(raw))
-    os.replace(misplaced, owner_dir / f"{state_mod._digest('elsewhere')}.t")  # a file under the wrong name
+    os.replace(misplaced, owner_dir / f"{statefiles.digest('elsewhere')}.t")  # a file under the wrong name
     (owner_dir / "junk.t").write_bytes(b"\x00" * 3)
     (root / "tensors" / "stray-file").write_text("not a directory")
     (owner_dir / "link.t").symlink_to("/etc/passwd")
@@ -303,7 +314,7 @@ def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_pat
 
     second = life(kind, root, identity=identity)
     log = second.log()
-    for p in (truncated, magic, header, owner_dir / f"{state_mod._digest('elsewhere')}.t", owner_dir / "junk.t",
+    for p in (truncated, magic, header, owner_dir / f"{statefiles.digest('elsewhere')}.t", owner_dir / "junk.t",
               owner_dir / "link.t", root / "tensors" / "stray-file", bad_plan):  # fmt: skip
         assert f"skipped {p}" in log, p
     assert "needs 4000 bytes, the file holds 3990" in log

@@ -8,7 +8,7 @@ or the new one, never half of one. A put, a run's outputs, a move by ``get``, a 
 record, a plan registered or unregistered, an identity issued at ``hello``, a client freed by
 ``--idle-ttl``: each is durable when its reply leaves. A request that was not answered may be partly there.
 
-The directory (its layout, format, and reading it back as hostile input) is worker/statedir.py.
+The directory (holding it, reading it back as hostile input) is worker/statedir.py; its format worker/statefiles.py.
 
 :func:`attach` restores what the directory holds into a Service, then has its changes written through:
 an observer on its Store (worker/store.py's StoreObserver hooks), Owners and PlanHolders that write
@@ -31,7 +31,8 @@ from planwire.worker import flow
 from planwire.worker.owners import Owners, PlanHolders
 from planwire.worker.release import Pending, Releaser
 from planwire.worker.resident import host_of
-from planwire.worker.statedir import KeptRelease, Restored, StateDir, StateError, write_atomic
+from planwire.worker.statedir import Restored, StateDir, StateError
+from planwire.worker.statefiles import KeptRelease, write_atomic
 from planwire.worker.store import ClientId, Entry
 
 if TYPE_CHECKING:

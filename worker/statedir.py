@@ -1,5 +1,5 @@
-"""The state directory of ``plan-worker --state-dir DIR`` (worker/state.py wires it into the worker): its
-layout, its file format, atomic writes, and reading it back as hostile input.
+"""The state directory of ``plan-worker --state-dir DIR`` (worker/state.py wires it into the worker): holding
+it, group commit, and writing and reading its records (their format: worker/statefiles.py).
 
 Every change is written whole under a temporary name (``.tmp-NAME`` beside it), fsynced, renamed over the
 old file, and its directory fsynced (``--state-sync none``: no fsyncs): a crash leaves the old file or the
@@ -8,53 +8,6 @@ temporary files of a burst of requests are written, then fsynced together (concu
 each changed directory fsynced once, before any of the burst's replies is sent (worker/state.py's
 ReplyGate). The order of durability inside a group is not promised, except that the ``privacy`` file is
 committed at once (with whatever the group held) before a released value is written.
-
-Layout (directories 0700, files 0600; one worker per directory, held with ``flock`` on ``lock``)::
-
-    DIR/lock                  the pid of the worker using the directory (decimal, newline)
-    DIR/session               JSON {"format": 1, "session": 32 lowercase hex digits} (PROTOCOL.md §4.3)
-    DIR/owners                JSON {"format": 1, "tokens": {IDENTITY: OWNER}}: identities issued at hello (secret)
-    DIR/privacy               JSON {"format": 1, "spent": {OWNER: [[NOISE_MULTIPLIER, COUNT], ...]}}
-    DIR/tensors/O/K.t         one tensor of owner O (or a failed run's record)
-    DIR/plans/PID.plan        a plan's bytes, name and ports (PID: the sha256 of the bytes, 64 hex digits)
-    DIR/plans/PID.holders     JSON {"format": 1, "holders": [OWNER, ...]}: the owners that registered it
-    DIR/**/.tmp-NAME          a write in progress (removed at start: never acknowledged)
-
-Names. OWNER is an owner's name on disk, ``[0-9a-z]+``: ``k`` + the hex of a CURVE public key (the same
-client across restarts), or ``c`` + this incarnation's 8-hex-digit nonce + the hex of a connection's
-routing id; an owner restored from disk keeps the name it was read under. In paths, O and K are the first
-40 hex digits of the sha256 of the UTF-8 of OWNER and of the tensor's key. JSON is UTF-8, objects with
-exactly the fields named (an unknown field makes the file invalid), ``format`` always 1.
-
-Tensor and plan files: ``MAGIC`` (8 bytes ``PWSTATE\x01``), the header's length (u32 little-endian, at
-most 1 MiB), a JSON header, zero padding up to the next multiple of 64 bytes from the file's start, then
-the payload, to the end of the file. A plan file's header is ``{"plan": PID, "name": str, "inputs": [PORT],
-"outputs": [PORT]}`` (PORT: ``[name, dtype, shape]``, a dim an int, a str or null) and its payload the
-plan's bytes. A tensor file's header (fields at their default omitted)::
-
-    {"owner": OWNER, "key": str, "dtype": "float", "shape": [], "tags": [], "private": false, "rows": 0,
-     "failed": str (a failed run's record: no payload, no release),
-     "release": {"plan": FINGERPRINT, "output": str, "how": "as_is" | "update", "rows": int,
-                 "param": str (default ""), "base": {"dtype", "shape"}, "released": {"dtype", "shape"}}}
-
-Its payload is the tensor's bytes (the wire dtype, C order, little-endian: PROTOCOL.md), then, when there
-is a ``release`` with ``base`` and/or ``released``, each of those arrays in that order, each starting at
-the next multiple of 64 bytes from the payload's start (zero padding between); the file's size must be
-exactly that. ``release`` (only on a private tensor) is the pending release of a private result
-(worker/release.py's Pending): the policy rule's plan FINGERPRINT, the plan output it is, ``how`` and the
-input ``param`` it updates (from the rule: at a restart the rule the policy in force has for FINGERPRINT
-must still release that output the same way, or the result stays private), the fewest rows of private
-data it was computed from, the ``base`` of an update (the parameter as the client last stored it) and,
-once a noised update was released, the ``released`` value, which every later read returns (any other
-release computes the same value again, so it is not kept). Limits on every field: the typed structs
-below (``_TensorHeader``, ``_Release``, ``_Privacy``, ...).
-
-``privacy`` holds, per owner, how many noised releases it was given at each noise multiplier (> 0; the
-same multiplier may appear twice, the counts add up): its epsilon is dp-accounting's RDP accountant's for
-exactly those Gaussian events, at the policy's delta. A release writes it (with the new event) before it
-writes the tensor with its ``released`` value, and both before the reply: a crash in between can only
-overcount. A damaged ``privacy`` file is never read as a clean slate: noised releases are refused until
-it is repaired (removing it resets every owner's budget).
 
 The directory is read as hostile at start: every file is validated (its magic, its header against its
 schema, sizes, where it lies, a plan's hash and the plan checks of transport/plancheck.py), and one that
@@ -66,246 +19,55 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
-import re
-import secrets
 import shutil
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 import numpy as np
-from msgspec import Meta, Struct
 
 from planwire.transport import dtypes
-from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.spec import plan_id
 from planwire.worker.runtime import Signature
+from planwire.worker.statefiles import (
+    ALIGN,
+    FORMAT,
+    SESSION_RE,
+    HoldersRecord,
+    KeptRelease,
+    Names,
+    OwnersRecord,
+    Part,
+    PlanHeader,
+    PortRecord,
+    PrivacyRecord,
+    ReleaseRecord,
+    SessionRecord,
+    TensorHeader,
+    digest,
+    framed,
+    fsync_dir,
+    nbytes,
+    read_framed,
+    write_atomic,
+    write_temp,
+)
 from planwire.worker.store import ClientId
 
 log = logging.getLogger("planwire.worker")
 
-MAGIC = b"PWSTATE\x01"  # tensor and plan files: magic, u32 header length, JSON header, zero padding, payload
-ALIGN = 64
-MAX_HEADER = 1 << 20
-FORMAT = 1
-SESSION_RE = re.compile(r"[0-9a-f]{32}")
 EXIT_NOT_DURABLE = 75  # the worker's exit status when a group commit's fsync fails (EX_TEMPFAIL)
 DISK_RESERVE = 64 << 20  # bytes a put or run must leave free on the state directory's file system
 
 
 class StateError(Exception):
     """The state directory cannot be used (another worker holds it, not a directory, not writable)."""
-
-
-# -- file headers (typed: a hostile header fails to decode and its file is skipped) -------------------
-
-OwnerName = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[0-9a-z]+$")]
-
-
-class _Part(Struct, forbid_unknown_fields=True):
-    """An array after the tensor in a tensor file's payload (at the next multiple of 64 bytes)."""
-
-    dtype: m.DType
-    shape: m.Shape
-
-
-class _Release(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """A private result's pending release (worker/release.py's Pending) under the policy rule ``plan``."""
-
-    plan: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
-    output: Annotated[str, Meta(min_length=1, max_length=4096)]
-    how: Literal["as_is", "update"]
-    rows: Annotated[int, Meta(ge=0)]
-    param: Annotated[str, Meta(max_length=4096)] = ""
-    base: _Part | None = None
-    released: _Part | None = None
-
-
-class _TensorHeader(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    owner: OwnerName
-    key: m.Key
-    dtype: m.DType = "float"
-    shape: m.Shape = []
-    tags: list[m.Tag] = []
-    private: bool = False
-    rows: Annotated[int, Meta(ge=0)] = 0
-    failed: Annotated[str, Meta(max_length=1 << 16)] | None = None  # a failed run's record (no payload)
-    release: _Release | None = None  # a private result's pending release (its arrays follow the tensor's)
-
-
-class _Port(Struct, array_like=True, forbid_unknown_fields=True):
-    name: str
-    dtype: m.DType
-    shape: Annotated[list[Annotated[int, Meta(ge=0, le=2**62)] | str | None], Meta(max_length=m.MAX_RANK)]
-
-
-class _PlanHeader(Struct, forbid_unknown_fields=True):
-    plan: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
-    name: Annotated[str, Meta(max_length=4096)]
-    inputs: list[_Port]
-    outputs: list[_Port]
-
-
-class _Holders(Struct, forbid_unknown_fields=True):
-    format: int
-    holders: list[OwnerName]
-
-
-class _Owners(Struct, forbid_unknown_fields=True):
-    format: int
-    tokens: dict[Annotated[str, Meta(min_length=1, max_length=256)], OwnerName]
-
-
-class _Session(Struct, forbid_unknown_fields=True):
-    format: int
-    session: str
-
-
-NoiseMultiplier = Annotated[float, Meta(gt=0, le=1e6)]
-
-
-class _Privacy(Struct, forbid_unknown_fields=True):
-    format: int
-    spent: dict[OwnerName, list[tuple[NoiseMultiplier, Annotated[int, Meta(ge=1, le=1 << 40)]]]]
-
-
-@dataclass
-class KeptRelease:
-    """A pending release as kept on disk (worker/state.py converts it from and to release.Pending)."""
-
-    plan: str  # the fingerprint of the policy rule it was made under
-    output: str
-    how: str  # "as_is" or "update"
-    param: str
-    rows: int
-    base: np.ndarray | None = None
-    released: np.ndarray | None = None
-
-
-# -- low-level file operations -------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(path: Path, parts: Iterable[Any]) -> tuple[Path, int]:
-    """``parts`` (buffers) written to ``path``'s temporary file: (its path, its open descriptor)."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with contextlib.suppress(FileNotFoundError):  # left by a crash: never followed if it is a link
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            while view.nbytes:
-                view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp, fd
-
-
-def write_atomic(path: Path, parts: Iterable[Any], sync: bool = True) -> None:
-    """Write ``parts`` (buffers) as ``path``: a temporary file, fsync, rename over ``path``, fsync its directory
-    (without ``sync``, no fsyncs: the file survives a crash of this process, not of the machine)."""
-    tmp, fd = _write_temp(path, parts)
-    try:
-        if sync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if sync:
-        _fsync_dir(path.parent)
-
-
-def _framed(header: bytes) -> list[bytes]:
-    """MAGIC, the header's length and the header, padded so the payload starts aligned."""
-    head = MAGIC + struct.pack("<I", len(header)) + header
-    return [head, bytes(-len(head) % ALIGN)]
-
-
-def _read_framed(path: Path) -> tuple[bytes, Any, int]:
-    """(header bytes, open file positioned at the payload, payload size); ValueError for a malformed file."""
-    f = open(path, "rb")  # noqa: SIM115  (returned to the caller, who closes it)
-    try:
-        size = os.fstat(f.fileno()).st_size
-        start = f.read(len(MAGIC) + 4)
-        if len(start) < len(MAGIC) + 4 or start[: len(MAGIC)] != MAGIC:
-            raise ValueError("not a planwire state file (bad magic)")
-        (n,) = struct.unpack("<I", start[len(MAGIC) :])
-        if n > MAX_HEADER or len(MAGIC) + 4 + n > size:
-            raise ValueError(f"header length {n} past the file's end or over {MAX_HEADER}")
-        header = f.read(n)
-        offset = len(MAGIC) + 4 + n
-        offset += -offset % ALIGN
-        if offset > size:
-            raise ValueError("truncated before its payload")
-        f.seek(offset)
-        return header, f, size - offset
-    except BaseException:
-        f.close()
-        raise
-
-
-def _nbytes(part: _Part) -> int:
-    n = dtypes.to_numpy(part.dtype).itemsize
-    for dim in part.shape:
-        n *= dim
-    return n
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
-# -- owners: their names on disk -------------------------------------------------------------------------
-
-
-class _Names:
-    """Owner ids <-> names on disk. A CURVE owner (``k:KEY``) keeps its name across restarts: the same key
-    is the same client. A connection's owner (``c:ROUTING-ID``) is named with this incarnation's nonce, so
-    a new connection that happens to get an old routing id can never be taken for an old client; a restored
-    one (``s:NAME``) acts only through the identity it was issued at hello."""
-
-    def __init__(self) -> None:
-        self.nonce = secrets.token_hex(4)
-
-    def name(self, owner: ClientId) -> str:
-        kind, _, rest = owner.partition(b":")
-        if kind == b"k":
-            return "k" + rest.hex()
-        if kind == b"s":
-            return rest.decode("ascii")
-        return "c" + self.nonce + rest.hex()
-
-    @staticmethod
-    def owner(name: str) -> ClientId:
-        if name.startswith("k"):
-            try:
-                return b"k:" + bytes.fromhex(name[1:])
-            except ValueError:
-                pass
-        return b"s:" + name.encode("ascii")
 
 
 # -- the directory ----------------------------------------------------------------------------------------
@@ -337,7 +99,7 @@ class StateDir:
         self._lock_fd = lock_fd
         self.tensors = path / "tensors"
         self.plans = path / "plans"
-        self.names = _Names()
+        self.names = Names()
         self.skipped: list[str] = []
         self.grouped = False  # group commit (see group()): writes are staged until commit()
         self._staged: dict[Path, tuple[Path, int]] = {}  # path -> its written, not yet synced temporary file
@@ -380,7 +142,7 @@ class StateDir:
         if self.grouped:
             self._dirs.add(path)
         elif self.sync:
-            _fsync_dir(path)
+            fsync_dir(path)
 
     # -- group commit ------------------------------------------------------------------------------
 
@@ -419,7 +181,7 @@ class StateDir:
         for path, (tmp, _) in staged.items():
             os.replace(tmp, path)
             dirs.add(path.parent)
-        self._each(_fsync_dir, list(dirs))
+        self._each(fsync_dir, list(dirs))
 
     def _each(self, fn: Any, items: list) -> None:
         if len(items) <= 1:
@@ -465,13 +227,13 @@ class StateDir:
         path = self.path / "session"
         if path.exists():
             try:
-                s = msgspec.json.decode(path.read_bytes(), type=_Session)
+                s = msgspec.json.decode(path.read_bytes(), type=SessionRecord)
                 if s.format != FORMAT or not SESSION_RE.fullmatch(s.session):
                     raise ValueError(f"format {s.format}, session {s.session[:40]!r}")
                 return s.session, False
             except (OSError, ValueError, msgspec.DecodeError) as e:
                 self._skip(path, f"{e}; a new session starts (clients will register their plans again)")
-        write_atomic(path, [msgspec.json.encode(_Session(format=FORMAT, session=fresh))], self.sync)
+        write_atomic(path, [msgspec.json.encode(SessionRecord(format=FORMAT, session=fresh))], self.sync)
         return fresh, True
 
     def load_tokens(self) -> dict[str, ClientId]:
@@ -479,7 +241,7 @@ class StateDir:
         if not path.exists():
             return {}
         try:
-            o = msgspec.json.decode(path.read_bytes(), type=_Owners)
+            o = msgspec.json.decode(path.read_bytes(), type=OwnersRecord)
             if o.format != FORMAT:
                 raise ValueError(f"format {o.format}")
         except (OSError, ValueError, msgspec.DecodeError) as e:
@@ -488,16 +250,16 @@ class StateDir:
         return {token: self.names.owner(name) for token, name in o.tokens.items()}
 
     def save_tokens(self, tokens: dict[str, ClientId]) -> None:
-        doc = _Owners(format=FORMAT, tokens={t: self.names.name(o) for t, o in tokens.items()})
+        doc = OwnersRecord(format=FORMAT, tokens={t: self.names.name(o) for t, o in tokens.items()})
         self._write(self.path / "owners", [msgspec.json.encode(doc)], "client identities")
 
     # -- tensors ---------------------------------------------------------------------------------------
 
     def _owner_dir(self, owner: ClientId) -> Path:
-        return self.tensors / _digest(self.names.name(owner))
+        return self.tensors / digest(self.names.name(owner))
 
     def _tensor_path(self, owner: ClientId, key: str) -> Path:
-        return self._owner_dir(owner) / f"{_digest(key)}.t"
+        return self._owner_dir(owner) / f"{digest(key)}.t"
 
     def save_tensor(
         self,
@@ -512,26 +274,26 @@ class StateDir:
         from planwire.transport import codec
 
         wire, shape, buf = codec.to_frame(array)
-        header = _TensorHeader(
+        header = TensorHeader(
             owner=self.names.name(owner), key=key, dtype=wire, shape=shape, tags=list(tags), private=private, rows=rows
         )
         payload: list[Any] = [buf]
         if release is not None:
-            rec = _Release(release.plan, release.output, release.how, release.rows, release.param)  # type: ignore[arg-type]
+            rec = ReleaseRecord(release.plan, release.output, release.how, release.rows, release.param)  # type: ignore[arg-type]
             for name in ("base", "released"):
                 extra = getattr(release, name)
                 if extra is None:
                     continue
                 wire, shape, extra_buf = codec.to_frame(extra)
-                setattr(rec, name, _Part(wire, shape))
+                setattr(rec, name, Part(wire, shape))
                 payload += [bytes(-sum(memoryview(b).nbytes for b in payload) % ALIGN), extra_buf]
             header.release = rec
         self._save_tensor(owner, key, header, *payload)
 
     def save_failure(self, owner: ClientId, key: str, why: str) -> None:
-        self._save_tensor(owner, key, _TensorHeader(owner=self.names.name(owner), key=key, failed=why), b"")
+        self._save_tensor(owner, key, TensorHeader(owner=self.names.name(owner), key=key, failed=why), b"")
 
-    def _save_tensor(self, owner: ClientId, key: str, header: _TensorHeader, *payload: Any) -> None:
+    def _save_tensor(self, owner: ClientId, key: str, header: TensorHeader, *payload: Any) -> None:
         d = self._owner_dir(owner)
         try:
             d.mkdir(mode=0o700)
@@ -541,13 +303,13 @@ class StateDir:
             raise _refusal(f"tensor {key!r}", self.path, e) from None
         else:
             self._fsync_dir(self.tensors)
-        self._write(d / f"{_digest(key)}.t", [*_framed(msgspec.json.encode(header)), *payload], f"tensor {key!r}")
+        self._write(d / f"{digest(key)}.t", [*framed(msgspec.json.encode(header)), *payload], f"tensor {key!r}")
 
     def remove_tensors(self, owner: ClientId, keys: Iterable[str]) -> None:
         d = self._owner_dir(owner)
         removed = False
         for key in keys:
-            path = d / f"{_digest(key)}.t"
+            path = d / f"{digest(key)}.t"
             self._unstage(path)
             try:
                 path.unlink()
@@ -584,7 +346,7 @@ class StateDir:
                 "more room",
             )
 
-    def load_tensors(self) -> Iterable[tuple[ClientId, str, _TensorHeader, np.ndarray | None, KeptRelease | None]]:
+    def load_tensors(self) -> Iterable[tuple[ClientId, str, TensorHeader, np.ndarray | None, KeptRelease | None]]:
         """Every valid tensor file: (owner, key, header, array or None for a failed run's record, its pending
         release if any)."""
         for d in sorted(self.tensors.iterdir()):
@@ -604,14 +366,14 @@ class StateDir:
 
     def _load_tensor(
         self, d: Path, path: Path
-    ) -> tuple[ClientId, str, _TensorHeader, np.ndarray | None, KeptRelease | None]:
+    ) -> tuple[ClientId, str, TensorHeader, np.ndarray | None, KeptRelease | None]:
         if path.is_symlink() or not path.is_file():
             raise ValueError("not a regular file")
-        header_bytes, f, size = _read_framed(path)
+        header_bytes, f, size = read_framed(path)
         with f:
-            h = msgspec.json.decode(header_bytes, type=_TensorHeader)
+            h = msgspec.json.decode(header_bytes, type=TensorHeader)
             owner = self.names.owner(h.owner)
-            if d.name != _digest(h.owner) or path.name != f"{_digest(h.key)}.t":
+            if d.name != digest(h.owner) or path.name != f"{digest(h.key)}.t":
                 raise ValueError(f"misplaced: its header names key {h.key!r} of another owner or file")
             if h.failed is not None:
                 if size or h.release is not None:
@@ -620,10 +382,10 @@ class StateDir:
             r = h.release
             if r is not None and not h.private:
                 raise ValueError("a pending release on a tensor that is not private")
-            parts = [_Part(h.dtype, h.shape)]
+            parts = [Part(h.dtype, h.shape)]
             if r is not None:
                 parts += [p for p in (r.base, r.released) if p is not None]
-            sizes = [_nbytes(p) for p in parts]
+            sizes = [nbytes(p) for p in parts]
             need = sum(sizes) + sum(-n % ALIGN for n in sizes[:-1])
             if need != size:
                 raise ValueError(f"{h.dtype}{h.shape} needs {need} bytes, the file holds {size}")
@@ -652,7 +414,7 @@ class StateDir:
         if not path.exists():
             return {}
         try:
-            doc = msgspec.json.decode(path.read_bytes(), type=_Privacy)
+            doc = msgspec.json.decode(path.read_bytes(), type=PrivacyRecord)
             if doc.format != FORMAT:
                 raise ValueError(f"format {doc.format}")
         except (OSError, ValueError, msgspec.DecodeError) as e:  # never ignored: budgets would start at 0
@@ -667,7 +429,7 @@ class StateDir:
         return out
 
     def save_spent(self, spent: dict[ClientId, dict[float, int]]) -> None:
-        doc = _Privacy(
+        doc = PrivacyRecord(
             format=FORMAT,
             spent={self.names.name(o): sorted(c.items()) for o, c in spent.items() if c},
         )
@@ -678,16 +440,16 @@ class StateDir:
     # -- plans -----------------------------------------------------------------------------------------
 
     def save_plan(self, pid: str, name: str, data: bytes, ports: Signature) -> None:
-        header = _PlanHeader(
+        header = PlanHeader(
             plan=pid,
             name=name,
-            inputs=[_Port(n, t, list(s)) for n, t, s in ports.inputs],
-            outputs=[_Port(n, t, list(s)) for n, t, s in ports.outputs],
+            inputs=[PortRecord(n, t, list(s)) for n, t, s in ports.inputs],
+            outputs=[PortRecord(n, t, list(s)) for n, t, s in ports.outputs],
         )
-        self._write(self.plans / f"{pid}.plan", [*_framed(msgspec.json.encode(header)), data], f"plan {name!r}")
+        self._write(self.plans / f"{pid}.plan", [*framed(msgspec.json.encode(header)), data], f"plan {name!r}")
 
     def save_holders(self, pid: str, holders: Iterable[ClientId]) -> None:
-        doc = _Holders(format=FORMAT, holders=sorted(self.names.name(o) for o in holders))
+        doc = HoldersRecord(format=FORMAT, holders=sorted(self.names.name(o) for o in holders))
         self._write(self.plans / f"{pid}.holders", [msgspec.json.encode(doc)], f"plan {pid[:12]}'s holders")
 
     def remove_plan(self, pid: str) -> None:
@@ -725,11 +487,11 @@ class StateDir:
     ) -> tuple[str, str, bytes, Signature, frozenset, list[ClientId]]:
         if path.is_symlink() or not path.is_file():
             raise ValueError("not a regular file")
-        header_bytes, f, size = _read_framed(path)
+        header_bytes, f, size = read_framed(path)
         with f:
             if size > max_plan_bytes:
                 raise ValueError(f"a plan of {size} bytes, over --max-plan-mb")
-            h = msgspec.json.decode(header_bytes, type=_PlanHeader)
+            h = msgspec.json.decode(header_bytes, type=PlanHeader)
             data = f.read(size)
         pid = plan_id(data)
         if pid != h.plan or path.stem != pid:
@@ -738,7 +500,7 @@ class StateDir:
         ports = Signature(
             h.name, [(p.name, p.dtype, p.shape) for p in h.inputs], [(p.name, p.dtype, p.shape) for p in h.outputs]
         )
-        holders = msgspec.json.decode(holders_path.read_bytes(), type=_Holders)
+        holders = msgspec.json.decode(holders_path.read_bytes(), type=HoldersRecord)
         if holders.format != FORMAT:
             raise ValueError(f"{holders_path.name}: format {holders.format}")
         return pid, h.name, data, ports, summary.unknown_rank, [self.names.owner(n) for n in holders.holders]
@@ -749,7 +511,7 @@ class StateDir:
         try:
             if self.grouped:
                 self._unstage(path)
-                self._staged[path] = _write_temp(path, parts)
+                self._staged[path] = write_temp(path, parts)
             else:
                 write_atomic(path, parts, self.sync)
         except OSError as e:

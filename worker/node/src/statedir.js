@@ -1,5 +1,5 @@
 // The state directory of `--state-dir DIR` (src/durable.js wires it into the worker), in the format of
-// worker/statedir.py, which PROTOCOL.md §11.1 specifies: a directory either worker wrote, the other reads.
+// worker/statefiles.py, which PROTOCOL.md §11.1 specifies: a directory either worker wrote, the other reads.
 //
 // Every change is written whole under a temporary name, fsynced, renamed over the old file, and its
 // directory fsynced (`--state-sync none`: no fsyncs): a crash leaves the old file or the new one. One worker

@@ -1,4 +1,4 @@
-// One file of a state directory (PROTOCOL.md §11.1, as worker/statedir.py writes it): framing, atomic
+// One file of a state directory (PROTOCOL.md §11.1, as worker/statefiles.py describes it): framing, atomic
 // writes, and reading a header back as hostile input, checked as the Python worker's typed structs are.
 
 import * as fs from "node:fs";
@@ -118,7 +118,7 @@ export function digest(text) {
   return createHash("sha256").update(text, "utf8").digest("hex").slice(0, 40);
 }
 
-// -- file headers, checked as worker/statedir.py's typed structs are -------------------------------------
+// -- file headers, checked as worker/statefiles.py's typed structs are ---------------------------------
 
 const codepoints = (s) => [...s].length;
 export const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
@@ -236,7 +236,7 @@ export function formatDoc(path, field) {
   return doc[field];
 }
 
-// -- owners: their names on disk (as worker/statedir.py's _Names) -----------------------------------------
+// -- owners: their names on disk (as worker/statefiles.py's Names) ---------------------------------------
 
 /** A connection's owner ("c:HEX") is named with this incarnation's nonce, so a new connection that gets an
  * old routing id is never taken for an old client; a restored one ("s:NAME") acts only through the
