@@ -300,6 +300,30 @@ def test_a_timeout_ahead_of_pipelined_runs_costs_that_run_only(worker) -> None:
     _still_holds(peer, data)
 
 
+@pytest.mark.parametrize("forever_first", [False, True], ids=["burst", "burst-behind-endless"])
+def test_a_burst_of_runs_with_large_inline_arguments_and_results_is_answered(worker, forever_first) -> None:
+    """Pipelined runs whose arguments and fetched results are each just under the inline size fill the pipe
+    to the runner both ways (the Python worker once deadlocked here, supervisor and runner each blocked
+    writing to the other); behind an endless run the burst must not keep --run-timeout from firing."""
+    _, peer = worker
+    data = _stored(peer)
+    add = peer.register(add_plan(), name="add")["plan"]
+    head = None
+    if forever_first:
+        forever = peer.register(loop_plan(), name="forever")["plan"]
+        head = peer.send(*peer.run_header(forever, [FOREVER, np.zeros(1, np.float32)], ["y"]))
+    big = [np.full(15_000, i, np.float32) for i in range(31)]  # 60 KB each, inline both ways
+    behind = [peer.send(*peer.run_header(add, [b], [f"b{i}"], fetch=[0])) for i, b in enumerate(big)]
+    if head is not None:
+        reply = peer.recv()
+        assert (reply["re"], reply["code"]) == (head, "plan_timeout"), reply
+    for rid, b in zip(behind, big, strict=True):
+        reply = peer.recv()
+        assert reply["re"] == rid, reply
+        np.testing.assert_array_equal(reply.array_list()[0], b + 1)
+    _still_holds(peer, data)
+
+
 def test_cancel_of_runs_pipelined_behind_a_running_one(worker) -> None:
     """Runs sent in one burst behind an endless one (the Python worker has them in its runner's pipe): one
     is cancelled (it answers cancelled at once and its output is failed), then the endless one; the others

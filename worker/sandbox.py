@@ -100,6 +100,10 @@ class Sandbox:
         self.inflight: deque[Sent] = deque()  # requests sent and not answered yet, in order
         self._answered: Sent | None = None  # the request the last answer received was for
         self._batch: list | None = None  # packed requests held back by ``hold`` until ``flush``
+        # Bytes of requests not yet taken by the pipe: the supervisor never blocks writing to the runner,
+        # which may itself be blocked writing answers the supervisor has to read (a deadlock otherwise).
+        self._out: deque[memoryview] = deque()
+        self._writing = False  # the poll also watches for room in the pipe (POLLOUT)
         self._sent_at = 0.0  # perf_counter when the request in flight alone was sent (0: none such)
         self._sent_plan = ""
         self._answer_s: dict[str, float] = {}  # plan: moving average of the runner's answer time to it alone
@@ -215,6 +219,8 @@ class Sandbox:
     def _reset(self) -> None:
         self.inflight.clear()
         self._batch = None
+        self._out.clear()
+        self._writing = False
         self._sent_at = 0.0
         self._answered = None
         pid = self._proc.pid if self._proc is not None else 0
@@ -351,9 +357,34 @@ class Sandbox:
 
     def _send(self, msg: pipe.ToRunner, buffers: list) -> None:
         if self._batch is None:
-            pipe.send(self._sock, msg, buffers)  # type: ignore[arg-type]
+            self._write(pipe.pack(msg, buffers))  # type: ignore[arg-type]
         else:
             self._batch += pipe.pack(msg, buffers)
+
+    def _write(self, parts: list) -> None:
+        """Queue ``parts`` after what waits to be written and write what the pipe takes now, without blocking
+        (the rest goes as the runner reads: ``wait`` watches for room). OSError when the runner is gone."""
+        self._out.extend(v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes)
+        self._push()
+
+    def _push(self) -> None:
+        out, sock = self._out, self._sock
+        while out and sock is not None:
+            try:
+                sent = sock.sendmsg(list(itertools.islice(out, pipe.MAX_PARTS)), (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            while sent:
+                n = out[0].nbytes
+                if sent < n:
+                    out[0] = out[0][sent:]
+                    break
+                out.popleft()
+                sent -= n
+        writing = bool(out)
+        if writing != self._writing and self._poll is not None and sock is not None:
+            self._poll.modify(sock.fileno(), select.POLLIN | select.POLLOUT if writing else select.POLLIN)
+            self._writing = writing
 
     def hold(self) -> None:
         """Keep the loads and runs sent from now on until ``flush``: the runner wakes once for all of them."""
@@ -364,7 +395,7 @@ class Sandbox:
         """Send what ``hold`` kept; OSError when the runner is gone (its closed pipe says how)."""
         batch, self._batch = self._batch, None
         if batch and self._sock is not None:
-            pipe.send_parts(self._sock, batch)
+            self._write(batch)
 
     def wait(self, seconds: float) -> bool:
         """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``."""
@@ -372,13 +403,22 @@ class Sandbox:
             return False
         if self._reader is not None and self._reader.pending():
             return True
-        if seconds and self._sent_at and len(self.inflight) == 1:
+        poll = self._poll.poll
+        if seconds and self._sent_at and len(self.inflight) == 1 and not self._out:
             spin = self._answer_s.get(self._sent_plan, SPIN_MAX) * 2
-            if spin <= SPIN_MAX and self._spin.allowed():
-                poll = self._poll.poll
-                if self._spin.until(lambda: poll(0), self._sent_at + spin):
-                    return True
-        return bool(self._poll.poll(int(seconds * 1e3)))
+            if spin <= SPIN_MAX and self._spin.allowed() and self._spin.until(lambda: poll(0), self._sent_at + spin):
+                return True
+        end = time.monotonic() + seconds
+        while True:
+            events = poll(max(0, int((end - time.monotonic()) * 1e3)))
+            if any(ev & ~select.POLLOUT for _, ev in events):
+                return True  # an answer, or the pipe closed
+            if not events:
+                return False
+            try:  # room in the pipe: more of the requests waiting to be written
+                self._push()
+            except OSError:
+                return True  # the runner is gone: its closed pipe says how
 
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
         """The runner's next message; PipeClosed when it died (then call ``died``). An answer is to the oldest

@@ -363,9 +363,10 @@ class Supervisor:
             head.deadline = time.monotonic() + READY_TIMEOUT
 
     def _from_runner(self) -> None:
-        """Every message the runner has sent so far."""
+        """The messages the runner has sent so far: at most one per request in flight (and a Ready), so that a
+        runner that keeps talking cannot keep the loop from requests and deadlines."""
         sandbox = self.sandbox
-        while True:
+        for _ in range(len(sandbox.inflight) + 1):
             self._one_from_runner()
             if not sandbox.running or not sandbox.wait(0):
                 return
@@ -388,6 +389,9 @@ class Supervisor:
             self._restart()
             return
         if isinstance(msg, pipe.Ready):
+            if sandbox.ready:  # a runner says Ready once: one that says it again is not to be trusted
+                sandbox.kill("the runner said it was ready twice")
+                return
             sandbox.ready = True
             sandbox.memory_limit = msg.memory_limit
             log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
@@ -396,7 +400,7 @@ class Supervisor:
                 for slot in list(self.window):
                     if slot.job is not None and not slot.sent and slot in self.window:
                         self._dispatch(slot)
-                        if not sandbox.running:
+                        if not sandbox.running or not sandbox.ready:  # it ended (a fresh one starts)
                             break
             finally:
                 self._send_held()
