@@ -637,6 +637,14 @@ def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path, ki
         _step(c, x, np.zeros(16, F32), "w3")
         with pytest.raises(RemoteError, match="max_epsilon"):
             c.fetch_arrays(["w3"], keep=True)
+        other = planwire.connect(url, timeout=60)  # another client on a new connection: no fresh budget
+        try:
+            (x2,) = other.search("secret")
+            _step(other, x2, np.zeros(16, F32), "o1")
+            with pytest.raises(RemoteError, match="all clients' noised releases.*max_epsilon"):
+                other.fetch_arrays(["o1"], keep=True)
+        finally:
+            other.close()
     finally:
         c.close()
         first.close()
@@ -649,6 +657,7 @@ def test_kill_9_keeps_the_privacy_budget_spent_and_pending_releases(tmp_path, ki
         ("released", ["new_w"]),
         ("released", ["new_w"]),
         ("refused", ["new_w"]),
+        ("refused", ["new_w"]),  # the other client's
     ]
     assert lines[0]["epsilon"] == pytest.approx(epsilon_of({SIGMA: 1}, 1e-5))
     assert lines[1]["epsilon"] == pytest.approx(epsilon_of({SIGMA: 2}, 1e-5))  # counted on from before the kill

@@ -5,7 +5,7 @@ fingerprint (the sha256 of the plan bytes, which is also its plan id) and names,
 leave::
 
     delta = 1e-5                       # for the privacy accounting report (default 1e-5)
-    max_epsilon = 8.0                  # optional: each client's privacy budget (epsilon at delta), all plans
+    max_epsilon = 8.0                  # optional: the data's privacy budget (epsilon at delta), all clients and plans
 
     [[plan]]
     fingerprint = "3f2a…"              # plan-worker review PLAN.onnx prints it, and this snippet
@@ -19,8 +19,9 @@ leave::
 ``update`` releases the change of a bound parameter since the client last stored it (over every step of
 this plan in between), clipped to ``clip_norm`` (L2, per tensor) and with Gaussian noise of standard
 deviation ``noise_multiplier * clip_norm`` added by the worker, once per stored result. ``max_epsilon``
-bounds the epsilon each client may spend on noised releases, over all plans: a release that would take it
-past the budget is refused (``private_data``), and the result stays unreleased.
+bounds the epsilon spent on noised releases of the worker's data, over all clients and plans (their events
+composed): a release that would take it past the budget is refused (``private_data``), and the result stays
+unreleased.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Policy:
     rules: dict[str, Rule]
     delta: float = 1e-5
     path: str = ""
-    max_epsilon: float | None = None  # each client's privacy budget over all noised releases (None: unbounded)
+    max_epsilon: float | None = None  # the data's privacy budget over every client's noised releases (None: unbounded)
 
 
 def load(path: str | Path) -> Policy:

@@ -1,17 +1,19 @@
 """Releases: the only way a result computed from private data leaves the worker, by the owner's policy.
 
 A run of an approved plan (worker/policy.py) that reads private data stores each private output with a
-:class:`Pending` release: what its rule allows (``as_is`` or ``update``), the base of an update (the
-parameter as the client last stored it) and the fewest rows of private data its computation read. The
-first read (``get``, ``fetch``, ``inline_max``) computes the released value once (clip and noise for an
-update), records it in the audit log and the client's privacy accounting, and every later read of that
-result returns the same value: reading twice never averages the noise away.
+:class:`Pending` release: what its rule allows (``as_is`` or ``update``), the base of an update (the parameter
+as the client last stored it) and the fewest rows of private data its computation read. The first read
+(``get``, ``fetch``, ``inline_max``) computes the released value once (clip and noise for an update), records
+it in the audit log and the client's privacy accounting, and every later read of that result returns the same
+value: reading twice never averages the noise away.
 
 The accounting keeps, per client, how many noised releases it was given at each noise multiplier, and
 its epsilon is dp-accounting's for exactly those events. A policy's ``max_epsilon`` refuses a release
-that would take a client past it. With ``--state-dir`` a :class:`Journal` (worker/state.py) makes the
-spent budget, then the released value, durable before the release returns (so before the reply leaves):
-a restarted worker neither forgets a budget spent nor draws new noise for a value already released.
+that would take the worker's data past it: every client's noised releases composed (a per-client budget
+would give a new connection, or a new CURVE key, a fresh budget on the same data). With ``--state-dir`` a
+:class:`Journal` (worker/state.py) makes the spent budget, then the released value, durable before the
+release returns (so before the reply leaves): a restarted worker neither forgets a budget spent nor draws new
+noise for a value already released.
 """
 
 from __future__ import annotations
@@ -202,24 +204,31 @@ class Releaser:
         self, client: ClientId, key: str, entry: Entry, pending: Pending, noise: float
     ) -> tuple[dict[float, int], float]:
         """The client's accounting and epsilon after one more release at ``noise``; refuses (``private_data``)
-        one past the policy's ``max_epsilon``, or any while the accounting is unknown."""
+        one that would take the worker's data past the policy's ``max_epsilon`` (all clients' noised releases
+        composed: a client that connects again, or another client, gets no fresh budget on the same data), or
+        any while the accounting is unknown."""
         rule = pending.rule
         events = dict(self._spent.get(client, {}))
         events[noise] = events.get(noise, 0) + 1
         epsilon = epsilon_of(events, self.delta)
         budget = self.policy.max_epsilon if self.policy is not None else None
+        everyone: Counter[float] = Counter()
+        for other, spent_events in self._spent.items():
+            if other != client:
+                everyone.update(spent_events)
         message = ""
         if self.blocked:
             message = (
                 f"tensor {key!r} is a noised update, and {self.blocked}: no noised release is made until the worker's "
                 "operator repairs that record (or removes it, which resets every client's spent budget)"
             )
-        elif budget is not None and epsilon > budget:
-            spent = self._epsilon.get(label(client), 0.0)
+        elif budget is not None and (total := epsilon_of(dict(everyone + Counter(events)), self.delta)) > budget:
+            spent = epsilon_of(dict(everyone + Counter(self._spent.get(client, {}))), self.delta)
             message = (
-                f"tensor {key!r} ({pending.output!r} of plan {rule.name or rule.fingerprint[:12]!r}) would take this "
-                f"client's privacy budget to epsilon {epsilon:.4g} (spent so far: {spent:.4g}, at delta "
-                f"{self.delta:g}), past the data owner's max_epsilon of {budget:g}: not released"
+                f"tensor {key!r} ({pending.output!r} of plan {rule.name or rule.fingerprint[:12]!r}) would take the "
+                f"privacy budget of the worker's data (all clients' noised releases) to epsilon {total:.4g} (spent "
+                f"so far: {spent:.4g}, at delta {self.delta:g}), past the data owner's max_epsilon of {budget:g}: "
+                "not released"
             )
         if message:
             self.audit("refused", client, rule, rule.name, [pending.output], [entry.array], reason=message)

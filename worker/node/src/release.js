@@ -160,13 +160,25 @@ export class Releaser {
         `tensor ${pyRepr(key)} is a noised update, and ${this.blocked}: no noised release is made until the worker's ` +
         "operator repairs that record (or removes it, which resets every client's spent budget)";
     } else if (budget !== null) {
-      const epsilon = epsilonOf(events, delta);
-      if (epsilon > budget) {
-        const spent = this.accountants.get(client)?.epsilon(delta) ?? 0;
+      // the data's budget: every client's noised releases composed (a reconnecting client gets no fresh one)
+      const everyone = new Map();
+      for (const [other, spentEvents] of this.events) {
+        if (other === client) continue;
+        for (const [n, c] of spentEvents) everyone.set(n, (everyone.get(n) ?? 0) + c);
+      }
+      const plus = (a, b) => {
+        const out = new Map(a);
+        for (const [n, c] of b) out.set(n, (out.get(n) ?? 0) + c);
+        return out;
+      };
+      const total = epsilonOf(plus(everyone, events), delta);
+      if (total > budget) {
+        const spent = epsilonOf(plus(everyone, this.events.get(client) ?? new Map()), delta);
         message =
           `tensor ${pyRepr(key)} (${pyRepr(pending.output)} of plan ${pyRepr(rule.name || rule.fingerprint.slice(0, 12))}) ` +
-          `would take this client's privacy budget to epsilon ${pyG(epsilon, 4)} (spent so far: ${pyG(spent, 4)}, at delta ` +
-          `${pyG(delta)}), past the data owner's max_epsilon of ${pyG(budget)}: not released`;
+          `would take the privacy budget of the worker's data (all clients' noised releases) to epsilon ${pyG(total, 4)} ` +
+          `(spent so far: ${pyG(spent, 4)}, at delta ${pyG(delta)}), past the data owner's max_epsilon of ${pyG(budget)}: ` +
+          "not released";
       }
     }
     if (message) {
