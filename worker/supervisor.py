@@ -178,7 +178,7 @@ class Supervisor:
         elif kind is m.Cancel:
             self._cancel(peer, client, frames, msg)  # type: ignore[arg-type]
         elif busy:
-            if kind is m.Describe and not set(msg.keys) & self._pending_outputs():  # type: ignore[attr-defined]
+            if kind is m.Describe and self._may_describe(peer, client, msg):  # type: ignore[arg-type]
                 send(peer, service.answer(msg, buffers, frames, client, t0=t0))
             else:
                 self.queue.append(_Queued(peer, client, frames, msg, buffers))
@@ -235,26 +235,38 @@ class Supervisor:
                 return False
         keys = {a.ref for a in msg.args if isinstance(a.ref, str)}
         keys.update(msg.outputs)
-        if keys & self._window_outputs():
+        store, owner = self.service.store, self.service.owners.owner(q.client)
+        if {(owner, k) for k in keys} & self._window_outputs():
             return False
         if self.sandbox.unsaved:  # a tensor only the runner holds: a run behind must not risk it
             return False
-        store, owner = self.service.store, self.service.owners.owner(q.client)
         for key in keys:
             entry = store.find(owner, key)
             if entry is not None and entry.private:
                 return False
         return True
 
-    def _window_outputs(self) -> set[str]:
-        return {k for s in self.window if isinstance(s.job, RunJob) for k in s.job.msg.outputs}
+    def _window_outputs(self) -> set[tuple[bytes, str]]:
+        """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
+        client's run never delays (nor, by the delay, reveals) a request on a key of the same name."""
+        owner = self.service.owners.owner
+        return {
+            (owner(s.job.origin.client), k) for s in self.window if isinstance(s.job, RunJob) for k in s.job.msg.outputs
+        }
 
-    def _pending_outputs(self) -> set[str]:
-        keys = self._window_outputs()
+    def _may_describe(self, peer: bytes, client: bytes, msg: m.Describe) -> bool:
+        """Whether a ``describe`` may be answered ahead of the queue (PROTOCOL.md §4.2): it names no output of a
+        run of its owner queued or in the window, and its connection has no other change (put, delete, ...)
+        queued ahead of it, whose effect it must see."""
+        owner = self.service.owners.owner
+        me = owner(client)
+        pending = self._window_outputs()
         for q in self.queue:
             if isinstance(q.msg, m.Run):
-                keys.update(q.msg.outputs)
-        return keys
+                pending.update((owner(q.client), k) for k in q.msg.outputs)
+            elif q.peer == peer and not isinstance(q.msg, m.Describe | m.Ping):
+                return False
+        return not any((me, k) in pending for k in msg.keys)
 
     def _head(self) -> _Slot | None:
         """The oldest job in the window (replies ahead of it are sent as soon as they are at the front)."""
