@@ -38,6 +38,7 @@ PLAN_RECORD = "planwire"  # ConfigRecord key in messages: {"plan-sha256": hex, "
 SHA_KEY, BYTES_KEY = "plan-sha256", "plan-onnx"
 ARRAYS, METRICS = "arrays", "metrics"  # record names in replies (Flower's convention; the ClientApps use them)
 MAX_DELIVERIES = 3
+MAX_EXAMPLES = 1_000_000  # examples one reply may claim (its weight), by default
 
 
 class PlanStrategy(Strategy):
@@ -45,7 +46,10 @@ class PlanStrategy(Strategy):
 
     ``extra_metrics``: metric keys the clients add beside the plan's own (e.g. a wrapped ClientApp that
     reports its memory); every reply must carry the same keys. ``max_deliveries``: how many times in a row
-    the plan's bytes are sent to a node that has not answered without error."""
+    the plan's bytes are sent to a node that has not answered without error. ``max_examples``: the most
+    examples one reply may claim (its weight in the average: a whole number from 1 to this); a node that
+    claims more is left out, so that one node cannot outweigh the others by its word alone. What it sends
+    is still trusted within that weight: robust strategies (Krum, trimmed mean) bound a hostile node's arrays."""
 
     def __init__(
         self,
@@ -55,9 +59,13 @@ class PlanStrategy(Strategy):
         weighted_by_key: str = "num-examples",
         extra_metrics: Iterable[str] = (),
         max_deliveries: int = MAX_DELIVERIES,
+        max_examples: int = MAX_EXAMPLES,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError(f"max_deliveries must be at least 1, got {max_deliveries}")
+        if max_examples < 1:
+            raise ValueError(f"max_examples must be at least 1, got {max_examples}")
+        self.max_examples = max_examples
         self.strategy = strategy
         self.plan = bytes(plan)
         self.ports = PlanPorts.check(self.plan)
@@ -191,8 +199,8 @@ class PlanStrategy(Strategy):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 return f"metric {key!r} must be a finite number, got {value!r}"
         weight = record[self.weighted_by_key]
-        if not weight > 0:
-            return f"{self.weighted_by_key!r} must be a positive number, got {weight!r}"
+        if weight != int(weight) or not 1 <= weight <= self.max_examples:
+            return f"{self.weighted_by_key!r} must be a whole number from 1 to {self.max_examples}, got {weight!r}"
         if not train:
             return None
         arrays = content.array_records
@@ -205,4 +213,4 @@ class PlanStrategy(Strategy):
         return None
 
 
-__all__ = ["ARRAYS", "BYTES_KEY", "MAX_DELIVERIES", "METRICS", "PLAN_RECORD", "SHA_KEY", "PlanStrategy"]
+__all__ = ["ARRAYS", "BYTES_KEY", "MAX_DELIVERIES", "MAX_EXAMPLES", "METRICS", "PLAN_RECORD", "SHA_KEY", "PlanStrategy"]

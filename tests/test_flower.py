@@ -377,7 +377,8 @@ inconsistent = ClientApp()
 @inconsistent.train()
 def _inconsistent_train(msg: Message, context: Context) -> Message:
     """Nodes 0-2 reply with metrics Flower cannot aggregate with the others' (one more key, a list where the
-    others have a number, the MetricRecord under another name); nodes 3 and 4 train honestly."""
+    others have a number, the MetricRecord under another name), node 3 claims a weight that would outweigh
+    everyone (or overflow the sum of weights); nodes 4 and 5 train honestly."""
     reply = digits_client(msg, context)
     part = context.node_config["partition-id"]
     if part == 0:
@@ -387,6 +388,8 @@ def _inconsistent_train(msg: Message, context: Context) -> Message:
     elif part == 2:
         reply.content["scores"] = reply.content["metrics"]
         del reply.content["metrics"]
+    elif part == 3:
+        reply.content["metrics"]["num-examples"] = 1e308
     return reply
 
 
@@ -394,15 +397,16 @@ def test_replies_whose_metrics_differ_are_left_out_and_every_round_aggregates() 
     """Flower skips a round's whole aggregation when replies' metric keys or record names differ: a hostile
     node must not be able to do that. (Without the screening, no round aggregates here.)"""
     conf = {"num-server-rounds": 2, "fraction-train": 1.0, "local-epochs": 1, "batch-size": 16}
-    result, strategy = simulate(inconsistent, 5, conf)
+    result, strategy = simulate(inconsistent, 6, conf)
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert set(result.train_metrics_clientapp[2]) == {"loss", "accuracy"}
-    assert len(strategy.left_out) == 6 and len({n for n, _ in strategy.left_out}) == 3
+    assert len(strategy.left_out) == 8 and len({n for n, _ in strategy.left_out}) == 4
     reasons = {why for _, why in strategy.left_out}
     assert reasons == {
         "metrics do not fit plan 'train_CNN': missing [], unexpected ['extra'] (every reply must carry the same keys)",
         "metric 'loss' must be a finite number, got [1.0, 2.0]",
         "expected one MetricRecord named 'metrics', got ['scores']",
+        "'num-examples' must be a whole number from 1 to 1000000, got 1e+308",
     }
     accuracy = {r: m["accuracy"] for r, m in result.evaluate_metrics_serverapp.items()}
     assert accuracy[2] > accuracy[0]
