@@ -9,6 +9,7 @@ while a run executes. Raw frames (tests/conformance/wire.py) so each reply is ch
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import psutil
 import pytest
 from onnx import TensorProto, helper
 
-from planwire.worker.process import WorkerProcess
+from planwire.worker.admin import query
+from planwire.worker.process import NodeWorkerProcess, WorkerProcess
 from tests.conformance.wire import Peer
 from tests.conformance.workers import node_missing
 from tests.conftest import RawWorker
@@ -305,7 +307,7 @@ def test_a_burst_of_runs_with_large_inline_arguments_and_results_is_answered(wor
     """Pipelined runs whose arguments and fetched results are each just under the inline size fill the pipe
     to the runner both ways (the Python worker once deadlocked here, supervisor and runner each blocked
     writing to the other); behind an endless run the burst must not keep --run-timeout from firing."""
-    _, peer = worker
+    proc, peer = worker
     data = _stored(peer)
     add = peer.register(add_plan(), name="add")["plan"]
     head = None
@@ -322,6 +324,9 @@ def test_a_burst_of_runs_with_large_inline_arguments_and_results_is_answered(wor
         assert reply["re"] == rid, reply
         np.testing.assert_array_equal(reply.array_list()[0], b + 1)
     _still_holds(peer, data)
+    if not isinstance(proc, NodeWorkerProcess):  # the runs really were in flight together (the window)
+        status = query(re.search(r"admin on (\S+)", proc.log()).group(1))
+        assert status.device_copies["in_flight_max"] > 1, status.device_copies
 
 
 def test_cancel_of_runs_pipelined_behind_a_running_one(worker) -> None:

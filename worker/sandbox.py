@@ -118,7 +118,17 @@ class Sandbox:
         self._free: list[int] = []
         self.on_lost: Callable[[list[Resident], str], None] | None = None  # the supervisor fails their keys
         self.counts = dict.fromkeys(
-            ("uploads", "upload_bytes", "downloads", "download_bytes", "reused", "host_copies", "lost"), 0
+            (
+                "uploads",
+                "upload_bytes",
+                "downloads",
+                "download_bytes",
+                "reused",
+                "host_copies",
+                "lost",
+                "in_flight_max",
+            ),
+            0,
         )
 
     # -- life ---------------------------------------------------------------------------------------
@@ -351,6 +361,7 @@ class Sandbox:
         self._sent_at = time.perf_counter() if not self.inflight else 0.0
         self._sent_plan = pid
         self.inflight.append(Sent("run", out, keep))
+        self.counts["in_flight_max"] = max(self.counts["in_flight_max"], len(self.inflight))
         self._send(run, buffers)
         if load:
             self.loaded.add(pid)
