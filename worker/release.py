@@ -87,6 +87,7 @@ class Releaser:
         # one unbuffered O_APPEND write per line: whole lines, even with another process appending
         self._audit = open(audit, "ab", buffering=0) if audit else None  # noqa: SIM115
         self._lock = threading.Lock()
+        self._releasing = threading.Lock()
         self._spent: dict[ClientId, dict[float, int]] = {}  # client -> {noise multiplier: noised releases}
         self._epsilon: dict[str, float] = {}  # owner label -> epsilon spent so far (noised releases only)
         self.journal: Journal | None = None  # --state-dir: where releases and the accounting are kept
@@ -158,6 +159,10 @@ class Releaser:
 
     def release(self, client: ClientId, key: str, entry: Entry) -> np.ndarray:
         """The value of a private-derived result that may leave, computed once; ProtocolError otherwise."""
+        with self._releasing:  # one at a time: the budget is read, checked and charged as one step
+            return self._release(client, key, entry)
+
+    def _release(self, client: ClientId, key: str, entry: Entry) -> np.ndarray:
         pending = entry.pending
         if not isinstance(pending, Pending):
             message = (
