@@ -7,11 +7,13 @@ import { createHash, randomBytes } from "node:crypto";
 import { join, resolve, basename, dirname } from "node:path";
 import { DTYPES, Tensor } from "./codec.js";
 import { pyRepr } from "./json.js";
+import { log } from "./log.js";
 
 export const MAGIC = Buffer.from("PWSTATE\x01", "latin1"); // magic, u32 header length, JSON header, padding, payload
 export const ALIGN = 64;
 const MAX_HEADER = 1 << 20;
 export const FORMAT = 1;
+export const EXIT_NOT_DURABLE = 75; // the worker's exit status when an fsync fails (EX_TEMPFAIL)
 export const SESSION_RE = /^[0-9a-f]{32}$/;
 export const OWNER_RE = /^[0-9a-z]{1,1024}$/;
 const C = fs.constants;
@@ -62,7 +64,7 @@ export function writeAtomic(path, parts, sync = true) {
       const view = typeof part === "string" ? Buffer.from(part, "utf8") : Buffer.from(part.buffer, part.byteOffset, part.byteLength);
       for (let at = 0; at < view.length; ) at += fs.writeSync(fd, view, at, view.length - at);
     }
-    if (sync) fs.fsyncSync(fd);
+    if (sync) durably(() => fs.fsyncSync(fd), path);
   } catch (e) {
     fs.closeSync(fd);
     try {
@@ -72,7 +74,19 @@ export function writeAtomic(path, parts, sync = true) {
   }
   fs.closeSync(fd);
   fs.renameSync(tmp, path);
-  if (sync) fsyncDir(resolve(path, ".."));
+  if (sync) durably(() => fsyncDir(resolve(path, "..")), path);
+}
+
+/** Run an fsync; when it fails (EIO: the kernel may have dropped the pages it could not write) the worker
+ * exits at once with 75, as the Python worker (and PostgreSQL) does: no reply may acknowledge what is not
+ * kept, and a restart reads back what was acknowledged before. */
+function durably(fsync, path) {
+  try {
+    fsync();
+  } catch (e) {
+    log.error(`--state-dir ${dirname(path)}: cannot make changes durable (${e.message}): the worker stops now`);
+    process.exit(EXIT_NOT_DURABLE);
+  }
 }
 
 /** MAGIC, the header's length and the header, padded so the payload starts aligned. */
