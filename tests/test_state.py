@@ -362,6 +362,30 @@ def test_a_put_the_disk_cannot_hold_is_refused_whole(tmp_path, monkeypatch):
     inc.close()
 
 
+def test_a_failure_record_the_disk_refuses_still_fails_the_key(tmp_path, monkeypatch):
+    """A failed run's output keys are failed in memory even when the record cannot be written (a client that
+    never reads run replies must not get the key's old value), and the old value's file goes with it."""
+    inc = Incarnation(tmp_path / "s")
+    c = inc.client
+    c.put(np.ones(3, F32), key="y")
+    pbad = c.plan_pointer(handmade.reshape_to_3())
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StateDir, "save_failure", full)
+    c.run(pbad.source.variants[0], [np.ones(5, F32)], outputs=["y"])  # fails at run time
+    with pytest.raises(RemoteError, match="run_failed"):
+        c.fetch_arrays(["y"], keep=True)
+    identity = c.identity
+    inc.close()
+    monkeypatch.undo()
+    again = Incarnation(tmp_path / "s", identity=identity)
+    with pytest.raises(RemoteError, match="no tensor 'y'"):  # not its old value
+        again.client.fetch_arrays(["y"], keep=True)
+    again.close()
+
+
 # -- a real plan-worker, killed with SIGKILL -----------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from planwire.transport.errors import ProtocolError
 from planwire.worker import flow
 from planwire.worker.owners import Owners, PlanHolders
 from planwire.worker.release import Pending, Releaser
@@ -74,7 +75,17 @@ class DurableTensors:
         )
 
     def failed(self, client: ClientId, key: str, why: str) -> None:
-        self.state.save_failure(client, key, why)
+        # Never refused: a failed run's outputs are marked failed in memory whatever the disk says (else a
+        # fire-and-forget client would read the key's old value); when the record cannot be written, the
+        # old value's file goes, so a restart cannot bring it back either.
+        try:
+            self.state.save_failure(client, key, why)
+        except (OSError, ProtocolError) as e:
+            log.error("--state-dir: cannot record that %r failed (%s): its old value is removed", key, e)
+            try:
+                self.state.remove_tensors(client, [key])
+            except (OSError, ProtocolError) as e2:
+                log.error("--state-dir: cannot remove %r either (%s): a restart may show its old value", key, e2)
 
     def removed(self, client: ClientId, keys: list[str]) -> None:
         self.state.remove_tensors(client, keys)
