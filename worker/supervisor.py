@@ -173,7 +173,7 @@ class Supervisor:
                 send(peer, buffers)
             return
         kind = type(msg)
-        if kind is m.Ping or kind is m.Hello:
+        if (kind is m.Ping or kind is m.Hello) and (not busy or self._only_runs_ahead(peer)):
             send(peer, service.answer(msg, buffers, frames, client, t0=t0))
         elif kind is m.Cancel:
             self._cancel(peer, client, frames, msg)  # type: ignore[arg-type]
@@ -254,18 +254,25 @@ class Supervisor:
             (owner(s.job.origin.client), k) for s in self.window if isinstance(s.job, RunJob) for k in s.job.msg.outputs
         }
 
+    def _only_runs_ahead(self, peer: bytes) -> bool:
+        """Whether everything of connection ``peer`` queued or waiting in the window is a run: only then may a
+        control request (ping, hello, describe) be answered ahead of it (PROTOCOL.md §4.2); a put, delete or
+        other reply ahead keeps its place."""
+        if any(q.peer == peer and not isinstance(q.msg, m.Run) for q in self.queue):
+            return False
+        return not any(s.peer == peer and s.job is None for s in self.window)
+
     def _may_describe(self, peer: bytes, client: bytes, msg: m.Describe) -> bool:
-        """Whether a ``describe`` may be answered ahead of the queue (PROTOCOL.md §4.2): it names no output of a
-        run of its owner queued or in the window, and its connection has no other change (put, delete, ...)
-        queued ahead of it, whose effect it must see."""
+        """Whether a ``describe`` may be answered ahead (PROTOCOL.md §4.2): only runs of its connection are
+        ahead of it, and it names no output of a run of its owner queued or in the window."""
+        if not self._only_runs_ahead(peer):
+            return False
         owner = self.service.owners.owner
         me = owner(client)
         pending = self._window_outputs()
         for q in self.queue:
             if isinstance(q.msg, m.Run):
                 pending.update((owner(q.client), k) for k in q.msg.outputs)
-            elif q.peer == peer and not isinstance(q.msg, m.Describe | m.Ping):
-                return False
         return not any((me, k) in pending for k in msg.keys)
 
     def _head(self) -> _Slot | None:
