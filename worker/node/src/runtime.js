@@ -78,12 +78,20 @@ function outputsOf(outputMetadata, got) {
  * outputs as codec Tensors (synchronously with the native binding; a Promise without it). */
 export async function loadSession(data, { threads = 1, arena = true } = {}) {
   const options = sessionOptions(threads, { arena });
-  if (native === null) {
-    const s = await ort.InferenceSession.create(data, options);
-    const [inputs, outputs] = [s.inputMetadata, s.outputMetadata];
-    const run = async (args) => outputsOf(outputs, await s.run(feedsOf(inputs, args)));
-    return { inputMetadata: inputs, outputMetadata: outputs, run, release: () => s.release() };
-  }
+  if (native !== null) return nativeSession(data, options);
+  const s = await ort.InferenceSession.create(data, options);
+  const [inputs, outputs] = [s.inputMetadata, s.outputMetadata];
+  const run = async (args) => outputsOf(outputs, await s.run(feedsOf(inputs, args)));
+  return { inputMetadata: inputs, outputMetadata: outputs, run, release: () => s.release() };
+}
+
+/** loadSession done now, its runs synchronous (the worker's inline lane, src/inline.js); null where
+ * onnxruntime-node's native binding is not reachable (only the deferred public API). */
+export function loadSessionNow(data, { threads = 1, arena = true } = {}) {
+  return native === null ? null : nativeSession(data, sessionOptions(threads, { arena }));
+}
+
+function nativeSession(data, options) {
   const s = new native.InferenceSession();
   s.loadModel(data.buffer, data.byteOffset, data.byteLength, options);
   const inputMetadata = nativeMetadata(s.inputMetadata);

@@ -11,7 +11,8 @@ import { Owners, PlanHolders, DAY, label } from "./owners.js";
 import { analyze, redacted } from "./flow.js";
 import { Releaser } from "./release.js";
 import { keepPlan } from "./review.js";
-import { InProcess, PROVIDERS } from "./runtime.js";
+import { InProcess, PROVIDERS, loadSessionNow } from "./runtime.js";
+import { inlinePlan } from "./inline.js";
 
 export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
 const PREFIX = Buffer.from("PWIRE/");
@@ -48,6 +49,8 @@ export class Plan {
       }));
     this.inputs = ports(session.inputMetadata);
     this.outputs = ports(session.outputMetadata);
+    this.inline = undefined; // src/inline.js's rule for this plan, read at its first run (the inline lane)
+    this.lane = undefined; // its session in the worker for the inline lane, made at first use (null: none)
   }
 
   check(args) {
@@ -88,6 +91,7 @@ export class Service {
       audit = null,
       plansDir = null,
       runtime = null,
+      inlineMaxBytes = 0,
     } = {},
   ) {
     this.id = id;
@@ -106,6 +110,9 @@ export class Service {
     this.flows = new Map(); // plan id -> which outputs depend on which inputs (flow.js)
     this.releaser = new Releaser(policy, audit); // the data owner's release rules and audit log
     this.plansDir = plansDir; // where a worker with private data keeps the plans it receives, for review
+    this.inlineMaxBytes = inlineMaxBytes; // the inline lane's byte bound (src/inline.js); 0: every run to the runtime
+    this.inlineRuns = 0; // runs executed by the inline lane
+    this.mayInline = false; // the request being answered may take the inline lane (the supervisor says so)
     for (const [key, tensor, tags] of data) this.store.putOwn(key, tensor, tags);
     this.handlers = {
       hello: (m) => this.hello(m),
@@ -173,16 +180,28 @@ export class Service {
     }
   }
 
-  /** The reply frames to a decoded request (see decode); never throws. */
-  async answer({ msg, rid, t0 }, frames, client = "") {
+  /** The reply frames to a decoded request (see decode), or a Promise of them when its handler waits (a
+   * run in the runner, a registration); never throws. `inline`: a run may take the inline lane (nothing
+   * in flight would be overtaken: src/supervisor.js decides). */
+  answer(d, frames, client = "", inline = false) {
     this.actFor(client); // other requests may have been decoded since this one
-    let reply;
-    let out;
+    this.mayInline = inline;
+    let got;
     try {
-      [reply, out] = await this.handlers[msg.type](msg, frames.slice(2));
+      got = this.handlers[d.msg.type](d.msg, frames.slice(2));
     } catch (e) {
-      return this.errorReply(rid, msg, e);
+      return this.errorReply(d.rid, d.msg, e);
+    } finally {
+      this.mayInline = false;
     }
+    if (typeof got.then !== "function") return this.framed(d, got);
+    return got.then(
+      (done) => this.framed(d, done),
+      (e) => this.errorReply(d.rid, d.msg, e),
+    );
+  }
+
+  framed({ msg, rid, t0 }, [reply, out]) {
     if (enabled("debug")) {
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       log.debug(`${msg.type} #${rid} -> ${reply.type} (${ms.toFixed(2)} ms)`);
@@ -426,6 +445,7 @@ export class Service {
     this.flows.delete(pid);
     if (plan !== undefined) {
       this.plans.delete(pid);
+      plan.lane?.release();
       await plan.session.release();
       log.info(`unregistered plan ${pyRepr(pid.slice(0, 12))}`);
     }
@@ -441,24 +461,54 @@ export class Service {
     );
   }
 
-  async run(m, buffers) {
+  /** A run: its reply, or a Promise of it while the plan runs in the runner. Every refusal or failure
+   * marks its outputs failed, whichever lane ran it (the inline lane and the runner share this code). */
+  run(m, buffers) {
     const client = this.client; // the requester, whatever is handled while this awaits onnxruntime
     m.args.forEach((a, i) => {
       if (("ref" in a) === ("tensor" in a)) throw new ProtocolError("invalid_message", `run.args[${i}] needs exactly one of 'ref', 'tensor'`);
     });
     this.store.checkWritable(m.outputs);
-    try {
-      return await this.execute(m, buffers, client);
-    } catch (e) {
+    const failed = (e) => {
       if (e instanceof ProtocolError) {
         const why = e.code === "run_failed" ? e.message : `run #${m.id} refused: ${e.message} [${e.code}]`;
         for (const key of m.outputs) this.store.fail(client, key, why);
       }
       throw e;
+    };
+    try {
+      const done = this.execute(m, buffers, client);
+      return typeof done.then === "function" ? done.catch(failed) : done;
+    } catch (e) {
+      return failed(e);
     }
   }
 
-  async execute(m, buffers, client) {
+  execute(m, buffers, client) {
+    const job = this.prepare(m, buffers, client);
+    const lane = this.mayInline ? this.inline(job.plan, job.args) : null;
+    let results;
+    try {
+      results = (lane ?? job.plan.session).run(job.args, { stored: m.args.map((a) => "ref" in a), rid: m.id });
+    } catch (e) {
+      throw this.runError(job, e);
+    }
+    if (lane !== null) {
+      this.inlineRuns += 1;
+      if (enabled("debug")) log.debug(`run #${m.id} of plan ${clean(pyRepr(job.plan.name))}: inline (in the worker)`);
+    }
+    if (typeof results.then !== "function") return this.complete(job, results);
+    return results.then(
+      (r) => this.complete(job, r),
+      (e) => {
+        throw this.runError(job, e);
+      },
+    );
+  }
+
+  /** What a run needs before it runs: its plan, arguments and the release rules of private data; the checks
+   * that refuse it before anything runs. */
+  prepare(m, buffers, client) {
     const plan = this.plans.get(m.plan);
     if (plan === undefined || !this.holders.holds(m.plan, client)) {
       throw new ProtocolError("unknown_plan", `no plan ${pyRepr(m.plan.slice(0, 12))} on worker ${pyRepr(this.id)}: register it first`);
@@ -489,18 +539,22 @@ export class Service {
       rows = Math.min(...[...privateArgs.values()].map((e) => e.rows));
     }
     plan.check(args);
-    let results;
-    try {
-      results = await plan.session.run(args, { stored: m.args.map((a) => "ref" in a), rid: m.id });
-    } catch (e) {
-      if (e instanceof ProtocolError) throw e; // contained: plan_crashed, out_of_memory, plan_timeout, cancelled
-      if (privateArgs.size) {
-        // onnxruntime's text may quote tensor values: the client gets the op, the node and the shapes
-        log.info(`plan ${pyRepr(plan.name)} failed on private data: ${clean(e?.message ?? e)}`);
-        throw new ProtocolError("run_failed", redacted(plan.name, this.id, e, args, pyRepr));
-      }
-      throw new ProtocolError("run_failed", `plan ${pyRepr(plan.name)} failed on worker ${pyRepr(this.id)}: ${e?.message ?? e}`);
+    return { m, client, plan, args, fetch, privateArgs, priv, pending, rows };
+  }
+
+  /** A failed run's error as the client sees it (onnxruntime's own words, redacted on private data). */
+  runError({ plan, args, privateArgs }, e) {
+    if (e instanceof ProtocolError) return e; // contained: plan_crashed, out_of_memory, plan_timeout, cancelled
+    if (privateArgs.size) {
+      // onnxruntime's text may quote tensor values: the client gets the op, the node and the shapes
+      log.info(`plan ${pyRepr(plan.name)} failed on private data: ${clean(e?.message ?? e)}`);
+      return new ProtocolError("run_failed", redacted(plan.name, this.id, e, args, pyRepr));
     }
+    return new ProtocolError("run_failed", `plan ${pyRepr(plan.name)} failed on worker ${pyRepr(this.id)}: ${e?.message ?? e}`);
+  }
+
+  /** A run's results stored (quotas, private marks, pending releases) and its reply. */
+  complete({ m, client, fetch, priv, pending, rows }, results) {
     this.store.checkQuota(client, m.outputs.map((k, i) => [k, results[i].nbytes]), `outputs of run #${m.id}`);
     m.outputs.forEach((key, i) =>
       this.store.put(client, key, results[i], [], { isPrivate: priv.has(i), pending: pending.get(i) ?? null, rows }),
@@ -518,6 +572,29 @@ export class Service {
     const release = (key, e) => this.releaser.release(client, key, e);
     const values = priv.size ? this.store.readable(client, keys, release)[1] : fetch.map((i) => results[i]);
     return this.tensorsReply(m.id, keys, values);
+  }
+
+  /** The inline lane's session of `plan` when a run on `args` may skip the runner (src/inline.js: the
+   * plan is inline-safe, the call small), else null. The plan's rule is read once; its session is made
+   * on first use, with the runner's options; a plan onnxruntime will not load here goes to the runner. */
+  inline(plan, args) {
+    if (this.inlineMaxBytes <= 0) return null;
+    if (plan.inline === undefined) {
+      plan.inline = inlinePlan(plan.data, this.inlineMaxBytes);
+      if (plan.inline.reason !== undefined) log.debug(`plan ${clean(pyRepr(plan.name))} runs in the runner: ${clean(plan.inline.reason)}`);
+    }
+    const rule = plan.inline;
+    if (rule.reason !== undefined) return null;
+    if (!rule.fits(plan.inputs.map((p) => p.name), args.map((t) => t.shape))) return null;
+    if (plan.lane === undefined) {
+      try {
+        plan.lane = loadSessionNow(plan.data, { threads: this.threads, arena: false });
+      } catch (e) {
+        plan.lane = null;
+        log.warning(`plan ${clean(pyRepr(plan.name))}: no inline session (${clean(e?.message ?? e)}): its runs go to the runner`);
+      }
+    }
+    return plan.lane;
   }
 
   /** The releases the owner's policy allows for a run on private data; refuses a fetch of any other

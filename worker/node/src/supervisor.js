@@ -24,6 +24,7 @@ export class Supervisor {
     this.queue = []; // requests not started: {peer, client, frames, d} (d null: refused as read, with `refused`)
     this.running = []; // started, not replied to, in order; each gets `reply` when done
     this.resume = null; // resolves when the queue has room again
+    this.pumping = false; // pump() is starting requests
   }
 
   async serveForever() {
@@ -71,13 +72,25 @@ export class Supervisor {
   }
 
   now(peer, client, frames, d) {
-    this.service.answer(d, frames, client).then((reply) => this.reply(peer, client, d, reply));
+    const reply = this.service.answer(d, frames, client);
+    if (Array.isArray(reply)) this.reply(peer, client, d, reply);
+    else reply.then((r) => this.reply(peer, client, d, r));
   }
 
   /** Start what may start: runs while the window has room and their arguments are not still being made,
-   * anything else once the window is empty. */
+   * anything else once the window is empty; requests answered at once (the inline lane, a put, a get...)
+   * are replied to as they are done, so the next one may start on an empty window. */
   pump() {
-    while (this.queue.length && this.startable(this.queue[0])) this.start(this.queue.shift());
+    if (this.pumping) return; // a reply sent from within start(): the loop below goes on
+    this.pumping = true;
+    try {
+      while (this.queue.length && this.startable(this.queue[0])) {
+        this.start(this.queue.shift());
+        while (this.running.length && this.running[0].reply !== undefined) this.send(this.running.shift());
+      }
+    } finally {
+      this.pumping = false;
+    }
     if (this.resume !== null && this.queue.length < MAX_QUEUED) {
       this.resume();
       this.resume = null;
@@ -105,18 +118,26 @@ export class Supervisor {
     return q.d.msg.args.some((a) => a.ref !== undefined && (space?.get(a.ref) ?? store.own.get(a.ref))?.private === true);
   }
 
+  /** Start request `q` (the head of the queue). A run started on an empty window has nothing in flight
+   * to overtake: it may take the inline lane (src/inline.js), answered before this returns. */
   start(q) {
-    q.alone = q.d !== null && (q.d.msg.type !== "run" || this.readsPrivate(q));
-    this.running.push(q);
     if (q.d === null) {
       q.reply = q.refused;
-      this.flush();
+      this.running.push(q);
       return;
     }
     const sandbox = this.sandbox;
+    q.alone = q.d.msg.type !== "run" || this.readsPrivate(q);
+    const inline = sandbox !== null && !this.running.length;
+    this.running.push(q);
     const before = sandbox?.lastJob;
-    this.service.answer(q.d, q.frames, q.client).then((reply) => {
+    const reply = this.service.answer(q.d, q.frames, q.client, inline);
+    if (Array.isArray(reply)) {
       q.reply = reply;
+      return;
+    }
+    reply.then((r) => {
+      q.reply = r;
       if (q.cancelled) {
         // answered ahead of the runs before it, as a queued run that is cancelled
         this.running.splice(this.running.indexOf(q), 1);

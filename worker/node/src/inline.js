@@ -1,0 +1,346 @@
+// The inline lane's rule (the same rule as the Python worker's): which runs the worker executes itself, in its
+// own onnxruntime session, instead of sending them to the sandboxed runner (src/sandbox.js). The runner
+// exists to contain what a hostile plan can do: crash the process (an integer Div of INT64_MIN by -1 traps
+// with SIGFPE inside onnxruntime), allocate without bound, or never end. A run skips it only when its plan
+// provably can do none of these, decided in two steps:
+//
+// 1. Once per plan, from its bytes (`inlinePlan`): every node is in the default ONNX domain and its op is in
+//    ALLOWED, float ops with no way to trap and no data-dependent allocation (output shapes follow from the
+//    input shapes alone); every input, output, declared value and initializer is float16, float32 or
+//    float64 (integer Div is the SIGFPE case; float arithmetic yields inf or NaN, never a trap); no local
+//    functions, no subgraph or tensor attributes, no sparse initializers, no training info; at most
+//    MAX_NODES nodes and at most the byte bound of initializers. Not allowed, on purpose: Reshape, Expand,
+//    Tile, ConstantOfShape, Range, Resize, Pad (output sizes read from tensor values: a few bytes of input
+//    can ask for gigabytes), Loop, If, Scan (unbounded work, subgraphs), Cast and every integer op (traps),
+//    Conv and the rest (larger kernels, more code reached by a hostile plan for little gain).
+// 2. Per call, from the concrete input shapes (`fits`, cached per plan and shapes): the shape of every value
+//    follows by the rules below (no value of unknown size), the peak memory (initializers and inputs plus
+//    the most intermediate bytes alive at once, the convention of transport/estimate.py) is at most the byte
+//    bound, and the FLOPs (MatMul/Gemm 2 per multiply-accumulate plus 1 per element of Gemm's C,
+//    elementwise 1 per output element, Softmax 3, Transpose/Identity 0: transport/estimate.py's convention)
+//    at most MAX_FLOPS: well under a millisecond of one core, so no run timeout is needed either.
+// The supervisor adds the third condition, per call: nothing in flight that the run would overtake.
+
+export const ALLOWED = new Set([
+  ...["Add", "Sub", "Mul", "Div", "Max", "Min"], // broadcasting elementwise (Max/Min: any number of inputs)
+  ...["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Softmax"], // same shape
+  ...["MatMul", "Gemm", "Transpose"],
+]);
+export const MAX_NODES = 64;
+export const MAX_FLOPS = 2e6;
+export const DEFAULT_MAX_MB = 8; // --inline-max-mb: the byte bound (peak memory of a run, initializers); 0: no inline lane
+const FLOAT_BYTES = new Map([
+  [1, 4], // FLOAT
+  [10, 2], // FLOAT16
+  [11, 8], // DOUBLE
+]);
+const ATTRIBUTES = { Gemm: new Set(["alpha", "beta", "transA", "transB"]), Transpose: new Set(["perm"]), Softmax: new Set(["axis"]) };
+const UNARY = new Set(["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Softmax"]);
+const FLOPS_PER_ELEMENT = { Softmax: 3, Identity: 0, Transpose: 0 };
+const CACHED_SHAPES = 256; // per plan: the calls' shapes whose verdict is kept
+
+/** Why a plan is not inline-safe (only for the log; the lane then leaves the plan to the runner). */
+class NotInline extends Error {}
+
+/** The inline-safe form of plan `data` (ONNX bytes checked by src/modelcheck.js): {nodes, initializers,
+ * inputs, outputs, initBytes} with a `fits(shapes)` verdict per call; or {reason} when it is not. */
+export function inlinePlan(data, maxBytes) {
+  try {
+    return new InlinePlan(readGraph(data, maxBytes), maxBytes);
+  } catch (e) {
+    if (e instanceof NotInline || e instanceof RangeError || e instanceof TypeError) return { reason: e.message };
+    throw e;
+  }
+}
+
+class InlinePlan {
+  constructor(graph, maxBytes) {
+    Object.assign(this, graph);
+    this.maxBytes = maxBytes;
+    this.verdicts = new Map(); // "shape|shape|..." -> whether a call on those shapes may run inline
+  }
+
+  /** Whether a run on inputs of these shapes (in the plan's input order, by `names`) is small. */
+  fits(names, shapes) {
+    const key = shapes.join("|");
+    let ok = this.verdicts.get(key);
+    if (ok === undefined) {
+      ok = this.measure(names, shapes);
+      if (this.verdicts.size >= CACHED_SHAPES) this.verdicts.clear();
+      this.verdicts.set(key, ok);
+    }
+    return ok;
+  }
+
+  measure(names, shapes) {
+    const info = new Map(); // value name -> {shape, size (bytes per element)}
+    for (const [name, t] of this.initializers) info.set(name, t);
+    let bytes = this.initBytes;
+    if (names.length !== this.inputs.size) return false;
+    for (let i = 0; i < names.length; i++) {
+      const size = this.inputs.get(names[i]);
+      if (size === undefined) return false;
+      info.set(names[i], { shape: shapes[i], size });
+      bytes += count(shapes[i]) * size;
+    }
+    const lastUse = new Map();
+    this.nodes.forEach((n, i) => n.inputs.forEach((v) => lastUse.set(v, i)));
+    for (const v of this.outputs) lastUse.set(v, this.nodes.length);
+    let flops = 0;
+    let live = 0;
+    let peak = 0;
+    const alive = new Map();
+    for (let i = 0; i < this.nodes.length; i++) {
+      const node = this.nodes[i];
+      const ins = node.inputs.map((v) => (v === "" ? null : info.get(v)));
+      if (ins.some((x, k) => x === undefined || (x === null && !(node.op === "Gemm" && k === 2)))) return false;
+      const shape = infer(node, ins.map((x) => x && x.shape));
+      if (shape === null) return false;
+      const n = count(shape);
+      flops += node.op === "MatMul" ? 2 * n * ins[0].shape[ins[0].shape.length - 1] : 0;
+      flops += node.op === "Gemm" ? 2 * n * ins[0].shape[node.attrs.transA ? 0 : 1] + (ins[2] ? n : 0) : 0;
+      flops += node.op === "MatMul" || node.op === "Gemm" ? 0 : (FLOPS_PER_ELEMENT[node.op] ?? 1) * n;
+      const out = { shape, size: ins[0].size };
+      info.set(node.output, out);
+      if (!alive.has(node.output)) {
+        alive.set(node.output, n * out.size);
+        live += n * out.size;
+      }
+      peak = Math.max(peak, live);
+      for (const v of [...node.inputs, node.output]) {
+        if (alive.has(v) && (lastUse.get(v) ?? i) <= i) {
+          live -= alive.get(v);
+          alive.delete(v);
+        }
+      }
+      if (flops > MAX_FLOPS || bytes + peak > this.maxBytes) return false;
+    }
+    return this.outputs.every((v) => info.has(v));
+  }
+}
+
+const count = (shape) => shape.reduce((a, b) => a * b, 1);
+
+/** The output shape of allowlisted `node` on inputs of `shapes` (null: an absent optional input), or null
+ * when the shapes do not fit the op (onnxruntime would refuse the run: it goes to the runner, which says so). */
+export function infer(node, shapes) {
+  const op = node.op;
+  if (UNARY.has(op)) {
+    if (shapes.length !== 1) return null;
+    const [x] = shapes;
+    if (op === "Softmax" && node.attrs.axis !== undefined && !(node.attrs.axis >= -x.length && node.attrs.axis < x.length)) return null;
+    return x;
+  }
+  if (op === "Add" || op === "Sub" || op === "Mul" || op === "Div") return shapes.length === 2 ? broadcast(shapes) : null;
+  if (op === "Max" || op === "Min") return shapes.length >= 1 ? broadcast(shapes) : null;
+  if (op === "Transpose") {
+    if (shapes.length !== 1) return null;
+    const [x] = shapes;
+    const perm = node.attrs.perm ?? x.map((_, i) => x.length - 1 - i);
+    if (perm.length !== x.length || new Set(perm).size !== perm.length || !perm.every((p) => p >= 0 && p < x.length)) return null;
+    return perm.map((p) => x[p]);
+  }
+  if (op === "MatMul") return shapes.length === 2 ? matmul(shapes[0], shapes[1]) : null;
+  if (op === "Gemm") {
+    const [a, b, c] = shapes;
+    if (shapes.length < 2 || shapes.length > 3 || a.length !== 2 || b.length !== 2) return null;
+    const [m, k] = node.attrs.transA ? [a[1], a[0]] : a;
+    const [k2, n] = node.attrs.transB ? [b[1], b[0]] : b;
+    if (k !== k2) return null;
+    if (c) {
+      // C broadcasts to [M, N] one way
+      if (c.length > 2 || !c.every((d, i) => d === 1 || d === [m, n][2 - c.length + i])) return null;
+    }
+    return [m, n];
+  }
+  return null;
+}
+
+/** Multidirectional (numpy) broadcasting of `shapes`, or null. */
+function broadcast(shapes) {
+  const rank = Math.max(...shapes.map((s) => s.length));
+  const out = [];
+  for (let i = 0; i < rank; i++) {
+    let d = 1;
+    for (const s of shapes) {
+      const e = s.length - rank + i >= 0 ? s[s.length - rank + i] : 1;
+      if (e === 1) continue;
+      if (d !== 1 && e !== d) return null;
+      d = e;
+    }
+    out.push(d);
+  }
+  return out;
+}
+
+/** numpy.matmul's shape rules: a 1-D operand gains an axis (before for the first, after for the second),
+ * dropped again; the batch axes broadcast. */
+function matmul(a, b) {
+  if (!a.length || !b.length) return null;
+  const a2 = a.length === 1 ? [1, a[0]] : a;
+  const b2 = b.length === 1 ? [b[0], 1] : b;
+  if (a2[a2.length - 1] !== b2[b2.length - 2]) return null;
+  const batch = broadcast([a2.slice(0, -2), b2.slice(0, -2)]);
+  if (batch === null) return null;
+  const out = [...batch];
+  if (a.length > 1) out.push(a2[a2.length - 2]);
+  if (b.length > 1) out.push(b2[b2.length - 1]);
+  return out;
+}
+
+// --- the plan's graph, read off the protobuf (after src/modelcheck.js: sizes and nesting are bounded) ---
+
+const MODEL = { graph: 7, trainingInfo: 20, functions: 25 };
+const GRAPH = { node: 1, initializer: 5, sparseInitializer: 15, input: 11, output: 12, valueInfo: 13 };
+const NODE = { input: 1, output: 2, op: 4, attribute: 5, domain: 7 };
+const ATTR = { name: 1, i: 3, ints: 8, tensorsAndGraphs: new Set([5, 6, 10, 11, 14, 15, 21, 22, 23]) };
+const TENSOR = { dims: 1, dataType: 2, segment: 3, name: 8, dataLocation: 14 };
+const utf8 = new TextDecoder("utf-8");
+
+function readGraph(data, maxBytes) {
+  let graph = null;
+  for (const [num, , v] of fields(data)) {
+    if (num === MODEL.functions) throw new NotInline("the plan has local functions");
+    if (num === MODEL.trainingInfo) throw new NotInline("the plan has training info");
+    if (num === MODEL.graph) graph = v;
+  }
+  if (graph === null) throw new NotInline("the plan has no graph");
+  const nodes = [];
+  const initializers = new Map();
+  const inputs = new Map(); // name -> bytes per element
+  const outputs = [];
+  let initBytes = 0;
+  for (const [num, , v] of fields(graph)) {
+    if (num === GRAPH.node) {
+      if (nodes.length >= MAX_NODES) throw new NotInline(`the plan has more than ${MAX_NODES} nodes`);
+      nodes.push(readNode(v));
+    } else if (num === GRAPH.initializer) {
+      const t = readTensor(v);
+      initBytes += count(t.shape) * t.size;
+      if (initBytes > maxBytes) throw new NotInline(`the plan's initializers exceed ${maxBytes} bytes`);
+      initializers.set(t.name, t);
+    } else if (num === GRAPH.sparseInitializer) {
+      throw new NotInline("the plan has sparse initializers");
+    } else if (num === GRAPH.input || num === GRAPH.output || num === GRAPH.valueInfo) {
+      const [name, size] = readValueInfo(v);
+      if (num === GRAPH.input) inputs.set(name, size);
+      if (num === GRAPH.output) outputs.push(name);
+    }
+  }
+  if ([...initializers.keys()].some((name) => inputs.has(name))) throw new NotInline("an initializer is also a plan input");
+  return { nodes, initializers, inputs, outputs, initBytes };
+}
+
+function readNode(buf) {
+  const node = { op: "", domain: "", inputs: [], output: null, attrs: {} };
+  let outputs = 0;
+  for (const [num, wt, v] of fields(buf)) {
+    if (num === NODE.input) node.inputs.push(utf8.decode(v));
+    else if (num === NODE.output) (node.output = utf8.decode(v)), outputs++;
+    else if (num === NODE.op) node.op = utf8.decode(v);
+    else if (num === NODE.domain) node.domain = utf8.decode(v);
+    else if (num === NODE.attribute && wt === 2) readAttribute(v, node);
+  }
+  if (node.domain !== "" && node.domain !== "ai.onnx") throw new NotInline(`op ${node.domain}::${node.op} is not in the default domain`);
+  if (!ALLOWED.has(node.op)) throw new NotInline(`op ${node.op} is not in the inline allowlist`);
+  if (outputs !== 1 || !node.output) throw new NotInline(`a ${node.op} node has ${outputs} outputs`);
+  for (const name of Object.keys(node.attrs)) {
+    if (!ATTRIBUTES[node.op]?.has(name)) throw new NotInline(`a ${node.op} node has attribute ${name}`);
+  }
+  return node;
+}
+
+function readAttribute(buf, node) {
+  let name = "";
+  let value = null;
+  const ints = [];
+  for (const [num, wt, v] of fields(buf)) {
+    if (num === ATTR.name) name = utf8.decode(v);
+    else if (ATTR.tensorsAndGraphs.has(num)) throw new NotInline("a node has a tensor, graph or reference attribute");
+    else if (num === ATTR.i && wt === 0) value = v;
+    else if (num === ATTR.ints) ints.push(...(wt === 2 ? packed(v) : [v]));
+  }
+  node.attrs[name] = name === "perm" ? ints : value;
+}
+
+function readTensor(buf) {
+  let name = "";
+  let type = 0;
+  const shape = [];
+  for (const [num, wt, v] of fields(buf)) {
+    if (num === TENSOR.name) name = utf8.decode(v);
+    else if (num === TENSOR.dataType) type = v;
+    else if (num === TENSOR.dims) shape.push(...(wt === 2 ? packed(v) : [v]));
+    else if (num === TENSOR.segment || (num === TENSOR.dataLocation && v !== 0)) throw new NotInline(`initializer ${name} is segmented or external`);
+  }
+  const size = FLOAT_BYTES.get(type);
+  if (size === undefined) throw new NotInline(`initializer ${name} is not float16, float32 or float64 (type ${type})`);
+  if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw new NotInline(`initializer ${name} has a bad shape`);
+  return { name, shape, size };
+}
+
+/** [name, bytes per element] of a ValueInfoProto of a float tensor. */
+function readValueInfo(buf) {
+  let name = "";
+  let size;
+  for (const [num, , v] of fields(buf)) {
+    if (num === 1) name = utf8.decode(v);
+    else if (num === 2) {
+      for (const [tn, , tv] of fields(v)) {
+        if (tn !== 1) throw new NotInline(`value ${name} is not a tensor`);
+        for (const [en, , ev] of fields(tv)) if (en === 1) size = FLOAT_BYTES.get(ev);
+      }
+    }
+  }
+  if (size === undefined) throw new NotInline(`value ${name} is not float16, float32 or float64`);
+  return [name, size];
+}
+
+/** [field number, wire type, value] of each field of one protobuf message: a varint as a Number (int64
+ * read as signed), a length-delimited field as its bytes; fixed-width fields are skipped. */
+function* fields(buf) {
+  let pos = 0;
+  while (pos < buf.length) {
+    let key;
+    [key, pos] = varint(buf, pos);
+    const num = Math.floor(key / 8);
+    const wt = key % 8;
+    if (wt === 0) {
+      let v;
+      [v, pos] = varint(buf, pos);
+      yield [num, wt, v];
+    } else if (wt === 2) {
+      let n;
+      [n, pos] = varint(buf, pos);
+      if (pos + n > buf.length) throw new NotInline("malformed protobuf");
+      yield [num, wt, buf.subarray(pos, pos + n)];
+      pos += n;
+    } else if (wt === 1 || wt === 5) pos += wt === 1 ? 8 : 4;
+    else throw new NotInline(`protobuf wire type ${wt}`);
+  }
+}
+
+function packed(buf) {
+  const out = [];
+  for (let pos = 0, v; pos < buf.length; ) {
+    [v, pos] = varint(buf, pos);
+    out.push(v);
+  }
+  return out;
+}
+
+/** A varint at `pos`: [value, next position]; past 49 bits read exactly as a signed 64-bit integer. */
+function varint(buf, pos) {
+  let value = 0;
+  let mul = 1;
+  let big = null;
+  for (let i = 0; ; i++) {
+    const b = buf[pos++];
+    if (b === undefined || i > 9) throw new NotInline("malformed protobuf varint");
+    if (i < 7) value += (b & 0x7f) * mul;
+    else big = (big ?? BigInt(value)) | (BigInt(b & 0x7f) << BigInt(7 * i));
+    mul *= 128;
+    if (!(b & 0x80)) break;
+  }
+  return [big === null ? value : Number(BigInt.asIntN(64, big)), pos];
+}
