@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from planwire.worker.admin import query
 from tests.conformance.wire import Peer
 from tests.conformance.workers import NodeWorkerProcess, WorkerProcess, node_missing
 from tests.test_containment import INT64_MIN, div_plan
@@ -65,6 +66,19 @@ def mlp_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     e = np.exp(z - z.max(-1, keepdims=True))
     p = e / e.sum(-1, keepdims=True)
     return p, np.maximum(1 / (1 + np.exp(-z)), p)
+
+
+def more_plan() -> bytes:
+    """erf(log_softmax(x) * c) - x with c a Constant node, for x [N, 3]: the rest of the allowlist."""
+    c = onnx.numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32))
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=c),
+        helper.make_node("LogSoftmax", ["x"], ["l"], axis=1),
+        helper.make_node("Mul", ["l", "c"], ["t"]),
+        helper.make_node("Erf", ["t"], ["e"]),
+        helper.make_node("Sub", ["e", "x"], ["y"]),
+    ]
+    return _model(nodes, [_io("x", ["N", 3])], [_io("y", ["N", 3])])
 
 
 def matmul_plan(k: int = 128) -> bytes:
@@ -126,10 +140,15 @@ def test_an_inline_safe_plan_gives_the_sandboxs_numbers_and_the_python_workers()
             header, frames = p.run_header(pid, [xs[0]], ["q", "r"])
             reply = p.request({**header, "inline_max": 1024}, frames)  # small outputs come back unasked
             got[side] += reply.array_list()
-            if side == "inline":
-                assert len(inline_runs(w, "mlp")) == len(xs) + 1, w.log()
-            elif side == "sandbox":
-                assert not inline_runs(w, "mlp") and "--inline-max-mb" not in w.log(), w.log()
+            more = p.register(more_plan(), name="more")["plan"]
+            got[side] += p.run(more, [xs[1][:, :3]], ["y"], fetch=[0]).array_list()
+            if isinstance(w, NodeWorkerProcess):
+                with Peer(w.url):
+                    status = query(re.search(r"admin on (\S+)", w.log()).group(1))
+                inline = side == "inline"
+                assert len(inline_runs(w, "mlp")) == (len(xs) + 1 if inline else 0), w.log()
+                assert len(inline_runs(w, "more")) == (1 if inline else 0), w.log()
+                assert status.device_copies == {"inline_runs": len(xs) + 2 if inline else 0, "inline_fallbacks": 0}
     for a, b, c in zip(got["inline"], got["sandbox"], got["python"], strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)

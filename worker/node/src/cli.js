@@ -266,9 +266,9 @@ async function serve(args) {
   if (!(Number.isInteger(runMemoryMb) && runMemoryMb >= 0)) {
     throw new ConfigError(`--max-run-memory-mb ${pyRepr(args.maxRunMemoryMb)}: must be 0 (no bound) or a positive whole number`);
   }
-  const inlineMb = /^\s*\d+\s*$/.test(args.inlineMaxMb) ? Number(args.inlineMaxMb) : NaN;
-  if (!Number.isSafeInteger(inlineMb)) {
-    throw new ConfigError(`--inline-max-mb ${pyRepr(args.inlineMaxMb)}: must be 0 (no inline lane) or a positive whole number of MiB`);
+  const inlineMb = /^\s*(\d+(\.\d*)?|\.\d+)\s*$/.test(args.inlineMaxMb) ? Number(args.inlineMaxMb) : NaN;
+  if (!(inlineMb >= 0 && inlineMb <= 2 ** 20)) {
+    throw new ConfigError(`--inline-max-mb ${pyRepr(args.inlineMaxMb)}: must be 0 (no inline lane) or a positive number of MiB`);
   }
   let metricsAddr = null;
   if (args.metrics !== null) {
@@ -321,7 +321,7 @@ async function serve(args) {
     policy,
     audit: args.audit,
     plansDir: args.plansDir === "none" ? null : (args.plansDir ?? defaultPlansDir()),
-    inlineMaxBytes: sandbox === null ? 0 : inlineMb * 2 ** 20, // without a sandbox every run is in this process already
+    inlineMaxBytes: sandbox === null ? 0 : Math.floor(inlineMb * 2 ** 20), // without a sandbox every run is in this process already
   });
   const cleanup = [() => service.releaser.close()];
   if (args.stateDir !== null) {

@@ -6,25 +6,27 @@
 //
 // 1. Once per plan, from its bytes (`inlinePlan`): every node is in the default ONNX domain and its op is in
 //    ALLOWED, float ops with no way to trap and no data-dependent allocation (output shapes follow from the
-//    input shapes alone); every input, output, declared value and initializer is float16, float32 or
-//    float64 (integer Div is the SIGFPE case; float arithmetic yields inf or NaN, never a trap); no local
-//    functions, no subgraph or tensor attributes, no sparse initializers, no training info; at most
-//    MAX_NODES nodes and at most the byte bound of initializers. Not allowed, on purpose: Reshape, Expand,
-//    Tile, ConstantOfShape, Range, Resize, Pad (output sizes read from tensor values: a few bytes of input
-//    can ask for gigabytes), Loop, If, Scan (unbounded work, subgraphs), Cast and every integer op (traps),
-//    Conv and the rest (larger kernels, more code reached by a hostile plan for little gain).
+//    input shapes alone; Constant only with a float `value` tensor); every input, output, declared value
+//    and initializer is float16, float32 or float64 (integer Div is the SIGFPE case; float arithmetic
+//    yields inf or NaN, never a trap); no local functions, no subgraph or other tensor attributes, no
+//    sparse initializers, no training info; at most MAX_NODES nodes and at most the byte bound of
+//    initializers. Not allowed, on purpose: Reshape, Expand, Tile, ConstantOfShape, Range, Resize, Pad,
+//    Slice, Gather (output sizes or reads set by tensor values: a few bytes of input can ask for
+//    gigabytes), Loop, If, Scan (unbounded work, subgraphs), Cast and every integer op (traps), other
+//    domains (kernels this rule knows nothing of), Conv and the rest (more code reached for little gain).
 // 2. Per call, from the concrete input shapes (`fits`, cached per plan and shapes): the shape of every value
-//    follows by the rules below (no value of unknown size), the peak memory (initializers and inputs plus
-//    the most intermediate bytes alive at once, the convention of transport/estimate.py) is at most the byte
-//    bound, and the FLOPs (MatMul/Gemm 2 per multiply-accumulate plus 1 per element of Gemm's C,
-//    elementwise 1 per output element, Softmax 3, Transpose/Identity 0: transport/estimate.py's convention)
-//    at most MAX_FLOPS: well under a millisecond of one core, so no run timeout is needed either.
+//    follows by the rules below (no value of unknown size), all values together (initializers, inputs,
+//    constants, every node's output) take at most the byte bound, and the FLOPs (MatMul/Gemm 2 per
+//    multiply-accumulate plus 1 per element of Gemm's C, elementwise 1 per output element, (Log)Softmax 3,
+//    Transpose/Identity/Constant 0: transport/estimate.py's convention) are at most MAX_FLOPS: well under
+//    a millisecond of one core, so no run timeout is needed either.
 // The supervisor adds the third condition, per call: nothing in flight that the run would overtake.
+// The Python worker's lane (worker/inline.py) has the same rule, constants and flag (--inline-max-mb).
 
 export const ALLOWED = new Set([
   ...["Add", "Sub", "Mul", "Div", "Max", "Min"], // broadcasting elementwise (Max/Min: any number of inputs)
-  ...["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Softmax"], // same shape
-  ...["MatMul", "Gemm", "Transpose"],
+  ...["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Identity"], // same shape
+  ...["Softmax", "LogSoftmax", "MatMul", "Gemm", "Transpose", "Constant"],
 ]);
 export const MAX_NODES = 64;
 export const MAX_FLOPS = 2e6;
@@ -34,10 +36,16 @@ const FLOAT_BYTES = new Map([
   [10, 2], // FLOAT16
   [11, 8], // DOUBLE
 ]);
-const ATTRIBUTES = { Gemm: new Set(["alpha", "beta", "transA", "transB"]), Transpose: new Set(["perm"]), Softmax: new Set(["axis"]) };
-const UNARY = new Set(["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Softmax"]);
-const FLOPS_PER_ELEMENT = { Softmax: 3, Identity: 0, Transpose: 0 };
-const CACHED_SHAPES = 256; // per plan: the calls' shapes whose verdict is kept
+const ATTRIBUTES = {
+  Gemm: new Set(["alpha", "beta", "transA", "transB"]),
+  Transpose: new Set(["perm"]),
+  Softmax: new Set(["axis"]),
+  LogSoftmax: new Set(["axis"]),
+  Constant: new Set(["value"]),
+};
+const UNARY = new Set(["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Identity", "Softmax", "LogSoftmax"]);
+const FLOPS_PER_ELEMENT = { Softmax: 3, LogSoftmax: 3, Identity: 0, Transpose: 0, Constant: 0 };
+const CACHED_SHAPES = 4096; // per plan: the calls' shapes whose verdict is kept
 
 /** Why a plan is not inline-safe (only for the log; the lane then leaves the plan to the runner). */
 class NotInline extends Error {}
@@ -72,6 +80,11 @@ class InlinePlan {
     return ok;
   }
 
+  /** Calls on these shapes run in the runner from now on (onnxruntime refused one here). */
+  refuse(shapes) {
+    this.verdicts.set(shapes.join("|"), false);
+  }
+
   measure(names, shapes) {
     const info = new Map(); // value name -> {shape, size (bytes per element)}
     for (const [name, t] of this.initializers) info.set(name, t);
@@ -83,37 +96,20 @@ class InlinePlan {
       info.set(names[i], { shape: shapes[i], size });
       bytes += count(shapes[i]) * size;
     }
-    const lastUse = new Map();
-    this.nodes.forEach((n, i) => n.inputs.forEach((v) => lastUse.set(v, i)));
-    for (const v of this.outputs) lastUse.set(v, this.nodes.length);
     let flops = 0;
-    let live = 0;
-    let peak = 0;
-    const alive = new Map();
-    for (let i = 0; i < this.nodes.length; i++) {
-      const node = this.nodes[i];
+    for (const node of this.nodes) {
       const ins = node.inputs.map((v) => (v === "" ? null : info.get(v)));
       if (ins.some((x, k) => x === undefined || (x === null && !(node.op === "Gemm" && k === 2)))) return false;
-      const shape = infer(node, ins.map((x) => x && x.shape));
+      const shape = node.op === "Constant" ? node.attrs.value.shape : infer(node, ins.map((x) => x && x.shape));
       if (shape === null) return false;
       const n = count(shape);
-      flops += node.op === "MatMul" ? 2 * n * ins[0].shape[ins[0].shape.length - 1] : 0;
-      flops += node.op === "Gemm" ? 2 * n * ins[0].shape[node.attrs.transA ? 0 : 1] + (ins[2] ? n : 0) : 0;
-      flops += node.op === "MatMul" || node.op === "Gemm" ? 0 : (FLOPS_PER_ELEMENT[node.op] ?? 1) * n;
-      const out = { shape, size: ins[0].size };
-      info.set(node.output, out);
-      if (!alive.has(node.output)) {
-        alive.set(node.output, n * out.size);
-        live += n * out.size;
-      }
-      peak = Math.max(peak, live);
-      for (const v of [...node.inputs, node.output]) {
-        if (alive.has(v) && (lastUse.get(v) ?? i) <= i) {
-          live -= alive.get(v);
-          alive.delete(v);
-        }
-      }
-      if (flops > MAX_FLOPS || bytes + peak > this.maxBytes) return false;
+      if (node.op === "MatMul") flops += 2 * n * ins[0].shape[ins[0].shape.length - 1];
+      else if (node.op === "Gemm") flops += 2 * n * ins[0].shape[node.attrs.transA ? 0 : 1] + (ins[2] ? n : 0);
+      else flops += (FLOPS_PER_ELEMENT[node.op] ?? 1) * n;
+      const size = node.op === "Constant" ? node.attrs.value.size : ins[0].size;
+      info.set(node.output, { shape, size });
+      bytes += n * size; // every value counted, as if all were alive at once
+      if (flops > MAX_FLOPS || bytes > this.maxBytes) return false;
     }
     return this.outputs.every((v) => info.has(v));
   }
@@ -128,7 +124,7 @@ export function infer(node, shapes) {
   if (UNARY.has(op)) {
     if (shapes.length !== 1) return null;
     const [x] = shapes;
-    if (op === "Softmax" && node.attrs.axis !== undefined && !(node.attrs.axis >= -x.length && node.attrs.axis < x.length)) return null;
+    if ((op === "Softmax" || op === "LogSoftmax") && node.attrs.axis !== undefined && !(node.attrs.axis >= -x.length && node.attrs.axis < x.length)) return null;
     return x;
   }
   if (op === "Add" || op === "Sub" || op === "Mul" || op === "Div") return shapes.length === 2 ? broadcast(shapes) : null;
@@ -193,7 +189,7 @@ function matmul(a, b) {
 const MODEL = { graph: 7, trainingInfo: 20, functions: 25 };
 const GRAPH = { node: 1, initializer: 5, sparseInitializer: 15, input: 11, output: 12, valueInfo: 13 };
 const NODE = { input: 1, output: 2, op: 4, attribute: 5, domain: 7 };
-const ATTR = { name: 1, i: 3, ints: 8, tensorsAndGraphs: new Set([5, 6, 10, 11, 14, 15, 21, 22, 23]) };
+const ATTR = { name: 1, i: 3, t: 5, ints: 8, tensorsAndGraphs: new Set([5, 6, 10, 11, 14, 15, 21, 22, 23]) };
 const TENSOR = { dims: 1, dataType: 2, segment: 3, name: 8, dataLocation: 14 };
 const utf8 = new TextDecoder("utf-8");
 
@@ -247,6 +243,9 @@ function readNode(buf) {
   for (const name of Object.keys(node.attrs)) {
     if (!ATTRIBUTES[node.op]?.has(name)) throw new NotInline(`a ${node.op} node has attribute ${name}`);
   }
+  if (node.op === "Constant" && (node.inputs.length || node.attrs.value?.shape === undefined)) {
+    throw new NotInline("a Constant that is not a float tensor");
+  }
   return node;
 }
 
@@ -256,6 +255,7 @@ function readAttribute(buf, node) {
   const ints = [];
   for (const [num, wt, v] of fields(buf)) {
     if (num === ATTR.name) name = utf8.decode(v);
+    else if (num === ATTR.t && node.op === "Constant") value = readTensor(v); // float only, as initializers
     else if (ATTR.tensorsAndGraphs.has(num)) throw new NotInline("a node has a tensor, graph or reference attribute");
     else if (num === ATTR.i && wt === 0) value = v;
     else if (num === ATTR.ints) ints.push(...(wt === 2 ? packed(v) : [v]));

@@ -111,7 +111,7 @@ export class Service {
     this.releaser = new Releaser(policy, audit); // the data owner's release rules and audit log
     this.plansDir = plansDir; // where a worker with private data keeps the plans it receives, for review
     this.inlineMaxBytes = inlineMaxBytes; // the inline lane's byte bound (src/inline.js); 0: every run to the runtime
-    this.inlineRuns = 0; // runs executed by the inline lane
+    this.inlineCounts = { inline_runs: 0, inline_fallbacks: 0 }; // runs the inline lane ran, and gave to the runner
     this.mayInline = false; // the request being answered may take the inline lane (the supervisor says so)
     for (const [key, tensor, tags] of data) this.store.putOwn(key, tensor, tags);
     this.handlers = {
@@ -486,16 +486,13 @@ export class Service {
 
   execute(m, buffers, client) {
     const job = this.prepare(m, buffers, client);
-    const lane = this.mayInline ? this.inline(job.plan, job.args) : null;
-    let results;
-    try {
-      results = (lane ?? job.plan.session).run(job.args, { stored: m.args.map((a) => "ref" in a), rid: m.id });
-    } catch (e) {
-      throw this.runError(job, e);
-    }
-    if (lane !== null) {
-      this.inlineRuns += 1;
-      if (enabled("debug")) log.debug(`run #${m.id} of plan ${clean(pyRepr(job.plan.name))}: inline (in the worker)`);
+    let results = this.mayInline ? this.runInline(job) : null;
+    if (results === null) {
+      try {
+        results = job.plan.session.run(job.args, { stored: m.args.map((a) => "ref" in a), rid: m.id });
+      } catch (e) {
+        throw this.runError(job, e);
+      }
     }
     if (typeof results.then !== "function") return this.complete(job, results);
     return results.then(
@@ -574,27 +571,33 @@ export class Service {
     return this.tensorsReply(m.id, keys, values);
   }
 
-  /** The inline lane's session of `plan` when a run on `args` may skip the runner (src/inline.js: the
-   * plan is inline-safe, the call small), else null. The plan's rule is read once; its session is made
-   * on first use, with the runner's options; a plan onnxruntime will not load here goes to the runner. */
-  inline(plan, args) {
+  /** The outputs of run `job` computed by the inline lane, or null when the runner is to run it: the plan
+   * is not inline-safe or the call not small (src/inline.js), or onnxruntime refused it here (the runner
+   * then runs it and answers as it would anyway). The plan's rule is read at its first run; its session is
+   * made at its first small call, with the runner's options. */
+  runInline({ m, plan, args }) {
     if (this.inlineMaxBytes <= 0) return null;
     if (plan.inline === undefined) {
       plan.inline = inlinePlan(plan.data, this.inlineMaxBytes);
       if (plan.inline.reason !== undefined) log.debug(`plan ${clean(pyRepr(plan.name))} runs in the runner: ${clean(plan.inline.reason)}`);
     }
     const rule = plan.inline;
-    if (rule.reason !== undefined) return null;
-    if (!rule.fits(plan.inputs.map((p) => p.name), args.map((t) => t.shape))) return null;
-    if (plan.lane === undefined) {
-      try {
-        plan.lane = loadSessionNow(plan.data, { threads: this.threads, arena: false });
-      } catch (e) {
-        plan.lane = null;
-        log.warning(`plan ${clean(pyRepr(plan.name))}: no inline session (${clean(e?.message ?? e)}): its runs go to the runner`);
-      }
+    if (rule.reason !== undefined || !rule.fits(plan.inputs.map((p) => p.name), args.map((t) => t.shape))) return null;
+    let results;
+    try {
+      plan.lane ??= loadSessionNow(plan.data, { threads: this.threads, arena: false });
+      if (plan.lane === null) return null; // no synchronous onnxruntime here
+      results = plan.lane.run(args);
+    } catch (e) {
+      log.debug(`plan ${clean(pyRepr(plan.name))} not run inline (${clean(e?.message ?? e)}): the runner runs it`);
+      if (plan.lane === undefined) plan.inline = { reason: "onnxruntime cannot load it in the worker" };
+      else rule.refuse(args.map((t) => t.shape)); // these shapes go to the runner from now on
+      this.inlineCounts.inline_fallbacks += 1;
+      return null;
     }
-    return plan.lane;
+    this.inlineCounts.inline_runs += 1;
+    if (enabled("debug")) log.debug(`run #${m.id} of plan ${clean(pyRepr(plan.name))}: inline (in the worker)`);
+    return results;
   }
 
   /** The releases the owner's policy allows for a run on private data; refuses a fetch of any other
