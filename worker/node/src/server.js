@@ -46,8 +46,6 @@ export class Server {
     this.sock = sock;
     this.endpoints = endpoints;
     this.dropped = 0;
-    this.outbox = []; // replies waiting for the send in progress (zeromq.js: one send at a time)
-    this.sending = false;
   }
 
   /** Serve until stopped: requests are read while plans run in `sandbox` (src/supervisor.js). */
@@ -59,38 +57,34 @@ export class Server {
     }
   }
 
-  /** Send a reply to `peer`, never waiting for it: a client that does not read loses replies. */
+  /** Send a reply to `peer`, never waiting for it: with sendTimeout 0 zeromq.js queues a message at once
+   * or refuses it at once (never "busy"), so replies leave in the order of these calls, and a client that
+   * does not read loses replies once its queue is full. */
   send(peer, reply) {
-    if (this.sending) {
-      this.outbox.push([peer, ...reply]);
+    if (this.sock.closed) return;
+    let sent;
+    try {
+      sent = this.sock.send([peer, ...reply]);
+    } catch (e) {
+      this.failed(e);
       return;
     }
-    this.sending = true;
-    this.flush([peer, ...reply]);
+    sent.then(this.dropped ? this.flowing : undefined, this.failed);
   }
 
-  async flush(frames) {
-    const sock = this.sock;
-    while (frames !== undefined) {
-      if (sock.closed) break;
-      try {
-        await sock.send(frames);
-        if (this.dropped) {
-          log.info(`replies flowing again after ${this.dropped} dropped`);
-          this.dropped = 0;
-        }
-      } catch (e) {
-        if (sock.closed) break;
-        if (e.code === "EHOSTUNREACH") log.info("reply dropped: its client has gone");
-        else if (e.code === "EAGAIN") {
-          if (!this.dropped++) log.warning("a client is not reading its replies: dropping its replies until it does");
-        } else log.error(`reply not sent: ${e.message}`);
-      }
-      frames = this.outbox.shift();
-    }
-    this.outbox = [];
-    this.sending = false;
-  }
+  flowing = () => {
+    if (!this.dropped) return;
+    log.info(`replies flowing again after ${this.dropped} dropped`);
+    this.dropped = 0;
+  };
+
+  failed = (e) => {
+    if (this.sock.closed) return;
+    if (e.code === "EHOSTUNREACH") log.info("reply dropped: its client has gone");
+    else if (e.code === "EAGAIN") {
+      if (!this.dropped++) log.warning("a client is not reading its replies: dropping its replies until it does");
+    } else log.error(`reply not sent: ${e.message}`);
+  };
 
   stop() {
     if (!this.sock.closed) this.sock.close();
