@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from planwire.worker.admin import query
-from tests.conformance.wire import Peer
+from tests.conformance.wire import SIGNATURE, Peer
 from tests.conformance.workers import NodeWorkerProcess, WorkerProcess, node_missing
 from tests.test_containment import INT64_MIN, div_plan
 
@@ -254,3 +254,19 @@ def test_inline_results_are_kept_under_state_dir_across_kill_9(tmp_path):
         np.testing.assert_allclose(p.get1("p"), mlp_reference(np.ones((2, 8), np.float32))[0], rtol=1e-4, atol=1e-6)
         p.run(pid, [np.ones((2, 8), np.float32)], ["p", "m"])  # the restored plan runs inline too
         assert len(inline_runs(w, "mlp")) == 1
+
+
+@pytest.mark.parametrize("key", ["__proto__", "constructor", "toString", "hasOwnProperty"])
+def test_header_keys_named_like_object_prototype_members_are_unknown_fields(key):
+    """The Node worker parses headers into plain objects (fast to read, src/json.js): a key named like a
+    member of Object.prototype is still an own field of the header, refused as unknown as the Python worker
+    refuses it; written twice it is a duplicate key (the Python worker names the unknown field first)."""
+    for start in (lambda: node(), lambda: WorkerProcess("py")):
+        with start() as w, Peer(w.url) as p:
+            reply = p.error({"type": "ping", key: {"type": "put"}}, code="invalid_message")
+            assert f"unknown field `{key}`" in reply["message"], reply["message"]
+            if isinstance(w, NodeWorkerProcess):
+                p.send_frames([SIGNATURE, f'{{"type": "ping", "id": 7, "{key}": 1, "{key}": 2}}'.encode()])
+                reply = p.recv()
+                assert reply["code"] == "bad_header" and "duplicate key" in reply["message"], reply
+            assert p.request({"type": "ping"}).kind == "ok"
