@@ -148,7 +148,10 @@ def test_an_inline_safe_plan_gives_the_sandboxs_numbers_and_the_python_workers()
                 inline = side == "inline"
                 assert len(inline_runs(w, "mlp")) == (len(xs) + 1 if inline else 0), w.log()
                 assert len(inline_runs(w, "more")) == (1 if inline else 0), w.log()
-                assert status.device_copies == {"inline_runs": len(xs) + 2 if inline else 0, "inline_fallbacks": 0}
+                if inline:
+                    assert status.device_copies == {"inline_runs": len(xs) + 2, "inline_fallbacks": 0}
+                else:
+                    assert status.device_copies.get("inline_runs", 0) == 0
     for a, b, c in zip(got["inline"], got["sandbox"], got["python"], strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)

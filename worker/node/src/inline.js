@@ -23,6 +23,10 @@
 // The supervisor adds the third condition, per call: nothing in flight that the run would overtake.
 // The Python worker's lane (worker/inline.py) has the same rule, constants and flag (--inline-max-mb).
 
+import { loadSessionNow } from "./runtime.js";
+import { log, clean, enabled } from "./log.js";
+import { pyRepr } from "./json.js";
+
 export const ALLOWED = new Set([
   ...["Add", "Sub", "Mul", "Div", "Max", "Min"], // broadcasting elementwise (Max/Min: any number of inputs)
   ...["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Identity"], // same shape
@@ -46,6 +50,50 @@ const ATTRIBUTES = {
 const UNARY = new Set(["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Identity", "Softmax", "LogSoftmax"]);
 const FLOPS_PER_ELEMENT = { Softmax: 3, LogSoftmax: 3, Identity: 0, Transpose: 0, Constant: 0 };
 const CACHED_SHAPES = 4096; // per plan: the calls' shapes whose verdict is kept
+
+/** The lane: runs of inline-safe plans on small arguments, in the worker's own onnxruntime sessions. */
+export class InlineLane {
+  constructor(maxBytes) {
+    this.maxBytes = maxBytes;
+    this.counts = { inline_runs: 0, inline_fallbacks: 0 }; // runs it ran, and runs it gave back to the runner
+  }
+
+  /** The outputs of a run of `plan` (src/service.js's Plan) on `args` computed here, or null when the runner
+   * is to run it: the plan is not inline-safe or the call not small, or onnxruntime refused it here (the
+   * runner then runs it and answers as it would anyway). The plan's rule is read at its first run; its
+   * session is made at its first small call, with the runner's options but one thread, as the Python
+   * worker's lane. */
+  run(plan, args, rid) {
+    if (plan.inline === undefined) {
+      const rule = inlinePlan(plan.data, this.maxBytes);
+      if (rule.reason !== undefined) log.debug(`plan ${clean(pyRepr(plan.name))} runs in the runner: ${clean(rule.reason)}`);
+      plan.inline = { rule, session: undefined, names: plan.inputs.map((p) => p.name) };
+    }
+    const lane = plan.inline;
+    if (lane.rule.reason !== undefined || !lane.rule.fits(lane.names, args.map((t) => t.shape))) return null;
+    let results;
+    try {
+      lane.session ??= loadSessionNow(plan.data, { threads: 1, arena: false });
+      if (lane.session === null) return null; // no synchronous onnxruntime here
+      results = lane.session.run(args);
+    } catch (e) {
+      log.debug(`plan ${clean(pyRepr(plan.name))} not run inline (${clean(e?.message ?? e)}): the runner runs it`);
+      if (lane.session === undefined) lane.rule = { reason: "onnxruntime cannot load it in the worker" };
+      else lane.rule.refuse(args.map((t) => t.shape)); // these shapes go to the runner from now on
+      this.counts.inline_fallbacks += 1;
+      return null;
+    }
+    this.counts.inline_runs += 1;
+    if (enabled("debug")) log.debug(`run #${rid} of plan ${clean(pyRepr(plan.name))}: inline (in the worker)`);
+    return results;
+  }
+
+  /** `plan` is unregistered: its session goes. */
+  forget(plan) {
+    plan.inline?.session?.release();
+    plan.inline = undefined;
+  }
+}
 
 /** Why a plan is not inline-safe (only for the log; the lane then leaves the plan to the runner). */
 class NotInline extends Error {}

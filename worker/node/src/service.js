@@ -11,8 +11,8 @@ import { Owners, PlanHolders, DAY, label } from "./owners.js";
 import { analyze, redacted } from "./flow.js";
 import { Releaser } from "./release.js";
 import { keepPlan } from "./review.js";
-import { InProcess, PROVIDERS, loadSessionNow } from "./runtime.js";
-import { inlinePlan } from "./inline.js";
+import { InProcess, PROVIDERS } from "./runtime.js";
+import { InlineLane } from "./inline.js";
 
 export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
 const PREFIX = Buffer.from("PWIRE/");
@@ -49,8 +49,7 @@ export class Plan {
       }));
     this.inputs = ports(session.inputMetadata);
     this.outputs = ports(session.outputMetadata);
-    this.inline = undefined; // src/inline.js's rule for this plan, read at its first run (the inline lane)
-    this.lane = undefined; // its session in the worker for the inline lane, made at first use (null: none)
+    this.inline = undefined; // the inline lane's {rule, session} for this plan (src/inline.js), made at its first run
   }
 
   check(args) {
@@ -110,8 +109,7 @@ export class Service {
     this.flows = new Map(); // plan id -> which outputs depend on which inputs (flow.js)
     this.releaser = new Releaser(policy, audit); // the data owner's release rules and audit log
     this.plansDir = plansDir; // where a worker with private data keeps the plans it receives, for review
-    this.inlineMaxBytes = inlineMaxBytes; // the inline lane's byte bound (src/inline.js); 0: every run to the runtime
-    this.inlineCounts = { inline_runs: 0, inline_fallbacks: 0 }; // runs the inline lane ran, and gave to the runner
+    this.lane = inlineMaxBytes > 0 ? new InlineLane(inlineMaxBytes) : null; // src/inline.js; null: every run to the runtime
     this.mayInline = false; // the request being answered may take the inline lane (the supervisor says so)
     for (const [key, tensor, tags] of data) this.store.putOwn(key, tensor, tags);
     this.handlers = {
@@ -445,7 +443,7 @@ export class Service {
     this.flows.delete(pid);
     if (plan !== undefined) {
       this.plans.delete(pid);
-      plan.lane?.release();
+      this.lane?.forget(plan);
       await plan.session.release();
       log.info(`unregistered plan ${pyRepr(pid.slice(0, 12))}`);
     }
@@ -486,7 +484,7 @@ export class Service {
 
   execute(m, buffers, client) {
     const job = this.prepare(m, buffers, client);
-    let results = this.mayInline ? this.runInline(job) : null;
+    let results = this.mayInline && this.lane !== null ? this.lane.run(job.plan, job.args, m.id) : null;
     if (results === null) {
       try {
         results = job.plan.session.run(job.args, { stored: m.args.map((a) => "ref" in a), rid: m.id });
@@ -569,35 +567,6 @@ export class Service {
     const release = (key, e) => this.releaser.release(client, key, e);
     const values = priv.size ? this.store.readable(client, keys, release)[1] : fetch.map((i) => results[i]);
     return this.tensorsReply(m.id, keys, values);
-  }
-
-  /** The outputs of run `job` computed by the inline lane, or null when the runner is to run it: the plan
-   * is not inline-safe or the call not small (src/inline.js), or onnxruntime refused it here (the runner
-   * then runs it and answers as it would anyway). The plan's rule is read at its first run; its session is
-   * made at its first small call, with the runner's options. */
-  runInline({ m, plan, args }) {
-    if (this.inlineMaxBytes <= 0) return null;
-    if (plan.inline === undefined) {
-      plan.inline = inlinePlan(plan.data, this.inlineMaxBytes);
-      if (plan.inline.reason !== undefined) log.debug(`plan ${clean(pyRepr(plan.name))} runs in the runner: ${clean(plan.inline.reason)}`);
-    }
-    const rule = plan.inline;
-    if (rule.reason !== undefined || !rule.fits(plan.inputs.map((p) => p.name), args.map((t) => t.shape))) return null;
-    let results;
-    try {
-      plan.lane ??= loadSessionNow(plan.data, { threads: this.threads, arena: false });
-      if (plan.lane === null) return null; // no synchronous onnxruntime here
-      results = plan.lane.run(args);
-    } catch (e) {
-      log.debug(`plan ${clean(pyRepr(plan.name))} not run inline (${clean(e?.message ?? e)}): the runner runs it`);
-      if (plan.lane === undefined) plan.inline = { reason: "onnxruntime cannot load it in the worker" };
-      else rule.refuse(args.map((t) => t.shape)); // these shapes go to the runner from now on
-      this.inlineCounts.inline_fallbacks += 1;
-      return null;
-    }
-    this.inlineCounts.inline_runs += 1;
-    if (enabled("debug")) log.debug(`run #${m.id} of plan ${clean(pyRepr(plan.name))}: inline (in the worker)`);
-    return results;
   }
 
   /** The releases the owner's policy allows for a run on private data; refuses a fetch of any other
