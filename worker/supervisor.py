@@ -1,7 +1,9 @@
-"""Supervisor: a plan-worker's main loop. It holds the data and never runs a plan.
+"""Supervisor: a plan-worker's main loop. It holds the data and runs no plan that could harm it.
 
-Registrations and runs execute in the sandboxed runner (worker/sandbox.py); meanwhile the loop keeps
-reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it names an output
+Registrations and runs execute in the sandboxed runner (worker/sandbox.py), but for the inline lane's runs
+(worker/inline.py): a tiny run of a plan of float arithmetic only, when nothing is queued or in flight ahead
+of it, is executed here and completed like a runner's answer (``Service.complete``). Meanwhile the loop
+keeps reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it names an output
 of a queued or running run, and ``cancel`` at once; every other request waits in one FIFO, so each
 connection's requests still execute in the order they came.
 
