@@ -56,6 +56,7 @@ READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded
 CANCEL_GRACE = 0.5  # seconds a cancelled run that reached the runner may take before the runner is stopped
 POLL_MS = 100  # the stop flag is checked at least this often
 BUSY_MS = 10  # while a job runs, the socket is read at least this often (ping, cancel)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum math per call
 
 
 @dataclass
@@ -155,10 +156,10 @@ class Supervisor:
     def _read(self, sock: zmq.Socket) -> None:
         """Requests already waiting on the socket (none: returns at once, without an exception)."""
         for _ in range(64):  # a burst, then back to the runner's answers
-            if len(self.queue) >= MAX_QUEUED or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if len(self.queue) >= MAX_QUEUED or not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
             try:
-                peer, client, frames = self.server.receive(zmq.NOBLOCK)
+                peer, client, frames = self.server.receive(_NOBLOCK)
             except zmq.Again:  # what was there came on a refused connection
                 return
             self._request(bytes(peer), client, frames)
