@@ -116,6 +116,18 @@ def worker(request: pytest.FixtureRequest, raw_worker: RawWorker) -> tuple[Worke
     return raw_worker("contained", kind=request.param, extra=["--run-timeout", "2", "--max-run-memory-mb", "256"])
 
 
+@pytest.fixture(params=["tcp", "ipc", "node"])
+def sandboxed(request: pytest.FixtureRequest, raw_worker: RawWorker) -> tuple[WorkerProcess, Peer]:
+    """``worker`` with every run in the sandbox: tiny float plans too (the Python worker's --inline-max-mb 0;
+    the Node.js worker has no inline lane)."""
+    if request.param == "node" and (reason := node_missing()):
+        pytest.skip(reason)
+    extra = ["--run-timeout", "2", "--max-run-memory-mb", "256"]
+    if request.param != "node":
+        extra += ["--inline-max-mb", "0"]
+    return raw_worker("contained", kind=request.param, extra=extra)
+
+
 def _stored(peer: Peer) -> dict[str, np.ndarray]:
     """Tensors put before a hostile plan, small and large (a large one lives in shared memory)."""
     data = {
@@ -303,11 +315,11 @@ def test_a_timeout_ahead_of_pipelined_runs_costs_that_run_only(worker) -> None:
 
 
 @pytest.mark.parametrize("forever_first", [False, True], ids=["burst", "burst-behind-endless"])
-def test_a_burst_of_runs_with_large_inline_arguments_and_results_is_answered(worker, forever_first) -> None:
+def test_a_burst_of_runs_with_large_inline_arguments_and_results_is_answered(sandboxed, forever_first) -> None:
     """Pipelined runs whose arguments and fetched results are each just under the inline size fill the pipe
     to the runner both ways (the Python worker once deadlocked here, supervisor and runner each blocked
     writing to the other); behind an endless run the burst must not keep --run-timeout from firing."""
-    proc, peer = worker
+    proc, peer = sandboxed
     data = _stored(peer)
     add = peer.register(add_plan(), name="add")["plan"]
     head = None
@@ -405,7 +417,7 @@ def test_runner_and_shared_memory_go_with_the_worker(tmp_path: Path) -> None:
     """The runner is a child of the worker and goes with it (stopped, or killed with -9): no process
     left behind; a stopped worker removes its shared memory, a killed one's goes at the next start."""
     for how in ("stop", "kill"):
-        with WorkerProcess("w", listen=f"ipc://{tmp_path}/{how}.ipc") as proc:
+        with WorkerProcess("w", listen=f"ipc://{tmp_path}/{how}.ipc", extra=["--inline-max-mb", "0"]) as proc:
             with Peer(proc.url, timeout=30) as peer:
                 peer.register(add_plan())
                 peer.put("big", np.zeros(1 << 18, np.float32))

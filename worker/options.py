@@ -241,6 +241,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "idle (so it survives the runner even then); 0: only when read or before a later run; default 1",
     )
     ap.add_argument(
+        "--inline-max-mb",
+        type=float,
+        default=8.0,
+        metavar="MB",
+        help="a run of a plan of float arithmetic only (no integer tensors, no op that sizes its output from "
+        "data, no loops, subgraphs or functions) whose values all fit in MB and whose FLOPs are at most 2e6 runs "
+        "in the worker process itself, skipping the sandbox's hop (it can neither crash, loop nor allocate "
+        "more); 0: every run goes to the sandbox; default 8",
+    )
+    ap.add_argument(
         "--no-sandbox",
         action="store_true",
         help="run plans inside the worker process (faster tiny calls; for trusted plans only: a crashing "

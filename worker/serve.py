@@ -29,6 +29,7 @@ from planwire.worker.endpoints import (
     check_network,
     raise_open_files,
 )
+from planwire.worker.inline import InlineLane
 from planwire.worker.options import ConfigError, check_curve, parse_metrics, version
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
@@ -81,6 +82,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         raise ConfigError("--host-copy-after must be 0 (off) or a positive number of seconds")
     if args.max_run_memory_mb < 0:
         raise ConfigError("--max-run-memory-mb must be 0 (no bound) or positive")
+    if not 0 <= args.inline_max_mb <= 1024:
+        raise ConfigError("--inline-max-mb must be between 0 (every run in the sandbox) and 1024")
     limits = msgspec.structs.replace(
         DEFAULT_LIMITS, max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20
     )
@@ -178,8 +181,11 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         if args.max_run_memory_mb:
             service.announced["max_run_memory_bytes"] = args.max_run_memory_mb << 20
     stats = service.stats = Stats(service, curve=curve_secret is not None)
+    lane = None  # tiny runs of provably harmless plans, in this process (worker/inline.py); CPU workers only
+    if sandbox is not None and args.inline_max_mb > 0 and not service.device.cuda:
+        lane = InlineLane(max_bytes=int(args.inline_max_mb * (1 << 20)))
     if sandbox is not None:
-        stats.device = sandbox.copies
+        stats.device = sandbox.copies if lane is None else lambda: {**sandbox.copies(), **lane.counts}
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
     info = {
         "worker": args.id,
@@ -219,9 +225,10 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         log.warning("--no-sandbox: plans run inside this process; a crashing plan takes it down")
     else:
         log.info(
-            "plans run in a sandboxed runner process: --run-timeout %g s, --max-run-memory-mb %d",
+            "plans run in a sandboxed runner process: --run-timeout %g s, --max-run-memory-mb %d%s",
             args.run_timeout,
             args.max_run_memory_mb,
+            f"; tiny runs of float-only plans here (--inline-max-mb {args.inline_max_mb:g})" if lane else "",
         )
     log.info(
         "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors, curve %s)",
@@ -238,7 +245,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         if sandbox is None:
             server.serve_forever()
         else:
-            Supervisor(service, server, sandbox).serve_forever()  # plans run in the sandbox, never here
+            Supervisor(service, server, sandbox, lane).serve_forever()  # plans run in the sandbox (tiny safe ones here)
     finally:
         log.info("plan-worker %s stopped", args.id)
     return 0

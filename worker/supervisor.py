@@ -1,7 +1,9 @@
-"""Supervisor: a plan-worker's main loop. It holds the data and never runs a plan.
+"""Supervisor: a plan-worker's main loop. It holds the data and runs no plan that could harm it.
 
-Registrations and runs execute in the sandboxed runner (worker/sandbox.py); meanwhile the loop keeps
-reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it names an output
+Registrations and runs execute in the sandboxed runner (worker/sandbox.py), but for the inline lane's runs
+(worker/inline.py): a tiny run of a plan of float arithmetic only, when nothing is queued or in flight ahead
+of it, is executed here and completed like a runner's answer (``Service.complete``). Meanwhile the loop
+keeps reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it names an output
 of a queued or running run, and ``cancel`` at once; every other request waits in one FIFO, so each
 connection's requests still execute in the order they came.
 
@@ -39,6 +41,7 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
 from planwire.worker import pipe
+from planwire.worker.inline import InlineLane
 from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
 from planwire.worker.resident import Resident
 from planwire.worker.runtime import Signature
@@ -53,6 +56,7 @@ READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded
 CANCEL_GRACE = 0.5  # seconds a cancelled run that reached the runner may take before the runner is stopped
 POLL_MS = 100  # the stop flag is checked at least this often
 BUSY_MS = 10  # while a job runs, the socket is read at least this often (ping, cancel)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum math per call
 
 
 @dataclass
@@ -83,10 +87,11 @@ class _Slot:
 class Supervisor:
     """Serves ``service`` on ``server``'s socket, executing jobs in ``sandbox``."""
 
-    def __init__(self, service: Service, server: Server, sandbox: Sandbox) -> None:
+    def __init__(self, service: Service, server: Server, sandbox: Sandbox, inline: InlineLane | None = None) -> None:
         self.service = service
         self.server = server
         self.sandbox = sandbox
+        self.inline = inline  # tiny runs of provably harmless plans, executed here (worker/inline.py)
         self.queue: deque[_Queued] = deque()
         self.window: deque[_Slot] = deque()  # jobs sent or about to be, in order; the head is the oldest
         self._rcvtimeo = -2
@@ -151,10 +156,10 @@ class Supervisor:
     def _read(self, sock: zmq.Socket) -> None:
         """Requests already waiting on the socket (none: returns at once, without an exception)."""
         for _ in range(64):  # a burst, then back to the runner's answers
-            if len(self.queue) >= MAX_QUEUED or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if len(self.queue) >= MAX_QUEUED or not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
             try:
-                peer, client, frames = self.server.receive(zmq.NOBLOCK)
+                peer, client, frames = self.server.receive(_NOBLOCK)
             except zmq.Again:  # what was there came on a refused connection
                 return
             self._request(bytes(peer), client, frames)
@@ -195,6 +200,11 @@ class Supervisor:
         if isinstance(msg, m.Run | m.RegisterPlan):
             job = self.service.begin(msg, q.buffers, q.frames, q.client)
             if isinstance(job, RunJob | RegisterJob):
+                if self.inline is not None and not self.window and isinstance(job, RunJob):
+                    results = self.inline.run(job)  # nothing ahead of it: a tiny safe run is answered here
+                    if results is not None:
+                        self.server.send(q.peer, self.service.complete(job, results))
+                        return
                 self._start(q.peer, job)
                 return
             reply = job
@@ -202,6 +212,8 @@ class Supervisor:
             reply = self.service.answer(msg, q.buffers, q.frames, q.client)
             if isinstance(msg, m.DeletePlan):
                 self.sandbox.forget(msg.plan)  # the runner drops its session before its next job
+                if self.inline is not None:
+                    self.inline.forget(msg.plan)
         self._reply(q.peer, reply)
 
     def _reply(self, peer: bytes, frames: list) -> None:

@@ -1,0 +1,214 @@
+"""The inline lane: tiny runs of provably harmless plans, executed by the supervisor itself.
+
+Every run crosses to the sandboxed runner (worker/sandbox.py) so that a plan that crashes, loops or
+allocates without bound costs that run only. For a tiny call that hop is most of the cost (a round trip
+through a second process and its wake-up). The issue's rule is "static checks refuse what is knowable up
+front; containment catches the rest": a run that static checks PROVE cannot crash, loop or allocate much
+needs no sandbox. Such a run is executed here, in the supervisor's own onnxruntime session, when both hold:
+
+1. **The plan is inline-safe** (:func:`inline_safe`, decided once per plan from its bytes alone,
+   transport/graph.py): every node is in the default ONNX domain and its op in :data:`SAFE_OPS`; every
+   input, output, initializer, declared value and constant is a float tensor (:data:`FLOATS`); no local
+   functions, no subgraph attributes; at most :data:`MAX_NODES` nodes.
+2. **The call is small** (:meth:`InlineLane.small`, decided once per plan and argument shapes): the shape
+   of every value of the graph is inferred by rule from the arguments' shapes (transport/shapes.py, never
+   a shape the plan merely declares), all of them together (initializers, arguments, every node's output)
+   take at most ``max_bytes``, and transport/estimate.py counts at most :data:`MAX_FLOPS` FLOPs.
+
+Why that is enough: float arithmetic does not trap (division by zero gives inf, the log of a negative NaN);
+none of these ops allocates by data (no op takes a size, a count or a shape from a tensor's values), has a
+loop, a branch or a call; so the work and the memory of a run are what its shapes say, bounded above, and
+the session's creation folds nothing bigger than the values counted (it is created at the first small
+call, after the runner loaded the same bytes at registration). What is excluded, and why:
+
+* integer tensors anywhere: integer ``Div``/``Mod`` of INT_MIN by -1 (or by 0) raises SIGFPE in
+  onnxruntime's kernel, which no handler survives; integers also carry shapes and counts;
+* ``Reshape``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Resize``, ``Pad``, ``Slice``,
+  ``Gather``, ``Cast``, ``Shape``, ...: their output size or the memory they read comes from tensor
+  values (a 132-byte plan can ask for gigabytes);
+* ``Loop``, ``If``, ``Scan`` and any subgraph: unbounded trip counts; local functions: nested calls that
+  onnxruntime inlines exponentially at load;
+* other domains (``ai.onnx.ml``, ``com.microsoft``, custom ops): kernels this rule knows nothing of.
+
+Everything else about the run is the sandboxed path's: the Service validates it first (ownership, quotas,
+private data and the owner's release policy) and completes it from this lane's results exactly as from the
+runner's (worker/supervisor.py), and a run this lane cannot take, or that fails here, goes to the sandbox.
+Only CPU workers use the lane (a CUDA worker's plans run on its device).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planwire.transport.estimate import estimate
+from planwire.transport.graph import ELEM_TYPES, Graph, Tensor, read_graph
+from planwire.transport.shapes import Info, infer, names, sane
+from planwire.worker.jobs import Plan, RunJob
+from planwire.worker.resident import Resident
+
+log = logging.getLogger("planwire.worker")
+
+SAFE_OPS = names(
+    "Add Sub Mul Div Neg Abs Relu Sigmoid Tanh Exp Log Sqrt Reciprocal Max Min MatMul Gemm Transpose "
+    "Identity Softmax LogSoftmax Erf Constant"
+)
+"""Float ops of the default domain whose output size is set by their inputs' shapes alone (``Constant``:
+only with a float ``value`` tensor, counted with the rest)."""
+FLOATS = frozenset({1, 10, 11})  # float32, float16, float64 (TensorProto element types)
+MAX_NODES = 64
+MAX_FLOPS = 2_000_000
+"""FLOPs of one inline run at most (transport/estimate.py's count): well under a millisecond on one core."""
+DEFAULT_MAX_MB = 8.0
+"""Bytes of all values of one inline run together (``plan-worker --inline-max-mb``), in MiB."""
+_CACHE = 4096  # (plan, shapes) decisions kept per plan
+
+
+def inline_safe(g: Graph, max_bytes: int) -> str:
+    """Why a plan's graph may not run inline ("" when it may): the module's rule 1."""
+    if g.functions:
+        return "it defines local functions"
+    if len(g.nodes) > MAX_NODES:
+        return f"it has {len(g.nodes)} nodes (over {MAX_NODES})"
+    for node in g.nodes:
+        if node.domain or node.op not in SAFE_OPS:
+            return f"op {node.domain + '::' if node.domain else ''}{node.op} is not in the inline allowlist"
+        if node.subgraphs:
+            return f"node {node.op} has a subgraph"
+        if node.op == "Constant":
+            value = node.attrs.get("value")
+            if set(node.attrs) != {"value"} or not isinstance(value, Tensor) or value.elem not in FLOATS:
+                return "a Constant that is not a float tensor"
+    for kind, values in (("input", g.inputs), ("output", g.outputs), ("declared value", g.declared)):
+        for name, vt in values.items():
+            if vt.elem not in FLOATS:
+                return f"{kind} {name!r} is not a float tensor"
+    total = 0
+    for name, t in g.initializers.items():
+        if t.elem not in FLOATS:
+            return f"initializer {name!r} is not a float tensor"
+        total += math.prod(t.dims) * ELEM_TYPES[t.elem][1]
+    if total > max_bytes:
+        return f"its initializers take {total} bytes (over {max_bytes})"
+    return ""
+
+
+def value_bytes(g: Graph, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """Bytes of every value of ``g`` on arguments of ``shapes`` together (initializers, constants, arguments,
+    every node's output), each shape inferred by rule; None when one cannot be (the rule's size is unknown)."""
+    info: dict[str, Info] = {n: Info(t.elem, t.dims, t.values) for n, t in g.initializers.items()}
+    for name, vt in g.inputs.items():
+        info[name] = Info(vt.elem, shapes[name])
+    total = sum(math.prod(i.shape) * ELEM_TYPES[i.elem][1] for i in info.values())  # type: ignore[arg-type]
+    for node in g.nodes:
+        ins = [info.get(n) if n else None for n in node.inputs]
+        if any(n and i is None for n, i in zip(node.inputs, ins, strict=True)):
+            return None
+        try:
+            outs = infer(node, ins, g.functions)
+        except (ValueError, TypeError, IndexError, ZeroDivisionError, OverflowError):
+            return None
+        if outs is None or len(outs) < len(node.outputs):
+            return None
+        for name, out in zip(node.outputs, outs, strict=False):
+            out = sane(out)
+            if out.shape is None or out.elem not in FLOATS:
+                return None
+            if name:
+                info[name] = out
+                total += math.prod(out.shape) * ELEM_TYPES[out.elem][1]
+    if any(name not in info for name in g.outputs):
+        return None
+    return total
+
+
+@dataclass
+class _Variant:
+    """An inline-safe plan: its graph, its session once created, the decisions per argument shapes."""
+
+    graph: Graph
+    plan: Plan
+    session: object = None  # worker/runtime.py OrtPlan, created at the first small call
+    small: dict[tuple, bool] = field(default_factory=dict)
+
+
+class InlineLane:
+    """Runs of inline-safe plans on small arguments, in this process (the module's docstring says which)."""
+
+    def __init__(self, max_bytes: int = int(DEFAULT_MAX_MB * (1 << 20)), max_flops: int = MAX_FLOPS) -> None:
+        self.max_bytes = max_bytes
+        self.max_flops = max_flops
+        self._variants: dict[str, _Variant | None] = {}  # plan id -> its variant, None: not inline-safe
+        self.counts = {"inline_runs": 0, "inline_fallbacks": 0}
+
+    def forget(self, pid: str) -> None:
+        """Plan ``pid`` was unregistered: its session goes."""
+        self._variants.pop(pid, None)
+
+    def run(self, job: RunJob) -> list[np.ndarray] | None:
+        """The outputs of ``job`` computed here, or None: it goes to the sandbox (not inline-safe, not small,
+        an argument held by the runner only, or onnxruntime refused it here)."""
+        pid = job.msg.plan
+        v = self._variants.get(pid, False)
+        if v is False:
+            if len(self._variants) >= _CACHE:  # plans unregistered by --idle-ttl are never forgotten otherwise
+                self._variants.clear()
+            v = self._variants[pid] = self._variant(job.plan)
+        if v is None:
+            return None
+        args = []
+        for a in job.args:
+            if type(a) is Resident:
+                if a.host is None:  # only the runner has its data
+                    return None
+                a = a.host
+            args.append(a)
+        key = tuple(a.shape for a in args)
+        ok = v.small.get(key)
+        if ok is None:
+            ok = self.small(v, key)
+            if len(v.small) >= _CACHE:
+                v.small.clear()
+            v.small[key] = ok
+        if not ok:
+            return None
+        try:
+            if v.session is None:
+                from planwire.worker.runtime import OrtPlan
+
+                v.session = OrtPlan(v.plan.data, name=v.plan.name, threads=1, arena=False)
+            results = v.session.run(args, check=False)  # type: ignore[attr-defined]
+        except Exception as e:  # the sandbox answers it (and says what is wrong, as it would anyway)
+            log.debug("plan %r not run inline (%s): the sandbox runs it", v.plan.name, e)
+            v.small[key] = False
+            self.counts["inline_fallbacks"] += 1
+            return None
+        self.counts["inline_runs"] += 1
+        return results
+
+    def _variant(self, plan: Plan) -> _Variant | None:
+        try:
+            g = read_graph(plan.data)
+        except ValueError:
+            return None
+        why = inline_safe(g, self.max_bytes)
+        if why:
+            log.debug("plan %r runs in the sandbox: %s", plan.name, why)
+            return None
+        log.debug("plan %r is inline-safe: its small calls run in the worker process", plan.name)
+        return _Variant(g, plan)
+
+    def small(self, v: _Variant, shapes: tuple) -> bool:
+        """Whether a call of ``v`` on arguments of ``shapes`` is small (the module's rule 2)."""
+        g = v.graph
+        if len(shapes) != len(g.inputs):
+            return False
+        named = dict(zip(g.inputs, shapes, strict=True))
+        total = value_bytes(g, named)
+        if total is None or total > self.max_bytes:
+            return False
+        e = estimate(g, named)
+        return e.unknown_values == 0 and not e.uncounted and e.flops <= self.max_flops
