@@ -118,13 +118,13 @@ def worker(request: pytest.FixtureRequest, raw_worker: RawWorker) -> tuple[Worke
 
 @pytest.fixture(params=["tcp", "ipc", "node"])
 def sandboxed(request: pytest.FixtureRequest, raw_worker: RawWorker) -> tuple[WorkerProcess, Peer]:
-    """``worker`` with every run in the sandbox: tiny float plans too (the Python worker's --inline-max-mb 0;
-    the Node.js worker has no inline lane)."""
+    """``worker`` with every run in the sandbox: tiny float plans too (the Python worker's --direct-max-mb 0;
+    the Node.js worker has no direct lane)."""
     if request.param == "node" and (reason := node_missing()):
         pytest.skip(reason)
     extra = ["--run-timeout", "2", "--max-run-memory-mb", "256"]
     if request.param != "node":
-        extra += ["--inline-max-mb", "0"]
+        extra += ["--direct-max-mb", "0"]
     return raw_worker("contained", kind=request.param, extra=extra)
 
 
@@ -417,7 +417,7 @@ def test_runner_and_shared_memory_go_with_the_worker(tmp_path: Path) -> None:
     """The runner is a child of the worker and goes with it (stopped, or killed with -9): no process
     left behind; a stopped worker removes its shared memory, a killed one's goes at the next start."""
     for how in ("stop", "kill"):
-        with WorkerProcess("w", listen=f"ipc://{tmp_path}/{how}.ipc", extra=["--inline-max-mb", "0"]) as proc:
+        with WorkerProcess("w", listen=f"ipc://{tmp_path}/{how}.ipc", extra=["--direct-max-mb", "0"]) as proc:
             with Peer(proc.url, timeout=30) as peer:
                 peer.register(add_plan())
                 peer.put("big", np.zeros(1 << 18, np.float32))

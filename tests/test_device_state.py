@@ -73,8 +73,8 @@ def reference(w: np.ndarray, m: np.ndarray, g: np.ndarray, steps: int) -> tuple[
 @pytest.fixture
 def worker(raw_worker: RawWorker) -> tuple[WorkerProcess, Peer]:
     # --host-copy-after 0: no idle copies, so each count below is exact however slow this host is;
-    # --inline-max-mb 0: these tiny plans run in the sandboxed runner, whose device state is tested here
-    extra = ["--host-copy-after", "0", "--device", DEVICE, "--inline-max-mb", "0"]
+    # --direct-max-mb 0: these tiny plans run in the sandboxed runner, whose device state is tested here
+    extra = ["--host-copy-after", "0", "--device", DEVICE, "--direct-max-mb", "0"]
     return raw_worker("dev", extra=extra, timeout=60, ready_timeout=120)
 
 
@@ -151,7 +151,7 @@ def test_a_later_run_first_saves_what_a_crash_could_lose(worker) -> None:
 
 
 def test_idle_results_get_a_host_copy_after_host_copy_after_seconds(raw_worker: RawWorker) -> None:
-    extra = ["--host-copy-after", "0.2", "--device", DEVICE, "--inline-max-mb", "0"]
+    extra = ["--host-copy-after", "0.2", "--device", DEVICE, "--direct-max-mb", "0"]
     proc, peer = raw_worker("idle", extra=extra, timeout=60, ready_timeout=120)
     peer.put("x", np.arange(8, dtype=np.float32))
     plan = peer.register(add_plan(), name="add")["plan"]

@@ -263,7 +263,7 @@ def format_status(st: Status) -> str:
             f"({_size(d.get('upload_bytes', 0))}), {d.get('downloads', 0)} downloads "
             f"({_size(d.get('download_bytes', 0))}), {d.get('reused', 0)} output buffers reused, "
             f"{d.get('lost', 0)} lost; at most {d.get('in_flight_max', 0)} runs in flight to it"
-            + (f"; {d['inline_runs']} tiny runs in the worker process (inline lane)" if "inline_runs" in d else ""),
+            + (f"; {d['direct_runs']} tiny runs in the worker process (direct lane)" if "direct_runs" in d else ""),
         )
     if st.clients:
         head = f"  {'CLIENT':<48} {'NAME':<12} {'REQUESTS':>8} {'REFUSED':>7} {'TENSORS':>7} {'BYTES':>10}"

@@ -241,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "idle (so it survives the runner even then); 0: only when read or before a later run; default 1",
     )
     ap.add_argument(
-        "--inline-max-mb",
+        "--direct-max-mb",
         type=float,
         default=8.0,
         metavar="MB",

@@ -21,6 +21,7 @@ from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
 from planwire.transport.sockets import tune_io_threads
 from planwire.worker.device import describe
+from planwire.worker.direct import DirectLane
 from planwire.worker.endpoints import (
     FD_RESERVE,
     bind_error,
@@ -29,7 +30,6 @@ from planwire.worker.endpoints import (
     check_network,
     raise_open_files,
 )
-from planwire.worker.inline import InlineLane
 from planwire.worker.options import ConfigError, check_curve, parse_metrics, version
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
@@ -82,8 +82,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         raise ConfigError("--host-copy-after must be 0 (off) or a positive number of seconds")
     if args.max_run_memory_mb < 0:
         raise ConfigError("--max-run-memory-mb must be 0 (no bound) or positive")
-    if not 0 <= args.inline_max_mb <= 1024:
-        raise ConfigError("--inline-max-mb must be between 0 (every run in the sandbox) and 1024")
+    if not 0 <= args.direct_max_mb <= 1024:
+        raise ConfigError("--direct-max-mb must be between 0 (every run in the sandbox) and 1024")
     limits = msgspec.structs.replace(
         DEFAULT_LIMITS, max_message_bytes=args.max_message_mb << 20, max_plan_bytes=args.max_plan_mb << 20
     )
@@ -181,9 +181,9 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         if args.max_run_memory_mb:
             service.announced["max_run_memory_bytes"] = args.max_run_memory_mb << 20
     stats = service.stats = Stats(service, curve=curve_secret is not None)
-    lane = None  # tiny runs of provably harmless plans, in this process (worker/inline.py); CPU workers only
-    if sandbox is not None and args.inline_max_mb > 0 and not service.device.cuda:
-        lane = InlineLane(max_bytes=int(args.inline_max_mb * (1 << 20)))
+    lane = None  # tiny runs of provably harmless plans, in this process (worker/direct.py); CPU workers only
+    if sandbox is not None and args.direct_max_mb > 0 and not service.device.cuda:
+        lane = DirectLane(max_bytes=int(args.direct_max_mb * (1 << 20)))
     if sandbox is not None:
         stats.device = sandbox.copies if lane is None else lambda: {**sandbox.copies(), **lane.counts}
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"
@@ -228,7 +228,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             "plans run in a sandboxed runner process: --run-timeout %g s, --max-run-memory-mb %d%s",
             args.run_timeout,
             args.max_run_memory_mb,
-            f"; tiny runs of float-only plans here (--inline-max-mb {args.inline_max_mb:g})" if lane else "",
+            f"; tiny runs of float-only plans here (--direct-max-mb {args.direct_max_mb:g})" if lane else "",
         )
     log.info(
         "plan-worker %s ready on %s (protocol %d, providers %s, onnxruntime %s, pid %d, %d own tensors, curve %s)",

@@ -119,7 +119,7 @@ class Service(PlanRegistry, RunPath):
     # -- entry points ----------------------------------------------------------------------------
     # handle() answers one request in this process (plans run here too). A plan-worker instead drives
     # decode/answer/begin/complete from its supervisor loop (worker/supervisor.py), with begin's jobs
-    # executed by the sandboxed runner (or, tiny and provably harmless, by the inline lane). Each
+    # executed by the sandboxed runner (or, tiny and provably harmless, by the direct lane). Each
     # reply they return has been logged (when refused) and observed by ``stats`` exactly once.
 
     def handle(self, frames: Sequence[Frame], client: ClientId = b"") -> list[Frame]:

@@ -1,7 +1,7 @@
 """Supervisor: a plan-worker's main loop. It holds the data and runs no plan that could harm it.
 
-Registrations and runs execute in the sandboxed runner (worker/sandbox.py), but for the inline lane's runs
-(worker/inline.py): a tiny run of a plan of float arithmetic only, when nothing is queued or in flight ahead
+Registrations and runs execute in the sandboxed runner (worker/sandbox.py), but for the direct lane's runs
+(worker/direct.py): a tiny run of a plan of float arithmetic only, when nothing is queued or in flight ahead
 of it, is executed here and completed like a runner's answer (``Service.complete``). Meanwhile the loop
 keeps reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it names an output
 of a queued or running run, and ``cancel`` at once; every other request waits in one FIFO, so each
@@ -41,7 +41,7 @@ from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
 from planwire.worker import pipe
-from planwire.worker.inline import InlineLane
+from planwire.worker.direct import DirectLane
 from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
 from planwire.worker.resident import Resident
 from planwire.worker.runtime import Signature
@@ -87,11 +87,11 @@ class _Slot:
 class Supervisor:
     """Serves ``service`` on ``server``'s socket, executing jobs in ``sandbox``."""
 
-    def __init__(self, service: Service, server: Server, sandbox: Sandbox, inline: InlineLane | None = None) -> None:
+    def __init__(self, service: Service, server: Server, sandbox: Sandbox, direct: DirectLane | None = None) -> None:
         self.service = service
         self.server = server
         self.sandbox = sandbox
-        self.inline = inline  # tiny runs of provably harmless plans, executed here (worker/inline.py)
+        self.direct = direct  # tiny runs of provably harmless plans, executed here (worker/direct.py)
         self.queue: deque[_Queued] = deque()
         self.window: deque[_Slot] = deque()  # jobs sent or about to be, in order; the head is the oldest
         self._rcvtimeo = -2
@@ -200,8 +200,8 @@ class Supervisor:
         if isinstance(msg, m.Run | m.RegisterPlan):
             job = self.service.begin(msg, q.buffers, q.frames, q.client)
             if isinstance(job, RunJob | RegisterJob):
-                if self.inline is not None and not self.window and isinstance(job, RunJob):
-                    results = self.inline.run(job)  # nothing ahead of it: a tiny safe run is answered here
+                if self.direct is not None and not self.window and isinstance(job, RunJob):
+                    results = self.direct.run(job)  # nothing ahead of it: a tiny safe run is answered here
                     if results is not None:
                         self.server.send(q.peer, self.service.complete(job, results))
                         return
@@ -212,8 +212,8 @@ class Supervisor:
             reply = self.service.answer(msg, q.buffers, q.frames, q.client)
             if isinstance(msg, m.DeletePlan):
                 self.sandbox.forget(msg.plan)  # the runner drops its session before its next job
-                if self.inline is not None:
-                    self.inline.forget(msg.plan)
+                if self.direct is not None:
+                    self.direct.forget(msg.plan)
         self._reply(q.peer, reply)
 
     def _reply(self, peer: bytes, frames: list) -> None:

@@ -150,7 +150,7 @@ export class Metrics {
       run_p50_ms: pct(0.5) * 1e3,
       run_p99_ms: pct(0.99) * 1e3,
       private_releases: this.privateReleases,
-      device_copies: { ...(this.service.lane?.counts ?? {}) }, // the inline lane's counts, under the Python worker's key
+      device_copies: { ...(this.service.lane?.counts ?? {}) }, // the direct lane's counts, under the Python worker's key
     };
   }
 

@@ -85,7 +85,7 @@ export async function loadSession(data, { threads = 1, arena = true } = {}) {
   return { inputMetadata: inputs, outputMetadata: outputs, run, release: () => s.release() };
 }
 
-/** loadSession done now, its runs synchronous (the worker's inline lane, src/inline.js); null where
+/** loadSession done now, its runs synchronous (the worker's direct lane, src/direct.js); null where
  * onnxruntime-node's native binding is not reachable (only the deferred public API). */
 export function loadSessionNow(data, { threads = 1, arena = true } = {}) {
   return native === null ? null : nativeSession(data, sessionOptions(threads, { arena }));

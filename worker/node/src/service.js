@@ -12,7 +12,7 @@ import { analyze, redacted } from "./flow.js";
 import { Releaser } from "./release.js";
 import { keepPlan } from "./review.js";
 import { InProcess, PROVIDERS } from "./runtime.js";
-import { InlineLane } from "./inline.js";
+import { DirectLane } from "./direct.js";
 
 export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
 const PREFIX = Buffer.from("PWIRE/");
@@ -49,7 +49,7 @@ export class Plan {
       }));
     this.inputs = ports(session.inputMetadata);
     this.outputs = ports(session.outputMetadata);
-    this.inline = undefined; // the inline lane's {rule, session} for this plan (src/inline.js), made at its first run
+    this.direct = undefined; // the direct lane's {rule, session} for this plan (src/direct.js), made at its first run
   }
 
   check(args) {
@@ -109,8 +109,8 @@ export class Service {
     this.flows = new Map(); // plan id -> which outputs depend on which inputs (flow.js)
     this.releaser = new Releaser(policy, audit); // the data owner's release rules and audit log
     this.plansDir = plansDir; // where a worker with private data keeps the plans it receives, for review
-    this.lane = inlineMaxBytes > 0 ? new InlineLane(inlineMaxBytes) : null; // src/inline.js; null: every run to the runtime
-    this.mayInline = false; // the request being answered may take the inline lane (the supervisor says so)
+    this.lane = inlineMaxBytes > 0 ? new DirectLane(inlineMaxBytes) : null; // src/direct.js; null: every run to the runtime
+    this.mayDirect = false; // the request being answered may take the direct lane (the supervisor says so)
     for (const [key, tensor, tags] of data) this.store.putOwn(key, tensor, tags);
     this.handlers = {
       hello: (m) => this.hello(m),
@@ -179,18 +179,18 @@ export class Service {
   }
 
   /** The reply frames to a decoded request (see decode), or a Promise of them when its handler waits (a
-   * run in the runner, a registration); never throws. `inline`: a run may take the inline lane (nothing
+   * run in the runner, a registration); never throws. `direct`: a run may take the direct lane (nothing
    * in flight would be overtaken: src/supervisor.js decides). */
-  answer(d, frames, client = "", inline = false) {
+  answer(d, frames, client = "", direct = false) {
     this.actFor(client); // other requests may have been decoded since this one
-    this.mayInline = inline;
+    this.mayDirect = direct;
     let got;
     try {
       got = this.handlers[d.msg.type](d.msg, frames.slice(2));
     } catch (e) {
       return this.errorReply(d.rid, d.msg, e);
     } finally {
-      this.mayInline = false;
+      this.mayDirect = false;
     }
     if (typeof got.then !== "function") return this.framed(d, got);
     return got.then(
@@ -460,7 +460,7 @@ export class Service {
   }
 
   /** A run: its reply, or a Promise of it while the plan runs in the runner. Every refusal or failure
-   * marks its outputs failed, whichever lane ran it (the inline lane and the runner share this code). */
+   * marks its outputs failed, whichever lane ran it (the direct lane and the runner share this code). */
   run(m, buffers) {
     const client = this.client; // the requester, whatever is handled while this awaits onnxruntime
     m.args.forEach((a, i) => {
@@ -484,7 +484,7 @@ export class Service {
 
   execute(m, buffers, client) {
     const job = this.prepare(m, buffers, client);
-    let results = this.mayInline && this.lane !== null ? this.lane.run(job.plan, job.args, m.id) : null;
+    let results = this.mayDirect && this.lane !== null ? this.lane.run(job.plan, job.args, m.id) : null;
     if (results === null) {
       try {
         results = job.plan.session.run(job.args, { stored: m.args.map((a) => "ref" in a), rid: m.id });

@@ -78,7 +78,7 @@ export class Supervisor {
   }
 
   /** Start what may start: runs while the window has room and their arguments are not still being made,
-   * anything else once the window is empty; requests answered at once (the inline lane, a put, a get...)
+   * anything else once the window is empty; requests answered at once (the direct lane, a put, a get...)
    * are replied to as they are done, so the next one may start on an empty window. */
   pump() {
     if (this.pumping) return; // a reply sent from within start(): the loop below goes on
@@ -119,7 +119,7 @@ export class Supervisor {
   }
 
   /** Start request `q` (the head of the queue). A run started on an empty window has nothing in flight
-   * to overtake: it may take the inline lane (src/inline.js), answered before this returns. */
+   * to overtake: it may take the direct lane (src/direct.js), answered before this returns. */
   start(q) {
     if (q.d === null) {
       q.reply = q.refused;
@@ -128,10 +128,10 @@ export class Supervisor {
     }
     const sandbox = this.sandbox;
     q.alone = q.d.msg.type !== "run" || this.readsPrivate(q);
-    const inline = sandbox !== null && !this.running.length;
+    const direct = sandbox !== null && !this.running.length;
     this.running.push(q);
     const before = sandbox?.lastJob;
-    const reply = this.service.answer(q.d, q.frames, q.client, inline);
+    const reply = this.service.answer(q.d, q.frames, q.client, direct);
     if (Array.isArray(reply)) {
       q.reply = reply;
       return;

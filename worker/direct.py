@@ -1,4 +1,4 @@
-"""The inline lane: tiny runs of provably harmless plans, executed by the supervisor itself.
+"""The direct lane: tiny runs of provably harmless plans, executed by the supervisor itself.
 
 Every run crosses to the sandboxed runner (worker/sandbox.py) so that a plan that crashes, loops or
 allocates without bound costs that run only. For a tiny call that hop is most of the cost (a round trip
@@ -6,11 +6,11 @@ through a second process and its wake-up). The issue's rule is "static checks re
 front; containment catches the rest": a run that static checks PROVE cannot crash, loop or allocate much
 needs no sandbox. Such a run is executed here, in the supervisor's own onnxruntime session, when both hold:
 
-1. **The plan is inline-safe** (:func:`inline_safe`, decided once per plan from its bytes alone,
+1. **The plan is direct-safe** (:func:`direct_safe`, decided once per plan from its bytes alone,
    transport/graph.py): every node is in the default ONNX domain and its op in :data:`SAFE_OPS`; every
    input, output, initializer, declared value and constant is a float tensor (:data:`FLOATS`); no local
    functions, no subgraph attributes; at most :data:`MAX_NODES` nodes.
-2. **The call is small** (:meth:`InlineLane.small`, decided once per plan and argument shapes): the shape
+2. **The call is small** (:meth:`DirectLane.small`, decided once per plan and argument shapes): the shape
    of every value of the graph is inferred by rule from the arguments' shapes (transport/shapes.py, never
    a shape the plan merely declares), all of them together (initializers, arguments, every node's output)
    take at most ``max_bytes``, and transport/estimate.py counts at most :data:`MAX_FLOPS` FLOPs.
@@ -27,7 +27,7 @@ call, after the runner loaded the same bytes at registration). What is excluded,
   ``Gather``, ``Cast``, ``Shape``, ...: their output size or the memory they read comes from tensor
   values (a 132-byte plan can ask for gigabytes);
 * ``Loop``, ``If``, ``Scan`` and any subgraph: unbounded trip counts; local functions: nested calls that
-  onnxruntime inlines exponentially at load;
+  onnxruntime directs exponentially at load;
 * other domains (``ai.onnx.ml``, ``com.microsoft``, custom ops): kernels this rule knows nothing of.
 
 Everything else about the run is the sandboxed path's: the Service validates it first (ownership, quotas,
@@ -61,21 +61,21 @@ only with a float ``value`` tensor, counted with the rest)."""
 FLOATS = frozenset({1, 10, 11})  # float32, float16, float64 (TensorProto element types)
 MAX_NODES = 64
 MAX_FLOPS = 2_000_000
-"""FLOPs of one inline run at most (transport/estimate.py's count): well under a millisecond on one core."""
+"""FLOPs of one direct run at most (transport/estimate.py's count): well under a millisecond on one core."""
 DEFAULT_MAX_MB = 8.0
-"""Bytes of all values of one inline run together (``plan-worker --inline-max-mb``), in MiB."""
+"""Bytes of all values of one direct run together (``plan-worker --direct-max-mb``), in MiB."""
 _CACHE = 4096  # (plan, shapes) decisions kept per plan
 
 
-def inline_safe(g: Graph, max_bytes: int) -> str:
-    """Why a plan's graph may not run inline ("" when it may): the module's rule 1."""
+def direct_safe(g: Graph, max_bytes: int) -> str:
+    """Why a plan's graph may not run direct ("" when it may): the module's rule 1."""
     if g.functions:
         return "it defines local functions"
     if len(g.nodes) > MAX_NODES:
         return f"it has {len(g.nodes)} nodes (over {MAX_NODES})"
     for node in g.nodes:
         if node.domain or node.op not in SAFE_OPS:
-            return f"op {node.domain + '::' if node.domain else ''}{node.op} is not in the inline allowlist"
+            return f"op {node.domain + '::' if node.domain else ''}{node.op} is not in the direct allowlist"
         if node.subgraphs:
             return f"node {node.op} has a subgraph"
         if node.op == "Constant":
@@ -127,7 +127,7 @@ def value_bytes(g: Graph, shapes: dict[str, tuple[int, ...]]) -> int | None:
 
 @dataclass
 class _Variant:
-    """An inline-safe plan: its graph, its session once created, the decisions per argument shapes."""
+    """An direct-safe plan: its graph, its session once created, the decisions per argument shapes."""
 
     graph: Graph
     plan: Plan
@@ -135,21 +135,21 @@ class _Variant:
     small: dict[tuple, bool] = field(default_factory=dict)
 
 
-class InlineLane:
-    """Runs of inline-safe plans on small arguments, in this process (the module's docstring says which)."""
+class DirectLane:
+    """Runs of direct-safe plans on small arguments, in this process (the module's docstring says which)."""
 
     def __init__(self, max_bytes: int = int(DEFAULT_MAX_MB * (1 << 20)), max_flops: int = MAX_FLOPS) -> None:
         self.max_bytes = max_bytes
         self.max_flops = max_flops
-        self._variants: dict[str, _Variant | None] = {}  # plan id -> its variant, None: not inline-safe
-        self.counts = {"inline_runs": 0, "inline_fallbacks": 0}
+        self._variants: dict[str, _Variant | None] = {}  # plan id -> its variant, None: not direct-safe
+        self.counts = {"direct_runs": 0, "direct_fallbacks": 0}
 
     def forget(self, pid: str) -> None:
         """Plan ``pid`` was unregistered: its session goes."""
         self._variants.pop(pid, None)
 
     def run(self, job: RunJob) -> list[np.ndarray] | None:
-        """The outputs of ``job`` computed here, or None: it goes to the sandbox (not inline-safe, not small,
+        """The outputs of ``job`` computed here, or None: it goes to the sandbox (not direct-safe, not small,
         an argument held by the runner only, or onnxruntime refused it here)."""
         pid = job.msg.plan
         v = self._variants.get(pid, False)
@@ -182,11 +182,11 @@ class InlineLane:
                 v.session = OrtPlan(v.plan.data, name=v.plan.name, threads=1, arena=False)
             results = v.session.run(args, check=False)  # type: ignore[attr-defined]
         except Exception as e:  # the sandbox answers it (and says what is wrong, as it would anyway)
-            log.debug("plan %r not run inline (%s): the sandbox runs it", v.plan.name, e)
+            log.debug("plan %r not run direct (%s): the sandbox runs it", v.plan.name, e)
             v.small[key] = False
-            self.counts["inline_fallbacks"] += 1
+            self.counts["direct_fallbacks"] += 1
             return None
-        self.counts["inline_runs"] += 1
+        self.counts["direct_runs"] += 1
         return results
 
     def _variant(self, plan: Plan) -> _Variant | None:
@@ -194,11 +194,11 @@ class InlineLane:
             g = read_graph(plan.data)
         except ValueError:
             return None
-        why = inline_safe(g, self.max_bytes)
+        why = direct_safe(g, self.max_bytes)
         if why:
             log.debug("plan %r runs in the sandbox: %s", plan.name, why)
             return None
-        log.debug("plan %r is inline-safe: its small calls run in the worker process", plan.name)
+        log.debug("plan %r is direct-safe: its small calls run in the worker process", plan.name)
         return _Variant(g, plan)
 
     def small(self, v: _Variant, shapes: tuple) -> bool:

@@ -1,10 +1,10 @@
-// The inline lane's rule (the same rule as the Python worker's): which runs the worker executes itself, in its
+// The direct lane's rule (the same rule as the Python worker's): which runs the worker executes itself, in its
 // own onnxruntime session, instead of sending them to the sandboxed runner (src/sandbox.js). The runner
 // exists to contain what a hostile plan can do: crash the process (an integer Div of INT64_MIN by -1 traps
 // with SIGFPE inside onnxruntime), allocate without bound, or never end. A run skips it only when its plan
 // provably can do none of these, decided in two steps:
 //
-// 1. Once per plan, from its bytes (`inlinePlan`): every node is in the default ONNX domain and its op is in
+// 1. Once per plan, from its bytes (`directPlan`): every node is in the default ONNX domain and its op is in
 //    ALLOWED, float ops with no way to trap and no data-dependent allocation (output shapes follow from the
 //    input shapes alone; Constant only with a float `value` tensor); every input, output, declared value
 //    and initializer is float16, float32 or float64 (integer Div is the SIGFPE case; float arithmetic
@@ -21,7 +21,7 @@
 //    Transpose/Identity/Constant 0: transport/estimate.py's convention) are at most MAX_FLOPS: well under
 //    a millisecond of one core, so no run timeout is needed either.
 // The supervisor adds the third condition, per call: nothing in flight that the run would overtake.
-// The Python worker's lane (worker/inline.py) has the same rule, constants and flag (--inline-max-mb).
+// The Python worker's lane (worker/direct.py) has the same rule, constants and flag (--direct-max-mb).
 
 import { loadSessionNow } from "./runtime.js";
 import { log, clean, enabled } from "./log.js";
@@ -34,7 +34,7 @@ export const ALLOWED = new Set([
 ]);
 export const MAX_NODES = 64;
 export const MAX_FLOPS = 2e6;
-export const DEFAULT_MAX_MB = 8; // --inline-max-mb: the byte bound (peak memory of a run, initializers); 0: no inline lane
+export const DEFAULT_MAX_MB = 8; // --direct-max-mb: the byte bound (peak memory of a run, initializers); 0: no direct lane
 const FLOAT_BYTES = new Map([
   [1, 4], // FLOAT
   [10, 2], // FLOAT16
@@ -51,25 +51,25 @@ const UNARY = new Set(["Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "S
 const FLOPS_PER_ELEMENT = { Softmax: 3, LogSoftmax: 3, Identity: 0, Transpose: 0, Constant: 0 };
 const CACHED_SHAPES = 4096; // per plan: the calls' shapes whose verdict is kept
 
-/** The lane: runs of inline-safe plans on small arguments, in the worker's own onnxruntime sessions. */
-export class InlineLane {
+/** The lane: runs of direct-safe plans on small arguments, in the worker's own onnxruntime sessions. */
+export class DirectLane {
   constructor(maxBytes) {
     this.maxBytes = maxBytes;
-    this.counts = { inline_runs: 0, inline_fallbacks: 0 }; // runs it ran, and runs it gave back to the runner
+    this.counts = { direct_runs: 0, direct_fallbacks: 0 }; // runs it ran, and runs it gave back to the runner
   }
 
   /** The outputs of a run of `plan` (src/service.js's Plan) on `args` computed here, or null when the runner
-   * is to run it: the plan is not inline-safe or the call not small, or onnxruntime refused it here (the
+   * is to run it: the plan is not direct-safe or the call not small, or onnxruntime refused it here (the
    * runner then runs it and answers as it would anyway). The plan's rule is read at its first run; its
    * session is made at its first small call, with the runner's options but one thread, as the Python
    * worker's lane. */
   run(plan, args, rid) {
-    if (plan.inline === undefined) {
-      const rule = inlinePlan(plan.data, this.maxBytes);
+    if (plan.direct === undefined) {
+      const rule = directPlan(plan.data, this.maxBytes);
       if (rule.reason !== undefined) log.debug(`plan ${clean(pyRepr(plan.name))} runs in the runner: ${clean(rule.reason)}`);
-      plan.inline = { rule, session: undefined, names: plan.inputs.map((p) => p.name) };
+      plan.direct = { rule, session: undefined, names: plan.inputs.map((p) => p.name) };
     }
-    const lane = plan.inline;
+    const lane = plan.direct;
     if (lane.rule.reason !== undefined || !lane.rule.fits(lane.names, args.map((t) => t.shape))) return null;
     let results;
     try {
@@ -77,43 +77,43 @@ export class InlineLane {
       if (lane.session === null) return null; // no synchronous onnxruntime here
       results = lane.session.run(args);
     } catch (e) {
-      log.debug(`plan ${clean(pyRepr(plan.name))} not run inline (${clean(e?.message ?? e)}): the runner runs it`);
+      log.debug(`plan ${clean(pyRepr(plan.name))} not run direct (${clean(e?.message ?? e)}): the runner runs it`);
       if (lane.session === undefined) lane.rule = { reason: "onnxruntime cannot load it in the worker" };
       else lane.rule.refuse(args.map((t) => t.shape)); // these shapes go to the runner from now on
-      this.counts.inline_fallbacks += 1;
+      this.counts.direct_fallbacks += 1;
       return null;
     }
-    this.counts.inline_runs += 1;
-    if (enabled("debug")) log.debug(`run #${rid} of plan ${clean(pyRepr(plan.name))}: inline (in the worker)`);
+    this.counts.direct_runs += 1;
+    if (enabled("debug")) log.debug(`run #${rid} of plan ${clean(pyRepr(plan.name))}: direct (in the worker)`);
     return results;
   }
 
   /** `plan` is unregistered: its session goes. */
   forget(plan) {
-    plan.inline?.session?.release();
-    plan.inline = undefined;
+    plan.direct?.session?.release();
+    plan.direct = undefined;
   }
 }
 
-/** Why a plan is not inline-safe (only for the log; the lane then leaves the plan to the runner). */
-class NotInline extends Error {}
+/** Why a plan is not direct-safe (only for the log; the lane then leaves the plan to the runner). */
+class NotDirect extends Error {}
 
-/** The inline-safe form of plan `data` (ONNX bytes checked by src/modelcheck.js): {nodes, initializers,
+/** The direct-safe form of plan `data` (ONNX bytes checked by src/modelcheck.js): {nodes, initializers,
  * inputs, outputs, initBytes} with a `fits(shapes)` verdict per call; or {reason} when it is not. */
-export function inlinePlan(data, maxBytes) {
+export function directPlan(data, maxBytes) {
   try {
-    return new InlinePlan(readGraph(data, maxBytes), maxBytes);
+    return new DirectPlan(readGraph(data, maxBytes), maxBytes);
   } catch (e) {
-    if (e instanceof NotInline || e instanceof RangeError || e instanceof TypeError) return { reason: e.message };
+    if (e instanceof NotDirect || e instanceof RangeError || e instanceof TypeError) return { reason: e.message };
     throw e;
   }
 }
 
-class InlinePlan {
+class DirectPlan {
   constructor(graph, maxBytes) {
     Object.assign(this, graph);
     this.maxBytes = maxBytes;
-    this.verdicts = new Map(); // "shape|shape|..." -> whether a call on those shapes may run inline
+    this.verdicts = new Map(); // "shape|shape|..." -> whether a call on those shapes may run direct
   }
 
   /** Whether a run on inputs of these shapes (in the plan's input order, by `names`) is small. */
@@ -244,11 +244,11 @@ const utf8 = new TextDecoder("utf-8");
 function readGraph(data, maxBytes) {
   let graph = null;
   for (const [num, , v] of fields(data)) {
-    if (num === MODEL.functions) throw new NotInline("the plan has local functions");
-    if (num === MODEL.trainingInfo) throw new NotInline("the plan has training info");
+    if (num === MODEL.functions) throw new NotDirect("the plan has local functions");
+    if (num === MODEL.trainingInfo) throw new NotDirect("the plan has training info");
     if (num === MODEL.graph) graph = v;
   }
-  if (graph === null) throw new NotInline("the plan has no graph");
+  if (graph === null) throw new NotDirect("the plan has no graph");
   const nodes = [];
   const initializers = new Map();
   const inputs = new Map(); // name -> bytes per element
@@ -256,22 +256,22 @@ function readGraph(data, maxBytes) {
   let initBytes = 0;
   for (const [num, , v] of fields(graph)) {
     if (num === GRAPH.node) {
-      if (nodes.length >= MAX_NODES) throw new NotInline(`the plan has more than ${MAX_NODES} nodes`);
+      if (nodes.length >= MAX_NODES) throw new NotDirect(`the plan has more than ${MAX_NODES} nodes`);
       nodes.push(readNode(v));
     } else if (num === GRAPH.initializer) {
       const t = readTensor(v);
       initBytes += count(t.shape) * t.size;
-      if (initBytes > maxBytes) throw new NotInline(`the plan's initializers exceed ${maxBytes} bytes`);
+      if (initBytes > maxBytes) throw new NotDirect(`the plan's initializers exceed ${maxBytes} bytes`);
       initializers.set(t.name, t);
     } else if (num === GRAPH.sparseInitializer) {
-      throw new NotInline("the plan has sparse initializers");
+      throw new NotDirect("the plan has sparse initializers");
     } else if (num === GRAPH.input || num === GRAPH.output || num === GRAPH.valueInfo) {
       const [name, size] = readValueInfo(v);
       if (num === GRAPH.input) inputs.set(name, size);
       if (num === GRAPH.output) outputs.push(name);
     }
   }
-  if ([...initializers.keys()].some((name) => inputs.has(name))) throw new NotInline("an initializer is also a plan input");
+  if ([...initializers.keys()].some((name) => inputs.has(name))) throw new NotDirect("an initializer is also a plan input");
   return { nodes, initializers, inputs, outputs, initBytes };
 }
 
@@ -285,14 +285,14 @@ function readNode(buf) {
     else if (num === NODE.domain) node.domain = utf8.decode(v);
     else if (num === NODE.attribute && wt === 2) readAttribute(v, node);
   }
-  if (node.domain !== "" && node.domain !== "ai.onnx") throw new NotInline(`op ${node.domain}::${node.op} is not in the default domain`);
-  if (!ALLOWED.has(node.op)) throw new NotInline(`op ${node.op} is not in the inline allowlist`);
-  if (outputs !== 1 || !node.output) throw new NotInline(`a ${node.op} node has ${outputs} outputs`);
+  if (node.domain !== "" && node.domain !== "ai.onnx") throw new NotDirect(`op ${node.domain}::${node.op} is not in the default domain`);
+  if (!ALLOWED.has(node.op)) throw new NotDirect(`op ${node.op} is not in the direct allowlist`);
+  if (outputs !== 1 || !node.output) throw new NotDirect(`a ${node.op} node has ${outputs} outputs`);
   for (const name of Object.keys(node.attrs)) {
-    if (!ATTRIBUTES[node.op]?.has(name)) throw new NotInline(`a ${node.op} node has attribute ${name}`);
+    if (!ATTRIBUTES[node.op]?.has(name)) throw new NotDirect(`a ${node.op} node has attribute ${name}`);
   }
   if (node.op === "Constant" && (node.inputs.length || node.attrs.value?.shape === undefined)) {
-    throw new NotInline("a Constant that is not a float tensor");
+    throw new NotDirect("a Constant that is not a float tensor");
   }
   return node;
 }
@@ -304,7 +304,7 @@ function readAttribute(buf, node) {
   for (const [num, wt, v] of fields(buf)) {
     if (num === ATTR.name) name = utf8.decode(v);
     else if (num === ATTR.t && node.op === "Constant") value = readTensor(v); // float only, as initializers
-    else if (ATTR.tensorsAndGraphs.has(num)) throw new NotInline("a node has a tensor, graph or reference attribute");
+    else if (ATTR.tensorsAndGraphs.has(num)) throw new NotDirect("a node has a tensor, graph or reference attribute");
     else if (num === ATTR.i && wt === 0) value = v;
     else if (num === ATTR.ints) ints.push(...(wt === 2 ? packed(v) : [v]));
   }
@@ -319,11 +319,11 @@ function readTensor(buf) {
     if (num === TENSOR.name) name = utf8.decode(v);
     else if (num === TENSOR.dataType) type = v;
     else if (num === TENSOR.dims) shape.push(...(wt === 2 ? packed(v) : [v]));
-    else if (num === TENSOR.segment || (num === TENSOR.dataLocation && v !== 0)) throw new NotInline(`initializer ${name} is segmented or external`);
+    else if (num === TENSOR.segment || (num === TENSOR.dataLocation && v !== 0)) throw new NotDirect(`initializer ${name} is segmented or external`);
   }
   const size = FLOAT_BYTES.get(type);
-  if (size === undefined) throw new NotInline(`initializer ${name} is not float16, float32 or float64 (type ${type})`);
-  if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw new NotInline(`initializer ${name} has a bad shape`);
+  if (size === undefined) throw new NotDirect(`initializer ${name} is not float16, float32 or float64 (type ${type})`);
+  if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw new NotDirect(`initializer ${name} has a bad shape`);
   return { name, shape, size };
 }
 
@@ -335,12 +335,12 @@ function readValueInfo(buf) {
     if (num === 1) name = utf8.decode(v);
     else if (num === 2) {
       for (const [tn, , tv] of fields(v)) {
-        if (tn !== 1) throw new NotInline(`value ${name} is not a tensor`);
+        if (tn !== 1) throw new NotDirect(`value ${name} is not a tensor`);
         for (const [en, , ev] of fields(tv)) if (en === 1) size = FLOAT_BYTES.get(ev);
       }
     }
   }
-  if (size === undefined) throw new NotInline(`value ${name} is not float16, float32 or float64`);
+  if (size === undefined) throw new NotDirect(`value ${name} is not float16, float32 or float64`);
   return [name, size];
 }
 
@@ -360,11 +360,11 @@ function* fields(buf) {
     } else if (wt === 2) {
       let n;
       [n, pos] = varint(buf, pos);
-      if (pos + n > buf.length) throw new NotInline("malformed protobuf");
+      if (pos + n > buf.length) throw new NotDirect("malformed protobuf");
       yield [num, wt, buf.subarray(pos, pos + n)];
       pos += n;
     } else if (wt === 1 || wt === 5) pos += wt === 1 ? 8 : 4;
-    else throw new NotInline(`protobuf wire type ${wt}`);
+    else throw new NotDirect(`protobuf wire type ${wt}`);
   }
 }
 
@@ -384,7 +384,7 @@ function varint(buf, pos) {
   let big = null;
   for (let i = 0; ; i++) {
     const b = buf[pos++];
-    if (b === undefined || i > 9) throw new NotInline("malformed protobuf varint");
+    if (b === undefined || i > 9) throw new NotDirect("malformed protobuf varint");
     if (i < 7) value += (b & 0x7f) * mul;
     else big = (big ?? BigInt(value)) | (BigInt(b & 0x7f) << BigInt(7 * i));
     mul *= 128;

@@ -1,6 +1,6 @@
-"""The Node.js worker's inline lane (worker/node/src/inline.js): a small run of a plan of float ops that cannot
+"""The Node.js worker's direct lane (worker/node/src/direct.js): a small run of a plan of float ops that cannot
 trap or allocate by data runs in the worker itself, without the sandboxed runner's hop; anything else still
-goes to the runner. Which lane ran a run is read from the worker's debug log (one line per inline run; one
+goes to the runner. Which lane ran a run is read from the worker's debug log (one line per direct run; one
 line per plan the lane refuses, saying why). Real worker processes, real onnxruntime."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.conformance.workers import NodeWorkerProcess, WorkerProcess, node_mis
 from tests.test_containment import INT64_MIN, div_plan
 
 pytestmark = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "")
-INLINE = re.compile(r"run #(\d+) of plan '([^']*)': inline")
+DIRECT = re.compile(r"run #(\d+) of plan '([^']*)': direct")
 RNG = np.random.default_rng(13)
 
 
@@ -96,7 +96,7 @@ def halve_plan() -> bytes:
 
 
 def reshape_plan() -> bytes:
-    """Reshape [N] to [N/2, 2] then abs: a shape read from a tensor's values is not inline."""
+    """Reshape [N] to [N/2, 2] then abs: a shape read from a tensor's values is not direct."""
     shape = _const("shape", np.array([-1, 2], np.int64))
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Abs", ["r"], ["y"])]
     return _model(nodes, [_io("x", ["N"])], [_io("y", ["M", 2])], [shape])
@@ -108,25 +108,25 @@ def expand_plan() -> bytes:
     return _model([helper.make_node("Expand", ["x", "shape"], ["y"])], [_io("x", ["N"])], [_io("y", [3, "N"])], [shape])
 
 
-def inline_runs(w: NodeWorkerProcess, plan: str) -> list[int]:
-    """The ids of the runs of plan (by name) the worker ran inline, from its debug log."""
-    return [int(m.group(1)) for m in INLINE.finditer(w.log()) if m.group(2) == plan]
+def direct_runs(w: NodeWorkerProcess, plan: str) -> list[int]:
+    """The ids of the runs of plan (by name) the worker ran direct, from its debug log."""
+    return [int(m.group(1)) for m in DIRECT.finditer(w.log()) if m.group(2) == plan]
 
 
 def node(*extra: str) -> NodeWorkerProcess:
-    return NodeWorkerProcess("inline", extra=list(extra), log_level="debug")
+    return NodeWorkerProcess("direct", extra=list(extra), log_level="debug")
 
 
-def test_an_inline_safe_plan_gives_the_sandboxs_numbers_and_the_python_workers():
+def test_an_direct_safe_plan_gives_the_sandboxs_numbers_and_the_python_workers():
     """The lane changes where a run executes, nothing else: the same outputs, bit for bit, as the runner of a
-    worker without the lane (--inline-max-mb 0), close to the Python worker's and to numpy; stored outputs,
+    worker without the lane (--direct-max-mb 0), close to the Python worker's and to numpy; stored outputs,
     ``fetch`` and ``inline_max`` as on the sandboxed path; several batch sizes through one plan."""
     data = mlp_plan()
     xs = [RNG.standard_normal((n, 8)).astype(np.float32) for n in (1, 5, 32)]
     got: dict[str, list] = {}
     workers = {
-        "inline": lambda: node(),
-        "sandbox": lambda: node("--inline-max-mb", "0"),
+        "direct": lambda: node(),
+        "sandbox": lambda: node("--direct-max-mb", "0"),
         "python": lambda: WorkerProcess("py"),
     }
     for side, start in workers.items():
@@ -145,38 +145,38 @@ def test_an_inline_safe_plan_gives_the_sandboxs_numbers_and_the_python_workers()
             if isinstance(w, NodeWorkerProcess):
                 with Peer(w.url):
                     status = query(re.search(r"admin on (\S+)", w.log()).group(1))
-                inline = side == "inline"
-                assert len(inline_runs(w, "mlp")) == (len(xs) + 1 if inline else 0), w.log()
-                assert len(inline_runs(w, "more")) == (1 if inline else 0), w.log()
-                if inline:
-                    assert status.device_copies == {"inline_runs": len(xs) + 2, "inline_fallbacks": 0}
+                direct = side == "direct"
+                assert len(direct_runs(w, "mlp")) == (len(xs) + 1 if direct else 0), w.log()
+                assert len(direct_runs(w, "more")) == (1 if direct else 0), w.log()
+                if direct:
+                    assert status.device_copies == {"direct_runs": len(xs) + 2, "direct_fallbacks": 0}
                 else:
-                    assert status.device_copies.get("inline_runs", 0) == 0
-    for a, b, c in zip(got["inline"], got["sandbox"], got["python"], strict=True):
+                    assert status.device_copies.get("direct_runs", 0) == 0
+    for a, b, c in zip(got["direct"], got["sandbox"], got["python"], strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
     for i, x in enumerate(xs):
         p_ref, m_ref = mlp_reference(x)
-        np.testing.assert_allclose(got["inline"][2 * i], p_ref, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(got["inline"][2 * i + 1], m_ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["direct"][2 * i], p_ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["direct"][2 * i + 1], m_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_integer_division_goes_to_the_runner_and_its_trap_costs_that_run_only():
-    """Div of INT64_MIN by -1 traps (SIGFPE): an integer plan is never inline, so the runner takes the crash
-    and the worker answers plan_crashed, keeps its tensors and runs a float plan inline afterwards."""
+    """Div of INT64_MIN by -1 traps (SIGFPE): an integer plan is never direct, so the runner takes the crash
+    and the worker answers plan_crashed, keeps its tensors and runs a float plan direct afterwards."""
     with node() as w, Peer(w.url) as p:
         p.put("keep", np.arange(3, dtype=np.float32))
         div = p.register(div_plan(TensorProto.INT64), name="div")["plan"]
         reply = p.error(*p.run_header(div, [np.array([INT64_MIN]), np.array([-1])], ["q"]), code="plan_crashed")
         assert "'div'" in reply["message"] and "SIGFPE" in reply["message"], reply["message"]
         assert "plan 'div' runs in the runner: value a is not float16, float32 or float64" in w.log()
-        assert not inline_runs(w, "div")
+        assert not direct_runs(w, "div")
         assert p.run(div, [np.array([7]), np.array([-2])], ["q"], fetch=[0]).array_list()[0].tolist() == [
             -3
         ]  # C division
         mlp = p.register(mlp_plan(), name="mlp")["plan"]
         p.run(mlp, [np.ones((2, 8), np.float32)], ["p", "m"])
-        assert len(inline_runs(w, "mlp")) == 1
+        assert len(direct_runs(w, "mlp")) == 1
         np.testing.assert_array_equal(p.get1("keep"), np.arange(3, dtype=np.float32))
         assert w.proc.poll() is None
 
@@ -187,14 +187,14 @@ def test_plans_that_size_values_from_tensor_contents_go_to_the_runner(plan, op):
         pid = p.register(plan(), name=op.lower())["plan"]
         y = p.run(pid, [np.array([-1.0, 2.0, -3.0, 4.0], np.float32)], ["y"], fetch=[0]).array_list()[0]
         assert y.shape == ((2, 2) if op == "Reshape" else (3, 4))
-        assert f"plan '{op.lower()}' runs in the runner: op {op} is not in the inline allowlist" in w.log()
-        assert not inline_runs(w, op.lower())
+        assert f"plan '{op.lower()}' runs in the runner: op {op} is not in the direct allowlist" in w.log()
+        assert not direct_runs(w, op.lower())
 
 
 def test_a_call_past_the_flop_or_byte_bound_goes_to_the_runner():
-    """The per-call check: the same MatMul plan is inline on 8 rows (262,144 FLOPs) and not on 128 rows
-    (4,194,304 FLOPs, past 2e6); an elementwise call of 2 MiB is inline under the default bound (8 MiB)
-    and not under --inline-max-mb 1."""
+    """The per-call check: the same MatMul plan is direct on 8 rows (262,144 FLOPs) and not on 128 rows
+    (4,194,304 FLOPs, past 2e6); an elementwise call of 2 MiB is direct under the default bound (8 MiB)
+    and not under --direct-max-mb 1."""
     with node() as w, Peer(w.url) as p:
         mm = p.register(matmul_plan(), name="mm")["plan"]
         small, big = (np.full((n, 128), 0.5, np.float32) for n in (8, 128))
@@ -202,19 +202,19 @@ def test_a_call_past_the_flop_or_byte_bound_goes_to_the_runner():
         assert p.recv().array_list()[0].tolist() == (small * 2).tolist()
         r_big = p.send(*p.run_header(mm, [big], ["b"], fetch=[0]))
         assert p.recv().array_list()[0].tolist() == (big * 2).tolist()
-        assert inline_runs(w, "mm") == [r_small], (inline_runs(w, "mm"), r_small, r_big)
+        assert direct_runs(w, "mm") == [r_small], (direct_runs(w, "mm"), r_small, r_big)
     wide = np.linspace(-1, 1, 1 << 19, dtype=np.float32)  # 2 MiB in, 2 MiB out: 524,288 FLOPs
-    for bound, inline in (("8", True), ("1", False)):
-        with node("--inline-max-mb", bound) as w, Peer(w.url) as p:
+    for bound, direct in (("8", True), ("1", False)):
+        with node("--direct-max-mb", bound) as w, Peer(w.url) as p:
             pid = p.register(halve_plan(), name="fdiv")["plan"]
             p.put("a", wide)
             y = p.run(pid, ["a"], ["y"], fetch=[0]).array_list()[0]
             np.testing.assert_array_equal(y, wide / -2)
-            assert bool(inline_runs(w, "fdiv")) == inline, (bound, w.log()[-2000:])
+            assert bool(direct_runs(w, "fdiv")) == direct, (bound, w.log()[-2000:])
 
 
 def test_runs_pipelined_behind_a_runner_run_keep_their_order_and_outputs():
-    """A run behind one still in the runner is not inline, even when it is small: it would overtake it.
+    """A run behind one still in the runner is not direct, even when it is small: it would overtake it.
     Here a small MLP run writing the same key as a big MatMul sent before it: the key holds the MLP's
     result; a chained run waits for its argument; the replies come in the order of the requests."""
     with node() as w, Peer(w.url) as p:
@@ -234,20 +234,20 @@ def test_runs_pipelined_behind_a_runner_run_keep_their_order_and_outputs():
         y, z = replies[4].array_list()
         np.testing.assert_allclose(y, p_ref, rtol=1e-4, atol=1e-6)  # the later write wins
         np.testing.assert_array_equal(z, big * 4)
-        assert inline_runs(w, "mlp") == [], w.log()[-3000:]
-        alone = p.send(*p.run_header(mlp, [ones], ["y", "m"]))  # nothing in flight now: inline
+        assert direct_runs(w, "mlp") == [], w.log()[-3000:]
+        alone = p.send(*p.run_header(mlp, [ones], ["y", "m"]))  # nothing in flight now: direct
         p.recv()
-        assert inline_runs(w, "mlp") == [alone]
+        assert direct_runs(w, "mlp") == [alone]
 
 
-def test_inline_results_are_kept_under_state_dir_across_kill_9(tmp_path):
-    """An inline run's outputs are written through to --state-dir before its reply, as the runner's are."""
+def test_direct_results_are_kept_under_state_dir_across_kill_9(tmp_path):
+    """An direct run's outputs are written through to --state-dir before its reply, as the runner's are."""
     state = str(tmp_path / "state")
     with node("--state-dir", state) as w, Peer(w.url) as p:
         identity = p.request({"type": "hello", "version": 1})["identity"]
         pid = p.register(mlp_plan(), name="mlp")["plan"]
         p.run(pid, [np.ones((2, 8), np.float32)], ["p", "m"])
-        assert len(inline_runs(w, "mlp")) == 1
+        assert len(direct_runs(w, "mlp")) == 1
         w.proc.send_signal(signal.SIGKILL)
         w.proc.wait()
         session = p.session
@@ -255,8 +255,8 @@ def test_inline_results_are_kept_under_state_dir_across_kill_9(tmp_path):
         p.request({"type": "hello", "version": 1, "identity": identity})
         assert p.session == session
         np.testing.assert_allclose(p.get1("p"), mlp_reference(np.ones((2, 8), np.float32))[0], rtol=1e-4, atol=1e-6)
-        p.run(pid, [np.ones((2, 8), np.float32)], ["p", "m"])  # the restored plan runs inline too
-        assert len(inline_runs(w, "mlp")) == 1
+        p.run(pid, [np.ones((2, 8), np.float32)], ["p", "m"])  # the restored plan runs direct too
+        assert len(direct_runs(w, "mlp")) == 1
 
 
 @pytest.mark.parametrize("key", ["__proto__", "constructor", "toString", "hasOwnProperty"])

@@ -1,7 +1,7 @@
-"""The inline lane (worker/inline.py): tiny runs of provably harmless plans run in the supervisor itself.
+"""The direct lane (worker/direct.py): tiny runs of provably harmless plans run in the supervisor itself.
 
-The rule is checked on graphs (each exclusion named), then on real plan-worker processes: an inline-safe
-plan's small calls run in the worker (``inline_runs`` in plan-worker status) with the sandbox's results and
+The rule is checked on graphs (each exclusion named), then on real plan-worker processes: an direct-safe
+plan's small calls run in the worker (``direct_runs`` in plan-worker status) with the sandbox's results and
 eager torch's; every exclusion goes to the sandbox (the SIGFPE plan among them: the worker survives it);
 a failure in the lane is the sandbox's answer; order and ownership hold across both lanes.
 """
@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from planwire.transport.graph import read_graph
 from planwire.worker.admin import query
-from planwire.worker.inline import MAX_NODES, InlineLane, _Variant, inline_safe
+from planwire.worker.direct import MAX_NODES, DirectLane, _Variant, direct_safe
 from planwire.worker.jobs import Plan
 from tests.conformance.wire import encode
 from tests.conftest import RawWorker
@@ -100,35 +100,35 @@ def loop() -> bytes:
 # -- the rule, on graphs ------------------------------------------------------------------------------
 
 
-def test_float_arithmetic_is_inline_safe() -> None:
-    assert inline_safe(read_graph(affine()), BOUND) == ""
-    assert inline_safe(read_graph(matmul()), BOUND) == ""
-    assert inline_safe(read_graph(chain(MAX_NODES)), BOUND) == ""
+def test_float_arithmetic_is_direct_safe() -> None:
+    assert direct_safe(read_graph(affine()), BOUND) == ""
+    assert direct_safe(read_graph(matmul()), BOUND) == ""
+    assert direct_safe(read_graph(chain(MAX_NODES)), BOUND) == ""
 
 
 @pytest.mark.parametrize(
     ("data", "why"),
     [
         (int_div(), "not a float tensor"),
-        (expand(), "op Expand is not in the inline allowlist"),
-        (reshape(), "op Reshape is not in the inline allowlist"),
-        (fill(), "op ConstantOfShape is not in the inline allowlist"),
-        (loop(), "op Loop is not in the inline allowlist"),
+        (expand(), "op Expand is not in the direct allowlist"),
+        (reshape(), "op Reshape is not in the direct allowlist"),
+        (fill(), "op ConstantOfShape is not in the direct allowlist"),
+        (loop(), "op Loop is not in the direct allowlist"),
         (chain(MAX_NODES + 1), f"{MAX_NODES + 1} nodes"),
     ],
     ids=["int-div", "expand", "reshape", "constant-of-shape", "loop", "too-many-nodes"],
 )
 def test_each_exclusion_is_named(data: bytes, why: str) -> None:
-    assert why in inline_safe(read_graph(data), BOUND)
+    assert why in direct_safe(read_graph(data), BOUND)
 
 
-def test_initializers_past_the_bound_are_not_inline() -> None:
-    assert "initializers take" in inline_safe(read_graph(affine(k=1000)), 1000 * 3 * 4 - 1)
-    assert inline_safe(read_graph(affine(k=1000)), 1000 * 3 * 4 + 12) == ""
+def test_initializers_past_the_bound_are_not_direct() -> None:
+    assert "initializers take" in direct_safe(read_graph(affine(k=1000)), 1000 * 3 * 4 - 1)
+    assert direct_safe(read_graph(affine(k=1000)), 1000 * 3 * 4 + 12) == ""
 
 
 def test_a_call_is_small_by_its_shapes() -> None:
-    lane = InlineLane(max_bytes=BOUND)
+    lane = DirectLane(max_bytes=BOUND)
     g = read_graph(matmul())
     v = _Variant(g, Plan("mm", matmul(), None))  # type: ignore[arg-type]
     assert lane.small(v, ((4, 8), (8, 4)))
@@ -136,8 +136,8 @@ def test_a_call_is_small_by_its_shapes() -> None:
     assert not lane.small(v, ((1, 3_000_000), (3_000_000, 1)))  # 6e6 FLOPs, 24 MB of arguments
     assert not lane.small(v, ((4, 8), (9, 4)))  # inconsistent: no shape inferred, so not small
     g = read_graph(add())
-    assert not InlineLane(max_bytes=1000).small(_Variant(g, None), ((100,), (100,)))  # type: ignore[arg-type]
-    assert InlineLane(max_bytes=1200).small(_Variant(g, None), ((100,), (100,)))  # type: ignore[arg-type]
+    assert not DirectLane(max_bytes=1000).small(_Variant(g, None), ((100,), (100,)))  # type: ignore[arg-type]
+    assert DirectLane(max_bytes=1200).small(_Variant(g, None), ((100,), (100,)))  # type: ignore[arg-type]
 
 
 # -- on real workers ----------------------------------------------------------------------------------
@@ -149,14 +149,14 @@ def _counts(proc) -> dict[str, int]:  # noqa: ANN001
 
 @pytest.fixture(params=["tcp", "ipc"])
 def pair(request: pytest.FixtureRequest, raw_worker: RawWorker):  # noqa: ANN201
-    """A worker with the inline lane (the default) and one without (every run in the sandbox)."""
+    """A worker with the direct lane (the default) and one without (every run in the sandbox)."""
     extra = ["--run-timeout", "5", "--max-run-memory-mb", "256"]
     lane = raw_worker("lane", kind=request.param, extra=extra)
-    sandbox = raw_worker("sandbox", kind=request.param, extra=[*extra, "--inline-max-mb", "0"])
+    sandbox = raw_worker("sandbox", kind=request.param, extra=[*extra, "--direct-max-mb", "0"])
     return lane, sandbox
 
 
-def test_an_inline_safe_plan_runs_in_the_worker_with_the_sandboxes_results(pair) -> None:
+def test_an_direct_safe_plan_runs_in_the_worker_with_the_sandboxes_results(pair) -> None:
     (lane, peer), (boxed, other) = pair
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((n, 4)).astype(np.float32) for n in (1, 5, 64)]
@@ -178,12 +178,12 @@ def test_an_inline_safe_plan_runs_in_the_worker_with_the_sandboxes_results(pair)
     want = np.exp(want - want.max(-1, keepdims=True))
     np.testing.assert_allclose(outs[0][-1], want / want.sum(-1, keepdims=True), rtol=1e-5)
     counts, sandboxed = _counts(lane), _counts(boxed)
-    assert counts["inline_runs"] == 3, counts
+    assert counts["direct_runs"] == 3, counts
     assert counts["uploads"] == 0 and counts["held"] == 0, counts  # nothing crossed to the runner
-    assert "inline_runs" not in sandboxed and sandboxed["uploads"] == 3, sandboxed
+    assert "direct_runs" not in sandboxed and sandboxed["uploads"] == 3, sandboxed
 
 
-def test_an_exported_mlp_runs_inline_and_matches_eager_torch(raw_worker: RawWorker) -> None:
+def test_an_exported_mlp_runs_direct_and_matches_eager_torch(raw_worker: RawWorker) -> None:
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F  # noqa: N812
     from torch import nn
@@ -212,7 +212,7 @@ def test_an_exported_mlp_runs_inline_and_matches_eager_torch(raw_worker: RawWork
             torch.testing.assert_close(ptr(w.put(x)).get(), want)
     finally:
         w.close()
-    assert _counts(proc)["inline_runs"] == 4
+    assert _counts(proc)["direct_runs"] == 4
 
 
 @pytest.mark.parametrize(
@@ -233,7 +233,7 @@ def test_excluded_plans_and_big_calls_run_in_the_sandbox(pair, plan, args) -> No
     want = args[0] @ args[1] if plan is matmul else args[0] + (0 if plan is fill else 1)
     np.testing.assert_allclose(y, want)
     counts = _counts(lane)
-    assert counts["inline_runs"] == 0 and counts["uploads"] >= 1, counts
+    assert counts["direct_runs"] == 0 and counts["uploads"] >= 1, counts
 
 
 def test_the_integer_division_trap_goes_to_the_sandbox_and_the_worker_survives(pair) -> None:
@@ -248,7 +248,7 @@ def test_the_integer_division_trap_goes_to_the_sandbox_and_the_worker_survives(p
     assert peer.ok({"type": "ping"})["type"] == "ok"
     np.testing.assert_array_equal(peer.get1("x"), np.ones((2, 4), np.float32))
     assert peer.get1("y").shape == (2, 3)
-    assert _counts(lane)["inline_runs"] == 1
+    assert _counts(lane)["direct_runs"] == 1
 
 
 def softmax_any() -> bytes:
@@ -276,12 +276,12 @@ def test_a_run_that_fails_in_the_lane_gets_the_sandboxes_answer(pair) -> None:
         np.testing.assert_allclose(y, np.full((2, 4), 0.25, np.float32))
     assert answers[0] == answers[1]
     counts = _counts(pair[0][0])
-    assert counts["inline_fallbacks"] == 1 and counts["inline_runs"] == 1, counts
+    assert counts["direct_fallbacks"] == 1 and counts["direct_runs"] == 1, counts
 
 
 def test_order_holds_across_the_lanes(pair) -> None:
-    """One burst: a sandboxed run, an inline-safe run that reads its output (it waits for it, and goes to
-    the sandbox: only the runner holds that output), a put, an inline run on what was put, a get: every
+    """One burst: a sandboxed run, an direct-safe run that reads its output (it waits for it, and goes to
+    the sandbox: only the runner holds that output), a put, an direct run on what was put, a get: every
     reply in order, every value the one its predecessors left."""
     (lane, peer), _ = pair
     slow = peer.register(reshape())["plan"]
@@ -299,7 +299,7 @@ def test_order_holds_across_the_lanes(pair) -> None:
     assert [r.kind for r in replies] == ["ok", "ok", "ok", "tensors", "tensors"], replies
     np.testing.assert_array_equal(replies[3].array_list()[0], np.full(2, 6, np.float32))
     np.testing.assert_array_equal(replies[4].array_list()[0], np.arange(4, dtype=np.float32) + 2)
-    assert _counts(lane)["inline_runs"] >= 1
+    assert _counts(lane)["direct_runs"] >= 1
 
 
 def test_ownership_and_quotas_hold_in_the_lane(raw_worker: RawWorker) -> None:
@@ -315,4 +315,4 @@ def test_ownership_and_quotas_hold_in_the_lane(raw_worker: RawWorker) -> None:
     peer.put("big", big)
     peer.error(*peer.run_header(pid, ["big", np.ones(1, np.float32)], ["y2"]), code="quota_exceeded")
     peer.error({"type": "get", "keys": ["y2"]}, code="run_failed")
-    assert _counts(proc)["inline_runs"] == 1, _counts(proc)
+    assert _counts(proc)["direct_runs"] == 1, _counts(proc)
