@@ -196,8 +196,8 @@ def interleaved(
     holds: after ``min_rounds`` rounds (the floor), stop once every pair (numerator, denominator) of case
     names in ``watch`` has the 95% interval of its ratio of medians within +-``tol`` (denominator None: the
     numerator's median alone; no ``watch``: each case's median alone); otherwise at ``rounds`` rounds (the
-    cap) or, after at least two, when ``budget_s`` is spent. Returns seconds per call by case, each a
-    ``Timed`` whose ``stop`` says which bound ended it."""
+    cap) or when ``budget_s`` is spent, but never before the floor (a loaded host makes a run longer).
+    Returns seconds per call by case, each a ``Timed`` whose ``stop`` says which bound ended it."""
     seed = next(_seeds)
     samples: dict[str, Timed] = {c.name: Timed(seed=seed) for c in cases}
     pairs = [(samples[a], samples[b] if b else None) for a, b in watch or [(c.name, None) for c in cases]]
@@ -225,7 +225,7 @@ def interleaved(
                 stop = "converged"
                 break
             check = done + max(1, done // 8)  # checking costs a little: every round early, then every ~12%
-        if r >= 1 and clock() - start > budget_s:
+        if done >= max(min_rounds, 2) and clock() - start > budget_s:  # the floor holds even under load
             stop = "budget"
             break
     if stop == "cap" and rounds >= min_rounds and all(halfwidth(a, b) <= tol for a, b in pairs):
