@@ -99,13 +99,13 @@ def run(env: Env, report: Report, quick: bool) -> None:
                 Case(eager[1], eager_many, 1),
                 Case(eager[2], lambda eager_many=eager_many: eager_many(threads=2), 1),
             ]
-            # A round is ~0.2 s: rounds until every ratio below is within +-5% (95% interval), at least 8.
+            # A round is ~0.1 s: rounds until every ratio below is within +-5% (95% interval), at least 6.
             watch = [(pipe_name, eager[t]) for t in (1, 2)] + [(sync_name, eager[t]) for t in (1, 2)]
             samples = interleaved(
                 cases,
                 rounds=3 if quick else 40,
                 budget_s=15 if quick else 30,
-                min_rounds=3 if quick else 8,
+                min_rounds=3 if quick else 6,
                 watch=watch,
             )
             report.time(FAMILY, sync_name, samples[sync_name], "ms")
