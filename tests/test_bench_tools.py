@@ -215,3 +215,24 @@ def test_runs_kept_before_the_interval_rule_still_aggregate_and_report() -> None
     assert "95% interval of the ratio" not in report.markdown(agg)
     for path in sorted((Path(__file__).parent.parent / "bench" / "runs").glob("*.json")):
         assert report.markdown(aggregate.aggregate([aggregate.load(path)]))  # the kept runs
+
+
+def test_processes_started_ahead_are_the_ones_handed_out_and_their_failure_is_raised() -> None:
+    from bench.env import Env
+
+    with Env() as env:
+        env.prestart({"node"})  # the node family asks for the echo servers (both schedulings)
+        sock = env.echo("tcp", True, "t")  # waits for the background start, then reuses its server
+        assert sorted(env._echo) == [(False, False), (True, False)] and env._prestart is None
+        send_frames(sock, [REPLAY, b"r"])
+        assert [bytes(f) for f in recv_frames(sock)] == [REPLAY]
+
+    with Env() as env:
+
+        def broken(tuned: bool, hop: bool) -> None:
+            raise RuntimeError("echo server would not start")
+
+        env._echo_server = broken  # type: ignore[method-assign]
+        env.prestart({"node"})
+        with pytest.raises(RuntimeError, match="would not start"):
+            env.echo("tcp")
