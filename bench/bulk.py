@@ -9,7 +9,7 @@ samples range ~85-190 ms on this shared host: with both sides alike and 20 sampl
 
 Samples: 64 MiB cases take interleaved rounds of one call until the ratios' 95% intervals are within +-5%,
 at least 10 rounds (a single 64 MiB round trip ranges ~85-190 ms on this shared host: fewer let a slow
-spell move a median), at most 20; 1 MiB cases 20 calls in each of 2-5 rounds, until each median is within
+spell move a median), at most 20; 1 MiB cases 20 calls in each of 3-5 rounds, until each median is within
 +-5%.
 """
 
@@ -85,7 +85,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
             )
         )
         rounds = (3 if quick else 20) if big else (2 if quick else 5)
-        floor = (3 if quick else 10) if big else 2
+        floor = (3 if quick else 10) if big else (2 if quick else 3)
         # 64 MiB: until both transports' ratios to the like-for-like store+fetch and to the echo are within
         # +-5% (95% interval); 1 MiB (no target): until each case's median is.
         watch = (
