@@ -49,12 +49,15 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
             for name, fig in figs.items():
                 first = {"unit": fig["unit"], "kind": fig.get("kind", "measured"), "note": fig.get("note", "")}
                 entry = figures.setdefault(family, {}).setdefault(name, first | {"per_run": []})
-                entry["per_run"].append((fig["median"], fig["runs"]))
+                entry["per_run"].append((fig["median"], fig["runs"], fig.get("ci95"), fig.get("stop", "")))
     for figs in figures.values():
         for entry in figs.values():
             per_run = entry.pop("per_run")
-            entry.update(_spread([m for m, _ in per_run]))
-            entry["samples_per_run"] = [n for _, n in per_run]
+            entry.update(_spread([m for m, *_ in per_run]))
+            entry["samples_per_run"] = [n for _, n, *_ in per_run]
+            if any(ci for _, _, ci, _ in per_run):  # runs sampled by the interval rule (older runs: none)
+                entry["ci95_per_run"] = [ci for _, _, ci, _ in per_run]
+                entry["stop_per_run"] = [stop for *_, stop in per_run]
 
     targets: dict[str, dict[str, Any]] = {}
     for run in runs:
@@ -65,14 +68,19 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
                     k: t.get(k, d)
                     for k, d in (("op", ""), ("target", None), ("unit", ""), ("detail", ""), ("kind", "measured"))
                 }
-                | {"basis": t.get("basis", ""), "values": [], "passed_in": []},
+                | {"basis": t.get("basis", ""), "values": [], "passed_in": [], "sampled": []},
             )
             entry["values"].append(t["value"])
             entry["passed_in"].append(t["passed"])
+            entry["sampled"].append((t.get("samples"), t.get("ci95"), t.get("stop", "")))
     out_targets = []
     for name, entry in targets.items():
-        values, passed_in = entry.pop("values"), entry.pop("passed_in")
+        values, passed_in, sampled = entry.pop("values"), entry.pop("passed_in"), entry.pop("sampled")
         item = {"name": name, **entry, **_spread(values), "runs": len(values)}
+        if any(ci for _, ci, _ in sampled):  # the interval rule's record (older runs have none)
+            item["samples_per_run"] = [n for n, _, _ in sampled]
+            item["ci95_per_run"] = [ci for _, ci, _ in sampled]
+            item["stop_per_run"] = [stop for *_, stop in sampled]
         if entry["target"] is not None:
             passes = sum(1 for p in passed_in if p)
             item |= {

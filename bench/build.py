@@ -132,7 +132,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     from planwire.exporter import decompose
 
     warnings.filterwarnings("ignore")
-    runs = 1 if quick else 2  # a cold build is one event per fresh process (~5 s); no target on it
+    runs = 1  # a cold build is one event per fresh process (~5 s), no target on it: the spread over runs shows it
     report.time(FAMILY, "cold plan build (func2plan, fresh process)", [cold("plan") for _ in range(runs)], "s")
     report.time(FAMILY, "cold plain torch.onnx.export(dynamo=True)", [cold("export") for _ in range(runs)], "s")
 
@@ -185,7 +185,9 @@ def run(env: Env, report: Report, quick: bool) -> None:
             Case(DECOMP_PLAN, counted(decomp_build, decomp_path), 1, warmup=1),
             Case(DECOMP_EXPORT, decomp_export, 1, warmup=1),
         ]
-        samples = interleaved(cases, rounds=2 if quick else 5, budget_s=60)
+        # Rounds until the three ratios' 95% intervals are within +-5%: at least 4, at most 10 or 60 s.
+        watch = [(cases[i + 1].name, cases[i].name) for i in (0, 2, 4)]
+        samples = interleaved(cases, rounds=2 if quick else 10, budget_s=60, min_rounds=2 if quick else 4, watch=watch)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "s")
         real = planwire.exporter.cache_stats.exports - exports_before

@@ -7,8 +7,10 @@ the transport floor. An earlier run's "64 MiB put + get 1.37x faster than the ra
 against an echo whose I/O threads were not under SCHED_BATCH, on 8 samples of a round trip whose single
 samples range ~85-190 ms on this shared host: with both sides alike and 20 samples it is not reproduced.
 
-Samples: 64 MiB cases take 20 interleaved rounds of one call (20 samples: enough for the median of a
-quantity with this spread to move by less than ~5% between runs); 1 MiB cases 20 calls in each of 5 rounds.
+Samples: 64 MiB cases take interleaved rounds of one call until the ratios' 95% intervals are within +-5%,
+at least 10 rounds (a single 64 MiB round trip ranges ~85-190 ms on this shared host: fewer let a slow
+spell move a median), at most 20; 1 MiB cases 20 calls in each of 3-5 rounds, until each median is within
++-5%.
 """
 
 from __future__ import annotations
@@ -83,7 +85,19 @@ def run(env: Env, report: Report, quick: bool) -> None:
             )
         )
         rounds = (3 if quick else 20) if big else (2 if quick else 5)
-        samples = interleaved(cases, rounds=rounds, budget_s=15 if quick else 40)
+        floor = (3 if quick else 10) if big else (2 if quick else 3)
+        # 64 MiB: until both transports' ratios to the like-for-like store+fetch and to the echo are within
+        # +-5% (95% interval); 1 MiB (no target): until each case's median is.
+        watch = (
+            [
+                (f"{label} raw pyzmq {b} [{tr}]", f"{label} put+get [{tr}]")
+                for tr in ("tcp", "ipc")
+                for b in ("store+fetch", "echo")
+            ]
+            if big
+            else None
+        )
+        samples = interleaved(cases, rounds=rounds, budget_s=15 if quick else 40, min_rounds=floor, watch=watch)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "ms")
         for c in cases:

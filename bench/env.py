@@ -100,6 +100,50 @@ class Env:
         self.client_io_threads: list[str] = []
         self.providers: list[str] = []  # onnxruntime providers the workers report
         self.rpc_started = False
+        self._prestart: threading.Thread | None = None
+        self._prestart_error: BaseException | None = None
+
+    # -- started ahead -------------------------------------------------------------------------------
+
+    def prestart(self, families: set[str]) -> None:
+        """Start, in a background thread, the processes ``families`` will ask for (plan-workers, echo servers,
+        the torch.rpc peer), so that their start-ups overlap with each other and with the families' own
+        imports instead of running one after the other. Nothing is timed while it runs: every method that
+        hands out one of these processes waits for the thread first (``ready``)."""
+        tasks: list[Any] = []
+        if families & {"latency", "communication", "bulk", "pipelining", "training"}:
+            tasks += [lambda: self.worker("tcp"), lambda: self.worker("ipc")]
+        if families & {"latency", "pipelining"}:
+            tasks.append(lambda: self.worker("tcp", io_sched="default"))
+        if families & {"latency", "bulk", "node"}:
+            tasks += [lambda: self._echo_server(True, False), lambda: self._echo_server(False, False)]
+        if "latency" in families:
+            tasks.append(lambda: self._echo_server(True, True))
+        rpc = bool(families & {"latency", "communication", "bulk"})
+        if not tasks and not rpc:
+            return
+
+        def run() -> None:
+            try:
+                peer = self._start_rpc_peer() if rpc else None  # its torch import overlaps the starts below
+                for task in tasks:
+                    task()
+                if peer is not None:
+                    self._join_rpc(peer)
+            except BaseException as e:  # noqa: BLE001 - raised again by ready()
+                self._prestart_error = e
+
+        self._prestart = threading.Thread(target=run, name="bench-prestart", daemon=True)
+        self._prestart.start()
+
+    def ready(self) -> None:
+        """Wait for the processes started ahead (``prestart``); a failure there is raised here."""
+        if self._prestart is not None and self._prestart is not threading.current_thread():
+            self._prestart.join()
+            self._prestart = None
+            if self._prestart_error is not None:
+                err, self._prestart_error = self._prestart_error, None
+                raise err
 
     # -- plan-workers -------------------------------------------------------------------------------
 
@@ -110,6 +154,7 @@ class Env:
         """The plan-worker for ``transport`` and a client to it. ``io_sched="default"``: a second worker and
         client whose ZeroMQ I/O threads keep the default scheduling (PLANWIRE_IO_SCHED=default), to show
         what planwire's SCHED_BATCH I/O threads change, in the same run."""
+        self.ready()
         key = transport if io_sched == "batch" else f"{transport}/{io_sched}"
         if key not in self._workers:
             old = os.environ.get(IO_SCHED_ENV)
@@ -137,6 +182,7 @@ class Env:
     def private_worker(self, transport: str, data: Any, fingerprint: str, output: str) -> RemoteWorker:
         """A plan-worker whose own data is ``data`` (private), with a policy that approves plan
         ``fingerprint`` and releases ``output`` as it is, and an audit log (the owner's set-up); a client."""
+        self.ready()
         key = f"{transport}/private"
         if key not in self._workers:
             import numpy as np
@@ -171,15 +217,8 @@ class Env:
         a second server and a plain client context, both at the default scheduling. Each ``client`` name gets
         a DEALER of its own (the server keeps per-peer replies: see bench.echo). ``hop``: a server of its own
         that passes each message through a second process and back (bench.echo ``--hop``)."""
-        if (tuned, hop) not in self._echo:
-            flag = ["--tuned"] if tuned else []
-            name = "echo-tuned" if tuned else "echo"
-            if hop:
-                flag, name = [*flag, "--hop"], name + "-hop"
-            cmd = [sys.executable, "-m", "bench.echo", *flag, "tcp://127.0.0.1:0", f"ipc://{self.tmp}/{name}.ipc"]
-            self._echo[tuned, hop], line = spawn_ready(cmd, 30)
-            tcp, ipc = line.removeprefix("ready on ").split()
-            self.echo_urls.update({("tcp", tuned, hop): tcp, ("ipc", tuned, hop): ipc})
+        self.ready()
+        self._echo_server(tuned, hop)
         if (transport, tuned, hop, client) not in self._echo_socks:
             ctx = self.ctx
             if tuned:
@@ -196,36 +235,46 @@ class Env:
             self._echo_socks[transport, tuned, hop, client] = s
         return self._echo_socks[transport, tuned, hop, client]
 
+    def _echo_server(self, tuned: bool, hop: bool) -> None:
+        if (tuned, hop) not in self._echo:
+            flag = ["--tuned"] if tuned else []
+            name = "echo-tuned" if tuned else "echo"
+            if hop:
+                flag, name = [*flag, "--hop"], name + "-hop"
+            cmd = [sys.executable, "-m", "bench.echo", *flag, "tcp://127.0.0.1:0", f"ipc://{self.tmp}/{name}.ipc"]
+            self._echo[tuned, hop], line = spawn_ready(cmd, 30)
+            tcp, ipc = line.removeprefix("ready on ").split()
+            self.echo_urls.update({("tcp", tuned, hop): tcp, ("ipc", tuned, hop): ipc})
+
     # -- torch.distributed.rpc ------------------------------------------------------------------------
 
     def rpc(self) -> str:
         """Name of the rpc peer; this process joins the group as rank 0 on first use."""
+        self.ready()
         if not self.rpc_started:
-            warnings.filterwarnings("ignore", module="torch.distributed")
-            import torch.distributed.rpc as rpc
-
-            from bench.rpcpeer import options
-
-            port = free_port()
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.rpcpeer",
-                "--port",
-                str(port),
-                "--rank",
-                "1",
-                "--transport",
-                "uv",
-            ]
-            self._rpc_peer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-            bounded(
-                lambda: rpc.init_rpc("caller", rank=0, world_size=2, rpc_backend_options=options(port, "uv")),
-                120,
-                "torch.distributed.rpc init",
-            )
-            self.rpc_started = True
+            self._join_rpc(self._start_rpc_peer())
         return RPC_PEER
+
+    def _start_rpc_peer(self) -> int:
+        """Start the rank-1 peer process (it waits for rank 0); returns the port."""
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.rpcpeer", "--port", str(port), "--rank", "1", "--transport", "uv"]
+        self._rpc_peer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        return port
+
+    def _join_rpc(self, port: int) -> None:
+        """This process joins the group as rank 0."""
+        warnings.filterwarnings("ignore", module="torch.distributed")
+        import torch.distributed.rpc as rpc
+
+        from bench.rpcpeer import options
+
+        bounded(
+            lambda: rpc.init_rpc("caller", rank=0, world_size=2, rpc_backend_options=options(port, "uv")),
+            120,
+            "torch.distributed.rpc init",
+        )
+        self.rpc_started = True
 
     def rpc_isolated_tiny(self, transport: str, runs: int) -> list[float]:
         """Tiny rpc_sync latency timed by two fresh processes using ``transport``, alone."""
@@ -249,6 +298,8 @@ class Env:
     # -- teardown -------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.ready()
         if self.rpc_started:
             import torch.distributed.rpc as rpc
 

@@ -130,7 +130,7 @@ def _calls(report: Report, gpu: Any, cpu: Any, quick: bool) -> None:
             Case(f"64 MiB put + get [{label} worker, tcp]", put_get, 1, warmup=1),
             Case(f"64 MiB put + run (x*2+1) + get [{label} worker, tcp]", put_run_get, 1, warmup=1),
         ]
-    samples = interleaved(cases, rounds=3 if quick else 10, budget_s=30 if quick else 90)
+    samples = interleaved(cases, rounds=3 if quick else 10, budget_s=30 if quick else 90, min_rounds=3 if quick else 5)
     for c in cases:
         report.time(FAMILY, c.name, samples[c.name], "us" if "tiny" in c.name else "ms")
     for what in ("tiny call ptr(x).get()", "64 MiB put + get", "64 MiB put + run (x*2+1) + get"):
@@ -202,11 +202,11 @@ def _steps(report: Report, gpu: Any, gpu_proc: Any, cpu: Any, wl: Any, quick: bo
     cases = [Case(names[0], sync, PIPELINE, warmup=2), Case(names[1], pipelined, 1, warmup=1)]
     cases.append(Case(base, baseline, 1, warmup=1))
     before = _copies(gpu_proc)
-    samples = interleaved(cases, rounds=3 if quick else 8, budget_s=30 if quick else 60)
+    samples = interleaved(cases, rounds=3 if quick else 8, budget_s=30 if quick else 60, min_rounds=3 if quick else 5)
     after = _copies(gpu_proc)
     report.time(FAMILY, names[0], samples[names[0]], "ms")
     for n in names[1:]:
-        report.time(FAMILY, n, [v / PIPELINE for v in samples[n]], "ms", note=f"per step, {PIPELINE} steps per run")
+        report.time(FAMILY, n, samples[n].scaled(1 / PIPELINE), "ms", note=f"per step, {PIPELINE} steps per run")
     for mode, n in (("synchronous", names[0]), ("pipelined", names[1])):
         report.ratio(
             f"training step on CUDA vs {'eager CUDA torch' if eager_cuda else 'the CPU worker'}, {wl.name} ({mode})",

@@ -129,7 +129,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     plan = plans.tiny()
     x = torch.randn(plans.SHAPE)
     xn = x.numpy()
-    per = 25 if quick else 50  # short blocks, many rounds: slow spells of a shared host hit every case alike
+    per = 25  # short blocks, many rounds: slow spells of a shared host hit every case alike
     cases = _cases(env, "tcp", plan, x, per, report) + _cases(env, "ipc", plan, x, per, report)
     peer = env.rpc()
     assert torch.allclose(rpc.rpc_sync(peer, rpcfns.tiny, args=(x,)), plans.tiny_torch(x))
@@ -137,7 +137,23 @@ def run(env: Env, report: Report, quick: bool) -> None:
     sess = ort.InferenceSession(plan.variants[0].data, session_options(1), providers=["CPUExecutionProvider"])
     cases.append(Case("local onnxruntime InferenceSession.run", lambda: sess.run(None, {"x": xn}), per))
     cases.append(Case("eager torch", lambda: plans.tiny_torch(x), per))
-    samples = interleaved(cases, rounds=8 if quick else 80, budget_s=20 if quick else 45)
+    # Blocks of `per` calls per case per round (short blocks, many rounds: a slow spell of the shared host hits
+    # every case alike); rounds go on until every ratio below is within +-5% (95% interval), at least 12 rounds
+    # (the rounds bootstrap needs that many to mean something), at most 160 or 45 s.
+    ratios = [(PLAN.format(tr), ECHO.format(tr)) for tr in ("tcp", "ipc")]
+    ratios += [(PLAN.format(tr), HOP.format(tr)) for tr in ("tcp", "ipc")]
+    ratios += [(HOP.format(tr), ECHO.format(tr)) for tr in ("tcp", "ipc")]
+    ratios += [
+        (PLAN_DEFAULT.format("tcp"), ECHO_DEFAULT.format("tcp")),
+        (PLAN.format("tcp"), ECHO_DEFAULT.format("tcp")),
+        (PLAN_DEFAULT.format("tcp"), PLAN.format("tcp")),
+        (PRIVATE.format("tcp"), PLAN.format("tcp")),
+        (RPC, PLAN_DEFAULT.format("tcp")),
+        (RPC, PLAN.format("tcp")),
+    ]
+    samples = interleaved(
+        cases, rounds=8 if quick else 160, budget_s=20 if quick else 45, min_rounds=4 if quick else 12, watch=ratios
+    )
     for c in cases:
         report.time(FAMILY, c.name, samples[c.name], "us")
     report.time(

@@ -68,6 +68,12 @@ VERDICTS = [  # (name, figure, the side it is divided by (None: the figure itsel
 ]  # fmt: skip
 
 
+def _watch(figure: str) -> list[tuple[str, str | None]]:
+    """The case pairs whose ratios VERDICTS takes from ``figure``'s cases (a lone figure: its own median)."""
+    mine = figure.format(SIDES["node"])
+    return [(mine, None if over is None else figure.format(SIDES[over])) for _, f, over, *_ in VERDICTS if f == figure]
+
+
 def _round_trip(sock: zmq.Socket, frames: list[bytes]) -> Callable[[], Any]:
     def call() -> list[bytes]:
         sock.send_multipart(frames, copy=False)
@@ -170,28 +176,54 @@ def run(env: Env, report: Report, quick: bool) -> None:
         request, reply, _ = frames["node"]
         echo.send_multipart([REPLAY, *reply])
         echo.recv_multipart()
-        per = 200 if quick else 1000
+        # Every set of cases: rounds until each ratio taken from it (VERDICTS) has its 95% interval within +-5%
+        # (bench.timing's rule), with a floor of rounds and a cap; short blocks of tiny calls, many rounds.
+        per = 50 if quick else 100
         tiny_cases = [Case(TINY.format(SIDES[s]), _round_trip(peers[s].sock, frames[s][0]), per) for s in peers]
         tiny_cases.append(Case(TINY.format(SIDES["echo"]), _round_trip(echo, request), per))
-        samples = interleaved(tiny_cases, rounds=3 if quick else 8, budget_s=20 if quick else 60)
+        samples = interleaved(
+            tiny_cases,
+            rounds=6 if quick else 80,
+            budget_s=20 if quick else 45,
+            min_rounds=3 if quick else 10,
+            watch=_watch(TINY),
+        )
         for c in tiny_cases:
             report.time(FAMILY, c.name, samples[c.name], "us")
 
-        n = 2000 if quick else 5000  # within the workers' default --max-client-queue of 10,000 replies
+        n = 2000  # within the workers' default --max-client-queue of 10,000 replies; ~1 s at the Python worker's rate
         pipe_cases = [Case(PIPELINED.format(SIDES[s]), _pipelined(peers[s].sock, frames[s][2], n), 1, 1) for s in peers]
-        samples = interleaved(pipe_cases, rounds=2 if quick else 5, budget_s=20 if quick else 60)
+        samples = interleaved(
+            pipe_cases,
+            rounds=2 if quick else 12,
+            budget_s=20 if quick else 40,
+            min_rounds=2 if quick else 5,
+            watch=_watch(PIPELINED),
+        )
         for c in pipe_cases:
             report.rate(FAMILY, c.name, samples[c.name], n, "calls/s", note=f"{n} calls per run")
 
         data = np.ones(64 * MiB, np.uint8).tobytes()
         bulk_cases = [Case(BULK.format(SIDES[s]), _put_get(peers[s], data), 1, 1) for s in peers]
         bulk_cases.append(Case(BULK.format(SIDES["echo"]), _store_fetch(echo, data), 1, 1))
-        samples = interleaved(bulk_cases, rounds=3 if quick else 12, budget_s=30 if quick else 90)
+        samples = interleaved(
+            bulk_cases,
+            rounds=3 if quick else 20,
+            budget_s=30 if quick else 60,
+            min_rounds=3 if quick else 10,
+            watch=_watch(BULK),
+        )
         for c in bulk_cases:
             report.rate(FAMILY, c.name, samples[c.name], 128, "MiB/s", note="64 MiB up, then 64 MiB down")
 
         train_cases = [Case(TRAIN.format(SIDES[s]), _training_step(procs[s].url, stack), 10, 5) for s in peers]
-        samples = interleaved(train_cases, rounds=2 if quick else 8, budget_s=30 if quick else 90)
+        samples = interleaved(
+            train_cases,
+            rounds=2 if quick else 30,
+            budget_s=30 if quick else 60,
+            min_rounds=2 if quick else 8,
+            watch=_watch(TRAIN),
+        )
         for c in train_cases:
             report.time(FAMILY, c.name, samples[c.name], "ms")
     finally:

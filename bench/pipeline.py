@@ -17,7 +17,7 @@ DEFAULT_SCHED = ", I/O threads at default scheduling"
 def run(env: Env, report: Report, quick: bool) -> None:
     import torch
 
-    n = 1000 if quick else 5000
+    n = 1000 if quick else 2000  # a sample: 2000 calls, 0.5 s at the sandboxed worker's ~4k calls/s
     cases = []
     for tr, sched in (("tcp", "batch"), ("ipc", "batch"), ("tcp", "default")):
         w = env.worker(tr, sched)
@@ -38,9 +38,12 @@ def run(env: Env, report: Report, quick: bool) -> None:
             cases += [Case(KEEP.format(tr), keep, 1, warmup=1), Case(DROP.format(tr), drop, 1, warmup=1)]
         else:
             cases.append(Case(KEEP.format(tr) + DEFAULT_SCHED, keep, 1, warmup=1))
-    # A sample is n calls: 0.1 s at 50k calls/s, 3 s at the sandboxed worker's ~1.7k calls/s of late 2026;
-    # the budget keeps the family to ~30 s either way (at least 2 samples per case, up to 6).
-    samples = interleaved(cases, rounds=2 if quick else 6, budget_s=20 if quick else 30)
+    # Rounds until the target's rate and the SCHED_BATCH/default ratio are within +-5% (95% interval), at least
+    # 5 rounds, at most 12 or 30 s.
+    watch = [(KEEP.format("tcp"), None), (KEEP.format("tcp") + DEFAULT_SCHED, KEEP.format("tcp"))]
+    samples = interleaved(
+        cases, rounds=2 if quick else 12, budget_s=20 if quick else 30, min_rounds=2 if quick else 5, watch=watch
+    )
     for c in cases:
         report.rate(FAMILY, c.name, samples[c.name], n, "calls/s", note=f"{n} calls per run")
     report.target(

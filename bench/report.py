@@ -125,6 +125,7 @@ def markdown(agg: dict[str, Any], all_figures: bool = False) -> str:
         out.append(
             f"| {t['name']} | {spread(t, t['unit'])} | {goal} | {t['passes']} of {t['runs']} | {word} | {t['basis']} |"
         )
+    out += sampling(targets)
     shown = [t for t in agg["targets"] if t["target"] is None and t["kind"] == "measured"]
     if shown:
         out += ["", "| Comparison (no target) | median (min–max) | what each side does |", "|---|---|---|"]
@@ -158,6 +159,25 @@ def markdown(agg: dict[str, Any], all_figures: bool = False) -> str:
     for name, errors in agg.get("errors", {}).items():
         out.append(f"\nErrors in {name}: {errors}")
     return "\n".join(out)
+
+
+def sampling(targets: list[dict[str, Any]]) -> list[str]:
+    """Per target, what its ratio rests on in each run: samples (numerator / denominator), the 95% interval of
+    the ratio, and whether the rounds stopped on the interval rule (bench.timing) or at the cap or budget."""
+    rows = [t for t in targets if t.get("ci95_per_run")]
+    if not rows:
+        return []
+    out = [
+        "",
+        "| Target | samples per run (numerator / denominator) | 95% interval of the ratio, per run | rounds ended |",
+        "|---|---|---|---|",
+    ]
+    for t in rows:
+        n = ", ".join("/".join(map(str, s)) if s else "–" for s in t["samples_per_run"])
+        ci = ", ".join(f"{fmt(c[0])}–{fmt(c[1])}" if c else "–" for c in t["ci95_per_run"])
+        stops = ", ".join(s or "–" for s in t["stop_per_run"])
+        out.append(f"| {t['name']} | {n} | {ci} | {stops} |")
+    return out
 
 
 def wall_time(agg: dict[str, Any]) -> list[str]:

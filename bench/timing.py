@@ -5,6 +5,13 @@ is the rate at the 90th percentile of run times), the number of runs and a unit.
 of figures measured in the same invocation, interleaved round by round, so that a noisy neighbour slows
 both sides alike; each carries its target and pass/fail.
 
+Sampling rule (``interleaved``): rounds go on until every watched comparison is tight, i.e. the 95%
+interval of its ratio of medians, from a bootstrap that resamples whole rounds (the same rounds for every
+case, so the pairing of interleaved samples is kept), lies within +-``TOL`` of the ratio; at least
+``min_rounds`` rounds (the floor), at most ``rounds`` (the cap) or ``budget_s`` seconds. Each figure keeps
+its samples, rounds, the 95% interval of its median and why its rounds stopped (``converged``, ``cap`` or
+``budget``: the interval was not reached); each comparison its interval and sample counts.
+
 Every figure and comparison has a ``kind``: ``measured`` (timed or counted here), ``derived`` (written
 down from how the baseline works, not observed: e.g. torch.rpc's 2 messages per call), ``by construction``
 (a ratio whose size the set-up fixes, e.g. N round trips against one) or ``unpaired`` (one side measured
@@ -22,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,9 @@ import numpy as np
 
 SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6}
 
+
+TOL = 0.05  # a comparison is tight when its ratio's 95% interval is within +-5% of the ratio
+BOOT = 400  # bootstrap draws (rounds resampled with replacement)
 
 KINDS = ("measured", "derived", "by construction", "unpaired")
 LIKE_FOR_LIKE = "like-for-like"
@@ -43,6 +53,9 @@ class Figure:
     unit: str
     note: str = ""
     kind: str = "measured"
+    ci95: list[float] | None = None  # 95% interval of the median (rounds bootstrap), where sampled in rounds
+    rounds: int | None = None  # interleaved rounds the samples came from
+    stop: str = ""  # why the rounds stopped: converged (interval within +-TOL), cap or budget
 
 
 @dataclass
@@ -55,6 +68,9 @@ class Target:
     detail: str
     kind: str = "measured"
     basis: str = ""  # for ratios: LIKE_FOR_LIKE, or what differs between the two sides
+    ci95: list[float] | None = None  # 95% interval of the ratio (paired rounds bootstrap)
+    samples: list[int] | None = None  # samples behind numerator and denominator
+    stop: str = ""  # "converged" if both sides' rounds stopped on the interval rule, else cap or budget
     passed: bool | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -89,11 +105,58 @@ class _NoGC:
             gc.enable()
 
 
-def measure(fn: Callable[[], Any], *, runs: int, warmup: int = 3, budget_s: float = 30.0) -> list[float]:
-    """Seconds per call of ``fn``: ``runs`` calls after ``warmup`` (fewer if the budget runs out, min 3)."""
+class Timed(list):
+    """Seconds per call of one case, with the round each sample came from: the unit the bootstrap resamples.
+
+    Cases timed in the same interleaved run share ``seed`` and their number of rounds, so their bootstrap
+    draws pick the same rounds (paired)."""
+
+    def __init__(self, values: Sequence[float] = (), rounds: Sequence[int] | None = None, seed: int = 0) -> None:
+        super().__init__(float(v) for v in values)
+        self.round_of = list(range(len(self))) if rounds is None else list(rounds)
+        self.seed = seed
+        self.stop = ""
+
+    @property
+    def n_rounds(self) -> int:
+        return len(set(self.round_of))
+
+    def scaled(self, k: float) -> Timed:
+        out = Timed([v * k for v in self], self.round_of, self.seed)
+        out.stop = self.stop
+        return out
+
+    def boot_medians(self, draws: int = BOOT) -> np.ndarray:
+        """Medians of ``draws`` resamples of whole rounds (with replacement)."""
+        v = np.asarray(self, dtype=float)
+        ids = np.asarray(self.round_of)
+        order = np.unique(ids)
+        pick = np.random.default_rng(self.seed).integers(0, len(order), size=(draws, len(order)))
+        per = [v[ids == r] for r in order]
+        if len({len(p) for p in per}) == 1:  # every round the same number of samples: one gather
+            return np.median(np.stack(per)[pick].reshape(draws, -1), axis=1)
+        return np.array([np.median(np.concatenate([per[i] for i in row])) for row in pick])
+
+
+def interval(draws: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def halfwidth(num: Timed, den: Timed | None = None) -> float:
+    """Relative half-width of the 95% interval of median(num) / median(den) (of median(num) alone)."""
+    est = float(np.median(num)) / (float(np.median(den)) if den is not None else 1.0)
+    draws = num.boot_medians() / (den.boot_medians() if den is not None else 1.0)
+    lo, hi = interval(draws)
+    return max(hi / est - 1.0, 1.0 - lo / est) if est > 0 else float("inf")
+
+
+def measure(fn: Callable[[], Any], *, runs: int, warmup: int = 3, budget_s: float = 30.0) -> Timed:
+    """Seconds per call of ``fn``: ``runs`` calls after ``warmup`` (fewer if the budget runs out, min 3);
+    each call is its own round."""
     for _ in range(warmup):
         fn()
-    out: list[float] = []
+    out = Timed()
     clock = time.perf_counter
     end = clock() + budget_s
     with _NoGC():
@@ -102,8 +165,10 @@ def measure(fn: Callable[[], Any], *, runs: int, warmup: int = 3, budget_s: floa
             fn()
             t1 = clock()
             out.append(t1 - t0)
+            out.round_of.append(len(out) - 1)
             if t1 > end and len(out) >= 3:
                 break
+    out.stop = "cap" if len(out) == runs else "budget"
     return out
 
 
@@ -115,15 +180,33 @@ class Case:
     warmup: int = 5
 
 
-def interleaved(cases: Sequence[Case], *, rounds: int, budget_s: float = 60.0) -> dict[str, list[float]]:
-    """Run every case ``per_round`` times per round, rotating the order each round; bounded by
-    ``rounds`` and (after at least two rounds) by ``budget_s``. Returns seconds per call by case."""
-    samples: dict[str, list[float]] = {c.name: [] for c in cases}
+_seeds = iter(range(1, 1 << 30))
+
+
+def interleaved(
+    cases: Sequence[Case],
+    *,
+    rounds: int,
+    budget_s: float = 60.0,
+    min_rounds: int = 3,
+    watch: Sequence[tuple[str, str | None]] | None = None,
+    tol: float = TOL,
+) -> dict[str, Timed]:
+    """Run every case ``per_round`` times per round, rotating the order each round, until the sampling rule
+    holds: after ``min_rounds`` rounds (the floor), stop once every pair (numerator, denominator) of case
+    names in ``watch`` has the 95% interval of its ratio of medians within +-``tol`` (denominator None: the
+    numerator's median alone; no ``watch``: each case's median alone); otherwise at ``rounds`` rounds (the
+    cap) or when ``budget_s`` is spent, but never before the floor (a loaded host makes a run longer).
+    Returns seconds per call by case, each a ``Timed`` whose ``stop`` says which bound ended it."""
+    seed = next(_seeds)
+    samples: dict[str, Timed] = {c.name: Timed(seed=seed) for c in cases}
+    pairs = [(samples[a], samples[b] if b else None) for a, b in watch or [(c.name, None) for c in cases]]
     for c in cases:
         for _ in range(c.warmup):
             c.fn()
     clock = time.perf_counter
     start = clock()
+    stop, check = "cap", max(min_rounds, 2)
     for r in range(rounds):
         order = list(cases[r % len(cases) :]) + list(cases[: r % len(cases)])
         for c in order:
@@ -133,8 +216,22 @@ def interleaved(cases: Sequence[Case], *, rounds: int, budget_s: float = 60.0) -
                     t0 = clock()
                     fn()
                     out.append(clock() - t0)
-        if r >= 1 and clock() - start > budget_s:
+            out.round_of += [r] * c.per_round
+        done = r + 1
+        if done == rounds:
             break
+        if done >= check:
+            if all(halfwidth(a, b) <= tol for a, b in pairs):
+                stop = "converged"
+                break
+            check = done + max(1, done // 8)  # checking costs a little: every round early, then every ~12%
+        if done >= max(min_rounds, 2) and clock() - start > budget_s:  # the floor holds even under load
+            stop = "budget"
+            break
+    if stop == "cap" and rounds >= min_rounds and all(halfwidth(a, b) <= tol for a, b in pairs):
+        stop = "converged"  # tight at the cap as well
+    for t in samples.values():
+        t.stop = stop
     return samples
 
 
@@ -150,6 +247,7 @@ class Report:
         self.errors: dict[str, str] = {}
         self.notes: dict[str, list[str]] = {}
         self.family_s: dict[str, float] = {}  # wall time of each family run, seconds
+        self._draws: dict[tuple[str, str], np.ndarray] = {}  # bootstrap medians of figures sampled in rounds
         self.machine = machine_info()
 
     # figures
@@ -159,18 +257,32 @@ class Report:
 
     def time(self, family: str, name: str, samples: Sequence[float], unit: str = "us", note: str = "") -> Figure:
         k = SCALE[unit]
-        return self.add(
-            family,
-            name,
-            Figure(float(np.median(samples)) * k, percentile(samples, 90) * k, len(samples), unit, note),
-        )
+        fig = Figure(float(np.median(samples)) * k, percentile(samples, 90) * k, len(samples), unit, note)
+        return self._sampled(family, name, fig, samples, lambda m: m * k)
 
     def rate(
         self, family: str, name: str, samples: Sequence[float], amount: float, unit: str, note: str = ""
     ) -> Figure:
         """``amount`` (items, bytes scaled to ``unit``) per run divided by each run's seconds."""
         med, slow = float(np.median(samples)), percentile(samples, 90)
-        return self.add(family, name, Figure(amount / med, amount / slow, len(samples), unit, note))
+        fig = Figure(amount / med, amount / slow, len(samples), unit, note)
+        return self._sampled(family, name, fig, samples, lambda m: amount / m)
+
+    def _sampled(self, family: str, name: str, fig: Figure, samples: Sequence[float], f: Any) -> Figure:
+        """Keep the bootstrap draws of the figure's median (samples timed in rounds) for its interval and the
+        intervals of the ratios it takes part in."""
+        if isinstance(samples, Timed) and samples:
+            draws = f(samples.boot_medians())
+            self._draws[family, name] = draws
+            fig.ci95, fig.rounds, fig.stop = interval(draws), samples.n_rounds, samples.stop
+        return self.add(family, name, fig)
+
+    def same_as(self, family: str, name: str, source: str, note: str) -> Figure:
+        """A figure that is another one of this run under a second name (e.g. the faster of two baselines)."""
+        fig = replace(self.get(family, source), note=note)
+        if (family, source) in self._draws:
+            self._draws[family, name] = self._draws[family, source]
+        return self.add(family, name, fig)
 
     def count(self, family: str, name: str, value: float, unit: str, note: str = "", kind: str = "measured") -> Figure:
         """A single number: counted (``measured``) or written down from how a baseline works (``derived``)."""
@@ -211,7 +323,12 @@ class Report:
 
         ``basis``: LIKE_FOR_LIKE, or what differs between the sides (shown beside a like-for-like ratio)."""
         a, b = self.get(*num), self.get(*den)
-        return self.target(name, a.median / b.median, op, target, "x", f"{num[1]} / {den[1]}", kind=kind, basis=basis)
+        t = self.target(name, a.median / b.median, op, target, "x", f"{num[1]} / {den[1]}", kind=kind, basis=basis)
+        t.samples = [a.runs, b.runs]
+        if num in self._draws and den in self._draws:
+            t.ci95 = interval(self._draws[num] / self._draws[den])
+            t.stop = "converged" if a.stop == b.stop == "converged" else (b.stop if a.stop == "converged" else a.stop)
+        return t
 
     def note(self, family: str, text: str) -> None:
         self.notes.setdefault(family, []).append(text)
@@ -241,7 +358,8 @@ class Report:
             lines.append(f"{'':{width}} {'median':>12} {'p90':>12} {'runs':>6}  unit")
             for name, f in figs.items():
                 kind = "" if f.kind == "measured" else f"  ({f.kind}, not measured)"
-                lines.append(f"{name:{width}} {fmt(f.median):>12} {fmt(f.p90):>12} {f.runs:>6}  {f.unit}{kind}")
+                ci = f"  [{fmt(f.ci95[0])}, {fmt(f.ci95[1])}] {f.rounds} rounds, {f.stop}" if f.ci95 else ""
+                lines.append(f"{name:{width}} {fmt(f.median):>12} {fmt(f.p90):>12} {f.runs:>6}  {f.unit}{kind}{ci}")
             for text in self.notes.get(family, []):
                 lines.append(f"  note: {text}")
         if self.targets:
@@ -252,7 +370,8 @@ class Report:
                 value = f"{fmt(t.value)}{t.unit}"
                 goal = "" if t.target is None else f"{t.op} {fmt(t.target)}{t.unit}"
                 label = ", ".join(x for x in (t.kind if t.kind != "measured" else "", t.basis) if x)
-                lines.append(f"{mark}  {t.name:{width}} {value:>13} {goal:10}  [{label}] ({t.detail})")
+                ci = f" 95% [{fmt(t.ci95[0])}, {fmt(t.ci95[1])}] {t.stop}," if t.ci95 else ""
+                lines.append(f"{mark}  {t.name:{width}} {value:>13} {goal:10} {ci} [{label}] ({t.detail})")
         if self.family_s:
             total = sum(self.family_s.values())
             lines.append(f"\n## wall time by family ({total:.0f} s in all)")

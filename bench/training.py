@@ -14,7 +14,6 @@ steps back to back and fetches the last loss only. The worker runs onnxruntime w
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any
 
 from bench.env import Env
@@ -100,19 +99,27 @@ def run(env: Env, report: Report, quick: bool) -> None:
                 Case(eager[1], eager_many, 1),
                 Case(eager[2], lambda eager_many=eager_many: eager_many(threads=2), 1),
             ]
-            samples = interleaved(cases, rounds=3 if quick else 10, budget_s=15 if quick else 30)
+            # A round is ~0.1 s: rounds until every ratio below is within +-5% (95% interval), at least 6.
+            watch = [(pipe_name, eager[t]) for t in (1, 2)] + [(sync_name, eager[t]) for t in (1, 2)]
+            samples = interleaved(
+                cases,
+                rounds=3 if quick else 40,
+                budget_s=15 if quick else 30,
+                min_rounds=3 if quick else 6,
+                watch=watch,
+            )
             report.time(FAMILY, sync_name, samples[sync_name], "ms")
             for c in cases[1:]:
                 report.time(
                     FAMILY,
                     c.name,
-                    [s / PIPELINE for s in samples[c.name]],
+                    samples[c.name].scaled(1 / PIPELINE),
                     "ms",
                     note=f"per step, {PIPELINE} steps per run",
                 )
             best = f"{name}: eager torch step, faster of 1 and 2 threads"
-            faster = min((report.get(FAMILY, eager[t]) for t in (1, 2)), key=lambda f: f.median)
-            report.add(FAMILY, best, dataclasses.replace(faster, note="the faster median of the two above"))
+            faster = min((1, 2), key=lambda t: report.get(FAMILY, eager[t]).median)
+            report.same_as(FAMILY, best, eager[faster], note="the faster median of the two above")
             report.ratio(
                 f"training step vs eager, {name} (pipelined)",
                 (FAMILY, pipe_name),

@@ -22,7 +22,6 @@ seconds of one build as a JSON line.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import subprocess
@@ -48,14 +47,17 @@ KEYS = {"resnet": 0, "lm": 1}
 #   as a warm-up and once per warm round "with the export cache cleared" (25-40 s each for the ResNet, as
 #   long as a cold build, which already is the build with nothing cached): half the family's length. If
 #   that entry does not answer, the first build is reported as the build with the export cache cleared.
-# - warm builds against warm plain exports (target <= 2x, measured ~1.0-1.6x): 4 interleaved rounds. One
-#   build varies ~10% (p90 / median); the median of 4 moves by ~5%, far less than the target's margin.
-# - steps (target <= 1x): 8 interleaved rounds of 5 steps per case (sync: 40 calls, pipelined and eager:
-#   8 samples of 5 steps). One ResNet sample varies 10-20% with the host; a round of every case is ~4 s.
+# - warm builds against warm plain exports (target <= 2x, measured ~1.0-1.6x): interleaved rounds until the
+#   ratio's 95% interval is within +-5% (bench.timing's rule), at least 4 (one build varies ~10%, p90 /
+#   median: fewer rounds do not make a bootstrap interval), at most 6 or 60 s.
+# - steps (target <= 1x): interleaved rounds of 5 steps per case (sync: 5 calls, pipelined and eager: one
+#   sample of 5 steps) until every ratio's interval is within +-5%, at least 5 rounds, at most 12 or 45 s.
+#   One ResNet sample varies 10-20% with the host; a round of every case is ~4 s.
+# - the steps run on the plan of the first build in this process (no extra build for them).
 # --quick (a smoke run): 2 warm rounds, 3 step rounds.
 COLD_SAMPLES = 1
-WARM_ROUNDS, WARM_BUDGET_S = 4, 60.0
-STEP_ROUNDS, STEP_BUDGET_S = 8, 45.0
+WARM_ROUNDS, WARM_MIN, WARM_BUDGET_S = 6, 4, 60.0
+STEP_ROUNDS, STEP_MIN, STEP_BUDGET_S = 12, 5, 45.0
 
 
 def plain_export(wl: Any, model: Any) -> Any:
@@ -95,7 +97,9 @@ def cold(key: str, what: str, cache_dir: str = "") -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> None:
+def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> tuple[Any, Any]:
+    """Cold and warm builds; returns the first build in this process (a plan of ``wl.make(0)``) and a copy of
+    that model as it was before the build, for the steps."""
     import torch
 
     from bench.build import no_disk_cache
@@ -120,7 +124,9 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> None:
         os.environ[cache.ENV_DIR], before = handed_over, os.environ.get(cache.ENV_DIR)
         try:
             exports = cache.stats.exports
-            first = measure(lambda: build_plan(wl, wl.make(next(seeds))), runs=1, warmup=0)
+            model = wl.make(0)
+            initial, built = copy.deepcopy(model), []
+            first = measure(lambda: built.append(build_plan(wl, model)), runs=1, warmup=0)
             exported = cache.stats.exports > exports
         finally:
             if before is None:
@@ -132,7 +138,13 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> None:
             Case(warm_plan, lambda: build_plan(wl, wl.make(next(seeds))), 1, warmup=0),
             Case(warm_export, lambda: plain_export(wl, wl.make(next(seeds))), 1, warmup=1),
         ]
-        samples = interleaved(cases, rounds=2 if quick else WARM_ROUNDS, budget_s=WARM_BUDGET_S)
+        samples = interleaved(
+            cases,
+            rounds=2 if quick else WARM_ROUNDS,
+            budget_s=WARM_BUDGET_S,
+            min_rounds=2 if quick else WARM_MIN,
+            watch=[(warm_plan, warm_export)],
+        )
     for name in (warm_plan, warm_export):
         report.time(FAMILY, name, samples[name], "s")
     if exported:  # the cold build's entry did not answer (another key): this build exported afresh
@@ -167,13 +179,12 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> None:
         (FAMILY, cold_export),
         basis="beside: the plan exports forward + backward + optimizer and verifies a step",
     )
+    return built[0], initial
 
 
-def _steps(report: Report, workers: dict[int, Any], wl: Any, label: str, quick: bool) -> None:
+def _steps(report: Report, workers: dict[int, Any], wl: Any, label: str, quick: bool, plan: Any, model: Any) -> None:
     import torch
 
-    model = wl.make(0)
-    plan = build_plan(wl, copy.deepcopy(model))
     x, y = wl.batch(wl.build_batch)
     cases, names = [], {}
     pointers = []
@@ -220,15 +231,23 @@ def _steps(report: Report, workers: dict[int, Any], wl: Any, label: str, quick: 
             Case(names[threads][1], pipelined, 1, warmup=1),
             Case(names[threads][2], eager, 1, warmup=1),
         ]
-    samples = interleaved(cases, rounds=3 if quick else STEP_ROUNDS, budget_s=STEP_BUDGET_S)
+    eager = {threads: names[threads][2] for threads in names}
+    watch = [(sync, eager[t]) for t, (sync, _, _) in names.items()]
+    watch += [(pipe, e) for _, pipe, _ in names.values() for e in eager.values()]
+    samples = interleaved(
+        cases,
+        rounds=3 if quick else STEP_ROUNDS,
+        budget_s=STEP_BUDGET_S,
+        min_rounds=3 if quick else STEP_MIN,
+        watch=watch,
+    )
     for sync_name, pipe_name, eager_name in names.values():
         report.time(FAMILY, sync_name, samples[sync_name], "ms")
         for n in (pipe_name, eager_name):
-            report.time(FAMILY, n, [v / PIPELINE for v in samples[n]], "ms", note=f"per step, {PIPELINE} steps per run")
-    eager = {threads: names[threads][2] for threads in names}
+            report.time(FAMILY, n, samples[n].scaled(1 / PIPELINE), "ms", note=f"per step, {PIPELINE} steps per run")
     best = f"{label}: eager torch step, faster of 1 and 2 threads"
-    faster = min((report.get(FAMILY, eager[t]) for t in eager), key=lambda f: f.median)
-    report.add(FAMILY, best, dataclasses.replace(faster, note="the faster median of the two eager steps"))
+    faster = min(eager, key=lambda t: report.get(FAMILY, eager[t]).median)
+    report.same_as(FAMILY, best, eager[faster], note="the faster median of the two eager steps")
     for threads, (sync_name, pipe_name, eager_name) in names.items():
         s = "s" if threads > 1 else ""
         report.ratio(
@@ -292,8 +311,8 @@ def run(env: Env, report: Report, quick: bool) -> None:
             workers[threads] = RemoteWorker(proc.url, timeout=120)
         for key, wl in zip(KEYS, workloads(), strict=True):
             label = wl.name
-            _builds(report, key, wl, label, quick)
-            _steps(report, workers, wl, label, quick)
+            plan, model = _builds(report, key, wl, label, quick)
+            _steps(report, workers, wl, label, quick, plan, model)
     finally:
         torch.set_num_threads(threads_before)
         for w in workers.values():
@@ -310,9 +329,10 @@ def run(env: Env, report: Report, quick: bool) -> None:
     report.note(
         FAMILY,
         f"samples per run: cold builds {COLD_SAMPLES} per side (one fresh process each; the spread is over runs), "
-        f"the first build in this process 1, warm builds {2 if quick else WARM_ROUNDS} interleaved rounds, "
-        f"steps {3 if quick else STEP_ROUNDS} interleaved rounds of {PIPELINE} steps per case (bounded by "
-        f"{WARM_BUDGET_S:.0f} s and {STEP_BUDGET_S:.0f} s); bench/training_models.py says why",
+        f"the first build in this process 1 (its plan runs the steps), warm builds and steps in interleaved "
+        f"rounds until each ratio's 95% interval is within +-5% (warm builds {WARM_MIN}-{WARM_ROUNDS} rounds, "
+        f"steps {STEP_MIN}-{STEP_ROUNDS} rounds of {PIPELINE} steps per case, bounded by {WARM_BUDGET_S:.0f} s "
+        f"and {STEP_BUDGET_S:.0f} s; each figure says how many it took); bench/training_models.py says why",
     )
 
 

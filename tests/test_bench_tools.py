@@ -3,17 +3,21 @@ labels that keep derived figures out of targets, and the like-for-like echo serv
 
 from __future__ import annotations
 
+import json
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import zmq
 
-from bench import aggregate, report
+from bench import aggregate, report, timing
 from bench.echo import FETCH, REPLAY, STORE
 from bench.env import spawn_ready, stop_process
-from bench.timing import Report, Target
+from bench.timing import Case, Report, Target
 from planwire.transport.sockets import configure, recv_frames, send_frames
 
 
@@ -126,3 +130,113 @@ def test_echo_server_replays_stores_and_fetches(tmp_path: Path, hop: bool) -> No
         stop_process(proc)
     for c in child:  # the hop's child ends with its server
         c.wait(30)
+
+
+class FakeClock:
+    """A clock that moves only when a case runs: sampled cases cost exactly what the test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def case(self, cost: Callable[[], float]) -> Callable[[], None]:
+        def run() -> None:
+            self.now += cost()
+
+        return run
+
+
+def test_rounds_stop_once_the_ratio_is_tight_and_go_on_to_the_cap_when_it_is_not(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    rng = np.random.default_rng(1)
+    steady = [Case("a", clock.case(lambda: 1e-3 * (1 + 0.01 * rng.random())), 10, 0)]
+    steady.append(Case("b", clock.case(lambda: 2e-3 * (1 + 0.01 * rng.random())), 10, 0))
+    got = timing.interleaved(steady, rounds=50, budget_s=1e9, min_rounds=6, watch=[("a", "b")])
+    assert got["a"].stop == "converged" and got["a"].n_rounds == 6 and len(got["a"]) == 60  # the floor
+    assert got["a"].round_of[:12] == [0] * 10 + [1, 1]
+
+    # A side that varies several-fold from one round to the next: not within +-5% in 12 rounds, so the cap ends it.
+    noisy = [Case("a", clock.case(lambda: 1e-3 * rng.lognormal(0, 1)), 1, 0), Case("b", clock.case(lambda: 1e-3), 1, 0)]
+    got = timing.interleaved(noisy, rounds=12, budget_s=1e9, min_rounds=3, watch=[("a", "b")])
+    assert (got["a"].stop, got["a"].n_rounds) == ("cap", 12)
+    assert timing.halfwidth(got["a"], got["b"]) > timing.TOL
+    # ... or the time budget, whichever comes first (after at least two rounds).
+    got = timing.interleaved(noisy, rounds=1000, budget_s=0.05, min_rounds=3, watch=[("a", "b")])
+    assert got["a"].stop == "budget" and len(got["a"]) < 1000
+
+
+def test_figures_and_ratios_keep_their_interval_samples_and_stop(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    rng = np.random.default_rng(2)
+    cases = [Case("x", clock.case(lambda: 1e-3 * (1 + 0.2 * rng.random())), 5, 0)]
+    cases.append(Case("y", clock.case(lambda: 3e-3 * (1 + 0.2 * rng.random())), 5, 0))
+    got = timing.interleaved(cases, rounds=40, budget_s=1e9, min_rounds=5, watch=[("y", "x")])
+    r = Report()
+    x = r.time("f", "x", got["x"], "ms")
+    r.time("f", "y", got["y"], "ms")
+    per_step = r.time("f", "x per step", got["x"].scaled(0.5), "ms")
+    assert x.ci95[0] <= x.median <= x.ci95[1] and x.rounds == got["x"].n_rounds and x.stop == "converged"
+    assert per_step.ci95 == pytest.approx([c / 2 for c in x.ci95]) and per_step.runs == x.runs
+    t = r.ratio("y/x", ("f", "y"), ("f", "x"), "<=", 5.0)
+    assert t.ci95[0] <= t.value <= t.ci95[1] and t.ci95[1] / t.value - 1 <= 0.06
+    assert t.samples == [len(got["y"]), len(got["x"])] and t.stop == "converged"
+    best = r.same_as("f", "x best", "x", note="the faster")
+    assert r.ratio("y/best", ("f", "y"), ("f", "x best")).ci95 == t.ci95 and best.note == "the faster"
+    rate = r.rate("f", "x rate", got["x"], 1000, "calls/s")
+    assert rate.ci95[0] <= rate.median <= rate.ci95[1]
+    plain = r.time("f", "plain list", [1e-3, 2e-3, 3e-3], "ms")  # not sampled in rounds: no interval claimed
+    assert plain.ci95 is None and r.ratio("p/x", ("f", "plain list"), ("f", "x")).ci95 is None
+    json.dumps(r.to_json())  # intervals, rounds and stops are written to the run file
+
+    agg = aggregate.aggregate([r.to_json(), r.to_json()])
+    assert agg["figures"]["f"]["x"]["ci95_per_run"] == [x.ci95, x.ci95]
+    assert agg["figures"]["f"]["x"]["stop_per_run"] == ["converged", "converged"]
+    (entry,) = [e for e in agg["targets"] if e["name"] == "y/x"]
+    assert entry["samples_per_run"] == [t.samples, t.samples] and entry["ci95_per_run"] == [t.ci95, t.ci95]
+    text = report.markdown(agg)
+    row = f"| y/x | {t.samples[0]}/{t.samples[1]}, {t.samples[0]}/{t.samples[1]} |"
+    assert row in text and "| converged, converged |" in text
+
+
+def test_runs_kept_before_the_interval_rule_still_aggregate_and_report() -> None:
+    old = run_with(1.4, 100)
+    for figs in old["figures"].values():
+        for fig in figs.values():
+            for key in ("ci95", "rounds", "stop"):
+                fig.pop(key)
+    for t in old["targets"]:
+        for key in ("ci95", "samples", "stop"):
+            t.pop(key)
+    agg = aggregate.aggregate([old, run_with(1.6, 120)])
+    assert "ci95_per_run" not in agg["figures"]["latency"]["call"]
+    assert "95% interval of the ratio" not in report.markdown(agg)
+    for path in sorted((Path(__file__).parent.parent / "bench" / "runs").glob("*.json")):
+        assert report.markdown(aggregate.aggregate([aggregate.load(path)]))  # the kept runs
+
+
+def test_processes_started_ahead_are_the_ones_handed_out_and_their_failure_is_raised() -> None:
+    from bench.env import Env
+
+    with Env() as env:
+        env.prestart({"node"})  # the node family asks for the echo servers (both schedulings)
+        sock = env.echo("tcp", True, "t")  # waits for the background start, then reuses its server
+        assert sorted(env._echo) == [(False, False), (True, False)] and env._prestart is None
+        send_frames(sock, [REPLAY, b"r"])
+        assert [bytes(f) for f in recv_frames(sock)] == [REPLAY]
+
+    with Env() as env:
+        real = env._echo_server
+
+        def broken(tuned: bool, hop: bool) -> None:  # fails in the background start only
+            if threading.current_thread().name == "bench-prestart":
+                raise RuntimeError("echo server would not start")
+            real(tuned, hop)
+
+        env._echo_server = broken  # type: ignore[method-assign]
+        env.prestart({"node"})
+        with pytest.raises(RuntimeError, match="would not start"):
+            env.echo("tcp")
