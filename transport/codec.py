@@ -16,6 +16,8 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.messages import MAX_RANK
 
 Buffer = bytes | bytearray | memoryview
+_WIRE_TO_NUMPY = dtypes.WIRE_TO_NUMPY
+prod = math.prod
 
 
 def to_frame(array: np.ndarray) -> tuple[str, list[int], memoryview]:
@@ -33,12 +35,14 @@ def to_frame(array: np.ndarray) -> tuple[str, list[int], memoryview]:
 
 def from_frame(dtype: str, shape: Sequence[int], frame: Buffer, *, what: str = "tensor") -> np.ndarray:
     """A numpy view of a received frame; ProtocolError when dtype × shape disagrees with its size."""
-    try:
-        dt = dtypes.to_numpy(dtype)
-    except ValueError as e:
-        raise ProtocolError("invalid_message", f"{what}: {e}") from None
-    buf = memoryview(frame).cast("B") if not isinstance(frame, memoryview) or frame.format != "B" else frame
-    expected = math.prod(shape) * dt.itemsize
+    dt = _WIRE_TO_NUMPY.get(dtype)
+    if dt is None:
+        try:
+            dt = dtypes.to_numpy(dtype)
+        except ValueError as e:
+            raise ProtocolError("invalid_message", f"{what}: {e}") from None
+    buf = frame if type(frame) is memoryview and frame.format == "B" else memoryview(frame).cast("B")
+    expected = prod(shape) * dt.itemsize
     if buf.nbytes != expected:
         raise ProtocolError(
             "bad_frames",

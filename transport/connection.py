@@ -96,7 +96,7 @@ class Call:
 
     def tensor(self, key: str) -> np.ndarray | None:
         """The value of tensor ``key`` if the reply carried it (a run's fetched or small outputs), else None."""
-        reply = self.wait()
+        reply = self.reply if self.reply is not None and self.error is None else self.wait()
         if type(reply) is m.Tensors:
             for t in reply.tensors:
                 if t.key == key:
@@ -106,7 +106,9 @@ class Call:
 
 def decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
     """The numpy view of a reply's tensor ``t``."""
-    return codec.from_frame(t.dtype, t.shape, framing.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
+    i = t.frame
+    frame = buffers[i] if i < len(buffers) else framing.frame_at(buffers, i, f"tensor {t.key!r}")
+    return codec.from_frame(t.dtype, t.shape, frame)
 
 
 class Connection:

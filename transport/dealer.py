@@ -22,6 +22,7 @@ from planwire.transport.framing import Frame
 from planwire.transport.sockets import NOBLOCK, configure, recv_frames, send_frames, tune_io_threads
 
 SLICE_S = 0.1  # a blocking receive looks at the monitor this often (a reply wakes it at once)
+SLICE_MS = int(SLICE_S * 1000)
 RECONNECT_IVL_MS = 100  # ZeroMQ waits at least this long (plus jitter) before reconnecting a dropped connection
 CHECK_S = 0.04  # dropped() reads the monitor at most this often: well under RECONNECT_IVL_MS (see dropped)
 _EVENTS_OPT, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's enum members cost per use
@@ -168,9 +169,18 @@ class DealerLink:
             if not sock.getsockopt(_EVENTS_OPT) & _POLLIN:
                 return None
             return recv_frames(sock, NOBLOCK)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = monotonic()
+        if self._rcvtimeo == SLICE_MS and (timeout is None or timeout >= SLICE_S):
+            try:  # the usual case: the reply comes within the first slice (nothing to compute first)
+                return recv_frames(sock)
+            except zmq.Again:
+                pass
+            reason = self._silent_slice()
+            if reason is not None:
+                raise reason
+        deadline = None if timeout is None else start + timeout
         while True:
-            ms = int(SLICE_S * 1000)
+            ms = SLICE_MS
             if deadline is not None:
                 ms = max(0, min(ms, int((deadline - time.monotonic()) * 1000)))
             if ms != self._rcvtimeo:  # a blocking receive with a timeout (no poller per call)
@@ -180,14 +190,21 @@ class DealerLink:
                 return recv_frames(sock)
             except zmq.Again:
                 pass
-            dropped = self._events()  # a silent slice: did the worker go?
-            if dropped is not None:
-                raise LinkDropped(dropped)
-            if self._refusal is not None:
-                refusal, self._refusal = self._refusal, None
-                raise refusal
-            if deadline is not None and time.monotonic() >= deadline:
+            reason = self._silent_slice()
+            if reason is not None:
+                raise reason
+            if deadline is not None and monotonic() >= deadline:
                 return None
+
+    def _silent_slice(self) -> Exception | None:
+        """After a slice without a reply: did the worker go (LinkDropped), or refuse this client?"""
+        dropped = self._events()
+        if dropped is not None:
+            return LinkDropped(dropped)
+        if self._refusal is not None:
+            refusal, self._refusal = self._refusal, None
+            return refusal
+        return None
 
     # -- lifetime -----------------------------------------------------------------------------------
 
