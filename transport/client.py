@@ -117,7 +117,7 @@ class WorkerClient:
 
     def request(
         self, make: Callable[[int], m.Request], buffers: Sequence[Frame] = (), *, what: str = ""
-    ) -> tuple[m.Reply, list[memoryview]]:
+    ) -> tuple[m.Reply, list[Frame]]:
         """Send ``make(request_id)`` and wait for its reply; RemoteError for an error reply."""
         conn = self.connection
         return conn.request(make(conn.new_id()), buffers, what)
@@ -222,7 +222,7 @@ class WorkerClient:
         )
 
     @staticmethod
-    def _decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
+    def _decode(t: m.KeyedTensor, buffers: list[Frame]) -> np.ndarray:
         return decode(t, buffers)
 
     def check_pointer(self, p: PointerTensor) -> None:

@@ -41,12 +41,18 @@ def from_frame(dtype: str, shape: Sequence[int], frame: Buffer, *, what: str = "
             dt = dtypes.to_numpy(dtype)
         except ValueError as e:
             raise ProtocolError("invalid_message", f"{what}: {e}") from None
-    buf = frame if type(frame) is memoryview and frame.format == "B" else memoryview(frame).cast("B")
+    kind = type(frame)
+    if kind is bytearray or kind is bytes:  # read as is: the array's base is then the frame itself
+        buf: Buffer = frame
+        nbytes = len(frame)
+    else:
+        buf = frame if kind is memoryview and frame.format == "B" else memoryview(frame).cast("B")  # type: ignore[union-attr]
+        nbytes = buf.nbytes  # type: ignore[union-attr]
     expected = prod(shape) * dt.itemsize
-    if buf.nbytes != expected:
+    if nbytes != expected:
         raise ProtocolError(
             "bad_frames",
-            f"{what}: {dtypes.human(dtype)}{list(shape)} needs {expected} bytes, its frame has {buf.nbytes}",
+            f"{what}: {dtypes.human(dtype)}{list(shape)} needs {expected} bytes, its frame has {nbytes}",
         )
     arr = np.frombuffer(buf, dtype=dt)
     if not arr.flags.aligned:  # unaligned small frames: copy once rather than fault later

@@ -19,7 +19,8 @@ from zmq.utils.monitor import recv_monitor_message
 from planwire.transport.connection import LinkDropped
 from planwire.transport.errors import CurveRefused, NoWorkerListening, RemoteTimeoutError, WorkerLost
 from planwire.transport.framing import Frame
-from planwire.transport.sockets import NOBLOCK, configure, recv_frames, send_frames, tune_io_threads
+from planwire.transport.sockets import NOBLOCK, configure, send_frames, tune_io_threads
+from planwire.transport.sockets import recv_small_copied as recv_frames
 
 SLICE_S = 0.1  # a blocking receive looks at the monitor this often (a reply wakes it at once)
 SLICE_MS = int(SLICE_S * 1000)

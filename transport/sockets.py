@@ -104,3 +104,19 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[memoryview]:
         frame = _recv(sock, flags, False)
         out.append(frame.buffer)
     return out
+
+
+def recv_small_copied(sock: zmq.Socket, flags: int = 0) -> list[bytearray | memoryview]:
+    """As recv_frames, but each frame under COPY_BELOW bytes comes as its own bytearray (a copy: writable, and
+    nothing the garbage collector tracks, where a view keeps a zmq Frame, a buffer and the view alive). A
+    client holding thousands of unread replies (pipelined calls) then leaves little for every collection to
+    walk. Larger frames stay zero-copy views."""
+    if not _CYTHON:
+        parts = sock.recv_multipart(flags, copy=False)
+        return [bytearray(f.buffer) if len(f) < COPY_BELOW else f.buffer for f in parts]
+    frame = _recv(sock, flags, False)
+    out = [bytearray(frame) if len(frame) < COPY_BELOW else frame.buffer]
+    while frame.more:
+        frame = _recv(sock, flags, False)
+        out.append(bytearray(frame) if len(frame) < COPY_BELOW else frame.buffer)
+    return out
