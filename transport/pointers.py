@@ -100,12 +100,7 @@ class PointerTensor:
         """The value (the caller's tensor type), moved off the worker unless ``keep``; see ``get``."""
         if self.consumed:
             self.worker.check_pointer(self)  # raises, saying why
-        call = self._call
-        if call is not None:  # as _settle, inlined: the per-call path
-            value = self._value = call.tensor(self.key)
-            self._call = None
-        else:
-            value = self._value
+        value = self._settle() if self._call is not None else self._value
         if value is None:
             nbytes = 0 if self._shape is None else math.prod(self._shape) * to_numpy(self.dtype).itemsize
             return wrap(self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0])
