@@ -102,3 +102,20 @@ def test_a_chained_call_that_cannot_fit_fails_on_get_naming_the_plan(worker):
     with pytest.raises(Exception, match="sum_and_diff"):
         bad.get()
     assert s.get().tolist() == [[2.0, 2.0], [2.0, 2.0]]
+
+
+@pytest.mark.parametrize("size", [3, 40_000], ids=["small", "over-64KiB"])
+def test_results_are_writable_arrays_with_their_own_values(worker, size):
+    """Over ZeroMQ, a result read from the run's reply (a small frame, copied) or fetched (a large one, a
+    view) is an ordinary writable array the caller may change in place. (The in-process worker hands out
+    read-only views of its reply bytes: only the values are checked there.)"""
+    pp = worker.plan_pointer(handmade.double_abs())
+    pointers = [pp(np.full(size, -i, np.float32)) for i in range(1, 4)]
+    remote = hasattr(worker, "url")
+    for i, p in enumerate(pointers, start=1):
+        value = np.asarray(p.get())
+        np.testing.assert_array_equal(value, np.full(size, 2.0 * i, np.float32))
+        if remote:
+            assert value.flags.writeable
+            value += 1
+            np.testing.assert_array_equal(value, np.full(size, 2.0 * i + 1, np.float32))

@@ -55,3 +55,21 @@ def test_a_reply_to_an_unknown_peer_raises_on_a_mandatory_router(pair: tuple[zmq
     server.setsockopt(zmq.ROUTER_MANDATORY, 1)
     with pytest.raises(zmq.ZMQError):
         send_frames(server, [b"nobody", b"x"])
+
+
+def test_small_frames_come_as_writable_copies_and_large_as_views(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    server, client = pair
+    big = np.arange(100_000, dtype=np.float32)
+    small = np.arange(4, dtype=np.float32)
+    frames = [b"PWIRE/1", b'{"type":"ok"}', memoryview(small).cast("B"), memoryview(big).cast("B"), b""]
+    send_frames(client, [b"hello"])
+    assert server.poll(5000)
+    peer, _ = recv_frames(server)
+    send_frames(server, [peer, *frames])
+    assert client.poll(5000)
+    got = sockets.recv_small_copied(client)
+    assert [bytes(f) for f in got] == [bytes(f) for f in frames]
+    assert [type(f) for f in got] == [bytearray, bytearray, bytearray, memoryview, bytearray]
+    value = np.frombuffer(got[2], np.float32)
+    value += 1  # a result read from a small frame is writable, as one read from a view
+    assert np.array_equal(value, small + 1)

@@ -117,7 +117,7 @@ class WorkerClient:
 
     def request(
         self, make: Callable[[int], m.Request], buffers: Sequence[Frame] = (), *, what: str = ""
-    ) -> tuple[m.Reply, list[memoryview]]:
+    ) -> tuple[m.Reply, list[Frame]]:
         """Send ``make(request_id)`` and wait for its reply; RemoteError for an error reply."""
         conn = self.connection
         return conn.request(make(conn.new_id()), buffers, what)
@@ -222,7 +222,7 @@ class WorkerClient:
         )
 
     @staticmethod
-    def _decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
+    def _decode(t: m.KeyedTensor, buffers: list[Frame]) -> np.ndarray:
         return decode(t, buffers)
 
     def check_pointer(self, p: PointerTensor) -> None:
@@ -289,9 +289,11 @@ class WorkerClient:
     def signature_of(self, arg: Any) -> tuple[str, tuple[int, ...]]:
         """(wire dtype, shape) of a plan argument, pointer or local tensor (a pointer's shape may wait
         for the run that makes it)."""
-        if isinstance(arg, PointerTensor):
-            self.check_pointer(arg)
-            return arg.dtype, arg.shape
+        if type(arg) is PointerTensor or isinstance(arg, PointerTensor):
+            if arg.worker is not self or arg.consumed:
+                self.check_pointer(arg)  # raises, saying why
+            shape = arg._shape
+            return arg.dtype, shape if shape is not None else arg.shape
         array = as_array(arg)
         return codec.dtypes.to_wire(array.dtype), array.shape
 
@@ -312,29 +314,39 @@ class WorkerClient:
         Outputs listed in ``fetch`` and, without ``outputs``, every output of at most ``inline_max`` bytes
         ride on the run's reply and ``get()`` reads them there, so ``plan(x).get()`` is one message each
         way; with ``fetch`` and ``wait`` the call waits for that reply (errors raise here)."""
-        wire_args, buffers = [], []
+        wire_args: list[m.Arg] = []
+        buffers: list[Frame] = []
         for a in args:
-            if isinstance(a, PointerTensor):
-                self.check_pointer(a)
+            if type(a) is PointerTensor or isinstance(a, PointerTensor):
+                if a.worker is not self or a.consumed:
+                    self.check_pointer(a)  # raises, saying why
                 wire_args.append(m.Arg(ref=a.key))
             else:
                 wire, shape, buf = codec.to_frame(as_array(a))
                 wire_args.append(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers))))
                 buffers.append(buf)
-        named = list(outputs) if outputs is not None else [None] * len(variant.outputs)
-        keys = [k or self.new_key() for k in named]
-        if inline_max is None:
-            inline_max = self.inline_max if outputs is None else 0
-        fetch = list(fetch)
         conn = self.connection
+        owned = conn.owned
+        if outputs is None:
+            keys = [self.new_key() for _ in variant.outputs]
+            mine = [True] * len(keys)
+            if inline_max is None:
+                inline_max = self.inline_max
+        else:
+            keys = [k or self.new_key() for k in outputs]
+            mine = [not k for k in outputs]
+            if inline_max is None:
+                inline_max = 0
+        if len(keys) != len(variant.outputs):
+            raise ValueError(f"plan {name!r} has {len(variant.outputs)} outputs, got {len(keys)} output keys")
+        fetch = list(fetch)
         msg = m.Run(id=conn.new_id(), plan=variant.id, args=wire_args, outputs=keys, fetch=fetch, inline_max=inline_max)
         call = conn.send(msg, buffers, f"run of plan {name!r}", background=not (fetch and wait))
-        owned = conn.owned
         results = []
-        for k, n, (dtype, shape), spec in zip(keys, named, variant.results, variant.outputs, strict=True):
-            if n is None:
+        for k, own, (dtype, shape), spec in zip(keys, mine, variant.results, variant.outputs, strict=True):
+            if own:
                 owned[k] = None
-            results.append(PointerTensor(self, k, dtype, shape, owned=n is None, call=call, dims=spec.shape))
+            results.append(PointerTensor(self, k, dtype, shape, (), own, False, call, spec.shape))
         if fetch and wait:
             call.result()  # errors raise here
         return results

@@ -16,6 +16,8 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.messages import MAX_RANK
 
 Buffer = bytes | bytearray | memoryview
+_WIRE_TO_NUMPY = dtypes.WIRE_TO_NUMPY
+prod = math.prod
 
 
 def to_frame(array: np.ndarray) -> tuple[str, list[int], memoryview]:
@@ -33,16 +35,24 @@ def to_frame(array: np.ndarray) -> tuple[str, list[int], memoryview]:
 
 def from_frame(dtype: str, shape: Sequence[int], frame: Buffer, *, what: str = "tensor") -> np.ndarray:
     """A numpy view of a received frame; ProtocolError when dtype × shape disagrees with its size."""
-    try:
-        dt = dtypes.to_numpy(dtype)
-    except ValueError as e:
-        raise ProtocolError("invalid_message", f"{what}: {e}") from None
-    buf = memoryview(frame).cast("B") if not isinstance(frame, memoryview) or frame.format != "B" else frame
-    expected = math.prod(shape) * dt.itemsize
-    if buf.nbytes != expected:
+    dt = _WIRE_TO_NUMPY.get(dtype)
+    if dt is None:
+        try:
+            dt = dtypes.to_numpy(dtype)
+        except ValueError as e:
+            raise ProtocolError("invalid_message", f"{what}: {e}") from None
+    kind = type(frame)
+    if kind is bytearray or kind is bytes:  # read as is: the array's base is then the frame itself
+        buf: Buffer = frame
+        nbytes = len(frame)
+    else:
+        buf = frame if kind is memoryview and frame.format == "B" else memoryview(frame).cast("B")  # type: ignore[union-attr]
+        nbytes = buf.nbytes  # type: ignore[union-attr]
+    expected = prod(shape) * dt.itemsize
+    if nbytes != expected:
         raise ProtocolError(
             "bad_frames",
-            f"{what}: {dtypes.human(dtype)}{list(shape)} needs {expected} bytes, its frame has {buf.nbytes}",
+            f"{what}: {dtypes.human(dtype)}{list(shape)} needs {expected} bytes, its frame has {nbytes}",
         )
     arr = np.frombuffer(buf, dtype=dt)
     if not arr.flags.aligned:  # unaligned small frames: copy once rather than fault later

@@ -72,7 +72,7 @@ class Call:
     def __init__(self, conn: Connection, id: int, what: str) -> None:
         self.conn, self.id, self.what = conn, id, what
         self.reply: m.Reply | None = None
-        self.buffers: list[memoryview] = []
+        self.buffers: list[Frame] = []
         self.error: Exception | None = None
 
     @property
@@ -87,7 +87,7 @@ class Call:
             raise self.error
         return self.reply  # type: ignore[return-value]
 
-    def result(self) -> tuple[m.Reply, list[memoryview]]:
+    def result(self) -> tuple[m.Reply, list[Frame]]:
         """The reply and its raw frames; an error reply raises the matching RemoteError."""
         reply = self.wait()
         if type(reply) is m.Error:
@@ -96,7 +96,7 @@ class Call:
 
     def tensor(self, key: str) -> np.ndarray | None:
         """The value of tensor ``key`` if the reply carried it (a run's fetched or small outputs), else None."""
-        reply = self.wait()
+        reply = self.reply if self.reply is not None and self.error is None else self.wait()
         if type(reply) is m.Tensors:
             for t in reply.tensors:
                 if t.key == key:
@@ -104,9 +104,11 @@ class Call:
         return None
 
 
-def decode(t: m.KeyedTensor, buffers: list[memoryview]) -> np.ndarray:
+def decode(t: m.KeyedTensor, buffers: list[Frame]) -> np.ndarray:
     """The numpy view of a reply's tensor ``t``."""
-    return codec.from_frame(t.dtype, t.shape, framing.frame_at(buffers, t.frame, f"tensor {t.key!r}"))
+    i = t.frame
+    frame = buffers[i] if i < len(buffers) else framing.frame_at(buffers, i, f"tensor {t.key!r}")
+    return codec.from_frame(t.dtype, t.shape, frame)
 
 
 class Connection:
@@ -177,9 +179,7 @@ class Connection:
             raise
         return call
 
-    def request(
-        self, msg: m.Request, buffers: Sequence[Frame] = (), what: str = ""
-    ) -> tuple[m.Reply, list[memoryview]]:
+    def request(self, msg: m.Request, buffers: Sequence[Frame] = (), what: str = "") -> tuple[m.Reply, list[Frame]]:
         """Send and wait; RemoteError for an error reply."""
         return self.send(msg, buffers, what or m.type_name(type(msg))).result()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from time import monotonic
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -18,9 +19,14 @@ from zmq.utils.monitor import recv_monitor_message
 from planwire.transport.connection import LinkDropped
 from planwire.transport.errors import CurveRefused, NoWorkerListening, RemoteTimeoutError, WorkerLost
 from planwire.transport.framing import Frame
-from planwire.transport.sockets import configure, recv_frames, send_frames, tune_io_threads
+from planwire.transport.sockets import NOBLOCK, configure, send_frames, tune_io_threads
+from planwire.transport.sockets import recv_small_copied as recv_frames
 
 SLICE_S = 0.1  # a blocking receive looks at the monitor this often (a reply wakes it at once)
+SLICE_MS = int(SLICE_S * 1000)
+RECONNECT_IVL_MS = 100  # ZeroMQ waits at least this long (plus jitter) before reconnecting a dropped connection
+CHECK_S = 0.04  # dropped() reads the monitor at most this often: well under RECONNECT_IVL_MS (see dropped)
+_EVENTS_OPT, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's enum members cost per use
 _EVENTS = (
     zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_DISCONNECTED
@@ -55,6 +61,7 @@ class DealerLink:
         sock = self._ctx.socket(zmq.DEALER)
         configure(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a connection that is up: never for a dead worker
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)  # ZeroMQ's default, relied on by dropped()
         if self._curve is not None:
             sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self._curve
         self._monitor = sock.get_monitor_socket(_EVENTS)
@@ -64,6 +71,7 @@ class DealerLink:
         self._up = False  # a handshake succeeded and no drop since
         self._refused = 0  # connect attempts refused since the connection was last up (nobody listening)
         self._refusal: Exception | None = None  # a CURVE refusal, raised by the next send
+        self._checked = 0.0  # when the monitor was last read (monotonic s)
 
     # -- the monitor --------------------------------------------------------------------------------
 
@@ -71,7 +79,8 @@ class DealerLink:
         """Read the monitor's events; the reason the connection dropped, if it did."""
         dropped = None
         monitor = self._monitor
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        self._checked = monotonic()
+        while monitor.getsockopt(_EVENTS_OPT) & _POLLIN:
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._up = self._ever_up = True
@@ -106,13 +115,20 @@ class DealerLink:
         return CurveRefused(self.name, what.format(url=self.url))
 
     def dropped(self) -> str | None:
+        """Why the connection dropped since last asked, or None. Reading the monitor costs a system call
+        (several us), so it is read at most every CHECK_S: a drop it has not seen yet is harmless, because
+        ZeroMQ reconnects no sooner than RECONNECT_IVL_MS after a drop, so until the monitor is read again no
+        request can reach a new connection (or a restarted worker) unannounced. A request on the dropped one
+        is not queued (ZMQ_IMMEDIATE): its send waits on the monitor (_send_slow)."""
+        if monotonic() - self._checked < CHECK_S:
+            return None
         return self._events()
 
     # -- moving frames ------------------------------------------------------------------------------
 
     def send(self, frames: list[Frame]) -> None:
         try:
-            send_frames(self._sock, frames, zmq.NOBLOCK)
+            send_frames(self._sock, frames, NOBLOCK)
         except zmq.Again:  # no connection up yet (ZMQ_IMMEDIATE), or a full queue: wait, watching the monitor
             self._send_slow(frames)
 
@@ -142,7 +158,7 @@ class DealerLink:
                 )
             if self._sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
                 try:
-                    send_frames(self._sock, frames, zmq.NOBLOCK)
+                    send_frames(self._sock, frames, NOBLOCK)
                     return
                 except zmq.Again:
                     pass
@@ -151,12 +167,21 @@ class DealerLink:
     def recv(self, timeout: float | None) -> list[Frame] | None:
         sock = self._sock
         if timeout == 0:  # only what has arrived
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.getsockopt(_EVENTS_OPT) & _POLLIN:
                 return None
-            return recv_frames(sock, zmq.NOBLOCK)
-        deadline = None if timeout is None else time.monotonic() + timeout
+            return recv_frames(sock, NOBLOCK)
+        start = monotonic()
+        if self._rcvtimeo == SLICE_MS and (timeout is None or timeout >= SLICE_S):
+            try:  # the usual case: the reply comes within the first slice (nothing to compute first)
+                return recv_frames(sock)
+            except zmq.Again:
+                pass
+            reason = self._silent_slice()
+            if reason is not None:
+                raise reason
+        deadline = None if timeout is None else start + timeout
         while True:
-            ms = int(SLICE_S * 1000)
+            ms = SLICE_MS
             if deadline is not None:
                 ms = max(0, min(ms, int((deadline - time.monotonic()) * 1000)))
             if ms != self._rcvtimeo:  # a blocking receive with a timeout (no poller per call)
@@ -166,14 +191,21 @@ class DealerLink:
                 return recv_frames(sock)
             except zmq.Again:
                 pass
-            dropped = self._events()  # a silent slice: did the worker go?
-            if dropped is not None:
-                raise LinkDropped(dropped)
-            if self._refusal is not None:
-                refusal, self._refusal = self._refusal, None
-                raise refusal
-            if deadline is not None and time.monotonic() >= deadline:
+            reason = self._silent_slice()
+            if reason is not None:
+                raise reason
+            if deadline is not None and monotonic() >= deadline:
                 return None
+
+    def _silent_slice(self) -> Exception | None:
+        """After a slice without a reply: did the worker go (LinkDropped), or refuse this client?"""
+        dropped = self._events()
+        if dropped is not None:
+            return LinkDropped(dropped)
+        if self._refusal is not None:
+            refusal, self._refusal = self._refusal, None
+            return refusal
+        return None
 
     # -- lifetime -----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ SIGNATURE = b"PWIRE/%d" % m.PROTOCOL_VERSION
 SIGNATURE_PREFIX = b"PWIRE/"
 MAX_HEADER_BYTES = 1 << 20
 
-Frame = bytes | memoryview
+Frame = bytes | bytearray | memoryview
 
 
 Limits = m.Limits  # size limits a peer enforces on what it receives (the worker announces its own in Welcome)
@@ -90,18 +90,19 @@ def unpack_request(frames: Sequence[Frame], limits: Limits | None = None) -> tup
         raise
 
 
-def unpack_reply(frames: Sequence[Frame]) -> tuple[m._Message, list[memoryview]]:
-    """Decode a reply from a worker; ProtocolError if the worker broke the protocol."""
+def unpack_reply(frames: Sequence[Frame]) -> tuple[m._Message, list[Frame]]:
+    """Decode a reply from a worker; ProtocolError if the worker broke the protocol. The raw frames come
+    back as the link delivered them (any buffer: codec.from_frame reads them without a copy)."""
     if len(frames) < 2 or frames[0] != SIGNATURE:  # bytes or 1-D byte memoryviews: compared by content
         raise ProtocolError("bad_signature", "reply does not start with the planwire signature")
     try:
         msg = m.reply_decoder.decode(frames[1])  # msgspec reads any buffer: no copy
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ProtocolError("invalid_message", f"invalid reply: {e}") from None
-    return msg, [memoryview(f) for f in frames[2:]]
+    return msg, list(frames[2:])
 
 
-def frame_at(buffers: Sequence[memoryview], index: int, what: str) -> memoryview:
+def frame_at(buffers: Sequence[Frame], index: int, what: str) -> Frame:
     """The raw frame a header points to; ProtocolError names the field when it is missing."""
     if index >= len(buffers):
         raise ProtocolError(

@@ -52,7 +52,6 @@ class PointerTensor:
         dtype: str,
         shape: tuple[int, ...] | None,
         tags: tuple[str, ...] = (),
-        *,
         owned: bool = True,
         private: bool = False,
         call: Call | None = None,
@@ -99,7 +98,8 @@ class PointerTensor:
 
     def read(self, keep: bool = False, *, progress: bool | None = None) -> Any:
         """The value (the caller's tensor type), moved off the worker unless ``keep``; see ``get``."""
-        self.worker.check_pointer(self)
+        if self.consumed:
+            self.worker.check_pointer(self)  # raises, saying why
         value = self._settle() if self._call is not None else self._value
         if value is None:
             nbytes = 0 if self._shape is None else math.prod(self._shape) * to_numpy(self.dtype).itemsize
@@ -160,8 +160,7 @@ class PointerPlan:
         self.worker = worker
 
     def __call__(self, *args: Any) -> Any:
-        variant = self.variant_for(args)
-        results = self.worker.run(variant, args, name=self.source.name)
+        results = self.worker.run(self.variant_for(args), args, name=self.source.name)
         return results[0] if len(results) == 1 else tuple(results)
 
     def variant_for(self, args: tuple[Any, ...]) -> PlanVariant:

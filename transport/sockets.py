@@ -72,10 +72,14 @@ def _batch_allowed() -> bool:
 # pyzmq's send_multipart/recv_multipart wrap each frame in several layers of Python (type checks, keyword
 # plumbing, a getsockopt(RCVMORE) per frame): about 7 us per small message each way, a fifth of a tiny
 # plan call's own CPU. With the Cython backend its methods are called directly; they still copy frames
-# under ``copy_threshold`` and send larger ones zero-copy.
+# under ``copy_threshold`` and send larger ones zero-copy. Flags are plain ints: pyzmq's constants are
+# enum members, and each ``|`` on one costs about 1-2 us of Python.
 _CYTHON = zmq.backend.Socket.__module__.startswith("zmq.backend.cython")
 _send, _recv = zmq.backend.Socket.send, zmq.backend.Socket.recv
-SNDMORE = int(zmq.SNDMORE)  # a plain int: pyzmq's flags are enums, and an enum's | costs ~2 µs a frame
+SNDMORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+COPY_BELOW = 4096  # frames under this many bytes are copied into a fresh zmq message (cheaper than lending
+# the buffer: no Frame object, no free callback); pyzmq's copy_threshold (64 KiB) applies above
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Frame], flags: int = 0) -> None:
@@ -83,9 +87,11 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Frame], flags: int = 0) -> No
     if not _CYTHON:
         sock.send_multipart(frames, flags, copy=False)
         return
-    last, flags = len(frames) - 1, int(flags)
+    flags = int(flags)
+    more = flags | SNDMORE
+    last = len(frames) - 1
     for i, f in enumerate(frames):
-        _send(sock, f, flags | SNDMORE if i < last else flags, False)
+        _send(sock, f, more if i < last else flags, len(f) < COPY_BELOW)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[memoryview]:
@@ -97,4 +103,20 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[memoryview]:
     while frame.more:
         frame = _recv(sock, flags, False)
         out.append(frame.buffer)
+    return out
+
+
+def recv_small_copied(sock: zmq.Socket, flags: int = 0) -> list[bytearray | memoryview]:
+    """As recv_frames, but each frame under COPY_BELOW bytes comes as its own bytearray (a copy: writable, and
+    nothing the garbage collector tracks, where a view keeps a zmq Frame, a buffer and the view alive). A
+    client holding thousands of unread replies (pipelined calls) then leaves little for every collection to
+    walk. Larger frames stay zero-copy views."""
+    if not _CYTHON:
+        parts = sock.recv_multipart(flags, copy=False)
+        return [bytearray(f.buffer) if len(f) < COPY_BELOW else f.buffer for f in parts]
+    frame = _recv(sock, flags, False)
+    out = [bytearray(frame) if len(frame) < COPY_BELOW else frame.buffer]
+    while frame.more:
+        frame = _recv(sock, flags, False)
+        out.append(bytearray(frame) if len(frame) < COPY_BELOW else frame.buffer)
     return out
