@@ -474,7 +474,7 @@ def _runner_rss_mb(proc: WorkerProcess) -> int:
 
 
 def test_memory_of_a_big_run_is_given_back(worker) -> None:
-    """No onnxruntime arena in the runner: 200 MB of intermediates do not stay held after its run."""
+    """200 MB of intermediates do not stay held after the run (nor after the next: worker/runner.py's Arenas)."""
     proc, peer = worker
     plan = peer.register(
         _model(
@@ -490,9 +490,10 @@ def test_memory_of_a_big_run_is_given_back(worker) -> None:
     )["plan"]
     n = 25_000_000  # two 100 MB float32 intermediates inside the run
     before = _runner_rss_mb(proc)
-    (y,) = peer.run(plan, [np.array([n], np.int64)], ["y"], fetch=[0]).array_list()
-    assert y == pytest.approx(n, rel=1e-3)
-    assert _runner_rss_mb(proc) < before + 50
+    for _ in range(2):  # the first run, and a run of the plan as the runner keeps it after such a run
+        (y,) = peer.run(plan, [np.array([n], np.int64)], ["y"], fetch=[0]).array_list()
+        assert y == pytest.approx(n, rel=1e-3)
+        assert _runner_rss_mb(proc) < before + 50
 
 
 def _runner_faults(proc: WorkerProcess) -> int:
