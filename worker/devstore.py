@@ -71,6 +71,13 @@ class DeviceStore:
         """(OrtValue, array) wrapping host memory on a CPU runner, without a copy (not counted)."""
         return ort.OrtValue.ortvalue_from_numpy(array)._ortvalue, array
 
+    def copy(self, value: object) -> object:
+        """A copy of a CPU OrtValue in memory of its own (not in the arena of the session that made it)."""
+        host = value.numpy()  # type: ignore[attr-defined]
+        out = ort.OrtValue.ortvalue_from_shape_and_type(host.shape, host.dtype, "cpu")
+        out.update_inplace(host)
+        return out._ortvalue
+
     def hold(self, handle: int, value: object, keep: object = None, *, own: bool = False) -> None:
         """Hold ``value`` under ``handle``; ``own``: memory the runner allocated for it alone, which may be
         written again once freed (never a buffer that wraps host memory or aliases another value)."""

@@ -32,6 +32,16 @@ from planwire.worker.device import Device
 # (pipe.Spin: it catches them, on a core to spare): the next one then costs no wake-up. At most this much
 # of one core per answer, and nothing while requests come slower.
 SPIN_S = 100e-6
+# onnxruntime's CPU arena keeps the memory a run freed for the plan's next run. Without it every run maps and
+# faults in its intermediates afresh: a ResNet-8 training step faulted in ~35 MB of new pages (~8,500 minor
+# faults), a third of its CPU time. A plan's first run with given argument shapes gives its arena's memory back
+# as it ends and shows how much it took (the new pages it touched); its later runs keep it while the arenas
+# kept together may hold at most this much (twice what their runs touched: the arena grows by doubling);
+# any other run gives it back as it ends, so a big run's memory does not stay with the runner. onnxruntime
+# never gives back an arena's first region: a plan whose first run is too big to keep gets a session without
+# an arena (as every plan had before, paying the faults). What the arenas keep counts as held by the runner
+# for its data bound (another plan's run cannot use it).
+KEEP_MB = 256
 
 
 def _data_bytes() -> int:
@@ -83,6 +93,69 @@ def rebound(limit: int, held: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
 
 
+class Arenas:
+    """Which runs keep their plan's onnxruntime CPU arena memory, by (plan, argument shapes), and how much the
+    kept arenas may hold (``held``, bytes). ``enabled``: sessions have an arena (CPU runners)."""
+
+    def __init__(self, budget: int, *, enabled: bool) -> None:
+        self.budget, self.enabled = budget, enabled
+        self.kept: dict[str, int] = {}  # plan -> bytes its arena may keep
+        self.keep: dict[tuple, bool] = {}  # (plan, shapes) -> its runs keep their memory
+        self.held = 0
+        self.first: dict[str, bytes] = {}  # plan -> its bytes until its first run (to load it without arena)
+        self._trim = None
+        with contextlib.suppress(Exception):  # glibc: free memory back to the system now (else kept at will)
+            import ctypes
+
+            self._trim = ctypes.CDLL(None).malloc_trim
+
+    def arena(self, data: bytes) -> bool:
+        """Whether a plan of these bytes gets a session with an arena (its bytes are kept until its first run,
+        so not for big plans: their weights, not their runs, are their memory)."""
+        return self.enabled and len(data) <= self.budget // 4
+
+    def loaded(self, pid: str, data: bytes | None) -> None:
+        """Plan ``pid`` has a new session, with an arena when ``data`` (its bytes) is given."""
+        self.drop(pid)
+        if data is not None:
+            self.first[pid] = data
+
+    def shrink(self, key: tuple) -> bool:
+        """Whether the run of ``key`` gives its arena's memory back as it ends."""
+        return self.enabled and not self.keep.get(key, False)
+
+    def ran(self, key: tuple, touched: int) -> bytes | None:
+        """A shrinking run of ``key`` touched ``touched`` bytes of new pages; the first of ``key`` decides whether
+        its later runs keep their memory. Returns the plan's bytes when it is to be loaded again without an
+        arena (its first run was too big to keep: the arena's first region would hold that memory for good)."""
+        if touched > self.budget // 2 and self._trim is not None:
+            self._trim(0)  # what the arena gave back to malloc goes back to the system too
+        pid = key[0]
+        data = self.first.pop(pid, None)
+        if key in self.keep:
+            return None
+        have = self.kept.get(pid, 0)
+        want = max(have, 2 * touched)
+        fits = self.held - have + want <= self.budget
+        self.keep[key] = fits
+        if fits:
+            self.kept[pid] = want
+            self.held += want - have
+        return None if fits else data
+
+    def drop(self, pid: str) -> None:
+        """Plan ``pid``'s session is gone (or new): what its arena kept is free."""
+        self.held -= self.kept.pop(pid, 0)
+        self.first.pop(pid, None)
+        for key in [k for k in self.keep if k[0] == pid]:
+            del self.keep[key]
+
+
+def _touched() -> int:
+    """Bytes of new pages this process has faulted in so far (minor faults × page size)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize()
+
+
 def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
     """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
     from planwire.worker.devstore import DeviceStore, value_meta, value_nbytes
@@ -92,11 +165,14 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     store = DeviceStore(device)
     shapes: dict[tuple, list | None] = {}  # (plan, argument shapes) -> its outputs' (type, shape); None: varies
     prefix = f"o{os.getpid()}-"
+    arenas = Arenas(KEEP_MB << 20, enabled=not device.cuda)
 
-    def load(pid: str, name: str, data: memoryview) -> OrtPlan:
-        # No memory arena: what a run allocates goes back when it ends, rather than staying with the runner.
-        plan = OrtPlan(bytes(data), name=name, device=device, threads=threads, arena=False)
+    def load(pid: str, name: str, data: memoryview | bytes, *, arena: bool = True) -> OrtPlan:
+        data = bytes(data)
+        arena = arena and arenas.arena(data)
+        plan = OrtPlan(data, name=name, device=device, threads=threads, arena=arena)
         sessions[pid] = plan
+        arenas.loaded(pid, data if arena else None)
         for key in [k for k in shapes if k[0] == pid]:
             del shapes[key]
         return plan
@@ -149,7 +225,8 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
         store.free(msg.free)
         for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan)
             sessions.pop(pid, None)
-        rebound(limit, store.private_bytes)
+            arenas.drop(pid)
+        rebound(limit, store.private_bytes + arenas.held)
         try:
             if isinstance(msg, pipe.Load):
                 plan = load(msg.plan, msg.name, buffers[0])
@@ -183,15 +260,21 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             key = (msg.plan, tuple(tuple(r.shape) for r in msg.args))
             known = shapes.get(key)
             reuse = store.buffers(known)
+            shrink = plan.arena and arenas.shrink(key)
+            touched = _touched()
             try:
-                results = plan.run_bound(values, reuse)
+                results = plan.run_bound(values, reuse, shrink=shrink)
             except Exception:
                 if reuse is None:
                     raise
                 shapes[key] = None  # outputs' shapes depend on the data: no buffers bound from now on
-                results = plan.run_bound(values, None)
+                results = plan.run_bound(values, None, shrink=shrink)
             finally:
                 store.release_pool()
+            if shrink and (again := arenas.ran(key, _touched() - touched)) is not None:
+                with contextlib.suppress(Exception):  # (outputs onnxruntime cannot copy: the arena stays)
+                    results = [store.copy(r) for r in results]  # out of the arena, which goes with its session
+                    plan = load(msg.plan, msg.name, again, arena=False)
             if key not in shapes:
                 shapes[key] = [(r.data_type(), tuple(r.shape())) for r in results]
             wanted = set(range(len(results))) if msg.save else set(msg.fetch)

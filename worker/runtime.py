@@ -23,6 +23,8 @@ from planwire.worker.device import CPU, CUDA, Device
 
 _FALLBACK_KEY = "session.disable_cpu_ep_fallback"
 _ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
+_SHRINK = ort.RunOptions()  # a run whose session's CPU arena gives back, as it ends, the memory not in use
+_SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
 class Signature:
@@ -106,6 +108,7 @@ class OrtPlan(Signature):
         device: Device | None = None,
     ) -> None:
         self.device = device if device is not None else Device("cuda" if CUDA in providers else "cpu")
+        self.arena = arena and not self.device.cuda  # a CPU arena whose memory a run may give back (run_bound)
         self.fallback: list[str] = []  # "op (node)" of each node placed on CPU although the device is CUDA
         try:
             self.session = self._create(data, threads, arena)
@@ -165,10 +168,12 @@ class OrtPlan(Signature):
             return self._run(self._output_names, feeds, None)
         return self.session.run(None, feeds)
 
-    def run_bound(self, values: Sequence, outputs: Sequence | None = None) -> list:
+    def run_bound(self, values: Sequence, outputs: Sequence | None = None, *, shrink: bool = False) -> list:
         """Run on OrtValues (onnxruntime's C values) by IOBinding and return the output OrtValues, which stay
         on the session's device: nothing crosses to the host. ``outputs[i]``, where given, is a buffer of the
-        right dtype and shape that output ``i`` is written into (a training step's previous state)."""
+        right dtype and shape that output ``i`` is written into (a training step's previous state).
+        ``shrink`` (a session with ``arena``): its CPU arena gives back, as the run ends, the memory not in use
+        (else it keeps it for the next run; onnxruntime never gives back the arena's first region)."""
         ib = self._binding
         if ib is None:
             ib = self._binding = self.session.io_binding()._iobinding
@@ -183,7 +188,7 @@ class OrtPlan(Signature):
             else:
                 ib.bind_ortvalue_output(name, buf)
         try:
-            self.session._sess.run_with_iobinding(ib, None)
+            self.session._sess.run_with_iobinding(ib, _SHRINK if shrink and self.arena else None)
             return own_values(ib.get_outputs(), len(self._output_names))
         finally:
             ib.clear_binding_inputs()  # the binding must not keep freed inputs alive
