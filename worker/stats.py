@@ -182,7 +182,7 @@ class Stats:
                 for key in msg.keys:
                     if (owner, key) not in self.tensors and (WORKER, key) in self.tensors:
                         self.private_releases += 1
-                        self.metrics.private_releases.inc()
+                        self.metrics.released()
                     elif not msg.keep:
                         self._drop(owner, key)
             elif isinstance(msg, m.Delete):
