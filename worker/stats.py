@@ -66,6 +66,30 @@ def peer_of(frames: Sequence[object], curve: bool = False) -> str:
         return f"fd{frame.get(zmq.SRCFD)}"
 
 
+class PeerNames:
+    """``peer_of`` once per connection: the label of a routing id ZeroMQ generated (its first byte is 0;
+    a peer may not choose such an id, and ZeroMQ never reuses one while the socket lives) is kept, so a
+    request costs a dict lookup rather than two zmq property reads. Ids a peer chose (a later connection
+    may reuse one) and CURVE connections are read every time."""
+
+    MAX = 4096  # labels kept at most (past it, the cache starts over)
+
+    def __init__(self, curve: bool = False) -> None:
+        self.curve = curve
+        self._names: dict[bytes, str] = {}
+
+    def __call__(self, frames: Sequence[object], conn: bytes = b"") -> str:
+        name = self._names.get(conn)
+        if name is not None:
+            return name
+        name = peer_of(frames, self.curve)
+        if conn[:1] == b"\x00" and not self.curve and name != IN_PROCESS:
+            if len(self._names) >= self.MAX:
+                self._names.clear()
+            self._names[conn] = name
+        return name
+
+
 @dataclass
 class ClientStats:
     """One connection's row (kept while recent, then folded into its owner's)."""
@@ -117,6 +141,7 @@ class Stats:
         self.folded = 0  # connection rows folded into their owners' rows since the start
         self.started = time.time()
         self.metrics = Metrics()
+        self.peer = PeerNames(curve)
         self._lock = threading.Lock()
         self.clients: dict[str, ClientStats] = {}  # connection -> its row, least recently seen first
         self.tensors: dict[tuple[str, str], tuple[str, int]] = {}  # (owner, key) -> (connection, bytes)
@@ -141,12 +166,18 @@ class Stats:
         )
 
     def observe(
-        self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float, owner_id: bytes = b""
+        self,
+        frames: Sequence[object],
+        msg: m._Message | None,
+        reply: m._Message,
+        seconds: float,
+        owner_id: bytes = b"",
+        conn: bytes = b"",
     ) -> None:
         """Account for one answered request from owner ``owner_id`` (worker/owners.py) over the connection ``frames``
-        came on (called by Service.reply, on the serving thread)."""
+        came on (``conn``: its routing id, or b""; called by Service.reply, on the serving thread)."""
         kind = m.type_name(type(msg)) if msg is not None else "invalid"
-        client = peer_of(frames, self.curve)
+        client = self.peer(frames, conn)
         owner = label(owner_id) if owner_id else client
         failed = isinstance(reply, m.Error)
         with self._lock:
