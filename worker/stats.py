@@ -200,7 +200,7 @@ class Stats:
             c.refused += failed
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
             if isinstance(msg, m.Run):
-                self._run(msg, client, owner_id, failed, seconds)
+                self._run(msg, client, owner_id, owner, failed, seconds)
             elif failed:
                 pass
             elif isinstance(msg, m.Hello):
@@ -264,17 +264,16 @@ class Stats:
             for plan in self.plans.values():
                 plan.owners.discard(owner)
 
-    def _run(self, msg: m.Run, client: str, owner_id: bytes, failed: bool, seconds: float) -> None:
+    def _run(self, msg: m.Run, client: str, owner_id: bytes, name: str, failed: bool, seconds: float) -> None:
+        """``name``: the owner's label (``owner_id``'s, or the connection's when it has none)."""
         plan = self.plans.get(msg.plan)
-        name = plan.name if plan is not None else "(unknown plan)"
         self.runs += 1
         self.runs_failed += failed
         if plan is not None:
             plan.runs += 1
             plan.failed += failed
-        self.metrics.run(name, msg.plan[:12], seconds, failed)
+        self.metrics.run(plan.name if plan is not None else "(unknown plan)", msg.plan[:12], seconds, failed)
         self.durations.append(seconds)
-        name = label(owner_id) if owner_id else client
         for key in msg.outputs:
             entry = self.service.store.find(owner_id, key)
             if entry is None:  # a failed run's outputs are not stored (a refused one changed nothing)
