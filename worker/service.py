@@ -183,7 +183,7 @@ class Service(PlanRegistry, RunPath):
         if self.stats is not None:  # the operator's view (plan-worker status, --metrics)
             try:
                 owner = self.owners.owner(origin.client)
-                self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0, owner)
+                self.stats.observe(origin.frames, msg, reply, time.perf_counter() - origin.t0, owner, origin.client)
             except Exception:
                 log.exception("stats of request #%d not recorded", reply.re)  # type: ignore[attr-defined]
         return framing.pack(reply, list(out))

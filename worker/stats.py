@@ -66,6 +66,30 @@ def peer_of(frames: Sequence[object], curve: bool = False) -> str:
         return f"fd{frame.get(zmq.SRCFD)}"
 
 
+class PeerNames:
+    """``peer_of`` once per connection: the label of a routing id ZeroMQ generated (its first byte is 0;
+    a peer may not choose such an id, and ZeroMQ never reuses one while the socket lives) is kept, so a
+    request costs a dict lookup rather than two zmq property reads. Ids a peer chose (a later connection
+    may reuse one) and CURVE connections are read every time."""
+
+    MAX = 4096  # labels kept at most (past it, the cache starts over)
+
+    def __init__(self, curve: bool = False) -> None:
+        self.curve = curve
+        self._names: dict[bytes, str] = {}
+
+    def __call__(self, frames: Sequence[object], conn: bytes = b"") -> str:
+        name = self._names.get(conn)
+        if name is not None:
+            return name
+        name = peer_of(frames, self.curve)
+        if conn[:1] == b"\x00" and not self.curve and name != IN_PROCESS:
+            if len(self._names) >= self.MAX:
+                self._names.clear()
+            self._names[conn] = name
+        return name
+
+
 @dataclass
 class ClientStats:
     """One connection's row (kept while recent, then folded into its owner's)."""
@@ -117,6 +141,7 @@ class Stats:
         self.folded = 0  # connection rows folded into their owners' rows since the start
         self.started = time.time()
         self.metrics = Metrics()
+        self.peer = PeerNames(curve)
         self._lock = threading.Lock()
         self.clients: dict[str, ClientStats] = {}  # connection -> its row, least recently seen first
         self.tensors: dict[tuple[str, str], tuple[str, int]] = {}  # (owner, key) -> (connection, bytes)
@@ -141,12 +166,18 @@ class Stats:
         )
 
     def observe(
-        self, frames: Sequence[object], msg: m._Message | None, reply: m._Message, seconds: float, owner_id: bytes = b""
+        self,
+        frames: Sequence[object],
+        msg: m._Message | None,
+        reply: m._Message,
+        seconds: float,
+        owner_id: bytes = b"",
+        conn: bytes = b"",
     ) -> None:
         """Account for one answered request from owner ``owner_id`` (worker/owners.py) over the connection ``frames``
-        came on (called by Service.reply, on the serving thread)."""
+        came on (``conn``: its routing id, or b""; called by Service.reply, on the serving thread)."""
         kind = m.type_name(type(msg)) if msg is not None else "invalid"
-        client = peer_of(frames, self.curve)
+        client = self.peer(frames, conn)
         owner = label(owner_id) if owner_id else client
         failed = isinstance(reply, m.Error)
         with self._lock:
@@ -169,7 +200,7 @@ class Stats:
             c.refused += failed
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
             if isinstance(msg, m.Run):
-                self._run(msg, client, owner_id, failed, seconds)
+                self._run(msg, client, owner_id, owner, failed, seconds)
             elif failed:
                 pass
             elif isinstance(msg, m.Hello):
@@ -182,7 +213,7 @@ class Stats:
                 for key in msg.keys:
                     if (owner, key) not in self.tensors and (WORKER, key) in self.tensors:
                         self.private_releases += 1
-                        self.metrics.private_releases.inc()
+                        self.metrics.released()
                     elif not msg.keep:
                         self._drop(owner, key)
             elif isinstance(msg, m.Delete):
@@ -233,17 +264,16 @@ class Stats:
             for plan in self.plans.values():
                 plan.owners.discard(owner)
 
-    def _run(self, msg: m.Run, client: str, owner_id: bytes, failed: bool, seconds: float) -> None:
+    def _run(self, msg: m.Run, client: str, owner_id: bytes, name: str, failed: bool, seconds: float) -> None:
+        """``name``: the owner's label (``owner_id``'s, or the connection's when it has none)."""
         plan = self.plans.get(msg.plan)
-        name = plan.name if plan is not None else "(unknown plan)"
         self.runs += 1
         self.runs_failed += failed
         if plan is not None:
             plan.runs += 1
             plan.failed += failed
-        self.metrics.run(name, msg.plan[:12], seconds, failed)
+        self.metrics.run(plan.name if plan is not None else "(unknown plan)", msg.plan[:12], seconds, failed)
         self.durations.append(seconds)
-        name = label(owner_id) if owner_id else client
         for key in msg.outputs:
             entry = self.service.store.find(owner_id, key)
             if entry is None:  # a failed run's outputs are not stored (a refused one changed nothing)
