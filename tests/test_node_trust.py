@@ -263,3 +263,27 @@ def test_the_node_workers_budget_composes_every_clients_releases_from_a_running_
     assert got["total"] == [[noise, allowed - 1]]
     assert "all clients' noised releases" in got["refused"] and "max_epsilon" in got["refused"]
     assert got["events"] == [[noise, 1]]
+
+
+def test_the_node_workers_status_rows_stay_bounded_as_connections_come_and_go():
+    """As worker/stats.py: past max_rows the least recently seen connection rows are folded (counted in
+    clients_folded), and a row not seen for fold_after goes too."""
+    script = (
+        f"import {{ Metrics }} from {json.dumps((NODE_DIR / 'src' / 'metrics.js').as_uri())};"
+        "const m = new Metrics({ plans: new Map() }, { maxRows: 4 });"
+        "m.byPlan.set('p', { runs: 0, failed: 0, clients: new Set(['c0', 'c9']) });"
+        "for (let i = 0; i < 10; i++) m.observe(null, 'invalid', `c${i}`, 0);"
+        "m.observe(null, 'invalid', 'c7', 0);"  # seen again: the most recent
+        "const rows = [...m.byClient.keys()], afterRows = m.folded;"
+        "const stale = new Metrics({ plans: new Map() }, { foldAfterMs: 0 });"
+        "stale.observe(null, '', 'a', 0); stale.byClient.get('a').last -= 5; stale.observe(null, '', 'b', 0);"
+        "console.log(JSON.stringify({ rows, folded: afterRows, plan: [...m.byPlan.get('p').clients],"
+        " stale: [...stale.byClient.keys()] }));"
+    )
+    done = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["rows"] == ["c6", "c8", "c9", "c7"]
+    assert got["folded"] == 6
+    assert got["plan"] == ["c9"]  # c0's row was folded: no row of a closed connection is kept anywhere
+    assert got["stale"] == ["b"]
