@@ -228,3 +228,62 @@ def test_the_node_worker_computes_the_python_workers_data_flow(tmp_path):
     assert {c["file"]: g for c, g in zip(cases, got, strict=True)} == {c["file"]: c["want"] for c in cases}
     nested = next(g for c, g in zip(cases, got, strict=True) if c["file"].endswith("nested_control_flow.onnx"))
     assert nested == [[0, 1, 2, 3], [2]]  # the Loop's body reads x, and w inside its If; z only n
+
+
+def test_the_node_workers_budget_composes_every_clients_releases_from_a_running_total():
+    """As the Python Releaser (tests/test_policy.py): max_epsilon over 200 clients' noised releases, checked
+    against a running total kept as each client's releases change (restored ones included)."""
+    noise, allowed, clients = 2.0, 300, 200
+
+    def epsilon(count: int) -> float:
+        acc = rdp_privacy_accountant.RdpAccountant()
+        acc.compose(dp_event.GaussianDpEvent(noise), count)
+        return acc.get_epsilon(1e-5)
+
+    budget = (epsilon(allowed) + epsilon(allowed + 1)) / 2
+    script = (
+        f"import {{ Releaser }} from {json.dumps((NODE_DIR / 'src' / 'release.js').as_uri())};"
+        f"const noise = {noise}, budget = {float(budget)!r}, n = {clients}, allowed = {allowed};"
+        "const r = new Releaser({ rules: new Map(), delta: 1e-5, maxEpsilon: budget }, null);"
+        "const spent = new Map();"
+        "for (let i = 0; i < n; i++) spent.set(`c${i}`, new Map([[noise, i < allowed - n ? 2 : 1]]));"
+        "r.restore(spent);"
+        "const rule = { name: 'step', fingerprint: 'f'.repeat(64), describe: () => 'w: update' };"
+        "const pending = { rule, output: 'w' };"
+        "const entry = { tensor: { dtype: 'float', shape: [3] } };"
+        "let refused = '';"
+        "try { r.charge('new', 'w', entry, pending, noise); } catch (e) { refused = e.message; }"
+        "r.account('c0', new Map([[noise, 1]]));"  # one client's count goes down: room for one more
+        "const events = r.charge('new', 'w', entry, pending, noise);"
+        "console.log(JSON.stringify({ total: [...r.total], refused, events: [...events] }));"
+    )
+    done = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["total"] == [[noise, allowed - 1]]
+    assert "all clients' noised releases" in got["refused"] and "max_epsilon" in got["refused"]
+    assert got["events"] == [[noise, 1]]
+
+
+def test_the_node_workers_status_rows_stay_bounded_as_connections_come_and_go():
+    """As worker/stats.py: past max_rows the least recently seen connection rows are folded (counted in
+    clients_folded), and a row not seen for fold_after goes too."""
+    script = (
+        f"import {{ Metrics }} from {json.dumps((NODE_DIR / 'src' / 'metrics.js').as_uri())};"
+        "const m = new Metrics({ plans: new Map() }, { maxRows: 4 });"
+        "m.byPlan.set('p', { runs: 0, failed: 0, clients: new Set(['c0', 'c9']) });"
+        "for (let i = 0; i < 10; i++) m.observe(null, 'invalid', `c${i}`, 0);"
+        "m.observe(null, 'invalid', 'c7', 0);"  # seen again: the most recent
+        "const rows = [...m.byClient.keys()], afterRows = m.folded;"
+        "const stale = new Metrics({ plans: new Map() }, { foldAfterMs: 0 });"
+        "stale.observe(null, '', 'a', 0); stale.byClient.get('a').last -= 5; stale.observe(null, '', 'b', 0);"
+        "console.log(JSON.stringify({ rows, folded: afterRows, plan: [...m.byPlan.get('p').clients],"
+        " stale: [...stale.byClient.keys()] }));"
+    )
+    done = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["rows"] == ["c6", "c8", "c9", "c7"]
+    assert got["folded"] == 6
+    assert got["plan"] == ["c9"]  # c0's row was folded: no row of a closed connection is kept anywhere
+    assert got["stale"] == ["b"]

@@ -233,3 +233,37 @@ def _wait_for(proc: WorkerProcess, text: str, timeout: float = 10.0) -> None:
     while text not in proc.log():
         assert time.monotonic() < deadline, proc.log()
         time.sleep(0.05)
+
+
+def test_max_epsilon_composes_every_clients_releases_from_a_running_total():
+    """Many clients: the budget composes all of them (the Releaser keeps a running total, not a sum over
+    clients per release), a refusal says so, and the total restored from a journal is the same."""
+    from planwire.transport.errors import ProtocolError
+    from planwire.worker.policy import Policy, Release, Rule
+    from planwire.worker.release import Pending, Releaser, epsilon_of
+    from planwire.worker.store import Entry
+
+    noise = 2.0
+    rule = Rule("f" * 64, "step", {"w": Release("update", "w")}, clip_norm=1.0, noise_multiplier=noise)
+    allowed = 300  # noised releases the budget allows, all clients together
+    budget = (epsilon_of({noise: allowed}, 1e-5) + epsilon_of({noise: allowed + 1}, 1e-5)) / 2
+    releaser = Releaser(Policy({rule.fingerprint: rule}, max_epsilon=budget))
+
+    def entry() -> Entry:
+        base = np.zeros(3, np.float32)
+        return Entry(np.ones(3, np.float32), private=True, pending=Pending(rule, "w", rule.outputs["w"], base, 1))
+
+    clients = [f"k:{i:04d}".encode() for i in range(200)]
+    for i in range(allowed):
+        releaser.release(clients[i % len(clients)], f"w{i}", entry())
+    with pytest.raises(ProtocolError, match="all clients' noised releases.*max_epsilon"):
+        releaser.release(b"k:new", "w", entry())  # a fresh client gets no fresh budget
+    spent = releaser.spent()
+    assert len(spent) == len(clients)
+    assert sum(releaser._total.values()) == allowed
+
+    again = Releaser(Policy({rule.fingerprint: rule}, max_epsilon=budget))
+    again.restore({c: {noise: 2 if i < allowed - len(clients) else 1} for i, c in enumerate(clients)})
+    assert again._total == releaser._total
+    with pytest.raises(ProtocolError, match="max_epsilon"):
+        again.release(clients[0], "w", entry())

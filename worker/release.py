@@ -89,6 +89,7 @@ class Releaser:
         self._lock = threading.Lock()
         self._releasing = threading.Lock()
         self._spent: dict[ClientId, dict[float, int]] = {}  # client -> {noise multiplier: noised releases}
+        self._total: Counter[float] = Counter()  # every client's noised releases together (_spent summed)
         self._epsilon: dict[str, float] = {}  # owner label -> epsilon spent so far (noised releases only)
         self.journal: Journal | None = None  # --state-dir: where releases and the accounting are kept
         self.blocked = ""  # why no noised release can be made (its accounting could not be restored)
@@ -197,6 +198,7 @@ class Releaser:
                 self.journal.spent({**self._spent, client: events})
             with self._lock:
                 self._spent[client] = events
+                self._total[noise] += 1
                 self._epsilon[label(client)] = epsilon  # type: ignore[assignment]
         pending.released = value
         if self.journal is not None and noise:  # noise is drawn once; any other release computes the same again
@@ -217,18 +219,16 @@ class Releaser:
         events[noise] = events.get(noise, 0) + 1
         epsilon = epsilon_of(events, self.delta)
         budget = self.policy.max_epsilon if self.policy is not None else None
-        everyone: Counter[float] = Counter()
-        for other, spent_events in self._spent.items():
-            if other != client:
-                everyone.update(spent_events)
+        after = Counter(self._total)  # the running total: a release costs nothing per client
+        after[noise] += 1
         message = ""
         if self.blocked:
             message = (
                 f"tensor {key!r} is a noised update, and {self.blocked}: no noised release is made until the worker's "
                 "operator repairs that record (or removes it, which resets every client's spent budget)"
             )
-        elif budget is not None and (total := epsilon_of(dict(everyone + Counter(events)), self.delta)) > budget:
-            spent = epsilon_of(dict(everyone + Counter(self._spent.get(client, {}))), self.delta)
+        elif budget is not None and (total := epsilon_of(dict(after), self.delta)) > budget:
+            spent = epsilon_of(dict(self._total), self.delta)
             message = (
                 f"tensor {key!r} ({pending.output!r} of plan {rule.name or rule.fingerprint[:12]!r}) would take the "
                 f"privacy budget of the worker's data (all clients' noised releases) to epsilon {total:.4g} (spent "
@@ -244,6 +244,7 @@ class Releaser:
         """The accounting a state directory kept (worker/state.py), before anything is served."""
         with self._lock:
             self._spent = {c: dict(e) for c, e in spent.items() if e}
+            self._total = sum((Counter(e) for e in self._spent.values()), Counter())
             self._epsilon = {label(c): epsilon_of(e, self.delta) for c, e in self._spent.items()}
 
     def _update(self, key: str, array: np.ndarray, pending: Pending) -> np.ndarray:

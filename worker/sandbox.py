@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import weakref
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,7 +116,9 @@ class Sandbox:
         self.residents: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()
         self.unsaved: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()  # no host copy
         self._handles = itertools.count(1)
-        self._free: list[int] = []
+        # handles to free with the next request: an array, not a list of ints kept across a burst (each
+        # would pin the allocator arena it sits in: bench/load.py's RSS)
+        self._free = array("q")
         self.on_lost: Callable[[list[Resident], str], None] | None = None  # the supervisor fails their keys
         self.counts = dict.fromkeys(
             (
@@ -207,7 +210,7 @@ class Sandbox:
         """The runner ended: its tensors with a host copy are uploaded again when used; the others are lost."""
         held = list(self.residents.values())
         self.residents, self.unsaved = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
-        self._free = []
+        self._free = array("q")
         lost = []
         why = (
             f"it was held only by the worker's sandboxed runner ({self.device}), which ended before a host copy "
@@ -274,8 +277,8 @@ class Sandbox:
             self._free.append(resident.handle)
 
     def _take_free(self) -> list[int]:
-        free, self._free = self._free, []
-        return free
+        free, self._free = self._free, array("q")
+        return free.tolist()
 
     def send_load(self, pid: str, name: str, data: bytes) -> None:
         load = pipe.Load(plan=pid, name=name, drop=self._dropped(pid), free=self._take_free())
@@ -451,7 +454,7 @@ class Sandbox:
                 self._answer_s[self._sent_plan] = took if was is None else was + (took - was) / 4
                 self._sent_at = 0.0
             if isinstance(msg, pipe.Failed) and sent.out:  # outputs it may have held before failing
-                self._free += sent.out
+                self._free.extend(sent.out)
                 sent.out = []
         return msg, buffers
 
@@ -461,7 +464,7 @@ class Sandbox:
         sent, self._answered = self._answered, None
         handles = sent.out if sent is not None else []
         if len(ran.outputs) != len(handles):
-            self._free += handles
+            self._free.extend(handles)
             raise ProtocolError("internal", f"runner answered {len(ran.outputs)} outputs for {len(handles)}")
         out = []
         try:
@@ -476,7 +479,7 @@ class Sandbox:
                     self.unsaved[h] = r
                 out.append(r)
         except Exception:
-            self._free += handles[len(out) :]
+            self._free.extend(handles[len(out) :])
             raise
         self.counts["reused"] += ran.reused
         return out

@@ -1,13 +1,8 @@
 """The state directory of ``plan-worker --state-dir DIR`` (worker/state.py wires it into the worker): holding
-it, group commit, and writing and reading its records (their format: worker/statefiles.py).
-
-Every change is written whole under a temporary name (``.tmp-NAME`` beside it), fsynced, renamed over the
-old file, and its directory fsynced (``--state-sync none``: no fsyncs): a crash leaves the old file or the
-new one, never half of one. Under the supervisor, writes are grouped (:meth:`StateDir.group`): the
-temporary files of a burst of requests are written, then fsynced together (concurrently), renamed, and
-each changed directory fsynced once, before any of the burst's replies is sent (worker/state.py's
-ReplyGate). The order of durability inside a group is not promised, except that the ``privacy`` file is
-committed at once (with whatever the group held) before a released value is written.
+it, and writing and reading its records (their format: worker/statefiles.py; how a write is made durable,
+alone or in a group commit: worker/statecommit.py). The order of durability inside a group is not promised,
+except that the ``privacy`` file is committed at once (with whatever the group held) before a released
+value is written.
 
 The directory is read as hostile at start: every file is validated (its magic, its header against its
 schema, sizes, where it lies, a plan's hash and the plan checks of transport/plancheck.py), and one that
@@ -17,7 +12,6 @@ fails is skipped with a log line naming it: never loaded, never fatal.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -30,11 +24,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.transport.plancheck import PlanRejected, check_model
 from planwire.transport.spec import plan_id
 from planwire.worker.runtime import Signature
+from planwire.worker.statecommit import EXIT_NOT_DURABLE, Writes, refusal
 from planwire.worker.statefiles import (
     ALIGN,
     FORMAT,
@@ -52,17 +46,16 @@ from planwire.worker.statefiles import (
     TensorHeader,
     digest,
     framed,
-    fsync_dir,
-    nbytes,
     read_framed,
+    read_tensor,
     write_atomic,
-    write_temp,
 )
 from planwire.worker.store import ClientId
 
 log = logging.getLogger("planwire.worker")
 
-EXIT_NOT_DURABLE = 75  # the worker's exit status when a group commit's fsync fails (EX_TEMPFAIL)
+__all__ = ["EXIT_NOT_DURABLE", "Restored", "StateDir", "StateError"]
+
 DISK_RESERVE = 64 << 20  # bytes a put or run must leave free on the state directory's file system
 
 
@@ -96,15 +89,12 @@ class StateDir:
     def __init__(self, path: Path, lock_fd: int, sync: bool = True) -> None:
         self.path = path
         self.sync = sync  # fsync each change (power-loss safe); without: safe against the worker's crash only
+        self.writes = Writes(path, sync)
         self._lock_fd = lock_fd
         self.tensors = path / "tensors"
         self.plans = path / "plans"
         self.names = Names()
         self.skipped: list[str] = []
-        self.grouped = False  # group commit (see group()): writes are staged until commit()
-        self._staged: dict[Path, tuple[Path, int]] = {}  # path -> its written, not yet synced temporary file
-        self._dirs: set[Path] = set()  # directories changed since the last commit
-        self._pool: Any = None  # threads for concurrent fsyncs (the file system's journal batches them)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, sync: bool = True) -> StateDir:
@@ -138,83 +128,33 @@ class StateDir:
             log.warning("--state-dir %s is readable by others: it holds client data and identities (chmod 700)", p)
         return cls(p, fd, sync)
 
-    def _fsync_dir(self, path: Path) -> None:
-        if self.grouped:
-            self._dirs.add(path)
-        elif self.sync:
-            fsync_dir(path)
-
-    # -- group commit ------------------------------------------------------------------------------
+    # -- group commit (worker/statecommit.py) ----------------------------------------------------------
 
     def group(self) -> None:
-        """Group commit, for a loop that holds its replies while :attr:`dirty` and calls :meth:`commit`
-        before it sends them (worker/state.py's ReplyGate): from now on a write leaves its temporary file
-        unsynced and unrenamed, a removal its directory unsynced, until the next commit. Without fsyncs
-        (``--state-sync none``) there is nothing to group: writes go on as before."""
-        self.grouped = self.sync
+        """Writes are staged until :meth:`commit` from now on (see :meth:`Writes.group`)."""
+        self.writes.group()
+
+    @property
+    def grouped(self) -> bool:
+        return self.writes.grouped
 
     @property
     def dirty(self) -> bool:
         """Whether a change waits for :meth:`commit`."""
-        return bool(self._staged or self._dirs)
+        return self.writes.dirty
 
     def commit(self) -> None:
-        """Make every staged change durable, in one round: fsync every staged file (concurrently, so that
-        the file system's journal commits them together), rename each over its name, fsync each changed
-        directory once. When that fails (EIO: the kernel may have dropped the pages it could not write) the
-        worker exits at once, as PostgreSQL does on a failed fsync: no reply may acknowledge what is not
-        kept, and a restart reads back what was acknowledged before."""
-        try:
-            self._commit()
-        except OSError as e:
-            log.critical("--state-dir %s: cannot make changes durable (%s): the worker stops now", self.path, e)
-            os._exit(EXIT_NOT_DURABLE)
-
-    def _commit(self) -> None:
-        staged, self._staged = self._staged, {}
-        dirs, self._dirs = self._dirs, set()
-        try:
-            self._each(os.fsync, [fd for _, fd in staged.values()])
-        finally:
-            for _, fd in staged.values():
-                os.close(fd)
-        for path, (tmp, _) in staged.items():
-            os.replace(tmp, path)
-            dirs.add(path.parent)
-        self._each(fsync_dir, list(dirs))
-
-    def _each(self, fn: Any, items: list) -> None:
-        if len(items) <= 1:
-            for item in items:
-                fn(item)
-            return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(16, thread_name_prefix="state-fsync")
-        for _ in self._pool.map(fn, items):  # raises the first error
-            pass
-
-    def _unstage(self, path: Path) -> None:
-        """Forget a staged write of ``path`` (it is being replaced or removed)."""
-        staged = self._staged.pop(path, None)
-        if staged is not None:
-            os.close(staged[1])
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staged[0])
+        """Every staged change made durable, or the worker exits (see :meth:`Writes.commit`)."""
+        self.writes.commit()
 
     def close(self) -> None:
-        if self.dirty:  # what no reply acknowledged yet: kept if it can be, as a crash could have kept it
-            try:
-                self._commit()
-            except OSError as e:
-                log.error("--state-dir: changes not acknowledged yet could not be written: %s", e)
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self.writes.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
+
+    def _write(self, path: Path, parts: Sequence[Any], what: str) -> None:
+        self.writes.write(path, parts, what)
 
     def _skip(self, path: Path, why: str) -> None:
         self.skipped.append(str(path))
@@ -300,9 +240,9 @@ class StateDir:
         except FileExistsError:
             pass
         except OSError as e:
-            raise _refusal(f"tensor {key!r}", self.path, e) from None
+            raise refusal(f"tensor {key!r}", self.path, e) from None
         else:
-            self._fsync_dir(self.tensors)
+            self.writes.dir_changed(self.tensors)
         self._write(d / f"{digest(key)}.t", [*framed(msgspec.json.encode(header)), *payload], f"tensor {key!r}")
 
     def remove_tensors(self, owner: ClientId, keys: Iterable[str]) -> None:
@@ -310,7 +250,7 @@ class StateDir:
         removed = False
         for key in keys:
             path = d / f"{digest(key)}.t"
-            self._unstage(path)
+            self.writes.unstage(path)
             try:
                 path.unlink()
                 removed = True
@@ -319,15 +259,15 @@ class StateDir:
             except OSError as e:  # it would come back after a restart; the request itself went through
                 log.error("--state-dir: cannot remove tensor %r's file: %s", key, e)
         if removed:
-            self._fsync_dir(d)
+            self.writes.dir_changed(d)
 
     def remove_owner(self, owner: ClientId) -> None:
         d = self._owner_dir(owner)
-        for path in [p for p in self._staged if p.parent == d]:
-            self._unstage(path)
+        for path in self.writes.staged_in(d):
+            self.writes.unstage(path)
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
-            self._fsync_dir(self.tensors)
+            self.writes.dir_changed(self.tensors)
 
     def check_room(self, nbytes: int, what: str) -> None:
         """quota_exceeded when the file system of the directory cannot take ``nbytes`` more (and a reserve)."""
@@ -358,52 +298,11 @@ class StateDir:
                     path.unlink(missing_ok=True)  # a write that a crash interrupted: never acknowledged
                     continue
                 try:
-                    item = self._load_tensor(d, path)
+                    item = read_tensor(d, path, self.names)
                 except (OSError, ValueError, msgspec.DecodeError) as e:
                     self._skip(path, str(e))
                     continue
                 yield item
-
-    def _load_tensor(
-        self, d: Path, path: Path
-    ) -> tuple[ClientId, str, TensorHeader, np.ndarray | None, KeptRelease | None]:
-        if path.is_symlink() or not path.is_file():
-            raise ValueError("not a regular file")
-        header_bytes, f, size = read_framed(path)
-        with f:
-            h = msgspec.json.decode(header_bytes, type=TensorHeader)
-            owner = self.names.owner(h.owner)
-            if d.name != digest(h.owner) or path.name != f"{digest(h.key)}.t":
-                raise ValueError(f"misplaced: its header names key {h.key!r} of another owner or file")
-            if h.failed is not None:
-                if size or h.release is not None:
-                    raise ValueError("a failed run's record with a payload")
-                return owner, h.key, h, None, None
-            r = h.release
-            if r is not None and not h.private:
-                raise ValueError("a pending release on a tensor that is not private")
-            parts = [Part(h.dtype, h.shape)]
-            if r is not None:
-                parts += [p for p in (r.base, r.released) if p is not None]
-            sizes = [nbytes(p) for p in parts]
-            need = sum(sizes) + sum(-n % ALIGN for n in sizes[:-1])
-            if need != size:
-                raise ValueError(f"{h.dtype}{h.shape} needs {need} bytes, the file holds {size}")
-            arrays = []
-            for i, (p, n) in enumerate(zip(parts, sizes, strict=True)):
-                if i:
-                    f.seek(-sizes[i - 1] % ALIGN, os.SEEK_CUR)
-                dt = dtypes.to_numpy(p.dtype)
-                a = np.fromfile(f, dtype=dt, count=n // dt.itemsize)
-                if a.nbytes != n:
-                    raise ValueError("shorter than its header says")
-                arrays.append(a.reshape(p.shape))
-        kept = None
-        if r is not None:
-            base = arrays[1] if r.base is not None else None
-            released = arrays[-1] if r.released is not None else None
-            kept = KeptRelease(r.plan, r.output, r.how, r.param, r.rows, base, released)
-        return owner, h.key, h, arrays[0], kept
 
     # -- privacy accounting ----------------------------------------------------------------------------
 
@@ -454,10 +353,10 @@ class StateDir:
 
     def remove_plan(self, pid: str) -> None:
         for suffix in (".holders", ".plan"):  # holders first: a plan file alone is an unfinished registration
-            self._unstage(self.plans / f"{pid}{suffix}")
+            self.writes.unstage(self.plans / f"{pid}{suffix}")
             with contextlib.suppress(FileNotFoundError):
                 (self.plans / f"{pid}{suffix}").unlink()
-        self._fsync_dir(self.plans)
+        self.writes.dir_changed(self.plans)
 
     def load_plans(self, max_plan_bytes: int) -> Iterable[tuple[str, str, bytes, Signature, frozenset, list[ClientId]]]:
         """Every valid plan: (pid, name, bytes, ports, ports of unknown rank, holders)."""
@@ -504,25 +403,3 @@ class StateDir:
         if holders.format != FORMAT:
             raise ValueError(f"{holders_path.name}: format {holders.format}")
         return pid, h.name, data, ports, summary.unknown_rank, [self.names.owner(n) for n in holders.holders]
-
-    # -- writing ---------------------------------------------------------------------------------------
-
-    def _write(self, path: Path, parts: Sequence[Any], what: str) -> None:
-        try:
-            if self.grouped:
-                self._unstage(path)
-                self._staged[path] = write_temp(path, parts)
-            else:
-                write_atomic(path, parts, self.sync)
-        except OSError as e:
-            raise _refusal(what, self.path, e) from None
-
-
-def _refusal(what: str, path: Path, e: OSError) -> ProtocolError:
-    """The error of a request whose effect could not be made durable (nothing of it was kept in memory)."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ProtocolError(
-            "quota_exceeded", f"{what} not kept: the worker's --state-dir {path} is full ({e.strerror})"
-        )
-    log.error("--state-dir %s: cannot write %s: %s", path, what, e)
-    return ProtocolError("internal", f"{what} not kept: the worker cannot write its --state-dir ({e.strerror or e})")

@@ -1,5 +1,6 @@
 """The file format of a plan-worker state directory (``--state-dir``; worker/statedir.py holds the directory):
-its layout, the typed headers of its files, framed files, atomic writes and owners' names on disk.
+its layout, the typed headers of its files, framed files, atomic writes, owners' names on disk, and a tensor
+file read back and validated.
 
 Layout (directories 0700, files 0600; one worker per directory, held with ``flock`` on ``lock``)::
 
@@ -63,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 
@@ -277,3 +279,48 @@ class Names:
             except ValueError:
                 pass
         return b"s:" + name.encode("ascii")
+
+
+def read_tensor(
+    d: Path, path: Path, names: Names
+) -> tuple[ClientId, str, TensorHeader, np.ndarray | None, KeptRelease | None]:
+    """A tensor file ``path`` in owner directory ``d``, validated: (owner, key, header, array or None for a
+    failed run's record, its pending release if any); ValueError (or OSError, msgspec.DecodeError) saying
+    what is wrong with it."""
+    if path.is_symlink() or not path.is_file():
+        raise ValueError("not a regular file")
+    header_bytes, f, size = read_framed(path)
+    with f:
+        h = msgspec.json.decode(header_bytes, type=TensorHeader)
+        owner = names.owner(h.owner)
+        if d.name != digest(h.owner) or path.name != f"{digest(h.key)}.t":
+            raise ValueError(f"misplaced: its header names key {h.key!r} of another owner or file")
+        if h.failed is not None:
+            if size or h.release is not None:
+                raise ValueError("a failed run's record with a payload")
+            return owner, h.key, h, None, None
+        r = h.release
+        if r is not None and not h.private:
+            raise ValueError("a pending release on a tensor that is not private")
+        parts = [Part(h.dtype, h.shape)]
+        if r is not None:
+            parts += [p for p in (r.base, r.released) if p is not None]
+        sizes = [nbytes(p) for p in parts]
+        need = sum(sizes) + sum(-n % ALIGN for n in sizes[:-1])
+        if need != size:
+            raise ValueError(f"{h.dtype}{h.shape} needs {need} bytes, the file holds {size}")
+        arrays = []
+        for i, (p, n) in enumerate(zip(parts, sizes, strict=True)):
+            if i:
+                f.seek(-sizes[i - 1] % ALIGN, os.SEEK_CUR)
+            dt = dtypes.to_numpy(p.dtype)
+            a = np.fromfile(f, dtype=dt, count=n // dt.itemsize)
+            if a.nbytes != n:
+                raise ValueError("shorter than its header says")
+            arrays.append(a.reshape(p.shape))
+    kept = None
+    if r is not None:
+        base = arrays[1] if r.base is not None else None
+        released = arrays[-1] if r.released is not None else None
+        kept = KeptRelease(r.plan, r.output, r.how, r.param, r.rows, base, released)
+    return owner, h.key, h, arrays[0], kept

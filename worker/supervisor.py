@@ -40,7 +40,7 @@ import zmq
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
-from planwire.worker import pipe
+from planwire.worker import heap, pipe
 from planwire.worker.direct import DirectLane
 from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
 from planwire.worker.resident import Resident
@@ -96,6 +96,7 @@ class Supervisor:
         self.window: deque[_Slot] = deque()  # jobs sent or about to be, in order; the head is the oldest
         self._rcvtimeo = -2
         self._burst = False  # reading a burst of requests while idle: they are queued, then executed
+        self.trimmer = heap.Trimmer()  # what a burst freed goes back to the system once it is quiet
         sandbox.on_lost = self._lost
         self.gate = service.durable.install(server) if service.durable is not None else None  # group commit
 
@@ -140,8 +141,9 @@ class Supervisor:
                 try:
                     peer, client, frames = self.server.receive()
                 except zmq.Again:
-                    pass
+                    self.trimmer.idle()
                 else:  # it and the rest of a burst are queued first: a run knows whether runs follow it
+                    self.trimmer.active()
                     self._burst = True
                     try:
                         self._request(bytes(peer), client, frames)

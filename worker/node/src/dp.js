@@ -43,6 +43,23 @@ export class RdpAccountant {
   }
 }
 
+/** The epsilon (at `delta`) of `events` (Map noise multiplier -> count) of the Gaussian mechanism composed. */
+export function epsilonOf(events, delta) {
+  const acc = new RdpAccountant();
+  for (const [noise, count] of [...events].sort((a, b) => a[0] - b[0])) acc.composeGaussian(noise, count);
+  return acc.epsilon(delta);
+}
+
+/** Release counts `a` + `b` - `minus` (Maps noise multiplier -> count; `minus` optional), as a new Map
+ * without zero counts: how a running total of every client's releases follows one client's change. */
+export function plus(a, b, minus = undefined) {
+  const out = new Map(a);
+  for (const [n, c] of b) out.set(n, (out.get(n) ?? 0) + c);
+  for (const [n, c] of minus ?? []) out.set(n, (out.get(n) ?? 0) - c);
+  for (const [n, c] of out) if (c === 0) out.delete(n);
+  return out;
+}
+
 /** Standard normal samples (Box-Muller over a cryptographic source: noise a client cannot predict). */
 export function gaussian(n) {
   const out = new Float64Array(n);

@@ -14,12 +14,20 @@ const num = (v) => (Number.isInteger(v) ? `${v}.0` : String(v));
 
 const WORKER = "(worker's own data)"; // owner of the tensors the worker was started with
 const DURATIONS_KEPT = 10_000; // p50/p99 are over the most recent runs
+// Connections come and go: a connection's row is folded (dropped; its owner's row still counts what it
+// holds) once not seen for FOLD_AFTER_MS, or beyond MAX_CONNECTION_ROWS (the least recently seen first),
+// as the Python worker's worker/stats.py does: status stays bounded however many connections come.
+export const FOLD_AFTER_MS = 600_000;
+export const MAX_CONNECTION_ROWS = 1024;
 
 export class Metrics {
-  constructor(service) {
+  constructor(service, { foldAfterMs = FOLD_AFTER_MS, maxRows = MAX_CONNECTION_ROWS } = {}) {
     this.service = service;
+    this.foldAfterMs = foldAfterMs;
+    this.maxRows = maxRows;
+    this.folded = 0; // connection rows folded since the start
     this.started = Date.now();
-    this.byClient = new Map(); // client -> {requests, refused, name, last}
+    this.byClient = new Map(); // client -> {requests, refused, name, last}, the least recently seen first
     this.byPlan = new Map(); // plan id -> {runs, failed, clients: Set}
     this.byType = new Map(); // request type -> count
     this.durations = [];
@@ -31,7 +39,6 @@ export class Metrics {
     this.count = 0;
     this.sum = 0;
     this.privateReleases = 0;
-    this.clients = new Set();
   }
 
   /** One answered request: `msg` (null when it could not be read), its reply's error code ("" if none). */
@@ -39,13 +46,15 @@ export class Metrics {
     const type = msg === null ? "invalid" : msg.type;
     const key = `${type}\0${code}`;
     this.requests.set(key, (this.requests.get(key) ?? 0) + 1);
-    this.clients.add(client);
     this.byType.set(type, (this.byType.get(type) ?? 0) + 1);
     let c = this.byClient.get(client);
-    if (c === undefined) this.byClient.set(client, (c = { requests: 0, refused: 0, name: "", last: 0 }));
+    if (c === undefined) c = { requests: 0, refused: 0, name: "", last: 0 };
+    this.byClient.delete(client);
+    this.byClient.set(client, c); // the most recently seen last
     c.requests += 1;
     c.refused += code !== "";
     c.last = Date.now();
+    this.fold(c.last);
     if (msg === null) return;
     if (type === "hello" && code === "") c.name = String(msg.client ?? "");
     if (type === "register_plan" && code === "" && reply !== null) {
@@ -72,6 +81,16 @@ export class Metrics {
       RUN_BUCKETS.forEach((b, i) => seconds <= b && this.buckets[i]++);
     } else if (type === "get" && code === "") {
       for (const k of msg.keys) if (this.service.store.own.has(k)) this.privateReleases += 1; // the worker's own data
+    }
+  }
+
+  /** Fold the rows of connections not seen for foldAfterMs, and the least recently seen beyond maxRows. */
+  fold(now) {
+    for (const [conn, c] of this.byClient) {
+      if (now - c.last <= this.foldAfterMs && this.byClient.size <= this.maxRows) return;
+      this.byClient.delete(conn);
+      this.folded += 1;
+      for (const p of this.byPlan.values()) p.clients.delete(conn);
     }
   }
 
@@ -141,6 +160,7 @@ export class Metrics {
     return {
       uptime_s: (now - this.started) / 1e3,
       clients,
+      clients_folded: this.folded,
       owners: ownerRows,
       own_data: row(WORKER),
       plans: planRows,
@@ -188,7 +208,7 @@ export class Metrics {
     gauge("planwire_tensor_bytes", "Bytes of tensors stored", bytes);
     gauge("planwire_plans", "Plans registered", plans.size);
     gauge("planwire_plan_bytes", "Bytes of registered plans", planBytes);
-    gauge("planwire_clients", "Clients seen since start", this.clients.size);
+    gauge("planwire_clients", "Clients seen since start", this.byClient.size + this.folded); // folded rows were clients seen too
     return out.join("\n") + "\n";
   }
 

@@ -15,7 +15,7 @@ import { log } from "./log.js";
 import { label } from "./owners.js";
 import { pyFloat, pyG, pyValue } from "./policy.js";
 import { AuditLog, PyFloat } from "./audit.js";
-import { RdpAccountant, gaussian } from "./dp.js";
+import { RdpAccountant, epsilonOf, gaussian, plus } from "./dp.js";
 
 export class Pending {
   constructor(rule, output, how, base, rows) {
@@ -38,6 +38,7 @@ export class Releaser {
     this.log = new AuditLog(audit);
     this.accountants = new Map(); // owner -> RdpAccountant
     this.events = new Map(); // owner -> Map(noise multiplier -> noised releases made to it)
+    this.total = new Map(); // every owner's noised releases together (this.events summed, kept as they change)
     this.journal = null; // --state-dir (src/durable.js): {spent(events), released(client, key, entry)}
     this.blocked = ""; // why no noised release can be made (its accounting could not be restored)
   }
@@ -160,20 +161,11 @@ export class Releaser {
         `tensor ${pyRepr(key)} is a noised update, and ${this.blocked}: no noised release is made until the worker's ` +
         "operator repairs that record (or removes it, which resets every client's spent budget)";
     } else if (budget !== null) {
-      // the data's budget: every client's noised releases composed (a reconnecting client gets no fresh one)
-      const everyone = new Map();
-      for (const [other, spentEvents] of this.events) {
-        if (other === client) continue;
-        for (const [n, c] of spentEvents) everyone.set(n, (everyone.get(n) ?? 0) + c);
-      }
-      const plus = (a, b) => {
-        const out = new Map(a);
-        for (const [n, c] of b) out.set(n, (out.get(n) ?? 0) + c);
-        return out;
-      };
-      const total = epsilonOf(plus(everyone, events), delta);
+      // the data's budget: every client's noised releases composed (a reconnecting client gets no fresh one),
+      // from the running total: a release costs nothing per client
+      const total = epsilonOf(plus(this.total, new Map([[noise, 1]])), delta);
       if (total > budget) {
-        const spent = epsilonOf(plus(everyone, this.events.get(client) ?? new Map()), delta);
+        const spent = epsilonOf(this.total, delta);
         message =
           `tensor ${pyRepr(key)} (${pyRepr(pending.output)} of plan ${pyRepr(rule.name || rule.fingerprint.slice(0, 12))}) ` +
           `would take the privacy budget of the worker's data (all clients' noised releases) to epsilon ${pyG(total, 4)} ` +
@@ -193,6 +185,7 @@ export class Releaser {
   account(client, events) {
     const acc = new RdpAccountant();
     for (const [noise, count] of [...events].sort((a, b) => a[0] - b[0])) acc.composeGaussian(noise, count);
+    this.total = plus(this.total, events, this.events.get(client));
     this.events.set(client, events);
     this.accountants.set(client, acc);
     return acc.epsilon(this.policy?.delta ?? 1e-5);
@@ -250,12 +243,6 @@ const FLOATS = new Set(["float", "double", "float16"]);
 
 /** A tensor's values as JS numbers (bigints for 64-bit integers converted). */
 /** Epsilon at `delta` after exactly `events` (noise multiplier -> count) Gaussian releases. */
-function epsilonOf(events, delta) {
-  const acc = new RdpAccountant();
-  for (const [noise, count] of [...events].sort((a, b) => a[0] - b[0])) acc.composeGaussian(noise, count);
-  return acc.epsilon(delta);
-}
-
 function numbers(t) {
   const dt = DTYPES[t.dtype];
   const buf = Buffer.from(t.data); // aligned copy
