@@ -6,13 +6,6 @@ a chunk still in use, and the main one only from the top), so the worker's RSS s
 was before (bench/load.py). ``malloc_trim(0)`` returns every free page of every arena. It walks the arenas
 (a few ms), so it runs once per quiet spell: after ``QUIET_S`` without a request following activity.
 Elsewhere than glibc it does nothing.
-
-Python's own small-object allocator cannot give back what a burst used: its 1 MiB arenas go back only when
-empty, and a few objects made during the burst and kept (a counter's new value, a row's timestamp) keep
-each arena they landed in. Run with ``PYTHONMALLOC=malloc`` (glibc's malloc for every object; WorkerProcess
-starts its workers so), the free pages are ``malloc_trim``'s to return wherever they lie: 16 clients x 1,000
-calls left the worker's RSS 1.24x above where it was before with Python's allocator, 1.03x with glibc's
-(bench/load.py).
 """
 
 from __future__ import annotations

@@ -41,8 +41,7 @@ class WorkerProcess:
             cmd += ["--data", str(Path(d).resolve()) if ":" not in d else d]
         cmd += list(extra)
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
-        env = {**os.environ, **self.environ()}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self._workdir, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self._workdir)
         self.url = self._wait_ready(ready_timeout)
 
     prefix = "plan-worker"  # of its log file and working directory
@@ -50,11 +49,6 @@ class WorkerProcess:
     def program(self) -> list[str]:
         """The command that runs this kind of worker (its flags follow)."""
         return [sys.executable, "-m", "planwire.worker"]
-
-    def environ(self) -> dict[str, str]:
-        """Variables set for the worker: glibc's malloc for Python objects, so that what a burst of requests
-        used goes back to the system once the worker is quiet (worker/heap.py), unless set already."""
-        return {} if "PYTHONMALLOC" in os.environ else {"PYTHONMALLOC": "malloc"}
 
     def _wait_ready(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -119,9 +113,6 @@ class NodeWorkerProcess(WorkerProcess):
     RuntimeError saying why (:func:`node_missing`) when it cannot run here."""
 
     prefix = "plan-worker-node"
-
-    def environ(self) -> dict[str, str]:
-        return {}
 
     def program(self) -> list[str]:
         reason = node_missing()
