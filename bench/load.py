@@ -250,6 +250,7 @@ def run(env: Any, report: Any, quick: bool) -> None:
             wall = time.perf_counter() - t0
         finally:
             _stop(procs)
+        at_end = proc.memory_info().rss  # at the last reply: the burst's own memory, not yet given back
         time.sleep(SETTLE_S)
         after = proc.memory_info().rss
         runner = sum(c.memory_info().rss for c in proc.children())
@@ -261,6 +262,7 @@ def run(env: Any, report: Any, quick: bool) -> None:
     report.count(FAMILY, f"calls crossed, {what}", crossed, "calls")
     report.count(FAMILY, "worker RSS before the load [tcp]", before / 1e6, "MB", note="clients connected, warmed up")
     settled = f"{SETTLE_S:g} s after the last client; runner: {runner / 1e6:.0f} MB"
+    report.count(FAMILY, "worker RSS at the last reply of the load [tcp]", at_end / 1e6, "MB", note="the burst's peak")
     report.count(FAMILY, "worker RSS after the load [tcp]", after / 1e6, "MB", note=settled)
     report.target(f"calls lost under load ({what})", lost, "<=", 0, "calls", "each result checked", basis=ALONE)
     report.target(f"calls crossed under load ({what})", crossed, "<=", 0, "calls", "against its input", basis=ALONE)

@@ -140,6 +140,61 @@ def test_a_call_is_small_by_its_shapes() -> None:
     assert DirectLane(max_bytes=1200).small(_Variant(g, None), ((100,), (100,)))  # type: ignore[arg-type]
 
 
+def _model(nodes: list, inputs: list, outputs: list, inits: list = (), sparse: list = ()) -> bytes:
+    """A plan made without onnx's checker (some of these it would refuse before the worker could)."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits), sparse_initializer=list(sparse))
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def test_what_the_rule_cannot_see_or_count_is_not_direct() -> None:
+    """float16 (computed through float32 copies onnxruntime inserts), attributes the shape rules do not read,
+    sparse initializers (densified when the session is made) and inputs that are also initializers."""
+    h16 = TensorProto.FLOAT16
+    neg16 = _model([helper.make_node("Neg", ["x"], ["y"])], [_io("x", h16, ["n"])], [_io("y", h16, ["n"])])
+    assert "not a float tensor" in direct_safe(read_graph(neg16), BOUND)
+    gemm = helper.make_node("Gemm", ["a", "b"], ["y"], transB=1, bogus=3)
+    odd = _model([gemm], [_io("a", F, [2, 2]), _io("b", F, [2, 2])], [_io("y", F, [2, 2])])
+    assert "has attributes ['bogus', 'transB']" in direct_safe(read_graph(odd), BOUND)
+    sparse = helper.make_sparse_tensor(f32("v", [1.0], [1]), i64("i", [0]), [1 << 20])
+    add_s = helper.make_node("Add", ["x", "s"], ["y"])
+    bomb = _model([add_s], [_io("x", F, [1 << 20])], [_io("y", F, [1 << 20])], sparse=[sparse])
+    assert "sparse_initializer" in direct_safe(read_graph(bomb), BOUND)
+    shadow = _model(
+        [helper.make_node("Neg", ["x"], ["y"])], [_io("x", F, [1])], [_io("y", F, [1])], inits=[f32("x", [1.0])]
+    )
+    assert "an input that is also an initializer" in direct_safe(read_graph(shadow), BOUND)
+
+
+def test_batched_matmul_is_not_small() -> None:
+    """MatMul over batch dimensions: onnxruntime's per-matrix work and offsets are not in the bytes or FLOPs
+    counted (a [1000,1,1,1] x [1000,1,1] call passed both bounds and took 0.3 s and +88 MB in the supervisor)."""
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+    data = _model(nodes, [_io("a", F, [1000, 1, 1, 1]), _io("b", F, [1000, 1, 1])], [_io("y", F, [1000, 1000, 1, 1])])
+    g = read_graph(data)
+    assert direct_safe(g, BOUND) == ""
+    assert not DirectLane(max_bytes=BOUND).small(_Variant(g, None), ((1000, 1, 1, 1), (1000, 1, 1)))  # type: ignore[arg-type]
+    assert not DirectLane(max_bytes=BOUND).small(_Variant(g, None), ((2, 1, 1, 1), (2, 1, 1)))  # type: ignore[arg-type]
+
+
+def test_a_plan_nobody_holds_any_more_is_forgotten_by_the_runner_and_the_lane() -> None:
+    """delete_plan and --idle-ttl alike: Service.unloaded hooks (the supervisor hangs Sandbox.forget and
+    DirectLane.forget there) are told of every plan nobody holds, and only of those."""
+    from planwire import load_plan
+    from planwire.worker import VirtualWorker
+
+    w = VirtualWorker("unload")
+    told: list[str] = []
+    w.service.unloaded.append(told.append)
+    one, two = (w.plan_pointer(load_plan(affine(k))) for k in (4, 5))
+    pids = sorted(w.service.plans)
+    assert len(pids) == 2 and not told
+    (owner,) = w.service.holders._holders[pids[0]]
+    w.service._free(owner)  # what --idle-ttl does to a client not seen for that long
+    assert sorted(told) == pids and not w.service.plans
+
+
 # -- on real workers ----------------------------------------------------------------------------------
 
 

@@ -81,6 +81,9 @@ class Graph:
     nodes: list[Node]
     metadata: dict[str, str]
     functions: frozenset[tuple[str, str]] = frozenset()
+    unread: frozenset[str] = frozenset()
+    """Parts of the plan this reader does not model (``sparse_initializer``, ``training_info``, an input that is
+    also an initializer): a rule that must see everything refuses a plan that has any."""
 
 
 def read_graph(data: bytes | memoryview) -> Graph:
@@ -88,7 +91,10 @@ def read_graph(data: bytes | memoryview) -> Graph:
     graph: memoryview | None = None
     metadata: dict[str, str] = {}
     functions: set[tuple[str, str]] = set()
+    unread: set[str] = set()
     for num, v in pw.fields(data):
+        if num == 20:
+            unread.add("training_info")
         if num == 7 and isinstance(v, memoryview):
             graph = v
         elif num == 14 and isinstance(v, memoryview):
@@ -107,6 +113,8 @@ def read_graph(data: bytes | memoryview) -> Graph:
     for num, v in pw.fields(graph):
         if not isinstance(v, memoryview):
             continue
+        if num == 15:
+            unread.add("sparse_initializer")
         if num == 1:
             nodes.append(_node(v))
         elif num == 5:
@@ -120,7 +128,11 @@ def read_graph(data: bytes | memoryview) -> Graph:
             elif num == 12:
                 outputs[name] = vt
     runtime_inputs = {n: t for n, t in inputs if n not in initializers}
-    return Graph(runtime_inputs, outputs, declared, initializers, nodes, metadata, frozenset(functions))
+    if len(runtime_inputs) < len(inputs):
+        unread.add("an input that is also an initializer")
+    return Graph(
+        runtime_inputs, outputs, declared, initializers, nodes, metadata, frozenset(functions), frozenset(unread)
+    )
 
 
 def _tensor(buf: memoryview) -> tuple[str, Tensor]:

@@ -26,8 +26,8 @@ def _on_glibc_malloc(argv: list[str]) -> None:
     if "PYTHONMALLOC" in os.environ or not sys.platform.startswith("linux"):
         return
     os.environ["PYTHONMALLOC"] = "malloc"
-    try:
-        os.execv(sys.executable, [sys.executable, "-m", "planwire.worker", *argv])
+    try:  # the very command line it was started with (interpreter flags, script path: no new sys.path entry)
+        os.execv(sys.executable, sys.orig_argv)
     except OSError:  # cannot start again: serve on the allocator it has
         del os.environ["PYTHONMALLOC"]
 

@@ -77,8 +77,8 @@ class PlanRegistry:
         return RegisterJob(msg, pid, name, data, summary.unknown_rank)
 
     def _delete_plan(self, msg: m.DeletePlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        # A plan-worker's supervisor also tells its runner to drop the session (Sandbox.forget); the plan's
-        # bytes stay while another client holds it, so the runner re-creates the session on its next run.
+        # The plan's bytes stay while another client holds it; when nobody does, ``_unload`` tells the
+        # runner and the direct lane to drop their sessions (Service.unloaded).
         if self.holders.remove(msg.plan, self._client):
             self._unload(msg.plan)
         return m.Ok(re=msg.id, session=self.session), []
@@ -90,6 +90,8 @@ class PlanRegistry:
         self._ort_plans.pop(pid, None)
         if self.plans.pop(pid, None) is not None:
             log.info("unregistered plan %r", pid[:12])
+            for hook in self.unloaded:  # the runner's and the direct lane's sessions of it go too
+                hook(pid)
 
     def _has_plan(self, msg: m.HasPlan, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         plan = self.plans.get(msg.plan)

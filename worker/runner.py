@@ -24,6 +24,7 @@ import numpy as np
 
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
+from planwire.transport.graph import read_graph
 from planwire.worker import pipe
 from planwire.worker.device import Device
 
@@ -93,6 +94,26 @@ def rebound(limit: int, held: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
 
 
+SIZED_BY_DATA = frozenset(
+    {
+        *("ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot"),
+        *("Loop", "If", "Scan", "SequenceMap", "EyeLike", "CenterCropPad", "Col2Im"),
+    }
+)
+"""Ops whose output size comes from tensor values (or a subgraph's trip count), not from their inputs' shapes."""
+
+
+def sizes_follow_shapes(data: bytes) -> bool:
+    """Whether every value of a plan is sized by the arguments' shapes alone: no op of :data:`SIZED_BY_DATA`,
+    no other domain, no subgraph, no local function (a run of data-sized values can take far more memory than
+    the first run of the same shapes did, and an arena would keep it)."""
+    try:
+        g = read_graph(data)
+    except ValueError:
+        return False
+    return not g.functions and all(not n.domain and not n.subgraphs and n.op not in SIZED_BY_DATA for n in g.nodes)
+
+
 class Arenas:
     """Which runs keep their plan's onnxruntime CPU arena memory, by (plan, argument shapes), and how much the
     kept arenas may hold (``held``, bytes). ``enabled``: sessions have an arena (CPU runners)."""
@@ -111,8 +132,10 @@ class Arenas:
 
     def arena(self, data: bytes) -> bool:
         """Whether a plan of these bytes gets a session with an arena (its bytes are kept until its first run,
-        so not for big plans: their weights, not their runs, are their memory)."""
-        return self.enabled and len(data) <= self.budget // 4
+        so not for big plans: their weights, not their runs, are their memory), and only when its runs' memory
+        follows from the argument shapes (:func:`sizes_follow_shapes`): the first run of given shapes then
+        shows what every later one takes."""
+        return self.enabled and len(data) <= self.budget // 4 and sizes_follow_shapes(data)
 
     def loaded(self, pid: str, data: bytes | None) -> None:
         """Plan ``pid`` has a new session, with an arena when ``data`` (its bytes) is given."""

@@ -183,7 +183,8 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
     stats = service.stats = Stats(service, curve=curve_secret is not None)
     lane = None  # tiny runs of provably harmless plans, in this process (worker/direct.py); CPU workers only
     if sandbox is not None and args.direct_max_mb > 0 and not service.device.cuda:
-        lane = DirectLane(max_bytes=int(args.direct_max_mb * (1 << 20)))
+        direct_mb = min(args.direct_max_mb, args.max_run_memory_mb or args.direct_max_mb)  # never past a run's bound
+        lane = DirectLane(max_bytes=int(direct_mb * (1 << 20)))
     if sandbox is not None:
         stats.device = sandbox.copies if lane is None else lambda: {**sandbox.copies(), **lane.counts}
     curve_mode = "off" if curve_secret is None else "any client" if args.curve_any_client else "listed clients"

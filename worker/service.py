@@ -94,6 +94,7 @@ class Service(PlanRegistry, RunPath):
         self._client: ClientId = b""  # its owner (quotas, ownership)
         self._any_rank: dict[str, frozenset[str]] = {}  # plan id -> its ports of unknown rank
         self._ort_plans: dict[str, OrtPlan] = {}  # in-process execution only (VirtualWorker, tests)
+        self.unloaded: list[Callable[[str], None]] = []  # told of each plan nobody holds any more (sessions go)
         for key, array, tags in data:
             try:  # only wire dtypes, stored little-endian and C-contiguous like everything received
                 wire = dtypes.to_wire(array.dtype)

@@ -92,6 +92,9 @@ class Supervisor:
         self.server = server
         self.sandbox = sandbox
         self.direct = direct  # tiny runs of provably harmless plans, executed here (worker/direct.py)
+        service.unloaded.append(sandbox.forget)  # a plan nobody holds (delete_plan, --idle-ttl): sessions go
+        if direct is not None:
+            service.unloaded.append(direct.forget)
         self.queue: deque[_Queued] = deque()
         self.window: deque[_Slot] = deque()  # jobs sent or about to be, in order; the head is the oldest
         self._rcvtimeo = -2
@@ -212,10 +215,6 @@ class Supervisor:
             reply = job
         else:
             reply = self.service.answer(msg, q.buffers, q.frames, q.client)
-            if isinstance(msg, m.DeletePlan):
-                self.sandbox.forget(msg.plan)  # the runner drops its session before its next job
-                if self.direct is not None:
-                    self.direct.forget(msg.plan)
         self._reply(q.peer, reply)
 
     def _reply(self, peer: bytes, frames: list) -> None:

@@ -49,7 +49,7 @@ const OPTIONS = {
   "--max-connections": { dest: "maxConnections", int: true, help: "accepted for compatibility; not enforced by the Node worker (see README)" },
   "--run-timeout": { dest: "runTimeout", dflt: "60", metavar: "SECONDS", help: "stop a run or a plan's registration after this long (plan_timeout)" },
   "--max-run-memory-mb": { dest: "maxRunMemoryMb", dflt: "2048", metavar: "MB", help: "memory a run or a registration may add to the sandboxed runner (out_of_memory); 0: none" },
-  "--direct-max-mb": { dest: "inlineMaxMb", dflt: String(DIRECT_MAX_MB), metavar: "MB", help: "run a run in the worker itself, without the sandboxed runner's hop, when its plan has only float ops that cannot trap or allocate by data (Add, MatMul, Softmax, ...; see worker/node/src/direct.js), its peak memory is at most this and its FLOPs at most 2e6; 0: every run in the runner" },
+  "--direct-max-mb": { dest: "directMaxMb", dflt: String(DIRECT_MAX_MB), metavar: "MB", help: "run a run in the worker itself, without the sandboxed runner's hop, when its plan has only float ops that cannot trap or allocate by data (Add, MatMul, Softmax, ...; see worker/node/src/direct.js), its peak memory is at most this and its FLOPs at most 2e6; 0: every run in the runner" },
   "--no-sandbox": { dest: "noSandbox", flag: true, help: "run plans inside the worker process (for trusted plans only: a crashing plan takes the worker and its data down, and --run-timeout/--max-run-memory-mb do not apply)" },
   "--state-dir": { dest: "stateDir", metavar: "DIR", help: "keep tensors, plans, client identities and the session in DIR (written before each reply), so a worker restarted on DIR after a crash or kill -9 has them all back under the same session" },
   "--state-sync": { dest: "stateSync", dflt: "fsync", choices: ["fsync", "none"], help: "with --state-dir: fsync each change before the reply (survives a power loss), or none (faster; survives the worker's crash or kill -9, not the machine's)" },
@@ -266,9 +266,9 @@ async function serve(args) {
   if (!(Number.isInteger(runMemoryMb) && runMemoryMb >= 0)) {
     throw new ConfigError(`--max-run-memory-mb ${pyRepr(args.maxRunMemoryMb)}: must be 0 (no bound) or a positive whole number`);
   }
-  const directMb = /^\s*(\d+(\.\d*)?|\.\d+)\s*$/.test(args.inlineMaxMb) ? Number(args.inlineMaxMb) : NaN;
-  if (!(directMb >= 0 && directMb <= 2 ** 20)) {
-    throw new ConfigError(`--direct-max-mb ${pyRepr(args.inlineMaxMb)}: must be 0 (no direct lane) or a positive number of MiB`);
+  const directMb = /^\s*(\d+(\.\d*)?|\.\d+)\s*$/.test(args.directMaxMb) ? Number(args.directMaxMb) : NaN;
+  if (!(directMb >= 0 && directMb <= 1024)) {
+    throw new ConfigError(`--direct-max-mb ${pyRepr(args.directMaxMb)}: must be between 0 (every run in the runner) and 1024`);
   }
   let metricsAddr = null;
   if (args.metrics !== null) {
@@ -321,7 +321,7 @@ async function serve(args) {
     policy,
     audit: args.audit,
     plansDir: args.plansDir === "none" ? null : (args.plansDir ?? defaultPlansDir()),
-    inlineMaxBytes: sandbox === null ? 0 : Math.floor(directMb * 2 ** 20), // without a sandbox every run is in this process already
+    directMaxBytes: sandbox === null ? 0 : Math.floor(Math.min(directMb, runMemoryMb || directMb) * 2 ** 20), // never past a run's bound; without a sandbox every run is in this process already
   });
   const cleanup = [() => service.releaser.close()];
   if (args.stateDir !== null) {

@@ -7,7 +7,7 @@
 // 1. Once per plan, from its bytes (`directPlan`): every node is in the default ONNX domain and its op is in
 //    ALLOWED, float ops with no way to trap and no data-dependent allocation (output shapes follow from the
 //    input shapes alone; Constant only with a float `value` tensor); every input, output, declared value
-//    and initializer is float16, float32 or float64 (integer Div is the SIGFPE case; float arithmetic
+//    and initializer is float32 or float64 (integer Div is the SIGFPE case; float arithmetic
 //    yields inf or NaN, never a trap); no local functions, no subgraph or other tensor attributes, no
 //    sparse initializers, no training info; at most MAX_NODES nodes and at most the byte bound of
 //    initializers. Not allowed, on purpose: Reshape, Expand, Tile, ConstantOfShape, Range, Resize, Pad,
@@ -37,8 +37,8 @@ export const MAX_FLOPS = 2e6;
 export const DEFAULT_MAX_MB = 8; // --direct-max-mb: the byte bound (peak memory of a run, initializers); 0: no direct lane
 const FLOAT_BYTES = new Map([
   [1, 4], // FLOAT
-  [10, 2], // FLOAT16
-  [11, 8], // DOUBLE
+  [11, 8], // DOUBLE (not FLOAT16: onnxruntime's CPU kernels compute most of it through float32 copies it inserts,
+  // memory the bytes rule would not count; as worker/direct.py)
 ]);
 const ATTRIBUTES = {
   Gemm: new Set(["alpha", "beta", "transA", "transB"]),
@@ -221,6 +221,7 @@ function broadcast(shapes) {
  * dropped again; the batch axes broadcast. */
 function matmul(a, b) {
   if (!a.length || !b.length) return null;
+  if (a.length > 2 || b.length > 2) return null; // batched: onnxruntime's per-matrix work and offsets are not counted (as worker/direct.py)
   const a2 = a.length === 1 ? [1, a[0]] : a;
   const b2 = b.length === 1 ? [b[0], 1] : b;
   if (a2[a2.length - 1] !== b2[b2.length - 2]) return null;
@@ -322,7 +323,7 @@ function readTensor(buf) {
     else if (num === TENSOR.segment || (num === TENSOR.dataLocation && v !== 0)) throw new NotDirect(`initializer ${name} is segmented or external`);
   }
   const size = FLOAT_BYTES.get(type);
-  if (size === undefined) throw new NotDirect(`initializer ${name} is not float16, float32 or float64 (type ${type})`);
+  if (size === undefined) throw new NotDirect(`initializer ${name} is not float32 or float64 (type ${type})`);
   if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw new NotDirect(`initializer ${name} has a bad shape`);
   return { name, shape, size };
 }
@@ -340,7 +341,7 @@ function readValueInfo(buf) {
       }
     }
   }
-  if (size === undefined) throw new NotDirect(`value ${name} is not float16, float32 or float64`);
+  if (size === undefined) throw new NotDirect(`value ${name} is not float32 or float64`);
   return [name, size];
 }
 

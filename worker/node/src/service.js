@@ -90,7 +90,7 @@ export class Service {
       audit = null,
       plansDir = null,
       runtime = null,
-      inlineMaxBytes = 0,
+      directMaxBytes = 0,
     } = {},
   ) {
     this.id = id;
@@ -109,7 +109,7 @@ export class Service {
     this.flows = new Map(); // plan id -> which outputs depend on which inputs (flow.js)
     this.releaser = new Releaser(policy, audit); // the data owner's release rules and audit log
     this.plansDir = plansDir; // where a worker with private data keeps the plans it receives, for review
-    this.lane = inlineMaxBytes > 0 ? new DirectLane(inlineMaxBytes) : null; // src/direct.js; null: every run to the runtime
+    this.lane = directMaxBytes > 0 ? new DirectLane(directMaxBytes) : null; // src/direct.js; null: every run to the runtime
     this.mayDirect = false; // the request being answered may take the direct lane (the supervisor says so)
     for (const [key, tensor, tags] of data) this.store.putOwn(key, tensor, tags);
     this.handlers = {
