@@ -517,26 +517,28 @@ def _runner_faults(proc: WorkerProcess) -> int:
 def test_a_repeated_run_reuses_the_memory_its_last_run_freed(worker) -> None:
     """Within worker/runner.py's KEEP_MB, what a run freed stays with the runner for its next run: a run with
     80 MB of intermediates, repeated, faults in no new memory (given back at once, it mapped and faulted in
-    its intermediates afresh each time: ~20,000 minor faults per run)."""
+    its intermediates afresh each time: ~20,000 minor faults per run). The plan's values are sized by its
+    argument's shape (a plan sized by data gets no arena: tests/test_arenas.py)."""
     proc, peer = worker
     if isinstance(proc, NodeWorkerProcess):
         pytest.skip("the Node worker's runner allocates through onnxruntime-node, not this runner")
     plan = peer.register(
         _model(
             [
-                helper.make_node("ConstantOfShape", ["shape"], ["c"]),
-                helper.make_node("Exp", ["c"], ["e"]),
-                helper.make_node("ReduceSum", ["e"], ["y"], keepdims=0),
+                helper.make_node("Exp", ["x"], ["e"]),
+                helper.make_node("Mul", ["e", "e"], ["s"]),
+                helper.make_node("ReduceSum", ["s"], ["y"], keepdims=0),
             ],
-            [_io("shape", TensorProto.INT64, [1])],
+            [_io("x", TensorProto.FLOAT, ["n"])],
             [_io("y", TensorProto.FLOAT, [])],
         ),
-        name="sum_of_exp",
+        name="sum_of_exp2",
     )["plan"]
     n = 10_000_000  # two 40 MB float32 intermediates inside the run
+    peer.put("x", np.zeros(n, np.float32))
 
     def run() -> None:
-        (y,) = peer.run(plan, [np.array([n], np.int64)], ["y"], fetch=[0]).array_list()
+        (y,) = peer.run(plan, ["x"], ["y"], fetch=[0]).array_list()
         assert y == pytest.approx(n, rel=1e-3)
 
     run()  # it shows what the run takes (and gives it back)
