@@ -28,8 +28,24 @@ def test_plans_sized_by_data_get_no_arena() -> None:
         [_io("n", I64, [1])],
         [_io("y", F, [1])],
     )
+    from_shape = checked(  # a training step's gradient broadcast: Expand(g, Shape(x))
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("ReduceSum", ["x"], ["g"], keepdims=0),
+            helper.make_node("Expand", ["g", "s"], ["y"]),
+        ],
+        [_io("x", F, ["n"])],
+        [_io("y", F, ["n"])],
+    )
+    sized_by_arg = checked(  # the same Expand, its shape an argument's values
+        [helper.make_node("Expand", ["x", "s"], ["y"])],
+        [_io("x", F, [1]), _io("s", I64, [1])],
+        [_io("y", F, ["n"])],
+    )
     assert sizes_follow_shapes(by_shapes)
+    assert sizes_follow_shapes(from_shape)
     assert not sizes_follow_shapes(by_data)
+    assert not sizes_follow_shapes(sized_by_arg)
     arenas = Arenas(256 << 20, enabled=True)
     assert arenas.arena(by_shapes)
     assert not arenas.arena(by_data)

@@ -104,14 +104,29 @@ SIZED_BY_DATA = frozenset(
 
 
 def sizes_follow_shapes(data: bytes) -> bool:
-    """Whether every value of a plan is sized by the arguments' shapes alone: no op of :data:`SIZED_BY_DATA`,
-    no other domain, no subgraph, no local function (a run of data-sized values can take far more memory than
-    the first run of the same shapes did, and an arena would keep it)."""
+    """Whether every value of a plan is sized by the arguments' shapes alone (a run of data-sized values can take
+    far more memory than the first run of the same shapes did, and an arena would keep it): no other domain,
+    subgraph or local function, and every op of :data:`SIZED_BY_DATA` takes its sizes (every input but the
+    data, all of ConstantOfShape's and Range's) from values computed from ``Shape`` outputs and constants only,
+    as an exported training step's gradients do (``Expand(g, Shape(x))``), never from an argument's values."""
     try:
         g = read_graph(data)
     except ValueError:
         return False
-    return not g.functions and all(not n.domain and not n.subgraphs and n.op not in SIZED_BY_DATA for n in g.nodes)
+    if g.functions:
+        return False
+    derived = set(g.initializers)  # values fixed by the plan or by the arguments' shapes
+    for n in g.nodes:
+        if n.domain or n.subgraphs:
+            return False
+        ins = [i for i in n.inputs if i]
+        if n.op in SIZED_BY_DATA:
+            sizes = ins if n.op in ("ConstantOfShape", "Range") else ins[1:]
+            if not all(i in derived for i in sizes):
+                return False
+        if n.op in ("Shape", "Size", "Constant") or (ins and all(i in derived for i in ins)):
+            derived.update(o for o in n.outputs if o)
+    return True
 
 
 class Arenas:
