@@ -170,16 +170,7 @@ class DealerLink:
             if not sock.getsockopt(_EVENTS_OPT) & _POLLIN:
                 return None
             return recv_frames(sock, NOBLOCK)
-        start = monotonic()
-        if self._rcvtimeo == SLICE_MS and (timeout is None or timeout >= SLICE_S):
-            try:  # the usual case: the reply comes within the first slice (nothing to compute first)
-                return recv_frames(sock)
-            except zmq.Again:
-                pass
-            reason = self._silent_slice()
-            if reason is not None:
-                raise reason
-        deadline = None if timeout is None else start + timeout
+        deadline = None if timeout is None else monotonic() + timeout
         while True:
             ms = SLICE_MS
             if deadline is not None:
