@@ -1,6 +1,7 @@
 """Resident: a stored tensor whose data the sandboxed runner holds on its device, as the Store sees it.
 
-The supervisor never runs plans, so a run's outputs stay where they were computed: in the runner, as
+The supervisor runs no plans (but the direct lane's tiny ones, whose outputs are host arrays from the
+start: worker/direct.py), so a run's outputs stay where they were computed: in the runner, as
 ``OrtValue``s on the plan device (worker/devstore.py), known here by handle. The Store keeps a Resident
 in an entry's ``array``: it has the array's ``dtype``, ``shape`` and ``nbytes`` (quotas, describe, argument
 checks need no data) and ``host``, its host copy once one exists. Tensors uploaded from the host (put,
