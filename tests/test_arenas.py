@@ -50,3 +50,58 @@ def test_plans_sized_by_data_get_no_arena() -> None:
     assert arenas.arena(by_shapes)
     assert not arenas.arena(by_data)
     assert not Arenas(256 << 20, enabled=False).arena(by_shapes)
+
+
+def _guarded(branch: list, out: str) -> bytes:
+    """y = If(sum(x) is NaN) {branch} else {x * 2}: the shape of an exported training step's ReLU-backward guard."""
+    then = helper.make_graph(branch, "then", [], [_io(out, F, ["n"])])
+    twice = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["m"])], "else", [], [_io("m", F, ["n"])])
+    return checked(
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("IsNaN", ["s"], ["bad"]),
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("If", ["bad"], ["y"], then_branch=then, else_branch=twice),
+        ],
+        [_io("x", F, ["n"]), _io("k", I64, [1])],
+        [_io("y", F, ["n"])],
+        [f32("two", [2.0], [])],
+    )
+
+
+def test_if_with_branches_sized_by_shapes_gets_an_arena() -> None:
+    """An If is judged by its branches (the same rule, in their scope): a branch whose sizes come from the outer
+    graph's ``Shape`` is fine, one sized by an argument's values, a loop or a nested data-sized op is not."""
+    zero = helper.make_node("Constant", [], ["zero"], value=f32("z", [0.0], []))
+    where = [zero, helper.make_node("IsInf", ["x"], ["inf"]), helper.make_node("Where", ["inf", "zero", "x"], ["w"])]
+    expand = [
+        helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+        helper.make_node("Expand", ["top", "shape"], ["w"]),
+    ]
+    by_arg = [helper.make_node("Expand", ["x", "k"], ["w"])]
+    from_arg = [helper.make_node("Abs", ["k"], ["a"]), helper.make_node("ConstantOfShape", ["a"], ["w"])]
+    assert sizes_follow_shapes(_guarded(where, "w"))
+    assert sizes_follow_shapes(_guarded(expand, "w"))  # sized by Shape(x), computed outside the branch
+    assert not sizes_follow_shapes(_guarded(by_arg, "w"))
+    assert not sizes_follow_shapes(_guarded(from_arg, "w"))  # sized by a value computed in the branch from data
+    inner = helper.make_graph(by_arg, "inner", [], [_io("w", F, ["n"])])
+    nested = [helper.make_node("If", ["bad"], ["w2"], then_branch=inner, else_branch=inner)]
+    assert not sizes_follow_shapes(_guarded(nested, "w2"))  # nested subgraphs are walked too
+    assert Arenas(256 << 20, enabled=True).arena(_guarded(where, "w"))
+
+
+def test_loops_get_no_arena() -> None:
+    """A Loop's trip count is data: its memory does not follow the shapes, whatever its body holds."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["acc", "x"], ["acc_out"])],
+        "body",
+        [_io("i", I64, []), _io("cond", TensorProto.BOOL, []), _io("acc", F, ["n"])],
+        [_io("cond_out", TensorProto.BOOL, []), _io("acc_out", F, ["n"])],
+    )
+    loop = checked(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)],
+        [_io("x", F, ["n"]), _io("trips", I64, [])],
+        [_io("y", F, ["n"])],
+    )
+    assert not sizes_follow_shapes(loop)
+    assert not Arenas(256 << 20, enabled=True).arena(loop)

@@ -24,7 +24,7 @@ import numpy as np
 
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
-from planwire.transport.graph import read_graph
+from planwire.transport.graph import Graph, read_graph
 from planwire.worker import pipe
 from planwire.worker.device import Device
 
@@ -97,7 +97,7 @@ def rebound(limit: int, held: int) -> None:
 SIZED_BY_DATA = frozenset(
     {
         *("ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot"),
-        *("Loop", "If", "Scan", "SequenceMap", "EyeLike", "CenterCropPad", "Col2Im"),
+        *("Loop", "Scan", "SequenceMap", "EyeLike", "CenterCropPad", "Col2Im"),
     }
 )
 """Ops whose output size comes from tensor values (or a subgraph's trip count), not from their inputs' shapes."""
@@ -106,25 +106,35 @@ SIZED_BY_DATA = frozenset(
 def sizes_follow_shapes(data: bytes) -> bool:
     """Whether every value of a plan is sized by the arguments' shapes alone (a run of data-sized values can take
     far more memory than the first run of the same shapes did, and an arena would keep it): no other domain,
-    subgraph or local function, and every op of :data:`SIZED_BY_DATA` takes its sizes (every input but the
-    data, all of ConstantOfShape's and Range's) from values computed from ``Shape`` outputs and constants only,
-    as an exported training step's gradients do (``Expand(g, Shape(x))``), never from an argument's values."""
+    loop or local function, and every op of :data:`SIZED_BY_DATA` takes its sizes (every input but the data,
+    all of ConstantOfShape's and Range's) from values computed from ``Shape`` outputs and constants only, as an
+    exported training step's gradients do (``Expand(g, Shape(x))``), never from an argument's values.
+
+    An ``If`` is fine when both its branches are (the same rule, in their scope): which branch runs depends on
+    the data, but each one's sizes follow the shapes, so a run of given shapes takes at most what its bigger
+    branch takes (an exported training step guards its ReLU backward so, exporter/onnx_passes.py
+    ``guard_zero_selects``); its outputs count as data."""
     try:
         g = read_graph(data)
     except ValueError:
         return False
-    if g.functions:
-        return False
-    derived = set(g.initializers)  # values fixed by the plan or by the arguments' shapes
+    return not g.functions and _follows(g, frozenset())
+
+
+def _follows(g: Graph, outer: frozenset[str]) -> bool:
+    """:func:`sizes_follow_shapes` for graph ``g`` whose enclosing scopes' shape-derived values are ``outer``."""
+    derived = set(outer) | set(g.initializers)  # values fixed by the plan or by the arguments' shapes
     for n in g.nodes:
-        if n.domain or n.subgraphs:
+        if n.domain or (n.graphs and n.op != "If"):
+            return False
+        if n.graphs and not all(_follows(b, frozenset(derived)) for b in n.graphs):
             return False
         ins = [i for i in n.inputs if i]
         if n.op in SIZED_BY_DATA:
             sizes = ins if n.op in ("ConstantOfShape", "Range") else ins[1:]
             if not all(i in derived for i in sizes):
                 return False
-        if n.op in ("Shape", "Size", "Constant") or (ins and all(i in derived for i in ins)):
+        if n.op in ("Shape", "Size", "Constant") or (not n.graphs and ins and all(i in derived for i in ins)):
             derived.update(o for o in n.outputs if o)
     return True
 
