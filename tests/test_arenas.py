@@ -105,3 +105,28 @@ def test_loops_get_no_arena() -> None:
     )
     assert not sizes_follow_shapes(loop)
     assert not Arenas(256 << 20, enabled=True).arena(loop)
+
+
+def test_a_kept_arena_that_grows_is_counted_or_given_back() -> None:
+    """A plan's first run of given shapes sets what its arena may keep (twice what it took); later runs that
+    fault in more than that (an If that took its bigger branch) have the growth counted while the budget
+    allows, and past it every run of the plan gives its memory back."""
+    mb = 1 << 20
+    arenas = Arenas(100 * mb, enabled=True)
+    key, other = ("p", ((4,),)), ("p", ((8,),))
+    arenas.loaded("p", b"plan")
+    assert arenas.shrink(key)  # the first run of these shapes gives back, and shows what it took
+    assert arenas.ran(key, 10 * mb) is None
+    assert not arenas.shrink(key) and arenas.held == 20 * mb
+    assert arenas.ran(other, 1 * mb) is None and not arenas.shrink(other)
+    arenas.kept_run(key, 10 * mb)  # the arena grows back to what the first run took: allowed for
+    arenas.kept_run(key, mb // 2)  # stray pages
+    arenas.kept_run(other, 8 * mb)  # 18 MB in all: still within what it may keep
+    assert arenas.held == 20 * mb and not arenas.shrink(key)
+    arenas.kept_run(key, 12 * mb)  # grew past it (30 MB): counted, within the budget
+    assert arenas.held == 60 * mb and not arenas.shrink(key)
+    arenas.kept_run(other, 31 * mb)  # 61 MB: past what it may keep, and twice that past the budget: every run
+    # of the plan gives its memory back from now on
+    assert arenas.shrink(key) and arenas.shrink(other)
+    arenas.drop("p")
+    assert arenas.held == 0

@@ -40,9 +40,12 @@ SPIN_S = 100e-6
 # kept together may hold at most this much (twice what their runs touched: the arena grows by doubling);
 # any other run gives it back as it ends, so a big run's memory does not stay with the runner. onnxruntime
 # never gives back an arena's first region: a plan whose first run is too big to keep gets a session without
-# an arena (as every plan had before, paying the faults). What the arenas keep counts as held by the runner
-# for its data bound (another plan's run cannot use it).
+# an arena (as every plan had before, paying the faults). A later run that still faults in new pages (an If
+# that took its bigger branch) has that growth counted too, or, past the budget, makes every run of its plan
+# give its memory back. What the arenas keep counts as held by the runner for its data bound (another plan's
+# run cannot use it).
 KEEP_MB = 256
+STRAY = 1 << 20  # new pages a run that keeps its arena may fault in unnoticed (the runner's own allocations)
 
 
 def _data_bytes() -> int:
@@ -148,6 +151,7 @@ class Arenas:
         self.kept: dict[str, int] = {}  # plan -> bytes its arena may keep
         self.keep: dict[tuple, bool] = {}  # (plan, shapes) -> its runs keep their memory
         self.held = 0
+        self.grown: dict[str, int] = {}  # plan -> bytes of new pages its keeping runs faulted in so far
         self.first: dict[str, bytes] = {}  # plan -> its bytes until its first run (to load it without arena)
         self._trim = None
         with contextlib.suppress(Exception):  # glibc: free memory back to the system now (else kept at will)
@@ -191,10 +195,32 @@ class Arenas:
             self.held += want - have
         return None if fits else data
 
+    def kept_run(self, key: tuple, touched: int) -> None:
+        """A run of ``key`` that kept its arena's memory touched ``touched`` bytes of new pages. The arena
+        grows back to what the plan's first runs took (their shrinking gave it back), which what it may keep
+        allows for; past that, it grows beyond what they showed (an ``If`` took a bigger branch than before):
+        the growth counts as kept while the arenas fit the budget, and past the budget every run of the plan
+        gives its memory back from now on (the next one returns what the growth took)."""
+        if touched < STRAY:
+            return
+        pid = key[0]
+        have = self.kept.get(pid, 0)
+        grown = self.grown[pid] = self.grown.get(pid, 0) + touched
+        if grown <= have:
+            return
+        if self.held - have + 2 * grown <= self.budget:
+            self.held += 2 * grown - have
+            self.kept[pid] = 2 * grown
+            return
+        for k in self.keep:
+            if k[0] == pid:
+                self.keep[k] = False
+
     def drop(self, pid: str) -> None:
         """Plan ``pid``'s session is gone (or new): what its arena kept is free."""
         self.held -= self.kept.pop(pid, 0)
         self.first.pop(pid, None)
+        self.grown.pop(pid, None)
         for key in [k for k in self.keep if k[0] == pid]:
             del self.keep[key]
 
@@ -319,7 +345,9 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
                 results = plan.run_bound(values, None, shrink=shrink)
             finally:
                 store.release_pool()
-            if shrink and (again := arenas.ran(key, _touched() - touched)) is not None:
+            if plan.arena and not shrink:
+                arenas.kept_run(key, _touched() - touched)
+            elif shrink and (again := arenas.ran(key, _touched() - touched)) is not None:
                 with contextlib.suppress(Exception):  # (outputs onnxruntime cannot copy: the arena stays)
                     results = [store.copy(r) for r in results]  # out of the arena, which goes with its session
                     plan = load(msg.plan, msg.name, again, arena=False)
