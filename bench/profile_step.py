@@ -1,11 +1,16 @@
 """``python -m bench.profile_step [resnet|lm] [--threads N] [--steps N] [--nodes K]``: where a training
-step's time goes in onnxruntime, op by op.
+step's time goes in onnxruntime, op by op. ``--worker R``: where it goes in a plan-worker instead.
 
 Builds the workload's training plan (bench/workloads.py), opens it in onnxruntime with the worker's own
 session options (``--threads`` intra-op threads) plus ``enable_profiling``, runs a few warm-up steps on
 real data (the state advancing as on a worker), then profiles ``--steps`` steps and prints the op types
 by total kernel time per step (and the ``--nodes`` slowest single nodes). Proportions are meaningful on a
 loaded host; absolute times are not.
+
+``--worker R`` sends the plan to a real plan-worker (``--threads N``) and runs ``R`` interleaved rounds of
+``--steps`` synchronous steps (run + get of the loss) against as many eager torch steps, and prints the CPU
+time per step of each process (client, supervisor, runner; every thread, from /proc's schedstat) against
+eager torch's thread CPU time: steady on a loaded host, where wall times are not.
 """
 
 from __future__ import annotations
@@ -56,6 +61,90 @@ def profile(step: Any, batch: Any, threads: int, steps: int, warmup: int = 5) ->
     return nodes, len(session.get_inputs())
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds process ``pid`` has run so far, every thread (Linux /proc schedstat, in ns)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            pass
+    return total / 1e9
+
+
+def on_worker(workload: str, threads: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Milliseconds of CPU per step, per round: eager torch (``torch.set_num_threads(threads)``) and a plan-worker
+    (``--threads``) running the same training plan from the same weights, interleaved round by round."""
+    import copy
+    import time
+
+    import torch
+
+    from bench.training_models import build_plan
+    from bench.workloads import workloads
+    from planwire.transport import RemoteWorker
+    from planwire.worker.process import WorkerProcess
+
+    torch.set_num_threads(threads)
+    wl = {"resnet": workloads()[0], "lm": workloads()[1]}[workload]
+    model = wl.make(0)
+    eager_model = copy.deepcopy(model)
+    plan = build_plan(wl, model)
+    x, y = wl.batch(wl.build_batch)
+    opt = wl.torch_optimizer(eager_model.parameters())
+
+    def eager() -> float:
+        opt.zero_grad()
+        loss = wl.loss(eager_model(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    proc = WorkerProcess("profile-step", extra=["--threads", str(threads)])
+    worker = RemoteWorker(proc.url, timeout=120)
+    try:
+        ptr = plan.send(worker)
+        xp, yp = worker.put(x), worker.put(y)
+        for _ in range(3):
+            ptr(xp, yp).get()
+            eager()
+        with open(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children") as f:
+            runner = int(f.read().split()[0])
+        pids = {"client": os.getpid(), "supervisor": proc.proc.pid, "runner": runner}
+        got: dict[str, list[float]] = {k: [] for k in ("eager", *pids, "worker")}
+        for _ in range(rounds):
+            t0 = time.thread_time()
+            for _ in range(steps):
+                eager()
+            got["eager"].append((time.thread_time() - t0) / steps * 1e3)
+            before = {k: cpu_s(p) for k, p in pids.items()}
+            for _ in range(steps):
+                ptr(xp, yp).get()
+            used = {k: (cpu_s(p) - before[k]) / steps * 1e3 for k, p in pids.items()}
+            for k, v in used.items():
+                got[k].append(v)
+            got["worker"].append(sum(used.values()))
+        return got
+    finally:
+        worker.close()
+        proc.close()
+
+
+def worker_table(got: dict[str, list[float]]) -> str:
+    """The medians (and fastest rounds) of :func:`on_worker`'s figures, and the worker's ratio to eager."""
+    import statistics
+
+    lines = ["| CPU per step | median ms | fastest round ms |", "|---|---:|---:|"]
+    lines += [f"| {k} | {statistics.median(v):.2f} | {min(v):.2f} |" for k, v in got.items()]
+    ratios = [w / e for w, e in zip(got["worker"], got["eager"], strict=True)]
+    lines += [
+        "",
+        f"worker (client + supervisor + runner) / eager: median of per-round ratios {statistics.median(ratios):.3f}",
+    ]
+    return "\n".join(lines)
+
+
 def table(nodes: list[dict], steps: int, top: int, top_nodes: int, fastest: bool = False) -> str:
     """Op types by kernel time per step; ``fastest``: each node's fastest run (times ``steps``) instead of
     the sum of its runs, which a loaded host inflates wherever it preempted a kernel."""
@@ -100,9 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=15, help="op types to list")
     ap.add_argument("--nodes", type=int, default=10, help="slowest single nodes to list")
     ap.add_argument("--fastest", action="store_true", help="count each node's fastest run (loaded hosts)")
+    ap.add_argument("--worker", type=int, default=0, metavar="R", help="R rounds on a plan-worker against eager")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    if args.worker:
+        print(worker_table(on_worker(args.workload, args.threads, args.worker, args.steps)))
+        return 0
     step, batch = build(args.workload)
     nodes, _ = profile(step, batch, args.threads, args.steps)
     print(table(nodes, args.steps, args.top, args.nodes, fastest=args.fastest))
