@@ -61,6 +61,8 @@ class Parser {
     if (c === "t" && this.s.startsWith("true", this.i)) return (this.i += 4), true;
     if (c === "f" && this.s.startsWith("false", this.i)) return (this.i += 5), false;
     if (c === "n" && this.s.startsWith("null", this.i)) return (this.i += 4), null;
+    const int = this.integer();
+    if (int !== undefined) return int;
     NUM.lastIndex = this.i;
     const m = NUM.exec(this.s);
     if (!m || m[0] === "-") this.fail("unexpected character");
@@ -72,6 +74,24 @@ class Parser {
     }
     const n = Number(m[0]);
     return Math.abs(n) < SAFE ? (n === 0 ? 0 : n) : BigInt(m[0]);
+  }
+  /** A plain integer of at most 15 digits (exact in a double) read without the regex, or undefined (the
+   * regex reads everything else: fractions, exponents, longer integers, errors). */
+  integer() {
+    const s = this.s;
+    const neg = s.charCodeAt(this.i) === 45;
+    const start = neg ? this.i + 1 : this.i;
+    const first = s.charCodeAt(start);
+    if (!(first >= 48 && first <= 57)) return undefined;
+    let end = start + 1;
+    let n = first - 48;
+    if (first !== 48) {
+      for (let c; end < s.length && (c = s.charCodeAt(end)) >= 48 && c <= 57; end++) n = n * 10 + (c - 48);
+    }
+    const next = s.charCodeAt(end);
+    if (next === 46 || next === 101 || next === 69 || end - start > 15) return undefined;
+    this.i = end;
+    return neg && n !== 0 ? -n : n;
   }
   object(depth) {
     this.i++;

@@ -61,6 +61,16 @@ function resolve(root, schema) {
   return (schema.$target ??= root.$defs[schema.$ref.split("/").pop()]); // looked up once per schema
 }
 
+const EMPTY = Object.freeze({});
+const hasOwn = Object.hasOwn;
+
+/** Whether an array's items are distinct (as a Set counts them); a Set only for longer arrays. */
+function distinct(v) {
+  if (v.length > 8) return new Set(v).size === v.length;
+  for (let i = 1; i < v.length; i++) for (let j = 0; j < i; j++) if (v[i] === v[j] || (v[i] !== v[i] && v[j] !== v[j])) return false;
+  return true;
+}
+
 function fail(path, msg) {
   throw new ProtocolError("invalid_message", `invalid request: ${msg} - at \`${path}\``);
 }
@@ -76,7 +86,7 @@ function check(root, schema, v, path) {
     }
     fail(path, `${show(v)} matches none of the allowed forms`);
   }
-  if (schema.enum && !schema.enum.some((e) => e === v)) {
+  if (schema.enum && !schema.enum.includes(v)) {
     fail(path, `Invalid enum value ${show(v)}`);
   }
   const kind = kindOf(v);
@@ -102,11 +112,11 @@ function check(root, schema, v, path) {
     if (schema.maxItems !== undefined && v.length > schema.maxItems) {
       fail(path, `Expected \`array\` of length <= ${schema.maxItems}, got ${v.length} items`);
     }
-    if (schema.uniqueItems && new Set(v).size !== v.length) {
+    if (schema.uniqueItems && v.length > 1 && !distinct(v)) {
       const twice = v.find((item, i) => v.indexOf(item) !== i);
       fail(path, `Expected \`array\` of distinct items, got ${show(twice)} more than once`);
     }
-    if (schema.items) v.forEach((item, i) => check(root, schema.items, item, `${path}[${i}]`));
+    if (schema.items) for (let i = 0; i < v.length; i++) check(root, schema.items, v[i], `${path}[${i}]`);
   } else if (kind === "object") {
     const keys = Object.keys(v);
     if (schema.minProperties !== undefined && keys.length < schema.minProperties) {
@@ -115,18 +125,16 @@ function check(root, schema, v, path) {
     if (schema.maxProperties !== undefined && keys.length > schema.maxProperties) {
       fail(path, `Expected an object with at most ${schema.maxProperties} field(s), got ${keys.join(", ")}`);
     }
-    const props = schema.properties || {};
+    const props = schema.properties || EMPTY;
     for (const k of keys) {
-      if (!Object.prototype.hasOwnProperty.call(props, k)) {
+      if (!hasOwn(props, k)) {
         if (schema.additionalProperties === false) fail(path, `Object contains unknown field \`${k}\``);
         if (schema.additionalProperties) check(root, schema.additionalProperties, v[k], `${path}.${k}`);
       }
     }
-    for (const r of schema.required || []) {
-      if (!(r in v)) fail(path, `Object missing required field \`${r}\``);
-    }
+    if (schema.required) for (const r of schema.required) if (!(r in v)) fail(path, `Object missing required field \`${r}\``);
     for (const k of keys) {
-      if (Object.prototype.hasOwnProperty.call(props, k)) check(root, props[k], v[k], `${path}.${k}`);
+      if (hasOwn(props, k)) check(root, props[k], v[k], `${path}.${k}`);
     }
   }
 }

@@ -28,6 +28,7 @@ export class Metrics {
     this.folded = 0; // connection rows folded since the start
     this.started = Date.now();
     this.byClient = new Map(); // client -> {requests, refused, name, last}, the least recently seen first
+    this.lastClient = null; // the connection seen last (the last of byClient when it is still there)
     this.byPlan = new Map(); // plan id -> {runs, failed, clients: Set}
     this.byType = new Map(); // request type -> count
     this.durations = [];
@@ -48,9 +49,13 @@ export class Metrics {
     this.requests.set(key, (this.requests.get(key) ?? 0) + 1);
     this.byType.set(type, (this.byType.get(type) ?? 0) + 1);
     let c = this.byClient.get(client);
-    if (c === undefined) c = { requests: 0, refused: 0, name: "", last: 0 };
-    this.byClient.delete(client);
-    this.byClient.set(client, c); // the most recently seen last
+    if (c === undefined || client !== this.lastClient) {
+      // the most recently seen last (a connection seen last already is: the usual case, nothing moves)
+      if (c === undefined) c = { requests: 0, refused: 0, name: "", last: 0 };
+      this.byClient.delete(client);
+      this.byClient.set(client, c);
+      this.lastClient = client;
+    }
     c.requests += 1;
     c.refused += code !== "";
     c.last = Date.now();
@@ -60,7 +65,7 @@ export class Metrics {
     if (type === "register_plan" && code === "" && reply !== null) {
       const pid = JSON.parse(reply[1]).plan;
       let p = this.byPlan.get(pid);
-      if (p === undefined) this.byPlan.set(pid, (p = { runs: 0, failed: 0, clients: new Set() }));
+      if (p === undefined) this.byPlan.set(pid, (p = { runs: 0, failed: 0, clients: new Set(), plan: undefined, row: undefined }));
       p.clients.add(client);
     }
     if (type === "run") {
@@ -71,14 +76,18 @@ export class Metrics {
       this.durations.push(seconds);
       if (this.durations.length > 2 * DURATIONS_KEPT) this.durations = this.durations.slice(-DURATIONS_KEPT);
       const plan = this.service.plans.get(msg.plan);
-      const k = `${plan ? plan.name : "(unknown plan)"}\0${String(msg.plan).slice(0, 12)}`;
-      const r = this.runs.get(k) ?? { runs: 0, failed: 0 };
+      let r = p !== undefined && p.plan === plan ? p.row : undefined; // the plan's row, found once per plan
+      if (r === undefined) {
+        const k = `${plan ? plan.name : "(unknown plan)"}\0${String(msg.plan).slice(0, 12)}`;
+        r = this.runs.get(k);
+        if (r === undefined) this.runs.set(k, (r = { runs: 0, failed: 0 }));
+        if (p !== undefined) (p.plan = plan), (p.row = r);
+      }
       r.runs += 1;
       r.failed += code !== "";
-      this.runs.set(k, r);
       this.count += 1;
       this.sum += seconds;
-      RUN_BUCKETS.forEach((b, i) => seconds <= b && this.buckets[i]++);
+      for (let i = 0; i < RUN_BUCKETS.length; i++) if (seconds <= RUN_BUCKETS[i]) this.buckets[i]++;
     } else if (type === "get" && code === "") {
       for (const k of msg.keys) if (this.service.store.own.has(k)) this.privateReleases += 1; // the worker's own data
     }

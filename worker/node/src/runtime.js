@@ -3,7 +3,7 @@
 // run(args) -> outputs, release()}, with codec Tensors in and out, as src/sandbox.js's sessions are.
 
 import * as ort from "onnxruntime-node";
-import { toOrt, fromOrt } from "./codec.js";
+import { DTYPES, toOrt, fromOrt } from "./codec.js";
 import { pyRepr } from "./json.js";
 
 export const PROVIDERS = ["CPUExecutionProvider"];
@@ -66,6 +66,14 @@ function feedsOf(inputMetadata, args) {
   return feeds;
 }
 
+/** What the native binding reads of an input: a stored tensor's bytes viewed as its typed array. */
+function nativeFeed(t) {
+  const dt = DTYPES[t.dtype];
+  let buf = t.data;
+  if (buf.byteOffset % dt.size !== 0) buf = Buffer.from(buf);
+  return { type: dt.ort, dims: t.shape, data: new dt.view(buf.buffer, buf.byteOffset, buf.length / dt.size), location: "cpu" };
+}
+
 function outputsOf(outputMetadata, got) {
   return outputMetadata.map((p) => {
     const t = fromOrt(got[p.name]);
@@ -96,8 +104,15 @@ function nativeSession(data, options) {
   s.loadModel(data.buffer, data.byteOffset, data.byteLength, options);
   const inputMetadata = nativeMetadata(s.inputMetadata);
   const outputMetadata = nativeMetadata(s.outputMetadata);
+  const names = inputMetadata.map((m) => m.name);
   const fetches = Object.fromEntries(outputMetadata.map((m) => [m.name, null]));
-  const run = (args) => outputsOf(outputMetadata, s.run(feedsOf(inputMetadata, args), fetches, {}));
+  // the binding reads {type, dims, data, location} off each feed: plain objects (no ort.Tensor and its
+  // checks), and no run options (the session's defaults, not a fresh RunOptions parsed per call)
+  const run = (args) => {
+    const feeds = {};
+    for (let i = 0; i < names.length; i++) feeds[names[i]] = nativeFeed(args[i]);
+    return outputsOf(outputMetadata, s.run(feeds, fetches));
+  };
   return { inputMetadata, outputMetadata, run, release: () => s.dispose() };
 }
 

@@ -14,6 +14,8 @@ const HINTS = {
   ENOENT: "the directory of the ipc path does not exist",
 };
 
+const BATCH = 64; // replies handed to ZeroMQ together at most (a burst's first replies do not wait for its last)
+
 export class Server {
   static async start(service, urls, { maxMessageBytes, curveSecret = null, maxQueue = 10000 }) {
     const opts = {
@@ -46,6 +48,8 @@ export class Server {
     this.sock = sock;
     this.endpoints = endpoints;
     this.dropped = 0;
+    this.outbox = []; // replies not yet handed to ZeroMQ (see send)
+    this.scheduled = false; // a flush is scheduled
   }
 
   /** Serve until stopped: requests are read while plans run in `sandbox` (src/supervisor.js). */
@@ -53,23 +57,47 @@ export class Server {
     try {
       await new Supervisor(this.service, this, sandbox, metrics).serveForever();
     } finally {
+      this.flush();
       if (!this.sock.closed) this.sock.close();
     }
   }
 
-  /** Send a reply to `peer`, never waiting for it: with sendTimeout 0 zeromq.js queues a message at once
-   * or refuses it at once (never "busy"), so replies leave in the order of these calls, and a client that
-   * does not read loses replies once its queue is full. */
+  /** Send a reply to `peer`, never waiting for it. Replies are handed to ZeroMQ in batches: those made in one
+   * turn of the event loop (a burst of pipelined requests read one after another) leave together once the
+   * loop turns (setImmediate), or every BATCH replies, so ZeroMQ's I/O thread is woken once per batch, not
+   * once per reply. They leave in the order of these calls. */
   send(peer, reply) {
     if (this.sock.closed) return;
-    let sent;
-    try {
-      sent = this.sock.send([peer, ...reply]);
-    } catch (e) {
-      this.failed(e);
-      return;
+    this.outbox.push([peer, ...reply]);
+    if (this.outbox.length >= BATCH) this.flush();
+    else if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(this.flushNow);
     }
-    sent.then(this.dropped ? this.flowing : undefined, this.failed);
+  }
+
+  flushNow = () => {
+    this.scheduled = false;
+    this.flush();
+  };
+
+  /** Hand the waiting replies to ZeroMQ: with sendTimeout 0 zeromq.js queues a message at once or refuses it
+   * at once (never "busy"), and a client that does not read loses replies once its queue is full. */
+  flush() {
+    const out = this.outbox;
+    if (!out.length) return;
+    this.outbox = [];
+    for (const frames of out) {
+      if (this.sock.closed) return;
+      let sent;
+      try {
+        sent = this.sock.send(frames);
+      } catch (e) {
+        this.failed(e);
+        continue;
+      }
+      sent.then(this.dropped ? this.flowing : undefined, this.failed);
+    }
   }
 
   flowing = () => {
@@ -87,6 +115,7 @@ export class Server {
   };
 
   stop() {
+    this.flush(); // the replies already made leave (within the socket's linger)
     if (!this.sock.closed) this.sock.close();
   }
 }

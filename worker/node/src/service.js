@@ -72,6 +72,10 @@ export class Plan {
   }
 }
 
+// a run on no private data: no private outputs, no releases (read only, shared by such runs)
+const NO_OUTPUTS = new Set();
+const NO_RELEASES = new Map();
+
 const FROM_ORT_TYPE = Object.fromEntries(Object.entries(DTYPES).map(([w, d]) => [d.ort, w]));
 
 export class Service {
@@ -155,11 +159,12 @@ export class Service {
     return d.reply ?? (await this.answer(d, frames, client));
   }
 
-  /** A request's checked message: {msg, rid, t0}, or {reply} (an error's frames) when it is refused. */
+  /** A request's checked message: {msg, rid, t0 (performance.now(), ms)}, or {reply} (an error's frames)
+   * when it is refused. */
   decode(frames, client = "") {
     let rid = -1;
     let msg = null;
-    const t0 = process.hrtime.bigint();
+    const t0 = performance.now();
     this.actFor(client);
     try {
       let total = 0;
@@ -201,7 +206,7 @@ export class Service {
 
   framed({ msg, rid, t0 }, [reply, out]) {
     if (enabled("debug")) {
-      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      const ms = performance.now() - t0;
       log.debug(`${msg.type} #${rid} -> ${reply.type} (${ms.toFixed(2)} ms)`);
     }
     return [SIGNATURE, stringify(reply), ...out]; // the header as text: see HEADER_AS_TEXT
@@ -516,7 +521,7 @@ export class Service {
       );
     }
     const fetch = m.fetch.map(Number);
-    if (m.fetch.some((i) => BigInt(i) >= BigInt(nOut))) {
+    if (m.fetch.some((i) => (typeof i === "bigint" ? i >= BigInt(nOut) : i >= nOut))) {
       throw new ProtocolError("bad_argument", `run.fetch [${m.fetch.join(", ")}] out of range for ${nOut} outputs`);
     }
     const privateArgs = new Map(); // argument index -> its private store entry
@@ -526,8 +531,8 @@ export class Service {
       if (e.private) privateArgs.set(i, e);
       return e.tensor;
     });
-    const priv = privateArgs.size ? this.flows.get(m.plan).privateOutputs([...privateArgs.keys()]) : new Set();
-    let pending = new Map();
+    const priv = privateArgs.size ? this.flows.get(m.plan).privateOutputs([...privateArgs.keys()]) : NO_OUTPUTS;
+    let pending = NO_RELEASES;
     let rows = 0;
     if (priv.size) {
       pending = this.pending(m, plan, args, privateArgs, priv, client);
