@@ -31,6 +31,16 @@ CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm the frees
 log = logging.getLogger("planwire.client")
 
 
+def _hook(name: str) -> tuple[Callable[..., Any], ...]:
+    """Get, set and delete (restore) the connection's bound ``link.<name>``, which every message goes through."""
+    attr = "_" + name
+    return (
+        lambda self: getattr(self.connection, attr),
+        lambda self, fn: setattr(self.connection, attr, fn),
+        lambda self: setattr(self.connection, attr, getattr(self.connection._link, name)),
+    )
+
+
 class WorkerClient:
     """Worker handle: the same API whether the worker is in this process or across a network."""
 
@@ -86,29 +96,8 @@ class WorkerClient:
         return self.connection.limits
 
     # The frame hooks bench/comm.py wraps to count messages: the connection's bound link methods.
-    @property
-    def _send(self) -> Callable[..., None]:
-        return self.connection._send
-
-    @_send.setter
-    def _send(self, fn: Callable[..., None]) -> None:
-        self.connection._send = fn
-
-    @_send.deleter
-    def _send(self) -> None:
-        self.connection._send = self.connection._link.send
-
-    @property
-    def _recv(self) -> Callable[..., Any]:
-        return self.connection._recv
-
-    @_recv.setter
-    def _recv(self, fn: Callable[..., Any]) -> None:
-        self.connection._recv = fn
-
-    @_recv.deleter
-    def _recv(self) -> None:
-        self.connection._recv = self.connection._link.recv
+    _send = property(*_hook("send"))
+    _recv = property(*_hook("recv"))
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -222,9 +211,7 @@ class WorkerClient:
             private=info.private or info.owner == "worker",
         )
 
-    @staticmethod
-    def _decode(t: m.KeyedTensor, buffers: list[Frame]) -> np.ndarray:
-        return decode(t, buffers)
+    _decode = staticmethod(decode)  # what bench/latency.py decodes a raw run's reply with
 
     def check_pointer(self, p: PointerTensor) -> None:
         """ValueError unless ``p`` points to a tensor this worker still holds for this client."""
@@ -235,8 +222,6 @@ class WorkerClient:
                 f"{p!r} was already fetched with .get() (which moves the tensor off the worker); "
                 "use .get(keep=True) to copy"
             )
-
-    _check_pointer = check_pointer
 
     # -- plans --------------------------------------------------------------------------------------
 
