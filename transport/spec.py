@@ -79,16 +79,16 @@ class PlanVariant:
         return {}  # mismatch's answers by signature (a variant never changes: the answer neither)
 
     def mismatch(self, args: Sequence[tuple[str, Sequence[int]]]) -> str | None:
-        """Why (dtype, shape) arguments do not fit this variant, or None when they do (remembered for the
-        last few hundred signatures: a plan called in a loop asks the same question every call)."""
+        """Why (dtype, shape) arguments do not fit this variant, or None when they do (remembered, up to 256
+        signatures: a plan called in a loop asks the same question every call)."""
         fits = self._fits
         try:
             key = tuple(args)
             return fits[key]  # type: ignore[index]
         except KeyError:
+            if len(fits) >= 256:  # bounded: past that many signatures, start afresh
+                fits.clear()
             why = fits[key] = self._mismatch(args)  # type: ignore[index]
-            if len(fits) > 256:
-                del fits[next(iter(fits))]
             return why
         except TypeError:  # a shape given as a list: not hashable, not remembered
             return self._mismatch(args)
