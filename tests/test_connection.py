@@ -104,6 +104,7 @@ def test_a_silent_worker_times_out_after_several_receive_slices(scripted):
     link = conn._link
     assert link.recv(0.25) is None  # one full slice, then what is left of the timeout
     assert link.recv(0.03) is None  # shorter than a slice
+    assert link.recv(-1) is None  # already past: one look, no wait
     conn.timeout = 0.15
     call = conn.send(m.Ping(id=conn.new_id()), (), "ping")
     with pytest.raises(Exception, match=r"did not answer ping \(request #\d+\) within 0.15 s"):

@@ -176,25 +176,12 @@ class DealerLink:
             if not sock.getsockopt(_EVENTS_OPT) & _POLLIN:
                 return None
             return recv_frames(sock, NOBLOCK)
-        if timeout is None or timeout >= SLICE_S:  # the usual wait: one slice, no clock read (a reply wakes it)
-            if self._rcvtimeo != SLICE_MS:
-                sock.setsockopt(zmq.RCVTIMEO, SLICE_MS)
-                self._rcvtimeo = SLICE_MS
-            try:
-                return recv_frames(sock)
-            except zmq.Again:
-                pass
-            reason = self._silent_slice()
-            if reason is not None:
-                raise reason
-            if timeout is not None:
-                timeout -= SLICE_S  # that slice waited at least this long
-        deadline = None if timeout is None else monotonic() + timeout
+        # Blocking receives of at most a slice each (RCVTIMEO: no poller per call). The deadline is set after
+        # the first slice, from what it waited: a reply within it (the usual case) reads no clock at all.
+        ms = SLICE_MS if timeout is None or timeout >= SLICE_S else max(0, int(timeout * 1000))
+        deadline = None
         while True:
-            ms = SLICE_MS
-            if deadline is not None:
-                ms = max(0, min(ms, int((deadline - monotonic()) * 1000)))
-            if ms != self._rcvtimeo:  # a blocking receive with a timeout (no poller per call)
+            if ms != self._rcvtimeo:
                 sock.setsockopt(zmq.RCVTIMEO, ms)
                 self._rcvtimeo = ms
             try:
@@ -204,8 +191,13 @@ class DealerLink:
             reason = self._silent_slice()
             if reason is not None:
                 raise reason
-            if deadline is not None and monotonic() >= deadline:
-                return None
+            if timeout is not None:
+                now = monotonic()
+                if deadline is None:
+                    deadline = now + timeout - ms / 1000
+                if now >= deadline:
+                    return None
+                ms = max(1, min(SLICE_MS, int((deadline - now) * 1000)))
 
     def _silent_slice(self) -> Exception | None:
         """After a slice without a reply: did the worker go (LinkDropped), or refuse this client?"""
