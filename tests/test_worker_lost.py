@@ -5,6 +5,7 @@ client goes on with the new one. Pointers alive at close() are freed on the work
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 
@@ -44,9 +45,14 @@ def test_killed_then_restarted_worker_fails_every_outstanding_pointer_and_replay
         pointers = [pp(x) for _ in range(1500)]
         os.kill(first.proc.pid, signal.SIGKILL)  # ...then the worker dies with all of them
         first.proc.wait(10)
-        with pytest.raises(WorkerLost, match="put of 'while-down' not sent: no worker is listening at") as down:
+        with pytest.raises(WorkerLost) as down:
             c.put(np.ones(3, np.float32), key="while-down")  # refused now, never queued for later
-        assert f"no worker is listening at {url} any more" in str(down.value)
+        # Refused before sending once libzmq's I/O thread has seen the connection close; sent on the dying
+        # connection (and failed with it) when the put beats that thread to it, as it can on a loaded host
+        # (1 run in 5 at load 10+, before and after the client's hot-path changes). Never delivered either way.
+        refused = f"put of 'while-down' not sent: no worker is listening at {url} any more"
+        lost = rf"put of 'while-down' \(request #\d+\) will never be answered: the connection to {re.escape(url)} "
+        assert refused in str(down.value) or re.search(lost, str(down.value)), str(down.value)
         with WorkerProcess("doomed", listen=url) as second:
             for p in pointers:  # each fails at once: its reply can never come
                 with pytest.raises(WorkerLost, match=r"run of plan 'double_abs' \(request #\d+\) will never be"):

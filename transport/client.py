@@ -19,7 +19,7 @@ import numpy as np
 from planwire.transport import codec, progress
 from planwire.transport import messages as m
 from planwire.transport.arrays import as_array, tags_of
-from planwire.transport.connection import Connection, decode
+from planwire.transport.connection import Connection, decode, decode_all
 from planwire.transport.errors import ProtocolError, remote_error
 from planwire.transport.framing import Frame
 from planwire.transport.pointers import PointerPlan, PointerTensor, SearchResult
@@ -29,6 +29,16 @@ INLINE_MAX = 64 << 10  # run results up to this size come back with the run's re
 CLOSE_TIMEOUT = 1.0  # seconds close() waits for the worker to confirm the frees of what this client owns
 
 log = logging.getLogger("planwire.client")
+
+
+def _hook(name: str) -> tuple[Callable[..., Any], ...]:
+    """Get, set and delete (restore) the connection's bound ``link.<name>``, which every message goes through."""
+    attr = "_" + name
+    return (
+        lambda self: getattr(self.connection, attr),
+        lambda self, fn: setattr(self.connection, attr, fn),
+        lambda self: setattr(self.connection, attr, getattr(self.connection._link, name)),
+    )
 
 
 class WorkerClient:
@@ -43,6 +53,7 @@ class WorkerClient:
         self._pointers: weakref.WeakKeyDictionary[Any, PointerPlan] = weakref.WeakKeyDictionary()
         self.inline_max = INLINE_MAX
         self.providers: list[str] = []
+        self._run_what: dict[str, str] = {}  # "run of plan 'name'", made once per plan name
 
     # -- identity and state kept by the connection --------------------------------------------------
 
@@ -85,29 +96,8 @@ class WorkerClient:
         return self.connection.limits
 
     # The frame hooks bench/comm.py wraps to count messages: the connection's bound link methods.
-    @property
-    def _send(self) -> Callable[..., None]:
-        return self.connection._send
-
-    @_send.setter
-    def _send(self, fn: Callable[..., None]) -> None:
-        self.connection._send = fn
-
-    @_send.deleter
-    def _send(self) -> None:
-        self.connection._send = self.connection._link.send
-
-    @property
-    def _recv(self) -> Callable[..., Any]:
-        return self.connection._recv
-
-    @_recv.setter
-    def _recv(self, fn: Callable[..., Any]) -> None:
-        self.connection._recv = fn
-
-    @_recv.deleter
-    def _recv(self) -> None:
-        self.connection._recv = self.connection._link.recv
+    _send = property(*_hook("send"))
+    _recv = property(*_hook("recv"))
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -198,7 +188,7 @@ class WorkerClient:
             for k in keys:
                 owned.pop(k, None)
         assert isinstance(reply, m.Tensors)
-        return [decode(t, buffers) for t in reply.tensors]
+        return decode_all(reply.tensors, buffers)
 
     def delete(self, *pointers: PointerTensor) -> None:
         self.request(lambda rid: m.Delete(id=rid, keys=[p.key for p in pointers]))
@@ -221,9 +211,7 @@ class WorkerClient:
             private=info.private or info.owner == "worker",
         )
 
-    @staticmethod
-    def _decode(t: m.KeyedTensor, buffers: list[Frame]) -> np.ndarray:
-        return decode(t, buffers)
+    _decode = staticmethod(decode)  # what bench/latency.py decodes a raw run's reply with
 
     def check_pointer(self, p: PointerTensor) -> None:
         """ValueError unless ``p`` points to a tensor this worker still holds for this client."""
@@ -234,8 +222,6 @@ class WorkerClient:
                 f"{p!r} was already fetched with .get() (which moves the tensor off the worker); "
                 "use .get(keep=True) to copy"
             )
-
-    _check_pointer = check_pointer
 
     # -- plans --------------------------------------------------------------------------------------
 
@@ -325,11 +311,13 @@ class WorkerClient:
                 wire, shape, buf = codec.to_frame(as_array(a))
                 wire_args.append(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers))))
                 buffers.append(buf)
-        conn = self.connection
-        owned = conn.owned
+        specs = variant.outputs
         if outputs is None:
-            keys = [self.new_key() for _ in variant.outputs]
-            mine = [True] * len(keys)
+            first = self._keys + 1
+            self._keys += len(specs)
+            prefix = self._prefix
+            keys = [f"{prefix}-{first}"] if len(specs) == 1 else [f"{prefix}-{i}" for i in range(first, self._keys + 1)]
+            mine: Sequence[bool] = (True,) * len(specs)  # fresh keys, each owned by its pointer
             if inline_max is None:
                 inline_max = self.inline_max
         else:
@@ -337,13 +325,16 @@ class WorkerClient:
             mine = [not k for k in outputs]
             if inline_max is None:
                 inline_max = 0
-        if len(keys) != len(variant.outputs):
-            raise ValueError(f"plan {name!r} has {len(variant.outputs)} outputs, got {len(keys)} output keys")
+            if len(keys) != len(specs):
+                raise ValueError(f"plan {name!r} has {len(specs)} outputs, got {len(keys)} output keys")
+        conn = self.connection
         fetch = list(fetch)
         msg = m.Run(id=conn.new_id(), plan=variant.id, args=wire_args, outputs=keys, fetch=fetch, inline_max=inline_max)
-        call = conn.send(msg, buffers, f"run of plan {name!r}", background=not (fetch and wait))
+        what = self._run_what.get(name) or self._run_what.setdefault(name, f"run of plan {name!r}")
+        call = conn.send(msg, buffers, what, background=not (fetch and wait))
+        owned = conn.owned
         results = []
-        for k, own, (dtype, shape), spec in zip(keys, mine, variant.results, variant.outputs, strict=True):
+        for k, own, (dtype, shape), spec in zip(keys, mine, variant.results, specs, strict=True):
             if own:
                 owned[k] = None
             results.append(PointerTensor(self, k, dtype, shape, (), own, False, call, spec.shape))

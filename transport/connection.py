@@ -67,13 +67,14 @@ class Link(Protocol):
 class Call:
     """One request: its id and what it was, then its reply (and raw frames) or the error that ended it."""
 
-    __slots__ = ("buffers", "conn", "error", "id", "reply", "what")
+    __slots__ = ("buffers", "conn", "error", "id", "reply", "taken", "what")
 
     def __init__(self, conn: Connection, id: int, what: str) -> None:
         self.conn, self.id, self.what = conn, id, what
         self.reply: m.Reply | None = None
         self.buffers: list[Frame] = []
         self.error: Exception | None = None
+        self.taken: set[int] | None = None  # frames already handed out as arrays (replies of several tensors)
 
     @property
     def done(self) -> bool:
@@ -95,20 +96,50 @@ class Call:
         return reply, self.buffers
 
     def tensor(self, key: str) -> np.ndarray | None:
-        """The value of tensor ``key`` if the reply carried it (a run's fetched or small outputs), else None."""
-        reply = self.reply if self.reply is not None and self.error is None else self.wait()
-        if type(reply) is m.Tensors:
-            for t in reply.tensors:
-                if t.key == key:
-                    return decode(t, self.buffers)
+        """The value of tensor ``key`` if the reply carried it (a run's fetched or small outputs), else None.
+        Each value read from a reply has memory of its own, even if the worker pointed two tensors at one frame."""
+        reply = self.reply
+        if reply is None:
+            self.conn.wait(self)
+            reply = self.reply
+        if self.error is not None:
+            raise self.error
+        if type(reply) is not m.Tensors:
+            return None
+        tensors = reply.tensors
+        if len(tensors) == 1:  # the usual run reply: one output, one frame
+            t = tensors[0]
+            return decode(t, self.buffers) if t.key == key else None
+        for t in tensors:
+            if t.key == key:
+                if self.taken is None:
+                    self.taken = set()
+                return _own(decode(t, self.buffers), t.frame, self.taken)
         return None
 
 
 def decode(t: m.KeyedTensor, buffers: list[Frame]) -> np.ndarray:
-    """The numpy view of a reply's tensor ``t``."""
+    """The numpy view of a reply's tensor ``t`` (a small frame the link copied is read in place)."""
     i = t.frame
     frame = buffers[i] if i < len(buffers) else framing.frame_at(buffers, i, f"tensor {t.key!r}")
-    return codec.from_frame(t.dtype, t.shape, frame)
+    return codec.from_copied_frame(t.dtype, t.shape, frame)
+
+
+def decode_all(tensors: Sequence[m.KeyedTensor], buffers: list[Frame]) -> list[np.ndarray]:
+    """The values of a reply's tensors, in order, none sharing memory with another (see :func:`decode`)."""
+    if len(tensors) == 1:
+        return [decode(tensors[0], buffers)]
+    taken: set[int] = set()
+    return [_own(decode(t, buffers), t.frame, taken) for t in tensors]
+
+
+def _own(value: np.ndarray, frame: int, taken: set[int]) -> np.ndarray:
+    """``value``, copied if its frame was handed out before: a reply that points two tensors at one frame
+    must not give the caller two arrays where writing one changes the other."""
+    if frame in taken:
+        return value.copy()
+    taken.add(frame)
+    return value
 
 
 class Connection:
@@ -213,8 +244,18 @@ class Connection:
 
     def wait(self, call: Call) -> None:
         """Read replies until ``call`` is answered or failed; RemoteTimeoutError if the worker is silent."""
+        recv = self._recv
         while call.reply is None and call.error is None:
-            self._read_one(call)
+            try:
+                frames = recv(self._timeout)
+            except LinkDropped as e:
+                self.lose(e.reason)  # fails every call in flight, ``call`` included
+                continue
+            if frames is None:
+                raise RemoteTimeoutError(
+                    f"worker {self.name!r} did not answer {call.what} (request #{call.id}) within {self._timeout} s"
+                )
+            self._accept(frames)
 
     def wait_all(self) -> None:
         """Read replies until every request sent so far is answered or failed."""
@@ -222,20 +263,9 @@ class Connection:
             self.wait(call)
 
     def _make_room(self) -> None:
-        while len(self._in_flight) >= self.window:
-            self._read_one(next(iter(self._in_flight.values())))
-
-    def _read_one(self, call: Call) -> None:
-        try:
-            frames = self._recv(self._timeout)
-        except LinkDropped as e:
-            self.lose(e.reason)
-            return
-        if frames is None:
-            raise RemoteTimeoutError(
-                f"worker {self.name!r} did not answer {call.what} (request #{call.id}) within {self._timeout} s"
-            )
-        self._accept(frames)
+        in_flight = self._in_flight
+        while len(in_flight) >= self.window:
+            self.wait(next(iter(in_flight.values())))
 
     def _accept(self, frames: list[Frame]) -> None:
         reply, buffers = framing.unpack_reply(frames)

@@ -100,7 +100,12 @@ class PointerTensor:
         """The value (the caller's tensor type), moved off the worker unless ``keep``; see ``get``."""
         if self.consumed:
             self.worker.check_pointer(self)  # raises, saying why
-        value = self._settle() if self._call is not None else self._value
+        call = self._call
+        if call is not None:  # as _settle, inline: this is every call's path
+            value = self._value = call.tensor(self.key)
+            self._call = None
+        else:
+            value = self._value
         if value is None:
             nbytes = 0 if self._shape is None else math.prod(self._shape) * to_numpy(self.dtype).itemsize
             return wrap(self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0])
@@ -168,13 +173,22 @@ class PointerPlan:
         still on its way (a run not yet answered) do not wait when exactly one known variant takes them
         whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes)."""
         worker = self.worker
-        variant = None
+        signature = []
         for a in args:
-            if type(a) is PointerTensor and a._shape is None:
-                variant = self._fits_unknown(args)
-                break
-        if variant is None:
-            variant = self.source.variant_for([worker.signature_of(a) for a in args])
+            if type(a) is PointerTensor:
+                if a.worker is not worker or a.consumed:
+                    worker.check_pointer(a)  # raises, saying why
+                if a._shape is None:  # a run's result not read yet
+                    variant = self._fits_unknown(args)
+                    if variant is None:
+                        signature = [worker.signature_of(a) for a in args]  # waits for the shapes
+                        break
+                    worker.ensure_plan(variant, self.source.name)
+                    return variant
+                signature.append((a.dtype, a._shape))
+            else:
+                signature.append(worker.signature_of(a))
+        variant = self.source.variant_for(signature)
         worker.ensure_plan(variant, self.source.name)
         return variant
 

@@ -74,8 +74,26 @@ class PlanVariant:
         """(dtype, shape when static else None) of each output: what a call's result pointers start with."""
         return tuple((o.dtype, o.shape if all(isinstance(d, int) for d in o.shape) else None) for o in self.outputs)  # type: ignore[misc]
 
+    @cached_property
+    def _fits(self) -> dict[tuple[tuple[str, tuple[int, ...]], ...], str | None]:
+        return {}  # mismatch's answers by signature (a variant never changes: the answer neither)
+
     def mismatch(self, args: Sequence[tuple[str, Sequence[int]]]) -> str | None:
-        """Why (dtype, shape) arguments do not fit this variant, or None when they do."""
+        """Why (dtype, shape) arguments do not fit this variant, or None when they do (remembered, up to 256
+        signatures: a plan called in a loop asks the same question every call)."""
+        fits = self._fits
+        try:
+            key = tuple(args)
+            return fits[key]  # type: ignore[index]
+        except KeyError:
+            if len(fits) >= 256:  # bounded: past that many signatures, start afresh
+                fits.clear()
+            why = fits[key] = self._mismatch(args)  # type: ignore[index]
+            return why
+        except TypeError:  # a shape given as a list: not hashable, not remembered
+            return self._mismatch(args)
+
+    def _mismatch(self, args: Sequence[tuple[str, Sequence[int]]]) -> str | None:
         if len(args) != len(self.inputs):
             return f"expected {len(self.inputs)} arguments, got {len(args)}"
         for i, (spec, (dtype, shape)) in enumerate(zip(self.inputs, args, strict=True)):
