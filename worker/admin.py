@@ -241,7 +241,7 @@ def _duration(s: float) -> str:
 
 def _lanes(d: dict[str, int]) -> list[str]:
     """Where runs execute, as the worker reported it: its sandboxed runner's counts (a Python worker's runner
-    holds tensors between runs: worker/holdings.py) and its direct lane's (either worker); nothing it did not
+    holds tensors between runs: worker/handles.py) and its direct lane's (either worker); nothing it did not
     report (a Node worker reports only its lane's)."""
     lines = []
     if "held" in d:
