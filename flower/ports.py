@@ -4,6 +4,10 @@ A planwire training plan (see ``planwire.exporter.training.step``) lists every g
 its ``planwire.inputs``/``planwire.outputs`` metadata with a role, and each state output names the input
 it replaces (``binds``). Its ``planwire.training`` entry holds the optimizer's default hyper-parameters.
 That is all a client needs to run the step in plain onnxruntime: the plan bytes are the whole payload.
+
+The bindings and defaults are read by the one reader of them, transport/bound.py's :class:`BoundPlan`
+(which also steps such a plan on a plan-worker); :class:`PlanPorts` holds it to what a Flower round needs
+and adds the views a round uses.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from planwire.transport import dtypes
+from planwire.transport.bound import BoundPlan
 from planwire.transport.plancheck import DEFAULT_DOMAINS, PlanRejected, check_model
 from planwire.transport.spec import (
     META_INPUTS,
@@ -40,17 +45,33 @@ def fingerprint(plan: bytes) -> str:
 
 @dataclass(frozen=True)
 class PlanPorts:
-    """The typed ports of one training plan, by role, and how its outputs feed its next call."""
+    """The typed ports of one training plan, by role, and how its outputs feed its next call: its
+    :class:`BoundPlan` (``bound``), checked for what a Flower round needs (a training plan with a loss, every
+    other output a scalar metric or bound to a state input, state of static shapes)."""
 
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    bindings: dict[str, str]  # output name -> the input it replaces on the next call
-    hyper_defaults: dict[str, float]  # "hyper.lr" -> 0.05
+    bound: BoundPlan  # its variant's bytes are the plan's when read by ``check`` (empty from ``from_metadata``)
+    hyper_defaults: dict[str, float]  # "hyper.lr" -> 0.05, as the metadata writes them
+
+    @property
+    def name(self) -> str:
+        return self.bound.name
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.bound.variant.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.bound.variant.outputs
+
+    @property
+    def bindings(self) -> Mapping[str, str]:
+        """Output name -> the input it replaces on the next call."""
+        return self.bound.bindings
 
     @classmethod
-    def from_metadata(cls, props: Mapping[str, str]) -> PlanPorts:
-        """Ports from ``metadata_props``; PlanRejected naming what is missing or inconsistent."""
+    def from_metadata(cls, props: Mapping[str, str], *, plan: bytes = b"") -> PlanPorts:
+        """Ports from ``metadata_props`` (of ``plan``); PlanRejected naming what is missing or inconsistent."""
         name = props.get(META_NAME, "") or "plan"
         if props.get(META_KIND) != "training":
             raise PlanRejected(
@@ -58,40 +79,27 @@ class PlanPorts:
                 "build it with planwire.training_plan"
             )
         try:
-            ins = [_spec(e) for e in json.loads(props[META_INPUTS])]
-            outs_raw = json.loads(props[META_OUTPUTS])
-            outs = [_spec(e) for e in outs_raw]
-            training = json.loads(props.get(META_TRAINING, "{}"))
-            hyper = training.get("optimizer", {}).get("hyper", {})
+            ins = tuple(_spec(e) for e in json.loads(props[META_INPUTS]))
+            outs = tuple(_spec(e) for e in json.loads(props[META_OUTPUTS]))
+            hyper = json.loads(props.get(META_TRAINING, "{}")).get("optimizer", {}).get("hyper", {})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanRejected(f"plan {name!r} has unreadable planwire port metadata: {e}") from None
-        by_name = {s.name: s for s in ins}
-        bindings: dict[str, str] = {}
-        for raw, spec in zip(outs_raw, outs, strict=True):
-            target = raw.get("binds")
-            if target is None:
-                if spec.role not in ("loss", "metric") or spec.shape != ():
-                    raise PlanRejected(f"plan {name!r} output {spec.name!r} is neither a scalar result nor bound")
-                continue
-            bound = by_name.get(target)
-            if bound is None or bound.role not in STATE_ROLES or (bound.dtype, bound.shape) != (spec.dtype, spec.shape):
-                raise PlanRejected(f"plan {name!r} output {spec.name!r} binds {target!r}, which it cannot replace")
-            bindings[spec.name] = target
         for spec in ins:
             if spec.role not in _ROLES:
                 raise PlanRejected(f"plan {name!r} input {spec.name!r} has unknown role {spec.role!r}")
-            if spec.role != "arg" and not all(isinstance(d, int) and d >= 0 for d in spec.shape):
+        try:
+            bound = BoundPlan.from_metadata(PlanVariant(plan, ins, outs), props, name=name)
+        except ValueError as e:  # a binding to what it cannot replace, a hyper-parameter without a default
+            raise PlanRejected(str(e)) from None
+        for spec in outs:
+            if spec.name not in bound.bindings and (spec.role not in ("loss", "metric") or spec.shape != ()):
+                raise PlanRejected(f"plan {name!r} output {spec.name!r} is neither a scalar result nor bound")
+        for spec in bound.state:
+            if not all(isinstance(d, int) and d >= 0 for d in spec.shape):
                 raise PlanRejected(f"plan {name!r} state input {spec.name!r} has a dynamic shape")
         if not any(s.role == "loss" for s in outs):
             raise PlanRejected(f"plan {name!r} has no loss output")
-        defaults = {}
-        for spec in ins:
-            if spec.role == "hyper":
-                value = hyper.get(spec.name.removeprefix("hyper."))
-                if not isinstance(value, (int, float)):
-                    raise PlanRejected(f"plan {name!r} has no default for hyper-parameter {spec.name!r}")
-                defaults[spec.name] = float(value)
-        return cls(name, tuple(ins), tuple(outs), bindings, defaults)
+        return cls(bound, {n: float(hyper[n.removeprefix("hyper.")]) for n in bound.hyper})
 
     @classmethod
     def check(
@@ -99,7 +107,7 @@ class PlanPorts:
     ) -> PlanPorts:
         """Run plan-worker's own plan checker on ``plan``, then read its ports (PlanRejected if unsafe)."""
         summary = check_model(plan, max_bytes=max_bytes, allowed_domains=allowed_domains)
-        return cls.from_metadata(summary.metadata_props)
+        return cls.from_metadata(summary.metadata_props, plan=plan)
 
     def names(self, *roles: str) -> list[str]:
         return [s.name for s in self.inputs if s.role in roles]
@@ -115,9 +123,9 @@ class PlanPorts:
         key each one has in a reply's MetricRecord (``metric.accuracy`` -> ``accuracy``)."""
         return {o.name: o.name.removeprefix("metric.") for o in self.outputs if o.name not in self.bindings}
 
-    @cached_property
+    @property
     def args(self) -> tuple[TensorSpec, ...]:
-        return tuple(s for s in self.inputs if s.role == "arg")
+        return self.bound.args
 
     def hyper_feeds(self, overrides: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Hyper-parameter inputs in the plan's dtypes: its defaults, overridden by name without the
@@ -133,11 +141,11 @@ class PlanPorts:
 
     def initial_optimizer_state(self) -> dict[str, np.ndarray]:
         """A fresh optimizer state: zeros, as ``Optimizer.init_state`` makes it (a new one every round)."""
-        return {s.name: np.zeros(s.shape, dtypes.to_numpy(s.dtype)) for s in self.inputs if s.role == "optim"}
+        return {s.name: np.zeros(s.shape, dtypes.to_numpy(s.dtype)) for s in self.bound.state if s.role == "optim"}
 
     def variant(self, plan: bytes) -> PlanVariant:
         """The plan as planwire's transport sends it to a plan-worker."""
-        return PlanVariant(plan, self.inputs, self.outputs)
+        return self.bound.variant if plan == self.bound.variant.data else PlanVariant(plan, self.inputs, self.outputs)
 
 
 def _path(name: str) -> str:

@@ -192,6 +192,26 @@ def test_metrics_in_prometheus_text_format(own_data, kind):
     assert samples["planwire_private_releases_total", ()] == 0
 
 
+@pytest.mark.parametrize("kind", kinds())
+def test_status_text_says_what_each_workers_runner_and_lane_reported(kind):
+    """The device line gives the runner's counts where the worker reports them (the Python worker's runner
+    holds tensors between runs); the direct line, the lane's, from either worker. A Node worker reports only
+    its lane's counts: its status does not say its runner holds tensors."""
+    if kind == "node" and (reason := node_missing()):
+        pytest.skip(reason)
+    with start(kind, "lanes") as w:
+        peer, _ = busy_client(w.url)
+        peer.close()
+        st = query(admin_of(w))
+    text = format_status(st)
+    assert st.device_copies["direct_runs"] == 1, st.device_copies  # double_abs on 4 floats: the direct lane
+    assert "direct    1 tiny runs in the worker process (direct lane), 0 handed to the runner" in text, text
+    if kind == "python":
+        assert re.search(r"device    \d+ tensors held by the runner; \d+ uploads", text), text
+    else:
+        assert "held by the runner" not in text and "\ndevice " not in text, text
+
+
 def test_logs_name_client_and_plan_of_refused_requests_with_peer_strings_escaped():
     with WorkerProcess("w") as w:
         p, plan = busy_client(w.url)

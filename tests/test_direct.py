@@ -1,6 +1,7 @@
 """The direct lane (worker/direct.py): tiny runs of provably harmless plans run in the supervisor itself.
 
-The rule is checked on graphs (each exclusion named), then on real plan-worker processes: an direct-safe
+The rule is checked on graphs (each exclusion named; every case of tests/direct_cases.json, the table the
+Node.js worker's lane is checked against too), then on real plan-worker processes: an direct-safe
 plan's small calls run in the worker (``direct_runs`` in plan-worker status) with the sandbox's results and
 eager torch's; every exclusion goes to the sandbox (the SIGFPE plan among them: the worker survives it);
 a failure in the lane is the sandbox's answer; order and ownership hold across both lanes.
@@ -11,90 +12,37 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import onnx
 import pytest
-from onnx import TensorProto, helper
 
+from planwire.transport import messages as m
 from planwire.transport.graph import read_graph
 from planwire.worker.admin import query
 from planwire.worker.direct import MAX_NODES, DirectLane, _Variant, direct_safe
-from planwire.worker.jobs import Plan
+from planwire.worker.jobs import Plan, RunJob
 from tests.conformance.wire import encode
 from tests.conftest import RawWorker
-from tests.hostile import checked, f32, i64
+from tests.direct_plans import (
+    Case,
+    add,
+    affine,
+    batched,
+    cases,
+    chain,
+    expand,
+    fill,
+    gemm,
+    int_div,
+    loop,
+    matmul,
+    neg16,
+    reshape,
+    shadow,
+    softmax,
+    sparse,
+)
 
-F, I64 = TensorProto.FLOAT, TensorProto.INT64
 BOUND = 8 << 20
-
-
-def _io(name: str, dtype: int, shape: list) -> object:
-    return helper.make_tensor_value_info(name, dtype, shape)
-
-
-def affine(k: int = 4) -> bytes:
-    """y = relu(x @ w + b), softmax over the last axis: x [n, k]."""
-    w = f32("w", [float(i % 7 - 3) / 4 for i in range(k * 3)], [k, 3])
-    b = f32("b", [0.5, -0.25, 0.0], [3])
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["xw"]),
-        helper.make_node("Add", ["xw", "b"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("Softmax", ["r"], ["y"], axis=-1),
-    ]
-    return checked(nodes, [_io("x", F, ["n", k])], [_io("y", F, ["n", 3])], [w, b])
-
-
-def int_div() -> bytes:
-    """Integer Div: INT64_MIN / -1 traps (SIGFPE) inside onnxruntime."""
-    nodes = [helper.make_node("Div", ["a", "b"], ["y"])]
-    return checked(nodes, [_io("a", I64, [1]), _io("b", I64, [1])], [_io("y", I64, [1])])
-
-
-def expand() -> bytes:
-    """y = x + Expand(one, shape): the output's size comes from a tensor's values."""
-    nodes = [helper.make_node("Expand", ["one", "shape"], ["e"]), helper.make_node("Add", ["x", "e"], ["y"])]
-    return checked(nodes, [_io("x", F, ["n"]), _io("shape", I64, [1])], [_io("y", F, ["n"])], [f32("one", [1.0])])
-
-
-def reshape() -> bytes:
-    """y = Reshape(x + 1, [-1])."""
-    nodes = [helper.make_node("Add", ["x", "one"], ["t"]), helper.make_node("Reshape", ["t", "flat"], ["y"])]
-    return checked(nodes, [_io("x", F, ["n"])], [_io("y", F, ["m"])], [f32("one", [1.0]), i64("flat", [-1])])
-
-
-def fill() -> bytes:
-    """y = x + ConstantOfShape(shape)."""
-    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["c"]), helper.make_node("Add", ["x", "c"], ["y"])]
-    return checked(nodes, [_io("x", F, ["n"]), _io("shape", I64, [1])], [_io("y", F, ["n"])])
-
-
-def matmul() -> bytes:
-    """y = a @ b, any sizes."""
-    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
-    return checked(nodes, [_io("a", F, ["n", "k"]), _io("b", F, ["k", "m"])], [_io("y", F, ["n", "m"])])
-
-
-def add() -> bytes:
-    """y = a + b (broadcasting)."""
-    nodes = [helper.make_node("Add", ["a", "b"], ["y"])]
-    return checked(nodes, [_io("a", F, ["n"]), _io("b", F, ["m"])], [_io("y", F, ["k"])])
-
-
-def chain(n: int) -> bytes:
-    nodes = [
-        helper.make_node("Neg", ["x" if i == 0 else f"t{i}"], [f"t{i + 1}" if i < n - 1 else "y"]) for i in range(n)
-    ]
-    return checked(nodes, [_io("x", F, ["n"])], [_io("y", F, ["n"])])
-
-
-def loop() -> bytes:
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Neg", ["v"], ["v_out"])],
-        "body",
-        [_io("i", I64, []), _io("c", TensorProto.BOOL, []), _io("v", F, [1])],
-        [_io("c_out", TensorProto.BOOL, []), _io("v_out", F, [1])],
-    )
-    nodes = [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)]
-    return checked(nodes, [_io("trips", I64, []), _io("x", F, [1])], [_io("y", F, [1])])
 
 
 # -- the rule, on graphs ------------------------------------------------------------------------------
@@ -140,39 +88,28 @@ def test_a_call_is_small_by_its_shapes() -> None:
     assert DirectLane(max_bytes=1200).small(_Variant(g, None), ((100,), (100,)))  # type: ignore[arg-type]
 
 
-def _model(nodes: list, inputs: list, outputs: list, inits: list = (), sparse: list = ()) -> bytes:
-    """A plan made without onnx's checker (some of these it would refuse before the worker could)."""
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits), sparse_initializer=list(sparse))
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m.SerializeToString()
+@pytest.mark.parametrize("case", list(cases()), ids=lambda c: c.id)
+def test_the_rule_decides_each_case_of_the_shared_table(case: Case) -> None:
+    """The same decision as worker/node/src/direct.js on every case (tests/test_node_direct.py)."""
+    g = read_graph(case.data())
+    why = direct_safe(g, case.max_bytes)
+    small = not why and DirectLane(max_bytes=case.max_bytes).small(_Variant(g, None), case.shapes)  # type: ignore[arg-type]
+    assert ("plan" if why else "direct" if small else "call") == case.decision, (why, case.why)
 
 
 def test_what_the_rule_cannot_see_or_count_is_not_direct() -> None:
     """float16 (computed through float32 copies onnxruntime inserts), attributes the shape rules do not read,
     sparse initializers (densified when the session is made) and inputs that are also initializers."""
-    h16 = TensorProto.FLOAT16
-    neg16 = _model([helper.make_node("Neg", ["x"], ["y"])], [_io("x", h16, ["n"])], [_io("y", h16, ["n"])])
-    assert "not a float tensor" in direct_safe(read_graph(neg16), BOUND)
-    gemm = helper.make_node("Gemm", ["a", "b"], ["y"], transB=1, bogus=3)
-    odd = _model([gemm], [_io("a", F, [2, 2]), _io("b", F, [2, 2])], [_io("y", F, [2, 2])])
-    assert "has attributes ['bogus', 'transB']" in direct_safe(read_graph(odd), BOUND)
-    sparse = helper.make_sparse_tensor(f32("v", [1.0], [1]), i64("i", [0]), [1 << 20])
-    add_s = helper.make_node("Add", ["x", "s"], ["y"])
-    bomb = _model([add_s], [_io("x", F, [1 << 20])], [_io("y", F, [1 << 20])], sparse=[sparse])
-    assert "sparse_initializer" in direct_safe(read_graph(bomb), BOUND)
-    shadow = _model(
-        [helper.make_node("Neg", ["x"], ["y"])], [_io("x", F, [1])], [_io("y", F, [1])], inits=[f32("x", [1.0])]
-    )
-    assert "an input that is also an initializer" in direct_safe(read_graph(shadow), BOUND)
+    assert "not a float tensor" in direct_safe(read_graph(neg16()), BOUND)
+    assert "has attributes ['bogus', 'transB']" in direct_safe(read_graph(gemm(trans_b=1, bogus=3)), BOUND)
+    assert "sparse_initializer" in direct_safe(read_graph(sparse()), BOUND)
+    assert "an input that is also an initializer" in direct_safe(read_graph(shadow()), BOUND)
 
 
 def test_batched_matmul_is_not_small() -> None:
     """MatMul over batch dimensions: onnxruntime's per-matrix work and offsets are not in the bytes or FLOPs
     counted (a [1000,1,1,1] x [1000,1,1] call passed both bounds and took 0.3 s and +88 MB in the supervisor)."""
-    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
-    data = _model(nodes, [_io("a", F, [1000, 1, 1, 1]), _io("b", F, [1000, 1, 1])], [_io("y", F, [1000, 1000, 1, 1])])
-    g = read_graph(data)
+    g = read_graph(batched())
     assert direct_safe(g, BOUND) == ""
     assert not DirectLane(max_bytes=BOUND).small(_Variant(g, None), ((1000, 1, 1, 1), (1000, 1, 1)))  # type: ignore[arg-type]
     assert not DirectLane(max_bytes=BOUND).small(_Variant(g, None), ((2, 1, 1, 1), (2, 1, 1)))  # type: ignore[arg-type]
@@ -306,23 +243,13 @@ def test_the_integer_division_trap_goes_to_the_sandbox_and_the_worker_survives(p
     assert _counts(lane)["direct_runs"] == 1
 
 
-def softmax_any() -> bytes:
-    """Softmax over axis 1 of an input of unknown rank: onnxruntime can check the axis only when it runs."""
-    nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=1)]
-    io = [helper.make_tensor_value_info(n, F, None) for n in ("x", "y")]
-    model = helper.make_model(
-        helper.make_graph(nodes, "g", io[:1], io[1:]), opset_imports=[helper.make_opsetid("", 17)]
-    )
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
-def test_a_run_that_fails_in_the_lane_gets_the_sandboxes_answer(pair) -> None:
-    """Softmax(axis=1) of a vector: onnxruntime refuses it as it runs; the lane hands it to the sandbox,
-    whose answer (and failed output) is the one a worker without the lane gives."""
+def test_a_call_whose_shapes_do_not_fit_gets_the_sandboxes_answer(pair) -> None:
+    """Softmax(axis=1) of a vector: onnxruntime would refuse it as it runs, so the rule gives it to the sandbox
+    up front (as the Node.js worker's does), whose answer (and failed output) is the one a worker without
+    the lane gives; a call that fits runs direct."""
     answers = []
     for proc, peer in pair:
-        pid = peer.register(softmax_any())["plan"]
+        pid = peer.register(softmax())["plan"]
         peer.put("y", np.zeros(1, np.float32))
         reply = peer.error(*peer.run_header(pid, [np.ones(3, np.float32)], ["y"]), code="run_failed")
         failed = peer.error({"type": "get", "keys": ["y"]}, code="run_failed")
@@ -331,7 +258,24 @@ def test_a_run_that_fails_in_the_lane_gets_the_sandboxes_answer(pair) -> None:
         np.testing.assert_allclose(y, np.full((2, 4), 0.25, np.float32))
     assert answers[0] == answers[1]
     counts = _counts(pair[0][0])
-    assert counts["direct_fallbacks"] == 1 and counts["direct_runs"] == 1, counts
+    assert counts["direct_fallbacks"] == 0 and counts["direct_runs"] == 1, counts
+
+
+def test_a_run_that_fails_in_the_lane_goes_to_the_sandbox() -> None:
+    """What onnxruntime refuses in the lane (here: a session it cannot make, from an IR version it does not
+    know) is handed back (None: the sandbox runs it and answers as it would anyway), counted as a fallback,
+    and those shapes are not tried in the lane again."""
+    odd = onnx.load_from_string(softmax())
+    odd.ir_version = 99
+    data = odd.SerializeToString()
+    lane = DirectLane(max_bytes=BOUND)
+    job = RunJob(
+        m.Run(id=1, plan="odd", args=[], outputs=["y"]), Plan("odd", data, None), [np.ones((2, 4), np.float32)], [None]
+    )  # type: ignore[arg-type]
+    assert lane.run(job) is None
+    assert lane.counts == {"direct_runs": 0, "direct_fallbacks": 1}
+    assert lane.run(job) is None
+    assert lane.counts == {"direct_runs": 0, "direct_fallbacks": 1}  # not tried again
 
 
 def test_order_holds_across_the_lanes(pair) -> None:

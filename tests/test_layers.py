@@ -79,6 +79,7 @@ CONTRACT = tuple(
         "dataflow",
         "estimate",
         "graph",
+        "dims",
         "shapes",
         "review",
     )

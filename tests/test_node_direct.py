@@ -5,8 +5,13 @@ line per plan the lane refuses, saying why). Real worker processes, real onnxrun
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import shutil
 import signal
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +21,7 @@ from onnx import TensorProto, helper
 from planwire.worker.admin import query
 from tests.conformance.wire import SIGNATURE, Peer
 from tests.conformance.workers import NodeWorkerProcess, WorkerProcess, node_missing
+from tests.direct_plans import cases, constant, halve, weights
 from tests.test_containment import INT64_MIN, div_plan
 
 pytestmark = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "")
@@ -68,33 +74,6 @@ def mlp_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p, np.maximum(1 / (1 + np.exp(-z)), p)
 
 
-def more_plan() -> bytes:
-    """erf(log_softmax(x) * c) - x with c a Constant node, for x [N, 3]: the rest of the allowlist."""
-    c = onnx.numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32))
-    nodes = [
-        helper.make_node("Constant", [], ["c"], value=c),
-        helper.make_node("LogSoftmax", ["x"], ["l"], axis=1),
-        helper.make_node("Mul", ["l", "c"], ["t"]),
-        helper.make_node("Erf", ["t"], ["e"]),
-        helper.make_node("Sub", ["e", "x"], ["y"]),
-    ]
-    return _model(nodes, [_io("x", ["N", 3])], [_io("y", ["N", 3])])
-
-
-def matmul_plan(k: int = 128) -> bytes:
-    """y = x @ W for x [N, k], W [k, k]: 2*N*k*k FLOPs, so N decides whether a call is small."""
-    w = np.eye(k, dtype=np.float32) * 2
-    return _model(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], [_io("x", ["N", k])], [_io("y", ["N", k])], [_const("w", w)]
-    )
-
-
-def halve_plan() -> bytes:
-    """y = x / -2 (float Div: inf or NaN, never a trap) over x [N]."""
-    two = _const("two", np.array([-2.0], np.float32))
-    return _model([helper.make_node("Div", ["x", "two"], ["y"])], [_io("x", ["N"])], [_io("y", ["N"])], [two])
-
-
 def reshape_plan() -> bytes:
     """Reshape [N] to [N/2, 2] then abs: a shape read from a tensor's values is not direct."""
     shape = _const("shape", np.array([-1, 2], np.int64))
@@ -106,6 +85,28 @@ def expand_plan() -> bytes:
     """x expanded to [3, N]: Expand allocates by a tensor's values."""
     shape = _const("shape", np.array([3, 1], np.int64))
     return _model([helper.make_node("Expand", ["x", "shape"], ["y"])], [_io("x", ["N"])], [_io("y", [3, "N"])], [shape])
+
+
+def test_the_rule_decides_each_case_of_the_shared_table():
+    """The Python worker's decision (tests/test_direct.py) on every case of tests/direct_cases.json: the rule
+    of src/direct.js asked directly, through tests/direct_rule.mjs."""
+    table = list(cases())
+    calls = [
+        {"data": base64.b64encode(c.data()).decode(), "shapes": [list(s) for s in c.shapes], "max_bytes": c.max_bytes}
+        for c in table
+    ]
+    driver = Path(__file__).with_name("direct_rule.mjs")
+    out = subprocess.run(
+        [shutil.which("node") or "node", str(driver)],
+        input=json.dumps(calls).encode(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    got = json.loads(out.stdout)
+    assert len(got) == len(table)
+    wrong = [f"{c.id} ({c.why}): {d}" for c, d in zip(table, got, strict=True) if d != c.decision]
+    assert not wrong, wrong
 
 
 def direct_runs(w: NodeWorkerProcess, plan: str) -> list[int]:
@@ -140,7 +141,7 @@ def test_an_direct_safe_plan_gives_the_sandboxs_numbers_and_the_python_workers()
             header, frames = p.run_header(pid, [xs[0]], ["q", "r"])
             reply = p.request({**header, "inline_max": 1024}, frames)  # small outputs come back unasked
             got[side] += reply.array_list()
-            more = p.register(more_plan(), name="more")["plan"]
+            more = p.register(constant(), name="more")["plan"]
             got[side] += p.run(more, [xs[1][:, :3]], ["y"], fetch=[0]).array_list()
             if isinstance(w, NodeWorkerProcess):
                 with Peer(w.url):
@@ -196,7 +197,7 @@ def test_a_call_past_the_flop_or_byte_bound_goes_to_the_runner():
     (4,194,304 FLOPs, past 2e6); an elementwise call of 2 MiB is direct under the default bound (8 MiB)
     and not under --direct-max-mb 1."""
     with node() as w, Peer(w.url) as p:
-        mm = p.register(matmul_plan(), name="mm")["plan"]
+        mm = p.register(weights(), name="mm")["plan"]
         small, big = (np.full((n, 128), 0.5, np.float32) for n in (8, 128))
         r_small = p.send(*p.run_header(mm, [small], ["s"], fetch=[0]))
         assert p.recv().array_list()[0].tolist() == (small * 2).tolist()
@@ -206,7 +207,7 @@ def test_a_call_past_the_flop_or_byte_bound_goes_to_the_runner():
     wide = np.linspace(-1, 1, 1 << 19, dtype=np.float32)  # 2 MiB in, 2 MiB out: 524,288 FLOPs
     for bound, direct in (("8", True), ("1", False)):
         with node("--direct-max-mb", bound) as w, Peer(w.url) as p:
-            pid = p.register(halve_plan(), name="fdiv")["plan"]
+            pid = p.register(halve(), name="fdiv")["plan"]
             p.put("a", wide)
             y = p.run(pid, ["a"], ["y"], fetch=[0]).array_list()[0]
             np.testing.assert_array_equal(y, wide / -2)
@@ -218,7 +219,7 @@ def test_runs_pipelined_behind_a_runner_run_keep_their_order_and_outputs():
     Here a small MLP run writing the same key as a big MatMul sent before it: the key holds the MLP's
     result; a chained run waits for its argument; the replies come in the order of the requests."""
     with node() as w, Peer(w.url) as p:
-        mm = p.register(matmul_plan(), name="mm")["plan"]
+        mm = p.register(weights(), name="mm")["plan"]
         mlp = p.register(mlp_plan(), name="mlp")["plan"]
         big = np.full((128, 128), 0.25, np.float32)
         ones = np.ones((3, 8), np.float32)

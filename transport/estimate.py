@@ -28,8 +28,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from planwire.transport.dims import bind
 from planwire.transport.graph import ELEM_TYPES, FLOAT, Declared, Dims, Graph, Node
-from planwire.transport.shapes import BINARY, REDUCE, UNARY, Info, bind, infer, names, sane
+from planwire.transport.shapes import BINARY, REDUCE, UNARY, Info, infer, names, sane
 
 # --- FLOPs and memory ----------------------------------------------------------------------------------
 

@@ -3,20 +3,19 @@
 The rules go by op family (creation, elementwise, contraction and pooling, reduction, data movement), and
 follow the values of small integer tensors (a Reshape's target through Shape/Gather/Concat/...), so that a
 shape computed inside the graph is known. Where no rule applies the caller uses the shape the plan declares
-(:func:`bind` evaluates its symbolic dims). Used by the cost estimate (transport/estimate.py); the plan has
-been checked by transport/plancheck.py first, and what a hostile graph makes of a rule is cut down by
+(transport/dims.py evaluates its symbolic dims). Used by the cost estimate (transport/estimate.py); the plan
+has been checked by transport/plancheck.py first, and what a hostile graph makes of a rule is cut down by
 :func:`sane`.
 """
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from planwire.transport.graph import BOOL, FLOAT, INT64, SMALL, Declared, Dims, Node, Tensor
+from planwire.transport.graph import BOOL, FLOAT, INT64, SMALL, Dims, Node, Tensor
 
 
 @dataclass
@@ -26,56 +25,6 @@ class Info:
     elem: int
     shape: Dims | None
     values: tuple | None = None
-
-
-def _eval_dim(d: int | str | None, env: Mapping[str, int]) -> int | None:
-    """A declared dim with its symbols bound: an int, a known symbol, or an arithmetic expression of them
-    (torch.export writes dims such as ``2*s0``); None when unknown."""
-    if isinstance(d, int):
-        return d if d >= 0 else None
-    if not d:
-        return None
-    if d in env:
-        return env[d]
-    if len(d) > 200:
-        return None
-    try:
-        tree = ast.parse(d, mode="eval")
-    except SyntaxError:
-        return None
-
-    def ev(n: ast.AST) -> int:
-        if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant) and isinstance(n.value, int):
-            return n.value
-        if isinstance(n, ast.Name) and n.id in env:
-            return env[n.id]
-        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
-            return -ev(n.operand)
-        if isinstance(n, ast.BinOp):
-            a, b = ev(n.left), ev(n.right)
-            ops = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}
-            if type(n.op) in ops:
-                return ops[type(n.op)]
-            if isinstance(n.op, (ast.FloorDiv, ast.Div)) and b:
-                return a // b
-            if isinstance(n.op, ast.Mod) and b:
-                return a % b
-        raise ValueError(d)
-
-    try:
-        value = ev(tree)
-    except (ValueError, RecursionError):
-        return None
-    return value if value >= 0 else None
-
-
-def bind(declared: Declared | None, env: Mapping[str, int]) -> Dims | None:
-    if declared is None:
-        return None
-    dims = [_eval_dim(d, env) for d in declared]
-    return None if any(d is None for d in dims) else tuple(dims)  # type: ignore[misc]
 
 
 def broadcast(*shapes: Dims | None) -> Dims | None:

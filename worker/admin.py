@@ -99,7 +99,8 @@ class Status(msgspec.Struct, tag="status", tag_field="type"):
     owners: list[OwnerStatus] = []  # per owner (a reconnecting client is one owner, several connections)
     clients_folded: int = 0  # connection rows folded into their owners' rows (not seen for a while)
     # Tensors crossing between the supervisor's host memory and the runner's device (worker/resident.py):
-    # uploads, downloads (and their bytes), host_copies made, output buffers reused, tensors lost, held now.
+    # uploads, downloads (and their bytes), host_copies made, output buffers reused, tensors lost, held now;
+    # and the direct lane's direct_runs, direct_fallbacks. A Node worker reports only the lane's.
     device_copies: dict[str, int] = {}
 
 
@@ -238,6 +239,26 @@ def _duration(s: float) -> str:
     return f"{s // 86400}d {s % 86400 // 3600:02d}h {s % 3600 // 60:02d}m {s % 60:02d}s".removeprefix("0d ")
 
 
+def _lanes(d: dict[str, int]) -> list[str]:
+    """Where runs execute, as the worker reported it: its sandboxed runner's counts (a Python worker's runner
+    holds tensors between runs: worker/handles.py) and its direct lane's (either worker); nothing it did not
+    report (a Node worker reports only its lane's)."""
+    lines = []
+    if "held" in d:
+        lines.append(
+            f"device    {d['held']} tensors held by the runner; {d.get('uploads', 0)} uploads "
+            f"({_size(d.get('upload_bytes', 0))}), {d.get('downloads', 0)} downloads "
+            f"({_size(d.get('download_bytes', 0))}), {d.get('reused', 0)} output buffers reused, "
+            f"{d.get('lost', 0)} lost; at most {d.get('in_flight_max', 0)} runs in flight to it"
+        )
+    if "direct_runs" in d:
+        lines.append(
+            f"direct    {d['direct_runs']} tiny runs in the worker process (direct lane), "
+            f"{d.get('direct_fallbacks', 0)} handed to the runner after onnxruntime refused them there"
+        )
+    return lines
+
+
 def format_status(st: Status) -> str:
     """A screen of text for an operator; peers' strings (client names, plan names) are escaped."""
     od = st.own_data
@@ -255,16 +276,7 @@ def format_status(st: Status) -> str:
         f"clients   {len(st.clients)}"
         + (f" ({st.clients_folded} earlier connections folded into their owners' rows)" if st.clients_folded else ""),
     ]
-    if st.device_copies:
-        d = st.device_copies
-        lines.insert(
-            -1,
-            f"device    {d.get('held', 0)} tensors held by the runner; {d.get('uploads', 0)} uploads "
-            f"({_size(d.get('upload_bytes', 0))}), {d.get('downloads', 0)} downloads "
-            f"({_size(d.get('download_bytes', 0))}), {d.get('reused', 0)} output buffers reused, "
-            f"{d.get('lost', 0)} lost; at most {d.get('in_flight_max', 0)} runs in flight to it"
-            + (f"; {d['direct_runs']} tiny runs in the worker process (direct lane)" if "direct_runs" in d else ""),
-        )
+    lines[-1:-1] = _lanes(st.device_copies)
     if st.clients:
         head = f"  {'CLIENT':<48} {'NAME':<12} {'REQUESTS':>8} {'REFUSED':>7} {'TENSORS':>7} {'BYTES':>10}"
         lines.append(head + f" {'PLANS':>5} {'PLAN BYTES':>10} {'IDLE':>8}")

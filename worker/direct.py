@@ -12,8 +12,12 @@ needs no sandbox. Such a run is executed here, in the supervisor's own onnxrunti
    functions, no subgraph attributes; at most :data:`MAX_NODES` nodes.
 2. **The call is small** (:meth:`DirectLane.small`, decided once per plan and argument shapes): the shape
    of every value of the graph is inferred by rule from the arguments' shapes (transport/shapes.py, never
-   a shape the plan merely declares), all of them together (initializers, arguments, every node's output)
-   take at most ``max_bytes``, and transport/estimate.py counts at most :data:`MAX_FLOPS` FLOPs.
+   a shape the plan merely declares; shapes that do not fit an op, :func:`op_fits`, make no call small),
+   all of them together (initializers, arguments, every node's output) take at most ``max_bytes``, and
+   transport/estimate.py counts at most :data:`MAX_FLOPS` FLOPs.
+
+The Node.js worker's lane (worker/node/src/direct.js) decides the same for every plan and call: both are
+checked against one table of cases, tests/direct_cases.json.
 
 Why that is enough: float arithmetic does not trap (division by zero gives inf, the log of a negative NaN);
 none of these ops allocates by data (no op takes a size, a count or a shape from a tensor's values), has a
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planwire.transport.estimate import estimate
-from planwire.transport.graph import ELEM_TYPES, Graph, Tensor, read_graph
+from planwire.transport.graph import ELEM_TYPES, Graph, Node, Tensor, read_graph
 from planwire.transport.shapes import Info, infer, names, sane
 from planwire.worker.jobs import Plan, RunJob
 from planwire.worker.resident import Resident
@@ -125,6 +129,8 @@ def value_bytes(g: Graph, shapes: dict[str, tuple[int, ...]]) -> int | None:
             return None
         if node.op == "MatMul" and any(i is None or i.shape is None or len(i.shape) > 2 for i in ins):
             return None  # batched: onnxruntime's per-matrix work and offsets are not in the bytes or FLOPs counted
+        if not op_fits(node, [i.shape if i is not None else None for i in ins]):
+            return None
         try:
             outs = infer(node, ins, g.functions)
         except (ValueError, TypeError, IndexError, ZeroDivisionError, OverflowError):
@@ -141,6 +147,33 @@ def value_bytes(g: Graph, shapes: dict[str, tuple[int, ...]]) -> int | None:
     if any(name not in info for name in g.outputs):
         return None
     return total
+
+
+def op_fits(node: Node, shapes: list[tuple[int, ...] | None]) -> bool:
+    """Whether inputs of ``shapes`` fit ``node`` where the shape rules (transport/shapes.py) do not check:
+    Gemm's K and its C (broadcast one way to [M, N]), Transpose's ``perm`` (a permutation of the input's
+    axes), (Log)Softmax's ``axis`` (one of the input's). onnxruntime refuses a run that does not fit: the
+    rule gives it to the runner up front, which says so (worker/node/src/direct.js decides the same)."""
+    op, at = node.op, node.attrs
+    x = shapes[0] if shapes else None
+    if op == "Gemm":
+        if len(shapes) not in (2, 3):
+            return False
+        a, b, c = shapes[0], shapes[1], shapes[2] if len(shapes) == 3 else None
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return False
+        m, k = (a[1], a[0]) if at.get("transA") else a
+        k2, n = (b[1], b[0]) if at.get("transB") else b
+        if k != k2:
+            return False
+        if c is None:
+            return True
+        return len(c) <= 2 and all(d in (1, want) for d, want in zip(c, (m, n)[2 - len(c) :], strict=True))
+    if op == "Transpose" and at.get("perm") is not None:
+        return x is not None and sorted(at["perm"]) == list(range(len(x)))
+    if op in ("Softmax", "LogSoftmax") and at.get("axis") is not None:
+        return x is not None and -len(x) <= at["axis"] < len(x)
+    return True
 
 
 @dataclass

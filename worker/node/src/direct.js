@@ -21,7 +21,8 @@
 //    Transpose/Identity/Constant 0: transport/estimate.py's convention) are at most MAX_FLOPS: well under
 //    a millisecond of one core, so no run timeout is needed either.
 // The supervisor adds the third condition, per call: nothing in flight that the run would overtake.
-// The Python worker's lane (worker/direct.py) has the same rule, constants and flag (--direct-max-mb).
+// The Python worker's lane (worker/direct.py) has the same rule, constants and flag (--direct-max-mb): both
+// reach the same decision on every case of tests/direct_cases.json (tests/test_direct.py, test_node_direct.py).
 
 import { loadSessionNow } from "./runtime.js";
 import { log, clean, enabled } from "./log.js";

@@ -1,0 +1,80 @@
+"""The supervisor's end of the pipe to its runner (worker/runnerlink.py), over a real socket pair: a request
+never blocks the supervisor, however large and whatever the runner is doing; ``hold`` keeps requests back
+until ``flush`` except one sent ``now`` (a fetch, answered at once); answers are matched to requests in order,
+and a runner that answers what it was not sent is not trusted."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from planwire.worker import pipe
+from planwire.worker.runnerlink import RunnerLink, Sent, Untrusted
+
+
+@pytest.fixture
+def link():  # noqa: ANN201
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = RunnerLink()
+    link.open(ours)
+    yield link, theirs
+    link.close()
+    theirs.close()
+
+
+def test_a_request_larger_than_the_pipe_does_not_block_and_goes_as_the_runner_reads(link) -> None:
+    link, runner = link
+    handles = list(range(1 << 20, (1 << 20) + 300_000))  # ~1.5 MB of msgpack: more than the socket buffers
+    request = (Sent("fetch"), pipe.Fetch(handles=handles), [])
+    sender = threading.Thread(target=link.request, args=request, kwargs={"now": True}, daemon=True)
+    sender.start()  # nobody reads yet
+    sender.join(10)
+    assert not sender.is_alive(), "the request blocked the supervisor until the runner read it"
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(pipe.requests(runner).read()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while reader.is_alive() and time.monotonic() < deadline:
+        assert not link.wait(0.05)  # room in the pipe: the rest is written; no answer yet
+    reader.join(1)
+    ((msg, buffers),) = got
+    assert isinstance(msg, pipe.Fetch) and msg.handles == handles and buffers == []
+    assert [s.kind for s in link.inflight] == ["fetch"]
+
+
+def test_held_requests_wait_for_flush_but_one_sent_now_goes_at_once(link) -> None:
+    link, runner = link
+    runner.settimeout(0.2)
+    reader = pipe.requests(runner)
+    link.hold()
+    link.request(Sent("load"), pipe.Load(plan="p", name="p"), [b"plan bytes"])
+    with pytest.raises(TimeoutError):
+        reader.read()  # held back
+    link.request(Sent("fetch"), pipe.Fetch(handles=[7]), [], now=True)
+    msg, _ = reader.read()
+    assert isinstance(msg, pipe.Fetch) and msg.handles == [7]
+    link.flush()
+    msg, buffers = reader.read()
+    assert isinstance(msg, pipe.Load) and bytes(buffers[0]) == b"plan bytes"
+
+
+def test_answers_are_matched_in_order_and_an_unasked_one_is_not_trusted(link) -> None:
+    link, runner = link
+    link.request(Sent("run", out=[1]), pipe.Run(plan="p", name="p", args=[]), [], plan="p")
+    link.request(Sent("run", out=[2]), pipe.Run(plan="p", name="p", args=[]), [], plan="p")
+    pipe.send(runner, pipe.Ran(outputs=[]))
+    pipe.send(runner, pipe.Failed(code="run_failed", message="no"))
+    pipe.send(runner, pipe.Ran(outputs=[]))
+    assert link.wait(5)
+    assert isinstance(link.receive()[0], pipe.Ran) and link.answered.out == [1]
+    assert isinstance(link.receive()[0], pipe.Failed) and link.answered.out == [2]
+    with pytest.raises(Untrusted) as e:
+        link.receive()
+    assert e.value.why == "the runner answered a request it was not sent"
+    runner.close()
+    assert link.wait(5)  # the closed pipe
+    with pytest.raises(pipe.PipeClosed):
+        link.receive()

@@ -1,0 +1,201 @@
+"""The runner's tensors by handle, as the supervisor keeps track of them: host copies, what to free, what crossed.
+
+The runner keeps the tensors it was sent and the results it computed on its device, by handle
+(worker/resident.py, worker/devstore.py): a run sends a held tensor as its handle, results come back as
+Residents, and handles the Store dropped are freed with the next request. A handle is good for one runner
+generation (``gen``): a runner that ends takes the tensors with no host copy (``lose``); the others are
+uploaded again by their next run. ``counts`` says what crossed between host and runner.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import weakref
+from array import array
+from collections.abc import Sequence
+
+import numpy as np
+
+from planwire.transport import codec, dtypes
+from planwire.transport.errors import ProtocolError
+from planwire.worker import pipe
+from planwire.worker.resident import Keeper, Resident
+from planwire.worker.store import Entry
+
+log = logging.getLogger("planwire.worker")
+
+
+class Handles:
+    """The Residents of the current runner generation, made for ``keeper`` (which fetches and drops them);
+    shared-memory segments in ``directory``."""
+
+    def __init__(self, keeper: Keeper, directory: str) -> None:
+        self.keeper, self.dir = keeper, directory
+        self.gen = 0
+        self.residents: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()
+        self.unsaved: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()  # no host copy
+        self._handles = itertools.count(1)
+        # handles to free with the next request: an array, not a list of ints kept across a burst (each
+        # would pin the allocator arena it sits in: bench/load.py's RSS)
+        self._free = array("q")
+        self.counts = dict.fromkeys(
+            (
+                "uploads",
+                "upload_bytes",
+                "downloads",
+                "download_bytes",
+                "reused",
+                "host_copies",
+                "lost",
+                "in_flight_max",
+            ),
+            0,
+        )
+
+    def copies(self) -> dict[str, int]:
+        """What crossed between host and runner so far, and the tensors it holds now (any thread)."""
+        return {**self.counts, "held": len(self.residents)}
+
+    # -- handles ------------------------------------------------------------------------------------
+
+    def new_generation(self) -> None:
+        """A new runner: handles of earlier ones mean nothing to it."""
+        self.gen += 1
+
+    def new_handles(self, n: int) -> list[int]:
+        return [next(self._handles) for _ in range(n)]
+
+    def drop(self, resident: Resident) -> None:
+        """A Resident is garbage: its handle is freed with the next request (when this runner holds it)."""
+        if resident.gen == self.gen:
+            self._free.append(resident.handle)
+
+    def free_later(self, handles: Sequence[int]) -> None:
+        self._free.extend(handles)
+
+    def take_free(self) -> list[int]:
+        free, self._free = self._free, array("q")
+        return free.tolist()
+
+    def lose(self, why: str) -> list[Resident]:
+        """The runner ended: its tensors with a host copy are uploaded again when used; the others are lost
+        (``why``), and returned."""
+        held = list(self.residents.values())
+        self.residents, self.unsaved = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
+        self._free = array("q")
+        lost = []
+        for r in held:
+            r.gen = -1
+            if r.host is None:
+                r.lost = why
+                lost.append(r)
+        self.counts["lost"] += len(lost)
+        return lost
+
+    # -- crossing -----------------------------------------------------------------------------------
+
+    def arguments(
+        self, args: Sequence[np.ndarray | Resident], entries: Sequence[Entry | None], buffers: list
+    ) -> tuple[list[pipe.TensorRef], list[np.ndarray]]:
+        """A run's arguments as the runner gets them, and the shared copies to keep until it answers. One it
+        holds goes by handle; any other crosses (in ``buffers``, or a large one through shared memory) and,
+        when it is a stored tensor (``entries[i]``), the runner holds it from then on (the entry's array
+        becomes a Resident with that host copy). ProtocolError (nothing sent) when an argument was lost with
+        an earlier runner."""
+        refs, keep = [], []
+        for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
+            holder: Resident | None = None
+            if isinstance(arr, Resident):
+                if arr.gen == self.gen:
+                    refs.append(pipe.TensorRef(dtypes.to_wire(arr.dtype), list(arr.shape), handle=arr.handle))
+                    continue
+                if arr.host is None:
+                    raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
+                holder, arr = arr, arr.host
+            elif entry is not None and entry.array is arr:  # a stored tensor's first use: held from now on
+                holder = Resident(self.keeper, 0, -1, arr.dtype, arr.shape, host=arr)
+                entry.array = holder
+            wire, shape, buf = codec.to_frame(arr)
+            loc = pipe.segment_of(arr) if buf.nbytes > pipe.INLINE_MAX else None
+            if loc is None and buf.nbytes > pipe.INLINE_MAX:
+                try:
+                    shared = pipe.to_segment(self.dir, "i", arr, unlink=True)
+                except OSError as e:  # shared memory full: this call copies through the pipe
+                    log.warning("shared memory unavailable (%s): argument of %s bytes sent inline", e, buf.nbytes)
+                else:
+                    if holder is not None:
+                        holder.host = shared  # the host copy is the shared one (on CPU the runner wraps it)
+                    keep.append(shared)  # alive (its file too) until the runner has answered
+                    loc = pipe.segment_of(shared)
+            handle = 0
+            if holder is not None:
+                handle = next(self._handles)
+                holder.handle, holder.gen = handle, self.gen
+                self.residents[handle] = holder
+            self.counts["uploads"] += 1
+            self.counts["upload_bytes"] += buf.nbytes
+            if loc is None:
+                refs.append(pipe.TensorRef(wire, shape, index=len(buffers), handle=handle))
+                buffers.append(buf)
+            else:
+                seg, offset = loc
+                refs.append(
+                    pipe.TensorRef(wire, shape, segment=os.path.basename(seg.path), offset=offset, handle=handle)
+                )
+        return refs, keep
+
+    def outputs(self, handles: list[int], ran: pipe.Ran, buffers: list[memoryview]) -> list[Resident]:
+        """The outputs of a Ran message, held under ``handles``, as Residents (with a host copy where the
+        runner sent the data, checked: dtype × shape against the bytes there)."""
+        if len(ran.outputs) != len(handles):
+            self._free.extend(handles)
+            raise ProtocolError("internal", f"runner answered {len(ran.outputs)} outputs for {len(handles)}")
+        out = []
+        try:
+            for i, (h, ref) in enumerate(zip(handles, ran.outputs, strict=True)):
+                host = self.data(ref, buffers, f"runner output {i}") if ref.has_data else None
+                try:
+                    r = Resident(self.keeper, h, self.gen, dtypes.to_numpy(ref.dtype), tuple(ref.shape), host)
+                except (ValueError, TypeError) as e:
+                    raise ProtocolError("internal", f"runner output {i}: {e}") from None
+                self.residents[h] = r
+                if host is None:
+                    self.unsaved[h] = r
+                out.append(r)
+        except Exception:
+            self._free.extend(handles[len(out) :])
+            raise
+        self.counts["reused"] += ran.reused
+        return out
+
+    def data(self, ref: pipe.TensorRef, buffers: list[memoryview], what: str) -> np.ndarray:
+        """The host array of a tensor the runner sent (in a buffer, or a segment the supervisor now owns)."""
+        if ref.segment:
+            if not ref.segment.startswith("o"):
+                raise ProtocolError("internal", f"{what}: runner named segment {ref.segment!r}")
+            seg = pipe.open_segment(self.dir, ref.segment, unlink=True)
+            # the supervisor's now: renamed, so that a runner's end (which removes its leftovers) keeps it
+            held = os.path.join(self.dir, f"h{next(self._handles)}")
+            os.rename(seg.path, held)
+            seg.path = held
+            try:
+                array = pipe.array_in(seg, ref.dtype, ref.shape, ref.offset)
+            except ValueError as e:
+                raise ProtocolError("internal", f"{what}: {e}") from None
+        else:
+            if not 0 <= ref.index < len(buffers):
+                raise ProtocolError("internal", f"{what} points to a missing buffer")
+            array = codec.from_frame(ref.dtype, ref.shape, buffers[ref.index], what=what)
+        self.counts["downloads"] += 1
+        self.counts["download_bytes"] += array.nbytes
+        return array
+
+    # -- host copies --------------------------------------------------------------------------------
+
+    def copied(self, resident: Resident, host: np.ndarray) -> None:
+        """``resident`` has its host copy now."""
+        resident.host = host
+        self.unsaved.pop(resident.handle, None)
+        self.counts["host_copies"] += 1
