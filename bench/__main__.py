@@ -83,6 +83,7 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
     report = Report()
     prestarted = False
     with Env() as env:
+        env.run = int(meta.get("run", 1))
         for name, fn in families.items():
             if only and name not in only:
                 continue

@@ -322,6 +322,14 @@ class Report:
         self.targets.append(t)
         return t
 
+    def on_figure(self, name: str, fig: tuple[str, str], op: str, target: float, *, basis: str) -> Target:
+        """A target on one measured figure of this run (not a ratio): it carries the figure's interval,
+        samples and stop, so that its outcome is settled only when the interval is clear of the target."""
+        f = self.get(*fig)
+        t = self.target(name, f.median, op, target, f.unit, fig[1], basis=basis)
+        t.ci95, t.samples, t.stop = f.ci95, [f.runs], f.stop
+        return t
+
     def ratio(
         self,
         name: str,
