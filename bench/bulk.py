@@ -97,7 +97,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
             if big
             else None
         )
-        samples = interleaved(cases, rounds=rounds, budget_s=10 if quick else 20, min_rounds=floor, watch=watch)
+        samples = interleaved(cases, rounds=rounds, budget_s=8 if quick else 12, min_rounds=floor, watch=watch)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "ms")
         for c in cases:
