@@ -25,11 +25,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from bench.env import ROOT, Env
@@ -62,6 +64,11 @@ KEYS = {"resnet": 0, "lm": 1}
 # - the steps run on the plan of the first build in this process (no extra build for them).
 # --quick (a smoke run): 2 warm rounds, 3 step rounds.
 COLD_SAMPLES = 1
+# The exports the runs of one `python -m bench --runs N` hand on to each other (a directory the batch makes and
+# removes): a model's first build in a run reads the export a cold build of an earlier run of the batch (or
+# that run's own first build) left, instead of exporting the architecture again (~35 s for the ResNet). Unset
+# (one run, or --single alone): nothing is handed on between runs.
+BATCH_EXPORTS = "PLANWIRE_BENCH_BATCH_EXPORTS"
 COLD_EVERY = len(KEYS)  # a model's cold build runs in one run of every COLD_EVERY, in turn
 WARM_ROUNDS, WARM_MIN, WARM_BUDGET_S = 4, 3, 30.0
 STEP_ROUNDS, STEP_MIN, STEP_BUDGET_S = 12, 4, 20.0
@@ -128,8 +135,12 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool, with_col
             colds = [cold(key, "plan", handed_over if i == last else "") for i in range(COLD_SAMPLES)]
             report.time(FAMILY, cold_plan, colds, "s")
             report.time(FAMILY, cold_export, [cold(key, "export") for _ in range(COLD_SAMPLES)], "s")
+        shared = os.environ.get(BATCH_EXPORTS, "")
+        if shared:  # this run's cold export joins the batch's, and the first build reads (or leaves) it there
+            for entry in Path(handed_over).glob("*.onnx"):
+                shutil.copy2(entry, Path(shared) / entry.name)
         cache.clear_cache()
-        os.environ[cache.ENV_DIR], before = handed_over, os.environ.get(cache.ENV_DIR)
+        os.environ[cache.ENV_DIR], before = shared or handed_over, os.environ.get(cache.ENV_DIR)
         try:
             exports = cache.stats.exports
             model = wl.make(0)
@@ -170,7 +181,8 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool, with_col
             "exported afresh (shown as the build with the export cache cleared)"
             + ("" if with_cold else f"; its cold build runs in one run of every {COLD_EVERY}, in turn")
             if exported
-            else "read the cold build's export from a disk cache (the cold build is the build with nothing cached)"
+            else "read a cold build's export from a disk cache (this run's, or one an earlier run of the batch left; "
+            "the cold build is the build with nothing cached)"
         ),
     )
     report.ratio(
