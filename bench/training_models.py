@@ -46,21 +46,22 @@ KEYS = {"resnet": 0, "lm": 1}
 #   A cold build is one event per fresh process (~10-45 s); within a run two of them differed by 5-15%,
 #   between runs by as much; the ratio has no target, and `make bench RUNS=N` shows the spread over runs.
 #   The other model's first build in this process then exports afresh and is reported as the build with
-#   the export cache cleared (beside its warm plain export): every run still exports each model once, but
-#   not twice (cold child + this process) nor with a cold plain export beside it (~20 s a run saved).
+#   the export cache cleared (beside its warm plain export), unless an earlier run of the batch left its
+#   export (BATCH_EXPORTS): a lone run saves the other cold plain export and two interpreters (~15-20 s),
+#   runs 2+ of a batch also the other model's uncached export (~35 s).
 # - the first build of the architecture in this process (the warm builds' warm-up) reads the cold build's
 #   export from a disk cache the cold build filled; before, the process exported the whole step again, once
 #   as a warm-up and once per warm round "with the export cache cleared" (25-40 s each for the ResNet, as
 #   long as a cold build, which already is the build with nothing cached): half the family's length. If
 #   that entry does not answer, the first build is reported as the build with the export cache cleared.
 # - warm builds against warm plain exports (target <= 2x, measured ~1.0-1.6x): interleaved rounds until the
-#   ratio's 95% interval is within +-5% (bench.timing's rule), at least 3 (one build varies ~10%, p90 /
-#   median: fewer rounds do not make a bootstrap interval), at most 4 or 30 s: the ratio is 1.2-1.5x
-#   against a target of 2x, so +-15% settles it (a round is 7-8 s).
+#   ratio's 95% interval is within +-5% (bench.timing's rule): 3 rounds (one build varies ~10%, p90 /
+#   median: fewer rounds do not make a bootstrap interval; a round is 7-8 s): the ratio is 1.2-1.5x against
+#   a target of 2x, so +-15-30% settles it, and a run where it does not says "unsettled".
 # - steps (target <= 1x): interleaved rounds of 5 steps per case (sync: 5 calls, pipelined and eager: one
-#   sample of 5 steps) until every ratio's interval is within +-5%, at least 4 rounds, at most 12 or 20 s.
+#   sample of 5 steps) until every ratio's interval is within +-5%, at least 3 rounds, at most 12 or 12 s.
 #   One ResNet sample varies 10-20% with the host; a round of every case is ~4 s (the LM's ~1 s), so the
-#   ResNet gets ~5 rounds (+-10-15%: its ratios are 1.7-2.3x against targets of 1x) and the LM up to 12.
+#   ResNet gets 3-4 rounds (+-10-20%: its ratios are 1.7-2.3x against targets of 1x) and the LM up to 12.
 # - the steps run on the plan of the first build in this process (no extra build for them).
 # --quick (a smoke run): 2 warm rounds, 3 step rounds.
 COLD_SAMPLES = 1
@@ -70,8 +71,8 @@ COLD_SAMPLES = 1
 # (one run, or --single alone): nothing is handed on between runs.
 BATCH_EXPORTS = "PLANWIRE_BENCH_BATCH_EXPORTS"
 COLD_EVERY = len(KEYS)  # a model's cold build runs in one run of every COLD_EVERY, in turn
-WARM_ROUNDS, WARM_MIN, WARM_BUDGET_S = 4, 3, 30.0
-STEP_ROUNDS, STEP_MIN, STEP_BUDGET_S = 12, 4, 20.0
+WARM_ROUNDS, WARM_MIN, WARM_BUDGET_S = 3, 3, 20.0
+STEP_ROUNDS, STEP_MIN, STEP_BUDGET_S = 12, 3, 12.0
 
 
 def plain_export(wl: Any, model: Any) -> Any:
