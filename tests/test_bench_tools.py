@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -298,3 +299,27 @@ def test_processes_started_ahead_are_the_ones_handed_out_and_their_failure_is_ra
         env.prestart({"node"})
         with pytest.raises(RuntimeError, match="would not start"):
             env.echo("tcp")
+
+
+def test_the_runs_of_a_batch_share_one_exports_directory_removed_at_the_end(monkeypatch, tmp_path: Path) -> None:
+    """training_models' hand-on between the runs of one ``--runs N``: every run gets the same directory."""
+    import bench.__main__ as cli
+    from bench.training_models import BATCH_EXPORTS
+
+    seen: list[str] = []
+    real = cli.subprocess.run  # the module is shared: only the runs' children are faked
+
+    def fake_run(cmd: list[str], **kw: Any) -> Any:
+        if "--single" not in cmd:
+            return real(cmd, **kw)
+        env = kw["env"]
+        seen.append(env[BATCH_EXPORTS])
+        assert Path(env[BATCH_EXPORTS]).is_dir()
+        out = Path(cmd[cmd.index("--single") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"batch": "b", **run_with(1.4, 100)}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    rc = cli.main(["--runs", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "agg.json")])
+    assert rc == 0 and len(seen) == 2 and seen[0] == seen[1] and not Path(seen[0]).exists()
