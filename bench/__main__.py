@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -83,6 +84,7 @@ def run_once(out: Path, quick: bool, only: list[str], meta: dict) -> int:
     report = Report()
     prestarted = False
     with Env() as env:
+        env.run = int(meta.get("run", 1))
         for name, fn in families.items():
             if only and name not in only:
                 continue
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (runs_dir / "aggregate.json" if args.quick else HERE / "results.json")
     batch = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     paths, failed = [], 0
+    exports = tempfile.TemporaryDirectory(prefix="planwire-bench-batch-")  # training_models.BATCH_EXPORTS
+    child_env = {**os.environ, "PLANWIRE_BENCH_BATCH_EXPORTS": exports.name}
     for i in range(args.runs):
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = runs_dir / f"{stamp}.json"
@@ -142,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] run {i + 1} of {args.runs} -> {path}", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "bench", "--single", str(path), "--meta", json.dumps(meta)]
         cmd += ["--quick"] * args.quick + (["--only", args.only] if only else [])
-        rc = subprocess.run(cmd, cwd=HERE.parent, env=os.environ.copy(), check=False).returncode
+        rc = subprocess.run(cmd, cwd=HERE.parent, env=child_env, check=False).returncode
         failed += rc != 0
         if path.exists():
             paths.append(path)
+    exports.cleanup()
     if not paths:
         print("no run produced results", file=sys.stderr)
         return 1

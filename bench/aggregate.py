@@ -2,8 +2,12 @@
 
 A figure's aggregate is the median of the runs' medians, with the min and max over runs (the spread a
 reader should expect between runs of ``make bench`` here). A comparison's value is aggregated the same
-way; a target *passes* only if it passed in more than half of the runs, and its verdict says how steady
-that is: ``pass`` (every run), ``fail`` (no run) or ``flaky`` (some runs).
+way. In each run a target is ``pass`` or ``fail`` only when the 95% interval of its ratio lies wholly on
+one side of the target, else ``unsettled`` (``bench.timing.outcome``; a run without an interval: its value
+decides). A target *passes* only if it passed, settled, in more than half of the runs; its verdict says how
+steady that is: ``pass`` (every run), ``fail`` (every run), ``unsettled`` (no majority of settled passes and
+the interval straddled the target in some run: the figure is too close to its target for this host's noise
+to call) or ``flaky`` (settled, some runs pass and some fail).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.timing import outcome
+
 
 def load(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
@@ -22,10 +28,13 @@ def load(path: Path) -> dict[str, Any]:
     return data
 
 
-def verdict(passes: int, runs: int) -> str:
+def verdict(passes: int, runs: int, unsettled: int = 0) -> str:
+    """``passes`` settled passes and ``unsettled`` runs out of ``runs`` (the rest failed, settled)."""
     if passes == runs:
         return "pass"
-    return "fail" if passes == 0 else "flaky"
+    if passes + unsettled == 0:
+        return "fail"
+    return "unsettled" if unsettled and passes <= runs / 2 else "flaky"
 
 
 def _spread(values: Sequence[float]) -> dict[str, Any]:
@@ -71,7 +80,7 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
                 | {"basis": t.get("basis", ""), "values": [], "passed_in": [], "sampled": []},
             )
             entry["values"].append(t["value"])
-            entry["passed_in"].append(t["passed"])
+            entry["passed_in"].append(t.get("outcome") or outcome(t["value"], t["op"], t["target"], t.get("ci95")))
             entry["sampled"].append((t.get("samples"), t.get("ci95"), t.get("stop", "")))
     out_targets = []
     for name, entry in targets.items():
@@ -82,11 +91,13 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
             item["ci95_per_run"] = [ci for _, ci, _ in sampled]
             item["stop_per_run"] = [stop for *_, stop in sampled]
         if entry["target"] is not None:
-            passes = sum(1 for p in passed_in if p)
+            passes, unsettled = passed_in.count("pass"), passed_in.count("unsettled")
             item |= {
                 "passes": passes,
+                "unsettled": unsettled,
+                "outcome_per_run": passed_in,
                 "passed": passes > len(values) / 2,
-                "verdict": verdict(passes, len(values)),
+                "verdict": verdict(passes, len(values), unsettled),
             }
         out_targets.append(item)
 

@@ -185,9 +185,10 @@ def run(env: Env, report: Report, quick: bool) -> None:
             Case(DECOMP_PLAN, counted(decomp_build, decomp_path), 1, warmup=1),
             Case(DECOMP_EXPORT, decomp_export, 1, warmup=1),
         ]
-        # Rounds until the three ratios' 95% intervals are within +-5%: at least 4, at most 10 or 60 s.
+        # Rounds until the three ratios' 95% intervals are within +-5%: at least 3, at most 6 or 12 s (a round is
+        # ~5 s here, so 3 rounds: the three ratios are 2-18x against targets of 4x, one build varies ~10%).
         watch = [(cases[i + 1].name, cases[i].name) for i in (0, 2, 4)]
-        samples = interleaved(cases, rounds=2 if quick else 10, budget_s=60, min_rounds=2 if quick else 4, watch=watch)
+        samples = interleaved(cases, rounds=2 if quick else 6, budget_s=12, min_rounds=2 if quick else 3, watch=watch)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "s")
         real = planwire.exporter.cache_stats.exports - exports_before

@@ -85,7 +85,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
             )
         )
         rounds = (3 if quick else 20) if big else (2 if quick else 5)
-        floor = (3 if quick else 10) if big else (2 if quick else 3)
+        floor = (3 if quick else 8) if big else (2 if quick else 3)
         # 64 MiB: until both transports' ratios to the like-for-like store+fetch and to the echo are within
         # +-5% (95% interval); 1 MiB (no target): until each case's median is.
         watch = (
@@ -97,7 +97,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
             if big
             else None
         )
-        samples = interleaved(cases, rounds=rounds, budget_s=15 if quick else 40, min_rounds=floor, watch=watch)
+        samples = interleaved(cases, rounds=rounds, budget_s=8 if quick else 12, min_rounds=floor, watch=watch)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "ms")
         for c in cases:

@@ -89,7 +89,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
             Case(f"N={n}: torch.rpc remote refs op by op [tcp]", rpc_rrefs, slow, warmup=2),
         ]
         # The ratios of N=100 are by construction (no target): each case's median within +-5% is the rule.
-        samples = interleaved(cases, rounds=3 if quick else 8, budget_s=10 if quick else 25, min_rounds=3)
+        samples = interleaved(cases, rounds=3 if quick else 8, budget_s=5 if quick else 8, min_rounds=3)
         for c in cases:
             report.time(FAMILY, c.name, samples[c.name], "ms")
         report.count(FAMILY, f"N={n}: messages, plan one call", count_messages(w, one_call), "msgs")

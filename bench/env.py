@@ -100,6 +100,7 @@ class Env:
         self.client_io_threads: list[str] = []
         self.providers: list[str] = []  # onnxruntime providers the workers report
         self.rpc_started = False
+        self.run = 1  # which run of `python -m bench --runs N` this is (1-based): families may rotate by it
         self._prestart: threading.Thread | None = None
         self._prestart_error: BaseException | None = None
 

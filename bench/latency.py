@@ -139,7 +139,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     cases.append(Case("eager torch", lambda: plans.tiny_torch(x), per))
     # Blocks of `per` calls per case per round (short blocks, many rounds: a slow spell of the shared host hits
     # every case alike); rounds go on until every ratio below is within +-5% (95% interval), at least 12 rounds
-    # (the rounds bootstrap needs that many to mean something), at most 160 or 45 s.
+    # (the rounds bootstrap needs that many to mean something), at most 160 or 10 s (a round is ~0.2 s here).
     ratios = [(PLAN.format(tr), ECHO.format(tr)) for tr in ("tcp", "ipc")]
     ratios += [(PLAN.format(tr), HOP.format(tr)) for tr in ("tcp", "ipc")]
     ratios += [(HOP.format(tr), ECHO.format(tr)) for tr in ("tcp", "ipc")]
@@ -152,7 +152,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
         (RPC, PLAN.format("tcp")),
     ]
     samples = interleaved(
-        cases, rounds=8 if quick else 160, budget_s=20 if quick else 45, min_rounds=4 if quick else 12, watch=ratios
+        cases, rounds=8 if quick else 160, budget_s=8 if quick else 10, min_rounds=4 if quick else 12, watch=ratios
     )
     for c in cases:
         report.time(FAMILY, c.name, samples[c.name], "us")

@@ -68,6 +68,20 @@ VERDICTS = [  # (name, figure, the side it is divided by (None: the figure itsel
 ]  # fmt: skip
 
 
+# Rounds per set of cases (cap, floor, budget in s): until each ratio taken from it (VERDICTS) has its 95%
+# interval within +-5% (bench.timing's rule, looked at on the floor and its doublings). A round here: tiny
+# calls ~0.1 s (3 x 100 calls), pipelined ~0.8 s, 64 MiB ~0.6 s, training steps ~0.1 s; the budgets give
+# each set 10-40 rounds on this 2-core host (see bench/README.md for the spread each figure showed).
+SAMPLING = {TINY: (80, 10, 15.0), PIPELINED: (12, 5, 8.0), BULK: (20, 8, 12.0), TRAIN: (30, 8, 8.0)}
+QUICK_SAMPLING = (3, 2, 10.0)
+
+
+def _sample(cases: list[Case], figure: str, quick: bool) -> dict[str, Any]:
+    """``cases`` (one per side of ``figure``) interleaved by the set's SAMPLING."""
+    rounds, floor, budget_s = QUICK_SAMPLING if quick else SAMPLING[figure]
+    return interleaved(cases, rounds=rounds, budget_s=budget_s, min_rounds=floor, watch=_watch(figure))
+
+
 def _watch(figure: str) -> list[tuple[str, str | None]]:
     """The case pairs whose ratios VERDICTS takes from ``figure``'s cases (a lone figure: its own median)."""
     mine = figure.format(SIDES["node"])
@@ -133,20 +147,28 @@ def _store_fetch(sock: zmq.Socket, data: bytes) -> Callable[[], None]:
     return move
 
 
-def _training_step(url: str, stack: list) -> Callable[[], None]:
-    """One synchronous step (run + get the loss) of bench's CNN through the planwire client."""
+def _training_plan() -> Any:
+    """bench's CNN training step (SGD, batch 64) as a plan: built once, sent to both workers."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    from bench.training import BATCH, models
-    from planwire import connect
+    from bench.training import models
     from planwire.exporter import optim, training_plan
 
     torch.manual_seed(0)
-    step = training_plan(
+    return training_plan(
         models()["CNN conv8-pool-fc"], loss=F.cross_entropy, optimizer=optim.SGD(lr=0.1, momentum=0.9),
         args_shape=[(-1, 1, 8, 8), (-1,)], args_dtypes=[torch.float32, torch.int64],
     )  # fmt: skip
+
+
+def _training_step(url: str, step: Any, stack: list) -> Callable[[], None]:
+    """One synchronous step (run + get the loss) of ``step`` through the planwire client."""
+    import torch
+
+    from bench.training import BATCH
+    from planwire import connect
+
     w = connect(url, timeout=60)
     stack.append(w)
     ptr = step.send(w)
@@ -176,54 +198,29 @@ def run(env: Env, report: Report, quick: bool) -> None:
         request, reply, _ = frames["node"]
         echo.send_multipart([REPLAY, *reply])
         echo.recv_multipart()
-        # Every set of cases: rounds until each ratio taken from it (VERDICTS) has its 95% interval within +-5%
-        # (bench.timing's rule), with a floor of rounds and a cap; short blocks of tiny calls, many rounds.
-        per = 50 if quick else 100
+        per = 50 if quick else 100  # short blocks of tiny calls, many rounds
         tiny_cases = [Case(TINY.format(SIDES[s]), _round_trip(peers[s].sock, frames[s][0]), per) for s in peers]
         tiny_cases.append(Case(TINY.format(SIDES["echo"]), _round_trip(echo, request), per))
-        samples = interleaved(
-            tiny_cases,
-            rounds=6 if quick else 80,
-            budget_s=20 if quick else 45,
-            min_rounds=3 if quick else 10,
-            watch=_watch(TINY),
-        )
+        samples = _sample(tiny_cases, TINY, quick)
         for c in tiny_cases:
             report.time(FAMILY, c.name, samples[c.name], "us")
 
         n = 2000  # within the workers' default --max-client-queue of 10,000 replies; ~1 s at the Python worker's rate
         pipe_cases = [Case(PIPELINED.format(SIDES[s]), _pipelined(peers[s].sock, frames[s][2], n), 1, 1) for s in peers]
-        samples = interleaved(
-            pipe_cases,
-            rounds=2 if quick else 12,
-            budget_s=20 if quick else 40,
-            min_rounds=2 if quick else 5,
-            watch=_watch(PIPELINED),
-        )
+        samples = _sample(pipe_cases, PIPELINED, quick)
         for c in pipe_cases:
             report.rate(FAMILY, c.name, samples[c.name], n, "calls/s", note=f"{n} calls per run")
 
         data = np.ones(64 * MiB, np.uint8).tobytes()
         bulk_cases = [Case(BULK.format(SIDES[s]), _put_get(peers[s], data), 1, 1) for s in peers]
         bulk_cases.append(Case(BULK.format(SIDES["echo"]), _store_fetch(echo, data), 1, 1))
-        samples = interleaved(
-            bulk_cases,
-            rounds=3 if quick else 20,
-            budget_s=30 if quick else 60,
-            min_rounds=3 if quick else 10,
-            watch=_watch(BULK),
-        )
+        samples = _sample(bulk_cases, BULK, quick)
         for c in bulk_cases:
             report.rate(FAMILY, c.name, samples[c.name], 128, "MiB/s", note="64 MiB up, then 64 MiB down")
 
-        train_cases = [Case(TRAIN.format(SIDES[s]), _training_step(procs[s].url, stack), 10, 5) for s in peers]
-        samples = interleaved(
-            train_cases,
-            rounds=2 if quick else 30,
-            budget_s=30 if quick else 60,
-            min_rounds=2 if quick else 8,
-            watch=_watch(TRAIN),
-        )
+        step = _training_plan()
+        train_cases = [Case(TRAIN.format(SIDES[s]), _training_step(procs[s].url, step, stack), 10, 5) for s in peers]
+        samples = _sample(train_cases, TRAIN, quick)
         for c in train_cases:
             report.time(FAMILY, c.name, samples[c.name], "ms")
     finally:
@@ -233,8 +230,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
     for name, figure, over, op, target, basis in VERDICTS:
         mine = (FAMILY, figure.format(SIDES["node"]))
         if over is None:  # a target on the figure itself
-            fig = report.get(*mine)
-            report.target(name, fig.median, op, target, fig.unit, mine[1], basis=basis)
+            report.on_figure(name, mine, op, target, basis=basis)
         else:
             report.ratio(name, mine, (FAMILY, figure.format(SIDES[over])), op, target, basis=basis)
 

@@ -119,7 +119,11 @@ def markdown(agg: dict[str, Any], all_figures: bool = False) -> str:
     ]
     targets = [t for t in agg["targets"] if t["target"] is not None]
     for t in targets:
-        word = t["verdict"] if t["verdict"] != "flaky" else f"flaky ({'pass' if t['passed'] else 'FAIL'} by majority)"
+        word = t["verdict"]
+        if word == "flaky":
+            word = f"flaky ({'pass' if t['passed'] else 'FAIL'} by majority)"
+        elif word == "unsettled":  # the interval straddled the target: not called passed whatever the median
+            word = f"unsettled (interval straddles the target in {t.get('unsettled', 0)} of {t['runs']})"
         word = word.upper() if word == "fail" else word
         goal = f"{OPS.get(t['op'], t['op'])} {fmt(t['target'])}{UNITS.get(t['unit'], ' ' + t['unit'])}"
         out.append(

@@ -104,7 +104,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
             samples = interleaved(
                 cases,
                 rounds=3 if quick else 40,
-                budget_s=15 if quick else 30,
+                budget_s=6 if quick else 8,
                 min_rounds=3 if quick else 6,
                 watch=watch,
             )

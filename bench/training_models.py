@@ -2,7 +2,8 @@
 each against eager torch at the same thread count.
 
 * cold build: the first training-plan build in a fresh interpreter (after ``import torch``, disk cache
-  off), against a cold plain ``torch.onnx.export(dynamo=True)`` of the model's forward;
+  off), against a cold plain ``torch.onnx.export(dynamo=True)`` of the model's forward; one model per run,
+  in turn (``COLD_EVERY``): run 1 of ``--runs N`` the ResNet, run 2 the LM, ...;
 * warm build: a fresh model (new weights) of the same architecture in the same process, against a warm
   plain export of its forward (target <= 2x). Weights are plan inputs, so the export cache answers the
   ONNX export of a model already built once (the cold build is the one with nothing cached);
@@ -24,11 +25,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from bench.env import ROOT, Env
@@ -39,25 +42,37 @@ PIPELINE = 5  # steps per pipelined run (a ResNet step is ~50-100 ms)
 KEYS = {"resnet": 0, "lm": 1}
 
 # Samples per run, and why that many (a ResNet build is 30-40 s uncached, so repetitions are the run's length):
-# - cold builds: 1 per side. A cold build is one event per fresh process (~10-40 s); within a run two of
-#   them differed by 5-15%, between runs by as much; the ratio has no target, and `make bench RUNS=N`
-#   shows the spread over runs.
+# - cold builds: 1 per side, for one model per run in turn (the ResNet in odd runs, the LM in even ones).
+#   A cold build is one event per fresh process (~10-45 s); within a run two of them differed by 5-15%,
+#   between runs by as much; the ratio has no target, and `make bench RUNS=N` shows the spread over runs.
+#   The other model's first build in this process then exports afresh and is reported as the build with
+#   the export cache cleared (beside its warm plain export), unless an earlier run of the batch left its
+#   export (BATCH_EXPORTS): a lone run saves the other cold plain export and two interpreters (~15-20 s),
+#   runs 2+ of a batch also the other model's uncached export (~35 s).
 # - the first build of the architecture in this process (the warm builds' warm-up) reads the cold build's
 #   export from a disk cache the cold build filled; before, the process exported the whole step again, once
 #   as a warm-up and once per warm round "with the export cache cleared" (25-40 s each for the ResNet, as
 #   long as a cold build, which already is the build with nothing cached): half the family's length. If
 #   that entry does not answer, the first build is reported as the build with the export cache cleared.
 # - warm builds against warm plain exports (target <= 2x, measured ~1.0-1.6x): interleaved rounds until the
-#   ratio's 95% interval is within +-5% (bench.timing's rule), at least 4 (one build varies ~10%, p90 /
-#   median: fewer rounds do not make a bootstrap interval), at most 6 or 60 s.
+#   ratio's 95% interval is within +-5% (bench.timing's rule): 3 rounds (one build varies ~10%, p90 /
+#   median: fewer rounds do not make a bootstrap interval; a round is 7-8 s): the ratio is 1.2-1.5x against
+#   a target of 2x, so +-15-30% settles it, and a run where it does not says "unsettled".
 # - steps (target <= 1x): interleaved rounds of 5 steps per case (sync: 5 calls, pipelined and eager: one
-#   sample of 5 steps) until every ratio's interval is within +-5%, at least 5 rounds, at most 12 or 45 s.
-#   One ResNet sample varies 10-20% with the host; a round of every case is ~4 s.
+#   sample of 5 steps) until every ratio's interval is within +-5%, at least 3 rounds, at most 12 or 12 s.
+#   One ResNet sample varies 10-20% with the host; a round of every case is ~4 s (the LM's ~1 s), so the
+#   ResNet gets 3-4 rounds (+-10-20%: its ratios are 1.7-2.3x against targets of 1x) and the LM up to 12.
 # - the steps run on the plan of the first build in this process (no extra build for them).
 # --quick (a smoke run): 2 warm rounds, 3 step rounds.
 COLD_SAMPLES = 1
-WARM_ROUNDS, WARM_MIN, WARM_BUDGET_S = 6, 4, 60.0
-STEP_ROUNDS, STEP_MIN, STEP_BUDGET_S = 12, 5, 45.0
+# The exports the runs of one `python -m bench --runs N` hand on to each other (a directory the batch makes and
+# removes): a model's first build in a run reads the export a cold build of an earlier run of the batch (or
+# that run's own first build) left, instead of exporting the architecture again (~35 s for the ResNet). Unset
+# (one run, or --single alone): nothing is handed on between runs.
+BATCH_EXPORTS = "PLANWIRE_BENCH_BATCH_EXPORTS"
+COLD_EVERY = len(KEYS)  # a model's cold build runs in one run of every COLD_EVERY, in turn
+WARM_ROUNDS, WARM_MIN, WARM_BUDGET_S = 3, 3, 20.0
+STEP_ROUNDS, STEP_MIN, STEP_BUDGET_S = 12, 3, 12.0
 
 
 def plain_export(wl: Any, model: Any) -> Any:
@@ -97,9 +112,9 @@ def cold(key: str, what: str, cache_dir: str = "") -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> tuple[Any, Any]:
-    """Cold and warm builds; returns the first build in this process (a plan of ``wl.make(0)``) and a copy of
-    that model as it was before the build, for the steps."""
+def _builds(report: Report, key: str, wl: Any, label: str, quick: bool, with_cold: bool) -> tuple[Any, Any]:
+    """Cold (``with_cold``) and warm builds; returns the first build in this process (a plan of
+    ``wl.make(0)``) and a copy of that model as it was before the build, for the steps."""
     import torch
 
     from bench.build import no_disk_cache
@@ -116,12 +131,17 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> tuple
         # The cold build leaves its export in an empty disk cache; this process's first build of the
         # architecture reads it from there (the warm builds' warm-up) instead of exporting the whole
         # step again (30-40 s for the ResNet): the cold build already is the build with nothing cached.
-        last = COLD_SAMPLES - 1  # only the last cold build may leave its export: the others find nothing
-        colds = [cold(key, "plan", handed_over if i == last else "") for i in range(COLD_SAMPLES)]
-        report.time(FAMILY, cold_plan, colds, "s")
-        report.time(FAMILY, cold_export, [cold(key, "export") for _ in range(COLD_SAMPLES)], "s")
+        if with_cold:
+            last = COLD_SAMPLES - 1  # only the last cold build may leave its export: the others find nothing
+            colds = [cold(key, "plan", handed_over if i == last else "") for i in range(COLD_SAMPLES)]
+            report.time(FAMILY, cold_plan, colds, "s")
+            report.time(FAMILY, cold_export, [cold(key, "export") for _ in range(COLD_SAMPLES)], "s")
+        shared = os.environ.get(BATCH_EXPORTS, "")
+        if shared:  # this run's cold export joins the batch's, and the first build reads (or leaves) it there
+            for entry in Path(handed_over).glob("*.onnx"):
+                shutil.copy2(entry, Path(shared) / entry.name)
         cache.clear_cache()
-        os.environ[cache.ENV_DIR], before = handed_over, os.environ.get(cache.ENV_DIR)
+        os.environ[cache.ENV_DIR], before = shared or handed_over, os.environ.get(cache.ENV_DIR)
         try:
             exports = cache.stats.exports
             model = wl.make(0)
@@ -160,8 +180,10 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> tuple
         f"{label}: the first build in this process "
         + (
             "exported afresh (shown as the build with the export cache cleared)"
+            + ("" if with_cold else f"; its cold build runs in one run of every {COLD_EVERY}, in turn")
             if exported
-            else "read the cold build's export from a disk cache (the cold build is the build with nothing cached)"
+            else "read a cold build's export from a disk cache (this run's, or one an earlier run of the batch left; "
+            "the cold build is the build with nothing cached)"
         ),
     )
     report.ratio(
@@ -173,12 +195,13 @@ def _builds(report: Report, key: str, wl: Any, label: str, quick: bool) -> tuple
         basis="like-for-like: a new model of a known architecture; the plan also traces the backward and "
         "optimizer and verifies a step against eager torch",
     )
-    report.ratio(
-        f"cold training-plan build vs cold plain export of the forward, {label}",
-        (FAMILY, cold_plan),
-        (FAMILY, cold_export),
-        basis="beside: the plan exports forward + backward + optimizer and verifies a step",
-    )
+    if with_cold:
+        report.ratio(
+            f"cold training-plan build vs cold plain export of the forward, {label}",
+            (FAMILY, cold_plan),
+            (FAMILY, cold_export),
+            basis="beside: the plan exports forward + backward + optimizer and verifies a step",
+        )
     return built[0], initial
 
 
@@ -311,7 +334,8 @@ def run(env: Env, report: Report, quick: bool) -> None:
             workers[threads] = RemoteWorker(proc.url, timeout=120)
         for key, wl in zip(KEYS, workloads(), strict=True):
             label = wl.name
-            plan, model = _builds(report, key, wl, label, quick)
+            with_cold = KEYS[key] == (env.run - 1) % COLD_EVERY
+            plan, model = _builds(report, key, wl, label, quick, with_cold)
             _steps(report, workers, wl, label, quick, plan, model)
     finally:
         torch.set_num_threads(threads_before)
@@ -328,7 +352,8 @@ def run(env: Env, report: Report, quick: bool) -> None:
     )
     report.note(
         FAMILY,
-        f"samples per run: cold builds {COLD_SAMPLES} per side (one fresh process each; the spread is over runs), "
+        f"samples per run: cold builds {COLD_SAMPLES} per side for one model per run in turn (one fresh process "
+        "each; the spread is over runs), "
         f"the first build in this process 1 (its plan runs the steps), warm builds and steps in interleaved "
         f"rounds until each ratio's 95% interval is within +-5% (warm builds {WARM_MIN}-{WARM_ROUNDS} rounds, "
         f"steps {STEP_MIN}-{STEP_ROUNDS} rounds of {PIPELINE} steps per case, bounded by {WARM_BUDGET_S:.0f} s "

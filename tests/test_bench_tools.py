@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -30,9 +31,15 @@ def run_with(value: float, latency_us: float) -> dict:
     return r.to_json()
 
 
-def test_aggregate_takes_medians_spread_and_majority_verdicts() -> None:
+@pytest.fixture
+def three_runs() -> dict:
+    """Three runs of one target (<= 1.5x): 1.4 and 1.45 pass, 1.6 fails (no intervals: the values decide)."""
     runs = [run_with(1.4, 100), run_with(1.6, 130), run_with(1.45, 110)]
-    agg = aggregate.aggregate(runs, names=["a.json", "b.json", "c.json"])
+    return aggregate.aggregate(runs, names=["a.json", "b.json", "c.json"])
+
+
+def test_aggregate_takes_medians_spread_and_majority_verdicts(three_runs: dict) -> None:
+    agg = three_runs
     call = agg["figures"]["latency"]["call"]
     assert (call["median"], call["min"], call["max"]) == pytest.approx((110, 100, 130))
     assert call["samples_per_run"] == [3, 3, 3] and call["kind"] == "measured"
@@ -46,9 +53,8 @@ def test_aggregate_takes_medians_spread_and_majority_verdicts() -> None:
     assert [aggregate.verdict(p, 3) for p in (0, 3)] == ["fail", "pass"]
 
 
-def test_report_labels_targets_and_keeps_derived_figures_apart() -> None:
-    agg = aggregate.aggregate([run_with(1.4, 100), run_with(1.6, 130), run_with(1.45, 110)], names=["a", "b", "c"])
-    text = report.markdown(agg, all_figures=True)
+def test_report_labels_targets_and_keeps_derived_figures_apart(three_runs: dict) -> None:
+    text = report.markdown(three_runs, all_figures=True)
     assert "| ratio | 1.45× (1.40–1.60) | ≤ 1.50× | 2 of 3 | flaky (pass by majority) |" in text
     assert "| by design | 100× | by construction: 100 round trips |" in text
     figures = text.split("| Figure |")[1].split("| Not a measurement")[0]
@@ -148,7 +154,7 @@ class FakeClock:
         return run
 
 
-def test_rounds_stop_once_the_ratio_is_tight_and_go_on_to_the_cap_when_it_is_not(monkeypatch) -> None:
+def test_rounds_stop_once_the_ratio_is_tight(monkeypatch) -> None:
     clock = FakeClock()
     monkeypatch.setattr(timing.time, "perf_counter", clock)
     rng = np.random.default_rng(1)
@@ -158,14 +164,67 @@ def test_rounds_stop_once_the_ratio_is_tight_and_go_on_to_the_cap_when_it_is_not
     assert got["a"].stop == "converged" and got["a"].n_rounds == 6 and len(got["a"]) == 60  # the floor
     assert got["a"].round_of[:12] == [0] * 10 + [1, 1]
 
-    # A side that varies several-fold from one round to the next: not within +-5% in 12 rounds, so the cap ends it.
+
+@pytest.mark.parametrize(("rounds", "budget_s", "stop"), [(12, 1e9, "cap"), (1000, 0.05, "budget")])
+def test_rounds_that_never_get_tight_end_at_the_cap_or_the_budget(monkeypatch, rounds, budget_s, stop) -> None:
+    """A side that varies several-fold from one round to the next is not within +-5% in 12 rounds: the cap
+    or the time budget ends it, whichever comes first (never before the floor)."""
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    rng = np.random.default_rng(1)
     noisy = [Case("a", clock.case(lambda: 1e-3 * rng.lognormal(0, 1)), 1, 0), Case("b", clock.case(lambda: 1e-3), 1, 0)]
-    got = timing.interleaved(noisy, rounds=12, budget_s=1e9, min_rounds=3, watch=[("a", "b")])
-    assert (got["a"].stop, got["a"].n_rounds) == ("cap", 12)
+    got = timing.interleaved(noisy, rounds=rounds, budget_s=budget_s, min_rounds=3, watch=[("a", "b")])
+    assert got["a"].stop == stop and 3 <= got["a"].n_rounds <= min(rounds, 1000)
+    assert got["a"].n_rounds == 12 if stop == "cap" else got["a"].n_rounds < 1000
     assert timing.halfwidth(got["a"], got["b"]) > timing.TOL
-    # ... or the time budget, whichever comes first (after at least two rounds).
-    got = timing.interleaved(noisy, rounds=1000, budget_s=0.05, min_rounds=3, watch=[("a", "b")])
-    assert got["a"].stop == "budget" and len(got["a"]) < 1000
+
+
+def test_intervals_are_looked_at_only_on_planned_rounds(monkeypatch) -> None:
+    """The floor, its doublings and the cap: a ratio that gets tight at round 7 stops at round 8, not 7."""
+    assert timing.looks(5, 40) == {5, 10, 20, 40} and timing.looks(4, 12) == {4, 8, 12}
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    seen: list[int] = []
+    real = timing.halfwidth
+
+    def spy(a, b=None):  # noqa: ANN001, ANN202
+        seen.append(a.n_rounds)
+        return real(a, b)
+
+    monkeypatch.setattr(timing, "halfwidth", spy)
+    rng = np.random.default_rng(3)
+    cases = [Case("a", clock.case(lambda: 1e-3 * (1 + 0.3 * rng.random())), 5, 0)]
+    cases.append(Case("b", clock.case(lambda: 1e-3), 5, 0))
+    got = timing.interleaved(cases, rounds=40, budget_s=1e9, min_rounds=4, watch=[("a", "b")])
+    assert set(seen) <= {4, 8, 16, 32, 40} and got["a"].n_rounds in {4, 8, 16, 32, 40}
+
+
+@pytest.mark.parametrize(
+    ("op", "ci", "want"),
+    [("<=", [1.2, 1.45], "pass"), ("<=", [1.3, 1.7], "unsettled"), ("<=", [1.55, 1.9], "fail"),
+     (">=", [4.5, 6.0], "pass"), (">=", [3.5, 4.5], "unsettled"), ("<=", None, "pass")],
+)  # fmt: skip
+def test_a_target_whose_interval_straddles_it_is_unsettled_not_passed(op: str, ci: list | None, want: str) -> None:
+    value, target = (1.4, 1.5) if op == "<=" else (5.0, 4.0)
+    if want == "fail":
+        value = 1.7
+    elif want == "unsettled" and op == ">=":
+        value = 4.2
+    assert timing.outcome(value, op, target, ci) == want
+
+
+def test_an_unsettled_target_is_not_called_passed_over_runs() -> None:
+    runs = []
+    for ci in ([1.2, 1.45], [1.3, 1.7], [1.35, 1.6]):  # one settled pass, two intervals straddling 1.5
+        r = Report()
+        t = r.target("ratio", 1.4, "<=", 1.5, "x", "a / b")
+        t.ci95 = ci
+        runs.append(r.to_json())
+    assert [t["outcome"] for run in runs for t in run["targets"]] == ["pass", "unsettled", "unsettled"]
+    (entry,) = aggregate.aggregate(runs)["targets"]
+    assert (entry["passes"], entry["passed"], entry["verdict"]) == (1, False, "unsettled")
+    text = report.markdown(aggregate.aggregate(runs))
+    assert "| 1 of 3 | unsettled (interval straddles the target in 2 of 3) |" in text
 
 
 def test_figures_and_ratios_keep_their_interval_samples_and_stop(monkeypatch) -> None:
@@ -240,3 +299,27 @@ def test_processes_started_ahead_are_the_ones_handed_out_and_their_failure_is_ra
         env.prestart({"node"})
         with pytest.raises(RuntimeError, match="would not start"):
             env.echo("tcp")
+
+
+def test_the_runs_of_a_batch_share_one_exports_directory_removed_at_the_end(monkeypatch, tmp_path: Path) -> None:
+    """training_models' hand-on between the runs of one ``--runs N``: every run gets the same directory."""
+    import bench.__main__ as cli
+    from bench.training_models import BATCH_EXPORTS
+
+    seen: list[str] = []
+    real = cli.subprocess.run  # the module is shared: only the runs' children are faked
+
+    def fake_run(cmd: list[str], **kw: Any) -> Any:
+        if "--single" not in cmd:
+            return real(cmd, **kw)
+        env = kw["env"]
+        seen.append(env[BATCH_EXPORTS])
+        assert Path(env[BATCH_EXPORTS]).is_dir()
+        out = Path(cmd[cmd.index("--single") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"batch": "b", **run_with(1.4, 100)}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    rc = cli.main(["--runs", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "agg.json")])
+    assert rc == 0 and len(seen) == 2 and seen[0] == seen[1] and not Path(seen[0]).exists()
