@@ -820,3 +820,46 @@ def test_kill_9_during_pipelined_puts_keeps_every_acknowledged_one(tmp_path, wor
         first.close()
         if second is not None:
             second.close()
+
+
+@pytest.mark.parametrize("worker", KINDS)
+def test_a_write_that_fails_in_a_burst_refuses_only_its_own_put(tmp_path, worker):
+    """One put of a pipelined burst cannot be written (its temporary file's name is taken by a directory):
+    that put is answered with the error and not kept; the others of the burst are acknowledged and survive
+    kill -9."""
+    from tests.conformance.wire import encode
+
+    worker = _worker_kind(worker)
+    url = f"ipc://{tmp_path}/w.ipc"
+    root = tmp_path / "state"
+    extra = ["--state-dir", str(root)]
+    first = start(worker, "durable", listen=url, extra=extra)
+    second = None
+    try:
+        with Peer(url) as raw:
+            identity = raw.ok({"type": "hello"})["identity"]
+            raw.put("first", np.zeros(2, np.int64))
+            (owner_dir,) = (root / "tensors").iterdir()
+            blocker = owner_dir / f".tmp-{statefiles.digest('bad')}.t"
+            blocker.mkdir()
+            ids = {}
+            for key in ["a", "bad", "b"]:
+                desc, data = encode(np.full(4, len(key), np.int64))
+                ids[raw.send({"type": "put", "tensors": [{"key": key, **desc, "frame": 0}]}, [data])] = key
+            replies = {ids[r["re"]]: r for r in (raw.recv() for _ in ids)}
+            assert replies["a"].kind == "ok" and replies["b"].kind == "ok", replies
+            assert replies["bad"].kind == "error" and replies["bad"]["code"] == "internal", replies["bad"]
+            assert "tensor 'bad' not kept" in replies["bad"]["message"]
+            raw.error({"type": "get", "keys": ["bad"]}, code="unknown_tensor")
+            os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        blocker.rmdir()
+        second = start(worker, "durable", listen=url, extra=extra)
+        with Peer(url) as raw:
+            assert raw.ok({"type": "hello", "identity": identity})["identity"] == identity
+            assert [a.tolist() for a in raw.get(["first", "a", "b"], keep=True)] == [[0, 0], [1] * 4, [1] * 4]
+            raw.error({"type": "get", "keys": ["bad"]}, code="unknown_tensor")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
