@@ -7,8 +7,8 @@
 // given to the Service here write through to the directory (synchronously, before the handler returns
 // its reply), then change memory. Under the server (src/server.js) the writes are a group commit: a
 // burst's files are written as its requests are handled, then made durable together (one fsync per file,
-// one per changed directory) before the burst's replies leave. A run's outputs reach this process whole (src/sandbox.js answers with
-// their bytes), so a result is on the host when it is written. Plans come back lazily: a restored plan's
+// one per changed directory) before the burst's replies leave. A run's outputs reach this process whole
+// (src/sandbox.js answers with their bytes), so a result is on the host when it is written. Plans come back lazily: a restored plan's
 // session is loaded (in the runner, or here under --no-sandbox) by its first run.
 // A private result's pending release is kept with its tensor, and the noised releases each client was given
 // in the `privacy` file: a release writes the spent budget first, then the value it released, before it
