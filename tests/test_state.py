@@ -28,7 +28,6 @@ from planwire.transport.dealer import DealerLink
 from planwire.worker import statedir as state_mod
 from planwire.worker import statefiles
 from planwire.worker.policy import Policy, parse
-from planwire.worker.process import WorkerProcess
 from planwire.worker.release import epsilon_of
 from planwire.worker.service import Service
 from planwire.worker.state import Restored, StateDir, StateError, attach
@@ -728,14 +727,75 @@ def test_group_commit_stages_writes_and_holds_replies_until_they_are_durable(tmp
     nosync.close()
 
 
-def test_kill_9_during_pipelined_puts_keeps_every_acknowledged_one(tmp_path):
+_NODE_GROUP = """
+import * as fs from "node:fs";
+import { StateDir } from "SRC/statedir.js";
+import { Tensor } from "SRC/codec.js";
+const [root, nosyncRoot] = process.argv.slice(2);
+const seen = {};
+const state = StateDir.open(root);
+state.group();
+const owner = "s:k" + "ab".repeat(16);
+const f32 = (n) => new Tensor("float", [n], Buffer.from(new Float32Array(n).fill(1).buffer));
+for (const [key, n] of [["a", 3], ["b", 2], ["gone", 2]]) state.saveTensor(owner, key, f32(n), [], false, 0);
+state.removeTensors(owner, ["gone"]); // staged, then removed: never written
+const a = state.tensorPath(owner, "a");
+const tmp = (p) => p.replace(/[^/]+$/, (n) => ".tmp-" + n);
+seen.staged = [state.grouped, state.dirty, fs.existsSync(a), fs.existsSync(tmp(a))];
+state.commit();
+const d = state.ownerDir(owner);
+const tmps = fs.readdirSync(d).filter((n) => n.startsWith(".tmp-"));
+seen.committed = [state.dirty, fs.existsSync(a), fs.existsSync(state.tensorPath(owner, "gone")), tmps];
+state.saveTensor(owner, "c", f32(1), [], false, 0); // no reply waits for it: committed at the end of the turn
+seen.late = [state.dirty, fs.existsSync(state.tensorPath(owner, "c"))];
+await new Promise((r) => setImmediate(r));
+seen.turn = [state.dirty, fs.existsSync(state.tensorPath(owner, "c"))];
+const values = (t) => [...new Float32Array(Uint8Array.from(t.data).buffer)];
+seen.kept = Object.fromEntries([...state.loadTensors()].map((t) => [t.key, values(t.tensor)]));
+state.close();
+const nosync = StateDir.open(nosyncRoot, { sync: false }); // nothing to group: writes land at once
+nosync.group();
+nosync.saveTensor(owner, "a", f32(1), [], false, 0);
+seen.nosync = [nosync.grouped, nosync.dirty, fs.existsSync(nosync.tensorPath(owner, "a"))];
+nosync.close();
+console.log(JSON.stringify(seen));
+"""
+
+
+def test_node_group_commit_stages_writes_until_they_are_committed(tmp_path):
+    # The Node worker's state directory as worker/statecommit.py's: grouped, a burst's files are written under
+    # their temporary names and renamed only by the commit (src/server.js commits before a batch of replies
+    # leaves; a change no reply waits for is committed at the end of the event loop's turn).
+    import json
+    import subprocess
+
+    from planwire.worker.process import NODE_DIR
+
+    _worker_kind("node")
+    script = tmp_path / "group.mjs"
+    script.write_text(_NODE_GROUP.replace("SRC", str(NODE_DIR / "src")))
+    done = subprocess.run(
+        ["node", str(script), str(tmp_path / "s"), str(tmp_path / "n")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["staged"] == [True, True, False, True]
+    assert seen["committed"] == [False, True, False, []]
+    assert seen["late"] == [True, False] and seen["turn"] == [False, True]
+    assert seen["kept"] == {"a": [1, 1, 1], "b": [1, 1], "c": [1]}
+    assert seen["nosync"] == [False, False, True]
+
+
+@pytest.mark.parametrize("worker", KINDS)
+def test_kill_9_during_pipelined_puts_keeps_every_acknowledged_one(tmp_path, worker):
     """A client pipelines puts (many share a group commit); the worker is killed -9 mid-burst: every put
     whose reply arrived is back after the restart."""
     from tests.conformance.wire import encode
 
+    worker = _worker_kind(worker)
     url = f"ipc://{tmp_path}/w.ipc"
     extra = ["--state-dir", str(tmp_path / "state")]
-    first = WorkerProcess("durable", listen=url, extra=extra)
+    first = start(worker, "durable", listen=url, extra=extra)
     second = None
     acked: list[int] = []
     try:
@@ -751,11 +811,54 @@ def test_kill_9_during_pipelined_puts_keeps_every_acknowledged_one(tmp_path):
                 acked.append(ids[reply["re"]])
             os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
-        second = WorkerProcess("durable", listen=url, extra=extra)
+        second = start(worker, "durable", listen=url, extra=extra)
         with Peer(url) as raw:
             assert raw.ok({"type": "hello", "identity": identity})["identity"] == identity
             got = raw.get([f"k{i}" for i in acked], keep=True)
         assert [int(a[0]) for a in got] == acked
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+
+
+@pytest.mark.parametrize("worker", KINDS)
+def test_a_write_that_fails_in_a_burst_refuses_only_its_own_put(tmp_path, worker):
+    """One put of a pipelined burst cannot be written (its temporary file's name is taken by a directory):
+    that put is answered with the error and not kept; the others of the burst are acknowledged and survive
+    kill -9."""
+    from tests.conformance.wire import encode
+
+    worker = _worker_kind(worker)
+    url = f"ipc://{tmp_path}/w.ipc"
+    root = tmp_path / "state"
+    extra = ["--state-dir", str(root)]
+    first = start(worker, "durable", listen=url, extra=extra)
+    second = None
+    try:
+        with Peer(url) as raw:
+            identity = raw.ok({"type": "hello"})["identity"]
+            raw.put("first", np.zeros(2, np.int64))
+            (owner_dir,) = (root / "tensors").iterdir()
+            blocker = owner_dir / f".tmp-{statefiles.digest('bad')}.t"
+            blocker.mkdir()
+            ids = {}
+            for key in ["a", "bad", "b"]:
+                desc, data = encode(np.full(4, len(key), np.int64))
+                ids[raw.send({"type": "put", "tensors": [{"key": key, **desc, "frame": 0}]}, [data])] = key
+            replies = {ids[r["re"]]: r for r in (raw.recv() for _ in ids)}
+            assert replies["a"].kind == "ok" and replies["b"].kind == "ok", replies
+            assert replies["bad"].kind == "error" and replies["bad"]["code"] == "internal", replies["bad"]
+            assert "tensor 'bad' not kept" in replies["bad"]["message"]
+            raw.error({"type": "get", "keys": ["bad"]}, code="unknown_tensor")
+            os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        blocker.rmdir()
+        second = start(worker, "durable", listen=url, extra=extra)
+        with Peer(url) as raw:
+            assert raw.ok({"type": "hello", "identity": identity})["identity"] == identity
+            assert [a.tolist() for a in raw.get(["first", "a", "b"], keep=True)] == [[0, 0], [1] * 4, [1] * 4]
+            raw.error({"type": "get", "keys": ["bad"]}, code="unknown_tensor")
     finally:
         first.close()
         if second is not None:

@@ -5,8 +5,10 @@
 //
 // Every change is on disk before the request that made it is answered: the Store, Owners and PlanHolders
 // given to the Service here write through to the directory (synchronously, before the handler returns
-// its reply), then change memory. A run's outputs reach this process whole (src/sandbox.js answers with
-// their bytes), so a result is on the host when it is written. Plans come back lazily: a restored plan's
+// its reply), then change memory. Under the server (src/server.js) the writes are a group commit: a
+// burst's files are written as its requests are handled, then made durable together (one fsync per file,
+// one per changed directory) before the burst's replies leave. A run's outputs reach this process whole
+// (src/sandbox.js answers with their bytes), so a result is on the host when it is written. Plans come back lazily: a restored plan's
 // session is loaded (in the runner, or here under --no-sandbox) by its first run.
 // A private result's pending release is kept with its tensor, and the noised releases each client was given
 // in the `privacy` file: a release writes the spent budget first, then the value it released, before it
@@ -228,7 +230,7 @@ export function attach(service, state) {
   for (const [key, e] of old.own) store.own.set(key, e);
   const owners = new DurableOwners(state, { idleTtl: service.owners.idleTtl });
   const holders = new DurableHolders(state, (pid) => service.plans.get(pid));
-  Object.assign(service, { store, owners, holders });
+  Object.assign(service, { store, owners, holders, durable: state }); // durable: src/server.js's group commit
 
   const [session, isNew] = state.loadSession(service.session);
   service.session = session;

@@ -50,6 +50,8 @@ export class Server {
     this.dropped = 0;
     this.outbox = []; // replies not yet handed to ZeroMQ (see send)
     this.scheduled = false; // a flush is scheduled
+    this.durable = service.durable ?? null; // --state-dir (src/statedir.js): committed before replies leave
+    this.durable?.group();
   }
 
   /** Serve until stopped: requests are read while plans run in `sandbox` (src/supervisor.js). */
@@ -82,10 +84,13 @@ export class Server {
   };
 
   /** Hand the waiting replies to ZeroMQ: with sendTimeout 0 zeromq.js queues a message at once or refuses it
-   * at once (never "busy"), and a client that does not read loses replies once its queue is full. */
+   * at once (never "busy"), and a client that does not read loses replies once its queue is full. With
+   * --state-dir, the changes their requests made (staged as they were handled) are made durable first, in
+   * one commit (or the worker exits): a reply never acknowledges what a kill -9 or a power loss could undo. */
   flush() {
     const out = this.outbox;
     if (!out.length) return;
+    if (this.durable?.dirty) this.durable.commit();
     this.outbox = [];
     for (const frames of out) {
       if (this.sock.closed) return;

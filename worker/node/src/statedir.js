@@ -2,7 +2,10 @@
 // worker/statefiles.py, which PROTOCOL.md §11.1 specifies: a directory either worker wrote, the other reads.
 //
 // Every change is written whole under a temporary name, fsynced, renamed over the old file, and its
-// directory fsynced (`--state-sync none`: no fsyncs): a crash leaves the old file or the new one. One worker
+// directory fsynced (`--state-sync none`: no fsyncs): a crash leaves the old file or the new one. Grouped
+// (group(), as worker/statecommit.py: src/server.js commits before a batch of replies leaves), the temporary
+// files of a burst of requests are written, then fsynced, renamed, and each changed directory fsynced once,
+// together, before any of the burst's replies is sent. One worker
 // per directory: `flock` on DIR/lock, taken through util-linux's flock(1) on this process's descriptor (a
 // lock belongs to the open file, so it is held until this process exits, kill -9 included), the same lock
 // the Python worker takes. The directory is read back as hostile input: a file that fails a check is
@@ -10,12 +13,12 @@
 
 import * as fs from "node:fs";
 import { createHash } from "node:crypto";
-import { join, resolve, basename, extname } from "node:path";
+import { join, resolve, basename, extname, dirname } from "node:path";
 import { ProtocolError } from "./messages.js";
 import { checkModel } from "./modelcheck.js";
 import { pyRepr } from "./json.js";
 import { log } from "./log.js";
-import { FORMAT, SESSION_RE, OWNER_RE, strerror, StateError, fsyncDir, writeAtomic, framed, readFramed, digest } from "./statefile.js";
+import { FORMAT, SESSION_RE, OWNER_RE, strerror, StateError, fsyncDir, writeAtomic, writeTemp, durably, fsyncAll, framed, readFramed, digest } from "./statefile.js";
 import { Names, flock, mkdirs, alive, ALIGN, isObject, isString, tensorHeader, tensorPayload, planHeader, formatDoc, privacySpent } from "./statefile.js";
 
 export const DISK_RESERVE = 64 << 20; // bytes a put or run must leave free on the directory's file system
@@ -77,11 +80,95 @@ export class StateDir {
     this.plans = join(path, "plans");
     this.names = new Names();
     this.skipped = [];
+    this.grouped = false; // group commit (see group()): writes are staged until commit()
+    this.staged = new Map(); // path -> {tmp, fd}: its written, not yet synced temporary file
+    this.dirs = new Set(); // directories changed since the last commit
+    this.scheduled = false; // a commit is scheduled for the end of this turn of the event loop
   }
 
   close() {
+    if (this.dirty) {
+      // what no reply acknowledged yet: kept if it can be, as a crash could have kept it
+      try {
+        this.commitNow();
+      } catch (e) {
+        log.error(`--state-dir: changes not acknowledged yet could not be written: ${strerror(e)}`);
+      }
+    }
     if (this.lockFd >= 0) fs.closeSync(this.lockFd); // releases the flock
     this.lockFd = -1;
+  }
+
+  // -- group commit (as worker/statecommit.py) -------------------------------------------------------
+
+  /** Group commit, for a server that calls commit() (when dirty) before it sends a batch of replies: from
+   * now on a write leaves its temporary file unsynced and unrenamed, a removal its directory unsynced, until
+   * the next commit, at the latest at the end of this turn of the event loop. Without fsyncs
+   * (`--state-sync none`) there is nothing to group: writes go on as before. */
+  group() {
+    this.grouped = this.sync;
+  }
+
+  /** Whether a change waits for commit(). */
+  get dirty() {
+    return this.staged.size > 0 || this.dirs.size > 0;
+  }
+
+  /** Make every staged change durable, in one round: fsync every staged file (concurrently, so that the
+   * file system's journal commits them together), rename each over its name, fsync each changed directory
+   * once. When that fails (EIO: the kernel may have dropped the pages it
+   * could not write) the worker exits at once with 75, as the Python worker does: no reply may
+   * acknowledge what is not kept, and a restart reads back what was acknowledged before. */
+  commit() {
+    durably(() => this.commitNow(), this.tensors);
+  }
+
+  commitNow() {
+    const staged = this.staged;
+    const dirs = this.dirs;
+    this.staged = new Map();
+    this.dirs = new Set();
+    try {
+      fsyncAll([...staged.values()].map((s) => s.fd));
+    } finally {
+      for (const { fd } of staged.values()) fs.closeSync(fd);
+    }
+    for (const [path, { tmp }] of staged) {
+      fs.renameSync(tmp, path);
+      dirs.add(dirname(path));
+    }
+    if (dirs.size <= 1) {
+      for (const d of dirs) fsyncDir(d);
+      return;
+    }
+    const fds = [];
+    try {
+      for (const d of dirs) fds.push(fs.openSync(d, C.O_RDONLY | C.O_DIRECTORY));
+      fsyncAll(fds);
+    } finally {
+      for (const fd of fds) fs.closeSync(fd);
+    }
+  }
+
+  /** A change staged: committed at the end of this turn at the latest (a change no reply waits for). */
+  changed() {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      if (this.dirty) this.commit();
+    });
+  }
+
+  /** Forget a staged write of `path` (it is being replaced or removed). */
+  unstage(path) {
+    const staged = this.staged.get(path);
+    if (staged === undefined) return;
+    this.staged.delete(path);
+    fs.closeSync(staged.fd);
+    try {
+      fs.unlinkSync(staged.tmp);
+    } catch {}
   }
 
   skip(path, why) {
@@ -89,13 +176,21 @@ export class StateDir {
     log.error(`--state-dir: skipped ${path}: ${why}`);
   }
 
-  fsyncDir(path) {
-    if (this.sync) fsyncDir(path);
+  /** An entry of directory `path` was created or removed: fsync it (now, or with the group). */
+  dirChanged(path) {
+    if (this.grouped) {
+      this.dirs.add(path);
+      this.changed();
+    } else if (this.sync) fsyncDir(path);
   }
 
   write(path, parts, what) {
     try {
-      writeAtomic(path, parts, this.sync);
+      if (this.grouped) {
+        this.unstage(path);
+        this.staged.set(path, writeTemp(path, parts));
+        this.changed();
+      } else writeAtomic(path, parts, this.sync);
     } catch (e) {
       throw refusal(what, this.path, e);
     }
@@ -184,7 +279,7 @@ export class StateDir {
     const d = this.ownerDir(owner);
     try {
       fs.mkdirSync(d, { mode: 0o700 });
-      this.fsyncDir(this.tensors);
+      this.dirChanged(this.tensors);
     } catch (e) {
       if (e.code !== "EEXIST") throw refusal(`tensor ${pyRepr(key)}`, this.path, e);
     }
@@ -195,22 +290,26 @@ export class StateDir {
     const d = this.ownerDir(owner);
     let removed = false;
     for (const key of keys) {
+      const path = join(d, `${digest(key)}.t`);
+      this.unstage(path);
       try {
-        fs.unlinkSync(join(d, `${digest(key)}.t`));
+        fs.unlinkSync(path);
         removed = true;
       } catch (e) {
         // it would come back after a restart; the request itself went through
         if (e.code !== "ENOENT") log.error(`--state-dir: cannot remove tensor ${pyRepr(key)}'s file: ${strerror(e)}`);
       }
     }
-    if (removed) this.fsyncDir(d);
+    if (removed) this.dirChanged(d);
   }
 
   removeOwner(owner) {
     const d = this.ownerDir(owner);
+    for (const path of [...this.staged.keys()]) if (dirname(path) === d) this.unstage(path);
+    this.dirs.delete(d);
     if (!fs.existsSync(d)) return;
     fs.rmSync(d, { recursive: true, force: true });
-    this.fsyncDir(this.tensors);
+    this.dirChanged(this.tensors);
   }
 
   /** quota_exceeded when the directory's file system cannot take `nbytes` more (and a reserve). */
@@ -298,6 +397,7 @@ export class StateDir {
       if (counts.size) doc[this.names.name(owner)] = [...counts].sort((a, b) => a[0] - b[0]);
     }
     this.write(join(this.path, "privacy"), [JSON.stringify({ format: FORMAT, spent: doc })], "the privacy budget spent");
+    if (this.grouped) this.commit(); // durable before the released value is even written (which a group may stage)
   }
 
   // -- plans -----------------------------------------------------------------------------------------
@@ -315,8 +415,12 @@ export class StateDir {
   }
 
   removePlan(pid) {
-    for (const suffix of [".holders", ".plan"]) fs.rmSync(join(this.plans, pid + suffix), { force: true }); // holders first
-    this.fsyncDir(this.plans);
+    for (const suffix of [".holders", ".plan"]) {
+      // holders first: a plan file alone is an unfinished registration
+      this.unstage(join(this.plans, pid + suffix));
+      fs.rmSync(join(this.plans, pid + suffix), { force: true });
+    }
+    this.dirChanged(this.plans);
   }
 
   /** Every valid plan: {pid, name, data, inputs, outputs, unknownRank, holders}. */
