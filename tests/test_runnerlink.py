@@ -78,3 +78,19 @@ def test_answers_are_matched_in_order_and_an_unasked_one_is_not_trusted(link) ->
     assert link.wait(5)  # the closed pipe
     with pytest.raises(pipe.PipeClosed):
         link.receive()
+
+
+def test_a_wait_on_the_runner_ends_when_the_other_descriptor_speaks_and_not_before(link) -> None:
+    link, runner = link
+    a, b = socket.socketpair()
+    with a, b:
+        assert link.wait(0.1, also=a.fileno()) is False  # neither spoke
+        b.send(b"x")  # a request came on the other descriptor
+        waiter = threading.Thread(target=lambda: got.append(link.wait(3600, also=a.fileno())), daemon=True)
+        got: list[bool] = []
+        waiter.start()
+        waiter.join(60)
+        assert got == [False], "the wait did not end when the other descriptor became readable"
+        runner.close()  # the runner's closed pipe is news from the runner, whatever the other side says
+        assert link.wait(30, also=a.fileno()) is True
+        assert link.wait(0) is True  # the descriptor watched for one wait is not watched after it

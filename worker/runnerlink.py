@@ -14,6 +14,7 @@ import select
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,8 +140,10 @@ class RunnerLink:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def wait(self, seconds: float) -> bool:
-        """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``."""
+    def wait(self, seconds: float, also: int | None = None) -> bool:
+        """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``. With
+        ``also`` (a file descriptor: the ZeroMQ socket's), the wait ends early, returning False, when that
+        descriptor becomes readable too, so a loop that waits on the runner sleeps until either side speaks."""
         if self._poll is None:
             return False
         if self._reader is not None and self._reader.pending():
@@ -150,12 +153,20 @@ class RunnerLink:
             spin = self._answer_s.get(self._sent_plan, SPIN_MAX) * 2
             if spin <= SPIN_MAX and self._spin.allowed() and self._spin.until(lambda: poll(0), self._sent_at + spin):
                 return True
-        end = time.monotonic() + seconds
+        if also is not None:
+            self._poll.register(also, select.POLLIN)
+        try:
+            return self._wait(poll, time.monotonic() + seconds, also)
+        finally:
+            if also is not None:
+                self._poll.unregister(also)
+
+    def _wait(self, poll: Callable[[int], list[tuple[int, int]]], end: float, also: int | None) -> bool:
         while True:
             events = poll(max(0, int((end - time.monotonic()) * 1e3)))
-            if any(ev & ~select.POLLOUT for _, ev in events):
+            if any(fd != also and ev & ~select.POLLOUT for fd, ev in events):
                 return True  # an answer, or the pipe closed
-            if not events:
+            if not events or any(fd == also for fd, _ in events):
                 return False
             try:  # room in the pipe: more of the requests waiting to be written
                 self._push()

@@ -239,9 +239,10 @@ class Sandbox:
         """Send what ``hold`` kept; OSError when the runner is gone (its closed pipe says how)."""
         self.link.flush()
 
-    def wait(self, seconds: float) -> bool:
-        """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``."""
-        return self.link.wait(seconds)
+    def wait(self, seconds: float, also: int | None = None) -> bool:
+        """Whether the runner has something to say (an answer, or its closed pipe) within ``seconds``; with
+        ``also``, False as soon as that file descriptor is readable (the socket: a request came)."""
+        return self.link.wait(seconds, also)
 
     def receive(self) -> tuple[pipe.FromRunner, list[memoryview]]:
         """The runner's next message; PipeClosed when it died (then call ``died``). An answer is to the oldest
