@@ -310,17 +310,20 @@ def test_damaged_files_are_skipped_with_a_log_line_and_the_rest_restored(tmp_pat
     raw[-5] ^= 0xFF  # its bytes no longer hash to its plan id
     bad_plan.write_bytes(bytes(raw))
     (root / "plans" / ".tmp-x.plan").write_bytes(b"half a write")
+    planted = [owner_dir / ".tmp-d.t", root / "plans" / ".tmp-d.plan"]  # directories under a write's name
+    for d in planted:
+        (d / "inside").mkdir(parents=True)
 
     second = life(kind, root, identity=identity)
     log = second.log()
     for p in (truncated, magic, header, owner_dir / f"{statefiles.digest('elsewhere')}.t", owner_dir / "junk.t",
-              owner_dir / "link.t", root / "tensors" / "stray-file", bad_plan):  # fmt: skip
+              owner_dir / "link.t", root / "tensors" / "stray-file", bad_plan, *planted):  # fmt: skip
         assert f"skipped {p}" in log, p
     assert "needs 4000 bytes, the file holds 3990" in log
     assert "bad magic" in log and "misplaced" in log and "do not match its plan id" in log
-    assert second.restored.tensors == 1 and second.restored.plans == 1 and second.restored.skipped == 8
+    assert second.restored.tensors == 1 and second.restored.plans == 1 and second.restored.skipped == 10
     assert second.client.fetch_arrays([keep.key], keep=True)[0].tolist() == [7, 7, 7]
-    assert not (root / "plans" / ".tmp-x.plan").exists()
+    assert not (root / "plans" / ".tmp-x.plan").exists() and all(d.is_dir() for d in planted)
     # The session survived; a damaged plan is simply registered again by the client that uses it.
     pp = second.client.plan_pointer(handmade.sum_and_diff())
     s, d = pp(np.ones((1, 2), F32), np.ones((1, 2), F32))

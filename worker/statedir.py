@@ -295,7 +295,7 @@ class StateDir:
                 continue
             for path in sorted(d.iterdir()):
                 if path.name.startswith(".tmp-"):
-                    path.unlink(missing_ok=True)  # a write that a crash interrupted: never acknowledged
+                    self._unfinished(path)  # a write that a crash interrupted: never acknowledged
                     continue
                 try:
                     item = read_tensor(d, path, self.names)
@@ -358,11 +358,18 @@ class StateDir:
                 (self.plans / f"{pid}{suffix}").unlink()
         self.writes.dir_changed(self.plans)
 
+    def _unfinished(self, path: Path) -> None:
+        """Remove a write's temporary file; anything else under that name (a directory) is skipped, not fatal."""
+        if path.is_dir() and not path.is_symlink():
+            self._skip(path, "a directory where only a write's temporary file belongs")
+        else:
+            path.unlink(missing_ok=True)
+
     def load_plans(self, max_plan_bytes: int) -> Iterable[tuple[str, str, bytes, Signature, frozenset, list[ClientId]]]:
         """Every valid plan: (pid, name, bytes, ports, ports of unknown rank, holders)."""
         for path in sorted(self.plans.iterdir()):
             if path.name.startswith(".tmp-"):
-                path.unlink(missing_ok=True)
+                self._unfinished(path)
                 continue
             if path.suffix == ".holders":
                 if not path.with_suffix(".plan").exists():

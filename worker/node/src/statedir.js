@@ -342,7 +342,7 @@ export class StateDir {
       for (const file of fs.readdirSync(d).sort()) {
         const path = join(d, file);
         if (file.startsWith(".tmp-")) {
-          fs.rmSync(path, { force: true }); // a write that a crash interrupted: never acknowledged
+          this.unfinished(path); // a write that a crash interrupted: never acknowledged
           continue;
         }
         let item;
@@ -423,12 +423,18 @@ export class StateDir {
     this.dirChanged(this.plans);
   }
 
+  /** Remove a write's temporary file; anything else under that name (a directory) is skipped, not fatal. */
+  unfinished(path) {
+    if (fs.lstatSync(path).isDirectory()) this.skip(path, "a directory where only a write's temporary file belongs");
+    else fs.rmSync(path, { force: true });
+  }
+
   /** Every valid plan: {pid, name, data, inputs, outputs, unknownRank, holders}. */
   *loadPlans(maxPlanBytes) {
     for (const file of fs.readdirSync(this.plans).sort()) {
       const path = join(this.plans, file);
       if (file.startsWith(".tmp-")) {
-        fs.rmSync(path, { force: true });
+        this.unfinished(path);
         continue;
       }
       const stem = file.slice(0, file.length - extname(file).length);
