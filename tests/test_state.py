@@ -866,3 +866,20 @@ def test_a_write_that_fails_in_a_burst_refuses_only_its_own_put(tmp_path, worker
         first.close()
         if second is not None:
             second.close()
+
+
+def test_a_client_removed_whole_in_a_group_leaves_no_fsync_of_its_gone_directory(tmp_path):
+    # A burst that removes one of a client's tensors (its directory waits for the group's fsync) and then
+    # the whole client (--idle-ttl): the commit must not fsync the removed directory (that would fail and
+    # stop the worker with EXIT_NOT_DURABLE).
+    state = StateDir.open(tmp_path / "s")
+    try:
+        state.save_tensor(b"alice", "a", np.ones(2, F32), [], False, 0)
+        state.save_tensor(b"alice", "b", np.ones(2, F32), [], False, 0)
+        state.group()
+        state.remove_tensors(b"alice", ["a"])
+        state.remove_owner(b"alice")
+        state.writes._commit()  # the commit's own work, which raises where commit() would exit the worker
+        assert not state.dirty and list((tmp_path / "s" / "tensors").iterdir()) == []
+    finally:
+        state.close()

@@ -54,6 +54,11 @@ class Writes:
         elif self.sync:
             fsync_dir(path)
 
+    def dir_gone(self, path: Path) -> None:
+        """Directory ``path`` was removed whole: nothing left in it to fsync (its parent's change is recorded
+        with :meth:`dir_changed`)."""
+        self._dirs.discard(path)
+
     def staged_in(self, d: Path) -> list[Path]:
         """The paths in directory ``d`` whose writes wait for the commit."""
         return [p for p in self._staged if p.parent == d]

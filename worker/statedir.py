@@ -267,6 +267,7 @@ class StateDir:
             self.writes.unstage(path)
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)
+            self.writes.dir_gone(d)
             self.writes.dir_changed(self.tensors)
 
     def check_room(self, nbytes: int, what: str) -> None:
