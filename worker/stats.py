@@ -35,6 +35,7 @@ from planwire.worker.owners import label
 if TYPE_CHECKING:
     from planwire.worker.service import Service
 
+_KINDS = {cls: m.type_name(cls) for cls in m.REQUESTS}  # request class -> its type tag
 WORKER = "(worker's own data)"  # owner of the tensors the worker was started with
 IN_PROCESS = "in-process"
 DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
@@ -201,31 +202,37 @@ class Stats:
     ) -> None:
         """Account for one answered request from owner ``owner_id`` (worker/owners.py) over the connection ``frames``
         came on (``conn``: its routing id, or b""; called by Service.reply, on the serving thread)."""
-        kind = m.type_name(type(msg)) if msg is not None else "invalid"
+        kind = _KINDS.get(type(msg)) or (m.type_name(type(msg)) if msg is not None else "invalid")
         client = self.peer(frames, conn)
         owner = label(owner_id) if owner_id else client
-        failed = isinstance(reply, m.Error)
+        failed = type(reply) is m.Error
+        now = time.time()
         with self._lock:
             o = self.owners.get(owner)
             if o is None:
                 o = self.owners[owner] = OwnerStats()
-            o.last_seen = time.time()
-            o.connections.pop(client, None)
-            o.connections[client] = None
-            if len(o.connections) > CONNECTIONS_SHOWN:
-                del o.connections[next(iter(o.connections))]
+            o.last_seen = now
+            shown = o.connections
+            if next(reversed(shown), None) != client:  # the most recent last (a no-op when it is already)
+                shown.pop(client, None)
+                shown[client] = None
+                if len(shown) > CONNECTIONS_SHOWN:
+                    del shown[next(iter(shown))]
             o.requests += 1
             o.refused += failed
             self.requests[kind] += 1
-            c = self.clients.pop(client, None) or ClientStats()
-            self.clients[client] = c  # the most recently seen last
+            clients = self.clients
+            c = clients.get(client)
+            if c is None or next(reversed(clients)) != client:  # the most recently seen last
+                c = clients.pop(client, None) or ClientStats()
+                clients[client] = c
             c.owner = owner
             c.requests += 1
-            c.last_seen = o.last_seen
+            c.last_seen = now
             c.refused += failed
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
-            if isinstance(msg, m.Run):
-                self._run(msg, client, owner_id, owner, failed, seconds)
+            if kind == "run":
+                self._run(msg, client, owner_id, owner, failed, seconds)  # type: ignore[arg-type]
             elif failed:
                 pass
             elif isinstance(msg, m.Hello):
@@ -257,7 +264,7 @@ class Stats:
                     self._plan_bytes += nbytes
                 plan.clients.add(client)
                 plan.owners.add(owner)
-            self._fold(o.last_seen)
+            self._fold(now)
 
     def _fold(self, now: float) -> None:
         """Fold the rows of connections not seen for ``fold_after`` seconds, and the least recently seen
