@@ -35,6 +35,7 @@ from planwire.worker.direct import DirectLane
 from planwire.worker.jobs import RegisterJob, RunJob
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
+from planwire.worker.tiny import TinyPath
 from planwire.worker.window import Queued, Slot, Window
 
 log = logging.getLogger("planwire.worker")
@@ -65,6 +66,7 @@ class Supervisor(Window):
         self.trimmer = heap.Trimmer()  # what a burst freed goes back to the system once it is quiet
         sandbox.on_lost = self._lost
         self.gate = service.durable.install(server) if service.durable is not None else None  # group commit
+        self.tiny = TinyPath(service, direct) if direct is not None and self.gate is None else None
 
     # -- loop -------------------------------------------------------------------------------------
 
@@ -122,6 +124,11 @@ class Supervisor(Window):
     def _idle_request(self, sock: zmq.Socket, peer: bytes, client: bytes, frames: list) -> None:
         """A request read while nothing is queued or in flight. A run the direct lane takes is answered at once
         (the fast path); anything else is queued with the rest of its burst first, then executed."""
+        if self.tiny is not None:  # a tiny direct-lane run in one pass (worker/tiny.py), else the general path
+            reply = self.tiny(frames, client)
+            if reply is not None:
+                self.server.send(peer, reply)
+                return
         t0 = time.perf_counter()
         service = self.service
         msg, buffers = service.decode(frames, client, t0=t0)
