@@ -8,11 +8,13 @@ of a queued or running run, and ``cancel`` at once; every other request waits in
 connection's requests still execute in the order they came. The jobs sent to the runner, and what waits
 behind them, are the window's (worker/window.py: admission, dispatch, answers, restarts, deadlines).
 
-The tiny call's path is short: idle, the loop blocks in the socket's receive, decodes, and a run the direct
-lane takes is validated, executed and answered at once, before anything else is read; nothing else is paid
-per request. The idle chores (a runner that died while idle, the lazy host copies) run at every receive
-timeout and at most every ``CHORES_S`` while requests keep coming. A run the lane declines, and every other
-request, is queued with the rest of its burst first, so a run sent to the runner knows whether runs follow.
+The tiny call's path is short: idle, the loop blocks in the socket's receive, and a run the direct lane
+takes is decoded, validated, executed and answered at once by the prepared path (worker/tiny.py), before
+anything else is read; any other request, or a run that path leaves, takes the general path (decode, then
+a direct-lane run validated, executed and answered at once); nothing else is paid per request. The idle
+chores (a runner that died while idle, the lazy host copies) run at every receive timeout and at most every
+``CHORES_S`` while requests keep coming. A run the lane declines, and every other request, is queued with
+the rest of its burst first, so a run sent to the runner knows whether runs follow.
 
 Each request keeps its client (CURVE key or routing id) from the socket to its reply, so a run completed
 later is counted against, and its outputs owned by, the client that asked; every reply sent, a job's
