@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -184,6 +185,8 @@ class _Variant:
     plan: Plan
     session: object = None  # worker/runtime.py OrtPlan, created at the first small call
     small: dict[tuple, bool] = field(default_factory=dict)
+    ready: dict[tuple, bool] = field(default_factory=dict)  # (dtype, shape) of each argument -> prepared() admits it
+    call: Callable[[list], list] | None = None  # the session's run with its port names bound (prepared())
 
 
 class DirectLane:
@@ -239,6 +242,50 @@ class DirectLane:
             return None
         self.counts["direct_runs"] += 1
         return results
+
+    def prepared(self, pid: str, plan: Plan, args: list[np.ndarray]) -> Callable[[list], list] | None:
+        """The worker/tiny.py path's verdict on host arrays ``args`` of plan ``pid``: its run (the session's
+        C-level run, or OrtPlan.run) when the plan's signature accepts them and the lane takes the call, else
+        None. Decided once per (dtypes, shapes) of the arguments."""
+        v = self._variants.get(pid, False)
+        if v is None:
+            return None
+        if v is False or v.plan is not plan:
+            return None  # decided by run() first (the general path), which also counts a fallback
+        key = tuple([(a.dtype, a.shape) for a in args])
+        ok = v.ready.get(key)
+        if ok is None:
+            ok = self._ready(v, plan, args)
+            if len(v.ready) >= _CACHE:
+                v.ready.clear()
+            v.ready[key] = ok
+        return v.call if ok else None
+
+    def decline(self, pid: str, args: list[np.ndarray]) -> None:
+        """A prepared run of ``pid`` on ``args`` failed: such calls take the general path from now on."""
+        v = self._variants.get(pid)
+        if v:
+            v.ready[tuple([(a.dtype, a.shape) for a in args])] = False
+
+    def _ready(self, v: _Variant, plan: Plan, args: list[np.ndarray]) -> bool:
+        try:
+            plan.ports.check(args)
+        except Exception:
+            return False
+        shapes = tuple(a.shape for a in args)
+        ok = v.small.get(shapes)
+        if ok is None:
+            ok = v.small[shapes] = self.small(v, shapes)
+        if not ok or v.session is None:  # the session is created by run(), at the first small call
+            return False
+        if v.call is None:
+            s = v.session
+            run, names_in, names_out = s._run, s._input_names, s._output_names  # type: ignore[attr-defined]
+            if run is None:
+                v.call = s.run  # type: ignore[attr-defined]
+            else:  # OrtPlan.run(check=False) without its keyword handling: what check() accepted runs as is
+                v.call = lambda arrays: run(names_out, dict(zip(names_in, arrays, strict=True)), None)
+        return True
 
     def _variant(self, plan: Plan) -> _Variant | None:
         try:

@@ -35,6 +35,7 @@ from planwire.worker.owners import label
 if TYPE_CHECKING:
     from planwire.worker.service import Service
 
+_KINDS = {cls: m.type_name(cls) for cls in m.REQUESTS}  # request class -> its type tag
 WORKER = "(worker's own data)"  # owner of the tensors the worker was started with
 IN_PROCESS = "in-process"
 DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
@@ -201,31 +202,16 @@ class Stats:
     ) -> None:
         """Account for one answered request from owner ``owner_id`` (worker/owners.py) over the connection ``frames``
         came on (``conn``: its routing id, or b""; called by Service.reply, on the serving thread)."""
-        kind = m.type_name(type(msg)) if msg is not None else "invalid"
+        kind = _KINDS.get(type(msg)) or (m.type_name(type(msg)) if msg is not None else "invalid")
         client = self.peer(frames, conn)
         owner = label(owner_id) if owner_id else client
-        failed = isinstance(reply, m.Error)
+        failed = type(reply) is m.Error
+        now = time.time()
         with self._lock:
-            o = self.owners.get(owner)
-            if o is None:
-                o = self.owners[owner] = OwnerStats()
-            o.last_seen = time.time()
-            o.connections.pop(client, None)
-            o.connections[client] = None
-            if len(o.connections) > CONNECTIONS_SHOWN:
-                del o.connections[next(iter(o.connections))]
-            o.requests += 1
-            o.refused += failed
-            self.requests[kind] += 1
-            c = self.clients.pop(client, None) or ClientStats()
-            self.clients[client] = c  # the most recently seen last
-            c.owner = owner
-            c.requests += 1
-            c.last_seen = o.last_seen
-            c.refused += failed
+            c, o = self._seen(client, owner, kind, failed, now)
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
-            if isinstance(msg, m.Run):
-                self._run(msg, client, owner_id, owner, failed, seconds)
+            if kind == "run":
+                self._run(msg, client, owner_id, owner, failed, seconds)  # type: ignore[arg-type]
             elif failed:
                 pass
             elif isinstance(msg, m.Hello):
@@ -257,7 +243,47 @@ class Stats:
                     self._plan_bytes += nbytes
                 plan.clients.add(client)
                 plan.owners.add(owner)
-            self._fold(o.last_seen)
+            self._fold(now)
+
+    def ran(
+        self, frames: Sequence[object], conn: bytes, owner_id: bytes, msg: m.Run, seconds: float, sizes: list[int]
+    ) -> None:
+        """``observe`` of a run that succeeded and stored its outputs, of ``sizes`` bytes each (worker/tiny.py:
+        the same rows and counts, without the dispatch on the request's kind or a store lookup per output)."""
+        client = self.peer(frames, conn)
+        owner = label(owner_id) if owner_id else client
+        now = time.time()
+        with self._lock:
+            self._seen(client, owner, "run", False, now)
+            self.metrics.request("run", "")
+            self._run(msg, client, owner_id, owner, False, seconds, sizes)
+            self._fold(now)
+
+    def _seen(self, client: str, owner: str, kind: str, failed: bool, now: float) -> tuple[ClientStats, OwnerStats]:
+        """Count one request of ``kind`` on the rows of connection ``client`` and of ``owner`` (under the lock)."""
+        o = self.owners.get(owner)
+        if o is None:
+            o = self.owners[owner] = OwnerStats()
+        o.last_seen = now
+        shown = o.connections
+        if next(reversed(shown), None) != client:  # the most recent last (a no-op when it is already)
+            shown.pop(client, None)
+            shown[client] = None
+            if len(shown) > CONNECTIONS_SHOWN:
+                del shown[next(iter(shown))]
+        o.requests += 1
+        o.refused += failed
+        self.requests[kind] += 1
+        clients = self.clients
+        c = clients.get(client)
+        if c is None or next(reversed(clients)) != client:  # the most recently seen last
+            c = clients.pop(client, None) or ClientStats()
+            clients[client] = c
+        c.owner = owner
+        c.requests += 1
+        c.last_seen = now
+        c.refused += failed
+        return c, o
 
     def _fold(self, now: float) -> None:
         """Fold the rows of connections not seen for ``fold_after`` seconds, and the least recently seen
@@ -289,8 +315,18 @@ class Stats:
             for plan in self.plans.values():
                 plan.owners.discard(owner)
 
-    def _run(self, msg: m.Run, client: str, owner_id: bytes, name: str, failed: bool, seconds: float) -> None:
-        """``name``: the owner's label (``owner_id``'s, or the connection's when it has none)."""
+    def _run(
+        self,
+        msg: m.Run,
+        client: str,
+        owner_id: bytes,
+        name: str,
+        failed: bool,
+        seconds: float,
+        sizes: list[int] | None = None,
+    ) -> None:
+        """``name``: the owner's label (``owner_id``'s, or the connection's when it has none); ``sizes``: the
+        bytes of each output, all stored (else each is looked up in the store)."""
         plan = self.plans.get(msg.plan)
         self.runs += 1
         self.runs_failed += failed
@@ -299,6 +335,10 @@ class Stats:
             plan.failed += failed
         self.metrics.run(plan.name if plan is not None else "(unknown plan)", msg.plan[:12], seconds, failed)
         self.durations.append(seconds)
+        if sizes is not None:
+            for key, nbytes in zip(msg.outputs, sizes, strict=True):
+                self._hold(name, key, client, nbytes)
+            return
         for key in msg.outputs:
             entry = self.service.store.find(owner_id, key)
             if entry is None:  # a failed run's outputs are not stored (a refused one changed nothing)

@@ -5,21 +5,16 @@ Registrations and runs execute in the sandboxed runner (worker/sandbox.py), but 
 of it, is executed here and completed like a runner's answer (``Service.complete``). Meanwhile the loop
 keeps reading its socket. ``ping`` and ``hello`` are answered at once, ``describe`` too unless it names an output
 of a queued or running run, and ``cancel`` at once; every other request waits in one FIFO, so each
-connection's requests still execute in the order they came.
+connection's requests still execute in the order they came. The jobs sent to the runner, and what waits
+behind them, are the window's (worker/window.py: admission, dispatch, answers, restarts, deadlines).
 
-Runs are pipelined to the runner: up to ``WINDOW`` are in flight at once (the runner answers each in turn,
-the supervisor reads every answer there is in one wake-up), so a client's burst of tiny calls does not pay
-a round trip to the runner per call. A run joins the window only when nothing it reads or writes is an
-output of a run in flight (a ``p(p(x))`` waits for the first run: its argument's shape is known, and
-checked, only then), when it reads no private data, and when every run ahead of it sends its outputs'
-host copies back (``save``), so that a crash behind them loses none. Anything else (a registration, a put,
-a get, ...) waits until the window is empty: a barrier.
-
-A runner that crashes, exhausts its memory, runs past ``--run-timeout`` or is cancelled costs the run it
-was executing only (the head of the window): its caller gets ``plan_crashed``, ``out_of_memory``,
-``plan_timeout`` or ``cancelled`` naming the plan, the run's outputs are marked failed with that reason,
-and the runs behind it go to a fresh runner, which re-creates sessions from the kept bytes. A run's
-timeout clock starts when it is sent or when the run ahead of it answered, whichever is later.
+The tiny call's path is short: idle, the loop blocks in the socket's receive, and a run the direct lane
+takes is decoded, validated, executed and answered at once by the prepared path (worker/tiny.py), before
+anything else is read; any other request, or a run that path leaves, takes the general path (decode, then
+a direct-lane run validated, executed and answered at once); nothing else is paid per request. The idle
+chores (a runner that died while idle, the lazy host copies) run at every receive timeout and at most every
+``CHORES_S`` while requests keep coming. A run the lane declines, and every other request, is queued with
+the rest of its burst first, so a run sent to the runner knows whether runs follow.
 
 Each request keeps its client (CURVE key or routing id) from the socket to its reply, so a run completed
 later is counted against, and its outputs owned by, the client that asked; every reply sent, a job's
@@ -29,62 +24,32 @@ the runs in flight like other mutations, and the runner drops the plan's session
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import zmq
 
 from planwire.transport import messages as m
-from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
-from planwire.worker import heap, pipe
+from planwire.worker import heap
 from planwire.worker.direct import DirectLane
-from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
-from planwire.worker.resident import Resident
-from planwire.worker.runtime import Signature
+from planwire.worker.jobs import RegisterJob, RunJob
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
+from planwire.worker.tiny import TinyPath
+from planwire.worker.window import Queued, Slot, Window
 
 log = logging.getLogger("planwire.worker")
 
 MAX_QUEUED = 10_000  # requests waiting behind a job; past it the socket is not read (ZeroMQ's HWM pushes back)
-WINDOW = 32  # runs in flight to the runner at most
-READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded host)
-CANCEL_GRACE = 0.5  # seconds a cancelled run that reached the runner may take before the runner is stopped
 POLL_MS = 100  # the stop flag is checked at least this often
 BUSY_MS = 10  # while a job runs, the socket is read at least this often (ping, cancel)
+CHORES_S = 0.01  # while requests keep coming, the idle chores run at most this often
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum math per call
 
 
-@dataclass
-class _Queued:
-    """A request waiting behind the running job (``msg`` None: one refused as it was read, whose reply frames
-    are ``buffers``: it waits too, so a connection's replies keep the order of its requests)."""
-
-    peer: bytes
-    client: bytes
-    frames: list
-    msg: m._Message | None
-    buffers: list
-
-
-@dataclass
-class _Slot:
-    """A place in the window: a job, or (``job`` None) a reply that waits for the replies ahead of it."""
-
-    peer: bytes
-    job: Job | None
-    reply: list | None = None
-    sent: bool = False  # gone to the runner
-    save: bool = False  # sent asking for its outputs' host copies
-    deadline: float = 0.0  # monotonic, once it is the head: sent + timeout, or the runner's start deadline
-    cancelled: bool = False  # answered already (cancelled once sent): its answer is thrown away
-
-
-class Supervisor:
+class Supervisor(Window):
     """Serves ``service`` on ``server``'s socket, executing jobs in ``sandbox``."""
 
     def __init__(self, service: Service, server: Server, sandbox: Sandbox, direct: DirectLane | None = None) -> None:
@@ -95,13 +60,15 @@ class Supervisor:
         service.unloaded.append(sandbox.forget)  # a plan nobody holds (delete_plan, --idle-ttl): sessions go
         if direct is not None:
             service.unloaded.append(direct.forget)
-        self.queue: deque[_Queued] = deque()
-        self.window: deque[_Slot] = deque()  # jobs sent or about to be, in order; the head is the oldest
+        self.queue: deque[Queued] = deque()
+        self.window: deque[Slot] = deque()  # jobs sent or about to be, in order; the head is the oldest
         self._rcvtimeo = -2
         self._burst = False  # reading a burst of requests while idle: they are queued, then executed
+        self._chores_at = 0.0  # monotonic time the idle chores are due
         self.trimmer = heap.Trimmer()  # what a burst freed goes back to the system once it is quiet
         sandbox.on_lost = self._lost
         self.gate = service.durable.install(server) if service.durable is not None else None  # group commit
+        self.tiny = TinyPath(service, direct) if direct is not None and self.gate is None else None
 
     # -- loop -------------------------------------------------------------------------------------
 
@@ -133,30 +100,61 @@ class Supervisor:
         elif self.queue:  # left by a window that emptied without an answer (a cancel, a restart)
             self._advance()
         else:
-            if sandbox.wait(0):  # the runner died while idle
-                self._from_runner()
-            if not self.queue:
-                sandbox.sync()  # host copies of what the runner computed and clients kept (worker/resident.py)
+            now = time.monotonic()
+            if now >= self._chores_at:
+                self._chores_at = now + CHORES_S
+                if sandbox.wait(0):  # the runner died while idle
+                    self._from_runner()
+                if not self.queue:
+                    sandbox.sync()  # host copies of what the runner computed and clients kept (worker/resident.py)
             if self._rcvtimeo != POLL_MS:
                 sock.setsockopt(zmq.RCVTIMEO, POLL_MS)
                 self._rcvtimeo = POLL_MS
-            if len(self.queue) < MAX_QUEUED:
+            if len(self.queue) < MAX_QUEUED and not self.window:
                 try:
                     peer, client, frames = self.server.receive()
                 except zmq.Again:
                     self.trimmer.idle()
-                else:  # it and the rest of a burst are queued first: a run knows whether runs follow it
+                    self._chores_at = 0.0  # quiet: the chores at every timeout
+                else:
                     self.trimmer.active()
-                    self._burst = True
-                    try:
-                        self._request(bytes(peer), client, frames)
-                        self._read(sock)
-                    finally:
-                        self._burst = False
-                    self._advance()
+                    self._idle_request(sock, peer, client, frames)
         head = self._head()
         if head is not None and time.monotonic() > head.deadline:
             self._overdue(head)
+
+    def _idle_request(self, sock: zmq.Socket, peer: bytes, client: bytes, frames: list) -> None:
+        """A request read while nothing is queued or in flight. A run the direct lane takes is answered at once
+        (the fast path); anything else is queued with the rest of its burst first, then executed."""
+        if self.tiny is not None:  # a tiny direct-lane run in one pass (worker/tiny.py), else the general path
+            reply = self.tiny(frames, client)
+            if reply is not None:
+                self.server.send(peer, reply)
+                return
+        t0 = time.perf_counter()
+        service = self.service
+        msg, buffers = service.decode(frames, client, t0=t0)
+        queued = None
+        if type(msg) is m.Run and self.direct is not None and self.gate is None:  # durable: grouped replies
+            job = service.begin(msg, buffers, frames, client)
+            if type(job) is not RunJob:  # refused: its reply (its outputs marked failed)
+                self.server.send(peer, job)  # type: ignore[arg-type]
+                return
+            results = self.direct.run(job)
+            if results is not None:
+                self.server.send(peer, service.complete(job, results))
+                return
+            queued = Queued(bytes(peer), client, frames, msg, buffers, job)  # for the runner
+        self._burst = True  # a run sent to the runner knows whether runs follow it
+        try:
+            if queued is not None:
+                self.queue.append(queued)
+            else:
+                self._route(bytes(peer), client, frames, msg, buffers, t0)
+            self._read(sock)
+        finally:
+            self._burst = False
+        self._advance()
 
     def _read(self, sock: zmq.Socket) -> None:
         """Requests already waiting on the socket (none: returns at once, without an exception)."""
@@ -173,12 +171,17 @@ class Supervisor:
 
     def _request(self, peer: bytes, client: bytes, frames: list) -> None:
         t0 = time.perf_counter()
+        msg, buffers = self.service.decode(frames, client, t0=t0)
+        self._route(peer, client, frames, msg, buffers, t0)
+
+    def _route(
+        self, peer: bytes, client: bytes, frames: list, msg: m._Message | None, buffers: list, t0: float
+    ) -> None:
         service, send = self.service, self.server.send
-        msg, buffers = service.decode(frames, client, t0=t0)
         busy = self.window or self.queue or self._burst
         if msg is None:  # refused as read: answered in its turn (PROTOCOL.md §4.2)
             if busy:
-                self.queue.append(_Queued(peer, client, frames, None, buffers))
+                self.queue.append(Queued(peer, client, frames, None, buffers))
             else:
                 send(peer, buffers)
             return
@@ -191,11 +194,11 @@ class Supervisor:
             if kind is m.Describe and self._may_describe(peer, client, msg):  # type: ignore[arg-type]
                 send(peer, service.answer(msg, buffers, frames, client, t0=t0))
             else:
-                self.queue.append(_Queued(peer, client, frames, msg, buffers))
+                self.queue.append(Queued(peer, client, frames, msg, buffers))
         else:
-            self._process(_Queued(peer, client, frames, msg, buffers))
+            self._process(Queued(peer, client, frames, msg, buffers))
 
-    def _process(self, q: _Queued) -> None:
+    def _process(self, q: Queued) -> None:
         """Execute ``q`` (the window is empty, or ``q`` may join it): a job joins the window; a reply is sent,
         or waits in the window behind the jobs there."""
         msg = q.msg
@@ -203,13 +206,15 @@ class Supervisor:
             self._reply(q.peer, q.buffers)
             return
         if isinstance(msg, m.Run | m.RegisterPlan):
-            job = self.service.begin(msg, q.buffers, q.frames, q.client)
-            if isinstance(job, RunJob | RegisterJob):
+            job = q.job  # validated already when the direct lane declined it
+            if job is None:
+                job = self.service.begin(msg, q.buffers, q.frames, q.client)
                 if self.direct is not None and not self.window and isinstance(job, RunJob):
                     results = self.direct.run(job)  # nothing ahead of it: a tiny safe run is answered here
                     if results is not None:
                         self.server.send(q.peer, self.service.complete(job, results))
                         return
+            if isinstance(job, RunJob | RegisterJob):
                 self._start(q.peer, job)
                 return
             reply = job
@@ -219,7 +224,7 @@ class Supervisor:
 
     def _reply(self, peer: bytes, frames: list) -> None:
         if self.window:
-            self.window.append(_Slot(peer, None, frames))
+            self.window.append(Slot(peer, None, frames))
         else:
             self.server.send(peer, frames)
 
@@ -231,41 +236,6 @@ class Supervisor:
                 self._process(self.queue.popleft())
         finally:
             self._send_held()
-
-    def _send_held(self) -> None:
-        with contextlib.suppress(OSError):  # the runner died before reading: its closed pipe says how
-            self.sandbox.flush()
-
-    def _joins(self, q: _Queued) -> bool:
-        """Whether queued ``q`` may be executed while the window holds jobs (the module's docstring says when)."""
-        msg = q.msg
-        if msg is None:
-            return True
-        if not isinstance(msg, m.Run) or len(self.window) >= WINDOW:
-            return False
-        for s in self.window:
-            if s.job is not None and not s.cancelled and (isinstance(s.job, RegisterJob) or not s.save):
-                return False
-        keys = {a.ref for a in msg.args if isinstance(a.ref, str)}
-        keys.update(msg.outputs)
-        store, owner = self.service.store, self.service.owners.owner(q.client)
-        if {(owner, k) for k in keys} & self._window_outputs():
-            return False
-        if self.sandbox.unsaved:  # a tensor only the runner holds: a run behind must not risk it
-            return False
-        for key in keys:
-            entry = store.find(owner, key)
-            if entry is not None and entry.private:
-                return False
-        return True
-
-    def _window_outputs(self) -> set[tuple[bytes, str]]:
-        """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
-        client's run never delays (nor, by the delay, reveals) a request on a key of the same name."""
-        owner = self.service.owners.owner
-        return {
-            (owner(s.job.origin.client), k) for s in self.window if isinstance(s.job, RunJob) for k in s.job.msg.outputs
-        }
 
     def _only_runs_ahead(self, peer: bytes) -> bool:
         """Whether everything of connection ``peer`` queued or waiting in the window is a run: only then may a
@@ -287,281 +257,3 @@ class Supervisor:
             if isinstance(q.msg, m.Run):
                 pending.update((owner(q.client), k) for k in q.msg.outputs)
         return not any((me, k) in pending for k in msg.keys)
-
-    def _head(self) -> _Slot | None:
-        """The oldest job in the window (replies ahead of it are sent as soon as they are at the front)."""
-        return self.window[0] if self.window else None
-
-    def _cancel(self, peer: bytes, client: bytes, frames: list, msg: m.Cancel) -> None:
-        service, send = self.service, self.server.send
-        origin = Origin(frames, client)
-        ok = service.reply(origin, msg, m.Ok(re=msg.id, session=service.session))
-        for i, q in enumerate(self.queue):
-            if q.peer == peer and isinstance(q.msg, m.Run) and q.msg.id == msg.run:
-                del self.queue[i]
-                why = ProtocolError("cancelled", f"run #{q.msg.id} was cancelled (request #{msg.id}) before it started")
-                send(peer, service.drop(q.msg, why, q.frames, q.client))
-                send(peer, ok)
-                return
-        for i, slot in enumerate(self.window):
-            job = slot.job
-            if slot.cancelled or slot.peer != peer or not isinstance(job, RunJob) or job.msg.id != msg.run:
-                continue
-            words = f"run #{msg.run} of plan {job.plan.name!r} was cancelled (request #{msg.id})"
-            why = ProtocolError("cancelled", words)
-            if i == 0 and slot.sent:  # executing (or next to): stop the runner; the runs behind go to a fresh one
-                self.sandbox.stop("cancelled")
-                self._finish(why, then=ok)
-                self._restart()
-                return
-            send(peer, service.complete(job, why))
-            send(peer, ok)
-            if slot.sent:  # in the runner's pipe: its answer is thrown away (and the runner stopped if it is slow)
-                slot.cancelled = True
-            else:
-                del self.window[i]
-                self._flush()
-            return
-        error = ProtocolError(
-            "bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running (finished?)"
-        )
-        send(peer, service.refuse(msg.id, error, origin, msg))
-
-    # -- jobs -------------------------------------------------------------------------------------
-
-    def _start(self, peer: bytes, job: Job) -> None:
-        slot = _Slot(peer, job)
-        first = not self.window
-        self.window.append(slot)
-        if first:
-            slot.deadline = time.monotonic() + READY_TIMEOUT
-            self.sandbox.start()
-        if self.sandbox.ready:
-            self._dispatch(slot)
-
-    def _dispatch(self, slot: _Slot) -> None:
-        """Send ``slot``'s job to the runner (it is ready; every slot ahead of it was sent)."""
-        job, sandbox = slot.job, self.sandbox
-        head = slot is self.window[0]
-        try:
-            if isinstance(job, RegisterJob):
-                sandbox.send_load(job.pid, job.name, job.data)
-            else:
-                assert isinstance(job, RunJob)
-                msg = job.msg
-                if head:  # host copies of what only the runner holds, before a run that may crash it
-                    owner = self.service.owners.owner(job.origin.client)
-                    found = (self.service.store.find(owner, key) for key in msg.outputs)
-                    sandbox.protect({id(e.array) for e in found if e is not None})
-                    if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
-                        self._restart()
-                        return
-                # when runs follow it into the window, it sends its outputs' host copies back
-                behind = self.window[-1] is not slot
-                slot.save = behind or bool(self.queue) and isinstance(self.queue[0].msg, m.Run)
-                sandbox.send_run(
-                    msg.plan,
-                    job.plan.name,
-                    job.plan.data,
-                    job.args,
-                    job.entries,
-                    outputs=len(job.plan.ports.outputs),
-                    fetch=msg.fetch,
-                    inline_max=msg.inline_max,
-                    save=slot.save,
-                )
-        except OSError:  # the runner died before reading: its closed pipe says how
-            pass
-        except ProtocolError as e:  # an argument was lost with an earlier runner: nothing was sent
-            slot.job, slot.reply = None, self.service.complete(job, e)  # type: ignore[arg-type]
-            self._flush()
-            return
-        slot.sent = True
-        if head:
-            slot.deadline = time.monotonic() + sandbox.timeout
-
-    def _restart(self) -> None:
-        """The runner is gone: the jobs left in the window go, in order, to a fresh one once it is Ready."""
-        for slot in [s for s in self.window if s.cancelled]:  # answered already: not run again
-            self.window.remove(slot)
-        for slot in self.window:
-            slot.sent = False
-        while self.window and self.window[0].job is None:
-            slot = self.window.popleft()
-            self.server.send(slot.peer, slot.reply)
-        head = self._head()
-        if head is not None:
-            self.sandbox.start()
-            head.deadline = time.monotonic() + READY_TIMEOUT
-
-    def _from_runner(self) -> None:
-        """The messages the runner has sent so far: at most one per request in flight (and a Ready), so that a
-        runner that keeps talking cannot keep the loop from requests and deadlines."""
-        sandbox = self.sandbox
-        for _ in range(len(sandbox.inflight) + 1):
-            self._one_from_runner()
-            if not sandbox.running or not sandbox.wait(0):
-                return
-
-    def _one_from_runner(self) -> None:
-        sandbox = self.sandbox
-        try:
-            msg, buffers = sandbox.receive()
-        except pipe.PipeClosed:
-            was_ready = sandbox.ready
-            code, words = sandbox.died()
-            head = self._head()
-            if head is None:
-                log.warning("the sandboxed runner ended while idle: %s", words)
-            elif head.cancelled:  # stopped (or died) while executing a run already answered as cancelled
-                self.window.popleft()
-                self._flush()
-            elif head.sent or not was_ready:
-                self._finish(self._death(head, code, words, was_ready))
-            self._restart()
-            return
-        if isinstance(msg, pipe.Ready):
-            if sandbox.ready:  # a runner says Ready once: one that says it again is not to be trusted
-                sandbox.kill("the runner said it was ready twice")
-                return
-            sandbox.ready = True
-            sandbox.memory_limit = msg.memory_limit
-            log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
-            sandbox.hold()
-            try:
-                for slot in list(self.window):
-                    if slot.job is not None and not slot.sent and slot in self.window:
-                        self._dispatch(slot)
-                        if not sandbox.running or not sandbox.ready:  # it ended (a fresh one starts)
-                            break
-            finally:
-                self._send_held()
-            return
-        head = self._head()
-        if head is None or not head.sent:
-            log.error("unexpected message from the runner: %s", type(msg).__name__)
-            return
-        job = head.job
-        assert job is not None
-        outcome: Signature | list | ProtocolError
-        try:
-            if isinstance(msg, pipe.Failed):
-                if isinstance(job, RunJob):
-                    sandbox.loaded.discard(job.msg.plan)
-                outcome = self._failed(job, msg)
-            elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
-                sandbox.loaded.add(job.pid)
-                outcome = Signature(job.name, msg.inputs, msg.outputs, placement=msg.placement)
-            elif isinstance(msg, pipe.Ran) and isinstance(job, RunJob):
-                outcome = sandbox.outputs(msg, buffers)
-            else:
-                outcome = ProtocolError(
-                    "internal", f"the runner answered {type(msg).__name__} to a {type(job).__name__}"
-                )
-        except Exception as e:  # e.g. an output segment that cannot be mapped
-            outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
-        if head.cancelled:  # answered already; what it computed is dropped (its handles freed)
-            self.window.popleft()
-            self._flush()
-        else:
-            self._finish(outcome)
-
-    def _finish(self, outcome: Signature | list | ProtocolError, then: list | None = None) -> None:
-        """Answer the head job (and send ``then``, a reply to the same peer), then what waits behind it."""
-        head = self.window.popleft()
-        assert head.job is not None
-        self.server.send(head.peer, self.service.complete(head.job, outcome))
-        if then is not None:
-            self.server.send(head.peer, then)
-        self._flush()
-
-    def _flush(self) -> None:
-        """Send the replies now at the front of the window; the next job's clock starts now."""
-        window = self.window
-        while window and window[0].job is None:
-            slot = window.popleft()
-            self.server.send(slot.peer, slot.reply)
-        if window:
-            head = window[0]
-            now = time.monotonic()
-            if head.sent:
-                head.deadline = now + (CANCEL_GRACE if head.cancelled else self.sandbox.timeout)
-            elif not self.sandbox.running:
-                self._restart()
-            elif head.deadline < now:
-                head.deadline = now + READY_TIMEOUT
-        else:
-            self._advance()
-
-    def _overdue(self, head: _Slot) -> None:
-        if head.job is None:
-            return
-        if head.cancelled:  # a cancelled run the runner is still executing
-            self.sandbox.stop("cancelled")
-            self.window.popleft()
-            self._restart()
-            self._flush()
-            return
-        if not head.sent:
-            self.sandbox.stop("did not start in time")
-            self._finish(ProtocolError("internal", f"the sandboxed runner did not start within {READY_TIMEOUT:.0f} s"))
-            return
-        self.sandbox.stop("timeout")
-        what = _what(head.job)
-        log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
-        words = f"ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped"
-        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(head.job)}"))
-        self._restart()
-
-    def _lost(self, lost: list[Resident], why: str) -> None:
-        """The runner ended holding tensors that had no host copy yet: their keys fail with ``why``."""
-        ids = {id(r) for r in lost}
-        store, n = self.service.store, 0
-        for client in store.clients():
-            for key, entry in list(store.space(client).items()):
-                if id(entry.array) in ids:
-                    store.fail(client, key, f"tensor {key!r} was lost: {why}")
-                    n += 1
-        if n:
-            log.warning("%d stored tensors lost with the runner (no host copy yet): %s", n, why)
-
-    # -- error wording ----------------------------------------------------------------------------
-
-    def _failed(self, job: Job, failed: pipe.Failed) -> ProtocolError:
-        wid = self.service.id
-        name = job.name if isinstance(job, RegisterJob) else job.plan.name
-        if failed.code == "out_of_memory":
-            bound = f"--max-run-memory-mb {self.sandbox.memory_mb}" if self.sandbox.memory_mb else "memory"
-            doing = "loading" if isinstance(job, RegisterJob) else "running"
-            return ProtocolError(
-                "out_of_memory",
-                f"plan {name!r} ran out of memory {doing} on worker {wid!r} ({bound}): {failed.message}",
-            )
-        if failed.code == "run_failed":
-            return ProtocolError("run_failed", f"plan {name!r} failed on worker {wid!r}: {failed.message}")
-        code = failed.code if failed.code in m.ErrorCode.__args__ else "internal"  # type: ignore[attr-defined]
-        return ProtocolError(code, failed.message)
-
-    def _death(self, head: _Slot, code: str, words: str, was_ready: bool) -> ProtocolError:
-        assert head.job is not None
-        what = _what(head.job)
-        if not was_ready:
-            return ProtocolError("internal", f"the sandboxed runner failed to start ({words}): see the worker's log")
-        log.warning("%s: %s; runner restarted", what, words)
-        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {_after(head.job)}")
-
-
-def _what(job: Job) -> str:
-    if isinstance(job, RegisterJob):
-        return f"plan {job.name!r} (registering)"
-    return f"plan {job.plan.name!r} (run #{job.msg.id})"
-
-
-def _after(job: Job) -> str:
-    if isinstance(job, RegisterJob):
-        return "it was not registered; the worker kept every stored tensor and plan"
-    return "the worker kept every stored tensor and plan"
-
-
-def _mib(n: int) -> str:
-    return f"{n >> 20} MiB" if n else "none"

@@ -1,0 +1,204 @@
+"""The tiny call's prepared path (worker/tiny.py) against the general path it short-cuts.
+
+Two services get the same requests: one answers every run as the supervisor's general path does (decode,
+begin, the direct lane, complete), the other tries the prepared path first. Replies must be the same bytes,
+and the store, the lane's counts and the stats the same, for runs the path takes and for every run it must
+leave to the general path (each refusal with its own code).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from planwire.transport import framing
+from planwire.transport import messages as m
+from planwire.worker.direct import DirectLane
+from planwire.worker.jobs import RunJob
+from planwire.worker.service import Service
+from planwire.worker.stats import Stats
+from planwire.worker.tiny import TinyPath
+from tests.hostile import checked, f32
+
+ALICE, BOB = b"\x00alice", b"\x00bob"
+
+
+def affine() -> bytes:
+    """y = x * 2 + 1 and z = x + 1, x [n]."""
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["y"]),
+        helper.make_node("Add", ["x", "one"], ["z"]),
+    ]
+    io = helper.make_tensor_value_info
+    return checked(
+        nodes,
+        [io("x", TensorProto.FLOAT, ["n"])],
+        [io("y", TensorProto.FLOAT, ["n"]), io("z", TensorProto.FLOAT, ["n"])],
+        [f32("two", [2.0]), f32("one", [1.0])],
+    )
+
+
+def general(svc: Service, lane: DirectLane, frames: list, client: bytes) -> list:
+    """What the supervisor does with a request read while idle, without the prepared path."""
+    msg, buffers = svc.decode(frames, client)
+    if msg is None:
+        return buffers
+    if type(msg) is not m.Run:
+        return svc.answer(msg, buffers, frames, client)
+    job = svc.begin(msg, buffers, frames, client)
+    if type(job) is not RunJob:
+        return job  # type: ignore[return-value]
+    results = lane.run(job)
+    assert results is not None, "every run of these tests is one the lane takes"
+    return svc.complete(job, results)
+
+
+class Pair:
+    """The same worker twice: ``a`` answers by the general path only, ``b`` tries the prepared path first."""
+
+    def __init__(self) -> None:
+        own = [("own:secret", np.ones(3, np.float32), ()), ("own:x", np.ones(3, np.float32), ())]
+        self.a, self.b = (Service("w", data=own, max_client_store_bytes=4096) for _ in range(2))
+        self.b.session = self.a.session
+        self.lanes = DirectLane(), DirectLane()
+        for svc, lane in zip((self.a, self.b), self.lanes, strict=True):
+            svc.stats = Stats(svc)
+            svc.unloaded.append(lane.forget)  # as the supervisor does
+            svc.store.put_own("own:public", np.ones(3, np.float32))
+            svc.store._own["own:public"].private = False  # as a --public worker's own data
+        self.tiny = TinyPath(self.b, self.lanes[1])
+        self.taken = 0
+        self.pid = ""
+
+    def send(self, msg: m._Message, client: bytes = ALICE, bufs: tuple = (), header: bytes | None = None) -> m._Message:
+        frames = framing.pack(msg, list(bufs))
+        if header is not None:
+            frames[1] = header
+        frames = [memoryview(bytes(f)) for f in frames]
+        want = general(self.a, self.lanes[0], frames, client)
+        got = self.tiny(frames, client)
+        if got is None:
+            got = general(self.b, self.lanes[1], frames, client)
+        else:
+            self.taken += 1
+        if type(msg) is not m.Hello:  # welcome: each worker issues its own identity
+            assert [bytes(f) for f in got] == [bytes(f) for f in want]
+        return framing.unpack_reply(want)[0]
+
+    def setup(self, client: bytes = ALICE) -> None:
+        assert isinstance(self.send(m.Hello(id=1), client), m.Welcome)
+        info = self.send(m.RegisterPlan(id=2, name="affine"), client, (affine(),))
+        assert isinstance(info, m.PlanInfo), info
+        self.pid = info.plan
+        self.put("x", np.arange(4, dtype=np.float32), client)
+
+    def put(self, key: str, value: np.ndarray, client: bytes = ALICE) -> None:
+        t = m.PutTensor(
+            key=key, dtype="float" if value.dtype == np.float32 else "double", shape=list(value.shape), frame=0
+        )
+        assert isinstance(self.send(m.Put(id=3, tensors=[t]), client, (value.tobytes(),)), m.Ok)
+
+    def run(self, rid: int, *refs: str, outputs: tuple = ("y", "z"), client: bytes = ALICE, **kw) -> m._Message:
+        args = [m.Arg(ref=r) for r in refs]
+        return self.send(m.Run(id=rid, plan=self.pid, args=args, outputs=list(outputs), **kw), client)
+
+    def same_state(self) -> None:
+        for key in ("_spaces", "_failed", "bytes", "_by_client"):
+            sa, sb = getattr(self.a.store, key), getattr(self.b.store, key)
+            if key == "_spaces":
+                sa = {c: {k: (e.array.tolist(), e.private, e.tags) for k, e in s.items()} for c, s in sa.items()}
+                sb = {c: {k: (e.array.tolist(), e.private, e.tags) for k, e in s.items()} for c, s in sb.items()}
+            assert sa == sb, key
+        assert self.lanes[0].counts == self.lanes[1].counts
+        ta, tb = self.a.stats, self.b.stats
+        assert (ta.requests, ta.runs, ta.runs_failed, ta.tensors) == (tb.requests, tb.runs, tb.runs_failed, tb.tensors)
+        assert ta.metrics.requests == tb.metrics.requests and ta.metrics.runs == tb.metrics.runs
+        assert sum(ta.metrics.run_buckets) == sum(tb.metrics.run_buckets) == len(tb.durations)
+        rows = lambda s: {k: (c.owner, c.requests, c.refused, sorted(c.held)) for k, c in s.clients.items()}  # noqa: E731
+        assert rows(ta) == rows(tb)
+        owners = lambda s: {k: (o.requests, o.refused, list(o.connections)) for k, o in s.owners.items()}  # noqa: E731
+        assert owners(ta) == owners(tb)
+        assert [(p.runs, p.failed) for p in ta.plans.values()] == [(p.runs, p.failed) for p in tb.plans.values()]
+
+
+@pytest.fixture
+def pair() -> Pair:
+    p = Pair()
+    p.setup()
+    return p
+
+
+def test_a_tiny_run_takes_the_prepared_path_with_the_general_paths_reply_and_state(pair: Pair) -> None:
+    first = pair.run(10, "x", inline_max=1 << 16)  # the lane decides the plan on the general path first
+    assert pair.taken == 0 and isinstance(first, m.Tensors)
+    for rid, kw in enumerate(({"inline_max": 1 << 16}, {}, {"fetch": [1]}, {"fetch": [1], "inline_max": 8}), 11):
+        pair.run(rid, "x", **kw)
+    assert pair.taken == 4
+    reply = pair.run(20, "x", outputs=("y2", "z2"), inline_max=1 << 16)
+    assert isinstance(reply, m.Tensors) and [t.key for t in reply.tensors] == ["y2", "z2"]
+    pair.run(21, "own:public", outputs=("p", "q"))  # the worker's public data: read like the client's own
+    assert pair.taken == 6
+    assert pair.b.store.entry(pair.b.owners.owner(ALICE), "y").array.tolist() == [1.0, 3.0, 5.0, 7.0]
+    assert pair.lanes[1].counts["direct_runs"] == 7
+    pair.same_state()
+
+
+def test_every_other_run_is_left_to_the_general_path_with_its_own_error(pair: Pair) -> None:
+    pair.run(10, "x")
+    pair.put("x64", np.arange(4, dtype=np.float64))
+    pair.put("x2", np.ones((2, 2), np.float32))
+    cases = [
+        ({"refs": ("nope",)}, "unknown_tensor"),
+        ({"refs": ("x",), "outputs": ("y",)}, "bad_argument"),  # one key for two outputs
+        ({"refs": ("x",), "outputs": ("y", "y")}, "invalid_message"),
+        ({"refs": ("x",), "outputs": ("own:x", "z")}, "forbidden"),
+        ({"refs": ("x64",)}, "bad_argument"),  # dtype
+        ({"refs": ("x2",)}, "bad_argument"),  # rank
+        ({"refs": ("x", "x")}, "bad_argument"),  # count
+        ({"refs": ("x",), "fetch": [2]}, "bad_argument"),
+        ({"refs": ("own:secret",), "fetch": [0]}, "private_data"),
+        ({"refs": ("x",), "client": BOB}, "unknown_plan"),  # a plan only its holders see
+    ]
+    for rid, (kw, code) in enumerate(cases, 11):
+        refs = kw.pop("refs")
+        reply = pair.run(rid, *refs, **kw)
+        assert isinstance(reply, m.Error) and reply.code == code, (kw, reply)
+    assert pair.taken == 0
+    reply = pair.run(30, "y")  # the failed outputs of a refused run: run_failed, named
+    assert isinstance(reply, m.Error) and reply.code == "run_failed"
+    dup = b'{"type":"run","id":31,"plan":"%s","args":[{"ref":"x"}],"outputs":["y","z"],"outputs":["a","b"]}'
+    reply = pair.send(m.Ping(id=0), header=dup % pair.pid.encode())
+    assert isinstance(reply, m.Error) and reply.code == "bad_header" and "duplicate key" in reply.message
+    inline = m.Run(
+        id=32, plan=pair.pid, args=[m.Arg(tensor=m.Tensor(dtype="float", shape=[1], frame=0))], outputs=["y", "z"]
+    )
+    assert isinstance(pair.send(inline, bufs=(np.ones(1, np.float32).tobytes(),)), m.Ok)
+    assert pair.taken == 0
+    pair.same_state()
+
+
+def test_a_quota_refused_after_the_run_is_completed_as_the_general_path_does(pair: Pair) -> None:
+    pair.run(10, "x")
+    pair.put("big", np.ones(400, np.float32))  # 1600 bytes; y and z of it would pass the 4096-byte quota
+    assert isinstance(pair.run(11, "x", outputs=("a", "b")), m.Ok) and pair.taken == 1
+    reply = pair.run(12, "big", outputs=("c", "d"))
+    assert isinstance(reply, m.Error) and reply.code == "quota_exceeded"
+    reply = pair.run(13, "c")
+    assert isinstance(reply, m.Error) and reply.code == "run_failed" and "quota_exceeded" in reply.message
+    pair.same_state()
+
+
+def test_a_plan_registered_again_is_prepared_again(pair: Pair) -> None:
+    pair.run(10, "x")
+    pair.run(11, "x")
+    assert pair.taken == 1
+    assert isinstance(pair.send(m.DeletePlan(id=12, plan=pair.pid)), m.Ok)
+    reply = pair.run(13, "x")
+    assert isinstance(reply, m.Error) and reply.code == "unknown_plan"
+    assert isinstance(pair.send(m.RegisterPlan(id=14, name="affine"), bufs=(affine(),)), m.PlanInfo)
+    pair.run(15, "x")  # decided again by the general path
+    pair.run(16, "x")
+    assert pair.taken == 2
+    pair.same_state()

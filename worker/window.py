@@ -1,0 +1,398 @@
+"""The window: the jobs in flight to the sandboxed runner, and what waits behind them (a mixin of
+:class:`~planwire.worker.supervisor.Supervisor`, whose loop reads the socket and calls in here).
+
+Runs are pipelined to the runner: up to ``WINDOW`` are in flight at once (the runner answers each in turn,
+the supervisor reads every answer there is in one wake-up), so a client's burst of tiny calls does not pay
+a round trip to the runner per call. A run joins the window only when nothing it reads or writes is an
+output of a run in flight (a ``p(p(x))`` waits for the first run: its argument's shape is known, and
+checked, only then), when it reads no private data, and when every run ahead of it sends its outputs'
+host copies back (``save``), so that a crash behind them loses none. Anything else (a registration, a put,
+a get, ...) waits until the window is empty: a barrier.
+
+A runner that crashes, exhausts its memory, runs past ``--run-timeout`` or is cancelled costs the run it
+was executing only (the head of the window): its caller gets ``plan_crashed``, ``out_of_memory``,
+``plan_timeout`` or ``cancelled`` naming the plan, the run's outputs are marked failed with that reason,
+and the runs behind it go to a fresh runner, which re-creates sessions from the kept bytes. A run's
+timeout clock starts when it is sent or when the run ahead of it answered, whichever is later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from planwire.transport import messages as m
+from planwire.transport.errors import ProtocolError
+from planwire.transport.server import Server
+from planwire.worker import pipe
+from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
+from planwire.worker.resident import Resident
+from planwire.worker.runtime import Signature
+from planwire.worker.sandbox import Sandbox
+from planwire.worker.service import Service
+
+log = logging.getLogger("planwire.worker")
+
+WINDOW = 32  # runs in flight to the runner at most
+READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded host)
+CANCEL_GRACE = 0.5  # seconds a cancelled run that reached the runner may take before the runner is stopped
+
+
+@dataclass
+class Queued:
+    """A request waiting behind the running job (``msg`` None: one refused as it was read, whose reply frames
+    are ``buffers``: it waits too, so a connection's replies keep the order of its requests). ``job``: its
+    run, validated already (the direct lane declined it)."""
+
+    peer: bytes
+    client: bytes
+    frames: list
+    msg: m._Message | None
+    buffers: list
+    job: Job | None = None
+
+
+@dataclass
+class Slot:
+    """A place in the window: a job, or (``job`` None) a reply that waits for the replies ahead of it."""
+
+    peer: bytes
+    job: Job | None
+    reply: list | None = None
+    sent: bool = False  # gone to the runner
+    save: bool = False  # sent asking for its outputs' host copies
+    deadline: float = 0.0  # monotonic, once it is the head: sent + timeout, or the runner's start deadline
+    cancelled: bool = False  # answered already (cancelled once sent): its answer is thrown away
+
+
+class Window:
+    """The window's half of the supervisor: admission, dispatch to the runner, answers, restarts, deadlines."""
+
+    service: Service
+    server: Server
+    sandbox: Sandbox
+    queue: deque[Queued]
+    window: deque[Slot]
+
+    def _advance(self) -> None:  # the supervisor's: move what may go from the queue into the window
+        raise NotImplementedError
+
+    def _send_held(self) -> None:
+        with contextlib.suppress(OSError):  # the runner died before reading: its closed pipe says how
+            self.sandbox.flush()
+
+    def _joins(self, q: Queued) -> bool:
+        """Whether queued ``q`` may be executed while the window holds jobs (the module's docstring says when).
+        One pass over the window, no set of its outputs built per run admitted."""
+        msg = q.msg
+        if msg is None:
+            return True
+        if type(msg) is not m.Run or len(self.window) >= WINDOW or self.sandbox.unsaved:
+            return False  # unsaved: a tensor only the runner holds, which a run behind must not risk
+        service = self.service
+        owners, store = service.owners, service.store
+        me = owners.owner(q.client)
+        keys = {a.ref for a in msg.args if isinstance(a.ref, str)}
+        keys.update(msg.outputs)
+        for s in self.window:
+            job = s.job
+            if job is None:
+                continue
+            if not s.cancelled and (type(job) is RegisterJob or not s.save):
+                return False
+            if type(job) is RunJob and not keys.isdisjoint(job.msg.outputs) and owners.owner(job.origin.client) == me:
+                return False
+        for key in keys:
+            entry = store.find(me, key)
+            if entry is not None and entry.private:
+                return False
+        return True
+
+    def _window_outputs(self) -> set[tuple[bytes, str]]:
+        """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
+        client's run never delays (nor, by the delay, reveals) a request on a key of the same name."""
+        owner = self.service.owners.owner
+        return {
+            (owner(s.job.origin.client), k) for s in self.window if isinstance(s.job, RunJob) for k in s.job.msg.outputs
+        }
+
+    def _head(self) -> Slot | None:
+        """The oldest job in the window (replies ahead of it are sent as soon as they are at the front)."""
+        return self.window[0] if self.window else None
+
+    def _cancel(self, peer: bytes, client: bytes, frames: list, msg: m.Cancel) -> None:
+        service, send = self.service, self.server.send
+        origin = Origin(frames, client)
+        ok = service.reply(origin, msg, m.Ok(re=msg.id, session=service.session))
+        for i, q in enumerate(self.queue):
+            if q.peer == peer and isinstance(q.msg, m.Run) and q.msg.id == msg.run:
+                del self.queue[i]
+                why = ProtocolError("cancelled", f"run #{q.msg.id} was cancelled (request #{msg.id}) before it started")
+                send(peer, service.drop(q.msg, why, q.frames, q.client))
+                send(peer, ok)
+                return
+        for i, slot in enumerate(self.window):
+            job = slot.job
+            if slot.cancelled or slot.peer != peer or not isinstance(job, RunJob) or job.msg.id != msg.run:
+                continue
+            words = f"run #{msg.run} of plan {job.plan.name!r} was cancelled (request #{msg.id})"
+            why = ProtocolError("cancelled", words)
+            if i == 0 and slot.sent:  # executing (or next to): stop the runner; the runs behind go to a fresh one
+                self.sandbox.stop("cancelled")
+                self._finish(why, then=ok)
+                self._restart()
+                return
+            send(peer, service.complete(job, why))
+            send(peer, ok)
+            if slot.sent:  # in the runner's pipe: its answer is thrown away (and the runner stopped if it is slow)
+                slot.cancelled = True
+            else:
+                del self.window[i]
+                self._flush()
+            return
+        error = ProtocolError(
+            "bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running (finished?)"
+        )
+        send(peer, service.refuse(msg.id, error, origin, msg))
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def _start(self, peer: bytes, job: Job) -> None:
+        slot = Slot(peer, job)
+        first = not self.window
+        self.window.append(slot)
+        if first:
+            slot.deadline = time.monotonic() + READY_TIMEOUT
+            self.sandbox.start()
+        if self.sandbox.ready:
+            self._dispatch(slot)
+
+    def _dispatch(self, slot: Slot) -> None:
+        """Send ``slot``'s job to the runner (it is ready; every slot ahead of it was sent)."""
+        job, sandbox = slot.job, self.sandbox
+        head = slot is self.window[0]
+        try:
+            if isinstance(job, RegisterJob):
+                sandbox.send_load(job.pid, job.name, job.data)
+            else:
+                assert isinstance(job, RunJob)
+                msg = job.msg
+                if head:  # host copies of what only the runner holds, before a run that may crash it
+                    owner = self.service.owners.owner(job.origin.client)
+                    found = (self.service.store.find(owner, key) for key in msg.outputs)
+                    sandbox.protect({id(e.array) for e in found if e is not None})
+                    if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
+                        self._restart()
+                        return
+                # when runs follow it into the window, it sends its outputs' host copies back
+                behind = self.window[-1] is not slot
+                slot.save = behind or bool(self.queue) and isinstance(self.queue[0].msg, m.Run)
+                sandbox.send_run(
+                    msg.plan,
+                    job.plan.name,
+                    job.plan.data,
+                    job.args,
+                    job.entries,
+                    outputs=len(job.plan.ports.outputs),
+                    fetch=msg.fetch,
+                    inline_max=msg.inline_max,
+                    save=slot.save,
+                )
+        except OSError:  # the runner died before reading: its closed pipe says how
+            pass
+        except ProtocolError as e:  # an argument was lost with an earlier runner: nothing was sent
+            slot.job, slot.reply = None, self.service.complete(job, e)  # type: ignore[arg-type]
+            self._flush()
+            return
+        slot.sent = True
+        if head:
+            slot.deadline = time.monotonic() + sandbox.timeout
+
+    def _restart(self) -> None:
+        """The runner is gone: the jobs left in the window go, in order, to a fresh one once it is Ready."""
+        for slot in [s for s in self.window if s.cancelled]:  # answered already: not run again
+            self.window.remove(slot)
+        for slot in self.window:
+            slot.sent = False
+        while self.window and self.window[0].job is None:
+            slot = self.window.popleft()
+            self.server.send(slot.peer, slot.reply)
+        head = self._head()
+        if head is not None:
+            self.sandbox.start()
+            head.deadline = time.monotonic() + READY_TIMEOUT
+
+    def _from_runner(self) -> None:
+        """The messages the runner has sent so far: at most one per request in flight (and a Ready), so that a
+        runner that keeps talking cannot keep the loop from requests and deadlines."""
+        sandbox = self.sandbox
+        for _ in range(len(sandbox.inflight) + 1):
+            self._one_from_runner()
+            if not sandbox.running or not sandbox.wait(0):
+                return
+
+    def _one_from_runner(self) -> None:
+        sandbox = self.sandbox
+        try:
+            msg, buffers = sandbox.receive()
+        except pipe.PipeClosed:
+            was_ready = sandbox.ready
+            code, words = sandbox.died()
+            head = self._head()
+            if head is None:
+                log.warning("the sandboxed runner ended while idle: %s", words)
+            elif head.cancelled:  # stopped (or died) while executing a run already answered as cancelled
+                self.window.popleft()
+                self._flush()
+            elif head.sent or not was_ready:
+                self._finish(self._death(head, code, words, was_ready))
+            self._restart()
+            return
+        if isinstance(msg, pipe.Ready):
+            if sandbox.ready:  # a runner says Ready once: one that says it again is not to be trusted
+                sandbox.kill("the runner said it was ready twice")
+                return
+            sandbox.ready = True
+            sandbox.memory_limit = msg.memory_limit
+            log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
+            sandbox.hold()
+            try:
+                for slot in list(self.window):
+                    if slot.job is not None and not slot.sent and slot in self.window:
+                        self._dispatch(slot)
+                        if not sandbox.running or not sandbox.ready:  # it ended (a fresh one starts)
+                            break
+            finally:
+                self._send_held()
+            return
+        head = self._head()
+        if head is None or not head.sent:
+            log.error("unexpected message from the runner: %s", type(msg).__name__)
+            return
+        job = head.job
+        assert job is not None
+        outcome: Signature | list | ProtocolError
+        try:
+            if isinstance(msg, pipe.Failed):
+                if isinstance(job, RunJob):
+                    sandbox.loaded.discard(job.msg.plan)
+                outcome = self._failed(job, msg)
+            elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
+                sandbox.loaded.add(job.pid)
+                outcome = Signature(job.name, msg.inputs, msg.outputs, placement=msg.placement)
+            elif isinstance(msg, pipe.Ran) and isinstance(job, RunJob):
+                outcome = sandbox.outputs(msg, buffers)
+            else:
+                outcome = ProtocolError(
+                    "internal", f"the runner answered {type(msg).__name__} to a {type(job).__name__}"
+                )
+        except Exception as e:  # e.g. an output segment that cannot be mapped
+            outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
+        if head.cancelled:  # answered already; what it computed is dropped (its handles freed)
+            self.window.popleft()
+            self._flush()
+        else:
+            self._finish(outcome)
+
+    def _finish(self, outcome: Signature | list | ProtocolError, then: list | None = None) -> None:
+        """Answer the head job (and send ``then``, a reply to the same peer), then what waits behind it."""
+        head = self.window.popleft()
+        assert head.job is not None
+        self.server.send(head.peer, self.service.complete(head.job, outcome))
+        if then is not None:
+            self.server.send(head.peer, then)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send the replies now at the front of the window; the next job's clock starts now."""
+        window = self.window
+        while window and window[0].job is None:
+            slot = window.popleft()
+            self.server.send(slot.peer, slot.reply)
+        if window:
+            head = window[0]
+            now = time.monotonic()
+            if head.sent:
+                head.deadline = now + (CANCEL_GRACE if head.cancelled else self.sandbox.timeout)
+            elif not self.sandbox.running:
+                self._restart()
+            elif head.deadline < now:
+                head.deadline = now + READY_TIMEOUT
+        else:
+            self._advance()
+
+    def _overdue(self, head: Slot) -> None:
+        if head.job is None:
+            return
+        if head.cancelled:  # a cancelled run the runner is still executing
+            self.sandbox.stop("cancelled")
+            self.window.popleft()
+            self._restart()
+            self._flush()
+            return
+        if not head.sent:
+            self.sandbox.stop("did not start in time")
+            self._finish(ProtocolError("internal", f"the sandboxed runner did not start within {READY_TIMEOUT:.0f} s"))
+            return
+        self.sandbox.stop("timeout")
+        what = _what(head.job)
+        log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
+        words = f"ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped"
+        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(head.job)}"))
+        self._restart()
+
+    def _lost(self, lost: list[Resident], why: str) -> None:
+        """The runner ended holding tensors that had no host copy yet: their keys fail with ``why``."""
+        ids = {id(r) for r in lost}
+        store, n = self.service.store, 0
+        for client in store.clients():
+            for key, entry in list(store.space(client).items()):
+                if id(entry.array) in ids:
+                    store.fail(client, key, f"tensor {key!r} was lost: {why}")
+                    n += 1
+        if n:
+            log.warning("%d stored tensors lost with the runner (no host copy yet): %s", n, why)
+
+    # -- error wording ----------------------------------------------------------------------------
+
+    def _failed(self, job: Job, failed: pipe.Failed) -> ProtocolError:
+        wid = self.service.id
+        name = job.name if isinstance(job, RegisterJob) else job.plan.name
+        if failed.code == "out_of_memory":
+            bound = f"--max-run-memory-mb {self.sandbox.memory_mb}" if self.sandbox.memory_mb else "memory"
+            doing = "loading" if isinstance(job, RegisterJob) else "running"
+            return ProtocolError(
+                "out_of_memory",
+                f"plan {name!r} ran out of memory {doing} on worker {wid!r} ({bound}): {failed.message}",
+            )
+        if failed.code == "run_failed":
+            return ProtocolError("run_failed", f"plan {name!r} failed on worker {wid!r}: {failed.message}")
+        code = failed.code if failed.code in m.ErrorCode.__args__ else "internal"  # type: ignore[attr-defined]
+        return ProtocolError(code, failed.message)
+
+    def _death(self, head: Slot, code: str, words: str, was_ready: bool) -> ProtocolError:
+        assert head.job is not None
+        what = _what(head.job)
+        if not was_ready:
+            return ProtocolError("internal", f"the sandboxed runner failed to start ({words}): see the worker's log")
+        log.warning("%s: %s; runner restarted", what, words)
+        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {_after(head.job)}")
+
+
+def _what(job: Job) -> str:
+    if isinstance(job, RegisterJob):
+        return f"plan {job.name!r} (registering)"
+    return f"plan {job.plan.name!r} (run #{job.msg.id})"
+
+
+def _after(job: Job) -> str:
+    if isinstance(job, RegisterJob):
+        return "it was not registered; the worker kept every stored tensor and plan"
+    return "the worker kept every stored tensor and plan"
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n else "none"
