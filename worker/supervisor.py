@@ -44,7 +44,7 @@ log = logging.getLogger("planwire.worker")
 
 MAX_QUEUED = 10_000  # requests waiting behind a job; past it the socket is not read (ZeroMQ's HWM pushes back)
 POLL_MS = 100  # the stop flag is checked at least this often
-BUSY_MS = 10  # while a job runs, the socket is read at least this often (ping, cancel)
+BUSY_S = 0.1  # while a job runs, the loop also wakes this often when nothing comes (new connections, timeouts)
 CHORES_S = 0.01  # while requests keep coming, the idle chores run at most this often
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum math per call
 
@@ -69,13 +69,15 @@ class Supervisor(Window):
         sandbox.on_lost = self._lost
         self.gate = service.durable.install(server) if service.durable is not None else None  # group commit
         self.tiny = TinyPath(service, direct) if direct is not None and self.gate is None else None
+        self._fd: int = server.socket.getsockopt(zmq.FD)  # readable when the socket's events change (see _busy_wait)
 
     # -- loop -------------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
         # Idle, the loop blocks in the socket's receive (as a plain server would: one call per request);
-        # while jobs run it waits on the runner's pipe in slices of BUSY_MS and, between answers, reads
-        # what arrived on the socket. No zmq_poll over both: the tiny-call path pays nothing for control.
+        # while jobs run it sleeps until the runner answers or a request comes (one poll over the runner's
+        # pipe and the socket's descriptor), at least every BUSY_S, and between answers reads what arrived on
+        # the socket. The idle path polls nothing but the socket: the tiny call pays nothing for control.
         sock, sandbox = self.server.socket, self.sandbox  # the socket: receive timeout and readiness only
         sandbox.start()  # warm: the first registration does not wait for onnxruntime to load
         try:
@@ -91,7 +93,7 @@ class Supervisor(Window):
 
     def _step(self, sock: zmq.Socket, sandbox: Sandbox) -> None:
         if self.window:
-            if sandbox.wait(BUSY_MS / 1e3):
+            if sandbox.wait(*self._busy_wait(sock)):
                 self._from_runner()
             else:
                 self.server.tend()  # while jobs run, new connections are counted (and refused past the limit) too
@@ -122,6 +124,21 @@ class Supervisor(Window):
         head = self._head()
         if head is not None and time.monotonic() > head.deadline:
             self._overdue(head)
+
+    def _busy_wait(self, sock: zmq.Socket) -> tuple[float, int | None]:
+        """How long to wait for the runner while jobs run, and the socket's descriptor to wake on as well.
+        ZeroMQ's descriptor signals a change, not a level: it is watched only once EVENTS has said nothing is
+        waiting (then a request that comes wakes the poll), and not while the queue is full (nothing is read
+        then, and the descriptor would stay readable)."""
+        head = self._head()
+        seconds = BUSY_S
+        if head is not None and head.deadline > 0:  # woken at the head's deadline (1 ms at least: no spinning)
+            seconds = min(BUSY_S, max(1e-3, head.deadline - time.monotonic()))
+        if len(self.queue) >= MAX_QUEUED:
+            return seconds, None
+        if sock.getsockopt(_EVENTS) & _POLLIN:
+            return 0.0, None  # requests wait already: read them now
+        return seconds, self._fd
 
     def _idle_request(self, sock: zmq.Socket, peer: bytes, client: bytes, frames: list) -> None:
         """A request read while nothing is queued or in flight. A run the direct lane takes is answered at once
