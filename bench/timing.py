@@ -294,7 +294,8 @@ class Report:
         if isinstance(samples, Timed) and samples:
             draws = f(samples.boot_medians())
             self._draws[family, name] = draws
-            fig.ci95, fig.rounds, fig.stop = interval(draws), samples.n_rounds, samples.stop
+            # no stop recorded: a fixed number of samples (e.g. starts, readings), all taken: the cap
+            fig.ci95, fig.rounds, fig.stop = interval(draws), samples.n_rounds, samples.stop or "cap"
         return self.add(family, name, fig)
 
     def same_as(self, family: str, name: str, source: str, note: str) -> Figure:

@@ -383,3 +383,24 @@ def test_the_runs_of_a_batch_share_one_exports_directory_removed_at_the_end(monk
     monkeypatch.setattr(cli.subprocess, "run", fake_run)
     rc = cli.main(["--runs", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "agg.json")])
     assert rc == 0 and len(seen) == 2 and seen[0] == seen[1] and not Path(seen[0]).exists()
+
+
+def test_flower_round_time_target_has_an_interval_and_single_readings_stay_unsettled(monkeypatch) -> None:
+    flower = pytest.importorskip("bench.flower")
+
+    def variant(seconds: float, rss: float, acc: float) -> dict:
+        return {
+            "round_s": seconds, "round_samples_s": [seconds * (1 + 0.01 * i) for i in range(7)],
+            "client_rss_mb": rss, "runtime_rss_mb": rss - 100, "sent_bytes_round1": 1, "sent_bytes_per_round": 1,
+            "received_bytes_per_round": 1, "accuracy": acc, "accuracy_plateau": acc, "accuracy_by_round": [acc],
+        }  # fmt: skip
+
+    figures = {"floor": variant(0.1, 100, 0), "pytorch": variant(1.0, 400, 0.95), "planwire": variant(0.5, 190, 0.95)}
+    monkeypatch.setattr(flower, "compare", lambda quick: {"nodes": 5, "rounds": 3, "figures": figures})
+    r = Report()
+    flower.run(None, r, quick=True)
+    got = {t["name"]: t for t in r.to_json()["targets"]}
+    rt = got["flower round time planwire/pytorch"]
+    assert rt["ci95"] and rt["outcome"] == "pass" and rt["value"] == pytest.approx(0.515 / 1.03)
+    assert got["flower client RSS planwire/pytorch"]["outcome"] == "unsettled"  # one reading: 0.475 <= 0.5
+    assert got["flower accuracy gap, pytorch vs planwire (absolute)"]["outcome"] == "unsettled"
