@@ -24,7 +24,8 @@ client draws them as planwire's ClientApp does); each client trains with one thr
 
 Targets (issue 14): planwire round time <= 1.0x the PyTorch client's, its RSS <= 0.5x, accuracy within 1 point
 (either way). The variants run one after the other, not interleaved: a change in the host's load between
-them moves the round-time ratio.
+them moves the round-time ratio. That ratio's interval is a bootstrap over each variant's warm rounds; the RSS
+ratio and the accuracy gap are one reading each, with no interval, so their outcome is ``unsettled``.
 """
 
 from __future__ import annotations
