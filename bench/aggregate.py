@@ -2,12 +2,19 @@
 
 A figure's aggregate is the median of the runs' medians, with the min and max over runs (the spread a
 reader should expect between runs of ``make bench`` here). A comparison's value is aggregated the same
-way. In each run a target is ``pass`` or ``fail`` only when the 95% interval of its ratio lies wholly on
-one side of the target, else ``unsettled`` (``bench.timing.outcome``; a run without an interval: its value
-decides). A target *passes* only if it passed, settled, in more than half of the runs; its verdict says how
-steady that is: ``pass`` (every run), ``fail`` (every run), ``unsettled`` (no majority of settled passes and
-the interval straddled the target in some run: the figure is too close to its target for this host's noise
-to call) or ``flaky`` (settled, some runs pass and some fail).
+way. In each run a target is ``pass`` or ``fail`` only when its 95% interval lies wholly on one side of
+the target, else ``unsettled``; a target with no interval is ``unsettled`` too, unless it is an exact count
+(``exact``: calls lost, objects missing), which its value decides (``bench.timing.outcome``, recomputed here
+from each run's value, interval and ``exact``; a run kept before ``exact`` was recorded has no exact targets).
+A target *passes* (``passed``) only if it passed, settled, in more than half of the runs. Its verdict
+(``verdict``), with P settled passes, F settled fails and U unsettled runs out of N:
+
+* ``flaky``: P > 0 and F > 0 (settled runs disagree; ``passed`` says which side has the majority, if any);
+* ``pass``: F = 0 and P > N/2 (every settled run passed and they are most runs: e.g. 3 of 3, or 2 of 3 with
+  one unsettled);
+* ``fail``: P = 0 and F > N/2 (e.g. 3 of 3 failed, or 2 of 3 with one unsettled);
+* ``unsettled``: otherwise (no disagreement, but settled runs are not a majority: the figure is too close to
+  its target for this host's noise to call).
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def verdict(passes: int, runs: int, unsettled: int = 0) -> str:
-    """``passes`` settled passes and ``unsettled`` runs out of ``runs`` (the rest failed, settled)."""
-    if passes == runs:
+    """``passes`` settled passes and ``unsettled`` runs out of ``runs`` (the rest failed, settled): the rules
+    in the module's docstring."""
+    fails = runs - passes - unsettled
+    if passes and fails:
+        return "flaky"
+    if passes > runs / 2:
         return "pass"
-    if passes + unsettled == 0:
+    if fails > runs / 2:
         return "fail"
-    return "unsettled" if unsettled and passes <= runs / 2 else "flaky"
+    return "unsettled"
 
 
 def _spread(values: Sequence[float]) -> dict[str, Any]:
@@ -80,7 +91,9 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
                 | {"basis": t.get("basis", ""), "values": [], "passed_in": [], "sampled": []},
             )
             entry["values"].append(t["value"])
-            entry["passed_in"].append(t.get("outcome") or outcome(t["value"], t["op"], t["target"], t.get("ci95")))
+            entry["passed_in"].append(
+                outcome(t["value"], t["op"], t["target"], t.get("ci95"), bool(t.get("exact", False)))
+            )
             entry["sampled"].append((t.get("samples"), t.get("ci95"), t.get("stop", "")))
     out_targets = []
     for name, entry in targets.items():
@@ -94,6 +107,7 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
             passes, unsettled = passed_in.count("pass"), passed_in.count("unsettled")
             item |= {
                 "passes": passes,
+                "fails": passed_in.count("fail"),
                 "unsettled": unsettled,
                 "outcome_per_run": passed_in,
                 "passed": passes > len(values) / 2,

@@ -227,6 +227,7 @@ def _steps(report: Report, gpu: Any, gpu_proc: Any, cpu: Any, wl: Any, quick: bo
         f"worker device_copies: {after['uploads'] - before['uploads']} uploads, "
         f"{after['downloads'] - before['downloads']} downloads (the losses read), "
         f"{after['reused'] - before['reused']} output buffers reused",
+        exact=True,  # counted by the worker: no sampling noise
     )
     # the profiler: the step as the runner runs it
     from bench.profile_step import build
@@ -241,6 +242,7 @@ def _steps(report: Report, gpu: Any, gpu_proc: Any, cpu: Any, wl: Any, quick: bo
         0,
         "per step",
         f"placement {found['placement']}; copies {', '.join(found['ops']) or 'none'}",
+        exact=True,  # nodes counted in the profile
     )
     ptr.free()
 

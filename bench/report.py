@@ -119,12 +119,16 @@ def markdown(agg: dict[str, Any], all_figures: bool = False) -> str:
     ]
     targets = [t for t in agg["targets"] if t["target"] is not None]
     for t in targets:
-        word = t["verdict"]
+        word, unsettled = t["verdict"], t.get("unsettled", 0)
+        fails = t.get("fails", t["runs"] - t["passes"] - unsettled)
         if word == "flaky":
-            word = f"flaky ({'pass' if t['passed'] else 'FAIL'} by majority)"
-        elif word == "unsettled":  # the interval straddled the target: not called passed whatever the median
-            word = f"unsettled (interval straddles the target in {t.get('unsettled', 0)} of {t['runs']})"
-        word = word.upper() if word == "fail" else word
+            side = "pass" if t["passed"] else "FAIL" if fails > t["runs"] / 2 else "no majority"
+            word = f"flaky ({side} by majority)" if side != "no majority" else "flaky (no majority)"
+        elif word == "unsettled":  # no interval, or it straddled the target: not called passed whatever the median
+            word = f"unsettled (no settled majority: unsettled in {unsettled} of {t['runs']})"
+        elif unsettled:  # pass or fail by a majority of settled runs, the others unsettled
+            word = f"{word} (unsettled in {unsettled} of {t['runs']})"
+        word = word.replace("fail", "FAIL", 1) if word.startswith("fail") else word
         goal = f"{OPS.get(t['op'], t['op'])} {fmt(t['target'])}{UNITS.get(t['unit'], ' ' + t['unit'])}"
         out.append(
             f"| {t['name']} | {spread(t, t['unit'])} | {goal} | {t['passes']} of {t['runs']} | {word} | {t['basis']} |"

@@ -16,7 +16,9 @@ figure's rounds as well (never before the floor). Each figure keeps its samples,
 its median and why its rounds stopped (``converged``, ``cap`` or ``budget``: the interval was not reached);
 each comparison its interval and sample counts. A target is *settled* in a run only when its interval lies
 on one side of the target (``outcome``): a ratio whose interval straddles the target is ``unsettled``, not
-passed, whatever its median.
+passed, whatever its median, and so is a measured target with no interval at all (one reading, or samples
+not taken in rounds), unless it is marked ``exact``: a count that has no sampling noise (calls lost or
+crossed, objects missing, tensors copied), which its value decides.
 
 Timed rounds run with the garbage collector on, as a user's calls do: both sides of a comparison are
 interleaved round by round, so collections fall on them alike (an earlier version collected before every
@@ -81,6 +83,7 @@ class Target:
     ci95: list[float] | None = None  # 95% interval of the ratio (paired rounds bootstrap)
     samples: list[int] | None = None  # samples behind numerator and denominator
     stop: str = ""  # "converged" if both sides' rounds stopped on the interval rule, else cap or budget
+    exact: bool = False  # an exact count (no sampling noise): its value decides without an interval
     passed: bool | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -238,11 +241,14 @@ def looks(floor: int, cap: int) -> set[int]:
     return out
 
 
-def outcome(value: float, op: str, target: float | None, ci95: Sequence[float] | None) -> str:
-    """A target's verdict in one run: ``pass`` or ``fail`` when the ratio's 95% interval (where it has one)
-    lies wholly on one side of the target, ``unsettled`` when it straddles it; "" for no target."""
+def outcome(value: float, op: str, target: float | None, ci95: Sequence[float] | None, exact: bool = False) -> str:
+    """A target's verdict in one run: ``pass`` or ``fail`` when its 95% interval lies wholly on one side of
+    the target, ``unsettled`` when it straddles it or when there is no interval; an ``exact`` count (no
+    sampling noise) is decided by its value. "" for no target."""
     if target is None or not op:
         return ""
+    if not ci95 and not exact:  # one noisy reading: not settled whatever its value
+        return "unsettled"
     lo, hi = (value, value) if not ci95 else (min(ci95[0], value), max(ci95[1], value))
     good = {"<=": hi <= target, ">=": lo >= target, "<": hi < target}[op]
     bad = {"<=": lo > target, ">=": hi < target, "<": lo >= target}[op]
@@ -288,7 +294,8 @@ class Report:
         if isinstance(samples, Timed) and samples:
             draws = f(samples.boot_medians())
             self._draws[family, name] = draws
-            fig.ci95, fig.rounds, fig.stop = interval(draws), samples.n_rounds, samples.stop
+            # no stop recorded: a fixed number of samples (e.g. starts, readings), all taken: the cap
+            fig.ci95, fig.rounds, fig.stop = interval(draws), samples.n_rounds, samples.stop or "cap"
         return self.add(family, name, fig)
 
     def same_as(self, family: str, name: str, source: str, note: str) -> Figure:
@@ -297,6 +304,13 @@ class Report:
         if (family, source) in self._draws:
             self._draws[family, name] = self._draws[family, source]
         return self.add(family, name, fig)
+
+    def values(self, family: str, name: str, values: Sequence[float], unit: str, note: str = "") -> Figure:
+        """A figure from several readings in their own unit (MB, bytes), each its own sample: the median, the
+        p90 and the 95% interval of the median (bootstrap over the readings), as ``time`` gives timed ones."""
+        v = Timed(values, seed=next(_seeds))
+        fig = Figure(float(np.median(v)), percentile(v, 90), len(v), unit, note)
+        return self._sampled(family, name, fig, v, lambda m: m)
 
     def count(self, family: str, name: str, value: float, unit: str, note: str = "", kind: str = "measured") -> Figure:
         """A single number: counted (``measured``) or written down from how a baseline works (``derived``)."""
@@ -317,8 +331,12 @@ class Report:
         *,
         kind: str = "measured",
         basis: str = "",
+        exact: bool = False,
     ) -> Target:
+        """A target on a value of this run. With no interval (``ci95``, set by ``on_figure`` and ``ratio``) its
+        outcome is ``unsettled`` unless ``exact``: a count with no sampling noise (calls lost, objects missing)."""
         t = Target(name, float(value), op, None if target is None else float(target), unit, detail, kind, basis)
+        t.exact = exact
         self.targets.append(t)
         return t
 
@@ -363,7 +381,9 @@ class Report:
             "family_s": self.family_s,
             "load_average_end": _loadavg(),
             "figures": {f: {n: asdict(x) for n, x in figs.items()} for f, figs in self.figures.items()},
-            "targets": [asdict(t) | {"outcome": outcome(t.value, t.op, t.target, t.ci95)} for t in self.targets],
+            "targets": [
+                asdict(t) | {"outcome": outcome(t.value, t.op, t.target, t.ci95, t.exact)} for t in self.targets
+            ],
             "skipped": self.skipped,
             "errors": self.errors,
             "notes": self.notes,
@@ -388,7 +408,7 @@ class Report:
             lines.append("\n## targets (ratios of medians measured in this run)")
             width = max(len(t.name) for t in self.targets)
             for t in self.targets:
-                mark = outcome(t.value, t.op, t.target, t.ci95).upper() or "info"
+                mark = outcome(t.value, t.op, t.target, t.ci95, t.exact).upper() or "info"
                 value = f"{fmt(t.value)}{t.unit}"
                 goal = "" if t.target is None else f"{t.op} {fmt(t.target)}{t.unit}"
                 label = ", ".join(x for x in (t.kind if t.kind != "measured" else "", t.basis) if x)

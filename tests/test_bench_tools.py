@@ -26,14 +26,14 @@ def run_with(value: float, latency_us: float) -> dict:
     r = Report()
     r.time("latency", "call", [latency_us / 1e6] * 3, "us")
     r.count("communication", "rpc messages", 2, "msgs", kind="derived")
-    r.target("ratio", value, "<=", 1.5, "x", "a / b")
+    r.target("ratio", value, "<=", 1.5, "x", "a / b").ci95 = [value - 0.02, value + 0.02]  # clear of 1.5
     r.target("by design", 100.0, "", None, "x", "n / 1", kind="by construction", basis="100 round trips")
     return r.to_json()
 
 
 @pytest.fixture
 def three_runs() -> dict:
-    """Three runs of one target (<= 1.5x): 1.4 and 1.45 pass, 1.6 fails (no intervals: the values decide)."""
+    """Three runs of one target (<= 1.5x): 1.4 and 1.45 pass, 1.6 fails (intervals +-0.02: all settled)."""
     runs = [run_with(1.4, 100), run_with(1.6, 130), run_with(1.45, 110)]
     return aggregate.aggregate(runs, names=["a.json", "b.json", "c.json"])
 
@@ -202,7 +202,7 @@ def test_intervals_are_looked_at_only_on_planned_rounds(monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("op", "ci", "want"),
     [("<=", [1.2, 1.45], "pass"), ("<=", [1.3, 1.7], "unsettled"), ("<=", [1.55, 1.9], "fail"),
-     (">=", [4.5, 6.0], "pass"), (">=", [3.5, 4.5], "unsettled"), ("<=", None, "pass")],
+     (">=", [4.5, 6.0], "pass"), (">=", [3.5, 4.5], "unsettled"), ("<=", None, "unsettled")],
 )  # fmt: skip
 def test_a_target_whose_interval_straddles_it_is_unsettled_not_passed(op: str, ci: list | None, want: str) -> None:
     value, target = (1.4, 1.5) if op == "<=" else (5.0, 4.0)
@@ -211,6 +211,64 @@ def test_a_target_whose_interval_straddles_it_is_unsettled_not_passed(op: str, c
     elif want == "unsettled" and op == ">=":
         value = 4.2
     assert timing.outcome(value, op, target, ci) == want
+
+
+def test_a_measured_target_without_an_interval_is_unsettled_unless_an_exact_count() -> None:
+    # the flower client RSS of a kept run: one reading of 0.47 against <= 0.5 was called a pass
+    assert timing.outcome(0.4716, "<=", 0.5, None) == "unsettled"
+    assert timing.outcome(0.4716, "<=", 0.5, []) == "unsettled"
+    assert [timing.outcome(v, "<=", 0, None, exact=True) for v in (0, 3)] == ["pass", "fail"]
+    assert timing.outcome(8, ">=", 8, None, exact=True) == "pass"
+    r = Report()
+    r.target("rss", 0.47, "<=", 0.5, "x", "one reading")
+    r.target("calls lost", 0, "<=", 0, "calls", "counted", exact=True)
+    assert [t["outcome"] for t in r.to_json()["targets"]] == ["unsettled", "pass"]
+    assert [t["exact"] for t in r.to_json()["targets"]] == [False, True]
+    agg = aggregate.aggregate([r.to_json()] * 3)
+    assert [(t["verdict"], t["passed"]) for t in agg["targets"]] == [("unsettled", False), ("pass", True)]
+    assert "PASS" not in r.table().split("rss")[0].splitlines()[-1]
+
+
+def test_figure_targets_carry_the_figures_interval() -> None:
+    r = Report()
+    r.values("footprint", "rss", [70.0, 71.0, 72.0, 73.0, 74.0, 75.0, 76.0], "MB")
+    fig = r.get("footprint", "rss")
+    assert fig.median == 73.0 and fig.ci95[0] <= 73.0 <= fig.ci95[1] and fig.runs == 7
+    assert timing.outcome(*(lambda t: (t.value, t.op, t.target, t.ci95))(r.on_figure("far", ("footprint", "rss"),
+                          "<=", 150, basis="alone"))) == "pass"  # fmt: skip
+    near = r.on_figure("near", ("footprint", "rss"), "<=", 73.5, basis="alone")
+    assert timing.outcome(near.value, near.op, near.target, near.ci95) == "unsettled"
+
+
+@pytest.mark.parametrize(
+    ("passes", "runs", "unsettled", "want"),
+    [(0, 3, 1, "fail"),  # fail, fail, unsettled: a majority of settled fails is FAIL (was "unsettled")
+     (2, 3, 1, "pass"),  # pass, pass, unsettled: no fail, a majority of settled passes (was "flaky")
+     (1, 3, 1, "flaky"),  # pass, fail, unsettled: settled runs disagree (was "unsettled")
+     (1, 4, 2, "flaky"),  # pass, fail, unsettled, unsettled: settled runs disagree (was "unsettled")
+     (0, 5, 2, "fail")],  # 3 settled fails of 5 (was "unsettled")
+)  # fmt: skip
+def test_verdict_rules(passes: int, runs: int, unsettled: int, want: str) -> None:
+    assert aggregate.verdict(passes, runs, unsettled) == want
+
+
+def test_verdicts_over_runs_with_unsettled_runs_are_reported_with_their_count() -> None:
+    def runs_of(cis: list) -> dict:
+        runs = []
+        for value, ci in cis:
+            r = Report()
+            r.target("ratio", value, "<=", 1.5, "x", "a / b").ci95 = ci
+            runs.append(r.to_json())
+        return aggregate.aggregate(runs)
+
+    failing = runs_of([(1.7, [1.6, 1.8]), (1.7, [1.6, 1.8]), (1.5, [1.3, 1.7])])
+    assert (failing["targets"][0]["verdict"], failing["targets"][0]["fails"]) == ("fail", 2)
+    assert "| 0 of 3 | FAIL (unsettled in 1 of 3) |" in report.markdown(failing)
+    passing = runs_of([(1.4, [1.3, 1.45]), (1.4, [1.3, 1.45]), (1.5, [1.3, 1.7])])
+    assert (passing["targets"][0]["verdict"], passing["targets"][0]["passed"]) == ("pass", True)
+    assert "| 2 of 3 | pass (unsettled in 1 of 3) |" in report.markdown(passing)
+    split = runs_of([(1.4, [1.3, 1.45]), (1.7, [1.6, 1.8]), (1.5, [1.3, 1.7])])
+    assert "| 1 of 3 | flaky (no majority) |" in report.markdown(split)
 
 
 def test_an_unsettled_target_is_not_called_passed_over_runs() -> None:
@@ -224,7 +282,7 @@ def test_an_unsettled_target_is_not_called_passed_over_runs() -> None:
     (entry,) = aggregate.aggregate(runs)["targets"]
     assert (entry["passes"], entry["passed"], entry["verdict"]) == (1, False, "unsettled")
     text = report.markdown(aggregate.aggregate(runs))
-    assert "| 1 of 3 | unsettled (interval straddles the target in 2 of 3) |" in text
+    assert "| 1 of 3 | unsettled (no settled majority: unsettled in 2 of 3) |" in text
 
 
 def test_figures_and_ratios_keep_their_interval_samples_and_stop(monkeypatch) -> None:
@@ -262,17 +320,19 @@ def test_figures_and_ratios_keep_their_interval_samples_and_stop(monkeypatch) ->
 
 
 def test_runs_kept_before_the_interval_rule_still_aggregate_and_report() -> None:
-    old = run_with(1.4, 100)
-    for figs in old["figures"].values():
-        for fig in figs.values():
-            for key in ("ci95", "rounds", "stop"):
-                fig.pop(key)
-    for t in old["targets"]:
-        for key in ("ci95", "samples", "stop"):
-            t.pop(key)
-    agg = aggregate.aggregate([old, run_with(1.6, 120)])
+    olds = [run_with(1.4, 100), run_with(1.6, 120)]
+    for old in olds:
+        for figs in old["figures"].values():
+            for fig in figs.values():
+                for key in ("ci95", "rounds", "stop"):
+                    fig.pop(key)
+        for t in old["targets"]:
+            for key in ("ci95", "samples", "stop", "exact", "outcome"):
+                t.pop(key)
+    agg = aggregate.aggregate(olds)
     assert "ci95_per_run" not in agg["figures"]["latency"]["call"]
     assert "95% interval of the ratio" not in report.markdown(agg)
+    assert agg["targets"][0]["verdict"] == "unsettled"  # no interval, not marked exact: their values do not decide
     for path in sorted((Path(__file__).parent.parent / "bench" / "runs").glob("*.json")):
         assert report.markdown(aggregate.aggregate([aggregate.load(path)]))  # the kept runs
 
@@ -323,3 +383,24 @@ def test_the_runs_of_a_batch_share_one_exports_directory_removed_at_the_end(monk
     monkeypatch.setattr(cli.subprocess, "run", fake_run)
     rc = cli.main(["--runs", "2", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "agg.json")])
     assert rc == 0 and len(seen) == 2 and seen[0] == seen[1] and not Path(seen[0]).exists()
+
+
+def test_flower_round_time_target_has_an_interval_and_single_readings_stay_unsettled(monkeypatch) -> None:
+    flower = pytest.importorskip("bench.flower")
+
+    def variant(seconds: float, rss: float, acc: float) -> dict:
+        return {
+            "round_s": seconds, "round_samples_s": [seconds * (1 + 0.01 * i) for i in range(7)],
+            "client_rss_mb": rss, "runtime_rss_mb": rss - 100, "sent_bytes_round1": 1, "sent_bytes_per_round": 1,
+            "received_bytes_per_round": 1, "accuracy": acc, "accuracy_plateau": acc, "accuracy_by_round": [acc],
+        }  # fmt: skip
+
+    figures = {"floor": variant(0.1, 100, 0), "pytorch": variant(1.0, 400, 0.95), "planwire": variant(0.5, 190, 0.95)}
+    monkeypatch.setattr(flower, "compare", lambda quick: {"nodes": 5, "rounds": 3, "figures": figures})
+    r = Report()
+    flower.run(None, r, quick=True)
+    got = {t["name"]: t for t in r.to_json()["targets"]}
+    rt = got["flower round time planwire/pytorch"]
+    assert rt["ci95"] and rt["outcome"] == "pass" and rt["value"] == pytest.approx(0.515 / 1.03)
+    assert got["flower client RSS planwire/pytorch"]["outcome"] == "unsettled"  # one reading: 0.475 <= 0.5
+    assert got["flower accuracy gap, pytorch vs planwire (absolute)"]["outcome"] == "unsettled"
