@@ -258,3 +258,13 @@ def test_every_read_of_a_value_the_reply_carried_is_a_copy_of_its_own(worker):
     assert second.tolist() == [7.0, 6.0]
     chained = pp(pp(torch.tensor([-1.0])))  # an inline result is still stored: usable as an argument
     assert chained.get().tolist() == [4.0]
+
+
+def test_keys_a_call_makes_and_keys_asked_for_come_from_one_sequence(worker):
+    first = worker.new_key()
+    prefix, _, n = first.rpartition("-")
+    s, d = worker.plan_pointer(handmade.sum_and_diff())(torch.ones(2, 2), torch.ones(2, 2))
+    (r,) = worker.new_keys(1)
+    p = worker.put(torch.ones(1))
+    assert [s.key, d.key, r, p.key] == [f"{prefix}-{int(n) + i}" for i in (1, 2, 3, 4)]
+    assert torch.equal(s.get(), torch.full((2, 2), 2.0)) and torch.equal(d.get(), torch.zeros(2, 2))
