@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 import planwire as sy
 from planwire.transport import connect
-from planwire.transport.bound import BoundPlan, BoundPointer
+from planwire.transport.bound import BoundPlan, BoundPointer, hyper_array
+from planwire.transport.spec import PlanVariant
 from planwire.worker import VirtualWorker
 from planwire.worker.process import WorkerProcess
 from tests.test_trainer import batches, small_cnn
@@ -139,4 +141,51 @@ def test_a_binding_to_an_argument_is_refused(cnn_plan):
     outputs[-1]["binds"] = "arg0"
     props["planwire.outputs"] = json.dumps(outputs)
     with pytest.raises(ValueError, match=r"binds 'arg0', which is not a state input"):
+        BoundPlan.from_metadata(cnn_plan.step.variant, props)
+
+
+def _with_int_lr(cnn_plan, lr) -> tuple:
+    """The plan's variant with ``hyper.lr`` declared int64 and ``lr``'s default in the metadata (JSON text)."""
+    props = {p.key: p.value for p in cnn_plan.step.model.metadata_props}
+    props["planwire.training"] = props["planwire.training"].replace('"lr": 0.05', f'"lr": {lr}')
+    variant = cnn_plan.step.variant
+    inputs = tuple(replace(s, dtype="int64") if s.name == "hyper.lr" else s for s in variant.inputs)
+    return PlanVariant(variant.data, inputs, variant.outputs), props
+
+
+@pytest.mark.parametrize("lr", ["Infinity", "-Infinity", "NaN", "1e300", "9223372036854775808", "0.5"])
+def test_a_hyper_default_its_dtype_cannot_hold_is_refused_naming_it(cnn_plan, lr):
+    variant, props = _with_int_lr(cnn_plan, lr)
+    assert lr in props["planwire.training"]
+    with pytest.raises(
+        ValueError, match=r"default of hyper-parameter 'hyper\.lr' is .*a whole number in int64's range"
+    ):
+        BoundPlan.from_metadata(variant, props)
+
+
+def test_a_hyper_default_its_dtype_holds_is_kept_and_overrides_are_checked_alike(cnn_plan):
+    variant, props = _with_int_lr(cnn_plan, "3.0")
+    bound = BoundPlan.from_metadata(variant, props)
+    assert bound.hyper["hyper.lr"].dtype == np.int64 and bound.hyper["hyper.lr"].item() == 3
+    spec = next(s for s in bound.variant.inputs if s.name == "hyper.lr")
+    assert hyper_array(spec, 9223372036854775807).item() == 9223372036854775807
+    with pytest.raises(ValueError, match=r"'hyper\.lr' is inf: it takes a whole number in int64's range"):
+        hyper_array(spec, float("inf"))
+    momentum = next(s for s in bound.variant.inputs if s.name == "hyper.momentum")
+    assert hyper_array(momentum, 0.5).item() == 0.5
+    assert momentum.dtype == "double"  # as PROTOCOL.md §7.2 declares hyper-parameters
+    with pytest.raises(ValueError, match=r"'hyper\.momentum' is nan: it takes a finite float64"):
+        hyper_array(momentum, float("nan"))
+    with pytest.raises(ValueError, match=r"'hyper\.momentum' is 'fast': it takes a finite float64"):
+        hyper_array(momentum, "fast")
+
+
+@pytest.mark.parametrize("targets", ['"x"', "-1", "3", "1.5", "true", "null"])
+def test_a_targets_count_that_is_not_one_of_the_arguments_is_refused(cnn_plan, targets):
+    props = {p.key: p.value for p in cnn_plan.step.model.metadata_props}
+    training = json.loads(props["planwire.training"])
+    assert training["targets"] == 1
+    props["planwire.training"] = props["planwire.training"].replace('"targets": 1', f'"targets": {targets}')
+    assert f'"targets": {targets}' in props["planwire.training"]
+    with pytest.raises(ValueError, match=r'"targets" must count .* \(a whole number from 0 to 2\), not '):
         BoundPlan.from_metadata(cnn_plan.step.variant, props)

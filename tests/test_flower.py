@@ -303,6 +303,43 @@ def test_a_plan_with_external_data_never_reaches_onnxruntime(linear_plan: tuple[
         plan_for(plan_content(hostile), context())
 
 
+def _with_metadata(plan: bytes, **edits: tuple[str, str]) -> bytes:
+    """``plan`` with text replaced in its planwire metadata (key -> (old, new)), as a hostile peer might."""
+    proto = onnx.load_from_string(plan)
+    for prop in proto.metadata_props:
+        if prop.key in edits:
+            old, new = edits[prop.key]
+            assert old in prop.value, (prop.key, prop.value)
+            prop.value = prop.value.replace(old, new)
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("lr", ["Infinity", "1e300", "NaN"])
+def test_a_hyper_default_its_dtype_cannot_hold_is_rejected(linear_plan: tuple[nn.Module, bytes], lr: str) -> None:
+    _, plan = linear_plan
+    hostile = _with_metadata(
+        plan,
+        **{
+            "planwire.inputs": (
+                '"hyper.lr", "role": "hyper", "dtype": "double"',
+                '"hyper.lr", "role": "hyper", "dtype": "int64"',
+            ),
+            "planwire.training": ('"lr": 0.1', f'"lr": {lr}'),
+        },
+    )
+    with pytest.raises(
+        PlanRejected, match=r"default of hyper-parameter 'hyper\.lr' is .*whole number in int64's range"
+    ):
+        PlanPorts.check(hostile)
+
+
+def test_a_targets_count_that_is_no_count_is_rejected(linear_plan: tuple[nn.Module, bytes]) -> None:
+    _, plan = linear_plan
+    hostile = _with_metadata(plan, **{"planwire.training": ('"targets": 1', '"targets": "x"')})
+    with pytest.raises(PlanRejected, match=r'"targets" must count .*from 0 to 2\), not \'x\''):
+        PlanPorts.check(hostile)
+
+
 # -- real runs on Flower's simulation engine --------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import planwire as sy
 from planwire.exporter import NOT_BUILT, Plan, PlanBuildError, func2plan
-from planwire.transport.spec import PlanSource
+from planwire.transport.spec import PlanSource, PlanVariant, TensorSpec
 from planwire.worker import VirtualWorker
 
 
@@ -442,3 +442,20 @@ def test_tutorial_on_virtual_workers(net: Net, plan_abs: Plan) -> None:
 
 def _model(plan: Plan) -> onnx.ModelProto:
     return onnx.load_from_string(plan.variants[0].data)
+
+
+def test_a_variant_remembers_answers_only_for_int_sizes_so_equal_hashing_sizes_get_their_own() -> None:
+    variant = PlanVariant(b"graph", (TensorSpec("x", "float", (2, 4)), TensorSpec("n", "int64", ("batch",))), ())
+    assert variant.mismatch([("float", (2.0, 3.0)), ("int64", (5,))]) == (
+        "argument 0 ('x'): expected shape [2, 4], got [2.0, 3.0] (axis 1)"
+    )
+    # (2, 3) == (2.0, 3.0) and hashes alike: the answer quotes the shape as this call gave it
+    assert variant.mismatch([("float", (2, 3)), ("int64", (5,))]) == (
+        "argument 0 ('x'): expected shape [2, 4], got [2, 3] (axis 1)"
+    )
+    assert variant.mismatch([("float", (True, 4)), ("int64", (5,))]) == (
+        "argument 0 ('x'): expected shape [2, 4], got [True, 4] (axis 0)"
+    )
+    assert variant.mismatch([("float", (2, 4)), ("int64", (7,))]) is None
+    assert variant.mismatch([("float", [2, 4]), ("int64", [7])]) is None  # lists: answered, not remembered
+    assert list(variant._fits) == [(("float", (2, 3)), ("int64", (5,))), (("float", (2, 4)), ("int64", (7,)))]

@@ -1,7 +1,7 @@
 """The supervisor's end of the pipe to its runner (worker/runnerlink.py), over a real socket pair: a request
 never blocks the supervisor, however large and whatever the runner is doing; ``hold`` keeps requests back
-until ``flush`` except one sent ``now`` (a fetch, answered at once); answers are matched to requests in order,
-and a runner that answers what it was not sent is not trusted."""
+until ``flush`` or one sent ``now`` (a fetch, answered at once: the held ones go first); answers are matched
+to requests in order, and a runner that answers what it was not sent is not trusted."""
 
 from __future__ import annotations
 
@@ -45,20 +45,37 @@ def test_a_request_larger_than_the_pipe_does_not_block_and_goes_as_the_runner_re
     assert [s.kind for s in link.inflight] == ["fetch"]
 
 
-def test_held_requests_wait_for_flush_but_one_sent_now_goes_at_once(link) -> None:
+def test_held_requests_wait_for_flush_and_one_sent_now_takes_them_along_in_order(link) -> None:
     link, runner = link
     runner.settimeout(0.2)
     reader = pipe.requests(runner)
     link.hold()
     link.request(Sent("load"), pipe.Load(plan="p", name="p"), [b"plan bytes"])
+    link.request(Sent("run", out=[3]), pipe.Run(plan="p", name="p", args=[], out=[3]), [], plan="p")
     with pytest.raises(TimeoutError):
         reader.read()  # held back
-    link.request(Sent("fetch"), pipe.Fetch(handles=[7]), [], now=True)
-    msg, _ = reader.read()
-    assert isinstance(msg, pipe.Fetch) and msg.handles == [7]
+    link.request(Sent("fetch"), pipe.Fetch(handles=[7]), [], now=True)  # goes at once, after what was held
+    answers = {pipe.Load: pipe.Loaded(inputs=[], outputs=[]), pipe.Run: pipe.Ran(outputs=[])}
+    read = []
+    for _ in range(3):  # the runner answers each request in the order it reads them
+        msg, buffers = reader.read()
+        read.append((type(msg).__name__, [bytes(b) for b in buffers]))
+        pipe.send(runner, answers.get(type(msg), pipe.Fetched(tensors=[])))
+    assert read == [("Load", [b"plan bytes"]), ("Run", []), ("Fetch", [])]
+    link.request(Sent("run", out=[4]), pipe.Run(plan="p", name="p", args=[], out=[4]), [], plan="p")
+    with pytest.raises(TimeoutError):
+        reader.read()  # still held: ``now`` sent one request, it did not end the hold
+    # Each answer is matched to the request it answers.
+    got = []
+    for _ in range(3):
+        assert link.wait(5)
+        msg, _ = link.receive()
+        got.append((type(msg).__name__, link.answered.kind, link.answered.out))
+    assert got == [("Loaded", "load", []), ("Ran", "run", [3]), ("Fetched", "fetch", [])]
     link.flush()
-    msg, buffers = reader.read()
-    assert isinstance(msg, pipe.Load) and bytes(buffers[0]) == b"plan bytes"
+    msg, _ = reader.read()
+    assert isinstance(msg, pipe.Run) and msg.out == [4]
+    assert [s.out for s in link.inflight] == [[4]]
 
 
 def test_answers_are_matched_in_order_and_an_unasked_one_is_not_trusted(link) -> None:

@@ -238,5 +238,33 @@ def test_inline_values_follow_get_semantics(worker):
         r.get()
     big = pp(torch.ones(40_000))  # 160 kB: over inline_max, fetched with a get
     assert big.get().sum().item() == 80_000.0
+
+
+def test_every_read_of_a_value_the_reply_carried_is_a_copy_of_its_own(worker):
+    pp = worker.plan_pointer(handmade.double_abs())
+    r = pp(torch.tensor([1.0, -3.0]))  # small: the reply carries the value, the pointer keeps it
+    first = r.get(keep=True)
+    first[0] = 99.0
+    shown = r.value
+    shown[1] = -1.0
+    second = r.get(keep=True)
+    assert second.tolist() == [2.0, 6.0]  # neither write reached the kept value
+    second[0] = 7.0
+    assert r.value.tolist() == [2.0, 6.0]
+    assert first.tolist() == [99.0, 6.0] and second.tolist() == [7.0, 6.0]  # and no two reads share memory
+    moved = r.get()
+    assert moved.tolist() == [2.0, 6.0] and first.tolist() == [99.0, 6.0]
+    moved[1] = 0.0
+    assert second.tolist() == [7.0, 6.0]
     chained = pp(pp(torch.tensor([-1.0])))  # an inline result is still stored: usable as an argument
     assert chained.get().tolist() == [4.0]
+
+
+def test_keys_a_call_makes_and_keys_asked_for_come_from_one_sequence(worker):
+    first = worker.new_key()
+    prefix, _, n = first.rpartition("-")
+    s, d = worker.plan_pointer(handmade.sum_and_diff())(torch.ones(2, 2), torch.ones(2, 2))
+    (r,) = worker.new_keys(1)
+    p = worker.put(torch.ones(1))
+    assert [s.key, d.key, r, p.key] == [f"{prefix}-{int(n) + i}" for i in (1, 2, 3, 4)]
+    assert torch.equal(s.get(), torch.full((2, 2), 2.0)) and torch.equal(d.get(), torch.zeros(2, 2))

@@ -59,9 +59,15 @@ class BoundPlan:
             training = json.loads(props.get(META_TRAINING) or "{}")
             binds = {str(e["name"]): str(e["binds"]) for e in outputs if e.get("binds") is not None}
             hyper = training.get("optimizer", {}).get("hyper", {}) if isinstance(training, dict) else {}
-            targets = int(training.get("targets", 1)) if props.get(META_KIND) == "training" else 0
+            targets = training.get("targets", 1) if props.get(META_KIND) == "training" else 0
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"plan {name!r} has unreadable planwire metadata: {e}") from None
+        n_args = sum(s.role == ARG for s in variant.inputs)
+        if isinstance(targets, bool) or not isinstance(targets, int) or not 0 <= targets <= n_args:
+            raise ValueError(
+                f'plan {name!r}: {META_TRAINING} "targets" must count its trailing arguments that are targets '
+                f"(a whole number from 0 to {n_args}), not {targets!r}; export the plan again"
+            )
         inputs = {s.name: s for s in variant.inputs}
         outputs_by_name = {s.name: s for s in variant.outputs}
         for out, target in binds.items():
@@ -74,9 +80,12 @@ class BoundPlan:
         for spec in variant.inputs:
             if spec.role == HYPER:
                 value = hyper.get(spec.name.removeprefix("hyper.")) if isinstance(hyper, dict) else None
-                if not isinstance(value, int | float):
+                if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ValueError(f"plan {name!r} has no default for hyper-parameter {spec.name!r}")
-                defaults[spec.name] = np.asarray(value, dtype=to_numpy(spec.dtype))
+                try:
+                    defaults[spec.name] = hyper_array(spec, value)
+                except ValueError as e:
+                    raise ValueError(f"plan {name!r}: default of {e}; export the plan with a usable default") from None
         return cls(name, variant, binds, defaults, targets)
 
     @staticmethod
@@ -200,7 +209,7 @@ class BoundPointer:
                 raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self._hyper_at)}")
             for key, value in hyper.items():
                 i, spec = self._hyper_at[key]
-                call[i] = np.asarray(value, dtype=to_numpy(spec.dtype))
+                call[i] = hyper_array(spec, value)
         results = self.worker.run(
             self.bound.variant, call, outputs=self._outputs, fetch=self._reported, wait=False, name=self.name
         )
@@ -261,6 +270,25 @@ class BoundPointer:
 
     def __repr__(self) -> str:
         return f"[{type(self).__name__} | me:{self.name} -> {self.worker.id}]"
+
+
+def hyper_array(spec: TensorSpec, value: Any) -> np.ndarray:
+    """``value`` as the 0-d array hyper-parameter ``spec`` takes; ValueError (naming it) unless it is a finite
+    number its dtype holds: an integer input takes whole numbers in its range, a float input finite ones."""
+    dtype = np.dtype(to_numpy(spec.dtype))
+    try:
+        number = float(value)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is refused below
+            arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        number, arr = float("nan"), None
+    exact = dtype.kind not in "fc"  # integers and bools must hold the value itself, not a rounded or wrapped one
+    if arr is None or not np.isfinite(number) or not np.isfinite(arr) or (exact and arr.item() != value):
+        raise ValueError(
+            f"hyper-parameter {spec.name!r} is {value!r}: it takes "
+            + (f"a whole number in {human(spec.dtype)}'s range" if exact else f"a finite {human(spec.dtype)}")
+        )
+    return arr
 
 
 def _path(name: str) -> str:

@@ -102,8 +102,15 @@ class WorkerClient:
     # -- requests -----------------------------------------------------------------------------------
 
     def new_key(self) -> str:
-        self._keys += 1
-        return f"{self._prefix}-{self._keys}"
+        """A key no tensor of this client has had (``<prefix>-<n>``: the prefix is this client's own)."""
+        return self.new_keys(1)[0]
+
+    def new_keys(self, n: int) -> list[str]:
+        """``n`` fresh keys in a row (one call's outputs); the one place keys are made."""
+        first = self._keys + 1
+        self._keys += n
+        prefix = self._prefix
+        return [f"{prefix}-{first}"] if n == 1 else [f"{prefix}-{i}" for i in range(first, first + n)]
 
     def request(
         self, make: Callable[[int], m.Request], buffers: Sequence[Frame] = (), *, what: str = ""
@@ -313,10 +320,7 @@ class WorkerClient:
                 buffers.append(buf)
         specs = variant.outputs
         if outputs is None:
-            first = self._keys + 1
-            self._keys += len(specs)
-            prefix = self._prefix
-            keys = [f"{prefix}-{first}"] if len(specs) == 1 else [f"{prefix}-{i}" for i in range(first, self._keys + 1)]
+            keys = self.new_keys(len(specs))
             mine: Sequence[bool] = (True,) * len(specs)  # fresh keys, each owned by its pointer
             if inline_max is None:
                 inline_max = self.inline_max

@@ -94,7 +94,7 @@ class PointerTensor:
     def value(self) -> Any:
         """The value its run's reply carried (fetched or small enough), or None; ``get()`` reads it too."""
         value = self._settle() if self._call is not None and self._call.done else self._value
-        return None if value is None else wrap(value)
+        return None if value is None else wrap(value.copy())  # a copy: the kept value is this pointer's
 
     def read(self, keep: bool = False, *, progress: bool | None = None) -> Any:
         """The value (the caller's tensor type), moved off the worker unless ``keep``; see ``get``."""
@@ -109,9 +109,10 @@ class PointerTensor:
         if value is None:
             nbytes = 0 if self._shape is None else math.prod(self._shape) * to_numpy(self.dtype).itemsize
             return wrap(self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0])
-        if not keep:  # a move: the stored copy is freed with the next frees
-            self._value = None
-            self.worker.release(self.key)
+        if keep:  # the caller's own copy: writing to it must not change what the next read returns
+            return wrap(value.copy())
+        self._value = None  # a move: the caller takes the value, the stored copy is freed with the next frees
+        self.worker.release(self.key)
         return wrap(value)
 
     def get(self, keep: bool = False, *, progress: bool | None = None) -> Any:

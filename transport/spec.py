@@ -81,6 +81,8 @@ class PlanVariant:
     def mismatch(self, args: Sequence[tuple[str, Sequence[int]]]) -> str | None:
         """Why (dtype, shape) arguments do not fit this variant, or None when they do (remembered, up to 256
         signatures: a plan called in a loop asks the same question every call)."""
+        if not _plain(args):
+            return self._mismatch(args)
         fits = self._fits
         try:
             key = tuple(args)
@@ -112,6 +114,18 @@ class PlanSource(Protocol):
     def variant_for(self, args: Sequence[tuple[str, Sequence[int]]]) -> PlanVariant:
         """The variant that accepts (dtype, shape) args, building one if it can; TypeError if none fits."""
         ...
+
+
+def _plain(args: Sequence[tuple[str, Sequence[int]]]) -> bool:
+    """Whether every dtype in ``args`` is a str and every size an int: only such signatures are remembered, as
+    sizes of other types may compare and hash equal (3.0 and 3, True and 1) yet read apart in an answer."""
+    for dtype, shape in args:  # plain loops: this runs on every call of a plan
+        if type(dtype) is not str:
+            return False
+        for d in shape:
+            if type(d) is not int:
+                return False
+    return True
 
 
 def plan_id(data: bytes) -> str:

@@ -3,7 +3,8 @@
 Several requests may be in flight (``inflight``, in order; the runner answers each in turn, worker/pipe.py).
 Nothing here ever blocks writing: the runner may itself be blocked writing answers the supervisor has to
 read, so bytes the pipe does not take now wait here and go as the runner reads (``wait`` watches for room).
-``hold``/``flush`` send a burst of requests in one write (the runner wakes once for all of them). Before
+``hold``/``flush`` send a burst of requests in one write (the runner wakes once for all of them); a request
+sent ``now`` goes at once, after what was held (requests always reach the runner in the order made). Before
 sleeping on the pipe after a lone run (a tiny call), ``wait`` may watch it for a while (SPIN_MAX).
 """
 
@@ -91,14 +92,19 @@ class RunnerLink:
 
     def request(self, sent: Sent, msg: pipe.ToRunner, buffers: list, *, plan: str = "", now: bool = False) -> None:
         """Send ``msg`` (held back until ``flush`` after a ``hold``, unless ``now``), in flight as ``sent``.
+        ``now`` sends what ``hold`` kept first (the runner answers in the order it reads, and answers are
+        matched to ``inflight`` in order), then keeps holding what comes after.
         ``plan``: a run's, whose answer time is measured when it goes alone. OSError when the runner is gone."""
         if plan:
             self._sent_at = time.perf_counter() if not self.inflight else 0.0
             self._sent_plan = plan
         self.inflight.append(sent)
         parts = pipe.pack(msg, buffers)  # type: ignore[arg-type]
-        if self._batch is None or now:
+        if self._batch is None:
             self._write(parts)
+        elif now:
+            batch, self._batch = self._batch, []
+            self._write(batch + parts)
         else:
             self._batch += parts
 
