@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from planwire.transport import dtypes
-from planwire.transport.bound import BoundPlan
+from planwire.transport.bound import BoundPlan, hyper_array
 from planwire.transport.plancheck import DEFAULT_DOMAINS, PlanRejected, check_model
 from planwire.transport.spec import (
     META_INPUTS,
@@ -129,12 +129,10 @@ class PlanPorts:
 
     def hyper_feeds(self, overrides: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Hyper-parameter inputs in the plan's dtypes: its defaults, overridden by name without the
-        ``hyper.`` prefix (``{"lr": 0.01}``, as a run config names them)."""
+        ``hyper.`` prefix (``{"lr": 0.01}``, as a run config names them). ValueError naming the input for an
+        override its dtype cannot hold (a run config comes from the server: checked like the defaults)."""
         return {
-            s.name: np.asarray(
-                float(overrides.get(s.name.removeprefix("hyper."), self.hyper_defaults[s.name])),
-                dtypes.to_numpy(s.dtype),
-            )
+            s.name: hyper_array(s, overrides.get(s.name.removeprefix("hyper."), self.hyper_defaults[s.name]))
             for s in self.inputs
             if s.role == "hyper"
         }

@@ -333,6 +333,26 @@ def test_a_hyper_default_its_dtype_cannot_hold_is_rejected(linear_plan: tuple[nn
         PlanPorts.check(hostile)
 
 
+def test_a_run_config_override_its_dtype_cannot_hold_is_refused_naming_it(linear_plan: tuple[nn.Module, bytes]) -> None:
+    _, plan = linear_plan
+    ports = PlanPorts.check(
+        _with_metadata(
+            plan,
+            **{
+                "planwire.inputs": (
+                    '"hyper.lr", "role": "hyper", "dtype": "double"',
+                    '"hyper.lr", "role": "hyper", "dtype": "int64"',
+                ),
+                "planwire.training": ('"lr": 0.1', '"lr": 1'),
+            },
+        )
+    )
+    assert ports.hyper_feeds({"lr": 3})["hyper.lr"].tolist() == 3
+    for bad in (1e300, float("inf"), 0.5):
+        with pytest.raises(ValueError, match=r"hyper-parameter 'hyper\.lr' is .*whole number in int64's range"):
+            ports.hyper_feeds({"lr": bad})
+
+
 def test_a_targets_count_that_is_no_count_is_rejected(linear_plan: tuple[nn.Module, bytes]) -> None:
     _, plan = linear_plan
     hostile = _with_metadata(plan, **{"planwire.training": ('"targets": 1', '"targets": "x"')})
