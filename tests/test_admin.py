@@ -25,8 +25,9 @@ from planwire.transport.messages import PROTOCOL_VERSION
 from planwire.transport.server import Server
 from planwire.worker import Service
 from planwire.worker.admin import ADMIN_SIGNATURE, Status, format_status, query
+from planwire.worker.peers import clean
 from planwire.worker.process import WorkerProcess
-from planwire.worker.stats import Stats, clean
+from planwire.worker.stats import Stats
 from tests import handmade
 from tests.conformance.wire import Peer
 from tests.conformance.workers import kinds, node_missing, start

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zmq
 
 from planwire.transport.sockets import recv_frames
-from planwire.worker.stats import IN_PROCESS, PeerNames, peer_of
+from planwire.worker.peers import IN_PROCESS, PeerNames, peer_of
 
 
 def _request(router: zmq.Socket, dealer: zmq.Socket) -> tuple[bytes, list]:

@@ -21,7 +21,8 @@ import zmq
 
 from planwire.transport import messages as m
 from planwire.transport.sockets import configure
-from planwire.worker.stats import Stats, clean
+from planwire.worker.peers import clean
+from planwire.worker.stats import Stats
 
 log = logging.getLogger("planwire.admin")
 

@@ -23,9 +23,9 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.framing import Frame
 from planwire.worker import flow
 from planwire.worker.jobs import Plan, RunJob
+from planwire.worker.peers import clean
 from planwire.worker.resident import Resident, hosts
 from planwire.worker.runtime import OrtPlan, Signature
-from planwire.worker.stats import clean
 from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")

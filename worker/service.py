@@ -30,12 +30,12 @@ from planwire.worker import flow
 from planwire.worker.device import Device
 from planwire.worker.jobs import Job, Origin, Plan, RegisterJob
 from planwire.worker.owners import DAY, Owners, PlanHolders, label
+from planwire.worker.peers import clean, peer_of
 from planwire.worker.policy import Policy
 from planwire.worker.registry import PlanRegistry
 from planwire.worker.release import Pending, Releaser
 from planwire.worker.runs import RunPath
 from planwire.worker.runtime import OrtPlan, Signature
-from planwire.worker.stats import clean, peer_of
 from planwire.worker.store import ClientId, Store
 
 if TYPE_CHECKING:

@@ -24,72 +24,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import zmq
-
 from planwire.transport import dtypes
 from planwire.transport import messages as m
-from planwire.transport.errors import printable
 from planwire.worker.metrics import Metrics
 from planwire.worker.owners import label
+from planwire.worker.peers import PeerNames
 
 if TYPE_CHECKING:
     from planwire.worker.service import Service
 
 _KINDS = {cls: m.type_name(cls) for cls in m.REQUESTS}  # request class -> its type tag
 WORKER = "(worker's own data)"  # owner of the tensors the worker was started with
-IN_PROCESS = "in-process"
 DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
 CONNECTIONS_SHOWN = 8  # per owner in status
 FOLD_AFTER_S = 600.0  # a connection not seen for this long is folded into its owner's row
 MAX_CONNECTION_ROWS = 1024  # connection rows kept at most (beyond: the least recently seen are folded)
-
-
-def clean(text: str, limit: int = 2000) -> str:
-    """``text`` safe for one log line: control characters (newlines included) escaped, so a peer's string
-    cannot forge a line, and length capped."""
-    text = printable(text)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def peer_of(frames: Sequence[object], curve: bool = False) -> str:
-    """Who sent ``frames``: ``curve:KEY`` (z85 public key) under CURVE, else ``ADDRESS/fdN`` of the
-    connection (ipc addresses carry the peer's uid:gid:pid), or ``in-process``."""
-    frame = getattr(frames[0], "obj", None) if frames else None
-    if not isinstance(frame, zmq.Frame):
-        return IN_PROCESS
-    if curve:
-        try:
-            return f"curve:{frame.get('User-Id')}"
-        except zmq.ZMQError:
-            pass
-    try:
-        return f"{frame.get('Peer-Address')}/fd{frame.get(zmq.SRCFD)}"
-    except zmq.ZMQError:
-        return f"fd{frame.get(zmq.SRCFD)}"
-
-
-class PeerNames:
-    """``peer_of`` once per connection: the label of a routing id ZeroMQ generated (its first byte is 0;
-    a peer may not choose such an id, and ZeroMQ never reuses one while the socket lives) is kept, so a
-    request costs a dict lookup rather than two zmq property reads. Ids a peer chose (a later connection
-    may reuse one) and CURVE connections are read every time."""
-
-    MAX = 4096  # labels kept at most (past it, the cache starts over)
-
-    def __init__(self, curve: bool = False) -> None:
-        self.curve = curve
-        self._names: dict[bytes, str] = {}
-
-    def __call__(self, frames: Sequence[object], conn: bytes = b"") -> str:
-        name = self._names.get(conn)
-        if name is not None:
-            return name
-        name = peer_of(frames, self.curve)
-        if conn[:1] == b"\x00" and not self.curve and name != IN_PROCESS:
-            if len(self._names) >= self.MAX:
-                self._names.clear()
-            self._names[conn] = name
-        return name
 
 
 @dataclass
