@@ -200,7 +200,7 @@ class Arenas:
     def kept_run(self, key: tuple, touched: int) -> None:
         """A run of ``key`` that kept its arena's memory touched ``touched`` bytes of new pages. The arena
         grows back to what the plan's first runs took (their shrinking gave it back), which what it may keep
-        allows for; past that, it grows beyond what they showed (an ``If`` took a bigger branch than before):
+        allows for; past that, it grows beyond what they showed (a plan the rule admitted by mistake):
         the growth counts as kept while the arenas fit the budget, and past the budget every run of the plan
         gives its memory back from now on (the next one returns what the growth took)."""
         if touched < STRAY:
