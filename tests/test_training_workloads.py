@@ -142,7 +142,7 @@ def test_guarded_zero_select_equals_where_for_every_gradient(zero_first: bool, d
     assert collections.Counter(n.op_type for n in proto.graph.node)["If"] == 1
     assert "Where" not in [n.op_type for n in proto.graph.node]
     onnx.checker.check_model(proto, full_check=True)
-    assert sizes_follow_shapes(proto.SerializeToString())  # a plan-worker runs it with its arena (worker/runner.py)
+    assert not sizes_follow_shapes(proto.SerializeToString())  # an If: no arena on a plan-worker (worker/runner.py)
     plain = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     guarded = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
