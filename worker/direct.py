@@ -221,13 +221,7 @@ class DirectLane:
                 a = a.host
             args.append(a)
         key = tuple(a.shape for a in args)
-        ok = v.small.get(key)
-        if ok is None:
-            ok = self.small(v, key)
-            if len(v.small) >= _CACHE:
-                v.small.clear()
-            v.small[key] = ok
-        if not ok:
+        if not self._small(v, key):
             return None
         try:
             if v.session is None:
@@ -252,31 +246,25 @@ class DirectLane:
             return None
         if v is False or v.plan is not plan:
             return None  # decided by run() first (the general path), which also counts a fallback
-        key = tuple([(a.dtype, a.shape) for a in args])
+        key = _signature(args)
         ok = v.ready.get(key)
         if ok is None:
-            ok = self._ready(v, plan, args)
-            if len(v.ready) >= _CACHE:
-                v.ready.clear()
-            v.ready[key] = ok
+            ok = _remember(v.ready, key, self._ready(v, plan, args))
         return v.call if ok else None
 
     def decline(self, pid: str, args: list[np.ndarray]) -> None:
         """A prepared run of ``pid`` on ``args`` failed: such calls take the general path from now on."""
         v = self._variants.get(pid)
         if v:
-            v.ready[tuple([(a.dtype, a.shape) for a in args])] = False
+            v.ready[_signature(args)] = False
 
     def _ready(self, v: _Variant, plan: Plan, args: list[np.ndarray]) -> bool:
         try:
             plan.ports.check(args)
         except Exception:
             return False
-        shapes = tuple(a.shape for a in args)
-        ok = v.small.get(shapes)
-        if ok is None:
-            ok = v.small[shapes] = self.small(v, shapes)
-        if not ok or v.session is None:  # the session is created by run(), at the first small call
+        # the session is created by run(), at the first small call
+        if not self._small(v, tuple(a.shape for a in args)) or v.session is None:
             return False
         if v.call is None:
             s = v.session
@@ -299,6 +287,11 @@ class DirectLane:
         log.debug("plan %r is direct-safe: its small calls run in the worker process", plan.name)
         return _Variant(g, plan)
 
+    def _small(self, v: _Variant, shapes: tuple) -> bool:
+        """:meth:`small`, decided once per argument shapes."""
+        ok = v.small.get(shapes)
+        return _remember(v.small, shapes, self.small(v, shapes)) if ok is None else ok
+
     def small(self, v: _Variant, shapes: tuple) -> bool:
         """Whether a call of ``v`` on arguments of ``shapes`` is small (the module's rule 2)."""
         g = v.graph
@@ -310,3 +303,16 @@ class DirectLane:
             return False
         e = estimate(g, named)
         return e.unknown_values == 0 and not e.uncounted and e.flops <= self.max_flops
+
+
+def _signature(args: list[np.ndarray]) -> tuple:
+    """(dtype, shape) of each argument: what a prepared verdict is kept by."""
+    return tuple([(a.dtype, a.shape) for a in args])
+
+
+def _remember(cache: dict, key: object, value: bool) -> bool:
+    """``cache[key] = value`` (the cache starts over past ``_CACHE`` entries); returns ``value``."""
+    if len(cache) >= _CACHE:
+        cache.clear()
+    cache[key] = value
+    return value
