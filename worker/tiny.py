@@ -94,9 +94,7 @@ class TinyPath:
         run = self.lane.prepared(pid, plan, args)
         if run is None:
             return None
-        service._conn = client  # as Service._act_for: what follows acts for this owner
-        service._client = owner
-        owners.seen(owner, service._free)
+        service._act_for(client)  # what follows acts for this owner
         try:
             results = run(args)
         except Exception:  # the general path runs it again (the lane declines it now) and answers
