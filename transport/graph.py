@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,14 +112,6 @@ def read_graph(data: bytes | memoryview) -> Graph:
     return Graph(
         g.inputs, g.outputs, g.declared, g.initializers, g.nodes, metadata, frozenset(functions), frozenset(unread)
     )
-
-
-def iter_nodes(graph: Graph) -> Iterator[Node]:
-    """Every node of ``graph`` and of its subgraphs (a node before the nodes of the graphs it holds)."""
-    for node in graph.nodes:
-        yield node
-        for sub in node.graphs:
-            yield from iter_nodes(sub)
 
 
 def _graph(buf: memoryview, unread: set[str]) -> Graph:
