@@ -151,7 +151,10 @@ export function fsyncAll(fds) {
   for (let at = 0; at < fds.length; at += SLOTS) {
     const part = fds.slice(at, at + SLOTS);
     c.set(part, FDS);
-    for (const [i, v] of [[COUNT, part.length], [NEXT, 0], [DONE, 0], [ERROR, 0]]) Atomics.store(c, i, v);
+    // A thread of the last round may still make its final claim on NEXT: with NEXT past any count while the
+    // round is set up, that claim finds nothing; once NEXT is 0, a claim takes a real slot and counts it once.
+    Atomics.store(c, NEXT, 1 << 30);
+    for (const [i, v] of [[COUNT, part.length], [DONE, 0], [ERROR, 0], [NEXT, 0]]) Atomics.store(c, i, v);
     Atomics.add(c, GEN, 1);
     Atomics.notify(c, GEN);
     for (let i; (i = Atomics.add(c, NEXT, 1)) < part.length; Atomics.add(c, DONE, 1)) {
