@@ -202,3 +202,20 @@ def test_a_plan_registered_again_is_prepared_again(pair: Pair) -> None:
     pair.run(16, "x")
     assert pair.taken == 2
     pair.same_state()
+
+
+def test_small_calls_take_the_prepared_path_after_a_first_call_that_was_not_small(pair: Pair) -> None:
+    lane, svc = pair.lanes[1], pair.b
+    lane.max_bytes = 256  # x (4 floats) is small, big (1000 floats) is not
+    pair.put("big", np.ones(1000, np.float32))
+
+    def frames(rid: int, ref: str) -> list:
+        run = m.Run(id=rid, plan=pair.pid, args=[m.Arg(ref=ref)], outputs=["y", "z"])
+        return [memoryview(bytes(f)) for f in framing.pack(run, [])]
+
+    big = frames(10, "big")  # the lane decides the plan on this call, and it is not small: no session yet
+    msg, buffers = svc.decode(big, ALICE)
+    assert lane.run(svc.begin(msg, buffers, big, ALICE)) is None  # type: ignore[arg-type]
+    assert pair.tiny(frames(11, "x"), ALICE) is None  # no session yet: no verdict, and none kept
+    assert general(svc, lane, frames(12, "x"), ALICE)  # the general path's lane makes the session
+    assert pair.tiny(frames(13, "x"), ALICE) is not None  # now the prepared path takes the small call

@@ -67,14 +67,11 @@ class Node:
     outputs: tuple[str, ...]
     attrs: dict[str, Any]
     subgraphs: bool
-    graphs: tuple[Graph, ...] = ()
-    """The graphs its attributes hold (``If`` branches, ``Loop``/``Scan`` bodies), in attribute order."""
 
 
 @dataclass(frozen=True)
 class Graph:
-    """The main graph of a plan as plain data: ports, declared types, initializers, nodes, metadata (a subgraph:
-    its formal inputs, outputs, initializers and nodes; no metadata)."""
+    """The main graph of a plan as plain data: ports, declared types, initializers, nodes, metadata."""
 
     inputs: dict[str, ValueType]
     """Runtime inputs in order (graph inputs that are not initializers)."""
@@ -108,27 +105,18 @@ def read_graph(data: bytes | memoryview) -> Graph:
             functions.add((pw.text(f.get(10, b"")), pw.text(f.get(1, b""))))
     if graph is None:
         raise ValueError("not an ONNX model: no graph")
-    g = _graph(graph, unread)
-    return Graph(
-        g.inputs, g.outputs, g.declared, g.initializers, g.nodes, metadata, frozenset(functions), frozenset(unread)
-    )
-
-
-def _graph(buf: memoryview, unread: set[str]) -> Graph:
-    """A GraphProto's ports, declared types, initializers and nodes (subgraphs read too); what it holds that
-    this reader does not model goes into ``unread``."""
     inputs: list[tuple[str, ValueType]] = []
     outputs: dict[str, ValueType] = {}
     declared: dict[str, ValueType] = {}
     initializers: dict[str, Tensor] = {}
     nodes: list[Node] = []
-    for num, v in pw.fields(buf):
+    for num, v in pw.fields(graph):
         if not isinstance(v, memoryview):
             continue
         if num == 15:
             unread.add("sparse_initializer")
         if num == 1:
-            nodes.append(_node(v, unread))
+            nodes.append(_node(v))
         elif num == 5:
             name, tensor = _tensor(v)
             initializers[name] = tensor
@@ -142,7 +130,9 @@ def _graph(buf: memoryview, unread: set[str]) -> Graph:
     runtime_inputs = {n: t for n, t in inputs if n not in initializers}
     if len(runtime_inputs) < len(inputs):
         unread.add("an input that is also an initializer")
-    return Graph(runtime_inputs, outputs, declared, initializers, nodes, {})
+    return Graph(
+        runtime_inputs, outputs, declared, initializers, nodes, metadata, frozenset(functions), frozenset(unread)
+    )
 
 
 def _tensor(buf: memoryview) -> tuple[str, Tensor]:
@@ -208,12 +198,12 @@ def _dim(buf: memoryview) -> int | str | None:
     return None
 
 
-def _node(buf: memoryview, unread: set[str]) -> Node:
+def _node(buf: memoryview) -> Node:
     ins: list[str] = []
     outs: list[str] = []
     op = domain = ""
     attrs: dict[str, Any] = {}
-    graphs: list[Graph] = []
+    sub = False
     for num, v in pw.fields(buf):
         if num == 1:
             ins.append(pw.text(v))
@@ -224,18 +214,17 @@ def _node(buf: memoryview, unread: set[str]) -> Node:
         elif num == 7:
             domain = pw.text(v)
         elif num == 5 and isinstance(v, memoryview):
-            name, value, held = _attribute(v)
+            name, value, has_graph = _attribute(v)
             attrs[name] = value
-            graphs += [_graph(g, unread) for g in held]
-    return Node(op, "" if domain == "ai.onnx" else domain, tuple(ins), tuple(outs), attrs, bool(graphs), tuple(graphs))
+            sub = sub or has_graph
+    return Node(op, "" if domain == "ai.onnx" else domain, tuple(ins), tuple(outs), attrs, sub)
 
 
-def _attribute(buf: memoryview) -> tuple[str, Any, list[memoryview]]:
-    """An attribute's name, its value (None for a graph), and the graphs it holds (``g``, ``graphs``)."""
+def _attribute(buf: memoryview) -> tuple[str, Any, bool]:
     name = ""
     value: Any = None
     listed: list = []
-    graphs: list[memoryview] = []
+    has_graph = False
     for num, v in pw.fields(buf):
         if num == 1:
             name = pw.text(v)
@@ -247,12 +236,12 @@ def _attribute(buf: memoryview) -> tuple[str, Any, list[memoryview]]:
             value = pw.text(v)
         elif num == 5 and isinstance(v, memoryview):
             value = _tensor(v)[1]
-        elif num in (6, 11) and isinstance(v, memoryview):
-            graphs.append(v)
+        elif num in (6, 11):
+            has_graph = True
         elif num == 7:
             listed += pw.floats(v)
         elif num == 8:
             listed += pw.ints(v)
     if value is None and listed:
         value = listed
-    return name, value, graphs
+    return name, value, has_graph

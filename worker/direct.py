@@ -246,6 +246,8 @@ class DirectLane:
             return None
         if v is False or v.plan is not plan:
             return None  # decided by run() first (the general path), which also counts a fallback
+        if v.session is None:  # created by run() at the first small call: no verdict yet
+            return None
         key = _signature(args)
         ok = v.ready.get(key)
         if ok is None:
@@ -257,14 +259,15 @@ class DirectLane:
         v = self._variants.get(pid)
         if v:
             v.ready[_signature(args)] = False
+            v.small[tuple(a.shape for a in args)] = False  # nor does run() try it here again
+            self.counts["direct_fallbacks"] += 1
 
     def _ready(self, v: _Variant, plan: Plan, args: list[np.ndarray]) -> bool:
         try:
             plan.ports.check(args)
         except Exception:
             return False
-        # the session is created by run(), at the first small call
-        if not self._small(v, tuple(a.shape for a in args)) or v.session is None:
+        if not self._small(v, tuple(a.shape for a in args)):
             return False
         if v.call is None:
             s = v.session

@@ -132,7 +132,7 @@ def _follows(g: Graph) -> bool:
     """:func:`sizes_follow_shapes` for a graph read from a plan."""
     derived = set(g.initializers)  # values fixed by the plan or by the arguments' shapes
     for n in g.nodes:
-        if n.domain or n.graphs:
+        if n.domain or n.subgraphs:
             return False
         ins = [i for i in n.inputs if i]
         if n.op in SIZED_BY_DATA:
