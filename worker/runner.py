@@ -40,10 +40,10 @@ SPIN_S = 100e-6
 # kept together may hold at most this much (twice what their runs touched: the arena grows by doubling);
 # any other run gives it back as it ends, so a big run's memory does not stay with the runner. onnxruntime
 # never gives back an arena's first region: a plan whose first run is too big to keep gets a session without
-# an arena (as every plan had before, paying the faults). A later run that still faults in new pages (an If
-# that took its bigger branch) has that growth counted too, or, past the budget, makes every run of its plan
-# give its memory back. What the arenas keep counts as held by the runner for its data bound (another plan's
-# run cannot use it).
+# an arena (as every plan had before, paying the faults). A later run that still faults in new pages (a plan
+# the rule admitted by mistake: a defence, as plans with an If get no arena) has that growth counted too, or,
+# past the budget, makes every run of its plan give its memory back. What the arenas keep counts as held by
+# the runner for its data bound (another plan's run cannot use it).
 KEEP_MB = 256
 STRAY = 1 << 20  # new pages a run that keeps its arena may fault in unnoticed (the runner's own allocations)
 
