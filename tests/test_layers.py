@@ -73,6 +73,7 @@ CONTRACT = tuple(
         "schemagen",
         "onnxproto",
         "plansize",
+        "plandomains",
         "plancheck",
         "ortoptions",
         "protowire",

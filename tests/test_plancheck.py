@@ -17,8 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from planwire.transport import onnxproto
-from planwire.transport import plancheck as modelcheck
+from planwire.transport import onnxproto, plandomains
 from planwire.transport.ortoptions import session_options
 from planwire.transport.plancheck import (
     DEFAULT_DOMAINS,
@@ -411,7 +410,7 @@ def test_every_onnxruntime_domain_is_reserved() -> None:
     schemas = pytest.importorskip("onnxruntime.capi.onnxruntime_pybind11_state").get_all_operator_schema()
     domains = {s.domain for s in schemas}
     assert "com.microsoft" in domains
-    assert all(modelcheck._reserved(d) for d in domains), domains
+    assert all(plandomains.reserved(d) for d in domains), domains
 
 
 def test_function_body_checked_for_domains() -> None:

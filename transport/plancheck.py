@@ -4,8 +4,9 @@ A plan arrives from a network peer as serialized ``onnx.ModelProto`` bytes. :fun
 protobuf wire format directly (pure Python, no ``onnx`` package, no copies of tensor payloads: ``raw_data``
 and other large fields are skipped by length) and raises :class:`PlanRejected` unless the plan is safe to
 hand to ``onnxruntime.InferenceSession``. The walk is in three layers: :mod:`.onnxproto` reads the wire
-format against its field tables, :mod:`.plansize` bounds the resources a plan fixes up front, and this
-module holds the policy below and the walk over a model's graphs, nodes, functions and tensors.
+format against its field tables, :mod:`.plandomains` decides which operators a plan may name,
+:mod:`.plansize` bounds the resources a plan fixes up front, and this module holds the policy below and the
+walk over a model's graphs, nodes, functions and tensors.
 
 Policy (field numbers checked against onnx.proto of onnx 1.23):
 
@@ -80,6 +81,7 @@ from planwire.transport.onnxproto import (
     itemsize,
     signed64,
 )
+from planwire.transport.plandomains import DEFAULT_DOMAINS, ML_DOMAINS, ONNX_ALIASES, Domains
 from planwire.transport.plansize import SIZED_OPS, SizeRules, human_size
 
 __all__ = [
@@ -93,16 +95,8 @@ __all__ = [
     "check_model",
 ]
 
-DEFAULT_DOMAINS: frozenset[str] = frozenset({"", "ai.onnx"})
-"""The standard ONNX operator set only."""
-ML_DOMAINS: frozenset[str] = DEFAULT_DOMAINS | {"ai.onnx.ml"}
-"""Standard operators plus the classical-ML operator set (opt-in)."""
 PROTOBUF_LIMIT = 2**31 - 1
 """Protobuf cannot parse a message of 2 GiB or more."""
-
-_ONNX_ALIASES = frozenset({"", "ai.onnx"})
-# Domains in which onnxruntime or a known execution provider registers operators (checked as prefixes).
-_RESERVED_PREFIXES = ("ai.onnx", "onnx", "com.microsoft", "com.ms", "org.pytorch", "pkg.onnxruntime", "trt")
 
 
 @dataclass(frozen=True)
@@ -129,14 +123,6 @@ class ModelSummary:
     """Names of graph inputs and outputs declared without a shape: their rank is unknown."""
 
 
-def _domain_list(domains: frozenset[str]) -> str:
-    return ", ".join(repr(d) for d in sorted(domains)) or "(none)"
-
-
-def _reserved(domain: str) -> bool:
-    return domain == "" or domain.startswith(_RESERVED_PREFIXES)
-
-
 class _Checker(SizeRules):
     """One walk over one plan, holding it to the policy in the module docstring."""
 
@@ -154,11 +140,9 @@ class _Checker(SizeRules):
         super().__init__(buf, tensor_bytes, max_function_depth, max_loop_trips)
         self.max_bytes = max_bytes
         self.all_nodes = 0  # every node walked: main graph, subgraphs, functions, training graphs
-        self.shown = allowed
-        self.allowed = allowed | _ONNX_ALIASES if allowed & _ONNX_ALIASES else allowed
+        self.domains = Domains(allowed, self.reject)
+        self.allowed = self.domains.allowed
         self.max_nodes = max_nodes
-        self.functions: dict[tuple[str, str, str], int] = {}
-        self.function_domains: frozenset[str] = frozenset()
         self.calls: list[int] = []  # local-function calls made from the scope being walked
         self.nodes = 0  # nodes in the scope being walked
 
@@ -239,14 +223,7 @@ class _Checker(SizeRules):
         if self.all_nodes > self.max_nodes:
             raise self.too_large(f"plan has more than {self.max_nodes} nodes (subgraphs and functions included)")
         if domain not in self.allowed:
-            called = self.functions.get((domain, op, overload))
-            if called is None:
-                if domain in self.function_domains:
-                    raise self.reject(f"{desc} calls '{domain}::{op}', which is not a function defined in the plan")
-                raise self.reject(
-                    f"{desc} uses domain '{domain}' which is not allowed; allowed: {_domain_list(self.shown)}"
-                )
-            self.calls.append(called)
+            self.calls.append(self.domains.called(desc, domain, op, overload))
         attrs: dict[str, Fields] = {}
         if f.get(5):
             self.path.append(desc)
@@ -254,7 +231,7 @@ class _Checker(SizeRules):
                 af = self.attribute(s, depth + 1)
                 attrs[self.label(af.get(1))] = af
             self.path.pop()
-        if domain in _ONNX_ALIASES and op in SIZED_OPS:
+        if domain in ONNX_ALIASES and op in SIZED_OPS:
             ins = [self.raw(s) for s in f.get(1, ())]
             outs = [self.raw(s) for s in f.get(2, ())]
             self.sized(op, desc, ins, outs, attrs)
@@ -273,13 +250,12 @@ class _Checker(SizeRules):
         self.path.pop()
         return f
 
-    def opsets(self, spans: list, depth: int, allowed: frozenset[str], where: str) -> dict[str, int]:
+    def opsets(self, spans: list, depth: int, where: str) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in spans:
             f = self.scan(s, depth, OPSET)
             domain = self.text(f.get(1), f"{where} domain")
-            if domain not in allowed:
-                raise self.reject(f"{where} domain '{domain}' is not allowed; allowed: {_domain_list(self.shown)}")
+            self.domains.opset(domain, where)
             versions = f.get(2)
             out[domain] = signed64(versions[-1]) if versions else 0
         return out
@@ -305,18 +281,7 @@ class _Checker(SizeRules):
             name = self.text(ff.get(1), "function name")
             domain = self.text(ff.get(10), f"domain of function '{name}'")
             overload = self.text(ff.get(13), f"overload of function '{name}'")
-            qual = f"{domain}::{name}" + (f" (overload '{overload}')" if overload else "")
-            if domain in self.allowed or _reserved(domain):
-                raise self.reject(
-                    f"function '{qual}' uses domain '{domain}', which is reserved for built-in operators "
-                    "(onnxruntime would run a built-in op instead); local functions need their own domain"
-                )
-            if (domain, name, overload) in self.functions:
-                raise self.reject(f"function '{qual}' is defined twice")
-            self.functions[(domain, name, overload)] = len(functions)
-            functions.append((qual, ff))
-        self.function_domains = frozenset(d for d, _, _ in self.functions)
-        opset_ok = self.allowed | self.function_domains
+            functions.append((self.domains.define(domain, name, overload), ff))
 
         fn_nodes: list[int] = []
         fn_calls: list[list[int]] = []
@@ -327,7 +292,7 @@ class _Checker(SizeRules):
                 self.node(s, 2, i)
             for s in ff.get(11, ()):
                 self.attribute(s, 2)
-            self.opsets(ff.get(9, []), 2, opset_ok, "opset_import")
+            self.opsets(ff.get(9, []), 2, "opset_import")
             fn_nodes.append(self.nodes)
             fn_calls.append(self.calls)
         self.path = []
@@ -346,7 +311,7 @@ class _Checker(SizeRules):
                     self.path, self.calls, self.consts = [f"training_info[{i}] {part}"], [], {}
                     self.graph(g, 2, label=False)
         self.path = []
-        opsets = self.opsets(f.get(8, []), 1, opset_ok, "opset_import")
+        opsets = self.opsets(f.get(8, []), 1, "opset_import")
         expanded = self.expand(node_count, main_calls, fn_nodes, fn_calls, [q for q, _ in functions])
 
         ir = f.get(1)
