@@ -8,7 +8,8 @@ or the new one, never half of one. A put, a run's outputs, a move by ``get``, a 
 record, a plan registered or unregistered, an identity issued at ``hello``, a client freed by
 ``--idle-ttl``: each is durable when its reply leaves. A request that was not answered may be partly there.
 
-The directory (holding it, reading it back as hostile input) is worker/statedir.py; its format worker/statefiles.py.
+The directory is held and written by worker/statedir.py, read back as hostile input by worker/stateread.py; its
+format is worker/statefiles.py.
 
 :func:`attach` restores what the directory holds into a Service, then has its changes written through:
 an observer on its Store (worker/store.py's StoreObserver hooks), Owners and PlanHolders that write
