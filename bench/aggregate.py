@@ -88,28 +88,28 @@ def aggregate(runs: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict
                     k: t.get(k, d)
                     for k, d in (("op", ""), ("target", None), ("unit", ""), ("detail", ""), ("kind", "measured"))
                 }
-                | {"basis": t.get("basis", ""), "values": [], "passed_in": [], "sampled": []},
+                | {"basis": t.get("basis", ""), "values": [], "outcomes": [], "sampled": []},
             )
             entry["values"].append(t["value"])
-            entry["passed_in"].append(
+            entry["outcomes"].append(
                 outcome(t["value"], t["op"], t["target"], t.get("ci95"), bool(t.get("exact", False)))
             )
             entry["sampled"].append((t.get("samples"), t.get("ci95"), t.get("stop", "")))
     out_targets = []
     for name, entry in targets.items():
-        values, passed_in, sampled = entry.pop("values"), entry.pop("passed_in"), entry.pop("sampled")
+        values, outcomes, sampled = entry.pop("values"), entry.pop("outcomes"), entry.pop("sampled")
         item = {"name": name, **entry, **_spread(values), "runs": len(values)}
         if any(ci for _, ci, _ in sampled):  # the interval rule's record (older runs have none)
             item["samples_per_run"] = [n for n, _, _ in sampled]
             item["ci95_per_run"] = [ci for _, ci, _ in sampled]
             item["stop_per_run"] = [stop for *_, stop in sampled]
         if entry["target"] is not None:
-            passes, unsettled = passed_in.count("pass"), passed_in.count("unsettled")
+            passes, unsettled = outcomes.count("pass"), outcomes.count("unsettled")
             item |= {
                 "passes": passes,
-                "fails": passed_in.count("fail"),
+                "fails": outcomes.count("fail"),
                 "unsettled": unsettled,
-                "outcome_per_run": passed_in,
+                "outcome_per_run": outcomes,
                 "passed": passes > len(values) / 2,
                 "verdict": verdict(passes, len(values), unsettled),
             }

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +84,17 @@ class Target:
     samples: list[int] | None = None  # samples behind numerator and denominator
     stop: str = ""  # "converged" if both sides' rounds stopped on the interval rule, else cap or budget
     exact: bool = False  # an exact count (no sampling noise): its value decides without an interval
-    passed: bool | None = field(init=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}")
         if self.kind != "measured" and self.target is not None:
             raise ValueError(f"{self.name}: a {self.kind} figure cannot be a target")
-        if self.target is None:
-            self.passed = None
-            return
-        ok = {"<=": self.value <= self.target, ">=": self.value >= self.target, "<": self.value < self.target}
-        self.passed = bool(ok[self.op])
+
+    @property
+    def outcome(self) -> str:
+        """Its verdict in this run (:func:`outcome`): pass, fail or unsettled; "" without a target."""
+        return outcome(self.value, self.op, self.target, self.ci95, self.exact)
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -381,9 +380,7 @@ class Report:
             "family_s": self.family_s,
             "load_average_end": _loadavg(),
             "figures": {f: {n: asdict(x) for n, x in figs.items()} for f, figs in self.figures.items()},
-            "targets": [
-                asdict(t) | {"outcome": outcome(t.value, t.op, t.target, t.ci95, t.exact)} for t in self.targets
-            ],
+            "targets": [asdict(t) | {"outcome": t.outcome} for t in self.targets],
             "skipped": self.skipped,
             "errors": self.errors,
             "notes": self.notes,
@@ -408,7 +405,7 @@ class Report:
             lines.append("\n## targets (ratios of medians measured in this run)")
             width = max(len(t.name) for t in self.targets)
             for t in self.targets:
-                mark = outcome(t.value, t.op, t.target, t.ci95, t.exact).upper() or "info"
+                mark = t.outcome.upper() or "info"
                 value = f"{fmt(t.value)}{t.unit}"
                 goal = "" if t.target is None else f"{t.op} {fmt(t.target)}{t.unit}"
                 label = ", ".join(x for x in (t.kind if t.kind != "measured" else "", t.basis) if x)
