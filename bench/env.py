@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from bench.timing import io_thread_policies
+from bench.machine import io_thread_policies
 from planwire.transport.remote import RemoteWorker
 from planwire.transport.sockets import IO_SCHED_ENV, configure
 from planwire.worker.process import WorkerProcess

@@ -5,25 +5,15 @@ is the rate at the 90th percentile of run times), the number of runs and a unit.
 of figures measured in the same invocation, interleaved round by round, so that a noisy neighbour slows
 both sides alike; each carries its target and pass/fail.
 
-Sampling rule (``interleaved``): rounds go on until every watched comparison is tight, i.e. the 95%
-interval of its ratio of medians, from a bootstrap that resamples whole rounds (the same rounds for every
-case, so the pairing of interleaved samples is kept), lies within +-``TOL`` of the ratio. The interval is
-looked at only at planned round counts, the floor ``min_rounds`` and its doublings (2x, 4x, ...) and the
-cap ``rounds``, not after every round: a rule that looks after every round and stops at the first tight
-interval stops early on a lucky stretch (optional stopping); with 2-4 planned looks that effect is small, and
-the interval a figure reports is the plain 95% interval at the round it stopped. ``budget_s`` seconds bound a
-figure's rounds as well (never before the floor). Each figure keeps its samples, rounds, the 95% interval of
-its median and why its rounds stopped (``converged``, ``cap`` or ``budget``: the interval was not reached);
-each comparison its interval and sample counts. A target is *settled* in a run only when its interval lies
-on one side of the target (``outcome``): a ratio whose interval straddles the target is ``unsettled``, not
-passed, whatever its median, and so is a measured target with no interval at all (one reading, or samples
-not taken in rounds), unless it is marked ``exact``: a count that has no sampling noise (calls lost or
-crossed, objects missing, tensors copied), which its value decides.
-
-Timed rounds run with the garbage collector on, as a user's calls do: both sides of a comparison are
-interleaved round by round, so collections fall on them alike (an earlier version collected before every
-block of every case and timed with the collector off, as timeit does: ~0.3 s per collection with torch
-loaded, most of a round's cost, for no gain in fairness).
+Samples are taken by bench/sampling.py (its rule: rounds until the watched intervals are tight, at planned
+looks, within a budget; bench.timing re-exports ``Case``, ``Timed``, ``interleaved`` and ``measure`` for the
+families). Each figure keeps its samples, rounds, the 95% interval of its median and why its rounds stopped
+(``converged``, ``cap`` or ``budget``: the interval was not reached); each comparison its interval and sample
+counts. A target is *settled* in a run only when its interval lies on one side of the target (``outcome``): a
+ratio whose interval straddles the target is ``unsettled``, not passed, whatever its median, and so is a
+measured target with no interval at all (one reading, or samples not taken in rounds), unless it is marked
+``exact``: a count that has no sampling noise (calls lost or crossed, objects missing, tensors copied), which
+its value decides.
 
 Every figure and comparison has a ``kind``: ``measured`` (timed or counted here), ``derived`` (written
 down from how the baseline works, not observed: e.g. torch.rpc's 2 messages per call), ``by construction``
@@ -35,23 +25,32 @@ says what each side does: ``like-for-like`` or what differs.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.machine import loadavg, machine_info
+from bench.sampling import Case, Timed, interleaved, interval, measure, new_seed
+
+__all__ = [
+    "LIKE_FOR_LIKE",
+    "Case",
+    "Figure",
+    "Report",
+    "Target",
+    "Timed",
+    "fmt",
+    "interleaved",
+    "measure",
+    "outcome",
+    "percentile",
+]
+
 SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6}
-
-
-TOL = 0.05  # a comparison is tight when its ratio's 95% interval is within +-5% of the ratio
-BOOT = 400  # bootstrap draws (rounds resampled with replacement)
 
 KINDS = ("measured", "derived", "by construction", "unpaired")
 LIKE_FOR_LIKE = "like-for-like"
@@ -99,145 +98,6 @@ class Target:
 
 def percentile(samples: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples, dtype=float), q))
-
-
-# -- sampling ---------------------------------------------------------------------------------------
-
-
-class Timed(list):
-    """Seconds per call of one case, with the round each sample came from: the unit the bootstrap resamples.
-
-    Cases timed in the same interleaved run share ``seed`` and their number of rounds, so their bootstrap
-    draws pick the same rounds (paired)."""
-
-    def __init__(self, values: Sequence[float] = (), rounds: Sequence[int] | None = None, seed: int = 0) -> None:
-        super().__init__(float(v) for v in values)
-        self.round_of = list(range(len(self))) if rounds is None else list(rounds)
-        self.seed = seed
-        self.stop = ""
-
-    @property
-    def n_rounds(self) -> int:
-        return len(set(self.round_of))
-
-    def scaled(self, k: float) -> Timed:
-        out = Timed([v * k for v in self], self.round_of, self.seed)
-        out.stop = self.stop
-        return out
-
-    def boot_medians(self, draws: int = BOOT) -> np.ndarray:
-        """Medians of ``draws`` resamples of whole rounds (with replacement)."""
-        v = np.asarray(self, dtype=float)
-        ids = np.asarray(self.round_of)
-        order = np.unique(ids)
-        pick = np.random.default_rng(self.seed).integers(0, len(order), size=(draws, len(order)))
-        per = [v[ids == r] for r in order]
-        if len({len(p) for p in per}) == 1:  # every round the same number of samples: one gather
-            return np.median(np.stack(per)[pick].reshape(draws, -1), axis=1)
-        return np.array([np.median(np.concatenate([per[i] for i in row])) for row in pick])
-
-
-def interval(draws: np.ndarray) -> list[float]:
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def halfwidth(num: Timed, den: Timed | None = None) -> float:
-    """Relative half-width of the 95% interval of median(num) / median(den) (of median(num) alone)."""
-    est = float(np.median(num)) / (float(np.median(den)) if den is not None else 1.0)
-    draws = num.boot_medians() / (den.boot_medians() if den is not None else 1.0)
-    lo, hi = interval(draws)
-    return max(hi / est - 1.0, 1.0 - lo / est) if est > 0 else float("inf")
-
-
-def measure(fn: Callable[[], Any], *, runs: int, warmup: int = 3, budget_s: float = 30.0) -> Timed:
-    """Seconds per call of ``fn``: ``runs`` calls after ``warmup`` (fewer if the budget runs out, min 3);
-    each call is its own round."""
-    for _ in range(warmup):
-        fn()
-    out = Timed()
-    clock = time.perf_counter
-    end = clock() + budget_s
-    for _ in range(runs):
-        t0 = clock()
-        fn()
-        t1 = clock()
-        out.append(t1 - t0)
-        out.round_of.append(len(out) - 1)
-        if t1 > end and len(out) >= 3:
-            break
-    out.stop = "cap" if len(out) == runs else "budget"
-    return out
-
-
-@dataclass
-class Case:
-    name: str
-    fn: Callable[[], Any]
-    per_round: int = 100
-    warmup: int = 5
-
-
-_seeds = iter(range(1, 1 << 30))
-
-
-def interleaved(
-    cases: Sequence[Case],
-    *,
-    rounds: int,
-    budget_s: float = 60.0,
-    min_rounds: int = 3,
-    watch: Sequence[tuple[str, str | None]] | None = None,
-    tol: float = TOL,
-) -> dict[str, Timed]:
-    """Run every case ``per_round`` times per round, rotating the order each round, until the sampling rule
-    holds: at the planned looks (``looks``: the floor ``min_rounds``, its doublings, the cap ``rounds``), stop
-    once every pair (numerator, denominator) of case names in ``watch`` has the 95% interval of its ratio of
-    medians within +-``tol`` (denominator None: the numerator's median alone; no ``watch``: each case's median
-    alone); otherwise at ``rounds`` rounds (the cap) or when ``budget_s`` is spent, but never before the floor
-    (a loaded host makes a run longer). Returns seconds per call by case, each a ``Timed`` whose ``stop`` says
-    which bound ended it."""
-    seed = next(_seeds)
-    samples: dict[str, Timed] = {c.name: Timed(seed=seed) for c in cases}
-    pairs = [(samples[a], samples[b] if b else None) for a, b in watch or [(c.name, None) for c in cases]]
-    for c in cases:
-        for _ in range(c.warmup):
-            c.fn()
-    floor = max(min_rounds, 2)  # a rounds bootstrap needs two rounds at least
-    planned = looks(floor, rounds)
-    clock = time.perf_counter
-    start = clock()
-    stop = "cap"
-    for r in range(rounds):
-        order = list(cases[r % len(cases) :]) + list(cases[: r % len(cases)])
-        for c in order:
-            fn, out = c.fn, samples[c.name]
-            for _ in range(c.per_round):
-                t0 = clock()
-                fn()
-                out.append(clock() - t0)
-            out.round_of += [r] * c.per_round
-        done = r + 1
-        if done in planned and all(halfwidth(a, b) <= tol for a, b in pairs):
-            stop = "converged"
-            break
-        if done == rounds:
-            break
-        if done >= floor and clock() - start > budget_s:  # the floor holds even under load
-            stop = "budget"
-            break
-    for t in samples.values():
-        t.stop = stop
-    return samples
-
-
-def looks(floor: int, cap: int) -> set[int]:
-    """The round counts at which ``interleaved`` looks at the intervals: the floor, its doublings, the cap."""
-    out, n = {cap}, floor
-    while n < cap:
-        out.add(n)
-        n *= 2
-    return out
 
 
 def outcome(value: float, op: str, target: float | None, ci95: Sequence[float] | None, exact: bool = False) -> str:
@@ -307,7 +167,7 @@ class Report:
     def values(self, family: str, name: str, values: Sequence[float], unit: str, note: str = "") -> Figure:
         """A figure from several readings in their own unit (MB, bytes), each its own sample: the median, the
         p90 and the 95% interval of the median (bootstrap over the readings), as ``time`` gives timed ones."""
-        v = Timed(values, seed=next(_seeds))
+        v = Timed(values, seed=new_seed())
         fig = Figure(float(np.median(v)), percentile(v, 90), len(v), unit, note)
         return self._sampled(family, name, fig, v, lambda m: m)
 
@@ -378,7 +238,7 @@ class Report:
             "machine": self.machine,
             "duration_s": round(time.time() - self.started, 1),
             "family_s": self.family_s,
-            "load_average_end": _loadavg(),
+            "load_average_end": loadavg(),
             "figures": {f: {n: asdict(x) for n, x in figs.items()} for f, figs in self.figures.items()},
             "targets": [asdict(t) | {"outcome": t.outcome} for t in self.targets],
             "skipped": self.skipped,
@@ -432,52 +292,3 @@ def fmt(x: float) -> str:
     if abs(x) >= 1:
         return f"{x:.2f}"
     return f"{x:.3g}"
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def io_thread_policies() -> list[str]:
-    """Scheduling policy of this process's ZeroMQ I/O threads (Linux), e.g. ["SCHED_BATCH"]."""
-    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE") if hasattr(os, n)}
-    out = []
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            if Path(f"/proc/self/task/{tid}/comm").read_text().startswith("ZMQbg/IO"):
-                out.append(names.get(os.sched_getscheduler(int(tid)), "?"))
-    except (OSError, AttributeError):
-        pass
-    return out
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on (versions imported lazily: the bench imports them anyway)."""
-    info: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "load_average_start": _loadavg(),
-    }
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        info["cpu"] = fields.get("Model name", "").strip()
-        info["hypervisor"] = fields.get("Hypervisor vendor", "").strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    for mod in ("torch", "onnxruntime", "onnx", "numpy", "msgspec", "zmq"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - reporting only
-            info[mod] = None
-    try:
-        import zmq
-
-        info["libzmq"] = zmq.zmq_version()
-    except ImportError:
-        pass
-    return info

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import zmq
 
-from bench import aggregate, report, timing
+from bench import aggregate, report, sampling, timing
 from bench.echo import FETCH, REPLAY, STORE
 from bench.env import spawn_ready, stop_process
 from bench.timing import Case, Report, Target
@@ -156,11 +156,11 @@ class FakeClock:
 
 def test_rounds_stop_once_the_ratio_is_tight(monkeypatch) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(sampling.time, "perf_counter", clock)
     rng = np.random.default_rng(1)
     steady = [Case("a", clock.case(lambda: 1e-3 * (1 + 0.01 * rng.random())), 10, 0)]
     steady.append(Case("b", clock.case(lambda: 2e-3 * (1 + 0.01 * rng.random())), 10, 0))
-    got = timing.interleaved(steady, rounds=50, budget_s=1e9, min_rounds=6, watch=[("a", "b")])
+    got = sampling.interleaved(steady, rounds=50, budget_s=1e9, min_rounds=6, watch=[("a", "b")])
     assert got["a"].stop == "converged" and got["a"].n_rounds == 6 and len(got["a"]) == 60  # the floor
     assert got["a"].round_of[:12] == [0] * 10 + [1, 1]
 
@@ -170,32 +170,32 @@ def test_rounds_that_never_get_tight_end_at_the_cap_or_the_budget(monkeypatch, r
     """A side that varies several-fold from one round to the next is not within +-5% in 12 rounds: the cap
     or the time budget ends it, whichever comes first (never before the floor)."""
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(sampling.time, "perf_counter", clock)
     rng = np.random.default_rng(1)
     noisy = [Case("a", clock.case(lambda: 1e-3 * rng.lognormal(0, 1)), 1, 0), Case("b", clock.case(lambda: 1e-3), 1, 0)]
-    got = timing.interleaved(noisy, rounds=rounds, budget_s=budget_s, min_rounds=3, watch=[("a", "b")])
+    got = sampling.interleaved(noisy, rounds=rounds, budget_s=budget_s, min_rounds=3, watch=[("a", "b")])
     assert got["a"].stop == stop and 3 <= got["a"].n_rounds <= min(rounds, 1000)
     assert got["a"].n_rounds == 12 if stop == "cap" else got["a"].n_rounds < 1000
-    assert timing.halfwidth(got["a"], got["b"]) > timing.TOL
+    assert sampling.halfwidth(got["a"], got["b"]) > sampling.TOL
 
 
 def test_intervals_are_looked_at_only_on_planned_rounds(monkeypatch) -> None:
     """The floor, its doublings and the cap: a ratio that gets tight at round 7 stops at round 8, not 7."""
-    assert timing.looks(5, 40) == {5, 10, 20, 40} and timing.looks(4, 12) == {4, 8, 12}
+    assert sampling.looks(5, 40) == {5, 10, 20, 40} and sampling.looks(4, 12) == {4, 8, 12}
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(sampling.time, "perf_counter", clock)
     seen: list[int] = []
-    real = timing.halfwidth
+    real = sampling.halfwidth
 
     def spy(a, b=None):  # noqa: ANN001, ANN202
         seen.append(a.n_rounds)
         return real(a, b)
 
-    monkeypatch.setattr(timing, "halfwidth", spy)
+    monkeypatch.setattr(sampling, "halfwidth", spy)
     rng = np.random.default_rng(3)
     cases = [Case("a", clock.case(lambda: 1e-3 * (1 + 0.3 * rng.random())), 5, 0)]
     cases.append(Case("b", clock.case(lambda: 1e-3), 5, 0))
-    got = timing.interleaved(cases, rounds=40, budget_s=1e9, min_rounds=4, watch=[("a", "b")])
+    got = sampling.interleaved(cases, rounds=40, budget_s=1e9, min_rounds=4, watch=[("a", "b")])
     assert set(seen) <= {4, 8, 16, 32, 40} and got["a"].n_rounds in {4, 8, 16, 32, 40}
 
 
@@ -287,11 +287,11 @@ def test_an_unsettled_target_is_not_called_passed_over_runs() -> None:
 
 def test_figures_and_ratios_keep_their_interval_samples_and_stop(monkeypatch) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(sampling.time, "perf_counter", clock)
     rng = np.random.default_rng(2)
     cases = [Case("x", clock.case(lambda: 1e-3 * (1 + 0.2 * rng.random())), 5, 0)]
     cases.append(Case("y", clock.case(lambda: 3e-3 * (1 + 0.2 * rng.random())), 5, 0))
-    got = timing.interleaved(cases, rounds=40, budget_s=1e9, min_rounds=5, watch=[("y", "x")])
+    got = sampling.interleaved(cases, rounds=40, budget_s=1e9, min_rounds=5, watch=[("y", "x")])
     r = Report()
     x = r.time("f", "x", got["x"], "ms")
     r.time("f", "y", got["y"], "ms")
