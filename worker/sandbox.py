@@ -91,18 +91,6 @@ class Sandbox:
         """Tensors only the runner holds (no host copy yet), by handle."""
         return self.handles.unsaved
 
-    @property
-    def residents(self) -> WeakValueDictionary[int, Resident]:
-        return self.handles.residents
-
-    @property
-    def gen(self) -> int:
-        return self.handles.gen
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return self.handles.counts
-
     def copies(self) -> dict[str, int]:
         """What crossed between host and runner so far, and the tensors it holds now (any thread)."""
         return self.handles.copies()
@@ -113,10 +101,6 @@ class Sandbox:
     def running(self) -> bool:
         return self.process.running
 
-    @property
-    def started_at(self) -> float:
-        return self.process.started_at
-
     def start(self) -> None:
         """Start a runner unless one runs; it reports Ready once its bounds are in place."""
         if self.process.running:
@@ -125,9 +109,6 @@ class Sandbox:
         self.ready = False
         self.loaded = set()
         self.handles.new_generation()
-
-    def fileno(self) -> int:
-        return self.link.sock.fileno() if self.link.sock is not None else -1
 
     def kill(self, why: str) -> None:
         """Kill the runner now (timeout, cancel, shutdown); ``why`` is what ``died`` will say."""
