@@ -220,7 +220,7 @@ def bridge_train(msg: Message, context: Context) -> Message:
     try:
         if float(conf.get("proximal-mu", 0.0)):
             raise ValueError("the plan-worker bridge cannot add FedProx's proximal term; use FedAvg-style strategies")
-        hyper = ports.hyper_feeds(hyper_overrides(conf, ports.hyper_defaults))
+        hyper = ports.hyper_feeds(hyper_overrides(conf, ports))
         rng = round_rng(conf, context)
         steps = config_int(conf, "local-steps", 0) or config_int(conf, "local-epochs", 1) * len(batches)
         order = [batches[i] for _ in range(-(-steps // len(batches))) for i in rng.permutation(len(batches))][:steps]

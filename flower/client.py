@@ -38,12 +38,10 @@ def settings(msg: Message, context: Context) -> dict[str, Any]:
     return merged
 
 
-def hyper_overrides(conf: Mapping[str, Any], ports_hyper: Mapping[str, float]) -> dict[str, float]:
-    return {
-        k: float(conf[k])
-        for k in (n.removeprefix("hyper.") for n in ports_hyper)
-        if isinstance(conf.get(k), (int, float)) and not isinstance(conf.get(k), bool)
-    }
+def hyper_overrides(conf: Mapping[str, Any], ports: PlanPorts) -> dict[str, Any]:
+    """The settings that name one of the plan's hyper-parameters (``lr`` for ``hyper.lr``), as given: a value
+    that is no number, or that the input cannot hold, is refused by ``PlanPorts.hyper_feeds``, naming it."""
+    return {k: conf[k] for k in ports.hyper_names if k in conf}
 
 
 def reply(msg: Message, outcome: Outcome, arrays: Any | None = None) -> Message:
@@ -114,7 +112,7 @@ def plan_client_app(load_data: DataLoader, load_eval_data: DataLoader | None = N
             batch_size=config_int(conf, "batch-size", 32),
             epochs=config_int(conf, "local-epochs", 1),
             steps=config_int(conf, "local-steps", 0),
-            hyper=hyper_overrides(conf, ports.hyper_defaults),
+            hyper=hyper_overrides(conf, ports),
             rng=round_rng(conf, context),
             proximal_mu=float(conf.get("proximal-mu", 0.0)),
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +29,6 @@ from planwire.transport.spec import (
     META_KIND,
     META_NAME,
     META_OUTPUTS,
-    META_TRAINING,
     PlanVariant,
     TensorSpec,
 )
@@ -50,7 +50,6 @@ class PlanPorts:
     other output a scalar metric or bound to a state input, state of static shapes)."""
 
     bound: BoundPlan  # its variant's bytes are the plan's when read by ``check`` (empty from ``from_metadata``)
-    hyper_defaults: dict[str, float]  # "hyper.lr" -> 0.05, as the metadata writes them
 
     @property
     def name(self) -> str:
@@ -81,7 +80,6 @@ class PlanPorts:
         try:
             ins = tuple(_spec(e) for e in json.loads(props[META_INPUTS]))
             outs = tuple(_spec(e) for e in json.loads(props[META_OUTPUTS]))
-            hyper = json.loads(props.get(META_TRAINING, "{}")).get("optimizer", {}).get("hyper", {})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanRejected(f"plan {name!r} has unreadable planwire port metadata: {e}") from None
         for spec in ins:
@@ -99,7 +97,7 @@ class PlanPorts:
                 raise PlanRejected(f"plan {name!r} state input {spec.name!r} has a dynamic shape")
         if not any(s.role == "loss" for s in outs):
             raise PlanRejected(f"plan {name!r} has no loss output")
-        return cls(bound, {n: float(hyper[n.removeprefix("hyper.")]) for n in bound.hyper})
+        return cls(bound)
 
     @classmethod
     def check(
@@ -127,15 +125,31 @@ class PlanPorts:
     def args(self) -> tuple[TensorSpec, ...]:
         return self.bound.args
 
-    def hyper_feeds(self, overrides: Mapping[str, float]) -> dict[str, np.ndarray]:
+    @cached_property
+    def hyper_defaults(self) -> dict[str, float]:
+        """``"hyper.lr"`` -> 0.05: the default of each hyper-parameter, as the plan takes it (read once, with the
+        bindings, by :class:`BoundPlan`)."""
+        return {name: value.item() for name, value in self.bound.hyper.items()}
+
+    @cached_property
+    def hyper_names(self) -> dict[str, TensorSpec]:
+        """The hyper-parameter inputs by the name a run config gives them (``lr`` for ``hyper.lr``)."""
+        return {s.name.removeprefix("hyper."): s for s in self.inputs if s.role == "hyper"}
+
+    def hyper_feeds(self, overrides: Mapping[str, object]) -> dict[str, np.ndarray]:
         """Hyper-parameter inputs in the plan's dtypes: its defaults, overridden by name without the
-        ``hyper.`` prefix (``{"lr": 0.01}``, as a run config names them). ValueError naming the input for an
-        override its dtype cannot hold (a run config comes from the server: checked like the defaults)."""
-        return {
-            s.name: hyper_array(s, overrides.get(s.name.removeprefix("hyper."), self.hyper_defaults[s.name]))
-            for s in self.inputs
-            if s.role == "hyper"
-        }
+        ``hyper.`` prefix (``{"lr": 0.01}``, as a run config names them; other names are not the plan's and
+        are left alone). ValueError naming the input for an override that is no number (``true`` included) or
+        that its dtype cannot hold: a run config comes from the server, held to the rules of the defaults."""
+        feeds = dict(self.bound.hyper)
+        for key, value in overrides.items():
+            spec = self.hyper_names.get(key)
+            if spec is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"hyper-parameter {spec.name!r} is {value!r}: it takes a number")
+            feeds[spec.name] = hyper_array(spec, value)
+        return feeds
 
     def initial_optimizer_state(self) -> dict[str, np.ndarray]:
         """A fresh optimizer state: zeros, as ``Optimizer.init_state`` makes it (a new one every round)."""

@@ -62,7 +62,7 @@ class PlanRunner:
         batch_size: int,
         epochs: int = 1,
         steps: int = 0,
-        hyper: Mapping[str, float] | None = None,
+        hyper: Mapping[str, object] | None = None,
         rng: np.random.Generator,
         proximal_mu: float = 0.0,
     ) -> Outcome:

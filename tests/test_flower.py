@@ -41,7 +41,7 @@ from planwire.flower import (
 )
 from planwire.flower import cache as plan_cache
 from planwire.flower.cache import plan_for
-from planwire.flower.client import round_rng
+from planwire.flower.client import hyper_overrides, round_rng
 from planwire.flower.server import BYTES_KEY, MAX_DELIVERIES, PLAN_RECORD, SHA_KEY
 from planwire.transport.plancheck import PlanRejected
 
@@ -351,6 +351,20 @@ def test_a_run_config_override_its_dtype_cannot_hold_is_refused_naming_it(linear
     for bad in (1e300, float("inf"), 0.5):
         with pytest.raises(ValueError, match=r"hyper-parameter 'hyper\.lr' is .*whole number in int64's range"):
             ports.hyper_feeds({"lr": bad})
+
+
+def test_a_run_config_override_that_is_no_number_is_refused_naming_it(linear_plan: tuple[nn.Module, bytes]) -> None:
+    """The rule the defaults are held to at load holds for every call's overrides: ``lr = true`` in a run config
+    is refused naming the input, not silently replaced by the default (nor taken as 1.0)."""
+    _, plan = linear_plan
+    ports = PlanPorts.check(plan)
+    assert ports.hyper_defaults == {n: a.item() for n, a in ports.bound.hyper.items()}  # read once, by BoundPlan
+    conf = {"lr": 0.05, "local-epochs": 2, "seed": "not a hyper-parameter"}
+    assert hyper_overrides(conf, ports) == {"lr": 0.05}
+    assert ports.hyper_feeds(hyper_overrides(conf, ports))["hyper.lr"].item() == 0.05
+    for bad in (True, False, "0.1", None):
+        with pytest.raises(ValueError, match=r"hyper-parameter 'hyper\.lr' is .*: it takes a number"):
+            ports.hyper_feeds(hyper_overrides({"lr": bad}, ports))
 
 
 def test_a_targets_count_that_is_no_count_is_rejected(linear_plan: tuple[nn.Module, bytes]) -> None:
