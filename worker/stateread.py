@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import numpy as np
@@ -38,6 +39,7 @@ from planwire.worker.statefiles import (
 from planwire.worker.store import ClientId
 
 log = logging.getLogger("planwire.worker")
+R = TypeVar("R", SessionRecord, OwnersRecord, PrivacyRecord, HoldersRecord)  # the JSON records, each with a format
 
 __all__ = ["Restored", "StateReader"]
 
@@ -85,9 +87,9 @@ class StateReader:
         path = self.path / "session"
         if path.exists():
             try:
-                s = msgspec.json.decode(path.read_bytes(), type=SessionRecord)
-                if s.format != FORMAT or not SESSION_RE.fullmatch(s.session):
-                    raise ValueError(f"format {s.format}, session {s.session[:40]!r}")
+                s = _record(path, SessionRecord)
+                if not SESSION_RE.fullmatch(s.session):
+                    raise ValueError(f"session {s.session[:40]!r}")
                 return s.session, False
             except (OSError, ValueError, msgspec.DecodeError) as e:
                 self._skip(path, f"{e}; a new session starts (clients will register their plans again)")
@@ -99,9 +101,7 @@ class StateReader:
         if not path.exists():
             return {}
         try:
-            o = msgspec.json.decode(path.read_bytes(), type=OwnersRecord)
-            if o.format != FORMAT:
-                raise ValueError(f"format {o.format}")
+            o = _record(path, OwnersRecord)
         except (OSError, ValueError, msgspec.DecodeError) as e:
             self._skip(path, f"{e}; clients get new identities at their next hello")
             return {}
@@ -132,9 +132,7 @@ class StateReader:
         if not path.exists():
             return {}
         try:
-            doc = msgspec.json.decode(path.read_bytes(), type=PrivacyRecord)
-            if doc.format != FORMAT:
-                raise ValueError(f"format {doc.format}")
+            doc = _record(path, PrivacyRecord)
         except (OSError, ValueError, msgspec.DecodeError) as e:  # never ignored: budgets would start at 0
             self._skip(path, f"{e}; noised releases are refused until it is repaired (or removed, which resets "
                        "every client's spent privacy budget)")  # fmt: skip
@@ -194,7 +192,16 @@ class StateReader:
         ports = Signature(
             h.name, [(p.name, p.dtype, p.shape) for p in h.inputs], [(p.name, p.dtype, p.shape) for p in h.outputs]
         )
-        holders = msgspec.json.decode(holders_path.read_bytes(), type=HoldersRecord)
-        if holders.format != FORMAT:
-            raise ValueError(f"{holders_path.name}: format {holders.format}")
+        try:
+            holders = _record(holders_path, HoldersRecord)
+        except ValueError as e:  # msgspec.DecodeError included
+            raise ValueError(f"{holders_path.name}: {e}") from None
         return pid, h.name, data, ports, summary.unknown_rank, [self.names.owner(n) for n in holders.holders]
+
+
+def _record(path: Path, kind: type[R]) -> R:
+    """The JSON record at ``path``, of this format; OSError, or ValueError saying what is wrong with it."""
+    doc = msgspec.json.decode(path.read_bytes(), type=kind)
+    if doc.format != FORMAT:
+        raise ValueError(f"format {doc.format}")
+    return doc
