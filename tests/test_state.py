@@ -712,14 +712,14 @@ def test_group_commit_stages_writes_and_holds_replies_until_they_are_durable(tmp
     state.save_tensor(owner, "b", np.ones(2, F32), (), False, 0)
     state.save_tensor(owner, "gone", np.ones(2, F32), (), False, 0)
     state.remove_tensors(owner, ["gone"])  # staged, then removed: never written
-    path = state._tensor_path(owner, "a")
+    path = state.tensor_path(owner, "a")
     assert state.dirty and not path.exists() and path.with_name(".tmp-" + path.name).exists()
     server.send(b"p", ["ok a"])
     server.send(b"q", ["ok b"])  # held too: replies keep their order
     assert len(sent) == 1
     gate.flush()
     assert sent[1:] == [(b"p", ["ok a"]), (b"q", ["ok b"])] and not state.dirty
-    assert path.exists() and not state._tensor_path(owner, "gone").exists()
+    assert path.exists() and not state.tensor_path(owner, "gone").exists()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
     kept = {key: array.tolist() for _, key, _, array, _ in state.load_tensors()}
     assert kept == {"a": [1, 1, 1], "b": [1, 1]}

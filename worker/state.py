@@ -258,7 +258,7 @@ def attach(service: Service, state: StateDir) -> Restored:
         try:
             analysed = flow.analyze(data, [n for n, _, _ in ports.inputs], [n for n, _, _ in ports.outputs])
         except Exception as e:  # a plan that passed the checks but not the flow analysis: not restored
-            state._skip(state.plans / f"{pid}.plan", f"data flow: {type(e).__name__}: {e}")
+            state.skip(state.plans / f"{pid}.plan", f"data flow: {type(e).__name__}: {e}")
             continue
         service.plans[pid] = Plan(name, data, ports)
         service.flows[pid] = analysed
@@ -271,7 +271,7 @@ def attach(service: Service, state: StateDir) -> Restored:
     store.observer = None  # what is read back is not written again
     for owner, key, h, array, kept in state.load_tensors():
         if key in own:
-            state._skip(state._tensor_path(owner, key), f"key {key!r} is now the worker's own data")
+            state.skip(state.tensor_path(owner, key), f"key {key!r} is now the worker's own data")
             continue
         if array is None:
             store.fail(owner, key, h.failed or "")

@@ -72,14 +72,15 @@ class StateReader:
         self.names = Names()
         self.skipped: list[str] = []
 
-    def _skip(self, path: Path, why: str) -> None:
+    def skip(self, path: Path, why: str) -> None:
+        """Refuse ``path`` (never loaded, never fatal): logged with ``why`` and counted in ``skipped``."""
         self.skipped.append(str(path))
         log.error("--state-dir: skipped %s: %s", path, why)
 
     def _owner_dir(self, owner: ClientId) -> Path:
         return self.tensors / digest(self.names.name(owner))
 
-    def _tensor_path(self, owner: ClientId, key: str) -> Path:
+    def tensor_path(self, owner: ClientId, key: str) -> Path:
         return self._owner_dir(owner) / f"{digest(key)}.t"
 
     def load_session(self, fresh: str) -> tuple[str, bool]:
@@ -92,7 +93,7 @@ class StateReader:
                     raise ValueError(f"session {s.session[:40]!r}")
                 return s.session, False
             except (OSError, ValueError, msgspec.DecodeError) as e:
-                self._skip(path, f"{e}; a new session starts (clients will register their plans again)")
+                self.skip(path, f"{e}; a new session starts (clients will register their plans again)")
         write_atomic(path, [msgspec.json.encode(SessionRecord(format=FORMAT, session=fresh))], self.sync)
         return fresh, True
 
@@ -103,7 +104,7 @@ class StateReader:
         try:
             o = _record(path, OwnersRecord)
         except (OSError, ValueError, msgspec.DecodeError) as e:
-            self._skip(path, f"{e}; clients get new identities at their next hello")
+            self.skip(path, f"{e}; clients get new identities at their next hello")
             return {}
         return {token: self.names.owner(name) for token, name in o.tokens.items()}
 
@@ -112,7 +113,7 @@ class StateReader:
         release if any)."""
         for d in sorted(self.tensors.iterdir()):
             if not d.is_dir() or d.is_symlink():
-                self._skip(d, "not a directory of tensors")
+                self.skip(d, "not a directory of tensors")
                 continue
             for path in sorted(d.iterdir()):
                 if path.name.startswith(".tmp-"):
@@ -121,7 +122,7 @@ class StateReader:
                 try:
                     item = read_tensor(d, path, self.names)
                 except (OSError, ValueError, msgspec.DecodeError) as e:
-                    self._skip(path, str(e))
+                    self.skip(path, str(e))
                     continue
                 yield item
 
@@ -134,7 +135,7 @@ class StateReader:
         try:
             doc = _record(path, PrivacyRecord)
         except (OSError, ValueError, msgspec.DecodeError) as e:  # never ignored: budgets would start at 0
-            self._skip(path, f"{e}; noised releases are refused until it is repaired (or removed, which resets "
+            self.skip(path, f"{e}; noised releases are refused until it is repaired (or removed, which resets "
                        "every client's spent privacy budget)")  # fmt: skip
             raise ValueError(f"the record of the privacy budget spent ({path}) is damaged: {e}") from None
         out: dict[ClientId, dict[float, int]] = {}
@@ -147,7 +148,7 @@ class StateReader:
     def _unfinished(self, path: Path) -> None:
         """Remove a write's temporary file; anything else under that name (a directory) is skipped, not fatal."""
         if path.is_dir() and not path.is_symlink():
-            self._skip(path, "a directory where only a write's temporary file belongs")
+            self.skip(path, "a directory where only a write's temporary file belongs")
         else:
             path.unlink(missing_ok=True)
 
@@ -159,10 +160,10 @@ class StateReader:
                 continue
             if path.suffix == ".holders":
                 if not path.with_suffix(".plan").exists():
-                    self._skip(path, "no plan file beside it")
+                    self.skip(path, "no plan file beside it")
                 continue
             if path.suffix != ".plan":
-                self._skip(path, "not a plan file")
+                self.skip(path, "not a plan file")
                 continue
             holders_path = path.with_suffix(".holders")
             if not holders_path.exists():  # a registration a crash interrupted: never acknowledged
@@ -172,7 +173,7 @@ class StateReader:
             try:
                 yield self._load_plan(path, holders_path, max_plan_bytes)
             except (OSError, ValueError, msgspec.DecodeError, PlanRejected, ProtocolError) as e:
-                self._skip(path, str(e))
+                self.skip(path, str(e))
 
     def _load_plan(
         self, path: Path, holders_path: Path, max_plan_bytes: int
