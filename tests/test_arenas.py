@@ -285,3 +285,37 @@ def test_an_arena_goes_with_its_session_while_its_outputs_are_held(raw_worker) -
         assert float(peer.get1(f"y{i}")) == pytest.approx(n, rel=1e-3)
         head = peer.get1(f"head{i}")
         assert head.shape == (2_000_000,) and np.all(head == 1.0)
+
+
+def test_a_plan_whose_first_run_is_too_big_to_keep_gives_it_all_back(raw_worker) -> None:  # noqa: ANN001
+    """A plan whose first run takes ~170 MB (more than half of KEEP_MB) is loaded again without an arena as
+    that run ends; its outputs the runner holds (8 MB) are copied out of the arena first, so none of the
+    arena's memory stays, and they still read right."""
+    proc, peer = raw_worker("arenas", kind="tcp", extra=["--direct-max-mb", "0"])
+    plan = checked(
+        [
+            helper.make_node("Exp", ["x"], ["e"]),
+            helper.make_node("Mul", ["e", "e"], ["s"]),
+            helper.make_node("ReduceSum", ["s"], ["y"], keepdims=0),
+            helper.make_node("Slice", ["s", "zero", "part"], ["head"]),
+        ],
+        [_io("x", F, ["n"])],
+        [_io("y", F, []), _io("head", F, ["m"])],
+        [helper.make_tensor("zero", I64, [1], [0]), helper.make_tensor("part", I64, [1], [2_000_000])],
+    )
+    tiny = checked([helper.make_node("Neg", ["x"], ["y"])], [_io("x", F, [1])], [_io("y", F, [1])])
+    pid = peer.register(plan, name="big")["plan"]
+    other = peer.register(tiny, name="tiny")["plan"]
+    n = 20_000_000  # two 80 MB intermediates
+    runner = _runner(proc)
+    start = runner.memory_info().rss >> 20
+    peer.put("x", np.zeros(n, np.float32))
+    for i in range(2):
+        assert peer.run(pid, ["x"], [f"y{i}", f"head{i}"]).kind == "ok"
+    peer.request({"type": "delete", "keys": ["x"]})
+    assert peer.run(other, [np.ones(1, np.float32)], ["t"], fetch=[0]).array_list()[0].tolist() == [-1.0]
+    after = runner.memory_info().rss >> 20
+    assert after < start + 2 * 8 + 15, f"runner RSS {start} MB at start, {after} after"
+    for i in range(2):
+        assert float(peer.get1(f"y{i}")) == pytest.approx(n, rel=1e-3)
+        assert np.all(peer.get1(f"head{i}") == 1.0)
