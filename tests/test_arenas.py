@@ -319,3 +319,38 @@ def test_a_plan_whose_first_run_is_too_big_to_keep_gives_it_all_back(raw_worker)
     for i in range(2):
         assert float(peer.get1(f"y{i}")) == pytest.approx(n, rel=1e-3)
         assert np.all(peer.get1(f"head{i}") == 1.0)
+
+
+def test_evacuated_values_keep_their_handles_data_and_reuse() -> None:
+    """``DeviceStore.evacuate``: every held value in the arena of the session that goes (and one sharing its
+    memory, though held under another token) gets one copy of its own under the same handle, with the same
+    data; once freed, it is a buffer a later run writes into (a training step's state: no copy per step)."""
+    from planwire.worker.device import Device
+    from planwire.worker.devstore import DeviceStore
+    from planwire.worker.runtime import OrtPlan
+
+    data = checked(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        [_io("x", F, ["n"])],
+        [_io("y", F, ["n"])],
+        [f32("two", [2.0], [])],
+    )
+    plan = OrtPlan(data, arena=True)
+    store = DeviceStore(Device("cpu"))
+    x, keep = store.upload(np.arange(4, dtype=np.float32))
+    (y,) = plan.run_bound([x])
+    store.hold(1, y, own=True, arena=7)
+    store.hold(2, y, arena=8)  # the same memory (an Identity of it, by another plan)
+    other, _ = store.upload(np.ones(4, np.float32))
+    store.hold(3, other, keep)
+    store.evacuate(7)
+    assert store.get(1).data_ptr() == store.get(2).data_ptr() != y.data_ptr()
+    assert store.get(3).data_ptr() == other.data_ptr()
+    assert store.get(1).numpy().tolist() == [0.0, 2.0, 4.0, 6.0]
+    del y
+    store.free([2, 1])
+    (reuse,) = store.buffers([("tensor(float)", (4,))]) or [None]
+    assert reuse is not None  # the copy went to the pool
+    (z,) = plan.run_bound([x], [reuse])
+    assert z.data_ptr() == reuse.data_ptr() and z.numpy().tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert store.lent == {}  # a copy is in no arena

@@ -151,7 +151,7 @@ class DeviceStore:
                 except Exception:  # noqa: BLE001  (memory at the bound: the arena stays for it)
                     ptrs.discard(ptr)
                     continue
-            self.hold(handle, copies[ptr], held.keep, own=held.own)
+            self.hold(handle, copies[ptr], own=held.own)  # (the copy wraps no host buffer)
 
     def release_pool(self) -> None:
         """Release what the last run did not reuse (its memory goes back to the device's allocator)."""
