@@ -10,7 +10,8 @@ loaded host; absolute times are not.
 ``--worker R`` sends the plan to a real plan-worker (``--threads N``) and runs ``R`` interleaved rounds of
 ``--steps`` synchronous steps (run + get of the loss) against as many eager torch steps, and prints the CPU
 time per step of each process (client, supervisor, runner; every thread, from /proc's schedstat) against
-eager torch's (this process's): steady on a loaded host, where wall times (shown beside) are not. At 1 thread
+eager torch's (this process's): steady on a loaded host, where wall times (shown beside) are not; and the
+minor page faults per step of eager torch's process and of the runner (memory faulted in afresh). At 1 thread
 only: torch's OpenMP threads spin while they wait, so at 2 its CPU time is no measure of its speed.
 """
 
@@ -74,6 +75,13 @@ def cpu_s(pid: int) -> float:
     return total / 1e9
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (field 10 of /proc/PID/stat): pages a run faults in afresh,
+    as every buffer malloc'd and freed per step does once it is big enough to be mapped for itself."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def on_worker(workload: str, threads: int, rounds: int, steps: int) -> dict[str, list[float]]:
     """Milliseconds of CPU per step, per round: eager torch (``torch.set_num_threads(threads)``) and a plan-worker
     (``--threads``) running the same training plan from the same weights, interleaved round by round."""
@@ -113,16 +121,21 @@ def on_worker(workload: str, threads: int, rounds: int, steps: int) -> dict[str,
         with open(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children") as f:
             runner = int(f.read().split()[0])
         pids = {"client": os.getpid(), "supervisor": proc.proc.pid, "runner": runner}
-        got: dict[str, list[float]] = {k: [] for k in ("eager", *pids, "worker", "eager wall", "worker wall")}
+        keys = ("eager", *pids, "worker", "eager wall", "worker wall", "eager faults", "runner faults")
+        got: dict[str, list[float]] = {k: [] for k in keys}
         for _ in range(rounds):
             t0, w0 = cpu_s(os.getpid()), time.perf_counter()  # this process: torch's intra-op threads too
+            f0 = minor_faults(os.getpid())
             for _ in range(steps):
                 eager()
+            got["eager faults"].append((minor_faults(os.getpid()) - f0) / steps)
             got["eager wall"].append((time.perf_counter() - w0) / steps * 1e3)
             got["eager"].append((cpu_s(os.getpid()) - t0) / steps * 1e3)
             before, w0 = {k: cpu_s(p) for k, p in pids.items()}, time.perf_counter()
+            f0 = minor_faults(runner)
             for _ in range(steps):
                 ptr(xp, yp).get()
+            got["runner faults"].append((minor_faults(runner) - f0) / steps)
             got["worker wall"].append((time.perf_counter() - w0) / steps * 1e3)
             used = {k: (cpu_s(p) - before[k]) / steps * 1e3 for k, p in pids.items()}
             for k, v in used.items():
@@ -138,7 +151,7 @@ def worker_table(got: dict[str, list[float]]) -> str:
     """The medians (and fastest rounds) of :func:`on_worker`'s figures, and the worker's ratio to eager."""
     import statistics
 
-    lines = ["| per step | median ms | fastest round ms |", "|---|---:|---:|"]
+    lines = ["| per step (ms; faults: count) | median | least round |", "|---|---:|---:|"]
     lines += [f"| {k} | {statistics.median(v):.2f} | {min(v):.2f} |" for k, v in got.items()]
     ratios = [w / e for w, e in zip(got["worker"], got["eager"], strict=True)]
     lines += [

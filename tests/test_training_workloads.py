@@ -133,7 +133,7 @@ def test_guarded_zero_select_equals_where_for_every_gradient(zero_first: bool, d
     import onnxruntime as ort
 
     from planwire.exporter.onnx_passes import guard_zero_selects
-    from planwire.worker.runner import sizes_follow_shapes
+    from planwire.worker.arenas import sizes_follow_shapes
 
     onnx_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     data = _select_model(zero_first, onnx_type)
@@ -142,7 +142,7 @@ def test_guarded_zero_select_equals_where_for_every_gradient(zero_first: bool, d
     assert collections.Counter(n.op_type for n in proto.graph.node)["If"] == 1
     assert "Where" not in [n.op_type for n in proto.graph.node]
     onnx.checker.check_model(proto, full_check=True)
-    assert not sizes_follow_shapes(proto.SerializeToString())  # an If: no arena on a plan-worker (worker/runner.py)
+    assert sizes_follow_shapes(proto.SerializeToString())  # branches sized by shapes: an arena (worker/arenas.py)
     plain = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     guarded = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)

@@ -67,11 +67,14 @@ class Node:
     outputs: tuple[str, ...]
     attrs: dict[str, Any]
     subgraphs: bool
+    graphs: tuple[Graph, ...] = ()
+    """The graphs its attributes hold (``If`` branches, ``Loop``/``Scan`` bodies), in attribute order."""
 
 
 @dataclass(frozen=True)
 class Graph:
-    """The main graph of a plan as plain data: ports, declared types, initializers, nodes, metadata."""
+    """The main graph of a plan as plain data: ports, declared types, initializers, nodes, metadata (a subgraph,
+    held by a node: its formal inputs, outputs, initializers and nodes, no metadata)."""
 
     inputs: dict[str, ValueType]
     """Runtime inputs in order (graph inputs that are not initializers)."""
@@ -105,12 +108,29 @@ def read_graph(data: bytes | memoryview) -> Graph:
             functions.add((pw.text(f.get(10, b"")), pw.text(f.get(1, b""))))
     if graph is None:
         raise ValueError("not an ONNX model: no graph")
+    g = _graph(graph)
+    return Graph(
+        g.inputs,
+        g.outputs,
+        g.declared,
+        g.initializers,
+        g.nodes,
+        metadata,
+        frozenset(functions),
+        frozenset(unread | g.unread),
+    )
+
+
+def _graph(buf: memoryview) -> Graph:
+    """A GraphProto's ports, declared types, initializers and nodes (their subgraphs read too, each with the
+    parts it holds that this reader does not model in its own ``unread``: the main graph's say what it holds)."""
+    unread: set[str] = set()
     inputs: list[tuple[str, ValueType]] = []
     outputs: dict[str, ValueType] = {}
     declared: dict[str, ValueType] = {}
     initializers: dict[str, Tensor] = {}
     nodes: list[Node] = []
-    for num, v in pw.fields(graph):
+    for num, v in pw.fields(buf):
         if not isinstance(v, memoryview):
             continue
         if num == 15:
@@ -130,9 +150,7 @@ def read_graph(data: bytes | memoryview) -> Graph:
     runtime_inputs = {n: t for n, t in inputs if n not in initializers}
     if len(runtime_inputs) < len(inputs):
         unread.add("an input that is also an initializer")
-    return Graph(
-        runtime_inputs, outputs, declared, initializers, nodes, metadata, frozenset(functions), frozenset(unread)
-    )
+    return Graph(runtime_inputs, outputs, declared, initializers, nodes, {}, unread=frozenset(unread))
 
 
 def _tensor(buf: memoryview) -> tuple[str, Tensor]:
@@ -203,7 +221,7 @@ def _node(buf: memoryview) -> Node:
     outs: list[str] = []
     op = domain = ""
     attrs: dict[str, Any] = {}
-    sub = False
+    graphs: list[Graph] = []
     for num, v in pw.fields(buf):
         if num == 1:
             ins.append(pw.text(v))
@@ -214,17 +232,18 @@ def _node(buf: memoryview) -> Node:
         elif num == 7:
             domain = pw.text(v)
         elif num == 5 and isinstance(v, memoryview):
-            name, value, has_graph = _attribute(v)
+            name, value, held = _attribute(v)
             attrs[name] = value
-            sub = sub or has_graph
-    return Node(op, "" if domain == "ai.onnx" else domain, tuple(ins), tuple(outs), attrs, sub)
+            graphs += [_graph(g) for g in held]
+    return Node(op, "" if domain == "ai.onnx" else domain, tuple(ins), tuple(outs), attrs, bool(graphs), tuple(graphs))
 
 
-def _attribute(buf: memoryview) -> tuple[str, Any, bool]:
+def _attribute(buf: memoryview) -> tuple[str, Any, list[memoryview]]:
+    """An attribute's name, its value (None for a graph), and the graphs it holds (``g``, ``graphs``)."""
     name = ""
     value: Any = None
     listed: list = []
-    has_graph = False
+    graphs: list[memoryview] = []
     for num, v in pw.fields(buf):
         if num == 1:
             name = pw.text(v)
@@ -236,12 +255,12 @@ def _attribute(buf: memoryview) -> tuple[str, Any, bool]:
             value = pw.text(v)
         elif num == 5 and isinstance(v, memoryview):
             value = _tensor(v)[1]
-        elif num in (6, 11):
-            has_graph = True
+        elif num in (6, 11) and isinstance(v, memoryview):
+            graphs.append(v)
         elif num == 7:
             listed += pw.floats(v)
         elif num == 8:
             listed += pw.ints(v)
     if value is None and listed:
         value = listed
-    return name, value, has_graph
+    return name, value, graphs

@@ -6,7 +6,8 @@ same code path), so runs bind them as inputs and leave their outputs there: noth
 until the supervisor asks (``download``). Buffers the runner allocated and the supervisor freed go to a
 pool that the next run may write its outputs into (a training step writes its new state into the buffers
 of the state two steps back: two buffer sets alternate, nothing is copied); what that run does not reuse
-is released, so a freed tensor's memory is held at most until the next run.
+is released, so a freed tensor's memory is held at most until the next run. Each held output says which
+session's onnxruntime arena its memory is in (worker/arenas.py), so it can be copied out when that session goes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class _Held:
     value: object  # onnxruntime's C OrtValue
     keep: object = None  # the host buffer a CPU OrtValue wraps (kept alive with it), if any
     own: bool = False  # memory the runner allocated (an output): may be reused once freed
+    arena: int = 0  # the token of the session whose arena holds its memory (0: none)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class DeviceStore:
         self._pool: dict[tuple[str, tuple[int, ...]], list[object]] = {}
         self._ptrs: Counter[int] = Counter()  # held values by data address (outputs may alias inputs)
         self.private_bytes = 0  # of held values in the runner's own host memory (CPU, not wrapping a buffer)
+        self.lent: dict[int, int] = {}  # data address -> arena token of the pooled buffers the last run was given
 
     def __len__(self) -> int:
         return len(self.held)
@@ -78,14 +81,15 @@ class DeviceStore:
         out.update_inplace(host)
         return out._ortvalue
 
-    def hold(self, handle: int, value: object, keep: object = None, *, own: bool = False) -> None:
+    def hold(self, handle: int, value: object, keep: object = None, *, own: bool = False, arena: int = 0) -> None:
         """Hold ``value`` under ``handle``; ``own``: memory the runner allocated for it alone, which may be
-        written again once freed (never a buffer that wraps host memory or aliases another value)."""
+        written again once freed (never a buffer that wraps host memory or aliases another value); ``arena``:
+        the token of the session whose arena holds that memory."""
         old = self.held.get(handle)
         if old is not None:
             self._ptrs[old.value.data_ptr()] -= 1  # type: ignore[attr-defined]
             self.private_bytes -= self._private(old)
-        held = self.held[handle] = _Held(value, keep, own)
+        held = self.held[handle] = _Held(value, keep, own, arena)
         self._ptrs[value.data_ptr()] += 1  # type: ignore[attr-defined]
         self.private_bytes += self._private(held)
 
@@ -109,21 +113,45 @@ class DeviceStore:
             if self._ptrs[ptr] <= 0:
                 del self._ptrs[ptr]
                 if held.own:  # nothing else held shares its memory: the next run may write into it
-                    self._pool.setdefault((v.data_type(), tuple(v.shape())), []).append(v)  # type: ignore[attr-defined]
+                    self._pool.setdefault((v.data_type(), tuple(v.shape())), []).append(held)  # type: ignore[attr-defined]
 
     def buffers(self, shapes: list[tuple[str, tuple[int, ...]]] | None) -> list | None:
         """Pooled buffers for outputs of these (ONNX type, shape)s, None where there is none; None when no
-        output can reuse one."""
+        output can reuse one. ``lent`` says which arena each one's memory is in."""
+        self.lent = {}
         if not shapes or not self._pool:
             return None
         out = []
         for key in shapes:
             free = self._pool.get(key)
-            out.append(free.pop() if free else None)
+            held = free.pop() if free else None
+            out.append(None if held is None else held.value)
+            if held is not None and held.arena:
+                self.lent[held.value.data_ptr()] = held.arena  # type: ignore[attr-defined]
         if all(b is None for b in out):
             return None
         self.counts.reused += sum(b is not None for b in out)
         return out
+
+    def evacuate(self, arena: int) -> None:
+        """Copy every held value whose memory is in the arena of session ``arena`` (or is shared with one that
+        is) into memory of its own, so that arena goes with its session (an OrtValue keeps the arena its memory
+        came from alive). A value onnxruntime cannot copy stays where it is."""
+        if not arena:
+            return
+        ptrs = {h.value.data_ptr() for h in self.held.values() if h.arena == arena}  # type: ignore[attr-defined]
+        copies: dict[int, object] = {}
+        for handle, held in list(self.held.items()):
+            ptr = held.value.data_ptr()  # type: ignore[attr-defined]
+            if ptr not in ptrs:
+                continue
+            if ptr not in copies:
+                try:
+                    copies[ptr] = self.copy(held.value)
+                except Exception:  # noqa: BLE001  (memory at the bound: the arena stays for it)
+                    ptrs.discard(ptr)
+                    continue
+            self.hold(handle, copies[ptr], own=held.own)  # (the copy wraps no host buffer)
 
     def release_pool(self) -> None:
         """Release what the last run did not reuse (its memory goes back to the device's allocator)."""

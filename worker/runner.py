@@ -24,8 +24,8 @@ import numpy as np
 
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
-from planwire.transport.graph import Graph, read_graph
 from planwire.worker import pipe
+from planwire.worker.arenas import KEEP_MB, Arenas, touched
 from planwire.worker.device import Device
 
 # After answering, the runner watches its pipe this long before sleeping on it, but only while requests
@@ -33,19 +33,6 @@ from planwire.worker.device import Device
 # (pipe.Spin: it catches them, on a core to spare): the next one then costs no wake-up. At most this much
 # of one core per answer, and nothing while requests come slower.
 SPIN_S = 100e-6
-# onnxruntime's CPU arena keeps the memory a run freed for the plan's next run. Without it every run maps and
-# faults in its intermediates afresh: a ResNet-8 training step faulted in ~35 MB of new pages (~8,500 minor
-# faults), a third of its CPU time. A plan's first run with given argument shapes gives its arena's memory back
-# as it ends and shows how much it took (the new pages it touched); its later runs keep it while the arenas
-# kept together may hold at most this much (twice what their runs touched: the arena grows by doubling);
-# any other run gives it back as it ends, so a big run's memory does not stay with the runner. onnxruntime
-# never gives back an arena's first region: a plan whose first run is too big to keep gets a session without
-# an arena (as every plan had before, paying the faults). A later run that still faults in new pages (a plan
-# the rule admitted by mistake: a defence, as plans with an If get no arena) has that growth counted too, or,
-# past the budget, makes every run of its plan give its memory back. What the arenas keep counts as held by
-# the runner for its data bound (another plan's run cannot use it).
-KEEP_MB = 256
-STRAY = 1 << 20  # new pages a run that keeps its arena may fault in unnoticed (the runner's own allocations)
 
 
 def _data_bytes() -> int:
@@ -97,141 +84,6 @@ def rebound(limit: int, held: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
 
 
-SIZED_BY_DATA = frozenset(
-    {
-        *("ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot"),
-        *("Loop", "Scan", "SequenceMap", "EyeLike", "CenterCropPad", "Col2Im"),
-        *("HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix", "DFT", "STFT"),
-        *("MaxUnpool", "AffineGrid", "TfIdfVectorizer", "StringSplit"),
-    }
-)
-"""Ops whose output size comes from tensor values (or a subgraph's trip count), not from their inputs' shapes."""
-
-_ALL_SIZES = frozenset({"ConstantOfShape", "Range", "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix"})
-"""Of those, the ops all of whose inputs are sizes (the others' first input is the data)."""
-
-
-def sizes_follow_shapes(data: bytes) -> bool:
-    """Whether every value of a plan is sized by the arguments' shapes alone (a run of data-sized values can take
-    far more memory than the first run of the same shapes did, and an arena would keep it): no other domain,
-    loop or local function, and every op of :data:`SIZED_BY_DATA` takes its sizes (every input but the data,
-    all of ConstantOfShape's and Range's) from values computed from ``Shape`` outputs and constants only, as an
-    exported training step's gradients do (``Expand(g, Shape(x))``), never from an argument's values.
-
-    No subgraph either, ``If`` included: which branch runs depends on the data, so the first runs of given
-    shapes need not show what a later one takes (a hostile plan whose bigger branch runs once left ~160 MB
-    held in the runner, uncounted, even after its session was loaded again without an arena)."""
-    try:
-        g = read_graph(data)
-    except ValueError:
-        return False
-    return not g.functions and _follows(g)
-
-
-def _follows(g: Graph) -> bool:
-    """:func:`sizes_follow_shapes` for a graph read from a plan."""
-    derived = set(g.initializers)  # values fixed by the plan or by the arguments' shapes
-    for n in g.nodes:
-        if n.domain or n.subgraphs:
-            return False
-        ins = [i for i in n.inputs if i]
-        if n.op in SIZED_BY_DATA:
-            sizes = ins if n.op in _ALL_SIZES else ins[1:]
-            if not all(i in derived for i in sizes):
-                return False
-        if n.op in ("Shape", "Size", "Constant") or (ins and all(i in derived for i in ins)):
-            derived.update(o for o in n.outputs if o)
-    return True
-
-
-class Arenas:
-    """Which runs keep their plan's onnxruntime CPU arena memory, by (plan, argument shapes), and how much the
-    kept arenas may hold (``held``, bytes). ``enabled``: sessions have an arena (CPU runners)."""
-
-    def __init__(self, budget: int, *, enabled: bool) -> None:
-        self.budget, self.enabled = budget, enabled
-        self.kept: dict[str, int] = {}  # plan -> bytes its arena may keep
-        self.keep: dict[tuple, bool] = {}  # (plan, shapes) -> its runs keep their memory
-        self.held = 0
-        self.grown: dict[str, int] = {}  # plan -> bytes of new pages its keeping runs faulted in so far
-        self.first: dict[str, bytes] = {}  # plan -> its bytes until its first run (to load it without arena)
-        self._trim = None
-        with contextlib.suppress(Exception):  # glibc: free memory back to the system now (else kept at will)
-            import ctypes
-
-            self._trim = ctypes.CDLL(None).malloc_trim
-
-    def arena(self, data: bytes) -> bool:
-        """Whether a plan of these bytes gets a session with an arena (its bytes are kept until its first run,
-        so not for big plans: their weights, not their runs, are their memory), and only when its runs' memory
-        follows from the argument shapes (:func:`sizes_follow_shapes`): the first run of given shapes then
-        shows what every later one takes."""
-        return self.enabled and len(data) <= self.budget // 4 and sizes_follow_shapes(data)
-
-    def loaded(self, pid: str, data: bytes | None) -> None:
-        """Plan ``pid`` has a new session, with an arena when ``data`` (its bytes) is given."""
-        self.drop(pid)
-        if data is not None:
-            self.first[pid] = data
-
-    def shrink(self, key: tuple) -> bool:
-        """Whether the run of ``key`` gives its arena's memory back as it ends."""
-        return self.enabled and not self.keep.get(key, False)
-
-    def ran(self, key: tuple, touched: int) -> bytes | None:
-        """A shrinking run of ``key`` touched ``touched`` bytes of new pages; the first of ``key`` decides whether
-        its later runs keep their memory. Returns the plan's bytes when it is to be loaded again without an
-        arena (its first run was too big to keep: the arena's first region would hold that memory for good)."""
-        if touched > self.budget // 2 and self._trim is not None:
-            self._trim(0)  # what the arena gave back to malloc goes back to the system too
-        pid = key[0]
-        data = self.first.pop(pid, None)
-        if key in self.keep:
-            return None
-        have = self.kept.get(pid, 0)
-        want = max(have, 2 * touched)
-        fits = self.held - have + want <= self.budget
-        self.keep[key] = fits
-        if fits:
-            self.kept[pid] = want
-            self.held += want - have
-        return None if fits else data
-
-    def kept_run(self, key: tuple, touched: int) -> None:
-        """A run of ``key`` that kept its arena's memory touched ``touched`` bytes of new pages. The arena
-        grows back to what the plan's first runs took (their shrinking gave it back), which what it may keep
-        allows for; past that, it grows beyond what they showed (a plan the rule admitted by mistake):
-        the growth counts as kept while the arenas fit the budget, and past the budget every run of the plan
-        gives its memory back from now on (the next one returns what the growth took)."""
-        if touched < STRAY:
-            return
-        pid = key[0]
-        have = self.kept.get(pid, 0)
-        grown = self.grown[pid] = self.grown.get(pid, 0) + touched
-        if grown <= have:
-            return
-        if self.held - have + 2 * grown <= self.budget:
-            self.held += 2 * grown - have
-            self.kept[pid] = 2 * grown
-            return
-        for k in self.keep:
-            if k[0] == pid:
-                self.keep[k] = False
-
-    def drop(self, pid: str) -> None:
-        """Plan ``pid``'s session is gone (or new): what its arena kept is free."""
-        self.held -= self.kept.pop(pid, 0)
-        self.first.pop(pid, None)
-        self.grown.pop(pid, None)
-        for key in [k for k in self.keep if k[0] == pid]:
-            del self.keep[key]
-
-
-def _touched() -> int:
-    """Bytes of new pages this process has faulted in so far (minor faults × page size)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize()
-
-
 def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
     """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
     from planwire.worker.devstore import DeviceStore, value_meta, value_nbytes
@@ -247,6 +99,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
         data = bytes(data)
         arena = arena and arenas.arena(data)
         plan = OrtPlan(data, name=name, device=device, threads=threads, arena=arena)
+        store.evacuate(arenas.drop(pid))  # the session it replaces goes: what it made leaves its arena
         sessions[pid] = plan
         arenas.loaded(pid, data if arena else None)
         for key in [k for k in shapes if k[0] == pid]:
@@ -299,9 +152,9 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             return
         fast = clock() - idle < SPIN_S
         store.free(msg.free)
-        for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan)
+        for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan, idle unload)
             sessions.pop(pid, None)
-            arenas.drop(pid)
+            store.evacuate(arenas.drop(pid))
         rebound(limit, store.private_bytes + arenas.held)
         try:
             if isinstance(msg, pipe.Load):
@@ -337,7 +190,8 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             known = shapes.get(key)
             reuse = store.buffers(known)
             shrink = plan.arena and arenas.shrink(key)
-            touched = _touched()
+            token = arenas.token.get(msg.plan, 0) if plan.arena else 0
+            before = touched()
             try:
                 results = plan.run_bound(values, reuse, shrink=shrink)
             except Exception:
@@ -347,12 +201,10 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
                 results = plan.run_bound(values, None, shrink=shrink)
             finally:
                 store.release_pool()
-            if plan.arena and not shrink:
-                arenas.kept_run(key, _touched() - touched)
-            elif shrink and (again := arenas.ran(key, _touched() - touched)) is not None:
-                with contextlib.suppress(Exception):  # (outputs onnxruntime cannot copy: the arena stays)
-                    results = [store.copy(r) for r in results]  # out of the arena, which goes with its session
-                    plan = load(msg.plan, msg.name, again, arena=False)
+            again = None  # the plan's bytes, when it is to be loaded again without an arena
+            if plan.arena:
+                grew = touched() - before
+                again = arenas.ran(key, grew) if shrink else arenas.kept_run(key, grew)
             if key not in shapes:
                 shapes[key] = [(r.data_type(), tuple(r.shape())) for r in results]
             wanted = set(range(len(results))) if msg.save else set(msg.fetch)
@@ -361,18 +213,23 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             # an output may share its memory with an input or another output (Identity, Reshape): such
             # memory is never handed to a later run to write into
             seen = {v.data_ptr() for v in values}
-            for i, (h, value) in enumerate(zip(msg.out, results, strict=True)):
+            for h, value in zip(msg.out, results, strict=True):
                 ptr = value.data_ptr()
-                store.hold(h, value, own=ptr not in seen and value_nbytes(value) > 0)
+                store.hold(h, value, own=ptr not in seen and value_nbytes(value) > 0, arena=store.lent.get(ptr, token))
                 seen.add(ptr)
+            if again is not None:
+                with contextlib.suppress(ProtocolError):  # (it cannot be loaded again: it keeps its arena)
+                    plan = load(msg.plan, msg.name, again, arena=False)  # its outputs, this run's too, leave the arena
+                results = [store.get(h) for h in msg.out]
+            for i, (h, value) in enumerate(zip(msg.out, results, strict=True)):
                 small = bool(msg.inline_max) and value_nbytes(value) <= msg.inline_max
                 ref, view = out_ref(value, i in wanted or small, frames)
                 if view is not None and rebind:
                     store.hold(h, *store.wrap(view))  # held by the shared copy: the runner's own goes
                 outs.append(ref)
                 del view
-            del results, values, keep
             reused = 0 if reuse is None else sum(b is not None for b in reuse)
+            del results, values, keep, reuse
             pipe.send(sock, pipe.Ran(outputs=outs, reused=reused), frames)
         except ProtocolError as e:
             pipe.send(sock, pipe.Failed(e.code, e.message))
