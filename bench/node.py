@@ -12,19 +12,30 @@ transport floor. Every case is interleaved round by round with the others, as in
 * 64 MiB put + get (two round trips): target ≥ 0.8× the echo's store + fetch of the same bytes;
 * a synchronous training step of bench's CNN (SGD, batch 64) through the planwire client (no target).
 
+For information, the floor of a zeromq.js worker: a raw zeromq.js echo (worker/node/tools/echo.js: a ROUTER
+with the Node worker's socket options answering each message at once with the Node worker's reply frames)
+timed beside the tiny calls, and the CPU each server process spends per tiny call (all its threads, and its
+main thread alone), read from /proc between blocks of calls. zeromq.js 6 costs more per message than pyzmq
+(a promise per receive and per send, a libuv poll start/stop per wait): no Node worker can be faster than
+that echo. The target stays against the pyzmq echo.
+
 Without node or worker/node/node_modules the family is skipped, saying why.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import zmq
 
 from bench.echo import FETCH, REPLAY, STORE
@@ -33,15 +44,19 @@ from bench.plans import tiny
 from bench.timing import LIKE_FOR_LIKE, Case, Report, interleaved
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import SIGNATURE, Peer, encode
-from tests.conformance.workers import NodeWorkerProcess, node_missing
+from tests.conformance.workers import NODE_DIR, NodeWorkerProcess, node_missing
 
 FAMILY = "node"
 MiB = 1 << 20
+# the README table's columns, then the floor of a zeromq.js worker (for information)
 SIDES = {"python": "Python plan-worker", "node": "Node.js plan-worker", "echo": "raw pyzmq echo"}
+LABELS = {**SIDES, "jsecho": "raw zeromq.js echo"}
 TINY = "tiny call, run with fetch [tcp, {}]"
 PIPELINED = "pipelined tiny calls [tcp, {}]"
 BULK = "64 MiB put+get [tcp, {}]"
 TRAIN = "CNN conv8-pool-fc training step, synchronous [tcp, {}]"
+CPU = "CPU per tiny call, server process [tcp, {}]"
+CPU_MAIN = "CPU per tiny call, server main thread [tcp, {}]"
 ROWS = [  # (label, figure template, sides): the README's table, one column per side
     ("tiny call (run with fetch)", TINY, ("python", "node", "echo")),
     ("pipelined tiny calls", PIPELINED, ("python", "node")),
@@ -65,6 +80,14 @@ VERDICTS = [  # (name, figure, the side it is divided by (None: the figure itsel
     ),
     ("Node.js vs Python worker: tiny call [tcp]", TINY, "python", "", None, LIKE_FOR_LIKE),
     ("Node.js vs Python worker: CNN training step [tcp]", TRAIN, "python", "", None, LIKE_FOR_LIKE),
+    (
+        "Node.js worker: tiny call vs raw zeromq.js echo [tcp]", TINY, "jsecho", "", None,
+        "the floor of a zeromq.js worker, for information (the target is vs the pyzmq echo)",
+    ),
+    (
+        "Node.js worker vs raw zeromq.js echo: CPU per tiny call, server process [tcp]", CPU, "jsecho", "", None,
+        "CPU seconds of all the server's threads (and children) per call, for information",
+    ),
 ]  # fmt: skip
 
 
@@ -85,7 +108,69 @@ def _sample(cases: list[Case], figure: str, quick: bool) -> dict[str, Any]:
 def _watch(figure: str) -> list[tuple[str, str | None]]:
     """The case pairs whose ratios VERDICTS takes from ``figure``'s cases (a lone figure: its own median)."""
     mine = figure.format(SIDES["node"])
-    return [(mine, None if over is None else figure.format(SIDES[over])) for _, f, over, *_ in VERDICTS if f == figure]
+    return [(mine, None if over is None else figure.format(LABELS[over])) for _, f, over, *_ in VERDICTS if f == figure]
+
+
+class JsEcho:
+    """worker/node/tools/echo.js, the raw zeromq.js echo (the floor of a zeromq.js worker), on tcp loopback."""
+
+    def __init__(self) -> None:
+        cmd = ["node", str(NODE_DIR / "tools" / "echo.js"), "tcp://127.0.0.1:0"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=NODE_DIR)
+        line = self.proc.stdout.readline().decode() if self.proc.stdout else ""
+        if not line.startswith("ready on "):
+            self.close()
+            raise RuntimeError(f"the zeromq.js echo did not start: {line!r}")
+        self.url = line.split()[2]
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.url)
+
+    def close(self) -> None:
+        if getattr(self, "sock", None) is not None:
+            self.sock.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _run_ns(pid: int, tid: int) -> int:
+    """Nanoseconds thread ``tid`` of process ``pid`` has run (the scheduler's own count, exact where the
+    clock ticks of /proc/PID/stat are 10 ms); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _cpu(proc: psutil.Process) -> tuple[float, float]:
+    """(CPU seconds of ``proc``, its children and all their threads; of its main thread alone)."""
+    total = 0
+    for pid in [proc.pid, *(c.pid for c in proc.children(recursive=True))]:
+        with contextlib.suppress(OSError):
+            total += sum(_run_ns(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task"))
+    return total / 1e9, _run_ns(proc.pid, proc.pid) / 1e9
+
+
+def _cpu_per_call(servers: dict[str, tuple[zmq.Socket, list[bytes], int]], n: int, rounds: int) -> dict:
+    """{side: ([process us per call], [main thread us per call])}: blocks of ``n`` tiny calls, the sides
+    interleaved round by round."""
+    out: dict[str, tuple[list[float], list[float]]] = {side: ([], []) for side in servers}
+    procs = {side: psutil.Process(pid) for side, (_, _, pid) in servers.items()}
+    for _ in range(rounds):
+        for side, (sock, request, _) in servers.items():
+            before = _cpu(procs[side])
+            for _ in range(n):
+                sock.send_multipart(request, copy=False)
+                sock.recv_multipart(copy=False)
+            after = _cpu(procs[side])
+            out[side][0].append((after[0] - before[0]) / n * 1e6)
+            out[side][1].append((after[1] - before[1]) / n * 1e6)
+    return out
 
 
 def _round_trip(sock: zmq.Socket, frames: list[bytes]) -> Callable[[], Any]:
@@ -194,16 +279,30 @@ def run(env: Env, report: Report, quick: bool) -> None:
         peers = {side: Peer(p.url, timeout=60) for side, p in procs.items()}
         stack += peers.values()
         echo = env.echo("tcp", False, FAMILY)
+        jsecho = JsEcho()
+        stack.append(jsecho)
         frames = {side: _tiny(peer) for side, peer in peers.items()}
         request, reply, _ = frames["node"]
-        echo.send_multipart([REPLAY, *reply])
-        echo.recv_multipart()
+        for sock in (echo, jsecho.sock):
+            sock.send_multipart([REPLAY, *reply])
+            sock.recv_multipart()
         per = 50 if quick else 100  # short blocks of tiny calls, many rounds
         tiny_cases = [Case(TINY.format(SIDES[s]), _round_trip(peers[s].sock, frames[s][0]), per) for s in peers]
         tiny_cases.append(Case(TINY.format(SIDES["echo"]), _round_trip(echo, request), per))
+        tiny_cases.append(Case(TINY.format(LABELS["jsecho"]), _round_trip(jsecho.sock, request), per))
         samples = _sample(tiny_cases, TINY, quick)
         for c in tiny_cases:
             report.time(FAMILY, c.name, samples[c.name], "us")
+
+        servers = {s: (peers[s].sock, frames[s][0], procs[s].proc.pid) for s in peers}
+        pyecho = getattr(env, "_echo", {}).get((False, False))  # bench.env's untuned echo server process
+        if pyecho is not None:
+            servers["echo"] = (echo, request, pyecho.pid)
+        servers["jsecho"] = (jsecho.sock, request, jsecho.proc.pid)
+        cpu = _cpu_per_call(servers, 500 if quick else 2000, 2 if quick else 5)
+        for side, (whole, main) in cpu.items():
+            report.values(FAMILY, CPU.format(LABELS[side]), whole, "us", note="all threads and children, per call")
+            report.values(FAMILY, CPU_MAIN.format(LABELS[side]), main, "us", note="the thread that runs its loop")
 
         n = 2000  # within the workers' default --max-client-queue of 10,000 replies; ~1 s at the Python worker's rate
         pipe_cases = [Case(PIPELINED.format(SIDES[s]), _pipelined(peers[s].sock, frames[s][2], n), 1, 1) for s in peers]
@@ -227,12 +326,17 @@ def run(env: Env, report: Report, quick: bool) -> None:
         for obj in reversed(stack):
             obj.close()
 
+    floor = ("jsecho", "echo", "what zeromq.js itself costs: the same frames through each echo")
+    for figure, what in ((TINY, "tiny call"), (CPU, "CPU per tiny call, server process")):
+        mine, over = ((FAMILY, figure.format(LABELS[side])) for side in floor[:2])
+        if over[1] in report.figures.get(FAMILY, {}):
+            report.ratio(f"raw zeromq.js echo vs raw pyzmq echo: {what} [tcp]", mine, over, basis=floor[2])
     for name, figure, over, op, target, basis in VERDICTS:
         mine = (FAMILY, figure.format(SIDES["node"]))
         if over is None:  # a target on the figure itself
             report.on_figure(name, mine, op, target, basis=basis)
         else:
-            report.ratio(name, mine, (FAMILY, figure.format(SIDES[over])), op, target, basis=basis)
+            report.ratio(name, mine, (FAMILY, figure.format(LABELS[over])), op, target, basis=basis)
 
 
 def main(argv: list[str] | None = None) -> int:

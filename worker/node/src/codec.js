@@ -99,5 +99,8 @@ export function fromOrt(value) {
   const wire = FROM_ORT[value.type];
   if (wire === undefined) return null;
   const d = value.data;
-  return new Tensor(wire, Array.from(value.dims, Number), Buffer.from(d.buffer, d.byteOffset, d.byteLength));
+  const dims = value.dims;
+  const shape = new Array(dims.length);
+  for (let i = 0; i < dims.length; i++) shape[i] = Number(dims[i]);
+  return new Tensor(wire, shape, Buffer.from(d.buffer, d.byteOffset, d.byteLength));
 }

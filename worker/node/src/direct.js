@@ -115,10 +115,12 @@ class DirectPlan {
     Object.assign(this, graph);
     this.maxBytes = maxBytes;
     this.verdicts = new Map(); // "shape|shape|..." -> whether a call on those shapes may run direct
+    this.last = null; // {shapes, ok}: the last call's shapes (a copy) and verdict
   }
 
   /** Whether a run on inputs of these shapes (in the plan's input order, by `names`) is small. */
   fits(names, shapes) {
+    if (this.last !== null && sameShapes(this.last.shapes, shapes)) return this.last.ok; // the usual case: a call as the last one
     const key = shapes.join("|");
     let ok = this.verdicts.get(key);
     if (ok === undefined) {
@@ -126,12 +128,14 @@ class DirectPlan {
       if (this.verdicts.size >= CACHED_SHAPES) this.verdicts.clear();
       this.verdicts.set(key, ok);
     }
+    this.last = { shapes: shapes.map((s) => [...s]), ok };
     return ok;
   }
 
   /** Calls on these shapes run in the runner from now on (onnxruntime refused one here). */
   refuse(shapes) {
     this.verdicts.set(shapes.join("|"), false);
+    this.last = null;
   }
 
   measure(names, shapes) {
@@ -165,6 +169,18 @@ class DirectPlan {
 }
 
 const count = (shape) => shape.reduce((a, b) => a * b, 1);
+
+/** Whether two lists of shapes are equal, axis by axis. */
+function sameShapes(a, b) {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i];
+    const y = b[i];
+    if (x.length !== y.length) return false;
+    for (let k = 0; k < x.length; k++) if (x[k] !== y[k]) return false;
+  }
+  return true;
+}
 
 /** The output shape of allowlisted `node` on inputs of `shapes` (null: an absent optional input), or null
  * when the shapes do not fit the op (onnxruntime would refuse the run: it goes to the runner, which says so). */

@@ -12,6 +12,7 @@ const RUN_BUCKETS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 
 const label = (v) => String(v).replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
 const num = (v) => (Number.isInteger(v) ? `${v}.0` : String(v));
 
+const OK_KEYS = Object.create(null); // request type -> its `requests` key with no error code
 const WORKER = "(worker's own data)"; // owner of the tensors the worker was started with
 const DURATIONS_KEPT = 10_000; // p50/p99 are over the most recent runs
 // Connections come and go: a connection's row is folded (dropped; its owner's row still counts what it
@@ -45,7 +46,7 @@ export class Metrics {
   /** One answered request: `msg` (null when it could not be read), its reply's error code ("" if none). */
   observe(msg, code, client, seconds, reply = null) {
     const type = msg === null ? "invalid" : msg.type;
-    const key = `${type}\0${code}`;
+    const key = code === "" ? (OK_KEYS[type] ??= `${type}\0`) : `${type}\0${code}`; // a type's key for success made once
     this.requests.set(key, (this.requests.get(key) ?? 0) + 1);
     this.byType.set(type, (this.byType.get(type) ?? 0) + 1);
     let c = this.byClient.get(client);

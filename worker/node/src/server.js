@@ -49,9 +49,9 @@ export class Server {
     this.endpoints = endpoints;
     this.dropped = 0;
     this.outbox = []; // replies not yet handed to ZeroMQ (see send)
-    this.scheduled = false; // a flush is scheduled
+    this.scheduled = false; // endTurn is scheduled
     this.durable = service.durable ?? null; // --state-dir (src/statedir.js): committed before replies leave
-    this.durable?.group();
+    this.durable?.group(this.schedule); // a change staged with no reply to wait for it: committed by endTurn too
   }
 
   /** Serve until stopped: requests are read while plans run in `sandbox` (src/supervisor.js). */
@@ -65,32 +65,38 @@ export class Server {
   }
 
   /** Send a reply to `peer`, never waiting for it. Replies are handed to ZeroMQ in batches: those made in one
-   * turn of the event loop (a burst of pipelined requests read one after another) leave together once the
-   * loop turns (setImmediate), or every BATCH replies, so ZeroMQ's I/O thread is woken once per batch, not
-   * once per reply. They leave in the order of these calls. */
+   * turn of the event loop (a burst of pipelined requests read one after another) leave together at the end
+   * of the turn (endTurn), or every BATCH replies, so ZeroMQ's I/O thread is woken once per batch, not once
+   * per reply. They leave in the order of these calls. */
   send(peer, reply) {
     if (this.sock.closed) return;
     this.outbox.push([peer, ...reply]);
     if (this.outbox.length >= BATCH) this.flush();
-    else if (!this.scheduled) {
-      this.scheduled = true;
-      setImmediate(this.flushNow);
-    }
+    else this.schedule();
   }
 
-  flushNow = () => {
+  /** endTurn at the end of this turn of the event loop (once, however many replies and changes ask). */
+  schedule = () => {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setImmediate(this.endTurn);
+  };
+
+  /** The end of a turn of the event loop, the one step that ends it: the turn's --state-dir changes are made
+   * durable, then its replies leave (flush does both, in that order). */
+  endTurn = () => {
     this.scheduled = false;
     this.flush();
   };
 
   /** Hand the waiting replies to ZeroMQ: with sendTimeout 0 zeromq.js queues a message at once or refuses it
    * at once (never "busy"), and a client that does not read loses replies once its queue is full. With
-   * --state-dir, the changes their requests made (staged as they were handled) are made durable first, in
-   * one commit (or the worker exits): a reply never acknowledges what a kill -9 or a power loss could undo. */
+   * --state-dir, the changes made so far (staged as requests were handled) are made durable first, in one
+   * commit (or the worker exits): a reply never acknowledges what a kill -9 or a power loss could undo. */
   flush() {
+    if (this.durable?.dirty) this.durable.commit();
     const out = this.outbox;
     if (!out.length) return;
-    if (this.durable?.dirty) this.durable.commit();
     this.outbox = [];
     for (const frames of out) {
       if (this.sock.closed) return;

@@ -56,19 +56,20 @@ export class Plan {
     if (args.length !== this.inputs.length) {
       throw new ProtocolError("bad_argument", `plan ${pyRepr(this.name)} takes ${this.inputs.length} arguments, got ${args.length}`);
     }
-    args.forEach((t, i) => {
+    for (let i = 0; i < args.length; i++) {
+      const t = args[i];
       const port = this.inputs[i];
-      const what = `plan ${pyRepr(this.name)} argument ${i} (${pyRepr(port.name)})`;
+      const what = () => `plan ${pyRepr(this.name)} argument ${i} (${pyRepr(port.name)})`; // only for an error
       if (t.dtype !== port.dtype) {
-        throw new ProtocolError("bad_argument", `${what}: expected dtype ${human(port.dtype)}, got ${human(t.dtype)}`);
+        throw new ProtocolError("bad_argument", `${what()}: expected dtype ${human(port.dtype)}, got ${human(t.dtype)}`);
       }
       const shape = port.shape;
-      if (shape === null) return;
+      if (shape === null) continue;
       if (shape.length !== t.shape.length || shape.some((d, a) => typeof d === "number" && d !== t.shape[a])) {
         const want = "[" + shape.map((d) => (typeof d === "number" ? String(d) : "?")).join(", ") + "]";
-        throw new ProtocolError("bad_argument", `${what}: expected shape ${want}, got [${t.shape.join(", ")}]`);
+        throw new ProtocolError("bad_argument", `${what()}: expected shape ${want}, got [${t.shape.join(", ")}]`);
       }
-    });
+    }
   }
 }
 

@@ -1,24 +1,22 @@
 // The state directory of `--state-dir DIR` (src/durable.js wires it into the worker), in the format of
 // worker/statefiles.py, which PROTOCOL.md §11.1 specifies: a directory either worker wrote, the other reads.
 //
-// Every change is written whole under a temporary name, fsynced, renamed over the old file, and its
-// directory fsynced (`--state-sync none`: no fsyncs): a crash leaves the old file or the new one. Grouped
-// (group(), as worker/statecommit.py: src/server.js commits before a batch of replies leaves), the temporary
-// files of a burst of requests are written, then fsynced, renamed, and each changed directory fsynced once,
-// together, before any of the burst's replies is sent. One worker
-// per directory: `flock` on DIR/lock, taken through util-linux's flock(1) on this process's descriptor (a
-// lock belongs to the open file, so it is held until this process exits, kill -9 included), the same lock
-// the Python worker takes. The directory is read back as hostile input: a file that fails a check is
+// Every change goes through src/statecommit.js (worker/statecommit.py's `Writes`): written whole and renamed
+// into place, one at a time or, grouped, as one commit before a burst's replies leave. One worker per
+// directory: `flock` on DIR/lock, taken through util-linux's flock(1) on this process's descriptor (a lock
+// belongs to the open file, so it is held until this process exits, kill -9 included), the same lock the
+// Python worker takes. The directory is read back as hostile input: a file that fails a check is
 // skipped with a log line naming it, never loaded, never fatal.
 
 import * as fs from "node:fs";
 import { createHash } from "node:crypto";
-import { join, resolve, basename, extname, dirname } from "node:path";
+import { join, resolve, basename, extname } from "node:path";
 import { ProtocolError } from "./messages.js";
 import { checkModel } from "./modelcheck.js";
 import { pyRepr } from "./json.js";
 import { log } from "./log.js";
-import { FORMAT, SESSION_RE, OWNER_RE, strerror, StateError, fsyncDir, writeAtomic, writeTemp, durably, fsyncAll, framed, readFramed, digest } from "./statefile.js";
+import { FORMAT, SESSION_RE, OWNER_RE, strerror, StateError, writeAtomic, framed, readFramed, digest } from "./statefile.js";
+import { Writes, refusal } from "./statecommit.js";
 import { Names, flock, mkdirs, alive, ALIGN, isObject, isString, tensorHeader, tensorPayload, planHeader, formatDoc, privacySpent } from "./statefile.js";
 
 export const DISK_RESERVE = 64 << 20; // bytes a put or run must leave free on the directory's file system
@@ -80,95 +78,34 @@ export class StateDir {
     this.plans = join(path, "plans");
     this.names = new Names();
     this.skipped = [];
-    this.grouped = false; // group commit (see group()): writes are staged until commit()
-    this.staged = new Map(); // path -> {tmp, fd}: its written, not yet synced temporary file
-    this.dirs = new Set(); // directories changed since the last commit
-    this.scheduled = false; // a commit is scheduled for the end of this turn of the event loop
+    this.writes = new Writes(path, sync); // every change goes through it: atomic, or staged for a group commit
   }
 
   close() {
-    if (this.dirty) {
-      // what no reply acknowledged yet: kept if it can be, as a crash could have kept it
-      try {
-        this.commitNow();
-      } catch (e) {
-        log.error(`--state-dir: changes not acknowledged yet could not be written: ${strerror(e)}`);
-      }
-    }
+    this.writes.close();
     if (this.lockFd >= 0) fs.closeSync(this.lockFd); // releases the flock
     this.lockFd = -1;
   }
 
-  // -- group commit (as worker/statecommit.py) -------------------------------------------------------
+  // -- group commit (src/statecommit.js, as worker/statecommit.py) -------------------------------------
 
-  /** Group commit, for a server that calls commit() (when dirty) before it sends a batch of replies: from
-   * now on a write leaves its temporary file unsynced and unrenamed, a removal its directory unsynced, until
-   * the next commit, at the latest at the end of this turn of the event loop. Without fsyncs
-   * (`--state-sync none`) there is nothing to group: writes go on as before. */
-  group() {
-    this.grouped = this.sync;
+  /** Writes are staged until commit() from now on (see Writes.group; `turn`: the server's end-of-turn step). */
+  group(turn = null) {
+    this.writes.group(turn);
+  }
+
+  get grouped() {
+    return this.writes.grouped;
   }
 
   /** Whether a change waits for commit(). */
   get dirty() {
-    return this.staged.size > 0 || this.dirs.size > 0;
+    return this.writes.dirty;
   }
 
-  /** Make every staged change durable, in one round: fsync every staged file (concurrently, so that the
-   * file system's journal commits them together), rename each over its name, fsync each changed directory
-   * once. When that fails (EIO: the kernel may have dropped the pages it
-   * could not write) the worker exits at once with 75, as the Python worker does: no reply may
-   * acknowledge what is not kept, and a restart reads back what was acknowledged before. */
+  /** Every staged change made durable, or the worker exits (see Writes.commit). */
   commit() {
-    durably(() => this.commitNow(), this.tensors);
-  }
-
-  commitNow() {
-    const staged = this.staged;
-    const dirs = this.dirs;
-    this.staged = new Map();
-    this.dirs = new Set();
-    try {
-      fsyncAll([...staged.values()].map((s) => s.fd));
-    } finally {
-      for (const { fd } of staged.values()) fs.closeSync(fd);
-    }
-    for (const [path, { tmp }] of staged) {
-      fs.renameSync(tmp, path);
-      dirs.add(dirname(path));
-    }
-    if (dirs.size <= 1) {
-      for (const d of dirs) fsyncDir(d);
-      return;
-    }
-    const fds = [];
-    try {
-      for (const d of dirs) fds.push(fs.openSync(d, C.O_RDONLY | C.O_DIRECTORY));
-      fsyncAll(fds);
-    } finally {
-      for (const fd of fds) fs.closeSync(fd);
-    }
-  }
-
-  /** A change staged: committed at the end of this turn at the latest (a change no reply waits for). */
-  changed() {
-    if (this.scheduled) return;
-    this.scheduled = true;
-    setImmediate(() => {
-      this.scheduled = false;
-      if (this.dirty) this.commit();
-    });
-  }
-
-  /** Forget a staged write of `path` (it is being replaced or removed). */
-  unstage(path) {
-    const staged = this.staged.get(path);
-    if (staged === undefined) return;
-    this.staged.delete(path);
-    fs.closeSync(staged.fd);
-    try {
-      fs.unlinkSync(staged.tmp);
-    } catch {}
+    this.writes.commit();
   }
 
   skip(path, why) {
@@ -176,24 +113,8 @@ export class StateDir {
     log.error(`--state-dir: skipped ${path}: ${why}`);
   }
 
-  /** An entry of directory `path` was created or removed: fsync it (now, or with the group). */
-  dirChanged(path) {
-    if (this.grouped) {
-      this.dirs.add(path);
-      this.changed();
-    } else if (this.sync) fsyncDir(path);
-  }
-
   write(path, parts, what) {
-    try {
-      if (this.grouped) {
-        this.unstage(path);
-        this.staged.set(path, writeTemp(path, parts));
-        this.changed();
-      } else writeAtomic(path, parts, this.sync);
-    } catch (e) {
-      throw refusal(what, this.path, e);
-    }
+    this.writes.write(path, parts, what);
   }
 
   // -- session and identities ------------------------------------------------------------------------
@@ -279,7 +200,7 @@ export class StateDir {
     const d = this.ownerDir(owner);
     try {
       fs.mkdirSync(d, { mode: 0o700 });
-      this.dirChanged(this.tensors);
+      this.writes.dirChanged(this.tensors);
     } catch (e) {
       if (e.code !== "EEXIST") throw refusal(`tensor ${pyRepr(key)}`, this.path, e);
     }
@@ -291,7 +212,7 @@ export class StateDir {
     let removed = false;
     for (const key of keys) {
       const path = join(d, `${digest(key)}.t`);
-      this.unstage(path);
+      this.writes.unstage(path);
       try {
         fs.unlinkSync(path);
         removed = true;
@@ -300,16 +221,16 @@ export class StateDir {
         if (e.code !== "ENOENT") log.error(`--state-dir: cannot remove tensor ${pyRepr(key)}'s file: ${strerror(e)}`);
       }
     }
-    if (removed) this.dirChanged(d);
+    if (removed) this.writes.dirChanged(d);
   }
 
   removeOwner(owner) {
     const d = this.ownerDir(owner);
-    for (const path of [...this.staged.keys()]) if (dirname(path) === d) this.unstage(path);
-    this.dirs.delete(d);
+    for (const path of this.writes.stagedIn(d)) this.writes.unstage(path);
+    this.writes.dirGone(d);
     if (!fs.existsSync(d)) return;
     fs.rmSync(d, { recursive: true, force: true });
-    this.dirChanged(this.tensors);
+    this.writes.dirChanged(this.tensors);
   }
 
   /** quota_exceeded when the directory's file system cannot take `nbytes` more (and a reserve). */
@@ -417,10 +338,10 @@ export class StateDir {
   removePlan(pid) {
     for (const suffix of [".holders", ".plan"]) {
       // holders first: a plan file alone is an unfinished registration
-      this.unstage(join(this.plans, pid + suffix));
+      this.writes.unstage(join(this.plans, pid + suffix));
       fs.rmSync(join(this.plans, pid + suffix), { force: true });
     }
-    this.dirChanged(this.plans);
+    this.writes.dirChanged(this.plans);
   }
 
   /** Remove a write's temporary file; anything else under that name (a directory) is skipped, not fatal. */
@@ -488,14 +409,4 @@ export class StateDir {
 
 function refuse(p, pid) {
   throw new StateError(`--state-dir ${pyRepr(p)} is in use by another plan-worker (pid ${pid}): stop it, or give this worker a directory of its own`);
-}
-
-/** The error of a request whose effect could not be made durable (nothing of it was kept in memory). */
-function refusal(what, path, e) {
-  if (e instanceof ProtocolError) return e;
-  if (e.code === "ENOSPC" || e.code === "EDQUOT") {
-    return new ProtocolError("quota_exceeded", `${what} not kept: the worker's --state-dir ${path} is full (${strerror(e)})`);
-  }
-  log.error(`--state-dir ${path}: cannot write ${what}: ${strerror(e)}`);
-  return new ProtocolError("internal", `${what} not kept: the worker cannot write its --state-dir (${strerror(e)})`);
 }

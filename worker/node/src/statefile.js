@@ -5,8 +5,6 @@ import * as fs from "node:fs";
 import { spawnSync } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { join, resolve, basename, dirname } from "node:path";
-import { constants as OS } from "node:os";
-import { Worker } from "node:worker_threads";
 import { DTYPES, Tensor } from "./codec.js";
 import { pyRepr } from "./json.js";
 import { log } from "./log.js";
@@ -19,8 +17,7 @@ export const EXIT_NOT_DURABLE = 75; // the worker's exit status when an fsync fa
 export const SESSION_RE = /^[0-9a-f]{32}$/;
 export const OWNER_RE = /^[0-9a-z]{1,1024}$/;
 const C = fs.constants;
-const ERRNO = OS.errno;
-const STRERROR = {
+export const STRERROR = {
   ENOENT: "No such file or directory",
   EACCES: "Permission denied",
   EPERM: "Operation not permitted",
@@ -99,77 +96,6 @@ export function durably(fsync, path) {
   } catch (e) {
     log.error(`--state-dir ${dirname(path)}: cannot make changes durable (${e.message}): the worker stops now`);
     process.exit(EXIT_NOT_DURABLE);
-  }
-}
-
-// -- fsyncs made together (a group commit: src/statedir.js) --------------------------------------------------
-
-const FSYNC_THREADS = 4; // beside this one: the file system's journal commits concurrent fsyncs together
-const SLOTS = 4096; // descriptors handed to the threads at once
-const [GEN, COUNT, NEXT, DONE, ERROR] = [0, 1, 2, 3, 4];
-const FDS = 8; // where the descriptors start in the shared array
-// Each thread waits for a new generation, then fsyncs the descriptors it claims (`next`) until none is
-// left, counting each one `done` (an error as its errno, the first one kept). Descriptors belong to the
-// process: a thread fsyncs this thread's open files by number.
-const FSYNC_THREAD = `
-const { workerData } = require("node:worker_threads");
-const fs = require("node:fs");
-const c = new Int32Array(workerData);
-let gen = 0;
-for (;;) {
-  Atomics.wait(c, ${GEN}, gen);
-  gen = Atomics.load(c, ${GEN});
-  for (;;) {
-    const i = Atomics.add(c, ${NEXT}, 1);
-    if (i >= Atomics.load(c, ${COUNT})) break;
-    try {
-      fs.fsyncSync(c[${FDS} + i]);
-    } catch (e) {
-      Atomics.compareExchange(c, ${ERROR}, 0, -e.errno || 5);
-    }
-    Atomics.add(c, ${DONE}, 1);
-    Atomics.notify(c, ${DONE});
-  }
-}`;
-let pool = null; // the shared array, once its threads are started
-
-/** fsync every descriptor of `fds`, concurrently (this thread and FSYNC_THREADS more, started at the
- * first call with more than one), returning when all are done: the first failure thrown as an Error with
- * its code, once all are done. Blocks this thread, as fs.fsyncSync does, but many files cost about one
- * journal commit instead of one each. */
-export function fsyncAll(fds) {
-  if (fds.length <= 1) {
-    for (const fd of fds) fs.fsyncSync(fd);
-    return;
-  }
-  if (pool === null) {
-    const shared = new SharedArrayBuffer(4 * (FDS + SLOTS));
-    for (let i = 0; i < FSYNC_THREADS; i++) new Worker(FSYNC_THREAD, { eval: true, workerData: shared }).unref();
-    pool = new Int32Array(shared);
-  }
-  const c = pool;
-  for (let at = 0; at < fds.length; at += SLOTS) {
-    const part = fds.slice(at, at + SLOTS);
-    c.set(part, FDS);
-    // A thread of the last round may still make its final claim on NEXT: with NEXT past any count while the
-    // round is set up, that claim finds nothing; once NEXT is 0, a claim takes a real slot and counts it once.
-    Atomics.store(c, NEXT, 1 << 30);
-    for (const [i, v] of [[COUNT, part.length], [DONE, 0], [ERROR, 0], [NEXT, 0]]) Atomics.store(c, i, v);
-    Atomics.add(c, GEN, 1);
-    Atomics.notify(c, GEN);
-    for (let i; (i = Atomics.add(c, NEXT, 1)) < part.length; Atomics.add(c, DONE, 1)) {
-      try {
-        fs.fsyncSync(part[i]);
-      } catch (e) {
-        Atomics.compareExchange(c, ERROR, 0, -e.errno || 5);
-      }
-    }
-    for (let d; (d = Atomics.load(c, DONE)) < part.length; ) Atomics.wait(c, DONE, d);
-    const errno = Atomics.load(c, ERROR);
-    if (errno) {
-      const code = Object.keys(ERRNO).find((k) => ERRNO[k] === errno) ?? "EIO";
-      throw Object.assign(new Error(`${code}: ${STRERROR[code] ?? "fsync failed"}, fsync`), { code, errno: -errno, syscall: "fsync" });
-    }
   }
 }
 
