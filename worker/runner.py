@@ -234,7 +234,7 @@ def _touched() -> int:
 
 def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
     """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
-    from planwire.worker.devstore import DeviceStore, value_meta, value_nbytes
+    from planwire.worker.devstore import DeviceStore, value_info
     from planwire.worker.runtime import OrtPlan, is_out_of_memory
 
     sessions: dict[str, OrtPlan] = {}
@@ -270,13 +270,14 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             return value
         return value if keep is None else (value, keep)  # the wrapped array lives as long as this run
 
-    def out_ref(value: object, data: bool, frames: list) -> tuple[pipe.TensorRef, np.ndarray | None]:
-        """The reference to an output or held tensor, with its data when ``data``: in ``frames`` when small,
-        else in a new shared-memory segment (its view returned too)."""
-        wire, shape = value_meta(value)
+    def out_ref(
+        value: object, data: bool, frames: list, info: tuple[str, list[int], int] | None = None
+    ) -> tuple[pipe.TensorRef, np.ndarray | None]:
+        """The reference to an output or held tensor (``info``: its ``value_info``, when read already), with its
+        data when ``data``: in ``frames`` when small, else in a new shared-memory segment (its view returned too)."""
+        wire, shape, nbytes = value_info(value) if info is None else info
         if not data:
             return pipe.TensorRef(wire, shape), None
-        nbytes = value_nbytes(value)
         if nbytes <= pipe.INLINE_MAX:
             frames.append(codec.to_frame(store.download(value))[2])
             return pipe.TensorRef(wire, shape, index=len(frames) - 1), None
@@ -363,10 +364,12 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             seen = {v.data_ptr() for v in values}
             for i, (h, value) in enumerate(zip(msg.out, results, strict=True)):
                 ptr = value.data_ptr()
-                store.hold(h, value, own=ptr not in seen and value_nbytes(value) > 0)
+                info = value_info(value)  # read once per output: dtype, shape, bytes
+                nbytes = info[2]
+                store.hold(h, value, own=ptr not in seen and nbytes > 0, nbytes=nbytes)
                 seen.add(ptr)
-                small = bool(msg.inline_max) and value_nbytes(value) <= msg.inline_max
-                ref, view = out_ref(value, i in wanted or small, frames)
+                small = bool(msg.inline_max) and nbytes <= msg.inline_max
+                ref, view = out_ref(value, i in wanted or small, frames, info)
                 if view is not None and rebind:
                     store.hold(h, *store.wrap(view))  # held by the shared copy: the runner's own goes
                 outs.append(ref)
