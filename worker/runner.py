@@ -290,6 +290,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     clock, fast, spin = time.perf_counter, False, pipe.Spin()
+    bound_at = 0  # what the data bound allows for now (bound() set it for nothing held)
     while True:
         idle = clock()
         if fast and not reader.pending() and spin.allowed():
@@ -303,7 +304,10 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
         for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan)
             sessions.pop(pid, None)
             arenas.drop(pid)
-        rebound(limit, store.private_bytes + arenas.held)
+        held = store.private_bytes + arenas.held
+        if held != bound_at:  # (a training step holds what the one before held: no system calls)
+            rebound(limit, held)
+            bound_at = held
         try:
             if isinstance(msg, pipe.Load):
                 plan = load(msg.plan, msg.name, buffers[0])
