@@ -112,25 +112,19 @@ class Window:
         return True
 
     def _lets_join(self, job: RunJob, q: Queued) -> bool:
-        """Whether sending run ``job``'s outputs' host copies back (``save``) may let queued ``q`` join the window
-        behind it. Not when ``q`` is a run of the same owner that reads or writes an output of ``job`` (it waits
-        for ``job`` anyway) and overwrites every output of ``job`` that does not come back with its answer
-        (``fetch``): a training step's next step, which writes the new state over the state it reads. Then the
-        state stays in the runner alone, as it does for synchronous steps: when ``q`` goes, ``Sandbox.protect``
-        spares what ``q`` overwrites (a crash of ``q`` fails those keys anyway), and copies anything else."""
+        """Whether ``job``'s ``save`` may let queued ``q`` join behind it. Not when ``q`` is the same owner's run
+        that reads or writes an output of ``job`` (it waits anyway) and overwrites each one not fetched: a
+        training step's next step. That state stays in the runner, as for synchronous steps (``protect``)."""
         msg = q.msg
         if type(msg) is not m.Run:
             return False
-        mine = job.msg
-        overwritten = set(msg.outputs)
-        fetched = mine.fetch
-        if not all(k in overwritten or i in fetched for i, k in enumerate(mine.outputs)):
+        mine, overwritten = job.msg, set(msg.outputs)
+        if not all(k in overwritten or i in mine.fetch for i, k in enumerate(mine.outputs)):
             return True
         owner = self.service.owners.owner
         if owner(q.client) != owner(job.origin.client):
             return True  # another owner's keys: it may join
-        touched = overwritten.union(a.ref for a in msg.args if isinstance(a.ref, str))
-        return touched.isdisjoint(mine.outputs)  # disjoint: it may join behind ``job`` when that one saves
+        return overwritten.union(a.ref for a in msg.args if isinstance(a.ref, str)).isdisjoint(mine.outputs)
 
     def _window_outputs(self) -> set[tuple[bytes, str]]:
         """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
@@ -312,7 +306,7 @@ class Window:
                 )
         except Exception as e:  # e.g. an output segment that cannot be mapped
             outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
-        del job  # (see _finish: the runs behind it go before this frame returns)
+        del job  # (see _finish)
         if head.cancelled:  # answered already; what it computed is dropped (its handles freed)
             self.window.popleft()
             self._flush()
@@ -325,9 +319,7 @@ class Window:
         job, head.job = head.job, None
         assert job is not None
         self.server.send(head.peer, self.service.complete(job, outcome))
-        # Its arguments go now, before the runs behind it are sent: a training step's previous state, which
-        # nothing holds any more, must not be copied to the host by the next step's protect.
-        del job, outcome
+        del job, outcome  # its arguments (a step's old state) go before the next is sent: protect must not copy them
         if then is not None:
             self.server.send(head.peer, then)
         self._flush()
