@@ -113,6 +113,50 @@ def test_training_steps_keep_state_on_the_device_and_copy_nothing(worker, n: int
     assert after["held"] == 4, after  # w, m, loss (runner results) and g (a put, uploaded once)
 
 
+def test_pipelined_training_steps_copy_no_state(worker) -> None:
+    """Steps sent back to back (each reads the state the one before writes, and writes it again): the state
+    stays in the runner as for synchronous steps; only each step's fetched loss crosses to the host."""
+    proc, peer = worker
+    n = 100_000
+    rng = np.random.default_rng(1)
+    w0, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    m0 = np.zeros(n, np.float32)
+    for key, value in (("w", w0), ("m", m0), ("g", g)):
+        peer.put(key, value)
+    plan = peer.register(step_plan(), name="step")["plan"]
+    ids = [peer.send(peer.run_header(plan, ["w", "m", "g"], ["w", "m", "loss"], fetch=[2])[0]) for _ in range(STEPS)]
+    losses = []
+    for rid in ids:
+        reply = peer.recv()
+        assert reply["re"] == rid and reply.kind == "tensors", reply
+        losses.append(float(reply.array_list()[0]))
+    c = copies(proc)
+    assert c["downloads"] == STEPS and c["host_copies"] == 0, c  # the losses, nothing of the state
+    assert c["reused"] >= 3 * (STEPS - 2), c
+    w, m, loss = reference(w0, m0, g, STEPS)
+    assert losses[-1] == pytest.approx(loss, rel=1e-4)
+    np.testing.assert_allclose(peer.get1("w", keep=True), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(peer.get1("m", keep=True), m, rtol=1e-5, atol=1e-6)
+
+
+def test_a_queued_run_reading_an_output_it_does_not_overwrite_gets_it_with_the_answer(worker) -> None:
+    """y = add(x) then z = add(y), queued behind a slow run: y's host copy comes back with its run's answer
+    (no separate copy before z's run, which may crash), as before."""
+    proc, peer = worker
+    big = np.zeros(1 << 23, np.float32)
+    peer.put("big", big)
+    peer.put("x", np.arange(8, dtype=np.float32))
+    plan = peer.register(add_plan(), name="add")["plan"]
+    slow = peer.send(peer.run_header(plan, ["big"], ["big2"], fetch=[0])[0])
+    first = peer.send(peer.run_header(plan, ["x"], ["y"])[0])
+    second = peer.send(peer.run_header(plan, ["y"], ["z"])[0])
+    for rid in (slow, first, second):
+        assert peer.recv(timeout=60)["re"] == rid
+    c = copies(proc)
+    assert c["host_copies"] == 0 and c["downloads"] == 2, c  # big2 (fetched) and y (saved with its answer)
+    np.testing.assert_array_equal(peer.get1("z"), np.arange(8, dtype=np.float32) + 2)
+
+
 def test_fetch_and_inline_results_come_back_with_the_run(worker) -> None:
     proc, peer = worker
     peer.put("x", np.arange(4, dtype=np.float32))

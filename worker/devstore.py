@@ -30,6 +30,7 @@ class _Held:
     keep: object = None  # the host buffer a CPU OrtValue wraps (kept alive with it), if any
     own: bool = False  # memory the runner allocated (an output): may be reused once freed
     arena: int = 0  # the token of the session whose arena holds its memory (0: none)
+    private: int = 0  # bytes of the runner's own host memory it takes (counted in ``private_bytes``)
 
 
 @dataclass
@@ -81,20 +82,30 @@ class DeviceStore:
         out.update_inplace(host)
         return out._ortvalue
 
-    def hold(self, handle: int, value: object, keep: object = None, *, own: bool = False, arena: int = 0) -> None:
+    def hold(
+        self,
+        handle: int,
+        value: object,
+        keep: object = None,
+        *,
+        own: bool = False,
+        arena: int = 0,
+        nbytes: int | None = None,
+    ) -> None:
         """Hold ``value`` under ``handle``; ``own``: memory the runner allocated for it alone, which may be
         written again once freed (never a buffer that wraps host memory or aliases another value); ``arena``:
-        the token of the session whose arena holds that memory."""
+        the token of the session whose arena holds that memory; ``nbytes``: its size when the caller read it
+        already (else read here)."""
         old = self.held.get(handle)
         if old is not None:
             self._ptrs[old.value.data_ptr()] -= 1  # type: ignore[attr-defined]
-            self.private_bytes -= self._private(old)
-        held = self.held[handle] = _Held(value, keep, own, arena)
+            self.private_bytes -= old.private
+        private = 0
+        if not self.device.cuda and keep is None:
+            private = value_nbytes(value) if nbytes is None else nbytes
+        self.held[handle] = _Held(value, keep, own, arena, private)
         self._ptrs[value.data_ptr()] += 1  # type: ignore[attr-defined]
-        self.private_bytes += self._private(held)
-
-    def _private(self, held: _Held) -> int:
-        return 0 if self.device.cuda or held.keep is not None else value_nbytes(held.value)
+        self.private_bytes += private
 
     def get(self, handle: int) -> object:
         """The OrtValue of ``handle``; KeyError when the runner does not hold it."""
@@ -108,7 +119,7 @@ class DeviceStore:
                 continue
             v = held.value
             ptr = v.data_ptr()  # type: ignore[attr-defined]
-            self.private_bytes -= self._private(held)
+            self.private_bytes -= held.private
             self._ptrs[ptr] -= 1
             if self._ptrs[ptr] <= 0:
                 del self._ptrs[ptr]
@@ -174,7 +185,12 @@ def value_meta(value: object) -> tuple[str, list[int]]:
     return dtypes.from_ort(value.data_type()), list(value.shape())  # type: ignore[attr-defined]
 
 
+def value_info(value: object) -> tuple[str, list[int], int]:
+    """(wire dtype, shape, bytes) of an OrtValue, read from onnxruntime once."""
+    wire, shape = value_meta(value)
+    return wire, shape, math.prod(shape) * dtypes.to_numpy(wire).itemsize
+
+
 def value_nbytes(value: object) -> int:
     """Bytes of an OrtValue's tensor."""
-    wire, shape = value_meta(value)
-    return math.prod(shape) * dtypes.to_numpy(wire).itemsize
+    return value_info(value)[2]

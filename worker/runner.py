@@ -86,7 +86,7 @@ def rebound(limit: int, held: int) -> None:
 
 def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
     """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
-    from planwire.worker.devstore import DeviceStore, value_meta, value_nbytes
+    from planwire.worker.devstore import DeviceStore, value_info
     from planwire.worker.runtime import OrtPlan, is_out_of_memory
 
     sessions: dict[str, OrtPlan] = {}
@@ -123,13 +123,14 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             return value
         return value if keep is None else (value, keep)  # the wrapped array lives as long as this run
 
-    def out_ref(value: object, data: bool, frames: list) -> tuple[pipe.TensorRef, np.ndarray | None]:
-        """The reference to an output or held tensor, with its data when ``data``: in ``frames`` when small,
-        else in a new shared-memory segment (its view returned too)."""
-        wire, shape = value_meta(value)
+    def out_ref(
+        value: object, data: bool, frames: list, info: tuple[str, list[int], int] | None = None
+    ) -> tuple[pipe.TensorRef, np.ndarray | None]:
+        """The reference to an output or held tensor (``info``: its ``value_info``, when read already), with its
+        data when ``data``: in ``frames`` when small, else in a new shared-memory segment (its view returned too)."""
+        wire, shape, nbytes = value_info(value) if info is None else info
         if not data:
             return pipe.TensorRef(wire, shape), None
-        nbytes = value_nbytes(value)
         if nbytes <= pipe.INLINE_MAX:
             frames.append(codec.to_frame(store.download(value))[2])
             return pipe.TensorRef(wire, shape, index=len(frames) - 1), None
@@ -142,6 +143,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     clock, fast, spin = time.perf_counter, False, pipe.Spin()
+    bound_at = 0  # what the data bound allows for now (bound() set it for nothing held)
     while True:
         idle = clock()
         if fast and not reader.pending() and spin.allowed():
@@ -155,7 +157,10 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
         for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan, idle unload)
             sessions.pop(pid, None)
             store.evacuate(arenas.drop(pid))
-        rebound(limit, store.private_bytes + arenas.held)
+        held = store.private_bytes + arenas.held
+        if held != bound_at:  # (a training step holds what the one before held: no system calls)
+            rebound(limit, held)
+            bound_at = held
         try:
             if isinstance(msg, pipe.Load):
                 plan = load(msg.plan, msg.name, buffers[0])
@@ -213,17 +218,21 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             # an output may share its memory with an input or another output (Identity, Reshape): such
             # memory is never handed to a later run to write into
             seen = {v.data_ptr() for v in values}
+            infos = []
             for h, value in zip(msg.out, results, strict=True):
                 ptr = value.data_ptr()
-                store.hold(h, value, own=ptr not in seen and value_nbytes(value) > 0, arena=store.lent.get(ptr, token))
+                info = value_info(value)  # read once per output: dtype, shape, bytes (a copy out of the arena too)
+                infos.append(info)
+                arena = store.lent.get(ptr, token)
+                store.hold(h, value, own=ptr not in seen and info[2] > 0, arena=arena, nbytes=info[2])
                 seen.add(ptr)
             if again is not None:
                 with contextlib.suppress(ProtocolError):  # (it cannot be loaded again: it keeps its arena)
                     plan = load(msg.plan, msg.name, again, arena=False)  # its outputs, this run's too, leave the arena
                 results = [store.get(h) for h in msg.out]
-            for i, (h, value) in enumerate(zip(msg.out, results, strict=True)):
-                small = bool(msg.inline_max) and value_nbytes(value) <= msg.inline_max
-                ref, view = out_ref(value, i in wanted or small, frames)
+            for i, (h, value, info) in enumerate(zip(msg.out, results, infos, strict=True)):
+                small = bool(msg.inline_max) and info[2] <= msg.inline_max
+                ref, view = out_ref(value, i in wanted or small, frames, info)
                 if view is not None and rebind:
                     store.hold(h, *store.wrap(view))  # held by the shared copy: the runner's own goes
                 outs.append(ref)

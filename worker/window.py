@@ -111,6 +111,21 @@ class Window:
                 return False
         return True
 
+    def _lets_join(self, job: RunJob, q: Queued) -> bool:
+        """Whether ``job``'s ``save`` may let queued ``q`` join behind it. Not when ``q`` is the same owner's run
+        that reads or writes an output of ``job`` (it waits anyway) and overwrites each one not fetched: a
+        training step's next step. That state stays in the runner, as for synchronous steps (``protect``)."""
+        msg = q.msg
+        if type(msg) is not m.Run:
+            return False
+        mine, overwritten = job.msg, set(msg.outputs)
+        if not all(k in overwritten or i in mine.fetch for i, k in enumerate(mine.outputs)):
+            return True
+        owner = self.service.owners.owner
+        if owner(q.client) != owner(job.origin.client):
+            return True  # another owner's keys: it may join
+        return overwritten.union(a.ref for a in msg.args if isinstance(a.ref, str)).isdisjoint(mine.outputs)
+
     def _window_outputs(self) -> set[tuple[bytes, str]]:
         """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
         client's run never delays (nor, by the delay, reveals) a request on a key of the same name."""
@@ -189,7 +204,7 @@ class Window:
                         return
                 # when runs follow it into the window, it sends its outputs' host copies back
                 behind = self.window[-1] is not slot
-                slot.save = behind or bool(self.queue) and isinstance(self.queue[0].msg, m.Run)
+                slot.save = behind or bool(self.queue) and self._lets_join(job, self.queue[0])
                 sandbox.send_run(
                     msg.plan,
                     job.plan.name,
@@ -291,6 +306,7 @@ class Window:
                 )
         except Exception as e:  # e.g. an output segment that cannot be mapped
             outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
+        del job  # (see _finish)
         if head.cancelled:  # answered already; what it computed is dropped (its handles freed)
             self.window.popleft()
             self._flush()
@@ -300,8 +316,10 @@ class Window:
     def _finish(self, outcome: Signature | list | ProtocolError, then: list | None = None) -> None:
         """Answer the head job (and send ``then``, a reply to the same peer), then what waits behind it."""
         head = self.window.popleft()
-        assert head.job is not None
-        self.server.send(head.peer, self.service.complete(head.job, outcome))
+        job, head.job = head.job, None
+        assert job is not None
+        self.server.send(head.peer, self.service.complete(job, outcome))
+        del job, outcome  # its arguments (a step's old state) go before the next is sent: protect must not copy them
         if then is not None:
             self.server.send(head.peer, then)
         self._flush()

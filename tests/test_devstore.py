@@ -1,0 +1,37 @@
+"""The runner's tensors by handle (worker/devstore.py): the bytes of its own memory they hold (what the
+runner's data bound allows for) are counted once per value, whoever read its size, and given back exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from planwire.worker.device import Device
+from planwire.worker.devstore import DeviceStore, value_info, value_nbytes
+
+
+def _value(shape: tuple[int, ...], dtype: type = np.float32) -> object:
+    return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cpu")._ortvalue
+
+
+def test_value_info_reads_dtype_shape_and_bytes() -> None:
+    v = _value((3, 5), np.float64)
+    assert value_info(v) == ("double", [3, 5], 120)  # wire dtype names (PROTOCOL.md)
+    assert value_nbytes(v) == 120
+
+
+def test_private_bytes_are_counted_once_per_value_and_given_back() -> None:
+    store = DeviceStore(Device.parse("cpu", 0))
+    a, b = _value((128, 64)), _value((10,))
+    store.hold(1, a, own=True)  # size read here
+    store.hold(2, b, own=True, nbytes=40)  # size read by the caller
+    assert store.private_bytes == 128 * 64 * 4 + 40
+    host = np.ones(1000, np.float32)
+    store.hold(3, *store.wrap(host))  # wraps host memory: not the runner's own
+    assert store.private_bytes == 128 * 64 * 4 + 40
+    store.hold(1, _value((4,)), own=True)  # a handle held again: the old value's bytes go
+    assert store.private_bytes == 16 + 40
+    store.free([1, 2, 3, 99])  # an unknown handle is ignored
+    assert store.private_bytes == 0 and len(store) == 0
+    reused = store.buffers([("tensor(float)", (4,)), ("tensor(float)", (10,)), ("tensor(int64)", (1,))])
+    assert reused is not None and [r is None for r in reused] == [False, False, True]
