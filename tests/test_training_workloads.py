@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import workloads
-from planwire.exporter.training import decompositions as D
+from planwire.exporter.training import conv_backward as C
 from tests.test_training_step import check_parity
 
 aten = torch.ops.aten
@@ -49,7 +49,7 @@ def test_resnet_steps_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
 
     # the 8x8 and 4x4 layers' weight gradients as per-sample products (as the bench's 32x32 and 16x16
     # layers), the 2x2 layers' as one MatMul over the batch (as its 8x8 layers): both forms in one build
-    monkeypatch.setattr(D, "PER_SAMPLE_TAPS", 16)
+    monkeypatch.setattr(C, "PER_SAMPLE_TAPS", 16)
     step = check_parity(small_resnet, F.cross_entropy, "sgd", [(-1, 3, 8, 8), (-1,)], batch)
     ops = _ops(step)
     # per-sample taps: a MatMul of the (N, C_out, Y) gradient as it stands; 9 per 3x3 convolution of the
@@ -100,10 +100,10 @@ def test_conv_weight_grad_by_taps_matches_aten(
     args = (list(stride), list(pad), list(dil), False, [0, 0], 1)
     grad = torch.randn(aten.convolution(x, w, None, *args).shape, dtype=torch.float64, generator=gen)
     ref = aten.convolution_backward(grad, x, w, None, *args, [False, True, False])[1]
-    ours = D._conv_weight_grad_taps(grad, x, w.shape, stride, pad, dil)
+    ours = C._conv_weight_grad_taps(grad, x, w.shape, stride, pad, dil)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     strided = grad.transpose(2, 3).contiguous().transpose(2, 3)  # a gradient that is not contiguous
-    torch.testing.assert_close(D._conv_weight_grad_taps(strided, x, w.shape, stride, pad, dil), ref)
+    torch.testing.assert_close(C._conv_weight_grad_taps(strided, x, w.shape, stride, pad, dil), ref)
 
 
 def _select_model(zero_first: bool, dtype: int) -> bytes:
