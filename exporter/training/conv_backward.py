@@ -91,8 +91,13 @@ def _conv_weight_grad_taps(
     c_out, c_in, k_h, k_w = weight_shape
     (s_h, s_w), (p_h, p_w), (d_h, d_w) = stride, padding, dilation
     out_h, out_w = grad_output.shape[2], grad_output.shape[3]
-    x = aten.constant_pad_nd(inp, [p_w, p_w, p_h, p_h]) if p_h or p_w else inp
-    x = x.permute(0, 2, 3, 1)  # (N, H, W, C_in)
+    # (N, H, W, C_in), moved before it is padded: convolutions that read the same input (a block's first
+    # convolution and its 1x1 shortcut) then share one Transpose (onnxruntime merges equal nodes)
+    unpadded = aten.clone(inp.permute(0, 2, 3, 1), memory_format=torch.contiguous_format)
+    x = aten.constant_pad_nd(unpadded, [0, 0, p_w, p_w, p_h, p_h]) if p_h or p_w else unpadded
+    # a stride-1 convolution whose output has the input's size: the tap at the padding's offset sees the
+    # whole input as it is, so that tap reads it without a Slice (the centre tap of a 3x3, padding 1)
+    whole = (s_h, s_w) == (1, 1) and (out_h, out_w) == (inp.shape[2], inp.shape[3])
     # aten ops with the sizes spelled out: tracing infers no -1 and checks no broadcast, which made this
     # decomposition half of a warm ResNet build's trace (sizes are symbolic in the batch)
     n_batch, per_image = grad_output.shape[0], out_h * out_w
@@ -111,8 +116,11 @@ def _conv_weight_grad_taps(
     for i in range(k_h):
         window_rows = aten.slice(x, 1, i * d_h, i * d_h + (out_h - 1) * s_h + 1, s_h)
         for j in range(k_w):
-            window = aten.slice(window_rows, 2, j * d_w, j * d_w + (out_w - 1) * s_w + 1, s_w)
-            window = aten.clone(window, memory_format=torch.contiguous_format).view(window_shape)
+            if whole and (i * d_h, j * d_w) == (p_h, p_w):
+                window = aten.view(unpadded, window_shape)
+            else:
+                window = aten.slice(window_rows, 2, j * d_w, j * d_w + (out_w - 1) * s_w + 1, s_w)
+                window = aten.clone(window, memory_format=torch.contiguous_format).view(window_shape)
             taps.append(aten.bmm(grad, window) if per_sample else aten.mm(grad, window))
     # stacked on a new first axis (a Concat of whole blocks: on the last axis onnxruntime copies element
     # by element), summed over the batch (per-sample products), then the small (taps, C_out, C_in) result
