@@ -59,10 +59,26 @@ def test_resnet_steps_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     matmuls = collections.Counter(ranks.get(n.input[0]) for n in inferred.graph.node if n.op_type == "MatMul")
     assert matmuls[3] == 9 * 5 + 1
     assert matmuls[2] >= 9 * 2 + 1
+    # each tap's window is one Slice of the channels-last input, except the centre tap of the 5 stride-1
+    # 3x3 convolutions, which reads that input as it is (the 2 stride-2 3x3 and the 2 1x1 shortcuts: all)
+    windows = collections.Counter(
+        _source(inferred.graph, n.input[1]) for n in inferred.graph.node if n.op_type == "MatMul"
+    )
+    assert windows["Slice"] == 8 * 5 + 9 * 2 + 2
+    assert windows["Transpose"] >= 5
     # the forward's 9 (stem, 2 per block, 2 shortcuts) and 4 stride-1 input gradients (flipped kernel);
     # no weight-gradient Conv; ConvTranspose only for the 4 stride-2 input gradients (none for the stem)
     assert (ops["Conv"], ops["ConvTranspose"]) == (13, 4)
     assert ops["Where"] <= 3  # the loss's; none over activations
+
+
+def _source(graph: onnx.GraphProto, name: str) -> str | None:
+    """The op that computes ``name``, looking through Reshape and Identity (which copy nothing)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    node = producers.get(name)
+    while node is not None and node.op_type in ("Reshape", "Identity"):
+        node = producers.get(node.input[0])
+    return node.op_type if node is not None else None
 
 
 @pytest.mark.timeout(1800)
@@ -89,6 +105,10 @@ def test_transformer_lm_steps_match_eager() -> None:
         ((3, 3), (2, 2), (1, 1), (1, 1), (33, 32)),
         ((1, 1), (2, 2), (0, 0), (1, 1), (32, 32)),
         ((3, 2), (1, 1), (0, 2), (2, 1), (18, 16)),
+        # stride 1, output as large as the input: the tap at the padding's offset reads the input unsliced
+        ((3, 3), (1, 1), (2, 2), (2, 2), (9, 8)),
+        ((1, 1), (1, 1), (0, 0), (1, 1), (16, 17)),
+        ((3, 1), (1, 1), (1, 0), (1, 1), (16, 16)),
     ],
 )
 def test_conv_weight_grad_by_taps_matches_aten(
