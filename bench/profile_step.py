@@ -7,6 +7,11 @@ real data (the state advancing as on a worker), then profiles ``--steps`` steps 
 by total kernel time per step (and the ``--nodes`` slowest single nodes). Proportions are meaningful on a
 loaded host; absolute times are not.
 
+``--save PATH`` writes the step's graph to PATH and its feeds (one batch, the initial state) beside it
+(``PATH`` without ``.onnx`` + ``-feeds.npz``); ``--compare A.onnx B.onnx ...`` runs saved graphs (before and
+after a change to the training export) interleaved round by round with eager torch (``--rounds`` rounds of
+``--steps`` steps): thread CPU time at 1 thread (steady on a loaded host), wall time otherwise.
+
 ``--worker R`` sends the plan to a real plan-worker (``--threads N``) and runs ``R`` interleaved rounds of
 ``--steps`` synchronous steps (run + get of the loss) against as many eager torch steps, and prints the CPU
 time per step of each process (client, supervisor, runner; every thread, from /proc's schedstat) against
@@ -161,6 +166,74 @@ def worker_table(got: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def save(step: Any, batch: Any, path: str) -> None:
+    """The step's ONNX graph to ``path`` and its feeds (``batch``, the initial state) to :func:`feeds_path`."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        f.write(step.variant.data)
+    np.savez(feeds_path(path), **step.feeds(batch))
+
+
+def feeds_path(path: str) -> str:
+    return path.removesuffix(".onnx") + "-feeds.npz"
+
+
+def compare(workload: str, paths: list[str], threads: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Milliseconds per step, per round, of eager torch and each saved graph (:func:`save`), interleaved:
+    thread CPU time at 1 thread (onnxruntime and torch compute in the calling thread), else wall time."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from bench.workloads import workloads
+    from planwire.worker.runtime import session_options
+
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    wl = {"resnet": workloads()[0], "lm": workloads()[1]}[workload]
+    model = wl.make(0)
+    opt = wl.torch_optimizer(model.parameters())
+    saved = np.load(feeds_path(paths[0]))
+    x, y = (torch.from_numpy(saved[name]) for name in ("arg0", "arg1"))
+
+    def eager() -> None:
+        opt.zero_grad()
+        wl.loss(model(x), y).backward()
+        opt.step()
+
+    cases: dict[str, Any] = {"eager": eager}
+    for path in paths:
+        session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+        data = np.load(feeds_path(path))
+        feeds = {i.name: data[i.name] for i in session.get_inputs()}
+        cases[path] = lambda s=session, f=feeds: s.run(None, f)
+    for run in cases.values():
+        for _ in range(3):
+            run()
+    got: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            t0 = clock()
+            for _ in range(steps):
+                run()
+            got[name].append((clock() - t0) / steps * 1e3)
+    return got
+
+
+def compare_table(got: dict[str, list[float]]) -> str:
+    """Median and fastest round of :func:`compare`, and the median of the per-round ratios to eager."""
+    import statistics
+
+    lines = ["| per step | median ms | fastest round ms | / eager (median of rounds) |", "|---|---:|---:|---:|"]
+    for name, times in got.items():
+        ratio = statistics.median(t / e for t, e in zip(times, got["eager"], strict=True))
+        lines.append(f"| {name} | {statistics.median(times):.2f} | {min(times):.2f} | {ratio:.3f} |")
+    return "\n".join(lines)
+
+
 def table(nodes: list[dict], steps: int, top: int, top_nodes: int, fastest: bool = False) -> str:
     """Op types by kernel time per step; ``fastest``: each node's fastest run (times ``steps``) instead of
     the sum of its runs, which a loaded host inflates wherever it preempted a kernel."""
@@ -206,13 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=10, help="slowest single nodes to list")
     ap.add_argument("--fastest", action="store_true", help="count each node's fastest run (loaded hosts)")
     ap.add_argument("--worker", type=int, default=0, metavar="R", help="R rounds on a plan-worker against eager")
+    ap.add_argument("--save", metavar="PATH", help="write the step's graph (and its feeds beside it), then stop")
+    ap.add_argument("--compare", nargs="+", metavar="ONNX", help="saved graphs against eager, interleaved")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds of --compare")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    if args.compare:
+        print(compare_table(compare(args.workload, args.compare, args.threads, args.rounds, args.steps)))
+        return 0
     if args.worker:
         print(worker_table(on_worker(args.workload, args.threads, args.worker, args.steps)))
         return 0
     step, batch = build(args.workload)
+    if args.save:
+        save(step, batch, args.save)
+        return 0
     nodes, _ = profile(step, batch, args.threads, args.steps)
     print(table(nodes, args.steps, args.top, args.nodes, fastest=args.fastest))
     return 0

@@ -151,7 +151,7 @@ def tidy_max_pools(proto: onnx.ModelProto) -> int:
     computes indices also serve a one-output MaxPool of the same input and attributes; returns how
     many outputs and nodes went.
 
-    The tiled max-pool backward (``decompositions.max_pool2d_backward_onnx``) pools the forward's input
+    The tiled max-pool backward (``pool_backward.max_pool2d_backward_onnx``) pools the forward's input
     again for its indices, while the forward's MaxPool keeps an Indices output nothing reads. onnxruntime
     runs a MaxPool with an Indices output in a generic kernel, several times slower than its one-output
     kernel, and one pool is cheaper than two.

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from planwire.exporter.optim import SGD, Adam
+from planwire.exporter.training import batch_norm as B
+from planwire.exporter.training import conv_backward as C
 from planwire.exporter.training import decompositions as D
+from planwire.exporter.training import pool_backward as P
 from planwire.exporter.training import training_decompositions
 
 aten = torch.ops.aten
@@ -43,7 +46,7 @@ def test_convolution_backward_matches_aten(
     out = aten.convolution(x, w, None, *args)
     grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     ref = aten.convolution_backward(grad, x, w, [c_out], *args, [True, True, True])
-    ours = D.convolution_backward(grad, x, w, [c_out], *args, [True, True, True])
+    ours = C.convolution_backward(grad, x, w, [c_out], *args, [True, True, True])
     for a, b in zip(ours, ref, strict=True):
         _close(a, b)
     assert ours[0].is_contiguous() and ours[1].is_contiguous()
@@ -63,7 +66,7 @@ def test_transposed_convolution_backward_matches_aten(
     out = aten.convolution(x, w, None, *args)
     grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     ref = aten.convolution_backward(grad, x, w, [6], *args, [True, True, True])
-    ours = D.convolution_backward(grad, x, w, [6], *args, [True, True, True])
+    ours = C.convolution_backward(grad, x, w, [6], *args, [True, True, True])
     for a, b in zip(ours, ref, strict=True):
         _close(a, b)
 
@@ -79,9 +82,9 @@ def test_max_pool2d_backward_matches_aten(k: int, stride: int, pad: int, dil: in
     out, idx = aten.max_pool2d_with_indices(x, *args)
     grad = torch.randn_like(out)
     ref = aten.max_pool2d_with_indices_backward(grad, x, *args, idx)
-    _close(D.max_pool2d_backward_scatter(grad, x, idx), ref)  # the general path, for every configuration
-    ours = D.max_pool2d_with_indices_backward(grad, x, *args, idx)
-    if D.tiled_max_pool2d(x, grad, *args[:4]):  # left to the ONNX translation (tests/test_training_pool.py)
+    _close(P.max_pool2d_backward_scatter(grad, x, idx), ref)  # the general path, for every configuration
+    ours = P.max_pool2d_with_indices_backward(grad, x, *args, idx)
+    if P.tiled_max_pool2d(x, grad, *args[:4]):  # left to the ONNX translation (tests/test_training_pool.py)
         assert ours is NotImplemented
     else:
         _close(ours, ref)
@@ -103,10 +106,10 @@ def test_tiled_max_pool2d_detection(
 ) -> None:
     x = torch.randn(2, 3, *size)
     out, _ = aten.max_pool2d_with_indices(x, kernel, stride, pad, dil, False)
-    assert D.tiled_max_pool2d(x, out, kernel, stride, pad, dil) is tiled
+    assert P.tiled_max_pool2d(x, out, kernel, stride, pad, dil) is tiled
     if tiled:  # ceil mode with a partial window is not tiled
         partial, _ = aten.max_pool2d_with_indices(x, kernel, stride, pad, dil, True)
-        assert D.tiled_max_pool2d(x, partial, kernel, stride, pad, dil) is (partial.shape == out.shape)
+        assert P.tiled_max_pool2d(x, partial, kernel, stride, pad, dil) is (partial.shape == out.shape)
 
 
 @pytest.mark.parametrize(
@@ -120,14 +123,14 @@ def test_avg_pool2d_backward_matches_aten(
     args = (list(kernel), [stride, stride], [pad, pad], ceil, include_pad, divisor)
     out = aten.avg_pool2d(x, *args)
     grad = torch.randn_like(out)
-    _close(D.avg_pool2d_backward(grad, x, *args), aten.avg_pool2d_backward(grad, x, *args))
+    _close(P.avg_pool2d_backward(grad, x, *args), aten.avg_pool2d_backward(grad, x, *args))
 
 
 @pytest.mark.parametrize("out_size", [(1, 1), (3, 4), (5, 7), (11, 10)])
 def test_adaptive_avg_pool2d_backward_matches_aten(out_size: tuple[int, int]) -> None:
     x = torch.randn(2, 3, 11, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     grad = torch.randn_like(aten._adaptive_avg_pool2d(x, list(out_size)))
-    _close(D.adaptive_avg_pool2d_backward(grad, x), aten._adaptive_avg_pool2d_backward(grad, x))
+    _close(P.adaptive_avg_pool2d_backward(grad, x), aten._adaptive_avg_pool2d_backward(grad, x))
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])  # none, mean, sum
@@ -171,7 +174,7 @@ def test_batch_norm_training_matches_aten(affine: bool) -> None:
     bias = torch.randn(3, dtype=torch.float64, generator=gen) if affine else None
     stats = [torch.randn(3, dtype=torch.float64, generator=gen), torch.rand(3, dtype=torch.float64, generator=gen)]
     ours_stats, ref_stats = [t.clone() for t in stats], [t.clone() for t in stats]
-    ours = D.batch_norm_training(x, weight, bias, *ours_stats, True, 0.1, 1e-5)
+    ours = B.batch_norm_training(x, weight, bias, *ours_stats, True, 0.1, 1e-5)
     ref = aten._native_batch_norm_legit(x, weight, bias, *ref_stats, True, 0.1, 1e-5)
     for o, r in zip([*ours, *ours_stats], [*ref, *ref_stats], strict=True):
         _close(o, r)
@@ -187,7 +190,7 @@ def test_batch_norm_backward_matches_aten(mask: tuple[bool, bool, bool], affine:
     mean = x.mean([0, 2, 3])
     invstd = torch.rsqrt(x.var([0, 2, 3], correction=0) + 1e-5)
     args = (grad, x, weight, None, None, mean, invstd, True, 1e-5, list(mask))
-    ours = D.batch_norm_backward(*args)
+    ours = B.batch_norm_backward(*args)
     ref = aten.native_batch_norm_backward(*args)
     for o, r, wanted in zip(ours, ref, mask, strict=True):
         if wanted:
@@ -200,7 +203,7 @@ def test_batch_norm_outside_training_4d_takes_torchs_decomposition() -> None:
     x = torch.randn(6, 3, dtype=torch.float64)
     stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
     ref = aten._native_batch_norm_legit(x, None, None, *[t.clone() for t in stats], True, 0.1, 1e-5)
-    ours = D.batch_norm_training(x, None, None, *stats, True, 0.1, 1e-5)
+    ours = B.batch_norm_training(x, None, None, *stats, True, 0.1, 1e-5)
     for o, r in zip(ours, ref, strict=True):
         _close(o, r)
 

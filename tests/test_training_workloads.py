@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import workloads
-from planwire.exporter.training import decompositions as D
+from planwire.exporter.training import conv_backward as C
 from tests.test_training_step import check_parity
 
 aten = torch.ops.aten
@@ -49,7 +49,7 @@ def test_resnet_steps_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
 
     # the 8x8 and 4x4 layers' weight gradients as per-sample products (as the bench's 32x32 and 16x16
     # layers), the 2x2 layers' as one MatMul over the batch (as its 8x8 layers): both forms in one build
-    monkeypatch.setattr(D, "PER_SAMPLE_TAPS", 16)
+    monkeypatch.setattr(C, "PER_SAMPLE_TAPS", 16)
     step = check_parity(small_resnet, F.cross_entropy, "sgd", [(-1, 3, 8, 8), (-1,)], batch)
     ops = _ops(step)
     # per-sample taps: a MatMul of the (N, C_out, Y) gradient as it stands; 9 per 3x3 convolution of the
@@ -59,10 +59,26 @@ def test_resnet_steps_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     matmuls = collections.Counter(ranks.get(n.input[0]) for n in inferred.graph.node if n.op_type == "MatMul")
     assert matmuls[3] == 9 * 5 + 1
     assert matmuls[2] >= 9 * 2 + 1
+    # each tap's window is one Slice of the channels-last input, except the centre tap of the 5 stride-1
+    # 3x3 convolutions, which reads that input as it is (the 2 stride-2 3x3 and the 2 1x1 shortcuts: all)
+    windows = collections.Counter(
+        _source(inferred.graph, n.input[1]) for n in inferred.graph.node if n.op_type == "MatMul"
+    )
+    assert windows["Slice"] == 8 * 5 + 9 * 2 + 2
+    assert windows["Transpose"] >= 5
     # the forward's 9 (stem, 2 per block, 2 shortcuts) and 4 stride-1 input gradients (flipped kernel);
     # no weight-gradient Conv; ConvTranspose only for the 4 stride-2 input gradients (none for the stem)
     assert (ops["Conv"], ops["ConvTranspose"]) == (13, 4)
     assert ops["Where"] <= 3  # the loss's; none over activations
+
+
+def _source(graph: onnx.GraphProto, name: str) -> str | None:
+    """The op that computes ``name``, looking through Reshape and Identity (which copy nothing)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    node = producers.get(name)
+    while node is not None and node.op_type in ("Reshape", "Identity"):
+        node = producers.get(node.input[0])
+    return node.op_type if node is not None else None
 
 
 @pytest.mark.timeout(1800)
@@ -89,6 +105,10 @@ def test_transformer_lm_steps_match_eager() -> None:
         ((3, 3), (2, 2), (1, 1), (1, 1), (33, 32)),
         ((1, 1), (2, 2), (0, 0), (1, 1), (32, 32)),
         ((3, 2), (1, 1), (0, 2), (2, 1), (18, 16)),
+        # stride 1, output as large as the input: the tap at the padding's offset reads the input unsliced
+        ((3, 3), (1, 1), (2, 2), (2, 2), (9, 8)),
+        ((1, 1), (1, 1), (0, 0), (1, 1), (16, 17)),
+        ((3, 1), (1, 1), (1, 0), (1, 1), (16, 16)),
     ],
 )
 def test_conv_weight_grad_by_taps_matches_aten(
@@ -100,10 +120,10 @@ def test_conv_weight_grad_by_taps_matches_aten(
     args = (list(stride), list(pad), list(dil), False, [0, 0], 1)
     grad = torch.randn(aten.convolution(x, w, None, *args).shape, dtype=torch.float64, generator=gen)
     ref = aten.convolution_backward(grad, x, w, None, *args, [False, True, False])[1]
-    ours = D._conv_weight_grad_taps(grad, x, w.shape, stride, pad, dil)
+    ours = C._conv_weight_grad_taps(grad, x, w.shape, stride, pad, dil)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     strided = grad.transpose(2, 3).contiguous().transpose(2, 3)  # a gradient that is not contiguous
-    torch.testing.assert_close(D._conv_weight_grad_taps(strided, x, w.shape, stride, pad, dil), ref)
+    torch.testing.assert_close(C._conv_weight_grad_taps(strided, x, w.shape, stride, pad, dil), ref)
 
 
 def _select_model(zero_first: bool, dtype: int) -> bytes:

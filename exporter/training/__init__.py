@@ -4,7 +4,9 @@
   hyper-parameters and state, returning loss, metrics and the updated state (see :mod:`.step`).
 * :func:`build_function_step`: any function of tensors, ``torch.func.grad`` inside included, -> an
   ONNX graph (what ``func2plan`` uses for functions that take gradients; see :mod:`.function`).
-* :func:`training_decompositions`: the aten decompositions that make backward ops exportable.
+* :func:`training_decompositions`: the aten decompositions that make backward ops exportable
+  (:mod:`.decompositions` holds the table; :mod:`.conv_backward`, :mod:`.pool_backward` and
+  :mod:`.batch_norm` the functions for convolutions, pooling and batch norm).
 
 Inside: :mod:`.trace` traces (with :mod:`.functionals` swapped and :mod:`.attribution` tagging layers),
 :mod:`.graph_export` exports through the one build driver (:mod:`planwire.exporter.build`).

@@ -62,7 +62,7 @@ def mask_before_unpool(gm: GraphModule) -> int:
     The pool backward puts each window's gradient at the element that holds the window's maximum
     (``pooled``) and zero elsewhere, so masking on ``x <= t`` equals masking the pooled gradient on
     ``pooled <= t``. Only for the ``max_pool2d_with_indices_backward`` ops left in the graph (windows that
-    tile the input, see ``decompositions.max_pool2d_backward_onnx``), where no element gets two windows'
+    tile the input, see ``pool_backward.max_pool2d_backward_onnx``), where no element gets two windows'
     gradients. The mask then covers a quarter (a 2x2 pool) of the elements.
     """
     rewritten = 0
