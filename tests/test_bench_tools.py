@@ -346,6 +346,8 @@ def test_processes_started_ahead_are_the_ones_handed_out_and_their_failure_is_ra
         assert sorted(env._echo) == [(False, False), (True, False)] and env._prestart is None
         send_frames(sock, [REPLAY, b"r"])
         assert [bytes(f) for f in recv_frames(sock)] == [REPLAY]
+        pids = {env.echo_pid(tuned=True), env.echo_pid(tuned=False)}  # the servers prestarted, none new
+        assert pids == {p.pid for p in env._echo.values()} and len(pids) == 2 and len(env._echo) == 2
 
     with Env() as env:
         real = env._echo_server
