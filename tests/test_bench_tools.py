@@ -93,6 +93,18 @@ def test_the_node_family_is_a_table_with_a_column_per_worker() -> None:
     assert "| 64 MiB put+get (echo: store+fetch) | – | – | – |" in table
 
 
+def test_the_node_table_has_as_many_columns_as_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import node
+
+    monkeypatch.setattr(node, "SIDES", {**node.SIDES, "jsecho": node.LABELS["jsecho"]})
+    r = Report()
+    r.time(node.FAMILY, node.TINY.format(node.SIDES["jsecho"]), [90e-6] * 3, "us")
+    table = report.markdown(aggregate.aggregate([r.to_json()])).split("| Figure (bench.node) |")[1].splitlines()
+    assert table[0].endswith("| raw pyzmq echo | raw zeromq.js echo |")
+    assert table[1] == "|---|---|---|---|---|"  # the separator follows the sides
+    assert "| tiny call (run with fetch) | – | – | – | – |" in table  # jsecho is not in ROWS' sides
+
+
 def test_derived_figures_cannot_be_targets() -> None:
     with pytest.raises(ValueError, match="a derived figure cannot be a target"):
         Target("msgs", 2.0, ">=", 1.0, "msgs", "2 per call", kind="derived")
