@@ -236,6 +236,12 @@ class Env:
             self._echo_socks[transport, tuned, hop, client] = s
         return self._echo_socks[transport, tuned, hop, client]
 
+    def echo_pid(self, tuned: bool = True, hop: bool = False) -> int:
+        """The process id of the echo server that ``echo(..., tuned, hop=hop)`` talks to (started if it is not
+        running): for reading its CPU time."""
+        self._echo_server(tuned, hop)
+        return self._echo[tuned, hop].pid
+
     def _echo_server(self, tuned: bool, hop: bool) -> None:
         if (tuned, hop) not in self._echo:
             flag = ["--tuned"] if tuned else []

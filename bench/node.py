@@ -295,9 +295,7 @@ def run(env: Env, report: Report, quick: bool) -> None:
             report.time(FAMILY, c.name, samples[c.name], "us")
 
         servers = {s: (peers[s].sock, frames[s][0], procs[s].proc.pid) for s in peers}
-        pyecho = getattr(env, "_echo", {}).get((False, False))  # bench.env's untuned echo server process
-        if pyecho is not None:
-            servers["echo"] = (echo, request, pyecho.pid)
+        servers["echo"] = (echo, request, env.echo_pid(tuned=False))
         servers["jsecho"] = (jsecho.sock, request, jsecho.proc.pid)
         cpu = _cpu_per_call(servers, 500 if quick else 2000, 2 if quick else 5)
         for side, (whole, main) in cpu.items():

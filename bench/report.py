@@ -206,7 +206,7 @@ def node_table(agg: dict[str, Any]) -> list[str]:
         return []
     from bench.node import ROWS, SIDES  # only when there is a node family (it imports the test harness)
 
-    out = ["", f"| Figure (bench.node) | {' | '.join(SIDES.values())} |", "|---|---|---|---|"]
+    out = ["", f"| Figure (bench.node) | {' | '.join(SIDES.values())} |", "|---" * (len(SIDES) + 1) + "|"]
     for label, template, sides in ROWS:
         cells = []
         for side, name in SIDES.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,27 +41,14 @@ import planwire as sy
 from planwire.worker.process import NodeWorkerProcess, WorkerProcess, node_missing
 from planwire.worker.review import format_review, policy_snippet, review
 
+# the digits CNN is the Flower app's (examples/flower/planwire_digits/model.py): one model for both examples
+sys.path.insert(0, str(Path(__file__).resolve().parent / "flower"))
+from planwire_digits.model import CNN  # noqa: E402
+
 WORKERS, ROUNDS, LOCAL_EPOCHS, BATCH = 3, 6, 2, 32
 NODE_WORKERS = 1  # of the WORKERS, by default, when the Node.js worker can run here
 MIN_BATCH = 16  # the owners release nothing computed on fewer rows: smaller trailing batches are not used
 TARGET = 0.90  # held-out accuracy the run must beat
-
-
-class CNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 2 * 2, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def shards(seed: int = 0):

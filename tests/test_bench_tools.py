@@ -93,6 +93,18 @@ def test_the_node_family_is_a_table_with_a_column_per_worker() -> None:
     assert "| 64 MiB put+get (echo: store+fetch) | – | – | – |" in table
 
 
+def test_the_node_table_has_as_many_columns_as_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import node
+
+    monkeypatch.setattr(node, "SIDES", {**node.SIDES, "jsecho": node.LABELS["jsecho"]})
+    r = Report()
+    r.time(node.FAMILY, node.TINY.format(node.SIDES["jsecho"]), [90e-6] * 3, "us")
+    table = report.markdown(aggregate.aggregate([r.to_json()])).split("| Figure (bench.node) |")[1].splitlines()
+    assert table[0].endswith("| raw pyzmq echo | raw zeromq.js echo |")
+    assert table[1] == "|---|---|---|---|---|"  # the separator follows the sides
+    assert "| tiny call (run with fetch) | – | – | – | – |" in table  # jsecho is not in ROWS' sides
+
+
 def test_derived_figures_cannot_be_targets() -> None:
     with pytest.raises(ValueError, match="a derived figure cannot be a target"):
         Target("msgs", 2.0, ">=", 1.0, "msgs", "2 per call", kind="derived")
@@ -346,6 +358,8 @@ def test_processes_started_ahead_are_the_ones_handed_out_and_their_failure_is_ra
         assert sorted(env._echo) == [(False, False), (True, False)] and env._prestart is None
         send_frames(sock, [REPLAY, b"r"])
         assert [bytes(f) for f in recv_frames(sock)] == [REPLAY]
+        pids = {env.echo_pid(tuned=True), env.echo_pid(tuned=False)}  # the servers prestarted, none new
+        assert pids == {p.pid for p in env._echo.values()} and len(pids) == 2 and len(env._echo) == 2
 
     with Env() as env:
         real = env._echo_server

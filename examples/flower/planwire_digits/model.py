@@ -10,7 +10,7 @@ import planwire as sy
 
 
 class CNN(nn.Module):
-    """The digits CNN of examples/federated.py."""
+    """The digits CNN, of this app and of examples/federated.py (which imports it from here)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -59,7 +59,7 @@ export class DirectLane {
     this.counts = { direct_runs: 0, direct_fallbacks: 0 }; // runs it ran, and runs it gave back to the runner
   }
 
-  /** The outputs of a run of `plan` (src/service.js's Plan) on `args` computed here, or null when the runner
+  /** The outputs of a run of `plan` (src/registry.js's Plan) on `args` computed here, or null when the runner
    * is to run it: the plan is not direct-safe or the call not small, or onnxruntime refused it here (the
    * runner then runs it and answers as it would anyway). The plan's rule is read at its first run; its
    * session is made at its first small call, with the runner's options but one thread, as the Python

@@ -18,7 +18,7 @@
 import { join } from "node:path";
 import { Store } from "./store.js";
 import { Owners, PlanHolders } from "./owners.js";
-import { Plan } from "./service.js";
+import { Plan } from "./registry.js";
 import { ProtocolError } from "./messages.js";
 import { DTYPES } from "./codec.js";
 import { analyze } from "./flow.js";

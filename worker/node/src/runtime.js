@@ -1,6 +1,6 @@
 // Plans in onnxruntime-node, in this process: what the runner (src/runner.js) does with a plan, and what
 // the worker itself does under --no-sandbox. A session here is {inputMetadata, outputMetadata,
-// run(args) -> outputs, release()}, with codec Tensors in and out, as src/sandbox.js's sessions are.
+// run(args) -> outputs, release()}, with codec Tensors in and out, as src/sessions.js's sessions are.
 
 import * as ort from "onnxruntime-node";
 import { DTYPES, toOrt, fromOrt } from "./codec.js";

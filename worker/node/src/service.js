@@ -1,18 +1,17 @@
 // What a worker does with each request (as worker/service.py): frames in, frames out, never throws.
 
-import { createHash, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { parseHeader, stringify, pyRepr, JsonError } from "./json.js";
 import { ProtocolError, validateRequest, requestId, PROTOCOL_VERSION } from "./messages.js";
-import { DTYPES, Tensor, fromFrame, human, humanList } from "./codec.js";
+import { Tensor, fromFrame } from "./codec.js";
 import { Store } from "./store.js";
-import { checkModel, PlanRejected } from "./modelcheck.js";
 import { log, clean, enabled } from "./log.js";
 import { Owners, PlanHolders, DAY, label } from "./owners.js";
-import { analyze, redacted } from "./flow.js";
 import { Releaser } from "./release.js";
-import { keepPlan } from "./review.js";
 import { InProcess, PROVIDERS } from "./runtime.js";
 import { DirectLane } from "./direct.js";
+import { PlanRegistry } from "./registry.js";
+import { RunPath } from "./runs.js";
 
 export const SIGNATURE = Buffer.from(`PWIRE/${PROTOCOL_VERSION}`);
 const PREFIX = Buffer.from("PWIRE/");
@@ -30,56 +29,9 @@ export class Limits {
   }
 }
 
-/** A port's shape as the wire shows it: ints, symbols, null for unknown axes. */
-function portShape(shape) {
-  return shape.map((d) => (typeof d === "number" && d >= 0 ? d : typeof d === "string" && d ? d : null));
-}
-
-/** A registered plan: its session, ports and bytes (kept: src/durable.js writes them to --state-dir). */
-export class Plan {
-  constructor(name, session, anyRank) {
-    this.name = name;
-    this.session = session;
-    this.anyRank = anyRank;
-    const ports = (meta) =>
-      meta.map((m) => ({
-        name: m.name,
-        dtype: m.isTensor ? (FROM_ORT_TYPE[m.type] ?? String(m.type)) : "(not a tensor)",
-        shape: m.isTensor && !anyRank.has(m.name) ? portShape(m.shape) : null,
-      }));
-    this.inputs = ports(session.inputMetadata);
-    this.outputs = ports(session.outputMetadata);
-    this.direct = undefined; // the direct lane's {rule, session} for this plan (src/direct.js), made at its first run
-  }
-
-  check(args) {
-    if (args.length !== this.inputs.length) {
-      throw new ProtocolError("bad_argument", `plan ${pyRepr(this.name)} takes ${this.inputs.length} arguments, got ${args.length}`);
-    }
-    for (let i = 0; i < args.length; i++) {
-      const t = args[i];
-      const port = this.inputs[i];
-      const what = () => `plan ${pyRepr(this.name)} argument ${i} (${pyRepr(port.name)})`; // only for an error
-      if (t.dtype !== port.dtype) {
-        throw new ProtocolError("bad_argument", `${what()}: expected dtype ${human(port.dtype)}, got ${human(t.dtype)}`);
-      }
-      const shape = port.shape;
-      if (shape === null) continue;
-      if (shape.length !== t.shape.length || shape.some((d, a) => typeof d === "number" && d !== t.shape[a])) {
-        const want = "[" + shape.map((d) => (typeof d === "number" ? String(d) : "?")).join(", ") + "]";
-        throw new ProtocolError("bad_argument", `${what()}: expected shape ${want}, got [${t.shape.join(", ")}]`);
-      }
-    }
-  }
-}
-
-// a run on no private data: no private outputs, no releases (read only, shared by such runs)
-const NO_OUTPUTS = new Set();
-const NO_RELEASES = new Map();
-
-const FROM_ORT_TYPE = Object.fromEntries(Object.entries(DTYPES).map(([w, d]) => [d.ort, w]));
-
-export class Service {
+/** A worker's requests answered: decoded and checked here, plans by PlanRegistry (src/registry.js), runs by
+ * RunPath (src/runs.js). */
+export class Service extends RunPath(PlanRegistry(Object)) {
   constructor(
     id,
     {
@@ -98,6 +50,7 @@ export class Service {
       directMaxBytes = 0,
     } = {},
   ) {
+    super();
     this.id = id;
     this.runtime = runtime ?? new InProcess({ threads }); // where plans load and run: src/sandbox.js or here
     this.session = randomBytes(16).toString("hex");
@@ -362,99 +315,6 @@ export class Service {
     return [{ type: "tensors", re: rid, session: this.session, tensors: out }, tensors.map((t) => t.data)];
   }
 
-  async register(m, buffers) {
-    const client = this.client; // the requester, whatever is handled while this awaits onnxruntime
-    const data = this.frameAt(buffers, m.frame, "register_plan.frame");
-    const pid = createHash("sha256").update(data).digest("hex");
-    let plan = this.plans.get(pid);
-    if (plan === undefined) {
-      if (this.maxPlans !== null && this.plans.size >= this.maxPlans) {
-        throw new ProtocolError(
-          "quota_exceeded",
-          `plan ${pyRepr(m.name || pid.slice(0, 12))} not registered: the worker already holds ${this.plans.size} plans ` +
-            "(its limit): unregister plans with delete_plan, or start plan-worker with a larger --max-plans",
-        );
-      }
-      let summary;
-      try {
-        summary = checkModel(data, { maxBytes: this.limits.maxPlanBytes });
-      } catch (e) {
-        if (!(e instanceof PlanRejected)) throw e;
-        const code = data.length > this.limits.maxPlanBytes ? "too_large" : e.code;
-        throw new ProtocolError(code, `plan ${pyRepr(m.name || pid.slice(0, 12))} rejected: ${e.message}`);
-      }
-      const name = m.name || summary.metadata.get("planwire.name") || pid.slice(0, 12);
-      let session;
-      const bytes = Uint8Array.from(data); // a copy: onnxruntime gets exactly the checked bytes, which no later message can change
-      try {
-        session = await this.runtime.load(bytes, { name, pid });
-      } catch (e) {
-        if (e instanceof ProtocolError) throw e; // contained: plan_crashed, out_of_memory, plan_timeout, ...
-        throw new ProtocolError("bad_plan", `onnxruntime cannot load plan ${name}: ${e?.message ?? e}`);
-      }
-      if (this.plans.has(pid)) {
-        // registered meanwhile (the same bytes, sent again while these loaded): one session is kept
-        await session.release();
-        return [this.planInfo(m.id, pid, this.plans.get(pid)), []];
-      }
-      plan = new Plan(name, session, summary.unknownRank);
-      plan.data = bytes;
-      plan.bytes = data.length;
-      for (const [side, ports] of [["input", plan.inputs], ["output", plan.outputs]]) {
-        for (const p of ports) {
-          if (!(p.dtype in DTYPES)) {
-            await session.release();
-            throw new ProtocolError("bad_plan", `plan ${pyRepr(name)} ${side} ${pyRepr(p.name)} has type ${pyRepr(p.dtype)}; supported: ${humanList()}`);
-          }
-        }
-      }
-      let flow;
-      try {
-        flow = analyze(data, plan.inputs.map((p) => p.name), plan.outputs.map((p) => p.name));
-      } catch (e) {
-        await session.release();
-        throw new ProtocolError("bad_plan", `plan ${pyRepr(name)}: its graph cannot be read (${e.message})`);
-      }
-      this.plans.set(pid, plan);
-      this.flows.set(pid, flow);
-      log.info(`registered plan ${clean(pyRepr(name))} (${pid.slice(0, 12)}, ${data.length} bytes)`);
-      if (this.plansDir !== null && [...this.store.own.values()].some((e) => e.private)) {
-        keepPlan(this.plansDir, pid, data, name);
-      }
-    }
-    this.holders.add(pid, client);
-    return [this.planInfo(m.id, pid, plan), []];
-  }
-
-  planInfo(rid, pid, plan) {
-    return { type: "plan", re: rid, session: this.session, plan: pid, inputs: plan.inputs, outputs: plan.outputs };
-  }
-
-  hasPlan(m) {
-    const plan = this.plans.get(m.plan);
-    if (plan === undefined || !this.holders.holds(m.plan, this.client)) {
-      return [{ type: "missing", re: m.id, session: this.session, plan: m.plan }, []];
-    }
-    return [this.planInfo(m.id, m.plan, plan), []];
-  }
-
-  async deletePlan(m) {
-    if (this.holders.remove(m.plan, this.client)) await this.unload(m.plan);
-    return this.ok(m);
-  }
-
-  /** Forget a plan nobody holds any more. */
-  async unload(pid) {
-    const plan = this.plans.get(pid);
-    this.flows.delete(pid);
-    if (plan !== undefined) {
-      this.plans.delete(pid);
-      this.lane?.forget(plan);
-      await plan.session.release();
-      log.info(`unregistered plan ${pyRepr(pid.slice(0, 12))}`);
-    }
-  }
-
   /** Free everything of an owner not seen for --idle-ttl. */
   free(owner) {
     const [n, nbytes] = this.store.dropClient(owner);
@@ -463,136 +323,6 @@ export class Service {
     log.info(
       `client ${label(owner)} not seen for ${Math.round(this.owners.idleTtl)} s (--idle-ttl): freed its ${n} tensors (${nbytes} bytes) and ${pids.length} plans`,
     );
-  }
-
-  /** A run: its reply, or a Promise of it while the plan runs in the runner. Every refusal or failure
-   * marks its outputs failed, whichever lane ran it (the direct lane and the runner share this code). */
-  run(m, buffers) {
-    const client = this.client; // the requester, whatever is handled while this awaits onnxruntime
-    m.args.forEach((a, i) => {
-      if (("ref" in a) === ("tensor" in a)) throw new ProtocolError("invalid_message", `run.args[${i}] needs exactly one of 'ref', 'tensor'`);
-    });
-    this.store.checkWritable(m.outputs);
-    const failed = (e) => {
-      if (e instanceof ProtocolError) {
-        const why = e.code === "run_failed" ? e.message : `run #${m.id} refused: ${e.message} [${e.code}]`;
-        for (const key of m.outputs) this.store.fail(client, key, why);
-      }
-      throw e;
-    };
-    try {
-      const done = this.execute(m, buffers, client);
-      return typeof done.then === "function" ? done.catch(failed) : done;
-    } catch (e) {
-      return failed(e);
-    }
-  }
-
-  execute(m, buffers, client) {
-    const job = this.prepare(m, buffers, client);
-    let results = this.mayDirect && this.lane !== null ? this.lane.run(job.plan, job.args, m.id) : null;
-    if (results === null) {
-      try {
-        results = job.plan.session.run(job.args, { stored: m.args.map((a) => "ref" in a), rid: m.id });
-      } catch (e) {
-        throw this.runError(job, e);
-      }
-    }
-    if (typeof results.then !== "function") return this.complete(job, results);
-    return results.then(
-      (r) => this.complete(job, r),
-      (e) => {
-        throw this.runError(job, e);
-      },
-    );
-  }
-
-  /** What a run needs before it runs: its plan, arguments and the release rules of private data; the checks
-   * that refuse it before anything runs. */
-  prepare(m, buffers, client) {
-    const plan = this.plans.get(m.plan);
-    if (plan === undefined || !this.holders.holds(m.plan, client)) {
-      throw new ProtocolError("unknown_plan", `no plan ${pyRepr(m.plan.slice(0, 12))} on worker ${pyRepr(this.id)}: register it first`);
-    }
-    const nOut = plan.outputs.length;
-    if (m.outputs.length !== nOut) {
-      throw new ProtocolError(
-        "bad_argument",
-        `plan ${pyRepr(plan.name)} has ${nOut} outputs: run.outputs needs ${nOut} keys, got [${m.outputs.map(pyRepr).join(", ")}]`,
-      );
-    }
-    const fetch = m.fetch.map(Number);
-    if (m.fetch.some((i) => (typeof i === "bigint" ? i >= BigInt(nOut) : i >= nOut))) {
-      throw new ProtocolError("bad_argument", `run.fetch [${m.fetch.join(", ")}] out of range for ${nOut} outputs`);
-    }
-    const privateArgs = new Map(); // argument index -> its private store entry
-    const args = m.args.map((a, i) => {
-      if (!("ref" in a)) return this.tensor(a.tensor, buffers, `run argument ${i}`);
-      const e = this.store.entry(client, a.ref);
-      if (e.private) privateArgs.set(i, e);
-      return e.tensor;
-    });
-    const priv = privateArgs.size ? this.flows.get(m.plan).privateOutputs([...privateArgs.keys()]) : NO_OUTPUTS;
-    let pending = NO_RELEASES;
-    let rows = 0;
-    if (priv.size) {
-      pending = this.pending(m, plan, args, privateArgs, priv, client);
-      rows = Math.min(...[...privateArgs.values()].map((e) => e.rows));
-    }
-    plan.check(args);
-    return { m, client, plan, args, fetch, privateArgs, priv, pending, rows };
-  }
-
-  /** A failed run's error as the client sees it (onnxruntime's own words, redacted on private data). */
-  runError({ plan, args, privateArgs }, e) {
-    if (e instanceof ProtocolError) return e; // contained: plan_crashed, out_of_memory, plan_timeout, cancelled
-    if (privateArgs.size) {
-      // onnxruntime's text may quote tensor values: the client gets the op, the node and the shapes
-      log.info(`plan ${pyRepr(plan.name)} failed on private data: ${clean(e?.message ?? e)}`);
-      return new ProtocolError("run_failed", redacted(plan.name, this.id, e, args, pyRepr));
-    }
-    return new ProtocolError("run_failed", `plan ${pyRepr(plan.name)} failed on worker ${pyRepr(this.id)}: ${e?.message ?? e}`);
-  }
-
-  /** A run's results stored (quotas, private marks, pending releases) and its reply. */
-  complete({ m, client, fetch, priv, pending, rows }, results) {
-    this.store.checkQuota(client, m.outputs.map((k, i) => [k, results[i].nbytes]), `outputs of run #${m.id}`);
-    m.outputs.forEach((key, i) =>
-      this.store.put(client, key, results[i], [], { isPrivate: priv.has(i), pending: pending.get(i) ?? null, rows }),
-    );
-    const inlineMax = Number(m.inline_max);
-    if (inlineMax) {
-      results.forEach((r, i) => {
-        const leaves = !priv.has(i) || (pending.has(i) && pending.get(i).ready);
-        if (r.nbytes <= inlineMax && !fetch.includes(i) && leaves) fetch.push(i);
-      });
-    }
-    if (!fetch.length) return this.ok(m);
-    const keys = fetch.map((i) => m.outputs[i]);
-    // a private output leaves only as its release (the owner's policy): read through it
-    const release = (key, e) => this.releaser.release(client, key, e);
-    const values = priv.size ? this.store.readable(client, keys, release)[1] : fetch.map((i) => results[i]);
-    return this.tensorsReply(m.id, keys, values);
-  }
-
-  /** The releases the owner's policy allows for a run on private data; refuses a fetch of any other
-   * private output before anything runs. */
-  pending(m, plan, args, privateArgs, priv, client) {
-    const namesIn = plan.inputs.map((p) => p.name);
-    const namesOut = plan.outputs.map((p) => p.name);
-    const pending = this.releaser.prepare(m.plan, plan.name, namesIn, namesOut, args, privateArgs, priv, client);
-    const held = m.fetch.map(Number).filter((i) => priv.has(i) && !(pending.has(i) && pending.get(i).ready));
-    if (held.length) {
-      const keys = held.map((i) => m.outputs[i]);
-      const message =
-        `run.fetch asks for [${keys.map(pyRepr).join(", ")}], computed by plan ${pyRepr(plan.name)} from this worker's private data: such ` +
-        "results are stored and may be used by later runs, but never leave the worker unless the data " +
-        "owner approves the plan (plan-worker --policy)";
-      const rule = this.releaser.policy?.rules.get(m.plan) ?? null;
-      this.releaser.audit("refused", client, rule, plan.name, held.map((i) => namesOut[i]), [], { reason: message });
-      throw new ProtocolError("private_data", message);
-    }
-    return pending;
   }
 }
 

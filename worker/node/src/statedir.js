@@ -5,27 +5,24 @@
 // into place, one at a time or, grouped, as one commit before a burst's replies leave. One worker per
 // directory: `flock` on DIR/lock, taken through util-linux's flock(1) on this process's descriptor (a lock
 // belongs to the open file, so it is held until this process exits, kill -9 included), the same lock the
-// Python worker takes. The directory is read back as hostile input: a file that fails a check is
-// skipped with a log line naming it, never loaded, never fatal.
+// Python worker takes. Reading it back at start, as hostile input: src/stateread.js.
 
 import * as fs from "node:fs";
-import { createHash } from "node:crypto";
-import { join, resolve, basename, extname } from "node:path";
+import { join, resolve } from "node:path";
 import { ProtocolError } from "./messages.js";
-import { checkModel } from "./modelcheck.js";
 import { pyRepr } from "./json.js";
 import { log } from "./log.js";
-import { FORMAT, SESSION_RE, OWNER_RE, strerror, StateError, writeAtomic, framed, readFramed, digest } from "./statefile.js";
+import { FORMAT, strerror, StateError, writeAtomic, framed, digest, Names, flock, mkdirs, alive, ALIGN } from "./statefile.js";
 import { Writes, refusal } from "./statecommit.js";
-import { Names, flock, mkdirs, alive, ALIGN, isObject, isString, tensorHeader, tensorPayload, planHeader, formatDoc, privacySpent } from "./statefile.js";
+import { StateReader } from "./stateread.js";
 
 export const DISK_RESERVE = 64 << 20; // bytes a put or run must leave free on the directory's file system
 const C = fs.constants;
 
-
 export { strerror, StateError, writeAtomic };
 
-export class StateDir {
+/** A state directory held by this worker: its writes here, its reading back in src/stateread.js. */
+export class StateDir extends StateReader(Object) {
   /** Create (mode 0700) or open `path` and hold it; StateError naming the problem otherwise. */
   static open(path, { sync = true } = {}) {
     const p = resolve(path);
@@ -71,6 +68,7 @@ export class StateDir {
   }
 
   constructor(path, lockFd, sync) {
+    super();
     this.path = path;
     this.sync = sync; // fsync each change (power-loss safe); without: safe against the worker's crash only
     this.lockFd = lockFd;
@@ -108,47 +106,11 @@ export class StateDir {
     this.writes.commit();
   }
 
-  skip(path, why) {
-    this.skipped.push(path);
-    log.error(`--state-dir: skipped ${path}: ${why}`);
-  }
-
   write(path, parts, what) {
     this.writes.write(path, parts, what);
   }
 
-  // -- session and identities ------------------------------------------------------------------------
-
-  /** The kept session, or `fresh` (then written) when there is none: [session, new]. */
-  loadSession(fresh) {
-    const path = join(this.path, "session");
-    if (fs.existsSync(path)) {
-      try {
-        const session = formatDoc(path, "session");
-        if (typeof session !== "string" || !SESSION_RE.test(session)) throw new Error(`format 1, session ${pyRepr(String(session).slice(0, 40))}`);
-        return [session, false];
-      } catch (e) {
-        this.skip(path, `${e.message}; a new session starts (clients will register their plans again)`);
-      }
-    }
-    writeAtomic(path, [JSON.stringify({ format: FORMAT, session: fresh })], this.sync);
-    return [fresh, true];
-  }
-
-  /** The identities issued at hello: Map token -> owner. */
-  loadTokens() {
-    const path = join(this.path, "owners");
-    if (!fs.existsSync(path)) return new Map();
-    try {
-      const tokens = formatDoc(path, "tokens");
-      const ok = ([t, n]) => isString(t, 1, 256) && typeof n === "string" && OWNER_RE.test(n);
-      if (!isObject(tokens) || !Object.entries(tokens).every(ok)) throw new Error("invalid `tokens`");
-      return new Map(Object.entries(tokens).map(([t, n]) => [t, this.names.owner(n)]));
-    } catch (e) {
-      this.skip(path, `${e.message}; clients get new identities at their next hello`);
-      return new Map();
-    }
-  }
+  // -- identities ------------------------------------------------------------------------------------
 
   saveTokens(byToken) {
     const tokens = Object.fromEntries([...byToken].map(([t, o]) => [t, this.names.name(o)]));
@@ -252,64 +214,7 @@ export class StateDir {
     }
   }
 
-  /** Every valid tensor file: {owner, key, header, tensor (null for a failed run's record)}. */
-  *loadTensors() {
-    for (const name of fs.readdirSync(this.tensors).sort()) {
-      const d = join(this.tensors, name);
-      if (!fs.lstatSync(d).isDirectory()) {
-        this.skip(d, "not a directory of tensors");
-        continue;
-      }
-      for (const file of fs.readdirSync(d).sort()) {
-        const path = join(d, file);
-        if (file.startsWith(".tmp-")) {
-          this.unfinished(path); // a write that a crash interrupted: never acknowledged
-          continue;
-        }
-        let item;
-        try {
-          item = this.loadTensor(name, file, path);
-        } catch (e) {
-          this.skip(path, e.message);
-          continue;
-        }
-        yield item;
-      }
-    }
-  }
-
-  loadTensor(dirName, file, path) {
-    if (!fs.lstatSync(path).isFile()) throw new Error("not a regular file");
-    const [doc, payload] = readFramed(path);
-    const h = tensorHeader(doc);
-    if (dirName !== digest(h.owner) || file !== `${digest(h.key)}.t`) {
-      throw new Error(`misplaced: its header names key ${pyRepr(h.key)} of another owner or file`);
-    }
-    const owner = this.names.owner(h.owner);
-    if (h.failed !== null) {
-      if (payload.length || h.release !== null) throw new Error("a failed run's record with a payload");
-      return { owner, key: h.key, header: h, tensor: null, kept: null };
-    }
-    const [tensor, kept] = tensorPayload(h, payload);
-    return { owner, key: h.key, header: h, tensor, kept };
-  }
-
   // -- privacy accounting ----------------------------------------------------------------------------
-
-  /** The noised releases each owner was given: Map owner -> Map(noise multiplier -> count) (`privacy`);
-   * Error (logged) when the file is damaged: never read as a clean slate. */
-  loadSpent() {
-    const path = join(this.path, "privacy");
-    if (!fs.existsSync(path)) return new Map();
-    let spent;
-    try {
-      spent = privacySpent(formatDoc(path, "spent"));
-    } catch (e) {
-      this.skip(path, `${e.message}; noised releases are refused until it is repaired (or removed, which resets every client's spent privacy budget)`);
-      throw new Error(`the record of the privacy budget spent (${path}) is damaged: ${e.message}`);
-    }
-    return new Map([...spent].map(([name, counts]) => [this.names.owner(name), counts]));
-  }
 
   /** Keep `spent` (Map owner -> Map(noise multiplier -> count)). */
   saveSpent(spent) {
@@ -342,68 +247,6 @@ export class StateDir {
       fs.rmSync(join(this.plans, pid + suffix), { force: true });
     }
     this.writes.dirChanged(this.plans);
-  }
-
-  /** Remove a write's temporary file; anything else under that name (a directory) is skipped, not fatal. */
-  unfinished(path) {
-    if (fs.lstatSync(path).isDirectory()) this.skip(path, "a directory where only a write's temporary file belongs");
-    else fs.rmSync(path, { force: true });
-  }
-
-  /** Every valid plan: {pid, name, data, inputs, outputs, unknownRank, holders}. */
-  *loadPlans(maxPlanBytes) {
-    for (const file of fs.readdirSync(this.plans).sort()) {
-      const path = join(this.plans, file);
-      if (file.startsWith(".tmp-")) {
-        this.unfinished(path);
-        continue;
-      }
-      const stem = file.slice(0, file.length - extname(file).length);
-      if (extname(file) === ".holders") {
-        if (!fs.existsSync(join(this.plans, `${stem}.plan`))) this.skip(path, "no plan file beside it");
-        continue;
-      }
-      if (extname(file) !== ".plan") {
-        this.skip(path, "not a plan file");
-        continue;
-      }
-      const holders = join(this.plans, `${stem}.holders`);
-      if (!fs.existsSync(holders)) {
-        log.info(`--state-dir: removing ${path} (its registration did not finish)`); // never acknowledged
-        fs.rmSync(path, { force: true });
-        continue;
-      }
-      let item;
-      try {
-        item = this.loadPlan(path, stem, holders, maxPlanBytes);
-      } catch (e) {
-        this.skip(path, e.message);
-        continue;
-      }
-      yield item;
-    }
-  }
-
-  loadPlan(path, stem, holdersPath, maxPlanBytes) {
-    if (!fs.lstatSync(path).isFile()) throw new Error("not a regular file");
-    const [doc, data] = readFramed(path);
-    if (data.length > maxPlanBytes) throw new Error(`a plan of ${data.length} bytes, over --max-plan-mb`);
-    const h = planHeader(doc);
-    const pid = createHash("sha256").update(data).digest("hex");
-    if (pid !== h.plan || stem !== pid) throw new Error("its bytes do not match its plan id (corrupt, or not this plan's file)");
-    const summary = checkModel(data, { maxBytes: maxPlanBytes });
-    const holders = formatDoc(holdersPath, "holders");
-    if (!Array.isArray(holders) || !holders.every((n) => typeof n === "string" && OWNER_RE.test(n))) throw new Error(`${basename(holdersPath)}: invalid \`holders\``);
-    const port = ([name, dtype, shape]) => ({ name, dtype, shape });
-    return {
-      pid,
-      name: h.name,
-      data,
-      inputs: h.inputs.map(port),
-      outputs: h.outputs.map(port),
-      unknownRank: summary.unknownRank,
-      holders: holders.map((n) => this.names.owner(n)),
-    };
   }
 }
 
