@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -146,8 +145,6 @@ class PlanPorts:
             spec = self.hyper_names.get(key)
             if spec is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"hyper-parameter {spec.name!r} is {value!r}: it takes a number")
             feeds[spec.name] = hyper_array(spec, value)
         return feeds
 

@@ -178,6 +178,12 @@ def test_a_hyper_default_its_dtype_holds_is_kept_and_overrides_are_checked_alike
         hyper_array(momentum, float("nan"))
     with pytest.raises(ValueError, match=r"'hyper\.momentum' is 'fast': it takes a finite float64"):
         hyper_array(momentum, "fast")
+    for no_number in (True, np.bool_(False), "0.5", None, [0.5]):  # a bool is not 1.0, a string not its number
+        with pytest.raises(ValueError, match=r"'hyper\.momentum' is .*: it takes a finite float64"):
+            hyper_array(momentum, no_number)
+    assert hyper_array(momentum, np.array(0.25)).item() == 0.25 and hyper_array(momentum, np.float32(0.5)) == 0.5
+    with pytest.raises(ValueError, match=r"'hyper\.lr' is True: it takes a whole number"):
+        hyper_array(spec, True)
 
 
 @pytest.mark.parametrize("targets", ['"x"', "-1", "3", "1.5", "true", "null"])

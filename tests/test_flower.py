@@ -363,7 +363,7 @@ def test_a_run_config_override_that_is_no_number_is_refused_naming_it(linear_pla
     assert hyper_overrides(conf, ports) == {"lr": 0.05}
     assert ports.hyper_feeds(hyper_overrides(conf, ports))["hyper.lr"].item() == 0.05
     for bad in (True, False, "0.1", None):
-        with pytest.raises(ValueError, match=r"hyper-parameter 'hyper\.lr' is .*: it takes a number"):
+        with pytest.raises(ValueError, match=r"hyper-parameter 'hyper\.lr' is .*: it takes a finite float"):
             ports.hyper_feeds(hyper_overrides({"lr": bad}, ports))
 
 

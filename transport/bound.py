@@ -15,6 +15,7 @@ state) and a plan file loaded without torch (``planwire.load_plan(path).send(wor
 from __future__ import annotations
 
 import json
+import numbers
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ class BoundPlan:
         for spec in variant.inputs:
             if spec.role == HYPER:
                 value = hyper.get(spec.name.removeprefix("hyper.")) if isinstance(hyper, dict) else None
-                if isinstance(value, bool) or not isinstance(value, int | float):
+                if value is None:
                     raise ValueError(f"plan {name!r} has no default for hyper-parameter {spec.name!r}")
                 try:
                     defaults[spec.name] = hyper_array(spec, value)
@@ -274,15 +275,20 @@ class BoundPointer:
 
 def hyper_array(spec: TensorSpec, value: Any) -> np.ndarray:
     """``value`` as the 0-d array hyper-parameter ``spec`` takes; ValueError (naming it) unless it is a finite
-    number its dtype holds: an integer input takes whole numbers in its range, a float input finite ones."""
+    number its dtype holds: an integer input takes whole numbers in its range, a float input finite ones. A bool
+    or a string is no number here (``True`` is not a learning rate), wherever the value comes from."""
     dtype = np.dtype(to_numpy(spec.dtype))
-    try:
-        number = float(value)
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is refused below
-            arr = np.asarray(value, dtype=dtype)
-    except (TypeError, ValueError, OverflowError):
-        number, arr = float("nan"), None
-    exact = dtype.kind not in "fc"  # integers and bools must hold the value itself, not a rounded or wrapped one
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    number, arr = float("nan"), None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_):
+        try:
+            number = float(value)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is refused below
+                arr = np.asarray(value, dtype=dtype)
+        except (TypeError, ValueError, OverflowError):
+            arr = None
+    exact = dtype.kind not in "fc"  # integers must hold the value itself, not a rounded or wrapped one
     if arr is None or not np.isfinite(number) or not np.isfinite(arr) or (exact and arr.item() != value):
         raise ValueError(
             f"hyper-parameter {spec.name!r} is {value!r}: it takes "

@@ -196,7 +196,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             reuse = store.buffers(known)
             shrink = plan.arena and arenas.shrink(key)
             token = arenas.token.get(msg.plan, 0) if plan.arena else 0
-            before = touched()
+            before = touched() if plan.arena else 0  # two getrusage calls per run only where an arena is watched
             try:
                 results = plan.run_bound(values, reuse, shrink=shrink)
             except Exception:

@@ -29,7 +29,6 @@ class RunnerProcess:
         self.dir, self.device, self.threads, self.memory_mb = directory, device, threads, memory_mb
         self.proc: subprocess.Popen | None = None
         self.killed = ""  # why we killed it, if we did
-        self.started_at = 0.0
 
     @property
     def running(self) -> bool:
@@ -64,7 +63,6 @@ class RunnerProcess:
         finally:
             theirs.close()
         self.killed = ""
-        self.started_at = time.monotonic()
         return ours
 
     def kill(self, why: str) -> None:
