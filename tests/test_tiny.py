@@ -113,6 +113,7 @@ class Pair:
             assert sa == sb, key
         assert self.lanes[0].counts == self.lanes[1].counts
         ta, tb = self.a.stats, self.b.stats
+        tb.settle()
         assert (ta.requests, ta.runs, ta.runs_failed, ta.tensors) == (tb.requests, tb.runs, tb.runs_failed, tb.tensors)
         assert ta.metrics.requests == tb.metrics.requests and ta.metrics.runs == tb.metrics.runs
         assert sum(ta.metrics.run_buckets) == sum(tb.metrics.run_buckets) == len(tb.durations)
