@@ -220,3 +220,21 @@ def test_small_calls_take_the_prepared_path_after_a_first_call_that_was_not_smal
     assert pair.tiny(frames(11, "x"), ALICE) is None  # no session yet: no verdict, and none kept
     assert general(svc, lane, frames(12, "x"), ALICE)  # the general path's lane makes the session
     assert pair.tiny(frames(13, "x"), ALICE) is not None  # now the prepared path takes the small call
+
+
+def test_a_prepared_run_by_iobinding_reads_the_argument_of_the_call_and_returns_arrays_of_its_own(pair: Pair) -> None:
+    """The lane runs a prepared signature by IOBinding (worker/direct.py ``_Bound``): inputs stay bound to the
+    last argument array, outputs are written into fixed buffers; a new array under the same key must be read,
+    and no two runs may share an output array."""
+    pair.run(10, "x")
+    pair.run(11, "x", outputs=("y1", "z1"))
+    lane, store, me = pair.lanes[1], pair.b.store, pair.b.owners.owner(ALICE)
+    assert any(v.bound for v in lane._variants.values() if v), "the signature is run by IOBinding"
+    pair.put("x", np.full(4, 10, np.float32))  # another array under the same key
+    pair.run(12, "x", outputs=("y2", "z2"))
+    pair.run(13, "x", outputs=("y3", "z3"))
+    assert pair.taken == 3
+    y1, y2, y3 = (store.entry(me, k).array for k in ("y1", "y2", "y3"))
+    assert y1.tolist() == [1.0, 3.0, 5.0, 7.0] and y2.tolist() == y3.tolist() == [21.0] * 4
+    assert not np.shares_memory(y2, y3) and not np.shares_memory(y1, y2)
+    pair.same_state()
