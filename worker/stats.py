@@ -1,7 +1,10 @@
 """Stats: what a worker holds, for whom, and what ran, for operators (plan-worker status, --metrics).
 
 The Service calls ``observe`` once per request on its own thread, after answering; everything else (the
-admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. Clients are
+admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. The tiny call's
+path (worker/tiny.py) only logs its run (``ran``: a deque append); the log is counted in a batch
+(``settle``) before the next ``observe``, any read, or once it holds ``RAN_BATCH`` runs, with the same rows
+and counts as one ``observe`` per run. Clients are
 named by their CURVE public key when the worker uses CURVE, else by the connection (peer address and the
 socket's file descriptor, from ZeroMQ's message properties). Holdings are also kept per *owner* (the
 identity that owns objects, worker/owners.py: a client that reconnects keeps its owner), with the privacy

@@ -136,7 +136,9 @@ class Supervisor(Window):
             reply = tiny(frames, client) if tiny is not None else None  # a tiny direct-lane run (worker/tiny.py)
             if reply is None:
                 self._idle_request(sock, peer, client, frames)  # the general path
-                return
+                if self.gate is not None or self.queue or self.window:
+                    return
+                continue
             send(peer, reply)
 
     def _busy_wait(self, sock: zmq.Socket) -> tuple[float, int | None]:
@@ -161,6 +163,9 @@ class Supervisor(Window):
         t0 = time.perf_counter()
         service = self.service
         msg, buffers = service.decode(frames, client, t0=t0)
+        if type(msg) is m.Delete and self.gate is None:  # the frees of a client's tiny calls: answered at once
+            self.server.send(peer, service.answer(msg, buffers, frames, client, t0=t0))
+            return
         queued = None
         if type(msg) is m.Run and self.direct is not None and self.gate is None:  # durable: grouped replies
             job = service.begin(msg, buffers, frames, client)
