@@ -104,6 +104,11 @@ class Pair:
         args = [m.Arg(ref=r) for r in refs]
         return self.send(m.Run(id=rid, plan=self.pid, args=args, outputs=list(outputs), **kw), client)
 
+    def b_only_run(self, rid: int, client: bytes = ALICE) -> None:
+        """A run the prepared path takes, sent to ``b`` alone (its stats are then read as they are kept)."""
+        run = m.Run(id=rid, plan=self.pid, args=[m.Arg(ref="x")], outputs=["y", "z"])
+        assert self.tiny([memoryview(bytes(f)) for f in framing.pack(run)], client) is not None
+
     def same_state(self) -> None:
         for key in ("_spaces", "_failed", "bytes", "_by_client"):
             sa, sb = getattr(self.a.store, key), getattr(self.b.store, key)
@@ -113,6 +118,7 @@ class Pair:
             assert sa == sb, key
         assert self.lanes[0].counts == self.lanes[1].counts
         ta, tb = self.a.stats, self.b.stats
+        tb.settle()
         assert (ta.requests, ta.runs, ta.runs_failed, ta.tensors) == (tb.requests, tb.runs, tb.runs_failed, tb.tensors)
         assert ta.metrics.requests == tb.metrics.requests and ta.metrics.runs == tb.metrics.runs
         assert sum(ta.metrics.run_buckets) == sum(tb.metrics.run_buckets) == len(tb.durations)
@@ -219,3 +225,44 @@ def test_small_calls_take_the_prepared_path_after_a_first_call_that_was_not_smal
     assert pair.tiny(frames(11, "x"), ALICE) is None  # no session yet: no verdict, and none kept
     assert general(svc, lane, frames(12, "x"), ALICE)  # the general path's lane makes the session
     assert pair.tiny(frames(13, "x"), ALICE) is not None  # now the prepared path takes the small call
+
+
+def test_a_prepared_run_by_iobinding_reads_the_argument_of_the_call_and_returns_arrays_of_its_own(pair: Pair) -> None:
+    """The lane runs a prepared signature by IOBinding (worker/direct.py ``_Bound``): inputs stay bound to the
+    last argument array, outputs are written into fixed buffers; a new array under the same key must be read,
+    and no two runs may share an output array."""
+    pair.run(10, "x")
+    pair.run(11, "x", outputs=("y1", "z1"))
+    lane, store, me = pair.lanes[1], pair.b.store, pair.b.owners.owner(ALICE)
+    assert any(v.bound for v in lane._variants.values() if v), "the signature is run by IOBinding"
+    pair.put("x", np.full(4, 10, np.float32))  # another array under the same key
+    pair.run(12, "x", outputs=("y2", "z2"))
+    pair.run(13, "x", outputs=("y3", "z3"))
+    assert pair.taken == 3
+    y1, y2, y3 = (store.entry(me, k).array for k in ("y1", "y2", "y3"))
+    assert y1.tolist() == [1.0, 3.0, 5.0, 7.0] and y2.tolist() == y3.tolist() == [21.0] * 4
+    assert not np.shares_memory(y2, y3) and not np.shares_memory(y1, y2)
+    pair.same_state()
+
+
+def test_the_prepared_paths_runs_are_counted_by_the_next_read_of_the_stats(pair: Pair) -> None:
+    """The prepared path only logs its runs (Stats.ran); a status snapshot and a metrics scrape count them
+    before anything else is asked of the worker, and a batch is counted at once past RAN_BATCH runs."""
+    from planwire.worker.stats import RAN_BATCH
+
+    pair.run(10, "x")
+    stats = pair.b.stats
+    for rid in range(11, 14):
+        pair.b_only_run(rid)
+    assert len(stats._ran) == 3 and stats.runs == 1
+    scraped = {s.name: s.value for f in stats.metrics.registry.collect() for s in f.samples}
+    assert scraped["planwire_runs_total"] == 4 and not stats._ran
+    for rid in range(20, 23):
+        pair.b_only_run(rid)
+    snap = stats.snapshot()
+    assert snap["runs"] == 7 and snap["requests"]["run"] == 7 and not stats._ran
+    (owner,) = [o for o in snap["owners"] if o["requests"]]
+    assert owner["tensors"] == 2 + 1  # y and z (overwritten by each run) and x
+    for rid in range(100, 100 + RAN_BATCH):
+        pair.b_only_run(rid)
+    assert not stats._ran and stats.runs == 7 + RAN_BATCH

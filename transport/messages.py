@@ -364,7 +364,7 @@ class RequestDecoder:
     """
 
     def __init__(self) -> None:
-        self._decode = msgspec.json.Decoder(Request).decode
+        self._decode = self.decode_plain = msgspec.json.Decoder(Request).decode  # decode_plain: no repeat check
         self._encode = encoder.encode
 
     def decode(self, header: bytes | memoryview) -> _Message:

@@ -23,7 +23,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from planwire.transport.framing import Frame
-from planwire.transport.sockets import HWM, configure, recv_frames, send_frames
+from planwire.transport.sockets import HWM, NOBLOCK, configure, recv_frames, send_frames
 
 log = logging.getLogger("planwire.server")
 
@@ -112,7 +112,7 @@ class Server:
         """Route ``reply`` to ``peer`` without blocking: a reply to a peer whose queue is full (it does not
         read; the others must not wait) or that is gone is dropped, with a log line."""
         try:
-            send_frames(self._sock, [peer, *reply], zmq.NOBLOCK)
+            send_frames(self._sock, [peer, *reply], NOBLOCK)
         except zmq.Again:
             self._dropped(bytes(peer))
             return

@@ -79,6 +79,8 @@ MAX_FLOPS = 2_000_000
 DEFAULT_MAX_MB = 8.0
 """Bytes of all values of one direct run together (``plan-worker --direct-max-mb``), in MiB."""
 _CACHE = 4096  # (plan, shapes) decisions kept per plan
+_BOUND = 16  # signatures per plan run by IOBinding at most (the others by the session's run)
+_BOUND_BYTES = 64 << 10  # arguments (and results) of a signature run by IOBinding take at most this many bytes
 
 
 def direct_safe(g: Graph, max_bytes: int) -> str:
@@ -187,6 +189,36 @@ class _Variant:
     small: dict[tuple, bool] = field(default_factory=dict)
     ready: dict[tuple, bool] = field(default_factory=dict)  # (dtype, shape) of each argument -> prepared() admits it
     call: Callable[[list], list] | None = None  # the session's run with its port names bound (prepared())
+    bound: dict[tuple, _Bound] = field(default_factory=dict)  # per signature admitted: its run by IOBinding
+
+
+class _Bound:
+    """A prepared run of one signature by IOBinding (onnxruntime's cheapest call here): each input stays bound
+    to the memory of the argument array it was last given (no copy: a write to that array is seen, and the
+    array is kept alive), rebound when another array comes (or at every run for one that is not C-contiguous,
+    which onnxruntime copies); each output is written into a buffer of its known shape (the signature fixes it)
+    and copied out, so every run returns arrays of its own, as ``run`` does."""
+
+    __slots__ = ("_bind", "_binding", "_names", "_outs", "_run", "arrays")
+
+    def __init__(self, session: object, names_in: list[str], names_out: list[str], results: list[np.ndarray]) -> None:
+        binding = session.io_binding()  # type: ignore[attr-defined]
+        for name, r in zip(names_out, results, strict=True):
+            binding.bind_output(name, "cpu", 0, r.dtype, list(r.shape), r.ctypes.data)
+        self._outs = results  # the buffers: the first run's results, this binding's from now on
+        self._bind, self._binding = binding.bind_cpu_input, binding._iobinding
+        self._run = session._sess.run_with_iobinding  # type: ignore[attr-defined]
+        self._names = names_in
+        self.arrays: list[np.ndarray | None] = [None] * len(names_in)
+
+    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        bound = self.arrays
+        for i, a in enumerate(arrays):
+            if a is not bound[i]:
+                self._bind(self._names[i], a)  # onnxruntime reads a C-contiguous array in place, copies any other
+                bound[i] = a if a.flags.c_contiguous else None  # a copy is made again at every run
+        self._run(self._binding, None)
+        return [o.copy() for o in self._outs]
 
 
 class DirectLane:
@@ -252,13 +284,19 @@ class DirectLane:
         ok = v.ready.get(key)
         if ok is None:
             ok = _remember(v.ready, key, self._ready(v, plan, args))
-        return v.call if ok else None
+            if ok:
+                self._bind(v, key, args)
+        if not ok:
+            return None
+        bound = v.bound.get(key)
+        return bound if bound is not None else v.call
 
     def decline(self, pid: str, args: list[np.ndarray]) -> None:
         """A prepared run of ``pid`` on ``args`` failed: such calls take the general path from now on."""
         v = self._variants.get(pid)
         if v:
             v.ready[_signature(args)] = False
+            v.bound.pop(_signature(args), None)
             v.small[tuple(a.shape for a in args)] = False  # nor does run() try it here again
             self.counts["direct_fallbacks"] += 1
 
@@ -277,6 +315,29 @@ class DirectLane:
             else:  # OrtPlan.run(check=False) without its keyword handling: what check() accepted runs as is
                 v.call = lambda arrays: run(names_out, dict(zip(names_in, arrays, strict=True)), None)
         return True
+
+    def _bind(self, v: _Variant, key: tuple, args: list[np.ndarray]) -> None:
+        """Prepare signature ``key``'s run by IOBinding (:class:`_Bound`) when its arrays are small, C-contiguous
+        and not empty, and it gives the same bytes as the session's run on ``args``; else ``call`` serves it."""
+        s = v.session
+        if getattr(s, "_run", None) is None or len(v.bound) >= _BOUND:
+            return
+        if any(not a.flags.c_contiguous or not a.size for a in args) or sum(a.nbytes for a in args) > _BOUND_BYTES:
+            return
+        try:
+            want = v.call(args)  # type: ignore[misc]
+            if any(not r.size for r in want) or sum(r.nbytes for r in want) > _BOUND_BYTES:
+                return
+            bound = _Bound(s.session, s._input_names, s._output_names, [r.copy() for r in want])  # type: ignore[attr-defined]
+            got = bound(args)
+        except Exception as e:  # the session's run serves it
+            log.debug("plan %r: no IOBinding run for %s (%s)", v.plan.name, key, e)
+            return
+        if len(got) == len(want) and all(
+            g.dtype == w.dtype and g.shape == w.shape and g.tobytes() == w.tobytes()
+            for g, w in zip(got, want, strict=True)
+        ):
+            v.bound[key] = bound
 
     def _variant(self, plan: Plan) -> _Variant | None:
         try:

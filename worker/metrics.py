@@ -24,8 +24,9 @@ class Metrics:
     """The worker's metrics; ``serve`` exposes them over HTTP. ``request`` and ``run`` are called once per
     answered request on the serving thread and only add to plain counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, before_collect: Callable[[], None] | None = None) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self.before_collect = before_collect  # brings the counters up to date (Stats.settle) before a scrape
         self.requests: dict[tuple[str, str], int] = {}  # (type, error code or '') -> answered
         self.runs: dict[tuple[str, str], list[int]] = {}  # (plan name, plan id) -> [runs, failed]
         self.run_buckets = [0] * (len(RUN_BUCKETS) + 1)  # per bucket (not cumulative), the last: +Inf
@@ -38,9 +39,9 @@ class Metrics:
         self.plan_bytes = Gauge("planwire_plan_bytes", "Bytes of registered plans", registry=r)
         self.clients = Gauge("planwire_clients", "Clients seen since start", registry=r)
 
-    def request(self, kind: str, code: str) -> None:
+    def request(self, kind: str, code: str, n: int = 1) -> None:
         key = (kind, code)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests[key] = self.requests.get(key, 0) + n
 
     def run(self, plan: str, plan_id: str, seconds: float, failed: bool) -> None:
         row = self.runs.get((plan, plan_id))
@@ -75,6 +76,8 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         mt = self.metrics
+        if mt.before_collect is not None:
+            mt.before_collect()
         requests = CounterMetricFamily(
             "planwire_requests", "Requests answered, by type and error code ('' = success)", labels=["type", "code"]
         )

@@ -1,7 +1,10 @@
 """Stats: what a worker holds, for whom, and what ran, for operators (plan-worker status, --metrics).
 
 The Service calls ``observe`` once per request on its own thread, after answering; everything else (the
-admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. Clients are
+admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. The tiny call's
+path (worker/tiny.py) only logs its run (``ran``: a deque append); the log is counted in a batch
+(``settle``) before the next ``observe``, any read, or once it holds ``RAN_BATCH`` runs, with the same rows
+and counts as one ``observe`` per run. Clients are
 named by their CURVE public key when the worker uses CURVE, else by the connection (peer address and the
 socket's file descriptor, from ZeroMQ's message properties). Holdings are also kept per *owner* (the
 identity that owns objects, worker/owners.py: a client that reconnects keeps its owner), with the privacy
@@ -18,10 +21,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from planwire.transport import dtypes
@@ -29,6 +30,7 @@ from planwire.transport import messages as m
 from planwire.worker.metrics import Metrics
 from planwire.worker.owners import label
 from planwire.worker.peers import PeerNames
+from planwire.worker.statrows import ClientStats, OwnerStats, PlanStats, Recent
 
 if TYPE_CHECKING:
     from planwire.worker.service import Service
@@ -39,63 +41,7 @@ DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
 CONNECTIONS_SHOWN = 8  # per owner in status
 FOLD_AFTER_S = 600.0  # a connection not seen for this long is folded into its owner's row
 MAX_CONNECTION_ROWS = 1024  # connection rows kept at most (beyond: the least recently seen are folded)
-
-
-@dataclass
-class ClientStats:
-    """One connection's row (kept while recent, then folded into its owner's)."""
-
-    owner: str = ""  # the owner it last acted for
-    requests: int = 0
-    refused: int = 0
-    name: str = ""  # what its hello said
-    first_seen: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.time)
-    held: set[tuple[str, str]] = field(default_factory=set)  # (owner, key) of the tensors it stored
-
-
-@dataclass
-class OwnerStats:
-    name: str = ""  # what its last hello said
-    last_seen: float = field(default_factory=time.time)
-    connections: dict[str, None] = field(default_factory=dict)  # the latest CONNECTIONS_SHOWN, oldest first
-    requests: int = 0  # over all its connections, folded ones included
-    refused: int = 0
-    folded: int = 0  # connections whose rows were folded into this one
-
-
-@dataclass
-class PlanStats:
-    name: str
-    nbytes: int
-    clients: set[str] = field(default_factory=set)
-    owners: set[str] = field(default_factory=set)
-    runs: int = 0
-    failed: int = 0
-
-
-class Recent:
-    """The last ``size`` values (run durations) in one fixed array of doubles.
-
-    Not a deque of floats: one float object per run, kept until 10,000 later runs push it out, spreads
-    over every allocator arena a burst of requests used, and each such float keeps its arena (1 MiB)
-    from going back to the system: 16 clients x 1,000 calls left ~20 MB pinned that way (bench/load.py).
-    """
-
-    def __init__(self, size: int) -> None:
-        self._values = array("d", bytes(8 * size))
-        self._count = 0
-
-    def append(self, value: float) -> None:
-        self._values[self._count % len(self._values)] = value
-        self._count += 1
-
-    def __len__(self) -> int:
-        return min(self._count, len(self._values))
-
-    def sorted(self) -> list[float]:
-        """The values kept, in ascending order."""
-        return sorted(self._values[: len(self)])
+RAN_BATCH = 256  # runs logged by ``ran`` counted together at most this many at a time
 
 
 class Stats:
@@ -115,7 +61,8 @@ class Stats:
         self.max_rows = max_rows
         self.folded = 0  # connection rows folded into their owners' rows since the start
         self.started = time.time()
-        self.metrics = Metrics()
+        self._ran: deque[tuple] = deque()  # runs of worker/tiny.py not counted yet (settle)
+        self.metrics = Metrics(before_collect=self.settle)
         self.peer = PeerNames(curve)
         self._lock = threading.Lock()
         self.clients: dict[str, ClientStats] = {}  # connection -> its row, least recently seen first
@@ -157,6 +104,8 @@ class Stats:
         failed = type(reply) is m.Error
         now = time.time()
         with self._lock:
+            if self._ran:  # the runs before this request first
+                self._settle()
             c, o = self._seen(client, owner, kind, failed, now)
             self.metrics.request(kind, reply.code if failed else "")  # type: ignore[attr-defined]
             if kind == "run":
@@ -197,19 +146,45 @@ class Stats:
     def ran(
         self, frames: Sequence[object], conn: bytes, owner_id: bytes, msg: m.Run, seconds: float, sizes: list[int]
     ) -> None:
-        """``observe`` of a run that succeeded and stored its outputs, of ``sizes`` bytes each (worker/tiny.py:
-        the same rows and counts, without the dispatch on the request's kind or a store lookup per output)."""
-        client = self.peer(frames, conn)
-        owner = label(owner_id) if owner_id else client
-        now = time.time()
-        with self._lock:
-            self._seen(client, owner, "run", False, now)
-            self.metrics.request("run", "")
-            self._run(msg, client, owner_id, owner, False, seconds, sizes)
-            self._fold(now)
+        """``observe`` of a run that succeeded and stored its outputs, of ``sizes`` bytes each (worker/tiny.py).
+        Logged here and counted in a batch by :meth:`settle` (the same rows and counts as ``observe``), before
+        any read of the stats and any other request is observed: a tiny call pays a list append."""
+        log = self._ran
+        log.append((self.peer(frames, conn), owner_id, msg, seconds, sizes, time.time()))
+        if len(log) >= RAN_BATCH:
+            self.settle()
 
-    def _seen(self, client: str, owner: str, kind: str, failed: bool, now: float) -> tuple[ClientStats, OwnerStats]:
-        """Count one request of ``kind`` on the rows of connection ``client`` and of ``owner`` (under the lock)."""
+    def settle(self) -> None:
+        """Count the runs :meth:`ran` logged (any thread: the log is a deque, appended by the serving thread)."""
+        if self._ran:
+            with self._lock:
+                self._settle()
+
+    def _settle(self) -> None:
+        """:meth:`settle` under the lock: per connection and owner, the requests are counted once (in the order
+        of their last run, as one ``observe`` after another would leave the rows), then each run."""
+        log, batch = self._ran, []
+        while log:
+            batch.append(log.popleft())
+        if not batch:
+            return
+        groups: dict[tuple[str, bytes], list] = {}  # (connection, owner) -> [runs, last seen], last seen last
+        for client, owner_id, _, _, _, when in batch:
+            g = groups.pop((client, owner_id), None)
+            groups[client, owner_id] = [g[0] + 1, when] if g else [1, when]
+        names = {}
+        for (client, owner_id), (n, when) in groups.items():
+            owner = names[client, owner_id] = label(owner_id) if owner_id else client
+            self._seen(client, owner, "run", False, when, n)
+            self.metrics.request("run", "", n)
+        for client, owner_id, msg, seconds, sizes, _ in batch:
+            self._run(msg, client, owner_id, names[client, owner_id], False, seconds, sizes)
+        self._fold(time.time())
+
+    def _seen(
+        self, client: str, owner: str, kind: str, failed: bool, now: float, n: int = 1
+    ) -> tuple[ClientStats, OwnerStats]:
+        """Count ``n`` requests of ``kind`` on the rows of connection ``client`` and of ``owner`` (under the lock)."""
         o = self.owners.get(owner)
         if o is None:
             o = self.owners[owner] = OwnerStats()
@@ -220,16 +195,16 @@ class Stats:
             shown[client] = None
             if len(shown) > CONNECTIONS_SHOWN:
                 del shown[next(iter(shown))]
-        o.requests += 1
+        o.requests += n
         o.refused += failed
-        self.requests[kind] += 1
+        self.requests[kind] += n
         clients = self.clients
         c = clients.get(client)
         if c is None or next(reversed(clients)) != client:  # the most recently seen last
             c = clients.pop(client, None) or ClientStats()
             clients[client] = c
         c.owner = owner
-        c.requests += 1
+        c.requests += n
         c.last_seen = now
         c.refused += failed
         return c, o
@@ -258,6 +233,7 @@ class Stats:
         """An owner's objects were freed (--idle-ttl): drop its row and holdings (called on the serving thread;
         what was released to it stays in the audit log, its privacy accounting in the Releaser)."""
         with self._lock:
+            self._settle()
             self.owners.pop(owner, None)
             for k in [k for k in self.tensors if k[0] == owner]:
                 self._drop(*k)
@@ -314,6 +290,7 @@ class Stats:
     def snapshot(self) -> dict:
         """Everything ``plan-worker status`` shows, as plain data (any thread)."""
         with self._lock:
+            self._settle()
             per: dict[str, dict[str, int]] = {}
 
             def row(owner: str) -> dict[str, int]:

@@ -102,28 +102,44 @@ class Supervisor(Window):
         elif self.queue:  # left by a window that emptied without an answer (a cancel, a restart)
             self._advance()
         else:
-            now = time.monotonic()
+            self._idle(sock, sandbox)
+            return
+        head = self._head()
+        if head is not None and time.monotonic() > head.deadline:
+            self._overdue(head)
+
+    def _idle(self, sock: zmq.Socket, sandbox: Sandbox) -> None:
+        """Nothing queued or in flight: block in the socket's receive and answer the tiny runs that come, one
+        after another, in this loop (nothing else is paid per request); return after any other request (taken
+        by the general path), a receive timeout, or when the idle chores have something to do."""
+        server, tiny, trimmer, monotonic = self.server, self.tiny, self.trimmer, time.monotonic
+        receive, send = server.receive, server.send
+        if self._rcvtimeo != POLL_MS:
+            sock.setsockopt(zmq.RCVTIMEO, POLL_MS)
+            self._rcvtimeo = POLL_MS
+        while not server.stopped:
+            now = monotonic()
             if now >= self._chores_at:
                 self._chores_at = now + CHORES_S
                 if sandbox.wait(0):  # the runner died while idle
                     self._from_runner()
-                if not self.queue:
-                    sandbox.sync()  # host copies of what the runner computed and clients kept (worker/resident.py)
-            if self._rcvtimeo != POLL_MS:
-                sock.setsockopt(zmq.RCVTIMEO, POLL_MS)
-                self._rcvtimeo = POLL_MS
-            if len(self.queue) < MAX_QUEUED and not self.window:
-                try:
-                    peer, client, frames = self.server.receive()
-                except zmq.Again:
-                    self.trimmer.idle()
-                    self._chores_at = 0.0  # quiet: the chores at every timeout
-                else:
-                    self.trimmer.active()
-                    self._idle_request(sock, peer, client, frames)
-        head = self._head()
-        if head is not None and time.monotonic() > head.deadline:
-            self._overdue(head)
+                if self.queue or self.window:
+                    return
+                sandbox.sync()  # host copies of what the runner computed and clients kept (worker/resident.py)
+            try:
+                peer, client, frames = receive()
+            except zmq.Again:
+                trimmer.idle()
+                self._chores_at = 0.0  # quiet: the chores at every timeout
+                return
+            trimmer.active()
+            reply = tiny(frames, client) if tiny is not None else None  # a tiny direct-lane run (worker/tiny.py)
+            if reply is None:
+                self._idle_request(sock, peer, client, frames)  # the general path
+                if self.gate is not None or self.queue or self.window:
+                    return
+                continue
+            send(peer, reply)
 
     def _busy_wait(self, sock: zmq.Socket) -> tuple[float, int | None]:
         """How long to wait for the runner while jobs run, and the socket's descriptor to wake on as well.
@@ -141,16 +157,15 @@ class Supervisor(Window):
         return seconds, self._fd
 
     def _idle_request(self, sock: zmq.Socket, peer: bytes, client: bytes, frames: list) -> None:
-        """A request read while nothing is queued or in flight. A run the direct lane takes is answered at once
-        (the fast path); anything else is queued with the rest of its burst first, then executed."""
-        if self.tiny is not None:  # a tiny direct-lane run in one pass (worker/tiny.py), else the general path
-            reply = self.tiny(frames, client)
-            if reply is not None:
-                self.server.send(peer, reply)
-                return
+        """A request read while nothing is queued or in flight, that the tiny path left (or with no tiny path). A
+        run the direct lane takes is answered at once; anything else is queued with the rest of its burst first,
+        then executed."""
         t0 = time.perf_counter()
         service = self.service
         msg, buffers = service.decode(frames, client, t0=t0)
+        if type(msg) is m.Delete and self.gate is None:  # the frees of a client's tiny calls: answered at once
+            self.server.send(peer, service.answer(msg, buffers, frames, client, t0=t0))
+            return
         queued = None
         if type(msg) is m.Run and self.direct is not None and self.gate is None:  # durable: grouped replies
             job = service.begin(msg, buffers, frames, client)

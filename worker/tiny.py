@@ -37,9 +37,12 @@ from planwire.worker.service import Service
 log = logging.getLogger("planwire.worker")
 
 _SIGNATURE, _MAX_HEADER = framing.SIGNATURE, framing.MAX_HEADER_BYTES
-_decode = m.request_decoder.decode
+_decode_plain = m.request_decoder.decode_plain  # msgspec's decode; duplicate keys are checked here
 _encode = m.encoder.encode
 _ndarray = np.ndarray
+_clock = time.perf_counter
+_to_frame = codec.to_frame
+_Run, _Tensors, _Ok, _KeyedTensor = m.Run, m.Tensors, m.Ok, m.KeyedTensor
 
 
 class TinyPath:
@@ -48,49 +51,58 @@ class TinyPath:
     def __init__(self, service: Service, lane: DirectLane) -> None:
         self.service = service
         self.lane = lane
+        # a request longer than this is the general path's (too_large, or a header over MAX_HEADER_BYTES)
+        self._max_header = min(_MAX_HEADER, service.limits.max_message_bytes - len(_SIGNATURE))
 
     def __call__(self, frames: Sequence[Frame], client: bytes) -> list[Frame] | None:
-        t0 = time.perf_counter()
-        service = self.service
-        if len(frames) != 2 or len(frames[1]) > _MAX_HEADER or frames[0] != _SIGNATURE:
+        t0 = _clock()
+        if len(frames) != 2:
             return None
-        header = frames[1]
-        if len(frames[0]) + len(header) > service.limits.max_message_bytes:
+        sig, header = frames
+        if len(header) > self._max_header or sig != _SIGNATURE:
             return None
         try:
-            msg = _decode(header)
+            msg = _decode_plain(header)
         except Exception:  # the general path says what is wrong
             return None
-        if type(msg) is not m.Run:
+        if type(msg) is not _Run:
             return None
-        outputs = msg.outputs
-        pid = msg.plan
+        raw = header if type(header) is bytes else bytes(header)
+        if b"\\" in raw or raw.count(b":") != _encode(msg).count(b":"):
+            return None  # escapes, defaults written out or a repeated key: the general path decides (messages.py)
+        service = self.service
+        outputs, pid, fetch = msg.outputs, msg.plan, msg.fetch
         plan = service.plans.get(pid)
-        if plan is None or len(outputs) != len(plan.ports.outputs) or service._any_rank.get(pid) is not None:
+        if plan is None or len(outputs) != len(plan.ports.outputs) or pid in service._any_rank:
             return None
-        if msg.fetch and max(msg.fetch) >= len(outputs):
-            return None
-        owners = service.owners
-        owner = owners.owner(client)
-        if not service.holders.holds(pid, owner):
+        if fetch and max(fetch) >= len(outputs):
             return None
         store = service.store
         if store.observer is not None:  # --state-dir: the general path (and the group commit of its replies)
             return None
+        owner = service.owners.owner(client)
+        if not service.holders.holds(pid, owner):
+            return None
         if len(outputs) > 1 and len(set(outputs)) != len(outputs):
             return None
-        try:
-            store.check_writable(owner, outputs)
-        except Exception:
+        own = store._own
+        if own and any(key in own for key in outputs):  # forbidden: the general path refuses it
             return None
+        space = store._spaces.get(owner)
         args = []
         for a in msg.args:
-            if a.tensor is not UNSET or a.ref is UNSET:
+            key = a.ref
+            if key is UNSET or a.tensor is not UNSET:
                 return None
-            entry = store.find(owner, a.ref)
-            if entry is None or entry.private or type(entry.array) is not _ndarray:
+            entry = space.get(key) if space is not None else None
+            if entry is None:
+                entry = own.get(key)
+                if entry is None:
+                    return None
+            array = entry.array
+            if entry.private or type(array) is not _ndarray:
                 return None
-            args.append(entry.array)
+            args.append(array)
         run = self.lane.prepared(pid, plan, args)
         if run is None:
             return None
@@ -101,31 +113,32 @@ class TinyPath:
             self.lane.decline(pid, args)
             return None
         self.lane.counts["direct_runs"] += 1
+        rid = msg.id
         try:
             sizes = [r.nbytes for r in results]
-            store.check_quota(owner, zip(outputs, sizes, strict=True), f"outputs of run #{msg.id}")
+            store.check_quota(owner, zip(outputs, sizes, strict=True), f"outputs of run #{rid}")
+            put = store.put
             for key, arr in zip(outputs, results, strict=True):
-                store.put(owner, key, arr)
-            fetch, inline_max = msg.fetch, msg.inline_max
+                put(owner, key, arr)
+            inline_max = msg.inline_max
             if inline_max:
                 fetch = [*fetch, *(i for i, n in enumerate(sizes) if n <= inline_max and i not in fetch)]
             if fetch:
                 out, bufs = [], []
                 for i in fetch:
-                    wire, shape, buf = codec.to_frame(results[i])
-                    out.append(m.KeyedTensor(key=outputs[i], dtype=wire, shape=shape, frame=len(bufs)))
+                    wire, shape, buf = _to_frame(results[i])
+                    out.append(_KeyedTensor(key=outputs[i], dtype=wire, shape=shape, frame=len(bufs)))
                     bufs.append(buf)
-                reply: m._Message = m.Tensors(re=msg.id, session=service.session, tensors=out)
+                frames_out = [_SIGNATURE, _encode(_Tensors(re=rid, session=service.session, tensors=out)), *bufs]
             else:
-                reply, bufs = m.Ok(re=msg.id, session=service.session), []
-            frames_out = [_SIGNATURE, _encode(reply), *bufs]
+                frames_out = [_SIGNATURE, _encode(_Ok(re=rid, session=service.session))]
         except Exception:  # e.g. quota_exceeded: completed (refused, outputs marked failed) as the general path does
             job = RunJob(msg, plan, args, [None] * len(args), origin=Origin(frames, client, t0))
             return service.complete(job, results)
         stats = service.stats
         if stats is not None:  # the operator's view, as Service.reply observes a reply
             try:
-                stats.ran(frames, client, owner, msg, time.perf_counter() - t0, sizes)
+                stats.ran(frames, client, owner, msg, _clock() - t0, sizes)
             except Exception:
-                log.exception("stats of request #%d not recorded", msg.id)
+                log.exception("stats of request #%d not recorded", rid)
         return frames_out
