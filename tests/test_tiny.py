@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from planwire.transport import framing
 from planwire.transport import messages as m
+from planwire.worker import direct
 from planwire.worker.direct import DirectLane
 from planwire.worker.jobs import RunJob
 from planwire.worker.service import Service
@@ -242,6 +243,53 @@ def test_a_prepared_run_by_iobinding_reads_the_argument_of_the_call_and_returns_
     y1, y2, y3 = (store.entry(me, k).array for k in ("y1", "y2", "y3"))
     assert y1.tolist() == [1.0, 3.0, 5.0, 7.0] and y2.tolist() == y3.tolist() == [21.0] * 4
     assert not np.shares_memory(y2, y3) and not np.shares_memory(y1, y2)
+    pair.same_state()
+
+
+def passthrough() -> bytes:
+    """y = x (an input passed through as an output: onnxruntime never writes its bound buffer), z = x + 1."""
+    io = helper.make_tensor_value_info
+    x = io("x", TensorProto.FLOAT, ["n"])
+    nodes = [helper.make_node("Add", ["x", "one"], ["z"])]
+    return checked(nodes, [x], [x, io("z", TensorProto.FLOAT, ["n"])], [f32("one", [1.0])])
+
+
+def test_an_output_that_is_an_input_gives_every_caller_their_own_data() -> None:
+    """Found by review: the IOBinding run once answered every later call of a signature, another owner's too,
+    with the first caller's values for an output onnxruntime does not write (an input passed through)."""
+    p = Pair()
+    for who in (ALICE, BOB):
+        assert isinstance(p.send(m.Hello(id=1), who), m.Welcome)
+        info = p.send(m.RegisterPlan(id=2, name="pt"), who, (passthrough(),))
+        assert isinstance(info, m.PlanInfo), info
+    p.pid = info.plan
+    p.put("x", np.arange(4, dtype=np.float32), ALICE)
+    p.put("x", np.full(4, 7, np.float32), BOB)
+    for rid in (10, 11, 12):
+        p.run(rid, "x")  # Pair.send also checks the prepared path's reply bytes against the general path's
+    p.run(13, "x", client=BOB)
+    p.run(14, "x", outputs=("y2", "z2"))
+    assert p.taken == 4
+    assert not any(v.bound for v in p.lanes[1]._variants.values() if v), "such a plan is never bound"
+    store = p.b.store
+    bob, alice = p.b.owners.owner(BOB), p.b.owners.owner(ALICE)
+    assert store.entry(bob, "y").array.tolist() == [7.0] * 4 and store.entry(bob, "z").array.tolist() == [8.0] * 4
+    assert store.entry(alice, "y2").array.tolist() == [0.0, 1.0, 2.0, 3.0]
+    p.same_state()
+
+
+def test_the_lanes_bindings_are_bounded_in_all(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binding holds its last arguments (a deleted tensor's too, until the signature's next call) and its
+    output buffers outside the clients' quotas: the lane binds at most _LANE_BOUND signatures in all."""
+    monkeypatch.setattr(direct, "_LANE_BOUND", 1)
+    pair.run(10, "x")
+    pair.run(11, "x")  # prepared and bound: float32[4]
+    pair.put("x5", np.full(5, 3.0, np.float32))
+    pair.run(12, "x5")
+    pair.run(13, "x5")  # prepared, run by the session's run: the lane holds its one binding
+    lane, store, me = pair.lanes[1], pair.b.store, pair.b.owners.owner(ALICE)
+    assert sum(len(v.bound) for v in lane._variants.values() if v) == 1
+    assert pair.taken == 3 and store.entry(me, "y").array.tolist() == [7.0] * 5
     pair.same_state()
 
 

@@ -81,6 +81,10 @@ DEFAULT_MAX_MB = 8.0
 _CACHE = 4096  # (plan, shapes) decisions kept per plan
 _BOUND = 16  # signatures per plan run by IOBinding at most (the others by the session's run)
 _BOUND_BYTES = 64 << 10  # arguments (and results) of a signature run by IOBinding take at most this many bytes
+# signatures run by IOBinding in the whole lane: a binding holds its last arguments (onnxruntime keeps a bound
+# array alive, a deleted tensor's too, until that signature's next call) and its output buffers, outside the
+# clients' quotas: at most _LANE_BOUND * 2 * _BOUND_BYTES (8 MiB) in all
+_LANE_BOUND = 64
 
 
 def direct_safe(g: Graph, max_bytes: int) -> str:
@@ -322,13 +326,20 @@ class DirectLane:
         s = v.session
         if getattr(s, "_run", None) is None or len(v.bound) >= _BOUND:
             return
+        if sum(len(w.bound) for w in self._variants.values() if w) >= _LANE_BOUND:  # once per signature
+            return
         if any(not a.flags.c_contiguous or not a.size for a in args) or sum(a.nbytes for a in args) > _BOUND_BYTES:
             return
+        if set(s._output_names) & set(s._input_names):  # type: ignore[attr-defined]
+            return  # an input passed through as an output: onnxruntime never writes that output's bound buffer
         try:
             want = v.call(args)  # type: ignore[misc]
             if any(not r.size for r in want) or sum(r.nbytes for r in want) > _BOUND_BYTES:
                 return
-            bound = _Bound(s.session, s._input_names, s._output_names, [r.copy() for r in want])  # type: ignore[attr-defined]
+            # every buffer starts as the complement of the answer (each byte differs), so an output onnxruntime
+            # does not write into its buffer fails the check below instead of passing with the first answer
+            blank = [np.bitwise_not(r.reshape(-1).view(np.uint8)).view(r.dtype).reshape(r.shape) for r in want]
+            bound = _Bound(s.session, s._input_names, s._output_names, blank)  # type: ignore[attr-defined]
             got = bound(args)
         except Exception as e:  # the session's run serves it
             log.debug("plan %r: no IOBinding run for %s (%s)", v.plan.name, key, e)
