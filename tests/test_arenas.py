@@ -354,3 +354,51 @@ def test_evacuated_values_keep_their_handles_data_and_reuse() -> None:
     (z,) = plan.run_bound([x], [reuse])
     assert z.data_ptr() == reuse.data_ptr() and z.numpy().tolist() == [0.0, 2.0, 4.0, 6.0]
     assert store.lent == {}  # a copy is in no arena
+
+
+def _fill() -> bytes:
+    """y = zeros(shape): a run that takes what its argument says."""
+
+    return checked(
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"])], [_io("shape", I64, [1])], [_io("y", F, ["n"])]
+    )
+
+
+def test_a_freed_buffer_of_a_dropped_plans_arena_is_not_lent_to_another_plan(raw_worker) -> None:  # noqa: ANN001
+    """Found by review: buffers freed in the runner message that drops their plan went to the pool, were lent
+    to another plan's run and kept the dropped session's arena alive, uncounted."""
+
+    extra = ["--direct-max-mb", "0", "--host-copy-after", "0", "--max-run-memory-mb", "256"]
+    proc, peer = raw_worker("arenas", kind="tcp", extra=extra)
+    plan = checked(
+        [
+            helper.make_node("Exp", ["x"], ["e"]),
+            helper.make_node("Mul", ["e", "e"], ["s"]),
+            helper.make_node("ReduceSum", ["s"], ["y"], keepdims=0),
+            helper.make_node("Slice", ["s", "zero", "part"], ["head"]),
+        ],
+        [_io("x", F, ["n"])],
+        [_io("y", F, []), _io("head", F, ["m"])],
+        [helper.make_tensor("zero", I64, [1], [0]), helper.make_tensor("part", I64, [1], [2_000_000])],
+    )
+    neg = checked([helper.make_node("Neg", ["x"], ["y"])], [_io("x", F, ["n"])], [_io("y", F, ["n"])])
+    pid = peer.register(plan, name="big")["plan"]
+    q = peer.register(neg, name="neg")["plan"]
+    (runner,) = psutil.Process(proc.proc.pid).children()
+    start = runner.memory_info().rss >> 20
+    peer.put("x", np.zeros(10_000_000, np.float32))
+    peer.put("x2", np.ones(2_000_000, np.float32))
+    assert peer.run(q, ["x2"], ["t0"], fetch=[0]).kind == "tensors"  # Q's output shapes are known from now on
+    for _ in range(5):  # the same keys: the state stays in the runner, in P's arena
+        assert peer.run(pid, ["x"], ["y", "head"]).kind == "ok"
+    peer.request({"type": "delete", "keys": ["x", "y", "head"]})
+    assert peer.ok({"type": "delete_plan", "plan": pid}).kind == "ok"
+    assert peer.run(q, ["x2"], ["t"]).kind == "ok"  # one runner message: free, drop, run
+    for _ in range(6):  # t = -t, Q's buffers passed back and forth
+        assert peer.run(q, ["t"], ["t"]).kind == "ok"
+    after = runner.memory_info().rss >> 20
+    f = peer.register(_fill(), name="fill")["plan"]
+    reply = peer.request(*peer.run_header(f, [np.array([50_000_000], np.int64)], ["big"]))  # 200 of 256 MB
+    assert reply.kind == "ok", reply
+    assert np.all(peer.get1("t") == -1.0)
+    assert after < start + 40, f"runner RSS {start} MB at start, {after} MB after P's arena went"

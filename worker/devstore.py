@@ -150,6 +150,8 @@ class DeviceStore:
         came from alive). A value onnxruntime cannot copy stays where it is."""
         if not arena:
             return
+        for free in self._pool.values():  # freed buffers of that arena are not lent to a later run
+            free[:] = [h for h in free if h.arena != arena]
         ptrs = {h.value.data_ptr() for h in self.held.values() if h.arena == arena}  # type: ignore[attr-defined]
         copies: dict[int, object] = {}
         for handle, held in list(self.held.items()):
