@@ -10,7 +10,8 @@ other run gives it back as it ends, so a big run's memory does not stay with the
 gives back an arena's first region: a plan whose first run is too big to keep is loaded again without an arena
 (as every plan had before, paying the faults). A later run that still faults in new pages (an ``If`` that took
 a bigger branch than the first runs did) has that growth counted while the arenas fit :data:`KEEP_MB`, and past
-it the plan is loaded again without an arena at once. What the arenas keep counts as held by the runner for its
+it the plan is loaded again without an arena at once. (A run that fails after such a branch took its memory is not
+counted: README.md's containment section names that gap.) What the arenas keep counts as held by the runner for its
 data bound (another plan's run cannot use it).
 
 An output of a run is memory of its session's arena, and keeps the whole arena alive after the session is gone:
