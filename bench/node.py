@@ -25,9 +25,7 @@ Without node or worker/node/node_modules the family is skipped, saying why.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -40,6 +38,7 @@ import zmq
 
 from bench.echo import FETCH, REPLAY, STORE
 from bench.env import Env
+from bench.machine import cpu_s, thread_run_ns
 from bench.plans import tiny
 from bench.timing import LIKE_FOR_LIKE, Case, Report, interleaved
 from planwire.worker.process import WorkerProcess
@@ -137,23 +136,10 @@ class JsEcho:
             self.proc.wait()
 
 
-def _run_ns(pid: int, tid: int) -> int:
-    """Nanoseconds thread ``tid`` of process ``pid`` has run (the scheduler's own count, exact where the
-    clock ticks of /proc/PID/stat are 10 ms); 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _cpu(proc: psutil.Process) -> tuple[float, float]:
     """(CPU seconds of ``proc``, its children and all their threads; of its main thread alone)."""
-    total = 0
-    for pid in [proc.pid, *(c.pid for c in proc.children(recursive=True))]:
-        with contextlib.suppress(OSError):
-            total += sum(_run_ns(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task"))
-    return total / 1e9, _run_ns(proc.pid, proc.pid) / 1e9
+    pids = [proc.pid, *(c.pid for c in proc.children(recursive=True))]
+    return sum(cpu_s(pid) for pid in pids), thread_run_ns(proc.pid, proc.pid) / 1e9
 
 
 def _cpu_per_call(servers: dict[str, tuple[zmq.Socket, list[bytes], int]], n: int, rounds: int) -> dict:

@@ -32,6 +32,8 @@ import tempfile
 import warnings
 from typing import Any
 
+from bench.machine import cpu_s
+
 
 def build(workload: str) -> Any:
     """The training step (``TrainingStep``) of the named workload and one batch for it."""
@@ -66,18 +68,6 @@ def profile(step: Any, batch: Any, threads: int, steps: int, warmup: int = 5) ->
         events = json.load(f)
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     return nodes, len(session.get_inputs())
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds process ``pid`` has run so far, every thread (Linux /proc schedstat, in ns)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
-            pass
-    return total / 1e9
 
 
 def minor_faults(pid: int) -> int:
