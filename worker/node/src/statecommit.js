@@ -172,11 +172,12 @@ export function refusal(what, path, e) {
 
 const FSYNC_THREADS = 4; // beside this one: the file system's journal commits concurrent fsyncs together
 const SLOTS = 4096; // descriptors handed to the threads at once
-const [GEN, COUNT, NEXT, DONE, ERROR] = [0, 1, 2, 3, 4];
+const [GEN, COUNT, NEXT, DONE, ERROR, ACTIVE] = [0, 1, 2, 3, 4, 5];
 const FDS = 8; // where the descriptors start in the shared array
 // Each thread waits for a new generation, then fsyncs the descriptors it claims (`next`) until none is
 // left, counting each one `done` (an error as its errno, the first one kept). Descriptors belong to the
-// process: a thread fsyncs this thread's open files by number.
+// process: a thread fsyncs this thread's open files by number. A thread is `active` from its wake-up to its
+// last claim: a round is set up only when none is, so no claim made in one round is read against the next.
 const FSYNC_THREAD = `
 const { workerData } = require("node:worker_threads");
 const fs = require("node:fs");
@@ -184,10 +185,15 @@ const c = new Int32Array(workerData);
 let gen = 0;
 for (;;) {
   Atomics.wait(c, ${GEN}, gen);
+  Atomics.add(c, ${ACTIVE}, 1);
   gen = Atomics.load(c, ${GEN});
   for (;;) {
     const i = Atomics.add(c, ${NEXT}, 1);
-    if (i >= Atomics.load(c, ${COUNT})) break;
+    if (i >= Atomics.load(c, ${COUNT})) {
+      Atomics.sub(c, ${ACTIVE}, 1);
+      Atomics.notify(c, ${ACTIVE});
+      break;
+    }
     try {
       fs.fsyncSync(c[${FDS} + i]);
     } catch (e) {
@@ -217,8 +223,10 @@ export function fsyncAll(fds) {
   for (let at = 0; at < fds.length; at += SLOTS) {
     const part = fds.slice(at, at + SLOTS);
     c.set(part, FDS);
-    // A thread of the last round may still make its final claim on NEXT: with NEXT past any count while the
-    // round is set up, that claim finds nothing; once NEXT is 0, a claim takes a real slot and counts it once.
+    // No thread of the last round may still be between a claim on NEXT and its reading of COUNT (it would
+    // read this round's count for the last round's claim): wait until none is active. A thread waking up
+    // meanwhile claims while NEXT is parked past any count (it finds nothing), or once NEXT is 0 a real slot.
+    for (let a; (a = Atomics.load(c, ACTIVE)) > 0; ) Atomics.wait(c, ACTIVE, a);
     Atomics.store(c, NEXT, 1 << 30);
     for (const [i, v] of [[COUNT, part.length], [DONE, 0], [ERROR, 0], [NEXT, 0]]) Atomics.store(c, i, v);
     Atomics.add(c, GEN, 1);
