@@ -70,6 +70,7 @@ class Pair:
             svc.store._own["own:public"].private = False  # as a --public worker's own data
         self.tiny = TinyPath(self.b, self.lanes[1])
         self.taken = 0
+        self.decoded = 0  # requests declined after the prepared path decoded them (handed on, not decoded again)
         self.pid = ""
 
     def send(self, msg: m._Message, client: bytes = ALICE, bufs: tuple = (), header: bytes | None = None) -> m._Message:
@@ -80,6 +81,11 @@ class Pair:
         want = general(self.a, self.lanes[0], frames, client)
         got = self.tiny(frames, client)
         if got is None:
+            pre = self.tiny.decoded(frames)
+            if pre is not None:  # what the supervisor's general path takes: the very request it would decode
+                assert pre == framing.unpack_request(frames, self.b.limits)[0]
+                assert self.tiny.decoded(frames) is None  # once
+                self.decoded += 1
             got = general(self.b, self.lanes[1], frames, client)
         else:
             self.taken += 1
@@ -172,11 +178,14 @@ def test_every_other_run_is_left_to_the_general_path_with_its_own_error(pair: Pa
         reply = pair.run(rid, *refs, **kw)
         assert isinstance(reply, m.Error) and reply.code == code, (kw, reply)
     assert pair.taken == 0
+    assert pair.decoded >= len(cases)  # each declined run handed on decoded (checked equal in Pair.send)
     reply = pair.run(30, "y")  # the failed outputs of a refused run: run_failed, named
     assert isinstance(reply, m.Error) and reply.code == "run_failed"
     dup = b'{"type":"run","id":31,"plan":"%s","args":[{"ref":"x"}],"outputs":["y","z"],"outputs":["a","b"]}'
+    decoded = pair.decoded
     reply = pair.send(m.Ping(id=0), header=dup % pair.pid.encode())
     assert isinstance(reply, m.Error) and reply.code == "bad_header" and "duplicate key" in reply.message
+    assert pair.decoded == decoded  # a repeated key: the general path decodes it (and refuses it)
     inline = m.Run(
         id=32, plan=pair.pid, args=[m.Arg(tensor=m.Tensor(dtype="float", shape=[1], frame=0))], outputs=["y", "z"]
     )
