@@ -130,9 +130,7 @@ class TinyPath:
         try:
             sizes = [r.nbytes for r in results]
             store.check_quota(owner, zip(outputs, sizes, strict=True), f"outputs of run #{rid}")
-            put = store.put
-            for key, arr in zip(outputs, results, strict=True):
-                put(owner, key, arr)
+            store.put_outputs(owner, outputs, results)
             inline_max = msg.inline_max
             if inline_max:
                 fetch = [*fetch, *(i for i, n in enumerate(sizes) if n <= inline_max and i not in fetch)]
