@@ -71,6 +71,7 @@ class Pair:
             svc.store._own["own:public"].private = False  # as a --public worker's own data
         self.tiny = TinyPath(self.b, self.lanes[1])
         self.taken = 0
+        self.decoded = 0  # requests declined after the prepared path decoded them (handed on, not decoded again)
         self.pid = ""
 
     def send(self, msg: m._Message, client: bytes = ALICE, bufs: tuple = (), header: bytes | None = None) -> m._Message:
@@ -81,6 +82,11 @@ class Pair:
         want = general(self.a, self.lanes[0], frames, client)
         got = self.tiny(frames, client)
         if got is None:
+            pre = self.tiny.decoded(frames)
+            if pre is not None:  # what the supervisor's general path takes: the very request it would decode
+                assert pre == framing.unpack_request(frames, self.b.limits)[0]
+                assert self.tiny.decoded(frames) is None  # once
+                self.decoded += 1
             got = general(self.b, self.lanes[1], frames, client)
         else:
             self.taken += 1
@@ -119,6 +125,7 @@ class Pair:
             assert sa == sb, key
         assert self.lanes[0].counts == self.lanes[1].counts
         ta, tb = self.a.stats, self.b.stats
+        ta.settle()  # both paths log a run that stored its outputs (Stats.ran), counted at the next read
         tb.settle()
         assert (ta.requests, ta.runs, ta.runs_failed, ta.tensors) == (tb.requests, tb.runs, tb.runs_failed, tb.tensors)
         assert ta.metrics.requests == tb.metrics.requests and ta.metrics.runs == tb.metrics.runs
@@ -173,11 +180,14 @@ def test_every_other_run_is_left_to_the_general_path_with_its_own_error(pair: Pa
         reply = pair.run(rid, *refs, **kw)
         assert isinstance(reply, m.Error) and reply.code == code, (kw, reply)
     assert pair.taken == 0
+    assert pair.decoded >= len(cases)  # each declined run handed on decoded (checked equal in Pair.send)
     reply = pair.run(30, "y")  # the failed outputs of a refused run: run_failed, named
     assert isinstance(reply, m.Error) and reply.code == "run_failed"
     dup = b'{"type":"run","id":31,"plan":"%s","args":[{"ref":"x"}],"outputs":["y","z"],"outputs":["a","b"]}'
+    decoded = pair.decoded
     reply = pair.send(m.Ping(id=0), header=dup % pair.pid.encode())
     assert isinstance(reply, m.Error) and reply.code == "bad_header" and "duplicate key" in reply.message
+    assert pair.decoded == decoded  # a repeated key: the general path decodes it (and refuses it)
     inline = m.Run(
         id=32, plan=pair.pid, args=[m.Arg(tensor=m.Tensor(dtype="float", shape=[1], frame=0))], outputs=["y", "z"]
     )
@@ -298,11 +308,11 @@ def test_the_prepared_paths_runs_are_counted_by_the_next_read_of_the_stats(pair:
     before anything else is asked of the worker, and a batch is counted at once past RAN_BATCH runs."""
     from planwire.worker.stats import RAN_BATCH
 
-    pair.run(10, "x")
+    pair.run(10, "x")  # the general path's (not prepared yet): logged as well (Service._ran)
     stats = pair.b.stats
     for rid in range(11, 14):
         pair.b_only_run(rid)
-    assert len(stats._ran) == 3 and stats.runs == 1
+    assert len(stats._ran) == 4 and stats.runs == 0
     scraped = {s.name: s.value for f in stats.metrics.registry.collect() for s in f.samples}
     assert scraped["planwire_runs_total"] == 4 and not stats._ran
     for rid in range(20, 23):

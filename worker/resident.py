@@ -34,7 +34,7 @@ class Keeper(Protocol):
 class Resident:
     """A tensor held by the runner under ``handle`` (of runner generation ``gen``; -1: no runner holds it)."""
 
-    __slots__ = ("handle", "gen", "dtype", "shape", "host", "born", "lost", "_keeper", "__weakref__")
+    __slots__ = ("handle", "gen", "dtype", "shape", "size", "nbytes", "host", "born", "lost", "_keeper", "__weakref__")
 
     def __init__(
         self, keeper: Keeper, handle: int, gen: int, dtype: np.dtype, shape: tuple[int, ...], host: Any = None
@@ -42,6 +42,8 @@ class Resident:
         self._keeper = keeper
         self.handle, self.gen = handle, gen
         self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+        self.size = size = math.prod(self.shape)  # read per step (quotas, the store's counts, stats): once
+        self.nbytes = size * self.dtype.itemsize
         self.host: np.ndarray | None = host
         self.born = time.monotonic()
         self.lost = ""  # why its data is gone (the runner ended before a host copy was made)
@@ -49,14 +51,6 @@ class Resident:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
 
     def materialize(self) -> np.ndarray:
         """The host copy, fetched from the runner first when there is none (ProtocolError when lost)."""

@@ -135,8 +135,7 @@ class RunPath:
         msg, private, pending, rows = job.msg, job.private, job.pending, job.rows
         sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
         self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
-        for i, (key, arr) in enumerate(zip(msg.outputs, results, strict=True)):
-            self.store.put(self._client, key, arr, private=i in private, pending=pending.get(i), rows=rows)
+        self.store.put_outputs(self._client, msg.outputs, results, private, pending, rows)
         fetch = msg.fetch
         if msg.inline_max:
             fetch = [

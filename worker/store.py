@@ -19,7 +19,7 @@ raising (nothing changes then); ``removed`` and ``dropped`` run after.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,6 +173,40 @@ class Store:
         failed = self._failed.get(client)
         if failed:
             failed.pop(key, None)
+
+    def put_outputs(
+        self,
+        client: ClientId,
+        keys: Sequence[str],
+        arrays: Sequence[np.ndarray],
+        private: Container[int] = (),
+        pending: dict | None = None,
+        rows: int = 0,
+    ) -> None:
+        """A run's outputs stored as ``client``'s ``keys`` (after check_writable and check_quota): the same as
+        ``put(client, keys[i], arrays[i], private=i in private, pending=pending.get(i), rows=rows)`` for each
+        in order, the store's counts updated once."""
+        if self.observer is not None or not keys or len(keys) != len(arrays):  # each change observed (state.py)
+            for i, (key, array) in enumerate(zip(keys, arrays, strict=True)):
+                release = pending.get(i) if pending else None
+                self.put(client, key, array, private=i in private, pending=release, rows=rows)
+            return
+        space = self._spaces.get(client)
+        if space is None:
+            space = self._spaces[client] = {}
+        pop, freed, added = space.pop, 0, 0
+        for i, (key, array) in enumerate(zip(keys, arrays, strict=True)):
+            old = pop(key, None)
+            if old is not None:
+                freed += old.array.nbytes
+            space[key] = Entry(array, (), i in private, pending=pending.get(i) if pending else None, rows=rows)
+            added += array.nbytes
+        self.bytes += added - freed
+        self._by_client[client] = self._by_client.get(client, 0) - freed + added
+        failed = self._failed.get(client)
+        if failed:
+            for key in keys:
+                failed.pop(key, None)
 
     def _pop(self, client: ClientId, key: str) -> Entry | None:
         """Remove ``client``'s ``key`` and give its bytes back."""

@@ -162,7 +162,11 @@ class Supervisor(Window):
         then executed."""
         t0 = time.perf_counter()
         service = self.service
-        msg, buffers = service.decode(frames, client, t0=t0)
+        msg = self.tiny.decoded(frames) if self.tiny is not None else None  # decoded there already: not again
+        if msg is not None:
+            buffers: list = []  # two frames: no buffers (framing.unpack_request)
+        else:
+            msg, buffers = service.decode(frames, client, t0=t0)
         if type(msg) is m.Delete and self.gate is None:  # the frees of a client's tiny calls: answered at once
             self.server.send(peer, service.answer(msg, buffers, frames, client, t0=t0))
             return

@@ -53,9 +53,21 @@ class TinyPath:
         self.lane = lane
         # a request longer than this is the general path's (too_large, or a header over MAX_HEADER_BYTES)
         self._max_header = min(_MAX_HEADER, service.limits.max_message_bytes - len(_SIGNATURE))
+        # (frames, request) of the last request declined after a full decode: what framing.unpack_request
+        # would give for those frames (two frames, the signature, a header under every limit, no repeated key)
+        self._declined: tuple[Sequence[Frame], m._Message] | None = None
+
+    def decoded(self, frames: Sequence[Frame]) -> m._Message | None:
+        """The request of ``frames`` if this path decoded them (and declined them) just now: the general path
+        takes it (with no buffers: two frames) instead of decoding it again. Once."""
+        declined, self._declined = self._declined, None
+        if declined is not None and declined[0] is frames:
+            return declined[1]
+        return None
 
     def __call__(self, frames: Sequence[Frame], client: bytes) -> list[Frame] | None:
         t0 = _clock()
+        self._declined = None
         if len(frames) != 2:
             return None
         sig, header = frames
@@ -65,11 +77,12 @@ class TinyPath:
             msg = _decode_plain(header)
         except Exception:  # the general path says what is wrong
             return None
-        if type(msg) is not _Run:
-            return None
         raw = header if type(header) is bytes else bytes(header)
         if b"\\" in raw or raw.count(b":") != _encode(msg).count(b":"):
             return None  # escapes, defaults written out or a repeated key: the general path decides (messages.py)
+        self._declined = (frames, msg)  # valid as framing.unpack_request decodes it: the general path's if declined
+        if type(msg) is not _Run:
+            return None
         service = self.service
         outputs, pid, fetch = msg.outputs, msg.plan, msg.fetch
         plan = service.plans.get(pid)
@@ -117,9 +130,7 @@ class TinyPath:
         try:
             sizes = [r.nbytes for r in results]
             store.check_quota(owner, zip(outputs, sizes, strict=True), f"outputs of run #{rid}")
-            put = store.put
-            for key, arr in zip(outputs, results, strict=True):
-                put(owner, key, arr)
+            store.put_outputs(owner, outputs, results)
             inline_max = msg.inline_max
             if inline_max:
                 fetch = [*fetch, *(i for i, n in enumerate(sizes) if n <= inline_max and i not in fetch)]
