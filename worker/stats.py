@@ -147,7 +147,8 @@ class Stats:
         self, frames: Sequence[object], conn: bytes, owner_id: bytes, msg: m.Run, seconds: float, sizes: list[int]
     ) -> None:
         """``observe`` of a run that succeeded and stored its outputs, of ``sizes`` bytes each (worker/tiny.py).
-        Logged here and counted in a batch by :meth:`settle` (the same rows and counts as ``observe``), before
+        Logged here and counted in a batch by :meth:`settle` (the same rows and counts as ``observe``, except
+        that past ``max_rows`` connections the rows folded within one batch may differ), before
         any read of the stats and any other request is observed: a tiny call pays a list append."""
         log = self._ran
         log.append((self.peer(frames, conn), owner_id, msg, seconds, sizes, time.time()))
