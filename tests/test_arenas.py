@@ -402,3 +402,59 @@ def test_a_freed_buffer_of_a_dropped_plans_arena_is_not_lent_to_another_plan(raw
     assert reply.kind == "ok", reply
     assert np.all(peer.get1("t") == -1.0)
     assert after < start + 40, f"runner RSS {start} MB at start, {after} MB after P's arena went"
+
+
+def test_a_run_that_fails_in_a_bigger_branch_leaves_no_memory_held_in_the_runner(raw_worker) -> None:  # noqa: ANN001
+    """A plan with an arena whose first runs take an If's small branch; one run takes its big branch (200 MB,
+    sized by Shape(x)) and then fails on the data (a Gather out of bounds). Nothing of that run may stay held in
+    the runner: three runs of another plan that need 400 MB of the 512 MB bound still get it. (Its arena kept
+    the 200 MB, uncounted: the failed plan's session gets a new arena; and a small output of the plan's last
+    good run, sent inline, was still referenced by the runner's loop, which kept the old arena alive.)"""
+    proc, peer = raw_worker("arenas", kind="tcp", extra=["--direct-max-mb", "0", "--max-run-memory-mb", "512"])
+    big = [
+        helper.make_node("ConstantOfShape", ["dims"], ["c"], value=f32("v", [1.0], [1])),
+        helper.make_node("ReduceSum", ["c", "one"], ["r"], keepdims=0),
+        helper.make_node("Mul", ["x", "thousand"], ["xi"]),
+        helper.make_node("Cast", ["xi"], ["idx"], to=I64),
+        helper.make_node("Gather", ["r", "idx"], ["w"]),  # index 1000 of a 1-element tensor: fails, on the data
+    ]
+    then = helper.make_graph(big, "big", [], [_io("w", F, ["n"])])
+    small = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["m"])], "small", [], [_io("m", F, ["n"])])
+    plan = checked(
+        [
+            helper.make_node("Shape", ["x"], ["sx"]),
+            helper.make_node("Concat", ["sx", "k"], ["dims"], axis=0),
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["pos"]),
+            helper.make_node("If", ["pos"], ["y"], then_branch=then, else_branch=small),
+        ],
+        [_io("x", F, ["n"])],
+        [_io("y", F, ["n"])],
+        [
+            f32("two", [2.0], []),
+            f32("zero", [0.0], []),
+            f32("thousand", [1000.0], []),
+            helper.make_tensor("k", I64, [1], [50_000_000]),
+            helper.make_tensor("one", I64, [1], [1]),
+        ],
+    )
+    fill = checked(
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"])], [_io("shape", I64, [1])], [_io("y", F, ["n"])]
+    )
+    p = peer.register(plan, name="branchy")["plan"]
+    f = peer.register(fill, name="fill")["plan"]
+
+    def fill_ok(key: str) -> str:  # 400 MB of the 512 MB a run may take
+        reply = peer.request(*peer.run_header(f, [np.array([100_000_000], np.int64)], [key]))
+        peer.request({"type": "delete", "keys": [key]})
+        return f"{reply.kind} {reply.get('code')}"
+
+    assert fill_ok("a") == "ok None"
+    for i in range(3):
+        assert peer.run(p, [np.full(1, -1.0, np.float32)], [f"s{i}"], fetch=[0]).array_list()[0].tolist() == [-2.0]
+    reply = peer.request(*peer.run_header(p, [np.full(1, 1.0, np.float32)], ["b"]))
+    assert (reply.kind, reply.get("code")) == ("error", "run_failed"), reply
+    results = [fill_ok(f"a{i}") for i in range(3)]
+    assert results == ["ok None"] * 3, f"the failed branch's memory stayed held in the runner: {results}"
+    # the plan still runs, and keeps an arena (its new session's)
+    assert peer.run(p, [np.full(1, -1.0, np.float32)], ["s9"], fetch=[0]).array_list()[0].tolist() == [-2.0]

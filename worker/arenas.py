@@ -10,13 +10,16 @@ other run gives it back as it ends, so a big run's memory does not stay with the
 gives back an arena's first region: a plan whose first run is too big to keep is loaded again without an arena
 (as every plan had before, paying the faults). A later run that still faults in new pages (an ``If`` that took
 a bigger branch than the first runs did) has that growth counted while the arenas fit :data:`KEEP_MB`, and past
-it the plan is loaded again without an arena at once. (A run that fails after such a branch took its memory is not
-counted: README.md's containment section names that gap.) What the arenas keep counts as held by the runner for its
+it the plan is loaded again without an arena at once. A run that fails after its arena grew (such a branch, then an
+error) is not counted: its plan's session is loaded again with a new arena instead (worker/runner.py), and what
+the failed run took goes with the old one. What the arenas keep counts as held by the runner for its
 data bound (another plan's run cannot use it).
 
 An output of a run is memory of its session's arena, and keeps the whole arena alive after the session is gone:
 so when a session with an arena goes (loaded again, dropped), every output of it the runner still holds is
-first copied into memory of its own (worker/devstore.py ``DeviceStore.evacuate``; once, not per run).
+first copied into memory of its own (worker/devstore.py ``DeviceStore.evacuate``; once, not per run), and the
+runner keeps no other reference to a request's outputs past it (a small output sent inline is a view of one: one
+kept until the next run kept a dropped session's whole arena, all it had grown to, alive).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import numpy as np
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
-from planwire.worker.arenas import KEEP_MB, Arenas, touched
+from planwire.worker.arenas import KEEP_MB, STRAY, Arenas, touched
 from planwire.worker.device import Device
 
 # After answering, the runner watches its pipe this long before sleeping on it, but only while requests
@@ -144,7 +144,15 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     poller.register(sock.fileno(), select.POLLIN)
     clock, fast, spin = time.perf_counter, False, pipe.Spin()
     bound_at = 0  # what the data bound allows for now (bound() set it for nothing held)
+    renew: tuple[str, str, bytes] | None = None  # (plan, name, bytes) of a failed run that grew its arena
     while True:
+        # no reference to a request's values, outputs or session outlives it: an OrtValue of a session's arena
+        # (a small output's inline frame too) keeps that whole arena alive, all it grew to, after its session goes
+        plan = value = values = keep = reuse = results = frames = outs = refs = ref = None  # type: ignore[assignment]
+        if renew is not None:  # a failed run grew its session's arena, uncounted: the session gets a new arena
+            with contextlib.suppress(ProtocolError):  # (it cannot be loaded again: it keeps its arena)
+                load(*renew)  # the old session goes, its held outputs copied out of its arena first
+            renew = None
         idle = clock()
         if fast and not reader.pending() and spin.allowed():
             spin.until(lambda: poller.poll(0), idle + SPIN_S)
@@ -198,14 +206,20 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             token = arenas.token.get(msg.plan, 0) if plan.arena else 0
             before = touched() if plan.arena else 0  # two getrusage calls per run only where an arena is watched
             try:
-                results = plan.run_bound(values, reuse, shrink=shrink)
+                try:
+                    results = plan.run_bound(values, reuse, shrink=shrink)
+                except Exception:
+                    if reuse is None:
+                        raise
+                    shapes[key] = None  # outputs' shapes depend on the data: no buffers bound from now on
+                    results = plan.run_bound(values, None, shrink=shrink)
+                finally:
+                    store.release_pool()
             except Exception:
-                if reuse is None:
-                    raise
-                shapes[key] = None  # outputs' shapes depend on the data: no buffers bound from now on
-                results = plan.run_bound(values, None, shrink=shrink)
-            finally:
-                store.release_pool()
+                if plan.arena and touched() - before >= STRAY:  # what it took stays in its arena, uncounted
+                    data = arenas.data.get(msg.plan)
+                    renew = None if data is None else (msg.plan, msg.name, data)
+                raise
             again = None  # the plan's bytes, when it is to be loaded again without an arena
             if plan.arena:
                 grew = touched() - before
