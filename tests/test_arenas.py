@@ -153,20 +153,20 @@ def test_a_kept_arena_that_grows_is_counted_or_given_back() -> None:
     assert arenas.loaded("p", None) == 0 and arenas.drop("p") == 0
 
 
-def test_a_bigger_branch_taken_once_leaves_no_memory_held_in_the_runner(raw_worker) -> None:  # noqa: ANN001
-    """A hostile client's plan: its first runs take an If's small branch, one run its big branch (160 MB of
-    intermediates, sized by Shape(x)). Nothing of that run may stay held in the runner: a run that needs
-    300 MB of the 400 MB bound afterwards still gets it (the plan is loaded again without an arena, and the
-    outputs of its runs the runner holds are copied out of the arena first: they kept it alive, and the next
-    run ran out of memory)."""
-    proc, peer = raw_worker("arenas", kind="tcp", extra=["--direct-max-mb", "0", "--max-run-memory-mb", "400"])
-    big = [
-        helper.make_node("ConstantOfShape", ["dims"], ["c"]),
-        helper.make_node("ReduceSum", ["c", "one"], ["w"], keepdims=0),
-    ]
+def _fill() -> bytes:
+    """y = zeros(shape): a run that takes what its argument says."""
+
+    return checked(
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"])], [_io("shape", I64, [1])], [_io("y", F, ["n"])]
+    )
+
+
+def _branchy(big: list, k: int, *consts: object) -> bytes:
+    """y = If(sum(x) > 0, big, x * 2): the big branch's nodes ``big`` (output ``w``) read ``dims`` = (len(x), k)
+    and the constants ``one`` (and ``consts``); the small branch follows x's shape."""
     then = helper.make_graph(big, "big", [], [_io("w", F, ["n"])])
     small = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["m"])], "small", [], [_io("m", F, ["n"])])
-    plan = checked(
+    return checked(
         [
             helper.make_node("Shape", ["x"], ["sx"]),
             helper.make_node("Concat", ["sx", "k"], ["dims"], axis=0),
@@ -179,13 +179,26 @@ def test_a_bigger_branch_taken_once_leaves_no_memory_held_in_the_runner(raw_work
         [
             f32("two", [2.0], []),
             f32("zero", [0.0], []),
-            helper.make_tensor("k", I64, [1], [40_000_000]),
+            *consts,
+            helper.make_tensor("k", I64, [1], [k]),
             helper.make_tensor("one", I64, [1], [1]),
         ],
     )
-    fill = checked(
-        [helper.make_node("ConstantOfShape", ["shape"], ["y"])], [_io("shape", I64, [1])], [_io("y", F, ["n"])]
-    )
+
+
+def test_a_bigger_branch_taken_once_leaves_no_memory_held_in_the_runner(raw_worker) -> None:  # noqa: ANN001
+    """A hostile client's plan: its first runs take an If's small branch, one run its big branch (160 MB of
+    intermediates, sized by Shape(x)). Nothing of that run may stay held in the runner: a run that needs
+    300 MB of the 400 MB bound afterwards still gets it (the plan is loaded again without an arena, and the
+    outputs of its runs the runner holds are copied out of the arena first: they kept it alive, and the next
+    run ran out of memory)."""
+    proc, peer = raw_worker("arenas", kind="tcp", extra=["--direct-max-mb", "0", "--max-run-memory-mb", "400"])
+    big = [
+        helper.make_node("ConstantOfShape", ["dims"], ["c"]),
+        helper.make_node("ReduceSum", ["c", "one"], ["w"], keepdims=0),
+    ]
+    plan = _branchy(big, 40_000_000)
+    fill = _fill()
     p = peer.register(plan, name="branchy")["plan"]
     f = peer.register(fill, name="fill")["plan"]
     size = np.array([75_000_000], np.int64)  # 300 MB
@@ -356,14 +369,6 @@ def test_evacuated_values_keep_their_handles_data_and_reuse() -> None:
     assert store.lent == {}  # a copy is in no arena
 
 
-def _fill() -> bytes:
-    """y = zeros(shape): a run that takes what its argument says."""
-
-    return checked(
-        [helper.make_node("ConstantOfShape", ["shape"], ["y"])], [_io("shape", I64, [1])], [_io("y", F, ["n"])]
-    )
-
-
 def test_a_freed_buffer_of_a_dropped_plans_arena_is_not_lent_to_another_plan(raw_worker) -> None:  # noqa: ANN001
     """Found by review: buffers freed in the runner message that drops their plan went to the pool, were lent
     to another plan's run and kept the dropped session's arena alive, uncounted."""
@@ -418,29 +423,8 @@ def test_a_run_that_fails_in_a_bigger_branch_leaves_no_memory_held_in_the_runner
         helper.make_node("Cast", ["xi"], ["idx"], to=I64),
         helper.make_node("Gather", ["r", "idx"], ["w"]),  # index 1000 of a 1-element tensor: fails, on the data
     ]
-    then = helper.make_graph(big, "big", [], [_io("w", F, ["n"])])
-    small = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["m"])], "small", [], [_io("m", F, ["n"])])
-    plan = checked(
-        [
-            helper.make_node("Shape", ["x"], ["sx"]),
-            helper.make_node("Concat", ["sx", "k"], ["dims"], axis=0),
-            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-            helper.make_node("Greater", ["s", "zero"], ["pos"]),
-            helper.make_node("If", ["pos"], ["y"], then_branch=then, else_branch=small),
-        ],
-        [_io("x", F, ["n"])],
-        [_io("y", F, ["n"])],
-        [
-            f32("two", [2.0], []),
-            f32("zero", [0.0], []),
-            f32("thousand", [1000.0], []),
-            helper.make_tensor("k", I64, [1], [50_000_000]),
-            helper.make_tensor("one", I64, [1], [1]),
-        ],
-    )
-    fill = checked(
-        [helper.make_node("ConstantOfShape", ["shape"], ["y"])], [_io("shape", I64, [1])], [_io("y", F, ["n"])]
-    )
+    plan = _branchy(big, 50_000_000, f32("thousand", [1000.0], []))
+    fill = _fill()
     p = peer.register(plan, name="branchy")["plan"]
     f = peer.register(fill, name="fill")["plan"]
 
