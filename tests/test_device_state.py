@@ -86,15 +86,20 @@ def runner_pid(proc: WorkerProcess) -> int:
     return int(re.findall(r"runner (\d+) ready", proc.log())[-1])
 
 
-@pytest.mark.parametrize("n", [16, 100_000])  # inline through the pipe, and through shared memory
-def test_training_steps_keep_state_on_the_device_and_copy_nothing(worker, n: int) -> None:
-    proc, peer = worker
-    rng = np.random.default_rng(0)
+def start_steps(peer, n: int, *, seed: int) -> tuple:  # noqa: ANN001
+    """The step plan registered and its state (w, m) and gradient g put, each of ``n`` floats: (plan, w0, m0, g)."""
+    rng = np.random.default_rng(seed)
     w0, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
     m0 = np.zeros(n, np.float32)
     for key, value in (("w", w0), ("m", m0), ("g", g)):
         peer.put(key, value)
-    plan = peer.register(step_plan(), name="step")["plan"]
+    return peer.register(step_plan(), name="step")["plan"], w0, m0, g
+
+
+@pytest.mark.parametrize("n", [16, 100_000])  # inline through the pipe, and through shared memory
+def test_training_steps_keep_state_on_the_device_and_copy_nothing(worker, n: int) -> None:
+    proc, peer = worker
+    plan, w0, m0, g = start_steps(peer, n, seed=0)
     for _ in range(STEPS):
         peer.run(plan, ["w", "m", "g"], ["w", "m", "loss"])  # the step's state overwrites itself
     before = copies(proc)
@@ -118,12 +123,7 @@ def test_pipelined_training_steps_copy_no_state(worker) -> None:
     stays in the runner as for synchronous steps; only each step's fetched loss crosses to the host."""
     proc, peer = worker
     n = 100_000
-    rng = np.random.default_rng(1)
-    w0, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
-    m0 = np.zeros(n, np.float32)
-    for key, value in (("w", w0), ("m", m0), ("g", g)):
-        peer.put(key, value)
-    plan = peer.register(step_plan(), name="step")["plan"]
+    plan, w0, m0, g = start_steps(peer, n, seed=1)
     ids = [peer.send(peer.run_header(plan, ["w", "m", "g"], ["w", "m", "loss"], fetch=[2])[0]) for _ in range(STEPS)]
     losses = []
     for rid in ids:
