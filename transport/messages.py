@@ -364,15 +364,25 @@ class RequestDecoder:
     """
 
     def __init__(self) -> None:
-        self._decode = self.decode_plain = msgspec.json.Decoder(Request).decode  # decode_plain: no repeat check
+        self._decode = msgspec.json.Decoder(Request).decode
         self._encode = encoder.encode
 
     def decode(self, header: bytes | memoryview) -> _Message:
         msg = self._decode(header)
-        raw = header if type(header) is bytes else bytes(header)
-        if b"\\" in raw or raw.count(b":") != self._encode(msg).count(b":"):
+        if not self._exact(header, msg):
+            raw = header if type(header) is bytes else bytes(header)
             json.loads(raw, object_pairs_hook=_no_duplicates)  # raises msgspec.DecodeError on a repeat
         return msg
+
+    def decode_fast(self, header: bytes | memoryview) -> _Message | None:
+        """The request when the fast path proves no member repeated; None when only the full parse can tell
+        (escapes, defaults written out, or a repeat); msgspec's error for a header that does not decode."""
+        msg = self._decode(header)
+        return msg if self._exact(header, msg) else None
+
+    def _exact(self, header: bytes | memoryview, msg: _Message) -> bool:
+        raw = header if type(header) is bytes else bytes(header)
+        return b"\\" not in raw and raw.count(b":") == self._encode(msg).count(b":")
 
 
 request_decoder = RequestDecoder()

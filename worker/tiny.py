@@ -37,7 +37,7 @@ from planwire.worker.service import Service
 log = logging.getLogger("planwire.worker")
 
 _SIGNATURE, _MAX_HEADER = framing.SIGNATURE, framing.MAX_HEADER_BYTES
-_decode_plain = m.request_decoder.decode_plain  # msgspec's decode; duplicate keys are checked here
+_decode_fast = m.request_decoder.decode_fast  # None unless proven free of repeated keys (messages.py)
 _encode = m.encoder.encode
 _ndarray = np.ndarray
 _clock = time.perf_counter
@@ -74,12 +74,11 @@ class TinyPath:
         if len(header) > self._max_header or sig != _SIGNATURE:
             return None
         try:
-            msg = _decode_plain(header)
+            msg = _decode_fast(header)
         except Exception:  # the general path says what is wrong
             return None
-        raw = header if type(header) is bytes else bytes(header)
-        if b"\\" in raw or raw.count(b":") != _encode(msg).count(b":"):
-            return None  # escapes, defaults written out or a repeated key: the general path decides (messages.py)
+        if msg is None:
+            return None  # escapes, defaults written out or a repeated key: the general path decides
         self._declined = (frames, msg)  # valid as framing.unpack_request decodes it: the general path's if declined
         if type(msg) is not _Run:
             return None
