@@ -110,8 +110,9 @@ class Supervisor(Window):
 
     def _idle(self, sock: zmq.Socket, sandbox: Sandbox) -> None:
         """Nothing queued or in flight: block in the socket's receive and answer the tiny runs that come, one
-        after another, in this loop (nothing else is paid per request); return after any other request (taken
-        by the general path), a receive timeout, or when the idle chores have something to do."""
+        after another, in this loop (nothing else is paid per request); any other request goes to the general
+        path, and the loop returns once that left something queued or in flight (or a durable gate), at a receive
+        timeout, or when the idle chores find work queued."""
         server, tiny, trimmer, monotonic = self.server, self.tiny, self.trimmer, time.monotonic
         receive, send = server.receive, server.send
         if self._rcvtimeo != POLL_MS:
