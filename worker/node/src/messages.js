@@ -71,80 +71,102 @@ function distinct(v) {
   return true;
 }
 
-function fail(path, msg) {
-  throw new ProtocolError("invalid_message", `invalid request: ${msg} - at \`${path}\``);
+/** A value that does not match its schema (thrown within check, never out of this module): `path` collects
+ * the keys and indexes leading to it as it travels up (innermost first), so that a request that matches
+ * builds no path at all; not an Error, so that a failed anyOf branch captures no stack. */
+class Mismatch {
+  constructor(message) {
+    this.message = message;
+    this.path = [];
+  }
 }
 
-function check(root, schema, v, path) {
+function fail(msg) {
+  throw new Mismatch(msg);
+}
+
+/** check() of `v`, the item or field `at` (an index or a key) of the value being checked. */
+function checkAt(root, schema, v, at) {
+  try {
+    check(root, schema, v);
+  } catch (e) {
+    if (e instanceof Mismatch) e.path.push(at);
+    throw e;
+  }
+}
+
+function check(root, schema, v) {
   schema = resolve(root, schema);
   if (schema.anyOf) {
     for (const s of schema.anyOf) {
       try {
-        check(root, s, v, path);
+        check(root, s, v);
         return;
       } catch {}
     }
-    fail(path, `${show(v)} matches none of the allowed forms`);
+    fail(`${show(v)} matches none of the allowed forms`);
   }
   if (schema.enum && !schema.enum.includes(v)) {
-    fail(path, `Invalid enum value ${show(v)}`);
+    fail(`Invalid enum value ${show(v)}`);
   }
   const kind = kindOf(v);
   if (schema.type && schema.type !== kind) {
-    fail(path, `Expected \`${schema.type}\`, got \`${kind === "integer" ? "int" : kind}\``);
+    fail(`Expected \`${schema.type}\`, got \`${kind === "integer" ? "int" : kind}\``);
   }
   if (kind === "integer") {
     // a JS number is exact here (under 2^53), and so compares exactly with a bound rounded to a double
     if (schema.minimum !== undefined && (typeof v === "number" ? v < schema.minimum : BigInt(v) < BigInt(schema.minimum))) {
-      fail(path, `Expected \`int\` >= ${schema.minimum}`);
+      fail(`Expected \`int\` >= ${schema.minimum}`);
     }
     if (schema.maximum !== undefined && (typeof v === "number" ? v > schema.maximum : BigInt(v) > BigInt(schema.maximum))) {
-      fail(path, `Expected \`int\` <= ${BigInt(schema.maximum)}`);
+      fail(`Expected \`int\` <= ${BigInt(schema.maximum)}`);
     }
   } else if (kind === "string") {
     if (schema.minLength !== undefined && v.length < 2 * schema.minLength && codepoints(v) < schema.minLength) {
-      fail(path, `Expected \`str\` of length >= ${schema.minLength}`);
+      fail(`Expected \`str\` of length >= ${schema.minLength}`);
     }
     if (schema.maxLength !== undefined && v.length > schema.maxLength && codepoints(v) > schema.maxLength) {
-      fail(path, `Expected \`str\` of length <= ${schema.maxLength}`);
+      fail(`Expected \`str\` of length <= ${schema.maxLength}`);
     }
   } else if (kind === "array") {
     if (schema.maxItems !== undefined && v.length > schema.maxItems) {
-      fail(path, `Expected \`array\` of length <= ${schema.maxItems}, got ${v.length} items`);
+      fail(`Expected \`array\` of length <= ${schema.maxItems}, got ${v.length} items`);
     }
     if (schema.uniqueItems && v.length > 1 && !distinct(v)) {
       const twice = v.find((item, i) => v.indexOf(item) !== i);
-      fail(path, `Expected \`array\` of distinct items, got ${show(twice)} more than once`);
+      fail(`Expected \`array\` of distinct items, got ${show(twice)} more than once`);
     }
-    if (schema.items) for (let i = 0; i < v.length; i++) check(root, schema.items, v[i], `${path}[${i}]`);
+    if (schema.items) for (let i = 0; i < v.length; i++) checkAt(root, schema.items, v[i], i);
   } else if (kind === "object") {
     const keys = Object.keys(v);
     if (schema.minProperties !== undefined && keys.length < schema.minProperties) {
-      fail(path, `Expected an object with at least ${schema.minProperties} field(s)`);
+      fail(`Expected an object with at least ${schema.minProperties} field(s)`);
     }
     if (schema.maxProperties !== undefined && keys.length > schema.maxProperties) {
-      fail(path, `Expected an object with at most ${schema.maxProperties} field(s), got ${keys.join(", ")}`);
+      fail(`Expected an object with at most ${schema.maxProperties} field(s), got ${keys.join(", ")}`);
     }
     const props = schema.properties || EMPTY;
     for (const k of keys) {
       if (!hasOwn(props, k)) {
-        if (schema.additionalProperties === false) fail(path, `Object contains unknown field \`${k}\``);
-        if (schema.additionalProperties) check(root, schema.additionalProperties, v[k], `${path}.${k}`);
+        if (schema.additionalProperties === false) fail(`Object contains unknown field \`${k}\``);
+        if (schema.additionalProperties) checkAt(root, schema.additionalProperties, v[k], k);
       }
     }
-    if (schema.required) for (const r of schema.required) if (!(r in v)) fail(path, `Object missing required field \`${r}\``);
+    if (schema.required) for (const r of schema.required) if (!(r in v)) fail(`Object missing required field \`${r}\``);
     for (const k of keys) {
-      if (hasOwn(props, k)) check(root, props[k], v[k], `${path}.${k}`);
+      if (hasOwn(props, k)) checkAt(root, props[k], v[k], k);
     }
   }
 }
+
+const MAX_ID = 2n ** 63n;
 
 /** The id of a refused header, or -1 when it cannot be read. */
 export function requestId(header) {
   if (header === null || typeof header !== "object" || Array.isArray(header)) return -1;
   const id = header.id;
-  if (!isInt(id)) return -1;
-  return BigInt(id) >= 0n && BigInt(id) < 2n ** 63n ? id : -1;
+  if (typeof id === "number") return Number.isInteger(id) && id >= 0 ? id : -1; // a Number is under 2^53 here (json.js)
+  return typeof id === "bigint" && id >= 0n && id < MAX_ID ? id : -1;
 }
 
 /** Validate a parsed header as a request; returns it with defaults filled in. */
@@ -161,7 +183,13 @@ export function validateRequest(header) {
     );
   }
   const schema = schemas.get(type);
-  check(schema, schema, header, "$");
+  try {
+    check(schema, schema, header);
+  } catch (e) {
+    if (!(e instanceof Mismatch)) throw e;
+    const path = e.path.reverse().map((at) => (typeof at === "number" ? `[${at}]` : `.${at}`)).join("");
+    throw new ProtocolError("invalid_message", `invalid request: ${e.message} - at \`$${path}\``);
+  }
   // Defaults (schemas' "default")
   for (const [k, dflt] of (schema.$defaults ??= Object.entries(schema.properties).filter(([, p]) => p.default !== undefined).map(([k, p]) => [k, p.default]))) {
     if (!(k in header)) header[k] = Array.isArray(dflt) ? [] : dflt;
