@@ -50,6 +50,7 @@ export class Server {
     this.dropped = 0;
     this.outbox = []; // replies not yet handed to ZeroMQ (see send)
     this.scheduled = false; // endTurn is scheduled
+    this.holding = false; // a request just read is being handled: its replies wait for endRequest
     this.durable = service.durable ?? null; // --state-dir (src/statedir.js): committed before replies leave
     this.durable?.group(this.schedule); // a change staged with no reply to wait for it: committed by endTurn too
   }
@@ -67,12 +68,23 @@ export class Server {
   /** Send a reply to `peer`, never waiting for it. Replies are handed to ZeroMQ in batches: those made in one
    * turn of the event loop (a burst of pipelined requests read one after another) leave together at the end
    * of the turn (endTurn), or every BATCH replies, so ZeroMQ's I/O thread is woken once per batch, not once
-   * per reply. They leave in the order of these calls. */
+   * per reply; a lone request's replies leave as soon as it is handled (endRequest). They leave in the order
+   * of these calls. */
   send(peer, reply) {
     if (this.sock.closed) return;
     this.outbox.push([peer, ...reply]);
     if (this.outbox.length >= BATCH) this.flush();
-    else this.schedule();
+    else if (!this.holding) this.schedule();
+  }
+
+  /** The request just read (src/supervisor.js) is handled. Its replies leave now when no other request waits
+   * to be read: a synchronous call's reply is not held to the end of the event loop's turn, and costs no
+   * setImmediate. While requests wait (a burst), they leave with the burst's, at the end of the turn. */
+  endRequest() {
+    this.holding = false;
+    if (this.scheduled || !this.outbox.length || this.sock.closed) return;
+    if (this.sock.readable) this.schedule();
+    else this.endTurn();
   }
 
   /** endTurn at the end of this turn of the event loop (once, however many replies and changes ask). */

@@ -42,7 +42,12 @@ export class Supervisor {
       }
       const peer = msg[0];
       if (!peer.equals(this.peer)) (this.peer = peer), (this.client = peer.toString("hex")); // the usual case: the same connection again
-      this.request(peer, this.client, msg.slice(1));
+      this.server.holding = true; // its replies leave when it is handled (src/server.js)
+      try {
+        this.request(peer, this.client, msg.slice(1));
+      } finally {
+        this.server.endRequest();
+      }
     }
   }
 
