@@ -2,9 +2,9 @@
 
 The Service calls ``observe`` once per request on its own thread, after answering; everything else (the
 admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. The tiny call's
-path (worker/tiny.py) only logs its run (``ran``: a deque append); the log is counted in a batch
-(``settle``) before the next ``observe``, any read, or once it holds ``RAN_BATCH`` runs, with the same rows
-and counts as one ``observe`` per run. Clients are
+path (worker/tiny.py) only logs its runs and deletes (``ran``, ``deleted``: a deque append); the log is
+counted in a batch (``settle``) before the next ``observe``, any read, or once it holds ``RAN_BATCH``
+entries, with the same rows and counts as one ``observe`` per request. Clients are
 named by their CURVE public key when the worker uses CURVE, else by the connection (peer address and the
 socket's file descriptor, from ZeroMQ's message properties). Holdings are also kept per *owner* (the
 identity that owns objects, worker/owners.py: a client that reconnects keeps its owner), with the privacy
@@ -41,7 +41,7 @@ DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
 CONNECTIONS_SHOWN = 8  # per owner in status
 FOLD_AFTER_S = 600.0  # a connection not seen for this long is folded into its owner's row
 MAX_CONNECTION_ROWS = 1024  # connection rows kept at most (beyond: the least recently seen are folded)
-RAN_BATCH = 256  # runs logged by ``ran`` counted together at most this many at a time
+RAN_BATCH = 256  # runs and deletes logged by ``ran`` and ``deleted`` counted together at most this many at a time
 
 
 class Stats:
@@ -61,7 +61,7 @@ class Stats:
         self.max_rows = max_rows
         self.folded = 0  # connection rows folded into their owners' rows since the start
         self.started = time.time()
-        self._ran: deque[tuple] = deque()  # runs of worker/tiny.py not counted yet (settle)
+        self._ran: deque[tuple] = deque()  # runs and deletes of worker/tiny.py not counted yet (settle)
         self.metrics = Metrics(before_collect=self.settle)
         self.peer = PeerNames(curve)
         self._lock = threading.Lock()
@@ -151,35 +151,53 @@ class Stats:
         that past ``max_rows`` connections the rows folded within one batch may differ), before
         any read of the stats and any other request is observed: a tiny call pays a list append."""
         log = self._ran
-        log.append((self.peer(frames, conn), owner_id, msg, seconds, sizes, time.time()))
+        log.append(("run", self.peer(frames, conn), owner_id, msg, seconds, sizes, time.time()))
+        if len(log) >= RAN_BATCH:
+            self.settle()
+
+    def deleted(self, frames: Sequence[object], conn: bytes, owner_id: bytes, msg: m.Delete) -> None:
+        """``observe`` of a delete that succeeded (worker/tiny.py: the frees of a client's tiny calls), logged
+        and counted in order with the runs :meth:`ran` logged."""
+        log = self._ran
+        log.append(("delete", self.peer(frames, conn), owner_id, msg, 0.0, None, time.time()))
         if len(log) >= RAN_BATCH:
             self.settle()
 
     def settle(self) -> None:
-        """Count the runs :meth:`ran` logged (any thread: the log is a deque, appended by the serving thread)."""
+        """Count the runs and deletes :meth:`ran` and :meth:`deleted` logged (any thread: the log is a deque,
+        appended by the serving thread)."""
         if self._ran:
             with self._lock:
                 self._settle()
 
     def _settle(self) -> None:
-        """:meth:`settle` under the lock: per connection and owner, the requests are counted once (in the order
-        of their last run, as one ``observe`` after another would leave the rows), then each run."""
+        """:meth:`settle` under the lock: per connection and owner, the requests are counted once per kind (in
+        the order of their last request, as one ``observe`` after another would leave the rows), then each run
+        and delete in the order they came."""
         log, batch = self._ran, []
         while log:
             batch.append(log.popleft())
         if not batch:
             return
-        groups: dict[tuple[str, bytes], list] = {}  # (connection, owner) -> [runs, last seen], last seen last
-        for client, owner_id, _, _, _, when in batch:
+        groups: dict[tuple[str, bytes], tuple[dict[str, int], float]] = {}  # (connection, owner) -> counts, last seen
+        for kind, client, owner_id, _, _, _, when in batch:
             g = groups.pop((client, owner_id), None)
-            groups[client, owner_id] = [g[0] + 1, when] if g else [1, when]
+            counts = g[0] if g else {}
+            counts[kind] = counts.get(kind, 0) + 1
+            groups[client, owner_id] = counts, when
         names = {}
-        for (client, owner_id), (n, when) in groups.items():
+        for (client, owner_id), (counts, when) in groups.items():
             owner = names[client, owner_id] = label(owner_id) if owner_id else client
-            self._seen(client, owner, "run", False, when, n)
-            self.metrics.request("run", "", n)
-        for client, owner_id, msg, seconds, sizes, _ in batch:
-            self._run(msg, client, owner_id, names[client, owner_id], False, seconds, sizes)
+            for kind, n in counts.items():
+                self._seen(client, owner, kind, False, when, n)
+                self.metrics.request(kind, "", n)
+        for kind, client, owner_id, msg, seconds, sizes, _ in batch:
+            if kind == "run":
+                self._run(msg, client, owner_id, names[client, owner_id], False, seconds, sizes)
+            else:
+                owner = names[client, owner_id]
+                for key in msg.keys:
+                    self._drop(owner, key)
         self._fold(time.time())
 
     def _seen(
