@@ -344,3 +344,29 @@ def test_the_frees_of_tiny_calls_take_the_prepared_path_with_the_general_paths_r
     assert pair.taken == 9
     pair.same_state()
     assert pair.b.store.entry(pair.b.owners.owner(ALICE), "z11").array.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        m.Run(id=1, plan="p", args=[m.Arg(ref="x")], outputs=["y"]),
+        m.Run(id=2, plan="p:q", args=[m.Arg(ref="a:b:c"), m.Arg(ref="d")], outputs=["y:1", "z"], fetch=[1]),
+        m.Run(id=3, plan="p", args=[], outputs=[":"], inline_max=8, fetch=[0, 0]),
+        m.Run(id=4, plan="p", args=[m.Arg(tensor=m.Tensor(dtype="float", shape=[1], frame=0))], outputs=["y"]),
+        m.Run(id=5, plan="p", args=[m.Arg()], outputs=[]),
+        m.Delete(id=6, keys=[]),
+        m.Delete(id=7, keys=["a:b", "::", "c"]),
+    ],
+)
+def test_the_repeated_key_proof_counts_what_the_encoding_holds(msg: m._Message) -> None:
+    """The fast proof of no repeated member (messages.RequestDecoder) on the two requests of a tiny call: a
+    header with a repeated member (one more ``:``) is never taken as exact, and the full parse refuses it."""
+    decoder = m.request_decoder
+    header = m.encoder.encode(msg)
+    assert decoder.decode_fast(header) == msg and decoder.decode_fast(memoryview(header)) == msg
+    assert decoder._exact(header, msg) and not decoder._exact(header[:-1] + b',"id":1}', msg)
+    name = b'"keys"' if type(msg) is m.Delete else b'"outputs"'
+    repeated = header[:-1] + b"," + name + b":[]}"
+    assert decoder.decode_fast(repeated) is None
+    with pytest.raises(Exception, match="duplicate key"):
+        decoder.decode(repeated)
