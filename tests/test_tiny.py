@@ -343,6 +343,12 @@ def test_the_frees_of_tiny_calls_take_the_prepared_path_with_the_general_paths_r
     assert isinstance(pair.send(m.Delete(id=201, keys=["z11"]), client=BOB), m.Ok)  # none of BOB's: nothing goes
     assert pair.taken == 9
     pair.same_state()
+    pair.run(15, "x", outputs=("y15", "z15"))
+    pair.b.stats.settle()  # held when counted, then freed in the next batch
+    assert isinstance(pair.send(m.Delete(id=115, keys=["y15", "z15", "z12"])), m.Ok)
+    assert pair.taken == 11
+    pair.same_state()
+    assert not {"y15", "z15", "z12"} & {k for _, k in pair.b.stats.tensors}
     assert pair.b.store.entry(pair.b.owners.owner(ALICE), "z11").array.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 

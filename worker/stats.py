@@ -191,13 +191,32 @@ class Stats:
             for kind, n in counts.items():
                 self._seen(client, owner, kind, False, when, n)
                 self.metrics.request(kind, "", n)
+        # Each run counted; what the runs stored and the deletes freed applied once per tensor, as its last
+        # change left it (a tiny call's result freed within the batch is never held).
+        plans, metrics, durations = self.plans, self.metrics, self.durations
+        last: dict[tuple[str, str], tuple[str, int] | None] = {}  # (owner, key) -> (connection, bytes); None: freed
+        runs = 0
         for kind, client, owner_id, msg, seconds, sizes, _ in batch:
+            owner = names[client, owner_id]
             if kind == "run":
-                self._run(msg, client, owner_id, names[client, owner_id], False, seconds, sizes)
+                runs += 1
+                plan = plans.get(msg.plan)
+                if plan is not None:
+                    plan.runs += 1
+                metrics.run(plan.name if plan is not None else "(unknown plan)", msg.plan[:12], seconds, False)
+                durations.append(seconds)
+                for key, nbytes in zip(msg.outputs, sizes, strict=True):
+                    last[owner, key] = client, nbytes
             else:
-                owner = names[client, owner_id]
                 for key in msg.keys:
-                    self._drop(owner, key)
+                    last[owner, key] = None
+        self.runs += runs
+        hold, drop = self._hold, self._drop
+        for (owner, key), held in last.items():
+            if held is None:
+                drop(owner, key)
+            else:
+                hold(owner, key, *held)
         self._fold(time.time())
 
     def _seen(
