@@ -306,7 +306,7 @@ def test_the_lanes_bindings_are_bounded_in_all(pair: Pair, monkeypatch: pytest.M
 def test_the_prepared_paths_runs_are_counted_by_the_next_read_of_the_stats(pair: Pair) -> None:
     """The prepared path only logs its runs (Stats.ran); a status snapshot and a metrics scrape count them
     before anything else is asked of the worker, and a batch is counted at once past RAN_BATCH runs."""
-    from planwire.worker.stats import RAN_BATCH
+    from planwire.worker.statlog import RAN_BATCH
 
     pair.run(10, "x")  # the general path's (not prepared yet): logged as well (Service._ran)
     stats = pair.b.stats

@@ -2,13 +2,11 @@
 
 The Service calls ``observe`` once per request on its own thread, after answering; everything else (the
 admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. The tiny call's
-path (worker/tiny.py) only logs its runs and deletes (``ran``, ``deleted``: a deque append); the log is
-counted in a batch (``settle``) before the next ``observe``, any read, or once it holds ``RAN_BATCH``
-entries, with the same rows and counts as one ``observe`` per request. Clients are
-named by their CURVE public key when the worker uses CURVE, else by the connection (peer address and the
-socket's file descriptor, from ZeroMQ's message properties). Holdings are also kept per *owner* (the
-identity that owns objects, worker/owners.py: a client that reconnects keeps its owner), with the privacy
-budget each owner has spent on noised releases.
+path (worker/tiny.py) only logs its runs and deletes, counted in batches with the same rows and counts
+(worker/statlog.py: ``ran``, ``deleted``, ``settle``). Clients are named by their CURVE public key when the
+worker uses CURVE, else by the connection (peer address and the socket's file descriptor, from ZeroMQ's
+message properties). Holdings are also kept per *owner* (the identity that owns objects, worker/owners.py:
+a client that reconnects keeps its owner), with the privacy budget each owner has spent on noised releases.
 
 Connections come and go (a client that reconnects, fd numbers reused): a connection's row is kept while it
 is recent, and folded into its owner's row once it has not been seen for ``fold_after`` seconds, or when
@@ -30,6 +28,7 @@ from planwire.transport import messages as m
 from planwire.worker.metrics import Metrics
 from planwire.worker.owners import label
 from planwire.worker.peers import PeerNames
+from planwire.worker.statlog import TinyLog
 from planwire.worker.statrows import ClientStats, OwnerStats, PlanStats, Recent
 
 if TYPE_CHECKING:
@@ -41,10 +40,9 @@ DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
 CONNECTIONS_SHOWN = 8  # per owner in status
 FOLD_AFTER_S = 600.0  # a connection not seen for this long is folded into its owner's row
 MAX_CONNECTION_ROWS = 1024  # connection rows kept at most (beyond: the least recently seen are folded)
-RAN_BATCH = 256  # runs and deletes logged by ``ran`` and ``deleted`` counted together at most this many at a time
 
 
-class Stats:
+class Stats(TinyLog):
     """Per-client tensors and plans, runs, releases of private data; mirrored into Prometheus metrics."""
 
     def __init__(
@@ -142,82 +140,6 @@ class Stats:
                 plan.clients.add(client)
                 plan.owners.add(owner)
             self._fold(now)
-
-    def ran(
-        self, frames: Sequence[object], conn: bytes, owner_id: bytes, msg: m.Run, seconds: float, sizes: list[int]
-    ) -> None:
-        """``observe`` of a run that succeeded and stored its outputs, of ``sizes`` bytes each (worker/tiny.py).
-        Logged here and counted in a batch by :meth:`settle` (the same rows and counts as ``observe``, except
-        that past ``max_rows`` connections the rows folded within one batch may differ), before
-        any read of the stats and any other request is observed: a tiny call pays a list append."""
-        log = self._ran
-        log.append(("run", self.peer(frames, conn), owner_id, msg, seconds, sizes, time.time()))
-        if len(log) >= RAN_BATCH:
-            self.settle()
-
-    def deleted(self, frames: Sequence[object], conn: bytes, owner_id: bytes, msg: m.Delete) -> None:
-        """``observe`` of a delete that succeeded (worker/tiny.py: the frees of a client's tiny calls), logged
-        and counted in order with the runs :meth:`ran` logged."""
-        log = self._ran
-        log.append(("delete", self.peer(frames, conn), owner_id, msg, 0.0, None, time.time()))
-        if len(log) >= RAN_BATCH:
-            self.settle()
-
-    def settle(self) -> None:
-        """Count the runs and deletes :meth:`ran` and :meth:`deleted` logged (any thread: the log is a deque,
-        appended by the serving thread)."""
-        if self._ran:
-            with self._lock:
-                self._settle()
-
-    def _settle(self) -> None:
-        """:meth:`settle` under the lock: per connection and owner, the requests are counted once per kind (in
-        the order of their last request, as one ``observe`` after another would leave the rows), then each run
-        and delete in the order they came."""
-        log, batch = self._ran, []
-        while log:
-            batch.append(log.popleft())
-        if not batch:
-            return
-        groups: dict[tuple[str, bytes], tuple[dict[str, int], float]] = {}  # (connection, owner) -> counts, last seen
-        for kind, client, owner_id, _, _, _, when in batch:
-            g = groups.pop((client, owner_id), None)
-            counts = g[0] if g else {}
-            counts[kind] = counts.get(kind, 0) + 1
-            groups[client, owner_id] = counts, when
-        names = {}
-        for (client, owner_id), (counts, when) in groups.items():
-            owner = names[client, owner_id] = label(owner_id) if owner_id else client
-            for kind, n in counts.items():
-                self._seen(client, owner, kind, False, when, n)
-                self.metrics.request(kind, "", n)
-        # Each run counted; what the runs stored and the deletes freed applied once per tensor, as its last
-        # change left it (a tiny call's result freed within the batch is never held).
-        plans, metrics, durations = self.plans, self.metrics, self.durations
-        last: dict[tuple[str, str], tuple[str, int] | None] = {}  # (owner, key) -> (connection, bytes); None: freed
-        runs = 0
-        for kind, client, owner_id, msg, seconds, sizes, _ in batch:
-            owner = names[client, owner_id]
-            if kind == "run":
-                runs += 1
-                plan = plans.get(msg.plan)
-                if plan is not None:
-                    plan.runs += 1
-                metrics.run(plan.name if plan is not None else "(unknown plan)", msg.plan[:12], seconds, False)
-                durations.append(seconds)
-                for key, nbytes in zip(msg.outputs, sizes, strict=True):
-                    last[owner, key] = client, nbytes
-            else:
-                for key in msg.keys:
-                    last[owner, key] = None
-        self.runs += runs
-        hold, drop = self._hold, self._drop
-        for (owner, key), held in last.items():
-            if held is None:
-                drop(owner, key)
-            else:
-                hold(owner, key, *held)
-        self._fold(time.time())
 
     def _seen(
         self, client: str, owner: str, kind: str, failed: bool, now: float, n: int = 1
