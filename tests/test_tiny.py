@@ -306,7 +306,7 @@ def test_the_lanes_bindings_are_bounded_in_all(pair: Pair, monkeypatch: pytest.M
 def test_the_prepared_paths_runs_are_counted_by_the_next_read_of_the_stats(pair: Pair) -> None:
     """The prepared path only logs its runs (Stats.ran); a status snapshot and a metrics scrape count them
     before anything else is asked of the worker, and a batch is counted at once past RAN_BATCH runs."""
-    from planwire.worker.stats import RAN_BATCH
+    from planwire.worker.statlog import RAN_BATCH
 
     pair.run(10, "x")  # the general path's (not prepared yet): logged as well (Service._ran)
     stats = pair.b.stats
@@ -324,3 +324,55 @@ def test_the_prepared_paths_runs_are_counted_by_the_next_read_of_the_stats(pair:
     for rid in range(100, 100 + RAN_BATCH):
         pair.b_only_run(rid)
     assert not stats._ran and stats.runs == 7 + RAN_BATCH
+
+
+def test_the_frees_of_tiny_calls_take_the_prepared_path_with_the_general_paths_reply_and_state(pair: Pair) -> None:
+    """A delete (what a client sends to free its tiny calls' results) is answered by the prepared path, logged
+    for stats in order with the runs; one that names the worker's own data is refused by the general path."""
+    pair.run(10, "x")
+    for rid in range(11, 15):
+        pair.run(rid, "x", outputs=(f"y{rid}", f"z{rid}"))
+        assert isinstance(pair.send(m.Delete(id=100 + rid, keys=[f"y{rid}", "gone", f"y{rid}"])), m.Ok)
+    assert pair.taken == 4 + 4
+    assert pair.b.stats._ran  # logged, counted at the next read
+    pair.same_state()
+    held = {k for _, k in pair.b.stats.tensors}
+    assert held == {"x", "y", "z", *(f"z{r}" for r in range(11, 15)), "own:secret", "own:x"}
+    reply = pair.send(m.Delete(id=200, keys=["z11", "own:x"]))
+    assert isinstance(reply, m.Error) and reply.code == "forbidden" and pair.taken == 8
+    assert isinstance(pair.send(m.Delete(id=201, keys=["z11"]), client=BOB), m.Ok)  # none of BOB's: nothing goes
+    assert pair.taken == 9
+    pair.same_state()
+    pair.run(15, "x", outputs=("y15", "z15"))
+    pair.b.stats.settle()  # held when counted, then freed in the next batch
+    assert isinstance(pair.send(m.Delete(id=115, keys=["y15", "z15", "z12"])), m.Ok)
+    assert pair.taken == 11
+    pair.same_state()
+    assert not {"y15", "z15", "z12"} & {k for _, k in pair.b.stats.tensors}
+    assert pair.b.store.entry(pair.b.owners.owner(ALICE), "z11").array.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        m.Run(id=1, plan="p", args=[m.Arg(ref="x")], outputs=["y"]),
+        m.Run(id=2, plan="p:q", args=[m.Arg(ref="a:b:c"), m.Arg(ref="d")], outputs=["y:1", "z"], fetch=[1]),
+        m.Run(id=3, plan="p", args=[], outputs=[":"], inline_max=8, fetch=[0, 0]),
+        m.Run(id=4, plan="p", args=[m.Arg(tensor=m.Tensor(dtype="float", shape=[1], frame=0))], outputs=["y"]),
+        m.Run(id=5, plan="p", args=[m.Arg()], outputs=[]),
+        m.Delete(id=6, keys=[]),
+        m.Delete(id=7, keys=["a:b", "::", "c"]),
+    ],
+)
+def test_the_repeated_key_proof_counts_what_the_encoding_holds(msg: m._Message) -> None:
+    """The fast proof of no repeated member (messages.RequestDecoder) on the two requests of a tiny call: a
+    header with a repeated member (one more ``:``) is never taken as exact, and the full parse refuses it."""
+    decoder = m.request_decoder
+    header = m.encoder.encode(msg)
+    assert decoder.decode_fast(header) == msg and decoder.decode_fast(memoryview(header)) == msg
+    assert decoder._exact(header, msg) and not decoder._exact(header[:-1] + b',"id":1}', msg)
+    name = b'"keys"' if type(msg) is m.Delete else b'"outputs"'
+    repeated = header[:-1] + b"," + name + b":[]}"
+    assert decoder.decode_fast(repeated) is None
+    with pytest.raises(Exception, match="duplicate key"):
+        decoder.decode(repeated)

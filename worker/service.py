@@ -6,8 +6,9 @@ Session codec either way, so every in-process (VirtualWorker) test also exercise
 quotas and the owner of what it stores. Every answer, wherever it is completed, is logged by client and
 plan when refused and reported once to ``stats`` (the operator's view) when that is set.
 
-The handlers of plans (worker/registry.py) and of runs (worker/runs.py) are parts of the Service, mixed
-in; this module holds its state, its entry points and the handlers of tensors and of the conversation.
+The handlers of plans (worker/registry.py), of runs (worker/runs.py) and of tensors (worker/tensors.py) are
+parts of the Service, mixed in; this module holds its state, its entry points and the handlers of the
+conversation (hello, ping, cancel) and of a client that went (--idle-ttl).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from msgspec import UNSET
 
-from planwire.transport import codec, dtypes, framing
+from planwire.transport import dtypes, framing
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.framing import DEFAULT_LIMITS, Frame, Limits
@@ -33,10 +33,11 @@ from planwire.worker.owners import DAY, Owners, PlanHolders, label
 from planwire.worker.peers import clean, peer_of
 from planwire.worker.policy import Policy
 from planwire.worker.registry import PlanRegistry
-from planwire.worker.release import Pending, Releaser
+from planwire.worker.release import Releaser
 from planwire.worker.runs import RunPath
 from planwire.worker.runtime import OrtPlan, Signature
 from planwire.worker.store import ClientId, Store
+from planwire.worker.tensors import TensorHandlers
 
 if TYPE_CHECKING:
     from planwire.worker.stats import Stats
@@ -47,7 +48,7 @@ log = logging.getLogger("planwire.worker")
 ONNX_OPSET = 23
 
 
-class Service(PlanRegistry, RunPath):
+class Service(PlanRegistry, RunPath, TensorHandlers):
     """One worker: a Store of tensors, registered plans, and the request handlers."""
 
     def __init__(
@@ -337,32 +338,6 @@ class Service(PlanRegistry, RunPath):
             caps["max_plans"] = self.max_plans
         return caps
 
-    def _put(self, msg: m.Put, buffers: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        arrays = [self._tensor(t.dtype, t.shape, t.frame, buffers, f"put tensor {t.key!r}") for t in msg.tensors]
-        self.store.check_writable(self._client, (t.key for t in msg.tensors))
-        self.store.check_quota(
-            self._client, ((t.key, a.nbytes) for t, a in zip(msg.tensors, arrays, strict=True)), f"put #{msg.id}"
-        )
-        for t, arr in zip(msg.tensors, arrays, strict=True):
-            self.store.put(self._client, t.key, arr, t.tags)
-        return m.Ok(re=msg.id, session=self.session), []
-
-    def _get(self, msg: m.Get, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        arrays = self.store.take(self._client, msg.keys, msg.keep, self._release)  # host values, one lookup each
-        return self._tensors_reply(msg.id, msg.keys, arrays)
-
-    def _delete(self, msg: m.Delete, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        self.store.delete(self._client, msg.keys)
-        return m.Ok(re=msg.id, session=self.session), []
-
-    def _search(self, msg: m.Search, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        found = [self._info(k, e) for k, e in self.store.search(self._client, msg.tags)]
-        return m.Found(re=msg.id, session=self.session, tensors=found), []
-
-    def _describe(self, msg: m.Describe, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
-        found = [self._info(k, self.store.entry(self._client, k)) for k in msg.keys]
-        return m.Found(re=msg.id, session=self.session, tensors=found), []
-
     def _cancel(self, msg: m.Cancel, _: list[memoryview]) -> tuple[m._Message, list[Frame]]:
         # In process a run is over before the next request is read: nothing is ever queued or running.
         raise ProtocolError("bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running")
@@ -382,29 +357,4 @@ class Service(PlanRegistry, RunPath):
             n,
             nbytes,
             len(pids),
-        )
-
-    # -- helpers ----------------------------------------------------------------------------------
-
-    def _tensor(self, dtype: str, shape: list[int], index: int, buffers: list[memoryview], what: str) -> np.ndarray:
-        return codec.from_frame(dtype, shape, framing.frame_at(buffers, index, what), what=what)
-
-    def _tensors_reply(self, rid: int, keys: list[str], arrays: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
-        out, frames = [], []
-        for key, arr in zip(keys, arrays, strict=True):
-            wire, shape, buf = codec.to_frame(arr)
-            out.append(m.KeyedTensor(key=key, dtype=wire, shape=shape, frame=len(frames)))
-            frames.append(buf)
-        return m.Tensors(re=rid, session=self.session, tensors=out), frames
-
-    @staticmethod
-    def _info(key: str, entry) -> m.TensorInfo:
-        return m.TensorInfo(
-            key=key,
-            dtype=codec.dtypes.to_wire(entry.array.dtype),
-            shape=list(entry.array.shape),
-            tags=list(entry.tags),
-            private=entry.private,
-            owner="worker" if entry.worker else "client",
-            release=entry.pending.how.how if isinstance(entry.pending, Pending) else UNSET,
         )

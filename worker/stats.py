@@ -2,13 +2,11 @@
 
 The Service calls ``observe`` once per request on its own thread, after answering; everything else (the
 admin socket's thread, the metrics HTTP thread) reads a consistent snapshot under one lock. The tiny call's
-path (worker/tiny.py) only logs its run (``ran``: a deque append); the log is counted in a batch
-(``settle``) before the next ``observe``, any read, or once it holds ``RAN_BATCH`` runs, with the same rows
-and counts as one ``observe`` per run. Clients are
-named by their CURVE public key when the worker uses CURVE, else by the connection (peer address and the
-socket's file descriptor, from ZeroMQ's message properties). Holdings are also kept per *owner* (the
-identity that owns objects, worker/owners.py: a client that reconnects keeps its owner), with the privacy
-budget each owner has spent on noised releases.
+path (worker/tiny.py) only logs its runs and deletes, counted in batches with the same rows and counts
+(worker/statlog.py: ``ran``, ``deleted``, ``settle``). Clients are named by their CURVE public key when the
+worker uses CURVE, else by the connection (peer address and the socket's file descriptor, from ZeroMQ's
+message properties). Holdings are also kept per *owner* (the identity that owns objects, worker/owners.py:
+a client that reconnects keeps its owner), with the privacy budget each owner has spent on noised releases.
 
 Connections come and go (a client that reconnects, fd numbers reused): a connection's row is kept while it
 is recent, and folded into its owner's row once it has not been seen for ``fold_after`` seconds, or when
@@ -30,6 +28,7 @@ from planwire.transport import messages as m
 from planwire.worker.metrics import Metrics
 from planwire.worker.owners import label
 from planwire.worker.peers import PeerNames
+from planwire.worker.statlog import TinyLog
 from planwire.worker.statrows import ClientStats, OwnerStats, PlanStats, Recent
 
 if TYPE_CHECKING:
@@ -41,10 +40,9 @@ DURATIONS_KEPT = 10_000  # p50/p99 are over the most recent runs
 CONNECTIONS_SHOWN = 8  # per owner in status
 FOLD_AFTER_S = 600.0  # a connection not seen for this long is folded into its owner's row
 MAX_CONNECTION_ROWS = 1024  # connection rows kept at most (beyond: the least recently seen are folded)
-RAN_BATCH = 256  # runs logged by ``ran`` counted together at most this many at a time
 
 
-class Stats:
+class Stats(TinyLog):
     """Per-client tensors and plans, runs, releases of private data; mirrored into Prometheus metrics."""
 
     def __init__(
@@ -61,7 +59,7 @@ class Stats:
         self.max_rows = max_rows
         self.folded = 0  # connection rows folded into their owners' rows since the start
         self.started = time.time()
-        self._ran: deque[tuple] = deque()  # runs of worker/tiny.py not counted yet (settle)
+        self._ran: deque[tuple] = deque()  # runs and deletes of worker/tiny.py not counted yet (settle)
         self.metrics = Metrics(before_collect=self.settle)
         self.peer = PeerNames(curve)
         self._lock = threading.Lock()
@@ -142,45 +140,6 @@ class Stats:
                 plan.clients.add(client)
                 plan.owners.add(owner)
             self._fold(now)
-
-    def ran(
-        self, frames: Sequence[object], conn: bytes, owner_id: bytes, msg: m.Run, seconds: float, sizes: list[int]
-    ) -> None:
-        """``observe`` of a run that succeeded and stored its outputs, of ``sizes`` bytes each (worker/tiny.py).
-        Logged here and counted in a batch by :meth:`settle` (the same rows and counts as ``observe``, except
-        that past ``max_rows`` connections the rows folded within one batch may differ), before
-        any read of the stats and any other request is observed: a tiny call pays a list append."""
-        log = self._ran
-        log.append((self.peer(frames, conn), owner_id, msg, seconds, sizes, time.time()))
-        if len(log) >= RAN_BATCH:
-            self.settle()
-
-    def settle(self) -> None:
-        """Count the runs :meth:`ran` logged (any thread: the log is a deque, appended by the serving thread)."""
-        if self._ran:
-            with self._lock:
-                self._settle()
-
-    def _settle(self) -> None:
-        """:meth:`settle` under the lock: per connection and owner, the requests are counted once (in the order
-        of their last run, as one ``observe`` after another would leave the rows), then each run."""
-        log, batch = self._ran, []
-        while log:
-            batch.append(log.popleft())
-        if not batch:
-            return
-        groups: dict[tuple[str, bytes], list] = {}  # (connection, owner) -> [runs, last seen], last seen last
-        for client, owner_id, _, _, _, when in batch:
-            g = groups.pop((client, owner_id), None)
-            groups[client, owner_id] = [g[0] + 1, when] if g else [1, when]
-        names = {}
-        for (client, owner_id), (n, when) in groups.items():
-            owner = names[client, owner_id] = label(owner_id) if owner_id else client
-            self._seen(client, owner, "run", False, when, n)
-            self.metrics.request("run", "", n)
-        for client, owner_id, msg, seconds, sizes, _ in batch:
-            self._run(msg, client, owner_id, names[client, owner_id], False, seconds, sizes)
-        self._fold(time.time())
 
     def _seen(
         self, client: str, owner: str, kind: str, failed: bool, now: float, n: int = 1

@@ -28,6 +28,9 @@ def raw(peer, header: bytes, frames=()):
         b'{"type": "get", "id": 4, "keys": [], "keep": false, "keep": true}',
         # escapes take the slow path: the colon inside the tag is written as \\u003a
         b'{"type": "search", "id": 5, "tags": ["a\\u003ab"], "tags": []}',
+        # the two requests of a tiny call, whose members are counted without encoding them
+        b'{"type": "delete", "id": 8, "keys": ["a:b"], "keys": []}',
+        b'{"type": "run", "id": 9, "plan": "p", "args": [{"ref": "x"}], "outputs": ["y"], "id": 10}',
     ],
 )
 def test_a_header_with_a_duplicate_key_is_refused(peer, header):
