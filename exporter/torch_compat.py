@@ -62,6 +62,7 @@ _bases: dict[int, Any] = {}
 builds = 0  # registries built from torchlib by this process (for tests and diagnostics)
 skipped = 0  # decompositions skipped by this process (for tests and diagnostics)
 decomposed = 0  # programs that took the normal path inside the block
+rewritten = 0  # of the skipped: programs whose few decomposable nodes :mod:`decompose` rewrote itself
 
 
 def torch_version() -> tuple[int, int]:
@@ -168,12 +169,13 @@ def _internals() -> tuple[Any, Any, Any, Any] | None:
     return _fx_passes, _is_preservable_cia_op, InputKind, OutputKind
 
 
-def nothing_to_decompose(program: torch.export.ExportedProgram, registry: Any) -> bool:
-    """True when ``run_decompositions`` with torch.onnx's table for ``registry`` would not change ``program``."""
+def program_left_alone(program: torch.export.ExportedProgram, registry: Any) -> bool:
+    """Whether ``run_decompositions`` leaves ``program``'s signature and structure alone: no mutations,
+    effect tokens, backward signature, control-flow subgraphs or attributes, and a registry we can read."""
     internals = _internals()
     if internals is None:
         return False
-    _, preservable_cia, input_kind, output_kind = internals
+    _, _, input_kind, output_kind = internals
     signature = program.graph_signature
     inputs_ok = {input_kind.USER_INPUT, input_kind.PARAMETER, input_kind.BUFFER, input_kind.CONSTANT_TENSOR}
     if any(spec.kind not in inputs_ok for spec in signature.input_specs):
@@ -182,30 +184,34 @@ def nothing_to_decompose(program: torch.export.ExportedProgram, registry: Any) -
         return False
     if getattr(signature, "backward_signature", None) is not None:
         return False
-    functions = getattr(registry, "functions", None)
-    if not isinstance(functions, dict):
+    if not isinstance(getattr(registry, "functions", None), dict):
         return False
     graph_module = program.graph_module
     if any(m is not graph_module for m in graph_module.modules()):  # control flow subgraphs
         return False
-    for node in graph_module.graph.nodes:
-        if node.op == "get_attr":
+    return all(node.op != "get_attr" for node in graph_module.graph.nodes)
+
+
+def left_alone(target: Any, registry: Any) -> bool:
+    """Whether ``run_decompositions`` with torch.onnx's table for ``registry`` keeps a call to ``target``."""
+    if isinstance(target, torch._ops.OpOverload):
+        internals = _internals()
+        if internals is None or target._schema.is_mutable:
             return False
-        if node.op != "call_function":
-            continue
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            if target._schema.is_mutable:
-                return False
-            entries = functions.get(target.name())
-            if not entries or entries[0].fx_target is not target:
-                return False
-            cia = torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
-            if cia and not preservable_cia(target):
-                return False
-        elif getattr(target, "__module__", None) != "_operator":
+        entries = registry.functions.get(target.name())
+        if not entries or entries[0].fx_target is not target:
             return False
-    return True
+        cia = torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
+        return not cia or internals[1](target)
+    return getattr(target, "__module__", None) == "_operator"
+
+
+def nothing_to_decompose(program: torch.export.ExportedProgram, registry: Any) -> bool:
+    """True when ``run_decompositions`` with torch.onnx's table for ``registry`` would not change ``program``."""
+    if not program_left_alone(program, registry):
+        return False
+    nodes = program.graph_module.graph.nodes
+    return all(left_alone(node.target, registry) for node in nodes if node.op == "call_function")
 
 
 @contextmanager
@@ -219,22 +225,29 @@ def skip_noop_decompositions(on_captured: Callable[[], None] | None = None) -> I
     if internals is None:
         yield False
         return
+    from planwire.exporter import decompose  # its rules build on the checks here
+
     fx_passes = internals[0]
     original = fx_passes.decompose_with_registry
     owner = threading.get_ident()
 
     def decompose_with_registry(program: Any, registry: Any) -> Any:
-        global skipped, decomposed
+        global skipped, decomposed, rewritten
         if threading.get_ident() == owner:
             if on_captured is not None:
                 on_captured()
             try:
                 skip = nothing_to_decompose(program, registry)
-            except Exception:  # an internal this check relies on changed shape: take the normal path
-                skip = False
+                local = None if skip else decompose.decompose_locally(program, registry)
+            except Exception:  # an internal these checks rely on changed shape: take the normal path
+                skip, local = False, None
             if skip:
                 skipped += 1
                 return program
+            if local is not None:
+                skipped += 1
+                rewritten += 1
+                return local
         decomposed += 1
         return original(program, registry)
 
