@@ -286,6 +286,56 @@ def test_a_failing_check_takes_the_normal_path(monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(f(x), x.tanh() * 0.25)
 
 
+def test_a_failing_local_decomposition_takes_the_normal_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planwire.exporter import decompose
+
+    def broken(*args: object) -> None:
+        raise AttributeError("an internal moved")
+
+    monkeypatch.setattr(decompose, "decompose_locally", broken)
+    before = torch_compat.skipped, torch_compat.decomposed
+    plan = _BatchNormReshape()
+    plan.build(_FLOAT, dynamic_axes=[[0]])
+    assert (torch_compat.skipped, torch_compat.decomposed) == (before[0], before[1] + 1)
+    x = torch.randn(7, 8)
+    torch.testing.assert_close(plan(x), plan.eager(x))
+
+
+def test_local_decomposition_works_on_a_copy_and_checks_its_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planwire.exporter import decompose
+
+    program = torch.export.export(_BatchNormReshape(), (_FLOAT,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    captured = [str(n.target) for n in program.graph.nodes]
+    reg = torch_compat.onnx_registry(OPSET)
+    result = decompose.decompose_locally(program, reg)
+    assert result is not None and result is not program
+    assert [str(n.target) for n in program.graph.nodes] == captured  # the normal path still has the original
+    assert "aten.batch_norm.default" in captured and "aten.flatten.using_ints" in captured
+    targets = [str(n.target) for n in result.graph.nodes if n.op == "call_function"]
+    assert targets == [
+        "aten.sym_size.int",
+        "aten._native_batch_norm_legit_no_training.default",
+        "<built-in function getitem>",
+        "aten.relu.default",
+        "aten.view.default",
+        "aten.view.default",
+    ]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(result.module()(x), program.module()(x))
+
+    # a rule whose result torch's step would still decompose is refused: the normal path takes over
+    def keeps_reshape(node):  # noqa: ANN001, ANN202
+        return lambda graph, new, env: decompose._call(
+            graph, new, torch.ops.aten.reshape.default, (env[node.args[0]], node.args[1]), new.meta["val"]
+        )
+
+    monkeypatch.setitem(decompose.RULES, torch.ops.aten.reshape.default, keeps_reshape)
+    assert decompose.decompose_locally(program, reg) is None
+    monkeypatch.delitem(decompose.RULES, torch.ops.aten.reshape.default)
+    assert decompose.plan_rewrites(program, reg) is None  # a node without rule
+    assert decompose.decompose_locally(program, reg) is None
+
+
 def test_nothing_to_decompose_rejects_control_flow_and_mutated_buffers() -> None:
     from torch.onnx._internal.exporter import _registration
 
