@@ -1,7 +1,8 @@
 """Local decompositions: the CompositeImplicitAutograd ops of common modules, rewritten node by node.
 
 torch.onnx's decomposition step (``ExportedProgram.run_decompositions``) re-traces the whole captured
-graph under fake tensors, about 0.3-1 s of a warm build, whenever one node needs decomposing. The ops
+graph under fake tensors whenever one node needs decomposing: 0.67 s of CPU of a 0.92 s warm build of
+bench/build.py's BatchNorm/reshape/flatten plan, where capture takes 0.14 s and the rest 0.1 s. The ops
 that make common plans need it are few: ``aten.batch_norm`` in eval mode (BatchNorm layers),
 ``aten.reshape`` and ``aten.flatten``. For each, :data:`RULES` writes in place of the node exactly the
 nodes that torch's own decomposition gives (the CompositeImplicitAutograd kernels in torch's

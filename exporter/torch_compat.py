@@ -8,7 +8,9 @@ only inside a ``with`` block that the caller enters holding :data:`EXPORT_LOCK`:
   *copy* of a registry built once (per opset): the exporter may register custom translations on what it
   gets, so the cached original is never mutated.
 * :func:`skip_noop_decompositions`: the exporter always runs ``run_decompositions`` on what
-  ``torch.export`` captured, even when that provably hands the program back unchanged (below).
+  ``torch.export`` captured, even when that provably hands the program back unchanged (below), and
+  re-traces the whole graph when a few common nodes need it (``batch_norm``, ``reshape``, ``flatten``),
+  which :mod:`planwire.exporter.decompose` rewrites node by node into what that step would give.
 
 :func:`onnx_registry` gives the training pipeline the registry to ask which ops have a translation.
 Every patch checks :func:`supported` (the torch versions they were tested on) and the shape of the
@@ -32,7 +34,10 @@ an ``OpOverload`` with
 * no CIA kernel, or a CIA kernel that export may preserve (``_is_preservable_cia_op``): run_decompositions
   keeps those (``_special_op_to_preserve_cia``) unless the table names them, which it does not (above);
 
-and the only other call targets are ``operator`` functions on sizes (``getitem``, SymInt arithmetic).
+and the only other call targets are ``operator`` functions on sizes (``getitem``, SymInt arithmetic)
+(:func:`left_alone`; the program-wide conditions below are :func:`program_left_alone`). When the only
+nodes that fail this have a rule in :data:`planwire.exporter.decompose.RULES`, the block hands torch.onnx
+a rewritten copy instead, itself checked with :func:`nothing_to_decompose`.
 Anything else falls back to the normal path: higher-order ops, submodules, assertion ops, unregistered
 or mutable ops, mutations, effect tokens or a backward signature in the graph signature. Every build is
 still verified against eager torch, and tests export plans both ways and compare the ONNX graphs.
@@ -225,8 +230,6 @@ def skip_noop_decompositions(on_captured: Callable[[], None] | None = None) -> I
     if internals is None:
         yield False
         return
-    from planwire.exporter import decompose  # its rules build on the checks here
-
     fx_passes = internals[0]
     original = fx_passes.decompose_with_registry
     owner = threading.get_ident()
@@ -237,9 +240,11 @@ def skip_noop_decompositions(on_captured: Callable[[], None] | None = None) -> I
             if on_captured is not None:
                 on_captured()
             try:
+                from planwire.exporter import decompose  # its rules build on the checks here
+
                 skip = nothing_to_decompose(program, registry)
                 local = None if skip else decompose.decompose_locally(program, registry)
-            except Exception:  # an internal these checks rely on changed shape: take the normal path
+            except Exception:  # an internal these checks or rules rely on changed: take the normal path
                 skip, local = False, None
             if skip:
                 skipped += 1
