@@ -4,9 +4,10 @@ torch.onnx's decomposition step (``ExportedProgram.run_decompositions``) re-trac
 graph under fake tensors whenever one node needs decomposing: 0.67 s of CPU of a 0.92 s warm build of
 bench/build.py's BatchNorm/reshape/flatten plan, where capture takes 0.14 s and the rest 0.1 s. The ops
 that make common plans need it are few: ``aten.batch_norm`` in eval mode (BatchNorm layers),
-``aten.reshape`` and ``aten.flatten``. For each, :data:`RULES` writes in place of the node exactly the
-nodes that torch's own decomposition gives (the CompositeImplicitAutograd kernels in torch's
-``TensorShape.cpp`` and ``Normalization.cpp``, as traced by export):
+``aten.reshape``, ``aten.flatten``, dropout in eval mode, ``contiguous``, global average pooling. For
+each, :data:`RULES` writes in place of the node exactly the nodes that torch's own decomposition gives
+(the CompositeImplicitAutograd kernels in torch's ``TensorShape.cpp``, ``Normalization.cpp`` and
+``AdaptiveAveragePooling.cpp``, and torch's Python decomposition of dropout, as traced by export):
 
 * ``batch_norm(x, w, b, mean, var, training=False, momentum, eps, _)`` with running statistics →
   ``_native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)[0]``;
@@ -14,7 +15,11 @@ nodes that torch's own decomposition gives (the CompositeImplicitAutograd kernel
   viewable, so the kernel never takes its copying branch);
 * ``flatten(x, start, end)`` of a contiguous ``x`` of rank >= 1, ``start < end``, with static sizes in
   the flattened range → ``view(x, sizes before + [their product] + sizes after)``, a symbolic size
-  read by ``sym_size.int`` from the graph input it comes from, as torch's tracer does.
+  read by ``sym_size.int`` from the graph input it comes from, as torch's tracer does;
+* ``dropout(x, p, train=False)`` → ``clone(x)`` (torch's Python decomposition of dropout);
+* ``contiguous(x)`` → ``x`` when contiguous, else ``clone(x, memory_format=torch.contiguous_format)``;
+* ``adaptive_avg_pool2d(x, [1, 1])`` of a contiguous ``x`` → ``mean(x, [-1, -2], keepdim=True)`` (the
+  kernel's own shortcut for global pooling, as in ResNet heads).
 
 Every rule returns None (and the build takes torch's normal path) on anything else: training-mode
 batch norm, missing statistics, mixed dtypes, non-contiguous or symbolic cases, an argument that is
@@ -126,6 +131,52 @@ def _reshape(node: fx.Node) -> Rewrite | None:
     return rewrite
 
 
+def _dropout(node: fx.Node) -> Rewrite | None:
+    """``dropout(x, p, train=False)`` → ``clone(x)`` (torch's decomposition of dropout outside training)."""
+    if len(node.args) != 3 or node.kwargs or node.args[2] is not False or not isinstance(node.args[0], fx.Node):
+        return None
+    x = node.args[0]
+
+    def rewrite(graph: fx.Graph, new: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+        return _call(graph, new, aten.clone.default, (env[x],), new.meta["val"])
+
+    return rewrite
+
+
+def _contiguous_op(node: fx.Node) -> Rewrite | None:
+    """``contiguous(x)`` → ``x`` itself when contiguous, else ``clone(x, memory_format=contiguous_format)``."""
+    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.kwargs.get("memory_format", torch.contiguous_format) is not torch.contiguous_format:
+        return None
+    x = node.args[0]
+    if _contiguous(_val(x)):
+        if any(user.op == "output" for user in node.users):  # the program would return an input as is
+            return None
+        return lambda graph, new, env: env[x]
+
+    def rewrite(graph: fx.Graph, new: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+        clone = _call(graph, new, aten.clone.default, (env[x],), new.meta["val"])
+        clone.kwargs = {"memory_format": torch.contiguous_format}
+        return clone
+
+    return rewrite
+
+
+def _adaptive_avg_pool2d(node: fx.Node) -> Rewrite | None:
+    """``adaptive_avg_pool2d(x, [1, 1])`` of a contiguous ``x`` → ``mean(x, [-1, -2], keepdim=True)``."""
+    if len(node.args) != 2 or node.kwargs or not isinstance(node.args[1], list | tuple):
+        return None
+    if list(node.args[1]) != [1, 1] or not _contiguous(_val(node.args[0])):
+        return None
+    x = node.args[0]
+
+    def rewrite(graph: fx.Graph, new: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+        return _call(graph, new, aten.mean.dim, (env[x], [-1, -2], True), new.meta["val"])
+
+    return rewrite
+
+
 def _symbol_source(graph: fx.Graph, size: Any) -> tuple[fx.Node, int] | None:
     """The graph input and axis whose size is the bare symbol ``size``, first in graph order."""
     expr = size.node.expr
@@ -215,6 +266,9 @@ RULES: dict[Any, Rule] = {
     aten.batch_norm.default: _batch_norm,
     aten.reshape.default: _reshape,
     aten.flatten.using_ints: _flatten,
+    aten.dropout.default: _dropout,
+    aten.contiguous.default: _contiguous_op,
+    aten.adaptive_avg_pool2d.default: _adaptive_avg_pool2d,
 }
 
 

@@ -194,6 +194,25 @@ _DECOMP_CASES = {
     ),
     "flatten inner axes, twice": (_fn(lambda x: x.flatten(1, 2).flatten(-2) + x.flatten(2).sum()), _IMAGE, "local"),
     "bench: batch norm, relu, reshape, flatten": (_BatchNormReshape, _FLOAT, "local"),
+    "dropout and contiguous outside training": (
+        _fn(lambda x: F.dropout(x, 0.5, training=False).reshape(-1, 2, 4).transpose(1, 2).contiguous() * 2),
+        _FLOAT,
+        "local",
+    ),
+    "resnet head: conv, batch norm, global pooling, dropout, linear": (
+        lambda: _Seq(
+            torch.nn.Conv2d(3, 4, 3),
+            _stats(torch.nn.BatchNorm2d(4)),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d((1, 1)),
+            torch.nn.Flatten(),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(4, 2),
+        ),
+        _IMAGE,
+        "local",
+    ),
+    "adaptive pooling to 2x2": (_fn(lambda x: F.adaptive_avg_pool2d(x, 2)), _IMAGE, "torch"),
     "flatten over the batch axis": (_fn(lambda x: x.flatten() * 2), _FLOAT, "torch"),
     "reshape of a transpose (copies)": (_fn(lambda x: x.t().reshape(-1) * 2), _FLOAT, "torch"),
     "batch norm without running statistics": (
