@@ -8,7 +8,9 @@ only inside a ``with`` block that the caller enters holding :data:`EXPORT_LOCK`:
   *copy* of a registry built once (per opset): the exporter may register custom translations on what it
   gets, so the cached original is never mutated.
 * :func:`skip_noop_decompositions`: the exporter always runs ``run_decompositions`` on what
-  ``torch.export`` captured, even when that provably hands the program back unchanged (below).
+  ``torch.export`` captured, even when that provably hands the program back unchanged (below), and
+  re-traces the whole graph when a few common nodes need it (``batch_norm``, ``reshape``, ``flatten``),
+  which :mod:`planwire.exporter.decompose` rewrites node by node into what that step would give.
 
 :func:`onnx_registry` gives the training pipeline the registry to ask which ops have a translation.
 Every patch checks :func:`supported` (the torch versions they were tested on) and the shape of the
@@ -32,7 +34,10 @@ an ``OpOverload`` with
 * no CIA kernel, or a CIA kernel that export may preserve (``_is_preservable_cia_op``): run_decompositions
   keeps those (``_special_op_to_preserve_cia``) unless the table names them, which it does not (above);
 
-and the only other call targets are ``operator`` functions on sizes (``getitem``, SymInt arithmetic).
+and the only other call targets are ``operator`` functions on sizes (``getitem``, SymInt arithmetic)
+(:func:`left_alone`; the program-wide conditions below are :func:`program_left_alone`). When the only
+nodes that fail this have a rule in :data:`planwire.exporter.decompose.RULES`, the block hands torch.onnx
+a rewritten copy instead, itself checked with :func:`nothing_to_decompose`.
 Anything else falls back to the normal path: higher-order ops, submodules, assertion ops, unregistered
 or mutable ops, mutations, effect tokens or a backward signature in the graph signature. Every build is
 still verified against eager torch, and tests export plans both ways and compare the ONNX graphs.
@@ -62,6 +67,7 @@ _bases: dict[int, Any] = {}
 builds = 0  # registries built from torchlib by this process (for tests and diagnostics)
 skipped = 0  # decompositions skipped by this process (for tests and diagnostics)
 decomposed = 0  # programs that took the normal path inside the block
+rewritten = 0  # of the skipped: programs whose few decomposable nodes :mod:`decompose` rewrote itself
 
 
 def torch_version() -> tuple[int, int]:
@@ -168,12 +174,13 @@ def _internals() -> tuple[Any, Any, Any, Any] | None:
     return _fx_passes, _is_preservable_cia_op, InputKind, OutputKind
 
 
-def nothing_to_decompose(program: torch.export.ExportedProgram, registry: Any) -> bool:
-    """True when ``run_decompositions`` with torch.onnx's table for ``registry`` would not change ``program``."""
+def program_left_alone(program: torch.export.ExportedProgram, registry: Any) -> bool:
+    """Whether ``run_decompositions`` leaves ``program``'s signature and structure alone: no mutations,
+    effect tokens, backward signature, control-flow subgraphs or attributes, and a registry we can read."""
     internals = _internals()
     if internals is None:
         return False
-    _, preservable_cia, input_kind, output_kind = internals
+    _, _, input_kind, output_kind = internals
     signature = program.graph_signature
     inputs_ok = {input_kind.USER_INPUT, input_kind.PARAMETER, input_kind.BUFFER, input_kind.CONSTANT_TENSOR}
     if any(spec.kind not in inputs_ok for spec in signature.input_specs):
@@ -182,30 +189,34 @@ def nothing_to_decompose(program: torch.export.ExportedProgram, registry: Any) -
         return False
     if getattr(signature, "backward_signature", None) is not None:
         return False
-    functions = getattr(registry, "functions", None)
-    if not isinstance(functions, dict):
+    if not isinstance(getattr(registry, "functions", None), dict):
         return False
     graph_module = program.graph_module
     if any(m is not graph_module for m in graph_module.modules()):  # control flow subgraphs
         return False
-    for node in graph_module.graph.nodes:
-        if node.op == "get_attr":
+    return all(node.op != "get_attr" for node in graph_module.graph.nodes)
+
+
+def left_alone(target: Any, registry: Any) -> bool:
+    """Whether ``run_decompositions`` with torch.onnx's table for ``registry`` keeps a call to ``target``."""
+    if isinstance(target, torch._ops.OpOverload):
+        internals = _internals()
+        if internals is None or target._schema.is_mutable:
             return False
-        if node.op != "call_function":
-            continue
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            if target._schema.is_mutable:
-                return False
-            entries = functions.get(target.name())
-            if not entries or entries[0].fx_target is not target:
-                return False
-            cia = torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
-            if cia and not preservable_cia(target):
-                return False
-        elif getattr(target, "__module__", None) != "_operator":
+        entries = registry.functions.get(target.name())
+        if not entries or entries[0].fx_target is not target:
             return False
-    return True
+        cia = torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")
+        return not cia or internals[1](target)
+    return getattr(target, "__module__", None) == "_operator"
+
+
+def nothing_to_decompose(program: torch.export.ExportedProgram, registry: Any) -> bool:
+    """True when ``run_decompositions`` with torch.onnx's table for ``registry`` would not change ``program``."""
+    if not program_left_alone(program, registry):
+        return False
+    nodes = program.graph_module.graph.nodes
+    return all(left_alone(node.target, registry) for node in nodes if node.op == "call_function")
 
 
 @contextmanager
@@ -224,17 +235,24 @@ def skip_noop_decompositions(on_captured: Callable[[], None] | None = None) -> I
     owner = threading.get_ident()
 
     def decompose_with_registry(program: Any, registry: Any) -> Any:
-        global skipped, decomposed
+        global skipped, decomposed, rewritten
         if threading.get_ident() == owner:
             if on_captured is not None:
                 on_captured()
             try:
+                from planwire.exporter import decompose  # its rules build on the checks here
+
                 skip = nothing_to_decompose(program, registry)
-            except Exception:  # an internal this check relies on changed shape: take the normal path
-                skip = False
+                local = None if skip else decompose.decompose_locally(program, registry)
+            except Exception:  # an internal these checks or rules rely on changed: take the normal path
+                skip, local = False, None
             if skip:
                 skipped += 1
                 return program
+            if local is not None:
+                skipped += 1
+                rewritten += 1
+                return local
         decomposed += 1
         return original(program, registry)
 

@@ -134,28 +134,95 @@ class _Seq(Plan):
         return self.m(x)
 
 
+def _stats(bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.nn.Module:
+    """A batch norm layer with random running statistics (and affine weights, if any)."""
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if bn.weight is not None:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    return bn
+
+
+class _BatchNormReshape(Plan):
+    """bench/build.py's plan needing decompositions: BatchNorm (eval), relu, reshape, flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = _stats(torch.nn.BatchNorm1d(8))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(x)).reshape(-1, 2, 4).flatten(1)
+
+
 def _fn(function):  # noqa: ANN001, ANN202
     return lambda: Plan(function)
 
 
 _FLOAT = torch.randn(4, 8)
-# (plan, example, whether torch.onnx's decompositions provably have nothing to do)
+_IMAGE = torch.randn(4, 3, 5, 5)
+# (plan, example, the path torch.onnx's decomposition step takes: "skip" when it provably has nothing to
+# do, "local" when planwire.exporter.decompose rewrites the few nodes that need it, "torch" otherwise)
 _DECOMP_CASES = {
-    "elementwise": (_fn(lambda x: torch.relu(x * 2.0 + 1.5)), _FLOAT, True),
-    "dead code and sizes": (_fn(lambda x: [x.sin() * 3, x + x.shape[0] // 2][1]), _FLOAT, True),
-    "seed net": (_Net, torch.randn(4, 2), True),
-    "mlp": (lambda: _Seq(torch.nn.Linear(8, 5), torch.nn.GELU(), torch.nn.LayerNorm(5)), _FLOAT, True),
-    "float16": (_fn(lambda x: torch.sigmoid(x).abs() * 2), _FLOAT.half(), True),
-    "integers": (_fn(lambda x: (x * 3 // 2) % 4 + x.argmax(-1, keepdim=True)), torch.randint(0, 9, (4, 8)), True),
+    "elementwise": (_fn(lambda x: torch.relu(x * 2.0 + 1.5)), _FLOAT, "skip"),
+    "dead code and sizes": (_fn(lambda x: [x.sin() * 3, x + x.shape[0] // 2][1]), _FLOAT, "skip"),
+    "seed net": (_Net, torch.randn(4, 2), "skip"),
+    "mlp": (lambda: _Seq(torch.nn.Linear(8, 5), torch.nn.GELU(), torch.nn.LayerNorm(5)), _FLOAT, "skip"),
+    "float16": (_fn(lambda x: torch.sigmoid(x).abs() * 2), _FLOAT.half(), "skip"),
+    "integers": (_fn(lambda x: (x * 3 // 2) % 4 + x.argmax(-1, keepdim=True)), torch.randint(0, 9, (4, 8)), "skip"),
     "where/cat/topk": (
         _fn(lambda x: torch.where(x > 0, torch.cat([x, -x], 1)[:, :8], x.exp()).topk(3)[0]),
         _FLOAT,
-        True,
+        "skip",
     ),
-    "reshape (decomposed)": (_fn(lambda x: x.reshape(-1, 4, 2).sum(1)), _FLOAT, False),
-    "in-place (functionalized)": (_fn(lambda x: x.clone().add_(1).mul_(2)), _FLOAT, False),
-    "batch norm (unregistered)": (lambda: _Seq(torch.nn.BatchNorm1d(8)), _FLOAT, False),
-    "dropout in training (not preservable)": (lambda: _Seq(torch.nn.Dropout(0.5), train=True), _FLOAT, False),
+    "reshape": (_fn(lambda x: x.reshape(-1, 4, 2).sum(1)), _FLOAT, "local"),
+    "reshape by a size": (_fn(lambda x: x.reshape(x.shape[0], 2, 4).sum(1) * x.shape[0]), _FLOAT, "local"),
+    "batch norm": (lambda: _Seq(_stats(torch.nn.BatchNorm1d(8))), _FLOAT, "local"),
+    "batch norm 2d, no affine, flatten": (
+        lambda: _Seq(_stats(torch.nn.BatchNorm2d(3, affine=False)), torch.nn.ReLU(), torch.nn.Flatten()),
+        _IMAGE,
+        "local",
+    ),
+    "conv, batch norm, flatten": (
+        lambda: _Seq(
+            torch.nn.Conv2d(3, 4, 3), _stats(torch.nn.BatchNorm2d(4)), torch.nn.Flatten(), torch.nn.Linear(36, 2)
+        ),
+        _IMAGE,
+        "local",
+    ),
+    "flatten inner axes, twice": (_fn(lambda x: x.flatten(1, 2).flatten(-2) + x.flatten(2).sum()), _IMAGE, "local"),
+    "bench: batch norm, relu, reshape, flatten": (_BatchNormReshape, _FLOAT, "local"),
+    "dropout and contiguous outside training": (
+        _fn(lambda x: F.dropout(x, 0.5, training=False).reshape(-1, 2, 4).transpose(1, 2).contiguous() * 2),
+        _FLOAT,
+        "local",
+    ),
+    "resnet head: conv, batch norm, global pooling, dropout, linear": (
+        lambda: _Seq(
+            torch.nn.Conv2d(3, 4, 3),
+            _stats(torch.nn.BatchNorm2d(4)),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d((1, 1)),
+            torch.nn.Flatten(),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(4, 2),
+        ),
+        _IMAGE,
+        "local",
+    ),
+    "adaptive pooling to 2x2": (_fn(lambda x: F.adaptive_avg_pool2d(x, 2)), _IMAGE, "torch"),
+    "flatten over the batch axis": (_fn(lambda x: x.flatten() * 2), _FLOAT, "torch"),
+    "reshape of a transpose (copies)": (_fn(lambda x: x.t().reshape(-1) * 2), _FLOAT, "torch"),
+    "batch norm without running statistics": (
+        lambda: _Seq(torch.nn.BatchNorm1d(8, track_running_stats=False)),
+        _FLOAT,
+        "torch",
+    ),
+    "reshape beside an op without rule": (_fn(lambda x: x.reshape(-1, 2, 4).clone().add_(1)), _FLOAT, "torch"),
+    "in-place (functionalized)": (_fn(lambda x: x.clone().add_(1).mul_(2)), _FLOAT, "torch"),
+    "dropout in training (not preservable)": (lambda: _Seq(torch.nn.Dropout(0.5), train=True), _FLOAT, "torch"),
 }
 
 
@@ -189,7 +256,7 @@ def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pyte
     from planwire.exporter import export
     from planwire.exporter.plan import eager
 
-    make, example, skippable = _DECOMP_CASES[case]
+    make, example, path = _DECOMP_CASES[case]
     original = _fx_passes.decompose_with_registry
     models = []
     for fast in (True, False):
@@ -197,7 +264,7 @@ def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pyte
             monkeypatch.setattr(export, "skip_noop_decompositions", lambda **_: nullcontext(False))
         torch.manual_seed(0)
         plan = make()
-        skipped, decomposed = torch_compat.skipped, torch_compat.decomposed
+        before = torch_compat.skipped, torch_compat.rewritten, torch_compat.decomposed
         with eager():
             models.append(
                 export.export_model(
@@ -210,11 +277,12 @@ def test_skipped_decompositions_give_the_same_graph(case: str, monkeypatch: pyte
                     keep=plan._state_names(),
                 )
             )
+        after = torch_compat.skipped, torch_compat.rewritten, torch_compat.decomposed
+        counts = tuple(n - b for n, b in zip(after, before, strict=True))
         if fast:
-            counts = (torch_compat.skipped - skipped, torch_compat.decomposed - decomposed)
-            assert counts == ((1, 0) if skippable else (0, 1))
+            assert counts == {"skip": (1, 0, 0), "local": (1, 1, 0), "torch": (0, 0, 1)}[path]
         else:
-            assert (torch_compat.skipped, torch_compat.decomposed) == (skipped, decomposed)
+            assert counts == (0, 0, 0)
         assert _fx_passes.decompose_with_registry is original
     assert _canonical(models[0], plan._state_names()) == _canonical(models[1], plan._state_names())
     make().build(example, dynamic_axes=[[0]])  # which verifies the graph against eager torch
@@ -235,6 +303,56 @@ def test_a_failing_check_takes_the_normal_path(monkeypatch: pytest.MonkeyPatch) 
     assert (torch_compat.skipped, torch_compat.decomposed) == (skipped, decomposed + 1)
     x = torch.randn(5, 4)
     torch.testing.assert_close(f(x), x.tanh() * 0.25)
+
+
+def test_a_failing_local_decomposition_takes_the_normal_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planwire.exporter import decompose
+
+    def broken(*args: object) -> None:
+        raise AttributeError("an internal moved")
+
+    monkeypatch.setattr(decompose, "decompose_locally", broken)
+    before = torch_compat.skipped, torch_compat.decomposed
+    plan = _BatchNormReshape()
+    plan.build(_FLOAT, dynamic_axes=[[0]])
+    assert (torch_compat.skipped, torch_compat.decomposed) == (before[0], before[1] + 1)
+    x = torch.randn(7, 8)
+    torch.testing.assert_close(plan(x), plan.eager(x))
+
+
+def test_local_decomposition_works_on_a_copy_and_checks_its_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    from planwire.exporter import decompose
+
+    program = torch.export.export(_BatchNormReshape(), (_FLOAT,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    captured = [str(n.target) for n in program.graph.nodes]
+    reg = torch_compat.onnx_registry(OPSET)
+    result = decompose.decompose_locally(program, reg)
+    assert result is not None and result is not program
+    assert [str(n.target) for n in program.graph.nodes] == captured  # the normal path still has the original
+    assert "aten.batch_norm.default" in captured and "aten.flatten.using_ints" in captured
+    targets = [str(n.target) for n in result.graph.nodes if n.op == "call_function"]
+    assert targets == [
+        "aten.sym_size.int",
+        "aten._native_batch_norm_legit_no_training.default",
+        "<built-in function getitem>",
+        "aten.relu.default",
+        "aten.view.default",
+        "aten.view.default",
+    ]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(result.module()(x), program.module()(x))
+
+    # a rule whose result torch's step would still decompose is refused: the normal path takes over
+    def keeps_reshape(node):  # noqa: ANN001, ANN202
+        return lambda graph, new, env: decompose._call(
+            graph, new, torch.ops.aten.reshape.default, (env[node.args[0]], node.args[1]), new.meta["val"]
+        )
+
+    monkeypatch.setitem(decompose.RULES, torch.ops.aten.reshape.default, keeps_reshape)
+    assert decompose.decompose_locally(program, reg) is None
+    monkeypatch.delitem(decompose.RULES, torch.ops.aten.reshape.default)
+    assert decompose.plan_rewrites(program, reg) is None  # a node without rule
+    assert decompose.decompose_locally(program, reg) is None
 
 
 def test_nothing_to_decompose_rejects_control_flow_and_mutated_buffers() -> None:
