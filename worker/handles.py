@@ -118,11 +118,12 @@ class Handles:
         becomes a Resident with that host copy). ProtocolError (nothing sent) when an argument was lost with
         an earlier runner."""
         refs, keep = [], []
+        gen, ref_to, wire_of = self.gen, pipe.TensorRef, dtypes.to_wire
         for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
             holder: Resident | None = None
-            if isinstance(arr, Resident):
-                if arr.gen == self.gen:
-                    refs.append(pipe.TensorRef(dtypes.to_wire(arr.dtype), list(arr.shape), handle=arr.handle))
+            if type(arr) is Resident:
+                if arr.gen == gen:  # (its shape goes as the tuple it is: encoded as the list it stands for)
+                    refs.append(ref_to(wire_of(arr.dtype), arr.shape, handle=arr.handle))  # type: ignore[arg-type]
                     continue
                 if arr.host is None:
                     raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
