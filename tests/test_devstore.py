@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 
 from planwire.worker.device import Device
-from planwire.worker.devstore import DeviceStore, value_info, value_nbytes
+from planwire.worker.devstore import DeviceStore, described, value_info, value_nbytes
 
 
 def _value(shape: tuple[int, ...], dtype: type = np.float32) -> object:
@@ -35,3 +35,30 @@ def test_private_bytes_are_counted_once_per_value_and_given_back() -> None:
     assert store.private_bytes == 0 and len(store) == 0
     reused = store.buffers([("tensor(float)", (4,)), ("tensor(float)", (10,)), ("tensor(int64)", (1,))])
     assert reused is not None and [r is None for r in reused] == [False, False, True]
+
+
+def test_described_matches_what_onnxruntime_says() -> None:
+    for shape, dtype in (((3, 5), np.float64), ((), np.int64), ((2, 0, 4), np.float32)):
+        v = _value(shape, dtype)
+        assert described(v.data_type(), tuple(v.shape())) == value_info(v)
+
+
+def test_a_freed_buffer_joins_the_pool_once_its_last_handle_goes() -> None:
+    """Address and (type, shape) are read once when held: a freed output joins the pool of that kind, and
+    memory two handles share (an output aliasing another) only when both are gone."""
+    store = DeviceStore(Device.parse("cpu", 0))
+    a, b = _value((8, 4)), _value((8, 4))
+    kind = (a.data_type(), tuple(a.shape()))
+    store.hold(1, a, own=True, nbytes=128, ptr=a.data_ptr(), kind=kind)
+    store.hold(2, a, own=True, nbytes=128)  # the same memory under a second handle (read here)
+    store.hold(3, b, own=True, nbytes=128, ptr=b.data_ptr(), kind=kind)
+    store.free([1, 3])
+    reused = store.buffers([kind, kind, kind])
+    assert reused is not None and store.lending == 1  # b only: a is still held under handle 2
+    assert reused[0].data_ptr() == b.data_ptr() and reused[1] is None and reused[2] is None
+    store.release_pool()
+    store.free([2])
+    reused = store.buffers([kind])
+    assert reused is not None and reused[0].data_ptr() == a.data_ptr() and store.lending == 1
+    store.release_pool()
+    assert store.buffers([kind]) is None and store.lending == 0

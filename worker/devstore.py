@@ -24,13 +24,15 @@ from planwire.transport import dtypes
 from planwire.worker.device import Device
 
 
-@dataclass
+@dataclass(slots=True)
 class _Held:
     value: object  # onnxruntime's C OrtValue
     keep: object = None  # the host buffer a CPU OrtValue wraps (kept alive with it), if any
     own: bool = False  # memory the runner allocated (an output): may be reused once freed
     arena: int = 0  # the token of the session whose arena holds its memory (0: none)
     private: int = 0  # bytes of the runner's own host memory it takes (counted in ``private_bytes``)
+    ptr: int = 0  # its data's address (read once: a held value's memory does not move)
+    kind: tuple | None = None  # (onnxruntime type, shape): its buffer's pool, when the caller read it already
 
 
 @dataclass
@@ -55,6 +57,7 @@ class DeviceStore:
         self._ptrs: Counter[int] = Counter()  # held values by data address (outputs may alias inputs)
         self.private_bytes = 0  # of held values in the runner's own host memory (CPU, not wrapping a buffer)
         self.lent: dict[int, int] = {}  # data address -> arena token of the pooled buffers the last run was given
+        self.lending = 0  # how many pooled buffers the last run was given
 
     def __len__(self) -> int:
         return len(self.held)
@@ -91,20 +94,25 @@ class DeviceStore:
         own: bool = False,
         arena: int = 0,
         nbytes: int | None = None,
+        ptr: int | None = None,
+        kind: tuple | None = None,
     ) -> None:
         """Hold ``value`` under ``handle``; ``own``: memory the runner allocated for it alone, which may be
         written again once freed (never a buffer that wraps host memory or aliases another value); ``arena``:
-        the token of the session whose arena holds that memory; ``nbytes``: its size when the caller read it
-        already (else read here)."""
+        the token of the session whose arena holds that memory; ``nbytes``, ``ptr``, ``kind``: its size, data
+        address and (onnxruntime type, shape) when the caller read them already (else read here, or when
+        freed)."""
         old = self.held.get(handle)
         if old is not None:
-            self._ptrs[old.value.data_ptr()] -= 1  # type: ignore[attr-defined]
+            self._ptrs[old.ptr] -= 1
             self.private_bytes -= old.private
         private = 0
         if not self.device.cuda and keep is None:
             private = value_nbytes(value) if nbytes is None else nbytes
-        self.held[handle] = _Held(value, keep, own, arena, private)
-        self._ptrs[value.data_ptr()] += 1  # type: ignore[attr-defined]
+        if ptr is None:
+            ptr = value.data_ptr()  # type: ignore[attr-defined]
+        self.held[handle] = _Held(value, keep, own, arena, private, ptr, kind)
+        self._ptrs[ptr] += 1
         self.private_bytes += private
 
     def get(self, handle: int) -> object:
@@ -113,35 +121,48 @@ class DeviceStore:
 
     def free(self, handles: Iterable[int]) -> None:
         """Forget ``handles`` (the supervisor dropped them); buffers the runner allocated join the pool."""
+        pop, ptrs, pool = self.held.pop, self._ptrs, self._pool
         for h in handles:
-            held = self.held.pop(h, None)
+            held = pop(h, None)
             if held is None:
                 continue
-            v = held.value
-            ptr = v.data_ptr()  # type: ignore[attr-defined]
+            ptr = held.ptr
             self.private_bytes -= held.private
-            self._ptrs[ptr] -= 1
-            if self._ptrs[ptr] <= 0:
-                del self._ptrs[ptr]
-                if held.own:  # nothing else held shares its memory: the next run may write into it
-                    self._pool.setdefault((v.data_type(), tuple(v.shape())), []).append(held)  # type: ignore[attr-defined]
+            left = ptrs[ptr] - 1
+            if left > 0:
+                ptrs[ptr] = left
+                continue
+            ptrs.pop(ptr, None)
+            if held.own:  # nothing else held shares its memory: the next run may write into it
+                kind = held.kind
+                if kind is None:
+                    v = held.value
+                    kind = (v.data_type(), tuple(v.shape()))  # type: ignore[attr-defined]
+                pool.setdefault(kind, []).append(held)
 
     def buffers(self, shapes: list[tuple[str, tuple[int, ...]]] | None) -> list | None:
         """Pooled buffers for outputs of these (ONNX type, shape)s, None where there is none; None when no
         output can reuse one. ``lent`` says which arena each one's memory is in."""
-        self.lent = {}
+        self.lent = lent = {}
+        self.lending = 0
         if not shapes or not self._pool:
             return None
-        out = []
+        out: list = []
+        pool, n = self._pool, 0
         for key in shapes:
-            free = self._pool.get(key)
-            held = free.pop() if free else None
-            out.append(None if held is None else held.value)
-            if held is not None and held.arena:
-                self.lent[held.value.data_ptr()] = held.arena  # type: ignore[attr-defined]
-        if all(b is None for b in out):
+            free = pool.get(key)
+            if not free:
+                out.append(None)
+                continue
+            held = free.pop()
+            out.append(held.value)
+            n += 1
+            if held.arena:
+                lent[held.ptr] = held.arena
+        if not n:
             return None
-        self.counts.reused += sum(b is not None for b in out)
+        self.lending = n
+        self.counts.reused += n
         return out
 
     def evacuate(self, arena: int) -> None:
@@ -152,10 +173,10 @@ class DeviceStore:
             return
         for free in self._pool.values():  # freed buffers of that arena are not lent to a later run
             free[:] = [h for h in free if h.arena != arena]
-        ptrs = {h.value.data_ptr() for h in self.held.values() if h.arena == arena}  # type: ignore[attr-defined]
+        ptrs = {h.ptr for h in self.held.values() if h.arena == arena}
         copies: dict[int, object] = {}
         for handle, held in list(self.held.items()):
-            ptr = held.value.data_ptr()  # type: ignore[attr-defined]
+            ptr = held.ptr
             if ptr not in ptrs:
                 continue
             if ptr not in copies:
@@ -164,7 +185,7 @@ class DeviceStore:
                 except Exception:  # noqa: BLE001  (memory at the bound: the arena stays for it)
                     ptrs.discard(ptr)
                     continue
-            self.hold(handle, copies[ptr], own=held.own)  # (the copy wraps no host buffer)
+            self.hold(handle, copies[ptr], own=held.own, kind=held.kind)  # (the copy wraps no host buffer)
 
     def release_pool(self) -> None:
         """Release what the last run did not reuse (its memory goes back to the device's allocator)."""
@@ -180,6 +201,18 @@ class DeviceStore:
             return host  # on CPU a view: send it before the next run
         out[...] = host
         return out
+
+
+_KINDS: dict[str, tuple[str, int]] = {}  # onnxruntime type -> (wire dtype, item size)
+
+
+def described(ort_type: str, shape: tuple[int, ...]) -> tuple[str, list[int], int]:
+    """(wire dtype, shape, bytes) of a tensor of ``ort_type`` (``tensor(float)``) and ``shape``."""
+    kind = _KINDS.get(ort_type)
+    if kind is None:
+        wire = dtypes.from_ort(ort_type)
+        kind = _KINDS[ort_type] = (wire, dtypes.to_numpy(wire).itemsize)
+    return kind[0], list(shape), math.prod(shape) * kind[1]
 
 
 def value_meta(value: object) -> tuple[str, list[int]]:

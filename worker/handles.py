@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 import weakref
 from array import array
 from collections.abc import Sequence
@@ -34,8 +35,11 @@ class Handles:
     def __init__(self, keeper: Keeper, directory: str) -> None:
         self.keeper, self.dir = keeper, directory
         self.gen = 0
-        self.residents: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()
-        self.unsaved: weakref.WeakValueDictionary[int, Resident] = weakref.WeakValueDictionary()  # no host copy
+        # The Residents alive, by handle, as plain weak references without callbacks: a Resident that dies
+        # leaves both maps through ``drop`` (its ``__del__``), which costs a step's ~90 state tensors less
+        # than a WeakValueDictionary's keyed reference and callback each (handles are never reused).
+        self.residents: dict[int, weakref.ref[Resident]] = {}
+        self.unsaved = Unsaved()  # those with no host copy yet
         self._handles = itertools.count(1)
         # handles to free with the next request: an array, not a list of ints kept across a burst (each
         # would pin the allocator arena it sits in: bench/load.py's RSS)
@@ -58,6 +62,12 @@ class Handles:
         """What crossed between host and runner so far, and the tensors it holds now (any thread)."""
         return {**self.counts, "held": len(self.residents)}
 
+    def _track(self, resident: Resident, saved: bool) -> None:
+        ref = weakref.ref(resident)
+        self.residents[resident.handle] = ref
+        if not saved:
+            self.unsaved.refs[resident.handle] = ref
+
     # -- handles ------------------------------------------------------------------------------------
 
     def new_generation(self) -> None:
@@ -69,8 +79,11 @@ class Handles:
 
     def drop(self, resident: Resident) -> None:
         """A Resident is garbage: its handle is freed with the next request (when this runner holds it)."""
+        handle = resident.handle
+        self.residents.pop(handle, None)
+        self.unsaved.refs.pop(handle, None)
         if resident.gen == self.gen:
-            self._free.append(resident.handle)
+            self._free.append(handle)
 
     def free_later(self, handles: Sequence[int]) -> None:
         self._free.extend(handles)
@@ -82,8 +95,8 @@ class Handles:
     def lose(self, why: str) -> list[Resident]:
         """The runner ended: its tensors with a host copy are uploaded again when used; the others are lost
         (``why``), and returned."""
-        held = list(self.residents.values())
-        self.residents, self.unsaved = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
+        held = [r for r in (ref() for ref in self.residents.values()) if r is not None]
+        self.residents, self.unsaved = {}, Unsaved()
         self._free = array("q")
         lost = []
         for r in held:
@@ -105,11 +118,12 @@ class Handles:
         becomes a Resident with that host copy). ProtocolError (nothing sent) when an argument was lost with
         an earlier runner."""
         refs, keep = [], []
+        gen, ref_to, wire_of = self.gen, pipe.TensorRef, dtypes.to_wire
         for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
             holder: Resident | None = None
-            if isinstance(arr, Resident):
-                if arr.gen == self.gen:
-                    refs.append(pipe.TensorRef(dtypes.to_wire(arr.dtype), list(arr.shape), handle=arr.handle))
+            if type(arr) is Resident:
+                if arr.gen == gen:  # (its shape goes as the tuple it is: encoded as the list it stands for)
+                    refs.append(ref_to(wire_of(arr.dtype), arr.shape, handle=arr.handle))  # type: ignore[arg-type]
                     continue
                 if arr.host is None:
                     raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
@@ -133,7 +147,7 @@ class Handles:
             if holder is not None:
                 handle = next(self._handles)
                 holder.handle, holder.gen = handle, self.gen
-                self.residents[handle] = holder
+                self._track(holder, True)
             self.counts["uploads"] += 1
             self.counts["upload_bytes"] += buf.nbytes
             if loc is None:
@@ -152,17 +166,16 @@ class Handles:
         if len(ran.outputs) != len(handles):
             self._free.extend(handles)
             raise ProtocolError("internal", f"runner answered {len(ran.outputs)} outputs for {len(handles)}")
-        out = []
+        out: list[Resident] = []
+        keeper, gen, born, track = self.keeper, self.gen, time.monotonic(), self._track
         try:
             for i, (h, ref) in enumerate(zip(handles, ran.outputs, strict=True)):
                 host = self.data(ref, buffers, f"runner output {i}") if ref.has_data else None
                 try:
-                    r = Resident(self.keeper, h, self.gen, dtypes.to_numpy(ref.dtype), tuple(ref.shape), host)
+                    r = Resident(keeper, h, gen, dtypes.to_numpy(ref.dtype), ref.shape, host, born=born)
                 except (ValueError, TypeError) as e:
                     raise ProtocolError("internal", f"runner output {i}: {e}") from None
-                self.residents[h] = r
-                if host is None:
-                    self.unsaved[h] = r
+                track(r, host is not None)
                 out.append(r)
         except Exception:
             self._free.extend(handles[len(out) :])
@@ -197,5 +210,26 @@ class Handles:
     def copied(self, resident: Resident, host: np.ndarray) -> None:
         """``resident`` has its host copy now."""
         resident.host = host
-        self.unsaved.pop(resident.handle, None)
+        self.unsaved.refs.pop(resident.handle, None)
         self.counts["host_copies"] += 1
+
+
+class Unsaved:
+    """The Residents only the runner holds (no host copy yet), by handle: read as a mapping of the live ones."""
+
+    __slots__ = ("refs",)
+
+    def __init__(self) -> None:
+        self.refs: dict[int, weakref.ref[Resident]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __contains__(self, handle: object) -> bool:
+        return handle in self.refs
+
+    def values(self) -> list[Resident]:
+        return [r for r in (ref() for ref in list(self.refs.values())) if r is not None]

@@ -86,7 +86,7 @@ def rebound(limit: int, held: int) -> None:
 
 def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
     """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
-    from planwire.worker.devstore import DeviceStore, value_info
+    from planwire.worker.devstore import DeviceStore, described, value_info
     from planwire.worker.runtime import OrtPlan, is_out_of_memory
 
     sessions: dict[str, OrtPlan] = {}
@@ -107,11 +107,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
         return plan
 
     def arg(i: int, ref: pipe.TensorRef, buffers: list[memoryview]) -> object:
-        if not ref.has_data:
-            try:
-                return store.get(ref.handle)
-            except KeyError:
-                raise ProtocolError("internal", f"runner holds no tensor #{ref.handle} (argument {i})") from None
+        """An argument sent with its data (a held one goes by handle: the run's loop takes it)."""
         if ref.segment:
             seg = pipe.open_segment(directory, ref.segment, unlink=False)
             array = pipe.array_in(seg, ref.dtype, ref.shape, ref.offset)
@@ -148,7 +144,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     while True:
         # no reference to a request's values, outputs or session outlives it: an OrtValue of a session's arena
         # (a small output's inline frame too) keeps that whole arena alive, all it grew to, after its session goes
-        plan = value = values = keep = reuse = results = frames = outs = refs = ref = None  # type: ignore[assignment]
+        plan = value = values = keep = reuse = results = frames = outs = refs = ref = got = None  # type: ignore[assignment]
         if renew is not None:  # a failed run grew its session's arena, uncounted: the session gets a new arena
             with contextlib.suppress(ProtocolError):  # (it cannot be loaded again: it keeps its arena)
                 load(*renew)  # the old session goes, its held outputs copied out of its arena first
@@ -193,12 +189,24 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             if plan is None:
                 raise ProtocolError("internal", f"runner has no session for plan {msg.name!r}")
             values, keep = [], []
+            # an output may share its memory with an input or another output (Identity, Reshape): such
+            # memory is never handed to a later run to write into (held inputs: their address read when held)
+            seen = set()
+            holding = store.held
             for i, ref in enumerate(msg.args):
+                if ref.index < 0 and not ref.segment:  # held already (a step's state): by handle
+                    got = holding.get(ref.handle)
+                    if got is None:
+                        raise ProtocolError("internal", f"runner holds no tensor #{ref.handle} (argument {i})")
+                    values.append(got.value)
+                    seen.add(got.ptr)
+                    continue
                 v = arg(i, ref, buffers)
                 if isinstance(v, tuple):
                     v, k = v
                     keep.append(k)
                 values.append(v)
+                seen.add(v.data_ptr())  # type: ignore[attr-defined]
             key = (msg.plan, tuple(tuple(r.shape) for r in msg.args))
             known = shapes.get(key)
             reuse = store.buffers(known)
@@ -224,22 +232,23 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             if plan.arena:
                 grew = touched() - before
                 again = arenas.ran(key, grew) if shrink else arenas.kept_run(key, grew)
-            if key not in shapes:
-                shapes[key] = [(r.data_type(), tuple(r.shape())) for r in results]
             wanted = set(range(len(results))) if msg.save else set(msg.fetch)
             rebind = msg.save and not device.cuda
             outs, frames = [], []
-            # an output may share its memory with an input or another output (Identity, Reshape): such
-            # memory is never handed to a later run to write into
-            seen = {v.data_ptr() for v in values}
-            infos = []
+            infos, kinds = [], []
+            lent = store.lent
             for h, value in zip(msg.out, results, strict=True):
-                ptr = value.data_ptr()
-                info = value_info(value)  # read once per output: dtype, shape, bytes (a copy out of the arena too)
+                # read once per output: its (ONNX type, shape), the pool its buffer joins when freed, and the
+                # reply's dtype, shape and bytes (a copy out of the arena too)
+                ptr, kind = value.data_ptr(), (value.data_type(), tuple(value.shape()))
+                info = described(*kind)
+                kinds.append(kind)
                 infos.append(info)
-                arena = store.lent.get(ptr, token)
-                store.hold(h, value, own=ptr not in seen and info[2] > 0, arena=arena, nbytes=info[2])
+                own = ptr not in seen and info[2] > 0
+                store.hold(h, value, own=own, arena=lent.get(ptr, token), nbytes=info[2], ptr=ptr, kind=kind)
                 seen.add(ptr)
+            if key not in shapes:
+                shapes[key] = kinds
             if again is not None:
                 with contextlib.suppress(ProtocolError):  # (it cannot be loaded again: it keeps its arena)
                     plan = load(msg.plan, msg.name, again, arena=False)  # its outputs, this run's too, leave the arena
@@ -251,7 +260,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
                     store.hold(h, *store.wrap(view))  # held by the shared copy: the runner's own goes
                 outs.append(ref)
                 del view
-            reused = 0 if reuse is None else sum(b is not None for b in reuse)
+            reused = store.lending
             del results, values, keep, reuse
             pipe.send(sock, pipe.Ran(outputs=outs, reused=reused), frames)
         except ProtocolError as e:

@@ -23,14 +23,13 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from weakref import WeakValueDictionary
 
 import numpy as np
 
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
 from planwire.worker.device import Device
-from planwire.worker.handles import Handles
+from planwire.worker.handles import Handles, Unsaved
 from planwire.worker.resident import Resident
 from planwire.worker.runnerlink import RunnerLink, Sent, Untrusted
 from planwire.worker.runnerproc import RunnerProcess
@@ -87,7 +86,7 @@ class Sandbox:
         return self.link.inflight
 
     @property
-    def unsaved(self) -> WeakValueDictionary[int, Resident]:
+    def unsaved(self) -> Unsaved:
         """Tensors only the runner holds (no host copy yet), by handle."""
         return self.handles.unsaved
 
