@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
-from planwire.worker import pipe
+from planwire.worker import pipe, wording
 from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
 from planwire.worker.resident import Resident
 from planwire.worker.runtime import Signature
@@ -263,7 +263,7 @@ class Window:
                 self.window.popleft()
                 self._flush()
             elif head.sent or not was_ready:
-                self._finish(self._death(head, code, words, was_ready))
+                self._finish(wording.death(head.job, code, words, was_ready))
             self._restart()
             return
         if isinstance(msg, pipe.Ready):
@@ -272,7 +272,7 @@ class Window:
                 return
             sandbox.ready = True
             sandbox.memory_limit = msg.memory_limit
-            log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
+            log.info("runner %d ready (data memory limit %s)", msg.pid, wording.mib(msg.memory_limit))
             sandbox.hold()
             try:
                 for slot in list(self.window):
@@ -294,7 +294,7 @@ class Window:
             if isinstance(msg, pipe.Failed):
                 if isinstance(job, RunJob):
                     sandbox.loaded.discard(job.msg.plan)
-                outcome = self._failed(job, msg)
+                outcome = wording.failed(job, msg, self.service.id, self.sandbox.memory_mb)
             elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
                 sandbox.loaded.add(job.pid)
                 outcome = Signature(job.name, msg.inputs, msg.outputs, placement=msg.placement)
@@ -356,10 +356,10 @@ class Window:
             self._finish(ProtocolError("internal", f"the sandboxed runner did not start within {READY_TIMEOUT:.0f} s"))
             return
         self.sandbox.stop("timeout")
-        what = _what(head.job)
+        what = wording.what(head.job)
         log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
         words = f"ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped"
-        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(head.job)}"))
+        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {wording.after(head.job)}"))
         self._restart()
 
     def _lost(self, lost: list[Resident], why: str) -> None:
@@ -373,44 +373,3 @@ class Window:
                     n += 1
         if n:
             log.warning("%d stored tensors lost with the runner (no host copy yet): %s", n, why)
-
-    # -- error wording ----------------------------------------------------------------------------
-
-    def _failed(self, job: Job, failed: pipe.Failed) -> ProtocolError:
-        wid = self.service.id
-        name = job.name if isinstance(job, RegisterJob) else job.plan.name
-        if failed.code == "out_of_memory":
-            bound = f"--max-run-memory-mb {self.sandbox.memory_mb}" if self.sandbox.memory_mb else "memory"
-            doing = "loading" if isinstance(job, RegisterJob) else "running"
-            return ProtocolError(
-                "out_of_memory",
-                f"plan {name!r} ran out of memory {doing} on worker {wid!r} ({bound}): {failed.message}",
-            )
-        if failed.code == "run_failed":
-            return ProtocolError("run_failed", f"plan {name!r} failed on worker {wid!r}: {failed.message}")
-        code = failed.code if failed.code in m.ErrorCode.__args__ else "internal"  # type: ignore[attr-defined]
-        return ProtocolError(code, failed.message)
-
-    def _death(self, head: Slot, code: str, words: str, was_ready: bool) -> ProtocolError:
-        assert head.job is not None
-        what = _what(head.job)
-        if not was_ready:
-            return ProtocolError("internal", f"the sandboxed runner failed to start ({words}): see the worker's log")
-        log.warning("%s: %s; runner restarted", what, words)
-        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {_after(head.job)}")
-
-
-def _what(job: Job) -> str:
-    if isinstance(job, RegisterJob):
-        return f"plan {job.name!r} (registering)"
-    return f"plan {job.plan.name!r} (run #{job.msg.id})"
-
-
-def _after(job: Job) -> str:
-    if isinstance(job, RegisterJob):
-        return "it was not registered; the worker kept every stored tensor and plan"
-    return "the worker kept every stored tensor and plan"
-
-
-def _mib(n: int) -> str:
-    return f"{n >> 20} MiB" if n else "none"
