@@ -63,9 +63,7 @@ class RunPath:
             self._fail_outputs(msg, e)
             raise
 
-    def _begin_run(
-        self, msg: m.Run, buffers: list[memoryview], ahead: Mapping[str, Entry] | None = None
-    ) -> RunJob:
+    def _begin_run(self, msg: m.Run, buffers: list[memoryview], ahead: Mapping[str, Entry] | None = None) -> RunJob:
         self.check_form(msg, self._client)
         try:
             return self._prepare(msg, buffers, ahead)
