@@ -208,3 +208,36 @@ def test_a_chained_run_on_an_output_not_of_its_declared_shape_is_checked_as_wait
         assert a.kind == "ok", a  # onnxruntime keeps the shorter output (it only warns)
         assert b["code"] == "bad_argument", b
         assert b["message"] == "plan 'slice' argument 0 ('x'): expected shape [4], got [3]", b
+
+
+def test_pipelined_steps_of_an_exported_training_plan_match_synchronous_ones(worker) -> None:
+    """A real training plan (exporter, SGD with momentum, BatchNorm): steps sent back to back (chained) give
+    the losses and the state of steps waited for one by one, from the same start."""
+    import torch
+    import torch.nn.functional as F
+
+    import planwire as sy
+    from planwire.transport import connect
+    from tests.test_trainer import batches, small_cnn
+
+    torch.manual_seed(0)
+    plan = sy.training_plan(
+        small_cnn(),
+        F.cross_entropy,
+        sy.optim.SGD(lr=0.05, momentum=0.9),
+        args_shape=[(-1, 1, 8, 8), (-1,)],
+        args_dtypes=[torch.float32, torch.int64],
+    )
+    proc, _ = worker
+    data = batches([8, 8, 5, 8, 8, 8], seed=3)
+    with connect(proc.url, timeout=60) as client:
+        waited = plan.send(client)
+        chained = plan.send(client)
+        losses = [waited(x, y).get().item() for x, y in data]
+        pointers = [chained(x, y) for x, y in data]  # nothing read until all are sent
+        assert [p.get().item() for p in pointers] == pytest.approx(losses, rel=1e-6)
+        expect, got = waited.state_dict(), chained.state_dict()
+    assert losses[-1] != pytest.approx(losses[0])  # the steps trained
+    for name, value in expect.items():
+        np.testing.assert_allclose(got[name].numpy(), value.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+    assert in_flight_max(proc) >= 2
