@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -26,7 +26,7 @@ from planwire.worker.jobs import Plan, RunJob
 from planwire.worker.peers import clean
 from planwire.worker.resident import Resident, hosts
 from planwire.worker.runtime import OrtPlan, Signature
-from planwire.worker.store import Entry
+from planwire.worker.store import ClientId, Entry
 
 log = logging.getLogger("planwire.worker")
 
@@ -63,19 +63,23 @@ class RunPath:
             self._fail_outputs(msg, e)
             raise
 
-    def _begin_run(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
-        # What the schema forbids is refused before anything changes (as any invalid header).
+    def _begin_run(self, msg: m.Run, buffers: list[memoryview], ahead: Mapping[str, Entry] | None = None) -> RunJob:
+        self.check_form(msg, self._client)
+        try:
+            return self._prepare(msg, buffers, ahead)
+        except ProtocolError as e:
+            self._fail_outputs(msg, e)
+            raise
+
+    def check_form(self, msg: m.Run, client: ClientId) -> None:
+        """What the schema forbids, and outputs ``client`` may not write: refused before anything changes (as
+        any invalid header). Any later refusal of the run marks its outputs failed."""
         if len(set(msg.outputs)) != len(msg.outputs):
             raise ProtocolError("invalid_message", f"run.outputs must be distinct keys, got {msg.outputs}")
         for i, arg in enumerate(msg.args):
             if (arg.ref is UNSET) == (arg.tensor is UNSET):
                 raise ProtocolError("invalid_message", f"run.args[{i}] needs exactly one of 'ref', 'tensor'")
-        self.store.check_writable(self._client, msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
-        try:
-            return self._prepare(msg, buffers)
-        except ProtocolError as e:
-            self._fail_outputs(msg, e)
-            raise
+        self.store.check_writable(client, msg.outputs)  # forbidden: nothing recorded, the worker's data untouched
 
     def _fail_outputs(self, msg: m.Run, e: ProtocolError) -> None:
         # Clients do not wait for runs: record why the outputs will not come, so that a later get,
@@ -89,7 +93,9 @@ class RunPath:
         for key in msg.outputs:
             self.store.fail(self._client, key, why)
 
-    def _prepare(self, msg: m.Run, buffers: list[memoryview]) -> RunJob:
+    def _prepare(self, msg: m.Run, buffers: list[memoryview], ahead: Mapping[str, Entry] | None = None) -> RunJob:
+        """The RunJob of ``msg``; ``ahead``: entries read in place of the stored ones (outputs of the run the
+        runner executes, for a run chained behind it: worker/chain.py)."""
         plan = self.plans.get(msg.plan)
         if plan is None or not self.holders.holds(msg.plan, self._client):
             raise ProtocolError("unknown_plan", f"no plan {msg.plan[:12]!r} on worker {self.id!r}: register it first")
@@ -106,7 +112,7 @@ class RunPath:
         args = []
         for i, a in enumerate(msg.args):
             if a.ref is not UNSET:
-                entry = self.store.entry(self._client, a.ref)
+                entry = ahead[a.ref] if ahead is not None and a.ref in ahead else self.store.entry(self._client, a.ref)
                 entries.append(entry)
                 args.append(entry.array)
                 if entry.private:

@@ -182,13 +182,13 @@ class Sandbox:
         fetch: Sequence[int] = (),
         inline_max: int = 0,
         save: bool = False,
-    ) -> None:
-        """Send a run. An argument the runner holds goes by handle; any other crosses (a large one through
-        shared memory) and, when it is a stored tensor (``entries[i]``), the runner holds it from then on
-        (the entry's array becomes a Resident with that host copy). The ``outputs`` stay in the runner,
-        under new handles; those in ``fetch`` and those of at most ``inline_max`` bytes come back too (all,
-        with ``save``: their host copies, so that a run sent behind this one cannot lose them).
-        ProtocolError (nothing sent) when an argument was lost with an earlier runner."""
+    ) -> list[int]:
+        """Send a run; returns the handles its outputs will be held under. An argument the runner holds goes
+        by handle; any other crosses (a large one through shared memory) and, when it is a stored tensor
+        (``entries[i]``), the runner holds it from then on (the entry's array becomes a Resident with that host
+        copy). The ``outputs`` stay in the runner, under those handles; those in ``fetch`` and those of at most
+        ``inline_max`` bytes come back too (all, with ``save``: their host copies, so that a run sent behind this
+        one cannot lose them). ProtocolError (nothing sent) when an argument was lost with an earlier runner."""
         load = pid not in self.loaded
         buffers: list = [data] if load else []
         refs, keep = self.handles.arguments(args, entries, buffers)
@@ -210,6 +210,7 @@ class Sandbox:
         link.request(Sent("run", out, keep), run, buffers, plan=pid)
         if load:
             self.loaded.add(pid)
+        return out
 
     def hold(self) -> None:
         """Keep the loads and runs sent from now on until ``flush``: the runner wakes once for all of them."""

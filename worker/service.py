@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from planwire.worker.registry import PlanRegistry
 from planwire.worker.release import Releaser
 from planwire.worker.runs import RunPath
 from planwire.worker.runtime import OrtPlan, Signature
-from planwire.worker.store import ClientId, Store
+from planwire.worker.store import ClientId, Entry, Store
 from planwire.worker.tensors import TensorHandlers
 
 if TYPE_CHECKING:
@@ -236,10 +236,12 @@ class Service(PlanRegistry, RunPath, TensorHandlers):
         buffers: list[memoryview],
         frames: Sequence[Frame] = (),
         client: ClientId = b"",
+        ahead: Mapping[str, Entry] | None = None,
     ) -> Job | list[Frame]:
         """Validate a registration or run from ``client``: a Job to execute (it remembers its client and
         start), or the reply when there is nothing to run (already registered, or refused: a refused run's
-        outputs are marked failed). Never raises."""
+        outputs are marked failed). ``ahead``: a run's arguments read in place of the stored ones (outputs of
+        the run in flight it is chained behind, worker/chain.py). Never raises."""
         origin = Origin(frames, client)
         self._act_for(client)
         try:
@@ -248,7 +250,7 @@ class Service(PlanRegistry, RunPath, TensorHandlers):
                 if isinstance(job, m.PlanInfo):
                     return self.reply(origin, msg, job)
             else:
-                job = self._begin_run(msg, buffers)
+                job = self._begin_run(msg, buffers, ahead)
         except Exception as e:
             return self.refuse(msg.id, e, origin, msg)
         job.origin = origin

@@ -243,6 +243,9 @@ class Supervisor(Window):
             self._reply(q.peer, q.buffers)
             return
         if isinstance(msg, m.Run | m.RegisterPlan):
+            if q.chain is not None:  # chained behind the head (worker/chain.py)
+                self._start_chained(q)
+                return
             job = q.job  # validated already when the direct lane declined it
             if job is None:
                 job = self.service.begin(msg, q.buffers, q.frames, q.client)

@@ -4,10 +4,12 @@
 Runs are pipelined to the runner: up to ``WINDOW`` are in flight at once (the runner answers each in turn,
 the supervisor reads every answer there is in one wake-up), so a client's burst of tiny calls does not pay
 a round trip to the runner per call. A run joins the window only when nothing it reads or writes is an
-output of a run in flight (a ``p(p(x))`` waits for the first run: its argument's shape is known, and
-checked, only then), when it reads no private data, and when every run ahead of it sends its outputs'
-host copies back (``save``), so that a crash behind them loses none. Anything else (a registration, a put,
-a get, ...) waits until the window is empty: a barrier.
+output of a run in flight (a ``p(p(x))`` on a dynamic shape waits for the first run: its argument's shape is
+known, and checked, only then), when it reads no private data, and when every run ahead of it sends its
+outputs' host copies back (``save``), so that a crash behind them loses none. The exception: a run chained
+behind the head (worker/chain.py: the next training step, reading outputs of declared shapes; those it
+overwrites need no host copy). Anything else (a registration, a put, a get, ...) waits until the window is
+empty: a barrier.
 
 A runner that crashes, exhausts its memory, runs past ``--run-timeout`` or is cancelled costs the run it
 was executing only (the head of the window): its caller gets ``plan_crashed``, ``out_of_memory``,
@@ -22,13 +24,15 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from planwire.transport import messages as m
 from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
-from planwire.worker import pipe
-from planwire.worker.jobs import Job, Origin, RegisterJob, RunJob
+from planwire.worker import pipe, wording
+from planwire.worker.cancels import Cancels
+from planwire.worker.chain import Chain, Chains
+from planwire.worker.jobs import Job, RegisterJob, RunJob
 from planwire.worker.resident import Resident
 from planwire.worker.runtime import Signature
 from planwire.worker.sandbox import Sandbox
@@ -53,6 +57,7 @@ class Queued:
     msg: m._Message | None
     buffers: list
     job: Job | None = None
+    chain: dict | None = None  # what it reads of the head's outputs, when it joins chained behind it (_joins)
 
 
 @dataclass
@@ -66,9 +71,13 @@ class Slot:
     save: bool = False  # sent asking for its outputs' host copies
     deadline: float = 0.0  # monotonic, once it is the head: sent + timeout, or the runner's start deadline
     cancelled: bool = False  # answered already (cancelled once sent): its answer is thrown away
+    out: list[int] = field(default_factory=list)  # the handles its outputs are held under (once sent)
+    chain: Chain | None = None  # a run chained behind the one ahead of it, until its inputs are settled
+    again: list[tuple[str, str]] = field(default_factory=list)  # a reply's (key, why) to fail again when sent
+    owner: bytes = b""  # (whose keys those are)
 
 
-class Window:
+class Window(Chains, Cancels):
     """The window's half of the supervisor: admission, dispatch to the runner, answers, restarts, deadlines."""
 
     service: Service
@@ -85,36 +94,46 @@ class Window:
             self.sandbox.flush()
 
     def _joins(self, q: Queued) -> bool:
-        """Whether queued ``q`` may be executed while the window holds jobs (the module's docstring says when).
-        One pass over the window, no set of its outputs built per run admitted."""
+        """Whether queued ``q`` may be executed while the window holds jobs (the module's docstring says when;
+        ``q.chain`` set when it joins chained behind the head). One pass over the window."""
         msg = q.msg
         if msg is None:
             return True
-        if type(msg) is not m.Run or len(self.window) >= WINDOW or self.sandbox.unsaved:
-            return False  # unsaved: a tensor only the runner holds, which a run behind must not risk
+        q.chain = None
+        if type(msg) is not m.Run or len(self.window) >= WINDOW:
+            return False
         service = self.service
         owners, store = service.owners, service.store
         me = owners.owner(q.client)
         keys = {a.ref for a in msg.args if isinstance(a.ref, str)}
         keys.update(msg.outputs)
+        head = None  # the head, when q reads or writes its outputs
         for s in self.window:
             job = s.job
             if job is None:
                 continue
-            if not s.cancelled and (type(job) is RegisterJob or not s.save):
+            if not s.cancelled and (type(job) is RegisterJob or not s.save and not self._covered(me, msg, job)):
                 return False
             if type(job) is RunJob and not keys.isdisjoint(job.msg.outputs) and owners.owner(job.origin.client) == me:
-                return False
+                if s is not self.window[0] or q.job is not None:
+                    return False
+                head = s
+        if self.sandbox.unsaved and not self._spared(me, msg):
+            return False  # a tensor only the runner holds, which a run behind must not risk
         for key in keys:
             entry = store.find(me, key)
             if entry is not None and entry.private:
                 return False
-        return True
+        if head is None:
+            return True
+        q.chain = self._chainable(me, msg, head)
+        return q.chain is not None
 
     def _lets_join(self, job: RunJob, q: Queued) -> bool:
         """Whether ``job``'s ``save`` may let queued ``q`` join behind it. Not when ``q`` is the same owner's run
-        that reads or writes an output of ``job`` (it waits anyway) and overwrites each one not fetched: a
-        training step's next step. That state stays in the runner, as for synchronous steps (``protect``)."""
+        that reads or writes an output of ``job`` and overwrites each one not fetched: a training step's next
+        step, which joins without it (worker/chain.py) or waits. That state stays in the runner, as for
+        synchronous steps (``protect``)."""
         msg = q.msg
         if type(msg) is not m.Run:
             return False
@@ -130,53 +149,34 @@ class Window:
         """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
         client's run never delays (nor, by the delay, reveals) a request on a key of the same name."""
         owner = self.service.owners.owner
-        return {
+        keys = {
             (owner(s.job.origin.client), k) for s in self.window if isinstance(s.job, RunJob) for k in s.job.msg.outputs
         }
+        keys.update((s.owner, k) for s in self.window if s.again for k, _ in s.again)
+        return keys
 
     def _head(self) -> Slot | None:
         """The oldest job in the window (replies ahead of it are sent as soon as they are at the front)."""
         return self.window[0] if self.window else None
 
-    def _cancel(self, peer: bytes, client: bytes, frames: list, msg: m.Cancel) -> None:
-        service, send = self.service, self.server.send
-        origin = Origin(frames, client)
-        ok = service.reply(origin, msg, m.Ok(re=msg.id, session=service.session))
-        for i, q in enumerate(self.queue):
-            if q.peer == peer and isinstance(q.msg, m.Run) and q.msg.id == msg.run:
-                del self.queue[i]
-                why = ProtocolError("cancelled", f"run #{q.msg.id} was cancelled (request #{msg.id}) before it started")
-                send(peer, service.drop(q.msg, why, q.frames, q.client))
-                send(peer, ok)
-                return
-        for i, slot in enumerate(self.window):
-            job = slot.job
-            if slot.cancelled or slot.peer != peer or not isinstance(job, RunJob) or job.msg.id != msg.run:
-                continue
-            words = f"run #{msg.run} of plan {job.plan.name!r} was cancelled (request #{msg.id})"
-            why = ProtocolError("cancelled", words)
-            if i == 0 and slot.sent:  # executing (or next to): stop the runner; the runs behind go to a fresh one
-                self.sandbox.stop("cancelled")
-                self._finish(why, then=ok)
-                self._restart()
-                return
-            send(peer, service.complete(job, why))
-            send(peer, ok)
-            if slot.sent:  # in the runner's pipe: its answer is thrown away (and the runner stopped if it is slow)
-                slot.cancelled = True
-            else:
-                del self.window[i]
-                self._flush()
-            return
-        error = ProtocolError(
-            "bad_argument", f"cancel: no run #{msg.run} of this connection is queued or running (finished?)"
-        )
-        send(peer, service.refuse(msg.id, error, origin, msg))
-
     # -- jobs -------------------------------------------------------------------------------------
 
-    def _start(self, peer: bytes, job: Job) -> None:
-        slot = Slot(peer, job)
+    def _start_chained(self, q: Queued) -> None:
+        """Validate queued run ``q`` (``_joins`` chained it behind the head) against the head's outputs as
+        declared, and start it; refused, its reply waits its turn and fails its outputs again then."""
+        head, msg = self.window[0], q.msg
+        assert type(msg) is m.Run and q.chain is not None
+        me = self.service.owners.owner(q.client)
+        ahead = self._ahead(q.chain)
+        job = self.service.begin(msg, q.buffers, q.frames, q.client, ahead=ahead)
+        if not isinstance(job, RunJob):
+            self.window.append(Slot(q.peer, None, job, again=self._refused(me, msg, head), owner=me))  # type: ignore[arg-type]
+            return
+        links = [(key, ahead[key].array, j) for key, (j, _) in q.chain.items()]
+        self._start(q.peer, job, Chain(head, links) if links else None)  # type: ignore[misc]
+
+    def _start(self, peer: bytes, job: Job, chain: Chain | None = None) -> None:
+        slot = Slot(peer, job, chain=chain)
         first = not self.window
         self.window.append(slot)
         if first:
@@ -195,6 +195,8 @@ class Window:
             else:
                 assert isinstance(job, RunJob)
                 msg = job.msg
+                if slot.chain is not None and not self._link(slot.chain, job):
+                    slot.chain = None  # its producer was answered: it reads the stored values
                 if head:  # host copies of what only the runner holds, before a run that may crash it
                     owner = self.service.owners.owner(job.origin.client)
                     found = (self.service.store.find(owner, key) for key in msg.outputs)
@@ -205,7 +207,7 @@ class Window:
                 # when runs follow it into the window, it sends its outputs' host copies back
                 behind = self.window[-1] is not slot
                 slot.save = behind or bool(self.queue) and self._lets_join(job, self.queue[0])
-                sandbox.send_run(
+                slot.out = sandbox.send_run(
                     msg.plan,
                     job.plan.name,
                     job.plan.data,
@@ -233,8 +235,7 @@ class Window:
         for slot in self.window:
             slot.sent = False
         while self.window and self.window[0].job is None:
-            slot = self.window.popleft()
-            self.server.send(slot.peer, slot.reply)
+            self._send_reply(self.window.popleft())
         head = self._head()
         if head is not None:
             self.sandbox.start()
@@ -263,7 +264,7 @@ class Window:
                 self.window.popleft()
                 self._flush()
             elif head.sent or not was_ready:
-                self._finish(self._death(head, code, words, was_ready))
+                self._finish(wording.death(head.job, code, words, was_ready))
             self._restart()
             return
         if isinstance(msg, pipe.Ready):
@@ -272,7 +273,7 @@ class Window:
                 return
             sandbox.ready = True
             sandbox.memory_limit = msg.memory_limit
-            log.info("runner %d ready (data memory limit %s)", msg.pid, _mib(msg.memory_limit))
+            log.info("runner %d ready (data memory limit %s)", msg.pid, wording.mib(msg.memory_limit))
             sandbox.hold()
             try:
                 for slot in list(self.window):
@@ -294,7 +295,7 @@ class Window:
             if isinstance(msg, pipe.Failed):
                 if isinstance(job, RunJob):
                     sandbox.loaded.discard(job.msg.plan)
-                outcome = self._failed(job, msg)
+                outcome = wording.failed(job, msg, self.service.id, self.sandbox.memory_mb)
             elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
                 sandbox.loaded.add(job.pid)
                 outcome = Signature(job.name, msg.inputs, msg.outputs, placement=msg.placement)
@@ -306,6 +307,9 @@ class Window:
                 )
         except Exception as e:  # e.g. an output segment that cannot be mapped
             outcome = e if isinstance(e, ProtocolError) else ProtocolError("internal", f"runner's answer: {e}")
+        if head.chain is not None and not head.cancelled:  # what it read is checked against what was stored
+            outcome = self._settled(head.chain, job, outcome)  # type: ignore[arg-type,assignment]
+            head.chain = None
         del job  # (see _finish)
         if head.cancelled:  # answered already; what it computed is dropped (its handles freed)
             self.window.popleft()
@@ -324,12 +328,17 @@ class Window:
             self.server.send(head.peer, then)
         self._flush()
 
+    def _send_reply(self, slot: Slot) -> None:
+        """Send the reply of ``slot`` (now at the front); a refused chained run's outputs fail again now."""
+        for key, why in slot.again:
+            self.service.store.fail(slot.owner, key, why)
+        self.server.send(slot.peer, slot.reply)
+
     def _flush(self) -> None:
         """Send the replies now at the front of the window; the next job's clock starts now."""
         window = self.window
         while window and window[0].job is None:
-            slot = window.popleft()
-            self.server.send(slot.peer, slot.reply)
+            self._send_reply(window.popleft())
         if window:
             head = window[0]
             now = time.monotonic()
@@ -356,10 +365,10 @@ class Window:
             self._finish(ProtocolError("internal", f"the sandboxed runner did not start within {READY_TIMEOUT:.0f} s"))
             return
         self.sandbox.stop("timeout")
-        what = _what(head.job)
+        what = wording.what(head.job)
         log.warning("%s ran past --run-timeout %g s: runner stopped", what, self.sandbox.timeout)
         words = f"ran past the worker's --run-timeout of {self.sandbox.timeout:g} s and was stopped"
-        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {_after(head.job)}"))
+        self._finish(ProtocolError("plan_timeout", f"{what} {words}; {wording.after(head.job)}"))
         self._restart()
 
     def _lost(self, lost: list[Resident], why: str) -> None:
@@ -373,44 +382,3 @@ class Window:
                     n += 1
         if n:
             log.warning("%d stored tensors lost with the runner (no host copy yet): %s", n, why)
-
-    # -- error wording ----------------------------------------------------------------------------
-
-    def _failed(self, job: Job, failed: pipe.Failed) -> ProtocolError:
-        wid = self.service.id
-        name = job.name if isinstance(job, RegisterJob) else job.plan.name
-        if failed.code == "out_of_memory":
-            bound = f"--max-run-memory-mb {self.sandbox.memory_mb}" if self.sandbox.memory_mb else "memory"
-            doing = "loading" if isinstance(job, RegisterJob) else "running"
-            return ProtocolError(
-                "out_of_memory",
-                f"plan {name!r} ran out of memory {doing} on worker {wid!r} ({bound}): {failed.message}",
-            )
-        if failed.code == "run_failed":
-            return ProtocolError("run_failed", f"plan {name!r} failed on worker {wid!r}: {failed.message}")
-        code = failed.code if failed.code in m.ErrorCode.__args__ else "internal"  # type: ignore[attr-defined]
-        return ProtocolError(code, failed.message)
-
-    def _death(self, head: Slot, code: str, words: str, was_ready: bool) -> ProtocolError:
-        assert head.job is not None
-        what = _what(head.job)
-        if not was_ready:
-            return ProtocolError("internal", f"the sandboxed runner failed to start ({words}): see the worker's log")
-        log.warning("%s: %s; runner restarted", what, words)
-        return ProtocolError(code or "plan_crashed", f"{what}: {words}; {_after(head.job)}")
-
-
-def _what(job: Job) -> str:
-    if isinstance(job, RegisterJob):
-        return f"plan {job.name!r} (registering)"
-    return f"plan {job.plan.name!r} (run #{job.msg.id})"
-
-
-def _after(job: Job) -> str:
-    if isinstance(job, RegisterJob):
-        return "it was not registered; the worker kept every stored tensor and plan"
-    return "the worker kept every stored tensor and plan"
-
-
-def _mib(n: int) -> str:
-    return f"{n >> 20} MiB" if n else "none"
