@@ -251,7 +251,7 @@ class DirectLane:
             return None
         args = []
         for a in job.args:
-            if type(a) is Resident:
+            if isinstance(a, Resident):  # an Ahead (a chained run's input) has no host: declined
                 if a.host is None:  # only the runner has its data
                     return None
                 a = a.host

@@ -121,7 +121,7 @@ class Handles:
         gen, ref_to, wire_of = self.gen, pipe.TensorRef, dtypes.to_wire
         for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
             holder: Resident | None = None
-            if type(arr) is Resident:
+            if isinstance(arr, Resident):  # an Ahead (worker/chain.py) too
                 if arr.gen == gen:  # (its shape goes as the tuple it is: encoded as the list it stands for)
                     refs.append(ref_to(wire_of(arr.dtype), arr.shape, handle=arr.handle))  # type: ignore[arg-type]
                     continue
