@@ -7,6 +7,7 @@ tensors and lifetime; plans and runs are :class:`~planwire.transport.runs.PlanCa
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +43,7 @@ class WorkerClient(PlanCalls):
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self._keys = 0
+        self._key_number = itertools.count(1).__next__
         self._prefix = secrets.token_hex(4)
         self._init_plans()
         self.providers: list[str] = []
@@ -99,10 +100,8 @@ class WorkerClient(PlanCalls):
 
     def new_keys(self, n: int) -> list[str]:
         """``n`` fresh keys in a row (one call's outputs); the one place keys are made."""
-        first = self._keys + 1
-        self._keys += n
-        prefix = self._prefix
-        return [f"{prefix}-{first}"] if n == 1 else [f"{prefix}-{i}" for i in range(first, first + n)]
+        prefix, number = self._prefix, self._key_number
+        return [f"{prefix}-{number()}"] if n == 1 else [f"{prefix}-{number()}" for _ in range(n)]
 
     def request(
         self, make: Callable[[int], m.Request], buffers: Sequence[Frame] = (), *, what: str = ""

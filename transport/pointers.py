@@ -112,7 +112,7 @@ class PointerTensor:
         if keep:  # the caller's own copy: writing to it must not change what the next read returns
             return wrap(value.copy())
         self._value = None  # a move: the caller takes the value, the stored copy is freed with the next frees
-        self.worker.release(self.key)
+        self.worker.connection.release(self.key)
         return wrap(value)
 
     def get(self, keep: bool = False, *, progress: bool | None = None) -> Any:
@@ -164,6 +164,7 @@ class PointerPlan:
     def __init__(self, source: PlanSource, worker: WorkerClient) -> None:
         self.source = source
         self.worker = worker
+        self._last: tuple[list[Any], PlanVariant] | None = None  # the last signature and the source's variant for it
 
     def __call__(self, *args: Any) -> Any:
         results = self.worker.run(self.variant_for(args), args, name=self.source.name)
@@ -172,7 +173,9 @@ class PointerPlan:
     def variant_for(self, args: tuple[Any, ...]) -> PlanVariant:
         """The source's variant for these arguments, registered on the worker. Pointers whose shape is
         still on its way (a run not yet answered) do not wait when exactly one known variant takes them
-        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes)."""
+        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes). The
+        source's answer for the last signature is reused for the same signature: a source's variants only
+        grow, so the first that fits stays the first."""
         worker = self.worker
         signature = []
         for a in args:
@@ -189,7 +192,12 @@ class PointerPlan:
                 signature.append((a.dtype, a._shape))
             else:
                 signature.append(worker.signature_of(a))
-        variant = self.source.variant_for(signature)
+        last = self._last
+        if last is not None and last[0] == signature:  # a plan called in a loop: the same question again
+            variant = last[1]
+        else:
+            variant = self.source.variant_for(signature)
+            self._last = signature, variant
         worker.ensure_plan(variant, self.source.name)
         return variant
 

@@ -15,7 +15,7 @@ from planwire.transport import codec
 from planwire.transport import messages as m
 from planwire.transport.arrays import as_array
 from planwire.transport.errors import ProtocolError, remote_error
-from planwire.transport.framing import Frame
+from planwire.transport.framing import SIGNATURE, Frame
 from planwire.transport.pointers import PointerPlan, PointerTensor
 from planwire.transport.spec import PlanSource, PlanVariant
 
@@ -46,7 +46,7 @@ class PlanCalls:
         self._plans_session: str | None = None
         self._pointers: weakref.WeakKeyDictionary[Any, PointerPlan] = weakref.WeakKeyDictionary()
         self.inline_max = INLINE_MAX
-        self._run_what: dict[str, str] = {}  # "run of plan 'name'", made once per plan name
+        self._forms: dict[str, RunForm] = {}  # by variant id: what a run of it sends every time
 
     def plan_pointer(self, source: PlanSource) -> PointerPlan:
         """A PointerPlan for ``source`` on this worker; its bytes are sent once per worker session."""
@@ -123,41 +123,42 @@ class PlanCalls:
         Outputs listed in ``fetch`` and, without ``outputs``, every output of at most ``inline_max`` bytes
         ride on the run's reply and ``get()`` reads them there, so ``plan(x).get()`` is one message each
         way; with ``fetch`` and ``wait`` the call waits for that reply (errors raise here)."""
-        wire_args: list[m.Arg] = []
+        form = self._forms.get(variant.id)
+        if form is None or form.name != name:
+            form = self._forms[variant.id] = RunForm(variant, name)
+        refs: list[bytes] = []
         buffers: list[Frame] = []
         for a in args:
             if type(a) is PointerTensor or isinstance(a, PointerTensor):
                 if a.worker is not self or a.consumed:
                     self.check_pointer(a)  # raises, saying why
-                wire_args.append(m.Arg(ref=a.key))
+                refs.append(b'{"ref":%s}' % _encode(a.key))
             else:
                 wire, shape, buf = codec.to_frame(as_array(a))
-                wire_args.append(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers))))
+                refs.append(_encode(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers)))))
                 buffers.append(buf)
-        specs = variant.outputs
         if outputs is None:
-            keys = self.new_keys(len(specs))
-            mine: Sequence[bool] = (True,) * len(specs)  # fresh keys, each owned by its pointer
+            keys = self.new_keys(form.n)
+            mine: Sequence[bool] = form.fresh  # fresh keys, each owned by its pointer
             if inline_max is None:
                 inline_max = self.inline_max
         else:
+            if len(outputs) != form.n:
+                raise ValueError(f"plan {name!r} has {form.n} outputs, got {len(outputs)} output keys")
             keys = [k or self.new_key() for k in outputs]
             mine = [not k for k in outputs]
             if inline_max is None:
                 inline_max = 0
-            if len(keys) != len(specs):
-                raise ValueError(f"plan {name!r} has {len(specs)} outputs, got {len(keys)} output keys")
         conn = self.connection
-        fetch = list(fetch)
-        msg = m.Run(id=conn.new_id(), plan=variant.id, args=wire_args, outputs=keys, fetch=fetch, inline_max=inline_max)
-        what = self._run_what.get(name) or self._run_what.setdefault(name, f"run of plan {name!r}")
-        call = conn.send(msg, buffers, what, background=not (fetch and wait))
+        rid = conn.new_id()
+        header = form.header(rid, b",".join(refs), keys, fetch, inline_max)
+        call = conn.post(rid, [SIGNATURE, header, *buffers], form.what, background=not (fetch and wait))
         owned = conn.owned
         results = []
-        for k, own, (dtype, shape), spec in zip(keys, mine, variant.results, specs, strict=True):
+        for k, own, (dtype, shape, dims) in zip(keys, mine, form.results, strict=True):
             if own:
                 owned[k] = None
-            results.append(PointerTensor(self, k, dtype, shape, (), own, False, call, spec.shape))
+            results.append(PointerTensor(self, k, dtype, shape, (), own, False, call, dims))
         if fetch and wait:
             call.result()  # errors raise here
         return results
@@ -178,3 +179,33 @@ class PlanCalls:
         if type(reply) is m.Error and reply.code == "bad_argument":  # it finished before the cancel arrived
             return False
         raise remote_error(self.id, getattr(reply, "code", "internal"), getattr(reply, "message", repr(reply)))
+
+
+_encode = m.encoder.encode
+
+
+class RunForm:
+    """What every Run of one plan variant sends, encoded once: a call writes its header with one bytes
+    format (request id, arguments, output keys) instead of building and encoding message structs. The
+    bytes are msgspec's encoding of the same :class:`~planwire.transport.messages.Run` (tests/test_runs.py
+    holds them equal), so the worker's exact-header check takes its fast path."""
+
+    __slots__ = ("_head", "fresh", "n", "name", "results", "what")
+
+    def __init__(self, variant: PlanVariant, name: str) -> None:
+        self.name = name
+        self.what = f"run of plan {name!r}"
+        plan = _encode(variant.id).replace(b"%", b"%%")
+        self._head = b'{"type":"run","id":%d,"plan":' + plan + b',"args":[%s],"outputs":%s%s}'
+        # (dtype, shape when static else None, declared shape) of each output: what result pointers start with
+        self.results = [(d, shape, o.shape) for (d, shape), o in zip(variant.results, variant.outputs, strict=True)]
+        self.n = len(self.results)
+        self.fresh = (True,) * self.n  # every output under a fresh key its pointer owns (no ``outputs`` given)
+
+    def header(self, rid: int, args: bytes, keys: list[str], fetch: Sequence[int], inline_max: int) -> bytes:
+        """The run's JSON header: ``args`` the arguments' encodings joined by commas; fields at their
+        defaults left out, as msgspec leaves them out."""
+        tail = b',"fetch":%s' % _encode(list(fetch)) if fetch else b""
+        if inline_max:
+            tail += b',"inline_max":%d' % inline_max
+        return self._head % (rid, args, _encode(keys), tail)
