@@ -169,9 +169,8 @@ class WorkerClient(PlanCalls):
         return reply.tensors
 
     def fetch(self, pointer: PointerTensor, keep: bool = False, *, progress: bool | None = None) -> Any:
-        """Value of a pointer's tensor; moved off the worker unless ``keep``. A value that came back with
-        its run's reply costs no round trip: a move then frees the stored copy with the next frees."""
-        return pointer.read(keep, progress=progress)
+        """Value of a pointer's tensor; moved off the worker unless ``keep`` (as ``pointer.get``)."""
+        return pointer.get(keep, progress=progress)
 
     def fetch_arrays(
         self, keys: list[str], keep: bool = False, *, progress: bool | None = None, nbytes: int = 0

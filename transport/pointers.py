@@ -96,8 +96,11 @@ class PointerTensor:
         value = self._settle() if self._call is not None and self._call.done else self._value
         return None if value is None else wrap(value.copy())  # a copy: the kept value is this pointer's
 
-    def read(self, keep: bool = False, *, progress: bool | None = None) -> Any:
-        """The value (the caller's tensor type), moved off the worker unless ``keep``; see ``get``."""
+    def get(self, keep: bool = False, *, progress: bool | None = None) -> Any:
+        """The tensor's value (torch.Tensor when torch is in use). Moves it off the worker unless ``keep``.
+        A value that came back with its run's reply costs no round trip (a move then frees the stored copy
+        with the next frees). Over 64 MiB a progress bar shows on stderr (``progress=False`` or
+        PLANWIRE_PROGRESS=0: none)."""
         if self.consumed:
             self.worker.check_pointer(self)  # raises, saying why
         call = self._call
@@ -108,20 +111,15 @@ class PointerTensor:
             value = self._value
         if value is None:
             nbytes = 0 if self._shape is None else math.prod(self._shape) * to_numpy(self.dtype).itemsize
-            return wrap(self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0])
-        if keep:  # the caller's own copy: writing to it must not change what the next read returns
+            value = self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0]
+        elif keep:  # the caller's own copy: writing to it must not change what the next read returns
             return wrap(value.copy())
-        self._value = None  # a move: the caller takes the value, the stored copy is freed with the next frees
-        self.worker.connection.release(self.key)
-        return wrap(value)
-
-    def get(self, keep: bool = False, *, progress: bool | None = None) -> Any:
-        """The tensor's value (torch.Tensor when torch is in use). Moves it off the worker unless ``keep``.
-        Over 64 MiB a progress bar shows on stderr (``progress=False`` or PLANWIRE_PROGRESS=0: none)."""
-        value = self.read(keep, progress=progress)
+        else:  # a move: the caller takes the value, the stored copy is freed with the next frees
+            self._value = None
+            self.worker.connection.release(self.key)
         if not keep and not self.private:
             self.consumed = True
-        return value
+        return wrap(value)
 
     def cancel(self) -> bool:
         """Stop the run that makes this tensor if the worker still has it queued or running; its outputs
