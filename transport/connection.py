@@ -30,6 +30,10 @@ log = logging.getLogger("planwire.client")
 WINDOW = 512  # requests in flight per connection: past it, sending first reads replies (bounded memory)
 FREE_BATCH = 64  # frees of collected or fetched results go out together, or before any awaited request
 
+# Looked up once: every reply goes through these.
+_Tensors, _Welcome, _Error = m.Tensors, m.Welcome, m.Error
+_unpack_reply, _from_copied_frame = framing.unpack_reply, codec.from_copied_frame
+
 
 class LinkDropped(Exception):
     """Raised by a link when its connection to the worker dropped: what was in flight is lost."""
@@ -104,7 +108,7 @@ class Call:
             reply = self.reply
         if self.error is not None:
             raise self.error
-        if type(reply) is not m.Tensors:
+        if type(reply) is not _Tensors:
             return None
         tensors = reply.tensors
         if len(tensors) == 1:  # the usual run reply: one output, one frame
@@ -122,7 +126,7 @@ def decode(t: m.KeyedTensor, buffers: list[Frame]) -> np.ndarray:
     """The numpy view of a reply's tensor ``t`` (a small frame the link copied is read in place)."""
     i = t.frame
     frame = buffers[i] if i < len(buffers) else framing.frame_at(buffers, i, f"tensor {t.key!r}")
-    return codec.from_copied_frame(t.dtype, t.shape, frame)
+    return _from_copied_frame(t.dtype, t.shape, frame)
 
 
 def decode_all(tensors: Sequence[m.KeyedTensor], buffers: list[Frame]) -> list[np.ndarray]:
@@ -156,7 +160,7 @@ class Connection:
         self.limits: m.Limits | None = None
         self.identity = ""  # issued by the worker at hello (without CURVE): presented again after a reconnect
         self._send, self._recv = link.send, link.recv  # bound once: the per-call path looks up nothing else
-        self._ids = itertools.count(1)
+        self.new_id = itertools.count(1).__next__  # request ids: 1, 2, ... (a C call per request)
         self._in_flight: dict[int, Call] = {}
         self._garbage: list[str] = []  # keys to free with the next request
         self.owned: dict[str, None] = {}  # keys this client owns on the worker: freed at close
@@ -173,40 +177,40 @@ class Connection:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    def new_id(self) -> int:
-        return next(self._ids)
-
     def send(self, msg: m.Request, buffers: Sequence[Frame] = (), what: str = "", *, background: bool = False) -> Call:
-        """Send ``msg`` (its ``id`` from :meth:`new_id`) without waiting; its Call receives the reply.
+        """Send ``msg`` (its ``id`` from :meth:`new_id`) without waiting; its Call receives the reply."""
+        return self.post(msg.id, framing.pack(msg, buffers), what, background=background)  # type: ignore[attr-defined]
 
-        Pending frees go first, unless this is a ``background`` request (a run) and fewer than FREE_BATCH
-        are pending. With ``window`` requests in flight, replies are read first (blocking) to make room."""
+    def post(self, rid: int, frames: list[Frame], what: str, *, background: bool = False) -> Call:
+        """Send the packed request ``rid`` (signature, header, raw frames) without waiting; its Call receives
+        the reply. Pending frees go first, unless this is a ``background`` request (a run) and fewer than
+        FREE_BATCH are pending. With ``window`` requests in flight, replies are read first (blocking)."""
         if self.identity and (dropped := self._link.dropped()) is not None:
             self.lose(dropped)  # ZeroMQ reconnected under the hood: say hello with the identity first
         if self._present:  # a hello after a drop could not be sent then (nobody listening): now first
             self._hello()
-        if self._garbage and (not background or len(self._garbage) >= FREE_BATCH):
+        garbage = self._garbage
+        if garbage and (not background or len(garbage) >= FREE_BATCH):
             self._send_frees()
-        if len(self._in_flight) >= self.window:
+        in_flight = self._in_flight
+        if len(in_flight) >= self.window:
             self._make_room()
-        call = Call(self, msg.id, what)  # type: ignore[attr-defined]
-        frames = framing.pack(msg, buffers)
-        if buffers and self.limits is not None:
+        if len(frames) > 2 and self.limits is not None:
             self._check_size(frames, what, self.limits)
-        self._in_flight[call.id] = call  # filed before the frames leave: the reply can only land here
+        call = in_flight[rid] = Call(self, rid, what)  # filed before the frames leave: the reply lands here
         try:
             try:
                 self._send(frames)
             except LinkDropped as e:  # noticed before sending: what was in flight is lost, this was not sent
-                del self._in_flight[call.id]
+                del in_flight[rid]
                 self.lose(e.reason)
-                self._in_flight[call.id] = call
+                in_flight[rid] = call
                 self._send(frames)  # once, on a fresh connection
         except WorkerLost as e:  # nobody there any more: say which request was not sent
-            self._in_flight.pop(call.id, None)
+            in_flight.pop(rid, None)
             raise WorkerLost(self.name, f"{what} not sent: {e.message}") from None
         except BaseException:
-            self._in_flight.pop(call.id, None)
+            in_flight.pop(rid, None)
             raise
         return call
 
@@ -268,21 +272,21 @@ class Connection:
             self.wait(next(iter(in_flight.values())))
 
     def _accept(self, frames: list[Frame]) -> None:
-        reply, buffers = framing.unpack_reply(frames)
+        reply, buffers = _unpack_reply(frames)
         rid = reply.re
         if reply.session != self.session:
             if self.session is not None:
                 log.warning("worker %r restarted (new session): its plans and tensors are gone", self.name)
                 self._fail(self._sent_before(rid), "the worker restarted (a new session)")
             self.session = reply.session
-        if type(reply) is m.Welcome:  # also a hello sent after a reconnect; a restarted worker issues a new one
+        if type(reply) is _Welcome:  # also a hello sent after a reconnect; a restarted worker issues a new one
             self.identity = reply.identity
         call = self._in_flight.pop(rid, None)
         if call is None:  # an answer to a request already failed (lost, or sent before a restart)
             log.debug("dropped a reply from %r to request #%d, which nobody awaits", self.name, rid)
             return
         call.reply, call.buffers = reply, buffers
-        if type(reply) is m.Error:
+        if type(reply) is _Error:
             log.debug("%s refused by %r: %s", call.what, self.name, reply.message)
 
     def _sent_before(self, rid: int) -> list[Call]:

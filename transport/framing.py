@@ -90,16 +90,19 @@ def unpack_request(frames: Sequence[Frame], limits: Limits | None = None) -> tup
         raise
 
 
+_decode_reply = m.reply_decoder.decode
+
+
 def unpack_reply(frames: Sequence[Frame]) -> tuple[m._Message, list[Frame]]:
     """Decode a reply from a worker; ProtocolError if the worker broke the protocol. The raw frames come
     back as the link delivered them (any buffer: codec.from_frame reads them without a copy)."""
     if len(frames) < 2 or frames[0] != SIGNATURE:  # bytes or 1-D byte memoryviews: compared by content
         raise ProtocolError("bad_signature", "reply does not start with the planwire signature")
     try:
-        msg = m.reply_decoder.decode(frames[1])  # msgspec reads any buffer: no copy
+        msg = _decode_reply(frames[1])  # msgspec reads any buffer: no copy
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ProtocolError("invalid_message", f"invalid reply: {e}") from None
-    return msg, list(frames[2:])
+    return msg, frames[2:] if type(frames) is list else list(frames[2:])
 
 
 def frame_at(buffers: Sequence[Frame], index: int, what: str) -> Frame:

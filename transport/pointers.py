@@ -96,8 +96,11 @@ class PointerTensor:
         value = self._settle() if self._call is not None and self._call.done else self._value
         return None if value is None else wrap(value.copy())  # a copy: the kept value is this pointer's
 
-    def read(self, keep: bool = False, *, progress: bool | None = None) -> Any:
-        """The value (the caller's tensor type), moved off the worker unless ``keep``; see ``get``."""
+    def get(self, keep: bool = False, *, progress: bool | None = None) -> Any:
+        """The tensor's value (torch.Tensor when torch is in use). Moves it off the worker unless ``keep``.
+        A value that came back with its run's reply costs no round trip (a move then frees the stored copy
+        with the next frees). Over 64 MiB a progress bar shows on stderr (``progress=False`` or
+        PLANWIRE_PROGRESS=0: none)."""
         if self.consumed:
             self.worker.check_pointer(self)  # raises, saying why
         call = self._call
@@ -108,20 +111,15 @@ class PointerTensor:
             value = self._value
         if value is None:
             nbytes = 0 if self._shape is None else math.prod(self._shape) * to_numpy(self.dtype).itemsize
-            return wrap(self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0])
-        if keep:  # the caller's own copy: writing to it must not change what the next read returns
+            value = self.worker.fetch_arrays([self.key], keep=keep, progress=progress, nbytes=nbytes)[0]
+        elif keep:  # the caller's own copy: writing to it must not change what the next read returns
             return wrap(value.copy())
-        self._value = None  # a move: the caller takes the value, the stored copy is freed with the next frees
-        self.worker.release(self.key)
-        return wrap(value)
-
-    def get(self, keep: bool = False, *, progress: bool | None = None) -> Any:
-        """The tensor's value (torch.Tensor when torch is in use). Moves it off the worker unless ``keep``.
-        Over 64 MiB a progress bar shows on stderr (``progress=False`` or PLANWIRE_PROGRESS=0: none)."""
-        value = self.read(keep, progress=progress)
+        else:  # a move: the caller takes the value, the stored copy is freed with the next frees
+            self._value = None
+            self.worker.connection.release(self.key)
         if not keep and not self.private:
             self.consumed = True
-        return value
+        return wrap(value)
 
     def cancel(self) -> bool:
         """Stop the run that makes this tensor if the worker still has it queued or running; its outputs
@@ -164,6 +162,7 @@ class PointerPlan:
     def __init__(self, source: PlanSource, worker: WorkerClient) -> None:
         self.source = source
         self.worker = worker
+        self._last: tuple[list[Any], PlanVariant] | None = None  # the last signature and the source's variant for it
 
     def __call__(self, *args: Any) -> Any:
         results = self.worker.run(self.variant_for(args), args, name=self.source.name)
@@ -172,7 +171,9 @@ class PointerPlan:
     def variant_for(self, args: tuple[Any, ...]) -> PlanVariant:
         """The source's variant for these arguments, registered on the worker. Pointers whose shape is
         still on its way (a run not yet answered) do not wait when exactly one known variant takes them
-        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes)."""
+        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes). The
+        source's answer for the last signature is reused for the same signature: a source's variants only
+        grow, so the first that fits stays the first."""
         worker = self.worker
         signature = []
         for a in args:
@@ -189,7 +190,12 @@ class PointerPlan:
                 signature.append((a.dtype, a._shape))
             else:
                 signature.append(worker.signature_of(a))
-        variant = self.source.variant_for(signature)
+        last = self._last
+        if last is not None and last[0] == signature:  # a plan called in a loop: the same question again
+            variant = last[1]
+        else:
+            variant = self.source.variant_for(signature)
+            self._last = signature, variant
         worker.ensure_plan(variant, self.source.name)
         return variant
 

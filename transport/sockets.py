@@ -89,9 +89,10 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Frame], flags: int = 0) -> No
         return
     flags = int(flags)
     more = flags | SNDMORE
-    last = len(frames) - 1
-    for i, f in enumerate(frames):
-        _send(sock, f, more if i < last else flags, len(f) < COPY_BELOW)
+    for f in frames[:-1]:
+        _send(sock, f, more, len(f) < COPY_BELOW)
+    f = frames[-1]
+    _send(sock, f, flags, len(f) < COPY_BELOW)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[memoryview]:
