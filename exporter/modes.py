@@ -57,17 +57,27 @@ def modules_used(function: Callable[..., Any]) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def training_mode_warning(plan: str, layers: list[tuple[str, nn.Module]]) -> str:
-    """The build's one warning about ``layers`` (from :func:`training_layers`, not empty)."""
-    names = ", ".join(f"{name!r} ({type(layer).__name__})" for name, layer in layers)
+def training_mode_warning(plan: str, layers: list[tuple[str, nn.Module]], *, random: bool = False) -> str | None:
+    """The build's one warning about ``layers`` (from :func:`training_layers`), or about a graph that
+    draws random numbers (``random``) no Dropout layer there explains; None when there is nothing to say."""
     kinds = {type(layer) for _, layer in layers}
+    dropout = any(issubclass(k, nn.modules.dropout._DropoutNd) for k in kinds)
+    if not layers:
+        if not random:
+            return None
+        return (
+            f"plan {plan!r} draws random numbers (F.dropout, whose training argument defaults to True, or a "
+            "random op): every call gives different values, as eager torch does, and the build checked only "
+            "the shapes and types of its outputs. For inference pass training=False to F.dropout."
+        )
+    names = ", ".join(f"{name!r} ({type(layer).__name__})" for name, layer in layers)
     effects = []
     if any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds):
         effects.append(
             "BatchNorm normalizes with each call's batch statistics but does not update running_mean/"
             "running_var (plans are stateless: neither the worker nor this module keeps them)"
         )
-    if any(issubclass(k, nn.modules.dropout._DropoutNd) for k in kinds):
+    if dropout:
         effects.append("Dropout zeroes a fresh random selection on every call")
     return (
         f"plan {plan!r} is built with layers in training mode: {names}. It computes what they compute in "

@@ -79,6 +79,7 @@ class Plan(PlanRunner, torch.nn.Module):
         self._progress = progress  # show build stages (None: unless PLANWIRE_PROGRESS=0)
         self._warned_fixed = False
         self._warned_training: frozenset[str] = frozenset()  # layers named by the training-mode warning
+        self._random: set[str] = set()  # ids of variants whose graph draws random numbers
         self._function = function
         self.name = name or getattr(function, "__name__", None) or type(self).__name__
         self.kind = "function" if function is not None else "module"
@@ -144,19 +145,22 @@ class Plan(PlanRunner, torch.nn.Module):
         variant, session = self._make_variant(list(args), dynamic)
         self._variants = [variant]
         self._sessions = {variant.id: session}
-        self._warn_training()
+        self._warn_training(variant)
         if dynamic_axes is None and not any(dynamic):
             self._warn_fixed(variant)
 
-    def _warn_training(self) -> None:
+    def _warn_training(self, variant: PlanVariant) -> None:
         """Say once per set of layers that BatchNorm/Dropout layers in training mode are built as such
-        (batch statistics, fresh random masks) and that the plan updates no running statistics."""
+        (batch statistics, fresh random masks) and that the plan updates no running statistics; or, with
+        no such layer, that the graph draws random numbers (``F.dropout``'s default ``training=True``)."""
         layers = modes.training_layers(self._modules_used())
-        names = frozenset(name for name, _ in layers)
-        if not layers or names <= self._warned_training:
+        names = frozenset(name for name, _ in layers) or frozenset({""} if variant.id in self._random else ())
+        if not names or names <= self._warned_training:
             return
         self._warned_training |= names
-        warnings.warn(modes.training_mode_warning(self.name, layers), TrainingModeWarning, stacklevel=3)
+        message = modes.training_mode_warning(self.name, layers, random=variant.id in self._random)
+        if message is not None:
+            warnings.warn(message, TrainingModeWarning, stacklevel=3)
 
     def _warn_fixed(self, variant: PlanVariant) -> None:
         """Say once that a build without dynamic axes fixed every size (the batch size included)."""
@@ -249,7 +253,10 @@ class Plan(PlanRunner, torch.nn.Module):
         def verify(data: bytes, model: onnx.ModelProto) -> tuple[PlanVariant, ort.InferenceSession]:
             variant = PlanVariant(data, *metadata.ports(model))
             runs = [([as_array(a) for a in c], e) for c, e in zip(checks, expected, strict=True)]
-            return variant, verify_variant(variant, runs, plan=self.name, random=has_random_ops(model))
+            random = has_random_ops(model)
+            if random:
+                self._random.add(variant.id)
+            return variant, verify_variant(variant, runs, plan=self.name, random=random)
 
         return build_variant(
             self._cache_key(trace, dynamic, input_names, names, autograd),

@@ -203,3 +203,23 @@ def test_training_mode_dropout_says_so_and_stays_random() -> None:
     with warnings.catch_warnings():  # said once per plan, not per rebuild
         warnings.simplefilter("error", TrainingModeWarning)
         plan.build(torch.randn(3, 4), dynamic_axes=[(0,)])
+
+
+def test_function_plan_with_random_dropout_says_so() -> None:
+    with pytest.warns(TrainingModeWarning, match=r"'noisy' draws random numbers.*training=False"):
+
+        @func2plan(args_shape=[(-1, 8)])
+        def noisy(x):
+            return F.dropout(x, 0.5) + 1  # F.dropout's training defaults to True
+
+    out = noisy(torch.ones(32, 8))
+    assert set(out.unique().tolist()) == {1.0, 3.0}  # dropped, or kept and scaled by 1 / (1 - p)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+
+        @func2plan(args_shape=[(-1, 8)])
+        def quiet(x):
+            return F.dropout(x, 0.5, training=False) + 1
+
+    torch.testing.assert_close(quiet(torch.ones(3, 8)), torch.full((3, 8), 2.0))
