@@ -14,6 +14,7 @@ Passed to ``torch.onnx.export`` as its ``custom_translation_table`` by :func:`pl
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,7 @@ TRANSLATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
 }
 
 
+@functools.cache
 def translations_source() -> str:
     """The code of these translations (part of a plan's cache key: an edited one must re-export)."""
     return "\n".join(inspect.getsource(fn) for fn in (*TRANSLATIONS.values(), _blend))
