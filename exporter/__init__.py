@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from planwire.exporter.base import NOT_BUILT, PlanRunner
     from planwire.exporter.cache import CacheStats, cache_dir, clear_cache
     from planwire.exporter.cache import stats as cache_stats
-    from planwire.exporter.errors import FixedShapeWarning, PlanBuildError
+    from planwire.exporter.errors import FixedShapeWarning, PlanBuildError, TrainingModeWarning
     from planwire.exporter.hook import LocalWorker, TorchHook, send, tag
     from planwire.exporter.loading import LoadedPlan, load_plan
     from planwire.exporter.plan import Plan, eager, func2plan
@@ -31,6 +31,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "cache_stats": ("planwire.exporter.cache", "stats"),
     "FixedShapeWarning": ("planwire.exporter.errors", "FixedShapeWarning"),
     "PlanBuildError": ("planwire.exporter.errors", "PlanBuildError"),
+    "TrainingModeWarning": ("planwire.exporter.errors", "TrainingModeWarning"),
     "LocalWorker": ("planwire.exporter.hook", "LocalWorker"),
     "TorchHook": ("planwire.exporter.hook", "TorchHook"),
     "send": ("planwire.exporter.hook", "send"),
@@ -58,6 +59,7 @@ __all__ = [
     "PlanRunner",
     "State",
     "TorchHook",
+    "TrainingModeWarning",
     "TrainingPlan",
     "TrainingPointer",
     "cache_dir",

@@ -30,6 +30,11 @@ class FixedShapeWarning(UserWarning):
     """A plan was built without dynamic axes: its graph accepts only the example's sizes."""
 
 
+class TrainingModeWarning(UserWarning):
+    """A plan was built from layers in training mode (BatchNorm, Dropout): it computes what they compute
+    in training mode on each call, but updates no running statistics."""
+
+
 def chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and its causes/contexts, outermost first, each once."""
     seen: set[int] = set()

@@ -20,6 +20,7 @@ from planwire.exporter import cache, diagnose, progress
 from planwire.exporter.errors import PlanBuildError, chain, root_cause
 from planwire.exporter.onnx_passes import check_exported, strip_debug_info
 from planwire.exporter.torch_compat import EXPORT_LOCK, cached_registry, skip_noop_decompositions
+from planwire.exporter.translations import TRANSLATIONS
 
 OPSET = 20  # ONNX opset of exported plans (torchlib implements >= 18; onnxruntime >= 1.17 runs 20)
 
@@ -59,6 +60,7 @@ def export_model(
                     verbose=False,
                     opset_version=OPSET,
                     dynamic_shapes=_dynamic_shapes(module, args, input_names, dynamic),
+                    custom_translation_table=dict(TRANSLATIONS),
                 )
         except Exception as e:
             raise export_error(e, plan=plan, rerun=(module, args)) from e

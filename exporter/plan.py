@@ -23,17 +23,18 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from planwire.exporter import metadata
+from planwire.exporter import metadata, modes
 from planwire.exporter import progress as build_progress
 from planwire.exporter.base import PlanRunner, Signature
 from planwire.exporter.build import build_variant, cache_key
 from planwire.exporter.dtypes import WIRE_TO_TORCH, DTypeLike, wire_of
-from planwire.exporter.errors import FixedShapeWarning, PlanBuildError
+from planwire.exporter.errors import FixedShapeWarning, PlanBuildError, TrainingModeWarning
 from planwire.exporter.examples import TRACE_SIZE, Axes, args_signature, output_names, random_examples, resize
 from planwire.exporter.export import export_model
 from planwire.exporter.fingerprint import function_fingerprint, module_fingerprint, tensors_digest, uses_autograd
 from planwire.exporter.onnx_passes import has_random_ops
 from planwire.exporter.state import State
+from planwire.exporter.translations import translations_source
 from planwire.exporter.verify import verify_variant
 from planwire.transport.arrays import as_array
 from planwire.transport.dtypes import to_wire
@@ -77,6 +78,8 @@ class Plan(PlanRunner, torch.nn.Module):
         super().__init__()
         self._progress = progress  # show build stages (None: unless PLANWIRE_PROGRESS=0)
         self._warned_fixed = False
+        self._warned_training: frozenset[str] = frozenset()  # layers named by the training-mode warning
+        self._random: set[str] = set()  # ids of variants whose graph draws random numbers
         self._function = function
         self.name = name or getattr(function, "__name__", None) or type(self).__name__
         self.kind = "function" if function is not None else "module"
@@ -142,8 +145,22 @@ class Plan(PlanRunner, torch.nn.Module):
         variant, session = self._make_variant(list(args), dynamic)
         self._variants = [variant]
         self._sessions = {variant.id: session}
+        self._warn_training(variant)
         if dynamic_axes is None and not any(dynamic):
             self._warn_fixed(variant)
+
+    def _warn_training(self, variant: PlanVariant) -> None:
+        """Say once per set of layers that BatchNorm/Dropout layers in training mode are built as such
+        (batch statistics, fresh random masks) and that the plan updates no running statistics; or, with
+        no such layer, that the graph draws random numbers (``F.dropout``'s default ``training=True``)."""
+        layers = modes.training_layers(self._modules_used())
+        names = frozenset(name for name, _ in layers) or frozenset({""} if variant.id in self._random else ())
+        if not names or names <= self._warned_training:
+            return
+        self._warned_training |= names
+        message = modes.training_mode_warning(self.name, layers, random=variant.id in self._random)
+        if message is not None:
+            warnings.warn(message, TrainingModeWarning, stacklevel=3)
 
     def _warn_fixed(self, variant: PlanVariant) -> None:
         """Say once that a build without dynamic axes fixed every size (the batch size included)."""
@@ -181,6 +198,10 @@ class Plan(PlanRunner, torch.nn.Module):
         self._sessions[variant.id] = session
         return variant
 
+    def _modules_used(self) -> list[tuple[str, torch.nn.Module]]:
+        """The plan itself, or for a function plan the torch modules its code reads."""
+        return [("", self)] if self._function is None else modes.modules_used(self._function)
+
     def _dynamic_axes(self, n: int, ranks: Sequence[int] | None = None) -> list[Axes]:
         out = []
         for i in range(n):
@@ -211,7 +232,7 @@ class Plan(PlanRunner, torch.nn.Module):
         autograd = self._function is not None and uses_autograd(self._function)
 
         def export() -> onnx.ModelProto:
-            with eager():  # nested plans trace as torch code
+            with eager(), modes.exportable(self._modules_used()):  # nested plans trace as torch code
                 if autograd:  # gradients inside the plan (torch.func.grad, autograd.grad): traced like a step
                     from planwire.exporter.training.function import export_function
 
@@ -232,7 +253,10 @@ class Plan(PlanRunner, torch.nn.Module):
         def verify(data: bytes, model: onnx.ModelProto) -> tuple[PlanVariant, ort.InferenceSession]:
             variant = PlanVariant(data, *metadata.ports(model))
             runs = [([as_array(a) for a in c], e) for c, e in zip(checks, expected, strict=True)]
-            return variant, verify_variant(variant, runs, plan=self.name, random=has_random_ops(model))
+            random = has_random_ops(model)
+            if random:
+                self._random.add(variant.id)
+            return variant, verify_variant(variant, runs, plan=self.name, random=random)
 
         return build_variant(
             self._cache_key(trace, dynamic, input_names, names, autograd),
@@ -243,8 +267,10 @@ class Plan(PlanRunner, torch.nn.Module):
         )
 
     def _reference(self, args: list[torch.Tensor]) -> list[np.ndarray]:
-        """Eager torch outputs as numpy, with buffers restored (BatchNorm statistics must not drift)."""
-        saved = [(b, b.clone()) for b in self.buffers()]
+        """Eager torch outputs as numpy, with buffers restored (BatchNorm statistics must not drift): the
+        plan's own and those of the modules a function plan's code reads."""
+        buffers = {id(b): b for _, m in [("", self), *self._modules_used()] for b in m.buffers()}
+        saved = [(b, b.clone()) for b in buffers.values()]
         try:
             with torch.no_grad():
                 result = self.eager(*args)
@@ -317,7 +343,7 @@ class Plan(PlanRunner, torch.nn.Module):
             [sorted(a) for a in dynamic],
             inputs,
             outputs,
-            _autograd_translations() if autograd else "",
+            _autograd_translations() if autograd else translations_source(),
         )
 
     def __getstate__(self) -> dict[str, Any]:

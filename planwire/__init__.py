@@ -25,6 +25,7 @@ _LAZY = {
     "Plan": "planwire.exporter",
     "PlanBuildError": "planwire.exporter",
     "FixedShapeWarning": "planwire.exporter",
+    "TrainingModeWarning": "planwire.exporter",
     "TrainingPlan": "planwire.exporter",
     # loading and inspecting saved plans: onnxruntime alone (planwire.exporter loads lazily)
     "load_plan": "planwire.exporter",

@@ -223,6 +223,11 @@ _DECOMP_CASES = {
     "reshape beside an op without rule": (_fn(lambda x: x.reshape(-1, 2, 4).clone().add_(1)), _FLOAT, "torch"),
     "in-place (functionalized)": (_fn(lambda x: x.clone().add_(1).mul_(2)), _FLOAT, "torch"),
     "dropout in training (not preservable)": (lambda: _Seq(torch.nn.Dropout(0.5), train=True), _FLOAT, "torch"),
+    "batch norm in training (batch statistics)": (
+        lambda: _Seq(_stats(torch.nn.BatchNorm1d(8)), train=True),
+        _FLOAT,
+        "torch",
+    ),
 }
 
 

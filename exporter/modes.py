@@ -1,0 +1,108 @@
+"""Layers in training mode: what a plan built from them computes, said once at build.
+
+A plan computes what eager torch computes for one call, in the mode its layers are in. In training mode
+that means BatchNorm normalizes with each call's batch statistics (:mod:`planwire.exporter.translations`)
+and Dropout draws a fresh random mask per call, but a plan never writes anything back: the running
+statistics that eager torch would update (``running_mean``, ``running_var``, ``num_batches_tracked``)
+stay as they were on the worker and in the user's module. :func:`training_mode_warning` says so, naming
+the layers, because the usual intent is inference (``model.eval()``) or training (``training_plan``).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from planwire.exporter.fingerprint import _global_names
+
+
+def training_layers(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every BatchNorm that tracks running statistics and every Dropout with
+    ``p > 0`` that is in training mode, in ``named_modules`` order, each once."""
+    found: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    for prefix, module in modules:
+        for name, layer in module.named_modules(prefix=prefix):
+            if id(layer) in seen or not layer.training:
+                continue
+            seen.add(id(layer))
+            batch_norm = isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+            dropout = isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0
+            if batch_norm or dropout:
+                found.append((name or type(layer).__name__, layer))
+    return found
+
+
+def modules_used(function: Callable[..., Any]) -> list[tuple[str, nn.Module]]:
+    """The torch modules a function plan's code reads from its closure or by global name (one level)."""
+    out = []
+    code = getattr(function, "__code__", None)
+    if isinstance(function, types.FunctionType) and code is not None:
+        cells = zip(code.co_freevars, function.__closure__ or (), strict=False)
+        for name, cell in cells:
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, nn.Module):
+                out.append((name, value))
+        for name in sorted(_global_names(code)):
+            value = function.__globals__.get(name)
+            if isinstance(value, nn.Module):
+                out.append((name, value))
+    return out
+
+
+def training_mode_warning(plan: str, layers: list[tuple[str, nn.Module]], *, random: bool = False) -> str | None:
+    """The build's one warning about ``layers`` (from :func:`training_layers`), or about a graph that
+    draws random numbers (``random``) no Dropout layer there explains; None when there is nothing to say."""
+    kinds = {type(layer) for _, layer in layers}
+    dropout = any(issubclass(k, nn.modules.dropout._DropoutNd) for k in kinds)
+    if not layers:
+        if not random:
+            return None
+        return (
+            f"plan {plan!r} draws random numbers (F.dropout, whose training argument defaults to True, or a "
+            "random op): every call gives different values, as eager torch does, and the build checked only "
+            "the shapes and types of its outputs. For inference pass training=False to F.dropout."
+        )
+    names = ", ".join(f"{name!r} ({type(layer).__name__})" for name, layer in layers)
+    effects = []
+    if any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds):
+        effects.append(
+            "BatchNorm normalizes with each call's batch statistics but does not update running_mean/"
+            "running_var (plans are stateless: neither the worker nor this module keeps them)"
+        )
+    if dropout:
+        effects.append("Dropout zeroes a fresh random selection on every call")
+    return (
+        f"plan {plan!r} is built with layers in training mode: {names}. It computes what they compute in "
+        f"training mode: {'; '.join(effects)}. For inference call .eval() on the model before building; to "
+        "train on a worker use planwire.training_plan."
+    )
+
+
+@contextmanager
+def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Within this block, BatchNorm layers in training mode track no running statistics (restored on exit).
+
+    Their output is the same (training mode normalizes with the batch's statistics either way), but their
+    forward then neither updates ``running_mean``/``running_var``/``num_batches_tracked`` nor reads
+    ``num_batches_tracked`` for ``momentum=None``: a plan drops those updates anyway, torch.export cannot
+    capture ``1 / float(num_batches_tracked)``, and a module that a function plan reads (its buffers
+    become constants of the graph) cannot be exported mutating them at all.
+    """
+    swapped = []
+    for _, layer in training_layers(modules):
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            swapped.append(layer)
+            layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in swapped:
+            layer.track_running_stats = True

@@ -1,0 +1,225 @@
+"""Plans built from layers in training mode (BatchNorm, Dropout) and in eval mode.
+
+A plan computes what eager torch computes for the call, in the mode its layers are in: BatchNorm in
+training mode normalizes with the batch's own statistics (torch.onnx's torchlib exports it with the
+running ones; planwire's translation fixes that). A plan updates no running statistics, and building one
+never changes the user's module: one TrainingModeWarning says so, naming the layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from planwire.exporter import Plan, TrainingModeWarning, func2plan
+from planwire.exporter.export import export_model
+from planwire.exporter.plan import eager
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLANWIRE_CACHE_DIR", str(tmp_path_factory.mktemp("plan-cache")))
+        yield
+
+
+class _Wrap(Plan):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _with_stats(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """Running statistics far from any batch's, so normalizing with the wrong ones shows."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(2.0, 3.0)
+        bn.running_var.uniform_(4.0, 5.0)
+    return bn
+
+
+def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in module.named_buffers()}
+
+
+def _eager(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eager torch's output for ``x``, leaving the module's buffers as they were."""
+    saved = copy.deepcopy(module.state_dict())
+    with torch.no_grad():
+        out = module(x)
+    module.load_state_dict(saved)
+    return out
+
+
+def _assert_same_buffers(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = dict(module.named_buffers())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} changed"
+
+
+_TRAINING_BATCH_NORMS = {
+    "BatchNorm1d on (N, C)": (lambda: nn.Sequential(nn.Linear(4, 6), _with_stats(nn.BatchNorm1d(6))), (8, 4), "1"),
+    "BatchNorm1d on (N, C, L)": (lambda: nn.Sequential(_with_stats(nn.BatchNorm1d(3))), (4, 3, 5), "0"),
+    "conv, BatchNorm2d without affine, momentum=None": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), _with_stats(nn.BatchNorm2d(3, affine=False, momentum=None))),
+        (4, 2, 6, 6),
+        "1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_TRAINING_BATCH_NORMS))
+def test_training_mode_batch_norm_computes_the_batch_statistics(case: str) -> None:
+    make, shape, layer = _TRAINING_BATCH_NORMS[case]
+    torch.manual_seed(0)
+    model = make()
+    plan = _Wrap(model)  # nn.Module's default: training mode
+    before = _buffers(model)
+    with pytest.warns(TrainingModeWarning, match=rf"'model\.{layer}' \(BatchNorm\dd\).*running_mean") as caught:
+        plan.build(torch.randn(*shape), dynamic_axes=[(0,)])
+    assert len([w for w in caught if w.category is TrainingModeWarning]) == 1
+    _assert_same_buffers(model, before)  # neither tracing nor the verification runs moved a statistic
+    for batch in (2, 5, 17):
+        x = torch.randn(batch, *shape[1:])
+        got = plan(x)
+        want = _eager(model, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, _eager(copy.deepcopy(model).eval(), x), atol=1e-2)  # not the running ones
+    _assert_same_buffers(model, before)  # nor did running the plan
+
+
+def test_eval_mode_batch_norm_uses_the_running_statistics_without_warning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _with_stats(nn.BatchNorm1d(6)), nn.Dropout(0.5)).eval()
+    plan = _Wrap(model).eval()
+    before = _buffers(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        plan.build(torch.randn(8, 4), dynamic_axes=[(0,)])
+    _assert_same_buffers(model, before)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(plan(x), _eager(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_is_part_of_the_cache_key() -> None:
+    """The same weights built in eval then training mode give two graphs, each right for its mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_with_stats(nn.BatchNorm1d(5)))
+    x = torch.randn(6, 5)
+    plan = _Wrap(model).eval()
+    plan.build(x, dynamic_axes=[(0,)])
+    torch.testing.assert_close(plan(x), _eager(model, x), rtol=1e-5, atol=1e-5)
+    plan.train()
+    with pytest.warns(TrainingModeWarning):
+        plan.build(x, dynamic_axes=[(0,)])
+    torch.testing.assert_close(plan(x), _eager(model, x), rtol=1e-5, atol=1e-5)
+    assert abs(float(plan(x).mean())) < 1e-5  # batch statistics: each channel's mean is the bias, 0
+
+
+def test_function_plan_reading_a_training_mode_model_leaves_its_statistics_alone() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3)), nn.ReLU())
+    before = _buffers(net)
+
+    with pytest.warns(TrainingModeWarning, match=r"'net\.1' \(BatchNorm1d\)"):
+
+        @func2plan(args_shape=[(-1, 4)])
+        def scores(x):
+            return net(x) * 2
+
+    _assert_same_buffers(net, before)  # the eager reference runs of the build restored them
+    x = torch.randn(7, 4)
+    torch.testing.assert_close(scores(x), _eager(net, x) * 2, rtol=1e-5, atol=1e-5)
+
+
+def test_functional_batch_norm_in_training_mode_on_plan_state() -> None:
+    """``F.batch_norm(..., training=True)`` with running statistics in the plan's state: the graph
+    normalizes with the batch's statistics, and the state is not updated by building or running."""
+
+    @func2plan(args_shape=[(-1, 3, 4)], state=[torch.full((3,), 2.0), torch.full((3,), 4.0)])
+    def norm(x, state):
+        running_mean, running_var = state.read()
+        return F.batch_norm(x, running_mean, running_var, training=True, momentum=0.5)
+
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(norm(x), F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+    running_mean, running_var = norm.state.read()
+    assert torch.equal(running_mean, torch.full((3,), 2.0)) and torch.equal(running_var, torch.full((3,), 4.0))
+
+
+def test_training_translation_returns_torchs_running_statistics() -> None:
+    """The translation's running-statistics outputs follow torch's update (unbiased variance, momentum):
+    exported here as graph outputs through a module that returns them."""
+
+    class Update(nn.Module):
+        def forward(self, x, mean, var):
+            out, _, _, new_mean, new_var = torch.ops.aten._native_batch_norm_legit_functional(
+                x, None, None, mean, var, True, 0.3, 1e-5
+            )
+            return out, new_mean, new_var
+
+    x, mean, var = torch.randn(6, 3, 2), torch.rand(3), torch.rand(3) + 1
+    with eager():
+        proto = export_model(
+            Update(),
+            [x, mean, var],
+            plan="update",
+            input_names=["x", "mean", "var"],
+            output_names=["out", "new_mean", "new_var"],
+            dynamic=[{0}, set(), set()],
+        )
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(proto.SerializeToString()).run(
+        None, {"x": x.numpy(), "mean": mean.numpy(), "var": var.numpy()}
+    )
+    want_mean, want_var = mean.clone(), var.clone()
+    want = F.batch_norm(x, want_mean, want_var, training=True, momentum=0.3)
+    for g, w in zip(got, (want, want_mean, want_var), strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_dropout_says_so_and_stays_random() -> None:
+    plan = _Wrap(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Dropout(0.5)))
+    with pytest.warns(TrainingModeWarning, match=r"'model\.2' \(Dropout\).*fresh random") as caught:
+        plan.build(torch.randn(3, 4), dynamic_axes=[(0,)])
+    assert "model.1" not in str(caught[0].message)  # p=0 drops nothing: not worth a word
+    x = torch.randn(64, 4)
+    out = plan(x)
+    linear = plan.model[0](x).detach()
+    dropped = out == 0
+    assert 0.3 < float(dropped.float().mean()) < 0.7
+    torch.testing.assert_close(out[~dropped], (linear * 2)[~dropped], rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():  # said once per plan, not per rebuild
+        warnings.simplefilter("error", TrainingModeWarning)
+        plan.build(torch.randn(3, 4), dynamic_axes=[(0,)])
+
+
+def test_function_plan_with_random_dropout_says_so() -> None:
+    with pytest.warns(TrainingModeWarning, match=r"'noisy' draws random numbers.*training=False"):
+
+        @func2plan(args_shape=[(-1, 8)])
+        def noisy(x):
+            return F.dropout(x, 0.5) + 1  # F.dropout's training defaults to True
+
+    out = noisy(torch.ones(32, 8))
+    assert set(out.unique().tolist()) == {1.0, 3.0}  # dropped, or kept and scaled by 1 / (1 - p)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+
+        @func2plan(args_shape=[(-1, 8)])
+        def quiet(x):
+            return F.dropout(x, 0.5, training=False) + 1
+
+    torch.testing.assert_close(quiet(torch.ones(3, 8)), torch.full((3, 8), 2.0))
