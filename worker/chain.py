@@ -18,7 +18,9 @@ is replaced by the error it would have got by waiting (its input failed, in the 
 another shape than declared is checked against the plan as a waiting run's argument is. A run chained
 behind a head that crashed the runner goes to the fresh runner with the stored values (or their failure),
 never with inputs that were never produced. A chained run refused as it is validated marks its outputs
-failed at once, and again once the head ahead of it has stored them (as it would have, refused after).
+failed at once, and again once the head ahead of it has stored them (as it would have, refused after); what
+a chained run read is what its producer left when it was answered (``Chain.seen``), not what such a refusal
+marked after.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Chain:
 
     producer: object
     links: list[tuple[str, Ahead, int]] = field(default_factory=list)
+    # what the producer left under those keys when it was answered (an Entry, or the error reading it gives):
+    # read then, because a run refused behind this one marks the same keys failed before this one is answered
+    seen: dict[str, Entry | ProtocolError] | None = None
 
 
 _declared: weakref.WeakKeyDictionary[Signature, list] = weakref.WeakKeyDictionary()
@@ -151,6 +156,32 @@ class Chains:
                     again.append((key, e.message))
         return again
 
+    def _witness(self, producer: object) -> None:
+        """``producer`` (a window slot) was answered, its outputs stored or failed: the runs chained behind it
+        keep what they read from it now."""
+        store, owner = self.service.store, self.service.owners.owner
+        for s in self.window:
+            chain = getattr(s, "chain", None)
+            if chain is None or chain.producer is not producer or s.job is None:
+                continue
+            me, seen = owner(s.job.origin.client), {}
+            for key, _, _ in chain.links:
+                try:
+                    seen[key] = store.entry(me, key)
+                except ProtocolError as e:
+                    seen[key] = e
+            chain.seen = seen
+
+    def _chained_entry(self, chain: Chain, me: ClientId, key: str) -> Entry:
+        """The entry chained ``chain``'s run reads under ``key``: what its producer left (ProtocolError if failed)."""
+        seen = chain.seen
+        if seen is None or key not in seen:
+            return self.service.store.entry(me, key)
+        entry = seen[key]
+        if isinstance(entry, ProtocolError):
+            raise ProtocolError(entry.code, entry.message)
+        return entry
+
     def _link(self, chain: Chain, job: RunJob) -> bool:
         """Point chained ``job``'s arguments at the handles of its producer's outputs (sent already, in this
         runner). False when the producer was answered already (a restart): then they are the stored values,
@@ -169,10 +200,9 @@ class Chains:
         failed (the same words) or does not fit the plan."""
         keys = {key for key, _, _ in chain.links}
         me = self.service.owners.owner(job.origin.client)
-        store = self.service.store
         for i, a in enumerate(job.msg.args):
             if a.ref in keys:
-                entry = store.entry(me, a.ref)  # type: ignore[arg-type]
+                entry = self._chained_entry(chain, me, a.ref)  # type: ignore[arg-type]
                 job.args[i], job.entries[i] = entry.array, entry
         job.plan.ports.check(job.args)
 
@@ -181,11 +211,12 @@ class Chains:
         outputs (of the declared shapes, or fitting the plan as stored), else the error the run would have got
         by waiting."""
         me = self.service.owners.owner(job.origin.client)
-        find = self.service.store.find
         same = exact = True
         for key, ahead, _ in chain.links:
-            entry = find(me, key)
-            r = None if entry is None else entry.array
+            try:
+                r = self._chained_entry(chain, me, key).array
+            except ProtocolError:
+                r = None
             if not isinstance(r, Resident) or r.handle != ahead.handle or r.gen != ahead.gen:
                 same = False
             elif r.shape != ahead.shape or r.dtype != ahead.dtype:

@@ -323,6 +323,7 @@ class Window(Chains, Cancels):
         job, head.job = head.job, None
         assert job is not None
         self.server.send(head.peer, self.service.complete(job, outcome))
+        self._witness(head)  # the runs chained behind it read what it left now (worker/chain.py)
         del job, outcome  # its arguments (a step's old state) go before the next is sent: protect must not copy them
         if then is not None:
             self.server.send(head.peer, then)
