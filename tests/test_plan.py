@@ -459,3 +459,31 @@ def test_a_variant_remembers_answers_only_for_int_sizes_so_equal_hashing_sizes_g
     assert variant.mismatch([("float", (2, 4)), ("int64", (7,))]) is None
     assert variant.mismatch([("float", [2, 4]), ("int64", [7])]) is None  # lists: answered, not remembered
     assert list(variant._fits) == [(("float", (2, 3)), ("int64", (5,))), (("float", (2, 4)), ("int64", (7,)))]
+
+
+def test_a_rebuilt_plan_runs_its_new_graph_on_a_worker_it_was_sent_to() -> None:
+    """A PointerPlan reuses the variant it chose for a repeated signature only while the source still has it:
+    ``build`` replaces every variant, and the next call runs the new graph (review: it ran the old weights)."""
+
+    class Scale(Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    plan = Scale()
+    with torch.no_grad():
+        plan.fc.weight.fill_(1.0)
+    plan.build(torch.ones(1, 2), dynamic_axes=[[0]])
+    worker = VirtualWorker(id="rebuilt")
+    x = worker.put(torch.ones(3, 2))
+    pointer = plan.send(worker)
+    assert pointer(x).get(keep=True).flatten().tolist() == [2.0, 2.0, 2.0]
+    with torch.no_grad():
+        plan.fc.weight.fill_(5.0)
+    plan.build(torch.ones(1, 2), dynamic_axes=[[0]])
+    assert plan.send(worker) is pointer
+    assert pointer(x).get(keep=True).flatten().tolist() == [10.0, 10.0, 10.0]
+    assert plan(x).get(keep=True).flatten().tolist() == [10.0, 10.0, 10.0]

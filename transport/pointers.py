@@ -172,8 +172,8 @@ class PointerPlan:
         """The source's variant for these arguments, registered on the worker. Pointers whose shape is
         still on its way (a run not yet answered) do not wait when exactly one known variant takes them
         whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes). The
-        source's answer for the last signature is reused for the same signature: a source's variants only
-        grow, so the first that fits stays the first."""
+        source's answer for the last signature is reused for the same signature while that variant is still one
+        of the source's ``variants`` (a rebuild replaces them: then the source is asked again)."""
         worker = self.worker
         signature = []
         for a in args:
@@ -191,8 +191,9 @@ class PointerPlan:
             else:
                 signature.append(worker.signature_of(a))
         last = self._last
-        if last is not None and last[0] == signature:  # a plan called in a loop: the same question again
-            variant = last[1]
+        current = getattr(self.source, "variants", ())
+        if last is not None and last[0] == signature and any(v is last[1] for v in current):
+            variant = last[1]  # a plan called in a loop: the same question again
         else:
             variant = self.source.variant_for(signature)
             self._last = signature, variant
