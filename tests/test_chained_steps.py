@@ -264,3 +264,27 @@ def test_cancel_of_the_step_ahead_of_a_chained_one_fails_it_as_waiting_would(raw
     why = f"run #{steps[0]} failed: {first['message']} [cancelled]"
     for rid in steps[1:]:
         assert replies[rid]["code"] == "run_failed" and replies[rid]["message"] == why, replies[rid]
+
+
+def test_a_step_behind_a_refused_one_is_not_chained_past_it(worker) -> None:
+    """Step 2 is refused as it is validated while step 1 runs; step 3 reads the same state, so it waits for step
+    2's turn (its outputs failed again) and fails naming it, as it would have waiting (review: it chained
+    behind step 1 past step 2's reply and ran on step 1's state). Every output of the warm step is fetched, so
+    the runner holds nothing without a host copy and nothing else keeps step 3 from joining."""
+    proc, peer = worker
+    n = 1 << 21  # 8 MiB a tensor: step 1 still runs when steps 2 and 3 arrive
+    plan = peer.register(step_plan(n), name="step")["plan"]
+    for key in ("w", "m", "g"):
+        peer.put(key, np.ones(n, np.float32))
+    args = ["w", "m", "g", np.array([7]), np.array([1]), np.array([n])]
+    outputs = ["w", "m", "loss", "q"]
+    peer.run(plan, args, outputs, fetch=[0, 1, 2, 3])
+    bad = [*args[:2], np.zeros(3, np.float32), *args[3:]]
+    ids = [peer.send(*peer.run_header(plan, a, outputs, fetch=[2])) for a in (args, bad, args)]
+    replies = [peer.recv(timeout=60) for _ in ids]
+    assert [r["re"] for r in replies] == ids
+    assert replies[0].kind == "tensors"
+    assert replies[1]["code"] == "bad_argument", replies[1]
+    why = f"run #{ids[1]} refused: {replies[1]['message']} [bad_argument]"
+    assert replies[2]["code"] == "run_failed" and replies[2]["message"] == why, replies[2]
+    assert peer.error({"type": "get", "keys": ["w"]}, code="run_failed")["message"] == why

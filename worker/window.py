@@ -110,7 +110,9 @@ class Window(Chains, Cancels):
         head = None  # the head, when q reads or writes its outputs
         for s in self.window:
             job = s.job
-            if job is None:
+            if job is None:  # a reply waiting its turn: a refused chained run's fails its outputs again then
+                if s.again and s.owner == me and not keys.isdisjoint(k for k, _ in s.again):
+                    return False
                 continue
             if not s.cancelled and (type(job) is RegisterJob or not s.save and not self._covered(me, msg, job)):
                 return False
