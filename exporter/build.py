@@ -14,6 +14,8 @@ Every plan (function and class plans, gradient functions, training steps) is bui
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ import onnx
 import onnxscript
 import torch
 
-from planwire.exporter import cache, progress
+from planwire.exporter import cache, decompose, progress, torch_compat
 from planwire.exporter.errors import PlanBuildError
 from planwire.exporter.export import OPSET
 
@@ -35,7 +37,15 @@ def cache_key(kind: str, *parts: Any) -> str:
     """The cache key of one export: ``kind`` of build, the JSON-able ``parts`` its result depends on,
     and the versions of everything that shapes exported graphs."""
     versions = [torch.__version__, onnx.__version__, onnxscript.__version__, OPSET]
-    return cache.make_key(SCHEME, kind, *parts, versions)
+    return cache.make_key(SCHEME, kind, *parts, versions, rewrites_source())
+
+
+@functools.cache
+def rewrites_source() -> str:
+    """The code that rewrites programs during every export (:mod:`planwire.exporter.decompose`'s rules
+    and the :mod:`planwire.exporter.torch_compat` patch that applies them): part of every key, so an
+    edited rule never serves a graph the old rule made."""
+    return "\n".join(inspect.getsource(module) for module in (decompose, torch_compat))
 
 
 def build_variant(

@@ -171,3 +171,13 @@ def test_root_cause_is_the_innermost_first_line() -> None:
             raise RuntimeError("the exporter's advice") from e
     except RuntimeError as outer:
         assert root_cause(outer) == "ValueError: inner"
+
+
+def test_the_export_rewrite_rules_are_part_of_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decompose's rules shape exported graphs: an edited rule changes every cache key (no old graph)."""
+    from planwire.exporter import build
+
+    assert "def _batch_norm" in build.rewrites_source() and "RULES" in build.rewrites_source()
+    before = build.cache_key("plan-function", "same", "parts")
+    monkeypatch.setattr(build, "rewrites_source", lambda: "an edited rule")
+    assert build.cache_key("plan-function", "same", "parts") != before
