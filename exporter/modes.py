@@ -18,13 +18,23 @@ from typing import Any
 from torch import nn
 
 from planwire.exporter.fingerprint import _global_names
+from planwire.exporter.torch_compat import EXPORT_LOCK
 
 
 def training_layers(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """(qualified name, layer) of every BatchNorm that tracks running statistics and every Dropout with
-    ``p > 0`` that is in training mode, in ``named_modules`` order, each once."""
+    ``p > 0`` that is in training mode, in ``named_modules`` order, each once.
+
+    Read under :data:`EXPORT_LOCK`, the lock :func:`exportable` switches flags under: another thread's
+    export never shows its switched-off BatchNorm layers here."""
     found: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
+    with EXPORT_LOCK:
+        _collect(modules, found, seen)
+    return found
+
+
+def _collect(modules: Iterable[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]], seen: set[int]) -> None:
     for prefix, module in modules:
         for name, layer in module.named_modules(prefix=prefix):
             if id(layer) in seen or not layer.training:
@@ -34,7 +44,6 @@ def training_layers(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str,
             dropout = isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0
             if batch_norm or dropout:
                 found.append((name or type(layer).__name__, layer))
-    return found
 
 
 def modules_used(function: Callable[..., Any]) -> list[tuple[str, nn.Module]]:
@@ -95,14 +104,18 @@ def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
     ``num_batches_tracked`` for ``momentum=None``: a plan drops those updates anyway, torch.export cannot
     capture ``1 / float(num_batches_tracked)``, and a module that a function plan reads (its buffers
     become constants of the graph) cannot be exported mutating them at all.
+
+    The block holds :data:`EXPORT_LOCK` (re-entrant; the export inside takes it too), so the switch, the
+    export and the restore are one section: no other thread's build sees the flags switched.
     """
-    swapped = []
-    for _, layer in training_layers(modules):
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            swapped.append(layer)
-            layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in swapped:
-            layer.track_running_stats = True
+    with EXPORT_LOCK:
+        swapped = []
+        for _, layer in training_layers(modules):
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                swapped.append(layer)
+                layer.track_running_stats = False
+        try:
+            yield
+        finally:
+            for layer in swapped:
+                layer.track_running_stats = True

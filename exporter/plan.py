@@ -142,18 +142,19 @@ class Plan(PlanRunner, torch.nn.Module):
                 raise ValueError(f"dynamic_axes has {len(dynamic_axes)} entries for {len(args)} arguments")
             self._dynamic = [(_rank(a), frozenset(axes)) for a, axes in zip(args, dynamic_axes, strict=True)]
         dynamic = self._dynamic_axes(len(args), [_rank(a) for a in args])
+        layers = modes.training_layers(self._modules_used())  # before the build switches any flag
         variant, session = self._make_variant(list(args), dynamic)
         self._variants = [variant]
         self._sessions = {variant.id: session}
-        self._warn_training(variant)
+        self._warn_training(variant, layers)
         if dynamic_axes is None and not any(dynamic):
             self._warn_fixed(variant)
 
-    def _warn_training(self, variant: PlanVariant) -> None:
+    def _warn_training(self, variant: PlanVariant, layers: list[tuple[str, torch.nn.Module]]) -> None:
         """Say once per set of layers that BatchNorm/Dropout layers in training mode are built as such
         (batch statistics, fresh random masks) and that the plan updates no running statistics; or, with
-        no such layer, that the graph draws random numbers (``F.dropout``'s default ``training=True``)."""
-        layers = modes.training_layers(self._modules_used())
+        no such layer, that the graph draws random numbers (``F.dropout``'s default ``training=True``).
+        ``layers``: :func:`modes.training_layers`, read before the build."""
         names = frozenset(name for name, _ in layers) or frozenset({""} if variant.id in self._random else ())
         if not names or names <= self._warned_training:
             return

@@ -223,3 +223,48 @@ def test_function_plan_with_random_dropout_says_so() -> None:
             return F.dropout(x, 0.5, training=False) + 1
 
     torch.testing.assert_close(quiet(torch.ones(3, 8)), torch.full((3, 8), 2.0))
+
+
+def test_two_threads_building_over_one_training_mode_model_both_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export switches BatchNorm's track_running_stats off while it runs: another thread's build
+    over the same model must still see the layer in training mode (flags read under the export lock,
+    before the build), and the flag is back once both are done. (The messages are taken where they are
+    made: the warnings module's own catch_warnings is not thread-safe, and the exporter uses it.)"""
+    import threading
+
+    from planwire.exporter import modes
+
+    made: list[str] = []
+    real = modes.training_mode_warning
+
+    def recording(*args: object, **kwargs: object) -> str | None:
+        message = real(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(message or "")
+        return message
+
+    monkeypatch.setattr(modes, "training_mode_warning", recording)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _with_stats(nn.BatchNorm1d(6)))
+    plans = [_Wrap(model), _Wrap(model)]
+    for i, plan in enumerate(plans):
+        plan.name = f"threads_{i}"
+    errors: list[BaseException] = []
+
+    def build(plan: Plan) -> None:
+        try:
+            plan.build(torch.randn(8, 4), dynamic_axes=[(0,)])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=build, args=(p,)) for p in plans]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for i in range(2):
+        assert any(f"'threads_{i}'" in m and "'model.1' (BatchNorm1d)" in m for m in made), made
+    assert model[1].track_running_stats
