@@ -185,6 +185,15 @@ def export_error(
     ``rerun`` (the exported module and its arguments) lets an unsupported op be traced to its line."""
     if diagnose.is_data_dependent(exc):
         return PlanBuildError(diagnose.data_dependent_message(plan, exc), plan=plan)
+    if any("mutated in the forward" in str(e) for e in chain(exc)):
+        return PlanBuildError(
+            f"plan {plan!r} could not be exported to ONNX: {root_cause(exc)}\nA buffer read from outside the "
+            "plan is updated in the forward: usually a BatchNorm in training mode (its running statistics) "
+            "in a model the plan's code reaches in a way planwire does not follow (an object's attribute, "
+            "say). Call .eval() on that model before building, or make it an attribute of the Plan (or a "
+            "closure variable or global of the function plan).",
+            plan=plan,
+        )
     op = failing_op(exc)
     if op is not None and _is_dispatch_failure(exc):
         return PlanBuildError(diagnose.unsupported_op_message(plan, op, exc, rerun=rerun), plan=plan, op=op)

@@ -200,8 +200,11 @@ class Plan(PlanRunner, torch.nn.Module):
         return variant
 
     def _modules_used(self) -> list[tuple[str, torch.nn.Module]]:
-        """The plan itself, or for a function plan the torch modules its code reads."""
-        return [("", self)] if self._function is None else modes.modules_used(self._function)
+        """The plan itself and the modules its forward reaches outside its submodules, or for a function
+        plan the torch modules its code reads (directly, through helpers, or inside dicts and lists)."""
+        if self._function is None:
+            return [("", self), *modes.reachable_modules(self, type(self).forward)]
+        return modes.modules_used(self._function)
 
     def _dynamic_axes(self, n: int, ranks: Sequence[int] | None = None) -> list[Axes]:
         out = []

@@ -268,3 +268,71 @@ def test_two_threads_building_over_one_training_mode_model_both_warn(monkeypatch
     for i in range(2):
         assert any(f"'threads_{i}'" in m and "'model.1' (BatchNorm1d)" in m for m in made), made
     assert model[1].track_running_stats
+
+
+_INDIRECT_NET = nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3)))
+_INDIRECT_MODELS = {"m": nn.Sequential(_with_stats(nn.BatchNorm1d(4)))}
+
+
+def _indirect_helper(x: torch.Tensor) -> torch.Tensor:
+    return _INDIRECT_NET(x)
+
+
+class _ListHolder(Plan):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.models = [net]  # a plain list: not a registered submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.models[0](x)
+
+
+def _through_helper(x: torch.Tensor) -> torch.Tensor:
+    return _indirect_helper(x) * 2
+
+
+def _through_dict(x: torch.Tensor) -> torch.Tensor:
+    return _INDIRECT_MODELS["m"](x) + 1
+
+
+@pytest.mark.parametrize("how", ["helper", "dict", "plan list"])
+def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> None:
+    """A model reached through a helper function, a dict, or a plain list on a Plan: the build warns,
+    computes the batch statistics, and leaves the running statistics as they were."""
+    torch.manual_seed(0)
+    if how == "helper":
+        model, fn, layer = _INDIRECT_NET, _through_helper, r"'_INDIRECT_NET\.1'"
+    elif how == "dict":
+        model, fn, layer = _INDIRECT_MODELS["m"], _through_dict, r"\"_INDIRECT_MODELS\['m'\]\.0\""
+    else:
+        model, fn, layer = nn.Sequential(nn.Linear(4, 4), _with_stats(nn.BatchNorm1d(4))), None, r"'models\[0\]\.1'"
+    before = _buffers(model)
+    with pytest.warns(TrainingModeWarning, match=layer + r" \(BatchNorm1d\)"):
+        if fn is None:
+            plan: Plan = _ListHolder(model)
+            plan.name = "indirect_list"
+            plan.build(torch.randn(6, 4), dynamic_axes=[(0,)])
+        else:
+            plan = func2plan(args_shape=[(-1, 4)], name=f"indirect_{how}")(fn)
+    _assert_same_buffers(model, before)
+    x = torch.randn(5, 4)
+    want = _eager(model, x)
+    want = want * 2 if how == "helper" else want + 1 if how == "dict" else want
+    torch.testing.assert_close(plan(x), want, rtol=1e-5, atol=1e-5)
+    _assert_same_buffers(model, before)
+
+
+def test_a_mutated_constant_export_error_names_the_fix() -> None:
+    """A training-mode BatchNorm reached in a way planwire does not follow (an object's attribute): the
+    export error says to call .eval() or make the model a Plan attribute."""
+    from planwire.exporter import PlanBuildError
+
+    class Holder:
+        net = nn.Sequential(nn.BatchNorm1d(3))
+
+    holder = Holder()
+    with pytest.raises(PlanBuildError, match=r"(?s)is mutated.*\.eval\(\).*attribute of the Plan"):
+
+        @func2plan(args_shape=[(-1, 3)], name="mutated_constant")
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return holder.net(x)
