@@ -41,8 +41,16 @@ def _value(value: Any, seen: set[int]) -> Any:
         return tensor_digest(value)
     if isinstance(value, torch.dtype | torch.device | torch.Size):
         return str(value)
-    if isinstance(value, tuple | list) and len(value) <= 64:
-        return [_value(v, seen) for v in value]
+    if isinstance(value, tuple | list | dict) and len(value) <= 64:  # models["m"]: its modules are keyed
+        if id(value) in seen:  # a container holding itself
+            return "<cycle>"
+        seen.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return [[repr(k), _value(v, seen)] for k, v in list(value.items())]
+            return [_value(v, seen) for v in value]
+        finally:
+            seen.discard(id(value))
     if isinstance(value, types.FunctionType):
         return function_fingerprint(value, seen)
     if isinstance(value, torch.nn.Module):  # a model the function calls: its weights become constants

@@ -243,6 +243,18 @@ def test_two_threads_building_over_one_training_mode_model_both_warn(monkeypatch
         return message
 
     monkeypatch.setattr(modes, "training_mode_warning", recording)
+    # Tracing in two threads at once trips CPython 3.11's AST recursion check: the second build starts
+    # once the first is exporting, inside the export lock that also serializes torch's tracing.
+    from planwire.exporter import plan as plan_module
+
+    exporting = threading.Event()
+    real_export = plan_module.export_model
+
+    def export_model(*args: object, **kwargs: object) -> object:
+        exporting.set()
+        return real_export(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan_module, "export_model", export_model)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), _with_stats(nn.BatchNorm1d(6)))
@@ -260,8 +272,9 @@ def test_two_threads_building_over_one_training_mode_model_both_warn(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         threads = [threading.Thread(target=build, args=(p,)) for p in plans]
-        for t in threads:
-            t.start()
+        threads[0].start()
+        assert exporting.wait(timeout=600)  # the second build starts while the first exports (flags off)
+        threads[1].start()
         for t in threads:
             t.join()
     assert not errors, errors
@@ -336,3 +349,28 @@ def test_a_mutated_constant_export_error_names_the_fix() -> None:
         @func2plan(args_shape=[(-1, 3)], name="mutated_constant")
         def f(x: torch.Tensor) -> torch.Tensor:
             return holder.net(x)
+
+
+_KEYED_MODELS = {"m": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))}
+
+
+def _read_keyed(x: torch.Tensor) -> torch.Tensor:
+    return _KEYED_MODELS["m"](x)
+
+
+def test_a_model_inside_a_dict_is_part_of_the_cache_key() -> None:
+    """Built in training mode (a random Dropout graph, cached), then .eval(): the rebuild must not serve
+    the cached random graph (random graphs verify shapes only)."""
+    torch.manual_seed(0)
+    with pytest.warns(TrainingModeWarning):
+        func2plan(args_shape=[(-1, 4)], name="keyed")(_read_keyed)
+    _KEYED_MODELS["m"].eval()
+    try:
+        plan = func2plan(args_shape=[(-1, 4)], name="keyed")(_read_keyed)
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            want = _KEYED_MODELS["m"](x)
+        torch.testing.assert_close(plan(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plan(x), want, rtol=1e-5, atol=1e-5)
+    finally:
+        _KEYED_MODELS["m"].train()
