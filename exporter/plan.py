@@ -34,6 +34,7 @@ from planwire.exporter.export import export_model
 from planwire.exporter.fingerprint import function_fingerprint, module_fingerprint, tensors_digest, uses_autograd
 from planwire.exporter.onnx_passes import has_random_ops
 from planwire.exporter.state import State
+from planwire.exporter.torch_compat import EXPORT_LOCK
 from planwire.exporter.translations import translations_source
 from planwire.exporter.verify import verify_variant
 from planwire.transport.arrays import as_array
@@ -161,7 +162,8 @@ class Plan(PlanRunner, torch.nn.Module):
         self._warned_training |= names
         message = modes.training_mode_warning(self.name, layers, random=variant.id in self._random)
         if message is not None:
-            warnings.warn(message, TrainingModeWarning, stacklevel=3)
+            with EXPORT_LOCK:  # not while another thread's export has warnings ignored (catch_warnings is global)
+                warnings.warn(message, TrainingModeWarning, stacklevel=3)
 
     def _warn_fixed(self, variant: PlanVariant) -> None:
         """Say once that a build without dynamic axes fixed every size (the batch size included)."""
