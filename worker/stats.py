@@ -59,7 +59,7 @@ class Stats(TinyLog):
         self.max_rows = max_rows
         self.folded = 0  # connection rows folded into their owners' rows since the start
         self.started = time.time()
-        self._ran: deque[tuple] = deque()  # runs and deletes of worker/tiny.py not counted yet (settle)
+        self._ran: deque[tuple] = deque()  # runs of worker/tiny.py not counted yet (settle)
         self.metrics = Metrics(before_collect=self.settle)
         self.peer = PeerNames(curve)
         self._lock = threading.Lock()

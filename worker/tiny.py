@@ -11,9 +11,6 @@ dominates a tiny call, in one function:
   (dtypes, shapes) of the arguments whether the plan's signature accepts them and the call is small
   (the verdict is reset when the plan is unregistered or registered again).
 
-A ``delete`` (the frees a client sends with its tiny calls) is answered here too, unless it names the
-worker's own data or the worker keeps its state on disk.
-
 Anything else, and any check that fails, returns None BEFORE anything changed: the general path then
 handles the request from the start, with its exact errors and codes. After the run, a refused quota (or
 any failure) is completed by ``Service.complete`` as the general path would. What changes is what the
@@ -45,7 +42,7 @@ _encode = m.encoder.encode
 _ndarray = np.ndarray
 _clock = time.perf_counter
 _to_frame = codec.to_frame
-_Run, _Delete, _Tensors, _Ok, _KeyedTensor = m.Run, m.Delete, m.Tensors, m.Ok, m.KeyedTensor
+_Run, _Tensors, _Ok, _KeyedTensor = m.Run, m.Tensors, m.Ok, m.KeyedTensor
 
 
 class TinyPath:
@@ -84,7 +81,7 @@ class TinyPath:
             return None  # escapes, defaults written out or a repeated key: the general path decides
         self._declined = (frames, msg)  # valid as framing.unpack_request decodes it: the general path's if declined
         if type(msg) is not _Run:
-            return self._delete(msg, frames, client) if type(msg) is _Delete else None
+            return None
         service = self.service
         outputs, pid, fetch = msg.outputs, msg.plan, msg.fetch
         plan = service.plans.get(pid)
@@ -155,26 +152,3 @@ class TinyPath:
             except Exception:
                 log.exception("stats of request #%d not recorded", rid)
         return frames_out
-
-    def _delete(self, msg: m.Delete, frames: Sequence[Frame], client: bytes) -> list[Frame] | None:
-        """The reply to a ``delete`` (the frees a client sends with its tiny calls), or None for the general
-        path: under --state-dir, or when it names the worker's own data (refused there)."""
-        service = self.service
-        store = service.store
-        if store.observer is not None:
-            return None
-        owner = service.owners.owner(client)
-        keys, own = msg.keys, store._own
-        if own:
-            space = store._spaces.get(owner, {})
-            if any(key in own and key not in space for key in keys):
-                return None
-        service._act_for(client)
-        store.delete(owner, keys)  # refuses nothing now: no key of the worker's own, nothing to observe
-        stats = service.stats
-        if stats is not None:
-            try:
-                stats.deleted(frames, client, owner, msg)
-            except Exception:
-                log.exception("stats of request #%d not recorded", msg.id)
-        return [_SIGNATURE, _encode(_Ok(re=msg.id, session=service.session))]
