@@ -162,7 +162,6 @@ class PointerPlan:
     def __init__(self, source: PlanSource, worker: WorkerClient) -> None:
         self.source = source
         self.worker = worker
-        self._last: tuple[list[Any], PlanVariant] | None = None  # the last signature and the source's variant for it
 
     def __call__(self, *args: Any) -> Any:
         results = self.worker.run(self.variant_for(args), args, name=self.source.name)
@@ -171,9 +170,8 @@ class PointerPlan:
     def variant_for(self, args: tuple[Any, ...]) -> PlanVariant:
         """The source's variant for these arguments, registered on the worker. Pointers whose shape is
         still on its way (a run not yet answered) do not wait when exactly one known variant takes them
-        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes). The
-        source's answer for the last signature is reused for the same signature while that variant is still one
-        of the source's ``variants`` (a rebuild replaces them: then the source is asked again)."""
+        whatever their dynamic axes turn out to be: the call is pipelined (the worker checks shapes). The source
+        is asked every call (a rebuild replaces its variants; each variant remembers its answers: spec.py)."""
         worker = self.worker
         signature = []
         for a in args:
@@ -190,13 +188,7 @@ class PointerPlan:
                 signature.append((a.dtype, a._shape))
             else:
                 signature.append(worker.signature_of(a))
-        last = self._last
-        current = getattr(self.source, "variants", ())
-        if last is not None and last[0] == signature and any(v is last[1] for v in current):
-            variant = last[1]  # a plan called in a loop: the same question again
-        else:
-            variant = self.source.variant_for(signature)
-            self._last = signature, variant
+        variant = self.source.variant_for(signature)
         worker.ensure_plan(variant, self.source.name)
         return variant
 
