@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -203,15 +204,20 @@ class _Bound:
     which onnxruntime copies); each output is written into a buffer of its known shape (the signature fixes it)
     and copied out, so every run returns arrays of its own, as ``run`` does."""
 
-    __slots__ = ("_bind", "_binding", "_names", "_outs", "_run", "arrays")
+    __slots__ = ("_bind", "_binding", "_names", "_one", "_options", "_outs", "_run", "arrays")
 
     def __init__(self, session: object, names_in: list[str], names_out: list[str], results: list[np.ndarray]) -> None:
+        import onnxruntime as ort  # loaded already: the session is onnxruntime's
+
         binding = session.io_binding()  # type: ignore[attr-defined]
         for name, r in zip(names_out, results, strict=True):
             binding.bind_output(name, "cpu", 0, r.dtype, list(r.shape), r.ctypes.data)
         self._outs = results  # the buffers: the first run's results, this binding's from now on
+        self._one = results[0] if len(results) == 1 else None
         self._bind, self._binding = binding.bind_cpu_input, binding._iobinding
         self._run = session._sess.run_with_iobinding  # type: ignore[attr-defined]
+        # default run options made once: given None, onnxruntime makes them at every run (measured ~1.2-1.7 us more)
+        self._options = ort.RunOptions()
         self._names = names_in
         self.arrays: list[np.ndarray | None] = [None] * len(names_in)
 
@@ -221,7 +227,10 @@ class _Bound:
             if a is not bound[i]:
                 self._bind(self._names[i], a)  # onnxruntime reads a C-contiguous array in place, copies any other
                 bound[i] = a if a.flags.c_contiguous else None  # a copy is made again at every run
-        self._run(self._binding, None)
+        self._run(self._binding, self._options)
+        one = self._one
+        if one is not None:
+            return [one.copy()]
         return [o.copy() for o in self._outs]
 
 
@@ -382,7 +391,10 @@ class DirectLane:
 
 def _signature(args: list[np.ndarray]) -> tuple:
     """(dtype, shape) of each argument: what a prepared verdict is kept by."""
-    return tuple([(a.dtype, a.shape) for a in args])
+    return tuple(map(_dtype_shape, args))  # map(): Python 3.11 makes a function object per comprehension
+
+
+_dtype_shape = operator.attrgetter("dtype", "shape")
 
 
 def _remember(cache: dict, key: object, value: bool) -> bool:
