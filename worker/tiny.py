@@ -21,6 +21,7 @@ reply observed by stats once (``Stats.ran``) and the reply frames are the same b
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Sequence
 
@@ -43,6 +44,7 @@ _ndarray = np.ndarray
 _clock = time.perf_counter
 _to_frame = codec.to_frame
 _Run, _Tensors, _Ok, _KeyedTensor = m.Run, m.Tensors, m.Ok, m.KeyedTensor
+_nbytes = operator.attrgetter("nbytes")  # map(), not a comprehension: Python 3.11 makes a function per comprehension
 
 
 class TinyPath:
@@ -127,12 +129,15 @@ class TinyPath:
         self.lane.counts["direct_runs"] += 1
         rid = msg.id
         try:
-            sizes = [r.nbytes for r in results]
+            sizes = list(map(_nbytes, results))
             store.check_quota(owner, zip(outputs, sizes, strict=True), f"outputs of run #{rid}")
             store.put_outputs(owner, outputs, results)
             inline_max = msg.inline_max
             if inline_max:
-                fetch = [*fetch, *(i for i, n in enumerate(sizes) if n <= inline_max and i not in fetch)]
+                fetch = list(fetch)
+                for i, n in enumerate(sizes):
+                    if n <= inline_max and i not in fetch:
+                        fetch.append(i)
             if fetch:
                 out, bufs = [], []
                 for i in fetch:
