@@ -382,7 +382,8 @@ class RequestDecoder:
 
     def _exact(self, header: bytes | memoryview, msg: _Message) -> bool:
         raw = header if type(header) is bytes else bytes(header)
-        return b"\\" not in raw and raw.count(b":") == self._encode(msg).count(b":")
+        # find, not ``in``: bytes' ``in`` tries its operand as an int first (a TypeError made and dropped per call)
+        return raw.find(b"\\") < 0 and raw.count(b":") == self._encode(msg).count(b":")
 
 
 request_decoder = RequestDecoder()
