@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from planwire.exporter.fingerprint import _global_names, _is_library
+from planwire.exporter.reach import Reach
 from planwire.exporter.torch_compat import EXPORT_LOCK
 
 
@@ -47,67 +47,31 @@ def _collect(modules: Iterable[tuple[str, nn.Module]], found: list[tuple[str, nn
 
 
 def modules_used(function: Callable[..., Any]) -> list[tuple[str, nn.Module]]:
-    """The torch modules a function plan's code can reach: in its closure, its globals and its defaults,
-    in the helper functions it names (recursively, library code aside), and inside dict/list/tuple values
-    there (``models["m"]``), each once, named by how the code reaches it."""
-    out: list[tuple[str, nn.Module]] = []
-    if isinstance(function, types.FunctionType):
-        _walk_function(function, out, set())
-    return out
+    """The torch modules a function plan's code can reach (exporter/reach.py: its closure, globals, defaults,
+    helpers, containers and plain objects' attributes), each once, named by how the code reaches it."""
+    if not isinstance(function, types.FunctionType):
+        return []
+    return _modules(Reach().function(function))
 
 
 def reachable_modules(holder: nn.Module, *methods: Callable[..., Any]) -> list[tuple[str, nn.Module]]:
-    """Modules a class plan reaches outside its registered submodules: held in plain containers among
-    its submodules' attributes (``self.models = [net]``) or named by ``methods``' code (globals, helpers)."""
+    """Modules a class plan reaches outside its registered submodules: held in containers or plain objects
+    among its submodules' attributes (``self.models = [net]``) or named by ``methods``' code (globals, helpers)."""
+    reach = Reach({id(m) for m in holder.modules()})
     out: list[tuple[str, nn.Module]] = []
-    seen = {id(m) for m in holder.modules()}
     for prefix, module in holder.named_modules():
         for key, value in vars(module).items():
-            if not key.startswith("_") and isinstance(value, dict | list | tuple):
-                _walk_value(f"{prefix}.{key}" if prefix else key, value, out, seen, depth=0)
+            if not key.startswith("_"):
+                out += _modules(reach.value(f"{prefix}.{key}" if prefix else key, value))
     for method in methods:
-        _walk_function(getattr(method, "__func__", method), out, seen)
+        fn = getattr(method, "__func__", method)
+        if isinstance(fn, types.FunctionType):
+            out += _modules(reach.function(fn))
     return out
 
 
-_MAX_ITEMS = 64  # containers walked for modules: at most this many values, this deep
-_MAX_DEPTH = 3
-
-
-def _walk_function(fn: types.FunctionType, out: list[tuple[str, nn.Module]], seen: set[int]) -> None:
-    if id(fn) in seen or not isinstance(fn, types.FunctionType) or _is_library(fn):
-        return
-    seen.add(id(fn))
-    code = fn.__code__
-    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        _walk_value(name, value, out, seen, depth=0)
-    for name in sorted(_global_names(code)):
-        if name in fn.__globals__:
-            _walk_value(name, fn.__globals__[name], out, seen, depth=0)
-    for i, value in enumerate(fn.__defaults__ or ()):
-        _walk_value(f"{fn.__name__}.<default {i}>", value, out, seen, depth=0)
-
-
-def _walk_value(name: str, value: Any, out: list[tuple[str, nn.Module]], seen: set[int], *, depth: int) -> None:
-    if isinstance(value, nn.Module):
-        if id(value) not in seen:
-            seen.add(id(value))
-            out.append((name, value))
-    elif isinstance(value, types.FunctionType):
-        _walk_function(value, out, seen)
-    elif depth < _MAX_DEPTH and id(value) not in seen:
-        if isinstance(value, dict) and len(value) <= _MAX_ITEMS:
-            seen.add(id(value))
-            for key, item in list(value.items()):
-                _walk_value(f"{name}[{key!r}]", item, out, seen, depth=depth + 1)
-        elif isinstance(value, list | tuple) and len(value) <= _MAX_ITEMS:
-            seen.add(id(value))
-            for i, item in enumerate(value):
-                _walk_value(f"{name}[{i}]", item, out, seen, depth=depth + 1)
+def _modules(found: Iterable[tuple[str, Any]]) -> list[tuple[str, nn.Module]]:
+    return [(name, value) for name, value in found if isinstance(value, nn.Module)]
 
 
 def training_mode_warning(plan: str, layers: list[tuple[str, nn.Module]], *, random: bool = False) -> str | None:

@@ -9,8 +9,9 @@ never changes the user's module: one TrainingModeWarning says so, naming the lay
 from __future__ import annotations
 
 import copy
+import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -300,6 +301,29 @@ class _ListHolder(Plan):
         return self.models[0](x)
 
 
+class _Holder:
+    """A plain object holding a model: neither a container nor a Plan."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+
+_HELD = _Holder(nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3))))
+
+
+def _through_holder(x: torch.Tensor) -> torch.Tensor:
+    return _HELD.net(x) - 1
+
+
+def _through_closure_holder(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    config = types.SimpleNamespace(scale=3.0, model=net)
+
+    def through(x: torch.Tensor) -> torch.Tensor:
+        return config.model(x) * config.scale
+
+    return through
+
+
 def _through_helper(x: torch.Tensor) -> torch.Tensor:
     return _indirect_helper(x) * 2
 
@@ -308,15 +332,21 @@ def _through_dict(x: torch.Tensor) -> torch.Tensor:
     return _INDIRECT_MODELS["m"](x) + 1
 
 
-@pytest.mark.parametrize("how", ["helper", "dict", "plan list"])
+@pytest.mark.parametrize("how", ["helper", "dict", "plan list", "object attribute", "closure object attribute"])
 def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> None:
-    """A model reached through a helper function, a dict, or a plain list on a Plan: the build warns,
-    computes the batch statistics, and leaves the running statistics as they were."""
+    """A model reached through a helper function, a dict, a plain list on a Plan, or an attribute of a plain
+    object (a global, a closure variable): the build warns, computes the batch statistics, and leaves the
+    running statistics as they were."""
     torch.manual_seed(0)
     if how == "helper":
         model, fn, layer = _INDIRECT_NET, _through_helper, r"'_INDIRECT_NET\.1'"
     elif how == "dict":
         model, fn, layer = _INDIRECT_MODELS["m"], _through_dict, r"\"_INDIRECT_MODELS\['m'\]\.0\""
+    elif how == "object attribute":
+        model, fn, layer = _HELD.net, _through_holder, r"'_HELD\.net\.1'"
+    elif how == "closure object attribute":
+        model = nn.Sequential(nn.Linear(4, 4), _with_stats(nn.BatchNorm1d(4)))
+        fn, layer = _through_closure_holder(model), r"'config\.model\.1'"
     else:
         model, fn, layer = nn.Sequential(nn.Linear(4, 4), _with_stats(nn.BatchNorm1d(4))), None, r"'models\[0\]\.1'"
     before = _buffers(model)
@@ -330,7 +360,12 @@ def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> 
     _assert_same_buffers(model, before)
     x = torch.randn(5, 4)
     want = _eager(model, x)
-    want = want * 2 if how == "helper" else want + 1 if how == "dict" else want
+    want = {
+        "helper": want * 2,
+        "dict": want + 1,
+        "object attribute": want - 1,
+        "closure object attribute": want * 3,
+    }.get(how, want)
     torch.testing.assert_close(plan(x), want, rtol=1e-5, atol=1e-5)
     _assert_same_buffers(model, before)
 
@@ -349,6 +384,33 @@ def test_a_mutated_constant_export_error_names_the_fix() -> None:
         @func2plan(args_shape=[(-1, 3)], name="mutated_constant")
         def f(x: torch.Tensor) -> torch.Tensor:
             return holder.net(x)
+
+
+def test_a_parameter_of_a_model_held_by_an_object_is_part_of_the_cache_key() -> None:
+    """``holder.net``'s weights changed in place: the rebuild is a new export under a new key, neither served
+    from the cache nor found stale there by the verification."""
+    from planwire.exporter import cache_stats
+
+    torch.manual_seed(0)
+    holder = _Holder(nn.Sequential(nn.Linear(4, 4)).eval())
+
+    def build() -> Plan:
+        @func2plan(args_shape=[(-1, 4)], name="held_key")
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return holder.net(x)
+
+        return f
+
+    build()
+    hits, exports = (cache_stats.memory_hits, cache_stats.disk_hits), cache_stats.exports
+    with torch.no_grad():
+        holder.net[0].weight.add_(0.5)
+    plan = build()
+    assert (cache_stats.memory_hits, cache_stats.disk_hits) == hits
+    assert cache_stats.exports == exports + 1
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(plan(x), holder.net(x), rtol=1e-5, atol=1e-5)
 
 
 _KEYED_MODELS = {"m": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))}
