@@ -10,6 +10,7 @@ the layers, because the usual intent is inference (``model.eval()``) or training
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -104,9 +105,30 @@ def training_mode_warning(plan: str, layers: list[tuple[str, nn.Module]], *, ran
     )
 
 
+class _ExportView:
+    """``track_running_stats`` of BatchNorm layers, installed on ``_BatchNorm`` while :func:`exportable` runs:
+    the exporting thread reads it off for the layers switched; any other thread, and any other layer, reads
+    and writes the layer's own value (in its ``__dict__``, untouched)."""
+
+    def __init__(self, thread: int) -> None:
+        self.thread = thread
+        self.off: set[int] = set()
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        if id(layer) in self.off and threading.get_ident() == self.thread:
+            return False
+        return layer.__dict__["track_running_stats"]
+
+    def __set__(self, layer: Any, value: bool) -> None:
+        layer.__dict__["track_running_stats"] = value
+
+
 @contextmanager
 def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
-    """Within this block, BatchNorm layers in training mode track no running statistics (restored on exit).
+    """Within this block, BatchNorm layers in training mode track no running statistics, as this thread sees
+    them: another thread running the same layers eagerly meanwhile still sees them track and update theirs.
 
     Their output is the same (training mode normalizes with the batch's statistics either way), but their
     forward then neither updates ``running_mean``/``running_var``/``num_batches_tracked`` nor reads
@@ -114,17 +136,24 @@ def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
     capture ``1 / float(num_batches_tracked)``, and a module that a function plan reads (its buffers
     become constants of the graph) cannot be exported mutating them at all.
 
-    The block holds :data:`EXPORT_LOCK` (re-entrant; the export inside takes it too), so the switch, the
-    export and the restore are one section: no other thread's build sees the flags switched.
+    The layers are not changed: for the block, ``_BatchNorm.track_running_stats`` is a descriptor
+    (:class:`_ExportView`) that answers this thread alone. The block holds :data:`EXPORT_LOCK` (re-entrant;
+    the export inside takes it too): one export at a time installs it; a nested block adds its layers.
     """
+    cls = nn.modules.batchnorm._BatchNorm
     with EXPORT_LOCK:
-        swapped = []
-        for _, layer in training_layers(modules):
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                swapped.append(layer)
-                layer.track_running_stats = False
+        view = cls.__dict__.get("track_running_stats")
+        installed = not isinstance(view, _ExportView)
+        if installed:
+            view = _ExportView(threading.get_ident())
+        assert isinstance(view, _ExportView)
+        added = {id(layer) for _, layer in training_layers(modules) if isinstance(layer, cls)} - view.off
+        view.off |= added
+        if installed:
+            cls.track_running_stats = view  # type: ignore[attr-defined]
         try:
             yield
         finally:
-            for layer in swapped:
-                layer.track_running_stats = True
+            view.off -= added
+            if installed:
+                del cls.track_running_stats  # type: ignore[attr-defined]

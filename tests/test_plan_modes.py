@@ -284,6 +284,49 @@ def test_two_threads_building_over_one_training_mode_model_both_warn(monkeypatch
     assert model[1].track_running_stats
 
 
+def test_a_thread_running_the_model_during_a_build_updates_its_running_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a build exports a training-mode BatchNorm (tracing it as tracking no statistics), another thread
+    runs the same model eagerly: it sees the layer tracking, and its running statistics update."""
+    import threading
+
+    from planwire.exporter import plan as plan_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _with_stats(nn.BatchNorm1d(6)))
+    bn = model[1]
+    seen: list[object] = []
+
+    def eager_step() -> None:
+        try:
+            before, count = bn.running_mean.clone(), int(bn.num_batches_tracked)
+            with torch.no_grad():
+                model(torch.randn(8, 4))
+            seen.extend([bn.track_running_stats, not torch.equal(bn.running_mean, before)])
+            seen.append(int(bn.num_batches_tracked) - count)
+        except BaseException as e:  # reported below
+            seen.append(e)
+
+    real_export = plan_module.export_model
+
+    def export_model(*args: object, **kwargs: object) -> object:
+        other = threading.Thread(target=eager_step)  # while the build holds the layer's export view
+        other.start()
+        other.join()
+        return real_export(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan_module, "export_model", export_model)
+    plan = _Wrap(model)
+    plan.name = "eager_beside"
+    with pytest.warns(TrainingModeWarning):
+        plan.build(torch.randn(8, 4), dynamic_axes=[(0,)])
+    assert seen == [True, True, 1]
+    assert bn.track_running_stats and "track_running_stats" not in nn.modules.batchnorm._BatchNorm.__dict__
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(plan(x), _eager(model, x), rtol=1e-5, atol=1e-5)
+
+
 _INDIRECT_NET = nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3)))
 _INDIRECT_MODELS = {"m": nn.Sequential(_with_stats(nn.BatchNorm1d(4)))}
 
