@@ -83,7 +83,11 @@ export class Supervisor {
     this.server.send(peer, reply);
     if (this.metrics !== null) {
       const seconds = d === null ? 0 : (performance.now() - d.t0) / 1e3;
-      this.metrics.observe(d === null ? null : d.msg, reply.code ?? "", client, seconds, reply);
+      try {
+        this.metrics.observe(d === null ? null : d.msg, reply.code ?? "", client, seconds, reply);
+      } catch (e) {
+        log.error(`metrics of request #${d?.rid ?? -1} not recorded: ${clean(e && e.stack ? e.stack : String(e))}`);
+      }
     }
   }
 
