@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from planwire.exporter.reach import Reach
@@ -117,8 +118,8 @@ class _ExportView:
     def __get__(self, layer: Any, owner: type | None = None) -> Any:
         if layer is None:
             return self
-        if id(layer) in self.off and threading.get_ident() == self.thread:
-            return False
+        if id(layer) in self.off and (torch.compiler.is_compiling() or threading.get_ident() == self.thread):
+            return False  # (torch.export's strict mode traces this: being traced, it is the export's thread)
         return layer.__dict__["track_running_stats"]
 
     def __set__(self, layer: Any, value: bool) -> None:

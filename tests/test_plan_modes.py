@@ -327,6 +327,19 @@ def test_a_thread_running_the_model_during_a_build_updates_its_running_statistic
     torch.testing.assert_close(plan(x), _eager(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_the_export_view_holds_under_torch_exports_strict_mode_too() -> None:
+    """torch.onnx.export falls back to torch.export's strict mode (dynamo), which traces the view's descriptor
+    itself: it must read it off there as well (a momentum=None BatchNorm cannot be captured tracking)."""
+    from planwire.exporter import modes
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, momentum=None))
+    with modes.exportable([("model", model)]):
+        program = torch.export.export(model, (torch.randn(8, 4),), strict=True)
+    assert model[1].track_running_stats and int(model[1].num_batches_tracked) == 0
+    x = torch.randn(8, 4)  # (the program is captured for this batch size)
+    torch.testing.assert_close(program.module()(x), _eager(model, x), rtol=1e-5, atol=1e-5)
+
+
 _INDIRECT_NET = nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3)))
 _INDIRECT_MODELS = {"m": nn.Sequential(_with_stats(nn.BatchNorm1d(4)))}
 
