@@ -2,9 +2,10 @@
 view of the modules it uses (exporter/modes.py), so that both always see the same values.
 
 From a function: its closure values, the globals its code names and its defaults; from those, helper
-functions (recursively, library code aside), the values inside dicts, lists and tuples (``models["m"]``) and
-the attributes of plain objects (``holder.net``; not of library objects such as a tensor or an optimizer),
-at most ``MAX_ITEMS`` values per container or object and ``MAX_DEPTH`` deep, each object once (cycles end).
+functions (recursively, library code aside), the values inside dicts, lists and tuples (``models["m"]``), the
+attributes of plain objects (``holder.net``; not of library objects such as a tensor or an optimizer) and
+what bound methods and ``functools.partial`` objects bind, at most ``MAX_ITEMS`` values per container or
+object and ``MAX_DEPTH`` deep, each object once (cycles end).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 LIBRARIES = frozenset({"torch", "numpy", "onnx", "onnxscript", "onnxruntime", "planwire", "builtins"})
 MAX_ITEMS = 64
 MAX_DEPTH = 3
-_OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, types.MethodType, nn.Module)
+_OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, nn.Module)
 _PATHS = ("stdlib", "platstdlib", "purelib", "platlib")
 _INSTALLED = tuple({os.path.realpath(p) + os.sep for k in _PATHS if (p := sysconfig.get_path(k))})
 
@@ -101,17 +102,19 @@ class Reach:
 
     @staticmethod
     def _items(name: str, value: Any) -> list[tuple[str, Any]] | None:
-        """The named values inside ``value`` when it is walked into: a small dict, list or tuple, or a plain
-        object's attributes; else None."""
+        """The named values inside ``value`` when it is walked into: a small dict, list or tuple, a bound method,
+        a partial, or a plain object's attributes; else None."""
         if isinstance(value, dict):
             return [(f"{name}[{k!r}]", v) for k, v in list(value.items())] if len(value) <= MAX_ITEMS else None
         if isinstance(value, list | tuple):
             return [(f"{name}[{i}]", v) for i, v in enumerate(value)] if len(value) <= MAX_ITEMS else None
-        if (
-            isinstance(value, _OPAQUE)
-            or type(value) is not types.SimpleNamespace
-            and _installed(type(value).__module__)
-        ):
+        if isinstance(value, types.MethodType):  # model.forward: its object and its function
+            return [(f"{name}.__self__", value.__self__), (f"{name}.__func__", value.__func__)]
+        if isinstance(value, functools.partial):  # partial(step, net): what it binds
+            bound = [*enumerate(value.args), *value.keywords.items()]
+            return [(f"{name}.func", value.func), *((f"{name}.args[{k!r}]", v) for k, v in bound)]
+        cls = type(value)
+        if isinstance(value, _OPAQUE) or cls is not types.SimpleNamespace and _installed(cls.__module__):
             return None
         attrs = getattr(value, "__dict__", None)
         if not isinstance(attrs, dict) or len(attrs) > MAX_ITEMS:

@@ -9,6 +9,7 @@ never changes the user's module: one TrainingModeWarning says so, naming the lay
 from __future__ import annotations
 
 import copy
+import functools
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -380,6 +381,22 @@ def _through_closure_holder(net: nn.Module) -> Callable[[torch.Tensor], torch.Te
     return through
 
 
+def _apply(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net(x) + 2
+
+
+_PARTIAL = functools.partial(_apply, nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3))))
+_BOUND = nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3))).forward
+
+
+def _through_partial(x: torch.Tensor) -> torch.Tensor:
+    return _PARTIAL(x)
+
+
+def _through_method(x: torch.Tensor) -> torch.Tensor:
+    return _BOUND(x)
+
+
 def _through_helper(x: torch.Tensor) -> torch.Tensor:
     return _indirect_helper(x) * 2
 
@@ -388,7 +405,9 @@ def _through_dict(x: torch.Tensor) -> torch.Tensor:
     return _INDIRECT_MODELS["m"](x) + 1
 
 
-@pytest.mark.parametrize("how", ["helper", "dict", "plan list", "object attribute", "closure object attribute"])
+@pytest.mark.parametrize(
+    "how", ["helper", "dict", "plan list", "object attribute", "closure object attribute", "partial", "bound method"]
+)
 def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> None:
     """A model reached through a helper function, a dict, a plain list on a Plan, or an attribute of a plain
     object (a global, a closure variable): the build warns, computes the batch statistics, and leaves the
@@ -400,6 +419,10 @@ def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> 
         model, fn, layer = _INDIRECT_MODELS["m"], _through_dict, r"\"_INDIRECT_MODELS\['m'\]\.0\""
     elif how == "object attribute":
         model, fn, layer = _HELD.net, _through_holder, r"'_HELD\.net\.1'"
+    elif how == "partial":
+        model, fn, layer = _PARTIAL.args[0], _through_partial, r"'_PARTIAL\.args\[0\]\.1'"
+    elif how == "bound method":
+        model, fn, layer = _BOUND.__self__, _through_method, r"'_BOUND\.__self__\.1'"
     elif how == "closure object attribute":
         model = nn.Sequential(nn.Linear(4, 4), _with_stats(nn.BatchNorm1d(4)))
         fn, layer = _through_closure_holder(model), r"'config\.model\.1'"
@@ -421,6 +444,7 @@ def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> 
         "dict": want + 1,
         "object attribute": want - 1,
         "closure object attribute": want * 3,
+        "partial": want + 2,
     }.get(how, want)
     torch.testing.assert_close(plan(x), want, rtol=1e-5, atol=1e-5)
     _assert_same_buffers(model, before)
