@@ -1,9 +1,10 @@
 """Stable fingerprints of what an exported graph depends on: code, module structure, tensor values.
 
-They key the export cache, so they must change whenever the export could: a function's source (and
-the helper functions, closure values and simple globals it uses), each submodule's class and plain
-attributes, and the bytes of every parameter and buffer. Anything not captured here (a global object
-mutated in place, say) is still caught, for the example inputs, by the verification every build runs.
+They key the export cache, so they must change whenever the export could: a function's source and what
+its code reaches (exporter/reach.py: helpers, closure values, globals, containers, plain objects'
+attributes), each submodule's class and plain attributes, and the bytes of every parameter and buffer.
+Anything not captured here (a global object mutated in place, say) is still caught, for the example inputs,
+by the verification every build runs.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import hashlib
 import inspect
 import marshal
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from planwire.exporter.reach import Reach, is_library
 
 _SIMPLE = (int, float, bool, str, bytes, type(None))
 
@@ -33,35 +36,27 @@ def tensors_digest(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, str
     return [(name, tensor_digest(t)) for name, t in named]
 
 
-def _value(value: Any, seen: set[int]) -> Any:
-    """A JSON-able description of a value code may read, or None when it does not matter."""
+def _describe(value: Any, reach: Reach) -> Any:
+    """A JSON-able description of a value code may read (a function: its own code), or None when it does not
+    matter or is walked into (:class:`~planwire.exporter.reach.Reach` yields what it holds)."""
     if isinstance(value, _SIMPLE):
         return repr(value)
     if isinstance(value, torch.Tensor):
         return tensor_digest(value)
     if isinstance(value, torch.dtype | torch.device | torch.Size):
         return str(value)
-    if isinstance(value, tuple | list | dict) and len(value) <= 64:  # models["m"]: its modules are keyed
-        if id(value) in seen:  # a container holding itself
-            return "<cycle>"
-        seen.add(id(value))
-        try:
-            if isinstance(value, dict):
-                return [[repr(k), _value(v, seen)] for k, v in list(value.items())]
-            return [_value(v, seen) for v in value]
-        finally:
-            seen.discard(id(value))
     if isinstance(value, types.FunctionType):
-        return function_fingerprint(value, seen)
+        if is_library(value):
+            return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
+        return [value.__qualname__, source_of(value)]
     if isinstance(value, torch.nn.Module):  # a model the function calls: its weights become constants
         tensors = [*value.named_parameters(), *value.named_buffers()]
-        return [module_fingerprint(value), tensors_digest(tensors)]
+        return [module_fingerprint(value, reach), tensors_digest(tensors)]
     return None  # modules, classes, big containers: keyed by library versions or not at all
 
 
-def _is_library(fn: types.FunctionType) -> bool:
-    module = getattr(fn, "__module__", "") or ""
-    return module.split(".")[0] in {"torch", "numpy", "onnx", "onnxscript", "onnxruntime", "planwire"}
+def _described(found: Iterable[tuple[str, Any]], reach: Reach) -> list[Any]:
+    return [[name, d] for name, value in found if (d := _describe(value, reach)) is not None]
 
 
 def source_of(fn: types.FunctionType) -> str:
@@ -72,25 +67,21 @@ def source_of(fn: types.FunctionType) -> str:
         return hashlib.sha256(marshal.dumps(fn.__code__)).hexdigest()
 
 
-def function_fingerprint(fn: types.FunctionType, seen: set[int] | None = None) -> Any:
-    """Source (or bytecode) of ``fn`` plus the closure values and globals it names, recursively."""
-    seen = set() if seen is None else seen
-    if id(fn) in seen or _is_library(fn):
-        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
-    seen.add(id(fn))
-    code = source_of(fn)
-    closure = [_value(c.cell_contents, seen) for c in fn.__closure__ or () if _has_contents(c)]
-    names = _global_names(fn.__code__)
-    g = fn.__globals__
-    globals_ = {n: _value(g[n], seen) for n in sorted(names) if n in g}
-    defaults = [_value(d, seen) for d in fn.__defaults__ or ()]
-    return [fn.__qualname__, code, closure, {k: v for k, v in globals_.items() if v is not None}, defaults]
+def function_fingerprint(fn: types.FunctionType) -> Any:
+    """Source (or bytecode) of ``fn`` and of the helpers it calls, and every value its code reaches
+    (exporter/reach.py), each named by how the code reaches it."""
+    reach = Reach()
+    return _described(reach.function(fn), reach)
 
 
-def module_fingerprint(module: torch.nn.Module) -> list[Any]:
-    """Class, source, plain attributes and mode of every submodule (values are keyed separately)."""
+def module_fingerprint(module: torch.nn.Module, reach: Reach | None = None) -> list[Any]:
+    """Class, source, plain attributes (and what they reach) and mode of every submodule (values are keyed
+    separately)."""
+    reach = Reach() if reach is None else reach
+    named = list(module.named_modules())
+    reach.seen.update(id(m) for _, m in named)  # a submodule an attribute names again is keyed once
     out = []
-    for name, m in module.named_modules():
+    for name, m in named:
         cls = type(m)
         source = ""
         if cls.__module__.split(".")[0] != "torch":
@@ -98,26 +89,9 @@ def module_fingerprint(module: torch.nn.Module) -> list[Any]:
                 source = inspect.getsource(cls)
             except (OSError, TypeError):
                 source = cls.__qualname__
-        plain = {k: _value(v, set()) for k, v in vars(m).items() if not k.startswith("_")}
-        plain = {k: v for k, v in plain.items() if v is not None}
-        out.append([name, f"{cls.__module__}.{cls.__qualname__}", source, m.training, plain])
+        plain = [_described(reach.value(k, v), reach) for k, v in vars(m).items() if not k.startswith("_")]
+        out.append([name, f"{cls.__module__}.{cls.__qualname__}", source, m.training, [p for p in plain if p]])
     return out
-
-
-def _has_contents(cell: types.CellType) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018
-    except ValueError:  # empty cell
-        return False
-    return True
-
-
-def _global_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
 
 
 _AUTOGRAD_NAMES = frozenset(
@@ -126,13 +100,16 @@ _AUTOGRAD_NAMES = frozenset(
 
 
 def uses_autograd(fn: Callable[..., object]) -> bool:
-    """Whether ``fn``'s code (nested functions included) names a torch.func transform or autograd.grad.
+    """Whether ``fn``'s code (nested functions and the helpers it reaches included, exporter/reach.py) names a
+    torch.func transform or autograd.grad.
 
     A syntactic check: it can report a false positive (a variable called ``grad``), never misses a
     direct call. False positives only cost the slower, gradient-capable pipeline.
     """
     code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
     todo = [code] if code is not None else []
+    if isinstance(fn, types.FunctionType):
+        todo += [f.__code__ for _, f in Reach().function(fn) if isinstance(f, types.FunctionType) and not is_library(f)]
     while todo:
         c = todo.pop()
         if _AUTOGRAD_NAMES & {*c.co_names, *c.co_freevars}:  # globals, attributes and closure variables

@@ -10,14 +10,16 @@ the layers, because the usual intent is inference (``model.eval()``) or training
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
-from planwire.exporter.fingerprint import _global_names, _is_library
+from planwire.exporter.reach import Reach
 from planwire.exporter.torch_compat import EXPORT_LOCK
 
 
@@ -47,67 +49,31 @@ def _collect(modules: Iterable[tuple[str, nn.Module]], found: list[tuple[str, nn
 
 
 def modules_used(function: Callable[..., Any]) -> list[tuple[str, nn.Module]]:
-    """The torch modules a function plan's code can reach: in its closure, its globals and its defaults,
-    in the helper functions it names (recursively, library code aside), and inside dict/list/tuple values
-    there (``models["m"]``), each once, named by how the code reaches it."""
-    out: list[tuple[str, nn.Module]] = []
-    if isinstance(function, types.FunctionType):
-        _walk_function(function, out, set())
-    return out
+    """The torch modules a function plan's code can reach (exporter/reach.py: its closure, globals, defaults,
+    helpers, containers and plain objects' attributes), each once, named by how the code reaches it."""
+    if not isinstance(function, types.FunctionType):
+        return []
+    return _modules(Reach().function(function))
 
 
 def reachable_modules(holder: nn.Module, *methods: Callable[..., Any]) -> list[tuple[str, nn.Module]]:
-    """Modules a class plan reaches outside its registered submodules: held in plain containers among
-    its submodules' attributes (``self.models = [net]``) or named by ``methods``' code (globals, helpers)."""
+    """Modules a class plan reaches outside its registered submodules: held in containers or plain objects
+    among its submodules' attributes (``self.models = [net]``) or named by ``methods``' code (globals, helpers)."""
+    reach = Reach({id(m) for m in holder.modules()})
     out: list[tuple[str, nn.Module]] = []
-    seen = {id(m) for m in holder.modules()}
     for prefix, module in holder.named_modules():
         for key, value in vars(module).items():
-            if not key.startswith("_") and isinstance(value, dict | list | tuple):
-                _walk_value(f"{prefix}.{key}" if prefix else key, value, out, seen, depth=0)
+            if not key.startswith("_"):
+                out += _modules(reach.value(f"{prefix}.{key}" if prefix else key, value))
     for method in methods:
-        _walk_function(getattr(method, "__func__", method), out, seen)
+        fn = getattr(method, "__func__", method)
+        if isinstance(fn, types.FunctionType):
+            out += _modules(reach.function(fn))
     return out
 
 
-_MAX_ITEMS = 64  # containers walked for modules: at most this many values, this deep
-_MAX_DEPTH = 3
-
-
-def _walk_function(fn: types.FunctionType, out: list[tuple[str, nn.Module]], seen: set[int]) -> None:
-    if id(fn) in seen or not isinstance(fn, types.FunctionType) or _is_library(fn):
-        return
-    seen.add(id(fn))
-    code = fn.__code__
-    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        _walk_value(name, value, out, seen, depth=0)
-    for name in sorted(_global_names(code)):
-        if name in fn.__globals__:
-            _walk_value(name, fn.__globals__[name], out, seen, depth=0)
-    for i, value in enumerate(fn.__defaults__ or ()):
-        _walk_value(f"{fn.__name__}.<default {i}>", value, out, seen, depth=0)
-
-
-def _walk_value(name: str, value: Any, out: list[tuple[str, nn.Module]], seen: set[int], *, depth: int) -> None:
-    if isinstance(value, nn.Module):
-        if id(value) not in seen:
-            seen.add(id(value))
-            out.append((name, value))
-    elif isinstance(value, types.FunctionType):
-        _walk_function(value, out, seen)
-    elif depth < _MAX_DEPTH and id(value) not in seen:
-        if isinstance(value, dict) and len(value) <= _MAX_ITEMS:
-            seen.add(id(value))
-            for key, item in list(value.items()):
-                _walk_value(f"{name}[{key!r}]", item, out, seen, depth=depth + 1)
-        elif isinstance(value, list | tuple) and len(value) <= _MAX_ITEMS:
-            seen.add(id(value))
-            for i, item in enumerate(value):
-                _walk_value(f"{name}[{i}]", item, out, seen, depth=depth + 1)
+def _modules(found: Iterable[tuple[str, Any]]) -> list[tuple[str, nn.Module]]:
+    return [(name, value) for name, value in found if isinstance(value, nn.Module)]
 
 
 def training_mode_warning(plan: str, layers: list[tuple[str, nn.Module]], *, random: bool = False) -> str | None:
@@ -140,9 +106,30 @@ def training_mode_warning(plan: str, layers: list[tuple[str, nn.Module]], *, ran
     )
 
 
+class _ExportView:
+    """``track_running_stats`` of BatchNorm layers, installed on ``_BatchNorm`` while :func:`exportable` runs:
+    the exporting thread reads it off for the layers switched; any other thread, and any other layer, reads
+    and writes the layer's own value (in its ``__dict__``, untouched)."""
+
+    def __init__(self, thread: int) -> None:
+        self.thread = thread
+        self.off: set[int] = set()
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        if id(layer) in self.off and (torch.compiler.is_compiling() or threading.get_ident() == self.thread):
+            return False  # (torch.export's strict mode traces this: being traced, it is the export's thread)
+        return layer.__dict__["track_running_stats"]
+
+    def __set__(self, layer: Any, value: bool) -> None:
+        layer.__dict__["track_running_stats"] = value
+
+
 @contextmanager
 def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
-    """Within this block, BatchNorm layers in training mode track no running statistics (restored on exit).
+    """Within this block, BatchNorm layers in training mode track no running statistics, as this thread sees
+    them: another thread running the same layers eagerly meanwhile still sees them track and update theirs.
 
     Their output is the same (training mode normalizes with the batch's statistics either way), but their
     forward then neither updates ``running_mean``/``running_var``/``num_batches_tracked`` nor reads
@@ -150,17 +137,24 @@ def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
     capture ``1 / float(num_batches_tracked)``, and a module that a function plan reads (its buffers
     become constants of the graph) cannot be exported mutating them at all.
 
-    The block holds :data:`EXPORT_LOCK` (re-entrant; the export inside takes it too), so the switch, the
-    export and the restore are one section: no other thread's build sees the flags switched.
+    The layers are not changed: for the block, ``_BatchNorm.track_running_stats`` is a descriptor
+    (:class:`_ExportView`) that answers this thread alone. The block holds :data:`EXPORT_LOCK` (re-entrant;
+    the export inside takes it too): one export at a time installs it; a nested block adds its layers.
     """
+    cls = nn.modules.batchnorm._BatchNorm
     with EXPORT_LOCK:
-        swapped = []
-        for _, layer in training_layers(modules):
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                swapped.append(layer)
-                layer.track_running_stats = False
+        view = cls.__dict__.get("track_running_stats")
+        installed = not isinstance(view, _ExportView)
+        if installed:
+            view = _ExportView(threading.get_ident())
+        assert isinstance(view, _ExportView)
+        added = {id(layer) for _, layer in training_layers(modules) if isinstance(layer, cls)} - view.off
+        view.off |= added
+        if installed:
+            cls.track_running_stats = view  # type: ignore[attr-defined]
         try:
             yield
         finally:
-            for layer in swapped:
-                layer.track_running_stats = True
+            view.off -= added
+            if installed:
+                del cls.track_running_stats  # type: ignore[attr-defined]

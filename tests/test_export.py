@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from planwire.exporter import (
     LoadedPlan,
@@ -441,6 +442,27 @@ def test_changed_state_or_code_misses_the_cache() -> None:
     assert make(1.0) is not None and cache_stats.exports == before
     torch.testing.assert_close(make(5.0)(torch.zeros(2)), torch.full((2,), 5.0))
     assert cache_stats.exports == before + 1
+
+
+class _Peered(Plan):
+    """Two layers that name each other in plain lists: a cycle the cache key's walk must end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.a.peers, self.b.peers = [self.b], [self.a]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_modules_naming_each_other_build() -> None:
+    torch.manual_seed(0)
+    plan = _Peered()
+    plan.build(torch.randn(2, 3), dynamic_axes=[(0,)])
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(plan(x), plan.b(plan.a(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_stale_cache_entry_is_detected_and_reexported() -> None:

@@ -9,8 +9,10 @@ never changes the user's module: one TrainingModeWarning says so, naming the lay
 from __future__ import annotations
 
 import copy
+import functools
+import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -283,6 +285,62 @@ def test_two_threads_building_over_one_training_mode_model_both_warn(monkeypatch
     assert model[1].track_running_stats
 
 
+def test_a_thread_running_the_model_during_a_build_updates_its_running_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a build exports a training-mode BatchNorm (tracing it as tracking no statistics), another thread
+    runs the same model eagerly: it sees the layer tracking, and its running statistics update."""
+    import threading
+
+    from planwire.exporter import plan as plan_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _with_stats(nn.BatchNorm1d(6)))
+    bn = model[1]
+    seen: list[object] = []
+
+    def eager_step() -> None:
+        try:
+            before, count = bn.running_mean.clone(), int(bn.num_batches_tracked)
+            with torch.no_grad():
+                model(torch.randn(8, 4))
+            seen.extend([bn.track_running_stats, not torch.equal(bn.running_mean, before)])
+            seen.append(int(bn.num_batches_tracked) - count)
+        except BaseException as e:  # reported below
+            seen.append(e)
+
+    real_export = plan_module.export_model
+
+    def export_model(*args: object, **kwargs: object) -> object:
+        other = threading.Thread(target=eager_step)  # while the build holds the layer's export view
+        other.start()
+        other.join()
+        return real_export(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan_module, "export_model", export_model)
+    plan = _Wrap(model)
+    plan.name = "eager_beside"
+    with pytest.warns(TrainingModeWarning):
+        plan.build(torch.randn(8, 4), dynamic_axes=[(0,)])
+    assert seen == [True, True, 1]
+    assert bn.track_running_stats and "track_running_stats" not in nn.modules.batchnorm._BatchNorm.__dict__
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(plan(x), _eager(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_export_view_holds_under_torch_exports_strict_mode_too() -> None:
+    """torch.onnx.export falls back to torch.export's strict mode (dynamo), which traces the view's descriptor
+    itself: it must read it off there as well (a momentum=None BatchNorm cannot be captured tracking)."""
+    from planwire.exporter import modes
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, momentum=None))
+    with modes.exportable([("model", model)]):
+        program = torch.export.export(model, (torch.randn(8, 4),), strict=True)
+    assert model[1].track_running_stats and int(model[1].num_batches_tracked) == 0
+    x = torch.randn(8, 4)  # (the program is captured for this batch size)
+    torch.testing.assert_close(program.module()(x), _eager(model, x), rtol=1e-5, atol=1e-5)
+
+
 _INDIRECT_NET = nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3)))
 _INDIRECT_MODELS = {"m": nn.Sequential(_with_stats(nn.BatchNorm1d(4)))}
 
@@ -300,6 +358,45 @@ class _ListHolder(Plan):
         return self.models[0](x)
 
 
+class _Holder:
+    """A plain object holding a model: neither a container nor a Plan."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+
+_HELD = _Holder(nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3))))
+
+
+def _through_holder(x: torch.Tensor) -> torch.Tensor:
+    return _HELD.net(x) - 1
+
+
+def _through_closure_holder(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    config = types.SimpleNamespace(scale=3.0, model=net)
+
+    def through(x: torch.Tensor) -> torch.Tensor:
+        return config.model(x) * config.scale
+
+    return through
+
+
+def _apply(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net(x) + 2
+
+
+_PARTIAL = functools.partial(_apply, nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3))))
+_BOUND = nn.Sequential(nn.Linear(4, 3), _with_stats(nn.BatchNorm1d(3))).forward
+
+
+def _through_partial(x: torch.Tensor) -> torch.Tensor:
+    return _PARTIAL(x)
+
+
+def _through_method(x: torch.Tensor) -> torch.Tensor:
+    return _BOUND(x)
+
+
 def _through_helper(x: torch.Tensor) -> torch.Tensor:
     return _indirect_helper(x) * 2
 
@@ -308,15 +405,27 @@ def _through_dict(x: torch.Tensor) -> torch.Tensor:
     return _INDIRECT_MODELS["m"](x) + 1
 
 
-@pytest.mark.parametrize("how", ["helper", "dict", "plan list"])
+@pytest.mark.parametrize(
+    "how", ["helper", "dict", "plan list", "object attribute", "closure object attribute", "partial", "bound method"]
+)
 def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> None:
-    """A model reached through a helper function, a dict, or a plain list on a Plan: the build warns,
-    computes the batch statistics, and leaves the running statistics as they were."""
+    """A model reached through a helper function, a dict, a plain list on a Plan, or an attribute of a plain
+    object (a global, a closure variable): the build warns, computes the batch statistics, and leaves the
+    running statistics as they were."""
     torch.manual_seed(0)
     if how == "helper":
         model, fn, layer = _INDIRECT_NET, _through_helper, r"'_INDIRECT_NET\.1'"
     elif how == "dict":
         model, fn, layer = _INDIRECT_MODELS["m"], _through_dict, r"\"_INDIRECT_MODELS\['m'\]\.0\""
+    elif how == "object attribute":
+        model, fn, layer = _HELD.net, _through_holder, r"'_HELD\.net\.1'"
+    elif how == "partial":
+        model, fn, layer = _PARTIAL.args[0], _through_partial, r"'_PARTIAL\.args\[0\]\.1'"
+    elif how == "bound method":
+        model, fn, layer = _BOUND.__self__, _through_method, r"'_BOUND\.__self__\.1'"
+    elif how == "closure object attribute":
+        model = nn.Sequential(nn.Linear(4, 4), _with_stats(nn.BatchNorm1d(4)))
+        fn, layer = _through_closure_holder(model), r"'config\.model\.1'"
     else:
         model, fn, layer = nn.Sequential(nn.Linear(4, 4), _with_stats(nn.BatchNorm1d(4))), None, r"'models\[0\]\.1'"
     before = _buffers(model)
@@ -330,7 +439,13 @@ def test_modules_reached_indirectly_warn_and_keep_their_statistics(how: str) -> 
     _assert_same_buffers(model, before)
     x = torch.randn(5, 4)
     want = _eager(model, x)
-    want = want * 2 if how == "helper" else want + 1 if how == "dict" else want
+    want = {
+        "helper": want * 2,
+        "dict": want + 1,
+        "object attribute": want - 1,
+        "closure object attribute": want * 3,
+        "partial": want + 2,
+    }.get(how, want)
     torch.testing.assert_close(plan(x), want, rtol=1e-5, atol=1e-5)
     _assert_same_buffers(model, before)
 
@@ -349,6 +464,33 @@ def test_a_mutated_constant_export_error_names_the_fix() -> None:
         @func2plan(args_shape=[(-1, 3)], name="mutated_constant")
         def f(x: torch.Tensor) -> torch.Tensor:
             return holder.net(x)
+
+
+def test_a_parameter_of_a_model_held_by_an_object_is_part_of_the_cache_key() -> None:
+    """``holder.net``'s weights changed in place: the rebuild is a new export under a new key, neither served
+    from the cache nor found stale there by the verification."""
+    from planwire.exporter import cache_stats
+
+    torch.manual_seed(0)
+    holder = _Holder(nn.Sequential(nn.Linear(4, 4)).eval())
+
+    def build() -> Plan:
+        @func2plan(args_shape=[(-1, 4)], name="held_key")
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return holder.net(x)
+
+        return f
+
+    build()
+    hits, exports = (cache_stats.memory_hits, cache_stats.disk_hits), cache_stats.exports
+    with torch.no_grad():
+        holder.net[0].weight.add_(0.5)
+    plan = build()
+    assert (cache_stats.memory_hits, cache_stats.disk_hits) == hits
+    assert cache_stats.exports == exports + 1
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(plan(x), holder.net(x), rtol=1e-5, atol=1e-5)
 
 
 _KEYED_MODELS = {"m": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))}

@@ -123,3 +123,21 @@ def test_argument_checks_and_autograd_detection() -> None:
     with pytest.raises(TypeError, match="must be a tensor"):
         build_function_step(lambda x: x * 2, [3.0])  # type: ignore[list-item]
     assert uses_autograd(fedprox) and not uses_autograd(lambda x: x * 2)
+
+
+def _tanh_grad(t: torch.Tensor) -> torch.Tensor:
+    return grad(lambda u: (u.tanh() * 3).sum())(t)
+
+
+def test_a_gradient_taken_in_a_helper_builds_as_a_gradient_plan() -> None:
+    """The plan's own code names no transform; the helper it calls does: the build still takes the
+    gradient-capable pipeline (the plain export fails on torch.func.grad)."""
+    from planwire.exporter import func2plan
+
+    def through_helper(x: torch.Tensor) -> torch.Tensor:
+        return _tanh_grad(x) * 2
+
+    assert uses_autograd(through_helper)
+    plan = func2plan(args_shape=[(-1, 2)], name="grad_in_helper")(through_helper)
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(plan(x), 6 * (1 - x.tanh() ** 2), rtol=1e-5, atol=1e-6)

@@ -20,21 +20,29 @@ Each request keeps its client (CURVE key or routing id) from the socket to its r
 later is counted against, and its outputs owned by, the client that asked; every reply sent, a job's
 completion included (with its duration), is observed by the service's stats. ``delete_plan`` waits behind
 the runs in flight like other mutations, and the runner drops the plan's session before its next job.
+
+A bug that raises while a request is handled costs that request only: it is answered ``internal`` naming
+the failure (a run's outputs marked failed), nothing stored is touched, and the loop goes on with the rest
+(``_failed``). ``PLANWIRE_FAULT=TYPE`` (read at start; for tests) makes executing requests of that type raise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections import deque
 
 import zmq
 
+from planwire.transport import framing
 from planwire.transport import messages as m
+from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
 from planwire.worker import heap
 from planwire.worker.direct import DirectLane
-from planwire.worker.jobs import RegisterJob, RunJob
+from planwire.worker.jobs import Origin, RegisterJob, RunJob
 from planwire.worker.sandbox import Sandbox
 from planwire.worker.service import Service
 from planwire.worker.tiny import TinyPath
@@ -46,6 +54,7 @@ MAX_QUEUED = 10_000  # requests waiting behind a job; past it the socket is not 
 POLL_MS = 100  # the stop flag is checked at least this often
 BUSY_S = 0.1  # while a job runs, the loop also wakes this often when nothing comes (new connections, timeouts)
 CHORES_S = 0.01  # while requests keep coming, the idle chores run at most this often
+FAULT_ENV = "PLANWIRE_FAULT"  # tests only: a request type whose execution raises here (a bug's stand-in)
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum math per call
 
 
@@ -70,6 +79,7 @@ class Supervisor(Window):
         self.gate = service.durable.install(server) if service.durable is not None else None  # group commit
         self.tiny = TinyPath(service, direct) if direct is not None and self.gate is None else None
         self._fd: int = server.socket.getsockopt(zmq.FD)  # readable when the socket's events change (see _busy_wait)
+        self._fault = os.environ.get(FAULT_ENV) or None
 
     # -- loop -------------------------------------------------------------------------------------
 
@@ -134,13 +144,17 @@ class Supervisor(Window):
                 self._chores_at = 0.0  # quiet: the chores at every timeout
                 return
             trimmer.active()
-            reply = tiny(frames, client) if tiny is not None else None  # a tiny direct-lane run (worker/tiny.py)
-            if reply is None:
-                self._idle_request(sock, peer, client, frames)  # the general path
-                if self.gate is not None or self.queue or self.window:
-                    return
-                continue
-            send(peer, reply)
+            try:
+                reply = tiny(frames, client) if tiny is not None else None  # a tiny direct-lane run (worker/tiny.py)
+                if reply is None:
+                    self._idle_request(sock, peer, client, frames)  # the general path
+                    if self.gate is not None or self.queue or self.window:
+                        return
+                    continue
+                send(peer, reply)
+            except Exception as e:
+                self._failed(e, bytes(peer), client, frames)
+                return
 
     def _busy_wait(self, sock: zmq.Socket) -> tuple[float, int | None]:
         """How long to wait for the runner while jobs run, and the socket's descriptor to wake on as well.
@@ -202,7 +216,10 @@ class Supervisor(Window):
                 peer, client, frames = self.server.receive(_NOBLOCK)
             except zmq.Again:  # what was there came on a refused connection
                 return
-            self._request(bytes(peer), client, frames)
+            try:
+                self._request(bytes(peer), client, frames)
+            except Exception as e:
+                self._failed(e, bytes(peer), client, frames)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -233,7 +250,10 @@ class Supervisor(Window):
             else:
                 self.queue.append(Queued(peer, client, frames, msg, buffers))
         else:
-            self._process(Queued(peer, client, frames, msg, buffers))
+            try:
+                self._process(Queued(peer, client, frames, msg, buffers))
+            except Exception as e:
+                self._failed(e, peer, client, frames, msg)
 
     def _process(self, q: Queued) -> None:
         """Execute ``q`` (the window is empty, or ``q`` may join it): a job joins the window; a reply is sent,
@@ -242,6 +262,8 @@ class Supervisor(Window):
         if msg is None:
             self._reply(q.peer, q.buffers)
             return
+        if self._fault is not None and m.type_name(type(msg)) == self._fault:
+            raise RuntimeError(f"fault injected by {FAULT_ENV}={self._fault}")
         if isinstance(msg, m.Run | m.RegisterPlan):
             if q.chain is not None:  # chained behind the head (worker/chain.py)
                 self._start_chained(q)
@@ -270,12 +292,50 @@ class Supervisor(Window):
 
     def _advance(self) -> None:
         """Move what may go from the queue into the window, in order (the runs sent in one write)."""
+        queue = self.queue
         self.sandbox.hold()
         try:
-            while self.queue and (not self.window or self._joins(self.queue[0])):
-                self._process(self.queue.popleft())
+            while queue:
+                q = queue[0]
+                try:
+                    if self.window and not self._joins(q):
+                        break
+                    queue.popleft()
+                    self._process(q)
+                except Exception as e:
+                    if queue and queue[0] is q:
+                        queue.popleft()
+                    self._failed(e, q.peer, q.client, q.frames, q.msg)
         finally:
             self._send_held()
+
+    def _failed(self, e: Exception, peer: bytes, client: bytes, frames: list, msg: m._Message | None = None) -> None:
+        """A bug raised while request ``frames`` was handled: it is answered ``internal`` naming the failure (a
+        run's outputs marked failed, as for a refused run), in its turn, unless it is still queued or the runner
+        has its job (which answers it); a job of it not sent yet leaves the window. Nothing stored is touched."""
+        log.error("supervisor step failed", exc_info=e)
+        if any(q.frames is frames for q in self.queue):
+            return
+        for slot in self.window:
+            if slot.job is not None and slot.job.origin.frames is frames:
+                if slot.sent:
+                    return
+                self.window.remove(slot)
+                break
+        if msg is None:
+            with contextlib.suppress(Exception):  # unreadable: answered with the id it may carry
+                msg = framing.unpack_request(frames, self.service.limits)[0]
+        rid = msg.id if msg is not None else framing.request_id(frames)  # type: ignore[attr-defined]
+        what = f"{m.type_name(type(msg))} #{rid}" if msg is not None else f"request #{rid}"
+        error = ProtocolError(
+            "internal", f"the worker failed handling {what} ({type(e).__name__}: {e}): a bug, see its log; retry"
+        )
+        service = self.service
+        if type(msg) is m.Run:
+            reply = service.drop(msg, error, frames, client)  # type: ignore[arg-type]
+        else:
+            reply = service.refuse(rid, error, Origin(frames, client), msg)
+        self._reply(peer, reply)
 
     def _only_runs_ahead(self, peer: bytes) -> bool:
         """Whether everything of connection ``peer`` queued or waiting in the window is a run: only then may a

@@ -7,10 +7,14 @@
 // in flight (a pipelined p(p(x))), which waits for it; any other request, and a run on private data, waits
 // until the window is empty, and the window for it. A cancelled queued run is answered `cancelled` without running; a cancelled run in
 // the window is answered at once too (src/sandbox.js stops or skips it), and the cancel's own ok follows.
+// A bug that throws while a request is handled costs that request only (failed): it is answered `internal`
+// naming the failure, in its turn, and the loop goes on. PLANWIRE_FAULT=TYPE (tests only) makes starting
+// requests of that type throw.
 
 import { ProtocolError } from "./messages.js";
 import { pyRepr, stringify } from "./json.js";
 import { SIGNATURE } from "./service.js";
+import { clean, log } from "./log.js";
 
 const MAX_QUEUED = 10_000; // requests waiting behind a run; past it the socket is not read (ZeroMQ's HWM pushes back)
 const WINDOW = 32; // runs in flight to the runner at once
@@ -27,6 +31,7 @@ export class Supervisor {
     this.pumping = false; // pump() is starting requests
     this.peer = Buffer.alloc(0); // the routing id of the last request read, and its client id (hex)
     this.client = "";
+    this.fault = process.env.PLANWIRE_FAULT || null; // tests only: a request type whose start throws (a bug's stand-in)
   }
 
   async serveForever() {
@@ -43,8 +48,11 @@ export class Supervisor {
       const peer = msg[0];
       if (!peer.equals(this.peer)) (this.peer = peer), (this.client = peer.toString("hex")); // the usual case: the same connection again
       this.server.holding = true; // its replies leave when it is handled (src/server.js)
+      const frames = msg.slice(1);
       try {
-        this.request(peer, this.client, msg.slice(1));
+        this.request(peer, this.client, frames);
+      } catch (e) {
+        this.failed(e, { peer, client: this.client, frames, d: undefined });
       } finally {
         this.server.endRequest();
       }
@@ -75,7 +83,11 @@ export class Supervisor {
     this.server.send(peer, reply);
     if (this.metrics !== null) {
       const seconds = d === null ? 0 : (performance.now() - d.t0) / 1e3;
-      this.metrics.observe(d === null ? null : d.msg, reply.code ?? "", client, seconds, reply);
+      try {
+        this.metrics.observe(d === null ? null : d.msg, reply.code ?? "", client, seconds, reply);
+      } catch (e) {
+        log.error(`metrics of request #${d?.rid ?? -1} not recorded: ${clean(e && e.stack ? e.stack : String(e))}`);
+      }
     }
   }
 
@@ -92,8 +104,15 @@ export class Supervisor {
     if (this.pumping) return; // a reply sent from within start(): the loop below goes on
     this.pumping = true;
     try {
-      while (this.queue.length && this.startable(this.queue[0])) {
-        this.start(this.queue.shift());
+      while (this.queue.length) {
+        const q = this.queue[0];
+        try {
+          if (!this.startable(q)) break;
+          this.queue.shift();
+          this.start(q);
+        } catch (e) {
+          this.failed(e, q);
+        }
         while (this.running.length && this.running[0].reply !== undefined) this.send(this.running.shift());
       }
     } finally {
@@ -134,6 +153,7 @@ export class Supervisor {
       this.running.push(q);
       return;
     }
+    if (this.fault !== null && q.d.msg.type === this.fault) throw new Error(`fault injected by PLANWIRE_FAULT=${this.fault}`);
     const sandbox = this.sandbox;
     q.alone = q.d.msg.type !== "run" || this.readsPrivate(q);
     const direct = sandbox !== null && !this.running.length;
@@ -154,6 +174,26 @@ export class Supervisor {
       this.flush();
     });
     if (sandbox !== null && sandbox.lastJob !== before) q.job = sandbox.lastJob; // what a cancel stops
+  }
+
+  /** A bug threw while request `q` was handled (q.d undefined: not decoded here): it is answered `internal`
+   * naming the failure (a run's outputs failed, as for a refused run), in its turn, unless it is still
+   * queued or was started (its answer comes). Nothing stored is touched. */
+  failed(e, q) {
+    log.error(`supervisor step failed: ${clean(e && e.stack ? e.stack : String(e))}`);
+    const held = (r) => r.frames === q.frames;
+    const i = this.queue.findIndex(held);
+    if (i >= 0 && this.queue[i] !== q) return;
+    if (i >= 0) this.queue.splice(i, 1);
+    if (this.running.some(held)) return;
+    const service = this.service;
+    const d = q.d === undefined ? service.decode(q.frames, q.client) : q.d;
+    if (d === null || d.reply !== undefined) return this.reply(q.peer, q.client, null, d === null ? q.refused : d.reply);
+    const what = `${d.msg.type} #${d.rid}`;
+    const words = `the worker failed handling ${what} (${e?.name ?? "Error"}: ${e?.message ?? e}): a bug, see its log; retry`;
+    const reply = service.drop(d, new ProtocolError("internal", words), q.client);
+    if (this.running.length) this.running.push({ peer: q.peer, client: q.client, frames: q.frames, d, reply });
+    else this.reply(q.peer, q.client, d, reply);
   }
 
   /** Reply to the requests done at the head of the window, in order; then start what may start. */
