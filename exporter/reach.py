@@ -5,7 +5,8 @@ From a function: its closure values, the globals its code names and its defaults
 functions (recursively, library code aside), the values inside dicts, lists and tuples (``models["m"]``), the
 attributes of plain objects (``holder.net``; not of library objects such as a tensor or an optimizer) and
 what bound methods and ``functools.partial`` objects bind, at most ``MAX_ITEMS`` values per container or
-object and ``MAX_DEPTH`` deep, each object once (cycles end).
+object, through at most ``MAX_DEPTH`` plain objects (containers nest without a bound, as code indexes them),
+each object once (cycles end).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 LIBRARIES = frozenset({"torch", "numpy", "onnx", "onnxscript", "onnxruntime", "planwire", "builtins"})
 MAX_ITEMS = 64
 MAX_DEPTH = 3
+_NESTED = (dict, list, tuple, types.MethodType, functools.partial)
 _OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, nn.Module)
 _PATHS = ("stdlib", "platstdlib", "purelib", "platlib")
 _INSTALLED = tuple({os.path.realpath(p) + os.sep for k in _PATHS if (p := sysconfig.get_path(k))})
@@ -92,18 +94,19 @@ class Reach:
                 self.seen.add(id(value))
                 yield name, value
             return
-        items = self._items(name, value) if depth < MAX_DEPTH and id(value) not in self.seen else None
+        items = self._items(name, value, depth < MAX_DEPTH) if id(value) not in self.seen else None
         if items is None:
             yield name, value
             return
         self.seen.add(id(value))
+        deeper = depth + (not isinstance(value, _NESTED))  # a plain object's attributes: one level deeper
         for key, item in items:
-            yield from self.value(key, item, depth + 1)
+            yield from self.value(key, item, deeper)
 
     @staticmethod
-    def _items(name: str, value: Any) -> list[tuple[str, Any]] | None:
+    def _items(name: str, value: Any, objects: bool) -> list[tuple[str, Any]] | None:
         """The named values inside ``value`` when it is walked into: a small dict, list or tuple, a bound method,
-        a partial, or a plain object's attributes; else None."""
+        a partial, or (``objects``) a plain object's attributes; else None."""
         if isinstance(value, dict):
             return [(f"{name}[{k!r}]", v) for k, v in list(value.items())] if len(value) <= MAX_ITEMS else None
         if isinstance(value, list | tuple):
@@ -114,7 +117,7 @@ class Reach:
             bound = [*enumerate(value.args), *value.keywords.items()]
             return [(f"{name}.func", value.func), *((f"{name}.args[{k!r}]", v) for k, v in bound)]
         cls = type(value)
-        if isinstance(value, _OPAQUE) or cls is not types.SimpleNamespace and _installed(cls.__module__):
+        if not objects or isinstance(value, _OPAQUE) or cls is not types.SimpleNamespace and _installed(cls.__module__):
             return None
         attrs = getattr(value, "__dict__", None)
         if not isinstance(attrs, dict) or len(attrs) > MAX_ITEMS:

@@ -465,6 +465,29 @@ def test_modules_naming_each_other_build() -> None:
         torch.testing.assert_close(plan(x), plan.b(plan.a(x)), rtol=1e-5, atol=1e-6)
 
 
+def test_a_module_deep_in_containers_keys_the_cache() -> None:
+    """Containers nest without a depth bound in the key (only plain objects' attributes are bounded): a weight
+    changed four containers down is a new key, not a stale hit that verification has to catch."""
+    net = nn.Linear(2, 2)
+    config = {"stages": [{"blocks": ({"layer": net},)}]}
+
+    def make() -> Plan:
+        @func2plan(args_shape=[(2,)])
+        def deep(x):
+            return config["stages"][0]["blocks"][0]["layer"](x)
+
+        return deep
+
+    make()
+    exports, hits = cache_stats.exports, cache_stats.memory_hits
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    plan = make()
+    assert (cache_stats.exports, cache_stats.memory_hits) == (exports + 1, hits)  # a new key: no stale hit
+    with torch.no_grad():
+        torch.testing.assert_close(plan(torch.ones(2)), net(torch.ones(2)))
+
+
 def test_stale_cache_entry_is_detected_and_reexported() -> None:
     def build() -> Plan:
         @func2plan(args_shape=[(3,)])
