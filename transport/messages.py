@@ -43,14 +43,16 @@ DType = Annotated[
 ]
 
 
-class _Message(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+# gc=False on every struct here: messages hold only JSON data (no reference cycles), so the garbage collector
+# need not track them; a client with thousands of replies unread (pipelined calls) then gives it less to walk.
+class _Message(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """Base: a JSON object with a ``type`` tag."""
 
 
 # --- building blocks -------------------------------------------------------------------------------
 
 
-class Tensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class Tensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """A tensor carried in this message: its bytes are frame ``frame``, little-endian, C order."""
 
     dtype: DType
@@ -58,7 +60,7 @@ class Tensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
     frame: FrameIndex
 
 
-class PutTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class PutTensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """A tensor to store under ``key`` with optional tags."""
 
     key: Key
@@ -68,7 +70,7 @@ class PutTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
     tags: list[Tag] = []
 
 
-class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """A stored tensor returned by value."""
 
     key: Key
@@ -77,7 +79,7 @@ class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True):
     frame: FrameIndex
 
 
-class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """What a stored tensor is, without its bytes. ``private``: it never leaves the worker (the worker's
     own data, or a result computed from private data). ``owner``: ``worker`` for the worker's own data,
     ``client`` for the asking client's own tensors (no client ever sees another's). ``release``: for a
@@ -93,14 +95,14 @@ class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True):
     release: Literal["as_is", "update"] | UnsetType = UNSET
 
 
-class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """One plan argument: exactly one of ``ref`` (a stored tensor) or ``tensor`` (inline); never null."""
 
     ref: Key | UnsetType = UNSET
     tensor: Tensor | UnsetType = UNSET
 
 
-class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class Port(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """A plan input or output as the worker's runtime sees it; a str dim is a dynamic axis, a null dim an
     axis of unknown size, and a null ``shape`` an unknown rank (any number of axes)."""
 
@@ -109,7 +111,7 @@ class Port(Struct, forbid_unknown_fields=True, omit_defaults=True):
     shape: list[int | str | None] | None
 
 
-class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """What a worker accepts per message (required) and, optionally, the caps it holds its clients to
     (PROTOCOL.md §8.1): an absent cap is one the worker does not announce, not necessarily one it lacks."""
 

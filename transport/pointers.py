@@ -129,7 +129,7 @@ class PointerTensor:
     def __del__(self) -> None:
         if self.owned and not self.consumed:
             with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to free
-                self.worker.release(self.key)
+                self.worker.connection.release(self.key)  # (WorkerClient.release, one call less per result)
 
     def __repr__(self) -> str:
         shape = list(self._shape) if self._shape is not None else "?"

@@ -155,7 +155,8 @@ class PlanCalls:
         call = conn.post(rid, [SIGNATURE, header, *buffers], form.what, background=not (fetch and wait))
         owned = conn.owned
         results = []
-        for k, own, (dtype, shape, dims) in zip(keys, mine, form.results, strict=True):
+        for i, (dtype, shape, dims) in enumerate(form.results):  # keys and mine have form.n entries too
+            k, own = keys[i], mine[i]  # (not zip(strict=True): its keyword costs more than the loop here)
             if own:
                 owned[k] = None
             results.append(PointerTensor(self, k, dtype, shape, (), own, False, call, dims))
@@ -190,7 +191,7 @@ class RunForm:
     bytes are msgspec's encoding of the same :class:`~planwire.transport.messages.Run` (tests/test_runs.py
     holds them equal), so the worker's exact-header check takes its fast path."""
 
-    __slots__ = ("_head", "fresh", "n", "name", "results", "what")
+    __slots__ = ("_head", "_tails", "fresh", "n", "name", "results", "what")
 
     def __init__(self, variant: PlanVariant, name: str) -> None:
         self.name = name
@@ -201,11 +202,16 @@ class RunForm:
         self.results = [(d, shape, o.shape) for (d, shape), o in zip(variant.results, variant.outputs, strict=True)]
         self.n = len(self.results)
         self.fresh = (True,) * self.n  # every output under a fresh key its pointer owns (no ``outputs`` given)
+        self._tails: dict[int, bytes] = {}  # the header's end by inline_max, for runs without ``fetch``
 
     def header(self, rid: int, args: bytes, keys: list[str], fetch: Sequence[int], inline_max: int) -> bytes:
         """The run's JSON header: ``args`` the arguments' encodings joined by commas; fields at their
         defaults left out, as msgspec leaves them out."""
-        tail = b',"fetch":%s' % _encode(list(fetch)) if fetch else b""
-        if inline_max:
-            tail += b',"inline_max":%d' % inline_max
+        tail = None if fetch else self._tails.get(inline_max)
+        if tail is None:
+            tail = b',"fetch":%s' % _encode(list(fetch)) if fetch else b""
+            if inline_max:
+                tail += b',"inline_max":%d' % inline_max
+            if not fetch and len(self._tails) < 8:  # a plan's runs use one or two inline_max values
+                self._tails[inline_max] = tail
         return self._head % (rid, args, _encode(keys), tail)
