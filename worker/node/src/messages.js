@@ -14,12 +14,50 @@ const here = dirname(fileURLToPath(import.meta.url));
 /** The repository's schemas/ (the contract), or PLANWIRE_SCHEMAS. */
 export const SCHEMA_DIR = process.env.PLANWIRE_SCHEMAS || join(here, "..", "..", "..", "schemas");
 
+/** One schema (a node of a schema file) with every keyword check() reads, absent ones null, and its $ref
+ * resolved: every Rule has the same shape, so that check() reads each keyword with one monomorphic load
+ * instead of looking it up in schema objects of many shapes. */
+class Rule {
+  constructor(root, schema, seen) {
+    seen.set(schema, this);
+    const s = schema !== null && typeof schema === "object" ? schema : {};
+    const rule = (x) => ruleOf(root, x, seen);
+    this.anyOf = s.anyOf?.map(rule) ?? null;
+    this.enum = s.enum ?? null;
+    this.type = s.type ?? null;
+    this.minimum = s.minimum ?? null;
+    this.maximum = s.maximum ?? null;
+    this.minLength = s.minLength ?? null;
+    this.maxLength = s.maxLength ?? null;
+    this.maxItems = s.maxItems ?? null;
+    this.uniqueItems = s.uniqueItems === true;
+    this.items = rule(s.items);
+    this.minProperties = s.minProperties ?? null;
+    this.maxProperties = s.maxProperties ?? null;
+    this.properties = new Map(Object.entries(s.properties ?? {}).map(([k, p]) => [k, rule(p)]));
+    this.closed = s.additionalProperties === false; // no other keys
+    this.additional = s.additionalProperties === false ? null : rule(s.additionalProperties); // their schema
+    this.required = s.required ?? null;
+    this.defaults = Object.entries(s.properties ?? {}).filter(([, p]) => p.default !== undefined).map(([k, p]) => [k, p.default]);
+  }
+}
+
+/** The Rule of `schema` (null for none or `true`: anything), its $ref resolved in `root`; `seen` maps the
+ * schemas already made to their Rule (each made once, cycles included). */
+function ruleOf(root, schema, seen) {
+  if (schema === undefined || schema === true) return null;
+  if (schema?.$ref) schema = root.$defs[schema.$ref.split("/").pop()];
+  return seen.get(schema) ?? new Rule(root, schema, seen);
+}
+
 // Every request type the schemas define (a request carries `id`, a reply `re`): a message type added to
 // the contract is validated here as soon as its schema is; the service says whether it handles it.
-const schemas = new Map();
+const schemas = new Map(); // type -> its schema as a Rule
 for (const file of readdirSync(SCHEMA_DIR).filter((f) => f.endsWith(".json")).sort()) {
   const schema = JSON.parse(readFileSync(join(SCHEMA_DIR, file), "utf8"));
-  if (schema.properties?.id && schema.properties?.type?.enum?.length === 1) schemas.set(schema.properties.type.enum[0], schema);
+  if (schema.properties?.id && schema.properties?.type?.enum?.length === 1) {
+    schemas.set(schema.properties.type.enum[0], ruleOf(schema, schema, new Map()));
+  }
 }
 export const REQUESTS = [...schemas.keys()];
 
@@ -56,14 +94,6 @@ function codepoints(s) {
   return n;
 }
 
-function resolve(root, schema) {
-  if (!schema.$ref) return schema;
-  return (schema.$target ??= root.$defs[schema.$ref.split("/").pop()]); // looked up once per schema
-}
-
-const EMPTY = Object.freeze({});
-const hasOwn = Object.hasOwn;
-
 /** Whether an array's items are distinct (as a Set counts them); a Set only for longer arrays. */
 function distinct(v) {
   if (v.length > 8) return new Set(v).size === v.length;
@@ -86,75 +116,77 @@ function fail(msg) {
 }
 
 /** check() of `v`, the item or field `at` (an index or a key) of the value being checked. */
-function checkAt(root, schema, v, at) {
+function checkAt(rule, v, at) {
   try {
-    check(root, schema, v);
+    check(rule, v);
   } catch (e) {
     if (e instanceof Mismatch) e.path.push(at);
     throw e;
   }
 }
 
-function check(root, schema, v) {
-  schema = resolve(root, schema);
-  if (schema.anyOf) {
-    for (const s of schema.anyOf) {
+/** Whether `v` matches `rule` (null: anything); a Mismatch says where it does not. */
+function check(rule, v) {
+  if (rule === null) return;
+  if (rule.anyOf !== null) {
+    for (const r of rule.anyOf) {
       try {
-        check(root, s, v);
+        check(r, v);
         return;
       } catch {}
     }
     fail(`${show(v)} matches none of the allowed forms`);
   }
-  if (schema.enum && !schema.enum.includes(v)) {
+  if (rule.enum !== null && !rule.enum.includes(v)) {
     fail(`Invalid enum value ${show(v)}`);
   }
   const kind = kindOf(v);
-  if (schema.type && schema.type !== kind) {
-    fail(`Expected \`${schema.type}\`, got \`${kind === "integer" ? "int" : kind}\``);
+  if (rule.type !== null && rule.type !== kind) {
+    fail(`Expected \`${rule.type}\`, got \`${kind === "integer" ? "int" : kind}\``);
   }
   if (kind === "integer") {
     // a JS number is exact here (under 2^53), and so compares exactly with a bound rounded to a double
-    if (schema.minimum !== undefined && (typeof v === "number" ? v < schema.minimum : BigInt(v) < BigInt(schema.minimum))) {
-      fail(`Expected \`int\` >= ${schema.minimum}`);
+    if (rule.minimum !== null && (typeof v === "number" ? v < rule.minimum : BigInt(v) < BigInt(rule.minimum))) {
+      fail(`Expected \`int\` >= ${rule.minimum}`);
     }
-    if (schema.maximum !== undefined && (typeof v === "number" ? v > schema.maximum : BigInt(v) > BigInt(schema.maximum))) {
-      fail(`Expected \`int\` <= ${BigInt(schema.maximum)}`);
+    if (rule.maximum !== null && (typeof v === "number" ? v > rule.maximum : BigInt(v) > BigInt(rule.maximum))) {
+      fail(`Expected \`int\` <= ${BigInt(rule.maximum)}`);
     }
   } else if (kind === "string") {
-    if (schema.minLength !== undefined && v.length < 2 * schema.minLength && codepoints(v) < schema.minLength) {
-      fail(`Expected \`str\` of length >= ${schema.minLength}`);
+    if (rule.minLength !== null && v.length < 2 * rule.minLength && codepoints(v) < rule.minLength) {
+      fail(`Expected \`str\` of length >= ${rule.minLength}`);
     }
-    if (schema.maxLength !== undefined && v.length > schema.maxLength && codepoints(v) > schema.maxLength) {
-      fail(`Expected \`str\` of length <= ${schema.maxLength}`);
+    if (rule.maxLength !== null && v.length > rule.maxLength && codepoints(v) > rule.maxLength) {
+      fail(`Expected \`str\` of length <= ${rule.maxLength}`);
     }
   } else if (kind === "array") {
-    if (schema.maxItems !== undefined && v.length > schema.maxItems) {
-      fail(`Expected \`array\` of length <= ${schema.maxItems}, got ${v.length} items`);
+    if (rule.maxItems !== null && v.length > rule.maxItems) {
+      fail(`Expected \`array\` of length <= ${rule.maxItems}, got ${v.length} items`);
     }
-    if (schema.uniqueItems && v.length > 1 && !distinct(v)) {
+    if (rule.uniqueItems && v.length > 1 && !distinct(v)) {
       const twice = v.find((item, i) => v.indexOf(item) !== i);
       fail(`Expected \`array\` of distinct items, got ${show(twice)} more than once`);
     }
-    if (schema.items) for (let i = 0; i < v.length; i++) checkAt(root, schema.items, v[i], i);
+    if (rule.items !== null) for (let i = 0; i < v.length; i++) checkAt(rule.items, v[i], i);
   } else if (kind === "object") {
     const keys = Object.keys(v);
-    if (schema.minProperties !== undefined && keys.length < schema.minProperties) {
-      fail(`Expected an object with at least ${schema.minProperties} field(s)`);
+    if (rule.minProperties !== null && keys.length < rule.minProperties) {
+      fail(`Expected an object with at least ${rule.minProperties} field(s)`);
     }
-    if (schema.maxProperties !== undefined && keys.length > schema.maxProperties) {
-      fail(`Expected an object with at most ${schema.maxProperties} field(s), got ${keys.join(", ")}`);
+    if (rule.maxProperties !== null && keys.length > rule.maxProperties) {
+      fail(`Expected an object with at most ${rule.maxProperties} field(s), got ${keys.join(", ")}`);
     }
-    const props = schema.properties || EMPTY;
+    const props = rule.properties;
     for (const k of keys) {
-      if (!hasOwn(props, k)) {
-        if (schema.additionalProperties === false) fail(`Object contains unknown field \`${k}\``);
-        if (schema.additionalProperties) checkAt(root, schema.additionalProperties, v[k], k);
+      if (!props.has(k)) {
+        if (rule.closed) fail(`Object contains unknown field \`${k}\``);
+        if (rule.additional !== null) checkAt(rule.additional, v[k], k);
       }
     }
-    if (schema.required) for (const r of schema.required) if (!(r in v)) fail(`Object missing required field \`${r}\``);
+    if (rule.required !== null) for (const r of rule.required) if (!(r in v)) fail(`Object missing required field \`${r}\``);
     for (const k of keys) {
-      if (hasOwn(props, k)) checkAt(root, props[k], v[k], k);
+      const p = props.get(k);
+      if (p !== undefined) checkAt(p, v[k], k);
     }
   }
 }
@@ -182,16 +214,16 @@ export function validateRequest(header) {
       `invalid request: Invalid value ${show(type)} - at \`$.type\` (known: ${REQUESTS.join(", ")})`,
     );
   }
-  const schema = schemas.get(type);
+  const rule = schemas.get(type);
   try {
-    check(schema, schema, header);
+    check(rule, header);
   } catch (e) {
     if (!(e instanceof Mismatch)) throw e;
     const path = e.path.reverse().map((at) => (typeof at === "number" ? `[${at}]` : `.${at}`)).join("");
     throw new ProtocolError("invalid_message", `invalid request: ${e.message} - at \`$${path}\``);
   }
   // Defaults (schemas' "default")
-  for (const [k, dflt] of (schema.$defaults ??= Object.entries(schema.properties).filter(([, p]) => p.default !== undefined).map(([k, p]) => [k, p.default]))) {
+  for (const [k, dflt] of rule.defaults) {
     if (!(k in header)) header[k] = Array.isArray(dflt) ? [] : dflt;
   }
   return header;

@@ -51,6 +51,7 @@ export class Server {
     this.outbox = []; // replies not yet handed to ZeroMQ (see send)
     this.scheduled = false; // endTurn is scheduled
     this.holding = false; // a request just read is being handled: its replies wait for endRequest
+    this.closed = false; // set by close(): read per reply, where the socket's own `closed` is a call into zeromq.js
     this.durable = service.durable ?? null; // --state-dir (src/statedir.js): committed before replies leave
     this.durable?.group(this.schedule); // a change staged with no reply to wait for it: committed by endTurn too
   }
@@ -61,7 +62,7 @@ export class Server {
       await new Supervisor(this.service, this, sandbox, metrics).serveForever();
     } finally {
       this.flush();
-      if (!this.sock.closed) this.sock.close();
+      this.close();
     }
   }
 
@@ -71,7 +72,7 @@ export class Server {
    * per reply; a lone request's replies leave as soon as it is handled (endRequest). They leave in the order
    * of these calls. */
   send(peer, reply) {
-    if (this.sock.closed) return;
+    if (this.closed) return;
     this.outbox.push([peer, ...reply]);
     if (this.outbox.length >= BATCH) this.flush();
     else if (!this.holding) this.schedule();
@@ -82,7 +83,7 @@ export class Server {
    * setImmediate. While requests wait (a burst), they leave with the burst's, at the end of the turn. */
   endRequest() {
     this.holding = false;
-    if (this.scheduled || !this.outbox.length || this.sock.closed) return;
+    if (this.scheduled || !this.outbox.length || this.closed) return;
     if (this.sock.readable) this.schedule();
     else this.endTurn();
   }
@@ -111,7 +112,7 @@ export class Server {
     if (!out.length) return;
     this.outbox = [];
     for (const frames of out) {
-      if (this.sock.closed) return;
+      if (this.closed) return;
       let sent;
       try {
         sent = this.sock.send(frames);
@@ -139,6 +140,11 @@ export class Server {
 
   stop() {
     this.flush(); // the replies already made leave (within the socket's linger)
+    this.close();
+  }
+
+  close() {
+    this.closed = true;
     if (!this.sock.closed) this.sock.close();
   }
 }

@@ -98,7 +98,7 @@ export class Service extends RunPath(PlanRegistry(Object)) {
   actFor(conn) {
     this.conn = conn;
     this.client = this.owners.owner(conn);
-    this.owners.seen(this.client, (owner) => this.free(owner));
+    this.owners.seen(this.client, this.free);
   }
 
   release = (key, entry) => this.releaser.release(this.client, key, entry);
@@ -251,7 +251,7 @@ export class Service extends RunPath(PlanRegistry(Object)) {
   }
 
   frameAt(buffers, index, what) {
-    if (BigInt(index) >= BigInt(buffers.length)) {
+    if (typeof index === "bigint" ? index >= BigInt(buffers.length) : index >= buffers.length) {
       throw new ProtocolError("bad_frames", `${what} points to frame ${index}, but the message has ${buffers.length} raw frame(s)`);
     }
     return buffers[Number(index)];
@@ -316,14 +316,14 @@ export class Service extends RunPath(PlanRegistry(Object)) {
   }
 
   /** Free everything of an owner not seen for --idle-ttl. */
-  free(owner) {
+  free = (owner) => {
     const [n, nbytes] = this.store.dropClient(owner);
     const pids = this.holders.dropOwner(owner);
     for (const pid of pids) this.unload(pid).catch((e) => log.error(`plan ${pid.slice(0, 12)} not released: ${e}`));
     log.info(
       `client ${label(owner)} not seen for ${Math.round(this.owners.idleTtl)} s (--idle-ttl): freed its ${n} tensors (${nbytes} bytes) and ${pids.length} plans`,
     );
-  }
+  };
 }
 
 export { Tensor, PROVIDERS };
