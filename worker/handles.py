@@ -253,3 +253,16 @@ class Unsaved:
 
     def values(self) -> list[Resident]:
         return [r for r in (ref() for ref in list(self.refs.values())) if r is not None]
+
+    def born_by(self, t: float) -> list[Resident]:
+        """The live ones born by monotonic time ``t``: the first ones, as they are tracked in the order they
+        were born (a step's state, born with its answer, is passed over in one look, not tensor by tensor)."""
+        out = []
+        for ref in list(self.refs.values()):
+            r = ref()
+            if r is None:
+                continue
+            if r.born > t:
+                break
+            out.append(r)
+        return out
