@@ -169,37 +169,37 @@ class Handles:
         """The outputs of a Ran message, held under ``handles``, as Residents (with a host copy where the
         runner sent the data, checked: dtype × shape against the bytes there)."""
         refs, last = ran.outputs, self._last
-        self._last = []  # until this answer is read whole
+        self._last = []  # (none when this answer cannot be read)
         if len(refs) != len(handles):
             self._free.extend(handles)
             raise ProtocolError("internal", f"runner answered {len(refs)} outputs for {len(handles)}")
-        out: list[Resident] = []
         kinds: list[tuple] = []
+        for i, ref in enumerate(refs):  # all of them first: what a later SAME means, whatever fails below
+            if type(ref) is int:  # as in the previous answer
+                if ref != pipe.SAME or len(last) != len(refs):
+                    self._free.extend(handles)
+                    raise ProtocolError("internal", f"runner output {i} refers to an earlier answer it cannot")
+                kinds.append(last[i])
+                continue
+            try:
+                dtype, shape = dtypes.to_numpy(ref.dtype), tuple(ref.shape)
+                size = math.prod(shape)
+            except (ValueError, TypeError) as e:
+                self._free.extend(handles)
+                raise ProtocolError("internal", f"runner output {i}: {e}") from None
+            kinds.append((dtype, shape, size, size * dtype.itemsize))
+        self._last = kinds
+        out: list[Resident] = []
         keeper, gen, born, track, held = self.keeper, self.gen, time.monotonic(), self._track, Resident.held
         try:
-            for i, (h, ref) in enumerate(zip(handles, refs, strict=True)):
-                host = None
-                if type(ref) is int:  # as in the previous answer (pipe.SAME)
-                    if ref != pipe.SAME or len(last) != len(refs):
-                        raise ProtocolError("internal", f"runner output {i} refers to an earlier answer it cannot")
-                    kind = last[i]
-                else:
-                    try:
-                        dtype, shape = dtypes.to_numpy(ref.dtype), tuple(ref.shape)
-                        size = math.prod(shape)
-                    except (ValueError, TypeError) as e:
-                        raise ProtocolError("internal", f"runner output {i}: {e}") from None
-                    kind = (dtype, shape, size, size * dtype.itemsize)
-                    if ref.has_data:
-                        host = self.data(ref, buffers, f"runner output {i}")
+            for i, (h, ref, kind) in enumerate(zip(handles, refs, kinds, strict=True)):
+                host = None if type(ref) is int or not ref.has_data else self.data(ref, buffers, f"runner output {i}")
                 r = held(keeper, h, gen, kind, host, born)
-                kinds.append(kind)
                 track(r, host is not None)
                 out.append(r)
         except Exception:
             self._free.extend(handles[len(out) :])
             raise
-        self._last = kinds
         self.counts["reused"] += ran.reused
         return out
 
