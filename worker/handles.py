@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import time
 import weakref
@@ -44,6 +45,8 @@ class Handles:
         # handles to free with the next request: an array, not a list of ints kept across a burst (each
         # would pin the allocator arena it sits in: bench/load.py's RSS)
         self._free = array("q")
+        # (dtype, shape, size, bytes) of each output of the runner's last answer: what pipe.SAME refers to
+        self._last: list[tuple] = []
         self.counts = dict.fromkeys(
             (
                 "uploads",
@@ -71,8 +74,9 @@ class Handles:
     # -- handles ------------------------------------------------------------------------------------
 
     def new_generation(self) -> None:
-        """A new runner: handles of earlier ones mean nothing to it."""
+        """A new runner: handles of earlier ones mean nothing to it (nor do its answers to theirs)."""
         self.gen += 1
+        self._last = []
 
     def new_handles(self, n: int) -> list[int]:
         return [next(self._handles) for _ in range(n)]
@@ -111,19 +115,20 @@ class Handles:
 
     def arguments(
         self, args: Sequence[np.ndarray | Resident], entries: Sequence[Entry | None], buffers: list
-    ) -> tuple[list[pipe.TensorRef], list[np.ndarray]]:
+    ) -> tuple[list[pipe.TensorRef | int], list[np.ndarray]]:
         """A run's arguments as the runner gets them, and the shared copies to keep until it answers. One it
         holds goes by handle; any other crosses (in ``buffers``, or a large one through shared memory) and,
         when it is a stored tensor (``entries[i]``), the runner holds it from then on (the entry's array
         becomes a Resident with that host copy). ProtocolError (nothing sent) when an argument was lost with
         an earlier runner."""
-        refs, keep = [], []
-        gen, ref_to, wire_of = self.gen, pipe.TensorRef, dtypes.to_wire
+        refs: list[pipe.TensorRef | int] = []
+        keep = []
+        gen = self.gen
         for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
             holder: Resident | None = None
             if isinstance(arr, Resident):  # an Ahead (worker/chain.py) too
-                if arr.gen == gen:  # (its shape goes as the tuple it is: encoded as the list it stands for)
-                    refs.append(ref_to(wire_of(arr.dtype), arr.shape, handle=arr.handle))  # type: ignore[arg-type]
+                if arr.gen == gen:  # held by the runner: its handle alone
+                    refs.append(arr.handle)
                     continue
                 if arr.host is None:
                     raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
@@ -163,18 +168,33 @@ class Handles:
     def outputs(self, handles: list[int], ran: pipe.Ran, buffers: list[memoryview]) -> list[Resident]:
         """The outputs of a Ran message, held under ``handles``, as Residents (with a host copy where the
         runner sent the data, checked: dtype × shape against the bytes there)."""
-        if len(ran.outputs) != len(handles):
+        refs, last = ran.outputs, self._last
+        self._last = []  # (none when this answer cannot be read)
+        if len(refs) != len(handles):
             self._free.extend(handles)
-            raise ProtocolError("internal", f"runner answered {len(ran.outputs)} outputs for {len(handles)}")
+            raise ProtocolError("internal", f"runner answered {len(refs)} outputs for {len(handles)}")
+        kinds: list[tuple] = []
+        for i, ref in enumerate(refs):  # all of them first: what a later SAME means, whatever fails below
+            if type(ref) is int:  # as in the previous answer
+                if ref != pipe.SAME or len(last) != len(refs):
+                    self._free.extend(handles)
+                    raise ProtocolError("internal", f"runner output {i} refers to an earlier answer it cannot")
+                kinds.append(last[i])
+                continue
+            try:
+                dtype, shape = dtypes.to_numpy(ref.dtype), tuple(ref.shape)
+                size = math.prod(shape)
+            except (ValueError, TypeError) as e:
+                self._free.extend(handles)
+                raise ProtocolError("internal", f"runner output {i}: {e}") from None
+            kinds.append((dtype, shape, size, size * dtype.itemsize))
+        self._last = kinds
         out: list[Resident] = []
-        keeper, gen, born, track = self.keeper, self.gen, time.monotonic(), self._track
+        keeper, gen, born, track, held = self.keeper, self.gen, time.monotonic(), self._track, Resident.held
         try:
-            for i, (h, ref) in enumerate(zip(handles, ran.outputs, strict=True)):
-                host = self.data(ref, buffers, f"runner output {i}") if ref.has_data else None
-                try:
-                    r = Resident(keeper, h, gen, dtypes.to_numpy(ref.dtype), ref.shape, host, born=born)
-                except (ValueError, TypeError) as e:
-                    raise ProtocolError("internal", f"runner output {i}: {e}") from None
+            for i, (h, ref, kind) in enumerate(zip(handles, refs, kinds, strict=True)):
+                host = None if type(ref) is int or not ref.has_data else self.data(ref, buffers, f"runner output {i}")
+                r = held(keeper, h, gen, kind, host, born)
                 track(r, host is not None)
                 out.append(r)
         except Exception:
@@ -233,3 +253,16 @@ class Unsaved:
 
     def values(self) -> list[Resident]:
         return [r for r in (ref() for ref in list(self.refs.values())) if r is not None]
+
+    def born_by(self, t: float) -> list[Resident]:
+        """The live ones born by monotonic time ``t``: the first ones, as they are tracked in the order they
+        were born (a step's state, born with its answer, is passed over in one look, not tensor by tensor)."""
+        out = []
+        for ref in list(self.refs.values()):
+            r = ref()
+            if r is None:
+                continue
+            if r.born > t:
+                break
+            out.append(r)
+        return out

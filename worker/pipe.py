@@ -59,11 +59,13 @@ class Load(msgspec.Struct, tag="load", array_like=True):
 
 
 class Run(msgspec.Struct, tag="run", array_like=True):
-    """Run plan ``plan`` (created first from buffer 0 when ``load``; the sessions of ``drop`` dropped first)."""
+    """Run plan ``plan`` (created first from buffer 0 when ``load``; the sessions of ``drop`` dropped first).
+    An argument the runner holds already is its handle alone (a step's ~90 state tensors: ints, not structs,
+    to encode and decode); any other is a TensorRef with its data."""
 
     plan: str
     name: str
-    args: list[TensorRef]
+    args: list[TensorRef | int]
     load: bool = False
     drop: list[str] = []  # plans unregistered since the last request (delete_plan)
     free: list[int] = []  # handles of held tensors the supervisor dropped
@@ -95,7 +97,11 @@ class Loaded(msgspec.Struct, tag="loaded", array_like=True):
 
 
 class Ran(msgspec.Struct, tag="ran", array_like=True):
-    outputs: list[TensorRef]  # each held under the run's ``out`` handle; with data where asked
+    """Each output is held under the run's ``out`` handle. One sent without data whose dtype and shape are those
+    of the same output in the runner's previous answer, to a run of the same plan, is ``SAME`` (a training
+    step's new state: no per-tensor struct to build, encode and decode); any other is a TensorRef."""
+
+    outputs: list[TensorRef | int]  # with data where asked
     reused: int = 0  # outputs written into freed buffers of earlier runs
 
 
@@ -107,6 +113,8 @@ class Failed(msgspec.Struct, tag="failed", array_like=True):
     code: str
     message: str
 
+
+SAME = 0  # a Ran output described by the previous answer (see Ran)
 
 ToRunner = Load | Run | Fetch
 FromRunner = Ready | Loaded | Ran | Fetched | Failed

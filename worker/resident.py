@@ -56,6 +56,14 @@ class Resident:
         self.born = born or time.monotonic()  # (``born``: a run's outputs share one reading of the clock)
         self.lost = ""  # why its data is gone (the runner ended before a host copy was made)
 
+    @classmethod
+    def held(cls, keeper: Keeper, handle: int, gen: int, kind: tuple, host: Any, born: float) -> Resident:
+        """A Resident of ``kind`` = (dtype, shape tuple, size, nbytes), read once for a run's output, not per step."""
+        r = cls.__new__(cls)
+        r._keeper, r.handle, r.gen, r.host, r.born, r.lost = keeper, handle, gen, host, born, ""
+        r.dtype, r.shape, r.size, r.nbytes = kind
+        return r
+
     @property
     def ndim(self) -> int:
         return len(self.shape)

@@ -108,6 +108,8 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
 
     def arg(i: int, ref: pipe.TensorRef, buffers: list[memoryview]) -> object:
         """An argument sent with its data (a held one goes by handle: the run's loop takes it)."""
+        if not ref.has_data:
+            raise ProtocolError("internal", f"argument {i} has neither data nor a handle")
         if ref.segment:
             seg = pipe.open_segment(directory, ref.segment, unlink=False)
             array = pipe.array_in(seg, ref.dtype, ref.shape, ref.offset)
@@ -140,6 +142,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     poller.register(sock.fileno(), select.POLLIN)
     clock, fast, spin = time.perf_counter, False, pipe.Spin()
     bound_at = 0  # what the data bound allows for now (bound() set it for nothing held)
+    last: tuple[str, list] = ("", [])  # (plan, its outputs' kinds) of the last Ran sent (pipe.SAME)
     renew: tuple[str, str, bytes] | None = None  # (plan, name, bytes) of a failed run that grew its arena
     while True:
         # no reference to a request's values, outputs or session outlives it: an OrtValue of a session's arena
@@ -193,21 +196,27 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
             # memory is never handed to a later run to write into (held inputs: their address read when held)
             seen = set()
             holding = store.held
+            dims = []  # the arguments' shapes: with the plan, what its outputs' shapes depend on
             for i, ref in enumerate(msg.args):
-                if ref.index < 0 and not ref.segment:  # held already (a step's state): by handle
-                    got = holding.get(ref.handle)
+                if type(ref) is int:  # held already (a step's state): by handle
+                    got = holding.get(ref)
                     if got is None:
-                        raise ProtocolError("internal", f"runner holds no tensor #{ref.handle} (argument {i})")
+                        raise ProtocolError("internal", f"runner holds no tensor #{ref} (argument {i})")
                     values.append(got.value)
                     seen.add(got.ptr)
+                    kind = got.kind
+                    if kind is None:  # read once per held value
+                        kind = got.kind = (got.value.data_type(), tuple(got.value.shape()))  # type: ignore[attr-defined]
+                    dims.append(kind[1])
                     continue
-                v = arg(i, ref, buffers)
+                v = arg(i, ref, buffers)  # type: ignore[arg-type]
                 if isinstance(v, tuple):
                     v, k = v
                     keep.append(k)
                 values.append(v)
                 seen.add(v.data_ptr())  # type: ignore[attr-defined]
-            key = (msg.plan, tuple(tuple(r.shape) for r in msg.args))
+                dims.append(tuple(ref.shape))  # type: ignore[union-attr]
+            key = (msg.plan, tuple(dims))
             known = shapes.get(key)
             reuse = store.buffers(known)
             shrink = plan.arena and arenas.shrink(key)
@@ -253,15 +262,20 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
                 with contextlib.suppress(ProtocolError):  # (it cannot be loaded again: it keeps its arena)
                     plan = load(msg.plan, msg.name, again, arena=False)  # its outputs, this run's too, leave the arena
                 results = [store.get(h) for h in msg.out]
+            before = last[1] if last[0] == msg.plan and len(last[1]) == len(kinds) else None
             for i, (h, value, info) in enumerate(zip(msg.out, results, infos, strict=True)):
-                small = bool(msg.inline_max) and info[2] <= msg.inline_max
-                ref, view = out_ref(value, i in wanted or small, frames, info)
-                if view is not None and rebind:
-                    store.hold(h, *store.wrap(view))  # held by the shared copy: the runner's own goes
+                data = i in wanted or bool(msg.inline_max) and info[2] <= msg.inline_max
+                if not data and before is not None and before[i] == kinds[i]:
+                    outs.append(pipe.SAME)
+                    continue
+                ref, view = out_ref(value, data, frames, info)
+                if view is not None and rebind:  # held by the shared copy: the runner's own goes
+                    store.hold(h, *store.wrap(view), kind=kinds[i])
                 outs.append(ref)
                 del view
             reused = store.lending
             del results, values, keep, reuse
+            last = (msg.plan, kinds)  # the supervisor reads every Ran, in order, and keeps the same
             pipe.send(sock, pipe.Ran(outputs=outs, reused=reused), frames)
         except ProtocolError as e:
             pipe.send(sock, pipe.Failed(e.code, e.message))

@@ -295,8 +295,7 @@ class Sandbox:
         if self.link.inflight or not self.ready or not unsaved or self.sync_after <= 0:
             return 0
         now = time.monotonic() if now is None else now
-        after = self.sync_after
-        return self._save([r for r in unsaved.values() if r.host is None and now - r.born >= after])
+        return self._save([r for r in unsaved.born_by(now - self.sync_after) if r.host is None])
 
     def _save(self, due: list[Resident]) -> int:
         if not due:
