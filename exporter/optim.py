@@ -181,7 +181,9 @@ class Adam(Optimizer):
                 p = p * (1 - lr * hyper["weight_decay"]).to(p.dtype)
             else:
                 g = g + _scalar(hyper, "weight_decay", p) * p
-            exp_avg = torch.lerp(state[f"{name}.exp_avg"], g, (1 - beta1).to(p.dtype))
+            # torch's lerp(m, g, 1 - beta1), whose branch on the runtime weight exports as a Where over the
+            # whole tensor (a slow kernel in onnxruntime); exact at beta1 = 0 and 1, rounding apart between
+            exp_avg = state[f"{name}.exp_avg"] * beta1.to(p.dtype) + (1 - beta1).to(p.dtype) * g
             exp_avg_sq = state[f"{name}.exp_avg_sq"] * beta2.to(p.dtype) + (1 - beta2).to(p.dtype) * g * g
             denom = torch.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(p.dtype) + _scalar(hyper, "eps", p)
             new_params[name] = p + neg_step_size.to(p.dtype) * exp_avg / denom

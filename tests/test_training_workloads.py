@@ -90,7 +90,14 @@ def test_transformer_lm_steps_match_eager() -> None:
     def lm_small() -> nn.Module:
         return workloads.lm(seed=int(torch.randint(0, 1000, ())))
 
-    check_parity(lm_small, workloads.lm_loss, "sgd", [(-1, 8), (-1, 8)], batch, args_dtypes=[torch.int64] * 2)
+    step = check_parity(lm_small, workloads.lm_loss, "sgd", [(-1, 8), (-1, 8)], batch, args_dtypes=[torch.int64] * 2)
+    # the linear layers' weight gradients read their (N*T, out) gradient transposed in a Gemm (9 linear
+    # layers: 4 per block and the head); no MatMul reads a 2-d Transpose
+    nodes = step.model.graph.node  # type: ignore[attr-defined]
+    gemms = [n for n in nodes if n.op_type == "Gemm"]
+    assert sum(a.name == "transA" and a.i == 1 for n in gemms for a in n.attribute) == 9
+    flips = {n.output[0] for n in nodes if n.op_type == "Transpose" and len(n.attribute[0].ints) == 2}
+    assert not [n.name for n in nodes if n.op_type == "MatMul" and flips & set(n.input)]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +159,7 @@ def test_guarded_zero_select_equals_where_for_every_gradient(zero_first: bool, d
     import onnx
     import onnxruntime as ort
 
-    from planwire.exporter.onnx_passes import guard_zero_selects
+    from planwire.exporter.training.graph_passes import guard_zero_selects
     from planwire.worker.arenas import sizes_follow_shapes
 
     onnx_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -183,7 +190,7 @@ def test_guard_leaves_other_selects() -> None:
     """Integer selects, selects between two tensors and non-zero constants keep their Where."""
     from onnx import TensorProto, helper
 
-    from planwire.exporter.onnx_passes import guard_zero_selects
+    from planwire.exporter.training.graph_passes import guard_zero_selects
 
     nodes = [
         helper.make_node("Where", ["c", "i", "izero"], ["a"]),  # int64: nothing to guard
@@ -234,7 +241,7 @@ def test_merge_slices_one_copy_for_two_axes() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from planwire.exporter.onnx_passes import merge_slices
+    from planwire.exporter.training.graph_passes import merge_slices
 
     def ints(name: str, values: list[int]) -> onnx.TensorProto:
         return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
@@ -270,3 +277,52 @@ def test_merge_slices_one_copy_for_two_axes() -> None:
         got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
+
+
+def test_transposes_into_gemm_same_products() -> None:
+    """MatMul(Transpose(a), b) and MatMul(a, Transpose(b)) of 2-d floats become Gemms reading the
+    untransposed input, with the same products; a Transpose something else reads, a 3-d product and an
+    integer product are left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from planwire.exporter.training.graph_passes import transposes_into_gemm
+
+    def vi(name: str, shape: list[int], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    nodes = [
+        helper.make_node("Transpose", ["a"], ["at"], perm=[1, 0]),
+        helper.make_node("MatMul", ["at", "b"], ["ab"]),  # (5, 7) x (7, 3)
+        helper.make_node("Transpose", ["c"], ["ct"], perm=[1, 0]),
+        helper.make_node("MatMul", ["b", "ct"], ["bc"]),  # (7, 3) x (3, 4)
+        helper.make_node("Transpose", ["b"], ["bt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["bt", "a"], ["ba"]),  # bt is also read below: stays a MatMul
+        helper.make_node("Neg", ["bt"], ["nbt"]),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["xt", "b"], ["xb"]),  # 3-d: stays
+        helper.make_node("Transpose", ["i"], ["it"], perm=[1, 0]),
+        helper.make_node("MatMul", ["it", "i"], ["ii"]),  # integers: stays
+    ]
+    inputs = [vi("a", [7, 5]), vi("b", [7, 3]), vi("c", [4, 3]), vi("x", [2, 7, 3]), vi("i", [3, 3], TensorProto.INT64)]
+    outputs = [vi("ab", [5, 3]), vi("bc", [7, 4]), vi("ba", [3, 5]), vi("nbt", [3, 7]), vi("xb", [2, 3, 3])]
+    outputs.append(vi("ii", [3, 3], TensorProto.INT64))
+    inferred = [vi("at", [5, 7]), vi("ct", [3, 4]), vi("bt", [3, 7]), vi("xt", [2, 3, 7]), vi("it", [3, 3], 7)]
+    graph = helper.make_graph(nodes, "products", inputs, outputs, value_info=inferred)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    rng = np.random.default_rng(0)
+    feeds = {v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim]) for v in inputs}
+    feeds = {k: v.astype(np.int64 if k == "i" else np.float32) for k, v in feeds.items()}
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert transposes_into_gemm(proto) == 2
+    onnx.checker.check_model(proto, full_check=True)
+    gemms = {
+        n.output[0]: (list(n.input), {a.name: a.i for a in n.attribute})
+        for n in proto.graph.node
+        if n.op_type == "Gemm"
+    }
+    assert gemms == {"ab": (["a", "b"], {"transA": 1, "transB": 0}), "bc": (["b", "c"], {"transA": 0, "transB": 1})}
+    assert sorted(n.output[0] for n in proto.graph.node if n.op_type == "Transpose") == ["bt", "it", "xt"]
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)

@@ -2,8 +2,8 @@
 
 :func:`export_traced` is the one place that calls the ONNX exporter on traced graphs: ``torch.export``
 (dynamic axes as ``Dim.DYNAMIC``), ``torch.onnx.export`` with the training translations, then the
-graph passes (max-pool tidying, guarded mask multiplies for zero selects, merged Slices, debug info,
-axis names) and
+graph passes (max-pool tidying, guarded mask multiplies for zero selects, merged Slices, Transposes
+read by Gemm, debug info, axis names) and
 the hygiene check. :func:`export_graph` builds a variant from it with
 :func:`planwire.exporter.build.build_variant`: cached under the traced graph's code and constants
 (:func:`graph_key`), so rebuilding the same step skips the export, and stamped with each plan's own name
@@ -25,18 +25,16 @@ from planwire.exporter import cache, diagnose, metadata, progress
 from planwire.exporter.build import build_variant, cache_key
 from planwire.exporter.export import OPSET
 from planwire.exporter.fingerprint import source_of, tensor_digest
-from planwire.exporter.onnx_passes import (
-    GRAPH_PASSES,
-    check_exported,
-    guard_zero_selects,
-    merge_slices,
-    name_dynamic_axes,
-    strip_debug_info,
-    tidy_max_pools,
-)
+from planwire.exporter.onnx_passes import check_exported, name_dynamic_axes, strip_debug_info, tidy_max_pools
 from planwire.exporter.torch_compat import EXPORT_LOCK, cached_registry
 from planwire.exporter.training.attribution import explain_failure
 from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS
+from planwire.exporter.training.graph_passes import (
+    GRAPH_PASSES,
+    guard_zero_selects,
+    merge_slices,
+    transposes_into_gemm,
+)
 from planwire.exporter.training.specs import TorchSpec
 from planwire.exporter.verify import verify_variant
 from planwire.transport.spec import PlanVariant
@@ -114,6 +112,7 @@ def export_traced(
     tidy_max_pools(proto)
     guard_zero_selects(proto)  # after tidy_max_pools, which leaves graphs with subgraphs as they are
     merge_slices(proto)
+    transposes_into_gemm(proto)
     strip_debug_info(proto)
     name_dynamic_axes(proto, [p.shape for p in inputs], [p.shape for p in outputs])
     check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=dynamic)
