@@ -129,7 +129,9 @@ class _ExportView:
 @contextmanager
 def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
     """Within this block, BatchNorm layers in training mode track no running statistics, as this thread sees
-    them: another thread running the same layers eagerly meanwhile still sees them track and update theirs.
+    them: another thread running the same layers eagerly meanwhile still sees them track and update theirs
+    (not one tracing them with torch.compile, which sees them off, nor layers of a subclass that defines
+    ``track_running_stats`` itself: those are switched in place, as every thread sees).
 
     Their output is the same (training mode normalizes with the batch's statistics either way), but their
     forward then neither updates ``running_mean``/``running_var``/``num_batches_tracked`` nor reads
@@ -148,13 +150,33 @@ def exportable(modules: Iterable[tuple[str, nn.Module]]) -> Iterator[None]:
         if installed:
             view = _ExportView(threading.get_ident())
         assert isinstance(view, _ExportView)
-        added = {id(layer) for _, layer in training_layers(modules) if isinstance(layer, cls)} - view.off
+        layers = [layer for _, layer in training_layers(modules) if isinstance(layer, cls)]
+        # a subclass that defines track_running_stats itself hides the view: its layers are switched in place
+        switched = [layer for layer in layers if _shadows(type(layer), cls)]
+        added = {id(layer) for layer in layers} - view.off - {id(layer) for layer in switched}
+        kept = [(layer, layer.__dict__.get("track_running_stats", _ABSENT)) for layer in switched]
         view.off |= added
         if installed:
             cls.track_running_stats = view  # type: ignore[attr-defined]
         try:
+            for layer in switched:
+                layer.__dict__["track_running_stats"] = False
             yield
         finally:
+            for layer, old in kept:
+                if old is _ABSENT:
+                    layer.__dict__.pop("track_running_stats", None)
+                else:
+                    layer.__dict__["track_running_stats"] = old
             view.off -= added
             if installed:
                 del cls.track_running_stats  # type: ignore[attr-defined]
+
+
+_ABSENT = object()
+
+
+def _shadows(layer_type: type, base: type) -> bool:
+    """Whether a class between ``layer_type`` and ``base`` defines ``track_running_stats`` (hiding base's view)."""
+    mro = layer_type.__mro__
+    return any("track_running_stats" in vars(k) for k in mro[: mro.index(base)])

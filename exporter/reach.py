@@ -6,7 +6,7 @@ functions (recursively, library code aside), the values inside dicts, lists and 
 attributes of plain objects (``holder.net``; not of library objects such as a tensor or an optimizer) and
 what bound methods and ``functools.partial`` objects bind, at most ``MAX_ITEMS`` values per container or
 object, through at most ``MAX_DEPTH`` plain objects (containers nest without a bound, as code indexes them),
-each object once (cycles end).
+each object once (again only when reached through fewer plain objects; cycles end).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 LIBRARIES = frozenset({"torch", "numpy", "onnx", "onnxscript", "onnxruntime", "planwire", "builtins"})
 MAX_ITEMS = 64
 MAX_DEPTH = 3
+MAX_NESTING = 64  # containers in containers: past this a value is keyed as not walked (no RecursionError)
 _NESTED = (dict, list, tuple, types.MethodType, functools.partial)
 _OPAQUE = (type, types.ModuleType, types.BuiltinFunctionType, nn.Module)
 _PATHS = ("stdlib", "platstdlib", "purelib", "platlib")
@@ -62,7 +63,8 @@ class Reach:
     walked (or modules already yielded) are not again, across calls on the same ``Reach``."""
 
     def __init__(self, seen: set[int] | None = None) -> None:
-        self.seen: set[int] = set() if seen is None else seen
+        self.seen: set[int] = set() if seen is None else seen  # functions and modules yielded
+        self.walked: dict[int, int] = {}  # containers and objects walked into: the least depth they were at
 
     def function(self, fn: types.FunctionType, name: str = "") -> Iterator[tuple[str, Any]]:
         if id(fn) in self.seen:
@@ -85,7 +87,7 @@ class Reach:
         for i, value in enumerate(fn.__defaults__ or ()):
             yield from self.value(f"{fn.__name__}.<default {i}>", value)
 
-    def value(self, name: str, value: Any, depth: int = 0) -> Iterator[tuple[str, Any]]:
+    def value(self, name: str, value: Any, depth: int = 0, nesting: int = 0) -> Iterator[tuple[str, Any]]:
         if isinstance(value, types.FunctionType):
             yield from self.function(value, name)
             return
@@ -94,21 +96,23 @@ class Reach:
                 self.seen.add(id(value))
                 yield name, value
             return
-        items = self._items(name, value, depth < MAX_DEPTH) if id(value) not in self.seen else None
+        before = self.walked.get(id(value))  # walked again only from nearer: what was past the bound may not be
+        walk = (before is None or depth < before) and nesting < MAX_NESTING
+        items = self._items(name, value, depth < MAX_DEPTH) if walk else None
         if items is None:
             yield name, value
             return
-        self.seen.add(id(value))
+        self.walked[id(value)] = depth
         deeper = depth + (not isinstance(value, _NESTED))  # a plain object's attributes: one level deeper
         for key, item in items:
-            yield from self.value(key, item, deeper)
+            yield from self.value(key, item, deeper, nesting + 1)
 
     @staticmethod
     def _items(name: str, value: Any, objects: bool) -> list[tuple[str, Any]] | None:
         """The named values inside ``value`` when it is walked into: a small dict, list or tuple, a bound method,
         a partial, or (``objects``) a plain object's attributes; else None."""
-        if isinstance(value, dict):
-            return [(f"{name}[{k!r}]", v) for k, v in list(value.items())] if len(value) <= MAX_ITEMS else None
+        if isinstance(value, dict):  # dict's own items: a subclass's code is not run by the walk
+            return [(f"{name}[{k!r}]", v) for k, v in list(dict.items(value))] if len(value) <= MAX_ITEMS else None
         if isinstance(value, list | tuple):
             return [(f"{name}[{i}]", v) for i, v in enumerate(value)] if len(value) <= MAX_ITEMS else None
         if isinstance(value, types.MethodType):  # model.forward: its object and its function
@@ -119,7 +123,10 @@ class Reach:
         cls = type(value)
         if not objects or isinstance(value, _OPAQUE) or cls is not types.SimpleNamespace and _installed(cls.__module__):
             return None
-        attrs = getattr(value, "__dict__", None)
+        try:  # the instance's own __dict__: no __getattr__ or property of the user's class is run by the walk
+            attrs = object.__getattribute__(value, "__dict__")
+        except Exception:
+            return None
         if not isinstance(attrs, dict) or len(attrs) > MAX_ITEMS:
             return None
         return [(f"{name}.{k}", v) for k, v in list(attrs.items()) if not k.startswith("__")]

@@ -275,8 +275,8 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
                 del view
             reused = store.lending
             del results, values, keep, reuse
-            last = (msg.plan, kinds)  # the supervisor reads every Ran, in order, and keeps the same
             pipe.send(sock, pipe.Ran(outputs=outs, reused=reused), frames)
+            last = (msg.plan, kinds)  # sent: the supervisor reads every Ran, in order, and keeps the same
         except ProtocolError as e:
             pipe.send(sock, pipe.Failed(e.code, e.message))
         except Exception as e:  # onnxruntime's own errors say what they are

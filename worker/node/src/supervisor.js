@@ -153,11 +153,12 @@ export class Supervisor {
       this.running.push(q);
       return;
     }
-    if (this.fault !== null && q.d.msg.type === this.fault) throw new Error(`fault injected by PLANWIRE_FAULT=${this.fault}`);
     const sandbox = this.sandbox;
     q.alone = q.d.msg.type !== "run" || this.readsPrivate(q);
     const direct = sandbox !== null && !this.running.length;
     this.running.push(q);
+    // (tests) a bug after the request entered the window, before its answer is promised: failed() answers it
+    if (this.fault !== null && q.d.msg.type === this.fault) throw new Error(`fault injected by PLANWIRE_FAULT=${this.fault}`);
     const before = sandbox?.lastJob;
     const reply = this.service.answer(q.d, q.frames, q.client, direct);
     if (Array.isArray(reply)) {
@@ -173,27 +174,42 @@ export class Supervisor {
       }
       this.flush();
     });
+    q.owed = true; // its answer comes (failed() leaves it alone)
     if (sandbox !== null && sandbox.lastJob !== before) q.job = sandbox.lastJob; // what a cancel stops
   }
 
   /** A bug threw while request `q` was handled (q.d undefined: not decoded here): it is answered `internal`
    * naming the failure (a run's outputs failed, as for a refused run), in its turn, unless it is still
-   * queued or was started (its answer comes). Nothing stored is touched. */
+   * queued or its answer is owed already (started, its reply set or promised). A request the bug struck after
+   * it entered the window, before its answer was promised, is answered there. Nothing stored is touched. */
   failed(e, q) {
     log.error(`supervisor step failed: ${clean(e && e.stack ? e.stack : String(e))}`);
     const held = (r) => r.frames === q.frames;
     const i = this.queue.findIndex(held);
     if (i >= 0 && this.queue[i] !== q) return;
     if (i >= 0) this.queue.splice(i, 1);
-    if (this.running.some(held)) return;
+    const started = this.running.find(held);
+    if (started !== undefined && (started.reply !== undefined || started.owed)) return;
     const service = this.service;
     const d = q.d === undefined ? service.decode(q.frames, q.client) : q.d;
-    if (d === null || d.reply !== undefined) return this.reply(q.peer, q.client, null, d === null ? q.refused : d.reply);
+    if (d === null || d.reply !== undefined) {
+      const reply = d === null ? q.refused : d.reply;
+      if (started !== undefined) return this.answered(started, reply);
+      return this.reply(q.peer, q.client, null, reply);
+    }
     const what = `${d.msg.type} #${d.rid}`;
     const words = `the worker failed handling ${what} (${e?.name ?? "Error"}: ${e?.message ?? e}): a bug, see its log; retry`;
     const reply = service.drop(d, new ProtocolError("internal", words), q.client);
-    if (this.running.length) this.running.push({ peer: q.peer, client: q.client, frames: q.frames, d, reply });
+    if (started !== undefined) this.answered(started, reply);
+    else if (this.running.length) this.running.push({ peer: q.peer, client: q.client, frames: q.frames, d, reply });
     else this.reply(q.peer, q.client, d, reply);
+  }
+
+  /** Request `q` of the window answered `reply` by failed(): sent in its turn. */
+  answered(q, reply) {
+    q.reply = reply;
+    q.alone = false;
+    this.flush();
   }
 
   /** Reply to the requests done at the head of the window, in order; then start what may start. */
