@@ -148,9 +148,12 @@ def test_a_queued_run_reading_an_output_it_does_not_overwrite_gets_it_with_the_a
     peer.put("x", np.arange(8, dtype=np.float32))
     plan = peer.register(add_plan(), name="add")["plan"]
     slow = peer.send(peer.run_header(plan, ["big"], ["big2"], fetch=[0])[0])
+    # a has_plan waits for the window to empty: first and second are read behind it together, however loaded the
+    # host (else first may be sent before second is read, and y is then saved before z's run instead)
+    wait = peer.send({"type": "has_plan", "plan": plan})
     first = peer.send(peer.run_header(plan, ["x"], ["y"])[0])
     second = peer.send(peer.run_header(plan, ["y"], ["z"])[0])
-    for rid in (slow, first, second):
+    for rid in (slow, wait, first, second):
         assert peer.recv(timeout=60)["re"] == rid
     c = copies(proc)
     assert c["host_copies"] == 0 and c["downloads"] == 2, c  # big2 (fetched) and y (saved with its answer)
