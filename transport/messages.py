@@ -43,16 +43,20 @@ DType = Annotated[
 ]
 
 
-# gc=False on every struct here: messages hold only JSON data (no reference cycles), so the garbage collector
-# need not track them; a client with thousands of replies unread (pipelined calls) then gives it less to walk.
-class _Message(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True, gc=False):
+class _Block(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+    """Base of every struct here (its options inherited): a JSON object, unknown fields refused, defaults left
+    out. ``gc=False``: it holds only JSON data (no reference cycles), so the garbage collector need not track
+    it; a client with thousands of replies unread (pipelined calls) then gives it less to walk."""
+
+
+class _Message(_Block, tag_field="type"):
     """Base: a JSON object with a ``type`` tag."""
 
 
 # --- building blocks -------------------------------------------------------------------------------
 
 
-class Tensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+class Tensor(_Block):
     """A tensor carried in this message: its bytes are frame ``frame``, little-endian, C order."""
 
     dtype: DType
@@ -60,7 +64,7 @@ class Tensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     frame: FrameIndex
 
 
-class PutTensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+class PutTensor(_Block):
     """A tensor to store under ``key`` with optional tags."""
 
     key: Key
@@ -70,7 +74,7 @@ class PutTensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False
     tags: list[Tag] = []
 
 
-class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+class KeyedTensor(_Block):
     """A stored tensor returned by value."""
 
     key: Key
@@ -79,7 +83,7 @@ class KeyedTensor(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=Fal
     frame: FrameIndex
 
 
-class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+class TensorInfo(_Block):
     """What a stored tensor is, without its bytes. ``private``: it never leaves the worker (the worker's
     own data, or a result computed from private data). ``owner``: ``worker`` for the worker's own data,
     ``client`` for the asking client's own tensors (no client ever sees another's). ``release``: for a
@@ -95,14 +99,14 @@ class TensorInfo(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=Fals
     release: Literal["as_is", "update"] | UnsetType = UNSET
 
 
-class Arg(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+class Arg(_Block):
     """One plan argument: exactly one of ``ref`` (a stored tensor) or ``tensor`` (inline); never null."""
 
     ref: Key | UnsetType = UNSET
     tensor: Tensor | UnsetType = UNSET
 
 
-class Port(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+class Port(_Block):
     """A plan input or output as the worker's runtime sees it; a str dim is a dynamic axis, a null dim an
     axis of unknown size, and a null ``shape`` an unknown rank (any number of axes)."""
 
@@ -111,7 +115,7 @@ class Port(Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     shape: list[int | str | None] | None
 
 
-class Limits(Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
+class Limits(_Block, frozen=True):
     """What a worker accepts per message (required) and, optionally, the caps it holds its clients to
     (PROTOCOL.md §8.1): an absent cap is one the worker does not announce, not necessarily one it lacks."""
 
