@@ -418,3 +418,56 @@ def test_flower_round_time_target_has_an_interval_and_single_readings_stay_unset
     assert rt["ci95"] and rt["outcome"] == "pass" and rt["value"] == pytest.approx(0.515 / 1.03)
     assert got["flower client RSS planwire/pytorch"]["outcome"] == "unsettled"  # one reading: 0.475 <= 0.5
     assert got["flower accuracy gap, pytorch vs planwire (absolute)"]["outcome"] == "unsettled"
+
+
+def test_nchwc_rewrite_computes_the_same_convolutions() -> None:
+    """bench.profile_step.to_nchwc: the Convs it may take (a stem of 3 channels, 3x3 with stride, 1x1, two reading
+    one input, a weight computed in the graph, a bias) give onnxruntime's results at two batch sizes; a grouped
+    Conv and one whose output channels are not a whole block are left as they are."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    from bench.profile_step import NCHWC, nchwc_block, to_nchwc
+    from planwire.worker.runtime import session_options
+
+    b = nchwc_block()
+    assert b in (4, 8, 16)
+    c = 2 * b
+    weights = {"w0": [c, 3, 3, 3], "w1": [c, c, 3, 3], "w2": [c, c, 1, 1], "w3": [c, b, 3, 3], "w4": [5, c, 3, 3]}
+    weights["w5"] = [b, c, 1, 1]
+    nodes = [
+        oh.make_node("Conv", ["x", "w0"], ["y0"], pads=[1] * 4),
+        oh.make_node("Relu", ["y0"], ["r0"]),
+        oh.make_node("Conv", ["r0", "w1", "bias"], ["y1"], pads=[1] * 4, strides=[2, 2]),
+        oh.make_node("Conv", ["y1", "w2"], ["y2"]),
+        oh.make_node("Conv", ["r0", "w5"], ["y6"], strides=[2, 2]),  # reads r0 as the Conv of w1 does
+        oh.make_node("Transpose", ["w1"], ["w1t"], perm=[1, 0, 3, 2]),  # a weight the graph computes
+        oh.make_node("Conv", ["y2", "w1t"], ["y3"], pads=[0, 1, 2, 1], dilations=[1, 2]),
+        oh.make_node("Conv", ["y3", "w3"], ["y4"], pads=[1] * 4, group=2),
+        oh.make_node("Conv", ["y4", "w4"], ["y5"]),
+    ]
+    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])]
+    inputs += [oh.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in weights.items()]
+    inputs += [oh.make_tensor_value_info("bias", TensorProto.FLOAT, [c])]
+    outputs = [oh.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y3", "y5", "y6")]
+    model = oh.make_model(oh.make_graph(nodes, "convs", inputs, outputs), opset_imports=[oh.make_opsetid("", 17)])
+    before = model.SerializeToString()
+
+    assert to_nchwc(model, b) == 5
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count((NCHWC, "Conv")) == 5 and ops.count(("", "Conv")) == 2
+    assert ops.count((NCHWC, "ReorderInput")) == 3  # r0's shared; none for the stem, whose 3 channels stay NCHW
+    sessions = [
+        ort.InferenceSession(m, session_options(1), providers=["CPUExecutionProvider"])
+        for m in (before, model.SerializeToString())
+    ]
+    rng = np.random.default_rng(0)
+    for n in (1, 3):
+        feeds = {"x": rng.standard_normal((n, 3, 12, 12), dtype=np.float32)}
+        feeds |= {k: rng.standard_normal(v, dtype=np.float32) for k, v in weights.items()}
+        feeds["bias"] = rng.standard_normal(c, dtype=np.float32)
+        want, got = (s.run(None, feeds) for s in sessions)
+        for w, g in zip(want, got, strict=True):
+            assert w.shape == g.shape
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
