@@ -25,7 +25,7 @@ The plan has been checked by transport/plancheck.py before this reads it (bounde
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from planwire.transport.dims import bind
@@ -150,8 +150,9 @@ def _show(dims: Declared) -> str:
     return "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in dims) + "]"
 
 
-def estimate(g: Graph, shapes: Mapping[str, Dims | None]) -> Estimate:
-    """FLOPs and peak memory of ``g`` on inputs of ``shapes`` (from :func:`input_shapes`)."""
+def walk(g: Graph, shapes: Mapping[str, Dims | None]) -> Iterator[tuple[Node, list[Info | None], list[Info]]]:
+    """Each node of ``g`` in order with what is known of its inputs and outputs, on inputs of ``shapes`` (from
+    :func:`input_shapes`): shapes inferred by rule, else declared (symbolic axes bound from the inputs)."""
     env: dict[str, int] = {}
     for name, vt in g.inputs.items():
         given = shapes.get(name)
@@ -164,6 +165,29 @@ def estimate(g: Graph, shapes: Mapping[str, Dims | None]) -> Estimate:
         info[name] = Info(t.elem, t.dims, t.values)
     for name, vt in g.inputs.items():
         info[name] = Info(vt.elem, shapes.get(name))
+    for node in g.nodes:
+        ins = [info.get(n) if n else None for n in node.inputs]
+        try:
+            inferred = infer(node, ins, g.functions)
+        except (ValueError, TypeError, IndexError, ZeroDivisionError, OverflowError, StopIteration):
+            inferred = None
+        outs: list[Info] = []
+        for k, name in enumerate(node.outputs):
+            got = sane(inferred[k]) if inferred and k < len(inferred) else None
+            decl = g.declared.get(name)
+            shape = got.shape if got and got.shape is not None else bind(decl.dims if decl else None, env)
+            elem = (decl.elem if decl and decl.elem else None) or (got.elem if got else None)
+            elem = elem or (ins[0].elem if ins and ins[0] else FLOAT)
+            outs.append(Info(elem, shape, got.values if got and got.shape == shape else None))
+            if name:
+                info[name] = outs[-1]
+        yield node, ins, outs
+
+
+def estimate(g: Graph, shapes: Mapping[str, Dims | None]) -> Estimate:
+    """FLOPs and peak memory of ``g`` on inputs of ``shapes`` (from :func:`input_shapes`)."""
+    info = {n: Info(t.elem, t.dims) for n, t in g.initializers.items()}
+    info.update((n, Info(vt.elem, shapes.get(n))) for n, vt in g.inputs.items())
 
     def nbytes(i: Info | None) -> int | None:
         if i is None or i.shape is None:
@@ -182,22 +206,8 @@ def estimate(g: Graph, shapes: Mapping[str, Dims | None]) -> Estimate:
         last_use[name] = len(g.nodes)
     live = peak = 0
     alive: dict[str, int] = {}
-    for i, node in enumerate(g.nodes):
-        ins = [info.get(n) if n else None for n in node.inputs]
-        try:
-            inferred = infer(node, ins, g.functions)
-        except (ValueError, TypeError, IndexError, ZeroDivisionError, OverflowError, StopIteration):
-            inferred = None
-        outs: list[Info] = []
-        for k, name in enumerate(node.outputs):
-            got = sane(inferred[k]) if inferred and k < len(inferred) else None
-            decl = g.declared.get(name)
-            shape = got.shape if got and got.shape is not None else bind(decl.dims if decl else None, env)
-            elem = (decl.elem if decl and decl.elem else None) or (got.elem if got else None)
-            elem = elem or (ins[0].elem if ins and ins[0] else FLOAT)
-            outs.append(Info(elem, shape, got.values if got and got.shape == shape else None))
-            if name:
-                info[name] = outs[-1]
+    for i, (node, ins, outs) in enumerate(walk(g, shapes)):
+        info.update((name, o) for name, o in zip(node.outputs, outs, strict=True) if name)
         key = f"{node.domain}::{node.op}" if node.domain else node.op
         if node.subgraphs or node.op in _CONTROL or node.domain or (node.domain, node.op) in g.functions:
             uncounted[key] = uncounted.get(key, 0) + 1
