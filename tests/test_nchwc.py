@@ -3,14 +3,21 @@ rewrite takes only the Convs it may, and a graph whose shapes lie fails cleanly.
 
 from __future__ import annotations
 
+import copy
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
 from onnx import TensorProto
 from onnx import helper as oh
 
 from planwire.transport.ortoptions import session_options
 from planwire.worker.nchwc import DOMAIN, block, rewrite
+from tests.conftest import RawWorker
 
 
 def _session(data: bytes) -> ort.InferenceSession:
@@ -91,3 +98,110 @@ def test_a_model_without_candidates_comes_back_as_it_was() -> None:
     data = oh.make_model(oh.make_graph(nodes, "g", inputs, outputs)).SerializeToString()
     assert rewrite(data, b) == (data, 0)
     assert rewrite(data, 1)[1] == 0
+
+
+def _cnn(c: int) -> torch.nn.Module:
+    """Convs of a stem (3 input channels), stride 1 and stride 2 with ``c`` (a whole number of blocks) channels."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(c * 16, 10),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cnn_plan() -> tuple:
+    import planwire as sy
+
+    model = _cnn(2 * block())
+    plan = sy.training_plan(
+        copy.deepcopy(model),
+        F.cross_entropy,
+        sy.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-4),
+        args_shape=[(-1, 3, 8, 8), (-1,)],
+        args_dtypes=[torch.float32, torch.int64],
+    )
+    return plan, model
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-nchwc",)], ids=["nchwc", "no-nchwc"])
+def test_a_training_plan_on_a_worker_matches_eager_torch_with_and_without_nchwc(
+    raw_worker: RawWorker, cnn_plan: tuple, extra: tuple
+) -> None:
+    """Steps of a CNN's training plan on a real plan-worker, at batch sizes other than the traced one, give eager
+    torch's losses and weights (tests/test_training_workloads.py's tolerance) with its Convs as NCHWc kernels
+    (the registration's log line says how many and the block) and without (--no-nchwc: no such line)."""
+    from planwire.transport import connect
+    from tests.test_trainer import eager_steps
+
+    plan, model = cnn_plan
+    rewritten = rewrite(plan.step.variant.data, block())[1]
+    assert rewritten >= 3  # the forward Convs and the stride-1 input gradient at least
+    proc, _ = raw_worker("nchwc", kind="tcp", extra=extra)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in (3, 7, 2, 5)]
+    with connect(proc.url, timeout=60) as client:
+        ptr = plan.send(client)
+        losses = [ptr(x, y).get().item() for x, y in data]
+        trained = ptr.state_dict()
+    ref = copy.deepcopy(model).train()
+    assert losses == pytest.approx(eager_steps(ref, data), rel=1e-4)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    logged = re.findall(r"runs (\d+) Convs as NCHWc kernels \(block (\d+)\)", proc.log())
+    assert logged == ([] if extra else [(str(rewritten), str(block()))])
+
+
+def _lying_plan(c: int) -> bytes:
+    """A Conv whose weight and bias are Tiles of inputs by repeats the caller gives: declared (value_info) of
+    the shapes the rewrite takes, which the repeats may make another."""
+    nodes = [
+        oh.make_node("Tile", ["w_half", "rw"], ["w"]),
+        oh.make_node("Tile", ["b_half", "rb"], ["b"]),
+        oh.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1] * 4),
+    ]
+    inputs = [
+        oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4]),
+        oh.make_tensor_value_info("w_half", TensorProto.FLOAT, [c // 2, c, 3, 3]),
+        oh.make_tensor_value_info("rw", TensorProto.INT64, [4]),
+        oh.make_tensor_value_info("b_half", TensorProto.FLOAT, [c // 2]),
+        oh.make_tensor_value_info("rb", TensorProto.INT64, [1]),
+    ]
+    declared = [
+        oh.make_tensor_value_info("w", TensorProto.FLOAT, [c, c, 3, 3]),
+        oh.make_tensor_value_info("b", TensorProto.FLOAT, [c]),
+    ]
+    graph = oh.make_graph(nodes, "lies", inputs, [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph.value_info.extend(declared)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_a_weight_or_bias_not_of_the_inferred_shape_fails_cleanly_and_the_worker_goes_on(raw_worker: RawWorker) -> None:
+    """The rewrite trusts the declared shapes of a computed weight and bias; the Reshapes it adds pin them,
+    so a run whose weight or bias has another shape (where MLAS would read past them) fails with onnxruntime's
+    error, and the worker then answers ping and keeps its tensors."""
+    b = block()
+    c = 2 * b
+    data = _lying_plan(c)
+    assert rewrite(data, b)[1] == 1
+    proc, peer = raw_worker("lies", kind="tcp")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, c, 4, 4), dtype=np.float32)
+    w_half = rng.standard_normal((c // 2, c, 3, 3), dtype=np.float32)
+    b_half = rng.standard_normal(c // 2, dtype=np.float32)
+    peer.put("kept", x)
+    pid = peer.register(data, name="lies")["plan"]
+    assert "runs 1 Convs as NCHWc kernels" in proc.log()
+    whole = {"w_half": w_half, "rw": np.array([2, 1, 1, 1]), "b_half": b_half, "rb": np.array([2])}
+    want = _session(data).run(None, {"x": x, **whole})[0]
+    got = peer.run(pid, [x, *whole.values()], ["y"], fetch=[0]).array_list()[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    for rw, rb in (([1, 1, 1, 1], [2]), ([2, 1, 1, 1], [1])):  # a weight of c/2 filters; a bias of c/2 values
+        header, frames = peer.run_header(pid, [x, w_half, np.array(rw), b_half, np.array(rb)], ["y"], fetch=[0])
+        failed = peer.error(header, frames, code="run_failed")
+        assert "Reshape" in failed["message"], failed["message"]
+        assert proc.proc.poll() is None
+        assert peer.ok({"type": "ping"}).kind == "ok"
+        np.testing.assert_array_equal(peer.get1("kept", keep=True), x)

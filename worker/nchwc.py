@@ -131,6 +131,16 @@ def _conv(
     return out, consts
 
 
+def at_this_block(data: bytes) -> tuple[bytes, int, int]:
+    """:func:`rewrite` at this CPU's :func:`block` (probed at the first plan that may have a Conv): the model,
+    how many Convs were rewritten, the block."""
+    if b"Conv" not in data:
+        return data, 0, 0
+    b = block()
+    rewritten, count = rewrite(data, b)
+    return rewritten, count, b
+
+
 @functools.cache
 def block() -> int:
     """MLAS's NCHWc channel block on this CPU (8 with AVX2, 16 with AVX-512F; onnxruntime reports it nowhere):

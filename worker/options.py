@@ -184,6 +184,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="allow a non-loopback --listen without CURVE (anyone who reaches it can connect and read traffic)",
     )
     ap.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads per plan")
+    ap.add_argument(
+        "--no-nchwc",
+        dest="nchwc",
+        action="store_false",
+        help="run plans' convolutions on onnxruntime's generic Conv (default: a plan's eligible Convs run as "
+        "onnxruntime's NCHWc kernels on CPU, the worker rewriting its graph; for A/B)",
+    )
     ap.add_argument("--max-message-mb", type=positive_int, default=1024, help="largest message accepted (MiB)")
     ap.add_argument("--max-plan-mb", type=positive_int, default=512, help="largest plan accepted (MiB)")
     ap.add_argument(

@@ -94,6 +94,7 @@ class Loaded(msgspec.Struct, tag="loaded", array_like=True):
     inputs: list[tuple[str, str, list[int | str | None]]]
     outputs: list[tuple[str, str, list[int | str | None]]]
     placement: str = ""  # where its nodes run, when not wholly on the worker's device (OrtPlan.placement)
+    nchwc: tuple[int, int] = (0, 0)  # Convs run as NCHWc kernels, their block (OrtPlan.nchwc)
 
 
 class Ran(msgspec.Struct, tag="ran", array_like=True):

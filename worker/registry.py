@@ -30,7 +30,7 @@ class PlanRegistry:
         job = self._begin_register(msg, buffers)
         if isinstance(job, m.PlanInfo):
             return job, []
-        ort_plan = OrtPlan(job.data, name=job.name, device=self.device, threads=self.threads)
+        ort_plan = OrtPlan(job.data, name=job.name, device=self.device, threads=self.threads, nchwc=self.nchwc)
         plan = self._add_plan(job, ort_plan)
         self._ort_plans[job.pid] = ort_plan
         return self._plan_info(msg.id, job.pid, plan), []
@@ -43,6 +43,8 @@ class PlanRegistry:
         self.flows[job.pid] = flow.analyze(job.data, [n for n, _, _ in ports.inputs], [n for n, _, _ in ports.outputs])
         self.holders.add(job.pid, self._client)
         log.info("registered plan %r (%s, %d bytes)", job.name, job.pid[:12], len(job.data))
+        if ports.nchwc[0]:
+            log.info("plan %r runs %d Convs as NCHWc kernels (block %d)", job.name, *ports.nchwc)
         if ports.placement:
             log.warning(
                 "plan %r (%s) runs on %s: the CPU nodes cost host-device copies",

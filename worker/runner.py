@@ -84,8 +84,11 @@ def rebound(limit: int, held: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
 
 
-def serve(sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0) -> None:
-    """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start)."""
+def serve(
+    sock: socket.socket, directory: str, device: Device, threads: int, limit: int = 0, *, nchwc: bool = True
+) -> None:
+    """Answer requests until the supervisor closes the pipe (``limit``: the data bound set at start; ``nchwc``:
+    plans' eligible Convs as onnxruntime's NCHWc kernels, worker/nchwc.py)."""
     from planwire.worker.devstore import DeviceStore, described, value_info
     from planwire.worker.runtime import OrtPlan, is_out_of_memory
 
@@ -98,7 +101,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
     def load(pid: str, name: str, data: memoryview | bytes, *, arena: bool = True) -> OrtPlan:
         data = bytes(data)
         arena = arena and arenas.arena(data)
-        plan = OrtPlan(data, name=name, device=device, threads=threads, arena=arena)
+        plan = OrtPlan(data, name=name, device=device, threads=threads, arena=arena, nchwc=nchwc)
         store.evacuate(arenas.drop(pid))  # the session it replaces goes: what it made leaves its arena
         sessions[pid] = plan
         arenas.loaded(pid, data if arena else None)
@@ -171,7 +174,7 @@ def serve(sock: socket.socket, directory: str, device: Device, threads: int, lim
         try:
             if isinstance(msg, pipe.Load):
                 plan = load(msg.plan, msg.name, buffers[0])
-                loaded = pipe.Loaded(inputs=plan.inputs, outputs=plan.outputs, placement=plan.placement)  # type: ignore[arg-type]
+                loaded = pipe.Loaded(plan.inputs, plan.outputs, plan.placement, plan.nchwc)  # type: ignore[arg-type]
                 pipe.send(sock, loaded)
                 continue
             if isinstance(msg, pipe.Fetch):
@@ -294,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mem-limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory-mb", type=int, default=0)
+    ap.add_argument("--no-nchwc", dest="nchwc", action="store_false")
     args = ap.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     import onnxruntime  # noqa: F401  (loaded before the bound: the bound is what plans may add)
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", device.id)
     limit = bound(args.memory_mb)
     pipe.send(sock, pipe.Ready(pid=os.getpid(), memory_limit=limit))
-    serve(sock, args.dir, device, args.threads, limit)
+    serve(sock, args.dir, device, args.threads, limit, nchwc=args.nchwc)
     return 0
 
 

@@ -24,8 +24,9 @@ class RunnerProcess:
     """The runner process, if one runs: ``memory_mb`` (RLIMIT_DATA over its start-up use) and ``threads``
     (onnxruntime's) are its bounds; its shared-memory segments live in ``directory``."""
 
-    def __init__(self, *, directory: str, device: Device, threads: int, memory_mb: int) -> None:
+    def __init__(self, *, directory: str, device: Device, threads: int, nchwc: bool = True, memory_mb: int) -> None:
         self.dir, self.device, self.threads, self.memory_mb = directory, device, threads, memory_mb
+        self.nchwc = nchwc  # plans' eligible Convs as onnxruntime's NCHWc kernels (worker/nchwc.py)
         self.proc: subprocess.Popen | None = None
         self.killed = ""  # why we killed it, if we did
 
@@ -53,6 +54,7 @@ class RunnerProcess:
             str(self.threads),
             "--memory-mb",
             str(self.memory_mb),
+            *([] if self.nchwc else ["--no-nchwc"]),
         ]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd=os.getcwd())

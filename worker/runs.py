@@ -43,7 +43,7 @@ class RunPath:
             plan = self._ort_plans.get(pid)
             if plan is None:
                 plan = self._ort_plans[pid] = OrtPlan(
-                    job.plan.data, name=job.plan.name, device=self.device, threads=self.threads
+                    job.plan.data, name=job.plan.name, device=self.device, threads=self.threads, nchwc=self.nchwc
                 )
             results = plan.run(job.args, check=False)
         except ProtocolError as e:

@@ -20,6 +20,7 @@ from planwire.transport import dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.transport.ortoptions import session_options
 from planwire.worker.device import CPU, CUDA, Device
+from planwire.worker.nchwc import at_this_block
 
 _FALLBACK_KEY = "session.disable_cpu_ep_fallback"
 _ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
@@ -32,9 +33,12 @@ class Signature:
     dtype, shape with ``str``/``None`` for dynamic axes), so the supervisor checks arguments without a session.
     (On the wire each input or output is a ``Port`` of plan_info; on the exporter side a ``TensorSpec``.)"""
 
-    def __init__(self, name: str, inputs: list, outputs: list, *, placement: str = "") -> None:
+    def __init__(
+        self, name: str, inputs: list, outputs: list, *, placement: str = "", nchwc: tuple[int, int] = (0, 0)
+    ) -> None:
         self.name = name
         self.placement = placement  # where its nodes run, when not wholly on the worker's device
+        self.nchwc = nchwc  # (Convs run as onnxruntime's NCHWc kernels, their channel block): worker/nchwc.py
         self.inputs = [(n, t, list(s)) for n, t, s in inputs]
         self.outputs = [(n, t, list(s)) for n, t, s in outputs]
         self._dtypes = []
@@ -95,7 +99,8 @@ class OrtPlan(Signature):
 
     On CUDA the session is first created with CPU fallback disabled (every node on the GPU, or a loud
     failure); a plan with nodes CUDA cannot run is created again with fallback, and ``fallback`` names
-    those nodes (reported at registration and in the log)."""
+    those nodes (reported at registration and in the log). On CPU with ``nchwc`` its eligible Convs run as
+    onnxruntime's NCHWc kernels (worker/nchwc.py; the plan as sent when onnxruntime cannot load the rewrite)."""
 
     def __init__(
         self,
@@ -106,12 +111,14 @@ class OrtPlan(Signature):
         threads: int = 1,
         arena: bool = True,
         device: Device | None = None,
+        nchwc: bool = False,
     ) -> None:
         self.device = device if device is not None else Device("cuda" if CUDA in providers else "cpu")
         self.arena = arena and not self.device.cuda  # a CPU arena whose memory a run may give back (run_bound)
         self.fallback: list[str] = []  # "op (node)" of each node placed on CPU although the device is CUDA
+        rewritten = (0, 0)
         try:
-            self.session = self._create(data, threads, arena)
+            self.session, rewritten = self._create(data, threads, arena, nchwc)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             if is_out_of_memory(e):
                 raise ProtocolError("out_of_memory", f"plan {name!r} needs more memory to load: {e}") from None
@@ -127,6 +134,7 @@ class OrtPlan(Signature):
             [(i.name, dtypes.from_ort(i.type), list(i.shape)) for i in self.session.get_inputs()],
             [(o.name, dtypes.from_ort(o.type), list(o.shape)) for o in self.session.get_outputs()],
             placement=self._where() if self.fallback else "",
+            nchwc=rewritten,
         )
         # On CPU the binding's own run: InferenceSession.run adds only input validation that check() has
         # done (with CUDA, its provider fallback stays in charge).
@@ -137,21 +145,29 @@ class OrtPlan(Signature):
         self._binding = None  # IOBinding (C object) for run_bound, made at its first call
         self._out_device = None
 
-    def _create(self, data: bytes, threads: int, arena: bool) -> ort.InferenceSession:
+    def _create(
+        self, data: bytes, threads: int, arena: bool, nchwc: bool
+    ) -> tuple[ort.InferenceSession, tuple[int, int]]:
         device = self.device
         if not device.cuda:
-            return ort.InferenceSession(data, session_options(threads, arena=arena), providers=[CPU])
+            options = session_options(threads, arena=arena)
+            if nchwc:
+                with contextlib.suppress(Exception):  # a rewrite onnxruntime cannot load: the plan as sent
+                    rewritten, count, block = at_this_block(data)
+                    if count:
+                        return ort.InferenceSession(rewritten, options, providers=[CPU]), (count, block)
+            return ort.InferenceSession(data, options, providers=[CPU]), (0, 0)
         strict = session_options(threads, arena=arena)
         strict.add_session_config_entry(_FALLBACK_KEY, "1")
         try:
-            return ort.InferenceSession(data, strict, providers=device.session_providers(cpu_fallback=False))
+            return ort.InferenceSession(data, strict, providers=device.session_providers(cpu_fallback=False)), (0, 0)
         except Exception:  # some node has no CUDA kernel (or the plan is bad: the second try says which)
             pass
         loose = session_options(threads, arena=arena)
         loose.add_session_config_entry(_ASSIGNMENT_KEY, "1")
         session = ort.InferenceSession(data, loose, providers=device.session_providers())
         self.fallback = cpu_nodes(session) or ["(nodes not reported by this onnxruntime)"]
-        return session
+        return session, (0, 0)
 
     def _where(self) -> str:
         """Where a plan with CPU nodes runs, in words: ``cuda:0 with N nodes on CPU (ops)``."""

@@ -55,6 +55,7 @@ class Sandbox:
         *,
         device: Device | None = None,
         threads: int,
+        nchwc: bool = True,
         memory_mb: int,
         timeout: float,
         providers: Sequence[str] = (),
@@ -73,7 +74,9 @@ class Sandbox:
         self._drop: set[str] = set()  # of those, plans unregistered: dropped with the next request
         self.ready = False
         self.memory_limit = 0
-        self.process = RunnerProcess(directory=self.dir, device=self.device, threads=threads, memory_mb=memory_mb)
+        self.process = RunnerProcess(
+            directory=self.dir, device=self.device, threads=threads, nchwc=nchwc, memory_mb=memory_mb
+        )
         self.link = RunnerLink()
         self.handles = Handles(self, self.dir)  # the tensors the runner holds (worker/resident.py)
         self.on_lost: Callable[[list[Resident], str], None] | None = None  # the supervisor fails their keys

@@ -123,6 +123,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
             device=args.device,
             gpu_mem_limit=args.gpu_mem_limit,
             threads=args.threads,
+            nchwc=args.nchwc,
             limits=limits,
             max_plans=args.max_plans,
             max_store_bytes=args.max_store_mb << 20,
@@ -170,6 +171,7 @@ def serve(args: argparse.Namespace, cleanup: list) -> int:
         sandbox = Sandbox(
             device=service.device,
             threads=args.threads,
+            nchwc=args.nchwc,
             memory_mb=args.max_run_memory_mb,
             timeout=args.run_timeout,
             sync_after=args.host_copy_after,

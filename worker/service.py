@@ -60,6 +60,7 @@ class Service(PlanRegistry, RunPath, TensorHandlers):
         device: str = "cpu",
         gpu_mem_limit: int = 0,
         threads: int = 1,
+        nchwc: bool = True,
         limits: Limits | None = None,
         max_plans: int | None = None,
         max_store_bytes: int | None = None,
@@ -76,6 +77,7 @@ class Service(PlanRegistry, RunPath, TensorHandlers):
         self.device = Device.parse(device, gpu_mem_limit)
         self.providers = self.device.providers
         self.threads = threads
+        self.nchwc = nchwc  # a plan's eligible Convs run as onnxruntime's NCHWc kernels (worker/nchwc.py)
         self.limits = limits or DEFAULT_LIMITS
         self.store = Store(public=public, max_bytes=max_store_bytes, max_client_bytes=max_client_store_bytes)
         self.max_plans = max_plans

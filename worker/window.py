@@ -300,7 +300,7 @@ class Window(Chains, Cancels):
                 outcome = wording.failed(job, msg, self.service.id, self.sandbox.memory_mb)
             elif isinstance(msg, pipe.Loaded) and isinstance(job, RegisterJob):
                 sandbox.loaded.add(job.pid)
-                outcome = Signature(job.name, msg.inputs, msg.outputs, placement=msg.placement)
+                outcome = Signature(job.name, msg.inputs, msg.outputs, placement=msg.placement, nchwc=msg.nchwc)
             elif isinstance(msg, pipe.Ran) and isinstance(job, RunJob):
                 outcome = sandbox.outputs(msg, buffers)
             else:
