@@ -19,8 +19,8 @@ eager torch's (this process's): steady on a loaded host, where wall times (shown
 minor page faults per step of eager torch's process and of the runner (memory faulted in afresh). At 1 thread
 only: torch's OpenMP threads spin while they wait, so at 2 its CPU time is no measure of its speed.
 
-``--nchwc SRC DST`` rewrites a saved graph's convolutions into onnxruntime's NCHWc kernels (:func:`to_nchwc`),
-feeds copied beside it, for ``--compare``: what a worker-side rewrite would gain (bench/README.md, tenth pass).
+``--nchwc SRC DST`` rewrites a saved graph's convolutions into onnxruntime's NCHWc kernels as a plan-worker does
+(worker/nchwc.py), feeds copied beside it, for ``--compare`` (bench/README.md, tenth pass).
 """
 
 from __future__ import annotations
@@ -172,83 +172,6 @@ def feeds_path(path: str) -> str:
     return path.removesuffix(".onnx") + "-feeds.npz"
 
 
-NCHWC = "com.microsoft.nchwc"
-
-
-def nchwc_block() -> int:
-    """MLAS's NCHWc channel block on this host (8 with AVX2, 16 with AVX-512F), which onnxruntime reports
-    nowhere else: the channel count ReorderInput pads 4 channels to."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-
-    from planwire.worker.runtime import session_options
-
-    x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in "xy")
-    graph = onnx.helper.make_graph([onnx.helper.make_node("ReorderInput", ["x"], ["y"], domain=NCHWC)], "b", [x], [y])
-    model = onnx.helper.make_model(
-        graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in (("", 17), (NCHWC, 1))]
-    )
-    session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
-    return int(session.run(None, {"x": np.zeros((1, 4, 1, 1), np.float32)})[0].shape[1])
-
-
-def to_nchwc(model: Any, block: int) -> int:
-    """Rewrites ``model``'s 2-d Convs (one group, weight shape known, output channels a multiple of ``block``,
-    input channels one too or fewer than ``block``) into ReorderInput, NCHWc Conv, ReorderOutput, the weight
-    reordered in the graph each run (Reshape, Transpose, Reshape back to its shape: MLAS's OIHWBiBo layout, or
-    OIHWBo where the input stays NCHW). onnxruntime's own NCHWc transformer does this only for constant weights,
-    and a training step's weights are inputs. The last Reshape pins the shape the kernel trusts. Returns the count."""
-    import onnx
-    from onnx import helper as oh
-
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {
-        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*inferred.value_info, *inferred.input)
-    }
-    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
-    nodes, count, blocked_inputs = [], 0, {}
-    for node in model.graph.node:
-        attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
-        dims = shapes.get(node.input[1], []) if node.op_type == "Conv" and not node.domain else []
-        co, ci, *kernel = dims if len(dims) == 4 and 0 not in dims else (0, 0)
-        if not (
-            kernel
-            and attrs.get("group", 1) == 1
-            and attrs.get("auto_pad", b"NOTSET") == b"NOTSET"
-            and co % block == 0
-            and (ci % block == 0 or ci < block)
-        ):
-            nodes.append(node)
-            continue
-        p = node.output[0] + "/nchwc"
-        blocked = (
-            [co // block, block, ci // block, block, *kernel] if ci >= block else [co // block, block, ci, *kernel]
-        )
-        perm = [0, 2, 4, 5, 3, 1] if ci >= block else [0, 2, 3, 4, 1]
-        for name, shape in ((p + "/blocked", blocked), (p + "/shape", [co, ci, *kernel])):
-            model.graph.initializer.append(oh.make_tensor(name, onnx.TensorProto.INT64, [len(shape)], shape))
-        nodes += [
-            oh.make_node("Reshape", [node.input[1], p + "/blocked"], [p + "/w6"]),
-            oh.make_node("Transpose", [p + "/w6"], [p + "/wt"], perm=perm),
-            oh.make_node("Reshape", [p + "/wt", p + "/shape"], [p + "/w"]),
-        ]
-        x = node.input[0]
-        if ci >= block:
-            if x not in blocked_inputs:  # one reorder for the Convs that read the same input
-                nodes.append(oh.make_node("ReorderInput", [x], [p + "/x"], domain=NCHWC))
-                blocked_inputs[x] = p + "/x"
-            x = blocked_inputs[x]
-        keep = {k: v for k, v in attrs.items() if k in ("kernel_shape", "strides", "pads", "dilations")}
-        nodes.append(oh.make_node("Conv", [x, p + "/w", *node.input[2:]], [p + "/y"], domain=NCHWC, **keep))
-        nodes.append(oh.make_node("ReorderOutput", [p + "/y"], node.output[:1], domain=NCHWC, channels=co))
-        count += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.opset_import.append(oh.make_opsetid(NCHWC, 1))
-    return count
-
-
 def compare(workload: str, paths: list[str], threads: int, rounds: int, steps: int) -> dict[str, list[float]]:
     """Milliseconds per step, per round, of eager torch and each saved graph (:func:`save`), interleaved:
     thread CPU time at 1 thread (onnxruntime and torch compute in the calling thread), else wall time."""
@@ -359,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.nchwc:
         import shutil
 
-        import onnx
+        from planwire.worker.nchwc import at_this_block
 
-        model = onnx.load(args.nchwc[0])
-        block = nchwc_block()
-        print(f"{to_nchwc(model, block)} Convs rewritten (block {block})")
-        onnx.save(model, args.nchwc[1])
+        with open(args.nchwc[0], "rb") as f:
+            data, count, block = at_this_block(f.read())
+        print(f"{count} Convs rewritten (block {block})")
+        with open(args.nchwc[1], "wb") as f:
+            f.write(data)
         shutil.copy(feeds_path(args.nchwc[0]), feeds_path(args.nchwc[1]))
         return 0
     if args.compare:

@@ -420,54 +420,36 @@ def test_flower_round_time_target_has_an_interval_and_single_readings_stay_unset
     assert got["flower accuracy gap, pytorch vs planwire (absolute)"]["outcome"] == "unsettled"
 
 
-def test_nchwc_rewrite_computes_the_same_convolutions() -> None:
-    """bench.profile_step.to_nchwc: the Convs it may take (a stem of 3 channels, 3x3 with stride, 1x1, two reading
-    one input, a weight computed in the graph, a bias) give onnxruntime's results at two batch sizes; a grouped
-    Conv and one whose output channels are not a whole block are left as they are."""
+def test_profile_step_nchwc_rewrites_a_saved_graph_as_the_worker_does(tmp_path: Path, capsys) -> None:
+    """``python -m bench.profile_step --nchwc SRC DST``: the saved graph's Convs as the worker rewrites them
+    (worker/nchwc.py, its cases in tests/test_nchwc.py), its feeds copied beside it; the same results."""
     import onnxruntime as ort
     from onnx import TensorProto
     from onnx import helper as oh
 
-    from bench.profile_step import NCHWC, nchwc_block, to_nchwc
-    from planwire.worker.runtime import session_options
+    from bench.profile_step import feeds_path, main
+    from planwire.worker.nchwc import DOMAIN, block
 
-    b = nchwc_block()
-    assert b in (4, 8, 16)
-    c = 2 * b
-    weights = {"w0": [c, 3, 3, 3], "w1": [c, c, 3, 3], "w2": [c, c, 1, 1], "w3": [c, b, 3, 3], "w4": [5, c, 3, 3]}
-    weights["w5"] = [b, c, 1, 1]
-    nodes = [
-        oh.make_node("Conv", ["x", "w0"], ["y0"], pads=[1] * 4),
-        oh.make_node("Relu", ["y0"], ["r0"]),
-        oh.make_node("Conv", ["r0", "w1", "bias"], ["y1"], pads=[1] * 4, strides=[2, 2]),
-        oh.make_node("Conv", ["y1", "w2"], ["y2"]),
-        oh.make_node("Conv", ["r0", "w5"], ["y6"], strides=[2, 2]),  # reads r0 as the Conv of w1 does
-        oh.make_node("Transpose", ["w1"], ["w1t"], perm=[1, 0, 3, 2]),  # a weight the graph computes
-        oh.make_node("Conv", ["y2", "w1t"], ["y3"], pads=[0, 1, 2, 1], dilations=[1, 2]),
-        oh.make_node("Conv", ["y3", "w3"], ["y4"], pads=[1] * 4, group=2),
-        oh.make_node("Conv", ["y4", "w4"], ["y5"]),
+    c = 2 * block()
+    nodes = [oh.make_node("Conv", ["x", "w0"], ["y0"], pads=[1] * 4), oh.make_node("Conv", ["y0", "w1"], ["y"])]
+    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])]
+    inputs += [
+        oh.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in (("w0", [c, 3, 3, 3]), ("w1", [c, c, 1, 1]))
     ]
-    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])]
-    inputs += [oh.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in weights.items()]
-    inputs += [oh.make_tensor_value_info("bias", TensorProto.FLOAT, [c])]
-    outputs = [oh.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y3", "y5", "y6")]
-    model = oh.make_model(oh.make_graph(nodes, "convs", inputs, outputs), opset_imports=[oh.make_opsetid("", 17)])
-    before = model.SerializeToString()
-
-    assert to_nchwc(model, b) == 5
-    ops = [(n.domain, n.op_type) for n in model.graph.node]
-    assert ops.count((NCHWC, "Conv")) == 5 and ops.count(("", "Conv")) == 2
-    assert ops.count((NCHWC, "ReorderInput")) == 3  # r0's shared; none for the stem, whose 3 channels stay NCHW
-    sessions = [
-        ort.InferenceSession(m, session_options(1), providers=["CPUExecutionProvider"])
-        for m in (before, model.SerializeToString())
-    ]
+    graph = oh.make_graph(nodes, "convs", inputs, [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    src, dst = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    src.write_bytes(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString())
     rng = np.random.default_rng(0)
-    for n in (1, 3):
-        feeds = {"x": rng.standard_normal((n, 3, 12, 12), dtype=np.float32)}
-        feeds |= {k: rng.standard_normal(v, dtype=np.float32) for k, v in weights.items()}
-        feeds["bias"] = rng.standard_normal(c, dtype=np.float32)
-        want, got = (s.run(None, feeds) for s in sessions)
-        for w, g in zip(want, got, strict=True):
-            assert w.shape == g.shape
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
+    feeds = {"x": rng.standard_normal((2, 3, 6, 6), dtype=np.float32)}
+    feeds |= {"w0": rng.standard_normal((c, 3, 3, 3), dtype=np.float32)}
+    feeds |= {"w1": rng.standard_normal((c, c, 1, 1), dtype=np.float32)}
+    np.savez(feeds_path(str(src)), **feeds)
+
+    assert main(["--nchwc", str(src), str(dst)]) == 0
+    assert capsys.readouterr().out.strip() == f"2 Convs rewritten (block {block()})"
+    assert DOMAIN.encode() in dst.read_bytes()
+    saved = dict(np.load(feeds_path(str(dst))))
+    want, got = (
+        ort.InferenceSession(p.read_bytes(), providers=["CPUExecutionProvider"]).run(None, saved)[0] for p in (src, dst)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
