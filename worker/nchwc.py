@@ -82,7 +82,13 @@ def _eligible(g: Graph, block: int) -> dict[int, tuple[int, ...]]:
             return {}
         found = {}
         for node, ins, _ in walk(g, shapes):
-            if node.op != "Conv" or node.domain or len(ins) < 2 or node.inputs[1] in g.initializers:
+            if (
+                node.op != "Conv"
+                or node.domain
+                or len(ins) < 2
+                or node.inputs[1] in g.initializers
+                or not (node.outputs and node.outputs[0])
+            ):
                 continue
             x, w = ins[0], ins[1]
             dims = w.shape if w is not None else None
