@@ -103,6 +103,8 @@ def _eligible(g: Graph, block: int) -> dict[int, tuple[int, ...]]:
                 and (ci % block == 0 or ci < block)
             ):
                 found[id(node)] = tuple(dims)
+        if not found:
+            return {}
         seen.append(found)
     return {k: v for k, v in seen[0].items() if seen[1].get(k) == v}
 
