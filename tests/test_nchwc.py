@@ -83,21 +83,34 @@ def test_rewritten_convs_compute_what_the_convs_did() -> None:
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
 
 
-def test_a_model_without_candidates_comes_back_as_it_was() -> None:
-    b = block()
+def _left_alone(b: int, repeats: str) -> bytes:
+    """A grouped Conv, one with auto_pad, and one whose weight is tiled by ``repeats``: "reps", the input's batch
+    size and ones (its filters follow the batch: whole blocks at batch 1 and 2, but not one shape), or "ones"."""
+    x = oh.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2 * b, 4, 4])
+    consts = [
+        oh.make_tensor("ones3", TensorProto.INT64, [3], [1] * 3),
+        oh.make_tensor("ones", TensorProto.INT64, [4], [1] * 4),
+    ]
     nodes = [
         oh.make_node("Conv", ["x", "w"], ["y"], group=2),
         oh.make_node("Conv", ["x", "v"], ["z"], auto_pad="SAME_UPPER"),
+        oh.make_node("Shape", ["x"], ["s"], end=1),
+        oh.make_node("Concat", ["s", "ones3"], ["reps"], axis=0),
+        oh.make_node("Tile", ["u", repeats], ["ut"]),
+        oh.make_node("Conv", ["x", "ut"], ["t"]),
     ]
-    inputs = [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2 * b, 4, 4])]
-    inputs += [
-        oh.make_tensor_value_info(n, TensorProto.FLOAT, s)
-        for n, s in (("w", [2 * b, b, 3, 3]), ("v", [b, 2 * b, 3, 3]))
-    ]
-    outputs = [oh.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yz"]
-    data = oh.make_model(oh.make_graph(nodes, "g", inputs, outputs)).SerializeToString()
+    weights = (("w", [2 * b, b, 3, 3]), ("v", [b, 2 * b, 3, 3]), ("u", [2 * b, 2 * b, 1, 1]))
+    inputs = [x] + [oh.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in weights]
+    outputs = [oh.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yzt"]
+    return oh.make_model(oh.make_graph(nodes, "g", inputs, outputs, initializer=consts)).SerializeToString()
+
+
+def test_a_model_without_candidates_comes_back_as_it_was() -> None:
+    b = block()
+    data = _left_alone(b, "reps")
     assert rewrite(data, b) == (data, 0)
-    assert rewrite(data, 1)[1] == 0
+    assert rewrite(_left_alone(b, "ones"), b)[1] == 1  # the tiled weight of one shape is taken
+    assert rewrite(data, 1) == (data, 0)
 
 
 def _cnn(c: int) -> torch.nn.Module:
