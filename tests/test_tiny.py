@@ -370,8 +370,9 @@ def test_the_repeated_key_proof_counts_what_the_encoding_holds(msg: m._Message) 
     header = m.encoder.encode(msg)
     assert decoder.decode_fast(header) == msg and decoder.decode_fast(memoryview(header)) == msg
     assert decoder._exact(header, msg) and not decoder._exact(header[:-1] + b',"id":1}', msg)
+    assert decoder.decode_fast(b" " + header) == msg  # not the encoding itself: proven by the count
     name = b'"keys"' if type(msg) is m.Delete else b'"outputs"'
     repeated = header[:-1] + b"," + name + b":[]}"
-    assert decoder.decode_fast(repeated) is None
+    assert decoder.decode_fast(repeated) is None and decoder.decode_fast(b" " + repeated) is None
     with pytest.raises(Exception, match="duplicate key"):
         decoder.decode(repeated)

@@ -58,6 +58,7 @@ class DeviceStore:
         self.private_bytes = 0  # of held values in the runner's own host memory (CPU, not wrapping a buffer)
         self.lent: dict[int, int] = {}  # data address -> arena token of the pooled buffers the last run was given
         self.lending = 0  # how many pooled buffers the last run was given
+        self.addresses: list[int] | None = None  # the data address of each buffer the last run was given (0: none)
 
     def __len__(self) -> int:
         return len(self.held)
@@ -137,31 +138,36 @@ class DeviceStore:
                 kind = held.kind
                 if kind is None:
                     v = held.value
-                    kind = (v.data_type(), tuple(v.shape()))  # type: ignore[attr-defined]
+                    kind = held.kind = (v.data_type(), tuple(v.shape()))  # type: ignore[attr-defined]
                 pool.setdefault(kind, []).append(held)
 
     def buffers(self, shapes: list[tuple[str, tuple[int, ...]]] | None) -> list | None:
         """Pooled buffers for outputs of these (ONNX type, shape)s, None where there is none; None when no
-        output can reuse one. ``lent`` says which arena each one's memory is in."""
+        output can reuse one. ``lent`` says which arena each one's memory is in, ``addresses`` each one's data
+        address (read when it was held: a run's output written into its buffer is that buffer, OrtPlan.run_bound)."""
         self.lent = lent = {}
         self.lending = 0
+        self.addresses = None
         if not shapes or not self._pool:
             return None
         out: list = []
+        addresses: list[int] = []
         pool, n = self._pool, 0
         for key in shapes:
             free = pool.get(key)
             if not free:
                 out.append(None)
+                addresses.append(0)
                 continue
             held = free.pop()
             out.append(held.value)
+            addresses.append(held.ptr)
             n += 1
             if held.arena:
                 lent[held.ptr] = held.arena
         if not n:
             return None
-        self.lending = n
+        self.lending, self.addresses = n, addresses
         self.counts.reused += n
         return out
 

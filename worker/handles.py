@@ -189,17 +189,23 @@ class Handles:
                 raise ProtocolError("internal", f"runner output {i}: {e}") from None
             kinds.append((dtype, shape, size, size * dtype.itemsize))
         self._last = kinds
-        out: list[Resident] = []
-        keeper, gen, born, track, held = self.keeper, self.gen, time.monotonic(), self._track, Resident.held
-        try:
-            for i, (h, ref, kind) in enumerate(zip(handles, refs, kinds, strict=True)):
-                host = None if type(ref) is int or not ref.has_data else self.data(ref, buffers, f"runner output {i}")
-                r = held(keeper, h, gen, kind, host, born)
-                track(r, host is not None)
-                out.append(r)
+        try:  # the data sent: each checked before any Resident is made
+            sent = [
+                (i, self.data(ref, buffers, f"runner output {i}"))
+                for i, ref in enumerate(refs)
+                if type(ref) is not int and ref.has_data
+            ]
         except Exception:
-            self._free.extend(handles[len(out) :])
+            self._free.extend(handles)
             raise
+        out = Resident.held(self.keeper, self.gen, handles, kinds, time.monotonic())
+        for i, host in sent:
+            out[i].host = host
+        residents, unsaved, ref = self.residents, self.unsaved.refs, weakref.ref
+        for r in out:
+            residents[r.handle] = w = ref(r)
+            if r.host is None:
+                unsaved[r.handle] = w
         self.counts["reused"] += ran.reused
         return out
 

@@ -227,7 +227,7 @@ def serve(
             before = touched() if plan.arena else 0  # two getrusage calls per run only where an arena is watched
             try:
                 try:
-                    results = plan.run_bound(values, reuse, shrink=shrink)
+                    results = plan.run_bound(values, reuse, shrink=shrink, addresses=store.addresses or ())
                 except Exception:
                     if reuse is None:
                         raise
@@ -248,11 +248,15 @@ def serve(
             rebind = msg.save and not device.cuda
             outs, frames = [], []
             infos, kinds = [], []
-            lent = store.lent
-            for h, value in zip(msg.out, results, strict=True):
+            lent, given = store.lent, reuse or ()
+            for i, (h, value) in enumerate(zip(msg.out, results, strict=True)):
                 # read once per output: its (ONNX type, shape), the pool its buffer joins when freed, and the
-                # reply's dtype, shape and bytes (a copy out of the arena too)
-                ptr, kind = value.data_ptr(), (value.data_type(), tuple(value.shape()))
+                # reply's dtype, shape and bytes (a copy out of the arena too); an output written into the
+                # buffer it was given is that buffer (OrtPlan.run_bound), of the kind it was lent for
+                if given and value is given[i]:
+                    ptr, kind = store.addresses[i], known[i]  # type: ignore[index]
+                else:
+                    ptr, kind = value.data_ptr(), (value.data_type(), tuple(value.shape()))
                 info = described(*kind)
                 kinds.append(kind)
                 infos.append(info)

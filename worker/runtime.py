@@ -184,12 +184,16 @@ class OrtPlan(Signature):
             return self._run(self._output_names, feeds, None)
         return self.session.run(None, feeds)
 
-    def run_bound(self, values: Sequence, outputs: Sequence | None = None, *, shrink: bool = False) -> list:
+    def run_bound(
+        self, values: Sequence, outputs: Sequence | None = None, *, shrink: bool = False, addresses: Sequence[int] = ()
+    ) -> list:
         """Run on OrtValues (onnxruntime's C values) by IOBinding and return the output OrtValues, which stay
         on the session's device: nothing crosses to the host. ``outputs[i]``, where given, is a buffer of the
-        right dtype and shape that output ``i`` is written into (a training step's previous state).
-        ``shrink`` (a session with ``arena``): its CPU arena gives back, as the run ends, the memory not in use
-        (else it keeps it for the next run; onnxruntime never gives back the arena's first region)."""
+        right dtype and shape that output ``i`` is written into (a training step's previous state); with
+        ``addresses[i]``, its data address, an output written there is returned as that buffer itself (see
+        ``own_values``). ``shrink`` (a session with ``arena``): its CPU arena gives back, as the run ends, the
+        memory not in use (else it keeps it for the next run; onnxruntime never gives back the arena's first
+        region)."""
         ib = self._binding
         if ib is None:
             ib = self._binding = self.session.io_binding()._iobinding
@@ -205,7 +209,8 @@ class OrtPlan(Signature):
                 ib.bind_ortvalue_output(name, buf)
         try:
             self.session._sess.run_with_iobinding(ib, _SHRINK if shrink and self.arena else None)
-            return own_values(ib.get_outputs(), len(self._output_names))
+            bound = (outputs, addresses) if outputs is not None and addresses else None
+            return own_values(ib.get_outputs(), len(self._output_names), bound)
         finally:
             ib.clear_binding_inputs()  # the binding must not keep freed inputs alive
             ib.clear_binding_outputs()
@@ -222,14 +227,22 @@ def ort_device(device: Device):  # noqa: ANN201  (onnxruntime's C OrtDevice)
     return C.OrtDevice(kind, C.OrtDevice.default_memory(), device.id)
 
 
-def own_values(vector: object, n: int) -> list:
+def own_values(vector: object, n: int, bound: tuple[Sequence, Sequence[int]] | None = None) -> list:
     """The ``n`` OrtValues of an onnxruntime OrtValueVector, each in a vector of its own: an element of
     the vector a binding returns is valid only while that vector lives (iterating it gives dangling ones),
-    and a value of its own is freed alone when the Store drops it."""
+    and a value of its own is freed alone when the Store drops it. ``bound``: (buffers, their data
+    addresses) the outputs were bound to (None, 0 where not): an output at its buffer's address is that
+    buffer (the caller holds it, so no other tensor can be at that address), returned as is: one address
+    read instead of a new vector per output (a training step's ~90 state tensors)."""
     from onnxruntime.capi import _pybind_state as C
 
     out = []
+    buffers, addresses = bound if bound is not None else ((), ())
     for i in range(n):
+        ptr = addresses[i] if addresses else 0
+        if ptr and vector[i].data_ptr() == ptr:  # type: ignore[index]
+            out.append(buffers[i])
+            continue
         box = C.OrtValueVector()
         box.push_back(vector[i])  # type: ignore[index]  # a reference-counted copy, not of the data
         out.append(box[0])  # keeps its box alive
