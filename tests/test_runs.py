@@ -106,3 +106,5 @@ def test_a_template_run_reads_stored_inputs_and_returns_only_its_fresh_outputs()
     np.testing.assert_array_equal(mine.get(), [4, 8, 12])
     with pytest.raises(ValueError, match="has 1 inputs and 1 outputs"):
         RunTemplate(plan, "double_abs", [None, None], [None])
+    with pytest.raises(ValueError, match="cannot hold the key"):
+        RunTemplate(plan, "double_abs", [None], ["\x00"])

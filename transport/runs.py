@@ -3,6 +3,8 @@
 A run is sent without waiting: its result pointers hold the run's Call and read its reply when asked. A
 failed run is recorded by the worker against its output keys, so the error surfaces on ``.get()``.
 :class:`~planwire.transport.client.WorkerClient` mixes this in; the requests go through its Connection.
+A plan called again and again with most of its request fixed (a bound plan's step) runs from a
+:class:`RunTemplate`, encoded once, so a call's work does not grow with the inputs that stay stored.
 """
 
 from __future__ import annotations
@@ -258,6 +260,8 @@ class RunTemplate:
         form = RunForm(variant, name)
         if len(inputs) != len(variant.inputs) or len(outputs) != form.n:
             raise ValueError(f"plan {name!r} has {len(variant.inputs)} inputs and {form.n} outputs")
+        if _SLOT in (*inputs, *outputs):
+            raise ValueError(f"a run template of plan {name!r} cannot hold the key {_SLOT!r}")
         self.what = form.what
         fresh = [i for i, k in enumerate(outputs) if k is None]
         self.fresh = [form.results[i] for i in fresh]  # (dtype, static shape or None, declared shape)
