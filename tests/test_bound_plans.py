@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import planwire as sy
 from planwire.transport import connect
+from planwire.transport import messages as m
 from planwire.transport.bound import BoundPlan, BoundPointer, hyper_array
 from planwire.transport.spec import PlanVariant
 from planwire.worker import VirtualWorker
@@ -195,3 +196,39 @@ def test_a_targets_count_that_is_not_one_of_the_arguments_is_refused(cnn_plan, t
     assert f'"targets": {targets}' in props["planwire.training"]
     with pytest.raises(ValueError, match=r'"targets" must count .* \(a whole number from 0 to 2\), not '):
         BoundPlan.from_metadata(cnn_plan.step.variant, props)
+
+
+def test_a_step_sends_its_arguments_and_names_the_state_by_its_keys(cnn_plan):
+    """What a step puts on the wire (real runs the worker answers): its batch, the state and stored
+    hyper-parameters by key, the bound outputs to the state's keys, fresh keys for the reported outputs
+    only (fetched with the reply); an override goes inline. A parameter moved off the worker with .get()
+    stops the next step before it is sent."""
+    with VirtualWorker(None, id="wire") as worker:
+        ptr = cnn_plan.send(worker)
+        sent: list[bytes] = []
+        send = worker.connection._send
+        worker.connection._send = lambda frames: (sent.append(bytes(frames[1])), send(frames))[1]
+        (x, y), (x2, y2) = batches([4, 3], seed=3)
+        xp = worker.put(x)
+        steps = [ptr(xp, y), ptr(x2, y2, lr=0.2)]
+        losses = [float(loss.get()) for loss, _ in steps]
+        first, second = (m.request_decoder.decode(h) for h in sent if h.startswith(b'{"type":"run",'))
+        inputs, bound = cnn_plan.step.variant.inputs, cnn_plan.bound
+        stored = {s.name: m.Arg(ref=ptr.keys[s.name]) for s in bound.state}
+        stored.update({n: m.Arg(ref=ptr._hyper_keys[n]) for n in bound.hyper})
+        assert [s.name for s in inputs[:2]] == ["arg0", "arg1"]
+        batch = [m.Arg(ref=xp.key), m.Arg(tensor=m.Tensor(dtype="int64", shape=[4], frame=0))]
+        assert first.args == batch + [stored[s.name] for s in inputs[2:]]
+        lr = [s.name for s in inputs].index("hyper.lr")
+        assert second.args[lr] == m.Arg(tensor=m.Tensor(dtype="double", shape=[], frame=2))  # after x2, y2
+        assert second.args[2:lr] + second.args[lr + 1 :] == first.args[2:lr] + first.args[lr + 1 :]
+        outputs = cnn_plan.step.variant.outputs
+        assert [o.name in bound.bindings for o in outputs[:2]] == [False, False]  # the loss, the accuracy
+        assert first.fetch == [0, 1] and first.inline_max == 0
+        assert first.outputs[:2] == [p.key for p in steps[0]] and second.outputs[:2] == [p.key for p in steps[1]]
+        assert first.outputs[2:] == second.outputs[2:] == [ptr.keys[bound.bindings[o.name]] for o in outputs[2:]]
+        assert losses[0] > 0 and losses[1] > 0
+        ptr.parameters()[0].get()  # moves the weight off the worker
+        with pytest.raises(ValueError, match="already fetched"):
+            ptr(xp, y)
+        assert sum(h.startswith(b'{"type":"run",') for h in sent) == 2

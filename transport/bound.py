@@ -25,6 +25,7 @@ import numpy as np
 
 from planwire.transport.arrays import as_array, wrap
 from planwire.transport.dtypes import human, to_numpy, to_wire
+from planwire.transport.runs import RunTemplate
 from planwire.transport.spec import META_KIND, META_NAME, META_OUTPUTS, META_TRAINING, PlanVariant, TensorSpec
 
 if TYPE_CHECKING:
@@ -169,17 +170,21 @@ class BoundPointer:
         stored = dict(zip([*self.keys, *self._hyper_keys], pointers, strict=True))
         self._state = {name: stored[name] for name in self.keys}
         self._session = worker.session
-        inputs = plan.variant.inputs
-        self._args = [(i, s) for i, s in enumerate(inputs) if s.role == ARG]
-        # Every input of a call in graph order: stored state and hyper-parameters by reference, the
-        # call's own arguments filled in per call.
-        self._template: list[Any] = [stored.get(s.name) for s in inputs]
-        self._hyper_at = {s.name.removeprefix("hyper."): (i, s) for i, s in enumerate(inputs) if s.role == HYPER}
-        # Bound outputs overwrite their state keys; the others get fresh keys and ride on the step's
-        # reply, so .get() on them needs no round trip.
-        bindings = plan.bindings
-        self._outputs = [self.keys[bindings[o.name]] if o.name in bindings else None for o in plan.variant.outputs]
-        self._reported = [i for i, key in enumerate(self._outputs) if key is None]
+        # A step's request is encoded once: the state and the stored hyper-parameters by key in, the bound
+        # outputs to their state keys out; per call only the arguments change. The other outputs get fresh
+        # keys and ride on the reply, so .get() on them needs no round trip. A call that overrides
+        # hyper-parameters uses a second form with them as slots too (the stored ones by reference, the
+        # overrides inline).
+        inputs, bindings = plan.variant.inputs, plan.bindings
+        outputs = [self.keys[bindings[o.name]] if o.name in bindings else None for o in plan.variant.outputs]
+        stored_keys = {**self.keys, **self._hyper_keys}
+        self._run = RunTemplate(plan.variant, plan.name, [stored_keys.get(s.name) for s in inputs], outputs)
+        self._run_hyper = RunTemplate(plan.variant, plan.name, [self.keys.get(s.name) for s in inputs], outputs)
+        slots = [s for s in inputs if s.role in (ARG, HYPER)]  # of _run_hyper, in graph order
+        self._args = [(k, s) for k, s in enumerate(slots) if s.role == ARG]
+        self._hyper_at = {s.name.removeprefix("hyper."): (k, s) for k, s in enumerate(slots) if s.role == HYPER}
+        self._defaults: list[Any] = [stored.get(s.name) for s in slots]
+        self._lent: tuple[PointerTensor, ...] = ()  # state pointers handed out (parameters()): a .get() moves one
         self._weights = tuple(s.name for s in plan.state if s.role != OPTIM)
 
     @property
@@ -195,26 +200,29 @@ class BoundPointer:
             raise TypeError(
                 f"{self._what()} takes {n} batch arguments {[s.name for _, s in self._args]}, got {len(args)}"
             )
-        call = list(self._template)
         targets_from = n - self.bound.targets
-        for k, ((i, spec), arg) in enumerate(zip(self._args, args, strict=True)):
+        for k, ((_, spec), arg) in enumerate(zip(self._args, args, strict=True)):
             dtype, shape = self.worker.signature_of(arg)
             why = spec.mismatch(dtype, shape)
             if why:
                 role = "targets" if k >= targets_from else "input"
                 raise TypeError(f"{self._what()}: {role} argument {k} ({spec.name!r}): {why}")
-            call[i] = arg
-        if hyper:
+        for p in self._lent:
+            if p.consumed:
+                self.worker.check_pointer(p)  # raises: the state it held was moved off the worker
+        if not hyper:
+            reported = self.worker.run_template(self._run, args)
+        else:
             unknown = set(hyper) - set(self._hyper_at)
             if unknown:
                 raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self._hyper_at)}")
+            call = list(self._defaults)
+            for (i, _), arg in zip(self._args, args, strict=True):
+                call[i] = arg
             for key, value in hyper.items():
                 i, spec = self._hyper_at[key]
                 call[i] = hyper_array(spec, value)
-        results = self.worker.run(
-            self.bound.variant, call, outputs=self._outputs, fetch=self._reported, wait=False, name=self.name
-        )
-        reported = [results[i] for i in self._reported]
+            reported = self.worker.run_template(self._run_hyper, call)
         return reported[0] if len(reported) == 1 else tuple(reported)
 
     def _what(self) -> str:
@@ -230,7 +238,9 @@ class BoundPointer:
 
     def parameters(self) -> list[PointerTensor]:
         """Pointers to the trainable parameters (role ``param``) on the worker (owned by this pointer)."""
-        return [self._state[s.name] for s in self.bound.state if s.role == "param"]
+        params = [self._state[s.name] for s in self.bound.state if s.role == "param"]
+        self._lent = tuple(params)
+        return params
 
     def state_arrays(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Copies of the stored state by input name (default: all of it), fetched in one message."""

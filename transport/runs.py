@@ -3,6 +3,8 @@
 A run is sent without waiting: its result pointers hold the run's Call and read its reply when asked. A
 failed run is recorded by the worker against its output keys, so the error surfaces on ``.get()``.
 :class:`~planwire.transport.client.WorkerClient` mixes this in; the requests go through its Connection.
+A plan called again and again with most of its request fixed (a bound plan's step) runs from a
+:class:`RunTemplate`, encoded once, so a call's work does not grow with the inputs that stay stored.
 """
 
 from __future__ import annotations
@@ -126,17 +128,7 @@ class PlanCalls:
         form = self._forms.get(variant.id)
         if form is None or form.name != name:
             form = self._forms[variant.id] = RunForm(variant, name)
-        refs: list[bytes] = []
-        buffers: list[Frame] = []
-        for a in args:
-            if type(a) is PointerTensor or isinstance(a, PointerTensor):
-                if a.worker is not self or a.consumed:
-                    self.check_pointer(a)  # raises, saying why
-                refs.append(b'{"ref":%s}' % _encode(a.key))
-            else:
-                wire, shape, buf = codec.to_frame(as_array(a))
-                refs.append(_encode(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers)))))
-                buffers.append(buf)
+        refs, buffers = self._arguments(args)
         if outputs is None:
             keys = self.new_keys(form.n)
             mine: Sequence[bool] = form.fresh  # fresh keys, each owned by its pointer
@@ -163,6 +155,38 @@ class PlanCalls:
         if fetch and wait:
             call.result()  # errors raise here
         return results
+
+    def run_template(self, template: RunTemplate, args: Sequence[Any]) -> list[PointerTensor]:
+        """Run ``template`` with ``args`` (pointers or local tensors) in its slots, without waiting; returns
+        the pointers of its outputs under fresh keys, whose values ride on the run's reply."""
+        refs, buffers = self._arguments(args)
+        keys = self.new_keys(len(template.fresh))
+        conn = self.connection
+        rid = conn.new_id()
+        header = template.format % (rid, *refs, *map(_encode, keys))
+        call = conn.post(rid, [SIGNATURE, header, *buffers], template.what, background=True)
+        owned = conn.owned
+        results = []
+        for k, (dtype, shape, dims) in zip(keys, template.fresh, strict=True):
+            owned[k] = None
+            results.append(PointerTensor(self, k, dtype, shape, (), True, False, call, dims))
+        return results
+
+    def _arguments(self, args: Sequence[Any]) -> tuple[list[bytes], list[Frame]]:
+        """Each run argument's encoding (a pointer by reference, a local tensor inline) and the inline
+        tensors' frames."""
+        refs: list[bytes] = []
+        buffers: list[Frame] = []
+        for a in args:
+            if type(a) is PointerTensor or isinstance(a, PointerTensor):
+                if a.worker is not self or a.consumed:
+                    self.check_pointer(a)  # raises, saying why
+                refs.append(b'{"ref":%s}' % _encode(a.key))
+            else:
+                wire, shape, buf = codec.to_frame(as_array(a))
+                refs.append(_encode(m.Arg(tensor=m.Tensor(dtype=wire, shape=shape, frame=len(buffers)))))
+                buffers.append(buf)
+        return refs, buffers
 
     def cancel(self, pointer: PointerTensor) -> bool:
         """Stop the run that makes ``pointer`` if the worker has it queued or running: the worker answers
@@ -215,3 +239,46 @@ class RunForm:
             if not fetch and len(self._tails) < 8:  # a plan's runs use one or two inline_max values
                 self._tails[inline_max] = tail
         return self._head % (rid, args, _encode(keys), tail)
+
+
+_SLOT = "\x00"  # where a template's per-call parts go: no key a client makes is this (msgspec writes "\u0000")
+
+
+class RunTemplate:
+    """A run of ``variant`` whose request is the same every call but for a few parts: inputs are stored
+    keys except at the slots (None in ``inputs``), outputs go to keys the caller owns except those given as
+    None, which get fresh keys each call and ride on the reply. A bound plan's step is one: its state in
+    and out by key, its loss under a fresh key. The header is msgspec's encoding of that Run, made once,
+    with ``%d``/``%s`` in place of the request id, the slots' arguments and the fresh keys, so a call costs
+    O(slots + fresh outputs) however many inputs and outputs stay fixed."""
+
+    __slots__ = ("format", "fresh", "what")
+
+    def __init__(
+        self, variant: PlanVariant, name: str, inputs: Sequence[str | None], outputs: Sequence[str | None]
+    ) -> None:
+        form = RunForm(variant, name)
+        if len(inputs) != len(variant.inputs) or len(outputs) != form.n:
+            raise ValueError(f"plan {name!r} has {len(variant.inputs)} inputs and {form.n} outputs")
+        if _SLOT in (*inputs, *outputs):
+            raise ValueError(f"a run template of plan {name!r} cannot hold the key {_SLOT!r}")
+        self.what = form.what
+        fresh = [i for i, k in enumerate(outputs) if k is None]
+        self.fresh = [form.results[i] for i in fresh]  # (dtype, static shape or None, declared shape)
+        slot = m.Arg(ref=_SLOT)
+        run = m.Run(
+            id=0,
+            plan=variant.id,
+            args=[slot if k is None else m.Arg(ref=k) for k in inputs],
+            outputs=[_SLOT if k is None else k for k in outputs],
+            fetch=fresh,
+        )
+        # A quote opens each pattern replaced here: inside a JSON string a quote is escaped, so only the
+        # request's own id, argument slots and key slots match.
+        self.format = (
+            _encode(run)
+            .replace(b"%", b"%%")
+            .replace(b'"id":0,', b'"id":%d,', 1)
+            .replace(_encode(slot), b"%s")
+            .replace(_encode(_SLOT), b"%s")
+        )
