@@ -218,3 +218,37 @@ def test_a_weight_or_bias_not_of_the_inferred_shape_fails_cleanly_and_the_worker
         assert proc.proc.poll() is None
         assert peer.ok({"type": "ping"}).kind == "ok"
         np.testing.assert_array_equal(peer.get1("kept", keep=True), x)
+
+
+def test_an_input_with_fewer_channels_than_the_weight_fails_as_the_plans_conv_does(raw_worker: RawWorker) -> None:
+    """ReorderInput zero-pads channels up to the block: an input of fewer channels than the weight reads (a
+    dynamic channel axis) would pass the NCHWc kernel's own check and give a result the plan's Conv refuses.
+    The rewrite pins the input's channels, so the run fails (in that Reshape) as without the rewrite."""
+    b = block()
+    c = 2 * b
+    x_info = oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, "c", 8, 8])
+    w_info = oh.make_tensor_value_info("w", TensorProto.FLOAT, [c, c, 3, 3])
+    y_info = oh.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    conv = oh.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
+    graph = oh.make_graph([conv], "fewer", [x_info, w_info], [y_info])
+    data = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
+    assert rewrite(data, b)[1] == 1
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((c, c, 3, 3), dtype=np.float32)
+    x = rng.standard_normal((1, c, 8, 8), dtype=np.float32)
+    fewer = rng.standard_normal((1, c - 4, 8, 8), dtype=np.float32)  # ReorderInput would pad c-4 back up to c
+    proc, peer = raw_worker("fewer", kind="tcp")
+    peer.put("kept", x)
+    pid = peer.register(data, name="fewer")["plan"]
+    assert "runs 1 Convs as NCHWc kernels" in proc.log()
+    got = peer.run(pid, [x, w], ["y"], fetch=[0]).array_list()[0]
+    want = _session(data).run(None, {"x": x, "w": w})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    with pytest.raises(Exception, match="channels"):  # what the plan's own Conv says of that input
+        _session(data).run(None, {"x": fewer, "w": w})
+    header, frames = peer.run_header(pid, [fewer, w], ["y"], fetch=[0])
+    failed = peer.error(header, frames, code="run_failed")
+    assert "Reshape" in failed["message"], failed["message"]
+    assert proc.proc.poll() is None
+    assert peer.ok({"type": "ping"}).kind == "ok"
+    np.testing.assert_array_equal(peer.get1("kept", keep=True), x)

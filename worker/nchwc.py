@@ -14,9 +14,11 @@ NCHWc ``Conv`` trusts its filter to be block-padded and does not check its bias'
 this CPU's. So the rewrite takes only Convs whose weight shape is known by rule (transport/shapes.py, the
 same at two batch sizes): 2-d, one group, no ``auto_pad``, float32, ``C_out`` a multiple of the block,
 ``C_in`` one too or below it, the weight not an initializer (onnxruntime's transformer handles constant ones).
-And it does not trust that knowledge: the last Reshape pins the filter to the shape the kernel trusts and
-another pins the bias to ``C_out`` values, so a graph whose inferred shapes lie fails in a Reshape or in the
-kernels' own shape checks with a clean error, never inside MLAS. Every other byte of the model is kept.
+And it does not trust that knowledge: Reshapes pin the filter to the shape the kernel trusts, the bias to
+``C_out`` values and the input to ``C_in`` channels (``ReorderInput`` would zero-pad fewer channels up to the
+block, and the kernel's check would then pass), so a graph whose inferred shapes lie fails in a Reshape or in
+the kernels' own shape checks with a clean error, never inside MLAS and never with another result than the
+plan's Conv gives. Every other byte of the model is kept.
 """
 
 from __future__ import annotations
@@ -125,8 +127,10 @@ def _conv(
     ]
     x = node.inputs[0]
     if not stem:
-        if x not in reordered:
-            out.append(_node("ReorderInput", [x], [p + "/x"], domain=DOMAIN))
+        if x not in reordered:  # X's channels pinned too: ReorderInput would zero-pad fewer up to the block
+            consts.append(_int64s(p + "/cin", [0, ci, 0, 0]))
+            out.append(_node("Reshape", [x, p + "/cin"], [p + "/xc"]))
+            out.append(_node("ReorderInput", [p + "/xc"], [p + "/x"], domain=DOMAIN))
             reordered[x] = p + "/x"
         x = reordered[x]
     bias = []
