@@ -5,6 +5,7 @@ by tests/conformance, the hostile corpus, the garbage cases and the client's tes
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import stat
@@ -22,7 +23,7 @@ import planwire
 from planwire.transport import CurveRefused
 from planwire.transport.auth import client_keys
 from tests import handmade
-from tests.conformance.wire import Peer
+from tests.conformance.wire import SIGNATURE, Peer
 from tests.conformance.workers import NODE_BIN, NodeWorkerProcess, node_missing
 
 pytestmark = pytest.mark.skipif(bool(node_missing()), reason=node_missing() or "")
@@ -313,6 +314,36 @@ def test_cancel_of_a_run_already_answered_is_refused():
         assert f"cancel: no run #{run_id} of this connection is queued or running" in reply["message"]
         assert p.get1("y").tolist() == [2.0, 4.0]  # the run's outputs stand
         p.error({"type": "cancel"}, code="invalid_message")
+
+
+KEYS = ["y", 'q"uote', "back\\slash", "ctl\x01\n\t\x7f", "emoji \U0001f600", "line\u2028sep", "</x>"]
+
+
+def test_run_and_get_reply_headers_are_exactly_compact_json():
+    """The Node worker writes the headers of run and get replies (ok, tensors) itself (src/service.js):
+    byte for byte the compact JSON of the reply (JSON.stringify's escapes are json.dumps's, ensure_ascii
+    off), whatever the keys hold."""
+    compact = {"separators": (",", ":"), "ensure_ascii": False}
+    with NodeWorkerProcess("headers") as w, Peer(w.url) as p:
+        pid = p.register(handmade.double_abs().variants[0].data)["plan"]
+        x = np.array([-1.0, 2.0], np.float32)
+        for i, key in enumerate(KEYS):
+            for fetch in ([0], []):
+                header, frames = p.run_header(pid, [x], [key], fetch=fetch)
+                p.send_frames([SIGNATURE, json.dumps({**header, "id": 7 + i}).encode(), *frames])
+                got = p.sock.recv_multipart()
+                want = {"type": "tensors", "re": 7 + i, "session": p.session}
+                if fetch:
+                    want["tensors"] = [{"key": key, "dtype": "float", "shape": [2], "frame": 0}]
+                else:
+                    want["type"] = "ok"
+                assert got[1] == json.dumps(want, **compact).encode(), (key, got[1])
+        p.send_frames([SIGNATURE, json.dumps({"type": "get", "id": 2**53 + 1, "keys": KEYS[:2]}).encode()])
+        got = p.sock.recv_multipart()
+        tensors = [{"key": k, "dtype": "float", "shape": [2], "frame": i} for i, k in enumerate(KEYS[:2])]
+        want = {"type": "tensors", "re": 2**53 + 1, "session": p.session, "tensors": tensors}
+        assert got[1] == json.dumps(want, **compact).encode()  # an id past 2^53 (a BigInt) too
+        assert [np.frombuffer(f, np.float32).tolist() for f in got[2:]] == [[2.0, 4.0]] * 2
 
 
 def test_the_runner_is_a_child_that_goes_with_the_worker():
