@@ -229,6 +229,8 @@ def test_a_step_sends_its_arguments_and_names_the_state_by_its_keys(cnn_plan):
         assert first.outputs[2:] == second.outputs[2:] == [ptr.keys[bound.bindings[o.name]] for o in outputs[2:]]
         assert losses[0] > 0 and losses[1] > 0
         ptr.parameters()[0].get()  # moves the weight off the worker
+        with pytest.raises(TypeError, match="unknown hyper-parameters"):  # the call's own fault is named first
+            ptr(xp, y, bogus=3.0)
         with pytest.raises(ValueError, match="already fetched"):
             ptr(xp, y)
         assert sum(h.startswith(b'{"type":"run",') for h in sent) == 2

@@ -72,6 +72,8 @@ def test_runs_send_the_forms_header_and_the_worker_answers_them():
         ("ab12", [None, "state:w"], ["state:w", None]),
         ('odd "id":0, %s \x00', ['k "q" % \\ \u00e9', None], [None, "o:\x00"]),  # escapes and slot look-alikes
         ("p", ["a", "b"], ["c", "d"]),  # nothing varies but the request id
+        ('"\x00', ['k"\x00', None], ['"\x00', None]),  # a quote and NUL: escaped, no slot (review)
+        ("\x00", [None, '"\x00"'], [None, '["\x00"]']),
     ],
 )
 def test_a_templates_header_is_msgspecs_encoding_of_the_same_run(plan_id, inputs, outputs):

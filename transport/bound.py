@@ -207,22 +207,21 @@ class BoundPointer:
             if why:
                 role = "targets" if k >= targets_from else "input"
                 raise TypeError(f"{self._what()}: {role} argument {k} ({spec.name!r}): {why}")
-        for p in self._lent:
-            if p.consumed:
-                self.worker.check_pointer(p)  # raises: the state it held was moved off the worker
-        if not hyper:
-            reported = self.worker.run_template(self._run, args)
-        else:
+        template, call = self._run, args
+        if hyper:
             unknown = set(hyper) - set(self._hyper_at)
             if unknown:
                 raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; this plan takes {list(self._hyper_at)}")
-            call = list(self._defaults)
+            template, call = self._run_hyper, list(self._defaults)
             for (i, _), arg in zip(self._args, args, strict=True):
                 call[i] = arg
             for key, value in hyper.items():
                 i, spec = self._hyper_at[key]
                 call[i] = hyper_array(spec, value)
-            reported = self.worker.run_template(self._run_hyper, call)
+        for p in self._lent:  # after the call's own checks, in the order the state's were made before
+            if p.consumed:
+                self.worker.check_pointer(p)  # raises: the state it held was moved off the worker
+        reported = self.worker.run_template(template, call)
         return reported[0] if len(reported) == 1 else tuple(reported)
 
     def _what(self) -> str:

@@ -273,12 +273,10 @@ class RunTemplate:
             outputs=[_SLOT if k is None else k for k in outputs],
             fetch=fresh,
         )
-        # A quote opens each pattern replaced here: inside a JSON string a quote is escaped, so only the
-        # request's own id, argument slots and key slots match.
-        self.format = (
-            _encode(run)
-            .replace(b"%", b"%%")
-            .replace(b'"id":0,', b'"id":%d,', 1)
-            .replace(_encode(slot), b"%s")
-            .replace(_encode(_SLOT), b"%s")
-        )
+        # The id is the first field after the tag; a slot is an element of the args or outputs array, so it
+        # follows a structural [ or a comma. Inside a JSON string a quote is escaped (a key ending in a quote
+        # and NUL is written ...\"\u0000"), so no pattern below can start inside a user's string.
+        fmt = _encode(run).replace(b"%", b"%%").replace(b'"id":0,', b'"id":%d,', 1)
+        for before in (b"[", b","):
+            fmt = fmt.replace(before + _encode(slot), before + b"%s").replace(before + _encode(_SLOT), before + b"%s")
+        self.format = fmt
