@@ -1,5 +1,5 @@
-"""send_frames/recv_frames (transport.sockets): one multipart message, byte for byte, on the Cython fast
-path and on pyzmq's generic path, over real tcp sockets."""
+"""send_frames/recv_frames and a ROUTER's recv_routed/send_routed (transport.sockets): one multipart message,
+byte for byte, on the Cython fast path and on pyzmq's generic path, over real tcp sockets."""
 
 from __future__ import annotations
 
@@ -73,3 +73,20 @@ def test_small_frames_come_as_writable_copies_and_large_as_views(pair: tuple[zmq
     value = np.frombuffer(got[2], np.float32)
     value += 1  # a result read from a small frame is writable, as one read from a view
     assert np.array_equal(value, small + 1)
+
+
+def test_a_router_receives_the_routing_id_as_bytes_and_replies_by_it(pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    server, client = pair
+    big = np.arange(100_000, dtype=np.float32)
+    for frames in ([b"only"], [b"PWIRE/1", b'{"type":"ping","id":1}', b"", memoryview(big).cast("B")]):
+        send_frames(client, frames)
+        assert server.poll(5000)
+        peer, got = sockets.recv_routed(server)
+        assert type(peer) is bytes and peer and all(isinstance(f, memoryview) for f in got)
+        assert [bytes(f) for f in got] == [bytes(f) for f in frames]
+        for reply in ([b"one"], [b"PWIRE/1", memoryview(big).cast("B"), b"", b"tail"]):
+            sockets.send_routed(server, peer, reply)
+            assert client.poll(5000)
+            assert [bytes(f) for f in recv_frames(client)] == [bytes(f) for f in reply]
+    with pytest.raises(zmq.Again):
+        sockets.recv_routed(server, zmq.NOBLOCK)

@@ -23,7 +23,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from planwire.transport.framing import Frame
-from planwire.transport.sockets import HWM, NOBLOCK, configure, recv_frames, send_frames
+from planwire.transport.sockets import HWM, NOBLOCK, configure, recv_frames, recv_routed, send_routed
 
 log = logging.getLogger("planwire.server")
 
@@ -84,24 +84,23 @@ class Server:
         the peer's CURVE public key (User-Id) under CURVE, else its routing id. zmq.Again when none came
         (within RCVTIMEO, or at once under NOBLOCK). A request on a connection past ``max_connections`` is
         dropped here, never returned."""
-        guard = self._guard
+        guard, sock, curve = self._guard, self._sock, self._curve
         while True:
             try:
-                peer, client, frames = self._receive(flags)
+                if curve:
+                    head = sock.recv(flags, copy=False)
+                    peer, client = head.buffer, _user_id(head)
+                    frames = recv_frames(sock) if head.more else []
+                    key = bytes(peer)
+                else:
+                    peer, frames = recv_routed(sock, flags)
+                    client = key = peer
             except zmq.Again:
                 if guard is not None:  # idle: connections that never send are counted and refused too
                     guard.drain()
                 raise
-            if guard is None or guard.admitted(peer, bytes(peer) if self._curve else client):
+            if guard is None or guard.admitted(frames[0] if frames else peer, key):
                 return peer, client, frames
-
-    def _receive(self, flags: int) -> tuple[Frame, bytes, list[memoryview]]:
-        sock = self._sock
-        if self._curve:
-            head = sock.recv(flags, copy=False)
-            return head.buffer, _user_id(head), recv_frames(sock) if head.more else []
-        peer, *frames = recv_frames(sock, flags)
-        return peer, bytes(peer), frames
 
     def tend(self) -> None:
         """Count and refuse new connections now (a loop that waits on something else calls this now and then)."""
@@ -112,7 +111,7 @@ class Server:
         """Route ``reply`` to ``peer`` without blocking: a reply to a peer whose queue is full (it does not
         read; the others must not wait) or that is gone is dropped, with a log line."""
         try:
-            send_frames(self._sock, [peer, *reply], NOBLOCK)
+            send_routed(self._sock, peer, reply, NOBLOCK)
         except zmq.Again:
             self._dropped(bytes(peer))
             return
@@ -188,15 +187,16 @@ class _ConnectionGuard:
         self._refused = 0
         self._last_log = 0.0
 
-    def admitted(self, peer: Frame, key: bytes) -> bool:
-        """Whether a request from ``peer`` (its routing id frame; ``key``: its bytes) may be served."""
+    def admitted(self, frame: Frame, key: bytes) -> bool:
+        """Whether a request from routing id ``key`` may be served (``frame``: one of its frames, from which a new
+        connection's file descriptor is read)."""
         if key in self._peers:
             self._countdown -= 1
             if not self._countdown:
                 self.drain()
             return True
         self.drain()  # the new connection's accepted event is queued already
-        frame = getattr(peer, "obj", peer)
+        frame = getattr(frame, "obj", frame)
         try:
             fd = frame.get(zmq.SRCFD) if isinstance(frame, zmq.Frame) else -1
         except zmq.ZMQError:
