@@ -27,6 +27,8 @@ from planwire.transport.sockets import HWM, NOBLOCK, configure, recv_frames, rec
 
 log = logging.getLogger("planwire.server")
 
+HOLD = 16  # replies held at most (Server.hold) before they are sent
+
 Handler = Callable[[Sequence[Frame], bytes], list[Frame]]
 """``handler(frames, client) -> reply frames``; ``client`` is the peer's CURVE public key (User-Id) when
 CURVE is on, else its ZeroMQ routing id (one per connection)."""
@@ -61,6 +63,7 @@ class Server:
             self._sock.curve_secretkey = curve_secret
         self._stop = threading.Event()
         self._full: dict[bytes, int] = {}  # peers whose replies are being dropped -> how many so far
+        self._held: list[tuple[Frame, Sequence[Frame]]] = []  # replies not sent yet (hold)
         self._guard = _ConnectionGuard(self._sock, max_connections) if max_connections else None
         self.endpoints = []
         for ep in endpoints:
@@ -96,7 +99,7 @@ class Server:
                     peer, frames = recv_routed(sock, flags)
                     client = key = peer
             except zmq.Again:
-                if guard is not None:  # idle: connections that never send are counted and refused too
+                if guard is not None and not flags:  # idle: connections that never send are counted, refused too
                     guard.drain()
                 raise
             if guard is None or guard.admitted(frames[0] if frames else peer, key):
@@ -108,8 +111,28 @@ class Server:
             self._guard.drain()
 
     def send(self, peer: Frame, reply: Sequence[Frame]) -> None:
-        """Route ``reply`` to ``peer`` without blocking: a reply to a peer whose queue is full (it does not
-        read; the others must not wait) or that is gone is dropped, with a log line."""
+        """Route ``reply`` to ``peer`` without blocking (after the replies held): a reply to a peer whose queue
+        is full (it does not read; the others must not wait) or that is gone is dropped, with a log line."""
+        if self._held:
+            self.flush()
+        self._send(peer, reply)
+
+    def hold(self, peer: Frame, reply: Sequence[Frame]) -> None:
+        """``send`` later: at the next ``send`` or ``flush``, or once ``HOLD`` replies are held. A loop reading a
+        burst of requests (pipelined calls) answers it in one go: ZeroMQ's I/O thread is then woken once per burst
+        to write it, not once per reply (a system call in this thread and a wake-up there for each)."""
+        held = self._held
+        held.append((peer, reply))
+        if len(held) >= HOLD:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the replies held, in order."""
+        held, self._held = self._held, []
+        for peer, reply in held:
+            self._send(peer, reply)
+
+    def _send(self, peer: Frame, reply: Sequence[Frame]) -> None:
         try:
             send_routed(self._sock, peer, reply, NOBLOCK)
         except zmq.Again:
@@ -152,6 +175,7 @@ class Server:
         self._stop.set()
 
     def close(self) -> None:
+        self.flush()
         if self._guard is not None:
             self._guard.close()
         self._sock.close(linger=200)
