@@ -3,7 +3,8 @@
 Only moves frames: what a request means is the handler's business (worker.Service.handle). Requests
 are served one at a time in arrival order, so each connection's requests are answered in order.
 
-It never blocks on one peer: replies go out with ``NOBLOCK``. A client that stops reading fills its own
+It never blocks on one peer: replies go out with ``NOBLOCK`` (at once, or held to go out with a burst's
+others: ``hold``). A client that stops reading fills its own
 queue (``max_queue`` messages each way, ZeroMQ's high-water marks); from then on its replies are dropped,
 with one log line, until it reads again, and every other client goes on being served. Past
 ``max_connections`` open connections, a new one is shut down (one log line per burst) and nothing it sent

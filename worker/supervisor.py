@@ -11,7 +11,9 @@ behind them, are the window's (worker/window.py: admission, dispatch, answers, r
 The tiny call's path is short: idle, the loop blocks in the socket's receive, and a run the direct lane
 takes is decoded, validated, executed and answered at once by the prepared path (worker/tiny.py), before
 anything else is read; any other request, or a run that path leaves, takes the general path (decode, then
-a direct-lane run validated, executed and answered at once); nothing else is paid per request. The idle
+a direct-lane run validated, executed and answered at once); nothing else is paid per request. Runs that
+come in a burst (pipelined: the request was there already when read) have their replies held and sent
+together once no request waits, so ZeroMQ's I/O thread wakes once per burst, not once per reply. The idle
 chores (a runner that died while idle, the lazy host copies) run at every receive timeout and at most every
 ``CHORES_S`` while requests keep coming. A run the lane declines, and every other request, is queued with
 the rest of its burst first, so a run sent to the runner knows whether runs follow.
