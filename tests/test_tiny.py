@@ -159,6 +159,26 @@ def test_a_tiny_run_takes_the_prepared_path_with_the_general_paths_reply_and_sta
     pair.same_state()
 
 
+def test_the_replies_of_a_signature_written_from_its_form_are_msgspecs_bytes(pair: Pair) -> None:
+    """After a reply that carries every output, the prepared path writes the next replies of that signature from
+    one bytes format (worker/tiny.py _Form): byte for byte msgspec's (checked in Pair.send), whatever the keys
+    and ids; a reply that does not carry every output is encoded as before."""
+    pair.run(10, "x")  # the general path decides the plan
+    keys = [("y", "z"), ("per%cent%s", "%d%%"), ("uni\u00e9\u2028", "a" * 256), ('q"uote', "back\\slash")]
+    for rid, outs in zip((11, 12, 2**40, 2**63 - 1), keys, strict=True):
+        reply = pair.run(rid, "x", outputs=outs, inline_max=1 << 16)
+        assert isinstance(reply, m.Tensors) and [t.key for t in reply.tensors] == list(outs)
+        assert [t.frame for t in reply.tensors] == [0, 1] and reply.re == rid
+    assert pair.taken == 3  # keys written with escapes: the general path's (it decodes those requests)
+    (bound,) = pair.lanes[1]._variants[pair.pid].bound.values()
+    assert bound.reply and b'"re":%d' in bound.reply.head
+    for rid, kw in enumerate(({}, {"fetch": [1]}, {"inline_max": 8}, {"inline_max": 16}), 20):
+        reply = pair.run(rid, "x", **kw)  # the form only where every output rides on the reply (16 bytes each)
+        assert type(reply) is (m.Ok if not kw or kw.get("inline_max") == 8 else m.Tensors)
+    assert pair.taken == 7
+    pair.same_state()
+
+
 def test_every_other_run_is_left_to_the_general_path_with_its_own_error(pair: Pair) -> None:
     pair.run(10, "x")
     pair.put("x64", np.arange(4, dtype=np.float64))

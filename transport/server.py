@@ -3,7 +3,8 @@
 Only moves frames: what a request means is the handler's business (worker.Service.handle). Requests
 are served one at a time in arrival order, so each connection's requests are answered in order.
 
-It never blocks on one peer: replies go out with ``NOBLOCK``. A client that stops reading fills its own
+It never blocks on one peer: replies go out with ``NOBLOCK`` (at once, or held to go out with a burst's
+others: ``hold``). A client that stops reading fills its own
 queue (``max_queue`` messages each way, ZeroMQ's high-water marks); from then on its replies are dropped,
 with one log line, until it reads again, and every other client goes on being served. Past
 ``max_connections`` open connections, a new one is shut down (one log line per burst) and nothing it sent
@@ -23,9 +24,11 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from planwire.transport.framing import Frame
-from planwire.transport.sockets import HWM, NOBLOCK, configure, recv_frames, send_frames
+from planwire.transport.sockets import HWM, NOBLOCK, configure, recv_frames, recv_routed, send_routed
 
 log = logging.getLogger("planwire.server")
+
+HOLD = 16  # replies held at most (Server.hold) before they are sent
 
 Handler = Callable[[Sequence[Frame], bytes], list[Frame]]
 """``handler(frames, client) -> reply frames``; ``client`` is the peer's CURVE public key (User-Id) when
@@ -61,6 +64,7 @@ class Server:
             self._sock.curve_secretkey = curve_secret
         self._stop = threading.Event()
         self._full: dict[bytes, int] = {}  # peers whose replies are being dropped -> how many so far
+        self._held: list[tuple[Frame, Sequence[Frame]]] = []  # replies not sent yet (hold)
         self._guard = _ConnectionGuard(self._sock, max_connections) if max_connections else None
         self.endpoints = []
         for ep in endpoints:
@@ -84,24 +88,23 @@ class Server:
         the peer's CURVE public key (User-Id) under CURVE, else its routing id. zmq.Again when none came
         (within RCVTIMEO, or at once under NOBLOCK). A request on a connection past ``max_connections`` is
         dropped here, never returned."""
-        guard = self._guard
+        guard, sock, curve = self._guard, self._sock, self._curve
         while True:
             try:
-                peer, client, frames = self._receive(flags)
+                if curve:
+                    head = sock.recv(flags, copy=False)
+                    peer, client = head.buffer, _user_id(head)
+                    frames = recv_frames(sock) if head.more else []
+                    key = bytes(peer)
+                else:
+                    peer, frames = recv_routed(sock, flags)
+                    client = key = peer
             except zmq.Again:
-                if guard is not None:  # idle: connections that never send are counted and refused too
+                if guard is not None and not flags:  # idle: connections that never send are counted, refused too
                     guard.drain()
                 raise
-            if guard is None or guard.admitted(peer, bytes(peer) if self._curve else client):
+            if guard is None or guard.admitted(frames[0] if frames else peer, key):
                 return peer, client, frames
-
-    def _receive(self, flags: int) -> tuple[Frame, bytes, list[memoryview]]:
-        sock = self._sock
-        if self._curve:
-            head = sock.recv(flags, copy=False)
-            return head.buffer, _user_id(head), recv_frames(sock) if head.more else []
-        peer, *frames = recv_frames(sock, flags)
-        return peer, bytes(peer), frames
 
     def tend(self) -> None:
         """Count and refuse new connections now (a loop that waits on something else calls this now and then)."""
@@ -109,10 +112,30 @@ class Server:
             self._guard.drain()
 
     def send(self, peer: Frame, reply: Sequence[Frame]) -> None:
-        """Route ``reply`` to ``peer`` without blocking: a reply to a peer whose queue is full (it does not
-        read; the others must not wait) or that is gone is dropped, with a log line."""
+        """Route ``reply`` to ``peer`` without blocking (after the replies held): a reply to a peer whose queue
+        is full (it does not read; the others must not wait) or that is gone is dropped, with a log line."""
+        if self._held:
+            self.flush()
+        self._send(peer, reply)
+
+    def hold(self, peer: Frame, reply: Sequence[Frame]) -> None:
+        """``send`` later: at the next ``send`` or ``flush``, or once ``HOLD`` replies are held. A loop reading a
+        burst of requests (pipelined calls) answers it in one go: ZeroMQ's I/O thread is then woken once per burst
+        to write it, not once per reply (a system call in this thread and a wake-up there for each)."""
+        held = self._held
+        held.append((peer, reply))
+        if len(held) >= HOLD:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the replies held, in order."""
+        held, self._held = self._held, []
+        for peer, reply in held:
+            self._send(peer, reply)
+
+    def _send(self, peer: Frame, reply: Sequence[Frame]) -> None:
         try:
-            send_frames(self._sock, [peer, *reply], NOBLOCK)
+            send_routed(self._sock, peer, reply, NOBLOCK)
         except zmq.Again:
             self._dropped(bytes(peer))
             return
@@ -153,6 +176,7 @@ class Server:
         self._stop.set()
 
     def close(self) -> None:
+        self.flush()
         if self._guard is not None:
             self._guard.close()
         self._sock.close(linger=200)
@@ -188,15 +212,16 @@ class _ConnectionGuard:
         self._refused = 0
         self._last_log = 0.0
 
-    def admitted(self, peer: Frame, key: bytes) -> bool:
-        """Whether a request from ``peer`` (its routing id frame; ``key``: its bytes) may be served."""
+    def admitted(self, frame: Frame, key: bytes) -> bool:
+        """Whether a request from routing id ``key`` may be served (``frame``: one of its frames, from which a new
+        connection's file descriptor is read)."""
         if key in self._peers:
             self._countdown -= 1
             if not self._countdown:
                 self.drain()
             return True
         self.drain()  # the new connection's accepted event is queued already
-        frame = getattr(peer, "obj", peer)
+        frame = getattr(frame, "obj", frame)
         try:
             fd = frame.get(zmq.SRCFD) if isinstance(frame, zmq.Frame) else -1
         except zmq.ZMQError:

@@ -95,6 +95,34 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Frame], flags: int = 0) -> No
     _send(sock, f, flags, len(f) < COPY_BELOW)
 
 
+def send_routed(sock: zmq.Socket, peer: Frame, frames: Sequence[Frame], flags: int = 0) -> None:
+    """send_frames of ``[peer, *frames]`` (a ROUTER's reply: the routing id, then the message) without making
+    that list. ``flags`` a plain int."""
+    if not _CYTHON:
+        sock.send_multipart([peer, *frames], flags, copy=False)
+        return
+    more = flags | SNDMORE
+    _send(sock, peer, more, True)
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        _send(sock, f, more if i < last else flags, len(f) < COPY_BELOW)
+
+
+def recv_routed(sock: zmq.Socket, flags: int = 0) -> tuple[bytes, list[memoryview]]:
+    """recv_frames on a ROUTER: ``(routing id, the message's frames)``. The routing id comes as bytes (a copy:
+    about a third of the cost of a frame object and its view; ZeroMQ always sends the message after it)."""
+    if not _CYTHON:
+        peer, *frames = recv_frames(sock, flags)
+        return bytes(peer), frames
+    peer = _recv(sock, flags, True)
+    frame = _recv(sock, flags, False)
+    out = [frame.buffer]
+    while frame.more:
+        frame = _recv(sock, flags, False)
+        out.append(frame.buffer)
+    return peer, out
+
+
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[memoryview]:
     """The next multipart message, each frame a zero-copy view; zmq.Again under NOBLOCK when none is there."""
     if not _CYTHON:

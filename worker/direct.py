@@ -204,7 +204,7 @@ class _Bound:
     which onnxruntime copies); each output is written into a buffer of its known shape (the signature fixes it)
     and copied out, so every run returns arrays of its own, as ``run`` does."""
 
-    __slots__ = ("_bind", "_binding", "_names", "_one", "_options", "_outs", "_run", "arrays")
+    __slots__ = ("_bind", "_binding", "_names", "_one", "_options", "_outs", "_run", "arrays", "reply")
 
     def __init__(self, session: object, names_in: list[str], names_out: list[str], results: list[np.ndarray]) -> None:
         import onnxruntime as ort  # loaded already: the session is onnxruntime's
@@ -220,6 +220,7 @@ class _Bound:
         self._options = ort.RunOptions()
         self._names = names_in
         self.arrays: list[np.ndarray | None] = [None] * len(names_in)
+        self.reply: object = None  # worker/tiny.py's form of this signature's replies, once it made one
 
     def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         bound = self.arrays
