@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import numpy as np
 import psutil
@@ -119,3 +120,46 @@ def test_results_are_writable_arrays_with_their_own_values(worker, size):
             assert value.flags.writeable
             value += 1
             np.testing.assert_array_equal(value, np.full(size, 2.0 * i + 1, np.float32))
+
+
+def _long_chain(n: int) -> bytes:
+    """x + 1, n times: a plan the direct lane reads node by node (and declines) at its first run."""
+    from onnx import TensorProto, helper
+
+    from tests.hostile import checked, f32
+
+    nodes = [helper.make_node("Add", [f"t{i}", "one"], [f"t{i + 1}"]) for i in range(n)]
+    io = helper.make_tensor_value_info
+    return checked(
+        nodes, [io("t0", TensorProto.FLOAT, ["n"])], [io(f"t{n}", TensorProto.FLOAT, ["n"])], [f32("one", [1.0])]
+    )
+
+
+def test_a_bursts_tiny_replies_do_not_wait_for_a_slow_request_read_after_them(raw_worker):
+    """Replies of pipelined tiny calls are held while their burst is read and sent together; a request the
+    tiny path declines (here a plan's first run, which the supervisor reads node by node before the runner
+    gets it) must not keep them: they go before it is handled, not after (found by review)."""
+    from tests.test_tiny import affine
+
+    _, peer = raw_worker("burst", kind="ipc")
+    tiny = peer.register(affine())["plan"]
+    slow = peer.register(_long_chain(20_000))["plan"]
+    peer.put("x", np.ones(3, np.float32))
+    header, _ = peer.run_header(tiny, ["x"], ["y", "z"])
+    header["inline_max"] = 64
+    for _ in range(3):
+        peer.ok(dict(header))  # the plan's prepared path made
+    slow_header, slow_frames = peer.run_header(slow, [np.ones(3, np.float32)], ["o"], fetch=[0])
+    calls = 10
+    for i in range(calls):
+        peer.send(dict(header, id=100 + i), [])
+    slow_id = peer.send(slow_header, slow_frames)
+    arrived = {}
+    t0 = time.perf_counter()
+    for _ in range(calls + 1):
+        reply = peer.recv()
+        arrived[reply["re"]] = time.perf_counter() - t0
+    tiny_last = max(arrived[100 + i] for i in range(calls))
+    assert arrived[slow_id] > tiny_last
+    # the tiny replies came together, long before the slow one (held back, they came with it)
+    assert tiny_last - arrived[100] < arrived[slow_id] - tiny_last, arrived

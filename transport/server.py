@@ -129,6 +129,8 @@ class Server:
 
     def flush(self) -> None:
         """Send the replies held, in order."""
+        if not self._held:
+            return
         held, self._held = self._held, []
         for peer, reply in held:
             self._send(peer, reply)

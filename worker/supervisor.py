@@ -164,7 +164,8 @@ class Supervisor(Window):
                 try:
                     reply = tiny(frames, client) if tiny is not None else None  # a tiny direct-lane run (tiny.py)
                     if reply is None:
-                        self._idle_request(sock, peer, client, frames)  # the general path (its sends go after)
+                        server.flush()  # the burst's replies go now: the general path may take long (review)
+                        self._idle_request(sock, peer, client, frames)  # the general path
                         if self.gate is not None or self.queue or self.window:
                             return
                         continue
