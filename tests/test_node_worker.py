@@ -403,3 +403,15 @@ def test_plan_worker_status_and_metrics_of_a_node_worker(tmp_path):
         assert "runs      2 served, 1 failed" in done.stdout
         p.close()
     assert not path.exists()
+
+
+def test_fast_run_parse_equals_the_general_parse():
+    """messages.js's runFast (a planwire client's run header read without the general parse) gives exactly
+    the message parseHeader + validateRequest give, on 100,000 mutated run headers (tools/runfast-diff.js);
+    and it does read most of the valid ones, so the comparison covers it."""
+    tool = NODE_BIN.parent.parent / "tools" / "runfast-diff.js"
+    out = subprocess.run(["node", str(tool), "100000"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    said = re.fullmatch(r"ok: (\d+) headers, (\d+) valid, (\d+) read by runFast\n", out.stdout)
+    n, valid, fast = map(int, said.groups())
+    assert n == 100000 and valid > 10000 and fast > 0.8 * valid

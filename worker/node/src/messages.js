@@ -228,3 +228,112 @@ export function validateRequest(header) {
   }
   return header;
 }
+
+// -- The run header a planwire client writes, read without the general parse --------------------------
+
+let at = 0; // runFast's cursor into its header's text
+
+/** A string of printable ASCII but quote and backslash (so its bytes are its text, without escapes),
+ * starting at the quote at `at`, or undefined. */
+function asciiString(b) {
+  if (b.charCodeAt(at) !== 34) return undefined;
+  const start = ++at;
+  for (let c; at < b.length; at++) {
+    c = b.charCodeAt(at);
+    if (c === 34) return b.slice(start, at++);
+    if (c < 0x20 || c > 0x7e || c === 92) return undefined;
+  }
+  return undefined;
+}
+
+/** A non-negative integer of 1 to 15 digits without a leading zero (exact in a double) at `at`, or -1. */
+function smallInt(b) {
+  const start = at;
+  let n = 0;
+  for (let c; at < b.length && (c = b.charCodeAt(at)) >= 48 && c <= 57; at++) n = n * 10 + (c - 48);
+  const digits = at - start;
+  return digits === 0 || digits > 15 || (digits > 1 && b.charCodeAt(start) === 48) ? -1 : n;
+}
+
+/** `lit` (ASCII) at `at`, stepped over. */
+function literal(b, lit) {
+  for (let k = 0; k < lit.length; k++) if (b.charCodeAt(at + k) !== lit.charCodeAt(k)) return false;
+  at += lit.length;
+  return true;
+}
+
+/** A key's string of 1 to 256 characters at `at`, as run.json's Key, or undefined. */
+function key(b) {
+  const k = asciiString(b);
+  return k !== undefined && k.length >= 1 && k.length <= 256 ? k : undefined;
+}
+
+/** The checked message of a run header in exactly the shape a planwire client writes it (compact, keys in
+ * the order type, id, plan, args of refs only, outputs, then fetch and inline_max or neither, no escapes,
+ * ASCII only), or undefined: then parseHeader and validateRequest decide, as for any header. Anything
+ * this reads is a valid run (its checks are those of run.json), and the message is the one those two give:
+ * the same keys in the same order, defaults filled in (tests/test_node_worker.py compares them). */
+export function runFast(header) {
+  if (header[0] !== 123 || header[2] !== 116) return undefined; // not {"t...: no need to read it
+  // each byte as one character: one of a non-ASCII character's bytes is never one this reads
+  const b = header.latin1Slice(0, header.length);
+  at = 0;
+  if (!literal(b, '{"type":"run","id":')) return undefined;
+  const id = smallInt(b);
+  if (id < 0 || !literal(b, ',"plan":')) return undefined;
+  const plan = asciiString(b);
+  if (plan === undefined || !literal(b, ',"args":[')) return undefined;
+  const args = [];
+  if (b.charCodeAt(at) === 93) at++;
+  else {
+    for (;;) {
+      if (!literal(b, '{"ref":')) return undefined;
+      const ref = key(b);
+      if (ref === undefined || b.charCodeAt(at) !== 125) return undefined;
+      args.push({ ref });
+      const c = b.charCodeAt(++at);
+      at++;
+      if (c === 93) break;
+      if (c !== 44) return undefined;
+    }
+  }
+  if (!literal(b, ',"outputs":[')) return undefined;
+  const outputs = [];
+  if (b.charCodeAt(at) === 93) at++;
+  else {
+    for (;;) {
+      const k = key(b);
+      if (k === undefined) return undefined;
+      outputs.push(k);
+      const c = b.charCodeAt(at++);
+      if (c === 93) break;
+      if (c !== 44) return undefined;
+    }
+  }
+  if (outputs.length > 1 && !distinct(outputs)) return undefined;
+  const fetch = [];
+  const hasFetch = literal(b, ',"fetch":[');
+  if (hasFetch) {
+    if (b.charCodeAt(at) === 93) at++;
+    else {
+      for (;;) {
+        const i = smallInt(b);
+        if (i < 0) return undefined;
+        fetch.push(i);
+        const c = b.charCodeAt(at++);
+        if (c === 93) break;
+        if (c !== 44) return undefined;
+      }
+    }
+  }
+  let inlineMax = 0;
+  if (literal(b, ',"inline_max":')) {
+    inlineMax = smallInt(b);
+    if (inlineMax < 0) return undefined;
+    // keys in the header's order, then the defaults (as validateRequest fills them in)
+    if (!hasFetch) return at === b.length - 1 && b.charCodeAt(at) === 125 ? { type: "run", id, plan, args, outputs, inline_max: inlineMax, fetch } : undefined;
+  }
+  if (at !== b.length - 1 || b.charCodeAt(at) !== 125) return undefined;
+  return { type: "run", id, plan, args, outputs, fetch, inline_max: inlineMax };
+}
+

@@ -2,7 +2,7 @@
 
 import { randomBytes } from "node:crypto";
 import { parseHeader, stringify, pyRepr, JsonError } from "./json.js";
-import { ProtocolError, validateRequest, requestId, PROTOCOL_VERSION } from "./messages.js";
+import { ProtocolError, validateRequest, requestId, runFast, PROTOCOL_VERSION } from "./messages.js";
 import { Tensor, fromFrame } from "./codec.js";
 import { Store } from "./store.js";
 import { log, clean, enabled } from "./log.js";
@@ -267,20 +267,24 @@ export class Service extends RunPath(PlanRegistry(Object)) {
     }
     const header = frames[1];
     if (header.length > MAX_HEADER_BYTES) throw err("too_large", `header of ${header.length} bytes, over the limit of ${MAX_HEADER_BYTES}`);
-    let parsed;
-    try {
-      parsed = parseHeader(header);
-    } catch (e) {
-      if (e instanceof JsonError) {
-        if (frames.length - 2 > this.limits.maxFrames) throw err("too_large", `${frames.length - 2} frames, over the limit of ${this.limits.maxFrames}`);
-        throw err(e.code, e.message);
+    const run = runFast(header); // a planwire client's run: already checked
+    let parsed = run;
+    if (run === undefined) {
+      try {
+        parsed = parseHeader(header);
+      } catch (e) {
+        if (e instanceof JsonError) {
+          if (frames.length - 2 > this.limits.maxFrames) throw err("too_large", `${frames.length - 2} frames, over the limit of ${this.limits.maxFrames}`);
+          throw err(e.code, e.message);
+        }
+        throw e;
       }
-      throw e;
     }
     rid = requestId(parsed);
     if (frames.length - 2 > this.limits.maxFrames) {
       throw err("too_large", `${frames.length - 2} frames, over the limit of ${this.limits.maxFrames}`);
     }
+    if (run !== undefined) return [run, rid];
     try {
       const msg = validateRequest(parsed);
       return [msg, msg.id];
