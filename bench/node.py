@@ -6,8 +6,9 @@ are driven through the same raw DEALER (tests/conformance's frames), so the clie
 each; the raw pyzmq echo (bench.echo, at the default I/O scheduling as zeromq.js's threads are) is the
 transport floor. Every case is interleaved round by round with the others, as in the other families:
 
-* tiny call: one ``run`` of bench's tiny plan on 4 inline floats with ``fetch``, round trip; target for
-  the Node worker ≤ 1.5× the echo's round trip of the Node worker's own request and reply frames;
+* tiny call: one ``run`` of bench's tiny plan on 4 floats stored on the worker, with ``fetch``, encoded as the
+  planwire client encodes it, round trip; target for the Node worker ≤ 1.5× the echo's round trip of the
+  Node worker's own request and reply frames;
 * pipelined tiny calls: N runs sent before any reply is read; target ≥ 10,000/s;
 * 64 MiB put + get (two round trips): target ≥ 0.8× the echo's store + fetch of the same bytes;
 * a synchronous training step of bench's CNN (SGD, batch 64) through the planwire client (no target).
@@ -41,6 +42,7 @@ from bench.env import Env
 from bench.machine import cpu_s, thread_run_ns
 from bench.plans import tiny
 from bench.timing import LIKE_FOR_LIKE, Case, Report, interleaved
+from planwire.transport import messages as m
 from planwire.worker.process import WorkerProcess
 from tests.conformance.wire import SIGNATURE, Peer, encode
 from tests.conformance.workers import NODE_DIR, NodeWorkerProcess, node_missing
@@ -168,13 +170,16 @@ def _round_trip(sock: zmq.Socket, frames: list[bytes]) -> Callable[[], Any]:
 
 
 def _tiny(peer: Peer) -> tuple[list[bytes], list[bytes], list[bytes]]:
-    """(request with fetch, its reply, request without fetch) of bench's tiny plan on ``peer``'s worker."""
+    """(request with fetch, its reply, request without fetch) of bench's tiny plan on ``peer``'s worker: a run on
+    4 floats stored there, encoded as the planwire client encodes it (the Python family's tiny call)."""
     pid = peer.register(tiny().variants[0].data)["plan"]
-    x = np.arange(4, dtype=np.float32)
-    header, frames = peer.run_header(pid, [x], ["bench-y"], fetch=[0])
-    request = [SIGNATURE, json.dumps({**header, "id": 1}).encode(), *frames]
-    plain, _ = peer.run_header(pid, [x], ["bench-p"])
-    pipelined = [SIGNATURE, json.dumps({**plain, "id": 2}).encode(), *frames]
+    peer.put("bench-x", np.arange(4, dtype=np.float32))
+
+    def run(rid: int, output: str, fetch: list[int]) -> list[bytes]:
+        msg = m.Run(id=rid, plan=pid, args=[m.Arg(ref="bench-x")], outputs=[output], fetch=fetch)
+        return [SIGNATURE, m.encoder.encode(msg)]
+
+    request, pipelined = run(1, "bench-y", [0]), run(2, "bench-p", [])
     peer.send_frames(request)
     reply = peer.sock.recv_multipart()
     assert json.loads(reply[1])["type"] == "tensors", reply[1]
