@@ -6,7 +6,9 @@ by tests/conformance, the hostile corpus, the garbage cases and the client's tes
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -415,3 +417,19 @@ def test_fast_run_parse_equals_the_general_parse():
     said = re.fullmatch(r"ok: (\d+) headers, (\d+) valid, (\d+) read by runFast\n", out.stdout)
     n, valid, fast = map(int, said.groups())
     assert n == 100000 and valid > 10000 and fast > 0.8 * valid
+
+
+def test_fast_run_parse_is_off_under_another_run_schema(tmp_path):
+    """runFast applies the run.json it was written for: under another (here one with a maximum inline_max, as
+    an operator's PLANWIRE_SCHEMAS might say) every run takes the general parse, which applies it (review)."""
+    schemas = tmp_path / "schemas"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "schemas", schemas)
+    run = json.loads((schemas / "run.json").read_text())
+    run["properties"]["inline_max"]["maximum"] = 1 << 30
+    (schemas / "run.json").write_text(json.dumps(run))
+    tool = NODE_BIN.parent.parent / "tools" / "runfast-diff.js"
+    env = {**os.environ, "PLANWIRE_SCHEMAS": str(schemas)}
+    out = subprocess.run(["node", str(tool), "20000"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    said = re.fullmatch(r"ok: (\d+) headers, (\d+) valid, (\d+) read by runFast\n", out.stdout)
+    assert said is not None and int(said.group(2)) > 1000 and int(said.group(3)) == 0, out.stdout
