@@ -29,6 +29,16 @@ def test_recent_keeps_the_last_values_in_order() -> None:
     assert r.sorted() == [0.5, 3.0, 7.0, 9.0]
 
 
+def test_recent_extend_is_append_in_order() -> None:
+    a, b = Recent(4), Recent(4)
+    for values in ([5.0, 1.0, 3.0], [9.0, 7.0, 0.5, 2.0, 8.0], []):  # wraps around twice
+        a.extend(values)
+        for v in values:
+            b.append(v)
+        assert len(a) == len(b) and a.sorted() == b.sorted()
+    assert a.sorted() == [0.5, 2.0, 7.0, 8.0]
+
+
 def test_recent_keeps_no_object_per_value() -> None:
     r = Recent(10_000)
     gc.collect()

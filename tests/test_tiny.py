@@ -227,6 +227,21 @@ def test_a_quota_refused_after_the_run_is_completed_as_the_general_path_does(pai
     pair.same_state()
 
 
+def test_outputs_written_again_near_the_quota_are_checked_exactly(pair: Pair) -> None:
+    """Near the quota the path's quick bound (Store.fits: old bytes not given back) fails, and the exact check
+    decides: outputs written again in place fit (they free what they replace), new ones are refused, named."""
+    pair.run(10, "x")
+    pair.put("mid", np.ones(240, np.float32))  # 960 bytes; c and d of it: 1920 more, 2928 of the 4096 in all
+    assert isinstance(pair.run(11, "mid", outputs=("c", "d")), m.Ok) and pair.taken == 1
+    store, owner = pair.b.store, pair.b.owners.owner(ALICE)
+    assert store._by_client[owner] == 2928 and store.fits(owner, 1168) and not store.fits(owner, 1169)
+    assert isinstance(pair.run(12, "mid", outputs=("c", "d")), m.Ok) and pair.taken == 2  # 2928 + 1920: in place
+    reply = pair.run(13, "mid", outputs=("e", "f"))
+    assert isinstance(reply, m.Error) and reply.code == "quota_exceeded"
+    assert "outputs of run #13 needs" in reply.message
+    pair.same_state()
+
+
 def test_a_plan_registered_again_is_prepared_again(pair: Pair) -> None:
     pair.run(10, "x")
     pair.run(11, "x")

@@ -10,7 +10,7 @@ Labels are bounded: request types and error codes are protocol enums; plans are 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -44,13 +44,24 @@ class Metrics:
         self.requests[key] = self.requests.get(key, 0) + n
 
     def run(self, plan: str, plan_id: str, seconds: float, failed: bool) -> None:
+        self.ran(plan, plan_id, 1, failed)
+        self.timed((seconds,))
+
+    def ran(self, plan: str, plan_id: str, n: int, failed: int = 0) -> None:
+        """``n`` runs of one plan, ``failed`` of them refused or failed (their durations: :meth:`timed`)."""
         row = self.runs.get((plan, plan_id))
         if row is None:
             row = self.runs[plan, plan_id] = [0, 0]
-        row[0] += 1
+        row[0] += n
         row[1] += failed
-        self.run_buckets[bisect_left(RUN_BUCKETS, seconds)] += 1  # le: a value on a bound is in its bucket
-        self.run_seconds += seconds
+
+    def timed(self, seconds: Iterable[float]) -> None:
+        """The durations of runs, in the order they ran (the sum is added in that order)."""
+        buckets, total = self.run_buckets, self.run_seconds
+        for s in seconds:
+            buckets[bisect_left(RUN_BUCKETS, s)] += 1  # le: a value on a bound is in its bucket
+            total += s
+        self.run_seconds = total
 
     def released(self) -> None:
         """One tensor of the worker's own data was sent to a client."""

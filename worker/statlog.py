@@ -57,18 +57,26 @@ class TinyLog:
             owner = names[client, owner_id] = label(owner_id) if owner_id else client
             self._seen(client, owner, "run", False, when, n)
             self.metrics.request("run", "", n)
-        # Each run counted; what the runs stored applied once per tensor, as the last run writing it left it.
-        plans, metrics, durations = self.plans, self.metrics, self.durations
+        # Each run counted (per plan, in the order of their first run), the durations in order; what the runs
+        # stored applied once per tensor, as the last run writing it left it.
+        per_plan: dict[str, int] = {}
         last: dict[tuple[str, str], tuple[str, int]] = {}  # (owner, key) -> (connection, bytes)
-        for client, owner_id, msg, seconds, sizes, _ in batch:
+        seconds = []
+        for client, owner_id, msg, took, sizes, _ in batch:
             owner = names[client, owner_id]
-            plan = plans.get(msg.plan)
-            if plan is not None:
-                plan.runs += 1
-            metrics.run(plan.name if plan is not None else "(unknown plan)", msg.plan[:12], seconds, False)
-            durations.append(seconds)
+            pid = msg.plan
+            per_plan[pid] = per_plan.get(pid, 0) + 1
+            seconds.append(took)
             for key, nbytes in zip(msg.outputs, sizes, strict=True):
                 last[owner, key] = client, nbytes
+        plans, metrics = self.plans, self.metrics
+        for pid, n in per_plan.items():
+            plan = plans.get(pid)
+            if plan is not None:
+                plan.runs += n
+            metrics.ran(plan.name if plan is not None else "(unknown plan)", pid[:12], n)
+        metrics.timed(seconds)
+        self.durations.extend(seconds)
         self.runs += len(batch)
         hold = self._hold
         for (owner, key), held in last.items():

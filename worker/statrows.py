@@ -56,6 +56,15 @@ class Recent:
         self._values[self._count % len(self._values)] = value
         self._count += 1
 
+    def extend(self, values: list[float]) -> None:
+        """``append`` each of ``values``, in order."""
+        kept, count = self._values, self._count
+        size = len(kept)
+        for v in values:
+            kept[count % size] = v
+            count += 1
+        self._count = count
+
     def __len__(self) -> int:
         return min(self._count, len(self._values))
 
