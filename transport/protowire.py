@@ -15,28 +15,37 @@ Buffer = bytes | bytearray | memoryview
 def fields(buf: Buffer) -> Iterator[tuple[int, int | memoryview]]:
     """(field number, value) of every field of one message: an int for varints and fixed-size fields
     (fixed32/fixed64 as their raw little-endian integers), a memoryview for length-delimited ones."""
+    for num, _, value in spans(buf):
+        yield num, value
+
+
+def spans(buf: Buffer) -> Iterator[tuple[int, memoryview, int | memoryview]]:
+    """(field number, the field's own bytes, its key included, value as :func:`fields` gives it) of every field
+    of one message: what a writer that keeps most fields as they are copies (worker/nchwc.py)."""
     mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
     pos, end = 0, len(mv)
     while pos < end:
+        start = pos
         key, pos = varint(mv, pos)
         num, wt = key >> 3, key & 7
+        value: int | memoryview
         if wt == 0:
             value, pos = varint(mv, pos)
-            yield num, value
         elif wt == 2:
             n, pos = varint(mv, pos)
             if pos + n > end:
                 raise ValueError("malformed protobuf: a field runs past its message")
-            yield num, mv[pos : pos + n]
+            value = mv[pos : pos + n]
             pos += n
         elif wt in (1, 5):
             size = 8 if wt == 1 else 4
             if pos + size > end:
                 raise ValueError("malformed protobuf: a field runs past its message")
-            yield num, int.from_bytes(mv[pos : pos + size], "little")
+            value = int.from_bytes(mv[pos : pos + size], "little")
             pos += size
         else:
             raise ValueError(f"malformed protobuf: wire type {wt} at byte {pos}")
+        yield num, mv[start:pos], value
 
 
 def varint(mv: memoryview | bytes, pos: int) -> tuple[int, int]:

@@ -43,15 +43,15 @@ def rewrite(data: bytes, block: int) -> tuple[bytes, int]:
     if not convs:
         return data, 0
     taken = {n for node in g.nodes for n in (*node.inputs, *node.outputs)} | set(g.initializers) | set(g.inputs)
-    model = _spans(data)
+    model = list(pw.spans(data))
     at = [i for i, (num, _, _) in enumerate(model) if num == 7]
-    if len(at) != 1:  # protobuf would merge two graph fields: not a model this rewrites
+    if len(at) != 1 or not isinstance(model[at[0]][2], memoryview):  # two graphs would merge: not one to rewrite
         return data, 0
     graph_at = at[0]
     nodes, added, reordered, count = [], [], {}, 0
     node_index = 0
-    for num, raw, payload in _spans(model[graph_at][2]):
-        if num != 1:
+    for num, raw, payload in pw.spans(model[graph_at][2]):
+        if num != 1 or not isinstance(payload, memoryview):
             nodes.append(raw)
             continue
         node, node_index = g.nodes[node_index], node_index + 1
@@ -137,7 +137,8 @@ def _conv(
     if len(node.inputs) > 2 and node.inputs[2]:
         out.append(_node("Reshape", [node.inputs[2], p + "/co"], [p + "/b"]))  # the kernel reads C_out values
         bias = [p + "/b"]
-    attrs = b"".join(raw for num, raw, a in _spans(payload) if num == 5 and _attr_name(a) in _KEPT)
+    attributes = ((raw, a) for num, raw, a in pw.spans(payload) if num == 5 and isinstance(a, memoryview))
+    attrs = b"".join(raw for raw, a in attributes if _attr_name(a) in _KEPT)
     out.append(_node("Conv", [x, p + "/w", *bias], [p + "/y"], attrs, domain=DOMAIN))
     out.append(_node("ReorderOutput", [p + "/y"], node.outputs[:1], _int_attr("channels", co), domain=DOMAIN))
     return out, consts
@@ -181,29 +182,7 @@ def block() -> int:
         return 1
 
 
-# --- a minimal protobuf writer (and the raw spans it keeps) ---------------------------------------------
-
-
-def _spans(buf: bytes | memoryview) -> list[tuple[int, memoryview, memoryview]]:
-    """(field number, the field's raw bytes, its payload: empty but for a length-delimited one) of each field of
-    one message (accepted by transport/plancheck.py, so well formed and bounded)."""
-    mv = memoryview(buf)
-    out, pos = [], 0
-    while pos < len(mv):
-        start = pos
-        key, pos = pw.varint(mv, pos)
-        body = mv[pos:pos]
-        if key & 7 == 2:
-            n, pos = pw.varint(mv, pos)
-            body, pos = mv[pos : pos + n], pos + n
-        elif key & 7 == 0:
-            pos = pw.varint(mv, pos)[1]
-        elif key & 7 in (1, 5):
-            pos += 8 if key & 7 == 1 else 4
-        else:
-            raise ValueError(f"malformed protobuf: wire type {key & 7}")
-        out.append((key >> 3, mv[start:pos], body))
-    return out
+# --- a minimal protobuf writer ---------------------------------------------
 
 
 def _varint(n: int) -> bytes:
