@@ -330,8 +330,9 @@ def test_transposes_into_gemm_same_products() -> None:
 
 def test_leading_sums_as_products_same_sums() -> None:
     """ReduceSum of float32 over leading axes becomes ones @ x with the same sums and shapes (keepdims
-    either way, negative axes, a leading size that changes between runs, an empty one); a sum over other
-    axes, over a trailing axis of unknown size and over integers is left alone."""
+    either way, negative axes, a leading size that changes between runs, an empty one; sums over leading
+    sizes named alike share their ones); a sum over other axes, over a trailing axis of unknown size and
+    over integers is left alone."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -372,6 +373,7 @@ def test_leading_sums_as_products_same_sums() -> None:
     onnx.checker.check_model(proto, full_check=True)
     assert sorted(n.output[0] for n in proto.graph.node if n.op_type == "ReduceSum") == ["ints", "middle", "unknown"]
     assert sum(n.op_type == "MatMul" for n in proto.graph.node) == 4
+    assert sum(n.op_type == "ConstantOfShape" for n in proto.graph.node) == 2  # ones for (R,) and for (R, 3)
     want_session = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
     got_session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)

@@ -233,7 +233,8 @@ def leading_sums_as_products(proto: onnx.ModelProto) -> int:
     ReduceSum splits such a sum by columns across its threads in slivers that each walk every row: at 2
     intra-op threads one over (512, 256) took 240 µs of CPU against 32 µs at 1 thread (the LM's step:
     2.2 ms of ReduceSum at 2 threads, 0.5 ms at 1). MLAS's product takes the same time at 1 thread and
-    stays near it at 2. ``R`` follows the batch, so the ones are made from the input's shape each run.
+    stays near it at 2. ``R`` follows the batch, so the ones are made from the input's shape each run,
+    once for the sums whose leading sizes the export names alike.
     """
     graph = proto.graph
     info = {v.name: v.type.tensor_type for v in [*graph.value_info, *graph.input, *graph.output]}
@@ -245,6 +246,8 @@ def leading_sums_as_products(proto: onnx.ModelProto) -> int:
         graph.initializer.append(helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
         return name
 
+    one = helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])
+    made: dict[tuple, str] = {}  # leading sizes -> their ones vector
     nodes: list[onnx.NodeProto] = []
     replaced = 0
     for node in graph.node:
@@ -268,24 +271,24 @@ def leading_sums_as_products(proto: onnx.ModelProto) -> int:
             continue
         out, x = node.output[0], node.input[0]
         k = math.prod(trailing)
-        rows, ones, product = fresh(f"{out}__rows"), fresh(f"{out}__ones"), fresh(f"{out}__product")
         if rank > 2:
             flat = fresh(f"{out}__flat")
             nodes.append(helper.make_node("Reshape", [x, int64s([-1, k])], [flat], name=fresh(f"{out}__flatten")))
             x = flat
+        # a wrong size name fails the MatMul's shape check, never a sum
+        sizes = tuple(d.dim_param or d.dim_value for d in t.shape.dim[: len(lead)])
+        ones = made.get(sizes) if all(sizes) else None
+        if ones is None:
+            ones, rows = fresh(f"{out}__ones"), fresh(f"{out}__rows")
+            made[sizes] = ones
+            nodes += [
+                helper.make_node("Shape", [x], [rows], name=fresh(f"{out}__shape"), end=1),
+                helper.make_node("ConstantOfShape", [rows], [ones], name=fresh(f"{out}__fill"), value=one),
+            ]
         keep = attrs.get("keepdims", 1)
         shape = [1] * len(lead) + trailing if keep else trailing
-        nodes += [
-            helper.make_node("Shape", [x], [rows], name=fresh(f"{out}__shape"), end=1),
-            helper.make_node(
-                "ConstantOfShape",
-                [rows],
-                [ones],
-                name=fresh(f"{out}__fill"),
-                value=helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0]),
-            ),
-            helper.make_node("MatMul", [ones, x], [product if shape != [k] else out], name=node.name or fresh(out)),
-        ]
+        product = fresh(f"{out}__product") if shape != [k] else out
+        nodes.append(helper.make_node("MatMul", [ones, x], [product], name=node.name or fresh(out)))
         if shape != [k]:
             nodes.append(helper.make_node("Reshape", [product, int64s(shape)], [out], name=fresh(f"{out}__unflatten")))
         replaced += 1
