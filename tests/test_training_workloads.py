@@ -326,3 +326,65 @@ def test_transposes_into_gemm_same_products() -> None:
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_leading_sums_as_products_same_sums() -> None:
+    """ReduceSum of float32 over leading axes becomes ones @ x with the same sums and shapes (keepdims
+    either way, negative axes, a leading size that changes between runs, an empty one; sums over leading
+    sizes named alike share their ones); a sum over other axes, over a trailing axis of unknown size and
+    over integers is left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from planwire.exporter.training.graph_passes import leading_sums_as_products
+
+    def axes(name: str, values: list[int]) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+    sums = [  # (input, axes, keepdims, output, its shape)
+        ("x", [0], 1, "rows", [1, 6]),  # (R, 6) -> (1, 6)
+        ("x", [0], 0, "rows_flat", [6]),
+        ("y", [0, 1], 0, "both", [4]),  # (R, 3, 4) -> (4,)
+        ("y", [-3], 1, "first", [1, 3, 4]),
+        ("y", [1], 1, "middle", ["R", 1, 4]),  # not leading: stays
+        ("z", [0], 1, "unknown", [1, "C"]),  # (R, ?): stays
+        ("i", [0], 1, "ints", [1, 6]),  # integers: stays
+    ]
+    nodes = [
+        helper.make_node("ReduceSum", [x, f"a{k}"], [o], keepdims=keep) for k, (x, _, keep, o, _) in enumerate(sums)
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["R", 6]),
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["R", 3, 4]),
+        helper.make_tensor_value_info("z", TensorProto.FLOAT, ["R", "C"]),
+        helper.make_tensor_value_info("i", TensorProto.INT64, ["R", 6]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(o, TensorProto.INT64 if o == "ints" else TensorProto.FLOAT, shape)
+        for *_, o, shape in sums
+    ]
+    inits = [axes(f"a{k}", a) for k, (_, a, *_) in enumerate(sums)]
+    proto = helper.make_model(
+        helper.make_graph(nodes, "sums", inputs, outputs, initializer=inits),
+        opset_imports=[helper.make_opsetid("", 20)],
+    )
+    before = proto.SerializeToString()
+    assert leading_sums_as_products(proto) == 4
+    onnx.checker.check_model(proto, full_check=True)
+    assert sorted(n.output[0] for n in proto.graph.node if n.op_type == "ReduceSum") == ["ints", "middle", "unknown"]
+    assert sum(n.op_type == "MatMul" for n in proto.graph.node) == 4
+    assert sum(n.op_type == "ConstantOfShape" for n in proto.graph.node) == 2  # ones for (R,) and for (R, 3)
+    want_session = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
+    got_session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for rows in (5, 64, 0):
+        feeds = {
+            "x": rng.standard_normal((rows, 6), dtype=np.float32),
+            "y": rng.standard_normal((rows, 3, 4), dtype=np.float32),
+            "z": rng.standard_normal((rows, 2), dtype=np.float32),
+            "i": rng.integers(-9, 9, (rows, 6)),
+        }
+        for g, w in zip(got_session.run(None, feeds), want_session.run(None, feeds), strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_session.run(["both"], feeds)[0], feeds["y"].sum((0, 1)), rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ from planwire.exporter.training.decompositions import ONNX_TRANSLATIONS
 from planwire.exporter.training.graph_passes import (
     GRAPH_PASSES,
     guard_zero_selects,
+    leading_sums_as_products,
     merge_slices,
     transposes_into_gemm,
 )
@@ -113,6 +114,7 @@ def export_traced(
     guard_zero_selects(proto)  # after tidy_max_pools, which leaves graphs with subgraphs as they are
     merge_slices(proto)
     transposes_into_gemm(proto)
+    leading_sums_as_products(proto)
     strip_debug_info(proto)
     name_dynamic_axes(proto, [p.shape for p in inputs], [p.shape for p in outputs])
     check_exported(proto, plan=plan, input_names=[p.name for p in inputs], dynamic=dynamic)
