@@ -66,16 +66,19 @@ function feedsOf(inputMetadata, args) {
   return feeds;
 }
 
-/** What the native binding reads of an input: a stored tensor's bytes viewed as its typed array. Made once
- * per tensor (a stored tensor is never changed): a tiny call's argument is the same stored tensor call
- * after call, and a typed array and its object cost more than the run's own conversions of them. */
+/** What the native binding reads of an input: a stored tensor's bytes viewed as its typed array. Kept on
+ * the tensor (a stored tensor is never changed): a tiny call's argument is the same stored tensor call
+ * after call, and a typed array and its object cost more than the binding's own reads of them. Bytes not
+ * aligned for their type are copied for each run instead (a kept copy would hold them twice). */
 function nativeFeed(t) {
   if (t.feed !== undefined) return t.feed;
   const dt = DTYPES[t.dtype];
   let buf = t.data;
-  if (buf.byteOffset % dt.size !== 0) buf = Buffer.from(buf);
-  t.feed = { type: dt.ort, dims: t.shape, data: new dt.view(buf.buffer, buf.byteOffset, buf.length / dt.size), location: "cpu" };
-  return t.feed;
+  const aligned = buf.byteOffset % dt.size === 0;
+  if (!aligned) buf = Buffer.from(buf);
+  const feed = { type: dt.ort, dims: t.shape, data: new dt.view(buf.buffer, buf.byteOffset, buf.length / dt.size), location: "cpu" };
+  if (aligned) t.feed = feed;
+  return feed;
 }
 
 function outputsOf(outputMetadata, got) {
