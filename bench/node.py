@@ -97,6 +97,12 @@ VERDICTS = [  # (name, figure, the side it is divided by (None: the figure itsel
 # calls ~0.1 s (3 x 100 calls), pipelined ~0.8 s, 64 MiB ~0.6 s, training steps ~0.1 s; the budgets give
 # each set 10-40 rounds on this 2-core host (see bench/README.md for the spread each figure showed).
 SAMPLING = {TINY: (80, 10, 15.0), PIPELINED: (12, 5, 8.0), BULK: (20, 8, 12.0), TRAIN: (30, 8, 8.0)}
+# Tiny calls made on each side before its tiny calls are timed: V8 optimizes the Node worker's request path
+# over its first calls (~1000 with its tier-up budget, worker/node/src/v8flags.js; 2000-5000 at V8's
+# default), its main thread's instructions per call falling by a quarter to a third. With bench.sampling's 5
+# warm-up calls its first rounds timed that compilation (its median then fell with the number of rounds
+# run); every side gets the same warm-up, so the figures are each server's per-call cost once warm.
+TINY_WARMUP = 2000
 QUICK_SAMPLING = (3, 2, 10.0)
 
 
@@ -278,9 +284,10 @@ def run(env: Env, report: Report, quick: bool) -> None:
             sock.send_multipart([REPLAY, *reply])
             sock.recv_multipart()
         per = 50 if quick else 100  # short blocks of tiny calls, many rounds
-        tiny_cases = [Case(TINY.format(SIDES[s]), _round_trip(peers[s].sock, frames[s][0]), per) for s in peers]
-        tiny_cases.append(Case(TINY.format(SIDES["echo"]), _round_trip(echo, request), per))
-        tiny_cases.append(Case(TINY.format(LABELS["jsecho"]), _round_trip(jsecho.sock, request), per))
+        warm = TINY_WARMUP
+        tiny_cases = [Case(TINY.format(SIDES[s]), _round_trip(peers[s].sock, frames[s][0]), per, warm) for s in peers]
+        tiny_cases.append(Case(TINY.format(SIDES["echo"]), _round_trip(echo, request), per, warm))
+        tiny_cases.append(Case(TINY.format(LABELS["jsecho"]), _round_trip(jsecho.sock, request), per, warm))
         samples = _sample(tiny_cases, TINY, quick)
         for c in tiny_cases:
             report.time(FAMILY, c.name, samples[c.name], "us")

@@ -3,7 +3,11 @@
 // ready line, exit codes and signal handling as the Python plan-worker where they apply; a configuration
 // error is one line on stderr and exit status 2, before anything is bound.
 
-import { main } from "../src/cli.js";
+import v8 from "node:v8";
+import { V8_FLAGS } from "../src/v8flags.js";
+
+v8.setFlagsFromString(V8_FLAGS.join(" ")); // before the worker's code is loaded (src/v8flags.js says why)
+const { main } = await import("../src/cli.js");
 
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),

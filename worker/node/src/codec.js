@@ -29,6 +29,7 @@ export class Tensor {
     this.dtype = dtype;
     this.shape = shape;
     this.data = data;
+    this.feed = undefined; // what onnxruntime-node's binding reads of it (src/runtime.js), made at its first run
   }
   get nbytes() {
     return this.data.length;

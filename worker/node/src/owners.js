@@ -29,6 +29,8 @@ export class Owners {
     this.byToken = new Map(); // identities this worker issued -> their owners
     this.tokenOf = new Map();
     this.lastSeen = new Map(); // owner -> performance.now() / 1000
+    this.lastConn = null; // owner()'s last unbound connection, and its owner
+    this.lastOwn = "";
     this.nextSweep = now() + this.period();
   }
 
@@ -38,7 +40,11 @@ export class Owners {
 
   /** The owner behind `conn` (the routing id, hex). */
   owner(conn) {
-    return this.byConn.get(conn) ?? "c:" + conn;
+    const bound = this.byConn.get(conn);
+    if (bound !== undefined) return bound;
+    // the connection's own owner, made once per connection in a row: one string whose hash Maps keep
+    if (conn !== this.lastConn) (this.lastConn = conn), (this.lastOwn = "c:" + conn);
+    return this.lastOwn;
   }
 
   /** The live owner behind `conn`, or null when it was freed (--idle-ttl) or never seen. */

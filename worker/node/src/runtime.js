@@ -66,12 +66,19 @@ function feedsOf(inputMetadata, args) {
   return feeds;
 }
 
-/** What the native binding reads of an input: a stored tensor's bytes viewed as its typed array. */
+/** What the native binding reads of an input: a stored tensor's bytes viewed as its typed array. Kept on
+ * the tensor (a stored tensor is never changed): a tiny call's argument is the same stored tensor call
+ * after call, and a typed array and its object cost more than the binding's own reads of them. Bytes not
+ * aligned for their type are copied for each run instead (a kept copy would hold them twice). */
 function nativeFeed(t) {
+  if (t.feed !== undefined) return t.feed;
   const dt = DTYPES[t.dtype];
   let buf = t.data;
-  if (buf.byteOffset % dt.size !== 0) buf = Buffer.from(buf);
-  return { type: dt.ort, dims: t.shape, data: new dt.view(buf.buffer, buf.byteOffset, buf.length / dt.size), location: "cpu" };
+  const aligned = buf.byteOffset % dt.size === 0;
+  if (!aligned) buf = Buffer.from(buf);
+  const feed = { type: dt.ort, dims: t.shape, data: new dt.view(buf.buffer, buf.byteOffset, buf.length / dt.size), location: "cpu" };
+  if (aligned) t.feed = feed;
+  return feed;
 }
 
 function outputsOf(outputMetadata, got) {
@@ -107,11 +114,16 @@ function nativeSession(data, options) {
   const names = inputMetadata.map((m) => m.name);
   const fetches = Object.fromEntries(outputMetadata.map((m) => [m.name, null]));
   // the binding reads {type, dims, data, location} off each feed: plain objects (no ort.Tensor and its
-  // checks), and no run options (the session's defaults, not a fresh RunOptions parsed per call)
+  // checks), and no run options (the session's defaults, not a fresh RunOptions parsed per call); one
+  // feeds object per session (a run is synchronous), emptied after each run so it holds no argument
+  const feeds = Object.fromEntries(names.map((name) => [name, null]));
   const run = (args) => {
-    const feeds = {};
-    for (let i = 0; i < names.length; i++) feeds[names[i]] = nativeFeed(args[i]);
-    return outputsOf(outputMetadata, s.run(feeds, fetches));
+    try {
+      for (let i = 0; i < names.length; i++) feeds[names[i]] = nativeFeed(args[i]);
+      return outputsOf(outputMetadata, s.run(feeds, fetches));
+    } finally {
+      for (let i = 0; i < names.length; i++) feeds[names[i]] = null;
+    }
   };
   return { inputMetadata, outputMetadata, run, release: () => s.dispose() };
 }

@@ -18,6 +18,7 @@ import { ProtocolError } from "./messages.js";
 import { RunnerSessions } from "./sessions.js";
 import { pyRepr } from "./json.js";
 import { log, clean } from "./log.js";
+import { V8_FLAGS } from "./v8flags.js";
 
 const RUNNER = join(dirname(fileURLToPath(import.meta.url)), "runner.js");
 const READY_TIMEOUT_S = 120; // a runner's start (onnxruntime's load on a busy host)
@@ -70,7 +71,7 @@ export class Sandbox extends RunnerSessions(Object) {
   /** The current runner, started if none runs; requests are sent to it once it is ready. */
   start() {
     if (this.proc !== null) return this.proc;
-    const cmd = [...this.wrap, process.execPath, RUNNER, "--threads", String(this.threads), "--memory-mb", String(this.memoryMb)];
+    const cmd = [...this.wrap, process.execPath, ...V8_FLAGS, RUNNER, "--threads", String(this.threads), "--memory-mb", String(this.memoryMb)];
     const child = spawn(cmd[0], cmd.slice(1), { stdio: ["ignore", "inherit", "inherit", "pipe"] });
     const proc = { child, sock: child.stdio[3], loaded: new Set(), drop: new Set(), cached: new Map(), uncache: [], seq: 0 };
     proc.isReady = false;

@@ -64,6 +64,11 @@ export class Store {
    * counts once, with its last size; what a key held before is given back). */
   checkQuota(client, sizes, what) {
     if (this.maxBytes === null && this.maxClientBytes === null) return;
+    // proven by a bound first (every item new, none giving bytes back: never less than the exact count)
+    let bound = 0;
+    for (const item of sizes) bound += item[1];
+    const held = this.byClient.get(client) ?? 0;
+    if ((this.maxBytes === null || this.bytes + bound <= this.maxBytes) && (this.maxClientBytes === null || held + bound <= this.maxClientBytes)) return;
     const fresh = new Map(sizes);
     let mine = 0;
     for (const n of fresh.values()) mine += n;
@@ -79,7 +84,6 @@ export class Store {
           `${mb(this.maxBytes)}: get or delete tensors first, or start plan-worker with a larger --max-store-mb`,
       );
     }
-    const held = this.byClient.get(client) ?? 0;
     if (this.maxClientBytes !== null && held + mine > this.maxClientBytes) {
       throw new ProtocolError(
         "quota_exceeded",
