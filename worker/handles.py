@@ -16,26 +16,28 @@ import os
 import time
 import weakref
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
-from planwire.worker.resident import Keeper, Resident
+from planwire.worker.resident import Resident
 from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")
 
 
 class Handles:
-    """The Residents of the current runner generation, made for ``keeper`` (which fetches and drops them);
-    shared-memory segments in ``directory``."""
+    """The Residents of the current runner generation, and their keeper: host copies come through ``fetch``
+    (the sandbox's), and a Resident that dies is dropped here at once (``drop``: one call per dying tensor, a
+    step's ~90 old state tensors); shared-memory segments in ``directory``."""
 
-    def __init__(self, keeper: Keeper, directory: str) -> None:
-        self.keeper, self.dir = keeper, directory
+    def __init__(self, fetch: Callable[[list[Resident]], None], directory: str) -> None:
+        self.fetch, self.dir = fetch, directory
         self.gen = 0
+        self.live = False  # a runner of generation ``gen`` runs: a dropped handle is freed with its next request
         # The Residents alive, by handle, as plain weak references without callbacks: a Resident that dies
         # leaves both maps through ``drop`` (its ``__del__``), which costs a step's ~90 state tensors less
         # than a WeakValueDictionary's keyed reference and callback each (handles are never reused).
@@ -77,16 +79,17 @@ class Handles:
         """A new runner: handles of earlier ones mean nothing to it (nor do its answers to theirs)."""
         self.gen += 1
         self._last = []
+        self.live = True
 
     def new_handles(self, n: int) -> list[int]:
         return [next(self._handles) for _ in range(n)]
 
     def drop(self, resident: Resident) -> None:
-        """A Resident is garbage: its handle is freed with the next request (when this runner holds it)."""
+        """A Resident is garbage: its handle is freed with the next request (when a runner holds it)."""
         handle = resident.handle
         self.residents.pop(handle, None)
         self.unsaved.refs.pop(handle, None)
-        if resident.gen == self.gen:
+        if resident.gen == self.gen and self.live:
             self._free.append(handle)
 
     def free_later(self, handles: Sequence[int]) -> None:
@@ -102,6 +105,7 @@ class Handles:
         held = [r for r in (ref() for ref in self.residents.values()) if r is not None]
         self.residents, self.unsaved = {}, Unsaved()
         self._free = array("q")
+        self.live = False
         lost = []
         for r in held:
             r.gen = -1
@@ -134,7 +138,7 @@ class Handles:
                     raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
                 holder, arr = arr, arr.host
             elif entry is not None and entry.array is arr:  # a stored tensor's first use: held from now on
-                holder = Resident(self.keeper, 0, -1, arr.dtype, arr.shape, host=arr)
+                holder = Resident(self, 0, -1, arr.dtype, arr.shape, host=arr)
                 entry.array = holder
             wire, shape, buf = codec.to_frame(arr)
             loc = pipe.segment_of(arr) if buf.nbytes > pipe.INLINE_MAX else None
@@ -198,7 +202,7 @@ class Handles:
         except Exception:
             self._free.extend(handles)
             raise
-        out = Resident.held(self.keeper, self.gen, handles, kinds, time.monotonic())
+        out = Resident.held(self, self.gen, handles, kinds, time.monotonic())
         for i, host in sent:
             out[i].host = host
         residents, unsaved, ref = self.residents, self.unsaved.refs, weakref.ref
