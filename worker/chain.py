@@ -137,8 +137,7 @@ class Chains:
         so that a crash of it loses nothing it does not overwrite anyway."""
         if self.service.durable is not None:
             return False
-        find = self.service.store.find
-        ids = {id(e.array) for e in (find(me, k) for k in msg.outputs) if e is not None}
+        ids = {id(e.array) for e in self.service.store.found(me, msg.outputs) if e is not None}
         return all(id(r) in ids for r in self.sandbox.unsaved.values())
 
     def _ahead(self, chain: dict) -> dict[str, Entry]:

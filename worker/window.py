@@ -122,10 +122,8 @@ class Window(Chains, Cancels):
                 head = s
         if self.sandbox.unsaved and not self._spared(me, msg):
             return False  # a tensor only the runner holds, which a run behind must not risk
-        for key in keys:
-            entry = store.find(me, key)
-            if entry is not None and entry.private:
-                return False
+        if any(e is not None and e.private for e in store.found(me, keys)):
+            return False
         if head is None:
             return True
         q.chain = self._chainable(me, msg, head)
@@ -201,7 +199,7 @@ class Window(Chains, Cancels):
                     slot.chain = None  # its producer was answered: it reads the stored values
                 if head:  # host copies of what only the runner holds, before a run that may crash it
                     owner = self.service.owners.owner(job.origin.client)
-                    found = (self.service.store.find(owner, key) for key in msg.outputs)
+                    found = self.service.store.found(owner, msg.outputs)
                     sandbox.protect({id(e.array) for e in found if e is not None})
                     if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
                         self._restart()
