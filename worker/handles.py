@@ -177,13 +177,16 @@ class Handles:
         if len(refs) != len(handles):
             self._free.extend(handles)
             raise ProtocolError("internal", f"runner answered {len(refs)} outputs for {len(handles)}")
-        kinds: list[tuple] = []
-        for i, ref in enumerate(refs):  # all of them first: what a later SAME means, whatever fails below
+        # A SAME output is its kind in the previous answer, taken as a whole: only the others are read, in order
+        same, n = pipe.SAME, len(refs)
+        kinds: list = list(last) if len(last) == n else [None] * n
+        todo = [i for i, ref in enumerate(refs) if ref is not same] if len(last) == n else range(n)
+        for i in todo:  # all of them first: what a later SAME means, whatever fails below
+            ref = refs[i]
             if type(ref) is int:  # as in the previous answer
-                if ref != pipe.SAME or len(last) != len(refs):
+                if ref != same or len(last) != n:
                     self._free.extend(handles)
                     raise ProtocolError("internal", f"runner output {i} refers to an earlier answer it cannot")
-                kinds.append(last[i])
                 continue
             try:
                 dtype, shape = dtypes.to_numpy(ref.dtype), tuple(ref.shape)
@@ -191,25 +194,25 @@ class Handles:
             except (ValueError, TypeError) as e:
                 self._free.extend(handles)
                 raise ProtocolError("internal", f"runner output {i}: {e}") from None
-            kinds.append((dtype, shape, size, size * dtype.itemsize))
+            kinds[i] = (dtype, shape, size, size * dtype.itemsize)
         self._last = kinds
         try:  # the data sent: each checked before any Resident is made
             sent = [
-                (i, self.data(ref, buffers, f"runner output {i}"))
-                for i, ref in enumerate(refs)
-                if type(ref) is not int and ref.has_data
+                (i, self.data(refs[i], buffers, f"runner output {i}"))
+                for i in todo
+                if type(refs[i]) is not int and refs[i].has_data  # type: ignore[union-attr]
             ]
         except Exception:
             self._free.extend(handles)
             raise
         out = Resident.held(self, self.gen, handles, kinds, time.monotonic())
+        refs_of = list(map(weakref.ref, out))  # tracked by handle, in bulk; those sent have their host copy
+        self.residents.update(zip(handles, refs_of, strict=True))
+        unsaved = self.unsaved.refs
+        unsaved.update(zip(handles, refs_of, strict=True))
         for i, host in sent:
             out[i].host = host
-        residents, unsaved, ref = self.residents, self.unsaved.refs, weakref.ref
-        for r in out:
-            residents[r.handle] = w = ref(r)
-            if r.host is None:
-                unsaved[r.handle] = w
+            del unsaved[handles[i]]
         self.counts["reused"] += ran.reused
         return out
 
@@ -262,7 +265,7 @@ class Unsaved:
         return handle in self.refs
 
     def values(self) -> list[Resident]:
-        return [r for r in (ref() for ref in list(self.refs.values())) if r is not None]
+        return [r for ref in list(self.refs.values()) if (r := ref()) is not None]
 
     def born_by(self, t: float) -> list[Resident]:
         """The live ones born by monotonic time ``t``: the first ones, as they are tracked in the order they

@@ -145,19 +145,17 @@ class RunPath:
 
     def _end_run(self, job: RunJob, results: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
         msg, private, pending, rows = job.msg, job.private, job.pending, job.rows
-        sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
-        self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
+        sizes = [r.nbytes for r in results]
+        self.store.check_quota(self._client, zip(msg.outputs, sizes, strict=True), f"outputs of run #{msg.id}")
         self.store.put_outputs(self._client, msg.outputs, results, private, pending, rows)
-        fetch = msg.fetch
-        if msg.inline_max:
+        fetch, inline_max = msg.fetch, msg.inline_max
+        if inline_max:
             fetch = [
                 *fetch,
                 *(
                     i
-                    for i, r in enumerate(results)
-                    if r.nbytes <= msg.inline_max
-                    and i not in fetch
-                    and (i not in private or i in pending and pending[i].ready)
+                    for i, n in enumerate(sizes)
+                    if n <= inline_max and i not in fetch and (i not in private or i in pending and pending[i].ready)
                 ),
             ]
         if not fetch:

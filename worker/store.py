@@ -119,7 +119,9 @@ class Store:
         """quota_exceeded unless storing ``(key, nbytes)`` items for ``client`` keeps both caps (a key
         listed twice counts once, with its last size; what a key held before is given back)."""
         new = dict(sizes)
-        if self.max_bytes is not None or self.max_client_bytes is not None:
+        if (self.max_bytes is not None or self.max_client_bytes is not None) and not self.fits(
+            client, sum(new.values())
+        ):
             self._check_caps(client, new, what)
         if self.observer is not None:
             self.observer.check(client, sum(new.values()), what)
