@@ -31,7 +31,7 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
 from planwire.worker import pipe, wording
 from planwire.worker.cancels import Cancels
-from planwire.worker.chain import Chain, Chains
+from planwire.worker.chain import Chain, Chains, covers, reads
 from planwire.worker.jobs import Job, RegisterJob, RunJob
 from planwire.worker.resident import Resident
 from planwire.worker.runtime import Signature
@@ -105,7 +105,7 @@ class Window(Chains, Cancels):
         service = self.service
         owners, store = service.owners, service.store
         me = owners.owner(q.client)
-        keys = {a.ref for a in msg.args if isinstance(a.ref, str)}
+        keys = reads(msg)
         keys.update(msg.outputs)
         head = None  # the head, when q reads or writes its outputs
         for s in self.window:
@@ -138,12 +138,12 @@ class Window(Chains, Cancels):
         if type(msg) is not m.Run:
             return False
         mine, overwritten = job.msg, set(msg.outputs)
-        if not all(k in overwritten or i in mine.fetch for i, k in enumerate(mine.outputs)):
+        if not covers(overwritten, mine):
             return True
         owner = self.service.owners.owner
         if owner(q.client) != owner(job.origin.client):
             return True  # another owner's keys: it may join
-        return overwritten.union(a.ref for a in msg.args if isinstance(a.ref, str)).isdisjoint(mine.outputs)
+        return overwritten.union(reads(msg)).isdisjoint(mine.outputs)
 
     def _window_outputs(self) -> set[tuple[bytes, str]]:
         """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
