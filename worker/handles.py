@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import operator
 import os
 import time
 import weakref
@@ -27,6 +28,9 @@ from planwire.worker.resident import Resident
 from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")
+
+
+_gen, _handle = operator.attrgetter("gen"), operator.attrgetter("handle")  # of a Resident
 
 
 class Handles:
@@ -125,9 +129,14 @@ class Handles:
         when it is a stored tensor (``entries[i]``), the runner holds it from then on (the entry's array
         becomes a Resident with that host copy). ProtocolError (nothing sent) when an argument was lost with
         an earlier runner."""
+        gen = self.gen
+        try:  # every one held by this runner (a training step's state and data): their handles alone, in bulk
+            if set(map(_gen, args)) == {gen}:
+                return list(map(_handle, args)), []
+        except AttributeError:  # a host array: the general case
+            pass
         refs: list[pipe.TensorRef | int] = []
         keep = []
-        gen = self.gen
         for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
             holder: Resident | None = None
             if isinstance(arr, Resident):  # an Ahead (worker/chain.py) too

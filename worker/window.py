@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ log = logging.getLogger("planwire.worker")
 WINDOW = 32  # runs in flight to the runner at most
 READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded host)
 CANCEL_GRACE = 0.5  # seconds a cancelled run that reached the runner may take before the runner is stopped
+_array = operator.attrgetter("array")  # of an Entry
 
 
 @dataclass
@@ -199,8 +201,8 @@ class Window(Chains, Cancels):
                     slot.chain = None  # its producer was answered: it reads the stored values
                 if head:  # host copies of what only the runner holds, before a run that may crash it
                     owner = self.service.owners.owner(job.origin.client)
-                    found = self.service.store.found(owner, msg.outputs)
-                    sandbox.protect({id(e.array) for e in found if e is not None})
+                    found = filter(None, self.service.store.found(owner, msg.outputs))  # (an Entry is true)
+                    sandbox.protect(set(map(id, map(_array, found))))
                     if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
                         self._restart()
                         return
