@@ -19,6 +19,8 @@ raising (nothing changes then); ``removed`` and ``dropped`` run after.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,6 +31,7 @@ from planwire.transport.errors import ProtocolError
 from planwire.worker.resident import hosts
 
 MB = 1 << 20
+_bytes, _entry_bytes = operator.attrgetter("nbytes"), operator.attrgetter("array.nbytes")
 ClientId = bytes
 """Who owns an object: the CURVE public key of the client when CURVE is on, else the identity the
 worker issued at hello (or, before any hello, the connection's routing id); see worker/owners.py."""
@@ -205,13 +208,19 @@ class Store:
         if space is None:
             space = self._spaces[client] = {}
         pop, freed, added = space.pop, 0, 0
-        for i, (key, array) in enumerate(zip(keys, arrays, strict=True)):
-            old = pop(key, None)
-            if old is not None:
-                freed += old.array.nbytes
-            # positional (tags, private, worker, pending, rows): a dataclass's keywords cost ~200 ns more per call
-            space[key] = Entry(array, (), i in private, False, pending.get(i) if pending else None, rows)
-            added += array.nbytes
+        if not private and not pending and not rows:  # none private (a training step's): in bulk, C-level maps
+            olds = list(filter(None, map(pop, keys, itertools.repeat(None))))  # (an Entry is true)
+            freed, added = sum(map(_entry_bytes, olds)), sum(map(_bytes, arrays))
+            space.update(zip(keys, map(Entry, arrays), strict=True))
+            del olds  # the old values go now (a Resident frees its handle)
+        else:
+            for i, (key, array) in enumerate(zip(keys, arrays, strict=True)):
+                old = pop(key, None)
+                if old is not None:
+                    freed += old.array.nbytes
+                # positional (tags, private, worker, pending, rows): a dataclass's keywords cost ~200 ns more each
+                space[key] = Entry(array, (), i in private, False, pending.get(i) if pending else None, rows)
+                added += array.nbytes
         self.bytes += added - freed
         self._by_client[client] = self._by_client.get(client, 0) - freed + added
         failed = self._failed.get(client)
