@@ -25,11 +25,14 @@ marked after.
 
 from __future__ import annotations
 
+import math
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from msgspec import UNSET
 
 from planwire.transport import dtypes
 from planwire.transport import messages as m
@@ -57,12 +60,10 @@ _NOWHERE = _Nowhere()
 
 class Ahead(Resident):
     """An output of the run in flight, as the run chained behind it reads it: its declared dtype and shape, and
-    (once its producer is sent) the handle the runner will hold it under."""
+    (once its producer is sent) the handle the runner will hold it under. Made by ``Ahead.held(_NOWHERE, -1,
+    ...)``: a step's ~90 at once."""
 
     __slots__ = ()
-
-    def __init__(self, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        super().__init__(_NOWHERE, 0, -1, dtype, shape)
 
 
 @dataclass
@@ -80,15 +81,35 @@ class Chain:
 _declared: weakref.WeakKeyDictionary[Signature, list] = weakref.WeakKeyDictionary()
 
 
-def declared(ports: Signature) -> list[tuple[np.dtype, tuple[int, ...]] | None]:
-    """Each output's (dtype, shape) when the plan declares it static, else None (once per plan)."""
+def declared(ports: Signature) -> list[tuple[np.dtype, tuple[int, ...], int, int] | None]:
+    """Each output's (dtype, shape, size, bytes) when the plan declares it static, else None (once per plan)."""
     known = _declared.get(ports)
     if known is None:
         known = _declared[ports] = [
-            (dtypes.to_numpy(wire), tuple(shape)) if all(type(d) is int for d in shape) else None
+            _kind(dtypes.to_numpy(wire), tuple(shape)) if all(type(d) is int for d in shape) else None
             for _, wire, shape in ports.outputs
         ]
     return known
+
+
+def _kind(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    size = math.prod(shape)
+    return dtype, shape, size, size * dtype.itemsize
+
+
+def reads(run: m.Run) -> set[str]:
+    """The stored keys ``run`` reads (its arguments by ``ref``)."""
+    keys = {a.ref for a in run.args}
+    keys.discard(UNSET)  # type: ignore[arg-type]
+    return keys  # type: ignore[return-value]
+
+
+def covers(keys: set[str], run: m.Run) -> bool:
+    """Whether ``keys`` hold every output of validated ``run`` (distinct keys) that its answer does not bring back
+    (``fetch``): a run writing ``keys`` overwrites all it leaves in the runner."""
+    if run.fetch:
+        return keys.union([run.outputs[i] for i in run.fetch]).issuperset(run.outputs)
+    return keys.issuperset(run.outputs)
 
 
 class Chains:
@@ -106,11 +127,11 @@ class Chains:
         service = self.service
         if head.cancelled or service.durable is not None or type(job) is not RunJob:  # type: ignore[attr-defined]
             return None
-        reads = {a.ref for a in msg.args if isinstance(a.ref, str)}
+        keys = reads(msg)
         known = declared(job.plan.ports)
         chain = {}
         for j, key in enumerate(job.msg.outputs):
-            if key in reads:
+            if key in keys:
                 if known[j] is None or j in job.private:
                     return None
                 chain[key] = (j, known[j])
@@ -129,20 +150,20 @@ class Chains:
             return False
         if self.service.owners.owner(job.origin.client) != me:
             return False
-        mine, fetch = set(msg.outputs), job.msg.fetch
-        return all(k in mine or i in fetch for i, k in enumerate(job.msg.outputs))
+        return covers(set(msg.outputs), job.msg)
 
     def _spared(self, me: ClientId, msg: m.Run) -> bool:
         """Whether every tensor only the runner holds is stored under an output key of run ``msg`` (owner ``me``),
         so that a crash of it loses nothing it does not overwrite anyway."""
         if self.service.durable is not None:
             return False
-        find = self.service.store.find
-        ids = {id(e.array) for e in (find(me, k) for k in msg.outputs) if e is not None}
-        return all(id(r) in ids for r in self.sandbox.unsaved.values())
+        ids = {id(e.array) for e in self.service.store.found(me, msg.outputs) if e is not None}
+        return ids.issuperset(map(id, self.sandbox.unsaved.values()))
 
     def _ahead(self, chain: dict) -> dict[str, Entry]:
-        return {key: Entry(Ahead(*dt_shape)) for key, (_, dt_shape) in chain.items()}  # type: ignore[arg-type]
+        kinds = [kind for _, kind in chain.values()]
+        made = Ahead.held(_NOWHERE, -1, [0] * len(kinds), kinds, time.monotonic())
+        return {key: Entry(a) for key, a in zip(chain, made, strict=True)}
 
     def _refused(self, me: ClientId, msg: m.Run, head: object) -> list[tuple[str, str]]:
         """(key, why) of the outputs of refused run ``msg`` that the head writes too: marked failed again once
@@ -164,8 +185,9 @@ class Chains:
             chain = getattr(s, "chain", None)
             if chain is None or chain.producer is not producer or s.job is None:
                 continue
-            me, seen = owner(s.job.origin.client), {}
-            for key, _, _ in chain.links:
+            me, keys = owner(s.job.origin.client), [key for key, _, _ in chain.links]
+            seen: dict[str, Entry | ProtocolError] = dict(zip(keys, store.found(me, keys), strict=True))  # type: ignore[arg-type]
+            for key in [k for k, e in seen.items() if e is None]:  # not there: the error reading it gives
                 try:
                     seen[key] = store.entry(me, key)
                 except ProtocolError as e:
@@ -210,13 +232,13 @@ class Chains:
         """The outcome of chained ``job`` given what its producer stored: the runner's when it read those very
         outputs (of the declared shapes, or fitting the plan as stored), else the error the run would have got
         by waiting."""
-        me = self.service.owners.owner(job.origin.client)
+        me, find, seen = self.service.owners.owner(job.origin.client), self.service.store.find, chain.seen
         same = exact = True
-        for key, ahead, _ in chain.links:
-            try:
-                r = self._chained_entry(chain, me, key).array
-            except ProtocolError:
-                r = None
+        for key, ahead, _ in chain.links:  # what _chained_entry reads (None: failed or gone)
+            entry = seen.get(key) if seen is not None else None
+            if entry is None:
+                entry = find(me, key)
+            r = entry.array if isinstance(entry, Entry) else None
             if not isinstance(r, Resident) or r.handle != ahead.handle or r.gen != ahead.gen:
                 same = False
             elif r.shape != ahead.shape or r.dtype != ahead.dtype:

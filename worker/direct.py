@@ -248,6 +248,10 @@ class DirectLane:
         """Plan ``pid`` was unregistered: its session goes."""
         self._variants.pop(pid, None)
 
+    def declines(self, pid: str) -> bool:
+        """Whether plan ``pid`` is known not to be direct-safe: its runs go to the sandbox (a training step)."""
+        return self._variants.get(pid, False) is None
+
     def run(self, job: RunJob) -> list[np.ndarray] | None:
         """The outputs of ``job`` computed here, or None: it goes to the sandbox (not direct-safe, not small,
         an argument held by the runner only, or onnxruntime refused it here)."""

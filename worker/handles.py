@@ -12,30 +12,36 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import operator
 import os
 import time
 import weakref
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from planwire.transport import codec, dtypes
 from planwire.transport.errors import ProtocolError
 from planwire.worker import pipe
-from planwire.worker.resident import Keeper, Resident
+from planwire.worker.resident import Resident
 from planwire.worker.store import Entry
 
 log = logging.getLogger("planwire.worker")
 
 
-class Handles:
-    """The Residents of the current runner generation, made for ``keeper`` (which fetches and drops them);
-    shared-memory segments in ``directory``."""
+_gen, _handle = operator.attrgetter("gen"), operator.attrgetter("handle")  # of a Resident
 
-    def __init__(self, keeper: Keeper, directory: str) -> None:
-        self.keeper, self.dir = keeper, directory
+
+class Handles:
+    """The Residents of the current runner generation, and their keeper: host copies come through ``fetch``
+    (the sandbox's), and a Resident that dies is dropped here at once (``drop``: one call per dying tensor, a
+    step's ~90 old state tensors); shared-memory segments in ``directory``."""
+
+    def __init__(self, fetch: Callable[[list[Resident]], None], directory: str) -> None:
+        self.fetch, self.dir = fetch, directory
         self.gen = 0
+        self.live = False  # a runner of generation ``gen`` runs: a dropped handle is freed with its next request
         # The Residents alive, by handle, as plain weak references without callbacks: a Resident that dies
         # leaves both maps through ``drop`` (its ``__del__``), which costs a step's ~90 state tensors less
         # than a WeakValueDictionary's keyed reference and callback each (handles are never reused).
@@ -77,16 +83,17 @@ class Handles:
         """A new runner: handles of earlier ones mean nothing to it (nor do its answers to theirs)."""
         self.gen += 1
         self._last = []
+        self.live = True
 
     def new_handles(self, n: int) -> list[int]:
         return [next(self._handles) for _ in range(n)]
 
     def drop(self, resident: Resident) -> None:
-        """A Resident is garbage: its handle is freed with the next request (when this runner holds it)."""
+        """A Resident is garbage: its handle is freed with the next request (when a runner holds it)."""
         handle = resident.handle
         self.residents.pop(handle, None)
         self.unsaved.refs.pop(handle, None)
-        if resident.gen == self.gen:
+        if resident.gen == self.gen and self.live:
             self._free.append(handle)
 
     def free_later(self, handles: Sequence[int]) -> None:
@@ -102,6 +109,7 @@ class Handles:
         held = [r for r in (ref() for ref in self.residents.values()) if r is not None]
         self.residents, self.unsaved = {}, Unsaved()
         self._free = array("q")
+        self.live = False
         lost = []
         for r in held:
             r.gen = -1
@@ -121,9 +129,14 @@ class Handles:
         when it is a stored tensor (``entries[i]``), the runner holds it from then on (the entry's array
         becomes a Resident with that host copy). ProtocolError (nothing sent) when an argument was lost with
         an earlier runner."""
+        gen = self.gen
+        try:  # every one held by this runner (a training step's state and data): their handles alone, in bulk
+            if set(map(_gen, args)) == {gen}:
+                return list(map(_handle, args)), []
+        except AttributeError:  # a host array: the general case
+            pass
         refs: list[pipe.TensorRef | int] = []
         keep = []
-        gen = self.gen
         for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
             holder: Resident | None = None
             if isinstance(arr, Resident):  # an Ahead (worker/chain.py) too
@@ -134,7 +147,7 @@ class Handles:
                     raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
                 holder, arr = arr, arr.host
             elif entry is not None and entry.array is arr:  # a stored tensor's first use: held from now on
-                holder = Resident(self.keeper, 0, -1, arr.dtype, arr.shape, host=arr)
+                holder = Resident(self, 0, -1, arr.dtype, arr.shape, host=arr)
                 entry.array = holder
             wire, shape, buf = codec.to_frame(arr)
             loc = pipe.segment_of(arr) if buf.nbytes > pipe.INLINE_MAX else None
@@ -173,13 +186,16 @@ class Handles:
         if len(refs) != len(handles):
             self._free.extend(handles)
             raise ProtocolError("internal", f"runner answered {len(refs)} outputs for {len(handles)}")
-        kinds: list[tuple] = []
-        for i, ref in enumerate(refs):  # all of them first: what a later SAME means, whatever fails below
+        # A SAME output is its kind in the previous answer, taken as a whole: only the others are read, in order
+        same, n = pipe.SAME, len(refs)
+        kinds: list = list(last) if len(last) == n else [None] * n
+        todo = [i for i, ref in enumerate(refs) if ref is not same] if len(last) == n else range(n)
+        for i in todo:  # all of them first: what a later SAME means, whatever fails below
+            ref = refs[i]
             if type(ref) is int:  # as in the previous answer
-                if ref != pipe.SAME or len(last) != len(refs):
+                if ref != same or len(last) != n:
                     self._free.extend(handles)
                     raise ProtocolError("internal", f"runner output {i} refers to an earlier answer it cannot")
-                kinds.append(last[i])
                 continue
             try:
                 dtype, shape = dtypes.to_numpy(ref.dtype), tuple(ref.shape)
@@ -187,25 +203,25 @@ class Handles:
             except (ValueError, TypeError) as e:
                 self._free.extend(handles)
                 raise ProtocolError("internal", f"runner output {i}: {e}") from None
-            kinds.append((dtype, shape, size, size * dtype.itemsize))
+            kinds[i] = (dtype, shape, size, size * dtype.itemsize)
         self._last = kinds
         try:  # the data sent: each checked before any Resident is made
             sent = [
-                (i, self.data(ref, buffers, f"runner output {i}"))
-                for i, ref in enumerate(refs)
-                if type(ref) is not int and ref.has_data
+                (i, self.data(refs[i], buffers, f"runner output {i}"))
+                for i in todo
+                if type(refs[i]) is not int and refs[i].has_data  # type: ignore[union-attr]
             ]
         except Exception:
             self._free.extend(handles)
             raise
-        out = Resident.held(self.keeper, self.gen, handles, kinds, time.monotonic())
+        out = Resident.held(self, self.gen, handles, kinds, time.monotonic())
+        refs_of = list(map(weakref.ref, out))  # tracked by handle, in bulk; those sent have their host copy
+        self.residents.update(zip(handles, refs_of, strict=True))
+        unsaved = self.unsaved.refs
+        unsaved.update(zip(handles, refs_of, strict=True))
         for i, host in sent:
             out[i].host = host
-        residents, unsaved, ref = self.residents, self.unsaved.refs, weakref.ref
-        for r in out:
-            residents[r.handle] = w = ref(r)
-            if r.host is None:
-                unsaved[r.handle] = w
+            del unsaved[handles[i]]
         self.counts["reused"] += ran.reused
         return out
 
@@ -258,7 +274,7 @@ class Unsaved:
         return handle in self.refs
 
     def values(self) -> list[Resident]:
-        return [r for r in (ref() for ref in list(self.refs.values())) if r is not None]
+        return [r for ref in list(self.refs.values()) if (r := ref()) is not None]
 
     def born_by(self, t: float) -> list[Resident]:
         """The live ones born by monotonic time ``t``: the first ones, as they are tracked in the order they

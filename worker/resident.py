@@ -23,7 +23,7 @@ import numpy as np
 
 
 class Keeper(Protocol):
-    """The runner's handle (worker/sandbox.py): copies data to the host and frees handles."""
+    """The tensors the runner holds (worker/handles.py): copies data to the host and frees handles."""
 
     def fetch(self, residents: list[Resident]) -> None: ...
 

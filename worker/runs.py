@@ -110,17 +110,23 @@ class RunPath:
         private_args: dict[int, Entry] = {}
         entries: list[Entry | None] = []
         args = []
-        for i, a in enumerate(msg.args):
-            if a.ref is not UNSET:
-                entry = ahead[a.ref] if ahead is not None and a.ref in ahead else self.store.entry(self._client, a.ref)
-                entries.append(entry)
-                args.append(entry.array)
-                if entry.private:
-                    private_args[i] = entry
-            else:
-                t = a.tensor
-                entries.append(None)
-                args.append(self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}"))  # type: ignore[union-attr]
+        refs = [a.ref for a in msg.args]
+        if UNSET not in refs:  # stored tensors only (a training step): looked up in one call
+            entries = self.store.entries(self._client, refs, ahead)  # type: ignore[arg-type,assignment]
+            args = [e.array for e in entries]  # type: ignore[union-attr]
+            private_args = {i: e for i, e in enumerate(entries) if e.private}  # type: ignore[union-attr,misc]
+        else:
+            for i, a in enumerate(msg.args):
+                if a.ref is not UNSET:
+                    entry = self.store.entries(self._client, [a.ref], ahead)[0]
+                    entries.append(entry)
+                    args.append(entry.array)
+                    if entry.private:
+                        private_args[i] = entry
+                else:
+                    t = a.tensor
+                    entries.append(None)
+                    args.append(self._tensor(t.dtype, t.shape, t.frame, buffers, f"run argument {i}"))  # type: ignore[union-attr]
         private = self.flows[msg.plan].private_outputs(list(private_args)) if private_args else frozenset()
         pending: dict = {}
         rows = 0
@@ -139,19 +145,17 @@ class RunPath:
 
     def _end_run(self, job: RunJob, results: list[np.ndarray]) -> tuple[m._Message, list[Frame]]:
         msg, private, pending, rows = job.msg, job.private, job.pending, job.rows
-        sizes = ((k, r.nbytes) for k, r in zip(msg.outputs, results, strict=True))
-        self.store.check_quota(self._client, sizes, f"outputs of run #{msg.id}")
+        sizes = [r.nbytes for r in results]
+        self.store.check_quota(self._client, zip(msg.outputs, sizes, strict=True), f"outputs of run #{msg.id}")
         self.store.put_outputs(self._client, msg.outputs, results, private, pending, rows)
-        fetch = msg.fetch
-        if msg.inline_max:
+        fetch, inline_max = msg.fetch, msg.inline_max
+        if inline_max:
             fetch = [
                 *fetch,
                 *(
                     i
-                    for i, r in enumerate(results)
-                    if r.nbytes <= msg.inline_max
-                    and i not in fetch
-                    and (i not in private or i in pending and pending[i].ready)
+                    for i, n in enumerate(sizes)
+                    if n <= inline_max and i not in fetch and (i not in private or i in pending and pending[i].ready)
                 ),
             ]
         if not fetch:

@@ -78,7 +78,7 @@ class Sandbox:
             directory=self.dir, device=self.device, threads=threads, nchwc=nchwc, memory_mb=memory_mb
         )
         self.link = RunnerLink()
-        self.handles = Handles(self, self.dir)  # the tensors the runner holds (worker/resident.py)
+        self.handles = Handles(self.fetch, self.dir)  # the tensors the runner holds (worker/resident.py)
         self.on_lost: Callable[[list[Resident], str], None] | None = None  # the supervisor fails their keys
 
     # -- what it holds ------------------------------------------------------------------------------
@@ -163,11 +163,6 @@ class Sandbox:
         drop, self._drop = self._drop, set()
         drop.discard(pid)  # this request loads it again
         return sorted(drop)
-
-    def drop(self, resident: Resident) -> None:
-        """A Resident is garbage: the runner frees its handle with the next request."""
-        if self.process.running:
-            self.handles.drop(resident)
 
     def send_load(self, pid: str, name: str, data: bytes) -> None:
         load = pipe.Load(plan=pid, name=name, drop=self._dropped(pid), free=self.handles.take_free())

@@ -19,7 +19,9 @@ raising (nothing changes then); ``removed`` and ``dropped`` run after.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable, Sequence
+import itertools
+import operator
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +31,7 @@ from planwire.transport.errors import ProtocolError
 from planwire.worker.resident import hosts
 
 MB = 1 << 20
+_bytes, _entry_bytes = operator.attrgetter("nbytes"), operator.attrgetter("array.nbytes")
 ClientId = bytes
 """Who owns an object: the CURVE public key of the client when CURVE is on, else the identity the
 worker issued at hello (or, before any hello, the connection's routing id); see worker/owners.py."""
@@ -119,7 +122,9 @@ class Store:
         """quota_exceeded unless storing ``(key, nbytes)`` items for ``client`` keeps both caps (a key
         listed twice counts once, with its last size; what a key held before is given back)."""
         new = dict(sizes)
-        if self.max_bytes is not None or self.max_client_bytes is not None:
+        if (self.max_bytes is not None or self.max_client_bytes is not None) and not self.fits(
+            client, sum(new.values())
+        ):
             self._check_caps(client, new, what)
         if self.observer is not None:
             self.observer.check(client, sum(new.values()), what)
@@ -203,13 +208,19 @@ class Store:
         if space is None:
             space = self._spaces[client] = {}
         pop, freed, added = space.pop, 0, 0
-        for i, (key, array) in enumerate(zip(keys, arrays, strict=True)):
-            old = pop(key, None)
-            if old is not None:
-                freed += old.array.nbytes
-            # positional (tags, private, worker, pending, rows): a dataclass's keywords cost ~200 ns more per call
-            space[key] = Entry(array, (), i in private, False, pending.get(i) if pending else None, rows)
-            added += array.nbytes
+        if not private and not pending and not rows:  # none private (a training step's): in bulk, C-level maps
+            olds = list(filter(None, map(pop, keys, itertools.repeat(None))))  # (an Entry is true)
+            freed, added = sum(map(_entry_bytes, olds)), sum(map(_bytes, arrays))
+            space.update(zip(keys, map(Entry, arrays), strict=True))
+            del olds  # the old values go now (a Resident frees its handle)
+        else:
+            for i, (key, array) in enumerate(zip(keys, arrays, strict=True)):
+                old = pop(key, None)
+                if old is not None:
+                    freed += old.array.nbytes
+                # positional (tags, private, worker, pending, rows): a dataclass's keywords cost ~200 ns more each
+                space[key] = Entry(array, (), i in private, False, pending.get(i) if pending else None, rows)
+                added += array.nbytes
         self.bytes += added - freed
         self._by_client[client] = self._by_client.get(client, 0) - freed + added
         failed = self._failed.get(client)
@@ -248,6 +259,23 @@ class Store:
             if entry is not None:
                 return entry
         return self._own.get(key)
+
+    def found(self, client: ClientId, keys: Iterable[str]) -> list[Entry | None]:
+        """``find`` of each of ``keys``, in one call (a step's ~90 state keys)."""
+        space, own = self._spaces.get(client), self._own
+        if not own:
+            return list(map(space.get, keys)) if space is not None else [None for _ in keys]
+        return [self.find(client, key) for key in keys]
+
+    def entries(self, client: ClientId, keys: list[str], ahead: Mapping[str, Entry] | None = None) -> list[Entry]:
+        """``entry`` of each of ``keys`` in one call (ProtocolError for the first that is not there); those in
+        ``ahead`` read from there instead (a chained run's, worker/chain.py)."""
+        space = self._spaces.get(client)
+        if space is not None:
+            got = list(map(ahead.get, keys, map(space.get, keys))) if ahead else list(map(space.get, keys))
+            if all(got):  # (an Entry is true, a missing one None)
+                return got  # type: ignore[return-value]
+        return [ahead[key] if ahead and key in ahead else self.entry(client, key) for key in keys]
 
     def entry(self, client: ClientId, key: str) -> Entry:
         space = self._spaces.get(client)

@@ -82,7 +82,7 @@ class TinyPath:
         if msg is None:
             return None  # escapes, defaults written out or a repeated key: the general path decides
         self._declined = (frames, msg)  # valid as framing.unpack_request decodes it: the general path's if declined
-        if type(msg) is not _Run:
+        if type(msg) is not _Run or self.lane.declines(msg.plan):  # not direct-safe: for the sandbox
             return None
         service = self.service
         outputs, pid, fetch = msg.outputs, msg.plan, msg.fetch

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from planwire.transport.errors import ProtocolError
 from planwire.transport.server import Server
 from planwire.worker import pipe, wording
 from planwire.worker.cancels import Cancels
-from planwire.worker.chain import Chain, Chains
+from planwire.worker.chain import Chain, Chains, covers, reads
 from planwire.worker.jobs import Job, RegisterJob, RunJob
 from planwire.worker.resident import Resident
 from planwire.worker.runtime import Signature
@@ -43,6 +44,7 @@ log = logging.getLogger("planwire.worker")
 WINDOW = 32  # runs in flight to the runner at most
 READY_TIMEOUT = 120.0  # seconds a runner may take to start (imports on a loaded host)
 CANCEL_GRACE = 0.5  # seconds a cancelled run that reached the runner may take before the runner is stopped
+_array = operator.attrgetter("array")  # of an Entry
 
 
 @dataclass
@@ -105,7 +107,7 @@ class Window(Chains, Cancels):
         service = self.service
         owners, store = service.owners, service.store
         me = owners.owner(q.client)
-        keys = {a.ref for a in msg.args if isinstance(a.ref, str)}
+        keys = reads(msg)
         keys.update(msg.outputs)
         head = None  # the head, when q reads or writes its outputs
         for s in self.window:
@@ -122,10 +124,8 @@ class Window(Chains, Cancels):
                 head = s
         if self.sandbox.unsaved and not self._spared(me, msg):
             return False  # a tensor only the runner holds, which a run behind must not risk
-        for key in keys:
-            entry = store.find(me, key)
-            if entry is not None and entry.private:
-                return False
+        if any(e is not None and e.private for e in store.found(me, keys)):
+            return False
         if head is None:
             return True
         q.chain = self._chainable(me, msg, head)
@@ -140,12 +140,12 @@ class Window(Chains, Cancels):
         if type(msg) is not m.Run:
             return False
         mine, overwritten = job.msg, set(msg.outputs)
-        if not all(k in overwritten or i in mine.fetch for i, k in enumerate(mine.outputs)):
+        if not covers(overwritten, mine):
             return True
         owner = self.service.owners.owner
         if owner(q.client) != owner(job.origin.client):
             return True  # another owner's keys: it may join
-        return overwritten.union(a.ref for a in msg.args if isinstance(a.ref, str)).isdisjoint(mine.outputs)
+        return overwritten.union(reads(msg)).isdisjoint(mine.outputs)
 
     def _window_outputs(self) -> set[tuple[bytes, str]]:
         """(owner, key) of every output of a run in the window: keys are compared per owner, so that another
@@ -201,8 +201,8 @@ class Window(Chains, Cancels):
                     slot.chain = None  # its producer was answered: it reads the stored values
                 if head:  # host copies of what only the runner holds, before a run that may crash it
                     owner = self.service.owners.owner(job.origin.client)
-                    found = (self.service.store.find(owner, key) for key in msg.outputs)
-                    sandbox.protect({id(e.array) for e in found if e is not None})
+                    found = filter(None, self.service.store.found(owner, msg.outputs))  # (an Entry is true)
+                    sandbox.protect(set(map(id, map(_array, found))))
                     if not sandbox.running:  # it ended while copying: a fresh one runs the job once Ready
                         self._restart()
                         return
