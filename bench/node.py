@@ -98,10 +98,11 @@ VERDICTS = [  # (name, figure, the side it is divided by (None: the figure itsel
 # each set 10-40 rounds on this 2-core host (see bench/README.md for the spread each figure showed).
 SAMPLING = {TINY: (80, 10, 15.0), PIPELINED: (12, 5, 8.0), BULK: (20, 8, 12.0), TRAIN: (30, 8, 8.0)}
 # Tiny calls made on each side before its tiny calls are timed: V8 optimizes the Node worker's request path
-# over its first calls (~1000 with its tier-up budget, worker/node/src/v8flags.js; 2000-5000 at V8's
-# default), its main thread's instructions per call falling by a quarter to a third. With bench.sampling's 5
-# warm-up calls its first rounds timed that compilation (its median then fell with the number of rounds
-# run); every side gets the same warm-up, so the figures are each server's per-call cost once warm.
+# over its first calls, its main thread's instructions per call falling by a quarter to a third (~1000 calls
+# with its tier-up budget on Node 20, worker/node/src/v8flags.js; 2000-5000 at V8's default, which Node 22+
+# keeps: there these 2000 may end before the path is all optimized). With bench.sampling's 5 warm-up calls
+# its first rounds timed that compilation (its median then fell with the number of rounds run); every side
+# gets the same warm-up, so the figures are each server's per-call cost once warm.
 TINY_WARMUP = 2000
 QUICK_SAMPLING = (3, 2, 10.0)
 

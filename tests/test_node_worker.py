@@ -433,3 +433,17 @@ def test_fast_run_parse_is_off_under_another_run_schema(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     said = re.fullmatch(r"ok: (\d+) headers, (\d+) valid, (\d+) read by runFast\n", out.stdout)
     assert said is not None and int(said.group(2)) > 1000 and int(said.group(3)) == 0, out.stdout
+
+
+def test_v8_flags_are_ones_this_node_takes():
+    """The worker sets src/v8flags.js's flags and starts its runner with them: an unknown one (V8 12 dropped
+    --interrupt-budget) would make node refuse to start the runner and print lines a config error must not."""
+    script = "import {V8_FLAGS} from './src/v8flags.js'; console.log(JSON.stringify([process.versions.v8, V8_FLAGS]))"
+    out = subprocess.run(
+        ["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60,
+        cwd=NODE_BIN.parent.parent, check=True,
+    )  # fmt: skip
+    v8, flags = json.loads(out.stdout)
+    done = subprocess.run(["node", *flags, "-e", ""], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", (v8, flags, done.returncode, done.stderr)
+    assert flags == (["--interrupt-budget=8000"] if int(v8.split(".")[0]) < 12 else []), v8

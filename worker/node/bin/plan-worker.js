@@ -6,7 +6,7 @@
 import v8 from "node:v8";
 import { V8_FLAGS } from "../src/v8flags.js";
 
-v8.setFlagsFromString(V8_FLAGS.join(" ")); // before the worker's code is loaded (src/v8flags.js says why)
+if (V8_FLAGS.length) v8.setFlagsFromString(V8_FLAGS.join(" ")); // before the worker's code is loaded (src/v8flags.js says why)
 const { main } = await import("../src/cli.js");
 
 main(process.argv.slice(2)).then(
