@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -617,3 +619,23 @@ def test_delete_plan_waits_for_the_running_run_and_the_runner_forgets_the_sessio
     peer.error(*peer.run_header(add, ["x"], ["x2"]), code="unknown_plan")
     assert peer.register(add_plan(), name="add")["plan"] == add
     np.testing.assert_array_equal(peer.run(add, ["x"], ["x3"], fetch=[0]).array_list()[0], [1, 2, 3])
+
+
+def test_the_data_bound_follows_what_the_runner_holds_a_mebibyte_at_a_time() -> None:
+    """The runner's RLIMIT_DATA is what it used at start plus --max-run-memory-mb plus what it holds, rounded up
+    to a MiB, and set again only when that rounded figure changes (a training step's loss held until the
+    client's frees come in a batch grows what it holds by a few bytes per step). In a child process: the
+    bound is real."""
+    code = (
+        "import resource\n"
+        "from planwire.worker.runner import SLACK, DataBound, bound\n"
+        "limit = bound(64)\n"
+        "b = DataBound(limit)\n"
+        "seen = []\n"
+        "for held in (0, 4, 8, SLACK, SLACK + 1, 5 * SLACK, 4, 0):\n"
+        "    b.hold(held)\n"
+        "    seen.append((resource.getrlimit(resource.RLIMIT_DATA)[0] - limit) // SLACK)\n"
+        "print(seen)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["[0,", "1,", "1,", "1,", "2,", "5,", "1,", "0]"]

@@ -70,18 +70,33 @@ def bound(memory_mb: int) -> int:
     return limit
 
 
-def rebound(limit: int, held: int) -> None:
-    """The data bound as the runner holds ``held`` bytes of tensors in its own memory: a run or load may
-    add ``--max-run-memory-mb`` over what the runner holds (stored tensors are bounded by the store's
-    quotas), as it may over what it used at start."""
-    if limit <= 0:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        want = limit + held
-        if hard != resource.RLIM_INFINITY:
-            want = min(want, hard)
-        resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
+SLACK = 1 << 20  # bytes: the data bound follows what the runner holds in steps of this much
+
+
+class DataBound:
+    """The data bound as the runner holds ``held`` bytes of tensors in its own memory: a run or load may add
+    ``--max-run-memory-mb`` over what the runner holds (stored tensors are bounded by the store's quotas), as it
+    may over what it used at start (``limit``: the bound ``bound()`` set for nothing held; 0: none). What it
+    holds counts rounded up to :data:`SLACK` (a run may take less than that more), and the bound is set only
+    when that figure changes: each step's loss, held until the client's frees come in a batch, grew what the
+    runner holds by a few bytes per training step, and cost two system calls every step."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.at = limit, 0
+        self.hard = resource.RLIM_INFINITY
+        with contextlib.suppress(OSError, ValueError):
+            self.hard = resource.getrlimit(resource.RLIMIT_DATA)[1]  # only this process could lower it
+
+    def hold(self, held: int) -> None:
+        want = -(-held // SLACK) * SLACK
+        if want == self.at or self.limit <= 0:
+            return
+        self.at = want
+        bound = self.limit + want
+        if self.hard != resource.RLIM_INFINITY:
+            bound = min(bound, self.hard)
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_DATA, (bound, self.hard))
 
 
 def serve(
@@ -144,7 +159,7 @@ def serve(
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     clock, fast, spin = time.perf_counter, False, pipe.Spin()
-    bound_at = 0  # what the data bound allows for now (bound() set it for nothing held)
+    data_bound = DataBound(limit)
     last: tuple[str, list] = ("", [])  # (plan, its outputs' kinds) of the last Ran sent (pipe.SAME)
     renew: tuple[str, str, bytes] | None = None  # (plan, name, bytes) of a failed run that grew its arena
     while True:
@@ -167,10 +182,7 @@ def serve(
         for pid in getattr(msg, "drop", ()):  # unregistered plans (delete_plan, idle unload)
             sessions.pop(pid, None)
             store.evacuate(arenas.drop(pid))
-        held = store.private_bytes + arenas.held
-        if held != bound_at:  # (a training step holds what the one before held: no system calls)
-            rebound(limit, held)
-            bound_at = held
+        data_bound.hold(store.private_bytes + arenas.held)
         try:
             if isinstance(msg, pipe.Load):
                 plan = load(msg.plan, msg.name, buffers[0])
