@@ -1,18 +1,18 @@
 """The bench's real workloads as training plans, and the graph changes made for their speed.
 
 The ResNet-style CNN (convolutions with stride and padding, BatchNorm, residual additions) and the causal
-transformer LM of bench/workloads.py run several onnxruntime steps against eager torch + torch.optim at
-batch sizes other than the traced one (tests/test_training_step.check_parity: loss, every parameter,
-every buffer, rtol 1e-4), with SGD + momentum, which carries a gradient's rounding into the parameters
-linearly. Adam does not: its first step divides each gradient by its own magnitude, so a gradient near
-zero that float32 sums by cancellation (BatchNorm and LayerNorm weight gradients) in a different order
-than torch's kernels moves its parameter by a visibly different amount; with these models' 37k and 12k
-weights one element in ~10^4 exceeded rtol 1e-4 that way, in the LM too, whose graph the changes here do
-not touch. Adam itself is checked against torch.optim in tests/test_training_decomp.py and on small
-models in tests/test_training_step.py. The graph checks pin what the decompositions changed: ReLU's backward is a
-mask multiply (no Where over activations), a 2-d convolution's weight gradient is per-tap MatMuls (per
-sample on the larger layers), and
-a stride-1 input gradient is a Conv with the flipped kernel rather than a ConvTranspose.
+transformer LM of bench/workloads.py run several onnxruntime steps against eager torch + torch.optim at batch
+sizes other than the traced one (tests/test_training_step.check_parity: loss, every parameter, every buffer,
+rtol 1e-4), with SGD + momentum, which carries a gradient's rounding into the parameters linearly. Adam does
+not: its first step divides each gradient by its own magnitude, so a gradient near zero that float32 sums by
+cancellation (BatchNorm and LayerNorm weight gradients) in a different order than torch's kernels moves its
+parameter by a visibly different amount; with these models' 37k and 12k weights one element in ~10^4 exceeded
+rtol 1e-4 that way, in the LM too (already before its LayerNorm weight and bias gradient sums became ones @ x
+MatMuls, leading_sums_as_products: another summation order). Adam itself is checked against torch.optim in
+tests/test_training_decomp.py and on small models in tests/test_training_step.py.
+The graph checks pin what the decompositions changed: ReLU's backward is a mask multiply (no Where over
+activations), a 2-d convolution's weight gradient is per-tap MatMuls (per sample on the larger layers), and a
+stride-1 input gradient is a Conv with the flipped kernel rather than a ConvTranspose.
 """
 
 from __future__ import annotations
