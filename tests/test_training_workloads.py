@@ -388,3 +388,50 @@ def test_leading_sums_as_products_same_sums() -> None:
             assert g.shape == w.shape and g.dtype == w.dtype
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got_session.run(["both"], feeds)[0], feeds["y"].sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_leading_sums_as_products_share_no_ones_made_below_an_if() -> None:
+    """Ones made from a value downstream of an If are that sum's alone: the worker's estimate of a plan's work
+    (transport/shapes.py) sees no shape through an If, and would miss every product that shared them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from planwire.exporter.training.graph_passes import leading_sums_as_products
+
+    row = ["R", 6]
+    branch = [
+        helper.make_graph([helper.make_node(op, ["x"], [f"{op}_out"])], op, [], [
+            helper.make_tensor_value_info(f"{op}_out", TensorProto.FLOAT, row)
+        ])
+        for op in ("Identity", "Neg")
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("If", ["c"], ["w"], then_branch=branch[0], else_branch=branch[1]),
+        helper.make_node("ReduceSum", ["w", "a0"], ["sw"]),  # below the If: ones of its own
+        helper.make_node("ReduceSum", ["x", "a0"], ["sx"]),  # these two share theirs
+        helper.make_node("ReduceSum", ["x", "a0"], ["sx_flat"], keepdims=0),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, row),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, shape)
+        for o, shape in (("sw", [1, 6]), ("sx", [1, 6]), ("sx_flat", [6]))
+    ]
+    graph = helper.make_graph(nodes, "sums", inputs, outputs, [helper.make_tensor("a0", TensorProto.INT64, [1], [0])])
+    graph.value_info.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, row))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    before = proto.SerializeToString()
+    assert leading_sums_as_products(proto) == 3
+    onnx.checker.check_model(proto, full_check=True)
+    shapes_of = sorted(n.input[0] for n in proto.graph.node if n.op_type == "Shape")
+    assert shapes_of == ["w", "x"], shapes_of
+    x = np.random.default_rng(1).standard_normal((7, 6), dtype=np.float32)
+    for c in (True, False):
+        feeds = {"c": np.array(c), "x": x}
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        want = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, feeds)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -234,7 +234,9 @@ def leading_sums_as_products(proto: onnx.ModelProto) -> int:
     intra-op threads one over (512, 256) took 240 µs of CPU against 32 µs at 1 thread (the LM's step:
     2.2 ms of ReduceSum at 2 threads, 0.5 ms at 1). MLAS's product takes the same time at 1 thread and
     stays near it at 2. ``R`` follows the batch, so the ones are made from the input's shape each run,
-    once for the sums whose leading sizes the export names alike.
+    once for the sums whose leading sizes the export names alike, unless made downstream of a subgraph (an If):
+    the worker's estimate of a plan's work cannot see a shape through one, and would miss every product sharing
+    them (in a training step that is every gradient below the loss's guard: each sum has its own ones then).
     """
     graph = proto.graph
     info = {v.name: v.type.tensor_type for v in [*graph.value_info, *graph.input, *graph.output]}
@@ -248,6 +250,13 @@ def leading_sums_as_products(proto: onnx.ModelProto) -> int:
 
     one = helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])
     made: dict[tuple, str] = {}  # leading sizes -> their ones vector
+    # values downstream of a subgraph (guard_zero_selects' If): their shapes transport/shapes.py cannot infer
+    unseen: set[str] = set()
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute) or any(
+            i in unseen for i in node.input
+        ):
+            unseen.update(node.output)
     nodes: list[onnx.NodeProto] = []
     replaced = 0
     for node in graph.node:
@@ -280,7 +289,8 @@ def leading_sums_as_products(proto: onnx.ModelProto) -> int:
         ones = made.get(sizes) if all(sizes) else None
         if ones is None:
             ones, rows = fresh(f"{out}__ones"), fresh(f"{out}__rows")
-            made[sizes] = ones
+            if node.input[0] not in unseen:
+                made[sizes] = ones
             nodes += [
                 helper.make_node("Shape", [x], [rows], name=fresh(f"{out}__shape"), end=1),
                 helper.make_node("ConstantOfShape", [rows], [ones], name=fresh(f"{out}__fill"), value=one),
