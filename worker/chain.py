@@ -121,8 +121,8 @@ class Chains:
 
     def _chainable(self, me: ClientId, msg: m.Run, head: object) -> dict | None:
         """What run ``msg`` of owner ``me`` reads of the outputs of ``head`` (the window's head, the same owner's
-        run, whose outputs ``msg`` reads or writes): {key: (output index, (dtype, shape))}; None when it may not
-        be chained behind it (it waits)."""
+        run, whose outputs ``msg`` reads or writes): {key: (output index, (dtype, shape, size, bytes))}; None when
+        it may not be chained behind it (it waits)."""
         job = head.job  # type: ignore[attr-defined]
         service = self.service
         if head.cancelled or service.durable is not None or type(job) is not RunJob:  # type: ignore[attr-defined]

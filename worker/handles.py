@@ -137,11 +137,15 @@ class Handles:
             pass
         refs: list[pipe.TensorRef | int] = []
         keep = []
+        held: dict[int, tuple[Resident, int]] = {}  # marked held once all are read (an error sends nothing)
         for i, (arr, entry) in enumerate(zip(args, entries, strict=True)):
             holder: Resident | None = None
             if isinstance(arr, Resident):  # an Ahead (worker/chain.py) too
                 if arr.gen == gen:  # held by the runner: its handle alone
                     refs.append(arr.handle)
+                    continue
+                if id(arr) in held:  # crossing as an earlier argument: held under that one's handle
+                    refs.append(held[id(arr)][1])
                     continue
                 if arr.host is None:
                     raise ProtocolError("run_failed", f"argument {i} is gone: {arr.lost or 'not held by the runner'}")
@@ -164,8 +168,7 @@ class Handles:
             handle = 0
             if holder is not None:
                 handle = next(self._handles)
-                holder.handle, holder.gen = handle, self.gen
-                self._track(holder, True)
+                held[id(holder)] = (holder, handle)
             self.counts["uploads"] += 1
             self.counts["upload_bytes"] += buf.nbytes
             if loc is None:
@@ -176,6 +179,9 @@ class Handles:
                 refs.append(
                     pipe.TensorRef(wire, shape, segment=os.path.basename(seg.path), offset=offset, handle=handle)
                 )
+        for holder, handle in held.values():
+            holder.handle, holder.gen = handle, gen
+            self._track(holder, True)
         return refs, keep
 
     def outputs(self, handles: list[int], ran: pipe.Ran, buffers: list[memoryview]) -> list[Resident]:
