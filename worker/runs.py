@@ -118,7 +118,7 @@ class RunPath:
         else:
             for i, a in enumerate(msg.args):
                 if a.ref is not UNSET:
-                    entry = self.store.entries(self._client, [a.ref], ahead)[0]
+                    entry = ahead[a.ref] if ahead and a.ref in ahead else self.store.entry(self._client, a.ref)
                     entries.append(entry)
                     args.append(entry.array)
                     if entry.private:
